@@ -1,0 +1,68 @@
+# walletd — the two commands a new user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-dev
+RUN_STAMP := $(VENV)/.installed
+
+.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24" "setuptools>=69" wheel
+
+# Reinstall only when the project definition changes; the editable install
+# picks up source edits by itself.
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@ $(RUN_STAMP)
+
+install: $(RUN_STAMP)
+
+install-dev: $(STAMP)
+
+run: install
+	$(VENV)/bin/walletd serve
+
+# mypy does not follow setuptools' package-dir mapping, so it reads the
+# namespace package through a tree of symlinks (PACKAGING.md).
+.typecheck/walletd:
+	mkdir -p .typecheck/walletd
+	ln -sfn ../../engine .typecheck/walletd/engine
+	ln -sfn ../../http .typecheck/walletd/http
+	ln -sfn ../../persistence .typecheck/walletd/persistence
+	ln -sfn ../../cli .typecheck/walletd/cli
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install-dev .typecheck/walletd
+	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli
+
+pytest: install-dev
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+# Builds the wheel and imports every subpackage from it in a clean venv, because an
+# editable install hides a package missing from `packages` (PACKAGING.md rule 2).
+wheel-test: install-dev
+	rm -rf dist build/wheel-venv
+	$(PY) -m build --wheel --outdir dist . >/dev/null
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/pip install --quiet dist/*.whl
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import walletd.engine, walletd.http, walletd.persistence, walletd.cli.main, http.client, sysconfig; assert http.client.__file__.startswith(sysconfig.get_paths()['stdlib'])"
+
+bench: install-dev
+	$(PY) -m loadtest.bench
+
+loadtest: install-dev
+	$(PY) -m loadtest.run_locust
+
+clean:
+	rm -rf $(VENV) .typecheck build dist .pytest_cache .mypy_cache .ruff_cache
