@@ -1,0 +1,132 @@
+"""walletd's configuration: one table of settings, read from flags and the environment.
+
+Flags win over the environment, which wins over the defaults. The same table produces the
+command-line flags, the README's configuration table and ``env.example``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SETTINGS", "Config", "Setting", "add_flags", "load_config"]
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _keys(text: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in text.split(",") if key.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # the Config field
+    env: tuple[str, ...]  # environment variables, first one preferred
+    flag: str | None  # command-line flag, when it has one
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", ("WALLETD_HOST",), "--host", str, "127.0.0.1", "address to listen on"),
+    Setting("port", ("WALLETD_PORT",), "--port", int, 8000, "port to listen on"),
+    Setting("data_dir", ("WALLETD_DATA_DIR",), "--data-dir", Path, Path(".walletd"),
+            "folder for the embedded PostgreSQL's data (used when no database URL is set)"),
+    Setting("database_url", ("WALLETD_DATABASE_URL", "DATABASE_URL"), "--database-url", str, None,
+            "PostgreSQL URL; unset = start an embedded PostgreSQL in the data dir"),
+    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 4,
+            "number of shard actors (each commits one batch at a time)"),
+    Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 8192,
+            "commands waiting per shard; past it requests get 503 OVERLOADED"),
+    Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 1024,
+            "commands per commit at most"),
+    Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
+            int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
+    Setting("idempotency_keys_max", ("WALLETD_IDEMPOTENCY_KEYS_MAX",), "--idempotency-keys-max",
+            int, 1_000_000, "idempotency keys cached in memory (PostgreSQL keeps them all)"),
+    Setting("commit_timeout_s", ("WALLETD_COMMIT_TIMEOUT",), "--commit-timeout", float, 5.0,
+            "seconds a batch commit may take before it is failed with 503"),
+    Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
+            "PostgreSQL connections at most; 0 = 2 per shard + 4"),
+    Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
+            "largest request body accepted; larger gets 413"),
+    Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
+            "comma-separated bearer tokens; when set, /api/v1 requires one"),
+    Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
+            "write a JSON access log line per request to stderr"),
+    Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
+            "logging level"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str
+    port: int
+    data_dir: Path
+    database_url: str | None
+    shards: int
+    mailbox_commands_max: int
+    batch_ops_max: int
+    resident_wallets_max: int
+    idempotency_keys_max: int
+    commit_timeout_s: float
+    pool_size_max: int
+    body_bytes_max: int
+    api_keys: tuple[str, ...]
+    access_log: bool
+    log_level: str
+
+    @property
+    def pool_size(self) -> int:
+        return self.pool_size_max or 2 * self.shards + 4
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for setting in SETTINGS:
+        if setting.flag is None:
+            continue
+        env = " / ".join(setting.env)
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            help=f"{setting.help} (env {env}; default {setting.default})",
+        )
+
+
+def load_config(flags: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """Flags, then the environment, then defaults; raises ValueError naming the bad input."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: str | None = getattr(flags, setting.name, None)
+        source = setting.flag
+        if raw is None:
+            source, raw = next(
+                ((name, environ[name]) for name in setting.env if environ.get(name)), (None, None)
+            )
+        if raw is None:
+            values[setting.name] = setting.default
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
+    return Config(**values)
+
+
+def env_names() -> Sequence[str]:
+    return [name for setting in SETTINGS for name in setting.env]

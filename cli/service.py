@@ -1,0 +1,129 @@
+"""Wiring: storage, migrations, the serving lock and the engine, started and stopped in order.
+
+Start-up: embedded PostgreSQL (when no URL) → version check → migrations → serving lock →
+pool → engine. Shut-down runs the same steps in reverse, after the HTTP server has finished
+every in-flight request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from walletd.cli.config import Config
+from walletd.engine.limits import EngineLimits
+from walletd.engine.observer import EngineObserver
+from walletd.engine.ports import StorageError
+from walletd.engine.router import Engine
+from walletd.http.state import Services
+from walletd.persistence.database import (
+    PoolSettings,
+    ServingLock,
+    check_server_version,
+    connect,
+    create_pool,
+)
+from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.migrate import apply_migrations
+from walletd.persistence.postgres_log import PostgresLog
+
+__all__ = ["engine_limits", "migrate_database", "running_services", "storage"]
+
+_log = logging.getLogger("walletd")
+
+READINESS_CACHE_S = 1.0
+READINESS_PING_TIMEOUT_S = 1.0
+
+
+def engine_limits(config: Config) -> EngineLimits:
+    return EngineLimits(
+        shards=config.shards,
+        mailbox_commands_max=config.mailbox_commands_max,
+        batch_ops_max=config.batch_ops_max,
+        resident_wallets_max=config.resident_wallets_max,
+        idempotency_keys_max=config.idempotency_keys_max,
+        commit_timeout_s=config.commit_timeout_s,
+    )
+
+
+@contextlib.asynccontextmanager
+async def storage(config: Config) -> AsyncIterator[str]:
+    """The DSN of the configured PostgreSQL, starting the embedded one when none is set."""
+    if config.database_url is not None:
+        yield config.database_url
+        return
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    embedded = EmbeddedPostgres(config.data_dir)
+    dsn = await asyncio.to_thread(embedded.start)
+    _log.info("embedded PostgreSQL running in %s", embedded.pgdata)
+    try:
+        yield dsn
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+async def migrate_database(dsn: str) -> list[str]:
+    connection = await connect(dsn)
+    try:
+        await check_server_version(connection)
+        return [f"{m.version:04d}_{m.name}" for m in await apply_migrations(connection)]
+    finally:
+        await connection.close()
+
+
+class _Readiness:
+    """Storage answers, the engine accepts, the lock is held; pings are cached briefly."""
+
+    def __init__(self, engine: Engine, log: PostgresLog, lock: ServingLock) -> None:
+        self._engine = engine
+        self._log = log
+        self._lock = lock
+        self._checked_at = -READINESS_CACHE_S
+        self._storage_reason: str | None = None
+
+    async def __call__(self) -> str | None:
+        if not self._engine.accepting:
+            return "the engine is not accepting work"
+        if not self._lock.held:
+            return "the serving lock on PostgreSQL was lost"
+        now = time.monotonic()
+        if now - self._checked_at >= READINESS_CACHE_S:
+            self._checked_at = now
+            try:
+                await asyncio.wait_for(self._log.ping(), READINESS_PING_TIMEOUT_S)
+                self._storage_reason = None
+            except (StorageError, TimeoutError):
+                self._storage_reason = "PostgreSQL is unreachable"
+        return self._storage_reason
+
+
+@contextlib.asynccontextmanager
+async def running_services(
+    config: Config, observer: EngineObserver | None = None
+) -> AsyncIterator[Services]:
+    async with storage(config) as dsn:
+        applied = await migrate_database(dsn)
+        if applied:
+            _log.info("applied migrations: %s", ", ".join(applied))
+        lock = ServingLock(dsn)
+        await lock.acquire()
+        try:
+            pool = await create_pool(dsn, PoolSettings(size_max=config.pool_size))
+            try:
+                log = PostgresLog(pool)
+                engine = Engine(log, engine_limits(config), observer=observer)
+                await engine.start()
+                try:
+                    yield Services(engine, log, _Readiness(engine, log, lock))
+                finally:
+                    await engine.stop()
+            finally:
+                try:
+                    await asyncio.wait_for(pool.close(), 10.0)
+                except TimeoutError:
+                    pool.terminate()
+        finally:
+            await lock.release()

@@ -1,0 +1,52 @@
+"""Every bound of the engine, declared once, with the relations between them asserted.
+
+Each limit has a defined behaviour when hit:
+- ``mailbox_commands_max``: a command past it is refused at once with ``OVERLOADED`` (503).
+- ``batch_ops_max``: a shard drains at most this many commands into one commit.
+- ``resident_wallets_max``: past it, clean idle wallets are evicted (passivation); dirty ones
+  stay until their batch commits, so the overshoot is at most two batches.
+- ``idempotency_keys_max``: the in-memory key cache forgets its oldest entries; PostgreSQL
+  remains the authority, so a forgotten key costs one lookup, never a double apply. Each
+  shard's share holds at least two batches, so a key is never forgotten before it commits.
+- ``commit_timeout_s`` / ``load_timeout_s``: a storage call past it is failed as outcome-unknown
+  (503 ``UNAVAILABLE``) and the shard re-reads the wallets it touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EngineLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    shards: int = 4
+    mailbox_commands_max: int = 8192
+    batch_ops_max: int = 1024
+    resident_wallets_max: int = 1_000_000
+    idempotency_keys_max: int = 1_000_000
+    commit_timeout_s: float = 5.0
+    load_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.shards <= 1024:
+            raise ValueError("shards must be within 1..1024")
+        if self.batch_ops_max < 1:
+            raise ValueError("batch_ops_max must be at least 1")
+        if self.mailbox_commands_max < self.batch_ops_max:
+            raise ValueError("mailbox_commands_max must hold at least one full batch")
+        if self.resident_wallets_max < self.shards:
+            raise ValueError("resident_wallets_max must allow one wallet per shard")
+        if self.idempotency_keys_per_shard_max < 2 * self.batch_ops_max:
+            raise ValueError("idempotency_keys_max must hold two full batches per shard")
+        if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+
+    @property
+    def resident_wallets_per_shard_max(self) -> int:
+        return max(1, self.resident_wallets_max // self.shards)
+
+    @property
+    def idempotency_keys_per_shard_max(self) -> int:
+        return self.idempotency_keys_max // self.shards

@@ -1,0 +1,102 @@
+"""An in-memory ``WalletLog``: the engine's first-class test double.
+
+It honours the same contract as the PostgreSQL log (atomic batches, seq fencing) and can be
+told to fail, so engine tests exercise failure handling without a database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from uuid import UUID
+
+from walletd.engine.model import Batch, OperationRecord, WalletRecord
+from walletd.engine.ports import CommitOutcomeUnknown, StorageError, WalletLog
+
+__all__ = ["InMemoryLog"]
+
+
+class InMemoryLog(WalletLog):
+    def __init__(self) -> None:
+        self.wallets: dict[UUID, WalletRecord] = {}
+        self.operations: dict[UUID, list[OperationRecord]] = {}
+        self._by_key: dict[tuple[UUID, str], OperationRecord] = {}
+        self._by_create_key: dict[str, UUID] = {}
+        self.appends = 0
+        # Fault injection: the next N appends fail; ``apply_then_fail`` writes the batch
+        # first, which is what a connection lost during COMMIT looks like from outside.
+        self.fail_next_appends = 0
+        self.apply_then_fail = False
+        self.fail_loads = False
+
+    async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {w: self.wallets[w] for w in wallet_ids if w in self.wallets}
+
+    async def find_operations(
+        self, keys: Sequence[tuple[UUID, str]]
+    ) -> dict[tuple[UUID, str], OperationRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {k: self._by_key[k] for k in keys if k in self._by_key}
+
+    async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {k: self.wallets[self._by_create_key[k]] for k in keys if k in self._by_create_key}
+
+    async def append_batch(self, batch: Batch) -> None:
+        if self.fail_next_appends > 0:
+            self.fail_next_appends -= 1
+            if not self.apply_then_fail:
+                raise StorageError("injected commit failure")
+            self._apply(batch)
+            raise CommitOutcomeUnknown("injected failure after commit")
+        self._apply(batch)
+
+    def _apply(self, batch: Batch) -> None:
+        # Validate everything first so that a refused batch writes nothing (atomicity).
+        wallets = dict(self.wallets)
+        for new in batch.new_wallets:
+            if new.wallet_id in wallets:
+                raise StorageError(f"wallet {new.wallet_id} exists")
+            if new.create_idempotency_key in self._by_create_key:
+                raise StorageError("creation idempotency key exists")
+            wallets[new.wallet_id] = WalletRecord(
+                new.wallet_id, 0, 0, new.created_at_us, new.created_at_us,
+                new.create_idempotency_key, new.create_fingerprint,
+            )  # fmt: skip
+        for update in batch.snapshots:
+            current = wallets.get(update.wallet_id)
+            if current is None or current.seq != update.prev_seq:
+                raise StorageError(f"snapshot fencing failed for {update.wallet_id}")
+            wallets[update.wallet_id] = replace(
+                current, balance=update.balance, seq=update.seq, updated_at_us=update.updated_at_us
+            )
+        for op in batch.operations:
+            if (
+                op.idempotency_key is not None
+                and (op.wallet_id, op.idempotency_key) in self._by_key
+            ):
+                raise StorageError("operation idempotency key exists")
+        self.wallets = wallets
+        for new in batch.new_wallets:
+            if new.create_idempotency_key is not None:
+                self._by_create_key[new.create_idempotency_key] = new.wallet_id
+        for op in batch.operations:
+            self.operations.setdefault(op.wallet_id, []).append(op)
+            if op.idempotency_key is not None:
+                self._by_key[(op.wallet_id, op.idempotency_key)] = op
+        self.appends += 1
+
+    async def read_history(
+        self, wallet_id: UUID, before_seq: int | None, limit: int
+    ) -> list[tuple[int, OperationRecord]]:
+        ops = self.operations.get(wallet_id, [])
+        newest_first = [op for op in reversed(ops) if before_seq is None or op.seq < before_seq]
+        return [(op.seq, op) for op in newest_first[:limit]]
+
+    async def ping(self) -> None:
+        if self.fail_loads:
+            raise StorageError("injected ping failure")

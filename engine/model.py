@@ -1,0 +1,99 @@
+"""The engine's records: what a wallet looks like, and what a batch writes to the log.
+
+Times are integer microseconds since the Unix epoch (UTC): exact, cheap, and free of
+time zones; the HTTP edge renders them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from uuid import UUID
+
+__all__ = [
+    "Batch",
+    "NewWallet",
+    "OperationKind",
+    "OperationRecord",
+    "SnapshotUpdate",
+    "WalletRecord",
+    "WalletView",
+]
+
+
+class OperationKind(enum.IntEnum):
+    DEPOSIT = 1
+    WITHDRAW = 2
+
+
+@dataclass(frozen=True, slots=True)
+class WalletView:
+    """A committed wallet as a client may see it."""
+
+    wallet_id: UUID
+    balance: int
+    seq: int
+    created_at_us: int
+    updated_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class WalletRecord:
+    """A wallet's snapshot row as stored, with the idempotency data of its creation."""
+
+    wallet_id: UUID
+    balance: int
+    seq: int
+    created_at_us: int
+    updated_at_us: int
+    create_idempotency_key: str | None = None
+    create_fingerprint: str = ""
+
+    def view(self) -> WalletView:
+        return WalletView(
+            self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    """One row of the durable log: the operation and the balance right after it."""
+
+    wallet_id: UUID
+    seq: int
+    kind: OperationKind
+    amount: int
+    balance_after: int
+    idempotency_key: str | None
+    created_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewWallet:
+    wallet_id: UUID
+    created_at_us: int
+    create_idempotency_key: str | None
+    create_fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotUpdate:
+    """The snapshot row of a wallet after a batch; ``prev_seq`` fences concurrent writers."""
+
+    wallet_id: UUID
+    prev_seq: int
+    seq: int
+    balance: int
+    updated_at_us: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one shard commit writes, atomically: created wallets, log rows, snapshots."""
+
+    new_wallets: list[NewWallet] = field(default_factory=list)
+    operations: list[OperationRecord] = field(default_factory=list)
+    snapshots: list[SnapshotUpdate] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.new_wallets or self.operations or self.snapshots)

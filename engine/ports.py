@@ -1,0 +1,77 @@
+"""The storage port the engine talks through, and the errors it may raise.
+
+Exceptions::
+
+    StorageError                  storage could not do what was asked
+    ├── StorageUnavailable        nothing was written (connection refused, timeout before send)
+    └── CommitOutcomeUnknown      the commit may or may not have happened
+
+The engine treats both the same way (fail the batch with 503, re-read the truth), but the
+distinction is kept for metrics and logs.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from uuid import UUID
+
+from walletd.engine.model import Batch, OperationRecord, WalletRecord
+
+__all__ = [
+    "CommitOutcomeUnknown",
+    "StorageError",
+    "StorageUnavailable",
+    "WalletLog",
+]
+
+
+class StorageError(Exception):
+    """Storage failed; the engine answers 503 and re-reads before trusting memory again."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage is unreachable; nothing was written."""
+
+
+class CommitOutcomeUnknown(StorageError):
+    """The commit was sent but its outcome is unknown."""
+
+
+class WalletLog(abc.ABC):
+    """The durable log of wallets and their operations.
+
+    Contract, checked by the same tests against every implementation:
+    - ``append_batch`` is atomic: all of a batch is written, or none of it.
+    - ``append_batch`` refuses (raising ``StorageError``, writing nothing) a snapshot update
+      whose ``prev_seq`` is not the stored seq, so two writers can never interleave.
+    - After ``append_batch`` returns, every load sees the batch.
+    """
+
+    @abc.abstractmethod
+    async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
+        """The committed snapshot of each wallet that exists."""
+
+    @abc.abstractmethod
+    async def find_operations(
+        self, keys: Sequence[tuple[UUID, str]]
+    ) -> dict[tuple[UUID, str], OperationRecord]:
+        """The logged operation for each (wallet id, idempotency key) that has one."""
+
+    @abc.abstractmethod
+    async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
+        """The wallet created under each creation idempotency key that has one."""
+
+    @abc.abstractmethod
+    async def append_batch(self, batch: Batch) -> None:
+        """Write a batch atomically; see the class contract."""
+
+    @abc.abstractmethod
+    async def read_history(
+        self, wallet_id: UUID, before_seq: int | None, limit: int
+    ) -> list[tuple[int, OperationRecord]]:
+        """Up to ``limit`` operations with seq < before_seq, newest first, with their ids."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``StorageError`` unless storage answers."""

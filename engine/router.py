@@ -1,0 +1,140 @@
+"""The engine: a fixed set of shards and the stable hash that routes a wallet to one.
+
+Routing is ``crc32(wallet_id.bytes) % shards`` (IEEE CRC-32 of the UUID's 16 bytes, as in
+``zlib.crc32``). It depends on nothing but the id and the shard count, so it is the same
+across restarts, processes and versions: the shard is the unit of distribution later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from uuid import UUID
+
+from walletd.engine.commands import ApplyOperation, CreateWallet, Outcome, ReadWallet, Reply
+from walletd.engine.errors import EngineOverloaded, EngineStopping
+from walletd.engine.limits import EngineLimits
+from walletd.engine.model import OperationKind, WalletView
+from walletd.engine.observer import EngineObserver
+from walletd.engine.ports import WalletLog
+from walletd.engine.shard import Shard
+
+__all__ = ["CREATE_KEY_NAMESPACE", "Engine", "shard_of", "wall_clock_us"]
+
+_log = logging.getLogger("walletd.engine")
+
+# Wallets created with an Idempotency-Key and no chosen id get uuid5(namespace, key), so a
+# retry lands on the same id, hence the same shard, which finds its own earlier answer.
+CREATE_KEY_NAMESPACE = UUID("6f1c9a52-3f0e-4d8e-9d0a-5b7f2c1e8a44")
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+def shard_of(wallet_id: UUID, shards: int) -> int:
+    return zlib.crc32(wallet_id.bytes) % shards
+
+
+class Engine:
+    def __init__(
+        self,
+        log: WalletLog,
+        limits: EngineLimits | None = None,
+        *,
+        clock_us: Callable[[], int] = wall_clock_us,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.limits = limits or EngineLimits()
+        self.log = log
+        self._observer = observer or EngineObserver()
+        self._shards = [
+            Shard(index, log, self.limits, clock_us, self._observer)
+            for index in range(self.limits.shards)
+        ]
+        self._started = False
+        self._stopping = False
+
+    async def start(self) -> None:
+        for shard in self._shards:
+            shard.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Refuse new commands, answer every accepted one, and stop the shards."""
+        self._stopping = True
+        await asyncio.gather(*(shard.stop() for shard in self._shards), return_exceptions=True)
+
+    @property
+    def accepting(self) -> bool:
+        """True while every shard runs and the engine takes commands."""
+        if not self._started or self._stopping:
+            return False
+        return all(s.task is not None and not s.task.done() for s in self._shards)
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self._shards
+
+    def _shard(self, wallet_id: UUID) -> Shard:
+        return self._shards[zlib.crc32(wallet_id.bytes) % len(self._shards)]
+
+    def _submit(self, shard: Shard, command: ApplyOperation | CreateWallet | ReadWallet) -> None:
+        try:
+            shard.submit(command)
+        except EngineOverloaded:
+            self._observer.command_rejected("overloaded")
+            raise
+        except EngineStopping:
+            self._observer.command_rejected("stopping")
+            raise
+
+    async def apply(
+        self, wallet_id: UUID, kind: OperationKind, amount: int, idempotency_key: str | None
+    ) -> Reply:
+        """Apply a deposit or withdrawal; the reply arrives once its batch has committed."""
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._submit(
+            self._shard(wallet_id),
+            ApplyOperation(wallet_id, kind, amount, idempotency_key, future),
+        )
+        return await future
+
+    async def create_wallet(
+        self, wallet_id: UUID | None, idempotency_key: str | None
+    ) -> tuple[UUID, Reply]:
+        """Create a wallet (with a chosen or a new id); returns the id and the reply."""
+        fingerprint = "" if wallet_id is None else str(wallet_id)
+        if wallet_id is None:
+            if idempotency_key is None:
+                wallet_id = uuid.uuid4()
+            else:
+                wallet_id = uuid.uuid5(CREATE_KEY_NAMESPACE, idempotency_key)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._submit(
+            self._shard(wallet_id), CreateWallet(wallet_id, idempotency_key, fingerprint, future)
+        )
+        return wallet_id, await future
+
+    async def read(self, wallet_id: UUID) -> Reply:
+        """The committed wallet; resident wallets are answered without a mailbox trip."""
+        shard = self._shard(wallet_id)
+        view = shard.read_committed(wallet_id)
+        if view is not None:
+            return Reply(Outcome.OK, view)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._submit(shard, ReadWallet(wallet_id, future))
+        return await future
+
+    def read_resident(self, wallet_id: UUID) -> WalletView | None:
+        return self._shard(wallet_id).read_committed(wallet_id)
+
+    def mailbox_depths(self) -> list[int]:
+        return [shard.mailbox_depth for shard in self._shards]
+
+    def resident_wallets(self) -> int:
+        return sum(shard.resident_wallets for shard in self._shards)

@@ -1,0 +1,211 @@
+"""Parsing and validating requests at the edge: ids, bodies, money, headers.
+
+Money is parsed exactly: a JSON number that arrives as a float is re-read from the raw body
+as a ``Decimal``, so no binary float ever decides an amount.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from walletd.engine.model import OperationKind
+from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
+from walletd.http.problems import FieldError, ProblemError, ValidationProblem
+
+__all__ = [
+    "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "parse_amount",
+    "parse_create_body",
+    "parse_idempotency_key",
+    "parse_operation_body",
+    "parse_wallet_id",
+    "read_json_object",
+]
+
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+_DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
+_OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
+_OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount"})
+_AMOUNT_MAX_TEXT: Final = format_minor(AMOUNT_MINOR_MAX)
+
+
+class _NonFinite:
+    """Stands for NaN/Infinity literals, which JSON does not allow but some clients send."""
+
+
+def parse_wallet_id(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise ProblemError(400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a UUID") from None
+
+
+def _require_json_content_type(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise ProblemError(
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"Content-Type {request.content_type!r} is not supported; send application/json",
+        )
+
+
+def _lenient_loads(raw: bytes) -> Any:
+    return json.loads(raw, parse_constant=lambda _name: _NonFinite())
+
+
+async def read_json_object(
+    request: web.Request, body_bytes_max: int, *, optional: bool = False
+) -> tuple[dict[str, Any], bytes]:
+    """The body as a JSON object, and its raw bytes; 415/413/400 as the contract says.
+
+    With ``optional``, an empty body is an empty object and needs no Content-Type.
+    """
+    if optional and not request.body_exists:
+        return {}, b""
+    length = request.content_length
+    # Refused from the header alone, before reading; aiohttp's client_max_size (set to the
+    # same limit) stops a body without Content-Length while it streams in.
+    if length is not None and length > body_bytes_max:
+        raise ProblemError(413, "PAYLOAD_TOO_LARGE", "request body is larger than the limit")
+    _require_json_content_type(request)
+    raw = await request.read()
+    if optional and not raw.strip():
+        return {}, raw
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            value = _lenient_loads(raw)
+        except (ValueError, RecursionError):
+            raise ProblemError(400, "INVALID_JSON", "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ProblemError(400, "INVALID_JSON", "the body must be a JSON object")
+    return value, raw
+
+
+def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
+    """The exact decimal the client wrote for a float field, read again from the body."""
+    try:
+        exact = json.loads(raw_body, parse_float=Decimal, parse_constant=lambda _n: _NonFinite())
+    except (ValueError, RecursionError):
+        return None
+    value = exact.get(field) if isinstance(exact, dict) else None
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    return None
+
+
+def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> int | FieldError:
+    """Minor units from a JSON number or a decimal string, or the field's error."""
+    if isinstance(value, bool) or value is None or isinstance(value, _NonFinite):
+        return _amount_error(field, "must be a number or a decimal string")
+    if isinstance(value, int):
+        decimal = Decimal(value)
+    elif isinstance(value, float):
+        exact = _exact_number(raw_body, field)
+        if exact is None:
+            return _amount_error(field, "must be a finite decimal number")
+        decimal = exact
+    elif isinstance(value, str):
+        if not _DECIMAL_STRING.fullmatch(value):
+            return _amount_error(field, 'must be a decimal string like "10.50"')
+        decimal = Decimal(value)
+    else:
+        return _amount_error(field, "must be a number or a decimal string")
+    return _to_minor(decimal, field)
+
+
+def _amount_error(field: str, message: str) -> FieldError:
+    return {"field": field, "message": message}
+
+
+def _to_minor(decimal: Decimal, field: str) -> int | FieldError:
+    if not decimal.is_finite():
+        return _amount_error(field, "must be finite")
+    # Reject huge magnitudes before any arithmetic, so exponent tricks cost nothing.
+    if decimal.adjusted() > 15:
+        return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
+    try:
+        scaled = decimal * MINOR_UNITS_PER_UNIT
+        if scaled != scaled.to_integral_value():
+            return _amount_error(field, "must have at most 2 fractional digits")
+    except InvalidOperation:
+        return _amount_error(field, "must be a decimal number")
+    minor = int(scaled)
+    if minor <= 0:
+        return _amount_error(field, "must be greater than 0")
+    if minor > AMOUNT_MINOR_MAX:
+        return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
+    return minor
+
+
+def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKind, int]:
+    errors: list[FieldError] = []
+    for name in body:
+        if name not in _OPERATION_FIELDS:
+            errors.append({"field": str(name)[:64], "message": "unknown field"})
+    kind_text = body.get("operation_type", body.get("operationType"))
+    if "operation_type" in body and "operationType" in body:
+        errors.append(
+            {"field": "operationType", "message": "give operation_type or operationType, not both"}
+        )
+    kind = _OPERATION_KINDS.get(kind_text) if isinstance(kind_text, str) else None
+    if kind is None:
+        message = "is required" if kind_text is None else "must be DEPOSIT or WITHDRAW"
+        errors.append({"field": "operation_type", "message": message})
+    if "amount" not in body:
+        errors.append({"field": "amount", "message": "is required"})
+        amount: int | FieldError = 0
+    else:
+        amount = parse_amount(body["amount"], raw)
+        if isinstance(amount, dict):
+            errors.append(amount)
+    if errors:
+        raise ValidationProblem(errors)
+    assert kind is not None
+    assert isinstance(amount, int)
+    return kind, amount
+
+
+def parse_create_body(body: dict[str, Any]) -> UUID | None:
+    errors: list[FieldError] = []
+    wallet_id: UUID | None = None
+    for name in body:
+        if name != "id":
+            errors.append({"field": str(name)[:64], "message": "unknown field"})
+    if "id" in body:
+        value = body["id"]
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            wallet_id = UUID(value)
+        except ValueError:
+            errors.append({"field": "id", "message": "must be a UUID string"})
+    if errors:
+        raise ValidationProblem(errors)
+    return wallet_id
+
+
+def parse_idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not (1 <= len(key) <= IDEMPOTENCY_KEY_LENGTH_MAX and key.isascii() and key.isprintable()):
+        raise ValidationProblem(
+            [
+                {
+                    "field": "Idempotency-Key",
+                    "message": "must be 1 to 255 printable ASCII characters",
+                }
+            ]
+        )
+    return key

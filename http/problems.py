@@ -1,0 +1,169 @@
+"""RFC 9457 problem responses, and the one middleware that turns every error into one.
+
+Exceptions::
+
+    ProblemError              an error with a status, a stable ``code`` and a detail
+    └── ValidationProblem     422 VALIDATION_ERROR with a per-field ``errors`` list
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from walletd.engine.errors import EngineOverloaded, EngineStopping
+from walletd.engine.ports import StorageError
+
+__all__ = [
+    "PROBLEM_CONTENT_TYPE",
+    "FieldError",
+    "ProblemError",
+    "ValidationProblem",
+    "problem_response",
+    "problems_middleware",
+]
+
+_log = logging.getLogger("walletd.http")
+
+PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+
+TITLES: Final = {
+    "INVALID_JSON": "Invalid JSON",
+    "INVALID_WALLET_ID": "Invalid wallet id",
+    "VALIDATION_ERROR": "Validation error",
+    "WALLET_NOT_FOUND": "Wallet not found",
+    "WALLET_ALREADY_EXISTS": "Wallet already exists",
+    "INSUFFICIENT_FUNDS": "Insufficient funds",
+    "BALANCE_LIMIT_EXCEEDED": "Balance limit exceeded",
+    "IDEMPOTENCY_KEY_REUSED": "Idempotency key reused",
+    "PAYLOAD_TOO_LARGE": "Payload too large",
+    "UNSUPPORTED_MEDIA_TYPE": "Unsupported media type",
+    "NOT_FOUND": "Not found",
+    "METHOD_NOT_ALLOWED": "Method not allowed",
+    "UNAVAILABLE": "Service unavailable",
+    "OVERLOADED": "Service overloaded",
+    "UNAUTHORIZED": "Unauthorized",
+    "INTERNAL_ERROR": "Internal server error",
+    "BAD_REQUEST": "Bad request",
+}
+
+FieldError = dict[str, str]
+
+
+class ProblemError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+
+class ValidationProblem(ProblemError):
+    def __init__(self, errors: list[FieldError]) -> None:
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        super().__init__(422, "VALIDATION_ERROR", detail, extra={"errors": errors})
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    instance: str,
+    *,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> web.Response:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": TITLES.get(code, "Error"),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "instance": instance,
+    }
+    if extra:
+        body.update(extra)
+    response_headers = {"Content-Type": PROBLEM_CONTENT_TYPE}
+    if headers:
+        response_headers.update(headers)
+    return web.Response(status=status, body=orjson.dumps(body), headers=response_headers)
+
+
+_RETRY_AFTER: Final = {"Retry-After": "1"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _from_http_exception(error: web.HTTPException, path: str) -> web.Response:
+    status = error.status
+    headers: dict[str, str] | None = None
+    if status == 404:
+        code, detail = "NOT_FOUND", f"no route for {path}"
+    elif status == 405:
+        allowed = error.headers.get("Allow", "")
+        code, detail = "METHOD_NOT_ALLOWED", f"allowed methods: {allowed}"
+        headers = {"Allow": allowed}
+    elif status == 413:
+        code, detail = "PAYLOAD_TOO_LARGE", "request body is larger than the configured limit"
+    elif status == 415:
+        code, detail = "UNSUPPORTED_MEDIA_TYPE", "send Content-Type: application/json"
+    else:
+        code, detail = "BAD_REQUEST", error.reason
+    return problem_response(status, code, detail, path, headers=headers)
+
+
+@web.middleware
+async def problems_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProblemError as error:
+        return problem_response(
+            error.status,
+            error.code,
+            error.detail,
+            request.path,
+            headers=error.headers,
+            extra=error.extra,
+        )
+    except EngineOverloaded:
+        return problem_response(
+            503, "OVERLOADED", "the wallet's shard is at capacity; retry shortly",
+            request.path, headers=_RETRY_AFTER,
+        )  # fmt: skip
+    except EngineStopping:
+        return problem_response(
+            503, "UNAVAILABLE", "walletd is shutting down; retry shortly",
+            request.path, headers=_RETRY_AFTER,
+        )  # fmt: skip
+    except StorageError:
+        _log.warning("storage error on %s %s", request.method, request.path, exc_info=True)
+        return problem_response(
+            503, "UNAVAILABLE", "storage is unavailable; retry shortly",
+            request.path, headers=_RETRY_AFTER,
+        )  # fmt: skip
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _from_http_exception(error, request.path)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        _log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem_response(
+            500, "INTERNAL_ERROR", "an unexpected error occurred; it has been logged", request.path
+        )

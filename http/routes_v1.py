@@ -1,0 +1,105 @@
+"""Version 1 of the wallet API. A v2 would sit beside it as its own route table."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Final
+
+import orjson
+from aiohttp import web
+
+from walletd.engine.commands import Outcome
+from walletd.http.parsing import (
+    parse_create_body,
+    parse_idempotency_key,
+    parse_operation_body,
+    parse_wallet_id,
+    read_json_object,
+)
+from walletd.http.problems import ValidationProblem
+from walletd.http.responses import history_item, reply_response
+from walletd.http.state import STATE_KEY
+
+__all__ = ["PREFIX", "routes"]
+
+PREFIX: Final = "/api/v1"
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+
+routes = web.RouteTableDef()
+
+
+@routes.post(PREFIX + "/wallets")
+async def create_wallet(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    body, _raw = await read_json_object(request, state.settings.body_bytes_max, optional=True)
+    wallet_id = parse_create_body(body)
+    key = parse_idempotency_key(request)
+    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key)
+    return reply_response(reply, chosen_id)
+
+
+@routes.get(PREFIX + "/wallets/{wallet_id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    wallet_id = parse_wallet_id(request.match_info["wallet_id"])
+    engine = request.app[STATE_KEY].services.engine
+    return reply_response(await engine.read(wallet_id), wallet_id)
+
+
+@routes.post(PREFIX + "/wallets/{wallet_id}/operation")
+async def apply_operation(request: web.Request) -> web.Response:
+    wallet_id = parse_wallet_id(request.match_info["wallet_id"])
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings.body_bytes_max)
+    kind, amount = parse_operation_body(body, raw)
+    key = parse_idempotency_key(request)
+    reply = await state.services.engine.apply(wallet_id, kind, amount, key)
+    return reply_response(reply, wallet_id, amount)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith("s"):
+            raise ValueError
+        seq = int(text[1:])
+        if seq < 1:
+            raise ValueError
+        return seq
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationProblem([{"field": "cursor", "message": "is not a valid cursor"}]) from None
+
+
+def _parse_limit(text: str | None, default: int, maximum: int) -> int:
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= maximum:
+        raise ValidationProblem(
+            [{"field": "limit", "message": f"must be an integer from 1 to {maximum}"}]
+        )
+    return int(text)
+
+
+@routes.get(PREFIX + "/wallets/{wallet_id}/operations")
+async def list_operations(request: web.Request) -> web.Response:
+    wallet_id = parse_wallet_id(request.match_info["wallet_id"])
+    state = request.app[STATE_KEY]
+    settings = state.settings
+    limit = _parse_limit(
+        request.query.get("limit"), settings.history_limit_default, settings.history_limit_max
+    )
+    cursor = request.query.get("cursor")
+    before_seq = _decode_cursor(cursor) if cursor else None
+    services = state.services
+    reply = await services.engine.read(wallet_id)
+    if reply.outcome is not Outcome.OK:
+        return reply_response(reply, wallet_id)
+    rows = await services.log.read_history(wallet_id, before_seq, limit + 1)
+    items = [history_item(operation_id, op) for operation_id, op in rows[:limit]]
+    next_cursor = _encode_cursor(rows[limit - 1][1].seq) if len(rows) > limit else None
+    body = orjson.dumps({"items": items, "next_cursor": next_cursor})
+    return web.Response(body=body, headers=_JSON_HEADERS)

@@ -1,0 +1,52 @@
+"""What the handlers reach through the app: typed keys and the running services.
+
+The services (engine, log, readiness) are started by a ``cleanup_ctx`` after the app is
+frozen, so they live on one mutable ``AppState`` set on the app up front, not on the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from walletd.engine.ports import WalletLog
+from walletd.engine.router import Engine
+from walletd.http.settings import HttpSettings
+
+__all__ = ["STATE_KEY", "AppState", "Readiness", "Services", "ServicesFactory"]
+
+# Returns None when ready, or the reason it is not.
+Readiness = Callable[[], Awaitable[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    engine: Engine
+    log: WalletLog
+    readiness: Readiness
+
+
+ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]
+
+
+class AppState:
+    __slots__ = ("_services", "settings")
+
+    def __init__(self, settings: HttpSettings) -> None:
+        self.settings = settings
+        self._services: Services | None = None
+
+    @property
+    def services(self) -> Services:
+        if self._services is None:
+            raise RuntimeError("walletd services are not running")
+        return self._services
+
+    def attach(self, services: Services | None) -> None:
+        self._services = services
+
+
+STATE_KEY = web.AppKey("walletd_state", AppState)

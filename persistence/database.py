@@ -1,0 +1,126 @@
+"""Connecting to PostgreSQL: the pool, the version check, and the serving lock.
+
+Exceptions::
+
+    DatabaseError               start-up cannot go on; the message is one readable line
+    ├── DatabaseUnreachable     no connection could be made
+    ├── DatabaseTooOld          the server is older than PostgreSQL 14
+    └── DatabaseBusy            another walletd server holds the serving lock
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+
+__all__ = [
+    "POSTGRES_VERSION_MIN",
+    "SERVE_LOCK_ID",
+    "DatabaseBusy",
+    "DatabaseError",
+    "DatabaseTooOld",
+    "DatabaseUnreachable",
+    "PoolSettings",
+    "ServingLock",
+    "check_server_version",
+    "connect",
+    "create_pool",
+]
+
+POSTGRES_VERSION_MIN = 140000
+# Held for the life of a serving process: one walletd per database ("walletd-s").
+SERVE_LOCK_ID = 0x77616C6C65742D73
+
+
+class DatabaseError(Exception):
+    """Start-up cannot go on."""
+
+
+class DatabaseUnreachable(DatabaseError):
+    pass
+
+
+class DatabaseTooOld(DatabaseError):
+    pass
+
+
+class DatabaseBusy(DatabaseError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    size_max: int = 12
+    connect_timeout_s: float = 5.0
+    command_timeout_s: float = 10.0
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+async def connect(dsn: str, timeout_s: float = 5.0) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(dsn, timeout=timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {_describe(error)}") from error
+
+
+async def check_server_version(connection: asyncpg.Connection) -> int:
+    version = int(await connection.fetchval("SHOW server_version_num"))
+    if version < POSTGRES_VERSION_MIN:
+        raise DatabaseTooOld(f"PostgreSQL {version // 10000} is too old; walletd needs 14 or newer")
+    return version
+
+
+async def create_pool(dsn: str, settings: PoolSettings) -> asyncpg.Pool:
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=settings.size_max,
+            timeout=settings.connect_timeout_s,
+            command_timeout=settings.command_timeout_s,
+            # Connections that survived an outage are checked by asyncpg on acquire; idle
+            # ones are recycled so a restarted server is not met with stale sockets.
+            max_inactive_connection_lifetime=60.0,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {_describe(error)}") from error
+    assert pool is not None
+    return pool
+
+
+class ServingLock:
+    """A session advisory lock held on its own connection while walletd serves.
+
+    It keeps a second walletd (or ``walletd restore``) off a database that one is serving.
+    Correctness does not rest on it: the append's seq fencing refuses a second writer.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._connection: asyncpg.Connection | None = None
+
+    async def acquire(self) -> None:
+        connection = await connect(self._dsn)
+        held = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SERVE_LOCK_ID)
+        if not held:
+            await connection.close()
+            raise DatabaseBusy("another walletd server is serving this database")
+        self._connection = connection
+
+    @property
+    def held(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed()
+
+    async def release(self) -> None:
+        if self._connection is not None:
+            try:
+                await asyncio.wait_for(self._connection.close(), 5.0)
+            except (OSError, TimeoutError, asyncpg.InterfaceError):
+                self._connection.terminate()
+            self._connection = None

@@ -1,0 +1,149 @@
+"""``WalletLog`` on PostgreSQL.
+
+A batch is appended with ONE statement, ``SELECT walletd_append_batch(...)``, sent in
+autocommit: one round trip, one implicit transaction (log rows + snapshot moves), atomic.
+Which calls may have committed when they fail:
+
+- the pool could not hand out a connection      -> StorageUnavailable (nothing sent)
+- the server answered with an error              -> StorageError (rolled back)
+- the connection broke or timed out after send   -> CommitOutcomeUnknown
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID
+
+import asyncpg
+
+from walletd.engine.model import Batch, OperationKind, OperationRecord, WalletRecord
+from walletd.engine.ports import (
+    CommitOutcomeUnknown,
+    StorageError,
+    StorageUnavailable,
+    WalletLog,
+)
+
+__all__ = ["PostgresLog"]
+
+_APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"  # noqa: E501
+
+_MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
+
+_WALLET_COLUMNS = (
+    "id, balance, seq, "
+    + _MICROS.format("created_at")
+    + ", "
+    + _MICROS.format("updated_at")
+    + ", create_idempotency_key, create_fingerprint"
+)
+_LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
+_FIND_BY_CREATE_KEY = (
+    f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE create_idempotency_key = ANY($1::text[])"
+)
+_OP_COLUMNS = (
+    "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
+    + _MICROS.format("o.created_at")
+)
+_FIND_OPERATIONS = f"""
+SELECT {_OP_COLUMNS}
+  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
+  JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
+"""
+_HISTORY_FIRST = f"""
+SELECT {_OP_COLUMNS} FROM wallet_operations o
+ WHERE o.wallet_id = $1 ORDER BY o.seq DESC LIMIT $2
+"""
+_HISTORY_BEFORE = f"""
+SELECT {_OP_COLUMNS} FROM wallet_operations o
+ WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
+"""
+
+_BROKEN_CONNECTION = (OSError, TimeoutError, asyncpg.InterfaceError)
+
+
+def _wallet(row: asyncpg.Record) -> WalletRecord:
+    return WalletRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+
+
+def _operation(row: asyncpg.Record) -> OperationRecord:
+    return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
+
+
+class PostgresLog(WalletLog):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            async with self._pool.acquire() as connection:
+                rows: list[asyncpg.Record] = await connection.fetch(query, *args)
+                return rows
+        except asyncpg.PostgresError as error:
+            raise StorageError(f"query failed: {error}") from error
+        except _BROKEN_CONNECTION as error:
+            raise StorageUnavailable(f"storage unreachable: {error!r}") from error
+
+    async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
+        rows = await self._fetch(_LOAD_WALLETS, wallet_ids)
+        return {row[0]: _wallet(row) for row in rows}
+
+    async def find_operations(
+        self, keys: Sequence[tuple[UUID, str]]
+    ) -> dict[tuple[UUID, str], OperationRecord]:
+        rows = await self._fetch(_FIND_OPERATIONS, [k[0] for k in keys], [k[1] for k in keys])
+        found = {}
+        for row in rows:
+            record = _operation(row)
+            assert record.idempotency_key is not None
+            found[(record.wallet_id, record.idempotency_key)] = record
+        return found
+
+    async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
+        rows = await self._fetch(_FIND_BY_CREATE_KEY, keys)
+        return {row[5]: _wallet(row) for row in rows}
+
+    async def append_batch(self, batch: Batch) -> None:
+        news, ops, snaps = batch.new_wallets, batch.operations, batch.snapshots
+        args = (
+            [n.wallet_id for n in news],
+            [n.created_at_us for n in news],
+            [n.create_idempotency_key for n in news],
+            [n.create_fingerprint for n in news],
+            [o.wallet_id for o in ops],
+            [o.seq for o in ops],
+            [int(o.kind) for o in ops],
+            [o.amount for o in ops],
+            [o.balance_after for o in ops],
+            [o.idempotency_key for o in ops],
+            [o.created_at_us for o in ops],
+            [s.wallet_id for s in snaps],
+            [s.prev_seq for s in snaps],
+            [s.seq for s in snaps],
+            [s.balance for s in snaps],
+            [s.updated_at_us for s in snaps],
+        )
+        try:
+            connection = await self._pool.acquire()
+        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
+            raise StorageUnavailable(f"no connection for commit: {error!r}") from error
+        try:
+            await connection.execute(_APPEND, *args)
+        except asyncpg.PostgresError as error:
+            raise StorageError(f"batch refused: {error}") from error
+        except (*_BROKEN_CONNECTION, asyncpg.exceptions.ConnectionDoesNotExistError) as error:
+            raise CommitOutcomeUnknown(f"connection lost during commit: {error!r}") from error
+        finally:
+            await self._pool.release(connection)
+
+    async def read_history(
+        self, wallet_id: UUID, before_seq: int | None, limit: int
+    ) -> list[tuple[int, OperationRecord]]:
+        if before_seq is None:
+            rows = await self._fetch(_HISTORY_FIRST, wallet_id, limit)
+        else:
+            rows = await self._fetch(_HISTORY_BEFORE, wallet_id, before_seq, limit)
+        return [(row[0], _operation(row)) for row in rows]
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
