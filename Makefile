@@ -42,7 +42,8 @@ lint: install-dev
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install-dev .typecheck/walletd
-	cd .typecheck && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli
+	MYPYPATH=.typecheck $(VENV)/bin/mypy -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli
+	MYPYPATH=.typecheck $(VENV)/bin/mypy tests
 
 pytest: install-dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

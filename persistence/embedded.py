@@ -74,6 +74,7 @@ class EmbeddedPostgres:
 
     def _run(self, *args: str, timeout: float = START_TIMEOUT_S) -> str:
         command = [str(self._bin / args[0]), *args[1:]]
+        identity = self._identity()
         try:
             done = subprocess.run(
                 command,
@@ -81,8 +82,12 @@ class EmbeddedPostgres:
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                user=self._run_as,
                 cwd="/",
+                # Group too: with root's group the "group" permission bits (often none)
+                # would apply instead of "other" on the folders above the data dir.
+                user=identity[0] if identity else None,
+                group=identity[1] if identity else None,
+                extra_groups=[] if identity else None,
             )
         except subprocess.CalledProcessError as error:
             raise EmbeddedPostgresError(
@@ -90,7 +95,14 @@ class EmbeddedPostgres:
             ) from error
         except subprocess.TimeoutExpired as error:
             raise EmbeddedPostgresError(f"{args[0]} timed out after {timeout}s") from error
-        return done.stdout
+        output: str = done.stdout
+        return output
+
+    def _identity(self) -> tuple[int, int] | None:
+        if self._run_as is None:
+            return None
+        entry = pwd.getpwnam(self._run_as)
+        return entry.pw_uid, entry.pw_gid
 
     def _prepare_user(self) -> None:
         if self._run_as is None:

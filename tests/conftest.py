@@ -1,0 +1,159 @@
+"""Shared fixtures: a real PostgreSQL per test session, real apps on real sockets.
+
+PostgreSQL: an embedded server started once per session in a temporary folder, or the
+server in ``WALLETD_TEST_DATABASE_URL``; either way every session works in databases it
+creates itself (``walletd_test_*``) and drops at the end, never in leftovers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.processes import WalletdProcess, start_walletd
+from walletd.engine.limits import EngineLimits
+from walletd.engine.router import Engine
+from walletd.http.app import create_app
+from walletd.http.settings import HttpSettings
+from walletd.http.state import Services
+from walletd.persistence.database import PoolSettings, ServingLock, create_pool
+from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.postgres_log import PostgresLog
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@dataclass
+class PostgresServer:
+    """The session's PostgreSQL: an admin DSN, and the embedded handle when we own it."""
+
+    admin_dsn: str
+    embedded: EmbeddedPostgres | None
+
+    async def create_database(self) -> str:
+        name = f"walletd_test_{secrets.token_hex(6)}"
+        connection = await asyncpg.connect(self.admin_dsn)
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        finally:
+            await connection.close()
+        return with_database(self.admin_dsn, name)
+
+    async def drop_database(self, dsn: str) -> None:
+        name = urlsplit(dsn).path.lstrip("/")
+        connection = await asyncpg.connect(self.admin_dsn)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    external = os.environ.get("WALLETD_TEST_DATABASE_URL")
+    if external:
+        yield PostgresServer(external, None)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="walletd-test-pg-"))
+    embedded = EmbeddedPostgres(folder)
+    embedded.start()
+    try:
+        yield PostgresServer(embedded.dsn, embedded)
+    finally:
+        embedded.stop("immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+async def fresh_database_url(pg_server: PostgresServer) -> AsyncIterator[str]:
+    """A new, empty database for one test (migrations not applied)."""
+    dsn = await pg_server.create_database()
+    try:
+        yield dsn
+    finally:
+        await pg_server.drop_database(dsn)
+
+
+@pytest.fixture
+async def database_url(fresh_database_url: str) -> str:
+    """A new database for one test, migrated."""
+    from walletd.cli.service import migrate_database
+
+    await migrate_database(fresh_database_url)
+    return fresh_database_url
+
+
+@contextlib.asynccontextmanager
+async def running_services(dsn: str, limits: EngineLimits | None = None) -> AsyncIterator[Services]:
+    """The production wiring minus the embedded server: lock, pool, log, engine."""
+    lock = ServingLock(dsn)
+    await lock.acquire()
+    pool = await create_pool(dsn, PoolSettings(size_max=8))
+    log = PostgresLog(pool)
+    engine = Engine(log, limits or EngineLimits(shards=2))
+    await engine.start()
+
+    async def ready() -> str | None:
+        return None if engine.accepting else "engine stopped"
+
+    try:
+        yield Services(engine, log, ready)
+    finally:
+        await engine.stop()
+        await pool.close()
+        await lock.release()
+
+
+AppFactory = Callable[..., web.Application]
+
+
+@pytest.fixture
+def make_app(database_url: str) -> AppFactory:
+    def build(
+        settings: HttpSettings | None = None, limits: EngineLimits | None = None
+    ) -> web.Application:
+        return create_app(
+            settings or HttpSettings(), lambda: running_services(database_url, limits)
+        )
+
+    return build
+
+
+@pytest.fixture
+async def client(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> TestClient[web.Request, web.Application]:
+    """The real walletd app on a real loopback socket, on a fresh migrated database."""
+    test_client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app())
+    return test_client
+
+
+@pytest.fixture
+def walletd_process(tmp_path: Path) -> Iterator[Callable[..., WalletdProcess]]:
+    """Start ``walletd serve`` as a real process; every one started is stopped at the end."""
+    started: list[WalletdProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> WalletdProcess:
+        process = start_walletd(list(args), env=env, log_dir=tmp_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

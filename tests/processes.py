@@ -1,0 +1,67 @@
+"""Running ``walletd`` as a real process in tests: start, wait for readiness, kill."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STARTUP_TIMEOUT_S = 60.0
+_LISTENING = re.compile(r"walletd listening on (http://\S+)")
+
+
+@dataclass
+class WalletdProcess:
+    process: subprocess.Popen[str]
+    url: str
+    log_path: Path
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then wait: the graceful drain."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, like a crash."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def walletd_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "walletd.cli.main", *args]
+
+
+def start_walletd(
+    args: list[str], *, env: dict[str, str] | None = None, log_dir: Path
+) -> WalletdProcess:
+    log_path = log_dir / f"walletd-{time.monotonic_ns()}.log"
+    merged_env = {**os.environ, **(env or {})}
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        walletd_command(["serve", "--port", "0", *args]),
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
+        env=merged_env,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        match = _LISTENING.search(line)
+        if match:
+            return WalletdProcess(process, match.group(1), log_path)
+    process.kill()
+    process.wait(10)
+    raise RuntimeError(f"walletd did not start: {log_path.read_text(errors='replace')}")
