@@ -1,0 +1,794 @@
+"""The OpenAPI 3.1 document of walletd's HTTP API, built from Python data.
+
+The document is the contract that schemathesis and the response-validation tests hold the
+server to, so it lists every status a route can really answer and nothing more:
+
+    build_openapi_document() ──> dict ──> openapi_json_bytes() (orjson, cached)
+           │                                     │
+           └── tests/openapi_validation.py       └── GET /api/openapi.json (docs_page.py)
+
+Unknown routes (404 NOT_FOUND) and wrong methods (405 METHOD_NOT_ALLOWED) cannot be
+attached to an operation, so they are documented as reusable responses in `components`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+__all__ = [
+    "DOCS_ASSETS",
+    "DOCS_PATH",
+    "DOCS_STATIC_PREFIX",
+    "OPENAPI_PATH",
+    "PROBLEM_CODES",
+    "build_openapi_document",
+    "openapi_json_bytes",
+]
+
+OPENAPI_PATH: Final = "/api/openapi.json"
+DOCS_PATH: Final = "/api/docs"
+DOCS_STATIC_PREFIX: Final = "/api/docs/static/"
+
+# The files the docs page serves under DOCS_STATIC_PREFIX, with their media types. The
+# OpenAPI document enumerates them, so the route and its description cannot drift apart.
+DOCS_ASSETS: Final[Mapping[str, str]] = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+    "favicon-16x16.png": "image/png",
+    "walletd-docs.js": "text/javascript",
+}
+
+PROBLEM_CODES: Final = (
+    "INVALID_JSON",
+    "INVALID_WALLET_ID",
+    "VALIDATION_ERROR",
+    "WALLET_NOT_FOUND",
+    "WALLET_ALREADY_EXISTS",
+    "INSUFFICIENT_FUNDS",
+    "BALANCE_LIMIT_EXCEEDED",
+    "IDEMPOTENCY_KEY_REUSED",
+    "PAYLOAD_TOO_LARGE",
+    "UNSUPPORTED_MEDIA_TYPE",
+    "NOT_FOUND",
+    "METHOD_NOT_ALLOWED",
+    "UNAVAILABLE",
+    "OVERLOADED",
+    "UNAUTHORIZED",
+    "INTERNAL_ERROR",
+)
+
+AMOUNT_MAX: Final = "1000000000000.00"  # 10^12
+BALANCE_MAX: Final = "1000000000000000.00"  # 10^15
+HISTORY_LIMIT_DEFAULT: Final = 50
+HISTORY_LIMIT_MAX: Final = 500
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+
+# A positive decimal string with at most 2 fractional digits, no sign, no exponent, no
+# leading zeros, at most AMOUNT_MAX. Written without look-arounds so that schemathesis
+# (hypothesis) can generate from it.
+AMOUNT_STRING_PATTERN: Final = (
+    r"^(0\.(0[1-9]|[1-9][0-9]?)|[1-9][0-9]{0,11}(\.[0-9]{1,2})?|1000000000000(\.00?)?)$"
+)
+MONEY_PATTERN: Final = r"^(0|[1-9][0-9]{0,15})\.[0-9]{2}$"
+TIMESTAMP_PATTERN: Final = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z$"
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x20-\x7E]+$"
+
+JSON: Final = "application/json"
+PROBLEM_JSON: Final = "application/problem+json"
+
+# Every /api/v1 operation: open when WALLETD_API_KEYS is unset (the empty requirement),
+# bearer token when it is set.
+API_SECURITY: Final[tuple[dict[str, list[str]], ...]] = ({}, {"bearerAuth": []})
+
+JsonObject = dict[str, Any]
+
+
+def _ref(kind: str, name: str) -> JsonObject:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+# ── components: schemas ──────────────────────────────────────────────────────────────
+
+
+def _money_schema(description: str) -> JsonObject:
+    return {
+        "type": "string",
+        "pattern": MONEY_PATTERN,
+        "description": description,
+        "examples": ["1000.00"],
+    }
+
+
+def _schemas() -> JsonObject:
+    timestamp = {
+        "type": "string",
+        "format": "date-time",
+        "pattern": TIMESTAMP_PATTERN,
+        "description": "RFC 3339, UTC, microseconds, `Z` suffix.",
+        "examples": ["2025-01-19T10:00:00.123456Z"],
+    }
+    return {
+        "WalletId": {"type": "string", "format": "uuid"},
+        "Money": _money_schema(
+            f"Decimal string with exactly 2 fractional digits, 0 to {BALANCE_MAX}."
+        ),
+        "Timestamp": timestamp,
+        "OperationType": {"type": "string", "enum": ["DEPOSIT", "WITHDRAW"]},
+        "Amount": _amount_schema(),
+        "IdempotencyKey": _idempotency_key_schema(),
+        "Wallet": _wallet_schema(),
+        "CreateWalletRequest": _create_wallet_request_schema(),
+        "OperationRequest": _operation_request_schema(),
+        "HistoryItem": _history_item_schema(),
+        "HistoryPage": _history_page_schema(),
+        "HealthStatus": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"const": "ok"}},
+            "examples": [{"status": "ok"}],
+        },
+        "ReadyStatus": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"const": "ready"}},
+            "examples": [{"status": "ready"}],
+        },
+        "ProblemCode": {"type": "string", "enum": list(PROBLEM_CODES)},
+        "Problem": _problem_schema(),
+        "FieldError": {
+            "type": "object",
+            "required": ["field", "message"],
+            "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "ValidationProblem": _validation_problem_schema(),
+    }
+
+
+def _amount_schema() -> JsonObject:
+    return {
+        "description": (
+            f"Greater than 0, at most 2 fractional digits, at most {AMOUNT_MAX}. A JSON number "
+            "or a decimal string; booleans, null, NaN, Infinity, empty strings and exponents "
+            "that hide more than 2 decimals are rejected with 422."
+        ),
+        "oneOf": [
+            {
+                # Exact per JSON Schema and in jsonschema-rs (schemathesis); the Python
+                # `jsonschema` package divides floats and wrongly rejects e.g. 0.07.
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "maximum": 1_000_000_000_000,
+                "multipleOf": 0.01,
+            },
+            {"type": "string", "pattern": AMOUNT_STRING_PATTERN},
+        ],
+        "examples": ["10.50", 25],
+    }
+
+
+def _idempotency_key_schema() -> JsonObject:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": IDEMPOTENCY_KEY_LENGTH_MAX,
+        "pattern": IDEMPOTENCY_KEY_PATTERN,
+        "description": "1–255 printable ASCII characters (0x20–0x7E).",
+    }
+
+
+def _wallet_schema() -> JsonObject:
+    # More fields may be added to a wallet, never removed: extra properties stay allowed.
+    return {
+        "type": "object",
+        "required": ["id", "balance", "created_at", "updated_at"],
+        "properties": {
+            "id": _ref("schemas", "WalletId"),
+            "balance": _ref("schemas", "Money"),
+            "created_at": _ref("schemas", "Timestamp"),
+            "updated_at": _ref("schemas", "Timestamp"),
+        },
+        "examples": [
+            {
+                "id": "123e4567-e89b-12d3-a456-426614174000",
+                "balance": "1000.00",
+                "created_at": "2025-01-19T10:00:00.123456Z",
+                "updated_at": "2025-01-19T10:30:00.000001Z",
+            }
+        ],
+    }
+
+
+def _create_wallet_request_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {"id": _ref("schemas", "WalletId")},
+        "description": "Optional; an empty body or `{}` lets the server pick the id.",
+        "examples": [{}, {"id": "123e4567-e89b-12d3-a456-426614174000"}],
+    }
+
+
+def _operation_request_schema() -> JsonObject:
+    # `operationType` is an accepted alias of `operation_type`; exactly one is sent.
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["amount"],
+        "properties": {
+            "operation_type": _ref("schemas", "OperationType"),
+            "operationType": {
+                **_ref("schemas", "OperationType"),
+                "description": "Alias of `operation_type`.",
+            },
+            "amount": _ref("schemas", "Amount"),
+        },
+        "oneOf": [{"required": ["operation_type"]}, {"required": ["operationType"]}],
+        "examples": [
+            {"operation_type": "DEPOSIT", "amount": 1000},
+            {"operationType": "WITHDRAW", "amount": "10.50"},
+        ],
+    }
+
+
+def _history_item_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": [
+            "id",
+            "seq",
+            "operation_type",
+            "amount",
+            "balance_after",
+            "idempotency_key",
+            "created_at",
+        ],
+        "properties": {
+            "id": {"type": "integer", "minimum": 1, "description": "Global operation id."},
+            "seq": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "Per-wallet sequence number, starting at 1.",
+            },
+            "operation_type": _ref("schemas", "OperationType"),
+            "amount": _ref("schemas", "Money"),
+            "balance_after": _ref("schemas", "Money"),
+            "idempotency_key": {"oneOf": [_ref("schemas", "IdempotencyKey"), {"type": "null"}]},
+            "created_at": _ref("schemas", "Timestamp"),
+        },
+        "examples": [
+            {
+                "id": 42,
+                "seq": 2,
+                "operation_type": "DEPOSIT",
+                "amount": "10.00",
+                "balance_after": "110.00",
+                "idempotency_key": None,
+                "created_at": "2025-01-19T10:00:00.123456Z",
+            }
+        ],
+    }
+
+
+def _history_page_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {
+                "type": "array",
+                "maxItems": HISTORY_LIMIT_MAX,
+                "items": _ref("schemas", "HistoryItem"),
+                "description": "Newest first.",
+            },
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as `cursor` for the next page; null on the last page.",
+            },
+        },
+    }
+
+
+def _problem_schema() -> JsonObject:
+    # RFC 9457 allows extension members, so extra properties stay allowed.
+    return {
+        "type": "object",
+        "required": ["type", "title", "status", "detail", "code", "instance"],
+        "properties": {
+            "type": {"const": "about:blank"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "code": _ref("schemas", "ProblemCode"),
+            "instance": {"type": "string", "description": "The request path."},
+        },
+        "examples": [
+            {
+                "type": "about:blank",
+                "title": "Insufficient funds",
+                "status": 409,
+                "detail": "wallet 123e4567-e89b-12d3-a456-426614174000 has 10.00, "
+                "cannot withdraw 25.00",
+                "code": "INSUFFICIENT_FUNDS",
+                "instance": "/api/v1/wallets/123e4567-e89b-12d3-a456-426614174000/operation",
+            }
+        ],
+    }
+
+
+def _validation_problem_schema() -> JsonObject:
+    return {
+        "allOf": [
+            _ref("schemas", "Problem"),
+            {
+                "type": "object",
+                "required": ["errors"],
+                "properties": {
+                    "code": {"const": "VALIDATION_ERROR"},
+                    "errors": {"type": "array", "items": _ref("schemas", "FieldError")},
+                },
+            },
+        ]
+    }
+
+
+# ── components: headers, parameters, responses ───────────────────────────────────────
+
+
+def _headers() -> JsonObject:
+    return {
+        "X-Request-Id": {
+            "description": "Echo of the request's X-Request-Id, or one generated by the server.",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+        },
+        "Location": {
+            "description": "Path of the created wallet: `/api/v1/wallets/{id}`.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^/api/v1/wallets/[0-9a-fA-F-]{36}$"},
+        },
+        "Idempotent-Replayed": {
+            "description": "Present when this is the stored response of an earlier request "
+            "with the same Idempotency-Key.",
+            "schema": {"type": "string", "enum": ["true"]},
+        },
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 0},
+        },
+        "WWW-Authenticate": {
+            "description": "Bearer challenge.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^Bearer"},
+        },
+        "Allow": {
+            "description": "The methods the path supports.",
+            "required": True,
+            "schema": {"type": "string"},
+        },
+    }
+
+
+def _parameters() -> JsonObject:
+    return {
+        "WalletId": {
+            "name": "wallet_id",
+            "in": "path",
+            "required": True,
+            "description": "A UUID; anything else is 400 INVALID_WALLET_ID.",
+            "schema": _ref("schemas", "WalletId"),
+        },
+        "IdempotencyKey": {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": (
+                "A retry with the same key and the same request returns the original status "
+                "and body with `Idempotent-Replayed: true`; the same key with a different "
+                "request is 422 IDEMPOTENCY_KEY_REUSED. A refused request does not use up "
+                "its key."
+            ),
+            "schema": _ref("schemas", "IdempotencyKey"),
+        },
+        "Limit": {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"Page size, 1 to {HISTORY_LIMIT_MAX}; anything else is 422.",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": HISTORY_LIMIT_MAX,
+                "default": HISTORY_LIMIT_DEFAULT,
+            },
+        },
+        "Cursor": {
+            "name": "cursor",
+            "in": "query",
+            "required": False,
+            "description": "Opaque `next_cursor` of the previous page.",
+            "schema": {"type": "string"},
+        },
+    }
+
+
+def _problem_schema_for(status: int, codes: tuple[str, ...]) -> JsonObject:
+    """Problem JSON narrowed to the status and the codes one response can carry."""
+    narrowed = {
+        "type": "object",
+        "properties": {"status": {"const": status}, "code": {"enum": list(codes)}},
+    }
+    return {"allOf": [_ref("schemas", "Problem"), narrowed]}
+
+
+def _validation_problem_schema_for(status: int) -> JsonObject:
+    narrowed = {"type": "object", "properties": {"status": {"const": status}}}
+    return {"allOf": [_ref("schemas", "ValidationProblem"), narrowed]}
+
+
+def _problem_response_of(description: str, schema: JsonObject, *headers: str) -> JsonObject:
+    return {
+        "description": description,
+        "headers": _header_refs(headers),
+        "content": {PROBLEM_JSON: {"schema": schema}},
+    }
+
+
+def _problem_response(
+    description: str, status: int, codes: tuple[str, ...], headers: tuple[str, ...] = ()
+) -> JsonObject:
+    return _problem_response_of(description, _problem_schema_for(status, codes), *headers)
+
+
+def _header_refs(names: tuple[str, ...]) -> JsonObject:
+    return {name: _ref("headers", name) for name in ("X-Request-Id", *names)}
+
+
+def _responses() -> JsonObject:
+    return {
+        "Unauthorized": _problem_response(
+            "WALLETD_API_KEYS is set and the bearer token is missing or wrong.",
+            401,
+            ("UNAUTHORIZED",),
+            ("WWW-Authenticate",),
+        ),
+        "PayloadTooLarge": _problem_response(
+            "The body is larger than WALLETD_MAX_BODY_BYTES (64 KiB by default).",
+            413,
+            ("PAYLOAD_TOO_LARGE",),
+        ),
+        "UnsupportedMediaType": _problem_response(
+            "The body's Content-Type is not application/json (a charset is allowed).",
+            415,
+            ("UNSUPPORTED_MEDIA_TYPE",),
+        ),
+        "Unavailable": _problem_response(
+            "Storage unreachable, commit outcome unknown (retry with the same Idempotency-Key), "
+            "or the engine is over its bounded capacity.",
+            503,
+            ("UNAVAILABLE", "OVERLOADED"),
+            ("Retry-After",),
+        ),
+        "WalletNotFound": _problem_response("No wallet has this id.", 404, ("WALLET_NOT_FOUND",)),
+        "NotFound": _problem_response("No route matches the path.", 404, ("NOT_FOUND",)),
+        "MethodNotAllowed": _problem_response(
+            "The path exists but not with this method.",
+            405,
+            ("METHOD_NOT_ALLOWED",),
+            ("Allow",),
+        ),
+        "ValidationFailed": _problem_response_of(
+            "Invalid fields, amount, query or Idempotency-Key header; "
+            "or an Idempotency-Key reused with a different request.",
+            {
+                # Disjoint by `code`, so exactly one branch matches.
+                "oneOf": [
+                    _validation_problem_schema_for(422),
+                    _problem_schema_for(422, ("IDEMPOTENCY_KEY_REUSED",)),
+                ]
+            },
+        ),
+    }
+
+
+# ── paths ────────────────────────────────────────────────────────────────────────────
+
+
+def _json_response(description: str, schema_name: str, headers: tuple[str, ...] = ()) -> JsonObject:
+    return {
+        "description": description,
+        "headers": _header_refs(headers),
+        "content": {JSON: {"schema": _ref("schemas", schema_name)}},
+    }
+
+
+def _json_body(schema_name: str, *, required: bool) -> JsonObject:
+    return {"required": required, "content": {JSON: {"schema": _ref("schemas", schema_name)}}}
+
+
+def _post_errors() -> JsonObject:
+    """The refusals every JSON-body POST shares, before any business rule runs."""
+    return {
+        "401": _ref("responses", "Unauthorized"),
+        "413": _ref("responses", "PayloadTooLarge"),
+        "415": _ref("responses", "UnsupportedMediaType"),
+        "422": _ref("responses", "ValidationFailed"),
+        "503": _ref("responses", "Unavailable"),
+    }
+
+
+def _create_wallet() -> JsonObject:
+    return {
+        "operationId": "createWallet",
+        "tags": ["wallets"],
+        "summary": "Create a wallet with balance 0.00",
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "IdempotencyKey")],
+        "requestBody": _json_body("CreateWalletRequest", required=False),
+        "responses": {
+            "201": _json_response("Created.", "Wallet", ("Location", "Idempotent-Replayed")),
+            "400": _problem_response(
+                "The body is not JSON or not a JSON object.", 400, ("INVALID_JSON",)
+            ),
+            "409": _problem_response(
+                "A wallet with this id exists.", 409, ("WALLET_ALREADY_EXISTS",)
+            ),
+            **_post_errors(),
+        },
+    }
+
+
+def _get_wallet() -> JsonObject:
+    return {
+        "operationId": "getWallet",
+        "tags": ["wallets"],
+        "summary": "Read a wallet's committed balance",
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "WalletId")],
+        "responses": {
+            "200": _json_response("The wallet.", "Wallet"),
+            "400": _problem_response("The id is not a UUID.", 400, ("INVALID_WALLET_ID",)),
+            "401": _ref("responses", "Unauthorized"),
+            "404": _ref("responses", "WalletNotFound"),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _apply_operation() -> JsonObject:
+    return {
+        "operationId": "applyOperation",
+        "tags": ["wallets"],
+        "summary": "Deposit to or withdraw from a wallet",
+        "description": "A 200 means the operation is committed to PostgreSQL.",
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "WalletId"), _ref("parameters", "IdempotencyKey")],
+        "requestBody": _json_body("OperationRequest", required=True),
+        "responses": {
+            "200": _json_response(
+                "The wallet after the operation.", "Wallet", ("Idempotent-Replayed",)
+            ),
+            "400": _problem_response(
+                "The id is not a UUID, or the body is not a JSON object.",
+                400,
+                ("INVALID_WALLET_ID", "INVALID_JSON"),
+            ),
+            "404": _ref("responses", "WalletNotFound"),
+            "409": _problem_response(
+                "Withdrawal larger than the balance, or deposit past the balance ceiling "
+                f"({BALANCE_MAX}); the balance is unchanged.",
+                409,
+                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+            ),
+            **_post_errors(),
+        },
+    }
+
+
+def _list_operations() -> JsonObject:
+    return {
+        "operationId": "listOperations",
+        "tags": ["wallets"],
+        "summary": "A wallet's operation history, newest first",
+        "security": list(API_SECURITY),
+        "parameters": [
+            _ref("parameters", "WalletId"),
+            _ref("parameters", "Limit"),
+            _ref("parameters", "Cursor"),
+        ],
+        "responses": {
+            "200": _json_response("One page of history.", "HistoryPage"),
+            "400": _problem_response_of(
+                "The id is not a UUID, or the cursor is malformed.",
+                {
+                    "oneOf": [
+                        _problem_schema_for(400, ("INVALID_WALLET_ID",)),
+                        _validation_problem_schema_for(400),
+                    ]
+                },
+            ),
+            "401": _ref("responses", "Unauthorized"),
+            "404": _ref("responses", "WalletNotFound"),
+            "422": _problem_response_of(
+                "limit out of range or not an integer, or cursor invalid.",
+                _validation_problem_schema_for(422),
+            ),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _service_paths() -> JsonObject:
+    return {
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "tags": ["service"],
+                "summary": "Liveness",
+                "responses": {"200": _json_response("The process is up.", "HealthStatus")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "tags": ["service"],
+                "summary": "Readiness: storage reachable and engine accepting work",
+                "responses": {
+                    "200": _json_response("Ready.", "ReadyStatus"),
+                    "503": _problem_response("Not ready.", 503, ("UNAVAILABLE",), ("Retry-After",)),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "tags": ["service"],
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format "
+                        "(`text/plain; version=0.0.4`).",
+                        "headers": _header_refs(()),
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def _docs_paths() -> JsonObject:
+    return {
+        OPENAPI_PATH: {
+            "get": {
+                "operationId": "getOpenApiDocument",
+                "tags": ["docs"],
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1 document.",
+                        "headers": _header_refs(()),
+                        "content": {JSON: {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+        DOCS_PATH: {
+            "get": {
+                "operationId": "getDocsPage",
+                "tags": ["docs"],
+                "summary": "Interactive docs (Swagger UI, served locally)",
+                "responses": {
+                    "200": {
+                        "description": "HTML page.",
+                        "headers": _header_refs(()),
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        DOCS_STATIC_PREFIX + "{asset}": {
+            "get": {
+                "operationId": "getDocsAsset",
+                "tags": ["docs"],
+                "summary": "A static file of the docs page",
+                "parameters": [
+                    {
+                        "name": "asset",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": sorted(DOCS_ASSETS)},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file.",
+                        "headers": _header_refs(()),
+                        "content": {
+                            media_type: {"schema": {"type": "string"}}
+                            for media_type in sorted(set(DOCS_ASSETS.values()))
+                        },
+                    },
+                    "404": _ref("responses", "NotFound"),
+                },
+            }
+        },
+    }
+
+
+def _paths() -> JsonObject:
+    wallet = "/api/v1/wallets/{wallet_id}"
+    return {
+        "/api/v1/wallets": {"post": _create_wallet()},
+        wallet: {"get": _get_wallet()},
+        wallet + "/operation": {"post": _apply_operation()},
+        wallet + "/operations": {"get": _list_operations()},
+        **_service_paths(),
+        **_docs_paths(),
+    }
+
+
+def _api_version() -> str:
+    try:
+        return importlib.metadata.version("walletd")
+    except importlib.metadata.PackageNotFoundError:
+        # Running from a source tree that was never installed.
+        return "0.0.0"
+
+
+DESCRIPTION: Final = """\
+Wallet balances with exact decimal arithmetic.
+
+* Money in responses is a string with exactly 2 fractional digits (`"1000.00"`).
+* Every error is RFC 9457 problem JSON (`application/problem+json`) with a stable `code`.
+  An unknown route is 404 `NOT_FOUND`; a wrong method is 405 `METHOD_NOT_ALLOWED` with an
+  `Allow` header (see `components.responses`).
+* Every response carries `X-Request-Id` (echoed, or generated when absent).
+* Bearer auth applies to `/api/v1/...` only, and only when the server runs with
+  `WALLETD_API_KEYS` set; otherwise those routes are open.
+"""
+
+
+def build_openapi_document() -> dict[str, Any]:
+    """Return a new OpenAPI 3.1.0 document for every walletd route."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "walletd",
+            "version": _api_version(),
+            "description": DESCRIPTION,
+        },
+        "servers": [{"url": "/"}],
+        "tags": [
+            {"name": "wallets", "description": "Wallets and their operations"},
+            {"name": "service", "description": "Health and metrics"},
+            {"name": "docs", "description": "This document and its docs page"},
+        ],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "parameters": _parameters(),
+            "headers": _headers(),
+            "responses": _responses(),
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "One of the comma-separated keys in WALLETD_API_KEYS; "
+                    "required only when that variable is set.",
+                }
+            },
+        },
+    }
+
+
+@functools.cache
+def openapi_json_bytes() -> bytes:
+    """The document as JSON, built once per process: it only changes with the code."""
+    return orjson.dumps(build_openapi_document(), option=orjson.OPT_INDENT_2)
