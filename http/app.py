@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from walletd.http import health, routes_v1
+from walletd.http.docs_page import add_docs_routes
 from walletd.http.problems import problems_middleware
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY, AppState, ServicesFactory
@@ -34,4 +35,5 @@ def create_app(settings: HttpSettings, services: ServicesFactory) -> web.Applica
     app.cleanup_ctx.append(run_services)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(health.routes)
+    add_docs_routes(app)
     return app

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from aiohttp import web
+
 from walletd.http.openapi import (
     DOCS_ASSETS,
     DOCS_PATH,

@@ -16,8 +16,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
-from openapi_validation import assert_response_matches, documented_response, schema_errors
 from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from tests.openapi_validation import assert_response_matches, documented_response, schema_errors
 from walletd.http.docs_page import DOCS_CSP, add_docs_routes, swagger_ui_static_dir
 from walletd.http.openapi import (
     DOCS_ASSETS,

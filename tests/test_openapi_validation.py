@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Final
 
 import pytest
-from openapi_validation import assert_response_matches
+
+from tests.openapi_validation import assert_response_matches
 from walletd.http.openapi import build_openapi_document
 
 WALLET_ID: Final = "123e4567-e89b-12d3-a456-426614174000"
