@@ -43,7 +43,7 @@ lint: install-dev
 
 typecheck: install-dev .typecheck/walletd
 	MYPYPATH=.typecheck $(VENV)/bin/mypy -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli
-	MYPYPATH=.typecheck $(VENV)/bin/mypy tests
+	MYPYPATH=.typecheck $(VENV)/bin/mypy tests loadtest
 
 pytest: install-dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
