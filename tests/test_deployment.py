@@ -52,6 +52,7 @@ DOCKER_MD = ROOT / "docs" / "DOCKER.md"
 README = ROOT / "README.md"
 DOCKER_SECTION_HEADING = "## Run with Docker"
 TOOL_TIMEOUT_S = 60.0
+REGENERATE = "stale: run `make docs-config` after changing cli/config.py SETTINGS"
 
 # Settings docker-compose.yml does not take from the environment, and why. Every other
 # setting, including any added later, must be passed as `NAME: ${NAME:-default}`.
@@ -224,7 +225,7 @@ def container_config(environment: Mapping[str, str]) -> Config:
 
 def test_env_example_is_rendered_from_settings() -> None:
     """env.example equals what SETTINGS renders (`make docs-config` rewrites it)."""
-    assert (ROOT / "env.example").read_text() == render_env_example()
+    assert (ROOT / "env.example").read_text() == render_env_example(), REGENERATE
 
 
 def test_env_example_names_every_variable_walletd_reads() -> None:
@@ -241,7 +242,7 @@ def test_env_example_names_every_variable_walletd_reads() -> None:
 def test_configuration_tables_are_rendered_from_settings(document: Path) -> None:
     """README.md and docs/DOCKER.md carry exactly the rendered table between the markers."""
     text = document.read_text()
-    assert settings_block(text) == "\n" + render_settings_table()
+    assert settings_block(text) == "\n" + render_settings_table(), REGENERATE
     for setting in SETTINGS:
         assert f"`{setting.env[0]}`" in settings_block(text)
 
