@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest clean
+.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ bench: install-dev
 
 loadtest: install-dev
 	$(PY) -m loadtest.run_locust
+
+# env.example and the configuration tables in README.md and docs/DOCKER.md are rendered from
+# cli/config.py SETTINGS; tests/test_deployment.py fails until this is run after a change.
+docs-config: install
+	$(PY) -m walletd.cli.config --env-example > env.example
+	$(PY) -m walletd.cli.config --update-docs README.md docs/DOCKER.md
 
 clean:
 	rm -rf $(VENV) .typecheck build dist .pytest_cache .mypy_cache .ruff_cache
