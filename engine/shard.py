@@ -289,7 +289,17 @@ class Shard:
         return committed
 
     def _fail(self, prepared: _Prepared, reason: str) -> None:
-        """Answer every command of the batch with 503; callable from the commit task."""
+        """Answer every command of the batch with 503; callable from the commit task.
+
+        The wallets it touched are marked not committed before anyone is answered, so a
+        caller who retries at once is not served the fast-path read of a wallet whose
+        stored state is unknown: the read goes through the mailbox, behind the loop's
+        forgetting and re-reading them.
+        """
+        for wallet_id in prepared.touched_wallets:
+            resident = self._residents.get(wallet_id)
+            if resident is not None:
+                resident.committed = False
         for future, _reply in prepared.replies:
             if not future.done():
                 future.set_result(_UNAVAILABLE)
