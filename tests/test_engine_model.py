@@ -9,7 +9,9 @@ must equal the model: balances, histories, never negative, balance == sum(log).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from uuid import UUID
 
 from hypothesis import HealthCheck, settings
@@ -29,6 +31,8 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+T = TypeVar("T")
 
 WALLETS = [UUID(int=n) for n in range(1, 7)]
 KEYS = ["k1", "k2", "k3"]
@@ -121,8 +125,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.model = Model()
         self.engine = self._start_engine()
 
-    def _run(self, awaitable: object) -> object:
-        return self.loop.run_until_complete(asyncio.wait_for(awaitable, WAIT_S))  # type: ignore[arg-type]
+    def _run(self, awaitable: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(asyncio.wait_for(awaitable, WAIT_S))
 
     def _start_engine(self) -> Engine:
         engine = Engine(self.log, LIMITS)
@@ -138,7 +142,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(wallet=wallets, key=keys)
     def create(self, wallet: UUID, key: str | None) -> None:
         expected, writes = self.model.expect_create(wallet, key)
-        _id, reply = self._run(self.engine.create_wallet(wallet, key))  # type: ignore[misc]
+        _id, reply = self._run(self.engine.create_wallet(wallet, key))
         assert reply.outcome is expected, (reply, expected)
         if writes:
             self.model.create(wallet, key)
@@ -196,7 +200,7 @@ class EngineMachine(RuleBasedStateMachine):
     def create_with_failed_commit(self, wallet: UUID, key: str | None, lands: bool) -> None:
         expected, writes = self.model.expect_create(wallet, key)
         self.log.fail_next_appends, self.log.apply_then_fail = 1, lands
-        _id, reply = self._run(self.engine.create_wallet(wallet, key))  # type: ignore[misc]
+        _id, reply = self._run(self.engine.create_wallet(wallet, key))
         self.log.fail_next_appends, self.log.apply_then_fail = 0, False
         if not writes:
             assert reply.outcome is expected
