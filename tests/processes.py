@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 STARTUP_TIMEOUT_S = 60.0
 _LISTENING = re.compile(r"walletd listening on (http://\S+)")
@@ -20,6 +21,7 @@ class WalletdProcess:
     process: subprocess.Popen[str]
     url: str
     log_path: Path
+    log_file: IO[str]
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, then wait: the graceful drain."""
@@ -27,10 +29,13 @@ class WalletdProcess:
         return self.process.wait(timeout_s)
 
     def kill(self) -> None:
-        """SIGKILL: no drain, no cleanup, like a crash."""
+        """SIGKILL: no drain, no cleanup, like a crash. Closes our ends of its files."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.log_file.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -61,7 +66,9 @@ def start_walletd(
             break
         match = _LISTENING.search(line)
         if match:
-            return WalletdProcess(process, match.group(1), log_path)
+            return WalletdProcess(process, match.group(1), log_path, log_file)
     process.kill()
     process.wait(10)
+    process.stdout.close()
+    log_file.close()
     raise RuntimeError(f"walletd did not start: {log_path.read_text(errors='replace')}")
