@@ -7,6 +7,14 @@ Which calls may have committed when they fail:
 - the pool could not hand out a connection      -> StorageUnavailable (nothing sent)
 - the server answered with an error              -> StorageError (rolled back)
 - the connection broke or timed out after send   -> CommitOutcomeUnknown
+
+Every call is bounded: waiting for a connection by ``acquire_timeout_s``, each statement by
+the pool's ``command_timeout``; an outage therefore surfaces as an error within seconds.
+
+Alternatives to the function call were measured (``python -m loadtest.append_bench``,
+docs/BENCHMARKS.md): ``executemany`` needs a transaction and a round trip per row group, and
+COPY into a temporary table needs three statements in a transaction; the single function call
+was the fastest at every batch size that matters.
 """
 
 from __future__ import annotations
@@ -59,7 +67,14 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
 
-_BROKEN_CONNECTION = (OSError, TimeoutError, asyncpg.InterfaceError)
+# Errors after which nobody knows whether the server ran the statement. A broken connection
+# surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
+_BROKEN_CONNECTION = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
 
 
 def _wallet(row: asyncpg.Record) -> WalletRecord:
@@ -71,18 +86,27 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 
 
 class PostgresLog(WalletLog):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 2.0) -> None:
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def _acquire(self) -> asyncpg.Connection:
+        try:
+            return await self._pool.acquire(timeout=self._acquire_timeout_s)
+        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
+            raise StorageUnavailable(f"no PostgreSQL connection: {error!r}") from error
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        connection = await self._acquire()
         try:
-            async with self._pool.acquire() as connection:
-                rows: list[asyncpg.Record] = await connection.fetch(query, *args)
-                return rows
-        except asyncpg.PostgresError as error:
-            raise StorageError(f"query failed: {error}") from error
+            rows: list[asyncpg.Record] = await connection.fetch(query, *args)
+            return rows
         except _BROKEN_CONNECTION as error:
             raise StorageUnavailable(f"storage unreachable: {error!r}") from error
+        except asyncpg.PostgresError as error:
+            raise StorageError(f"query failed: {error}") from error
+        finally:
+            await self._pool.release(connection)
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         rows = await self._fetch(_LOAD_WALLETS, wallet_ids)
@@ -123,16 +147,13 @@ class PostgresLog(WalletLog):
             [s.balance for s in snaps],
             [s.updated_at_us for s in snaps],
         )
-        try:
-            connection = await self._pool.acquire()
-        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
-            raise StorageUnavailable(f"no connection for commit: {error!r}") from error
+        connection = await self._acquire()
         try:
             await connection.execute(_APPEND, *args)
+        except _BROKEN_CONNECTION as error:
+            raise CommitOutcomeUnknown(f"connection lost during commit: {error!r}") from error
         except asyncpg.PostgresError as error:
             raise StorageError(f"batch refused: {error}") from error
-        except (*_BROKEN_CONNECTION, asyncpg.exceptions.ConnectionDoesNotExistError) as error:
-            raise CommitOutcomeUnknown(f"connection lost during commit: {error!r}") from error
         finally:
             await self._pool.release(connection)
 
