@@ -89,7 +89,10 @@ async def connect(dsn: str, timeout_s: float = 5.0) -> asyncpg.Connection:
 async def check_server_version(connection: asyncpg.Connection) -> int:
     version = int(await connection.fetchval("SHOW server_version_num"))
     if version < POSTGRES_VERSION_MIN:
-        raise DatabaseTooOld(f"PostgreSQL {version // 10000} is too old; walletd needs 14 or newer")
+        raise DatabaseTooOld(
+            f"PostgreSQL {version // 10000} is too old; walletd needs "
+            f"{POSTGRES_VERSION_MIN // 10000} or newer"
+        )
     return version
 
 

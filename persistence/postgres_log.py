@@ -32,7 +32,7 @@ from walletd.engine.ports import (
     WalletLog,
 )
 
-__all__ = ["PostgresLog"]
+__all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 
 _APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"  # noqa: E501
 
@@ -58,11 +58,11 @@ SELECT {_OP_COLUMNS}
   FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
   JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
 """
-_HISTORY_FIRST = f"""
+HISTORY_FIRST_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 ORDER BY o.seq DESC LIMIT $2
 """
-_HISTORY_BEFORE = f"""
+HISTORY_BEFORE_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
@@ -161,9 +161,9 @@ class PostgresLog(WalletLog):
         self, wallet_id: UUID, before_seq: int | None, limit: int
     ) -> list[tuple[int, OperationRecord]]:
         if before_seq is None:
-            rows = await self._fetch(_HISTORY_FIRST, wallet_id, limit)
+            rows = await self._fetch(HISTORY_FIRST_SQL, wallet_id, limit)
         else:
-            rows = await self._fetch(_HISTORY_BEFORE, wallet_id, before_seq, limit)
+            rows = await self._fetch(HISTORY_BEFORE_SQL, wallet_id, before_seq, limit)
         return [(row[0], _operation(row)) for row in rows]
 
     async def ping(self) -> None:
