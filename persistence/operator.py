@@ -1,7 +1,8 @@
 """Operator commands on the durable log: verify, restore, seed.
 
 - ``verify`` replays the log in wallet order through two server-side cursors (wallets by id,
-  operations by (wallet id, seq)) read in one REPEATABLE READ snapshot, and checks, for every
+  operations by (wallet id, seq)) on two connections sharing one REPEATABLE READ snapshot
+  (``pg_export_snapshot``), each with its next fetch in flight, and checks, for every
   wallet, that the snapshot's balance and seq equal the log's sum and last seq, and that the
   log's own chain holds (seq = 1, 2, 3, ... and each balance_after = the running balance).
   Memory is bounded by the cursor fetch size, whatever the table sizes.
@@ -14,10 +15,12 @@ Exceptions: ``DatabaseBusy`` (restore while a server runs), ``DatabaseError`` (c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -41,6 +44,8 @@ __all__ = [
 VERIFY_FETCH_ROWS = 20_000
 # Wallets generated and copied per COPY round by seed (with their operations).
 SEED_CHUNK_WALLETS = 20_000
+# Wallets replayed between two turns of the event loop during verify.
+VERIFY_YIELD_WALLETS = 500
 
 _DEPOSIT = 1
 _WITHDRAW = 2
@@ -81,41 +86,70 @@ MISMATCHES_KEPT_MAX = 100
 
 
 _WALLETS_IN_ORDER = "SELECT id, balance, seq FROM wallets ORDER BY id"
+# The signed amount is computed by the server: one column less to decode per row.
 _OPERATIONS_IN_ORDER = (
-    "SELECT wallet_id, seq, kind, amount, balance_after FROM wallet_operations "
-    "ORDER BY wallet_id, seq"
+    "SELECT wallet_id, seq, CASE kind WHEN 1 THEN amount ELSE -amount END, balance_after "
+    "FROM wallet_operations ORDER BY wallet_id, seq"
 )
 
 
 class _Rows:
-    """A server-side cursor read in fixed-size fetches, one row at a time."""
+    """A server-side cursor read in fixed-size fetches, the next one always in flight.
+
+    Each reader owns its connection, so the fetch of the next batch overlaps with the
+    replay of the current one: the server walks the index while Python checks rows.
+    """
 
     def __init__(self, cursor: asyncpg.cursor.Cursor, fetch_rows: int) -> None:
         self._cursor = cursor
         self._fetch_rows = fetch_rows
-        self._rows: list[asyncpg.Record] = []
-        self._index = 0
-        self._done = False
-
-    async def peek(self) -> asyncpg.Record | None:
-        if self._index >= len(self._rows):
-            if self._done:
-                return None
-            self._rows = await self._cursor.fetch(self._fetch_rows)
-            self._index = 0
-            if len(self._rows) < self._fetch_rows:
-                self._done = True
-            if not self._rows:
-                return None
-        return self._rows[self._index]
+        self._next: asyncio.Task[list[asyncpg.Record]] | None = asyncio.create_task(
+            cursor.fetch(fetch_rows)
+        )
 
     async def take_batch(self) -> list[asyncpg.Record]:
-        """The rest of the current fetch (refilling first when it is used up)."""
-        if await self.peek() is None:
+        """The next batch of rows; empty at the end."""
+        if self._next is None:
             return []
-        rows = self._rows[self._index :] if self._index else self._rows
-        self._index = len(self._rows)
+        rows = await self._next
+        self._next = None
+        if len(rows) == self._fetch_rows:
+            self._next = asyncio.create_task(self._cursor.fetch(self._fetch_rows))
         return rows
+
+    async def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
+                await self._next
+            self._next = None
+
+
+@contextlib.asynccontextmanager
+async def _snapshot_readers(dsn: str, fetch_rows: int) -> AsyncIterator[tuple[_Rows, _Rows]]:
+    """Wallets and operations readers on two connections that share one snapshot."""
+    first = await connect(dsn)
+    second: asyncpg.Connection | None = None
+    readers: list[_Rows] = []
+    try:
+        second = await connect(dsn)
+        async with (
+            first.transaction(isolation="repeatable_read", readonly=True),
+            second.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            snapshot = await first.fetchval("SELECT pg_export_snapshot()")
+            await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            readers.append(_Rows(await first.cursor(_WALLETS_IN_ORDER), fetch_rows))
+            readers.append(_Rows(await second.cursor(_OPERATIONS_IN_ORDER), fetch_rows))
+            try:
+                yield readers[0], readers[1]
+            finally:
+                for reader in readers:
+                    await reader.close()
+    finally:
+        for connection in (first, second):
+            if connection is not None:
+                await connection.close()
 
 
 async def verify(
@@ -135,61 +169,64 @@ async def verify(
             report.first_mismatches.append(mismatch)
         on_mismatch(mismatch)
 
-    connection = await connect(dsn)
-    try:
-        async with connection.transaction(isolation="repeatable_read", readonly=True):
-            wallets = _Rows(await connection.cursor(_WALLETS_IN_ORDER), fetch_rows)
-            operations = _Rows(await connection.cursor(_OPERATIONS_IN_ORDER), fetch_rows)
-            # Per wallet: (id, balance, seq) of the snapshot; the replay walks its log rows.
-            pending: list[asyncpg.Record] = []  # log rows fetched but not yet consumed
-            position = 0
-            for_wallets = await wallets.take_batch()
-            while for_wallets:
-                for wallet_id, snap_balance, snap_seq in for_wallets:
-                    report.wallets += 1
-                    balance = 0
-                    seq = 0
-                    chain_ok = True
-                    while True:
-                        if position >= len(pending):
-                            pending = await operations.take_batch()
-                            position = 0
-                            if not pending:
-                                break
-                        op_wallet, op_seq, kind, amount, balance_after = pending[position]
-                        if op_wallet != wallet_id:
-                            if op_wallet < wallet_id:
-                                found(op_wallet, "log rows without a snapshot row")
-                                position += 1
-                                continue
+    operations_checked = 0
+    async with _snapshot_readers(dsn, fetch_rows) as (wallets, operations):
+        pending: list[asyncpg.Record] = []  # log rows fetched, not yet replayed
+        position = 0
+        pending_rows = 0  # len(pending), kept in a local: this loop runs per log row
+        for_wallets = await wallets.take_batch()
+        while for_wallets:
+            report.wallets += len(for_wallets)
+            for index, (wallet_id, snap_balance, snap_seq) in enumerate(for_wallets):
+                if not index % VERIFY_YIELD_WALLETS:
+                    # Let the event loop read the fetches in flight: the server streams on
+                    # (another core) instead of stalling on a full socket buffer.
+                    await asyncio.sleep(0)
+                balance = 0
+                seq = 0
+                chain_ok = True
+                while True:
+                    if position >= pending_rows:
+                        operations_checked += pending_rows
+                        pending = await operations.take_batch()
+                        position = 0
+                        pending_rows = len(pending)
+                        if not pending:
                             break
-                        position += 1
-                        report.operations += 1
-                        balance = balance + amount if kind == _DEPOSIT else balance - amount
-                        seq += 1
-                        if chain_ok and (op_seq != seq or balance_after != balance or balance < 0):
-                            chain_ok = False
-                            found(
-                                wallet_id,
-                                f"log chain broken at seq {op_seq} (expected seq {seq}, "
-                                f"balance_after {balance_after}, replayed balance {balance})",
-                            )
-                    if snap_balance != balance:
-                        found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
-                    if snap_seq != seq:
-                        found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
-                for_wallets = await wallets.take_batch()
-            # Log rows past the last wallet belong to no snapshot row.
-            while True:
-                if position >= len(pending):
-                    pending = await operations.take_batch()
-                    position = 0
-                    if not pending:
+                    op_wallet, op_seq, signed_amount, balance_after = pending[position]
+                    if op_wallet != wallet_id:
+                        if op_wallet < wallet_id:
+                            found(op_wallet, "log rows without a snapshot row")
+                            position += 1
+                            continue
                         break
-                found(pending[position][0], "log rows without a snapshot row")
-                position += 1
-    finally:
-        await connection.close()
+                    position += 1
+                    balance += signed_amount
+                    seq += 1
+                    if chain_ok and (op_seq != seq or balance_after != balance or balance < 0):
+                        chain_ok = False
+                        found(
+                            wallet_id,
+                            f"log chain broken at seq {op_seq} (expected seq {seq}, "
+                            f"balance_after {balance_after}, replayed balance {balance})",
+                        )
+                if snap_balance != balance:
+                    found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
+                if snap_seq != seq:
+                    found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
+            for_wallets = await wallets.take_batch()
+        # Log rows past the last wallet belong to no snapshot row.
+        while True:
+            if position >= pending_rows:
+                operations_checked += pending_rows
+                pending = await operations.take_batch()
+                position = 0
+                pending_rows = len(pending)
+                if not pending:
+                    break
+            found(pending[position][0], "log rows without a snapshot row")
+            position += 1
+    report.operations = operations_checked
     report.seconds = time.perf_counter() - started
     return report
 
