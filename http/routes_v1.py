@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Final
 
 import orjson
@@ -61,15 +62,20 @@ def _encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
 
 
+# A cursor is "s<seq>" in unpadded URL-safe base64; seq fits PostgreSQL's bigint.
+_CURSOR_TEXT: Final = re.compile(r"s[1-9][0-9]{0,18}")
+_CURSOR_CHARS: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_SEQ_MAX: Final = 2**63 - 1
+
+
 def _decode_cursor(cursor: str) -> int:
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s"):
+        if not _CURSOR_CHARS.fullmatch(cursor):
             raise ValueError
-        seq = int(text[1:])
-        if seq < 1:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        if not _CURSOR_TEXT.fullmatch(text) or int(text[1:]) > _SEQ_MAX:
             raise ValueError
-        return seq
+        return int(text[1:])
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValidationProblem([{"field": "cursor", "message": "is not a valid cursor"}]) from None
 
