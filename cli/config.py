@@ -68,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
             int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
     Setting("idempotency_keys_max", ("WALLETD_IDEMPOTENCY_KEYS_MAX",), "--idempotency-keys-max",
-            int, 1_000_000, "idempotency keys cached in memory (PostgreSQL keeps them all)"),
+            int, 100_000, "idempotency keys cached in memory (PostgreSQL keeps them all)"),
     Setting("commit_timeout_s", ("WALLETD_COMMIT_TIMEOUT",), "--commit-timeout", float, 5.0,
             "seconds a batch commit may take before it is failed with 503"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,

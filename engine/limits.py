@@ -25,7 +25,7 @@ class EngineLimits:
     mailbox_commands_max: int = 8192
     batch_ops_max: int = 1024
     resident_wallets_max: int = 1_000_000
-    idempotency_keys_max: int = 1_000_000
+    idempotency_keys_max: int = 100_000
     commit_timeout_s: float = 5.0
     load_timeout_s: float = 5.0
 

@@ -19,6 +19,7 @@ import sys
 import time
 import tracemalloc
 import urllib.request
+import uuid
 from pathlib import Path
 
 import asyncpg
@@ -74,7 +75,10 @@ async def resident_bytes(dsn: str, wallets: int) -> tuple[int, float]:
     """Bytes per resident wallet in one shard, loaded from PostgreSQL in batches."""
     connection = await asyncpg.connect(dsn)
     try:
-        ids = [r[0] for r in await connection.fetch("SELECT id FROM wallets LIMIT $1", wallets)]
+        rows = await connection.fetch("SELECT id FROM wallets LIMIT $1", wallets)
+        # Plain uuid.UUIDs, as the HTTP edge makes them: asyncpg's UUIDs cache their int and
+        # hash when first hashed, which would count here as if the shard kept it.
+        ids = [uuid.UUID(bytes=r[0].bytes) for r in rows]
     finally:
         await connection.close()
     pool = await create_pool(dsn, PoolSettings(size_max=2))
