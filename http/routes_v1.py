@@ -25,6 +25,11 @@ __all__ = ["PREFIX", "routes"]
 
 PREFIX: Final = "/api/v1"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
+# A cursor names a per-wallet sequence number, a PostgreSQL bigint: past it is no cursor of
+# ours (and would fail in the driver, not as a validation error).
+_CURSOR_SEQ_MAX: Final = 2**63 - 1
+# Enough digits for any valid limit, few enough that int() never meets Python's digit limit.
+_LIMIT_DIGITS_MAX: Final = 6
 
 routes = web.RouteTableDef()
 
@@ -66,8 +71,11 @@ def _decode_cursor(cursor: str) -> int:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         if not text.startswith("s"):
             raise ValueError
-        seq = int(text[1:])
-        if seq < 1:
+        digits = text[1:]
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError
+        seq = int(digits)
+        if not 1 <= seq <= _CURSOR_SEQ_MAX:
             raise ValueError
         return seq
     except (ValueError, binascii.Error, UnicodeDecodeError):
@@ -77,7 +85,11 @@ def _decode_cursor(cursor: str) -> int:
 def _parse_limit(text: str | None, default: int, maximum: int) -> int:
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if (
+        not (text.isascii() and text.isdigit() and len(text) <= _LIMIT_DIGITS_MAX)
+        or not 1 <= int(text) <= maximum
+    ):
         raise ValidationProblem(
             [{"field": "limit", "message": f"must be an integer from 1 to {maximum}"}]
         )

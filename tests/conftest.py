@@ -25,8 +25,10 @@ from aiohttp.test_utils import TestClient
 
 from tests.processes import WalletdProcess, start_walletd
 from walletd.engine.limits import EngineLimits
+from walletd.engine.observer import EngineObserver
 from walletd.engine.router import Engine
 from walletd.http.app import create_app
+from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 from walletd.http.state import Services
 from walletd.persistence.database import PoolSettings, ServingLock, create_pool
@@ -100,13 +102,15 @@ async def database_url(fresh_database_url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_services(dsn: str, limits: EngineLimits | None = None) -> AsyncIterator[Services]:
+async def running_services(
+    dsn: str, limits: EngineLimits | None = None, observer: EngineObserver | None = None
+) -> AsyncIterator[Services]:
     """The production wiring minus the embedded server: lock, pool, log, engine."""
     lock = ServingLock(dsn)
     await lock.acquire()
     pool = await create_pool(dsn, PoolSettings(size_max=8))
     log = PostgresLog(pool)
-    engine = Engine(log, limits or EngineLimits(shards=2))
+    engine = Engine(log, limits or EngineLimits(shards=2), observer=observer)
     await engine.start()
 
     async def ready() -> str | None:
@@ -128,8 +132,12 @@ def make_app(database_url: str) -> AppFactory:
     def build(
         settings: HttpSettings | None = None, limits: EngineLimits | None = None
     ) -> web.Application:
+        # Wired like cli/main.py: the engine reports to the app's own metrics.
+        metrics = Metrics()
         return create_app(
-            settings or HttpSettings(), lambda: running_services(database_url, limits)
+            settings or HttpSettings(),
+            lambda: running_services(database_url, limits, metrics.engine),
+            metrics=metrics,
         )
 
     return build
