@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.processes import WalletdProcess, start_walletd
 from walletd.engine.limits import EngineLimits
@@ -165,3 +165,27 @@ def walletd_process(tmp_path: Path) -> Iterator[Callable[..., WalletdProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+async def module_client(
+    pg_server: PostgresServer,
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """One real app (default settings) on one fresh migrated database for a whole module.
+
+    For tables of many independent requests: each test makes its own wallets, and nothing
+    it does can change another test's wallets.
+    """
+    from walletd.cli.service import migrate_database
+
+    dsn = await pg_server.create_database()
+    try:
+        await migrate_database(dsn)
+        metrics = Metrics()
+        app = create_app(
+            HttpSettings(), lambda: running_services(dsn, None, metrics.engine), metrics=metrics
+        )
+        async with TestClient(TestServer(app)) as test_client:
+            yield test_client
+    finally:
+        await pg_server.drop_database(dsn)
