@@ -24,13 +24,21 @@ class WalletdProcess:
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, then wait: the graceful drain."""
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout_s)
+        try:
+            return self.process.wait(timeout_s)
+        finally:
+            self._close_pipe()
 
     def kill(self) -> None:
         """SIGKILL: no drain, no cleanup, like a crash."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        if self.process.stdout is not None and self.process.returncode is not None:
+            self.process.stdout.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -45,14 +53,15 @@ def start_walletd(
 ) -> WalletdProcess:
     log_path = log_dir / f"walletd-{time.monotonic_ns()}.log"
     merged_env = {**os.environ, **(env or {})}
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        walletd_command(["serve", "--port", "0", *args]),
-        stdout=subprocess.PIPE,
-        stderr=log_file,
-        text=True,
-        env=merged_env,
-    )
+    # The child keeps its own copy of the descriptor; the parent's is closed at once.
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            walletd_command(["serve", "--port", "0", *args]),
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            env=merged_env,
+        )
     assert process.stdout is not None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
