@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest clean
+.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ lint: install-dev
 
 typecheck: install-dev .typecheck/walletd
 	MYPYPATH=.typecheck $(VENV)/bin/mypy -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli
-	MYPYPATH=.typecheck $(VENV)/bin/mypy tests
+	MYPYPATH=.typecheck $(VENV)/bin/mypy tests loadtest
 
 pytest: install-dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -58,12 +58,20 @@ wheel-test: install-dev
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install --quiet dist/*.whl
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import walletd.engine, walletd.http, walletd.persistence, walletd.cli.main, http.client, sysconfig; assert http.client.__file__.startswith(sysconfig.get_paths()['stdlib'])"
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "from walletd.persistence.migrate import migrations; assert migrations(), 'no migrations in the wheel'"
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/walletd serve --help >/dev/null
 
 bench: install-dev
 	$(PY) -m loadtest.bench
 
 loadtest: install-dev
 	$(PY) -m loadtest.run_locust
+
+# env.example and the configuration tables in README.md and docs/DOCKER.md are rendered from
+# cli/config.py SETTINGS; tests/test_deployment.py fails until this is run after a change.
+docs-config: install
+	$(PY) -m walletd.cli.config --env-example > env.example
+	$(PY) -m walletd.cli.config --update-docs README.md docs/DOCKER.md
 
 clean:
 	rm -rf $(VENV) .typecheck build dist .pytest_cache .mypy_cache .ruff_cache

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SETTINGS", "Config", "Setting", "add_flags", "load_config"]
+__all__ = [
+    "SETTINGS",
+    "SETTINGS_TABLE_END",
+    "SETTINGS_TABLE_START",
+    "Config",
+    "Setting",
+    "add_flags",
+    "default_text",
+    "load_config",
+    "render_env_example",
+    "render_settings_table",
+    "replace_settings_table",
+]
 
 
 def _bool(text: str) -> bool:
@@ -130,3 +143,97 @@ def load_config(flags: argparse.Namespace, environ: Mapping[str, str] | None = N
 
 def env_names() -> Sequence[str]:
     return [name for setting in SETTINGS for name in setting.env]
+
+
+# The generated documentation: ``env.example`` and the Markdown table that README.md and
+# docs/DOCKER.md carry between these markers. `make docs-config` rewrites both; a test
+# (tests/test_deployment.py) fails when they differ from what SETTINGS renders.
+SETTINGS_TABLE_START = "<!-- settings:start -->"
+SETTINGS_TABLE_END = "<!-- settings:end -->"
+
+
+def default_text(setting: Setting) -> str:
+    """The default as it is written in the environment (``""`` = unset)."""
+    default = setting.default
+    if default is None:
+        return ""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, tuple):
+        return ",".join(str(item) for item in default)
+    return str(default)
+
+
+def render_env_example() -> str:
+    """Every variable walletd reads, commented out at its default, with what it means."""
+    lines = [
+        "# walletd's settings, generated from cli/config.py SETTINGS by `make docs-config`.",
+        "# Copy to .env and uncomment what you change: docker-compose reads .env by itself,",
+        "# so settings change without rebuilding the image. Flags beat the environment,",
+        "# which beats these defaults. Inside docker-compose the listening address, the port",
+        "# and the database URL are fixed by the compose file (docs/DOCKER.md).",
+    ]
+    for setting in SETTINGS:
+        first, *aliases = setting.env
+        lines.append("")
+        lines.append(f"# {setting.help}")
+        if setting.flag is not None:
+            lines.append(f"# flag: {setting.flag}")
+        if aliases:
+            lines.append(f"# also read from: {', '.join(aliases)}")
+        lines.append(f"# {first}={default_text(setting)}")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_settings_table() -> str:
+    """The README's configuration table in Markdown, one row per setting."""
+    rows = [
+        "| Variable | Flag | Default | Meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for setting in SETTINGS:
+        names = ", ".join(f"`{name}`" for name in setting.env)
+        flag = f"`{setting.flag}`" if setting.flag is not None else "(environment only)"
+        default = default_text(setting)
+        shown = f"`{default}`" if default else "(unset)"
+        rows.append(f"| {names} | {flag} | {shown} | {_cell(setting.help)} |")
+    return "\n".join(rows) + "\n"
+
+
+def replace_settings_table(document: str) -> str:
+    """The document with the text between the settings markers replaced by the table."""
+    start = document.index(SETTINGS_TABLE_START) + len(SETTINGS_TABLE_START)
+    end = document.index(SETTINGS_TABLE_END, start)
+    return document[:start] + "\n" + render_settings_table() + document[end:]
+
+
+def _main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m walletd.cli.config", description="Render walletd's settings documentation."
+    )
+    parser.add_argument("--env-example", action="store_true", help="print env.example")
+    parser.add_argument("--settings-table", action="store_true", help="print the Markdown table")
+    parser.add_argument(
+        "--update-docs",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help=f"rewrite the table between {SETTINGS_TABLE_START} and {SETTINGS_TABLE_END}",
+    )
+    args = parser.parse_args(argv)
+    if args.env_example:
+        sys.stdout.write(render_env_example())
+    if args.settings_table:
+        sys.stdout.write(render_settings_table())
+    for path in args.update_docs:
+        path.write_text(replace_settings_table(path.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

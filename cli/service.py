@@ -82,14 +82,22 @@ class _Readiness:
         self._log = log
         self._lock = lock
         self._checked_at = -READINESS_CACHE_S
+        self._lock_retried_at = -READINESS_CACHE_S
         self._storage_reason: str | None = None
 
     async def __call__(self) -> str | None:
         if not self._engine.accepting:
             return "the engine is not accepting work"
-        if not self._lock.held:
-            return "the serving lock on PostgreSQL was lost"
         now = time.monotonic()
+        if not self._lock.held:
+            # After an outage the lock's session is gone; without retaking it walletd
+            # would stay unready for good although it serves again.
+            if now - self._lock_retried_at >= READINESS_CACHE_S:
+                self._lock_retried_at = now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lock.reacquire(), READINESS_PING_TIMEOUT_S)
+            if not self._lock.held:
+                return "the serving lock on PostgreSQL was lost"
         if now - self._checked_at >= READINESS_CACHE_S:
             self._checked_at = now
             try:

@@ -1,20 +1,70 @@
 """What the engine reports about itself; the HTTP edge turns it into Prometheus metrics.
 
 The engine imports only the standard library, so it reports through this small base class
-(whose methods do nothing) rather than through a metrics library.
+(whose methods do nothing) rather than through a metrics library. Every method is called on
+the event loop, synchronously, and must not block.
+
+``batch_failed`` reasons form a closed set (safe as a metric label), listed in
+``FAILURE_REASONS``; ``command_rejected`` reasons likewise in ``REJECTION_REASONS``.
 """
 
 from __future__ import annotations
 
-__all__ = ["EngineObserver"]
+from typing import Final
+
+__all__ = [
+    "FAILURE_REASONS",
+    "REASON_COMMIT_FAILED",
+    "REASON_COMMIT_TIMEOUT",
+    "REASON_COMMIT_UNKNOWN",
+    "REASON_LOAD_FAILED",
+    "REASON_PREVIOUS_FAILED",
+    "REASON_SHARD_CRASHED",
+    "REJECTION_REASONS",
+    "EngineObserver",
+]
+
+# Storage refused or could not take the batch; nothing was written.
+REASON_COMMIT_FAILED: Final = "commit_failed"
+# The connection broke during the commit (or storage raised something unexpected):
+# the batch may or may not be in the log.
+REASON_COMMIT_UNKNOWN: Final = "commit_outcome_unknown"
+# The commit took longer than ``commit_timeout_s``; outcome unknown too.
+REASON_COMMIT_TIMEOUT: Final = "commit_timeout"
+# Loading wallets or idempotency keys before applying failed; nothing was applied.
+REASON_LOAD_FAILED: Final = "load_failed"
+# The batch was applied on top of a batch whose commit then failed.
+REASON_PREVIOUS_FAILED: Final = "previous_batch_failed"
+# The shard task ended on a programmer error; every command it held was answered 503.
+REASON_SHARD_CRASHED: Final = "shard_crashed"
+
+FAILURE_REASONS: Final = (
+    REASON_COMMIT_FAILED,
+    REASON_COMMIT_UNKNOWN,
+    REASON_COMMIT_TIMEOUT,
+    REASON_LOAD_FAILED,
+    REASON_PREVIOUS_FAILED,
+    REASON_SHARD_CRASHED,
+)
+REJECTION_REASONS: Final = ("overloaded", "stopping")
 
 
 class EngineObserver:
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
-        """A batch with ``ops`` log rows (``commands`` commands in all) committed."""
+        """A batch with ``ops`` log rows (``commands`` commands in all) committed.
+
+        Called for batches that wrote something; ``seconds`` is the commit's latency
+        (the ``append_batch`` call). ``commands`` is the ops-per-commit figure to plot.
+        """
 
     def batch_failed(self, shard: int, commands: int, reason: str) -> None:
-        """A batch's commands were answered 503 because storage failed (``reason``)."""
+        """A batch's ``commands`` were answered 503 ``UNAVAILABLE`` (one of FAILURE_REASONS)."""
 
     def command_rejected(self, reason: str) -> None:
-        """A command was refused before entering a mailbox (``overloaded``, ``stopping``)."""
+        """A command was refused before entering a mailbox (one of REJECTION_REASONS)."""
+
+    def wallets_loaded(self, shard: int, count: int) -> None:
+        """``count`` wallets were read from storage into memory (cache misses)."""
+
+    def wallets_evicted(self, shard: int, count: int) -> None:
+        """``count`` idle wallets were dropped from memory (passivation)."""

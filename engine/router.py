@@ -81,7 +81,7 @@ class Engine:
         return self._shards
 
     def _shard(self, wallet_id: UUID) -> Shard:
-        return self._shards[zlib.crc32(wallet_id.bytes) % len(self._shards)]
+        return self._shards[shard_of(wallet_id, len(self._shards))]
 
     def _submit(self, shard: Shard, command: ApplyOperation | CreateWallet | ReadWallet) -> None:
         try:

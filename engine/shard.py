@@ -2,23 +2,36 @@
 
 Batch lifecycle (two batches in flight at most: one committing, one being prepared)::
 
-    submit ──▶ mailbox (deque, ≤ mailbox_commands_max; full → EngineOverloaded)
-                  │ drain ≤ batch_ops_max
+    submit ──▶ mailbox (deque, ≤ mailbox_commands_max; full → EngineOverloaded at once)
+                  │ drain ≤ batch_ops_max (everything that queued while N committed)
                   ▼
-              prepare N+1: load missing wallets and unknown idempotency keys (≤ 3 queries),
+              prepare N+1: load missing wallets and unknown idempotency keys (≤ 3 queries;
+                  │        a failed load answers N+1 with 503 at once, nothing applied),
                   │        then apply each command in order to the *pending* state
                   ▼
-              wait for commit N ──failed──▶ fail N+1 with 503, forget what N and N+1 touched
-                  │ ok
+              wait for commit N ──failed──▶ answer N+1 with 503, forget what N and N+1
+                  │ ok                       touched (wallets, keys), go on
                   ▼
-              commit N+1: one append_batch (log rows + snapshots, one transaction)
-                  ├─ committed ──▶ promote pending → committed, resolve every reply future
-                  └─ failed ─────▶ resolve every reply with UNAVAILABLE; the loop forgets the
-                                   touched wallets so they are re-read from storage
+              hand N+1 to its commit task; evict idle clean wallets past the resident bound
+                  │
+                  ▼
+              commit N+1 (its own task): one append_batch (log rows + snapshots, one
+                  │        transaction), bounded by commit_timeout_s
+                  ├─ committed ──▶ promote pending → committed, then resolve every reply
+                  └─ failed ─────▶ resolve every reply with UNAVAILABLE; the loop forgets
+                                   the touched wallets so they are re-read from storage
+
+Who mutates what: only the loop changes residents, pending state and key caches; the commit
+task only promotes committed state and resolves futures. So memory is never ahead of the
+database: committed fields change only after a commit returned, and pending state that
+rode on a failed commit is forgotten before the next batch is prepared.
 
 Batch size adapts by itself: at idle a batch holds the one command that arrived; under load
 the mailbox fills while a commit is in flight and the next batch takes it all (group commit).
 Replies, refusals included, are resolved only once every batch before them has committed.
+
+If the loop itself fails (a broken invariant: a bug), every command it holds — committing,
+prepared, queued — is answered 503 and the shard refuses new work; nothing is left hanging.
 """
 
 from __future__ import annotations
@@ -51,8 +64,16 @@ from walletd.engine.model import (
     WalletView,
 )
 from walletd.engine.money import BALANCE_MINOR_MAX
-from walletd.engine.observer import EngineObserver
-from walletd.engine.ports import StorageError, WalletLog
+from walletd.engine.observer import (
+    REASON_COMMIT_FAILED,
+    REASON_COMMIT_TIMEOUT,
+    REASON_COMMIT_UNKNOWN,
+    REASON_LOAD_FAILED,
+    REASON_PREVIOUS_FAILED,
+    REASON_SHARD_CRASHED,
+    EngineObserver,
+)
+from walletd.engine.ports import CommitOutcomeUnknown, StorageError, WalletLog
 
 __all__ = ["Shard"]
 
@@ -119,13 +140,19 @@ class _Prepared:
     batch: Batch = field(default_factory=Batch)
     replies: list[tuple[asyncio.Future[Reply], Reply]] = field(default_factory=list)
     # Reads are answered from committed state when the batch resolves, not when applied.
-    reads: list[tuple[asyncio.Future[Reply], UUID]] = field(default_factory=list)
+    # The resident is captured at apply time: it may be evicted from the table before the
+    # batch resolves, and its committed fields stay exact until then (it is clean, so no
+    # other batch can commit it in between).
+    reads: list[tuple[asyncio.Future[Reply], UUID, _Resident | None]] = field(default_factory=list)
     # Final state of each wallet written by the batch: (balance, seq, updated_at_us).
     finals: dict[UUID, tuple[_Resident, int, int, int]] = field(default_factory=dict)
     touched_wallets: set[UUID] = field(default_factory=set)
     added_keys: list[tuple[UUID, str]] = field(default_factory=list)
     added_create_keys: list[str] = field(default_factory=list)
     commands: int = 0
+
+
+_Inflight = tuple["asyncio.Task[bool]", _Prepared]
 
 
 class Shard:
@@ -155,6 +182,7 @@ class Shard:
     def start(self) -> None:
         require(self._task is None, "shard started twice")
         self._task = asyncio.create_task(self._run(), name=f"walletd-shard-{self.index}")
+        self._task.add_done_callback(self._report_end)
 
     async def stop(self) -> None:
         """Stop accepting, answer every accepted command, then return."""
@@ -184,6 +212,7 @@ class Shard:
         resident = self._residents.get(wallet_id)
         if resident is None or not resident.committed:
             return None
+        self._residents.move_to_end(wallet_id)  # a read is a use, for LRU passivation
         return resident.committed_view()
 
     @property
@@ -194,37 +223,53 @@ class Shard:
     def resident_wallets(self) -> int:
         return len(self._residents)
 
+    def _report_end(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            _log.warning("shard %d: task cancelled", self.index)
+        elif (error := task.exception()) is not None:
+            _log.critical("shard %d crashed; it refuses new work", self.index, exc_info=error)
+
     # -- the actor loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        inflight: tuple[asyncio.Task[bool], _Prepared] | None = None
+        inflight: _Inflight | None = None
+        # Commands drained but not yet handed to a commit task: owned by the loop alone.
+        holding: list[Command] = []
         try:
             while True:
+                if inflight is not None and inflight[0].done():
+                    self._settle(inflight)
+                    inflight = None
                 if not self._mailbox:
                     if self._stopping:
                         break
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                commands = self._drain()
-                if inflight is not None and inflight[0].done():
-                    self._settle(inflight)
-                    inflight = None
-                prepared = await self._prepare(commands)
+                holding = self._drain()
+                prepared = await self._prepare(holding)
                 if inflight is not None:
-                    committed = await inflight[0]
-                    self._settle(inflight)
+                    await asyncio.wait((inflight[0],))
+                    committed = self._settle(inflight)
                     inflight = None
                     if not committed:
-                        self._fail(prepared, "previous batch failed")
+                        self._fail(prepared, REASON_PREVIOUS_FAILED)
+                        self._forget(prepared)
+                        holding = []
                         continue
-                inflight = (asyncio.create_task(self._commit(prepared)), prepared)
+                task = asyncio.create_task(self._commit(prepared))
+                # Wake the loop when the commit ends, so a failure is settled (its wallets
+                # forgotten) before anything else is prepared, even when the mailbox is idle.
+                task.add_done_callback(lambda _task: self._wakeup.set())
+                inflight = (task, prepared)
+                holding = []
+                self._evict_idle()
             if inflight is not None:
-                await inflight[0]
+                await asyncio.wait((inflight[0],))
                 self._settle(inflight)
         except BaseException:
             self._stopping = True
-            self._fail_everything(inflight)
+            self._fail_everything(inflight, holding)
             raise
 
     def _drain(self) -> list[Command]:
@@ -232,20 +277,37 @@ class Shard:
         popleft = self._mailbox.popleft
         return [popleft() for _ in range(count)]
 
-    def _settle(self, inflight: tuple[asyncio.Task[bool], _Prepared]) -> None:
+    def _settle(self, inflight: _Inflight) -> bool:
+        """Whether the commit succeeded; after a failure, forget what the batch touched.
+
+        Re-raises what the commit task raised: only a broken invariant gets there.
+        """
         task, prepared = inflight
-        if not task.result():
+        committed = task.result()
+        if not committed:
             self._forget(prepared)
+        return committed
 
     def _fail(self, prepared: _Prepared, reason: str) -> None:
+        """Answer every command of the batch with 503; callable from the commit task.
+
+        The wallets it touched are marked not committed before anyone is answered, so a
+        caller who retries at once is not served the fast-path read of a wallet whose
+        stored state is unknown: the read goes through the mailbox, behind the loop's
+        forgetting and re-reading them.
+        """
+        for wallet_id in prepared.touched_wallets:
+            resident = self._residents.get(wallet_id)
+            if resident is not None:
+                resident.committed = False
         for future, _reply in prepared.replies:
             if not future.done():
                 future.set_result(_UNAVAILABLE)
-        for future, _wallet_id in prepared.reads:
+        for future, _wallet_id, _resident in prepared.reads:
             if not future.done():
                 future.set_result(_UNAVAILABLE)
-        self._forget(prepared)
-        self._observer.batch_failed(self.index, prepared.commands, reason)
+        if prepared.commands:
+            self._observer.batch_failed(self.index, prepared.commands, reason)
 
     def _forget(self, prepared: _Prepared) -> None:
         """Drop what a failed batch touched, so it is re-read from storage before use."""
@@ -256,14 +318,22 @@ class Shard:
         for create_key in prepared.added_create_keys:
             self._create_keys.pop(create_key, None)
 
-    def _fail_everything(self, inflight: tuple[asyncio.Task[bool], _Prepared] | None) -> None:
+    def _fail_everything(self, inflight: _Inflight | None, holding: list[Command]) -> None:
         if inflight is not None:
             inflight[0].cancel()
-            self._fail(inflight[1], "shard crashed")
+            self._fail(inflight[1], REASON_SHARD_CRASHED)
+        failed = 0
+        for command in holding:
+            if not command.reply.done():
+                command.reply.set_result(_UNAVAILABLE)
+                failed += 1
         while self._mailbox:
             future = self._mailbox.popleft().reply
             if not future.done():
                 future.set_result(_UNAVAILABLE)
+                failed += 1
+        if failed:
+            self._observer.batch_failed(self.index, failed, REASON_SHARD_CRASHED)
 
     # -- prepare: load, then apply -----------------------------------------------------
 
@@ -271,11 +341,14 @@ class Shard:
         prepared = _Prepared(commands=len(commands))
         try:
             await self._load_missing(commands)
-        except (StorageError, TimeoutError) as error:
-            _log.warning("shard %d: load failed: %s", self.index, error)
+        except Exception as error:  # any storage failure: nothing was applied
+            _log.warning("shard %d: load failed: %r", self.index, error)
+            # A 503 does not depend on the batches ahead of it, so it is sent at once.
             for command in commands:
-                prepared.replies.append((command.reply, _UNAVAILABLE))
-            return prepared
+                if not command.reply.done():
+                    command.reply.set_result(_UNAVAILABLE)
+            self._observer.batch_failed(self.index, len(commands), REASON_LOAD_FAILED)
+            return _Prepared()
         # No await from here to the end: applying is atomic with respect to the commit task.
         for command in commands:
             if isinstance(command, ApplyOperation):
@@ -283,7 +356,8 @@ class Shard:
             elif isinstance(command, CreateWallet):
                 reply = self._create_wallet(command, prepared)
             else:
-                prepared.reads.append((command.reply, command.wallet_id))
+                wallet_id = command.wallet_id
+                prepared.reads.append((command.reply, wallet_id, self._residents.get(wallet_id)))
                 continue
             prepared.replies.append((command.reply, reply))
         self._write_snapshots(prepared)
@@ -309,9 +383,15 @@ class Shard:
         timeout = self._limits.load_timeout_s
         if wallet_ids:
             records = await asyncio.wait_for(self._log.load_wallets(list(wallet_ids)), timeout)
+            loaded = 0
             for wallet_id, record in records.items():
+                # Only the loop adds residents, so none appeared during the await; the check
+                # keeps a stale row from ever replacing a resident (memory is newer).
                 if wallet_id not in self._residents:
                     self._residents[wallet_id] = _Resident(record, committed=True)
+                    loaded += 1
+            if loaded:
+                self._observer.wallets_loaded(self.index, loaded)
         if op_keys:
             found_ops = await asyncio.wait_for(self._log.find_operations(list(op_keys)), timeout)
             for key, op in found_ops.items():
@@ -415,14 +495,24 @@ class Shard:
     # -- commit ------------------------------------------------------------------------
 
     async def _commit(self, prepared: _Prepared) -> bool:
+        """Write the batch, then promote and answer; False when the write failed.
+
+        Any exception from storage counts as a failed commit of unknown outcome: the batch
+        is answered 503 and its wallets re-read, never left unanswered. Only a broken
+        invariant in promote escapes, and the loop turns it into a shard crash.
+        """
         batch = prepared.batch
         if not batch.is_empty():
             started = time.perf_counter()
             try:
                 await asyncio.wait_for(self._log.append_batch(batch), self._limits.commit_timeout_s)
-            except (StorageError, TimeoutError) as error:
-                _log.warning("shard %d: commit failed: %r", self.index, error)
-                self._fail(prepared, type(error).__name__)
+            except Exception as error:
+                reason = _failure_reason(error)
+                if reason == REASON_COMMIT_UNKNOWN and not isinstance(error, StorageError):
+                    _log.error("shard %d: commit raised", self.index, exc_info=error)
+                else:
+                    _log.warning("shard %d: commit failed: %r", self.index, error)
+                self._fail(prepared, reason)
                 return False
             self._observer.batch_committed(
                 self.index,
@@ -432,7 +522,6 @@ class Shard:
             )
             self._promote(prepared)
         self._resolve(prepared)
-        self._evict_idle()
         return True
 
     def _promote(self, prepared: _Prepared) -> None:
@@ -451,22 +540,31 @@ class Shard:
         for future, reply in prepared.replies:
             if not future.done():  # a caller that went away still had its command counted
                 future.set_result(reply)
-        for future, wallet_id in prepared.reads:
+        for future, wallet_id, resident in prepared.reads:
             if not future.done():
-                future.set_result(self._committed_reply(wallet_id))
+                future.set_result(self._committed_reply(wallet_id, resident))
 
-    def _committed_reply(self, wallet_id: UUID) -> Reply:
-        resident = self._residents.get(wallet_id)
+    def _committed_reply(self, wallet_id: UUID, resident: _Resident | None) -> Reply:
+        if resident is None:  # not there when applied; perhaps created later in the batch
+            resident = self._residents.get(wallet_id)
         if resident is None or not resident.committed:
             return Reply(Outcome.WALLET_NOT_FOUND)
         return Reply(Outcome.OK, resident.committed_view())
 
     def _evict_idle(self) -> None:
+        """Passivation: drop the least recently used clean wallets past the resident bound.
+
+        Called by the loop only, right after a hand-off to the commit task, so no batch is
+        being prepared (a prepare must find the residents it checked before its load). Dirty
+        wallets (pending changes of the committing batch) stay: the overshoot is bounded by
+        the wallets of two batches.
+        """
         excess = len(self._residents) - self._limits.resident_wallets_per_shard_max
         if excess <= 0:
             return
         # Dirty wallets are rotated to the back; the budget bounds the scan.
         budget = 2 * self._limits.batch_ops_max
+        evicted = 0
         while excess > 0 and budget > 0:
             wallet_id, resident = next(iter(self._residents.items()))
             if resident.is_dirty():
@@ -475,6 +573,9 @@ class Shard:
                 continue
             del self._residents[wallet_id]
             excess -= 1
+            evicted += 1
+        if evicted:
+            self._observer.wallets_evicted(self.index, evicted)
 
     # -- bounded caches ----------------------------------------------------------------
 
@@ -489,3 +590,11 @@ class Shard:
         self._create_keys.move_to_end(key)
         while len(self._create_keys) > self._limits.idempotency_keys_per_shard_max:
             self._create_keys.popitem(last=False)
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, TimeoutError):
+        return REASON_COMMIT_TIMEOUT
+    if isinstance(error, CommitOutcomeUnknown) or not isinstance(error, StorageError):
+        return REASON_COMMIT_UNKNOWN
+    return REASON_COMMIT_FAILED

@@ -113,6 +113,23 @@ class ServingLock:
             raise DatabaseBusy("another walletd server is serving this database")
         self._connection = connection
 
+    async def reacquire(self) -> bool:
+        """Take the lock again after its connection was lost (PostgreSQL restarted).
+
+        Returns whether it is held. Another server may have taken it meanwhile; then it
+        stays lost and readiness keeps saying so.
+        """
+        if self.held:
+            return True
+        if self._connection is not None:
+            self._connection.terminate()
+            self._connection = None
+        try:
+            await self.acquire()
+        except DatabaseError:
+            return False
+        return True
+
     @property
     def held(self) -> bool:
         return self._connection is not None and not self._connection.is_closed()

@@ -60,6 +60,13 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
 """
 
 _BROKEN_CONNECTION = (OSError, TimeoutError, asyncpg.InterfaceError)
+# Server-side ends of a connection (pg_terminate_backend, a crash, a dropped socket):
+# PostgresError subclasses that say nothing about whether a commit landed.
+_CONNECTION_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
 
 
 def _wallet(row: asyncpg.Record) -> WalletRecord:
@@ -129,10 +136,12 @@ class PostgresLog(WalletLog):
             raise StorageUnavailable(f"no connection for commit: {error!r}") from error
         try:
             await connection.execute(_APPEND, *args)
+        except (*_BROKEN_CONNECTION, *_CONNECTION_LOST) as error:
+            # Checked before PostgresError: these are PostgresError subclasses, yet the
+            # commit may have happened before the connection went.
+            raise CommitOutcomeUnknown(f"connection lost during commit: {error!r}") from error
         except asyncpg.PostgresError as error:
             raise StorageError(f"batch refused: {error}") from error
-        except (*_BROKEN_CONNECTION, asyncpg.exceptions.ConnectionDoesNotExistError) as error:
-            raise CommitOutcomeUnknown(f"connection lost during commit: {error!r}") from error
         finally:
             await self._pool.release(connection)
 

@@ -24,10 +24,9 @@ class WalletdProcess:
     def terminate(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, then wait: the graceful drain."""
         self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        finally:
-            self._close_pipe()
+        code = self.process.wait(timeout_s)
+        self._close_pipe()
+        return code
 
     def kill(self) -> None:
         """SIGKILL: no drain, no cleanup, like a crash."""
@@ -37,7 +36,8 @@ class WalletdProcess:
         self._close_pipe()
 
     def _close_pipe(self) -> None:
-        if self.process.stdout is not None and self.process.returncode is not None:
+        # An unclosed pipe is a ResourceWarning, which the suite turns into an error.
+        if self.process.stdout is not None:
             self.process.stdout.close()
 
     def log(self) -> str:
@@ -53,8 +53,7 @@ def start_walletd(
 ) -> WalletdProcess:
     log_path = log_dir / f"walletd-{time.monotonic_ns()}.log"
     merged_env = {**os.environ, **(env or {})}
-    # The child keeps its own copy of the descriptor; the parent's is closed at once.
-    with log_path.open("w") as log_file:
+    with log_path.open("w") as log_file:  # the child keeps its own descriptor
         process = subprocess.Popen(
             walletd_command(["serve", "--port", "0", *args]),
             stdout=subprocess.PIPE,
@@ -73,4 +72,5 @@ def start_walletd(
             return WalletdProcess(process, match.group(1), log_path)
     process.kill()
     process.wait(10)
+    process.stdout.close()
     raise RuntimeError(f"walletd did not start: {log_path.read_text(errors='replace')}")

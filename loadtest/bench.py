@@ -1,0 +1,353 @@
+"""`make bench`: walletd against the bare aiohttp ceiling, with wrk, and a money check.
+
+    python -m loadtest.bench [--duration 10] [--rounds 3] [--connections 64]
+                             [--only hot|many|get] [--no-write] [--url URL]
+
+Flow (each step bounded in count and time):
+
+    start walletd (embedded PostgreSQL, temp dir) and ceiling
+      -> create 1 hot wallet + --wallets wallets via the API (bounded concurrency)
+      -> for each round: for each scenario: wrk on walletd, wrk on ceiling (order alternates)
+      -> read balances back: hot balance and the sum over the many wallets must cover every
+         2xx deposit x amount, plus at most the deposits of unknown outcome (cut off by wrk's
+         stop or answered 5xx)
+      -> medians per scenario/target into docs/BENCHMARKS.md between the bench markers
+
+Exit 0 when every balance checks out, 1 on a mismatch or a failed wrk run, 2 without wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from loadtest.bench_report import (
+    BatchOps,
+    Summary,
+    WrkRun,
+    bounded_check,
+    machine_info,
+    ops_per_commit,
+    parse_batch_ops,
+    parse_wrk_output,
+    render_section,
+    replace_section,
+    summarize,
+)
+from loadtest.ledger import parse_cents
+from loadtest.procs import REPO_ROOT, Server, running_ceiling, running_walletd
+
+__all__ = ["main"]
+
+SCENARIOS = ("hot", "many", "get")
+DEPOSIT_SCENARIOS = ("hot", "many")
+AMOUNT = "1.00"
+AMOUNT_CENTS = 100
+WRK_THREADS = 2
+WRK_TIMEOUT_S_EXTRA = 30  # beyond --duration: wrk's own start-up and done()
+WRK_REQUEST_TIMEOUT = "10s"
+# The exact money check: deposits for VERIFY_DEPOSIT_S, then a quiet tail until wrk stops.
+VERIFY_DURATION_S = 5
+VERIFY_DEPOSIT_S = 3
+HTTP_CONCURRENCY = 64
+HTTP_TIMEOUT_S = 30.0
+ROUNDS_MAX = 50
+WALLETS_MAX = 1_000_000
+LUA_SCRIPT = REPO_ROOT / "loadtest" / "wrk_walletd.lua"
+BENCHMARKS_MD = REPO_ROOT / "docs" / "BENCHMARKS.md"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="walletd vs ceiling with wrk")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--wallets", type=int, default=10_000)
+    parser.add_argument("--only", choices=SCENARIOS, action="append", help="repeatable")
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--url", default="", help="bench this running walletd instead")
+    parser.add_argument("--walletd-cmd", default="", help="command that accepts `serve ...`")
+    args = parser.parse_args(argv)
+    if not (1 <= args.rounds <= ROUNDS_MAX and 1 <= args.wallets <= WALLETS_MAX):
+        parser.error(f"--rounds must be 1..{ROUNDS_MAX}, --wallets 1..{WALLETS_MAX}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP set-up and read-back
+
+
+async def _bounded_gather(
+    session: aiohttp.ClientSession, method: str, urls_bodies: Sequence[tuple[str, bytes | None]]
+) -> list[tuple[int, bytes]]:
+    semaphore = asyncio.Semaphore(HTTP_CONCURRENCY)
+
+    async def one(url: str, body: bytes | None) -> tuple[int, bytes]:
+        async with semaphore:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            async with session.request(method, url, data=body, headers=headers) as response:
+                return response.status, await response.read()
+
+    return await asyncio.gather(*(one(url, body) for url, body in urls_bodies))
+
+
+async def create_wallets(base_url: str, count: int) -> list[str]:
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        jobs = [(f"{base_url}/api/v1/wallets", b'{"id": "%s"}' % i.encode()) for i in ids]
+        results = await _bounded_gather(session, "POST", jobs)
+    failed = [(status, body[:200]) for status, body in results if status != 201]
+    if failed:
+        raise RuntimeError(f"{len(failed)} wallet creations failed, e.g. {failed[0]}")
+    return ids
+
+
+async def read_balances_cents(base_url: str, ids: list[str]) -> list[int]:
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        jobs: list[tuple[str, bytes | None]] = [
+            (f"{base_url}/api/v1/wallets/{i}", None) for i in ids
+        ]
+        results = await _bounded_gather(session, "GET", jobs)
+    bad = [status for status, _ in results if status != 200]
+    if bad:
+        raise RuntimeError(f"{len(bad)} balance reads failed, e.g. HTTP {bad[0]}")
+    return [parse_cents(str(orjson.loads(body)["balance"])) for _, body in results]
+
+
+async def read_batch_ops(base_url: str) -> BatchOps | None:
+    try:
+        timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"{base_url}/metrics") as response,
+        ):
+            return parse_batch_ops(await response.text()) if response.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
+        return None  # metrics are a bonus; their absence must not fail the bench
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk
+
+
+def run_wrk(
+    url: str,
+    scenario: str,
+    ids_file: Path,
+    connections: int,
+    duration_s: int,
+    deposit_s: int | None = None,
+) -> WrkRun:
+    command = [
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{connections}",
+        f"-d{duration_s}s",
+        "--timeout",
+        WRK_REQUEST_TIMEOUT,
+        "-s",
+        str(LUA_SCRIPT),
+        url,
+        "--",
+        scenario,
+        str(ids_file),
+        AMOUNT,
+        *([] if deposit_s is None else [str(deposit_s)]),
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + WRK_TIMEOUT_S_EXTRA,
+        check=False,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr[-2000:]}")
+    return parse_wrk_output(completed.stdout)
+
+
+@dataclass(slots=True)
+class Results:
+    runs: dict[tuple[str, str], list[WrkRun]] = field(default_factory=dict)
+    batch: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, scenario: str, target: str, run: WrkRun) -> None:
+        self.runs.setdefault((scenario, target), []).append(run)
+
+
+def _print_run(round_index: int, scenario: str, target: str, run: WrkRun) -> None:
+    print(
+        f"round {round_index + 1} {scenario:>4} {target:>7}: {run.rps:9.0f} rps"
+        f"  p50 {run.p50_us / 1000:7.2f} ms  p99 {run.p99_us / 1000:7.2f} ms"
+        f"  non-2xx {run.non_2xx}  socket errors {run.socket_errors}",
+        flush=True,
+    )
+
+
+def bench_rounds(
+    walletd: Server, ceiling: Server, files: dict[str, Path], args: argparse.Namespace
+) -> Results:
+    results = Results()
+    scenarios = args.only or list(SCENARIOS)
+    for round_index in range(args.rounds):
+        # Alternate which target goes first, so warm-up and drift do not favour one side.
+        targets = [("walletd", walletd), ("ceiling", ceiling)]
+        if round_index % 2:
+            targets.reverse()
+        for scenario in scenarios:
+            for target, server in targets:
+                before = asyncio.run(read_batch_ops(server.url)) if target == "walletd" else None
+                run = run_wrk(
+                    server.url, scenario, files[scenario], args.connections, args.duration
+                )
+                if target == "walletd":
+                    after = asyncio.run(read_batch_ops(server.url))
+                    per_commit = ops_per_commit(before, after)
+                    if per_commit is not None and scenario in DEPOSIT_SCENARIOS:
+                        results.batch.setdefault(scenario, []).append(per_commit)
+                results.add(scenario, target, run)
+                _print_run(round_index, scenario, target, run)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Money check
+
+
+def _sum_cents(walletd: Server, ids: list[str]) -> int:
+    return sum(asyncio.run(read_balances_cents(walletd.url, ids)))
+
+
+def verify_rounds(walletd: Server, scenario: str, ids: list[str], results: Results) -> str:
+    """Over the benchmark rounds wrk cuts off up to --connections requests per run, so the
+    balance is only bounded: every 2xx, plus at most the deposits of unknown outcome."""
+    runs = results.runs.get((scenario, "walletd"), [])
+    acked = sum(r.ok_2xx for r in runs)
+    unknown = sum(r.unknown_outcomes for r in runs)
+    applied_cents = _sum_cents(walletd, ids)
+    applied = applied_cents // AMOUNT_CENTS
+    ok = applied_cents % AMOUNT_CENTS == 0 and bounded_check(applied, acked, unknown)
+    return (
+        f"{'PASS' if ok else 'FAIL'} {scenario} (bench rounds, bounded): {len(ids)} wallet(s)"
+        f" hold {applied} deposits of {AMOUNT}; 2xx {acked}, unknown outcome {unknown}"
+    )
+
+
+def verify_exact(
+    walletd: Server, scenario: str, ids: list[str], ids_file: Path, connections: int
+) -> str:
+    """A dedicated run whose deposits all get an answer: the balance delta must equal
+    the 2xx count x amount, to the cent."""
+    before = _sum_cents(walletd, ids)
+    run = run_wrk(walletd.url, scenario, ids_file, connections, VERIFY_DURATION_S, VERIFY_DEPOSIT_S)
+    delta = _sum_cents(walletd, ids) - before
+    quiet = run.quiesced(connections)
+    ok = quiet and run.unknown_outcomes == 0 and delta == run.ok_2xx * AMOUNT_CENTS
+    return (
+        f"{'PASS' if ok else 'FAIL'} {scenario} (exact run): balance delta {delta / 100:.2f},"
+        f" 2xx deposits {run.ok_2xx} x {AMOUNT} = {run.ok_2xx * AMOUNT_CENTS / 100:.2f},"
+        f" unknown outcome {run.unknown_outcomes}, all connections quiesced: {quiet}"
+    )
+
+
+def verify(
+    walletd: Server,
+    wallets: dict[str, list[str]],
+    files: dict[str, Path],
+    results: Results,
+    connections: int,
+) -> list[str]:
+    """One line per check; a line starting with FAIL fails the bench."""
+    lines: list[str] = []
+    for scenario in DEPOSIT_SCENARIOS:
+        if (scenario, "walletd") not in results.runs:
+            continue
+        ids = wallets[scenario]
+        lines.append(verify_rounds(walletd, scenario, ids, results))
+        lines.append(verify_exact(walletd, scenario, ids, files[scenario], connections))
+        print(lines[-2], lines[-1], sep="\n", flush=True)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _summaries(results: Results) -> list[Summary]:
+    return [
+        summarize(
+            scenario, target, runs, results.batch.get(scenario, []) if target == "walletd" else []
+        )
+        for (scenario, target), runs in results.runs.items()
+    ]
+
+
+def write_report(
+    summaries: list[Summary], verification: list[str], args: argparse.Namespace
+) -> None:
+    wrk_settings = (
+        f"wrk {WRK_THREADS} threads, {args.connections} connections, {args.duration}s per run,"
+        f" {args.rounds} rounds alternating walletd/ceiling, {args.wallets} wallets for"
+        f" many/get, deposits of {AMOUNT}."
+    )
+    section = render_section(
+        summaries,
+        machine=machine_info(),
+        command="python -m loadtest.bench " + shlex.join(sys.argv[1:]),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        settings=wrk_settings,
+        verification=verification,
+    )
+    print(section)
+    if args.no_write:
+        return
+    BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
+    current = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else ""
+    BENCHMARKS_MD.write_text(replace_section(current, section))
+    print(f"updated {BENCHMARKS_MD}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    with (
+        tempfile.TemporaryDirectory(prefix="walletd-bench-") as tmp,
+        running_walletd(args.url, args.walletd_cmd) as walletd,
+        running_ceiling() as ceiling,
+    ):
+        hot = asyncio.run(create_wallets(walletd.url, 1))
+        many = asyncio.run(create_wallets(walletd.url, args.wallets))
+        files = {"hot": Path(tmp) / "hot.txt", "many": Path(tmp) / "many.txt"}
+        files["hot"].write_text("\n".join(hot) + "\n")
+        files["many"].write_text("\n".join(many) + "\n")
+        files["get"] = files["many"]
+        try:
+            results = bench_rounds(walletd, ceiling, files, args)
+            wallets = {"hot": hot, "many": many}
+            verification = verify(walletd, wallets, files, results, args.connections)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            print(f"bench failed: {error}", file=sys.stderr)
+            return 1
+    write_report(_summaries(results), verification, args)
+    return 1 if any(line.startswith("FAIL") for line in verification) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

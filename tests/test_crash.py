@@ -1,0 +1,175 @@
+"""The walletd process under abuse: kill -9 under load, SIGTERM drain, and overload."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from collections.abc import Callable
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.processes import WalletdProcess
+from tests.test_faults import check_database
+from walletd.engine.money import MINOR_UNITS_PER_UNIT
+
+pytestmark = pytest.mark.slow
+
+StartWalletd = Callable[..., WalletdProcess]
+WORKERS = 16
+REQUESTS_PER_WORKER_MAX = 2000
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+async def start(walletd_process: StartWalletd, *args: str) -> WalletdProcess:
+    return await asyncio.to_thread(walletd_process, *args)
+
+
+async def create_wallets(session: aiohttp.ClientSession, url: str, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        async with session.post(f"{url}/api/v1/wallets") as response:
+            assert response.status == 201
+            ids.append((await response.json())["id"])
+    return ids
+
+
+class Load:
+    """Keyed deposits from concurrent workers until stopped; remembers every 2xx."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, wallets: list[str]) -> None:
+        self.session, self.url, self.wallets = session, url, wallets
+        self.acked: dict[str, tuple[str, int]] = {}
+        self.statuses: Counter[int] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.errors = 0
+        self.stop = asyncio.Event()
+
+    async def worker(self, number: int) -> None:
+        for n in range(REQUESTS_PER_WORKER_MAX):
+            if self.stop.is_set():
+                return
+            wallet = self.wallets[(number + n) % len(self.wallets)]
+            key, amount = f"w{number}-{n}", 1 + n % 5
+            try:
+                async with self.session.post(
+                    f"{self.url}/api/v1/wallets/{wallet}/operation",
+                    json={"operation_type": "DEPOSIT", "amount": amount},
+                    headers={"Idempotency-Key": key},
+                ) as response:
+                    self.statuses[response.status] += 1
+                    if response.status == 200:
+                        self.acked[key] = (wallet, amount * MINOR_UNITS_PER_UNIT)
+                    elif response.status >= 400:
+                        self.codes[(await response.json())["code"]] += 1
+            except (TimeoutError, aiohttp.ClientError):
+                # The process is gone (kill -9) or closed the connection (drain done).
+                self.errors += 1
+                await asyncio.sleep(0.01)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self.worker(n) for n in range(WORKERS)))
+
+    async def until_acked(self, count: int) -> None:
+        for _ in range(3000):
+            if len(self.acked) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"only {len(self.acked)} deposits acknowledged")
+
+
+async def test_kill_9_under_load_loses_nothing_acknowledged(
+    walletd_process: StartWalletd, database_url: str
+) -> None:
+    """SIGKILL during concurrent deposits; after a restart every acknowledged deposit is
+    stored once, balance == sum(log), and the API reports the stored balances."""
+    first = await start(walletd_process, "--database-url", database_url, "--shards", "2")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        wallets = await create_wallets(session, first.url, 8)
+        load = Load(session, first.url, wallets)
+        loading = asyncio.create_task(load.run())
+        await load.until_acked(200)
+        first.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.process.wait, 10)
+        load.stop.set()
+        await loading
+    assert set(load.statuses) <= {200}, load.statuses  # no 5xx before the kill
+    await check_database(database_url, load.acked)
+
+    second = await start(walletd_process, "--database-url", database_url, "--shards", "2")
+    connection = await asyncpg.connect(database_url)
+    try:
+        stored = {str(r["id"]): r["balance"] for r in await connection.fetch(
+            "SELECT id, balance FROM wallets")}  # fmt: skip
+    finally:
+        await connection.close()
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        for wallet in wallets:
+            async with session.get(f"{second.url}/api/v1/wallets/{wallet}") as response:
+                body = await response.json()
+            assert round(float(body["balance"]) * MINOR_UNITS_PER_UNIT) == stored[wallet]
+
+
+async def test_sigterm_drains_and_exits_cleanly(
+    walletd_process: StartWalletd, database_url: str
+) -> None:
+    """SIGTERM under load: every answer is a real one (200, or 503 UNAVAILABLE once
+    stopping), exit code 0, and every acknowledged deposit is stored."""
+    process = await start(walletd_process, "--database-url", database_url)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        wallets = await create_wallets(session, process.url, 8)
+        load = Load(session, process.url, wallets)
+        loading = asyncio.create_task(load.run())
+        await load.until_acked(100)
+        process.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(process.process.wait, 60)
+        load.stop.set()
+        await loading
+    assert exit_code == 0, process.log()
+    assert set(load.statuses) <= {200, 503}, load.statuses
+    assert set(load.codes) <= {"UNAVAILABLE"}, load.codes
+    assert "Traceback" not in process.log()
+    await check_database(database_url, load.acked)
+
+
+async def test_overload_answers_503_at_once_and_applies_only_accepted(
+    walletd_process: StartWalletd, database_url: str
+) -> None:
+    """Far more concurrent requests than a tiny mailbox: some get 503 OVERLOADED with
+    Retry-After, nothing else fails, and exactly the accepted deposits are stored."""
+    process = await start(
+        walletd_process, "--database-url", database_url,
+        "--shards", "1", "--mailbox-max", "2", "--batch-max", "1",
+    )  # fmt: skip
+    connector = aiohttp.TCPConnector(limit=400)
+    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
+        (wallet,) = await create_wallets(session, process.url, 1)
+        url = f"{process.url}/api/v1/wallets/{wallet}/operation"
+
+        async def one(number: int) -> tuple[int, str | None, str | None]:
+            async with session.post(
+                url,
+                json={"operation_type": "DEPOSIT", "amount": 1},
+                headers={"Idempotency-Key": f"k{number}"},
+            ) as response:
+                code = None if response.status == 200 else (await response.json())["code"]
+                return response.status, code, response.headers.get("Retry-After")
+
+        results = await asyncio.gather(*(one(n) for n in range(400)))
+    statuses = Counter(status for status, _code, _retry in results)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses[503] > 0
+    assert all(code == "OVERLOADED" and retry for status, code, retry in results if status == 503)
+    accepted = {f"k{n}" for n, (status, _c, _r) in enumerate(results) if status == 200}
+    connection = await asyncpg.connect(database_url)
+    try:
+        logged = {
+            r[0] for r in await connection.fetch("SELECT idempotency_key FROM wallet_operations")
+        }
+        balance = await connection.fetchval("SELECT balance FROM wallets")
+    finally:
+        await connection.close()
+    assert logged == accepted
+    assert balance == len(accepted) * MINOR_UNITS_PER_UNIT

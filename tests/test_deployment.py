@@ -1,0 +1,538 @@
+"""The deployment files: Dockerfile, docker-compose.yml, env.example and their docs.
+
+No Docker engine runs here, so these tests check what can be checked without one: the files
+parse with the real tools (`docker-compose config`, hadolint), they name only flags and
+variables walletd accepts, their defaults are walletd's own, the generated documentation
+equals what cli/config.py SETTINGS renders, and the image's healthcheck and command work
+against a real walletd process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from tests.processes import WalletdProcess
+from walletd.cli.config import (
+    SETTINGS,
+    SETTINGS_TABLE_END,
+    SETTINGS_TABLE_START,
+    Config,
+    default_text,
+    env_names,
+    load_config,
+    render_env_example,
+    render_settings_table,
+    replace_settings_table,
+)
+from walletd.cli.main import _parser
+from walletd.cli.service import engine_limits
+from walletd.http.app import create_app
+from walletd.http.settings import HttpSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKER_MD = ROOT / "docs" / "DOCKER.md"
+README = ROOT / "README.md"
+DOCKER_SECTION_HEADING = "## Run with Docker"
+TOOL_TIMEOUT_S = 60.0
+REGENERATE = "stale: run `make docs-config` after changing cli/config.py SETTINGS"
+
+# Settings docker-compose.yml does not take from the environment, and why. Every other
+# setting, including any added later, must be passed as `NAME: ${NAME:-default}`.
+FIXED_IN_CONTAINER = {
+    "host": "the image's command says --host 0.0.0.0 (a flag beats the environment)",
+    "port": "8000 inside the container; the host side is PUBLISHED_PORT",
+    "data_dir": "only for the embedded PostgreSQL, never started in Docker",
+    "database_url": "built from POSTGRES_PASSWORD to reach the compose `postgres` service",
+}
+# PostgreSQL keeps these for superusers (its superuser_reserved_connections default).
+POSTGRES_RESERVED_CONNECTIONS = 3
+# Beside its pool walletd holds one connection for its serving lock.
+WALLETD_CONNECTIONS_OUTSIDE_POOL = 1
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+_WALLETD_VARIABLE = re.compile(r"^(WALLETD_[A-Z0-9_]+|DATABASE_URL)$")
+
+
+# --- reading the files ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+
+
+def dockerfile_instructions(text: str) -> list[Instruction]:
+    """Instructions with continuation lines joined; comments and blank lines dropped."""
+    instructions: list[Instruction] = []
+    pending = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # Docker drops comment lines even inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        instructions.append(Instruction(keyword.upper(), arguments.strip()))
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued instruction"
+    return instructions
+
+
+def final_stage(instructions: list[Instruction]) -> list[Instruction]:
+    starts = [i for i, instruction in enumerate(instructions) if instruction.keyword == "FROM"]
+    return instructions[starts[-1] :]
+
+
+def exec_form(instruction: Instruction) -> list[str]:
+    """The JSON argument list of CMD/ENTRYPOINT/HEALTHCHECK CMD; shell form fails the test."""
+    arguments = instruction.arguments
+    if instruction.keyword == "HEALTHCHECK":
+        arguments = arguments[arguments.index(" CMD ") + len(" CMD ") :]
+    parsed = json.loads(arguments)
+    assert isinstance(parsed, list), f"{instruction.keyword} is not in exec form"
+    assert all(isinstance(item, str) for item in parsed)
+    return parsed
+
+
+def only(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [instruction for instruction in instructions if instruction.keyword == keyword]
+    assert len(found) == 1, f"expected one {keyword}, found {len(found)}"
+    return found[0]
+
+
+def image_command() -> list[str]:
+    """ENTRYPOINT + CMD of the final stage, as Docker would run them."""
+    stage = final_stage(dockerfile_instructions(DOCKERFILE.read_text()))
+    entrypoint = [i for i in stage if i.keyword == "ENTRYPOINT"]
+    command = only(stage, "CMD")
+    return [*(exec_form(entrypoint[-1]) if entrypoint else []), *exec_form(command)]
+
+
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def walletd_service() -> dict[str, Any]:
+    service = compose()["services"]["walletd"]
+    assert isinstance(service, dict)
+    return service
+
+
+def compose_interpolations() -> dict[str, str]:
+    """Every `${NAME:-default}` in docker-compose.yml: name → default ("" when none)."""
+    found: dict[str, str] = {}
+    for name, default in _INTERPOLATION.findall(COMPOSE_FILE.read_text()):
+        assert found.setdefault(name, default) == default, f"{name} has two defaults"
+    return found
+
+
+def setting_env_names() -> set[str]:
+    return set(env_names())
+
+
+def settings_block(document: str) -> str:
+    start = document.index(SETTINGS_TABLE_START) + len(SETTINGS_TABLE_START)
+    return document[start : document.index(SETTINGS_TABLE_END, start)]
+
+
+def docker_section(document: str) -> str:
+    return document[document.index(DOCKER_SECTION_HEADING) :]
+
+
+# --- tools that must be there under CI -----------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """The tool's path; skipped on a developer's machine without it, a failure under CI."""
+    beside_python = Path(sys.executable).parent / name
+    found = str(beside_python) if beside_python.exists() else shutil.which(name)
+    if found is not None:
+        return found
+    message = f"{name} is not installed (.ci/install-docker-tools and `make install-dev`)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment less every variable docker-compose.yml interpolates."""
+    interpolated = set(compose_interpolations())
+    return {key: value for key, value in os.environ.items() if key not in interpolated}
+
+
+def compose_config(tmp_path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    """`docker-compose config`: the file validated and resolved, ignoring any local .env."""
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    command = [tool("docker-compose"), "--env-file", str(empty_env_file)]
+    done = subprocess.run(
+        [*command, "--file", str(COMPOSE_FILE), "config"],
+        cwd=ROOT,
+        env={**clean_environment(), **environ},
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert isinstance(resolved, dict)
+    return resolved
+
+
+def resolved_walletd_environment(resolved: dict[str, Any]) -> dict[str, str]:
+    environment = resolved["services"]["walletd"]["environment"]
+    assert isinstance(environment, dict)
+    return {str(key): "" if value is None else str(value) for key, value in environment.items()}
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    commands = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    serve = commands[0].choices["serve"]
+    assert isinstance(serve, argparse.ArgumentParser)
+    return serve
+
+
+def container_config(environment: Mapping[str, str]) -> Config:
+    """The Config walletd builds in the container: the image's command, compose's env."""
+    args = _parser().parse_args(image_command()[1:])
+    return load_config(args, environment)
+
+
+# --- generated documentation ---------------------------------------------------------------
+
+
+def test_env_example_is_rendered_from_settings() -> None:
+    """env.example equals what SETTINGS renders (`make docs-config` rewrites it)."""
+    assert (ROOT / "env.example").read_text() == render_env_example(), REGENERATE
+
+
+def test_env_example_names_every_variable_walletd_reads() -> None:
+    """Each setting's preferred variable appears with its default, and aliases are named."""
+    text = render_env_example()
+    for setting in SETTINGS:
+        first, *aliases = setting.env
+        assert f"# {first}={default_text(setting)}\n" in text
+        for alias in aliases:
+            assert alias in text
+
+
+@pytest.mark.parametrize("document", [README, DOCKER_MD], ids=lambda path: path.name)
+def test_configuration_tables_are_rendered_from_settings(document: Path) -> None:
+    """README.md and docs/DOCKER.md carry exactly the rendered table between the markers."""
+    text = document.read_text()
+    assert settings_block(text) == "\n" + render_settings_table(), REGENERATE
+    for setting in SETTINGS:
+        assert f"`{setting.env[0]}`" in settings_block(text)
+
+
+def test_docs_config_rewrites_a_stale_table_and_env_example(tmp_path: Path) -> None:
+    """`make docs-config`'s commands turn a stale table and env.example into the rendered ones."""
+    stale = tmp_path / "STALE.md"
+    stale.write_text(f"# Title\n{SETTINGS_TABLE_START}\n| old |\n{SETTINGS_TABLE_END}\nafter\n")
+    recipe = subprocess.run(
+        ["make", "-n", "--always-make", "docs-config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert recipe.returncode == 0, recipe.stderr
+    assert "-m walletd.cli.config --env-example > env.example" in recipe.stdout
+    assert "-m walletd.cli.config --update-docs README.md docs/DOCKER.md" in recipe.stdout
+    command = [sys.executable, "-m", "walletd.cli.config"]
+    run = subprocess.run(
+        [*command, "--update-docs", str(stale), "--env-example"],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == render_env_example()
+    assert stale.read_text() == replace_settings_table(stale.read_text())
+    assert stale.read_text().startswith("# Title\n" + SETTINGS_TABLE_START + "\n| Variable |")
+    assert stale.read_text().endswith(SETTINGS_TABLE_END + "\nafter\n")
+
+
+def test_settings_table_cells_cannot_break_the_table() -> None:
+    """Every row has the header's four cells, whatever a help text contains."""
+    for row in render_settings_table().splitlines():
+        assert len(re.split(r"(?<!\\)\|", row)) == 6, row
+
+
+def test_readme_carries_the_docker_section_of_docs_docker_md() -> None:
+    """README.md's "Run with Docker" part is docs/DOCKER.md's, word for word."""
+    assert docker_section(DOCKER_MD.read_text()) in README.read_text()
+
+
+def test_docs_name_only_real_variables() -> None:
+    """Every WALLETD_* the Docker docs name is a setting; every other one is in compose."""
+    text = DOCKER_MD.read_text()
+    compose_text = COMPOSE_FILE.read_text()
+    for name in set(re.findall(r"\b(?:WALLETD|POSTGRES|PUBLISHED)_[A-Z0-9_]+\b", text)):
+        if name.startswith("WALLETD_"):
+            assert name in setting_env_names(), name
+        else:
+            assert name in compose_text, name
+
+
+def test_compose_only_variables_are_documented_with_their_defaults() -> None:
+    """Each variable compose reads that walletd does not has a row in docs/DOCKER.md."""
+    text = DOCKER_MD.read_text()
+    own = compose_interpolations().items()
+    extra = {name: default for name, default in own if name not in setting_env_names()}
+    assert extra, "compose reads at least POSTGRES_PASSWORD"
+    for name, default in extra.items():
+        assert f"| `{name}` | `{default}` |" in text, name
+
+
+# --- docker-compose.yml --------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_and_resolves_to_walletds_defaults(tmp_path: Path) -> None:
+    """`docker-compose config` accepts the file; unset variables resolve to SETTINGS' defaults."""
+    environment = resolved_walletd_environment(compose_config(tmp_path, {}))
+    for setting in SETTINGS:
+        if setting.name in FIXED_IN_CONTAINER:
+            continue
+        assert environment[setting.env[0]] == default_text(setting), setting.env[0]
+    config = container_config(environment)
+    engine_limits(config)  # raises when the limits do not fit together
+    assert (config.host, config.port) == ("0.0.0.0", 8000)
+    assert config.database_url is not None
+    assert urlsplit(config.database_url).hostname == "postgres"
+
+
+def test_compose_settings_change_without_a_rebuild(tmp_path: Path) -> None:
+    """An exported variable reaches walletd's environment; the build section is unchanged."""
+    before = compose_config(tmp_path, {})
+    after = compose_config(
+        tmp_path, {"WALLETD_SHARDS": "7", "WALLETD_API_KEYS": "k1,k2", "PUBLISHED_PORT": "9000"}
+    )
+    environment = resolved_walletd_environment(after)
+    assert environment["WALLETD_SHARDS"] == "7"
+    assert container_config(environment).api_keys == ("k1", "k2")
+    assert after["services"]["walletd"]["ports"] == ["127.0.0.1:9000:8000/tcp"]
+    assert after["services"]["walletd"]["build"] == before["services"]["walletd"]["build"]
+
+
+def test_compose_passes_every_setting_from_the_environment_with_its_default() -> None:
+    """Each setting not fixed in the container is `NAME: ${NAME:-default}`, new ones included."""
+    environment = walletd_service()["environment"]
+    missing = []
+    for setting in SETTINGS:
+        if setting.name in FIXED_IN_CONTAINER:
+            continue
+        name = setting.env[0]
+        if environment.get(name) != f"${{{name}:-{default_text(setting)}}}":
+            missing.append(f"{name}: ${{{name}:-{default_text(setting)}}}")
+    assert not missing, "docker-compose.yml should pass:\n" + "\n".join(missing)
+
+
+def test_compose_names_only_variables_walletd_reads() -> None:
+    """Every WALLETD_*/DATABASE_URL in compose, as key or `${...}`, is a setting's variable."""
+    service = walletd_service()
+    named = {key for key in service["environment"] if _WALLETD_VARIABLE.match(key)}
+    named |= {name for name in compose_interpolations() if _WALLETD_VARIABLE.match(name)}
+    assert named, "compose passes walletd settings"
+    assert named <= setting_env_names(), sorted(named - setting_env_names())
+    assert set(service["environment"]) <= setting_env_names(), "walletd ignores the others"
+
+
+def test_compose_and_image_commands_use_only_real_flags() -> None:
+    """The image's CMD and any compose `command` parse with `walletd serve`'s own parser."""
+    commands = [image_command()]
+    if "command" in walletd_service():
+        service_command = walletd_service()["command"]
+        assert isinstance(service_command, list), "compose `command` in list form"
+        commands.append([*image_command()[:1], *service_command])
+    # Exact option strings: argparse would also accept an abbreviation such as `--hos`.
+    serve_flags = {flag for action in serve_parser()._actions for flag in action.option_strings}
+    for command in commands:
+        assert command[:2] == ["walletd", "serve"], command
+        assert {arg for arg in command if arg.startswith("-")} <= serve_flags, command
+        try:
+            _parser().parse_args(command[1:])
+        except SystemExit as error:
+            pytest.fail(f"`{' '.join(command)}` does not parse: exit {error.code}")
+
+
+def test_compose_gates_walletd_on_a_healthy_postgres_with_a_named_volume() -> None:
+    """walletd starts after pg_isready succeeds; the data lives in a named volume."""
+    document = compose()
+    postgres = document["services"]["postgres"]
+    assert postgres["image"] == "postgres:17"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert walletd_service()["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    volume, _, mount = postgres["volumes"][0].partition(":")
+    assert volume in document["volumes"]
+    assert mount == "/var/lib/postgresql/data"  # the postgres:17 image's PGDATA
+    assert "env_file" not in walletd_service(), "compose reads .env itself; it stays optional"
+
+
+def test_postgres_settings_fit_walletds_pool_and_durability() -> None:
+    """max_connections holds walletd's pool at compose's defaults; synchronous_commit stays on."""
+    command = " ".join(compose()["services"]["postgres"]["command"])
+    defaults = compose_interpolations()
+    settings = dict(
+        re.findall(r"-c (\w+)=(\S+)", _INTERPOLATION.sub(lambda m: defaults[m[1]], command))
+    )
+    assert settings["synchronous_commit"] == "on"
+    assert re.fullmatch(r"\d+(kB|MB|GB)", settings["shared_buffers"])
+    environment = {name: default for name, default in defaults.items() if default}
+    config = container_config(environment)
+    needed = config.pool_size + WALLETD_CONNECTIONS_OUTSIDE_POOL + POSTGRES_RESERVED_CONNECTIONS
+    assert int(settings["max_connections"]) >= needed
+    # The documented arithmetic (pool = 2 × shards + 4) is the code's.
+    assert config.pool_size_max == 0
+    assert config.pool_size == 2 * config.shards + 4
+
+
+def test_stop_grace_period_outlasts_walletds_drain() -> None:
+    """Docker waits longer than walletd's drain before SIGKILL."""
+    from walletd.cli.main import SHUTDOWN_TIMEOUT_S
+
+    grace = walletd_service()["stop_grace_period"]
+    assert re.fullmatch(r"\d+s", grace)
+    assert int(grace[:-1]) > SHUTDOWN_TIMEOUT_S
+
+
+# --- Dockerfile ----------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    """hadolint reports nothing, not even style notes."""
+    done = subprocess.run(
+        [tool("hadolint"), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dockerfile_is_multi_stage_slim_and_unprivileged() -> None:
+    """Builder and final stage share one slim Python; the final one copies only the venv."""
+    instructions = dockerfile_instructions(DOCKERFILE.read_text())
+    images = [i.arguments.split()[0] for i in instructions if i.keyword == "FROM"]
+    assert len(images) >= 2
+    # A venv refers to its interpreter by path: both stages need the same Python.
+    assert set(images) == {"python:3.11-slim"}
+    stage = final_stage(instructions)
+    copies = [i.arguments for i in stage if i.keyword == "COPY"]
+    assert copies == ["--from=builder /opt/walletd /opt/walletd"]
+    runs = " ".join(i.arguments for i in stage if i.keyword == "RUN")
+    assert not re.search(r"apt-get|apk|gcc|build-essential|pip install", runs)
+    user = only(stage, "USER").arguments.split(":")[0]
+    assert user not in {"root", "0"}
+    assert image_command() == ["walletd", "serve", "--host", "0.0.0.0"]
+
+
+def test_image_ports_agree() -> None:
+    """EXPOSE, the healthcheck URL, the compose mapping and walletd's port are all one port."""
+    stage = final_stage(dockerfile_instructions(DOCKERFILE.read_text()))
+    exposed = int(only(stage, "EXPOSE").arguments)
+    health_url = re.search(r"http://[^'\"]+", only(stage, "HEALTHCHECK").arguments)
+    assert health_url is not None
+    parts = urlsplit(health_url.group(0))
+    published = walletd_service()["ports"][0].rsplit(":", 1)[1]
+    served = container_config({}).port
+    assert exposed == parts.port == int(published) == served
+    routes = {
+        resource.canonical
+        for resource in create_app(HttpSettings(), _no_services).router.resources()
+    }
+    assert parts.path in routes
+
+
+def _no_services() -> Any:
+    raise AssertionError("the app is only inspected, never started")
+
+
+def test_build_context_holds_what_the_dockerfile_copies() -> None:
+    """Each COPY source exists and survives .dockerignore; every package folder is copied."""
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    sources: set[str] = set()
+    for instruction in dockerfile_instructions(DOCKERFILE.read_text()):
+        if instruction.keyword != "COPY" or instruction.arguments.startswith("--from"):
+            continue
+        sources.update(instruction.arguments.split()[:-1])
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), source
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert set(pyproject["tool"]["setuptools"]["package-dir"].values()) <= sources
+    assert pyproject["project"]["readme"] in sources
+
+
+def test_docker_tools_installer_is_run_by_ci() -> None:
+    """.ci/run runs every executable .ci/install-*: the installer must be executable."""
+    assert os.access(ROOT / ".ci" / "install-docker-tools", os.X_OK)
+
+
+# --- against a real walletd ----------------------------------------------------------------
+
+
+def healthcheck_command(port: int) -> list[str]:
+    """The image's HEALTHCHECK command, run by this Python, pointed at `port`."""
+    stage = final_stage(dockerfile_instructions(DOCKERFILE.read_text()))
+    command = exec_form(only(stage, "HEALTHCHECK"))
+    assert command[0] == "python"
+    pointed = [arg.replace(":8000/", f":{port}/") for arg in command[1:]]
+    assert pointed != command[1:], "the healthcheck URL names port 8000"
+    return [sys.executable, *pointed]
+
+
+@pytest.mark.slow
+def test_image_command_with_compose_defaults_serves_and_passes_the_healthcheck(
+    tmp_path: Path,
+    fresh_database_url: str,
+    walletd_process: Callable[..., WalletdProcess],
+) -> None:
+    """walletd started with the image's flags and compose's environment migrates an empty
+    database, serves, and the HEALTHCHECK command exits 0; with nothing listening, non-zero."""
+    environment = {
+        key: _INTERPOLATION.sub(lambda match: match[2] or "", str(value))
+        for key, value in walletd_service()["environment"].items()
+    }
+    environment["WALLETD_DATABASE_URL"] = fresh_database_url
+    flags = image_command()[2:]
+    # Tests serve on loopback only: keep every flag of the image but the address.
+    flags[flags.index("--host") + 1] = "127.0.0.1"
+    process = walletd_process(*flags, env=environment)
+    port = urlsplit(process.url).port
+    assert port is not None
+    check = subprocess.run(
+        healthcheck_command(port), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
+    )
+    assert check.returncode == 0, check.stderr + process.log()
+    assert process.terminate() == 0
+    refused = subprocess.run(
+        healthcheck_command(port), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
+    )
+    assert refused.returncode != 0

@@ -1,0 +1,497 @@
+"""The engine on the in-memory log: ordering, ack after commit, pipelining, bounds,
+passivation, failure semantics, drain and crashes. No PostgreSQL, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from uuid import UUID
+
+import pytest
+
+from tests.engine_doubles import (
+    WAIT_S,
+    ControlledLog,
+    Gate,
+    RecordingObserver,
+    running_engine,
+    until,
+    wallet_ids_on_shard,
+)
+from walletd.engine.commands import Outcome, Reply
+from walletd.engine.errors import EngineOverloaded, EngineStopping
+from walletd.engine.limits import EngineLimits
+from walletd.engine.model import OperationKind
+from walletd.engine.observer import (
+    REASON_COMMIT_FAILED,
+    REASON_COMMIT_TIMEOUT,
+    REASON_COMMIT_UNKNOWN,
+    REASON_LOAD_FAILED,
+    REASON_PREVIOUS_FAILED,
+    REASON_SHARD_CRASHED,
+)
+from walletd.engine.router import Engine
+
+DEPOSIT = OperationKind.DEPOSIT
+WITHDRAW = OperationKind.WITHDRAW
+ONE_SHARD = EngineLimits(shards=1, batch_ops_max=64, mailbox_commands_max=256)
+
+
+async def create(engine: Engine, wallet_id: UUID) -> None:
+    _id, reply = await engine.create_wallet(wallet_id, None)
+    assert reply.outcome is Outcome.CREATED
+
+
+def start(engine: Engine, wallet_id: UUID, kind: OperationKind, amount: int, key: str | None = None
+          ) -> asyncio.Task[Reply]:  # fmt: skip
+    return asyncio.create_task(engine.apply(wallet_id, kind, amount, key))
+
+
+async def submitted(engine: Engine, count: int = 1) -> None:
+    """Let freshly created tasks run up to their submit."""
+    for _ in range(count + 2):
+        await asyncio.sleep(0)
+
+
+async def answers(*tasks: asyncio.Task[Reply]) -> list[Reply]:
+    return list(await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S))
+
+
+# -- ordering and acknowledgement --------------------------------------------------------
+
+
+async def test_operations_apply_in_submission_order() -> None:
+    """Concurrent commands on one wallet are applied in the order they were submitted."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    async with running_engine(log) as engine:
+        await create(engine, wallet)
+        replies = await answers(
+            start(engine, wallet, DEPOSIT, 100),
+            start(engine, wallet, WITHDRAW, 60),
+            start(engine, wallet, WITHDRAW, 60),
+            start(engine, wallet, DEPOSIT, 5),
+        )
+    assert [r.outcome for r in replies] == [
+        Outcome.OK, Outcome.OK, Outcome.INSUFFICIENT_FUNDS, Outcome.OK,
+    ]  # fmt: skip
+    assert [r.wallet.balance for r in replies if r.wallet] == [100, 40, 45]
+    assert replies[2].balance_seen == 40
+    assert [(op.seq, op.balance_after) for op in log.operations[wallet]] == [
+        (1, 100), (2, 40), (3, 45),
+    ]  # fmt: skip
+
+
+async def test_no_reply_before_its_batch_commits() -> None:
+    """A deposit is not answered, and reads do not show it, until the append returns."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    async with running_engine(log) as engine:
+        await create(engine, wallet)
+        log.append_gate = gate = Gate()
+        deposit = start(engine, wallet, DEPOSIT, 70)
+        await gate.wait_for_arrivals(1)
+        await asyncio.sleep(0.01)
+        assert not deposit.done()
+        assert (await engine.read(wallet)).wallet == engine.read_resident(wallet)
+        view = engine.read_resident(wallet)
+        assert view is not None
+        assert view.balance == 0
+        gate.open()
+        (reply,) = await answers(deposit)
+    assert reply.outcome is Outcome.OK
+    assert reply.wallet
+    assert reply.wallet.balance == 70
+    assert log.wallets[wallet].balance == 70
+
+
+async def test_refusals_wait_for_the_batches_ahead_of_them() -> None:
+    """A refusal decided on pending state is sent only after the batch it depends on commits."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    async with running_engine(log, ONE_SHARD) as engine:
+        await create(engine, wallet)
+        log.append_gate = gate = Gate()
+        deposit = start(engine, wallet, DEPOSIT, 50)
+        await gate.wait_for_arrivals(1)
+        too_much = start(engine, wallet, WITHDRAW, 80)
+        enough = start(engine, wallet, WITHDRAW, 30)
+        missing = start(engine, UUID(int=999), DEPOSIT, 1)
+        await submitted(engine, 3)
+        await asyncio.sleep(0.01)
+        assert not any(t.done() for t in (deposit, too_much, enough, missing))
+        gate.open()
+        replies = await answers(deposit, too_much, enough, missing)
+    assert [r.outcome for r in replies] == [
+        Outcome.OK, Outcome.INSUFFICIENT_FUNDS, Outcome.OK, Outcome.WALLET_NOT_FOUND,
+    ]  # fmt: skip
+    assert replies[1].balance_seen == 50
+    assert log.wallets[wallet].balance == 20
+
+
+# -- pipelining and batching -------------------------------------------------------------
+
+
+async def test_next_batch_is_prepared_while_a_commit_is_in_flight() -> None:
+    """While batch N commits, N+1 is drained and loaded; N+1 commits only after N."""
+    log = ControlledLog()
+    first, later = UUID(int=1), UUID(int=2)
+    log.add_wallet(later)  # in the log but not resident: batch N+1 must load it
+    async with running_engine(log, ONE_SHARD) as engine:
+        await create(engine, first)
+        log.append_gate = gate = Gate()
+        batch_n = start(engine, first, DEPOSIT, 1)
+        await gate.wait_for_arrivals(1)
+        batch_n1 = [start(engine, later, DEPOSIT, 2), start(engine, first, DEPOSIT, 3)]
+        await until(lambda: log.loads_of(later) == 1)
+        assert gate.arrived == 1  # N+1 is prepared but not committing yet
+        gate.open()
+        await answers(batch_n, *batch_n1)
+    assert log.appends_in_flight_max == 1
+    assert [len(b.operations) for b in log.appended[-2:]] == [1, 2]
+    assert [op.balance_after for op in log.operations[first]] == [1, 4]
+
+
+async def test_batch_size_is_one_at_idle_and_grows_under_load() -> None:
+    """Sequential commands commit one per batch; commands queued behind a commit share one."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet = UUID(int=1)
+    async with running_engine(log, ONE_SHARD, observer) as engine:
+        await create(engine, wallet)
+        for _ in range(5):
+            await engine.apply(wallet, DEPOSIT, 1, None)
+        idle = [commands for _shard, _ops, commands in observer.committed]
+        log.append_gate = gate = Gate()
+        head = start(engine, wallet, DEPOSIT, 1)
+        await gate.wait_for_arrivals(1)
+        queued = [start(engine, wallet, DEPOSIT, 1) for _ in range(200)]
+        await submitted(engine, 200)
+        gate.open()
+        await answers(head, *queued)
+    assert idle == [1] * 6  # the creation, then five deposits
+    loaded = [commands for _shard, _ops, commands in observer.committed[6:]]
+    # 200 commands queued behind one commit: drained in batches of at most batch_ops_max.
+    assert loaded[0] == 1
+    assert loaded[1:] == [64, 64, 64, 8]
+    assert log.wallets[wallet].balance == 206
+
+
+async def test_one_commit_in_flight_per_shard_and_seqs_contiguous() -> None:
+    """Under concurrent load each shard has one append in flight and each wallet's log is
+    contiguous, with balance equal to the sum of the log."""
+    log = ControlledLog()
+    wallets = [UUID(int=n) for n in range(1, 9)]
+    limits = EngineLimits(shards=1, batch_ops_max=16, mailbox_commands_max=4096)
+    async with running_engine(log, limits) as engine:
+        for wallet in wallets:
+            await create(engine, wallet)
+        tasks = [
+            start(engine, wallets[n % 8], DEPOSIT if n % 3 else WITHDRAW, 1 + n % 7)
+            for n in range(400)
+        ]
+        await answers(*tasks)
+    assert log.appends_in_flight_max == 1
+    for wallet in wallets:
+        ops = log.operations[wallet]
+        assert [op.seq for op in ops] == list(range(1, len(ops) + 1))
+        assert log.wallets[wallet].balance == log.balance_from_log(wallet) >= 0
+
+
+# -- bounds ------------------------------------------------------------------------------
+
+
+async def test_a_full_mailbox_refuses_at_once() -> None:
+    """Past mailbox_commands_max a command raises EngineOverloaded synchronously; accepted
+    commands all complete correctly."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet = UUID(int=1)
+    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=4)
+    async with running_engine(log, limits, observer) as engine:
+        await create(engine, wallet)
+        log.append_gate = gate = Gate()
+        accepted = [start(engine, wallet, DEPOSIT, 1)]
+        await gate.wait_for_arrivals(1)
+        accepted += [start(engine, wallet, DEPOSIT, 1) for _ in range(2)]  # batch N+1
+        await submitted(engine, 2)
+        await until(lambda: engine.mailbox_depths() == [0])
+        accepted += [start(engine, wallet, DEPOSIT, 1) for _ in range(4)]  # the mailbox
+        await submitted(engine, 4)
+        assert engine.mailbox_depths() == [4]
+        refused = start(engine, wallet, DEPOSIT, 1)
+        await asyncio.sleep(0)
+        assert refused.done()
+        assert isinstance(refused.exception(), EngineOverloaded)
+        assert observer.rejected == ["overloaded"]
+        gate.open()
+        replies = await answers(*accepted)
+    assert all(r.outcome is Outcome.OK for r in replies)
+    assert log.wallets[wallet].balance == len(accepted)
+
+
+# -- passivation -------------------------------------------------------------------------
+
+
+async def test_resident_wallets_stay_bounded_and_reload_correctly() -> None:
+    """Past the resident bound idle wallets are evicted; evicted wallets reload exactly."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    limits = EngineLimits(
+        shards=1, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=8
+    )
+    wallets = [UUID(int=n) for n in range(1, 41)]
+    async with running_engine(log, limits, observer) as engine:
+        for n, wallet in enumerate(wallets):
+            await create(engine, wallet)
+            await engine.apply(wallet, DEPOSIT, n + 1, None)
+            assert engine.resident_wallets() <= 8 + 2 * limits.batch_ops_max
+        assert observer.evicted > 0
+        for n, wallet in enumerate(wallets):
+            reply = await engine.apply(wallet, WITHDRAW, 1, None)
+            assert reply.wallet is not None
+            assert reply.wallet.balance == n
+            read = await engine.read(wallet)
+            assert read.wallet is not None
+            assert read.wallet.balance == n
+            assert engine.resident_wallets() <= 8 + 2 * limits.batch_ops_max
+    assert observer.loaded >= len(wallets)
+
+
+async def test_concurrent_first_requests_load_a_wallet_once() -> None:
+    """Many first requests for one stored wallet cause a single load."""
+    log = ControlledLog()
+    wallet = UUID(int=7)
+    log.add_wallet(wallet)
+    async with running_engine(log, ONE_SHARD) as engine:
+        log.load_gate = gate = Gate()
+        deposits = [start(engine, wallet, DEPOSIT, 1) for _ in range(20)]
+        reads = [asyncio.create_task(engine.read(wallet)) for _ in range(20)]
+        await gate.wait_for_arrivals(1)
+        gate.open()
+        await answers(*deposits, *reads)
+    assert log.loads_of(wallet) == 1
+    assert log.wallets[wallet].balance == 20
+
+
+async def test_a_wallet_found_resident_is_not_evicted_while_its_batch_loads() -> None:
+    """Regression: a commit ending while the next batch awaits a load must not evict a
+    wallet that batch already counted on (it was answered WALLET_NOT_FOUND)."""
+    log = ControlledLog()
+    resident, created, stored = UUID(int=1), UUID(int=2), UUID(int=3)
+    log.add_wallet(stored)
+    limits = EngineLimits(
+        shards=1, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=1
+    )
+    async with running_engine(log, limits) as engine:
+        await create(engine, resident)
+        log.append_gate = append_gate = Gate()
+        creating = asyncio.create_task(engine.create_wallet(created, None))
+        await append_gate.wait_for_arrivals(1)
+        log.load_gate = load_gate = Gate()
+        on_resident = start(engine, resident, DEPOSIT, 5)
+        on_stored = start(engine, stored, DEPOSIT, 6)
+        await load_gate.wait_for_arrivals(1)
+        append_gate.open()
+        await asyncio.wait_for(creating, WAIT_S)
+        load_gate.open()
+        replies = await answers(on_resident, on_stored)
+    assert [r.outcome for r in replies] == [Outcome.OK, Outcome.OK]
+    assert log.wallets[resident].balance == 5
+
+
+# -- failure semantics -------------------------------------------------------------------
+
+
+async def test_a_failed_commit_fails_its_batch_and_the_one_prepared_on_top() -> None:
+    """Commit N fails: N and N+1 get UNAVAILABLE, nothing is written, memory is re-read."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    first, second = UUID(int=1), UUID(int=2)
+    async with running_engine(log, ONE_SHARD, observer) as engine:
+        await create(engine, first)
+        await create(engine, second)
+        await engine.apply(first, DEPOSIT, 100, None)
+        log.append_gate = gate = Gate()
+        batch_n = start(engine, first, DEPOSIT, 10)
+        await gate.wait_for_arrivals(1)
+        batch_n1 = [start(engine, first, WITHDRAW, 105), start(engine, second, DEPOSIT, 7)]
+        await submitted(engine, 2)
+        log.fail_next_appends = 1
+        gate.open()
+        replies = await answers(batch_n, *batch_n1)
+        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 3
+        assert (log.wallets[first].balance, log.wallets[second].balance) == (100, 0)
+        # Memory is not ahead of the log: a withdrawal of 105 is refused against 100.
+        after = await engine.apply(first, WITHDRAW, 105, None)
+        assert after.outcome is Outcome.INSUFFICIENT_FUNDS
+        assert after.balance_seen == 100
+        read = await engine.read(second)
+        assert read.wallet is not None
+        assert read.wallet.balance == 0
+    assert [(c, r) for _s, c, r in observer.failed] == [
+        (1, REASON_COMMIT_FAILED), (2, REASON_PREVIOUS_FAILED),
+    ]  # fmt: skip
+
+
+async def test_an_ambiguous_commit_is_resolved_exactly_once_by_a_keyed_retry() -> None:
+    """The batch lands but the commit reports failure: the retry with the same key replays
+    the stored result instead of applying twice, and memory is re-read from the log."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet = UUID(int=1)
+    async with running_engine(log, ONE_SHARD, observer) as engine:
+        await create(engine, wallet)
+        log.fail_next_appends, log.apply_then_fail = 1, True
+        lost = await engine.apply(wallet, DEPOSIT, 40, "pay-1")
+        assert lost.outcome is Outcome.UNAVAILABLE
+        read = await engine.read(wallet)  # re-read: the deposit did land
+        assert read.wallet is not None
+        assert read.wallet.balance == 40
+        retries = [await engine.apply(wallet, DEPOSIT, 40, "pay-1") for _ in range(2)]
+        reused = await engine.apply(wallet, DEPOSIT, 41, "pay-1")
+        log.fail_next_appends = 1
+        _id, created_lost = await engine.create_wallet(UUID(int=2), "make-2")
+        _id, created = await engine.create_wallet(UUID(int=2), "make-2")
+    assert all(r.outcome is Outcome.OK and r.replayed for r in retries)
+    assert all(r.wallet is not None and r.wallet.balance == 40 for r in retries)
+    assert reused.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+    assert [op.amount for op in log.operations[wallet]] == [40]
+    assert created_lost.outcome is Outcome.UNAVAILABLE
+    assert created.outcome is Outcome.CREATED
+    assert created.replayed
+    assert [r for _s, _c, r in observer.failed] == [REASON_COMMIT_UNKNOWN] * 2
+
+
+async def test_a_load_failure_answers_unavailable_and_recovers() -> None:
+    """When storage cannot load, commands get UNAVAILABLE; once it answers, work goes on."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet = UUID(int=1)
+    log.add_wallet(wallet)
+    async with running_engine(log, ONE_SHARD, observer) as engine:
+        log.fail_loads = True
+        failed = await engine.apply(wallet, DEPOSIT, 3, None)
+        log.fail_loads = False
+        ok = await engine.apply(wallet, DEPOSIT, 3, None)
+    assert failed.outcome is Outcome.UNAVAILABLE
+    assert ok.wallet is not None
+    assert ok.wallet.balance == 3
+    assert [r for _s, _c, r in observer.failed] == [REASON_LOAD_FAILED]
+
+
+async def test_a_commit_past_its_timeout_is_answered_unavailable() -> None:
+    """An append that never returns is abandoned after commit_timeout_s with UNAVAILABLE."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet = UUID(int=1)
+    limits = EngineLimits(shards=1, batch_ops_max=4, mailbox_commands_max=64, commit_timeout_s=0.05)
+    async with running_engine(log, limits, observer) as engine:
+        await create(engine, wallet)
+        log.append_gate = Gate()  # never opened
+        reply = await asyncio.wait_for(engine.apply(wallet, DEPOSIT, 3, None), WAIT_S)
+        log.append_gate = None
+        after = await engine.apply(wallet, DEPOSIT, 4, None)
+    assert reply.outcome is Outcome.UNAVAILABLE
+    assert after.wallet is not None
+    assert after.wallet.balance == 4
+    assert [r for _s, _c, r in observer.failed] == [REASON_COMMIT_TIMEOUT]
+
+
+async def test_an_unexpected_storage_exception_is_an_unknown_commit_not_a_hang() -> None:
+    """A log raising something outside its contract fails the batch with 503; the shard lives."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    async with running_engine(log, ONE_SHARD) as engine:
+        await create(engine, wallet)
+        log.raise_on_append = RuntimeError("driver bug")
+        reply = await asyncio.wait_for(engine.apply(wallet, DEPOSIT, 3, None), WAIT_S)
+        after = await engine.apply(wallet, DEPOSIT, 4, None)
+        assert engine.accepting
+    assert reply.outcome is Outcome.UNAVAILABLE
+    assert after.wallet is not None
+    assert after.wallet.balance == 4
+
+
+# -- stopping and crashing ---------------------------------------------------------------
+
+
+async def test_stop_answers_every_accepted_command_and_refuses_new_ones() -> None:
+    """A graceful stop commits what was accepted, answers it, and refuses what comes after."""
+    log = ControlledLog()
+    wallets = [UUID(int=n) for n in range(1, 7)]
+    engine = Engine(log, EngineLimits(shards=3, batch_ops_max=8, mailbox_commands_max=256))
+    await engine.start()
+    for wallet in wallets:
+        await create(engine, wallet)
+    log.append_gate = gate = Gate()
+    accepted = [start(engine, wallets[n % 6], DEPOSIT, 1) for n in range(60)]
+    await submitted(engine, 60)
+    stopping = asyncio.create_task(engine.stop())
+    await asyncio.sleep(0)
+    late = start(engine, wallets[0], DEPOSIT, 1)
+    await asyncio.sleep(0)
+    assert isinstance(late.exception(), EngineStopping)
+    assert not engine.accepting
+    gate.open()
+    replies = await answers(*accepted)
+    await asyncio.wait_for(stopping, WAIT_S)
+    assert all(r.outcome is Outcome.OK for r in replies)
+    assert sum(log.wallets[w].balance for w in wallets) == 60
+
+
+class _BreakableClock:
+    def __init__(self) -> None:
+        self.broken = False
+        self.now_us = 1_000_000
+
+    def __call__(self) -> int:
+        if self.broken:
+            raise RuntimeError("clock broke: stands in for any bug in the loop")
+        self.now_us += 1
+        return self.now_us
+
+
+async def test_a_crashed_shard_answers_everything_it_held() -> None:
+    """A bug that kills a shard's loop answers the committing, prepared and queued commands
+    with UNAVAILABLE, and the shard refuses new work; no caller hangs."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    clock = _BreakableClock()
+    wallet = UUID(int=1)
+    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=64)
+    async with running_engine(log, limits, observer, clock) as engine:
+        await create(engine, wallet)
+        log.append_gate = gate = Gate()
+        committing = start(engine, wallet, DEPOSIT, 1)
+        await gate.wait_for_arrivals(1)
+        clock.broken = True
+        held = [start(engine, wallet, DEPOSIT, 1) for _ in range(6)]
+        replies = await answers(committing, *held)
+        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 7
+        assert not engine.accepting
+        with pytest.raises(EngineStopping):
+            await engine.apply(wallet, DEPOSIT, 1, None)
+    assert {r for _s, _c, r in observer.failed} == {REASON_SHARD_CRASHED}
+    assert sum(c for _s, c, _r in observer.failed) == 7
+    assert log.wallets[wallet].balance == 0
+
+
+async def test_shards_are_independent() -> None:
+    """A commit held on one shard does not hold another shard's commands."""
+    log = ControlledLog()
+    limits = EngineLimits(shards=2, batch_ops_max=4, mailbox_commands_max=64)
+    (left,) = wallet_ids_on_shard(0, 2, 1)
+    (right,) = wallet_ids_on_shard(1, 2, 1)
+    async with running_engine(log, limits) as engine:
+        await create(engine, left)
+        await create(engine, right)
+        log.append_gate = gate = Gate()
+        held = start(engine, left, DEPOSIT, 1)
+        await gate.wait_for_arrivals(1)
+        log.append_gate = None  # later appends pass; the held one still waits on its gate
+        free = await asyncio.wait_for(engine.apply(right, DEPOSIT, 2, None), WAIT_S)
+        assert not held.done()
+        gate.open()
+        await answers(held)
+    assert free.wallet is not None
+    assert free.wallet.balance == 2

@@ -1,0 +1,230 @@
+"""Unit tests of the load tools' pure pieces, and the ceiling server on loopback."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from loadtest.bench_report import (
+    MARK_END,
+    MARK_START,
+    BatchOps,
+    Summary,
+    WrkRun,
+    bounded_check,
+    machine_info,
+    median,
+    ops_per_commit,
+    parse_batch_ops,
+    parse_wrk_output,
+    ratio,
+    render_section,
+    replace_section,
+    summarize,
+)
+from loadtest.ledger import Ledger, Outcome, format_cents, parse_cents, reconcile
+from loadtest.procs import running_ceiling
+
+WRK_STDOUT = """Running 10s test @ http://127.0.0.1:8001
+  2 threads and 64 connections
+Requests/sec:  10000.00
+WRKJSON {"duration_us":2000000,"requests":20000,"bytes":1,"sent":20064,"quiesce_sent":0,\
+"errors":{"connect":0,"read":1,"write":0,"status":5,"timeout":2},\
+"latency_us":{"p50":1500,"p90":3000,"p99":9000,"max":20000,"mean":1700.5},\
+"statuses":{"200":19990,"409":5,"503":5}}
+"""
+
+
+def _run(rps_requests: int, p50_us: int, p99_us: int, statuses: dict[int, int]) -> WrkRun:
+    return WrkRun(1_000_000, rps_requests, rps_requests, statuses, 0, p50_us, p99_us)
+
+
+def test_median_and_ratio() -> None:
+    """Medians take the middle (or mean of the middle two); ratios refuse a zero reference."""
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([1.0, 2.0, 3.0, 10.0]) == 2.5
+    assert ratio(50.0, 200.0) == 0.25
+    assert ratio(1.0, 0.0) is None
+    with pytest.raises(ValueError, match="nothing"):
+        median([])
+
+
+def test_summarize_takes_medians_over_rounds() -> None:
+    """A summary holds the per-round medians of rps, latency and non-2xx."""
+    runs = [
+        _run(100, 1000, 5000, {200: 100}),
+        _run(300, 3000, 9000, {200: 290, 409: 10}),
+        _run(200, 2000, 7000, {200: 198, 503: 2}),
+    ]
+    summary = summarize("hot", "walletd", runs, [4.0, 8.0, 6.0])
+    assert summary == Summary("hot", "walletd", 3, 200.0, 2.0, 7.0, 2.0, 6.0)
+
+
+def test_parse_wrk_output_reads_the_lua_json_line() -> None:
+    """The WRKJSON line yields rps, percentiles, status counts and unknown outcomes."""
+    run = parse_wrk_output(WRK_STDOUT)
+    assert run.rps == 10_000.0
+    assert (run.p50_us, run.p99_us) == (1500, 9000)
+    assert (run.ok_2xx, run.non_2xx, run.server_errors) == (19990, 10, 5)
+    assert run.socket_errors == 3
+    # 64 unanswered requests plus 5 answered 503: their effect is unknown.
+    assert run.unknown_outcomes == 69
+
+
+def test_parse_wrk_output_without_json_fails_loudly() -> None:
+    """Output without the Lua summary (script not loaded) is an error, not zeros."""
+    with pytest.raises(ValueError, match="WRKJSON"):
+        parse_wrk_output("Requests/sec: 5.00\n")
+
+
+def test_quiesced_run_needs_a_quiet_answer_on_every_connection() -> None:
+    """In a quiesce run unknown outcomes are only 5xx and socket errors, and the run counts as
+    quiesced only when at least one 400 per connection came back."""
+    run = WrkRun(1_000_000, 110, 50, {200: 50, 400: 60}, 0, 1, 2, quiesce_sent=61)
+    assert run.unknown_outcomes == 0
+    assert run.quiesced(connections=60)
+    assert not run.quiesced(connections=64)
+
+
+def test_parse_batch_ops_sums_label_sets_and_tolerates_absence() -> None:
+    """The walletd_batch_ops histogram is read across labels; no histogram gives None."""
+    text = (
+        "# TYPE walletd_batch_ops histogram\n"
+        'walletd_batch_ops_bucket{shard="0",le="+Inf"} 3\n'
+        'walletd_batch_ops_sum{shard="0"} 30\n'
+        'walletd_batch_ops_count{shard="0"} 3\n'
+        'walletd_batch_ops_sum{shard="1"} 10.0\n'
+        'walletd_batch_ops_count{shard="1"} 2\n'
+    )
+    assert parse_batch_ops(text) == BatchOps(40.0, 5.0)
+    assert parse_batch_ops("walletd_requests_total 5\n") is None
+    assert ops_per_commit(BatchOps(40.0, 5.0), BatchOps(140.0, 15.0)) == 10.0
+    assert ops_per_commit(None, BatchOps(1.0, 1.0)) is None
+    assert ops_per_commit(BatchOps(1.0, 1.0), BatchOps(1.0, 1.0)) is None
+
+
+def test_bounded_check() -> None:
+    """Applied deposits must cover every 2xx and exceed them by at most the unknown ones."""
+    assert bounded_check(applied=100, acked=100, unknown=0)
+    assert bounded_check(applied=164, acked=100, unknown=64)
+    assert not bounded_check(applied=99, acked=100, unknown=64)
+    assert not bounded_check(applied=165, acked=100, unknown=64)
+
+
+def _section(body: str) -> str:
+    return f"{MARK_START}\n{body}\n{MARK_END}\n"
+
+
+def test_replace_section_keeps_text_around_the_markers() -> None:
+    """An existing marked section is replaced in place; prose before and after survives."""
+    document = "# Benchmarks\n\nintro\n\n" + _section("old table") + "\n## Notes\nkeep me\n"
+    updated = replace_section(document, _section("new table"))
+    assert "old table" not in updated
+    assert updated.startswith("# Benchmarks\n\nintro\n\n" + _section("new table").rstrip("\n"))
+    assert updated.endswith("\n## Notes\nkeep me\n")
+    assert updated.count(MARK_START) == 1
+    assert replace_section(updated, _section("new table")) == updated
+
+
+def test_replace_section_appends_or_creates() -> None:
+    """Without markers the section is appended; an empty file gets a title first."""
+    assert replace_section(
+        "# Bench\n\nprose\n", _section("t")
+    ) == "# Bench\n\nprose\n\n" + _section("t")
+    assert replace_section("", _section("t")) == "# Benchmarks\n\n" + _section("t")
+
+
+def test_render_section_reports_ratio_to_ceiling() -> None:
+    """The table carries each target's ratio to the ceiling of the same scenario."""
+    section = render_section(
+        [
+            Summary("hot", "walletd", 3, 500.0, 1.0, 9.0, 0.0, 12.5),
+            Summary("hot", "ceiling", 3, 1000.0, 0.5, 2.0, 0.0, None),
+        ],
+        machine="2 CPUs",
+        command="python -m loadtest.bench",
+        date="2025-01-19 10:00 UTC",
+        settings="wrk 2 threads.",
+        verification=["PASS hot"],
+    )
+    assert section.startswith(MARK_START)
+    assert section.endswith(MARK_END + "\n")
+    assert "| hot | walletd | 500 | 1.00 | 9.00 | 0 | 0.50 | 12.5 |" in section
+    assert "| hot | ceiling | 1000 | 0.50 | 2.00 | 0 | 1.00 | n/a |" in section
+    assert "- PASS hot" in section
+
+
+def test_machine_info_reads_proc_files(tmp_path: Path) -> None:
+    """CPU model and memory come from /proc-style files."""
+    cpuinfo, meminfo = tmp_path / "cpuinfo", tmp_path / "meminfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n")
+    meminfo.write_text("MemTotal:       16777216 kB\n")
+    info = machine_info(cpuinfo, meminfo)
+    assert "Test CPU 9000" in info
+    assert "16.0 GiB RAM" in info
+
+
+def test_cents_round_trip_without_floats() -> None:
+    """Money strings parse to exact cents and render back with two decimals."""
+    assert parse_cents("1000.00") == 100_000
+    assert parse_cents("0.1") == 10
+    assert parse_cents("7") == 700
+    assert format_cents(5) == "0.05"
+    assert format_cents(-1234) == "-12.34"
+    for bad in ("1.234", "abc", "", "1e5"):
+        with pytest.raises(ValueError, match="money"):
+            parse_cents(bad)
+
+
+def test_reconcile_is_exact_without_uncertainty() -> None:
+    """With only definitive answers, the balance must equal initial + acked net to the cent."""
+    ledger = Ledger()
+    ledger.record("w", 500, Outcome.APPLIED)
+    ledger.record("w", -200, Outcome.APPLIED)
+    ledger.record("w", -900, Outcome.REFUSED)
+    assert reconcile(ledger, {"w": 1300}, {"w": 1000}) == []
+    [mismatch] = reconcile(ledger, {"w": 1299}, {"w": 1000})
+    assert mismatch.expected_cents == 1300
+    assert "balance 12.99, expected 13.00" in mismatch.describe()
+    assert reconcile(ledger, {"w": None}, {"w": 1000})[0].actual_cents is None
+
+
+def test_reconcile_bounds_unknown_outcomes_and_merges_workers() -> None:
+    """Unknown outcomes widen the allowed range; worker ledgers merge over the wire."""
+    worker = Ledger()
+    worker.record("w", 100, Outcome.APPLIED)
+    worker.record("w", 50, Outcome.UNKNOWN)
+    worker.record("w", -30, Outcome.UNKNOWN)
+    master = Ledger()
+    master.merge(Ledger.from_wire(orjson.loads(orjson.dumps(worker.to_wire()))))
+    master.merge(Ledger.from_wire(worker.to_wire()))
+    assert master.wallets["w"].acked_net == 200
+    for balance in (140, 200, 250, 300):
+        assert reconcile(master, {"w": balance}, {}) == [], balance
+    assert len(reconcile(master, {"w": 139}, {})) == 1
+    assert len(reconcile(master, {"w": 301}, {})) == 1
+
+
+def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[str, object]]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(response.status), orjson.loads(response.read())
+
+
+def test_ceiling_server_answers_on_loopback() -> None:
+    """`python -m loadtest.ceiling` serves walletd's routes with constant wallets."""
+    with running_ceiling() as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        status, created = _http("POST", f"{server.url}/api/v1/wallets", b"{}")
+        assert status == 201
+        assert created["balance"] == "1000.00"
+        wallet = f"{server.url}/api/v1/wallets/{created['id']}"
+        assert _http("GET", wallet) == (200, created)
+        body = b'{"operation_type": "DEPOSIT", "amount": "1.00"}'
+        assert _http("POST", f"{wallet}/operation", body) == (200, created)
+    assert server.process is not None
+    assert server.process.returncode == 0

@@ -1,0 +1,139 @@
+"""The WalletLog contract, checked the same way on InMemoryLog and PostgresLog."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import pytest
+
+from tests.conftest import PostgresServer
+from walletd.cli.service import migrate_database
+from walletd.engine.memory_log import InMemoryLog
+from walletd.engine.model import (
+    Batch,
+    NewWallet,
+    OperationKind,
+    OperationRecord,
+    SnapshotUpdate,
+)
+from walletd.engine.ports import StorageError, WalletLog
+from walletd.persistence.database import PoolSettings, create_pool
+from walletd.persistence.postgres_log import PostgresLog
+
+A, B = UUID(int=0xA), UUID(int=0xB)
+T0 = 1_700_000_000_000_000  # microseconds; PostgreSQL keeps them exactly
+
+
+@pytest.fixture(params=["memory", "postgres"])
+async def wallet_log(request: pytest.FixtureRequest) -> AsyncIterator[WalletLog]:
+    if request.param == "memory":
+        yield InMemoryLog()
+        return
+    # A sync fixture may be fetched from here; the async database_url one may not.
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    dsn = await server.create_database()
+    try:
+        await migrate_database(dsn)
+        pool = await create_pool(dsn, PoolSettings(size_max=2))
+        try:
+            yield PostgresLog(pool)
+        finally:
+            await pool.close()
+    finally:
+        await server.drop_database(dsn)
+
+
+def deposit(wallet: UUID, seq: int, amount: int, after: int, key: str | None = None) -> Batch:
+    """One deposit moving the snapshot from seq-1 to seq."""
+    op = OperationRecord(wallet, seq, OperationKind.DEPOSIT, amount, after, key, T0 + seq)
+    return Batch(operations=[op], snapshots=[SnapshotUpdate(wallet, seq - 1, seq, after, T0 + seq)])
+
+
+def create(*wallets: UUID, key: str | None = None) -> Batch:
+    return Batch(new_wallets=[NewWallet(w, T0, key, str(w)) for w in wallets])
+
+
+async def test_a_batch_is_visible_after_append(wallet_log: WalletLog) -> None:
+    """After append_batch returns, loads see the wallets, snapshots and operations."""
+    await wallet_log.append_batch(create(A, B))
+    await wallet_log.append_batch(deposit(A, 1, 500, 500, key="k"))
+    loaded = await wallet_log.load_wallets([A, B, UUID(int=0xC)])
+    assert set(loaded) == {A, B}
+    assert (loaded[A].balance, loaded[A].seq, loaded[A].updated_at_us) == (500, 1, T0 + 1)
+    assert (loaded[B].balance, loaded[B].seq, loaded[B].created_at_us) == (0, 0, T0)
+
+
+async def test_stale_prev_seq_is_refused_and_writes_nothing(wallet_log: WalletLog) -> None:
+    """A snapshot update from a seq that is no longer stored fails the whole batch."""
+    await wallet_log.append_batch(create(A, B))
+    await wallet_log.append_batch(deposit(A, 1, 10, 10))
+    stale = deposit(A, 1, 99, 99)  # built against seq 0 again: a second writer
+    stale.new_wallets.append(NewWallet(UUID(int=0xC), T0, None, ""))
+    stale.operations += deposit(B, 1, 5, 5).operations
+    stale.snapshots += deposit(B, 1, 5, 5).snapshots
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(stale)
+    loaded = await wallet_log.load_wallets([A, B, UUID(int=0xC)])
+    assert set(loaded) == {A, B}
+    assert (loaded[A].balance, loaded[A].seq) == (10, 1)
+    assert (loaded[B].balance, loaded[B].seq) == (0, 0)
+    assert [op.amount for _id, op in await wallet_log.read_history(A, None, 10)] == [10]
+    assert await wallet_log.read_history(B, None, 10) == []
+
+
+async def test_a_batch_is_atomic_across_wallets(wallet_log: WalletLog) -> None:
+    """A batch that creates an existing wallet writes none of its other rows."""
+    await wallet_log.append_batch(create(A))
+    batch = create(B)
+    batch.new_wallets.append(NewWallet(A, T0, None, ""))
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(batch)
+    assert set(await wallet_log.load_wallets([A, B])) == {A}
+
+
+async def test_operation_keys_are_found_and_unique_per_wallet(wallet_log: WalletLog) -> None:
+    """find_operations returns the logged op per (wallet, key); a reused key is refused."""
+    await wallet_log.append_batch(create(A, B))
+    await wallet_log.append_batch(deposit(A, 1, 7, 7, key="pay"))
+    await wallet_log.append_batch(deposit(B, 1, 8, 8, key="pay"))  # same key, other wallet
+    found = await wallet_log.find_operations([(A, "pay"), (B, "pay"), (A, "other")])
+    assert set(found) == {(A, "pay"), (B, "pay")}
+    assert (found[(A, "pay")].amount, found[(A, "pay")].seq) == (7, 1)
+    assert found[(B, "pay")].balance_after == 8
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(deposit(A, 2, 1, 8, key="pay"))
+    assert (await wallet_log.load_wallets([A]))[A].seq == 1
+
+
+async def test_creation_keys_are_found_and_unique(wallet_log: WalletLog) -> None:
+    """find_wallets_by_create_key maps each stored creation key to its wallet."""
+    await wallet_log.append_batch(create(A, key="make-a"))
+    found = await wallet_log.find_wallets_by_create_key(["make-a", "missing"])
+    assert list(found) == ["make-a"]
+    assert found["make-a"].wallet_id == A
+    assert found["make-a"].create_fingerprint == str(A)
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(create(B, key="make-a"))
+    assert await wallet_log.load_wallets([B]) == {}
+
+
+async def test_history_is_newest_first_and_pages_by_seq(wallet_log: WalletLog) -> None:
+    """read_history returns ops newest first, limited, before a seq, with rising ids."""
+    await wallet_log.append_batch(create(A))
+    balance = 0
+    for seq in range(1, 8):
+        balance += seq
+        await wallet_log.append_batch(deposit(A, seq, seq, balance))
+    first = await wallet_log.read_history(A, None, 3)
+    assert [op.seq for _id, op in first] == [7, 6, 5]
+    rest = await wallet_log.read_history(A, 5, 10)
+    assert [op.seq for _id, op in rest] == [4, 3, 2, 1]
+    ids = [op_id for op_id, _op in first + rest]
+    assert ids == sorted(ids, reverse=True)
+    assert rest[-1][1] == OperationRecord(A, 1, OperationKind.DEPOSIT, 1, 1, None, T0 + 1)
+
+
+async def test_ping_answers(wallet_log: WalletLog) -> None:
+    """ping returns when storage answers."""
+    await wallet_log.ping()
