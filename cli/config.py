@@ -73,6 +73,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a batch commit may take before it is failed with 503"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = 2 per shard + 4"),
+    Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
+            float, 2.0, "seconds to get a PostgreSQL connection (pool wait + connect) before "
+            "a request gets 503"),
+    Setting("db_command_timeout_s", ("WALLETD_DB_COMMAND_TIMEOUT",), "--db-command-timeout",
+            float, 10.0, "seconds one SQL statement may run before it is cancelled"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
     Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
@@ -97,6 +102,8 @@ class Config:
     idempotency_keys_max: int
     commit_timeout_s: float
     pool_size_max: int
+    db_connect_timeout_s: float
+    db_command_timeout_s: float
     body_bytes_max: int
     api_keys: tuple[str, ...]
     access_log: bool

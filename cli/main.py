@@ -1,4 +1,10 @@
-"""The ``walletd`` command: ``serve`` and ``migrate``."""
+"""The ``walletd`` command: ``serve``, ``migrate``, and the operator commands ``verify``,
+``restore`` and ``seed``.
+
+Exit codes: 0 success; 1 ``verify`` found mismatches; 2 the command could not run (bad
+configuration, PostgreSQL unreachable or too old, a server holds the database), with one
+readable line on stderr and no traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,18 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import asyncpg
 import uvloop
 from aiohttp import web
 
 from walletd.cli.config import Config, add_flags, load_config
-from walletd.cli.service import engine_limits, migrate_database, running_services, storage
+from walletd.cli.service import (
+    engine_limits,
+    migrate_database,
+    pool_settings,
+    running_services,
+    storage,
+)
 from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
 from walletd.http.metrics import Metrics
@@ -21,6 +34,7 @@ from walletd.http.settings import HttpSettings
 from walletd.persistence.database import DatabaseError
 from walletd.persistence.embedded import EmbeddedPostgresError
 from walletd.persistence.migrate import MigrationError
+from walletd.persistence.operator import Mismatch, restore, seed, verify
 
 __all__ = ["main"]
 
@@ -29,7 +43,14 @@ _log = logging.getLogger("walletd")
 SHUTDOWN_TIMEOUT_S = 30.0
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
-_STARTUP_ERRORS = (DatabaseError, EmbeddedPostgresError, MigrationError, ValueError, OSError)
+_STARTUP_ERRORS = (
+    DatabaseError,
+    EmbeddedPostgresError,
+    MigrationError,
+    ValueError,
+    OSError,
+    asyncpg.PostgresError,
+)
 
 
 def http_settings(config: Config) -> HttpSettings:
@@ -65,20 +86,67 @@ async def _serve(config: Config) -> None:
     _log.info("stopped")
 
 
-async def _migrate(config: Config) -> None:
+async def _migrate(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
         applied = await migrate_database(dsn)
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+def _print_mismatch(mismatch: Mismatch) -> None:
+    print(mismatch, flush=False)
+
+
+async def _verify(config: Config, _args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        await migrate_database(dsn)
+        report = await verify(dsn, _print_mismatch)
+    print(report.summary(), flush=True)
+    return 0 if report.clean else 1
+
+
+async def _restore(config: Config, _args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        await migrate_database(dsn)
+        report = await restore(dsn)
+    print(report.summary(), flush=True)
+    return 0
+
+
+async def _seed(config: Config, args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        await migrate_database(dsn)
+        report = await seed(dsn, args.wallets, args.operations)
+    print(report.summary(), flush=True)
+    return 0
+
+
+async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
+    await _serve(config)
+    return 0
+
+
+_COMMANDS = {
+    "serve": (_serve_command, "run the HTTP service"),
+    "migrate": (_migrate, "apply database migrations and exit"),
+    "verify": (_verify, "check every wallet's snapshot against its log; exit 1 on mismatch"),
+    "restore": (_restore, "rebuild the wallets snapshot from the log (server must be stopped)"),
+    "seed": (_seed, "bulk-create wallets and history with COPY, for load tests"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="walletd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("serve", "run the HTTP service"),
-        ("migrate", "apply database migrations and exit"),
-    ):
-        add_flags(commands.add_parser(name, help=help_text))
+    for name, (_run, help_text) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        add_flags(sub)
+        if name == "seed":
+            sub.add_argument("--wallets", type=int, required=True, help="wallets to create")
+            sub.add_argument(
+                "--operations", type=int, default=0,
+                help="operations to create, spread evenly over the wallets (default 0)",
+            )  # fmt: skip
     return parser
 
 
@@ -87,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args)
         engine_limits(config)  # validates the limits before anything starts
+        pool_settings(config)
     except ValueError as error:
         print(f"walletd: error: {error}", file=sys.stderr)
         return 2
@@ -95,15 +164,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    command = _serve if args.command == "serve" else _migrate
+    command = _COMMANDS[args.command][0]
     try:
-        uvloop.run(command(config))
+        return uvloop.run(command(config, args))
     except _STARTUP_ERRORS as error:
-        print(f"walletd: error: {error}", file=sys.stderr)
+        print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

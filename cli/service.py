@@ -30,7 +30,13 @@ from walletd.persistence.embedded import EmbeddedPostgres
 from walletd.persistence.migrate import apply_migrations
 from walletd.persistence.postgres_log import PostgresLog
 
-__all__ = ["engine_limits", "migrate_database", "running_services", "storage"]
+__all__ = [
+    "engine_limits",
+    "migrate_database",
+    "pool_settings",
+    "running_services",
+    "storage",
+]
 
 _log = logging.getLogger("walletd")
 
@@ -49,6 +55,15 @@ def engine_limits(config: Config) -> EngineLimits:
     )
 
 
+def pool_settings(config: Config) -> PoolSettings:
+    return PoolSettings(
+        size_max=config.pool_size,
+        acquire_timeout_s=config.db_connect_timeout_s,
+        connect_timeout_s=config.db_connect_timeout_s,
+        command_timeout_s=config.db_command_timeout_s,
+    )
+
+
 @contextlib.asynccontextmanager
 async def storage(config: Config) -> AsyncIterator[str]:
     """The DSN of the configured PostgreSQL, starting the embedded one when none is set."""
@@ -62,7 +77,8 @@ async def storage(config: Config) -> AsyncIterator[str]:
     try:
         yield dsn
     finally:
-        await asyncio.to_thread(embedded.stop)
+        # An operator command run beside `walletd serve` adopts its server: never stop it.
+        await asyncio.to_thread(embedded.release)
 
 
 async def migrate_database(dsn: str) -> list[str]:
@@ -100,12 +116,18 @@ class _Readiness:
                 return "the serving lock on PostgreSQL was lost"
         if now - self._checked_at >= READINESS_CACHE_S:
             self._checked_at = now
-            try:
-                await asyncio.wait_for(self._log.ping(), READINESS_PING_TIMEOUT_S)
-                self._storage_reason = None
-            except (StorageError, TimeoutError):
-                self._storage_reason = "PostgreSQL is unreachable"
+            self._storage_reason = await self._check_storage()
         return self._storage_reason
+
+    async def _check_storage(self) -> str | None:
+        try:
+            await asyncio.wait_for(self._log.ping(), READINESS_PING_TIMEOUT_S)
+        except (StorageError, TimeoutError):
+            return "PostgreSQL is unreachable"
+        # An outage drops the lock with its connection; take it back once PostgreSQL is.
+        if not await self._lock.reacquire():
+            return "the serving lock on PostgreSQL is lost or held by another walletd"
+        return None
 
 
 @contextlib.asynccontextmanager
@@ -116,12 +138,12 @@ async def running_services(
         applied = await migrate_database(dsn)
         if applied:
             _log.info("applied migrations: %s", ", ".join(applied))
-        lock = ServingLock(dsn)
+        lock = ServingLock(dsn, connect_timeout_s=config.db_connect_timeout_s)
         await lock.acquire()
         try:
-            pool = await create_pool(dsn, PoolSettings(size_max=config.pool_size))
+            pool = await create_pool(dsn, pool_settings(config))
             try:
-                log = PostgresLog(pool)
+                log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
                 engine = Engine(log, engine_limits(config), observer=observer)
                 await engine.start()
                 try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Final
 
 import orjson
@@ -25,9 +26,6 @@ __all__ = ["PREFIX", "routes"]
 
 PREFIX: Final = "/api/v1"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
-# A cursor names a per-wallet sequence number, a PostgreSQL bigint: past it is no cursor of
-# ours (and would fail in the driver, not as a validation error).
-_CURSOR_SEQ_MAX: Final = 2**63 - 1
 # Enough digits for any valid limit, few enough that int() never meets Python's digit limit.
 _LIMIT_DIGITS_MAX: Final = 6
 
@@ -66,18 +64,20 @@ def _encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
 
 
+# A cursor is "s<seq>" in unpadded URL-safe base64; seq fits PostgreSQL's bigint.
+_CURSOR_TEXT: Final = re.compile(r"s[1-9][0-9]{0,18}")
+_CURSOR_CHARS: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_SEQ_MAX: Final = 2**63 - 1
+
+
 def _decode_cursor(cursor: str) -> int:
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s"):
+        if not _CURSOR_CHARS.fullmatch(cursor):
             raise ValueError
-        digits = text[1:]
-        if not (digits.isascii() and digits.isdigit()):
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        if not _CURSOR_TEXT.fullmatch(text) or int(text[1:]) > _SEQ_MAX:
             raise ValueError
-        seq = int(digits)
-        if not 1 <= seq <= _CURSOR_SEQ_MAX:
-            raise ValueError
-        return seq
+        return int(text[1:])
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValidationProblem([{"field": "cursor", "message": "is not a valid cursor"}]) from None
 

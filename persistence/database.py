@@ -52,9 +52,26 @@ class DatabaseBusy(DatabaseError):
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
+    """Bounds of the pool; each one turns an outage into a prompt error, never a hang.
+
+    - ``size_max``: connections at most; a caller past it waits for a free one.
+    - ``acquire_timeout_s``: waiting for a connection (free or newly connected) at most;
+      past it the call fails with ``StorageUnavailable`` (503), nothing sent.
+    - ``connect_timeout_s``: one connection attempt at most.
+    - ``command_timeout_s``: one statement at most; past it the statement is cancelled and
+      the call fails (a commit as outcome-unknown).
+    """
+
     size_max: int = 12
-    connect_timeout_s: float = 5.0
+    acquire_timeout_s: float = 2.0
+    connect_timeout_s: float = 2.0
     command_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.size_max < 1:
+            raise ValueError("pool size must be at least 1")
+        if min(self.acquire_timeout_s, self.connect_timeout_s, self.command_timeout_s) <= 0:
+            raise ValueError("database timeouts must be positive")
 
 
 def _describe(error: BaseException) -> str:
@@ -72,7 +89,10 @@ async def connect(dsn: str, timeout_s: float = 5.0) -> asyncpg.Connection:
 async def check_server_version(connection: asyncpg.Connection) -> int:
     version = int(await connection.fetchval("SHOW server_version_num"))
     if version < POSTGRES_VERSION_MIN:
-        raise DatabaseTooOld(f"PostgreSQL {version // 10000} is too old; walletd needs 14 or newer")
+        raise DatabaseTooOld(
+            f"PostgreSQL {version // 10000} is too old; walletd needs "
+            f"{POSTGRES_VERSION_MIN // 10000} or newer"
+        )
     return version
 
 
@@ -99,15 +119,24 @@ class ServingLock:
 
     It keeps a second walletd (or ``walletd restore``) off a database that one is serving.
     Correctness does not rest on it: the append's seq fencing refuses a second writer.
+    A database outage drops the lock with its connection; ``reacquire`` takes it again once
+    the database is back (readiness calls it), unless someone else took it meanwhile.
     """
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, connect_timeout_s: float = 5.0) -> None:
         self._dsn = dsn
+        self._connect_timeout_s = connect_timeout_s
         self._connection: asyncpg.Connection | None = None
 
     async def acquire(self) -> None:
-        connection = await connect(self._dsn)
-        held = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SERVE_LOCK_ID)
+        connection = await connect(self._dsn, self._connect_timeout_s)
+        try:
+            held = await connection.fetchval(
+                "SELECT pg_try_advisory_lock($1)", SERVE_LOCK_ID, timeout=self._connect_timeout_s
+            )
+        except BaseException:
+            connection.terminate()
+            raise
         if not held:
             await connection.close()
             raise DatabaseBusy("another walletd server is serving this database")
@@ -126,7 +155,8 @@ class ServingLock:
             self._connection = None
         try:
             await self.acquire()
-        except DatabaseError:
+        except (DatabaseError, OSError, TimeoutError, asyncpg.PostgresError,
+                asyncpg.InterfaceError):  # fmt: skip
             return False
         return True
 

@@ -63,6 +63,9 @@ class EmbeddedPostgres:
         self.pgdata = data_dir.resolve() / "pgdata"
         self._requested_port = port
         self.port: int | None = None
+        # True when start() found a server already running on this data dir (another
+        # walletd's, or one left by a crash): such a server is not ours to stop.
+        self.adopted = False
         self._bin = binaries_path()
         self._run_as: str | None = SYSTEM_USER if os.geteuid() == 0 else None
 
@@ -165,15 +168,23 @@ class EmbeddedPostgres:
         if running is not None:
             _log.info("adopting the embedded PostgreSQL already running on port %d", running)
             self.port = running
+            self.adopted = True
             return self.dsn
-        port = self._requested_port or _free_port()
+        # A restart keeps the port it had, so DSNs handed out (pools, clients) stay valid.
+        port = self._requested_port or self.port or _free_port()
         options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
         self._run(
             "pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(START_TIMEOUT_S),
             "-l", str(self.pgdata / "server.log"), "-o", options, "start",
         )  # fmt: skip
         self.port = port
+        self.adopted = False
         return self.dsn
+
+    def release(self) -> None:
+        """Stop the server if this handle started it; leave an adopted one running."""
+        if not self.adopted:
+            self.stop()
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``immediate`` is a crash from the database's point of view."""

@@ -7,6 +7,15 @@ Which calls may have committed when they fail:
 - the pool could not hand out a connection      -> StorageUnavailable (nothing sent)
 - the server answered with an error              -> StorageError (rolled back)
 - the connection broke or timed out after send   -> CommitOutcomeUnknown
+
+Every call is bounded: waiting for a connection by ``acquire_timeout_s``, each statement by
+the pool's ``command_timeout``; an outage therefore surfaces as an error within seconds.
+
+Alternatives to the function call were measured (``python -m loadtest.append_bench``,
+docs/BENCHMARKS.md): ``executemany`` (BEGIN, two pipelined statements, COMMIT, and no row
+counts to fence with) and COPY into a temporary table + INSERT..SELECT + UPDATE (five round
+trips). The function call was fastest at batch sizes 1 to 100 and tied with COPY at 1000,
+where the server-side work (FK checks, index inserts) dominates, so it stays.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from walletd.engine.ports import (
     WalletLog,
 )
 
-__all__ = ["PostgresLog"]
+__all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 
 _APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"  # noqa: E501
 
@@ -50,16 +59,23 @@ SELECT {_OP_COLUMNS}
   FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
   JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
 """
-_HISTORY_FIRST = f"""
+HISTORY_FIRST_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 ORDER BY o.seq DESC LIMIT $2
 """
-_HISTORY_BEFORE = f"""
+HISTORY_BEFORE_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
 
-_BROKEN_CONNECTION = (OSError, TimeoutError, asyncpg.InterfaceError)
+# Errors after which nobody knows whether the server ran the statement. A broken connection
+# surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
+_BROKEN_CONNECTION = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
 # Server-side ends of a connection (pg_terminate_backend, a crash, a dropped socket):
 # PostgresError subclasses that say nothing about whether a commit landed.
 _CONNECTION_LOST = (
@@ -78,18 +94,27 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 
 
 class PostgresLog(WalletLog):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 2.0) -> None:
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def _acquire(self) -> asyncpg.Connection:
+        try:
+            return await self._pool.acquire(timeout=self._acquire_timeout_s)
+        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
+            raise StorageUnavailable(f"no PostgreSQL connection: {error!r}") from error
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        connection = await self._acquire()
         try:
-            async with self._pool.acquire() as connection:
-                rows: list[asyncpg.Record] = await connection.fetch(query, *args)
-                return rows
-        except asyncpg.PostgresError as error:
-            raise StorageError(f"query failed: {error}") from error
+            rows: list[asyncpg.Record] = await connection.fetch(query, *args)
+            return rows
         except _BROKEN_CONNECTION as error:
             raise StorageUnavailable(f"storage unreachable: {error!r}") from error
+        except asyncpg.PostgresError as error:
+            raise StorageError(f"query failed: {error}") from error
+        finally:
+            await self._pool.release(connection)
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         rows = await self._fetch(_LOAD_WALLETS, wallet_ids)
@@ -130,10 +155,7 @@ class PostgresLog(WalletLog):
             [s.balance for s in snaps],
             [s.updated_at_us for s in snaps],
         )
-        try:
-            connection = await self._pool.acquire()
-        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
-            raise StorageUnavailable(f"no connection for commit: {error!r}") from error
+        connection = await self._acquire()
         try:
             await connection.execute(_APPEND, *args)
         except (*_BROKEN_CONNECTION, *_CONNECTION_LOST) as error:
@@ -149,9 +171,9 @@ class PostgresLog(WalletLog):
         self, wallet_id: UUID, before_seq: int | None, limit: int
     ) -> list[tuple[int, OperationRecord]]:
         if before_seq is None:
-            rows = await self._fetch(_HISTORY_FIRST, wallet_id, limit)
+            rows = await self._fetch(HISTORY_FIRST_SQL, wallet_id, limit)
         else:
-            rows = await self._fetch(_HISTORY_BEFORE, wallet_id, before_seq, limit)
+            rows = await self._fetch(HISTORY_BEFORE_SQL, wallet_id, before_seq, limit)
         return [(row[0], _operation(row)) for row in rows]
 
     async def ping(self) -> None:

@@ -1,0 +1,377 @@
+"""Operator commands on the durable log: verify, restore, seed.
+
+- ``verify`` replays the log in wallet order through two server-side cursors (wallets by id,
+  operations by (wallet id, seq)) on two connections sharing one REPEATABLE READ snapshot
+  (``pg_export_snapshot``), each with its next fetch in flight, and checks, for every
+  wallet, that the snapshot's balance and seq equal the log's sum and last seq, and that the
+  log's own chain holds (seq = 1, 2, 3, ... and each balance_after = the running balance).
+  Memory is bounded by the cursor fetch size, whatever the table sizes.
+- ``restore`` rebuilds every wallet's balance, seq and updated_at from the log in one
+  transaction, holding the serving lock so no walletd serves the database meanwhile.
+- ``seed`` bulk-loads wallets and their history with COPY, snapshot and log consistent.
+
+Exceptions: ``DatabaseBusy`` (restore while a server runs), ``DatabaseError`` (connect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from uuid import UUID
+
+import asyncpg
+
+from walletd.persistence.database import SERVE_LOCK_ID, DatabaseBusy, connect
+
+__all__ = [
+    "SEED_CHUNK_WALLETS",
+    "VERIFY_FETCH_ROWS",
+    "Mismatch",
+    "RestoreReport",
+    "SeedReport",
+    "VerifyReport",
+    "restore",
+    "seed",
+    "verify",
+]
+
+# Rows per FETCH from each cursor: the whole of verify's memory, whatever the table sizes.
+VERIFY_FETCH_ROWS = 20_000
+# Wallets generated and copied per COPY round by seed (with their operations).
+SEED_CHUNK_WALLETS = 20_000
+# Wallets replayed between two turns of the event loop during verify.
+VERIFY_YIELD_WALLETS = 500
+
+_DEPOSIT = 1
+_WITHDRAW = 2
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    wallet_id: UUID
+    problem: str
+
+    def __str__(self) -> str:
+        return f"mismatch: wallet {self.wallet_id}: {self.problem}"
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    wallets: int = 0
+    operations: int = 0
+    mismatches: int = 0
+    seconds: float = 0.0
+    first_mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return self.mismatches == 0
+
+    def summary(self) -> str:
+        verdict = "OK" if self.clean else f"{self.mismatches} MISMATCHES"
+        return (
+            f"verify: {self.wallets} wallets, {self.operations} operations checked in "
+            f"{self.seconds:.1f} s: {verdict}"
+        )
+
+
+# How many mismatches the report keeps (all are passed to the callback, none accumulate).
+MISMATCHES_KEPT_MAX = 100
+
+
+_WALLETS_IN_ORDER = "SELECT id, balance, seq FROM wallets ORDER BY id"
+# The signed amount is computed by the server: one column less to decode per row.
+_OPERATIONS_IN_ORDER = (
+    "SELECT wallet_id, seq, CASE kind WHEN 1 THEN amount ELSE -amount END, balance_after "
+    "FROM wallet_operations ORDER BY wallet_id, seq"
+)
+
+
+class _Rows:
+    """A server-side cursor read in fixed-size fetches, the next one always in flight.
+
+    Each reader owns its connection, so the fetch of the next batch overlaps with the
+    replay of the current one: the server walks the index while Python checks rows.
+    """
+
+    def __init__(self, cursor: asyncpg.cursor.Cursor, fetch_rows: int) -> None:
+        self._cursor = cursor
+        self._fetch_rows = fetch_rows
+        self._next: asyncio.Task[list[asyncpg.Record]] | None = asyncio.create_task(
+            cursor.fetch(fetch_rows)
+        )
+
+    async def take_batch(self) -> list[asyncpg.Record]:
+        """The next batch of rows; empty at the end."""
+        if self._next is None:
+            return []
+        rows = await self._next
+        self._next = None
+        if len(rows) == self._fetch_rows:
+            self._next = asyncio.create_task(self._cursor.fetch(self._fetch_rows))
+        return rows
+
+    async def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
+                await self._next
+            self._next = None
+
+
+@contextlib.asynccontextmanager
+async def _snapshot_readers(dsn: str, fetch_rows: int) -> AsyncIterator[tuple[_Rows, _Rows]]:
+    """Wallets and operations readers on two connections that share one snapshot."""
+    first = await connect(dsn)
+    second: asyncpg.Connection | None = None
+    readers: list[_Rows] = []
+    try:
+        second = await connect(dsn)
+        async with (
+            first.transaction(isolation="repeatable_read", readonly=True),
+            second.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            snapshot = await first.fetchval("SELECT pg_export_snapshot()")
+            await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            readers.append(_Rows(await first.cursor(_WALLETS_IN_ORDER), fetch_rows))
+            readers.append(_Rows(await second.cursor(_OPERATIONS_IN_ORDER), fetch_rows))
+            try:
+                yield readers[0], readers[1]
+            finally:
+                for reader in readers:
+                    await reader.close()
+    finally:
+        for connection in (first, second):
+            if connection is not None:
+                await connection.close()
+
+
+async def verify(
+    dsn: str,
+    on_mismatch: Callable[[Mismatch], None] = lambda _m: None,
+    *,
+    fetch_rows: int = VERIFY_FETCH_ROWS,
+) -> VerifyReport:
+    """Check every wallet's snapshot against its log; see the module docstring."""
+    started = time.perf_counter()
+    report = VerifyReport()
+
+    def found(wallet_id: UUID, problem: str) -> None:
+        mismatch = Mismatch(wallet_id, problem)
+        report.mismatches += 1
+        if len(report.first_mismatches) < MISMATCHES_KEPT_MAX:
+            report.first_mismatches.append(mismatch)
+        on_mismatch(mismatch)
+
+    operations_checked = 0
+    async with _snapshot_readers(dsn, fetch_rows) as (wallets, operations):
+        pending: list[asyncpg.Record] = []  # log rows fetched, not yet replayed
+        position = 0
+        pending_rows = 0  # len(pending), kept in a local: this loop runs per log row
+        for_wallets = await wallets.take_batch()
+        while for_wallets:
+            report.wallets += len(for_wallets)
+            for index, (wallet_id, snap_balance, snap_seq) in enumerate(for_wallets):
+                if not index % VERIFY_YIELD_WALLETS:
+                    # Let the event loop read the fetches in flight: the server streams on
+                    # (another core) instead of stalling on a full socket buffer.
+                    await asyncio.sleep(0)
+                balance = 0
+                seq = 0
+                chain_ok = True
+                while True:
+                    if position >= pending_rows:
+                        operations_checked += pending_rows
+                        pending = await operations.take_batch()
+                        position = 0
+                        pending_rows = len(pending)
+                        if not pending:
+                            break
+                    op_wallet, op_seq, signed_amount, balance_after = pending[position]
+                    if op_wallet != wallet_id:
+                        if op_wallet < wallet_id:
+                            found(op_wallet, "log rows without a snapshot row")
+                            position += 1
+                            continue
+                        break
+                    position += 1
+                    balance += signed_amount
+                    seq += 1
+                    if chain_ok and (op_seq != seq or balance_after != balance or balance < 0):
+                        chain_ok = False
+                        found(
+                            wallet_id,
+                            f"log chain broken at seq {op_seq} (expected seq {seq}, "
+                            f"balance_after {balance_after}, replayed balance {balance})",
+                        )
+                if snap_balance != balance:
+                    found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
+                if snap_seq != seq:
+                    found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
+            for_wallets = await wallets.take_batch()
+        # Log rows past the last wallet belong to no snapshot row.
+        while True:
+            if position >= pending_rows:
+                operations_checked += pending_rows
+                pending = await operations.take_batch()
+                position = 0
+                pending_rows = len(pending)
+                if not pending:
+                    break
+            found(pending[position][0], "log rows without a snapshot row")
+            position += 1
+    report.operations = operations_checked
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreReport:
+    wallets: int
+    repaired: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"restore: {self.wallets} wallets, {self.repaired} snapshot rows rebuilt from the "
+            f"log in {self.seconds:.1f} s"
+        )
+
+
+# Every wallet's snapshot from its log; rows already equal are left alone.
+_RESTORE = """
+WITH replay AS (
+    SELECT wallet_id,
+           sum(CASE kind WHEN 1 THEN amount ELSE -amount END) AS balance,
+           max(seq) AS seq,
+           max(created_at) AS updated_at
+      FROM wallet_operations
+     GROUP BY wallet_id
+), target AS (
+    SELECT w.id,
+           coalesce(r.balance, 0)::bigint AS balance,
+           coalesce(r.seq, 0) AS seq,
+           coalesce(r.updated_at, w.created_at) AS updated_at
+      FROM wallets w LEFT JOIN replay r ON r.wallet_id = w.id
+)
+UPDATE wallets AS w
+   SET balance = t.balance, seq = t.seq, updated_at = t.updated_at
+  FROM target t
+ WHERE w.id = t.id
+   AND (w.balance, w.seq, w.updated_at) IS DISTINCT FROM (t.balance, t.seq, t.updated_at)
+"""
+
+
+async def restore(dsn: str) -> RestoreReport:
+    """Rebuild the snapshot from the log; refuses (DatabaseBusy) while walletd serves."""
+    started = time.perf_counter()
+    connection = await connect(dsn)
+    try:
+        # The session lock walletd serve holds: taken here, it also keeps a server from
+        # starting on this database until the restore is over.
+        held = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SERVE_LOCK_ID)
+        if not held:
+            raise DatabaseBusy(
+                "a walletd server is serving this database; stop it before restoring"
+            )
+        async with connection.transaction():
+            await connection.execute("LOCK TABLE wallets, wallet_operations IN EXCLUSIVE MODE")
+            status = await connection.execute(_RESTORE)
+            wallets = await connection.fetchval("SELECT count(*) FROM wallets")
+        await connection.execute("SELECT pg_advisory_unlock($1)", SERVE_LOCK_ID)
+    finally:
+        await connection.close()
+    repaired = int(status.split()[-1])
+    return RestoreReport(int(wallets), repaired, time.perf_counter() - started)
+
+
+@dataclass(frozen=True, slots=True)
+class SeedReport:
+    wallets: int
+    operations: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"seed: {self.wallets} wallets and {self.operations} operations created in "
+            f"{self.seconds:.1f} s"
+        )
+
+
+# Seeded history: deposits of 100.00 on odd seqs, withdrawals of 30.00 on even ones, so
+# every balance stays positive and the chain is easy to check by eye.
+_SEED_DEPOSIT_MINOR = 10_000
+_SEED_WITHDRAW_MINOR = 3_000
+
+
+def _seed_chunk(
+    count: int, ops_each: int, ops_extra: int, base_us: int
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], int]:
+    """Rows for ``count`` wallets: the first ``ops_extra`` get one operation more."""
+    wallet_rows: list[tuple[object, ...]] = []
+    op_rows: list[tuple[object, ...]] = []
+    created = _EPOCH + dt.timedelta(microseconds=base_us)
+    step = dt.timedelta(microseconds=1)
+    for index in range(count):
+        wallet_id = uuid.uuid4()
+        ops = ops_each + (1 if index < ops_extra else 0)
+        balance = 0
+        at = created
+        for seq in range(1, ops + 1):
+            at = created + seq * step
+            if seq % 2:
+                balance += _SEED_DEPOSIT_MINOR
+                op_rows.append((wallet_id, seq, _DEPOSIT, _SEED_DEPOSIT_MINOR, balance, at))
+            else:
+                balance -= _SEED_WITHDRAW_MINOR
+                op_rows.append((wallet_id, seq, _WITHDRAW, _SEED_WITHDRAW_MINOR, balance, at))
+        wallet_rows.append((wallet_id, balance, ops, created, at))
+    return wallet_rows, op_rows, len(op_rows)
+
+
+def _chunks(wallets: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(first wallet index, wallets in the chunk) for every chunk."""
+    for first in range(0, wallets, chunk):
+        yield first, min(chunk, wallets - first)
+
+
+async def seed(dsn: str, wallets: int, operations: int = 0) -> SeedReport:
+    """Create ``wallets`` wallets and ``operations`` operations spread evenly, in one
+    transaction, with COPY; snapshot rows match their logs exactly."""
+    if wallets < 0 or operations < 0:
+        raise ValueError("--wallets and --operations must not be negative")
+    if operations and not wallets:
+        raise ValueError("operations need wallets: give --wallets too")
+    started = time.perf_counter()
+    ops_each, ops_extra_total = divmod(operations, wallets) if wallets else (0, 0)
+    base_us = time.time_ns() // 1000
+    written_ops = 0
+    connection = await connect(dsn)
+    try:
+        async with connection.transaction():
+            for first, count in _chunks(wallets, SEED_CHUNK_WALLETS):
+                extra = max(0, min(count, ops_extra_total - first))
+                wallet_rows, op_rows, made = _seed_chunk(count, ops_each, extra, base_us)
+                await connection.copy_records_to_table(
+                    "wallets",
+                    records=wallet_rows,
+                    columns=("id", "balance", "seq", "created_at", "updated_at"),
+                )
+                if op_rows:
+                    await connection.copy_records_to_table(
+                        "wallet_operations",
+                        records=op_rows,
+                        columns=("wallet_id", "seq", "kind", "amount", "balance_after",
+                                 "created_at"),
+                    )  # fmt: skip
+                written_ops += made
+        await connection.execute("ANALYZE wallets, wallet_operations")
+    finally:
+        await connection.close()
+    return SeedReport(wallets, written_ops, time.perf_counter() - started)

@@ -1,0 +1,163 @@
+"""walletd verify / restore / seed against a real PostgreSQL, in-process and as commands."""
+
+from __future__ import annotations
+
+import subprocess
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from tests.processes import walletd_command
+from walletd.persistence.database import DatabaseBusy, ServingLock
+from walletd.persistence.operator import Mismatch, restore, seed, verify
+
+
+async def _execute(dsn: str, sql: str, *args: object) -> str:
+    connection = await asyncpg.connect(dsn)
+    try:
+        status: str = await connection.execute(sql, *args)
+        return status
+    finally:
+        await connection.close()
+
+
+async def _some_wallet(dsn: str) -> UUID:
+    connection = await asyncpg.connect(dsn)
+    try:
+        wallet_id: UUID = await connection.fetchval(
+            "SELECT wallet_id FROM wallet_operations WHERE seq = 3 ORDER BY wallet_id LIMIT 1"
+        )
+        return wallet_id
+    finally:
+        await connection.close()
+
+
+async def test_seed_makes_a_database_that_verify_passes(database_url: str) -> None:
+    """seed spreads operations over wallets (some with none) and verify finds it clean."""
+    report = await seed(database_url, 40, 101)
+    assert (report.wallets, report.operations) == (40, 101)
+    checked = await verify(database_url, fetch_rows=7)  # many fetches: batch edges exercised
+    assert checked.clean, checked.first_mismatches
+    assert (checked.wallets, checked.operations) == (40, 101)
+    await seed(database_url, 10)  # wallets without history, added to a non-empty database
+    again = await verify(database_url)
+    assert again.clean
+    assert again.wallets == 50
+
+
+async def test_verify_detects_a_tampered_snapshot_and_restore_fixes_it(database_url: str) -> None:
+    """A snapshot balance and a seq edited behind walletd's back are reported, then rebuilt."""
+    await seed(database_url, 30, 120)
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url, "UPDATE wallets SET balance = balance + 1 WHERE id = $1", wallet_id
+    )
+    await _execute(
+        database_url,
+        "UPDATE wallets SET seq = 0, balance = 0 WHERE id = "
+        "(SELECT id FROM wallets WHERE id <> $1 AND seq > 0 ORDER BY id LIMIT 1)",
+        wallet_id,
+    )
+    seen: list[Mismatch] = []
+    report = await verify(database_url, seen.append)
+    assert not report.clean
+    assert report.mismatches == 3  # balance of the first; balance and seq of the second
+    assert any(m.wallet_id == wallet_id and "balance" in m.problem for m in seen)
+
+    restored = await restore(database_url)
+    assert restored.repaired == 2
+    assert restored.wallets == 30
+    assert (await verify(database_url)).clean
+    assert (await restore(database_url)).repaired == 0  # nothing left to rebuild
+
+
+async def test_verify_detects_a_broken_balance_chain(database_url: str) -> None:
+    """A log row whose balance_after does not follow from the rows before it is reported."""
+    await seed(database_url, 5, 25)
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url,
+        "UPDATE wallet_operations SET balance_after = balance_after + 5 "
+        "WHERE wallet_id = $1 AND seq = 2",
+        wallet_id,
+    )
+    seen: list[Mismatch] = []
+    report = await verify(database_url, seen.append)
+    assert report.mismatches == 1
+    assert seen[0].wallet_id == wallet_id
+    assert "chain broken at seq 2" in seen[0].problem
+
+
+async def test_verify_detects_a_missing_log_row(database_url: str) -> None:
+    """A deleted log row breaks the seq chain and the snapshot's sum."""
+    await seed(database_url, 5, 25)
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url, "DELETE FROM wallet_operations WHERE wallet_id = $1 AND seq = 3", wallet_id
+    )
+    seen: list[Mismatch] = []
+    await verify(database_url, seen.append)
+    problems = [m.problem for m in seen if m.wallet_id == wallet_id]
+    assert any("chain broken" in p for p in problems)
+    assert any("snapshot seq" in p for p in problems)
+
+
+async def test_restore_refuses_while_a_server_holds_the_serving_lock(database_url: str) -> None:
+    """restore raises DatabaseBusy while the lock is held, and works once it is released."""
+    await seed(database_url, 3, 6)
+    lock = ServingLock(database_url)
+    await lock.acquire()
+    try:
+        with pytest.raises(DatabaseBusy):
+            await restore(database_url)
+    finally:
+        await lock.release()
+    assert (await restore(database_url)).repaired == 0
+
+
+async def test_restore_leaves_the_lock_free_for_a_server(database_url: str) -> None:
+    """After a restore a server can take the serving lock (restore released it)."""
+    await restore(database_url)
+    lock = ServingLock(database_url)
+    await lock.acquire()
+    await lock.release()
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        walletd_command(list(args)), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def test_commands_exit_codes(database_url: str) -> None:
+    """walletd seed/verify/restore as commands: 0 when clean, 1 on mismatch, 2 when busy."""
+    done = _run("seed", "--database-url", database_url, "--wallets", "20", "--operations", "60")
+    assert done.returncode == 0, done.stderr
+    assert "20 wallets and 60 operations" in done.stdout
+    done = _run("verify", "--database-url", database_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("OK")
+
+    wallet_id = await _some_wallet(database_url)
+    await _execute(database_url, "UPDATE wallets SET balance = 1 WHERE id = $1", wallet_id)
+    done = _run("verify", "--database-url", database_url)
+    assert done.returncode == 1
+    assert f"mismatch: wallet {wallet_id}" in done.stdout
+    assert "1 MISMATCHES" in done.stdout
+
+    lock = ServingLock(database_url)
+    await lock.acquire()
+    try:
+        done = _run("restore", "--database-url", database_url)
+    finally:
+        await lock.release()
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "serving this database" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = _run("restore", "--database-url", database_url)
+    assert done.returncode == 0, done.stderr
+    assert "1 snapshot rows rebuilt" in done.stdout
+    assert _run("verify", "--database-url", database_url).returncode == 0
