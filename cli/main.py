@@ -27,7 +27,9 @@ from walletd.cli.service import (
     running_services,
     storage,
 )
+from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
+from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 from walletd.persistence.database import DatabaseError
 from walletd.persistence.embedded import EmbeddedPostgresError
@@ -60,8 +62,13 @@ def http_settings(config: Config) -> HttpSettings:
 
 
 async def _serve(config: Config) -> None:
-    app = create_app(http_settings(config), lambda: running_services(config))
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    metrics = Metrics()
+    app = create_app(
+        http_settings(config), lambda: running_services(config, metrics.engine), metrics=metrics
+    )
+    runner = web.AppRunner(
+        app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048)

@@ -6,23 +6,40 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from walletd.engine.router import Engine
 from walletd.http import health, routes_v1
 from walletd.http.docs_page import add_docs_routes
+from walletd.http.edge import Middleware, auth_middleware, edge_middleware
+from walletd.http.metrics import METRICS_PATH, Metrics, metrics_handler
 from walletd.http.problems import problems_middleware
 from walletd.http.settings import HttpSettings
-from walletd.http.state import STATE_KEY, AppState, ServicesFactory
+from walletd.http.state import METRICS_KEY, STATE_KEY, AppState, ServicesFactory
 
 __all__ = ["create_app"]
 
 
-def create_app(settings: HttpSettings, services: ServicesFactory) -> web.Application:
-    """The walletd app; ``services`` starts storage and the engine, and stops them."""
-    app = web.Application(
-        client_max_size=settings.body_bytes_max,
-        middlewares=[problems_middleware],
-    )
+def create_app(
+    settings: HttpSettings, services: ServicesFactory, *, metrics: Metrics | None = None
+) -> web.Application:
+    """The walletd app; ``services`` starts storage and the engine, and stops them.
+
+    ``metrics`` is the registry /metrics shows; pass the one whose ``engine`` observer the
+    engine reports to (cli/main.py does), or let the app make its own.
+    """
+    metrics = metrics or Metrics()
+    # Outermost first; see edge.py for why this order.
+    middlewares: list[Middleware] = [edge_middleware(metrics), problems_middleware]
+    if settings.api_keys:
+        middlewares.append(auth_middleware(settings.api_keys))
+    app = web.Application(client_max_size=settings.body_bytes_max, middlewares=middlewares)
     state = AppState(settings)
     app[STATE_KEY] = state
+    app[METRICS_KEY] = metrics
+
+    def running_engine() -> Engine | None:
+        return state.running.engine if state.running is not None else None
+
+    metrics.watch_engine(running_engine)
 
     async def run_services(_app: web.Application) -> AsyncIterator[None]:
         async with services() as running:
@@ -35,5 +52,6 @@ def create_app(settings: HttpSettings, services: ServicesFactory) -> web.Applica
     app.cleanup_ctx.append(run_services)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(health.routes)
+    app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)
     add_docs_routes(app)
     return app

@@ -20,6 +20,7 @@ from walletd.engine.errors import EngineOverloaded, EngineStopping
 from walletd.engine.ports import StorageError
 
 __all__ = [
+    "PROBLEM_CODE_KEY",
     "PROBLEM_CONTENT_TYPE",
     "FieldError",
     "ProblemError",
@@ -31,6 +32,8 @@ __all__ = [
 _log = logging.getLogger("walletd.http")
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
+# The problem's ``code`` on the response object, for the metrics middleware (503s by reason).
+PROBLEM_CODE_KEY: Final = web.ResponseKey("walletd_problem_code", str)
 
 TITLES: Final = {
     "INVALID_JSON": "Invalid JSON",
@@ -101,7 +104,12 @@ def problem_response(
     response_headers = {"Content-Type": PROBLEM_CONTENT_TYPE}
     if headers:
         response_headers.update(headers)
-    return web.Response(status=status, body=orjson.dumps(body), headers=response_headers)
+    response = web.Response(status=status, body=orjson.dumps(body), headers=response_headers)
+    response[PROBLEM_CODE_KEY] = code
+    if status == 413:
+        # The rest of an oversize body is not wanted: close instead of draining it for reuse.
+        response.force_close()
+    return response
 
 
 _RETRY_AFTER: Final = {"Retry-After": "1"}
@@ -162,8 +170,20 @@ async def problems_middleware(request: web.Request, handler: Handler) -> web.Str
         return _from_http_exception(error, request.path)
     except asyncio.CancelledError:
         raise
+    except ConnectionError:
+        # The client went away mid-request (e.g. while its body was read): nobody to answer,
+        # and aiohttp drops such a request quietly. Anything else is a bug, answered below.
+        if request.transport is None or request.transport.is_closing():
+            raise
+        _log.exception("unhandled error on %s %s", request.method, request.path)
+        return _internal_error(request.path)
     except Exception:
         _log.exception("unhandled error on %s %s", request.method, request.path)
-        return problem_response(
-            500, "INTERNAL_ERROR", "an unexpected error occurred; it has been logged", request.path
-        )
+        return _internal_error(request.path)
+
+
+def _internal_error(path: str) -> web.Response:
+    # Generic on purpose: exception text can carry SQL, paths or data; the log has it all.
+    return problem_response(
+        500, "INTERNAL_ERROR", "an unexpected error occurred; it has been logged", path
+    )

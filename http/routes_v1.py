@@ -26,6 +26,8 @@ __all__ = ["PREFIX", "routes"]
 
 PREFIX: Final = "/api/v1"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
+# Enough digits for any valid limit, few enough that int() never meets Python's digit limit.
+_LIMIT_DIGITS_MAX: Final = 6
 
 routes = web.RouteTableDef()
 
@@ -83,7 +85,11 @@ def _decode_cursor(cursor: str) -> int:
 def _parse_limit(text: str | None, default: int, maximum: int) -> int:
     if text is None:
         return default
-    if not text.isdigit() or not 1 <= int(text) <= maximum:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if (
+        not (text.isascii() and text.isdigit() and len(text) <= _LIMIT_DIGITS_MAX)
+        or not 1 <= int(text) <= maximum
+    ):
         raise ValidationProblem(
             [{"field": "limit", "message": f"must be an integer from 1 to {maximum}"}]
         )

@@ -14,9 +14,10 @@ from aiohttp import web
 
 from walletd.engine.ports import WalletLog
 from walletd.engine.router import Engine
+from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 
-__all__ = ["STATE_KEY", "AppState", "Readiness", "Services", "ServicesFactory"]
+__all__ = ["METRICS_KEY", "STATE_KEY", "AppState", "Readiness", "Services", "ServicesFactory"]
 
 # Returns None when ready, or the reason it is not.
 Readiness = Callable[[], Awaitable[str | None]]
@@ -45,8 +46,14 @@ class AppState:
             raise RuntimeError("walletd services are not running")
         return self._services
 
+    @property
+    def running(self) -> Services | None:
+        """The services, or None while starting or stopping."""
+        return self._services
+
     def attach(self, services: Services | None) -> None:
         self._services = services
 
 
 STATE_KEY = web.AppKey("walletd_state", AppState)
+METRICS_KEY = web.AppKey("walletd_metrics", Metrics)

@@ -21,12 +21,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.processes import WalletdProcess, start_walletd
 from walletd.engine.limits import EngineLimits
+from walletd.engine.observer import EngineObserver
 from walletd.engine.router import Engine
 from walletd.http.app import create_app
+from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 from walletd.http.state import Services
 from walletd.persistence.database import PoolSettings, ServingLock, create_pool
@@ -100,13 +102,15 @@ async def database_url(fresh_database_url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def running_services(dsn: str, limits: EngineLimits | None = None) -> AsyncIterator[Services]:
+async def running_services(
+    dsn: str, limits: EngineLimits | None = None, observer: EngineObserver | None = None
+) -> AsyncIterator[Services]:
     """The production wiring minus the embedded server: lock, pool, log, engine."""
     lock = ServingLock(dsn)
     await lock.acquire()
     pool = await create_pool(dsn, PoolSettings(size_max=8))
     log = PostgresLog(pool)
-    engine = Engine(log, limits or EngineLimits(shards=2))
+    engine = Engine(log, limits or EngineLimits(shards=2), observer=observer)
     await engine.start()
 
     async def ready() -> str | None:
@@ -128,8 +132,12 @@ def make_app(database_url: str) -> AppFactory:
     def build(
         settings: HttpSettings | None = None, limits: EngineLimits | None = None
     ) -> web.Application:
+        # Wired like cli/main.py: the engine reports to the app's own metrics.
+        metrics = Metrics()
         return create_app(
-            settings or HttpSettings(), lambda: running_services(database_url, limits)
+            settings or HttpSettings(),
+            lambda: running_services(database_url, limits, metrics.engine),
+            metrics=metrics,
         )
 
     return build
@@ -157,3 +165,27 @@ def walletd_process(tmp_path: Path) -> Iterator[Callable[..., WalletdProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture(scope="module")
+async def module_client(
+    pg_server: PostgresServer,
+) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """One real app (default settings) on one fresh migrated database for a whole module.
+
+    For tables of many independent requests: each test makes its own wallets, and nothing
+    it does can change another test's wallets.
+    """
+    from walletd.cli.service import migrate_database
+
+    dsn = await pg_server.create_database()
+    try:
+        await migrate_database(dsn)
+        metrics = Metrics()
+        app = create_app(
+            HttpSettings(), lambda: running_services(dsn, None, metrics.engine), metrics=metrics
+        )
+        async with TestClient(TestServer(app)) as test_client:
+            yield test_client
+    finally:
+        await pg_server.drop_database(dsn)

@@ -1,0 +1,189 @@
+"""Property tests of the amount parser: exact, total (never raises), and strict.
+
+The parser is driven exactly as the server drives it: raw body bytes → parse_json_object →
+parse_amount(value, raw). No float ever decides an amount.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any, Final
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from walletd.engine.money import AMOUNT_MINOR_MAX, format_minor
+from walletd.http.parsing import parse_amount, parse_json_object
+from walletd.http.problems import ProblemError
+
+PROPERTY_SETTINGS: Final = settings(max_examples=300, deadline=None)
+
+minor_amounts = st.integers(min_value=1, max_value=AMOUNT_MINOR_MAX)
+
+
+def amount_of(raw_value: str) -> int | dict[str, str]:
+    """Parse ``{"amount": <raw_value>}`` the way the server parses a request body."""
+    raw = b'{"amount": ' + raw_value.encode() + b"}"
+    return parse_amount(parse_json_object(raw)["amount"], raw)
+
+
+def decimal_texts(minor: int) -> list[str]:
+    """Ways a client may write this amount: with 2, 1 or 0 decimals, and trailing zeros."""
+    text = format_minor(minor)
+    units, cents = text.split(".")
+    forms = [text, text + "0"]
+    if cents.endswith("0"):
+        forms.append(f"{units}.{cents[0]}")
+    if cents == "00":
+        forms.append(units)
+    return forms
+
+
+@PROPERTY_SETTINGS
+@given(minor_amounts)
+@example(1)
+@example(AMOUNT_MINOR_MAX)
+@example(10)  # 0.10: a float that is not exact in binary
+def test_valid_amounts_round_trip_exactly(minor: int) -> None:
+    """Every valid amount, as a JSON number or a decimal string, parses to its exact cents."""
+    for text in decimal_texts(minor):
+        assert amount_of(text) == minor, text
+        assert amount_of(json.dumps(text)) == minor, text
+
+
+@PROPERTY_SETTINGS
+@given(minor_amounts, st.integers(min_value=1, max_value=6))
+def test_exponent_forms_that_keep_two_decimals_are_exact(minor: int, shift: int) -> None:
+    """``1050e-2`` is 10.50: an exponent is fine as long as it hides no third decimal."""
+    mantissa = Decimal(minor).scaleb(shift - 2)  # minor/100 == mantissa * 10^-shift
+    assert amount_of(f"{mantissa:f}e-{shift}") == minor
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(min_value=0, max_value=10**14), st.integers(min_value=0, max_value=10**14))
+def test_sums_are_exact(a: int, b: int) -> None:
+    """Parsed amounts add like decimals: 0.1 + 0.2 == 0.30, and so does every other pair."""
+    if a == 0 or b == 0 or max(a, b) > AMOUNT_MINOR_MAX:
+        return
+    left = amount_of(format_minor(a))
+    right = amount_of(format_minor(b))
+    assert isinstance(left, int)
+    assert isinstance(right, int)
+    expected = Decimal(format_minor(a)) + Decimal(format_minor(b))
+    assert Decimal(format_minor(left + right)) == expected
+
+
+def test_point_one_plus_point_two_is_point_three() -> None:
+    """The classic float trap, sent as JSON numbers: 0.1 + 0.2 is exactly 0.30."""
+    left, right = amount_of("0.1"), amount_of("0.2")
+    assert isinstance(left, int)
+    assert isinstance(right, int)
+    assert format_minor(left + right) == "0.30"
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+number_texts = st.from_regex(r"\A-?[0-9]{1,25}(\.[0-9]{0,20})?([eE][-+]?[0-9]{1,4})?\Z")
+
+
+def _is_valid_amount(value: Decimal) -> bool:
+    return (
+        value.is_finite()
+        and value > 0
+        and value <= Decimal(format_minor(AMOUNT_MINOR_MAX))
+        and (value * 100) == (value * 100).to_integral_value()
+    )
+
+
+def _check_total(raw_value: str) -> None:
+    """parse_amount either returns the exact cents of a valid amount or a field error."""
+    raw = b'{"amount": ' + raw_value.encode() + b"}"
+    refusal: ProblemError | None
+    try:
+        body = parse_json_object(raw)
+    except ProblemError as error:  # the body itself was not JSON: a 400, also not a crash
+        refusal = error
+    else:
+        refusal = None
+    if refusal is not None:
+        assert refusal.status == 400
+        return
+    result = parse_amount(body["amount"], raw)
+    if isinstance(result, dict):
+        assert result["field"] == "amount"
+        assert result["message"]
+        return
+    exact = json.loads(raw_value, parse_float=Decimal, parse_int=Decimal)
+    if isinstance(exact, str):
+        exact = Decimal(exact)
+    assert isinstance(exact, Decimal), raw_value
+    assert _is_valid_amount(exact), raw_value
+    assert Decimal(result) / 100 == exact
+
+
+@PROPERTY_SETTINGS
+@given(json_values)
+def test_any_json_value_is_an_amount_or_a_field_error(value: Any) -> None:
+    """Any JSON value (booleans, null, NaN, ±Infinity, nested, huge) never raises."""
+    _check_total(json.dumps(value))
+
+
+@PROPERTY_SETTINGS
+@given(number_texts)
+@example("1e-999999999")
+@example("1e999999999")
+@example("9" * 25 + "e-23")
+@example("-0.00")
+@example("0.001e1")
+def test_any_number_literal_is_exact_or_refused(text: str) -> None:
+    """Any JSON number literal (signs, exponents, long fractions) is exact or refused."""
+    _check_total(text)
+    _check_total(json.dumps(text))  # and the same text as a string
+
+
+@PROPERTY_SETTINGS
+@given(st.text(max_size=40))
+@example("")
+@example(" 1")
+@example("1 ")
+@example("٣")  # an Arabic-Indic digit: Decimal() would accept it
+@example("1_000")
+@example("0x10")
+@example("Infinity")
+def test_any_string_is_an_exact_decimal_or_refused(text: str) -> None:
+    """A string amount is a plain ASCII decimal or a field error, never an exception."""
+    _check_total(json.dumps(text))
+
+
+@pytest.mark.parametrize(
+    ("raw_value", "message"),
+    [
+        ("true", "number or a decimal string"),
+        ("null", "number or a decimal string"),
+        ("NaN", "number or a decimal string"),
+        ('""', "decimal string"),
+        ("0", "greater than 0"),
+        ("1.001", "2 fractional digits"),
+        ("1e-3", "2 fractional digits"),
+        ("1000000000000.01", "at most 1000000000000.00"),
+        ("1e400", "at most"),
+        ("[1]", "number or a decimal string"),
+    ],
+)
+def test_refusals_say_why(raw_value: str, message: str) -> None:
+    """Each kind of bad amount gets a message that names the rule it broke."""
+    result = amount_of(raw_value)
+    assert isinstance(result, dict)
+    assert message in result["message"]
