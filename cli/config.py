@@ -59,12 +59,15 @@ SETTINGS: tuple[Setting, ...] = (
             "folder for the embedded PostgreSQL's data (used when no database URL is set)"),
     Setting("database_url", ("WALLETD_DATABASE_URL", "DATABASE_URL"), "--database-url", str, None,
             "PostgreSQL URL; unset = start an embedded PostgreSQL in the data dir"),
-    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 4,
-            "number of shard actors (each commits one batch at a time)"),
+    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 1,
+            "number of shard actors; in one process they share one core, so more shards "
+            "only split batches (docs/BENCHMARKS.md)"),
     Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 8192,
             "commands waiting per shard; past it requests get 503 OVERLOADED"),
     Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 1024,
             "commands per commit at most"),
+    Setting("inflight_batches_max", ("WALLETD_INFLIGHT_BATCHES",), "--inflight-batches", int, 2,
+            "batches one shard may be committing at once (commit pipelining)"),
     Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
             int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
     Setting("idempotency_keys_max", ("WALLETD_IDEMPOTENCY_KEYS_MAX",), "--idempotency-keys-max",
@@ -72,7 +75,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("commit_timeout_s", ("WALLETD_COMMIT_TIMEOUT",), "--commit-timeout", float, 5.0,
             "seconds a batch commit may take before it is failed with 503"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
-            "PostgreSQL connections at most; 0 = 2 per shard + 4"),
+            "PostgreSQL connections at most; 0 = (in-flight batches + 1) per shard + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
             float, 2.0, "seconds to get a PostgreSQL connection (pool wait + connect) before "
             "a request gets 503"),
@@ -98,6 +101,7 @@ class Config:
     shards: int
     mailbox_commands_max: int
     batch_ops_max: int
+    inflight_batches_max: int
     resident_wallets_max: int
     idempotency_keys_max: int
     commit_timeout_s: float
@@ -111,7 +115,8 @@ class Config:
 
     @property
     def pool_size(self) -> int:
-        return self.pool_size_max or 2 * self.shards + 4
+        # Each shard holds a connection per committing batch, plus one for its loads.
+        return self.pool_size_max or (self.inflight_batches_max + 1) * self.shards + 4
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

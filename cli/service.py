@@ -49,6 +49,7 @@ def engine_limits(config: Config) -> EngineLimits:
         shards=config.shards,
         mailbox_commands_max=config.mailbox_commands_max,
         batch_ops_max=config.batch_ops_max,
+        inflight_batches_max=config.inflight_batches_max,
         resident_wallets_max=config.resident_wallets_max,
         idempotency_keys_max=config.idempotency_keys_max,
         commit_timeout_s=config.commit_timeout_s,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 from uuid import UUID
 
 from walletd.engine.model import OperationKind, WalletView
@@ -35,8 +35,7 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     outcome: Outcome
     wallet: WalletView | None = None
     replayed: bool = False

@@ -21,9 +21,10 @@ __all__ = ["EngineLimits"]
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
-    shards: int = 4
+    shards: int = 1
     mailbox_commands_max: int = 8192
     batch_ops_max: int = 1024
+    inflight_batches_max: int = 2
     resident_wallets_max: int = 1_000_000
     idempotency_keys_max: int = 100_000
     commit_timeout_s: float = 5.0
@@ -34,12 +35,20 @@ class EngineLimits:
             raise ValueError("shards must be within 1..1024")
         if self.batch_ops_max < 1:
             raise ValueError("batch_ops_max must be at least 1")
+        if not 1 <= self.inflight_batches_max <= 16:
+            raise ValueError("inflight_batches_max must be within 1..16")
         if self.mailbox_commands_max < self.batch_ops_max:
             raise ValueError("mailbox_commands_max must hold at least one full batch")
         if self.resident_wallets_max < self.shards:
             raise ValueError("resident_wallets_max must allow one wallet per shard")
-        if self.idempotency_keys_per_shard_max < 2 * self.batch_ops_max:
-            raise ValueError("idempotency_keys_max must hold two full batches per shard")
+        if (
+            self.idempotency_keys_per_shard_max
+            < (self.inflight_batches_max + 1) * self.batch_ops_max
+        ):
+            raise ValueError(
+                "idempotency_keys_max must hold every open batch of each shard "
+                "(inflight_batches_max + 1 batches)"
+            )
         if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
 

@@ -11,7 +11,12 @@ from dataclasses import replace
 from uuid import UUID
 
 from walletd.engine.model import Batch, OperationRecord, WalletRecord
-from walletd.engine.ports import CommitOutcomeUnknown, StorageError, WalletLog
+from walletd.engine.ports import (
+    CommitOutcomeUnknown,
+    PredecessorPending,
+    StorageError,
+    WalletLog,
+)
 
 __all__ = ["InMemoryLog"]
 
@@ -69,7 +74,9 @@ class InMemoryLog(WalletLog):
             )  # fmt: skip
         for update in batch.snapshots:
             current = wallets.get(update.wallet_id)
-            if current is None or current.seq != update.prev_seq:
+            if current is None or current.seq < update.prev_seq:
+                raise PredecessorPending(f"{update.wallet_id} is behind the batch")
+            if current.seq != update.prev_seq:
                 raise StorageError(f"snapshot fencing failed for {update.wallet_id}")
             wallets[update.wallet_id] = replace(
                 current, balance=update.balance, seq=update.seq, updated_at_us=update.updated_at_us

@@ -2,12 +2,17 @@
 
 Times are integer microseconds since the Unix epoch (UTC): exact, cheap, and free of
 time zones; the HTTP edge renders them.
+
+Records made for every operation are NamedTuples: immutable like a frozen dataclass, but
+built in C (a frozen dataclass costs 1.5-2.5 µs per instance in its ``__init__``, and the
+hot path makes three per operation).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from uuid import UUID
 
 __all__ = [
@@ -26,8 +31,7 @@ class OperationKind(enum.IntEnum):
     WITHDRAW = 2
 
 
-@dataclass(frozen=True, slots=True)
-class WalletView:
+class WalletView(NamedTuple):
     """A committed wallet as a client may see it."""
 
     wallet_id: UUID
@@ -55,8 +59,7 @@ class WalletRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class OperationRecord:
+class OperationRecord(NamedTuple):
     """One row of the durable log: the operation and the balance right after it."""
 
     wallet_id: UUID
@@ -76,8 +79,7 @@ class NewWallet:
     create_fingerprint: str
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotUpdate:
+class SnapshotUpdate(NamedTuple):
     """The snapshot row of a wallet after a batch; ``prev_seq`` fences concurrent writers."""
 
     wallet_id: UUID

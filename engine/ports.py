@@ -4,10 +4,13 @@ Exceptions::
 
     StorageError                  storage could not do what was asked
     ├── StorageUnavailable        nothing was written (connection refused, timeout before send)
-    └── CommitOutcomeUnknown      the commit may or may not have happened
+    ├── CommitOutcomeUnknown      the commit may or may not have happened
+    └── PredecessorPending        refused, nothing written: a wallet's stored seq is behind the
+                                  batch's prev_seq (an earlier batch of the shard has not
+                                  landed yet); retried once that batch has committed
 
-The engine treats both the same way (fail the batch with 503, re-read the truth), but the
-distinction is kept for metrics and logs.
+The engine treats the first two the same way (fail the batch with 503, re-read the truth),
+but the distinction is kept for metrics and logs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from walletd.engine.model import Batch, OperationRecord, WalletRecord
 
 __all__ = [
     "CommitOutcomeUnknown",
+    "PredecessorPending",
     "StorageError",
     "StorageUnavailable",
     "WalletLog",
@@ -38,13 +42,19 @@ class CommitOutcomeUnknown(StorageError):
     """The commit was sent but its outcome is unknown."""
 
 
+class PredecessorPending(StorageError):
+    """The batch was refused because an earlier batch it builds on is not stored yet."""
+
+
 class WalletLog(abc.ABC):
     """The durable log of wallets and their operations.
 
     Contract, checked by the same tests against every implementation:
     - ``append_batch`` is atomic: all of a batch is written, or none of it.
     - ``append_batch`` refuses (raising ``StorageError``, writing nothing) a snapshot update
-      whose ``prev_seq`` is not the stored seq, so two writers can never interleave.
+      whose ``prev_seq`` is not the stored seq, so two writers can never interleave; when
+      the stored seq is behind (or the wallet not there yet), it raises
+      ``PredecessorPending``: an earlier batch sent concurrently has not landed.
     - After ``append_batch`` returns, every load sees the batch.
     """
 

@@ -73,7 +73,12 @@ from walletd.engine.observer import (
     REASON_SHARD_CRASHED,
     EngineObserver,
 )
-from walletd.engine.ports import CommitOutcomeUnknown, StorageError, WalletLog
+from walletd.engine.ports import (
+    CommitOutcomeUnknown,
+    PredecessorPending,
+    StorageError,
+    WalletLog,
+)
 
 __all__ = ["Shard"]
 
@@ -256,41 +261,45 @@ class Shard:
     # -- the actor loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        inflight: _Inflight | None = None
+        inflight: deque[_Inflight] = deque()
         # Commands drained but not yet handed to a commit task: owned by the loop alone.
         holding: list[Command] = []
+        depth = self._limits.inflight_batches_max
         try:
             while True:
-                if inflight is not None and inflight[0].done():
-                    self._settle(inflight)
-                    inflight = None
+                if inflight and inflight[0][0].done():
+                    if not self._settle_head(inflight):
+                        await self._settle_failure(inflight)
+                    continue
                 if not self._mailbox:
-                    if self._stopping:
+                    if self._stopping and not inflight:
                         break
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
                 holding = self._drain()
                 prepared = await self._prepare(holding)
-                if inflight is not None:
-                    await asyncio.wait((inflight[0],))
-                    committed = self._settle(inflight)
-                    inflight = None
-                    if not committed:
-                        self._fail(prepared, REASON_PREVIOUS_FAILED)
-                        self._forget(prepared)
-                        holding = []
-                        continue
-                task = asyncio.create_task(self._commit(prepared))
-                # Wake the loop when the commit ends, so a failure is settled (its wallets
-                # forgotten) before anything else is prepared, even when the mailbox is idle.
+                # One batch is prepared ahead of the pipeline; it waits here for a slot, and
+                # meanwhile the mailbox fills up for the next one (group commit).
+                while len(inflight) >= depth and not inflight[0][0].done():
+                    await asyncio.wait((inflight[0][0],))
+                while inflight and inflight[0][0].done() and self._settle_head(inflight):
+                    pass
+                if any(task.done() and not task.result() for task, _ in inflight):
+                    # A batch this one was applied on top of failed: so does this one.
+                    self._fail(prepared, REASON_PREVIOUS_FAILED)
+                    self._forget(prepared)
+                    holding = []
+                    await self._settle_failure(inflight)
+                    continue
+                previous = inflight[-1][0] if inflight else None
+                task = asyncio.create_task(self._commit(prepared, previous))
+                # Wake the loop when a commit ends, so it is settled (and after a failure
+                # its wallets forgotten) before anything else is prepared.
                 task.add_done_callback(lambda _task: self._wakeup.set())
-                inflight = (task, prepared)
+                inflight.append((task, prepared))
                 holding = []
                 self._evict_idle()
-            if inflight is not None:
-                await asyncio.wait((inflight[0],))
-                self._settle(inflight)
         except BaseException:
             self._stopping = True
             self._fail_everything(inflight, holding)
@@ -301,16 +310,29 @@ class Shard:
         popleft = self._mailbox.popleft
         return [popleft() for _ in range(count)]
 
-    def _settle(self, inflight: _Inflight) -> bool:
-        """Whether the commit succeeded; after a failure, forget what the batch touched.
+    @staticmethod
+    def _settle_head(inflight: deque[_Inflight]) -> bool:
+        """Pop the oldest batch, which has finished; whether it committed.
 
         Re-raises what the commit task raised: only a broken invariant gets there.
         """
-        task, prepared = inflight
-        committed = task.result()
-        if not committed:
+        task, _prepared = inflight[0]
+        if not task.result():
+            return False
+        inflight.popleft()
+        return True
+
+    async def _settle_failure(self, inflight: deque[_Inflight]) -> None:
+        """A commit failed: wait out the batches behind it, then forget all they touched.
+
+        Each of them fails too (it waits for its predecessor), but its append may still be
+        running; re-reading before it ends could read a state it is about to change.
+        """
+        await asyncio.wait([task for task, _ in inflight])
+        while inflight:
+            task, prepared = inflight.popleft()
+            task.result()  # a broken invariant still crashes the shard
             self._forget(prepared)
-        return committed
 
     def _fail(self, prepared: _Prepared, reason: str) -> None:
         """Answer every command of the batch with 503; callable from the commit task.
@@ -342,10 +364,10 @@ class Shard:
         for create_key in prepared.added_create_keys:
             self._create_keys.pop(create_key, None)
 
-    def _fail_everything(self, inflight: _Inflight | None, holding: list[Command]) -> None:
-        if inflight is not None:
-            inflight[0].cancel()
-            self._fail(inflight[1], REASON_SHARD_CRASHED)
+    def _fail_everything(self, inflight: deque[_Inflight], holding: list[Command]) -> None:
+        for task, prepared in inflight:
+            task.cancel()
+            self._fail(prepared, REASON_SHARD_CRASHED)
         failed = 0
         for command in holding:
             if not command.reply.done():
@@ -532,26 +554,32 @@ class Shard:
 
     # -- commit ------------------------------------------------------------------------
 
-    async def _commit(self, prepared: _Prepared) -> bool:
-        """Write the batch, then promote and answer; False when the write failed.
+    async def _commit(self, prepared: _Prepared, previous: asyncio.Task[bool] | None) -> bool:
+        """Write the batch, wait for the batch before it, then promote and answer.
+
+        Returns False when this write or an earlier one failed. Batches of one shard are
+        written concurrently (up to ``inflight_batches_max``) but take effect in order:
+        PostgreSQL makes a later batch's snapshot move wait for the row lock of an earlier
+        one on the same wallet, and its seq fencing refuses it if the earlier one rolled
+        back; in memory, a batch is promoted and answered only after its predecessor.
 
         Any exception from storage counts as a failed commit of unknown outcome: the batch
         is answered 503 and its wallets re-read, never left unanswered. Only a broken
         invariant in promote escapes, and the loop turns it into a shard crash.
         """
         batch = prepared.batch
+        reason: str | None = None
+        started = time.perf_counter()
         if not batch.is_empty():
-            started = time.perf_counter()
-            try:
-                await asyncio.wait_for(self._log.append_batch(batch), self._limits.commit_timeout_s)
-            except Exception as error:
-                reason = _failure_reason(error)
-                if reason == REASON_COMMIT_UNKNOWN and not isinstance(error, StorageError):
-                    _log.error("shard %d: commit raised", self.index, exc_info=error)
-                else:
-                    _log.warning("shard %d: commit failed: %r", self.index, error)
-                self._fail(prepared, reason)
-                return False
+            reason = await self._append(batch, previous)
+        if previous is not None:
+            await asyncio.wait((previous,))
+            if not _succeeded(previous):
+                reason = reason or REASON_PREVIOUS_FAILED
+        if reason is not None:
+            self._fail(prepared, reason)
+            return False
+        if not batch.is_empty():
             self._observer.batch_committed(
                 self.index,
                 len(batch.operations),
@@ -561,6 +589,33 @@ class Shard:
             self._promote(prepared)
         self._resolve(prepared)
         return True
+
+    async def _append(self, batch: Batch, previous: asyncio.Task[bool] | None) -> str | None:
+        """Store the batch; None once stored, else the reason it failed.
+
+        A batch sent while its predecessor is still on the way can reach PostgreSQL first;
+        storage then refuses it as ``PredecessorPending`` without writing anything, and it
+        is written again, once, after the predecessor has committed.
+        """
+        for attempt in (1, 2):
+            try:
+                await asyncio.wait_for(self._log.append_batch(batch), self._limits.commit_timeout_s)
+                return None
+            except PredecessorPending as error:
+                if previous is None or attempt == 2:
+                    _log.warning("shard %d: commit failed: %r", self.index, error)
+                    return REASON_COMMIT_FAILED
+                await asyncio.wait((previous,))
+                if not _succeeded(previous):
+                    return REASON_PREVIOUS_FAILED
+            except Exception as error:
+                reason = _failure_reason(error)
+                if reason == REASON_COMMIT_UNKNOWN and not isinstance(error, StorageError):
+                    _log.error("shard %d: commit raised", self.index, exc_info=error)
+                else:
+                    _log.warning("shard %d: commit failed: %r", self.index, error)
+                return reason
+        raise AssertionError("unreachable")
 
     def _promote(self, prepared: _Prepared) -> None:
         for new in prepared.batch.new_wallets:
@@ -631,6 +686,10 @@ class Shard:
         self._create_keys.move_to_end(key)
         while len(self._create_keys) > self._limits.idempotency_keys_per_shard_max:
             self._create_keys.popitem(last=False)
+
+
+def _succeeded(task: asyncio.Task[bool]) -> bool:
+    return not task.cancelled() and task.exception() is None and task.result()
 
 
 def _drop_pending_if_caught_up(resident: _Resident) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Final
 from uuid import UUID
@@ -24,10 +25,17 @@ _RETRY_AFTER: Final = {"Retry-After": "1"}
 def format_timestamp(micros: int) -> str:
     """RFC 3339 UTC with microseconds: ``2025-01-19T10:00:00.000000Z``."""
     seconds, fraction = divmod(micros, 1_000_000)
+    return f"{_second_prefix(seconds)}.{fraction:06d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second_prefix(seconds: int) -> str:
+    # Most timestamps rendered in one second share it (updated_at of busy wallets): the
+    # calendar arithmetic is done once per second instead of per response (3 µs -> 0.4 µs).
     t = time.gmtime(seconds)
     return (
         f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{fraction:06d}Z"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
     )
 
 

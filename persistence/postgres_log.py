@@ -28,6 +28,7 @@ import asyncpg
 from walletd.engine.model import Batch, OperationKind, OperationRecord, WalletRecord
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
+    PredecessorPending,
     StorageError,
     StorageUnavailable,
     WalletLog,
@@ -67,6 +68,9 @@ HISTORY_BEFORE_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
+
+# Raised by walletd_append_batch when an earlier batch of the shard has not landed yet.
+_PREDECESSOR_PENDING = "WD002"
 
 # Errors after which nobody knows whether the server ran the statement. A broken connection
 # surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
@@ -163,6 +167,8 @@ class PostgresLog(WalletLog):
             # commit may have happened before the connection went.
             raise CommitOutcomeUnknown(f"connection lost during commit: {error!r}") from error
         except asyncpg.PostgresError as error:
+            if error.sqlstate == _PREDECESSOR_PENDING:
+                raise PredecessorPending(str(error)) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

@@ -404,9 +404,9 @@ def test_postgres_settings_fit_walletds_pool_and_durability() -> None:
     config = container_config(environment)
     needed = config.pool_size + WALLETD_CONNECTIONS_OUTSIDE_POOL + POSTGRES_RESERVED_CONNECTIONS
     assert int(settings["max_connections"]) >= needed
-    # The documented arithmetic (pool = 2 × shards + 4) is the code's.
+    # The documented arithmetic (pool = (in-flight batches + 1) × shards + 4) is the code's.
     assert config.pool_size_max == 0
-    assert config.pool_size == 2 * config.shards + 4
+    assert config.pool_size == (config.inflight_batches_max + 1) * config.shards + 4
 
 
 def test_stop_grace_period_outlasts_walletds_drain() -> None:

@@ -20,7 +20,8 @@ from tests.engine_doubles import (
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.errors import EngineOverloaded, EngineStopping
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind
+from walletd.engine.memory_log import InMemoryLog
+from walletd.engine.model import Batch, OperationKind
 from walletd.engine.observer import (
     REASON_COMMIT_FAILED,
     REASON_COMMIT_TIMEOUT,
@@ -33,7 +34,9 @@ from walletd.engine.router import Engine
 
 DEPOSIT = OperationKind.DEPOSIT
 WITHDRAW = OperationKind.WITHDRAW
-ONE_SHARD = EngineLimits(shards=1, batch_ops_max=64, mailbox_commands_max=256)
+ONE_SHARD = EngineLimits(
+    shards=1, batch_ops_max=64, mailbox_commands_max=256, inflight_batches_max=1
+)
 
 
 async def create(engine: Engine, wallet_id: UUID) -> None:
@@ -151,6 +154,101 @@ async def test_next_batch_is_prepared_while_a_commit_is_in_flight() -> None:
     assert [op.balance_after for op in log.operations[first]] == [1, 4]
 
 
+class OrderedGatesLog(ControlledLog):
+    """Each append waits on its own gate, so a test decides which one finishes first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates: list[Gate] = []
+
+    async def append_batch(self, batch: Batch) -> None:
+        gate = Gate()
+        self.gates.append(gate)
+        self.appends_in_flight += 1
+        try:
+            await gate.pass_through()
+            await InMemoryLog.append_batch(self, batch)
+        finally:
+            self.appends_in_flight -= 1
+
+
+PIPELINED = EngineLimits(
+    shards=1, batch_ops_max=64, mailbox_commands_max=256, inflight_batches_max=2
+)
+
+
+async def test_two_batches_commit_at_once_and_take_effect_in_order() -> None:
+    """With two batches in flight, the later one's replies wait for the earlier commit."""
+    log = OrderedGatesLog()
+    first, second = UUID(int=1), UUID(int=2)
+    log.add_wallet(first)
+    log.add_wallet(second)
+    async with running_engine(log, PIPELINED) as engine:
+        batch_n = start(engine, first, DEPOSIT, 5)
+        await until(lambda: len(log.gates) == 1)
+        batch_n1 = start(engine, second, DEPOSIT, 7)
+        await until(lambda: len(log.gates) == 2)
+        assert log.appends_in_flight == 2  # both appends are under way at once
+        log.gates[1].open()  # the later batch's write finishes first...
+        await until(lambda: log.appends_in_flight == 1)
+        await asyncio.sleep(0.01)
+        assert not batch_n1.done()  # ...but it is not answered before the earlier one
+        unpromoted = engine.read_resident(second)
+        assert unpromoted is not None
+        assert unpromoted.balance == 0  # nor promoted
+        log.gates[0].open()
+        replies = await answers(batch_n, batch_n1)
+    assert [r.outcome for r in replies] == [Outcome.OK, Outcome.OK]
+    assert (log.wallets[first].balance, log.wallets[second].balance) == (5, 7)
+
+
+async def test_a_later_batch_that_reaches_storage_first_is_written_again_after() -> None:
+    """N+1 on the same wallet overtakes N on the way to storage: storage refuses it as
+    PredecessorPending, and it is written again once N has committed; both succeed."""
+    log = OrderedGatesLog()
+    wallet = UUID(int=1)
+    log.add_wallet(wallet)
+    async with running_engine(log, PIPELINED) as engine:
+        batch_n = start(engine, wallet, DEPOSIT, 5)
+        await until(lambda: len(log.gates) == 1)
+        batch_n1 = start(engine, wallet, DEPOSIT, 7)
+        await until(lambda: len(log.gates) == 2)
+        log.gates[1].open()  # N+1 first: its prev_seq is ahead of the stored seq
+        await until(lambda: log.appends_in_flight == 1)
+        assert log.wallets[wallet].seq == 0  # refused, nothing written
+        log.gates[0].open()
+        await until(lambda: len(log.gates) == 3)  # N+1 written again, after N
+        log.gates[2].open()
+        replies = await answers(batch_n, batch_n1)
+    assert [r.outcome for r in replies] == [Outcome.OK, Outcome.OK]
+    assert [op.balance_after for op in log.operations[wallet]] == [5, 12]
+
+
+async def test_a_failed_batch_fails_the_one_committing_behind_it() -> None:
+    """N fails while N+1 (another wallet) was written: N+1 is answered 503 (outcome
+    unknown) and its wallet is re-read, so memory shows what the log holds."""
+    log = OrderedGatesLog()
+    first, second = UUID(int=1), UUID(int=2)
+    log.add_wallet(first)
+    log.add_wallet(second)
+    async with running_engine(log, PIPELINED) as engine:
+        await engine.read(first)
+        await engine.read(second)
+        batch_n = start(engine, first, DEPOSIT, 5)
+        await until(lambda: len(log.gates) == 1)
+        batch_n1 = start(engine, second, DEPOSIT, 7)
+        await until(lambda: len(log.gates) == 2)
+        log.fail_next_appends = 1
+        log.gates[0].open()
+        await until(lambda: log.appends_in_flight == 1)
+        log.gates[1].open()
+        replies = await answers(batch_n, batch_n1)
+        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 2
+        assert (log.wallets[first].balance, log.wallets[second].balance) == (0, 7)
+        reads = [await engine.read(first), await engine.read(second)]
+    assert [r.wallet.balance for r in reads if r.wallet] == [0, 7]
+
+
 async def test_batch_size_is_one_at_idle_and_grows_under_load() -> None:
     """Sequential commands commit one per batch; commands queued behind a commit share one."""
     log = ControlledLog()
@@ -206,7 +304,7 @@ async def test_a_full_mailbox_refuses_at_once() -> None:
     log = ControlledLog()
     observer = RecordingObserver()
     wallet = UUID(int=1)
-    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=4)
+    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=4, inflight_batches_max=1)
     async with running_engine(log, limits, observer) as engine:
         await create(engine, wallet)
         log.append_gate = gate = Gate()
