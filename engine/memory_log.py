@@ -81,7 +81,10 @@ class InMemoryLog(WalletLog):
             wallets[update.wallet_id] = replace(
                 current, balance=update.balance, seq=update.seq, updated_at_us=update.updated_at_us
             )
+        moved = {update.wallet_id for update in batch.snapshots}
         for op in batch.operations:
+            if op.wallet_id not in moved:
+                raise StorageError(f"log row for {op.wallet_id}, whose snapshot is not moved")
             if (
                 op.idempotency_key is not None
                 and (op.wallet_id, op.idempotency_key) in self._by_key

@@ -17,7 +17,7 @@ from walletd.engine.model import (
     OperationRecord,
     SnapshotUpdate,
 )
-from walletd.engine.ports import StorageError, WalletLog
+from walletd.engine.ports import PredecessorPending, StorageError, WalletLog
 from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.postgres_log import PostgresLog
 
@@ -79,6 +79,36 @@ async def test_stale_prev_seq_is_refused_and_writes_nothing(wallet_log: WalletLo
     assert (loaded[A].balance, loaded[A].seq) == (10, 1)
     assert (loaded[B].balance, loaded[B].seq) == (0, 0)
     assert [op.amount for _id, op in await wallet_log.read_history(A, None, 10)] == [10]
+    assert await wallet_log.read_history(B, None, 10) == []
+
+
+async def test_a_stored_seq_behind_the_batch_is_refused_as_predecessor_pending(
+    wallet_log: WalletLog,
+) -> None:
+    """A batch built on an earlier batch that is not stored yet is refused, distinctly
+    (the engine retries it after its predecessor), and writes nothing."""
+    await wallet_log.append_batch(create(A))
+    ahead = deposit(A, 1, 7, 12)
+    ahead.snapshots[0] = ahead.snapshots[0]._replace(prev_seq=1, seq=2)
+    ahead.operations[0] = ahead.operations[0]._replace(seq=2)
+    with pytest.raises(PredecessorPending):
+        await wallet_log.append_batch(ahead)
+    assert (await wallet_log.load_wallets([A]))[A].seq == 0
+    assert await wallet_log.read_history(A, None, 10) == []
+
+
+async def test_a_log_row_for_a_wallet_the_batch_does_not_move_is_refused(
+    wallet_log: WalletLog,
+) -> None:
+    """Every log row must belong to a wallet whose snapshot the batch moves (this stands
+    in for a foreign key): otherwise the batch fails and writes nothing."""
+    await wallet_log.append_batch(create(A, B))
+    orphan = deposit(A, 1, 10, 10)
+    orphan.operations += deposit(B, 1, 5, 5).operations  # no snapshot move for B
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(orphan)
+    loaded = await wallet_log.load_wallets([A, B])
+    assert (loaded[A].seq, loaded[B].seq) == (0, 0)
     assert await wallet_log.read_history(B, None, 10) == []
 
 
