@@ -6,6 +6,7 @@ as a ``Decimal``, so no binary float ever decides an amount.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from decimal import Decimal, InvalidOperation
@@ -42,10 +43,20 @@ class _NonFinite:
 
 
 def parse_wallet_id(text: str) -> UUID:
+    wallet_id = _known_wallet_id(text)
+    if wallet_id is None:
+        raise ProblemError(400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a UUID")
+    return wallet_id
+
+
+@functools.lru_cache(maxsize=16384)
+def _known_wallet_id(text: str) -> UUID | None:
+    # Busy wallets are named again and again; parsing a UUID is ~2 us of Python, a cache
+    # hit ~0.1 us. Bounded; invalid texts are cached as None like any other.
     try:
         return UUID(text)
     except ValueError:
-        raise ProblemError(400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a UUID") from None
+        return None
 
 
 def _require_json_content_type(request: web.Request) -> None:

@@ -20,6 +20,7 @@ where the server-side work (FK checks, index inserts) dominates, so it stays.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from uuid import UUID
 
@@ -97,16 +98,65 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
 
 
+class ConnectBackoff:
+    """Fail fast while PostgreSQL is known to be unreachable, probing with growing gaps.
+
+    After a failed connect, calls fail at once (503) until the backoff window ends; the next
+    call then tries for real. The window doubles on each failure, from ``first_s`` up to
+    ``max_s``, and resets on success. It keeps an outage from turning every request into a
+    connect attempt that waits out the connect timeout.
+    """
+
+    def __init__(self, first_s: float = 0.05, max_s: float = 1.0) -> None:
+        self._first_s = first_s
+        self._max_s = max_s
+        self._window_s = 0.0
+        self._retry_at = 0.0
+        self.last_error = ""
+
+    def check(self, now: float) -> None:
+        if now < self._retry_at:
+            raise StorageUnavailable(
+                f"PostgreSQL unreachable (retrying in {self._retry_at - now:.2f} s): "
+                f"{self.last_error}"
+            )
+
+    def failed(self, now: float, error: BaseException) -> None:
+        self._window_s = min(self._max_s, max(self._first_s, 2 * self._window_s))
+        self._retry_at = now + self._window_s
+        self.last_error = repr(error)
+
+    def succeeded(self) -> None:
+        self._window_s = 0.0
+        self._retry_at = 0.0
+
+
 class PostgresLog(WalletLog):
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        acquire_timeout_s: float = 2.0,
+        backoff: ConnectBackoff | None = None,
+    ) -> None:
         self._pool = pool
         self._acquire_timeout_s = acquire_timeout_s
+        self._backoff = backoff or ConnectBackoff()
 
     async def _acquire(self) -> asyncpg.Connection:
+        self._backoff.check(time.monotonic())
         try:
-            return await self._pool.acquire(timeout=self._acquire_timeout_s)
-        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
+            connection: asyncpg.Connection = await self._pool.acquire(
+                timeout=self._acquire_timeout_s
+            )
+        except TimeoutError as error:
+            # Every connection busy (or a connect too slow): not a sign of an outage alone.
             raise StorageUnavailable(f"no PostgreSQL connection: {error!r}") from error
+        except (*_BROKEN_CONNECTION, asyncpg.PostgresError) as error:
+            self._backoff.failed(time.monotonic(), error)
+            raise StorageUnavailable(f"no PostgreSQL connection: {error!r}") from error
+        self._backoff.succeeded()
+        return connection
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         connection = await self._acquire()

@@ -1,0 +1,54 @@
+"""Rendering at the edge: the hand-written wallet body equals the encoder's, exactly."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from walletd.engine.model import WalletView
+from walletd.engine.money import BALANCE_MINOR_MAX
+from walletd.http.parsing import parse_wallet_id
+from walletd.http.problems import ProblemError
+from walletd.http.responses import format_timestamp, wallet_body, wallet_json
+
+# From 1970 to 9999-12-31, the range RFC 3339 years can take.
+micros = st.integers(min_value=0, max_value=253_402_300_799_999_999)
+
+
+@given(
+    wallet_id=st.uuids(),
+    balance=st.integers(min_value=0, max_value=BALANCE_MINOR_MAX),
+    seq=st.integers(min_value=0, max_value=2**63 - 1),
+    created=micros,
+    updated=micros,
+)
+def test_wallet_body_is_the_json_encoding_of_wallet_json(
+    wallet_id: UUID, balance: int, seq: int, created: int, updated: int
+) -> None:
+    """wallet_body writes the same bytes orjson makes of wallet_json, for any wallet."""
+    view = WalletView(wallet_id, balance, seq, created, updated)
+    assert wallet_body(view) == orjson.dumps(wallet_json(view))
+    assert orjson.loads(wallet_body(view))["balance"] == f"{balance // 100}.{balance % 100:02d}"
+
+
+def test_timestamps_are_rfc3339_utc_with_microseconds() -> None:
+    """The per-second cache renders the same text as a fresh computation would."""
+    assert format_timestamp(0) == "1970-01-01T00:00:00.000000Z"
+    assert format_timestamp(1_737_280_800_123_456) == "2025-01-19T10:00:00.123456Z"
+    assert format_timestamp(1_737_280_800_999_999) == "2025-01-19T10:00:00.999999Z"
+    assert format_timestamp(1_737_280_801_000_000) == "2025-01-19T10:00:01.000000Z"
+
+
+def test_parse_wallet_id_accepts_uuid_spellings_and_caches_refusals_too() -> None:
+    """Any spelling UUID() accepts parses to the same id; a bad one is 400 every time."""
+    canonical = UUID("123e4567-e89b-12d3-a456-426614174000")
+    for text in (str(canonical), str(canonical).upper(), canonical.hex):
+        assert parse_wallet_id(text) == canonical
+    for _ in range(2):
+        with pytest.raises(ProblemError) as refused:
+            parse_wallet_id("not-a-uuid")
+        assert (refused.value.status, refused.value.code) == (400, "INVALID_WALLET_ID")
