@@ -1,25 +1,27 @@
 """A shard: one asyncio task that is the only writer of the wallets hashed to it.
 
-Batch lifecycle (two batches in flight at most: one committing, one being prepared)::
+Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more prepared)::
 
     submit ──▶ mailbox (deque, ≤ mailbox_commands_max; full → EngineOverloaded at once)
-                  │ drain ≤ batch_ops_max (everything that queued while N committed)
+                  │ drain ≤ batch_ops_max (everything that queued meanwhile)
                   ▼
-              prepare N+1: load missing wallets and unknown idempotency keys (≤ 3 queries;
-                  │        a failed load answers N+1 with 503 at once, nothing applied),
-                  │        then apply each command in order to the *pending* state
+              prepare: load missing wallets and unknown idempotency keys (≤ 3 queries;
+                  │     a failed load answers the batch with 503 at once, nothing applied),
+                  │     then apply each command in order to the *pending* state
                   ▼
-              wait for commit N ──failed──▶ answer N+1 with 503, forget what N and N+1
-                  │ ok                       touched (wallets, keys), go on
+              wait for a free slot ──a batch in flight failed──▶ answer this one with 503,
+                  │                  wait for every batch in flight, forget all they touched
                   ▼
-              hand N+1 to its commit task; evict idle clean wallets past the resident bound
+              hand over to a commit task; evict idle clean wallets past the resident bound
                   │
                   ▼
-              commit N+1 (its own task): one append_batch (log rows + snapshots, one
-                  │        transaction), bounded by commit_timeout_s
-                  ├─ committed ──▶ promote pending → committed, then resolve every reply
-                  └─ failed ─────▶ resolve every reply with UNAVAILABLE; the loop forgets
-                                   the touched wallets so they are re-read from storage
+              commit task: one append_batch (log rows + snapshots, one transaction, bounded
+                  │        by commit_timeout_s; refused as PredecessorPending when it reached
+                  │        PostgreSQL before its predecessor: written again after it),
+                  │        then wait for the predecessor's task
+                  ├─ both ok ──▶ promote pending → committed, then resolve every reply
+                  └─ failed ───▶ resolve every reply with UNAVAILABLE; the loop forgets
+                                 the touched wallets so they are re-read from storage
 
 Who mutates what: only the loop changes residents, pending state and key caches; the commit
 task only promotes committed state and resolves futures. So memory is never ahead of the

@@ -274,12 +274,27 @@ async def test_batch_size_is_one_at_idle_and_grows_under_load() -> None:
     assert log.wallets[wallet].balance == 206
 
 
-async def test_one_commit_in_flight_per_shard_and_seqs_contiguous() -> None:
-    """Under concurrent load each shard has one append in flight and each wallet's log is
-    contiguous, with balance equal to the sum of the log."""
-    log = ControlledLog()
+class SlowLog(ControlledLog):
+    """Appends take a little time, so that batches really overlap."""
+
+    async def append_batch(self, batch: Batch) -> None:
+        self.appends_in_flight += 1
+        self.appends_in_flight_max = max(self.appends_in_flight_max, self.appends_in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            await InMemoryLog.append_batch(self, batch)
+        finally:
+            self.appends_in_flight -= 1
+
+
+async def test_appends_in_flight_are_bounded_and_seqs_contiguous() -> None:
+    """Under concurrent load a shard has at most inflight_batches_max appends in flight
+    (and does use them), and each wallet's log is contiguous, balance = sum of the log."""
+    log = SlowLog()
     wallets = [UUID(int=n) for n in range(1, 9)]
-    limits = EngineLimits(shards=1, batch_ops_max=16, mailbox_commands_max=4096)
+    limits = EngineLimits(
+        shards=1, batch_ops_max=16, mailbox_commands_max=4096, inflight_batches_max=2
+    )
     async with running_engine(log, limits) as engine:
         for wallet in wallets:
             await create(engine, wallet)
@@ -288,7 +303,7 @@ async def test_one_commit_in_flight_per_shard_and_seqs_contiguous() -> None:
             for n in range(400)
         ]
         await answers(*tasks)
-    assert log.appends_in_flight_max == 1
+    assert log.appends_in_flight_max == 2
     for wallet in wallets:
         ops = log.operations[wallet]
         assert [op.seq for op in ops] == list(range(1, len(ops) + 1))
