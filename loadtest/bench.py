@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds of quiet before each run (PostgreSQL's checkpoints and autovacuum "
+        "after a write run otherwise land in the next run, whichever target it is)",
+    )
     parser.add_argument("--wallets", type=int, default=10_000)
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="repeatable")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
@@ -83,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not (1 <= args.rounds <= ROUNDS_MAX and 1 <= args.wallets <= WALLETS_MAX):
         parser.error(f"--rounds must be 1..{ROUNDS_MAX}, --wallets 1..{WALLETS_MAX}")
+    if not 0 <= args.settle <= 60:
+        parser.error("--settle must be 0..60 seconds")
     return args
 
 
@@ -211,6 +221,7 @@ def bench_rounds(
             targets.reverse()
         for scenario in scenarios:
             for target, server in targets:
+                time.sleep(args.settle)
                 before = asyncio.run(read_batch_ops(server.url)) if target == "walletd" else None
                 run = run_wrk(
                     server.url, scenario, files[scenario], args.connections, args.duration
@@ -302,8 +313,8 @@ def write_report(
 ) -> None:
     wrk_settings = (
         f"wrk {WRK_THREADS} threads, {args.connections} connections, {args.duration}s per run,"
-        f" {args.rounds} rounds alternating walletd/ceiling, {args.wallets} wallets for"
-        f" many/get, deposits of {AMOUNT}."
+        f" {args.rounds} rounds alternating walletd/ceiling, {args.settle:g}s of quiet before"
+        f" each run, {args.wallets} wallets for many/get, deposits of {AMOUNT}."
     )
     section = render_section(
         summaries,
