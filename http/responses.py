@@ -20,6 +20,7 @@ __all__ = [
     "reply_response",
     "wallet_body",
     "wallet_json",
+    "wallet_response",
 ]
 
 _JSON: Final = "application/json"
@@ -76,6 +77,11 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
     }
 
 
+def wallet_response(view: WalletView) -> web.Response:
+    """200 with the wallet: the response of almost every request, kept lean."""
+    return web.Response(body=wallet_body(view), content_type=_JSON)
+
+
 def _wallet_response(view: WalletView, status: int, replayed: bool) -> web.Response:
     headers = dict(_JSON_HEADERS)
     if replayed:
@@ -90,7 +96,7 @@ def reply_response(reply: Reply, wallet_id: UUID, amount: int = 0) -> web.Respon
     outcome = reply.outcome
     if outcome is Outcome.OK and reply.wallet is not None:
         if not reply.replayed:  # the hot path: no header copy
-            return web.Response(body=wallet_body(reply.wallet), content_type=_JSON)
+            return wallet_response(reply.wallet)
         return _wallet_response(reply.wallet, 200, reply.replayed)
     if outcome is Outcome.CREATED and reply.wallet is not None:
         return _wallet_response(reply.wallet, 201, reply.replayed)

@@ -19,7 +19,7 @@ from walletd.http.parsing import (
     read_json_object,
 )
 from walletd.http.problems import ValidationProblem
-from walletd.http.responses import history_item, reply_response, wallet_body
+from walletd.http.responses import history_item, reply_response, wallet_response
 from walletd.http.state import STATE_KEY
 
 __all__ = ["PREFIX", "routes"]
@@ -48,7 +48,7 @@ async def get_wallet(request: web.Request) -> web.Response:
     engine = request.app[STATE_KEY].services.engine
     view = engine.read_resident(wallet_id)  # no coroutine for the common, resident case
     if view is not None:
-        return web.Response(body=wallet_body(view), content_type="application/json")
+        return wallet_response(view)
     return reply_response(await engine.read(wallet_id), wallet_id)
 
 
