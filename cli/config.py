@@ -70,6 +70,8 @@ SETTINGS: tuple[Setting, ...] = (
             "batches one shard may be committing at once (commit pipelining)"),
     Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
             int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
+    Setting("warm_wallets", ("WALLETD_WARM_WALLETS",), "--warm-wallets", int, 0,
+            "at start, load this many most recently updated wallets into memory (0 = none)"),
     Setting("idempotency_keys_max", ("WALLETD_IDEMPOTENCY_KEYS_MAX",), "--idempotency-keys-max",
             int, 100_000, "idempotency keys cached in memory (PostgreSQL keeps them all)"),
     Setting("commit_timeout_s", ("WALLETD_COMMIT_TIMEOUT",), "--commit-timeout", float, 5.0,
@@ -103,6 +105,7 @@ class Config:
     batch_ops_max: int
     inflight_batches_max: int
     resident_wallets_max: int
+    warm_wallets: int
     idempotency_keys_max: int
     commit_timeout_s: float
     pool_size_max: int

@@ -146,6 +146,9 @@ async def running_services(
             try:
                 log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
                 engine = Engine(log, engine_limits(config), observer=observer)
+                warmed = await engine.warm_up(config.warm_wallets)
+                if warmed:
+                    _log.info("warm-up: %d wallets resident", warmed)
                 await engine.start()
                 try:
                     yield Services(engine, log, _Readiness(engine, log, lock))

@@ -107,6 +107,10 @@ class InMemoryLog(WalletLog):
         newest_first = [op for op in reversed(ops) if before_seq is None or op.seq < before_seq]
         return [(op.seq, op) for op in newest_first[:limit]]
 
+    async def recent_wallets(self, limit: int) -> list[WalletRecord]:
+        newest = sorted(self.wallets.values(), key=lambda w: w.updated_at_us, reverse=True)
+        return newest[:limit]
+
     async def ping(self) -> None:
         if self.fail_loads:
             raise StorageError("injected ping failure")

@@ -83,5 +83,9 @@ class WalletLog(abc.ABC):
         """Up to ``limit`` operations with seq < before_seq, newest first, with their ids."""
 
     @abc.abstractmethod
+    async def recent_wallets(self, limit: int) -> list[WalletRecord]:
+        """Up to ``limit`` wallets, most recently updated first (for warm-up at start)."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise ``StorageError`` unless storage answers."""

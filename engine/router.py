@@ -18,7 +18,7 @@ from uuid import UUID
 from walletd.engine.commands import ApplyOperation, CreateWallet, Outcome, ReadWallet, Reply
 from walletd.engine.errors import EngineOverloaded, EngineStopping
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind, WalletView
+from walletd.engine.model import OperationKind, WalletRecord, WalletView
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ports import WalletLog
 from walletd.engine.shard import Shard
@@ -58,6 +58,17 @@ class Engine:
         ]
         self._started = False
         self._stopping = False
+
+    async def warm_up(self, wallets_max: int) -> int:
+        """Before start: load up to ``wallets_max`` most recently updated wallets into their
+        shards, so the first requests after a restart find them resident. Returns how many."""
+        if wallets_max <= 0:
+            return 0
+        records = await self.log.recent_wallets(min(wallets_max, self.limits.resident_wallets_max))
+        by_shard: list[list[WalletRecord]] = [[] for _ in self._shards]
+        for record in records:
+            by_shard[shard_of(record.wallet_id, len(self._shards))].append(record)
+        return sum(shard.warm(part) for shard, part in zip(self._shards, by_shard, strict=True))
 
     async def start(self) -> None:
         for shard in self._shards:

@@ -246,6 +246,24 @@ class Shard:
         residents[wid] = residents.pop(wid)  # a read is a use, for passivation
         return resident.committed_view(wallet_id)
 
+    def warm(self, records: list[WalletRecord]) -> int:
+        """Make stored wallets resident before serving; returns how many were added.
+
+        Only before ``start``: the loop is the only writer of residents once it runs.
+        Stops at the resident bound, so warm-up never evicts anything.
+        """
+        require(self._task is None, "warm-up after the shard started")
+        bound = self._limits.resident_wallets_per_shard_max
+        added = 0
+        for record in records:
+            if len(self._residents) >= bound:
+                break
+            wid = record.wallet_id.int
+            if wid not in self._residents:
+                self._residents[wid] = _Resident.loaded(record)
+                added += 1
+        return added
+
     @property
     def mailbox_depth(self) -> int:
         return len(self._mailbox)

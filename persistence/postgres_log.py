@@ -49,6 +49,9 @@ _WALLET_COLUMNS = (
     + ", create_idempotency_key, create_fingerprint"
 )
 _LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
+# No index on updated_at on purpose: it would turn every snapshot move into a non-HOT
+# update. Warm-up is opt-in and runs once at start; a top-N sort of the table is its cost.
+_RECENT_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets ORDER BY updated_at DESC LIMIT $1"
 _FIND_BY_CREATE_KEY = (
     f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE create_idempotency_key = ANY($1::text[])"
 )
@@ -231,6 +234,10 @@ class PostgresLog(WalletLog):
         else:
             rows = await self._fetch(HISTORY_BEFORE_SQL, wallet_id, before_seq, limit)
         return [(row[0], _operation(row)) for row in rows]
+
+    async def recent_wallets(self, limit: int) -> list[WalletRecord]:
+        rows = await self._fetch(_RECENT_WALLETS, limit)
+        return [_wallet(row) for row in rows]
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")

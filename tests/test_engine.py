@@ -608,3 +608,26 @@ async def test_shards_are_independent() -> None:
         await answers(held)
     assert free.wallet is not None
     assert free.wallet.balance == 2
+
+
+async def test_warm_up_makes_recent_wallets_resident_up_to_the_bound() -> None:
+    """warm_up loads the most recently updated wallets before start, never past the
+    resident bound; requests for them then need no load."""
+    log = ControlledLog()
+    wallets = [UUID(int=n) for n in range(1, 6)]
+    for wallet in wallets:
+        log.add_wallet(wallet)
+    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=8, resident_wallets_max=3)
+    engine = Engine(log, limits)
+    assert await engine.warm_up(10) == 3
+    await engine.start()
+    try:
+        assert engine.resident_wallets() == 3
+        warm = [w for w in wallets if engine.read_resident(w) is not None]
+        assert len(warm) == 3
+        reply = await engine.apply(warm[0], DEPOSIT, 5, None)
+        assert reply.outcome is Outcome.OK
+        assert log.load_calls == []  # served from memory: warm-up did the loading
+    finally:
+        await engine.stop()
+    assert await Engine(log, limits).warm_up(0) == 0

@@ -167,3 +167,17 @@ async def test_history_is_newest_first_and_pages_by_seq(wallet_log: WalletLog) -
 async def test_ping_answers(wallet_log: WalletLog) -> None:
     """ping returns when storage answers."""
     await wallet_log.ping()
+
+
+async def test_recent_wallets_are_the_most_recently_updated_first(wallet_log: WalletLog) -> None:
+    """recent_wallets(n) returns at most n wallets, newest updated_at first (warm-up)."""
+    c = UUID(int=0xC)
+    await wallet_log.append_batch(create(A, B, c))
+    await wallet_log.append_batch(deposit(B, 1, 5, 5))  # updated at T0 + 1
+    await wallet_log.append_batch(deposit(A, 1, 7, 7))
+    a_later = deposit(A, 2, 1, 8)
+    a_later.operations[0] = a_later.operations[0]._replace(created_at_us=T0 + 9)
+    a_later.snapshots[0] = a_later.snapshots[0]._replace(updated_at_us=T0 + 9)
+    await wallet_log.append_batch(a_later)
+    assert [w.wallet_id for w in await wallet_log.recent_wallets(2)] == [A, B]
+    assert len(await wallet_log.recent_wallets(10)) == 3
