@@ -62,9 +62,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 1,
             "number of shard actors; in one process they share one core, so more shards "
             "only split batches (docs/BENCHMARKS.md)"),
-    Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 8192,
+    Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 1024,
             "commands waiting per shard; past it requests get 503 OVERLOADED"),
-    Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 1024,
+    Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 256,
             "commands per commit at most"),
     Setting("inflight_batches_max", ("WALLETD_INFLIGHT_BATCHES",), "--inflight-batches", int, 2,
             "batches one shard may be committing at once (commit pipelining)"),

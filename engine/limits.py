@@ -2,6 +2,9 @@
 
 Each limit has a defined behaviour when hit:
 - ``mailbox_commands_max``: a command past it is refused at once with ``OVERLOADED`` (503).
+  The default (1024) is about 0.3 s of work at this machine's ~3,500 operations/s: a
+  queue much longer only makes accepted requests wait seconds under overload (measured in
+  docs/BENCHMARKS.md, "Memory and overload").
 - ``batch_ops_max``: a shard drains at most this many commands into one commit.
 - ``resident_wallets_max``: past it, clean idle wallets are evicted (passivation); dirty ones
   stay until their batch commits, so the overshoot is at most two batches.
@@ -22,8 +25,8 @@ __all__ = ["EngineLimits"]
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     shards: int = 1
-    mailbox_commands_max: int = 8192
-    batch_ops_max: int = 1024
+    mailbox_commands_max: int = 1024
+    batch_ops_max: int = 256
     inflight_batches_max: int = 2
     resident_wallets_max: int = 1_000_000
     idempotency_keys_max: int = 100_000
