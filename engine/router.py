@@ -65,10 +65,10 @@ class Engine:
         if wallets_max <= 0:
             return 0
         records = await self.log.recent_wallets(min(wallets_max, self.limits.resident_wallets_max))
-        by_shard: list[list[WalletRecord]] = [[] for _ in self._shards]
+        by_shard: dict[Shard, list[WalletRecord]] = {shard: [] for shard in self._shards}
         for record in records:
-            by_shard[shard_of(record.wallet_id, len(self._shards))].append(record)
-        return sum(shard.warm(part) for shard, part in zip(self._shards, by_shard, strict=True))
+            by_shard[self._shard(record.wallet_id)].append(record)
+        return sum(shard.warm(part) for shard, part in by_shard.items())
 
     async def start(self) -> None:
         for shard in self._shards:

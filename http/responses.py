@@ -19,7 +19,6 @@ __all__ = [
     "history_item",
     "reply_response",
     "wallet_body",
-    "wallet_json",
     "wallet_response",
 ]
 
@@ -45,19 +44,10 @@ def _second_prefix(seconds: int) -> str:
     )
 
 
-def wallet_json(view: WalletView) -> dict[str, str]:
-    return {
-        "id": str(view.wallet_id),
-        "balance": format_minor(view.balance),
-        "created_at": format_timestamp(view.created_at_us),
-        "updated_at": format_timestamp(view.updated_at_us),
-    }
-
-
 def wallet_body(view: WalletView) -> bytes:
-    """``wallet_json`` serialised, written out directly: every field is a UUID, a decimal
-    or a timestamp, none needs escaping, and skipping the dict and the encoder is ~30% of
-    the GET path's own cost. ``test_responses`` checks it equals the orjson rendering."""
+    """The seed's wallet JSON, written out directly: every field is a UUID, a decimal or a
+    timestamp, none needs escaping, and skipping a dict and the encoder is ~30% of the GET
+    path's own cost. ``test_responses`` checks it equals orjson's encoding of the fields."""
     return (
         f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance)}",'
         f'"created_at":"{format_timestamp(view.created_at_us)}",'
