@@ -85,6 +85,9 @@ SETTINGS: tuple[Setting, ...] = (
             float, 10.0, "seconds one SQL statement may run before it is cancelled"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
+    Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
+            10.0, "seconds a request body may take to arrive once its handler reads it; "
+            "slower gets 408 and the connection is closed"),
     Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
             "comma-separated bearer tokens; when set, /api/v1 requires one"),
     Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
@@ -112,6 +115,7 @@ class Config:
     db_connect_timeout_s: float
     db_command_timeout_s: float
     body_bytes_max: int
+    body_read_timeout_s: float
     api_keys: tuple[str, ...]
     access_log: bool
     log_level: str

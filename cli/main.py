@@ -56,6 +56,7 @@ _STARTUP_ERRORS = (
 def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(
         body_bytes_max=config.body_bytes_max,
+        body_read_timeout_s=config.body_read_timeout_s,
         api_keys=config.api_keys,
         access_log=config.access_log,
     )

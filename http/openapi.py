@@ -20,6 +20,9 @@ from typing import Any, Final
 
 import orjson
 
+from walletd.http.parsing import WALLET_ID_PATTERN
+from walletd.http.routes_v1 import CURSOR_PATTERN
+
 __all__ = [
     "DOCS_ASSETS",
     "DOCS_PATH",
@@ -54,6 +57,7 @@ PROBLEM_CODES: Final = (
     "BALANCE_LIMIT_EXCEEDED",
     "IDEMPOTENCY_KEY_REUSED",
     "PAYLOAD_TOO_LARGE",
+    "REQUEST_TIMEOUT",
     "UNSUPPORTED_MEDIA_TYPE",
     "NOT_FOUND",
     "METHOD_NOT_ALLOWED",
@@ -114,7 +118,17 @@ def _schemas() -> JsonObject:
         "examples": ["2025-01-19T10:00:00.123456Z"],
     }
     return {
-        "WalletId": {"type": "string", "format": "uuid"},
+        "WalletId": {
+            "type": "string",
+            "format": "uuid",
+            "pattern": WALLET_ID_PATTERN,
+            "description": (
+                "The canonical 8-4-4-4-12 hexadecimal form, either case; answers use "
+                "lowercase. Any other spelling (urn:uuid:, braces, no hyphens, "
+                "percent-encoded) is refused."
+            ),
+            "examples": ["123e4567-e89b-12d3-a456-426614174000"],
+        },
         "Money": _money_schema(
             f"Decimal string with exactly 2 fractional digits, 0 to {BALANCE_MAX}."
         ),
@@ -350,7 +364,11 @@ def _headers() -> JsonObject:
         "Location": {
             "description": "Path of the created wallet: `/api/v1/wallets/{id}`.",
             "required": True,
-            "schema": {"type": "string", "pattern": "^/api/v1/wallets/[0-9a-fA-F-]{36}$"},
+            "schema": {
+                "type": "string",
+                "pattern": "^/api/v1/wallets/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                "[0-9a-f]{12}$",
+            },
         },
         "Idempotent-Replayed": {
             "description": "Present when this is the stored response of an earlier request "
@@ -381,7 +399,10 @@ def _parameters() -> JsonObject:
             "name": "wallet_id",
             "in": "path",
             "required": True,
-            "description": "A UUID; anything else is 400 INVALID_WALLET_ID.",
+            "description": (
+                "A UUID in the canonical 8-4-4-4-12 hex form, either case, written as is "
+                "(not percent-encoded); anything else is 400 INVALID_WALLET_ID."
+            ),
             "schema": _ref("schemas", "WalletId"),
         },
         "IdempotencyKey": {
@@ -412,8 +433,8 @@ def _parameters() -> JsonObject:
             "name": "cursor",
             "in": "query",
             "required": False,
-            "description": "Opaque `next_cursor` of the previous page.",
-            "schema": {"type": "string"},
+            "description": "Opaque `next_cursor` of the previous page; anything else is 422.",
+            "schema": {"type": "string", "pattern": CURSOR_PATTERN},
         },
     }
 
@@ -457,6 +478,12 @@ def _responses() -> JsonObject:
             401,
             ("UNAUTHORIZED",),
             ("WWW-Authenticate",),
+        ),
+        "RequestTimeout": _problem_response(
+            "The body did not arrive within WALLETD_BODY_READ_TIMEOUT (10 s by default) of "
+            "the server starting to read it; the connection is closed.",
+            408,
+            ("REQUEST_TIMEOUT",),
         ),
         "PayloadTooLarge": _problem_response(
             "The body is larger than WALLETD_MAX_BODY_BYTES (64 KiB by default).",
@@ -516,6 +543,7 @@ def _post_errors() -> JsonObject:
     """The refusals every JSON-body POST shares, before any business rule runs."""
     return {
         "401": _ref("responses", "Unauthorized"),
+        "408": _ref("responses", "RequestTimeout"),
         "413": _ref("responses", "PayloadTooLarge"),
         "415": _ref("responses", "UnsupportedMediaType"),
         "422": _ref("responses", "ValidationFailed"),
@@ -553,7 +581,9 @@ def _get_wallet() -> JsonObject:
         "parameters": [_ref("parameters", "WalletId")],
         "responses": {
             "200": _json_response("The wallet.", "Wallet"),
-            "400": _problem_response("The id is not a UUID.", 400, ("INVALID_WALLET_ID",)),
+            "400": _problem_response(
+                "The id is not a canonical UUID.", 400, ("INVALID_WALLET_ID",)
+            ),
             "401": _ref("responses", "Unauthorized"),
             "404": _ref("responses", "WalletNotFound"),
             "503": _ref("responses", "Unavailable"),
@@ -575,7 +605,7 @@ def _apply_operation() -> JsonObject:
                 "The wallet after the operation.", "Wallet", ("Idempotent-Replayed",)
             ),
             "400": _problem_response(
-                "The id is not a UUID, or the body is not a JSON object.",
+                "The id is not a canonical UUID, or the body is not a JSON object.",
                 400,
                 ("INVALID_WALLET_ID", "INVALID_JSON"),
             ),
@@ -605,7 +635,7 @@ def _list_operations() -> JsonObject:
         "responses": {
             "200": _json_response("One page of history.", "HistoryPage"),
             "400": _problem_response_of(
-                "The id is not a UUID, or the cursor is malformed.",
+                "The id is not a canonical UUID.",
                 {
                     "oneOf": [
                         _problem_schema_for(400, ("INVALID_WALLET_ID",)),

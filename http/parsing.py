@@ -6,10 +6,11 @@ as a ``Decimal``, so no binary float ever decides an amount.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Final
 from uuid import UUID
 
@@ -19,23 +20,49 @@ from aiohttp import web
 from walletd.engine.model import OperationKind
 from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
+from walletd.http.settings import HttpSettings
 
 __all__ = [
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "WALLET_ID_CACHE_ENTRIES_MAX",
+    "WALLET_ID_PATTERN",
     "parse_amount",
     "parse_create_body",
     "parse_idempotency_key",
     "parse_json_object",
     "parse_operation_body",
     "parse_wallet_id",
+    "path_wallet_id",
     "read_json_object",
 ]
 
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+# The one spelling of a wallet id: canonical 8-4-4-4-12 hex, either case. A proxy routes by
+# the id as written (docs/ARCHITECTURE.md), so every other form UUID() would take (urn:uuid:,
+# braces, no hyphens, percent-encoded) is refused rather than given a second spelling.
+# http/openapi.py states this same pattern.
+WALLET_ID_PATTERN: Final = (
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
+_WALLET_ID: Final = re.compile(WALLET_ID_PATTERN.strip("^$"))
+# The id segment of a wallet path as the client wrote it (origin form, or absolute form with
+# a scheme and authority in front), ending at "/", "?" or the end of the request target.
+_RAW_WALLET_PATH: Final = re.compile(
+    r"(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)?/api/v1/wallets/([^/?#]*)"
+)
+_WALLET_ID_MESSAGE: Final = "must be a UUID in the canonical 8-4-4-4-12 hex form"
+WALLET_ID_CACHE_ENTRIES_MAX: Final = 16384
 _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 _OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
 _OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount"})
 _AMOUNT_MAX_TEXT: Final = format_minor(AMOUNT_MINOR_MAX)
+# Past this many units (10^15, above any valid amount) a number is refused before any
+# arithmetic, so exponent tricks such as 1e999999999 cost nothing.
+_AMOUNT_ADJUSTED_EXPONENT_MAX: Final = 15
+_FRACTION_DIGITS_MAX: Final = 2
+
+assert 10**_FRACTION_DIGITS_MAX == MINOR_UNITS_PER_UNIT
 
 
 class _NonFinite:
@@ -43,20 +70,33 @@ class _NonFinite:
 
 
 def parse_wallet_id(text: str) -> UUID:
-    wallet_id = _known_wallet_id(text)
-    if wallet_id is None:
-        raise ProblemError(400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a UUID")
+    """The wallet id written as ``text``, or 400 INVALID_WALLET_ID unless it is canonical."""
+    if len(text) != 36 or _WALLET_ID.fullmatch(text) is None:
+        raise ProblemError(400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a canonical UUID")
+    return _wallet_uuid(text)
+
+
+def path_wallet_id(request: web.Request) -> UUID:
+    """The wallet id of a /api/v1/wallets/{wallet_id} route, read from the raw request path.
+
+    aiohttp routes on the decoded path, where ``%31`` is already ``1``; a proxy routes on the
+    raw one. Only an id that is canonical as sent (so decoding did not change it) is served.
+    """
+    matched = _RAW_WALLET_PATH.match(request.raw_path)
+    text = matched.group(1) if matched is not None else ""
+    wallet_id = parse_wallet_id(text)
+    if text != request.match_info["wallet_id"]:
+        # Only when the raw segments do not line up with the routed ones (%2F, dot segments).
+        raise ProblemError(400, "INVALID_WALLET_ID", "the wallet id must be written as is")
     return wallet_id
 
 
-@functools.lru_cache(maxsize=16384)
-def _known_wallet_id(text: str) -> UUID | None:
-    # Busy wallets are named again and again; parsing a UUID is ~2 us of Python, a cache
-    # hit ~0.1 us. Bounded; invalid texts are cached as None like any other.
-    try:
-        return UUID(text)
-    except ValueError:
-        return None
+@functools.lru_cache(maxsize=WALLET_ID_CACHE_ENTRIES_MAX)
+def _wallet_uuid(canonical_text: str) -> UUID:
+    # Busy wallets are named again and again; UUID() is ~2 us of Python, a cache hit ~0.1 us.
+    # Only canonical texts get here (36 characters each), so a client sending junk ids can
+    # neither fill the cache with long texts nor evict the busy ones with them.
+    return UUID(canonical_text)
 
 
 def _require_json_content_type(request: web.Request) -> None:
@@ -76,9 +116,9 @@ def _lenient_loads(raw: bytes) -> Any:
 
 
 async def read_json_object(
-    request: web.Request, body_bytes_max: int, *, optional: bool = False
+    request: web.Request, settings: HttpSettings, *, optional: bool = False
 ) -> tuple[dict[str, Any], bytes]:
-    """The body as a JSON object, and its raw bytes; 415/413/400 as the contract says.
+    """The body as a JSON object, and its raw bytes; 415/413/408/400 as the contract says.
 
     With ``optional``, an empty body is an empty object and needs no Content-Type.
     """
@@ -87,13 +127,30 @@ async def read_json_object(
     length = request.content_length
     # Refused from the header alone, before reading; aiohttp's client_max_size (set to the
     # same limit) stops a body without Content-Length while it streams in.
-    if length is not None and length > body_bytes_max:
+    if length is not None and length > settings.body_bytes_max:
         raise ProblemError(413, "PAYLOAD_TOO_LARGE", "request body is larger than the limit")
     _require_json_content_type(request)
-    raw = await request.read()
+    raw = await _read_body(request, settings.body_read_timeout_s)
     if optional and not raw.strip():
         return {}, raw
     return parse_json_object(raw), raw
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The whole body, or 408 when it has not arrived ``timeout_s`` after reading began.
+
+    A client that trickles its body would otherwise hold a handler (and its memory) for as
+    long as it likes. A small body usually came with the headers: then no timer is armed.
+    """
+    if request.content.is_eof():
+        return await request.read()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ProblemError(
+            408, "REQUEST_TIMEOUT", f"the request body did not arrive within {timeout_s:g} s"
+        ) from None
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -110,9 +167,31 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
             value = _lenient_loads(raw)
         except (ValueError, RecursionError):
             raise ProblemError(400, "INVALID_JSON", "the body is not valid JSON") from None
+        if _holds_lone_surrogate(value):
+            # orjson refuses these; the standard library passes them through as text that
+            # cannot be encoded again (nor stored, nor echoed in an error): not Unicode.
+            raise ProblemError(
+                400, "INVALID_JSON", "the body holds a lone surrogate (\\uD800-\\uDFFF)"
+            ) from None
     if not isinstance(value, dict):
         raise ProblemError(400, "INVALID_JSON", "the body must be a JSON object")
     return value
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether any name or string in a parsed JSON value holds a lone UTF-16 surrogate."""
+    pending = [value]  # bounded by the body size: one entry per value read from it
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
@@ -154,20 +233,30 @@ def _amount_error(field: str, message: str) -> FieldError:
 
 
 def _to_minor(decimal: Decimal, field: str) -> int | FieldError:
+    """Minor units of an exact decimal, with integer arithmetic only.
+
+    Decimal arithmetic rounds to its context's 28 digits, so ``10.009999999999999999999999999
+    * 100`` would come out as 1001: here the digits themselves decide, and a non-zero digit
+    past the second decimal is refused however it was written.
+    """
     if not decimal.is_finite():
         return _amount_error(field, "must be finite")
-    # Reject huge magnitudes before any arithmetic, so exponent tricks cost nothing.
-    if decimal.adjusted() > 15:
-        return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
-    try:
-        scaled = decimal * MINOR_UNITS_PER_UNIT
-        if scaled != scaled.to_integral_value():
-            return _amount_error(field, "must have at most 2 fractional digits")
-    except InvalidOperation:
-        return _amount_error(field, "must be a decimal number")
-    minor = int(scaled)
-    if minor <= 0:
+    if decimal.is_signed() or decimal.is_zero():
         return _amount_error(field, "must be greater than 0")
+    if decimal.adjusted() > _AMOUNT_ADJUSTED_EXPONENT_MAX:
+        return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
+    _sign, digits, exponent = decimal.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    # value = coefficient * 10^exponent, so minor = coefficient * 10^(exponent + 2): the
+    # coefficient's last -(exponent + 2) digits are the ones past the second decimal.
+    dropped_digits = -(exponent + _FRACTION_DIGITS_MAX)
+    if dropped_digits > 0:
+        if any(digits[-dropped_digits:]):
+            return _amount_error(field, "must have at most 2 fractional digits")
+        digits = digits[:-dropped_digits]
+        dropped_digits = 0
+    # At most 18 digits are left (adjusted <= 15), well inside int()'s digit limit.
+    minor: int = int("".join(map(str, digits)) or "0") * 10**-dropped_digits
     if minor > AMOUNT_MINOR_MAX:
         return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
     return minor
@@ -209,12 +298,10 @@ def parse_create_body(body: dict[str, Any]) -> UUID | None:
             errors.append({"field": str(name)[:64], "message": "unknown field"})
     if "id" in body:
         value = body["id"]
-        try:
-            if not isinstance(value, str):
-                raise ValueError
-            wallet_id = UUID(value)
-        except ValueError:
-            errors.append({"field": "id", "message": "must be a UUID string"})
+        if isinstance(value, str) and len(value) == 36 and _WALLET_ID.fullmatch(value):
+            wallet_id = _wallet_uuid(value)
+        else:
+            errors.append({"field": "id", "message": _WALLET_ID_MESSAGE})
     if errors:
         raise ValidationProblem(errors)
     return wallet_id

@@ -45,6 +45,7 @@ TITLES: Final = {
     "BALANCE_LIMIT_EXCEEDED": "Balance limit exceeded",
     "IDEMPOTENCY_KEY_REUSED": "Idempotency key reused",
     "PAYLOAD_TOO_LARGE": "Payload too large",
+    "REQUEST_TIMEOUT": "Request timeout",
     "UNSUPPORTED_MEDIA_TYPE": "Unsupported media type",
     "NOT_FOUND": "Not found",
     "METHOD_NOT_ALLOWED": "Method not allowed",
@@ -106,8 +107,9 @@ def problem_response(
         response_headers.update(headers)
     response = web.Response(status=status, body=orjson.dumps(body), headers=response_headers)
     response[PROBLEM_CODE_KEY] = code
-    if status == 413:
-        # The rest of an oversize body is not wanted: close instead of draining it for reuse.
+    if status in (408, 413):
+        # The rest of an oversize or trickling body is not wanted: close instead of draining
+        # it for reuse.
         response.force_close()
     return response
 

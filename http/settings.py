@@ -10,6 +10,7 @@ __all__ = ["HttpSettings"]
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     body_bytes_max: int = 64 * 1024
+    body_read_timeout_s: float = 10.0
     history_limit_default: int = 50
     history_limit_max: int = 500
     api_keys: tuple[str, ...] = ()
@@ -18,5 +19,7 @@ class HttpSettings:
     def __post_init__(self) -> None:
         if self.body_bytes_max < 1024:
             raise ValueError("body_bytes_max must be at least 1024")
+        if not self.body_read_timeout_s > 0:
+            raise ValueError("body_read_timeout_s must be greater than 0")
         if not 1 <= self.history_limit_default <= self.history_limit_max:
             raise ValueError("history_limit_default must be within 1..history_limit_max")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -138,6 +140,58 @@ async def test_body_limit_is_configurable(
         )
         assert streamed.status == 413
     assert await _balance(client, wallet_id) == "1.00"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_trickling_body_gets_408_at_the_read_timeout(
+    make_app: AppFactory, aiohttp_client: AiohttpClient, framing: str
+) -> None:
+    """A client that sends its headers and then one body byte every 0.2 s (the whole body
+    would take ~10 s) gets 408 REQUEST_TIMEOUT as problem+json about 0.5 s in, with
+    Connection: close, and nothing is applied. (aiohttp then discards what still comes for at
+    most its lingering time, so that the client can read the answer, and closes.)"""
+    timeout_s = 0.5
+    client: Client = await aiohttp_client(make_app(HttpSettings(body_read_timeout_s=timeout_s)))
+    wallet_id = await _wallet(client)
+    path = f"/api/v1/wallets/{wallet_id}/operation"
+    body = OPERATION_BODY
+    server = client.server
+    assert isinstance(server, TestServer)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+
+    async def trickle() -> None:
+        for index in range(len(body)):
+            piece = body[index : index + 1]
+            writer.write(_chunk(piece) if framing == "chunked" else piece)
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the client's pace, not a wait for the server
+
+    if framing == "chunked":
+        writer.write(_head(path, Transfer_Encoding="chunked").encode("latin-1"))
+    else:
+        writer.write(_head(path, Content_Length=str(len(body))).encode("latin-1"))
+    started = time.monotonic()
+    sender = asyncio.create_task(trickle())
+    try:
+        response = await _read_response(reader)
+        elapsed_s = time.monotonic() - started
+        assert not sender.done(), "the answer must come before the body is complete"
+    finally:
+        sender.cancel()
+        writer.close()
+    assert response.status == 408, response.body
+    assert response.headers["content-type"] == "application/problem+json"
+    assert orjson.loads(response.body)["code"] == "REQUEST_TIMEOUT"
+    assert response.headers["connection"] == "close"
+    assert timeout_s <= elapsed_s < timeout_s + 3.0
+    assert await _balance(client, wallet_id) == "0.00"
+
+
+def test_body_read_timeout_must_be_positive() -> None:
+    """A zero or negative read timeout is a configuration error, not 'no timeout'."""
+    for value in (0.0, -1.0):
+        with pytest.raises(ValueError, match="body_read_timeout_s"):
+            HttpSettings(body_read_timeout_s=value)
 
 
 async def test_request_id_is_echoed_or_generated(module_client: Client) -> None:

@@ -26,22 +26,32 @@ FUZZ_SETTINGS: Final = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
+# Full Unicode, lone surrogates (U+D800-U+DFFF) included: JSON can carry them as \uD800
+# escapes (and the standard library's parser lets them through), though they are no text.
+any_character = st.characters() | st.characters(categories=["Cs"])
+
+
+def any_text(max_size: int) -> st.SearchStrategy[str]:
+    # Joined from characters: st.text(alphabet=...) drops the surrogates again.
+    return st.lists(any_character, max_size=max_size).map("".join)
+
+
 json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(10**30), max_value=10**30)
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20)
+    | any_text(20)
     | st.sampled_from(["DEPOSIT", "WITHDRAW", "deposit", "1.00", "0.01", "10.5", "1e2", ""])
 )
 json_values = st.recursive(
     json_scalars,
     lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+        st.lists(children, max_size=3) | st.dictionaries(any_text(5), children, max_size=3)
     ),
     max_leaves=5,
 )
-field_names = st.sampled_from(["operation_type", "operationType", "amount"]) | st.text(max_size=8)
+field_names = st.sampled_from(["operation_type", "operationType", "amount"]) | any_text(8)
 operation_bodies = st.dictionaries(field_names, json_values, max_size=4) | st.fixed_dictionaries(
     {
         "operation_type": st.sampled_from(["DEPOSIT", "WITHDRAW"]),
@@ -109,7 +119,13 @@ async def _ledger(client: Client, name: str) -> Ledger:
 
 
 def _encode(body: Any) -> bytes:
+    """JSON with every non-ASCII character escaped: a lone surrogate becomes ``\\ud800``."""
     return json.dumps(body, allow_nan=True).encode()
+
+
+def _encode_unescaped(body: Any) -> bytes:
+    """JSON with characters as UTF-8 bytes: a lone surrogate becomes its (invalid) 3 bytes."""
+    return json.dumps(body, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 @FUZZ_SETTINGS
@@ -124,7 +140,10 @@ async def test_arbitrary_operation_bodies(module_client: Client, body: dict[str,
 
 
 @FUZZ_SETTINGS
-@given(body=st.binary(max_size=200) | json_values.map(_encode), content_type=content_types)
+@given(
+    body=st.binary(max_size=200) | json_values.map(_encode) | json_values.map(_encode_unescaped),
+    content_type=content_types,
+)
 async def test_arbitrary_raw_bodies_and_content_types(
     module_client: Client, body: bytes, content_type: str
 ) -> None:
@@ -173,7 +192,7 @@ queries = st.none() | st.text(max_size=40) | st.integers().map(str)
 
 @FUZZ_SETTINGS
 @given(
-    segment=st.none() | st.text(max_size=60),
+    segment=st.none() | any_text(60),
     limit=queries,
     cursor=queries,
     method=st.sampled_from(["GET", "POST", "DELETE"]),
@@ -185,7 +204,9 @@ async def test_arbitrary_paths_and_queries(
     as problem+json, and the wallet's balance untouched (None = the real wallet's id)."""
     ledger = await _ledger(module_client, "paths")
     params = {name: value for name, value in (("limit", limit), ("cursor", cursor)) if value}
-    wallet_segment = ledger.wallet_id if segment is None else quote(segment, safe="")
+    wallet_segment = (
+        ledger.wallet_id if segment is None else quote(segment, safe="", errors="surrogatepass")
+    )
     path = f"/api/v1/wallets/{wallet_segment}"
     for suffix in ("", "/operations", "/operation"):
         response = await module_client.request(

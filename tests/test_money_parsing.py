@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Final
 
 import pytest
@@ -95,16 +96,17 @@ json_values = st.recursive(
     max_leaves=6,
 )
 
-number_texts = st.from_regex(r"\A-?[0-9]{1,25}(\.[0-9]{0,20})?([eE][-+]?[0-9]{1,4})?\Z")
+# Long enough to pass the 28 digits of Decimal's default context in the mantissa.
+number_texts = st.from_regex(r"\A-?[0-9]{1,40}(\.[0-9]{0,60})?([eE][-+]?[0-9]{1,4})?\Z")
 
 
 def _is_valid_amount(value: Decimal) -> bool:
-    return (
-        value.is_finite()
-        and value > 0
-        and value <= Decimal(format_minor(AMOUNT_MINOR_MAX))
-        and (value * 100) == (value * 100).to_integral_value()
-    )
+    # Fractions, not Decimal arithmetic: the decimal context rounds to 28 digits, and an
+    # oracle that rounds like the parser cannot catch the parser rounding.
+    if not value.is_finite():
+        return False
+    exact = Fraction(value)
+    return 0 < exact <= AMOUNT_MINOR_MAX / Fraction(100) and (exact * 100).denominator == 1
 
 
 def _check_total(raw_value: str) -> None:
@@ -130,7 +132,7 @@ def _check_total(raw_value: str) -> None:
         exact = Decimal(exact)
     assert isinstance(exact, Decimal), raw_value
     assert _is_valid_amount(exact), raw_value
-    assert Decimal(result) / 100 == exact
+    assert Fraction(result, 100) == Fraction(exact), raw_value
 
 
 @PROPERTY_SETTINGS
@@ -147,6 +149,8 @@ def test_any_json_value_is_an_amount_or_a_field_error(value: Any) -> None:
 @example("9" * 25 + "e-23")
 @example("-0.00")
 @example("0.001e1")
+@example("10.009999999999999999999999999")
+@example("1000.999999999999999999999999999e-2")
 def test_any_number_literal_is_exact_or_refused(text: str) -> None:
     """Any JSON number literal (signs, exponents, long fractions) is exact or refused."""
     _check_total(text)
@@ -167,6 +171,50 @@ def test_any_string_is_an_exact_decimal_or_refused(text: str) -> None:
     _check_total(json.dumps(text))
 
 
+def _written_forms(digits: str, point: int) -> list[str]:
+    """``digits`` with a decimal point after ``point`` of them, written as a plain decimal
+    and in exponent forms that move the point (so the mantissa alone looks harmless)."""
+    plain = digits[:point] + "." + digits[point:]
+    mantissa = digits.lstrip("0")  # JSON allows no leading zeros
+    shift = len(digits) - point
+    forms = [plain, mantissa + f"e-{shift}", mantissa + f"E-{shift}"]
+    forms.append("0." + digits + f"e{point}")
+    forms.append("0." + digits + f"e+{point}")
+    return forms
+
+
+@PROPERTY_SETTINGS
+@given(
+    minor_amounts,
+    st.integers(min_value=1, max_value=60),
+    st.integers(min_value=1, max_value=9),
+    st.booleans(),
+)
+@example(1001, 25, 9, False)  # 10.009999999999999999999999999, the reported one
+@example(1000, 27, 1, True)  # 10.000000000000000000000000001
+def test_a_nonzero_digit_past_the_second_decimal_is_refused_however_written(
+    minor: int, extra_digits: int, last_digit: int, above: bool
+) -> None:
+    """An amount 10^-(2+extra_digits) away from a valid one (above it, or below it as in
+    10.00999...9) is 422 as a JSON number, a decimal string and in exponent forms, however
+    many digits it takes: the decimal context must never round it onto the valid amount."""
+    exact = Fraction(minor, 100) + (1 if above else -1) * Fraction(
+        last_digit, 10 ** (2 + extra_digits)
+    )
+    if exact <= 0:
+        return
+    scale = 10 ** (2 + extra_digits)
+    digits = str(exact.numerator * (scale // exact.denominator))
+    integer_digits = len(digits) - (2 + extra_digits)
+    if integer_digits <= 0:
+        digits = "0" * (1 - integer_digits) + digits
+        integer_digits = 1
+    for text in _written_forms(digits, integer_digits):
+        assert Fraction(Decimal(text)) == exact, text  # the test writes what it means
+        assert isinstance(amount_of(text), dict), text
+    assert isinstance(amount_of(json.dumps(_written_forms(digits, integer_digits)[0])), dict)
+
+
 @pytest.mark.parametrize(
     ("raw_value", "message"),
     [
@@ -177,6 +225,9 @@ def test_any_string_is_an_exact_decimal_or_refused(text: str) -> None:
         ("0", "greater than 0"),
         ("1.001", "2 fractional digits"),
         ("1e-3", "2 fractional digits"),
+        ("10.009999999999999999999999999", "2 fractional digits"),
+        ('"10.009999999999999999999999999"', "2 fractional digits"),
+        ("1000999999999999999999999999999e-29", "2 fractional digits"),
         ("1000000000000.01", "at most 1000000000000.00"),
         ("1e400", "at most"),
         ("[1]", "number or a decimal string"),

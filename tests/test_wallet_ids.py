@@ -1,0 +1,186 @@
+"""One spelling per wallet id: canonical 8-4-4-4-12 hex, checked on the raw request path,
+and a parse cache that only ever holds canonical ids (so it stays small whatever is sent)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Final
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from walletd.http.parsing import (
+    WALLET_ID_CACHE_ENTRIES_MAX,
+    WALLET_ID_PATTERN,
+    _wallet_uuid,
+    parse_create_body,
+    parse_wallet_id,
+)
+from walletd.http.problems import ProblemError, ValidationProblem
+
+Client = TestClient[web.Request, web.Application]
+
+READ_TIMEOUT_S: Final = 10.0
+CANONICAL: Final = "123e4567-e89b-12d3-a456-426614174000"
+# Every spelling Python's UUID() takes for CANONICAL, none of them the canonical one.
+OTHER_SPELLINGS: Final = (
+    "urn:uuid:" + CANONICAL,
+    "{" + CANONICAL + "}",
+    CANONICAL.replace("-", ""),
+    "0x" + CANONICAL.replace("-", ""),
+    "+" + CANONICAL[1:],
+    CANONICAL.replace("-", "_"),
+    " " + CANONICAL,
+    CANONICAL + "\n",
+    "123e4567e-89b-12d3-a456-426614174000",  # hyphens in the wrong places
+    "123e4567-e89b-12d3-a456-42661417400０",  # a fullwidth digit
+)
+_CANONICAL_TEXT: Final = re.compile(WALLET_ID_PATTERN.strip("^$"))
+
+
+def _refused(text: str) -> ProblemError:
+    with pytest.raises(ProblemError) as refused:
+        parse_wallet_id(text)
+    return refused.value
+
+
+def test_only_the_canonical_form_is_a_wallet_id() -> None:
+    """Lower, upper and mixed case canonical ids parse; every other UUID() spelling is 400."""
+    for text in (CANONICAL, CANONICAL.upper(), "123E4567-e89b-12D3-a456-426614174000"):
+        assert parse_wallet_id(text) == uuid.UUID(CANONICAL)
+    for text in OTHER_SPELLINGS:
+        error = _refused(text)
+        assert (error.status, error.code) == (400, "INVALID_WALLET_ID"), text
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.uuids().map(str) | st.text(max_size=40) | st.from_regex(_CANONICAL_TEXT, fullmatch=True))
+@example("00000000-0000-0000-0000-00000000000g")
+def test_any_text_is_a_canonical_id_or_refused(text: str) -> None:
+    """A text is accepted exactly when it matches the documented pattern, and names the id
+    that its lowercase spelling names."""
+    if _CANONICAL_TEXT.fullmatch(text) and len(text) == 36:
+        assert str(parse_wallet_id(text)) == text.lower()
+    else:
+        assert _refused(text).code == "INVALID_WALLET_ID"
+
+
+def test_a_body_id_is_canonical_or_422() -> None:
+    """POST /wallets {"id": ...}: the canonical form in either case, anything else 422."""
+    assert parse_create_body({"id": CANONICAL.upper()}) == uuid.UUID(CANONICAL)
+    for text in OTHER_SPELLINGS:
+        with pytest.raises(ValidationProblem) as refused:
+            parse_create_body({"id": text})
+        assert refused.value.extra == {
+            "errors": [
+                {"field": "id", "message": "must be a UUID in the canonical 8-4-4-4-12 hex form"}
+            ]
+        }
+
+
+def test_the_parse_cache_keeps_only_canonical_ids_and_is_bounded() -> None:
+    """100,000 invalid texts (up to 7 KB each) add nothing to the cache; valid ids past its
+    bound evict older ones, so it never holds more than WALLET_ID_CACHE_ENTRIES_MAX."""
+    _wallet_uuid.cache_clear()
+    for index in range(100_000):
+        with pytest.raises(ProblemError):
+            parse_wallet_id(f"{index:x}" * (1 + index % 1000))
+    assert _wallet_uuid.cache_info().currsize == 0
+    for _ in range(WALLET_ID_CACHE_ENTRIES_MAX + 1000):
+        parse_wallet_id(str(uuid.uuid4()))
+    assert _wallet_uuid.cache_info().currsize == WALLET_ID_CACHE_ENTRIES_MAX
+
+
+async def _wallet(client: Client) -> str:
+    response = await client.post("/api/v1/wallets")
+    assert response.status == 201
+    wallet_id: str = (await response.json())["id"]
+    return wallet_id
+
+
+async def _raw_request(client: Client, request_line: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send one request exactly as written (no client-side URL normalisation)."""
+    server = client.server
+    assert isinstance(server, TestServer)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        head = [request_line, "Host: 127.0.0.1", "Connection: close"]
+        if body:
+            head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), READ_TIMEOUT_S)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def test_percent_encoded_and_other_path_spellings_are_refused(
+    module_client: Client,
+) -> None:
+    """An id percent-encoded in the path (routed by aiohttp, not by a proxy), %2F that would
+    reach another route, and every non-canonical spelling: 400 INVALID_WALLET_ID, no money
+    moved. An uppercase id is served and answered in lowercase."""
+    client = module_client
+    wallet_id = await _wallet(client)
+    deposit = b'{"operation_type": "DEPOSIT", "amount": "1.00"}'
+    encoded = "".join(f"%{ord(c):02X}" for c in wallet_id[:2]) + wallet_id[2:]
+    spellings = [encoded, wallet_id.replace("-", ""), "urn:uuid:" + wallet_id]
+    spellings += ["%7B" + wallet_id + "%7D", wallet_id[:-1] + "%" + f"{ord(wallet_id[-1]):02x}"]
+    for spelling in spellings:
+        for method, suffix, body in (
+            ("GET", "", b""),
+            ("GET", "/operations", b""),
+            ("POST", "/operation", deposit),
+        ):
+            status, answer = await _raw_request(
+                client, f"{method} /api/v1/wallets/{spelling}{suffix} HTTP/1.1", body
+            )
+            assert (status, orjson.loads(answer)["code"]) == (400, "INVALID_WALLET_ID"), spelling
+    # aiohttp routes %2F as part of the segment: the wallet route, which has no POST.
+    status, answer = await _raw_request(
+        client, f"POST /api/v1/wallets/{wallet_id}%2Foperation HTTP/1.1", deposit
+    )
+    assert (status, orjson.loads(answer)["code"]) == (405, "METHOD_NOT_ALLOWED")
+    status, answer = await _raw_request(
+        client, f"GET /api/v1/wallets/{wallet_id}%2Foperations HTTP/1.1"
+    )
+    assert (status, orjson.loads(answer)["code"]) == (400, "INVALID_WALLET_ID")
+    status, answer = await _raw_request(client, f"GET /api/v1/wallets/{wallet_id.upper()} HTTP/1.1")
+    assert (status, orjson.loads(answer)["id"], orjson.loads(answer)["balance"]) == (
+        200,
+        wallet_id,
+        "0.00",
+    )
+
+
+async def test_an_absolute_form_request_target_is_served(module_client: Client) -> None:
+    """``GET http://host/api/v1/wallets/<id>`` (RFC 9112 absolute form) finds the id too."""
+    wallet_id = await _wallet(module_client)
+    status, answer = await _raw_request(
+        module_client, f"GET http://127.0.0.1/api/v1/wallets/{wallet_id}?x=1 HTTP/1.1"
+    )
+    assert (status, orjson.loads(answer)["id"]) == (200, wallet_id)
+
+
+async def test_a_body_id_in_another_spelling_creates_nothing(module_client: Client) -> None:
+    """POST /wallets with a non-canonical id is 422 and creates no wallet under it; the
+    canonical uppercase form creates the wallet, answered and located in lowercase."""
+    client = module_client
+    chosen = uuid.uuid4()
+    for text in ("urn:uuid:" + str(chosen), "{" + str(chosen) + "}", chosen.hex):
+        response = await client.post("/api/v1/wallets", json={"id": text})
+        assert response.status == 422, text
+        assert (await response.json())["code"] == "VALIDATION_ERROR"
+    assert (await client.get(f"/api/v1/wallets/{chosen}")).status == 404
+    response = await client.post("/api/v1/wallets", json={"id": str(chosen).upper()})
+    assert response.status == 201
+    assert (await response.json())["id"] == str(chosen)
+    assert response.headers["Location"] == f"/api/v1/wallets/{chosen}"
