@@ -24,6 +24,7 @@ from walletd.cli.service import (
     engine_limits,
     migrate_database,
     pool_settings,
+    require_migrated,
     running_services,
     storage,
 )
@@ -99,7 +100,7 @@ def _print_mismatch(mismatch: Mismatch) -> None:
 
 async def _verify(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
-        await migrate_database(dsn)
+        await require_migrated(dsn)
         report = await verify(dsn, _print_mismatch)
     print(report.summary(), flush=True)
     return 0 if report.clean else 1
@@ -107,7 +108,7 @@ async def _verify(config: Config, _args: argparse.Namespace) -> int:
 
 async def _restore(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
-        await migrate_database(dsn)
+        await require_migrated(dsn)
         report = await restore(dsn)
     print(report.summary(), flush=True)
     return 0
@@ -115,7 +116,7 @@ async def _restore(config: Config, _args: argparse.Namespace) -> int:
 
 async def _seed(config: Config, args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
-        await migrate_database(dsn)
+        await require_migrated(dsn)
         report = await seed(dsn, args.wallets, args.operations)
     print(report.summary(), flush=True)
     return 0

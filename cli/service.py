@@ -27,13 +27,14 @@ from walletd.persistence.database import (
     create_pool,
 )
 from walletd.persistence.embedded import EmbeddedPostgres
-from walletd.persistence.migrate import apply_migrations
+from walletd.persistence.migrate import apply_migrations, require_current_schema
 from walletd.persistence.postgres_log import PostgresLog
 
 __all__ = [
     "engine_limits",
     "migrate_database",
     "pool_settings",
+    "require_migrated",
     "running_services",
     "storage",
 ]
@@ -87,6 +88,16 @@ async def migrate_database(dsn: str) -> list[str]:
     try:
         await check_server_version(connection)
         return [f"{m.version:04d}_{m.name}" for m in await apply_migrations(connection)]
+    finally:
+        await connection.close()
+
+
+async def require_migrated(dsn: str) -> None:
+    """For the operator commands: refuse a database with pending migrations, change nothing."""
+    connection = await connect(dsn)
+    try:
+        await check_server_version(connection)
+        await require_current_schema(connection)
     finally:
         await connection.close()
 
