@@ -75,11 +75,13 @@ async def _serve(config: Config) -> None:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048)
         await site.start()
         host, port = runner.addresses[0][:2]
-        print(f"walletd listening on http://{host}:{port}", flush=True)
+        # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
+        # reads the line must get the graceful drain, not the default death by signal.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        print(f"walletd listening on http://{host}:{port}", flush=True)
         await stop.wait()
         _log.info("stopping: draining in-flight requests")
     finally:
