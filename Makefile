@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
+.PHONY: run test tools install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,16 @@ typecheck: install-dev .typecheck/walletd
 pytest: install-dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# The external tools the suite needs (Chromium, docker-compose, ...): every executable
+# .ci/install-* is idempotent, installs what is missing when run as root, and otherwise
+# fails naming the one command that would install it. A test whose tool is missing fails
+# rather than skips, so `make test` runs them first instead of reporting a green skip.
+tools:
+	@for script in .ci/install-*; do \
+		if [ -x "$$script" ]; then "$$script" || exit 1; fi; \
+	done
+
+test: tools lint typecheck pytest
 
 # Builds the wheel and imports every subpackage from it in a clean venv, because an
 # editable install hides a package missing from `packages` (PACKAGING.md rule 2).

@@ -83,6 +83,10 @@ SETTINGS: tuple[Setting, ...] = (
             "a request gets 503"),
     Setting("db_command_timeout_s", ("WALLETD_DB_COMMAND_TIMEOUT",), "--db-command-timeout",
             float, 10.0, "seconds one SQL statement may run before it is cancelled"),
+    Setting("allow_unsafe_durability", ("WALLETD_ALLOW_UNSAFE_DURABILITY",),
+            "--allow-unsafe-durability", _bool, False,
+            "serve even when PostgreSQL runs with fsync or full_page_writes off (a crash "
+            "may then lose acknowledged writes); for throwaway test servers only"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
     Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
@@ -114,6 +118,7 @@ class Config:
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float
+    allow_unsafe_durability: bool
     body_bytes_max: int
     body_read_timeout_s: float
     api_keys: tuple[str, ...]
@@ -135,6 +140,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             setting.flag,
             dest=setting.name,
             default=None,
+            # A boolean flag alone means true (`--access-log`); a value is accepted too.
+            nargs="?" if setting.parse is _bool else None,
+            const="true" if setting.parse is _bool else None,
             help=f"{setting.help} (env {env}; default {setting.default})",
         )
 

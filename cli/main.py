@@ -24,6 +24,7 @@ from walletd.cli.service import (
     engine_limits,
     migrate_database,
     pool_settings,
+    require_migrated,
     running_services,
     storage,
 )
@@ -75,11 +76,13 @@ async def _serve(config: Config) -> None:
         site = web.TCPSite(runner, config.host, config.port, backlog=2048)
         await site.start()
         host, port = runner.addresses[0][:2]
-        print(f"walletd listening on http://{host}:{port}", flush=True)
+        # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
+        # reads the line must get the graceful drain, not the default death by signal.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        print(f"walletd listening on http://{host}:{port}", flush=True)
         await stop.wait()
         _log.info("stopping: draining in-flight requests")
     finally:
@@ -100,7 +103,7 @@ def _print_mismatch(mismatch: Mismatch) -> None:
 
 async def _verify(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
-        await migrate_database(dsn)
+        await require_migrated(dsn)
         report = await verify(dsn, _print_mismatch)
     print(report.summary(), flush=True)
     return 0 if report.clean else 1
@@ -108,7 +111,7 @@ async def _verify(config: Config, _args: argparse.Namespace) -> int:
 
 async def _restore(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
-        await migrate_database(dsn)
+        await require_migrated(dsn)
         report = await restore(dsn)
     print(report.summary(), flush=True)
     return 0
@@ -116,7 +119,7 @@ async def _restore(config: Config, _args: argparse.Namespace) -> int:
 
 async def _seed(config: Config, args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
-        await migrate_database(dsn)
+        await require_migrated(dsn)
         report = await seed(dsn, args.wallets, args.operations)
     print(report.summary(), flush=True)
     return 0

@@ -1,8 +1,8 @@
 """Wiring: storage, migrations, the serving lock and the engine, started and stopped in order.
 
-Start-up: embedded PostgreSQL (when no URL) → version check → migrations → serving lock →
-pool → engine. Shut-down runs the same steps in reverse, after the HTTP server has finished
-every in-flight request.
+Start-up: embedded PostgreSQL (when no URL) → durability check → version check →
+migrations → serving lock → pool → engine. Shut-down runs the same steps in reverse, after
+the HTTP server has finished every in-flight request.
 """
 
 from __future__ import annotations
@@ -22,18 +22,23 @@ from walletd.http.state import Services
 from walletd.persistence.database import (
     PoolSettings,
     ServingLock,
+    check_durability,
     check_server_version,
     connect,
     create_pool,
+    describe_settings,
+    unsafe_settings,
 )
 from walletd.persistence.embedded import EmbeddedPostgres
-from walletd.persistence.migrate import apply_migrations
+from walletd.persistence.migrate import apply_migrations, require_current_schema
 from walletd.persistence.postgres_log import PostgresLog
 
 __all__ = [
     "engine_limits",
     "migrate_database",
     "pool_settings",
+    "require_durable",
+    "require_migrated",
     "running_services",
     "storage",
 ]
@@ -91,6 +96,33 @@ async def migrate_database(dsn: str) -> list[str]:
         await connection.close()
 
 
+async def require_durable(dsn: str, *, allow_unsafe: bool) -> None:
+    """Refuse to serve on a server that could lose acknowledged writes (see check_durability)."""
+    connection = await connect(dsn)
+    try:
+        settings = await check_durability(connection, allow_unsafe=allow_unsafe)
+    finally:
+        await connection.close()
+    # The bench report quotes this line: the settings of the server it measured.
+    _log.info("PostgreSQL durability: %s", describe_settings(settings))
+    unsafe = unsafe_settings(settings)
+    if unsafe:
+        _log.warning(
+            "serving with %s (--allow-unsafe-durability): a crash may lose acknowledged writes",
+            ", ".join(unsafe),
+        )
+
+
+async def require_migrated(dsn: str) -> None:
+    """For the operator commands: refuse a database with pending migrations, change nothing."""
+    connection = await connect(dsn)
+    try:
+        await check_server_version(connection)
+        await require_current_schema(connection)
+    finally:
+        await connection.close()
+
+
 class _Readiness:
     """Storage answers, the engine accepts, the lock is held; pings are cached briefly."""
 
@@ -136,6 +168,8 @@ async def running_services(
     config: Config, observer: EngineObserver | None = None
 ) -> AsyncIterator[Services]:
     async with storage(config) as dsn:
+        # Before migrating: a server walletd will not serve is left exactly as it was.
+        await require_durable(dsn, allow_unsafe=config.allow_unsafe_durability)
         applied = await migrate_database(dsn)
         if applied:
             _log.info("applied migrations: %s", ", ".join(applied))

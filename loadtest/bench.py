@@ -41,6 +41,7 @@ from loadtest.bench_report import (
     WrkRun,
     bounded_check,
     machine_info,
+    measured_durability,
     ops_per_commit,
     parse_batch_ops,
     parse_wrk_output,
@@ -332,13 +333,13 @@ def _summaries(results: Results) -> list[Summary]:
 
 
 def write_report(
-    summaries: list[Summary], verification: list[str], args: argparse.Namespace
+    summaries: list[Summary], verification: list[str], args: argparse.Namespace, durability: str
 ) -> None:
     wrk_settings = (
         f"wrk {WRK_THREADS} threads, {args.connections} connections, {args.duration}s per run,"
         f" {args.warmup}s unmeasured warm-up per scenario and target, {args.rounds} rounds"
         f" alternating walletd/ceiling, {args.settle:g}s of quiet before each run,"
-        f" {args.wallets} wallets for many/get, deposits of {AMOUNT}."
+        f" {args.wallets} wallets for many/get, deposits of {AMOUNT}. {durability}"
     )
     section = render_section(
         summaries,
@@ -380,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             print(f"bench failed: {error}", file=sys.stderr)
             return 1
-    write_report(_summaries(results), verification, args)
+        log_path = walletd.log_path
+        durability = measured_durability(
+            log_path.read_text(errors="replace") if log_path is not None else ""
+        )
+    write_report(_summaries(results), verification, args, durability)
     return 1 if any(line.startswith("FAIL") for line in verification) else 0
 
 

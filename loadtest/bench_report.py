@@ -197,6 +197,17 @@ def machine_info(
     return f"{os.cpu_count()} CPUs (nproc), {model}, {memory}"
 
 
+_DURABILITY_LINE = re.compile(r"PostgreSQL durability: (.+)$", re.MULTILINE)
+
+
+def measured_durability(walletd_log: str) -> str:
+    """The durability settings walletd logged at start: those of the server measured."""
+    match = _DURABILITY_LINE.search(walletd_log)
+    if match is None:
+        return "PostgreSQL durability: unknown (walletd did not log it)."
+    return f"PostgreSQL durability: {match.group(1).strip()}."
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 

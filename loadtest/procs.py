@@ -93,11 +93,16 @@ def stop(server: Server, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         return process.wait(timeout=timeout_s)
 
 
+# Measurements and load tests run on a server that keeps every acknowledged write.
+_NEVER_INHERITED = ("WALLETD_ALLOW_UNSAFE_DURABILITY",)
+
+
 @contextlib.contextmanager
 def _running(command: list[str], url: str, log_path: Path) -> Iterator[Server]:
+    environment = {k: v for k, v in os.environ.items() if k not in _NEVER_INHERITED}
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=os.environ.copy()
+            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environment
         )
         server = Server(url, process, log_path)
         try:

@@ -1,7 +1,8 @@
 """Recovery at scale, measured: ``python -m loadtest.recovery_bench --data-dir DIR``.
 
-Expects a data dir seeded with ``walletd seed --data-dir DIR --wallets 1000000
---operations 5000000`` (embedded PostgreSQL) or ``--database-url``. Measures:
+Expects a data dir migrated and seeded with ``walletd migrate --data-dir DIR`` and then
+``walletd seed --data-dir DIR --wallets 1000000 --operations 5000000`` (embedded
+PostgreSQL) or ``--database-url``. Measures:
 
 1. ``walletd serve`` start to ready: from process start to ``/readyz`` answering 200.
 2. ``walletd verify`` duration (the whole command, as an operator runs it).

@@ -1,32 +1,44 @@
-"""Connecting to PostgreSQL: the pool, the version check, and the serving lock.
+"""Connecting to PostgreSQL: the pool, the version and durability checks, the serving lock.
+
+Every connection walletd opens sets ``synchronous_commit=on`` in its startup packet: that
+beats a role's, a database's or the DSN's ``options`` setting, so a COMMIT that returned is
+in the fsync'd WAL whatever the server's defaults, and a 2xx means durable.
 
 Exceptions::
 
     DatabaseError               start-up cannot go on; the message is one readable line
     ├── DatabaseUnreachable     no connection could be made
     ├── DatabaseTooOld          the server is older than PostgreSQL 14
+    ├── DatabaseUnsafe          the server runs with fsync or full_page_writes off
     └── DatabaseBusy            another walletd server holds the serving lock
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import asyncpg
 
 __all__ = [
+    "DURABILITY_SETTINGS",
     "POSTGRES_VERSION_MIN",
     "SERVE_LOCK_ID",
     "DatabaseBusy",
     "DatabaseError",
     "DatabaseTooOld",
     "DatabaseUnreachable",
+    "DatabaseUnsafe",
     "PoolSettings",
     "ServingLock",
+    "check_durability",
     "check_server_version",
     "connect",
     "create_pool",
+    "describe_settings",
+    "durability_settings",
+    "unsafe_settings",
 ]
 
 POSTGRES_VERSION_MIN = 140000
@@ -46,8 +58,23 @@ class DatabaseTooOld(DatabaseError):
     pass
 
 
+class DatabaseUnsafe(DatabaseError):
+    pass
+
+
 class DatabaseBusy(DatabaseError):
     pass
+
+
+# Sent in the startup packet of every connection (client settings beat role and database
+# defaults): walletd answers a write only after COMMIT returns, so COMMIT must wait for the
+# WAL flush.
+SESSION_SETTINGS = {"synchronous_commit": "on"}
+# What a 2xx's durability rests on; the bench report prints them too.
+DURABILITY_SETTINGS = ("fsync", "full_page_writes", "synchronous_commit")
+# Server-wide settings that, when off, let a crash lose or tear committed data; no session
+# can turn them back on.
+_SERVER_DURABILITY_SETTINGS = ("fsync", "full_page_writes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +108,7 @@ def _describe(error: BaseException) -> str:
 
 async def connect(dsn: str, timeout_s: float = 5.0) -> asyncpg.Connection:
     try:
-        return await asyncpg.connect(dsn, timeout=timeout_s)
+        return await asyncpg.connect(dsn, timeout=timeout_s, server_settings=SESSION_SETTINGS)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {_describe(error)}") from error
 
@@ -94,6 +121,44 @@ async def check_server_version(connection: asyncpg.Connection) -> int:
             f"{POSTGRES_VERSION_MIN // 10000} or newer"
         )
     return version
+
+
+async def durability_settings(connection: asyncpg.Connection) -> dict[str, str]:
+    """The values of DURABILITY_SETTINGS as this connection sees them."""
+    rows = await connection.fetch(
+        "SELECT name, setting FROM pg_settings WHERE name = any($1::text[])",
+        list(DURABILITY_SETTINGS),
+    )
+    return {row["name"]: row["setting"] for row in rows}
+
+
+def unsafe_settings(settings: Mapping[str, str]) -> list[str]:
+    """The durability settings (of DURABILITY_SETTINGS' values) that are not safe, as text."""
+    unsafe = [f"{name}=off" for name in _SERVER_DURABILITY_SETTINGS if settings[name] != "on"]
+    if settings["synchronous_commit"] != "on":  # only if SESSION_SETTINGS were not applied
+        unsafe.append(f"synchronous_commit={settings['synchronous_commit']}")
+    return unsafe
+
+
+def describe_settings(settings: Mapping[str, str]) -> str:
+    return ", ".join(f"{name}={settings[name]}" for name in DURABILITY_SETTINGS)
+
+
+async def check_durability(connection: asyncpg.Connection, *, allow_unsafe: bool) -> dict[str, str]:
+    """Refuse a server that could lose acknowledged writes in a crash; return its settings.
+
+    ``fsync=off`` or ``full_page_writes=off`` is a server-wide choice no session can undo:
+    walletd would answer 2xx for writes a power loss can lose or tear. ``allow_unsafe`` (an
+    operator's explicit override, e.g. for a throwaway test server) skips the refusal.
+    """
+    settings = await durability_settings(connection)
+    unsafe = unsafe_settings(settings)
+    if unsafe and not allow_unsafe:
+        raise DatabaseUnsafe(
+            f"PostgreSQL runs with {', '.join(unsafe)}: acknowledged writes could be lost in "
+            "a crash; fix the server's settings, or start with --allow-unsafe-durability"
+        )
+    return settings
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -120,6 +185,7 @@ async def create_pool(dsn: str, settings: PoolSettings) -> asyncpg.Pool:
             # ones are recycled so a restarted server is not met with stale sockets.
             max_inactive_connection_lifetime=60.0,
             reset=_keep_session,
+            server_settings=SESSION_SETTINGS,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {_describe(error)}") from error

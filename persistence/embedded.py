@@ -5,6 +5,15 @@ controls the port, the socket settings and stop/start, which the outage tests ne
 The server listens on 127.0.0.1 only, on a free port, with no Unix socket; durability
 settings are PostgreSQL's defaults (fsync and synchronous_commit on).
 
+Authentication: every rule of ``pg_hba.conf`` (TCP and Unix socket, databases and
+replication) is ``scram-sha-256``, and the one role, ``postgres``, has a generated password
+kept in ``<data dir>/postgres-password`` (mode 0600, owned by the user running walletd), so
+no other local user or process can connect, whatever the folders' permissions. The DSN
+handed out carries it. A data dir made by an earlier walletd with ``trust`` is upgraded in
+place on start: the password is set in single-user mode (no listener is open meanwhile),
+then the rules are rewritten; a trust server still running from that version is upgraded
+through its own connection and told to reload.
+
 PostgreSQL refuses to run as root. When walletd runs as root it creates a system user
 ``walletd-pg`` to own the cluster, and grants others search (x) permission on the folders
 above the binaries and the data directory so that user can reach them.
@@ -17,6 +26,7 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
@@ -29,6 +39,22 @@ _log = logging.getLogger("walletd.embedded")
 
 SYSTEM_USER = "walletd-pg"
 START_TIMEOUT_S = 60
+SUPERUSER = "postgres"
+# Beside pgdata, in the data dir: readable by walletd's user only.
+SECRET_FILE_NAME = "postgres-password"
+SECRET_BYTES = 32
+
+# Every listener, every database, replication too: the password or nothing.
+HBA_RULES = f"""\
+# Written by walletd: every connection needs the password in {SECRET_FILE_NAME} (data dir).
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 scram-sha-256
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+local   replication  all                 scram-sha-256
+host    replication  all   127.0.0.1/32  scram-sha-256
+host    replication  all   ::1/128       scram-sha-256
+"""
 
 
 class EmbeddedPostgresError(Exception):
@@ -50,6 +76,28 @@ def _free_port() -> int:
         return port
 
 
+def read_or_create_secret(path: Path) -> tuple[str, bool]:
+    """The password in ``path`` (created, mode 0600, when missing or empty); whether it is new.
+
+    It goes into a URL and a SQL literal, so only letters and digits are accepted.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_mode & 0o077:
+            _log.warning("%s was readable by others; made it 0600", path)
+            path.chmod(0o600)
+        secret = path.read_text().strip()
+        if secret:
+            if not secret.isalnum():
+                raise EmbeddedPostgresError(f"{path} must hold only letters and digits")
+            return secret, False
+        path.unlink()  # empty: a crash between creating and writing it
+    secret = secrets.token_hex(SECRET_BYTES)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret + "\n")
+    return secret, True
+
+
 def _grant_search(path: Path) -> None:
     """Let other users traverse every folder from / down to ``path``."""
     for folder in [path, *path.parents]:
@@ -61,6 +109,8 @@ def _grant_search(path: Path) -> None:
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         self.pgdata = data_dir.resolve() / "pgdata"
+        self.secret_path = data_dir.resolve() / SECRET_FILE_NAME
+        self._secret: str | None = None
         self._requested_port = port
         self.port: int | None = None
         # True when start() found a server already running on this data dir (another
@@ -71,11 +121,17 @@ class EmbeddedPostgres:
 
     @property
     def dsn(self) -> str:
-        if self.port is None:
+        if self.port is None or self._secret is None:
             raise EmbeddedPostgresError("the embedded PostgreSQL is not running")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://{SUPERUSER}:{self._secret}@127.0.0.1:{self.port}/postgres"
 
-    def _run(self, *args: str, timeout: float = START_TIMEOUT_S) -> str:
+    def _run(
+        self,
+        *args: str,
+        timeout: float = START_TIMEOUT_S,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
         command = [str(self._bin / args[0]), *args[1:]]
         identity = self._identity()
         try:
@@ -85,6 +141,8 @@ class EmbeddedPostgres:
                 capture_output=True,
                 text=True,
                 timeout=timeout,
+                input=stdin,
+                env=env,
                 cwd="/",
                 # Group too: with root's group the "group" permission bits (often none)
                 # would apply instead of "other" on the folders above the data dir.
@@ -158,10 +216,14 @@ class EmbeddedPostgres:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self.pgdata.chmod(0o700)
         self._prepare_user()
-        if not (self.pgdata / "PG_VERSION").exists():
+        self._secret, secret_is_new = read_or_create_secret(self.secret_path)
+        fresh = not (self.pgdata / "PG_VERSION").exists()
+        if fresh:
             _log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+            # Secured below, before it ever listens, the way an older trust cluster is: the
+            # cluster's owner cannot read the secret file to take it as --pwfile.
             self._run(
-                "initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust",
+                "initdb", "-D", str(self.pgdata), "-U", SUPERUSER, "--auth=trust",
                 "--encoding=UTF8", "--locale=C",
             )  # fmt: skip
         running = self._running_port()
@@ -169,7 +231,13 @@ class EmbeddedPostgres:
             _log.info("adopting the embedded PostgreSQL already running on port %d", running)
             self.port = running
             self.adopted = True
+            if secret_is_new or not self._hba_is_ours():
+                self._secure_running_server()
             return self.dsn
+        if fresh or secret_is_new or not self._hba_is_ours():
+            if not fresh:
+                _log.warning("securing the embedded PostgreSQL in %s: scram-sha-256", self.pgdata)
+            self._secure_stopped_server()
         # A restart keeps the port it had, so DSNs handed out (pools, clients) stay valid.
         port = self._requested_port or self.port or _free_port()
         options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
@@ -180,6 +248,61 @@ class EmbeddedPostgres:
         self.port = port
         self.adopted = False
         return self.dsn
+
+    def _hba_is_ours(self) -> bool:
+        try:
+            return (self.pgdata / "pg_hba.conf").read_text() == HBA_RULES
+        except FileNotFoundError:
+            return False
+
+    def _write_hba(self) -> None:
+        """Replace pg_hba.conf with HBA_RULES, owned by the cluster's owner."""
+        target = self.pgdata / "pg_hba.conf"
+        staged = target.with_name("pg_hba.conf.walletd")
+        staged.write_text(HBA_RULES)
+        staged.chmod(0o600)
+        identity = self._identity()
+        if identity is not None:
+            os.chown(staged, *identity)
+        staged.replace(target)  # atomic: the server never reads half a file
+
+    def _password_sql(self) -> str:
+        assert self._secret is not None  # letters and digits: safe as a literal
+        return (
+            "SET password_encryption = 'scram-sha-256';\n"
+            f"ALTER ROLE {SUPERUSER} PASSWORD '{self._secret}';\n"
+        )
+
+    def _secure_stopped_server(self) -> None:
+        """Secure a stopped cluster (new, trust, or a lost secret): password, then the rules.
+
+        Single-user mode opens no listener, so the cluster is never reachable half-secured.
+        """
+        self._run(
+            "postgres", "--single", "-D", str(self.pgdata), "-c", "listen_addresses=",
+            "-c", "unix_socket_directories=", SUPERUSER,
+            stdin=self._password_sql(),
+        )  # fmt: skip
+        self._write_hba()
+
+    def _secure_running_server(self) -> None:
+        """Upgrade an adopted server still running with trust rules (an earlier walletd's)."""
+        _log.warning("securing the running embedded PostgreSQL on port %s", self.port)
+        # Trust lets this in without a password; once the rules are rewritten and reloaded
+        # only the secret does.
+        environment = {"PATH": os.environ.get("PATH", ""), "PGCONNECT_TIMEOUT": "10"}
+        self._run(
+            "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+            "-p", str(self.port), "-U", SUPERUSER, "-d", "postgres", "-w", "-f", "-",
+            stdin=self._password_sql(), env=environment,
+        )  # fmt: skip
+        self._write_hba()
+        self._run(
+            "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
+            "-p", str(self.port), "-U", SUPERUSER, "-d", "postgres", "-w",
+            "-c", "SELECT pg_reload_conf()",
+            env={**environment, "PGPASSWORD": self._secret or ""},
+        )  # fmt: skip
 
     def release(self) -> None:
         """Stop the server if this handle started it; leave an adopted one running."""

@@ -13,7 +13,14 @@ from importlib import resources
 
 import asyncpg
 
-__all__ = ["MIGRATION_LOCK_ID", "Migration", "MigrationError", "apply_migrations", "migrations"]
+__all__ = [
+    "MIGRATION_LOCK_ID",
+    "Migration",
+    "MigrationError",
+    "apply_migrations",
+    "migrations",
+    "require_current_schema",
+]
 
 # An arbitrary constant shared by every walletd process ("walletd-m" in ASCII, truncated).
 MIGRATION_LOCK_ID = 0x77616C6C6574642D
@@ -49,6 +56,51 @@ def migrations() -> list[Migration]:
     return found
 
 
+def _pending(recorded: dict[int, str]) -> list[Migration]:
+    """The migrations not yet recorded; refuses a database that differs from the files."""
+    known = migrations()
+    unknown = set(recorded) - {m.version for m in known}
+    if unknown:
+        raise MigrationError(
+            f"database has migrations {sorted(unknown)} that this walletd does not know; "
+            "it is older than the schema"
+        )
+    pending = []
+    for migration in known:
+        checksum = recorded.get(migration.version)
+        if checksum is None:
+            pending.append(migration)
+        elif checksum != migration.checksum:
+            raise MigrationError(
+                f"migration {migration.version} ({migration.name}) was changed after it was applied"
+            )
+    return pending
+
+
+async def _recorded(connection: asyncpg.Connection) -> dict[int, str]:
+    exists = await connection.fetchval(
+        "SELECT to_regclass('walletd_schema_migrations') IS NOT NULL"
+    )
+    if not exists:
+        return {}
+    rows = await connection.fetch("SELECT version, checksum FROM walletd_schema_migrations")
+    return {row["version"]: row["checksum"] for row in rows}
+
+
+async def require_current_schema(connection: asyncpg.Connection) -> None:
+    """Refuse to go on when migrations are pending, changing nothing.
+
+    The operator commands (verify, restore, seed) call this: running a check must never
+    change a schema; only ``walletd migrate`` and ``walletd serve`` apply migrations.
+    """
+    pending = _pending(await _recorded(connection))
+    if pending:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+        raise MigrationError(
+            f"the database schema is not up to date (pending: {names}); run `walletd migrate` first"
+        )
+
+
 async def apply_migrations(connection: asyncpg.Connection) -> list[Migration]:
     """Apply pending migrations; return the ones applied now (empty when up to date)."""
     applied_now: list[Migration] = []
@@ -64,24 +116,7 @@ async def apply_migrations(connection: asyncpg.Connection) -> list[Migration]:
             )
             """
         )
-        rows = await connection.fetch("SELECT version, checksum FROM walletd_schema_migrations")
-        recorded = {row["version"]: row["checksum"] for row in rows}
-        known = migrations()
-        unknown = set(recorded) - {m.version for m in known}
-        if unknown:
-            raise MigrationError(
-                f"database has migrations {sorted(unknown)} that this walletd does not know; "
-                "it is older than the schema"
-            )
-        for migration in known:
-            checksum = recorded.get(migration.version)
-            if checksum is not None:
-                if checksum != migration.checksum:
-                    raise MigrationError(
-                        f"migration {migration.version} ({migration.name}) was changed after "
-                        "it was applied"
-                    )
-                continue
+        for migration in _pending(await _recorded(connection)):
             await connection.execute(migration.sql)
             await connection.execute(
                 "INSERT INTO walletd_schema_migrations (version, name, checksum) "

@@ -53,6 +53,15 @@ def start_walletd(
 ) -> WalletdProcess:
     log_path = log_dir / f"walletd-{time.monotonic_ns()}.log"
     merged_env = {**os.environ, **(env or {})}
+    args = list(args)
+    if "--database-url" in args:
+        # A URL may carry the embedded server's password: pass it in the environment, which
+        # only this user can read, not on the command line, which every user can. (The flag
+        # beat any WALLETD_DATABASE_URL given; so does this.)
+        at = args.index("--database-url")
+        merged_env["WALLETD_DATABASE_URL"] = args[at + 1]
+        merged_env.pop("DATABASE_URL", None)
+        del args[at : at + 2]
     with log_path.open("w") as log_file:  # the child keeps its own descriptor
         process = subprocess.Popen(
             walletd_command(["serve", "--port", "0", *args]),

@@ -161,19 +161,22 @@ def docker_section(document: str) -> str:
     return document[document.index(DOCKER_SECTION_HEADING) :]
 
 
-# --- tools that must be there under CI -----------------------------------------------------
+# --- tools the suite needs (`make tools` installs them) ---------------------------------------
+
+# The one command that installs each tool; `make test` runs it first (make tools).
+INSTALL_COMMANDS = {
+    "docker-compose": ".ci/install-docker-tools",
+    "hadolint": "make install-dev",
+}
 
 
 def tool(name: str) -> str:
-    """The tool's path; skipped on a developer's machine without it, a failure under CI."""
+    """The tool's path; a missing tool fails the test (a skip is not a pass)."""
     beside_python = Path(sys.executable).parent / name
     found = str(beside_python) if beside_python.exists() else shutil.which(name)
     if found is not None:
         return found
-    message = f"{name} is not installed (.ci/install-docker-tools and `make install-dev`)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    pytest.fail(f"{name} is not installed; install it with: {INSTALL_COMMANDS[name]}")
 
 
 def clean_environment() -> dict[str, str]:
@@ -490,9 +493,61 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
     assert pyproject["project"]["readme"] in sources
 
 
-def test_docker_tools_installer_is_run_by_ci() -> None:
-    """.ci/run runs every executable .ci/install-*: the installer must be executable."""
-    assert os.access(ROOT / ".ci" / "install-docker-tools", os.X_OK)
+def test_tool_installers_follow_the_convention() -> None:
+    """Every .ci/install-* is an executable strict bash script that refuses politely when not
+    root, naming the command that installs its tool; .ci/run and make tools run them all."""
+    installers = sorted((ROOT / ".ci").glob("install-*"))
+    assert {path.name for path in installers} >= {"install-chromium", "install-docker-tools"}
+    for installer in installers:
+        text = installer.read_text()
+        assert os.access(installer, os.X_OK), installer.name
+        assert text.startswith("#!/usr/bin/env bash\n"), installer.name
+        assert "set -euo pipefail" in text, installer.name
+        assert 'if [ "$(id -u)" -ne 0 ]' in text, installer.name
+        assert "install it with: sudo $0" in text, installer.name
+        assert "install -y" in text, installer.name
+        assert "--no-install-recommends" in text, installer.name
+    assert "for script in .ci/install-*" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_make_test_runs_every_installer_first_and_stops_on_a_failing_one(
+    tmp_path: Path,
+) -> None:
+    """`make test` depends on `make tools`, which runs every executable .ci/install-* and
+    fails when one does (a tool it cannot install), so the suite never runs short of one."""
+    makefile = (ROOT / "Makefile").read_text()
+    test_rule = re.search(r"^test:(.*)$", makefile, re.MULTILINE)
+    assert test_rule is not None
+    assert test_rule.group(1).split()[0] == "tools"
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    ci = tmp_path / ".ci"
+    ci.mkdir()
+    for name, body in [
+        ("install-alpha", "touch alpha-ran"),
+        ("install-beta", "echo 'beta is missing; install it with: sudo x' >&2; exit 1"),
+        ("install-gamma", "touch gamma-ran"),
+        ("install-not-executable", "touch must-not-run"),
+    ]:
+        script = ci / name
+        script.write_text(f"#!/usr/bin/env bash\nset -euo pipefail\n{body}\n")
+        script.chmod(0o644 if name.endswith("not-executable") else 0o755)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "tools"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "beta is missing; install it with: sudo x" in done.stderr
+    assert (tmp_path / "alpha-ran").exists()
+    assert not (tmp_path / "gamma-ran").exists()  # stopped at the first failure
+    assert not (tmp_path / "must-not-run").exists()
+    (ci / "install-beta").write_text("#!/usr/bin/env bash\nexit 0\n")
+    done = subprocess.run(
+        ["make", "--no-print-directory", "tools"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "gamma-ran").exists()
+    assert not (tmp_path / "must-not-run").exists()
 
 
 # --- against a real walletd ----------------------------------------------------------------

@@ -16,6 +16,7 @@ from loadtest.bench_report import (
     WrkRun,
     bounded_check,
     machine_info,
+    measured_durability,
     median,
     ops_per_commit,
     parse_batch_ops,
@@ -228,3 +229,15 @@ def test_ceiling_server_answers_on_loopback() -> None:
         assert _http("POST", f"{wallet}/operation", body) == (200, created)
     assert server.process is not None
     assert server.process.returncode == 0
+
+
+def test_measured_durability_quotes_walletds_start_line() -> None:
+    """The bench header quotes the durability settings walletd logged, or says unknown."""
+    log = (
+        "2026-12-02 10:00:00,000 INFO walletd: PostgreSQL durability: fsync=on, "
+        "full_page_writes=on, synchronous_commit=on\nwalletd listening on http://x\n"
+    )
+    assert measured_durability(log) == (
+        "PostgreSQL durability: fsync=on, full_page_writes=on, synchronous_commit=on."
+    )
+    assert "unknown" in measured_durability("walletd listening on http://x\n")

@@ -161,3 +161,57 @@ async def test_commands_exit_codes(database_url: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "1 snapshot rows rebuilt" in done.stdout
     assert _run("verify", "--database-url", database_url).returncode == 0
+
+
+@pytest.mark.parametrize("command", [["verify"], ["restore"], ["seed", "--wallets", "3"]])
+async def test_maintenance_commands_refuse_pending_migrations(
+    fresh_database_url: str, command: list[str]
+) -> None:
+    """verify/restore/seed on an unmigrated database exit 2, point to migrate, change nothing."""
+    done = _run(*command, "--database-url", fresh_database_url)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "pending: 0001_" in done.stderr
+    assert "run `walletd migrate` first" in done.stderr
+    assert "Traceback" not in done.stderr
+    connection = await asyncpg.connect(fresh_database_url)
+    try:
+        tables = await connection.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        )
+    finally:
+        await connection.close()
+    assert tables == 0  # not even the migrations table was created
+
+
+async def test_maintenance_commands_refuse_a_partly_migrated_database(
+    fresh_database_url: str,
+) -> None:
+    """A database missing only its newest migration is refused too, and left as it was."""
+    from walletd.persistence.migrate import MigrationError, migrations, require_current_schema
+
+    known = migrations()
+    connection = await asyncpg.connect(fresh_database_url)
+    try:
+        await connection.execute(
+            "CREATE TABLE walletd_schema_migrations (version integer PRIMARY KEY, "
+            "name text NOT NULL, checksum text NOT NULL, applied_at timestamptz NOT NULL "
+            "DEFAULT now())"
+        )
+        for migration in known[:-1]:
+            await connection.execute(migration.sql)
+            await connection.execute(
+                "INSERT INTO walletd_schema_migrations (version, name, checksum) "
+                "VALUES ($1, $2, $3)",
+                migration.version, migration.name, migration.checksum,
+            )  # fmt: skip
+        newest = f"{known[-1].version:04d}_{known[-1].name}"
+        with pytest.raises(MigrationError, match=f"pending: {newest}\\)"):
+            await require_current_schema(connection)
+        done = _run("verify", "--database-url", fresh_database_url)
+        assert done.returncode == 2
+        assert "walletd migrate" in done.stderr
+        recorded = await connection.fetchval("SELECT max(version) FROM walletd_schema_migrations")
+        assert recorded == known[-2].version
+    finally:
+        await connection.close()
