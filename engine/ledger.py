@@ -9,7 +9,8 @@ function of its state and the commands it is given; the pipeline does the waitin
     execute(commands)        decide every command on the pending state; returns an
                              ``Applied``: one reply per command and the Batch to write
     committed(applied)       the Batch is stored: its pending state becomes committed
-    answers(applied)         the replies, reads answered from committed state
+    answers(applied, ...)    the replies, reads answered from committed state; after an
+                             earlier batch failed, 503 for those that rest on its state
     unknown(applied)         the Batch's write failed: what it touched is no longer known
     forget(applied)          drop what it touched (and the keys it added): re-read later
 
@@ -60,6 +61,7 @@ SEQ_UNKNOWN: Final = -2
 
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
+_UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
 
 
 class Pending:
@@ -134,6 +136,11 @@ class Applied:
     # Final state of each written wallet: (resident, balance, seq, updated_at_us).
     finals: list[tuple[Resident, int, int, int]] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
+    # Replies decided on state an earlier open batch wrote, and the wallet whose state it
+    # was: (index in replies, wallet id as int). Such a reply is true only if that batch
+    # commits, or if this batch's own write of the wallet was stored (its seq fencing
+    # proves the state it built on was stored).
+    dependent: list[tuple[int, int]] = field(default_factory=list)
     added_keys: list[tuple[UUID, str]] = field(default_factory=list)
     added_create_keys: list[str] = field(default_factory=list)
 
@@ -262,15 +269,21 @@ class Ledger:
         if key is not None:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
+                if earlier.seq > resident.seq:  # recorded by a batch not committed yet
+                    applied.dependent.append((len(applied.replies), wid))
                 return _replay_operation(command, earlier, resident)
         pending = resident.pending
         balance_before = resident.balance if pending is None else pending.balance
         if command.kind is OperationKind.WITHDRAW:
             if command.amount > balance_before:
+                if pending is not None or resident.seq < 0:
+                    applied.dependent.append((len(applied.replies), wid))
                 return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance_before)
             balance = balance_before - command.amount
         else:
             if balance_before + command.amount > BALANCE_MINOR_MAX:
+                if pending is not None or resident.seq < 0:
+                    applied.dependent.append((len(applied.replies), wid))
                 return Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance_before)
             balance = balance_before + command.amount
         require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
@@ -302,6 +315,10 @@ class Ledger:
         if key is not None:
             earlier = self._create_keys.get(key)
             if earlier is not None:
+                owner_wid = earlier.wallet_id.int
+                owner = self._residents.get(owner_wid)
+                if owner is not None and owner.seq < 0:  # its creation is not committed
+                    applied.dependent.append((len(applied.replies), owner_wid))
                 if earlier.wallet_id != wallet_id or earlier.fingerprint != command.fingerprint:
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 created = earlier.created_at_us
@@ -309,7 +326,10 @@ class Ledger:
                     Outcome.CREATED, WalletView(wallet_id, 0, 0, created, created), replayed=True
                 )
         wid = wallet_id.int
-        if wid in self._residents:
+        existing = self._residents.get(wid)
+        if existing is not None:
+            if existing.seq < 0:  # its creation is not committed
+                applied.dependent.append((len(applied.replies), wid))
             return Reply(Outcome.WALLET_ALREADY_EXISTS)
         now_us = self._clock_us()
         self._residents[wid] = Resident.being_created(now_us)
@@ -351,18 +371,31 @@ class Ledger:
             resident.updated_at_us = updated_at_us
             _drop_pending_if_caught_up(resident)
 
-    def answers(self, applied: Applied) -> list[Reply]:
-        """The batch's replies, in command order, reads answered from committed state."""
+    def answers(self, applied: Applied, *, earlier_failed: bool = False) -> list[Reply]:
+        """The replies of a stored batch, in command order, reads from committed state.
+
+        With ``earlier_failed`` (a batch before this one did not commit, or its outcome is
+        unknown) a reply that rests on state such a batch wrote is not known to be true:
+        it becomes 503 ``UNAVAILABLE``. The rest are true: this batch's writes were fenced
+        on stored state, and its other decisions read committed state only.
+        """
         replies = applied.replies
         for index, wallet_id, resident in applied.reads:
             replies[index] = self._committed_reply(wallet_id, resident)
+        if earlier_failed:
+            touched = applied.touched_wallets
+            for index, wid in applied.dependent:
+                if wid not in touched:
+                    replies[index] = _UNAVAILABLE
         return replies
 
     def _committed_reply(self, wallet_id: UUID, resident: Resident | None) -> Reply:
         if resident is None:  # not there when applied; perhaps created later in the batch
             resident = self._residents.get(wallet_id.int)
-        if resident is None or resident.seq < 0:
+        if resident is None or resident.seq == SEQ_CREATING:
             return Reply(Outcome.WALLET_NOT_FOUND)
+        if resident.seq == SEQ_UNKNOWN:  # an earlier batch that touched it failed
+            return _UNAVAILABLE
         return Reply(Outcome.OK, resident.committed_view(wallet_id))
 
     def unknown(self, applied: Applied) -> None:
