@@ -85,6 +85,11 @@ SETTINGS: tuple[Setting, ...] = (
             float, 10.0, "seconds one SQL statement may run before it is cancelled"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
+    Setting("bulk_items_max", ("WALLETD_BULK_ITEMS_MAX",), "--bulk-items-max", int, 1000,
+            "most operations in one bulk request; more gets 413 TOO_MANY_ITEMS (at most "
+            "the mailbox bound, so one request always fits an empty mailbox)"),
+    Setting("bulk_body_bytes_max", ("WALLETD_BULK_MAX_BODY_BYTES",), "--bulk-max-body-bytes",
+            int, 1048576, "largest bulk request body accepted; larger gets 413"),
     Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
             "comma-separated bearer tokens; when set, /api/v1 requires one"),
     Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
@@ -112,9 +117,18 @@ class Config:
     db_connect_timeout_s: float
     db_command_timeout_s: float
     body_bytes_max: int
+    bulk_items_max: int
+    bulk_body_bytes_max: int
     api_keys: tuple[str, ...]
     access_log: bool
     log_level: str
+
+    def __post_init__(self) -> None:
+        # A bulk request is admitted whole or not at all: it must fit an empty mailbox.
+        if not 1 <= self.bulk_items_max <= self.mailbox_commands_max:
+            raise ValueError(
+                f"--bulk-items-max must be within 1..--mailbox-max ({self.mailbox_commands_max})"
+            )
 
     @property
     def pool_size(self) -> int:

@@ -118,6 +118,38 @@ class Engine:
         )
         return await future
 
+    def submit_operations(
+        self, operations: list[tuple[UUID, OperationKind, int, str | None]]
+    ) -> list[asyncio.Future[Reply]]:
+        """Queue many deposits/withdrawals at once: all of them, or none.
+
+        Raises ``EngineOverloaded`` (or ``EngineStopping``) before queueing anything when
+        some shard's mailbox cannot take its share, so a bulk request is never half-queued.
+        Operations on one wallet enter its shard's mailbox, hence apply, in list order.
+        Each future resolves once its batch has committed, like ``apply``'s reply.
+        """
+        if not self.accepting:
+            self._observer.command_rejected("stopping")
+            raise EngineStopping("walletd is not accepting commands")
+        shards = [self._shard(wallet_id) for wallet_id, _kind, _amount, _key in operations]
+        wanted: dict[Shard, int] = {}
+        for shard in shards:
+            wanted[shard] = wanted.get(shard, 0) + 1
+        mailbox_max = self.limits.mailbox_commands_max
+        for shard, count in wanted.items():
+            if shard.mailbox_depth + count > mailbox_max:
+                self._observer.command_rejected("overloaded")
+                raise EngineOverloaded(f"shard {shard.index} cannot take {count} more commands")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Reply]] = []
+        # No await between the check above and the last submit: nothing else can fill a
+        # mailbox meanwhile, so every submit below finds room.
+        for shard, (wallet_id, kind, amount, key) in zip(shards, operations, strict=True):
+            future: asyncio.Future[Reply] = loop.create_future()
+            self._submit(shard, ApplyOperation(wallet_id, kind, amount, key, future))
+            futures.append(future)
+        return futures
+
     async def create_wallet(
         self, wallet_id: UUID | None, idempotency_key: str | None
     ) -> tuple[UUID, Reply]:

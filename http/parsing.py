@@ -22,6 +22,7 @@ from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 
 __all__ = [
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "loads_exact",
     "parse_amount",
     "parse_create_body",
     "parse_idempotency_key",
@@ -29,6 +30,7 @@ __all__ = [
     "parse_operation_body",
     "parse_wallet_id",
     "read_json_object",
+    "require_json_content_type",
 ]
 
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
@@ -59,7 +61,7 @@ def _known_wallet_id(text: str) -> UUID | None:
         return None
 
 
-def _require_json_content_type(request: web.Request) -> None:
+def require_json_content_type(request: web.Request) -> None:
     # The exact header most clients send skips aiohttp's header parsing (~1 us).
     if request.headers.get("Content-Type") == "application/json":
         return
@@ -89,7 +91,7 @@ async def read_json_object(
     # same limit) stops a body without Content-Length while it streams in.
     if length is not None and length > body_bytes_max:
         raise ProblemError(413, "PAYLOAD_TOO_LARGE", "request body is larger than the limit")
-    _require_json_content_type(request)
+    require_json_content_type(request)
     raw = await request.read()
     if optional and not raw.strip():
         return {}, raw
@@ -115,10 +117,16 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return value
 
 
+def loads_exact(raw: bytes) -> Any:
+    """JSON with every fractional number as the exact ``Decimal`` the client wrote, and
+    NaN/Infinity literals kept as markers that ``parse_amount`` refuses; raises ValueError."""
+    return json.loads(raw, parse_float=Decimal, parse_constant=lambda _n: _NonFinite())
+
+
 def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
     """The exact decimal the client wrote for a float field, read again from the body."""
     try:
-        exact = json.loads(raw_body, parse_float=Decimal, parse_constant=lambda _n: _NonFinite())
+        exact = loads_exact(raw_body)
     except (ValueError, RecursionError):
         return None
     value = exact.get(field) if isinstance(exact, dict) else None
@@ -130,7 +138,8 @@ def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
 
 
 def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> int | FieldError:
-    """Minor units from a JSON number or a decimal string, or the field's error."""
+    """Minor units from a JSON number (an int, a float re-read exactly from ``raw_body``, or
+    a ``Decimal`` from ``loads_exact``) or a decimal string, or the field's error."""
     if isinstance(value, bool) or value is None or isinstance(value, _NonFinite):
         return _amount_error(field, "must be a number or a decimal string")
     if isinstance(value, int):
@@ -140,6 +149,8 @@ def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> int | Fi
         if exact is None:
             return _amount_error(field, "must be a finite decimal number")
         decimal = exact
+    elif isinstance(value, Decimal):  # read by loads_exact
+        decimal = value
     elif isinstance(value, str):
         if not _DECIMAL_STRING.fullmatch(value):
             return _amount_error(field, 'must be a decimal string like "10.50"')

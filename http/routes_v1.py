@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from walletd.engine.commands import Outcome
+from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.parsing import (
     parse_create_body,
     parse_idempotency_key,
@@ -30,6 +31,7 @@ _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 _LIMIT_DIGITS_MAX: Final = 6
 
 routes = web.RouteTableDef()
+routes.post(BULK_PATH)(bulk_operations)
 
 
 @routes.post(PREFIX + "/wallets")

@@ -1,0 +1,268 @@
+"""POST /api/v1/operations/bulk through the real app on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import AppFactory
+from walletd.engine.limits import EngineLimits
+from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
+from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
+from walletd.http.settings import HttpSettings
+from walletd.http.state import STATE_KEY
+
+Client = TestClient[web.Request, web.Application]
+BULK = "/api/v1/operations/bulk"
+
+
+async def new_wallet(client: Client) -> str:
+    response = await client.post("/api/v1/wallets")
+    assert response.status == 201
+    wallet_id: str = (await response.json())["id"]
+    return wallet_id
+
+
+def op(wallet_id: str, kind: str, amount: Any, key: str | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"wallet_id": wallet_id, "operation_type": kind, "amount": amount}
+    if key is not None:
+        item["idempotency_key"] = key
+    return item
+
+
+async def bulk(client: Client, items: list[Any], **headers: str) -> tuple[int, dict[str, Any]]:
+    response = await client.post(BULK, json={"items": items}, headers=headers)
+    return response.status, await response.json(content_type=None)
+
+
+async def balance(client: Client, wallet_id: str) -> Decimal:
+    response = await client.get(f"/api/v1/wallets/{wallet_id}")
+    assert response.status == 200
+    return Decimal((await response.json())["balance"])
+
+
+async def history(client: Client, wallet_id: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = f"?limit=500&cursor={cursor}" if cursor else "?limit=500"
+        response = await client.get(f"/api/v1/wallets/{wallet_id}/operations{query}")
+        assert response.status == 200
+        page = await response.json()
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
+async def test_mixed_items_get_exactly_the_single_endpoint_results(client: Client) -> None:
+    """Valid, refused and invalid items each get the single endpoint's status and body."""
+    a, b = await new_wallet(client), await new_wallet(client)
+    missing = str(uuid.uuid4())
+    status, body = await bulk(
+        client,
+        [
+            op(a, "DEPOSIT", "10.50"),
+            op(a, "WITHDRAW", 0.5),  # a JSON float, read exactly
+            op(b, "WITHDRAW", "1.00"),  # nothing there: 409
+            op(missing, "DEPOSIT", 1),  # 404
+            op(a, "DEPOSIT", "0.001"),  # three decimals: 422
+            {"wallet_id": "not-a-uuid", "operation_type": "DEPOSIT", "amount": 1},
+            op(b, "DEPOSIT", 7),
+            {"wallet_id": a, "operation_type": "DEPOSIT", "amount": 1, "extra": True},
+        ],
+    )
+    assert status == 200, body
+    statuses = [result["status"] for result in body["results"]]
+    assert statuses == [200, 200, 409, 404, 422, 422, 200, 422]
+    assert [result["index"] for result in body["results"]] == list(range(8))
+    assert body["applied"] == 3
+    assert body["refused"] == 5
+    results = body["results"]
+    assert results[0]["body"]["balance"] == "10.50"
+    assert results[1]["body"]["balance"] == "10.00"
+    assert results[2]["body"]["code"] == "INSUFFICIENT_FUNDS"
+    assert results[3]["body"]["code"] == "WALLET_NOT_FOUND"
+    assert results[4]["body"]["errors"] == [
+        {"field": "items[4].amount", "message": "must have at most 2 fractional digits"}
+    ]
+    assert results[5]["body"]["errors"][0]["field"] == "items[5].wallet_id"
+    unknown = {"field": "items[7].extra", "message": "unknown field"}
+    assert results[7]["body"]["errors"][0] == unknown
+    assert results[6]["body"]["balance"] == "7.00"
+    assert await balance(client, a) == Decimal("10.00")
+    assert await balance(client, b) == Decimal("7.00")
+
+
+async def test_a_thousand_items_on_one_wallet_apply_in_order_and_match_history(
+    client: Client,
+) -> None:
+    """1,000 items on one wallet apply in array order: balances_after and history agree."""
+    wallet = await new_wallet(client)
+    amounts = [Decimal(f"{(i % 97) + 1}.{i % 100:02d}") for i in range(1000)]
+    items = [
+        op(wallet, "DEPOSIT" if i % 3 else "WITHDRAW", str(amount), key=f"k{i}")
+        for i, amount in enumerate(amounts)
+    ]
+    status, body = await bulk(client, items)
+    assert status == 200
+    expected = Decimal(0)
+    for i, (item, result) in enumerate(zip(items, body["results"], strict=True)):
+        amount = Decimal(item["amount"])
+        if item["operation_type"] == "DEPOSIT":
+            expected += amount
+            assert result["status"] == 200, result
+        elif amount <= expected:
+            expected -= amount
+            assert result["status"] == 200, result
+        else:
+            assert result["status"] == 409, (i, result)
+            continue
+        assert Decimal(result["body"]["balance"]) == expected
+    assert await balance(client, wallet) == expected
+    logged = await history(client, wallet)
+    applied = [r for r in body["results"] if r["status"] == 200]
+    assert len(logged) == len(applied)
+    assert [Decimal(row["balance_after"]) for row in reversed(logged)] == [
+        Decimal(r["body"]["balance"]) for r in applied
+    ]
+
+
+async def test_item_keys_and_the_request_key_replay_without_applying_twice(
+    client: Client,
+) -> None:
+    """A retried bulk request (same Idempotency-Key) replays every item; nothing applies
+    twice; a reused item key with another amount is 422 for that item only."""
+    a, b = await new_wallet(client), await new_wallet(client)
+    items = [op(a, "DEPOSIT", "5.00", key="own-key"), op(b, "DEPOSIT", "3.00"), op(a, "DEPOSIT", 2)]
+    first_status, first = await bulk(client, items, **{"Idempotency-Key": "batch-1"})
+    again_status, again = await bulk(client, items, **{"Idempotency-Key": "batch-1"})
+    assert first_status == again_status == 200
+    assert [r["body"] for r in first["results"]] == [r["body"] for r in again["results"]]
+    assert [r["replayed"] for r in first["results"]] == [False, False, False]
+    assert [r["replayed"] for r in again["results"]] == [True, True, True]
+    assert await balance(client, a) == Decimal("7.00")
+    assert await balance(client, b) == Decimal("3.00")
+    # The derived keys are visible in the history, as the single endpoint's keys are.
+    assert {row["idempotency_key"] for row in await history(client, a)} == {"own-key", "batch-1/2"}
+    status, body = await bulk(client, [op(a, "DEPOSIT", "6.00", key="own-key")])
+    assert status == 200
+    assert body["results"][0]["status"] == 422
+    assert body["results"][0]["body"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert await balance(client, a) == Decimal("7.00")
+
+
+async def test_concurrent_retries_of_one_keyed_bulk_apply_once(client: Client) -> None:
+    """Ten concurrent copies of one keyed bulk request apply each item exactly once."""
+    wallets = [await new_wallet(client) for _ in range(5)]
+    items = [op(w, "DEPOSIT", "1.25") for w in wallets for _ in range(4)]
+    answers = await asyncio.gather(
+        *(bulk(client, items, **{"Idempotency-Key": "same"}) for _ in range(10))
+    )
+    assert all(status == 200 for status, _ in answers)
+    for wallet in wallets:
+        assert await balance(client, wallet) == Decimal("5.00")
+
+
+async def test_envelope_errors_refuse_the_whole_request(client: Client) -> None:
+    """A body that is not a bulk envelope is refused whole, and nothing is applied."""
+    wallet = await new_wallet(client)
+    cases: list[tuple[bytes, int, str]] = [
+        (b"[1, 2]", 400, "INVALID_JSON"),
+        (b"{", 400, "INVALID_JSON"),
+        (b'{"items": []}', 422, "VALIDATION_ERROR"),
+        (b'{"items": {}}', 422, "VALIDATION_ERROR"),
+        (
+            b'{"items": [{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1}],'
+            b' "atomic": 7}' % wallet.encode(),
+            422,
+            "VALIDATION_ERROR",
+        ),
+    ]
+    for raw, status, code in cases:
+        response = await client.post(BULK, data=raw, headers={"Content-Type": "application/json"})
+        assert response.status == status, raw
+        assert response.content_type == "application/problem+json"
+        assert (await response.json())["code"] == code
+    response = await client.post(BULK, data=b"{}", headers={"Content-Type": "text/plain"})
+    assert response.status == 415
+    response = await client.post(
+        BULK, json={"items": [op(wallet, "DEPOSIT", 1)]}, headers={"Idempotency-Key": "x" * 249}
+    )
+    assert response.status == 422
+    assert await balance(client, wallet) == Decimal(0)
+
+
+async def test_bounds_refuse_the_whole_request(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """Past the item maximum (413 TOO_MANY_ITEMS) or the body bound (413, also chunked),
+    the request is refused whole and nothing is applied."""
+    settings = HttpSettings(bulk_items_max=10, bulk_body_bytes_max=64 * 1024)
+    client: Client = await aiohttp_client(make_app(settings))
+    wallet = await new_wallet(client)
+    status, body = await bulk(client, [op(wallet, "DEPOSIT", 1)] * 11)
+    assert (status, body["code"]) == (413, "TOO_MANY_ITEMS")
+    big = {"items": [op(wallet, "DEPOSIT", 1)], "pad": "x" * 70_000}
+    response = await client.post(BULK, json=big)
+    assert response.status == 413
+
+    async def chunks() -> Any:
+        yield b'{"items": ['
+        for _ in range(2000):
+            yield b'{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1},' % (
+                wallet.encode()
+            )
+        yield b"]}"
+
+    response = await client.post(BULK, data=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert await balance(client, wallet) == Decimal(0)
+
+
+async def test_a_bulk_that_does_not_fit_the_mailbox_is_refused_whole(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """With the shard busy, a bulk request whose items do not all fit its mailbox gets
+    503 OVERLOADED and none of its items is applied (never half-queued)."""
+    limits = EngineLimits(shards=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60)
+    client: Client = await aiohttp_client(make_app(HttpSettings(bulk_items_max=40), limits))
+    wallet = await new_wallet(client)
+    # Hold the wallet's row lock so the shard's commits wait and its mailbox fills.
+    blocker = await asyncpg.connect(database_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", uuid.UUID(wallet))
+        # Two batches wait on the lock, a third is prepared and waits for a slot: the
+        # rest of the second request stays in the mailbox.
+        first = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 1)] * 30))
+        second = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 1)] * 30))
+        engine = client.app[STATE_KEY].services.engine
+        deadline = asyncio.get_running_loop().time() + 10
+        while sum(engine.mailbox_depths()) < 10:
+            assert asyncio.get_running_loop().time() < deadline, engine.mailbox_depths()
+            await asyncio.sleep(0.01)
+        status, body = await bulk(client, [op(wallet, "DEPOSIT", 100)] * 31)
+        assert (status, body["code"]) == (503, "OVERLOADED")
+        await transaction.rollback()
+        for task in (first, second):
+            task_status, task_body = await task
+            assert task_status == 200
+            assert all(r["status"] == 200 for r in task_body["results"])
+    finally:
+        await blocker.close()
+    assert await balance(client, wallet) == Decimal(60)
+
+
+def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
+    """The OpenAPI document states the default item bound that the settings apply."""
+    assert HttpSettings().bulk_items_max == BULK_ITEMS_MAX_DEFAULT
+    assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(HttpSettings().bulk_items_max)) <= 255
