@@ -11,6 +11,9 @@ Each limit has a defined behaviour when hit:
 - ``idempotency_keys_max``: the in-memory key cache forgets its oldest entries; PostgreSQL
   remains the authority, so a forgotten key costs one lookup, never a double apply. Each
   shard's share holds at least two batches, so a key is never forgotten before it commits.
+- ``bulk_admission_wait_s`` / ``bulk_waiting_max``: a bulk request whose items do not all
+  fit the mailboxes now waits for room, first come first served, at most this long and
+  with at most this many others; past either it is refused whole with ``OVERLOADED``.
 - ``commit_timeout_s`` / ``load_timeout_s``: a storage call past it is failed as outcome-unknown
   (503 ``UNAVAILABLE``) and the shard re-reads the wallets it touched.
 """
@@ -32,6 +35,8 @@ class EngineLimits:
     idempotency_keys_max: int = 100_000
     commit_timeout_s: float = 5.0
     load_timeout_s: float = 5.0
+    bulk_admission_wait_s: float = 1.0
+    bulk_waiting_max: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 1024:
@@ -52,6 +57,8 @@ class EngineLimits:
                 "idempotency_keys_max must hold every open batch of each shard "
                 "(inflight_batches_max + 1 batches)"
             )
+        if not 0 <= self.bulk_admission_wait_s <= 60 or not 1 <= self.bulk_waiting_max <= 1024:
+            raise ValueError("bulk_admission_wait_s must be 0..60 and bulk_waiting_max 1..1024")
         if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
 

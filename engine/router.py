@@ -32,6 +32,9 @@ _log = logging.getLogger("walletd.engine")
 CREATE_KEY_NAMESPACE = UUID("6f1c9a52-3f0e-4d8e-9d0a-5b7f2c1e8a44")
 
 
+_ROOM_POLL_S = 0.001
+
+
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
@@ -58,6 +61,9 @@ class Engine:
         ]
         self._started = False
         self._stopping = False
+        # Bulk requests waiting for mailbox room, and the line they wait in.
+        self._bulk_waiting = 0
+        self._bulk_line = asyncio.Lock()
 
     async def warm_up(self, wallets_max: int) -> int:
         """Before start: load up to ``wallets_max`` most recently updated wallets into their
@@ -118,37 +124,69 @@ class Engine:
         )
         return await future
 
-    def submit_operations(
+    async def submit_operations(
         self, operations: list[tuple[UUID, OperationKind, int, str | None]]
     ) -> list[asyncio.Future[Reply]]:
         """Queue many deposits/withdrawals at once: all of them, or none.
 
-        Raises ``EngineOverloaded`` (or ``EngineStopping``) before queueing anything when
-        some shard's mailbox cannot take its share, so a bulk request is never half-queued.
+        When some shard's mailbox cannot take its share now, the request waits for room, in
+        arrival order, for at most ``bulk_admission_wait_s``, and at most
+        ``bulk_waiting_max`` requests wait at once; past either bound it raises
+        ``EngineOverloaded`` with nothing queued, so a bulk request is never half-queued.
         Operations on one wallet enter its shard's mailbox, hence apply, in list order.
         Each future resolves once its batch has committed, like ``apply``'s reply.
         """
-        if not self.accepting:
-            self._observer.command_rejected("stopping")
-            raise EngineStopping("walletd is not accepting commands")
         shards = [self._shard(wallet_id) for wallet_id, _kind, _amount, _key in operations]
         wanted: dict[Shard, int] = {}
         for shard in shards:
             wanted[shard] = wanted.get(shard, 0) + 1
-        mailbox_max = self.limits.mailbox_commands_max
-        for shard, count in wanted.items():
-            if shard.mailbox_depth + count > mailbox_max:
-                self._observer.command_rejected("overloaded")
-                raise EngineOverloaded(f"shard {shard.index} cannot take {count} more commands")
+        if not self._fits(wanted) or self._bulk_waiting:
+            await self._wait_for_room(wanted)
+        if not self.accepting:
+            self._observer.command_rejected("stopping")
+            raise EngineStopping("walletd is not accepting commands")
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Reply]] = []
-        # No await between the check above and the last submit: nothing else can fill a
+        # No await between the room check and the last submit: nothing else can fill a
         # mailbox meanwhile, so every submit below finds room.
         for shard, (wallet_id, kind, amount, key) in zip(shards, operations, strict=True):
             future: asyncio.Future[Reply] = loop.create_future()
             self._submit(shard, ApplyOperation(wallet_id, kind, amount, key, future))
             futures.append(future)
         return futures
+
+    @property
+    def bulk_waiting(self) -> int:
+        """Bulk requests waiting for mailbox room now."""
+        return self._bulk_waiting
+
+    def _fits(self, wanted: dict[Shard, int]) -> bool:
+        mailbox_max = self.limits.mailbox_commands_max
+        return all(shard.mailbox_depth + count <= mailbox_max for shard, count in wanted.items())
+
+    async def _wait_for_room(self, wanted: dict[Shard, int]) -> None:
+        """Wait, first come first served, until every shard has room for its share.
+
+        Polled: a shard frees room whenever it drains a batch, and a bulk request that
+        waits at all waits for a commit or more (milliseconds), so a 1 ms poll by the one
+        request at the head of the line costs little and needs no hook in the shards.
+        """
+        limits = self.limits
+        if self._bulk_waiting >= limits.bulk_waiting_max:
+            self._observer.command_rejected("overloaded")
+            raise EngineOverloaded("too many bulk requests are waiting for room")
+        self._bulk_waiting += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.bulk_admission_wait_s
+        try:
+            async with self._bulk_line:
+                while not self._fits(wanted):
+                    if loop.time() >= deadline or not self.accepting:
+                        self._observer.command_rejected("overloaded")
+                        raise EngineOverloaded("the shards stayed full past the admission wait")
+                    await asyncio.sleep(_ROOM_POLL_S)
+        finally:
+            self._bulk_waiting -= 1
 
     async def create_wallet(
         self, wallet_id: UUID | None, idempotency_key: str | None

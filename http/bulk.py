@@ -261,8 +261,8 @@ async def bulk_operations(request: web.Request) -> web.Response:
         )
     items = parse_bulk(raw, settings.bulk_items_max, request_key)
     valid = [item for item in items if isinstance(item, BulkItem)]
-    # Raises EngineOverloaded before anything is queued when the items do not all fit.
-    futures = state.services.engine.submit_operations(
+    # Raises EngineOverloaded, nothing queued, when the items do not fit in time.
+    futures = await state.services.engine.submit_operations(
         [(item.wallet_id, item.kind, item.amount, item.idempotency_key) for item in valid]
     )
     parts: list[bytes] = []

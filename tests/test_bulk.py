@@ -23,6 +23,14 @@ Client = TestClient[web.Request, web.Application]
 BULK = "/api/v1/operations/bulk"
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
 async def new_wallet(client: Client) -> str:
     response = await client.post("/api/v1/wallets")
     assert response.status == 201
@@ -227,39 +235,82 @@ async def test_bounds_refuse_the_whole_request(
     assert await balance(client, wallet) == Decimal(0)
 
 
-async def test_a_bulk_that_does_not_fit_the_mailbox_is_refused_whole(
+async def _fill_mailbox(client: Client, wallet: str, blocker: asyncpg.Connection) -> list[Any]:
+    """Hold the wallet's row lock, then queue two 30-item bulks: two batches wait on the lock,
+    a third is prepared and waits for a slot, and the rest stays in the mailbox."""
+    await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", uuid.UUID(wallet))
+    tasks = [asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 1)] * 30)) for _ in range(2)]
+    engine = client.app[STATE_KEY].services.engine
+    await until(lambda: sum(engine.mailbox_depths()) >= 10)
+    return tasks
+
+
+async def _all_applied(tasks: list[Any]) -> None:
+    for task in tasks:
+        status, body = await task
+        assert status == 200
+        assert all(result["status"] == 200 for result in body["results"])
+
+
+async def test_a_bulk_that_finds_no_room_in_time_is_refused_whole(
     make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
 ) -> None:
-    """With the shard busy, a bulk request whose items do not all fit its mailbox gets
-    503 OVERLOADED and none of its items is applied (never half-queued)."""
-    limits = EngineLimits(shards=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60)
+    """With the shard busy past the admission wait, a bulk request whose items do not all
+    fit its mailbox gets 503 OVERLOADED and none of its items is applied (never
+    half-queued); so does one past the bound on waiting requests."""
+    limits = EngineLimits(
+        shards=1,
+        mailbox_commands_max=40,
+        batch_ops_max=20,
+        commit_timeout_s=60,
+        bulk_admission_wait_s=0.2,
+        bulk_waiting_max=1,
+    )
     client: Client = await aiohttp_client(make_app(HttpSettings(bulk_items_max=40), limits))
     wallet = await new_wallet(client)
-    # Hold the wallet's row lock so the shard's commits wait and its mailbox fills.
     blocker = await asyncpg.connect(database_url)
     try:
-        transaction = blocker.transaction()
-        await transaction.start()
-        await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", uuid.UUID(wallet))
-        # Two batches wait on the lock, a third is prepared and waits for a slot: the
-        # rest of the second request stays in the mailbox.
-        first = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 1)] * 30))
-        second = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 1)] * 30))
-        engine = client.app[STATE_KEY].services.engine
-        deadline = asyncio.get_running_loop().time() + 10
-        while sum(engine.mailbox_depths()) < 10:
-            assert asyncio.get_running_loop().time() < deadline, engine.mailbox_depths()
-            await asyncio.sleep(0.01)
-        status, body = await bulk(client, [op(wallet, "DEPOSIT", 100)] * 31)
-        assert (status, body["code"]) == (503, "OVERLOADED")
-        await transaction.rollback()
-        for task in (first, second):
-            task_status, task_body = await task
-            assert task_status == 200
-            assert all(r["status"] == 200 for r in task_body["results"])
+        async with blocker.transaction():
+            tasks = await _fill_mailbox(client, wallet, blocker)
+            status, body = await bulk(client, [op(wallet, "DEPOSIT", 100)] * 31)
+            assert (status, body["code"]) == (503, "OVERLOADED")
+            # One request waits (the bound is 1): a second one is refused at once.
+            waiting = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 100)] * 31))
+            engine = client.app[STATE_KEY].services.engine
+            await until(lambda: engine.bulk_waiting > 0)
+            status, body = await bulk(client, [op(wallet, "DEPOSIT", 100)] * 31)
+            assert (status, body["code"]) == (503, "OVERLOADED")
+            assert (await waiting)[0] == 503
+            # Leaving the block rolls back and releases the row lock.
+        await _all_applied(tasks)
     finally:
         await blocker.close()
     assert await balance(client, wallet) == Decimal(60)
+
+
+async def test_a_bulk_waits_for_room_and_is_admitted_whole(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """A bulk request that does not fit now waits for room, and is applied whole once the
+    shard drains within the admission wait."""
+    limits = EngineLimits(
+        shards=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60,
+        bulk_admission_wait_s=30,
+    )  # fmt: skip
+    client: Client = await aiohttp_client(make_app(HttpSettings(bulk_items_max=40), limits))
+    wallet = await new_wallet(client)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            tasks = await _fill_mailbox(client, wallet, blocker)
+            waiting = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 100)] * 31))
+            engine = client.app[STATE_KEY].services.engine
+            await until(lambda: engine.bulk_waiting > 0)
+            assert not waiting.done()
+        await _all_applied([*tasks, waiting])
+    finally:
+        await blocker.close()
+    assert await balance(client, wallet) == Decimal(60 + 3100)
 
 
 def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
