@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AppFactory
+from tests.processes import WalletdProcess
+from tests.test_faults import check_database
 from walletd.engine.limits import EngineLimits
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
 from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
@@ -317,3 +322,89 @@ def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
     """The OpenAPI document states the default item bound that the settings apply."""
     assert HttpSettings().bulk_items_max == BULK_ITEMS_MAX_DEFAULT
     assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(HttpSettings().bulk_items_max)) <= 255
+
+
+@pytest.mark.slow
+async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
+    walletd_process: Callable[..., WalletdProcess], database_url: str
+) -> None:
+    """SIGKILL while bulk requests run: after a restart every item of every acknowledged
+    request is stored once; retrying every request with its keys applies nothing twice."""
+    first = await asyncio.to_thread(walletd_process, "--database-url", database_url)
+    timeout = aiohttp.ClientTimeout(total=30)
+    # Each request: its items (wallet, cents, own key or None) and its request key.
+    requests: list[tuple[list[tuple[str, int, str | None]], str]] = []
+    acked: dict[str, tuple[str, int]] = {}
+    stop = asyncio.Event()
+
+    def payload(items: list[tuple[str, int, str | None]]) -> dict[str, Any]:
+        return {
+            "items": [
+                {"wallet_id": w, "operation_type": "DEPOSIT", "amount": cents / 100}
+                | ({"idempotency_key": key} if key else {})
+                for w, cents, key in items
+            ]
+        }
+
+    async def worker(session: aiohttp.ClientSession, url: str, number: int) -> None:
+        for n in range(10_000):
+            if stop.is_set():
+                return
+            request_key = f"bulk-{number}-{n}"
+            # Odd requests key every item themselves; even ones rely on the request key.
+            items = [
+                (wallets[(n + i) % len(wallets)], 1 + (n * 7 + i) % 500,
+                 f"{request_key}-item-{i}" if n % 2 else None)
+                for i in range(50)
+            ]  # fmt: skip
+            requests.append((items, request_key))
+            try:
+                async with session.post(
+                    url + BULK, json=payload(items), headers={"Idempotency-Key": request_key}
+                ) as response:
+                    if response.status == 200:
+                        results = (await response.json())["results"]
+                        assert [r["status"] for r in results] == [200] * len(items)
+                        for i, (wallet, cents, key) in enumerate(items):
+                            acked[key or f"{request_key}/{i}"] = (wallet, cents)
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.01)  # the process is gone
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        wallets = [
+            (await (await session.post(first.url + "/api/v1/wallets")).json())["id"]
+            for _ in range(8)
+        ]
+        load = asyncio.gather(*(worker(session, first.url, n) for n in range(4)))
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(acked) < 20 * 50:
+            assert asyncio.get_running_loop().time() < deadline, len(acked)
+            await asyncio.sleep(0.01)
+        first.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.process.wait, 10)
+        stop.set()
+        await load
+    await check_database(database_url, acked)
+
+    second = await asyncio.to_thread(walletd_process, "--database-url", database_url)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for items, request_key in requests:
+            async with session.post(
+                second.url + BULK, json=payload(items), headers={"Idempotency-Key": request_key}
+            ) as response:
+                assert response.status == 200
+                results = (await response.json())["results"]
+                assert [r["status"] for r in results] == [200] * len(items)
+    every_item = {
+        key or f"{request_key}/{i}": (wallet, cents)
+        for items, request_key in requests
+        for i, (wallet, cents, key) in enumerate(items)
+    }
+    await check_database(database_url, every_item)
+    connection = await asyncpg.connect(database_url)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM wallet_operations") == len(
+            every_item
+        )
+    finally:
+        await connection.close()
