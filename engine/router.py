@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from uuid import UUID
 
 from walletd.engine.commands import ApplyOperation, CreateWallet, Outcome, ReadWallet, Reply
@@ -125,7 +125,7 @@ class Engine:
         return await future
 
     async def submit_operations(
-        self, operations: list[tuple[UUID, OperationKind, int, str | None]]
+        self, operations: Sequence[tuple[UUID, OperationKind, int, str | None]]
     ) -> list[asyncio.Future[Reply]]:
         """Queue many deposits/withdrawals at once: all of them, or none.
 

@@ -25,9 +25,9 @@ within the 255 characters of a key.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -35,6 +35,7 @@ from aiohttp import web
 
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.model import OperationKind
+from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT
 from walletd.http.parsing import (
     IDEMPOTENCY_KEY_LENGTH_MAX,
     loads_exact,
@@ -64,9 +65,8 @@ _CANONICAL_ID: Final = re.compile(
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 
 
-@dataclass(frozen=True, slots=True)
-class BulkItem:
-    """A valid item, ready for the engine."""
+class BulkItem(NamedTuple):
+    """A valid item, ready for the engine (a tuple: built in C, ~1,000 per request)."""
 
     wallet_id: UUID
     kind: OperationKind
@@ -135,7 +135,58 @@ def parse_bulk(raw: bytes, items_max: int, request_key: str | None) -> list[Pars
     return [_parse_item(index, item, request_key) for index, item in enumerate(items)]
 
 
+# A plain decimal string that needs no Decimal to read: at most 13 integer digits (the
+# largest amount has 13) and at most 2 fractional ones.
+_PLAIN_AMOUNT: Final = re.compile(r"([0-9]{1,13})(?:\.([0-9]{1,2}))?")
+
+
+@functools.lru_cache(maxsize=16384)
+def _canonical_uuid(text: str) -> UUID:
+    # Only texts that passed _CANONICAL_ID get here, so the cache holds valid ids only.
+    return UUID(text)
+
+
+def _wallet_id(value: Any) -> UUID | None:
+    if type(value) is str and _CANONICAL_ID.fullmatch(value):
+        return _canonical_uuid(value)
+    return None
+
+
 def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
+    """An item as a ``BulkItem``: the common shape on a short path, the rest (and every
+    invalid item) through the full check, which names each field's error."""
+    if type(item) is dict and _ITEM_FIELDS.issuperset(item) and "operationType" not in item:
+        wallet_id = _wallet_id(item.get("wallet_id"))
+        kind_text = item.get("operation_type")
+        kind = _KINDS.get(kind_text) if type(kind_text) is str else None
+        amount = _plain_amount(item.get("amount"))
+        key = item.get("idempotency_key")
+        if (
+            wallet_id is not None
+            and kind is not None
+            and amount is not None
+            and (key is None or _valid_key(key))
+        ):
+            if key is None and request_key is not None:
+                key = f"{request_key}/{index}"
+            return BulkItem(wallet_id, kind, amount, key)
+    return _checked_item(index, item, request_key)
+
+
+def _plain_amount(value: Any) -> int | None:
+    """Minor units of an int or a plain decimal string, when exact and in range; None for
+    anything else, which the full check (``parse_amount``) then decides."""
+    if type(value) is int:
+        minor = value * MINOR_UNITS_PER_UNIT
+    elif type(value) is str and (match := _PLAIN_AMOUNT.fullmatch(value)):
+        units, cents = match.groups()
+        minor = int(units) * MINOR_UNITS_PER_UNIT + (int(cents.ljust(2, "0")) if cents else 0)
+    else:
+        return None
+    return minor if 0 < minor <= AMOUNT_MINOR_MAX else None
+
+
+def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     prefix = f"items[{index}]"
     if not isinstance(item, dict):
         return [{"field": prefix, "message": "must be a JSON object"}]
@@ -145,10 +196,8 @@ def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
         if name not in _ITEM_FIELDS
     ]
     wallet_text = item.get("wallet_id")
-    wallet_id: UUID | None = None
-    if isinstance(wallet_text, str) and _CANONICAL_ID.fullmatch(wallet_text):
-        wallet_id = UUID(wallet_text)
-    else:
+    wallet_id = _wallet_id(wallet_text)
+    if wallet_id is None:
         message = "is required" if wallet_text is None else "must be a canonical UUID string"
         errors.append({"field": f"{prefix}.wallet_id", "message": message})
     if "operation_type" in item and "operationType" in item:
@@ -262,9 +311,7 @@ async def bulk_operations(request: web.Request) -> web.Response:
     items = parse_bulk(raw, settings.bulk_items_max, request_key)
     valid = [item for item in items if isinstance(item, BulkItem)]
     # Raises EngineOverloaded, nothing queued, when the items do not fit in time.
-    futures = await state.services.engine.submit_operations(
-        [(item.wallet_id, item.kind, item.amount, item.idempotency_key) for item in valid]
-    )
+    futures = await state.services.engine.submit_operations(valid)
     parts: list[bytes] = []
     applied = refused = 0
     replies = iter(futures)

@@ -14,12 +14,14 @@ import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import AppFactory
 from tests.processes import WalletdProcess
 from tests.test_faults import check_database
 from walletd.engine.limits import EngineLimits
-from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
+from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
 from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
@@ -408,3 +410,59 @@ async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
         )
     finally:
         await connection.close()
+
+
+_TEXTS = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["DEPOSIT", "WITHDRAW", "0", "10", "10.5", "10.50", "10.505", "1e2", "-1"]),
+    st.from_regex(r"[0-9]{1,14}(\.[0-9]{0,3})?", fullmatch=True),
+)
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**16), max_value=10**16),
+    st.floats(allow_nan=True),
+    _TEXTS,
+    st.uuids().map(str),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+_EDGE_AMOUNTS = st.sampled_from(
+    [0, "0", "0.0", "0.00", "0.01", 1, "1", "1.", ".5", "00.10", 10**12, 10**12 + 1,
+     "1000000000000.00", "1000000000000.01", "9999999999999", "1.234", True, 1.5, -3]
+)  # fmt: skip
+
+
+@st.composite
+def _items(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly valid items with one field changed at a time, so that the short path's edges
+    (amount bounds, id spellings, key shapes) are reached, not only random junk."""
+    item: dict[str, Any] = {
+        "wallet_id": str(draw(st.uuids())),
+        "operation_type": draw(st.sampled_from(["DEPOSIT", "WITHDRAW"])),
+        "amount": draw(st.one_of(st.integers(1, 10**12), _EDGE_AMOUNTS)),
+    }
+    if draw(st.booleans()):
+        item["idempotency_key"] = draw(st.one_of(st.text(max_size=3), st.just("k" * 256)))
+    changes = draw(
+        st.dictionaries(
+            st.sampled_from(
+                ["wallet_id", "operation_type", "operationType", "amount", "idempotency_key", "x"]
+            ),
+            st.one_of(_VALUES, _EDGE_AMOUNTS),
+            max_size=1,
+        )
+    )
+    return item | changes
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_items(), st.one_of(st.none(), st.just("req")))
+def test_the_short_path_decides_items_exactly_as_the_full_check(
+    item: dict[str, Any], request_key: str | None
+) -> None:
+    """For any item, the short path gives what the full check gives (same item or errors)."""
+    assert _parse_item(3, item, request_key) == _checked_item(3, item, request_key)
