@@ -224,29 +224,120 @@ async def test_a_later_batch_that_reaches_storage_first_is_written_again_after()
     assert [op.balance_after for op in log.operations[wallet]] == [5, 12]
 
 
-async def test_a_failed_batch_fails_the_one_committing_behind_it() -> None:
-    """N fails while N+1 (another wallet) was written: N+1 is answered 503 (outcome
-    unknown) and its wallet is re-read, so memory shows what the log holds."""
+async def test_a_batch_stored_behind_a_failed_one_gets_its_true_answers() -> None:
+    """N fails while N+1 (other wallets) was stored: N+1's replies are the true ones (its
+    write, a refusal on committed state, a read, a 404), not 503; memory shows the log."""
     log = OrderedGatesLog()
-    first, second = UUID(int=1), UUID(int=2)
-    log.add_wallet(first)
-    log.add_wallet(second)
-    async with running_engine(log, PIPELINED) as engine:
-        await engine.read(first)
-        await engine.read(second)
+    observer = RecordingObserver()
+    first, second, poor = UUID(int=1), UUID(int=2), UUID(int=3)
+    unloaded = UUID(int=4)
+    for wallet in (first, second, poor, unloaded):
+        log.add_wallet(wallet)
+    async with running_engine(log, PIPELINED, observer) as engine:
+        for wallet in (first, second, poor):
+            await engine.read(wallet)
         batch_n = start(engine, first, DEPOSIT, 5)
         await until(lambda: len(log.gates) == 1)
-        batch_n1 = start(engine, second, DEPOSIT, 7)
+        batch_n1 = [
+            start(engine, second, DEPOSIT, 7),
+            start(engine, poor, WITHDRAW, 1),
+            asyncio.create_task(engine.read(unloaded)),
+            start(engine, UUID(int=999), DEPOSIT, 1),
+        ]
         await until(lambda: len(log.gates) == 2)
         log.fail_next_appends = 1
         log.gates[0].open()
         await until(lambda: log.appends_in_flight == 1)
         log.gates[1].open()
-        replies = await answers(batch_n, batch_n1)
-        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 2
+        failed, *stored = await answers(batch_n, *batch_n1)
+        assert failed.outcome is Outcome.UNAVAILABLE
+        assert [r.outcome for r in stored] == [
+            Outcome.OK, Outcome.INSUFFICIENT_FUNDS, Outcome.OK, Outcome.WALLET_NOT_FOUND,
+        ]  # fmt: skip
+        assert stored[0].wallet is not None
+        assert stored[0].wallet.balance == 7
         assert (log.wallets[first].balance, log.wallets[second].balance) == (0, 7)
         reads = [await engine.read(first), await engine.read(second)]
     assert [r.wallet.balance for r in reads if r.wallet] == [0, 7]
+    assert [(c, r) for _s, c, r in observer.failed] == [(1, REASON_COMMIT_FAILED)]
+
+
+async def test_answers_that_rest_on_a_failed_batch_are_unavailable() -> None:
+    """N fails; N+1 is stored, but its answers decided on N's pending state (a replay or a
+    reuse of N's key, a refusal on N's pending balance, a wallet N created, its creation
+    key, a read of it) are 503, while N+1's own independent write is answered OK."""
+    log = OrderedGatesLog()
+    observer = RecordingObserver()
+    moved, other, created = UUID(int=1), UUID(int=2), UUID(int=3)
+    log.add_wallet(moved)
+    log.add_wallet(other)
+    async with running_engine(log, PIPELINED, observer) as engine:
+        await engine.read(moved)
+        await engine.read(other)
+        n_deposit = start(engine, moved, DEPOSIT, 50, "k1")
+        n_create = asyncio.create_task(engine.create_wallet(created, "make-3"))
+        await until(lambda: len(log.gates) == 1)
+        dependent = [
+            start(engine, moved, DEPOSIT, 50, "k1"),  # replay of N's key
+            start(engine, moved, DEPOSIT, 51, "k1"),  # reuse of N's key
+            start(engine, moved, WITHDRAW, 80),  # refused on N's pending 50
+            asyncio.create_task(engine.read(created)),
+        ]
+        creations = [
+            asyncio.create_task(engine.create_wallet(created, None)),  # exists: N made it
+            asyncio.create_task(engine.create_wallet(created, "make-3")),  # N's key
+        ]
+        independent = start(engine, other, DEPOSIT, 7)
+        await until(lambda: len(log.gates) == 2)
+        log.fail_next_appends = 1
+        log.gates[0].open()
+        await until(lambda: log.appends_in_flight == 1)
+        log.gates[1].open()
+        (n_deposited,) = await answers(n_deposit)
+        _id, n_created = await asyncio.wait_for(n_create, WAIT_S)
+        replies = await answers(*dependent)
+        created_replies = await asyncio.wait_for(asyncio.gather(*creations), WAIT_S)
+        (own,) = await answers(independent)
+    assert [r.outcome for r in (n_deposited, n_created)] == [Outcome.UNAVAILABLE] * 2
+    assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 4
+    assert [r.outcome for _id, r in created_replies] == [Outcome.UNAVAILABLE] * 2
+    assert own.outcome is Outcome.OK
+    assert (log.wallets[moved].balance, log.wallets[other].balance) == (0, 7)
+    assert created not in log.wallets
+    assert [(c, r) for _s, c, r in observer.failed] == [
+        (2, REASON_COMMIT_FAILED), (6, REASON_PREVIOUS_FAILED),
+    ]  # fmt: skip
+
+
+async def test_a_write_on_what_a_failed_batch_moved_or_created_is_not_stored() -> None:
+    """N fails; N+1 deposits on a wallet N moved and on one N created: its append is
+    fenced (the seqs it builds on never landed), so nothing of N+1 is stored, all 503."""
+    log = OrderedGatesLog()
+    moved, other, created = UUID(int=1), UUID(int=2), UUID(int=3)
+    log.add_wallet(moved)
+    log.add_wallet(other)
+    async with running_engine(log, PIPELINED) as engine:
+        await engine.read(moved)
+        await engine.read(other)
+        batch_n = [
+            start(engine, moved, DEPOSIT, 5),
+            asyncio.create_task(engine.create_wallet(created, None)),
+        ]
+        await until(lambda: len(log.gates) == 1)
+        batch_n1 = [
+            start(engine, moved, DEPOSIT, 3),
+            start(engine, created, DEPOSIT, 4),
+            start(engine, other, DEPOSIT, 7),
+        ]
+        await until(lambda: len(log.gates) == 2)
+        log.fail_next_appends = 1
+        log.gates[0].open()
+        await asyncio.wait_for(asyncio.gather(*batch_n), WAIT_S)
+        log.gates[1].open()
+        replies = await answers(*batch_n1)
+    assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 3
+    assert (log.wallets[moved].balance, log.wallets[other].balance) == (0, 0)
+    assert created not in log.wallets
 
 
 async def test_batch_size_is_one_at_idle_and_grows_under_load() -> None:
