@@ -129,13 +129,6 @@ class Config:
     access_log: bool
     log_level: str
 
-    def __post_init__(self) -> None:
-        # A bulk request is admitted whole or not at all: it must fit an empty mailbox.
-        if not 1 <= self.bulk_items_max <= self.mailbox_commands_max:
-            raise ValueError(
-                f"--bulk-items-max must be within 1..--mailbox-max ({self.mailbox_commands_max})"
-            )
-
     @property
     def pool_size(self) -> int:
         # Each shard holds a connection per committing batch, plus one for its loads.

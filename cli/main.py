@@ -56,7 +56,6 @@ _STARTUP_ERRORS = (
 def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(
         body_bytes_max=config.body_bytes_max,
-        bulk_items_max=config.bulk_items_max,
         bulk_body_bytes_max=config.bulk_body_bytes_max,
         api_keys=config.api_keys,
         access_log=config.access_log,

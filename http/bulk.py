@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from walletd.engine.commands import Outcome, Reply
+from walletd.engine.errors import AtomicSpansShards, AtomicTooLarge
 from walletd.engine.model import OperationKind
 from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT
 from walletd.http.parsing import (
@@ -57,7 +58,7 @@ REQUEST_KEY_LENGTH_MAX: Final = IDEMPOTENCY_KEY_LENGTH_MAX - 1 - _INDEX_DIGITS_M
 _ITEM_FIELDS: Final = frozenset(
     {"wallet_id", "operation_type", "operationType", "amount", "idempotency_key"}
 )
-_TOP_FIELDS: Final = frozenset({"items"})
+_TOP_FIELDS: Final = frozenset({"items", "atomic"})
 _KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
 _CANONICAL_ID: Final = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -106,11 +107,17 @@ def _has_float(value: Any) -> bool:
     return any(isinstance(item, dict) and isinstance(item.get("amount"), float) for item in items)
 
 
-def parse_bulk(raw: bytes, items_max: int, request_key: str | None) -> list[ParsedItem]:
+class BulkRequest(NamedTuple):
+    items: list[ParsedItem]
+    atomic: bool
+
+
+def parse_bulk(raw: bytes, items_max: int, request_key: str | None) -> BulkRequest:
     """Each item parsed on its own: a ``BulkItem``, or the item's field errors.
 
-    The envelope (a JSON object with ``items``, a list of 1..``items_max``) is checked
-    for the whole request; an error there refuses the request (400/413/422).
+    The envelope (a JSON object with ``items``, a list of 1..``items_max``, and an optional
+    boolean ``atomic``) is checked for the whole request; an error there refuses the
+    request (400/413/422).
     """
     body = _loads(raw)
     if not isinstance(body, dict):
@@ -123,6 +130,9 @@ def parse_bulk(raw: bytes, items_max: int, request_key: str | None) -> list[Pars
     items = body.get("items")
     if not isinstance(items, list) or not items:
         errors.append({"field": "items", "message": "must be a non-empty array of operations"})
+    atomic = body.get("atomic", False)
+    if not isinstance(atomic, bool):
+        errors.append({"field": "atomic", "message": "must be true or false"})
     if errors:
         raise ValidationProblem(errors)
     assert isinstance(items, list)
@@ -132,7 +142,8 @@ def parse_bulk(raw: bytes, items_max: int, request_key: str | None) -> list[Pars
             "TOO_MANY_ITEMS",
             f"a bulk request holds at most {items_max} items; this one has {len(items)}",
         )
-    return [_parse_item(index, item, request_key) for index, item in enumerate(items)]
+    parsed = [_parse_item(index, item, request_key) for index, item in enumerate(items)]
+    return BulkRequest(parsed, atomic)
 
 
 # A plain decimal string that needs no Decimal to read: at most 13 integer digits (the
@@ -308,18 +319,39 @@ async def bulk_operations(request: web.Request) -> web.Response:
                 }
             ]
         )
-    items = parse_bulk(raw, settings.bulk_items_max, request_key)
+    engine = state.services.engine
+    items, atomic = parse_bulk(raw, engine.limits.bulk_ops_max, request_key)
     valid = [item for item in items if isinstance(item, BulkItem)]
-    # Raises EngineOverloaded, nothing queued, when the items do not fit in time.
-    futures = await state.services.engine.submit_operations(valid)
+    if atomic and len(valid) < len(items):  # all or nothing: one invalid item refuses all
+        raise ValidationProblem(
+            [error for item in items if isinstance(item, list) for error in item]
+        )
+    try:
+        # Raises EngineOverloaded, nothing queued, when the items do not fit in time.
+        replies, refused_at = await engine.apply_operations(valid, atomic=atomic)
+    except AtomicTooLarge as error:
+        raise ProblemError(
+            413,
+            "TOO_MANY_ITEMS",
+            f"{error} (one batch, one transaction: WALLETD_BATCH_MAX); split it, or send it "
+            "without atomic",
+        ) from None
+    except AtomicSpansShards as error:
+        raise ProblemError(
+            422,
+            "ATOMIC_NOT_POSSIBLE",
+            f"an atomic bulk request must fit one transaction: {error}; send it without "
+            "atomic, or to a walletd with one shard actor (--shards 1)",
+        ) from None
+    if refused_at is not None:
+        raise _atomic_refusal(refused_at, valid[refused_at], replies[refused_at])
     parts: list[bytes] = []
     applied = refused = 0
-    replies = iter(futures)
+    next_reply = iter(replies).__next__
     for index, item in enumerate(items):
         reply = None
         if isinstance(item, BulkItem):
-            # Replies come in order per shard; awaiting in array order waits for the last.
-            reply = await next(replies)
+            reply = next_reply()
             if reply.outcome is Outcome.OK:
                 applied += 1
             else:
@@ -329,3 +361,15 @@ async def bulk_operations(request: web.Request) -> web.Response:
         parts.append(_result(index, item, reply))
     body = b'{"applied":%d,"refused":%d,"results":[%s]}' % (applied, refused, b",".join(parts))
     return web.Response(body=body, headers=_JSON_HEADERS)
+
+
+def _atomic_refusal(index: int, item: BulkItem, reply: Reply) -> ProblemError:
+    """The problem of the item that refused an atomic request, for the whole request."""
+    error = reply_problem(reply, item.wallet_id, item.amount)
+    return ProblemError(
+        error.status,
+        error.code,
+        f"items[{index}]: {error.detail}; nothing was applied (atomic)",
+        headers=error.headers,
+        extra={"index": index},
+    )

@@ -57,6 +57,7 @@ PROBLEM_CODES: Final = (
     "IDEMPOTENCY_KEY_REUSED",
     "PAYLOAD_TOO_LARGE",
     "TOO_MANY_ITEMS",
+    "ATOMIC_NOT_POSSIBLE",
     "UNSUPPORTED_MEDIA_TYPE",
     "NOT_FOUND",
     "METHOD_NOT_ALLOWED",
@@ -266,6 +267,14 @@ def _bulk_request_schema() -> JsonObject:
         "required": ["items"],
         "additionalProperties": False,
         "properties": {
+            "atomic": {
+                "type": "boolean",
+                "default": False,
+                "description": "All or nothing, in one PostgreSQL transaction: the first "
+                "refused or invalid item refuses the whole request with its problem (and "
+                "`index`), nothing applied. At most WALLETD_BATCH_MAX (256) items, on one "
+                "shard actor (else 413 TOO_MANY_ITEMS / 422 ATOMIC_NOT_POSSIBLE).",
+            },
             "items": {
                 "type": "array",
                 "minItems": 1,
@@ -274,7 +283,7 @@ def _bulk_request_schema() -> JsonObject:
                 f"({BULK_ITEMS_MAX_DEFAULT} by default; more is 413 TOO_MANY_ITEMS). "
                 "Items on one wallet apply in array order.",
                 "items": _ref("schemas", "BulkItem"),
-            }
+            },
         },
         "examples": [
             {
@@ -682,7 +691,8 @@ def _bulk_operations() -> JsonObject:
         "operationId": "bulkOperations",
         "tags": ["wallets"],
         "summary": "Apply many deposits and withdrawals in one request",
-        "description": "Each item succeeds or fails on its own; the answer lists one result "
+        "description": "By default each item succeeds or fails on its own; with "
+        '`"atomic": true` all apply in one transaction or none does. The answer lists one result '
         "per item, in order. A 200 means every applied item is committed. The request is "
         "admitted whole or refused whole (503 OVERLOADED, nothing queued). With an "
         f"Idempotency-Key (at most {REQUEST_KEY_LENGTH_MAX} characters here), every item "
@@ -698,9 +708,25 @@ def _bulk_operations() -> JsonObject:
                 "The body is not JSON or not a JSON object.", 400, ("INVALID_JSON",)
             ),
             **_post_errors(),
+            "422": _problem_response_of(
+                "Invalid envelope, items (atomic) or Idempotency-Key header; an item key reused "
+                "(atomic); or an atomic request whose wallets span shard actors.",
+                {
+                    "oneOf": [
+                        _validation_problem_schema_for(422),
+                        _problem_schema_for(422, ("IDEMPOTENCY_KEY_REUSED", "ATOMIC_NOT_POSSIBLE")),
+                    ]
+                },
+            ),
+            "404": _ref("responses", "WalletNotFound"),
+            "409": _problem_response(
+                "Atomic: an item was refused (its problem, with `index`); nothing applied.",
+                409,
+                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+            ),
             "413": _problem_response_of(
                 "The body is larger than WALLETD_BULK_MAX_BODY_BYTES (1 MiB by default), or "
-                "holds more items than WALLETD_BULK_ITEMS_MAX.",
+                "holds more items than WALLETD_BULK_ITEMS_MAX (atomic: WALLETD_BATCH_MAX).",
                 _problem_schema_for(413, ("PAYLOAD_TOO_LARGE", "TOO_MANY_ITEMS")),
             ),
         },

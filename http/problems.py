@@ -47,6 +47,7 @@ TITLES: Final = {
     "IDEMPOTENCY_KEY_REUSED": "Idempotency key reused",
     "PAYLOAD_TOO_LARGE": "Payload too large",
     "TOO_MANY_ITEMS": "Too many items",
+    "ATOMIC_NOT_POSSIBLE": "Atomic request not possible",
     "UNSUPPORTED_MEDIA_TYPE": "Unsupported media type",
     "NOT_FOUND": "Not found",
     "METHOD_NOT_ALLOWED": "Method not allowed",

@@ -10,7 +10,6 @@ __all__ = ["HttpSettings"]
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
     body_bytes_max: int = 64 * 1024
-    bulk_items_max: int = 1000
     bulk_body_bytes_max: int = 1024 * 1024
     history_limit_default: int = 50
     history_limit_max: int = 500
@@ -20,9 +19,6 @@ class HttpSettings:
     def __post_init__(self) -> None:
         if self.body_bytes_max < 1024:
             raise ValueError("body_bytes_max must be at least 1024")
-        # Item keys derived from a request key leave room for six index digits (http/bulk.py).
-        if not 1 <= self.bulk_items_max <= 10**6:
-            raise ValueError("bulk_items_max must be within 1..1000000")
         if self.bulk_body_bytes_max < self.body_bytes_max:
             raise ValueError("bulk_body_bytes_max must be at least body_bytes_max")
         if not 1 <= self.history_limit_default <= self.history_limit_max:

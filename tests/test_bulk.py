@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from tests.conftest import AppFactory
 from tests.processes import WalletdProcess
 from tests.test_faults import check_database
+from walletd.cli.config import SETTINGS
 from walletd.engine.limits import EngineLimits
+from walletd.engine.router import shard_of
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
 from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
 from walletd.http.settings import HttpSettings
@@ -186,6 +188,109 @@ async def test_concurrent_retries_of_one_keyed_bulk_apply_once(client: Client) -
         assert await balance(client, wallet) == Decimal("5.00")
 
 
+@pytest.fixture
+async def one_actor(make_app: AppFactory, aiohttp_client: Callable[..., Any]) -> Client:
+    """The app with one shard actor (the default of `walletd serve`): atomic requests fit."""
+    client: Client = await aiohttp_client(make_app(HttpSettings(), EngineLimits(shards=1)))
+    return client
+
+
+async def atomic(client: Client, items: list[Any], **headers: str) -> tuple[int, dict[str, Any]]:
+    response = await client.post(BULK, json={"items": items, "atomic": True}, headers=headers)
+    return response.status, await response.json(content_type=None)
+
+
+async def test_atomic_applies_everything_in_one_transaction(
+    one_actor: Client, database_url: str
+) -> None:
+    """An atomic request applies every item in array order (a withdrawal may spend an
+    earlier deposit of the same request), all in one PostgreSQL transaction."""
+    client = one_actor
+    a, b = await new_wallet(client), await new_wallet(client)
+    items = [
+        op(a, "DEPOSIT", "10.00"),
+        op(a, "WITHDRAW", "7.50"),
+        op(b, "DEPOSIT", "1.25"),
+        op(a, "WITHDRAW", "2.50"),
+    ]
+    status, body = await atomic(client, items)
+    assert status == 200, body
+    assert [r["body"]["balance"] for r in body["results"]] == ["10.00", "2.50", "1.25", "0.00"]
+    connection = await asyncpg.connect(database_url)
+    try:
+        transactions = await connection.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM wallet_operations WHERE wallet_id = ANY($1)",
+            [uuid.UUID(a), uuid.UUID(b)],
+        )
+    finally:
+        await connection.close()
+    assert transactions == 1
+
+
+async def test_atomic_refuses_whole_on_one_bad_item(one_actor: Client) -> None:
+    """One refused item (409, 404, key reuse) or one invalid item (422) refuses an atomic
+    request whole: nothing is applied, and the problem names the item."""
+    client = one_actor
+    a, b = await new_wallet(client), await new_wallet(client)
+    assert (await bulk(client, [op(a, "DEPOSIT", "5.00", key="seed")]))[0] == 200
+    cases: list[tuple[list[dict[str, Any]], int, str, int | None]] = [
+        ([op(a, "DEPOSIT", 1), op(b, "WITHDRAW", "0.01"), op(a, "DEPOSIT", 2)],
+         409, "INSUFFICIENT_FUNDS", 1),
+        ([op(a, "WITHDRAW", 5), op(a, "WITHDRAW", "0.01")], 409, "INSUFFICIENT_FUNDS", 1),
+        ([op(b, "DEPOSIT", 1), op(str(uuid.uuid4()), "DEPOSIT", 1)], 404, "WALLET_NOT_FOUND", 1),
+        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", 9, key="seed")], 422, "IDEMPOTENCY_KEY_REUSED", 1),
+        ([op(b, "DEPOSIT", 1, key="twice"), op(b, "DEPOSIT", 2, key="twice")],
+         422, "IDEMPOTENCY_KEY_REUSED", 1),
+        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", "0.001")], 422, "VALIDATION_ERROR", None),
+    ]  # fmt: skip
+    for items, status, code, index in cases:
+        answer_status, answer = await atomic(client, items)
+        assert (answer_status, answer["code"]) == (status, code), answer
+        assert answer.get("index") == index
+        assert "nothing was applied" in answer["detail"] or code == "VALIDATION_ERROR"
+    assert await balance(client, a) == Decimal("5.00")
+    assert await balance(client, b) == Decimal(0)
+    assert len(await history(client, b)) == 0
+
+
+async def test_atomic_replays_and_a_key_used_twice_in_one_request(one_actor: Client) -> None:
+    """A retried atomic request replays every item; a key used twice for the same operation
+    within one request applies once."""
+    client = one_actor
+    a = await new_wallet(client)
+    items = [op(a, "DEPOSIT", 3, key="k"), op(a, "DEPOSIT", 3, key="k"), op(a, "WITHDRAW", 1)]
+    first = await atomic(client, items, **{"Idempotency-Key": "atomic-1"})
+    again = await atomic(client, items, **{"Idempotency-Key": "atomic-1"})
+    assert first[0] == again[0] == 200
+    assert [r["replayed"] for r in first[1]["results"]] == [False, True, False]
+    assert [r["replayed"] for r in again[1]["results"]] == [True, True, True]
+    assert await balance(client, a) == Decimal("2.00")
+
+
+async def test_atomic_bounds(make_app: AppFactory, aiohttp_client: Callable[..., Any]) -> None:
+    """An atomic request must fit one batch (413) and one shard actor (422
+    ATOMIC_NOT_POSSIBLE); independent requests of the same items are fine."""
+    limits = EngineLimits(shards=2, batch_ops_max=4, mailbox_commands_max=64)
+    client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
+    wallets = [await new_wallet(client) for _ in range(8)]
+    by_shard: dict[int, list[str]] = {}
+    for wallet in wallets:
+        by_shard.setdefault(shard_of(uuid.UUID(wallet), 2), []).append(wallet)
+    assert len(by_shard) == 2, "eight random wallets on one shard of two"
+    one, other = by_shard[0][0], by_shard[1][0]
+    status, body = await atomic(client, [op(one, "DEPOSIT", 1)] * 5)
+    assert (status, body["code"]) == (413, "TOO_MANY_ITEMS")
+    status, body = await atomic(client, [op(one, "DEPOSIT", 1), op(other, "DEPOSIT", 1)])
+    assert (status, body["code"]) == (422, "ATOMIC_NOT_POSSIBLE")
+    assert await balance(client, one) == Decimal(0)
+    status, body = await atomic(client, [op(one, "DEPOSIT", 1)] * 4)
+    assert status == 200
+    status, body = await bulk(client, [op(one, "DEPOSIT", 1), op(other, "DEPOSIT", 1)] * 5)
+    assert status == 200
+    assert await balance(client, one) == Decimal(9)
+    assert await balance(client, other) == Decimal(5)
+
+
 async def test_envelope_errors_refuse_the_whole_request(client: Client) -> None:
     """A body that is not a bulk envelope is refused whole, and nothing is applied."""
     wallet = await new_wallet(client)
@@ -196,7 +301,7 @@ async def test_envelope_errors_refuse_the_whole_request(client: Client) -> None:
         (b'{"items": {}}', 422, "VALIDATION_ERROR"),
         (
             b'{"items": [{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1}],'
-            b' "atomic": 7}' % wallet.encode(),
+            b' "atomic": "yes"}' % wallet.encode(),
             422,
             "VALIDATION_ERROR",
         ),
@@ -220,8 +325,8 @@ async def test_bounds_refuse_the_whole_request(
 ) -> None:
     """Past the item maximum (413 TOO_MANY_ITEMS) or the body bound (413, also chunked),
     the request is refused whole and nothing is applied."""
-    settings = HttpSettings(bulk_items_max=10, bulk_body_bytes_max=64 * 1024)
-    client: Client = await aiohttp_client(make_app(settings))
+    settings = HttpSettings(bulk_body_bytes_max=64 * 1024)
+    client: Client = await aiohttp_client(make_app(settings, EngineLimits(bulk_items_max=10)))
     wallet = await new_wallet(client)
     status, body = await bulk(client, [op(wallet, "DEPOSIT", 1)] * 11)
     assert (status, body["code"]) == (413, "TOO_MANY_ITEMS")
@@ -270,10 +375,11 @@ async def test_a_bulk_that_finds_no_room_in_time_is_refused_whole(
         mailbox_commands_max=40,
         batch_ops_max=20,
         commit_timeout_s=60,
+        bulk_items_max=40,
         bulk_admission_wait_s=0.2,
         bulk_waiting_max=1,
     )
-    client: Client = await aiohttp_client(make_app(HttpSettings(bulk_items_max=40), limits))
+    client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
     wallet = await new_wallet(client)
     blocker = await asyncpg.connect(database_url)
     try:
@@ -302,9 +408,9 @@ async def test_a_bulk_waits_for_room_and_is_admitted_whole(
     shard drains within the admission wait."""
     limits = EngineLimits(
         shards=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60,
-        bulk_admission_wait_s=30,
+        bulk_items_max=40, bulk_admission_wait_s=30,
     )  # fmt: skip
-    client: Client = await aiohttp_client(make_app(HttpSettings(bulk_items_max=40), limits))
+    client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
     wallet = await new_wallet(client)
     blocker = await asyncpg.connect(database_url)
     try:
@@ -322,8 +428,9 @@ async def test_a_bulk_waits_for_room_and_is_admitted_whole(
 
 def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
     """The OpenAPI document states the default item bound that the settings apply."""
-    assert HttpSettings().bulk_items_max == BULK_ITEMS_MAX_DEFAULT
-    assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(HttpSettings().bulk_items_max)) <= 255
+    assert EngineLimits().bulk_ops_max == BULK_ITEMS_MAX_DEFAULT
+    assert next(s for s in SETTINGS if s.name == "bulk_items_max").default == BULK_ITEMS_MAX_DEFAULT
+    assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(10**6 - 1)) <= 255
 
 
 @pytest.mark.slow

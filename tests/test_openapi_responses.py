@@ -118,3 +118,14 @@ async def test_bulk_responses_match_the_document(module_client: Client) -> None:
     too_many = await client.post("/api/v1/operations/bulk", json={"items": [items[0]] * 1001})
     assert too_many.status == 413
     await _matches(too_many, "POST", "/api/v1/operations/bulk")
+    other = (await (await client.post("/api/v1/wallets")).json())["id"]
+    for atomic_items, status in (
+        (items[:2], 409),
+        ([{**items[0], "wallet_id": "00000000-0000-4000-8000-000000000000"}], 404),
+        ([items[0], {**items[0], "wallet_id": other}], None),  # 422 unless on one actor
+    ):
+        refused = await client.post(
+            "/api/v1/operations/bulk", json={"items": atomic_items, "atomic": True}
+        )
+        assert status is None or refused.status == status
+        await _matches(refused, "POST", "/api/v1/operations/bulk")
