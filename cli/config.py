@@ -92,6 +92,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
             10.0, "seconds a request body may take to arrive once its handler reads it; "
             "slower gets 408 and the connection is closed"),
+    Setting("bulk_items_max", ("WALLETD_BULK_ITEMS_MAX",), "--bulk-items-max", int, 1000,
+            "most operations in one bulk request; more gets 413 TOO_MANY_ITEMS (at most "
+            "the mailbox bound, so one request always fits an empty mailbox)"),
+    Setting("bulk_admission_wait_s", ("WALLETD_BULK_ADMISSION_WAIT",), "--bulk-admission-wait",
+            float, 1.0, "seconds a bulk request may wait for mailbox room before 503 OVERLOADED"),
+    Setting("bulk_waiting_max", ("WALLETD_BULK_WAITING_MAX",), "--bulk-waiting-max", int, 16,
+            "bulk requests that may wait for mailbox room at once; past it 503 OVERLOADED"),
+    Setting("bulk_body_bytes_max", ("WALLETD_BULK_MAX_BODY_BYTES",), "--bulk-max-body-bytes",
+            int, 1048576, "largest bulk request body accepted; larger gets 413"),
     Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
             "comma-separated bearer tokens; when set, /api/v1 requires one"),
     Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
@@ -121,6 +130,10 @@ class Config:
     allow_unsafe_durability: bool
     body_bytes_max: int
     body_read_timeout_s: float
+    bulk_items_max: int
+    bulk_admission_wait_s: float
+    bulk_waiting_max: int
+    bulk_body_bytes_max: int
     api_keys: tuple[str, ...]
     access_log: bool
     log_level: str

@@ -58,6 +58,7 @@ def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(
         body_bytes_max=config.body_bytes_max,
         body_read_timeout_s=config.body_read_timeout_s,
+        bulk_body_bytes_max=config.bulk_body_bytes_max,
         api_keys=config.api_keys,
         access_log=config.access_log,
     )

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import OperationKind, WalletView
 
 __all__ = [
     "ApplyOperation",
+    "ApplyOperations",
     "Command",
     "CreateWallet",
+    "Operation",
     "Outcome",
     "ReadWallet",
     "Reply",
@@ -41,10 +44,28 @@ class Reply(NamedTuple):
     replayed: bool = False
     # For refusals: the balance the decision was made against (INSUFFICIENT_FUNDS detail).
     balance_seen: int | None = None
+    # For ApplyOperations: one reply per item, in order. When an atomic group is refused,
+    # the items up to and including the one refused (the last), none of them applied.
+    items: tuple[Reply, ...] | None = None
+
+
+class Operation(Protocol):
+    """What the ledger reads of a deposit or withdrawal (an ApplyOperation, a bulk item)."""
+
+    @property
+    def wallet_id(self) -> UUID: ...
+    @property
+    def kind(self) -> OperationKind: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def idempotency_key(self) -> str | None: ...
 
 
 class ApplyOperation:
     __slots__ = ("amount", "idempotency_key", "kind", "reply", "wallet_id")
+    # Mailbox and batch bounds count operations: a command's weight is how many it holds.
+    weight = 1
 
     def __init__(
         self,
@@ -61,8 +82,26 @@ class ApplyOperation:
         self.reply = reply
 
 
+class ApplyOperations:
+    """Many deposits/withdrawals of one shard travelling as one command: a bulk request's
+    share. Decided in one batch, hence written in one PostgreSQL transaction; ``atomic``
+    groups apply whole or not at all (the first refusal refuses the group)."""
+
+    __slots__ = ("atomic", "items", "reply", "wallet_id", "weight")
+
+    def __init__(
+        self, items: Sequence[Operation], atomic: bool, reply: asyncio.Future[Reply]
+    ) -> None:
+        self.items = items
+        self.atomic = atomic
+        self.reply = reply
+        self.wallet_id = items[0].wallet_id  # for logs; the ledger reads every item's
+        self.weight = len(items)
+
+
 class CreateWallet:
     __slots__ = ("fingerprint", "idempotency_key", "reply", "wallet_id")
+    weight = 1
 
     def __init__(
         self,
@@ -82,10 +121,11 @@ class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
 
     __slots__ = ("reply", "wallet_id")
+    weight = 1
 
     def __init__(self, wallet_id: UUID, reply: asyncio.Future[Reply]) -> None:
         self.wallet_id = wallet_id
         self.reply = reply
 
 
-Command = ApplyOperation | CreateWallet | ReadWallet
+Command = ApplyOperation | ApplyOperations | CreateWallet | ReadWallet

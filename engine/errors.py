@@ -4,12 +4,21 @@ Exceptions::
 
     EngineRefused          the command was not accepted; nothing will happen
     ├── EngineOverloaded   the shard's mailbox is full (503 OVERLOADED, retry later)
-    └── EngineStopping     the engine is draining or stopped (503 UNAVAILABLE)
+    ├── EngineStopping     the engine is draining or stopped (503 UNAVAILABLE)
+    ├── AtomicSpansShards  an atomic group's wallets are on more than one shard actor, so
+    │                      no single batch (one transaction) can hold it (422)
+    └── AtomicTooLarge     an atomic group holds more operations than one batch (413)
 """
 
 from __future__ import annotations
 
-__all__ = ["EngineOverloaded", "EngineRefused", "EngineStopping"]
+__all__ = [
+    "AtomicSpansShards",
+    "AtomicTooLarge",
+    "EngineOverloaded",
+    "EngineRefused",
+    "EngineStopping",
+]
 
 
 class EngineRefused(Exception):
@@ -22,3 +31,11 @@ class EngineOverloaded(EngineRefused):
 
 class EngineStopping(EngineRefused):
     """The engine no longer accepts commands."""
+
+
+class AtomicSpansShards(EngineRefused):
+    """An atomic group needs one shard actor, and its wallets are on several."""
+
+
+class AtomicTooLarge(EngineRefused):
+    """An atomic group holds more operations than one batch can."""

@@ -32,8 +32,10 @@ from uuid import UUID
 
 from walletd.engine.commands import (
     ApplyOperation,
+    ApplyOperations,
     Command,
     CreateWallet,
+    Operation,
     Outcome,
     ReadWallet,
     Reply,
@@ -58,6 +60,9 @@ __all__ = ["Applied", "Ledger"]
 SEQ_CREATING: Final = -1
 # ... or a batch that touched it failed, so its stored state is unknown until re-read.
 SEQ_UNKNOWN: Final = -2
+
+# What an atomic group's trial run says of an item that would apply (never sent).
+_WOULD_APPLY: Final = Reply(Outcome.OK)
 
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
@@ -199,12 +204,22 @@ class Ledger:
         wallet_ids: set[UUID] = set()
         op_keys: set[tuple[UUID, str]] = set()
         create_keys: set[str] = set()
+        residents, keys = self._residents, self._keys
         for command in commands:
-            if command.wallet_id.int not in self._residents:
+            if isinstance(command, ApplyOperations):
+                for item in command.items:
+                    if item.wallet_id.int not in residents:
+                        wallet_ids.add(item.wallet_id)
+                    if item.idempotency_key is not None:
+                        key = (item.wallet_id, item.idempotency_key)
+                        if key not in keys:
+                            op_keys.add(key)
+                continue
+            if command.wallet_id.int not in residents:
                 wallet_ids.add(command.wallet_id)
             if isinstance(command, ApplyOperation) and command.idempotency_key is not None:
                 key = (command.wallet_id, command.idempotency_key)
-                if key not in self._keys:
+                if key not in keys:
                     op_keys.add(key)
             elif (
                 isinstance(command, CreateWallet)
@@ -258,7 +273,76 @@ class Ledger:
         applied.reads.append((len(applied.replies), wallet_id, resident))
         return _READ_LATER
 
-    def _apply_operation(self, command: ApplyOperation, applied: Applied) -> Reply:
+    def _apply_operations(self, command: ApplyOperations, applied: Applied) -> Reply:
+        """A group of operations, each decided as ``_apply_operation`` decides it alone.
+
+        An atomic group is first decided on a scratch copy of the balances it touches; the
+        first item that would be refused refuses the group and nothing is applied. Else the
+        items are applied for real, on the same state in the same order, so each is
+        applied or replayed (a refusal then would be a bug: the invariant below says so).
+        """
+        items = command.items
+        if command.atomic:
+            refused = self._first_refusal(items)
+            if refused is not None:
+                return refused
+        apply = self._apply_operation
+        replies = tuple([apply(item, applied) for item in items])
+        if command.atomic:
+            require(
+                all(reply.outcome is Outcome.OK for reply in replies),
+                "an atomic group decided whole was refused in part",
+            )
+        return Reply(Outcome.OK, items=replies)
+
+    def _first_refusal(self, items: Sequence[Operation]) -> Reply | None:
+        """The refusal of an atomic group, or None when every item would apply or replay.
+
+        The same rules as ``_apply_operation``, on a scratch copy: balances the group has
+        moved so far, and keys it has used so far (a key used twice in one group replays).
+        """
+        balances: dict[int, int] = {}
+        used: dict[tuple[UUID, str], tuple[OperationKind, int]] = {}
+        replies: list[Reply] = []
+        for item in items:
+            wallet_id = item.wallet_id
+            wid = wallet_id.int
+            resident = self._residents.get(wid)
+            reply = _WOULD_APPLY
+            key = item.idempotency_key
+            earlier: tuple[OperationKind, int] | None = None
+            if key is not None:
+                earlier = used.get((wallet_id, key))
+                recorded = self._keys.get((wallet_id, key))
+                if earlier is None and recorded is not None:
+                    earlier = (recorded.kind, recorded.amount)
+            if resident is None:
+                reply = Reply(Outcome.WALLET_NOT_FOUND)
+            elif earlier is not None:  # a replay: moves nothing, unless the key is misused
+                if earlier != (item.kind, item.amount):
+                    reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+            else:
+                pending = resident.pending
+                balance = balances.get(
+                    wid, resident.balance if pending is None else pending.balance
+                )
+                if item.kind is OperationKind.WITHDRAW:
+                    if item.amount > balance:
+                        reply = Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance)
+                    balance -= item.amount
+                else:
+                    if balance + item.amount > BALANCE_MINOR_MAX:
+                        reply = Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance)
+                    balance += item.amount
+                balances[wid] = balance
+                if key is not None:
+                    used[(wallet_id, key)] = (item.kind, item.amount)
+            replies.append(reply)
+            if reply is not _WOULD_APPLY:
+                return reply._replace(items=tuple(replies))
+        return None
+
+    def _apply_operation(self, command: Operation, applied: Applied) -> Reply:
         wallet_id = command.wallet_id
         residents = self._residents
         wid = wallet_id.int
@@ -460,9 +544,7 @@ class Ledger:
             self._create_keys.popitem(last=False)
 
 
-def _replay_operation(
-    command: ApplyOperation, earlier: OperationRecord, resident: Resident
-) -> Reply:
+def _replay_operation(command: Operation, earlier: OperationRecord, resident: Resident) -> Reply:
     if earlier.kind is not command.kind or earlier.amount != command.amount:
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     view = WalletView(
@@ -484,6 +566,7 @@ def _drop_pending_if_caught_up(resident: Resident) -> None:
 # The one dispatch point: a command's type -> the rule that decides it.
 _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     ApplyOperation: Ledger._apply_operation,  # type: ignore[dict-item]
+    ApplyOperations: Ledger._apply_operations,  # type: ignore[dict-item]
     CreateWallet: Ledger._create_wallet,  # type: ignore[dict-item]
     ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
 }

@@ -11,6 +11,15 @@ Each limit has a defined behaviour when hit:
 - ``idempotency_keys_max``: the in-memory key cache forgets its oldest entries; PostgreSQL
   remains the authority, so a forgotten key costs one lookup, never a double apply. Each
   shard's share holds at least two batches, so a key is never forgotten before it commits.
+- ``bulk_items_max``: the most operations one bulk request holds (None: 1,000, or the
+  mailbox bound when smaller). A request is admitted whole, so it must fit an empty
+  mailbox. Its operations travel as groups of at most ``batch_ops_max`` (one command each,
+  never split), so batches stay within ``batch_ops_max``; an atomic request is one group,
+  so it holds at most ``batch_ops_max`` operations: one batch, one transaction. At most
+  10^6: derived item keys leave room for six index digits (http/bulk.py).
+- ``bulk_admission_wait_s`` / ``bulk_waiting_max``: a bulk request whose items do not all
+  fit the mailboxes now waits for room, first come first served, at most this long and
+  with at most this many others; past either it is refused whole with ``OVERLOADED``.
 - ``commit_timeout_s`` / ``load_timeout_s``: a storage call past it is failed as outcome-unknown
   (503 ``UNAVAILABLE``) and the shard re-reads the wallets it touched.
 """
@@ -32,6 +41,9 @@ class EngineLimits:
     idempotency_keys_max: int = 100_000
     commit_timeout_s: float = 5.0
     load_timeout_s: float = 5.0
+    bulk_items_max: int | None = None
+    bulk_admission_wait_s: float = 1.0
+    bulk_waiting_max: int = 16
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 1024:
@@ -44,6 +56,9 @@ class EngineLimits:
             raise ValueError("mailbox_commands_max must hold at least one full batch")
         if self.resident_wallets_max < self.shards:
             raise ValueError("resident_wallets_max must allow one wallet per shard")
+        if not 1 <= self.bulk_ops_max <= min(self.mailbox_commands_max, 10**6):
+            raise ValueError("bulk_items_max must be within 1..mailbox_commands_max (a bulk "
+                             "request must fit an empty mailbox)")  # fmt: skip
         if (
             self.idempotency_keys_per_shard_max
             < (self.inflight_batches_max + 1) * self.batch_ops_max
@@ -52,8 +67,17 @@ class EngineLimits:
                 "idempotency_keys_max must hold every open batch of each shard "
                 "(inflight_batches_max + 1 batches)"
             )
+        if not 0 <= self.bulk_admission_wait_s <= 60 or not 1 <= self.bulk_waiting_max <= 1024:
+            raise ValueError("bulk_admission_wait_s must be 0..60 and bulk_waiting_max 1..1024")
         if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+
+    @property
+    def bulk_ops_max(self) -> int:
+        """The effective ``bulk_items_max``."""
+        if self.bulk_items_max is not None:
+            return self.bulk_items_max
+        return min(1000, self.mailbox_commands_max)
 
     @property
     def resident_wallets_per_shard_max(self) -> int:

@@ -12,24 +12,51 @@ import logging
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 from uuid import UUID
 
-from walletd.engine.commands import ApplyOperation, CreateWallet, Outcome, ReadWallet, Reply
-from walletd.engine.errors import EngineOverloaded, EngineStopping
+from walletd.engine.commands import (
+    ApplyOperation,
+    ApplyOperations,
+    Command,
+    CreateWallet,
+    Operation,
+    Outcome,
+    ReadWallet,
+    Reply,
+)
+from walletd.engine.errors import (
+    AtomicSpansShards,
+    AtomicTooLarge,
+    EngineOverloaded,
+    EngineStopping,
+)
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, WalletRecord, WalletView
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ports import WalletLog
 from walletd.engine.shard import Shard
 
-__all__ = ["CREATE_KEY_NAMESPACE", "Engine", "shard_of", "wall_clock_us"]
+__all__ = ["CREATE_KEY_NAMESPACE", "BulkReply", "Engine", "shard_of", "wall_clock_us"]
 
 _log = logging.getLogger("walletd.engine")
 
 # Wallets created with an Idempotency-Key and no chosen id get uuid5(namespace, key), so a
 # retry lands on the same id, hence the same shard, which finds its own earlier answer.
 CREATE_KEY_NAMESPACE = UUID("6f1c9a52-3f0e-4d8e-9d0a-5b7f2c1e8a44")
+
+
+_ROOM_POLL_S = 0.001
+_UNAVAILABLE = Reply(Outcome.UNAVAILABLE)
+
+
+class BulkReply(NamedTuple):
+    """One reply per operation, in order; or, when an atomic request was refused, the
+    replies up to the refused operation, whose index ``refused_at`` is (nothing applied)."""
+
+    replies: list[Reply]
+    refused_at: int | None
 
 
 def wall_clock_us() -> int:
@@ -58,6 +85,9 @@ class Engine:
         ]
         self._started = False
         self._stopping = False
+        # Bulk requests waiting for mailbox room, and the line they wait in.
+        self._bulk_waiting = 0
+        self._bulk_line = asyncio.Lock()
 
     async def warm_up(self, wallets_max: int) -> int:
         """Before start: load up to ``wallets_max`` most recently updated wallets into their
@@ -97,7 +127,7 @@ class Engine:
             return shards[0]
         return shards[shard_of(wallet_id, len(shards))]
 
-    def _submit(self, shard: Shard, command: ApplyOperation | CreateWallet | ReadWallet) -> None:
+    def _submit(self, shard: Shard, command: Command) -> None:
         try:
             shard.submit(command)
         except EngineOverloaded:
@@ -117,6 +147,92 @@ class Engine:
             ApplyOperation(wallet_id, kind, amount, idempotency_key, future),
         )
         return await future
+
+    async def apply_operations(
+        self, operations: Sequence[Operation], *, atomic: bool = False
+    ) -> BulkReply:
+        """Apply many deposits/withdrawals as one unit per shard; one reply per operation.
+
+        The operations of each shard travel as commands (``ApplyOperations``) of at most
+        ``batch_ops_max`` each, every one decided in one batch, written in one transaction;
+        an ``atomic`` request must be one such group (one shard actor, else
+        ``AtomicSpansShards``; at most ``batch_ops_max`` operations, else ``AtomicTooLarge``)
+        and applies whole or not at all. Admission is all
+        or nothing: when some shard's mailbox cannot take its share now, the request waits
+        for room, in arrival order, for at most ``bulk_admission_wait_s``, with at most
+        ``bulk_waiting_max`` others; past either bound it raises ``EngineOverloaded`` with
+        nothing queued. Operations on one wallet apply in list order. The reply arrives once
+        every group has committed, like ``apply``'s.
+        """
+        by_shard: dict[Shard, list[int]] = {}
+        for index, operation in enumerate(operations):
+            by_shard.setdefault(self._shard(operation.wallet_id), []).append(index)
+        group_max = self.limits.batch_ops_max
+        if atomic and len(by_shard) > 1:
+            raise AtomicSpansShards(f"the operations are on {len(by_shard)} shard actors")
+        if atomic and len(operations) > group_max:
+            raise AtomicTooLarge(f"an atomic request holds at most {group_max} operations")
+        wanted = {shard: len(indexes) for shard, indexes in by_shard.items()}
+        if not self._fits(wanted) or self._bulk_waiting:
+            await self._wait_for_room(wanted)
+        if not self.accepting:
+            self._observer.command_rejected("stopping")
+            raise EngineStopping("walletd is not accepting commands")
+        loop = asyncio.get_running_loop()
+        submitted: list[tuple[list[int], asyncio.Future[Reply]]] = []
+        # No await between the room check and the last submit: nothing else can fill a
+        # mailbox meanwhile, so every submit below finds room.
+        for shard, shard_indexes in by_shard.items():
+            # Groups of at most one batch, in order: one wallet's operations stay in order.
+            for start in range(0, len(shard_indexes), group_max):
+                indexes = shard_indexes[start : start + group_max]
+                future: asyncio.Future[Reply] = loop.create_future()
+                items = [operations[i] for i in indexes]
+                self._submit(shard, ApplyOperations(items, atomic, future))
+                submitted.append((indexes, future))
+        replies: list[Reply] = [_UNAVAILABLE] * len(operations)
+        for indexes, future in submitted:
+            group = await future
+            if group.items is None:  # the group's batch failed: every item is unknown
+                continue
+            if group.outcome is not Outcome.OK:  # an atomic group, refused whole
+                return BulkReply(list(group.items), len(group.items) - 1)
+            for index, reply in zip(indexes, group.items, strict=True):
+                replies[index] = reply
+        return BulkReply(replies, None)
+
+    @property
+    def bulk_waiting(self) -> int:
+        """Bulk requests waiting for mailbox room now."""
+        return self._bulk_waiting
+
+    def _fits(self, wanted: dict[Shard, int]) -> bool:
+        mailbox_max = self.limits.mailbox_commands_max
+        return all(shard.mailbox_depth + count <= mailbox_max for shard, count in wanted.items())
+
+    async def _wait_for_room(self, wanted: dict[Shard, int]) -> None:
+        """Wait, first come first served, until every shard has room for its share.
+
+        Polled: a shard frees room whenever it drains a batch, and a bulk request that
+        waits at all waits for a commit or more (milliseconds), so a 1 ms poll by the one
+        request at the head of the line costs little and needs no hook in the shards.
+        """
+        limits = self.limits
+        if self._bulk_waiting >= limits.bulk_waiting_max:
+            self._observer.command_rejected("overloaded")
+            raise EngineOverloaded("too many bulk requests are waiting for room")
+        self._bulk_waiting += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.bulk_admission_wait_s
+        try:
+            async with self._bulk_line:
+                while not self._fits(wanted):
+                    if loop.time() >= deadline or not self.accepting:
+                        self._observer.command_rejected("overloaded")
+                        raise EngineOverloaded("the shards stayed full past the admission wait")
+                    await asyncio.sleep(_ROOM_POLL_S)
+        finally:
+            self._bulk_waiting -= 1
 
     async def create_wallet(
         self, wallet_id: UUID | None, idempotency_key: str | None

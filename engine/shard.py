@@ -2,8 +2,9 @@
 
 Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more prepared)::
 
-    submit ──▶ mailbox (deque, ≤ mailbox_commands_max; full → EngineOverloaded at once)
-                  │ drain ≤ batch_ops_max (everything that queued meanwhile)
+    submit ──▶ mailbox (deque, ≤ mailbox_commands_max operations; full → EngineOverloaded)
+                  │ drain ≤ batch_ops_max operations (everything that queued meanwhile;
+                  │ a bulk group, at most batch_ops_max, is never split)
                   ▼
               prepare: load missing wallets and unknown idempotency keys (≤ 3 queries;
                   │     a failed load answers the batch with 503 at once, nothing applied),
@@ -109,6 +110,9 @@ class Shard:
         self._observer = observer
         self._ledger = Ledger(limits, clock_us)
         self._mailbox: deque[Command] = deque()
+        # Operations queued: the mailbox and batch bounds count these, not commands (a bulk
+        # request's group weighs as many operations as it holds).
+        self._mailbox_ops = 0
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -134,9 +138,12 @@ class Shard:
     def submit(self, command: Command) -> None:
         if self._stopping:
             raise EngineStopping(f"shard {self.index} is stopping")
-        if len(self._mailbox) >= self._limits.mailbox_commands_max:
+        weight = command.weight
+        require(weight <= self._limits.batch_ops_max, "a group larger than a batch")
+        if self._mailbox_ops + weight > self._limits.mailbox_commands_max:
             raise EngineOverloaded(f"shard {self.index} mailbox is full")
         self._mailbox.append(command)
+        self._mailbox_ops += weight
         self._wakeup.set()
 
     def read_committed(self, wallet_id: UUID) -> WalletView | None:
@@ -158,7 +165,8 @@ class Shard:
 
     @property
     def mailbox_depth(self) -> int:
-        return len(self._mailbox)
+        """Operations queued (what ``mailbox_commands_max`` bounds)."""
+        return self._mailbox_ops
 
     @property
     def resident_wallets(self) -> int:
@@ -224,9 +232,21 @@ class Shard:
             raise
 
     def _drain(self) -> list[Command]:
-        count = min(len(self._mailbox), self._limits.batch_ops_max)
-        popleft = self._mailbox.popleft
-        return [popleft() for _ in range(count)]
+        """Up to ``batch_ops_max`` operations' worth of commands, in order.
+
+        A group (at most ``batch_ops_max`` operations) heavier than the room left waits for
+        the next batch, whole: groups are never split, so an atomic one is one transaction.
+        """
+        mailbox = self._mailbox
+        popleft = mailbox.popleft
+        budget = self._limits.batch_ops_max
+        drained: list[Command] = []
+        while mailbox and mailbox[0].weight <= budget:
+            command = popleft()
+            drained.append(command)
+            budget -= command.weight
+        self._mailbox_ops -= self._limits.batch_ops_max - budget
+        return drained
 
     @staticmethod
     def _settle_head(inflight: deque[_Inflight]) -> bool:
@@ -283,6 +303,7 @@ class Shard:
         self._answer_unavailable(holding, REASON_SHARD_CRASHED)
         mailbox = list(self._mailbox)
         self._mailbox.clear()
+        self._mailbox_ops = 0
         self._answer_unavailable(mailbox, REASON_SHARD_CRASHED)
 
     # -- prepare: load, then decide ----------------------------------------------------

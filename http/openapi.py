@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import orjson
 
+from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
 from walletd.http.parsing import WALLET_ID_PATTERN
 from walletd.http.routes_v1 import CURSOR_PATTERN
 
@@ -58,6 +59,8 @@ PROBLEM_CODES: Final = (
     "IDEMPOTENCY_KEY_REUSED",
     "PAYLOAD_TOO_LARGE",
     "REQUEST_TIMEOUT",
+    "TOO_MANY_ITEMS",
+    "ATOMIC_NOT_POSSIBLE",
     "UNSUPPORTED_MEDIA_TYPE",
     "NOT_FOUND",
     "METHOD_NOT_ALLOWED",
@@ -72,6 +75,7 @@ BALANCE_MAX: Final = "1000000000000000.00"  # 10^15
 HISTORY_LIMIT_DEFAULT: Final = 50
 HISTORY_LIMIT_MAX: Final = 500
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+BULK_ITEMS_MAX_DEFAULT: Final = 1000
 
 # A positive decimal string with at most 2 fractional digits, no sign, no exponent, no
 # leading zeros, at most AMOUNT_MAX. Written without look-arounds so that schemathesis
@@ -139,6 +143,10 @@ def _schemas() -> JsonObject:
         "Wallet": _wallet_schema(),
         "CreateWalletRequest": _create_wallet_request_schema(),
         "OperationRequest": _operation_request_schema(),
+        "BulkItem": _bulk_item_schema(),
+        "BulkRequest": _bulk_request_schema(),
+        "BulkResult": _bulk_result_schema(),
+        "BulkResponse": _bulk_response_schema(),
         "HistoryItem": _history_item_schema(),
         "HistoryPage": _history_page_schema(),
         "HealthStatus": {
@@ -247,6 +255,92 @@ def _operation_request_schema() -> JsonObject:
             {"operation_type": "DEPOSIT", "amount": 1000},
             {"operationType": "WITHDRAW", "amount": "10.50"},
         ],
+    }
+
+
+def _bulk_item_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "description": "One operation of a bulk request: the single endpoint's body plus the "
+        "wallet and an optional key (scope: the wallet, as the header's).",
+        "required": ["wallet_id", "operation_type", "amount"],
+        "additionalProperties": False,
+        "properties": {
+            "wallet_id": _ref("schemas", "WalletId"),
+            "operation_type": _ref("schemas", "OperationType"),
+            "amount": _ref("schemas", "Amount"),
+            "idempotency_key": _ref("schemas", "IdempotencyKey"),
+        },
+    }
+
+
+def _bulk_request_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": ["items"],
+        "additionalProperties": False,
+        "properties": {
+            "atomic": {
+                "type": "boolean",
+                "default": False,
+                "description": "All or nothing, in one PostgreSQL transaction: the first "
+                "refused or invalid item refuses the whole request with its problem (and "
+                "`index`), nothing applied. At most WALLETD_BATCH_MAX (256) items, on one "
+                "shard actor (else 413 TOO_MANY_ITEMS / 422 ATOMIC_NOT_POSSIBLE).",
+            },
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": BULK_ITEMS_MAX_DEFAULT,
+                "description": "Up to WALLETD_BULK_ITEMS_MAX operations "
+                f"({BULK_ITEMS_MAX_DEFAULT} by default; more is 413 TOO_MANY_ITEMS). "
+                "Items on one wallet apply in array order.",
+                "items": _ref("schemas", "BulkItem"),
+            },
+        },
+        "examples": [
+            {
+                "items": [
+                    {
+                        "wallet_id": "123e4567-e89b-12d3-a456-426614174000",
+                        "operation_type": "DEPOSIT",
+                        "amount": "10.00",
+                        "idempotency_key": "order-17",
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _bulk_result_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "description": "What the single endpoint would have answered for this item: its "
+        "status, and the wallet after the operation or the problem.",
+        "required": ["index", "status", "body"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "status": {"type": "integer", "enum": [200, 404, 409, 422, 503]},
+            "replayed": {
+                "type": "boolean",
+                "description": "On a 200: the answer was replayed for an earlier key.",
+            },
+            "body": {"oneOf": [_ref("schemas", "Wallet"), _ref("schemas", "Problem")]},
+        },
+    }
+
+
+def _bulk_response_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": ["applied", "refused", "results"],
+        "additionalProperties": False,
+        "properties": {
+            "applied": {"type": "integer", "minimum": 0},
+            "refused": {"type": "integer", "minimum": 0},
+            "results": {"type": "array", "items": _ref("schemas", "BulkResult")},
+        },
     }
 
 
@@ -621,6 +715,53 @@ def _apply_operation() -> JsonObject:
     }
 
 
+def _bulk_operations() -> JsonObject:
+    return {
+        "operationId": "bulkOperations",
+        "tags": ["wallets"],
+        "summary": "Apply many deposits and withdrawals in one request",
+        "description": "By default each item succeeds or fails on its own; with "
+        '`"atomic": true` all apply in one transaction or none does. The answer lists one result '
+        "per item, in order. A 200 means every applied item is committed. The request is "
+        "admitted whole or refused whole (503 OVERLOADED, nothing queued). With an "
+        f"Idempotency-Key (at most {REQUEST_KEY_LENGTH_MAX} characters here), every item "
+        "without a key of its own gets the key `<request key>/<index>`, so a retry of the "
+        "same request replays item by item. Without any key, a retry after a lost answer "
+        "may apply items twice.",
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "IdempotencyKey")],
+        "requestBody": _json_body("BulkRequest", required=True),
+        "responses": {
+            "200": _json_response("One result per item, in order.", "BulkResponse"),
+            "400": _problem_response(
+                "The body is not JSON or not a JSON object.", 400, ("INVALID_JSON",)
+            ),
+            **_post_errors(),
+            "422": _problem_response_of(
+                "Invalid envelope, items (atomic) or Idempotency-Key header; an item key reused "
+                "(atomic); or an atomic request whose wallets span shard actors.",
+                {
+                    "oneOf": [
+                        _validation_problem_schema_for(422),
+                        _problem_schema_for(422, ("IDEMPOTENCY_KEY_REUSED", "ATOMIC_NOT_POSSIBLE")),
+                    ]
+                },
+            ),
+            "404": _ref("responses", "WalletNotFound"),
+            "409": _problem_response(
+                "Atomic: an item was refused (its problem, with `index`); nothing applied.",
+                409,
+                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+            ),
+            "413": _problem_response_of(
+                "The body is larger than WALLETD_BULK_MAX_BODY_BYTES (1 MiB by default), or "
+                "holds more items than WALLETD_BULK_ITEMS_MAX (atomic: WALLETD_BATCH_MAX).",
+                _problem_schema_for(413, ("PAYLOAD_TOO_LARGE", "TOO_MANY_ITEMS")),
+            ),
+        },
+    }
+
+
 def _list_operations() -> JsonObject:
     return {
         "operationId": "listOperations",
@@ -759,6 +900,7 @@ def _paths() -> JsonObject:
         wallet: {"get": _get_wallet()},
         wallet + "/operation": {"post": _apply_operation()},
         wallet + "/operations": {"get": _list_operations()},
+        "/api/v1/operations/bulk": {"post": _bulk_operations()},
         **_service_paths(),
         **_docs_paths(),
     }

@@ -25,7 +25,10 @@ from walletd.http.settings import HttpSettings
 __all__ = [
     "IDEMPOTENCY_KEY_LENGTH_MAX",
     "WALLET_ID_CACHE_ENTRIES_MAX",
+    "WALLET_ID_MESSAGE",
     "WALLET_ID_PATTERN",
+    "body_wallet_id",
+    "loads_exact",
     "parse_amount",
     "parse_create_body",
     "parse_idempotency_key",
@@ -33,7 +36,9 @@ __all__ = [
     "parse_operation_body",
     "parse_wallet_id",
     "path_wallet_id",
+    "read_body",
     "read_json_object",
+    "require_json_content_type",
 ]
 
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
@@ -50,7 +55,7 @@ _WALLET_ID: Final = re.compile(WALLET_ID_PATTERN.strip("^$"))
 _RAW_WALLET_PATH: Final = re.compile(
     r"(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)?/api/v1/wallets/([^/?#]*)"
 )
-_WALLET_ID_MESSAGE: Final = "must be a UUID in the canonical 8-4-4-4-12 hex form"
+WALLET_ID_MESSAGE: Final = "must be a UUID in the canonical 8-4-4-4-12 hex form"
 WALLET_ID_CACHE_ENTRIES_MAX: Final = 16384
 _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
@@ -99,7 +104,7 @@ def _wallet_uuid(canonical_text: str) -> UUID:
     return UUID(canonical_text)
 
 
-def _require_json_content_type(request: web.Request) -> None:
+def require_json_content_type(request: web.Request) -> None:
     # The exact header most clients send skips aiohttp's header parsing (~1 us).
     if request.headers.get("Content-Type") == "application/json":
         return
@@ -129,14 +134,14 @@ async def read_json_object(
     # same limit) stops a body without Content-Length while it streams in.
     if length is not None and length > settings.body_bytes_max:
         raise ProblemError(413, "PAYLOAD_TOO_LARGE", "request body is larger than the limit")
-    _require_json_content_type(request)
-    raw = await _read_body(request, settings.body_read_timeout_s)
+    require_json_content_type(request)
+    raw = await read_body(request, settings.body_read_timeout_s)
     if optional and not raw.strip():
         return {}, raw
     return parse_json_object(raw), raw
 
 
-async def _read_body(request: web.Request, timeout_s: float) -> bytes:
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The whole body, or 408 when it has not arrived ``timeout_s`` after reading began.
 
     A client that trickles its body would otherwise hold a handler (and its memory) for as
@@ -194,10 +199,20 @@ def _holds_lone_surrogate(value: Any) -> bool:
     return False
 
 
+def loads_exact(raw: bytes) -> Any:
+    """JSON with every fractional number as the exact ``Decimal`` the client wrote, and
+    NaN/Infinity literals kept as markers that ``parse_amount`` refuses; raises ValueError,
+    also for a lone surrogate (not Unicode: it could not be stored or echoed)."""
+    value = json.loads(raw, parse_float=Decimal, parse_constant=lambda _n: _NonFinite())
+    if _holds_lone_surrogate(value):
+        raise ValueError("the JSON holds a lone surrogate")
+    return value
+
+
 def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
     """The exact decimal the client wrote for a float field, read again from the body."""
     try:
-        exact = json.loads(raw_body, parse_float=Decimal, parse_constant=lambda _n: _NonFinite())
+        exact = loads_exact(raw_body)
     except (ValueError, RecursionError):
         return None
     value = exact.get(field) if isinstance(exact, dict) else None
@@ -209,7 +224,8 @@ def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
 
 
 def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> int | FieldError:
-    """Minor units from a JSON number or a decimal string, or the field's error."""
+    """Minor units from a JSON number (an int, a float re-read exactly from ``raw_body``, or
+    a ``Decimal`` from ``loads_exact``) or a decimal string, or the field's error."""
     if isinstance(value, bool) or value is None or isinstance(value, _NonFinite):
         return _amount_error(field, "must be a number or a decimal string")
     if isinstance(value, int):
@@ -219,6 +235,8 @@ def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> int | Fi
         if exact is None:
             return _amount_error(field, "must be a finite decimal number")
         decimal = exact
+    elif isinstance(value, Decimal):  # read by loads_exact
+        decimal = value
     elif isinstance(value, str):
         if not _DECIMAL_STRING.fullmatch(value):
             return _amount_error(field, 'must be a decimal string like "10.50"')
@@ -290,6 +308,13 @@ def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKin
     return kind, amount
 
 
+def body_wallet_id(value: Any) -> UUID | None:
+    """The wallet id a JSON body names, or None unless it is a canonical id string."""
+    if type(value) is str and len(value) == 36 and _WALLET_ID.fullmatch(value):
+        return _wallet_uuid(value)
+    return None
+
+
 def parse_create_body(body: dict[str, Any]) -> UUID | None:
     errors: list[FieldError] = []
     wallet_id: UUID | None = None
@@ -297,11 +322,9 @@ def parse_create_body(body: dict[str, Any]) -> UUID | None:
         if name != "id":
             errors.append({"field": str(name)[:64], "message": "unknown field"})
     if "id" in body:
-        value = body["id"]
-        if isinstance(value, str) and len(value) == 36 and _WALLET_ID.fullmatch(value):
-            wallet_id = _wallet_uuid(value)
-        else:
-            errors.append({"field": "id", "message": _WALLET_ID_MESSAGE})
+        wallet_id = body_wallet_id(body["id"])
+        if wallet_id is None:
+            errors.append({"field": "id", "message": WALLET_ID_MESSAGE})
     if errors:
         raise ValidationProblem(errors)
     return wallet_id

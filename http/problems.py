@@ -25,6 +25,7 @@ __all__ = [
     "FieldError",
     "ProblemError",
     "ValidationProblem",
+    "problem_body",
     "problem_response",
     "problems_middleware",
 ]
@@ -46,6 +47,8 @@ TITLES: Final = {
     "IDEMPOTENCY_KEY_REUSED": "Idempotency key reused",
     "PAYLOAD_TOO_LARGE": "Payload too large",
     "REQUEST_TIMEOUT": "Request timeout",
+    "TOO_MANY_ITEMS": "Too many items",
+    "ATOMIC_NOT_POSSIBLE": "Atomic request not possible",
     "UNSUPPORTED_MEDIA_TYPE": "Unsupported media type",
     "NOT_FOUND": "Not found",
     "METHOD_NOT_ALLOWED": "Method not allowed",
@@ -83,15 +86,10 @@ class ValidationProblem(ProblemError):
         super().__init__(422, "VALIDATION_ERROR", detail, extra={"errors": errors})
 
 
-def problem_response(
-    status: int,
-    code: str,
-    detail: str,
-    instance: str,
-    *,
-    headers: dict[str, str] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> web.Response:
+def problem_body(
+    status: int, code: str, detail: str, instance: str, *, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The RFC 9457 problem document (also embedded per item in bulk results)."""
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": TITLES.get(code, "Error"),
@@ -102,6 +100,19 @@ def problem_response(
     }
     if extra:
         body.update(extra)
+    return body
+
+
+def problem_response(
+    status: int,
+    code: str,
+    detail: str,
+    instance: str,
+    *,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> web.Response:
+    body = problem_body(status, code, detail, instance, extra=extra)
     response_headers = {"Content-Type": PROBLEM_CONTENT_TYPE}
     if headers:
         response_headers.update(headers)

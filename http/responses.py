@@ -17,6 +17,7 @@ from walletd.http.problems import ProblemError
 __all__ = [
     "format_timestamp",
     "history_item",
+    "reply_problem",
     "reply_response",
     "wallet_body",
     "wallet_response",
@@ -90,10 +91,11 @@ def reply_response(reply: Reply, wallet_id: UUID, amount: int = 0) -> web.Respon
         return _wallet_response(reply.wallet, 200, reply.replayed)
     if outcome is Outcome.CREATED and reply.wallet is not None:
         return _wallet_response(reply.wallet, 201, reply.replayed)
-    raise _problem(reply, wallet_id, amount)
+    raise reply_problem(reply, wallet_id, amount)
 
 
-def _problem(reply: Reply, wallet_id: UUID, amount: int) -> ProblemError:
+def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemError:
+    """The problem a refused or failed reply stands for."""
     outcome = reply.outcome
     if outcome is Outcome.WALLET_NOT_FOUND:
         return ProblemError(404, "WALLET_NOT_FOUND", f"wallet {wallet_id} does not exist")

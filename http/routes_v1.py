@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from walletd.engine.commands import Outcome
+from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.parsing import (
     parse_create_body,
     parse_idempotency_key,
@@ -33,6 +34,7 @@ _LIMIT_DIGITS_MAX: Final = 6
 _WALLET: Final = PREFIX + "/wallets/{wallet_id:[^/]+}"
 
 routes = web.RouteTableDef()
+routes.post(BULK_PATH)(bulk_operations)
 
 
 @routes.post(PREFIX + "/wallets")

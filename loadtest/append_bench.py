@@ -119,12 +119,18 @@ METHODS: dict[str, Callable[[asyncpg.Connection, Rows], Awaitable[None]]] = {
 }
 
 
-async def bench(dsn: str, batches: int, runs: int) -> list[tuple[str, int, float, float]]:
+async def bench(
+    dsn: str,
+    batches: int,
+    runs: int,
+    sizes: tuple[int, ...] = BATCH_SIZES,
+    methods: tuple[str, ...] = tuple(METHODS),
+) -> list[tuple[str, int, float, float]]:
     connection = await asyncpg.connect(dsn)
     try:
         await apply_migrations(connection)
         await connection.execute(_TEMP)
-        ids = [uuid.uuid4() for _ in range(max(BATCH_SIZES))]
+        ids = [uuid.uuid4() for _ in range(max(sizes))]
         await connection.copy_records_to_table(
             "wallets",
             records=[(i, _EPOCH, _EPOCH) for i in ids],
@@ -132,11 +138,12 @@ async def bench(dsn: str, batches: int, runs: int) -> list[tuple[str, int, float
         )
         wallets = Wallets(ids)
         results = []
-        for size in BATCH_SIZES:
+        for size in sizes:
             count = max(3, batches // max(1, size // 10))  # fewer big batches: keep it brief
-            medians: dict[str, list[float]] = {name: [] for name in METHODS}
+            medians: dict[str, list[float]] = {name: [] for name in methods}
             for _run in range(runs):
-                for name, method in METHODS.items():  # interleaved: noise hits all alike
+                for name in methods:  # interleaved: noise hits all alike
+                    method = METHODS[name]
                     timings = []
                     for _ in range(count):
                         rows = wallets.next_batch(size)
@@ -144,12 +151,25 @@ async def bench(dsn: str, batches: int, runs: int) -> list[tuple[str, int, float
                         await method(connection, rows)
                         timings.append(time.perf_counter() - started)
                     medians[name].append(statistics.median(timings))
-            for name in METHODS:
+            for name in methods:
                 latency = statistics.median(medians[name])
                 results.append((name, size, latency * 1000, size / latency))
         return results
     finally:
         await connection.close()
+
+
+def function_rate(size: int, batches: int = 40, runs: int = 3) -> float:
+    """Rows/s of ``walletd_append_batch`` alone at one batch size, on a fresh server."""
+    folder = Path(tempfile.mkdtemp(prefix="walletd-append-bench-"))
+    embedded = EmbeddedPostgres(folder)
+    try:
+        dsn = embedded.start()
+        results = asyncio.run(bench(dsn, batches, runs, (size,), ("function",)))
+    finally:
+        embedded.stop("immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+    return results[0][3]
 
 
 def main() -> None:

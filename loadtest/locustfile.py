@@ -14,6 +14,7 @@ Pick scenarios by user class (and narrow them by tags):
 | ReadHeavyUser       | --walletd-wallets           | 9 GETs (wallet, history) per deposit         |
 | OverdraftUser       | --walletd-overdraft-wallets | deposits and larger withdrawals: 409 is fine |
 | IdempotentRetryUser | --walletd-wallets           | every op sent twice with one Idempotency-Key |
+| BulkUser            | --walletd-wallets           | bulk requests of --walletd-bulk-items ops    |
 
 Life of a test:
 
@@ -67,6 +68,7 @@ from loadtest.ledger import Ledger, Outcome, format_cents, parse_cents, reconcil
 log = logging.getLogger("walletd.loadtest")
 
 API = "/api/v1/wallets"
+BULK_PATH = "/api/v1/operations/bulk"
 MSG_LEDGER = "walletd_ledger"
 MSG_STOP = "walletd_stop"
 # Bounds: every wait in this file ends.
@@ -142,6 +144,9 @@ def _add_options(parser: LocustArgumentParser) -> None:
     parser.add_argument("--walletd-run-id", default="", help="wallet id namespace (default random)")
     parser.add_argument("--walletd-api-key", default="", is_secret=True, help="Bearer token")
     parser.add_argument("--walletd-setup-concurrency", type=int, default=32)
+    parser.add_argument(
+        "--walletd-bulk-items", type=int, default=100, help="operations per BulkUser request"
+    )
 
 
 def _option(environment: Environment, name: str, default: Any) -> Any:
@@ -594,6 +599,80 @@ class IdempotentRetryUser(WalletdUser):
                     outcome, _ = judge_operation(response, wallet, refusal_ok=True)
         finally:
             STATE.ledger.record(wallet, delta_cents, outcome)
+
+
+class BulkUser(WalletdUser):
+    """Bulk requests of --walletd-bulk-items deposits and withdrawals over many wallets, each
+    item with its own key; every item's result is tallied (a 409 withdrawal is fine)."""
+
+    @tag("bulk", "deposit", "withdraw")
+    @task
+    def bulk(self) -> None:
+        size = int(_option(self.environment, "walletd_bulk_items", 100))
+        plan = [
+            (
+                random.choice(STATE.uniform_wallets),
+                _random_cents(1, 10_000) if random.random() < 0.8 else -_random_cents(1, 1_000),
+            )
+            for _ in range(size)
+        ]
+        items = [
+            {
+                "wallet_id": wallet,
+                "operation_type": "DEPOSIT" if delta > 0 else "WITHDRAW",
+                "amount": format_cents(abs(delta)),
+                "idempotency_key": uuid.uuid4().hex,
+            }
+            for wallet, delta in plan
+        ]
+        outcomes = [Outcome.UNKNOWN] * size
+        try:
+            with self.client.post(
+                BULK_PATH,
+                json={"items": items},
+                headers=self.auth,
+                name="POST bulk",
+                catch_response=True,
+            ) as response:
+                outcomes = judge_bulk(response, plan)
+        finally:
+            for (wallet, delta), outcome in zip(plan, outcomes, strict=True):
+                STATE.ledger.record(wallet, delta, outcome)
+
+
+def judge_bulk(response: ResponseContextManager, plan: list[tuple[str, int]]) -> list[Outcome]:
+    """Each item's outcome from a bulk answer; the request fails on anything unexpected."""
+    unknown = [Outcome.UNKNOWN] * len(plan)
+    if response.status_code != 200:
+        _fail(response, f"HTTP {response.status_code} {_problem_code(response)}")
+        # A refused bulk request (4xx, 503 OVERLOADED) queued nothing; other failures may
+        # hide commits.
+        refused = 400 <= response.status_code < 500 or _problem_code(response) == "OVERLOADED"
+        return [Outcome.REFUSED] * len(plan) if refused else unknown
+    try:
+        results = orjson.loads(response.content or b"")["results"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as error:
+        _fail(response, f"bad bulk JSON: {error}")
+        return unknown
+    outcomes: list[Outcome] = []
+    problems: list[str] = []
+    for (_wallet, delta), result in zip(plan, results, strict=True):
+        status = result.get("status")
+        if status == 200:
+            outcomes.append(Outcome.APPLIED)
+        elif status == 409 and delta < 0 and result["body"].get("code") == "INSUFFICIENT_FUNDS":
+            outcomes.append(Outcome.REFUSED)
+        elif status == 503:
+            outcomes.append(Outcome.UNKNOWN)
+            problems.append("item 503")
+        else:
+            outcomes.append(Outcome.REFUSED)
+            problems.append(f"item {status} {result['body'].get('code')}")
+    if problems:
+        _fail(response, "; ".join(sorted(set(problems))))
+    else:
+        _succeed(response)
+    return outcomes
 
 
 _listen(events.init_command_line_parser, _add_options)

@@ -99,3 +99,33 @@ async def test_service_and_docs_routes_match_the_document(module_client: Client)
             "",  # the body schema is any string; the bytes themselves are tested elsewhere
             headers=dict(response.headers),
         )
+
+
+async def test_bulk_responses_match_the_document(module_client: Client) -> None:
+    """A bulk answer with applied, refused and invalid items, and its refusals, conform."""
+    client = module_client
+    created = await client.post("/api/v1/wallets")
+    wallet_id = (await created.json())["id"]
+    items = [
+        {"wallet_id": wallet_id, "operation_type": "DEPOSIT", "amount": "1.00"},
+        {"wallet_id": wallet_id, "operation_type": "WITHDRAW", "amount": "5.00"},
+        {"wallet_id": wallet_id, "operation_type": "DEPOSIT", "amount": "0.001"},
+    ]
+    answer = await client.post("/api/v1/operations/bulk", json={"items": items})
+    assert answer.status == 200
+    body = await _matches(answer, "POST", "/api/v1/operations/bulk")
+    assert [result["status"] for result in body["results"]] == [200, 409, 422]
+    too_many = await client.post("/api/v1/operations/bulk", json={"items": [items[0]] * 1001})
+    assert too_many.status == 413
+    await _matches(too_many, "POST", "/api/v1/operations/bulk")
+    other = (await (await client.post("/api/v1/wallets")).json())["id"]
+    for atomic_items, status in (
+        (items[:2], 409),
+        ([{**items[0], "wallet_id": "00000000-0000-4000-8000-000000000000"}], 404),
+        ([items[0], {**items[0], "wallet_id": other}], None),  # 422 unless on one actor
+    ):
+        refused = await client.post(
+            "/api/v1/operations/bulk", json={"items": atomic_items, "atomic": True}
+        )
+        assert status is None or refused.status == status
+        await _matches(refused, "POST", "/api/v1/operations/bulk")

@@ -1,0 +1,575 @@
+"""POST /api/v1/operations/bulk through the real app on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import AppFactory
+from tests.processes import WalletdProcess
+from tests.test_faults import check_database
+from walletd.cli.config import SETTINGS
+from walletd.engine.limits import EngineLimits
+from walletd.engine.router import shard_of
+from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
+from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
+from walletd.http.settings import HttpSettings
+from walletd.http.state import STATE_KEY
+
+Client = TestClient[web.Request, web.Application]
+BULK = "/api/v1/operations/bulk"
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
+async def new_wallet(client: Client) -> str:
+    response = await client.post("/api/v1/wallets")
+    assert response.status == 201
+    wallet_id: str = (await response.json())["id"]
+    return wallet_id
+
+
+def op(wallet_id: str, kind: str, amount: Any, key: str | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"wallet_id": wallet_id, "operation_type": kind, "amount": amount}
+    if key is not None:
+        item["idempotency_key"] = key
+    return item
+
+
+async def bulk(client: Client, items: list[Any], **headers: str) -> tuple[int, dict[str, Any]]:
+    response = await client.post(BULK, json={"items": items}, headers=headers)
+    return response.status, await response.json(content_type=None)
+
+
+async def balance(client: Client, wallet_id: str) -> Decimal:
+    response = await client.get(f"/api/v1/wallets/{wallet_id}")
+    assert response.status == 200
+    return Decimal((await response.json())["balance"])
+
+
+async def history(client: Client, wallet_id: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        query = f"?limit=500&cursor={cursor}" if cursor else "?limit=500"
+        response = await client.get(f"/api/v1/wallets/{wallet_id}/operations{query}")
+        assert response.status == 200
+        page = await response.json()
+        items.extend(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return items
+
+
+async def test_mixed_items_get_exactly_the_single_endpoint_results(client: Client) -> None:
+    """Valid, refused and invalid items each get the single endpoint's status and body."""
+    a, b = await new_wallet(client), await new_wallet(client)
+    missing = str(uuid.uuid4())
+    status, body = await bulk(
+        client,
+        [
+            op(a, "DEPOSIT", "10.50"),
+            op(a, "WITHDRAW", 0.5),  # a JSON float, read exactly
+            op(b, "WITHDRAW", "1.00"),  # nothing there: 409
+            op(missing, "DEPOSIT", 1),  # 404
+            op(a, "DEPOSIT", "0.001"),  # three decimals: 422
+            {"wallet_id": "not-a-uuid", "operation_type": "DEPOSIT", "amount": 1},
+            op(b, "DEPOSIT", 7),
+            {"wallet_id": a, "operation_type": "DEPOSIT", "amount": 1, "extra": True},
+        ],
+    )
+    assert status == 200, body
+    statuses = [result["status"] for result in body["results"]]
+    assert statuses == [200, 200, 409, 404, 422, 422, 200, 422]
+    assert [result["index"] for result in body["results"]] == list(range(8))
+    assert body["applied"] == 3
+    assert body["refused"] == 5
+    results = body["results"]
+    assert results[0]["body"]["balance"] == "10.50"
+    assert results[1]["body"]["balance"] == "10.00"
+    assert results[2]["body"]["code"] == "INSUFFICIENT_FUNDS"
+    assert results[3]["body"]["code"] == "WALLET_NOT_FOUND"
+    assert results[4]["body"]["errors"] == [
+        {"field": "items[4].amount", "message": "must have at most 2 fractional digits"}
+    ]
+    assert results[5]["body"]["errors"][0]["field"] == "items[5].wallet_id"
+    unknown = {"field": "items[7].extra", "message": "unknown field"}
+    assert results[7]["body"]["errors"][0] == unknown
+    assert results[6]["body"]["balance"] == "7.00"
+    assert await balance(client, a) == Decimal("10.00")
+    assert await balance(client, b) == Decimal("7.00")
+
+
+async def test_a_thousand_items_on_one_wallet_apply_in_order_and_match_history(
+    client: Client,
+) -> None:
+    """1,000 items on one wallet apply in array order: balances_after and history agree."""
+    wallet = await new_wallet(client)
+    amounts = [Decimal(f"{(i % 97) + 1}.{i % 100:02d}") for i in range(1000)]
+    items = [
+        op(wallet, "DEPOSIT" if i % 3 else "WITHDRAW", str(amount), key=f"k{i}")
+        for i, amount in enumerate(amounts)
+    ]
+    status, body = await bulk(client, items)
+    assert status == 200
+    expected = Decimal(0)
+    for i, (item, result) in enumerate(zip(items, body["results"], strict=True)):
+        amount = Decimal(item["amount"])
+        if item["operation_type"] == "DEPOSIT":
+            expected += amount
+            assert result["status"] == 200, result
+        elif amount <= expected:
+            expected -= amount
+            assert result["status"] == 200, result
+        else:
+            assert result["status"] == 409, (i, result)
+            continue
+        assert Decimal(result["body"]["balance"]) == expected
+    assert await balance(client, wallet) == expected
+    logged = await history(client, wallet)
+    applied = [r for r in body["results"] if r["status"] == 200]
+    assert len(logged) == len(applied)
+    assert [Decimal(row["balance_after"]) for row in reversed(logged)] == [
+        Decimal(r["body"]["balance"]) for r in applied
+    ]
+
+
+async def test_item_keys_and_the_request_key_replay_without_applying_twice(
+    client: Client,
+) -> None:
+    """A retried bulk request (same Idempotency-Key) replays every item; nothing applies
+    twice; a reused item key with another amount is 422 for that item only."""
+    a, b = await new_wallet(client), await new_wallet(client)
+    items = [op(a, "DEPOSIT", "5.00", key="own-key"), op(b, "DEPOSIT", "3.00"), op(a, "DEPOSIT", 2)]
+    first_status, first = await bulk(client, items, **{"Idempotency-Key": "batch-1"})
+    again_status, again = await bulk(client, items, **{"Idempotency-Key": "batch-1"})
+    assert first_status == again_status == 200
+    assert [r["body"] for r in first["results"]] == [r["body"] for r in again["results"]]
+    assert [r["replayed"] for r in first["results"]] == [False, False, False]
+    assert [r["replayed"] for r in again["results"]] == [True, True, True]
+    assert await balance(client, a) == Decimal("7.00")
+    assert await balance(client, b) == Decimal("3.00")
+    # The derived keys are visible in the history, as the single endpoint's keys are.
+    assert {row["idempotency_key"] for row in await history(client, a)} == {"own-key", "batch-1/2"}
+    status, body = await bulk(client, [op(a, "DEPOSIT", "6.00", key="own-key")])
+    assert status == 200
+    assert body["results"][0]["status"] == 422
+    assert body["results"][0]["body"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert await balance(client, a) == Decimal("7.00")
+
+
+async def test_concurrent_retries_of_one_keyed_bulk_apply_once(client: Client) -> None:
+    """Ten concurrent copies of one keyed bulk request apply each item exactly once."""
+    wallets = [await new_wallet(client) for _ in range(5)]
+    items = [op(w, "DEPOSIT", "1.25") for w in wallets for _ in range(4)]
+    answers = await asyncio.gather(
+        *(bulk(client, items, **{"Idempotency-Key": "same"}) for _ in range(10))
+    )
+    assert all(status == 200 for status, _ in answers)
+    for wallet in wallets:
+        assert await balance(client, wallet) == Decimal("5.00")
+
+
+@pytest.fixture
+async def one_actor(make_app: AppFactory, aiohttp_client: Callable[..., Any]) -> Client:
+    """The app with one shard actor (the default of `walletd serve`): atomic requests fit."""
+    client: Client = await aiohttp_client(make_app(HttpSettings(), EngineLimits(shards=1)))
+    return client
+
+
+async def atomic(client: Client, items: list[Any], **headers: str) -> tuple[int, dict[str, Any]]:
+    response = await client.post(BULK, json={"items": items, "atomic": True}, headers=headers)
+    return response.status, await response.json(content_type=None)
+
+
+async def test_atomic_applies_everything_in_one_transaction(
+    one_actor: Client, database_url: str
+) -> None:
+    """An atomic request applies every item in array order (a withdrawal may spend an
+    earlier deposit of the same request), all in one PostgreSQL transaction."""
+    client = one_actor
+    a, b = await new_wallet(client), await new_wallet(client)
+    items = [
+        op(a, "DEPOSIT", "10.00"),
+        op(a, "WITHDRAW", "7.50"),
+        op(b, "DEPOSIT", "1.25"),
+        op(a, "WITHDRAW", "2.50"),
+    ]
+    status, body = await atomic(client, items)
+    assert status == 200, body
+    assert [r["body"]["balance"] for r in body["results"]] == ["10.00", "2.50", "1.25", "0.00"]
+    connection = await asyncpg.connect(database_url)
+    try:
+        transactions = await connection.fetchval(
+            "SELECT count(DISTINCT xmin::text) FROM wallet_operations WHERE wallet_id = ANY($1)",
+            [uuid.UUID(a), uuid.UUID(b)],
+        )
+    finally:
+        await connection.close()
+    assert transactions == 1
+
+
+async def test_atomic_refuses_whole_on_one_bad_item(one_actor: Client) -> None:
+    """One refused item (409, 404, key reuse) or one invalid item (422) refuses an atomic
+    request whole: nothing is applied, and the problem names the item."""
+    client = one_actor
+    a, b = await new_wallet(client), await new_wallet(client)
+    assert (await bulk(client, [op(a, "DEPOSIT", "5.00", key="seed")]))[0] == 200
+    cases: list[tuple[list[dict[str, Any]], int, str, int | None]] = [
+        ([op(a, "DEPOSIT", 1), op(b, "WITHDRAW", "0.01"), op(a, "DEPOSIT", 2)],
+         409, "INSUFFICIENT_FUNDS", 1),
+        ([op(a, "WITHDRAW", 5), op(a, "WITHDRAW", "0.01")], 409, "INSUFFICIENT_FUNDS", 1),
+        ([op(b, "DEPOSIT", 1), op(str(uuid.uuid4()), "DEPOSIT", 1)], 404, "WALLET_NOT_FOUND", 1),
+        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", 9, key="seed")], 422, "IDEMPOTENCY_KEY_REUSED", 1),
+        ([op(b, "DEPOSIT", 1, key="twice"), op(b, "DEPOSIT", 2, key="twice")],
+         422, "IDEMPOTENCY_KEY_REUSED", 1),
+        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", "0.001")], 422, "VALIDATION_ERROR", None),
+    ]  # fmt: skip
+    for items, status, code, index in cases:
+        answer_status, answer = await atomic(client, items)
+        assert (answer_status, answer["code"]) == (status, code), answer
+        assert answer.get("index") == index
+        assert "nothing was applied" in answer["detail"] or code == "VALIDATION_ERROR"
+    assert await balance(client, a) == Decimal("5.00")
+    assert await balance(client, b) == Decimal(0)
+    assert len(await history(client, b)) == 0
+
+
+async def test_atomic_replays_and_a_key_used_twice_in_one_request(one_actor: Client) -> None:
+    """A retried atomic request replays every item; a key used twice for the same operation
+    within one request applies once."""
+    client = one_actor
+    a = await new_wallet(client)
+    items = [op(a, "DEPOSIT", 3, key="k"), op(a, "DEPOSIT", 3, key="k"), op(a, "WITHDRAW", 1)]
+    first = await atomic(client, items, **{"Idempotency-Key": "atomic-1"})
+    again = await atomic(client, items, **{"Idempotency-Key": "atomic-1"})
+    assert first[0] == again[0] == 200
+    assert [r["replayed"] for r in first[1]["results"]] == [False, True, False]
+    assert [r["replayed"] for r in again[1]["results"]] == [True, True, True]
+    assert await balance(client, a) == Decimal("2.00")
+
+
+async def test_atomic_bounds(make_app: AppFactory, aiohttp_client: Callable[..., Any]) -> None:
+    """An atomic request must fit one batch (413) and one shard actor (422
+    ATOMIC_NOT_POSSIBLE); independent requests of the same items are fine."""
+    limits = EngineLimits(shards=2, batch_ops_max=4, mailbox_commands_max=64)
+    client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
+    wallets = [await new_wallet(client) for _ in range(8)]
+    by_shard: dict[int, list[str]] = {}
+    for wallet in wallets:
+        by_shard.setdefault(shard_of(uuid.UUID(wallet), 2), []).append(wallet)
+    assert len(by_shard) == 2, "eight random wallets on one shard of two"
+    one, other = by_shard[0][0], by_shard[1][0]
+    status, body = await atomic(client, [op(one, "DEPOSIT", 1)] * 5)
+    assert (status, body["code"]) == (413, "TOO_MANY_ITEMS")
+    status, body = await atomic(client, [op(one, "DEPOSIT", 1), op(other, "DEPOSIT", 1)])
+    assert (status, body["code"]) == (422, "ATOMIC_NOT_POSSIBLE")
+    assert await balance(client, one) == Decimal(0)
+    status, body = await atomic(client, [op(one, "DEPOSIT", 1)] * 4)
+    assert status == 200
+    status, body = await bulk(client, [op(one, "DEPOSIT", 1), op(other, "DEPOSIT", 1)] * 5)
+    assert status == 200
+    assert await balance(client, one) == Decimal(9)
+    assert await balance(client, other) == Decimal(5)
+
+
+async def test_envelope_errors_refuse_the_whole_request(client: Client) -> None:
+    """A body that is not a bulk envelope is refused whole, and nothing is applied."""
+    wallet = await new_wallet(client)
+    cases: list[tuple[bytes, int, str]] = [
+        (b"[1, 2]", 400, "INVALID_JSON"),
+        (b"{", 400, "INVALID_JSON"),
+        (b'{"items": []}', 422, "VALIDATION_ERROR"),
+        (b'{"items": {}}', 422, "VALIDATION_ERROR"),
+        (
+            b'{"items": [{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1}],'
+            b' "atomic": "yes"}' % wallet.encode(),
+            422,
+            "VALIDATION_ERROR",
+        ),
+    ]
+    for raw, status, code in cases:
+        response = await client.post(BULK, data=raw, headers={"Content-Type": "application/json"})
+        assert response.status == status, raw
+        assert response.content_type == "application/problem+json"
+        assert (await response.json())["code"] == code
+    response = await client.post(BULK, data=b"{}", headers={"Content-Type": "text/plain"})
+    assert response.status == 415
+    response = await client.post(
+        BULK, json={"items": [op(wallet, "DEPOSIT", 1)]}, headers={"Idempotency-Key": "x" * 249}
+    )
+    assert response.status == 422
+    assert await balance(client, wallet) == Decimal(0)
+
+
+async def test_bounds_refuse_the_whole_request(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """Past the item maximum (413 TOO_MANY_ITEMS) or the body bound (413, also chunked),
+    the request is refused whole and nothing is applied."""
+    settings = HttpSettings(bulk_body_bytes_max=64 * 1024)
+    client: Client = await aiohttp_client(make_app(settings, EngineLimits(bulk_items_max=10)))
+    wallet = await new_wallet(client)
+    status, body = await bulk(client, [op(wallet, "DEPOSIT", 1)] * 11)
+    assert (status, body["code"]) == (413, "TOO_MANY_ITEMS")
+    big = {"items": [op(wallet, "DEPOSIT", 1)], "pad": "x" * 70_000}
+    response = await client.post(BULK, json=big)
+    assert response.status == 413
+
+    async def chunks() -> Any:
+        yield b'{"items": ['
+        for _ in range(2000):
+            yield b'{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1},' % (
+                wallet.encode()
+            )
+        yield b"]}"
+
+    response = await client.post(BULK, data=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status == 413
+    assert await balance(client, wallet) == Decimal(0)
+
+
+async def _fill_mailbox(client: Client, wallet: str, blocker: asyncpg.Connection) -> list[Any]:
+    """Hold the wallet's row lock, then queue two 30-item bulks: two batches wait on the lock,
+    a third is prepared and waits for a slot, and the rest stays in the mailbox."""
+    await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", uuid.UUID(wallet))
+    tasks = [asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 1)] * 30)) for _ in range(2)]
+    engine = client.app[STATE_KEY].services.engine
+    await until(lambda: sum(engine.mailbox_depths()) >= 10)
+    return tasks
+
+
+async def _all_applied(tasks: list[Any]) -> None:
+    for task in tasks:
+        status, body = await task
+        assert status == 200
+        assert all(result["status"] == 200 for result in body["results"])
+
+
+async def test_a_bulk_that_finds_no_room_in_time_is_refused_whole(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """With the shard busy past the admission wait, a bulk request whose items do not all
+    fit its mailbox gets 503 OVERLOADED and none of its items is applied (never
+    half-queued); so does one past the bound on waiting requests."""
+    limits = EngineLimits(
+        shards=1,
+        mailbox_commands_max=40,
+        batch_ops_max=20,
+        commit_timeout_s=60,
+        bulk_items_max=40,
+        bulk_admission_wait_s=0.2,
+        bulk_waiting_max=1,
+    )
+    client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
+    wallet = await new_wallet(client)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            tasks = await _fill_mailbox(client, wallet, blocker)
+            status, body = await bulk(client, [op(wallet, "DEPOSIT", 100)] * 31)
+            assert (status, body["code"]) == (503, "OVERLOADED")
+            # One request waits (the bound is 1): a second one is refused at once.
+            waiting = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 100)] * 31))
+            engine = client.app[STATE_KEY].services.engine
+            await until(lambda: engine.bulk_waiting > 0)
+            status, body = await bulk(client, [op(wallet, "DEPOSIT", 100)] * 31)
+            assert (status, body["code"]) == (503, "OVERLOADED")
+            assert (await waiting)[0] == 503
+            # Leaving the block rolls back and releases the row lock.
+        await _all_applied(tasks)
+    finally:
+        await blocker.close()
+    assert await balance(client, wallet) == Decimal(60)
+
+
+async def test_a_bulk_waits_for_room_and_is_admitted_whole(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """A bulk request that does not fit now waits for room, and is applied whole once the
+    shard drains within the admission wait."""
+    limits = EngineLimits(
+        shards=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60,
+        bulk_items_max=40, bulk_admission_wait_s=30,
+    )  # fmt: skip
+    client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
+    wallet = await new_wallet(client)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with blocker.transaction():
+            tasks = await _fill_mailbox(client, wallet, blocker)
+            waiting = asyncio.create_task(bulk(client, [op(wallet, "DEPOSIT", 100)] * 31))
+            engine = client.app[STATE_KEY].services.engine
+            await until(lambda: engine.bulk_waiting > 0)
+            assert not waiting.done()
+        await _all_applied([*tasks, waiting])
+    finally:
+        await blocker.close()
+    assert await balance(client, wallet) == Decimal(60 + 3100)
+
+
+def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
+    """The OpenAPI document states the default item bound that the settings apply."""
+    assert EngineLimits().bulk_ops_max == BULK_ITEMS_MAX_DEFAULT
+    assert next(s for s in SETTINGS if s.name == "bulk_items_max").default == BULK_ITEMS_MAX_DEFAULT
+    assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(10**6 - 1)) <= 255
+
+
+@pytest.mark.slow
+async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
+    walletd_process: Callable[..., WalletdProcess], database_url: str
+) -> None:
+    """SIGKILL while bulk requests run: after a restart every item of every acknowledged
+    request is stored once; retrying every request with its keys applies nothing twice."""
+    first = await asyncio.to_thread(walletd_process, "--database-url", database_url)
+    timeout = aiohttp.ClientTimeout(total=30)
+    # Each request: its items (wallet, cents, own key or None) and its request key.
+    requests: list[tuple[list[tuple[str, int, str | None]], str]] = []
+    acked: dict[str, tuple[str, int]] = {}
+    stop = asyncio.Event()
+
+    def payload(items: list[tuple[str, int, str | None]]) -> dict[str, Any]:
+        return {
+            "items": [
+                {"wallet_id": w, "operation_type": "DEPOSIT", "amount": cents / 100}
+                | ({"idempotency_key": key} if key else {})
+                for w, cents, key in items
+            ]
+        }
+
+    async def worker(session: aiohttp.ClientSession, url: str, number: int) -> None:
+        for n in range(10_000):
+            if stop.is_set():
+                return
+            request_key = f"bulk-{number}-{n}"
+            # Odd requests key every item themselves; even ones rely on the request key.
+            items = [
+                (wallets[(n + i) % len(wallets)], 1 + (n * 7 + i) % 500,
+                 f"{request_key}-item-{i}" if n % 2 else None)
+                for i in range(50)
+            ]  # fmt: skip
+            requests.append((items, request_key))
+            try:
+                async with session.post(
+                    url + BULK, json=payload(items), headers={"Idempotency-Key": request_key}
+                ) as response:
+                    if response.status == 200:
+                        results = (await response.json())["results"]
+                        assert [r["status"] for r in results] == [200] * len(items)
+                        for i, (wallet, cents, key) in enumerate(items):
+                            acked[key or f"{request_key}/{i}"] = (wallet, cents)
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.01)  # the process is gone
+
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        wallets = [
+            (await (await session.post(first.url + "/api/v1/wallets")).json())["id"]
+            for _ in range(8)
+        ]
+        load = asyncio.gather(*(worker(session, first.url, n) for n in range(4)))
+        deadline = asyncio.get_running_loop().time() + 60
+        while len(acked) < 20 * 50:
+            assert asyncio.get_running_loop().time() < deadline, len(acked)
+            await asyncio.sleep(0.01)
+        first.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.process.wait, 10)
+        stop.set()
+        await load
+    await check_database(database_url, acked)
+
+    second = await asyncio.to_thread(walletd_process, "--database-url", database_url)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for items, request_key in requests:
+            async with session.post(
+                second.url + BULK, json=payload(items), headers={"Idempotency-Key": request_key}
+            ) as response:
+                assert response.status == 200
+                results = (await response.json())["results"]
+                assert [r["status"] for r in results] == [200] * len(items)
+    every_item = {
+        key or f"{request_key}/{i}": (wallet, cents)
+        for items, request_key in requests
+        for i, (wallet, cents, key) in enumerate(items)
+    }
+    await check_database(database_url, every_item)
+    connection = await asyncpg.connect(database_url)
+    try:
+        assert await connection.fetchval("SELECT count(*) FROM wallet_operations") == len(
+            every_item
+        )
+    finally:
+        await connection.close()
+
+
+_TEXTS = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["DEPOSIT", "WITHDRAW", "0", "10", "10.5", "10.50", "10.505", "1e2", "-1"]),
+    st.from_regex(r"[0-9]{1,14}(\.[0-9]{0,3})?", fullmatch=True),
+)
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**16), max_value=10**16),
+    st.floats(allow_nan=True),
+    _TEXTS,
+    st.uuids().map(str),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+_EDGE_AMOUNTS = st.sampled_from(
+    [0, "0", "0.0", "0.00", "0.01", 1, "1", "1.", ".5", "00.10", 10**12, 10**12 + 1,
+     "1000000000000.00", "1000000000000.01", "9999999999999", "1.234", True, 1.5, -3]
+)  # fmt: skip
+
+
+@st.composite
+def _items(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly valid items with one field changed at a time, so that the short path's edges
+    (amount bounds, id spellings, key shapes) are reached, not only random junk."""
+    item: dict[str, Any] = {
+        "wallet_id": str(draw(st.uuids())),
+        "operation_type": draw(st.sampled_from(["DEPOSIT", "WITHDRAW"])),
+        "amount": draw(st.one_of(st.integers(1, 10**12), _EDGE_AMOUNTS)),
+    }
+    if draw(st.booleans()):
+        item["idempotency_key"] = draw(st.one_of(st.text(max_size=3), st.just("k" * 256)))
+    changes = draw(
+        st.dictionaries(
+            st.sampled_from(
+                ["wallet_id", "operation_type", "operationType", "amount", "idempotency_key", "x"]
+            ),
+            st.one_of(_VALUES, _EDGE_AMOUNTS),
+            max_size=1,
+        )
+    )
+    return item | changes
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_items(), st.one_of(st.none(), st.just("req")))
+def test_the_short_path_decides_items_exactly_as_the_full_check(
+    item: dict[str, Any], request_key: str | None
+) -> None:
+    """For any item, the short path gives what the full check gives (same item or errors)."""
+    assert _parse_item(3, item, request_key) == _checked_item(3, item, request_key)
