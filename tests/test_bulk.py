@@ -573,3 +573,30 @@ def test_the_short_path_decides_items_exactly_as_the_full_check(
 ) -> None:
     """For any item, the short path gives what the full check gives (same item or errors)."""
     assert _parse_item(3, item, request_key) == _checked_item(3, item, request_key)
+
+
+async def test_lone_surrogates_and_slow_bodies_get_problems(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """A lone surrogate anywhere in a bulk body is 400 INVALID_JSON (never a 500), and a body
+    that does not arrive within the read timeout is 408; nothing is applied."""
+    client: Client = await aiohttp_client(make_app(HttpSettings(body_read_timeout_s=0.3)))
+    wallet = await new_wallet(client)
+    for raw in (
+        b'{"items": [{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1.5,'
+        b' "\\ud800": 1}]}' % wallet.encode(),
+        b'{"items": [{"wallet_id": "%s", "operation_type": "DEPOSIT", "amount": 1,'
+        b' "idempotency_key": "\\udfff"}]}' % wallet.encode(),
+    ):
+        response = await client.post(BULK, data=raw, headers={"Content-Type": "application/json"})
+        assert response.status == 400, await response.text()
+        assert (await response.json())["code"] == "INVALID_JSON"
+
+    async def trickle() -> Any:
+        yield b'{"items": ['
+        await asyncio.sleep(2)
+        yield b"]}"
+
+    response = await client.post(BULK, data=trickle(), headers={"Content-Type": "application/json"})
+    assert response.status == 408
+    assert await balance(client, wallet) == Decimal(0)
