@@ -72,6 +72,7 @@ wheel-test: install-dev
 
 bench: install-dev
 	$(PY) -m loadtest.bench
+	$(PY) -m loadtest.bulk_bench
 
 loadtest: install-dev
 	$(PY) -m loadtest.run_locust

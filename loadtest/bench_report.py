@@ -242,11 +242,13 @@ def render_section(
     return "\n".join(lines) + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
+def replace_section(
+    document: str, section: str, start_mark: str = MARK_START, end_mark: str = MARK_END
+) -> str:
     """Replaces the marked section, or appends it; text outside the markers is kept."""
-    start, end = document.find(MARK_START), document.find(MARK_END)
+    start, end = document.find(start_mark), document.find(end_mark)
     if start != -1 and end > start:
-        tail = document[end + len(MARK_END) :]
+        tail = document[end + len(end_mark) :]
         return document[:start] + section.rstrip("\n") + ("\n" if not tail else "") + tail
     if not document:
         return "# Benchmarks\n\n" + section
