@@ -28,12 +28,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
-import orjson
 
 from loadtest.bench_report import (
     BatchOps,
@@ -50,8 +50,11 @@ from loadtest.bench_report import (
 )
 from loadtest.ledger import parse_cents
 from loadtest.procs import REPO_ROOT, Server, running_ceiling, running_walletd
+from walletd.client.api import WalletdClient
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 SCENARIOS = ("hot", "many", "get")
 DEPOSIT_SCENARIOS = ("hot", "many")
@@ -108,43 +111,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # HTTP set-up and read-back
 
 
-async def _bounded_gather(
-    session: aiohttp.ClientSession, method: str, urls_bodies: Sequence[tuple[str, bytes | None]]
-) -> list[tuple[int, bytes]]:
+async def _bounded(calls: Sequence[Awaitable[T]]) -> list[T]:
     semaphore = asyncio.Semaphore(HTTP_CONCURRENCY)
 
-    async def one(url: str, body: bytes | None) -> tuple[int, bytes]:
+    async def one(call: Awaitable[T]) -> T:
         async with semaphore:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            async with session.request(method, url, data=body, headers=headers) as response:
-                return response.status, await response.read()
+            return await call
 
-    return await asyncio.gather(*(one(url, body) for url, body in urls_bodies))
+    return await asyncio.gather(*(one(call) for call in calls))
 
 
 async def create_wallets(base_url: str, count: int) -> list[str]:
+    """Creates ``count`` wallets through walletd.client: each creation carries its own
+    Idempotency-Key, so a 503 or a cut connection is retried without making a duplicate."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
-    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        jobs = [(f"{base_url}/api/v1/wallets", b'{"id": "%s"}' % i.encode()) for i in ids]
-        results = await _bounded_gather(session, "POST", jobs)
-    failed = [(status, body[:200]) for status, body in results if status != 201]
-    if failed:
-        raise RuntimeError(f"{len(failed)} wallet creations failed, e.g. {failed[0]}")
+    async with WalletdClient(base_url, request_timeout_s=HTTP_TIMEOUT_S) as walletd:
+        await _bounded([walletd.create_wallet(wallet_id) for wallet_id in ids])
     return ids
 
 
 async def read_balances_cents(base_url: str, ids: list[str]) -> list[int]:
-    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        jobs: list[tuple[str, bytes | None]] = [
-            (f"{base_url}/api/v1/wallets/{i}", None) for i in ids
-        ]
-        results = await _bounded_gather(session, "GET", jobs)
-    bad = [status for status, _ in results if status != 200]
-    if bad:
-        raise RuntimeError(f"{len(bad)} balance reads failed, e.g. HTTP {bad[0]}")
-    return [parse_cents(str(orjson.loads(body)["balance"])) for _, body in results]
+    async with WalletdClient(base_url, request_timeout_s=HTTP_TIMEOUT_S) as walletd:
+        wallets = await _bounded([walletd.get_wallet(wallet_id) for wallet_id in ids])
+    return [parse_cents(str(wallet.balance)) for wallet in wallets]
 
 
 async def read_batch_ops(base_url: str) -> BatchOps | None:
