@@ -12,6 +12,8 @@ Flow (each step bounded in count and time):
          2xx deposit x amount, plus at most the deposits of unknown outcome (cut off by wrk's
          stop or answered 5xx)
       -> medians per scenario/target into docs/BENCHMARKS.md between the bench markers
+      -> the latency-vs-load sweep (loadtest/sweep.py): 8 … 1,024 connections on both
+         targets, its own money check, and docs/bench-throughput.svg + docs/bench-p99.svg
 
 Exit 0 when every balance checks out, 1 on a mismatch or a failed wrk run, 2 without wrk.
 """
@@ -35,6 +37,7 @@ from typing import TypeVar
 
 import aiohttp
 
+from loadtest import sweep
 from loadtest.bench_report import (
     BatchOps,
     Summary,
@@ -97,6 +100,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--url", default="", help="bench this running walletd instead")
     parser.add_argument("--walletd-cmd", default="", help="command that accepts `serve ...`")
+    parser.add_argument(
+        "--sweep-connections",
+        type=sweep.parse_connections,
+        default=sweep.SWEEP_CONNECTIONS,
+        help="connection counts of the latency-vs-load sweep (comma-separated)",
+    )
+    parser.add_argument("--sweep-duration", type=int, default=10, help="seconds per sweep run")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep and its charts")
     args = parser.parse_args(argv)
     if not (1 <= args.rounds <= ROUNDS_MAX and 1 <= args.wallets <= WALLETS_MAX):
         parser.error(f"--rounds must be 1..{ROUNDS_MAX}, --wallets 1..{WALLETS_MAX}")
@@ -307,6 +318,25 @@ def verify(
     return lines
 
 
+def run_sweep(
+    walletd: Server, ceiling: Server, ids: list[str], ids_file: Path, args: argparse.Namespace
+) -> str:
+    """The latency-vs-load sweep after the rounds: its charts, and its money-check line."""
+    before = _sum_cents(walletd, ids)
+    points = sweep.run_sweep(
+        walletd, ceiling, ids_file, args.sweep_connections, args.sweep_duration, args.settle,
+        run_wrk,
+    )  # fmt: skip
+    applied = (_sum_cents(walletd, ids) - before) // AMOUNT_CENTS
+    verdict = sweep.check_money(points, applied)
+    print(verdict, flush=True)
+    if not args.no_write:
+        subtitle = sweep.sweep_subtitle(args.sweep_duration, "make bench")
+        for path in sweep.write_charts(points, BENCHMARKS_MD.parent, subtitle):
+            print(f"wrote {path}", flush=True)
+    return verdict
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -366,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             results = bench_rounds(walletd, ceiling, files, args)
             wallets = {"hot": hot, "many": many}
             verification = verify(walletd, wallets, files, results, args.connections)
+            if not args.no_sweep:
+                verification.append(run_sweep(walletd, ceiling, many, files["many"], args))
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             print(f"bench failed: {error}", file=sys.stderr)
             return 1
