@@ -23,6 +23,7 @@ from loadtest import bench
 from tests.conftest import AppFactory
 from walletd.client.api import WalletdClient
 from walletd.client.errors import (
+    PROBLEM_CLASSES,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
@@ -36,6 +37,7 @@ from walletd.client.errors import (
 )
 from walletd.client.retrying import RetryPolicy, parse_retry_after_s
 from walletd.engine.limits import EngineLimits
+from walletd.http.problems import TITLES
 
 Client = TestClient[web.Request, web.Application]
 FAST_RETRIES = RetryPolicy(attempts_max=5, total_s_max=20.0, backoff_base_s=0.01)
@@ -335,3 +337,8 @@ async def test_the_bench_helpers_go_through_the_client(client: Client) -> None:
     async with WalletdClient(base_url(client)) as walletd:
         await walletd.deposit(ids[1], "2.50")
     assert await bench.read_balances_cents(base_url(client), ids) == [0, 250, 0]
+
+
+def test_every_code_the_server_answers_has_its_class() -> None:
+    """Each problem code walletd's edge can answer maps to a class in the client's tree."""
+    assert set(TITLES) <= set(PROBLEM_CLASSES), set(TITLES) - set(PROBLEM_CLASSES)
