@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -98,6 +99,11 @@ def run_tool(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         command, cwd=OBSERVABILITY, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
     )
+
+
+def test_prometheus_installer_is_run_by_ci() -> None:
+    """.ci/run runs every executable .ci/install-*: the Prometheus installer must be one."""
+    assert os.access(ROOT / ".ci" / "install-prometheus", os.X_OK)
 
 
 def test_alert_rules_pass_promtool_check() -> None:
