@@ -42,7 +42,7 @@ def _figures(done: int, total: int | None, unit: str, elapsed_s: float) -> list[
     parts = [f"{done:,}/{total:,} {unit}" if total is not None else f"{done:,} {unit}"]
     if done == 0 and elapsed_s > 0:
         return [*parts, f"running {_duration(elapsed_s)}"]  # no rate yet, so no ETA
-    parts.append(f"{rate:,.0f}/s")
+    parts.append(f"{rate:,.0f}/s" if rate >= 10 else f"{rate:.1f}/s")  # restore: 0.2/s
     if total is not None and done < total:
         parts.append(f"ETA {_duration((total - done) / rate)}" if rate > 0 else "ETA ?")
     else:

@@ -50,14 +50,14 @@ def test_bar_when_done_or_total_unknown() -> None:
     """Done: the elapsed time instead of an ETA; no total: counts and rate only."""
     assert render_bar("verify", 10, 10, "wallets", 75.0, width=4).endswith("in 1:15")
     assert render_bar("verify", 7, None, "wallets", 3600.0) == (
-        "verify   7 wallets  0/s  in 1:00:00"
+        "verify   7 wallets  0.0/s  in 1:00:00"
     )
 
 
 def test_log_line_is_plain_text() -> None:
     """A log line has no bar or control characters, and says the percentage in words."""
     assert render_line("restore", 16, 64, "slices", 4.0) == (
-        "restore: 16/64 slices (25%), 4/s, ETA 0:12"
+        "restore: 16/64 slices (25%), 4.0/s, ETA 0:12"
     )
 
 
@@ -94,8 +94,8 @@ def test_elsewhere_one_line_is_logged_per_interval(caplog: pytest.LogCaptureFixt
     assert stream.getvalue() == ""
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 6  # at 10, 20, 30, 40, 50 s and the finish
-    assert lines[0] == "verify: 20/100 wallets (20%), 2/s, ETA 0:40"
-    assert lines[-1] == "verify: 100/100 wallets (100%), 2/s, in 0:50"
+    assert lines[0] == "verify: 20/100 wallets (20%), 2.0/s, ETA 0:40"
+    assert lines[-1] == "verify: 100/100 wallets (100%), 2.0/s, in 0:50"
 
 
 async def test_seed_verify_and_restore_report_their_progress(database_url: str) -> None:
