@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 import yaml
 
+from tests import test_deployment as deployment
 from tests.processes import WalletdProcess
 from walletd.client.api import WalletdClient
 from walletd.client.errors import InsufficientFunds
@@ -203,6 +204,31 @@ def test_compose_observability_profile_wires_prometheus_and_grafana() -> None:
     assert datasource_url == "http://prometheus:9090"
     for host_path in [*prometheus_mounts.values(), *grafana_mounts.values()]:
         assert host_path.exists(), host_path
+
+
+def test_compose_accepts_the_observability_profile(tmp_path: Path) -> None:
+    """`docker-compose --profile observability config` validates the file and resolves
+    every bind mount of Prometheus and Grafana to a file or folder of this repository."""
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    done = subprocess.run(
+        [deployment.tool("docker-compose"), "--env-file", str(empty_env_file),
+         "--file", str(COMPOSE_FILE), "--profile", "observability", "config"],
+        cwd=ROOT, env=deployment.clean_environment(), capture_output=True, text=True,
+        timeout=TOOL_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    for name in ("prometheus", "grafana"):
+        # docker-compose 1.x resolves a volume to "source:target[:mode]", 2.x to a mapping.
+        sources = [
+            volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            for volume in services[name]["volumes"]
+        ]
+        binds = [source for source in sources if source.startswith("/")]
+        assert binds, name
+        for source in binds:
+            assert Path(source).exists(), source
 
 
 # --- a real Prometheus scraping a live walletd ------------------------------------------------
