@@ -29,8 +29,9 @@ run: install
 	$(VENV)/bin/walletd serve
 
 # mypy does not follow setuptools' package-dir mapping, so it reads the
-# namespace package through a tree of symlinks (PACKAGING.md).
-.typecheck/walletd:
+# namespace package through a tree of symlinks (PACKAGING.md). Rebuilt when this file
+# changes, so a checkout with an older tree gets the links of packages added since.
+.typecheck/walletd: Makefile
 	mkdir -p .typecheck/walletd
 	ln -sfn ../../engine .typecheck/walletd/engine
 	ln -sfn ../../http .typecheck/walletd/http
