@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ Amount = Decimal | int | str
 def new_idempotency_key() -> str:
     """A fresh key for one logical call (a random UUID: 36 printable ASCII characters)."""
     return str(uuid.uuid4())
+
+
+def _segment(wallet_id: str | uuid.UUID) -> str:
+    """An id as one path segment: whatever a caller passes can never reach another route."""
+    return urllib.parse.quote(str(wallet_id), safe="")
 
 
 def _decimal(value: Any, field: str) -> Decimal:
@@ -166,7 +172,7 @@ class WalletdClient:
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.retry = retry or RetryPolicy()
-        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self._request_timeout_s = request_timeout_s
         self._session = session
         self._owns_session = session is None
         self._unit_random = unit_random
@@ -207,7 +213,7 @@ class WalletdClient:
         params = None
         if as_of is not None:
             params = {"as_of": as_of.isoformat() if isinstance(as_of, datetime) else as_of}
-        answer = await self._call("GET", f"/wallets/{wallet_id}", params=params)
+        answer = await self._call("GET", f"/wallets/{_segment(wallet_id)}", params=params)
         return Wallet.from_json(answer.body)
 
     async def deposit(
@@ -224,12 +230,13 @@ class WalletdClient:
         self, wallet_id: str | uuid.UUID, *, page_size: int | None = None
     ) -> AsyncIterator[HistoryPage]:
         """Pages of the wallet's operations, newest first, until the last page."""
+        path = f"/wallets/{_segment(wallet_id)}/operations"
         cursor: str | None = None
         while True:
             params = {} if page_size is None else {"limit": str(page_size)}
             if cursor is not None:
                 params["cursor"] = cursor
-            answer = await self._call("GET", f"/wallets/{wallet_id}/operations", params=params)
+            answer = await self._call("GET", path, params=params)
             items = answer.body.get("items") if isinstance(answer.body, dict) else None
             if not isinstance(items, list):
                 raise UnexpectedResponse("history page lacks its items list")
@@ -244,7 +251,7 @@ class WalletdClient:
         body = {"operation_type": kind, "amount": _amount_text(amount)}
         answer = await self._call(
             "POST",
-            f"/wallets/{wallet_id}/operation",
+            f"/wallets/{_segment(wallet_id)}/operation",
             body,
             idempotency_key=key or new_idempotency_key(),
         )
@@ -280,8 +287,10 @@ class WalletdClient:
         while True:
             attempt += 1
             retry_after_s: float | None = None
+            # No attempt outlives the call's total time either.
+            timeout_s = min(self._request_timeout_s, max(0.001, deadline_s - loop.time()))
             try:
-                answer = await self._attempt(method, url, data, params, headers)
+                answer = await self._attempt(method, url, data, params, headers, timeout_s)
             except _TRANSPORT_ERRORS as error:
                 failure: TransportError | ProblemError = TransportError(
                     f"{method} {path}: no answer ({type(error).__name__}: {error})"
@@ -312,13 +321,19 @@ class WalletdClient:
         data: bytes | None,
         params: Mapping[str, str] | None,
         headers: Mapping[str, str],
+        timeout_s: float,
     ) -> _Answer:
         session = self._session
         if session is None:
             connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX)
             session = self._session = aiohttp.ClientSession(connector=connector)
         async with session.request(
-            method, url, data=data, params=params, headers=headers, timeout=self._timeout
+            method,
+            url,
+            data=data,
+            params=params,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as response:
             raw = await response.read()
             content_type = response.content_type

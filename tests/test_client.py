@@ -342,3 +342,38 @@ async def test_the_bench_helpers_go_through_the_client(client: Client) -> None:
 def test_every_code_the_server_answers_has_its_class() -> None:
     """Each problem code walletd's edge can answer maps to a class in the client's tree."""
     assert set(TITLES) <= set(PROBLEM_CLASSES), set(TITLES) - set(PROBLEM_CLASSES)
+
+
+async def test_an_id_cannot_leave_its_path_segment(client: Client) -> None:
+    """A wallet id with '/' or '..' is sent as one escaped segment, never as another route."""
+    async with WalletdClient(base_url(client)) as walletd:
+        wallet = await walletd.create_wallet()
+        with pytest.raises(InvalidRequest) as raised:
+            await walletd.deposit(f"{wallet.id}/../../wallets", "1.00")
+        assert raised.value.code == "INVALID_WALLET_ID"
+        assert (await walletd.get_wallet(wallet.id)).balance == Decimal("0.00")
+
+
+async def test_no_attempt_outlives_the_total_time(client: Client) -> None:
+    """Against a server that never answers, the call ends near total_s_max, not after
+    attempts_max full request timeouts."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    policy = RetryPolicy(attempts_max=10, total_s_max=1.0, backoff_base_s=0.01)
+    started = asyncio.get_running_loop().time()
+    try:
+        async with WalletdClient(f"http://127.0.0.1:{port}", retry=policy,
+                                 request_timeout_s=30.0) as walletd:  # fmt: skip
+            with pytest.raises(TransportError):
+                await walletd.get_wallet(uuid.uuid4())
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+    assert asyncio.get_running_loop().time() - started < 5.0
