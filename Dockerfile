@@ -18,12 +18,13 @@ WORKDIR /src
 RUN python -m venv /opt/walletd \
     && /opt/walletd/bin/pip install --upgrade "pip==25.3" "setuptools==80.9.0" "wheel==0.45.1"
 
-# Only what the wheel is built from: the packaging definition and the four package folders.
+# Only what the wheel is built from: the packaging definition and the five package folders.
 COPY pyproject.toml README.md ./
 COPY engine ./engine
 COPY http ./http
 COPY persistence ./persistence
 COPY cli ./cli
+COPY client ./client
 
 RUN /opt/walletd/bin/pip wheel --wheel-dir /wheels . \
     && /opt/walletd/bin/pip install --no-index --find-links /wheels walletd \

@@ -29,21 +29,23 @@ run: install
 	$(VENV)/bin/walletd serve
 
 # mypy does not follow setuptools' package-dir mapping, so it reads the
-# namespace package through a tree of symlinks (PACKAGING.md).
-.typecheck/walletd:
+# namespace package through a tree of symlinks (PACKAGING.md). Rebuilt when this file
+# changes, so a checkout with an older tree gets the links of packages added since.
+.typecheck/walletd: Makefile
 	mkdir -p .typecheck/walletd
 	ln -sfn ../../engine .typecheck/walletd/engine
 	ln -sfn ../../http .typecheck/walletd/http
 	ln -sfn ../../persistence .typecheck/walletd/persistence
 	ln -sfn ../../cli .typecheck/walletd/cli
+	ln -sfn ../../client .typecheck/walletd/client
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install-dev .typecheck/walletd
-	MYPYPATH=.typecheck $(VENV)/bin/mypy -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli
-	MYPYPATH=.typecheck $(VENV)/bin/mypy tests loadtest
+	MYPYPATH=.typecheck $(VENV)/bin/mypy -p walletd.engine -p walletd.http -p walletd.persistence -p walletd.cli -p walletd.client
+	MYPYPATH=.typecheck $(VENV)/bin/mypy tests loadtest examples
 
 pytest: install-dev
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
@@ -66,7 +68,7 @@ wheel-test: install-dev
 	$(PY) -m build --wheel --outdir dist . >/dev/null
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install --quiet dist/*.whl
-	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import walletd.engine, walletd.http, walletd.persistence, walletd.cli.main, http.client, sysconfig; assert http.client.__file__.startswith(sysconfig.get_paths()['stdlib'])"
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import walletd.engine, walletd.http, walletd.persistence, walletd.cli.main, walletd.client.api, http.client, sysconfig; assert http.client.__file__.startswith(sysconfig.get_paths()['stdlib'])"
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "from walletd.persistence.migrate import migrations; assert migrations(), 'no migrations in the wheel'"
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/walletd serve --help >/dev/null
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,9 +144,10 @@ class Config:
         return self.pool_size_max or (self.inflight_batches_max + 1) * self.shards + 4
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
+def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
+    """The flags of the settings in ``names`` (every setting when None)."""
     for setting in SETTINGS:
-        if setting.flag is None:
+        if setting.flag is None or (names is not None and setting.name not in names):
             continue
         env = " / ".join(setting.env)
         parser.add_argument(

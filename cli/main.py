@@ -20,6 +20,7 @@ import uvloop
 from aiohttp import web
 
 from walletd.cli.config import Config, add_flags, load_config
+from walletd.cli.progress import Progress
 from walletd.cli.service import (
     engine_limits,
     migrate_database,
@@ -42,6 +43,8 @@ __all__ = ["main"]
 _log = logging.getLogger("walletd")
 
 SHUTDOWN_TIMEOUT_S = 30.0
+# How often a command made of one long step redraws its elapsed time.
+TICK_S = 1.0
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
 _STARTUP_ERRORS = (
@@ -105,7 +108,9 @@ def _print_mismatch(mismatch: Mismatch) -> None:
 async def _verify(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
         await require_migrated(dsn)
-        report = await verify(dsn, _print_mismatch)
+        progress = Progress("verify", None, "wallets")
+        report = await verify(dsn, _print_mismatch, progress=progress)
+        progress.finish()
     print(report.summary(), flush=True)
     return 0 if report.clean else 1
 
@@ -113,7 +118,14 @@ async def _verify(config: Config, _args: argparse.Namespace) -> int:
 async def _restore(config: Config, _args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
         await require_migrated(dsn)
-        report = await restore(dsn)
+        progress = Progress("restore", None, "statements")
+        restoring = asyncio.ensure_future(restore(dsn, progress))
+        # Restore is one SQL statement (operator.py says why): the ticks show it is alive.
+        while not restoring.done():
+            await asyncio.wait([restoring], timeout=TICK_S)
+            progress.tick()
+        report = restoring.result()
+        progress.finish()
     print(report.summary(), flush=True)
     return 0
 
@@ -121,7 +133,9 @@ async def _restore(config: Config, _args: argparse.Namespace) -> int:
 async def _seed(config: Config, args: argparse.Namespace) -> int:
     async with storage(config) as dsn:
         await require_migrated(dsn)
-        report = await seed(dsn, args.wallets, args.operations)
+        progress = Progress("seed", args.wallets, "wallets")
+        report = await seed(dsn, args.wallets, args.operations, progress)
+        progress.finish()
     print(report.summary(), flush=True)
     return 0
 
@@ -130,6 +144,17 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
     await _serve(config)
     return 0
 
+
+# The settings each command reads (cli/config.py SETTINGS names); its --help lists only
+# their flags. None = every setting (serve). The environment still configures the rest.
+_OPERATOR_SETTINGS = frozenset({"data_dir", "database_url", "log_level"})
+_COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
+    "serve": None,
+    "migrate": _OPERATOR_SETTINGS,
+    "verify": _OPERATOR_SETTINGS,
+    "restore": _OPERATOR_SETTINGS,
+    "seed": _OPERATOR_SETTINGS,
+}
 
 _COMMANDS = {
     "serve": (_serve_command, "run the HTTP service"),
@@ -144,8 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="walletd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_run, help_text) in _COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text)
-        add_flags(sub)
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_flags(sub, _COMMAND_SETTINGS[name])
         if name == "seed":
             sub.add_argument("--wallets", type=int, required=True, help="wallets to create")
             sub.add_argument(

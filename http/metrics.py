@@ -44,7 +44,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from walletd.engine.observer import EngineObserver
+from walletd.engine.observer import FAILURE_REASONS, REJECTION_REASONS, EngineObserver
 from walletd.engine.router import Engine
 
 __all__ = [
@@ -68,6 +68,10 @@ KNOWN_METHODS: Final = frozenset(
 LATENCY_BUCKETS_S: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# The 503 reasons the server answers (problem codes). Each labelled family starts with its
+# known label values at 0 (Prometheus' "avoid missing metrics"): a rate or an alert over
+# them is 0 from the first scrape, not "no data" until the first failure.
+UNAVAILABLE_REASONS: Final = ("OVERLOADED", "UNAVAILABLE")
 # Log rows per commit: powers of two up to the default batch_ops_max (1024) and past it.
 BATCH_OPS_BUCKETS: Final = tuple(float(2**i) for i in range(13))
 
@@ -122,6 +126,11 @@ class EngineMetrics(EngineObserver):
             ["reason"],
             registry=registry,
         )
+        for reason in FAILURE_REASONS:
+            self.batches_failed.labels(reason)
+            self.batch_failed_commands.labels(reason)
+        for reason in REJECTION_REASONS:
+            self.commands_rejected.labels(reason)
 
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
         self.batch_ops.observe(ops)
@@ -220,7 +229,7 @@ class Metrics:
         self.engine = EngineMetrics(self.registry)
         self.request_counts: dict[tuple[str, str, int], int] = {}
         self.latencies: dict[tuple[str, str], _Latencies] = {}
-        self.unavailable_counts: dict[str, int] = {}
+        self.unavailable_counts: dict[str, int] = dict.fromkeys(UNAVAILABLE_REASONS, 0)
         self._engine_source: EngineSource = lambda: None
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineStateCollector(lambda: self._engine_source()))

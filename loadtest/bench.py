@@ -12,6 +12,8 @@ Flow (each step bounded in count and time):
          2xx deposit x amount, plus at most the deposits of unknown outcome (cut off by wrk's
          stop or answered 5xx)
       -> medians per scenario/target into docs/BENCHMARKS.md between the bench markers
+      -> the latency-vs-load sweep (loadtest/sweep.py): 8 … 1,024 connections on both
+         targets, its own money check, and docs/bench-throughput.svg + docs/bench-p99.svg
 
 Exit 0 when every balance checks out, 1 on a mismatch or a failed wrk run, 2 without wrk.
 """
@@ -28,13 +30,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
-import orjson
 
+from loadtest import sweep
 from loadtest.bench_report import (
     BatchOps,
     Summary,
@@ -51,8 +54,11 @@ from loadtest.bench_report import (
 )
 from loadtest.ledger import parse_cents
 from loadtest.procs import REPO_ROOT, Server, running_ceiling, running_walletd
+from walletd.client.api import WalletdClient
 
 __all__ = ["main"]
+
+T = TypeVar("T")
 
 SCENARIOS = ("hot", "many", "get")
 DEPOSIT_SCENARIOS = ("hot", "many")
@@ -95,6 +101,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--url", default="", help="bench this running walletd instead")
     parser.add_argument("--walletd-cmd", default="", help="command that accepts `serve ...`")
+    parser.add_argument(
+        "--sweep-connections",
+        type=sweep.parse_connections,
+        default=sweep.SWEEP_CONNECTIONS,
+        help="connection counts of the latency-vs-load sweep (comma-separated)",
+    )
+    parser.add_argument("--sweep-duration", type=int, default=10, help="seconds per sweep run")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sweep and its charts")
     args = parser.parse_args(argv)
     if not (1 <= args.rounds <= ROUNDS_MAX and 1 <= args.wallets <= WALLETS_MAX):
         parser.error(f"--rounds must be 1..{ROUNDS_MAX}, --wallets 1..{WALLETS_MAX}")
@@ -109,43 +123,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # HTTP set-up and read-back
 
 
-async def _bounded_gather(
-    session: aiohttp.ClientSession, method: str, urls_bodies: Sequence[tuple[str, bytes | None]]
-) -> list[tuple[int, bytes]]:
+async def _bounded(calls: Sequence[Awaitable[T]]) -> list[T]:
     semaphore = asyncio.Semaphore(HTTP_CONCURRENCY)
 
-    async def one(url: str, body: bytes | None) -> tuple[int, bytes]:
+    async def one(call: Awaitable[T]) -> T:
         async with semaphore:
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            async with session.request(method, url, data=body, headers=headers) as response:
-                return response.status, await response.read()
+            return await call
 
-    return await asyncio.gather(*(one(url, body) for url, body in urls_bodies))
+    return await asyncio.gather(*(one(call) for call in calls))
 
 
 async def create_wallets(base_url: str, count: int) -> list[str]:
+    """Creates ``count`` wallets through walletd.client: each creation carries its own
+    Idempotency-Key, so a 503 or a cut connection is retried without making a duplicate."""
     ids = [str(uuid.uuid4()) for _ in range(count)]
-    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        jobs = [(f"{base_url}/api/v1/wallets", b'{"id": "%s"}' % i.encode()) for i in ids]
-        results = await _bounded_gather(session, "POST", jobs)
-    failed = [(status, body[:200]) for status, body in results if status != 201]
-    if failed:
-        raise RuntimeError(f"{len(failed)} wallet creations failed, e.g. {failed[0]}")
+    async with WalletdClient(base_url, request_timeout_s=HTTP_TIMEOUT_S) as walletd:
+        await _bounded([walletd.create_wallet(wallet_id) for wallet_id in ids])
     return ids
 
 
 async def read_balances_cents(base_url: str, ids: list[str]) -> list[int]:
-    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        jobs: list[tuple[str, bytes | None]] = [
-            (f"{base_url}/api/v1/wallets/{i}", None) for i in ids
-        ]
-        results = await _bounded_gather(session, "GET", jobs)
-    bad = [status for status, _ in results if status != 200]
-    if bad:
-        raise RuntimeError(f"{len(bad)} balance reads failed, e.g. HTTP {bad[0]}")
-    return [parse_cents(str(orjson.loads(body)["balance"])) for _, body in results]
+    async with WalletdClient(base_url, request_timeout_s=HTTP_TIMEOUT_S) as walletd:
+        wallets = await _bounded([walletd.get_wallet(wallet_id) for wallet_id in ids])
+    return [parse_cents(str(wallet.balance)) for wallet in wallets]
 
 
 async def read_batch_ops(base_url: str) -> BatchOps | None:
@@ -319,6 +319,25 @@ def verify(
     return lines
 
 
+def run_sweep(
+    walletd: Server, ceiling: Server, ids: list[str], ids_file: Path, args: argparse.Namespace
+) -> str:
+    """The latency-vs-load sweep after the rounds: its charts, and its money-check line."""
+    before = _sum_cents(walletd, ids)
+    points = sweep.run_sweep(
+        walletd, ceiling, ids_file, args.sweep_connections, args.sweep_duration, args.settle,
+        run_wrk,
+    )  # fmt: skip
+    applied = (_sum_cents(walletd, ids) - before) // AMOUNT_CENTS
+    verdict = sweep.check_money(points, applied)
+    print(verdict, flush=True)
+    if not args.no_write:
+        subtitle = sweep.sweep_subtitle(args.sweep_duration, "make bench")
+        for path in sweep.write_charts(points, BENCHMARKS_MD.parent, subtitle):
+            print(f"wrote {path}", flush=True)
+    return verdict
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 
@@ -378,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             results = bench_rounds(walletd, ceiling, files, args)
             wallets = {"hot": hot, "many": many}
             verification = verify(walletd, wallets, files, results, args.connections)
+            if not args.no_sweep:
+                verification.append(run_sweep(walletd, ceiling, many, files["many"], args))
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             print(f"bench failed: {error}", file=sys.stderr)
             return 1
