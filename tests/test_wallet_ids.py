@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from walletd.http.openapi import build_openapi_document
 from walletd.http.parsing import (
     WALLET_ID_CACHE_ENTRIES_MAX,
     WALLET_ID_PATTERN,
@@ -69,6 +70,14 @@ def test_any_text_is_a_canonical_id_or_refused(text: str) -> None:
         assert str(parse_wallet_id(text)) == text.lower()
     else:
         assert _refused(text).code == "INVALID_WALLET_ID"
+
+
+def test_the_documented_id_pattern_is_the_enforced_one() -> None:
+    """The OpenAPI WalletId schema (path parameter and bodies) states WALLET_ID_PATTERN."""
+    document = build_openapi_document()
+    assert document["components"]["schemas"]["WalletId"]["pattern"] == WALLET_ID_PATTERN
+    parameter = document["components"]["parameters"]["WalletId"]
+    assert parameter["schema"] == {"$ref": "#/components/schemas/WalletId"}
 
 
 def test_a_body_id_is_canonical_or_422() -> None:
