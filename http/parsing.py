@@ -50,11 +50,10 @@ WALLET_ID_PATTERN: Final = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
 _WALLET_ID: Final = re.compile(WALLET_ID_PATTERN.strip("^$"))
-# The id segment of a wallet path as the client wrote it (origin form, or absolute form with
-# a scheme and authority in front), ending at "/", "?" or the end of the request target.
-_RAW_WALLET_PATH: Final = re.compile(
-    r"(?:[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)?/api/v1/wallets/([^/?#]*)"
-)
+# The wallet routes' path up to the id (routes_v1.py's PREFIX + "/wallets/"), and the scheme
+# and authority in front of it in an absolute-form request target (RFC 9112 3.2.2).
+_WALLETS_PATH: Final = "/api/v1/wallets/"
+_ABSOLUTE_FORM: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
 WALLET_ID_MESSAGE: Final = "must be a UUID in the canonical 8-4-4-4-12 hex form"
 WALLET_ID_CACHE_ENTRIES_MAX: Final = 16384
 _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
@@ -74,34 +73,58 @@ class _NonFinite:
     """Stands for NaN/Infinity literals, which JSON does not allow but some clients send."""
 
 
+class _NotCanonical(Exception):
+    """A text that is not a canonical wallet id."""
+
+
 def parse_wallet_id(text: str) -> UUID:
     """The wallet id written as ``text``, or 400 INVALID_WALLET_ID unless it is canonical."""
-    if len(text) != 36 or _WALLET_ID.fullmatch(text) is None:
-        raise ProblemError(400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a canonical UUID")
-    return _wallet_uuid(text)
-
-
-def path_wallet_id(request: web.Request) -> UUID:
-    """The wallet id of a /api/v1/wallets/{wallet_id} route, read from the raw request path.
-
-    aiohttp routes on the decoded path, where ``%31`` is already ``1``; a proxy routes on the
-    raw one. Only an id that is canonical as sent (so decoding did not change it) is served.
-    """
-    matched = _RAW_WALLET_PATH.match(request.raw_path)
-    text = matched.group(1) if matched is not None else ""
-    wallet_id = parse_wallet_id(text)
-    if text != request.match_info["wallet_id"]:
-        # Only when the raw segments do not line up with the routed ones (%2F, dot segments).
-        raise ProblemError(400, "INVALID_WALLET_ID", "the wallet id must be written as is")
-    return wallet_id
+    try:
+        return _wallet_uuid(text)
+    except _NotCanonical:
+        raise ProblemError(
+            400, "INVALID_WALLET_ID", f"{text[:64]!r} is not a canonical UUID"
+        ) from None
 
 
 @functools.lru_cache(maxsize=WALLET_ID_CACHE_ENTRIES_MAX)
-def _wallet_uuid(canonical_text: str) -> UUID:
+def _wallet_uuid(text: str) -> UUID:
     # Busy wallets are named again and again; UUID() is ~2 us of Python, a cache hit ~0.1 us.
-    # Only canonical texts get here (36 characters each), so a client sending junk ids can
-    # neither fill the cache with long texts nor evict the busy ones with them.
-    return UUID(canonical_text)
+    # lru_cache keeps results, never exceptions: only canonical texts (36 characters) are
+    # stored, so junk ids neither grow the cache nor evict the busy ones.
+    if len(text) != 36 or _WALLET_ID.fullmatch(text) is None:
+        raise _NotCanonical
+    return UUID(text)
+
+
+def path_wallet_id(request: web.Request) -> UUID:
+    """The wallet id of a /api/v1/wallets/{wallet_id} route, as the client wrote it.
+
+    aiohttp routes on the decoded path, where ``%31`` is already ``1``; a proxy routes on the
+    raw one. An id is served only when the raw request target holds exactly the routed text
+    (so decoding changed nothing) and that text is canonical.
+    """
+    text = request.match_info["wallet_id"]
+    if not _written_as_routed(request.raw_path, text):
+        raise ProblemError(
+            400,
+            "INVALID_WALLET_ID",
+            f"{text[:64]!r} must be written as a canonical UUID, not percent-encoded",
+        )
+    return parse_wallet_id(text)
+
+
+def _written_as_routed(target: str, text: str) -> bool:
+    """Whether the raw request target's wallet-id segment is ``text`` itself."""
+    start = 0
+    if not target.startswith(_WALLETS_PATH):  # absolute form: scheme://authority/path
+        authority = _ABSOLUTE_FORM.match(target)
+        if authority is None or not target.startswith(_WALLETS_PATH, authority.end()):
+            return False
+        start = authority.end()
+    start += len(_WALLETS_PATH)
+    end = start + len(text)
+    return target.startswith(text, start) and (len(target) == end or target[end] in "/?#")
 
 
 def require_json_content_type(request: web.Request) -> None:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from walletd.http.openapi import build_openapi_document
+from walletd.http.problems import ValidationProblem
+from walletd.http.routes_v1 import CURSOR_PATTERN, _decode_cursor, _encode_cursor
 from walletd.persistence.operator import seed
 from walletd.persistence.postgres_log import HISTORY_BEFORE_SQL, HISTORY_FIRST_SQL
 
@@ -119,6 +126,41 @@ async def test_limit_and_cursor_are_validated(client: Client) -> None:
     assert (status, body["code"]) == (404, "WALLET_NOT_FOUND")
     status, body = await _page(client, "not-a-uuid")
     assert (status, body["code"]) == (400, "INVALID_WALLET_ID")
+
+
+_CURSOR_TEXT = re.compile(CURSOR_PATTERN.strip("^$"))
+
+
+def test_the_documented_cursor_pattern_is_the_enforced_one() -> None:
+    """The OpenAPI document states CURSOR_PATTERN for `cursor`, the constant the parser uses."""
+    parameter = build_openapi_document()["components"]["parameters"]["Cursor"]
+    assert parameter["schema"]["pattern"] == CURSOR_PATTERN
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.from_regex(_CURSOR_TEXT, fullmatch=True))
+def test_every_cursor_the_pattern_allows_is_accepted(cursor: str) -> None:
+    """A text matching the documented pattern is a cursor the server would have written, so
+    a client (or schemathesis) that follows the document never gets 422 for it."""
+    assert _encode_cursor(_decode_cursor(cursor)) == cursor
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=1, max_value=10**18 - 1), st.text(max_size=30))
+def test_every_cursor_the_server_writes_matches_the_pattern(seq: int, junk: str) -> None:
+    """Each written cursor matches the pattern and reads back; other texts are 422 exactly
+    when the pattern refuses them."""
+    assert _matches_pattern(_encode_cursor(seq))
+    assert _decode_cursor(_encode_cursor(seq)) == seq
+    if _matches_pattern(junk):
+        _decode_cursor(junk)
+    else:
+        with pytest.raises(ValidationProblem):
+            _decode_cursor(junk)
+
+
+def _matches_pattern(text: str) -> bool:
+    return _CURSOR_TEXT.fullmatch(text) is not None
 
 
 def _plan_nodes(plan: dict[str, Any]) -> list[tuple[str, str]]:

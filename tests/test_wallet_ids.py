@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 import orjson
@@ -15,6 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from loadtest.invalid_paths_rss import scan
+from tests.processes import WalletdProcess
+from walletd.http.openapi import build_openapi_document
 from walletd.http.parsing import (
     WALLET_ID_CACHE_ENTRIES_MAX,
     WALLET_ID_PATTERN,
@@ -71,6 +75,14 @@ def test_any_text_is_a_canonical_id_or_refused(text: str) -> None:
         assert _refused(text).code == "INVALID_WALLET_ID"
 
 
+def test_the_documented_id_pattern_is_the_enforced_one() -> None:
+    """The OpenAPI WalletId schema (path parameter and bodies) states WALLET_ID_PATTERN."""
+    document = build_openapi_document()
+    assert document["components"]["schemas"]["WalletId"]["pattern"] == WALLET_ID_PATTERN
+    parameter = document["components"]["parameters"]["WalletId"]
+    assert parameter["schema"] == {"$ref": "#/components/schemas/WalletId"}
+
+
 def test_a_body_id_is_canonical_or_422() -> None:
     """POST /wallets {"id": ...}: the canonical form in either case, anything else 422."""
     assert parse_create_body({"id": CANONICAL.upper()}) == uuid.UUID(CANONICAL)
@@ -95,6 +107,24 @@ def test_the_parse_cache_keeps_only_canonical_ids_and_is_bounded() -> None:
     for _ in range(WALLET_ID_CACHE_ENTRIES_MAX + 1000):
         parse_wallet_id(str(uuid.uuid4()))
     assert _wallet_uuid.cache_info().currsize == WALLET_ID_CACHE_ENTRIES_MAX
+
+
+SCAN_REQUESTS: Final = 30_000
+SCAN_RSS_GROWTH_MAX_BYTES: Final = 10 * 1024 * 1024
+
+
+@pytest.mark.slow
+async def test_a_scan_of_junk_ids_leaves_a_real_walletds_memory_flat(
+    database_url: str, walletd_process: Callable[..., WalletdProcess]
+) -> None:
+    """30,000 GETs of distinct junk ids of up to 7 KB against a real ``walletd serve`` grow
+    its RSS by less than 10 MB, and every one is 400 (when invalid texts were cached, the
+    same scan grew it by ~50 MB). `python -m loadtest.invalid_paths_rss` runs the 1M scan."""
+    process = walletd_process("--database-url", database_url)
+    result = await scan(process.url, process.process.pid, SCAN_REQUESTS, path_bytes_max=7000)
+    assert result.unexpected_answers == 0
+    assert result.requests == SCAN_REQUESTS
+    assert result.growth_bytes < SCAN_RSS_GROWTH_MAX_BYTES, result.summary(7000)
 
 
 async def _wallet(client: Client) -> str:
