@@ -60,6 +60,7 @@ FIXED_IN_CONTAINER = {
     "host": "the image's command says --host 0.0.0.0 (a flag beats the environment)",
     "port": "8000 inside the container; the host side is PUBLISHED_PORT",
     "data_dir": "only for the embedded PostgreSQL, never started in Docker",
+    "embedded_start_timeout_s": "only for the embedded PostgreSQL, never started in Docker",
     "database_url": "built from POSTGRES_PASSWORD to reach the compose `postgres` service",
 }
 # PostgreSQL keeps these for superusers (its superuser_reserved_connections default).
