@@ -42,6 +42,8 @@ SYSTEM_USER = "walletd-pg"
 START_TIMEOUT_S = 60
 # Between two looks at a data dir that a crashed server's processes still hold.
 START_RETRY_INTERVAL_S = 0.1
+# How long a running server may take to apply its rewritten pg_hba.conf after a reload.
+RELOAD_TIMEOUT_S = 10.0
 # What PostgreSQL logs when a killed server's lock file or shared memory is still in use.
 _CRASH_LEFTOVERS = ('lock file "postmaster.pid" already exists', "pre-existing shared memory")
 SUPERUSER = "postgres"
@@ -416,6 +418,24 @@ class EmbeddedPostgres:
             "-c", "SELECT pg_reload_conf()",
             env={**environment, "PGPASSWORD": self._secret or ""},
         )  # fmt: skip
+        # The reload is asynchronous: return only once a connection without the password is
+        # refused, so nothing walletd starts next meets the old rules.
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while True:
+            try:
+                self._run(
+                    "psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port),
+                    "-U", SUPERUSER, "-d", "postgres", "-w", "-c", "SELECT 1",
+                    env=environment,
+                )  # fmt: skip
+            except EmbeddedPostgresError:
+                return
+            if time.monotonic() >= deadline:
+                raise EmbeddedPostgresError(
+                    f"the server on port {self.port} still lets anyone in after reloading its "
+                    f"rules for {RELOAD_TIMEOUT_S:g} s"
+                )
+            time.sleep(START_RETRY_INTERVAL_S)
 
     def release(self) -> None:
         """Stop the server if this handle started it; leave an adopted one running."""
