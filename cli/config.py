@@ -59,6 +59,10 @@ SETTINGS: tuple[Setting, ...] = (
             "folder for the embedded PostgreSQL's data (used when no database URL is set)"),
     Setting("database_url", ("WALLETD_DATABASE_URL", "DATABASE_URL"), "--database-url", str, None,
             "PostgreSQL URL; unset = start an embedded PostgreSQL in the data dir"),
+    Setting("embedded_start_timeout_s", ("WALLETD_EMBEDDED_START_TIMEOUT",),
+            "--embedded-start-timeout", float, 60.0,
+            "seconds the embedded PostgreSQL may take to start, including the wait for a "
+            "crashed server's processes to release the data dir; past it walletd exits 2"),
     Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 1,
             "number of shard actors; in one process they share one core, so more shards "
             "only split batches (docs/BENCHMARKS.md)"),
@@ -116,6 +120,7 @@ class Config:
     port: int
     data_dir: Path
     database_url: str | None
+    embedded_start_timeout_s: float
     shards: int
     mailbox_commands_max: int
     batch_ops_max: int

@@ -80,7 +80,7 @@ async def storage(config: Config) -> AsyncIterator[str]:
         yield config.database_url
         return
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    embedded = EmbeddedPostgres(config.data_dir)
+    embedded = EmbeddedPostgres(config.data_dir, start_timeout_s=config.embedded_start_timeout_s)
     dsn = await asyncio.to_thread(embedded.start)
     _log.info("embedded PostgreSQL running in %s", embedded.pgdata)
     try:

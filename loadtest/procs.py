@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ __all__ = [
     "free_port",
     "running_ceiling",
     "running_walletd",
+    "server_environment",
     "wait_ready",
     "walletd_command",
 ]
@@ -97,9 +98,14 @@ def stop(server: Server, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
 _NEVER_INHERITED = ("WALLETD_ALLOW_UNSAFE_DURABILITY",)
 
 
+def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a server under test: ours, less the durability override."""
+    return {k: v for k, v in environ.items() if k not in _NEVER_INHERITED}
+
+
 @contextlib.contextmanager
 def _running(command: list[str], url: str, log_path: Path) -> Iterator[Server]:
-    environment = {k: v for k, v in os.environ.items() if k not in _NEVER_INHERITED}
+    environment = server_environment(os.environ)
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environment

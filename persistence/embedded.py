@@ -31,6 +31,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 __all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "binaries_path"]
@@ -39,6 +40,12 @@ _log = logging.getLogger("walletd.embedded")
 
 SYSTEM_USER = "walletd-pg"
 START_TIMEOUT_S = 60
+# Between two looks at a data dir that a crashed server's processes still hold.
+START_RETRY_INTERVAL_S = 0.1
+# How long a running server may take to apply its rewritten pg_hba.conf after a reload.
+RELOAD_TIMEOUT_S = 10.0
+# What PostgreSQL logs when a killed server's lock file or shared memory is still in use.
+_CRASH_LEFTOVERS = ('lock file "postmaster.pid" already exists', "pre-existing shared memory")
 SUPERUSER = "postgres"
 # Beside pgdata, in the data dir: readable by walletd's user only.
 SECRET_FILE_NAME = "postgres-password"
@@ -107,8 +114,13 @@ def _grant_search(path: Path) -> None:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, port: int | None = None, start_timeout_s: float = START_TIMEOUT_S
+    ) -> None:
+        if start_timeout_s <= 0:
+            raise EmbeddedPostgresError("the embedded PostgreSQL's start timeout must be positive")
         self.pgdata = data_dir.resolve() / "pgdata"
+        self._start_timeout_s = start_timeout_s
         self.secret_path = data_dir.resolve() / SECRET_FILE_NAME
         self._secret: str | None = None
         self._requested_port = port
@@ -193,26 +205,102 @@ class EmbeddedPostgres:
         _grant_search(self.pgdata.parent)
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
 
-    def _running_port(self) -> int | None:
-        """The port of a server already running on this data dir (after a crash of ours)."""
-        pid_file = self.pgdata / "postmaster.pid"
+    def _lock_file(self) -> list[str] | None:
         try:
-            lines = pid_file.read_text().splitlines()
+            return (self.pgdata / "postmaster.pid").read_text().splitlines()
         except (FileNotFoundError, PermissionError):
             return None
-        if len(lines) < 4:
+
+    def _is_postmaster_of_this_data_dir(self, pid: int) -> bool:
+        """A live (not zombie) postgres started with ``-D`` whose working folder is pgdata.
+
+        A PID from the lock file may be dead, a zombie, or reused by any other process after
+        a crash; only this proves it is the server of this data dir.
+        """
+        proc = Path(f"/proc/{pid}")
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = (proc / "cwd").resolve(strict=True)
+        except (OSError, IndexError):
+            return False
+        return (
+            state not in {"Z", "X"}
+            and Path(os.fsdecode(argv[0])).name == "postgres"
+            and b"-D" in argv  # children retitle themselves; the postmaster keeps its argv
+            and cwd == self.pgdata
+        )
+
+    def _running_port(self) -> int | None:
+        """The port of a server already running on this data dir (after a crash of ours)."""
+        lines = self._lock_file()
+        if lines is None or len(lines) < 4:
             return None
         try:
-            pid = int(lines[0])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError, PermissionError):
+            pid, port = int(lines[0]), int(lines[3])
+        except ValueError:
             return None
-        if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"/"):
-            return None
-        return int(lines[3])
+        return port if self._is_postmaster_of_this_data_dir(pid) else None
+
+    def _processes_in_data_dir(self) -> list[int]:
+        """Live processes working in pgdata: a server's postmaster and children (postgres
+        changes into its data dir), e.g. the children of a killed postmaster, still exiting."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "cwd").resolve(strict=True) != self.pgdata:
+                    continue
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state not in {"Z", "X"}:
+                found.append(int(entry.name))
+        return found
+
+    def _clear_stale_lock(self) -> bool:
+        """Remove a lock file whose PID is not a live postmaster of this data dir, once no
+        process works in pgdata any more; whether it did.
+
+        PostgreSQL itself ignores a lock file whose PID does not exist, but not one whose
+        PID is a dead postmaster not yet reaped (a zombie) or was reused by another process
+        of the same user: without this, such a data dir could never start again.
+        """
+        seen = self._lock_file()
+        if not seen or self._processes_in_data_dir():
+            return False
+        try:
+            pid = int(seen[0])
+        except ValueError:
+            return False
+        if self._is_postmaster_of_this_data_dir(pid) or not Path(f"/proc/{pid}").exists():
+            return False
+        if self._lock_file() != seen:  # a server took the data dir meanwhile: not stale
+            return False
+        _log.warning(
+            "removing the stale lock file of %s: PID %d is not its postmaster", self.pgdata, pid
+        )
+        (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
+        return True
+
+    def _refused_by_a_crashed_server(self) -> bool:
+        """The last start failed because of what a crashed server left behind."""
+        try:
+            with (self.pgdata / "server.log").open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+                tail = log.read().decode(errors="replace")
+        except OSError:
+            return False
+        return any(sign in tail for sign in _CRASH_LEFTOVERS)
 
     def start(self) -> str:
-        """Initialise the cluster if needed, start it (or adopt a running one), return a DSN."""
+        """Initialise the cluster if needed, start it (or adopt a running one), return a DSN.
+
+        After a crash (walletd and its server killed together) the old server's processes
+        take a moment to exit and release the data dir: start waits for them, retrying,
+        for at most ``start_timeout_s``; it adopts only a live postmaster of this data dir.
+        """
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self.pgdata.chmod(0o700)
         self._prepare_user()
@@ -226,24 +314,51 @@ class EmbeddedPostgres:
                 "initdb", "-D", str(self.pgdata), "-U", SUPERUSER, "--auth=trust",
                 "--encoding=UTF8", "--locale=C",
             )  # fmt: skip
-        running = self._running_port()
-        if running is not None:
-            _log.info("adopting the embedded PostgreSQL already running on port %d", running)
-            self.port = running
-            self.adopted = True
-            if secret_is_new or not self._hba_is_ours():
-                self._secure_running_server()
-            return self.dsn
-        if fresh or secret_is_new or not self._hba_is_ours():
+        must_secure = fresh or secret_is_new or not self._hba_is_ours()
+        deadline = time.monotonic() + self._start_timeout_s
+        waiting_logged = False
+        while True:
+            running = self._running_port()
+            if running is not None:
+                _log.info("adopting the embedded PostgreSQL already running on port %d", running)
+                self.port = running
+                self.adopted = True
+                if must_secure:
+                    self._secure_running_server()
+                return self.dsn
+            lingering = self._processes_in_data_dir()
+            if not lingering and not self._clear_stale_lock():  # cleared: look again
+                try:
+                    return self._start_stopped(fresh, must_secure, deadline)
+                except EmbeddedPostgresError:
+                    if time.monotonic() >= deadline or not self._refused_by_a_crashed_server():
+                        raise
+            if time.monotonic() >= deadline:
+                raise EmbeddedPostgresError(
+                    f"the data dir {self.pgdata} is still held by the processes of an earlier "
+                    f"server (PIDs {lingering}) after {self._start_timeout_s:g} s"
+                )
+            if not waiting_logged:
+                _log.warning(
+                    "waiting for the processes of an earlier server of %s to exit: %s",
+                    self.pgdata, lingering or "lock file",
+                )  # fmt: skip
+                waiting_logged = True
+            time.sleep(START_RETRY_INTERVAL_S)
+
+    def _start_stopped(self, fresh: bool, must_secure: bool, deadline: float) -> str:
+        if must_secure:
             if not fresh:
                 _log.warning("securing the embedded PostgreSQL in %s: scram-sha-256", self.pgdata)
             self._secure_stopped_server()
         # A restart keeps the port it had, so DSNs handed out (pools, clients) stay valid.
         port = self._requested_port or self.port or _free_port()
         options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
+        wait_s = max(1, int(deadline - time.monotonic()))
         self._run(
-            "pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(START_TIMEOUT_S),
+            "pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(wait_s),
             "-l", str(self.pgdata / "server.log"), "-o", options, "start",
+            timeout=wait_s + 5,
         )  # fmt: skip
         self.port = port
         self.adopted = False
@@ -303,6 +418,24 @@ class EmbeddedPostgres:
             "-c", "SELECT pg_reload_conf()",
             env={**environment, "PGPASSWORD": self._secret or ""},
         )  # fmt: skip
+        # The reload is asynchronous: return only once a connection without the password is
+        # refused, so nothing walletd starts next meets the old rules.
+        deadline = time.monotonic() + RELOAD_TIMEOUT_S
+        while True:
+            try:
+                self._run(
+                    "psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port),
+                    "-U", SUPERUSER, "-d", "postgres", "-w", "-c", "SELECT 1",
+                    env=environment,
+                )  # fmt: skip
+            except EmbeddedPostgresError:
+                return
+            if time.monotonic() >= deadline:
+                raise EmbeddedPostgresError(
+                    f"the server on port {self.port} still lets anyone in after reloading its "
+                    f"rules for {RELOAD_TIMEOUT_S:g} s"
+                )
+            time.sleep(START_RETRY_INTERVAL_S)
 
     def release(self) -> None:
         """Stop the server if this handle started it; leave an adopted one running."""

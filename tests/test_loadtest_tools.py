@@ -27,7 +27,7 @@ from loadtest.bench_report import (
     summarize,
 )
 from loadtest.ledger import Ledger, Outcome, format_cents, parse_cents, reconcile
-from loadtest.procs import running_ceiling
+from loadtest.procs import running_ceiling, server_environment
 
 WRK_STDOUT = """Running 10s test @ http://127.0.0.1:8001
   2 threads and 64 connections
@@ -241,3 +241,10 @@ def test_measured_durability_quotes_walletds_start_line() -> None:
         "PostgreSQL durability: fsync=on, full_page_writes=on, synchronous_commit=on."
     )
     assert "unknown" in measured_durability("walletd listening on http://x\n")
+
+
+def test_servers_under_test_never_inherit_the_durability_override() -> None:
+    """make bench / make loadtest start walletd without WALLETD_ALLOW_UNSAFE_DURABILITY,
+    whatever the caller's environment says; the rest of the environment passes through."""
+    given = {"WALLETD_ALLOW_UNSAFE_DURABILITY": "true", "WALLETD_SHARDS": "2", "PATH": "/bin"}
+    assert server_environment(given) == {"WALLETD_SHARDS": "2", "PATH": "/bin"}
