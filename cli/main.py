@@ -41,6 +41,11 @@ __all__ = ["main"]
 _log = logging.getLogger("walletd")
 
 SHUTDOWN_TIMEOUT_S = 30.0
+# On SIGTERM the listener closes first; connections accepted before it get this long to have
+# their request read before aiohttp's drain closes every connection that has none in
+# progress. Without it a request sent on a just-accepted connection was dropped unanswered
+# (tests/test_crash.py::test_sigterm_drains_and_exits_cleanly).
+ACCEPTED_CONNECTIONS_GRACE_S = 0.5
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
 _STARTUP_ERRORS = (
@@ -81,6 +86,8 @@ async def _serve(config: Config) -> None:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         _log.info("stopping: draining in-flight requests")
+        await site.stop()  # refuse new connections; runner.cleanup() skips a stopped site
+        await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
     finally:
         await runner.cleanup()
     _log.info("stopped")
