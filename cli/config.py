@@ -96,9 +96,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
             10.0, "seconds a request body may take to arrive once its handler reads it; "
             "slower gets 408 and the connection is closed"),
-    Setting("bulk_items_max", ("WALLETD_BULK_ITEMS_MAX",), "--bulk-items-max", int, 1000,
-            "most operations in one bulk request; more gets 413 TOO_MANY_ITEMS (at most "
-            "the mailbox bound, so one request always fits an empty mailbox)"),
+    Setting("bulk_items_max", ("WALLETD_BULK_ITEMS_MAX",), "--bulk-items-max", int, 0,
+            "most operations in one bulk request; more gets 413 TOO_MANY_ITEMS; at most the "
+            "mailbox bound, so one request fits an empty mailbox (0 = 1000, or the mailbox "
+            "bound when smaller)"),
     Setting("bulk_admission_wait_s", ("WALLETD_BULK_ADMISSION_WAIT",), "--bulk-admission-wait",
             float, 1.0, "seconds a bulk request may wait for mailbox room before 503 OVERLOADED"),
     Setting("bulk_waiting_max", ("WALLETD_BULK_WAITING_MAX",), "--bulk-waiting-max", int, 16,

@@ -45,6 +45,11 @@ _log = logging.getLogger("walletd")
 SHUTDOWN_TIMEOUT_S = 30.0
 # How often a command made of one long step redraws its elapsed time.
 TICK_S = 1.0
+# On SIGTERM the listener closes first; connections accepted before it get this long to have
+# their request read before aiohttp's drain closes every connection that has none in
+# progress. Without it a request sent on a just-accepted connection was dropped unanswered
+# (tests/test_crash.py::test_sigterm_drains_and_exits_cleanly).
+ACCEPTED_CONNECTIONS_GRACE_S = 0.5
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
 _STARTUP_ERRORS = (
@@ -89,6 +94,8 @@ async def _serve(config: Config) -> None:
         print(f"walletd listening on http://{host}:{port}", flush=True)
         await stop.wait()
         _log.info("stopping: draining in-flight requests")
+        await site.stop()  # refuse new connections; runner.cleanup() skips a stopped site
+        await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
     finally:
         await runner.cleanup()
     _log.info("stopped")

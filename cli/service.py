@@ -58,7 +58,7 @@ def engine_limits(config: Config) -> EngineLimits:
         resident_wallets_max=config.resident_wallets_max,
         idempotency_keys_max=config.idempotency_keys_max,
         commit_timeout_s=config.commit_timeout_s,
-        bulk_items_max=config.bulk_items_max,
+        bulk_items_max=config.bulk_items_max or None,
         bulk_admission_wait_s=config.bulk_admission_wait_s,
         bulk_waiting_max=config.bulk_waiting_max,
     )

@@ -35,6 +35,7 @@ merges them and reconciles. Thresholds are checked on the master only, because o
 the aggregated statistics.
 
 Exit code (set at quitting on the master/local runner): 1 when a balance does not match, when
+fewer operations than --walletd-min-acked-ops were acknowledged, when
 the failure ratio is above --max-error-ratio (default 0: any failed request, e.g. any 5xx,
 fails the run), when p95 is above --max-p95-ms (0 disables it), when a user raised, or when no
 request was made; otherwise 0.
@@ -93,6 +94,7 @@ class RunState:
     expected_workers: set[str] = field(default_factory=set)
     ledger_sent: bool = False
     reconciled_ok: bool | None = None
+    acked_ops: int = 0
     setup_ok: bool = True
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -138,6 +140,12 @@ def _add_options(parser: LocustArgumentParser) -> None:
         type=float,
         default=0.0,
         help="fail the run when the aggregated p95 latency is above this (0 = off)",
+    )
+    parser.add_argument(
+        "--walletd-min-acked-ops",
+        type=int,
+        default=0,
+        help="fail the run when fewer operations than this were acknowledged (default 0)",
     )
     parser.add_argument("--walletd-wallets", type=int, default=1000, help="uniform wallet count")
     parser.add_argument("--walletd-overdraft-wallets", type=int, default=8)
@@ -324,6 +332,7 @@ def _reconcile(environment: Environment) -> None:
     )
     mismatches = reconcile(STATE.ledger, balances, STATE.initial_cents)
     acked = sum(t.acked_ops for t in STATE.ledger.wallets.values())
+    STATE.acked_ops = acked
     uncertain = sum(t.uncertain_ops for t in STATE.ledger.wallets.values())
     for mismatch in mismatches[:MISMATCHES_LOGGED_MAX]:
         log.error("walletd: BALANCE MISMATCH %s", mismatch.describe())
@@ -347,6 +356,13 @@ def _on_quitting(environment: Environment, **_: Any) -> None:
     problems = _threshold_problems(environment)
     if STATE.reconciled_ok is not True:
         problems.append("balance reconciliation failed or did not run")
+    acked_ops_min = int(_option(environment, "walletd_min_acked_ops", 0))
+    if STATE.acked_ops < acked_ops_min:
+        # A run that acknowledged next to nothing reconciles trivially: it proves nothing.
+        problems.append(
+            f"only {STATE.acked_ops} acknowledged operations, fewer than"
+            f" --walletd-min-acked-ops {acked_ops_min}"
+        )
     if runner.exceptions:
         problems.append(f"{len(runner.exceptions)} distinct exceptions in user code")
     for problem in problems:

@@ -1,10 +1,11 @@
 """`make loadtest`: a short, bounded, headless Locust run against a fresh walletd.
 
-    python -m loadtest.run_locust [--url URL] [--duration 20] [--users 50] [--classes ...]
+    python -m loadtest.run_locust [--url URL] [--duration 20] [--users 50] [--min-acked-ops 100]
 
 Starts `walletd serve` on a free port with a temporary data dir (unless --url), waits for
 /readyz, runs Locust with the mixed user classes, stops walletd with SIGTERM and exits with
-Locust's exit code (non-zero on a balance mismatch or a crossed threshold, see locustfile.py).
+Locust's exit code (non-zero on a balance mismatch, on fewer acknowledged operations than
+--min-acked-ops, or on a crossed threshold, see locustfile.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs="+", default=USER_CLASSES, choices=USER_CLASSES)
     parser.add_argument("--tags", nargs="*", default=[])
     parser.add_argument("--wallets", type=int, default=1000)
+    parser.add_argument(
+        "--min-acked-ops",
+        type=int,
+        default=100,
+        help="fail unless at least this many operations were acknowledged",
+    )
     parser.add_argument("--max-error-ratio", type=float, default=0.0)
     parser.add_argument("--max-p95-ms", type=float, default=0.0)
     return parser.parse_args(argv)
@@ -69,6 +76,8 @@ def locust_command(args: argparse.Namespace, url: str) -> list[str]:
         url,
         "--walletd-wallets",
         str(args.wallets),
+        "--walletd-min-acked-ops",
+        str(args.min_acked_ops),
         "--max-error-ratio",
         str(args.max_error_ratio),
         "--max-p95-ms",

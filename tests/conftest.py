@@ -3,6 +3,12 @@
 PostgreSQL: an embedded server started once per session in a temporary folder, or the
 server in ``WALLETD_TEST_DATABASE_URL``; either way every session works in databases it
 creates itself (``walletd_test_*``) and drops at the end, never in leftovers.
+
+The ``slow`` marker is kept true by a guard, not by review: a test that is not marked
+``slow`` and starts a process (a walletd, a walletd command, Locust, a browser, a tool, a
+PostgreSQL of its own, or stops/starts one) fails with the name of the process. So
+``pytest -m "not slow"`` is a process-free loop; only the session's own PostgreSQL is
+started for it, once.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,53 @@ from walletd.http.state import Services
 from walletd.persistence.database import PoolSettings, ServingLock, create_pool
 from walletd.persistence.embedded import EmbeddedPostgres
 from walletd.persistence.postgres_log import PostgresLog
+
+# Audit events (PEP 578) raised by everything that starts a program or forks this one.
+_PROCESS_EVENTS = frozenset(
+    {"subprocess.Popen", "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn",
+     "os.spawn"}
+)  # fmt: skip
+
+
+class ProcessGuard:
+    """Refuses to start a process while a test that is not marked ``slow`` runs."""
+
+    def __init__(self) -> None:
+        self.test: str | None = None  # the node id of the running unmarked test
+        self._allowed = 0
+
+    def __call__(self, event: str, args: tuple[object, ...]) -> None:
+        if self.test is not None and not self._allowed and event in _PROCESS_EVENTS:
+            program = args[1] if event == "subprocess.Popen" and len(args) > 1 else args[:1]
+            raise RuntimeError(
+                f"{self.test} starts a process ({event}: {program!r}) but is not marked "
+                "slow: mark it @pytest.mark.slow (README, Testing)"
+            )
+
+    @contextlib.contextmanager
+    def allowed(self) -> Iterator[None]:
+        """For the session's PostgreSQL, which every test shares and none owns."""
+        self._allowed += 1
+        try:
+            yield
+        finally:
+            self._allowed -= 1
+
+
+PROCESS_GUARD = ProcessGuard()
+sys.addaudithook(PROCESS_GUARD)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """Setup, call and teardown of an unmarked test run under the guard."""
+    PROCESS_GUARD.test = None if item.get_closest_marker("slow") else item.nodeid
+    try:
+        return (yield)
+    finally:
+        PROCESS_GUARD.test = None
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -74,11 +128,13 @@ def pg_server() -> Iterator[PostgresServer]:
         return
     folder = Path(tempfile.mkdtemp(prefix="walletd-test-pg-"))
     embedded = EmbeddedPostgres(folder)
-    embedded.start()
+    with PROCESS_GUARD.allowed():
+        embedded.start()
     try:
         yield PostgresServer(embedded.dsn, embedded)
     finally:
-        embedded.stop("immediate")
+        with PROCESS_GUARD.allowed():
+            embedded.stop("immediate")
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -317,6 +317,7 @@ def test_unknown_codes_fall_back_to_their_status_class() -> None:
     assert type(problem_error(418, {})).__name__ == "InvalidRequest"
 
 
+@pytest.mark.slow
 async def test_the_example_script_runs_against_walletd(client: Client) -> None:
     """examples/quickstart.py runs to the end against a real walletd and prints the balance."""
     script = Path(__file__).parent.parent / "examples" / "quickstart.py"

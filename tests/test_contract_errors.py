@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AppFactory
+from tests.engine_doubles import until
 from tests.openapi_validation import assert_response_matches, schema_errors
 from walletd.engine.limits import EngineLimits
 from walletd.http.openapi import build_openapi_document
@@ -368,32 +369,48 @@ async def test_unavailable_when_storage_is_unreachable(client: Client) -> None:
 
 
 async def test_overloaded_when_the_mailbox_is_full(
-    make_app: AppFactory, aiohttp_client: AiohttpClient, database_url: str
+    make_app: AppFactory,
+    aiohttp_client: AiohttpClient,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A full mailbox refuses at once: 503 OVERLOADED with Retry-After, nothing applied."""
-    limits = EngineLimits(shards=1, mailbox_commands_max=2, batch_ops_max=1)
+    limits = EngineLimits(shards=1, mailbox_commands_max=2, batch_ops_max=1, inflight_batches_max=2)
     client: Client = await aiohttp_client(make_app(limits=limits))
     wallet_id = await _funded_wallet(client)
     engine = client.app[STATE_KEY].services.engine
     path = f"/api/v1/wallets/{wallet_id}/operation"
 
+    # Counts the commands the HTTP layer has handed to the engine: apply() submits before
+    # its first await, so once the count moves, the command is in the mailbox.
+    submitted = 0
+    apply = engine.apply
+
+    async def counting_apply(*args: Any) -> Any:
+        nonlocal submitted
+        submitted += 1
+        return await apply(*args)
+
+    monkeypatch.setattr(engine, "apply", counting_apply)
+
     async def deposit() -> int:
         response = await client.post(path, json={"operation_type": "DEPOSIT", "amount": 1})
         return response.status
 
-    # A row lock held by another session stalls the shard's commit for real. Requests are
-    # then sent one at a time until the mailbox is full: one batch is stuck committing,
-    # one waits prepared behind it, and the rest can only queue.
+    # A row lock held by another session stalls the shard's commits for real: the first
+    # inflight_batches_max batches (one command each) are stuck in PostgreSQL, the next one
+    # waits prepared for a slot, and the rest can only queue. Requests are sent one at a
+    # time, each once the shard has settled with the previous one, so none is refused early.
+    settled_behind = limits.inflight_batches_max + 1  # commands out of the mailbox at most
     blocker = await asyncpg.connect(database_url)
     stalled: list[asyncio.Future[int]] = []
     try:
         async with blocker.transaction():
             await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", wallet_id)
-            for _ in range(20):  # bounded: a full mailbox needs 4 requests
-                if engine.mailbox_depths() == [limits.mailbox_commands_max]:
-                    break
+            for count in range(1, settled_behind + limits.mailbox_commands_max + 1):
                 stalled.append(asyncio.ensure_future(deposit()))
-                await asyncio.sleep(0.05)
+                queued = max(0, count - settled_behind)
+                await until(lambda: submitted == count and engine.mailbox_depths() == [queued])  # noqa: B023
             assert engine.mailbox_depths() == [limits.mailbox_commands_max]
             response = await client.post(path, json={"operation_type": "DEPOSIT", "amount": 1})
             raw = await response.read()

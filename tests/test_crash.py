@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections import Counter
 from collections.abc import Callable
+from decimal import Decimal
 
 import aiohttp
 import asyncpg
@@ -36,6 +37,15 @@ async def create_wallets(session: aiohttp.ClientSession, url: str, count: int) -
     return ids
 
 
+def _reset_by_peer(error: BaseException) -> bool:
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ConnectionResetError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 class Load:
     """Keyed deposits from concurrent workers until stopped; remembers every 2xx."""
 
@@ -44,7 +54,11 @@ class Load:
         self.acked: dict[str, tuple[str, int]] = {}
         self.statuses: Counter[int] = Counter()
         self.codes: Counter[str] = Counter()
-        self.errors = 0
+        self.refused = 0  # the connection was refused: the request never reached walletd
+        # Reset by the peer before any answer: what the kernel does to connections still in
+        # the listener's backlog when it closes; they never reached walletd (checked below).
+        self.reset: dict[str, str] = {}
+        self.dropped: list[str] = []  # sent, then closed or timed out without an answer
         self.stop = asyncio.Event()
 
     async def worker(self, number: int) -> None:
@@ -64,9 +78,16 @@ class Load:
                         self.acked[key] = (wallet, amount * MINOR_UNITS_PER_UNIT)
                     elif response.status >= 400:
                         self.codes[(await response.json())["code"]] += 1
-            except (TimeoutError, aiohttp.ClientError):
-                # The process is gone (kill -9) or closed the connection (drain done).
-                self.errors += 1
+            except aiohttp.ClientConnectorError:
+                # Nothing listens any more (drain done, or killed): the request was not sent.
+                self.refused += 1
+                await asyncio.sleep(0.01)
+            except (TimeoutError, aiohttp.ClientError) as error:
+                # Sent and never answered: a crash may do that, a drain must not.
+                if _reset_by_peer(error):
+                    self.reset[key] = repr(error)
+                else:
+                    self.dropped.append(f"{key}: {error!r}")
                 await asyncio.sleep(0.01)
 
     async def run(self) -> None:
@@ -109,16 +130,20 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(
         for wallet in wallets:
             async with session.get(f"{second.url}/api/v1/wallets/{wallet}") as response:
                 body = await response.json()
-            assert round(float(body["balance"]) * MINOR_UNITS_PER_UNIT) == stored[wallet]
+            assert Decimal(body["balance"]) * MINOR_UNITS_PER_UNIT == stored[wallet]
 
 
 async def test_sigterm_drains_and_exits_cleanly(
     walletd_process: StartWalletd, database_url: str
 ) -> None:
-    """SIGTERM under load: every answer is a real one (200, or 503 UNAVAILABLE once
-    stopping), exit code 0, and every acknowledged deposit is stored."""
+    """SIGTERM under load: every request sent gets a real answer (200, or 503 UNAVAILABLE
+    once stopping); after the drain connections are refused, never dropped mid-request;
+    exit code 0, and every acknowledged deposit is stored."""
     process = await start(walletd_process, "--database-url", database_url)
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+    # One connection per request: no idle keep-alive connection for the drain to close under
+    # a request being written, so every failure is either refused or a dropped request.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
         wallets = await create_wallets(session, process.url, 8)
         load = Load(session, process.url, wallets)
         loading = asyncio.create_task(load.run())
@@ -128,10 +153,20 @@ async def test_sigterm_drains_and_exits_cleanly(
         load.stop.set()
         await loading
     assert exit_code == 0, process.log()
+    assert load.dropped == [], load.dropped
     assert set(load.statuses) <= {200, 503}, load.statuses
     assert set(load.codes) <= {"UNAVAILABLE"}, load.codes
     assert "Traceback" not in process.log()
     await check_database(database_url, load.acked)
+    connection = await asyncpg.connect(database_url)
+    try:
+        applied_reset = await connection.fetch(
+            "SELECT idempotency_key FROM wallet_operations WHERE idempotency_key = ANY($1)",
+            list(load.reset),
+        )
+    finally:
+        await connection.close()
+    assert applied_reset == [], "a request reset without an answer was applied"
 
 
 async def test_overload_answers_503_at_once_and_applies_only_accepted(

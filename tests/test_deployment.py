@@ -251,6 +251,7 @@ def test_configuration_tables_are_rendered_from_settings(document: Path) -> None
         assert f"`{setting.env[0]}`" in settings_block(text)
 
 
+@pytest.mark.slow
 def test_docs_config_rewrites_a_stale_table_and_env_example(tmp_path: Path) -> None:
     """`make docs-config`'s commands turn a stale table and env.example into the rendered ones."""
     stale = tmp_path / "STALE.md"
@@ -314,6 +315,7 @@ def test_compose_only_variables_are_documented_with_their_defaults() -> None:
 # --- docker-compose.yml --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compose_file_is_valid_and_resolves_to_walletds_defaults(tmp_path: Path) -> None:
     """`docker-compose config` accepts the file; unset variables resolve to SETTINGS' defaults."""
     environment = resolved_walletd_environment(compose_config(tmp_path, {}))
@@ -328,6 +330,7 @@ def test_compose_file_is_valid_and_resolves_to_walletds_defaults(tmp_path: Path)
     assert urlsplit(config.database_url).hostname == "postgres"
 
 
+@pytest.mark.slow
 def test_compose_settings_change_without_a_rebuild(tmp_path: Path) -> None:
     """An exported variable reaches walletd's environment; the build section is unchanged."""
     before = compose_config(tmp_path, {})
@@ -425,6 +428,7 @@ def test_stop_grace_period_outlasts_walletds_drain() -> None:
 # --- Dockerfile ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dockerfile_passes_hadolint() -> None:
     """hadolint reports nothing, not even style notes."""
     done = subprocess.run(
@@ -510,6 +514,7 @@ def test_tool_installers_follow_the_convention() -> None:
     assert "for script in .ci/install-*" in (ROOT / ".ci" / "run").read_text()
 
 
+@pytest.mark.slow
 def test_make_test_runs_every_installer_first_and_stops_on_a_failing_one(
     tmp_path: Path,
 ) -> None:

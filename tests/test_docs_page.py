@@ -365,6 +365,7 @@ async def _dump_dom(chromium: str, url: str) -> str:
     return stdout.decode()
 
 
+@pytest.mark.slow
 async def test_docs_page_renders_every_operation_in_chromium(
     aiohttp_server: AiohttpServer, document: dict[str, Any]
 ) -> None:

@@ -17,6 +17,9 @@ import pytest
 from tests.processes import WalletdProcess, walletd_command
 from walletd.persistence.embedded import HBA_RULES, EmbeddedPostgres, binaries_path
 
+# Every test here starts PostgreSQL, walletd or Prometheus processes.
+pytestmark = pytest.mark.slow
+
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 

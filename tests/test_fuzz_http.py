@@ -2,20 +2,21 @@
 never changes a balance.
 
 All examples run against one app on one database (``module_client``); each property keeps
-its own wallet and tracks the balance it must have, so a refused request that moved money,
-or an accepted one that moved it wrongly, is caught.
+its own wallet and tracks the balance it must have, computed from the old balance and the
+amount the request asked for (read here with exact decimals, not by the server's parser),
+so a refused request that moved money, or an accepted one that moved it wrongly, is caught.
 """
 
 from __future__ import annotations
 
 import json
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Final
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 Client = TestClient[web.Request, web.Application]
@@ -70,11 +71,12 @@ content_types = st.sampled_from(
 
 
 class Ledger:
-    """A wallet and the balance it must have, as a Decimal."""
+    """A wallet, the balance it must have, and the first answer to each Idempotency-Key."""
 
     def __init__(self, wallet_id: str) -> None:
         self.wallet_id = wallet_id
         self.balance = Decimal("0.00")
+        self.answered: dict[str, Decimal] = {}  # key -> the balance its first 200 reported
 
     @property
     def operation_path(self) -> str:
@@ -92,19 +94,62 @@ async def _new_ledger(client: Client, deposit: str = "1000.00") -> Ledger:
     return ledger
 
 
-async def _check_answer(client: Client, ledger: Ledger, status: int, body: bytes) -> None:
-    """No 5xx; a 200 moved the balance to what it says; anything else moved nothing."""
-    assert status < 500, body
-    if status == 200:
-        new_balance = Decimal(json.loads(body)["balance"])
-        assert new_balance >= 0
-        ledger.balance = new_balance
-    else:
-        assert 400 <= status < 500, body
-        assert json.loads(body)["code"]
+def requested_delta(raw: bytes) -> Decimal | None:
+    """What an operation body asks to move (+ deposit, - withdrawal), read with exact
+    decimals and without the server's parser; None when no 200 could stand for it."""
+    try:
+        body = json.loads(
+            raw, parse_float=Decimal, parse_int=Decimal, parse_constant=lambda _name: None
+        )
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    amount = body.get("amount")
+    if isinstance(amount, str):
+        try:
+            amount = Decimal(amount)
+        except InvalidOperation:
+            return None
+    if not isinstance(amount, Decimal) or not amount.is_finite():
+        return None
+    kind = body.get("operation_type", body.get("operationType"))
+    return {"DEPOSIT": amount, "WITHDRAW": -amount}.get(kind) if isinstance(kind, str) else None
+
+
+async def _check_balance(client: Client, ledger: Ledger) -> None:
     response = await client.get(f"/api/v1/wallets/{ledger.wallet_id}")
     assert response.status == 200
     assert Decimal((await response.json())["balance"]) == ledger.balance
+
+
+async def _check_answer(
+    client: Client, ledger: Ledger, response: ClientResponse, raw: bytes, key: str | None = None
+) -> None:
+    """No 5xx. A 200 moved the balance by exactly what ``raw`` asked for, and says so; a
+    replay (same key) moved nothing and repeats the first answer; anything else is a
+    problem+json 4xx that moved nothing. The stored balance agrees."""
+    status, body = response.status, await response.read()
+    assert status < 500, body
+    if status == 200:
+        answered = Decimal(json.loads(body)["balance"])
+        # HTTP drops a header value's surrounding blanks, so the server sees the key bare.
+        bare_key = None if key is None else key.strip(" \t")
+        if response.headers.get("Idempotent-Replayed") == "true":
+            assert bare_key in ledger.answered, f"replay of a key never answered: {key!r}"
+            assert answered == ledger.answered[bare_key]
+        else:
+            delta = requested_delta(raw)
+            assert delta is not None, f"200 for a body that asks for no operation: {raw!r}"
+            assert answered == ledger.balance + delta, (raw, ledger.balance, body)
+            assert answered >= 0
+            ledger.balance = answered
+            if bare_key is not None:
+                ledger.answered[bare_key] = answered
+    else:
+        assert 400 <= status < 500, body
+        assert json.loads(body)["code"]
+    await _check_balance(client, ledger)
 
 
 _LEDGERS: dict[tuple[int, str], Ledger] = {}
@@ -133,10 +178,11 @@ def _encode_unescaped(body: Any) -> bytes:
 async def test_arbitrary_operation_bodies(module_client: Client, body: dict[str, Any]) -> None:
     """Any JSON object as an operation body: 2xx/4xx only, and only a 200 moves money."""
     ledger = await _ledger(module_client, "bodies")
+    raw = _encode(body)
     response = await module_client.post(
-        ledger.operation_path, data=_encode(body), headers={"Content-Type": "application/json"}
+        ledger.operation_path, data=raw, headers={"Content-Type": "application/json"}
     )
-    await _check_answer(module_client, ledger, response.status, await response.read())
+    await _check_answer(module_client, ledger, response, raw)
 
 
 @FUZZ_SETTINGS
@@ -155,7 +201,7 @@ async def test_arbitrary_raw_bodies_and_content_types(
         headers={"Content-Type": content_type},
         skip_auto_headers=["Content-Type"],
     )
-    await _check_answer(module_client, ledger, response.status, await response.read())
+    await _check_answer(module_client, ledger, response, body)
 
 
 @FUZZ_SETTINGS
@@ -164,6 +210,11 @@ async def test_arbitrary_raw_bodies_and_content_types(
     request_id=st.none() | header_text,
     authorization=st.none() | header_text,
 )
+# A key used, another key used, then the first again: the replay reports the older balance,
+# which must not be taken for the wallet's balance now.
+@example(key="fuzz-key-a", request_id=None, authorization=None)
+@example(key="fuzz-key-b", request_id=None, authorization=None)
+@example(key="fuzz-key-a", request_id="again", authorization=None)
 async def test_arbitrary_headers(
     module_client: Client, key: str | None, request_id: str | None, authorization: str | None
 ) -> None:
@@ -178,13 +229,10 @@ async def test_arbitrary_headers(
     ):
         if value is not None:
             headers[name] = value
-    response = await module_client.post(
-        ledger.operation_path,
-        data=b'{"operation_type": "DEPOSIT", "amount": "0.01"}',
-        headers=headers,
-    )
+    raw = b'{"operation_type": "DEPOSIT", "amount": "0.01"}'
+    response = await module_client.post(ledger.operation_path, data=raw, headers=headers)
     assert response.headers.get("X-Request-Id")
-    await _check_answer(module_client, ledger, response.status, await response.read())
+    await _check_answer(module_client, ledger, response, raw, key)
 
 
 queries = st.none() | st.text(max_size=40) | st.integers().map(str)
@@ -216,4 +264,4 @@ async def test_arbitrary_paths_and_queries(
         assert response.status < 500, raw
         if response.status >= 400:
             assert response.headers["Content-Type"] == "application/problem+json", raw
-    await _check_answer(module_client, ledger, 400, b'{"code": "unchanged"}')
+    await _check_balance(module_client, ledger)

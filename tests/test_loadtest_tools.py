@@ -216,6 +216,7 @@ def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[s
         return int(response.status), orjson.loads(response.read())
 
 
+@pytest.mark.slow
 def test_ceiling_server_answers_on_loopback() -> None:
     """`python -m loadtest.ceiling` serves walletd's routes with constant wallets."""
     with running_ceiling() as server:

@@ -164,9 +164,19 @@ async def test_history_is_newest_first_and_pages_by_seq(wallet_log: WalletLog) -
     assert rest[-1][1] == OperationRecord(A, 1, OperationKind.DEPOSIT, 1, 1, None, T0 + 1)
 
 
-async def test_ping_answers(wallet_log: WalletLog) -> None:
-    """ping returns when storage answers."""
-    await wallet_log.ping()
+async def test_ping_answers_while_storage_does_and_raises_once_it_does_not(
+    wallet_log: WalletLog,
+) -> None:
+    """ping returns while storage answers, and raises StorageError once it cannot answer
+    (readiness rests on it: a ping that never fails would keep /readyz at 200)."""
+    await wallet_log.ping()  # answers: no exception
+    if isinstance(wallet_log, InMemoryLog):
+        wallet_log.fail_loads = True
+    else:
+        assert isinstance(wallet_log, PostgresLog)
+        await wallet_log._pool.close()  # every connection gone, none can be made
+    with pytest.raises(StorageError):
+        await wallet_log.ping()
 
 
 async def test_recent_wallets_are_the_most_recently_updated_first(wallet_log: WalletLog) -> None:

@@ -63,17 +63,17 @@ def test_exponent_forms_that_keep_two_decimals_are_exact(minor: int, shift: int)
 
 
 @PROPERTY_SETTINGS
-@given(st.integers(min_value=0, max_value=10**14), st.integers(min_value=0, max_value=10**14))
-def test_sums_are_exact(a: int, b: int) -> None:
-    """Parsed amounts add like decimals: 0.1 + 0.2 == 0.30, and so does every other pair."""
-    if a == 0 or b == 0 or max(a, b) > AMOUNT_MINOR_MAX:
-        return
-    left = amount_of(format_minor(a))
-    right = amount_of(format_minor(b))
-    assert isinstance(left, int)
-    assert isinstance(right, int)
-    expected = Decimal(format_minor(a)) + Decimal(format_minor(b))
-    assert Decimal(format_minor(left + right)) == expected
+@given(minor_amounts, minor_amounts, st.data())
+def test_sums_are_exact(a: int, b: int, data: st.DataObject) -> None:
+    """Two amounts, each written as a client may write it (a JSON number or a decimal
+    string, with 0 to 2 decimals), parse to cents that add up exactly like the decimals
+    that were written: 0.1 + 0.2 == 0.30, and so does every other pair."""
+    texts = [data.draw(st.sampled_from(decimal_texts(minor))) for minor in (a, b)]
+    raws = [json.dumps(text) if data.draw(st.booleans()) else text for text in texts]
+    left, right = amount_of(raws[0]), amount_of(raws[1])
+    assert isinstance(left, int), raws[0]
+    assert isinstance(right, int), raws[1]
+    assert Decimal(format_minor(left + right)) == Decimal(texts[0]) + Decimal(texts[1])
 
 
 def test_point_one_plus_point_two_is_point_three() -> None:

@@ -31,6 +31,9 @@ from tests.processes import WalletdProcess
 from walletd.client.api import WalletdClient
 from walletd.client.errors import InsufficientFunds
 
+# Every test here starts PostgreSQL, walletd or Prometheus processes.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 OBSERVABILITY = ROOT / "observability"
 ALERTS = OBSERVABILITY / "alerts.yml"

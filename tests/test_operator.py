@@ -130,6 +130,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 async def test_commands_exit_codes(database_url: str) -> None:
     """walletd seed/verify/restore as commands: 0 when clean, 1 on mismatch, 2 when busy."""
     done = _run("seed", "--database-url", database_url, "--wallets", "20", "--operations", "60")

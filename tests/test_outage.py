@@ -25,6 +25,8 @@ from walletd.http.settings import HttpSettings
 from walletd.persistence.embedded import EmbeddedPostgres
 from walletd.persistence.operator import verify
 
+pytestmark = pytest.mark.slow  # stops and starts its own PostgreSQL
+
 Client = TestClient[web.Request, web.Application]
 
 # Generous guards against hangs, not performance assertions: with 1 s database timeouts

@@ -7,9 +7,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_stdlib_http_wins_from_the_repository_root() -> None:
     """`python -c 'import http.client'` run from the repository root imports the stdlib."""
     code = (

@@ -18,6 +18,9 @@ import pytest
 from loadtest.restart_loop import RESTART_TIMEOUT_S, run_loop
 from walletd.persistence.embedded import EmbeddedPostgres, EmbeddedPostgresError, binaries_path
 
+# Every test here starts PostgreSQL, walletd or Prometheus processes.
+pytestmark = pytest.mark.slow
+
 BUSY_BACKENDS = 4
 
 

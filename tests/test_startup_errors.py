@@ -21,6 +21,7 @@ def _closed_port() -> int:
         return port  # nothing listens once the probe is closed
 
 
+@pytest.mark.slow
 def test_serve_against_an_unreachable_port_exits_2_with_one_line() -> None:
     """walletd serve with nothing listening on the port: exit 2 and one readable line."""
     url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/postgres"
