@@ -160,9 +160,12 @@ class OrderedGatesLog(ControlledLog):
     def __init__(self) -> None:
         super().__init__()
         self.gates: list[Gate] = []
+        self.gates_open = False  # True: appends pass at once
 
     async def append_batch(self, batch: Batch) -> None:
         gate = Gate()
+        if self.gates_open:
+            gate.open()
         self.gates.append(gate)
         self.appends_in_flight += 1
         try:
@@ -564,6 +567,67 @@ async def test_an_ambiguous_commit_is_resolved_exactly_once_by_a_keyed_retry() -
     assert created.outcome is Outcome.CREATED
     assert created.replayed
     assert [r for _s, _c, r in observer.failed] == [REASON_COMMIT_UNKNOWN] * 2
+
+
+async def test_a_keyed_refusal_is_replayed_after_its_key_left_the_cache() -> None:
+    """A keyed refusal is recorded with its batch; after a deposit that would cover it and
+    after its key was pushed out of the bounded cache by newer keys, the retry replays the
+    refusal (from storage) and the same key never applies."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    limits = EngineLimits(
+        shards=1, batch_ops_max=1, mailbox_commands_max=8, inflight_batches_max=1,
+        idempotency_keys_max=2,
+    )  # fmt: skip
+    async with running_engine(log, limits) as engine:
+        await create(engine, wallet)
+        refused = await engine.apply(wallet, WITHDRAW, 30, "w")
+        assert (refused.outcome, refused.balance_seen, refused.replayed) == (
+            Outcome.INSUFFICIENT_FUNDS, 0, False,
+        )  # fmt: skip
+        for number in range(3):  # more keys than the cache holds
+            await engine.apply(wallet, DEPOSIT, 20, f"d{number}")
+        finds_before = log.finds
+        replayed = await engine.apply(wallet, WITHDRAW, 30, "w")
+        assert log.finds == finds_before + 1  # the key was not in memory any more
+        reused = await engine.apply(wallet, WITHDRAW, 31, "w")
+    assert (replayed.outcome, replayed.balance_seen, replayed.replayed) == (
+        Outcome.INSUFFICIENT_FUNDS, 0, True,
+    )  # fmt: skip
+    assert reused.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+    assert log.wallets[wallet].balance == 60
+    assert list(log.refusals) == [(wallet, "w")]
+
+
+async def test_a_refusal_decided_on_a_failed_batch_is_not_recorded() -> None:
+    """N (a withdrawal) fails; N+1's keyed refusal was decided on N's pending balance, so it
+    is not recorded (its batch is refused by storage, 503), and the retry with the same key
+    is decided again, on what committed: applied."""
+    log = OrderedGatesLog()
+    wallet, other = UUID(int=1), UUID(int=2)
+    log.add_wallet(wallet)
+    log.add_wallet(other)
+    async with running_engine(log, PIPELINED) as engine:
+        log.gates_open = True
+        await engine.apply(wallet, DEPOSIT, 100, None)
+        log.gates_open = False
+        batch_n = start(engine, wallet, WITHDRAW, 60)
+        await until(lambda: len(log.gates) == 2)
+        batch_n1 = [start(engine, wallet, WITHDRAW, 70, "w"), start(engine, other, DEPOSIT, 1)]
+        await until(lambda: len(log.gates) == 3)
+        log.fail_next_appends = 1
+        log.gates[1].open()
+        await answers(batch_n)
+        log.gates_open = True
+        log.gates[2].open()
+        replies = await answers(*batch_n1)
+        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 2
+        assert log.refusals == {}
+        retried = await engine.apply(wallet, WITHDRAW, 70, "w")
+    assert retried.outcome is Outcome.OK
+    assert not retried.replayed
+    assert log.wallets[wallet].balance == 30
+    assert log.wallets[other].balance == 0
 
 
 async def test_a_load_failure_answers_unavailable_and_recovers() -> None:
