@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from uuid import UUID
 
 from walletd.engine.limits import EngineLimits
@@ -58,12 +58,19 @@ class ControlledLog(InMemoryLog):
         self.appends_in_flight_max = 0
         # Raised by the next append instead of writing (an exception storage should not raise).
         self.raise_on_append: Exception | None = None
+        # The next N wallet loads return a corrupt row (a negative balance): the first
+        # operation on it breaks a ledger invariant and crashes its shard, for real.
+        self.corrupt_loads = 0
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         self.load_calls.append(list(wallet_ids))
         if self.load_gate is not None:
             await self.load_gate.pass_through()
-        return await super().load_wallets(wallet_ids)
+        loaded = await super().load_wallets(wallet_ids)
+        if self.corrupt_loads > 0 and loaded:
+            self.corrupt_loads -= 1
+            return {w: replace(r, balance=-100) for w, r in loaded.items()}
+        return loaded
 
     async def append_batch(self, batch: Batch) -> None:
         self.appends_in_flight += 1
@@ -106,6 +113,7 @@ class RecordingObserver(EngineObserver):
     rejected: list[str] = field(default_factory=list)
     loaded: int = 0
     evicted: int = 0
+    restarted: list[int] = field(default_factory=list)
 
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
         assert seconds >= 0
@@ -122,6 +130,9 @@ class RecordingObserver(EngineObserver):
 
     def wallets_evicted(self, shard: int, count: int) -> None:
         self.evicted += count
+
+    def shard_restarted(self, shard: int) -> None:
+        self.restarted.append(shard)
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
@@ -140,12 +151,13 @@ async def running_engine(
     limits: EngineLimits | None = None,
     observer: EngineObserver | None = None,
     clock_us: Callable[[], int] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Engine]:
     limits = limits or EngineLimits(shards=2, batch_ops_max=64, mailbox_commands_max=256)
     if clock_us is None:
-        engine = Engine(log, limits, observer=observer)
+        engine = Engine(log, limits, observer=observer, on_fatal=on_fatal)
     else:
-        engine = Engine(log, limits, observer=observer, clock_us=clock_us)
+        engine = Engine(log, limits, observer=observer, clock_us=clock_us, on_fatal=on_fatal)
     await engine.start()
     try:
         yield engine

@@ -721,13 +721,15 @@ class _BreakableClock:
 
 async def test_a_crashed_shard_answers_everything_it_held() -> None:
     """A bug that kills a shard's loop answers the committing, prepared and queued commands
-    with UNAVAILABLE, and the shard refuses new work; no caller hangs."""
+    with UNAVAILABLE; with no restart allowed the engine gives up (not accepting, the
+    process told to exit) and the shard refuses new work; no caller hangs."""
     log = ControlledLog()
     observer = RecordingObserver()
     clock = _BreakableClock()
     wallet = UUID(int=1)
-    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=64)
-    async with running_engine(log, limits, observer, clock) as engine:
+    fatal: list[str] = []
+    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=64, shard_restarts_max=0)
+    async with running_engine(log, limits, observer, clock, fatal.append) as engine:
         await create(engine, wallet)
         log.append_gate = gate = Gate()
         committing = start(engine, wallet, DEPOSIT, 1)
@@ -736,12 +738,84 @@ async def test_a_crashed_shard_answers_everything_it_held() -> None:
         held = [start(engine, wallet, DEPOSIT, 1) for _ in range(6)]
         replies = await answers(committing, *held)
         assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 7
+        await until(lambda: bool(fatal))
         assert not engine.accepting
+        assert engine.failure == fatal[0]
         with pytest.raises(EngineStopping):
             await engine.apply(wallet, DEPOSIT, 1, None)
     assert {r for _s, _c, r in observer.failed} == {REASON_SHARD_CRASHED}
     assert sum(c for _s, c, _r in observer.failed) == 7
     assert log.wallets[wallet].balance == 0
+
+
+async def test_a_crashed_shard_is_restarted_from_storage_within_the_rate() -> None:
+    """A broken invariant (a corrupt row from storage) crashes a shard: its commands get
+    503, a fresh shard with empty memory takes its place and serves from storage; past
+    shard_restarts_max crashes in the window the engine gives up and asks to exit."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet, other = UUID(int=1), UUID(int=2)
+    log.add_wallet(wallet)
+    log.add_wallet(other)
+    fatal: list[str] = []
+    limits = EngineLimits(
+        shards=1, batch_ops_max=4, mailbox_commands_max=64, shard_restarts_max=1,
+        shard_restart_window_s=600,
+    )  # fmt: skip
+    async with running_engine(log, limits, observer, on_fatal=fatal.append) as engine:
+        assert (await engine.apply(other, DEPOSIT, 5, None)).outcome is Outcome.OK
+        log.corrupt_loads = 1
+        crashed = await engine.apply(wallet, DEPOSIT, 1, None)
+        assert crashed.outcome is Outcome.UNAVAILABLE
+        await until(lambda: engine.accepting)  # restarted
+        assert observer.restarted == [0]
+        assert engine.read_resident(other) is None  # memory dropped: re-read from storage
+        after = await engine.apply(wallet, DEPOSIT, 1, None)
+        assert after.outcome is Outcome.OK
+        assert after.wallet is not None
+        assert after.wallet.balance == 1
+        read = await engine.read(other)
+        assert read.wallet is not None
+        assert read.wallet.balance == 5
+        assert not fatal
+        # A second crash within the window is one more than allowed: the engine gives up.
+        log.corrupt_loads = 1
+        assert (await engine.apply(other, DEPOSIT, 1, "x")).outcome is Outcome.OK  # resident
+        await engine.restart_shard(0)  # drop memory, so the next use loads (corrupt)
+        crashed = await engine.apply(other, DEPOSIT, 1, None)
+        assert crashed.outcome is Outcome.UNAVAILABLE
+        await until(lambda: bool(fatal))
+        assert not engine.accepting
+        with pytest.raises(EngineStopping):
+            await engine.apply(other, DEPOSIT, 1, None)
+    assert "after 1 restarts" in fatal[0]
+    assert observer.restarted == [0]
+    assert (log.wallets[wallet].balance, log.wallets[other].balance) == (1, 6)
+
+
+async def test_restart_shard_drops_memory_and_answers_what_it_held() -> None:
+    """Engine.restart_shard: the old shard answers what it accepted (committed here), new
+    commands wait for the fresh shard, which re-reads wallets from storage."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    log.add_wallet(wallet)
+    async with running_engine(log, ONE_SHARD) as engine:
+        await engine.apply(wallet, DEPOSIT, 5, None)
+        log.append_gate = gate = Gate()
+        held = start(engine, wallet, DEPOSIT, 1)
+        await gate.wait_for_arrivals(1)
+        restarting = asyncio.create_task(engine.restart_shard(0))
+        queued = start(engine, wallet, DEPOSIT, 2)
+        await submitted(engine)
+        assert not queued.done()
+        gate.open()
+        await asyncio.wait_for(restarting, WAIT_S)
+        replies = await answers(held, queued)
+        loads = log.loads_of(wallet)
+    assert [r.outcome for r in replies] == [Outcome.OK, Outcome.OK]
+    assert replies[1].wallet is not None
+    assert replies[1].wallet.balance == 8
+    assert loads == 2  # loaded again by the fresh shard
 
 
 async def test_shards_are_independent() -> None:
