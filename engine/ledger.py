@@ -61,6 +61,10 @@ SEQ_CREATING: Final = -1
 # ... or a batch that touched it failed, so its stored state is unknown until re-read.
 SEQ_UNKNOWN: Final = -2
 
+# The wallet of a dependent reply that no write of its own batch can vouch for: a refusal
+# record of an open batch moves no seq, so fencing a wallet's seq does not cover it.
+_NO_WALLET: Final = -1
+
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
 _UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
@@ -143,9 +147,9 @@ class Applied:
     finals: list[tuple[Resident, int, int, int]] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
     # Replies decided on state an earlier open batch wrote, and the wallet whose state it
-    # was: (index in replies, wallet id as int). Such a reply is true only if that batch
-    # commits, or if this batch's own write of the wallet was stored (its seq fencing
-    # proves the state it built on was stored).
+    # was: (index in replies, wallet id as int, or _NO_WALLET). Such a reply is true only if
+    # that batch commits, or if this batch's own write of the wallet was stored (its seq
+    # fencing proves the state it built on was stored).
     dependent: list[tuple[int, int]] = field(default_factory=list)
     added_keys: list[tuple[UUID, str]] = field(default_factory=list)
     added_create_keys: list[str] = field(default_factory=list)
@@ -205,23 +209,33 @@ class Ledger:
     def missing(
         self, commands: Sequence[Command]
     ) -> tuple[set[UUID], set[tuple[UUID, str]], set[str]]:
-        """Wallets, operation keys and creation keys to load before ``execute``."""
+        """Wallets, operation keys and creation keys to load before ``execute``.
+
+        A key found in a cache is made the most recent: the keys loaded next must not push
+        out one this batch relies on (it would then be decided as new and applied twice,
+        were storage not to refuse it). With every command touching at most one entry, the
+        entries of the open batches are the newest (inflight_batches_max + 1) *
+        batch_ops_max, which the cache bound holds (engine/limits.py).
+        """
         wallet_ids: set[UUID] = set()
         op_keys: set[tuple[UUID, str]] = set()
         create_keys: set[str] = set()
+        keys = self._keys
         for command in commands:
             if command.wallet_id.int not in self._residents:
                 wallet_ids.add(command.wallet_id)
             if isinstance(command, ApplyOperation) and command.idempotency_key is not None:
                 key = (command.wallet_id, command.idempotency_key)
-                if key not in self._keys:
+                if key in keys:
+                    keys.move_to_end(key)
+                else:
                     op_keys.add(key)
-            elif (
-                isinstance(command, CreateWallet)
-                and command.idempotency_key is not None
-                and command.idempotency_key not in self._create_keys
-            ):
-                create_keys.add(command.idempotency_key)
+            elif isinstance(command, CreateWallet) and command.idempotency_key is not None:
+                create_key = command.idempotency_key
+                if create_key in self._create_keys:
+                    self._create_keys.move_to_end(create_key)
+                else:
+                    create_keys.add(create_key)
         return wallet_ids, op_keys, create_keys
 
     def add_wallets(self, records: Iterable[WalletRecord]) -> int:
@@ -285,7 +299,7 @@ class Ledger:
                     if (wallet_id, key) in self._uncommitted_refusals and (
                         earlier not in applied.batch.refusals
                     ):
-                        applied.dependent.append((len(applied.replies), wid))
+                        applied.dependent.append((len(applied.replies), _NO_WALLET))
                     return _replay_refusal(command, earlier)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))

@@ -599,6 +599,54 @@ async def test_a_keyed_refusal_is_replayed_after_its_key_left_the_cache() -> Non
     assert list(log.refusals) == [(wallet, "w")]
 
 
+async def test_a_key_reuse_judged_on_a_failed_refusal_is_unavailable() -> None:
+    """N records a keyed refusal and fails; N+1 reuses that key with another request and
+    also moves the wallet (stored: a refusal moves no seq, so the fence does not cover
+    it). The 422 rests on a refusal that was never stored: it is 503, and the key is
+    free afterwards."""
+    log = OrderedGatesLog()
+    wallet = UUID(int=1)
+    log.add_wallet(wallet)
+    async with running_engine(log, PIPELINED) as engine:
+        await engine.read(wallet)
+        refused = start(engine, wallet, WITHDRAW, 5, "k")
+        await until(lambda: len(log.gates) == 1)
+        batch_n1 = [start(engine, wallet, DEPOSIT, 1), start(engine, wallet, DEPOSIT, 7, "k")]
+        await until(lambda: len(log.gates) == 2)
+        log.fail_next_appends = 1
+        log.gates[0].open()
+        (n_reply,) = await answers(refused)
+        log.gates_open = True
+        log.gates[1].open()
+        replies = await answers(*batch_n1)
+        fresh = await engine.apply(wallet, DEPOSIT, 7, "k")
+    assert n_reply.outcome is Outcome.UNAVAILABLE
+    assert [r.outcome for r in replies] == [Outcome.OK, Outcome.UNAVAILABLE]
+    assert (fresh.outcome, fresh.replayed) == (Outcome.OK, False)
+    assert log.wallets[wallet].balance == 8
+
+
+async def test_a_cached_key_is_not_pushed_out_by_the_keys_its_own_batch_loads() -> None:
+    """A batch retries key a (cached, the oldest entry) and key b (only in storage): loading
+    b must not evict a before a is decided, or a would be applied again (here storage's
+    unique key refuses it and both retries get 503). Both are replayed."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    limits = EngineLimits(
+        shards=1, batch_ops_max=2, mailbox_commands_max=8, inflight_batches_max=1,
+        idempotency_keys_max=4,
+    )  # fmt: skip
+    async with running_engine(log, limits) as engine:
+        await create(engine, wallet)
+        for key in ("b", "a", "x1", "x2", "x3"):  # b falls out of the 4-entry cache
+            await engine.apply(wallet, DEPOSIT, 1, key)
+        retries = await answers(
+            start(engine, wallet, DEPOSIT, 1, "a"), start(engine, wallet, DEPOSIT, 1, "b")
+        )
+    assert [(r.outcome, r.replayed) for r in retries] == [(Outcome.OK, True)] * 2
+    assert log.wallets[wallet].balance == 5
+
+
 async def test_a_refusal_decided_on_a_failed_batch_is_not_recorded() -> None:
     """N (a withdrawal) fails; N+1's keyed refusal was decided on N's pending balance, so it
     is not recorded (its batch is refused by storage, 503), and the retry with the same key

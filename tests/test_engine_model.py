@@ -318,7 +318,8 @@ TestEngineModel.settings = settings.get_profile("engine-model")
 # -- the pure ledger, driven directly ----------------------------------------------------
 
 Op = tuple[UUID, OperationKind, int, "str | None"]
-ops = st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=1, max_size=6)
+# At most batch_ops_max commands per batch, as the pipeline drains them.
+ops = st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=1, max_size=2)
 
 
 class LedgerMachine(RuleBasedStateMachine):
