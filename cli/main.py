@@ -72,10 +72,24 @@ def http_settings(config: Config) -> HttpSettings:
     )
 
 
-async def _serve(config: Config) -> None:
+# Exit status of `walletd serve` when the engine gave up (shards crashing past the restart
+# rate): non-zero, so the supervisor (systemd, Docker, Kubernetes) restarts the process.
+EXIT_ENGINE_FAILED = 3
+
+
+async def _serve(config: Config) -> int:
     metrics = Metrics()
+    stop = asyncio.Event()
+    failures: list[str] = []
+
+    def engine_gave_up(reason: str) -> None:
+        failures.append(reason)
+        stop.set()
+
     app = create_app(
-        http_settings(config), lambda: running_services(config, metrics.engine), metrics=metrics
+        http_settings(config),
+        lambda: running_services(config, metrics.engine, on_fatal=engine_gave_up),
+        metrics=metrics,
     )
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
@@ -87,7 +101,6 @@ async def _serve(config: Config) -> None:
         host, port = runner.addresses[0][:2]
         # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
         # reads the line must get the graceful drain, not the default death by signal.
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -98,7 +111,11 @@ async def _serve(config: Config) -> None:
         await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
     finally:
         await runner.cleanup()
+    if failures:
+        _log.critical("stopped: the engine gave up (%s)", failures[0])
+        return EXIT_ENGINE_FAILED
     _log.info("stopped")
+    return 0
 
 
 async def _migrate(config: Config, _args: argparse.Namespace) -> int:
@@ -148,8 +165,7 @@ async def _seed(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
-    await _serve(config)
-    return 0
+    return await _serve(config)
 
 
 # The settings each command reads (cli/config.py SETTINGS names); its --help lists only

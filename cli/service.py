@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from walletd.cli.config import Config
 from walletd.engine.limits import EngineLimits
@@ -61,6 +61,8 @@ def engine_limits(config: Config) -> EngineLimits:
         bulk_items_max=config.bulk_items_max or None,
         bulk_admission_wait_s=config.bulk_admission_wait_s,
         bulk_waiting_max=config.bulk_waiting_max,
+        shard_restarts_max=config.shard_restarts_max,
+        shard_restart_window_s=config.shard_restart_window_s,
     )
 
 
@@ -168,8 +170,15 @@ class _Readiness:
 
 @contextlib.asynccontextmanager
 async def running_services(
-    config: Config, observer: EngineObserver | None = None
+    config: Config,
+    observer: EngineObserver | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Services]:
+    """Storage, the serving lock, the pool and the engine, for as long as the app runs.
+
+    ``on_fatal`` is called when the engine gives up (shards crashing past the restart
+    rate): the caller should stop serving and exit non-zero.
+    """
     async with storage(config) as dsn:
         # Before migrating: a server walletd will not serve is left exactly as it was.
         await require_durable(dsn, allow_unsafe=config.allow_unsafe_durability)
@@ -182,7 +191,7 @@ async def running_services(
             pool = await create_pool(dsn, pool_settings(config))
             try:
                 log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
-                engine = Engine(log, engine_limits(config), observer=observer)
+                engine = Engine(log, engine_limits(config), observer=observer, on_fatal=on_fatal)
                 warmed = await engine.warm_up(config.warm_wallets)
                 if warmed:
                     _log.info("warm-up: %d wallets resident", warmed)

@@ -47,6 +47,8 @@ from walletd.engine.model import (
     NewWallet,
     OperationKind,
     OperationRecord,
+    RefusalReason,
+    RefusalRecord,
     SnapshotUpdate,
     WalletRecord,
     WalletView,
@@ -64,9 +66,17 @@ SEQ_UNKNOWN: Final = -2
 # What an atomic group's trial run says of an item that would apply (never sent).
 _WOULD_APPLY: Final = Reply(Outcome.OK)
 
+# The wallet of a dependent reply that no write of its own batch can vouch for: a refusal
+# record of an open batch moves no seq, so fencing a wallet's seq does not cover it.
+_NO_WALLET: Final = -1
+
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
 _UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
+_REFUSAL_OUTCOMES: Final = {
+    RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
+    RefusalReason.BALANCE_LIMIT_EXCEEDED: Outcome.BALANCE_LIMIT_EXCEEDED,
+}
 
 
 class Pending:
@@ -142,9 +152,9 @@ class Applied:
     finals: list[tuple[Resident, int, int, int]] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
     # Replies decided on state an earlier open batch wrote, and the wallet whose state it
-    # was: (index in replies, wallet id as int). Such a reply is true only if that batch
-    # commits, or if this batch's own write of the wallet was stored (its seq fencing
-    # proves the state it built on was stored).
+    # was: (index in replies, wallet id as int, or _NO_WALLET). Such a reply is true only if
+    # that batch commits, or if this batch's own write of the wallet was stored (its seq
+    # fencing proves the state it built on was stored).
     dependent: list[tuple[int, int]] = field(default_factory=list)
     added_keys: list[tuple[UUID, str]] = field(default_factory=list)
     added_create_keys: list[str] = field(default_factory=list)
@@ -163,7 +173,11 @@ class Ledger:
         # Keyed by the id's 128-bit int: hashed in C, and no UUID object kept per wallet
         # (asyncpg's UUIDs also grow a cached int when hashed). ~250 B per resident wallet.
         self._residents: dict[int, Resident] = {}
-        self._keys: OrderedDict[tuple[UUID, str], OperationRecord] = OrderedDict()
+        # What was decided under each recent (wallet, key): the operation or the refusal.
+        self._keys: OrderedDict[tuple[UUID, str], OperationRecord | RefusalRecord] = OrderedDict()
+        # Keys of refusals whose batch has not committed yet (an operation's record tells
+        # by its seq; a refusal's cannot). Bounded by the open batches.
+        self._uncommitted_refusals: set[tuple[UUID, str]] = set()
         self._create_keys: OrderedDict[str, CreationKey] = OrderedDict()
 
     @property
@@ -200,7 +214,14 @@ class Ledger:
     def missing(
         self, commands: Sequence[Command]
     ) -> tuple[set[UUID], set[tuple[UUID, str]], set[str]]:
-        """Wallets, operation keys and creation keys to load before ``execute``."""
+        """Wallets, operation keys and creation keys to load before ``execute``.
+
+        A key found in a cache is made the most recent: the keys loaded next must not push
+        out one this batch relies on (it would then be decided as new and applied twice,
+        were storage not to refuse it). With every command touching at most one entry, the
+        entries of the open batches are the newest (inflight_batches_max + 1) *
+        batch_ops_max, which the cache bound holds (engine/limits.py).
+        """
         wallet_ids: set[UUID] = set()
         op_keys: set[tuple[UUID, str]] = set()
         create_keys: set[str] = set()
@@ -212,21 +233,25 @@ class Ledger:
                         wallet_ids.add(item.wallet_id)
                     if item.idempotency_key is not None:
                         key = (item.wallet_id, item.idempotency_key)
-                        if key not in keys:
+                        if key in keys:
+                            keys.move_to_end(key)
+                        else:
                             op_keys.add(key)
                 continue
             if command.wallet_id.int not in residents:
                 wallet_ids.add(command.wallet_id)
             if isinstance(command, ApplyOperation) and command.idempotency_key is not None:
                 key = (command.wallet_id, command.idempotency_key)
-                if key not in keys:
+                if key in keys:
+                    keys.move_to_end(key)
+                else:
                     op_keys.add(key)
-            elif (
-                isinstance(command, CreateWallet)
-                and command.idempotency_key is not None
-                and command.idempotency_key not in self._create_keys
-            ):
-                create_keys.add(command.idempotency_key)
+            elif isinstance(command, CreateWallet) and command.idempotency_key is not None:
+                create_key = command.idempotency_key
+                if create_key in self._create_keys:
+                    self._create_keys.move_to_end(create_key)
+                else:
+                    create_keys.add(create_key)
         return wallet_ids, op_keys, create_keys
 
     def add_wallets(self, records: Iterable[WalletRecord]) -> int:
@@ -244,7 +269,9 @@ class Ledger:
                 added += 1
         return added
 
-    def add_operations(self, found: dict[tuple[UUID, str], OperationRecord]) -> None:
+    def add_operations(
+        self, found: dict[tuple[UUID, str], OperationRecord | RefusalRecord]
+    ) -> None:
         for key, record in found.items():
             self._remember_key(key, record)
 
@@ -311,13 +338,18 @@ class Ledger:
             reply = _WOULD_APPLY
             key = item.idempotency_key
             earlier: tuple[OperationKind, int] | None = None
+            refused: RefusalRecord | None = None
             if key is not None:
                 earlier = used.get((wallet_id, key))
                 recorded = self._keys.get((wallet_id, key))
                 if earlier is None and recorded is not None:
                     earlier = (recorded.kind, recorded.amount)
+                    if isinstance(recorded, RefusalRecord):
+                        refused = recorded
             if resident is None:
                 reply = Reply(Outcome.WALLET_NOT_FOUND)
+            elif refused is not None:  # replays a recorded refusal, which refuses the group
+                reply = _replay_refusal(item, refused)
             elif earlier is not None:  # a replay: moves nothing, unless the key is misused
                 if earlier != (item.kind, item.amount):
                     reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
@@ -353,6 +385,12 @@ class Ledger:
         if key is not None:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
+                if isinstance(earlier, RefusalRecord):
+                    if (wallet_id, key) in self._uncommitted_refusals and (
+                        earlier not in applied.batch.refusals
+                    ):
+                        applied.dependent.append((len(applied.replies), _NO_WALLET))
+                    return _replay_refusal(command, earlier)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
                 return _replay_operation(command, earlier, resident)
@@ -360,15 +398,16 @@ class Ledger:
         balance_before = resident.balance if pending is None else pending.balance
         if command.kind is OperationKind.WITHDRAW:
             if command.amount > balance_before:
-                if pending is not None or resident.seq < 0:
-                    applied.dependent.append((len(applied.replies), wid))
-                return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance_before)
+                return self._refuse(
+                    command, RefusalReason.INSUFFICIENT_FUNDS, balance_before, resident, applied
+                )
             balance = balance_before - command.amount
         else:
             if balance_before + command.amount > BALANCE_MINOR_MAX:
-                if pending is not None or resident.seq < 0:
-                    applied.dependent.append((len(applied.replies), wid))
-                return Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance_before)
+                return self._refuse(
+                    command, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before, resident,
+                    applied,
+                )  # fmt: skip
             balance = balance_before + command.amount
         require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
         if pending is None:
@@ -392,6 +431,42 @@ class Ledger:
         return Reply(
             Outcome.OK, WalletView(wallet_id, balance, seq, resident.created_at_us, now_us)
         )
+
+    def _refuse(
+        self,
+        command: Operation,
+        reason: RefusalReason,
+        balance_seen: int,
+        resident: Resident,
+        applied: Applied,
+    ) -> Reply:
+        """A business refusal; with a key it is recorded in the batch, to be replayed."""
+        wallet_id = command.wallet_id
+        pending = resident.pending
+        key = command.idempotency_key
+        if key is None:
+            if pending is not None or resident.seq < 0:  # decided on an open batch's state
+                applied.dependent.append((len(applied.replies), wallet_id.int))
+        else:
+            # The seq the decision rests on, not counting this batch's own writes: storage
+            # records the refusal only once that state is stored, so a stored refusal is
+            # always true (and needs no dependent mark).
+            written = applied.written.get(wallet_id.int)
+            if written is not None:
+                fence_seq = written[2]
+            elif pending is not None:
+                fence_seq = pending.seq
+            else:
+                fence_seq = resident.seq
+            record = RefusalRecord(
+                wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
+                self._clock_us(),
+            )  # fmt: skip
+            applied.batch.refusals.append(record)
+            self._remember_key((wallet_id, key), record)
+            self._uncommitted_refusals.add((wallet_id, key))
+            applied.added_keys.append((wallet_id, key))
+        return Reply(_REFUSAL_OUTCOMES[reason], balance_seen=balance_seen)
 
     def _create_wallet(self, command: CreateWallet, applied: Applied) -> Reply:
         wallet_id = command.wallet_id
@@ -442,6 +517,8 @@ class Ledger:
 
     def committed(self, applied: Applied) -> None:
         """The batch is stored: promote its pending state to committed."""
+        for refusal in applied.batch.refusals:
+            self._uncommitted_refusals.discard((refusal.wallet_id, refusal.idempotency_key))
         residents = self._residents
         for new in applied.batch.new_wallets:
             resident = residents.get(new.wallet_id.int)
@@ -500,6 +577,7 @@ class Ledger:
             self._residents.pop(wid, None)
         for key in applied.added_keys:
             self._keys.pop(key, None)
+            self._uncommitted_refusals.discard(key)
         for create_key in applied.added_create_keys:
             self._create_keys.pop(create_key, None)
 
@@ -531,7 +609,7 @@ class Ledger:
             del residents[wallet_id]
         return len(victims)
 
-    def _remember_key(self, key: tuple[UUID, str], record: OperationRecord) -> None:
+    def _remember_key(self, key: tuple[UUID, str], record: OperationRecord | RefusalRecord) -> None:
         self._keys[key] = record
         self._keys.move_to_end(key)
         while len(self._keys) > self._keys_max:
@@ -555,6 +633,14 @@ def _replay_operation(command: Operation, earlier: OperationRecord, resident: Re
         earlier.created_at_us,
     )
     return Reply(Outcome.OK, view, replayed=True)
+
+
+def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
+    if earlier.kind is not command.kind or earlier.amount != command.amount:
+        return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+    return Reply(
+        _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True
+    )
 
 
 def _drop_pending_if_caught_up(resident: Resident) -> None:

@@ -22,6 +22,10 @@ Each limit has a defined behaviour when hit:
   with at most this many others; past either it is refused whole with ``OVERLOADED``.
 - ``commit_timeout_s`` / ``load_timeout_s``: a storage call past it is failed as outcome-unknown
   (503 ``UNAVAILABLE``) and the shard re-reads the wallets it touched.
+- ``shard_restarts_max`` per ``shard_restart_window_s``: a shard whose loop crashed (a broken
+  invariant) is restarted from storage, its memory dropped; one more crash within the window
+  and the engine gives up: it stops accepting work (``/readyz`` fails) and asks the process
+  to exit non-zero, so its own supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class EngineLimits:
     bulk_items_max: int | None = None
     bulk_admission_wait_s: float = 1.0
     bulk_waiting_max: int = 16
+    shard_restarts_max: int = 3
+    shard_restart_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 1024:
@@ -71,6 +77,10 @@ class EngineLimits:
             raise ValueError("bulk_admission_wait_s must be 0..60 and bulk_waiting_max 1..1024")
         if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.shard_restarts_max < 0 or self.shard_restart_window_s <= 0:
+            raise ValueError(
+                "shard_restarts_max must be at least 0 and shard_restart_window_s positive"
+            )
 
     @property
     def bulk_ops_max(self) -> int:

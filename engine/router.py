@@ -8,10 +8,12 @@ across restarts, processes and versions: the shard is the unit of distribution l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 from uuid import UUID
@@ -75,19 +77,23 @@ class Engine:
         *,
         clock_us: Callable[[], int] = wall_clock_us,
         observer: EngineObserver | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits or EngineLimits()
         self.log = log
+        self._clock_us = clock_us
         self._observer = observer or EngineObserver()
-        self._shards = [
-            Shard(index, log, self.limits, clock_us, self._observer)
-            for index in range(self.limits.shards)
-        ]
+        # Called once when the engine gives up (shards crash faster than the restart rate):
+        # the process should exit non-zero so that its own supervisor restarts it.
+        self._on_fatal = on_fatal
+        self._shards = [self._new_shard(index) for index in range(self.limits.shards)]
         self._started = False
         self._stopping = False
         # Bulk requests waiting for mailbox room, and the line they wait in.
         self._bulk_waiting = 0
         self._bulk_line = asyncio.Lock()
+        self._restarted_at: deque[float] = deque()  # monotonic times of recent restarts
+        self.failure: str | None = None  # why the engine gave up, once it has
 
     async def warm_up(self, wallets_max: int) -> int:
         """Before start: load up to ``wallets_max`` most recently updated wallets into their
@@ -102,7 +108,7 @@ class Engine:
 
     async def start(self) -> None:
         for shard in self._shards:
-            shard.start()
+            self._start_shard(shard)
         self._started = True
 
     async def stop(self) -> None:
@@ -110,12 +116,70 @@ class Engine:
         self._stopping = True
         await asyncio.gather(*(shard.stop() for shard in self._shards), return_exceptions=True)
 
+    async def restart_shard(self, index: int) -> None:
+        """Drop shard ``index``'s memory and start it afresh from storage.
+
+        The old shard stops taking commands at once (new ones queue in the fresh shard's
+        mailbox), answers everything it accepted, and only then does the fresh one start,
+        so nothing it loads can be older than a commit of the old one.
+        """
+        old = self._shards[index]
+        fresh = self._shards[index] = self._new_shard(index)
+        if old.task is not None and not old.task.done():
+            with contextlib.suppress(Exception):  # a crash in between is answered by it
+                await old.stop()
+        if self._started and not self._stopping:
+            self._start_shard(fresh)
+
     @property
     def accepting(self) -> bool:
         """True while every shard runs and the engine takes commands."""
-        if not self._started or self._stopping:
+        if not self._started or self._stopping or self.failure is not None:
             return False
         return all(s.task is not None and not s.task.done() for s in self._shards)
+
+    # -- supervision -------------------------------------------------------------------
+
+    def _new_shard(self, index: int) -> Shard:
+        return Shard(index, self.log, self.limits, self._clock_us, self._observer)
+
+    def _start_shard(self, shard: Shard) -> None:
+        shard.start()
+        assert shard.task is not None
+        shard.task.add_done_callback(lambda task: self._shard_ended(shard, task))
+
+    def _shard_ended(self, shard: Shard, task: asyncio.Task[None]) -> None:
+        """A shard's loop ended: after a crash, restart it from storage, within the rate.
+
+        Like an actor system's one-for-one supervisor: the crashed shard has answered
+        everything it held (503); a fresh one with empty memory takes its place. Past
+        ``shard_restarts_max`` restarts in ``shard_restart_window_s`` the engine gives up.
+        """
+        if self._stopping or self._shards[shard.index] is not shard:
+            return  # a stop, or a shard already replaced by restart_shard
+        if task.cancelled() or task.exception() is None:
+            return
+        now = time.monotonic()
+        window_s = self.limits.shard_restart_window_s
+        restarted_at = self._restarted_at
+        while restarted_at and now - restarted_at[0] > window_s:
+            restarted_at.popleft()
+        if len(restarted_at) >= self.limits.shard_restarts_max:
+            self._give_up(
+                f"shard {shard.index} crashed after {len(restarted_at)} restarts in {window_s:g} s"
+            )
+            return
+        restarted_at.append(now)
+        _log.error("shard %d crashed: restarting it from storage", shard.index)
+        self._observer.shard_restarted(shard.index)
+        fresh = self._shards[shard.index] = self._new_shard(shard.index)
+        self._start_shard(fresh)
+
+    def _give_up(self, reason: str) -> None:
+        self.failure = reason
+        _log.critical("engine gives up: %s", reason)
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
 
     @property
     def shards(self) -> list[Shard]:

@@ -41,6 +41,8 @@ Replies, refusals included, are resolved only once every batch before them has e
 
 If the loop itself fails (a broken invariant: a bug), every command it holds — committing,
 prepared, queued — is answered 503 and the shard refuses new work; nothing is left hanging.
+The engine (engine/router.py) supervises it: a fresh shard with empty memory takes its place,
+within a bounded restart rate.
 """
 
 from __future__ import annotations
@@ -176,7 +178,10 @@ class Shard:
         if task.cancelled():
             _log.warning("shard %d: task cancelled", self.index)
         elif (error := task.exception()) is not None:
-            _log.critical("shard %d crashed; it refuses new work", self.index, exc_info=error)
+            _log.critical(
+                "shard %d crashed; everything it held was answered 503", self.index,
+                exc_info=error,
+            )  # fmt: skip
 
     # -- the actor loop ----------------------------------------------------------------
 
