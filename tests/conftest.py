@@ -33,6 +33,7 @@ from walletd.http.settings import HttpSettings
 from walletd.http.state import Services
 from walletd.persistence.database import PoolSettings, ServingLock, create_pool
 from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.postgres_log import PostgresLog
 
 
@@ -117,7 +118,7 @@ async def running_services(
         return None if engine.accepting else "engine stopped"
 
     try:
-        yield Services(engine, log, ready)
+        yield Services(engine, log, ready, PostgresLogReader(pool))
     finally:
         await engine.stop()
         await pool.close()
