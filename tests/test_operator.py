@@ -161,3 +161,31 @@ async def test_commands_exit_codes(database_url: str) -> None:
     assert done.returncode == 0, done.stderr
     assert "1 snapshot rows rebuilt" in done.stdout
     assert _run("verify", "--database-url", database_url).returncode == 0
+
+
+async def test_verify_checks_every_change_has_exactly_one_feed_position(
+    database_url: str,
+) -> None:
+    """A wallet creation given a log row's position, and a log row with none, are both
+    reported; the seeded database itself is clean."""
+    await seed(database_url, 20, 60)
+    assert (await verify(database_url)).clean
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url,
+        "UPDATE wallets SET (created_xid, feed_id) = (SELECT xid, id FROM wallet_operations "
+        "WHERE wallet_id = $1 AND seq = 1) WHERE id = $1",
+        wallet_id,
+    )
+    await _execute(database_url, "ALTER TABLE wallet_operations ALTER COLUMN xid DROP NOT NULL")
+    await _execute(
+        database_url,
+        "UPDATE wallet_operations SET xid = NULL WHERE wallet_id = $1 AND seq = 2",
+        wallet_id,
+    )
+    found: list[Mismatch] = []
+    report = await verify(database_url, found.append)
+    problems = sorted(m.problem.rpartition(" ")[2] for m in found)
+    assert all(m.wallet_id == wallet_id for m in found)
+    assert problems == ["position", "rows"]  # a log row without one, a creation sharing one
+    assert report.mismatches == 2
