@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import AppFactory
 from walletd.http.feed import FEED_KEY
+from walletd.http.openapi import EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX
 from walletd.http.settings import HttpSettings
 
 Client = TestClient[web.Request, web.Application]
@@ -286,7 +287,10 @@ async def test_stream_cap_answers_503_until_a_stream_closes(
 
 
 async def test_bad_positions_and_limits_are_422(client: Client) -> None:
-    """after / Last-Event-ID must be a feed position; limit within 1..events_limit_max."""
+    """after / Last-Event-ID must be a feed position; limit within 1..events_limit_max (as
+    the OpenAPI document says)."""
+    assert HttpSettings().events_limit_max == EVENTS_LIMIT_MAX
+    assert HttpSettings().events_limit_default == EVENTS_LIMIT_DEFAULT
     for params in ({"after": "12"}, {"after": "1-2-3"}, {"after": "-1-2"}, {"limit": "0"},
                    {"limit": "1001"}, {"after": "99999999999999999999-1"}):  # fmt: skip
         response = await client.get("/api/v1/events", params=params)
