@@ -37,6 +37,7 @@ def create_app(
     app[METRICS_KEY] = metrics
     streams = feed.FeedStreams()
     app[feed.FEED_KEY] = streams
+    metrics.registry.register(feed.FeedStreamsCollector(streams, settings.feed_streams_max))
 
     async def end_streams(_app: web.Application) -> None:
         streams.closing.set()

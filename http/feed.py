@@ -27,10 +27,13 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from walletd.engine.log_reads import FeedEvent, FeedPosition, LogReader
 from walletd.engine.money import format_minor
@@ -40,7 +43,7 @@ from walletd.http.responses import format_timestamp
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
 
-__all__ = ["FEED_KEY", "FeedStreams", "event_json", "routes"]
+__all__ = ["FEED_KEY", "FeedStreams", "FeedStreamsCollector", "event_json", "routes"]
 
 _log = logging.getLogger("walletd.feed")
 
@@ -72,6 +75,29 @@ class FeedStreams:
 
 
 FEED_KEY: Final = web.AppKey("walletd_feed", FeedStreams)
+
+
+class FeedStreamsCollector(Collector):
+    """/metrics figures of the streams, read at scrape time."""
+
+    def __init__(self, streams: FeedStreams, streams_max: int) -> None:
+        self._streams = streams
+        self._streams_max = streams_max
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "walletd_feed_streams_open", "Open /api/v1/events/stream connections",
+            value=self._streams.open,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "walletd_feed_streams_max", "Stream bound; past it 503 OVERLOADED",
+            value=self._streams_max,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "walletd_feed_slow_consumers_disconnected",
+            "Streams dropped because their consumer stopped reading",
+            value=self._streams.slow_disconnects,
+        )
 
 
 def event_json(event: FeedEvent) -> dict[str, Any]:

@@ -349,6 +349,9 @@ async def test_a_slow_consumer_is_disconnected_and_resumes(
     finally:
         slow.close()
     assert streams.open == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert "walletd_feed_slow_consumers_disconnected_total 1.0" in metrics
+    assert "walletd_feed_streams_open 0.0" in metrics
     complete = received.rpartition(b"\n\n")[0].decode(errors="replace")
     ids = [line[4:] for line in complete.split("\n") if line.startswith("id: ")]
     first_part, last_id = len(ids), ids[-1]
