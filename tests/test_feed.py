@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import socket
 import time
 import uuid
@@ -17,6 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import AppFactory
+from tests.processes import WalletdProcess
 from walletd.http.feed import FEED_KEY
 from walletd.http.openapi import EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX
 from walletd.http.settings import HttpSettings
@@ -360,3 +362,24 @@ async def test_a_slow_consumer_is_disconnected_and_resumes(
     feed.after = last_id
     await feed.catch_up()
     assert first_part + len(feed.seen) == len(operations) + len(wallets)
+
+
+async def test_sigterm_ends_open_streams_at_once(
+    walletd_process: Callable[..., WalletdProcess], database_url: str
+) -> None:
+    """A real walletd with an open stream exits 0 on SIGTERM within seconds: the stream is
+    ended at shutdown instead of holding the 30 s drain."""
+    process = walletd_process("--database-url", database_url)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{process.url}/api/v1/events/stream") as response,
+    ):
+        assert response.status == 200
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(response.content.read(), DEADLINE_S)
+        assert rest == b""  # the stream ended cleanly
+        exit_code = await asyncio.to_thread(process.process.wait, DEADLINE_S)
+    assert exit_code == 0, process.log()
+    assert time.monotonic() - started < 10.0
+    assert "Traceback" not in process.log()
