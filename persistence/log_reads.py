@@ -4,8 +4,9 @@ Each read is one statement, on a pool of its own (``read_pool_size``), so feed c
 and history readers never take a connection a commit is waiting for. Each one reads a
 bounded number of rows through an index (tests/test_log_reads.py checks the plans):
 
-- as of:    ``wallet_operations_wallet_time`` (wallet_id, created_at, seq), one row;
-- filtered: the same index, at most ``scan_max`` rows;
+- as of:    a binary search over (wallet_id, seq) in ``walletd_last_seq_at`` (migration
+            migration says why not an index on created_at): at most 63 + 2 rows;
+- filtered: two such searches, then one range scan of at most ``scan_max`` rows;
 - feed:     ``wallet_operations_feed`` (xid, id) and ``wallets_feed`` (created_xid,
             feed_id), at most ``limit`` rows from each source.
 
@@ -37,24 +38,20 @@ __all__ = [
     "AS_OF_SQL",
     "EVENTS_SQL",
     "FEED_SOURCES",
-    "FILTERED_HISTORY_BEFORE_SQL",
-    "FILTERED_HISTORY_FIRST_SQL",
+    "FILTERED_HISTORY_SQL",
     "PostgresLogReader",
 ]
 
 _MICROS: Final = "(extract(epoch FROM {0}) * 1000000)::bigint"
 _AT: Final = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
-# Instants outside what the edge accepts (years 1 to 9999) stand for "no bound".
-_US_MIN: Final = -62_135_596_800 * 1_000_000
-_US_MAX: Final = 253_402_300_799_999_999
+_SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
-SELECT {_MICROS.format("w.created_at")}, o.balance_after, o.seq, {_MICROS.format("o.created_at")}
+SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")}
   FROM wallets w
-  LEFT JOIN LATERAL (
-        SELECT balance_after, seq, created_at FROM wallet_operations
-         WHERE wallet_id = w.id AND created_at <= {_AT.format("$2")}
-         ORDER BY created_at DESC, seq DESC LIMIT 1) o ON true
+ CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
+                      OFFSET 0) s  -- not pulled up: the search would run once per use
+  LEFT JOIN wallet_operations o ON o.wallet_id = w.id AND o.seq = s.seq
  WHERE w.id = $1 AND w.created_at <= {_AT.format("$2")}
 """
 
@@ -62,24 +59,23 @@ _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
 )
-_IN_RANGE: Final = (
-    f"o.wallet_id = $1 AND o.created_at >= {_AT.format('$2')} AND o.created_at < {_AT.format('$3')}"
+# since/until become a seq range (created_at < since: seq <= first bound; created_at <
+# until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
+# by seq like the plain history. $2/$3 NULL = no bound; $4 = the cursor's seq.
+FILTERED_HISTORY_SQL: Final = f"""
+WITH bounds AS MATERIALIZED (  -- each search runs once, then bounds one index range scan
+    SELECT CASE WHEN $2::bigint IS NULL THEN 0
+                ELSE walletd_last_seq_at($1, {_AT.format("$2::bigint")}, false) END AS above,
+           CASE WHEN $3::bigint IS NULL THEN {_SEQ_MAX}
+                ELSE walletd_last_seq_at($1, {_AT.format("$3::bigint")}, false) END AS upto
 )
-FILTERED_HISTORY_FIRST_SQL: Final = f"""
-SELECT {_OP_COLUMNS} FROM wallet_operations o
- WHERE {_IN_RANGE}
- ORDER BY o.created_at DESC, o.seq DESC LIMIT $4
-"""
-# The cursor names a seq; its row's created_at makes the keyset bound one index condition.
-FILTERED_HISTORY_BEFORE_SQL: Final = f"""
 SELECT {_OP_COLUMNS}
-  FROM wallet_operations c
-  JOIN LATERAL (
+  FROM bounds b
+ CROSS JOIN LATERAL (
         SELECT * FROM wallet_operations o
-         WHERE {_IN_RANGE} AND (o.created_at, o.seq) < (c.created_at, c.seq)
-         ORDER BY o.created_at DESC, o.seq DESC LIMIT $4) o ON true
- WHERE c.wallet_id = $1 AND c.seq = $5
- ORDER BY o.created_at DESC, o.seq DESC
+         WHERE o.wallet_id = $1 AND o.seq > b.above AND o.seq <= b.upto AND o.seq < $4
+         ORDER BY o.seq DESC LIMIT $5) o
+ ORDER BY o.seq DESC
 """
 
 # Each source: rows after the position $1-$2 whose transaction is below the horizon,
@@ -145,7 +141,7 @@ class PostgresLogReader(LogReader):
         if not rows:
             return None
         created_us, balance, seq, updated_us = rows[0]
-        if seq is None:  # no operation yet at that instant
+        if not seq:  # seq 0: no operation yet at that instant
             return WalletAsOf(wallet_id, 0, 0, created_us, created_us)
         return WalletAsOf(wallet_id, balance, seq, created_us, updated_us)
 
@@ -157,14 +153,14 @@ class PostgresLogReader(LogReader):
         limit: int,
         scan_max: int,
     ) -> tuple[list[tuple[int, OperationRecord]], int | None]:
-        since = _US_MIN if history_filter.since_us is None else history_filter.since_us
-        until = _US_MAX if history_filter.until_us is None else history_filter.until_us
-        if before_seq is None:
-            rows = await self._fetch(FILTERED_HISTORY_FIRST_SQL, wallet_id, since, until, scan_max)
-        else:
-            rows = await self._fetch(
-                FILTERED_HISTORY_BEFORE_SQL, wallet_id, since, until, scan_max, before_seq
-            )
+        rows = await self._fetch(
+            FILTERED_HISTORY_SQL,
+            wallet_id,
+            history_filter.since_us,
+            history_filter.until_us,
+            _SEQ_MAX if before_seq is None else before_seq,
+            scan_max,
+        )
         kind = history_filter.kind
         matched = [row for row in rows if kind is None or row[3] == kind]
         items = [(row[0], _operation(row)) for row in matched[:limit]]

@@ -4,7 +4,8 @@
   operations by (wallet id, seq)) on two connections sharing one REPEATABLE READ snapshot
   (``pg_export_snapshot``), each with its next fetch in flight, and checks, for every
   wallet, that the snapshot's balance and seq equal the log's sum and last seq, and that the
-  log's own chain holds (seq = 1, 2, 3, ... and each balance_after = the running balance).
+  log's own chain holds (seq = 1, 2, 3, ..., each balance_after = the running balance, and
+  created_at never goes back: as-of reads binary-search by it).
   Memory is bounded by the cursor fetch size, whatever the table sizes. Then it checks
   that every log row and every wallet creation has exactly one change-feed position:
   none without one, no two sharing one (``FEED_POSITIONS_CHECK``).
@@ -109,9 +110,12 @@ SELECT w.id, w.created_xid::text, w.feed_id
 """
 
 _WALLETS_IN_ORDER = "SELECT id, balance, seq FROM wallets ORDER BY id"
-# The signed amount is computed by the server: one column less to decode per row.
+# The signed amount is computed by the server: one column less to decode per row. So is
+# whether a row is stamped before the one before it (as-of reads binary-search a wallet's
+# log by created_at, so it must not go back): a boolean, where a timestamp would be decoded.
 _OPERATIONS_IN_ORDER = (
-    "SELECT wallet_id, seq, CASE kind WHEN 1 THEN amount ELSE -amount END, balance_after "
+    "SELECT wallet_id, seq, CASE kind WHEN 1 THEN amount ELSE -amount END, balance_after, "
+    "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq) "
     "FROM wallet_operations ORDER BY wallet_id, seq"
 )
 
@@ -216,7 +220,7 @@ async def verify(
                         pending_rows = len(pending)
                         if not pending:
                             break
-                    op_wallet, op_seq, signed_amount, balance_after = pending[position]
+                    op_wallet, op_seq, signed_amount, balance_after, back = pending[position]
                     if op_wallet != wallet_id:
                         if op_wallet < wallet_id:
                             found(op_wallet, "log rows without a snapshot row")
@@ -233,6 +237,8 @@ async def verify(
                             f"log chain broken at seq {op_seq} (expected seq {seq}, "
                             f"balance_after {balance_after}, replayed balance {balance})",
                         )
+                    if back:
+                        found(wallet_id, f"created_at of seq {op_seq} is before seq {op_seq - 1}'s")
                 if snap_balance != balance:
                     found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
                 if snap_seq != seq:

@@ -189,3 +189,22 @@ async def test_verify_checks_every_change_has_exactly_one_feed_position(
     assert all(m.wallet_id == wallet_id for m in found)
     assert problems == ["position", "rows"]  # a log row without one, a creation sharing one
     assert report.mismatches == 2
+
+
+async def test_verify_reports_a_log_stamped_back_in_time(database_url: str) -> None:
+    """As-of reads binary-search a wallet's log by created_at: verify reports a row stamped
+    before the row ahead of it."""
+    await seed(database_url, 10, 40)
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url,
+        "UPDATE wallet_operations SET created_at = created_at - interval '1 hour' "
+        "WHERE wallet_id = $1 AND seq = 3",
+        wallet_id,
+    )
+    found: list[Mismatch] = []
+    report = await verify(database_url, found.append)
+    assert [(m.wallet_id, m.problem) for m in found] == [
+        (wallet_id, "created_at of seq 3 is before seq 2's")
+    ]
+    assert report.mismatches == 1
