@@ -35,8 +35,8 @@ CREATE INDEX wallets_feed ON wallets (created_xid, feed_id);
 -- verify checks it), so the last seq at or before an instant is found by binary search
 -- over the (wallet_id, seq) index: at most 63 probes, each one index lookup. An index on
 -- (wallet_id, created_at, seq) would make it one descent, but cost every append about 10%
--- more PostgreSQL CPU at batch sizes 10 to 100 (docs/BENCHMARKS.md, "feed"); as-of reads
--- are rare, appends are the hot path.
+-- more PostgreSQL CPU at batch sizes 10 to 100 (docs/BENCHMARKS.md, "The log as a
+-- product"); as-of reads are rare, appends are the hot path.
 CREATE FUNCTION walletd_last_seq_at(wallet uuid, upto timestamptz, inclusive boolean)
 RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
