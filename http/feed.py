@@ -227,6 +227,9 @@ async def _stream(
                 await asyncio.wait_for(streams.closing.wait(), settings.feed_poll_interval_s)
             if streams.closing.is_set():
                 break
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return response  # the consumer left: free its slot now, not at the next write
         try:
             events = await reader.events_after(position, page)
         except StorageError as error:

@@ -272,7 +272,8 @@ async def test_stream_cap_answers_503_until_a_stream_closes(
 ) -> None:
     """With feed_streams_max = 1 a second stream is 503 OVERLOADED with Retry-After; once
     the first one is closed a new one is served."""
-    client: Client = await aiohttp_client(make_app(HttpSettings(feed_streams_max=1)))
+    settings = HttpSettings(feed_streams_max=1, feed_heartbeat_s=60.0, feed_poll_interval_s=0.1)
+    client: Client = await aiohttp_client(make_app(settings))
     async with client.get("/api/v1/events/stream") as first:
         assert first.status == 200
         refused = await client.get("/api/v1/events/stream")
@@ -280,8 +281,8 @@ async def test_stream_cap_answers_503_until_a_stream_closes(
         body = await refused.json(content_type="application/problem+json")
         assert body["code"] == "OVERLOADED"
         assert refused.headers["Retry-After"] == "5"
-    deadline = time.monotonic() + DEADLINE_S
-    while client.app[FEED_KEY].open:  # the server notices the close on its next write/poll
+    deadline = time.monotonic() + 5.0
+    while client.app[FEED_KEY].open:  # the test server cancels the handler on close
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
     async with client.get("/api/v1/events/stream") as again:
@@ -383,3 +384,23 @@ async def test_sigterm_ends_open_streams_at_once(
     assert exit_code == 0, process.log()
     assert time.monotonic() - started < 10.0
     assert "Traceback" not in process.log()
+
+
+async def test_a_real_server_frees_a_closed_streams_slot_at_its_next_poll(
+    walletd_process: Callable[..., WalletdProcess], database_url: str
+) -> None:
+    """`walletd serve` does not cancel handlers when a client leaves (aiohttp's test server
+    does): the stream notices at its next poll, well before a heartbeat would fail."""
+    process = walletd_process(
+        "--database-url", database_url, "--feed-heartbeat", "600", "--feed-poll-interval", "0.1"
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{process.url}/api/v1/events/stream") as response:
+            assert response.status == 200
+        deadline = time.monotonic() + 5.0
+        while True:
+            async with session.get(f"{process.url}/metrics") as metrics:
+                if "walletd_feed_streams_open 0.0" in await metrics.text():
+                    break
+            assert time.monotonic() < deadline, "the closed stream still holds its slot"
+            await asyncio.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import uuid
@@ -15,6 +16,8 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from walletd.cli.config import load_config
+from walletd.cli.main import http_settings, main
 from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import (
     Batch,
@@ -341,3 +344,14 @@ async def test_a_kind_filter_reads_a_bounded_page_and_goes_on(client: Client, lo
     assert body["next_cursor"] is not None
     items = await _walk(client, wallet_id, operation_type="WITHDRAW", limit="2")
     assert [item["seq"] for item in items] == [6]
+
+
+def test_as_of_settle_window_defaults_to_the_commit_bound_and_refuses_less(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """By default the settle window is 2 x commit timeout x (in-flight batches + 1) + 1 s;
+    a shorter one would answer balances that can still change, so walletd refuses to start."""
+    config = load_config(argparse.Namespace(), {"WALLETD_COMMIT_TIMEOUT": "2"})
+    assert http_settings(config).as_of_settle_s == 2 * 2.0 * 3 + 1
+    assert main(["serve", "--as-of-settle", "5"]) == 2
+    assert "--as-of-settle 5 is shorter than a commit may take (31 s)" in capsys.readouterr().err
