@@ -97,6 +97,24 @@ SETTINGS: tuple[Setting, ...] = (
             "--allow-unsafe-durability", _bool, False,
             "serve even when PostgreSQL runs with fsync or full_page_writes off (a crash "
             "may then lose acknowledged writes); for throwaway test servers only"),
+    Setting("read_pool_size", ("WALLETD_READ_POOL_SIZE",), "--read-pool-size", int, 4,
+            "PostgreSQL connections for as-of, filtered history and feed reads, apart from "
+            "the commits' pool; a read past them waits up to the connect timeout, then 503"),
+    Setting("feed_streams_max", ("WALLETD_FEED_STREAMS_MAX",), "--feed-streams-max", int, 64,
+            "open /api/v1/events/stream connections at most; past it 503 OVERLOADED"),
+    Setting("feed_stream_buffer_bytes", ("WALLETD_FEED_STREAM_BUFFER_BYTES",),
+            "--feed-stream-buffer-bytes", int, 262144,
+            "bytes queued for one stream's socket before its writes block"),
+    Setting("feed_write_timeout_s", ("WALLETD_FEED_WRITE_TIMEOUT",), "--feed-write-timeout",
+            float, 10.0, "seconds a stream's write may stay blocked (full buffer) before the "
+            "slow consumer is disconnected; it resumes with Last-Event-ID"),
+    Setting("feed_poll_interval_s", ("WALLETD_FEED_POLL_INTERVAL",), "--feed-poll-interval",
+            float, 0.5, "seconds between a caught-up stream's reads of the log"),
+    Setting("feed_heartbeat_s", ("WALLETD_FEED_HEARTBEAT",), "--feed-heartbeat", float, 15.0,
+            "seconds of silence after which a stream sends a heartbeat comment"),
+    Setting("as_of_settle_s", ("WALLETD_AS_OF_SETTLE",), "--as-of-settle", float, 0.0,
+            "seconds before now within which as_of instants are refused (commits stamped "
+            "then may still land); 0 = 2 x commit timeout x (in-flight batches + 1) + 1"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
     Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
@@ -142,6 +160,13 @@ class Config:
     db_connect_timeout_s: float
     db_command_timeout_s: float
     allow_unsafe_durability: bool
+    read_pool_size: int
+    feed_streams_max: int
+    feed_stream_buffer_bytes: int
+    feed_write_timeout_s: float
+    feed_poll_interval_s: float
+    feed_heartbeat_s: float
+    as_of_settle_s: float
     body_bytes_max: int
     body_read_timeout_s: float
     bulk_items_max: int
@@ -156,6 +181,22 @@ class Config:
     def pool_size(self) -> int:
         # Each shard holds a connection per committing batch, plus one for its loads.
         return self.pool_size_max or (self.inflight_batches_max + 1) * self.shards + 4
+
+    @property
+    def as_of_settle_min_s(self) -> float:
+        """How long after stamping an operation its commit may still land: each batch
+        ahead of it in the shard (``inflight_batches_max``) and its own may each take two
+        append attempts of up to ``commit_timeout_s``; 1 s for a cancelled statement."""
+        return 2 * self.commit_timeout_s * (self.inflight_batches_max + 1) + 1.0
+
+    @property
+    def as_of_settle_effective_s(self) -> float:
+        if self.as_of_settle_s and self.as_of_settle_s < self.as_of_settle_min_s:
+            raise ValueError(
+                f"--as-of-settle {self.as_of_settle_s:g} is shorter than a commit may take "
+                f"({self.as_of_settle_min_s:g} s): as-of reads could change afterwards"
+            )
+        return self.as_of_settle_s or self.as_of_settle_min_s
 
 
 def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:

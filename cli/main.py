@@ -69,6 +69,12 @@ def http_settings(config: Config) -> HttpSettings:
         bulk_body_bytes_max=config.bulk_body_bytes_max,
         api_keys=config.api_keys,
         access_log=config.access_log,
+        feed_streams_max=config.feed_streams_max,
+        feed_stream_buffer_bytes=config.feed_stream_buffer_bytes,
+        feed_poll_interval_s=config.feed_poll_interval_s,
+        feed_heartbeat_s=config.feed_heartbeat_s,
+        feed_write_timeout_s=config.feed_write_timeout_s,
+        as_of_settle_s=config.as_of_settle_effective_s,
     )
 
 
@@ -209,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args)
         engine_limits(config)  # validates the limits before anything starts
         pool_settings(config)
+        http_settings(config)
     except ValueError as error:
         print(f"walletd: error: {error}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from walletd.persistence.database import (
     unsafe_settings,
 )
 from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.migrate import apply_migrations, require_current_schema
 from walletd.persistence.postgres_log import PostgresLog
 
@@ -189,7 +191,14 @@ async def running_services(
         await lock.acquire()
         try:
             pool = await create_pool(dsn, pool_settings(config))
+            read_pool = None
             try:
+                # Reads of history and the feed get connections of their own: a burst of
+                # them never makes a commit wait for a connection.
+                read_pool = await create_pool(
+                    dsn, dataclasses.replace(pool_settings(config), size_max=config.read_pool_size)
+                )
+                reader = PostgresLogReader(read_pool, acquire_timeout_s=config.db_connect_timeout_s)
                 log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
                 engine = Engine(log, engine_limits(config), observer=observer, on_fatal=on_fatal)
                 warmed = await engine.warm_up(config.warm_wallets)
@@ -197,13 +206,16 @@ async def running_services(
                     _log.info("warm-up: %d wallets resident", warmed)
                 await engine.start()
                 try:
-                    yield Services(engine, log, _Readiness(engine, log, lock))
+                    yield Services(engine, log, _Readiness(engine, log, lock), reader)
                 finally:
                     await engine.stop()
             finally:
-                try:
-                    await asyncio.wait_for(pool.close(), 10.0)
-                except TimeoutError:
-                    pool.terminate()
+                for open_pool in (read_pool, pool):
+                    if open_pool is None:
+                        continue
+                    try:
+                        await asyncio.wait_for(open_pool.close(), 10.0)
+                    except TimeoutError:
+                        open_pool.terminate()
         finally:
             await lock.release()

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from walletd.engine.router import Engine
-from walletd.http import health, routes_v1
+from walletd.http import feed, health, routes_v1
 from walletd.http.docs_page import add_docs_routes
 from walletd.http.edge import Middleware, auth_middleware, edge_middleware
 from walletd.http.metrics import METRICS_PATH, Metrics, metrics_handler
@@ -35,6 +35,14 @@ def create_app(
     state = AppState(settings)
     app[STATE_KEY] = state
     app[METRICS_KEY] = metrics
+    streams = feed.FeedStreams()
+    app[feed.FEED_KEY] = streams
+    metrics.registry.register(feed.FeedStreamsCollector(streams, settings.feed_streams_max))
+
+    async def end_streams(_app: web.Application) -> None:
+        streams.closing.set()
+
+    app.on_shutdown.append(end_streams)
 
     def running_engine() -> Engine | None:
         return state.running.engine if state.running is not None else None
@@ -51,6 +59,7 @@ def create_app(
 
     app.cleanup_ctx.append(run_services)
     app.router.add_routes(routes_v1.routes)
+    app.router.add_routes(feed.routes)
     app.router.add_routes(health.routes)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)
     add_docs_routes(app)

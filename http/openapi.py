@@ -68,6 +68,7 @@ PROBLEM_CODES: Final = (
     "OVERLOADED",
     "UNAUTHORIZED",
     "INTERNAL_ERROR",
+    "AS_OF_NOT_SETTLED",
 )
 
 AMOUNT_MAX: Final = "1000000000000.00"  # 10^12
@@ -76,6 +77,9 @@ HISTORY_LIMIT_DEFAULT: Final = 50
 HISTORY_LIMIT_MAX: Final = 500
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
 BULK_ITEMS_MAX_DEFAULT: Final = 1000
+EVENTS_LIMIT_DEFAULT: Final = 100
+EVENTS_LIMIT_MAX: Final = 1000
+FEED_POSITION_PATTERN: Final = r"^(0|[1-9][0-9]{0,18})-(0|[1-9][0-9]{0,18})$"
 
 # A positive decimal string with at most 2 fractional digits, no sign, no exponent, no
 # leading zeros, at most AMOUNT_MAX. Written without look-arounds so that schemathesis
@@ -149,6 +153,15 @@ def _schemas() -> JsonObject:
         "BulkResponse": _bulk_response_schema(),
         "HistoryItem": _history_item_schema(),
         "HistoryPage": _history_page_schema(),
+        "FeedPosition": {
+            "type": "string",
+            "pattern": FEED_POSITION_PATTERN,
+            "description": "Opaque position in the change feed; positions only grow in the "
+            "order a reader receives events.",
+            "examples": ["7342-1081"],
+        },
+        "Event": _event_schema(),
+        "EventsPage": _events_page_schema(),
         "HealthStatus": {
             "type": "object",
             "required": ["status"],
@@ -214,6 +227,11 @@ def _wallet_schema() -> JsonObject:
             "balance": _ref("schemas", "Money"),
             "created_at": _ref("schemas", "Timestamp"),
             "updated_at": _ref("schemas", "Timestamp"),
+            "as_of": {
+                **_ref("schemas", "Timestamp"),
+                "description": "Only on `?as_of=` reads: the instant the wallet is shown at; "
+                "`updated_at` is then the time of the last operation at or before it.",
+            },
         },
         "examples": [
             {
@@ -223,6 +241,90 @@ def _wallet_schema() -> JsonObject:
                 "updated_at": "2025-01-19T10:30:00.000001Z",
             }
         ],
+    }
+
+
+def _event_schema() -> JsonObject:
+    common = {
+        "position": _ref("schemas", "FeedPosition"),
+        "created_at": _ref("schemas", "Timestamp"),
+        "wallet_id": _ref("schemas", "WalletId"),
+    }
+    created = {
+        "type": "object",
+        "required": ["position", "type", "created_at", "wallet_id"],
+        "properties": {**common, "type": {"const": "wallet.created"}},
+    }
+    applied = {
+        "type": "object",
+        "required": [
+            "position", "type", "created_at", "wallet_id", "operation_id", "seq",
+            "operation_type", "amount", "balance_after", "idempotency_key",
+        ],
+        "properties": {
+            **common,
+            "type": {"const": "operation.applied"},
+            "operation_id": {"type": "integer", "minimum": 1},
+            "seq": {"type": "integer", "minimum": 1},
+            "operation_type": _ref("schemas", "OperationType"),
+            "amount": _ref("schemas", "Money"),
+            "balance_after": _ref("schemas", "Money"),
+            "idempotency_key": {"oneOf": [_ref("schemas", "IdempotencyKey"), {"type": "null"}]},
+        },
+    }  # fmt: skip
+    # More event types (transfers, holds) may be added: a consumer skips types it does not
+    # know, so the schema names the known ones without closing the list.
+    return {
+        "description": "One committed change. Known types: `wallet.created`, "
+        "`operation.applied`; skip others.",
+        "oneOf": [
+            created,
+            applied,
+            {
+                "type": "object",
+                "required": ["position", "type", "created_at"],
+                "properties": {
+                    "position": _ref("schemas", "FeedPosition"),
+                    "created_at": _ref("schemas", "Timestamp"),
+                    "type": {"type": "string", "not": {"enum": ["wallet.created",
+                                                                "operation.applied"]}},
+                },
+            },
+        ],
+        "examples": [
+            {
+                "position": "7342-1081",
+                "type": "operation.applied",
+                "created_at": "2025-01-19T10:00:00.123456Z",
+                "wallet_id": "123e4567-e89b-12d3-a456-426614174000",
+                "operation_id": 1081,
+                "seq": 2,
+                "operation_type": "DEPOSIT",
+                "amount": "10.00",
+                "balance_after": "110.00",
+                "idempotency_key": None,
+            }
+        ],
+    }  # fmt: skip
+
+
+def _events_page_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": ["events", "next_position"],
+        "properties": {
+            "events": {
+                "type": "array",
+                "maxItems": EVENTS_LIMIT_MAX,
+                "items": _ref("schemas", "Event"),
+                "description": "In position order.",
+            },
+            "next_position": {
+                **_ref("schemas", "FeedPosition"),
+                "description": "Pass as `after` for the next page: the last event's position, "
+                "or `after` itself when nothing new has committed.",
+            },
+        },
     }
 
 
@@ -525,6 +627,66 @@ def _parameters() -> JsonObject:
                 "default": HISTORY_LIMIT_DEFAULT,
             },
         },
+        "AsOf": {
+            "name": "as_of",
+            "in": "query",
+            "required": False,
+            "description": "RFC 3339 instant: the wallet as it was then, read from the log. "
+            "404 if it did not exist yet; 422 VALIDATION_ERROR if malformed or in the future; "
+            "422 AS_OF_NOT_SETTLED (with Retry-After) if so recent that a commit stamped "
+            "before it may still land (WALLETD_AS_OF_SETTLE).",
+            "schema": {"type": "string", "format": "date-time"},
+        },
+        "Since": {
+            "name": "since",
+            "in": "query",
+            "required": False,
+            "description": "RFC 3339 instant: operations at or after it.",
+            "schema": {"type": "string", "format": "date-time"},
+        },
+        "Until": {
+            "name": "until",
+            "in": "query",
+            "required": False,
+            "description": "RFC 3339 instant: operations strictly before it.",
+            "schema": {"type": "string", "format": "date-time"},
+        },
+        "OperationTypeFilter": {
+            "name": "operation_type",
+            "in": "query",
+            "required": False,
+            "description": "Only operations of this type. A page then reads at most 4 rows "
+            "per item asked for: it may hold fewer items (even none) with a `next_cursor`.",
+            "schema": _ref("schemas", "OperationType"),
+        },
+        "After": {
+            "name": "after",
+            "in": "query",
+            "required": False,
+            "description": "Events after this position (the `next_position` of the previous "
+            "page); from the start when absent.",
+            "schema": _ref("schemas", "FeedPosition"),
+        },
+        "EventsLimit": {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": f"Events per page, 1 to {EVENTS_LIMIT_MAX}; anything else is 422.",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": EVENTS_LIMIT_MAX,
+                "default": EVENTS_LIMIT_DEFAULT,
+            },
+        },
+        "LastEventId": {
+            "name": "Last-Event-ID",
+            "in": "header",
+            "required": False,
+            "description": "Resume after this position (browsers' EventSource sends it on "
+            "reconnect); wins over `after`.",
+            "schema": _ref("schemas", "FeedPosition"),
+        },
         "Cursor": {
             "name": "cursor",
             "in": "query",
@@ -672,16 +834,40 @@ def _get_wallet() -> JsonObject:
     return {
         "operationId": "getWallet",
         "tags": ["wallets"],
-        "summary": "Read a wallet's committed balance",
+        "summary": "Read a wallet's committed balance, now or as of a past instant",
         "security": list(API_SECURITY),
-        "parameters": [_ref("parameters", "WalletId")],
+        "parameters": [_ref("parameters", "WalletId"), _ref("parameters", "AsOf")],
         "responses": {
             "200": _json_response("The wallet.", "Wallet"),
             "400": _problem_response(
                 "The id is not a canonical UUID.", 400, ("INVALID_WALLET_ID",)
             ),
             "401": _ref("responses", "Unauthorized"),
-            "404": _ref("responses", "WalletNotFound"),
+            "404": _problem_response(
+                "No wallet has this id (or had it at `as_of`).", 404, ("WALLET_NOT_FOUND",)
+            ),
+            "422": {
+                "description": "`as_of` malformed or in the future (VALIDATION_ERROR), or not "
+                "settled yet (AS_OF_NOT_SETTLED, with Retry-After).",
+                "headers": {
+                    **_header_refs(()),
+                    "Retry-After": {
+                        "description": "With AS_OF_NOT_SETTLED: seconds until the instant "
+                        "is settled.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                },
+                "content": {
+                    PROBLEM_JSON: {
+                        "schema": {
+                            "oneOf": [
+                                _validation_problem_schema_for(422),
+                                _problem_schema_for(422, ("AS_OF_NOT_SETTLED",)),
+                            ]
+                        }
+                    }
+                },
+            },
             "503": _ref("responses", "Unavailable"),
         },
     }
@@ -770,12 +956,15 @@ def _list_operations() -> JsonObject:
     return {
         "operationId": "listOperations",
         "tags": ["wallets"],
-        "summary": "A wallet's operation history, newest first",
+        "summary": "A wallet's operation history, newest first, optionally filtered",
         "security": list(API_SECURITY),
         "parameters": [
             _ref("parameters", "WalletId"),
             _ref("parameters", "Limit"),
             _ref("parameters", "Cursor"),
+            _ref("parameters", "Since"),
+            _ref("parameters", "Until"),
+            _ref("parameters", "OperationTypeFilter"),
         ],
         "responses": {
             "200": _json_response("One page of history.", "HistoryPage"),
@@ -791,10 +980,59 @@ def _list_operations() -> JsonObject:
             "401": _ref("responses", "Unauthorized"),
             "404": _ref("responses", "WalletNotFound"),
             "422": _problem_response_of(
-                "limit out of range or not an integer, or cursor invalid.",
+                "limit out of range or not an integer, cursor invalid, or a filter malformed.",
                 _validation_problem_schema_for(422),
             ),
             "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _feed_errors() -> JsonObject:
+    return {
+        "401": _ref("responses", "Unauthorized"),
+        "422": _problem_response_of(
+            "`after`, `Last-Event-ID` or `limit` invalid.", _validation_problem_schema_for(422)
+        ),
+        "503": _ref("responses", "Unavailable"),
+    }
+
+
+def _list_events() -> JsonObject:
+    return {
+        "operationId": "listEvents",
+        "tags": ["feed"],
+        "summary": "The change feed, one page at a time",
+        "description": "Every committed change (wallet created, operation applied) once, in "
+        "position order, across all shards and processes. A change shows up once every "
+        "transaction that began before it has ended, so a page never skips one that commits "
+        "late. Delivery is at least once when a consumer stores its position after "
+        "processing.",
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "After"), _ref("parameters", "EventsLimit")],
+        "responses": {"200": _json_response("One page of events.", "EventsPage"), **_feed_errors()},
+    }
+
+
+def _stream_events() -> JsonObject:
+    return {
+        "operationId": "streamEvents",
+        "tags": ["feed"],
+        "summary": "The change feed as Server-Sent Events",
+        "description": "Each event: `id: <position>`, `event: <type>`, `data: <Event JSON>`. "
+        "Resume with `Last-Event-ID`. A `: heartbeat` comment is sent after "
+        "WALLETD_FEED_HEARTBEAT seconds of silence. A consumer whose buffer stays full for "
+        "WALLETD_FEED_WRITE_TIMEOUT seconds is disconnected; past WALLETD_FEED_STREAMS_MAX open "
+        "streams the answer is 503 OVERLOADED.",
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "After"), _ref("parameters", "LastEventId")],
+        "responses": {
+            "200": {
+                "description": "An endless event stream.",
+                "headers": _header_refs(()),
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_feed_errors(),
         },
     }
 
@@ -905,6 +1143,8 @@ def _paths() -> JsonObject:
         wallet + "/operation": {"post": _apply_operation()},
         wallet + "/operations": {"get": _list_operations()},
         "/api/v1/operations/bulk": {"post": _bulk_operations()},
+        "/api/v1/events": {"get": _list_events()},
+        "/api/v1/events/stream": {"get": _stream_events()},
         **_service_paths(),
         **_docs_paths(),
     }
@@ -943,6 +1183,7 @@ def build_openapi_document() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "tags": [
             {"name": "wallets", "description": "Wallets and their operations"},
+            {"name": "feed", "description": "Every committed change, in order"},
             {"name": "service", "description": "Health and metrics"},
             {"name": "docs", "description": "This document and its docs page"},
         ],

@@ -57,6 +57,7 @@ TITLES: Final = {
     "UNAUTHORIZED": "Unauthorized",
     "INTERNAL_ERROR": "Internal server error",
     "BAD_REQUEST": "Bad request",
+    "AS_OF_NOT_SETTLED": "Instant not settled yet",
 }
 
 FieldError = dict[str, str]

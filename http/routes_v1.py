@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import base64
+import math
 import re
+import time
 from typing import Final
+from uuid import UUID
 
 import orjson
 from aiohttp import web
 
 from walletd.engine.commands import Outcome
+from walletd.engine.log_reads import HistoryFilter
+from walletd.engine.model import OperationKind, WalletView
 from walletd.http.bulk import BULK_PATH, bulk_operations
+from walletd.http.instants import parse_instant_us
 from walletd.http.parsing import (
     parse_create_body,
     parse_idempotency_key,
@@ -18,8 +24,14 @@ from walletd.http.parsing import (
     path_wallet_id,
     read_json_object,
 )
-from walletd.http.problems import ValidationProblem
-from walletd.http.responses import history_item, reply_response, wallet_response
+from walletd.http.problems import ProblemError, ValidationProblem
+from walletd.http.responses import (
+    format_timestamp,
+    history_item,
+    reply_response,
+    wallet_body,
+    wallet_response,
+)
 from walletd.http.state import STATE_KEY
 
 __all__ = ["CURSOR_PATTERN", "PREFIX", "routes"]
@@ -28,6 +40,10 @@ PREFIX: Final = "/api/v1"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 # Enough digits for any valid limit, few enough that int() never meets Python's digit limit.
 _LIMIT_DIGITS_MAX: Final = 6
+# A filtered history page reads at most this many rows per item asked for: with an
+# operation_type filter a page may then hold fewer items, and its cursor goes on.
+HISTORY_SCAN_ROWS_PER_ITEM: Final = 4
+_OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
 
 # Any segment reaches the handler, braces included (aiohttp's default {name} stops at them
 # and would answer 404 NOT_FOUND), so every malformed id gets 400 INVALID_WALLET_ID.
@@ -50,11 +66,48 @@ async def create_wallet(request: web.Request) -> web.Response:
 @routes.get(_WALLET)
 async def get_wallet(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
+    if request.query_string and "as_of" in request.query:
+        return await _wallet_as_of(request, wallet_id, request.query["as_of"])
     engine = request.app[STATE_KEY].services.engine
     view = engine.read_resident(wallet_id)  # no coroutine for the common, resident case
     if view is not None:
         return wallet_response(view)
     return reply_response(await engine.read(wallet_id), wallet_id)
+
+
+async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web.Response:
+    """The wallet as it was at an instant, from the log.
+
+    The engine stamps an operation when it applies it, and its commit may land up to
+    ``as_of_settle_s`` later; an instant that recent could still gain operations, so it is
+    refused (422 AS_OF_NOT_SETTLED with Retry-After) rather than answered with a balance
+    that may change.
+    """
+    state = request.app[STATE_KEY]
+    at_us = parse_instant_us("as_of", text)
+    now_us = time.time_ns() // 1000
+    if at_us > now_us:
+        raise ValidationProblem([{"field": "as_of", "message": "is in the future"}])
+    settle_us = int(state.settings.as_of_settle_s * 1_000_000)
+    if at_us > now_us - settle_us:
+        wait_s = math.ceil((at_us + settle_us - now_us) / 1_000_000)
+        raise ProblemError(
+            422,
+            "AS_OF_NOT_SETTLED",
+            f"operations stamped up to {state.settings.as_of_settle_s:g} s ago may still be "
+            f"committing; ask for this instant again in {wait_s} s",
+            headers={"Retry-After": str(wait_s)},
+        )
+    found = await state.services.reader.wallet_as_of(wallet_id, at_us)
+    if found is None:
+        raise ProblemError(
+            404,
+            "WALLET_NOT_FOUND",
+            f"wallet {wallet_id} did not exist at {format_timestamp(at_us)}",
+        )
+    view = WalletView(wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us)
+    body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
+    return web.Response(body=body, headers=_JSON_HEADERS)
 
 
 @routes.post(_WALLET + "/operation")
@@ -109,6 +162,25 @@ def _parse_limit(text: str | None, default: int, maximum: int) -> int:
     return int(text)
 
 
+def _history_filter(request: web.Request) -> HistoryFilter:
+    query = request.query
+    since = query.get("since")
+    until = query.get("until")
+    kind_text = query.get("operation_type")
+    kind: OperationKind | None = None
+    if kind_text is not None:
+        kind = _OPERATION_KINDS.get(kind_text)
+        if kind is None:
+            raise ValidationProblem(
+                [{"field": "operation_type", "message": "must be DEPOSIT or WITHDRAW"}]
+            )
+    return HistoryFilter(
+        since_us=None if since is None else parse_instant_us("since", since),
+        until_us=None if until is None else parse_instant_us("until", until),
+        kind=kind,
+    )
+
+
 @routes.get(_WALLET + "/operations")
 async def list_operations(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
@@ -119,12 +191,21 @@ async def list_operations(request: web.Request) -> web.Response:
     )
     cursor = request.query.get("cursor")
     before_seq = _decode_cursor(cursor) if cursor else None
+    history_filter = _history_filter(request)
     services = state.services
     reply = await services.engine.read(wallet_id)
     if reply.outcome is not Outcome.OK:
         return reply_response(reply, wallet_id)
-    rows = await services.log.read_history(wallet_id, before_seq, limit + 1)
-    items = [history_item(operation_id, op) for operation_id, op in rows[:limit]]
-    next_cursor = _encode_cursor(rows[limit - 1][1].seq) if len(rows) > limit else None
+    if history_filter.is_empty:
+        rows = await services.log.read_history(wallet_id, before_seq, limit + 1)
+        next_seq = rows[limit - 1][1].seq if len(rows) > limit else None
+        rows = rows[:limit]
+    else:
+        scan_max = (limit + 1) * (1 if history_filter.kind is None else HISTORY_SCAN_ROWS_PER_ITEM)
+        rows, next_seq = await services.reader.filtered_history(
+            wallet_id, history_filter, before_seq, limit, scan_max
+        )
+    items = [history_item(operation_id, op) for operation_id, op in rows]
+    next_cursor = _encode_cursor(next_seq) if next_seq is not None else None
     body = orjson.dumps({"items": items, "next_cursor": next_cursor})
     return web.Response(body=body, headers=_JSON_HEADERS)

@@ -16,6 +16,15 @@ class HttpSettings:
     history_limit_max: int = 500
     api_keys: tuple[str, ...] = ()
     access_log: bool = False
+    # The change feed (http/feed.py) and as-of reads; each knob is in cli/config.py.
+    events_limit_default: int = 100
+    events_limit_max: int = 1000
+    feed_streams_max: int = 64
+    feed_stream_buffer_bytes: int = 256 * 1024
+    feed_poll_interval_s: float = 0.5
+    feed_heartbeat_s: float = 15.0
+    feed_write_timeout_s: float = 10.0
+    as_of_settle_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.body_bytes_max < 1024:
@@ -26,3 +35,13 @@ class HttpSettings:
             raise ValueError("bulk_body_bytes_max must be at least body_bytes_max")
         if not 1 <= self.history_limit_default <= self.history_limit_max:
             raise ValueError("history_limit_default must be within 1..history_limit_max")
+        if not 1 <= self.events_limit_default <= self.events_limit_max:
+            raise ValueError("events_limit_default must be within 1..events_limit_max")
+        if self.feed_streams_max < 0:
+            raise ValueError("feed_streams_max must not be negative (0 turns streams off)")
+        if self.feed_stream_buffer_bytes < 4096:
+            raise ValueError("feed_stream_buffer_bytes must be at least 4096")
+        if min(self.feed_poll_interval_s, self.feed_heartbeat_s, self.feed_write_timeout_s) <= 0:
+            raise ValueError("feed intervals and timeouts must be positive")
+        if self.as_of_settle_s < 0:
+            raise ValueError("as_of_settle_s must not be negative")

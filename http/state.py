@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from walletd.engine.log_reads import LogReader
 from walletd.engine.ports import WalletLog
 from walletd.engine.router import Engine
 from walletd.http.metrics import Metrics
@@ -28,6 +29,7 @@ class Services:
     engine: Engine
     log: WalletLog
     readiness: Readiness
+    reader: LogReader
 
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]

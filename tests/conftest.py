@@ -40,6 +40,7 @@ from walletd.http.settings import HttpSettings
 from walletd.http.state import Services
 from walletd.persistence.database import PoolSettings, ServingLock, create_pool
 from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.postgres_log import PostgresLog
 
 # Audit events (PEP 578) raised by everything that starts a program or forks this one.
@@ -173,7 +174,7 @@ async def running_services(
         return None if engine.accepting else "engine stopped"
 
     try:
-        yield Services(engine, log, ready)
+        yield Services(engine, log, ready, PostgresLogReader(pool))
     finally:
         await engine.stop()
         await pool.close()

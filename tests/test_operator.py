@@ -164,6 +164,7 @@ async def test_commands_exit_codes(database_url: str) -> None:
     assert _run("verify", "--database-url", database_url).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["verify"], ["restore"], ["seed", "--wallets", "3"]])
 async def test_maintenance_commands_refuse_pending_migrations(
     fresh_database_url: str, command: list[str]
@@ -185,6 +186,7 @@ async def test_maintenance_commands_refuse_pending_migrations(
     assert tables == 0  # not even the migrations table was created
 
 
+@pytest.mark.slow
 async def test_maintenance_commands_refuse_a_partly_migrated_database(
     fresh_database_url: str,
 ) -> None:
@@ -216,3 +218,50 @@ async def test_maintenance_commands_refuse_a_partly_migrated_database(
         assert recorded == known[-2].version
     finally:
         await connection.close()
+
+
+async def test_verify_checks_every_change_has_exactly_one_feed_position(
+    database_url: str,
+) -> None:
+    """A wallet creation given a log row's position, and a log row with none, are both
+    reported; the seeded database itself is clean."""
+    await seed(database_url, 20, 60)
+    assert (await verify(database_url)).clean
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url,
+        "UPDATE wallets SET (created_xid, feed_id) = (SELECT xid, id FROM wallet_operations "
+        "WHERE wallet_id = $1 AND seq = 1) WHERE id = $1",
+        wallet_id,
+    )
+    await _execute(database_url, "ALTER TABLE wallet_operations ALTER COLUMN xid DROP NOT NULL")
+    await _execute(
+        database_url,
+        "UPDATE wallet_operations SET xid = NULL WHERE wallet_id = $1 AND seq = 2",
+        wallet_id,
+    )
+    found: list[Mismatch] = []
+    report = await verify(database_url, found.append)
+    problems = sorted(m.problem.rpartition(" ")[2] for m in found)
+    assert all(m.wallet_id == wallet_id for m in found)
+    assert problems == ["position", "rows"]  # a log row without one, a creation sharing one
+    assert report.mismatches == 2
+
+
+async def test_verify_reports_a_log_stamped_back_in_time(database_url: str) -> None:
+    """As-of reads binary-search a wallet's log by created_at: verify reports a row stamped
+    before the row ahead of it."""
+    await seed(database_url, 10, 40)
+    wallet_id = await _some_wallet(database_url)
+    await _execute(
+        database_url,
+        "UPDATE wallet_operations SET created_at = created_at - interval '1 hour' "
+        "WHERE wallet_id = $1 AND seq = 3",
+        wallet_id,
+    )
+    found: list[Mismatch] = []
+    report = await verify(database_url, found.append)
+    assert [(m.wallet_id, m.problem) for m in found] == [
+        (wallet_id, "created_at of seq 3 is before seq 2's")
+    ]
+    assert report.mismatches == 1

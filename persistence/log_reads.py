@@ -1,0 +1,182 @@
+"""``LogReader`` on PostgreSQL: as-of balances, filtered history and the change feed.
+
+Each read is one statement, on a pool of its own (``read_pool_size``), so feed consumers
+and history readers never take a connection a commit is waiting for. Each one reads a
+bounded number of rows through an index (tests/test_log_reads.py checks the plans):
+
+- as of:    a binary search over (wallet_id, seq) in ``walletd_last_seq_at`` (migration
+            migration says why not an index on created_at): at most 63 + 2 rows;
+- filtered: two such searches, then one range scan of at most ``scan_max`` rows;
+- feed:     ``wallet_operations_feed`` (xid, id) and ``wallets_feed`` (created_xid,
+            feed_id), at most ``limit`` rows from each source.
+
+Adding an event source (transfers, holds) is one more entry in ``FEED_SOURCES``: a SELECT
+of (xid, id, type, created_us, data) from a table whose rows carry ``xid8 DEFAULT
+pg_current_xact_id()`` and an id drawn from ``wallet_operations_id_seq``, with an index on
+(xid, id); money in ``data`` goes under the names in ``FeedEvent.MONEY_FIELDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from walletd.engine.log_reads import (
+    FeedEvent,
+    FeedPosition,
+    HistoryFilter,
+    LogReader,
+    WalletAsOf,
+)
+from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.ports import StorageError, StorageUnavailable
+
+__all__ = [
+    "AS_OF_SQL",
+    "EVENTS_SQL",
+    "FEED_SOURCES",
+    "FILTERED_HISTORY_SQL",
+    "PostgresLogReader",
+]
+
+_MICROS: Final = "(extract(epoch FROM {0}) * 1000000)::bigint"
+_AT: Final = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
+_SEQ_MAX: Final = 2**63 - 1
+
+AS_OF_SQL: Final = f"""
+SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")}
+  FROM wallets w
+ CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
+                      OFFSET 0) s  -- not pulled up: the search would run once per use
+  LEFT JOIN wallet_operations o ON o.wallet_id = w.id AND o.seq = s.seq
+ WHERE w.id = $1 AND w.created_at <= {_AT.format("$2")}
+"""
+
+_OP_COLUMNS: Final = (
+    "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
+    + _MICROS.format("o.created_at")
+)
+# since/until become a seq range (created_at < since: seq <= first bound; created_at <
+# until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
+# by seq like the plain history. $2/$3 NULL = no bound; $4 = the cursor's seq.
+FILTERED_HISTORY_SQL: Final = f"""
+WITH bounds AS MATERIALIZED (  -- each search runs once, then bounds one index range scan
+    SELECT CASE WHEN $2::bigint IS NULL THEN 0
+                ELSE walletd_last_seq_at($1, {_AT.format("$2::bigint")}, false) END AS above,
+           CASE WHEN $3::bigint IS NULL THEN {_SEQ_MAX}
+                ELSE walletd_last_seq_at($1, {_AT.format("$3::bigint")}, false) END AS upto
+)
+SELECT {_OP_COLUMNS}
+  FROM bounds b
+ CROSS JOIN LATERAL (
+        SELECT * FROM wallet_operations o
+         WHERE o.wallet_id = $1 AND o.seq > b.above AND o.seq <= b.upto AND o.seq < $4
+         ORDER BY o.seq DESC LIMIT $5) o
+ ORDER BY o.seq DESC
+"""
+
+# Each source: rows after the position $1-$2 whose transaction is below the horizon,
+# in position order, at most $3. Columns: xid, id, type, created_us, data (JSON).
+FEED_SOURCES: Final = (
+    f"""
+    SELECT w.created_xid AS xid, w.feed_id AS id, 'wallet.created' AS type,
+           {_MICROS.format("w.created_at")} AS created_us,
+           json_build_object('wallet_id', w.id) AS data
+      FROM wallets w
+     WHERE (w.created_xid, w.feed_id) > ($1::text::xid8, $2)
+       AND w.created_xid < (SELECT horizon FROM snapshot)
+     ORDER BY w.created_xid, w.feed_id LIMIT $3
+    """,
+    f"""
+    SELECT o.xid, o.id, 'operation.applied',
+           {_MICROS.format("o.created_at")},
+           json_build_object(
+               'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
+               'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' ELSE 'WITHDRAW' END,
+               'amount', o.amount, 'balance_after', o.balance_after,
+               'idempotency_key', o.idempotency_key)
+      FROM wallet_operations o
+     WHERE (o.xid, o.id) > ($1::text::xid8, $2)
+       AND o.xid < (SELECT horizon FROM snapshot)
+     ORDER BY o.xid, o.id LIMIT $3
+    """,
+)
+# The horizon: every transaction with a smaller xid has ended (committed or rolled back),
+# so whatever it wrote is visible to this statement and nothing more can appear below it.
+EVENTS_SQL: Final = (
+    "WITH snapshot AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon)"
+    "\nSELECT xid::text AS xid_text, id, type, created_us, data FROM ("
+    + " UNION ALL ".join(f"({source})" for source in FEED_SOURCES)
+    + ") AS events ORDER BY xid, id LIMIT $3"
+)
+
+
+class PostgresLogReader(LogReader):
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 2.0) -> None:
+        self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            connection: asyncpg.Connection = await self._pool.acquire(
+                timeout=self._acquire_timeout_s
+            )
+        except (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError) as error:
+            raise StorageUnavailable(f"no PostgreSQL connection: {error!r}") from error
+        try:
+            rows: list[asyncpg.Record] = await connection.fetch(query, *args)
+            return rows
+        except (OSError, TimeoutError, asyncpg.InterfaceError) as error:
+            raise StorageUnavailable(f"storage unreachable: {error!r}") from error
+        except asyncpg.PostgresError as error:
+            raise StorageError(f"query failed: {error}") from error
+        finally:
+            await self._pool.release(connection)
+
+    async def wallet_as_of(self, wallet_id: UUID, at_us: int) -> WalletAsOf | None:
+        rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
+        if not rows:
+            return None
+        created_us, balance, seq, updated_us = rows[0]
+        if not seq:  # seq 0: no operation yet at that instant
+            return WalletAsOf(wallet_id, 0, 0, created_us, created_us)
+        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us)
+
+    async def filtered_history(
+        self,
+        wallet_id: UUID,
+        history_filter: HistoryFilter,
+        before_seq: int | None,
+        limit: int,
+        scan_max: int,
+    ) -> tuple[list[tuple[int, OperationRecord]], int | None]:
+        rows = await self._fetch(
+            FILTERED_HISTORY_SQL,
+            wallet_id,
+            history_filter.since_us,
+            history_filter.until_us,
+            _SEQ_MAX if before_seq is None else before_seq,
+            scan_max,
+        )
+        kind = history_filter.kind
+        matched = [row for row in rows if kind is None or row[3] == kind]
+        items = [(row[0], _operation(row)) for row in matched[:limit]]
+        if len(matched) > limit:
+            return items, items[-1][1].seq
+        if len(rows) == scan_max:  # read as much as one page may: the walk goes on below
+            return items, rows[-1][2]
+        return items, None
+
+    async def events_after(self, position: FeedPosition, limit: int) -> list[FeedEvent]:
+        rows = await self._fetch(EVENTS_SQL, str(position.xid), position.id, limit)
+        return [
+            FeedEvent(FeedPosition(int(xid), row_id), kind, created_us, orjson.loads(data))
+            for xid, row_id, kind, created_us, data in rows
+        ]
+
+
+def _operation(row: asyncpg.Record) -> OperationRecord:
+    return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
