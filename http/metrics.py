@@ -131,6 +131,11 @@ class EngineMetrics(EngineObserver):
             self.batch_failed_commands.labels(reason)
         for reason in REJECTION_REASONS:
             self.commands_rejected.labels(reason)
+        self.shard_restarts = Counter(
+            "walletd_shard_restarts",
+            "Crashed shards restarted from storage by the engine's supervisor",
+            registry=registry,
+        )
 
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
         self.batch_ops.observe(ops)
@@ -143,6 +148,9 @@ class EngineMetrics(EngineObserver):
 
     def command_rejected(self, reason: str) -> None:
         self.commands_rejected.labels(reason).inc()
+
+    def shard_restarted(self, shard: int) -> None:
+        self.shard_restarts.inc()
 
 
 EngineSource = Callable[[], Engine | None]

@@ -61,6 +61,8 @@ async def test_a_shard_crash_past_the_restart_rate_turns_readyz_503(
     assert (await client.post(path, json=body)).status == 503
     await until(lambda: engine.accepting, WAIT_S)
     assert (await client.get("/readyz")).status == 200
+    metrics = await (await client.get("/metrics")).text()
+    assert "walletd_shard_restarts_total 1.0" in metrics
     path, body = _deposit(healthy)
     assert (await client.post(path, json=body)).status == 200
     path, body = _deposit(second)
