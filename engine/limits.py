@@ -13,6 +13,12 @@ Each limit has a defined behaviour when hit:
   shard's share holds at least two batches, so a key is never forgotten before it commits.
 - ``commit_timeout_s`` / ``load_timeout_s``: a storage call past it is failed as outcome-unknown
   (503 ``UNAVAILABLE``) and the shard re-reads the wallets it touched.
+- ``transfer_redrive_interval_s``: a PENDING transfer (debited, not yet credited or
+  refunded) that no request is driving is driven again once it is this old, and the loop
+  looks for such transfers this often; so money stays in flight about this long at most
+  after a 503 or a restart, while the owners answer.
+- ``transfer_redrive_batch_max``: at most this many PENDING transfers are driven again at
+  once (and never more than one mailbox holds); the rest wait for the next pass.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class EngineLimits:
     idempotency_keys_max: int = 100_000
     commit_timeout_s: float = 5.0
     load_timeout_s: float = 5.0
+    transfer_redrive_interval_s: float = 2.0
+    transfer_redrive_batch_max: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 1024:
@@ -54,6 +62,10 @@ class EngineLimits:
             )
         if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.transfer_redrive_interval_s <= 0:
+            raise ValueError("transfer_redrive_interval_s must be positive")
+        if self.transfer_redrive_batch_max < 1:
+            raise ValueError("transfer_redrive_batch_max must be at least 1")
 
     @property
     def resident_wallets_per_shard_max(self) -> int:

@@ -10,11 +10,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from uuid import UUID
 
-from walletd.engine.model import Batch, OperationRecord, WalletRecord
+from walletd.engine.model import (
+    Batch,
+    OperationRecord,
+    TransferRecord,
+    TransferStatus,
+    WalletRecord,
+)
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     PredecessorPending,
     StorageError,
+    TransferNotPending,
     WalletLog,
 )
 
@@ -27,6 +34,7 @@ class InMemoryLog(WalletLog):
         self.operations: dict[UUID, list[OperationRecord]] = {}
         self._by_key: dict[tuple[UUID, str], OperationRecord] = {}
         self._by_create_key: dict[str, UUID] = {}
+        self.transfers: dict[UUID, TransferRecord] = {}
         self.appends = 0
         # Fault injection: the next N appends fail; ``apply_then_fail`` writes the batch
         # first, which is what a connection lost during COMMIT looks like from outside.
@@ -50,6 +58,21 @@ class InMemoryLog(WalletLog):
         if self.fail_loads:
             raise StorageError("injected load failure")
         return {k: self.wallets[self._by_create_key[k]] for k in keys if k in self._by_create_key}
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {t: self.transfers[t] for t in transfer_ids if t in self.transfers}
+
+    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        pending = [
+            t
+            for t in self.transfers.values()
+            if t.status is TransferStatus.PENDING and t.created_at_us < created_before_us
+        ]
+        return sorted(pending, key=lambda t: t.created_at_us)[:limit]
 
     async def append_batch(self, batch: Batch) -> None:
         if self.fail_next_appends > 0:
@@ -90,7 +113,22 @@ class InMemoryLog(WalletLog):
                 and (op.wallet_id, op.idempotency_key) in self._by_key
             ):
                 raise StorageError("operation idempotency key exists")
+        transfers = dict(self.transfers)
+        for transfer in batch.new_transfers:
+            if transfer.transfer_id in transfers:
+                raise StorageError(f"transfer {transfer.transfer_id} exists")
+            transfers[transfer.transfer_id] = transfer
+        for close in batch.transfer_updates:
+            stored = transfers.get(close.transfer_id)
+            if stored is None or stored.status is not TransferStatus.PENDING:
+                raise TransferNotPending(f"transfer {close.transfer_id} is not PENDING")
+            transfers[close.transfer_id] = stored._replace(
+                status=close.status,
+                failure_code=close.failure_code,
+                updated_at_us=close.updated_at_us,
+            )
         self.wallets = wallets
+        self.transfers = transfers
         for new in batch.new_wallets:
             if new.create_idempotency_key is not None:
                 self._by_create_key[new.create_idempotency_key] = new.wallet_id

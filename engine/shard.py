@@ -52,16 +52,19 @@ from walletd.engine.commands import (
     CreateWallet,
     Outcome,
     Reply,
+    TransferLeg,
 )
 from walletd.engine.errors import EngineOverloaded, EngineStopping
 from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
+    CREDIT_KINDS,
     Batch,
     NewWallet,
     OperationKind,
     OperationRecord,
     SnapshotUpdate,
+    TransferUpdate,
     WalletRecord,
     WalletView,
 )
@@ -419,6 +422,8 @@ class Shard:
         for command in commands:
             if isinstance(command, ApplyOperation):
                 reply = self._apply_operation(command, prepared)
+            elif isinstance(command, TransferLeg):
+                reply = self._apply_transfer_leg(command, prepared)
             elif isinstance(command, CreateWallet):
                 reply = self._create_wallet(command, prepared)
             else:
@@ -439,6 +444,10 @@ class Shard:
                 wallet_ids.add(command.wallet_id)
             if isinstance(command, ApplyOperation) and command.idempotency_key is not None:
                 key = (command.wallet_id, command.idempotency_key)
+                if key not in self._keys:
+                    op_keys.add(key)
+            elif isinstance(command, TransferLeg):
+                key = (command.wallet_id, command.key)
                 if key not in self._keys:
                     op_keys.add(key)
             elif (
@@ -475,27 +484,57 @@ class Shard:
                 )
 
     def _apply_operation(self, command: ApplyOperation, prepared: _Prepared) -> Reply:
-        wallet_id = command.wallet_id
+        return self._move(
+            command.wallet_id, command.kind, command.amount, command.idempotency_key, prepared
+        )
+
+    def _apply_transfer_leg(self, command: TransferLeg, prepared: _Prepared) -> Reply:
+        """A leg moves money like a deposit or withdrawal, and opens or closes its transfer
+        in the same batch; a replayed leg (its key is logged) writes nothing."""
+        transfer = command.transfer
+        reply = self._move(command.wallet_id, command.kind, transfer.amount, command.key, prepared)
+        if reply.outcome is not Outcome.OK or reply.replayed:
+            return reply
+        assert reply.wallet is not None
+        now_us = reply.wallet.updated_at_us
+        if command.closes_as is None:
+            prepared.batch.new_transfers.append(
+                transfer._replace(created_at_us=now_us, updated_at_us=now_us)
+            )
+        else:
+            prepared.batch.transfer_updates.append(
+                TransferUpdate(transfer.transfer_id, command.closes_as, command.failure_code,
+                               now_us)
+            )  # fmt: skip
+        return reply
+
+    def _move(
+        self,
+        wallet_id: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str | None,
+        prepared: _Prepared,
+    ) -> Reply:
         residents = self._residents
         wid = wallet_id.int
         resident = residents.get(wid)
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
-        key = command.idempotency_key
         if key is not None:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
-                return self._replay_operation(command, earlier, resident)
+                return self._replay_operation(kind, amount, earlier, resident)
         pending = resident.pending
         balance_before = resident.balance if pending is None else pending.balance
-        if command.kind is OperationKind.WITHDRAW:
-            if command.amount > balance_before:
+        if kind not in CREDIT_KINDS:
+            if amount > balance_before:
                 return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance_before)
-            balance = balance_before - command.amount
+            balance = balance_before - amount
         else:
-            if balance_before + command.amount > BALANCE_MINOR_MAX:
+            if balance_before + amount > BALANCE_MINOR_MAX:
                 return Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance_before)
-            balance = balance_before + command.amount
+            balance = balance_before + amount
         require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
         if pending is None:
             pending = resident.pending = _Pending(
@@ -510,7 +549,7 @@ class Shard:
         pending.balance = balance
         pending.seq = seq
         pending.updated_at_us = now_us
-        record = OperationRecord(wallet_id, seq, command.kind, command.amount, balance, key, now_us)
+        record = OperationRecord(wallet_id, seq, kind, amount, balance, key, now_us)
         prepared.batch.operations.append(record)
         if key is not None:
             self._remember_key((wallet_id, key), record)
@@ -521,9 +560,9 @@ class Shard:
 
     @staticmethod
     def _replay_operation(
-        command: ApplyOperation, earlier: OperationRecord, resident: _Resident
+        kind: OperationKind, amount: int, earlier: OperationRecord, resident: _Resident
     ) -> Reply:
-        if earlier.kind is not command.kind or earlier.amount != command.amount:
+        if earlier.kind is not kind or earlier.amount != amount:
             return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
         view = WalletView(
             earlier.wallet_id,

@@ -10,7 +10,7 @@ import functools
 import json
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -22,11 +22,14 @@ from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 
 __all__ = [
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "REFERENCE_LENGTH_MAX",
+    "TransferRequest",
     "parse_amount",
     "parse_create_body",
     "parse_idempotency_key",
     "parse_json_object",
     "parse_operation_body",
+    "parse_transfer_body",
     "parse_wallet_id",
     "read_json_object",
 ]
@@ -36,6 +39,11 @@ _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
 _OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
 _OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount"})
 _AMOUNT_MAX_TEXT: Final = format_minor(AMOUNT_MINOR_MAX)
+_TRANSFER_FIELDS: Final = frozenset({"id", "from_wallet_id", "to_wallet_id", "amount", "reference"})
+_CANONICAL_UUID: Final = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+REFERENCE_LENGTH_MAX: Final = 255
 
 
 class _NonFinite:
@@ -218,6 +226,60 @@ def parse_create_body(body: dict[str, Any]) -> UUID | None:
     if errors:
         raise ValidationProblem(errors)
     return wallet_id
+
+
+class TransferRequest(NamedTuple):
+    transfer_id: UUID | None
+    from_wallet_id: UUID
+    to_wallet_id: UUID
+    amount: int
+    reference: str | None
+
+
+def _body_uuid(body: dict[str, Any], name: str, errors: list[FieldError]) -> UUID | None:
+    value = body.get(name)
+    if isinstance(value, str) and _CANONICAL_UUID.fullmatch(value):
+        return UUID(value)
+    message = "is required" if value is None else "must be a UUID in its 8-4-4-4-12 form"
+    errors.append({"field": name, "message": message})
+    return None
+
+
+def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
+    errors: list[FieldError] = []
+    for name in body:
+        if name not in _TRANSFER_FIELDS:
+            errors.append({"field": str(name)[:64], "message": "unknown field"})
+    transfer_id = _body_uuid(body, "id", errors) if "id" in body else None
+    from_wallet_id = _body_uuid(body, "from_wallet_id", errors)
+    to_wallet_id = _body_uuid(body, "to_wallet_id", errors)
+    if from_wallet_id is not None and from_wallet_id == to_wallet_id:
+        errors.append({"field": "to_wallet_id", "message": "must differ from from_wallet_id"})
+    amount: int | FieldError = 0
+    if "amount" not in body:
+        errors.append({"field": "amount", "message": "is required"})
+    else:
+        amount = parse_amount(body["amount"], raw)
+        if isinstance(amount, dict):
+            errors.append(amount)
+    reference = body.get("reference")
+    if reference is not None and not (
+        isinstance(reference, str)
+        and 1 <= len(reference) <= REFERENCE_LENGTH_MAX
+        and reference.isprintable()
+    ):
+        errors.append(
+            {
+                "field": "reference",
+                "message": f"must be 1 to {REFERENCE_LENGTH_MAX} printable characters",
+            }
+        )
+    if errors:
+        raise ValidationProblem(errors)
+    assert from_wallet_id is not None
+    assert to_wallet_id is not None
+    assert isinstance(amount, int)
+    return TransferRequest(transfer_id, from_wallet_id, to_wallet_id, amount, reference)
 
 
 def parse_idempotency_key(request: web.Request) -> str | None:

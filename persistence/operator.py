@@ -86,10 +86,11 @@ MISMATCHES_KEPT_MAX = 100
 
 
 _WALLETS_IN_ORDER = "SELECT id, balance, seq FROM wallets ORDER BY id"
-# The signed amount is computed by the server: one column less to decode per row.
+# The signed amount is computed by the server: one column less to decode per row. Kinds
+# 1, 4, 5 (DEPOSIT, TRANSFER_IN, TRANSFER_REFUND) add money; the others take it out.
 _OPERATIONS_IN_ORDER = (
-    "SELECT wallet_id, seq, CASE kind WHEN 1 THEN amount ELSE -amount END, balance_after "
-    "FROM wallet_operations ORDER BY wallet_id, seq"
+    "SELECT wallet_id, seq, CASE WHEN kind IN (1, 4, 5) THEN amount ELSE -amount END, "
+    "balance_after FROM wallet_operations ORDER BY wallet_id, seq"
 )
 
 
@@ -248,7 +249,7 @@ class RestoreReport:
 _RESTORE = """
 WITH replay AS (
     SELECT wallet_id,
-           sum(CASE kind WHEN 1 THEN amount ELSE -amount END) AS balance,
+           sum(CASE WHEN kind IN (1, 4, 5) THEN amount ELSE -amount END) AS balance,
            max(seq) AS seq,
            max(created_at) AS updated_at
       FROM wallet_operations
