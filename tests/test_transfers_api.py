@@ -148,7 +148,12 @@ async def test_idempotency_by_id_and_by_key(client: Client) -> None:
     the same id with another request is 422 IDEMPOTENCY_KEY_REUSED."""
     sender, receiver = await new_wallet(client, "50.00"), await new_wallet(client)
     chosen = str(uuid.uuid4())
-    body = {"id": chosen, "from_wallet_id": sender, "to_wallet_id": receiver, "amount": 5}
+    body: dict[str, Any] = {
+        "id": chosen,
+        "from_wallet_id": sender,
+        "to_wallet_id": receiver,
+        "amount": 5,
+    }
     first = await transfer(client, **body)
     again = await transfer(client, **body)
     assert (first[0], again[0]) == (201, 201)
