@@ -53,6 +53,8 @@ def engine_limits(config: Config) -> EngineLimits:
         resident_wallets_max=config.resident_wallets_max,
         idempotency_keys_max=config.idempotency_keys_max,
         commit_timeout_s=config.commit_timeout_s,
+        transfer_redrive_interval_s=config.transfer_redrive_interval_s,
+        transfer_redrive_batch_max=config.transfer_redrive_batch_max,
     )
 
 
