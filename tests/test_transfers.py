@@ -9,8 +9,7 @@ from uuid import UUID, uuid4
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
 from walletd.engine.commands import Outcome
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import Batch, OperationKind, TransferStatus
-from walletd.engine.ports import CommitOutcomeUnknown, StorageError
+from walletd.engine.model import OperationKind, TransferStatus
 from walletd.engine.router import Engine
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO
 
@@ -18,25 +17,6 @@ TWO_SHARDS = EngineLimits(
     shards=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=60.0
 )
 SENDER, RECEIVER = wallet_ids_on_shard(0, 2, 1)[0], wallet_ids_on_shard(1, 2, 1)[0]
-
-
-class CreditFailingLog(ControlledLog):
-    """Fails the next ``credits_to_fail`` appends that close a transfer; with
-    ``land_then_fail`` the append is written first (an ambiguous commit)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.credits_to_fail = 0
-        self.land_then_fail = False
-
-    async def append_batch(self, batch: Batch) -> None:
-        if self.credits_to_fail > 0 and batch.transfer_updates:
-            self.credits_to_fail -= 1
-            if self.land_then_fail:
-                await super().append_batch(batch)
-                raise CommitOutcomeUnknown("injected: connection lost after the commit")
-            raise StorageError("injected credit commit failure")
-        await super().append_batch(batch)
 
 
 async def funded(engine: Engine, amount: int) -> None:
@@ -147,10 +127,10 @@ async def test_concurrent_requests_with_one_id_move_the_money_once() -> None:
 async def test_a_failed_credit_leaves_it_pending_and_a_retry_completes_it() -> None:
     """A credit commit that fails answers 503 with the transfer PENDING (money visibly in
     flight, the sum conserved); the client's retry with the id completes it once."""
-    log = CreditFailingLog()
+    log = ControlledLog()
     async with running_engine(log, TWO_SHARDS) as engine:
         await funded(engine, 100)
-        log.credits_to_fail = 1
+        log.fail_next_closes = 1
         transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 60, None)
         assert reply.outcome is Outcome.UNAVAILABLE
         assert log.transfers[transfer_id].status is TransferStatus.PENDING
@@ -165,11 +145,11 @@ async def test_a_failed_credit_leaves_it_pending_and_a_retry_completes_it() -> N
 async def test_an_ambiguous_credit_is_answered_from_storage_and_credited_once() -> None:
     """A credit that landed but came back as outcome-unknown is answered with the stored
     truth (COMPLETED, not a 503); a retry replays it; the receiver is credited once."""
-    log = CreditFailingLog()
+    log = ControlledLog()
     async with running_engine(log, TWO_SHARDS) as engine:
         await funded(engine, 100)
-        log.credits_to_fail = 1
-        log.land_then_fail = True
+        log.fail_next_closes = 1
+        log.closes_land = True
         transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 70, None)
         assert reply.outcome is Outcome.OK
         assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
@@ -183,10 +163,10 @@ async def test_an_ambiguous_credit_is_answered_from_storage_and_credited_once() 
 async def test_recovery_on_start_finishes_what_a_previous_run_left_pending() -> None:
     """A transfer left PENDING by a stopped engine is completed by the next engine's start,
     without any request."""
-    log = CreditFailingLog()
+    log = ControlledLog()
     async with running_engine(log, TWO_SHARDS) as engine:
         await funded(engine, 100)
-        log.credits_to_fail = 1
+        log.fail_next_closes = 1
         transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
         assert reply.outcome is Outcome.UNAVAILABLE
     assert log.transfers[transfer_id].status is TransferStatus.PENDING
@@ -197,13 +177,13 @@ async def test_recovery_on_start_finishes_what_a_previous_run_left_pending() -> 
 
 async def test_the_redrive_loop_finishes_a_pending_transfer_by_itself() -> None:
     """With no retry from the client, the periodic re-drive completes a PENDING transfer."""
-    log = CreditFailingLog()
+    log = ControlledLog()
     quick = EngineLimits(
         shards=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=0.05
     )
     async with running_engine(log, quick) as engine:
         await funded(engine, 100)
-        log.credits_to_fail = 1
+        log.fail_next_closes = 1
         transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
         assert reply.outcome is Outcome.UNAVAILABLE
         await until(lambda: log.transfers[transfer_id].status is TransferStatus.COMPLETED)
