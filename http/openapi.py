@@ -446,6 +446,11 @@ def _headers() -> JsonObject:
             "required": True,
             "schema": {"type": "string", "pattern": "^/api/v1/wallets/[0-9a-fA-F-]{36}$"},
         },
+        "TransferLocation": {
+            "description": "Path of the transfer: `/api/v1/transfers/{id}`.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^/api/v1/transfers/[0-9a-fA-F-]{36}$"},
+        },
         "Idempotent-Replayed": {
             "description": "Present when this is the stored response of an earlier request "
             "with the same Idempotency-Key.",
@@ -736,9 +741,13 @@ def _create_transfer() -> JsonObject:
         "parameters": [_ref("parameters", "IdempotencyKey")],
         "requestBody": _json_body("TransferRequest", required=True),
         "responses": {
-            "201": _json_response(
-                "The COMPLETED transfer.", "Transfer", ("Location", "Idempotent-Replayed")
-            ),
+            "201": {
+                **_json_response("The COMPLETED transfer.", "Transfer", ("Idempotent-Replayed",)),
+                "headers": {
+                    **_header_refs(("Idempotent-Replayed",)),
+                    "Location": _ref("headers", "TransferLocation"),
+                },
+            },
             "400": _problem_response(
                 "The body is not JSON or not a JSON object.", 400, ("INVALID_JSON",)
             ),

@@ -33,6 +33,8 @@ V1_OPERATIONS: Final = {
     ("get", "/api/v1/wallets/{wallet_id}"),
     ("post", "/api/v1/wallets/{wallet_id}/operation"),
     ("get", "/api/v1/wallets/{wallet_id}/operations"),
+    ("post", "/api/v1/transfers"),
+    ("get", "/api/v1/transfers/{transfer_id}"),
 }
 OPEN_OPERATIONS: Final = {
     ("get", "/healthz"),
@@ -126,7 +128,7 @@ def test_every_error_is_problem_json_and_every_response_has_request_id(
 def test_unavailable_responses_require_retry_after(document: dict[str, Any]) -> None:
     """Every documented 503 carries a required Retry-After."""
     statuses = [(m, p, r) for m, p, status, r in _all_responses(document) if status == 503]
-    assert len(statuses) == 5  # the four /api/v1 operations and /readyz
+    assert len(statuses) == len(V1_OPERATIONS) + 1  # the /api/v1 operations and /readyz
     for method, path, response in statuses:
         assert "Retry-After" in response["headers"], (method, path)
 
