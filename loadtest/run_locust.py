@@ -23,6 +23,7 @@ USER_CLASSES = [
     "ReadHeavyUser",
     "OverdraftUser",
     "IdempotentRetryUser",
+    "TransferUser",
 ]
 STOP_TIMEOUT_S = 5
 # Beyond the run time: wallet setup, the users' stop timeout and the read-back.
