@@ -226,6 +226,7 @@ class Engine:
     ) -> tuple[UUID, TransferReply]:
         """Move money between two wallets (docs/ARCHITECTURE.md, "Transfers"); returns the
         transfer id (chosen, derived from the key, or new) and the reply."""
+        fresh_id = transfer_id is None and idempotency_key is None
         if transfer_id is None:
             if idempotency_key is None:
                 transfer_id = uuid.uuid4()
@@ -234,7 +235,7 @@ class Engine:
         if self._stopping:
             raise EngineStopping("the engine is stopping")
         reply = await self.transfers.transfer(
-            transfer_id, from_wallet_id, to_wallet_id, amount, reference
+            transfer_id, from_wallet_id, to_wallet_id, amount, reference, fresh_id=fresh_id
         )
         return transfer_id, reply
 
