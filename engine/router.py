@@ -85,7 +85,11 @@ class Engine:
         self._started = False
         self._stopping = False
         self.transfers = TransferCoordinator(
-            log, delivery or LocalLegDelivery(self._submit_leg), self.limits.load_timeout_s
+            log,
+            delivery or LocalLegDelivery(self._submit_leg),
+            self.limits.load_timeout_s,
+            # A wave of lookups by id is bounded like a mailbox: requests past it wait.
+            lookup_ids_max=self.limits.mailbox_commands_max,
         )
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()
@@ -145,6 +149,9 @@ class Engine:
                 first = False
             except (StorageError, TimeoutError) as error:
                 _log.warning("re-drive of pending transfers failed: %r", error)
+            except Exception:
+                # A bug must not end recovery for the life of the process: log, go on.
+                _log.exception("re-drive of pending transfers raised")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._redrive_stop.wait(), interval_s)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from typing import NamedTuple
@@ -112,11 +113,63 @@ class LocalLegDelivery(LegDelivery):
         return await future
 
 
+class _CoalescedLoads:
+    """Lookups of transfers by id, coalesced: the ids asked for while one query runs are
+    read together by the next one. So lookups hold at most one storage connection at a
+    time (the shards' commits share the pool), and cost one query per wave, not per
+    request. A wave reads at most ``ids_max`` ids; the rest wait for the next wave."""
+
+    def __init__(self, log: WalletLog, timeout_s: float, ids_max: int) -> None:
+        self._log = log
+        self._timeout_s = timeout_s
+        self._ids_max = ids_max
+        self._waiting: dict[UUID, list[asyncio.Future[TransferRecord | None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def load(self, transfer_id: UUID) -> TransferRecord | None:
+        future: asyncio.Future[TransferRecord | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(transfer_id, []).append(future)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="walletd-transfer-loads")
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            ids = list(itertools.islice(self._waiting, self._ids_max))
+            wave = {transfer_id: self._waiting.pop(transfer_id) for transfer_id in ids}
+            found: dict[UUID, TransferRecord] = {}
+            error: StorageError | None = None
+            try:
+                found = await asyncio.wait_for(self._log.load_transfers(ids), self._timeout_s)
+            except TimeoutError:
+                error = StorageUnavailable("loading transfers timed out")
+            except StorageError as storage_error:
+                error = storage_error
+            except Exception as unexpected:  # never leave a waiter hanging
+                _log.error("loading transfers raised", exc_info=unexpected)
+                error = StorageError(f"loading transfers failed: {unexpected!r}")
+            for transfer_id, futures in wave.items():
+                for future in futures:
+                    if future.done():  # its caller went away
+                        continue
+                    if error is None:
+                        future.set_result(found.get(transfer_id))
+                    else:
+                        future.set_exception(error)
+
+
 class TransferCoordinator:
-    def __init__(self, log: WalletLog, delivery: LegDelivery, load_timeout_s: float) -> None:
+    def __init__(
+        self,
+        log: WalletLog,
+        delivery: LegDelivery,
+        load_timeout_s: float,
+        lookup_ids_max: int = 1024,
+    ) -> None:
         self._log = log
         self._delivery = delivery
         self._load_timeout_s = load_timeout_s
+        self._loads = _CoalescedLoads(log, load_timeout_s, lookup_ids_max)
         # Transfers being driven in this process, by id; an entry lives while one request
         # or re-drive works on it, so the dict is bounded by the requests in flight plus
         # one re-drive batch.
@@ -162,13 +215,7 @@ class TransferCoordinator:
 
     async def read(self, transfer_id: UUID) -> TransferRecord | None:
         """The stored transfer (raises ``StorageError`` when storage is away)."""
-        try:
-            found = await asyncio.wait_for(
-                self._log.load_transfers([transfer_id]), self._load_timeout_s
-            )
-        except TimeoutError as error:
-            raise StorageUnavailable(f"loading transfer {transfer_id} timed out") from error
-        return found.get(transfer_id)
+        return await self._loads.load(transfer_id)
 
     async def redrive(self, created_before_us: int, limit: int) -> int:
         """Drive again up to ``limit`` PENDING transfers created before the instant, at

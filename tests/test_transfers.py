@@ -4,12 +4,13 @@ idempotency, and its recovery after a failed or ambiguous credit. No PostgreSQL,
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from uuid import UUID, uuid4
 
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
 from walletd.engine.commands import Outcome
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind, TransferStatus
+from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.router import Engine
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO
 
@@ -208,3 +209,43 @@ async def test_a_transfer_closes_once_even_when_two_drivers_race() -> None:
     assert log.wallets[nowhere].balance == 0
     assert log.transfers[transfer_id].status is TransferStatus.FAILED
     assert conserved(log, 30)
+
+
+class CountingLog(ControlledLog):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transfer_loads: list[int] = []
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        self.transfer_loads.append(len(transfer_ids))
+        return await super().load_transfers(transfer_ids)
+
+
+async def test_concurrent_lookups_by_id_share_one_query() -> None:
+    """Transfers with client ids sent at once are looked up together: a query per wave,
+    not per request, so lookups hold one storage connection at most."""
+    log = CountingLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        replies = await asyncio.wait_for(
+            asyncio.gather(
+                *(engine.transfer(uuid4(), None, SENDER, RECEIVER, 1, None) for _ in range(20))
+            ),
+            WAIT_S,
+        )
+    assert [reply.outcome for _id, reply in replies] == [Outcome.OK] * 20
+    assert sum(log.transfer_loads) == 20
+    assert len(log.transfer_loads) <= 2
+
+
+async def test_a_failed_lookup_answers_unavailable_and_moves_nothing() -> None:
+    """Storage away during the lookup by id: 503 at once, nothing debited."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        log.fail_loads = True
+        _id, reply = await engine.transfer(uuid4(), None, SENDER, RECEIVER, 5, None)
+        log.fail_loads = False
+    assert reply.outcome is Outcome.UNAVAILABLE
+    assert log.transfers == {}
+    assert log.wallets[SENDER].balance == 100
