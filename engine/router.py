@@ -90,6 +90,7 @@ class Engine:
             self.limits.load_timeout_s,
             # A wave of lookups by id is bounded like a mailbox: requests past it wait.
             lookup_ids_max=self.limits.mailbox_commands_max,
+            observer=self._observer,
         )
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()

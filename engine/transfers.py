@@ -42,6 +42,7 @@ from uuid import UUID
 from walletd.engine.commands import Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
 from walletd.engine.ports import StorageError, StorageUnavailable, WalletLog
 
 __all__ = [
@@ -165,8 +166,10 @@ class TransferCoordinator:
         delivery: LegDelivery,
         load_timeout_s: float,
         lookup_ids_max: int = 1024,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._log = log
+        self._observer = observer or EngineObserver()
         self._delivery = delivery
         self._load_timeout_s = load_timeout_s
         self._loads = _CoalescedLoads(log, load_timeout_s, lookup_ids_max)
@@ -240,7 +243,7 @@ class TransferCoordinator:
             return _UNAVAILABLE
         future = self._claim(transfer.transfer_id)
         try:
-            reply = await self._drive(transfer, replayed=True)
+            reply = await self._drive(transfer, replayed=True, driver=DRIVER_REDRIVE)
         except BaseException:
             future.set_result(_UNAVAILABLE)
             raise
@@ -265,7 +268,7 @@ class TransferCoordinator:
         assert debit.wallet is not None
         opened_us = debit.wallet.updated_at_us
         opened = requested._replace(created_at_us=opened_us, updated_at_us=opened_us)
-        return await self._drive(opened, replayed=False)
+        return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
         """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
@@ -275,10 +278,12 @@ class TransferCoordinator:
         ):  # fmt: skip
             return TransferReply(Outcome.IDEMPOTENCY_KEY_REUSED)
         if stored.status is TransferStatus.PENDING:
-            return await self._drive(stored, replayed=True)
+            return await self._drive(stored, replayed=True, driver=DRIVER_REQUEST)
         return _final_reply(stored, replayed=True)
 
-    async def _drive(self, transfer: TransferRecord, *, replayed: bool) -> TransferReply:
+    async def _drive(
+        self, transfer: TransferRecord, *, replayed: bool, driver: str
+    ) -> TransferReply:
         """Credit the receiving wallet; refund the sender if it refuses. The transfer is
         PENDING (debited) when this starts."""
         credit = await self._delivery.deliver(OperationKind.TRANSFER_IN, transfer)
@@ -289,6 +294,7 @@ class TransferCoordinator:
             completed = transfer._replace(
                 status=TransferStatus.COMPLETED, updated_at_us=credit.wallet.updated_at_us
             )
+            self._observer.transfer_ended(TransferStatus.COMPLETED.name, driver)
             return TransferReply(Outcome.OK, completed, replayed=replayed)
         if credit.outcome not in _FINAL_CREDIT_REFUSALS:
             # Unknown: perhaps another driver closed it (storage refused our close).
@@ -306,6 +312,7 @@ class TransferCoordinator:
         )
         _log.info("transfer %s failed (%s); debit refunded", transfer.transfer_id,
                   credit.outcome.value)  # fmt: skip
+        self._observer.transfer_ended(TransferStatus.FAILED.name, driver)
         return _final_reply(failed, replayed=replayed, balance_seen=credit.balance_seen)
 
     async def _answer_from_storage(

@@ -11,6 +11,7 @@ from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, w
 from walletd.engine.commands import Outcome
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
 from walletd.engine.router import Engine
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO
 
@@ -204,7 +205,7 @@ async def test_a_transfer_closes_once_even_when_two_drivers_race() -> None:
         _id, created = await engine.create_wallet(nowhere, None)
         assert created.outcome is Outcome.CREATED
         stale = failed._replace(status=TransferStatus.PENDING, failure_code=None)
-        late = await engine.transfers._drive(stale, replayed=True)
+        late = await engine.transfers._drive(stale, replayed=True, driver=DRIVER_REQUEST)
     assert late.outcome is Outcome.WALLET_NOT_FOUND  # the stored, final answer
     assert log.wallets[nowhere].balance == 0
     assert log.transfers[transfer_id].status is TransferStatus.FAILED
@@ -249,3 +250,30 @@ async def test_a_failed_lookup_answers_unavailable_and_moves_nothing() -> None:
     assert reply.outcome is Outcome.UNAVAILABLE
     assert log.transfers == {}
     assert log.wallets[SENDER].balance == 100
+
+
+class EndedObserver(EngineObserver):
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    def transfer_ended(self, status: str, driver: str) -> None:
+        self.ended.append((status, driver))
+
+
+async def test_the_observer_counts_transfers_ended_by_status_and_driver() -> None:
+    """Each transfer closed by this process is reported once: COMPLETED or FAILED, by its
+    request or by the re-drive; replays report nothing."""
+    log = ControlledLog()
+    observer = EndedObserver()
+    nowhere = wallet_ids_on_shard(1, 2, 2)[1]
+    async with running_engine(log, TWO_SHARDS, observer=observer) as engine:
+        await funded(engine, 100)
+        done_id, _ = await engine.transfer(None, None, SENDER, RECEIVER, 1, None)
+        await engine.transfer(done_id, None, SENDER, RECEIVER, 1, None)  # a replay
+        await engine.transfer(None, None, SENDER, nowhere, 1, None)
+        log.fail_next_closes = 1
+        await engine.transfer(None, None, SENDER, RECEIVER, 1, None)
+        assert await engine.redrive_transfers() == 1
+    assert observer.ended == [
+        ("COMPLETED", DRIVER_REQUEST), ("FAILED", DRIVER_REQUEST), ("COMPLETED", DRIVER_REDRIVE),
+    ]  # fmt: skip

@@ -83,6 +83,9 @@ async def test_a_transfer_is_201_readable_and_in_both_histories(client: Client) 
         newest = (await response.json())["items"][0]
         assert (newest["operation_type"], newest["transfer_id"]) == (kind, body["id"])
         assert newest["idempotency_key"] is None
+    metrics = await (await client.get("/metrics")).text()
+    assert 'walletd_transfers_ended_total{driver="request",status="COMPLETED"} 1.0' in metrics
+    assert "walletd_transfers_driving 0.0" in metrics
 
 
 async def test_refusals_name_their_side_and_a_failed_transfer_is_refunded(
