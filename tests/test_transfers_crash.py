@@ -4,24 +4,34 @@ applies each exactly once, and money is conserved exactly."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import signal
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 from tests.processes import WalletdProcess
+from tests.test_faults import own_postgres
 from tests.test_transfers_api import conservation_gap
+from walletd.cli.config import load_config
+from walletd.cli.service import migrate_database, running_services
+from walletd.http.app import create_app
+from walletd.http.settings import HttpSettings
 
 pytestmark = pytest.mark.slow
 
 StartWalletd = Callable[..., WalletdProcess]
+Client = TestClient[web.Request, web.Application]
 WALLETS = 100
 WORKERS = 16
 TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -161,3 +171,87 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
     assert mismatched == []
     print(f"transfers sent {len(load.sent)}, answered before the kill {dict(before_kill)}, "
           f"left PENDING by the kill {left_pending}, completed {len(completed)}")  # fmt: skip
+
+
+async def test_postgres_crash_mid_transfers_recovers_by_itself_and_conserves(
+    tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    """PostgreSQL stopped in immediate mode (a crash: no checkpoint) while transfers run:
+    clients get 201, 409 or 503, never a 500; once it is back, walletd finishes every
+    PENDING transfer by itself, money is conserved exactly, every 201 is COMPLETED, and
+    retrying every transfer sent gets a final answer."""
+    async with own_postgres(tmp_path / "pg") as server:
+        await migrate_database(server.dsn)
+        config = load_config(
+            argparse.Namespace(),
+            environ={
+                "WALLETD_DATABASE_URL": server.dsn,
+                "WALLETD_SHARDS": "4",
+                "WALLETD_TRANSFER_REDRIVE_INTERVAL": "0.5",
+            },
+        )
+        client: Client = await aiohttp_client(
+            create_app(HttpSettings(), lambda: running_services(config))
+        )
+        wallets = []
+        for _ in range(40):
+            created = await client.post("/api/v1/wallets")
+            wallets.append((await created.json())["id"])
+            deposit = {"operation_type": "DEPOSIT", "amount": "100.00"}
+            funded = await client.post(f"/api/v1/wallets/{wallets[-1]}/operation", json=deposit)
+            assert funded.status == 200
+        sent: dict[str, dict[str, Any]] = {}
+        answers: dict[str, int] = {}
+        stop = asyncio.Event()
+
+        async def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                sender, receiver = rng.sample(wallets, 2)
+                transfer_id = str(uuid.uuid4())
+                body = {"id": transfer_id, "from_wallet_id": sender, "to_wallet_id": receiver,
+                        "amount": f"{rng.randint(1, 3000) / 100:.2f}"}  # fmt: skip
+                sent[transfer_id] = body
+                response = await client.post("/api/v1/transfers", json=body)
+                answers[transfer_id] = response.status
+                if response.status == 503:
+                    await asyncio.sleep(0.05)  # paced while PostgreSQL is away
+
+        loading = asyncio.gather(*(worker(seed) for seed in range(8)))
+        deadline = asyncio.get_running_loop().time() + RECOVERY_S
+        while sum(status == 201 for status in answers.values()) < 50:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(server.stop, "immediate")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.start)
+        created_before = sum(status == 201 for status in answers.values())
+        while sum(status == 201 for status in answers.values()) <= created_before + 20:
+            assert asyncio.get_running_loop().time() < deadline + RECOVERY_S, "no recovery"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await loading
+        assert set(answers.values()) <= {201, 409, 503}, Counter(answers.values())
+        assert Counter(answers.values())[503] > 0  # the crash was seen by clients
+
+        connection = await asyncpg.connect(server.dsn)
+        try:
+            deadline = asyncio.get_running_loop().time() + RECOVERY_S
+            while await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
+                assert asyncio.get_running_loop().time() < deadline, "PENDING left behind"
+                await asyncio.sleep(0.1)
+            assert await conservation_gap(connection) == 0
+            completed = {
+                str(row["id"])
+                for row in await connection.fetch("SELECT id FROM transfers WHERE status = 2")
+            }
+        finally:
+            await connection.close()
+        assert {tid for tid, status in answers.items() if status == 201} <= completed
+        for transfer_id, body in sent.items():
+            response = await client.post("/api/v1/transfers", json=body)
+            assert response.status in {201, 409}, (transfer_id, await response.text())
+            if transfer_id in completed:  # stored COMPLETED: the retry replays it
+                assert response.status == 201
+                assert response.headers["Idempotent-Replayed"] == "true"
+        await client.close()
