@@ -13,6 +13,7 @@ from uuid import UUID
 from walletd.engine.model import (
     Batch,
     OperationRecord,
+    RefusalRecord,
     TransferRecord,
     TransferStatus,
     WalletRecord,
@@ -32,7 +33,8 @@ class InMemoryLog(WalletLog):
     def __init__(self) -> None:
         self.wallets: dict[UUID, WalletRecord] = {}
         self.operations: dict[UUID, list[OperationRecord]] = {}
-        self._by_key: dict[tuple[UUID, str], OperationRecord] = {}
+        self._by_key: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
+        self.refusals: dict[tuple[UUID, str], RefusalRecord] = {}
         self._by_create_key: dict[str, UUID] = {}
         self.transfers: dict[UUID, TransferRecord] = {}
         self.appends = 0
@@ -49,7 +51,7 @@ class InMemoryLog(WalletLog):
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
-    ) -> dict[tuple[UUID, str], OperationRecord]:
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         if self.fail_loads:
             raise StorageError("injected load failure")
         return {k: self._by_key[k] for k in keys if k in self._by_key}
@@ -113,16 +115,25 @@ class InMemoryLog(WalletLog):
                 and (op.wallet_id, op.idempotency_key) in self._by_key
             ):
                 raise StorageError("operation idempotency key exists")
+        created = {new.wallet_id for new in batch.new_wallets}
+        for refusal in batch.refusals:
+            stored = self.wallets.get(refusal.wallet_id)  # before this batch
+            if refusal.wallet_id not in created and (
+                stored is None or stored.seq < refusal.fence_seq
+            ):
+                raise PredecessorPending(f"{refusal.wallet_id} is behind a refusal")
+            if (refusal.wallet_id, refusal.idempotency_key) in self._by_key:
+                raise StorageError("refusal idempotency key exists")
         transfers = dict(self.transfers)
         for transfer in batch.new_transfers:
             if transfer.transfer_id in transfers:
                 raise StorageError(f"transfer {transfer.transfer_id} exists")
             transfers[transfer.transfer_id] = transfer
         for close in batch.transfer_updates:
-            stored = transfers.get(close.transfer_id)
-            if stored is None or stored.status is not TransferStatus.PENDING:
+            open_transfer = transfers.get(close.transfer_id)
+            if open_transfer is None or open_transfer.status is not TransferStatus.PENDING:
                 raise TransferNotPending(f"transfer {close.transfer_id} is not PENDING")
-            transfers[close.transfer_id] = stored._replace(
+            transfers[close.transfer_id] = open_transfer._replace(
                 status=close.status,
                 failure_code=close.failure_code,
                 updated_at_us=close.updated_at_us,
@@ -136,6 +147,9 @@ class InMemoryLog(WalletLog):
             self.operations.setdefault(op.wallet_id, []).append(op)
             if op.idempotency_key is not None:
                 self._by_key[(op.wallet_id, op.idempotency_key)] = op
+        for refusal in batch.refusals:
+            key = (refusal.wallet_id, refusal.idempotency_key)
+            self._by_key[key] = self.refusals[key] = refusal
         self.appends += 1
 
     async def read_history(

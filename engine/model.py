@@ -21,6 +21,8 @@ __all__ = [
     "NewWallet",
     "OperationKind",
     "OperationRecord",
+    "RefusalReason",
+    "RefusalRecord",
     "SnapshotUpdate",
     "TransferRecord",
     "TransferStatus",
@@ -54,6 +56,13 @@ class TransferStatus(enum.IntEnum):
     PENDING = 1
     COMPLETED = 2
     FAILED = 3
+
+
+class RefusalReason(enum.IntEnum):
+    """Why the engine refused an operation: the business refusals (409s) it records."""
+
+    INSUFFICIENT_FUNDS = 1
+    BALANCE_LIMIT_EXCEEDED = 2
 
 
 class WalletView(NamedTuple):
@@ -93,6 +102,24 @@ class OperationRecord(NamedTuple):
     amount: int
     balance_after: int
     idempotency_key: str | None
+    created_at_us: int
+
+
+class RefusalRecord(NamedTuple):
+    """A keyed operation the engine refused, stored so a retry with its key replays it.
+
+    ``fence_seq`` is the wallet's seq the refusal rests on, not counting its own batch's
+    writes: storage writes it only once that seq is stored (behind: ``PredecessorPending``),
+    so a refusal decided on state that never committed is never recorded.
+    """
+
+    wallet_id: UUID
+    idempotency_key: str
+    kind: OperationKind
+    amount: int
+    reason: RefusalReason
+    balance_seen: int
+    fence_seq: int
     created_at_us: int
 
 
@@ -140,13 +167,15 @@ class TransferUpdate(NamedTuple):
 @dataclass(slots=True)
 class Batch:
     """Everything one shard commit writes, atomically: created wallets, log rows, snapshots,
-    and the transfers its legs open (debits) or close (credits, refunds)."""
+    the keyed refusals to replay, and the transfers its legs open (debits) or close
+    (credits, refunds)."""
 
     new_wallets: list[NewWallet] = field(default_factory=list)
     operations: list[OperationRecord] = field(default_factory=list)
     snapshots: list[SnapshotUpdate] = field(default_factory=list)
+    refusals: list[RefusalRecord] = field(default_factory=list)
     new_transfers: list[TransferRecord] = field(default_factory=list)
     transfer_updates: list[TransferUpdate] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.new_wallets or self.operations or self.snapshots)
+        return not (self.new_wallets or self.operations or self.snapshots or self.refusals)

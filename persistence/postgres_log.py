@@ -30,6 +30,8 @@ from walletd.engine.model import (
     Batch,
     OperationKind,
     OperationRecord,
+    RefusalReason,
+    RefusalRecord,
     TransferRecord,
     TransferStatus,
     WalletRecord,
@@ -45,12 +47,17 @@ from walletd.engine.ports import (
 
 __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 
-_APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"  # noqa: E501
+_APPEND = (
+    "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+)
+# Sent instead of eight empty lists for the common batch with no refusal.
+_NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
 
 # A batch that opens or closes transfers writes them in the same statement, hence the same
 # implicit transaction, as its log rows and snapshots (migration "transfers").
 _APPEND_WITH_TRANSFERS = (
-    _APPEND + ", walletd_append_transfers($17, $18, $19, $20, $21, $22, $23, $24, $25, $26)"
+    _APPEND + ", walletd_append_transfers($25, $26, $27, $28, $29, $30, $31, $32, $33, $34)"
 )
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -73,10 +80,16 @@ _OP_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
 )
+# The decided outcome of each key: its log row, or its recorded refusal (reason > 0).
 _FIND_OPERATIONS = f"""
-SELECT {_OP_COLUMNS}
+SELECT {_OP_COLUMNS}, 0::smallint
   FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
   JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
+UNION ALL
+SELECT 0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,
+       r.idempotency_key, {_MICROS.format("r.created_at")}, r.reason
+  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
+  JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
 """
 HISTORY_FIRST_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
@@ -134,6 +147,15 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8]
     )
+
+
+def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
+    if not row[8]:
+        return _operation(row)
+    return RefusalRecord(
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[8]), row[5], row[2],
+        row[7],
+    )  # fmt: skip
 
 
 class ConnectBackoff:
@@ -214,11 +236,11 @@ class PostgresLog(WalletLog):
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
-    ) -> dict[tuple[UUID, str], OperationRecord]:
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         rows = await self._fetch(_FIND_OPERATIONS, [k[0] for k in keys], [k[1] for k in keys])
-        found = {}
+        found: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         for row in rows:
-            record = _operation(row)
+            record = _decided(row)
             assert record.idempotency_key is not None
             found[(record.wallet_id, record.idempotency_key)] = record
         return found
@@ -255,6 +277,20 @@ class PostgresLog(WalletLog):
             [s.balance for s in snaps],
             [s.updated_at_us for s in snaps],
         )
+        refusals = batch.refusals
+        refusal_args = _NO_REFUSALS
+        if refusals:
+            refusal_args = (
+                [r.wallet_id for r in refusals],
+                [r.idempotency_key for r in refusals],
+                [int(r.kind) for r in refusals],
+                [r.amount for r in refusals],
+                [int(r.reason) for r in refusals],
+                [r.balance_seen for r in refusals],
+                [r.fence_seq for r in refusals],
+                [r.created_at_us for r in refusals],
+            )
+        args += refusal_args
         statement = _APPEND
         if batch.new_transfers or batch.transfer_updates:
             opened, closed = batch.new_transfers, batch.transfer_updates

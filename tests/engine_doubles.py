@@ -16,7 +16,14 @@ from uuid import UUID
 
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import CREDIT_KINDS, Batch, NewWallet, WalletRecord
+from walletd.engine.model import (
+    CREDIT_KINDS,
+    Batch,
+    NewWallet,
+    OperationRecord,
+    RefusalRecord,
+    WalletRecord,
+)
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ports import CommitOutcomeUnknown, StorageError
 from walletd.engine.router import Engine, shard_of
@@ -53,6 +60,7 @@ class ControlledLog(InMemoryLog):
         self.append_gate: Gate | None = None
         self.load_gate: Gate | None = None
         self.load_calls: list[list[UUID]] = []
+        self.finds = 0  # find_operations calls
         self.appended: list[Batch] = []
         self.appends_in_flight = 0
         self.appends_in_flight_max = 0
@@ -88,6 +96,12 @@ class ControlledLog(InMemoryLog):
             self.appended.append(batch)
         finally:
             self.appends_in_flight -= 1
+
+    async def find_operations(
+        self, keys: Sequence[tuple[UUID, str]]
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
+        self.finds += 1
+        return await super().find_operations(keys)
 
     def loads_of(self, wallet_id: UUID) -> int:
         return sum(wallet_id in call for call in self.load_calls)
