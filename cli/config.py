@@ -86,6 +86,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shard_restart_window_s", ("WALLETD_SHARD_RESTART_WINDOW",),
             "--shard-restart-window", float, 60.0,
             "seconds over which shard restarts are counted"),
+    Setting("transfer_redrive_interval_s", ("WALLETD_TRANSFER_REDRIVE_INTERVAL",),
+            "--transfer-redrive-interval", float, 2.0,
+            "seconds between passes that finish PENDING transfers left by a 503 or a restart "
+            "(each pass takes those older than this)"),
+    Setting("transfer_redrive_batch_max", ("WALLETD_TRANSFER_REDRIVE_BATCH_MAX",),
+            "--transfer-redrive-batch-max", int, 256,
+            "PENDING transfers one re-drive pass finishes at most; the rest wait for the next"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per shard + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -156,6 +163,8 @@ class Config:
     commit_timeout_s: float
     shard_restarts_max: int
     shard_restart_window_s: float
+    transfer_redrive_interval_s: float
+    transfer_redrive_batch_max: int
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float

@@ -65,6 +65,8 @@ def engine_limits(config: Config) -> EngineLimits:
         bulk_waiting_max=config.bulk_waiting_max,
         shard_restarts_max=config.shard_restarts_max,
         shard_restart_window_s=config.shard_restart_window_s,
+        transfer_redrive_interval_s=config.transfer_redrive_interval_s,
+        transfer_redrive_batch_max=config.transfer_redrive_batch_max,
     )
 
 

@@ -12,7 +12,8 @@ Exceptions::
         │   └── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
         ├── Unauthorized          UNAUTHORIZED
         ├── NotFound              a route or a resource that does not exist
-        │   └── WalletNotFound          WALLET_NOT_FOUND
+        │   ├── WalletNotFound          WALLET_NOT_FOUND
+        │   └── TransferNotFound        TRANSFER_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
         │   ├── WalletAlreadyExists     WALLET_ALREADY_EXISTS
         │   ├── InsufficientFunds       INSUFFICIENT_FUNDS
@@ -44,6 +45,7 @@ __all__ = [
     "Refused",
     "ServerError",
     "ServiceUnavailable",
+    "TransferNotFound",
     "TransportError",
     "Unauthorized",
     "Unavailable",
@@ -108,6 +110,10 @@ class WalletNotFound(NotFound):
     """No wallet has this id."""
 
 
+class TransferNotFound(NotFound):
+    """No transfer has this id."""
+
+
 class Refused(ProblemError):
     """A business refusal decided by the engine; a retry with the same key replays it."""
 
@@ -155,6 +161,10 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "UNAUTHORIZED": Unauthorized,
     "NOT_FOUND": NotFound,
     "WALLET_NOT_FOUND": WalletNotFound,
+    "TRANSFER_NOT_FOUND": TransferNotFound,
+    "INVALID_TRANSFER_ID": InvalidRequest,
+    # An as_of instant too recent to answer yet: ask again after Retry-After.
+    "AS_OF_NOT_SETTLED": InvalidRequest,
     "WALLET_ALREADY_EXISTS": WalletAlreadyExists,
     "INSUFFICIENT_FUNDS": InsufficientFunds,
     "BALANCE_LIMIT_EXCEEDED": BalanceLimitExceeded,

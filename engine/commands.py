@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from walletd.engine.model import OperationKind, WalletView
+from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletView
 
 __all__ = [
     "ApplyOperation",
@@ -24,6 +24,8 @@ __all__ = [
     "Outcome",
     "ReadWallet",
     "Reply",
+    "TransferLeg",
+    "transfer_leg_key",
 ]
 
 
@@ -117,6 +119,49 @@ class CreateWallet:
         self.reply = reply
 
 
+def transfer_leg_key(kind: OperationKind, transfer_id: UUID) -> str:
+    """The log key of one leg of a transfer on its wallet.
+
+    It starts with the unit separator (0x1F), which the edge refuses in a client's
+    Idempotency-Key, so a leg never collides with a client's operation; the unique
+    (wallet, key) index of the log makes a second copy of a leg impossible.
+    """
+    return f"\x1f{kind.name}:{transfer_id}"
+
+
+class TransferLeg:
+    """One leg of a transfer, applied on the shard of its wallet.
+
+    TRANSFER_OUT debits the sending wallet and opens the transfer (PENDING); TRANSFER_IN
+    credits the receiving wallet and closes it COMPLETED; TRANSFER_REFUND credits the sending
+    wallet back and closes it FAILED with ``failure_code``. Each leg is keyed by the
+    transfer id, so delivering it again replays the first answer.
+    """
+
+    __slots__ = ("closes_as", "failure_code", "key", "kind", "reply", "transfer", "wallet_id")
+    weight = 1
+
+    def __init__(
+        self,
+        kind: OperationKind,
+        transfer: TransferRecord,
+        reply: asyncio.Future[Reply],
+        failure_code: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.transfer = transfer
+        self.reply = reply
+        self.failure_code = failure_code
+        self.wallet_id = (
+            transfer.to_wallet_id if kind is OperationKind.TRANSFER_IN else transfer.from_wallet_id
+        )
+        self.key = transfer_leg_key(kind, transfer.transfer_id)
+        self.closes_as: TransferStatus | None = {
+            OperationKind.TRANSFER_IN: TransferStatus.COMPLETED,
+            OperationKind.TRANSFER_REFUND: TransferStatus.FAILED,
+        }.get(kind)
+
+
 class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
 
@@ -128,4 +173,4 @@ class ReadWallet:
         self.reply = reply
 
 
-Command = ApplyOperation | ApplyOperations | CreateWallet | ReadWallet
+Command = ApplyOperation | ApplyOperations | CreateWallet | ReadWallet | TransferLeg

@@ -39,10 +39,12 @@ from walletd.engine.commands import (
     Outcome,
     ReadWallet,
     Reply,
+    TransferLeg,
 )
 from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
+    CREDIT_KINDS,
     Batch,
     NewWallet,
     OperationKind,
@@ -50,6 +52,7 @@ from walletd.engine.model import (
     RefusalReason,
     RefusalRecord,
     SnapshotUpdate,
+    TransferUpdate,
     WalletRecord,
     WalletView,
 )
@@ -246,6 +249,12 @@ class Ledger:
                     keys.move_to_end(key)
                 else:
                     op_keys.add(key)
+            elif isinstance(command, TransferLeg):
+                key = (command.wallet_id, command.key)
+                if key in keys:
+                    keys.move_to_end(key)
+                else:
+                    op_keys.add(key)
             elif isinstance(command, CreateWallet) and command.idempotency_key is not None:
                 create_key = command.idempotency_key
                 if create_key in self._create_keys:
@@ -375,17 +384,60 @@ class Ledger:
         return None
 
     def _apply_operation(self, command: Operation, applied: Applied) -> Reply:
-        wallet_id = command.wallet_id
+        return self._move(
+            command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
+            command,
+        )  # fmt: skip
+
+    def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
+        """A leg of a transfer (engine/transfers.py) moves money like a deposit or a
+        withdrawal, keyed by the transfer id, and opens (TRANSFER_OUT) or closes
+        (TRANSFER_IN, TRANSFER_REFUND) its transfer in the same batch. A replayed leg (its
+        key is logged) writes nothing; a refused one is not recorded (the coordinator
+        records the outcome in the transfer)."""
+        transfer = command.transfer
+        reply = self._move(
+            command.wallet_id, command.kind, transfer.amount, command.key, applied, None
+        )
+        if reply.outcome is not Outcome.OK or reply.replayed:
+            return reply
+        assert reply.wallet is not None
+        now_us = reply.wallet.updated_at_us
+        if command.closes_as is None:
+            applied.batch.new_transfers.append(
+                transfer._replace(created_at_us=now_us, updated_at_us=now_us)
+            )
+        else:
+            applied.batch.transfer_updates.append(
+                TransferUpdate(transfer.transfer_id, command.closes_as, command.failure_code,
+                               now_us)
+            )  # fmt: skip
+        return reply
+
+    def _move(
+        self,
+        wallet_id: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str | None,
+        applied: Applied,
+        command: Operation | None,
+    ) -> Reply:
+        """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged.
+        ``command`` is the client operation, whose keyed refusals are recorded; None for a
+        transfer leg."""
         residents = self._residents
         wid = wallet_id.int
         resident = residents.get(wid)
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
-        key = command.idempotency_key
         if key is not None:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
                 if isinstance(earlier, RefusalRecord):
+                    # Only client operations record refusals, and a leg's key cannot be a
+                    # client's (it starts with a character the edge refuses).
+                    assert command is not None
                     if (wallet_id, key) in self._uncommitted_refusals and (
                         earlier not in applied.batch.refusals
                     ):
@@ -393,22 +445,23 @@ class Ledger:
                     return _replay_refusal(command, earlier)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
-                return _replay_operation(command, earlier, resident)
+                return _replay_operation(kind, amount, earlier, resident)
         pending = resident.pending
         balance_before = resident.balance if pending is None else pending.balance
-        if command.kind is OperationKind.WITHDRAW:
-            if command.amount > balance_before:
+        if kind not in CREDIT_KINDS:
+            if amount > balance_before:
                 return self._refuse(
-                    command, RefusalReason.INSUFFICIENT_FUNDS, balance_before, resident, applied
-                )
-            balance = balance_before - command.amount
-        else:
-            if balance_before + command.amount > BALANCE_MINOR_MAX:
-                return self._refuse(
-                    command, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before, resident,
-                    applied,
+                    command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance_before,
+                    resident, applied,
                 )  # fmt: skip
-            balance = balance_before + command.amount
+            balance = balance_before - amount
+        else:
+            if balance_before + amount > BALANCE_MINOR_MAX:
+                return self._refuse(
+                    command, wallet_id, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before,
+                    resident, applied,
+                )  # fmt: skip
+            balance = balance_before + amount
         require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
         if pending is None:
             pending = resident.pending = Pending(
@@ -423,7 +476,7 @@ class Ledger:
         pending.balance = balance
         pending.seq = seq
         pending.updated_at_us = now_us
-        record = OperationRecord(wallet_id, seq, command.kind, command.amount, balance, key, now_us)
+        record = OperationRecord(wallet_id, seq, kind, amount, balance, key, now_us)
         applied.batch.operations.append(record)
         if key is not None:
             self._remember_key((wallet_id, key), record)
@@ -434,17 +487,18 @@ class Ledger:
 
     def _refuse(
         self,
-        command: Operation,
+        command: Operation | None,
+        wallet_id: UUID,
         reason: RefusalReason,
         balance_seen: int,
         resident: Resident,
         applied: Applied,
     ) -> Reply:
-        """A business refusal; with a key it is recorded in the batch, to be replayed."""
-        wallet_id = command.wallet_id
+        """A business refusal; a client operation's with a key is recorded in the batch, to
+        be replayed (``command`` None: a transfer leg, refused like an unkeyed operation)."""
         pending = resident.pending
-        key = command.idempotency_key
-        if key is None:
+        key = None if command is None else command.idempotency_key
+        if command is None or key is None:
             if pending is not None or resident.seq < 0:  # decided on an open batch's state
                 applied.dependent.append((len(applied.replies), wallet_id.int))
         else:
@@ -622,8 +676,10 @@ class Ledger:
             self._create_keys.popitem(last=False)
 
 
-def _replay_operation(command: Operation, earlier: OperationRecord, resident: Resident) -> Reply:
-    if earlier.kind is not command.kind or earlier.amount != command.amount:
+def _replay_operation(
+    kind: OperationKind, amount: int, earlier: OperationRecord, resident: Resident
+) -> Reply:
+    if earlier.kind is not kind or earlier.amount != amount:
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     view = WalletView(
         earlier.wallet_id,
@@ -655,4 +711,5 @@ _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     ApplyOperations: Ledger._apply_operations,  # type: ignore[dict-item]
     CreateWallet: Ledger._create_wallet,  # type: ignore[dict-item]
     ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
+    TransferLeg: Ledger._apply_transfer_leg,  # type: ignore[dict-item]
 }

@@ -26,6 +26,12 @@ Each limit has a defined behaviour when hit:
   invariant) is restarted from storage, its memory dropped; one more crash within the window
   and the engine gives up: it stops accepting work (``/readyz`` fails) and asks the process
   to exit non-zero, so its own supervisor restarts it.
+- ``transfer_redrive_interval_s``: a PENDING transfer (debited, not yet credited or
+  refunded) that no request is driving is driven again once it is this old, and the loop
+  looks for such transfers this often; so money stays in flight about this long at most
+  after a 503 or a restart, while the owners answer.
+- ``transfer_redrive_batch_max``: at most this many PENDING transfers are driven again at
+  once (and never more than one mailbox holds); the rest wait for the next pass.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class EngineLimits:
     bulk_waiting_max: int = 16
     shard_restarts_max: int = 3
     shard_restart_window_s: float = 60.0
+    transfer_redrive_interval_s: float = 2.0
+    transfer_redrive_batch_max: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.shards <= 1024:
@@ -81,6 +89,10 @@ class EngineLimits:
             raise ValueError(
                 "shard_restarts_max must be at least 0 and shard_restart_window_s positive"
             )
+        if self.transfer_redrive_interval_s <= 0:
+            raise ValueError("transfer_redrive_interval_s must be positive")
+        if self.transfer_redrive_batch_max < 1:
+            raise ValueError("transfer_redrive_batch_max must be at least 1")
 
     @property
     def bulk_ops_max(self) -> int:

@@ -10,11 +10,19 @@ from collections.abc import Sequence
 from dataclasses import replace
 from uuid import UUID
 
-from walletd.engine.model import Batch, OperationRecord, RefusalRecord, WalletRecord
+from walletd.engine.model import (
+    Batch,
+    OperationRecord,
+    RefusalRecord,
+    TransferRecord,
+    TransferStatus,
+    WalletRecord,
+)
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     PredecessorPending,
     StorageError,
+    TransferNotPending,
     WalletLog,
 )
 
@@ -28,6 +36,7 @@ class InMemoryLog(WalletLog):
         self._by_key: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         self.refusals: dict[tuple[UUID, str], RefusalRecord] = {}
         self._by_create_key: dict[str, UUID] = {}
+        self.transfers: dict[UUID, TransferRecord] = {}
         self.appends = 0
         # Fault injection: the next N appends fail; ``apply_then_fail`` writes the batch
         # first, which is what a connection lost during COMMIT looks like from outside.
@@ -51,6 +60,21 @@ class InMemoryLog(WalletLog):
         if self.fail_loads:
             raise StorageError("injected load failure")
         return {k: self.wallets[self._by_create_key[k]] for k in keys if k in self._by_create_key}
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {t: self.transfers[t] for t in transfer_ids if t in self.transfers}
+
+    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        pending = [
+            t
+            for t in self.transfers.values()
+            if t.status is TransferStatus.PENDING and t.created_at_us < created_before_us
+        ]
+        return sorted(pending, key=lambda t: t.created_at_us)[:limit]
 
     async def append_batch(self, batch: Batch) -> None:
         if self.fail_next_appends > 0:
@@ -100,7 +124,22 @@ class InMemoryLog(WalletLog):
                 raise PredecessorPending(f"{refusal.wallet_id} is behind a refusal")
             if (refusal.wallet_id, refusal.idempotency_key) in self._by_key:
                 raise StorageError("refusal idempotency key exists")
+        transfers = dict(self.transfers)
+        for transfer in batch.new_transfers:
+            if transfer.transfer_id in transfers:
+                raise StorageError(f"transfer {transfer.transfer_id} exists")
+            transfers[transfer.transfer_id] = transfer
+        for close in batch.transfer_updates:
+            open_transfer = transfers.get(close.transfer_id)
+            if open_transfer is None or open_transfer.status is not TransferStatus.PENDING:
+                raise TransferNotPending(f"transfer {close.transfer_id} is not PENDING")
+            transfers[close.transfer_id] = open_transfer._replace(
+                status=close.status,
+                failure_code=close.failure_code,
+                updated_at_us=close.updated_at_us,
+            )
         self.wallets = wallets
+        self.transfers = transfers
         for new in batch.new_wallets:
             if new.create_idempotency_key is not None:
                 self._by_create_key[new.create_idempotency_key] = new.wallet_id

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from uuid import UUID
 
 __all__ = [
+    "CREDIT_KINDS",
     "Batch",
     "NewWallet",
     "OperationKind",
@@ -23,6 +24,9 @@ __all__ = [
     "RefusalReason",
     "RefusalRecord",
     "SnapshotUpdate",
+    "TransferRecord",
+    "TransferStatus",
+    "TransferUpdate",
     "WalletRecord",
     "WalletView",
 ]
@@ -31,6 +35,27 @@ __all__ = [
 class OperationKind(enum.IntEnum):
     DEPOSIT = 1
     WITHDRAW = 2
+    # The legs of a transfer (docs/ARCHITECTURE.md, "Transfers"): the debit on the sending
+    # wallet, the credit on the receiving one, and the refund that compensates a debit
+    # whose credit was refused.
+    TRANSFER_OUT = 3
+    TRANSFER_IN = 4
+    TRANSFER_REFUND = 5
+
+
+# Kinds that add money to their wallet; every other kind takes it out.
+CREDIT_KINDS = frozenset(
+    {OperationKind.DEPOSIT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
+)
+
+
+class TransferStatus(enum.IntEnum):
+    """PENDING: debited, not yet credited (the money is in flight, visibly). COMPLETED and
+    FAILED (debit refunded) are final."""
+
+    PENDING = 1
+    COMPLETED = 2
+    FAILED = 3
 
 
 class RefusalReason(enum.IntEnum):
@@ -116,15 +141,41 @@ class SnapshotUpdate(NamedTuple):
     updated_at_us: int
 
 
+class TransferRecord(NamedTuple):
+    """A transfer as stored; ``failure_code`` says why a FAILED one was refunded."""
+
+    transfer_id: UUID
+    from_wallet_id: UUID
+    to_wallet_id: UUID
+    amount: int
+    reference: str | None
+    status: TransferStatus
+    failure_code: str | None
+    created_at_us: int
+    updated_at_us: int
+
+
+class TransferUpdate(NamedTuple):
+    """A transfer leaving PENDING; storage refuses it unless the transfer is PENDING."""
+
+    transfer_id: UUID
+    status: TransferStatus
+    failure_code: str | None
+    updated_at_us: int
+
+
 @dataclass(slots=True)
 class Batch:
     """Everything one shard commit writes, atomically: created wallets, log rows, snapshots,
-    and the keyed refusals to replay."""
+    the keyed refusals to replay, and the transfers its legs open (debits) or close
+    (credits, refunds)."""
 
     new_wallets: list[NewWallet] = field(default_factory=list)
     operations: list[OperationRecord] = field(default_factory=list)
     snapshots: list[SnapshotUpdate] = field(default_factory=list)
     refusals: list[RefusalRecord] = field(default_factory=list)
+    new_transfers: list[TransferRecord] = field(default_factory=list)
+    transfer_updates: list[TransferUpdate] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.new_wallets or self.operations or self.snapshots or self.refusals)

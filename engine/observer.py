@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "DRIVER_REDRIVE",
+    "DRIVER_REQUEST",
     "FAILURE_REASONS",
     "REASON_COMMIT_FAILED",
     "REASON_COMMIT_TIMEOUT",
@@ -21,6 +23,7 @@ __all__ = [
     "REASON_PREVIOUS_FAILED",
     "REASON_SHARD_CRASHED",
     "REJECTION_REASONS",
+    "TRANSFER_DRIVERS",
     "EngineObserver",
 ]
 
@@ -47,6 +50,11 @@ FAILURE_REASONS: Final = (
     REASON_SHARD_CRASHED,
 )
 REJECTION_REASONS: Final = ("overloaded", "stopping")
+# Who drove a transfer to its end: the request that opened it (or its retry), or the
+# re-drive loop (after a 503 or a restart).
+DRIVER_REQUEST: Final = "request"
+DRIVER_REDRIVE: Final = "redrive"
+TRANSFER_DRIVERS: Final = (DRIVER_REQUEST, DRIVER_REDRIVE)
 
 
 class EngineObserver:
@@ -71,3 +79,7 @@ class EngineObserver:
 
     def shard_restarted(self, shard: int) -> None:
         """A crashed shard was restarted from storage, its memory dropped."""
+
+    def transfer_ended(self, status: str, driver: str) -> None:
+        """A transfer this process drove was closed by its commit: ``status`` COMPLETED or
+        FAILED, ``driver`` one of TRANSFER_DRIVERS."""

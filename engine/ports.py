@@ -5,9 +5,11 @@ Exceptions::
     StorageError                  storage could not do what was asked
     ├── StorageUnavailable        nothing was written (connection refused, timeout before send)
     ├── CommitOutcomeUnknown      the commit may or may not have happened
-    └── PredecessorPending        refused, nothing written: a wallet's stored seq is behind the
-                                  batch's prev_seq (an earlier batch of the shard has not
-                                  landed yet); retried once that batch has committed
+    ├── PredecessorPending        refused, nothing written: a wallet's stored seq is behind the
+    │                             batch's prev_seq (an earlier batch of the shard has not
+    │                             landed yet); retried once that batch has committed
+    └── TransferNotPending        refused, nothing written: the batch closes a transfer that
+                                  is no longer PENDING (another driver closed it first)
 
 The engine treats the first two the same way (fail the batch with 503, re-read the truth),
 but the distinction is kept for metrics and logs.
@@ -19,13 +21,20 @@ import abc
 from collections.abc import Sequence
 from uuid import UUID
 
-from walletd.engine.model import Batch, OperationRecord, RefusalRecord, WalletRecord
+from walletd.engine.model import (
+    Batch,
+    OperationRecord,
+    RefusalRecord,
+    TransferRecord,
+    WalletRecord,
+)
 
 __all__ = [
     "CommitOutcomeUnknown",
     "PredecessorPending",
     "StorageError",
     "StorageUnavailable",
+    "TransferNotPending",
     "WalletLog",
 ]
 
@@ -46,6 +55,10 @@ class PredecessorPending(StorageError):
     """The batch was refused because an earlier batch it builds on is not stored yet."""
 
 
+class TransferNotPending(StorageError):
+    """The batch closes a transfer that is not PENDING; nothing was written."""
+
+
 class WalletLog(abc.ABC):
     """The durable log of wallets and their operations.
 
@@ -58,6 +71,9 @@ class WalletLog(abc.ABC):
       whose wallet's stored seq (before the batch) is behind its ``fence_seq`` is refused
       the same way; an idempotency key is used at most once per wallet, by an operation or
       a refusal (``StorageError`` otherwise).
+    - ``append_batch`` writes the batch's new transfers (PENDING) and closes its transfer
+      updates in the same transaction; a close of a transfer that is not PENDING refuses the
+      batch with ``TransferNotPending``, so a transfer is closed at most once.
     - After ``append_batch`` returns, every load sees the batch.
     """
 
@@ -75,6 +91,14 @@ class WalletLog(abc.ABC):
     @abc.abstractmethod
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
         """The wallet created under each creation idempotency key that has one."""
+
+    @abc.abstractmethod
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        """The stored record of each transfer that exists."""
+
+    @abc.abstractmethod
+    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
+        """Up to ``limit`` PENDING transfers created before the instant, oldest first."""
 
     @abc.abstractmethod
     async def append_batch(self, batch: Batch) -> None:

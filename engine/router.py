@@ -27,6 +27,7 @@ from walletd.engine.commands import (
     Outcome,
     ReadWallet,
     Reply,
+    TransferLeg,
 )
 from walletd.engine.errors import (
     AtomicSpansShards,
@@ -35,18 +36,34 @@ from walletd.engine.errors import (
     EngineStopping,
 )
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind, WalletRecord, WalletView
+from walletd.engine.model import OperationKind, TransferRecord, WalletRecord, WalletView
 from walletd.engine.observer import EngineObserver
-from walletd.engine.ports import WalletLog
+from walletd.engine.ports import StorageError, WalletLog
 from walletd.engine.shard import Shard
+from walletd.engine.transfers import (
+    LegDelivery,
+    LocalLegDelivery,
+    TransferCoordinator,
+    TransferReply,
+)
 
-__all__ = ["CREATE_KEY_NAMESPACE", "BulkReply", "Engine", "shard_of", "wall_clock_us"]
+__all__ = [
+    "CREATE_KEY_NAMESPACE",
+    "TRANSFER_KEY_NAMESPACE",
+    "BulkReply",
+    "Engine",
+    "shard_of",
+    "wall_clock_us",
+]
 
 _log = logging.getLogger("walletd.engine")
 
 # Wallets created with an Idempotency-Key and no chosen id get uuid5(namespace, key), so a
 # retry lands on the same id, hence the same shard, which finds its own earlier answer.
 CREATE_KEY_NAMESPACE = UUID("6f1c9a52-3f0e-4d8e-9d0a-5b7f2c1e8a44")
+# Transfers sent with an Idempotency-Key and no chosen id get uuid5(namespace, key): the key
+# becomes the transfer id, whose scope is global.
+TRANSFER_KEY_NAMESPACE = UUID("0b6d2f7e-8a51-4c3e-9f42-7d1e5a6c9b30")
 
 
 _ROOM_POLL_S = 0.001
@@ -78,6 +95,7 @@ class Engine:
         clock_us: Callable[[], int] = wall_clock_us,
         observer: EngineObserver | None = None,
         on_fatal: Callable[[str], None] | None = None,
+        delivery: LegDelivery | None = None,
     ) -> None:
         self.limits = limits or EngineLimits()
         self.log = log
@@ -94,6 +112,16 @@ class Engine:
         self._bulk_line = asyncio.Lock()
         self._restarted_at: deque[float] = deque()  # monotonic times of recent restarts
         self.failure: str | None = None  # why the engine gave up, once it has
+        self.transfers = TransferCoordinator(
+            log,
+            delivery or LocalLegDelivery(self._submit_leg),
+            self.limits.load_timeout_s,
+            # A wave of lookups by id is bounded like a mailbox: requests past it wait.
+            lookup_ids_max=self.limits.mailbox_commands_max,
+            observer=self._observer,
+        )
+        self._redrive_task: asyncio.Task[None] | None = None
+        self._redrive_stop = asyncio.Event()
 
     async def warm_up(self, wallets_max: int) -> int:
         """Before start: load up to ``wallets_max`` most recently updated wallets into their
@@ -110,11 +138,51 @@ class Engine:
         for shard in self._shards:
             self._start_shard(shard)
         self._started = True
+        # Recovery runs by itself: the first pass drives every transfer a previous run left
+        # PENDING, later passes the ones a 503 left behind.
+        self._redrive_task = asyncio.create_task(self._redrive_loop(), name="walletd-redrive")
 
     async def stop(self) -> None:
         """Refuse new commands, answer every accepted one, and stop the shards."""
         self._stopping = True
-        await asyncio.gather(*(shard.stop() for shard in self._shards), return_exceptions=True)
+        self._redrive_stop.set()
+        # The re-drive stops with the shards: legs it still sends are refused (the transfer
+        # stays PENDING, for the next start), and the ones accepted are answered.
+        redrive = [self._redrive_task] if self._redrive_task is not None else []
+        await asyncio.gather(
+            *(shard.stop() for shard in self._shards), *redrive, return_exceptions=True
+        )
+
+    async def redrive_transfers(self, *, created_before_us: int | None = None) -> int:
+        """One recovery pass: drive PENDING transfers again; how many ended."""
+        if created_before_us is None:
+            created_before_us = self._clock_us()
+        # A pass submits its legs at once: past a mailbox's bound they would only be
+        # refused as overloaded.
+        limits = self.limits
+        batch_max = min(limits.transfer_redrive_batch_max, limits.mailbox_commands_max)
+        return await self.transfers.redrive(created_before_us, batch_max)
+
+    async def _redrive_loop(self) -> None:
+        interval_s = self.limits.transfer_redrive_interval_s
+        interval_us = int(interval_s * 1_000_000)
+        first = True
+        while not self._redrive_stop.is_set():
+            # The first pass takes every PENDING transfer (none is driven yet); later ones
+            # only those older than an interval, which their own request has given up on.
+            before_us = self._clock_us() - (0 if first else interval_us)
+            try:
+                ended = await self.redrive_transfers(created_before_us=before_us)
+                if ended:
+                    _log.info("re-drive: %d pending transfers ended", ended)
+                first = False
+            except (StorageError, TimeoutError) as error:
+                _log.warning("re-drive of pending transfers failed: %r", error)
+            except Exception:
+                # A bug must not end recovery for the life of the process: log, go on.
+                _log.exception("re-drive of pending transfers raised")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._redrive_stop.wait(), interval_s)
 
     async def restart_shard(self, index: int) -> None:
         """Drop shard ``index``'s memory and start it afresh from storage.
@@ -190,6 +258,9 @@ class Engine:
         if len(shards) == 1:  # the default: no hash to compute (UUID.bytes is Python code)
             return shards[0]
         return shards[shard_of(wallet_id, len(shards))]
+
+    def _submit_leg(self, leg: TransferLeg) -> None:
+        self._submit(self._shard(leg.wallet_id), leg)
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:
@@ -323,6 +394,33 @@ class Engine:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._submit(shard, ReadWallet(wallet_id, future))
         return await future
+
+    async def transfer(
+        self,
+        transfer_id: UUID | None,
+        idempotency_key: str | None,
+        from_wallet_id: UUID,
+        to_wallet_id: UUID,
+        amount: int,
+        reference: str | None,
+    ) -> tuple[UUID, TransferReply]:
+        """Move money between two wallets (docs/ARCHITECTURE.md, "Transfers"); returns the
+        transfer id (chosen, derived from the key, or new) and the reply."""
+        fresh_id = transfer_id is None and idempotency_key is None
+        if transfer_id is None:
+            if idempotency_key is None:
+                transfer_id = uuid.uuid4()
+            else:
+                transfer_id = uuid.uuid5(TRANSFER_KEY_NAMESPACE, idempotency_key)
+        if self._stopping:
+            raise EngineStopping("the engine is stopping")
+        reply = await self.transfers.transfer(
+            transfer_id, from_wallet_id, to_wallet_id, amount, reference, fresh_id=fresh_id
+        )
+        return transfer_id, reply
+
+    async def read_transfer(self, transfer_id: UUID) -> TransferRecord | None:
+        return await self.transfers.read(transfer_id)
 
     def read_resident(self, wallet_id: UUID) -> WalletView | None:
         return self._shard(wallet_id).read_committed(wallet_id)

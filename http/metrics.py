@@ -136,6 +136,16 @@ class EngineMetrics(EngineObserver):
             "Crashed shards restarted from storage by the engine's supervisor",
             registry=registry,
         )
+        self.transfers_ended = Counter(
+            "walletd_transfers_ended",
+            "Transfers this process closed: status COMPLETED or FAILED (refunded), driven by "
+            "their request or by the re-drive loop (after a 503 or a restart)",
+            ["status", "driver"],
+            registry=registry,
+        )
+
+    def transfer_ended(self, status: str, driver: str) -> None:
+        self.transfers_ended.labels(status, driver).inc()
 
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
         self.batch_ops.observe(ops)
@@ -181,6 +191,11 @@ class _EngineStateCollector(Collector):
             "walletd_resident_wallets",
             "Wallets held in memory across all shards",
             value=engine.resident_wallets(),
+        )
+        yield GaugeMetricFamily(
+            "walletd_transfers_driving",
+            "Transfers being driven by this process right now (requests and re-drives)",
+            value=engine.transfers.driving,
         )
 
 

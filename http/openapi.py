@@ -51,7 +51,9 @@ DOCS_ASSETS: Final[Mapping[str, str]] = {
 PROBLEM_CODES: Final = (
     "INVALID_JSON",
     "INVALID_WALLET_ID",
+    "INVALID_TRANSFER_ID",
     "VALIDATION_ERROR",
+    "TRANSFER_NOT_FOUND",
     "WALLET_NOT_FOUND",
     "WALLET_ALREADY_EXISTS",
     "INSUFFICIENT_FUNDS",
@@ -141,7 +143,16 @@ def _schemas() -> JsonObject:
             f"Decimal string with exactly 2 fractional digits, 0 to {BALANCE_MAX}."
         ),
         "Timestamp": timestamp,
-        "OperationType": {"type": "string", "enum": ["DEPOSIT", "WITHDRAW"]},
+        "OperationType": {
+            "type": "string",
+            "enum": ["DEPOSIT", "WITHDRAW", "TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_REFUND"],
+            "description": (
+                "A request sends DEPOSIT or WITHDRAW; history also lists the legs of "
+                "transfers: TRANSFER_OUT (debit), TRANSFER_IN (credit), TRANSFER_REFUND "
+                "(a refused credit compensated)."
+            ),
+        },
+        "RequestOperationType": {"type": "string", "enum": ["DEPOSIT", "WITHDRAW"]},
         "Amount": _amount_schema(),
         "IdempotencyKey": _idempotency_key_schema(),
         "Wallet": _wallet_schema(),
@@ -162,6 +173,8 @@ def _schemas() -> JsonObject:
         },
         "Event": _event_schema(),
         "EventsPage": _events_page_schema(),
+        "TransferRequest": _transfer_request_schema(),
+        "Transfer": _transfer_schema(),
         "HealthStatus": {
             "type": "object",
             "required": ["status"],
@@ -345,9 +358,9 @@ def _operation_request_schema() -> JsonObject:
         "additionalProperties": False,
         "required": ["amount"],
         "properties": {
-            "operation_type": _ref("schemas", "OperationType"),
+            "operation_type": _ref("schemas", "RequestOperationType"),
             "operationType": {
-                **_ref("schemas", "OperationType"),
+                **_ref("schemas", "RequestOperationType"),
                 "description": "Alias of `operation_type`.",
             },
             "amount": _ref("schemas", "Amount"),
@@ -456,6 +469,7 @@ def _history_item_schema() -> JsonObject:
             "amount",
             "balance_after",
             "idempotency_key",
+            "transfer_id",
             "created_at",
         ],
         "properties": {
@@ -469,6 +483,10 @@ def _history_item_schema() -> JsonObject:
             "amount": _ref("schemas", "Money"),
             "balance_after": _ref("schemas", "Money"),
             "idempotency_key": {"oneOf": [_ref("schemas", "IdempotencyKey"), {"type": "null"}]},
+            "transfer_id": {
+                "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
+                "description": "The transfer of a TRANSFER_* leg; null otherwise.",
+            },
             "created_at": _ref("schemas", "Timestamp"),
         },
         "examples": [
@@ -479,9 +497,85 @@ def _history_item_schema() -> JsonObject:
                 "amount": "10.00",
                 "balance_after": "110.00",
                 "idempotency_key": None,
+                "transfer_id": None,
                 "created_at": "2025-01-19T10:00:00.123456Z",
             }
         ],
+    }
+
+
+def _transfer_request_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["from_wallet_id", "to_wallet_id", "amount"],
+        "properties": {
+            "id": {
+                **_ref("schemas", "WalletId"),
+                "description": (
+                    "Optional transfer id chosen by the client; it is the request's "
+                    "idempotency key (global scope)."
+                ),
+            },
+            "from_wallet_id": _ref("schemas", "WalletId"),
+            "to_wallet_id": {
+                **_ref("schemas", "WalletId"),
+                "description": "Must differ from from_wallet_id.",
+            },
+            "amount": _ref("schemas", "Amount"),
+            "reference": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 255,
+                "description": "Optional client text for reconciliation (printable characters).",
+            },
+        },
+        "examples": [
+            {
+                "from_wallet_id": "123e4567-e89b-12d3-a456-426614174000",
+                "to_wallet_id": "9b2f0c1e-6a55-4f0e-8f0a-2d9c6f1b7e31",
+                "amount": "25.00",
+                "reference": "order 7",
+            }
+        ],
+    }
+
+
+_TRANSFER_FIELDS: Final = (
+    "id", "from_wallet_id", "to_wallet_id", "amount", "reference", "status", "failure_code",
+    "created_at", "updated_at",
+)  # fmt: skip
+
+
+def _transfer_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": list(_TRANSFER_FIELDS),
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "from_wallet_id": _ref("schemas", "WalletId"),
+            "to_wallet_id": _ref("schemas", "WalletId"),
+            "amount": _ref("schemas", "Money"),
+            "reference": {"type": ["string", "null"]},
+            "status": {
+                "type": "string",
+                "enum": ["PENDING", "COMPLETED", "FAILED"],
+                "description": (
+                    "PENDING: debited, not yet credited (the money is in flight, and counted "
+                    "as such); COMPLETED: both legs committed; FAILED: the credit was "
+                    "refused and the debit refunded."
+                ),
+            },
+            "failure_code": {
+                "oneOf": [
+                    {"type": "string", "enum": ["WALLET_NOT_FOUND", "BALANCE_LIMIT_EXCEEDED"]},
+                    {"type": "null"},
+                ],
+                "description": "Why a FAILED transfer's credit was refused.",
+            },
+            "created_at": _ref("schemas", "Timestamp"),
+            "updated_at": _ref("schemas", "Timestamp"),
+        },
     }
 
 
@@ -565,6 +659,11 @@ def _headers() -> JsonObject:
                 "pattern": "^/api/v1/wallets/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                 "[0-9a-f]{12}$",
             },
+        },
+        "TransferLocation": {
+            "description": "Path of the transfer: `/api/v1/transfers/{id}`.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^/api/v1/transfers/[0-9a-fA-F-]{36}$"},
         },
         "Idempotent-Replayed": {
             "description": "Present when this is the stored response of an earlier request "
@@ -1037,6 +1136,73 @@ def _stream_events() -> JsonObject:
     }
 
 
+def _create_transfer() -> JsonObject:
+    return {
+        "operationId": "createTransfer",
+        "tags": ["transfers"],
+        "summary": "Move money from one wallet to another",
+        "description": (
+            "A 201 means both legs are committed. The transfer's `id` (chosen, or derived "
+            "from the Idempotency-Key, else new) is its idempotency key: the same id with the "
+            "same request returns the original answer, with another request 422. A refusal "
+            "names its `side` (`from` or `to`); a credit refused after the debit (receiving "
+            "wallet missing, or past the ceiling) ends the transfer FAILED with the debit "
+            "refunded, and the problem carries the `transfer`. A 503 leaves the transfer "
+            "absent or PENDING; retry with the same id or key for the final answer."
+        ),
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "IdempotencyKey")],
+        "requestBody": _json_body("TransferRequest", required=True),
+        "responses": {
+            "201": {
+                **_json_response("The COMPLETED transfer.", "Transfer", ("Idempotent-Replayed",)),
+                "headers": {
+                    **_header_refs(("Idempotent-Replayed",)),
+                    "Location": _ref("headers", "TransferLocation"),
+                },
+            },
+            "400": _problem_response(
+                "The body is not JSON or not a JSON object.", 400, ("INVALID_JSON",)
+            ),
+            "404": _problem_response(
+                "The `side` wallet does not exist.", 404, ("WALLET_NOT_FOUND",)
+            ),
+            "409": _problem_response(
+                "Not enough money on the from side, or the to side would pass the ceiling "
+                f"({BALANCE_MAX}).",
+                409,
+                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+            ),
+            **_post_errors(),
+        },
+    }
+
+
+def _get_transfer() -> JsonObject:
+    return {
+        "operationId": "getTransfer",
+        "tags": ["transfers"],
+        "summary": "Read a transfer and its status",
+        "security": list(API_SECURITY),
+        "parameters": [
+            {
+                "name": "transfer_id",
+                "in": "path",
+                "required": True,
+                "description": "A UUID; anything else is 400 INVALID_TRANSFER_ID.",
+                "schema": {"type": "string", "format": "uuid"},
+            }
+        ],
+        "responses": {
+            "200": _json_response("The transfer.", "Transfer"),
+            "400": _problem_response("The id is not a UUID.", 400, ("INVALID_TRANSFER_ID",)),
+            "401": _ref("responses", "Unauthorized"),
+            "404": _problem_response("No transfer has this id.", 404, ("TRANSFER_NOT_FOUND",)),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
 def _service_paths() -> JsonObject:
     return {
         "/healthz": {
@@ -1145,6 +1311,8 @@ def _paths() -> JsonObject:
         "/api/v1/operations/bulk": {"post": _bulk_operations()},
         "/api/v1/events": {"get": _list_events()},
         "/api/v1/events/stream": {"get": _stream_events()},
+        "/api/v1/transfers": {"post": _create_transfer()},
+        "/api/v1/transfers/{transfer_id}": {"get": _get_transfer()},
         **_service_paths(),
         **_docs_paths(),
     }
@@ -1184,6 +1352,7 @@ def build_openapi_document() -> dict[str, Any]:
         "tags": [
             {"name": "wallets", "description": "Wallets and their operations"},
             {"name": "feed", "description": "Every committed change, in order"},
+            {"name": "transfers", "description": "Money moved between wallets"},
             {"name": "service", "description": "Health and metrics"},
             {"name": "docs", "description": "This document and its docs page"},
         ],

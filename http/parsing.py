@@ -11,7 +11,7 @@ import functools
 import json
 import re
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -24,9 +24,11 @@ from walletd.http.settings import HttpSettings
 
 __all__ = [
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "REFERENCE_LENGTH_MAX",
     "WALLET_ID_CACHE_ENTRIES_MAX",
     "WALLET_ID_MESSAGE",
     "WALLET_ID_PATTERN",
+    "TransferRequest",
     "body_wallet_id",
     "loads_exact",
     "parse_amount",
@@ -34,6 +36,7 @@ __all__ = [
     "parse_idempotency_key",
     "parse_json_object",
     "parse_operation_body",
+    "parse_transfer_body",
     "parse_wallet_id",
     "path_wallet_id",
     "read_body",
@@ -67,6 +70,8 @@ _AMOUNT_ADJUSTED_EXPONENT_MAX: Final = 15
 _FRACTION_DIGITS_MAX: Final = 2
 
 assert 10**_FRACTION_DIGITS_MAX == MINOR_UNITS_PER_UNIT
+_TRANSFER_FIELDS: Final = frozenset({"id", "from_wallet_id", "to_wallet_id", "amount", "reference"})
+REFERENCE_LENGTH_MAX: Final = 255
 
 
 class _NonFinite:
@@ -351,6 +356,60 @@ def parse_create_body(body: dict[str, Any]) -> UUID | None:
     if errors:
         raise ValidationProblem(errors)
     return wallet_id
+
+
+class TransferRequest(NamedTuple):
+    transfer_id: UUID | None
+    from_wallet_id: UUID
+    to_wallet_id: UUID
+    amount: int
+    reference: str | None
+
+
+def _body_uuid(body: dict[str, Any], name: str, errors: list[FieldError]) -> UUID | None:
+    value = body.get(name)
+    found = body_wallet_id(value)  # one canonical spelling, as for wallet ids
+    if found is None:
+        message = "is required" if value is None else WALLET_ID_MESSAGE
+        errors.append({"field": name, "message": message})
+    return found
+
+
+def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
+    errors: list[FieldError] = []
+    for name in body:
+        if name not in _TRANSFER_FIELDS:
+            errors.append({"field": str(name)[:64], "message": "unknown field"})
+    transfer_id = _body_uuid(body, "id", errors) if "id" in body else None
+    from_wallet_id = _body_uuid(body, "from_wallet_id", errors)
+    to_wallet_id = _body_uuid(body, "to_wallet_id", errors)
+    if from_wallet_id is not None and from_wallet_id == to_wallet_id:
+        errors.append({"field": "to_wallet_id", "message": "must differ from from_wallet_id"})
+    amount: int | FieldError = 0
+    if "amount" not in body:
+        errors.append({"field": "amount", "message": "is required"})
+    else:
+        amount = parse_amount(body["amount"], raw)
+        if isinstance(amount, dict):
+            errors.append(amount)
+    reference = body.get("reference")
+    if reference is not None and not (
+        isinstance(reference, str)
+        and 1 <= len(reference) <= REFERENCE_LENGTH_MAX
+        and reference.isprintable()
+    ):
+        errors.append(
+            {
+                "field": "reference",
+                "message": f"must be 1 to {REFERENCE_LENGTH_MAX} printable characters",
+            }
+        )
+    if errors:
+        raise ValidationProblem(errors)
+    assert from_wallet_id is not None
+    assert to_wallet_id is not None
+    assert isinstance(amount, int)
+    return TransferRequest(transfer_id, from_wallet_id, to_wallet_id, amount, reference)
 
 
 def parse_idempotency_key(request: web.Request) -> str | None:

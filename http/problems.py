@@ -39,6 +39,8 @@ PROBLEM_CODE_KEY: Final = web.ResponseKey("walletd_problem_code", str)
 TITLES: Final = {
     "INVALID_JSON": "Invalid JSON",
     "INVALID_WALLET_ID": "Invalid wallet id",
+    "INVALID_TRANSFER_ID": "Invalid transfer id",
+    "TRANSFER_NOT_FOUND": "Transfer not found",
     "VALIDATION_ERROR": "Validation error",
     "WALLET_NOT_FOUND": "Wallet not found",
     "WALLET_ALREADY_EXISTS": "Wallet already exists",

@@ -7,11 +7,19 @@ import time
 from typing import Final
 from uuid import UUID
 
+import orjson
 from aiohttp import web
 
 from walletd.engine.commands import Outcome, Reply
-from walletd.engine.model import OperationKind, OperationRecord, WalletView
+from walletd.engine.model import (
+    OperationKind,
+    OperationRecord,
+    TransferRecord,
+    TransferStatus,
+    WalletView,
+)
 from walletd.engine.money import format_minor
+from walletd.engine.transfers import SIDE_FROM, TransferReply
 from walletd.http.problems import ProblemError
 
 __all__ = [
@@ -19,6 +27,8 @@ __all__ = [
     "history_item",
     "reply_problem",
     "reply_response",
+    "transfer_body",
+    "transfer_reply_response",
     "wallet_body",
     "wallet_response",
 ]
@@ -58,15 +68,101 @@ def wallet_body(view: WalletView) -> bytes:
 
 
 def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
+    kind = OperationKind(op.kind)
+    key = op.idempotency_key
+    transfer_id: str | None = None
+    if kind not in _CLIENT_KINDS and key is not None:
+        # A transfer leg's key is "<US>KIND:<transfer id>" (engine.commands.transfer_leg_key):
+        # internal, so the client sees the transfer id and no key.
+        transfer_id = key.partition(":")[2]
+        key = None
     return {
         "id": operation_id,
         "seq": op.seq,
-        "operation_type": OperationKind(op.kind).name,
+        "operation_type": kind.name,
         "amount": format_minor(op.amount),
         "balance_after": format_minor(op.balance_after),
-        "idempotency_key": op.idempotency_key,
+        "idempotency_key": key,
+        "transfer_id": transfer_id,
         "created_at": format_timestamp(op.created_at_us),
     }
+
+
+_CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
+
+
+def transfer_body(transfer: TransferRecord) -> dict[str, object]:
+    return {
+        "id": str(transfer.transfer_id),
+        "from_wallet_id": str(transfer.from_wallet_id),
+        "to_wallet_id": str(transfer.to_wallet_id),
+        "amount": format_minor(transfer.amount),
+        "reference": transfer.reference,
+        "status": transfer.status.name,
+        "failure_code": transfer.failure_code,
+        "created_at": format_timestamp(transfer.created_at_us),
+        "updated_at": format_timestamp(transfer.updated_at_us),
+    }
+
+
+def transfer_response(transfer: TransferRecord, status: int, replayed: bool) -> web.Response:
+    headers = dict(_JSON_HEADERS)
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if status == 201:
+        headers["Location"] = f"/api/v1/transfers/{transfer.transfer_id}"
+    return web.Response(status=status, body=orjson.dumps(transfer_body(transfer)), headers=headers)
+
+
+def transfer_reply_response(
+    reply: TransferReply, transfer_id: UUID, from_wallet_id: UUID, to_wallet_id: UUID, amount: int
+) -> web.Response:
+    """201 with the COMPLETED transfer, or the problem: a refusal names its side, and a
+    FAILED transfer (its debit refunded) is in the problem as ``transfer``."""
+    transfer = reply.transfer
+    if reply.outcome is Outcome.OK and transfer is not None:
+        assert transfer.status is TransferStatus.COMPLETED
+        return transfer_response(transfer, 201, reply.replayed)
+    outcome = reply.outcome
+    side = reply.side
+    wallet_id = from_wallet_id if side == SIDE_FROM else to_wallet_id
+    extra: dict[str, object] = {"transfer_id": str(transfer_id)}
+    if side is not None:
+        extra["side"] = side
+    if transfer is not None:
+        extra["transfer"] = transfer_body(transfer)
+    headers = {"Idempotent-Replayed": "true"} if reply.replayed else None
+    if outcome is Outcome.WALLET_NOT_FOUND:
+        raise ProblemError(
+            404, "WALLET_NOT_FOUND", f"the {side} wallet {wallet_id} does not exist",
+            headers=headers, extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.INSUFFICIENT_FUNDS:
+        raise ProblemError(
+            409, "INSUFFICIENT_FUNDS",
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
+            f"cannot transfer {format_minor(amount)}",
+            headers=headers, extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.BALANCE_LIMIT_EXCEEDED:
+        raise ProblemError(
+            409, "BALANCE_LIMIT_EXCEEDED",
+            f"crediting {format_minor(amount)} would pass the balance ceiling of the {side} "
+            f"wallet {wallet_id}",
+            headers=headers, extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
+        raise ProblemError(
+            422, "IDEMPOTENCY_KEY_REUSED",
+            f"transfer {transfer_id} was already requested with a different body",
+            extra=extra,
+        )  # fmt: skip
+    raise ProblemError(
+        503, "UNAVAILABLE",
+        f"the outcome of transfer {transfer_id} is not known yet; it is PENDING or was not "
+        "applied: retry with the same id or Idempotency-Key, or read the transfer",
+        headers=_RETRY_AFTER, extra=extra,
+    )  # fmt: skip
 
 
 def wallet_response(view: WalletView) -> web.Response:

@@ -21,6 +21,7 @@ from walletd.http.parsing import (
     parse_create_body,
     parse_idempotency_key,
     parse_operation_body,
+    parse_transfer_body,
     path_wallet_id,
     read_json_object,
 )
@@ -29,6 +30,8 @@ from walletd.http.responses import (
     format_timestamp,
     history_item,
     reply_response,
+    transfer_reply_response,
+    transfer_response,
     wallet_body,
     wallet_response,
 )
@@ -119,6 +122,42 @@ async def apply_operation(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     reply = await state.services.engine.apply(wallet_id, kind, amount, key)
     return reply_response(reply, wallet_id, amount)
+
+
+@routes.post(PREFIX + "/transfers")
+async def create_transfer(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings)
+    wanted = parse_transfer_body(body, raw)
+    key = parse_idempotency_key(request)
+    transfer_id, reply = await state.services.engine.transfer(
+        wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
+        wanted.reference,
+    )  # fmt: skip
+    return transfer_reply_response(
+        reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount
+    )
+
+
+@routes.get(PREFIX + "/transfers/{transfer_id}")
+async def get_transfer(request: web.Request) -> web.Response:
+    text = request.match_info["transfer_id"]
+    transfer_id = _known_transfer_id(text)
+    if transfer_id is None:
+        raise ProblemError(400, "INVALID_TRANSFER_ID", f"{text[:64]!r} is not a UUID")
+    transfer = await request.app[STATE_KEY].services.engine.read_transfer(transfer_id)
+    if transfer is None:
+        raise ProblemError(404, "TRANSFER_NOT_FOUND", f"transfer {transfer_id} does not exist")
+    return transfer_response(transfer, 200, replayed=False)
+
+
+_CANONICAL_ID: Final = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def _known_transfer_id(text: str) -> UUID | None:
+    return UUID(text) if _CANONICAL_ID.fullmatch(text) else None
 
 
 def _encode_cursor(seq: int) -> str:

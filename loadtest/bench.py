@@ -1,16 +1,18 @@
 """`make bench`: walletd against the bare aiohttp ceiling, with wrk, and a money check.
 
     python -m loadtest.bench [--duration 10] [--rounds 3] [--connections 64]
-                             [--only hot|many|get] [--no-write] [--url URL]
+                             [--only hot|many|get|transfer] [--no-write] [--url URL]
 
 Flow (each step bounded in count and time):
 
     start walletd (embedded PostgreSQL, temp dir) and ceiling
-      -> create 1 hot wallet + --wallets wallets via the API (bounded concurrency)
+      -> create 1 hot wallet + --wallets wallets via the API (bounded concurrency), and
+         --wallets more funded with TRANSFER_FUND each for the transfer scenario
       -> for each round: for each scenario: wrk on walletd, wrk on ceiling (order alternates)
       -> read balances back: hot balance and the sum over the many wallets must cover every
          2xx deposit x amount, plus at most the deposits of unknown outcome (cut off by wrk's
-         stop or answered 5xx)
+         stop or answered 5xx); the transfer wallets must hold exactly what they were funded
+         with (transfers move money, never create or lose it), once no transfer is PENDING
       -> medians per scenario/target into docs/BENCHMARKS.md between the bench markers
       -> the latency-vs-load sweep (loadtest/sweep.py): 8 … 1,024 connections on both
          targets, its own money check, and docs/bench-throughput.svg + docs/bench-p99.svg
@@ -25,6 +27,7 @@ import asyncio
 import datetime
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,8 +63,15 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 
-SCENARIOS = ("hot", "many", "get")
+SCENARIOS = ("hot", "many", "get", "transfer")
 DEPOSIT_SCENARIOS = ("hot", "many")
+# Scenarios whose ops per commit are measured (the ones that write).
+WRITE_SCENARIOS = ("hot", "many", "transfer")
+# Each transfer wallet starts with this much, so that transfers of AMOUNT are rarely refused.
+TRANSFER_FUND = "1000.00"
+# PENDING transfers are finished by walletd's re-drive (default every 2 s): the money check
+# waits this long at most for the sum to settle.
+TRANSFER_SETTLE_S = 15.0
 AMOUNT = "1.00"
 AMOUNT_CENTS = 100
 WRK_THREADS = 2
@@ -142,6 +152,12 @@ async def create_wallets(base_url: str, count: int) -> list[str]:
     return ids
 
 
+async def fund_wallets(base_url: str, ids: list[str], amount: str) -> None:
+    """Deposits ``amount`` into each wallet through walletd.client (keyed, retried safely)."""
+    async with WalletdClient(base_url, request_timeout_s=HTTP_TIMEOUT_S) as walletd:
+        await _bounded([walletd.deposit(wallet_id, amount) for wallet_id in ids])
+
+
 async def read_balances_cents(base_url: str, ids: list[str]) -> list[int]:
     async with WalletdClient(base_url, request_timeout_s=HTTP_TIMEOUT_S) as walletd:
         wallets = await _bounded([walletd.get_wallet(wallet_id) for wallet_id in ids])
@@ -204,6 +220,8 @@ def run_wrk(
 class Results:
     runs: dict[tuple[str, str], list[WrkRun]] = field(default_factory=dict)
     batch: dict[str, list[float]] = field(default_factory=dict)
+    # Commits (all shards) per 2xx transfer, per measured round.
+    commits_per_transfer: list[float] = field(default_factory=list)
     # Unmeasured warm-up runs: left out of the figures, counted in the money check.
     warmup: dict[tuple[str, str], list[WrkRun]] = field(default_factory=dict)
 
@@ -253,8 +271,11 @@ def bench_rounds(
                 if target == "walletd":
                     after = asyncio.run(read_batch_ops(server.url))
                     per_commit = ops_per_commit(before, after)
-                    if per_commit is not None and scenario in DEPOSIT_SCENARIOS:
+                    if per_commit is not None and scenario in WRITE_SCENARIOS:
                         results.batch.setdefault(scenario, []).append(per_commit)
+                    if scenario == "transfer" and before and after and run.ok_2xx:
+                        commits = after.count - before.count
+                        results.commits_per_transfer.append(commits / run.ok_2xx)
                 results.add(scenario, target, run)
                 _print_run(round_index, scenario, target, run)
     return results
@@ -300,6 +321,45 @@ def verify_exact(
     )
 
 
+def verify_transfers(walletd: Server, ids: list[str], results: Results) -> list[str]:
+    """Transfers conserve money: once none is PENDING (the re-drive finishes those a run
+    cut off), the transfer wallets hold exactly what they were funded with. Also the
+    figures the issue asks for: the transfer/deposit throughput ratio, p99, ops per commit
+    and commits per transfer."""
+    funded = len(ids) * parse_cents(TRANSFER_FUND)
+    deadline = time.monotonic() + TRANSFER_SETTLE_S
+    total = _sum_cents(walletd, ids)
+    while total != funded and time.monotonic() < deadline:
+        time.sleep(0.5)
+        total = _sum_cents(walletd, ids)
+    runs = results.deposits("transfer")
+    lines = [
+        f"{'PASS' if total == funded else 'FAIL'} transfer (exact): {len(ids)} wallets hold"
+        f" {total / 100:.2f}, funded with {funded / 100:.2f}; 2xx transfers"
+        f" {sum(r.ok_2xx for r in runs)}, unknown outcome {sum(r.unknown_outcomes for r in runs)}"
+    ]
+    transfer_runs = results.runs.get(("transfer", "walletd"), [])
+    many_runs = results.runs.get(("many", "walletd"), [])
+    if transfer_runs and many_runs:
+        transfer = summarize(
+            "transfer", "walletd", transfer_runs, results.batch.get("transfer", [])
+        )
+        many = summarize("many", "walletd", many_runs, [])
+        per_transfer = (
+            f"{statistics.median(results.commits_per_transfer):.2f}"
+            if results.commits_per_transfer
+            else "n/a"
+        )
+        per_commit = "n/a" if transfer.ops_per_commit is None else f"{transfer.ops_per_commit:.1f}"
+        lines.append(
+            f"INFO transfer/deposit (many) throughput {transfer.rps / many.rps:.2f}"
+            f" ({transfer.rps:.0f} / {many.rps:.0f} rps; goal >= 0.5), transfer p99"
+            f" {transfer.p99_ms:.2f} ms, ops/commit {per_commit}, commits per transfer"
+            f" {per_transfer}"
+        )
+    return lines
+
+
 def verify(
     walletd: Server,
     wallets: dict[str, list[str]],
@@ -316,6 +376,10 @@ def verify(
         lines.append(verify_rounds(walletd, scenario, ids, results))
         lines.append(verify_exact(walletd, scenario, ids, files[scenario], connections))
         print(lines[-2], lines[-1], sep="\n", flush=True)
+    if ("transfer", "walletd") in results.runs:
+        transfer_lines = verify_transfers(walletd, wallets["transfer"], results)
+        print(*transfer_lines, sep="\n", flush=True)
+        lines.extend(transfer_lines)
     return lines
 
 
@@ -358,7 +422,8 @@ def write_report(
         f"wrk {WRK_THREADS} threads, {args.connections} connections, {args.duration}s per run,"
         f" {args.warmup}s unmeasured warm-up per scenario and target, {args.rounds} rounds"
         f" alternating walletd/ceiling, {args.settle:g}s of quiet before each run,"
-        f" {args.wallets} wallets for many/get, deposits of {AMOUNT}. {durability}"
+        f" {args.wallets} wallets for many/get, deposits of {AMOUNT};"
+        f" {args.wallets} more for transfers of {AMOUNT} between random pairs. {durability}"
     )
     section = render_section(
         summaries,
@@ -393,9 +458,15 @@ def main(argv: list[str] | None = None) -> int:
         files["hot"].write_text("\n".join(hot) + "\n")
         files["many"].write_text("\n".join(many) + "\n")
         files["get"] = files["many"]
+        transfer: list[str] = []
+        if "transfer" in (args.only or SCENARIOS):
+            transfer = asyncio.run(create_wallets(walletd.url, args.wallets))
+            asyncio.run(fund_wallets(walletd.url, transfer, TRANSFER_FUND))
+        files["transfer"] = Path(tmp) / "transfer.txt"
+        files["transfer"].write_text("\n".join(transfer) + "\n")
         try:
             results = bench_rounds(walletd, ceiling, files, args)
-            wallets = {"hot": hot, "many": many}
+            wallets = {"hot": hot, "many": many, "transfer": transfer}
             verification = verify(walletd, wallets, files, results, args.connections)
             if not args.no_sweep:
                 verification.append(run_sweep(walletd, ceiling, many, files["many"], args))

@@ -23,6 +23,19 @@ WALLET = orjson.dumps(
         "updated_at": "2025-01-19T10:30:00.000000Z",
     }
 )
+TRANSFER = orjson.dumps(
+    {
+        "id": WALLET_ID,
+        "from_wallet_id": WALLET_ID,
+        "to_wallet_id": WALLET_ID,
+        "amount": "1.00",
+        "reference": None,
+        "status": "COMPLETED",
+        "failure_code": None,
+        "created_at": "2025-01-19T10:00:00.000000Z",
+        "updated_at": "2025-01-19T10:30:00.000000Z",
+    }
+)
 JSON = "application/json"
 
 
@@ -46,6 +59,11 @@ async def operate(request: web.Request) -> web.Response:
     return web.Response(body=WALLET, content_type=JSON)
 
 
+async def transfer(request: web.Request) -> web.Response:
+    orjson.loads(await request.read())
+    return web.Response(status=201, body=TRANSFER, content_type=JSON)
+
+
 async def ready(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status": "ready"}', content_type=JSON)
 
@@ -55,6 +73,7 @@ def create_app() -> web.Application:
     app.router.add_post("/api/v1/wallets", create_wallet)
     app.router.add_get("/api/v1/wallets/{wallet_id}", get_wallet)
     app.router.add_post("/api/v1/wallets/{wallet_id}/operation", operate)
+    app.router.add_post("/api/v1/transfers", transfer)
     app.router.add_get("/healthz", ready)
     app.router.add_get("/readyz", ready)
     return app

@@ -26,6 +26,7 @@ __all__ = [
     "format_cents",
     "parse_cents",
     "reconcile",
+    "reconcile_total",
 ]
 
 
@@ -148,3 +149,25 @@ def reconcile(
         if actual is None or not (low <= actual <= high) or actual < 0:
             mismatches.append(Mismatch(wallet_id, expected, actual, tally))
     return mismatches
+
+
+def reconcile_total(
+    ledger: Ledger,
+    balances_cents: Mapping[str, int | None],
+    initial_cents: Mapping[str, int],
+) -> str | None:
+    """The global check: the sum of all balances is the initial sum plus the acknowledged
+    net (transfers add nothing to it), within the uncertain amounts; None when it holds."""
+    if any(balance is None for balance in balances_cents.values()):
+        return "some balances could not be read"
+    actual = sum(b for b in balances_cents.values() if b is not None)
+    tallies = ledger.wallets.values()
+    expected = sum(initial_cents.values()) + sum(t.acked_net for t in tallies)
+    low = expected - sum(t.uncertain_withdraw for t in tallies)
+    high = expected + sum(t.uncertain_deposit for t in tallies)
+    if low <= actual <= high:
+        return None
+    return (
+        f"sum of balances {format_cents(actual)}, expected {format_cents(expected)} "
+        f"(bounds {format_cents(low)}..{format_cents(high)})"
+    )

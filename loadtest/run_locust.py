@@ -25,6 +25,7 @@ USER_CLASSES = [
     "OverdraftUser",
     "IdempotentRetryUser",
     "BulkUser",
+    "TransferUser",
 ]
 STOP_TIMEOUT_S = 5
 # Beyond the run time: wallet setup, the users' stop timeout and the read-back.

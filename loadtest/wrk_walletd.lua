@@ -3,6 +3,7 @@
 -- MODE: "hot"  POST a deposit to the first id of IDS_FILE
 --       "many" POST a deposit to a random id of IDS_FILE
 --       "get"  GET a random id of IDS_FILE
+--       "transfer" POST a transfer of AMOUNT between two different random ids of IDS_FILE
 -- done() prints one line "WRKJSON {...}" with latency percentiles (microseconds), the status
 -- counts and the number of requests written, which bench.py parses. `sent` minus the
 -- responses counts the requests cut off when wrk stopped: their outcome is unknown (wrk
@@ -18,7 +19,7 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
-local mode, ids, body, headers, static_request, deposit_until
+local mode, ids, body, amount, headers, static_request, deposit_until
 local QUIESCE = "/api/v1/wallets/quiesce"
 statuses = {}
 sent = 0
@@ -32,7 +33,8 @@ function init(args)
   end
   assert(#ids > 0, "no wallet ids in " .. args[2])
   math.randomseed(os.time() * 1000 + (tid or 0))
-  body = '{"operation_type":"DEPOSIT","amount":"' .. (args[3] or "1.00") .. '"}'
+  amount = args[3] or "1.00"
+  body = '{"operation_type":"DEPOSIT","amount":"' .. amount .. '"}'
   headers = { ["Content-Type"] = "application/json" }
   if args[4] then deposit_until = os.time() + tonumber(args[4]) end
   if mode == "hot" then
@@ -49,6 +51,13 @@ function request()
   if mode == "hot" then return static_request end
   local id = ids[math.random(#ids)]
   if mode == "get" then return wrk.format("GET", "/api/v1/wallets/" .. id) end
+  if mode == "transfer" then
+    local other = ids[math.random(#ids)]
+    while other == id and #ids > 1 do other = ids[math.random(#ids)] end
+    return wrk.format("POST", "/api/v1/transfers", headers,
+      '{"from_wallet_id":"' .. id .. '","to_wallet_id":"' .. other ..
+      '","amount":"' .. amount .. '"}')
+  end
   return wrk.format("POST", "/api/v1/wallets/" .. id .. "/operation", headers, body)
 end
 

@@ -133,11 +133,13 @@ SELECT w.id, w.created_xid::text, w.feed_id
 """
 
 _WALLETS_IN_ORDER = "SELECT id, balance, seq FROM wallets ORDER BY id"
-# The signed amount is computed by the server: one column less to decode per row. So is
+# The signed amount is computed by the server: one column less to decode per row. Kinds
+# 1, 4, 5 (DEPOSIT, TRANSFER_IN, TRANSFER_REFUND) add money; the others take it out. So is
 # whether a row is stamped before the one before it (as-of reads binary-search a wallet's
 # log by created_at, so it must not go back): a boolean, where a timestamp would be decoded.
 _OPERATIONS_IN_ORDER = (
-    "SELECT wallet_id, seq, CASE kind WHEN 1 THEN amount ELSE -amount END, balance_after, "
+    "SELECT wallet_id, seq, CASE WHEN kind IN (1, 4, 5) THEN amount ELSE -amount END, "
+    "balance_after, "
     "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq) "
     "FROM wallet_operations ORDER BY wallet_id, seq"
 )
@@ -325,7 +327,7 @@ class RestoreReport:
 _RESTORE = """
 WITH replay AS (
     SELECT wallet_id,
-           sum(CASE kind WHEN 1 THEN amount ELSE -amount END) AS balance,
+           sum(CASE WHEN kind IN (1, 4, 5) THEN amount ELSE -amount END) AS balance,
            max(seq) AS seq,
            max(created_at) AS updated_at
       FROM wallet_operations

@@ -32,6 +32,8 @@ from walletd.engine.model import (
     OperationRecord,
     RefusalReason,
     RefusalRecord,
+    TransferRecord,
+    TransferStatus,
     WalletRecord,
 )
 from walletd.engine.ports import (
@@ -39,6 +41,7 @@ from walletd.engine.ports import (
     PredecessorPending,
     StorageError,
     StorageUnavailable,
+    TransferNotPending,
     WalletLog,
 )
 
@@ -50,6 +53,12 @@ _APPEND = (
 )
 # Sent instead of eight empty lists for the common batch with no refusal.
 _NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
+
+# A batch that opens or closes transfers writes them in the same statement, hence the same
+# implicit transaction, as its log rows and snapshots (migration "transfers").
+_APPEND_WITH_TRANSFERS = (
+    _APPEND + ", walletd_append_transfers($25, $26, $27, $28, $29, $30, $31, $32, $33, $34)"
+)
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
 
@@ -91,8 +100,23 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
 
+_TRANSFER_COLUMNS = (
+    "id, from_wallet_id, to_wallet_id, amount, reference, status, failure_code, "
+    + _MICROS.format("created_at")
+    + ", "
+    + _MICROS.format("updated_at")
+)
+_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[])"
+_PENDING_TRANSFERS = f"""
+SELECT {_TRANSFER_COLUMNS} FROM transfers
+ WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+ ORDER BY created_at LIMIT $2
+"""
+
 # Raised by walletd_append_batch when an earlier batch of the shard has not landed yet.
 _PREDECESSOR_PENDING = "WD002"
+# Raised by walletd_append_transfers when a transfer to close is no longer PENDING.
+_TRANSFER_NOT_PENDING = "WD004"
 
 # Errors after which nobody knows whether the server ran the statement. A broken connection
 # surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
@@ -117,6 +141,12 @@ def _wallet(row: asyncpg.Record) -> WalletRecord:
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
+
+
+def _transfer(row: asyncpg.Record) -> TransferRecord:
+    return TransferRecord(
+        row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8]
+    )
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
@@ -219,9 +249,17 @@ class PostgresLog(WalletLog):
         rows = await self._fetch(_FIND_BY_CREATE_KEY, keys)
         return {row[5]: _wallet(row) for row in rows}
 
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        rows = await self._fetch(_LOAD_TRANSFERS, transfer_ids)
+        return {row[0]: _transfer(row) for row in rows}
+
+    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
+        rows = await self._fetch(_PENDING_TRANSFERS, created_before_us, limit)
+        return [_transfer(row) for row in rows]
+
     async def append_batch(self, batch: Batch) -> None:
         news, ops, snaps = batch.new_wallets, batch.operations, batch.snapshots
-        args = (
+        args: tuple[list[object], ...] = (
             [n.wallet_id for n in news],
             [n.created_at_us for n in news],
             [n.create_idempotency_key for n in news],
@@ -252,9 +290,26 @@ class PostgresLog(WalletLog):
                 [r.fence_seq for r in refusals],
                 [r.created_at_us for r in refusals],
             )
+        args += refusal_args
+        statement = _APPEND
+        if batch.new_transfers or batch.transfer_updates:
+            opened, closed = batch.new_transfers, batch.transfer_updates
+            statement = _APPEND_WITH_TRANSFERS
+            args += (
+                [t.transfer_id for t in opened],
+                [t.from_wallet_id for t in opened],
+                [t.to_wallet_id for t in opened],
+                [t.amount for t in opened],
+                [t.reference for t in opened],
+                [t.created_at_us for t in opened],
+                [u.transfer_id for u in closed],
+                [int(u.status) for u in closed],
+                [u.failure_code for u in closed],
+                [u.updated_at_us for u in closed],
+            )
         connection = await self._acquire()
         try:
-            await connection.execute(_APPEND, *args, *refusal_args)
+            await connection.execute(statement, *args)
         except (*_BROKEN_CONNECTION, *_CONNECTION_LOST) as error:
             # Checked before PostgresError: these are PostgresError subclasses, yet the
             # commit may have happened before the connection went.
@@ -262,6 +317,8 @@ class PostgresLog(WalletLog):
         except asyncpg.PostgresError as error:
             if error.sqlstate == _PREDECESSOR_PENDING:
                 raise PredecessorPending(str(error)) from error
+            if error.sqlstate == _TRANSFER_NOT_PENDING:
+                raise TransferNotPending(str(error)) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

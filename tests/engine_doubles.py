@@ -16,8 +16,16 @@ from uuid import UUID
 
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import Batch, NewWallet, OperationRecord, RefusalRecord, WalletRecord
+from walletd.engine.model import (
+    CREDIT_KINDS,
+    Batch,
+    NewWallet,
+    OperationRecord,
+    RefusalRecord,
+    WalletRecord,
+)
 from walletd.engine.observer import EngineObserver
+from walletd.engine.ports import CommitOutcomeUnknown, StorageError
 from walletd.engine.router import Engine, shard_of
 
 WAIT_S = 5.0  # every wait in these tests is bounded; a hang fails the test instead
@@ -61,6 +69,10 @@ class ControlledLog(InMemoryLog):
         # The next N wallet loads return a corrupt row (a negative balance): the first
         # operation on it breaks a ledger invariant and crashes its shard, for real.
         self.corrupt_loads = 0
+        # The next N appends that close a transfer (credit or refund leg) fail; with
+        # ``closes_land`` they are written first (an ambiguous commit).
+        self.fail_next_closes = 0
+        self.closes_land = False
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         self.load_calls.append(list(wallet_ids))
@@ -81,6 +93,12 @@ class ControlledLog(InMemoryLog):
             if self.raise_on_append is not None:
                 error, self.raise_on_append = self.raise_on_append, None
                 raise error
+            if self.fail_next_closes > 0 and batch.transfer_updates:
+                self.fail_next_closes -= 1
+                if not self.closes_land:
+                    raise StorageError("injected failure of a transfer-closing commit")
+                self._apply(batch)
+                raise CommitOutcomeUnknown("injected: connection lost after the commit")
             await super().append_batch(batch)
             self.appended.append(batch)
         finally:
@@ -102,7 +120,7 @@ class ControlledLog(InMemoryLog):
     def balance_from_log(self, wallet_id: UUID) -> int:
         total = 0
         for op in self.operations.get(wallet_id, []):
-            total += op.amount if op.kind.name == "DEPOSIT" else -op.amount
+            total += op.amount if op.kind in CREDIT_KINDS else -op.amount
         return total
 
 

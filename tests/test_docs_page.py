@@ -35,6 +35,8 @@ V1_OPERATIONS: Final = {
     ("get", "/api/v1/events"),
     ("get", "/api/v1/events/stream"),
     ("post", "/api/v1/operations/bulk"),
+    ("post", "/api/v1/transfers"),
+    ("get", "/api/v1/transfers/{transfer_id}"),
 }
 OPEN_OPERATIONS: Final = {
     ("get", "/healthz"),

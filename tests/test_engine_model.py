@@ -3,10 +3,13 @@ pipeline (the Engine on the in-memory log) and on the pure ledger state machine 
 
 Random creates, deposits, withdrawals, reads, keyed retries (of applied and of refused
 operations), concurrent bursts, commit failures (plain and apply-then-fail), two batches in
-flight with the first failing, and restarts, across several wallets on several shards with a
+flight with the first failing, transfers through the engine (replayed, reused ids, refused
+and refunded, with failed and ambiguous credit or refund commits, finished by a re-drive or
+by the recovery of a restart), and restarts, across several wallets on several shards with a
 tiny resident bound (so passivation runs all the time) and more idempotency keys than the
 key cache holds (so keys are forgotten and looked up again). After every step the log must
-equal the model: balances, histories, recorded refusals, never negative, balance == sum(log).
+equal the model: balances, histories, recorded refusals, transfers, never negative,
+balance == sum(log), and balances + PENDING transfers == deposits - withdrawals.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.engine_doubles import WAIT_S, ControlledLog
+from tests.engine_doubles import WAIT_S, ControlledLog, until
 from walletd.engine.commands import (
     ApplyOperation,
     Command,
@@ -29,13 +32,15 @@ from walletd.engine.commands import (
     Outcome,
     ReadWallet,
     Reply,
+    transfer_leg_key,
 )
 from walletd.engine.ledger import Applied, Ledger
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import OperationKind
+from walletd.engine.model import CREDIT_KINDS, OperationKind, TransferStatus
 from walletd.engine.money import BALANCE_MINOR_MAX
 from walletd.engine.router import Engine
+from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
 
 settings.register_profile(
     "engine-model",
@@ -55,12 +60,18 @@ KEYS = [f"k{n}" for n in range(1, 7)]
 LIMITS = EngineLimits(
     shards=2, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
     resident_wallets_max=3, idempotency_keys_max=12,
+    # Re-drives run only when a rule asks (and once at each start), so the model knows when.
+    transfer_redrive_interval_s=3600.0,
 )  # fmt: skip
+TRANSFER_IDS = [UUID(int=1000 + n) for n in range(4)]
 
 wallets = st.sampled_from(WALLETS)
 kinds = st.sampled_from([OperationKind.DEPOSIT, OperationKind.WITHDRAW])
 amounts = st.integers(min_value=1, max_value=50)
 keys = st.none() | st.sampled_from(KEYS)
+transfer_ids = st.sampled_from(TRANSFER_IDS)
+OUT, IN = OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN
+REFUND = OperationKind.TRANSFER_REFUND
 
 
 @dataclass
@@ -100,6 +111,48 @@ class Model:
     history: dict[UUID, list[_Op]] = field(default_factory=dict)
     keyed: dict[tuple[UUID, str], _Op | _Refusal] = field(default_factory=dict)
     create_keys: dict[str, UUID] = field(default_factory=dict)
+    # transfer id -> [from, to, amount, status, failure code]
+    transfers: dict[UUID, list[object]] = field(default_factory=dict)
+    external: int = 0  # deposits - withdrawals
+
+    def move(self, wallet: UUID, kind: OperationKind, amount: int, key: str) -> None:
+        """Log one leg of a transfer."""
+        balance = self.balances[wallet] + (amount if kind in CREDIT_KINDS else -amount)
+        assert balance >= 0
+        op = _Op(kind, amount, balance, key)
+        self.balances[wallet] = balance
+        self.history[wallet].append(op)
+        self.keyed[(wallet, key)] = op
+
+    def transfer_reply(self, transfer_id: UUID) -> tuple[Outcome, str | None]:
+        """The final answer a stored transfer gives."""
+        _from, _to, _amount, status, failure = self.transfers[transfer_id]
+        if status is TransferStatus.COMPLETED:
+            return Outcome.OK, None
+        if status is TransferStatus.PENDING:
+            return Outcome.UNAVAILABLE, None
+        assert isinstance(failure, str)
+        return Outcome(failure), SIDE_TO
+
+    def debit(self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int) -> None:
+        self.move(sender, OUT, amount, transfer_leg_key(OUT, transfer_id))
+        self.transfers[transfer_id] = [sender, receiver, amount, TransferStatus.PENDING, None]
+
+    def finish(self, transfer_id: UUID) -> None:
+        """Drive a PENDING transfer: credit, or refund when the receiver does not exist."""
+        sender, receiver, amount, _status, _failure = self.transfers[transfer_id]
+        assert isinstance(sender, UUID)
+        assert isinstance(receiver, UUID)
+        assert isinstance(amount, int)
+        if receiver in self.balances:
+            self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id))
+            self.transfers[transfer_id][3] = TransferStatus.COMPLETED
+        else:
+            self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id))
+            self.transfers[transfer_id][3:] = [TransferStatus.FAILED, "WALLET_NOT_FOUND"]
+
+    def pending(self) -> list[UUID]:
+        return [t for t, v in self.transfers.items() if v[3] is TransferStatus.PENDING]
 
     def expect_apply(
         self, wallet: UUID, kind: OperationKind, amount: int, key: str | None
@@ -133,6 +186,7 @@ class Model:
             op = _Op(kind, amount, expect.balance, key)
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
+            self.external += amount if kind is OperationKind.DEPOSIT else -amount
             if key is not None:
                 self.keyed[(wallet, key)] = op
         elif expect.records:
@@ -172,9 +226,7 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
         stored = log.wallets[wallet]
         assert stored.balance == balance >= 0
         ops = log.operations.get(wallet, [])
-        assert sum(o.amount if o.kind is OperationKind.DEPOSIT else -o.amount for o in ops) == (
-            balance
-        )
+        assert sum(o.amount if o.kind in CREDIT_KINDS else -o.amount for o in ops) == balance
         assert [(o.kind, o.amount, o.balance_after, o.idempotency_key) for o in ops] == [
             (o.kind, o.amount, o.balance_after, o.key) for o in model.history[wallet]
         ]
@@ -287,17 +339,109 @@ class EngineMachine(RuleBasedStateMachine):
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
 
+    @rule(transfer_id=transfer_ids, sender=wallets, receiver=wallets, amount=amounts)
+    def transfer(self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int) -> None:
+        """A transfer, new or a retry of its id: the saga's answer and rows as the model's."""
+        if sender == receiver:
+            return  # refused at the edge
+        model = self.model
+        _id, reply = self._run(self.engine.transfer(transfer_id, None, sender, receiver, amount,
+                                                    None))  # fmt: skip
+        if transfer_id in model.transfers:
+            if model.transfers[transfer_id][:3] != [sender, receiver, amount]:
+                assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
+                return
+            if model.transfers[transfer_id][3] is TransferStatus.PENDING:
+                model.finish(transfer_id)  # a retry drives it to its end
+            self._check_transfer(reply, transfer_id, replayed=True)
+            return
+        if sender not in model.balances:
+            assert (reply.outcome, reply.side) == (Outcome.WALLET_NOT_FOUND, SIDE_FROM), reply
+            return
+        if amount > model.balances[sender]:
+            assert (reply.outcome, reply.side) == (Outcome.INSUFFICIENT_FUNDS, SIDE_FROM), reply
+            return
+        model.debit(transfer_id, sender, receiver, amount)
+        model.finish(transfer_id)
+        self._check_transfer(reply, transfer_id, replayed=False)
+
+    @precondition(lambda self: not self.model.pending())
+    @rule(
+        transfer_id=transfer_ids,
+        sender=wallets,
+        receiver=wallets,
+        amount=amounts,
+        lands=st.booleans(),
+    )
+    def transfer_with_failed_close(
+        self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int, lands: bool
+    ) -> None:
+        """The commit of the credit (or refund) fails; with ``lands`` it was written first.
+        Unlanded: 503 and the transfer stays PENDING, debited, visible; landed: the answer
+        read back from storage is the final one."""
+        model = self.model
+        if (
+            sender == receiver
+            or transfer_id in model.transfers
+            or sender not in model.balances
+            or amount > model.balances[sender]
+        ):
+            return  # covered by ``transfer``; here only the saga's second commit fails
+        self.log.fail_next_closes, self.log.closes_land = 1, lands
+        _id, reply = self._run(self.engine.transfer(transfer_id, None, sender, receiver, amount,
+                                                    None))  # fmt: skip
+        self.log.fail_next_closes, self.log.closes_land = 0, False
+        model.debit(transfer_id, sender, receiver, amount)
+        if not lands:
+            assert reply.outcome is Outcome.UNAVAILABLE, reply
+            return
+        model.finish(transfer_id)
+        self._check_transfer(reply, transfer_id, replayed=False)
+
+    @rule()
+    def redrive(self) -> None:
+        """A re-drive pass finishes every PENDING transfer (at most one here)."""
+        ended = self._run(self.engine.redrive_transfers())
+        pending = self.model.pending()
+        assert ended == len(pending)
+        for transfer_id in pending:
+            self.model.finish(transfer_id)
+
+    def _check_transfer(self, reply: TransferReply, transfer_id: UUID, *, replayed: bool) -> None:
+        outcome, side = self.model.transfer_reply(transfer_id)
+        assert (reply.outcome, reply.side, reply.replayed) == (outcome, side, replayed), reply
+
     @rule()
     def restart(self) -> None:
-        """A new engine on the same log rebuilds everything from storage."""
+        """A new engine on the same log rebuilds everything from storage, and its recovery
+        finishes a transfer left PENDING without any request."""
         self._run(self.engine.stop())
         self.engine = self._start_engine()
+        for transfer_id in self.model.pending():
+            self._run(until(lambda: not self._stored_pending()))
+            self.model.finish(transfer_id)
+
+    def _stored_pending(self) -> list[UUID]:
+        return [t.transfer_id for t in self.log.transfers.values()
+                if t.status is TransferStatus.PENDING]  # fmt: skip
 
     # -- invariants ----------------------------------------------------------------------
 
     @invariant()
     def log_matches_model(self) -> None:
         _check_log(self.log, self.model)
+
+    @invariant()
+    def transfers_match_model_and_money_is_conserved(self) -> None:
+        stored = {
+            t.transfer_id: [t.from_wallet_id, t.to_wallet_id, t.amount, t.status, t.failure_code]
+            for t in self.log.transfers.values()
+        }
+        assert stored == self.model.transfers
+        in_flight = sum(t.amount for t in self.log.transfers.values()
+                        if t.status is TransferStatus.PENDING)  # fmt: skip
+        held = sum(w.balance for w in self.log.wallets.values())
+        assert held + in_flight == self.model.external
 
     @invariant()
     def reads_match_model(self) -> None:

@@ -26,7 +26,14 @@ from loadtest.bench_report import (
     replace_section,
     summarize,
 )
-from loadtest.ledger import Ledger, Outcome, format_cents, parse_cents, reconcile
+from loadtest.ledger import (
+    Ledger,
+    Outcome,
+    format_cents,
+    parse_cents,
+    reconcile,
+    reconcile_total,
+)
 from loadtest.procs import running_ceiling, server_environment
 
 WRK_STDOUT = """Running 10s test @ http://127.0.0.1:8001
@@ -214,6 +221,21 @@ def _http(method: str, url: str, body: bytes | None = None) -> tuple[int, dict[s
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=5) as response:
         return int(response.status), orjson.loads(response.read())
+
+
+def test_reconcile_total_checks_that_transfers_keep_the_global_sum() -> None:
+    """Transfers move money between wallets without changing the sum; money created or lost
+    anywhere is caught even when each wallet alone looks plausible."""
+    ledger = Ledger()
+    ledger.record("a", -500, Outcome.APPLIED)
+    ledger.record("b", 500, Outcome.APPLIED)
+    ledger.record("a", -100, Outcome.UNKNOWN)
+    ledger.record("b", 100, Outcome.UNKNOWN)
+    initial = {"a": 1000, "b": 0}
+    assert reconcile_total(ledger, {"a": 500, "b": 500}, initial) is None
+    assert reconcile_total(ledger, {"a": 400, "b": 500}, initial) is None  # PENDING at the end
+    assert reconcile_total(ledger, {"a": 400, "b": 800}, initial) is not None
+    assert reconcile_total(ledger, {"a": 500, "b": None}, initial) is not None
 
 
 @pytest.mark.slow

@@ -129,3 +129,37 @@ async def test_bulk_responses_match_the_document(module_client: Client) -> None:
         )
         assert status is None or refused.status == status
         await _matches(refused, "POST", "/api/v1/operations/bulk")
+
+
+async def test_transfer_routes_match_the_document(module_client: Client) -> None:
+    """A transfer (fresh and replayed), its read, its history legs, and its refusals by
+    side (404 to with the FAILED transfer, 409 from) conform."""
+    client = module_client
+    ids = []
+    for _ in range(2):
+        created = await client.post("/api/v1/wallets")
+        ids.append((await created.json())["id"])
+    sender, receiver = ids
+    deposit = {"operation_type": "DEPOSIT", "amount": "10.00"}
+    assert (await client.post(f"/api/v1/wallets/{sender}/operation", json=deposit)).status == 200
+    body = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "4.00", "reference": "r"}
+    for _attempt in range(2):
+        response = await client.post(
+            "/api/v1/transfers", json=body, headers={"Idempotency-Key": "doc-transfer"}
+        )
+        assert response.status == 201
+        transfer = await _matches(response, "POST", "/api/v1/transfers")
+    response = await client.get(f"/api/v1/transfers/{transfer['id']}")
+    assert response.status == 200
+    await _matches(response, "GET", "/api/v1/transfers/{transfer_id}")
+    response = await client.get(f"/api/v1/wallets/{receiver}/operations")
+    page = await _matches(response, "GET", "/api/v1/wallets/{wallet_id}/operations")
+    assert page["items"][0]["transfer_id"] == transfer["id"]
+    missing = {**body, "to_wallet_id": "00000000-0000-4000-8000-000000000001"}
+    response = await client.post("/api/v1/transfers", json=missing)
+    assert response.status == 404
+    problem = await _matches(response, "POST", "/api/v1/transfers")
+    assert (problem["side"], problem["transfer"]["status"]) == ("to", "FAILED")
+    response = await client.post("/api/v1/transfers", json={**body, "amount": "100.00"})
+    assert response.status == 409
+    assert (await _matches(response, "POST", "/api/v1/transfers"))["side"] == "from"

@@ -122,6 +122,7 @@ def test_a_long_single_step_shows_its_elapsed_time() -> None:
     )
 
 
+@pytest.mark.slow
 async def test_seed_on_a_real_terminal_draws_the_bar(database_url: str) -> None:
     """`walletd seed` with its stderr on a pseudo-terminal draws the bar and ends its line."""
     leader, follower = pty.openpty()

@@ -1,0 +1,279 @@
+"""Transfers on the engine and the in-memory log: the saga's commits, its refusals, its
+idempotency, and its recovery after a failed or ambiguous credit. No PostgreSQL, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from uuid import UUID, uuid4
+
+from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
+from walletd.engine.commands import Outcome
+from walletd.engine.limits import EngineLimits
+from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
+from walletd.engine.router import Engine
+from walletd.engine.transfers import SIDE_FROM, SIDE_TO
+
+TWO_SHARDS = EngineLimits(
+    shards=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=60.0
+)
+SENDER, RECEIVER = wallet_ids_on_shard(0, 2, 1)[0], wallet_ids_on_shard(1, 2, 1)[0]
+
+
+async def funded(engine: Engine, amount: int) -> None:
+    for wallet_id in (SENDER, RECEIVER):
+        _id, reply = await engine.create_wallet(wallet_id, None)
+        assert reply.outcome is Outcome.CREATED
+    reply = await engine.apply(SENDER, OperationKind.DEPOSIT, amount, None)
+    assert reply.outcome is Outcome.OK
+
+
+def in_flight(log: ControlledLog) -> int:
+    return sum(t.amount for t in log.transfers.values() if t.status is TransferStatus.PENDING)
+
+
+def conserved(log: ControlledLog, deposited: int) -> bool:
+    return sum(w.balance for w in log.wallets.values()) + in_flight(log) == deposited
+
+
+async def test_a_transfer_across_shards_debits_credits_and_completes() -> None:
+    """Both legs commit on their own shards; the transfer ends COMPLETED, the sum holds."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 30, "order 7")
+    assert reply.outcome is Outcome.OK
+    assert reply.transfer is not None
+    assert reply.transfer.status is TransferStatus.COMPLETED
+    assert log.wallets[SENDER].balance == 70
+    assert log.wallets[RECEIVER].balance == 30
+    stored = log.transfers[transfer_id]
+    assert (stored.status, stored.reference) == (TransferStatus.COMPLETED, "order 7")
+    assert [op.kind for op in log.operations[RECEIVER]] == [OperationKind.TRANSFER_IN]
+    assert conserved(log, 100)
+
+
+async def test_insufficient_funds_refuses_on_the_from_side_and_writes_nothing() -> None:
+    """A debit past the balance is 409 on the sending side, with no transfer stored."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 11, None)
+    assert (reply.outcome, reply.side, reply.balance_seen) == (
+        Outcome.INSUFFICIENT_FUNDS, SIDE_FROM, 10,
+    )  # fmt: skip
+    assert transfer_id not in log.transfers
+    assert log.wallets[SENDER].balance == 10
+
+
+async def test_a_missing_receiver_fails_the_transfer_and_refunds_the_debit() -> None:
+    """A refused credit is compensated in one commit: refund row + FAILED, visible."""
+    log = ControlledLog()
+    nowhere = wallet_ids_on_shard(1, 2, 2)[1]
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 50)
+        transfer_id, reply = await engine.transfer(None, None, SENDER, nowhere, 20, None)
+        again_id, again = await engine.transfer(transfer_id, None, SENDER, nowhere, 20, None)
+    assert (reply.outcome, reply.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
+    assert (again_id, again.outcome, again.replayed) == (
+        transfer_id, Outcome.WALLET_NOT_FOUND, True,
+    )  # fmt: skip
+    stored = log.transfers[transfer_id]
+    assert (stored.status, stored.failure_code) == (TransferStatus.FAILED, "WALLET_NOT_FOUND")
+    assert [op.kind for op in log.operations[SENDER]] == [
+        OperationKind.DEPOSIT, OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_REFUND,
+    ]  # fmt: skip
+    assert log.wallets[SENDER].balance == 50
+    assert conserved(log, 50)
+
+
+async def test_the_id_is_an_idempotency_key() -> None:
+    """Same id + same request replays without moving money; another request is 422;
+    an Idempotency-Key alone derives the same id each time."""
+    log = ControlledLog()
+    chosen = uuid4()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        _id, first = await engine.transfer(chosen, None, SENDER, RECEIVER, 40, None)
+        _id, replay = await engine.transfer(chosen, None, SENDER, RECEIVER, 40, None)
+        _id, other = await engine.transfer(chosen, None, SENDER, RECEIVER, 41, None)
+        keyed_id, keyed = await engine.transfer(None, "k-1", SENDER, RECEIVER, 5, None)
+        again_id, keyed_again = await engine.transfer(None, "k-1", SENDER, RECEIVER, 5, None)
+    assert (first.outcome, first.replayed) == (Outcome.OK, False)
+    assert (replay.outcome, replay.replayed) == (Outcome.OK, True)
+    assert other.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+    assert keyed_id == again_id
+    assert (keyed.replayed, keyed_again.replayed) == (False, True)
+    assert log.wallets[SENDER].balance == 55
+    assert log.wallets[RECEIVER].balance == 45
+
+
+async def test_concurrent_requests_with_one_id_move_the_money_once() -> None:
+    """Requests racing with the same id join the one drive: applied once, all answered."""
+    log = ControlledLog()
+    chosen = uuid4()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        replies = await asyncio.wait_for(
+            asyncio.gather(
+                *(engine.transfer(chosen, None, SENDER, RECEIVER, 25, None) for _ in range(5))
+            ),
+            WAIT_S,
+        )
+    assert [reply.outcome for _id, reply in replies] == [Outcome.OK] * 5
+    assert sum(not reply.replayed for _id, reply in replies) == 1
+    assert log.wallets[RECEIVER].balance == 25
+
+
+async def test_a_failed_credit_leaves_it_pending_and_a_retry_completes_it() -> None:
+    """A credit commit that fails answers 503 with the transfer PENDING (money visibly in
+    flight, the sum conserved); the client's retry with the id completes it once."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        log.fail_next_closes = 1
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 60, None)
+        assert reply.outcome is Outcome.UNAVAILABLE
+        assert log.transfers[transfer_id].status is TransferStatus.PENDING
+        assert (log.wallets[SENDER].balance, log.wallets[RECEIVER].balance) == (40, 0)
+        assert conserved(log, 100)
+        _id, retry = await engine.transfer(transfer_id, None, SENDER, RECEIVER, 60, None)
+    assert (retry.outcome, retry.replayed) == (Outcome.OK, True)
+    assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+    assert (log.wallets[SENDER].balance, log.wallets[RECEIVER].balance) == (40, 60)
+
+
+async def test_an_ambiguous_credit_is_answered_from_storage_and_credited_once() -> None:
+    """A credit that landed but came back as outcome-unknown is answered with the stored
+    truth (COMPLETED, not a 503); a retry replays it; the receiver is credited once."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        log.fail_next_closes = 1
+        log.closes_land = True
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 70, None)
+        assert reply.outcome is Outcome.OK
+        assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+        assert await engine.redrive_transfers() == 0  # nothing PENDING: nothing to do
+        _id, retry = await engine.transfer(transfer_id, None, SENDER, RECEIVER, 70, None)
+    assert (retry.outcome, retry.replayed) == (Outcome.OK, True)
+    assert [op.kind for op in log.operations[RECEIVER]] == [OperationKind.TRANSFER_IN]
+    assert log.wallets[RECEIVER].balance == 70
+
+
+async def test_recovery_on_start_finishes_what_a_previous_run_left_pending() -> None:
+    """A transfer left PENDING by a stopped engine is completed by the next engine's start,
+    without any request."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        log.fail_next_closes = 1
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+        assert reply.outcome is Outcome.UNAVAILABLE
+    assert log.transfers[transfer_id].status is TransferStatus.PENDING
+    async with running_engine(log, TWO_SHARDS):
+        await until(lambda: log.transfers[transfer_id].status is TransferStatus.COMPLETED)
+    assert (log.wallets[SENDER].balance, log.wallets[RECEIVER].balance) == (90, 10)
+
+
+async def test_the_redrive_loop_finishes_a_pending_transfer_by_itself() -> None:
+    """With no retry from the client, the periodic re-drive completes a PENDING transfer."""
+    log = ControlledLog()
+    quick = EngineLimits(
+        shards=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=0.05
+    )
+    async with running_engine(log, quick) as engine:
+        await funded(engine, 100)
+        log.fail_next_closes = 1
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+        assert reply.outcome is Outcome.UNAVAILABLE
+        await until(lambda: log.transfers[transfer_id].status is TransferStatus.COMPLETED)
+    assert log.wallets[RECEIVER].balance == 10
+
+
+async def test_a_transfer_closes_once_even_when_two_drivers_race() -> None:
+    """Storage refuses a second close: after a refund, a late credit cannot land too."""
+    log = ControlledLog()
+    nowhere = UUID(int=999_999)
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 30)
+        transfer_id, reply = await engine.transfer(None, None, SENDER, nowhere, 30, None)
+        assert reply.outcome is Outcome.WALLET_NOT_FOUND
+        failed = log.transfers[transfer_id]
+        # A stale driver that still believes it PENDING, once the receiver exists.
+        _id, created = await engine.create_wallet(nowhere, None)
+        assert created.outcome is Outcome.CREATED
+        stale = failed._replace(status=TransferStatus.PENDING, failure_code=None)
+        late = await engine.transfers._drive(stale, replayed=True, driver=DRIVER_REQUEST)
+    assert late.outcome is Outcome.WALLET_NOT_FOUND  # the stored, final answer
+    assert log.wallets[nowhere].balance == 0
+    assert log.transfers[transfer_id].status is TransferStatus.FAILED
+    assert conserved(log, 30)
+
+
+class CountingLog(ControlledLog):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transfer_loads: list[int] = []
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        self.transfer_loads.append(len(transfer_ids))
+        return await super().load_transfers(transfer_ids)
+
+
+async def test_concurrent_lookups_by_id_share_one_query() -> None:
+    """Transfers with client ids sent at once are looked up together: a query per wave,
+    not per request, so lookups hold one storage connection at most."""
+    log = CountingLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        replies = await asyncio.wait_for(
+            asyncio.gather(
+                *(engine.transfer(uuid4(), None, SENDER, RECEIVER, 1, None) for _ in range(20))
+            ),
+            WAIT_S,
+        )
+    assert [reply.outcome for _id, reply in replies] == [Outcome.OK] * 20
+    assert sum(log.transfer_loads) == 20
+    assert len(log.transfer_loads) <= 2
+
+
+async def test_a_failed_lookup_answers_unavailable_and_moves_nothing() -> None:
+    """Storage away during the lookup by id: 503 at once, nothing debited."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 100)
+        log.fail_loads = True
+        _id, reply = await engine.transfer(uuid4(), None, SENDER, RECEIVER, 5, None)
+        log.fail_loads = False
+    assert reply.outcome is Outcome.UNAVAILABLE
+    assert log.transfers == {}
+    assert log.wallets[SENDER].balance == 100
+
+
+class EndedObserver(EngineObserver):
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str]] = []
+
+    def transfer_ended(self, status: str, driver: str) -> None:
+        self.ended.append((status, driver))
+
+
+async def test_the_observer_counts_transfers_ended_by_status_and_driver() -> None:
+    """Each transfer closed by this process is reported once: COMPLETED or FAILED, by its
+    request or by the re-drive; replays report nothing."""
+    log = ControlledLog()
+    observer = EndedObserver()
+    nowhere = wallet_ids_on_shard(1, 2, 2)[1]
+    async with running_engine(log, TWO_SHARDS, observer=observer) as engine:
+        await funded(engine, 100)
+        done_id, _ = await engine.transfer(None, None, SENDER, RECEIVER, 1, None)
+        await engine.transfer(done_id, None, SENDER, RECEIVER, 1, None)  # a replay
+        await engine.transfer(None, None, SENDER, nowhere, 1, None)
+        log.fail_next_closes = 1
+        await engine.transfer(None, None, SENDER, RECEIVER, 1, None)
+        assert await engine.redrive_transfers() == 1
+    assert observer.ended == [
+        ("COMPLETED", DRIVER_REQUEST), ("FAILED", DRIVER_REQUEST), ("COMPLETED", DRIVER_REDRIVE),
+    ]  # fmt: skip

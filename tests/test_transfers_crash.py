@@ -1,0 +1,257 @@
+"""Transfers through a real walletd process killed with -9 mid-run: after the restart,
+recovery finishes every PENDING transfer by itself, retrying every transfer with its id
+applies each exactly once, and money is conserved exactly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import signal
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from tests.processes import WalletdProcess
+from tests.test_faults import own_postgres
+from tests.test_transfers_api import conservation_gap
+from walletd.cli.config import load_config
+from walletd.cli.service import migrate_database, running_services
+from walletd.http.app import create_app
+from walletd.http.settings import HttpSettings
+
+pytestmark = pytest.mark.slow
+
+StartWalletd = Callable[..., WalletdProcess]
+Client = TestClient[web.Request, web.Application]
+WALLETS = 100
+WORKERS = 16
+TIMEOUT = aiohttp.ClientTimeout(total=30)
+RECOVERY_S = 30.0
+
+
+async def start(walletd_process: StartWalletd, *args: str) -> WalletdProcess:
+    return await asyncio.to_thread(walletd_process, *args)
+
+
+class TransferLoad:
+    """Workers sending transfers with client-chosen ids until stopped; every request body
+    sent is remembered, with the answer it got (None: no answer)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, wallets: list[str]) -> None:
+        self.session, self.url, self.wallets = session, url, wallets
+        self.sent: dict[str, dict[str, Any]] = {}
+        self.answers: dict[str, int | None] = {}
+        self.stop = asyncio.Event()
+
+    async def worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            sender, receiver = rng.sample(self.wallets, 2)
+            transfer_id = str(uuid.uuid4())
+            body = {
+                "id": transfer_id,
+                "from_wallet_id": sender,
+                "to_wallet_id": receiver,
+                "amount": f"{rng.randint(1, 4000) / 100:.2f}",
+            }
+            self.sent[transfer_id] = body
+            self.answers[transfer_id] = None
+            try:
+                async with self.session.post(f"{self.url}/api/v1/transfers", json=body) as response:
+                    self.answers[transfer_id] = response.status
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.01)  # the process is gone (kill -9)
+
+    def created(self) -> int:
+        return sum(1 for status in self.answers.values() if status == 201)
+
+    async def until_created(self, count: int) -> None:
+        for _ in range(3000):
+            if self.created() >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"only {self.created()} transfers completed")
+
+
+async def final_answer(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any], bool]:
+    """POST the same transfer until the answer is not a 503; (status, body, replayed)."""
+    deadline = asyncio.get_running_loop().time() + RECOVERY_S
+    while True:
+        async with session.post(f"{url}/api/v1/transfers", json=body) as response:
+            answer = await response.json(content_type=None)
+            replayed = response.headers.get("Idempotent-Replayed") == "true"
+            if response.status != 503:
+                return response.status, answer, replayed
+        assert asyncio.get_running_loop().time() < deadline, answer
+        await asyncio.sleep(0.1)
+
+
+async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
+    walletd_process: StartWalletd, database_url: str
+) -> None:
+    """kill -9 while 16 workers move money among 100 wallets on 4 shards. Conservation holds
+    in the database right after the kill (PENDING transfers counted); the restarted process
+    completes every PENDING transfer without a request; retrying every transfer sent gets a
+    final answer, a replay for those already answered 201; every transfer has its legs once."""
+    args = ("--database-url", database_url, "--shards", "4")
+    first = await start(walletd_process, *args)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        wallets = []
+        for _ in range(WALLETS):
+            async with session.post(f"{first.url}/api/v1/wallets") as response:
+                wallet_id = (await response.json())["id"]
+            async with session.post(
+                f"{first.url}/api/v1/wallets/{wallet_id}/operation",
+                json={"operation_type": "DEPOSIT", "amount": "100.00"},
+            ) as response:
+                assert response.status == 200
+            wallets.append(wallet_id)
+        load = TransferLoad(session, first.url, wallets)
+        loading = asyncio.gather(*(load.worker(seed) for seed in range(WORKERS)))
+        await load.until_created(300)
+        first.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.process.wait, 10)
+        load.stop.set()
+        await loading
+    before_kill = Counter(load.answers.values())
+    assert set(before_kill) <= {201, 409, None}, before_kill
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        assert await conservation_gap(connection) == 0
+        left_pending = await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1")
+
+        second = await start(walletd_process, *args)
+        deadline = asyncio.get_running_loop().time() + RECOVERY_S
+        while await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
+            assert asyncio.get_running_loop().time() < deadline, "recovery did not finish"
+            await asyncio.sleep(0.05)
+        assert await conservation_gap(connection) == 0
+
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            finals = await asyncio.gather(
+                *(final_answer(session, second.url, body) for body in load.sent.values())
+            )
+        for transfer_id, (status, answer, replayed) in zip(load.sent, finals, strict=True):
+            assert status in {201, 409}, (transfer_id, status, answer)
+            if load.answers[transfer_id] == 201:
+                assert (status, replayed) == (201, True), (transfer_id, answer)
+        stored = await connection.fetch("SELECT id::text, status FROM transfers")
+        legs = await connection.fetch(
+            "SELECT idempotency_key, count(*) AS copies FROM wallet_operations "
+            "WHERE kind IN (3, 4, 5) GROUP BY idempotency_key"
+        )
+        mismatched = await connection.fetch(
+            """SELECT w.id FROM wallets w JOIN wallet_operations o ON o.wallet_id = w.id
+                GROUP BY w.id, w.balance, w.seq
+               HAVING w.balance <> sum(CASE WHEN o.kind IN (1, 4, 5) THEN o.amount
+                                            ELSE -o.amount END)
+                   OR w.seq <> count(*)"""
+        )
+        assert await conservation_gap(connection) == 0
+    finally:
+        await connection.close()
+    completed = {row["id"] for row in stored if row["status"] == 2}
+    assert {row["status"] for row in stored} <= {2, 3}
+    answered_201 = {tid for tid, final in zip(load.sent, finals, strict=True) if final[0] == 201}
+    assert completed == answered_201
+    assert all(row["copies"] == 1 for row in legs)
+    assert len(legs) == 2 * len(completed) + 3 * (len(stored) - len(completed))
+    assert mismatched == []
+    print(f"transfers sent {len(load.sent)}, answered before the kill {dict(before_kill)}, "
+          f"left PENDING by the kill {left_pending}, completed {len(completed)}")  # fmt: skip
+
+
+async def test_postgres_crash_mid_transfers_recovers_by_itself_and_conserves(
+    tmp_path: Path, aiohttp_client: Callable[..., Any]
+) -> None:
+    """PostgreSQL stopped in immediate mode (a crash: no checkpoint) while transfers run:
+    clients get 201, 409 or 503, never a 500; once it is back, walletd finishes every
+    PENDING transfer by itself, money is conserved exactly, every 201 is COMPLETED, and
+    retrying every transfer sent gets a final answer."""
+    async with own_postgres(tmp_path / "pg") as server:
+        await migrate_database(server.dsn)
+        config = load_config(
+            argparse.Namespace(),
+            environ={
+                "WALLETD_DATABASE_URL": server.dsn,
+                "WALLETD_SHARDS": "4",
+                "WALLETD_TRANSFER_REDRIVE_INTERVAL": "0.5",
+            },
+        )
+        client: Client = await aiohttp_client(
+            create_app(HttpSettings(), lambda: running_services(config))
+        )
+        wallets = []
+        for _ in range(40):
+            created = await client.post("/api/v1/wallets")
+            wallets.append((await created.json())["id"])
+            deposit = {"operation_type": "DEPOSIT", "amount": "100.00"}
+            funded = await client.post(f"/api/v1/wallets/{wallets[-1]}/operation", json=deposit)
+            assert funded.status == 200
+        sent: dict[str, dict[str, Any]] = {}
+        answers: dict[str, int] = {}
+        stop = asyncio.Event()
+
+        async def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                sender, receiver = rng.sample(wallets, 2)
+                transfer_id = str(uuid.uuid4())
+                body = {"id": transfer_id, "from_wallet_id": sender, "to_wallet_id": receiver,
+                        "amount": f"{rng.randint(1, 3000) / 100:.2f}"}  # fmt: skip
+                sent[transfer_id] = body
+                response = await client.post("/api/v1/transfers", json=body)
+                answers[transfer_id] = response.status
+                if response.status == 503:
+                    await asyncio.sleep(0.05)  # paced while PostgreSQL is away
+
+        loading = asyncio.gather(*(worker(seed) for seed in range(8)))
+        deadline = asyncio.get_running_loop().time() + RECOVERY_S
+        while sum(status == 201 for status in answers.values()) < 50:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(server.stop, "immediate")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.start)
+        created_before = sum(status == 201 for status in answers.values())
+        while sum(status == 201 for status in answers.values()) <= created_before + 20:
+            assert asyncio.get_running_loop().time() < deadline + RECOVERY_S, "no recovery"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await loading
+        assert set(answers.values()) <= {201, 409, 503}, Counter(answers.values())
+        assert Counter(answers.values())[503] > 0  # the crash was seen by clients
+
+        connection = await asyncpg.connect(server.dsn)
+        try:
+            deadline = asyncio.get_running_loop().time() + RECOVERY_S
+            while await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
+                assert asyncio.get_running_loop().time() < deadline, "PENDING left behind"
+                await asyncio.sleep(0.1)
+            assert await conservation_gap(connection) == 0
+            completed = {
+                str(row["id"])
+                for row in await connection.fetch("SELECT id FROM transfers WHERE status = 2")
+            }
+        finally:
+            await connection.close()
+        assert {tid for tid, status in answers.items() if status == 201} <= completed
+        for transfer_id, body in sent.items():
+            response = await client.post("/api/v1/transfers", json=body)
+            assert response.status in {201, 409}, (transfer_id, await response.text())
+            if transfer_id in completed:  # stored COMPLETED: the retry replays it
+                assert response.status == 201
+                assert response.headers["Idempotent-Replayed"] == "true"
+        await client.close()
