@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
-from walletd.http.parsing import WALLET_ID_PATTERN
+from walletd.http.parsing import REFERENCE_PATTERN, WALLET_ID_PATTERN
 from walletd.http.routes_v1 import CURSOR_PATTERN
 
 __all__ = [
@@ -283,6 +283,10 @@ def _event_schema() -> JsonObject:
             "amount": _ref("schemas", "Money"),
             "balance_after": _ref("schemas", "Money"),
             "idempotency_key": {"oneOf": [_ref("schemas", "IdempotencyKey"), {"type": "null"}]},
+            "transfer_id": {
+                "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
+                "description": "The transfer a TRANSFER_* leg belongs to; null otherwise.",
+            },
         },
     }  # fmt: skip
     # More event types (transfers, holds) may be added: a consumer skips types it does not
@@ -382,7 +386,7 @@ def _bulk_item_schema() -> JsonObject:
         "additionalProperties": False,
         "properties": {
             "wallet_id": _ref("schemas", "WalletId"),
-            "operation_type": _ref("schemas", "OperationType"),
+            "operation_type": _ref("schemas", "RequestOperationType"),
             "amount": _ref("schemas", "Amount"),
             "idempotency_key": _ref("schemas", "IdempotencyKey"),
         },
@@ -527,7 +531,8 @@ def _transfer_request_schema() -> JsonObject:
                 "type": "string",
                 "minLength": 1,
                 "maxLength": 255,
-                "description": "Optional client text for reconciliation (printable characters).",
+                "pattern": REFERENCE_PATTERN,
+                "description": "Optional client text for reconciliation (no control characters).",
             },
         },
         "examples": [

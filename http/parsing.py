@@ -72,6 +72,10 @@ _FRACTION_DIGITS_MAX: Final = 2
 assert 10**_FRACTION_DIGITS_MAX == MINOR_UNITS_PER_UNIT
 _TRANSFER_FIELDS: Final = frozenset({"id", "from_wallet_id", "to_wallet_id", "amount", "reference"})
 REFERENCE_LENGTH_MAX: Final = 255
+# A client's own text for reconciliation: any characters but the C0/C1 controls (the
+# OpenAPI document states this same pattern).
+REFERENCE_PATTERN: Final = "^[^\\x00-\\x1f\\x7f-\\x9f]{1,255}$"
+_REFERENCE: Final = re.compile(REFERENCE_PATTERN.strip("^$"))
 
 
 class _NonFinite:
@@ -394,14 +398,12 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
             errors.append(amount)
     reference = body.get("reference")
     if reference is not None and not (
-        isinstance(reference, str)
-        and 1 <= len(reference) <= REFERENCE_LENGTH_MAX
-        and reference.isprintable()
+        isinstance(reference, str) and _REFERENCE.fullmatch(reference)
     ):
         errors.append(
             {
                 "field": "reference",
-                "message": f"must be 1 to {REFERENCE_LENGTH_MAX} printable characters",
+                "message": f"must be 1 to {REFERENCE_LENGTH_MAX} characters, no control characters",
             }
         )
     if errors:

@@ -95,9 +95,15 @@ FEED_SOURCES: Final = (
            {_MICROS.format("o.created_at")},
            json_build_object(
                'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
-               'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' ELSE 'WITHDRAW' END,
+               'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' WHEN 2 THEN 'WITHDRAW'
+                                             WHEN 3 THEN 'TRANSFER_OUT' WHEN 4 THEN 'TRANSFER_IN'
+                                             WHEN 5 THEN 'TRANSFER_REFUND' END,
                'amount', o.amount, 'balance_after', o.balance_after,
-               'idempotency_key', o.idempotency_key)
+               -- A transfer leg's key is internal ("<US>KIND:<transfer id>"): the event
+               -- names the transfer instead, as the history does (http/responses.py).
+               'idempotency_key', CASE WHEN o.kind IN (1, 2) THEN o.idempotency_key END,
+               'transfer_id', CASE WHEN o.kind NOT IN (1, 2)
+                                   THEN split_part(o.idempotency_key, ':', 2) END)
       FROM wallet_operations o
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)

@@ -408,3 +408,37 @@ async def test_a_real_server_frees_a_closed_streams_slot_at_its_next_poll(
                     break
             assert time.monotonic() < deadline, "the closed stream still holds its slot"
             await asyncio.sleep(0.1)
+
+
+async def test_transfer_legs_are_events_naming_their_transfer(client: Client) -> None:
+    """A transfer's legs reach the feed as operation events of their kind, naming the
+    transfer and never the internal leg key."""
+    wallets = []
+    for _ in range(2):
+        wallets.append((await (await client.post("/api/v1/wallets")).json())["id"])
+    deposit = {"operation_type": "DEPOSIT", "amount": "5.00"}
+    assert (
+        await client.post(f"/api/v1/wallets/{wallets[0]}/operation", json=deposit)
+    ).status == 200
+    response = await client.post(
+        "/api/v1/transfers",
+        json={"from_wallet_id": wallets[0], "to_wallet_id": wallets[1], "amount": "2.00"},
+    )
+    assert response.status == 201, await response.text()
+    transfer_id = (await response.json())["id"]
+    # The feed shows a change once every older transaction has ended: poll until the three
+    # operations (the deposit and both legs) are there.
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while True:
+        response = await client.get("/api/v1/events", params={"limit": "50"})
+        events = (await response.json())["events"]
+        if sum(e["type"] == "operation.applied" for e in events) >= 3:
+            break
+        assert asyncio.get_running_loop().time() < deadline, events
+        await asyncio.sleep(0.05)
+    by_type = {e.get("operation_type"): e for e in events if e["type"] == "operation.applied"}
+    assert by_type["TRANSFER_OUT"]["transfer_id"] == transfer_id
+    assert by_type["TRANSFER_IN"]["transfer_id"] == transfer_id
+    assert by_type["TRANSFER_IN"]["wallet_id"] == wallets[1]
+    assert by_type["TRANSFER_OUT"]["idempotency_key"] is None
+    assert by_type["DEPOSIT"]["transfer_id"] is None
