@@ -72,7 +72,7 @@ wheel-test: install-dev
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "from walletd.persistence.migrate import migrations; assert migrations(), 'no migrations in the wheel'"
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/walletd serve --help >/dev/null
 
-bench: install-dev
+bench: install-dev tools
 	$(PY) -m loadtest.bench
 	$(PY) -m loadtest.bulk_bench
 
