@@ -59,15 +59,31 @@ SETTINGS: tuple[Setting, ...] = (
             "folder for the embedded PostgreSQL's data (used when no database URL is set)"),
     Setting("database_url", ("WALLETD_DATABASE_URL", "DATABASE_URL"), "--database-url", str, None,
             "PostgreSQL URL; unset = start an embedded PostgreSQL in the data dir"),
-    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 1,
-            "number of shard actors; in one process they share one core, so more shards "
-            "only split batches (docs/BENCHMARKS.md)"),
+    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 64,
+            "the cluster's shard count (units of ownership and routing); stored in the "
+            "database by the first server, a different count is refused (docs/SCALING.md)"),
+    Setting("pipelines", ("WALLETD_PIPELINES",), "--pipelines", int, 1,
+            "actor loops (mailbox + commit pipeline) in this process, shared by its shards; "
+            "they share one core, so more only split batches (docs/BENCHMARKS.md)"),
+    Setting("advertise_url", ("WALLETD_ADVERTISE_URL",), "--advertise-url", str, None,
+            "URL other walletd processes forward requests to this one at; unset = "
+            "http://HOST:PORT"),
+    Setting("lease_ttl_s", ("WALLETD_LEASE_TTL",), "--lease-ttl", float, 3.0,
+            "seconds a shard lease lasts without renewal (renewed every quarter of it); a "
+            "killed process's shards move after about 1.25 times this"),
+    Setting("lease_moves_max", ("WALLETD_LEASE_MOVES_MAX",), "--lease-moves-max", int, 8,
+            "shards a process releases per lease step when it holds more than its share"),
+    Setting("forward_timeout_s", ("WALLETD_FORWARD_TIMEOUT",), "--forward-timeout", float,
+            10.0, "seconds a request forwarded to a shard's owner may take before 503"),
+    Setting("forward_connections_max", ("WALLETD_FORWARD_CONNECTIONS_MAX",),
+            "--forward-connections-max", int, 64,
+            "connections to other walletd processes for forwarding; past it requests wait"),
     Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 1024,
-            "commands waiting per shard; past it requests get 503 OVERLOADED"),
+            "commands waiting per pipeline; past it requests get 503 OVERLOADED"),
     Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 256,
             "commands per commit at most"),
     Setting("inflight_batches_max", ("WALLETD_INFLIGHT_BATCHES",), "--inflight-batches", int, 2,
-            "batches one shard may be committing at once (commit pipelining)"),
+            "batches one pipeline may be committing at once (commit pipelining)"),
     Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
             int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
     Setting("warm_wallets", ("WALLETD_WARM_WALLETS",), "--warm-wallets", int, 0,
@@ -77,7 +93,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("commit_timeout_s", ("WALLETD_COMMIT_TIMEOUT",), "--commit-timeout", float, 5.0,
             "seconds a batch commit may take before it is failed with 503"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
-            "PostgreSQL connections at most; 0 = (in-flight batches + 1) per shard + 4"),
+            "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
             float, 2.0, "seconds to get a PostgreSQL connection (pool wait + connect) before "
             "a request gets 503"),
@@ -101,6 +117,12 @@ class Config:
     data_dir: Path
     database_url: str | None
     shards: int
+    pipelines: int
+    advertise_url: str | None
+    lease_ttl_s: float
+    lease_moves_max: int
+    forward_timeout_s: float
+    forward_connections_max: int
     mailbox_commands_max: int
     batch_ops_max: int
     inflight_batches_max: int
@@ -118,8 +140,16 @@ class Config:
 
     @property
     def pool_size(self) -> int:
-        # Each shard holds a connection per committing batch, plus one for its loads.
-        return self.pool_size_max or (self.inflight_batches_max + 1) * self.shards + 4
+        # Each pipeline holds a connection per committing batch, plus one for its loads.
+        return self.pool_size_max or (self.inflight_batches_max + 1) * self.pipelines + 4
+
+    @property
+    def url(self) -> str:
+        """Where other processes reach this one (forwarding, the ownership table)."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.port}"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

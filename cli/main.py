@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -58,10 +60,16 @@ def http_settings(config: Config) -> HttpSettings:
         body_bytes_max=config.body_bytes_max,
         api_keys=config.api_keys,
         access_log=config.access_log,
+        forward_timeout_s=config.forward_timeout_s,
+        forward_connections_max=config.forward_connections_max,
     )
 
 
 async def _serve(config: Config) -> None:
+    # Bound before the services start, so that the URL this process advertises to the others
+    # (forwarding, the ownership table) carries the real port, also with --port 0.
+    sock = socket.create_server((config.host, config.port), backlog=2048)
+    config = dataclasses.replace(config, port=sock.getsockname()[1])
     metrics = Metrics()
     app = create_app(
         http_settings(config), lambda: running_services(config, metrics.engine), metrics=metrics
@@ -69,9 +77,13 @@ async def _serve(config: Config) -> None:
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
     )
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        site = web.SockSite(runner, sock)
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"walletd listening on http://{host}:{port}", flush=True)

@@ -96,6 +96,9 @@ class Batch:
     new_wallets: list[NewWallet] = field(default_factory=list)
     operations: list[OperationRecord] = field(default_factory=list)
     snapshots: list[SnapshotUpdate] = field(default_factory=list)
+    # (shard, lease epoch) of every shard the batch writes: the database refuses the batch
+    # if one epoch is stale (engine/ownership.py). Empty when no leases are in use.
+    fence: list[tuple[int, int]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.new_wallets or self.operations or self.snapshots)

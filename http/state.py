@@ -28,6 +28,8 @@ class Services:
     engine: Engine
     log: WalletLog
     readiness: Readiness
+    # Where other walletd processes reach this one; None when it runs alone (tests, tools).
+    self_url: str | None = None
 
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]

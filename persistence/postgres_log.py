@@ -30,6 +30,7 @@ from walletd.engine.model import Batch, OperationKind, OperationRecord, WalletRe
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     PredecessorPending,
+    StaleEpoch,
     StorageError,
     StorageUnavailable,
     WalletLog,
@@ -37,7 +38,10 @@ from walletd.engine.ports import (
 
 __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 
-_APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"  # noqa: E501
+# The fence runs first, in the same statement and so the same transaction: it share-locks the
+# lease rows of the batch's shards and refuses a stale epoch (WDF01) before anything is
+# written (migration shard_leases, docs/SCALING.md).
+_APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) FROM walletd_fence($17::integer[], $18::bigint[])"  # noqa: E501
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
 
@@ -75,6 +79,8 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
 
 # Raised by walletd_append_batch when an earlier batch of the shard has not landed yet.
 _PREDECESSOR_PENDING = "WD002"
+# Raised by walletd_fence when a shard's lease epoch is newer than the batch's.
+_STALE_EPOCH = "WDF01"
 
 # Errors after which nobody knows whether the server ran the statement. A broken connection
 # surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
@@ -211,6 +217,8 @@ class PostgresLog(WalletLog):
             [s.seq for s in snaps],
             [s.balance for s in snaps],
             [s.updated_at_us for s in snaps],
+            [shard for shard, _ in batch.fence],
+            [epoch for _, epoch in batch.fence],
         )
         connection = await self._acquire()
         try:
@@ -222,6 +230,8 @@ class PostgresLog(WalletLog):
         except asyncpg.PostgresError as error:
             if error.sqlstate == _PREDECESSOR_PENDING:
                 raise PredecessorPending(str(error)) from error
+            if error.sqlstate == _STALE_EPOCH:
+                raise StaleEpoch(str(error), [shard for shard, _ in batch.fence]) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

@@ -134,7 +134,7 @@ async def running_engine(
     observer: EngineObserver | None = None,
     clock_us: Callable[[], int] | None = None,
 ) -> AsyncIterator[Engine]:
-    limits = limits or EngineLimits(shards=2, batch_ops_max=64, mailbox_commands_max=256)
+    limits = limits or EngineLimits(pipelines=2, batch_ops_max=64, mailbox_commands_max=256)
     if clock_us is None:
         engine = Engine(log, limits, observer=observer)
     else:

@@ -371,7 +371,7 @@ async def test_overloaded_when_the_mailbox_is_full(
     make_app: AppFactory, aiohttp_client: AiohttpClient, database_url: str
 ) -> None:
     """A full mailbox refuses at once: 503 OVERLOADED with Retry-After, nothing applied."""
-    limits = EngineLimits(shards=1, mailbox_commands_max=2, batch_ops_max=1)
+    limits = EngineLimits(pipelines=1, mailbox_commands_max=2, batch_ops_max=1)
     client: Client = await aiohttp_client(make_app(limits=limits))
     wallet_id = await _funded_wallet(client)
     engine = client.app[STATE_KEY].services.engine

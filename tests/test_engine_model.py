@@ -37,7 +37,7 @@ T = TypeVar("T")
 WALLETS = [UUID(int=n) for n in range(1, 7)]
 KEYS = ["k1", "k2", "k3"]
 LIMITS = EngineLimits(
-    shards=3, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=3,
+    pipelines=3, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=3,
     idempotency_keys_max=36,
 )  # fmt: skip
 
