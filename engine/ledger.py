@@ -1,0 +1,456 @@
+"""The ledger state machine of one shard: the wallets it holds and the rules that move money.
+
+Pure, like TigerBeetle's ``state_machine``: no asyncio, no I/O, no futures (a command's
+reply future rides along but only the pipeline in engine/shard.py touches it). It is a
+function of its state and the commands it is given; the pipeline does the waiting::
+
+    missing(commands)        what must be loaded before these commands can be decided
+    add_wallets / add_operations / add_creations    the rows the pipeline loaded
+    execute(commands)        decide every command on the pending state; returns an
+                             ``Applied``: one reply per command and the Batch to write
+    committed(applied)       the Batch is stored: its pending state becomes committed
+    answers(applied)         the replies, reads answered from committed state
+    unknown(applied)         the Batch's write failed: what it touched is no longer known
+    forget(applied)          drop what it touched (and the keys it added): re-read later
+
+Adding a kind of command (a transfer, a hold) means: its class in engine/commands.py, its
+handler here in ``_HANDLERS`` (the one dispatch point), the wallets and keys it needs in
+``missing``, and the rows it writes added to the Batch in engine/model.py.
+
+Memory is never ahead of storage: committed fields change only in ``committed``; pending
+state lives on a wallet only while a batch that wrote it is open.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+from uuid import UUID
+
+from walletd.engine.commands import (
+    ApplyOperation,
+    Command,
+    CreateWallet,
+    Outcome,
+    ReadWallet,
+    Reply,
+)
+from walletd.engine.invariants import require
+from walletd.engine.limits import EngineLimits
+from walletd.engine.model import (
+    Batch,
+    NewWallet,
+    OperationKind,
+    OperationRecord,
+    SnapshotUpdate,
+    WalletRecord,
+    WalletView,
+)
+from walletd.engine.money import BALANCE_MINOR_MAX
+
+__all__ = ["Applied", "Ledger"]
+
+# A resident's committed seq while no committed state is known, one sentinel per reason:
+# its creation is in flight (pending holds the new wallet) ...
+SEQ_CREATING: Final = -1
+# ... or a batch that touched it failed, so its stored state is unknown until re-read.
+SEQ_UNKNOWN: Final = -2
+
+# Placeholder reply of a read: answered from committed state once its batch resolves.
+_READ_LATER: Final = Reply(Outcome.OK)
+
+
+class Pending:
+    """Applied but not yet committed state of a wallet: exists only while a batch is open."""
+
+    __slots__ = ("balance", "seq", "updated_at_us")
+
+    def __init__(self, balance: int, seq: int, updated_at_us: int) -> None:
+        self.balance = balance
+        self.seq = seq
+        self.updated_at_us = updated_at_us
+
+
+class Resident:
+    """A wallet held in memory: its committed state, and pending state while it is dirty.
+
+    Kept small on purpose (one of these per resident wallet, up to a million): the id is the
+    table's key, and the pending part is a separate object only while a batch is open.
+    """
+
+    __slots__ = ("balance", "created_at_us", "pending", "seq", "updated_at_us")
+
+    def __init__(self, balance: int, seq: int, created_at_us: int, updated_at_us: int) -> None:
+        self.balance = balance
+        self.seq = seq
+        self.created_at_us = created_at_us
+        self.updated_at_us = updated_at_us
+        self.pending: Pending | None = None
+
+    @classmethod
+    def loaded(cls, record: WalletRecord) -> Resident:
+        return cls(record.balance, record.seq, record.created_at_us, record.updated_at_us)
+
+    @classmethod
+    def being_created(cls, created_at_us: int) -> Resident:
+        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us)
+        resident.pending = Pending(0, 0, created_at_us)
+        return resident
+
+    @property
+    def committed(self) -> bool:
+        return self.seq >= 0
+
+    def is_dirty(self) -> bool:
+        return self.pending is not None or self.seq < 0
+
+    def committed_view(self, wallet_id: UUID) -> WalletView:
+        return WalletView(wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us)
+
+
+@dataclass(frozen=True, slots=True)
+class CreationKey:
+    wallet_id: UUID
+    fingerprint: str
+    created_at_us: int
+
+
+@dataclass(slots=True)
+class Applied:
+    """One batch after ``execute``: what to write, what to answer, and what it touched."""
+
+    batch: Batch = field(default_factory=Batch)
+    # One per command, in order; a read's is ``_READ_LATER`` until ``answers``.
+    replies: list[Reply] = field(default_factory=list)
+    # Reads are answered from committed state when the batch resolves, not when applied.
+    # The resident is captured at apply time: it may be evicted from the table before the
+    # batch resolves, and its committed fields stay exact until then (it is clean, so no
+    # other batch can commit it in between). (index in replies, wallet id, resident)
+    reads: list[tuple[int, UUID, Resident | None]] = field(default_factory=list)
+    # Each wallet the batch writes, with its seq before the batch.
+    written: dict[int, tuple[UUID, Resident, int]] = field(default_factory=dict)
+    # Final state of each written wallet: (resident, balance, seq, updated_at_us).
+    finals: list[tuple[Resident, int, int, int]] = field(default_factory=list)
+    touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
+    added_keys: list[tuple[UUID, str]] = field(default_factory=list)
+    added_create_keys: list[str] = field(default_factory=list)
+
+
+class Ledger:
+    def __init__(self, limits: EngineLimits, clock_us: Callable[[], int]) -> None:
+        self._clock_us = clock_us
+        self._residents_max = limits.resident_wallets_per_shard_max
+        self._keys_max = limits.idempotency_keys_per_shard_max
+        # Dirty wallets sit near the end of the LRU; an eviction scan steps over at most
+        # about two batches of them.
+        self._evict_scan_slack = 2 * limits.batch_ops_max
+        # Insertion-ordered plain dict used as an LRU: a use re-inserts the wallet at the
+        # end; eviction takes from the front (an OrderedDict costs ~180 B more per entry).
+        # Keyed by the id's 128-bit int: hashed in C, and no UUID object kept per wallet
+        # (asyncpg's UUIDs also grow a cached int when hashed). ~250 B per resident wallet.
+        self._residents: dict[int, Resident] = {}
+        self._keys: OrderedDict[tuple[UUID, str], OperationRecord] = OrderedDict()
+        self._create_keys: OrderedDict[str, CreationKey] = OrderedDict()
+
+    @property
+    def resident_wallets(self) -> int:
+        return len(self._residents)
+
+    # -- reads outside a batch ---------------------------------------------------------
+
+    def read_committed(self, wallet_id: UUID) -> WalletView | None:
+        """The committed view of a resident wallet, or None when it is not resident."""
+        residents = self._residents
+        wid = wallet_id.int
+        resident = residents.get(wid)
+        if resident is None or resident.seq < 0:
+            return None
+        residents[wid] = residents.pop(wid)  # a read is a use, for passivation
+        return resident.committed_view(wallet_id)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def warm(self, records: Iterable[WalletRecord]) -> int:
+        """Make stored wallets resident, up to the bound (never evicting); how many added."""
+        residents = self._residents
+        added = 0
+        for record in records:
+            if len(residents) >= self._residents_max:
+                break
+            wid = record.wallet_id.int
+            if wid not in residents:
+                residents[wid] = Resident.loaded(record)
+                added += 1
+        return added
+
+    def missing(
+        self, commands: Sequence[Command]
+    ) -> tuple[set[UUID], set[tuple[UUID, str]], set[str]]:
+        """Wallets, operation keys and creation keys to load before ``execute``."""
+        wallet_ids: set[UUID] = set()
+        op_keys: set[tuple[UUID, str]] = set()
+        create_keys: set[str] = set()
+        for command in commands:
+            if command.wallet_id.int not in self._residents:
+                wallet_ids.add(command.wallet_id)
+            if isinstance(command, ApplyOperation) and command.idempotency_key is not None:
+                key = (command.wallet_id, command.idempotency_key)
+                if key not in self._keys:
+                    op_keys.add(key)
+            elif (
+                isinstance(command, CreateWallet)
+                and command.idempotency_key is not None
+                and command.idempotency_key not in self._create_keys
+            ):
+                create_keys.add(command.idempotency_key)
+        return wallet_ids, op_keys, create_keys
+
+    def add_wallets(self, records: Iterable[WalletRecord]) -> int:
+        """Make loaded wallets resident; how many were added.
+
+        A wallet already resident keeps its state: memory is never older than a row read
+        while it was resident.
+        """
+        residents = self._residents
+        added = 0
+        for record in records:
+            wid = record.wallet_id.int
+            if wid not in residents:
+                residents[wid] = Resident.loaded(record)
+                added += 1
+        return added
+
+    def add_operations(self, found: dict[tuple[UUID, str], OperationRecord]) -> None:
+        for key, record in found.items():
+            self._remember_key(key, record)
+
+    def add_creations(self, found: dict[str, WalletRecord]) -> None:
+        for create_key, record in found.items():
+            self._remember_create_key(
+                create_key,
+                CreationKey(record.wallet_id, record.create_fingerprint, record.created_at_us),
+            )
+
+    # -- deciding ------------------------------------------------------------------------
+
+    def execute(self, commands: Sequence[Command]) -> Applied:
+        """Decide each command in order on the pending state; the batch and its replies."""
+        applied = Applied()
+        replies = applied.replies
+        handlers = _HANDLERS
+        for command in commands:
+            replies.append(handlers[type(command)](self, command, applied))
+        self._write_snapshots(applied)
+        return applied
+
+    def _read_wallet(self, command: ReadWallet, applied: Applied) -> Reply:
+        wallet_id = command.wallet_id
+        resident = self._residents.get(wallet_id.int)
+        applied.reads.append((len(applied.replies), wallet_id, resident))
+        return _READ_LATER
+
+    def _apply_operation(self, command: ApplyOperation, applied: Applied) -> Reply:
+        wallet_id = command.wallet_id
+        residents = self._residents
+        wid = wallet_id.int
+        resident = residents.get(wid)
+        if resident is None:
+            return Reply(Outcome.WALLET_NOT_FOUND)
+        key = command.idempotency_key
+        if key is not None:
+            earlier = self._keys.get((wallet_id, key))
+            if earlier is not None:
+                return _replay_operation(command, earlier, resident)
+        pending = resident.pending
+        balance_before = resident.balance if pending is None else pending.balance
+        if command.kind is OperationKind.WITHDRAW:
+            if command.amount > balance_before:
+                return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance_before)
+            balance = balance_before - command.amount
+        else:
+            if balance_before + command.amount > BALANCE_MINOR_MAX:
+                return Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance_before)
+            balance = balance_before + command.amount
+        require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
+        if pending is None:
+            pending = resident.pending = Pending(
+                resident.balance, resident.seq, resident.updated_at_us
+            )
+        if wid not in applied.written:
+            applied.written[wid] = (wallet_id, resident, pending.seq)
+            applied.touched_wallets.add(wid)
+            residents[wid] = residents.pop(wid)  # a use, for LRU passivation
+        now_us = max(self._clock_us(), pending.updated_at_us)
+        seq = pending.seq + 1
+        pending.balance = balance
+        pending.seq = seq
+        pending.updated_at_us = now_us
+        record = OperationRecord(wallet_id, seq, command.kind, command.amount, balance, key, now_us)
+        applied.batch.operations.append(record)
+        if key is not None:
+            self._remember_key((wallet_id, key), record)
+            applied.added_keys.append((wallet_id, key))
+        return Reply(
+            Outcome.OK, WalletView(wallet_id, balance, seq, resident.created_at_us, now_us)
+        )
+
+    def _create_wallet(self, command: CreateWallet, applied: Applied) -> Reply:
+        wallet_id = command.wallet_id
+        key = command.idempotency_key
+        if key is not None:
+            earlier = self._create_keys.get(key)
+            if earlier is not None:
+                if earlier.wallet_id != wallet_id or earlier.fingerprint != command.fingerprint:
+                    return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+                created = earlier.created_at_us
+                return Reply(
+                    Outcome.CREATED, WalletView(wallet_id, 0, 0, created, created), replayed=True
+                )
+        wid = wallet_id.int
+        if wid in self._residents:
+            return Reply(Outcome.WALLET_ALREADY_EXISTS)
+        now_us = self._clock_us()
+        self._residents[wid] = Resident.being_created(now_us)
+        applied.touched_wallets.add(wid)
+        applied.batch.new_wallets.append(NewWallet(wallet_id, now_us, key, command.fingerprint))
+        if key is not None:
+            self._remember_create_key(key, CreationKey(wallet_id, command.fingerprint, now_us))
+            applied.added_create_keys.append(key)
+        return Reply(Outcome.CREATED, WalletView(wallet_id, 0, 0, now_us, now_us))
+
+    @staticmethod
+    def _write_snapshots(applied: Applied) -> None:
+        """The snapshot row of each written wallet: its pending state at the batch's end."""
+        snapshots = applied.batch.snapshots
+        finals = applied.finals
+        for wallet_id, resident, prev_seq in applied.written.values():
+            pending = resident.pending
+            assert pending is not None
+            snapshots.append(
+                SnapshotUpdate(wallet_id, prev_seq, pending.seq, pending.balance,
+                               pending.updated_at_us)
+            )  # fmt: skip
+            finals.append((resident, pending.balance, pending.seq, pending.updated_at_us))
+
+    # -- how the write ended -------------------------------------------------------------
+
+    def committed(self, applied: Applied) -> None:
+        """The batch is stored: promote its pending state to committed."""
+        residents = self._residents
+        for new in applied.batch.new_wallets:
+            resident = residents.get(new.wallet_id.int)
+            if resident is not None and resident.seq == SEQ_CREATING:
+                resident.seq = 0
+                _drop_pending_if_caught_up(resident)
+        for resident, balance, seq, updated_at_us in applied.finals:
+            require(seq > resident.seq, "commits of one wallet must be in order")
+            resident.balance = balance
+            resident.seq = seq
+            resident.updated_at_us = updated_at_us
+            _drop_pending_if_caught_up(resident)
+
+    def answers(self, applied: Applied) -> list[Reply]:
+        """The batch's replies, in command order, reads answered from committed state."""
+        replies = applied.replies
+        for index, wallet_id, resident in applied.reads:
+            replies[index] = self._committed_reply(wallet_id, resident)
+        return replies
+
+    def _committed_reply(self, wallet_id: UUID, resident: Resident | None) -> Reply:
+        if resident is None:  # not there when applied; perhaps created later in the batch
+            resident = self._residents.get(wallet_id.int)
+        if resident is None or resident.seq < 0:
+            return Reply(Outcome.WALLET_NOT_FOUND)
+        return Reply(Outcome.OK, resident.committed_view(wallet_id))
+
+    def unknown(self, applied: Applied) -> None:
+        """The batch's write failed: what it touched is unknown until re-read.
+
+        Fast-path reads of those wallets then miss and go through the mailbox, behind the
+        ``forget`` that makes them re-read from storage.
+        """
+        residents = self._residents
+        for wid in applied.touched_wallets:
+            resident = residents.get(wid)
+            if resident is not None:
+                resident.seq = SEQ_UNKNOWN
+
+    def forget(self, applied: Applied) -> None:
+        """Drop what a failed batch touched, so it is re-read from storage before use."""
+        for wid in applied.touched_wallets:
+            self._residents.pop(wid, None)
+        for key in applied.added_keys:
+            self._keys.pop(key, None)
+        for create_key in applied.added_create_keys:
+            self._create_keys.pop(create_key, None)
+
+    # -- bounded memory ------------------------------------------------------------------
+
+    def evict_idle(self) -> int:
+        """Passivation: drop the least recently used clean wallets past the resident bound.
+
+        Only between batches (no ``execute`` may be waiting on a load that checked the
+        residents). Dirty wallets (pending changes of open batches) stay: the overshoot is
+        bounded by the wallets of the open batches. Returns how many were dropped.
+        """
+        residents = self._residents
+        bound = self._residents_max
+        if len(residents) <= bound:
+            return 0
+        # Evict down to a little under the bound, so the scan from the front of the dict
+        # (which steps over the holes re-insertions leave) is paid once per chunk.
+        target = len(residents) - bound + bound // 16
+        victims: list[int] = []
+        # Dirty wallets are the most recently used, near the end: the scan stops early.
+        scan_max = target + self._evict_scan_slack
+        for scanned, (wallet_id, resident) in enumerate(residents.items()):
+            if len(victims) >= target or scanned >= scan_max:
+                break
+            if not resident.is_dirty():
+                victims.append(wallet_id)
+        for wallet_id in victims:
+            del residents[wallet_id]
+        return len(victims)
+
+    def _remember_key(self, key: tuple[UUID, str], record: OperationRecord) -> None:
+        self._keys[key] = record
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._keys_max:
+            self._keys.popitem(last=False)
+
+    def _remember_create_key(self, key: str, entry: CreationKey) -> None:
+        self._create_keys[key] = entry
+        self._create_keys.move_to_end(key)
+        while len(self._create_keys) > self._keys_max:
+            self._create_keys.popitem(last=False)
+
+
+def _replay_operation(
+    command: ApplyOperation, earlier: OperationRecord, resident: Resident
+) -> Reply:
+    if earlier.kind is not command.kind or earlier.amount != command.amount:
+        return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+    view = WalletView(
+        earlier.wallet_id,
+        earlier.balance_after,
+        earlier.seq,
+        resident.created_at_us,
+        earlier.created_at_us,
+    )
+    return Reply(Outcome.OK, view, replayed=True)
+
+
+def _drop_pending_if_caught_up(resident: Resident) -> None:
+    pending = resident.pending
+    if pending is not None and pending.seq == resident.seq:
+        resident.pending = None
+
+
+# The one dispatch point: a command's type -> the rule that decides it.
+_HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
+    ApplyOperation: Ledger._apply_operation,  # type: ignore[dict-item]
+    CreateWallet: Ledger._create_wallet,  # type: ignore[dict-item]
+    ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
+}
