@@ -180,7 +180,7 @@ async def test_the_shard_count_is_stored_once_and_another_is_refused(database_ur
         assert await ensure_cluster(connection, 16) == 16
         assert await ensure_cluster(connection, 16) == 16
         assert await connection.fetchval("SELECT count(*) FROM walletd_shard_leases") == 16
-        with pytest.raises(ShardCountMismatch, match="has 16 shards.*started with 64"):
+        with pytest.raises(ShardCountMismatch, match=r"has 16 shards.*started with 64"):
             await ensure_cluster(connection, 64)
     finally:
         await connection.close()
@@ -262,7 +262,8 @@ async def test_a_lost_lease_stops_every_answer_from_memory_and_the_successor_ser
             deposited = await first.engine.apply(wallet, OperationKind.DEPOSIT, 1000, "k1")
             assert deposited.outcome is Outcome.OK
             view = first.engine.read_resident(wallet)
-            assert view is not None and view.balance == 1000
+            assert view is not None
+            assert view.balance == 1000
 
             relay.cut()
             cut_at = asyncio.get_running_loop().time()
@@ -282,7 +283,8 @@ async def test_a_lost_lease_stops_every_answer_from_memory_and_the_successor_ser
                 await until(lambda: second.ownership.serving(5), "the second serves shard 5")
                 moved = await second.engine.apply(wallet, OperationKind.DEPOSIT, 500, "k2")
                 assert moved.outcome is Outcome.OK
-                assert moved.wallet is not None and moved.wallet.balance == 1500
+                assert moved.wallet is not None
+                assert moved.wallet.balance == 1500
 
                 relay.mend()
                 # The first one comes back: it learns it lost the leases, later claims its
