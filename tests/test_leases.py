@@ -164,10 +164,11 @@ def wallet_in(shard: int) -> UUID:
 async def lease_rows(dsn: str) -> list[asyncpg.Record]:
     connection = await asyncpg.connect(dsn)
     try:
-        return await connection.fetch(
+        rows: list[asyncpg.Record] = await connection.fetch(
             "SELECT shard, owner, epoch, expires_at > now() AS live"
             " FROM walletd_shard_leases ORDER BY shard"
         )
+        return rows
     finally:
         await connection.close()
 
