@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
             "they share one core, so more only split batches (docs/BENCHMARKS.md)"),
     Setting("advertise_url", ("WALLETD_ADVERTISE_URL",), "--advertise-url", str, None,
             "URL other walletd processes forward requests to this one at; unset = "
-            "http://HOST:PORT"),
+            "http://HOST:PORT (the machine's host name when HOST is 0.0.0.0)"),
     Setting("lease_ttl_s", ("WALLETD_LEASE_TTL",), "--lease-ttl", float, 3.0,
             "seconds a shard lease lasts without renewal (renewed every quarter of it); a "
             "killed process's shards move after about 1.25 times this"),
@@ -148,7 +149,10 @@ class Config:
         """Where other processes reach this one (forwarding, the ownership table)."""
         if self.advertise_url:
             return self.advertise_url.rstrip("/")
-        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            # Listening everywhere: the host name, which other replicas resolve (compose).
+            host = socket.gethostname()
         return f"http://{host}:{self.port}"
 
 
