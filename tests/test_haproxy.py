@@ -78,7 +78,7 @@ async def haproxy(servers: list[str], folder: Path) -> AsyncIterator[tuple[str, 
             shard_count=SHARDS,
             map_path=map_path,
             socket_path=socket_path,
-        )  # fmt: skip
+        )
     )
     process = start_haproxy(config_path, folder / "haproxy.log")
     try:
