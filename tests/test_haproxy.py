@@ -8,7 +8,7 @@ import contextlib
 import random
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -91,11 +91,10 @@ async def haproxy(servers: list[str], folder: Path) -> AsyncIterator[tuple[str, 
 
 def some_paths(rng: random.Random) -> Iterator[tuple[str, str, str]]:
     """(method, path, id as written) over many ids: lowercase, uppercase, mixed."""
-    forms = [
-        str.lower,
-        str.upper,
-        lambda text: "".join(rng.choice((c.lower(), c.upper())) for c in text),
-    ]
+    def mixed(text: str) -> str:
+        return "".join(rng.choice((c.lower(), c.upper())) for c in text)
+
+    forms: list[Callable[[str], str]] = [str.lower, str.upper, mixed]
     for number in range(IDS):
         written = forms[number % 3](str(uuid.UUID(int=rng.getrandbits(128), version=4)))
         yield rng.choice(
