@@ -91,6 +91,7 @@ async def haproxy(servers: list[str], folder: Path) -> AsyncIterator[tuple[str, 
 
 def some_paths(rng: random.Random) -> Iterator[tuple[str, str, str]]:
     """(method, path, id as written) over many ids: lowercase, uppercase, mixed."""
+
     def mixed(text: str) -> str:
         return "".join(rng.choice((c.lower(), c.upper())) for c in text)
 
