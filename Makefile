@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: run test install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
+.PHONY: run cluster test install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ install-dev: $(STAMP)
 
 run: install
 	$(VENV)/bin/walletd serve
+
+# A local cluster: embedded PostgreSQL, PROCESSES walletd processes and HAProxy at one URL
+# (http://127.0.0.1:8000); HAProxy comes from .ci/install-haproxy (docs/SCALING.md).
+PROCESSES ?= 2
+cluster: install
+	$(VENV)/bin/walletd cluster --processes $(PROCESSES)
 
 # mypy does not follow setuptools' package-dir mapping, so it reads the
 # namespace package through a tree of symlinks (PACKAGING.md).

@@ -1,5 +1,6 @@
-"""The ``walletd`` command: ``serve``, ``migrate``, and the operator commands ``verify``,
-``restore`` and ``seed``.
+"""The ``walletd`` command: ``serve``, ``migrate``, the operator commands ``verify``,
+``restore`` and ``seed``, and the cluster tools ``cluster``, ``haproxy-config`` and
+``haproxy-sync`` (docs/SCALING.md).
 
 Exit codes: 0 success; 1 ``verify`` found mismatches; 2 the command could not run (bad
 configuration, PostgreSQL unreachable or too old, a server holds the database), with one
@@ -16,12 +17,15 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 import uvloop
 from aiohttp import web
 
+from walletd.cli.cluster import ClusterError, run_cluster
 from walletd.cli.config import Config, add_flags, load_config
+from walletd.cli.haproxy import HaproxyMissing, MapSync, initial_map, render_config
 from walletd.cli.service import (
     engine_limits,
     migrate_database,
@@ -46,6 +50,8 @@ SHUTDOWN_TIMEOUT_S = 30.0
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
 _STARTUP_ERRORS = (
+    ClusterError,
+    HaproxyMissing,
     DatabaseError,
     EmbeddedPostgresError,
     MigrationError,
@@ -138,13 +144,59 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cluster(config: Config, args: argparse.Namespace) -> int:
+    return await run_cluster(config, args.processes)
+
+
+async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:
+    text = render_config(
+        args.server, bind=args.bind, shard_count=config.shards,
+        map_path=args.map_file, socket_path=args.socket,
+    )  # fmt: skip
+    if args.write_map:
+        args.map_file.write_text(initial_map(config.shards))
+    sys.stdout.write(text)
+    return 0
+
+
+async def _haproxy_sync(config: Config, args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        sync = MapSync(dsn, args.server, map_path=args.map_file, socket_path=args.socket)
+        try:
+            await sync.run()
+        finally:
+            await sync.close()
+    return 0
+
+
 _COMMANDS = {
     "serve": (_serve_command, "run the HTTP service"),
     "migrate": (_migrate, "apply database migrations and exit"),
     "verify": (_verify, "check every wallet's snapshot against its log; exit 1 on mismatch"),
     "restore": (_restore, "rebuild the wallets snapshot from the log (server must be stopped)"),
     "seed": (_seed, "bulk-create wallets and history with COPY, for load tests"),
+    "cluster": (
+        _cluster,
+        "run PostgreSQL, N walletd processes and HAProxy on loopback, at one URL (--port)",
+    ),
+    "haproxy-config": (_haproxy_config, "print an HAProxy config routing by shard"),
+    "haproxy-sync": (_haproxy_sync, "keep HAProxy's shard map equal to the lease table"),
 }
+
+
+def _add_haproxy_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--server", action="append", required=True, metavar="URL",
+        help="a walletd process, http://HOST:PORT (repeat; the same order everywhere)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--map-file", type=Path, default=Path("/var/lib/haproxy/walletd-shards.map"),
+        help="HAProxy's shard map (default /var/lib/haproxy/walletd-shards.map)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--socket", type=Path, default=Path("/run/haproxy/admin.sock"),
+        help="HAProxy's stats socket, admin level (default /run/haproxy/admin.sock)",
+    )  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,6 +210,18 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--operations", type=int, default=0,
                 help="operations to create, spread evenly over the wallets (default 0)",
+            )  # fmt: skip
+        if name == "cluster":
+            sub.add_argument(
+                "--processes", type=int, default=2, help="walletd processes (default 2)"
+            )
+        if name in ("haproxy-config", "haproxy-sync"):
+            _add_haproxy_flags(sub)
+        if name == "haproxy-config":
+            sub.add_argument("--bind", default="127.0.0.1:8000", help="HAProxy's listening address")
+            sub.add_argument(
+                "--write-map", action="store_true",
+                help="also write the initial map file (every shard to any walletd)",
             )  # fmt: skip
     return parser
 
