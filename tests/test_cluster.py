@@ -7,14 +7,16 @@ count is 16. Every test bounds its waits; the slow ones are marked slow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,13 @@ import asyncpg
 import pytest
 
 from tests.processes import WalletdProcess, start_walletd, walletd_command
+from walletd.cli.haproxy import (
+    MapSync,
+    initial_map,
+    render_config,
+    start_haproxy,
+    wait_listening,
+)
 from walletd.engine.money import MINOR_UNITS_PER_UNIT
 from walletd.engine.ownership import shard_of_text
 
@@ -30,6 +39,41 @@ SHARDS = 16
 LEASE_TTL_S = 1.0
 FAILOVER_BOUND_S = 30.0  # loose on purpose; the measured figure is in docs/SCALING.md
 WAIT_S = 30.0
+
+
+@contextlib.asynccontextmanager
+async def routed(dsn: str, urls: list[str], folder: Path) -> AsyncIterator[str]:
+    """HAProxy in front of these servers, its shard map kept current; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    map_path, socket_path = folder / "shards.map", folder / "haproxy.sock"
+    map_path.write_text(initial_map(SHARDS))
+    config_path = folder / "haproxy.cfg"
+    config_path.write_text(
+        render_config(
+            urls,
+            bind=f"127.0.0.1:{port}",
+            shard_count=SHARDS,
+            map_path=map_path,
+            socket_path=socket_path,
+        )
+    )
+    proxy = start_haproxy(config_path, folder / "haproxy.log")
+    sync = MapSync(dsn, urls, map_path=map_path, socket_path=socket_path, interval_s=0.1)
+    syncing: asyncio.Task[None] | None = None
+    try:
+        await wait_listening("127.0.0.1", port, proxy, WAIT_S)
+        syncing = asyncio.create_task(sync.run())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if syncing is not None:
+            syncing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await syncing
+        await sync.close()
+        proxy.terminate()
+        proxy.wait(10)
 
 
 def serve(dsn: str, log_dir: Path, *extra: str) -> WalletdProcess:
@@ -224,13 +268,17 @@ async def test_a_stopped_owner_is_fenced_out_and_after_sigcont_serves_nothing_st
 async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
     database_url: str, tmp_path: Path
 ) -> None:
-    """Three servers under keyed deposits and withdrawals through all of them; kill -9 one:
-    its shards are served by the others within the bound; every acknowledged operation is
-    in the log once; retrying every key applies nothing twice; balances equal their logs."""
+    """Three servers behind a real HAProxy under keyed deposits and withdrawals; kill -9 one:
+    its shards are served by the others within the bound; the only failures are counted
+    NOT_OWNER (nothing applied) and UNAVAILABLE 503s; every acknowledged operation is in the
+    log once; retrying every key applies nothing twice; balances equal their logs."""
     servers = [serve(database_url, tmp_path) for _ in range(3)]
     victim = servers[1]
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
+            routed(database_url, [s.url for s in servers], tmp_path) as proxy_url,
+        ):
 
             async def spread() -> bool:
                 rows = await leases(database_url)
@@ -253,6 +301,8 @@ async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
             stop = asyncio.Event()
             live = [s.url for s in servers]
             keys = itertools.count()
+            # Most requests go through HAProxy; some straight to a process (a stale client).
+            targets = [proxy_url, proxy_url, proxy_url, *live]
 
             async def worker(seed: int) -> None:
                 rng = random.Random(seed)
@@ -262,7 +312,7 @@ async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
                     kind = rng.choice(("DEPOSIT", "WITHDRAW"))
                     amount = rng.randint(1, 5)
                     tried[key] = (wallet, kind, amount)
-                    url = rng.choice(live)
+                    url = rng.choice([t for t in targets if t in live or t == proxy_url])
                     try:
                         status, body = await operate(http, url, wallet, kind, amount, key)
                     except aiohttp.ClientConnectionError:
@@ -278,6 +328,8 @@ async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
             killed_at = time.monotonic()
             victim.kill()
             live.remove(victim_url)
+            # What a client saw, for the report: HAProxy retries a refused connection on a
+            # backup, which forwards; a request caught inside the killed process is lost.
 
             async def moved() -> bool:
                 rows = await leases(database_url)
@@ -289,6 +341,7 @@ async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
             stop.set()
             await asyncio.gather(*workers)
             print(f"failover: kill -9 -> every shard owned by a survivor in {failover_s:.2f} s")
+            print(f"answers: {dict(statuses)}")
             assert failover_s < FAILOVER_BOUND_S
             assert sum(n for (status, _), n in statuses.items() if status == 200) > 0
             unexpected = {
