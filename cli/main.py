@@ -37,8 +37,9 @@ from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
-from walletd.persistence.database import DatabaseError
+from walletd.persistence.database import DatabaseError, connect
 from walletd.persistence.embedded import EmbeddedPostgresError
+from walletd.persistence.leases import describe_leases
 from walletd.persistence.migrate import MigrationError
 from walletd.persistence.operator import Mismatch, restore, seed, verify
 
@@ -144,6 +145,16 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
     return 0
 
 
+async def _shards(config: Config, _args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        connection = await connect(dsn)
+        try:
+            print(await describe_leases(connection), flush=True)
+        finally:
+            await connection.close()
+    return 0
+
+
 async def _cluster(config: Config, args: argparse.Namespace) -> int:
     return await run_cluster(config, args.processes)
 
@@ -179,6 +190,7 @@ _COMMANDS = {
         _cluster,
         "run PostgreSQL, N walletd processes and HAProxy on loopback, at one URL (--port)",
     ),
+    "shards": (_shards, "print the ownership table: each shard's owner, epoch and lease"),
     "haproxy-config": (_haproxy_config, "print an HAProxy config routing by shard"),
     "haproxy-sync": (_haproxy_sync, "keep HAProxy's shard map equal to the lease table"),
 }

@@ -52,6 +52,7 @@ __all__ = [
     "LeaseKeeper",
     "LeaseSettings",
     "ShardCountMismatch",
+    "describe_leases",
     "ensure_cluster",
     "hold_every_lease",
     "new_owner_id",
@@ -131,6 +132,30 @@ SELECT shard, owner, owner_url, epoch, expires_at > now() AS live
 async def ownership_table(connection: asyncpg.Connection) -> dict[int, OwnerInfo]:
     rows = await connection.fetch(_TABLE)
     return {row[0]: OwnerInfo(row[1], row[2], row[3], row[4]) for row in rows}
+
+
+_DESCRIBE = """
+SELECT l.shard, l.owner, l.owner_url, l.epoch,
+       CASE WHEN l.owner IS NULL THEN 'free'
+            WHEN l.expires_at > now() THEN 'live' ELSE 'expired' END,
+       extract(epoch FROM l.expires_at - now())::float8
+  FROM walletd_shard_leases AS l ORDER BY l.shard
+"""
+
+
+async def describe_leases(connection: asyncpg.Connection) -> str:
+    """The whole ownership table as text: one line per shard, then one per live member."""
+    lines = [f"{'shard':>5}  {'state':<7}  {'epoch':>6}  {'expires in':>10}  owner (url)"]
+    for shard, owner, url, epoch, state, left_s in await connection.fetch(_DESCRIBE):
+        left = f"{left_s:.1f} s" if state == "live" else "-"
+        who = f"{owner} ({url})" if owner else "-"
+        lines.append(f"{shard:>5}  {state:<7}  {epoch:>6}  {left:>10}  {who}")
+    members = await connection.fetch(
+        "SELECT owner, url FROM walletd_members WHERE expires_at > now() ORDER BY owner"
+    )
+    lines.append(f"{len(members)} live walletd processes")
+    lines += [f"  {owner} {url}" for owner, url in members]
+    return "\n".join(lines)
 
 
 _HEARTBEAT = """

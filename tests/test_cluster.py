@@ -380,3 +380,66 @@ async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
     for key, (wallet, kind, amount) in acked.items():
         kind_code = 1 if kind == "DEPOSIT" else 2
         assert logged[key] == (wallet, kind_code, amount * MINOR_UNITS_PER_UNIT)
+
+
+def start_cluster(args: list[str], log_path: Path) -> subprocess.Popen[str]:
+    with log_path.open("w") as log_file:
+        return subprocess.Popen(
+            walletd_command(["cluster", *args]), stdout=subprocess.PIPE, stderr=log_file, text=True
+        )
+
+
+def shards_table(args: list[str]) -> str:
+    return subprocess.run(
+        walletd_command(["shards", *args]), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+
+
+@pytest.mark.slow
+async def test_walletd_cluster_serves_at_one_url_and_stops_cleanly(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`walletd cluster --processes 2` starts two servers and HAProxy at one URL: wallets
+    work through it, `walletd shards` shows two owners sharing the shards, and SIGTERM stops
+    everything with exit 0, every lease released."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    common = ["--database-url", database_url, "--shards", str(SHARDS)]
+    log_path = tmp_path / "cluster.log"
+    cluster = start_cluster(
+        ["--processes", "2", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--lease-ttl", str(LEASE_TTL_S), *common],
+        log_path,
+    )  # fmt: skip
+    assert cluster.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(cluster.stdout.readline), WAIT_S * 2)
+        assert f"walletd cluster listening on http://127.0.0.1:{port}" in line, (
+            line + log_path.read_text()
+        )
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            wallet = await create_wallet(http, url)
+            status, body = await operate(http, url, wallet, "DEPOSIT", 3, "one")
+            assert status == 200, body
+            assert await balance_at(http, url, wallet.upper()) == (200, "3.00")
+
+            async def two_owners() -> bool:
+                rows = await leases(database_url)
+                held = Counter(row["owner_url"] for row in rows if row["live"])
+                return len(held) == 2 and sum(held.values()) == SHARDS
+
+            await until(two_owners, "two processes share the shards")
+        table = shards_table(common)
+        states = [line.split()[1] for line in table.splitlines()[1 : SHARDS + 1]]
+        assert states == ["live"] * SHARDS, table
+        assert "2 live walletd processes" in table
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        code = cluster.wait(60)
+        cluster.stdout.close()
+    assert code == 0, log_path.read_text()
+    rows = await leases(database_url)
+    assert all(row["owner"] is None for row in rows)
+    await check_money(database_url)
