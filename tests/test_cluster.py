@@ -202,6 +202,21 @@ async def test_a_second_server_joins_and_two_never_own_one_shard(
                 assert status == 200, body
             for url in urls:
                 assert await balance_at(http, url, wallet) == (200, "2.00")
+
+            # A request that already took its one hop and still meets a non-owner is not
+            # sent on: 503 NOT_OWNER, nothing applied.
+            owner_url = (await leases(database_url))[shard_of_text(wallet, SHARDS)]["owner_url"]
+            other = next(url for url in urls if url != owner_url)
+            async with http.post(
+                f"{other}/api/v1/wallets/{wallet}/operation",
+                json={"operation_type": "DEPOSIT", "amount": 5},
+                headers={"Idempotency-Key": "hop", "X-Walletd-Forwarded": "1"},
+            ) as response:
+                body = await response.json(content_type=None)
+                assert response.status == 503, body
+                assert body["code"] == "NOT_OWNER"
+                assert response.headers["Retry-After"]
+            assert await balance_at(http, owner_url, wallet) == (200, "2.00")
     finally:
         if second is not None:
             assert second.terminate() == 0
@@ -443,3 +458,76 @@ async def test_walletd_cluster_serves_at_one_url_and_stops_cleanly(
     rows = await leases(database_url)
     assert all(row["owner"] is None for row in rows)
     await check_money(database_url)
+
+
+@pytest.mark.slow
+async def test_a_rolling_restart_under_load_costs_only_counted_not_owner_answers(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Three servers behind HAProxy under keyed load; each is restarted in turn (SIGTERM:
+    drain, release its leases; then a new process on the same port): every answer is a
+    success, a refusal (409) or a counted 503 NOT_OWNER; no outcome-unknown 503, no exit
+    other than 0; every acknowledged operation is logged once; balances equal their logs."""
+    ports = []
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    servers = [serve(database_url, tmp_path, "--port", str(port)) for port in ports]
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
+            routed(database_url, [s.url for s in servers], tmp_path) as proxy_url,
+        ):
+            wallets = [await create_wallet(http, proxy_url) for _ in range(16)]
+            for number, wallet in enumerate(wallets):
+                status, _ = await operate(http, proxy_url, wallet, "DEPOSIT", 100, f"f{number}")
+                assert status == 200
+            acked: dict[str, tuple[str, str, int]] = {}
+            statuses: Counter[tuple[int, str]] = Counter()
+            stop = asyncio.Event()
+            keys = itertools.count()
+
+            async def worker(seed: int) -> None:
+                rng = random.Random(seed)
+                while not stop.is_set():
+                    key = f"op-{next(keys)}"
+                    wallet = rng.choice(wallets)
+                    kind = rng.choice(("DEPOSIT", "WITHDRAW"))
+                    amount = rng.randint(1, 5)
+                    status, body = await operate(http, proxy_url, wallet, kind, amount, key)
+                    statuses[(status, str(body.get("code", "")))] += 1
+                    if status == 200:
+                        acked[key] = (wallet, kind, amount)
+
+            workers = [asyncio.create_task(worker(n)) for n in range(6)]
+            for index, port in enumerate(ports):
+                await asyncio.sleep(0.5)
+                assert await asyncio.to_thread(servers[index].terminate) == 0
+                servers[index] = serve(database_url, tmp_path, "--port", str(port))
+
+                async def all_owned() -> bool:
+                    rows = await leases(database_url)
+                    return all(row["live"] for row in rows)
+
+                await until(all_owned, "every shard owned again")
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*workers)
+            print(f"rolling restart answers: {dict(statuses)}")
+            allowed = {(200, ""), (409, "INSUFFICIENT_FUNDS"), (503, "NOT_OWNER")}
+            assert set(statuses) <= allowed, statuses
+            assert statuses[(200, "")] > 0
+    finally:
+        for server in servers:
+            server.terminate()
+    await check_money(database_url)
+    connection = await asyncpg.connect(database_url)
+    try:
+        logged = {
+            row["idempotency_key"]
+            for row in await connection.fetch("SELECT idempotency_key FROM wallet_operations")
+        }
+    finally:
+        await connection.close()
+    assert set(acked) <= logged
