@@ -163,6 +163,7 @@ async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:
     text = render_config(
         args.server, bind=args.bind, shard_count=config.shards,
         map_path=args.map_file, socket_path=args.socket,
+        socket_mode=args.socket_mode, docker_dns=args.docker_dns,
     )  # fmt: skip
     if args.write_map:
         args.map_file.write_text(initial_map(config.shards))
@@ -234,6 +235,11 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--write-map", action="store_true",
                 help="also write the initial map file (every shard to any walletd)",
+            )  # fmt: skip
+            sub.add_argument("--socket-mode", default="600", help="file mode of the stats socket")
+            sub.add_argument(
+                "--docker-dns", action="store_true",
+                help="resolve server names through Docker's DNS at run time too",
             )  # fmt: skip
     return parser
 
