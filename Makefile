@@ -69,6 +69,7 @@ wheel-test: install-dev
 
 bench: install-dev
 	$(PY) -m loadtest.bench
+	$(PY) -m loadtest.cluster_bench
 
 loadtest: install-dev
 	$(PY) -m loadtest.run_locust

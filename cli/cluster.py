@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ from walletd.cli.haproxy import (
     wait_listening,
 )
 from walletd.cli.service import check_cluster, migrate_database, storage
+from walletd.persistence.database import connect
 
 __all__ = ["PROCESSES_MAX", "ClusterError", "run_cluster"]
 
@@ -88,6 +90,32 @@ async def _stop_server(server: _Server) -> None:
         await server.process.wait()
 
 
+_OWNERS = """
+SELECT owner_url, count(*) FROM walletd_shard_leases
+ WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner_url
+"""
+
+
+async def _wait_balanced(dsn: str, urls: list[str], shard_count: int) -> None:
+    """Until every shard is owned and no process holds more than its fair share, so the
+    cluster is announced once the first moves are over (bounded by START_TIMEOUT_S)."""
+    share = math.ceil(shard_count / len(urls))
+    connection = await connect(dsn)
+    try:
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while True:
+                held = dict(await connection.fetch(_OWNERS))
+                if sum(held.values()) == shard_count and all(
+                    held.get(url, 0) <= share for url in urls
+                ):
+                    return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise ClusterError("the walletd processes did not share the shards in time") from None
+    finally:
+        await connection.close()
+
+
 async def run_cluster(config: Config, processes: int) -> int:
     if not 1 <= processes <= PROCESSES_MAX:
         raise ValueError(f"--processes must be within 1..{PROCESSES_MAX}")
@@ -106,6 +134,7 @@ async def run_cluster(config: Config, processes: int) -> int:
             for index in range(processes):
                 servers.append(await _start_server(config, dsn, index, run_dir))
             urls = [server.url for server in servers]
+            await _wait_balanced(dsn, urls, config.shards)
             map_path = run_dir / "shards.map"
             socket_path = socket_dir / "haproxy.sock"
             map_path.write_text(initial_map(config.shards))

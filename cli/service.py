@@ -159,26 +159,28 @@ async def running_services(
                 dsn, ownership, settings, forget=engine.forget_shards,
                 drain=engine.drain_shards,
             )  # fmt: skip
-            await engine.start()
+            await keeper.start()
             try:
-                await keeper.start()
+                await keeper.ready(config.commit_timeout_s * 2)
+                # After a crash the dead process's leases hold its shards for up to a ttl.
+                if not await keeper.settle(config.lease_ttl_s * 2 + settings.step_s * 4):
+                    _log.warning("some shards have no live owner yet; serving anyway")
+                _log.info(
+                    "serving %d of %d shards as %s",
+                    len(ownership.served()), config.shards, settings.owner,
+                )  # fmt: skip
+                warmed = await engine.warm_up(config.warm_wallets)
+                if warmed:
+                    _log.info("warm-up: %d wallets resident", warmed)
+                await engine.start()
                 try:
-                    await keeper.ready(config.commit_timeout_s * 2)
-                    _log.info(
-                        "serving %d of %d shards as %s",
-                        len(ownership.served()), config.shards, settings.owner,
-                    )  # fmt: skip
-                    warmed = await engine.warm_up(config.warm_wallets)
-                    if warmed:
-                        _log.info("warm-up: %d wallets resident", warmed)
                     yield Services(
                         engine, log, _Readiness(engine, log, keeper), self_url=config.url
                     )
                 finally:
                     await engine.stop()
-                    await keeper.stop()
             finally:
-                await engine.stop()
+                await keeper.stop()
         finally:
             try:
                 await asyncio.wait_for(pool.close(), 10.0)

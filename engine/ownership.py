@@ -21,6 +21,8 @@ Everything here runs on the event loop thread; the keeper and the request handle
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -76,6 +78,11 @@ class Ownership:
         self._held: dict[int, _Held] = {}
         self._unfenced = False
         self.table: dict[int, OwnerInfo] = {}
+        # When the table was last read (this clock), and how old it may get before the
+        # process counts as cut off from PostgreSQL (set by the lease keeper: the lease ttl).
+        self.table_read_at: float | None = None
+        self.table_stale_s = math.inf
+        self._table_read = asyncio.Event()
         # Shards gained / lost (not renewed, stale epoch) / released since start (metrics).
         self.moves: dict[str, int] = {"gained": 0, "lost": 0, "released": 0}
 
@@ -136,6 +143,32 @@ class Ownership:
             held = self._held.get(shard)
             if held is not None:
                 held.ready = False
+
+    def set_table(self, table: dict[int, OwnerInfo]) -> None:
+        """A fresh read of the whole table; wakes whoever waits for one."""
+        self.table = table
+        self.table_read_at = self._clock()
+        self._table_read.set()
+        self._table_read = asyncio.Event()
+
+    async def next_table(self, timeout_s: float) -> bool:
+        """Wait for the next table read; False when ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._table_read.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def table_stale(self) -> bool:
+        """True when the table was not read for longer than a lease lasts: this process
+        cannot reach PostgreSQL, so it cannot tell who owns a shard."""
+        read_at = self.table_read_at
+        return read_at is None or self._clock() - read_at > self.table_stale_s
+
+    def settled(self) -> bool:
+        """Every shard has a live owner in the last table read."""
+        table = self.table
+        return len(table) == self.shard_count and all(i.live for i in table.values())
 
     def owner_url(self, shard: int) -> str | None:
         """Where the last table read says the shard's live owner listens."""

@@ -9,9 +9,15 @@ the owner named by the ownership table (the lease keeper reads it every step)::
     client ─▶ HAProxy ─▶ walletd A ──(NotOwner)──▶ walletd B (owner) ──▶ answer
                                      X-Walletd-Forwarded: 1
 
-At most one hop: a forwarded request that meets ``NotOwner`` again, a shard with no live
-owner, or an owner that cannot be connected to is answered 503 ``NOT_OWNER``: nothing was
-applied, retry. Once the request was sent, a failure (timeout, connection reset) leaves the
+A request whose shard has no live owner in the table, is owned by this very process (a
+claim whose memory is not dropped yet), or arrives forwarded and still meets ``NotOwner``
+waits for the next read of the table (bounded: two lease steps) and is then answered here
+if this process serves the shard by then. Otherwise, at most one hop: a second hop, a
+shard still without a live owner, or an owner that cannot be connected to is answered 503
+``NOT_OWNER``: nothing was applied, retry. A process that could not read the table for a
+whole lease (cut off from PostgreSQL) answers 503 ``UNAVAILABLE`` at once.
+
+Once the request was sent, a failure (timeout, connection reset) leaves the
 outcome unknown: 503 ``UNAVAILABLE``, as for a commit that failed.
 """
 
@@ -40,6 +46,8 @@ _DROPPED_RESPONSE_HEADERS: Final = frozenset(
     {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
 )
 _RETRY_AFTER: Final = {"Retry-After": "1"}
+# Lease steps to wait for a fresh ownership table before answering NOT_OWNER.
+_TABLE_WAIT_STEPS: Final = 2
 
 
 def _not_owner(shard: int, why: str) -> ProblemError:
@@ -47,6 +55,15 @@ def _not_owner(shard: int, why: str) -> ProblemError:
         503, "NOT_OWNER",
         f"the wallet's shard ({shard}) is moving between walletd processes ({why}); "
         "nothing was applied, retry shortly",
+        headers=_RETRY_AFTER,
+    )  # fmt: skip
+
+
+def _cut_off(shard: int) -> ProblemError:
+    return ProblemError(
+        503, "UNAVAILABLE",
+        f"this walletd cannot reach PostgreSQL to renew or look up the lease of the wallet's "
+        f"shard ({shard}); nothing was applied, retry shortly",
         headers=_RETRY_AFTER,
     )  # fmt: skip
 
@@ -78,16 +95,33 @@ class Forwarder:
             try:
                 return await handler(request)
             except NotOwner as refused:
-                return await self.forward(request, refused.shard)
+                return await self.forward(request, handler, refused.shard)
 
         return forward
 
-    async def forward(self, request: web.Request, shard: int) -> web.Response:
+    async def forward(
+        self, request: web.Request, handler: Handler, shard: int
+    ) -> web.StreamResponse:
+        services = request.app[STATE_KEY].services
+        ownership = services.engine.ownership
+        url = ownership.owner_url(shard)
+        if FORWARDED_HEADER in request.headers or url is None or url == services.self_url:
+            # A move under way (released, not claimed yet; claimed, memory not dropped yet)
+            # or a stale table: wait for the next read of the table (a quarter of a lease),
+            # then answer it here if this process serves the shard by then.
+            if ownership.table_stale():
+                self._metrics.observe_forward("cut_off")
+                raise _cut_off(shard)
+            await ownership.next_table(_TABLE_WAIT_STEPS * ownership.table_stale_s / 4)
+            if ownership.serving(shard):
+                try:
+                    return await handler(request)
+                except NotOwner:
+                    pass
+            url = ownership.owner_url(shard)
         if FORWARDED_HEADER in request.headers:
             self._metrics.observe_forward("second_hop")
             raise _not_owner(shard, "it was forwarded once already")
-        services = request.app[STATE_KEY].services
-        url = services.engine.ownership.owner_url(shard)
         if url is None or url == services.self_url or self._session is None:
             self._metrics.observe_forward("no_owner")
             raise _not_owner(shard, "no live owner right now")

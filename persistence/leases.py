@@ -174,7 +174,9 @@ UPDATE walletd_shard_leases AS l
  WHERE l.shard = h.shard AND l.epoch = h.epoch AND l.owner = $1
 RETURNING l.shard, l.epoch
 """
-# SKIP LOCKED: a lease row share-locked by an append in flight is left for a later step.
+# FOR UPDATE conflicts with the fence's FOR KEY SHARE: the epoch is bumped only when no
+# append of the old epoch is in flight (SKIP LOCKED: such a row is left for a later step).
+# Renewals and releases are plain UPDATEs of non-key columns, which appends do not block.
 _CLAIM = """
 UPDATE walletd_shard_leases AS l
    SET owner = $1, owner_url = $2, epoch = l.epoch + 1,
@@ -218,6 +220,7 @@ class LeaseKeeper:
         self._forget = forget
         self._drain = drain
         self._clock = clock
+        ownership.table_stale_s = settings.lease_ttl_s
         self._connection: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._readying: set[asyncio.Task[None]] = set()
@@ -263,7 +266,7 @@ class LeaseKeeper:
             ownership.lost(lost)
             self._ownership.moves["lost"] += len(lost)
             _log.warning("lost the leases of %d shards: %s", len(lost), lost)
-        ownership.table = await ownership_table(connection)
+        ownership.set_table(await ownership_table(connection))
         self.live_members = max(1, int(await connection.fetchval(_LIVE_MEMBERS)))
         fair = math.ceil(ownership.shard_count / self.live_members)
         held_now = len(ownership.held())
@@ -334,6 +337,19 @@ class LeaseKeeper:
         if self._readying:
             await asyncio.wait_for(asyncio.gather(*self._readying), timeout_s)
 
+    async def settle(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every shard has a live owner: after a crash the dead
+        process's leases hold its shards until they expire (one ttl), and a server that
+        started listening before that would answer NOT_OWNER for them. False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._ownership.settled():
+            left_s = deadline - loop.time()
+            if left_s <= 0 or not await self._ownership.next_table(left_s):
+                return False
+        await self.ready(max(0.0, deadline - loop.time()))
+        return True
+
     async def _run(self) -> None:
         step_s = self._settings.step_s
         while True:
@@ -391,7 +407,7 @@ async def hold_every_lease(connection: asyncpg.Connection) -> AsyncIterator[None
     server that still believed it held one is refused by the fence, until it is given back.
     """
     async with connection.transaction():
-        # EXCLUSIVE waits for appends in flight (their fence holds the rows FOR SHARE).
+        # EXCLUSIVE waits for appends in flight (their fence holds the rows FOR KEY SHARE).
         await connection.execute("LOCK TABLE walletd_shard_leases IN EXCLUSIVE MODE")
         live = int(await connection.fetchval(_LIVE_LEASES))
         if live:

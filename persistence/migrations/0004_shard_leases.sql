@@ -28,11 +28,13 @@ CREATE TABLE walletd_members (
 
 -- The fence, called in the same statement as the append:
 --     SELECT walletd_append_batch(...) FROM walletd_fence(shards, epochs)
--- It share-locks the lease rows of the shards the batch writes, so a successor's epoch bump
--- (an UPDATE) waits for an append in flight, and every append after the bump sees the new
--- epoch (a locking read returns the newest row version). A batch whose epoch is not the
--- stored one is refused with WDF01 before anything is written. An empty fence (tests that
--- drive the engine without leases) checks nothing.
+-- It locks the lease rows of the shards the batch writes FOR KEY SHARE: a successor's claim,
+-- which locks the row FOR UPDATE before bumping the epoch, waits for an append in flight,
+-- and every append after the bump sees the new epoch (a locking read returns the newest row
+-- version). Renewals (a plain UPDATE of expires_at: FOR NO KEY UPDATE) do not conflict with
+-- KEY SHARE, so a busy owner's appends never starve its own renewals. A batch whose epoch is
+-- not the stored one is refused with WDF01 before anything is written. An empty fence (tests
+-- that drive the engine without leases) checks nothing.
 CREATE FUNCTION walletd_fence(fence_shards integer[], fence_epochs bigint[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -46,7 +48,7 @@ BEGIN
               FROM walletd_shard_leases AS l
              WHERE l.shard = ANY(fence_shards)
              ORDER BY l.shard
-               FOR SHARE) AS l
+               FOR KEY SHARE) AS l
       JOIN unnest(fence_shards, fence_epochs) AS f(shard, epoch)
         ON f.shard = l.shard AND f.epoch = l.epoch;
     IF current <> cardinality(fence_shards) THEN
