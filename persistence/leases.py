@@ -338,12 +338,15 @@ class LeaseKeeper:
             await asyncio.wait_for(asyncio.gather(*self._readying), timeout_s)
 
     async def settle(self, timeout_s: float) -> bool:
-        """Wait (bounded) until every shard has a live owner: after a crash the dead
-        process's leases hold its shards until they expire (one ttl), and a server that
-        started listening before that would answer NOT_OWNER for them. False on timeout."""
+        """Wait (bounded) until every shard has a live owner and this process holds some.
+
+        After a crash, the restarted process finds the dead one's leases live until they
+        expire (one ttl): listening before it holds them would answer NOT_OWNER for all of
+        its shards. A process joining a cluster waits for its first shards to be released to
+        it. False on timeout (more processes than shards: some legitimately hold none)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not self._ownership.settled():
+        while not (self._ownership.settled() and self._ownership.held()):
             left_s = deadline - loop.time()
             if left_s <= 0 or not await self._ownership.next_table(left_s):
                 return False
