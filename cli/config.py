@@ -93,6 +93,12 @@ SETTINGS: tuple[Setting, ...] = (
             int, 100_000, "idempotency keys cached in memory (PostgreSQL keeps them all)"),
     Setting("commit_timeout_s", ("WALLETD_COMMIT_TIMEOUT",), "--commit-timeout", float, 5.0,
             "seconds a batch commit may take before it is failed with 503"),
+    Setting("shard_restarts_max", ("WALLETD_SHARD_RESTARTS_MAX",), "--shard-restarts-max", int,
+            3, "crashed shards restarted from storage per restart window; one more crash "
+            "and walletd fails /readyz and exits non-zero"),
+    Setting("shard_restart_window_s", ("WALLETD_SHARD_RESTART_WINDOW",),
+            "--shard-restart-window", float, 60.0,
+            "seconds over which shard restarts are counted"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -131,6 +137,8 @@ class Config:
     warm_wallets: int
     idempotency_keys_max: int
     commit_timeout_s: float
+    shard_restarts_max: int
+    shard_restart_window_s: float
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float

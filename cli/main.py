@@ -72,14 +72,28 @@ def http_settings(config: Config) -> HttpSettings:
     )
 
 
-async def _serve(config: Config) -> None:
+# Exit status of `walletd serve` when the engine gave up (shards crashing past the restart
+# rate): non-zero, so the supervisor (systemd, Docker, Kubernetes) restarts the process.
+EXIT_ENGINE_FAILED = 3
+
+
+async def _serve(config: Config) -> int:
     # Bound before the services start, so that the URL this process advertises to the others
     # (forwarding, the ownership table) carries the real port, also with --port 0.
     sock = socket.create_server((config.host, config.port), backlog=2048)
     config = dataclasses.replace(config, port=sock.getsockname()[1])
     metrics = Metrics()
+    stop = asyncio.Event()
+    failures: list[str] = []
+
+    def engine_gave_up(reason: str) -> None:
+        failures.append(reason)
+        stop.set()
+
     app = create_app(
-        http_settings(config), lambda: running_services(config, metrics.engine), metrics=metrics
+        http_settings(config),
+        lambda: running_services(config, metrics.engine, on_fatal=engine_gave_up),
+        metrics=metrics,
     )
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
@@ -94,7 +108,6 @@ async def _serve(config: Config) -> None:
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"walletd listening on http://{host}:{port}", flush=True)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -102,7 +115,11 @@ async def _serve(config: Config) -> None:
         _log.info("stopping: draining in-flight requests")
     finally:
         await runner.cleanup()
+    if failures:
+        _log.critical("stopped: the engine gave up (%s)", failures[0])
+        return EXIT_ENGINE_FAILED
     _log.info("stopped")
+    return 0
 
 
 async def _migrate(config: Config, _args: argparse.Namespace) -> int:
@@ -141,8 +158,7 @@ async def _seed(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
-    await _serve(config)
-    return 0
+    return await _serve(config)
 
 
 async def _shards(config: Config, _args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from walletd.cli.config import Config
 from walletd.engine.limits import EngineLimits
@@ -57,6 +57,8 @@ def engine_limits(config: Config) -> EngineLimits:
         resident_wallets_max=config.resident_wallets_max,
         idempotency_keys_max=config.idempotency_keys_max,
         commit_timeout_s=config.commit_timeout_s,
+        shard_restarts_max=config.shard_restarts_max,
+        shard_restart_window_s=config.shard_restart_window_s,
     )
 
 
@@ -141,7 +143,13 @@ class _Readiness:
 async def running_services(
     config: Config,
     observer: EngineObserver | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Services]:
+    """Storage, the pool, the engine and the shard leases, for as long as the app runs.
+
+    ``on_fatal`` is called when the engine gives up (shards crashing past the restart
+    rate): the caller should stop serving and exit non-zero.
+    """
     async with storage(config) as dsn:
         applied = await migrate_database(dsn)
         if applied:
@@ -151,7 +159,10 @@ async def running_services(
         try:
             log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
             ownership = Ownership(config.shards)
-            engine = Engine(log, engine_limits(config), ownership=ownership, observer=observer)
+            engine = Engine(
+                log, engine_limits(config), ownership=ownership, observer=observer,
+                on_fatal=on_fatal,
+            )  # fmt: skip
             settings = LeaseSettings(
                 new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max
             )

@@ -9,7 +9,8 @@ function of its state and the commands it is given; the pipeline does the waitin
     execute(commands)        decide every command on the pending state; returns an
                              ``Applied``: one reply per command and the Batch to write
     committed(applied)       the Batch is stored: its pending state becomes committed
-    answers(applied)         the replies, reads answered from committed state
+    answers(applied, ...)    the replies, reads answered from committed state; after an
+                             earlier batch failed, 503 for those that rest on its state
     unknown(applied)         the Batch's write failed: what it touched is no longer known
     forget(applied)          drop what it touched (and the keys it added): re-read later
 
@@ -44,6 +45,8 @@ from walletd.engine.model import (
     NewWallet,
     OperationKind,
     OperationRecord,
+    RefusalReason,
+    RefusalRecord,
     SnapshotUpdate,
     WalletRecord,
     WalletView,
@@ -60,6 +63,11 @@ SEQ_UNKNOWN: Final = -2
 
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
+_UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
+_REFUSAL_OUTCOMES: Final = {
+    RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
+    RefusalReason.BALANCE_LIMIT_EXCEEDED: Outcome.BALANCE_LIMIT_EXCEEDED,
+}
 
 
 class Pending:
@@ -134,6 +142,11 @@ class Applied:
     # Final state of each written wallet: (resident, balance, seq, updated_at_us).
     finals: list[tuple[Resident, int, int, int]] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
+    # Replies decided on state an earlier open batch wrote, and the wallet whose state it
+    # was: (index in replies, wallet id as int). Such a reply is true only if that batch
+    # commits, or if this batch's own write of the wallet was stored (its seq fencing
+    # proves the state it built on was stored).
+    dependent: list[tuple[int, int]] = field(default_factory=list)
     added_keys: list[tuple[UUID, str]] = field(default_factory=list)
     added_create_keys: list[str] = field(default_factory=list)
 
@@ -151,7 +164,11 @@ class Ledger:
         # Keyed by the id's 128-bit int: hashed in C, and no UUID object kept per wallet
         # (asyncpg's UUIDs also grow a cached int when hashed). ~250 B per resident wallet.
         self._residents: dict[int, Resident] = {}
-        self._keys: OrderedDict[tuple[UUID, str], OperationRecord] = OrderedDict()
+        # What was decided under each recent (wallet, key): the operation or the refusal.
+        self._keys: OrderedDict[tuple[UUID, str], OperationRecord | RefusalRecord] = OrderedDict()
+        # Keys of refusals whose batch has not committed yet (an operation's record tells
+        # by its seq; a refusal's cannot). Bounded by the open batches.
+        self._uncommitted_refusals: set[tuple[UUID, str]] = set()
         self._create_keys: OrderedDict[str, CreationKey] = OrderedDict()
 
     @property
@@ -222,7 +239,9 @@ class Ledger:
                 added += 1
         return added
 
-    def add_operations(self, found: dict[tuple[UUID, str], OperationRecord]) -> None:
+    def add_operations(
+        self, found: dict[tuple[UUID, str], OperationRecord | RefusalRecord]
+    ) -> None:
         for key, record in found.items():
             self._remember_key(key, record)
 
@@ -262,16 +281,29 @@ class Ledger:
         if key is not None:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
+                if isinstance(earlier, RefusalRecord):
+                    if (wallet_id, key) in self._uncommitted_refusals and (
+                        earlier not in applied.batch.refusals
+                    ):
+                        applied.dependent.append((len(applied.replies), wid))
+                    return _replay_refusal(command, earlier)
+                if earlier.seq > resident.seq:  # recorded by a batch not committed yet
+                    applied.dependent.append((len(applied.replies), wid))
                 return _replay_operation(command, earlier, resident)
         pending = resident.pending
         balance_before = resident.balance if pending is None else pending.balance
         if command.kind is OperationKind.WITHDRAW:
             if command.amount > balance_before:
-                return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance_before)
+                return self._refuse(
+                    command, RefusalReason.INSUFFICIENT_FUNDS, balance_before, resident, applied
+                )
             balance = balance_before - command.amount
         else:
             if balance_before + command.amount > BALANCE_MINOR_MAX:
-                return Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance_before)
+                return self._refuse(
+                    command, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before, resident,
+                    applied,
+                )  # fmt: skip
             balance = balance_before + command.amount
         require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
         if pending is None:
@@ -296,12 +328,52 @@ class Ledger:
             Outcome.OK, WalletView(wallet_id, balance, seq, resident.created_at_us, now_us)
         )
 
+    def _refuse(
+        self,
+        command: ApplyOperation,
+        reason: RefusalReason,
+        balance_seen: int,
+        resident: Resident,
+        applied: Applied,
+    ) -> Reply:
+        """A business refusal; with a key it is recorded in the batch, to be replayed."""
+        wallet_id = command.wallet_id
+        pending = resident.pending
+        key = command.idempotency_key
+        if key is None:
+            if pending is not None or resident.seq < 0:  # decided on an open batch's state
+                applied.dependent.append((len(applied.replies), wallet_id.int))
+        else:
+            # The seq the decision rests on, not counting this batch's own writes: storage
+            # records the refusal only once that state is stored, so a stored refusal is
+            # always true (and needs no dependent mark).
+            written = applied.written.get(wallet_id.int)
+            if written is not None:
+                fence_seq = written[2]
+            elif pending is not None:
+                fence_seq = pending.seq
+            else:
+                fence_seq = resident.seq
+            record = RefusalRecord(
+                wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
+                self._clock_us(),
+            )  # fmt: skip
+            applied.batch.refusals.append(record)
+            self._remember_key((wallet_id, key), record)
+            self._uncommitted_refusals.add((wallet_id, key))
+            applied.added_keys.append((wallet_id, key))
+        return Reply(_REFUSAL_OUTCOMES[reason], balance_seen=balance_seen)
+
     def _create_wallet(self, command: CreateWallet, applied: Applied) -> Reply:
         wallet_id = command.wallet_id
         key = command.idempotency_key
         if key is not None:
             earlier = self._create_keys.get(key)
             if earlier is not None:
+                owner_wid = earlier.wallet_id.int
+                owner = self._residents.get(owner_wid)
+                if owner is not None and owner.seq < 0:  # its creation is not committed
+                    applied.dependent.append((len(applied.replies), owner_wid))
                 if earlier.wallet_id != wallet_id or earlier.fingerprint != command.fingerprint:
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 created = earlier.created_at_us
@@ -309,7 +381,10 @@ class Ledger:
                     Outcome.CREATED, WalletView(wallet_id, 0, 0, created, created), replayed=True
                 )
         wid = wallet_id.int
-        if wid in self._residents:
+        existing = self._residents.get(wid)
+        if existing is not None:
+            if existing.seq < 0:  # its creation is not committed
+                applied.dependent.append((len(applied.replies), wid))
             return Reply(Outcome.WALLET_ALREADY_EXISTS)
         now_us = self._clock_us()
         self._residents[wid] = Resident.being_created(now_us)
@@ -338,6 +413,8 @@ class Ledger:
 
     def committed(self, applied: Applied) -> None:
         """The batch is stored: promote its pending state to committed."""
+        for refusal in applied.batch.refusals:
+            self._uncommitted_refusals.discard((refusal.wallet_id, refusal.idempotency_key))
         residents = self._residents
         for new in applied.batch.new_wallets:
             resident = residents.get(new.wallet_id.int)
@@ -351,18 +428,31 @@ class Ledger:
             resident.updated_at_us = updated_at_us
             _drop_pending_if_caught_up(resident)
 
-    def answers(self, applied: Applied) -> list[Reply]:
-        """The batch's replies, in command order, reads answered from committed state."""
+    def answers(self, applied: Applied, *, earlier_failed: bool = False) -> list[Reply]:
+        """The replies of a stored batch, in command order, reads from committed state.
+
+        With ``earlier_failed`` (a batch before this one did not commit, or its outcome is
+        unknown) a reply that rests on state such a batch wrote is not known to be true:
+        it becomes 503 ``UNAVAILABLE``. The rest are true: this batch's writes were fenced
+        on stored state, and its other decisions read committed state only.
+        """
         replies = applied.replies
         for index, wallet_id, resident in applied.reads:
             replies[index] = self._committed_reply(wallet_id, resident)
+        if earlier_failed:
+            touched = applied.touched_wallets
+            for index, wid in applied.dependent:
+                if wid not in touched:
+                    replies[index] = _UNAVAILABLE
         return replies
 
     def _committed_reply(self, wallet_id: UUID, resident: Resident | None) -> Reply:
         if resident is None:  # not there when applied; perhaps created later in the batch
             resident = self._residents.get(wallet_id.int)
-        if resident is None or resident.seq < 0:
+        if resident is None or resident.seq == SEQ_CREATING:
             return Reply(Outcome.WALLET_NOT_FOUND)
+        if resident.seq == SEQ_UNKNOWN:  # an earlier batch that touched it failed
+            return _UNAVAILABLE
         return Reply(Outcome.OK, resident.committed_view(wallet_id))
 
     def unknown(self, applied: Applied) -> None:
@@ -383,6 +473,7 @@ class Ledger:
             self._residents.pop(wid, None)
         for key in applied.added_keys:
             self._keys.pop(key, None)
+            self._uncommitted_refusals.discard(key)
         for create_key in applied.added_create_keys:
             self._create_keys.pop(create_key, None)
 
@@ -414,7 +505,7 @@ class Ledger:
             del residents[wallet_id]
         return len(victims)
 
-    def _remember_key(self, key: tuple[UUID, str], record: OperationRecord) -> None:
+    def _remember_key(self, key: tuple[UUID, str], record: OperationRecord | RefusalRecord) -> None:
         self._keys[key] = record
         self._keys.move_to_end(key)
         while len(self._keys) > self._keys_max:
@@ -440,6 +531,14 @@ def _replay_operation(
         earlier.created_at_us,
     )
     return Reply(Outcome.OK, view, replayed=True)
+
+
+def _replay_refusal(command: ApplyOperation, earlier: RefusalRecord) -> Reply:
+    if earlier.kind is not command.kind or earlier.amount != command.amount:
+        return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+    return Reply(
+        _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True
+    )
 
 
 def _drop_pending_if_caught_up(resident: Resident) -> None:

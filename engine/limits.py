@@ -13,6 +13,10 @@ Each limit has a defined behaviour when hit:
   shard's share holds at least two batches, so a key is never forgotten before it commits.
 - ``commit_timeout_s`` / ``load_timeout_s``: a storage call past it is failed as outcome-unknown
   (503 ``UNAVAILABLE``) and the shard re-reads the wallets it touched.
+- ``shard_restarts_max`` per ``shard_restart_window_s``: a shard whose loop crashed (a broken
+  invariant) is restarted from storage, its memory dropped; one more crash within the window
+  and the engine gives up: it stops accepting work (``/readyz`` fails) and asks the process
+  to exit non-zero, so its own supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class EngineLimits:
     idempotency_keys_max: int = 100_000
     commit_timeout_s: float = 5.0
     load_timeout_s: float = 5.0
+    shard_restarts_max: int = 3
+    shard_restart_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.pipelines <= 1024:
@@ -59,6 +65,10 @@ class EngineLimits:
             )
         if self.commit_timeout_s <= 0 or self.load_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.shard_restarts_max < 0 or self.shard_restart_window_s <= 0:
+            raise ValueError(
+                "shard_restarts_max must be at least 0 and shard_restart_window_s positive"
+            )
 
     @property
     def resident_wallets_per_shard_max(self) -> int:

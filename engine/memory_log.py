@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from uuid import UUID
 
-from walletd.engine.model import Batch, OperationRecord, WalletRecord
+from walletd.engine.model import Batch, OperationRecord, RefusalRecord, WalletRecord
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     PredecessorPending,
@@ -25,7 +25,8 @@ class InMemoryLog(WalletLog):
     def __init__(self) -> None:
         self.wallets: dict[UUID, WalletRecord] = {}
         self.operations: dict[UUID, list[OperationRecord]] = {}
-        self._by_key: dict[tuple[UUID, str], OperationRecord] = {}
+        self._by_key: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
+        self.refusals: dict[tuple[UUID, str], RefusalRecord] = {}
         self._by_create_key: dict[str, UUID] = {}
         self.appends = 0
         # Fault injection: the next N appends fail; ``apply_then_fail`` writes the batch
@@ -41,7 +42,7 @@ class InMemoryLog(WalletLog):
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
-    ) -> dict[tuple[UUID, str], OperationRecord]:
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         if self.fail_loads:
             raise StorageError("injected load failure")
         return {k: self._by_key[k] for k in keys if k in self._by_key}
@@ -90,6 +91,15 @@ class InMemoryLog(WalletLog):
                 and (op.wallet_id, op.idempotency_key) in self._by_key
             ):
                 raise StorageError("operation idempotency key exists")
+        created = {new.wallet_id for new in batch.new_wallets}
+        for refusal in batch.refusals:
+            stored = self.wallets.get(refusal.wallet_id)  # before this batch
+            if refusal.wallet_id not in created and (
+                stored is None or stored.seq < refusal.fence_seq
+            ):
+                raise PredecessorPending(f"{refusal.wallet_id} is behind a refusal")
+            if (refusal.wallet_id, refusal.idempotency_key) in self._by_key:
+                raise StorageError("refusal idempotency key exists")
         self.wallets = wallets
         for new in batch.new_wallets:
             if new.create_idempotency_key is not None:
@@ -98,6 +108,9 @@ class InMemoryLog(WalletLog):
             self.operations.setdefault(op.wallet_id, []).append(op)
             if op.idempotency_key is not None:
                 self._by_key[(op.wallet_id, op.idempotency_key)] = op
+        for refusal in batch.refusals:
+            key = (refusal.wallet_id, refusal.idempotency_key)
+            self._by_key[key] = self.refusals[key] = refusal
         self.appends += 1
 
     async def read_history(

@@ -20,6 +20,8 @@ __all__ = [
     "NewWallet",
     "OperationKind",
     "OperationRecord",
+    "RefusalReason",
+    "RefusalRecord",
     "SnapshotUpdate",
     "WalletRecord",
     "WalletView",
@@ -29,6 +31,13 @@ __all__ = [
 class OperationKind(enum.IntEnum):
     DEPOSIT = 1
     WITHDRAW = 2
+
+
+class RefusalReason(enum.IntEnum):
+    """Why the engine refused an operation: the business refusals (409s) it records."""
+
+    INSUFFICIENT_FUNDS = 1
+    BALANCE_LIMIT_EXCEEDED = 2
 
 
 class WalletView(NamedTuple):
@@ -71,6 +80,24 @@ class OperationRecord(NamedTuple):
     created_at_us: int
 
 
+class RefusalRecord(NamedTuple):
+    """A keyed operation the engine refused, stored so a retry with its key replays it.
+
+    ``fence_seq`` is the wallet's seq the refusal rests on, not counting its own batch's
+    writes: storage writes it only once that seq is stored (behind: ``PredecessorPending``),
+    so a refusal decided on state that never committed is never recorded.
+    """
+
+    wallet_id: UUID
+    idempotency_key: str
+    kind: OperationKind
+    amount: int
+    reason: RefusalReason
+    balance_seen: int
+    fence_seq: int
+    created_at_us: int
+
+
 @dataclass(frozen=True, slots=True)
 class NewWallet:
     wallet_id: UUID
@@ -91,14 +118,16 @@ class SnapshotUpdate(NamedTuple):
 
 @dataclass(slots=True)
 class Batch:
-    """Everything one shard commit writes, atomically: created wallets, log rows, snapshots."""
+    """Everything one shard commit writes, atomically: created wallets, log rows, snapshots,
+    and the keyed refusals to replay."""
 
     new_wallets: list[NewWallet] = field(default_factory=list)
     operations: list[OperationRecord] = field(default_factory=list)
     snapshots: list[SnapshotUpdate] = field(default_factory=list)
+    refusals: list[RefusalRecord] = field(default_factory=list)
     # (shard, lease epoch) of every shard the batch writes: the database refuses the batch
     # if one epoch is stale (engine/ownership.py). Empty when no leases are in use.
     fence: list[tuple[int, int]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.new_wallets or self.operations or self.snapshots)
+        return not (self.new_wallets or self.operations or self.snapshots or self.refusals)

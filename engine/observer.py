@@ -68,3 +68,6 @@ class EngineObserver:
 
     def wallets_evicted(self, shard: int, count: int) -> None:
         """``count`` idle wallets were dropped from memory (passivation)."""
+
+    def shard_restarted(self, shard: int) -> None:
+        """A crashed shard was restarted from storage, its memory dropped."""

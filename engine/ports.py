@@ -21,7 +21,7 @@ import abc
 from collections.abc import Sequence
 from uuid import UUID
 
-from walletd.engine.model import Batch, OperationRecord, WalletRecord
+from walletd.engine.model import Batch, OperationRecord, RefusalRecord, WalletRecord
 
 __all__ = [
     "CommitOutcomeUnknown",
@@ -66,7 +66,10 @@ class WalletLog(abc.ABC):
     - ``append_batch`` refuses (raising ``StorageError``, writing nothing) a snapshot update
       whose ``prev_seq`` is not the stored seq, so two writers can never interleave; when
       the stored seq is behind (or the wallet not there yet), it raises
-      ``PredecessorPending``: an earlier batch sent concurrently has not landed.
+      ``PredecessorPending``: an earlier batch sent concurrently has not landed. A refusal
+      whose wallet's stored seq (before the batch) is behind its ``fence_seq`` is refused
+      the same way; an idempotency key is used at most once per wallet, by an operation or
+      a refusal (``StorageError`` otherwise).
     - After ``append_batch`` returns, every load sees the batch.
     """
 
@@ -77,8 +80,9 @@ class WalletLog(abc.ABC):
     @abc.abstractmethod
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
-    ) -> dict[tuple[UUID, str], OperationRecord]:
-        """The logged operation for each (wallet id, idempotency key) that has one."""
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
+        """What the engine decided for each (wallet id, idempotency key) that has a stored
+        outcome: the logged operation, or the recorded refusal."""
 
     @abc.abstractmethod
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:

@@ -16,16 +16,25 @@ admission to answer; otherwise it is 503 ``UNAVAILABLE``: another process may ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from uuid import UUID
 
 from walletd.engine.commands import ApplyOperation, CreateWallet, Outcome, ReadWallet, Reply
 from walletd.engine.errors import EngineOverloaded, EngineStopping, NotOwner
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import Batch, OperationKind, OperationRecord, WalletRecord, WalletView
+from walletd.engine.model import (
+    Batch,
+    OperationKind,
+    OperationRecord,
+    RefusalRecord,
+    WalletRecord,
+    WalletView,
+)
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership, shard_of
 from walletd.engine.ports import StaleEpoch, WalletLog
@@ -65,6 +74,7 @@ class _FencedLog(WalletLog):
         count = ownership.shard_count
         shards = {shard_of(n.wallet_id, count) for n in batch.new_wallets}
         shards.update(shard_of(s.wallet_id, count) for s in batch.snapshots)
+        shards.update(shard_of(r.wallet_id, count) for r in batch.refusals)
         fence = []
         for shard in sorted(shards):
             epoch = ownership.epoch(shard)
@@ -84,7 +94,7 @@ class _FencedLog(WalletLog):
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
-    ) -> dict[tuple[UUID, str], OperationRecord]:
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         return await self._log.find_operations(keys)
 
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
@@ -111,6 +121,7 @@ class Engine:
         ownership: Ownership | None = None,
         clock_us: Callable[[], int] = wall_clock_us,
         observer: EngineObserver | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits or EngineLimits()
         # Alone (tests, tools): every shard served, one shard per pipeline, no fence.
@@ -119,7 +130,10 @@ class Engine:
         self._clock_us = clock_us
         self._observer = observer or EngineObserver()
         self._pipeline_log = _FencedLog(log, self.ownership) if self.ownership.fenced else log
-        self._shards = [self._new_pipeline(index) for index in range(self.limits.pipelines)]
+        # Called once when the engine gives up (shards crash faster than the restart rate):
+        # the process should exit non-zero so that its own supervisor restarts it.
+        self._on_fatal = on_fatal
+        self._shards = [self._new_shard(index) for index in range(self.limits.pipelines)]
         # Shards whose wallets each pipeline may hold in memory since it started: a shard
         # regained with a new epoch is served only after its pipeline forgot them.
         self._remembered: list[set[int]] = [set() for _ in self._shards]
@@ -128,9 +142,8 @@ class Engine:
         self._drained: dict[int, asyncio.Event] = {}
         self._started = False
         self._stopping = False
-
-    def _new_pipeline(self, index: int) -> Shard:
-        return Shard(index, self._pipeline_log, self.limits, self._clock_us, self._observer)
+        self._restarted_at: deque[float] = deque()  # monotonic times of recent restarts
+        self.failure: str | None = None  # why the engine gave up, once it has
 
     async def warm_up(self, wallets_max: int) -> int:
         """Load up to ``wallets_max`` most recently updated wallets of the shards served
@@ -151,7 +164,7 @@ class Engine:
 
     async def start(self) -> None:
         for shard in self._shards:
-            shard.start()
+            self._start_shard(shard)
         self._started = True
 
     async def stop(self) -> None:
@@ -168,13 +181,8 @@ class Engine:
             shard % pipelines for shard in shards if shard in self._remembered[shard % pipelines]
         }
         for index in sorted(stale):
-            old = self._shards[index]
-            fresh = self._new_pipeline(index)
-            self._shards[index] = fresh  # new commands go to the fresh pipeline at once
             self._remembered[index] = set()
-            if self._started and not self._stopping:
-                fresh.start()
-            await old.stop()
+            await self.restart_shard(index)
 
     def admitted(self, shard: int) -> int:
         return self._admitted[shard]
@@ -194,12 +202,70 @@ class Engine:
                 return False
         return True
 
+    async def restart_shard(self, index: int) -> None:
+        """Drop shard ``index``'s memory and start it afresh from storage.
+
+        The old shard stops taking commands at once (new ones queue in the fresh shard's
+        mailbox), answers everything it accepted, and only then does the fresh one start,
+        so nothing it loads can be older than a commit of the old one.
+        """
+        old = self._shards[index]
+        fresh = self._shards[index] = self._new_shard(index)
+        if old.task is not None and not old.task.done():
+            with contextlib.suppress(Exception):  # a crash in between is answered by it
+                await old.stop()
+        if self._started and not self._stopping:
+            self._start_shard(fresh)
+
     @property
     def accepting(self) -> bool:
         """True while every shard runs and the engine takes commands."""
-        if not self._started or self._stopping:
+        if not self._started or self._stopping or self.failure is not None:
             return False
         return all(s.task is not None and not s.task.done() for s in self._shards)
+
+    # -- supervision -------------------------------------------------------------------
+
+    def _new_shard(self, index: int) -> Shard:
+        return Shard(index, self._pipeline_log, self.limits, self._clock_us, self._observer)
+
+    def _start_shard(self, shard: Shard) -> None:
+        shard.start()
+        assert shard.task is not None
+        shard.task.add_done_callback(lambda task: self._shard_ended(shard, task))
+
+    def _shard_ended(self, shard: Shard, task: asyncio.Task[None]) -> None:
+        """A shard's loop ended: after a crash, restart it from storage, within the rate.
+
+        Like an actor system's one-for-one supervisor: the crashed shard has answered
+        everything it held (503); a fresh one with empty memory takes its place. Past
+        ``shard_restarts_max`` restarts in ``shard_restart_window_s`` the engine gives up.
+        """
+        if self._stopping or self._shards[shard.index] is not shard:
+            return  # a stop, or a shard already replaced by restart_shard
+        if task.cancelled() or task.exception() is None:
+            return
+        now = time.monotonic()
+        window_s = self.limits.shard_restart_window_s
+        restarted_at = self._restarted_at
+        while restarted_at and now - restarted_at[0] > window_s:
+            restarted_at.popleft()
+        if len(restarted_at) >= self.limits.shard_restarts_max:
+            self._give_up(
+                f"shard {shard.index} crashed after {len(restarted_at)} restarts in {window_s:g} s"
+            )
+            return
+        restarted_at.append(now)
+        _log.error("shard %d crashed: restarting it from storage", shard.index)
+        self._observer.shard_restarted(shard.index)
+        fresh = self._shards[shard.index] = self._new_shard(shard.index)
+        self._start_shard(fresh)
+
+    def _give_up(self, reason: str) -> None:
+        self.failure = reason
+        _log.critical("engine gives up: %s", reason)
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
 
     @property
     def shards(self) -> list[Shard]:

@@ -21,6 +21,8 @@ Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more pre
                   │        PostgreSQL before its predecessor: written again after it),
                   │        then wait for the predecessor's task
                   ├─ both ok ──▶ promote pending → committed, then resolve every reply
+                  ├─ stored, predecessor failed ──▶ promote, resolve the true replies; 503
+                  │              for those resting on the failed batch's pending state
                   └─ failed ───▶ resolve every reply with UNAVAILABLE; the loop forgets
                                  the touched wallets so they are re-read from storage
 
@@ -34,10 +36,12 @@ pending state that rode on a failed commit is forgotten before the next batch is
 
 Batch size adapts by itself: at idle a batch holds the one command that arrived; under load
 the mailbox fills while a commit is in flight and the next batch takes it all (group commit).
-Replies, refusals included, are resolved only once every batch before them has committed.
+Replies, refusals included, are resolved only once every batch before them has ended.
 
 If the loop itself fails (a broken invariant: a bug), every command it holds — committing,
 prepared, queued — is answered 503 and the shard refuses new work; nothing is left hanging.
+The engine (engine/router.py) supervises it: a fresh shard with empty memory takes its place,
+within a bounded restart rate.
 """
 
 from __future__ import annotations
@@ -166,7 +170,10 @@ class Shard:
         if task.cancelled():
             _log.warning("shard %d: task cancelled", self.index)
         elif (error := task.exception()) is not None:
-            _log.critical("shard %d crashed; it refuses new work", self.index, exc_info=error)
+            _log.critical(
+                "shard %d crashed; everything it held was answered 503", self.index,
+                exc_info=error,
+            )  # fmt: skip
 
     # -- the actor loop ----------------------------------------------------------------
 
@@ -323,7 +330,8 @@ class Shard:
     async def _commit(self, batch: _Open, previous: asyncio.Task[bool] | None) -> bool:
         """Write the batch, wait for the batch before it, then promote and answer.
 
-        Returns False when this write or an earlier one failed. Batches of one shard are
+        Returns False when this write or an earlier one failed (a batch stored behind a
+        failed one still sends the replies known to be true). Batches of one shard are
         written concurrently (up to ``inflight_batches_max``) but take effect in order:
         PostgreSQL makes a later batch's snapshot move wait for the row lock of an earlier
         one on the same wallet, and its seq fencing refuses it if the earlier one rolled
@@ -339,10 +347,10 @@ class Shard:
         started = time.perf_counter()
         if not rows.is_empty():
             reason = await self._append(rows, previous)
+        earlier_failed = False
         if previous is not None:
             await asyncio.wait((previous,))
-            if not _succeeded(previous):
-                reason = reason or REASON_PREVIOUS_FAILED
+            earlier_failed = not _succeeded(previous)
         if reason is not None:
             self._fail(batch, reason)
             return False
@@ -355,11 +363,20 @@ class Shard:
                 time.perf_counter() - started,
             )
             ledger.committed(applied)
-        for command, reply in zip(batch.commands, ledger.answers(applied), strict=True):
+        # Stored (or nothing to store): every reply that walletd knows to be true is sent,
+        # even behind a failed batch; only those resting on its state are 503.
+        replies = ledger.answers(applied, earlier_failed=earlier_failed)
+        for command, reply in zip(batch.commands, replies, strict=True):
             future = command.reply
             if not future.done():  # a caller that went away still had its command counted
                 future.set_result(reply)
-        return True
+        if earlier_failed:
+            unavailable = sum(reply.outcome is Outcome.UNAVAILABLE for reply in replies)
+            if unavailable:
+                self._observer.batch_failed(self.index, unavailable, REASON_PREVIOUS_FAILED)
+        # False keeps the chain broken: the batches behind this one check their replies too,
+        # and the loop re-reads everything the failed batch and this one touched.
+        return not earlier_failed
 
     async def _append(self, batch: Batch, previous: asyncio.Task[bool] | None) -> str | None:
         """Store the batch; None once stored, else the reason it failed.

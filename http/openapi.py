@@ -392,8 +392,10 @@ def _parameters() -> JsonObject:
             "description": (
                 "A retry with the same key and the same request returns the original status "
                 "and body with `Idempotent-Replayed: true`; the same key with a different "
-                "request is 422 IDEMPOTENCY_KEY_REUSED. A refused request does not use up "
-                "its key."
+                "request is 422 IDEMPOTENCY_KEY_REUSED. A business refusal of an operation "
+                "(409 INSUFFICIENT_FUNDS / BALANCE_LIMIT_EXCEEDED) is an original response "
+                "too and is replayed; a request refused before that (400, 404, 413, 415, "
+                "422) does not use up its key."
             ),
             "schema": _ref("schemas", "IdempotencyKey"),
         },
@@ -584,9 +586,11 @@ def _apply_operation() -> JsonObject:
             "404": _ref("responses", "WalletNotFound"),
             "409": _problem_response(
                 "Withdrawal larger than the balance, or deposit past the balance ceiling "
-                f"({BALANCE_MAX}); the balance is unchanged.",
+                f"({BALANCE_MAX}); the balance is unchanged. With an Idempotency-Key the "
+                "refusal is recorded: a retry with that key gets it again (replayed).",
                 409,
                 ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+                ("Idempotent-Replayed",),
             ),
             **_post_errors(),
         },

@@ -25,6 +25,7 @@ __all__ = [
 _JSON: Final = "application/json"
 _JSON_HEADERS: Final = {"Content-Type": _JSON}
 _RETRY_AFTER: Final = {"Retry-After": "1"}
+_REPLAYED: Final = {"Idempotent-Replayed": "true"}
 
 
 def format_timestamp(micros: int) -> str:
@@ -99,12 +100,15 @@ def _problem(reply: Reply, wallet_id: UUID, amount: int) -> ProblemError:
         return ProblemError(404, "WALLET_NOT_FOUND", f"wallet {wallet_id} does not exist")
     if outcome is Outcome.WALLET_ALREADY_EXISTS:
         return ProblemError(409, "WALLET_ALREADY_EXISTS", f"wallet {wallet_id} already exists")
+    # A recorded refusal replayed to a retry with its key: same status and body.
+    replayed = _REPLAYED if reply.replayed else None
     if outcome is Outcome.INSUFFICIENT_FUNDS:
         return ProblemError(
             409,
             "INSUFFICIENT_FUNDS",
             f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)}, "
             f"cannot withdraw {format_minor(amount)}",
+            headers=replayed,
         )
     if outcome is Outcome.BALANCE_LIMIT_EXCEEDED:
         return ProblemError(
@@ -112,6 +116,7 @@ def _problem(reply: Reply, wallet_id: UUID, amount: int) -> ProblemError:
             "BALANCE_LIMIT_EXCEEDED",
             f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)}; depositing "
             f"{format_minor(amount)} would pass the balance ceiling",
+            headers=replayed,
         )
     if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
         return ProblemError(

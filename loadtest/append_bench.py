@@ -37,7 +37,7 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 _FUNCTION = (
     "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
-    "$14, $15, $16)"
+    "$14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
 )
 _INSERT_ONE = (
     "INSERT INTO wallet_operations (wallet_id, seq, kind, amount, balance_after, "
@@ -92,6 +92,7 @@ async def by_function(connection: asyncpg.Connection, rows: Rows) -> None:
         ids, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
         [r[4] for r in rows], [r[5] for r in rows], us,
         ids, [r[1] - 1 for r in rows], [r[1] for r in rows], [r[4] for r in rows], us,
+        [], [], [], [], [], [], [], [],
     )  # fmt: skip
 
 

@@ -26,7 +26,14 @@ from uuid import UUID
 
 import asyncpg
 
-from walletd.engine.model import Batch, OperationKind, OperationRecord, WalletRecord
+from walletd.engine.model import (
+    Batch,
+    OperationKind,
+    OperationRecord,
+    RefusalReason,
+    RefusalRecord,
+    WalletRecord,
+)
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     PredecessorPending,
@@ -38,10 +45,16 @@ from walletd.engine.ports import (
 
 __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 
-# The fence runs first, in the same statement and so the same transaction: it share-locks the
-# lease rows of the batch's shards and refuses a stale epoch (WDF01) before anything is
-# written (migration shard_leases, docs/SCALING.md).
-_APPEND = "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) FROM walletd_fence($17::integer[], $18::bigint[])"  # noqa: E501
+# The fence runs first, in the same statement and so the same transaction: it locks the
+# lease rows of the batch's shards (FOR KEY SHARE) and refuses a stale epoch (WDF01) before
+# anything is written (migration shard_leases, docs/SCALING.md).
+_APPEND = (
+    "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    " FROM walletd_fence($25::integer[], $26::bigint[])"
+)
+# Sent instead of eight empty lists for the common batch with no refusal.
+_NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
 
@@ -63,10 +76,16 @@ _OP_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
 )
+# The decided outcome of each key: its log row, or its recorded refusal (reason > 0).
 _FIND_OPERATIONS = f"""
-SELECT {_OP_COLUMNS}
+SELECT {_OP_COLUMNS}, 0::smallint
   FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
   JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
+UNION ALL
+SELECT 0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,
+       r.idempotency_key, {_MICROS.format("r.created_at")}, r.reason
+  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
+  JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
 """
 HISTORY_FIRST_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
@@ -105,6 +124,15 @@ def _wallet(row: asyncpg.Record) -> WalletRecord:
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
+
+
+def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
+    if not row[8]:
+        return _operation(row)
+    return RefusalRecord(
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[8]), row[5], row[2],
+        row[7],
+    )  # fmt: skip
 
 
 class ConnectBackoff:
@@ -185,11 +213,11 @@ class PostgresLog(WalletLog):
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
-    ) -> dict[tuple[UUID, str], OperationRecord]:
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         rows = await self._fetch(_FIND_OPERATIONS, [k[0] for k in keys], [k[1] for k in keys])
-        found = {}
+        found: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         for row in rows:
-            record = _operation(row)
+            record = _decided(row)
             assert record.idempotency_key is not None
             found[(record.wallet_id, record.idempotency_key)] = record
         return found
@@ -217,12 +245,24 @@ class PostgresLog(WalletLog):
             [s.seq for s in snaps],
             [s.balance for s in snaps],
             [s.updated_at_us for s in snaps],
-            [shard for shard, _ in batch.fence],
-            [epoch for _, epoch in batch.fence],
         )
+        fence = ([shard for shard, _ in batch.fence], [epoch for _, epoch in batch.fence])
+        refusals = batch.refusals
+        refusal_args = _NO_REFUSALS
+        if refusals:
+            refusal_args = (
+                [r.wallet_id for r in refusals],
+                [r.idempotency_key for r in refusals],
+                [int(r.kind) for r in refusals],
+                [r.amount for r in refusals],
+                [int(r.reason) for r in refusals],
+                [r.balance_seen for r in refusals],
+                [r.fence_seq for r in refusals],
+                [r.created_at_us for r in refusals],
+            )
         connection = await self._acquire()
         try:
-            await connection.execute(_APPEND, *args)
+            await connection.execute(_APPEND, *args, *refusal_args, *fence)
         except (*_BROKEN_CONNECTION, *_CONNECTION_LOST) as error:
             # Checked before PostgresError: these are PostgresError subclasses, yet the
             # commit may have happened before the connection went.

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from uuid import UUID
 
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import Batch, NewWallet, WalletRecord
+from walletd.engine.model import Batch, NewWallet, OperationRecord, RefusalRecord, WalletRecord
 from walletd.engine.observer import EngineObserver
 from walletd.engine.router import Engine, shard_of
 
@@ -52,17 +52,25 @@ class ControlledLog(InMemoryLog):
         self.append_gate: Gate | None = None
         self.load_gate: Gate | None = None
         self.load_calls: list[list[UUID]] = []
+        self.finds = 0  # find_operations calls
         self.appended: list[Batch] = []
         self.appends_in_flight = 0
         self.appends_in_flight_max = 0
         # Raised by the next append instead of writing (an exception storage should not raise).
         self.raise_on_append: Exception | None = None
+        # The next N wallet loads return a corrupt row (a negative balance): the first
+        # operation on it breaks a ledger invariant and crashes its shard, for real.
+        self.corrupt_loads = 0
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         self.load_calls.append(list(wallet_ids))
         if self.load_gate is not None:
             await self.load_gate.pass_through()
-        return await super().load_wallets(wallet_ids)
+        loaded = await super().load_wallets(wallet_ids)
+        if self.corrupt_loads > 0 and loaded:
+            self.corrupt_loads -= 1
+            return {w: replace(r, balance=-100) for w, r in loaded.items()}
+        return loaded
 
     async def append_batch(self, batch: Batch) -> None:
         self.appends_in_flight += 1
@@ -77,6 +85,12 @@ class ControlledLog(InMemoryLog):
             self.appended.append(batch)
         finally:
             self.appends_in_flight -= 1
+
+    async def find_operations(
+        self, keys: Sequence[tuple[UUID, str]]
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
+        self.finds += 1
+        return await super().find_operations(keys)
 
     def loads_of(self, wallet_id: UUID) -> int:
         return sum(wallet_id in call for call in self.load_calls)
@@ -99,6 +113,7 @@ class RecordingObserver(EngineObserver):
     rejected: list[str] = field(default_factory=list)
     loaded: int = 0
     evicted: int = 0
+    restarted: list[int] = field(default_factory=list)
 
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
         assert seconds >= 0
@@ -115,6 +130,9 @@ class RecordingObserver(EngineObserver):
 
     def wallets_evicted(self, shard: int, count: int) -> None:
         self.evicted += count
+
+    def shard_restarted(self, shard: int) -> None:
+        self.restarted.append(shard)
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
@@ -133,12 +151,13 @@ async def running_engine(
     limits: EngineLimits | None = None,
     observer: EngineObserver | None = None,
     clock_us: Callable[[], int] | None = None,
+    on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Engine]:
     limits = limits or EngineLimits(pipelines=2, batch_ops_max=64, mailbox_commands_max=256)
     if clock_us is None:
-        engine = Engine(log, limits, observer=observer)
+        engine = Engine(log, limits, observer=observer, on_fatal=on_fatal)
     else:
-        engine = Engine(log, limits, observer=observer, clock_us=clock_us)
+        engine = Engine(log, limits, observer=observer, clock_us=clock_us, on_fatal=on_fatal)
     await engine.start()
     try:
         yield engine

@@ -160,9 +160,12 @@ class OrderedGatesLog(ControlledLog):
     def __init__(self) -> None:
         super().__init__()
         self.gates: list[Gate] = []
+        self.gates_open = False  # True: appends pass at once
 
     async def append_batch(self, batch: Batch) -> None:
         gate = Gate()
+        if self.gates_open:
+            gate.open()
         self.gates.append(gate)
         self.appends_in_flight += 1
         try:
@@ -224,29 +227,120 @@ async def test_a_later_batch_that_reaches_storage_first_is_written_again_after()
     assert [op.balance_after for op in log.operations[wallet]] == [5, 12]
 
 
-async def test_a_failed_batch_fails_the_one_committing_behind_it() -> None:
-    """N fails while N+1 (another wallet) was written: N+1 is answered 503 (outcome
-    unknown) and its wallet is re-read, so memory shows what the log holds."""
+async def test_a_batch_stored_behind_a_failed_one_gets_its_true_answers() -> None:
+    """N fails while N+1 (other wallets) was stored: N+1's replies are the true ones (its
+    write, a refusal on committed state, a read, a 404), not 503; memory shows the log."""
     log = OrderedGatesLog()
-    first, second = UUID(int=1), UUID(int=2)
-    log.add_wallet(first)
-    log.add_wallet(second)
-    async with running_engine(log, PIPELINED) as engine:
-        await engine.read(first)
-        await engine.read(second)
+    observer = RecordingObserver()
+    first, second, poor = UUID(int=1), UUID(int=2), UUID(int=3)
+    unloaded = UUID(int=4)
+    for wallet in (first, second, poor, unloaded):
+        log.add_wallet(wallet)
+    async with running_engine(log, PIPELINED, observer) as engine:
+        for wallet in (first, second, poor):
+            await engine.read(wallet)
         batch_n = start(engine, first, DEPOSIT, 5)
         await until(lambda: len(log.gates) == 1)
-        batch_n1 = start(engine, second, DEPOSIT, 7)
+        batch_n1 = [
+            start(engine, second, DEPOSIT, 7),
+            start(engine, poor, WITHDRAW, 1),
+            asyncio.create_task(engine.read(unloaded)),
+            start(engine, UUID(int=999), DEPOSIT, 1),
+        ]
         await until(lambda: len(log.gates) == 2)
         log.fail_next_appends = 1
         log.gates[0].open()
         await until(lambda: log.appends_in_flight == 1)
         log.gates[1].open()
-        replies = await answers(batch_n, batch_n1)
-        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 2
+        failed, *stored = await answers(batch_n, *batch_n1)
+        assert failed.outcome is Outcome.UNAVAILABLE
+        assert [r.outcome for r in stored] == [
+            Outcome.OK, Outcome.INSUFFICIENT_FUNDS, Outcome.OK, Outcome.WALLET_NOT_FOUND,
+        ]  # fmt: skip
+        assert stored[0].wallet is not None
+        assert stored[0].wallet.balance == 7
         assert (log.wallets[first].balance, log.wallets[second].balance) == (0, 7)
         reads = [await engine.read(first), await engine.read(second)]
     assert [r.wallet.balance for r in reads if r.wallet] == [0, 7]
+    assert [(c, r) for _s, c, r in observer.failed] == [(1, REASON_COMMIT_FAILED)]
+
+
+async def test_answers_that_rest_on_a_failed_batch_are_unavailable() -> None:
+    """N fails; N+1 is stored, but its answers decided on N's pending state (a replay or a
+    reuse of N's key, a refusal on N's pending balance, a wallet N created, its creation
+    key, a read of it) are 503, while N+1's own independent write is answered OK."""
+    log = OrderedGatesLog()
+    observer = RecordingObserver()
+    moved, other, created = UUID(int=1), UUID(int=2), UUID(int=3)
+    log.add_wallet(moved)
+    log.add_wallet(other)
+    async with running_engine(log, PIPELINED, observer) as engine:
+        await engine.read(moved)
+        await engine.read(other)
+        n_deposit = start(engine, moved, DEPOSIT, 50, "k1")
+        n_create = asyncio.create_task(engine.create_wallet(created, "make-3"))
+        await until(lambda: len(log.gates) == 1)
+        dependent = [
+            start(engine, moved, DEPOSIT, 50, "k1"),  # replay of N's key
+            start(engine, moved, DEPOSIT, 51, "k1"),  # reuse of N's key
+            start(engine, moved, WITHDRAW, 80),  # refused on N's pending 50
+            asyncio.create_task(engine.read(created)),
+        ]
+        creations = [
+            asyncio.create_task(engine.create_wallet(created, None)),  # exists: N made it
+            asyncio.create_task(engine.create_wallet(created, "make-3")),  # N's key
+        ]
+        independent = start(engine, other, DEPOSIT, 7)
+        await until(lambda: len(log.gates) == 2)
+        log.fail_next_appends = 1
+        log.gates[0].open()
+        await until(lambda: log.appends_in_flight == 1)
+        log.gates[1].open()
+        (n_deposited,) = await answers(n_deposit)
+        _id, n_created = await asyncio.wait_for(n_create, WAIT_S)
+        replies = await answers(*dependent)
+        created_replies = await asyncio.wait_for(asyncio.gather(*creations), WAIT_S)
+        (own,) = await answers(independent)
+    assert [r.outcome for r in (n_deposited, n_created)] == [Outcome.UNAVAILABLE] * 2
+    assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 4
+    assert [r.outcome for _id, r in created_replies] == [Outcome.UNAVAILABLE] * 2
+    assert own.outcome is Outcome.OK
+    assert (log.wallets[moved].balance, log.wallets[other].balance) == (0, 7)
+    assert created not in log.wallets
+    assert [(c, r) for _s, c, r in observer.failed] == [
+        (2, REASON_COMMIT_FAILED), (6, REASON_PREVIOUS_FAILED),
+    ]  # fmt: skip
+
+
+async def test_a_write_on_what_a_failed_batch_moved_or_created_is_not_stored() -> None:
+    """N fails; N+1 deposits on a wallet N moved and on one N created: its append is
+    fenced (the seqs it builds on never landed), so nothing of N+1 is stored, all 503."""
+    log = OrderedGatesLog()
+    moved, other, created = UUID(int=1), UUID(int=2), UUID(int=3)
+    log.add_wallet(moved)
+    log.add_wallet(other)
+    async with running_engine(log, PIPELINED) as engine:
+        await engine.read(moved)
+        await engine.read(other)
+        batch_n = [
+            start(engine, moved, DEPOSIT, 5),
+            asyncio.create_task(engine.create_wallet(created, None)),
+        ]
+        await until(lambda: len(log.gates) == 1)
+        batch_n1 = [
+            start(engine, moved, DEPOSIT, 3),
+            start(engine, created, DEPOSIT, 4),
+            start(engine, other, DEPOSIT, 7),
+        ]
+        await until(lambda: len(log.gates) == 2)
+        log.fail_next_appends = 1
+        log.gates[0].open()
+        await asyncio.wait_for(asyncio.gather(*batch_n), WAIT_S)
+        log.gates[1].open()
+        replies = await answers(*batch_n1)
+    assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 3
+    assert (log.wallets[moved].balance, log.wallets[other].balance) == (0, 0)
+    assert created not in log.wallets
 
 
 async def test_batch_size_is_one_at_idle_and_grows_under_load() -> None:
@@ -477,6 +571,67 @@ async def test_an_ambiguous_commit_is_resolved_exactly_once_by_a_keyed_retry() -
     assert [r for _s, _c, r in observer.failed] == [REASON_COMMIT_UNKNOWN] * 2
 
 
+async def test_a_keyed_refusal_is_replayed_after_its_key_left_the_cache() -> None:
+    """A keyed refusal is recorded with its batch; after a deposit that would cover it and
+    after its key was pushed out of the bounded cache by newer keys, the retry replays the
+    refusal (from storage) and the same key never applies."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=1, mailbox_commands_max=8, inflight_batches_max=1,
+        idempotency_keys_max=2,
+    )  # fmt: skip
+    async with running_engine(log, limits) as engine:
+        await create(engine, wallet)
+        refused = await engine.apply(wallet, WITHDRAW, 30, "w")
+        assert (refused.outcome, refused.balance_seen, refused.replayed) == (
+            Outcome.INSUFFICIENT_FUNDS, 0, False,
+        )  # fmt: skip
+        for number in range(3):  # more keys than the cache holds
+            await engine.apply(wallet, DEPOSIT, 20, f"d{number}")
+        finds_before = log.finds
+        replayed = await engine.apply(wallet, WITHDRAW, 30, "w")
+        assert log.finds == finds_before + 1  # the key was not in memory any more
+        reused = await engine.apply(wallet, WITHDRAW, 31, "w")
+    assert (replayed.outcome, replayed.balance_seen, replayed.replayed) == (
+        Outcome.INSUFFICIENT_FUNDS, 0, True,
+    )  # fmt: skip
+    assert reused.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+    assert log.wallets[wallet].balance == 60
+    assert list(log.refusals) == [(wallet, "w")]
+
+
+async def test_a_refusal_decided_on_a_failed_batch_is_not_recorded() -> None:
+    """N (a withdrawal) fails; N+1's keyed refusal was decided on N's pending balance, so it
+    is not recorded (its batch is refused by storage, 503), and the retry with the same key
+    is decided again, on what committed: applied."""
+    log = OrderedGatesLog()
+    wallet, other = UUID(int=1), UUID(int=2)
+    log.add_wallet(wallet)
+    log.add_wallet(other)
+    async with running_engine(log, PIPELINED) as engine:
+        log.gates_open = True
+        await engine.apply(wallet, DEPOSIT, 100, None)
+        log.gates_open = False
+        batch_n = start(engine, wallet, WITHDRAW, 60)
+        await until(lambda: len(log.gates) == 2)
+        batch_n1 = [start(engine, wallet, WITHDRAW, 70, "w"), start(engine, other, DEPOSIT, 1)]
+        await until(lambda: len(log.gates) == 3)
+        log.fail_next_appends = 1
+        log.gates[1].open()
+        await answers(batch_n)
+        log.gates_open = True
+        log.gates[2].open()
+        replies = await answers(*batch_n1)
+        assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 2
+        assert log.refusals == {}
+        retried = await engine.apply(wallet, WITHDRAW, 70, "w")
+    assert retried.outcome is Outcome.OK
+    assert not retried.replayed
+    assert log.wallets[wallet].balance == 30
+    assert log.wallets[other].balance == 0
+
+
 async def test_a_load_failure_answers_unavailable_and_recovers() -> None:
     """When storage cannot load, commands get UNAVAILABLE; once it answers, work goes on."""
     log = ControlledLog()
@@ -570,13 +725,17 @@ class _BreakableClock:
 
 async def test_a_crashed_shard_answers_everything_it_held() -> None:
     """A bug that kills a shard's loop answers the committing, prepared and queued commands
-    with UNAVAILABLE, and the shard refuses new work; no caller hangs."""
+    with UNAVAILABLE; with no restart allowed the engine gives up (not accepting, the
+    process told to exit) and the shard refuses new work; no caller hangs."""
     log = ControlledLog()
     observer = RecordingObserver()
     clock = _BreakableClock()
     wallet = UUID(int=1)
-    limits = EngineLimits(pipelines=1, batch_ops_max=2, mailbox_commands_max=64)
-    async with running_engine(log, limits, observer, clock) as engine:
+    fatal: list[str] = []
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=2, mailbox_commands_max=64, shard_restarts_max=0
+    )
+    async with running_engine(log, limits, observer, clock, fatal.append) as engine:
         await create(engine, wallet)
         log.append_gate = gate = Gate()
         committing = start(engine, wallet, DEPOSIT, 1)
@@ -585,12 +744,84 @@ async def test_a_crashed_shard_answers_everything_it_held() -> None:
         held = [start(engine, wallet, DEPOSIT, 1) for _ in range(6)]
         replies = await answers(committing, *held)
         assert [r.outcome for r in replies] == [Outcome.UNAVAILABLE] * 7
+        await until(lambda: bool(fatal))
         assert not engine.accepting
+        assert engine.failure == fatal[0]
         with pytest.raises(EngineStopping):
             await engine.apply(wallet, DEPOSIT, 1, None)
     assert {r for _s, _c, r in observer.failed} == {REASON_SHARD_CRASHED}
     assert sum(c for _s, c, _r in observer.failed) == 7
     assert log.wallets[wallet].balance == 0
+
+
+async def test_a_crashed_shard_is_restarted_from_storage_within_the_rate() -> None:
+    """A broken invariant (a corrupt row from storage) crashes a shard: its commands get
+    503, a fresh shard with empty memory takes its place and serves from storage; past
+    shard_restarts_max crashes in the window the engine gives up and asks to exit."""
+    log = ControlledLog()
+    observer = RecordingObserver()
+    wallet, other = UUID(int=1), UUID(int=2)
+    log.add_wallet(wallet)
+    log.add_wallet(other)
+    fatal: list[str] = []
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=4, mailbox_commands_max=64, shard_restarts_max=1,
+        shard_restart_window_s=600,
+    )  # fmt: skip
+    async with running_engine(log, limits, observer, on_fatal=fatal.append) as engine:
+        assert (await engine.apply(other, DEPOSIT, 5, None)).outcome is Outcome.OK
+        log.corrupt_loads = 1
+        crashed = await engine.apply(wallet, DEPOSIT, 1, None)
+        assert crashed.outcome is Outcome.UNAVAILABLE
+        await until(lambda: engine.accepting)  # restarted
+        assert observer.restarted == [0]
+        assert engine.read_resident(other) is None  # memory dropped: re-read from storage
+        after = await engine.apply(wallet, DEPOSIT, 1, None)
+        assert after.outcome is Outcome.OK
+        assert after.wallet is not None
+        assert after.wallet.balance == 1
+        read = await engine.read(other)
+        assert read.wallet is not None
+        assert read.wallet.balance == 5
+        assert not fatal
+        # A second crash within the window is one more than allowed: the engine gives up.
+        log.corrupt_loads = 1
+        assert (await engine.apply(other, DEPOSIT, 1, "x")).outcome is Outcome.OK  # resident
+        await engine.restart_shard(0)  # drop memory, so the next use loads (corrupt)
+        crashed = await engine.apply(other, DEPOSIT, 1, None)
+        assert crashed.outcome is Outcome.UNAVAILABLE
+        await until(lambda: bool(fatal))
+        assert not engine.accepting
+        with pytest.raises(EngineStopping):
+            await engine.apply(other, DEPOSIT, 1, None)
+    assert "after 1 restarts" in fatal[0]
+    assert observer.restarted == [0]
+    assert (log.wallets[wallet].balance, log.wallets[other].balance) == (1, 6)
+
+
+async def test_restart_shard_drops_memory_and_answers_what_it_held() -> None:
+    """Engine.restart_shard: the old shard answers what it accepted (committed here), new
+    commands wait for the fresh shard, which re-reads wallets from storage."""
+    log = ControlledLog()
+    wallet = UUID(int=1)
+    log.add_wallet(wallet)
+    async with running_engine(log, ONE_SHARD) as engine:
+        await engine.apply(wallet, DEPOSIT, 5, None)
+        log.append_gate = gate = Gate()
+        held = start(engine, wallet, DEPOSIT, 1)
+        await gate.wait_for_arrivals(1)
+        restarting = asyncio.create_task(engine.restart_shard(0))
+        queued = start(engine, wallet, DEPOSIT, 2)
+        await submitted(engine)
+        assert not queued.done()
+        gate.open()
+        await asyncio.wait_for(restarting, WAIT_S)
+        replies = await answers(held, queued)
+        loads = log.loads_of(wallet)
+    assert [r.outcome for r in replies] == [Outcome.OK, Outcome.OK]
+    assert replies[1].wallet is not None
+    assert replies[1].wallet.balance == 8
+    assert loads == 2  # loaded again by the fresh shard
 
 
 async def test_shards_are_independent() -> None:

@@ -1,9 +1,12 @@
-"""The engine against a trivial sequential model, driven by Hypothesis.
+"""The engine against a trivial sequential model, driven by Hypothesis, twice: through the
+pipeline (the Engine on the in-memory log) and on the pure ledger state machine directly.
 
-Random creates, deposits, withdrawals, reads, keyed retries, concurrent bursts, commit
-failures (plain and apply-then-fail), and restarts, across several wallets on several shards
-with a tiny resident bound (so passivation runs all the time). After every step the log
-must equal the model: balances, histories, never negative, balance == sum(log).
+Random creates, deposits, withdrawals, reads, keyed retries (of applied and of refused
+operations), concurrent bursts, commit failures (plain and apply-then-fail), two batches in
+flight with the first failing, and restarts, across several wallets on several shards with a
+tiny resident bound (so passivation runs all the time) and more idempotency keys than the
+key cache holds (so keys are forgotten and looked up again). After every step the log must
+equal the model: balances, histories, recorded refusals, never negative, balance == sum(log).
 """
 
 from __future__ import annotations
@@ -19,9 +22,19 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tests.engine_doubles import WAIT_S, ControlledLog
-from walletd.engine.commands import Outcome, Reply
+from walletd.engine.commands import (
+    ApplyOperation,
+    Command,
+    CreateWallet,
+    Outcome,
+    ReadWallet,
+    Reply,
+)
+from walletd.engine.ledger import Applied, Ledger
 from walletd.engine.limits import EngineLimits
+from walletd.engine.memory_log import InMemoryLog
 from walletd.engine.model import OperationKind
+from walletd.engine.money import BALANCE_MINOR_MAX
 from walletd.engine.router import Engine
 
 settings.register_profile(
@@ -35,10 +48,13 @@ settings.register_profile(
 T = TypeVar("T")
 
 WALLETS = [UUID(int=n) for n in range(1, 7)]
-KEYS = ["k1", "k2", "k3"]
+KEYS = [f"k{n}" for n in range(1, 7)]
+# Two shards, batches of two, two in flight: each shard's key cache holds 6 keys (the least
+# the limits allow), while 6 wallets x 6 keys give ~18 per shard: the cache overflows, and a
+# forgotten key must be found in storage, never applied twice.
 LIMITS = EngineLimits(
-    pipelines=3, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=3,
-    idempotency_keys_max=36,
+    pipelines=2, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
+    resident_wallets_max=3, idempotency_keys_max=12,
 )  # fmt: skip
 
 wallets = st.sampled_from(WALLETS)
@@ -56,42 +72,73 @@ class _Op:
 
 
 @dataclass
+class _Refusal:
+    kind: OperationKind
+    amount: int
+    outcome: Outcome
+    balance_seen: int
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a command must get: the outcome, the balance in the reply (a refusal's: the
+    balance it saw), whether it logs an operation or records a refusal, and whether the
+    reply is a replay."""
+
+    outcome: Outcome
+    balance: int | None = None
+    writes: bool = False
+    records: bool = False
+    replayed: bool = False
+
+
+@dataclass
 class Model:
     """What a sequential, single-threaded ledger would hold."""
 
     balances: dict[UUID, int] = field(default_factory=dict)
     history: dict[UUID, list[_Op]] = field(default_factory=dict)
-    keyed: dict[tuple[UUID, str], _Op] = field(default_factory=dict)
+    keyed: dict[tuple[UUID, str], _Op | _Refusal] = field(default_factory=dict)
     create_keys: dict[str, UUID] = field(default_factory=dict)
 
     def expect_apply(
         self, wallet: UUID, kind: OperationKind, amount: int, key: str | None
-    ) -> tuple[Outcome, int | None, bool]:
-        """(outcome, balance in the reply, whether it writes) without changing the model."""
+    ) -> Expect:
+        """What the command gets, without changing the model."""
         if wallet not in self.balances:
-            return Outcome.WALLET_NOT_FOUND, None, False
+            return Expect(Outcome.WALLET_NOT_FOUND)
         if key is not None and (wallet, key) in self.keyed:
             earlier = self.keyed[(wallet, key)]
             if (earlier.kind, earlier.amount) != (kind, amount):
-                return Outcome.IDEMPOTENCY_KEY_REUSED, None, False
-            return Outcome.OK, earlier.balance_after, False
+                return Expect(Outcome.IDEMPOTENCY_KEY_REUSED)
+            if isinstance(earlier, _Refusal):
+                return Expect(earlier.outcome, earlier.balance_seen, replayed=True)
+            return Expect(Outcome.OK, earlier.balance_after, replayed=True)
         balance = self.balances[wallet]
+        keyed = key is not None
         if kind is OperationKind.WITHDRAW:
             if amount > balance:
-                return Outcome.INSUFFICIENT_FUNDS, None, False
-            return Outcome.OK, balance - amount, True
-        return Outcome.OK, balance + amount, True
+                return Expect(Outcome.INSUFFICIENT_FUNDS, balance, records=keyed)
+            return Expect(Outcome.OK, balance - amount, writes=True)
+        if balance + amount > BALANCE_MINOR_MAX:
+            return Expect(Outcome.BALANCE_LIMIT_EXCEEDED, balance, records=keyed)
+        return Expect(Outcome.OK, balance + amount, writes=True)
 
-    def apply(self, wallet: UUID, kind: OperationKind, amount: int, key: str | None) -> None:
-        outcome, balance, writes = self.expect_apply(wallet, kind, amount, key)
-        assert outcome is Outcome.OK
-        assert writes
-        assert balance is not None
-        op = _Op(kind, amount, balance, key)
-        self.balances[wallet] = balance
-        self.history[wallet].append(op)
-        if key is not None:
-            self.keyed[(wallet, key)] = op
+    def apply(
+        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None, expect: Expect
+    ) -> None:
+        """Take the effect of a command that got ``expect``."""
+        if expect.writes:
+            assert expect.balance is not None
+            op = _Op(kind, amount, expect.balance, key)
+            self.balances[wallet] = expect.balance
+            self.history[wallet].append(op)
+            if key is not None:
+                self.keyed[(wallet, key)] = op
+        elif expect.records:
+            assert key is not None
+            assert expect.balance is not None
+            self.keyed[(wallet, key)] = _Refusal(kind, amount, expect.outcome, expect.balance)
 
     def expect_create(self, wallet: UUID, key: str | None) -> tuple[Outcome, bool]:
         if key is not None and key in self.create_keys:
@@ -108,13 +155,34 @@ class Model:
             self.create_keys[key] = wallet
 
 
-def _check_apply(reply: Reply, expected: tuple[Outcome, int | None, bool]) -> None:
-    outcome, balance, writes = expected
-    assert reply.outcome is outcome, (reply, expected)
-    if outcome is Outcome.OK:
+def _check_apply(reply: Reply, expected: Expect) -> None:
+    assert reply.outcome is expected.outcome, (reply, expected)
+    assert reply.replayed is expected.replayed, (reply, expected)
+    if expected.outcome is Outcome.OK:
         assert reply.wallet is not None
-        assert reply.wallet.balance == balance
-        assert reply.replayed is (not writes)
+        assert reply.wallet.balance == expected.balance
+    elif expected.outcome in (Outcome.INSUFFICIENT_FUNDS, Outcome.BALANCE_LIMIT_EXCEEDED):
+        assert reply.balance_seen == expected.balance
+
+
+def _check_log(log: InMemoryLog, model: Model) -> None:
+    """The log holds exactly what the model does: wallets, balances, histories, refusals."""
+    assert set(log.wallets) == set(model.balances)
+    for wallet, balance in model.balances.items():
+        stored = log.wallets[wallet]
+        assert stored.balance == balance >= 0
+        ops = log.operations.get(wallet, [])
+        assert sum(o.amount if o.kind is OperationKind.DEPOSIT else -o.amount for o in ops) == (
+            balance
+        )
+        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key) for o in ops] == [
+            (o.kind, o.amount, o.balance_after, o.key) for o in model.history[wallet]
+        ]
+        assert [o.seq for o in ops] == list(range(1, len(ops) + 1))
+    refusals = {k: v for k, v in model.keyed.items() if isinstance(v, _Refusal)}
+    assert {
+        k: (r.kind, r.amount, r.reason.name, r.balance_seen) for k, r in log.refusals.items()
+    } == {k: (r.kind, r.amount, r.outcome.name, r.balance_seen) for k, r in refusals.items()}
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -153,8 +221,7 @@ class EngineMachine(RuleBasedStateMachine):
         reply = self._run(self.engine.apply(wallet, kind, amount, key))
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
-        if expected[2]:
-            self.model.apply(wallet, kind, amount, key)
+        self.model.apply(wallet, kind, amount, key, expected)
 
     @rule(
         ops=st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=2, max_size=12),
@@ -170,8 +237,7 @@ class EngineMachine(RuleBasedStateMachine):
         for op, reply in zip(ops, replies, strict=True):
             expected = self.model.expect_apply(*op)
             _check_apply(reply, expected)
-            if expected[2]:
-                self.model.apply(*op)
+            self.model.apply(*op, expected)
 
     @rule(
         wallet=wallets,
@@ -189,12 +255,12 @@ class EngineMachine(RuleBasedStateMachine):
         reply = self._run(self.engine.apply(wallet, kind, amount, key))
         self.log.fail_next_appends, self.log.apply_then_fail = 0, False
         assert isinstance(reply, Reply)
-        if not expected[2]:  # a refusal or a replay writes nothing, so nothing fails
+        if not (expected.writes or expected.records):  # nothing to write, nothing fails
             _check_apply(reply, expected)
             return
         assert reply.outcome is Outcome.UNAVAILABLE
         if lands:
-            self.model.apply(wallet, kind, amount, key)
+            self.model.apply(wallet, kind, amount, key, expected)
 
     @rule(wallet=wallets, key=keys, lands=st.booleans())
     def create_with_failed_commit(self, wallet: UUID, key: str | None, lands: bool) -> None:
@@ -212,14 +278,14 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.model.keyed))
     @rule(data=st.data())
     def retry_keyed(self, data: st.DataObject) -> None:
-        """A retry of a stored keyed operation replays its original result exactly."""
-        (wallet, key), op = data.draw(st.sampled_from(sorted(self.model.keyed.items())))
-        reply = self._run(self.engine.apply(wallet, op.kind, op.amount, key))
+        """A retry of a decided keyed operation (applied or refused) replays its original
+        result exactly, also after its key left the bounded cache."""
+        (wallet, key), earlier = data.draw(st.sampled_from(sorted(self.model.keyed.items())))
+        expected = self.model.expect_apply(wallet, earlier.kind, earlier.amount, key)
+        assert expected.replayed
+        reply = self._run(self.engine.apply(wallet, earlier.kind, earlier.amount, key))
         assert isinstance(reply, Reply)
-        assert reply.outcome is Outcome.OK
-        assert reply.replayed
-        assert reply.wallet is not None
-        assert reply.wallet.balance == op.balance_after
+        _check_apply(reply, expected)
 
     @rule()
     def restart(self) -> None:
@@ -231,16 +297,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @invariant()
     def log_matches_model(self) -> None:
-        assert set(self.log.wallets) == set(self.model.balances)
-        for wallet, balance in self.model.balances.items():
-            stored = self.log.wallets[wallet]
-            assert stored.balance == balance >= 0
-            assert self.log.balance_from_log(wallet) == balance
-            ops = self.log.operations.get(wallet, [])
-            assert [(o.kind, o.amount, o.balance_after, o.idempotency_key) for o in ops] == [
-                (o.kind, o.amount, o.balance_after, o.key) for o in self.model.history[wallet]
-            ]
-            assert [o.seq for o in ops] == list(range(1, len(ops) + 1))
+        _check_log(self.log, self.model)
 
     @invariant()
     def reads_match_model(self) -> None:
@@ -256,3 +313,148 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineModel = EngineMachine.TestCase
 TestEngineModel.settings = settings.get_profile("engine-model")
+
+
+# -- the pure ledger, driven directly ----------------------------------------------------
+
+Op = tuple[UUID, OperationKind, int, "str | None"]
+ops = st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=1, max_size=6)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """The ledger state machine without the pipeline: this test plays the pipeline (load,
+    write to the log, tell the ledger how it ended), so every interleaving it draws is
+    exact, including two batches open at once with the first one failing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()  # only to make reply futures; never run
+        self.log = InMemoryLog()
+        self.model = Model()
+        self.now_us = 0
+        self.ledger = self._new_ledger()
+
+    def teardown(self) -> None:
+        self.loop.close()
+
+    def _clock_us(self) -> int:
+        self.now_us += 1
+        return self.now_us
+
+    def _new_ledger(self) -> Ledger:
+        # One shard's share of the bounds: the same cache overflow as the engine's test.
+        return Ledger(
+            EngineLimits(
+                pipelines=1, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
+                resident_wallets_max=2, idempotency_keys_max=6,
+            ),
+            self._clock_us,
+        )  # fmt: skip
+
+    def _commands(self, batch: list[Op]) -> list[Command]:
+        return [ApplyOperation(*op, self.loop.create_future()) for op in batch]
+
+    def _execute(self, commands: list[Command]) -> Applied:
+        """Load what the ledger asks for from the log, as the pipeline does, then decide."""
+        wallet_ids, op_keys, create_keys = self.ledger.missing(commands)
+        log = self.log
+        self.ledger.add_wallets(log.wallets[w] for w in wallet_ids if w in log.wallets)
+        self.ledger.add_operations({k: log._by_key[k] for k in op_keys if k in log._by_key})
+        assert not create_keys
+        applied = self.ledger.execute(commands)
+        self.ledger.evict_idle()
+        return applied
+
+    def _store(self, applied: Applied) -> bool:
+        try:
+            self.log._apply(applied.batch)
+        except Exception:  # refused by fencing: nothing written
+            return False
+        return True
+
+    def _check_batch(self, batch: list[Op], replies: list[Reply], earlier_failed: bool) -> None:
+        """Stored replies are the model's, in order; a 503 only behind a failed batch, and
+        then the command took no effect (it was decided on state that did not commit)."""
+        for op, reply in zip(batch, replies, strict=True):
+            if reply.outcome is Outcome.UNAVAILABLE:
+                assert earlier_failed
+                continue
+            expected = self.model.expect_apply(*op)
+            _check_apply(reply, expected)
+            self.model.apply(*op, expected)
+
+    @rule(wallet=wallets)
+    def create(self, wallet: UUID) -> None:
+        commands: list[Command] = [CreateWallet(wallet, None, "", self.loop.create_future())]
+        expected, writes = self.model.expect_create(wallet, None)
+        applied = self._execute(commands)
+        assert self._store(applied)
+        self.ledger.committed(applied)
+        assert [r.outcome for r in self.ledger.answers(applied)] == [expected]
+        if writes:
+            self.model.create(wallet, None)
+
+    @rule(batch=ops)
+    def one_batch(self, batch: list[Op]) -> None:
+        applied = self._execute(self._commands(batch))
+        assert self._store(applied)
+        self.ledger.committed(applied)
+        self._check_batch(batch, self.ledger.answers(applied), earlier_failed=False)
+
+    @rule(first=ops, second=ops, fate=st.sampled_from(["commits", "fails", "lands"]))
+    def two_batches_open(self, first: list[Op], second: list[Op], fate: str) -> None:
+        """Batch N+1 is decided on N's pending state; then N commits, fails, or lands with
+        an unknown outcome; N+1 is written after it (fenced if it built on N)."""
+        applied_n = self._execute(self._commands(first))
+        applied_n1 = self._execute(self._commands(second))
+        stored_n = fate != "fails" and self._store(applied_n)
+        assert stored_n or fate == "fails"
+        if fate == "commits":
+            self.ledger.committed(applied_n)
+            self._check_batch(first, self.ledger.answers(applied_n), earlier_failed=False)
+        else:
+            self.ledger.unknown(applied_n)
+            if stored_n:  # landed: its effects are the model's, though nobody was told
+                self._check_batch(first, self.ledger.answers(applied_n), earlier_failed=True)
+        earlier_failed = fate != "commits"
+        if self._store(applied_n1):
+            self.ledger.committed(applied_n1)
+            replies = self.ledger.answers(applied_n1, earlier_failed=earlier_failed)
+            self._check_batch(second, replies, earlier_failed)
+        else:
+            assert earlier_failed  # only a failed predecessor makes storage refuse it
+            self.ledger.unknown(applied_n1)
+        if earlier_failed:  # the pipeline forgets everything both touched
+            self.ledger.forget(applied_n)
+            self.ledger.forget(applied_n1)
+
+    @precondition(lambda self: bool(self.model.keyed))
+    @rule(data=st.data())
+    def retry_keyed(self, data: st.DataObject) -> None:
+        (wallet, key), earlier = data.draw(st.sampled_from(sorted(self.model.keyed.items())))
+        self.one_batch([(wallet, earlier.kind, earlier.amount, key)])
+
+    @rule()
+    def restart(self) -> None:
+        self.ledger = self._new_ledger()
+
+    @invariant()
+    def log_matches_model(self) -> None:
+        _check_log(self.log, self.model)
+
+    @invariant()
+    def reads_match_model(self) -> None:
+        commands: list[Command] = [ReadWallet(w, self.loop.create_future()) for w in WALLETS]
+        applied = self._execute(commands)
+        assert applied.batch.is_empty()
+        self.ledger.committed(applied)
+        for wallet, reply in zip(WALLETS, self.ledger.answers(applied), strict=True):
+            if wallet in self.model.balances:
+                assert reply.wallet is not None
+                assert reply.wallet.balance == self.model.balances[wallet]
+            else:
+                assert reply.outcome is Outcome.WALLET_NOT_FOUND
+
+
+TestLedgerModel = LedgerMachine.TestCase
+TestLedgerModel.settings = settings.get_profile("engine-model")

@@ -115,3 +115,32 @@ async def test_concurrent_requests_with_one_key_apply_once(
     assert {(status, replayed) for status, _, replayed in results} == {(200, "true")}
     current = await (await second.get(f"/api/v1/wallets/{wallet_id}")).json()
     assert current["balance"] == "7.00"
+
+
+async def test_a_refusal_is_replayed_after_a_deposit_and_a_restart(
+    make_app: AppFactory, aiohttp_client: ClientFactory
+) -> None:
+    """A keyed withdrawal refused 409 stays refused: its retry replays the same status and
+    body (Idempotent-Replayed: true) after a deposit that would now cover it, and after a
+    restart; the same key with another request is 422; a validation error records nothing."""
+    first: Client = await aiohttp_client(make_app())
+    wallet_id = (await (await first.post("/api/v1/wallets")).json())["id"]
+    status, refused, replayed = await _operate(first, wallet_id, "WITHDRAW", "5.00", "w-1")
+    assert (status, refused["code"], replayed) == (409, "INSUFFICIENT_FUNDS", None)
+    # Validation errors happen before the engine: the key stays unused.
+    assert (await _operate(first, wallet_id, "WITHDRAW", "-1", "bad"))[0] == 422
+    assert (await _operate(first, wallet_id, "DEPOSIT", "20.00", "d-1"))[0] == 200
+    assert await _operate(first, wallet_id, "WITHDRAW", "5.00", "w-1") == (
+        409, refused, "true",
+    )  # fmt: skip
+    await first.close()
+
+    second: Client = await aiohttp_client(make_app())
+    assert await _operate(second, wallet_id, "WITHDRAW", "5.00", "w-1") == (
+        409, refused, "true",
+    )  # fmt: skip
+    status, body, _ = await _operate(second, wallet_id, "WITHDRAW", "5.01", "w-1")
+    assert (status, body["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    assert (await _operate(second, wallet_id, "WITHDRAW", "1.00", "bad"))[0] == 200
+    current = await (await second.get(f"/api/v1/wallets/{wallet_id}")).json()
+    assert current["balance"] == "19.00"  # 20.00 - 1.00: the refused 5.00 never applied

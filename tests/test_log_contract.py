@@ -15,6 +15,8 @@ from walletd.engine.model import (
     NewWallet,
     OperationKind,
     OperationRecord,
+    RefusalReason,
+    RefusalRecord,
     SnapshotUpdate,
 )
 from walletd.engine.ports import PredecessorPending, StorageError, WalletLog
@@ -129,10 +131,74 @@ async def test_operation_keys_are_found_and_unique_per_wallet(wallet_log: Wallet
     await wallet_log.append_batch(deposit(B, 1, 8, 8, key="pay"))  # same key, other wallet
     found = await wallet_log.find_operations([(A, "pay"), (B, "pay"), (A, "other")])
     assert set(found) == {(A, "pay"), (B, "pay")}
-    assert (found[(A, "pay")].amount, found[(A, "pay")].seq) == (7, 1)
-    assert found[(B, "pay")].balance_after == 8
+    on_a, on_b = found[(A, "pay")], found[(B, "pay")]
+    assert isinstance(on_a, OperationRecord)
+    assert isinstance(on_b, OperationRecord)
+    assert (on_a.amount, on_a.seq) == (7, 1)
+    assert on_b.balance_after == 8
     with pytest.raises(StorageError):
         await wallet_log.append_batch(deposit(A, 2, 1, 8, key="pay"))
+    assert (await wallet_log.load_wallets([A]))[A].seq == 1
+
+
+def refusal(wallet: UUID, key: str, fence_seq: int, amount: int = 900) -> RefusalRecord:
+    return RefusalRecord(
+        wallet, key, OperationKind.WITHDRAW, amount, RefusalReason.INSUFFICIENT_FUNDS, 7,
+        fence_seq, T0 + 99,
+    )  # fmt: skip
+
+
+async def test_a_refusal_is_recorded_and_found_by_its_key(wallet_log: WalletLog) -> None:
+    """A refusal in a batch is stored with the batch and found by find_operations, field
+    for field; the same key on another wallet is a different key."""
+    await wallet_log.append_batch(create(A, B))
+    batch = deposit(A, 1, 7, 7)
+    # Decided after the batch's own deposit: it rests on the seq before the batch.
+    batch.refusals.append(refusal(A, "no", fence_seq=0))
+    await wallet_log.append_batch(batch)
+    found = await wallet_log.find_operations([(A, "no"), (B, "no")])
+    assert found == {(A, "no"): refusal(A, "no", fence_seq=0)}
+    with pytest.raises(StorageError):  # a key is used once per wallet
+        await wallet_log.append_batch(Batch(refusals=[refusal(A, "no", fence_seq=1)]))
+
+
+async def test_a_refusal_on_state_not_stored_is_refused_and_writes_nothing(
+    wallet_log: WalletLog,
+) -> None:
+    """A refusal whose fence_seq is ahead of the stored seq (it rests on an earlier batch
+    that has not landed) is refused as PredecessorPending, and nothing of its batch is
+    written; behind the stored seq (later batches moved the wallet on) it is fine."""
+    await wallet_log.append_batch(create(A, B))
+    batch = deposit(B, 1, 5, 5)
+    batch.refusals.append(refusal(A, "early", fence_seq=1))
+    with pytest.raises(PredecessorPending):
+        await wallet_log.append_batch(batch)
+    assert (await wallet_log.load_wallets([B]))[B].seq == 0
+    assert await wallet_log.find_operations([(A, "early")]) == {}
+    with pytest.raises(PredecessorPending):  # a wallet not there at all
+        await wallet_log.append_batch(Batch(refusals=[refusal(UUID(int=0xC), "x", 0)]))
+    await wallet_log.append_batch(deposit(A, 1, 5, 5))
+    await wallet_log.append_batch(deposit(A, 2, 5, 10))
+    await wallet_log.append_batch(Batch(refusals=[refusal(A, "early", fence_seq=1)]))
+    assert set(await wallet_log.find_operations([(A, "early")])) == {(A, "early")}
+    # On a wallet the same batch creates, the refusal needs nothing stored before it.
+    created = create(UUID(int=0xD))
+    created.refusals.append(refusal(UUID(int=0xD), "new", fence_seq=0))
+    await wallet_log.append_batch(created)
+
+
+async def test_a_key_is_used_by_an_operation_or_a_refusal_not_both(
+    wallet_log: WalletLog,
+) -> None:
+    """A refusal cannot take the key of a logged operation, nor an operation that of a
+    recorded refusal: either batch is refused whole."""
+    await wallet_log.append_batch(create(A))
+    await wallet_log.append_batch(deposit(A, 1, 7, 7, key="pay"))
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(Batch(refusals=[refusal(A, "pay", fence_seq=1)]))
+    await wallet_log.append_batch(Batch(refusals=[refusal(A, "no", fence_seq=1)]))
+    with pytest.raises(StorageError):
+        await wallet_log.append_batch(deposit(A, 2, 1, 8, key="no"))
     assert (await wallet_log.load_wallets([A]))[A].seq == 1
 
 
