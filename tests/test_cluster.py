@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from loadtest.procs import REPO_ROOT
 from tests.processes import WalletdProcess, start_walletd, walletd_command
 from walletd.cli.haproxy import (
     MapSync,
@@ -532,3 +534,43 @@ async def test_a_rolling_restart_under_load_costs_only_counted_not_owner_answers
     finally:
         await connection.close()
     assert set(acked) <= logged
+
+
+def run_locust(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest.run_locust", "--url", url, "--duration", "5",
+         "--users", "20"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_the_locust_scenarios_reconcile_through_haproxy_on_a_local_cluster(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Five seconds of every Locust scenario through `walletd cluster --processes 2`'s one
+    URL (HAProxy): no failed request, and every balance reconciles with the acks."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "cluster.log"
+    cluster = start_cluster(
+        ["--processes", "2", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--lease-ttl", str(LEASE_TTL_S), "--database-url", database_url,
+         "--shards", str(SHARDS)],
+        log_path,
+    )  # fmt: skip
+    assert cluster.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(cluster.stdout.readline), WAIT_S * 2)
+        assert "walletd cluster listening" in line, line + log_path.read_text()
+        completed = await asyncio.to_thread(run_locust, f"http://127.0.0.1:{port}")
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        code = cluster.wait(60)
+        cluster.stdout.close()
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    assert "reconciliation PASSED" in output
+    assert code == 0, log_path.read_text()
+    await check_money(database_url)
