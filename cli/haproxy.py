@@ -122,7 +122,10 @@ def render_config(
         # connection fails to connect instead, which HAProxy retries on another process.
         "    option http-server-close",
         "    timeout connect 2s",
-        "    timeout client 60s",
+        # Idle client connections live longer than clients keep them (aiohttp 15 s, walletd's
+        # own server 75 s): closing one a client is about to reuse loses its request.
+        "    timeout client 90s",
+        "    timeout http-keep-alive 75s",
         "    timeout server 60s",
         "    timeout http-request 10s",
         "    timeout check 2s",
