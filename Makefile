@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: run test tools install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
+.PHONY: run cluster test tools install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ install-dev: $(STAMP)
 
 run: install
 	$(VENV)/bin/walletd serve
+
+# A local cluster: embedded PostgreSQL, PROCESSES walletd processes and HAProxy at one URL
+# (http://127.0.0.1:8000); HAProxy comes from .ci/install-haproxy (docs/SCALING.md).
+PROCESSES ?= 2
+cluster: install
+	.ci/install-haproxy
+	$(VENV)/bin/walletd cluster --processes $(PROCESSES)
 
 # mypy does not follow setuptools' package-dir mapping, so it reads the
 # namespace package through a tree of symlinks (PACKAGING.md). Rebuilt when this file
@@ -75,6 +82,7 @@ wheel-test: install-dev
 bench: install-dev tools
 	$(PY) -m loadtest.bench
 	$(PY) -m loadtest.bulk_bench
+	$(PY) -m loadtest.cluster_bench
 
 loadtest: install-dev
 	$(PY) -m loadtest.run_locust

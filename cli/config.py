@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,15 +64,31 @@ SETTINGS: tuple[Setting, ...] = (
             "--embedded-start-timeout", float, 60.0,
             "seconds the embedded PostgreSQL may take to start, including the wait for a "
             "crashed server's processes to release the data dir; past it walletd exits 2"),
-    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 1,
-            "number of shard actors; in one process they share one core, so more shards "
-            "only split batches (docs/BENCHMARKS.md)"),
+    Setting("shards", ("WALLETD_SHARDS",), "--shards", int, 64,
+            "the cluster's shard count (units of ownership and routing); stored in the "
+            "database by the first server, a different count is refused (docs/SCALING.md)"),
+    Setting("pipelines", ("WALLETD_PIPELINES",), "--pipelines", int, 1,
+            "actor loops (mailbox + commit pipeline) in this process, shared by its shards; "
+            "they share one core, so more only split batches (docs/BENCHMARKS.md)"),
+    Setting("advertise_url", ("WALLETD_ADVERTISE_URL",), "--advertise-url", str, None,
+            "URL other walletd processes forward requests to this one at; unset = "
+            "http://HOST:PORT (the machine's host name when HOST is 0.0.0.0)"),
+    Setting("lease_ttl_s", ("WALLETD_LEASE_TTL",), "--lease-ttl", float, 3.0,
+            "seconds a shard lease lasts without renewal (renewed every quarter of it); a "
+            "killed process's shards move after about 1.25 times this"),
+    Setting("lease_moves_max", ("WALLETD_LEASE_MOVES_MAX",), "--lease-moves-max", int, 8,
+            "shards a process releases per lease step when it holds more than its share"),
+    Setting("forward_timeout_s", ("WALLETD_FORWARD_TIMEOUT",), "--forward-timeout", float,
+            10.0, "seconds a request forwarded to a shard's owner may take before 503"),
+    Setting("forward_connections_max", ("WALLETD_FORWARD_CONNECTIONS_MAX",),
+            "--forward-connections-max", int, 64,
+            "connections to other walletd processes for forwarding; past it requests wait"),
     Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 1024,
-            "commands waiting per shard; past it requests get 503 OVERLOADED"),
+            "commands waiting per pipeline; past it requests get 503 OVERLOADED"),
     Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 256,
             "commands per commit at most"),
     Setting("inflight_batches_max", ("WALLETD_INFLIGHT_BATCHES",), "--inflight-batches", int, 2,
-            "batches one shard may be committing at once (commit pipelining)"),
+            "batches one pipeline may be committing at once (commit pipelining)"),
     Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
             int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
     Setting("warm_wallets", ("WALLETD_WARM_WALLETS",), "--warm-wallets", int, 0,
@@ -94,7 +111,7 @@ SETTINGS: tuple[Setting, ...] = (
             "--transfer-redrive-batch-max", int, 256,
             "PENDING transfers one re-drive pass finishes at most; the rest wait for the next"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
-            "PostgreSQL connections at most; 0 = (in-flight batches + 1) per shard + 4"),
+            "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
             float, 2.0, "seconds to get a PostgreSQL connection (pool wait + connect) before "
             "a request gets 503"),
@@ -154,6 +171,12 @@ class Config:
     database_url: str | None
     embedded_start_timeout_s: float
     shards: int
+    pipelines: int
+    advertise_url: str | None
+    lease_ttl_s: float
+    lease_moves_max: int
+    forward_timeout_s: float
+    forward_connections_max: int
     mailbox_commands_max: int
     batch_ops_max: int
     inflight_batches_max: int
@@ -188,8 +211,19 @@ class Config:
 
     @property
     def pool_size(self) -> int:
-        # Each shard holds a connection per committing batch, plus one for its loads.
-        return self.pool_size_max or (self.inflight_batches_max + 1) * self.shards + 4
+        # Each pipeline holds a connection per committing batch, plus one for its loads.
+        return self.pool_size_max or (self.inflight_batches_max + 1) * self.pipelines + 4
+
+    @property
+    def url(self) -> str:
+        """Where other processes reach this one (forwarding, the ownership table)."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            # Listening everywhere: the host name, which other replicas resolve (compose).
+            host = socket.gethostname()
+        return f"http://{host}:{self.port}"
 
     @property
     def as_of_settle_min_s(self) -> float:

@@ -1,5 +1,6 @@
-"""The ``walletd`` command: ``serve``, ``migrate``, and the operator commands ``verify``,
-``restore`` and ``seed``.
+"""The ``walletd`` command: ``serve``, ``migrate``, the operator commands ``verify``,
+``restore`` and ``seed``, and the cluster tools ``cluster``, ``haproxy-config`` and
+``haproxy-sync`` (docs/SCALING.md).
 
 Exit codes: 0 success; 1 ``verify`` found mismatches; 2 the command could not run (bad
 configuration, PostgreSQL unreachable or too old, a server holds the database), with one
@@ -10,16 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import asyncpg
 import uvloop
 from aiohttp import web
 
+from walletd.cli.cluster import ClusterError, run_cluster
 from walletd.cli.config import Config, add_flags, load_config
+from walletd.cli.haproxy import HaproxyMissing, MapSync, initial_map, render_config
 from walletd.cli.progress import Progress
 from walletd.cli.service import (
     engine_limits,
@@ -33,8 +39,9 @@ from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
-from walletd.persistence.database import DatabaseError
+from walletd.persistence.database import DatabaseError, connect
 from walletd.persistence.embedded import EmbeddedPostgresError
+from walletd.persistence.leases import describe_leases
 from walletd.persistence.migrate import MigrationError
 from walletd.persistence.operator import Mismatch, restore, seed, verify
 
@@ -53,6 +60,8 @@ ACCEPTED_CONNECTIONS_GRACE_S = 0.5
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
 _STARTUP_ERRORS = (
+    ClusterError,
+    HaproxyMissing,
     DatabaseError,
     EmbeddedPostgresError,
     MigrationError,
@@ -75,6 +84,8 @@ def http_settings(config: Config) -> HttpSettings:
         feed_heartbeat_s=config.feed_heartbeat_s,
         feed_write_timeout_s=config.feed_write_timeout_s,
         as_of_settle_s=config.as_of_settle_effective_s,
+        forward_timeout_s=config.forward_timeout_s,
+        forward_connections_max=config.forward_connections_max,
     )
 
 
@@ -84,6 +95,10 @@ EXIT_ENGINE_FAILED = 3
 
 
 async def _serve(config: Config) -> int:
+    # Bound before the services start, so that the URL this process advertises to the others
+    # (forwarding, the ownership table) carries the real port, also with --port 0.
+    sock = socket.create_server((config.host, config.port), backlog=2048)
+    config = dataclasses.replace(config, port=sock.getsockname()[1])
     metrics = Metrics()
     stop = asyncio.Event()
     failures: list[str] = []
@@ -100,9 +115,13 @@ async def _serve(config: Config) -> int:
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
     )
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port, backlog=2048)
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        site = web.SockSite(runner, sock)
         await site.start()
         host, port = runner.addresses[0][:2]
         # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
@@ -183,7 +202,50 @@ _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
     "verify": _OPERATOR_SETTINGS,
     "restore": _OPERATOR_SETTINGS,
     "seed": _OPERATOR_SETTINGS,
+    # The cluster runs walletd processes: every server setting applies to them.
+    "cluster": None,
+    # Storage, plus the shard count the table is read with.
+    "shards": _OPERATOR_SETTINGS | {"shards"},
+    "haproxy-config": frozenset({"shards", "log_level"}),
+    "haproxy-sync": _OPERATOR_SETTINGS,
 }
+
+
+async def _shards(config: Config, _args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        connection = await connect(dsn)
+        try:
+            print(await describe_leases(connection), flush=True)
+        finally:
+            await connection.close()
+    return 0
+
+
+async def _cluster(config: Config, args: argparse.Namespace) -> int:
+    return await run_cluster(config, args.processes)
+
+
+async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:
+    text = render_config(
+        args.server, bind=args.bind, shard_count=config.shards,
+        map_path=args.map_file, socket_path=args.socket,
+        socket_mode=args.socket_mode, docker_dns=args.docker_dns,
+    )  # fmt: skip
+    if args.write_map:
+        args.map_file.write_text(initial_map(config.shards))
+    sys.stdout.write(text)
+    return 0
+
+
+async def _haproxy_sync(config: Config, args: argparse.Namespace) -> int:
+    async with storage(config) as dsn:
+        sync = MapSync(dsn, args.server, map_path=args.map_file, socket_path=args.socket)
+        try:
+            await sync.run()
+        finally:
+            await sync.close()
+    return 0
+
 
 _COMMANDS = {
     "serve": (_serve_command, "run the HTTP service"),
@@ -191,7 +253,29 @@ _COMMANDS = {
     "verify": (_verify, "check every wallet's snapshot against its log; exit 1 on mismatch"),
     "restore": (_restore, "rebuild the wallets snapshot from the log (server must be stopped)"),
     "seed": (_seed, "bulk-create wallets and history with COPY, for load tests"),
+    "cluster": (
+        _cluster,
+        "run PostgreSQL, N walletd processes and HAProxy on loopback, at one URL (--port)",
+    ),
+    "shards": (_shards, "print the ownership table: each shard's owner, epoch and lease"),
+    "haproxy-config": (_haproxy_config, "print an HAProxy config routing by shard"),
+    "haproxy-sync": (_haproxy_sync, "keep HAProxy's shard map equal to the lease table"),
 }
+
+
+def _add_haproxy_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--server", action="append", required=True, metavar="URL",
+        help="a walletd process, http://HOST:PORT (repeat; the same order everywhere)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--map-file", type=Path, default=Path("/var/lib/haproxy/walletd-shards.map"),
+        help="HAProxy's shard map (default /var/lib/haproxy/walletd-shards.map)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--socket", type=Path, default=Path("/run/haproxy/admin.sock"),
+        help="HAProxy's stats socket, admin level (default /run/haproxy/admin.sock)",
+    )  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,6 +289,23 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--operations", type=int, default=0,
                 help="operations to create, spread evenly over the wallets (default 0)",
+            )  # fmt: skip
+        if name == "cluster":
+            sub.add_argument(
+                "--processes", type=int, default=2, help="walletd processes (default 2)"
+            )
+        if name in ("haproxy-config", "haproxy-sync"):
+            _add_haproxy_flags(sub)
+        if name == "haproxy-config":
+            sub.add_argument("--bind", default="127.0.0.1:8000", help="HAProxy's listening address")
+            sub.add_argument(
+                "--write-map", action="store_true",
+                help="also write the initial map file (every shard to any walletd)",
+            )  # fmt: skip
+            sub.add_argument("--socket-mode", default="600", help="file mode of the stats socket")
+            sub.add_argument(
+                "--docker-dns", action="store_true",
+                help="resolve server names through Docker's DNS at run time too",
             )  # fmt: skip
     return parser
 

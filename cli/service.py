@@ -1,8 +1,11 @@
-"""Wiring: storage, migrations, the serving lock and the engine, started and stopped in order.
+"""Wiring: storage, migrations, the shard leases and the engine, started and stopped in order.
 
 Start-up: embedded PostgreSQL (when no URL) → durability check → version check →
-migrations → serving lock → pool → engine. Shut-down runs the same steps in reverse, after
-the HTTP server has finished every in-flight request.
+migrations → the cluster's shard count checked (or stored) → pools → engine → lease keeper
+(claims this process's share of the shards) → warm-up. Shut-down runs the same steps in
+reverse, after the HTTP server has finished every in-flight request: the engine drains,
+then the leases are released so other processes take the shards at once instead of waiting
+for them to expire.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from collections.abc import AsyncIterator, Callable
 from walletd.cli.config import Config
 from walletd.engine.limits import EngineLimits
 from walletd.engine.observer import EngineObserver
+from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError
 from walletd.engine.router import Engine
 from walletd.http.state import Services
 from walletd.persistence.database import (
     PoolSettings,
-    ServingLock,
     check_durability,
     check_server_version,
     connect,
@@ -31,11 +34,18 @@ from walletd.persistence.database import (
     unsafe_settings,
 )
 from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.leases import (
+    LeaseKeeper,
+    LeaseSettings,
+    ensure_cluster,
+    new_owner_id,
+)
 from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.migrate import apply_migrations, require_current_schema
 from walletd.persistence.postgres_log import PostgresLog
 
 __all__ = [
+    "check_cluster",
     "engine_limits",
     "migrate_database",
     "pool_settings",
@@ -53,7 +63,7 @@ READINESS_PING_TIMEOUT_S = 1.0
 
 def engine_limits(config: Config) -> EngineLimits:
     return EngineLimits(
-        shards=config.shards,
+        pipelines=config.pipelines,
         mailbox_commands_max=config.mailbox_commands_max,
         batch_ops_max=config.batch_ops_max,
         inflight_batches_max=config.inflight_batches_max,
@@ -132,30 +142,35 @@ async def require_migrated(dsn: str) -> None:
         await connection.close()
 
 
-class _Readiness:
-    """Storage answers, the engine accepts, the lock is held; pings are cached briefly."""
+async def check_cluster(dsn: str, shard_count: int) -> None:
+    """Store the shard count on first use; raise ShardCountMismatch on another count."""
+    connection = await connect(dsn)
+    try:
+        await ensure_cluster(connection, shard_count)
+    finally:
+        await connection.close()
 
-    def __init__(self, engine: Engine, log: PostgresLog, lock: ServingLock) -> None:
+
+class _Readiness:
+    """Storage answers, the engine accepts, the lease keeper steps; pings are cached briefly.
+
+    A process that serves no shard right now is still ready: it forwards to the owners.
+    """
+
+    def __init__(self, engine: Engine, log: PostgresLog, keeper: LeaseKeeper) -> None:
         self._engine = engine
         self._log = log
-        self._lock = lock
+        self._keeper = keeper
         self._checked_at = -READINESS_CACHE_S
-        self._lock_retried_at = -READINESS_CACHE_S
         self._storage_reason: str | None = None
 
     async def __call__(self) -> str | None:
         if not self._engine.accepting:
             return "the engine is not accepting work"
         now = time.monotonic()
-        if not self._lock.held:
-            # After an outage the lock's session is gone; without retaking it walletd
-            # would stay unready for good although it serves again.
-            if now - self._lock_retried_at >= READINESS_CACHE_S:
-                self._lock_retried_at = now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lock.reacquire(), READINESS_PING_TIMEOUT_S)
-            if not self._lock.held:
-                return "the serving lock on PostgreSQL was lost"
+        stepped_at = self._keeper.last_step_at
+        if stepped_at is None or now - stepped_at > self._keeper.settings.lease_ttl_s:
+            return "the shard leases cannot be renewed (PostgreSQL unreachable?)"
         if now - self._checked_at >= READINESS_CACHE_S:
             self._checked_at = now
             self._storage_reason = await self._check_storage()
@@ -166,9 +181,6 @@ class _Readiness:
             await asyncio.wait_for(self._log.ping(), READINESS_PING_TIMEOUT_S)
         except (StorageError, TimeoutError):
             return "PostgreSQL is unreachable"
-        # An outage drops the lock with its connection; take it back once PostgreSQL is.
-        if not await self._lock.reacquire():
-            return "the serving lock on PostgreSQL is lost or held by another walletd"
         return None
 
 
@@ -178,7 +190,7 @@ async def running_services(
     observer: EngineObserver | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Services]:
-    """Storage, the serving lock, the pool and the engine, for as long as the app runs.
+    """Storage, the pools, the engine and the shard leases, for as long as the app runs.
 
     ``on_fatal`` is called when the engine gives up (shards crashing past the restart
     rate): the caller should stop serving and exit non-zero.
@@ -189,35 +201,56 @@ async def running_services(
         applied = await migrate_database(dsn)
         if applied:
             _log.info("applied migrations: %s", ", ".join(applied))
-        lock = ServingLock(dsn, connect_timeout_s=config.db_connect_timeout_s)
-        await lock.acquire()
+        await check_cluster(dsn, config.shards)
+        pool = await create_pool(dsn, pool_settings(config))
+        read_pool = None
         try:
-            pool = await create_pool(dsn, pool_settings(config))
-            read_pool = None
+            # Reads of history and the feed get connections of their own: a burst of
+            # them never makes a commit wait for a connection.
+            read_pool = await create_pool(
+                dsn, dataclasses.replace(pool_settings(config), size_max=config.read_pool_size)
+            )
+            reader = PostgresLogReader(read_pool, acquire_timeout_s=config.db_connect_timeout_s)
+            log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
+            ownership = Ownership(config.shards)
+            engine = Engine(
+                log, engine_limits(config), ownership=ownership, observer=observer,
+                on_fatal=on_fatal,
+            )  # fmt: skip
+            settings = LeaseSettings(
+                new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max
+            )
+            keeper = LeaseKeeper(
+                dsn, ownership, settings, forget=engine.forget_shards,
+                drain=engine.drain_shards,
+            )  # fmt: skip
+            await keeper.start()
             try:
-                # Reads of history and the feed get connections of their own: a burst of
-                # them never makes a commit wait for a connection.
-                read_pool = await create_pool(
-                    dsn, dataclasses.replace(pool_settings(config), size_max=config.read_pool_size)
-                )
-                reader = PostgresLogReader(read_pool, acquire_timeout_s=config.db_connect_timeout_s)
-                log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
-                engine = Engine(log, engine_limits(config), observer=observer, on_fatal=on_fatal)
+                await keeper.ready(config.commit_timeout_s * 2)
+                # After a crash the dead process's leases hold its shards for up to a ttl.
+                if not await keeper.settle(config.lease_ttl_s * 2 + settings.step_s * 4):
+                    _log.warning("some shards have no live owner yet; serving anyway")
+                _log.info(
+                    "serving %d of %d shards as %s",
+                    len(ownership.served()), config.shards, settings.owner,
+                )  # fmt: skip
                 warmed = await engine.warm_up(config.warm_wallets)
                 if warmed:
                     _log.info("warm-up: %d wallets resident", warmed)
                 await engine.start()
                 try:
-                    yield Services(engine, log, _Readiness(engine, log, lock), reader)
+                    yield Services(
+                        engine, log, _Readiness(engine, log, keeper), reader, self_url=config.url
+                    )
                 finally:
                     await engine.stop()
             finally:
-                for open_pool in (read_pool, pool):
-                    if open_pool is None:
-                        continue
-                    try:
-                        await asyncio.wait_for(open_pool.close(), 10.0)
-                    except TimeoutError:
-                        open_pool.terminate()
+                await keeper.stop()
         finally:
-            await lock.release()
+            for open_pool in (read_pool, pool):
+                if open_pool is None:
+                    continue
+                try:
+                    await asyncio.wait_for(open_pool.close(), 10.0)
+                except TimeoutError:
+                    open_pool.terminate()

@@ -21,7 +21,8 @@ Exceptions::
         ├── ServiceUnavailable    503 still answered after the last retry: "not applied, or
         │   │                     unknown"; the same Idempotency-Key resolves it later
         │   ├── Unavailable             UNAVAILABLE
-        │   └── Overloaded              OVERLOADED
+        │   ├── Overloaded              OVERLOADED
+        │   └── NotOwner                NOT_OWNER (a shard moving between processes)
         └── ServerError           500 INTERNAL_ERROR, or any other 5xx
 
 A code this client does not know yet falls back to its status's class, so a newer server
@@ -40,6 +41,7 @@ __all__ = [
     "InsufficientFunds",
     "InvalidRequest",
     "NotFound",
+    "NotOwner",
     "Overloaded",
     "ProblemError",
     "Refused",
@@ -142,6 +144,10 @@ class Overloaded(ServiceUnavailable):
     """The wallet's shard is at capacity."""
 
 
+class NotOwner(ServiceUnavailable):
+    """The wallet's shard is moving between walletd processes; nothing was applied."""
+
+
 class ServerError(ProblemError):
     """A 5xx other than 503: a bug in walletd; never retried."""
 
@@ -170,6 +176,7 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "BALANCE_LIMIT_EXCEEDED": BalanceLimitExceeded,
     "UNAVAILABLE": Unavailable,
     "OVERLOADED": Overloaded,
+    "NOT_OWNER": NotOwner,
     "INTERNAL_ERROR": ServerError,
 }
 

@@ -38,6 +38,8 @@ class Outcome(enum.Enum):
     BALANCE_LIMIT_EXCEEDED = "BALANCE_LIMIT_EXCEEDED"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     UNAVAILABLE = "UNAVAILABLE"
+    # Not decided here: another walletd process serves the wallet's shard (bulk items).
+    NOT_OWNER = "NOT_OWNER"
 
 
 class Reply(NamedTuple):

@@ -7,7 +7,9 @@ Exceptions::
     ├── EngineStopping     the engine is draining or stopped (503 UNAVAILABLE)
     ├── AtomicSpansShards  an atomic group's wallets are on more than one shard actor, so
     │                      no single batch (one transaction) can hold it (422)
-    └── AtomicTooLarge     an atomic group holds more operations than one batch (413)
+    ├── AtomicTooLarge     an atomic group holds more operations than one batch (413)
+    └── NotOwner           this process does not serve the wallet's shard (forwarded, or
+                           503 NOT_OWNER)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = [
     "EngineOverloaded",
     "EngineRefused",
     "EngineStopping",
+    "NotOwner",
 ]
 
 
@@ -39,3 +42,12 @@ class AtomicSpansShards(EngineRefused):
 
 class AtomicTooLarge(EngineRefused):
     """An atomic group holds more operations than one batch can."""
+
+
+class NotOwner(EngineRefused):
+    """This process does not serve the wallet's shard now (another one owns it, or nobody
+    does yet): the HTTP edge forwards the request to the owner or answers 503 NOT_OWNER."""
+
+    def __init__(self, shard: int) -> None:
+        super().__init__(f"shard {shard} is not served by this process")
+        self.shard = shard

@@ -40,10 +40,15 @@ from dataclasses import dataclass
 
 __all__ = ["EngineLimits"]
 
+# ``pipelines`` is the number of actor loops (``Shard`` objects, each with its mailbox and
+# commit pipeline) in one process; the cluster's shards (units of ownership and routing,
+# engine/ownership.py) are spread over them by ``shard % pipelines``. The per-shard bounds
+# below are per pipeline.
+
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
-    shards: int = 1
+    pipelines: int = 1
     mailbox_commands_max: int = 1024
     batch_ops_max: int = 256
     inflight_batches_max: int = 2
@@ -60,16 +65,16 @@ class EngineLimits:
     transfer_redrive_batch_max: int = 256
 
     def __post_init__(self) -> None:
-        if not 1 <= self.shards <= 1024:
-            raise ValueError("shards must be within 1..1024")
+        if not 1 <= self.pipelines <= 1024:
+            raise ValueError("pipelines must be within 1..1024")
         if self.batch_ops_max < 1:
             raise ValueError("batch_ops_max must be at least 1")
         if not 1 <= self.inflight_batches_max <= 16:
             raise ValueError("inflight_batches_max must be within 1..16")
         if self.mailbox_commands_max < self.batch_ops_max:
             raise ValueError("mailbox_commands_max must hold at least one full batch")
-        if self.resident_wallets_max < self.shards:
-            raise ValueError("resident_wallets_max must allow one wallet per shard")
+        if self.resident_wallets_max < self.pipelines:
+            raise ValueError("resident_wallets_max must allow one wallet per pipeline")
         if not 1 <= self.bulk_ops_max <= min(self.mailbox_commands_max, 10**6):
             raise ValueError("bulk_items_max must be within 1..mailbox_commands_max (a bulk "
                              "request must fit an empty mailbox)")  # fmt: skip
@@ -103,8 +108,8 @@ class EngineLimits:
 
     @property
     def resident_wallets_per_shard_max(self) -> int:
-        return max(1, self.resident_wallets_max // self.shards)
+        return max(1, self.resident_wallets_max // self.pipelines)
 
     @property
     def idempotency_keys_per_shard_max(self) -> int:
-        return self.idempotency_keys_max // self.shards
+        return self.idempotency_keys_max // self.pipelines

@@ -176,6 +176,9 @@ class Batch:
     refusals: list[RefusalRecord] = field(default_factory=list)
     new_transfers: list[TransferRecord] = field(default_factory=list)
     transfer_updates: list[TransferUpdate] = field(default_factory=list)
+    # (shard, lease epoch) of every shard the batch writes: the database refuses the batch
+    # if one epoch is stale (engine/ownership.py). Empty when no leases are in use.
+    fence: list[tuple[int, int]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
         return not (self.new_wallets or self.operations or self.snapshots or self.refusals)

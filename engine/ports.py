@@ -5,6 +5,8 @@ Exceptions::
     StorageError                  storage could not do what was asked
     ├── StorageUnavailable        nothing was written (connection refused, timeout before send)
     ├── CommitOutcomeUnknown      the commit may or may not have happened
+    ├── StaleEpoch                refused, nothing written: another process took a shard the
+    │                             batch writes (its lease epoch is newer than the batch's)
     ├── PredecessorPending        refused, nothing written: a wallet's stored seq is behind the
     │                             batch's prev_seq (an earlier batch of the shard has not
     │                             landed yet); retried once that batch has committed
@@ -32,6 +34,7 @@ from walletd.engine.model import (
 __all__ = [
     "CommitOutcomeUnknown",
     "PredecessorPending",
+    "StaleEpoch",
     "StorageError",
     "StorageUnavailable",
     "TransferNotPending",
@@ -57,6 +60,15 @@ class PredecessorPending(StorageError):
 
 class TransferNotPending(StorageError):
     """The batch closes a transfer that is not PENDING; nothing was written."""
+
+
+class StaleEpoch(StorageError):
+    """The batch was refused: a shard it writes has a newer lease epoch (a successor owns
+    it). Nothing was written; the process gives the shards up."""
+
+    def __init__(self, message: str, shards: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.shards = tuple(shards)
 
 
 class WalletLog(abc.ABC):

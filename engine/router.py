@@ -1,8 +1,16 @@
-"""The engine: a fixed set of shards and the stable hash that routes a wallet to one.
+"""The engine: the cluster's shards, spread over this process's pipelines (actor loops).
 
-Routing is ``crc32(wallet_id.bytes) % shards`` (IEEE CRC-32 of the UUID's 16 bytes, as in
-``zlib.crc32``). It depends on nothing but the id and the shard count, so it is the same
-across restarts, processes and versions: the shard is the unit of distribution later.
+A wallet belongs to shard ``crc32(canonical lowercase id text) % shard_count`` (IEEE CRC-32,
+as ``zlib.crc32``; engine/ownership.py): the unit of ownership and routing, which HAProxy
+computes from the path too. A shard is served by pipeline ``shard % pipelines``; several
+shards share one pipeline, so one process keeps the batching of one actor loop.
+
+Every command is admitted only while this process serves the wallet's shard (its lease is
+held and not past its local deadline); otherwise ``NotOwner`` is raised before anything is
+accepted. Every batch carries the epochs of the shards it writes (the fence); a stale one
+is refused by the database and the shards are given up at once. An answer that rests on
+memory alone (a read, a refusal) is given only if the shard was served under one epoch from
+admission to answer; otherwise it is 503 ``UNAVAILABLE``: another process may have written.
 """
 
 from __future__ import annotations
@@ -12,9 +20,8 @@ import contextlib
 import logging
 import time
 import uuid
-import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 from uuid import UUID
 
@@ -34,11 +41,21 @@ from walletd.engine.errors import (
     AtomicTooLarge,
     EngineOverloaded,
     EngineStopping,
+    NotOwner,
 )
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind, TransferRecord, WalletRecord, WalletView
+from walletd.engine.model import (
+    Batch,
+    OperationKind,
+    OperationRecord,
+    RefusalRecord,
+    TransferRecord,
+    WalletRecord,
+    WalletView,
+)
 from walletd.engine.observer import EngineObserver
-from walletd.engine.ports import StorageError, WalletLog
+from walletd.engine.ownership import Ownership, shard_of
+from walletd.engine.ports import StaleEpoch, StorageError, WalletLog
 from walletd.engine.shard import Shard
 from walletd.engine.transfers import (
     LegDelivery,
@@ -48,6 +65,7 @@ from walletd.engine.transfers import (
 )
 
 __all__ = [
+    "CREATE_ID_TRIES_MAX",
     "CREATE_KEY_NAMESPACE",
     "TRANSFER_KEY_NAMESPACE",
     "BulkReply",
@@ -68,6 +86,8 @@ TRANSFER_KEY_NAMESPACE = UUID("0b6d2f7e-8a51-4c3e-9f42-7d1e5a6c9b30")
 
 _ROOM_POLL_S = 0.001
 _UNAVAILABLE = Reply(Outcome.UNAVAILABLE)
+# A bulk item whose wallet another walletd process serves: not applied (503 NOT_OWNER).
+_NOT_OWNER = Reply(Outcome.NOT_OWNER)
 
 
 class BulkReply(NamedTuple):
@@ -82,8 +102,69 @@ def wall_clock_us() -> int:
     return time.time_ns() // 1000
 
 
-def shard_of(wallet_id: UUID, shards: int) -> int:
-    return zlib.crc32(wallet_id.bytes) % shards
+# A creation without a chosen id or key picks a random id in a shard this process serves;
+# past this many tries (it serves few shards) it takes the last one and lets it be forwarded.
+CREATE_ID_TRIES_MAX = 256
+
+
+class _FencedLog(WalletLog):
+    """The log as the pipelines see it: every append carries the epochs of its shards.
+
+    A batch that writes a shard whose lease this process no longer holds is refused before
+    it is sent; one that the database refuses (stale epoch) gives the shards up at once.
+    """
+
+    def __init__(self, log: WalletLog, ownership: Ownership) -> None:
+        self._log = log
+        self._ownership = ownership
+
+    async def append_batch(self, batch: Batch) -> None:
+        ownership = self._ownership
+        count = ownership.shard_count
+        shards = {shard_of(n.wallet_id, count) for n in batch.new_wallets}
+        shards.update(shard_of(s.wallet_id, count) for s in batch.snapshots)
+        shards.update(shard_of(r.wallet_id, count) for r in batch.refusals)
+        fence = []
+        for shard in sorted(shards):
+            epoch = ownership.epoch(shard)
+            if epoch is None:
+                ownership.lost([shard])
+                raise StaleEpoch(f"shard {shard} is no longer held; batch not sent", [shard])
+            fence.append((shard, epoch))
+        batch.fence = fence
+        try:
+            await self._log.append_batch(batch)
+        except StaleEpoch:
+            ownership.lost(shards)
+            raise
+
+    async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
+        return await self._log.load_wallets(wallet_ids)
+
+    async def find_operations(
+        self, keys: Sequence[tuple[UUID, str]]
+    ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
+        return await self._log.find_operations(keys)
+
+    async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
+        return await self._log.find_wallets_by_create_key(keys)
+
+    async def read_history(
+        self, wallet_id: UUID, before_seq: int | None, limit: int
+    ) -> list[tuple[int, OperationRecord]]:
+        return await self._log.read_history(wallet_id, before_seq, limit)
+
+    async def recent_wallets(self, limit: int) -> list[WalletRecord]:
+        return await self._log.recent_wallets(limit)
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        return await self._log.load_transfers(transfer_ids)
+
+    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
+        return await self._log.pending_transfers(created_before_us, limit)
+
+    async def ping(self) -> None:
+        await self._log.ping()
 
 
 class Engine:
@@ -92,19 +173,29 @@ class Engine:
         log: WalletLog,
         limits: EngineLimits | None = None,
         *,
+        ownership: Ownership | None = None,
         clock_us: Callable[[], int] = wall_clock_us,
         observer: EngineObserver | None = None,
         on_fatal: Callable[[str], None] | None = None,
         delivery: LegDelivery | None = None,
     ) -> None:
         self.limits = limits or EngineLimits()
+        # Alone (tests, tools): every shard served, one shard per pipeline, no fence.
+        self.ownership = ownership or Ownership.everything(self.limits.pipelines)
         self.log = log
         self._clock_us = clock_us
         self._observer = observer or EngineObserver()
+        self._pipeline_log = _FencedLog(log, self.ownership) if self.ownership.fenced else log
         # Called once when the engine gives up (shards crash faster than the restart rate):
         # the process should exit non-zero so that its own supervisor restarts it.
         self._on_fatal = on_fatal
-        self._shards = [self._new_shard(index) for index in range(self.limits.shards)]
+        self._shards = [self._new_shard(index) for index in range(self.limits.pipelines)]
+        # Shards whose wallets each pipeline may hold in memory since it started: a shard
+        # regained with a new epoch is served only after its pipeline forgot them.
+        self._remembered: list[set[int]] = [set() for _ in self._shards]
+        # Commands admitted and not yet answered, per shard: a release waits for zero.
+        self._admitted = [0] * self.ownership.shard_count
+        self._drained: dict[int, asyncio.Event] = {}
         self._started = False
         self._stopping = False
         # Bulk requests waiting for mailbox room, and the line they wait in.
@@ -124,15 +215,21 @@ class Engine:
         self._redrive_stop = asyncio.Event()
 
     async def warm_up(self, wallets_max: int) -> int:
-        """Before start: load up to ``wallets_max`` most recently updated wallets into their
-        shards, so the first requests after a restart find them resident. Returns how many."""
+        """Load up to ``wallets_max`` most recently updated wallets of the shards served
+        now into their pipelines, so the first requests after a restart find them
+        resident. Returns how many."""
         if wallets_max <= 0:
             return 0
         records = await self.log.recent_wallets(min(wallets_max, self.limits.resident_wallets_max))
-        by_shard: dict[Shard, list[WalletRecord]] = {shard: [] for shard in self._shards}
+        by_pipeline: dict[int, list[WalletRecord]] = {}
         for record in records:
-            by_shard[self._shard(record.wallet_id)].append(record)
-        return sum(shard.warm(part) for shard, part in by_shard.items())
+            shard = shard_of(record.wallet_id, self.ownership.shard_count)
+            if not self.ownership.serving(shard):
+                continue
+            pipeline = shard % len(self._shards)
+            by_pipeline.setdefault(pipeline, []).append(record)
+            self._remembered[pipeline].add(shard)
+        return sum(self._shards[index].warm(part) for index, part in by_pipeline.items())
 
     async def start(self) -> None:
         for shard in self._shards:
@@ -184,6 +281,36 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._redrive_stop.wait(), interval_s)
 
+    async def forget_shards(self, shards: Iterable[int]) -> None:
+        """Drop what the pipelines remember of these shards' wallets (before serving them
+        under a new epoch: another process may have changed them). A pipeline that may hold
+        some is drained and replaced by a fresh one."""
+        pipelines = len(self._shards)
+        stale = {
+            shard % pipelines for shard in shards if shard in self._remembered[shard % pipelines]
+        }
+        for index in sorted(stale):
+            self._remembered[index] = set()
+            await self.restart_shard(index)
+
+    def admitted(self, shard: int) -> int:
+        return self._admitted[shard]
+
+    async def drain_shards(self, shards: Iterable[int], timeout_s: float) -> bool:
+        """Wait until no admitted command of these shards is unanswered (the caller stopped
+        admitting them first). Returns False when ``timeout_s`` passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for shard in shards:
+            if not self._admitted[shard]:
+                continue
+            event = self._drained.setdefault(shard, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return False
+        return True
+
     async def restart_shard(self, index: int) -> None:
         """Drop shard ``index``'s memory and start it afresh from storage.
 
@@ -209,7 +336,7 @@ class Engine:
     # -- supervision -------------------------------------------------------------------
 
     def _new_shard(self, index: int) -> Shard:
-        return Shard(index, self.log, self.limits, self._clock_us, self._observer)
+        return Shard(index, self._pipeline_log, self.limits, self._clock_us, self._observer)
 
     def _start_shard(self, shard: Shard) -> None:
         shard.start()
@@ -251,16 +378,28 @@ class Engine:
 
     @property
     def shards(self) -> list[Shard]:
+        """The pipelines (actor loops)."""
         return self._shards
 
-    def _shard(self, wallet_id: UUID) -> Shard:
-        shards = self._shards
-        if len(shards) == 1:  # the default: no hash to compute (UUID.bytes is Python code)
-            return shards[0]
-        return shards[shard_of(wallet_id, len(shards))]
+    def shard_of(self, wallet_id: UUID) -> int:
+        return shard_of(wallet_id, self.ownership.shard_count)
+
+    def _route(self, wallet_id: UUID) -> tuple[int, Shard]:
+        """The wallet's shard and its pipeline; NotOwner unless this process serves it."""
+        ownership = self.ownership
+        if not ownership.fenced and len(self._shards) == 1:
+            return 0, self._shards[0]  # alone with one pipeline: no hash to compute
+        shard = shard_of(wallet_id, ownership.shard_count)
+        if not ownership.serving(shard):
+            raise NotOwner(shard)
+        index = shard % len(self._shards)
+        self._remembered[index].add(shard)
+        return shard, self._shards[index]
 
     def _submit_leg(self, leg: TransferLeg) -> None:
-        self._submit(self._shard(leg.wallet_id), leg)
+        # NotOwner when another process serves the leg's wallet: legs are delivered to this
+        # process's shards only (cross-process delivery is not built; docs/ARCHITECTURE.md).
+        self._submit(self._route(leg.wallet_id)[1], leg)
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:
@@ -272,16 +411,40 @@ class Engine:
             self._observer.command_rejected("stopping")
             raise
 
+    async def _answer(
+        self, shard: int, pipeline: Shard, command: ApplyOperation | CreateWallet | ReadWallet
+    ) -> Reply:
+        """Submit and await the reply; a reply resting on memory alone is kept only if the
+        shard stayed served under one epoch from admission to answer."""
+        epoch = self.ownership.epoch(shard)
+        self._submit(pipeline, command)
+        self._admitted[shard] += 1
+        try:
+            reply = await command.reply
+        finally:
+            self._admitted[shard] -= 1
+            if not self._admitted[shard] and self._drained:
+                event = self._drained.pop(shard, None)
+                if event is not None:
+                    event.set()
+        outcome = reply.outcome
+        if outcome is Outcome.UNAVAILABLE or (
+            outcome in _WRITTEN and not isinstance(command, ReadWallet)
+        ):
+            return reply  # committed under the fence (or a replay of it), or "unknown" already
+        if self.ownership.serving(shard) and self.ownership.epoch(shard) == epoch:
+            return reply
+        return Reply(Outcome.UNAVAILABLE)
+
     async def apply(
         self, wallet_id: UUID, kind: OperationKind, amount: int, idempotency_key: str | None
     ) -> Reply:
         """Apply a deposit or withdrawal; the reply arrives once its batch has committed."""
+        shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._submit(
-            self._shard(wallet_id),
-            ApplyOperation(wallet_id, kind, amount, idempotency_key, future),
+        return await self._answer(
+            shard, pipeline, ApplyOperation(wallet_id, kind, amount, idempotency_key, future)
         )
-        return await future
 
     async def apply_operations(
         self, operations: Sequence[Operation], *, atomic: bool = False
@@ -300,9 +463,18 @@ class Engine:
         every group has committed, like ``apply``'s.
         """
         by_shard: dict[Shard, list[int]] = {}
+        shards: list[int | None] = []  # each operation's shard; None: not served here
         for index, operation in enumerate(operations):
-            by_shard.setdefault(self._shard(operation.wallet_id), []).append(index)
+            try:
+                shard, pipeline = self._route(operation.wallet_id)
+            except NotOwner:
+                shards.append(None)
+                continue
+            shards.append(shard)
+            by_shard.setdefault(pipeline, []).append(index)
         group_max = self.limits.batch_ops_max
+        if atomic and None in shards:
+            raise AtomicSpansShards("some of the wallets are served by other walletd processes")
         if atomic and len(by_shard) > 1:
             raise AtomicSpansShards(f"the operations are on {len(by_shard)} shard actors")
         if atomic and len(operations) > group_max:
@@ -313,27 +485,54 @@ class Engine:
         if not self.accepting:
             self._observer.command_rejected("stopping")
             raise EngineStopping("walletd is not accepting commands")
+        ownership = self.ownership
+        served = {shard for shard in shards if shard is not None}
+        # Lost while waiting for room: refuse those operations (nothing queued for them yet).
+        lost = {shard for shard in served if not ownership.serving(shard)}
+        epochs = {shard: ownership.epoch(shard) for shard in served}
         loop = asyncio.get_running_loop()
         submitted: list[tuple[list[int], asyncio.Future[Reply]]] = []
         # No await between the room check and the last submit: nothing else can fill a
         # mailbox meanwhile, so every submit below finds room.
-        for shard, shard_indexes in by_shard.items():
+        for pipeline, pipeline_indexes in by_shard.items():
+            kept = [i for i in pipeline_indexes if shards[i] not in lost]
             # Groups of at most one batch, in order: one wallet's operations stay in order.
-            for start in range(0, len(shard_indexes), group_max):
-                indexes = shard_indexes[start : start + group_max]
+            for start in range(0, len(kept), group_max):
+                indexes = kept[start : start + group_max]
                 future: asyncio.Future[Reply] = loop.create_future()
                 items = [operations[i] for i in indexes]
-                self._submit(shard, ApplyOperations(items, atomic, future))
+                self._submit(pipeline, ApplyOperations(items, atomic, future))
                 submitted.append((indexes, future))
-        replies: list[Reply] = [_UNAVAILABLE] * len(operations)
-        for indexes, future in submitted:
-            group = await future
-            if group.items is None:  # the group's batch failed: every item is unknown
-                continue
-            if group.outcome is not Outcome.OK:  # an atomic group, refused whole
-                return BulkReply(list(group.items), len(group.items) - 1)
-            for index, reply in zip(indexes, group.items, strict=True):
-                replies[index] = reply
+        for shard in served:  # a handover waits for these like for single requests
+            self._admitted[shard] += 1
+        replies: list[Reply] = [
+            _NOT_OWNER if shard is None or shard in lost else _UNAVAILABLE for shard in shards
+        ]
+        try:
+            for indexes, future in submitted:
+                group = await future
+                if group.items is None:  # the group's batch failed: every item is unknown
+                    continue
+                if group.outcome is not Outcome.OK:  # an atomic group, refused whole
+                    return BulkReply(list(group.items), len(group.items) - 1)
+                for index, reply in zip(indexes, group.items, strict=True):
+                    # A reply resting on memory alone (a refusal, a replay) holds only if the
+                    # shard stayed served under one epoch, as for a single operation.
+                    item_shard = shards[index]
+                    assert item_shard is not None
+                    if (reply.outcome not in _WRITTEN or reply.replayed) and (
+                        not ownership.serving(item_shard)
+                        or ownership.epoch(item_shard) != epochs[item_shard]
+                    ):
+                        reply = _UNAVAILABLE
+                    replies[index] = reply
+        finally:
+            for shard in served:
+                self._admitted[shard] -= 1
+                if not self._admitted[shard] and self._drained:
+                    event = self._drained.pop(shard, None)
+                    if event is not None:
+                        event.set()
         return BulkReply(replies, None)
 
     @property
@@ -376,24 +575,35 @@ class Engine:
         fingerprint = "" if wallet_id is None else str(wallet_id)
         if wallet_id is None:
             if idempotency_key is None:
-                wallet_id = uuid.uuid4()
+                wallet_id = self._new_served_id()
             else:
                 wallet_id = uuid.uuid5(CREATE_KEY_NAMESPACE, idempotency_key)
+        shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._submit(
-            self._shard(wallet_id), CreateWallet(wallet_id, idempotency_key, fingerprint, future)
+        reply = await self._answer(
+            shard, pipeline, CreateWallet(wallet_id, idempotency_key, fingerprint, future)
         )
-        return wallet_id, await future
+        return wallet_id, reply
+
+    def _new_served_id(self) -> UUID:
+        ownership = self.ownership
+        wallet_id = uuid.uuid4()
+        if not ownership.fenced:
+            return wallet_id
+        for _ in range(CREATE_ID_TRIES_MAX):
+            if ownership.serving(shard_of(wallet_id, ownership.shard_count)):
+                break
+            wallet_id = uuid.uuid4()
+        return wallet_id
 
     async def read(self, wallet_id: UUID) -> Reply:
         """The committed wallet; resident wallets are answered without a mailbox trip."""
-        shard = self._shard(wallet_id)
-        view = shard.read_committed(wallet_id)
+        shard, pipeline = self._route(wallet_id)
+        view = pipeline.read_committed(wallet_id)
         if view is not None:
             return Reply(Outcome.OK, view)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._submit(shard, ReadWallet(wallet_id, future))
-        return await future
+        return await self._answer(shard, pipeline, ReadWallet(wallet_id, future))
 
     async def transfer(
         self,
@@ -423,10 +633,14 @@ class Engine:
         return await self.transfers.read(transfer_id)
 
     def read_resident(self, wallet_id: UUID) -> WalletView | None:
-        return self._shard(wallet_id).read_committed(wallet_id)
+        return self._route(wallet_id)[1].read_committed(wallet_id)
 
     def mailbox_depths(self) -> list[int]:
         return [shard.mailbox_depth for shard in self._shards]
 
     def resident_wallets(self) -> int:
         return sum(shard.resident_wallets for shard in self._shards)
+
+
+# Outcomes whose batch wrote to the log, so the fence vouched for them.
+_WRITTEN = frozenset({Outcome.OK, Outcome.CREATED})

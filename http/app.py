@@ -10,6 +10,7 @@ from walletd.engine.router import Engine
 from walletd.http import feed, health, routes_v1
 from walletd.http.docs_page import add_docs_routes
 from walletd.http.edge import Middleware, auth_middleware, edge_middleware
+from walletd.http.forwarding import Forwarder
 from walletd.http.metrics import METRICS_PATH, Metrics, metrics_handler
 from walletd.http.problems import problems_middleware
 from walletd.http.settings import HttpSettings
@@ -31,6 +32,13 @@ def create_app(
     middlewares: list[Middleware] = [edge_middleware(metrics), problems_middleware]
     if settings.api_keys:
         middlewares.append(auth_middleware(settings.api_keys))
+    # Innermost: a request is authorized here before it is sent on to a shard's owner.
+    forwarder = Forwarder(
+        metrics,
+        timeout_s=settings.forward_timeout_s,
+        connections_max=settings.forward_connections_max,
+    )
+    middlewares.append(forwarder.middleware())
     app = web.Application(client_max_size=settings.body_bytes_max, middlewares=middlewares)
     state = AppState(settings)
     app[STATE_KEY] = state
@@ -58,6 +66,7 @@ def create_app(
                 state.attach(None)
 
     app.cleanup_ctx.append(run_services)
+    app.cleanup_ctx.append(forwarder.session_ctx)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
     app.router.add_routes(health.routes)

@@ -197,6 +197,35 @@ class _EngineStateCollector(Collector):
             "Transfers being driven by this process right now (requests and re-drives)",
             value=engine.transfers.driving,
         )
+        yield from _ownership_families(engine)
+
+
+def _ownership_families(engine: Engine) -> Iterator[Metric]:
+    ownership = engine.ownership
+    yield GaugeMetricFamily(
+        "walletd_shard_count", "The cluster's shard count", value=ownership.shard_count
+    )
+    yield GaugeMetricFamily(
+        "walletd_shards_served",
+        "Shards this process answers for now (lease held, memory ready)",
+        value=len(ownership.served()),
+    )
+    epochs = GaugeMetricFamily(
+        "walletd_shard_lease_epoch",
+        "Lease epoch (fencing token) of each shard this process holds",
+        labels=["shard"],
+    )
+    for shard, epoch in sorted(ownership.held().items()):
+        epochs.add_metric([str(shard)], epoch)
+    yield epochs
+    moves = CounterMetricFamily(
+        "walletd_shard_moves",
+        "Shard leases gained, lost (not renewed in time, stale epoch) and released",
+        labels=["direction"],
+    )
+    for direction, count in ownership.moves.items():
+        moves.add_metric([direction], count)
+    yield moves
 
 
 class _RequestCollector(Collector):
@@ -239,6 +268,15 @@ class _RequestCollector(Collector):
         for reason, count in self._metrics.unavailable_counts.items():
             unavailable.add_metric([reason], count)
         yield unavailable
+        forwards = CounterMetricFamily(
+            "walletd_forwards",
+            "Requests for a shard this process does not serve, by result (answered by the "
+            "owner, second_hop / no_owner / unreachable: 503 NOT_OWNER, unknown: 503)",
+            labels=["result"],
+        )
+        for result, count in self._metrics.forward_counts.items():
+            forwards.add_metric([result], count)
+        yield forwards
 
 
 class Metrics:
@@ -253,6 +291,7 @@ class Metrics:
         self.request_counts: dict[tuple[str, str, int], int] = {}
         self.latencies: dict[tuple[str, str], _Latencies] = {}
         self.unavailable_counts: dict[str, int] = dict.fromkeys(UNAVAILABLE_REASONS, 0)
+        self.forward_counts: dict[str, int] = {}
         self._engine_source: EngineSource = lambda: None
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineStateCollector(lambda: self._engine_source()))
@@ -275,6 +314,9 @@ class Metrics:
 
     def observe_unavailable(self, reason: str) -> None:
         self.unavailable_counts[reason] = self.unavailable_counts.get(reason, 0) + 1
+
+    def observe_forward(self, result: str) -> None:
+        self.forward_counts[result] = self.forward_counts.get(result, 0) + 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -68,6 +68,7 @@ PROBLEM_CODES: Final = (
     "METHOD_NOT_ALLOWED",
     "UNAVAILABLE",
     "OVERLOADED",
+    "NOT_OWNER",
     "UNAUTHORIZED",
     "INTERNAL_ERROR",
     "AS_OF_NOT_SETTLED",
@@ -859,9 +860,10 @@ def _responses() -> JsonObject:
         ),
         "Unavailable": _problem_response(
             "Storage unreachable, commit outcome unknown (retry with the same Idempotency-Key), "
-            "or the engine is over its bounded capacity.",
+            "the engine is over its bounded capacity, or the wallet's shard is moving between "
+            "walletd processes (NOT_OWNER: nothing was applied).",
             503,
-            ("UNAVAILABLE", "OVERLOADED"),
+            ("UNAVAILABLE", "OVERLOADED", "NOT_OWNER"),
             ("Retry-After",),
         ),
         "WalletNotFound": _problem_response("No wallet has this id.", 404, ("WALLET_NOT_FOUND",)),

@@ -56,6 +56,7 @@ TITLES: Final = {
     "METHOD_NOT_ALLOWED": "Method not allowed",
     "UNAVAILABLE": "Service unavailable",
     "OVERLOADED": "Service overloaded",
+    "NOT_OWNER": "Shard not served here",
     "UNAUTHORIZED": "Unauthorized",
     "INTERNAL_ERROR": "Internal server error",
     "BAD_REQUEST": "Bad request",

@@ -222,6 +222,14 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
             "IDEMPOTENCY_KEY_REUSED",
             "this Idempotency-Key was already used with a different request",
         )
+    if outcome is Outcome.NOT_OWNER:
+        return ProblemError(
+            503,
+            "NOT_OWNER",
+            f"wallet {wallet_id} is served by another walletd process; nothing was applied: "
+            "send it there (or to the proxy, which routes by wallet)",
+            headers=_RETRY_AFTER,
+        )
     return ProblemError(
         503,
         "UNAVAILABLE",

@@ -25,6 +25,8 @@ class HttpSettings:
     feed_heartbeat_s: float = 15.0
     feed_write_timeout_s: float = 10.0
     as_of_settle_s: float = 30.0
+    forward_timeout_s: float = 10.0
+    forward_connections_max: int = 64
 
     def __post_init__(self) -> None:
         if self.body_bytes_max < 1024:
@@ -45,3 +47,5 @@ class HttpSettings:
             raise ValueError("feed intervals and timeouts must be positive")
         if self.as_of_settle_s < 0:
             raise ValueError("as_of_settle_s must not be negative")
+        if self.forward_timeout_s <= 0 or self.forward_connections_max < 1:
+            raise ValueError("forwarding needs a positive timeout and at least one connection")

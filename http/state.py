@@ -30,6 +30,8 @@ class Services:
     log: WalletLog
     readiness: Readiness
     reader: LogReader
+    # Where other walletd processes reach this one; None when it runs alone (tests, tools).
+    self_url: str | None = None
 
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]

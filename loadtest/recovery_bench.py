@@ -85,7 +85,7 @@ async def resident_bytes(dsn: str, wallets: int) -> tuple[int, float]:
     pool = await create_pool(dsn, PoolSettings(size_max=2))
     try:
         log = PostgresLog(pool)
-        limits = EngineLimits(shards=1, resident_wallets_max=max(wallets, 1))
+        limits = EngineLimits(pipelines=1, resident_wallets_max=max(wallets, 1))
         shard = Shard(0, log, limits, wall_clock_us, EngineObserver())
         gc.collect()
         tracemalloc.start()

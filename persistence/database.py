@@ -1,4 +1,5 @@
-"""Connecting to PostgreSQL: the pool, the version and durability checks, the serving lock.
+"""Connecting to PostgreSQL: the pool, the version and durability checks (shard leases:
+leases.py).
 
 Every connection walletd opens sets ``synchronous_commit=on`` in its startup packet: that
 beats a role's, a database's or the DSN's ``options`` setting, so a COMMIT that returned is
@@ -10,12 +11,11 @@ Exceptions::
     ├── DatabaseUnreachable     no connection could be made
     ├── DatabaseTooOld          the server is older than PostgreSQL 14
     ├── DatabaseUnsafe          the server runs with fsync or full_page_writes off
-    └── DatabaseBusy            another walletd server holds the serving lock
+    └── DatabaseBusy            walletd servers hold leases (an operator command must wait)
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,14 +24,12 @@ import asyncpg
 __all__ = [
     "DURABILITY_SETTINGS",
     "POSTGRES_VERSION_MIN",
-    "SERVE_LOCK_ID",
     "DatabaseBusy",
     "DatabaseError",
     "DatabaseTooOld",
     "DatabaseUnreachable",
     "DatabaseUnsafe",
     "PoolSettings",
-    "ServingLock",
     "check_durability",
     "check_server_version",
     "connect",
@@ -42,8 +40,6 @@ __all__ = [
 ]
 
 POSTGRES_VERSION_MIN = 140000
-# Held for the life of a serving process: one walletd per database ("walletd-s").
-SERVE_LOCK_ID = 0x77616C6C65742D73
 
 
 class DatabaseError(Exception):
@@ -191,62 +187,3 @@ async def create_pool(dsn: str, settings: PoolSettings) -> asyncpg.Pool:
         raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {_describe(error)}") from error
     assert pool is not None
     return pool
-
-
-class ServingLock:
-    """A session advisory lock held on its own connection while walletd serves.
-
-    It keeps a second walletd (or ``walletd restore``) off a database that one is serving.
-    Correctness does not rest on it: the append's seq fencing refuses a second writer.
-    A database outage drops the lock with its connection; ``reacquire`` takes it again once
-    the database is back (readiness calls it), unless someone else took it meanwhile.
-    """
-
-    def __init__(self, dsn: str, *, connect_timeout_s: float = 5.0) -> None:
-        self._dsn = dsn
-        self._connect_timeout_s = connect_timeout_s
-        self._connection: asyncpg.Connection | None = None
-
-    async def acquire(self) -> None:
-        connection = await connect(self._dsn, self._connect_timeout_s)
-        try:
-            held = await connection.fetchval(
-                "SELECT pg_try_advisory_lock($1)", SERVE_LOCK_ID, timeout=self._connect_timeout_s
-            )
-        except BaseException:
-            connection.terminate()
-            raise
-        if not held:
-            await connection.close()
-            raise DatabaseBusy("another walletd server is serving this database")
-        self._connection = connection
-
-    async def reacquire(self) -> bool:
-        """Take the lock again after its connection was lost (PostgreSQL restarted).
-
-        Returns whether it is held. Another server may have taken it meanwhile; then it
-        stays lost and readiness keeps saying so.
-        """
-        if self.held:
-            return True
-        if self._connection is not None:
-            self._connection.terminate()
-            self._connection = None
-        try:
-            await self.acquire()
-        except (DatabaseError, OSError, TimeoutError, asyncpg.PostgresError,
-                asyncpg.InterfaceError):  # fmt: skip
-            return False
-        return True
-
-    @property
-    def held(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed()
-
-    async def release(self) -> None:
-        if self._connection is not None:
-            try:
-                await asyncio.wait_for(self._connection.close(), 5.0)
-            except (OSError, TimeoutError, asyncpg.InterfaceError):
-                self._connection.terminate()
-            self._connection = None

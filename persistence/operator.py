@@ -35,7 +35,8 @@ from uuid import UUID
 
 import asyncpg
 
-from walletd.persistence.database import SERVE_LOCK_ID, DatabaseBusy, connect
+from walletd.persistence.database import connect
+from walletd.persistence.leases import hold_every_lease
 
 __all__ = [
     "SEED_CHUNK_WALLETS",
@@ -353,20 +354,14 @@ async def restore(dsn: str, progress: ProgressSink | None = None) -> RestoreRepo
     progress = progress or _NoProgress()
     connection = await connect(dsn)
     try:
-        # The session lock walletd serve holds: taken here, it also keeps a server from
-        # starting on this database until the restore is over.
-        held = await connection.fetchval("SELECT pg_try_advisory_lock($1)", SERVE_LOCK_ID)
-        if not held:
-            raise DatabaseBusy(
-                "a walletd server is serving this database; stop it before restoring"
-            )
+        # Every shard lease taken for the operator: refused while a server holds one, and
+        # no server can claim (or write to) a shard until the restore is over.
         progress.set_total(1)
-        async with connection.transaction():
+        async with hold_every_lease(connection), connection.transaction():
             await connection.execute("LOCK TABLE wallets, wallet_operations IN EXCLUSIVE MODE")
             status = await connection.execute(_RESTORE)
             wallets = await connection.fetchval("SELECT count(*) FROM wallets")
         progress.advance(1)
-        await connection.execute("SELECT pg_advisory_unlock($1)", SERVE_LOCK_ID)
     finally:
         await connection.close()
     repaired = int(status.split()[-1])

@@ -39,6 +39,7 @@ from walletd.engine.model import (
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     PredecessorPending,
+    StaleEpoch,
     StorageError,
     StorageUnavailable,
     TransferNotPending,
@@ -47,9 +48,13 @@ from walletd.engine.ports import (
 
 __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 
+# The fence runs first, in the same statement and so the same transaction: it locks the
+# lease rows of the batch's shards (FOR KEY SHARE) and refuses a stale epoch (WDF01) before
+# anything is written (migration shard_leases, docs/SCALING.md).
 _APPEND = (
     "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
     " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    " FROM walletd_fence($25::integer[], $26::bigint[])"
 )
 # Sent instead of eight empty lists for the common batch with no refusal.
 _NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
@@ -57,7 +62,10 @@ _NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
 # A batch that opens or closes transfers writes them in the same statement, hence the same
 # implicit transaction, as its log rows and snapshots (migration "transfers").
 _APPEND_WITH_TRANSFERS = (
-    _APPEND + ", walletd_append_transfers($25, $26, $27, $28, $29, $30, $31, $32, $33, $34)"
+    "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24),"
+    " walletd_append_transfers($27, $28, $29, $30, $31, $32, $33, $34, $35, $36)"
+    " FROM walletd_fence($25::integer[], $26::bigint[])"
 )
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -117,6 +125,8 @@ SELECT {_TRANSFER_COLUMNS} FROM transfers
 _PREDECESSOR_PENDING = "WD002"
 # Raised by walletd_append_transfers when a transfer to close is no longer PENDING.
 _TRANSFER_NOT_PENDING = "WD004"
+# Raised by walletd_fence when a shard's lease epoch is newer than the batch's.
+_STALE_EPOCH = "WDF01"
 
 # Errors after which nobody knows whether the server ran the statement. A broken connection
 # surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
@@ -290,7 +300,11 @@ class PostgresLog(WalletLog):
                 [r.fence_seq for r in refusals],
                 [r.created_at_us for r in refusals],
             )
-        args += refusal_args
+        fence: tuple[list[object], ...] = (
+            [shard for shard, _ in batch.fence],
+            [epoch for _, epoch in batch.fence],
+        )
+        args += refusal_args + fence
         statement = _APPEND
         if batch.new_transfers or batch.transfer_updates:
             opened, closed = batch.new_transfers, batch.transfer_updates
@@ -319,6 +333,8 @@ class PostgresLog(WalletLog):
                 raise PredecessorPending(str(error)) from error
             if error.sqlstate == _TRANSFER_NOT_PENDING:
                 raise TransferNotPending(str(error)) from error
+            if error.sqlstate == _STALE_EPOCH:
+                raise StaleEpoch(str(error), [shard for shard, _ in batch.fence]) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

@@ -38,7 +38,7 @@ from walletd.http.app import create_app
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 from walletd.http.state import Services
-from walletd.persistence.database import PoolSettings, ServingLock, create_pool
+from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.embedded import EmbeddedPostgres
 from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.postgres_log import PostgresLog
@@ -162,12 +162,10 @@ async def database_url(fresh_database_url: str) -> str:
 async def running_services(
     dsn: str, limits: EngineLimits | None = None, observer: EngineObserver | None = None
 ) -> AsyncIterator[Services]:
-    """The production wiring minus the embedded server: lock, pool, log, engine."""
-    lock = ServingLock(dsn)
-    await lock.acquire()
+    """The production wiring minus the embedded server and the leases: pool, log, engine."""
     pool = await create_pool(dsn, PoolSettings(size_max=8))
     log = PostgresLog(pool)
-    engine = Engine(log, limits or EngineLimits(shards=2), observer=observer)
+    engine = Engine(log, limits or EngineLimits(pipelines=2), observer=observer)
     await engine.start()
 
     async def ready() -> str | None:
@@ -178,7 +176,6 @@ async def running_services(
     finally:
         await engine.stop()
         await pool.close()
-        await lock.release()
 
 
 AppFactory = Callable[..., web.Application]

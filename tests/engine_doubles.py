@@ -171,7 +171,7 @@ async def running_engine(
     clock_us: Callable[[], int] | None = None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Engine]:
-    limits = limits or EngineLimits(shards=2, batch_ops_max=64, mailbox_commands_max=256)
+    limits = limits or EngineLimits(pipelines=2, batch_ops_max=64, mailbox_commands_max=256)
     if clock_us is None:
         engine = Engine(log, limits, observer=observer, on_fatal=on_fatal)
     else:

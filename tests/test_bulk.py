@@ -22,7 +22,6 @@ from tests.processes import WalletdProcess
 from tests.test_faults import check_database
 from walletd.cli.config import SETTINGS
 from walletd.engine.limits import EngineLimits
-from walletd.engine.router import shard_of
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
 from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
 from walletd.http.settings import HttpSettings
@@ -191,7 +190,7 @@ async def test_concurrent_retries_of_one_keyed_bulk_apply_once(client: Client) -
 @pytest.fixture
 async def one_actor(make_app: AppFactory, aiohttp_client: Callable[..., Any]) -> Client:
     """The app with one shard actor (the default of `walletd serve`): atomic requests fit."""
-    client: Client = await aiohttp_client(make_app(HttpSettings(), EngineLimits(shards=1)))
+    client: Client = await aiohttp_client(make_app(HttpSettings(), EngineLimits(pipelines=1)))
     return client
 
 
@@ -270,12 +269,14 @@ async def test_atomic_replays_and_a_key_used_twice_in_one_request(one_actor: Cli
 async def test_atomic_bounds(make_app: AppFactory, aiohttp_client: Callable[..., Any]) -> None:
     """An atomic request must fit one batch (413) and one shard actor (422
     ATOMIC_NOT_POSSIBLE); independent requests of the same items are fine."""
-    limits = EngineLimits(shards=2, batch_ops_max=4, mailbox_commands_max=64)
+    limits = EngineLimits(pipelines=2, batch_ops_max=4, mailbox_commands_max=64)
     client: Client = await aiohttp_client(make_app(HttpSettings(), limits))
     wallets = [await new_wallet(client) for _ in range(8)]
     by_shard: dict[int, list[str]] = {}
     for wallet in wallets:
-        by_shard.setdefault(shard_of(uuid.UUID(wallet), 2), []).append(wallet)
+        engine = client.app[STATE_KEY].services.engine
+        pipeline = engine.shard_of(uuid.UUID(wallet)) % len(engine.shards)
+        by_shard.setdefault(pipeline, []).append(wallet)
     assert len(by_shard) == 2, "eight random wallets on one shard of two"
     one, other = by_shard[0][0], by_shard[1][0]
     status, body = await atomic(client, [op(one, "DEPOSIT", 1)] * 5)
@@ -371,7 +372,7 @@ async def test_a_bulk_that_finds_no_room_in_time_is_refused_whole(
     fit its mailbox gets 503 OVERLOADED and none of its items is applied (never
     half-queued); so does one past the bound on waiting requests."""
     limits = EngineLimits(
-        shards=1,
+        pipelines=1,
         mailbox_commands_max=40,
         batch_ops_max=20,
         commit_timeout_s=60,
@@ -407,7 +408,7 @@ async def test_a_bulk_waits_for_room_and_is_admitted_whole(
     """A bulk request that does not fit now waits for room, and is applied whole once the
     shard drains within the admission wait."""
     limits = EngineLimits(
-        shards=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60,
+        pipelines=1, mailbox_commands_max=40, batch_ops_max=20, commit_timeout_s=60,
         bulk_items_max=40, bulk_admission_wait_s=30,
     )  # fmt: skip
     client: Client = await aiohttp_client(make_app(HttpSettings(), limits))

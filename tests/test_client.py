@@ -272,7 +272,7 @@ async def test_a_503_burst_is_retried_to_exactly_once(
     OVERLOADED; the client honours Retry-After, retries each with its key, and every deposit
     lands exactly once."""
     limits = EngineLimits(
-        shards=1, mailbox_commands_max=1, batch_ops_max=1, inflight_batches_max=1,
+        pipelines=1, mailbox_commands_max=1, batch_ops_max=1, inflight_batches_max=1,
         idempotency_keys_max=1000,
     )  # fmt: skip
     server: Client = await aiohttp_client(make_app(limits=limits))

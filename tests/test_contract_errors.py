@@ -375,7 +375,9 @@ async def test_overloaded_when_the_mailbox_is_full(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A full mailbox refuses at once: 503 OVERLOADED with Retry-After, nothing applied."""
-    limits = EngineLimits(shards=1, mailbox_commands_max=2, batch_ops_max=1, inflight_batches_max=2)
+    limits = EngineLimits(
+        pipelines=1, mailbox_commands_max=2, batch_ops_max=1, inflight_batches_max=2
+    )
     client: Client = await aiohttp_client(make_app(limits=limits))
     wallet_id = await _funded_wallet(client)
     engine = client.app[STATE_KEY].services.engine

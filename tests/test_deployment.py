@@ -65,7 +65,7 @@ FIXED_IN_CONTAINER = {
 }
 # PostgreSQL keeps these for superusers (its superuser_reserved_connections default).
 POSTGRES_RESERVED_CONNECTIONS = 3
-# Beside its pool walletd holds one connection for its serving lock.
+# Beside its pool walletd holds one connection renewing its shard leases.
 WALLETD_CONNECTIONS_OUTSIDE_POOL = 1
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
@@ -335,10 +335,10 @@ def test_compose_settings_change_without_a_rebuild(tmp_path: Path) -> None:
     """An exported variable reaches walletd's environment; the build section is unchanged."""
     before = compose_config(tmp_path, {})
     after = compose_config(
-        tmp_path, {"WALLETD_SHARDS": "7", "WALLETD_API_KEYS": "k1,k2", "PUBLISHED_PORT": "9000"}
+        tmp_path, {"WALLETD_PIPELINES": "7", "WALLETD_API_KEYS": "k1,k2", "PUBLISHED_PORT": "9000"}
     )
     environment = resolved_walletd_environment(after)
-    assert environment["WALLETD_SHARDS"] == "7"
+    assert environment["WALLETD_PIPELINES"] == "7"
     assert container_config(environment).api_keys == ("k1", "k2")
     assert after["services"]["walletd"]["ports"] == ["127.0.0.1:9000:8000/tcp"]
     assert after["services"]["walletd"]["build"] == before["services"]["walletd"]["build"]
@@ -411,9 +411,9 @@ def test_postgres_settings_fit_walletds_pool_and_durability() -> None:
     config = container_config(environment)
     needed = config.pool_size + WALLETD_CONNECTIONS_OUTSIDE_POOL + POSTGRES_RESERVED_CONNECTIONS
     assert int(settings["max_connections"]) >= needed
-    # The documented arithmetic (pool = (in-flight batches + 1) × shards + 4) is the code's.
+    # The documented arithmetic (pool = (in-flight batches + 1) × pipelines + 4) is the code's.
     assert config.pool_size_max == 0
-    assert config.pool_size == (config.inflight_batches_max + 1) * config.shards + 4
+    assert config.pool_size == (config.inflight_batches_max + 1) * config.pipelines + 4
 
 
 def test_stop_grace_period_outlasts_walletds_drain() -> None:

@@ -21,7 +21,6 @@ from walletd.cli.config import add_flags, load_config
 from walletd.persistence.database import (
     DatabaseUnsafe,
     PoolSettings,
-    ServingLock,
     check_durability,
     connect,
     create_pool,
@@ -40,7 +39,7 @@ async def test_walletd_connections_commit_synchronously_whatever_the_role_databa
     database_url: str,
 ) -> None:
     """With synchronous_commit=off set on the role (in this database), on the database and in
-    the DSN's options, a plain session sees off but walletd's pool, lock and command
+    the DSN's options, a plain session sees off but walletd's pool and command
     connections all report on."""
     database = urlsplit(database_url).path.lstrip("/")
     admin = await asyncpg.connect(database_url)
@@ -72,13 +71,6 @@ async def test_walletd_connections_commit_synchronously_whatever_the_role_databa
             assert (await durability_settings(command_connection))["synchronous_commit"] == "on"
         finally:
             await command_connection.close()
-        lock = ServingLock(url)
-        await lock.acquire()
-        try:
-            assert lock._connection is not None
-            assert await _show(lock._connection) == "on"
-        finally:
-            await lock.release()
 
 
 @pytest.fixture

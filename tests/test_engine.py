@@ -35,7 +35,7 @@ from walletd.engine.router import Engine
 DEPOSIT = OperationKind.DEPOSIT
 WITHDRAW = OperationKind.WITHDRAW
 ONE_SHARD = EngineLimits(
-    shards=1, batch_ops_max=64, mailbox_commands_max=256, inflight_batches_max=1
+    pipelines=1, batch_ops_max=64, mailbox_commands_max=256, inflight_batches_max=1
 )
 
 
@@ -189,7 +189,7 @@ class OrderedGatesLog(ControlledLog):
 
 
 PIPELINED = EngineLimits(
-    shards=1, batch_ops_max=64, mailbox_commands_max=256, inflight_batches_max=2
+    pipelines=1, batch_ops_max=64, mailbox_commands_max=256, inflight_batches_max=2
 )
 
 
@@ -400,7 +400,7 @@ async def test_appends_in_flight_are_bounded_and_seqs_contiguous() -> None:
     log = SlowLog()
     wallets = [UUID(int=n) for n in range(1, 9)]
     limits = EngineLimits(
-        shards=1, batch_ops_max=16, mailbox_commands_max=4096, inflight_batches_max=2
+        pipelines=1, batch_ops_max=16, mailbox_commands_max=4096, inflight_batches_max=2
     )
     async with running_engine(log, limits) as engine:
         for wallet in wallets:
@@ -426,7 +426,9 @@ async def test_a_full_mailbox_refuses_at_once() -> None:
     log = ControlledLog()
     observer = RecordingObserver()
     wallet = UUID(int=1)
-    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=4, inflight_batches_max=1)
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=2, mailbox_commands_max=4, inflight_batches_max=1
+    )
     async with running_engine(log, limits, observer) as engine:
         await create(engine, wallet)
         log.append_gate = gate = Gate()
@@ -457,7 +459,7 @@ async def test_resident_wallets_stay_bounded_and_reload_correctly() -> None:
     log = ControlledLog()
     observer = RecordingObserver()
     limits = EngineLimits(
-        shards=1, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=8
+        pipelines=1, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=8
     )
     wallets = [UUID(int=n) for n in range(1, 41)]
     async with running_engine(log, limits, observer) as engine:
@@ -500,7 +502,7 @@ async def test_a_wallet_found_resident_is_not_evicted_while_its_batch_loads() ->
     resident, created, stored = UUID(int=1), UUID(int=2), UUID(int=3)
     log.add_wallet(stored)
     limits = EngineLimits(
-        shards=1, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=1
+        pipelines=1, batch_ops_max=4, mailbox_commands_max=64, resident_wallets_max=1
     )
     async with running_engine(log, limits) as engine:
         await create(engine, resident)
@@ -589,7 +591,7 @@ async def test_a_keyed_refusal_is_replayed_after_its_key_left_the_cache() -> Non
     log = ControlledLog()
     wallet = UUID(int=1)
     limits = EngineLimits(
-        shards=1, batch_ops_max=1, mailbox_commands_max=8, inflight_batches_max=1,
+        pipelines=1, batch_ops_max=1, mailbox_commands_max=8, inflight_batches_max=1,
         idempotency_keys_max=2,
     )  # fmt: skip
     async with running_engine(log, limits) as engine:
@@ -646,7 +648,7 @@ async def test_a_cached_key_is_not_pushed_out_by_the_keys_its_own_batch_loads() 
     log = ControlledLog()
     wallet = UUID(int=1)
     limits = EngineLimits(
-        shards=1, batch_ops_max=2, mailbox_commands_max=8, inflight_batches_max=1,
+        pipelines=1, batch_ops_max=2, mailbox_commands_max=8, inflight_batches_max=1,
         idempotency_keys_max=4,
     )  # fmt: skip
     async with running_engine(log, limits) as engine:
@@ -713,7 +715,9 @@ async def test_a_commit_past_its_timeout_is_answered_unavailable() -> None:
     log = ControlledLog()
     observer = RecordingObserver()
     wallet = UUID(int=1)
-    limits = EngineLimits(shards=1, batch_ops_max=4, mailbox_commands_max=64, commit_timeout_s=0.05)
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=4, mailbox_commands_max=64, commit_timeout_s=0.05
+    )
     async with running_engine(log, limits, observer) as engine:
         await create(engine, wallet)
         log.append_gate = Gate()  # never opened
@@ -748,7 +752,7 @@ async def test_stop_answers_every_accepted_command_and_refuses_new_ones() -> Non
     """A graceful stop commits what was accepted, answers it, and refuses what comes after."""
     log = ControlledLog()
     wallets = [UUID(int=n) for n in range(1, 7)]
-    engine = Engine(log, EngineLimits(shards=3, batch_ops_max=8, mailbox_commands_max=256))
+    engine = Engine(log, EngineLimits(pipelines=3, batch_ops_max=8, mailbox_commands_max=256))
     await engine.start()
     for wallet in wallets:
         await create(engine, wallet)
@@ -789,7 +793,9 @@ async def test_a_crashed_shard_answers_everything_it_held() -> None:
     clock = _BreakableClock()
     wallet = UUID(int=1)
     fatal: list[str] = []
-    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=64, shard_restarts_max=0)
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=2, mailbox_commands_max=64, shard_restarts_max=0
+    )
     async with running_engine(log, limits, observer, clock, fatal.append) as engine:
         await create(engine, wallet)
         log.append_gate = gate = Gate()
@@ -820,7 +826,7 @@ async def test_a_crashed_shard_is_restarted_from_storage_within_the_rate() -> No
     log.add_wallet(other)
     fatal: list[str] = []
     limits = EngineLimits(
-        shards=1, batch_ops_max=4, mailbox_commands_max=64, shard_restarts_max=1,
+        pipelines=1, batch_ops_max=4, mailbox_commands_max=64, shard_restarts_max=1,
         shard_restart_window_s=600,
     )  # fmt: skip
     async with running_engine(log, limits, observer, on_fatal=fatal.append) as engine:
@@ -882,7 +888,7 @@ async def test_restart_shard_drops_memory_and_answers_what_it_held() -> None:
 async def test_shards_are_independent() -> None:
     """A commit held on one shard does not hold another shard's commands."""
     log = ControlledLog()
-    limits = EngineLimits(shards=2, batch_ops_max=4, mailbox_commands_max=64)
+    limits = EngineLimits(pipelines=2, batch_ops_max=4, mailbox_commands_max=64)
     (left,) = wallet_ids_on_shard(0, 2, 1)
     (right,) = wallet_ids_on_shard(1, 2, 1)
     async with running_engine(log, limits) as engine:
@@ -907,7 +913,9 @@ async def test_warm_up_makes_recent_wallets_resident_up_to_the_bound() -> None:
     wallets = [UUID(int=n) for n in range(1, 6)]
     for wallet in wallets:
         log.add_wallet(wallet)
-    limits = EngineLimits(shards=1, batch_ops_max=2, mailbox_commands_max=8, resident_wallets_max=3)
+    limits = EngineLimits(
+        pipelines=1, batch_ops_max=2, mailbox_commands_max=8, resident_wallets_max=3
+    )
     engine = Engine(log, limits)
     assert await engine.warm_up(10) == 3
     await engine.start()

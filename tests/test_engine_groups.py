@@ -24,7 +24,7 @@ from walletd.engine.router import Engine
 
 WALLETS = [UUID(int=n) for n in range(1, 5)]
 MISSING = UUID(int=99)
-LIMITS = EngineLimits(shards=1, batch_ops_max=6, mailbox_commands_max=64)
+LIMITS = EngineLimits(pipelines=1, batch_ops_max=6, mailbox_commands_max=64)
 
 
 class Op(NamedTuple):

@@ -58,7 +58,7 @@ KEYS = [f"k{n}" for n in range(1, 7)]
 # the limits allow), while 6 wallets x 6 keys give ~18 per shard: the cache overflows, and a
 # forgotten key must be found in storage, never applied twice.
 LIMITS = EngineLimits(
-    shards=2, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
+    pipelines=2, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
     resident_wallets_max=3, idempotency_keys_max=12,
     # Re-drives run only when a rule asks (and once at each start), so the model knows when.
     transfer_redrive_interval_s=3600.0,
@@ -490,7 +490,7 @@ class LedgerMachine(RuleBasedStateMachine):
         # One shard's share of the bounds: the same cache overflow as the engine's test.
         return Ledger(
             EngineLimits(
-                shards=1, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
+                pipelines=1, batch_ops_max=2, inflight_batches_max=2, mailbox_commands_max=64,
                 resident_wallets_max=2, idempotency_keys_max=6,
             ),
             self._clock_us,

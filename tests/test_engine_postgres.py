@@ -20,7 +20,7 @@ from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.postgres_log import PostgresLog
 
 DEPOSIT = OperationKind.DEPOSIT
-PIPELINED = EngineLimits(shards=1, batch_ops_max=64, mailbox_commands_max=256)
+PIPELINED = EngineLimits(pipelines=1, batch_ops_max=64, mailbox_commands_max=256)
 
 # The append of a batch that waits for a row lock held by the test's own transaction.
 _BLOCKED_APPEND = """

@@ -165,7 +165,7 @@ async def test_a_consumer_beside_concurrent_shards_sees_the_whole_log(
     feed: once the writes stop and the feed runs dry, it has every change exactly once."""
     from walletd.engine.limits import EngineLimits
 
-    client: Client = await aiohttp_client(make_app(limits=EngineLimits(shards=4)))
+    client: Client = await aiohttp_client(make_app(limits=EngineLimits(pipelines=4)))
     wallets = []
     for _ in range(12):
         response = await client.post("/api/v1/wallets")

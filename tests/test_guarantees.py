@@ -51,7 +51,7 @@ async def test_concurrent_creations_of_different_ids_under_one_key_make_one_wall
     different shards (neither shard sees the other's key cache): one gets 201; the other
     gets 422 IDEMPOTENCY_KEY_REUSED, at once or after 503s and same-key retries; exactly
     one wallet exists under the key, the winner's, and the loser's id was never created."""
-    client: Client = await aiohttp_client(make_app(limits=EngineLimits(shards=2)))
+    client: Client = await aiohttp_client(make_app(limits=EngineLimits(pipelines=2)))
     on_shard_0 = wallet_ids_on_shard(0, 2, RACES)
     on_shard_1 = wallet_ids_on_shard(1, 2, RACES)
     for race, ids in enumerate(zip(on_shard_0, on_shard_1, strict=True)):

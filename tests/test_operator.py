@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import AsyncIterator
 from uuid import UUID
 
 import asyncpg
 import pytest
 
 from tests.processes import walletd_command
-from walletd.persistence.database import DatabaseBusy, ServingLock
+from walletd.persistence.database import DatabaseBusy, connect
+from walletd.persistence.leases import ensure_cluster
 from walletd.persistence.operator import Mismatch, restore, seed, verify
 
 
@@ -103,25 +106,50 @@ async def test_verify_detects_a_missing_log_row(database_url: str) -> None:
     assert any("snapshot seq" in p for p in problems)
 
 
-async def test_restore_refuses_while_a_server_holds_the_serving_lock(database_url: str) -> None:
-    """restore raises DatabaseBusy while the lock is held, and works once it is released."""
-    await seed(database_url, 3, 6)
-    lock = ServingLock(database_url)
-    await lock.acquire()
+@contextlib.asynccontextmanager
+async def _a_live_lease(dsn: str) -> AsyncIterator[None]:
+    """One shard lease held the way a serving process holds it, for a minute at most."""
+    connection = await connect(dsn)
     try:
+        await ensure_cluster(connection, 4)
+        await connection.execute(
+            "UPDATE walletd_shard_leases SET owner = 'test', epoch = epoch + 1,"
+            " expires_at = now() + interval '60 seconds' WHERE shard = 0"
+        )
+        yield
+        await connection.execute(
+            "UPDATE walletd_shard_leases SET owner = NULL, expires_at = '-infinity'"
+            " WHERE owner = 'test'"
+        )
+    finally:
+        await connection.close()
+
+
+async def test_restore_refuses_while_a_server_holds_a_lease(database_url: str) -> None:
+    """restore raises DatabaseBusy while a shard lease is live, and works once it is released."""
+    await seed(database_url, 3, 6)
+    async with _a_live_lease(database_url):
         with pytest.raises(DatabaseBusy):
             await restore(database_url)
-    finally:
-        await lock.release()
     assert (await restore(database_url)).repaired == 0
 
 
-async def test_restore_leaves_the_lock_free_for_a_server(database_url: str) -> None:
-    """After a restore a server can take the serving lock (restore released it)."""
-    await restore(database_url)
-    lock = ServingLock(database_url)
-    await lock.acquire()
-    await lock.release()
+async def test_restore_leaves_every_lease_free_for_a_server(database_url: str) -> None:
+    """During a restore every lease is the operator's (epochs bumped); after it, all are free."""
+    connection = await connect(database_url)
+    try:
+        await ensure_cluster(connection, 4)
+        before = await connection.fetchval("SELECT sum(epoch) FROM walletd_shard_leases")
+        await restore(database_url)
+        after = await connection.fetchrow(
+            "SELECT sum(epoch), bool_and(owner IS NULL AND expires_at = '-infinity')"
+            " FROM walletd_shard_leases"
+        )
+        assert after is not None
+        assert after[0] == before + 4  # a server that still believed it owned one is fenced
+        assert after[1]
+    finally:
+        await connection.close()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -147,15 +175,11 @@ async def test_commands_exit_codes(database_url: str) -> None:
     assert f"mismatch: wallet {wallet_id}" in done.stdout
     assert "1 MISMATCHES" in done.stdout
 
-    lock = ServingLock(database_url)
-    await lock.acquire()
-    try:
+    async with _a_live_lease(database_url):
         done = _run("restore", "--database-url", database_url)
-    finally:
-        await lock.release()
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
-    assert "serving this database" in done.stderr
+    assert "live shard leases" in done.stderr
     assert "Traceback" not in done.stderr
 
     done = _run("restore", "--database-url", database_url)

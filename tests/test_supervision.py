@@ -52,7 +52,7 @@ async def test_a_shard_crash_past_the_restart_rate_turns_readyz_503(
 ) -> None:
     """One crash is restarted (ready again, other wallets served); the next one, past
     shard_restarts_max, leaves the engine not accepting: /readyz 503, operations 503."""
-    limits = EngineLimits(shards=1, shard_restarts_max=1, shard_restart_window_s=600)
+    limits = EngineLimits(pipelines=1, shard_restarts_max=1, shard_restart_window_s=600)
     client: Client = await aiohttp_client(make_app(limits=limits))
     engine = client.app[STATE_KEY].services.engine
     healthy = (await (await client.post("/api/v1/wallets")).json())["id"]

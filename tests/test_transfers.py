@@ -16,7 +16,7 @@ from walletd.engine.router import Engine
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO
 
 TWO_SHARDS = EngineLimits(
-    shards=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=60.0
+    pipelines=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=60.0
 )
 SENDER, RECEIVER = wallet_ids_on_shard(0, 2, 1)[0], wallet_ids_on_shard(1, 2, 1)[0]
 
@@ -181,7 +181,7 @@ async def test_the_redrive_loop_finishes_a_pending_transfer_by_itself() -> None:
     """With no retry from the client, the periodic re-drive completes a PENDING transfer."""
     log = ControlledLog()
     quick = EngineLimits(
-        shards=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=0.05
+        pipelines=2, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=0.05
     )
     async with running_engine(log, quick) as engine:
         await funded(engine, 100)

@@ -178,7 +178,7 @@ async def test_money_is_conserved_at_every_instant_of_concurrent_transfers(
     withdrawals, all concurrent; the sum of balances plus PENDING transfers equals deposits
     minus withdrawals in every one of many REPEATABLE READ samples taken during the run,
     and no balance is ever negative."""
-    app = make_app(limits=EngineLimits(shards=4))
+    app = make_app(limits=EngineLimits(pipelines=4))
     client: Client = await aiohttp_client(app)
     wallets = [await new_wallet(client, "100.00") for _ in range(100)]
     rng = random.Random(13)

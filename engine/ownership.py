@@ -1,0 +1,178 @@
+"""Which shards this process may serve now, and under which epoch (fencing token).
+
+The shard is the unit of ownership and routing: ``shard_of(id) = crc32(canonical lowercase
+id text) % shard_count``, which a proxy can compute from the path. A process serves a shard
+only while it holds its lease; the lease keeper (persistence/leases.py) sets what is held.
+
+Each owned shard carries:
+
+- its **epoch**, which every batch writing the shard carries to the database, where the
+  fence refuses it once a successor has bumped the epoch;
+- its **deadline** on this process's monotonic clock: the send time of the last renewal that
+  the database confirmed, plus the lease's time to live, minus a safety margin. Past it the
+  database may already have expired the lease, so the process stops answering for the shard,
+  reads included (``serving`` is checked on every request, the resident fast path too);
+- whether its **memory is ready**: a shard gained with a new epoch is served only after the
+  engine dropped what it remembered of the shard's wallets, since another process may have
+  changed them meanwhile.
+
+Everything here runs on the event loop thread; the keeper and the request handlers share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from uuid import UUID
+
+__all__ = ["SHARD_COUNT_MAX", "OwnerInfo", "Ownership", "shard_of", "shard_of_text"]
+
+SHARD_COUNT_MAX = 4096
+
+
+def shard_of_text(wallet_id_text: str, shard_count: int) -> int:
+    """The shard of a wallet id written in canonical form (8-4-4-4-12 hex, any case)."""
+    return zlib.crc32(wallet_id_text.lower().encode("ascii")) % shard_count
+
+
+def shard_of(wallet_id: UUID, shard_count: int) -> int:
+    # str(UUID) is the canonical lowercase 8-4-4-4-12 form, as HAProxy sees it after `lower`.
+    return zlib.crc32(str(wallet_id).encode("ascii")) % shard_count
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerInfo:
+    """A row of the ownership table as last read from the database."""
+
+    owner: str | None
+    url: str | None
+    epoch: int
+    live: bool
+
+
+class _Held:
+    __slots__ = ("deadline", "epoch", "ready")
+
+    def __init__(self, epoch: int, deadline: float) -> None:
+        self.epoch = epoch
+        self.deadline = deadline
+        self.ready = False
+
+
+class Ownership:
+    """The shards this process holds, their epochs and deadlines; and the last table read.
+
+    ``Ownership.everything(n)`` holds every shard forever with no epoch: an engine alone
+    (tests, tools) that no other process competes with; its batches carry no fence.
+    """
+
+    def __init__(self, shard_count: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not 1 <= shard_count <= SHARD_COUNT_MAX:
+            raise ValueError(f"shard_count must be within 1..{SHARD_COUNT_MAX}")
+        self.shard_count = shard_count
+        self._clock = clock
+        self._held: dict[int, _Held] = {}
+        self._unfenced = False
+        self.table: dict[int, OwnerInfo] = {}
+        # When the table was last read (this clock), and how old it may get before the
+        # process counts as cut off from PostgreSQL (set by the lease keeper: the lease ttl).
+        self.table_read_at: float | None = None
+        self.table_stale_s = math.inf
+        self._table_read = asyncio.Event()
+        # Shards gained / lost (not renewed, stale epoch) / released since start (metrics).
+        self.moves: dict[str, int] = {"gained": 0, "lost": 0, "released": 0}
+
+    @classmethod
+    def everything(cls, shard_count: int) -> Ownership:
+        ownership = cls(shard_count)
+        ownership._unfenced = True
+        return ownership
+
+    @property
+    def fenced(self) -> bool:
+        return not self._unfenced
+
+    def serving(self, shard: int) -> bool:
+        """True while this process may answer for the shard (checked on every request)."""
+        if self._unfenced:
+            return True
+        held = self._held.get(shard)
+        return held is not None and held.ready and self._clock() < held.deadline
+
+    def epoch(self, shard: int) -> int | None:
+        """The epoch to fence a write of the shard with; None when it is not held now."""
+        held = self._held.get(shard)
+        if held is None or self._clock() >= held.deadline:
+            return None
+        return held.epoch
+
+    def held(self) -> dict[int, int]:
+        """Every shard held (lapsed locally or not), with its epoch: what the keeper renews."""
+        return {shard: held.epoch for shard, held in self._held.items()}
+
+    def served(self) -> list[int]:
+        return sorted(shard for shard in self._held if self.serving(shard))
+
+    def gained(self, shard: int, epoch: int, deadline: float) -> None:
+        """A lease taken with a new epoch; not served until ``memory_ready``."""
+        self._held[shard] = _Held(epoch, deadline)
+
+    def memory_ready(self, shards: Iterable[int]) -> None:
+        for shard in shards:
+            held = self._held.get(shard)
+            if held is not None:
+                held.ready = True
+
+    def renewed(self, shard: int, epoch: int, deadline: float) -> None:
+        held = self._held.get(shard)
+        if held is not None and held.epoch == epoch:
+            held.deadline = max(held.deadline, deadline)
+
+    def lost(self, shards: Iterable[int]) -> None:
+        """Stop serving these shards at once (lease not renewed, stale epoch, released)."""
+        for shard in shards:
+            self._held.pop(shard, None)
+
+    def withhold(self, shards: Iterable[int]) -> None:
+        """Stop serving before a release: requests are forwarded, the lease is still held."""
+        for shard in shards:
+            held = self._held.get(shard)
+            if held is not None:
+                held.ready = False
+
+    def set_table(self, table: dict[int, OwnerInfo]) -> None:
+        """A fresh read of the whole table; wakes whoever waits for one."""
+        self.table = table
+        self.table_read_at = self._clock()
+        self._table_read.set()
+        self._table_read = asyncio.Event()
+
+    async def next_table(self, timeout_s: float) -> bool:
+        """Wait for the next table read; False when ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._table_read.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def table_stale(self) -> bool:
+        """True when the table was not read for longer than a lease lasts: this process
+        cannot reach PostgreSQL, so it cannot tell who owns a shard."""
+        read_at = self.table_read_at
+        return read_at is None or self._clock() - read_at > self.table_stale_s
+
+    def settled(self) -> bool:
+        """Every shard has a live owner in the last table read."""
+        table = self.table
+        return len(table) == self.shard_count and all(i.live for i in table.values())
+
+    def owner_url(self, shard: int) -> str | None:
+        """Where the last table read says the shard's live owner listens."""
+        info = self.table.get(shard)
+        if info is None or not info.live:
+            return None
+        return info.url

@@ -1,0 +1,179 @@
+"""Routing through a real HAProxy (.ci/install-haproxy): it computes the same shard as walletd
+for every id, and its shard map follows the ownership table through the runtime API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from walletd.cli.haproxy import (
+    SHARD_HEADER,
+    MapSync,
+    backend_name,
+    initial_map,
+    render_config,
+    runtime_command,
+    start_haproxy,
+    wait_listening,
+)
+from walletd.engine.ownership import shard_of, shard_of_text
+from walletd.persistence.leases import ensure_cluster
+
+# Every test here starts walletd, PostgreSQL or HAProxy processes.
+pytestmark = pytest.mark.slow
+
+SHARDS = 64
+IDS = 3000
+WAIT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def stub(name: str) -> AsyncIterator[str]:
+    """An HTTP server that answers every request with its name, the path it saw and the
+    shard HAProxy computed."""
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"server": name, "path": request.raw_path, "shard": request.headers.get(SHARD_HEADER)}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def haproxy(servers: list[str], folder: Path) -> AsyncIterator[tuple[str, Path, Path]]:
+    """HAProxy for these servers; yields its URL, its map file and its stats socket."""
+    port = free_port()
+    map_path = folder / "shards.map"
+    socket_path = folder / "haproxy.sock"
+    map_path.write_text(initial_map(SHARDS))
+    config_path = folder / "haproxy.cfg"
+    config_path.write_text(
+        render_config(
+            servers,
+            bind=f"127.0.0.1:{port}",
+            shard_count=SHARDS,
+            map_path=map_path,
+            socket_path=socket_path,
+        )
+    )
+    process = start_haproxy(config_path, folder / "haproxy.log")
+    try:
+        await wait_listening("127.0.0.1", port, process, WAIT_S)
+        yield f"http://127.0.0.1:{port}", map_path, socket_path
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def some_paths(rng: random.Random) -> Iterator[tuple[str, str, str]]:
+    """(method, path, id as written) over many ids: lowercase, uppercase, mixed."""
+
+    def mixed(text: str) -> str:
+        return "".join(rng.choice((c.lower(), c.upper())) for c in text)
+
+    forms: list[Callable[[str], str]] = [str.lower, str.upper, mixed]
+    for number in range(IDS):
+        written = forms[number % 3](str(uuid.UUID(int=rng.getrandbits(128), version=4)))
+        yield rng.choice(
+            [
+                ("GET", f"/api/v1/wallets/{written}", written),
+                ("POST", f"/api/v1/wallets/{written}/operation", written),
+                ("GET", f"/api/v1/wallets/{written}/operations?limit=5", written),
+            ]
+        )
+
+
+async def test_haproxy_computes_the_shard_walletd_computes_for_every_id(tmp_path: Path) -> None:
+    """Over 3,000 random ids in three spellings and three routes, the shard HAProxy computes
+    (path,field(5,/),lower,crc32,mod(64)) equals walletd's shard_of for the id."""
+    async with stub("only") as server, haproxy([server], tmp_path) as (url, _map, _socket):
+        rng = random.Random(20261202)
+        requests = list(some_paths(rng))
+        disagreements: list[tuple[str, str | None, int]] = []
+        semaphore = asyncio.Semaphore(32)
+        async with aiohttp.ClientSession() as http:
+
+            async def check(method: str, path: str, written: str) -> None:
+                async with semaphore, http.request(method, url + path) as response:
+                    body = await response.json()
+                expected = shard_of_text(written, SHARDS)
+                assert expected == shard_of(uuid.UUID(written), SHARDS)
+                assert body["path"] == path
+                if body["shard"] != str(expected):
+                    disagreements.append((written, body["shard"], expected))
+
+            await asyncio.gather(*(check(*request) for request in requests))
+        assert not disagreements, disagreements[:5]
+        assert len({shard_of_text(w, SHARDS) for _, _, w in requests}) == SHARDS
+
+
+async def test_the_shard_map_follows_the_ownership_table(database_url: str, tmp_path: Path) -> None:
+    """MapSync pushes the owners from walletd_shard_leases into HAProxy's map (`set map`):
+    a request goes to its shard's owner, and to the new owner once the shard moves."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await ensure_cluster(connection, SHARDS)
+        async with stub("a") as a, stub("b") as b, haproxy([a, b], tmp_path) as proxy:
+            url, map_path, socket_path = proxy
+            await connection.execute(
+                "UPDATE walletd_shard_leases SET owner = 'x', epoch = epoch + 1,"
+                " owner_url = CASE WHEN shard % 2 = 0 THEN $1 ELSE $2 END,"
+                " expires_at = now() + interval '1 minute'",
+                a, b,
+            )  # fmt: skip
+            sync = MapSync(database_url, [a, b], map_path=map_path, socket_path=socket_path)
+            try:
+                assert await sync.sync_once() == SHARDS
+                assert await sync.sync_once() == 0
+                shown = await runtime_command(socket_path, f"show map {map_path}")
+                assert f" 0 {backend_name(0)}" in shown
+                assert f" 1 {backend_name(1)}" in shown
+
+                wallets = {shard_of(w, SHARDS): w for w in (uuid.uuid4() for _ in range(2000))}
+                async with aiohttp.ClientSession() as http:
+
+                    async def served_by(wallet: uuid.UUID) -> str:
+                        async with http.get(f"{url}/api/v1/wallets/{wallet}") as response:
+                            server: str = (await response.json())["server"]
+                            return server
+
+                    for shard, wallet in sorted(wallets.items())[:16]:
+                        assert await served_by(wallet) == ("a" if shard % 2 == 0 else "b")
+
+                    await connection.execute(
+                        "UPDATE walletd_shard_leases SET owner_url = $1 WHERE shard = 0", b
+                    )
+                    assert await sync.sync_once() == 1
+                    assert await served_by(wallets[0]) == "b"
+            finally:
+                await sync.close()
+    finally:
+        await connection.close()
