@@ -249,7 +249,14 @@ async def test_postgres_crash_mid_transfers_recovers_by_itself_and_conserves(
             await connection.close()
         assert {tid for tid, status in answers.items() if status == 201} <= completed
         for transfer_id, body in sent.items():
-            response = await client.post("/api/v1/transfers", json=body)
+            # A 503 says "retry": right after the outage the shard leases may still be
+            # coming back (they lapsed while PostgreSQL was down), so a client retries.
+            deadline = asyncio.get_running_loop().time() + RECOVERY_S
+            while True:
+                response = await client.post("/api/v1/transfers", json=body)
+                if response.status != 503 or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             assert response.status in {201, 409}, (transfer_id, await response.text())
             if transfer_id in completed:  # stored COMPLETED: the retry replays it
                 assert response.status == 201
