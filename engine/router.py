@@ -296,6 +296,15 @@ class Engine:
     def admitted(self, shard: int) -> int:
         return self._admitted[shard]
 
+    def _release(self, shard: int) -> None:
+        """An admitted command (or bulk group) of the shard is answered; the last one wakes a
+        ``drain_shards`` waiting for the shard."""
+        self._admitted[shard] -= 1
+        if not self._admitted[shard] and self._drained:
+            event = self._drained.pop(shard, None)
+            if event is not None:
+                event.set()
+
     async def drain_shards(self, shards: Iterable[int], timeout_s: float) -> bool:
         """Wait until no admitted command of these shards is unanswered (the caller stopped
         admitting them first). Returns False when ``timeout_s`` passed first."""
@@ -422,11 +431,7 @@ class Engine:
         try:
             reply = await command.reply
         finally:
-            self._admitted[shard] -= 1
-            if not self._admitted[shard] and self._drained:
-                event = self._drained.pop(shard, None)
-                if event is not None:
-                    event.set()
+            self._release(shard)
         outcome = reply.outcome
         if outcome is Outcome.UNAVAILABLE or (
             outcome in _WRITTEN and not isinstance(command, ReadWallet)
@@ -528,11 +533,7 @@ class Engine:
                     replies[index] = reply
         finally:
             for shard in served:
-                self._admitted[shard] -= 1
-                if not self._admitted[shard] and self._drained:
-                    event = self._drained.pop(shard, None)
-                    if event is not None:
-                        event.set()
+                self._release(shard)
         return BulkReply(replies, None)
 
     @property

@@ -39,10 +39,12 @@ from walletd.engine.model import OperationKind
 from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT
 from walletd.http.parsing import (
     IDEMPOTENCY_KEY_LENGTH_MAX,
+    OPERATION_KINDS,
     WALLET_ID_MESSAGE,
     body_wallet_id,
+    is_idempotency_key,
     loads_exact,
-    parse_amount,
+    operation_fields,
     parse_idempotency_key,
     require_json_content_type,
 )
@@ -62,7 +64,6 @@ _ITEM_FIELDS: Final = frozenset(
     {"wallet_id", "operation_type", "operationType", "amount", "idempotency_key"}
 )
 _TOP_FIELDS: Final = frozenset({"items", "atomic"})
-_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 
 
@@ -157,14 +158,14 @@ def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     if type(item) is dict and _ITEM_FIELDS.issuperset(item) and "operationType" not in item:
         wallet_id = body_wallet_id(item.get("wallet_id"))
         kind_text = item.get("operation_type")
-        kind = _KINDS.get(kind_text) if type(kind_text) is str else None
+        kind = OPERATION_KINDS.get(kind_text) if type(kind_text) is str else None
         amount = _plain_amount(item.get("amount"))
         key = item.get("idempotency_key")
         if (
             wallet_id is not None
             and kind is not None
             and amount is not None
-            and (key is None or _valid_key(key))
+            and (key is None or is_idempotency_key(key))
         ):
             if key is None and request_key is not None:
                 key = f"{request_key}/{index}"
@@ -189,37 +190,18 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     prefix = f"items[{index}]"
     if not isinstance(item, dict):
         return [{"field": prefix, "message": "must be a JSON object"}]
-    errors: list[FieldError] = [
-        {"field": f"{prefix}.{str(name)[:64]}", "message": "unknown field"}
-        for name in item
-        if name not in _ITEM_FIELDS
-    ]
+    # The single endpoint's rules (bulk bodies hold no floats: see _loads), its fields named
+    # within the item.
+    kind, amount, unknown, field_errors = operation_fields(item, b"", _ITEM_FIELDS)
+    errors: list[FieldError] = [_within(prefix, error) for error in unknown]
     wallet_text = item.get("wallet_id")
     wallet_id = body_wallet_id(wallet_text)
     if wallet_id is None:
         message = "is required" if wallet_text is None else WALLET_ID_MESSAGE
         errors.append({"field": f"{prefix}.wallet_id", "message": message})
-    if "operation_type" in item and "operationType" in item:
-        errors.append(
-            {
-                "field": f"{prefix}.operationType",
-                "message": "give operation_type or operationType, not both",
-            }
-        )
-    kind_text = item.get("operation_type", item.get("operationType"))
-    kind = _KINDS.get(kind_text) if isinstance(kind_text, str) else None
-    if kind is None:
-        message = "is required" if kind_text is None else "must be DEPOSIT or WITHDRAW"
-        errors.append({"field": f"{prefix}.operation_type", "message": message})
-    amount: int | FieldError
-    if "amount" not in item:
-        amount = {"field": "amount", "message": "is required"}
-    else:
-        amount = parse_amount(item["amount"], b"", "amount")
-    if isinstance(amount, dict):
-        errors.append({"field": f"{prefix}.amount", "message": amount["message"]})
+    errors.extend(_within(prefix, error) for error in field_errors)
     key = item.get("idempotency_key")
-    if key is not None and not _valid_key(key):
+    if key is not None and not is_idempotency_key(key):
         errors.append(
             {
                 "field": f"{prefix}.idempotency_key",
@@ -230,19 +212,14 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
         return errors
     assert wallet_id is not None
     assert kind is not None
-    assert isinstance(amount, int)
+    assert amount is not None
     if key is None and request_key is not None:
         key = f"{request_key}/{index}"
     return BulkItem(wallet_id, kind, amount, key)
 
 
-def _valid_key(key: Any) -> bool:
-    return (
-        isinstance(key, str)
-        and 1 <= len(key) <= IDEMPOTENCY_KEY_LENGTH_MAX
-        and key.isascii()
-        and key.isprintable()
-    )
+def _within(prefix: str, error: FieldError) -> FieldError:
+    return {"field": f"{prefix}.{error['field']}", "message": error["message"]}
 
 
 async def read_bulk_body(request: web.Request, settings: HttpSettings) -> bytes:

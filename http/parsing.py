@@ -24,13 +24,17 @@ from walletd.http.settings import HttpSettings
 
 __all__ = [
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "OPERATION_KINDS",
     "REFERENCE_LENGTH_MAX",
     "WALLET_ID_CACHE_ENTRIES_MAX",
     "WALLET_ID_MESSAGE",
     "WALLET_ID_PATTERN",
+    "OperationFields",
     "TransferRequest",
     "body_wallet_id",
+    "is_idempotency_key",
     "loads_exact",
+    "operation_fields",
     "parse_amount",
     "parse_create_body",
     "parse_idempotency_key",
@@ -61,7 +65,8 @@ WALLET_ID_MESSAGE: Final = "must be a UUID in the canonical 8-4-4-4-12 hex form"
 WALLET_ID_CACHE_ENTRIES_MAX: Final = 16384
 _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
-_OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
+# The kinds a client may send (transfer legs are the engine's own).
+OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
 _OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount"})
 _AMOUNT_MAX_TEXT: Final = format_minor(AMOUNT_MINOR_MAX)
 # Past this many units (10^15, above any valid amount) a number is refused before any
@@ -312,32 +317,63 @@ def _to_minor(decimal: Decimal, field: str) -> int | FieldError:
     return minor
 
 
-def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKind, int]:
+class OperationFields(NamedTuple):
+    """An operation body's fields as read: the kind and amount when valid, and the errors."""
+
+    kind: OperationKind | None
+    amount: int | None
+    unknown: list[FieldError]  # names not in the allowed set
+    errors: list[FieldError]  # operation_type / operationType / amount
+
+
+def operation_fields(
+    body: dict[str, Any], raw: bytes, allowed: frozenset[str] = _OPERATION_FIELDS
+) -> OperationFields:
+    """The money rules of an operation body, shared by the single endpoint and bulk items."""
+    unknown: list[FieldError] = [
+        {"field": str(name)[:64], "message": "unknown field"}
+        for name in body
+        if name not in allowed
+    ]
     errors: list[FieldError] = []
-    for name in body:
-        if name not in _OPERATION_FIELDS:
-            errors.append({"field": str(name)[:64], "message": "unknown field"})
     kind_text = body.get("operation_type", body.get("operationType"))
     if "operation_type" in body and "operationType" in body:
         errors.append(
             {"field": "operationType", "message": "give operation_type or operationType, not both"}
         )
-    kind = _OPERATION_KINDS.get(kind_text) if isinstance(kind_text, str) else None
+    kind = OPERATION_KINDS.get(kind_text) if isinstance(kind_text, str) else None
     if kind is None:
         message = "is required" if kind_text is None else "must be DEPOSIT or WITHDRAW"
         errors.append({"field": "operation_type", "message": message})
+    amount: int | None = None
     if "amount" not in body:
         errors.append({"field": "amount", "message": "is required"})
-        amount: int | FieldError = 0
     else:
-        amount = parse_amount(body["amount"], raw)
-        if isinstance(amount, dict):
-            errors.append(amount)
-    if errors:
-        raise ValidationProblem(errors)
+        parsed = parse_amount(body["amount"], raw)
+        if isinstance(parsed, dict):
+            errors.append(parsed)
+        else:
+            amount = parsed
+    return OperationFields(kind, amount, unknown, errors)
+
+
+def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKind, int]:
+    kind, amount, unknown, errors = operation_fields(body, raw)
+    if unknown or errors:
+        raise ValidationProblem(unknown + errors)
     assert kind is not None
-    assert isinstance(amount, int)
+    assert amount is not None
     return kind, amount
+
+
+def is_idempotency_key(value: Any) -> bool:
+    """1 to ``IDEMPOTENCY_KEY_LENGTH_MAX`` printable ASCII characters."""
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= IDEMPOTENCY_KEY_LENGTH_MAX
+        and value.isascii()
+        and value.isprintable()
+    )
 
 
 def body_wallet_id(value: Any) -> UUID | None:
@@ -418,7 +454,7 @@ def parse_idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not (1 <= len(key) <= IDEMPOTENCY_KEY_LENGTH_MAX and key.isascii() and key.isprintable()):
+    if not is_idempotency_key(key):
         raise ValidationProblem(
             [
                 {
