@@ -110,6 +110,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transfer_redrive_batch_max", ("WALLETD_TRANSFER_REDRIVE_BATCH_MAX",),
             "--transfer-redrive-batch-max", int, 256,
             "PENDING transfers one re-drive pass finishes at most; the rest wait for the next"),
+    Setting("holds_per_wallet_max", ("WALLETD_HOLDS_PER_WALLET_MAX",),
+            "--holds-per-wallet-max", int, 100,
+            "PENDING holds one wallet may have; one more is 409 TOO_MANY_HOLDS"),
+    Setting("hold_expires_in_s_default", ("WALLETD_HOLD_EXPIRES_IN_DEFAULT",),
+            "--hold-expires-in-default", int, 86_400,
+            "seconds until a hold created without expires_in_s expires"),
+    Setting("hold_expires_in_s_max", ("WALLETD_HOLD_EXPIRES_IN_MAX",),
+            "--hold-expires-in-max", int, 2_592_000,
+            "the longest expires_in_s a hold may ask for (longer is 422)"),
+    Setting("hold_sweep_interval_s", ("WALLETD_HOLD_SWEEP_INTERVAL",), "--hold-sweep-interval",
+            float, 1.0, "seconds between passes that release expired holds (an expired hold's "
+            "money is back in available within about this long)"),
+    Setting("hold_sweep_batch_max", ("WALLETD_HOLD_SWEEP_BATCH_MAX",),
+            "--hold-sweep-batch-max", int, 256,
+            "expired holds one sweep pass releases at most; a full pass is followed by another"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -188,6 +203,11 @@ class Config:
     shard_restart_window_s: float
     transfer_redrive_interval_s: float
     transfer_redrive_batch_max: int
+    holds_per_wallet_max: int
+    hold_expires_in_s_default: int
+    hold_expires_in_s_max: int
+    hold_sweep_interval_s: float
+    hold_sweep_batch_max: int
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float

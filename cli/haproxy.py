@@ -4,7 +4,8 @@ HAProxy computes each request's shard itself, exactly as walletd does
 (``crc32(canonical lowercase id) % shard_count``, engine/ownership.py), and looks the
 shard's backend up in a map that walletd keeps current through HAProxy's runtime API::
 
-    GET /api/v1/wallets/6F1C9A52-…/operations
+    GET /api/v1/wallets/6F1C9A52-…/operations   (or /api/v1/holds/{id}/…: a hold id hashes
+                                                 to its wallet's shard, engine/holds.py)
         path,field(5,/)  → "6F1C9A52-…"       the id as written in the path
         lower            → "6f1c9a52-…"       the canonical spelling
         crc32            → 3443831466         IEEE CRC-32, as zlib.crc32 (no avalanche)
@@ -149,7 +150,7 @@ def render_config(
         f"    bind {bind}",
         "    http-request set-var(txn.shard) "
         f"path,field({_ID_FIELD},/),lower,crc32,mod({shard_count}) "
-        "if { path_beg /api/v1/wallets/ }",
+        "if { path_beg /api/v1/wallets/ /api/v1/holds/ }",
         # For the owner's logs and for tests/test_haproxy.py: the shard HAProxy computed.
         f"    http-request set-header {SHARD_HEADER} %[var(txn.shard)] "
         "if { var(txn.shard) -m found }",

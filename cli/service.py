@@ -77,6 +77,11 @@ def engine_limits(config: Config) -> EngineLimits:
         shard_restart_window_s=config.shard_restart_window_s,
         transfer_redrive_interval_s=config.transfer_redrive_interval_s,
         transfer_redrive_batch_max=config.transfer_redrive_batch_max,
+        holds_per_wallet_max=config.holds_per_wallet_max,
+        hold_expires_in_s_default=config.hold_expires_in_s_default,
+        hold_expires_in_s_max=config.hold_expires_in_s_max,
+        hold_sweep_interval_s=config.hold_sweep_interval_s,
+        hold_sweep_batch_max=config.hold_sweep_batch_max,
     )
 
 

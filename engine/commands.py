@@ -13,18 +13,27 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 from uuid import UUID
 
-from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletView
+from walletd.engine.model import (
+    HoldRecord,
+    OperationKind,
+    TransferRecord,
+    TransferStatus,
+    WalletView,
+)
 
 __all__ = [
     "ApplyOperation",
     "ApplyOperations",
     "Command",
     "CreateWallet",
+    "HoldAction",
+    "HoldCommand",
     "Operation",
     "Outcome",
     "ReadWallet",
     "Reply",
     "TransferLeg",
+    "hold_key",
     "transfer_leg_key",
 ]
 
@@ -40,6 +49,17 @@ class Outcome(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     # Not decided here: another walletd process serves the wallet's shard (bulk items).
     NOT_OWNER = "NOT_OWNER"
+    # Holds: the hold is not PENDING in memory (resolved, or unknown): the caller reads
+    # the stored hold to answer; past expires_at; too many PENDING holds on the wallet; a
+    # capture of more than the hold.
+    HOLD_NOT_PENDING = "HOLD_NOT_PENDING"
+    HOLD_EXPIRED = "HOLD_EXPIRED"
+    TOO_MANY_HOLDS = "TOO_MANY_HOLDS"
+    CAPTURE_EXCEEDS_HOLD = "CAPTURE_EXCEEDS_HOLD"
+    # Decided from the stored hold (engine/holds.py), not by the ledger.
+    HOLD_NOT_FOUND = "HOLD_NOT_FOUND"
+    HOLD_ALREADY_CAPTURED = "HOLD_ALREADY_CAPTURED"
+    HOLD_ALREADY_VOIDED = "HOLD_ALREADY_VOIDED"
 
 
 class Reply(NamedTuple):
@@ -51,6 +71,9 @@ class Reply(NamedTuple):
     # For ApplyOperations: one reply per item, in order. When an atomic group is refused,
     # the items up to and including the one refused (the last), none of them applied.
     items: tuple[Reply, ...] | None = None
+    # For hold commands: the hold after the command (created or resolved), or as it was
+    # when refused.
+    hold: HoldRecord | None = None
 
 
 class Operation(Protocol):
@@ -64,10 +87,12 @@ class Operation(Protocol):
     def amount(self) -> int: ...
     @property
     def idempotency_key(self) -> str | None: ...
+    @property
+    def reference(self) -> str | None: ...
 
 
 class ApplyOperation:
-    __slots__ = ("amount", "idempotency_key", "kind", "reply", "wallet_id")
+    __slots__ = ("amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
 
@@ -78,12 +103,14 @@ class ApplyOperation:
         amount: int,
         idempotency_key: str | None,
         reply: asyncio.Future[Reply],
+        reference: str | None = None,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
         self.amount = amount
         self.idempotency_key = idempotency_key
         self.reply = reply
+        self.reference = reference
 
 
 class ApplyOperations:
@@ -164,6 +191,65 @@ class TransferLeg:
         }.get(kind)
 
 
+def hold_key(kind: OperationKind, hold_id: UUID) -> str:
+    """The log key of a HOLD / CAPTURE / RELEASE row of a hold: like a transfer leg's, it
+    starts with the unit separator, so no client key collides with it, and the unique
+    (wallet, key) index makes a second copy of any of them impossible."""
+    return f"\x1f{kind.name}:{hold_id}"
+
+
+class HoldAction(enum.Enum):
+    CREATE = "CREATE"
+    CAPTURE = "CAPTURE"
+    VOID = "VOID"
+    # The sweep: release a hold past its expires_at.
+    EXPIRE = "EXPIRE"
+
+
+class HoldCommand:
+    """Create, capture, void or expire a hold of a wallet (the hold id hashes to the
+    wallet's shard). CREATE carries the new ``hold`` (PENDING; its times are stamped by the
+    ledger); CAPTURE takes ``amount`` (None: all of it) and releases the rest; VOID and
+    EXPIRE release all of it. ``key`` / ``fingerprint``: the client's Idempotency-Key of
+    a capture or void and what that request was, stored on the hold."""
+
+    __slots__ = ("action", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
+                 "log_key", "reference", "reply", "shard", "wallet_id")  # fmt: skip
+    weight = 1
+
+    def __init__(
+        self,
+        action: HoldAction,
+        wallet_id: UUID,
+        hold_id: UUID,
+        reply: asyncio.Future[Reply],
+        *,
+        amount: int | None = None,
+        expires_in_us: int = 0,
+        reference: str | None = None,
+        shard: int = 0,
+        key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        self.action = action
+        self.wallet_id = wallet_id
+        self.hold_id = hold_id
+        self.reply = reply
+        self.amount = amount
+        self.expires_in_us = expires_in_us
+        self.reference = reference
+        self.shard = shard
+        self.key = key
+        self.fingerprint = fingerprint
+        # A keyed creation's HOLD row key, which the shard loads first: the id is derived
+        # from the client's key, so the hold may exist already (a retry).
+        self.log_key = (
+            hold_key(OperationKind.HOLD, hold_id)
+            if action is HoldAction.CREATE and key is not None
+            else None
+        )
+
+
 class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
 
@@ -175,4 +261,4 @@ class ReadWallet:
         self.reply = reply
 
 
-Command = ApplyOperation | ApplyOperations | CreateWallet | ReadWallet | TransferLeg
+Command = ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg

@@ -35,17 +35,23 @@ from walletd.engine.commands import (
     ApplyOperations,
     Command,
     CreateWallet,
+    HoldAction,
+    HoldCommand,
     Operation,
     Outcome,
     ReadWallet,
     Reply,
     TransferLeg,
+    hold_key,
 )
 from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
     CREDIT_KINDS,
     Batch,
+    HoldRecord,
+    HoldStatus,
+    HoldUpdate,
     NewWallet,
     OperationKind,
     OperationRecord,
@@ -76,6 +82,7 @@ _NO_WALLET: Final = -1
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
 _UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
+_NO_HOLDS: Final[dict[int, HoldRecord]] = {}
 _REFUSAL_OUTCOMES: Final = {
     RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
     RefusalReason.BALANCE_LIMIT_EXCEEDED: Outcome.BALANCE_LIMIT_EXCEEDED,
@@ -83,14 +90,20 @@ _REFUSAL_OUTCOMES: Final = {
 
 
 class Pending:
-    """Applied but not yet committed state of a wallet: exists only while a batch is open."""
+    """Applied but not yet committed state of a wallet: exists only while a batch is open.
 
-    __slots__ = ("balance", "seq", "updated_at_us")
+    ``holds`` is None while no open batch changed the wallet's PENDING holds (the committed
+    ones apply); else the pending set, copied at each batch's end into its final state.
+    """
 
-    def __init__(self, balance: int, seq: int, updated_at_us: int) -> None:
+    __slots__ = ("balance", "held", "holds", "seq", "updated_at_us")
+
+    def __init__(self, balance: int, seq: int, updated_at_us: int, held: int = 0) -> None:
         self.balance = balance
         self.seq = seq
         self.updated_at_us = updated_at_us
+        self.held = held
+        self.holds: dict[int, HoldRecord] | None = None
 
 
 class Resident:
@@ -100,18 +113,32 @@ class Resident:
     table's key, and the pending part is a separate object only while a batch is open.
     """
 
-    __slots__ = ("balance", "created_at_us", "pending", "seq", "updated_at_us")
+    __slots__ = ("balance", "created_at_us", "held", "holds", "pending", "seq", "updated_at_us")
 
-    def __init__(self, balance: int, seq: int, created_at_us: int, updated_at_us: int) -> None:
+    def __init__(
+        self, balance: int, seq: int, created_at_us: int, updated_at_us: int, held: int = 0
+    ) -> None:
         self.balance = balance
         self.seq = seq
         self.created_at_us = created_at_us
         self.updated_at_us = updated_at_us
         self.pending: Pending | None = None
+        self.held = held
+        # Its committed PENDING holds by id (as int); None when it has none (most wallets).
+        self.holds: dict[int, HoldRecord] | None = None
 
     @classmethod
     def loaded(cls, record: WalletRecord) -> Resident:
-        return cls(record.balance, record.seq, record.created_at_us, record.updated_at_us)
+        resident = cls(
+            record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held
+        )
+        if record.holds:
+            resident.holds = {hold.hold_id.int: hold for hold in record.holds}
+        require(
+            sum(hold.amount for hold in record.holds) == record.held,
+            "a loaded wallet's held differs from the sum of its PENDING holds",
+        )
+        return resident
 
     @classmethod
     def being_created(cls, created_at_us: int) -> Resident:
@@ -127,7 +154,16 @@ class Resident:
         return self.pending is not None or self.seq < 0
 
     def committed_view(self, wallet_id: UUID) -> WalletView:
-        return WalletView(wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us)
+        return WalletView(
+            wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held
+        )
+
+    def pending_holds(self) -> dict[int, HoldRecord]:
+        """Its PENDING holds as the next command sees them (pending state first)."""
+        pending = self.pending
+        if pending is not None and pending.holds is not None:
+            return pending.holds
+        return self.holds or _NO_HOLDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +187,11 @@ class Applied:
     reads: list[tuple[int, UUID, Resident | None]] = field(default_factory=list)
     # Each wallet the batch writes, with its seq before the batch.
     written: dict[int, tuple[UUID, Resident, int]] = field(default_factory=dict)
-    # Final state of each written wallet: (resident, balance, seq, updated_at_us).
-    finals: list[tuple[Resident, int, int, int]] = field(default_factory=list)
+    # Final state of each written wallet: (resident, balance, seq, updated_at_us, held,
+    # its PENDING holds or None when no open batch changed them).
+    finals: list[tuple[Resident, int, int, int, int, dict[int, HoldRecord] | None]] = field(
+        default_factory=list
+    )
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
     # Replies decided on state an earlier open batch wrote, and the wallet whose state it
     # was: (index in replies, wallet id as int, or _NO_WALLET). Such a reply is true only if
@@ -182,6 +221,7 @@ class Ledger:
         # by its seq; a refusal's cannot). Bounded by the open batches.
         self._uncommitted_refusals: set[tuple[UUID, str]] = set()
         self._create_keys: OrderedDict[str, CreationKey] = OrderedDict()
+        self._holds_per_wallet_max = limits.holds_per_wallet_max
 
     @property
     def resident_wallets(self) -> int:
@@ -251,6 +291,13 @@ class Ledger:
                     op_keys.add(key)
             elif isinstance(command, TransferLeg):
                 key = (command.wallet_id, command.key)
+                if key in keys:
+                    keys.move_to_end(key)
+                else:
+                    op_keys.add(key)
+            elif isinstance(command, HoldCommand) and command.log_key is not None:
+                # A keyed creation's hold id is derived from its key: it may exist already.
+                key = (command.wallet_id, command.log_key)
                 if key in keys:
                     keys.move_to_end(key)
                 else:
@@ -338,7 +385,7 @@ class Ledger:
         moved so far, and keys it has used so far (a key used twice in one group replays).
         """
         balances: dict[int, int] = {}
-        used: dict[tuple[UUID, str], tuple[OperationKind, int]] = {}
+        used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None]] = {}
         replies: list[Reply] = []
         for item in items:
             wallet_id = item.wallet_id
@@ -346,13 +393,13 @@ class Ledger:
             resident = self._residents.get(wid)
             reply = _WOULD_APPLY
             key = item.idempotency_key
-            earlier: tuple[OperationKind, int] | None = None
+            earlier: tuple[OperationKind, int, str | None] | None = None
             refused: RefusalRecord | None = None
             if key is not None:
                 earlier = used.get((wallet_id, key))
                 recorded = self._keys.get((wallet_id, key))
                 if earlier is None and recorded is not None:
-                    earlier = (recorded.kind, recorded.amount)
+                    earlier = (recorded.kind, recorded.amount, recorded.reference)
                     if isinstance(recorded, RefusalRecord):
                         refused = recorded
             if resident is None:
@@ -360,7 +407,7 @@ class Ledger:
             elif refused is not None:  # replays a recorded refusal, which refuses the group
                 reply = _replay_refusal(item, refused)
             elif earlier is not None:  # a replay: moves nothing, unless the key is misused
-                if earlier != (item.kind, item.amount):
+                if earlier != (item.kind, item.amount, item.reference):
                     reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
             else:
                 pending = resident.pending
@@ -368,8 +415,10 @@ class Ledger:
                     wid, resident.balance if pending is None else pending.balance
                 )
                 if item.kind is OperationKind.WITHDRAW:
-                    if item.amount > balance:
-                        reply = Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance)
+                    # Held money is not available (a group moves no holds).
+                    available = balance - (resident.held if pending is None else pending.held)
+                    if item.amount > available:
+                        reply = Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=available)
                     balance -= item.amount
                 else:
                     if balance + item.amount > BALANCE_MINOR_MAX:
@@ -377,7 +426,7 @@ class Ledger:
                     balance += item.amount
                 balances[wid] = balance
                 if key is not None:
-                    used[(wallet_id, key)] = (item.kind, item.amount)
+                    used[(wallet_id, key)] = (item.kind, item.amount, item.reference)
             replies.append(reply)
             if reply is not _WOULD_APPLY:
                 return reply._replace(items=tuple(replies))
@@ -386,7 +435,7 @@ class Ledger:
     def _apply_operation(self, command: Operation, applied: Applied) -> Reply:
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command,
+            command, command.reference,
         )  # fmt: skip
 
     def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
@@ -397,8 +446,9 @@ class Ledger:
         records the outcome in the transfer)."""
         transfer = command.transfer
         reply = self._move(
-            command.wallet_id, command.kind, transfer.amount, command.key, applied, None
-        )
+            command.wallet_id, command.kind, transfer.amount, command.key, applied, None,
+            transfer.reference,
+        )  # fmt: skip
         if reply.outcome is not Outcome.OK or reply.replayed:
             return reply
         assert reply.wallet is not None
@@ -422,10 +472,11 @@ class Ledger:
         key: str | None,
         applied: Applied,
         command: Operation | None,
+        reference: str | None = None,
     ) -> Reply:
         """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged.
         ``command`` is the client operation, whose keyed refusals are recorded; None for a
-        transfer leg."""
+        transfer leg. A debit is checked against ``available`` (balance - held)."""
         residents = self._residents
         wid = wallet_id.int
         resident = residents.get(wid)
@@ -445,13 +496,18 @@ class Ledger:
                     return _replay_refusal(command, earlier)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
+                if command is not None and earlier.reference != reference:
+                    return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 return _replay_operation(kind, amount, earlier, resident)
         pending = resident.pending
-        balance_before = resident.balance if pending is None else pending.balance
+        if pending is None:
+            balance_before, held = resident.balance, resident.held
+        else:
+            balance_before, held = pending.balance, pending.held
         if kind not in CREDIT_KINDS:
-            if amount > balance_before:
+            if amount > balance_before - held:
                 return self._refuse(
-                    command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance_before,
+                    command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance_before - held,
                     resident, applied,
                 )  # fmt: skip
             balance = balance_before - amount
@@ -462,28 +518,188 @@ class Ledger:
                     resident, applied,
                 )  # fmt: skip
             balance = balance_before + amount
-        require(0 <= balance <= BALANCE_MINOR_MAX, "balance out of range after apply")
+        view = self._write(
+            wallet_id, resident, kind, amount, balance, held, key, reference, applied,
+            remember=True,
+        )  # fmt: skip
+        return Reply(Outcome.OK, view)
+
+    def _write(
+        self,
+        wallet_id: UUID,
+        resident: Resident,
+        kind: OperationKind,
+        amount: int,
+        balance: int,
+        held: int,
+        key: str | None,
+        reference: str | None,
+        applied: Applied,
+        *,
+        remember: bool,
+    ) -> WalletView:
+        """Log one move on the wallet's pending state: its new balance and held, a log row.
+        ``remember``: cache the row under its key (the rows a retry may look up)."""
+        require(0 <= held <= balance <= BALANCE_MINOR_MAX, "balance or held out of range")
+        wid = wallet_id.int
+        pending = resident.pending
         if pending is None:
             pending = resident.pending = Pending(
-                resident.balance, resident.seq, resident.updated_at_us
+                resident.balance, resident.seq, resident.updated_at_us, resident.held
             )
         if wid not in applied.written:
             applied.written[wid] = (wallet_id, resident, pending.seq)
             applied.touched_wallets.add(wid)
+            residents = self._residents
             residents[wid] = residents.pop(wid)  # a use, for LRU passivation
         now_us = max(self._clock_us(), pending.updated_at_us)
         seq = pending.seq + 1
         pending.balance = balance
+        pending.held = held
         pending.seq = seq
         pending.updated_at_us = now_us
-        record = OperationRecord(wallet_id, seq, kind, amount, balance, key, now_us)
+        record = OperationRecord(
+            wallet_id, seq, kind, amount, balance, key, now_us, held, reference
+        )
         applied.batch.operations.append(record)
-        if key is not None:
+        if remember and key is not None:
             self._remember_key((wallet_id, key), record)
             applied.added_keys.append((wallet_id, key))
-        return Reply(
-            Outcome.OK, WalletView(wallet_id, balance, seq, resident.created_at_us, now_us)
-        )
+        return WalletView(wallet_id, balance, seq, resident.created_at_us, now_us, held)
+
+    # -- holds ---------------------------------------------------------------------------
+
+    def _hold(self, command: HoldCommand, applied: Applied) -> Reply:
+        """Create, capture, void or expire a hold (docs/ARCHITECTURE.md, "Holds").
+
+        A hold's money stays in ``balance`` and is counted in ``held``; ``available`` =
+        balance - held is what withdrawals, transfers and new holds may take. A resolution
+        writes CAPTURE (balance and held down by the captured amount) and/or RELEASE (held
+        down by the rest) rows and closes the hold in the same batch; the hold leaves the
+        wallet's PENDING set, so it resolves once. A command on a hold that is not PENDING
+        in memory answers HOLD_NOT_PENDING: the caller reads the stored hold to say why.
+        """
+        wallet_id = command.wallet_id
+        wid = wallet_id.int
+        resident = self._residents.get(wid)
+        if resident is None:
+            return Reply(Outcome.WALLET_NOT_FOUND)
+        if command.action is HoldAction.CREATE:
+            return self._create_hold(command, wallet_id, resident, applied)
+        hold = resident.pending_holds().get(command.hold_id.int)
+        if hold is None:
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(Outcome.HOLD_NOT_PENDING)
+        expired = self._clock_us() >= hold.expires_at_us
+        captured = 0
+        if command.action is HoldAction.EXPIRE:
+            if not expired:
+                self._rests_on_open_state(resident, wid, applied)
+                return Reply(Outcome.HOLD_NOT_PENDING, hold=hold)
+            status = HoldStatus.EXPIRED
+        elif expired:  # by expires_at, whether or not the sweep has released it yet
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(Outcome.HOLD_EXPIRED, hold=hold)
+        elif command.action is HoldAction.CAPTURE:
+            captured = hold.amount if command.amount is None else command.amount
+            if captured > hold.amount:
+                self._rests_on_open_state(resident, wid, applied)
+                return Reply(Outcome.CAPTURE_EXCEEDS_HOLD, hold=hold)
+            status = HoldStatus.CAPTURED
+        else:
+            status = HoldStatus.VOIDED
+        pending = resident.pending
+        if pending is None:
+            balance, held = resident.balance, resident.held
+        else:
+            balance, held = pending.balance, pending.held
+        hold_id = command.hold_id
+        view: WalletView | None = None
+        if captured:
+            balance -= captured
+            held -= captured
+            view = self._write(
+                wallet_id, resident, OperationKind.CAPTURE, captured, balance, held,
+                hold_key(OperationKind.CAPTURE, hold_id), hold.reference, applied,
+                remember=False,
+            )  # fmt: skip
+        rest = hold.amount - captured
+        if rest:
+            held -= rest
+            view = self._write(
+                wallet_id, resident, OperationKind.RELEASE, rest, balance, held,
+                hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
+                remember=False,
+            )  # fmt: skip
+        assert view is not None  # a hold's amount is positive: one row at least
+        pending = resident.pending
+        assert pending is not None
+        if pending.holds is None:
+            pending.holds = dict(resident.holds or _NO_HOLDS)
+        del pending.holds[hold_id.int]
+        now_us = view.updated_at_us
+        applied.batch.hold_updates.append(
+            HoldUpdate(hold_id, status, captured, None, None, command.key, command.fingerprint,
+                       now_us)
+        )  # fmt: skip
+        resolved = hold._replace(
+            status=status, captured=captured, resolve_key=command.key,
+            resolve_fingerprint=command.fingerprint, updated_at_us=now_us,
+        )  # fmt: skip
+        return Reply(Outcome.OK, view, hold=resolved)
+
+    def _create_hold(
+        self, command: HoldCommand, wallet_id: UUID, resident: Resident, applied: Applied
+    ) -> Reply:
+        wid = wallet_id.int
+        log_key = command.log_key
+        if log_key is not None:
+            earlier = self._keys.get((wallet_id, log_key))
+            if earlier is not None:  # a retry of a keyed creation: the caller reads it
+                # (a HOLD row: only client operations record refusals)
+                if isinstance(earlier, OperationRecord) and earlier.seq > resident.seq:
+                    applied.dependent.append((len(applied.replies), wid))
+                return Reply(Outcome.CREATED, replayed=True)
+        holds = resident.pending_holds()
+        if len(holds) >= self._holds_per_wallet_max:
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(Outcome.TOO_MANY_HOLDS)
+        pending = resident.pending
+        if pending is None:
+            balance, held = resident.balance, resident.held
+        else:
+            balance, held = pending.balance, pending.held
+        amount = command.amount
+        assert amount is not None
+        if amount > balance - held:
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held)
+        hold_id = command.hold_id
+        view = self._write(
+            wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
+            hold_key(OperationKind.HOLD, hold_id), command.reference, applied,
+            remember=log_key is not None,
+        )  # fmt: skip
+        now_us = view.updated_at_us
+        hold = HoldRecord(
+            hold_id, wallet_id, command.shard, amount, HoldStatus.PENDING,
+            now_us + command.expires_in_us, 0, None, None, command.reference, command.key,
+            command.fingerprint or "", None, None, now_us, now_us,
+        )  # fmt: skip
+        pending = resident.pending
+        assert pending is not None
+        if pending.holds is None:
+            pending.holds = dict(resident.holds or _NO_HOLDS)
+        pending.holds[hold_id.int] = hold
+        applied.batch.new_holds.append(hold)
+        return Reply(Outcome.CREATED, view, hold=hold)
+
+    @staticmethod
+    def _rests_on_open_state(resident: Resident, wid: int, applied: Applied) -> None:
+        """A refusal decided on state an open batch wrote is true only if that batch
+        commits (``answers``)."""
+        if resident.pending is not None or resident.seq < 0:
+            applied.dependent.append((len(applied.replies), wid))
 
     def _refuse(
         self,
@@ -514,7 +730,7 @@ class Ledger:
                 fence_seq = resident.seq
             record = RefusalRecord(
                 wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
-                self._clock_us(),
+                self._clock_us(), command.reference,
             )  # fmt: skip
             applied.batch.refusals.append(record)
             self._remember_key((wallet_id, key), record)
@@ -563,9 +779,14 @@ class Ledger:
             assert pending is not None
             snapshots.append(
                 SnapshotUpdate(wallet_id, prev_seq, pending.seq, pending.balance,
-                               pending.updated_at_us)
+                               pending.updated_at_us, pending.held)
             )  # fmt: skip
-            finals.append((resident, pending.balance, pending.seq, pending.updated_at_us))
+            # A copy: later batches go on changing the pending set before this one commits.
+            holds = None if pending.holds is None else dict(pending.holds)
+            finals.append(
+                (resident, pending.balance, pending.seq, pending.updated_at_us, pending.held,
+                 holds)
+            )  # fmt: skip
 
     # -- how the write ended -------------------------------------------------------------
 
@@ -579,11 +800,14 @@ class Ledger:
             if resident is not None and resident.seq == SEQ_CREATING:
                 resident.seq = 0
                 _drop_pending_if_caught_up(resident)
-        for resident, balance, seq, updated_at_us in applied.finals:
+        for resident, balance, seq, updated_at_us, held, holds in applied.finals:
             require(seq > resident.seq, "commits of one wallet must be in order")
             resident.balance = balance
             resident.seq = seq
             resident.updated_at_us = updated_at_us
+            resident.held = held
+            if holds is not None:
+                resident.holds = holds or None
             _drop_pending_if_caught_up(resident)
 
     def answers(self, applied: Applied, *, earlier_failed: bool = False) -> list[Reply]:
@@ -687,12 +911,17 @@ def _replay_operation(
         earlier.seq,
         resident.created_at_us,
         earlier.created_at_us,
+        earlier.held_after,
     )
     return Reply(Outcome.OK, view, replayed=True)
 
 
 def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
-    if earlier.kind is not command.kind or earlier.amount != command.amount:
+    if (earlier.kind, earlier.amount, earlier.reference) != (
+        command.kind,
+        command.amount,
+        command.reference,
+    ):
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     return Reply(
         _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True
@@ -710,6 +939,7 @@ _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     ApplyOperation: Ledger._apply_operation,  # type: ignore[dict-item]
     ApplyOperations: Ledger._apply_operations,  # type: ignore[dict-item]
     CreateWallet: Ledger._create_wallet,  # type: ignore[dict-item]
+    HoldCommand: Ledger._hold,  # type: ignore[dict-item]
     ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
     TransferLeg: Ledger._apply_transfer_leg,  # type: ignore[dict-item]
 }

@@ -32,6 +32,16 @@ Each limit has a defined behaviour when hit:
   after a 503 or a restart, while the owners answer.
 - ``transfer_redrive_batch_max``: at most this many PENDING transfers are driven again at
   once (and never more than one mailbox holds); the rest wait for the next pass.
+- ``holds_per_wallet_max``: a wallet has at most this many PENDING holds; one more is
+  refused with 409 ``TOO_MANY_HOLDS`` (nothing written). It bounds what loading a wallet
+  reads and keeps in memory with it.
+- ``hold_expires_in_s_default`` / ``hold_expires_in_s_max``: a hold without ``expires_in_s``
+  expires after the default; a longer one than the max is refused with 422.
+- ``hold_sweep_interval_s`` / ``hold_sweep_batch_max``: the sweep looks for PENDING holds
+  past their expires_at this often and releases at most this many per pass (a full pass
+  is followed by another at once). So an expired hold's money is back in ``available``
+  within one interval plus a commit, while at most a batch expires per interval. A capture
+  or void after expires_at is refused whether or not the sweep has run.
 """
 
 from __future__ import annotations
@@ -63,6 +73,11 @@ class EngineLimits:
     shard_restart_window_s: float = 60.0
     transfer_redrive_interval_s: float = 2.0
     transfer_redrive_batch_max: int = 256
+    holds_per_wallet_max: int = 100
+    hold_expires_in_s_default: int = 86_400
+    hold_expires_in_s_max: int = 30 * 86_400
+    hold_sweep_interval_s: float = 1.0
+    hold_sweep_batch_max: int = 256
 
     def __post_init__(self) -> None:
         if not 1 <= self.pipelines <= 1024:
@@ -98,6 +113,16 @@ class EngineLimits:
             raise ValueError("transfer_redrive_interval_s must be positive")
         if self.transfer_redrive_batch_max < 1:
             raise ValueError("transfer_redrive_batch_max must be at least 1")
+        if not 1 <= self.holds_per_wallet_max <= 10_000:
+            raise ValueError("holds_per_wallet_max must be within 1..10000")
+        if not 1 <= self.hold_expires_in_s_default <= self.hold_expires_in_s_max <= 10**8:
+            raise ValueError(
+                "hold expiry: 1 <= hold_expires_in_s_default <= hold_expires_in_s_max <= 1e8"
+            )
+        if self.hold_sweep_interval_s <= 0 or self.hold_sweep_batch_max < 1:
+            raise ValueError(
+                "hold_sweep_interval_s must be positive and hold_sweep_batch_max at least 1"
+            )
 
     @property
     def bulk_ops_max(self) -> int:

@@ -71,7 +71,7 @@ class FeedEvent:
     created_at_us: int
     data: dict[str, Any]
 
-    MONEY_FIELDS: ClassVar[frozenset[str]] = frozenset({"amount", "balance_after"})
+    MONEY_FIELDS: ClassVar[frozenset[str]] = frozenset({"amount", "balance_after", "held_after"})
 
 
 @dataclass(frozen=True, slots=True)

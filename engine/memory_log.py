@@ -12,6 +12,8 @@ from uuid import UUID
 
 from walletd.engine.model import (
     Batch,
+    HoldRecord,
+    HoldStatus,
     OperationRecord,
     RefusalRecord,
     TransferRecord,
@@ -20,6 +22,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
+    HoldNotPending,
     PredecessorPending,
     StorageError,
     TransferNotPending,
@@ -37,6 +40,7 @@ class InMemoryLog(WalletLog):
         self.refusals: dict[tuple[UUID, str], RefusalRecord] = {}
         self._by_create_key: dict[str, UUID] = {}
         self.transfers: dict[UUID, TransferRecord] = {}
+        self.holds: dict[UUID, HoldRecord] = {}
         self.appends = 0
         # Fault injection: the next N appends fail; ``apply_then_fail`` writes the batch
         # first, which is what a connection lost during COMMIT looks like from outside.
@@ -47,7 +51,33 @@ class InMemoryLog(WalletLog):
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         if self.fail_loads:
             raise StorageError("injected load failure")
-        return {w: self.wallets[w] for w in wallet_ids if w in self.wallets}
+        return {w: self._with_holds(self.wallets[w]) for w in wallet_ids if w in self.wallets}
+
+    def _with_holds(self, record: WalletRecord) -> WalletRecord:
+        if not record.held:
+            return record
+        holds = tuple(
+            h for h in self.holds.values()
+            if h.wallet_id == record.wallet_id and h.status is HoldStatus.PENDING
+        )  # fmt: skip
+        return replace(record, holds=holds)
+
+    async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {h: self.holds[h] for h in hold_ids if h in self.holds}
+
+    async def expired_holds(
+        self, shards: Sequence[int], now_us: int, limit: int
+    ) -> list[HoldRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        wanted = set(shards)
+        expired = [
+            h for h in self.holds.values()
+            if h.status is HoldStatus.PENDING and h.shard in wanted and h.expires_at_us <= now_us
+        ]  # fmt: skip
+        return sorted(expired, key=lambda h: h.expires_at_us)[:limit]
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
@@ -103,9 +133,12 @@ class InMemoryLog(WalletLog):
                 raise PredecessorPending(f"{update.wallet_id} is behind the batch")
             if current.seq != update.prev_seq:
                 raise StorageError(f"snapshot fencing failed for {update.wallet_id}")
+            if not 0 <= update.held <= update.balance:
+                raise StorageError(f"held out of range for {update.wallet_id}")
             wallets[update.wallet_id] = replace(
-                current, balance=update.balance, seq=update.seq, updated_at_us=update.updated_at_us
-            )
+                current, balance=update.balance, seq=update.seq,
+                updated_at_us=update.updated_at_us, held=update.held,
+            )  # fmt: skip
         moved = {update.wallet_id for update in batch.snapshots}
         for op in batch.operations:
             if op.wallet_id not in moved:
@@ -138,8 +171,25 @@ class InMemoryLog(WalletLog):
                 failure_code=close.failure_code,
                 updated_at_us=close.updated_at_us,
             )
+        holds = dict(self.holds)
+        for hold in batch.new_holds:
+            if hold.hold_id in holds:
+                raise StorageError(f"hold {hold.hold_id} exists")
+            holds[hold.hold_id] = hold
+        for resolved in batch.hold_updates:
+            open_hold = holds.get(resolved.hold_id)
+            if open_hold is None or open_hold.status is not HoldStatus.PENDING:
+                raise HoldNotPending(f"hold {resolved.hold_id} is not PENDING")
+            holds[resolved.hold_id] = open_hold._replace(
+                status=resolved.status, captured=resolved.captured,
+                to_wallet_id=resolved.to_wallet_id, transfer_id=resolved.transfer_id,
+                resolve_key=resolved.resolve_key,
+                resolve_fingerprint=resolved.resolve_fingerprint,
+                updated_at_us=resolved.updated_at_us,
+            )  # fmt: skip
         self.wallets = wallets
         self.transfers = transfers
+        self.holds = holds
         for new in batch.new_wallets:
             if new.create_idempotency_key is not None:
                 self._by_create_key[new.create_idempotency_key] = new.wallet_id
@@ -161,7 +211,7 @@ class InMemoryLog(WalletLog):
 
     async def recent_wallets(self, limit: int) -> list[WalletRecord]:
         newest = sorted(self.wallets.values(), key=lambda w: w.updated_at_us, reverse=True)
-        return newest[:limit]
+        return [self._with_holds(w) for w in newest[:limit]]
 
     async def ping(self) -> None:
         if self.fail_loads:

@@ -17,7 +17,11 @@ from uuid import UUID
 
 __all__ = [
     "CREDIT_KINDS",
+    "HOLD_KINDS",
     "Batch",
+    "HoldRecord",
+    "HoldStatus",
+    "HoldUpdate",
     "NewWallet",
     "OperationKind",
     "OperationRecord",
@@ -41,12 +45,32 @@ class OperationKind(enum.IntEnum):
     TRANSFER_OUT = 3
     TRANSFER_IN = 4
     TRANSFER_REFUND = 5
+    # Holds (docs/ARCHITECTURE.md, "Holds"): HOLD reserves money (balance unchanged, held
+    # up), CAPTURE takes captured money out of the wallet (balance and held down), RELEASE
+    # gives the rest of a hold back to ``available`` (held down) on capture, void or expiry.
+    HOLD = 6
+    CAPTURE = 7
+    RELEASE = 8
 
 
 # Kinds that add money to their wallet; every other kind takes it out.
 CREDIT_KINDS = frozenset(
     {OperationKind.DEPOSIT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
 )
+
+
+# Kinds that move ``held``: their log key is "<US>KIND:<hold id>" (engine.commands.hold_key).
+HOLD_KINDS = frozenset({OperationKind.HOLD, OperationKind.CAPTURE, OperationKind.RELEASE})
+
+
+class HoldStatus(enum.IntEnum):
+    """PENDING: the amount is held (in ``held``, out of ``available``). The others are final:
+    CAPTURED (captured part taken, rest released), VOIDED and EXPIRED (all released)."""
+
+    PENDING = 1
+    CAPTURED = 2
+    VOIDED = 3
+    EXPIRED = 4
 
 
 class TransferStatus(enum.IntEnum):
@@ -73,6 +97,8 @@ class WalletView(NamedTuple):
     seq: int
     created_at_us: int
     updated_at_us: int
+    # The part of ``balance`` that PENDING holds reserve; available = balance - held.
+    held: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +112,15 @@ class WalletRecord:
     updated_at_us: int
     create_idempotency_key: str | None = None
     create_fingerprint: str = ""
+    held: int = 0
+    # Its PENDING holds, loaded with it (their amounts sum to ``held``).
+    holds: tuple[HoldRecord, ...] = ()
 
     def view(self) -> WalletView:
         return WalletView(
-            self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us
-        )
+            self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
+            self.held,
+        )  # fmt: skip
 
 
 class OperationRecord(NamedTuple):
@@ -103,6 +133,9 @@ class OperationRecord(NamedTuple):
     balance_after: int
     idempotency_key: str | None
     created_at_us: int
+    held_after: int = 0
+    # The client's reconciliation string (DEPOSIT/WITHDRAW), part of the request's identity.
+    reference: str | None = None
 
 
 class RefusalRecord(NamedTuple):
@@ -121,6 +154,7 @@ class RefusalRecord(NamedTuple):
     balance_seen: int
     fence_seq: int
     created_at_us: int
+    reference: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +172,44 @@ class SnapshotUpdate(NamedTuple):
     prev_seq: int
     seq: int
     balance: int
+    updated_at_us: int
+    held: int = 0
+
+
+class HoldRecord(NamedTuple):
+    """A hold as stored. ``shard`` is its wallet's (and its own id's) shard, kept so the
+    expiry sweep reads only the holds of the shards its process serves. ``create_key`` /
+    ``create_fingerprint``: the Idempotency-Key it was created with and what the request
+    was; ``resolve_key`` / ``resolve_fingerprint`` the same for the capture or void."""
+
+    hold_id: UUID
+    wallet_id: UUID
+    shard: int
+    amount: int
+    status: HoldStatus
+    expires_at_us: int
+    captured: int
+    to_wallet_id: UUID | None
+    transfer_id: UUID | None
+    reference: str | None
+    create_key: str | None
+    create_fingerprint: str
+    resolve_key: str | None
+    resolve_fingerprint: str | None
+    created_at_us: int
+    updated_at_us: int
+
+
+class HoldUpdate(NamedTuple):
+    """A hold leaving PENDING; storage refuses it unless the hold is PENDING."""
+
+    hold_id: UUID
+    status: HoldStatus
+    captured: int
+    to_wallet_id: UUID | None
+    transfer_id: UUID | None
+    resolve_key: str | None
+    resolve_fingerprint: str | None
     updated_at_us: int
 
 
@@ -176,6 +248,9 @@ class Batch:
     refusals: list[RefusalRecord] = field(default_factory=list)
     new_transfers: list[TransferRecord] = field(default_factory=list)
     transfer_updates: list[TransferUpdate] = field(default_factory=list)
+    # Holds created (PENDING) and resolved by the batch's HOLD / CAPTURE / RELEASE rows.
+    new_holds: list[HoldRecord] = field(default_factory=list)
+    hold_updates: list[HoldUpdate] = field(default_factory=list)
     # (shard, lease epoch) of every shard the batch writes: the database refuses the batch
     # if one epoch is stale (engine/ownership.py). Empty when no leases are in use.
     fence: list[tuple[int, int]] = field(default_factory=list)

@@ -25,6 +25,7 @@ from uuid import UUID
 
 from walletd.engine.model import (
     Batch,
+    HoldRecord,
     OperationRecord,
     RefusalRecord,
     TransferRecord,
@@ -33,6 +34,7 @@ from walletd.engine.model import (
 
 __all__ = [
     "CommitOutcomeUnknown",
+    "HoldNotPending",
     "PredecessorPending",
     "StaleEpoch",
     "StorageError",
@@ -56,6 +58,10 @@ class CommitOutcomeUnknown(StorageError):
 
 class PredecessorPending(StorageError):
     """The batch was refused because an earlier batch it builds on is not stored yet."""
+
+
+class HoldNotPending(StorageError):
+    """A hold the batch closes is not PENDING in storage (nothing written)."""
 
 
 class TransferNotPending(StorageError):
@@ -111,6 +117,17 @@ class WalletLog(abc.ABC):
     @abc.abstractmethod
     async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
         """Up to ``limit`` PENDING transfers created before the instant, oldest first."""
+
+    @abc.abstractmethod
+    async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
+        """The stored record of each hold that exists."""
+
+    @abc.abstractmethod
+    async def expired_holds(
+        self, shards: Sequence[int], now_us: int, limit: int
+    ) -> list[HoldRecord]:
+        """Up to ``limit`` PENDING holds of these shards whose expires_at has passed,
+        earliest expiry first."""
 
     @abc.abstractmethod
     async def append_batch(self, batch: Batch) -> None:

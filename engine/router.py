@@ -30,6 +30,8 @@ from walletd.engine.commands import (
     ApplyOperations,
     Command,
     CreateWallet,
+    HoldAction,
+    HoldCommand,
     Operation,
     Outcome,
     ReadWallet,
@@ -43,9 +45,18 @@ from walletd.engine.errors import (
     EngineStopping,
     NotOwner,
 )
+from walletd.engine.holds import (
+    create_fingerprint,
+    new_hold_id,
+    replay_creation,
+    resolve_fingerprint,
+    resolved_reply,
+)
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
     Batch,
+    HoldRecord,
+    HoldStatus,
     OperationKind,
     OperationRecord,
     RefusalRecord,
@@ -163,6 +174,14 @@ class _FencedLog(WalletLog):
     async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
         return await self._log.pending_transfers(created_before_us, limit)
 
+    async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
+        return await self._log.load_holds(hold_ids)
+
+    async def expired_holds(
+        self, shards: Sequence[int], now_us: int, limit: int
+    ) -> list[HoldRecord]:
+        return await self._log.expired_holds(shards, now_us, limit)
+
     async def ping(self) -> None:
         await self._log.ping()
 
@@ -213,6 +232,7 @@ class Engine:
         )
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()
+        self._sweep_task: asyncio.Task[None] | None = None
 
     async def warm_up(self, wallets_max: int) -> int:
         """Load up to ``wallets_max`` most recently updated wallets of the shards served
@@ -238,6 +258,7 @@ class Engine:
         # Recovery runs by itself: the first pass drives every transfer a previous run left
         # PENDING, later passes the ones a 503 left behind.
         self._redrive_task = asyncio.create_task(self._redrive_loop(), name="walletd-redrive")
+        self._sweep_task = asyncio.create_task(self._sweep_loop(), name="walletd-hold-sweep")
 
     async def stop(self) -> None:
         """Refuse new commands, answer every accepted one, and stop the shards."""
@@ -245,7 +266,7 @@ class Engine:
         self._redrive_stop.set()
         # The re-drive stops with the shards: legs it still sends are refused (the transfer
         # stays PENDING, for the next start), and the ones accepted are answered.
-        redrive = [self._redrive_task] if self._redrive_task is not None else []
+        redrive = [t for t in (self._redrive_task, self._sweep_task) if t is not None]
         await asyncio.gather(
             *(shard.stop() for shard in self._shards), *redrive, return_exceptions=True
         )
@@ -278,6 +299,54 @@ class Engine:
             except Exception:
                 # A bug must not end recovery for the life of the process: log, go on.
                 _log.exception("re-drive of pending transfers raised")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._redrive_stop.wait(), interval_s)
+
+    async def sweep_holds(self, *, now_us: int | None = None) -> int:
+        """One sweep pass: release up to ``hold_sweep_batch_max`` PENDING holds of the
+        shards served here whose expires_at has passed; how many were released."""
+        if now_us is None:
+            now_us = self._clock_us()
+        ownership = self.ownership
+        served = [s for s in range(ownership.shard_count) if ownership.serving(s)]
+        if not served:
+            return 0
+        limits = self.limits
+        batch_max = min(limits.hold_sweep_batch_max, limits.mailbox_commands_max)
+        expired = await asyncio.wait_for(
+            self.log.expired_holds(served, now_us, batch_max), limits.load_timeout_s
+        )
+        replies = await asyncio.gather(
+            *(self._expire(hold) for hold in expired), return_exceptions=True
+        )
+        return sum(1 for r in replies if isinstance(r, Reply) and r.outcome is Outcome.OK)
+
+    async def _expire(self, hold: HoldRecord) -> Reply:
+        shard, pipeline = self._route(hold.wallet_id)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        return await self._answer(
+            shard, pipeline, HoldCommand(HoldAction.EXPIRE, hold.wallet_id, hold.hold_id, future)
+        )
+
+    async def _sweep_loop(self) -> None:
+        """Expired holds back to ``available``: a pass every ``hold_sweep_interval_s``, at
+        once again after a full one. A capture past expires_at is refused without it; the
+        sweep only bounds how long the money stays held (docs/ARCHITECTURE.md)."""
+        interval_s = self.limits.hold_sweep_interval_s
+        while not self._redrive_stop.is_set():
+            full = False
+            try:
+                released = await self.sweep_holds()
+                full = released >= self.limits.hold_sweep_batch_max
+                if released:
+                    _log.info("hold sweep: %d expired holds released", released)
+            except (StorageError, TimeoutError) as error:
+                _log.warning("hold sweep failed: %r", error)
+            except Exception:
+                _log.exception("hold sweep raised")  # a bug must not end the sweep
+            if full:
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._redrive_stop.wait(), interval_s)
 
@@ -421,7 +490,10 @@ class Engine:
             raise
 
     async def _answer(
-        self, shard: int, pipeline: Shard, command: ApplyOperation | CreateWallet | ReadWallet
+        self,
+        shard: int,
+        pipeline: Shard,
+        command: ApplyOperation | CreateWallet | ReadWallet | HoldCommand,
     ) -> Reply:
         """Submit and await the reply; a reply resting on memory alone is kept only if the
         shard stayed served under one epoch from admission to answer."""
@@ -442,14 +514,91 @@ class Engine:
         return Reply(Outcome.UNAVAILABLE)
 
     async def apply(
-        self, wallet_id: UUID, kind: OperationKind, amount: int, idempotency_key: str | None
+        self,
+        wallet_id: UUID,
+        kind: OperationKind,
+        amount: int,
+        idempotency_key: str | None,
+        reference: str | None = None,
     ) -> Reply:
         """Apply a deposit or withdrawal; the reply arrives once its batch has committed."""
         shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         return await self._answer(
-            shard, pipeline, ApplyOperation(wallet_id, kind, amount, idempotency_key, future)
-        )
+            shard, pipeline,
+            ApplyOperation(wallet_id, kind, amount, idempotency_key, future, reference),
+        )  # fmt: skip
+
+    # -- holds (docs/ARCHITECTURE.md, "Holds"; engine/holds.py) ------------------------
+
+    async def create_hold(
+        self,
+        wallet_id: UUID,
+        amount: int,
+        expires_in_s: int | None,
+        reference: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[UUID, Reply]:
+        """Reserve ``amount`` of the wallet's available money; returns the hold id (on the
+        wallet's shard; derived from the key when there is one) and the reply (CREATED
+        with the hold, or a refusal)."""
+        shard, pipeline = self._route(wallet_id)
+        count = self.ownership.shard_count
+        hold_id = new_hold_id(wallet_id, idempotency_key, count)
+        fingerprint = create_fingerprint(amount, expires_in_s, reference)
+        if idempotency_key is not None:
+            stored = (await self.log.load_holds([hold_id])).get(hold_id)
+            if stored is not None:
+                return hold_id, replay_creation(stored, fingerprint)
+        seconds = self.limits.hold_expires_in_s_default if expires_in_s is None else expires_in_s
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        command = HoldCommand(
+            HoldAction.CREATE, wallet_id, hold_id, future, amount=amount,
+            expires_in_us=seconds * 1_000_000, reference=reference, shard=shard,
+            key=idempotency_key, fingerprint=fingerprint,
+        )  # fmt: skip
+        reply = await self._answer(shard, pipeline, command)
+        if reply.outcome is Outcome.CREATED and reply.replayed:
+            # A retry that met its first attempt in memory: answer from storage.
+            stored = (await self.log.load_holds([hold_id])).get(hold_id)
+            if stored is None:
+                return hold_id, _UNAVAILABLE
+            return hold_id, replay_creation(stored, fingerprint)
+        return hold_id, reply
+
+    async def resolve_hold(
+        self,
+        action: HoldAction,
+        hold_id: UUID,
+        amount: int | None,
+        idempotency_key: str | None,
+    ) -> Reply:
+        """Capture (``amount`` or all of it; the rest released) or void a hold."""
+        shard, pipeline = self._route(hold_id)  # the hold's shard is its wallet's
+        fingerprint = resolve_fingerprint(action, amount)
+        stored = (await self.log.load_holds([hold_id])).get(hold_id)
+        if stored is None:
+            return Reply(Outcome.HOLD_NOT_FOUND)
+        if stored.status is not HoldStatus.PENDING:
+            return resolved_reply(stored, idempotency_key, fingerprint)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        command = HoldCommand(
+            action, stored.wallet_id, hold_id, future, amount=amount, key=idempotency_key,
+            fingerprint=fingerprint,
+        )  # fmt: skip
+        reply = await self._answer(shard, pipeline, command)
+        if reply.outcome is not Outcome.HOLD_NOT_PENDING:
+            return reply
+        # Resolved meanwhile by a batch that has committed (replies follow their batches).
+        stored = (await self.log.load_holds([hold_id])).get(hold_id)
+        if stored is None or stored.status is HoldStatus.PENDING:
+            return _UNAVAILABLE
+        return resolved_reply(stored, idempotency_key, fingerprint)
+
+    async def read_hold(self, hold_id: UUID) -> HoldRecord | None:
+        """The stored hold (every acknowledged change of it is committed there)."""
+        self._route(hold_id)  # served by the wallet's owner, like the wallet's reads
+        return (await self.log.load_holds([hold_id])).get(hold_id)
 
     async def apply_operations(
         self, operations: Sequence[Operation], *, atomic: bool = False

@@ -61,7 +61,7 @@ _INDEX_DIGITS_MAX: Final = 6
 REQUEST_KEY_LENGTH_MAX: Final = IDEMPOTENCY_KEY_LENGTH_MAX - 1 - _INDEX_DIGITS_MAX
 
 _ITEM_FIELDS: Final = frozenset(
-    {"wallet_id", "operation_type", "operationType", "amount", "idempotency_key"}
+    {"wallet_id", "operation_type", "operationType", "amount", "idempotency_key", "reference"}
 )
 _TOP_FIELDS: Final = frozenset({"items", "atomic"})
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
@@ -74,6 +74,7 @@ class BulkItem(NamedTuple):
     kind: OperationKind
     amount: int
     idempotency_key: str | None
+    reference: str | None = None
 
 
 ParsedItem = BulkItem | list[FieldError]
@@ -155,7 +156,12 @@ _PLAIN_AMOUNT: Final = re.compile(r"([0-9]{1,13})(?:\.([0-9]{1,2}))?")
 def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     """An item as a ``BulkItem``: the common shape on a short path, the rest (and every
     invalid item) through the full check, which names each field's error."""
-    if type(item) is dict and _ITEM_FIELDS.issuperset(item) and "operationType" not in item:
+    if (
+        type(item) is dict
+        and _ITEM_FIELDS.issuperset(item)
+        and "operationType" not in item
+        and "reference" not in item  # checked by the full path
+    ):
         wallet_id = body_wallet_id(item.get("wallet_id"))
         kind_text = item.get("operation_type")
         kind = OPERATION_KINDS.get(kind_text) if type(kind_text) is str else None
@@ -192,7 +198,7 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
         return [{"field": prefix, "message": "must be a JSON object"}]
     # The single endpoint's rules (bulk bodies hold no floats: see _loads), its fields named
     # within the item.
-    kind, amount, unknown, field_errors = operation_fields(item, b"", _ITEM_FIELDS)
+    kind, amount, unknown, field_errors, reference = operation_fields(item, b"", _ITEM_FIELDS)
     errors: list[FieldError] = [_within(prefix, error) for error in unknown]
     wallet_text = item.get("wallet_id")
     wallet_id = body_wallet_id(wallet_text)
@@ -215,7 +221,7 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     assert amount is not None
     if key is None and request_key is not None:
         key = f"{request_key}/{index}"
-    return BulkItem(wallet_id, kind, amount, key)
+    return BulkItem(wallet_id, kind, amount, key, reference)
 
 
 def _within(prefix: str, error: FieldError) -> FieldError:

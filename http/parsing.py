@@ -29,6 +29,7 @@ __all__ = [
     "WALLET_ID_CACHE_ENTRIES_MAX",
     "WALLET_ID_MESSAGE",
     "WALLET_ID_PATTERN",
+    "HoldRequest",
     "OperationFields",
     "TransferRequest",
     "body_wallet_id",
@@ -36,10 +37,14 @@ __all__ = [
     "loads_exact",
     "operation_fields",
     "parse_amount",
+    "parse_capture_body",
     "parse_create_body",
+    "parse_empty_body",
+    "parse_hold_body",
     "parse_idempotency_key",
     "parse_json_object",
     "parse_operation_body",
+    "parse_reference",
     "parse_transfer_body",
     "parse_wallet_id",
     "path_wallet_id",
@@ -67,7 +72,7 @@ _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # The kinds a client may send (transfer legs are the engine's own).
 OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
-_OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount"})
+_OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount", "reference"})
 _AMOUNT_MAX_TEXT: Final = format_minor(AMOUNT_MINOR_MAX)
 # Past this many units (10^15, above any valid amount) a number is refused before any
 # arithmetic, so exponent tricks such as 1e999999999 cost nothing.
@@ -323,7 +328,8 @@ class OperationFields(NamedTuple):
     kind: OperationKind | None
     amount: int | None
     unknown: list[FieldError]  # names not in the allowed set
-    errors: list[FieldError]  # operation_type / operationType / amount
+    errors: list[FieldError]  # operation_type / operationType / amount / reference
+    reference: str | None = None
 
 
 def operation_fields(
@@ -354,16 +360,99 @@ def operation_fields(
             errors.append(parsed)
         else:
             amount = parsed
-    return OperationFields(kind, amount, unknown, errors)
+    reference = parse_reference(body, errors)
+    return OperationFields(kind, amount, unknown, errors, reference)
 
 
-def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKind, int]:
-    kind, amount, unknown, errors = operation_fields(body, raw)
+def parse_reference(body: dict[str, Any], errors: list[FieldError]) -> str | None:
+    """The optional client ``reference`` (1..255 characters, no control characters); an
+    error is added to ``errors`` when it is there and invalid."""
+    reference = body.get("reference")
+    if reference is not None and not (
+        isinstance(reference, str) and _REFERENCE.fullmatch(reference)
+    ):
+        errors.append(
+            {
+                "field": "reference",
+                "message": f"must be 1 to {REFERENCE_LENGTH_MAX} characters, no control characters",
+            }
+        )
+        return None
+    return reference
+
+
+def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKind, int, str | None]:
+    kind, amount, unknown, errors, reference = operation_fields(body, raw)
     if unknown or errors:
         raise ValidationProblem(unknown + errors)
     assert kind is not None
     assert amount is not None
-    return kind, amount
+    return kind, amount, reference
+
+
+_HOLD_FIELDS: Final = frozenset({"amount", "expires_in_s", "reference"})
+_CAPTURE_FIELDS: Final = frozenset({"amount"})
+
+
+class HoldRequest(NamedTuple):
+    amount: int
+    expires_in_s: int | None
+    reference: str | None
+
+
+def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> HoldRequest:
+    """``{"amount", "expires_in_s"?, "reference"?}``: the amount as for operations,
+    ``expires_in_s`` a whole number of seconds from 1 to ``expires_in_s_max``."""
+    errors: list[FieldError] = [
+        {"field": str(name)[:64], "message": "unknown field"}
+        for name in body
+        if name not in _HOLD_FIELDS
+    ]
+    amount: int | FieldError = 0
+    if "amount" not in body:
+        errors.append({"field": "amount", "message": "is required"})
+    else:
+        amount = parse_amount(body["amount"], raw)
+        if isinstance(amount, dict):
+            errors.append(amount)
+    expires_in_s = body.get("expires_in_s")
+    if expires_in_s is not None and not (
+        type(expires_in_s) is int and 1 <= expires_in_s <= expires_in_s_max
+    ):
+        errors.append(
+            {"field": "expires_in_s", "message": f"must be an integer from 1 to {expires_in_s_max}"}
+        )
+    reference = parse_reference(body, errors)
+    if errors:
+        raise ValidationProblem(errors)
+    assert isinstance(amount, int)
+    return HoldRequest(amount, expires_in_s, reference)
+
+
+def parse_capture_body(body: dict[str, Any], raw: bytes) -> int | None:
+    """``{"amount"?}``: the amount to capture (as for operations), None for all of it."""
+    errors: list[FieldError] = [
+        {"field": str(name)[:64], "message": "unknown field"}
+        for name in body
+        if name not in _CAPTURE_FIELDS
+    ]
+    amount: int | FieldError | None = None
+    if "amount" in body:
+        amount = parse_amount(body["amount"], raw)
+        if isinstance(amount, dict):
+            errors.append(amount)
+    if errors:
+        raise ValidationProblem(errors)
+    assert amount is None or isinstance(amount, int)
+    return amount
+
+
+def parse_empty_body(body: dict[str, Any]) -> None:
+    """A body that must hold no field (void): any field is unknown."""
+    if body:
+        raise ValidationProblem(
+            [{"field": str(name)[:64], "message": "unknown field"} for name in body]
+        )
 
 
 def is_idempotency_key(value: Any) -> bool:
@@ -432,16 +521,7 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
         amount = parse_amount(body["amount"], raw)
         if isinstance(amount, dict):
             errors.append(amount)
-    reference = body.get("reference")
-    if reference is not None and not (
-        isinstance(reference, str) and _REFERENCE.fullmatch(reference)
-    ):
-        errors.append(
-            {
-                "field": "reference",
-                "message": f"must be 1 to {REFERENCE_LENGTH_MAX} characters, no control characters",
-            }
-        )
+    reference = parse_reference(body, errors)
     if errors:
         raise ValidationProblem(errors)
     assert from_wallet_id is not None

@@ -12,6 +12,9 @@ from aiohttp import web
 
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.model import (
+    HOLD_KINDS,
+    HoldRecord,
+    HoldStatus,
     OperationKind,
     OperationRecord,
     TransferRecord,
@@ -25,6 +28,8 @@ from walletd.http.problems import ProblemError
 __all__ = [
     "format_timestamp",
     "history_item",
+    "hold_body",
+    "hold_reply_response",
     "reply_problem",
     "reply_response",
     "transfer_body",
@@ -60,8 +65,10 @@ def wallet_body(view: WalletView) -> bytes:
     """The seed's wallet JSON, written out directly: every field is a UUID, a decimal or a
     timestamp, none needs escaping, and skipping a dict and the encoder is ~30% of the GET
     path's own cost. ``test_responses`` checks it equals orjson's encoding of the fields."""
+    held = view.held
     return (
         f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance)}",'
+        f'"available":"{format_minor(view.balance - held)}","held":"{format_minor(held)}",'
         f'"created_at":"{format_timestamp(view.created_at_us)}",'
         f'"updated_at":"{format_timestamp(view.updated_at_us)}"}}'
     ).encode()
@@ -71,10 +78,14 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
     kind = OperationKind(op.kind)
     key = op.idempotency_key
     transfer_id: str | None = None
+    hold_id: str | None = None
     if kind not in _CLIENT_KINDS and key is not None:
-        # A transfer leg's key is "<US>KIND:<transfer id>" (engine.commands.transfer_leg_key):
-        # internal, so the client sees the transfer id and no key.
-        transfer_id = key.partition(":")[2]
+        # A transfer leg's or a hold row's key is "<US>KIND:<id>" (engine.commands
+        # transfer_leg_key, hold_key): internal, so the client sees the id and no key.
+        if kind in HOLD_KINDS:
+            hold_id = key.partition(":")[2]
+        else:
+            transfer_id = key.partition(":")[2]
         key = None
     return {
         "id": operation_id,
@@ -82,8 +93,11 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
         "operation_type": kind.name,
         "amount": format_minor(op.amount),
         "balance_after": format_minor(op.balance_after),
+        "held_after": format_minor(op.held_after),
         "idempotency_key": key,
         "transfer_id": transfer_id,
+        "hold_id": hold_id,
+        "reference": op.reference,
         "created_at": format_timestamp(op.created_at_us),
     }
 
@@ -165,6 +179,84 @@ def transfer_reply_response(
     )  # fmt: skip
 
 
+def hold_body(hold: HoldRecord) -> dict[str, object]:
+    return {
+        "id": str(hold.hold_id),
+        "wallet_id": str(hold.wallet_id),
+        "amount": format_minor(hold.amount),
+        "status": hold.status.name,
+        "captured_amount": format_minor(hold.captured),
+        "released_amount": format_minor(
+            0 if hold.status is HoldStatus.PENDING else hold.amount - hold.captured
+        ),
+        "reference": hold.reference,
+        "expires_at": format_timestamp(hold.expires_at_us),
+        "created_at": format_timestamp(hold.created_at_us),
+        "updated_at": format_timestamp(hold.updated_at_us),
+    }
+
+
+def hold_response(hold: HoldRecord, status: int, replayed: bool) -> web.Response:
+    headers = dict(_JSON_HEADERS)
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if status == 201:
+        headers["Location"] = f"/api/v1/holds/{hold.hold_id}"
+    return web.Response(status=status, body=orjson.dumps(hold_body(hold)), headers=headers)
+
+
+# Refusals decided on a hold: status, code, and what the detail says.
+_HOLD_REFUSALS: Final = {
+    Outcome.HOLD_NOT_FOUND: (404, "HOLD_NOT_FOUND", "does not exist"),
+    Outcome.HOLD_EXPIRED: (409, "HOLD_EXPIRED", "has expired (its expires_at has passed)"),
+    Outcome.HOLD_ALREADY_CAPTURED: (409, "HOLD_ALREADY_CAPTURED", "was captured already"),
+    Outcome.HOLD_ALREADY_VOIDED: (409, "HOLD_ALREADY_VOIDED", "was voided already"),
+    Outcome.CAPTURE_EXCEEDS_HOLD: (
+        409,
+        "CAPTURE_EXCEEDS_HOLD",
+        "holds less than the amount to capture",
+    ),
+}
+
+
+def hold_reply_response(
+    reply: Reply, hold_id: UUID, wallet_id: UUID | None, amount: int = 0
+) -> web.Response:
+    """201 (created) / 200 (captured, voided) with the hold, or the problem it stands for.
+    A refusal about an existing hold carries it as ``hold``."""
+    hold = reply.hold
+    outcome = reply.outcome
+    if outcome is Outcome.CREATED and hold is not None:
+        return hold_response(hold, 201, reply.replayed)
+    if outcome is Outcome.OK and hold is not None:
+        return hold_response(hold, 200, reply.replayed)
+    refusal = _HOLD_REFUSALS.get(outcome)
+    if refusal is not None:
+        status, code, what = refusal
+        extra: dict[str, object] = {"hold_id": str(hold_id)}
+        if hold is not None:
+            extra["hold"] = hold_body(hold)
+        raise ProblemError(status, code, f"hold {hold_id} {what}", extra=extra)
+    if outcome is Outcome.TOO_MANY_HOLDS:
+        raise ProblemError(
+            409, "TOO_MANY_HOLDS",
+            f"wallet {wallet_id} has the most PENDING holds a wallet may have; capture, void "
+            "or let one expire first",
+        )  # fmt: skip
+    if outcome is Outcome.INSUFFICIENT_FUNDS:
+        raise ProblemError(
+            409, "INSUFFICIENT_FUNDS",
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
+            f"cannot hold {format_minor(amount)}",
+        )  # fmt: skip
+    if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
+        raise ProblemError(
+            422, "IDEMPOTENCY_KEY_REUSED",
+            "this Idempotency-Key was already used with a different request",
+        )  # fmt: skip
+    raise reply_problem(reply, wallet_id or hold_id, amount)
+
+
 def wallet_response(view: WalletView) -> web.Response:
     """200 with the wallet: the response of almost every request, kept lean."""
     return web.Response(body=wallet_body(view), content_type=_JSON)
@@ -204,7 +296,7 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
         return ProblemError(
             409,
             "INSUFFICIENT_FUNDS",
-            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)}, "
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
             f"cannot withdraw {format_minor(amount)}",
             headers=replayed,
         )

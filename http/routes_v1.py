@@ -12,13 +12,16 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
-from walletd.engine.commands import Outcome
+from walletd.engine.commands import HoldAction, Outcome
 from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import OperationKind, WalletView
 from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
 from walletd.http.parsing import (
+    parse_capture_body,
     parse_create_body,
+    parse_empty_body,
+    parse_hold_body,
     parse_idempotency_key,
     parse_operation_body,
     parse_transfer_body,
@@ -29,6 +32,8 @@ from walletd.http.problems import ProblemError, ValidationProblem
 from walletd.http.responses import (
     format_timestamp,
     history_item,
+    hold_reply_response,
+    hold_response,
     reply_response,
     transfer_reply_response,
     transfer_response,
@@ -118,10 +123,68 @@ async def apply_operation(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
-    kind, amount = parse_operation_body(body, raw)
+    kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.apply(wallet_id, kind, amount, key)
+    reply = await state.services.engine.apply(wallet_id, kind, amount, key, reference)
     return reply_response(reply, wallet_id, amount)
+
+
+@routes.post(_WALLET + "/holds")
+async def create_hold(request: web.Request) -> web.Response:
+    wallet_id = path_wallet_id(request)
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings)
+    engine = state.services.engine
+    wanted = parse_hold_body(body, raw, engine.limits.hold_expires_in_s_max)
+    key = parse_idempotency_key(request)
+    hold_id, reply = await engine.create_hold(
+        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key
+    )
+    return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
+
+
+# The hold id sits where a wallet id sits in /api/v1/wallets/{id}: HAProxy hashes it the
+# same way, and it hashes to its wallet's shard (engine/holds.py).
+_HOLD: Final = PREFIX + "/holds/{hold_id:[^/]+}"
+
+
+def _path_hold_id(request: web.Request) -> UUID:
+    text = request.match_info["hold_id"]
+    hold_id = _known_transfer_id(text)
+    if hold_id is None:
+        raise ProblemError(400, "INVALID_HOLD_ID", f"{text[:64]!r} is not a UUID")
+    return hold_id
+
+
+@routes.post(_HOLD + "/capture")
+async def capture_hold(request: web.Request) -> web.Response:
+    hold_id = _path_hold_id(request)
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings, optional=True)
+    amount = parse_capture_body(body, raw)
+    key = parse_idempotency_key(request)
+    reply = await state.services.engine.resolve_hold(HoldAction.CAPTURE, hold_id, amount, key)
+    return hold_reply_response(reply, hold_id, None, amount or 0)
+
+
+@routes.post(_HOLD + "/void")
+async def void_hold(request: web.Request) -> web.Response:
+    hold_id = _path_hold_id(request)
+    state = request.app[STATE_KEY]
+    body, _raw = await read_json_object(request, state.settings, optional=True)
+    parse_empty_body(body)
+    key = parse_idempotency_key(request)
+    reply = await state.services.engine.resolve_hold(HoldAction.VOID, hold_id, None, key)
+    return hold_reply_response(reply, hold_id, None)
+
+
+@routes.get(_HOLD)
+async def get_hold(request: web.Request) -> web.Response:
+    hold_id = _path_hold_id(request)
+    hold = await request.app[STATE_KEY].services.engine.read_hold(hold_id)
+    if hold is None:
+        raise ProblemError(404, "HOLD_NOT_FOUND", f"hold {hold_id} does not exist")
+    return hold_response(hold, 200, replayed=False)
 
 
 @routes.post(PREFIX + "/transfers")

@@ -58,6 +58,7 @@ SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format
 _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
+    + ", o.held_after, o.reference"
 )
 # since/until become a seq range (created_at < since: seq <= first bound; created_at <
 # until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
@@ -97,13 +98,18 @@ FEED_SOURCES: Final = (
                'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
                'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' WHEN 2 THEN 'WITHDRAW'
                                              WHEN 3 THEN 'TRANSFER_OUT' WHEN 4 THEN 'TRANSFER_IN'
-                                             WHEN 5 THEN 'TRANSFER_REFUND' END,
+                                             WHEN 5 THEN 'TRANSFER_REFUND' WHEN 6 THEN 'HOLD'
+                                             WHEN 7 THEN 'CAPTURE' WHEN 8 THEN 'RELEASE' END,
                'amount', o.amount, 'balance_after', o.balance_after,
-               -- A transfer leg's key is internal ("<US>KIND:<transfer id>"): the event
-               -- names the transfer instead, as the history does (http/responses.py).
+               'held_after', o.held_after, 'reference', o.reference,
+               -- A transfer leg's or hold row's key is internal ("<US>KIND:<id>"): the
+               -- event names the transfer or hold instead, as the history does
+               -- (http/responses.py).
                'idempotency_key', CASE WHEN o.kind IN (1, 2) THEN o.idempotency_key END,
-               'transfer_id', CASE WHEN o.kind NOT IN (1, 2)
-                                   THEN split_part(o.idempotency_key, ':', 2) END)
+               'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
+                                   THEN split_part(o.idempotency_key, ':', 2) END,
+               'hold_id', CASE WHEN o.kind IN (6, 7, 8)
+                               THEN split_part(o.idempotency_key, ':', 2) END)
       FROM wallet_operations o
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)
@@ -185,4 +191,6 @@ class PostgresLogReader(LogReader):
 
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
-    return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
+    return OperationRecord(
+        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9]
+    )

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from uuid import UUID
 
 import asyncpg
 
 from walletd.engine.model import (
     Batch,
+    HoldRecord,
+    HoldStatus,
     OperationKind,
     OperationRecord,
     RefusalReason,
@@ -38,6 +41,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
+    HoldNotPending,
     PredecessorPending,
     StaleEpoch,
     StorageError,
@@ -51,22 +55,45 @@ __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 # The fence runs first, in the same statement and so the same transaction: it locks the
 # lease rows of the batch's shards (FOR KEY SHARE) and refuses a stale epoch (WDF01) before
 # anything is written (migration shard_leases, docs/SCALING.md).
-_APPEND = (
-    "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
-    " FROM walletd_fence($25::integer[], $26::bigint[])"
+# $25-$28 (migration "holds"): held_after and reference per log row, held per snapshot,
+# reference per refusal.
+_APPEND_BATCH = (
+    "walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30)"
 )
-# Sent instead of eight empty lists for the common batch with no refusal.
+_FENCE = " FROM walletd_fence($25::integer[], $26::bigint[])"
+_APPEND = "SELECT " + _APPEND_BATCH + _FENCE
+# Sent instead of eight (nine) empty lists for the common batch with no refusal.
 _NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
+_NO_REFUSAL_REFERENCES: list[object] = []
 
-# A batch that opens or closes transfers writes them in the same statement, hence the same
-# implicit transaction, as its log rows and snapshots (migration "transfers").
-_APPEND_WITH_TRANSFERS = (
-    "SELECT walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24),"
-    " walletd_append_transfers($27, $28, $29, $30, $31, $32, $33, $34, $35, $36)"
-    " FROM walletd_fence($25::integer[], $26::bigint[])"
-)
+# A batch that opens or closes transfers, or creates or resolves holds, writes them in the
+# same statement, hence the same implicit transaction, as its log rows and snapshots
+# (migrations "transfers" and "holds"). The placeholders after $30 are numbered in order.
+_TRANSFERS_CALL = "walletd_append_transfers({})"
+_TRANSFERS_ARGS = 10
+_HOLDS_CALL = "walletd_append_holds({})"
+_HOLDS_ARGS = 17
+
+
+def _append_statement(transfers: bool, holds: bool) -> str:
+    calls = [_APPEND_BATCH]
+    next_arg = 31
+    for wanted, call, count in (
+        (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
+        (holds, _HOLDS_CALL, _HOLDS_ARGS),
+    ):
+        if wanted:
+            calls.append(call.format(", ".join(f"${n}" for n in range(next_arg, next_arg + count))))
+            next_arg += count
+    return "SELECT " + ", ".join(calls) + _FENCE
+
+
+_APPEND_STATEMENTS = {
+    (transfers, holds): _append_statement(transfers, holds)
+    for transfers in (False, True)
+    for holds in (False, True)
+}
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
 
@@ -75,9 +102,29 @@ _WALLET_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
-    + ", create_idempotency_key, create_fingerprint"
+    + ", create_idempotency_key, create_fingerprint, held"
 )
 _LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
+_HOLD_COLUMNS = (
+    "id, wallet_id, shard, amount, status, "
+    + _MICROS.format("expires_at")
+    + ", captured, to_wallet_id, transfer_id, reference, create_key, create_fingerprint,"
+    " resolve_key, resolve_fingerprint, "
+    + _MICROS.format("created_at")
+    + ", "
+    + _MICROS.format("updated_at")
+)
+_LOAD_HOLDS = f"SELECT {_HOLD_COLUMNS} FROM holds WHERE id = ANY($1::uuid[])"
+# The PENDING holds of the loaded wallets that have any (index holds_pending_by_wallet).
+_PENDING_HOLDS_OF = (
+    f"SELECT {_HOLD_COLUMNS} FROM holds WHERE wallet_id = ANY($1::uuid[]) AND status = 1"
+)
+_EXPIRED_HOLDS = f"""
+SELECT {_HOLD_COLUMNS} FROM holds
+ WHERE status = 1 AND shard = ANY($1::integer[])
+   AND expires_at <= timestamptz 'epoch' + $2 * interval '1 microsecond'
+ ORDER BY expires_at LIMIT $3
+"""
 # No index on updated_at on purpose: it would turn every snapshot move into a non-HOT
 # update. Warm-up is opt-in and runs once at start; a top-N sort of the table is its cost.
 _RECENT_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets ORDER BY updated_at DESC LIMIT $1"
@@ -87,6 +134,7 @@ _FIND_BY_CREATE_KEY = (
 _OP_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
+    + ", o.held_after, o.reference"
 )
 # The decided outcome of each key: its log row, or its recorded refusal (reason > 0).
 _FIND_OPERATIONS = f"""
@@ -95,7 +143,7 @@ SELECT {_OP_COLUMNS}, 0::smallint
   JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
 UNION ALL
 SELECT 0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,
-       r.idempotency_key, {_MICROS.format("r.created_at")}, r.reason
+       r.idempotency_key, {_MICROS.format("r.created_at")}, 0::bigint, r.reference, r.reason
   FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
   JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
 """
@@ -125,6 +173,8 @@ SELECT {_TRANSFER_COLUMNS} FROM transfers
 _PREDECESSOR_PENDING = "WD002"
 # Raised by walletd_append_transfers when a transfer to close is no longer PENDING.
 _TRANSFER_NOT_PENDING = "WD004"
+# Raised by walletd_append_holds when a hold to close is no longer PENDING.
+_HOLD_NOT_PENDING = "WD005"
 # Raised by walletd_fence when a shard's lease epoch is newer than the batch's.
 _STALE_EPOCH = "WDF01"
 
@@ -146,11 +196,20 @@ _CONNECTION_LOST = (
 
 
 def _wallet(row: asyncpg.Record) -> WalletRecord:
-    return WalletRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6])
+    return WalletRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+
+
+def _hold(row: asyncpg.Record) -> HoldRecord:
+    return HoldRecord(
+        row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
+        row[9], row[10], row[11], row[12], row[13], row[14], row[15],
+    )  # fmt: skip
 
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
-    return OperationRecord(row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7])
+    return OperationRecord(
+        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9]
+    )
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
@@ -160,11 +219,11 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
-    if not row[8]:
+    if not row[10]:
         return _operation(row)
     return RefusalRecord(
-        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[8]), row[5], row[2],
-        row[7],
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[10]), row[5], row[2],
+        row[7], row[9],
     )  # fmt: skip
 
 
@@ -242,7 +301,35 @@ class PostgresLog(WalletLog):
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         rows = await self._fetch(_LOAD_WALLETS, wallet_ids)
-        return {row[0]: _wallet(row) for row in rows}
+        return {record.wallet_id: record for record in await self._with_holds(rows)}
+
+    async def _with_holds(self, rows: list[asyncpg.Record]) -> list[WalletRecord]:
+        """The wallets of the rows, each with its PENDING holds: a second query, only for
+        wallets that hold something. Their shard is the only writer of both and is not
+        writing them while it loads them, so the two reads agree."""
+        records = [_wallet(row) for row in rows]
+        holding = [record.wallet_id for record in records if record.held]
+        if not holding:
+            return records
+        by_wallet: dict[UUID, list[HoldRecord]] = {}
+        for row in await self._fetch(_PENDING_HOLDS_OF, holding):
+            hold = _hold(row)
+            by_wallet.setdefault(hold.wallet_id, []).append(hold)
+        return [
+            replace(record, holds=tuple(by_wallet.get(record.wallet_id, ())))
+            if record.held else record
+            for record in records
+        ]  # fmt: skip
+
+    async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
+        rows = await self._fetch(_LOAD_HOLDS, hold_ids)
+        return {row[0]: _hold(row) for row in rows}
+
+    async def expired_holds(
+        self, shards: Sequence[int], now_us: int, limit: int
+    ) -> list[HoldRecord]:
+        rows = await self._fetch(_EXPIRED_HOLDS, list(shards), now_us, limit)
+        return [_hold(row) for row in rows]
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]
@@ -269,6 +356,7 @@ class PostgresLog(WalletLog):
 
     async def append_batch(self, batch: Batch) -> None:
         news, ops, snaps = batch.new_wallets, batch.operations, batch.snapshots
+        refusals = batch.refusals
         args: tuple[list[object], ...] = (
             [n.wallet_id for n in news],
             [n.created_at_us for n in news],
@@ -287,7 +375,6 @@ class PostgresLog(WalletLog):
             [s.balance for s in snaps],
             [s.updated_at_us for s in snaps],
         )
-        refusals = batch.refusals
         refusal_args = _NO_REFUSALS
         if refusals:
             refusal_args = (
@@ -305,10 +392,17 @@ class PostgresLog(WalletLog):
             [epoch for _, epoch in batch.fence],
         )
         args += refusal_args + fence
-        statement = _APPEND
-        if batch.new_transfers or batch.transfer_updates:
+        args += (
+            [o.held_after for o in ops],
+            [o.reference for o in ops],
+            [s.held for s in snaps],
+            [r.reference for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
+        )
+        transfers = bool(batch.new_transfers or batch.transfer_updates)
+        holds = bool(batch.new_holds or batch.hold_updates)
+        statement = _APPEND_STATEMENTS[(transfers, holds)]
+        if transfers:
             opened, closed = batch.new_transfers, batch.transfer_updates
-            statement = _APPEND_WITH_TRANSFERS
             args += (
                 [t.transfer_id for t in opened],
                 [t.from_wallet_id for t in opened],
@@ -320,6 +414,27 @@ class PostgresLog(WalletLog):
                 [int(u.status) for u in closed],
                 [u.failure_code for u in closed],
                 [u.updated_at_us for u in closed],
+            )
+        if holds:
+            created, resolved = batch.new_holds, batch.hold_updates
+            args += (
+                [h.hold_id for h in created],
+                [h.wallet_id for h in created],
+                [h.shard for h in created],
+                [h.amount for h in created],
+                [h.expires_at_us for h in created],
+                [h.reference for h in created],
+                [h.create_key for h in created],
+                [h.create_fingerprint for h in created],
+                [h.created_at_us for h in created],
+                [u.hold_id for u in resolved],
+                [int(u.status) for u in resolved],
+                [u.captured for u in resolved],
+                [u.to_wallet_id for u in resolved],
+                [u.transfer_id for u in resolved],
+                [u.resolve_key for u in resolved],
+                [u.resolve_fingerprint for u in resolved],
+                [u.updated_at_us for u in resolved],
             )
         connection = await self._acquire()
         try:
@@ -333,6 +448,8 @@ class PostgresLog(WalletLog):
                 raise PredecessorPending(str(error)) from error
             if error.sqlstate == _TRANSFER_NOT_PENDING:
                 raise TransferNotPending(str(error)) from error
+            if error.sqlstate == _HOLD_NOT_PENDING:
+                raise HoldNotPending(str(error)) from error
             if error.sqlstate == _STALE_EPOCH:
                 raise StaleEpoch(str(error), [shard for shard, _ in batch.fence]) from error
             raise StorageError(f"batch refused: {error}") from error
@@ -350,7 +467,7 @@ class PostgresLog(WalletLog):
 
     async def recent_wallets(self, limit: int) -> list[WalletRecord]:
         rows = await self._fetch(_RECENT_WALLETS, limit)
-        return [_wallet(row) for row in rows]
+        return await self._with_holds(rows)
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")

@@ -32,6 +32,7 @@ class Op(NamedTuple):
     kind: OperationKind
     amount: int
     idempotency_key: str | None
+    reference: str | None = None
 
 
 operations = st.lists(

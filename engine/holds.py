@@ -1,0 +1,92 @@
+"""Holds outside the ledger: their ids, the identity of a request, and answers decided
+from the stored hold (docs/ARCHITECTURE.md, "Holds").
+
+A hold lives on its wallet's shard: its PENDING state is in the ledger beside the wallet
+(engine/ledger.py), and its id is drawn so that ``shard_of(hold id) == shard_of(wallet
+id)``. So ``/api/v1/holds/{id}/...`` routes, by the id in the path, to the wallet's owner
+with the routing and forwarding wallets use (HAProxy's hash, NotOwner forwarding).
+
+- Without a key the id is uuid4, drawn again until it lands on the wallet's shard (on
+  average ``shard_count`` draws, ~1 µs each).
+- With an Idempotency-Key it is uuid5(HOLD_KEY_NAMESPACE, "<wallet>:<counter>:<key>") for
+  counter 0, 1, ... until it lands there: deterministic, so a retry finds the same hold.
+  A creation key's scope is therefore the wallet (like an operation's).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Final
+from uuid import UUID
+
+import orjson
+
+from walletd.engine.commands import HoldAction, Outcome, Reply
+from walletd.engine.model import HoldRecord, HoldStatus
+from walletd.engine.ownership import shard_of
+
+__all__ = [
+    "HOLD_ID_TRIES_MAX",
+    "HOLD_KEY_NAMESPACE",
+    "create_fingerprint",
+    "new_hold_id",
+    "replay_creation",
+    "resolve_fingerprint",
+    "resolved_reply",
+]
+
+HOLD_KEY_NAMESPACE: Final = UUID("3c8e7b21-5d4a-4f6e-8b19-2a7d9e0c6f53")
+# Draws until a hold id lands on its wallet's shard: the chance that 4096 shards need more
+# than this many is below 1e-10; past it the request is refused, never looped forever.
+HOLD_ID_TRIES_MAX: Final = 100_000
+
+_ALREADY: Final = {
+    HoldStatus.CAPTURED: Outcome.HOLD_ALREADY_CAPTURED,
+    HoldStatus.VOIDED: Outcome.HOLD_ALREADY_VOIDED,
+    HoldStatus.EXPIRED: Outcome.HOLD_EXPIRED,
+}
+
+
+class HoldIdUnavailable(Exception):
+    """No hold id on the wallet's shard within HOLD_ID_TRIES_MAX draws."""
+
+
+def new_hold_id(wallet_id: UUID, key: str | None, shard_count: int) -> UUID:
+    target = shard_of(wallet_id, shard_count)
+    for counter in range(HOLD_ID_TRIES_MAX):
+        if key is None:
+            hold_id = uuid.uuid4()
+        else:
+            hold_id = uuid.uuid5(HOLD_KEY_NAMESPACE, f"{wallet_id}:{counter}:{key}")
+        if shard_count == 1 or shard_of(hold_id, shard_count) == target:
+            return hold_id
+    raise HoldIdUnavailable(f"no hold id on shard {target} in {HOLD_ID_TRIES_MAX} draws")
+
+
+def create_fingerprint(amount: int, expires_in_s: int | None, reference: str | None) -> str:
+    """What a creation request was, as sent (an omitted expires_in_s is not the default)."""
+    return orjson.dumps([amount, expires_in_s, reference]).decode()
+
+
+def resolve_fingerprint(action: HoldAction, amount: int | None) -> str:
+    """What a capture or void request was, as sent (an omitted amount is "all of it")."""
+    return orjson.dumps([action.value, amount]).decode()
+
+
+def replay_creation(stored: HoldRecord, fingerprint: str) -> Reply:
+    """A keyed creation whose hold exists: the original answer (the hold as it is now), or
+    IDEMPOTENCY_KEY_REUSED for another request under the same key."""
+    if stored.create_fingerprint != fingerprint:
+        return Reply(Outcome.IDEMPOTENCY_KEY_REUSED, hold=stored)
+    return Reply(Outcome.CREATED, hold=stored, replayed=True)
+
+
+def resolved_reply(stored: HoldRecord, key: str | None, fingerprint: str) -> Reply:
+    """A capture or void of a hold that is no longer PENDING. The request that resolved it,
+    retried with its Idempotency-Key, gets the original answer; the same key with another
+    request is IDEMPOTENCY_KEY_REUSED; anything else is refused by the hold's status."""
+    if key is not None and stored.resolve_key == key:
+        if stored.resolve_fingerprint != fingerprint:
+            return Reply(Outcome.IDEMPOTENCY_KEY_REUSED, hold=stored)
+        return Reply(Outcome.OK, hold=stored, replayed=True)
+    return Reply(_ALREADY[stored.status], hold=stored)
