@@ -84,6 +84,7 @@ class WalletAsOf:
     seq: int
     created_at_us: int
     updated_at_us: int
+    held: int = 0  # held after that operation
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,16 @@ PROBLEM_CODES: Final = (
     "UNAUTHORIZED",
     "INTERNAL_ERROR",
     "AS_OF_NOT_SETTLED",
+    "INVALID_HOLD_ID",
+    "HOLD_NOT_FOUND",
+    "HOLD_EXPIRED",
+    "HOLD_ALREADY_CAPTURED",
+    "HOLD_ALREADY_VOIDED",
+    "CAPTURE_EXCEEDS_HOLD",
+    "TOO_MANY_HOLDS",
 )
+HOLD_EXPIRES_IN_S_MAX: Final = 2_592_000  # WALLETD_HOLD_EXPIRES_IN_MAX's default
+HOLD_EXPIRES_IN_S_DEFAULT: Final = 86_400
 
 AMOUNT_MAX: Final = "1000000000000.00"  # 10^12
 BALANCE_MAX: Final = "1000000000000000.00"  # 10^15
@@ -146,11 +155,23 @@ def _schemas() -> JsonObject:
         "Timestamp": timestamp,
         "OperationType": {
             "type": "string",
-            "enum": ["DEPOSIT", "WITHDRAW", "TRANSFER_OUT", "TRANSFER_IN", "TRANSFER_REFUND"],
+            "enum": [
+                "DEPOSIT",
+                "WITHDRAW",
+                "TRANSFER_OUT",
+                "TRANSFER_IN",
+                "TRANSFER_REFUND",
+                "HOLD",
+                "CAPTURE",
+                "RELEASE",
+            ],
             "description": (
                 "A request sends DEPOSIT or WITHDRAW; history also lists the legs of "
                 "transfers: TRANSFER_OUT (debit), TRANSFER_IN (credit), TRANSFER_REFUND "
-                "(a refused credit compensated)."
+                "(a refused credit compensated), and the moves of holds: HOLD (money "
+                "reserved: held up, balance unchanged), CAPTURE (captured money taken out: "
+                "balance and held down), RELEASE (the rest given back to available on "
+                "capture, void or expiry: held down)."
             ),
         },
         "RequestOperationType": {"type": "string", "enum": ["DEPOSIT", "WITHDRAW"]},
@@ -176,6 +197,16 @@ def _schemas() -> JsonObject:
         "EventsPage": _events_page_schema(),
         "TransferRequest": _transfer_request_schema(),
         "Transfer": _transfer_schema(),
+        "Reference": _reference_schema(),
+        "HoldId": {"type": "string", "format": "uuid"},
+        "HoldRequest": _hold_request_schema(),
+        "CaptureRequest": _capture_request_schema(),
+        "VoidRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "Optional; no fields.",
+        },
+        "Hold": _hold_schema(),
         "HealthStatus": {
             "type": "object",
             "required": ["status"],
@@ -235,10 +266,22 @@ def _wallet_schema() -> JsonObject:
     # More fields may be added to a wallet, never removed: extra properties stay allowed.
     return {
         "type": "object",
-        "required": ["id", "balance", "created_at", "updated_at"],
+        "required": ["id", "balance", "available", "held", "created_at", "updated_at"],
         "properties": {
             "id": _ref("schemas", "WalletId"),
-            "balance": _ref("schemas", "Money"),
+            "balance": {
+                **_ref("schemas", "Money"),
+                "description": "Everything the wallet owns, held money included.",
+            },
+            "available": {
+                **_ref("schemas", "Money"),
+                "description": "balance - held: what withdrawals, transfers and new holds "
+                "may take.",
+            },
+            "held": {
+                **_ref("schemas", "Money"),
+                "description": "The sum of the wallet's PENDING holds.",
+            },
             "created_at": _ref("schemas", "Timestamp"),
             "updated_at": _ref("schemas", "Timestamp"),
             "as_of": {
@@ -251,10 +294,93 @@ def _wallet_schema() -> JsonObject:
             {
                 "id": "123e4567-e89b-12d3-a456-426614174000",
                 "balance": "1000.00",
+                "available": "750.00",
+                "held": "250.00",
                 "created_at": "2025-01-19T10:00:00.123456Z",
                 "updated_at": "2025-01-19T10:30:00.000001Z",
             }
         ],
+    }
+
+
+def _reference_schema() -> JsonObject:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        "pattern": REFERENCE_PATTERN,
+        "description": "Optional client text for reconciliation (no control characters); "
+        "stored and returned in history and the feed. Part of the request's identity: the "
+        "same Idempotency-Key with another reference is 422 IDEMPOTENCY_KEY_REUSED.",
+    }
+
+
+def _hold_request_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["amount"],
+        "properties": {
+            "amount": _ref("schemas", "Amount"),
+            "expires_in_s": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": HOLD_EXPIRES_IN_S_MAX,
+                "default": HOLD_EXPIRES_IN_S_DEFAULT,
+                "description": "Seconds until the hold expires (WALLETD_HOLD_EXPIRES_IN_DEFAULT "
+                "when absent; at most WALLETD_HOLD_EXPIRES_IN_MAX, else 422).",
+            },
+            "reference": _ref("schemas", "Reference"),
+        },
+        "examples": [{"amount": "25.00", "expires_in_s": 600, "reference": "order 7"}],
+    }
+
+
+def _capture_request_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "amount": {
+                **_ref("schemas", "Amount"),
+                "description": "The part to capture (at most the hold's amount); the rest is "
+                "released. Absent: all of it.",
+            },
+        },
+        "description": "Optional; an empty body captures the whole hold.",
+        "examples": [{}, {"amount": "10.00"}],
+    }
+
+
+_HOLD_FIELDS: Final = (
+    "id", "wallet_id", "amount", "status", "captured_amount", "released_amount", "reference",
+    "expires_at", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def _hold_schema() -> JsonObject:
+    return {
+        "type": "object",
+        "required": list(_HOLD_FIELDS),
+        "properties": {
+            "id": _ref("schemas", "HoldId"),
+            "wallet_id": _ref("schemas", "WalletId"),
+            "amount": _ref("schemas", "Money"),
+            "status": {
+                "type": "string",
+                "enum": ["PENDING", "CAPTURED", "VOIDED", "EXPIRED"],
+                "description": "PENDING: the amount is held. CAPTURED: `captured_amount` left "
+                "the wallet, the rest was released. VOIDED / EXPIRED: all released (EXPIRED "
+                "by the sweep, after `expires_at`). A PENDING hold past `expires_at` can no "
+                "longer be captured or voided; the sweep releases it shortly.",
+            },
+            "captured_amount": _ref("schemas", "Money"),
+            "released_amount": _ref("schemas", "Money"),
+            "reference": {"oneOf": [_ref("schemas", "Reference"), {"type": "null"}]},
+            "expires_at": _ref("schemas", "Timestamp"),
+            "created_at": _ref("schemas", "Timestamp"),
+            "updated_at": _ref("schemas", "Timestamp"),
+        },
     }
 
 
@@ -283,10 +409,17 @@ def _event_schema() -> JsonObject:
             "operation_type": _ref("schemas", "OperationType"),
             "amount": _ref("schemas", "Money"),
             "balance_after": _ref("schemas", "Money"),
+            "held_after": _ref("schemas", "Money"),
+            "reference": {"oneOf": [_ref("schemas", "Reference"), {"type": "null"}]},
             "idempotency_key": {"oneOf": [_ref("schemas", "IdempotencyKey"), {"type": "null"}]},
             "transfer_id": {
                 "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
                 "description": "The transfer a TRANSFER_* leg belongs to; null otherwise.",
+            },
+            "hold_id": {
+                "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
+                "description": "The hold a HOLD / CAPTURE / RELEASE row belongs to; null "
+                "otherwise.",
             },
         },
     }  # fmt: skip
@@ -369,6 +502,7 @@ def _operation_request_schema() -> JsonObject:
                 "description": "Alias of `operation_type`.",
             },
             "amount": _ref("schemas", "Amount"),
+            "reference": _ref("schemas", "Reference"),
         },
         "oneOf": [{"required": ["operation_type"]}, {"required": ["operationType"]}],
         "examples": [
@@ -390,6 +524,7 @@ def _bulk_item_schema() -> JsonObject:
             "operation_type": _ref("schemas", "RequestOperationType"),
             "amount": _ref("schemas", "Amount"),
             "idempotency_key": _ref("schemas", "IdempotencyKey"),
+            "reference": _ref("schemas", "Reference"),
         },
     }
 
@@ -473,8 +608,11 @@ def _history_item_schema() -> JsonObject:
             "operation_type",
             "amount",
             "balance_after",
+            "held_after",
             "idempotency_key",
             "transfer_id",
+            "hold_id",
+            "reference",
             "created_at",
         ],
         "properties": {
@@ -487,10 +625,23 @@ def _history_item_schema() -> JsonObject:
             "operation_type": _ref("schemas", "OperationType"),
             "amount": _ref("schemas", "Money"),
             "balance_after": _ref("schemas", "Money"),
+            "held_after": {
+                **_ref("schemas", "Money"),
+                "description": "The wallet's held right after this row.",
+            },
             "idempotency_key": {"oneOf": [_ref("schemas", "IdempotencyKey"), {"type": "null"}]},
             "transfer_id": {
                 "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
                 "description": "The transfer of a TRANSFER_* leg; null otherwise.",
+            },
+            "hold_id": {
+                "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
+                "description": "The hold of a HOLD / CAPTURE / RELEASE row; null otherwise.",
+            },
+            "reference": {
+                "oneOf": [_ref("schemas", "Reference"), {"type": "null"}],
+                "description": "The client's reference of the operation (a transfer's or "
+                "hold's for their rows); null when none was sent.",
             },
             "created_at": _ref("schemas", "Timestamp"),
         },
@@ -501,8 +652,11 @@ def _history_item_schema() -> JsonObject:
                 "operation_type": "DEPOSIT",
                 "amount": "10.00",
                 "balance_after": "110.00",
+                "held_after": "0.00",
                 "idempotency_key": None,
                 "transfer_id": None,
+                "hold_id": None,
+                "reference": "invoice 17",
                 "created_at": "2025-01-19T10:00:00.123456Z",
             }
         ],
@@ -665,6 +819,11 @@ def _headers() -> JsonObject:
                 "pattern": "^/api/v1/wallets/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
                 "[0-9a-f]{12}$",
             },
+        },
+        "HoldLocation": {
+            "description": "Path of the hold: `/api/v1/holds/{id}`.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^/api/v1/holds/[0-9a-fA-F-]{36}$"},
         },
         "TransferLocation": {
             "description": "Path of the transfer: `/api/v1/transfers/{id}`.",
@@ -1210,6 +1369,132 @@ def _get_transfer() -> JsonObject:
     }
 
 
+def _hold_id_parameter() -> JsonObject:
+    return {
+        "name": "hold_id",
+        "in": "path",
+        "required": True,
+        "description": "A UUID in the canonical form; anything else is 400 INVALID_HOLD_ID. "
+        "A hold id hashes to its wallet's shard, so it routes like the wallet.",
+        "schema": _ref("schemas", "HoldId"),
+    }
+
+
+_HOLD_KEY_DESCRIPTION: Final = (
+    "Scope: this hold. The request that captured or voided the hold, retried with its key, "
+    "gets the original answer (`Idempotent-Replayed: true`); the same key with another "
+    "request is 422 IDEMPOTENCY_KEY_REUSED; without it a resolved hold is 409."
+)
+
+
+def _create_hold() -> JsonObject:
+    return {
+        "operationId": "createHold",
+        "tags": ["holds"],
+        "summary": "Reserve money of a wallet (authorize)",
+        "description": (
+            "A 201 means the hold is committed: `held` grew by the amount and `available` "
+            "shrank; `balance` is unchanged. With an Idempotency-Key (scope: the wallet) the "
+            "hold id is derived from it: a retry with the same body gets the same hold "
+            "(as it is now), another body 422. A refusal (409) records nothing."
+        ),
+        "security": list(API_SECURITY),
+        "parameters": [_ref("parameters", "WalletId"), _ref("parameters", "IdempotencyKey")],
+        "requestBody": _json_body("HoldRequest", required=True),
+        "responses": {
+            "201": {
+                **_json_response("The PENDING hold.", "Hold", ("Idempotent-Replayed",)),
+                "headers": {
+                    **_header_refs(("Idempotent-Replayed",)),
+                    "Location": _ref("headers", "HoldLocation"),
+                },
+            },
+            "400": _problem_response(
+                "The id is not a canonical UUID, or the body is not a JSON object.",
+                400,
+                ("INVALID_WALLET_ID", "INVALID_JSON"),
+            ),
+            "404": _ref("responses", "WalletNotFound"),
+            "409": _problem_response(
+                "The amount is more than `available`, or the wallet has "
+                "WALLETD_HOLDS_PER_WALLET_MAX PENDING holds already.",
+                409,
+                ("INSUFFICIENT_FUNDS", "TOO_MANY_HOLDS"),
+            ),
+            **_post_errors(),
+        },
+    }
+
+
+def _hold_refusals(action: str) -> JsonObject:
+    return {
+        "400": _problem_response(
+            "The id is not a UUID, or the body is not a JSON object.",
+            400,
+            ("INVALID_HOLD_ID", "INVALID_JSON"),
+        ),
+        "404": _problem_response("No hold has this id.", 404, ("HOLD_NOT_FOUND",)),
+        "409": _problem_response(
+            f"The hold cannot be {action}: its expires_at has passed (whether or not the "
+            "sweep has released it yet), it was captured or voided already, or (capture) "
+            "the amount is more than the hold. The problem carries the `hold`.",
+            409,
+            (
+                "HOLD_EXPIRED",
+                "HOLD_ALREADY_CAPTURED",
+                "HOLD_ALREADY_VOIDED",
+                "CAPTURE_EXCEEDS_HOLD",
+            ),
+        ),
+        **_post_errors(),
+    }
+
+
+def _resolve_hold(action: str) -> JsonObject:
+    captured = action == "capture"
+    return {
+        "operationId": "captureHold" if captured else "voidHold",
+        "tags": ["holds"],
+        "summary": "Capture a hold (all or part; the rest released)"
+        if captured
+        else "Void a hold (release all of it)",
+        "description": (
+            "A hold resolves once. A capture takes the captured amount out of the wallet "
+            "(like a withdrawal: `balance` and `held` drop) and releases the rest to "
+            "`available`; a void releases everything."
+        ),
+        "security": list(API_SECURITY),
+        "parameters": [
+            _hold_id_parameter(),
+            {**_ref("parameters", "IdempotencyKey"), "description": _HOLD_KEY_DESCRIPTION},
+        ],
+        "requestBody": _json_body("CaptureRequest" if captured else "VoidRequest", required=False),
+        "responses": {
+            "200": _json_response(
+                "The hold, CAPTURED or VOIDED.", "Hold", ("Idempotent-Replayed",)
+            ),
+            **_hold_refusals("captured" if captured else "voided"),
+        },
+    }
+
+
+def _get_hold() -> JsonObject:
+    return {
+        "operationId": "getHold",
+        "tags": ["holds"],
+        "summary": "Read a hold and its status",
+        "security": list(API_SECURITY),
+        "parameters": [_hold_id_parameter()],
+        "responses": {
+            "200": _json_response("The hold.", "Hold"),
+            "400": _problem_response("The id is not a UUID.", 400, ("INVALID_HOLD_ID",)),
+            "401": _ref("responses", "Unauthorized"),
+            "404": _problem_response("No hold has this id.", 404, ("HOLD_NOT_FOUND",)),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
 def _service_paths() -> JsonObject:
     return {
         "/healthz": {
@@ -1320,6 +1605,10 @@ def _paths() -> JsonObject:
         "/api/v1/events/stream": {"get": _stream_events()},
         "/api/v1/transfers": {"post": _create_transfer()},
         "/api/v1/transfers/{transfer_id}": {"get": _get_transfer()},
+        wallet + "/holds": {"post": _create_hold()},
+        "/api/v1/holds/{hold_id}": {"get": _get_hold()},
+        "/api/v1/holds/{hold_id}/capture": {"post": _resolve_hold("capture")},
+        "/api/v1/holds/{hold_id}/void": {"post": _resolve_hold("void")},
         **_service_paths(),
         **_docs_paths(),
     }
@@ -1360,6 +1649,7 @@ def build_openapi_document() -> dict[str, Any]:
             {"name": "wallets", "description": "Wallets and their operations"},
             {"name": "feed", "description": "Every committed change, in order"},
             {"name": "transfers", "description": "Money moved between wallets"},
+            {"name": "holds", "description": "Money reserved, then captured or released"},
             {"name": "service", "description": "Health and metrics"},
             {"name": "docs", "description": "This document and its docs page"},
         ],

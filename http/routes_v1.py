@@ -113,7 +113,9 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
             "WALLET_NOT_FOUND",
             f"wallet {wallet_id} did not exist at {format_timestamp(at_us)}",
         )
-    view = WalletView(wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us)
+    view = WalletView(
+        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held
+    )
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
     return web.Response(body=body, headers=_JSON_HEADERS)
 

@@ -47,7 +47,8 @@ _AT: Final = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
 _SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
-SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")}
+SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
+       o.held_after
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
                       OFFSET 0) s  -- not pulled up: the search would run once per use
@@ -152,10 +153,10 @@ class PostgresLogReader(LogReader):
         rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
         if not rows:
             return None
-        created_us, balance, seq, updated_us = rows[0]
+        created_us, balance, seq, updated_us, held = rows[0]
         if not seq:  # seq 0: no operation yet at that instant
             return WalletAsOf(wallet_id, 0, 0, created_us, created_us)
-        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us)
+        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us, held)
 
     async def filtered_history(
         self,

@@ -4,12 +4,14 @@
   operations by (wallet id, seq)) on two connections sharing one REPEATABLE READ snapshot
   (``pg_export_snapshot``), each with its next fetch in flight, and checks, for every
   wallet, that the snapshot's balance and seq equal the log's sum and last seq, and that the
-  log's own chain holds (seq = 1, 2, 3, ..., each balance_after = the running balance, and
-  created_at never goes back: as-of reads binary-search by it).
+  log's own chain holds (seq = 1, 2, 3, ..., each balance_after = the running balance,
+  each held_after = the running held with 0 <= held <= balance, and created_at never goes
+  back: as-of reads binary-search by it); the snapshot's held equals the log's too. Then
+  that every wallet's held is the sum of its PENDING holds (``HELD_CHECK``, one statement).
   Memory is bounded by the cursor fetch size, whatever the table sizes. Then it checks
   that every log row and every wallet creation has exactly one change-feed position:
   none without one, no two sharing one (``FEED_POSITIONS_CHECK``).
-- ``restore`` rebuilds every wallet's balance, seq and updated_at from the log in one
+- ``restore`` rebuilds every wallet's balance, held, seq and updated_at from the log in one
   transaction, holding the serving lock so no walletd serves the database meanwhile. It is
   one statement on purpose: split into 64 slices of the id space (to report progress) it
   took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s against 5.8-8.8 s).
@@ -133,17 +135,32 @@ SELECT w.id, w.created_xid::text, w.feed_id
  LIMIT {FEED_MISMATCHES_MAX}
 """
 
-_WALLETS_IN_ORDER = "SELECT id, balance, seq FROM wallets ORDER BY id"
-# The signed amount is computed by the server: one column less to decode per row. Kinds
-# 1, 4, 5 (DEPOSIT, TRANSFER_IN, TRANSFER_REFUND) add money; the others take it out. So is
+_WALLETS_IN_ORDER = "SELECT id, balance, seq, held FROM wallets ORDER BY id"
+# How each kind moves balance and held (migration 0008): DEPOSIT, TRANSFER_IN and
+# TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out; HOLD adds
+# to held, CAPTURE and RELEASE take from it.
+SIGNED_BALANCE_SQL = (
+    "CASE WHEN kind IN (1, 4, 5) THEN amount WHEN kind IN (6, 8) THEN 0 ELSE -amount END"
+)
+SIGNED_HELD_SQL = "CASE kind WHEN 6 THEN amount WHEN 7 THEN -amount WHEN 8 THEN -amount ELSE 0 END"
+# The signed amounts are computed by the server: fewer columns to decode per row. So is
 # whether a row is stamped before the one before it (as-of reads binary-search a wallet's
 # log by created_at, so it must not go back): a boolean, where a timestamp would be decoded.
 _OPERATIONS_IN_ORDER = (
-    "SELECT wallet_id, seq, CASE WHEN kind IN (1, 4, 5) THEN amount ELSE -amount END, "
-    "balance_after, "
-    "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq) "
+    f"SELECT wallet_id, seq, {SIGNED_BALANCE_SQL}, balance_after, "
+    "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq), "
+    f"{SIGNED_HELD_SQL}, held_after "
     "FROM wallet_operations ORDER BY wallet_id, seq"
 )
+# Wallets whose held is not the sum of their PENDING holds (one statement: one snapshot).
+HELD_CHECK = f"""
+SELECT w.id, w.held, coalesce(h.pending, 0)
+  FROM wallets w
+  FULL JOIN (SELECT wallet_id, sum(amount) AS pending FROM holds WHERE status = 1
+              GROUP BY wallet_id) AS h ON h.wallet_id = w.id
+ WHERE w.held IS DISTINCT FROM coalesce(h.pending, 0)
+ LIMIT {FEED_MISMATCHES_MAX}
+"""
 
 
 class _Rows:
@@ -240,12 +257,13 @@ async def verify(
         for_wallets = await wallets.take_batch()
         while for_wallets:
             report.wallets += len(for_wallets)
-            for index, (wallet_id, snap_balance, snap_seq) in enumerate(for_wallets):
+            for index, (wallet_id, snap_balance, snap_seq, snap_held) in enumerate(for_wallets):
                 if not index % VERIFY_YIELD_WALLETS:
                     # Let the event loop read the fetches in flight: the server streams on
                     # (another core) instead of stalling on a full socket buffer.
                     await asyncio.sleep(0)
                 balance = 0
+                held = 0
                 seq = 0
                 chain_ok = True
                 while True:
@@ -256,7 +274,15 @@ async def verify(
                         pending_rows = len(pending)
                         if not pending:
                             break
-                    op_wallet, op_seq, signed_amount, balance_after, back = pending[position]
+                    (
+                        op_wallet,
+                        op_seq,
+                        signed_amount,
+                        balance_after,
+                        back,
+                        signed_held,
+                        held_after,
+                    ) = pending[position]
                     if op_wallet != wallet_id:
                         if op_wallet < wallet_id:
                             found(op_wallet, "log rows without a snapshot row")
@@ -265,13 +291,20 @@ async def verify(
                         break
                     position += 1
                     balance += signed_amount
+                    held += signed_held
                     seq += 1
-                    if chain_ok and (op_seq != seq or balance_after != balance or balance < 0):
+                    if chain_ok and (
+                        op_seq != seq
+                        or balance_after != balance
+                        or held_after != held
+                        or not 0 <= held <= balance
+                    ):
                         chain_ok = False
                         found(
                             wallet_id,
                             f"log chain broken at seq {op_seq} (expected seq {seq}, "
-                            f"balance_after {balance_after}, replayed balance {balance})",
+                            f"balance_after {balance_after}, replayed balance {balance}, "
+                            f"held_after {held_after}, replayed held {held})",
                         )
                     if back:
                         found(wallet_id, f"created_at of seq {op_seq} is before seq {op_seq - 1}'s")
@@ -279,6 +312,8 @@ async def verify(
                     found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
                 if snap_seq != seq:
                     found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
+                if snap_held != held:
+                    found(wallet_id, f"snapshot held {snap_held} != log held {held}")
             progress.advance(len(for_wallets))
             for_wallets = await wallets.take_batch()
         # Log rows past the last wallet belong to no snapshot row.
@@ -294,8 +329,19 @@ async def verify(
             position += 1
     report.operations = operations_checked
     await _check_feed_positions(dsn, found)
+    await _check_held(dsn, found)
     report.seconds = time.perf_counter() - started
     return report
+
+
+async def _check_held(dsn: str, found: Callable[[UUID, str], None]) -> None:
+    connection = await connect(dsn)
+    try:
+        rows = await connection.fetch(HELD_CHECK)
+    finally:
+        await connection.close()
+    for wallet_id, held, pending in rows:
+        found(wallet_id, f"held {held} != sum of its PENDING holds {pending}")
 
 
 async def _check_feed_positions(dsn: str, found: Callable[[UUID, str], None]) -> None:
@@ -325,10 +371,11 @@ class RestoreReport:
 
 
 # Every wallet's snapshot from its log; rows already equal are left alone.
-_RESTORE = """
+_RESTORE = f"""
 WITH replay AS (
     SELECT wallet_id,
-           sum(CASE WHEN kind IN (1, 4, 5) THEN amount ELSE -amount END) AS balance,
+           sum({SIGNED_BALANCE_SQL}) AS balance,
+           sum({SIGNED_HELD_SQL}) AS held,
            max(seq) AS seq,
            max(created_at) AS updated_at
       FROM wallet_operations
@@ -336,15 +383,17 @@ WITH replay AS (
 ), target AS (
     SELECT w.id,
            coalesce(r.balance, 0)::bigint AS balance,
+           coalesce(r.held, 0)::bigint AS held,
            coalesce(r.seq, 0) AS seq,
            coalesce(r.updated_at, w.created_at) AS updated_at
       FROM wallets w LEFT JOIN replay r ON r.wallet_id = w.id
 )
 UPDATE wallets AS w
-   SET balance = t.balance, seq = t.seq, updated_at = t.updated_at
+   SET balance = t.balance, held = t.held, seq = t.seq, updated_at = t.updated_at
   FROM target t
  WHERE w.id = t.id
-   AND (w.balance, w.seq, w.updated_at) IS DISTINCT FROM (t.balance, t.seq, t.updated_at)
+   AND (w.balance, w.held, w.seq, w.updated_at)
+       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at)
 """
 
 

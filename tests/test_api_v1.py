@@ -36,7 +36,7 @@ async def test_create_wallet_returns_the_seed_shape(client: Client) -> None:
     response = await client.post("/api/v1/wallets")
     assert response.status == 201
     body = await response.json()
-    assert set(body) == {"id", "balance", "created_at", "updated_at"}
+    assert set(body) == {"id", "balance", "available", "held", "created_at", "updated_at"}
     assert body["balance"] == "0.00"
     assert body["created_at"] == body["updated_at"]
     assert body["created_at"].endswith("Z")

@@ -37,6 +37,10 @@ V1_OPERATIONS: Final = {
     ("post", "/api/v1/operations/bulk"),
     ("post", "/api/v1/transfers"),
     ("get", "/api/v1/transfers/{transfer_id}"),
+    ("post", "/api/v1/wallets/{wallet_id}/holds"),
+    ("get", "/api/v1/holds/{hold_id}"),
+    ("post", "/api/v1/holds/{hold_id}/capture"),
+    ("post", "/api/v1/holds/{hold_id}/void"),
 }
 OPEN_OPERATIONS: Final = {
     ("get", "/healthz"),

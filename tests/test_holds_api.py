@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import AppFactory
 from walletd.engine.limits import EngineLimits
 from walletd.engine.ownership import shard_of
+from walletd.persistence.operator import verify
 
 Client = TestClient[web.Request, web.Application]
 
@@ -168,7 +169,9 @@ async def test_a_full_capture_takes_the_money_out(client: Client, database_url: 
     status, over, _ = await call(
         client, "POST", f"/api/v1/holds/{more['id']}/capture", {"amount": "6.01"}
     )
-    assert (status, over["code"], over["hold"]["status"]) == (409, "CAPTURE_EXCEEDS_HOLD", "PENDING")
+    assert (status, over["code"], over["hold"]["status"]) == (
+        409, "CAPTURE_EXCEEDS_HOLD", "PENDING",
+    )  # fmt: skip
     assert await invariants(database_url) == (0, 0, 0)
 
 
@@ -223,7 +226,8 @@ async def test_keys_replay_holds_and_their_resolutions(client: Client) -> None:
     status, elsewhere, _ = await call(
         client, "POST", f"/api/v1/wallets/{other_wallet}/holds", {"amount": 5}, key="h-1"
     )
-    assert status == 201 and elsewhere["id"] != first[1]["id"]
+    assert status == 201
+    assert elsewhere["id"] != first[1]["id"]
 
     hold_path = f"/api/v1/holds/{first[1]['id']}"
     captured = await call(client, "POST", hold_path + "/capture", {"amount": 2}, key="c-1")
@@ -388,3 +392,26 @@ async def test_no_overdraft_through_races_of_withdrawals_transfers_and_holds(
     assert statuses.get(409, 0) > 0, statuses  # the wallet did run dry
     assert min(seen_available) >= 0
     assert await invariants(database_url) == (0, 0, 0)
+
+
+async def test_verify_checks_held_against_the_log_and_the_pending_holds(
+    client: Client, database_url: str
+) -> None:
+    """walletd verify: clean after holds, captures and voids; a held that differs from the
+    log or from the PENDING holds is reported."""
+    wallet_id = await new_wallet(client, "20.00")
+    path = f"/api/v1/wallets/{wallet_id}/holds"
+    holds = [(await call(client, "POST", path, {"amount": 5}))[1]["id"] for _ in range(3)]
+    await call(client, "POST", f"/api/v1/holds/{holds[0]}/capture", {"amount": 2})
+    await call(client, "POST", f"/api/v1/holds/{holds[1]}/void")
+    report = await verify(database_url)
+    assert report.clean, report.first_mismatches
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("UPDATE holds SET status = 3 WHERE id = $1", uuid.UUID(holds[2]))
+    finally:
+        await connection.close()
+    report = await verify(database_url)
+    assert [m.problem for m in report.first_mismatches] == [
+        "held 500 != sum of its PENDING holds 0"
+    ]

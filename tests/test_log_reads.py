@@ -168,6 +168,8 @@ async def test_as_of_over_http(client: Client, log_on: _Log) -> None:
     assert body == {
         "id": str(wallet_id),
         "balance": "10.50",
+        "available": "10.50",
+        "held": "0.00",
         "created_at": _iso(_BASE_US),
         "updated_at": _iso(_BASE_US + hour),
         "as_of": "2020-01-01T01:30:00.000000Z",

@@ -26,6 +26,8 @@ def _wallet(**changes: Any) -> dict[str, Any]:
     wallet = {
         "id": WALLET_ID,
         "balance": "1000.00",
+        "available": "1000.00",
+        "held": "0.00",
         "created_at": "2025-01-19T10:00:00.123456Z",
         "updated_at": "2025-01-19T10:30:00.000001Z",
     }

@@ -19,19 +19,23 @@ micros = st.integers(min_value=0, max_value=253_402_300_799_999_999)
 @given(
     wallet_id=st.uuids(),
     balance=st.integers(min_value=0, max_value=BALANCE_MINOR_MAX),
+    held_share=st.floats(min_value=0, max_value=1),
     seq=st.integers(min_value=0, max_value=2**63 - 1),
     created=micros,
     updated=micros,
 )
 def test_wallet_body_is_the_json_encoding_of_the_seed_fields(
-    wallet_id: UUID, balance: int, seq: int, created: int, updated: int
+    wallet_id: UUID, balance: int, held_share: float, seq: int, created: int, updated: int
 ) -> None:
-    """wallet_body writes the same bytes orjson makes of the seed's four fields, for any
-    wallet."""
-    view = WalletView(wallet_id, balance, seq, created, updated)
+    """wallet_body writes the same bytes orjson makes of the seed's four fields plus
+    available and held, for any wallet."""
+    held = int(balance * held_share)
+    view = WalletView(wallet_id, balance, seq, created, updated, held)
     fields = {
         "id": str(wallet_id),
         "balance": format_minor(balance),
+        "available": format_minor(balance - held),
+        "held": format_minor(held),
         "created_at": format_timestamp(created),
         "updated_at": format_timestamp(updated),
     }

@@ -32,6 +32,7 @@ async def _corrupt_wallets(dsn: str, count: int) -> list[str]:
     connection = await asyncpg.connect(dsn)
     try:
         await connection.execute("ALTER TABLE wallets DROP CONSTRAINT wallets_balance_range")
+        await connection.execute("ALTER TABLE wallets DROP CONSTRAINT wallets_held_within_balance")
         for wallet_id in ids:
             await connection.execute(
                 "INSERT INTO wallets (id, balance, seq, created_at, updated_at) "
