@@ -233,6 +233,7 @@ class Engine:
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()
         self._sweep_task: asyncio.Task[None] | None = None
+        self.sweep_passes = 0  # sweep passes ended (done or failed), since start
 
     async def warm_up(self, wallets_max: int) -> int:
         """Load up to ``wallets_max`` most recently updated wallets of the shards served
@@ -344,6 +345,7 @@ class Engine:
                 _log.warning("hold sweep failed: %r", error)
             except Exception:
                 _log.exception("hold sweep raised")  # a bug must not end the sweep
+            self.sweep_passes += 1
             if full:
                 await asyncio.sleep(0)
                 continue

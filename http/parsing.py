@@ -416,6 +416,8 @@ def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> 
         if isinstance(amount, dict):
             errors.append(amount)
     expires_in_s = body.get("expires_in_s")
+    if type(expires_in_s) is float and expires_in_s.is_integer():
+        expires_in_s = int(expires_in_s)  # 64.0 is an integer to JSON Schema too
     if expires_in_s is not None and not (
         type(expires_in_s) is int and 1 <= expires_in_s <= expires_in_s_max
     ):

@@ -5,11 +5,15 @@ Random creates, deposits, withdrawals, reads, keyed retries (of applied and of r
 operations), concurrent bursts, commit failures (plain and apply-then-fail), two batches in
 flight with the first failing, transfers through the engine (replayed, reused ids, refused
 and refunded, with failed and ambiguous credit or refund commits, finished by a re-drive or
-by the recovery of a restart), and restarts, across several wallets on several shards with a
+by the recovery of a restart), holds (created with and without keys, captured in part or
+whole, voided, refused past their expiry by a clock the test moves, released by the sweep
+and by the sweep of a restart, with failed and ambiguous commits), and restarts, across
+several wallets on several shards with a
 tiny resident bound (so passivation runs all the time) and more idempotency keys than the
 key cache holds (so keys are forgotten and looked up again). After every step the log must
-equal the model: balances, histories, recorded refusals, transfers, never negative,
-balance == sum(log), and balances + PENDING transfers == deposits - withdrawals.
+equal the model: balances, histories (with held_after), recorded refusals, transfers,
+holds, never negative, balance == sum(log), held == sum(PENDING holds) <= balance, and
+balances + PENDING transfers == deposits - withdrawals - captures.
 """
 
 from __future__ import annotations
@@ -22,22 +26,31 @@ from uuid import UUID
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from tests.engine_doubles import WAIT_S, ControlledLog, until
 from walletd.engine.commands import (
     ApplyOperation,
     Command,
     CreateWallet,
+    HoldAction,
     Outcome,
     ReadWallet,
     Reply,
+    hold_key,
     transfer_leg_key,
 )
+from walletd.engine.holds import create_fingerprint, new_hold_id, resolve_fingerprint
 from walletd.engine.ledger import Applied, Ledger
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import CREDIT_KINDS, OperationKind, TransferStatus
+from walletd.engine.model import CREDIT_KINDS, HoldStatus, OperationKind, TransferStatus
 from walletd.engine.money import BALANCE_MINOR_MAX
 from walletd.engine.router import Engine
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
@@ -62,6 +75,8 @@ LIMITS = EngineLimits(
     resident_wallets_max=3, idempotency_keys_max=12,
     # Re-drives run only when a rule asks (and once at each start), so the model knows when.
     transfer_redrive_interval_s=3600.0,
+    # So do sweeps of expired holds; at most 3 PENDING holds per wallet (refusals seen).
+    hold_sweep_interval_s=3600.0, holds_per_wallet_max=3,
 )  # fmt: skip
 TRANSFER_IDS = [UUID(int=1000 + n) for n in range(4)]
 
@@ -72,6 +87,24 @@ keys = st.none() | st.sampled_from(KEYS)
 transfer_ids = st.sampled_from(TRANSFER_IDS)
 OUT, IN = OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN
 REFUND = OperationKind.TRANSFER_REFUND
+HOLD, CAPTURE, RELEASE = OperationKind.HOLD, OperationKind.CAPTURE, OperationKind.RELEASE
+HOLD_KEYS = ["h1", "h2"]
+hold_keys = st.none() | st.sampled_from(HOLD_KEYS)
+# Expiry in whole seconds; the test's clock moves in steps of 0.7 s, so a check is never
+# within 0.1 s of an expiry (the clock also ticks 1 µs per reading).
+expiries = st.sampled_from([1, 2])
+CLOCK_STEP_US = 700_000
+SECOND_US = 1_000_000
+
+
+def signed_balance(kind: OperationKind, amount: int) -> int:
+    if kind in CREDIT_KINDS:
+        return amount
+    return 0 if kind in (HOLD, RELEASE) else -amount
+
+
+def signed_held(kind: OperationKind, amount: int) -> int:
+    return {HOLD: amount, CAPTURE: -amount, RELEASE: -amount}.get(kind, 0)
 
 
 @dataclass
@@ -80,6 +113,20 @@ class _Op:
     amount: int
     balance_after: int
     key: str | None
+    held_after: int = 0
+
+
+@dataclass
+class _Hold:
+    wallet: UUID
+    amount: int
+    expires_in_s: int
+    created_at: int  # the test clock's base when created
+    key: str | None
+    status: HoldStatus = HoldStatus.PENDING
+    captured: int = 0
+    resolve_key: str | None = None
+    resolve_fingerprint: str | None = None
 
 
 @dataclass
@@ -113,16 +160,118 @@ class Model:
     create_keys: dict[str, UUID] = field(default_factory=dict)
     # transfer id -> [from, to, amount, status, failure code]
     transfers: dict[UUID, list[object]] = field(default_factory=dict)
-    external: int = 0  # deposits - withdrawals
+    external: int = 0  # deposits - withdrawals - captures
+    holds: dict[UUID, _Hold] = field(default_factory=dict)
+    hold_keys: dict[tuple[UUID, str], UUID] = field(default_factory=dict)
+    now: int = 1_700_000_000_000_000  # the test clock's base (without per-reading ticks)
 
-    def move(self, wallet: UUID, kind: OperationKind, amount: int, key: str) -> None:
-        """Log one leg of a transfer."""
-        balance = self.balances[wallet] + (amount if kind in CREDIT_KINDS else -amount)
+    def held(self, wallet: UUID) -> int:
+        return sum(
+            h.amount for h in self.holds.values()
+            if h.wallet == wallet and h.status is HoldStatus.PENDING
+        )  # fmt: skip
+
+    def available(self, wallet: UUID) -> int:
+        return self.balances[wallet] - self.held(wallet)
+
+    def move(
+        self, wallet: UUID, kind: OperationKind, amount: int, key: str, *, remember: bool = True
+    ) -> None:
+        """Log one leg of a transfer, or one row of a hold."""
+        balance = self.balances[wallet] + signed_balance(kind, amount)
         assert balance >= 0
         op = _Op(kind, amount, balance, key)
         self.balances[wallet] = balance
+        op.held_after = self.held(wallet)
         self.history[wallet].append(op)
-        self.keyed[(wallet, key)] = op
+        if remember:
+            self.keyed[(wallet, key)] = op
+        if kind is CAPTURE:
+            self.external -= amount
+
+    def expired(self, hold: _Hold) -> bool:
+        return self.now - hold.created_at >= hold.expires_in_s * SECOND_US
+
+    def expect_create_hold(
+        self, wallet: UUID, amount: int, expires_in_s: int, key: str | None
+    ) -> Outcome:
+        if wallet not in self.balances:
+            return Outcome.WALLET_NOT_FOUND
+        if key is not None and (wallet, key) in self.hold_keys:
+            earlier = self.holds[self.hold_keys[(wallet, key)]]
+            same = (earlier.amount, earlier.expires_in_s) == (amount, expires_in_s)
+            return Outcome.CREATED if same else Outcome.IDEMPOTENCY_KEY_REUSED
+        pending = [h for h in self.holds.values()
+                   if h.wallet == wallet and h.status is HoldStatus.PENDING]  # fmt: skip
+        if len(pending) >= LIMITS.holds_per_wallet_max:
+            return Outcome.TOO_MANY_HOLDS
+        if amount > self.available(wallet):
+            return Outcome.INSUFFICIENT_FUNDS
+        return Outcome.CREATED
+
+    def create_hold(
+        self, hold_id: UUID, wallet: UUID, amount: int, expires_in_s: int, key: str | None
+    ) -> None:
+        self.holds[hold_id] = _Hold(wallet, amount, expires_in_s, self.now, key)
+        if key is not None:
+            self.hold_keys[(wallet, key)] = hold_id
+        self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False)
+
+    def expect_resolve(
+        self, hold_id: UUID, action: HoldAction, amount: int | None, key: str | None
+    ) -> tuple[Outcome, bool]:
+        """The outcome, and whether it resolves the hold now."""
+        hold = self.holds.get(hold_id)
+        if hold is None:
+            return Outcome.HOLD_NOT_FOUND, False
+        if hold.status is not HoldStatus.PENDING:
+            if key is not None and hold.resolve_key == key:
+                if hold.resolve_fingerprint != resolve_fingerprint(action, amount):
+                    return Outcome.IDEMPOTENCY_KEY_REUSED, False
+                return Outcome.OK, False
+            return {
+                HoldStatus.CAPTURED: Outcome.HOLD_ALREADY_CAPTURED,
+                HoldStatus.VOIDED: Outcome.HOLD_ALREADY_VOIDED,
+                HoldStatus.EXPIRED: Outcome.HOLD_EXPIRED,
+            }[hold.status], False
+        if self.expired(hold):
+            return Outcome.HOLD_EXPIRED, False
+        if action is HoldAction.CAPTURE and amount is not None and amount > hold.amount:
+            return Outcome.CAPTURE_EXCEEDS_HOLD, False
+        return Outcome.OK, True
+
+    def resolve(
+        self, hold_id: UUID, action: HoldAction, amount: int | None, key: str | None
+    ) -> None:
+        hold = self.holds[hold_id]
+        captured = 0
+        if action is HoldAction.CAPTURE:
+            captured = hold.amount if amount is None else amount
+        hold.status = {
+            HoldAction.CAPTURE: HoldStatus.CAPTURED,
+            HoldAction.VOID: HoldStatus.VOIDED,
+            HoldAction.EXPIRE: HoldStatus.EXPIRED,
+        }[action]
+        hold.captured = captured
+        if action is not HoldAction.EXPIRE:
+            hold.resolve_key, hold.resolve_fingerprint = key, resolve_fingerprint(action, amount)
+        held = self.held(hold.wallet) + hold.amount  # before this resolution
+        if captured:
+            held -= captured
+            self.move(hold.wallet, CAPTURE, captured, hold_key(CAPTURE, hold_id), remember=False)
+            self.history[hold.wallet][-1].held_after = held
+        if hold.amount - captured:
+            held -= hold.amount - captured
+            self.move(hold.wallet, RELEASE, hold.amount - captured, hold_key(RELEASE, hold_id),
+                      remember=False)  # fmt: skip
+            self.history[hold.wallet][-1].held_after = held
+
+    def due(self) -> list[UUID]:
+        """PENDING holds past their expiry, as the sweep reads them (earliest first)."""
+        due = [(h.created_at + h.expires_in_s * SECOND_US, hold_id)
+               for hold_id, h in self.holds.items()
+               if h.status is HoldStatus.PENDING and self.expired(h)]  # fmt: skip
+        return [hold_id for _, hold_id in sorted(due)]
 
     def transfer_reply(self, transfer_id: UUID) -> tuple[Outcome, str | None]:
         """The final answer a stored transfer gives."""
@@ -170,8 +319,10 @@ class Model:
         balance = self.balances[wallet]
         keyed = key is not None
         if kind is OperationKind.WITHDRAW:
-            if amount > balance:
-                return Expect(Outcome.INSUFFICIENT_FUNDS, balance, records=keyed)
+            if amount > balance - self.held(wallet):
+                return Expect(
+                    Outcome.INSUFFICIENT_FUNDS, balance - self.held(wallet), records=keyed
+                )
             return Expect(Outcome.OK, balance - amount, writes=True)
         if balance + amount > BALANCE_MINOR_MAX:
             return Expect(Outcome.BALANCE_LIMIT_EXCEEDED, balance, records=keyed)
@@ -183,7 +334,7 @@ class Model:
         """Take the effect of a command that got ``expect``."""
         if expect.writes:
             assert expect.balance is not None
-            op = _Op(kind, amount, expect.balance, key)
+            op = _Op(kind, amount, expect.balance, key, self.held(wallet))
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
             self.external += amount if kind is OperationKind.DEPOSIT else -amount
@@ -225,16 +376,30 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
     for wallet, balance in model.balances.items():
         stored = log.wallets[wallet]
         assert stored.balance == balance >= 0
+        held = model.held(wallet)
+        assert stored.held == held <= balance
+        assert held == sum(h.amount for h in log.holds.values()
+                           if h.wallet_id == wallet and h.status is HoldStatus.PENDING)  # fmt: skip
         ops = log.operations.get(wallet, [])
-        assert sum(o.amount if o.kind in CREDIT_KINDS else -o.amount for o in ops) == balance
-        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key) for o in ops] == [
-            (o.kind, o.amount, o.balance_after, o.key) for o in model.history[wallet]
-        ]
+        assert sum(signed_balance(o.kind, o.amount) for o in ops) == balance
+        assert sum(signed_held(o.kind, o.amount) for o in ops) == held
+        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key, o.held_after)
+                for o in ops] == [
+            (o.kind, o.amount, o.balance_after, o.key, o.held_after)
+            for o in model.history[wallet]
+        ]  # fmt: skip
         assert [o.seq for o in ops] == list(range(1, len(ops) + 1))
     refusals = {k: v for k, v in model.keyed.items() if isinstance(v, _Refusal)}
     assert {
         k: (r.kind, r.amount, r.reason.name, r.balance_seen) for k, r in log.refusals.items()
     } == {k: (r.kind, r.amount, r.outcome.name, r.balance_seen) for k, r in refusals.items()}
+    assert {
+        h.hold_id: (h.wallet_id, h.amount, h.status, h.captured, h.create_key, h.resolve_key)
+        for h in log.holds.values()
+    } == {
+        hold_id: (h.wallet, h.amount, h.status, h.captured, h.key, h.resolve_key)
+        for hold_id, h in model.holds.items()
+    }
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -243,14 +408,22 @@ class EngineMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.log = ControlledLog()
         self.model = Model()
+        self.ticks = 0
         self.engine = self._start_engine()
 
     def _run(self, awaitable: Awaitable[T]) -> T:
         return self.loop.run_until_complete(asyncio.wait_for(awaitable, WAIT_S))
 
+    def _clock_us(self) -> int:
+        """The model's clock, ticking 1 µs per reading (times never repeat)."""
+        self.ticks += 1
+        return self.model.now + self.ticks
+
     def _start_engine(self) -> Engine:
-        engine = Engine(self.log, LIMITS)
+        engine = Engine(self.log, LIMITS, clock_us=self._clock_us)
         self._run(engine.start())
+        # The sweep's first pass (at start) has run: no release happens behind the model.
+        self._run(until(lambda: engine.sweep_passes >= 1))
         return engine
 
     def teardown(self) -> None:
@@ -358,7 +531,7 @@ class EngineMachine(RuleBasedStateMachine):
         if sender not in model.balances:
             assert (reply.outcome, reply.side) == (Outcome.WALLET_NOT_FOUND, SIDE_FROM), reply
             return
-        if amount > model.balances[sender]:
+        if amount > model.available(sender):
             assert (reply.outcome, reply.side) == (Outcome.INSUFFICIENT_FUNDS, SIDE_FROM), reply
             return
         model.debit(transfer_id, sender, receiver, amount)
@@ -384,7 +557,7 @@ class EngineMachine(RuleBasedStateMachine):
             sender == receiver
             or transfer_id in model.transfers
             or sender not in model.balances
-            or amount > model.balances[sender]
+            or amount > model.available(sender)
         ):
             return  # covered by ``transfer``; here only the saga's second commit fails
         self.log.fail_next_closes, self.log.closes_land = 1, lands
@@ -413,13 +586,124 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        """A new engine on the same log rebuilds everything from storage, and its recovery
-        finishes a transfer left PENDING without any request."""
+        """A new engine on the same log rebuilds everything from storage (PENDING holds
+        included), its recovery finishes a transfer left PENDING without any request, and
+        its first sweep releases the holds past their expiry."""
         self._run(self.engine.stop())
         self.engine = self._start_engine()
+        for hold_id in self.model.due():
+            self.model.resolve(hold_id, HoldAction.EXPIRE, None, None)
         for transfer_id in self.model.pending():
             self._run(until(lambda: not self._stored_pending()))
             self.model.finish(transfer_id)
+
+    # -- holds ---------------------------------------------------------------------------
+
+    @initialize(deposit=st.integers(min_value=20, max_value=120))
+    def funded_wallets(self, deposit: int) -> None:
+        """Two funded wallets from the start: holds, captures and their refusals need money
+        (few random runs would create and fund a wallet before holding on it)."""
+        for wallet in WALLETS[:2]:
+            self.create(wallet, None)
+            self.apply(wallet, OperationKind.DEPOSIT, deposit, None)
+
+    def _wallets(self) -> st.SearchStrategy[UUID]:
+        """Mostly wallets that exist (holds on them are what can go wrong)."""
+        existing = sorted(self.model.balances)
+        return st.sampled_from(existing) | wallets if existing else wallets
+
+    @rule(data=st.data(), amount=amounts, expires_in_s=expiries, key=hold_keys)
+    def create_hold(
+        self, data: st.DataObject, amount: int, expires_in_s: int, key: str | None
+    ) -> None:
+        model = self.model
+        wallet = data.draw(self._wallets())
+        expected = model.expect_create_hold(wallet, amount, expires_in_s, key)
+        hold_id, reply = self._run(self.engine.create_hold(wallet, amount, expires_in_s, None, key))
+        assert reply.outcome is expected, (reply, expected)
+        if key is not None:
+            assert hold_id == new_hold_id(wallet, key, LIMITS.pipelines)
+        if expected is not Outcome.CREATED:
+            return
+        assert reply.hold is not None
+        if key is not None and (wallet, key) in model.hold_keys:
+            assert reply.replayed
+            assert reply.hold.create_fingerprint == create_fingerprint(amount, expires_in_s, None)
+            return
+        assert not reply.replayed
+        assert reply.hold.expires_at_us - reply.hold.created_at_us == expires_in_s * SECOND_US
+        model.create_hold(hold_id, wallet, amount, expires_in_s, key)
+
+    def _hold_ids(self) -> st.SearchStrategy[UUID]:
+        unknown = st.just(UUID(int=9999))
+        return st.sampled_from(sorted(self.model.holds)) | unknown if self.model.holds else unknown
+
+    @rule(
+        data=st.data(),
+        action=st.sampled_from([HoldAction.CAPTURE, HoldAction.VOID]),
+        amount=st.none() | amounts,
+        key=hold_keys,
+    )
+    def resolve_hold(
+        self, data: st.DataObject, action: HoldAction, amount: int | None, key: str | None
+    ) -> None:
+        hold_id = data.draw(self._hold_ids())
+        if action is HoldAction.VOID:
+            amount = None
+        expected, resolves = self.model.expect_resolve(hold_id, action, amount, key)
+        reply = self._run(self.engine.resolve_hold(action, hold_id, amount, key))
+        assert reply.outcome is expected, (reply, expected)
+        if resolves:
+            self.model.resolve(hold_id, action, amount, key)
+        assert reply.replayed is (expected is Outcome.OK and not resolves)
+
+    @rule(
+        wallet=wallets, amount=amounts, expires_in_s=expiries, lands=st.booleans(),
+        resolve=st.booleans(),
+    )  # fmt: skip
+    def hold_with_failed_commit(
+        self, wallet: UUID, amount: int, expires_in_s: int, lands: bool, resolve: bool
+    ) -> None:
+        """A hold's creation, or the capture of the last one, whose commit fails; with
+        ``lands`` it was written first (an ambiguous commit)."""
+        model = self.model
+        pending = [i for i, h in model.holds.items() if h.status is HoldStatus.PENDING]
+        self.log.fail_next_appends, self.log.apply_then_fail = 1, lands
+        if resolve and pending:
+            expected, resolves = model.expect_resolve(pending[-1], HoldAction.CAPTURE, None, None)
+            reply = self._run(self.engine.resolve_hold(HoldAction.CAPTURE, pending[-1], None, None))
+            self.log.fail_next_appends, self.log.apply_then_fail = 0, False
+            if not resolves:
+                assert reply.outcome is expected, reply
+                return
+            assert reply.outcome is Outcome.UNAVAILABLE, reply
+            if lands:
+                model.resolve(pending[-1], HoldAction.CAPTURE, None, None)
+            return
+        expected = model.expect_create_hold(wallet, amount, expires_in_s, None)
+        before = set(self.log.holds)
+        _id, reply = self._run(self.engine.create_hold(wallet, amount, expires_in_s, None, None))
+        self.log.fail_next_appends, self.log.apply_then_fail = 0, False
+        if expected is not Outcome.CREATED:
+            assert reply.outcome is expected, reply
+            return
+        assert reply.outcome is Outcome.UNAVAILABLE, reply
+        if lands:
+            (hold_id,) = set(self.log.holds) - before
+            model.create_hold(hold_id, wallet, amount, expires_in_s, None)
+
+    @rule()
+    def clock_moves(self) -> None:
+        self.model.now += CLOCK_STEP_US
+
+    @rule()
+    def sweep(self) -> None:
+        """A sweep pass releases exactly the PENDING holds past their expiry."""
+        released = self._run(self.engine.sweep_holds())
+        due = self.model.due()
+        assert released == len(due)
+        for hold_id in due:
+            self.model.resolve(hold_id, HoldAction.EXPIRE, None, None)
 
     def _stored_pending(self) -> list[UUID]:
         return [t.transfer_id for t in self.log.transfers.values()
@@ -440,8 +724,8 @@ class EngineMachine(RuleBasedStateMachine):
         assert stored == self.model.transfers
         in_flight = sum(t.amount for t in self.log.transfers.values()
                         if t.status is TransferStatus.PENDING)  # fmt: skip
-        held = sum(w.balance for w in self.log.wallets.values())
-        assert held + in_flight == self.model.external
+        owned = sum(w.balance for w in self.log.wallets.values())
+        assert owned + in_flight == self.model.external
 
     @invariant()
     def reads_match_model(self) -> None:
@@ -451,12 +735,14 @@ class EngineMachine(RuleBasedStateMachine):
             if wallet in self.model.balances:
                 assert reply.wallet is not None
                 assert reply.wallet.balance == self.model.balances[wallet]
+                assert reply.wallet.held == self.model.held(wallet)
             else:
                 assert reply.outcome is Outcome.WALLET_NOT_FOUND
 
 
 TestEngineModel = EngineMachine.TestCase
-TestEngineModel.settings = settings.get_profile("engine-model")
+# More runs than the ledger's: this machine has many more rules to share them (~10 s).
+TestEngineModel.settings = settings(settings.get_profile("engine-model"), max_examples=150)
 
 
 # -- the pure ledger, driven directly ----------------------------------------------------

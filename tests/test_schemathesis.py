@@ -155,6 +155,24 @@ def transfer_id(live_url: str, session: requests.Session, wallet_id: str) -> str
     return created
 
 
+def _new_hold(url: str, http: requests.Session) -> str:
+    """A PENDING hold on a wallet of its own (so the holds do not use up the shared
+    wallet's money): capture and void reach their 2xx once on each, then meet 409."""
+    wallet = http.post(f"{url}/api/v1/wallets", timeout=10).json()["id"]
+    deposit = http.post(
+        f"{url}/api/v1/wallets/{wallet}/operation",
+        json={"operation_type": "DEPOSIT", "amount": "1000000.00"},
+        timeout=10,
+    )
+    assert deposit.status_code == 200
+    response = http.post(
+        f"{url}/api/v1/wallets/{wallet}/holds", json={"amount": "500000.00"}, timeout=10
+    )
+    assert response.status_code == 201, response.text
+    hold_id: str = response.json()["id"]
+    return hold_id
+
+
 # Operations whose 2xx needs related records a generated body cannot name (two funded
 # wallets): their success path is checked against the document with real records in
 # tests/test_openapi_responses.py instead.
@@ -208,6 +226,11 @@ def test_operation_conforms(
     if "{transfer_id}" in path:
         reaching = operation.as_strategy(path_parameters={"transfer_id": transfer_id})
         positive = positive | reaching
+    if "{hold_id}" in path:
+        # A hold resolves once: the positive cases get one hold, the success run another.
+        hold = _new_hold(live_url, session)
+        positive = positive | operation.as_strategy(path_parameters={"hold_id": hold})
+        reaching = operation.as_strategy(path_parameters={"hold_id": _new_hold(live_url, session)})
     _run(positive, POSITIVE_EXAMPLES, live_url, session)
     if (method, path) in _SUCCESS_CHECKED_ELSEWHERE:
         return
