@@ -44,6 +44,7 @@ __all__ = [
     "BulkItem",
     "BulkResult",
     "HistoryPage",
+    "Hold",
     "Operation",
     "Wallet",
     "WalletdClient",
@@ -110,16 +111,22 @@ class Wallet:
     updated_at: datetime
     # True when walletd answered a retry (or a repeated key) with the original response.
     replayed: bool = False
+    # balance - held; servers before holds send neither (then: balance, 0).
+    available: Decimal | None = None
+    held: Decimal = Decimal(0)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Wallet:
         try:
+            balance = _decimal(body["balance"], "balance")
             return cls(
                 id=str(body["id"]),
-                balance=_decimal(body["balance"], "balance"),
+                balance=balance,
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                available=_decimal(body.get("available", body["balance"]), "available"),
+                held=_decimal(body.get("held", "0.00"), "held"),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -148,6 +155,41 @@ class Operation:
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"history item lacks {missing}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: str
+    wallet_id: str
+    amount: Decimal
+    status: str  # PENDING, CAPTURED, VOIDED, EXPIRED
+    captured_amount: Decimal
+    released_amount: Decimal
+    reference: str | None
+    expires_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    replayed: bool = False
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
+        try:
+            reference = body["reference"]
+            return cls(
+                id=str(body["id"]),
+                wallet_id=str(body["wallet_id"]),
+                amount=_decimal(body["amount"], "amount"),
+                status=str(body["status"]),
+                captured_amount=_decimal(body["captured_amount"], "captured_amount"),
+                released_amount=_decimal(body["released_amount"], "released_amount"),
+                reference=None if reference is None else str(reference),
+                expires_at=_timestamp(body["expires_at"], "expires_at"),
+                created_at=_timestamp(body["created_at"], "created_at"),
+                updated_at=_timestamp(body["updated_at"], "updated_at"),
+                replayed=replayed,
+            )
+        except KeyError as missing:
+            raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +363,55 @@ class WalletdClient:
         if not isinstance(results, list) or len(results) != len(items):
             raise UnexpectedResponse("bulk answer lacks one result per item")
         return [BulkResult.from_json(result) for result in results]
+
+    async def create_hold(
+        self,
+        wallet_id: str | uuid.UUID,
+        amount: Amount,
+        *,
+        expires_in_s: int | None = None,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserves ``amount`` of the wallet's available money (a PENDING hold). The key
+        (generated unless given) makes a retry return the same hold."""
+        body: dict[str, Any] = {"amount": _amount_text(amount)}
+        if expires_in_s is not None:
+            body["expires_in_s"] = expires_in_s
+        if reference is not None:
+            body["reference"] = reference
+        answer = await self._call(
+            "POST", f"/wallets/{_segment(wallet_id)}/holds", body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )  # fmt: skip
+        return Hold.from_json(answer.body, answer.replayed)
+
+    async def capture(
+        self,
+        hold_id: str | uuid.UUID,
+        amount: Amount | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Captures ``amount`` of the hold (all of it when None); the rest is released."""
+        body = {} if amount is None else {"amount": _amount_text(amount)}
+        answer = await self._call(
+            "POST", f"/holds/{_segment(hold_id)}/capture", body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )  # fmt: skip
+        return Hold.from_json(answer.body, answer.replayed)
+
+    async def void(self, hold_id: str | uuid.UUID, *, idempotency_key: str | None = None) -> Hold:
+        """Releases the whole hold."""
+        answer = await self._call(
+            "POST", f"/holds/{_segment(hold_id)}/void", {},
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )  # fmt: skip
+        return Hold.from_json(answer.body, answer.replayed)
+
+    async def get_hold(self, hold_id: str | uuid.UUID) -> Hold:
+        answer = await self._call("GET", f"/holds/{_segment(hold_id)}")
+        return Hold.from_json(answer.body)
 
     async def _operate(
         self, wallet_id: str | uuid.UUID, kind: str, amount: Amount, key: str | None

@@ -13,11 +13,18 @@ Exceptions::
         ├── Unauthorized          UNAUTHORIZED
         ├── NotFound              a route or a resource that does not exist
         │   ├── WalletNotFound          WALLET_NOT_FOUND
-        │   └── TransferNotFound        TRANSFER_NOT_FOUND
+        │   ├── TransferNotFound        TRANSFER_NOT_FOUND
+        │   └── HoldNotFound            HOLD_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
         │   ├── WalletAlreadyExists     WALLET_ALREADY_EXISTS
         │   ├── InsufficientFunds       INSUFFICIENT_FUNDS
-        │   └── BalanceLimitExceeded    BALANCE_LIMIT_EXCEEDED
+        │   ├── BalanceLimitExceeded    BALANCE_LIMIT_EXCEEDED
+        │   ├── TooManyHolds            TOO_MANY_HOLDS
+        │   ├── CaptureExceedsHold      CAPTURE_EXCEEDS_HOLD
+        │   └── HoldNotPending          a capture or void of a hold that cannot be resolved:
+        │       ├── HoldExpired             HOLD_EXPIRED
+        │       ├── HoldAlreadyCaptured     HOLD_ALREADY_CAPTURED
+        │       └── HoldAlreadyVoided       HOLD_ALREADY_VOIDED
         ├── ServiceUnavailable    503 still answered after the last retry: "not applied, or
         │   │                     unknown"; the same Idempotency-Key resolves it later
         │   ├── Unavailable             UNAVAILABLE
@@ -37,6 +44,12 @@ from typing import Any, Final
 __all__ = [
     "PROBLEM_CLASSES",
     "BalanceLimitExceeded",
+    "CaptureExceedsHold",
+    "HoldAlreadyCaptured",
+    "HoldAlreadyVoided",
+    "HoldExpired",
+    "HoldNotFound",
+    "HoldNotPending",
     "IdempotencyKeyReused",
     "InsufficientFunds",
     "InvalidRequest",
@@ -47,6 +60,7 @@ __all__ = [
     "Refused",
     "ServerError",
     "ServiceUnavailable",
+    "TooManyHolds",
     "TransferNotFound",
     "TransportError",
     "Unauthorized",
@@ -116,6 +130,10 @@ class TransferNotFound(NotFound):
     """No transfer has this id."""
 
 
+class HoldNotFound(NotFound):
+    """No hold has this id."""
+
+
 class Refused(ProblemError):
     """A business refusal decided by the engine; a retry with the same key replays it."""
 
@@ -130,6 +148,30 @@ class InsufficientFunds(Refused):
 
 class BalanceLimitExceeded(Refused):
     """The deposit would push the balance past the documented ceiling."""
+
+
+class TooManyHolds(Refused):
+    """The wallet has the most PENDING holds it may have."""
+
+
+class CaptureExceedsHold(Refused):
+    """The capture is larger than the hold; the hold is unchanged."""
+
+
+class HoldNotPending(Refused):
+    """The hold cannot be captured or voided any more; ``body["hold"]`` is its state."""
+
+
+class HoldExpired(HoldNotPending):
+    """The hold's expires_at has passed (released, or about to be, by the sweep)."""
+
+
+class HoldAlreadyCaptured(HoldNotPending):
+    """The hold was captured already."""
+
+
+class HoldAlreadyVoided(HoldNotPending):
+    """The hold was voided already."""
 
 
 class ServiceUnavailable(ProblemError):
@@ -168,6 +210,13 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "NOT_FOUND": NotFound,
     "WALLET_NOT_FOUND": WalletNotFound,
     "TRANSFER_NOT_FOUND": TransferNotFound,
+    "INVALID_HOLD_ID": InvalidRequest,
+    "HOLD_NOT_FOUND": HoldNotFound,
+    "HOLD_EXPIRED": HoldExpired,
+    "HOLD_ALREADY_CAPTURED": HoldAlreadyCaptured,
+    "HOLD_ALREADY_VOIDED": HoldAlreadyVoided,
+    "CAPTURE_EXCEEDS_HOLD": CaptureExceedsHold,
+    "TOO_MANY_HOLDS": TooManyHolds,
     "INVALID_TRANSFER_ID": InvalidRequest,
     # An as_of instant too recent to answer yet: ask again after Retry-After.
     "AS_OF_NOT_SETTLED": InvalidRequest,

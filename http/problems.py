@@ -61,6 +61,13 @@ TITLES: Final = {
     "INTERNAL_ERROR": "Internal server error",
     "BAD_REQUEST": "Bad request",
     "AS_OF_NOT_SETTLED": "Instant not settled yet",
+    "INVALID_HOLD_ID": "Invalid hold id",
+    "HOLD_NOT_FOUND": "Hold not found",
+    "HOLD_EXPIRED": "Hold expired",
+    "HOLD_ALREADY_CAPTURED": "Hold already captured",
+    "HOLD_ALREADY_VOIDED": "Hold already voided",
+    "CAPTURE_EXCEEDS_HOLD": "Capture exceeds hold",
+    "TOO_MANY_HOLDS": "Too many holds",
 }
 
 FieldError = dict[str, str]

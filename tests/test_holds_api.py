@@ -8,13 +8,23 @@ import asyncio
 import random
 import uuid
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AppFactory
+from walletd.client.api import WalletdClient
+from walletd.client.errors import (
+    CaptureExceedsHold,
+    HoldAlreadyCaptured,
+    HoldAlreadyVoided,
+    HoldNotFound,
+    InsufficientFunds,
+)
 from walletd.engine.limits import EngineLimits
 from walletd.engine.ownership import shard_of
 from walletd.persistence.operator import verify
@@ -415,3 +425,35 @@ async def test_verify_checks_held_against_the_log_and_the_pending_holds(
     assert [m.problem for m in report.first_mismatches] == [
         "held 500 != sum of its PENDING holds 0"
     ]
+
+
+async def test_the_client_creates_captures_voids_and_reads_holds(client: Client) -> None:
+    """walletd.client: each hold call, its replay by key, and a class per hold refusal."""
+    base = str(client.make_url("")).rstrip("/")
+    async with WalletdClient(base) as walletd:
+        wallet = await walletd.create_wallet()
+        await walletd.deposit(wallet.id, "10.00")
+        hold = await walletd.create_hold(wallet.id, "4.00", reference="r-1", idempotency_key="h")
+        assert (hold.status, hold.amount, hold.reference) == ("PENDING", Decimal("4.00"), "r-1")
+        again = await walletd.create_hold(wallet.id, "4.00", reference="r-1", idempotency_key="h")
+        assert (again.id, again.replayed) == (hold.id, True)
+        read = await walletd.get_wallet(wallet.id)
+        assert (read.balance, read.available, read.held) == (
+            Decimal("10.00"), Decimal("6.00"), Decimal("4.00"),
+        )  # fmt: skip
+        with pytest.raises(CaptureExceedsHold):
+            await walletd.capture(hold.id, "5.00")
+        captured = await walletd.capture(hold.id, "1.50", idempotency_key="c")
+        assert (captured.status, captured.released_amount) == ("CAPTURED", Decimal("2.50"))
+        assert (await walletd.capture(hold.id, "1.50", idempotency_key="c")).replayed
+        with pytest.raises(HoldAlreadyCaptured):
+            await walletd.void(hold.id)
+        other = await walletd.create_hold(wallet.id, "1.00")
+        assert (await walletd.void(other.id)).status == "VOIDED"
+        with pytest.raises(HoldAlreadyVoided):
+            await walletd.capture(other.id)
+        assert (await walletd.get_hold(other.id)).released_amount == Decimal("1.00")
+        with pytest.raises(HoldNotFound):
+            await walletd.get_hold(uuid.uuid4())
+        with pytest.raises(InsufficientFunds):
+            await walletd.create_hold(wallet.id, "8.51")
