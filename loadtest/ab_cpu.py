@@ -94,6 +94,7 @@ class Build:
         self.walletd_us: list[float] = []
         self.postgres_us: list[float] = []
         self.rps: list[float] = []
+        self.others = 0
 
     def run(self, duration_s: float, connections: int) -> None:
         pg = _postgres_pids(self.data_dir)
@@ -108,7 +109,8 @@ class Build:
         assert match is not None, output
         statuses = json.loads(match.group(1))["statuses"]
         ok = sum(count for status, count in statuses.items() if str(status).startswith("2"))
-        assert ok == sum(statuses.values()), statuses
+        # Per acknowledged deposit; other answers (a 503 on a busy machine) are counted.
+        self.others += sum(statuses.values()) - ok
         self.walletd_us.append((after[0] - before[0]) / ok * 1e6)
         self.postgres_us.append((after[1] - before[1]) / ok * 1e6)
         self.rps.append(ok / duration_s)
@@ -124,7 +126,7 @@ class Build:
 
         return (
             f"{self.name}: walletd {fmt(self.walletd_us)} µs/req, PostgreSQL "
-            f"{fmt(self.postgres_us)} µs/req, {fmt(self.rps)} rps"
+            f"{fmt(self.postgres_us)} µs/req, {fmt(self.rps)} rps, {self.others} non-2xx"
         )
 
 

@@ -40,6 +40,7 @@ from walletd.engine.commands import (
     Command,
     CreateWallet,
     HoldAction,
+    HoldCommand,
     Outcome,
     ReadWallet,
     Reply,
@@ -762,7 +763,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()  # only to make reply futures; never run
         self.log = InMemoryLog()
         self.model = Model()
-        self.now_us = 0
+        self.now_us = self.model.now  # ticks 1 µs per reading, jumps with the model's clock
+        self.holds_made = 0
         self.ledger = self._new_ledger()
 
     def teardown(self) -> None:
@@ -789,7 +791,9 @@ class LedgerMachine(RuleBasedStateMachine):
         """Load what the ledger asks for from the log, as the pipeline does, then decide."""
         wallet_ids, op_keys, create_keys = self.ledger.missing(commands)
         log = self.log
-        self.ledger.add_wallets(log.wallets[w] for w in wallet_ids if w in log.wallets)
+        self.ledger.add_wallets(
+            log._with_holds(log.wallets[w]) for w in wallet_ids if w in log.wallets
+        )
         self.ledger.add_operations({k: log._by_key[k] for k in op_keys if k in log._by_key})
         assert not create_keys
         applied = self.ledger.execute(commands)
@@ -868,6 +872,69 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.ledger = self._new_ledger()
+
+    @rule()
+    def clock_moves(self) -> None:
+        self.model.now += CLOCK_STEP_US
+        self.now_us += CLOCK_STEP_US
+
+    @rule(
+        data=st.data(),
+        action=st.sampled_from(list(HoldAction)),
+        amount=amounts,
+        expires_in_s=expiries,
+        fails=st.booleans(),
+    )
+    def hold(
+        self,
+        data: st.DataObject,
+        action: HoldAction,
+        amount: int,
+        expires_in_s: int,
+        fails: bool,
+    ) -> None:
+        """One hold command in a batch of its own, committed or failed (then forgotten):
+        the pure rules against the model's (the engine maps HOLD_NOT_PENDING to the
+        stored hold's status)."""  # fmt: skip
+        model = self.model
+        resolves = False
+        if action is HoldAction.CREATE:
+            wallet = data.draw(wallets)
+            self.holds_made += 1
+            hold_id = UUID(int=50_000 + self.holds_made)
+            expected = model.expect_create_hold(wallet, amount, expires_in_s, None)
+            command = HoldCommand(
+                action, wallet, hold_id, self.loop.create_future(), amount=amount,
+                expires_in_us=expires_in_s * SECOND_US,
+            )  # fmt: skip
+        else:
+            if not model.holds:
+                return
+            hold_id = data.draw(st.sampled_from(sorted(model.holds)))
+            hold = model.holds[hold_id]
+            capture = amount if action is HoldAction.CAPTURE and data.draw(st.booleans()) else None
+            if hold.status is not HoldStatus.PENDING or (
+                action is HoldAction.EXPIRE and not model.expired(hold)
+            ):
+                expected = Outcome.HOLD_NOT_PENDING
+            else:
+                expected, resolves = model.expect_resolve(hold_id, action, capture, None)
+            command = HoldCommand(
+                action, hold.wallet, hold_id, self.loop.create_future(), amount=capture
+            )
+        applied = self._execute([command])
+        if fails and not applied.batch.is_empty():
+            self.ledger.unknown(applied)
+            self.ledger.forget(applied)
+            return
+        assert self._store(applied)
+        self.ledger.committed(applied)
+        (reply,) = self.ledger.answers(applied)
+        assert reply.outcome is expected, (reply, expected)
+        if action is HoldAction.CREATE and expected is Outcome.CREATED:
+            model.create_hold(hold_id, command.wallet_id, amount, expires_in_s, None)
+        elif resolves:
+            model.resolve(hold_id, action, command.amount, None)
 
     @invariant()
     def log_matches_model(self) -> None:
