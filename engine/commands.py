@@ -163,6 +163,17 @@ class TransferLeg:
             OperationKind.TRANSFER_REFUND: TransferStatus.FAILED,
         }.get(kind)
 
+    # The debit leg is read by the ledger as an ``Operation`` keyed by its leg key, so its
+    # refusal is recorded and replayed like a keyed withdrawal's (docs/ARCHITECTURE.md,
+    # "Transfers": a retry of a refused transfer gets the original answer).
+    @property
+    def amount(self) -> int:
+        return self.transfer.amount
+
+    @property
+    def idempotency_key(self) -> str:
+        return self.key
+
 
 class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
