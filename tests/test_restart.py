@@ -165,3 +165,4 @@ def test_transfers_survive_kill_9_of_walletd_and_of_both_in_a_loop(folder: Path)
     crashes = report.rounds[1:]
     assert [r.killed for r in crashes] == ["walletd", "walletd + postgres"]
     assert all(r.acked > 0 and r.snapshots > 0 for r in crashes), crashes
+    assert sum(r.refused for r in crashes) > 0, crashes  # recorded refusals replayed too
