@@ -190,6 +190,21 @@ class TransferLeg:
             OperationKind.TRANSFER_REFUND: TransferStatus.FAILED,
         }.get(kind)
 
+    # The debit leg is read by the ledger as an ``Operation`` keyed by its leg key, so its
+    # refusal is recorded and replayed like a keyed withdrawal's (docs/ARCHITECTURE.md,
+    # "Transfers": a retry of a refused transfer gets the original answer).
+    @property
+    def amount(self) -> int:
+        return self.transfer.amount
+
+    @property
+    def idempotency_key(self) -> str:
+        return self.key
+
+    @property
+    def reference(self) -> str | None:
+        return self.transfer.reference
+
 
 def hold_key(kind: OperationKind, hold_id: UUID) -> str:
     """The log key of a HOLD / CAPTURE / RELEASE row of a hold: like a transfer leg's, it

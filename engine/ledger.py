@@ -442,11 +442,13 @@ class Ledger:
         """A leg of a transfer (engine/transfers.py) moves money like a deposit or a
         withdrawal, keyed by the transfer id, and opens (TRANSFER_OUT) or closes
         (TRANSFER_IN, TRANSFER_REFUND) its transfer in the same batch. A replayed leg (its
-        key is logged) writes nothing; a refused one is not recorded (the coordinator
-        records the outcome in the transfer)."""
+        key is logged) writes nothing. A refused debit is recorded under its leg key like a
+        keyed withdrawal's refusal, so the transfer's retry gets the original answer even
+        after money arrived; a refused credit is recorded by the refund that follows it."""
         transfer = command.transfer
+        debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
-            command.wallet_id, command.kind, transfer.amount, command.key, applied, None,
+            command.wallet_id, command.kind, transfer.amount, command.key, applied, debit,
             transfer.reference,
         )  # fmt: skip
         if reply.outcome is not Outcome.OK or reply.replayed:
@@ -475,8 +477,9 @@ class Ledger:
         reference: str | None = None,
     ) -> Reply:
         """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged.
-        ``command`` is the client operation, whose keyed refusals are recorded; None for a
-        transfer leg. A debit is checked against ``available`` (balance - held)."""
+        ``command`` is the client operation (or a transfer's debit leg), whose keyed refusals
+        are recorded; None for a credit or refund leg. A debit is checked against
+        ``available`` (balance - held)."""
         residents = self._residents
         wid = wallet_id.int
         resident = residents.get(wid)
@@ -486,8 +489,9 @@ class Ledger:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
                 if isinstance(earlier, RefusalRecord):
-                    # Only client operations record refusals, and a leg's key cannot be a
-                    # client's (it starts with a character the edge refuses).
+                    # Only client operations and debit legs record refusals, and a leg's
+                    # key cannot be a client's (it starts with a character the edge
+                    # refuses).
                     assert command is not None
                     if (wallet_id, key) in self._uncommitted_refusals and (
                         earlier not in applied.batch.refusals
@@ -711,7 +715,8 @@ class Ledger:
         applied: Applied,
     ) -> Reply:
         """A business refusal; a client operation's with a key is recorded in the batch, to
-        be replayed (``command`` None: a transfer leg, refused like an unkeyed operation)."""
+        be replayed (``command`` None: a credit or refund leg, refused like an unkeyed
+        operation; the refund records the credit's refusal in the transfer)."""
         pending = resident.pending
         key = None if command is None else command.idempotency_key
         if command is None or key is None:

@@ -262,7 +262,10 @@ class TransferCoordinator:
                 return await self._resume(stored, requested)
         debit = await self._delivery.deliver(OperationKind.TRANSFER_OUT, requested)
         if debit.outcome is not Outcome.OK:
-            return TransferReply(debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen)
+            return TransferReply(
+                debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen,
+                replayed=debit.replayed,
+            )  # fmt: skip
         if debit.replayed:  # another process opened it meanwhile: answer from storage
             return await self._transfer(requested, fresh_id=False)
         assert debit.wallet is not None

@@ -38,7 +38,9 @@ import asyncpg
 
 from walletd.persistence.embedded import EmbeddedPostgres
 
-__all__ = ["LoopReport", "run_loop"]
+__all__ = [
+    "LoopReport", "embedded_dsn", "kill_walletd_and_postgres", "run_loop", "start_walletd",
+]  # fmt: skip
 
 RESTART_TIMEOUT_S = 30.0  # issue 10: back within 30 s, worst of 20
 READY_POLL_S = 0.05
@@ -97,7 +99,7 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _start(
+def start_walletd(
     data_dir: Path, log_path: Path, timeout_s: float
 ) -> tuple[subprocess.Popen[bytes], str, float]:
     """walletd serve on the data dir; the process, its URL and seconds to ready."""
@@ -126,7 +128,7 @@ def _postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[0])
 
 
-def _kill_both(walletd: subprocess.Popen[bytes], data_dir: Path) -> None:
+def kill_walletd_and_postgres(walletd: subprocess.Popen[bytes], data_dir: Path) -> None:
     """SIGKILL to walletd and to the postmaster, back to back: a crash of the machine's
     two processes, the postmaster's children left running until they notice."""
     postmaster = _postmaster_pid(data_dir)
@@ -189,12 +191,12 @@ async def _load_then_kill(
             for c in range(CLIENTS)
         ]
         await asyncio.sleep(load_s)
-        _kill_both(walletd, data_dir)
+        kill_walletd_and_postgres(walletd, data_dir)
         await asyncio.gather(*clients)
     return load
 
 
-def _dsn(data_dir: Path) -> str:
+def embedded_dsn(data_dir: Path) -> str:
     secret = (data_dir / "postgres-password").read_text().strip()
     port = (data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[3]
     return f"postgresql://postgres:{secret}@127.0.0.1:{port}/postgres"
@@ -202,7 +204,7 @@ def _dsn(data_dir: Path) -> str:
 
 async def _check(data_dir: Path, load: _Load, expected: dict[str, int]) -> str | None:
     """Every acknowledged key is in the log; balances within acknowledged + unknown."""
-    connection = await asyncpg.connect(_dsn(data_dir))
+    connection = await asyncpg.connect(embedded_dsn(data_dir))
     try:
         found = await connection.fetchval(
             "SELECT count(*) FROM wallet_operations WHERE idempotency_key = any($1::text[])",
@@ -237,7 +239,7 @@ def run_loop(
     cumulative = _Load()
     first = Round(0)
     # The first start runs initdb: allowed the generous start-up bound, not the restart one.
-    walletd, url, first.start_s = _start(data_dir, log_path, 180.0)
+    walletd, url, first.start_s = start_walletd(data_dir, log_path, 180.0)
     report.rounds.append(first)
     wallets = asyncio.run(_wallets(url))
     for wallet in wallets:
@@ -252,7 +254,7 @@ def run_loop(
         for wallet, cents in load.acked.values():
             expected[wallet] += cents
         try:
-            walletd, url, this.start_s = _start(data_dir, log_path, restart_timeout_s)
+            walletd, url, this.start_s = start_walletd(data_dir, log_path, restart_timeout_s)
         except RuntimeError as error:
             this.problem = f"restart failed: {error}"
         else:

@@ -532,8 +532,23 @@ class EngineMachine(RuleBasedStateMachine):
         if sender not in model.balances:
             assert (reply.outcome, reply.side) == (Outcome.WALLET_NOT_FOUND, SIDE_FROM), reply
             return
+        debit_key = (sender, transfer_leg_key(OUT, transfer_id))
+        earlier = model.keyed.get(debit_key)
+        if isinstance(earlier, _Refusal):  # the recorded refusal of this id's debit
+            if earlier.amount != amount:
+                assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
+                return
+            assert (reply.outcome, reply.side, reply.balance_seen, reply.replayed) == (
+                earlier.outcome, SIDE_FROM, earlier.balance_seen, True,
+            ), reply  # fmt: skip
+            return
         if amount > model.available(sender):
-            assert (reply.outcome, reply.side) == (Outcome.INSUFFICIENT_FUNDS, SIDE_FROM), reply
+            assert (reply.outcome, reply.side, reply.replayed) == (
+                Outcome.INSUFFICIENT_FUNDS, SIDE_FROM, False,
+            ), reply  # fmt: skip
+            model.keyed[debit_key] = _Refusal(
+                OUT, amount, Outcome.INSUFFICIENT_FUNDS, model.available(sender)
+            )
             return
         model.debit(transfer_id, sender, receiver, amount)
         model.finish(transfer_id)
@@ -559,6 +574,7 @@ class EngineMachine(RuleBasedStateMachine):
             or transfer_id in model.transfers
             or sender not in model.balances
             or amount > model.available(sender)
+            or (sender, transfer_leg_key(OUT, transfer_id)) in model.keyed
         ):
             return  # covered by ``transfer``; here only the saga's second commit fails
         self.log.fail_next_closes, self.log.closes_land = 1, lands

@@ -144,3 +144,27 @@ async def test_a_refusal_is_replayed_after_a_deposit_and_a_restart(
     assert (await _operate(second, wallet_id, "WITHDRAW", "1.00", "bad"))[0] == 200
     current = await (await second.get(f"/api/v1/wallets/{wallet_id}")).json()
     assert current["balance"] == "19.00"  # 20.00 - 1.00: the refused 5.00 never applied
+
+
+async def test_a_refused_transfer_is_replayed_after_a_deposit_and_a_restart(
+    make_app: AppFactory, aiohttp_client: ClientFactory
+) -> None:
+    """A keyed transfer refused 409 INSUFFICIENT_FUNDS is read back from PostgreSQL by a new
+    app: the same 409 body with Idempotent-Replayed, though the sender could pay by now."""
+    first: Client = await aiohttp_client(make_app())
+    sender = (await (await first.post("/api/v1/wallets")).json())["id"]
+    receiver = (await (await first.post("/api/v1/wallets")).json())["id"]
+    request = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "5.00"}
+    key = {"Idempotency-Key": "t-1"}
+    response = await first.post("/api/v1/transfers", json=request, headers=key)
+    refused = await response.json(content_type=None)
+    assert (response.status, refused["code"]) == (409, "INSUFFICIENT_FUNDS")
+    assert (await _operate(first, sender, "DEPOSIT", "20.00", "d-1"))[0] == 200
+    await first.close()
+
+    second: Client = await aiohttp_client(make_app())
+    response = await second.post("/api/v1/transfers", json=request, headers=key)
+    assert (response.status, await response.json(content_type=None)) == (409, refused)
+    assert response.headers.get("Idempotent-Replayed") == "true"
+    current = await (await second.get(f"/api/v1/wallets/{sender}")).json()
+    assert current["balance"] == "20.00"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.restart_loop import RESTART_TIMEOUT_S, run_loop
+from loadtest.transfer_crash_loop import run_crash_loop
 from walletd.persistence.embedded import EmbeddedPostgres, EmbeddedPostgresError, binaries_path
 
 # Every test here starts PostgreSQL, walletd or Prometheus processes.
@@ -151,3 +152,17 @@ def test_walletd_comes_back_after_kill_9_of_both_under_load(folder: Path) -> Non
     assert len(report.rounds) == 4
     assert report.worst_restart_s < RESTART_TIMEOUT_S
     assert sum(r.acked for r in report.rounds) > 0
+
+
+@pytest.mark.slow
+def test_transfers_survive_kill_9_of_walletd_and_of_both_in_a_loop(folder: Path) -> None:
+    """A short version of `python -m loadtest.transfer_crash_loop --rounds 10`: kill -9 of
+    walletd alone, then of walletd and its postmaster, mid-transfers; each restart finishes
+    every PENDING transfer by itself; a retry of every transfer sent gives the answer it
+    gave (or a final one) and applies each once; conservation exact in every snapshot."""
+    report = run_crash_loop(2, folder, load_s=1.0, wallets=10, progress=False)
+    assert not report.failures, [(r.index, r.problem) for r in report.failures]
+    crashes = report.rounds[1:]
+    assert [r.killed for r in crashes] == ["walletd", "walletd + postgres"]
+    assert all(r.acked > 0 and r.snapshots > 0 for r in crashes), crashes
+    assert sum(r.refused for r in crashes) > 0, crashes  # recorded refusals replayed too

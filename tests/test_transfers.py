@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from uuid import UUID, uuid4
 
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
-from walletd.engine.commands import Outcome
+from walletd.engine.commands import Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
@@ -54,8 +54,9 @@ async def test_a_transfer_across_shards_debits_credits_and_completes() -> None:
     assert conserved(log, 100)
 
 
-async def test_insufficient_funds_refuses_on_the_from_side_and_writes_nothing() -> None:
-    """A debit past the balance is 409 on the sending side, with no transfer stored."""
+async def test_insufficient_funds_refuses_on_the_from_side_and_moves_nothing() -> None:
+    """A debit past the balance is 409 on the sending side, with no transfer stored and no
+    money moved; the refusal itself is recorded under the debit leg's key."""
     log = ControlledLog()
     async with running_engine(log, TWO_SHARDS) as engine:
         await funded(engine, 10)
@@ -65,6 +66,37 @@ async def test_insufficient_funds_refuses_on_the_from_side_and_writes_nothing() 
     )  # fmt: skip
     assert transfer_id not in log.transfers
     assert log.wallets[SENDER].balance == 10
+    assert [op.kind for op in log.operations[SENDER]] == [OperationKind.DEPOSIT]
+    refusal = log.refusals[(SENDER, transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id))]
+    assert (refusal.kind, refusal.amount, refusal.balance_seen) == (
+        OperationKind.TRANSFER_OUT, 11, 10,
+    )  # fmt: skip
+
+
+async def test_a_refused_debit_is_replayed_after_money_arrives_and_after_a_restart() -> None:
+    """Same id, same request → the original 409, also once the sender could now pay and
+    once the engine restarted (the refusal is read back from storage); another amount under
+    that id → IDEMPOTENCY_KEY_REUSED."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        transfer_id, first = await engine.transfer(None, "pay-1", SENDER, RECEIVER, 11, None)
+        assert (first.outcome, first.replayed) == (Outcome.INSUFFICIENT_FUNDS, False)
+        topped_up = await engine.apply(SENDER, OperationKind.DEPOSIT, 5, None)
+        assert topped_up.outcome is Outcome.OK
+        _, again = await engine.transfer(None, "pay-1", SENDER, RECEIVER, 11, None)
+    assert (again.outcome, again.side, again.balance_seen, again.replayed) == (
+        Outcome.INSUFFICIENT_FUNDS, SIDE_FROM, 10, True,
+    )  # fmt: skip
+    async with running_engine(log, TWO_SHARDS) as engine:
+        _, after_restart = await engine.transfer(None, "pay-1", SENDER, RECEIVER, 11, None)
+        _, other_amount = await engine.transfer(None, "pay-1", SENDER, RECEIVER, 12, None)
+    assert (after_restart.outcome, after_restart.balance_seen, after_restart.replayed) == (
+        Outcome.INSUFFICIENT_FUNDS, 10, True,
+    )  # fmt: skip
+    assert other_amount.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+    assert transfer_id not in log.transfers
+    assert log.wallets[SENDER].balance == 15
 
 
 async def test_a_missing_receiver_fails_the_transfer_and_refunds_the_debit() -> None:

@@ -118,6 +118,33 @@ async def test_refusals_name_their_side_and_a_failed_transfer_is_refunded(
     assert (status, body["code"], body["side"]) == (409, "INSUFFICIENT_FUNDS", "from")
 
 
+async def test_a_refused_transfer_is_replayed_by_its_key_even_after_a_deposit(
+    client: Client,
+) -> None:
+    """A keyed transfer refused for funds is an original answer: after a deposit that would
+    cover it, the retry gets the same 409 and body with Idempotent-Replayed, nothing moves,
+    and no transfer exists; a different amount under the key is 422."""
+    sender, receiver = await new_wallet(client, "10.00"), await new_wallet(client)
+    key = {"Idempotency-Key": f"pay-{uuid.uuid4()}"}
+    request = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "10.01"}
+    status, first, headers = await transfer(client, key, **request)
+    assert (status, first["code"], first["side"]) == (409, "INSUFFICIENT_FUNDS", "from")
+    assert "Idempotent-Replayed" not in headers
+    response = await client.post(
+        f"/api/v1/wallets/{sender}/operation",
+        json={"operation_type": "DEPOSIT", "amount": "5.00"},
+    )
+    assert response.status == 200
+    status, again, headers = await transfer(client, key, **request)
+    assert (status, again, headers.get("Idempotent-Replayed")) == (409, first, "true")
+    status, other, _ = await transfer(client, key, **{**request, "amount": "10.02"})
+    assert (status, other["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    assert (await balance(client, sender), await balance(client, receiver)) == ("15.00", "0.00")
+    response = await client.get(f"/api/v1/wallets/{sender}/operations")
+    kinds = [item["operation_type"] for item in (await response.json())["items"]]
+    assert kinds == ["DEPOSIT", "DEPOSIT"]
+
+
 async def test_bad_transfer_requests_are_422_and_write_nothing(client: Client) -> None:
     """Same wallet on both sides, bad amount, unknown field, bad reference: 422 per field."""
     wallet = await new_wallet(client, "5.00")
