@@ -154,6 +154,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("as_of_settle_s", ("WALLETD_AS_OF_SETTLE",), "--as-of-settle", float, 0.0,
             "seconds before now within which as_of instants are refused (commits stamped "
             "then may still land); 0 = 2 x commit timeout x (in-flight batches + 1) + 1"),
+    Setting("drain_grace_s", ("WALLETD_DRAIN_GRACE",), "--drain-grace", float, 2.0,
+            "seconds walletd keeps serving after SIGTERM with /healthz answering 503, so a "
+            "proxy that checks it (HAProxy marks it down within 1.5 s) stops opening "
+            "connections before the listener closes; 0 closes it at once"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
     Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
@@ -219,6 +223,7 @@ class Config:
     feed_poll_interval_s: float
     feed_heartbeat_s: float
     as_of_settle_s: float
+    drain_grace_s: float
     body_bytes_max: int
     body_read_timeout_s: float
     bulk_items_max: int

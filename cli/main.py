@@ -39,6 +39,7 @@ from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
+from walletd.http.state import STATE_KEY
 from walletd.persistence.database import DatabaseError, connect
 from walletd.persistence.embedded import EmbeddedPostgresError
 from walletd.persistence.leases import describe_leases
@@ -52,7 +53,12 @@ _log = logging.getLogger("walletd")
 SHUTDOWN_TIMEOUT_S = 30.0
 # How often a command made of one long step redraws its elapsed time.
 TICK_S = 1.0
-# On SIGTERM the listener closes first; connections accepted before it get this long to have
+# On SIGTERM walletd first drains for --drain-grace: it serves as usual while /healthz fails,
+# so that a proxy stops opening connections to it. Closing the listener while a proxy still
+# connects resets every connection the kernel completed but walletd had not accepted yet,
+# after the proxy has sent its request on it: HAProxy then drops the client's connection
+# unanswered, an outcome nobody knows (seen in the rolling-restart test, tests/test_cluster.py).
+# Then the listener closes; connections accepted before it get this long to have
 # their request read before aiohttp's drain closes every connection that has none in
 # progress. Without it a request sent on a just-accepted connection was dropped unanswered
 # (tests/test_crash.py::test_sigterm_drains_and_exits_cleanly).
@@ -127,11 +133,20 @@ async def _serve(config: Config) -> int:
         # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
         # reads the line must get the graceful drain, not the default death by signal.
         loop = asyncio.get_running_loop()
+        stopped_by: list[signal.Signals] = []
+
+        def request_stop(signum: signal.Signals) -> None:
+            stopped_by.append(signum)
+            stop.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, request_stop, signum)
         print(f"walletd listening on http://{host}:{port}", flush=True)
         await stop.wait()
         _log.info("stopping: draining in-flight requests")
+        # A supervisor's SIGTERM drains; Ctrl-C at a terminal (SIGINT) stops at once.
+        if config.drain_grace_s > 0 and stopped_by[:1] == [signal.SIGTERM]:
+            await _drain(app, config.drain_grace_s)
         await site.stop()  # refuse new connections; runner.cleanup() skips a stopped site
         await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
     finally:
@@ -141,6 +156,22 @@ async def _serve(config: Config) -> int:
         return EXIT_ENGINE_FAILED
     _log.info("stopped")
     return 0
+
+
+async def _drain(app: web.Application, grace_s: float) -> None:
+    """Keep serving for ``grace_s`` with /healthz failing, and hand the shards over at its
+    start: the other processes own them before the listener closes, so a request forwarded
+    to this process by another one (or sent by a proxy) meets a process that still answers,
+    and one that arrives afterwards meets a closed port and goes to the new owner."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + grace_s
+    state = app[STATE_KEY]
+    state.draining = True
+    services = state.running
+    hand_over = None if services is None else services.hand_over
+    if hand_over is not None and not await hand_over(grace_s):
+        _log.warning("shards not handed over within the drain grace; released at exit")
+    await asyncio.sleep(max(0.0, until - loop.time()))
 
 
 async def _migrate(config: Config, _args: argparse.Namespace) -> int:

@@ -245,8 +245,9 @@ async def running_services(
                 await engine.start()
                 try:
                     yield Services(
-                        engine, log, _Readiness(engine, log, keeper), reader, self_url=config.url
-                    )
+                        engine, log, _Readiness(engine, log, keeper), reader,
+                        self_url=config.url, hand_over=keeper.leave,
+                    )  # fmt: skip
                 finally:
                     await engine.stop()
             finally:

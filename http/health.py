@@ -18,13 +18,25 @@ _READY = orjson.dumps({"status": "ready"})
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Alive: the process answers. Says nothing about storage."""
+    """Alive: the process answers. Says nothing about storage. 503 while draining after
+    SIGTERM: a proxy stops opening connections to a process about to close its listener."""
+    if request.app[STATE_KEY].draining:
+        return _draining(request)
     return web.Response(body=_OK, content_type="application/json")
+
+
+def _draining(request: web.Request) -> web.Response:
+    return problem_response(
+        503, "UNAVAILABLE", "walletd is stopping; send requests to another process",
+        request.path, headers={"Retry-After": "1"},
+    )  # fmt: skip
 
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready: storage answers and the engine accepts work."""
+    if request.app[STATE_KEY].draining:
+        return _draining(request)
     try:
         services = request.app[STATE_KEY].services
     except RuntimeError:

@@ -1502,7 +1502,15 @@ def _service_paths() -> JsonObject:
                 "operationId": "healthz",
                 "tags": ["service"],
                 "summary": "Liveness",
-                "responses": {"200": _json_response("The process is up.", "HealthStatus")},
+                "responses": {
+                    "200": _json_response("The process is up.", "HealthStatus"),
+                    "503": _problem_response(
+                        "Draining after SIGTERM: send requests to another process.",
+                        503,
+                        ("UNAVAILABLE",),
+                        ("Retry-After",),
+                    ),
+                },
             }
         },
         "/readyz": {

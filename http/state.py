@@ -32,17 +32,23 @@ class Services:
     reader: LogReader
     # Where other walletd processes reach this one; None when it runs alone (tests, tools).
     self_url: str | None = None
+    # Gives this process's shards to the others before it stops (SIGTERM), bounded by the
+    # seconds given; True once done. None when there is nothing to hand over.
+    hand_over: Callable[[float], Awaitable[bool]] | None = None
 
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]
 
 
 class AppState:
-    __slots__ = ("_services", "settings")
+    __slots__ = ("_services", "draining", "settings")
 
     def __init__(self, settings: HttpSettings) -> None:
         self.settings = settings
         self._services: Services | None = None
+        # Set on SIGTERM: /healthz fails so proxies stop sending, while requests are still
+        # served until the listener closes (cli/main.py).
+        self.draining = False
 
     @property
     def services(self) -> Services:

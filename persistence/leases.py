@@ -226,6 +226,9 @@ class LeaseKeeper:
         self._readying: set[asyncio.Task[None]] = set()
         self.last_step_at: float | None = None
         self.live_members = 0
+        # Set by ``leave``: the next step hands every shard over and stops claiming.
+        self._leaving = False
+        self._left = asyncio.Event()
 
     @property
     def settings(self) -> LeaseSettings:
@@ -248,6 +251,9 @@ class LeaseKeeper:
         timeout_s = settings.step_s * 2
         connection = await self._conn()
         held = ownership.held()
+        if self._leaving:
+            await self._hand_over(connection)
+            return
         sent_at = self._clock()
         async with connection.transaction():
             await connection.execute(
@@ -274,6 +280,32 @@ class LeaseKeeper:
             await self._claim(connection, fair - held_now)
         elif held_now > fair:
             await self._release(connection, held_now - fair)
+        self.last_step_at = self._clock()
+
+    async def leave(self, timeout_s: float) -> bool:
+        """Hand every shard over before this process stops, while it still serves HTTP:
+        the next step releases them all (each drained first) and leaves the members, so
+        the other processes take them at once, and from then on only reads the ownership
+        table, so requests that still arrive here are forwarded to the new owners. False
+        when that did not happen within ``timeout_s`` (``stop`` releases them then).
+        Alone in the cluster there is nobody to take them: it keeps serving them."""
+        if self.live_members <= 1:
+            return True
+        self._leaving = True
+        try:
+            await asyncio.wait_for(self._left.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _hand_over(self, connection: asyncpg.Connection) -> None:
+        if not self._left.is_set():
+            await self.release(list(self._ownership.held()), connection)
+            await connection.execute(
+                _LEAVE, self._settings.owner, timeout=self._settings.step_s * 2
+            )
+            self._left.set()
+        self._ownership.set_table(await ownership_table(connection))
         self.last_step_at = self._clock()
 
     async def _claim(self, connection: asyncpg.Connection, count: int) -> None:

@@ -83,11 +83,21 @@ async def routed(dsn: str, urls: list[str], folder: Path) -> AsyncIterator[str]:
 
 
 def serve(dsn: str, log_dir: Path, *extra: str) -> WalletdProcess:
-    return start_walletd(
-        ["--database-url", dsn, "--shards", str(SHARDS), "--lease-ttl", str(LEASE_TTL_S),
-         "--lease-moves-max", "8", *extra],
-        log_dir=log_dir,
-    )  # fmt: skip
+    # A restart on the port a stopped process listened on can find it taken for a moment:
+    # once free, the kernel may hand it out as the local port of an outgoing connection
+    # (HAProxy's checks, forwarding), which bind() then collides with. Try again shortly.
+    for attempt in range(5):
+        try:
+            return start_walletd(
+                ["--database-url", dsn, "--shards", str(SHARDS), "--lease-ttl",
+                 str(LEASE_TTL_S), "--lease-moves-max", "8", *extra],
+                log_dir=log_dir,
+            )  # fmt: skip
+        except RuntimeError as error:
+            if "Address already in use" not in str(error) or attempt == 4:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 async def until(condition: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:

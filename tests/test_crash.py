@@ -208,3 +208,40 @@ async def test_overload_answers_503_at_once_and_applies_only_accepted(
         await connection.close()
     assert logged == accepted
     assert balance == len(accepted) * MINOR_UNITS_PER_UNIT
+
+
+async def test_sigterm_fails_healthz_and_serves_through_the_drain_grace(
+    walletd_process: StartWalletd, database_url: str
+) -> None:
+    """After SIGTERM, for --drain-grace, /healthz answers 503 (a proxy stops opening
+    connections) while requests are still served; then walletd exits 0. Without the grace
+    the listener closed at once and HAProxy dropped requests on connections the kernel had
+    completed but walletd had not accepted (the rolling-restart test in test_cluster.py)."""
+    process = await start(walletd_process, "--database-url", database_url, "--drain-grace", "5")
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        (wallet,) = await create_wallets(session, process.url, 1)
+        async with session.get(f"{process.url}/healthz") as response:
+            assert response.status == 200
+        process.process.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            async with session.get(f"{process.url}/healthz") as response:
+                return response.status == 503
+
+        for _ in range(100):
+            if await draining():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("/healthz never failed after SIGTERM")
+        async with session.get(f"{process.url}/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["code"] == "UNAVAILABLE"
+        async with session.post(
+            f"{process.url}/api/v1/wallets/{wallet}/operation",
+            json={"operation_type": "DEPOSIT", "amount": "1.00"},
+        ) as response:
+            assert response.status == 200, await response.text()
+        assert process.process.poll() is None  # still inside its grace
+    exit_code = await asyncio.to_thread(process.process.wait, 30)
+    assert exit_code == 0, process.log()
