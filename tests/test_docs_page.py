@@ -134,7 +134,8 @@ def test_every_error_is_problem_json_and_every_response_has_request_id(
 def test_unavailable_responses_require_retry_after(document: dict[str, Any]) -> None:
     """Every documented 503 carries a required Retry-After."""
     statuses = [(m, p, r) for m, p, status, r in _all_responses(document) if status == 503]
-    assert len(statuses) == len(V1_OPERATIONS) + 1  # every /api/v1 operation and /readyz
+    # every /api/v1 operation, /readyz, and /healthz (draining after SIGTERM)
+    assert len(statuses) == len(V1_OPERATIONS) + 2
     for method, path, response in statuses:
         assert "Retry-After" in response["headers"], (method, path)
 
