@@ -110,6 +110,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transfer_redrive_batch_max", ("WALLETD_TRANSFER_REDRIVE_BATCH_MAX",),
             "--transfer-redrive-batch-max", int, 256,
             "PENDING transfers one re-drive pass finishes at most; the rest wait for the next"),
+    Setting("transfer_leg_tries_max", ("WALLETD_TRANSFER_LEG_TRIES_MAX",),
+            "--transfer-leg-tries-max", int, 3,
+            "tries to deliver a transfer leg whose wallet's shard has no reachable owner (each "
+            "after the next read of the ownership table); then 503, nothing applied or PENDING"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -188,6 +192,7 @@ class Config:
     shard_restart_window_s: float
     transfer_redrive_interval_s: float
     transfer_redrive_batch_max: int
+    transfer_leg_tries_max: int
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float

@@ -32,6 +32,11 @@ Each limit has a defined behaviour when hit:
   after a 503 or a restart, while the owners answer.
 - ``transfer_redrive_batch_max``: at most this many PENDING transfers are driven again at
   once (and never more than one mailbox holds); the rest wait for the next pass.
+- ``transfer_leg_tries_max``: a transfer leg that no process takes for sure (its shard has
+  no live owner, the owner cannot be connected to, or it lost the shard: nothing applied)
+  is tried again after the next read of the ownership table, this many times in all; then
+  the request answers 503 (a debit: ``NOT_OWNER``, nothing applied; a credit or refund:
+  the transfer stays PENDING, visible, for the re-drive).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class EngineLimits:
     shard_restart_window_s: float = 60.0
     transfer_redrive_interval_s: float = 2.0
     transfer_redrive_batch_max: int = 256
+    transfer_leg_tries_max: int = 3
 
     def __post_init__(self) -> None:
         if not 1 <= self.pipelines <= 1024:
@@ -98,6 +104,8 @@ class EngineLimits:
             raise ValueError("transfer_redrive_interval_s must be positive")
         if self.transfer_redrive_batch_max < 1:
             raise ValueError("transfer_redrive_batch_max must be at least 1")
+        if not 1 <= self.transfer_leg_tries_max <= 100:
+            raise ValueError("transfer_leg_tries_max must be within 1..100")
 
     @property
     def bulk_ops_max(self) -> int:
