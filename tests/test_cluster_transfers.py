@@ -25,7 +25,6 @@ from tests.processes import WalletdProcess
 from tests.test_cluster import (
     FAILOVER_BOUND_S,
     SHARDS,
-    WAIT_S,
     create_wallet,
     leases,
     operate,
@@ -233,8 +232,9 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
             await until(lambda: no_pending(database_url), "no PENDING transfer", RECOVERY_S)
             sampler.stop.set()
             await sampling
+            samples = len(sampler.gaps)
             print(f"failover {failover_s:.2f} s; {len(sent)} transfers sent; "
-                  f"answers {dict(statuses)}; {len(sampler.gaps)} conservation samples")  # fmt: skip
+                  f"answers {dict(statuses)}; {samples} conservation samples")  # fmt: skip
             assert len(sampler.gaps) >= 10
             assert set(sampler.gaps) == {0}, Counter(sampler.gaps)
             allowed = {(201, ""), (409, "INSUFFICIENT_FUNDS"), (503, "NOT_OWNER"),
