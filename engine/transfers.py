@@ -1,6 +1,7 @@
 """Transfers between wallets: a saga of one-shard commits, with its in-flight money visible.
 
-The shard that owns the sending wallet coordinates (docs/ARCHITECTURE.md, "Transfers")::
+The process that got the request coordinates; after a crash, the re-drive of the process
+that serves the sending wallet's shard does (docs/ARCHITECTURE.md, "Transfers")::
 
     POST /transfers ──▶ load the transfer by id (a known id replays or resumes it)
                           │
@@ -15,8 +16,10 @@ The shard that owns the sending wallet coordinates (docs/ARCHITECTURE.md, "Trans
     owner of FROM:   commit 3  TRANSFER_REFUND log row + transfer FAILED ──▶ 404 / 409
                           │ any 503 on the way: the transfer stays PENDING (visible),
                           ▼ the client's retry or the re-drive loop finishes it
-    re-drive loop:   every PENDING transfer older than one interval is driven again
-                     (commits 2/3 are keyed by the transfer id: a second copy is impossible)
+    re-drive loop:   every PENDING transfer older than one interval whose sending wallet's
+                     shard this process serves is driven again, and all of them at once
+                     when shards are gained (commits 2/3 are keyed by the transfer id: a
+                     second copy is impossible)
 
 Every leg goes through ``LegDelivery``, the port "deliver this leg to the owner of its
 wallet". ``RoutedLegDelivery`` (the engine's) submits it to a shard of this process when

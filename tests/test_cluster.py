@@ -555,7 +555,7 @@ def run_locust(url: str) -> subprocess.CompletedProcess[str]:
 
 # Every scenario whose requests name one wallet, and transfers (their legs go to whichever
 # process owns each wallet). Bulk requests are left out: a bulk item on another process is
-# still 503 NOT_OWNER, nothing lost (docs/SCALING.md, "Not yet across processes").
+# still 503 NOT_OWNER, nothing lost (docs/SCALING.md, "Across processes").
 CLUSTER_USER_CLASSES = (
     "HotWalletUser", "UniformUser", "ReadHeavyUser", "OverdraftUser", "IdempotentRetryUser",
     "TransferUser",
