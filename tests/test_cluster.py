@@ -553,12 +553,11 @@ def run_locust(url: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-# Every scenario whose requests name one wallet, and transfers (their legs go to whichever
-# process owns each wallet). Bulk requests are left out: a bulk item on another process is
-# still 503 NOT_OWNER, nothing lost (docs/SCALING.md, "Across processes").
+# Every scenario: the ones whose requests name one wallet, transfers (their legs go to
+# whichever process owns each wallet) and bulk requests (each process's items go to it).
 CLUSTER_USER_CLASSES = (
     "HotWalletUser", "UniformUser", "ReadHeavyUser", "OverdraftUser", "IdempotentRetryUser",
-    "TransferUser",
+    "TransferUser", "BulkUser",
 )  # fmt: skip
 
 
@@ -566,7 +565,7 @@ CLUSTER_USER_CLASSES = (
 async def test_the_locust_scenarios_reconcile_through_haproxy_on_a_local_cluster(
     database_url: str, tmp_path: Path
 ) -> None:
-    """Five seconds of the single-wallet Locust scenarios and the transfer one through the
+    """Five seconds of every Locust scenario (single wallets, transfers, bulk) through the
     one URL (HAProxy) of `walletd cluster --processes 2`: no failed request, every balance
     and the global sum reconcile."""
     with socket.socket() as probe:

@@ -302,3 +302,70 @@ async def _final_answer(
             return status, answer, replayed
         assert time.monotonic() < deadline, answer
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_a_bulk_request_applies_items_of_every_process_and_atomic_stays_one_process(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two processes; a keyed bulk request sent to one with deposits and withdrawals for
+    wallets of both: every item is applied (the other process's share forwarded as one
+    sub-request), a retry replays every item, balances move once; an atomic request that
+    needs both processes is 422 ATOMIC_NOT_POSSIBLE with nothing applied."""
+    servers = [serve(database_url, tmp_path) for _ in "ab"]
+    urls = [s.url for s in servers]
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+
+            async def split() -> bool:
+                held = Counter((await owners(database_url)).values())
+                return held[None] == 0 and all(held[url] >= 1 for url in urls)
+
+            await until(split, "the two servers share the shards")
+            table = await owners(database_url)
+            wallets: dict[str, list[str]] = {url: [] for url in urls}
+            while min(len(found) for found in wallets.values()) < 3:
+                url = min(wallets, key=lambda u: len(wallets[u]))
+                wallet = await create_wallet(http, url)
+                owner = owner_of(table, wallet)
+                assert owner is not None
+                wallets[owner].append(wallet)
+            items = [
+                {"wallet_id": wallet, "operation_type": "DEPOSIT", "amount": "5.00"}
+                for url in urls
+                for wallet in wallets[url]
+            ]
+            items.append({"wallet_id": wallets[urls[1]][0], "operation_type": "WITHDRAW",
+                          "amount": "2.00"})  # fmt: skip
+            for attempt in range(2):
+                async with http.post(
+                    f"{urls[0]}/api/v1/operations/bulk", json={"items": items},
+                    headers={"Idempotency-Key": "bulk-1"},
+                ) as response:  # fmt: skip
+                    assert response.status == 200
+                    answer = await response.json()
+                statuses = [result["status"] for result in answer["results"]]
+                assert statuses == [200] * len(items), answer
+                assert [result["index"] for result in answer["results"]] == list(range(len(items)))
+                assert all(result["replayed"] is bool(attempt) for result in answer["results"])
+            for url in urls:
+                for number, wallet in enumerate(wallets[url]):
+                    async with http.get(f"{url}/api/v1/wallets/{wallet}") as response:
+                        balance = (await response.json())["balance"]
+                    expected = "3.00" if (url, number) == (urls[1], 0) else "5.00"
+                    assert balance == expected, (url, wallet)
+            async with http.post(
+                f"{urls[0]}/api/v1/operations/bulk", json={"items": items, "atomic": True}
+            ) as response:
+                assert response.status == 422
+                assert (await response.json())["code"] == "ATOMIC_NOT_POSSIBLE"
+        connection = await asyncpg.connect(database_url)
+        try:
+            assert await conservation_gap(connection) == 0
+            logged = await connection.fetchval("SELECT count(*) FROM wallet_operations")
+        finally:
+            await connection.close()
+        assert logged == len(items)
+    finally:
+        for server in servers:
+            server.terminate()
