@@ -10,11 +10,12 @@ requests answered: walletd processes, HAProxy, PostgreSQL (every backend of the 
 server). A bigger machine serves about `cores / (sum of CPU per request)` requests per
 second at the same ops per commit, until one part (PostgreSQL, in one primary) saturates.
 
-With ``--transfers``, each run with two or more processes also sends transfers through
-HAProxy between pairs of funded wallets whose shards one process owns ("transfer-same") and
-pairs whose shards different processes own ("transfer-cross", a leg crosses processes over
-the internal route); the owners are read with `walletd shards` on the cluster's database.
-HAProxy sends a transfer to any process (no wallet in its path), which coordinates it.
+With ``--transfers``, each run also sends transfers through HAProxy between pairs of funded
+wallets whose shards one process owns ("transfer-same"; with one process, the baseline) and,
+with two or more processes, pairs whose shards different processes own ("transfer-cross",
+a leg crosses processes over the internal route); the owners are read with `walletd shards`
+on the cluster's database. HAProxy sends a transfer to any process (no wallet in its path),
+which coordinates it.
 
 Exit 0 when every run completed, 1 when a wrk run failed, 2 without wrk or HAProxy.
 """
@@ -176,11 +177,12 @@ def transfer_pairs(ids: list[str], owner_of: dict[int, str], shard_count: int) -
         if owner is not None:
             by_owner.setdefault(owner, []).append(wallet)
     groups = list(by_owner.values())
-    if len(groups) < 2:
-        raise RuntimeError(f"the wallets are on {len(groups)} process(es); 2 are needed")
     same = [f"{g[i]} {g[i + 1]}" for g in groups for i in range(0, len(g) - 1, 2)]
-    cross = [f"{a} {b}" for a, b in zip(groups[0], groups[1], strict=False)]
-    return {"transfer-same": "\n".join(same), "transfer-cross": "\n".join(cross)}
+    pairs = {"transfer-same": "\n".join(same)}
+    if len(groups) >= 2:  # one process: every transfer is within it (the baseline)
+        cross = [f"{a} {b}" for a, b in zip(groups[0], groups[1], strict=False)]
+        pairs["transfer-cross"] = "\n".join(cross)
+    return pairs
 
 
 def answered(run: WrkRun) -> int:
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     rows.append((processes, scenario, run, cpu))
                     print(_row(processes, scenario, run, cpu), flush=True)
-                if args.transfers and processes >= 2:
+                if args.transfers:
                     funded = asyncio.run(
                         create_wallets(cluster.url, TRANSFER_WALLETS_PER_PROCESS * processes)
                     )
@@ -253,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"deposits (and transfers) of {AMOUNT} through HAProxy, {args.connections} connections, "
           f"{args.duration} s per run, {os.cpu_count()} cores")  # fmt: skip
-    print("| processes | scenario | rps | p99 ms | CPU µs/req walletd | HAProxy | PostgreSQL |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| processes | scenario | rps | p99 ms | non-2xx | CPU µs/req walletd | HAProxy "
+          "| PostgreSQL |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for processes, scenario, run, cpu in rows:
         print(_row(processes, scenario, run, cpu))
     return 0
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(processes: int, scenario: str, run: WrkRun, cpu: dict[str, float]) -> str:
     return (
-        f"| {processes} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | "
+        f"| {processes} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | {run.non_2xx} | "
         f"{cpu['walletd']:.0f} | {cpu['haproxy']:.0f} | {cpu['postgres']:.0f} |"
     )
 
