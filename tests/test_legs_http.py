@@ -5,6 +5,7 @@ the network maps to the answer the coordinator relies on."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from tests.conftest import AppFactory
 from walletd.engine.commands import Outcome
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.http.forwarding import FORWARDED_HEADER
-from walletd.http.legs import LEGS_PATH, HttpLegs, encode_leg
+from walletd.http.legs import LEGS_PATH, LEGS_PER_REQUEST_MAX, HttpLegs, encode_leg
 from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
 
@@ -84,19 +85,44 @@ async def test_a_refusal_travels_back_with_the_balance_it_was_decided_against(
     assert response.status == 404
 
 
-async def test_the_route_needs_the_marker_and_a_leg(client: Client) -> None:
-    """Without the forwarded marker a leg is refused (it must never hop twice); a body that
-    is not a leg is 422; neither writes anything."""
+async def test_the_route_needs_the_marker_and_legs(client: Client) -> None:
+    """Without the forwarded marker legs are refused (a leg must never hop twice); a body
+    that is not a list of 1..LEGS_PER_REQUEST_MAX legs is 422; neither writes anything."""
     sender, receiver = await funded_wallet(client, 1), await funded_wallet(client, 0)
     leg = encode_leg(OperationKind.TRANSFER_OUT, opened(sender, receiver, 100), None)
-    response = await client.post(LEGS_PATH, json=leg)
+    response = await client.post(LEGS_PATH, json={"legs": [leg]})
     assert response.status == 400
     assert response.content_type == "application/problem+json"
-    for broken in ({**leg, "kind": "DEPOSIT"}, {**leg, "transfer": {}}, {"kind": 1}):
+    broken_legs = ({**leg, "kind": "DEPOSIT"}, {**leg, "transfer": {}}, {"kind": 1})
+    for broken in (
+        *({"legs": [leg, wrong]} for wrong in broken_legs),
+        {"legs": []},
+        {"legs": [leg] * (LEGS_PER_REQUEST_MAX + 1)},
+        leg,
+    ):
         response = await client.post(LEGS_PATH, json=broken, headers={FORWARDED_HEADER: "1"})
         assert response.status == 422, await response.text()
     response = await client.get(f"/api/v1/wallets/{sender}")
     assert (await response.json())["balance"] == "1.00"
+
+
+async def test_legs_sent_at_once_share_requests_and_each_gets_its_own_reply(
+    client: Client,
+) -> None:
+    """40 debits sent at once to one process travel in fewer requests than legs (at most
+    two in flight, the rest coalesced); each gets its own answer: 30 OK, 10 refused."""
+    sender, receiver = await funded_wallet(client, 30), await funded_wallet(client, 0)
+    transfers = [opened(sender, receiver, 100) for _ in range(40)]
+    async with HttpLegs(timeout_s=10, connections_max=4, api_key=None) as legs:
+        replies = await asyncio.gather(
+            *(legs.send(url_of(client), OperationKind.TRANSFER_OUT, t, None) for t in transfers)
+        )
+    outcomes = [reply.outcome for reply in replies]
+    assert outcomes.count(Outcome.OK) == 30
+    assert outcomes.count(Outcome.INSUFFICIENT_FUNDS) == 10
+    assert legs.requests < len(transfers)
+    response = await client.get(f"/api/v1/wallets/{sender}")
+    assert (await response.json())["balance"] == "0.00"
 
 
 async def test_the_route_takes_the_same_bearer_keys_as_the_api(
@@ -109,7 +135,7 @@ async def test_the_route_takes_the_same_bearer_keys_as_the_api(
     receiver = await funded_wallet(client, 0, headers)
     transfer = opened(sender, receiver, 100)
     leg = encode_leg(OperationKind.TRANSFER_OUT, transfer, None)
-    response = await client.post(LEGS_PATH, json=leg, headers={FORWARDED_HEADER: "1"})
+    response = await client.post(LEGS_PATH, json={"legs": [leg]}, headers={FORWARDED_HEADER: "1"})
     assert response.status == 401
     async with HttpLegs(timeout_s=5, connections_max=2, api_key="wrong") as legs:
         refused = await legs.send(url_of(client), OperationKind.TRANSFER_OUT, transfer, None)
