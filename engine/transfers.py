@@ -105,8 +105,9 @@ class LegDelivery(abc.ABC):
     """Port: deliver one leg of a transfer to the owner of its wallet; return its reply.
 
     Contract: the reply is the leg's committed outcome (OK, possibly replayed), a business
-    refusal (nothing written), or UNAVAILABLE (not applied, or unknown). Never raises for a
-    refusal of the owner to take the leg (overload, stopping): that is UNAVAILABLE too.
+    refusal (nothing written), NOT_OWNER (no process took it: nothing applied), or
+    UNAVAILABLE (not applied, or unknown). Never raises for a refusal of the owner to take
+    the leg (overload, stopping): that is UNAVAILABLE too.
     """
 
     @abc.abstractmethod
