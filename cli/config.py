@@ -125,6 +125,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hold_sweep_batch_max", ("WALLETD_HOLD_SWEEP_BATCH_MAX",),
             "--hold-sweep-batch-max", int, 256,
             "expired holds one sweep pass releases at most; a full pass is followed by another"),
+    Setting("transfer_leg_tries_max", ("WALLETD_TRANSFER_LEG_TRIES_MAX",),
+            "--transfer-leg-tries-max", int, 3,
+            "tries to deliver a transfer leg whose wallet's shard has no reachable owner (each "
+            "after the next read of the ownership table); then 503, nothing applied or PENDING"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -212,6 +216,7 @@ class Config:
     hold_expires_in_s_max: int
     hold_sweep_interval_s: float
     hold_sweep_batch_max: int
+    transfer_leg_tries_max: int
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float

@@ -23,6 +23,7 @@ from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError
 from walletd.engine.router import Engine
+from walletd.http.legs import HttpLegs
 from walletd.http.state import Services
 from walletd.persistence.database import (
     PoolSettings,
@@ -82,6 +83,7 @@ def engine_limits(config: Config) -> EngineLimits:
         hold_expires_in_s_max=config.hold_expires_in_s_max,
         hold_sweep_interval_s=config.hold_sweep_interval_s,
         hold_sweep_batch_max=config.hold_sweep_batch_max,
+        transfer_leg_tries_max=config.transfer_leg_tries_max,
     )
 
 
@@ -209,6 +211,7 @@ async def running_services(
         await check_cluster(dsn, config.shards)
         pool = await create_pool(dsn, pool_settings(config))
         read_pool = None
+        remote_legs: HttpLegs | None = None
         try:
             # Reads of history and the feed get connections of their own: a burst of
             # them never makes a commit wait for a connection.
@@ -218,9 +221,17 @@ async def running_services(
             reader = PostgresLogReader(read_pool, acquire_timeout_s=config.db_connect_timeout_s)
             log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
             ownership = Ownership(config.shards)
+            # Transfer legs for wallets another process serves go to it over HTTP, bounded
+            # like forwarded requests (the same knobs).
+            remote_legs = HttpLegs(
+                timeout_s=config.forward_timeout_s,
+                connections_max=config.forward_connections_max,
+                api_key=config.api_keys[0] if config.api_keys else None,
+            )
+            await remote_legs.__aenter__()
             engine = Engine(
                 log, engine_limits(config), ownership=ownership, observer=observer,
-                on_fatal=on_fatal,
+                on_fatal=on_fatal, remote_legs=remote_legs, self_url=config.url,
             )  # fmt: skip
             settings = LeaseSettings(
                 new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max
@@ -253,6 +264,8 @@ async def running_services(
             finally:
                 await keeper.stop()
         finally:
+            if remote_legs is not None:
+                await remote_legs.__aexit__(None, None, None)
             for open_pool in (read_pool, pool):
                 if open_pool is None:
                     continue

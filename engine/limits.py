@@ -42,6 +42,11 @@ Each limit has a defined behaviour when hit:
   is followed by another at once). So an expired hold's money is back in ``available``
   within one interval plus a commit, while at most a batch expires per interval. A capture
   or void after expires_at is refused whether or not the sweep has run.
+- ``transfer_leg_tries_max``: a transfer leg that no process takes for sure (its shard has
+  no live owner, the owner cannot be connected to, or it lost the shard: nothing applied)
+  is tried again after the next read of the ownership table, this many times in all; then
+  the request answers 503 (a debit: ``NOT_OWNER``, nothing applied; a credit or refund:
+  the transfer stays PENDING, visible, for the re-drive).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class EngineLimits:
     hold_expires_in_s_max: int = 30 * 86_400
     hold_sweep_interval_s: float = 1.0
     hold_sweep_batch_max: int = 256
+    transfer_leg_tries_max: int = 3
 
     def __post_init__(self) -> None:
         if not 1 <= self.pipelines <= 1024:
@@ -123,6 +129,8 @@ class EngineLimits:
             raise ValueError(
                 "hold_sweep_interval_s must be positive and hold_sweep_batch_max at least 1"
             )
+        if not 1 <= self.transfer_leg_tries_max <= 100:
+            raise ValueError("transfer_leg_tries_max must be within 1..100")
 
     @property
     def bulk_ops_max(self) -> int:

@@ -96,15 +96,19 @@ class InMemoryLog(WalletLog):
             raise StorageError("injected load failure")
         return {t: self.transfers[t] for t in transfer_ids if t in self.transfers}
 
-    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
+    async def pending_transfers(
+        self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
+    ) -> list[TransferRecord]:
         if self.fail_loads:
             raise StorageError("injected load failure")
         pending = [
             t
             for t in self.transfers.values()
-            if t.status is TransferStatus.PENDING and t.created_at_us < created_before_us
+            if t.status is TransferStatus.PENDING
+            and t.created_at_us < created_before_us
+            and (after is None or (t.created_at_us, t.transfer_id) > after)
         ]
-        return sorted(pending, key=lambda t: t.created_at_us)[:limit]
+        return sorted(pending, key=lambda t: (t.created_at_us, t.transfer_id))[:limit]
 
     async def append_batch(self, batch: Batch) -> None:
         if self.fail_next_appends > 0:

@@ -85,6 +85,8 @@ class Ownership:
         self._table_read = asyncio.Event()
         # Shards gained / lost (not renewed, stale epoch) / released since start (metrics).
         self.moves: dict[str, int] = {"gained": 0, "lost": 0, "released": 0}
+        # Told which gained shards became served (the engine's re-drive takes them over).
+        self.on_ready: Callable[[Iterable[int]], None] | None = None
 
     @classmethod
     def everything(cls, shard_count: int) -> Ownership:
@@ -122,10 +124,14 @@ class Ownership:
         self._held[shard] = _Held(epoch, deadline)
 
     def memory_ready(self, shards: Iterable[int]) -> None:
+        ready = []
         for shard in shards:
             held = self._held.get(shard)
             if held is not None:
                 held.ready = True
+                ready.append(shard)
+        if ready and self.on_ready is not None:
+            self.on_ready(ready)
 
     def renewed(self, shard: int, epoch: int, deadline: float) -> None:
         held = self._held.get(shard)

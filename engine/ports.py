@@ -115,8 +115,12 @@ class WalletLog(abc.ABC):
         """The stored record of each transfer that exists."""
 
     @abc.abstractmethod
-    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
-        """Up to ``limit`` PENDING transfers created before the instant, oldest first."""
+    async def pending_transfers(
+        self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
+    ) -> list[TransferRecord]:
+        """Up to ``limit`` PENDING transfers created before the instant, oldest first
+        (by creation instant, then id); with ``after`` (an instant and an id), only those
+        after it in that order: the next page of a scan."""
 
     @abc.abstractmethod
     async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:

@@ -70,7 +70,8 @@ from walletd.engine.ports import StaleEpoch, StorageError, WalletLog
 from walletd.engine.shard import Shard
 from walletd.engine.transfers import (
     LegDelivery,
-    LocalLegDelivery,
+    RemoteLegs,
+    RoutedLegDelivery,
     TransferCoordinator,
     TransferReply,
 )
@@ -111,6 +112,16 @@ class BulkReply(NamedTuple):
 
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
+
+
+async def _first_of(*events: asyncio.Event, timeout_s: float) -> None:
+    """Wait until one of the events is set, or ``timeout_s`` passed."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 # A creation without a chosen id or key picks a random id in a shard this process serves;
@@ -171,8 +182,10 @@ class _FencedLog(WalletLog):
     async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
         return await self._log.load_transfers(transfer_ids)
 
-    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
-        return await self._log.pending_transfers(created_before_us, limit)
+    async def pending_transfers(
+        self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
+    ) -> list[TransferRecord]:
+        return await self._log.pending_transfers(created_before_us, limit, after)
 
     async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
         return await self._log.load_holds(hold_ids)
@@ -197,6 +210,8 @@ class Engine:
         observer: EngineObserver | None = None,
         on_fatal: Callable[[str], None] | None = None,
         delivery: LegDelivery | None = None,
+        remote_legs: RemoteLegs | None = None,
+        self_url: str | None = None,
     ) -> None:
         self.limits = limits or EngineLimits()
         # Alone (tests, tools): every shard served, one shard per pipeline, no fence.
@@ -222,9 +237,18 @@ class Engine:
         self._bulk_line = asyncio.Lock()
         self._restarted_at: deque[float] = deque()  # monotonic times of recent restarts
         self.failure: str | None = None  # why the engine gave up, once it has
+        # Legs go to this process's shards, or to the process that serves the wallet's
+        # shard through ``remote_legs`` (the HTTP edge's internal route).
+        delivery = delivery or RoutedLegDelivery(
+            self.deliver_leg,
+            self.ownership,
+            remote_legs,
+            self_url=self_url,
+            tries_max=self.limits.transfer_leg_tries_max,
+        )
         self.transfers = TransferCoordinator(
             log,
-            delivery or LocalLegDelivery(self._submit_leg),
+            delivery,
             self.limits.load_timeout_s,
             # A wave of lookups by id is bounded like a mailbox: requests past it wait.
             lookup_ids_max=self.limits.mailbox_commands_max,
@@ -234,6 +258,10 @@ class Engine:
         self._redrive_stop = asyncio.Event()
         self._sweep_task: asyncio.Task[None] | None = None
         self.sweep_passes = 0  # sweep passes ended (done or failed), since start
+        # Set when this process starts serving shards it did not (failover, rebalancing):
+        # their PENDING transfers now belong to this process's re-drive, at once.
+        self._redrive_wake = asyncio.Event()
+        self.ownership.on_ready = self._shards_ready
 
     async def warm_up(self, wallets_max: int) -> int:
         """Load up to ``wallets_max`` most recently updated wallets of the shards served
@@ -273,23 +301,38 @@ class Engine:
         )
 
     async def redrive_transfers(self, *, created_before_us: int | None = None) -> int:
-        """One recovery pass: drive PENDING transfers again; how many ended."""
+        """One recovery pass: drive again the PENDING transfers whose sending wallet's
+        shard this process serves (so after a crash exactly one process drives a given
+        transfer: the owner of its ``from`` side); how many ended."""
         if created_before_us is None:
             created_before_us = self._clock_us()
         # A pass submits its legs at once: past a mailbox's bound they would only be
         # refused as overloaded.
         limits = self.limits
         batch_max = min(limits.transfer_redrive_batch_max, limits.mailbox_commands_max)
-        return await self.transfers.redrive(created_before_us, batch_max)
+        ownership = self.ownership
+
+        def owns(transfer: TransferRecord) -> bool:
+            return ownership.serving(shard_of(transfer.from_wallet_id, ownership.shard_count))
+
+        return await self.transfers.redrive(created_before_us, batch_max, owns)
+
+    def _shards_ready(self, shards: Iterable[int]) -> None:
+        del shards  # a pass reads every PENDING transfer this process now owns
+        self._redrive_wake.set()
 
     async def _redrive_loop(self) -> None:
         interval_s = self.limits.transfer_redrive_interval_s
         interval_us = int(interval_s * 1_000_000)
         first = True
         while not self._redrive_stop.is_set():
-            # The first pass takes every PENDING transfer (none is driven yet); later ones
-            # only those older than an interval, which their own request has given up on.
-            before_us = self._clock_us() - (0 if first else interval_us)
+            # The first pass takes every PENDING transfer (none is driven yet), and so does
+            # a pass after shards were gained (their previous owner may have died mid-way);
+            # other passes only those older than an interval, which their own request has
+            # given up on.
+            everything = first or self._redrive_wake.is_set()
+            self._redrive_wake.clear()
+            before_us = self._clock_us() - (0 if everything else interval_us)
             try:
                 ended = await self.redrive_transfers(created_before_us=before_us)
                 if ended:
@@ -300,8 +343,7 @@ class Engine:
             except Exception:
                 # A bug must not end recovery for the life of the process: log, go on.
                 _log.exception("re-drive of pending transfers raised")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._redrive_stop.wait(), interval_s)
+            await _first_of(self._redrive_stop, self._redrive_wake, timeout_s=interval_s)
 
     async def sweep_holds(self, *, now_us: int | None = None) -> int:
         """One sweep pass: release up to ``hold_sweep_batch_max`` PENDING holds of the
@@ -476,10 +518,12 @@ class Engine:
         self._remembered[index].add(shard)
         return shard, self._shards[index]
 
-    def _submit_leg(self, leg: TransferLeg) -> None:
-        # NotOwner when another process serves the leg's wallet: legs are delivered to this
-        # process's shards only (cross-process delivery is not built; docs/ARCHITECTURE.md).
-        self._submit(self._route(leg.wallet_id)[1], leg)
+    async def deliver_leg(self, leg: TransferLeg) -> Reply:
+        """Apply a transfer leg on this process's shard of its wallet (``NotOwner`` when
+        another process serves it: the delivery sends it there). Counted like any admitted
+        command, so a release waits for it; a refusal holds only under one epoch."""
+        shard, pipeline = self._route(leg.wallet_id)
+        return await self._answer(shard, pipeline, leg)
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:
@@ -495,7 +539,7 @@ class Engine:
         self,
         shard: int,
         pipeline: Shard,
-        command: ApplyOperation | CreateWallet | ReadWallet | HoldCommand,
+        command: ApplyOperation | CreateWallet | ReadWallet | HoldCommand | TransferLeg,
     ) -> Reply:
         """Submit and await the reply; a reply resting on memory alone is kept only if the
         shard stayed served under one epoch from admission to answer."""

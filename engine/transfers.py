@@ -1,6 +1,7 @@
 """Transfers between wallets: a saga of one-shard commits, with its in-flight money visible.
 
-The shard that owns the sending wallet coordinates (docs/ARCHITECTURE.md, "Transfers")::
+The process that got the request coordinates; after a crash, the re-drive of the process
+that serves the sending wallet's shard does (docs/ARCHITECTURE.md, "Transfers")::
 
     POST /transfers ──▶ load the transfer by id (a known id replays or resumes it)
                           │
@@ -15,13 +16,27 @@ The shard that owns the sending wallet coordinates (docs/ARCHITECTURE.md, "Trans
     owner of FROM:   commit 3  TRANSFER_REFUND log row + transfer FAILED ──▶ 404 / 409
                           │ any 503 on the way: the transfer stays PENDING (visible),
                           ▼ the client's retry or the re-drive loop finishes it
-    re-drive loop:   every PENDING transfer older than one interval is driven again
-                     (commits 2/3 are keyed by the transfer id: a second copy is impossible)
+    re-drive loop:   every PENDING transfer older than one interval whose sending wallet's
+                     shard this process serves is driven again, and all of them at once
+                     when shards are gained (commits 2/3 are keyed by the transfer id: a
+                     second copy is impossible)
 
 Every leg goes through ``LegDelivery``, the port "deliver this leg to the owner of its
-wallet". ``LocalLegDelivery`` submits it to a shard of this process; when shards live in
-several processes, a delivery that forwards the leg to the owning process is the one class
-to add (the HTTP forwarding of the scale-out work).
+wallet". ``RoutedLegDelivery`` (the engine's) submits it to a shard of this process when
+this process serves the wallet's shard, and otherwise sends it to the owner named by the
+ownership table through ``RemoteLegs`` (the HTTP edge's internal route, http/legs.py)::
+
+    deliver(leg) ──▶ served here? ──yes──▶ local shard ──────────────────▶ reply
+                        │ no (NotOwner)
+                        ▼
+                     owner in the table ──▶ RemoteLegs.send(url, leg) ──▶ reply
+                        │ no live owner, not connected, or the owner answers NOT_OWNER
+                        ▼ (nothing applied)
+                     wait for the next table read; at most ``tries_max`` tries,
+                     then NOT_OWNER (a debit: 503 NOT_OWNER; a credit: PENDING, 503)
+
+A leg is idempotent by its key (``transfer_leg_key``): sending it again after an unknown
+outcome replays the first answer, never applies twice.
 
 A transfer is driven by one task at a time in a process (``_driving``, keyed by id): a
 client's retry and the re-drive loop join the drive already under way instead of racing it.
@@ -35,21 +50,23 @@ import abc
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from uuid import UUID
 
 from walletd.engine.commands import Outcome, Reply, TransferLeg
-from walletd.engine.errors import EngineRefused
+from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
+from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError, StorageUnavailable, WalletLog
 
 __all__ = [
     "SIDE_FROM",
     "SIDE_TO",
     "LegDelivery",
-    "LocalLegDelivery",
+    "RemoteLegs",
+    "RoutedLegDelivery",
     "TransferCoordinator",
     "TransferReply",
 ]
@@ -80,14 +97,17 @@ class TransferReply(NamedTuple):
 
 
 _UNAVAILABLE = TransferReply(Outcome.UNAVAILABLE)
+# Replies that leave a transfer PENDING (or never opened it).
+_NOT_ENDED = frozenset({Outcome.UNAVAILABLE, Outcome.NOT_OWNER})
 
 
 class LegDelivery(abc.ABC):
     """Port: deliver one leg of a transfer to the owner of its wallet; return its reply.
 
     Contract: the reply is the leg's committed outcome (OK, possibly replayed), a business
-    refusal (nothing written), or UNAVAILABLE (not applied, or unknown). Never raises for a
-    refusal of the owner to take the leg (overload, stopping): that is UNAVAILABLE too.
+    refusal (nothing written), NOT_OWNER (no process took it: nothing applied), or
+    UNAVAILABLE (not applied, or unknown). Never raises for a refusal of the owner to take
+    the leg (overload, stopping): that is UNAVAILABLE too.
     """
 
     @abc.abstractmethod
@@ -97,21 +117,76 @@ class LegDelivery(abc.ABC):
         """Apply the leg on its wallet's shard and return the reply once it committed."""
 
 
-class LocalLegDelivery(LegDelivery):
-    """Delivers legs to the shards of this process (every shard, until shards move)."""
+class RemoteLegs(abc.ABC):
+    """Port: send one leg to another walletd process (the owner of its wallet's shard).
 
-    def __init__(self, submit: Callable[[TransferLeg], None]) -> None:
-        self._submit = submit
+    Contract: returns the owner's reply (OK, a business refusal, UNAVAILABLE); NOT_OWNER
+    when nothing was applied for sure (not connected, or the process answered that it does
+    not serve the shard); UNAVAILABLE when the leg may have been applied (sent, answer
+    lost). Never raises for a failure of the other process or of the network.
+    """
+
+    @abc.abstractmethod
+    async def send(
+        self, url: str, kind: OperationKind, transfer: TransferRecord, failure_code: str | None
+    ) -> Reply:
+        """Deliver the leg to the process listening at ``url`` and return its reply."""
+
+
+_NOT_OWNER_REPLY = Reply(Outcome.NOT_OWNER)
+# The longest a delivery waits for the next read of the ownership table between tries (half
+# a lease, capped: with long leases a move is still seen at the keeper's next step).
+_TABLE_WAIT_S_MAX = 2.0
+
+
+class RoutedLegDelivery(LegDelivery):
+    """Delivers a leg to whichever process serves its wallet's shard: this one (``local``,
+    which raises ``NotOwner`` when it does not serve the shard) or another one (``remote``,
+    at the URL the ownership table names). A leg that nobody takes for sure (no live owner,
+    not connected, the owner lost the shard) is tried again after the next read of the
+    table, ``tries_max`` times in all; then the answer is NOT_OWNER (nothing applied)."""
+
+    def __init__(
+        self,
+        local: Callable[[TransferLeg], Awaitable[Reply]],
+        ownership: Ownership,
+        remote: RemoteLegs | None,
+        *,
+        self_url: str | None,
+        tries_max: int,
+    ) -> None:
+        if tries_max < 1:
+            raise ValueError("tries_max must be at least 1")
+        self._local = local
+        self._ownership = ownership
+        self._remote = remote
+        self._self_url = self_url
+        self._tries_max = tries_max
 
     async def deliver(
         self, kind: OperationKind, transfer: TransferRecord, failure_code: str | None = None
     ) -> Reply:
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        try:
-            self._submit(TransferLeg(kind, transfer, future, failure_code))
-        except EngineRefused:
-            return Reply(Outcome.UNAVAILABLE)
-        return await future
+        ownership = self._ownership
+        for attempt in range(self._tries_max):
+            if attempt:
+                # Wait (at most half a lease) for the next read of the ownership table: a
+                # move in progress (released, not claimed; a dead owner's lease expiring).
+                await ownership.next_table(min(ownership.table_stale_s / 2, _TABLE_WAIT_S_MAX))
+            loop = asyncio.get_running_loop()
+            leg = TransferLeg(kind, transfer, loop.create_future(), failure_code)
+            try:
+                return await self._local(leg)
+            except NotOwner as refused:
+                shard = refused.shard
+            except EngineRefused:
+                return Reply(Outcome.UNAVAILABLE)
+            url = ownership.owner_url(shard)
+            if url is None or url == self._self_url or self._remote is None:
+                continue  # nobody serves it right now (or the table lags behind this process)
+            reply = await self._remote.send(url, kind, transfer, failure_code)
+            if reply.outcome is not Outcome.NOT_OWNER:
+                return reply
+        return _NOT_OWNER_REPLY
 
 
 class _CoalescedLoads:
@@ -220,16 +295,32 @@ class TransferCoordinator:
         """The stored transfer (raises ``StorageError`` when storage is away)."""
         return await self._loads.load(transfer_id)
 
-    async def redrive(self, created_before_us: int, limit: int) -> int:
+    async def redrive(
+        self,
+        created_before_us: int,
+        limit: int,
+        owns: Callable[[TransferRecord], bool] = lambda _transfer: True,
+    ) -> int:
         """Drive again up to ``limit`` PENDING transfers created before the instant, at
-        once; returns how many ended (COMPLETED or FAILED). Ones driven here already are
-        left to their driver."""
-        pending = await asyncio.wait_for(
-            self._log.pending_transfers(created_before_us, limit), self._load_timeout_s
-        )
-        todo = [t for t in pending if t.transfer_id not in self._driving]
-        replies = await asyncio.gather(*(self._redrive_one(t) for t in todo))
-        return sum(1 for reply in replies if reply.outcome is not Outcome.UNAVAILABLE)
+        once; returns how many ended (COMPLETED or FAILED). Only the ones ``owns`` accepts
+        (in a cluster: those whose sending wallet's shard this process serves, so that one
+        process re-drives a given transfer); ones driven here already are left to their
+        driver. The PENDING set is read ``limit`` rows at a time, oldest first, until
+        ``limit`` transfers are chosen or the set is read through: another process's
+        transfers never crowd out this one's."""
+        todo: list[TransferRecord] = []
+        after: tuple[int, UUID] | None = None
+        while len(todo) < limit:
+            page = await asyncio.wait_for(
+                self._log.pending_transfers(created_before_us, limit, after),
+                self._load_timeout_s,
+            )
+            todo += [t for t in page if t.transfer_id not in self._driving and owns(t)]
+            if len(page) < limit:
+                break
+            after = (page[-1].created_at_us, page[-1].transfer_id)
+        replies = await asyncio.gather(*(self._redrive_one(t) for t in todo[:limit]))
+        return sum(1 for reply in replies if reply.outcome not in _NOT_ENDED)
 
     # -- the saga ----------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from walletd.engine.router import Engine
-from walletd.http import feed, health, routes_v1
+from walletd.http import feed, health, legs, routes_v1
 from walletd.http.docs_page import add_docs_routes
 from walletd.http.edge import Middleware, auth_middleware, edge_middleware
-from walletd.http.forwarding import Forwarder
+from walletd.http.forwarding import FORWARDER_KEY, Forwarder
 from walletd.http.metrics import METRICS_PATH, Metrics, metrics_handler
 from walletd.http.problems import problems_middleware
 from walletd.http.settings import HttpSettings
@@ -42,6 +42,7 @@ def create_app(
     app = web.Application(client_max_size=settings.body_bytes_max, middlewares=middlewares)
     state = AppState(settings)
     app[STATE_KEY] = state
+    app[FORWARDER_KEY] = forwarder  # bulk items of other processes go through its pool
     app[METRICS_KEY] = metrics
     streams = feed.FeedStreams()
     app[feed.FEED_KEY] = streams
@@ -69,6 +70,7 @@ def create_app(
     app.cleanup_ctx.append(forwarder.session_ctx)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
+    app.router.add_routes(legs.routes)  # internal: transfer legs between processes
     app.router.add_routes(health.routes)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)
     add_docs_routes(app)

@@ -16,6 +16,13 @@ Admission is all or nothing: the whole request enters the shard mailboxes, or no
 does (``503 OVERLOADED``), so a bulk request is never half-queued. Items on one wallet are
 applied in array order, because they enter that wallet's mailbox in array order.
 
+Across processes: items whose wallet another walletd process serves are sent on to that
+process, one sub-request per process (with the forwarded marker, each item with its own
+key spelled out), and their results are put back in place; a process that cannot be
+connected to leaves its items ``503 NOT_OWNER`` (nothing applied), a sub-request sent and
+not answered leaves them ``503 UNAVAILABLE`` (retry with the same keys). An ``atomic``
+request stays one transaction, so one that needs another process is ``422``.
+
 Keys: an item's ``idempotency_key`` works as the header does on the single endpoint (scope:
 its wallet). The request's ``Idempotency-Key`` header gives every item without a key of its
 own the key ``<request key>/<index>``, so a retry of the same request replays item by item,
@@ -36,7 +43,14 @@ from aiohttp import web
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.errors import AtomicSpansShards, AtomicTooLarge
 from walletd.engine.model import OperationKind
-from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT
+from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
+from walletd.http.forwarding import (
+    FORWARDED_HEADER,
+    FORWARDER_KEY,
+    AnswerLost,
+    Unreachable,
+    forwarded_headers,
+)
 from walletd.http.parsing import (
     IDEMPOTENCY_KEY_LENGTH_MAX,
     OPERATION_KINDS,
@@ -327,13 +341,22 @@ async def bulk_operations(request: web.Request) -> web.Response:
         ) from None
     if refused_at is not None:
         raise _atomic_refusal(refused_at, valid[refused_at], replies[refused_at])
+    elsewhere = await _forward_foreign(request, valid, replies)
     parts: list[bytes] = []
     applied = refused = 0
-    next_reply = iter(replies).__next__
+    valid_index = 0
     for index, item in enumerate(items):
         reply = None
         if isinstance(item, BulkItem):
-            reply = next_reply()
+            forwarded = elsewhere.get(valid_index)
+            reply = replies[valid_index]
+            valid_index += 1
+            if forwarded is not None:
+                status, result = forwarded
+                applied += status == 200
+                refused += status != 200
+                parts.append(orjson.dumps({**result, "index": index}))
+                continue
             if reply.outcome is Outcome.OK:
                 applied += 1
             else:
@@ -355,3 +378,88 @@ def _atomic_refusal(index: int, item: BulkItem, reply: Reply) -> ProblemError:
         headers=error.headers,
         extra={"index": index},
     )
+
+
+async def _forward_foreign(
+    request: web.Request, valid: list[BulkItem], replies: list[Reply]
+) -> dict[int, tuple[int, dict[str, Any]]]:
+    """Send the items another process serves (NOT_OWNER here) to their owners, one
+    sub-request per owner, all at once; their results by index into ``valid``. Items with
+    no live owner, or of a request that was forwarded already (never two hops), keep their
+    NOT_OWNER result."""
+    if FORWARDED_HEADER in request.headers:
+        return {}
+    engine = request.app[STATE_KEY].services.engine
+    self_url = request.app[STATE_KEY].services.self_url
+    by_owner: dict[str, list[int]] = {}
+    for index, reply in enumerate(replies):
+        if reply.outcome is Outcome.NOT_OWNER:
+            url = engine.ownership.owner_url(engine.shard_of(valid[index].wallet_id))
+            if url is not None and url != self_url:
+                by_owner.setdefault(url, []).append(index)
+    if not by_owner:
+        return {}
+    headers = forwarded_headers(request)
+    headers.pop("Idempotency-Key", None)  # each item carries its own key
+    sent = await asyncio.gather(
+        *(_sub_request(request, url, [valid[i] for i in indexes], headers)
+          for url, indexes in by_owner.items())
+    )  # fmt: skip
+    found: dict[int, tuple[int, dict[str, Any]]] = {}
+    for indexes, results in zip(by_owner.values(), sent, strict=True):
+        found.update(zip(indexes, results, strict=True))
+    return found
+
+
+async def _sub_request(
+    request: web.Request, url: str, items: list[BulkItem], headers: dict[str, str]
+) -> list[tuple[int, dict[str, Any]]]:
+    """One owner's items as one bulk request; a result per item, in order."""
+    body = orjson.dumps({"items": [_item_json(item) for item in items]})
+    try:
+        status, _headers, payload = await request.app[FORWARDER_KEY].exchange(
+            "POST", url + BULK_PATH, body, {**headers, "Content-Type": "application/json"}
+        )
+    except Unreachable:
+        return [_item_problem(item, 503, "NOT_OWNER", _UNREACHABLE) for item in items]
+    except AnswerLost:
+        return [_item_problem(item, 503, "UNAVAILABLE", _LOST) for item in items]
+    try:
+        answer = orjson.loads(payload)
+        if status == 200:
+            results = answer["results"]
+            if len(results) == len(items):
+                return [(int(result["status"]), result) for result in results]
+        elif 400 <= status < 500 or answer.get("code") in ("NOT_OWNER", "OVERLOADED"):
+            # Refused whole by the owner (nothing applied): its problem for every item.
+            return [(status, {"status": status, "body": answer}) for _item in items]
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        pass
+    return [_item_problem(item, 503, "UNAVAILABLE", _LOST) for item in items]
+
+
+_UNREACHABLE: Final = (
+    "the wallet's owner (another walletd process) cannot be reached; nothing was applied, retry"
+)
+_LOST: Final = (
+    "the item was sent to the wallet's owner (another walletd process) and its answer was "
+    "lost; retry with the same idempotency key"
+)
+
+
+def _item_json(item: BulkItem) -> dict[str, str]:
+    spelled = {
+        "wallet_id": str(item.wallet_id),
+        "operation_type": item.kind.name,
+        "amount": format_minor(item.amount),
+    }
+    if item.idempotency_key is not None:
+        spelled["idempotency_key"] = item.idempotency_key
+    return spelled
+
+
+def _item_problem(
+    item: BulkItem, status: int, code: str, detail: str
+) -> tuple[int, dict[str, Any]]:
+    problem = problem_body(status, code, detail, f"/api/v1/wallets/{item.wallet_id}/operation")
+    return status, {"status": status, "body": problem}

@@ -22,6 +22,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from walletd.http.legs import INTERNAL_PREFIX
 from walletd.http.metrics import UNMATCHED_ROUTE, Metrics
 from walletd.http.problems import PROBLEM_CODE_KEY, ProblemError
 from walletd.http.routes_v1 import PREFIX
@@ -108,7 +109,7 @@ def edge_middleware(metrics: Metrics) -> Middleware:
 
 def _is_protected(request: web.Request) -> bool:
     path = request.path
-    if path.startswith(PREFIX + "/") or path == PREFIX:
+    if path.startswith((PREFIX + "/", INTERNAL_PREFIX + "/")) or path == PREFIX:
         return True
     # Belt and braces: whatever path spelling the router matched, a v1 route is protected.
     resource = request.match_info.route.resource

@@ -35,7 +35,14 @@ from walletd.http.metrics import Metrics
 from walletd.http.problems import ProblemError
 from walletd.http.state import STATE_KEY
 
-__all__ = ["FORWARDED_HEADER", "Forwarder"]
+__all__ = [
+    "FORWARDED_HEADER",
+    "FORWARDER_KEY",
+    "AnswerLost",
+    "Forwarder",
+    "Unreachable",
+    "forwarded_headers",
+]
 
 FORWARDED_HEADER: Final = "X-Walletd-Forwarded"
 _REQUEST_HEADERS: Final = (
@@ -68,6 +75,19 @@ def _cut_off(shard: int) -> ProblemError:
     )  # fmt: skip
 
 
+def forwarded_headers(request: web.Request) -> dict[str, str]:
+    """The request's headers that travel with it to another process."""
+    return {name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers}
+
+
+class Unreachable(Exception):
+    """The other process could not be connected to: nothing was sent."""
+
+
+class AnswerLost(Exception):
+    """The request was sent and its answer was lost (timeout, reset): outcome unknown."""
+
+
 class Forwarder:
     """One bounded HTTP client pool to the other walletd processes, and the middleware."""
 
@@ -88,6 +108,29 @@ class Forwarder:
         finally:
             await self._session.close()
             self._session = None
+
+    async def exchange(
+        self, method: str, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send one request to another walletd process (always with the forwarded marker);
+        its status, headers (hop-by-hop ones dropped) and body. Raises ``Unreachable`` or
+        ``AnswerLost``."""
+        if self._session is None:
+            raise Unreachable("the forwarding pool is closed")
+        headers = {**headers, FORWARDED_HEADER: "1"}
+        try:
+            async with self._session.request(method, url, data=body, headers=headers) as answer:
+                payload = await answer.read()
+                answer_headers = {
+                    name: value
+                    for name, value in answer.headers.items()
+                    if name.lower() not in _DROPPED_RESPONSE_HEADERS
+                }
+                return answer.status, answer_headers, payload
+        except aiohttp.ClientConnectorError as error:
+            raise Unreachable(str(error)) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise AnswerLost(repr(error)) from None
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -125,27 +168,17 @@ class Forwarder:
         if url is None or url == services.self_url or self._session is None:
             self._metrics.observe_forward("no_owner")
             raise _not_owner(shard, "no live owner right now")
-        headers = {
-            name: request.headers[name] for name in _REQUEST_HEADERS if name in request.headers
-        }
-        headers[FORWARDED_HEADER] = "1"
+        headers = forwarded_headers(request)
         body = await request.read()
         try:
-            async with self._session.request(
-                request.method, url + request.raw_path, data=body, headers=headers
-            ) as answer:
-                payload = await answer.read()
-                status = answer.status
-                answer_headers = {
-                    name: value
-                    for name, value in answer.headers.items()
-                    if name.lower() not in _DROPPED_RESPONSE_HEADERS
-                }
-        except aiohttp.ClientConnectorError:
+            status, answer_headers, payload = await self.exchange(
+                request.method, url + request.raw_path, body, headers
+            )
+        except Unreachable:
             # Not connected: the owner never saw the request.
             self._metrics.observe_forward("unreachable")
             raise _not_owner(shard, "its owner cannot be reached") from None
-        except (aiohttp.ClientError, TimeoutError):
+        except AnswerLost:
             self._metrics.observe_forward("unknown")
             raise ProblemError(
                 503, "UNAVAILABLE",
@@ -155,3 +188,6 @@ class Forwarder:
             ) from None  # fmt: skip
         self._metrics.observe_forward("answered")
         return web.Response(status=status, body=payload, headers=answer_headers)
+
+
+FORWARDER_KEY = web.AppKey("walletd_forwarder", Forwarder)

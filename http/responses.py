@@ -171,6 +171,13 @@ def transfer_reply_response(
             f"transfer {transfer_id} was already requested with a different body",
             extra=extra,
         )  # fmt: skip
+    if outcome is Outcome.NOT_OWNER:
+        raise ProblemError(
+            503, "NOT_OWNER",
+            f"the {side} wallet's shard has no reachable walletd owner right now (a move is "
+            "under way); nothing was applied, retry with the same id or Idempotency-Key",
+            headers=_RETRY_AFTER, extra=extra,
+        )  # fmt: skip
     raise ProblemError(
         503, "UNAVAILABLE",
         f"the outcome of transfer {transfer_id} is not known yet; it is PENDING or was not "

@@ -1,7 +1,7 @@
 """`make bench` (cluster part): 1 vs 2 walletd processes behind HAProxy, with CPU per request.
 
     python -m loadtest.cluster_bench [--processes 1 2] [--duration 10] [--connections 64]
-                                     [--wallets 10000]
+                                     [--wallets 10000] [--transfers]
 
 For each process count: `walletd cluster --processes N` (embedded PostgreSQL in a temp dir,
 HAProxy in front), then wrk on the hot wallet and on many wallets through HAProxy, and the
@@ -9,6 +9,13 @@ CPU time (utime + stime from /proc/PID/stat) each part spent during the run, div
 requests answered: walletd processes, HAProxy, PostgreSQL (every backend of the embedded
 server). A bigger machine serves about `cores / (sum of CPU per request)` requests per
 second at the same ops per commit, until one part (PostgreSQL, in one primary) saturates.
+
+With ``--transfers``, each run also sends transfers through HAProxy between pairs of funded
+wallets whose shards one process owns ("transfer-same"; with one process, the baseline) and,
+with two or more processes, pairs whose shards different processes own ("transfer-cross",
+a leg crosses processes over the internal route); the owners are read with `walletd shards`
+on the cluster's database. HAProxy sends a transfer to any process (no wallet in its path),
+which coordinates it.
 
 Exit 0 when every run completed, 1 when a wrk run failed, 2 without wrk or HAProxy.
 """
@@ -25,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.bench import AMOUNT, create_wallets, run_wrk
+from loadtest.bench import AMOUNT, TRANSFER_FUND, create_wallets, fund_wallets, run_wrk
 from loadtest.bench_report import WrkRun
 from loadtest.procs import REPO_ROOT, free_port
 
@@ -38,6 +46,9 @@ __all__ = ["main"]
 
 START_TIMEOUT_S = 120.0
 SCENARIOS = ("hot", "many")
+TRANSFER_SCENARIOS = ("transfer-same", "transfer-cross")
+# Wallets per process funded for the transfer scenarios, and pairs per ids file.
+TRANSFER_WALLETS_PER_PROCESS = 1000
 _LISTENING = re.compile(r"walletd cluster listening on (http://\S+) .*processes: ([^;]+);")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -139,6 +150,41 @@ def running_cluster(processes: int, folder: Path) -> Iterator[Cluster]:
         process.stdout.close()
 
 
+def owners(data_dir: Path, shard_count: int) -> dict[int, str]:
+    """Shard → owner URL, from `walletd shards` on the cluster's own (embedded) database."""
+    listing = subprocess.run(
+        [sys.executable, "-m", "walletd.cli.main", "shards", "--data-dir", str(data_dir),
+         "--shards", str(shard_count)],
+        capture_output=True, text=True, timeout=60, check=True, cwd=REPO_ROOT,
+    ).stdout  # fmt: skip
+    found: dict[int, str] = {}
+    for line in listing.splitlines()[1 : shard_count + 1]:
+        if match := re.search(r"\((http://[^)]+)\)", line):
+            found[int(line.split()[0])] = match.group(1)
+    return found
+
+
+def shard_of_text(wallet: str, shard_count: int) -> int:
+    """walletd's shard function (docs/SCALING.md): CRC-32 of the lowercase id text."""
+    return zlib.crc32(wallet.lower().encode("ascii")) % shard_count
+
+
+def transfer_pairs(ids: list[str], owner_of: dict[int, str], shard_count: int) -> dict[str, str]:
+    """The ids files' text of the two transfer scenarios: lines "FROM TO"."""
+    by_owner: dict[str, list[str]] = {}
+    for wallet in ids:
+        owner = owner_of.get(shard_of_text(wallet, shard_count))
+        if owner is not None:
+            by_owner.setdefault(owner, []).append(wallet)
+    groups = list(by_owner.values())
+    same = [f"{g[i]} {g[i + 1]}" for g in groups for i in range(0, len(g) - 1, 2)]
+    pairs = {"transfer-same": "\n".join(same)}
+    if len(groups) >= 2:  # one process: every transfer is within it (the baseline)
+        cross = [f"{a} {b}" for a, b in zip(groups[0], groups[1], strict=False)]
+        pairs["transfer-cross"] = "\n".join(cross)
+    return pairs
+
+
 def answered(run: WrkRun) -> int:
     return sum(count for status, count in run.statuses.items() if 200 <= int(status) < 300)
 
@@ -160,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wallets", type=int, default=10_000)
+    parser.add_argument(
+        "--transfers", action="store_true", help="also transfers within one process and across two"
+    )
+    parser.add_argument("--shards", type=int, default=64, help="the cluster's shard count")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None or shutil.which("haproxy") is None:
         print("cluster bench needs wrk and haproxy (.ci/install-haproxy)", file=sys.stderr)
@@ -184,11 +234,30 @@ def main(argv: list[str] | None = None) -> int:
                         return 1
                     rows.append((processes, scenario, run, cpu))
                     print(_row(processes, scenario, run, cpu), flush=True)
+                if args.transfers:
+                    funded = asyncio.run(
+                        create_wallets(cluster.url, TRANSFER_WALLETS_PER_PROCESS * processes)
+                    )
+                    asyncio.run(fund_wallets(cluster.url, funded, TRANSFER_FUND))
+                    owner_of = owners(cluster.data_dir, args.shards)
+                    for scenario, text in transfer_pairs(funded, owner_of, args.shards).items():
+                        ids_file = run_folder / f"{scenario}.pairs"
+                        ids_file.write_text(text)
+                        try:
+                            run, cpu = measure(
+                                cluster, "pairs", ids_file, args.connections, args.duration
+                            )
+                        except RuntimeError as error:
+                            print(f"wrk failed: {error}", file=sys.stderr)
+                            return 1
+                        rows.append((processes, scenario, run, cpu))
+                        print(_row(processes, scenario, run, cpu), flush=True)
     print()
-    print(f"deposits of {AMOUNT} through HAProxy, {args.connections} connections, "
+    print(f"deposits (and transfers) of {AMOUNT} through HAProxy, {args.connections} connections, "
           f"{args.duration} s per run, {os.cpu_count()} cores")  # fmt: skip
-    print("| processes | scenario | rps | p99 ms | CPU µs/req walletd | HAProxy | PostgreSQL |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| processes | scenario | rps | p99 ms | non-2xx | CPU µs/req walletd | HAProxy "
+          "| PostgreSQL |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for processes, scenario, run, cpu in rows:
         print(_row(processes, scenario, run, cpu))
     return 0
@@ -196,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(processes: int, scenario: str, run: WrkRun, cpu: dict[str, float]) -> str:
     return (
-        f"| {processes} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | "
+        f"| {processes} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | {run.non_2xx} | "
         f"{cpu['walletd']:.0f} | {cpu['haproxy']:.0f} | {cpu['postgres']:.0f} |"
     )
 

@@ -4,6 +4,8 @@
 --       "many" POST a deposit to a random id of IDS_FILE
 --       "get"  GET a random id of IDS_FILE
 --       "transfer" POST a transfer of AMOUNT between two different random ids of IDS_FILE
+--       "pairs" POST a transfer of AMOUNT between the two ids of a random line "ID ID" of
+--               IDS_FILE, in a random direction (the cluster bench picks the pairs)
 -- done() prints one line "WRKJSON {...}" with latency percentiles (microseconds), the status
 -- counts and the number of requests written, which bench.py parses. `sent` minus the
 -- responses counts the requests cut off when wrk stopped: their outcome is unknown (wrk
@@ -51,6 +53,13 @@ function request()
   if mode == "hot" then return static_request end
   local id = ids[math.random(#ids)]
   if mode == "get" then return wrk.format("GET", "/api/v1/wallets/" .. id) end
+  if mode == "pairs" then
+    local first, second = id:match("(%S+) (%S+)")
+    if math.random(2) == 1 then first, second = second, first end
+    return wrk.format("POST", "/api/v1/transfers", headers,
+      '{"from_wallet_id":"' .. first .. '","to_wallet_id":"' .. second ..
+      '","amount":"' .. amount .. '"}')
+  end
   if mode == "transfer" then
     local other = ids[math.random(#ids)]
     while other == id and #ids > 1 do other = ids[math.random(#ids)] end

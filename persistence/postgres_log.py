@@ -166,7 +166,9 @@ _LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1:
 _PENDING_TRANSFERS = f"""
 SELECT {_TRANSFER_COLUMNS} FROM transfers
  WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
- ORDER BY created_at LIMIT $2
+   AND ($3::bigint IS NULL
+        OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
+ ORDER BY created_at, id LIMIT $2
 """
 
 # Raised by walletd_append_batch when an earlier batch of the shard has not landed yet.
@@ -350,8 +352,11 @@ class PostgresLog(WalletLog):
         rows = await self._fetch(_LOAD_TRANSFERS, transfer_ids)
         return {row[0]: _transfer(row) for row in rows}
 
-    async def pending_transfers(self, created_before_us: int, limit: int) -> list[TransferRecord]:
-        rows = await self._fetch(_PENDING_TRANSFERS, created_before_us, limit)
+    async def pending_transfers(
+        self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
+    ) -> list[TransferRecord]:
+        after_us, after_id = after if after is not None else (None, None)
+        rows = await self._fetch(_PENDING_TRANSFERS, created_before_us, limit, after_us, after_id)
         return [_transfer(row) for row in rows]
 
     async def append_batch(self, batch: Batch) -> None:

@@ -27,6 +27,7 @@ import pytest
 
 from loadtest.procs import REPO_ROOT
 from tests.processes import WalletdProcess, start_walletd, walletd_command
+from tests.test_transfers_api import conservation_gap
 from walletd.cli.haproxy import (
     MapSync,
     initial_map,
@@ -150,17 +151,20 @@ async def balance_at(http: aiohttp.ClientSession, url: str, wallet: str) -> tupl
 
 
 async def check_money(dsn: str) -> None:
-    """balance == sum(log) and seq == count(log) for every wallet; no key logged twice."""
+    """balance == sum(log) and seq == count(log) for every wallet (deposits and transfer
+    credits and refunds add, the rest take out); no key logged twice; balances plus PENDING
+    transfers equal deposits minus withdrawals."""
     connection = await asyncpg.connect(dsn)
     try:
         mismatched = await connection.fetch(
             """SELECT w.id FROM wallets w LEFT JOIN wallet_operations o ON o.wallet_id = w.id
                 GROUP BY w.id
-               HAVING w.balance <> coalesce(sum(CASE o.kind WHEN 1 THEN o.amount
+               HAVING w.balance <> coalesce(sum(CASE WHEN o.kind IN (1, 4, 5) THEN o.amount
                                                 ELSE -o.amount END), 0)
                    OR w.seq <> count(o.id)"""
         )
         assert mismatched == []
+        assert await conservation_gap(connection) == 0
         twice = await connection.fetch(
             "SELECT wallet_id, idempotency_key FROM wallet_operations"
             " WHERE idempotency_key IS NOT NULL GROUP BY 1, 2 HAVING count(*) > 1"
@@ -559,11 +563,11 @@ def run_locust(url: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-# Every scenario whose requests name one wallet. Transfers and bulk requests span wallets of
-# different processes, which the cluster does not carry yet (a transfer leg or a bulk item
-# on another process is 503, nothing lost: docs/SCALING.md, "Not yet across processes").
+# Every scenario: the ones whose requests name one wallet, transfers (their legs go to
+# whichever process owns each wallet) and bulk requests (each process's items go to it).
 CLUSTER_USER_CLASSES = (
     "HotWalletUser", "UniformUser", "ReadHeavyUser", "OverdraftUser", "IdempotentRetryUser",
+    "TransferUser", "BulkUser",
 )  # fmt: skip
 
 
@@ -571,8 +575,9 @@ CLUSTER_USER_CLASSES = (
 async def test_the_locust_scenarios_reconcile_through_haproxy_on_a_local_cluster(
     database_url: str, tmp_path: Path
 ) -> None:
-    """Five seconds of the single-wallet Locust scenarios through the one URL (HAProxy) of
-    `walletd cluster --processes 2`: no failed request, every balance reconciles."""
+    """Five seconds of every Locust scenario (single wallets, transfers, bulk) through the
+    one URL (HAProxy) of `walletd cluster --processes 2`: no failed request, every balance
+    and the global sum reconcile."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -1,0 +1,371 @@
+"""Transfers between wallets that different `walletd serve` processes own, on one PostgreSQL.
+
+Real processes, real sockets, a real HAProxy (tests/test_cluster.py's helpers): legs travel
+between processes over the internal route; one process killed with -9 mid-run leaves its
+PENDING transfers to the survivor that takes the sending wallet's shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.processes import WalletdProcess
+from tests.test_cluster import (
+    FAILOVER_BOUND_S,
+    SHARDS,
+    create_wallet,
+    leases,
+    operate,
+    routed,
+    serve,
+    shards_table,
+    until,
+)
+from tests.test_transfers_api import conservation_gap
+from walletd.engine.ownership import shard_of_text
+from walletd.engine.router import TRANSFER_KEY_NAMESPACE
+
+# Every test here starts walletd, PostgreSQL or HAProxy processes.
+pytestmark = pytest.mark.slow
+
+TIMEOUT = aiohttp.ClientTimeout(total=20)
+RECOVERY_S = 30.0
+# The kinds of the legs in wallet_operations (engine/model.py, OperationKind).
+TRANSFER_OUT, TRANSFER_IN, TRANSFER_REFUND = 3, 4, 5
+
+
+async def owners(dsn: str) -> dict[int, str | None]:
+    """Shard → URL of its live owner, from the lease table."""
+    return {row["shard"]: row["owner_url"] if row["live"] else None for row in await leases(dsn)}
+
+
+def owner_of(table: dict[int, str | None], wallet: str) -> str | None:
+    return table[shard_of_text(wallet, SHARDS)]
+
+
+async def post_transfer(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str
+) -> tuple[int, dict[str, Any], bool]:
+    async with http.post(
+        f"{url}/api/v1/transfers", json=body, headers={"Idempotency-Key": key}
+    ) as response:
+        answer = await response.json(content_type=None)
+        return response.status, answer, response.headers.get("Idempotent-Replayed") == "true"
+
+
+async def no_pending(dsn: str) -> bool:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return not await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1")
+    finally:
+        await connection.close()
+
+
+@pytest.mark.slow
+async def test_transfers_between_wallets_of_two_processes_complete_on_the_first_try(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two processes; wallets on each (checked in the lease table and `walletd shards`).
+    Transfers A→B and B→A, each asked of A and of B, all answer 201 COMPLETED at once (the
+    re-drive interval is a minute: no help from it), balances move by exactly the amounts."""
+    servers = [serve(database_url, tmp_path, "--transfer-redrive-interval", "60") for _ in "ab"]
+    urls = [s.url for s in servers]
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+
+            async def split() -> bool:
+                held = Counter((await owners(database_url)).values())
+                return held[None] == 0 and all(held[url] >= 1 for url in urls)
+
+            await until(split, "the two servers share the shards")
+            table = await owners(database_url)
+            wallets: dict[str, list[str]] = {url: [] for url in urls}
+            while min(len(found) for found in wallets.values()) < 2:
+                url = min(wallets, key=lambda u: len(wallets[u]))
+                wallet = await create_wallet(http, url)
+                owner = owner_of(table, wallet)
+                assert owner is not None
+                wallets[owner].append(wallet)
+                status, _ = await operate(http, url, wallet, "DEPOSIT", 100, f"fund-{wallet}")
+                assert status == 200
+            listing = shards_table(["--database-url", database_url, "--shards", str(SHARDS)])
+            for url in urls:  # each process really owns the shards its wallets are on
+                for wallet in wallets[url]:
+                    line = listing.splitlines()[1 + shard_of_text(wallet, SHARDS)]
+                    assert f"({url})" in line, listing
+            (a, b) = urls
+            pairs = [(wallets[a][0], wallets[b][0]), (wallets[b][1], wallets[a][1])]
+            moved: Counter[str] = Counter()
+            for number, ((sender, receiver), entry) in enumerate(itertools.product(pairs, urls)):
+                assert owner_of(table, sender) != owner_of(table, receiver)
+                body = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "1.25"}
+                status, answer, _ = await post_transfer(http, entry, body, f"x-{number}")
+                assert status == 201, (entry, answer)
+                assert answer["status"] == "COMPLETED"
+                moved[sender] -= 125
+                moved[receiver] += 125
+            for url in urls:
+                for wallet in wallets[url]:
+                    async with http.get(f"{url}/api/v1/wallets/{wallet}") as response:
+                        balance = (await response.json())["balance"]
+                    assert balance == f"{(10_000 + moved[wallet]) / 100:.2f}", wallet
+        connection = await asyncpg.connect(database_url)
+        try:
+            assert await conservation_gap(connection) == 0
+        finally:
+            await connection.close()
+        assert await no_pending(database_url)
+    finally:
+        for server in servers:
+            server.terminate()
+
+
+class Sampler:
+    """The conservation equation in REPEATABLE READ snapshots, taken while transfers run."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.gaps: list[int] = []
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        connection = await asyncpg.connect(self.dsn)
+        try:
+            while not self.stop.is_set():
+                self.gaps.append(await conservation_gap(connection))
+                await asyncio.sleep(0.02)
+        finally:
+            await connection.close()
+
+
+@pytest.mark.slow
+async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_retry_all(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Three processes behind HAProxy; keyed transfers among 100 wallets spread over all
+    three, conservation sampled in REPEATABLE READ snapshots throughout; kill -9 of one
+    mid-run. The survivors take its shards and finish every PENDING transfer by themselves;
+    conservation is exact in every sample and at the end; retrying every transfer sent (same
+    key) gets a final answer, a replay for those answered 201; each transfer's legs are in
+    the log once each (OUT + IN, or OUT + REFUND)."""
+    servers = [serve(database_url, tmp_path, "--transfer-redrive-interval", "0.5")
+               for _ in range(3)]  # fmt: skip
+    victim: WalletdProcess = servers[1]
+    live = [s.url for s in servers]
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as http,
+            routed(database_url, live, tmp_path) as proxy_url,
+        ):
+
+            async def spread() -> bool:
+                held = Counter((await owners(database_url)).values())
+                share = math.ceil(SHARDS / 3)
+                return held[None] == 0 and all(1 <= held[url] <= share for url in live)
+
+            await until(spread, "the three servers share the shards")
+            table = await owners(database_url)
+            wallets = []
+            for number in range(100):
+                wallet = await create_wallet(http, proxy_url)
+                status, _ = await operate(http, proxy_url, wallet, "DEPOSIT", 100, f"f{number}")
+                assert status == 200
+                wallets.append(wallet)
+            by_owner = Counter(owner_of(table, wallet) for wallet in wallets)
+            assert set(by_owner) == set(live), by_owner  # wallets on every process
+
+            sent: dict[str, dict[str, Any]] = {}
+            answers: dict[str, int] = {}
+            statuses: Counter[tuple[int, str]] = Counter()
+            stop = asyncio.Event()
+            keys = itertools.count()
+
+            async def worker(seed: int) -> None:
+                rng = random.Random(seed)
+                while not stop.is_set():
+                    key = f"t-{next(keys)}"
+                    sender, receiver = rng.sample(wallets, 2)
+                    body = {"from_wallet_id": sender, "to_wallet_id": receiver,
+                            "amount": f"{rng.randint(1, 2000) / 100:.2f}"}  # fmt: skip
+                    sent[key] = body
+                    # Mostly through HAProxy (any process coordinates), some straight to a
+                    # live process.
+                    url = rng.choice([proxy_url, proxy_url, *live])
+                    try:
+                        status, answer, _ = await post_transfer(http, url, body, key)
+                    except (aiohttp.ClientError, TimeoutError):
+                        statuses[(0, "connection")] += 1
+                        continue
+                    answers[key] = status
+                    statuses[(status, str(answer.get("code", "")))] += 1
+
+            sampler = Sampler(database_url)
+            sampling = asyncio.create_task(sampler.run())
+            workers = [asyncio.create_task(worker(n)) for n in range(8)]
+            await until(lambda: _completed(answers, 150), "150 transfers before the kill")
+            killed_at = time.monotonic()
+            victim.kill()
+            live.remove(victim.url)
+
+            async def moved() -> bool:
+                return all(url in live for url in (await owners(database_url)).values())
+
+            await until(moved, "every shard is served by a survivor", FAILOVER_BOUND_S)
+            failover_s = time.monotonic() - killed_at
+            done_before = sum(1 for s in answers.values() if s == 201)
+            await until(lambda: _completed(answers, done_before + 100), "100 more after it")
+            stop.set()
+            await asyncio.gather(*workers)
+
+            await until(lambda: no_pending(database_url), "no PENDING transfer", RECOVERY_S)
+            sampler.stop.set()
+            await sampling
+            samples = len(sampler.gaps)
+            print(f"failover {failover_s:.2f} s; {len(sent)} transfers sent; "
+                  f"answers {dict(statuses)}; {samples} conservation samples")  # fmt: skip
+            assert len(sampler.gaps) >= 10
+            assert set(sampler.gaps) == {0}, Counter(sampler.gaps)
+            allowed = {(201, ""), (409, "INSUFFICIENT_FUNDS"), (503, "NOT_OWNER"),
+                       (503, "UNAVAILABLE"), (0, "connection")}  # fmt: skip
+            assert set(statuses) <= allowed, statuses
+
+            finals = await asyncio.gather(
+                *(_final_answer(http, proxy_url, body, key) for key, body in sent.items())
+            )
+        connection = await asyncpg.connect(database_url)
+        try:
+            assert await conservation_gap(connection) == 0
+            stored = {
+                str(row["id"]): row["status"]
+                for row in await connection.fetch("SELECT id, status FROM transfers")
+            }
+            legs = await connection.fetch(
+                "SELECT idempotency_key, kind FROM wallet_operations WHERE kind IN (3, 4, 5)"
+            )
+            mismatched = await connection.fetch(
+                """SELECT w.id FROM wallets w JOIN wallet_operations o ON o.wallet_id = w.id
+                    GROUP BY w.id, w.balance, w.seq
+                   HAVING w.balance <> sum(CASE WHEN o.kind IN (1, 4, 5) THEN o.amount
+                                                ELSE -o.amount END)
+                       OR w.seq <> count(*)"""
+            )
+        finally:
+            await connection.close()
+    finally:
+        victim.kill()
+        for server in servers:
+            if server is not victim:
+                server.terminate()
+    assert mismatched == []
+    kinds_of: dict[str, list[int]] = {}
+    for row in legs:
+        kinds_of.setdefault(row["idempotency_key"].partition(":")[2], []).append(row["kind"])
+    for key, (status, answer, replayed) in zip(sent, finals, strict=True):
+        transfer_id = str(uuid.uuid5(TRANSFER_KEY_NAMESPACE, key))
+        assert status in {201, 409}, (key, status, answer)
+        if answers.get(key) == 201:
+            assert (status, replayed) == (201, True), (key, answer)
+        if status == 201:
+            assert stored[transfer_id] == 2
+            assert sorted(kinds_of[transfer_id]) == [TRANSFER_OUT, TRANSFER_IN], key
+        else:  # refused at the debit: nothing stored, no leg
+            assert transfer_id not in stored
+            assert transfer_id not in kinds_of
+    assert set(stored.values()) == {2}
+    assert set(kinds_of) == set(stored)
+
+
+async def _completed(answers: dict[str, int], count: int) -> bool:
+    return sum(1 for status in answers.values() if status == 201) >= count
+
+
+async def _final_answer(
+    http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str
+) -> tuple[int, dict[str, Any], bool]:
+    """The same transfer, same key, until the answer is not a 503."""
+    deadline = time.monotonic() + RECOVERY_S
+    while True:
+        status, answer, replayed = await post_transfer(http, url, body, key)
+        if status != 503:
+            return status, answer, replayed
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_a_bulk_request_applies_items_of_every_process_and_atomic_stays_one_process(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two processes; a keyed bulk request sent to one with deposits and withdrawals for
+    wallets of both: every item is applied (the other process's share forwarded as one
+    sub-request), a retry replays every item, balances move once; an atomic request that
+    needs both processes is 422 ATOMIC_NOT_POSSIBLE with nothing applied."""
+    servers = [serve(database_url, tmp_path) for _ in "ab"]
+    urls = [s.url for s in servers]
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+
+            async def split() -> bool:
+                held = Counter((await owners(database_url)).values())
+                return held[None] == 0 and all(held[url] >= 1 for url in urls)
+
+            await until(split, "the two servers share the shards")
+            table = await owners(database_url)
+            wallets: dict[str, list[str]] = {url: [] for url in urls}
+            while min(len(found) for found in wallets.values()) < 3:
+                url = min(wallets, key=lambda u: len(wallets[u]))
+                wallet = await create_wallet(http, url)
+                owner = owner_of(table, wallet)
+                assert owner is not None
+                wallets[owner].append(wallet)
+            items = [
+                {"wallet_id": wallet, "operation_type": "DEPOSIT", "amount": "5.00"}
+                for url in urls
+                for wallet in wallets[url]
+            ]
+            items.append({"wallet_id": wallets[urls[1]][0], "operation_type": "WITHDRAW",
+                          "amount": "2.00"})  # fmt: skip
+            for attempt in range(2):
+                async with http.post(
+                    f"{urls[0]}/api/v1/operations/bulk", json={"items": items},
+                    headers={"Idempotency-Key": "bulk-1"},
+                ) as response:  # fmt: skip
+                    assert response.status == 200
+                    answer = await response.json()
+                statuses = [result["status"] for result in answer["results"]]
+                assert statuses == [200] * len(items), answer
+                assert [result["index"] for result in answer["results"]] == list(range(len(items)))
+                assert all(result["replayed"] is bool(attempt) for result in answer["results"])
+            for url in urls:
+                for number, wallet in enumerate(wallets[url]):
+                    async with http.get(f"{url}/api/v1/wallets/{wallet}") as response:
+                        balance = (await response.json())["balance"]
+                    expected = "3.00" if (url, number) == (urls[1], 0) else "5.00"
+                    assert balance == expected, (url, wallet)
+            async with http.post(
+                f"{urls[0]}/api/v1/operations/bulk", json={"items": items, "atomic": True}
+            ) as response:
+                assert response.status == 422
+                assert (await response.json())["code"] == "ATOMIC_NOT_POSSIBLE"
+        connection = await asyncpg.connect(database_url)
+        try:
+            assert await conservation_gap(connection) == 0
+            logged = await connection.fetchval("SELECT count(*) FROM wallet_operations")
+        finally:
+            await connection.close()
+        assert logged == len(items)
+    finally:
+        for server in servers:
+            server.terminate()
