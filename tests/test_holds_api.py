@@ -457,6 +457,11 @@ async def test_the_client_creates_captures_voids_and_reads_holds(client: Client)
             await walletd.get_hold(uuid.uuid4())
         with pytest.raises(InsufficientFunds):
             await walletd.create_hold(wallet.id, "8.51")
+        target = await walletd.create_wallet()
+        moving = await walletd.create_hold(wallet.id, "2.00")
+        moved = await walletd.capture(moving.id, to_wallet_id=target.id)
+        assert (moved.to_wallet_id, moved.transfer_id is not None) == (target.id, True)
+        assert (await walletd.get_wallet(target.id)).balance == Decimal("2.00")
 
 
 async def test_a_capture_into_another_wallet_moves_the_money_by_a_transfer(
