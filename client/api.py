@@ -170,6 +170,9 @@ class Hold:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+    # Set when captured into another wallet: where the money went, by which transfer.
+    to_wallet_id: str | None = None
+    transfer_id: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
@@ -187,9 +190,15 @@ class Hold:
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                to_wallet_id=_optional_text(body.get("to_wallet_id")),
+                transfer_id=_optional_text(body.get("transfer_id")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,10 +400,15 @@ class WalletdClient:
         hold_id: str | uuid.UUID,
         amount: Amount | None = None,
         *,
+        to_wallet_id: str | uuid.UUID | None = None,
         idempotency_key: str | None = None,
     ) -> Hold:
-        """Captures ``amount`` of the hold (all of it when None); the rest is released."""
-        body = {} if amount is None else {"amount": _amount_text(amount)}
+        """Captures ``amount`` of the hold (all of it when None); the rest is released.
+        With ``to_wallet_id`` the captured money moves there by a transfer
+        (``Hold.transfer_id``; read it with the transfer's GET)."""
+        body: dict[str, Any] = {} if amount is None else {"amount": _amount_text(amount)}
+        if to_wallet_id is not None:
+            body["to_wallet_id"] = str(to_wallet_id)
         answer = await self._call(
             "POST", f"/holds/{_segment(hold_id)}/capture", body,
             idempotency_key=idempotency_key or new_idempotency_key(),

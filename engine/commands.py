@@ -60,6 +60,8 @@ class Outcome(enum.Enum):
     HOLD_NOT_FOUND = "HOLD_NOT_FOUND"
     HOLD_ALREADY_CAPTURED = "HOLD_ALREADY_CAPTURED"
     HOLD_ALREADY_VOIDED = "HOLD_ALREADY_VOIDED"
+    # A capture into the hold's own wallet (422).
+    SAME_WALLET = "SAME_WALLET"
 
 
 class Reply(NamedTuple):
@@ -229,7 +231,8 @@ class HoldCommand:
     a capture or void and what that request was, stored on the hold."""
 
     __slots__ = ("action", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
-                 "log_key", "reference", "reply", "shard", "wallet_id")  # fmt: skip
+                 "log_key", "reference", "reply", "shard", "to_wallet_id", "transfer_id",
+                 "wallet_id")  # fmt: skip
     weight = 1
 
     def __init__(
@@ -245,8 +248,13 @@ class HoldCommand:
         shard: int = 0,
         key: str | None = None,
         fingerprint: str | None = None,
+        to_wallet_id: UUID | None = None,
+        transfer_id: UUID | None = None,
     ) -> None:
         self.action = action
+        # A capture into another wallet opens this transfer (engine/holds.py).
+        self.to_wallet_id = to_wallet_id
+        self.transfer_id = transfer_id
         self.wallet_id = wallet_id
         self.hold_id = hold_id
         self.reply = reply

@@ -26,8 +26,10 @@ from walletd.engine.model import HoldRecord, HoldStatus
 from walletd.engine.ownership import shard_of
 
 __all__ = [
+    "CAPTURE_TRANSFER_NAMESPACE",
     "HOLD_ID_TRIES_MAX",
     "HOLD_KEY_NAMESPACE",
+    "capture_transfer_id",
     "create_fingerprint",
     "new_hold_id",
     "replay_creation",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 HOLD_KEY_NAMESPACE: Final = UUID("3c8e7b21-5d4a-4f6e-8b19-2a7d9e0c6f53")
+# A capture into another wallet opens the transfer uuid5(namespace, hold id): one per hold,
+# as a hold resolves once.
+CAPTURE_TRANSFER_NAMESPACE: Final = UUID("8d2e5f14-7a3b-4c9d-b6e1-0f4a2c7d9e85")
 # Draws until a hold id lands on its wallet's shard: the chance that 4096 shards need more
 # than this many is below 1e-10; past it the request is refused, never looped forever.
 HOLD_ID_TRIES_MAX: Final = 100_000
@@ -68,9 +73,17 @@ def create_fingerprint(amount: int, expires_in_s: int | None, reference: str | N
     return orjson.dumps([amount, expires_in_s, reference]).decode()
 
 
-def resolve_fingerprint(action: HoldAction, amount: int | None) -> str:
+def capture_transfer_id(hold_id: UUID) -> UUID:
+    return uuid.uuid5(CAPTURE_TRANSFER_NAMESPACE, str(hold_id))
+
+
+def resolve_fingerprint(
+    action: HoldAction, amount: int | None, to_wallet_id: UUID | None = None
+) -> str:
     """What a capture or void request was, as sent (an omitted amount is "all of it")."""
-    return orjson.dumps([action.value, amount]).decode()
+    if to_wallet_id is None:
+        return orjson.dumps([action.value, amount]).decode()
+    return orjson.dumps([action.value, amount, str(to_wallet_id)]).decode()
 
 
 def replay_creation(stored: HoldRecord, fingerprint: str) -> Reply:

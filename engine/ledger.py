@@ -43,6 +43,7 @@ from walletd.engine.commands import (
     Reply,
     TransferLeg,
     hold_key,
+    transfer_leg_key,
 )
 from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
@@ -58,6 +59,8 @@ from walletd.engine.model import (
     RefusalReason,
     RefusalRecord,
     SnapshotUpdate,
+    TransferRecord,
+    TransferStatus,
     TransferUpdate,
     WalletRecord,
     WalletView,
@@ -619,6 +622,39 @@ class Ledger:
             balance, held = pending.balance, pending.held
         hold_id = command.hold_id
         view: WalletView | None = None
+        to_wallet_id = command.to_wallet_id
+        transfer_id = command.transfer_id
+        if to_wallet_id is not None and transfer_id is not None and captured:
+            # Into another wallet: the whole hold is released and the captured part leaves
+            # as a transfer's debit (TRANSFER_OUT, keyed by the transfer id) in the same
+            # commit, the transfer opened PENDING; its credit leg is driven as any
+            # transfer's (engine/transfers.py). Captured money never leaves the system here.
+            held -= hold.amount
+            self._write(
+                wallet_id, resident, OperationKind.RELEASE, hold.amount, balance, held,
+                hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
+                remember=False,
+            )  # fmt: skip
+            balance -= captured
+            view = self._write(
+                wallet_id, resident, OperationKind.TRANSFER_OUT, captured, balance, held,
+                transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id), hold.reference,
+                applied, remember=False,
+            )  # fmt: skip
+            now_us = view.updated_at_us
+            applied.batch.new_transfers.append(
+                TransferRecord(
+                    transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
+                    TransferStatus.PENDING, None, now_us, now_us,
+                )
+            )  # fmt: skip
+            captured_in = captured
+            captured = 0  # the rows below: none (all released above)
+            rest = 0
+        else:
+            to_wallet_id = transfer_id = None
+            captured_in = 0
+            rest = hold.amount - captured
         if captured:
             balance -= captured
             held -= captured
@@ -627,7 +663,7 @@ class Ledger:
                 hold_key(OperationKind.CAPTURE, hold_id), hold.reference, applied,
                 remember=False,
             )  # fmt: skip
-        rest = hold.amount - captured
+        captured += captured_in
         if rest:
             held -= rest
             view = self._write(
@@ -643,12 +679,13 @@ class Ledger:
         del pending.holds[hold_id.int]
         now_us = view.updated_at_us
         applied.batch.hold_updates.append(
-            HoldUpdate(hold_id, status, captured, None, None, command.key, command.fingerprint,
-                       now_us)
+            HoldUpdate(hold_id, status, captured, to_wallet_id, transfer_id, command.key,
+                       command.fingerprint, now_us)
         )  # fmt: skip
         resolved = hold._replace(
-            status=status, captured=captured, resolve_key=command.key,
-            resolve_fingerprint=command.fingerprint, updated_at_us=now_us,
+            status=status, captured=captured, to_wallet_id=to_wallet_id, transfer_id=transfer_id,
+            resolve_key=command.key, resolve_fingerprint=command.fingerprint,
+            updated_at_us=now_us,
         )  # fmt: skip
         return Reply(Outcome.OK, view, hold=resolved)
 

@@ -46,6 +46,7 @@ from walletd.engine.errors import (
     NotOwner,
 )
 from walletd.engine.holds import (
+    capture_transfer_id,
     create_fingerprint,
     new_hold_id,
     replay_creation,
@@ -61,6 +62,7 @@ from walletd.engine.model import (
     OperationRecord,
     RefusalRecord,
     TransferRecord,
+    TransferStatus,
     WalletRecord,
     WalletView,
 )
@@ -618,21 +620,39 @@ class Engine:
         hold_id: UUID,
         amount: int | None,
         idempotency_key: str | None,
+        to_wallet_id: UUID | None = None,
     ) -> Reply:
-        """Capture (``amount`` or all of it; the rest released) or void a hold."""
+        """Capture (``amount`` or all of it; the rest released) or void a hold. A capture
+        with ``to_wallet_id`` moves the captured money there: its commit opens a PENDING
+        transfer (the debit out of the hold), then the transfer's credit is driven (refund
+        if refused) as for any transfer; the reply's hold names the transfer."""
         shard, pipeline = self._route(hold_id)  # the hold's shard is its wallet's
-        fingerprint = resolve_fingerprint(action, amount)
+        fingerprint = resolve_fingerprint(action, amount, to_wallet_id)
         stored = (await self.log.load_holds([hold_id])).get(hold_id)
         if stored is None:
             return Reply(Outcome.HOLD_NOT_FOUND)
         if stored.status is not HoldStatus.PENDING:
             return resolved_reply(stored, idempotency_key, fingerprint)
+        if to_wallet_id == stored.wallet_id:
+            return Reply(Outcome.SAME_WALLET, hold=stored)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         command = HoldCommand(
             action, stored.wallet_id, hold_id, future, amount=amount, key=idempotency_key,
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, to_wallet_id=to_wallet_id,
+            transfer_id=None if to_wallet_id is None else capture_transfer_id(hold_id),
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
+        hold = reply.hold
+        if reply.outcome is Outcome.OK and hold is not None and hold.transfer_id is not None:
+            assert hold.to_wallet_id is not None
+            opened = TransferRecord(
+                hold.transfer_id, hold.wallet_id, hold.to_wallet_id, hold.captured,
+                hold.reference, TransferStatus.PENDING, None, hold.updated_at_us,
+                hold.updated_at_us,
+            )  # fmt: skip
+            # The hold is CAPTURED whatever the credit does: a refused credit refunds the
+            # debit (FAILED), a 503 leaves the transfer PENDING for the re-drive loop.
+            await self.transfers.drive_opened(opened)
         if reply.outcome is not Outcome.HOLD_NOT_PENDING:
             return reply
         # Resolved meanwhile by a batch that has committed (replies follow their batches).

@@ -291,6 +291,23 @@ class TransferCoordinator:
         future.set_result(reply)
         return reply
 
+    async def drive_opened(self, transfer: TransferRecord) -> TransferReply:
+        """Drive a PENDING transfer another command opened (a hold captured into a wallet,
+        engine/holds.py): the credit, or the refund if refused, as for any transfer. One
+        already being driven is left to its driver (UNAVAILABLE: still PENDING)."""
+        if transfer.transfer_id in self._driving:
+            return _UNAVAILABLE
+        future = self._claim(transfer.transfer_id)
+        try:
+            reply = await self._drive(transfer, replayed=False, driver=DRIVER_REQUEST)
+        except BaseException:
+            future.set_result(_UNAVAILABLE)
+            raise
+        finally:
+            del self._driving[transfer.transfer_id]
+        future.set_result(reply)
+        return reply
+
     async def read(self, transfer_id: UUID) -> TransferRecord | None:
         """The stored transfer (raises ``StorageError`` when storage is away)."""
         return await self._loads.load(transfer_id)

@@ -346,6 +346,13 @@ def _capture_request_schema() -> JsonObject:
                 "description": "The part to capture (at most the hold's amount); the rest is "
                 "released. Absent: all of it.",
             },
+            "to_wallet_id": {
+                **_ref("schemas", "WalletId"),
+                "description": "Move the captured money into this wallet (not the hold's "
+                "own): the capture opens a transfer whose credit is driven like any "
+                "transfer's; the answer carries it as `transfer`. Absent: the captured "
+                "money leaves the system, like a withdrawal.",
+            },
         },
         "description": "Optional; an empty body captures the whole hold.",
         "examples": [{}, {"amount": "10.00"}],
@@ -353,8 +360,8 @@ def _capture_request_schema() -> JsonObject:
 
 
 _HOLD_FIELDS: Final = (
-    "id", "wallet_id", "amount", "status", "captured_amount", "released_amount", "reference",
-    "expires_at", "created_at", "updated_at",
+    "id", "wallet_id", "amount", "status", "captured_amount", "to_wallet_id", "transfer_id",
+    "released_amount", "reference", "expires_at", "created_at", "updated_at",
 )  # fmt: skip
 
 
@@ -375,6 +382,20 @@ def _hold_schema() -> JsonObject:
                 "longer be captured or voided; the sweep releases it shortly.",
             },
             "captured_amount": _ref("schemas", "Money"),
+            "to_wallet_id": {
+                "oneOf": [_ref("schemas", "WalletId"), {"type": "null"}],
+                "description": "Where a capture into a wallet moved the captured money.",
+            },
+            "transfer_id": {
+                "oneOf": [{"type": "string", "format": "uuid"}, {"type": "null"}],
+                "description": "The transfer a capture into a wallet opened.",
+            },
+            "transfer": {
+                **_ref("schemas", "Transfer"),
+                "description": "Only in the answer to a capture into a wallet: the transfer "
+                "as it is now: COMPLETED, FAILED (the credit refused, the debit refunded to "
+                "the hold's wallet) or PENDING (finished by the re-drive loop).",
+            },
             "released_amount": _ref("schemas", "Money"),
             "reference": {"oneOf": [_ref("schemas", "Reference"), {"type": "null"}]},
             "expires_at": _ref("schemas", "Timestamp"),

@@ -391,7 +391,7 @@ def parse_operation_body(body: dict[str, Any], raw: bytes) -> tuple[OperationKin
 
 
 _HOLD_FIELDS: Final = frozenset({"amount", "expires_in_s", "reference"})
-_CAPTURE_FIELDS: Final = frozenset({"amount"})
+_CAPTURE_FIELDS: Final = frozenset({"amount", "to_wallet_id"})
 
 
 class HoldRequest(NamedTuple):
@@ -431,8 +431,9 @@ def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> 
     return HoldRequest(amount, expires_in_s, reference)
 
 
-def parse_capture_body(body: dict[str, Any], raw: bytes) -> int | None:
-    """``{"amount"?}``: the amount to capture (as for operations), None for all of it."""
+def parse_capture_body(body: dict[str, Any], raw: bytes) -> tuple[int | None, UUID | None]:
+    """``{"amount"?, "to_wallet_id"?}``: the amount to capture (as for operations), None for
+    all of it; the wallet to move it into, None to take it out of the system."""
     errors: list[FieldError] = [
         {"field": str(name)[:64], "message": "unknown field"}
         for name in body
@@ -443,10 +444,11 @@ def parse_capture_body(body: dict[str, Any], raw: bytes) -> int | None:
         amount = parse_amount(body["amount"], raw)
         if isinstance(amount, dict):
             errors.append(amount)
+    to_wallet_id = _body_uuid(body, "to_wallet_id", errors) if "to_wallet_id" in body else None
     if errors:
         raise ValidationProblem(errors)
     assert amount is None or isinstance(amount, int)
-    return amount
+    return amount, to_wallet_id
 
 
 def parse_empty_body(body: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.money import format_minor
 from walletd.engine.transfers import SIDE_FROM, TransferReply
-from walletd.http.problems import ProblemError
+from walletd.http.problems import ProblemError, ValidationProblem
 
 __all__ = [
     "format_timestamp",
@@ -193,6 +193,8 @@ def hold_body(hold: HoldRecord) -> dict[str, object]:
         "amount": format_minor(hold.amount),
         "status": hold.status.name,
         "captured_amount": format_minor(hold.captured),
+        "to_wallet_id": None if hold.to_wallet_id is None else str(hold.to_wallet_id),
+        "transfer_id": None if hold.transfer_id is None else str(hold.transfer_id),
         "released_amount": format_minor(
             0 if hold.status is HoldStatus.PENDING else hold.amount - hold.captured
         ),
@@ -203,13 +205,18 @@ def hold_body(hold: HoldRecord) -> dict[str, object]:
     }
 
 
-def hold_response(hold: HoldRecord, status: int, replayed: bool) -> web.Response:
+def hold_response(
+    hold: HoldRecord, status: int, replayed: bool, transfer: TransferRecord | None = None
+) -> web.Response:
     headers = dict(_JSON_HEADERS)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if status == 201:
         headers["Location"] = f"/api/v1/holds/{hold.hold_id}"
-    return web.Response(status=status, body=orjson.dumps(hold_body(hold)), headers=headers)
+    body = hold_body(hold)
+    if transfer is not None:
+        body["transfer"] = transfer_body(transfer)
+    return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
 # Refusals decided on a hold: status, code, and what the detail says.
@@ -227,16 +234,25 @@ _HOLD_REFUSALS: Final = {
 
 
 def hold_reply_response(
-    reply: Reply, hold_id: UUID, wallet_id: UUID | None, amount: int = 0
+    reply: Reply,
+    hold_id: UUID,
+    wallet_id: UUID | None,
+    amount: int = 0,
+    transfer: TransferRecord | None = None,
 ) -> web.Response:
     """201 (created) / 200 (captured, voided) with the hold, or the problem it stands for.
-    A refusal about an existing hold carries it as ``hold``."""
+    A refusal about an existing hold carries it as ``hold``; a capture into a wallet
+    carries its ``transfer``."""
     hold = reply.hold
     outcome = reply.outcome
     if outcome is Outcome.CREATED and hold is not None:
         return hold_response(hold, 201, reply.replayed)
     if outcome is Outcome.OK and hold is not None:
-        return hold_response(hold, 200, reply.replayed)
+        return hold_response(hold, 200, reply.replayed, transfer)
+    if outcome is Outcome.SAME_WALLET:
+        raise ValidationProblem(
+            [{"field": "to_wallet_id", "message": "must differ from the hold's wallet"}]
+        )
     refusal = _HOLD_REFUSALS.get(outcome)
     if refusal is not None:
         status, code, what = refusal

@@ -163,10 +163,16 @@ async def capture_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings, optional=True)
-    amount = parse_capture_body(body, raw)
+    amount, to_wallet_id = parse_capture_body(body, raw)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.resolve_hold(HoldAction.CAPTURE, hold_id, amount, key)
-    return hold_reply_response(reply, hold_id, None, amount or 0)
+    engine = state.services.engine
+    reply = await engine.resolve_hold(HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id)
+    transfer = None
+    if reply.hold is not None and reply.hold.transfer_id is not None:
+        # A capture into a wallet: the transfer as it is now (COMPLETED, FAILED and
+        # refunded, or PENDING until the re-drive finishes it).
+        transfer = await engine.read_transfer(reply.hold.transfer_id)
+    return hold_reply_response(reply, hold_id, None, amount or 0, transfer)
 
 
 @routes.post(_HOLD + "/void")

@@ -47,7 +47,12 @@ from walletd.engine.commands import (
     hold_key,
     transfer_leg_key,
 )
-from walletd.engine.holds import create_fingerprint, new_hold_id, resolve_fingerprint
+from walletd.engine.holds import (
+    capture_transfer_id,
+    create_fingerprint,
+    new_hold_id,
+    resolve_fingerprint,
+)
 from walletd.engine.ledger import Applied, Ledger
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
@@ -219,7 +224,12 @@ class Model:
         self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False)
 
     def expect_resolve(
-        self, hold_id: UUID, action: HoldAction, amount: int | None, key: str | None
+        self,
+        hold_id: UUID,
+        action: HoldAction,
+        amount: int | None,
+        key: str | None,
+        to_wallet: UUID | None = None,
     ) -> tuple[Outcome, bool]:
         """The outcome, and whether it resolves the hold now."""
         hold = self.holds.get(hold_id)
@@ -227,7 +237,7 @@ class Model:
             return Outcome.HOLD_NOT_FOUND, False
         if hold.status is not HoldStatus.PENDING:
             if key is not None and hold.resolve_key == key:
-                if hold.resolve_fingerprint != resolve_fingerprint(action, amount):
+                if hold.resolve_fingerprint != resolve_fingerprint(action, amount, to_wallet):
                     return Outcome.IDEMPOTENCY_KEY_REUSED, False
                 return Outcome.OK, False
             return {
@@ -235,6 +245,8 @@ class Model:
                 HoldStatus.VOIDED: Outcome.HOLD_ALREADY_VOIDED,
                 HoldStatus.EXPIRED: Outcome.HOLD_EXPIRED,
             }[hold.status], False
+        if to_wallet == hold.wallet:
+            return Outcome.SAME_WALLET, False
         if self.expired(hold):
             return Outcome.HOLD_EXPIRED, False
         if action is HoldAction.CAPTURE and amount is not None and amount > hold.amount:
@@ -242,12 +254,29 @@ class Model:
         return Outcome.OK, True
 
     def resolve(
-        self, hold_id: UUID, action: HoldAction, amount: int | None, key: str | None
+        self,
+        hold_id: UUID,
+        action: HoldAction,
+        amount: int | None,
+        key: str | None,
+        to_wallet: UUID | None = None,
     ) -> None:
         hold = self.holds[hold_id]
         captured = 0
         if action is HoldAction.CAPTURE:
             captured = hold.amount if amount is None else amount
+        if to_wallet is not None:
+            # Into a wallet: RELEASE the whole hold, TRANSFER_OUT the captured part (the
+            # transfer opened PENDING), then the transfer's credit or refund.
+            hold.status, hold.captured = HoldStatus.CAPTURED, captured
+            hold.resolve_key = key
+            hold.resolve_fingerprint = resolve_fingerprint(action, amount, to_wallet)
+            self.move(hold.wallet, RELEASE, hold.amount, hold_key(RELEASE, hold_id),
+                      remember=False)  # fmt: skip
+            transfer_id = capture_transfer_id(hold_id)
+            self.debit(transfer_id, hold.wallet, to_wallet, captured)
+            self.finish(transfer_id)
+            return
         hold.status = {
             HoldAction.CAPTURE: HoldStatus.CAPTURED,
             HoldAction.VOID: HoldStatus.VOIDED,
@@ -660,18 +689,25 @@ class EngineMachine(RuleBasedStateMachine):
         action=st.sampled_from([HoldAction.CAPTURE, HoldAction.VOID]),
         amount=st.none() | amounts,
         key=hold_keys,
+        to_wallet=st.none() | wallets,
     )
     def resolve_hold(
-        self, data: st.DataObject, action: HoldAction, amount: int | None, key: str | None
+        self,
+        data: st.DataObject,
+        action: HoldAction,
+        amount: int | None,
+        key: str | None,
+        to_wallet: UUID | None,
     ) -> None:
+        """Capture (out of the system, or into a wallet, existing or not) or void."""
         hold_id = data.draw(self._hold_ids())
         if action is HoldAction.VOID:
-            amount = None
-        expected, resolves = self.model.expect_resolve(hold_id, action, amount, key)
-        reply = self._run(self.engine.resolve_hold(action, hold_id, amount, key))
+            amount = to_wallet = None
+        expected, resolves = self.model.expect_resolve(hold_id, action, amount, key, to_wallet)
+        reply = self._run(self.engine.resolve_hold(action, hold_id, amount, key, to_wallet))
         assert reply.outcome is expected, (reply, expected)
         if resolves:
-            self.model.resolve(hold_id, action, amount, key)
+            self.model.resolve(hold_id, action, amount, key, to_wallet)
         assert reply.replayed is (expected is Outcome.OK and not resolves)
 
     @rule(

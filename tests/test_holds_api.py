@@ -457,3 +457,60 @@ async def test_the_client_creates_captures_voids_and_reads_holds(client: Client)
             await walletd.get_hold(uuid.uuid4())
         with pytest.raises(InsufficientFunds):
             await walletd.create_hold(wallet.id, "8.51")
+        target = await walletd.create_wallet()
+        moving = await walletd.create_hold(wallet.id, "2.00")
+        moved = await walletd.capture(moving.id, to_wallet_id=target.id)
+        assert (moved.to_wallet_id, moved.transfer_id is not None) == (target.id, True)
+        assert (await walletd.get_wallet(target.id)).balance == Decimal("2.00")
+
+
+async def test_a_capture_into_another_wallet_moves_the_money_by_a_transfer(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """to_wallet_id: the hold is CAPTURED, the captured part goes to the other wallet by
+    a transfer (COMPLETED), the rest is released; into a missing wallet the transfer ends
+    FAILED and the debit is refunded; money is conserved and no capture left the system."""
+    client: Client = await aiohttp_client(make_app(limits=EngineLimits(pipelines=4)))
+    source, target = await new_wallet(client, "50.00"), await new_wallet(client)
+    _, hold, _ = await call(client, "POST", f"/api/v1/wallets/{source}/holds",
+                            {"amount": "20.00", "reference": "order-9"})  # fmt: skip
+    status, same, _ = await call(client, "POST", f"/api/v1/holds/{hold['id']}/capture",
+                                 {"to_wallet_id": source})  # fmt: skip
+    assert (status, same["code"]) == (422, "VALIDATION_ERROR")
+    status, captured, _ = await call(
+        client, "POST", f"/api/v1/holds/{hold['id']}/capture",
+        {"amount": "12.00", "to_wallet_id": target}, key="move-1",
+    )  # fmt: skip
+    assert status == 200, captured
+    assert (captured["status"], captured["captured_amount"], captured["released_amount"]) == (
+        "CAPTURED", "12.00", "8.00",
+    )  # fmt: skip
+    assert captured["to_wallet_id"] == target
+    transfer = captured["transfer"]
+    assert (transfer["id"], transfer["status"], transfer["amount"], transfer["reference"]) == (
+        captured["transfer_id"], "COMPLETED", "12.00", "order-9",
+    )  # fmt: skip
+    assert await wallet(client, source) == ("38.00", "38.00", "0.00")
+    assert await wallet(client, target) == ("12.00", "12.00", "0.00")
+    source_rows = [(i["operation_type"], i["amount"], i["held_after"])
+                   for i in await history(client, source)][:2]  # fmt: skip
+    assert source_rows == [("TRANSFER_OUT", "12.00", "0.00"), ("RELEASE", "20.00", "0.00")]
+    assert (await history(client, target))[0]["transfer_id"] == captured["transfer_id"]
+    replay = await call(client, "POST", f"/api/v1/holds/{hold['id']}/capture",
+                        {"amount": "12.00", "to_wallet_id": target}, key="move-1")  # fmt: skip
+    assert (replay[0], replay[1]["transfer"]["status"], replay[2].get("Idempotent-Replayed")) == (
+        200, "COMPLETED", "true",
+    )  # fmt: skip
+
+    _, other, _ = await call(client, "POST", f"/api/v1/wallets/{source}/holds", {"amount": 5})
+    status, refunded, _ = await call(
+        client, "POST", f"/api/v1/holds/{other['id']}/capture",
+        {"to_wallet_id": str(uuid.uuid4())},
+    )  # fmt: skip
+    assert (status, refunded["status"]) == (200, "CAPTURED")
+    assert (refunded["transfer"]["status"], refunded["transfer"]["failure_code"]) == (
+        "FAILED", "WALLET_NOT_FOUND",
+    )  # fmt: skip
+    assert await wallet(client, source) == ("38.00", "38.00", "0.00")
+    assert await invariants(database_url) == (0, 0, 0)
+    assert (await verify(database_url)).clean
