@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, NamedTuple
 from uuid import UUID
 
 from walletd.engine.commands import (
@@ -694,11 +694,24 @@ class Ledger:
     ) -> Reply:
         wid = wallet_id.int
         log_key = command.log_key
+        # What a refusal of a keyed creation records and a retry is compared with.
+        request = (
+            None
+            if log_key is None or command.amount is None
+            else _HoldRequest(wallet_id, OperationKind.HOLD, command.amount, log_key,
+                              command.reference)
+        )  # fmt: skip
         if log_key is not None:
             earlier = self._keys.get((wallet_id, log_key))
+            if isinstance(earlier, RefusalRecord):  # a retry of a refused keyed creation
+                assert request is not None
+                if (wallet_id, log_key) in self._uncommitted_refusals and (
+                    earlier not in applied.batch.refusals
+                ):
+                    applied.dependent.append((len(applied.replies), _NO_WALLET))
+                return _replay_refusal(request, earlier)
             if earlier is not None:  # a retry of a keyed creation: the caller reads it
-                # (a HOLD row: only client operations record refusals)
-                if isinstance(earlier, OperationRecord) and earlier.seq > resident.seq:
+                if earlier.seq > resident.seq:
                     applied.dependent.append((len(applied.replies), wid))
                 return Reply(Outcome.CREATED, replayed=True)
         holds = resident.pending_holds()
@@ -713,6 +726,11 @@ class Ledger:
         amount = command.amount
         assert amount is not None
         if amount > balance - held:
+            if request is not None:  # recorded like a keyed withdrawal's refusal
+                return self._refuse(
+                    request, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance - held,
+                    resident, applied,
+                )  # fmt: skip
             self._rests_on_open_state(resident, wid, applied)
             return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held)
         hold_id = command.hold_id
@@ -956,6 +974,17 @@ def _replay_operation(
         earlier.held_after,
     )
     return Reply(Outcome.OK, view, replayed=True)
+
+
+class _HoldRequest(NamedTuple):
+    """A keyed hold creation read as an ``Operation``: its refusal is recorded and replayed
+    like a keyed withdrawal's, under the HOLD row's key."""
+
+    wallet_id: UUID
+    kind: OperationKind
+    amount: int
+    idempotency_key: str
+    reference: str | None
 
 
 def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:

@@ -267,10 +267,12 @@ def hold_reply_response(
             "or let one expire first",
         )  # fmt: skip
     if outcome is Outcome.INSUFFICIENT_FUNDS:
+        # A keyed creation's refusal is recorded: its retry replays it.
         raise ProblemError(
             409, "INSUFFICIENT_FUNDS",
             f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
             f"cannot hold {format_minor(amount)}",
+            headers=_REPLAYED if reply.replayed else None,
         )  # fmt: skip
     if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
         raise ProblemError(

@@ -207,6 +207,10 @@ class Model:
             earlier = self.holds[self.hold_keys[(wallet, key)]]
             same = (earlier.amount, earlier.expires_in_s) == (amount, expires_in_s)
             return Outcome.CREATED if same else Outcome.IDEMPOTENCY_KEY_REUSED
+        refused = self.hold_refusal(wallet, key)
+        if refused is not None:  # the recorded refusal of this key's creation
+            same = (refused.kind, refused.amount) == (HOLD, amount)
+            return Outcome.INSUFFICIENT_FUNDS if same else Outcome.IDEMPOTENCY_KEY_REUSED
         pending = [h for h in self.holds.values()
                    if h.wallet == wallet and h.status is HoldStatus.PENDING]  # fmt: skip
         if len(pending) >= LIMITS.holds_per_wallet_max:
@@ -214,6 +218,20 @@ class Model:
         if amount > self.available(wallet):
             return Outcome.INSUFFICIENT_FUNDS
         return Outcome.CREATED
+
+    def hold_refusal(self, wallet: UUID, key: str | None) -> _Refusal | None:
+        if key is None:
+            return None
+        hold_id = new_hold_id(wallet, key, LIMITS.pipelines)
+        refused = self.keyed.get((wallet, hold_key(HOLD, hold_id)))
+        return refused if isinstance(refused, _Refusal) else None
+
+    def refuse_hold(self, wallet: UUID, amount: int, key: str) -> None:
+        """A keyed creation refused for funds is recorded under its HOLD row's key."""
+        hold_id = new_hold_id(wallet, key, LIMITS.pipelines)
+        self.keyed[(wallet, hold_key(HOLD, hold_id))] = _Refusal(
+            HOLD, amount, Outcome.INSUFFICIENT_FUNDS, self.available(wallet)
+        )
 
     def create_hold(
         self, hold_id: UUID, wallet: UUID, amount: int, expires_in_s: int, key: str | None
@@ -669,6 +687,13 @@ class EngineMachine(RuleBasedStateMachine):
         assert reply.outcome is expected, (reply, expected)
         if key is not None:
             assert hold_id == new_hold_id(wallet, key, LIMITS.pipelines)
+        refused = model.hold_refusal(wallet, key)
+        if refused is not None and expected is Outcome.INSUFFICIENT_FUNDS:
+            assert (reply.replayed, reply.balance_seen) == (True, refused.balance_seen), reply
+            return
+        if expected is Outcome.INSUFFICIENT_FUNDS and key is not None:
+            assert not reply.replayed, reply
+            model.refuse_hold(wallet, amount, key)
         if expected is not Outcome.CREATED:
             return
         assert reply.hold is not None

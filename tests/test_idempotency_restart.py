@@ -168,3 +168,33 @@ async def test_a_refused_transfer_is_replayed_after_a_deposit_and_a_restart(
     assert response.headers.get("Idempotent-Replayed") == "true"
     current = await (await second.get(f"/api/v1/wallets/{sender}")).json()
     assert current["balance"] == "20.00"
+
+
+async def test_a_refused_hold_is_replayed_after_a_deposit_and_a_restart(
+    make_app: AppFactory, aiohttp_client: ClientFactory
+) -> None:
+    """A keyed hold creation refused 409 INSUFFICIENT_FUNDS stays refused: its retry replays
+    the 409 (Idempotent-Replayed) after a deposit that would cover it and after a restart;
+    another amount under the key is 422; no hold exists and nothing is held."""
+    first: Client = await aiohttp_client(make_app())
+    wallet_id = (await (await first.post("/api/v1/wallets")).json())["id"]
+    path, key = f"/api/v1/wallets/{wallet_id}/holds", {"Idempotency-Key": "h-1"}
+    response = await first.post(path, json={"amount": "5.00"}, headers=key)
+    refused = await response.json(content_type=None)
+    assert (response.status, refused["code"]) == (409, "INSUFFICIENT_FUNDS")
+    assert (await _operate(first, wallet_id, "DEPOSIT", "20.00", "d-1"))[0] == 200
+    response = await first.post(path, json={"amount": "5.00"}, headers=key)
+    assert (response.status, await response.json(content_type=None)) == (409, refused)
+    assert response.headers.get("Idempotent-Replayed") == "true"
+    await first.close()
+
+    second: Client = await aiohttp_client(make_app())
+    response = await second.post(path, json={"amount": "5.00"}, headers=key)
+    assert (response.status, await response.json(content_type=None)) == (409, refused)
+    assert response.headers.get("Idempotent-Replayed") == "true"
+    response = await second.post(path, json={"amount": "6.00"}, headers=key)
+    assert (response.status, (await response.json())["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    current = await (await second.get(f"/api/v1/wallets/{wallet_id}")).json()
+    assert (current["balance"], current["held"], current["available"]) == (
+        "20.00", "0.00", "20.00",
+    )  # fmt: skip
