@@ -138,9 +138,18 @@ class TransferLeg:
     credits the receiving wallet and closes it COMPLETED; TRANSFER_REFUND credits the sending
     wallet back and closes it FAILED with ``failure_code``. Each leg is keyed by the
     transfer id, so delivering it again replays the first answer.
+
+    ``fresh``: the coordinator knows the leg's key cannot be stored yet (its transfer id was
+    just drawn, or the leg follows the debit this very drive committed), so the shard skips
+    the key's lookup, a round trip in the pipeline's prepare step. The key cache still
+    answers a replay; a key stored meanwhile by another driver (only across an ownership
+    move) is refused by the unique (wallet_id, idempotency_key) index: a failed batch, 503,
+    never a second leg.
     """
 
-    __slots__ = ("closes_as", "failure_code", "key", "kind", "reply", "transfer", "wallet_id")
+    __slots__ = (
+        "closes_as", "failure_code", "fresh", "key", "kind", "reply", "transfer", "wallet_id",
+    )  # fmt: skip
     weight = 1
 
     def __init__(
@@ -149,9 +158,12 @@ class TransferLeg:
         transfer: TransferRecord,
         reply: asyncio.Future[Reply],
         failure_code: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> None:
         self.kind = kind
         self.transfer = transfer
+        self.fresh = fresh
         self.reply = reply
         self.failure_code = failure_code
         self.wallet_id = (

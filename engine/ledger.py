@@ -253,7 +253,7 @@ class Ledger:
                 key = (command.wallet_id, command.key)
                 if key in keys:
                     keys.move_to_end(key)
-                else:
+                elif not command.fresh:  # a fresh leg's key cannot be stored yet
                     op_keys.add(key)
             elif isinstance(command, CreateWallet) and command.idempotency_key is not None:
                 create_key = command.idempotency_key

@@ -92,9 +92,17 @@ class LegDelivery(abc.ABC):
 
     @abc.abstractmethod
     async def deliver(
-        self, kind: OperationKind, transfer: TransferRecord, failure_code: str | None = None
+        self,
+        kind: OperationKind,
+        transfer: TransferRecord,
+        failure_code: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> Reply:
-        """Apply the leg on its wallet's shard and return the reply once it committed."""
+        """Apply the leg on its wallet's shard and return the reply once it committed.
+
+        ``fresh``: the leg's key cannot be stored yet, its lookup may be skipped
+        (``TransferLeg.fresh``)."""
 
 
 class LocalLegDelivery(LegDelivery):
@@ -104,11 +112,16 @@ class LocalLegDelivery(LegDelivery):
         self._submit = submit
 
     async def deliver(
-        self, kind: OperationKind, transfer: TransferRecord, failure_code: str | None = None
+        self,
+        kind: OperationKind,
+        transfer: TransferRecord,
+        failure_code: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> Reply:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         try:
-            self._submit(TransferLeg(kind, transfer, future, failure_code))
+            self._submit(TransferLeg(kind, transfer, future, failure_code, fresh=fresh))
         except EngineRefused:
             return Reply(Outcome.UNAVAILABLE)
         return await future
@@ -260,7 +273,10 @@ class TransferCoordinator:
                 return _UNAVAILABLE
             if stored is not None:
                 return await self._resume(stored, requested)
-        debit = await self._delivery.deliver(OperationKind.TRANSFER_OUT, requested)
+        # Fresh either way: the id was just drawn, or storage had no transfer under it (a
+        # debit stored since by another process's driver is caught by the ledger's key
+        # cache at the wallet's owner, else by the transfers' primary key).
+        debit = await self._delivery.deliver(OperationKind.TRANSFER_OUT, requested, fresh=True)
         if debit.outcome is not Outcome.OK:
             return TransferReply(debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen)
         if debit.replayed:  # another process opened it meanwhile: answer from storage
@@ -268,7 +284,7 @@ class TransferCoordinator:
         assert debit.wallet is not None
         opened_us = debit.wallet.updated_at_us
         opened = requested._replace(created_at_us=opened_us, updated_at_us=opened_us)
-        return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST)
+        return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST, fresh=True)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
         """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
@@ -282,11 +298,14 @@ class TransferCoordinator:
         return _final_reply(stored, replayed=True)
 
     async def _drive(
-        self, transfer: TransferRecord, *, replayed: bool, driver: str
+        self, transfer: TransferRecord, *, replayed: bool, driver: str, fresh: bool = False
     ) -> TransferReply:
         """Credit the receiving wallet; refund the sender if it refuses. The transfer is
-        PENDING (debited) when this starts."""
-        credit = await self._delivery.deliver(OperationKind.TRANSFER_IN, transfer)
+        PENDING (debited) when this starts; ``fresh`` when this drive's own debit just
+        opened it: no other driver has credited it yet (the re-drive waits one interval, a
+        retry in this process waits for this drive), and one that does meanwhile is caught
+        by the owner's key cache, else by the unique key index (never a second credit)."""
+        credit = await self._delivery.deliver(OperationKind.TRANSFER_IN, transfer, fresh=fresh)
         if credit.outcome is Outcome.OK:
             if credit.replayed:
                 return await self._answer_from_storage(transfer, replayed=True)
