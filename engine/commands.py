@@ -20,6 +20,7 @@ __all__ = [
     "ApplyOperations",
     "Command",
     "CreateWallet",
+    "JointTransfer",
     "Operation",
     "Outcome",
     "ReadWallet",
@@ -50,6 +51,7 @@ class Reply(NamedTuple):
     balance_seen: int | None = None
     # For ApplyOperations: one reply per item, in order. When an atomic group is refused,
     # the items up to and including the one refused (the last), none of them applied.
+    # For a JointTransfer credited in the same batch: the credit's reply.
     items: tuple[Reply, ...] | None = None
 
 
@@ -176,6 +178,28 @@ class TransferLeg:
         }.get(kind)
 
 
+class JointTransfer:
+    """Both legs of a new transfer whose two wallets share one pipeline, decided in one
+    batch, so stored in one commit: the debit, then the credit only if the receiver
+    certainly takes it (resident, below the balance ceiling). The transfer is then written
+    COMPLETED by that one transaction: no money in flight, one commit to wait for instead
+    of two. Otherwise only the debit is applied (the transfer PENDING) and the coordinator
+    goes on with the saga's credit, as for wallets on different pipelines.
+
+    Answered with the debit's reply; when credited as well, its ``items`` hold the credit's.
+    """
+
+    __slots__ = ("credit", "debit", "reply", "wallet_id")
+    # Two log rows; never split over batches (the drain keeps a command whole).
+    weight = 2
+
+    def __init__(self, transfer: TransferRecord, reply: asyncio.Future[Reply]) -> None:
+        self.debit = TransferLeg(OperationKind.TRANSFER_OUT, transfer, reply, fresh=True)
+        self.credit = TransferLeg(OperationKind.TRANSFER_IN, transfer, reply, fresh=True)
+        self.reply = reply
+        self.wallet_id = transfer.from_wallet_id
+
+
 class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
 
@@ -187,4 +211,4 @@ class ReadWallet:
         self.reply = reply
 
 
-Command = ApplyOperation | ApplyOperations | CreateWallet | ReadWallet | TransferLeg
+Command = ApplyOperation | ApplyOperations | CreateWallet | ReadWallet | TransferLeg | JointTransfer

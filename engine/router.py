@@ -30,6 +30,7 @@ from walletd.engine.commands import (
     ApplyOperations,
     Command,
     CreateWallet,
+    JointTransfer,
     Operation,
     Outcome,
     ReadWallet,
@@ -205,7 +206,7 @@ class Engine:
         self.failure: str | None = None  # why the engine gave up, once it has
         self.transfers = TransferCoordinator(
             log,
-            delivery or LocalLegDelivery(self._submit_leg),
+            delivery or LocalLegDelivery(self._submit_leg, self._submit_joint),
             self.limits.load_timeout_s,
             # A wave of lookups by id is bounded like a mailbox: requests past it wait.
             lookup_ids_max=self.limits.mailbox_commands_max,
@@ -409,6 +410,18 @@ class Engine:
         # NotOwner when another process serves the leg's wallet: legs are delivered to this
         # process's shards only (cross-process delivery is not built; docs/ARCHITECTURE.md).
         self._submit(self._route(leg.wallet_id)[1], leg)
+
+    def _submit_joint(self, joint: JointTransfer) -> bool:
+        """Both legs to the pipeline of the sending wallet, if it owns the receiving one
+        too; False otherwise (the legs then travel one by one)."""
+        pipeline = self._route(joint.debit.wallet_id)[1]
+        try:
+            if self._route(joint.credit.wallet_id)[1] is not pipeline:
+                return False
+        except NotOwner:
+            return False
+        self._submit(pipeline, joint)
+        return True
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 from uuid import UUID
 
-from walletd.engine.commands import Outcome, Reply, TransferLeg
+from walletd.engine.commands import JointTransfer, Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
@@ -104,12 +104,23 @@ class LegDelivery(abc.ABC):
         ``fresh``: the leg's key cannot be stored yet, its lookup may be skipped
         (``TransferLeg.fresh``)."""
 
+    async def deliver_joint(self, transfer: TransferRecord) -> Reply | None:
+        """Both legs of a new transfer in one commit (``JointTransfer``), when one pipeline
+        owns both wallets; None when it cannot (then the legs go one by one)."""
+        return None
+
 
 class LocalLegDelivery(LegDelivery):
     """Delivers legs to the shards of this process (every shard, until shards move)."""
 
-    def __init__(self, submit: Callable[[TransferLeg], None]) -> None:
+    def __init__(
+        self,
+        submit: Callable[[TransferLeg], None],
+        submit_joint: Callable[[JointTransfer], bool] | None = None,
+    ) -> None:
         self._submit = submit
+        # Submits both legs when one pipeline owns both wallets, else returns False.
+        self._submit_joint = submit_joint
 
     async def deliver(
         self,
@@ -122,6 +133,17 @@ class LocalLegDelivery(LegDelivery):
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         try:
             self._submit(TransferLeg(kind, transfer, future, failure_code, fresh=fresh))
+        except EngineRefused:
+            return Reply(Outcome.UNAVAILABLE)
+        return await future
+
+    async def deliver_joint(self, transfer: TransferRecord) -> Reply | None:
+        if self._submit_joint is None:
+            return None
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        try:
+            if not self._submit_joint(JointTransfer(transfer, future)):
+                return None
         except EngineRefused:
             return Reply(Outcome.UNAVAILABLE)
         return await future
@@ -275,8 +297,15 @@ class TransferCoordinator:
                 return await self._resume(stored, requested)
         # Fresh either way: the id was just drawn, or storage had no transfer under it (a
         # debit stored since by another process's driver is caught by the ledger's key
-        # cache at the wallet's owner, else by the transfers' primary key).
-        debit = await self._delivery.deliver(OperationKind.TRANSFER_OUT, requested, fresh=True)
+        # cache at the wallet's owner, else by the transfers' primary key). Both legs in
+        # one commit when one pipeline owns both wallets.
+        debit = await self._delivery.deliver_joint(requested)
+        if debit is None:
+            debit = await self._delivery.deliver(OperationKind.TRANSFER_OUT, requested, fresh=True)
+        elif debit.outcome is Outcome.UNAVAILABLE:
+            # The joint commit's outcome is unknown: it wrote both legs or nothing, and no
+            # one else drives a transfer that is not stored; storage tells which.
+            return await self._answer_from_storage(requested, replayed=False)
         if debit.outcome is not Outcome.OK:
             return TransferReply(debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen)
         if debit.replayed:  # another process opened it meanwhile: answer from storage
@@ -284,6 +313,16 @@ class TransferCoordinator:
         assert debit.wallet is not None
         opened_us = debit.wallet.updated_at_us
         opened = requested._replace(created_at_us=opened_us, updated_at_us=opened_us)
+        if debit.items:  # credited in the same commit
+            credit = debit.items[0]
+            assert credit.wallet is not None
+            self._observer.transfer_ended(TransferStatus.COMPLETED.name, DRIVER_REQUEST)
+            return TransferReply(
+                Outcome.OK,
+                opened._replace(
+                    status=TransferStatus.COMPLETED, updated_at_us=credit.wallet.updated_at_us
+                ),
+            )
         return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST, fresh=True)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
