@@ -145,7 +145,9 @@ class LocalLegDelivery(LegDelivery):
             if not self._submit_joint(JointTransfer(transfer, future)):
                 return None
         except EngineRefused:
-            return Reply(Outcome.UNAVAILABLE)
+            # Not taken (another process serves the sender, overload, stopping): nothing
+            # was applied; the legs' own path decides what to do, as without this shortcut.
+            return None
         return await future
 
 

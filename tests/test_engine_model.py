@@ -393,7 +393,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.log.fail_next_closes, self.log.closes_land = 0, False
         if not lands:
             assert reply.outcome is Outcome.UNAVAILABLE, reply
-            if not self._one_pipeline(sender, receiver):
+            if not self._joint(sender, receiver, amount):
                 model.debit(transfer_id, sender, receiver, amount)
             # else both legs travelled in the failed commit (JointTransfer): nothing moved
             return
@@ -410,11 +410,17 @@ class EngineMachine(RuleBasedStateMachine):
         for transfer_id in pending:
             self.model.finish(transfer_id)
 
-    def _one_pipeline(self, sender: UUID, receiver: UUID) -> bool:
-        """Whether the transfer's legs travel in one commit (both wallets' shards are
-        served by one pipeline)."""
+    def _joint(self, sender: UUID, receiver: UUID, amount: int) -> bool:
+        """Whether a new transfer's legs travel in one commit: both wallets' shards are
+        served by one pipeline, and the receiver takes the credit (else the debit commits
+        alone and the saga goes on)."""
         count, pipelines = self.engine.ownership.shard_count, LIMITS.pipelines
-        return shard_of(sender, count) % pipelines == shard_of(receiver, count) % pipelines
+        balances = self.model.balances
+        return (
+            shard_of(sender, count) % pipelines == shard_of(receiver, count) % pipelines
+            and receiver in balances
+            and balances[receiver] + amount <= BALANCE_MINOR_MAX
+        )
 
     def _check_transfer(self, reply: TransferReply, transfer_id: UUID, *, replayed: bool) -> None:
         outcome, side = self.model.transfer_reply(transfer_id)
