@@ -414,6 +414,8 @@ class Engine:
     def _submit_joint(self, joint: JointTransfer) -> bool:
         """Both legs to the pipeline of the sending wallet, if it owns the receiving one
         too; False otherwise (the legs then travel one by one)."""
+        if joint.weight > self.limits.batch_ops_max:  # batches of one operation: no room
+            return False
         pipeline = self._route(joint.debit.wallet_id)[1]
         try:
             if self._route(joint.credit.wallet_id)[1] is not pipeline:

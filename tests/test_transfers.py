@@ -273,6 +273,22 @@ async def test_a_joint_transfer_the_receiver_would_refuse_goes_on_as_a_saga() ->
     assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (100, BALANCE_MINOR_MAX)
 
 
+async def test_batches_of_one_operation_keep_the_saga_on_one_pipeline() -> None:
+    """A joint transfer weighs two operations: with --batch-max 1 it would never fit a
+    batch, so the legs travel one by one (no crash, no 500)."""
+    log = ControlledLog()
+    limits = EngineLimits(
+        pipelines=2, batch_ops_max=1, mailbox_commands_max=64, transfer_redrive_interval_s=60.0
+    )
+    async with running_engine(log, limits) as engine:
+        await funded_pair(engine, 100)
+        transfer_id, reply = await engine.transfer(None, None, PAYER, PAYEE, 30, None)
+    assert reply.outcome is Outcome.OK
+    assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+    assert all(len(batch.operations) <= 1 for batch in log.appended)
+    assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (70, 30)
+
+
 async def test_a_transfer_closes_once_even_when_two_drivers_race() -> None:
     """Storage refuses a second close: after a refund, a late credit cannot land too."""
     log = ControlledLog()
