@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from walletd.cli.gc_tuning import GC_GEN0_THRESHOLD_MAX
+
 __all__ = [
     "SETTINGS",
     "SETTINGS_TABLE_END",
@@ -51,6 +53,13 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     help: str
+
+
+def _gc_threshold(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= GC_GEN0_THRESHOLD_MAX:
+        raise ValueError(f"{value} is not in 0..{GC_GEN0_THRESHOLD_MAX}")
+    return value
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -183,6 +192,10 @@ SETTINGS: tuple[Setting, ...] = (
             "write a JSON access log line per request to stderr"),
     Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
             "logging level"),
+    Setting("gc_gen0_threshold", ("WALLETD_GC_GEN0_THRESHOLD",), "--gc-gen0-threshold",
+            _gc_threshold, 20_000, "net new objects between two young garbage collections, "
+            "set once the service is ready (after freezing what start-up built); 0 = "
+            "CPython's 700 (docs/BENCHMARKS.md, the POST latency tail)"),
 )  # fmt: skip
 
 
@@ -238,6 +251,7 @@ class Config:
     api_keys: tuple[str, ...]
     access_log: bool
     log_level: str
+    gc_gen0_threshold: int
 
     @property
     def pool_size(self) -> int:

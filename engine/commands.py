@@ -28,6 +28,7 @@ __all__ = [
     "CreateWallet",
     "HoldAction",
     "HoldCommand",
+    "JointTransfer",
     "Operation",
     "Outcome",
     "ReadWallet",
@@ -72,6 +73,7 @@ class Reply(NamedTuple):
     balance_seen: int | None = None
     # For ApplyOperations: one reply per item, in order. When an atomic group is refused,
     # the items up to and including the one refused (the last), none of them applied.
+    # For a JointTransfer credited in the same batch: the credit's reply.
     items: tuple[Reply, ...] | None = None
     # For hold commands: the hold after the command (created or resolved), or as it was
     # when refused.
@@ -167,9 +169,18 @@ class TransferLeg:
     credits the receiving wallet and closes it COMPLETED; TRANSFER_REFUND credits the sending
     wallet back and closes it FAILED with ``failure_code``. Each leg is keyed by the
     transfer id, so delivering it again replays the first answer.
+
+    ``fresh``: the coordinator knows the leg's key cannot be stored yet (its transfer id was
+    just drawn, or the leg follows the debit this very drive committed), so the shard skips
+    the key's lookup, a round trip in the pipeline's prepare step. The key cache still
+    answers a replay; a key stored meanwhile by another driver (only across an ownership
+    move) is refused by the unique (wallet_id, idempotency_key) index: a failed batch, 503,
+    never a second leg.
     """
 
-    __slots__ = ("closes_as", "failure_code", "key", "kind", "reply", "transfer", "wallet_id")
+    __slots__ = (
+        "closes_as", "failure_code", "fresh", "key", "kind", "reply", "transfer", "wallet_id",
+    )  # fmt: skip
     weight = 1
 
     def __init__(
@@ -178,9 +189,12 @@ class TransferLeg:
         transfer: TransferRecord,
         reply: asyncio.Future[Reply],
         failure_code: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> None:
         self.kind = kind
         self.transfer = transfer
+        self.fresh = fresh
         self.reply = reply
         self.failure_code = failure_code
         self.wallet_id = (
@@ -273,6 +287,32 @@ class HoldCommand:
         )
 
 
+class JointTransfer:
+    """Both legs of a new transfer whose two wallets share one pipeline, decided in one
+    batch, so stored in one commit: the debit, then the credit only if the receiver
+    certainly takes it (resident, below the balance ceiling). The transfer is then written
+    COMPLETED by that one transaction: no money in flight, one commit to wait for instead
+    of two. Otherwise only the debit is applied (the transfer PENDING) and the coordinator
+    goes on with the saga's credit, as for wallets on different pipelines.
+
+    Answered with the debit's reply; when credited as well, its ``items`` hold the credit's.
+    """
+
+    __slots__ = ("credit", "debit", "reply", "wallet_id")
+    # Two log rows; never split over batches (the drain keeps a command whole).
+    weight = 2
+
+    def __init__(
+        self, transfer: TransferRecord, reply: asyncio.Future[Reply], *, fresh_debit: bool
+    ) -> None:
+        # The debit's key may hold a recorded refusal unless the id was just drawn; the
+        # credit follows this very debit, so its key cannot be stored yet.
+        self.debit = TransferLeg(OperationKind.TRANSFER_OUT, transfer, reply, fresh=fresh_debit)
+        self.credit = TransferLeg(OperationKind.TRANSFER_IN, transfer, reply, fresh=True)
+        self.reply = reply
+        self.wallet_id = transfer.from_wallet_id
+
+
 class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
 
@@ -284,4 +324,7 @@ class ReadWallet:
         self.reply = reply
 
 
-Command = ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
+Command = (
+    ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
+    | JointTransfer
+)  # fmt: skip

@@ -37,6 +37,7 @@ from walletd.engine.commands import (
     CreateWallet,
     HoldAction,
     HoldCommand,
+    JointTransfer,
     Operation,
     Outcome,
     ReadWallet,
@@ -292,12 +293,18 @@ class Ledger:
                     keys.move_to_end(key)
                 else:
                     op_keys.add(key)
-            elif isinstance(command, TransferLeg):
-                key = (command.wallet_id, command.key)
-                if key in keys:
-                    keys.move_to_end(key)
-                else:
-                    op_keys.add(key)
+            elif isinstance(command, TransferLeg | JointTransfer):
+                legs = (command,) if isinstance(command, TransferLeg) else (
+                    command.debit, command.credit,
+                )  # fmt: skip
+                for leg in legs:
+                    if leg.wallet_id.int not in residents:
+                        wallet_ids.add(leg.wallet_id)
+                    key = (leg.wallet_id, leg.key)
+                    if key in keys:
+                        keys.move_to_end(key)
+                    elif not leg.fresh:  # a fresh leg's key cannot be stored yet
+                        op_keys.add(key)
             elif isinstance(command, HoldCommand) and command.log_key is not None:
                 # A keyed creation's hold id is derived from its key: it may exist already.
                 key = (command.wallet_id, command.log_key)
@@ -468,6 +475,26 @@ class Ledger:
                                now_us)
             )  # fmt: skip
         return reply
+
+    def _apply_joint_transfer(self, command: JointTransfer, applied: Applied) -> Reply:
+        """Both legs of a transfer in this batch: the debit, then the credit only when the
+        receiver will certainly take it, checked on the same pending state the credit is
+        decided on; otherwise the debit alone (the saga's first commit), and the
+        coordinator delivers the credit as usual. Never a credit without its debit."""
+        debit = self._apply_transfer_leg(command.debit, applied)
+        if debit.outcome is not Outcome.OK or debit.replayed:
+            return debit
+        leg = command.credit
+        receiver = self._residents.get(leg.wallet_id.int)
+        if receiver is None or (leg.wallet_id, leg.key) in self._keys:
+            return debit
+        pending = receiver.pending
+        balance = receiver.balance if pending is None else pending.balance
+        if balance + leg.transfer.amount > BALANCE_MINOR_MAX:
+            return debit
+        credit = self._apply_transfer_leg(leg, applied)
+        require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
+        return debit._replace(items=(credit,))
 
     def _move(
         self,
@@ -1013,4 +1040,5 @@ _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     HoldCommand: Ledger._hold,  # type: ignore[dict-item]
     ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
     TransferLeg: Ledger._apply_transfer_leg,  # type: ignore[dict-item]
+    JointTransfer: Ledger._apply_joint_transfer,  # type: ignore[dict-item]
 }

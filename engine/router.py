@@ -32,6 +32,7 @@ from walletd.engine.commands import (
     CreateWallet,
     HoldAction,
     HoldCommand,
+    JointTransfer,
     Operation,
     Outcome,
     ReadWallet,
@@ -42,6 +43,7 @@ from walletd.engine.errors import (
     AtomicSpansShards,
     AtomicTooLarge,
     EngineOverloaded,
+    EngineRefused,
     EngineStopping,
     NotOwner,
 )
@@ -247,6 +249,7 @@ class Engine:
             remote_legs,
             self_url=self_url,
             tries_max=self.limits.transfer_leg_tries_max,
+            local_joint=self.deliver_joint,
         )
         self.transfers = TransferCoordinator(
             log,
@@ -526,6 +529,40 @@ class Engine:
         command, so a release waits for it; a refusal holds only under one epoch."""
         shard, pipeline = self._route(leg.wallet_id)
         return await self._answer(shard, pipeline, leg)
+
+    async def deliver_joint(self, joint: JointTransfer) -> Reply | None:
+        """Both legs of a new transfer in one batch, when this process serves both wallets'
+        shards on one pipeline; None otherwise, nothing submitted (the legs then travel one
+        by one). Admitted on both shards, so a release waits for it; a refusal (resting on
+        memory) holds only if the sender's shard stayed served under one epoch."""
+        if joint.weight > self.limits.batch_ops_max:  # batches of one operation: no room
+            return None
+        try:
+            debit_shard, pipeline = self._route(joint.debit.wallet_id)
+            credit_shard, credit_pipeline = self._route(joint.credit.wallet_id)
+        except NotOwner:
+            return None
+        if credit_pipeline is not pipeline:
+            return None
+        epoch = self.ownership.epoch(debit_shard)
+        try:
+            self._submit(pipeline, joint)
+        except EngineRefused:
+            # Not taken (overload, stopping): nothing applied; the legs' own path decides.
+            return None
+        shards = {debit_shard, credit_shard}
+        for shard in shards:
+            self._admitted[shard] += 1
+        try:
+            reply = await joint.reply
+        finally:
+            for shard in shards:
+                self._release(shard)
+        if reply.outcome is Outcome.UNAVAILABLE or reply.outcome in _WRITTEN:
+            return reply
+        if self.ownership.serving(debit_shard) and self.ownership.epoch(debit_shard) == epoch:
+            return reply
+        return Reply(Outcome.UNAVAILABLE)
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:

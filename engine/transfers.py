@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from uuid import UUID
 
-from walletd.engine.commands import Outcome, Reply, TransferLeg
+from walletd.engine.commands import JointTransfer, Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
@@ -112,9 +112,26 @@ class LegDelivery(abc.ABC):
 
     @abc.abstractmethod
     async def deliver(
-        self, kind: OperationKind, transfer: TransferRecord, failure_code: str | None = None
+        self,
+        kind: OperationKind,
+        transfer: TransferRecord,
+        failure_code: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> Reply:
-        """Apply the leg on its wallet's shard and return the reply once it committed."""
+        """Apply the leg on its wallet's shard and return the reply once it committed.
+
+        ``fresh``: the leg's key cannot be stored yet, its lookup may be skipped
+        (``TransferLeg.fresh``)."""
+
+    async def deliver_joint(
+        self, transfer: TransferRecord, *, fresh_debit: bool = False
+    ) -> Reply | None:
+        """Both legs of a new transfer in one commit (``JointTransfer``), when one pipeline
+        owns both wallets; None when it cannot (nothing submitted: then the legs go one by
+        one). ``fresh_debit``: the transfer id was just drawn, so no refusal can be recorded
+        under the debit's key and its lookup may be skipped."""
+        return None
 
 
 class RemoteLegs(abc.ABC):
@@ -154,6 +171,7 @@ class RoutedLegDelivery(LegDelivery):
         *,
         self_url: str | None,
         tries_max: int,
+        local_joint: Callable[[JointTransfer], Awaitable[Reply | None]] | None = None,
     ) -> None:
         if tries_max < 1:
             raise ValueError("tries_max must be at least 1")
@@ -162,9 +180,17 @@ class RoutedLegDelivery(LegDelivery):
         self._remote = remote
         self._self_url = self_url
         self._tries_max = tries_max
+        # Both legs to this process's pipeline when it serves both wallets on one; None
+        # when it does not (nothing submitted).
+        self._local_joint = local_joint
 
     async def deliver(
-        self, kind: OperationKind, transfer: TransferRecord, failure_code: str | None = None
+        self,
+        kind: OperationKind,
+        transfer: TransferRecord,
+        failure_code: str | None = None,
+        *,
+        fresh: bool = False,
     ) -> Reply:
         ownership = self._ownership
         for attempt in range(self._tries_max):
@@ -173,7 +199,7 @@ class RoutedLegDelivery(LegDelivery):
                 # move in progress (released, not claimed; a dead owner's lease expiring).
                 await ownership.next_table(min(ownership.table_stale_s / 2, _TABLE_WAIT_S_MAX))
             loop = asyncio.get_running_loop()
-            leg = TransferLeg(kind, transfer, loop.create_future(), failure_code)
+            leg = TransferLeg(kind, transfer, loop.create_future(), failure_code, fresh=fresh)
             try:
                 return await self._local(leg)
             except NotOwner as refused:
@@ -187,6 +213,14 @@ class RoutedLegDelivery(LegDelivery):
             if reply.outcome is not Outcome.NOT_OWNER:
                 return reply
         return _NOT_OWNER_REPLY
+
+    async def deliver_joint(
+        self, transfer: TransferRecord, *, fresh_debit: bool = False
+    ) -> Reply | None:
+        if self._local_joint is None:
+            return None
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        return await self._local_joint(JointTransfer(transfer, future, fresh_debit=fresh_debit))
 
 
 class _CoalescedLoads:
@@ -368,7 +402,21 @@ class TransferCoordinator:
                 return _UNAVAILABLE
             if stored is not None:
                 return await self._resume(stored, requested)
-        debit = await self._delivery.deliver(OperationKind.TRANSFER_OUT, requested)
+        # No transfer is stored under the id. The debit's key lookup is skipped only for an
+        # id just drawn: under a client's id or key a refused debit may be recorded (and
+        # must be replayed), which only the lookup finds once the key cache forgot it. (A
+        # debit stored since by another process's driver is caught by the key cache at the
+        # wallet's owner, else by the transfers' primary key.) Both legs in one commit
+        # when one pipeline owns both wallets.
+        debit = await self._delivery.deliver_joint(requested, fresh_debit=fresh_id)
+        if debit is None:
+            debit = await self._delivery.deliver(
+                OperationKind.TRANSFER_OUT, requested, fresh=fresh_id
+            )
+        elif debit.outcome is Outcome.UNAVAILABLE:
+            # The joint commit's outcome is unknown: it wrote both legs or nothing, and no
+            # one else drives a transfer that is not stored; storage tells which.
+            return await self._answer_from_storage(requested, replayed=False)
         if debit.outcome is not Outcome.OK:
             return TransferReply(
                 debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen,
@@ -379,7 +427,17 @@ class TransferCoordinator:
         assert debit.wallet is not None
         opened_us = debit.wallet.updated_at_us
         opened = requested._replace(created_at_us=opened_us, updated_at_us=opened_us)
-        return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST)
+        if debit.items:  # credited in the same commit
+            credit = debit.items[0]
+            assert credit.wallet is not None
+            self._observer.transfer_ended(TransferStatus.COMPLETED.name, DRIVER_REQUEST)
+            return TransferReply(
+                Outcome.OK,
+                opened._replace(
+                    status=TransferStatus.COMPLETED, updated_at_us=credit.wallet.updated_at_us
+                ),
+            )
+        return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST, fresh=True)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
         """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
@@ -393,11 +451,14 @@ class TransferCoordinator:
         return _final_reply(stored, replayed=True)
 
     async def _drive(
-        self, transfer: TransferRecord, *, replayed: bool, driver: str
+        self, transfer: TransferRecord, *, replayed: bool, driver: str, fresh: bool = False
     ) -> TransferReply:
         """Credit the receiving wallet; refund the sender if it refuses. The transfer is
-        PENDING (debited) when this starts."""
-        credit = await self._delivery.deliver(OperationKind.TRANSFER_IN, transfer)
+        PENDING (debited) when this starts; ``fresh`` when this drive's own debit just
+        opened it: no other driver has credited it yet (the re-drive waits one interval, a
+        retry in this process waits for this drive), and one that does meanwhile is caught
+        by the owner's key cache, else by the unique key index (never a second credit)."""
+        credit = await self._delivery.deliver(OperationKind.TRANSFER_IN, transfer, fresh=fresh)
         if credit.outcome is Outcome.OK:
             if credit.replayed:
                 return await self._answer_from_storage(transfer, replayed=True)

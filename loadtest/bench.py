@@ -27,7 +27,6 @@ import asyncio
 import datetime
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,8 @@ from loadtest.bench_report import (
     parse_wrk_output,
     render_section,
     replace_section,
+    round_ratios,
+    spread,
     summarize,
 )
 from loadtest.ledger import parse_cents
@@ -220,8 +221,11 @@ def run_wrk(
 class Results:
     runs: dict[tuple[str, str], list[WrkRun]] = field(default_factory=dict)
     batch: dict[str, list[float]] = field(default_factory=dict)
-    # Commits (all shards) per 2xx transfer, per measured round.
+    # Commits (all shards) per 2xx transfer, per measured round: below 1 when a commit
+    # carries many transfers.
     commits_per_transfer: list[float] = field(default_factory=list)
+    # Log rows per 2xx transfer, per measured round (2: a debit and a credit).
+    rows_per_transfer: list[float] = field(default_factory=list)
     # Unmeasured warm-up runs: left out of the figures, counted in the money check.
     warmup: dict[tuple[str, str], list[WrkRun]] = field(default_factory=dict)
 
@@ -276,6 +280,8 @@ def bench_rounds(
                     if scenario == "transfer" and before and after and run.ok_2xx:
                         commits = after.count - before.count
                         results.commits_per_transfer.append(commits / run.ok_2xx)
+                        rows = after.total - before.total
+                        results.rows_per_transfer.append(rows / run.ok_2xx)
                 results.add(scenario, target, run)
                 _print_run(round_index, scenario, target, run)
     return results
@@ -345,17 +351,15 @@ def verify_transfers(walletd: Server, ids: list[str], results: Results) -> list[
             "transfer", "walletd", transfer_runs, results.batch.get("transfer", [])
         )
         many = summarize("many", "walletd", many_runs, [])
-        per_transfer = (
-            f"{statistics.median(results.commits_per_transfer):.2f}"
-            if results.commits_per_transfer
-            else "n/a"
-        )
-        per_commit = "n/a" if transfer.ops_per_commit is None else f"{transfer.ops_per_commit:.1f}"
         lines.append(
             f"INFO transfer/deposit (many) throughput {transfer.rps / many.rps:.2f}"
-            f" ({transfer.rps:.0f} / {many.rps:.0f} rps; goal >= 0.5), transfer p99"
-            f" {transfer.p99_ms:.2f} ms, ops/commit {per_commit}, commits per transfer"
-            f" {per_transfer}"
+            f" ({transfer.rps:.0f} / {many.rps:.0f} rps; goal >= 0.5); per round"
+            f" {spread(round_ratios(transfer_runs, many_runs))}; transfer p99 ms"
+            f" {spread([r.p99_us / 1000 for r in transfer_runs], '.1f')} (deposits"
+            f" {spread([r.p99_us / 1000 for r in many_runs], '.1f')}); ops/commit"
+            f" {spread(results.batch.get('transfer', []), '.1f')}; log rows per transfer"
+            f" {spread(results.rows_per_transfer)}; commits per transfer"
+            f" {spread(results.commits_per_transfer, '.3f')} (median (min-max) over rounds)"
         )
     return lines
 

@@ -31,6 +31,8 @@ __all__ = [
     "ratio",
     "render_section",
     "replace_section",
+    "round_ratios",
+    "spread",
     "summarize",
 ]
 
@@ -133,6 +135,23 @@ def ops_per_commit(before: BatchOps | None, after: BatchOps | None) -> float | N
     if before is None or after is None or after.count <= before.count:
         return None
     return (after.total - before.total) / (after.count - before.count)
+
+
+def round_ratios(numerators: Sequence[WrkRun], denominators: Sequence[WrkRun]) -> list[float]:
+    """rps of one scenario over another's, round by round (the runs of a round are
+    neighbours in time, so the machine's drift hits both alike)."""
+    return [
+        top.rps / bottom.rps
+        for top, bottom in zip(numerators, denominators, strict=False)
+        if bottom.rps > 0
+    ]
+
+
+def spread(values: Sequence[float], spec: str = ".2f") -> str:
+    """``median (min-max)`` of the values, or n/a."""
+    if not values:
+        return "n/a"
+    return f"{median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}})"
 
 
 def median(values: Iterable[float]) -> float:

@@ -58,7 +58,7 @@ from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
 from walletd.engine.model import CREDIT_KINDS, HoldStatus, OperationKind, TransferStatus
 from walletd.engine.money import BALANCE_MINOR_MAX
-from walletd.engine.router import Engine
+from walletd.engine.router import Engine, shard_of
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
 
 settings.register_profile(
@@ -613,8 +613,8 @@ class EngineMachine(RuleBasedStateMachine):
         self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int, lands: bool
     ) -> None:
         """The commit of the credit (or refund) fails; with ``lands`` it was written first.
-        Unlanded: 503 and the transfer stays PENDING, debited, visible; landed: the answer
-        read back from storage is the final one."""
+        Unlanded: 503 and the transfer stays PENDING, debited, visible (or, both legs in one
+        commit, absent); landed: the answer read back from storage is the final one."""
         model = self.model
         if (
             sender == receiver
@@ -628,10 +628,13 @@ class EngineMachine(RuleBasedStateMachine):
         _id, reply = self._run(self.engine.transfer(transfer_id, None, sender, receiver, amount,
                                                     None))  # fmt: skip
         self.log.fail_next_closes, self.log.closes_land = 0, False
-        model.debit(transfer_id, sender, receiver, amount)
         if not lands:
             assert reply.outcome is Outcome.UNAVAILABLE, reply
+            if not self._joint(sender, receiver, amount):
+                model.debit(transfer_id, sender, receiver, amount)
+            # else both legs travelled in the failed commit (JointTransfer): nothing moved
             return
+        model.debit(transfer_id, sender, receiver, amount)
         model.finish(transfer_id)
         self._check_transfer(reply, transfer_id, replayed=False)
 
@@ -643,6 +646,18 @@ class EngineMachine(RuleBasedStateMachine):
         assert ended == len(pending)
         for transfer_id in pending:
             self.model.finish(transfer_id)
+
+    def _joint(self, sender: UUID, receiver: UUID, amount: int) -> bool:
+        """Whether a new transfer's legs travel in one commit: both wallets' shards are
+        served by one pipeline, and the receiver takes the credit (else the debit commits
+        alone and the saga goes on)."""
+        count, pipelines = self.engine.ownership.shard_count, LIMITS.pipelines
+        balances = self.model.balances
+        return (
+            shard_of(sender, count) % pipelines == shard_of(receiver, count) % pipelines
+            and receiver in balances
+            and balances[receiver] + amount <= BALANCE_MINOR_MAX
+        )
 
     def _check_transfer(self, reply: TransferReply, transfer_id: UUID, *, replayed: bool) -> None:
         outcome, side = self.model.transfer_reply(transfer_id)

@@ -24,6 +24,8 @@ from loadtest.bench_report import (
     ratio,
     render_section,
     replace_section,
+    round_ratios,
+    spread,
     summarize,
 )
 from loadtest.ledger import (
@@ -48,6 +50,17 @@ WRKJSON {"duration_us":2000000,"requests":20000,"bytes":1,"sent":20064,"quiesce_
 
 def _run(rps_requests: int, p50_us: int, p99_us: int, statuses: dict[int, int]) -> WrkRun:
     return WrkRun(1_000_000, rps_requests, rps_requests, statuses, 0, p50_us, p99_us)
+
+
+def test_round_ratios_pair_runs_of_one_round_and_spread_shows_median_and_range() -> None:
+    """The transfer/deposit ratio is taken round by round, then summarised with its range."""
+    transfers = [_run(500, 1, 2, {201: 500}), _run(300, 1, 2, {201: 300}), _run(9, 1, 2, {})]
+    deposits = [_run(1000, 1, 2, {200: 1000}), _run(1000, 1, 2, {200: 1000})]
+    assert round_ratios(transfers, deposits) == [0.5, 0.3]  # the unpaired round is left out
+    assert round_ratios(transfers, [_run(0, 1, 2, {})]) == []
+    assert spread([0.5, 0.3, 0.7]) == "0.50 (0.30-0.70)"
+    assert spread([12.25, 30.0], ".1f") == "21.1 (12.2-30.0)"
+    assert spread([]) == "n/a"
 
 
 def test_median_and_ratio() -> None:

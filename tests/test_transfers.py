@@ -11,6 +11,7 @@ from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, w
 from walletd.engine.commands import Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.money import BALANCE_MINOR_MAX
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
 from walletd.engine.router import Engine
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO
@@ -222,6 +223,102 @@ async def test_the_redrive_loop_finishes_a_pending_transfer_by_itself() -> None:
         assert reply.outcome is Outcome.UNAVAILABLE
         await until(lambda: log.transfers[transfer_id].status is TransferStatus.COMPLETED)
     assert log.wallets[RECEIVER].balance == 10
+
+
+# Two wallets of one pipeline (shard 0 of two): their transfers travel as a JointTransfer.
+PAYER, PAYEE, ABSENT = wallet_ids_on_shard(0, 2, 3)
+
+
+async def funded_pair(engine: Engine, amount: int) -> None:
+    for wallet_id in (PAYER, PAYEE):
+        _id, reply = await engine.create_wallet(wallet_id, None)
+        assert reply.outcome is Outcome.CREATED
+    reply = await engine.apply(PAYER, OperationKind.DEPOSIT, amount, None)
+    assert reply.outcome is Outcome.OK
+
+
+async def test_wallets_of_one_pipeline_transfer_in_one_commit() -> None:
+    """Both legs and the COMPLETED transfer are one batch: the transfer is never stored
+    PENDING, no money is ever in flight, and a replay of the id moves nothing."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded_pair(engine, 100)
+        before = len(log.appended)
+        transfer_id, reply = await engine.transfer(None, None, PAYER, PAYEE, 30, "joint")
+        batches = log.appended[before:]
+        _id, replay = await engine.transfer(transfer_id, None, PAYER, PAYEE, 30, "joint")
+    assert reply.outcome is Outcome.OK
+    assert reply.transfer is not None
+    assert reply.transfer.status is TransferStatus.COMPLETED
+    assert [(len(b.operations), len(b.new_transfers), len(b.transfer_updates))
+            for b in batches] == [(2, 1, 1)]  # fmt: skip
+    assert [op.kind for op in batches[0].operations] == [
+        OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN,
+    ]  # fmt: skip
+    assert (replay.outcome, replay.replayed) == (Outcome.OK, True)
+    assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (70, 30)
+    stored = log.transfers[transfer_id]
+    assert (stored.status, stored.reference) == (TransferStatus.COMPLETED, "joint")
+    assert stored.updated_at_us == reply.transfer.updated_at_us
+    assert conserved(log, 100)
+
+
+async def test_a_failed_joint_commit_moves_nothing_and_a_landed_one_is_answered() -> None:
+    """The joint commit fails: nothing stored, 503 (a plain retry is safe). It lands but
+    its outcome is unknown: the answer is read back from storage, COMPLETED, credited once."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded_pair(engine, 100)
+        log.fail_next_closes = 1
+        lost_id, lost = await engine.transfer(None, None, PAYER, PAYEE, 60, None)
+        assert lost.outcome is Outcome.UNAVAILABLE
+        assert lost_id not in log.transfers
+        assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (100, 0)
+        log.fail_next_closes, log.closes_land = 1, True
+        landed_id, landed = await engine.transfer(None, None, PAYER, PAYEE, 60, None)
+        log.closes_land = False
+        _id, retry = await engine.transfer(landed_id, None, PAYER, PAYEE, 60, None)
+    assert (landed.outcome, landed.replayed) == (Outcome.OK, False)
+    assert (retry.outcome, retry.replayed) == (Outcome.OK, True)
+    assert log.transfers[landed_id].status is TransferStatus.COMPLETED
+    assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (40, 60)
+    assert conserved(log, 100)
+
+
+async def test_a_joint_transfer_the_receiver_would_refuse_goes_on_as_a_saga() -> None:
+    """A receiver that is missing or at the balance ceiling is never credited in the joint
+    commit: the debit alone is stored (PENDING), then the refund ends it FAILED."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded_pair(engine, 100)
+        reply = await engine.apply(PAYEE, OperationKind.DEPOSIT, BALANCE_MINOR_MAX, None)
+        assert reply.outcome is Outcome.OK
+        missing_id, missing = await engine.transfer(None, None, PAYER, ABSENT, 10, None)
+        full_id, full = await engine.transfer(None, None, PAYER, PAYEE, 10, None)
+    assert (missing.outcome, missing.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
+    assert (full.outcome, full.side) == (Outcome.BALANCE_LIMIT_EXCEEDED, SIDE_TO)
+    for transfer_id in (missing_id, full_id):
+        assert log.transfers[transfer_id].status is TransferStatus.FAILED
+    assert [op.kind for op in log.operations[PAYER]][1:] == [
+        OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_REFUND,
+    ] * 2  # fmt: skip
+    assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (100, BALANCE_MINOR_MAX)
+
+
+async def test_batches_of_one_operation_keep_the_saga_on_one_pipeline() -> None:
+    """A joint transfer weighs two operations: with --batch-max 1 it would never fit a
+    batch, so the legs travel one by one (no crash, no 500)."""
+    log = ControlledLog()
+    limits = EngineLimits(
+        pipelines=2, batch_ops_max=1, mailbox_commands_max=64, transfer_redrive_interval_s=60.0
+    )
+    async with running_engine(log, limits) as engine:
+        await funded_pair(engine, 100)
+        transfer_id, reply = await engine.transfer(None, None, PAYER, PAYEE, 30, None)
+    assert reply.outcome is Outcome.OK
+    assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+    assert all(len(batch.operations) <= 1 for batch in log.appended)
+    assert (log.wallets[PAYER].balance, log.wallets[PAYEE].balance) == (70, 30)
 
 
 async def test_a_transfer_closes_once_even_when_two_drivers_race() -> None:

@@ -1,0 +1,232 @@
+"""Two walletd builds side by side: wrk runs alternated, CPU per request from /proc.
+
+    python -m loadtest.ab_probe [--base main] [--rounds 3] [--duration 10]
+                                [--scenarios hot,many,transfer] [--base-args "..."]
+                                [--new-args "..."]
+
+``--base`` is a git revision, exported to a temporary directory and run with this venv's
+interpreter (the editable install's finder is taken out of the way); the new build is this
+checkout. ``--base .`` runs this checkout twice, to compare settings (``--base-args``,
+``--new-args``: extra `walletd serve` arguments). Both servers run at once, each with its
+own embedded PostgreSQL; each gets --wallets deposit wallets and --wallets funded transfer
+wallets. Then, round after round, each scenario runs on both (order alternating), and for
+every run: rps, p50, p99, and CPU µs per request of walletd and of its PostgreSQL (all
+processes under its postmaster), read from /proc/<pid>/stat before and after. Medians and
+the range over rounds, and the new/base ratio of each round's pair, are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.bench import TRANSFER_FUND, create_wallets, fund_wallets, run_wrk
+from loadtest.procs import REPO_ROOT, Server, free_port, server_environment, stop, wait_ready
+
+__all__ = ["main"]
+
+PACKAGES = ("engine", "http", "persistence", "cli", "client")
+# Runs walletd from a package tree given as argv[1], not from the editable install.
+_LAUNCHER = """
+import sys
+tree = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, tree)
+import walletd.engine
+assert walletd.engine.__path__[0].startswith(tree), walletd.engine.__path__
+from walletd.cli.main import main
+sys.exit(main())
+"""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    server: Server
+    data_dir: Path
+    ids: dict[str, Path]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    walletd_us: float
+    postgres_us: float
+
+
+def _export(revision: str, into: Path) -> Path:
+    """The revision's packages as walletd.<package> symlinks under ``into``/pkg."""
+    into.mkdir(parents=True)
+    archive = into / "src.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "archive", revision], cwd=REPO_ROOT, stdout=out, check=True)
+    source = into / "src"
+    with tarfile.open(archive) as tar:
+        tar.extractall(source, filter="data")
+    package = into / "pkg" / "walletd"
+    package.mkdir(parents=True)
+    for name in PACKAGES:
+        (package / name).symlink_to(source / name)
+    return into / "pkg"
+
+
+@contextlib.contextmanager
+def _walletd(name: str, tree: Path | None, extra: list[str], tmp: Path) -> Iterator[Target]:
+    port = free_port()
+    data_dir = tmp / f"{name}-data"
+    launcher = tmp / "launch.py"
+    launcher.write_text(_LAUNCHER)
+    command = (
+        [sys.executable, "-m", "walletd.cli.main"]
+        if tree is None
+        else [sys.executable, str(launcher), str(tree)]
+    )
+    command += ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
+    log_path = tmp / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*command, *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            env=server_environment(os.environ),
+        )  # fmt: skip
+        server = Server(f"http://127.0.0.1:{port}", process, log_path)
+        try:
+            wait_ready(server)
+            yield Target(name, server, data_dir, {})
+        finally:
+            stop(server)
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime..cstime
+
+
+def _postgres_pids(data_dir: Path) -> list[int]:
+    postmaster = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(stat.parent.name))
+    return [postmaster, *children]
+
+
+def _run(target: Target, scenario: str, connections: int, duration_s: int) -> Sample:
+    process = target.server.process
+    assert process is not None
+    postgres = _postgres_pids(target.data_dir)
+    walletd0, postgres0 = _cpu_s(process.pid), sum(_cpu_s(p) for p in postgres)
+    run = run_wrk(target.server.url, scenario, target.ids[scenario], connections, duration_s)
+    walletd1, postgres1 = _cpu_s(process.pid), sum(_cpu_s(p) for p in postgres)
+    if run.non_2xx or run.socket_errors:
+        print(f"  {target.name} {scenario}: non-2xx {run.non_2xx}, socket errors"
+              f" {run.socket_errors}", flush=True)  # fmt: skip
+    requests = max(run.requests, 1)
+    return Sample(
+        run.rps, run.p50_us / 1000, run.p99_us / 1000,
+        (walletd1 - walletd0) / requests * 1e6, (postgres1 - postgres0) / requests * 1e6,
+    )  # fmt: skip
+
+
+def _prepare(target: Target, wallets: int, tmp: Path) -> None:
+    many = asyncio.run(create_wallets(target.server.url, wallets))
+    transfer = asyncio.run(create_wallets(target.server.url, wallets))
+    asyncio.run(fund_wallets(target.server.url, transfer, TRANSFER_FUND))
+    for scenario, ids in (("hot", many[:1]), ("many", many), ("get", many),
+                          ("transfer", transfer)):  # fmt: skip
+        path = tmp / f"{target.name}-{scenario}.txt"
+        path.write_text("\n".join(ids) + "\n")
+        target.ids[scenario] = path
+
+
+def _spread(values: list[float], spec: str) -> str:
+    return f"{statistics.median(values):{spec}} ({min(values):{spec}}-{max(values):{spec}})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="main", help="git revision, or . for this checkout")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured s per scenario")
+    parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--wallets", type=int, default=10_000)
+    parser.add_argument("--scenarios", default="hot,many,transfer")
+    parser.add_argument("--base-args", default="")
+    parser.add_argument("--new-args", default="")
+    args = parser.parse_args(argv)
+    scenarios = args.scenarios.split(",")
+    if not (1 <= args.rounds <= 50 and 1 <= args.duration <= 600 and 1 <= args.wallets <= 10**6):
+        parser.error("--rounds 1..50, --duration 1..600, --wallets 1..1,000,000")
+    samples: dict[tuple[str, str], list[Sample]] = {}
+    with tempfile.TemporaryDirectory(prefix="walletd-ab-") as name:
+        tmp = Path(name)
+        tree = None if args.base == "." else _export(args.base, tmp / "base")
+        with (
+            _walletd("base", tree, shlex.split(args.base_args), tmp) as base,
+            _walletd("new", None, shlex.split(args.new_args), tmp) as new,
+        ):
+            for target in (base, new):
+                _prepare(target, args.wallets, tmp)
+            for scenario in scenarios:
+                for target in (base, new):
+                    if args.warmup:
+                        _run(target, scenario, args.connections, args.warmup)
+            for round_index in range(args.rounds):
+                order = (base, new) if round_index % 2 == 0 else (new, base)
+                for scenario in scenarios:
+                    for target in order:
+                        time.sleep(args.settle)
+                        sample = _run(target, scenario, args.connections, args.duration)
+                        samples.setdefault((scenario, target.name), []).append(sample)
+                        print(f"round {round_index + 1} {scenario:>8} {target.name:>4}:"
+                              f" {sample.rps:7.0f} rps  p50 {sample.p50_ms:6.1f} ms  p99"
+                              f" {sample.p99_ms:6.1f} ms  CPU/request walletd"
+                              f" {sample.walletd_us:4.0f} µs  PostgreSQL"
+                              f" {sample.postgres_us:4.0f} µs", flush=True)  # fmt: skip
+    print(f"\nmedian (min-max) over {args.rounds} rounds; base {args.base!r}"
+          f" {args.base_args!r}, new this checkout {args.new_args!r}")  # fmt: skip
+    print("| scenario | build | rps | p50 ms | p99 ms | walletd µs/req | PostgreSQL µs/req |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for scenario in scenarios:
+        for build in ("base", "new"):
+            rows = samples[(scenario, build)]
+            print(f"| {scenario} | {build} | {_spread([s.rps for s in rows], '.0f')}"
+                  f" | {_spread([s.p50_ms for s in rows], '.1f')}"
+                  f" | {_spread([s.p99_ms for s in rows], '.1f')}"
+                  f" | {_spread([s.walletd_us for s in rows], '.0f')}"
+                  f" | {_spread([s.postgres_us for s in rows], '.0f')} |")  # fmt: skip
+    for scenario in scenarios:
+        pairs = zip(samples[(scenario, "new")], samples[(scenario, "base")], strict=True)
+        ratios = [(n.rps / b.rps, n.walletd_us / b.walletd_us) for n, b in pairs]
+        print(f"{scenario}: new/base rps {_spread([r[0] for r in ratios], '.2f')},"
+              f" walletd CPU/request {_spread([r[1] for r in ratios], '.2f')}")  # fmt: skip
+    if "transfer" in scenarios and "many" in scenarios:
+        for build in ("base", "new"):
+            pairs = zip(samples[("transfer", build)], samples[("many", build)], strict=True)
+            per_round = [t.rps / m.rps for t, m in pairs]
+            print(f"transfer/deposit (many) {build}: {_spread(per_round, '.2f')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
