@@ -30,6 +30,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,16 +101,17 @@ def _ready(url: str) -> bool:
 
 
 def start_walletd(
-    data_dir: Path, log_path: Path, timeout_s: float
+    data_dir: Path, log_path: Path, timeout_s: float, extra_args: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], str, float]:
-    """walletd serve on the data dir; the process, its URL and seconds to ready."""
+    """walletd serve on the data dir (plus ``extra_args``); the process, its URL and
+    seconds to ready."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "walletd.cli.main", "serve", "--port", str(port),
-             "--data-dir", str(data_dir)],
+             "--data-dir", str(data_dir), *extra_args],
             stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     deadline = started + timeout_s

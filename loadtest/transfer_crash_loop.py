@@ -1,6 +1,7 @@
 """kill -9 in the middle of transfers, restart, recover, retry everything: in a loop.
 
     python -m loadtest.transfer_crash_loop [--rounds 10] [--data-dir DIR] [--load-s 1.5]
+                                           [--pipelines 2]
 
 Issue #13's crash guarantee, end to end on the embedded PostgreSQL. Round 0 starts
 ``walletd serve`` and funds ``--wallets`` wallets. Each round then:
@@ -18,6 +19,10 @@ Issue #13's crash guarantee, end to end on the embedded PostgreSQL. Round 0 star
    a 201 must replay the same transfer, a 409 the same refusal; then every transfer row
    has exactly one debit leg and one credit (COMPLETED) or refund (FAILED) leg, every
    acknowledged transfer is COMPLETED, and conservation holds exactly.
+
+walletd runs with ``--pipelines 2`` by default: a pair whose wallets share a pipeline
+commits both legs at once (never PENDING), the others run the two-commit saga, whose
+PENDING transfers are what a kill leaves for recovery.
 
 Exit 0 only if every round passed; the report gives restart and recovery times, the
 transfers acknowledged and of unknown outcome, and the snapshots checked.
@@ -305,6 +310,7 @@ def run_crash_loop(
     load_s: float = 1.5,
     wallets: int = WALLETS,
     seed: int = 13,
+    pipelines: int = 2,
     progress: bool = True,
 ) -> CrashLoopReport:
     """``rounds`` kills mid-transfers on ``data_dir``; stops at the first failed round."""
@@ -312,7 +318,8 @@ def run_crash_loop(
     rng = random.Random(seed)
     report = CrashLoopReport()
     first = CrashRound(0)
-    walletd, url, first.start_s = start_walletd(data_dir, log_path, 180.0)
+    serve_args = ("--pipelines", str(pipelines))
+    walletd, url, first.start_s = start_walletd(data_dir, log_path, 180.0, serve_args)
     report.rounds.append(first)
     ids = asyncio.run(_fund(url, wallets))
     for index in range(1, rounds + 1):
@@ -328,7 +335,7 @@ def run_crash_loop(
         if not both and this.problem is None:
             this.pending_at_kill = asyncio.run(_pending(embedded_dsn(data_dir)))
         try:
-            walletd, url, this.start_s = start_walletd(data_dir, log_path, 30.0)
+            walletd, url, this.start_s = start_walletd(data_dir, log_path, 30.0, serve_args)
         except RuntimeError as error:
             this.problem = this.problem or f"restart failed: {error}"
         if this.problem is None:
@@ -365,12 +372,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-s", type=float, default=1.5, help="seconds of load per round")
     parser.add_argument("--wallets", type=int, default=WALLETS)
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--pipelines", type=int, default=2, help="walletd --pipelines")
     args = parser.parse_args(argv)
     owned = args.data_dir is None
     data_dir = Path(tempfile.mkdtemp(prefix="walletd-crash-")) if owned else args.data_dir
     report = run_crash_loop(
-        args.rounds, data_dir, load_s=args.load_s, wallets=args.wallets, seed=args.seed
-    )
+        args.rounds, data_dir, load_s=args.load_s, wallets=args.wallets, seed=args.seed,
+        pipelines=args.pipelines,
+    )  # fmt: skip
     print(report.summary())
     for failed in report.failures:
         print(f"round {failed.index}: {failed.problem}", file=sys.stderr)

@@ -104,7 +104,9 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
     in the database right after the kill (PENDING transfers counted); the restarted process
     completes every PENDING transfer without a request; retrying every transfer sent gets a
     final answer, a replay for those already answered 201; every transfer has its legs once."""
-    args = ("--database-url", database_url, "--shards", "4")
+    # Two pipelines: pairs on one pipeline commit both legs at once, the others are the
+    # two-commit saga whose PENDING transfers the kill leaves for recovery.
+    args = ("--database-url", database_url, "--shards", "4", "--pipelines", "2")
     first = await start(walletd_process, *args)
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
         wallets = []
