@@ -162,6 +162,13 @@ class Resident:
             wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held
         )
 
+    def balance_and_held(self) -> tuple[int, int]:
+        """Its balance and held money as the next command sees them (pending state first)."""
+        pending = self.pending
+        if pending is None:
+            return self.balance, self.held
+        return pending.balance, pending.held
+
     def pending_holds(self) -> dict[int, HoldRecord]:
         """Its PENDING holds as the next command sees them (pending state first)."""
         pending = self.pending
@@ -642,11 +649,7 @@ class Ledger:
             status = HoldStatus.CAPTURED
         else:
             status = HoldStatus.VOIDED
-        pending = resident.pending
-        if pending is None:
-            balance, held = resident.balance, resident.held
-        else:
-            balance, held = pending.balance, pending.held
+        balance, held = resident.balance_and_held()
         hold_id = command.hold_id
         view: WalletView | None = None
         to_wallet_id = command.to_wallet_id
@@ -745,11 +748,7 @@ class Ledger:
         if len(holds) >= self._holds_per_wallet_max:
             self._rests_on_open_state(resident, wid, applied)
             return Reply(Outcome.TOO_MANY_HOLDS)
-        pending = resident.pending
-        if pending is None:
-            balance, held = resident.balance, resident.held
-        else:
-            balance, held = pending.balance, pending.held
+        balance, held = resident.balance_and_held()
         amount = command.amount
         assert amount is not None
         if amount > balance - held:

@@ -314,33 +314,15 @@ class TransferCoordinator:
             # The same id is being worked on: wait for it, then answer from storage as a
             # replay (or as a reuse of the id with another request).
             await asyncio.wait((running,))
-        future = self._claim(transfer_id)
-        try:
-            reply = await self._transfer(requested, fresh_id=fresh_id)
-        except BaseException:
-            future.set_result(_UNAVAILABLE)
-            raise
-        finally:
-            del self._driving[transfer_id]
-        future.set_result(reply)
-        return reply
+        return await self._claimed(
+            transfer_id, lambda: self._transfer(requested, fresh_id=fresh_id)
+        )
 
     async def drive_opened(self, transfer: TransferRecord) -> TransferReply:
         """Drive a PENDING transfer another command opened (a hold captured into a wallet,
         engine/holds.py): the credit, or the refund if refused, as for any transfer. One
         already being driven is left to its driver (UNAVAILABLE: still PENDING)."""
-        if transfer.transfer_id in self._driving:
-            return _UNAVAILABLE
-        future = self._claim(transfer.transfer_id)
-        try:
-            reply = await self._drive(transfer, replayed=False, driver=DRIVER_REQUEST)
-        except BaseException:
-            future.set_result(_UNAVAILABLE)
-            raise
-        finally:
-            del self._driving[transfer.transfer_id]
-        future.set_result(reply)
-        return reply
+        return await self._drive_unless_driven(transfer, replayed=False, driver=DRIVER_REQUEST)
 
     async def read(self, transfer_id: UUID) -> TransferRecord | None:
         """The stored transfer (raises ``StorageError`` when storage is away)."""
@@ -370,29 +352,41 @@ class TransferCoordinator:
             if len(page) < limit:
                 break
             after = (page[-1].created_at_us, page[-1].transfer_id)
-        replies = await asyncio.gather(*(self._redrive_one(t) for t in todo[:limit]))
+        replies = await asyncio.gather(*(
+            self._drive_unless_driven(t, replayed=True, driver=DRIVER_REDRIVE)
+            for t in todo[:limit]
+        ))  # fmt: skip
         return sum(1 for reply in replies if reply.outcome not in _NOT_ENDED)
 
     # -- the saga ----------------------------------------------------------------------
 
-    def _claim(self, transfer_id: UUID) -> asyncio.Future[TransferReply]:
+    async def _claimed(
+        self, transfer_id: UUID, work: Callable[[], Awaitable[TransferReply]]
+    ) -> TransferReply:
+        """Run ``work`` with the id claimed: a request for the same id meanwhile waits for
+        the claim's future, which gets the reply (UNAVAILABLE if ``work`` raised)."""
         future: asyncio.Future[TransferReply] = asyncio.get_running_loop().create_future()
         self._driving[transfer_id] = future
-        return future
-
-    async def _redrive_one(self, transfer: TransferRecord) -> TransferReply:
-        if transfer.transfer_id in self._driving:
-            return _UNAVAILABLE
-        future = self._claim(transfer.transfer_id)
         try:
-            reply = await self._drive(transfer, replayed=True, driver=DRIVER_REDRIVE)
+            reply = await work()
         except BaseException:
             future.set_result(_UNAVAILABLE)
             raise
         finally:
-            del self._driving[transfer.transfer_id]
+            del self._driving[transfer_id]
         future.set_result(reply)
         return reply
+
+    async def _drive_unless_driven(
+        self, transfer: TransferRecord, *, replayed: bool, driver: str
+    ) -> TransferReply:
+        """Drive a PENDING transfer, unless this process drives it already."""
+        if transfer.transfer_id in self._driving:
+            return _UNAVAILABLE
+        return await self._claimed(
+            transfer.transfer_id,
+            lambda: self._drive(transfer, replayed=replayed, driver=driver),
+        )
 
     async def _transfer(self, requested: TransferRecord, *, fresh_id: bool) -> TransferReply:
         if not fresh_id:

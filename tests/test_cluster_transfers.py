@@ -55,6 +55,31 @@ def owner_of(table: dict[int, str | None], wallet: str) -> str | None:
     return table[shard_of_text(wallet, SHARDS)]
 
 
+async def wallets_on_each(
+    http: aiohttp.ClientSession, dsn: str, urls: list[str], count: int, *, fund: int = 0
+) -> tuple[dict[int, str | None], dict[str, list[str]]]:
+    """Once the servers share the shards: the ownership table, and ``count`` new wallets
+    owned by each server (by its URL), each funded with a keyed deposit of ``fund``."""
+
+    async def split() -> bool:
+        held = Counter((await owners(dsn)).values())
+        return held[None] == 0 and all(held[url] >= 1 for url in urls)
+
+    await until(split, "the two servers share the shards")
+    table = await owners(dsn)
+    wallets: dict[str, list[str]] = {url: [] for url in urls}
+    while min(len(found) for found in wallets.values()) < count:
+        url = min(wallets, key=lambda u: len(wallets[u]))
+        wallet = await create_wallet(http, url)
+        owner = owner_of(table, wallet)
+        assert owner is not None
+        wallets[owner].append(wallet)
+        if fund:
+            status, _ = await operate(http, url, wallet, "DEPOSIT", fund, f"fund-{wallet}")
+            assert status == 200
+    return table, wallets
+
+
 async def post_transfer(
     http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str
 ) -> tuple[int, dict[str, Any], bool]:
@@ -84,22 +109,7 @@ async def test_transfers_between_wallets_of_two_processes_complete_on_the_first_
     urls = [s.url for s in servers]
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-
-            async def split() -> bool:
-                held = Counter((await owners(database_url)).values())
-                return held[None] == 0 and all(held[url] >= 1 for url in urls)
-
-            await until(split, "the two servers share the shards")
-            table = await owners(database_url)
-            wallets: dict[str, list[str]] = {url: [] for url in urls}
-            while min(len(found) for found in wallets.values()) < 2:
-                url = min(wallets, key=lambda u: len(wallets[u]))
-                wallet = await create_wallet(http, url)
-                owner = owner_of(table, wallet)
-                assert owner is not None
-                wallets[owner].append(wallet)
-                status, _ = await operate(http, url, wallet, "DEPOSIT", 100, f"fund-{wallet}")
-                assert status == 200
+            table, wallets = await wallets_on_each(http, database_url, urls, 2, fund=100)
             listing = shards_table(["--database-url", database_url, "--shards", str(SHARDS)])
             for url in urls:  # each process really owns the shards its wallets are on
                 for wallet in wallets[url]:
@@ -316,20 +326,7 @@ async def test_a_bulk_request_applies_items_of_every_process_and_atomic_stays_on
     urls = [s.url for s in servers]
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-
-            async def split() -> bool:
-                held = Counter((await owners(database_url)).values())
-                return held[None] == 0 and all(held[url] >= 1 for url in urls)
-
-            await until(split, "the two servers share the shards")
-            table = await owners(database_url)
-            wallets: dict[str, list[str]] = {url: [] for url in urls}
-            while min(len(found) for found in wallets.values()) < 3:
-                url = min(wallets, key=lambda u: len(wallets[u]))
-                wallet = await create_wallet(http, url)
-                owner = owner_of(table, wallet)
-                assert owner is not None
-                wallets[owner].append(wallet)
+            _table, wallets = await wallets_on_each(http, database_url, urls, 3)
             items = [
                 {"wallet_id": wallet, "operation_type": "DEPOSIT", "amount": "5.00"}
                 for url in urls

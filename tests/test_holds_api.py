@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import AppFactory
+from tests.test_transfers_api import new_wallet
 from walletd.client.api import WalletdClient
 from walletd.client.errors import (
     CaptureExceedsHold,
@@ -57,19 +58,6 @@ async def invariants(database_url: str) -> tuple[int, int, int]:
         await connection.close()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
-
-
-async def new_wallet(client: Client, deposit: str | None = None) -> str:
-    response = await client.post("/api/v1/wallets")
-    assert response.status == 201
-    wallet_id: str = (await response.json())["id"]
-    if deposit is not None:
-        response = await client.post(
-            f"/api/v1/wallets/{wallet_id}/operation",
-            json={"operation_type": "DEPOSIT", "amount": deposit},
-        )
-        assert response.status == 200
-    return wallet_id
 
 
 async def call(
