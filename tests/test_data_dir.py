@@ -1,0 +1,125 @@
+"""One data dir, one owner (cli/data_dir.py): a second `walletd serve` or `cluster` on a data
+dir in use is refused with exit 4 and one line; the operator commands use the owner's
+embedded PostgreSQL and never stop it; kill -9 of the owner frees the data dir at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.processes import start_walletd, walletd_command
+from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
+from walletd.persistence.embedded import EmbeddedPostgres
+
+# A refused start does nothing slow; generous all the same on a loaded 2-core machine.
+REFUSAL_TIMEOUT_S = 60.0
+
+
+def _refused_line(data_dir: Path, holder: str, pid: int) -> str:
+    return (
+        f"walletd: error: the data dir {data_dir.resolve()} is in use by {holder} (pid {pid}): "
+        "one data dir serves one walletd serve or cluster; stop it or use another --data-dir"
+    )
+
+
+def _walletd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        walletd_command(list(args)), capture_output=True, text=True,
+        timeout=REFUSAL_TIMEOUT_S, check=False,
+    )  # fmt: skip
+
+
+def _errors(done: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in done.stderr.splitlines() if line.startswith("walletd: error:")]
+
+
+def test_a_claimed_data_dir_cannot_be_claimed_twice_until_released(tmp_path: Path) -> None:
+    """The lock is per open file: a second claim (even in this process) is refused, naming
+    the holder; released, the data dir is free again."""
+    claim = DataDirClaim.take(tmp_path, "walletd serve")
+    try:
+        assert DataDirClaim.try_take(tmp_path, "walletd verify") is None
+        with pytest.raises(DataDirInUse, match=rf"in use by walletd serve \(pid {os.getpid()}\)"):
+            DataDirClaim.take(tmp_path, "walletd cluster")
+    finally:
+        claim.release()
+    with DataDirClaim.take(tmp_path, "walletd cluster"):
+        pass
+
+
+@pytest.mark.slow
+async def test_a_second_serve_is_refused_and_operator_commands_never_stop_the_database(
+    tmp_path: Path,
+) -> None:
+    """Beside a running `walletd serve` on the embedded PostgreSQL: a second serve and a
+    cluster exit 4 with one line naming the holder; verify and migrate use its database and
+    leave it running; the first serve still answers; its SIGTERM stops its database."""
+    data_dir = tmp_path / "data"
+    flags = ["--data-dir", str(data_dir), "--log-level", "WARNING"]
+    first = start_walletd(flags, log_dir=tmp_path)
+    embedded = EmbeddedPostgres(data_dir)
+    try:
+        for command in (["serve", "--port", "0"], ["cluster", "--processes", "1", "--port", "0"]):
+            done = _walletd(*command, *flags)
+            assert done.returncode == EXIT_DATA_DIR_IN_USE, done.stderr
+            assert _errors(done) == [_refused_line(data_dir, "walletd serve", first.process.pid)], (
+                done.stderr
+            )
+            assert embedded.is_running()
+        for command in (["verify"], ["migrate"]):
+            done = _walletd(*command, *flags)
+            assert done.returncode == 0, done.stderr
+            assert embedded.is_running()  # the operator command left it running
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{first.url}/api/v1/wallets") as response,
+        ):
+            assert response.status == 201, await response.text()
+        assert first.terminate() == 0
+        assert not embedded.is_running()  # the owner stops the server it ran
+    finally:
+        first.kill()
+        embedded.stop("immediate")
+
+
+@pytest.mark.slow
+async def test_kill_9_of_the_owner_frees_the_data_dir_for_a_new_serve_at_once(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of `walletd serve` (its PostgreSQL keeps running): a new serve takes the data
+    dir at once, serves the wallets, owns the data dir (a third serve is refused naming it)
+    and, on SIGTERM, stops the server it took over."""
+    data_dir = tmp_path / "data"
+    flags = ["--data-dir", str(data_dir), "--log-level", "WARNING"]
+    first = start_walletd(flags, log_dir=tmp_path)
+    embedded = EmbeddedPostgres(data_dir)
+    second = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{first.url}/api/v1/wallets") as response:
+                assert response.status == 201
+                wallet = (await response.json())["id"]
+            first.process.send_signal(signal.SIGKILL)
+            first.kill()
+            assert embedded.is_running()  # a kill -9 of walletd leaves its postmaster
+            started = time.monotonic()
+            second = start_walletd(flags, log_dir=tmp_path)
+            print(f"kill -9 -> new serve listening in {time.monotonic() - started:.2f} s")
+            async with http.get(f"{second.url}/api/v1/wallets/{wallet}") as response:
+                assert response.status == 200, await response.text()
+        done = _walletd("serve", "--port", "0", *flags)
+        assert done.returncode == EXIT_DATA_DIR_IN_USE, done.stderr
+        assert _errors(done) == [_refused_line(data_dir, "walletd serve", second.process.pid)]
+        assert second.terminate() == 0
+        assert not embedded.is_running()  # taken over, so stopped by its new owner
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+        embedded.stop("immediate")
