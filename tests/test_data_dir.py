@@ -5,9 +5,12 @@ embedded PostgreSQL and never stop it; kill -9 of the owner frees the data dir a
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +22,16 @@ from walletd.persistence.embedded import EmbeddedPostgres
 
 # A refused start does nothing slow; generous all the same on a loaded 2-core machine.
 REFUSAL_TIMEOUT_S = 60.0
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not under tmp_path: every pytest session run as root resets /tmp/pytest-of-root to
+    # 0700, which would lock the cluster's unprivileged owner out of its own data.
+    path = Path(tempfile.mkdtemp(prefix="walletd-test-data-dir-"))
+    yield path
+    EmbeddedPostgres(path).stop("immediate")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _refused_line(data_dir: Path, holder: str, pid: int) -> str:
@@ -55,12 +68,11 @@ def test_a_claimed_data_dir_cannot_be_claimed_twice_until_released(tmp_path: Pat
 
 @pytest.mark.slow
 async def test_a_second_serve_is_refused_and_operator_commands_never_stop_the_database(
-    tmp_path: Path,
+    data_dir: Path, tmp_path: Path
 ) -> None:
     """Beside a running `walletd serve` on the embedded PostgreSQL: a second serve and a
     cluster exit 4 with one line naming the holder; verify and migrate use its database and
     leave it running; the first serve still answers; its SIGTERM stops its database."""
-    data_dir = tmp_path / "data"
     flags = ["--data-dir", str(data_dir), "--log-level", "WARNING"]
     first = start_walletd(flags, log_dir=tmp_path)
     embedded = EmbeddedPostgres(data_dir)
@@ -90,12 +102,11 @@ async def test_a_second_serve_is_refused_and_operator_commands_never_stop_the_da
 
 @pytest.mark.slow
 async def test_kill_9_of_the_owner_frees_the_data_dir_for_a_new_serve_at_once(
-    tmp_path: Path,
+    data_dir: Path, tmp_path: Path
 ) -> None:
     """kill -9 of `walletd serve` (its PostgreSQL keeps running): a new serve takes the data
     dir at once, serves the wallets, owns the data dir (a third serve is refused naming it)
     and, on SIGTERM, stops the server it took over."""
-    data_dir = tmp_path / "data"
     flags = ["--data-dir", str(data_dir), "--log-level", "WARNING"]
     first = start_walletd(flags, log_dir=tmp_path)
     embedded = EmbeddedPostgres(data_dir)

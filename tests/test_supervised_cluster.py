@@ -167,43 +167,49 @@ async def test_a_member_killed_under_load_is_restarted_and_nothing_acknowledged_
                     await send(rng.choice(wallets), rng.randint(1, 9))
 
             clients = [asyncio.create_task(client(n)) for n in range(CLIENTS)]
-            await asyncio.sleep(2.0)  # load before the kill
-            killed_at = time.monotonic()
-            psutil.Process(victim_pid).kill()
+            try:
+                await asyncio.sleep(2.0)  # load before the kill
+                killed_at = time.monotonic()
+                psutil.Process(victim_pid).kill()
 
-            # Sweeps over every wallet until one in which each answers a deposit 2xx.
-            sweep_limit = asyncio.Semaphore(8)
+                # Sweeps over every wallet until one in which each answers a deposit 2xx.
+                sweep_limit = asyncio.Semaphore(8)
 
-            async def answers(wallet: str) -> bool:
-                async with sweep_limit:
-                    return 200 <= await send(wallet, 1) < 300
+                async def answers(wallet: str) -> bool:
+                    async with sweep_limit:
+                        return 200 <= await send(wallet, 1) < 300
 
-            while not all(await asyncio.gather(*(answers(w) for w in wallets))):
-                assert time.monotonic() - killed_at < ANSWER_BOUND_S * 3, statuses
-            answered_s = time.monotonic() - killed_at
+                while not all(await asyncio.gather(*(answers(w) for w in wallets))):
+                    assert time.monotonic() - killed_at < ANSWER_BOUND_S * 3, statuses
+                    await asyncio.sleep(0.05)
+                answered_s = time.monotonic() - killed_at
 
-            async def back() -> int | None:
-                pid = member_pid(cluster, victim_port)
-                return pid if pid not in (None, victim_pid) else None
+                async def back() -> int | None:
+                    pid = member_pid(cluster, victim_port)
+                    return pid if pid not in (None, victim_pid) else None
 
-            new_pid = await until(back, "the member listens again on its port", START_WAIT_S)
-            await until(lambda: healthy(victim_url), "the member serves again", START_WAIT_S)
-            restarted_s = time.monotonic() - killed_at
+                new_pid = await until(back, "the member listens again on its port", START_WAIT_S)
+                await until(lambda: healthy(victim_url), "the member serves again", START_WAIT_S)
+                restarted_s = time.monotonic() - killed_at
 
-            async def holds_shards() -> bool:
-                rows = await leases(database_url)
-                return any(row["live"] and row["owner_url"] == victim_url for row in rows)
+                async def holds_shards() -> bool:
+                    rows = await leases(database_url)
+                    return any(row["live"] and row["owner_url"] == victim_url for row in rows)
 
-            await until(holds_shards, "the restarted member holds shards", START_WAIT_S)
-            await asyncio.sleep(1.0)  # load after the member is back
-            running.clear()
-            await asyncio.gather(*clients)
+                await until(holds_shards, "the restarted member holds shards", START_WAIT_S)
+                await asyncio.sleep(1.0)  # load after the member is back
+            finally:
+                running.clear()
+                await asyncio.gather(*clients, return_exceptions=True)
             print(
                 f"kill -9 -> every wallet answered in {answered_s:.2f} s; member back "
                 f"(pid {victim_pid} -> {new_pid}) in {restarted_s:.2f} s; "
                 f"answers {dict(statuses)}"
             )
             assert answered_s < ANSWER_BOUND_S
+            # HAProxy's 502 and no answer (0): requests inside the killed process, unknown until
+            # retried below; 503: nothing applied or unknown, per the contract. Never a 500.
+            assert set(statuses) <= {0, 200, 502, 503}, statuses
             assert cluster.poll() is None, log_path.read_text()
 
             # Every acknowledged deposit is in the log, once.
