@@ -17,9 +17,12 @@ import aiohttp
 import pytest
 
 from tests.processes import start_walletd, walletd_command
+from walletd.cli.cluster import EXIT_CLUSTER_FAILED
 from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
+from walletd.cli.main import EXIT_ENGINE_FAILED, main
 from walletd.persistence.embedded import EmbeddedPostgres
 
+ROOT = Path(__file__).resolve().parent.parent
 # A refused start does nothing slow; generous all the same on a loaded 2-core machine.
 REFUSAL_TIMEOUT_S = 60.0
 
@@ -64,6 +67,26 @@ def test_a_claimed_data_dir_cannot_be_claimed_twice_until_released(tmp_path: Pat
         claim.release()
     with DataDirClaim.take(tmp_path, "walletd cluster"):
         pass
+
+
+def test_the_exit_codes_in_the_help_match_the_runbook(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`walletd --help` and docs/OPERATIONS.md give each exit status the same meaning."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split()).replace("``", "`")
+    runbook = " ".join((ROOT / "docs" / "OPERATIONS.md").read_text().split())
+    for code, meaning in (
+        (EXIT_ENGINE_FAILED, "`serve`: the engine gave up"),
+        (EXIT_DATA_DIR_IN_USE, "`serve` / `cluster`: the data dir is in use by another walletd"),
+        (
+            EXIT_CLUSTER_FAILED,
+            "`cluster`: a member kept dying past its restart bound, or HAProxy exited",
+        ),
+    ):
+        assert f"{code} {meaning}" in help_text, meaning
+        assert f"{code} {meaning}" in runbook, meaning
 
 
 @pytest.mark.slow
