@@ -243,7 +243,7 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
 
 
 # The settings each command reads (cli/config.py SETTINGS names); its --help lists only
-# their flags. None = every setting (serve). The environment still configures the rest.
+# their flags. None = every setting (cluster). The environment still configures the rest.
 _OPERATOR_SETTINGS = frozenset({"data_dir", "database_url", "log_level"})
 # How `walletd cluster` supervises its members; nothing a single server reads.
 _CLUSTER_SETTINGS = frozenset(
