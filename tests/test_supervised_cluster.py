@@ -169,6 +169,9 @@ async def test_a_member_killed_under_load_is_restarted_and_nothing_acknowledged_
             clients = [asyncio.create_task(client(n)) for n in range(CLIENTS)]
             try:
                 await asyncio.sleep(2.0)  # load before the kill
+                # Its leases carry its URL, which the restarted member keeps: tell them apart
+                # by owner id (new per process).
+                old_owners = {r["owner"] for r in await leases(database_url)} - {None}
                 killed_at = time.monotonic()
                 psutil.Process(victim_pid).kill()
 
@@ -194,7 +197,11 @@ async def test_a_member_killed_under_load_is_restarted_and_nothing_acknowledged_
 
                 async def holds_shards() -> bool:
                     rows = await leases(database_url)
-                    return any(row["live"] and row["owner_url"] == victim_url for row in rows)
+                    return any(
+                        row["live"] and row["owner_url"] == victim_url
+                        and row["owner"] not in old_owners
+                        for row in rows
+                    )  # fmt: skip
 
                 await until(holds_shards, "the restarted member holds shards", START_WAIT_S)
                 await asyncio.sleep(1.0)  # load after the member is back
