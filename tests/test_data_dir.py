@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -56,10 +57,12 @@ def _errors(done: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def test_a_claimed_data_dir_cannot_be_claimed_twice_until_released(tmp_path: Path) -> None:
-    """The lock is per open file: a second claim (even in this process) is refused, naming
-    the holder; released, the data dir is free again."""
+    """The lock file is 0600; the lock is per open file: a second claim (even in this
+    process) is refused, naming the holder; released, the data dir is free again."""
     claim = DataDirClaim.take(tmp_path, "walletd serve")
     try:
+        # Only walletd's user can open it, so only it can hold the lock.
+        assert stat.S_IMODE(claim.path.stat().st_mode) == 0o600
         assert DataDirClaim.try_take(tmp_path, "walletd verify") is None
         with pytest.raises(DataDirInUse, match=rf"in use by walletd serve \(pid {os.getpid()}\)"):
             DataDirClaim.take(tmp_path, "walletd cluster")
