@@ -70,6 +70,7 @@ class DataDirClaim:
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return None
             raise
+        os.fchmod(descriptor, 0o600)  # also a file left with wider permissions
         # Only for the message a refused process prints; the lock is what counts.
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{holder} (pid {os.getpid()})\n".encode(), 0)
