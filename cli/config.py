@@ -87,6 +87,16 @@ SETTINGS: tuple[Setting, ...] = (
             "killed process's shards move after about 1.25 times this"),
     Setting("lease_moves_max", ("WALLETD_LEASE_MOVES_MAX",), "--lease-moves-max", int, 8,
             "shards a process releases per lease step when it holds more than its share"),
+    Setting("member_restarts_max", ("WALLETD_MEMBER_RESTARTS_MAX",), "--member-restarts-max",
+            int, 5, "walletd cluster: restarts of one dead member per restart window; one "
+            "more death and the cluster stops with exit 5"),
+    Setting("member_restart_window_s", ("WALLETD_MEMBER_RESTART_WINDOW",),
+            "--member-restart-window", float, 60.0,
+            "walletd cluster: seconds over which a member's restarts are counted"),
+    Setting("member_restart_backoff_s", ("WALLETD_MEMBER_RESTART_BACKOFF",),
+            "--member-restart-backoff", float, 0.5,
+            "walletd cluster: seconds before a dead member's first restart in the window, "
+            "doubled for each further one"),
     Setting("forward_timeout_s", ("WALLETD_FORWARD_TIMEOUT",), "--forward-timeout", float,
             10.0, "seconds a request forwarded to a shard's owner may take before 503"),
     Setting("forward_connections_max", ("WALLETD_FORWARD_CONNECTIONS_MAX",),
@@ -211,6 +221,9 @@ class Config:
     advertise_url: str | None
     lease_ttl_s: float
     lease_moves_max: int
+    member_restarts_max: int
+    member_restart_window_s: float
+    member_restart_backoff_s: float
     forward_timeout_s: float
     forward_connections_max: int
     mailbox_commands_max: int

@@ -3,8 +3,10 @@
 ``haproxy-sync`` (docs/SCALING.md).
 
 Exit codes: 0 success; 1 ``verify`` found mismatches; 2 the command could not run (bad
-configuration, PostgreSQL unreachable or too old, a server holds the database), with one
-readable line on stderr and no traceback.
+configuration, PostgreSQL unreachable or too old, a server holds the database); 3 ``serve``:
+the engine gave up; 4 ``serve`` / ``cluster``: the data dir is in use by another walletd
+(one data dir, one owner); 5 ``cluster``: a member kept dying past its restart bound, or
+HAProxy exited. Every error is one readable line on stderr, no traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import asyncpg
 import uvloop
 from aiohttp import web
 
-from walletd.cli.cluster import ClusterError, run_cluster
-from walletd.cli.config import Config, add_flags, load_config
+from walletd.cli.cluster import EXIT_CLUSTER_FAILED, ClusterError, ClusterFailed, run_cluster
+from walletd.cli.config import SETTINGS, Config, add_flags, load_config
+from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
 from walletd.cli.gc_tuning import tune_gc
 from walletd.cli.haproxy import HaproxyMissing, MapSync, initial_map, render_config
 from walletd.cli.progress import Progress
@@ -103,6 +106,15 @@ EXIT_ENGINE_FAILED = 3
 
 
 async def _serve(config: Config) -> int:
+    # On the embedded PostgreSQL this process owns the data dir (cli/data_dir.py): claimed
+    # before anything starts, so a second serve is refused before it binds or touches it.
+    if config.database_url is not None:
+        return await _serve_claimed(config)
+    with DataDirClaim.take(config.data_dir, "walletd serve"):
+        return await _serve_claimed(config)
+
+
+async def _serve_claimed(config: Config) -> int:
     # Bound before the services start, so that the URL this process advertises to the others
     # (forwarding, the ownership table) carries the real port, also with --port 0.
     sock = socket.create_server((config.host, config.port), backlog=2048)
@@ -181,7 +193,7 @@ async def _drain(app: web.Application, grace_s: float) -> None:
 
 
 async def _migrate(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "migrate") as dsn:
         applied = await migrate_database(dsn)
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
     return 0
@@ -192,7 +204,7 @@ def _print_mismatch(mismatch: Mismatch) -> None:
 
 
 async def _verify(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "verify") as dsn:
         await require_migrated(dsn)
         progress = Progress("verify", None, "wallets")
         report = await verify(dsn, _print_mismatch, progress=progress)
@@ -202,7 +214,7 @@ async def _verify(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def _restore(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "restore") as dsn:
         await require_migrated(dsn)
         progress = Progress("restore", None, "statements")
         restoring = asyncio.ensure_future(restore(dsn, progress))
@@ -217,7 +229,7 @@ async def _restore(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def _seed(config: Config, args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "seed") as dsn:
         await require_migrated(dsn)
         progress = Progress("seed", args.wallets, "wallets")
         report = await seed(dsn, args.wallets, args.operations, progress)
@@ -231,10 +243,14 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
 
 
 # The settings each command reads (cli/config.py SETTINGS names); its --help lists only
-# their flags. None = every setting (serve). The environment still configures the rest.
+# their flags. None = every setting (cluster). The environment still configures the rest.
 _OPERATOR_SETTINGS = frozenset({"data_dir", "database_url", "log_level"})
+# How `walletd cluster` supervises its members; nothing a single server reads.
+_CLUSTER_SETTINGS = frozenset(
+    {"member_restarts_max", "member_restart_window_s", "member_restart_backoff_s"}
+)
 _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
-    "serve": None,
+    "serve": frozenset(setting.name for setting in SETTINGS) - _CLUSTER_SETTINGS,
     "migrate": _OPERATOR_SETTINGS,
     "verify": _OPERATOR_SETTINGS,
     "restore": _OPERATOR_SETTINGS,
@@ -249,7 +265,7 @@ _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
 
 
 async def _shards(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "shards") as dsn:
         connection = await connect(dsn)
         try:
             print(await describe_leases(connection), flush=True)
@@ -275,7 +291,7 @@ async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _haproxy_sync(config: Config, args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "haproxy-sync") as dsn:
         sync = MapSync(dsn, args.server, map_path=args.map_file, socket_path=args.socket)
         try:
             await sync.run()
@@ -365,6 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _COMMANDS[args.command][0]
     try:
         return uvloop.run(command(config, args))
+    except DataDirInUse as error:
+        print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_DATA_DIR_IN_USE
+    except ClusterFailed as error:
+        print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_CLUSTER_FAILED
     except _STARTUP_ERRORS as error:
         print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
         return 2

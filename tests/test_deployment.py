@@ -62,6 +62,10 @@ FIXED_IN_CONTAINER = {
     "data_dir": "only for the embedded PostgreSQL, never started in Docker",
     "embedded_start_timeout_s": "only for the embedded PostgreSQL, never started in Docker",
     "database_url": "built from POSTGRES_PASSWORD to reach the compose `postgres` service",
+    # Compose runs each walletd as a service of its own (its restart policy restarts it).
+    "member_restarts_max": "only for `walletd cluster`, which Docker does not run",
+    "member_restart_window_s": "only for `walletd cluster`, which Docker does not run",
+    "member_restart_backoff_s": "only for `walletd cluster`, which Docker does not run",
 }
 # PostgreSQL keeps these for superusers (its superuser_reserved_connections default).
 POSTGRES_RESERVED_CONNECTIONS = 3
