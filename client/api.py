@@ -27,7 +27,7 @@ import json
 import random
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -486,7 +486,7 @@ class WalletdClient:
         until: Instant | None = None,
         operation_type: str | None = None,
         page_size: int | None = None,
-    ) -> AsyncIterator[Operation]:
+    ) -> AsyncGenerator[Operation, None]:
         """The wallet's operations, newest first: those at or after ``since``, strictly
         before ``until``, of ``operation_type`` (each filter optional), read a page at a time
         (``page_size``, 1-500) until the last one."""
@@ -664,7 +664,7 @@ class WalletdClient:
         answer = await self._call("GET", "/events", params=params)
         return answer.decode(_event_page)
 
-    async def events(self, *, after: str | None = None) -> AsyncIterator[Event]:
+    async def events(self, *, after: str | None = None) -> AsyncGenerator[Event, None]:
         """Every change after ``after`` (from the start when None), as it commits, from the
         Server-Sent Events stream; it never ends by itself.
 
@@ -673,7 +673,8 @@ class WalletdClient:
         event received: nothing lost, nothing repeated. Reopening follows ``retry``:
         a run of failed attempts (no 200, or one that brought nothing) ends after
         ``attempts_max`` or ``total_s_max`` with the last error; 503 honours Retry-After,
-        any other problem is raised at once.
+        any other problem is raised at once. ``aclose()`` it (or leave the ``async for``)
+        to close the connection.
         """
         url = f"{self._base_url}{API_PREFIX}/events/stream"
         last_position = after
