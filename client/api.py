@@ -711,6 +711,11 @@ class WalletdClient:
                         if response.status != 503:
                             raise problem
                         failure = problem
+                    elif response.content_type != "text/event-stream":
+                        raise UnexpectedResponse(
+                            f"feed stream answered {response.content_type}, not an event stream",
+                            request_id=request_id,
+                        )
                     else:
                         async for event in stream.events(response.content):
                             last_position = event.position
