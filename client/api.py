@@ -203,9 +203,7 @@ class Operation:
                 hold_id=_optional_text(body.get("hold_id")),
                 reference=_optional_text(body.get("reference")),
             )
-        except (KeyError, TypeError, ValueError) as error:
-            if isinstance(error, UnexpectedResponse):
-                raise
+        except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
             raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
 
 
