@@ -29,6 +29,7 @@ from walletd.http.routes_v1 import PREFIX
 
 __all__ = [
     "REQUEST_ID_HEADER",
+    "REQUEST_ID_KEY",
     "REQUEST_ID_LENGTH_MAX",
     "Middleware",
     "RequestIds",
@@ -40,6 +41,9 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 # A client's id longer than this, or with characters outside printable ASCII, is replaced
 # by a generated one rather than echoed (it goes into logs and a response header).
 REQUEST_ID_LENGTH_MAX: Final = 128
+# The request's id, for a handler that sends its headers itself (a stream is prepared before
+# this middleware sees it, so it cannot add the header afterwards).
+REQUEST_ID_KEY: Final = web.RequestKey("walletd_request_id", str)
 
 
 class RequestIds:
@@ -79,6 +83,7 @@ def edge_middleware(metrics: Metrics) -> Middleware:
     async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = perf_counter()
         request_id = ids.for_request(request)
+        request[REQUEST_ID_KEY] = request_id
         try:
             response = await handler(request)
         except web.HTTPException as error:  # a redirect: the problems middleware passes them

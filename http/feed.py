@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from walletd.engine.log_reads import FeedEvent, FeedPosition, LogReader
 from walletd.engine.money import format_minor
 from walletd.engine.ports import StorageError
+from walletd.http.edge import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from walletd.http.problems import ProblemError, ValidationProblem
 from walletd.http.responses import format_timestamp
 from walletd.http.settings import HttpSettings
@@ -158,11 +159,12 @@ def _sse(event: FeedEvent) -> bytes:
 
 
 def _start_position(request: web.Request) -> FeedPosition:
+    """Last-Event-ID wins over ``after``; both are checked, so a malformed one is a 422
+    whichever is used."""
+    after_text = request.query.get("after")
+    after = FeedPosition.START if after_text is None else _parse_position("after", after_text)
     resumed = request.headers.get("Last-Event-ID")
-    if resumed is not None:
-        return _parse_position("Last-Event-ID", resumed)
-    after = request.query.get("after")
-    return FeedPosition.START if after is None else _parse_position("after", after)
+    return after if resumed is None else _parse_position("Last-Event-ID", resumed)
 
 
 @routes.get(PREFIX + "/events/stream")
@@ -208,6 +210,10 @@ async def _stream(
     page = settings.events_limit_max
     events = await reader.events_after(position, page)  # an outage is a 503 here
     response = web.StreamResponse(headers=_STREAM_HEADERS)
+    # Sent before the edge middleware sees the response, so the id is added here.
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
     _bound_send_buffer(request, settings.feed_stream_buffer_bytes)
     await response.prepare(request)
     written_at = time.monotonic()

@@ -57,7 +57,7 @@ IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
 # The one spelling of a wallet id: canonical 8-4-4-4-12 hex, either case. A proxy routes by
 # the id as written (docs/ARCHITECTURE.md), so every other form UUID() would take (urn:uuid:,
 # braces, no hyphens, percent-encoded) is refused rather than given a second spelling.
-# http/openapi.py states this same pattern.
+# http/openapi.yaml states this same pattern (tests/test_docs_page.py checks they agree).
 WALLET_ID_PATTERN: Final = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )

@@ -300,7 +300,7 @@ async def list_operations(request: web.Request) -> web.Response:
         request.query.get("limit"), settings.history_limit_default, settings.history_limit_max
     )
     cursor = request.query.get("cursor")
-    before_seq = _decode_cursor(cursor) if cursor else None
+    before_seq = _decode_cursor(cursor) if cursor is not None else None  # "" is 422
     history_filter = _history_filter(request)
     services = state.services
     reply = await services.engine.read(wallet_id)

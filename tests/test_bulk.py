@@ -23,7 +23,7 @@ from tests.test_faults import check_database
 from walletd.cli.config import SETTINGS
 from walletd.engine.limits import EngineLimits
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
-from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
+from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
 
@@ -428,10 +428,18 @@ async def test_a_bulk_waits_for_room_and_is_admitted_whole(
 
 
 def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
-    """The OpenAPI document states the default item bound that the settings apply."""
-    assert EngineLimits().bulk_ops_max == BULK_ITEMS_MAX_DEFAULT
+    """The OpenAPI document states the default item bound that the settings apply, and the
+    request key's bound that the handler applies."""
+    document = build_openapi_document()
+    items = document["components"]["schemas"]["BulkRequest"]["properties"]["items"]
+    items_max = items["maxItems"]
+    assert EngineLimits().bulk_ops_max == items_max
+    atomic = document["components"]["schemas"]["BulkRequest"]["then"]["properties"]["items"]
+    assert EngineLimits().batch_ops_max == atomic["maxItems"]
+    key = document["components"]["parameters"]["BulkIdempotencyKey"]["schema"]
+    assert key["maxLength"] == REQUEST_KEY_LENGTH_MAX
     setting = next(s for s in SETTINGS if s.name == "bulk_items_max")
-    assert f"0 = {BULK_ITEMS_MAX_DEFAULT}" in setting.help
+    assert f"0 = {items_max}" in setting.help
     assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(10**6 - 1)) <= 255
 
 
