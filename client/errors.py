@@ -11,6 +11,9 @@ Exceptions::
         │   ├── ValidationError         VALIDATION_ERROR (``errors``: one entry per field)
         │   └── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
         ├── Unauthorized          UNAUTHORIZED
+        ├── Forbidden             FORBIDDEN: the key lacks the route's scope
+        ├── RateLimited           429 (``retry_after``: seconds, from Retry-After)
+        │   └── TooManyStreams          TOO_MANY_STREAMS (the key's feed streams)
         ├── NotFound              a route or a resource that does not exist
         │   ├── WalletNotFound          WALLET_NOT_FOUND
         │   ├── TransferNotFound        TRANSFER_NOT_FOUND
@@ -45,6 +48,7 @@ __all__ = [
     "PROBLEM_CLASSES",
     "BalanceLimitExceeded",
     "CaptureExceedsHold",
+    "Forbidden",
     "HoldAlreadyCaptured",
     "HoldAlreadyVoided",
     "HoldExpired",
@@ -57,10 +61,12 @@ __all__ = [
     "NotOwner",
     "Overloaded",
     "ProblemError",
+    "RateLimited",
     "Refused",
     "ServerError",
     "ServiceUnavailable",
     "TooManyHolds",
+    "TooManyStreams",
     "TransferNotFound",
     "TransportError",
     "Unauthorized",
@@ -95,6 +101,8 @@ class ProblemError(WalletdError):
         self.code = code
         self.detail = detail
         self.body = body
+        # The answer's Retry-After in seconds (503, 429), when it sent one.
+        self.retry_after_s: float | None = None
 
 
 class InvalidRequest(ProblemError):
@@ -116,6 +124,23 @@ class IdempotencyKeyReused(InvalidRequest):
 
 class Unauthorized(ProblemError):
     """Missing or wrong API key."""
+
+
+class Forbidden(ProblemError):
+    """The API key is valid but lacks the scope the route needs; another key is needed."""
+
+
+class RateLimited(ProblemError):
+    """429: the API key is over its request rate (nothing was applied); ``retry_after`` is
+    the server's Retry-After in seconds, when it sent one."""
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.retry_after_s
+
+
+class TooManyStreams(RateLimited):
+    """The API key holds the most feed streams it may; close one first."""
 
 
 class NotFound(ProblemError):
@@ -207,6 +232,9 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "BAD_REQUEST": InvalidRequest,
     "METHOD_NOT_ALLOWED": InvalidRequest,
     "UNAUTHORIZED": Unauthorized,
+    "FORBIDDEN": Forbidden,
+    "RATE_LIMITED": RateLimited,
+    "TOO_MANY_STREAMS": TooManyStreams,
     "NOT_FOUND": NotFound,
     "WALLET_NOT_FOUND": WalletNotFound,
     "TRANSFER_NOT_FOUND": TransferNotFound,
@@ -237,6 +265,10 @@ def _class_for_status(status: int) -> type[ProblemError]:
         return ServerError
     if status == 401:
         return Unauthorized
+    if status == 403:
+        return Forbidden
+    if status == 429:
+        return RateLimited
     if status == 404:
         return NotFound
     if status == 409:
@@ -246,11 +278,15 @@ def _class_for_status(status: int) -> type[ProblemError]:
     return ProblemError
 
 
-def problem_error(status: int, body: Mapping[str, Any]) -> ProblemError:
+def problem_error(
+    status: int, body: Mapping[str, Any], retry_after_s: float | None = None
+) -> ProblemError:
     """The exception for a problem answer: by its ``code``, else by its status."""
     code = body.get("code")
     detail = body.get("detail")
     code_text = code if isinstance(code, str) else f"HTTP_{status}"
     detail_text = detail if isinstance(detail, str) else ""
     error_class = PROBLEM_CLASSES.get(code_text) or _class_for_status(status)
-    return error_class(status, code_text, detail_text, body)
+    error = error_class(status, code_text, detail_text, body)
+    error.retry_after_s = retry_after_s
+    return error

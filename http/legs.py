@@ -45,6 +45,7 @@ from walletd.engine.router import Engine
 from walletd.engine.transfers import RemoteLegs
 from walletd.http.bulk import read_bulk_body
 from walletd.http.forwarding import FORWARDED_HEADER
+from walletd.http.keys import Scope, requires
 from walletd.http.problems import ProblemError
 from walletd.http.state import STATE_KEY
 
@@ -145,6 +146,7 @@ def _decode_reply(body: dict[str, Any]) -> Reply:
 
 
 @routes.post(LEGS_PATH)
+@requires(Scope.MOVE)  # until legs get a listener and a credential of their own
 async def deliver_legs(request: web.Request) -> web.Response:
     """Apply each leg on this process's shard of its wallet, all at once; one reply per
     leg, in order (internal; see the module doc). A leg whose shard this process does not

@@ -21,6 +21,7 @@ from typing import Any, Final
 import orjson
 
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
+from walletd.http.keys import Scope
 from walletd.http.parsing import REFERENCE_PATTERN, WALLET_ID_PATTERN
 from walletd.http.routes_v1 import CURSOR_PATTERN
 
@@ -70,6 +71,9 @@ PROBLEM_CODES: Final = (
     "OVERLOADED",
     "NOT_OWNER",
     "UNAUTHORIZED",
+    "FORBIDDEN",
+    "RATE_LIMITED",
+    "TOO_MANY_STREAMS",
     "INTERNAL_ERROR",
     "AS_OF_NOT_SETTLED",
     "INVALID_HOLD_ID",
@@ -106,9 +110,22 @@ IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x20-\x7E]+$"
 JSON: Final = "application/json"
 PROBLEM_JSON: Final = "application/problem+json"
 
-# Every /api/v1 operation: open when WALLETD_API_KEYS is unset (the empty requirement),
-# bearer token when it is set.
-API_SECURITY: Final[tuple[dict[str, list[str]], ...]] = ({}, {"bearerAuth": []})
+
+def _security(scope: Scope) -> list[dict[str, list[str]]]:
+    """Every /api/v1 operation: open when no API key is configured (the empty requirement),
+    else a bearer key holding ``scope`` (OpenAPI 3.1 lets a bearer requirement name roles).
+    The server reads the same scope from the handler's @requires (keys.py); a test holds
+    the two together."""
+    return [{}, {"bearerAuth": [scope.value]}]
+
+
+def _auth_errors() -> JsonObject:
+    return {
+        "401": _ref("responses", "Unauthorized"),
+        "403": _ref("responses", "Forbidden"),
+        "429": _ref("responses", "RateLimited"),
+    }
+
 
 JsonObject = dict[str, Any]
 
@@ -1022,6 +1039,18 @@ def _responses() -> JsonObject:
             ("UNAUTHORIZED",),
             ("WWW-Authenticate",),
         ),
+        "Forbidden": _problem_response(
+            "The key is valid but lacks the scope this operation needs (`security` names it).",
+            403,
+            ("FORBIDDEN",),
+        ),
+        "RateLimited": _problem_response(
+            "The key is over its request rate (WALLETD_KEY_RATE, off by default); retry "
+            "after Retry-After seconds.",
+            429,
+            ("RATE_LIMITED",),
+            ("Retry-After",),
+        ),
         "RequestTimeout": _problem_response(
             "The body did not arrive within WALLETD_BODY_READ_TIMEOUT (10 s by default) of "
             "the server starting to read it; the connection is closed.",
@@ -1086,7 +1115,7 @@ def _json_body(schema_name: str, *, required: bool) -> JsonObject:
 def _post_errors() -> JsonObject:
     """The refusals every JSON-body POST shares, before any business rule runs."""
     return {
-        "401": _ref("responses", "Unauthorized"),
+        **_auth_errors(),
         "408": _ref("responses", "RequestTimeout"),
         "413": _ref("responses", "PayloadTooLarge"),
         "415": _ref("responses", "UnsupportedMediaType"),
@@ -1100,7 +1129,7 @@ def _create_wallet() -> JsonObject:
         "operationId": "createWallet",
         "tags": ["wallets"],
         "summary": "Create a wallet with balance 0.00",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.CREATE),
         "parameters": [_ref("parameters", "IdempotencyKey")],
         "requestBody": _json_body("CreateWalletRequest", required=False),
         "responses": {
@@ -1121,14 +1150,14 @@ def _get_wallet() -> JsonObject:
         "operationId": "getWallet",
         "tags": ["wallets"],
         "summary": "Read a wallet's committed balance, now or as of a past instant",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.READ),
         "parameters": [_ref("parameters", "WalletId"), _ref("parameters", "AsOf")],
         "responses": {
             "200": _json_response("The wallet.", "Wallet"),
             "400": _problem_response(
                 "The id is not a canonical UUID.", 400, ("INVALID_WALLET_ID",)
             ),
-            "401": _ref("responses", "Unauthorized"),
+            **_auth_errors(),
             "404": _problem_response(
                 "No wallet has this id (or had it at `as_of`).", 404, ("WALLET_NOT_FOUND",)
             ),
@@ -1165,7 +1194,7 @@ def _apply_operation() -> JsonObject:
         "tags": ["wallets"],
         "summary": "Deposit to or withdraw from a wallet",
         "description": "A 200 means the operation is committed to PostgreSQL.",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.MOVE),
         "parameters": [_ref("parameters", "WalletId"), _ref("parameters", "IdempotencyKey")],
         "requestBody": _json_body("OperationRequest", required=True),
         "responses": {
@@ -1204,7 +1233,7 @@ def _bulk_operations() -> JsonObject:
         "without a key of its own gets the key `<request key>/<index>`, so a retry of the "
         "same request replays item by item. Without any key, a retry after a lost answer "
         "may apply items twice.",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.MOVE),
         "parameters": [_ref("parameters", "IdempotencyKey")],
         "requestBody": _json_body("BulkRequest", required=True),
         "responses": {
@@ -1243,7 +1272,7 @@ def _list_operations() -> JsonObject:
         "operationId": "listOperations",
         "tags": ["wallets"],
         "summary": "A wallet's operation history, newest first, optionally filtered",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.READ),
         "parameters": [
             _ref("parameters", "WalletId"),
             _ref("parameters", "Limit"),
@@ -1263,7 +1292,7 @@ def _list_operations() -> JsonObject:
                     ]
                 },
             ),
-            "401": _ref("responses", "Unauthorized"),
+            **_auth_errors(),
             "404": _ref("responses", "WalletNotFound"),
             "422": _problem_response_of(
                 "limit out of range or not an integer, cursor invalid, or a filter malformed.",
@@ -1276,7 +1305,7 @@ def _list_operations() -> JsonObject:
 
 def _feed_errors() -> JsonObject:
     return {
-        "401": _ref("responses", "Unauthorized"),
+        **_auth_errors(),
         "422": _problem_response_of(
             "`after`, `Last-Event-ID` or `limit` invalid.", _validation_problem_schema_for(422)
         ),
@@ -1294,7 +1323,7 @@ def _list_events() -> JsonObject:
         "transaction that began before it has ended, so a page never skips one that commits "
         "late. Delivery is at least once when a consumer stores its position after "
         "processing.",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.FEED),
         "parameters": [_ref("parameters", "After"), _ref("parameters", "EventsLimit")],
         "responses": {"200": _json_response("One page of events.", "EventsPage"), **_feed_errors()},
     }
@@ -1310,7 +1339,7 @@ def _stream_events() -> JsonObject:
         "WALLETD_FEED_HEARTBEAT seconds of silence. A consumer whose buffer stays full for "
         "WALLETD_FEED_WRITE_TIMEOUT seconds is disconnected; past WALLETD_FEED_STREAMS_MAX open "
         "streams the answer is 503 OVERLOADED.",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.FEED),
         "parameters": [_ref("parameters", "After"), _ref("parameters", "LastEventId")],
         "responses": {
             "200": {
@@ -1319,6 +1348,13 @@ def _stream_events() -> JsonObject:
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
             **_feed_errors(),
+            "429": _problem_response(
+                "The key is over its request rate (RATE_LIMITED), or holds "
+                "WALLETD_FEED_STREAMS_PER_KEY_MAX open streams already (TOO_MANY_STREAMS).",
+                429,
+                ("RATE_LIMITED", "TOO_MANY_STREAMS"),
+                ("Retry-After",),
+            ),
         },
     }
 
@@ -1337,7 +1373,7 @@ def _create_transfer() -> JsonObject:
             "refunded, and the problem carries the `transfer`. A 503 leaves the transfer "
             "absent or PENDING; retry with the same id or key for the final answer."
         ),
-        "security": list(API_SECURITY),
+        "security": _security(Scope.MOVE),
         "parameters": [_ref("parameters", "IdempotencyKey")],
         "requestBody": _json_body("TransferRequest", required=True),
         "responses": {
@@ -1370,7 +1406,7 @@ def _get_transfer() -> JsonObject:
         "operationId": "getTransfer",
         "tags": ["transfers"],
         "summary": "Read a transfer and its status",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.READ),
         "parameters": [
             {
                 "name": "transfer_id",
@@ -1383,7 +1419,7 @@ def _get_transfer() -> JsonObject:
         "responses": {
             "200": _json_response("The transfer.", "Transfer"),
             "400": _problem_response("The id is not a UUID.", 400, ("INVALID_TRANSFER_ID",)),
-            "401": _ref("responses", "Unauthorized"),
+            **_auth_errors(),
             "404": _problem_response("No transfer has this id.", 404, ("TRANSFER_NOT_FOUND",)),
             "503": _ref("responses", "Unavailable"),
         },
@@ -1419,7 +1455,7 @@ def _create_hold() -> JsonObject:
             "hold id is derived from it: a retry with the same body gets the same hold "
             "(as it is now), another body 422. A refusal (409) records nothing."
         ),
-        "security": list(API_SECURITY),
+        "security": _security(Scope.MOVE),
         "parameters": [_ref("parameters", "WalletId"), _ref("parameters", "IdempotencyKey")],
         "requestBody": _json_body("HoldRequest", required=True),
         "responses": {
@@ -1484,7 +1520,7 @@ def _resolve_hold(action: str) -> JsonObject:
             "(like a withdrawal: `balance` and `held` drop) and releases the rest to "
             "`available`; a void releases everything."
         ),
-        "security": list(API_SECURITY),
+        "security": _security(Scope.MOVE),
         "parameters": [
             _hold_id_parameter(),
             {**_ref("parameters", "IdempotencyKey"), "description": _HOLD_KEY_DESCRIPTION},
@@ -1504,12 +1540,12 @@ def _get_hold() -> JsonObject:
         "operationId": "getHold",
         "tags": ["holds"],
         "summary": "Read a hold and its status",
-        "security": list(API_SECURITY),
+        "security": _security(Scope.READ),
         "parameters": [_hold_id_parameter()],
         "responses": {
             "200": _json_response("The hold.", "Hold"),
             "400": _problem_response("The id is not a UUID.", 400, ("INVALID_HOLD_ID",)),
-            "401": _ref("responses", "Unauthorized"),
+            **_auth_errors(),
             "404": _problem_response("No hold has this id.", 404, ("HOLD_NOT_FOUND",)),
             "503": _ref("responses", "Unavailable"),
         },
@@ -1659,8 +1695,10 @@ Wallet balances with exact decimal arithmetic.
   An unknown route is 404 `NOT_FOUND`; a wrong method is 405 `METHOD_NOT_ALLOWED` with an
   `Allow` header (see `components.responses`).
 * Every response carries `X-Request-Id` (echoed, or generated when absent).
-* Bearer auth applies to `/api/v1/...` only, and only when the server runs with
-  `WALLETD_API_KEYS` set; otherwise those routes are open.
+* Bearer auth applies to `/api/v1/...` only, and only when the server runs with API keys
+  (`WALLETD_API_KEYS`, `WALLETD_API_KEYS_FILE`); otherwise those routes are open. Each
+  operation's `security` names the scope its key needs (`read`, `create`, `move`, `feed`):
+  a known key without it is 403 `FORBIDDEN`; a key over its rate is 429 `RATE_LIMITED`.
 """
 
 
@@ -1692,8 +1730,9 @@ def build_openapi_document() -> dict[str, Any]:
                 "bearerAuth": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "One of the comma-separated keys in WALLETD_API_KEYS; "
-                    "required only when that variable is set.",
+                    "description": "A client API key (WALLETD_API_KEYS or "
+                    "WALLETD_API_KEYS_FILE); required only when keys are configured. The "
+                    "scopes an operation lists are the ones the key must hold.",
                 }
             },
         },

@@ -17,6 +17,7 @@ from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import OperationKind, WalletView
 from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
+from walletd.http.keys import Scope, requires
 from walletd.http.parsing import (
     parse_capture_body,
     parse_create_body,
@@ -58,10 +59,11 @@ _OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
 _WALLET: Final = PREFIX + "/wallets/{wallet_id:[^/]+}"
 
 routes = web.RouteTableDef()
-routes.post(BULK_PATH)(bulk_operations)
+routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 
 
 @routes.post(PREFIX + "/wallets")
+@requires(Scope.CREATE)
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
@@ -72,6 +74,7 @@ async def create_wallet(request: web.Request) -> web.Response:
 
 
 @routes.get(_WALLET)
+@requires(Scope.READ)
 async def get_wallet(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     if request.query_string and "as_of" in request.query:
@@ -121,6 +124,7 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
 
 
 @routes.post(_WALLET + "/operation")
+@requires(Scope.MOVE)
 async def apply_operation(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
@@ -132,6 +136,7 @@ async def apply_operation(request: web.Request) -> web.Response:
 
 
 @routes.post(_WALLET + "/holds")
+@requires(Scope.MOVE)
 async def create_hold(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
@@ -159,6 +164,7 @@ def _path_hold_id(request: web.Request) -> UUID:
 
 
 @routes.post(_HOLD + "/capture")
+@requires(Scope.MOVE)
 async def capture_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
@@ -176,6 +182,7 @@ async def capture_hold(request: web.Request) -> web.Response:
 
 
 @routes.post(_HOLD + "/void")
+@requires(Scope.MOVE)
 async def void_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
@@ -187,6 +194,7 @@ async def void_hold(request: web.Request) -> web.Response:
 
 
 @routes.get(_HOLD)
+@requires(Scope.READ)
 async def get_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     hold = await request.app[STATE_KEY].services.engine.read_hold(hold_id)
@@ -196,6 +204,7 @@ async def get_hold(request: web.Request) -> web.Response:
 
 
 @routes.post(PREFIX + "/transfers")
+@requires(Scope.MOVE)
 async def create_transfer(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
@@ -211,6 +220,7 @@ async def create_transfer(request: web.Request) -> web.Response:
 
 
 @routes.get(PREFIX + "/transfers/{transfer_id}")
+@requires(Scope.READ)
 async def get_transfer(request: web.Request) -> web.Response:
     text = request.match_info["transfer_id"]
     transfer_id = _known_transfer_id(text)
@@ -292,6 +302,7 @@ def _history_filter(request: web.Request) -> HistoryFilter:
 
 
 @routes.get(_WALLET + "/operations")
+@requires(Scope.READ)
 async def list_operations(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]

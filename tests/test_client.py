@@ -24,10 +24,12 @@ from tests.conftest import AppFactory
 from walletd.client.api import BulkItem, WalletdClient
 from walletd.client.errors import (
     PROBLEM_CLASSES,
+    Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
     ProblemError,
+    RateLimited,
     Refused,
     TransportError,
     ValidationError,
@@ -37,7 +39,9 @@ from walletd.client.errors import (
 )
 from walletd.client.retrying import RetryPolicy, parse_retry_after_s
 from walletd.engine.limits import EngineLimits
+from walletd.http.keys import parse_keys
 from walletd.http.problems import TITLES
+from walletd.http.settings import HttpSettings
 
 Client = TestClient[web.Request, web.Application]
 FAST_RETRIES = RetryPolicy(attempts_max=5, total_s_max=20.0, backoff_base_s=0.01)
@@ -62,11 +66,13 @@ class CountingSession:
 
 @contextlib.asynccontextmanager
 async def counting_client(
-    url: str, policy: RetryPolicy = FAST_RETRIES
+    url: str, policy: RetryPolicy = FAST_RETRIES, api_key: str | None = None
 ) -> AsyncIterator[tuple[WalletdClient, CountingSession]]:
     counting = CountingSession()
     try:
-        async with WalletdClient(url, retry=policy, session=counting.session) as walletd:
+        async with WalletdClient(
+            url, api_key=api_key, retry=policy, session=counting.session
+        ) as walletd:
             yield walletd, counting
     finally:
         await counting.session.close()
@@ -408,3 +414,30 @@ async def test_bulk_through_a_cut_connection_applies_each_item_once(
             await walletd.bulk([BulkItem(b.id, "DEPOSIT", "0.50"), items[2]], atomic=True)
         assert refused.value.body["index"] == 1
         assert (await walletd.get_wallet(b.id)).balance == Decimal("2.00")
+
+
+async def test_a_key_without_the_scope_or_over_its_rate_raises_its_class(
+    make_app: AppFactory, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    """403 FORBIDDEN raises Forbidden (not retried); 429 RATE_LIMITED raises RateLimited
+    with the server's Retry-After as ``retry_after``, once the retries are spent (a 429 is
+    retried even without an Idempotency-Key: nothing was applied)."""
+    keys = parse_keys("reader:read:reader-secret-1,maker:create:maker-secret-2")
+    settings = HttpSettings(api_keys=keys, key_rate_per_s=0.2, key_rate_burst=1)
+    client = await aiohttp_client(make_app(settings))
+    url = base_url(client)
+    once = RetryPolicy(attempts_max=1)
+    async with WalletdClient(url, api_key="reader-secret-1", retry=once) as reader:
+        with pytest.raises(Forbidden) as forbidden:
+            await reader.create_wallet()
+        assert forbidden.value.code == "FORBIDDEN"
+    async with WalletdClient(url, api_key="maker-secret-2", retry=once) as maker:
+        await maker.create_wallet()
+        with pytest.raises(RateLimited) as limited:
+            await maker.create_wallet()
+        assert limited.value.retry_after == 5.0
+    twice = RetryPolicy(attempts_max=2, total_s_max=0.5, retry_after_s_max=0.05)
+    async with counting_client(url, twice, api_key="maker-secret-2") as (maker, counting):
+        with pytest.raises(RateLimited):
+            await maker.create_wallet()
+        assert counting.attempts == 2

@@ -19,6 +19,7 @@ from tests.conftest import AppFactory
 from walletd.engine.commands import Outcome
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.http.forwarding import FORWARDED_HEADER
+from walletd.http.keys import parse_keys
 from walletd.http.legs import LEGS_PATH, LEGS_PER_REQUEST_MAX, HttpLegs, encode_leg
 from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
@@ -130,7 +131,7 @@ async def test_the_route_takes_the_same_bearer_keys_as_the_api(
 ) -> None:
     """With API keys configured, a leg without one is 401; HttpLegs sends the key."""
     headers = {"Authorization": "Bearer k1"}
-    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=("k1",))))
+    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=parse_keys("k1"))))
     sender = await funded_wallet(client, 1, headers)
     receiver = await funded_wallet(client, 0, headers)
     transfer = opened(sender, receiver, 100)
