@@ -39,6 +39,7 @@ from aiohttp import web
 __all__ = [
     "API_KEYS_MAX",
     "KEY_NAME",
+    "KEY_NAME_PATTERN",
     "ROUTE_SCOPES",
     "ApiKey",
     "KeyRing",
@@ -63,7 +64,8 @@ CLIENT_SCOPES: Final = frozenset(Scope)
 # Keys are a finite configured set; this bounds it, and with it every per-key table
 # (rate buckets, stream counts, metric labels) and the cost of a lookup (all keys compared).
 API_KEYS_MAX: Final = 256
-KEY_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+KEY_NAME_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_KEY_NAME: Final = re.compile(KEY_NAME_PATTERN.strip("^$"))
 # Printable ASCII without spaces or commas (the list separator): what fits a header as is.
 _SECRET_PATTERN: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 
@@ -89,10 +91,8 @@ def _parse_entry(entry: str, where: str, position: int) -> ApiKey:
     scopes_text, sep, secret = rest.partition(":")
     if not sep:
         raise ValueError(f"{where}: expected name:scope+scope:secret (or a bare secret)")
-    if KEY_NAME_PATTERN.fullmatch(name) is None:
-        raise ValueError(
-            f"{where}: the key name must match {KEY_NAME_PATTERN.pattern} (got {name[:64]!r})"
-        )
+    if _KEY_NAME.fullmatch(name) is None:
+        raise ValueError(f"{where}: the key name must match {KEY_NAME_PATTERN} (got {name[:64]!r})")
     scopes: set[Scope] = set()
     for word in scopes_text.split("+"):
         try:

@@ -88,6 +88,7 @@ def encode_leg(
             "failure_code": transfer.failure_code,
             "created_at_us": transfer.created_at_us,
             "updated_at_us": transfer.updated_at_us,
+            "actor": transfer.actor,  # the key that asked for it: on every leg's row
         },
     }
 
@@ -103,6 +104,7 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         UUID(t["id"]), UUID(t["from_wallet_id"]), UUID(t["to_wallet_id"]),
         _int(t["amount"]), _text(t["reference"]), TransferStatus[t["status"]],
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
+        _text(t.get("actor")),
     )  # fmt: skip
     if transfer.amount <= 0 or transfer.from_wallet_id == transfer.to_wallet_id:
         raise ValueError("not a valid transfer")

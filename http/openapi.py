@@ -21,7 +21,7 @@ from typing import Any, Final
 import orjson
 
 from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
-from walletd.http.keys import Scope
+from walletd.http.keys import KEY_NAME_PATTERN, Scope
 from walletd.http.parsing import REFERENCE_PATTERN, WALLET_ID_PATTERN
 from walletd.http.routes_v1 import CURSOR_PATTERN
 
@@ -459,6 +459,12 @@ def _event_schema() -> JsonObject:
                 "description": "The hold a HOLD / CAPTURE / RELEASE row belongs to; null "
                 "otherwise.",
             },
+            "actor": {
+                "oneOf": [{"type": "string", "pattern": KEY_NAME_PATTERN}, {"type": "null"}],
+                "description": "The name of the API key whose request wrote the row (a "
+                "transfer's legs: the key that asked for the transfer); null when the server "
+                "runs without keys, and for an expired hold's release.",
+            },
         },
     }  # fmt: skip
     # More event types (transfers, holds) may be added: a consumer skips types it does not
@@ -652,6 +658,7 @@ def _history_item_schema() -> JsonObject:
             "hold_id",
             "reference",
             "created_at",
+            "actor",
         ],
         "properties": {
             "id": {"type": "integer", "minimum": 1, "description": "Global operation id."},
@@ -682,6 +689,12 @@ def _history_item_schema() -> JsonObject:
                 "hold's for their rows); null when none was sent.",
             },
             "created_at": _ref("schemas", "Timestamp"),
+            "actor": {
+                "oneOf": [{"type": "string", "pattern": KEY_NAME_PATTERN}, {"type": "null"}],
+                "description": "The name of the API key whose request wrote the row (a "
+                "transfer's legs: the key that asked for the transfer); null when the server "
+                "runs without keys, and for an expired hold's release.",
+            },
         },
         "examples": [
             {
@@ -696,6 +709,7 @@ def _history_item_schema() -> JsonObject:
                 "hold_id": None,
                 "reference": "invoice 17",
                 "created_at": "2025-01-19T10:00:00.123456Z",
+                "actor": "billing",
             }
         ],
     }

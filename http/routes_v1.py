@@ -17,7 +17,7 @@ from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import OperationKind, WalletView
 from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
-from walletd.http.keys import Scope, requires
+from walletd.http.keys import KEY_NAME, Scope, requires
 from walletd.http.parsing import (
     parse_capture_body,
     parse_create_body,
@@ -131,7 +131,9 @@ async def apply_operation(request: web.Request) -> web.Response:
     body, raw = await read_json_object(request, state.settings)
     kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.apply(wallet_id, kind, amount, key, reference)
+    reply = await state.services.engine.apply(
+        wallet_id, kind, amount, key, reference, request.get(KEY_NAME)
+    )
     return reply_response(reply, wallet_id, amount)
 
 
@@ -145,8 +147,9 @@ async def create_hold(request: web.Request) -> web.Response:
     wanted = parse_hold_body(body, raw, engine.limits.hold_expires_in_s_max)
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
-        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key
-    )
+        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key,
+        request.get(KEY_NAME),
+    )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
 
@@ -172,7 +175,9 @@ async def capture_hold(request: web.Request) -> web.Response:
     amount, to_wallet_id = parse_capture_body(body, raw)
     key = parse_idempotency_key(request)
     engine = state.services.engine
-    reply = await engine.resolve_hold(HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id)
+    reply = await engine.resolve_hold(
+        HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id, request.get(KEY_NAME)
+    )
     transfer = None
     if reply.hold is not None and reply.hold.transfer_id is not None:
         # A capture into a wallet: the transfer as it is now (COMPLETED, FAILED and
@@ -189,7 +194,9 @@ async def void_hold(request: web.Request) -> web.Response:
     body, _raw = await read_json_object(request, state.settings, optional=True)
     parse_empty_body(body)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.resolve_hold(HoldAction.VOID, hold_id, None, key)
+    reply = await state.services.engine.resolve_hold(
+        HoldAction.VOID, hold_id, None, key, actor=request.get(KEY_NAME)
+    )
     return hold_reply_response(reply, hold_id, None)
 
 
@@ -212,7 +219,7 @@ async def create_transfer(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     transfer_id, reply = await state.services.engine.transfer(
         wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
-        wanted.reference,
+        wanted.reference, request.get(KEY_NAME),
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount

@@ -175,3 +175,21 @@ async def test_an_owner_that_answers_too_late_leaves_the_outcome_unknown() -> No
             )
     assert reply.outcome is Outcome.UNAVAILABLE
     assert legs.sent["unknown"] == 1
+
+
+async def test_a_leg_applied_by_another_process_carries_the_transfers_actor(
+    client: Client,
+) -> None:
+    """The key that asked for a transfer travels with its legs: the rows the owner writes
+    for a leg name it, whichever process (and whatever credential) delivered the leg."""
+    sender = await funded_wallet(client, 1)
+    receiver = await funded_wallet(client, 0)
+    transfer = opened(sender, receiver, 100)._replace(actor="billing")
+    async with HttpLegs(timeout_s=5, connections_max=2, api_key=None) as legs:
+        for kind in (OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN):
+            reply = await legs.send(url_of(client), kind, transfer, None)
+            assert reply.outcome is Outcome.OK
+    for wallet in (sender, receiver):
+        history = await (await client.get(f"/api/v1/wallets/{wallet}/operations")).json()
+        assert history["items"][0]["transfer_id"] == str(transfer.transfer_id)
+        assert history["items"][0]["actor"] == "billing"

@@ -35,6 +35,7 @@ from walletd.http.keys import (
 )
 from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
+from walletd.http.state import STATE_KEY
 
 Client = TestClient[web.Request, web.Application]
 AiohttpClient = Callable[..., Any]
@@ -349,3 +350,94 @@ async def test_one_key_cannot_hold_every_feed_stream(
             break
         await asyncio.sleep(0.05)
     assert (streams.open, streams.by_key) == (0, {})
+
+
+async def test_history_and_feed_name_the_key_that_moved_the_money(
+    make_app: AppFactory, aiohttp_client: AiohttpClient
+) -> None:
+    """Every log row names the key whose request wrote it: a deposit and a hold capture by
+    one key, a transfer (both legs), a hold, a bulk item and a recorded refusal by another;
+    the history,
+    the feed and a transfer read back from storage show the key's name."""
+    keys = parse_keys("alice:read+create+move+feed:alice-secret-1,bob:read+move:bob-secret-2")
+    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=keys)))
+    alice, bob = bearer("alice-secret-1"), bearer("bob-secret-2")
+    first, second = [
+        (await (await client.post("/api/v1/wallets", headers=alice)).json())["id"] for _ in range(2)
+    ]
+    deposit = await client.post(
+        f"/api/v1/wallets/{first}/operation",
+        json={"operation_type": "DEPOSIT", "amount": "100.00"},
+        headers=alice,
+    )
+    assert deposit.status == 200
+    transfer = await client.post(
+        "/api/v1/transfers",
+        json={"from_wallet_id": first, "to_wallet_id": second, "amount": "30.00"},
+        headers=bob,
+    )
+    assert transfer.status == 201
+    transfer_id = (await transfer.json())["id"]
+    held = await client.post(
+        f"/api/v1/wallets/{first}/holds", json={"amount": "10.00"}, headers=bob
+    )
+    hold_id = (await held.json())["id"]
+    captured = await client.post(
+        f"/api/v1/holds/{hold_id}/capture", json={"amount": "4.00"}, headers=alice
+    )
+    assert captured.status == 200
+    refused = await client.post(
+        f"/api/v1/wallets/{first}/operation",
+        json={"operation_type": "WITHDRAW", "amount": "1000.00"},
+        headers={**bob, "Idempotency-Key": "too-much"},
+    )
+    assert refused.status == 409
+    bulk = await client.post(
+        "/api/v1/operations/bulk",
+        json={"items": [{"wallet_id": second, "operation_type": "DEPOSIT", "amount": "2.00"}]},
+        headers=bob,
+    )
+    assert bulk.status == 200
+
+    expected = {
+        (first, "DEPOSIT"): "alice",
+        (first, "TRANSFER_OUT"): "bob",
+        (second, "TRANSFER_IN"): "bob",
+        (second, "DEPOSIT"): "bob",
+        (first, "HOLD"): "bob",
+        (first, "CAPTURE"): "alice",
+        (first, "RELEASE"): "alice",
+    }
+    history: dict[tuple[str, str], str | None] = {}
+    for wallet in (first, second):
+        page = await (
+            await client.get(f"/api/v1/wallets/{wallet}/operations", headers=alice)
+        ).json()
+        history.update({(wallet, item["operation_type"]): item["actor"] for item in page["items"]})
+    assert history == expected
+    events = await (await client.get("/api/v1/events", headers=alice)).json()
+    feed = {
+        (event["wallet_id"], event["operation_type"]): event["actor"]
+        for event in events["events"]
+        if event["type"] == "operation.applied"
+    }
+    assert feed == expected
+    services = client.app[STATE_KEY].services
+    stored = (await services.log.load_transfers([uuid.UUID(transfer_id)]))[uuid.UUID(transfer_id)]
+    assert stored.actor == "bob"  # what a re-drive of its credit would carry
+    found = await services.log.find_operations([(uuid.UUID(first), "too-much")])
+    assert found[(uuid.UUID(first), "too-much")].actor == "bob"
+
+
+async def test_without_keys_the_actor_is_null(client: Client) -> None:
+    """With auth off no key names the rows: actor is null in history and the feed."""
+    wallet_id = (await (await client.post("/api/v1/wallets")).json())["id"]
+    await client.post(
+        f"/api/v1/wallets/{wallet_id}/operation",
+        json={"operation_type": "DEPOSIT", "amount": "1.00"},
+    )
+    page = await (await client.get(f"/api/v1/wallets/{wallet_id}/operations")).json()
+    assert [item["actor"] for item in page["items"]] == [None]
+    events = await (await client.get("/api/v1/events")).json()
+    applied = [e for e in events["events"] if e["type"] == "operation.applied"]
+    assert [e["actor"] for e in applied] == [None]
