@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import io
 import logging
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+import aiohttp
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -19,6 +22,9 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AppFactory
+from tests.processes import walletd_command
+from tests.test_cluster import serve
+from tests.test_cluster_transfers import owner_of, post_transfer, wallets_on_each
 from walletd.cli.config import load_config
 from walletd.cli.main import main
 from walletd.http.access_log import access_log_options
@@ -441,3 +447,73 @@ async def test_without_keys_the_actor_is_null(client: Client) -> None:
     events = await (await client.get("/api/v1/events")).json()
     applied = [e for e in events["events"] if e["type"] == "operation.applied"]
     assert [e["actor"] for e in applied] == [None]
+
+
+@pytest.mark.slow
+async def test_a_transfer_between_two_processes_names_its_key_on_both_legs(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two walletd processes read one keys file (--api-keys-file): a transfer between
+    wallets they each own completes, both legs' rows name the key that asked for it (the
+    credit applied by the other process included), a read-only key is 403 there too, and
+    neither process's log shows a secret."""
+    payer, auditor = f"payer-{uuid.uuid4().hex}", f"auditor-{uuid.uuid4().hex}"
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"payer:read+create+move:{payer}\nauditor:read:{auditor}\n")
+    keys_file.chmod(0o600)
+    servers = [
+        serve(database_url, tmp_path, "--api-keys-file", str(keys_file), "--access-log",
+              "--transfer-redrive-interval", "60")
+        for _ in "ab"
+    ]  # fmt: skip
+    urls = [server.url for server in servers]
+    try:
+        timeout = aiohttp.ClientTimeout(total=20)
+        async with aiohttp.ClientSession(timeout=timeout, headers=bearer(payer)) as http:
+            table, wallets = await wallets_on_each(http, database_url, urls, 1, fund=100)
+            sender, receiver = wallets[urls[0]][0], wallets[urls[1]][0]
+            assert owner_of(table, sender) != owner_of(table, receiver)
+            body = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "1.25"}
+            status, answer, _ = await post_transfer(http, urls[0], body, "t-1")
+            assert (status, answer["status"]) == (201, "COMPLETED")
+            async with http.post(
+                f"{urls[1]}/api/v1/transfers", json=body, headers=bearer(auditor)
+            ) as refused:
+                assert refused.status == 403
+        connection = await asyncpg.connect(database_url)
+        try:
+            rows = await connection.fetch(
+                "SELECT kind, actor FROM wallet_operations WHERE wallet_id = ANY($1::uuid[])",
+                [uuid.UUID(sender), uuid.UUID(receiver)],
+            )
+        finally:
+            await connection.close()
+        # Two keyed deposits, the debit (3) and the credit (4), each by the payer.
+        assert sorted((row["kind"], row["actor"]) for row in rows) == [
+            (1, "payer"), (1, "payer"), (3, "payer"), (4, "payer"),
+        ]  # fmt: skip
+    finally:
+        for server in servers:
+            server.terminate()
+    logs = "".join(server.log() for server in servers)
+    assert '"key":"payer"' in logs
+    assert payer not in logs
+    assert auditor not in logs
+
+
+@pytest.mark.slow
+def test_walletd_serve_refuses_a_bad_keys_file_with_one_line(tmp_path: Path) -> None:
+    """The real command: a keys file with an unknown scope stops `walletd serve` before it
+    starts anything (exit 2), with one line naming the file, the line and the key, and
+    not the secret."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("ok:read:first-s3cret\nbilling:read+mvoe:second-s3cret\n")
+    done = subprocess.run(
+        walletd_command(["serve", "--port", "0", "--api-keys-file", str(keys_file)]),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"walletd: error: {keys_file} line 2 (key 'billing'): unknown scope 'mvoe'; "
+        "known: read, create, move, feed"
+    )
