@@ -3,7 +3,8 @@
 A key is declared as ``name:scope+scope:secret`` (``WALLETD_API_KEYS``, comma-separated,
 or one per line in ``WALLETD_API_KEYS_FILE``). A bare secret (no ``:``), the form walletd
 took before keys had names, holds every client scope and is named ``key-<position>``
-(its 1-based place in the list): a name that says nothing about the secret. What each
+(its 1-based position in the list, or its line in the file): a name that says nothing about
+the secret. What each
 scope allows::
 
     read     GET a wallet (now or as_of), its history, a transfer, a hold
@@ -76,9 +77,6 @@ class ApiKey:
     # Never in a repr: a logged Config or settings object must not carry it.
     secret: str = field(repr=False)
 
-    def describe(self) -> str:
-        return f"{self.name} ({'+'.join(sorted(s.value for s in self.scopes))})"
-
 
 def _parse_entry(entry: str, where: str, position: int) -> ApiKey:
     """One key; ``ValueError`` naming ``where`` (never echoing the secret) when malformed."""
@@ -89,7 +87,10 @@ def _parse_entry(entry: str, where: str, position: int) -> ApiKey:
     name, sep, rest = entry.partition(":")
     scopes_text, sep, secret = rest.partition(":")
     if not sep:
-        raise ValueError(f"{where}: expected name:scope+scope:secret (or a bare secret)")
+        # Not echoed: the entry may be a secret with a colon in it.
+        raise ValueError(
+            f"{where}: expected name:scope+scope:secret (a bare secret may not contain ':')"
+        )
     if _KEY_NAME.fullmatch(name) is None:
         raise ValueError(f"{where}: the key name must match {KEY_NAME_PATTERN} (got {name[:64]!r})")
     scopes: set[Scope] = set()
