@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from walletd.cli.gc_tuning import GC_GEN0_THRESHOLD_MAX
+from walletd.http.keys import ApiKey, merge_keys, parse_keys, parse_keys_file
 
 __all__ = [
     "SETTINGS",
@@ -41,8 +42,11 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _keys(text: str) -> tuple[str, ...]:
-    return tuple(key.strip() for key in text.split(",") if key.strip())
+def _positive_or_zero(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"{text!r} is not a number of at least 0")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
             "the commits' pool; a read past them waits up to the connect timeout, then 503"),
     Setting("feed_streams_max", ("WALLETD_FEED_STREAMS_MAX",), "--feed-streams-max", int, 64,
             "open /api/v1/events/stream connections at most; past it 503 OVERLOADED"),
+    Setting("feed_streams_per_key_max", ("WALLETD_FEED_STREAMS_PER_KEY_MAX",),
+            "--feed-streams-per-key-max", int, 16,
+            "open feed streams one API key may hold; past it 429 TOO_MANY_STREAMS"),
     Setting("feed_stream_buffer_bytes", ("WALLETD_FEED_STREAM_BUFFER_BYTES",),
             "--feed-stream-buffer-bytes", int, 262144,
             "bytes queued for one stream's socket before its writes block"),
@@ -196,8 +203,18 @@ SETTINGS: tuple[Setting, ...] = (
             "bulk requests that may wait for mailbox room at once; past it 503 OVERLOADED"),
     Setting("bulk_body_bytes_max", ("WALLETD_BULK_MAX_BODY_BYTES",), "--bulk-max-body-bytes",
             int, 1048576, "largest bulk request body accepted; larger gets 413"),
-    Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
-            "comma-separated bearer tokens; when set, /api/v1 requires one"),
+    Setting("api_keys", ("WALLETD_API_KEYS",), None, parse_keys, (),
+            "client API keys, comma-separated, each name:scope+scope:secret (scopes: read, "
+            "create, move, feed; a bare secret holds all of them); when any key is set, /api/v1 "
+            "requires one (docs/OPERATIONS.md)"),
+    Setting("api_keys_file", ("WALLETD_API_KEYS_FILE",), "--api-keys-file", Path, None,
+            "a file of client API keys, one name:scope+scope:secret per line (# comments); "
+            "mode 0600 recommended; read at start, added to WALLETD_API_KEYS"),
+    Setting("key_rate_per_s", ("WALLETD_KEY_RATE",), "--key-rate", _positive_or_zero, 0.0,
+            "requests per second each API key may make to this process (a token bucket); "
+            "past it 429 RATE_LIMITED with Retry-After; 0 = no limit"),
+    Setting("key_rate_burst", ("WALLETD_KEY_RATE_BURST",), "--key-rate-burst", int, 20,
+            "requests an API key may make at once above its rate (the bucket's size)"),
     Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
             "write a JSON access log line per request to stderr"),
     Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
@@ -249,6 +266,7 @@ class Config:
     allow_unsafe_durability: bool
     read_pool_size: int
     feed_streams_max: int
+    feed_streams_per_key_max: int
     feed_stream_buffer_bytes: int
     feed_write_timeout_s: float
     feed_poll_interval_s: float
@@ -261,10 +279,25 @@ class Config:
     bulk_admission_wait_s: float
     bulk_waiting_max: int
     bulk_body_bytes_max: int
-    api_keys: tuple[str, ...]
+    api_keys: tuple[ApiKey, ...]
+    api_keys_file: Path | None
+    key_rate_per_s: float
+    key_rate_burst: int
     access_log: bool
     log_level: str
     gc_gen0_threshold: int
+
+    @property
+    def client_keys(self) -> tuple[ApiKey, ...]:
+        """WALLETD_API_KEYS and the keys file together; ValueError on a malformed entry, a
+        name or secret declared twice (also across the two), or an unreadable file."""
+        if self.api_keys_file is None:
+            return self.api_keys
+        try:
+            from_file = parse_keys_file(self.api_keys_file)
+        except OSError as error:
+            raise ValueError(f"WALLETD_API_KEYS_FILE: cannot read it: {error}") from None
+        return merge_keys(self.api_keys, from_file)
 
     @property
     def pool_size(self) -> int:
@@ -355,7 +388,7 @@ def default_text(setting: Setting) -> str:
         return ""
     if isinstance(default, bool):
         return "true" if default else "false"
-    if isinstance(default, tuple):
+    if isinstance(default, tuple):  # only the (empty) key list
         return ",".join(str(item) for item in default)
     return str(default)
 

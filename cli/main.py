@@ -87,9 +87,12 @@ def http_settings(config: Config) -> HttpSettings:
         body_bytes_max=config.body_bytes_max,
         body_read_timeout_s=config.body_read_timeout_s,
         bulk_body_bytes_max=config.bulk_body_bytes_max,
-        api_keys=config.api_keys,
+        api_keys=config.client_keys,
+        key_rate_per_s=config.key_rate_per_s,
+        key_rate_burst=config.key_rate_burst,
         access_log=config.access_log,
         feed_streams_max=config.feed_streams_max,
+        feed_streams_per_key_max=config.feed_streams_per_key_max,
         feed_stream_buffer_bytes=config.feed_stream_buffer_bytes,
         feed_poll_interval_s=config.feed_poll_interval_s,
         feed_heartbeat_s=config.feed_heartbeat_s,
@@ -103,6 +106,15 @@ def http_settings(config: Config) -> HttpSettings:
 # Exit status of `walletd serve` when the engine gave up (shards crashing past the restart
 # rate): non-zero, so the supervisor (systemd, Docker, Kubernetes) restarts the process.
 EXIT_ENGINE_FAILED = 3
+
+
+def _warn_if_keys_file_open(path: Path | None) -> None:
+    if path is not None and path.stat().st_mode & 0o077:
+        _log.warning(
+            "%s can be read by other users (mode %o); chmod 600 it",
+            path,
+            path.stat().st_mode & 0o777,
+        )
 
 
 async def _serve(config: Config) -> int:
@@ -120,6 +132,7 @@ async def _serve_claimed(config: Config) -> int:
     sock = socket.create_server((config.host, config.port), backlog=2048)
     config = dataclasses.replace(config, port=sock.getsockname()[1])
     metrics = Metrics()
+    _warn_if_keys_file_open(config.api_keys_file)
     stop = asyncio.Event()
     failures: list[str] = []
 

@@ -24,6 +24,7 @@ from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError
 from walletd.engine.router import Engine
+from walletd.http.keys import Scope
 from walletd.http.legs import HttpLegs
 from walletd.http.state import Services
 from walletd.persistence.database import (
@@ -233,6 +234,12 @@ class _Readiness:
         return None
 
 
+def _legs_key(config: Config) -> str | None:
+    """The secret legs carry to the other processes: a key that may move money (the route
+    requires ``move``), until legs get a listener and a credential of their own."""
+    return next((key.secret for key in config.client_keys if Scope.MOVE in key.scopes), None)
+
+
 @contextlib.asynccontextmanager
 async def running_services(
     config: Config,
@@ -268,7 +275,7 @@ async def running_services(
             remote_legs = HttpLegs(
                 timeout_s=config.forward_timeout_s,
                 connections_max=config.forward_connections_max,
-                api_key=config.api_keys[0] if config.api_keys else None,
+                api_key=_legs_key(config),
             )
             await remote_legs.__aenter__()
             engine = Engine(

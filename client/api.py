@@ -813,11 +813,12 @@ class WalletdClient:
                     request_id=answer.request_id,
                     retry_after_s=answer.retry_after_s,
                 )
-                if answer.status != 503:
+                if answer.status not in (429, 503):
                     raise failure
             delay_s = self.retry.delay_s(attempt, failure.retry_after_s, self._unit_random())
+            # A 429 was refused before anything ran: safe to send again, whatever the method.
             if (
-                not retryable
+                not (retryable or (isinstance(failure, ProblemError) and failure.status == 429))
                 or attempt >= self.retry.attempts_max
                 or loop.time() + delay_s > deadline_s
             ):

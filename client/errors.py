@@ -26,7 +26,12 @@ Exceptions::
         │   ├── UnsupportedMediaType    UNSUPPORTED_MEDIA_TYPE
         │   └── MethodNotAllowed        METHOD_NOT_ALLOWED
         ├── AccessDenied          401/403: the credential is missing, wrong or not enough
-        │   └── Unauthorized            UNAUTHORIZED
+        │   ├── Unauthorized            UNAUTHORIZED
+        │   └── Forbidden               FORBIDDEN: the key lacks the route's scope
+        ├── RateLimited           429: the key is over one of its quotas; nothing was applied
+        │   │                     (ask again after ``retry_after_s``)
+        │   ├── RateExceeded            RATE_LIMITED (the key's request rate)
+        │   └── TooManyStreams          TOO_MANY_STREAMS (the key's feed streams)
         ├── NotFound              a route or a resource that does not exist
         │   ├── RouteNotFound           NOT_FOUND
         │   ├── WalletNotFound          WALLET_NOT_FOUND
@@ -69,6 +74,7 @@ __all__ = [
     "BadRequest",
     "BalanceLimitExceeded",
     "CaptureExceedsHold",
+    "Forbidden",
     "HoldAlreadyCaptured",
     "HoldAlreadyVoided",
     "HoldExpired",
@@ -89,6 +95,8 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "ProblemError",
+    "RateExceeded",
+    "RateLimited",
     "Refused",
     "RequestTimeout",
     "RouteNotFound",
@@ -96,6 +104,7 @@ __all__ = [
     "ServiceUnavailable",
     "TooManyHolds",
     "TooManyItems",
+    "TooManyStreams",
     "TransferNotFound",
     "TransportError",
     "Unauthorized",
@@ -235,6 +244,23 @@ class Unauthorized(AccessDenied):
     """Missing or wrong API key."""
 
 
+class Forbidden(AccessDenied):
+    """The API key is valid but lacks the scope the route needs; another key is needed."""
+
+
+class RateLimited(ProblemError):
+    """429: the API key is over one of its quotas; nothing was applied. ``retry_after_s`` is
+    the server's Retry-After in seconds, when it sent one."""
+
+
+class RateExceeded(RateLimited):
+    """RATE_LIMITED: the API key sent more requests than its rate allows."""
+
+
+class TooManyStreams(RateLimited):
+    """The API key holds the most feed streams it may; close one first."""
+
+
 class NotFound(ProblemError):
     """The route or the resource does not exist."""
 
@@ -332,6 +358,9 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "BAD_REQUEST": BadRequest,
     "METHOD_NOT_ALLOWED": MethodNotAllowed,
     "UNAUTHORIZED": Unauthorized,
+    "FORBIDDEN": Forbidden,
+    "RATE_LIMITED": RateExceeded,
+    "TOO_MANY_STREAMS": TooManyStreams,
     "NOT_FOUND": RouteNotFound,
     "WALLET_NOT_FOUND": WalletNotFound,
     "TRANSFER_NOT_FOUND": TransferNotFound,
@@ -362,6 +391,8 @@ def class_for_status(status: int) -> type[ProblemError]:
         return ServerError
     if status in (401, 403):
         return AccessDenied
+    if status == 429:
+        return RateLimited
     if status == 404:
         return NotFound
     if status == 409:

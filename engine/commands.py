@@ -96,7 +96,7 @@ class Operation(Protocol):
 
 
 class ApplyOperation:
-    __slots__ = ("amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
+    __slots__ = ("actor", "amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
 
@@ -108,6 +108,7 @@ class ApplyOperation:
         idempotency_key: str | None,
         reply: asyncio.Future[Reply],
         reference: str | None = None,
+        actor: str | None = None,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
@@ -115,6 +116,8 @@ class ApplyOperation:
         self.idempotency_key = idempotency_key
         self.reply = reply
         self.reference = reference
+        # The API key's name, recorded on the row (model.OperationRecord.actor).
+        self.actor = actor
 
 
 class ApplyOperations:
@@ -122,13 +125,18 @@ class ApplyOperations:
     share. Decided in one batch, hence written in one PostgreSQL transaction; ``atomic``
     groups apply whole or not at all (the first refusal refuses the group)."""
 
-    __slots__ = ("atomic", "items", "reply", "wallet_id", "weight")
+    __slots__ = ("actor", "atomic", "items", "reply", "wallet_id", "weight")
 
     def __init__(
-        self, items: Sequence[Operation], atomic: bool, reply: asyncio.Future[Reply]
+        self,
+        items: Sequence[Operation],
+        atomic: bool,
+        reply: asyncio.Future[Reply],
+        actor: str | None = None,
     ) -> None:
         self.items = items
         self.atomic = atomic
+        self.actor = actor  # every item's: one request, one key
         self.reply = reply
         self.wallet_id = items[0].wallet_id  # for logs; the ledger reads every item's
         self.weight = len(items)
@@ -244,7 +252,7 @@ class HoldCommand:
     EXPIRE release all of it. ``key`` / ``fingerprint``: the client's Idempotency-Key of
     a capture or void and what that request was, stored on the hold."""
 
-    __slots__ = ("action", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
+    __slots__ = ("action", "actor", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
                  "log_key", "reference", "reply", "shard", "to_wallet_id", "transfer_id",
                  "wallet_id")  # fmt: skip
     weight = 1
@@ -264,8 +272,10 @@ class HoldCommand:
         fingerprint: str | None = None,
         to_wallet_id: UUID | None = None,
         transfer_id: UUID | None = None,
+        actor: str | None = None,
     ) -> None:
         self.action = action
+        self.actor = actor  # the key's name on the rows it writes; None for the sweep
         # A capture into another wallet opens this transfer (engine/holds.py).
         self.to_wallet_id = to_wallet_id
         self.transfer_id = transfer_id

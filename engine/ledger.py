@@ -386,8 +386,9 @@ class Ledger:
             refused = self._first_refusal(items)
             if refused is not None:
                 return refused
-        apply = self._apply_operation
-        replies = tuple([apply(item, applied) for item in items])
+        apply = self._apply_item
+        actor = command.actor
+        replies = tuple([apply(item, applied, actor) for item in items])
         if command.atomic:
             require(
                 all(reply.outcome is Outcome.OK for reply in replies),
@@ -449,10 +450,13 @@ class Ledger:
                 return reply._replace(items=tuple(replies))
         return None
 
-    def _apply_operation(self, command: Operation, applied: Applied) -> Reply:
+    def _apply_operation(self, command: ApplyOperation, applied: Applied) -> Reply:
+        return self._apply_item(command, applied, command.actor)
+
+    def _apply_item(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference,
+            command, command.reference, actor,
         )  # fmt: skip
 
     def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
@@ -466,7 +470,7 @@ class Ledger:
         debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
             command.wallet_id, command.kind, transfer.amount, command.key, applied, debit,
-            transfer.reference,
+            transfer.reference, transfer.actor,
         )  # fmt: skip
         if reply.outcome is not Outcome.OK or reply.replayed:
             return reply
@@ -511,9 +515,11 @@ class Ledger:
         key: str | None,
         applied: Applied,
         command: Operation | None,
-        reference: str | None = None,
+        reference: str | None,
+        actor: str | None,
     ) -> Reply:
-        """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged.
+        """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged, with
+        ``actor`` (the API key's name) on the row or recorded refusal.
         ``command`` is the client operation (or a transfer's debit leg), whose keyed refusals
         are recorded; None for a credit or refund leg. A debit is checked against
         ``available`` (balance - held)."""
@@ -549,19 +555,19 @@ class Ledger:
             if amount > balance_before - held:
                 return self._refuse(
                     command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance_before - held,
-                    resident, applied,
+                    resident, applied, actor,
                 )  # fmt: skip
             balance = balance_before - amount
         else:
             if balance_before + amount > BALANCE_MINOR_MAX:
                 return self._refuse(
                     command, wallet_id, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before,
-                    resident, applied,
+                    resident, applied, actor,
                 )  # fmt: skip
             balance = balance_before + amount
         view = self._write(
             wallet_id, resident, kind, amount, balance, held, key, reference, applied,
-            remember=True,
+            remember=True, actor=actor,
         )  # fmt: skip
         return Reply(Outcome.OK, view)
 
@@ -578,6 +584,7 @@ class Ledger:
         applied: Applied,
         *,
         remember: bool,
+        actor: str | None,
     ) -> WalletView:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
@@ -600,7 +607,7 @@ class Ledger:
         pending.seq = seq
         pending.updated_at_us = now_us
         record = OperationRecord(
-            wallet_id, seq, kind, amount, balance, key, now_us, held, reference
+            wallet_id, seq, kind, amount, balance, key, now_us, held, reference, actor
         )
         applied.batch.operations.append(record)
         if remember and key is not None:
@@ -651,6 +658,7 @@ class Ledger:
             status = HoldStatus.VOIDED
         balance, held = resident.balance_and_held()
         hold_id = command.hold_id
+        actor = command.actor
         view: WalletView | None = None
         to_wallet_id = command.to_wallet_id
         transfer_id = command.transfer_id
@@ -663,19 +671,19 @@ class Ledger:
             self._write(
                 wallet_id, resident, OperationKind.RELEASE, hold.amount, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False,
+                remember=False, actor=actor,
             )  # fmt: skip
             balance -= captured
             view = self._write(
                 wallet_id, resident, OperationKind.TRANSFER_OUT, captured, balance, held,
                 transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id), hold.reference,
-                applied, remember=False,
+                applied, remember=False, actor=actor,
             )  # fmt: skip
             now_us = view.updated_at_us
             applied.batch.new_transfers.append(
                 TransferRecord(
                     transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
-                    TransferStatus.PENDING, None, now_us, now_us,
+                    TransferStatus.PENDING, None, now_us, now_us, actor,
                 )
             )  # fmt: skip
             captured_in = captured
@@ -691,7 +699,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.CAPTURE, captured, balance, held,
                 hold_key(OperationKind.CAPTURE, hold_id), hold.reference, applied,
-                remember=False,
+                remember=False, actor=actor,
             )  # fmt: skip
         captured += captured_in
         if rest:
@@ -699,7 +707,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.RELEASE, rest, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False,
+                remember=False, actor=actor,
             )  # fmt: skip
         assert view is not None  # a hold's amount is positive: one row at least
         pending = resident.pending
@@ -755,7 +763,7 @@ class Ledger:
             if request is not None:  # recorded like a keyed withdrawal's refusal
                 return self._refuse(
                     request, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance - held,
-                    resident, applied,
+                    resident, applied, command.actor,
                 )  # fmt: skip
             self._rests_on_open_state(resident, wid, applied)
             return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held)
@@ -763,7 +771,7 @@ class Ledger:
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
             hold_key(OperationKind.HOLD, hold_id), command.reference, applied,
-            remember=log_key is not None,
+            remember=log_key is not None, actor=command.actor,
         )  # fmt: skip
         now_us = view.updated_at_us
         hold = HoldRecord(
@@ -794,6 +802,7 @@ class Ledger:
         balance_seen: int,
         resident: Resident,
         applied: Applied,
+        actor: str | None,
     ) -> Reply:
         """A business refusal; a client operation's with a key is recorded in the batch, to
         be replayed (``command`` None: a credit or refund leg, refused like an unkeyed
@@ -816,7 +825,7 @@ class Ledger:
                 fence_seq = resident.seq
             record = RefusalRecord(
                 wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
-                self._clock_us(), command.reference,
+                self._clock_us(), command.reference, actor,
             )  # fmt: skip
             applied.batch.refusals.append(record)
             self._remember_key((wallet_id, key), record)

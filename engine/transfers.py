@@ -300,6 +300,7 @@ class TransferCoordinator:
         reference: str | None,
         *,
         fresh_id: bool = False,
+        actor: str | None = None,
     ) -> TransferReply:
         """Move ``amount`` between two wallets; the id is the request's idempotency key.
 
@@ -308,7 +309,7 @@ class TransferCoordinator:
         """
         requested = TransferRecord(
             transfer_id, from_wallet_id, to_wallet_id, amount, reference,
-            TransferStatus.PENDING, None, 0, 0,
+            TransferStatus.PENDING, None, 0, 0, actor,
         )  # fmt: skip
         while (running := self._driving.get(transfer_id)) is not None:
             # The same id is being worked on: wait for it, then answer from storage as a

@@ -51,6 +51,7 @@ from walletd.http.forwarding import (
     Unreachable,
     forwarded_headers,
 )
+from walletd.http.keys import KEY_NAME
 from walletd.http.parsing import (
     IDEMPOTENCY_KEY_LENGTH_MAX,
     OPERATION_KINDS,
@@ -324,7 +325,9 @@ async def bulk_operations(request: web.Request) -> web.Response:
         )
     try:
         # Raises EngineOverloaded, nothing queued, when the items do not fit in time.
-        replies, refused_at = await engine.apply_operations(valid, atomic=atomic)
+        replies, refused_at = await engine.apply_operations(
+            valid, atomic=atomic, actor=request.get(KEY_NAME)
+        )
     except AtomicTooLarge as error:
         raise ProblemError(
             413,

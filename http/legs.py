@@ -45,6 +45,7 @@ from walletd.engine.router import Engine
 from walletd.engine.transfers import RemoteLegs
 from walletd.http.bulk import read_bulk_body
 from walletd.http.forwarding import FORWARDED_HEADER
+from walletd.http.keys import Scope, requires
 from walletd.http.problems import ProblemError
 from walletd.http.state import STATE_KEY
 
@@ -87,6 +88,7 @@ def encode_leg(
             "failure_code": transfer.failure_code,
             "created_at_us": transfer.created_at_us,
             "updated_at_us": transfer.updated_at_us,
+            "actor": transfer.actor,  # the key that asked for it: on every leg's row
         },
     }
 
@@ -102,6 +104,7 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         UUID(t["id"]), UUID(t["from_wallet_id"]), UUID(t["to_wallet_id"]),
         _int(t["amount"]), _text(t["reference"]), TransferStatus[t["status"]],
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
+        _text(t.get("actor")),
     )  # fmt: skip
     if transfer.amount <= 0 or transfer.from_wallet_id == transfer.to_wallet_id:
         raise ValueError("not a valid transfer")
@@ -145,6 +148,7 @@ def _decode_reply(body: dict[str, Any]) -> Reply:
 
 
 @routes.post(LEGS_PATH)
+@requires(Scope.MOVE)  # until legs get a listener and a credential of their own
 async def deliver_legs(request: web.Request) -> web.Response:
     """Apply each leg on this process's shard of its wallet, all at once; one reply per
     leg, in order (internal; see the module doc). A leg whose shard this process does not

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final
 
 from aiohttp import web
@@ -74,6 +74,7 @@ LATENCY_BUCKETS_S: Final = (
 UNAVAILABLE_REASONS: Final = ("OVERLOADED", "UNAVAILABLE")
 # Log rows per commit: powers of two up to the default batch_ops_max (1024) and past it.
 BATCH_OPS_BUCKETS: Final = tuple(float(2**i) for i in range(13))
+KEY_RESULTS: Final = ("allowed", "forbidden", "rate_limited")
 
 
 class _Latencies:
@@ -277,6 +278,15 @@ class _RequestCollector(Collector):
         for result, count in self._metrics.forward_counts.items():
             forwards.add_metric([result], count)
         yield forwards
+        by_key = CounterMetricFamily(
+            "walletd_key_requests",
+            "Requests with a known API key, by the key's name (never its secret) and result: "
+            "allowed, forbidden (403: scope), rate_limited (429)",
+            labels=["key", "result"],
+        )
+        for (name, result), count in self._metrics.key_counts.items():
+            by_key.add_metric([name, result], count)
+        yield by_key
 
 
 class Metrics:
@@ -292,6 +302,8 @@ class Metrics:
         self.latencies: dict[tuple[str, str], _Latencies] = {}
         self.unavailable_counts: dict[str, int] = dict.fromkeys(UNAVAILABLE_REASONS, 0)
         self.forward_counts: dict[str, int] = {}
+        # (key name, result): bounded by the configured keys (keys.API_KEYS_MAX) x results.
+        self.key_counts: dict[tuple[str, str], int] = {}
         self._engine_source: EngineSource = lambda: None
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineStateCollector(lambda: self._engine_source()))
@@ -317,6 +329,15 @@ class Metrics:
 
     def observe_forward(self, result: str) -> None:
         self.forward_counts[result] = self.forward_counts.get(result, 0) + 1
+
+    def watch_keys(self, names: Iterable[str]) -> None:
+        """Start every configured key's families at 0 (a rate over them is 0, not absent)."""
+        for name in names:
+            for result in KEY_RESULTS:
+                self.key_counts.setdefault((name, result), 0)
+
+    def observe_key(self, name: str, result: str) -> None:
+        self.key_counts[(name, result)] += 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,6 +23,8 @@ How the file is written (read this before editing it):
   `v1-errors` (and its `components.responses` entry).
 * Bearer auth is declared once, at the top level, as optional (`[{}, {bearerAuth: []}]`);
   routes outside /api/v1 opt out with `security: []`. Why: see the comment in the file.
+* Each /api/v1 operation names the scope its key needs in `x-scope` (read, create, move,
+  feed); tests/test_scopes.py holds it to the handler's @requires (http/keys.py).
 * `info.version` is filled in from the installed package on load; nothing else is computed.
 
 Unknown routes (404 NOT_FOUND) and wrong methods (405 METHOD_NOT_ALLOWED) cannot be

@@ -99,6 +99,8 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
         "hold_id": hold_id,
         "reference": op.reference,
         "created_at": format_timestamp(op.created_at_us),
+        # The API key whose request wrote the row; null when auth is off (or the sweep).
+        "actor": op.actor,
     }
 
 

@@ -17,6 +17,7 @@ from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import OperationKind, WalletView
 from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
+from walletd.http.keys import KEY_NAME, Scope, requires
 from walletd.http.parsing import (
     parse_capture_body,
     parse_create_body,
@@ -58,10 +59,11 @@ _OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
 _WALLET: Final = PREFIX + "/wallets/{wallet_id:[^/]+}"
 
 routes = web.RouteTableDef()
-routes.post(BULK_PATH)(bulk_operations)
+routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 
 
 @routes.post(PREFIX + "/wallets")
+@requires(Scope.CREATE)
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
@@ -72,6 +74,7 @@ async def create_wallet(request: web.Request) -> web.Response:
 
 
 @routes.get(_WALLET)
+@requires(Scope.READ)
 async def get_wallet(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     if request.query_string and "as_of" in request.query:
@@ -121,17 +124,21 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
 
 
 @routes.post(_WALLET + "/operation")
+@requires(Scope.MOVE)
 async def apply_operation(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
     kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.apply(wallet_id, kind, amount, key, reference)
+    reply = await state.services.engine.apply(
+        wallet_id, kind, amount, key, reference, request.get(KEY_NAME)
+    )
     return reply_response(reply, wallet_id, amount)
 
 
 @routes.post(_WALLET + "/holds")
+@requires(Scope.MOVE)
 async def create_hold(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
@@ -140,8 +147,9 @@ async def create_hold(request: web.Request) -> web.Response:
     wanted = parse_hold_body(body, raw, engine.limits.hold_expires_in_s_max)
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
-        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key
-    )
+        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key,
+        request.get(KEY_NAME),
+    )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
 
@@ -159,6 +167,7 @@ def _path_hold_id(request: web.Request) -> UUID:
 
 
 @routes.post(_HOLD + "/capture")
+@requires(Scope.MOVE)
 async def capture_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
@@ -166,7 +175,9 @@ async def capture_hold(request: web.Request) -> web.Response:
     amount, to_wallet_id = parse_capture_body(body, raw)
     key = parse_idempotency_key(request)
     engine = state.services.engine
-    reply = await engine.resolve_hold(HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id)
+    reply = await engine.resolve_hold(
+        HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id, request.get(KEY_NAME)
+    )
     transfer = None
     if reply.hold is not None and reply.hold.transfer_id is not None:
         # A capture into a wallet: the transfer as it is now (COMPLETED, FAILED and
@@ -176,17 +187,21 @@ async def capture_hold(request: web.Request) -> web.Response:
 
 
 @routes.post(_HOLD + "/void")
+@requires(Scope.MOVE)
 async def void_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
     parse_empty_body(body)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.resolve_hold(HoldAction.VOID, hold_id, None, key)
+    reply = await state.services.engine.resolve_hold(
+        HoldAction.VOID, hold_id, None, key, actor=request.get(KEY_NAME)
+    )
     return hold_reply_response(reply, hold_id, None)
 
 
 @routes.get(_HOLD)
+@requires(Scope.READ)
 async def get_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     hold = await request.app[STATE_KEY].services.engine.read_hold(hold_id)
@@ -196,6 +211,7 @@ async def get_hold(request: web.Request) -> web.Response:
 
 
 @routes.post(PREFIX + "/transfers")
+@requires(Scope.MOVE)
 async def create_transfer(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
@@ -203,7 +219,7 @@ async def create_transfer(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     transfer_id, reply = await state.services.engine.transfer(
         wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
-        wanted.reference,
+        wanted.reference, request.get(KEY_NAME),
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount
@@ -211,6 +227,7 @@ async def create_transfer(request: web.Request) -> web.Response:
 
 
 @routes.get(PREFIX + "/transfers/{transfer_id}")
+@requires(Scope.READ)
 async def get_transfer(request: web.Request) -> web.Response:
     text = request.match_info["transfer_id"]
     transfer_id = _known_transfer_id(text)
@@ -292,6 +309,7 @@ def _history_filter(request: web.Request) -> HistoryFilter:
 
 
 @routes.get(_WALLET + "/operations")
+@requires(Scope.READ)
 async def list_operations(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]

@@ -59,7 +59,7 @@ SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format
 _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference"
+    + ", o.held_after, o.reference, o.actor"
 )
 # since/until become a seq range (created_at < since: seq <= first bound; created_at <
 # until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
@@ -103,6 +103,8 @@ FEED_SOURCES: Final = (
                                              WHEN 7 THEN 'CAPTURE' WHEN 8 THEN 'RELEASE' END,
                'amount', o.amount, 'balance_after', o.balance_after,
                'held_after', o.held_after, 'reference', o.reference,
+               -- The API key's name whose request wrote the row (null: auth off, sweep).
+               'actor', o.actor,
                -- A transfer leg's or hold row's key is internal ("<US>KIND:<id>"): the
                -- event names the transfer or hold instead, as the history does
                -- (http/responses.py).
@@ -193,5 +195,6 @@ class PostgresLogReader(LogReader):
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
-        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9]
-    )
+        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
+        row[10],
+    )  # fmt: skip

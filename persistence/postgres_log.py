@@ -56,10 +56,11 @@ __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
 # lease rows of the batch's shards (FOR KEY SHARE) and refuses a stale epoch (WDF01) before
 # anything is written (migration shard_leases, docs/SCALING.md).
 # $25-$28 (migration "holds"): held_after and reference per log row, held per snapshot,
-# reference per refusal.
+# reference per refusal; $29-$30 (migration "actors_on_log_rows"): the actor (API key name)
+# per log row and per refusal.
 _APPEND_BATCH = (
     "walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30)"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30, $31, $32)"
 )
 _FENCE = " FROM walletd_fence($25::integer[], $26::bigint[])"
 _APPEND = "SELECT " + _APPEND_BATCH + _FENCE
@@ -69,7 +70,7 @@ _NO_REFUSAL_REFERENCES: list[object] = []
 
 # A batch that opens or closes transfers, or creates or resolves holds, writes them in the
 # same statement, hence the same implicit transaction, as its log rows and snapshots
-# (migrations "transfers" and "holds"). The placeholders after $30 are numbered in order.
+# (migrations "transfers" and "holds"). The placeholders after $32 are numbered in order.
 _TRANSFERS_CALL = "walletd_append_transfers({})"
 _TRANSFERS_ARGS = 10
 _HOLDS_CALL = "walletd_append_holds({})"
@@ -78,7 +79,7 @@ _HOLDS_ARGS = 17
 
 def _append_statement(transfers: bool, holds: bool) -> str:
     calls = [_APPEND_BATCH]
-    next_arg = 31
+    next_arg = 33
     for wanted, call, count in (
         (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
         (holds, _HOLDS_CALL, _HOLDS_ARGS),
@@ -134,7 +135,7 @@ _FIND_BY_CREATE_KEY = (
 _OP_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference"
+    + ", o.held_after, o.reference, o.actor"
 )
 # The decided outcome of each key: its log row, or its recorded refusal (reason > 0).
 _FIND_OPERATIONS = f"""
@@ -143,7 +144,8 @@ SELECT {_OP_COLUMNS}, 0::smallint
   JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
 UNION ALL
 SELECT 0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,
-       r.idempotency_key, {_MICROS.format("r.created_at")}, 0::bigint, r.reference, r.reason
+       r.idempotency_key, {_MICROS.format("r.created_at")}, 0::bigint, r.reference, r.actor,
+       r.reason
   FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
   JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
 """
@@ -156,15 +158,19 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
 
+# A transfer's actor is its debit row's (migration "actors_on_log_rows"): one lookup of the
+# unique (wallet_id, idempotency_key) index by the debit leg's key.
 _TRANSFER_COLUMNS = (
-    "id, from_wallet_id, to_wallet_id, amount, reference, status, failure_code, "
-    + _MICROS.format("created_at")
+    "t.id, t.from_wallet_id, t.to_wallet_id, t.amount, t.reference, t.status, t.failure_code, "
+    + _MICROS.format("t.created_at")
     + ", "
-    + _MICROS.format("updated_at")
+    + _MICROS.format("t.updated_at")
+    + ", (SELECT o.actor FROM wallet_operations o WHERE o.wallet_id = t.from_wallet_id"
+    " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text)"
 )
-_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[])"
+_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers t WHERE t.id = ANY($1::uuid[])"
 _PENDING_TRANSFERS = f"""
-SELECT {_TRANSFER_COLUMNS} FROM transfers
+SELECT {_TRANSFER_COLUMNS} FROM transfers t
  WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
@@ -210,22 +216,24 @@ def _hold(row: asyncpg.Record) -> HoldRecord:
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
-        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9]
-    )
+        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
+        row[10],
+    )  # fmt: skip
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
-        row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8]
-    )
+        row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
+        row[9],
+    )  # fmt: skip
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
-    if not row[10]:
+    if not row[11]:
         return _operation(row)
     return RefusalRecord(
-        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[10]), row[5], row[2],
-        row[7], row[9],
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[11]), row[5], row[2],
+        row[7], row[9], row[10],
     )  # fmt: skip
 
 
@@ -402,6 +410,8 @@ class PostgresLog(WalletLog):
             [o.reference for o in ops],
             [s.held for s in snaps],
             [r.reference for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
+            [o.actor for o in ops],
+            [r.actor for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
         )
         transfers = bool(batch.new_transfers or batch.transfer_updates)
         holds = bool(batch.new_holds or batch.hold_updates)

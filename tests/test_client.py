@@ -27,11 +27,14 @@ from walletd.client.api import BulkItem, Event, Operation, WalletdClient
 from walletd.client.errors import (
     PROBLEM_CLASSES,
     AsOfNotSettled,
+    Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
     InvalidTransferId,
     ProblemError,
+    RateExceeded,
+    RateLimited,
     Refused,
     TransferNotFound,
     TransportError,
@@ -43,6 +46,7 @@ from walletd.client.errors import (
 )
 from walletd.client.retrying import RetryPolicy, parse_retry_after_s
 from walletd.engine.limits import EngineLimits
+from walletd.http.keys import parse_keys
 from walletd.http.problems import TITLES
 from walletd.http.settings import HttpSettings
 
@@ -69,11 +73,13 @@ class CountingSession:
 
 @contextlib.asynccontextmanager
 async def counting_client(
-    url: str, policy: RetryPolicy = FAST_RETRIES
+    url: str, policy: RetryPolicy = FAST_RETRIES, api_key: str | None = None
 ) -> AsyncIterator[tuple[WalletdClient, CountingSession]]:
     counting = CountingSession()
     try:
-        async with WalletdClient(url, retry=policy, session=counting.session) as walletd:
+        async with WalletdClient(
+            url, api_key=api_key, retry=policy, session=counting.session
+        ) as walletd:
             yield walletd, counting
     finally:
         await counting.session.close()
@@ -416,13 +422,17 @@ async def test_bulk_through_a_cut_connection_applies_each_item_once(
 
 
 def _codes_in(document: Any) -> set[str]:
-    """Every string enum of the OpenAPI document that lists problem codes, wherever the
-    document keeps it (a restructured document still lists them)."""
+    """Every problem code the OpenAPI document lists, wherever it keeps them: each error
+    response's `x-problem-codes`, or a string enum of codes (a restructured document still
+    lists them)."""
     found: set[str] = set()
     if isinstance(document, dict):
         enum = document.get("enum")
         if isinstance(enum, list) and "INTERNAL_ERROR" in enum:
             found.update(code for code in enum if isinstance(code, str))
+        listed = document.get("x-problem-codes")
+        if isinstance(listed, list):
+            found.update(code for code in listed if isinstance(code, str))
         for value in document.values():
             found |= _codes_in(value)
     elif isinstance(document, list):
@@ -799,3 +809,31 @@ async def test_the_event_stream_survives_a_walletd_restart(
         await events.aclose()
     assert [event.type for event in seen] == ["wallet.created", *["operation.applied"] * 2]
     assert [event.data["balance_after"] for event in seen[1:]] == [Decimal("1.00"), Decimal("3.00")]
+
+
+async def test_a_key_without_the_scope_or_over_its_rate_raises_its_class(
+    make_app: AppFactory, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    """403 FORBIDDEN raises Forbidden (not retried); 429 RATE_LIMITED raises RateLimited
+    with the server's Retry-After as ``retry_after_s``, once the retries are spent (a 429 is
+    retried even without an Idempotency-Key: nothing was applied)."""
+    keys = parse_keys("reader:read:reader-secret-1,maker:create:maker-secret-2")
+    settings = HttpSettings(api_keys=keys, key_rate_per_s=0.2, key_rate_burst=1)
+    client = await aiohttp_client(make_app(settings))
+    url = base_url(client)
+    once = RetryPolicy(attempts_max=1)
+    async with WalletdClient(url, api_key="reader-secret-1", retry=once) as reader:
+        with pytest.raises(Forbidden) as forbidden:
+            await reader.create_wallet()
+        assert forbidden.value.code == "FORBIDDEN"
+    async with WalletdClient(url, api_key="maker-secret-2", retry=once) as maker:
+        await maker.create_wallet()
+        with pytest.raises(RateExceeded) as limited:
+            await maker.create_wallet()
+        assert isinstance(limited.value, RateLimited)
+        assert limited.value.retry_after_s == 5.0
+    twice = RetryPolicy(attempts_max=2, total_s_max=0.5, retry_after_s_max=0.05)
+    async with counting_client(url, twice, api_key="maker-secret-2") as (maker, counting):
+        with pytest.raises(RateLimited):
+            await maker.create_wallet()
+        assert counting.attempts == 2

@@ -343,7 +343,7 @@ def test_compose_settings_change_without_a_rebuild(tmp_path: Path) -> None:
     )
     environment = resolved_walletd_environment(after)
     assert environment["WALLETD_PIPELINES"] == "7"
-    assert container_config(environment).api_keys == ("k1", "k2")
+    assert [key.secret for key in container_config(environment).api_keys] == ["k1", "k2"]
     assert after["services"]["walletd"]["ports"] == ["127.0.0.1:9000:8000/tcp"]
     assert after["services"]["walletd"]["build"] == before["services"]["walletd"]["build"]
 

@@ -21,6 +21,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from tests.openapi_validation import assert_response_matches, documented_response, schema_errors
 from walletd.engine.log_reads import FeedPosition
 from walletd.http.docs_page import DOCS_CSP, add_docs_routes, swagger_ui_static_dir
+from walletd.http.keys import KEY_NAME_PATTERN, Scope
 from walletd.http.openapi import (
     DOCS_ASSETS,
     DOCS_PATH,
@@ -104,7 +105,8 @@ def test_document_lists_every_route(document: dict[str, Any]) -> None:
 
 def test_only_v1_operations_take_optional_bearer_auth(document: dict[str, Any]) -> None:
     """Bearer auth is optional and stated once at the top level (so a generated client takes
-    an unauthenticated client); /api/v1 inherits it and documents 401/503; the rest opts out."""
+    an unauthenticated client); /api/v1 inherits it, names its scope in `x-scope` and
+    documents 401/403/429/503; the rest opts out."""
     assert document["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http",
         "scheme": "bearer",
@@ -114,9 +116,11 @@ def test_only_v1_operations_take_optional_bearer_auth(document: dict[str, Any]) 
     for method, path, operation in _operations(document):
         if (method, path) in V1_OPERATIONS:
             assert "security" not in operation, path
-            assert {"401", "503"} <= set(operation["responses"]), path
+            assert operation["x-scope"] in {scope.value for scope in Scope}, path
+            assert {"401", "403", "429", "503"} <= set(operation["responses"]), path
         else:
             assert operation["security"] == [], path
+            assert "x-scope" not in operation, path
             assert "401" not in operation["responses"], path
 
 
@@ -141,6 +145,7 @@ def test_document_states_the_parsers_rules(document: dict[str, Any]) -> None:
     parameters = document["components"]["parameters"]
     assert schemas["WalletId"]["pattern"] == WALLET_ID_PATTERN
     assert schemas["Reference"]["pattern"] == REFERENCE_PATTERN
+    assert schemas["KeyName"]["pattern"] == KEY_NAME_PATTERN
     assert schemas["Reference"]["maxLength"] == REFERENCE_LENGTH_MAX
     assert schemas["IdempotencyKey"]["maxLength"] == IDEMPOTENCY_KEY_LENGTH_MAX
     assert parameters["Cursor"]["schema"]["pattern"] == CURSOR_PATTERN

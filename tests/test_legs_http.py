@@ -19,6 +19,7 @@ from tests.conftest import AppFactory
 from walletd.engine.commands import Outcome
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.http.forwarding import FORWARDED_HEADER
+from walletd.http.keys import parse_keys
 from walletd.http.legs import LEGS_PATH, LEGS_PER_REQUEST_MAX, HttpLegs, encode_leg
 from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
@@ -130,7 +131,7 @@ async def test_the_route_takes_the_same_bearer_keys_as_the_api(
 ) -> None:
     """With API keys configured, a leg without one is 401; HttpLegs sends the key."""
     headers = {"Authorization": "Bearer k1"}
-    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=("k1",))))
+    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=parse_keys("k1"))))
     sender = await funded_wallet(client, 1, headers)
     receiver = await funded_wallet(client, 0, headers)
     transfer = opened(sender, receiver, 100)
@@ -174,3 +175,21 @@ async def test_an_owner_that_answers_too_late_leaves_the_outcome_unknown() -> No
             )
     assert reply.outcome is Outcome.UNAVAILABLE
     assert legs.sent["unknown"] == 1
+
+
+async def test_a_leg_applied_by_another_process_carries_the_transfers_actor(
+    client: Client,
+) -> None:
+    """The key that asked for a transfer travels with its legs: the rows the owner writes
+    for a leg name it, whichever process (and whatever credential) delivered the leg."""
+    sender = await funded_wallet(client, 1)
+    receiver = await funded_wallet(client, 0)
+    transfer = opened(sender, receiver, 100)._replace(actor="billing")
+    async with HttpLegs(timeout_s=5, connections_max=2, api_key=None) as legs:
+        for kind in (OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN):
+            reply = await legs.send(url_of(client), kind, transfer, None)
+            assert reply.outcome is Outcome.OK
+    for wallet in (sender, receiver):
+        history = await (await client.get(f"/api/v1/wallets/{wallet}/operations")).json()
+        assert history["items"][0]["transfer_id"] == str(transfer.transfer_id)
+        assert history["items"][0]["actor"] == "billing"
