@@ -2,7 +2,8 @@
 
     walletd cluster --processes 3 --port 8000
         embedded PostgreSQL (or --database-url)
-        3 × `walletd serve --port 0` (each claims its share of the shards)
+        3 × `walletd serve --port 0 --internal-port 0` (each claims its share of the
+            shards; the database URL and the cluster credential's file in its environment)
         HAProxy on 127.0.0.1:8000, routing by shard; its map kept current (MapSync)
 
 The cluster holds its data dir (cli/data_dir.py): a second cluster or serve on it is
@@ -41,6 +42,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from walletd.cli.config import Config
+from walletd.cli.credential import cluster_credential, credential_path
 from walletd.cli.data_dir import DataDirClaim
 from walletd.cli.haproxy import (
     MapSync,
@@ -129,20 +131,39 @@ class _Member:
         return port
 
 
+def _child_environment(config: Config, dsn: str) -> dict[str, str]:
+    """What a walletd of the cluster gets through its environment: the secrets. A command
+    line is readable by every user of the machine (/proc/PID/cmdline, ps); a process's
+    environment only by its own user and root. So the database URL (it may hold a password)
+    and the credential's source never appear in argv."""
+    environment = os.environ.copy()
+    environment.pop("DATABASE_URL", None)  # one spelling, so no stale alias can win
+    environment["WALLETD_DATABASE_URL"] = dsn
+    if not config.cluster_credential:
+        # Every child reads the one file this command created (or was given).
+        environment["WALLETD_CLUSTER_CREDENTIAL_FILE"] = str(credential_path(config).resolve())
+    return environment
+
+
 async def _start_server(
     config: Config, dsn: str, index: int, log_dir: Path, port: int = 0
 ) -> _Server:
     """Start member ``index`` (on ``port``, 0 = any) and wait until it listens. Called at
-    start-up and for every restart: a restart passes the port the member had."""
+    start-up and for every restart: a restart passes the public port the member had (HAProxy's
+    server line names it). Its internal listener takes any free port each time: a process
+    publishes its internal URL in its member row on every heartbeat, and a restarted one
+    is a new owner, so legs reach the new port once it claims shards."""
     log_path = log_dir / f"walletd-{index}.log"
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "walletd.cli.main", "serve",
-            "--host", "127.0.0.1", "--port", str(port), "--database-url", dsn,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--internal-host", "127.0.0.1", "--internal-port", "0",
             "--shards", str(config.shards), "--pipelines", str(config.pipelines),
             "--lease-ttl", str(config.lease_ttl_s),
             "--lease-moves-max", str(config.lease_moves_max),
-            stdout=asyncio.subprocess.PIPE, stderr=log_file, env=os.environ.copy(),
+            stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            env=_child_environment(config, dsn),
         )  # fmt: skip
     assert process.stdout is not None
     started = False
@@ -215,6 +236,8 @@ async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     # A Unix socket path is limited to ~100 bytes: the stats socket lives in a short folder.
     socket_dir = Path(tempfile.mkdtemp(prefix="walletd-haproxy-"))
+    # Created (or checked) once here, before any child reads it: the children share it.
+    cluster_credential(config)
     async with storage(config, "cluster", owner=True) as dsn:
         await migrate_database(dsn)
         await check_cluster(dsn, config.shards)

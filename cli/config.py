@@ -86,6 +86,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("advertise_url", ("WALLETD_ADVERTISE_URL",), "--advertise-url", str, None,
             "URL other walletd processes forward requests to this one at; unset = "
             "http://HOST:PORT (the machine's host name when HOST is 0.0.0.0)"),
+    Setting("internal_host", ("WALLETD_INTERNAL_HOST",), "--internal-host", str, "127.0.0.1",
+            "address of the internal listener, where walletd processes deliver transfer legs "
+            "to each other; clients and HAProxy must not reach it (docs/OPERATIONS.md)"),
+    Setting("internal_port", ("WALLETD_INTERNAL_PORT",), "--internal-port", int, 0,
+            "port of the internal listener; 0 = any free port (published in the database "
+            "for the other processes)"),
+    Setting("cluster_credential_file", ("WALLETD_CLUSTER_CREDENTIAL_FILE",),
+            "--cluster-credential-file", Path, None,
+            "file holding the cluster credential the internal listener requires (mode 0600; "
+            "created with a random one when missing); unset = DATA_DIR/cluster-credential"),
+    Setting("cluster_credential", ("WALLETD_CLUSTER_CREDENTIAL",), None, str, None,
+            "the cluster credential itself (beats the file); every process of one cluster "
+            "needs the same one, and no client API key may equal it"),
     Setting("lease_ttl_s", ("WALLETD_LEASE_TTL",), "--lease-ttl", float, 3.0,
             "seconds a shard lease lasts without renewal (renewed every quarter of it); a "
             "killed process's shards move after about 1.25 times this"),
@@ -236,6 +249,10 @@ class Config:
     shards: int
     pipelines: int
     advertise_url: str | None
+    internal_host: str
+    internal_port: int
+    cluster_credential_file: Path | None
+    cluster_credential: str | None
     lease_ttl_s: float
     lease_moves_max: int
     member_restarts_max: int
@@ -314,6 +331,14 @@ class Config:
             # Listening everywhere: the host name, which other replicas resolve (compose).
             host = socket.gethostname()
         return f"http://{host}:{self.port}"
+
+    @property
+    def internal_url(self) -> str:
+        """Where other processes deliver transfer legs to this one (the internal listener)."""
+        host = self.internal_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{self.internal_port}"
 
     @property
     def as_of_settle_min_s(self) -> float:

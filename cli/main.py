@@ -28,6 +28,7 @@ from aiohttp import web
 
 from walletd.cli.cluster import EXIT_CLUSTER_FAILED, ClusterError, ClusterFailed, run_cluster
 from walletd.cli.config import SETTINGS, Config, add_flags, load_config
+from walletd.cli.credential import cluster_credential
 from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
 from walletd.cli.gc_tuning import tune_gc
 from walletd.cli.haproxy import HaproxyMissing, MapSync, initial_map, render_config
@@ -42,6 +43,7 @@ from walletd.cli.service import (
 )
 from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
+from walletd.http.internal import create_internal_app
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
@@ -119,7 +121,8 @@ def _warn_if_keys_file_open(path: Path | None) -> None:
 
 async def _serve(config: Config) -> int:
     # On the embedded PostgreSQL this process owns the data dir (cli/data_dir.py): claimed
-    # before anything starts, so a second serve is refused before it binds or touches it.
+    # before anything starts, so a second serve is refused before it binds or touches it
+    # (the default credential file lives there too).
     if config.database_url is not None:
         return await _serve_claimed(config)
     with DataDirClaim.take(config.data_dir, "walletd serve"):
@@ -127,10 +130,23 @@ async def _serve(config: Config) -> int:
 
 
 async def _serve_claimed(config: Config) -> int:
-    # Bound before the services start, so that the URL this process advertises to the others
-    # (forwarding, the ownership table) carries the real port, also with --port 0.
+    # Read (or created) before anything listens: a credential that cannot be used stops
+    # start-up with one line, exit 2.
+    credential = cluster_credential(config)
+    # Bound before the services start, so that the URLs this process advertises to the others
+    # (forwarding, the ownership table, the internal listener) carry the real ports, also
+    # with --port 0 / --internal-port 0.
     sock = socket.create_server((config.host, config.port), backlog=2048)
-    config = dataclasses.replace(config, port=sock.getsockname()[1])
+    try:
+        internal_sock = socket.create_server(
+            (config.internal_host, config.internal_port), backlog=2048
+        )
+    except BaseException:
+        sock.close()
+        raise
+    config = dataclasses.replace(
+        config, port=sock.getsockname()[1], internal_port=internal_sock.getsockname()[1]
+    )
     metrics = Metrics()
     _warn_if_keys_file_open(config.api_keys_file)
     stop = asyncio.Event()
@@ -142,21 +158,35 @@ async def _serve_claimed(config: Config) -> int:
 
     app = create_app(
         http_settings(config),
-        lambda: running_services(config, metrics.engine, on_fatal=engine_gave_up),
+        lambda: running_services(
+            config, metrics.engine, on_fatal=engine_gave_up, credential=credential
+        ),
         metrics=metrics,
     )
+    # The internal listener: only the routes processes call on each other, only with the
+    # cluster credential (http/internal.py). It shares the public app's services.
+    internal_runner = web.AppRunner(
+        create_internal_app(app, credential), shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        **access_log_options(config.access_log),
+    )  # fmt: skip
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
     )
     try:
+        await internal_runner.setup()
         await runner.setup()
     except BaseException:
         sock.close()
+        internal_sock.close()
+        await internal_runner.cleanup()
         raise
     try:
+        internal_site = web.SockSite(internal_runner, internal_sock)
+        await internal_site.start()
         site = web.SockSite(runner, sock)
         await site.start()
         host, port = runner.addresses[0][:2]
+        _log.info("internal listener (transfer legs) on %s", config.internal_url)
         # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
         # reads the line must get the graceful drain, not the default death by signal.
         loop = asyncio.get_running_loop()
@@ -179,8 +209,12 @@ async def _serve_claimed(config: Config) -> int:
         if config.drain_grace_s > 0 and stopped_by[:1] == [signal.SIGTERM]:
             await _drain(app, config.drain_grace_s)
         await site.stop()  # refuse new connections; runner.cleanup() skips a stopped site
+        # Legs still arrive until the shards are handed over; after it they go elsewhere.
+        await internal_site.stop()
         await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
     finally:
+        # The internal app's handlers use the public app's services: they finish first.
+        await internal_runner.cleanup()
         await runner.cleanup()
     if failures:
         _log.critical("stopped: the engine gave up (%s)", failures[0])

@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from walletd.cli.config import Config
+from walletd.cli.credential import cluster_credential
 from walletd.cli.data_dir import DataDirClaim
 from walletd.engine.limits import EngineLimits
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError
 from walletd.engine.router import Engine
-from walletd.http.keys import Scope
+from walletd.http.internal import ClusterCredential
 from walletd.http.legs import HttpLegs
 from walletd.http.state import Services
 from walletd.persistence.database import (
@@ -234,23 +235,21 @@ class _Readiness:
         return None
 
 
-def _legs_key(config: Config) -> str | None:
-    """The secret legs carry to the other processes: a key that may move money (the route
-    requires ``move``), until legs get a listener and a credential of their own."""
-    return next((key.secret for key in config.client_keys if Scope.MOVE in key.scopes), None)
-
-
 @contextlib.asynccontextmanager
 async def running_services(
     config: Config,
     observer: EngineObserver | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    *,
+    credential: ClusterCredential | None = None,
 ) -> AsyncIterator[Services]:
     """Storage, the pools, the engine and the shard leases, for as long as the app runs.
 
     ``on_fatal`` is called when the engine gives up (shards crashing past the restart
-    rate): the caller should stop serving and exit non-zero.
+    rate): the caller should stop serving and exit non-zero. ``credential``: the cluster
+    credential legs to other processes carry (read from the configuration when None).
     """
+    credential = credential or cluster_credential(config)
     async with storage(config, "serve", owner=True) as dsn:
         # Before migrating: a server walletd will not serve is left exactly as it was.
         await require_durable(dsn, allow_unsafe=config.allow_unsafe_durability)
@@ -270,12 +269,13 @@ async def running_services(
             reader = PostgresLogReader(read_pool, acquire_timeout_s=config.db_connect_timeout_s)
             log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
             ownership = Ownership(config.shards)
-            # Transfer legs for wallets another process serves go to it over HTTP, bounded
-            # like forwarded requests (the same knobs).
+            # Transfer legs for wallets another process serves go to its internal listener
+            # with the cluster credential (never a client key), bounded like forwarded
+            # requests (the same knobs).
             remote_legs = HttpLegs(
                 timeout_s=config.forward_timeout_s,
                 connections_max=config.forward_connections_max,
-                api_key=_legs_key(config),
+                credential=credential,
             )
             await remote_legs.__aenter__()
             engine = Engine(
@@ -283,8 +283,10 @@ async def running_services(
                 on_fatal=on_fatal, remote_legs=remote_legs, self_url=config.url,
             )  # fmt: skip
             settings = LeaseSettings(
-                new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max
-            )
+                new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max,
+                # Port 0 here: no internal listener was bound (a test's app alone).
+                internal_url=config.internal_url if config.internal_port else None,
+            )  # fmt: skip
             keeper = LeaseKeeper(
                 dsn, ownership, settings, forget=engine.forget_shards,
                 drain=engine.drain_shards,

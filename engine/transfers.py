@@ -29,7 +29,7 @@ ownership table through ``RemoteLegs`` (the HTTP edge's internal route, http/leg
     deliver(leg) ──▶ served here? ──yes──▶ local shard ──────────────────▶ reply
                         │ no (NotOwner)
                         ▼
-                     owner in the table ──▶ RemoteLegs.send(url, leg) ──▶ reply
+                     owner in the table ──▶ RemoteLegs.send(internal url, leg) ──▶ reply
                         │ no live owner, not connected, or the owner answers NOT_OWNER
                         ▼ (nothing applied)
                      wait for the next table read; at most ``tries_max`` tries,
@@ -138,16 +138,17 @@ class RemoteLegs(abc.ABC):
     """Port: send one leg to another walletd process (the owner of its wallet's shard).
 
     Contract: returns the owner's reply (OK, a business refusal, UNAVAILABLE); NOT_OWNER
-    when nothing was applied for sure (not connected, or the process answered that it does
-    not serve the shard); UNAVAILABLE when the leg may have been applied (sent, answer
-    lost). Never raises for a failure of the other process or of the network.
+    when nothing was applied for sure (not connected, the process answered that it does
+    not serve the shard, or it refused the cluster credential); UNAVAILABLE when the leg
+    may have been applied (sent, answer lost). Never raises for a failure of the other
+    process or of the network.
     """
 
     @abc.abstractmethod
     async def send(
         self, url: str, kind: OperationKind, transfer: TransferRecord, failure_code: str | None
     ) -> Reply:
-        """Deliver the leg to the process listening at ``url`` and return its reply."""
+        """Deliver the leg to the internal listener at ``url`` and return its reply."""
 
 
 _NOT_OWNER_REPLY = Reply(Outcome.NOT_OWNER)
@@ -159,9 +160,10 @@ _TABLE_WAIT_S_MAX = 2.0
 class RoutedLegDelivery(LegDelivery):
     """Delivers a leg to whichever process serves its wallet's shard: this one (``local``,
     which raises ``NotOwner`` when it does not serve the shard) or another one (``remote``,
-    at the URL the ownership table names). A leg that nobody takes for sure (no live owner,
-    not connected, the owner lost the shard) is tried again after the next read of the
-    table, ``tries_max`` times in all; then the answer is NOT_OWNER (nothing applied)."""
+    at the internal URL the ownership table names). A leg that nobody takes for sure (no live
+    owner, not connected, the owner lost the shard, its credential refused) is tried again
+    after the next read of the table, ``tries_max`` times in all; then the answer is
+    NOT_OWNER (nothing applied)."""
 
     def __init__(
         self,
@@ -207,9 +209,11 @@ class RoutedLegDelivery(LegDelivery):
             except EngineRefused:
                 return Reply(Outcome.UNAVAILABLE)
             url = ownership.owner_url(shard)
-            if url is None or url == self._self_url or self._remote is None:
+            # Legs travel to the owner's internal listener, never to its public port.
+            internal_url = ownership.owner_internal_url(shard)
+            if url == self._self_url or internal_url is None or self._remote is None:
                 continue  # nobody serves it right now (or the table lags behind this process)
-            reply = await self._remote.send(url, kind, transfer, failure_code)
+            reply = await self._remote.send(internal_url, kind, transfer, failure_code)
             if reply.outcome is not Outcome.NOT_OWNER:
                 return reply
         return _NOT_OWNER_REPLY

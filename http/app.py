@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from walletd.engine.router import Engine
-from walletd.http import feed, health, legs, routes_v1
+from walletd.http import feed, health, routes_v1
 from walletd.http.docs_page import add_docs_routes
 from walletd.http.edge import Middleware, auth_middleware, edge_middleware, is_protected_path
 from walletd.http.forwarding import FORWARDER_KEY, Forwarder
@@ -27,6 +27,9 @@ def create_app(
 
     ``metrics`` is the registry /metrics shows; pass the one whose ``engine`` observer the
     engine reports to (cli/main.py does), or let the app make its own.
+
+    The public app only: the routes walletd processes call on each other are not registered
+    here in any form; they are on the internal app (http/internal.py, its own listener).
     """
     metrics = metrics or Metrics()
     # Outermost first; see edge.py for why this order.
@@ -78,7 +81,6 @@ def create_app(
     app.cleanup_ctx.append(forwarder.session_ctx)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
-    app.router.add_routes(legs.routes)  # internal: transfer legs between processes
     app.router.add_routes(health.routes)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)
     add_docs_routes(app)

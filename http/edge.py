@@ -23,7 +23,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from walletd.http.keys import KEY_NAME, ROUTE_SCOPES, ApiKey, KeyRing, RateLimiter
-from walletd.http.legs import INTERNAL_PREFIX
 from walletd.http.metrics import UNMATCHED_ROUTE, Metrics
 from walletd.http.problems import PROBLEM_CODE_KEY, ProblemError
 from walletd.http.routes_v1 import PREFIX
@@ -115,7 +114,9 @@ def edge_middleware(metrics: Metrics) -> Middleware:
 
 
 def is_protected_path(path: str) -> bool:
-    return path.startswith((PREFIX + "/", INTERNAL_PREFIX + "/")) or path == PREFIX
+    # The public app only: the internal routes are not registered on it (a path under
+    # /internal/ is 404 here, key or not); their own app checks the cluster credential.
+    return path.startswith(PREFIX + "/") or path == PREFIX
 
 
 def _is_protected(request: web.Request) -> bool:
