@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import (
@@ -22,6 +22,7 @@ from walletd.engine.model import (
 )
 
 __all__ = [
+    "REFUND_FAILURE_CODES",
     "ApplyOperation",
     "ApplyOperations",
     "Command",
@@ -63,6 +64,21 @@ class Outcome(enum.Enum):
     HOLD_ALREADY_VOIDED = "HOLD_ALREADY_VOIDED"
     # A capture into the hold's own wallet (422).
     SAME_WALLET = "SAME_WALLET"
+    # A field past what storage can hold (a reference over 255 characters, an amount over
+    # the maximum, a leg that does not match its kind): the ledger refuses it before it
+    # joins a batch, so storage never refuses a batch for it (422).
+    NOT_STORABLE = "NOT_STORABLE"
+    # Storage refused the command when it stood alone in its batch (a constraint the
+    # ledger cannot foresee, found by isolation in engine/shard.py): nothing applied (409).
+    STORAGE_REFUSED = "STORAGE_REFUSED"
+
+
+# The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
+# carries one of these as its failure_code, stored on the transfer and read back as its
+# outcome.
+REFUND_FAILURE_CODES: Final = frozenset(
+    {Outcome.WALLET_NOT_FOUND.value, Outcome.BALANCE_LIMIT_EXCEEDED.value}
+)
 
 
 class Reply(NamedTuple):

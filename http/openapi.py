@@ -79,10 +79,17 @@ PROBLEM_CODES: Final = (
     "HOLD_ALREADY_VOIDED",
     "CAPTURE_EXCEEDS_HOLD",
     "TOO_MANY_HOLDS",
+    "STORAGE_REFUSED",
 )
 HOLD_EXPIRES_IN_S_MAX: Final = 2_592_000  # WALLETD_HOLD_EXPIRES_IN_MAX's default
 HOLD_EXPIRES_IN_S_DEFAULT: Final = 86_400
 
+# Said wherever a write may be refused alone by the database (docs/API.md, "Errors").
+_STORAGE_REFUSED_NOTE: Final = (
+    " Or STORAGE_REFUSED: the database refused this request alone (a constraint walletd "
+    "cannot foresee, such as one an operator added); nothing was applied, and a retry is "
+    "decided again (the same answer while the constraint stands)."
+)
 AMOUNT_MAX: Final = "1000000000000.00"  # 10^12
 BALANCE_MAX: Final = "1000000000000000.00"  # 10^15
 HISTORY_LIMIT_DEFAULT: Final = 50
@@ -1109,7 +1116,9 @@ def _create_wallet() -> JsonObject:
                 "The body is not JSON or not a JSON object.", 400, ("INVALID_JSON",)
             ),
             "409": _problem_response(
-                "A wallet with this id exists.", 409, ("WALLET_ALREADY_EXISTS",)
+                "A wallet with this id exists." + _STORAGE_REFUSED_NOTE,
+                409,
+                ("WALLET_ALREADY_EXISTS", "STORAGE_REFUSED"),
             ),
             **_post_errors(),
         },
@@ -1181,9 +1190,10 @@ def _apply_operation() -> JsonObject:
             "409": _problem_response(
                 "Withdrawal larger than the balance, or deposit past the balance ceiling "
                 f"({BALANCE_MAX}); the balance is unchanged. With an Idempotency-Key the "
-                "refusal is recorded: a retry with that key gets it again (replayed).",
+                "refusal is recorded: a retry with that key gets it again (replayed)."
+                + _STORAGE_REFUSED_NOTE,
                 409,
-                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED", "STORAGE_REFUSED"),
                 ("Idempotent-Replayed",),
             ),
             **_post_errors(),
@@ -1356,9 +1366,9 @@ def _create_transfer() -> JsonObject:
             ),
             "409": _problem_response(
                 "Not enough money on the from side, or the to side would pass the ceiling "
-                f"({BALANCE_MAX}).",
+                f"({BALANCE_MAX})." + _STORAGE_REFUSED_NOTE,
                 409,
-                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED"),
+                ("INSUFFICIENT_FUNDS", "BALANCE_LIMIT_EXCEEDED", "STORAGE_REFUSED"),
             ),
             **_post_errors(),
         },
@@ -1438,9 +1448,9 @@ def _create_hold() -> JsonObject:
             "404": _ref("responses", "WalletNotFound"),
             "409": _problem_response(
                 "The amount is more than `available`, or the wallet has "
-                "WALLETD_HOLDS_PER_WALLET_MAX PENDING holds already.",
+                "WALLETD_HOLDS_PER_WALLET_MAX PENDING holds already." + _STORAGE_REFUSED_NOTE,
                 409,
-                ("INSUFFICIENT_FUNDS", "TOO_MANY_HOLDS"),
+                ("INSUFFICIENT_FUNDS", "TOO_MANY_HOLDS", "STORAGE_REFUSED"),
             ),
             **_post_errors(),
         },
@@ -1458,13 +1468,15 @@ def _hold_refusals(action: str) -> JsonObject:
         "409": _problem_response(
             f"The hold cannot be {action}: its expires_at has passed (whether or not the "
             "sweep has released it yet), it was captured or voided already, or (capture) "
-            "the amount is more than the hold. The problem carries the `hold`.",
+            "the amount is more than the hold. The problem carries the `hold`."
+            + _STORAGE_REFUSED_NOTE,
             409,
             (
                 "HOLD_EXPIRED",
                 "HOLD_ALREADY_CAPTURED",
                 "HOLD_ALREADY_VOIDED",
                 "CAPTURE_EXCEEDS_HOLD",
+                "STORAGE_REFUSED",
             ),
         ),
         **_post_errors(),
