@@ -35,6 +35,7 @@ __all__ = [
     "ReadWallet",
     "Reply",
     "TransferLeg",
+    "command_ids",
     "hold_key",
     "transfer_leg_key",
 ]
@@ -344,3 +345,27 @@ Command = (
     ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
     | JointTransfer
 )  # fmt: skip
+
+
+def command_ids(command: Command) -> tuple[set[int], set[int]]:
+    """The wallets whose state a command reads or writes, and every id it names (those
+    wallets, a hold's, a transfer's, a capture's receiver), as ints: what the pipeline
+    matches against the ids a storage refusal names (engine/shard.py)."""
+    if isinstance(command, ApplyOperations):
+        wallets = {item.wallet_id.int for item in command.items}
+        return wallets, set(wallets)
+    if isinstance(command, JointTransfer):
+        transfer = command.debit.transfer
+        wallets = {transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+        return wallets, wallets | {transfer.transfer_id.int}
+    wallets = {command.wallet_id.int}
+    named = set(wallets)
+    if isinstance(command, TransferLeg):
+        transfer = command.transfer
+        named |= {transfer.transfer_id.int, transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+    elif isinstance(command, HoldCommand):
+        named.add(command.hold_id.int)
+        for other in (command.to_wallet_id, command.transfer_id):
+            if other is not None:
+                named.add(other.int)
+    return wallets, named

@@ -484,7 +484,12 @@ class PostgresLog(WalletLog):
             if error.sqlstate == _STALE_EPOCH:
                 raise StaleEpoch(str(error), [shard for shard, _ in batch.fence]) from error
             if is_definite_refusal(error.sqlstate):
-                raise StorageRefused(f"batch refused: {error}", error.sqlstate) from error
+                # The detail names the row ("Failing row contains (<id>, ...)", "Key
+                # (id)=(<id>) already exists"): the pipeline starts isolating from it.
+                detail = getattr(error, "detail", None) or ""
+                raise StorageRefused(
+                    f"batch refused: {error} {detail}".rstrip(), error.sqlstate
+                ) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

@@ -58,9 +58,9 @@ async def test_commands_queued_behind_a_refused_batch_get_their_true_answers() -
 
 
 async def test_past_the_isolation_bound_the_rest_is_answered_503_unapplied() -> None:
-    """With refusal_isolation_commits_max=1 the one commit of everything kept is refused
-    again: every command, the refused one too, is answered 503 under ``isolation_limit``,
-    nothing applied, and the shard serves the next command as usual."""
+    """With refusal_isolation_commits_max=1 and two refused commands, the one isolation
+    commit is refused again: every command, the refused ones too, is answered 503 under
+    ``isolation_limit``, nothing applied, and the shard serves the next command as usual."""
     log = ControlledLog()
     observer = RecordingObserver()
     limits = EngineLimits(pipelines=1, batch_ops_max=8, refusal_isolation_commits_max=1)
@@ -72,6 +72,7 @@ async def test_past_the_isolation_bound_the_rest_is_answered_503_unapplied() -> 
         first = asyncio.ensure_future(engine.apply(WALLETS[0], DEPOSIT, POISON, None))
         await until(lambda: gate.waiting == 1)
         rest = [asyncio.ensure_future(engine.apply(w, DEPOSIT, 5, None)) for w in WALLETS[:4]]
+        rest.append(asyncio.ensure_future(engine.apply(WALLETS[1], DEPOSIT, POISON, None)))
         await asyncio.sleep(0.01)
         log.append_gate = None
         gate.open()
@@ -79,7 +80,7 @@ async def test_past_the_isolation_bound_the_rest_is_answered_503_unapplied() -> 
         log.refuse_operation = None
         after = await engine.apply(WALLETS[1], DEPOSIT, 7, None)
     assert {reply.outcome for reply in replies} == {Outcome.UNAVAILABLE}
-    assert sum(n for _, n, why in observer.failed if why == REASON_ISOLATION_LIMIT) == 5
+    assert sum(n for _, n, why in observer.failed if why == REASON_ISOLATION_LIMIT) == 6
     assert after.outcome is Outcome.OK
     assert [op.amount for op in log.operations[WALLETS[1]]] == [7]
 
