@@ -701,8 +701,11 @@ def _transfer_request_schema() -> JsonObject:
                 **_ref("schemas", "WalletId"),
                 "description": (
                     "Optional transfer id chosen by the client; it is the request's "
-                    "idempotency key (global scope)."
+                    "idempotency key (global scope). Not a version-8 UUID: walletd derives "
+                    "those (a capture's transfer), 422."
                 ),
+                # RFC 4122 variant (8, 9, a, b) with version 8: what the edge refuses.
+                "not": {"pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-8[0-9a-fA-F]{3}-[89abAB]"},
             },
             "from_wallet_id": _ref("schemas", "WalletId"),
             "to_wallet_id": {
