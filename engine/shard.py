@@ -226,7 +226,8 @@ class Shard:
 
     async def _run(self) -> None:
         inflight: deque[_Inflight] = deque()
-        # Commands drained but not yet handed to a commit task: owned by the loop alone.
+        # Commands drained but not yet handed to a commit task, or kept for isolation:
+        # owned by the loop alone, answered 503 if the loop dies.
         holding: list[Command] = []
         depth = self._limits.inflight_batches_max
         try:
