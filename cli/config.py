@@ -165,6 +165,11 @@ SETTINGS: tuple[Setting, ...] = (
             "--transfer-leg-tries-max", int, 3,
             "tries to deliver a transfer leg whose wallet's shard has no reachable owner (each "
             "after the next read of the ownership table); then 503, nothing applied or PENDING"),
+    Setting("refusal_isolation_commits_max", ("WALLETD_REFUSAL_ISOLATION_COMMITS_MAX",),
+            "--refusal-isolation-commits-max", int, 64,
+            "commits a shard may spend finding the command(s) the database refused in a batch "
+            "(re-applied in halves, so the others get their true answers); past it the rest "
+            "are answered 503, nothing applied"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -277,6 +282,7 @@ class Config:
     hold_sweep_interval_s: float
     hold_sweep_batch_max: int
     transfer_leg_tries_max: int
+    refusal_isolation_commits_max: int
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float

@@ -47,6 +47,9 @@ Exceptions::
         │       ├── HoldExpired             HOLD_EXPIRED
         │       ├── HoldAlreadyCaptured     HOLD_ALREADY_CAPTURED
         │       └── HoldAlreadyVoided       HOLD_ALREADY_VOIDED
+        ├── StorageRefused        STORAGE_REFUSED (409): the database refused this request
+        │                         alone by a constraint; nothing applied, not recorded (a
+        │                         retry is decided again)
         ├── ServiceUnavailable    503 still answered after the last retry: "not applied, or
         │   │                     unknown"; the same Idempotency-Key resolves it later
         │   ├── Unavailable             UNAVAILABLE
@@ -102,6 +105,7 @@ __all__ = [
     "RouteNotFound",
     "ServerError",
     "ServiceUnavailable",
+    "StorageRefused",
     "TooManyHolds",
     "TooManyItems",
     "TooManyStreams",
@@ -305,6 +309,12 @@ class CaptureExceedsHold(Refused):
     """The capture is larger than the hold; the hold is unchanged."""
 
 
+class StorageRefused(ProblemError):
+    """The database refused this request alone (a constraint walletd cannot foresee, such
+    as one an operator added); nothing was applied. Unlike a ``Refused``, it is not recorded
+    under the Idempotency-Key: a retry is decided again."""
+
+
 class HoldNotPending(Refused):
     """The hold cannot be captured or voided any more; ``body["hold"]`` is its state."""
 
@@ -371,6 +381,7 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "HOLD_ALREADY_VOIDED": HoldAlreadyVoided,
     "CAPTURE_EXCEEDS_HOLD": CaptureExceedsHold,
     "TOO_MANY_HOLDS": TooManyHolds,
+    "STORAGE_REFUSED": StorageRefused,
     "INVALID_TRANSFER_ID": InvalidTransferId,
     "AS_OF_NOT_SETTLED": AsOfNotSettled,
     "WALLET_ALREADY_EXISTS": WalletAlreadyExists,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import (
@@ -22,6 +22,7 @@ from walletd.engine.model import (
 )
 
 __all__ = [
+    "REFUND_FAILURE_CODES",
     "ApplyOperation",
     "ApplyOperations",
     "Command",
@@ -34,6 +35,7 @@ __all__ = [
     "ReadWallet",
     "Reply",
     "TransferLeg",
+    "command_ids",
     "hold_key",
     "transfer_leg_key",
 ]
@@ -63,6 +65,21 @@ class Outcome(enum.Enum):
     HOLD_ALREADY_VOIDED = "HOLD_ALREADY_VOIDED"
     # A capture into the hold's own wallet (422).
     SAME_WALLET = "SAME_WALLET"
+    # A field past what storage can hold (a reference over 255 characters, an amount over
+    # the maximum, a leg that does not match its kind): the ledger refuses it before it
+    # joins a batch, so storage never refuses a batch for it (422).
+    NOT_STORABLE = "NOT_STORABLE"
+    # Storage refused the command when it stood alone in its batch (a constraint the
+    # ledger cannot foresee, found by isolation in engine/shard.py): nothing applied (409).
+    STORAGE_REFUSED = "STORAGE_REFUSED"
+
+
+# The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
+# carries one of these as its failure_code, stored on the transfer and read back as its
+# outcome.
+REFUND_FAILURE_CODES: Final = frozenset(
+    {Outcome.WALLET_NOT_FOUND.value, Outcome.BALANCE_LIMIT_EXCEEDED.value}
+)
 
 
 class Reply(NamedTuple):
@@ -338,3 +355,27 @@ Command = (
     ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
     | JointTransfer
 )  # fmt: skip
+
+
+def command_ids(command: Command) -> tuple[set[int], set[int]]:
+    """The wallets whose state a command reads or writes, and every id it names (those
+    wallets, a hold's, a transfer's, a capture's receiver), as ints: what the pipeline
+    matches against the ids a storage refusal names (engine/shard.py)."""
+    if isinstance(command, ApplyOperations):
+        wallets = {item.wallet_id.int for item in command.items}
+        return wallets, set(wallets)
+    if isinstance(command, JointTransfer):
+        transfer = command.debit.transfer
+        wallets = {transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+        return wallets, wallets | {transfer.transfer_id.int}
+    wallets = {command.wallet_id.int}
+    named = set(wallets)
+    if isinstance(command, TransferLeg):
+        transfer = command.transfer
+        named |= {transfer.transfer_id.int, transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+    elif isinstance(command, HoldCommand):
+        named.add(command.hold_id.int)
+        for other in (command.to_wallet_id, command.transfer_id):
+            if other is not None:
+                named.add(other.int)
+    return wallets, named

@@ -54,7 +54,13 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from uuid import UUID
 
-from walletd.engine.commands import JointTransfer, Outcome, Reply, TransferLeg
+from walletd.engine.commands import (
+    REFUND_FAILURE_CODES,
+    JointTransfer,
+    Outcome,
+    Reply,
+    TransferLeg,
+)
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
@@ -78,7 +84,7 @@ SIDE_TO = "to"
 
 # Refusals of the credit leg that end the transfer FAILED (the debit refunded). Any other
 # answer (503) leaves it PENDING, to be driven again.
-_FINAL_CREDIT_REFUSALS = frozenset({Outcome.WALLET_NOT_FOUND, Outcome.BALANCE_LIMIT_EXCEEDED})
+_FINAL_CREDIT_REFUSALS = frozenset(Outcome(code) for code in REFUND_FAILURE_CODES)
 
 
 class TransferReply(NamedTuple):
@@ -416,6 +422,15 @@ class TransferCoordinator:
             # The joint commit's outcome is unknown: it wrote both legs or nothing, and no
             # one else drives a transfer that is not stored; storage tells which.
             return await self._answer_from_storage(requested, replayed=False)
+        if debit.outcome is Outcome.STORAGE_REFUSED and not fresh_id:
+            # Storage refused the debit alone (engine/shard.py): perhaps another process's
+            # driver stored this id first (the transfers' primary key); then it answers.
+            try:
+                stored = await self.read(requested.transfer_id)
+            except StorageError:
+                return _UNAVAILABLE
+            if stored is not None:
+                return await self._resume(stored, requested)
         if debit.outcome is not Outcome.OK:
             return TransferReply(
                 debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen,

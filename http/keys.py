@@ -36,6 +36,8 @@ from typing import Final, TypeVar
 
 from aiohttp import web
 
+from walletd.engine.bounds import ACTOR_LENGTH_MAX
+
 __all__ = [
     "API_KEYS_MAX",
     "KEY_NAME",
@@ -64,7 +66,8 @@ CLIENT_SCOPES: Final = frozenset(Scope)
 # Keys are a finite configured set; this bounds it, and with it every per-key table
 # (rate buckets, stream counts, metric labels) and the cost of a lookup (all keys compared).
 API_KEYS_MAX: Final = 256
-KEY_NAME_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# A name is the actor on the rows its requests write: at most what storage holds there.
+KEY_NAME_PATTERN: Final = f"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{ACTOR_LENGTH_MAX - 1}}}$"
 _KEY_NAME: Final = re.compile(KEY_NAME_PATTERN.strip("^$"))
 # Printable ASCII without spaces or commas (the list separator): what fits a header as is.
 _SECRET_PATTERN: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]+")

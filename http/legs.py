@@ -40,7 +40,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from walletd.engine.commands import Outcome, Reply, TransferLeg
+from walletd.engine.bounds import (
+    ACTOR_LENGTH_MAX,
+    REFERENCE_LENGTH_MAX,
+    storable_amount,
+    storable_text,
+)
+from walletd.engine.commands import REFUND_FAILURE_CODES, Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletView
 from walletd.engine.router import Engine
@@ -109,9 +115,19 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
         _text(t.get("actor")),
     )  # fmt: skip
-    if transfer.amount <= 0 or transfer.from_wallet_id == transfer.to_wallet_id:
+    # The ledger's bounds (engine/bounds.py), checked here first so a leg past them is
+    # refused at the edge like any request; the ledger refuses it again (NOT_STORABLE).
+    reference, failure_code = transfer.reference, _text(body["failure_code"])
+    actor = transfer.actor
+    if (
+        not storable_amount(transfer.amount)
+        or transfer.from_wallet_id == transfer.to_wallet_id
+        or (reference is not None and not storable_text(reference, 0, REFERENCE_LENGTH_MAX))
+        or (actor is not None and not storable_text(actor, 1, ACTOR_LENGTH_MAX))
+        or (failure_code is not None and failure_code not in REFUND_FAILURE_CODES)
+    ):
         raise ValueError("not a valid transfer")
-    return kind, transfer, _text(body["failure_code"])
+    return kind, transfer, failure_code
 
 
 def _int(value: object) -> int:

@@ -132,6 +132,18 @@ class EngineMetrics(EngineObserver):
             self.batch_failed_commands.labels(reason)
         for reason in REJECTION_REASONS:
             self.commands_rejected.labels(reason)
+        self.isolation_commits = Counter(
+            "walletd_isolation_commits",
+            "Commits spent isolating the command(s) at fault after storage refused a batch "
+            "for what it held (its neighbours then got their true answers)",
+            registry=registry,
+        )
+        self.storage_refused_commands = Counter(
+            "walletd_storage_refused_commands",
+            "Commands storage refused when they stood alone (answered 409 STORAGE_REFUSED, "
+            "or 503 when another driver closed the transfer or hold first)",
+            registry=registry,
+        )
         self.shard_restarts = Counter(
             "walletd_shard_restarts",
             "Crashed shards restarted from storage by the engine's supervisor",
@@ -159,6 +171,10 @@ class EngineMetrics(EngineObserver):
 
     def command_rejected(self, reason: str) -> None:
         self.commands_rejected.labels(reason).inc()
+
+    def commands_isolated(self, shard: int, commits: int, refused: int) -> None:
+        self.isolation_commits.inc(commits)
+        self.storage_refused_commands.inc(refused)
 
     def shard_restarted(self, shard: int) -> None:
         self.shard_restarts.inc()

@@ -17,6 +17,9 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
+from walletd.engine.bounds import KEY_LENGTH_MAX
+from walletd.engine.bounds import REFERENCE_LENGTH_MAX as REFERENCE_LENGTH_MAX
+from walletd.engine.holds import is_derived_transfer_id
 from walletd.engine.model import OperationKind
 from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
@@ -53,7 +56,7 @@ __all__ = [
     "require_json_content_type",
 ]
 
-IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = KEY_LENGTH_MAX
 # The one spelling of a wallet id: canonical 8-4-4-4-12 hex, either case. A proxy routes by
 # the id as written (docs/ARCHITECTURE.md), so every other form UUID() would take (urn:uuid:,
 # braces, no hyphens, percent-encoded) is refused rather than given a second spelling.
@@ -81,7 +84,6 @@ _FRACTION_DIGITS_MAX: Final = 2
 
 assert 10**_FRACTION_DIGITS_MAX == MINOR_UNITS_PER_UNIT
 _TRANSFER_FIELDS: Final = frozenset({"id", "from_wallet_id", "to_wallet_id", "amount", "reference"})
-REFERENCE_LENGTH_MAX: Final = 255
 # A client's own text for reconciliation: any characters but the C0/C1 controls (the
 # OpenAPI document states this same pattern).
 REFERENCE_PATTERN: Final = "^[^\\x00-\\x1f\\x7f-\\x9f]{1,255}$"
@@ -514,6 +516,10 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
         if name not in _TRANSFER_FIELDS:
             errors.append({"field": str(name)[:64], "message": "unknown field"})
     transfer_id = _body_uuid(body, "id", errors) if "id" in body else None
+    if transfer_id is not None and is_derived_transfer_id(transfer_id):
+        # Reserved to the ids walletd derives (engine/holds.py): a client that took one
+        # first could block the capture that derives it.
+        errors.append({"field": "id", "message": "must not be a version 8 UUID (reserved)"})
     from_wallet_id = _body_uuid(body, "from_wallet_id", errors)
     to_wallet_id = _body_uuid(body, "to_wallet_id", errors)
     if from_wallet_id is not None and from_wallet_id == to_wallet_id:

@@ -71,6 +71,7 @@ TITLES: Final = {
     "HOLD_ALREADY_VOIDED": "Hold already voided",
     "CAPTURE_EXCEEDS_HOLD": "Capture exceeds hold",
     "TOO_MANY_HOLDS": "Too many holds",
+    "STORAGE_REFUSED": "Refused by storage",
 }
 
 FieldError = dict[str, str]

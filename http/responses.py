@@ -173,6 +173,8 @@ def transfer_reply_response(
             f"transfer {transfer_id} was already requested with a different body",
             extra=extra,
         )  # fmt: skip
+    if outcome is Outcome.STORAGE_REFUSED or outcome is Outcome.NOT_STORABLE:
+        raise reply_problem(Reply(outcome), wallet_id, amount)
     if outcome is Outcome.NOT_OWNER:
         raise ProblemError(
             503, "NOT_OWNER",
@@ -340,6 +342,23 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
             422,
             "IDEMPOTENCY_KEY_REUSED",
             "this Idempotency-Key was already used with a different request",
+        )
+    if outcome is Outcome.STORAGE_REFUSED:
+        # Isolated by the pipeline (engine/shard.py): the database refused this command
+        # when it stood alone. Deterministic while the constraint stands, so a 409 (like a
+        # business refusal), never a 503 that would invite the same retry forever. Not
+        # recorded: a retry with the same key is decided again.
+        return ProblemError(
+            409,
+            "STORAGE_REFUSED",
+            f"the database refused this request on wallet {wallet_id} by one of its "
+            "constraints; nothing was applied",
+        )
+    if outcome is Outcome.NOT_STORABLE:
+        # The edge's validation refuses the same first; only another way in (a forged
+        # leg) reaches the ledger's own bounds.
+        return ValidationProblem(
+            [{"field": "body", "message": "a field is past what storage holds; nothing applied"}]
         )
     if outcome is Outcome.NOT_OWNER:
         return ProblemError(

@@ -5,7 +5,9 @@ autocommit: one round trip, one implicit transaction (log rows + snapshot moves)
 Which calls may have committed when they fail:
 
 - the pool could not hand out a connection      -> StorageUnavailable (nothing sent)
-- the server answered with an error              -> StorageError (rolled back)
+- the server answered with an error              -> StorageError (rolled back); a definite
+                                                    refusal of the rows (a constraint, a
+                                                    walletd check) -> StorageRefused
 - the connection broke or timed out after send   -> CommitOutcomeUnknown
 
 Every call is bounded: waiting for a connection by ``acquire_timeout_s``, each statement by
@@ -45,12 +47,13 @@ from walletd.engine.ports import (
     PredecessorPending,
     StaleEpoch,
     StorageError,
+    StorageRefused,
     StorageUnavailable,
     TransferNotPending,
     WalletLog,
 )
 
-__all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
+__all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog", "is_definite_refusal"]
 
 # The fence runs first, in the same statement and so the same transaction: it locks the
 # lease rows of the batch's shards (FOR KEY SHARE) and refuses a stale epoch (WDF01) before
@@ -185,6 +188,26 @@ _TRANSFER_NOT_PENDING = "WD004"
 _HOLD_NOT_PENDING = "WD005"
 # Raised by walletd_fence when a shard's lease epoch is newer than the batch's.
 _STALE_EPOCH = "WDF01"
+# Raised by walletd_append_batch when a snapshot's seq is ahead of the batch's: another
+# writer. Not the batch's content at fault: the whole batch fails (503) and is re-read.
+_ANOTHER_WRITER = "WD001"
+# Definite refusals of what a batch holds: the same rows would be refused again, so the
+# pipeline isolates the command at fault instead of failing its neighbours with it
+# (engine/shard.py). Class 22 (data exception: a value out of its type's range), class 23
+# (integrity: CHECK, UNIQUE, NOT NULL), P0001 (RAISE EXCEPTION without a code, as an
+# operator's trigger raises it), and walletd's own raised checks ("WD...", except the
+# fencing and lease codes above, which say nothing about the rows).
+_REFUSAL_CLASSES = ("22", "23")
+_REFUSAL_CODES = frozenset({"P0001"})
+_NOT_REFUSALS = frozenset({_PREDECESSOR_PENDING, _ANOTHER_WRITER, _STALE_EPOCH})
+
+
+def is_definite_refusal(sqlstate: str | None) -> bool:
+    """Whether a PostgreSQL error refuses the rows themselves (see _REFUSAL_CLASSES)."""
+    if not sqlstate or sqlstate in _NOT_REFUSALS:
+        return False
+    return sqlstate[:2] in _REFUSAL_CLASSES or sqlstate in _REFUSAL_CODES or sqlstate[:2] == "WD"
+
 
 # Errors after which nobody knows whether the server ran the statement. A broken connection
 # surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
@@ -454,6 +477,9 @@ class PostgresLog(WalletLog):
         connection = await self._acquire()
         try:
             await connection.execute(statement, *args)
+        except asyncpg.DataError as error:
+            # asyncpg could not encode an argument: refused before anything was sent.
+            raise StorageRefused(f"batch refused: {error}", "22000") from error
         except (*_BROKEN_CONNECTION, *_CONNECTION_LOST) as error:
             # Checked before PostgresError: these are PostgresError subclasses, yet the
             # commit may have happened before the connection went.
@@ -462,11 +488,18 @@ class PostgresLog(WalletLog):
             if error.sqlstate == _PREDECESSOR_PENDING:
                 raise PredecessorPending(str(error)) from error
             if error.sqlstate == _TRANSFER_NOT_PENDING:
-                raise TransferNotPending(str(error)) from error
+                raise TransferNotPending(str(error), error.sqlstate) from error
             if error.sqlstate == _HOLD_NOT_PENDING:
-                raise HoldNotPending(str(error)) from error
+                raise HoldNotPending(str(error), error.sqlstate) from error
             if error.sqlstate == _STALE_EPOCH:
                 raise StaleEpoch(str(error), [shard for shard, _ in batch.fence]) from error
+            if is_definite_refusal(error.sqlstate):
+                # The detail names the row ("Failing row contains (<id>, ...)", "Key
+                # (id)=(<id>) already exists"): the pipeline starts isolating from it.
+                detail = getattr(error, "detail", None) or ""
+                raise StorageRefused(
+                    f"batch refused: {error} {detail}".rstrip(), error.sqlstate
+                ) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

@@ -127,6 +127,22 @@ async def test_the_route_needs_a_list_of_legs(client: Client, internal: Client) 
     assert (await response.json())["balance"] == "1.00"
 
 
+async def test_a_leg_past_what_storage_holds_is_refused_at_the_edge(
+    client: Client, internal: Client
+) -> None:
+    """A peer's leg whose fields storage would refuse (a reference past 255 characters, an
+    actor past the 64 a key name has, which wallet_operations' CHECK refuses) is 422 before
+    it reaches a batch; nothing is written."""
+    sender, receiver = await funded_wallet(client, 1), await funded_wallet(client, 0)
+    leg = encode_leg(OperationKind.TRANSFER_OUT, opened(sender, receiver, 100), None)
+    for field, value in (("reference", "r" * 256), ("actor", "a" * 65)):
+        forged = {**leg, "transfer": {**leg["transfer"], field: value}}
+        response = await internal.post(LEGS_PATH, json={"legs": [forged]}, headers=AUTHORIZED)
+        assert response.status == 422, (field, await response.text())
+    response = await client.get(f"/api/v1/wallets/{sender}")
+    assert (await response.json())["balance"] == "1.00"
+
+
 async def test_legs_sent_at_once_share_requests_and_each_gets_its_own_reply(
     client: Client, internal: Client
 ) -> None:
