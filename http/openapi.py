@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import orjson
 
-from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX
+from walletd.http.bulk import KEY_INDEX_MAX, REQUEST_KEY_LENGTH_MAX
 from walletd.http.parsing import REFERENCE_PATTERN, WALLET_ID_PATTERN
 from walletd.http.routes_v1 import CURSOR_PATTERN
 
@@ -546,6 +546,14 @@ def _bulk_item_schema() -> JsonObject:
             "amount": _ref("schemas", "Amount"),
             "idempotency_key": _ref("schemas", "IdempotencyKey"),
             "reference": _ref("schemas", "Reference"),
+            "key_index": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": KEY_INDEX_MAX,
+                "description": "With the request's Idempotency-Key and no idempotency_key: "
+                "the index the item's derived key is built from, instead of its position "
+                "(walletd sets it when it sends part of a request on to another process).",
+            },
         },
     }
 
@@ -1201,7 +1209,9 @@ def _bulk_operations() -> JsonObject:
         "per item, in order. A 200 means every applied item is committed. The request is "
         "admitted whole or refused whole (503 OVERLOADED, nothing queued). With an "
         f"Idempotency-Key (at most {REQUEST_KEY_LENGTH_MAX} characters here), every item "
-        "without a key of its own gets the key `<request key>/<index>`, so a retry of the "
+        "without a key of its own gets a key derived from it and its index (shown "
+        "`<request key>/<index>` in the history; stored apart from every key a client can "
+        "send, so a client key `R/0` is never item 0 of request `R`), so a retry of the "
         "same request replays item by item. Without any key, a retry after a lost answer "
         "may apply items twice.",
         "security": list(API_SECURITY),

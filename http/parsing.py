@@ -23,6 +23,7 @@ from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 from walletd.http.settings import HttpSettings
 
 __all__ = [
+    "DERIVED_KEY_SEPARATOR",
     "IDEMPOTENCY_KEY_LENGTH_MAX",
     "OPERATION_KINDS",
     "REFERENCE_LENGTH_MAX",
@@ -33,6 +34,7 @@ __all__ = [
     "OperationFields",
     "TransferRequest",
     "body_wallet_id",
+    "derived_key",
     "is_idempotency_key",
     "loads_exact",
     "operation_fields",
@@ -51,9 +53,13 @@ __all__ = [
     "read_body",
     "read_json_object",
     "require_json_content_type",
+    "shown_key",
 ]
 
 IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+# The unit separator (0x1F): in keys walletd makes (bulk items' derived keys, transfer legs,
+# hold rows), never in a client's, which is printable ASCII.
+DERIVED_KEY_SEPARATOR: Final = "\x1f"
 # The one spelling of a wallet id: canonical 8-4-4-4-12 hex, either case. A proxy routes by
 # the id as written (docs/ARCHITECTURE.md), so every other form UUID() would take (urn:uuid:,
 # braces, no hyphens, percent-encoded) is refused rather than given a second spelling.
@@ -460,13 +466,31 @@ def parse_empty_body(body: dict[str, Any]) -> None:
 
 
 def is_idempotency_key(value: Any) -> bool:
-    """1 to ``IDEMPOTENCY_KEY_LENGTH_MAX`` printable ASCII characters."""
+    """1 to ``IDEMPOTENCY_KEY_LENGTH_MAX`` printable ASCII characters (so never the unit
+    separator, which keys of walletd's own making hold: ``derived_key``, transfer legs)."""
     return (
         isinstance(value, str)
         and 1 <= len(value) <= IDEMPOTENCY_KEY_LENGTH_MAX
         and value.isascii()
         and value.isprintable()
     )
+
+
+def derived_key(request_key: str, index: int) -> str:
+    """The key of item ``index`` of a bulk request keyed ``request_key`` that has none of its
+    own: ``<request key><US><index>``. No client key holds US, so none is ever a derived key;
+    a derived key never starts with US, so it is never a transfer leg's or a hold row's key
+    (``<US>KIND:<id>``, engine/commands.py)."""
+    return f"{request_key}{DERIVED_KEY_SEPARATOR}{index}"
+
+
+def shown_key(stored: str | None) -> str | None:
+    """A stored operation key as the history and the feed show it: a derived key reads
+    ``<request key>/<index>`` (a key in an answer is printable ASCII; only storage tells it
+    from a client's key ``R/0``)."""
+    if stored is None or DERIVED_KEY_SEPARATOR not in stored:
+        return stored
+    return stored.replace(DERIVED_KEY_SEPARATOR, "/")
 
 
 def body_wallet_id(value: Any) -> UUID | None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -22,8 +23,18 @@ from tests.processes import WalletdProcess
 from tests.test_faults import check_database
 from walletd.cli.config import SETTINGS
 from walletd.engine.limits import EngineLimits
-from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
+from walletd.engine.model import OperationKind
+from walletd.http.bulk import (
+    KEY_INDEX_MAX,
+    REQUEST_KEY_LENGTH_MAX,
+    BulkItem,
+    _checked_item,
+    _parse_item,
+    item_json,
+    parse_bulk,
+)
 from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
+from walletd.http.parsing import derived_key
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
 
@@ -173,6 +184,127 @@ async def test_item_keys_and_the_request_key_replay_without_applying_twice(
     assert body["results"][0]["status"] == 422
     assert body["results"][0]["body"]["code"] == "IDEMPOTENCY_KEY_REUSED"
     assert await balance(client, a) == Decimal("7.00")
+
+
+async def test_derived_item_keys_never_meet_a_key_a_client_sends(client: Client) -> None:
+    """Issue 20 item 7: a client key ``R/0`` beside request key ``R`` is its own key, not a
+    replay of item 0 (it was: applied 3, balance 17 instead of 27); the same key text on
+    the single endpoint, on a hold and on a transfer is never a bulk item either, and a key
+    a client used first does not swallow a derived one. A retry still replays item by item."""
+    a, b = await new_wallet(client), await new_wallet(client)
+    items = [op(a, "DEPOSIT", 10), op(a, "DEPOSIT", 10, key="R/0"), op(a, "DEPOSIT", 7)]
+    status, body = await bulk(client, items, **{"Idempotency-Key": "R"})
+    assert status == 200, body
+    assert (body["applied"], [r["replayed"] for r in body["results"]]) == (3, [False] * 3)
+    assert await balance(client, a) == Decimal(27)
+    response = await client.post(
+        f"/api/v1/wallets/{a}/operation",
+        json={"operation_type": "DEPOSIT", "amount": 7},
+        headers={"Idempotency-Key": "R/2"},
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (200, None)
+    assert await balance(client, a) == Decimal(34)
+    response = await client.post(
+        f"/api/v1/wallets/{a}/holds", json={"amount": 10}, headers={"Idempotency-Key": "R/0"}
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (201, None)
+    response = await client.post(
+        "/api/v1/transfers",
+        json={"from_wallet_id": a, "to_wallet_id": b, "amount": 10},
+        headers={"Idempotency-Key": "R/0"},
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (201, None)
+    assert await balance(client, a) == Decimal(24)
+    # A client's "S/0" first, then request S: item 0 is applied, not a replay of it (this
+    # is also what a retry after the upgrade of a bulk request made before it does: its
+    # items were stored as "S/<index>", so they apply again; docs/OPERATIONS.md).
+    response = await client.post(
+        f"/api/v1/wallets/{b}/operation",
+        json={"operation_type": "DEPOSIT", "amount": 1},
+        headers={"Idempotency-Key": "S/0"},
+    )
+    assert response.status == 200
+    status, body = await bulk(client, [op(b, "DEPOSIT", 5)], **{"Idempotency-Key": "S"})
+    assert (body["applied"], body["results"][0]["replayed"]) == (1, False)
+    assert await balance(client, b) == Decimal(16)
+    status, again = await bulk(client, items, **{"Idempotency-Key": "R"})
+    assert [r["replayed"] for r in again["results"]] == [True] * 3
+    assert await balance(client, a) == Decimal(24)
+    # Shown as before in the history and the feed: the derived key as "R/<index>".
+    shown = [row["idempotency_key"] for row in await history(client, a)]
+    assert shown.count("R/0") == 2
+    assert shown.count("R/2") == 2
+    assert sorted(key for key in await feed_keys(client, a) if key) == sorted(
+        key for key in shown if key
+    )
+
+
+async def feed_keys(client: Client, wallet_id: str) -> list[str | None]:
+    """The idempotency_key of every operation.applied event of one wallet in the feed."""
+    keys: list[str | None] = []
+    after: str | None = None
+    for _ in range(1000):  # bounded
+        params = {"limit": "500"} | ({"after": after} if after else {})
+        response = await client.get("/api/v1/events", params=params)
+        body = await response.json()
+        assert response.status == 200, body
+        keys += [
+            event["idempotency_key"]
+            for event in body["events"]
+            if event["type"] == "operation.applied" and event["wallet_id"] == wallet_id
+        ]
+        after = body["next_position"]
+        if len(body["events"]) < 500:
+            return keys
+    raise AssertionError("the feed never ran dry")
+
+
+def test_a_forwarded_item_keeps_every_field() -> None:
+    """Issue 20 item 7: what a sub-request spells for an item parses back, at the owner, to
+    the very same item: every field of BulkItem (reference was lost), a derived key as the
+    same derived key (through key_index and the request key), a client key as itself."""
+    wallet = uuid.uuid4()
+    derived = BulkItem(wallet, OperationKind.WITHDRAW, 1234, derived_key("R", 7), "ref é 1")
+    own = BulkItem(wallet, OperationKind.DEPOSIT, 1, "own/7", "ref 2")
+    for item in (derived, own):
+        # Every field is set: a field added to BulkItem and not to item_json fails here.
+        assert all(value is not None for value in item), item
+        raw = orjson.dumps({"items": [item_json(item)]})
+        assert parse_bulk(raw, 10, "R").items == [item]
+    bare = BulkItem(wallet, OperationKind.DEPOSIT, 5, None)
+    assert parse_bulk(orjson.dumps({"items": [item_json(bare)]}), 10, None).items == [bare]
+
+
+async def test_key_index_is_checked_and_derives_the_key(client: Client) -> None:
+    """``key_index`` (what a forwarding process sets) needs the request key, excludes an
+    own key, is an integer 0..999999; it derives the key an item at that index gets."""
+    a = await new_wallet(client)
+    bad: list[tuple[Any, dict[str, str], str]] = [
+        (True, {"Idempotency-Key": "K"}, f"must be an integer from 0 to {KEY_INDEX_MAX}"),
+        (KEY_INDEX_MAX + 1, {"Idempotency-Key": "K"}, "must be an integer from 0 to 999999"),
+        (-1, {"Idempotency-Key": "K"}, "must be an integer from 0 to 999999"),
+        ("1", {"Idempotency-Key": "K"}, "must be an integer from 0 to 999999"),
+        (1, {}, "needs the request's Idempotency-Key header"),
+    ]
+    for value, headers, message in bad:
+        _status, body = await bulk(client, [op(a, "DEPOSIT", 1) | {"key_index": value}], **headers)
+        assert body["results"][0]["body"]["errors"] == [
+            {"field": "items[0].key_index", "message": message}
+        ], value
+    _status, body = await bulk(
+        client, [op(a, "DEPOSIT", 1, key="own") | {"key_index": 1}], **{"Idempotency-Key": "K"}
+    )
+    assert body["results"][0]["body"]["errors"][0]["message"] == (
+        "give idempotency_key or key_index, not both"
+    )
+    assert await balance(client, a) == Decimal(0)
+    items = [op(a, "DEPOSIT", 1), op(a, "DEPOSIT", 2)]
+    assert (await bulk(client, items, **{"Idempotency-Key": "K"}))[0] == 200
+    _status, body = await bulk(
+        client, [op(a, "DEPOSIT", 2) | {"key_index": 1}], **{"Idempotency-Key": "K"}
+    )
+    assert body["results"][0]["replayed"] is True
+    assert await balance(client, a) == Decimal(3)
 
 
 async def test_concurrent_retries_of_one_keyed_bulk_apply_once(client: Client) -> None:
@@ -432,7 +564,7 @@ def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
     assert EngineLimits().bulk_ops_max == BULK_ITEMS_MAX_DEFAULT
     setting = next(s for s in SETTINGS if s.name == "bulk_items_max")
     assert f"0 = {BULK_ITEMS_MAX_DEFAULT}" in setting.help
-    assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(10**6 - 1)) <= 255
+    assert len(derived_key("r" * REQUEST_KEY_LENGTH_MAX, KEY_INDEX_MAX)) == 255
 
 
 @pytest.mark.slow
@@ -477,7 +609,7 @@ async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
                         results = (await response.json())["results"]
                         assert [r["status"] for r in results] == [200] * len(items)
                         for i, (wallet, cents, key) in enumerate(items):
-                            acked[key or f"{request_key}/{i}"] = (wallet, cents)
+                            acked[key or derived_key(request_key, i)] = (wallet, cents)
             except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.01)  # the process is gone
 
@@ -507,7 +639,7 @@ async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
                 results = (await response.json())["results"]
                 assert [r["status"] for r in results] == [200] * len(items)
     every_item = {
-        key or f"{request_key}/{i}": (wallet, cents)
+        key or derived_key(request_key, i): (wallet, cents)
         for items, request_key in requests
         for i, (wallet, cents, key) in enumerate(items)
     }
@@ -559,7 +691,15 @@ def _items(draw: st.DrawFn) -> dict[str, Any]:
     changes = draw(
         st.dictionaries(
             st.sampled_from(
-                ["wallet_id", "operation_type", "operationType", "amount", "idempotency_key", "x"]
+                [
+                    "wallet_id",
+                    "operation_type",
+                    "operationType",
+                    "amount",
+                    "idempotency_key",
+                    "key_index",
+                    "x",
+                ]
             ),
             st.one_of(_VALUES, _EDGE_AMOUNTS),
             max_size=1,
