@@ -198,7 +198,7 @@ def _schemas() -> JsonObject:
         "TransferRequest": _transfer_request_schema(),
         "Transfer": _transfer_schema(),
         "Reference": _reference_schema(),
-        "HoldId": {"type": "string", "format": "uuid"},
+        "HoldId": _ref("schemas", "WalletId"),
         "HoldRequest": _hold_request_schema(),
         "CaptureRequest": _capture_request_schema(),
         "VoidRequest": {
@@ -1386,8 +1386,9 @@ def _get_transfer() -> JsonObject:
                 "name": "transfer_id",
                 "in": "path",
                 "required": True,
-                "description": "A UUID; anything else is 400 INVALID_TRANSFER_ID.",
-                "schema": {"type": "string", "format": "uuid"},
+                "description": "A UUID in the canonical form, either case, written as is (not "
+                "percent-encoded); anything else is 400 INVALID_TRANSFER_ID.",
+                "schema": _ref("schemas", "WalletId"),
             }
         ],
         "responses": {
@@ -1405,7 +1406,8 @@ def _hold_id_parameter() -> JsonObject:
         "name": "hold_id",
         "in": "path",
         "required": True,
-        "description": "A UUID in the canonical form; anything else is 400 INVALID_HOLD_ID. "
+        "description": "A UUID in the canonical form, either case, written as is (not "
+        "percent-encoded); anything else is 400 INVALID_HOLD_ID. "
         "A hold id hashes to its wallet's shard, so it routes like the wallet.",
         "schema": _ref("schemas", "HoldId"),
     }

@@ -49,6 +49,7 @@ __all__ = [
     "parse_reference",
     "parse_transfer_body",
     "parse_wallet_id",
+    "path_id",
     "path_wallet_id",
     "read_body",
     "read_json_object",
@@ -130,7 +131,7 @@ def path_wallet_id(request: web.Request) -> UUID:
     (so decoding changed nothing) and that text is canonical.
     """
     text = request.match_info["wallet_id"]
-    if not _written_as_routed(request.raw_path, text):
+    if not _written_as_routed(request.raw_path, _WALLETS_PATH, text):
         raise ProblemError(
             400,
             "INVALID_WALLET_ID",
@@ -139,15 +140,30 @@ def path_wallet_id(request: web.Request) -> UUID:
     return parse_wallet_id(text)
 
 
-def _written_as_routed(target: str, text: str) -> bool:
-    """Whether the raw request target's wallet-id segment is ``text`` itself."""
+def path_id(request: web.Request, name: str, resource_path: str, code: str) -> UUID:
+    """The id (of a hold, a transfer) in ``resource_path`` + ``{name}``, held to the wallet
+    id's rules: the raw request target holds exactly the routed text, which is canonical
+    (8-4-4-4-12 hex, either case); anything else is 400 ``code``. HAProxy hashes a hold id
+    as written, so a second spelling would reach another shard's process."""
+    text = request.match_info[name]
+    if not _written_as_routed(request.raw_path, resource_path, text):
+        raise ProblemError(
+            400, code, f"{text[:64]!r} must be written as a canonical UUID, not percent-encoded"
+        )
+    if len(text) != 36 or _WALLET_ID.fullmatch(text) is None:
+        raise ProblemError(400, code, f"{text[:64]!r} is not a canonical UUID")
+    return UUID(text)
+
+
+def _written_as_routed(target: str, resource_path: str, text: str) -> bool:
+    """Whether the raw request target's id segment (after ``resource_path``) is ``text``."""
     start = 0
-    if not target.startswith(_WALLETS_PATH):  # absolute form: scheme://authority/path
+    if not target.startswith(resource_path):  # absolute form: scheme://authority/path
         authority = _ABSOLUTE_FORM.match(target)
-        if authority is None or not target.startswith(_WALLETS_PATH, authority.end()):
+        if authority is None or not target.startswith(resource_path, authority.end()):
             return False
         start = authority.end()
-    start += len(_WALLETS_PATH)
+    start += len(resource_path)
     end = start + len(text)
     return target.startswith(text, start) and (len(target) == end or target[end] in "/?#")
 
