@@ -384,6 +384,31 @@ async def test_atomic_refuses_whole_on_one_bad_item(one_actor: Client) -> None:
     assert len(await history(client, b)) == 0
 
 
+async def test_atomic_bulk_takes_only_available_money_on_a_wallet_with_holds(
+    one_actor: Client,
+) -> None:
+    """Issue 20 item 11: the atomic trial run decides on ``available``, not ``balance``: a
+    withdrawal past the available money of a wallet with a hold refuses the group whole
+    (409, nothing applied, the hold untouched), exactly the available amount applies, and
+    a deposit earlier in the group makes room for a later withdrawal."""
+    client = one_actor
+    a, b = await new_wallet(client), await new_wallet(client)
+    assert (await bulk(client, [op(a, "DEPOSIT", 10)]))[0] == 200
+    response = await client.post(f"/api/v1/wallets/{a}/holds", json={"amount": 8})
+    assert response.status == 201
+    status, answer = await atomic(client, [op(b, "DEPOSIT", 1), op(a, "WITHDRAW", 5)])
+    assert (status, answer["code"], answer["index"]) == (409, "INSUFFICIENT_FUNDS", 1), answer
+    assert (await balance(client, a), await balance(client, b)) == (Decimal(10), Decimal(0))
+    status, answer = await atomic(client, [op(a, "WITHDRAW", "2.01")])
+    assert (status, answer["code"]) == (409, "INSUFFICIENT_FUNDS"), answer
+    status, answer = await atomic(client, [op(a, "WITHDRAW", "2.00")])
+    assert status == 200, answer
+    status, answer = await atomic(client, [op(a, "DEPOSIT", 4), op(a, "WITHDRAW", 4)])
+    assert status == 200, answer
+    wallet = await (await client.get(f"/api/v1/wallets/{a}")).json()
+    assert (wallet["balance"], wallet["held"], wallet["available"]) == ("8.00", "8.00", "0.00")
+
+
 async def test_atomic_replays_and_a_key_used_twice_in_one_request(one_actor: Client) -> None:
     """A retried atomic request replays every item; a key used twice for the same operation
     within one request applies once."""
