@@ -292,7 +292,8 @@ async def test_a_lost_lease_stops_every_answer_from_memory_and_the_successor_ser
                 # share with new epochs and re-reads. Whatever it answers is never 1000.
                 balances_seen: list[int] = []
 
-                def first_serves_shard_5_again() -> bool:
+                def first_serves_shard_5() -> bool:
+                    """Sample what the first answers from memory for the wallet, if anything."""
                     try:
                         view = first.engine.read_resident(wallet)
                     except NotOwner:
@@ -301,13 +302,21 @@ async def test_a_lost_lease_stops_every_answer_from_memory_and_the_successor_ser
                         balances_seen.append(view.balance)
                     return True
 
-                await until(lambda: len(first.ownership.served()) > 0, "first claims its share")
-                if first_serves_shard_5_again():
-                    reply = await first.engine.read(wallet)
-                    assert reply.wallet is not None
-                    balances_seen.append(reply.wallet.balance)
-                assert all(balance == 1500 for balance in balances_seen), balances_seen
+                await until(
+                    lambda: first_serves_shard_5() or len(first.ownership.served()) > 0,
+                    "first claims its share",
+                )
                 rows = await lease_rows(database_url)
                 assert all(row["epoch"] >= 2 for row in rows if row["owner"] == "first")
+            # The second leaves and releases its shards: the first claims shard 5 again (in
+            # three runs it never did while the second was there; the check was then empty)
+            # and, from the first moment it serves it, answers the successor's 1500.
+            await until(first_serves_shard_5, "the first serves shard 5 again")
+            reply = await first.engine.read(wallet)
+            assert reply.wallet is not None
+            balances_seen.append(reply.wallet.balance)
+            first_serves_shard_5()
+            assert balances_seen
+            assert all(balance == 1500 for balance in balances_seen), balances_seen
     finally:
         await relay.close()
