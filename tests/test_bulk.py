@@ -18,12 +18,22 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AppFactory
+from tests.conftest import AppFactory, running_services
 from tests.processes import WalletdProcess
 from tests.test_faults import check_database
 from walletd.cli.config import SETTINGS
+from walletd.cli.service import migrate_database
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind
+from walletd.engine.model import (
+    Batch,
+    NewWallet,
+    OperationKind,
+    OperationRecord,
+    RefusalReason,
+    RefusalRecord,
+    SnapshotUpdate,
+)
+from walletd.http.app import create_app
 from walletd.http.bulk import (
     KEY_INDEX_MAX,
     REQUEST_KEY_LENGTH_MAX,
@@ -33,10 +43,13 @@ from walletd.http.bulk import (
     item_json,
     parse_bulk,
 )
+from walletd.http.metrics import Metrics
 from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
 from walletd.http.parsing import derived_key
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
+from walletd.persistence.database import PoolSettings, create_pool
+from walletd.persistence.postgres_log import PostgresLog
 
 Client = TestClient[web.Request, web.Application]
 BULK = "/api/v1/operations/bulk"
@@ -215,9 +228,9 @@ async def test_derived_item_keys_never_meet_a_key_a_client_sends(client: Client)
     )
     assert (response.status, response.headers.get("Idempotent-Replayed")) == (201, None)
     assert await balance(client, a) == Decimal(24)
-    # A client's "S/0" first, then request S: item 0 is applied, not a replay of it (this
-    # is also what a retry after the upgrade of a bulk request made before it does: its
-    # items were stored as "S/<index>", so they apply again; docs/OPERATIONS.md).
+    # A client's "S/0" first, then request S: item 0 is applied, not a replay of it (only a
+    # row stored before the upgrade under "S/0" is taken for item 0 of request S:
+    # test_a_bulk_request_sent_before_the_upgrade_replays_after_it).
     response = await client.post(
         f"/api/v1/wallets/{b}/operation",
         json={"operation_type": "DEPOSIT", "amount": 1},
@@ -237,6 +250,111 @@ async def test_derived_item_keys_never_meet_a_key_a_client_sends(client: Client)
     assert sorted(key for key in await feed_keys(client, a) if key) == sorted(
         key for key in shown if key
     )
+
+
+# The migration that marks the rows stored before derived keys took the unit separator,
+# named, never numbered (the lead renumbers migrations at merge).
+OLD_KEY_SPELLING = "old_key_spelling"
+_LOG_TABLES = ("wallet_operations", "wallet_refusals")
+
+
+async def _before_the_upgrade(connection: asyncpg.Connection) -> None:
+    """Undo migration ``old_key_spelling`` (it only adds one column to each log table): the
+    schema a walletd of the version before it wrote its bulk items' keys on."""
+    for table in _LOG_TABLES:
+        await connection.execute(f"ALTER TABLE {table} DROP COLUMN {OLD_KEY_SPELLING}")
+    await connection.execute(
+        "DELETE FROM walletd_schema_migrations WHERE name = $1", OLD_KEY_SPELLING
+    )
+
+
+async def _write_as_an_old_walletd(dsn: str, wallet: uuid.UUID) -> None:
+    """What a walletd before the upgrade stored for bulk request ``R`` = [DEPOSIT 10,
+    WITHDRAW 100 (refused, 409), DEPOSIT 5 keyed ``own``] on a new wallet: its unkeyed
+    items under ``R/<index>``, through the same storage calls."""
+    now_us = 1_700_000_000_000_000
+    old = OperationRecord(wallet, 1, OperationKind.DEPOSIT, 1000, 1000, "R/0", now_us)
+    refused = RefusalRecord(
+        wallet, "R/1", OperationKind.WITHDRAW, 10000, RefusalReason.INSUFFICIENT_FUNDS,
+        1000, 1, now_us,
+    )  # fmt: skip
+    own = OperationRecord(wallet, 2, OperationKind.DEPOSIT, 500, 1500, "own", now_us)
+    pool = await create_pool(dsn, PoolSettings(size_max=1))
+    try:
+        log = PostgresLog(pool)
+        await log.append_batch(Batch(new_wallets=[NewWallet(wallet, now_us, None, "")]))
+        await log.append_batch(
+            Batch(operations=[old], snapshots=[SnapshotUpdate(wallet, 0, 1, 1000, now_us)])
+        )
+        await log.append_batch(
+            Batch(
+                operations=[own],
+                snapshots=[SnapshotUpdate(wallet, 1, 2, 1500, now_us)],
+                refusals=[refused],
+            )
+        )
+    finally:
+        await pool.close()
+
+
+async def test_a_bulk_request_sent_before_the_upgrade_replays_after_it(
+    fresh_database_url: str, aiohttp_client: Callable[..., Any]
+) -> None:
+    """Issue 20 item 7: a bulk request whose unkeyed items an older walletd stored under
+    ``R/<index>`` and that is retried after the upgrade (derived keys ``R<US><index>``)
+    replays every item, the refusal included, with the original results: nothing applies
+    twice (without the fallback item 0 applied again and the withdrawal, decided anew after
+    a deposit, applied). A key ``T/0`` a client sends after the upgrade is still its own,
+    never item 0 of request ``T``. The migration rewrites neither log table."""
+    dsn = fresh_database_url
+    await migrate_database(dsn)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await _before_the_upgrade(connection)
+        wallet = uuid.uuid4()
+        await _write_as_an_old_walletd(dsn, wallet)
+        files = "SELECT relname, relfilenode FROM pg_class WHERE relname = ANY($1::text[])"
+        before = await connection.fetch(files, list(_LOG_TABLES))
+        applied = await migrate_database(dsn)  # the upgrade
+        assert [name.partition("_")[2] for name in applied] == [OLD_KEY_SPELLING]
+        assert await connection.fetch(files, list(_LOG_TABLES)) == before  # no rewrite
+    finally:
+        await connection.close()
+    metrics = Metrics()
+    app = create_app(
+        HttpSettings(), lambda: running_services(dsn, None, metrics.engine), metrics=metrics
+    )
+    client: Client = await aiohttp_client(app)
+    a = str(wallet)
+    response = await client.post(
+        f"/api/v1/wallets/{a}/operation", json={"operation_type": "DEPOSIT", "amount": 200}
+    )
+    assert response.status == 200
+    items = [op(a, "DEPOSIT", 10), op(a, "WITHDRAW", 100), op(a, "DEPOSIT", 5, key="own")]
+    status, body = await bulk(client, items, **{"Idempotency-Key": "R"})
+    assert status == 200, body
+    results = body["results"]
+    # A refusal carries no "replayed": that it is the stored one shows in the balance (the
+    # withdrawal, decided anew on 210, would apply).
+    assert [(r["status"], r.get("replayed")) for r in results] == [
+        (200, True),
+        (409, None),
+        (200, True),
+    ], results
+    assert (results[0]["body"]["balance"], results[2]["body"]["balance"]) == ("10.00", "15.00")
+    assert results[1]["body"]["code"] == "INSUFFICIENT_FUNDS"
+    assert await balance(client, a) == Decimal(215)
+    # After the upgrade, a client's key "T/0" and bulk request T are two keys.
+    response = await client.post(
+        f"/api/v1/wallets/{a}/operation",
+        json={"operation_type": "DEPOSIT", "amount": 1},
+        headers={"Idempotency-Key": "T/0"},
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (200, None)
+    for replayed in (False, True):
+        status, body = await bulk(client, [op(a, "DEPOSIT", 2)], **{"Idempotency-Key": "T"})
+        assert [(r["status"], r.get("replayed")) for r in body["results"]] == [(200, replayed)]
+    assert await balance(client, a) == Decimal(218)
 
 
 async def feed_keys(client: Client, wallet_id: str) -> list[str | None]:
