@@ -357,6 +357,43 @@ async def test_a_bulk_request_sent_before_the_upgrade_replays_after_it(
     assert await balance(client, a) == Decimal(218)
 
 
+async def test_storage_answers_an_old_spelling_under_the_derived_key_asked_for(
+    fresh_database_url: str,
+) -> None:
+    """PostgresLog.find_operations, after the upgrade: a derived key finds the operation or
+    refusal stored under ``R/<index>`` before it, answered under the derived key (the key
+    cache and the replay speak of that one); the client key ``R/0`` still finds its row as
+    stored; a row stored under the derived key itself wins over the old spelling."""
+    dsn = fresh_database_url
+    await migrate_database(dsn)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await _before_the_upgrade(connection)
+    finally:
+        await connection.close()
+    wallet = uuid.uuid4()
+    await _write_as_an_old_walletd(dsn, wallet)
+    await migrate_database(dsn)
+    pool = await create_pool(dsn, PoolSettings(size_max=1))
+    try:
+        log = PostgresLog(pool)
+        zero, one = derived_key("R", 0), derived_key("R", 1)
+        found = await log.find_operations([(wallet, zero), (wallet, one), (wallet, "R/0")])
+        assert {key: (record.idempotency_key, record.amount) for key, record in found.items()} == {
+            (wallet, zero): (zero, 1000),
+            (wallet, one): (one, 10000),
+            (wallet, "R/0"): ("R/0", 1000),
+        }
+        assert isinstance(found[(wallet, one)], RefusalRecord)
+        both = OperationRecord(wallet, 3, OperationKind.DEPOSIT, 7, 1507, zero, 0)
+        await log.append_batch(
+            Batch(operations=[both], snapshots=[SnapshotUpdate(wallet, 2, 3, 1507, 0)])
+        )
+        assert (await log.find_operations([(wallet, zero)]))[(wallet, zero)].amount == 7
+    finally:
+        await pool.close()
+
+
 async def feed_keys(client: Client, wallet_id: str) -> list[str | None]:
     """The idempotency_key of every operation.applied event of one wallet in the feed."""
     keys: list[str | None] = []
