@@ -122,7 +122,9 @@ class WalletLog(abc.ABC):
         self, keys: Sequence[tuple[UUID, str]]
     ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         """What the engine decided for each (wallet id, idempotency key) that has a stored
-        outcome: the logged operation, or the recorded refusal."""
+        outcome: the logged operation, or the recorded refusal. Storage may find a key under
+        an older spelling it still honours, and answers it under the key asked for
+        (PostgresLog: a bulk item's key as stored before the upgrade that changed it)."""
 
     @abc.abstractmethod
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:

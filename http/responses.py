@@ -23,6 +23,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.money import format_minor
 from walletd.engine.transfers import SIDE_FROM, TransferReply
+from walletd.http.parsing import shown_key
 from walletd.http.problems import ProblemError, ValidationProblem
 
 __all__ = [
@@ -94,7 +95,7 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
         "amount": format_minor(op.amount),
         "balance_after": format_minor(op.balance_after),
         "held_after": format_minor(op.held_after),
-        "idempotency_key": key,
+        "idempotency_key": shown_key(key),
         "transfer_id": transfer_id,
         "hold_id": hold_id,
         "reference": op.reference,

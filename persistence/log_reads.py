@@ -107,8 +107,11 @@ FEED_SOURCES: Final = (
                'actor', o.actor,
                -- A transfer leg's or hold row's key is internal ("<US>KIND:<id>"): the
                -- event names the transfer or hold instead, as the history does
-               -- (http/responses.py).
-               'idempotency_key', CASE WHEN o.kind IN (1, 2) THEN o.idempotency_key END,
+               -- (http/responses.py). A bulk item's derived key "<request key><US><index>"
+               -- reads "<request key>/<index>", as in the history (http/parsing.py
+               -- shown_key).
+               'idempotency_key', CASE WHEN o.kind IN (1, 2)
+                                       THEN replace(o.idempotency_key, chr(31), '/') END,
                'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)

@@ -140,17 +140,35 @@ _OP_COLUMNS = (
     + _MICROS.format("o.created_at")
     + ", o.held_after, o.reference, o.actor"
 )
-# The decided outcome of each key: its log row, or its recorded refusal (reason > 0).
+# A refusal in the columns of a log row (id 0, seq = fence_seq, actor), then its reason.
+_REFUSAL_COLUMNS = (
+    "0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,"
+    f" r.idempotency_key, {_MICROS.format('r.created_at')}, 0::bigint, r.reference, r.actor,"
+    " r.reason"
+)
+# The decided outcome of each key: its log row, or its recorded refusal (reason > 0), and
+# the key asked for (last column). A bulk item's derived key "<request key><US><index>"
+# (US inside, never first: http/parsing.py derived_key) also finds a row stored under the
+# old spelling "<request key>/<index>" that existed before the upgrade (old_key_spelling,
+# migration "old_key_spelling"): a retry of a bulk request sent before the upgrade replays
+# its items. A row written since under that spelling is a client's key and never matches.
 _FIND_OPERATIONS = f"""
-SELECT {_OP_COLUMNS}, 0::smallint
-  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
-  JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
+WITH k AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)),
+     old AS (SELECT wallet_id, key, replace(key, chr(31), '/') AS spelled
+               FROM k WHERE strpos(key, chr(31)) > 1)
+SELECT {_OP_COLUMNS}, 0::smallint, k.key
+  FROM k JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
 UNION ALL
-SELECT 0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,
-       r.idempotency_key, {_MICROS.format("r.created_at")}, 0::bigint, r.reference, r.actor,
-       r.reason
-  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
-  JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
+SELECT {_OP_COLUMNS}, 0::smallint, old.key
+  FROM old JOIN wallet_operations o
+    ON o.wallet_id = old.wallet_id AND o.idempotency_key = old.spelled AND o.old_key_spelling
+UNION ALL
+SELECT {_REFUSAL_COLUMNS}, k.key
+  FROM k JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
+UNION ALL
+SELECT {_REFUSAL_COLUMNS}, old.key
+  FROM old JOIN wallet_refusals r
+    ON r.wallet_id = old.wallet_id AND r.idempotency_key = old.spelled AND r.old_key_spelling
 """
 HISTORY_FIRST_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
@@ -371,8 +389,14 @@ class PostgresLog(WalletLog):
         found: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         for row in rows:
             record = _decided(row)
-            assert record.idempotency_key is not None
-            found[(record.wallet_id, record.idempotency_key)] = record
+            asked: str = row[12]
+            if record.idempotency_key == asked:
+                found[(record.wallet_id, asked)] = record
+            elif (record.wallet_id, asked) not in found:
+                # A row of the old spelling, known as the derived key asked for (the key
+                # cache and the replay speak of that key); a row stored under the key
+                # itself, if both ever exist, wins.
+                found[(record.wallet_id, asked)] = record._replace(idempotency_key=asked)
         return found
 
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:

@@ -20,6 +20,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from tests.openapi_validation import assert_response_matches, documented_response, schema_errors
 from walletd.engine.log_reads import FeedPosition
+from walletd.http.bulk import KEY_INDEX_MAX
 from walletd.http.docs_page import DOCS_CSP, add_docs_routes, swagger_ui_static_dir
 from walletd.http.keys import KEY_NAME_PATTERN, Scope
 from walletd.http.openapi import (
@@ -144,6 +145,10 @@ def test_document_states_the_parsers_rules(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     parameters = document["components"]["parameters"]
     assert schemas["WalletId"]["pattern"] == WALLET_ID_PATTERN
+    # Hold and transfer ids in a path go through the wallet id's check (parsing.path_id).
+    assert schemas["HoldId"]["pattern"] == WALLET_ID_PATTERN
+    assert schemas["TransferId"]["pattern"] == WALLET_ID_PATTERN
+    assert schemas["BulkItem"]["properties"]["key_index"]["maximum"] == KEY_INDEX_MAX
     assert schemas["Reference"]["pattern"] == REFERENCE_PATTERN
     assert schemas["KeyName"]["pattern"] == KEY_NAME_PATTERN
     assert schemas["Reference"]["maxLength"] == REFERENCE_LENGTH_MAX
