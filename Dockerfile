@@ -34,9 +34,12 @@ RUN /opt/walletd/bin/pip wheel --wheel-dir /wheels . \
 FROM python:3.11-slim
 
 # A fixed, unprivileged uid so that volume ownership is predictable.
+# /home/walletd/cluster: where docker-compose mounts the cluster credential's volume; a new
+# volume takes this directory's owner and mode, so walletd can create the file in it.
 RUN groupadd --system --gid 10001 walletd \
     && useradd --system --uid 10001 --gid walletd --create-home --home-dir /home/walletd \
-        --shell /usr/sbin/nologin walletd
+        --shell /usr/sbin/nologin walletd \
+    && install --directory --owner walletd --group walletd --mode 700 /home/walletd/cluster
 
 COPY --from=builder /opt/walletd /opt/walletd
 

@@ -76,7 +76,9 @@ wheel-test: install-dev
 	$(PYTHON) -m venv build/wheel-venv
 	build/wheel-venv/bin/pip install --quiet dist/*.whl
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import walletd.engine, walletd.http, walletd.persistence, walletd.cli.main, walletd.client.api, http.client, sysconfig; assert http.client.__file__.startswith(sysconfig.get_paths()['stdlib'])"
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "import pathlib, walletd.client; from walletd.client import WalletdClient; assert (pathlib.Path(walletd.client.__file__).parent / 'py.typed').is_file()"
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "from walletd.persistence.migrate import migrations; assert migrations(), 'no migrations in the wheel'"
+	cd /tmp && $(CURDIR)/build/wheel-venv/bin/python -c "from walletd.http.openapi import openapi_json_bytes; assert openapi_json_bytes(), 'no OpenAPI document in the wheel'"
 	cd /tmp && $(CURDIR)/build/wheel-venv/bin/walletd serve --help >/dev/null
 
 bench: install-dev tools

@@ -2,11 +2,24 @@
 
     walletd cluster --processes 3 --port 8000
         embedded PostgreSQL (or --database-url)
-        3 × `walletd serve --port 0` (each claims its share of the shards)
+        3 × `walletd serve --port 0 --internal-port 0` (each claims its share of the
+            shards; the database URL and the cluster credential's file in its environment)
         HAProxy on 127.0.0.1:8000, routing by shard; its map kept current (MapSync)
 
+The cluster holds its data dir (cli/data_dir.py): a second cluster or serve on it is
+refused with exit 4.
+
+A member that dies (kill -9, a crash, the engine giving up) is restarted on the port it had,
+so HAProxy's server line for it stays valid; meanwhile its leases expire and the survivors
+serve its shards (HAProxy's backups forward, MapSync follows the lease table), and once back
+it claims its share again::
+
+    member exits ─▶ restarts in the window < --member-restarts-max?
+                      yes: wait --member-restart-backoff × 2^(n-1), start it on its port
+                      no:  "walletd N … died K times within W s"; the cluster stops, exit 5
+
 SIGTERM or Ctrl-C stops HAProxy, then each walletd (drain, release its leases), then the
-embedded PostgreSQL. A walletd that exits on its own stops the cluster with its exit code.
+embedded PostgreSQL. HAProxy exiting stops the cluster too (exit 5).
 """
 
 from __future__ import annotations
@@ -22,10 +35,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from walletd.cli.config import Config
+from walletd.cli.credential import cluster_credential, credential_path
+from walletd.cli.data_dir import DataDirClaim
 from walletd.cli.haproxy import (
     MapSync,
     initial_map,
@@ -36,7 +54,14 @@ from walletd.cli.haproxy import (
 from walletd.cli.service import check_cluster, migrate_database, storage
 from walletd.persistence.database import connect
 
-__all__ = ["PROCESSES_MAX", "ClusterError", "run_cluster"]
+__all__ = [
+    "EXIT_CLUSTER_FAILED",
+    "PROCESSES_MAX",
+    "ClusterError",
+    "ClusterFailed",
+    "RestartPolicy",
+    "run_cluster",
+]
 
 _log = logging.getLogger("walletd.cluster")
 
@@ -46,8 +71,43 @@ STOP_TIMEOUT_S = 45.0
 _LISTENING = re.compile(r"walletd listening on (http://\S+)")
 
 
+# Exit status of `walletd cluster` when a part failed for good: a member died past its
+# restart bound, or HAProxy exited.
+EXIT_CLUSTER_FAILED = 5
+
+
 class ClusterError(Exception):
     """A part of the cluster did not start."""
+
+
+class ClusterFailed(Exception):
+    """A running cluster lost a part for good; the cluster stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """At most ``restarts_max`` restarts of one member within ``window_s``, the n-th of them
+    ``backoff_s × 2^(n-1)`` after the death (so never longer than backoff × 2^(max-1))."""
+
+    restarts_max: int
+    window_s: float
+    backoff_s: float
+
+    def __post_init__(self) -> None:
+        if self.restarts_max < 0 or self.window_s <= 0 or self.backoff_s < 0:
+            raise ValueError(
+                "--member-restarts-max must be >= 0, --member-restart-window > 0 and "
+                "--member-restart-backoff >= 0"
+            )
+
+    def next_delay_s(self, restarts: deque[float], now: float) -> float | None:
+        """Record a restart at ``now`` and return its delay, or None past the bound."""
+        while restarts and now - restarts[0] >= self.window_s:
+            restarts.popleft()
+        if len(restarts) >= self.restarts_max:
+            return None
+        restarts.append(now)
+        return self.backoff_s * (1 << (len(restarts) - 1))
 
 
 @dataclass
@@ -56,27 +116,71 @@ class _Server:
     url: str
 
 
-async def _start_server(config: Config, dsn: str, index: int, log_dir: Path) -> _Server:
+@dataclass
+class _Member:
+    """One walletd slot of the cluster: its current process, and its restarts so far."""
+
+    index: int
+    server: _Server
+    restarts: deque[float] = field(default_factory=deque)
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.server.url).port
+        assert port is not None  # the URL walletd printed always has one
+        return port
+
+
+def _child_environment(config: Config, dsn: str) -> dict[str, str]:
+    """What a walletd of the cluster gets through its environment: the secrets. A command
+    line is readable by every user of the machine (/proc/PID/cmdline, ps); a process's
+    environment only by its own user and root. So the database URL (it may hold a password)
+    and the credential's source never appear in argv."""
+    environment = os.environ.copy()
+    environment.pop("DATABASE_URL", None)  # one spelling, so no stale alias can win
+    environment["WALLETD_DATABASE_URL"] = dsn
+    if not config.cluster_credential:
+        # Every child reads the one file this command created (or was given).
+        environment["WALLETD_CLUSTER_CREDENTIAL_FILE"] = str(credential_path(config).resolve())
+    return environment
+
+
+async def _start_server(
+    config: Config, dsn: str, index: int, log_dir: Path, port: int = 0
+) -> _Server:
+    """Start member ``index`` (on ``port``, 0 = any) and wait until it listens. Called at
+    start-up and for every restart: a restart passes the public port the member had (HAProxy's
+    server line names it). Its internal listener takes any free port each time: a process
+    publishes its internal URL in its member row on every heartbeat, and a restarted one
+    is a new owner, so legs reach the new port once it claims shards."""
     log_path = log_dir / f"walletd-{index}.log"
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "walletd.cli.main", "serve",
-            "--host", "127.0.0.1", "--port", "0", "--database-url", dsn,
+            "--host", "127.0.0.1", "--port", str(port),
+            "--internal-host", "127.0.0.1", "--internal-port", "0",
             "--shards", str(config.shards), "--pipelines", str(config.pipelines),
             "--lease-ttl", str(config.lease_ttl_s),
             "--lease-moves-max", str(config.lease_moves_max),
-            stdout=asyncio.subprocess.PIPE, stderr=log_file, env=os.environ.copy(),
+            stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            env=_child_environment(config, dsn),
         )  # fmt: skip
     assert process.stdout is not None
+    started = False
     try:
         async with asyncio.timeout(START_TIMEOUT_S):
             while line := (await process.stdout.readline()).decode():
                 if match := _LISTENING.search(line):
+                    started = True
                     return _Server(process, match.group(1))
     except TimeoutError:
         pass
-    process.kill()
-    await process.wait()
+    finally:
+        # Also when cancelled (the cluster stopping during a restart): no orphan member.
+        if not started:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.shield(process.wait())
     raise ClusterError(f"walletd {index} did not start; see {log_path}")
 
 
@@ -119,21 +223,32 @@ async def _wait_balanced(dsn: str, urls: list[str], shard_count: int) -> None:
 async def run_cluster(config: Config, processes: int) -> int:
     if not 1 <= processes <= PROCESSES_MAX:
         raise ValueError(f"--processes must be within 1..{PROCESSES_MAX}")
+    policy = RestartPolicy(
+        config.member_restarts_max, config.member_restart_window_s, config.member_restart_backoff_s
+    )
+    # The cluster owns its data dir (its run folder; the embedded PostgreSQL when no URL).
+    with DataDirClaim.take(config.data_dir, "walletd cluster"):
+        return await _run_claimed(config, processes, policy)
+
+
+async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) -> int:
     run_dir = config.data_dir.resolve() / "cluster"
     run_dir.mkdir(parents=True, exist_ok=True)
     # A Unix socket path is limited to ~100 bytes: the stats socket lives in a short folder.
     socket_dir = Path(tempfile.mkdtemp(prefix="walletd-haproxy-"))
-    async with storage(config) as dsn:
+    # Created (or checked) once here, before any child reads it: the children share it.
+    cluster_credential(config)
+    async with storage(config, "cluster", owner=True) as dsn:
         await migrate_database(dsn)
         await check_cluster(dsn, config.shards)
-        servers: list[_Server] = []
+        members: list[_Member] = []
         haproxy: subprocess.Popen[bytes] | None = None
         sync: MapSync | None = None
         sync_task: asyncio.Task[None] | None = None
         try:
             for index in range(processes):
-                servers.append(await _start_server(config, dsn, index, run_dir))
-            urls = [server.url for server in servers]
+                members.append(_Member(index, await _start_server(config, dsn, index, run_dir)))
+            urls = [member.server.url for member in members]
             await _wait_balanced(dsn, urls, config.shards)
             map_path = run_dir / "shards.map"
             socket_path = socket_dir / "haproxy.sock"
@@ -158,7 +273,11 @@ async def run_cluster(config: Config, processes: int) -> int:
                 f"({processes} processes: {', '.join(urls)}; logs in {run_dir})",
                 flush=True,
             )
-            return await _wait_for_stop(servers, haproxy)
+
+            async def restart(index: int, port: int) -> _Server:
+                return await _start_server(config, dsn, index, run_dir, port)
+
+            return await _supervise(members, haproxy, restart, policy)
         finally:
             if sync_task is not None:
                 sync_task.cancel()
@@ -169,30 +288,77 @@ async def run_cluster(config: Config, processes: int) -> int:
             if haproxy is not None:
                 haproxy.terminate()
                 await asyncio.to_thread(haproxy.wait, 10)
-            await asyncio.gather(*(_stop_server(server) for server in servers))
+            await asyncio.gather(*(_stop_server(member.server) for member in members))
             shutil.rmtree(socket_dir, ignore_errors=True)
 
 
-async def _wait_for_stop(servers: list[_Server], haproxy: subprocess.Popen[bytes]) -> int:
+# Starts member (index) again on (port): _start_server with the cluster's settings.
+_Restart = Callable[[int, int], Awaitable[_Server]]
+
+
+async def _supervise(
+    members: list[_Member],
+    haproxy: subprocess.Popen[bytes],
+    restart: _Restart,
+    policy: RestartPolicy,
+) -> int:
+    """Until SIGTERM/SIGINT (0), or until HAProxy exits or a member dies past the restart
+    bound (ClusterFailed). Dead members are restarted meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    waiters = {asyncio.create_task(server.process.wait()): server for server in servers}
+    keepers = [asyncio.create_task(_keep_alive(m, restart, policy, stop)) for m in members]
     stopper = asyncio.create_task(stop.wait())
     proxy = asyncio.create_task(asyncio.to_thread(haproxy.wait))
-    done, _pending = await asyncio.wait(
-        [stopper, proxy, *waiters], return_when=asyncio.FIRST_COMPLETED
-    )
-    for task in [stopper, proxy, *waiters]:
-        task.cancel()
-    if stopper in done:
+    try:
+        done, _pending = await asyncio.wait(
+            [stopper, proxy, *keepers], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        # A keeper cancelled in the middle of a restart kills the process it was starting.
+        for task in [stopper, proxy, *keepers]:
+            task.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
+    if stop.is_set():  # also when a member, stopped by the same Ctrl-C, exited first
         _log.info("stopping the cluster")
         return 0
     if proxy in done:
-        _log.error("haproxy exited with %s; stopping the cluster", haproxy.returncode)
-        return 1
-    exited = next(waiters[task] for task in done if task in waiters)
-    _log.error("walletd at %s exited with %s; stopping the cluster", exited.url,
-               exited.process.returncode)  # fmt: skip
-    return 1
+        raise ClusterFailed(f"haproxy exited with {haproxy.returncode}; the cluster stopped")
+    raise ClusterFailed(next(task.result() for task in keepers if task in done))
+
+
+async def _keep_alive(
+    member: _Member, restart: _Restart, policy: RestartPolicy, stop: asyncio.Event
+) -> str:
+    """Restart ``member`` whenever it dies, on the port it had (HAProxy's server line names
+    it); returns the line that stops the cluster once it died past the bound."""
+    loop = asyncio.get_running_loop()
+    url, port = member.server.url, member.port
+    how = f"exited with {await member.server.process.wait()}"
+    while not stop.is_set():
+        delay_s = policy.next_delay_s(member.restarts, loop.time())
+        if delay_s is None:
+            return (
+                f"walletd {member.index} ({url}) {how}, past --member-restarts-max "
+                f"{policy.restarts_max} restarts within {policy.window_s:g} s; "
+                f"the cluster stopped"
+            )
+        _log.error(
+            "walletd %d (%s) %s; restarting it on port %d in %.1f s (restart %d of %d "
+            "within %g s)", member.index, url, how, port, delay_s, len(member.restarts),
+            policy.restarts_max, policy.window_s,
+        )  # fmt: skip
+        await asyncio.sleep(delay_s)
+        if stop.is_set():
+            break
+        try:
+            member.server = await restart(member.index, port)
+        except ClusterError as error:
+            # E.g. its port, free again, was lent to an outgoing connection for a moment.
+            how = f"did not start again ({error})"
+            continue
+        _log.info("walletd %d restarted at %s (pid %d)", member.index, url,
+                  member.server.process.pid)  # fmt: skip
+        how = f"exited with {await member.server.process.wait()}"
+    return "stopping"  # Ctrl-C reaches every member too: not a death to restart

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from walletd.cli.gc_tuning import GC_GEN0_THRESHOLD_MAX
+from walletd.http.keys import ApiKey, merge_keys, parse_keys, parse_keys_file
 
 __all__ = [
     "SETTINGS",
@@ -41,8 +42,11 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _keys(text: str) -> tuple[str, ...]:
-    return tuple(key.strip() for key in text.split(",") if key.strip())
+def _positive_or_zero(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"{text!r} is not a number of at least 0")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +86,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("advertise_url", ("WALLETD_ADVERTISE_URL",), "--advertise-url", str, None,
             "URL other walletd processes forward requests to this one at; unset = "
             "http://HOST:PORT (the machine's host name when HOST is 0.0.0.0)"),
+    Setting("internal_host", ("WALLETD_INTERNAL_HOST",), "--internal-host", str, "127.0.0.1",
+            "address of the internal listener, where walletd processes deliver transfer legs "
+            "to each other; clients and HAProxy must not reach it (docs/OPERATIONS.md)"),
+    Setting("internal_port", ("WALLETD_INTERNAL_PORT",), "--internal-port", int, 0,
+            "port of the internal listener; 0 = any free port (published in the database "
+            "for the other processes)"),
+    Setting("cluster_credential_file", ("WALLETD_CLUSTER_CREDENTIAL_FILE",),
+            "--cluster-credential-file", Path, None,
+            "file holding the cluster credential the internal listener requires (mode 0600; "
+            "created with a random one when missing); unset = DATA_DIR/cluster-credential"),
+    Setting("cluster_credential", ("WALLETD_CLUSTER_CREDENTIAL",), None, str, None,
+            "the cluster credential itself (beats the file); every process of one cluster "
+            "needs the same one, and no client API key may equal it"),
     Setting("lease_ttl_s", ("WALLETD_LEASE_TTL",), "--lease-ttl", float, 3.0,
             "seconds a shard lease lasts without renewal (renewed every quarter of it); a "
             "killed process's shards move after about 1.25 times this"),
     Setting("lease_moves_max", ("WALLETD_LEASE_MOVES_MAX",), "--lease-moves-max", int, 8,
             "shards a process releases per lease step when it holds more than its share"),
+    Setting("member_restarts_max", ("WALLETD_MEMBER_RESTARTS_MAX",), "--member-restarts-max",
+            int, 5, "walletd cluster: restarts of one dead member per restart window; one "
+            "more death and the cluster stops with exit 5"),
+    Setting("member_restart_window_s", ("WALLETD_MEMBER_RESTART_WINDOW",),
+            "--member-restart-window", float, 60.0,
+            "walletd cluster: seconds over which a member's restarts are counted"),
+    Setting("member_restart_backoff_s", ("WALLETD_MEMBER_RESTART_BACKOFF",),
+            "--member-restart-backoff", float, 0.5,
+            "walletd cluster: seconds before a dead member's first restart in the window, "
+            "doubled for each further one"),
     Setting("forward_timeout_s", ("WALLETD_FORWARD_TIMEOUT",), "--forward-timeout", float,
             10.0, "seconds a request forwarded to a shard's owner may take before 503"),
     Setting("forward_connections_max", ("WALLETD_FORWARD_CONNECTIONS_MAX",),
@@ -138,6 +165,11 @@ SETTINGS: tuple[Setting, ...] = (
             "--transfer-leg-tries-max", int, 3,
             "tries to deliver a transfer leg whose wallet's shard has no reachable owner (each "
             "after the next read of the ownership table); then 503, nothing applied or PENDING"),
+    Setting("refusal_isolation_commits_max", ("WALLETD_REFUSAL_ISOLATION_COMMITS_MAX",),
+            "--refusal-isolation-commits-max", int, 64,
+            "commits a shard may spend finding the command(s) the database refused in a batch "
+            "(re-applied in halves, so the others get their true answers); past it the rest "
+            "are answered 503, nothing applied"),
     Setting("pool_size_max", ("WALLETD_POOL_SIZE",), "--pool-size", int, 0,
             "PostgreSQL connections at most; 0 = (in-flight batches + 1) per pipeline + 4"),
     Setting("db_connect_timeout_s", ("WALLETD_DB_CONNECT_TIMEOUT",), "--db-connect-timeout",
@@ -154,6 +186,9 @@ SETTINGS: tuple[Setting, ...] = (
             "the commits' pool; a read past them waits up to the connect timeout, then 503"),
     Setting("feed_streams_max", ("WALLETD_FEED_STREAMS_MAX",), "--feed-streams-max", int, 64,
             "open /api/v1/events/stream connections at most; past it 503 OVERLOADED"),
+    Setting("feed_streams_per_key_max", ("WALLETD_FEED_STREAMS_PER_KEY_MAX",),
+            "--feed-streams-per-key-max", int, 16,
+            "open feed streams one API key may hold; past it 429 TOO_MANY_STREAMS"),
     Setting("feed_stream_buffer_bytes", ("WALLETD_FEED_STREAM_BUFFER_BYTES",),
             "--feed-stream-buffer-bytes", int, 262144,
             "bytes queued for one stream's socket before its writes block"),
@@ -186,8 +221,18 @@ SETTINGS: tuple[Setting, ...] = (
             "bulk requests that may wait for mailbox room at once; past it 503 OVERLOADED"),
     Setting("bulk_body_bytes_max", ("WALLETD_BULK_MAX_BODY_BYTES",), "--bulk-max-body-bytes",
             int, 1048576, "largest bulk request body accepted; larger gets 413"),
-    Setting("api_keys", ("WALLETD_API_KEYS",), None, _keys, (),
-            "comma-separated bearer tokens; when set, /api/v1 requires one"),
+    Setting("api_keys", ("WALLETD_API_KEYS",), None, parse_keys, (),
+            "client API keys, comma-separated, each name:scope+scope:secret (scopes: read, "
+            "create, move, feed; a bare secret holds all of them); when any key is set, /api/v1 "
+            "requires one (docs/OPERATIONS.md)"),
+    Setting("api_keys_file", ("WALLETD_API_KEYS_FILE",), "--api-keys-file", Path, None,
+            "a file of client API keys, one name:scope+scope:secret per line (# comments); "
+            "mode 0600 recommended; read at start, added to WALLETD_API_KEYS"),
+    Setting("key_rate_per_s", ("WALLETD_KEY_RATE",), "--key-rate", _positive_or_zero, 0.0,
+            "requests per second each API key may make to this process (a token bucket); "
+            "past it 429 RATE_LIMITED with Retry-After; 0 = no limit"),
+    Setting("key_rate_burst", ("WALLETD_KEY_RATE_BURST",), "--key-rate-burst", int, 20,
+            "requests an API key may make at once above its rate (the bucket's size)"),
     Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
             "write a JSON access log line per request to stderr"),
     Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
@@ -209,8 +254,15 @@ class Config:
     shards: int
     pipelines: int
     advertise_url: str | None
+    internal_host: str
+    internal_port: int
+    cluster_credential_file: Path | None
+    cluster_credential: str | None
     lease_ttl_s: float
     lease_moves_max: int
+    member_restarts_max: int
+    member_restart_window_s: float
+    member_restart_backoff_s: float
     forward_timeout_s: float
     forward_connections_max: int
     mailbox_commands_max: int
@@ -230,12 +282,14 @@ class Config:
     hold_sweep_interval_s: float
     hold_sweep_batch_max: int
     transfer_leg_tries_max: int
+    refusal_isolation_commits_max: int
     pool_size_max: int
     db_connect_timeout_s: float
     db_command_timeout_s: float
     allow_unsafe_durability: bool
     read_pool_size: int
     feed_streams_max: int
+    feed_streams_per_key_max: int
     feed_stream_buffer_bytes: int
     feed_write_timeout_s: float
     feed_poll_interval_s: float
@@ -248,10 +302,25 @@ class Config:
     bulk_admission_wait_s: float
     bulk_waiting_max: int
     bulk_body_bytes_max: int
-    api_keys: tuple[str, ...]
+    api_keys: tuple[ApiKey, ...]
+    api_keys_file: Path | None
+    key_rate_per_s: float
+    key_rate_burst: int
     access_log: bool
     log_level: str
     gc_gen0_threshold: int
+
+    @property
+    def client_keys(self) -> tuple[ApiKey, ...]:
+        """WALLETD_API_KEYS and the keys file together; ValueError on a malformed entry, a
+        name or secret declared twice (also across the two), or an unreadable file."""
+        if self.api_keys_file is None:
+            return self.api_keys
+        try:
+            from_file = parse_keys_file(self.api_keys_file)
+        except OSError as error:
+            raise ValueError(f"WALLETD_API_KEYS_FILE: cannot read it: {error}") from None
+        return merge_keys(self.api_keys, from_file)
 
     @property
     def pool_size(self) -> int:
@@ -268,6 +337,14 @@ class Config:
             # Listening everywhere: the host name, which other replicas resolve (compose).
             host = socket.gethostname()
         return f"http://{host}:{self.port}"
+
+    @property
+    def internal_url(self) -> str:
+        """Where other processes deliver transfer legs to this one (the internal listener)."""
+        host = self.internal_host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"http://{host}:{self.internal_port}"
 
     @property
     def as_of_settle_min_s(self) -> float:
@@ -342,7 +419,7 @@ def default_text(setting: Setting) -> str:
         return ""
     if isinstance(default, bool):
         return "true" if default else "false"
-    if isinstance(default, tuple):
+    if isinstance(default, tuple):  # only the (empty) key list
         return ",".join(str(item) for item in default)
     return str(default)
 

@@ -72,12 +72,6 @@ def backend_name(index: int) -> str:
     return f"be_w{index}"
 
 
-_INTERNAL_PROBLEM = (
-    '{"type":"about:blank","title":"Not found","status":404,'
-    '"detail":"no such route","code":"NOT_FOUND"}'
-)
-
-
 def _server_address(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None or parts.port is None:
@@ -156,10 +150,9 @@ def render_config(
         "",
         "frontend walletd",
         f"    bind {bind}",
-        # Transfer legs between walletd processes go process to process, never through
-        # here: a client must not reach the internal route (http/legs.py).
-        "    http-request return status 404 content-type application/problem+json "
-        f"string '{_INTERNAL_PROBLEM}' if {{ path_beg /internal/ }}",
+        # No rule hides /internal/: the servers are walletd's public listeners, which have
+        # no internal route in any spelling. Transfer legs go process to process on the
+        # internal listeners (http/internal.py), which HAProxy is never configured with.
         "    http-request set-var(txn.shard) "
         f"path,field({_ID_FIELD},/),lower,crc32,mod({shard_count}) "
         "if { path_beg /api/v1/wallets/ /api/v1/holds/ }",

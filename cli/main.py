@@ -3,8 +3,10 @@
 ``haproxy-sync`` (docs/SCALING.md).
 
 Exit codes: 0 success; 1 ``verify`` found mismatches; 2 the command could not run (bad
-configuration, PostgreSQL unreachable or too old, a server holds the database), with one
-readable line on stderr and no traceback.
+configuration, PostgreSQL unreachable or too old, a server holds the database); 3 ``serve``:
+the engine gave up; 4 ``serve`` / ``cluster``: the data dir is in use by another walletd
+(one data dir, one owner); 5 ``cluster``: a member kept dying past its restart bound, or
+HAProxy exited. Every error is one readable line on stderr, no traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import asyncpg
 import uvloop
 from aiohttp import web
 
-from walletd.cli.cluster import ClusterError, run_cluster
-from walletd.cli.config import Config, add_flags, load_config
+from walletd.cli.cluster import EXIT_CLUSTER_FAILED, ClusterError, ClusterFailed, run_cluster
+from walletd.cli.config import SETTINGS, Config, add_flags, load_config
+from walletd.cli.credential import cluster_credential
+from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
 from walletd.cli.gc_tuning import tune_gc
 from walletd.cli.haproxy import HaproxyMissing, MapSync, initial_map, render_config
 from walletd.cli.progress import Progress
@@ -39,6 +43,7 @@ from walletd.cli.service import (
 )
 from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
+from walletd.http.internal import create_internal_app
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
@@ -84,9 +89,12 @@ def http_settings(config: Config) -> HttpSettings:
         body_bytes_max=config.body_bytes_max,
         body_read_timeout_s=config.body_read_timeout_s,
         bulk_body_bytes_max=config.bulk_body_bytes_max,
-        api_keys=config.api_keys,
+        api_keys=config.client_keys,
+        key_rate_per_s=config.key_rate_per_s,
+        key_rate_burst=config.key_rate_burst,
         access_log=config.access_log,
         feed_streams_max=config.feed_streams_max,
+        feed_streams_per_key_max=config.feed_streams_per_key_max,
         feed_stream_buffer_bytes=config.feed_stream_buffer_bytes,
         feed_poll_interval_s=config.feed_poll_interval_s,
         feed_heartbeat_s=config.feed_heartbeat_s,
@@ -102,12 +110,45 @@ def http_settings(config: Config) -> HttpSettings:
 EXIT_ENGINE_FAILED = 3
 
 
+def _warn_if_keys_file_open(path: Path | None) -> None:
+    if path is not None and path.stat().st_mode & 0o077:
+        _log.warning(
+            "%s can be read by other users (mode %o); chmod 600 it",
+            path,
+            path.stat().st_mode & 0o777,
+        )
+
+
 async def _serve(config: Config) -> int:
-    # Bound before the services start, so that the URL this process advertises to the others
-    # (forwarding, the ownership table) carries the real port, also with --port 0.
+    # On the embedded PostgreSQL this process owns the data dir (cli/data_dir.py): claimed
+    # before anything starts, so a second serve is refused before it binds or touches it
+    # (the default credential file lives there too).
+    if config.database_url is not None:
+        return await _serve_claimed(config)
+    with DataDirClaim.take(config.data_dir, "walletd serve"):
+        return await _serve_claimed(config)
+
+
+async def _serve_claimed(config: Config) -> int:
+    # Read (or created) before anything listens: a credential that cannot be used stops
+    # start-up with one line, exit 2.
+    credential = cluster_credential(config)
+    # Bound before the services start, so that the URLs this process advertises to the others
+    # (forwarding, the ownership table, the internal listener) carry the real ports, also
+    # with --port 0 / --internal-port 0.
     sock = socket.create_server((config.host, config.port), backlog=2048)
-    config = dataclasses.replace(config, port=sock.getsockname()[1])
+    try:
+        internal_sock = socket.create_server(
+            (config.internal_host, config.internal_port), backlog=2048
+        )
+    except BaseException:
+        sock.close()
+        raise
+    config = dataclasses.replace(
+        config, port=sock.getsockname()[1], internal_port=internal_sock.getsockname()[1]
+    )
     metrics = Metrics()
+    _warn_if_keys_file_open(config.api_keys_file)
     stop = asyncio.Event()
     failures: list[str] = []
 
@@ -117,21 +158,35 @@ async def _serve(config: Config) -> int:
 
     app = create_app(
         http_settings(config),
-        lambda: running_services(config, metrics.engine, on_fatal=engine_gave_up),
+        lambda: running_services(
+            config, metrics.engine, on_fatal=engine_gave_up, credential=credential
+        ),
         metrics=metrics,
     )
+    # The internal listener: only the routes processes call on each other, only with the
+    # cluster credential (http/internal.py). It shares the public app's services.
+    internal_runner = web.AppRunner(
+        create_internal_app(app, credential), shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        **access_log_options(config.access_log),
+    )  # fmt: skip
     runner = web.AppRunner(
         app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
     )
     try:
+        await internal_runner.setup()
         await runner.setup()
     except BaseException:
         sock.close()
+        internal_sock.close()
+        await internal_runner.cleanup()
         raise
     try:
+        internal_site = web.SockSite(internal_runner, internal_sock)
+        await internal_site.start()
         site = web.SockSite(runner, sock)
         await site.start()
         host, port = runner.addresses[0][:2]
+        _log.info("internal listener (transfer legs) on %s", config.internal_url)
         # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
         # reads the line must get the graceful drain, not the default death by signal.
         loop = asyncio.get_running_loop()
@@ -154,8 +209,12 @@ async def _serve(config: Config) -> int:
         if config.drain_grace_s > 0 and stopped_by[:1] == [signal.SIGTERM]:
             await _drain(app, config.drain_grace_s)
         await site.stop()  # refuse new connections; runner.cleanup() skips a stopped site
+        # Legs still arrive until the shards are handed over; after it they go elsewhere.
+        await internal_site.stop()
         await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
     finally:
+        # The internal app's handlers use the public app's services: they finish first.
+        await internal_runner.cleanup()
         await runner.cleanup()
     if failures:
         _log.critical("stopped: the engine gave up (%s)", failures[0])
@@ -181,7 +240,7 @@ async def _drain(app: web.Application, grace_s: float) -> None:
 
 
 async def _migrate(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "migrate") as dsn:
         applied = await migrate_database(dsn)
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
     return 0
@@ -192,7 +251,7 @@ def _print_mismatch(mismatch: Mismatch) -> None:
 
 
 async def _verify(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "verify") as dsn:
         await require_migrated(dsn)
         progress = Progress("verify", None, "wallets")
         report = await verify(dsn, _print_mismatch, progress=progress)
@@ -202,7 +261,7 @@ async def _verify(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def _restore(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "restore") as dsn:
         await require_migrated(dsn)
         progress = Progress("restore", None, "statements")
         restoring = asyncio.ensure_future(restore(dsn, progress))
@@ -217,7 +276,7 @@ async def _restore(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def _seed(config: Config, args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "seed") as dsn:
         await require_migrated(dsn)
         progress = Progress("seed", args.wallets, "wallets")
         report = await seed(dsn, args.wallets, args.operations, progress)
@@ -231,10 +290,14 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
 
 
 # The settings each command reads (cli/config.py SETTINGS names); its --help lists only
-# their flags. None = every setting (serve). The environment still configures the rest.
+# their flags. None = every setting (cluster). The environment still configures the rest.
 _OPERATOR_SETTINGS = frozenset({"data_dir", "database_url", "log_level"})
+# How `walletd cluster` supervises its members; nothing a single server reads.
+_CLUSTER_SETTINGS = frozenset(
+    {"member_restarts_max", "member_restart_window_s", "member_restart_backoff_s"}
+)
 _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
-    "serve": None,
+    "serve": frozenset(setting.name for setting in SETTINGS) - _CLUSTER_SETTINGS,
     "migrate": _OPERATOR_SETTINGS,
     "verify": _OPERATOR_SETTINGS,
     "restore": _OPERATOR_SETTINGS,
@@ -249,7 +312,7 @@ _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
 
 
 async def _shards(config: Config, _args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "shards") as dsn:
         connection = await connect(dsn)
         try:
             print(await describe_leases(connection), flush=True)
@@ -275,7 +338,7 @@ async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _haproxy_sync(config: Config, args: argparse.Namespace) -> int:
-    async with storage(config) as dsn:
+    async with storage(config, "haproxy-sync") as dsn:
         sync = MapSync(dsn, args.server, map_path=args.map_file, socket_path=args.socket)
         try:
             await sync.run()
@@ -369,6 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _COMMANDS[args.command][0]
     try:
         return uvloop.run(command(config, args))
+    except DataDirInUse as error:
+        print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_DATA_DIR_IN_USE
+    except ClusterFailed as error:
+        print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_CLUSTER_FAILED
     except _STARTUP_ERRORS as error:
         print(f"walletd: error: {_one_line(error)}", file=sys.stderr)
         return 2

@@ -18,11 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from walletd.cli.config import Config
+from walletd.cli.credential import cluster_credential
+from walletd.cli.data_dir import DataDirClaim
 from walletd.engine.limits import EngineLimits
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError
 from walletd.engine.router import Engine
+from walletd.http.internal import ClusterCredential
 from walletd.http.legs import HttpLegs
 from walletd.http.state import Services
 from walletd.persistence.database import (
@@ -34,7 +37,7 @@ from walletd.persistence.database import (
     describe_settings,
     unsafe_settings,
 )
-from walletd.persistence.embedded import EmbeddedPostgres
+from walletd.persistence.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from walletd.persistence.leases import (
     LeaseKeeper,
     LeaseSettings,
@@ -60,6 +63,8 @@ _log = logging.getLogger("walletd")
 
 READINESS_CACHE_S = 1.0
 READINESS_PING_TIMEOUT_S = 1.0
+# Between two looks for the embedded server of the walletd that holds the data dir.
+ATTACH_RETRY_INTERVAL_S = 0.1
 
 
 def engine_limits(config: Config) -> EngineLimits:
@@ -84,6 +89,7 @@ def engine_limits(config: Config) -> EngineLimits:
         hold_sweep_interval_s=config.hold_sweep_interval_s,
         hold_sweep_batch_max=config.hold_sweep_batch_max,
         transfer_leg_tries_max=config.transfer_leg_tries_max,
+        refusal_isolation_commits_max=config.refusal_isolation_commits_max,
     )
 
 
@@ -97,11 +103,51 @@ def pool_settings(config: Config) -> PoolSettings:
 
 
 @contextlib.asynccontextmanager
-async def storage(config: Config) -> AsyncIterator[str]:
-    """The DSN of the configured PostgreSQL, starting the embedded one when none is set."""
+async def storage(config: Config, command: str, *, owner: bool = False) -> AsyncIterator[str]:
+    """The DSN of the configured PostgreSQL, or of the embedded one in the data dir;
+    ``command`` (e.g. "verify") names this process in the data dir's lock file.
+
+    ``owner``: the caller holds the data dir's claim (``walletd serve`` or ``cluster``,
+    cli/data_dir.py): it starts the embedded server (or takes over one a killed owner left
+    running) and stops it at the end. Otherwise (the operator commands) the data dir is
+    claimed for the command's run when free; when a serve or cluster holds it, the command
+    uses that server and never starts or stops it.
+    """
     if config.database_url is not None:
         yield config.database_url
         return
+    if owner:
+        async with _embedded(config) as dsn:
+            yield dsn
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.embedded_start_timeout_s
+    embedded = EmbeddedPostgres(config.data_dir, start_timeout_s=config.embedded_start_timeout_s)
+    while True:
+        claim = DataDirClaim.try_take(config.data_dir, f"walletd {command}")
+        if claim is not None:
+            with claim:
+                async with _embedded(config) as dsn:
+                    yield dsn
+            return
+        attached = await asyncio.to_thread(embedded.attach)
+        if attached is not None:
+            _log.info("using the embedded PostgreSQL of the walletd that holds the data dir")
+            yield attached
+            return
+        if loop.time() >= deadline:
+            # The owner is still starting its server (or stuck): not ours to start.
+            raise EmbeddedPostgresError(
+                f"the data dir {config.data_dir.resolve()} is held by another walletd whose "
+                f"embedded PostgreSQL did not run within {config.embedded_start_timeout_s:g} s"
+            )
+        await asyncio.sleep(ATTACH_RETRY_INTERVAL_S)
+
+
+@contextlib.asynccontextmanager
+async def _embedded(config: Config) -> AsyncIterator[str]:
+    """Start (or take over) the embedded server; stop it at the end. The caller holds the
+    data dir's claim, so no other walletd uses this server."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     embedded = EmbeddedPostgres(config.data_dir, start_timeout_s=config.embedded_start_timeout_s)
     dsn = await asyncio.to_thread(embedded.start)
@@ -109,8 +155,7 @@ async def storage(config: Config) -> AsyncIterator[str]:
     try:
         yield dsn
     finally:
-        # An operator command run beside `walletd serve` adopts its server: never stop it.
-        await asyncio.to_thread(embedded.release)
+        await asyncio.to_thread(embedded.stop)
 
 
 async def migrate_database(dsn: str) -> list[str]:
@@ -196,13 +241,17 @@ async def running_services(
     config: Config,
     observer: EngineObserver | None = None,
     on_fatal: Callable[[str], None] | None = None,
+    *,
+    credential: ClusterCredential | None = None,
 ) -> AsyncIterator[Services]:
     """Storage, the pools, the engine and the shard leases, for as long as the app runs.
 
     ``on_fatal`` is called when the engine gives up (shards crashing past the restart
-    rate): the caller should stop serving and exit non-zero.
+    rate): the caller should stop serving and exit non-zero. ``credential``: the cluster
+    credential legs to other processes carry (read from the configuration when None).
     """
-    async with storage(config) as dsn:
+    credential = credential or cluster_credential(config)
+    async with storage(config, "serve", owner=True) as dsn:
         # Before migrating: a server walletd will not serve is left exactly as it was.
         await require_durable(dsn, allow_unsafe=config.allow_unsafe_durability)
         applied = await migrate_database(dsn)
@@ -221,12 +270,13 @@ async def running_services(
             reader = PostgresLogReader(read_pool, acquire_timeout_s=config.db_connect_timeout_s)
             log = PostgresLog(pool, acquire_timeout_s=config.db_connect_timeout_s)
             ownership = Ownership(config.shards)
-            # Transfer legs for wallets another process serves go to it over HTTP, bounded
-            # like forwarded requests (the same knobs).
+            # Transfer legs for wallets another process serves go to its internal listener
+            # with the cluster credential (never a client key), bounded like forwarded
+            # requests (the same knobs).
             remote_legs = HttpLegs(
                 timeout_s=config.forward_timeout_s,
                 connections_max=config.forward_connections_max,
-                api_key=config.api_keys[0] if config.api_keys else None,
+                credential=credential,
             )
             await remote_legs.__aenter__()
             engine = Engine(
@@ -234,8 +284,10 @@ async def running_services(
                 on_fatal=on_fatal, remote_legs=remote_legs, self_url=config.url,
             )  # fmt: skip
             settings = LeaseSettings(
-                new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max
-            )
+                new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max,
+                # Port 0 here: no internal listener was bound (a test's app alone).
+                internal_url=config.internal_url if config.internal_port else None,
+            )  # fmt: skip
             keeper = LeaseKeeper(
                 dsn, ownership, settings, forget=engine.forget_shards,
                 drain=engine.drain_shards,

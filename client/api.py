@@ -2,40 +2,45 @@
 
     async with WalletdClient("http://127.0.0.1:8000") as walletd:
         wallet = await walletd.create_wallet()
-        await walletd.deposit(wallet.id, Decimal("10.50"))
-        async for page in walletd.history(wallet.id):
+        await walletd.deposit(wallet.id, Decimal("10.50"), reference="order-42")
+        async for operation in walletd.history(wallet.id, operation_type="DEPOSIT"):
+            ...
+        async for event in walletd.events():  # the change feed, resumed after a cut
             ...
 
 Every call that changes something carries an Idempotency-Key: one generated per logical
 call (or the caller's own, to make a call idempotent across processes), reused by each of
-its retries, so a retry after a cut connection or a 503 is applied at most once.
-Retries follow ``RetryPolicy`` (walletd.client.retrying); errors are the tree in
-walletd.client.errors. Money is ``Decimal`` both ways; a float is refused, never rounded.
+its retries, so a retry after a cut connection or a 503 is applied at most once. Every call
+also carries one X-Request-Id, which every error keeps (``request_id``) to find the call in
+walletd's log. Retries follow ``RetryPolicy`` (walletd.client.retrying); errors are the tree
+in walletd.client.errors. Money is ``Decimal`` both ways; a float is refused, never rounded.
 
-Each endpoint is a few lines over ``_call``: a new one (transfers, holds, the feed) adds
-its method and, if it has its own JSON shape, a small dataclass with a ``from_json``.
+Only the standard library and aiohttp: the client installs alone as ``walletd-client``
+(client/pyproject.toml). Each endpoint is a few lines over ``_call``; a JSON shape of its
+own is a small dataclass with a ``from_json``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import aiohttp
-import orjson
 
 from walletd.client.errors import (
     ProblemError,
     TransportError,
     UnexpectedResponse,
+    WalletdError,
     problem_error,
 )
 from walletd.client.retrying import RetryPolicy, parse_retry_after_s
@@ -43,9 +48,12 @@ from walletd.client.retrying import RetryPolicy, parse_retry_after_s
 __all__ = [
     "BulkItem",
     "BulkResult",
+    "Event",
+    "EventPage",
     "HistoryPage",
     "Hold",
     "Operation",
+    "Transfer",
     "Wallet",
     "WalletdClient",
     "new_idempotency_key",
@@ -53,13 +61,23 @@ __all__ = [
 
 API_PREFIX: Final = "/api/v1"
 REQUEST_TIMEOUT_S: Final = 10.0
+# A feed stream sends a heartbeat after 15 s of silence (WALLETD_FEED_HEARTBEAT): a stream
+# silent for this long is dead (a lost peer, a stuck proxy) and is reconnected.
+STREAM_IDLE_TIMEOUT_S: Final = 60.0
+# One SSE event's data; walletd's events are a few hundred bytes.
+SSE_EVENT_BYTES_MAX: Final = 1 << 20
 CONNECTIONS_MAX: Final = 100
+REQUEST_ID_HEADER: Final = "X-Request-Id"
 # Methods that change nothing: retried without a key. A POST is retried only with one.
 _SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # What "no HTTP answer" looks like in aiohttp: refused, reset, cut mid-body, timed out.
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+# Feed event fields that are money (walletd renders them as decimal strings).
+_EVENT_MONEY_FIELDS: Final = frozenset({"amount", "balance_after", "held_after"})
 
 Amount = Decimal | int | str
+Instant = datetime | str
+_Parsed = TypeVar("_Parsed")
 
 
 def new_idempotency_key() -> str:
@@ -72,22 +90,26 @@ def _segment(wallet_id: str | uuid.UUID) -> str:
     return urllib.parse.quote(str(wallet_id), safe="")
 
 
-def _decimal(value: Any, field: str) -> Decimal:
+def _decimal(value: Any, name: str) -> Decimal:
     if not isinstance(value, str):
-        raise UnexpectedResponse(f"{field} is not a decimal string: {value!r}")
+        raise UnexpectedResponse(f"{name} is not a decimal string: {value!r}")
     try:
         return Decimal(value)
     except InvalidOperation:
-        raise UnexpectedResponse(f"{field} is not a decimal string: {value!r}") from None
+        raise UnexpectedResponse(f"{name} is not a decimal string: {value!r}") from None
 
 
-def _timestamp(value: Any, field: str) -> datetime:
+def _timestamp(value: Any, name: str) -> datetime:
     if not isinstance(value, str):
-        raise UnexpectedResponse(f"{field} is not a timestamp: {value!r}")
+        raise UnexpectedResponse(f"{name} is not a timestamp: {value!r}")
     try:
         return datetime.fromisoformat(value)
     except ValueError:
-        raise UnexpectedResponse(f"{field} is not a timestamp: {value!r}") from None
+        raise UnexpectedResponse(f"{name} is not a timestamp: {value!r}") from None
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _amount_text(amount: Amount) -> str:
@@ -103,6 +125,19 @@ def _amount_text(amount: Amount) -> str:
     return format(exact, "f")  # never an exponent: "1E+2" becomes "100"
 
 
+def _instant_text(instant: Instant, name: str) -> str:
+    """An instant as RFC 3339; a naive datetime is refused (which zone would it be in?)."""
+    if isinstance(instant, str):
+        return instant
+    if instant.tzinfo is None or instant.utcoffset() is None:
+        raise ValueError(f"{name} must be an aware datetime (with a tzinfo)")
+    return instant.isoformat()
+
+
+def _dumps(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Wallet:
     id: str
@@ -114,19 +149,22 @@ class Wallet:
     # balance - held; servers before holds send neither (then: balance, 0).
     available: Decimal | None = None
     held: Decimal = Decimal(0)
+    # The instant asked for, on a read with ``as_of``.
+    as_of: datetime | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Wallet:
         try:
-            balance = _decimal(body["balance"], "balance")
+            as_of = body.get("as_of")
             return cls(
                 id=str(body["id"]),
-                balance=balance,
+                balance=_decimal(body["balance"], "balance"),
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
                 available=_decimal(body.get("available", body["balance"]), "available"),
                 held=_decimal(body.get("held", "0.00"), "held"),
+                as_of=None if as_of is None else _timestamp(as_of, "as_of"),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -134,27 +172,72 @@ class Wallet:
 
 @dataclass(frozen=True, slots=True)
 class Operation:
+    """One row of a wallet's history (its log)."""
+
     id: int
-    operation_type: str
+    operation_type: str  # DEPOSIT, WITHDRAW, TRANSFER_OUT/IN/REFUND, HOLD, CAPTURE, RELEASE
     amount: Decimal
     balance_after: Decimal
     idempotency_key: str | None
     created_at: datetime
+    seq: int | None = None  # per wallet, from 1
+    held_after: Decimal = Decimal(0)
+    transfer_id: str | None = None  # on a transfer's legs
+    hold_id: str | None = None  # on HOLD, CAPTURE and RELEASE rows
+    reference: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Operation:
         try:
-            key = body["idempotency_key"]
+            seq = body.get("seq")
             return cls(
                 id=int(body["id"]),
                 operation_type=str(body["operation_type"]),
                 amount=_decimal(body["amount"], "amount"),
                 balance_after=_decimal(body["balance_after"], "balance_after"),
-                idempotency_key=None if key is None else str(key),
+                idempotency_key=_optional_text(body["idempotency_key"]),
                 created_at=_timestamp(body["created_at"], "created_at"),
+                seq=None if seq is None else int(seq),
+                held_after=_decimal(body.get("held_after", "0.00"), "held_after"),
+                transfer_id=_optional_text(body.get("transfer_id")),
+                hold_id=_optional_text(body.get("hold_id")),
+                reference=_optional_text(body.get("reference")),
+            )
+        except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
+            raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    id: str
+    from_wallet_id: str
+    to_wallet_id: str
+    amount: Decimal
+    reference: str | None
+    status: str  # PENDING, COMPLETED, FAILED
+    # Why a FAILED transfer's credit was refused (WALLET_NOT_FOUND, BALANCE_LIMIT_EXCEEDED).
+    failure_code: str | None
+    created_at: datetime
+    updated_at: datetime
+    replayed: bool = False
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
+        try:
+            return cls(
+                id=str(body["id"]),
+                from_wallet_id=str(body["from_wallet_id"]),
+                to_wallet_id=str(body["to_wallet_id"]),
+                amount=_decimal(body["amount"], "amount"),
+                reference=_optional_text(body["reference"]),
+                status=str(body["status"]),
+                failure_code=_optional_text(body["failure_code"]),
+                created_at=_timestamp(body["created_at"], "created_at"),
+                updated_at=_timestamp(body["updated_at"], "updated_at"),
+                replayed=replayed,
             )
         except KeyError as missing:
-            raise UnexpectedResponse(f"history item lacks {missing}") from None
+            raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,14 +253,16 @@ class Hold:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
-    # Set when captured into another wallet: where the money went, by which transfer.
+    # Set when captured into another wallet: where the money went, by which transfer, and
+    # (on the capture's answer only) that transfer as it was then.
     to_wallet_id: str | None = None
     transfer_id: str | None = None
+    transfer: Transfer | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
         try:
-            reference = body["reference"]
+            transfer = body.get("transfer")
             return cls(
                 id=str(body["id"]),
                 wallet_id=str(body["wallet_id"]),
@@ -185,26 +270,60 @@ class Hold:
                 status=str(body["status"]),
                 captured_amount=_decimal(body["captured_amount"], "captured_amount"),
                 released_amount=_decimal(body["released_amount"], "released_amount"),
-                reference=None if reference is None else str(reference),
+                reference=_optional_text(body["reference"]),
                 expires_at=_timestamp(body["expires_at"], "expires_at"),
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
                 to_wallet_id=_optional_text(body.get("to_wallet_id")),
                 transfer_id=_optional_text(body.get("transfer_id")),
+                transfer=None if transfer is None else Transfer.from_json(transfer),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
-
-
-def _optional_text(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     items: list[Operation]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change of the feed. ``data`` is the whole event as walletd sent it, its money
+    fields as ``Decimal``; skip the ``type``s you do not know (more will be added)."""
+
+    position: str  # opaque; pass it back as ``after`` (store it once the event is processed)
+    type: str  # wallet.created, operation.applied, ...
+    created_at: datetime
+    wallet_id: str | None
+    data: Mapping[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_json(cls, body: Any) -> Event:
+        if not isinstance(body, dict):
+            raise UnexpectedResponse(f"feed event is not an object: {body!r}")
+        try:
+            data = {
+                name: _decimal(value, name) if name in _EVENT_MONEY_FIELDS else value
+                for name, value in body.items()
+            }
+            return cls(
+                position=str(body["position"]),
+                type=str(body["type"]),
+                created_at=_timestamp(body["created_at"], "created_at"),
+                wallet_id=_optional_text(body.get("wallet_id")),
+                data=data,
+            )
+        except KeyError as missing:
+            raise UnexpectedResponse(f"feed event lacks {missing}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]
+    next_position: str  # the ``after`` of the next page (``after`` itself when none is new)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +335,7 @@ class BulkItem:
     operation_type: str  # "DEPOSIT" or "WITHDRAW"
     amount: Amount
     idempotency_key: str | None = None
+    reference: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         item: dict[str, Any] = {
@@ -225,6 +345,8 @@ class BulkItem:
         }
         if self.idempotency_key is not None:
             item["idempotency_key"] = self.idempotency_key
+        if self.reference is not None:
+            item["reference"] = self.reference
         return item
 
 
@@ -239,14 +361,15 @@ class BulkResult:
     problem: ProblemError | None
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> BulkResult:
+    def from_json(cls, body: Mapping[str, Any], request_id: str | None = None) -> BulkResult:
         try:
             status = int(body["status"])
             item_body = body["body"]
             if status == 200:
                 wallet = Wallet.from_json(item_body, bool(body.get("replayed")))
                 return cls(int(body["index"]), status, wallet, None)
-            return cls(int(body["index"]), status, None, problem_error(status, item_body))
+            problem = problem_error(status, item_body, request_id=request_id)
+            return cls(int(body["index"]), status, None, problem)
         except (KeyError, TypeError, ValueError) as error:
             raise UnexpectedResponse(f"bulk result is malformed: {error!r}") from None
 
@@ -257,6 +380,15 @@ class _Answer:
     body: Any
     replayed: bool
     retry_after_s: float | None
+    request_id: str
+
+    def decode(self, parse: Callable[[Any], _Parsed]) -> _Parsed:
+        """``parse(body)``; an answer it cannot read raises with this call's request id."""
+        try:
+            return parse(self.body)
+        except UnexpectedResponse as error:
+            error.request_id = self.request_id
+            raise
 
 
 class WalletdClient:
@@ -269,6 +401,7 @@ class WalletdClient:
         api_key: str | None = None,
         retry: RetryPolicy | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        stream_idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S,
         session: aiohttp.ClientSession | None = None,
         unit_random: Callable[[], float] = random.random,
     ) -> None:
@@ -276,6 +409,7 @@ class WalletdClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.retry = retry or RetryPolicy()
         self._request_timeout_s = request_timeout_s
+        self._stream_idle_timeout_s = stream_idle_timeout_s
         self._session = session
         self._owns_session = session is None
         self._unit_random = unit_random
@@ -297,7 +431,7 @@ class WalletdClient:
             await self._session.close()
             self._session = None
 
-    # -- the API ------------------------------------------------------------------------
+    # -- wallets and their operations ------------------------------------------------------
 
     async def create_wallet(
         self, wallet_id: str | uuid.UUID | None = None, *, idempotency_key: str | None = None
@@ -307,46 +441,92 @@ class WalletdClient:
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )
-        return Wallet.from_json(answer.body, answer.replayed)
+        return answer.decode(lambda body: Wallet.from_json(body, answer.replayed))
 
     async def get_wallet(
-        self, wallet_id: str | uuid.UUID, *, as_of: datetime | str | None = None
+        self, wallet_id: str | uuid.UUID, *, as_of: Instant | None = None
     ) -> Wallet:
-        """The committed balance now, or at the instant ``as_of`` when the server has it."""
-        params = None
-        if as_of is not None:
-            params = {"as_of": as_of.isoformat() if isinstance(as_of, datetime) else as_of}
+        """The committed balance now, or as it was at the instant ``as_of`` (an aware
+        datetime or RFC 3339 text; too recent an instant raises AsOfNotSettled, whose
+        ``retry_after_s`` says when to ask again)."""
+        params = None if as_of is None else {"as_of": _instant_text(as_of, "as_of")}
         answer = await self._call("GET", f"/wallets/{_segment(wallet_id)}", params=params)
-        return Wallet.from_json(answer.body)
+        return answer.decode(Wallet.from_json)
 
     async def deposit(
-        self, wallet_id: str | uuid.UUID, amount: Amount, *, idempotency_key: str | None = None
+        self,
+        wallet_id: str | uuid.UUID,
+        amount: Amount,
+        *,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Wallet:
-        return await self._operate(wallet_id, "DEPOSIT", amount, idempotency_key)
+        """Adds ``amount``; ``reference`` (yours, 1-255 characters) is kept in the history
+        and the feed, and is part of what the key compares."""
+        return await self._operate(wallet_id, "DEPOSIT", amount, reference, idempotency_key)
 
     async def withdraw(
-        self, wallet_id: str | uuid.UUID, amount: Amount, *, idempotency_key: str | None = None
+        self,
+        wallet_id: str | uuid.UUID,
+        amount: Amount,
+        *,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Wallet:
-        return await self._operate(wallet_id, "WITHDRAW", amount, idempotency_key)
+        """Takes ``amount`` out of the available money (InsufficientFunds if short)."""
+        return await self._operate(wallet_id, "WITHDRAW", amount, reference, idempotency_key)
 
     async def history(
-        self, wallet_id: str | uuid.UUID, *, page_size: int | None = None
-    ) -> AsyncIterator[HistoryPage]:
-        """Pages of the wallet's operations, newest first, until the last page."""
-        path = f"/wallets/{_segment(wallet_id)}/operations"
+        self,
+        wallet_id: str | uuid.UUID,
+        *,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        operation_type: str | None = None,
+        page_size: int | None = None,
+    ) -> AsyncGenerator[Operation, None]:
+        """The wallet's operations, newest first: those at or after ``since``, strictly
+        before ``until``, of ``operation_type`` (each filter optional), read a page at a time
+        (``page_size``, 1-500) until the last one."""
         cursor: str | None = None
         while True:
-            params = {} if page_size is None else {"limit": str(page_size)}
-            if cursor is not None:
-                params["cursor"] = cursor
-            answer = await self._call("GET", path, params=params)
-            items = answer.body.get("items") if isinstance(answer.body, dict) else None
-            if not isinstance(items, list):
-                raise UnexpectedResponse("history page lacks its items list")
-            cursor = answer.body.get("next_cursor")
-            yield HistoryPage([Operation.from_json(item) for item in items], cursor)
-            if cursor is None:
+            page = await self.history_page(
+                wallet_id, cursor=cursor, since=since, until=until,
+                operation_type=operation_type, limit=page_size,
+            )  # fmt: skip
+            for operation in page.items:
+                yield operation
+            if page.next_cursor is None:
                 return
+            cursor = page.next_cursor
+
+    async def history_page(
+        self,
+        wallet_id: str | uuid.UUID,
+        *,
+        cursor: str | None = None,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        operation_type: str | None = None,
+        limit: int | None = None,
+    ) -> HistoryPage:
+        """One page of ``history``: a filtered page may hold fewer than ``limit`` items, even
+        none, with a ``next_cursor`` to go on; the last page's is None."""
+        params: dict[str, str] = {}
+        if limit is not None:
+            params["limit"] = str(limit)
+        if cursor is not None:
+            params["cursor"] = cursor
+        if since is not None:
+            params["since"] = _instant_text(since, "since")
+        if until is not None:
+            params["until"] = _instant_text(until, "until")
+        if operation_type is not None:
+            params["operation_type"] = operation_type
+        answer = await self._call(
+            "GET", f"/wallets/{_segment(wallet_id)}/operations", params=params
+        )
+        return answer.decode(_history_page)
 
     async def bulk(
         self,
@@ -368,10 +548,52 @@ class WalletdClient:
             body,
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
-        results = answer.body.get("results") if isinstance(answer.body, dict) else None
-        if not isinstance(results, list) or len(results) != len(items):
-            raise UnexpectedResponse("bulk answer lacks one result per item")
-        return [BulkResult.from_json(result) for result in results]
+
+        def parse(body: Any) -> list[BulkResult]:
+            results = body.get("results") if isinstance(body, dict) else None
+            if not isinstance(results, list) or len(results) != len(items):
+                raise UnexpectedResponse("bulk answer lacks one result per item")
+            return [BulkResult.from_json(result, answer.request_id) for result in results]
+
+        return answer.decode(parse)
+
+    # -- transfers -------------------------------------------------------------------------
+
+    async def create_transfer(
+        self,
+        from_wallet_id: str | uuid.UUID,
+        to_wallet_id: str | uuid.UUID,
+        amount: Amount,
+        *,
+        reference: str | None = None,
+        transfer_id: str | uuid.UUID | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """Moves ``amount`` between two wallets; the answer means both legs are committed
+        (COMPLETED). ``transfer_id`` (yours) or the key (generated unless given) makes a
+        retry return the same transfer. A refusal raises with ``body["side"]`` ("from" /
+        "to"); a refusal by the receiver carries the FAILED, refunded ``body["transfer"]``;
+        ServiceUnavailable may leave it PENDING: ``get_transfer`` shows it, and walletd
+        finishes it by itself."""
+        body: dict[str, Any] = {
+            "from_wallet_id": str(from_wallet_id),
+            "to_wallet_id": str(to_wallet_id),
+            "amount": _amount_text(amount),
+        }
+        if reference is not None:
+            body["reference"] = reference
+        if transfer_id is not None:
+            body["id"] = str(transfer_id)
+        answer = await self._call(
+            "POST", "/transfers", body, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        return answer.decode(lambda body: Transfer.from_json(body, answer.replayed))
+
+    async def get_transfer(self, transfer_id: str | uuid.UUID) -> Transfer:
+        answer = await self._call("GET", f"/transfers/{_segment(transfer_id)}")
+        return answer.decode(Transfer.from_json)
+
+    # -- holds -----------------------------------------------------------------------------
 
     async def create_hold(
         self,
@@ -393,7 +615,7 @@ class WalletdClient:
             "POST", f"/wallets/{_segment(wallet_id)}/holds", body,
             idempotency_key=idempotency_key or new_idempotency_key(),
         )  # fmt: skip
-        return Hold.from_json(answer.body, answer.replayed)
+        return answer.decode(lambda body: Hold.from_json(body, answer.replayed))
 
     async def capture(
         self,
@@ -405,7 +627,8 @@ class WalletdClient:
     ) -> Hold:
         """Captures ``amount`` of the hold (all of it when None); the rest is released.
         With ``to_wallet_id`` the captured money moves there by a transfer
-        (``Hold.transfer_id``; read it with the transfer's GET)."""
+        (``Hold.transfer``: COMPLETED, FAILED and refunded, or PENDING until walletd
+        finishes it; read it again with ``get_transfer(hold.transfer_id)``)."""
         body: dict[str, Any] = {} if amount is None else {"amount": _amount_text(amount)}
         if to_wallet_id is not None:
             body["to_wallet_id"] = str(to_wallet_id)
@@ -413,7 +636,7 @@ class WalletdClient:
             "POST", f"/holds/{_segment(hold_id)}/capture", body,
             idempotency_key=idempotency_key or new_idempotency_key(),
         )  # fmt: skip
-        return Hold.from_json(answer.body, answer.replayed)
+        return answer.decode(lambda body: Hold.from_json(body, answer.replayed))
 
     async def void(self, hold_id: str | uuid.UUID, *, idempotency_key: str | None = None) -> Hold:
         """Releases the whole hold."""
@@ -421,25 +644,125 @@ class WalletdClient:
             "POST", f"/holds/{_segment(hold_id)}/void", {},
             idempotency_key=idempotency_key or new_idempotency_key(),
         )  # fmt: skip
-        return Hold.from_json(answer.body, answer.replayed)
+        return answer.decode(lambda body: Hold.from_json(body, answer.replayed))
 
     async def get_hold(self, hold_id: str | uuid.UUID) -> Hold:
         answer = await self._call("GET", f"/holds/{_segment(hold_id)}")
-        return Hold.from_json(answer.body)
+        return answer.decode(Hold.from_json)
+
+    # -- the change feed -------------------------------------------------------------------
+
+    async def events_page(self, *, after: str | None = None, limit: int | None = None) -> EventPage:
+        """One page of the feed after the position ``after`` (from the start when None)."""
+        params: dict[str, str] = {}
+        if after is not None:
+            params["after"] = after
+        if limit is not None:
+            params["limit"] = str(limit)
+        answer = await self._call("GET", "/events", params=params)
+        return answer.decode(_event_page)
+
+    async def events(self, *, after: str | None = None) -> AsyncGenerator[Event, None]:
+        """Every change after ``after`` (from the start when None), as it commits, from the
+        Server-Sent Events stream; it never ends by itself.
+
+        A dropped stream (a cut connection, walletd restarting, a storage outage, silence
+        past ``stream_idle_timeout_s``) is reopened with ``Last-Event-ID`` set to the last
+        event received: nothing lost, nothing repeated. Reopening follows ``retry``:
+        a run of failed attempts (no 200, or one that brought nothing) ends after
+        ``attempts_max`` or ``total_s_max`` with the last error; 503 honours Retry-After,
+        any other problem is raised at once. ``aclose()`` it (or leave the ``async for``)
+        to close the connection.
+        """
+        url = f"{self._base_url}{API_PREFIX}/events/stream"
+        last_position = after
+        loop = asyncio.get_running_loop()
+        failures = 0
+        failing_since = loop.time()
+        while True:
+            request_id = _new_request_id()
+            headers = dict(self._headers)
+            headers.update({"Accept": "text/event-stream", REQUEST_ID_HEADER: request_id})
+            if last_position is not None:
+                headers["Last-Event-ID"] = last_position
+            failure: WalletdError
+            stream = _SseReader()
+            try:
+                async with self._ensure_session().get(
+                    url,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None,
+                        connect=self._request_timeout_s,
+                        sock_read=self._stream_idle_timeout_s,
+                    ),
+                ) as response:
+                    request_id = response.headers.get(REQUEST_ID_HEADER, request_id)
+                    if response.status != 200:
+                        raw = await response.read()
+                        body = _problem_body(raw, response.content_type)
+                        retry_after_s = parse_retry_after_s(response.headers.get("Retry-After"))
+                        problem = problem_error(
+                            response.status, body, request_id=request_id,
+                            retry_after_s=retry_after_s,
+                        )  # fmt: skip
+                        if response.status != 503:
+                            raise problem
+                        failure = problem
+                    elif response.content_type != "text/event-stream":
+                        raise UnexpectedResponse(
+                            f"feed stream answered {response.content_type}, not an event stream",
+                            request_id=request_id,
+                        )
+                    else:
+                        async for event in stream.events(response.content):
+                            last_position = event.position
+                            yield event
+                        failure = TransportError(
+                            "the feed stream ended (walletd stopping, or storage down)",
+                            request_id=request_id,
+                        )
+            except _TRANSPORT_ERRORS as error:
+                failure = TransportError(
+                    f"feed stream: no answer ({type(error).__name__}: {error})",
+                    request_id=request_id,
+                )
+                failure.__cause__ = error
+            except ValueError as error:  # aiohttp: a line past its read buffer
+                raise UnexpectedResponse(f"feed stream: {error}", request_id=request_id) from None
+            if stream.lines_read > 0:
+                # This connection worked: the next failure starts a new run.
+                failures = 0
+                failing_since = loop.time()
+            failures += 1
+            delay_s = self.retry.delay_s(failures, failure.retry_after_s, self._unit_random())
+            if (
+                failures >= self.retry.attempts_max
+                or loop.time() + delay_s - failing_since > self.retry.total_s_max
+            ):
+                raise failure
+            await asyncio.sleep(delay_s)
+
+    # -- one call, with its retries --------------------------------------------------------
 
     async def _operate(
-        self, wallet_id: str | uuid.UUID, kind: str, amount: Amount, key: str | None
+        self,
+        wallet_id: str | uuid.UUID,
+        kind: str,
+        amount: Amount,
+        reference: str | None,
+        key: str | None,
     ) -> Wallet:
         body = {"operation_type": kind, "amount": _amount_text(amount)}
+        if reference is not None:
+            body["reference"] = reference
         answer = await self._call(
             "POST",
             f"/wallets/{_segment(wallet_id)}/operation",
             body,
             idempotency_key=key or new_idempotency_key(),
         )
-        return Wallet.from_json(answer.body, answer.replayed)
-
-    # -- one call, with its retries ------------------------------------------------------
+        return answer.decode(lambda body: Wallet.from_json(body, answer.replayed))
 
     async def _call(
         self,
@@ -453,12 +776,15 @@ class WalletdClient:
         """Sends one logical call, retrying what is safe to retry (see retrying.py).
 
         A POST without ``idempotency_key`` is sent once: walletd could apply it twice.
+        Every attempt carries the call's one X-Request-Id.
         """
+        request_id = _new_request_id()
         headers = dict(self._headers)
+        headers[REQUEST_ID_HEADER] = request_id
         data = None
         if body is not None:
             headers["Content-Type"] = "application/json"
-            data = orjson.dumps(body)
+            data = _dumps(body)
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         retryable = method in _SAFE_METHODS or idempotency_key is not None
@@ -468,33 +794,43 @@ class WalletdClient:
         attempt = 0
         while True:
             attempt += 1
-            retry_after_s: float | None = None
             # No attempt outlives the call's total time either.
             timeout_s = min(self._request_timeout_s, max(0.001, deadline_s - loop.time()))
             try:
                 answer = await self._attempt(method, url, data, params, headers, timeout_s)
             except _TRANSPORT_ERRORS as error:
                 failure: TransportError | ProblemError = TransportError(
-                    f"{method} {path}: no answer ({type(error).__name__}: {error})"
+                    f"{method} {path}: no answer ({type(error).__name__}: {error})",
+                    request_id=request_id,
                 )
                 failure.__cause__ = error
             else:
                 if answer.status < 400:
                     return answer
                 failure = problem_error(
-                    answer.status, answer.body if isinstance(answer.body, dict) else {}
+                    answer.status,
+                    answer.body if isinstance(answer.body, dict) else {},
+                    request_id=answer.request_id,
+                    retry_after_s=answer.retry_after_s,
                 )
-                if answer.status != 503:
+                if answer.status not in (429, 503):
                     raise failure
-                retry_after_s = answer.retry_after_s
-            delay_s = self.retry.delay_s(attempt, retry_after_s, self._unit_random())
+            delay_s = self.retry.delay_s(attempt, failure.retry_after_s, self._unit_random())
+            # A 429 was refused before anything ran: safe to send again, whatever the method.
             if (
-                not retryable
+                not (retryable or (isinstance(failure, ProblemError) and failure.status == 429))
                 or attempt >= self.retry.attempts_max
                 or loop.time() + delay_s > deadline_s
             ):
                 raise failure
             await asyncio.sleep(delay_s)
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX)
+            session = self._session = aiohttp.ClientSession(connector=connector)
+        return session
 
     async def _attempt(
         self,
@@ -505,11 +841,7 @@ class WalletdClient:
         headers: Mapping[str, str],
         timeout_s: float,
     ) -> _Answer:
-        session = self._session
-        if session is None:
-            connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX)
-            session = self._session = aiohttp.ClientSession(connector=connector)
-        async with session.request(
+        async with self._ensure_session().request(
             method,
             url,
             data=data,
@@ -522,13 +854,84 @@ class WalletdClient:
             retry_after = response.headers.get("Retry-After")
             replayed = response.headers.get("Idempotent-Replayed") == "true"
             status = response.status
-        if content_type in ("application/json", "application/problem+json"):
-            try:
-                parsed = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise UnexpectedResponse(f"{status} answer is not JSON") from None
-        elif status < 400:
-            raise UnexpectedResponse(f"{status} answer is {content_type}, not JSON")
-        else:
-            parsed = {}
-        return _Answer(status, parsed, replayed, parse_retry_after_s(retry_after))
+            request_id = response.headers.get(REQUEST_ID_HEADER, headers[REQUEST_ID_HEADER])
+        if status < 400 and content_type != "application/json":
+            raise UnexpectedResponse(
+                f"{status} answer is {content_type}, not JSON", request_id=request_id
+            )
+        try:
+            parsed = _problem_body(raw, content_type) if status >= 400 else json.loads(raw)
+        except ValueError:
+            raise UnexpectedResponse(
+                f"{status} answer is not JSON", request_id=request_id
+            ) from None
+        return _Answer(status, parsed, replayed, parse_retry_after_s(retry_after), request_id)
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _problem_body(raw: bytes, content_type: str) -> dict[str, Any]:
+    """A problem's JSON object; an error page that is not one (a proxy's HTML) is {}."""
+    if content_type not in ("application/json", "application/problem+json"):
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _history_page(body: Any) -> HistoryPage:
+    items = body.get("items") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise UnexpectedResponse("history page lacks its items list")
+    return HistoryPage([Operation.from_json(item) for item in items], body.get("next_cursor"))
+
+
+def _event_page(body: Any) -> EventPage:
+    events = body.get("events") if isinstance(body, dict) else None
+    if not isinstance(events, list) or not isinstance(body.get("next_position"), str):
+        raise UnexpectedResponse("feed page lacks its events list or next_position")
+    return EventPage([Event.from_json(event) for event in events], body["next_position"])
+
+
+class _SseReader:
+    """Server-Sent Events (the WHATWG event-stream format) read line by line: ``data``
+    lines accumulate until a blank line dispatches the event; comments (``: heartbeat``)
+    and unknown fields are skipped. ``lines_read`` tells a connection that worked from one
+    that brought nothing."""
+
+    __slots__ = ("lines_read",)
+
+    def __init__(self) -> None:
+        self.lines_read = 0
+
+    async def events(self, content: aiohttp.StreamReader) -> AsyncIterator[Event]:
+        data: list[str] = []
+        data_bytes = 0
+        while line_bytes := await content.readline():
+            self.lines_read += 1
+            line = line_bytes.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not line:
+                if data:
+                    yield Event.from_json(_sse_json("\n".join(data)))
+                data, data_bytes = [], 0
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                value = value.removeprefix(" ")
+                data_bytes += len(value)
+                if data_bytes > SSE_EVENT_BYTES_MAX:
+                    raise UnexpectedResponse(f"a feed event past {SSE_EVENT_BYTES_MAX} bytes")
+                data.append(value)
+            # "id" is the event's position, which its data carries too; "event" its type,
+            # likewise; "" is a comment (the heartbeat). Nothing else is sent.
+
+
+def _sse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise UnexpectedResponse(f"feed event data is not JSON: {text[:100]!r}") from None

@@ -2,16 +2,38 @@
 
 Exceptions::
 
-    WalletdError                  everything the client raises
+    WalletdError                  everything the client raises; ``request_id`` (the
+    │                             X-Request-Id of the call, to find it in walletd's log)
+    │                             and ``retry_after_s`` (the server's Retry-After, or None)
     ├── TransportError            no HTTP answer (connection refused or cut, timeout), after
     │                             every retry that was safe
     ├── UnexpectedResponse        an answer that is not what the API documents
     └── ProblemError              an RFC 9457 problem answer: ``status``, ``code``, ``detail``
         ├── InvalidRequest        400/408/413/415/422: the request itself must change
+        │   ├── InvalidJson             INVALID_JSON
+        │   ├── BadRequest              BAD_REQUEST
+        │   ├── InvalidId               a path id that is not a canonical UUID:
+        │   │   ├── InvalidWalletId         INVALID_WALLET_ID
+        │   │   ├── InvalidTransferId       INVALID_TRANSFER_ID
+        │   │   └── InvalidHoldId           INVALID_HOLD_ID
         │   ├── ValidationError         VALIDATION_ERROR (``errors``: one entry per field)
-        │   └── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
-        ├── Unauthorized          UNAUTHORIZED
+        │   ├── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
+        │   ├── AsOfNotSettled          AS_OF_NOT_SETTLED (ask again after ``retry_after_s``)
+        │   ├── PayloadTooLarge         PAYLOAD_TOO_LARGE
+        │   ├── TooManyItems            TOO_MANY_ITEMS
+        │   ├── AtomicNotPossible       ATOMIC_NOT_POSSIBLE
+        │   ├── RequestTimeout          REQUEST_TIMEOUT
+        │   ├── UnsupportedMediaType    UNSUPPORTED_MEDIA_TYPE
+        │   └── MethodNotAllowed        METHOD_NOT_ALLOWED
+        ├── AccessDenied          401/403: the credential is missing, wrong or not enough
+        │   ├── Unauthorized            UNAUTHORIZED
+        │   └── Forbidden               FORBIDDEN: the key lacks the route's scope
+        ├── RateLimited           429: the key is over one of its quotas; nothing was applied
+        │   │                     (ask again after ``retry_after_s``)
+        │   ├── RateExceeded            RATE_LIMITED (the key's request rate)
+        │   └── TooManyStreams          TOO_MANY_STREAMS (the key's feed streams)
         ├── NotFound              a route or a resource that does not exist
+        │   ├── RouteNotFound           NOT_FOUND
         │   ├── WalletNotFound          WALLET_NOT_FOUND
         │   ├── TransferNotFound        TRANSFER_NOT_FOUND
         │   └── HoldNotFound            HOLD_NOT_FOUND
@@ -25,15 +47,21 @@ Exceptions::
         │       ├── HoldExpired             HOLD_EXPIRED
         │       ├── HoldAlreadyCaptured     HOLD_ALREADY_CAPTURED
         │       └── HoldAlreadyVoided       HOLD_ALREADY_VOIDED
+        ├── StorageRefused        STORAGE_REFUSED (409): the database refused this request
+        │                         alone by a constraint; nothing applied, not recorded (a
+        │                         retry is decided again)
         ├── ServiceUnavailable    503 still answered after the last retry: "not applied, or
         │   │                     unknown"; the same Idempotency-Key resolves it later
         │   ├── Unavailable             UNAVAILABLE
         │   ├── Overloaded              OVERLOADED
         │   └── NotOwner                NOT_OWNER (a shard moving between processes)
-        └── ServerError           500 INTERNAL_ERROR, or any other 5xx
+        └── ServerError           any other 5xx: a bug in walletd, never retried
+            └── InternalError           INTERNAL_ERROR
 
-A code this client does not know yet falls back to its status's class, so a newer server
-never breaks an older client. A new code is one line in ``PROBLEM_CLASSES``.
+Every code walletd declares has a class of its own (tests/test_client.py walks the
+server's codes). A code this client does not know yet falls back to its status's class, so
+a newer server never breaks an older client. A new code is a class and one line in
+``PROBLEM_CLASSES``.
 """
 
 from __future__ import annotations
@@ -43,8 +71,13 @@ from typing import Any, Final
 
 __all__ = [
     "PROBLEM_CLASSES",
+    "AccessDenied",
+    "AsOfNotSettled",
+    "AtomicNotPossible",
+    "BadRequest",
     "BalanceLimitExceeded",
     "CaptureExceedsHold",
+    "Forbidden",
     "HoldAlreadyCaptured",
     "HoldAlreadyVoided",
     "HoldExpired",
@@ -52,30 +85,60 @@ __all__ = [
     "HoldNotPending",
     "IdempotencyKeyReused",
     "InsufficientFunds",
+    "InternalError",
+    "InvalidHoldId",
+    "InvalidId",
+    "InvalidJson",
     "InvalidRequest",
+    "InvalidTransferId",
+    "InvalidWalletId",
+    "MethodNotAllowed",
     "NotFound",
     "NotOwner",
     "Overloaded",
+    "PayloadTooLarge",
     "ProblemError",
+    "RateExceeded",
+    "RateLimited",
     "Refused",
+    "RequestTimeout",
+    "RouteNotFound",
     "ServerError",
     "ServiceUnavailable",
+    "StorageRefused",
     "TooManyHolds",
+    "TooManyItems",
+    "TooManyStreams",
     "TransferNotFound",
     "TransportError",
     "Unauthorized",
     "Unavailable",
     "UnexpectedResponse",
+    "UnsupportedMediaType",
     "ValidationError",
     "WalletAlreadyExists",
     "WalletNotFound",
     "WalletdError",
+    "class_for_status",
     "problem_error",
 ]
 
 
 class WalletdError(Exception):
-    """Everything the walletd client raises."""
+    """Everything the walletd client raises.
+
+    ``request_id``: the X-Request-Id of the call (the one walletd echoed, else the one the
+    client sent), the key to its lines in walletd's access log; None only for an error
+    raised before anything was sent. ``retry_after_s``: the answer's Retry-After in seconds,
+    or None.
+    """
+
+    def __init__(
+        self, message: str, *, request_id: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
 
 
 class TransportError(WalletdError):
@@ -89,8 +152,19 @@ class UnexpectedResponse(WalletdError):
 class ProblemError(WalletdError):
     """An RFC 9457 problem answer from walletd."""
 
-    def __init__(self, status: int, code: str, detail: str, body: Mapping[str, Any]) -> None:
-        super().__init__(f"{status} {code}: {detail}")
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        body: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(
+            f"{status} {code}: {detail}", request_id=request_id, retry_after_s=retry_after_s
+        )
         self.status = status
         self.code = code
         self.detail = detail
@@ -98,7 +172,31 @@ class ProblemError(WalletdError):
 
 
 class InvalidRequest(ProblemError):
-    """The request itself is wrong (400, 413, 415, 422); sending it again cannot help."""
+    """The request itself is wrong (400, 408, 413, 415, 422); sending it again cannot help."""
+
+
+class InvalidJson(InvalidRequest):
+    """The body is not JSON, not an object, or holds a lone surrogate."""
+
+
+class BadRequest(InvalidRequest):
+    """A request the HTTP layer could not take (a malformed request line or header)."""
+
+
+class InvalidId(InvalidRequest):
+    """An id in the path is not a canonical UUID."""
+
+
+class InvalidWalletId(InvalidId):
+    """The wallet id in the path is not a canonical UUID."""
+
+
+class InvalidTransferId(InvalidId):
+    """The transfer id in the path is not a UUID."""
+
+
+class InvalidHoldId(InvalidId):
+    """The hold id in the path is not a UUID."""
 
 
 class ValidationError(InvalidRequest):
@@ -114,16 +212,69 @@ class IdempotencyKeyReused(InvalidRequest):
     """The Idempotency-Key was already used for a different request."""
 
 
-class Unauthorized(ProblemError):
+class AsOfNotSettled(InvalidRequest):
+    """The as_of instant is too recent to answer yet; ask again after ``retry_after_s``."""
+
+
+class PayloadTooLarge(InvalidRequest):
+    """The body is larger than the server's limit."""
+
+
+class TooManyItems(InvalidRequest):
+    """A bulk request with more items than the server takes (atomic: more than a batch)."""
+
+
+class AtomicNotPossible(InvalidRequest):
+    """An atomic bulk request whose wallets are not all on one shard actor."""
+
+
+class RequestTimeout(InvalidRequest):
+    """The body did not arrive within the server's read timeout."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The body was not sent as application/json."""
+
+
+class MethodNotAllowed(InvalidRequest):
+    """The route does not take this method; ``body`` names the allowed ones."""
+
+
+class AccessDenied(ProblemError):
+    """The credential is missing, wrong or not enough (401, 403)."""
+
+
+class Unauthorized(AccessDenied):
     """Missing or wrong API key."""
+
+
+class Forbidden(AccessDenied):
+    """The API key is valid but lacks the scope the route needs; another key is needed."""
+
+
+class RateLimited(ProblemError):
+    """429: the API key is over one of its quotas; nothing was applied. ``retry_after_s`` is
+    the server's Retry-After in seconds, when it sent one."""
+
+
+class RateExceeded(RateLimited):
+    """RATE_LIMITED: the API key sent more requests than its rate allows."""
+
+
+class TooManyStreams(RateLimited):
+    """The API key holds the most feed streams it may; close one first."""
 
 
 class NotFound(ProblemError):
     """The route or the resource does not exist."""
 
 
+class RouteNotFound(NotFound):
+    """No route has this path (a wrong base URL, or a newer API version)."""
+
+
 class WalletNotFound(NotFound):
-    """No wallet has this id."""
+    """No wallet has this id (for a transfer, ``body["side"]`` says which)."""
 
 
 class TransferNotFound(NotFound):
@@ -143,7 +294,7 @@ class WalletAlreadyExists(Refused):
 
 
 class InsufficientFunds(Refused):
-    """The withdrawal is larger than the balance; the balance is unchanged."""
+    """The withdrawal is larger than the available money; the balance is unchanged."""
 
 
 class BalanceLimitExceeded(Refused):
@@ -156,6 +307,12 @@ class TooManyHolds(Refused):
 
 class CaptureExceedsHold(Refused):
     """The capture is larger than the hold; the hold is unchanged."""
+
+
+class StorageRefused(ProblemError):
+    """The database refused this request alone (a constraint walletd cannot foresee, such
+    as one an operator added); nothing was applied. Unlike a ``Refused``, it is not recorded
+    under the Idempotency-Key: a retry is decided again."""
 
 
 class HoldNotPending(Refused):
@@ -179,11 +336,11 @@ class ServiceUnavailable(ProblemError):
 
 
 class Unavailable(ServiceUnavailable):
-    """Storage is unreachable or walletd is stopping."""
+    """Storage is unreachable, a commit's outcome is unknown, or walletd is stopping."""
 
 
 class Overloaded(ServiceUnavailable):
-    """The wallet's shard is at capacity."""
+    """The wallet's shard (or the feed's streams, or bulk admission) is at capacity."""
 
 
 class NotOwner(ServiceUnavailable):
@@ -194,49 +351,59 @@ class ServerError(ProblemError):
     """A 5xx other than 503: a bug in walletd; never retried."""
 
 
+class InternalError(ServerError):
+    """500 INTERNAL_ERROR: walletd logged the exception under this ``request_id``."""
+
+
 PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
-    "INVALID_JSON": InvalidRequest,
-    "INVALID_WALLET_ID": InvalidRequest,
+    "INVALID_JSON": InvalidJson,
+    "INVALID_WALLET_ID": InvalidWalletId,
     "VALIDATION_ERROR": ValidationError,
     "IDEMPOTENCY_KEY_REUSED": IdempotencyKeyReused,
-    "PAYLOAD_TOO_LARGE": InvalidRequest,
-    "REQUEST_TIMEOUT": InvalidRequest,
-    "TOO_MANY_ITEMS": InvalidRequest,
-    "ATOMIC_NOT_POSSIBLE": InvalidRequest,
-    "UNSUPPORTED_MEDIA_TYPE": InvalidRequest,
-    "BAD_REQUEST": InvalidRequest,
-    "METHOD_NOT_ALLOWED": InvalidRequest,
+    "PAYLOAD_TOO_LARGE": PayloadTooLarge,
+    "REQUEST_TIMEOUT": RequestTimeout,
+    "TOO_MANY_ITEMS": TooManyItems,
+    "ATOMIC_NOT_POSSIBLE": AtomicNotPossible,
+    "UNSUPPORTED_MEDIA_TYPE": UnsupportedMediaType,
+    "BAD_REQUEST": BadRequest,
+    "METHOD_NOT_ALLOWED": MethodNotAllowed,
     "UNAUTHORIZED": Unauthorized,
-    "NOT_FOUND": NotFound,
+    "FORBIDDEN": Forbidden,
+    "RATE_LIMITED": RateExceeded,
+    "TOO_MANY_STREAMS": TooManyStreams,
+    "NOT_FOUND": RouteNotFound,
     "WALLET_NOT_FOUND": WalletNotFound,
     "TRANSFER_NOT_FOUND": TransferNotFound,
-    "INVALID_HOLD_ID": InvalidRequest,
+    "INVALID_HOLD_ID": InvalidHoldId,
     "HOLD_NOT_FOUND": HoldNotFound,
     "HOLD_EXPIRED": HoldExpired,
     "HOLD_ALREADY_CAPTURED": HoldAlreadyCaptured,
     "HOLD_ALREADY_VOIDED": HoldAlreadyVoided,
     "CAPTURE_EXCEEDS_HOLD": CaptureExceedsHold,
     "TOO_MANY_HOLDS": TooManyHolds,
-    "INVALID_TRANSFER_ID": InvalidRequest,
-    # An as_of instant too recent to answer yet: ask again after Retry-After.
-    "AS_OF_NOT_SETTLED": InvalidRequest,
+    "STORAGE_REFUSED": StorageRefused,
+    "INVALID_TRANSFER_ID": InvalidTransferId,
+    "AS_OF_NOT_SETTLED": AsOfNotSettled,
     "WALLET_ALREADY_EXISTS": WalletAlreadyExists,
     "INSUFFICIENT_FUNDS": InsufficientFunds,
     "BALANCE_LIMIT_EXCEEDED": BalanceLimitExceeded,
     "UNAVAILABLE": Unavailable,
     "OVERLOADED": Overloaded,
     "NOT_OWNER": NotOwner,
-    "INTERNAL_ERROR": ServerError,
+    "INTERNAL_ERROR": InternalError,
 }
 
 
-def _class_for_status(status: int) -> type[ProblemError]:
+def class_for_status(status: int) -> type[ProblemError]:
+    """The class of a problem whose code this client does not know: its status's group."""
     if status == 503:
         return ServiceUnavailable
     if status >= 500:
         return ServerError
-    if status == 401:
-        return Unauthorized
+    if status in (401, 403):
+        return AccessDenied
+    if status == 429:
+        return RateLimited
     if status == 404:
         return NotFound
     if status == 409:
@@ -246,11 +413,19 @@ def _class_for_status(status: int) -> type[ProblemError]:
     return ProblemError
 
 
-def problem_error(status: int, body: Mapping[str, Any]) -> ProblemError:
+def problem_error(
+    status: int,
+    body: Mapping[str, Any],
+    *,
+    request_id: str | None = None,
+    retry_after_s: float | None = None,
+) -> ProblemError:
     """The exception for a problem answer: by its ``code``, else by its status."""
     code = body.get("code")
     detail = body.get("detail")
     code_text = code if isinstance(code, str) else f"HTTP_{status}"
     detail_text = detail if isinstance(detail, str) else ""
-    error_class = PROBLEM_CLASSES.get(code_text) or _class_for_status(status)
-    return error_class(status, code_text, detail_text, body)
+    error_class = PROBLEM_CLASSES.get(code_text) or class_for_status(status)
+    return error_class(
+        status, code_text, detail_text, body, request_id=request_id, retry_after_s=retry_after_s
+    )

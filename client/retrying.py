@@ -1,9 +1,10 @@
 """When the walletd client tries again, and how long it waits first.
 
-Only two failures are retried, and only for a request that is safe to send twice (a GET,
+Two failures are retried, for a request that is safe to send twice (a GET,
 or a POST carrying an Idempotency-Key, which walletd applies at most once): no answer at
 all (the connection failed or was cut, the attempt timed out), and 503 (UNAVAILABLE,
-OVERLOADED), whose meaning is "not applied, or unknown". A 4xx is final; a 500 is a bug.
+OVERLOADED), whose meaning is "not applied, or unknown". A 429 RATE_LIMITED (refused before
+anything ran) is retried for any request. Any other 4xx is final; a 500 is a bug.
 
 The wait before attempt n+1 is full-jitter exponential backoff, ``uniform(0, min(cap,
 base * 2**(n-1)))``, added to the server's ``Retry-After`` when it sent one, so a burst of

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import (
@@ -22,6 +22,7 @@ from walletd.engine.model import (
 )
 
 __all__ = [
+    "REFUND_FAILURE_CODES",
     "ApplyOperation",
     "ApplyOperations",
     "Command",
@@ -34,6 +35,7 @@ __all__ = [
     "ReadWallet",
     "Reply",
     "TransferLeg",
+    "command_ids",
     "hold_key",
     "transfer_leg_key",
 ]
@@ -63,6 +65,21 @@ class Outcome(enum.Enum):
     HOLD_ALREADY_VOIDED = "HOLD_ALREADY_VOIDED"
     # A capture into the hold's own wallet (422).
     SAME_WALLET = "SAME_WALLET"
+    # A field past what storage can hold (a reference over 255 characters, an amount over
+    # the maximum, a leg that does not match its kind): the ledger refuses it before it
+    # joins a batch, so storage never refuses a batch for it (422).
+    NOT_STORABLE = "NOT_STORABLE"
+    # Storage refused the command when it stood alone in its batch (a constraint the
+    # ledger cannot foresee, found by isolation in engine/shard.py): nothing applied (409).
+    STORAGE_REFUSED = "STORAGE_REFUSED"
+
+
+# The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
+# carries one of these as its failure_code, stored on the transfer and read back as its
+# outcome.
+REFUND_FAILURE_CODES: Final = frozenset(
+    {Outcome.WALLET_NOT_FOUND.value, Outcome.BALANCE_LIMIT_EXCEEDED.value}
+)
 
 
 class Reply(NamedTuple):
@@ -96,7 +113,7 @@ class Operation(Protocol):
 
 
 class ApplyOperation:
-    __slots__ = ("amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
+    __slots__ = ("actor", "amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
 
@@ -108,6 +125,7 @@ class ApplyOperation:
         idempotency_key: str | None,
         reply: asyncio.Future[Reply],
         reference: str | None = None,
+        actor: str | None = None,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
@@ -115,6 +133,8 @@ class ApplyOperation:
         self.idempotency_key = idempotency_key
         self.reply = reply
         self.reference = reference
+        # The API key's name, recorded on the row (model.OperationRecord.actor).
+        self.actor = actor
 
 
 class ApplyOperations:
@@ -122,13 +142,18 @@ class ApplyOperations:
     share. Decided in one batch, hence written in one PostgreSQL transaction; ``atomic``
     groups apply whole or not at all (the first refusal refuses the group)."""
 
-    __slots__ = ("atomic", "items", "reply", "wallet_id", "weight")
+    __slots__ = ("actor", "atomic", "items", "reply", "wallet_id", "weight")
 
     def __init__(
-        self, items: Sequence[Operation], atomic: bool, reply: asyncio.Future[Reply]
+        self,
+        items: Sequence[Operation],
+        atomic: bool,
+        reply: asyncio.Future[Reply],
+        actor: str | None = None,
     ) -> None:
         self.items = items
         self.atomic = atomic
+        self.actor = actor  # every item's: one request, one key
         self.reply = reply
         self.wallet_id = items[0].wallet_id  # for logs; the ledger reads every item's
         self.weight = len(items)
@@ -244,7 +269,7 @@ class HoldCommand:
     EXPIRE release all of it. ``key`` / ``fingerprint``: the client's Idempotency-Key of
     a capture or void and what that request was, stored on the hold."""
 
-    __slots__ = ("action", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
+    __slots__ = ("action", "actor", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
                  "log_key", "reference", "reply", "shard", "to_wallet_id", "transfer_id",
                  "wallet_id")  # fmt: skip
     weight = 1
@@ -264,8 +289,10 @@ class HoldCommand:
         fingerprint: str | None = None,
         to_wallet_id: UUID | None = None,
         transfer_id: UUID | None = None,
+        actor: str | None = None,
     ) -> None:
         self.action = action
+        self.actor = actor  # the key's name on the rows it writes; None for the sweep
         # A capture into another wallet opens this transfer (engine/holds.py).
         self.to_wallet_id = to_wallet_id
         self.transfer_id = transfer_id
@@ -328,3 +355,27 @@ Command = (
     ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
     | JointTransfer
 )  # fmt: skip
+
+
+def command_ids(command: Command) -> tuple[set[int], set[int]]:
+    """The wallets whose state a command reads or writes, and every id it names (those
+    wallets, a hold's, a transfer's, a capture's receiver), as ints: what the pipeline
+    matches against the ids a storage refusal names (engine/shard.py)."""
+    if isinstance(command, ApplyOperations):
+        wallets = {item.wallet_id.int for item in command.items}
+        return wallets, set(wallets)
+    if isinstance(command, JointTransfer):
+        transfer = command.debit.transfer
+        wallets = {transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+        return wallets, wallets | {transfer.transfer_id.int}
+    wallets = {command.wallet_id.int}
+    named = set(wallets)
+    if isinstance(command, TransferLeg):
+        transfer = command.transfer
+        named |= {transfer.transfer_id.int, transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+    elif isinstance(command, HoldCommand):
+        named.add(command.hold_id.int)
+        for other in (command.to_wallet_id, command.transfer_id):
+            if other is not None:
+                named.add(other.int)
+    return wallets, named

@@ -31,6 +31,7 @@ __all__ = [
     "HOLD_KEY_NAMESPACE",
     "capture_transfer_id",
     "create_fingerprint",
+    "is_derived_transfer_id",
     "new_hold_id",
     "replay_creation",
     "resolve_fingerprint",
@@ -38,9 +39,17 @@ __all__ = [
 ]
 
 HOLD_KEY_NAMESPACE: Final = UUID("3c8e7b21-5d4a-4f6e-8b19-2a7d9e0c6f53")
-# A capture into another wallet opens the transfer uuid5(namespace, hold id): one per hold,
-# as a hold resolves once.
+# A capture into another wallet opens the transfer uuid5(namespace, hold id), its version
+# field set to 8: one per hold, as a hold resolves once. Anyone can compute it from the
+# hold id, so it must be an id no client can take first (a transfer stored under it would
+# make the capture's commit refused forever): version-8 ids are reserved to walletd. The
+# edge refuses a chosen transfer id of version 8 (422, docs/API.md "Transfers"), and the
+# ledger refuses a debit leg (the only other thing that opens a transfer) under one. The
+# other ids of transfers are never version 8: uuid4 (drawn), uuid5 (from a key), or chosen.
 CAPTURE_TRANSFER_NAMESPACE: Final = UUID("8d2e5f14-7a3b-4c9d-b6e1-0f4a2c7d9e85")
+_VERSION_SHIFT: Final = 76
+_VERSION_MASK: Final = 0xF << _VERSION_SHIFT
+_DERIVED_VERSION: Final = 8
 # Draws until a hold id lands on its wallet's shard: the chance that 4096 shards need more
 # than this many is below 1e-10; past it the request is refused, never looped forever.
 HOLD_ID_TRIES_MAX: Final = 100_000
@@ -74,7 +83,14 @@ def create_fingerprint(amount: int, expires_in_s: int | None, reference: str | N
 
 
 def capture_transfer_id(hold_id: UUID) -> UUID:
-    return uuid.uuid5(CAPTURE_TRANSFER_NAMESPACE, str(hold_id))
+    derived = uuid.uuid5(CAPTURE_TRANSFER_NAMESPACE, str(hold_id)).int
+    # The RFC 4122 variant bits stay as uuid5 set them; only the version field changes.
+    return UUID(int=(derived & ~_VERSION_MASK) | (_DERIVED_VERSION << _VERSION_SHIFT))
+
+
+def is_derived_transfer_id(transfer_id: UUID) -> bool:
+    """Whether the id is in the space reserved to ids walletd derives (``capture_transfer_id``)."""
+    return transfer_id.version == _DERIVED_VERSION
 
 
 def resolve_fingerprint(

@@ -20,6 +20,12 @@ handler here in ``_HANDLERS`` (the one dispatch point), the wallets and keys it 
 
 Memory is never ahead of storage: committed fields change only in ``committed``; pending
 state lives on a wallet only while a batch that wrote it is open.
+
+What the ledger accepts, storage accepts: every field a command brings is checked against
+what storage holds (engine/bounds.py) before anything is decided, and a command past a
+bound is answered ``NOT_STORABLE`` alone (the HTTP edge refuses the same with 422 first;
+this covers every other way in, such as a forged leg). The checks depend on the command
+only, never on state, so such a refusal rests on no open batch.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 from uuid import UUID
 
+from walletd.engine.bounds import (
+    ACTOR_LENGTH_MAX,
+    KEY_LENGTH_MAX,
+    REFERENCE_LENGTH_MAX,
+    storable_amount,
+    storable_text,
+)
 from walletd.engine.commands import (
+    REFUND_FAILURE_CODES,
     ApplyOperation,
     ApplyOperations,
     Command,
@@ -46,6 +60,7 @@ from walletd.engine.commands import (
     hold_key,
     transfer_leg_key,
 )
+from walletd.engine.holds import is_derived_transfer_id
 from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
@@ -86,6 +101,8 @@ _NO_WALLET: Final = -1
 # Placeholder reply of a read: answered from committed state once its batch resolves.
 _READ_LATER: Final = Reply(Outcome.OK)
 _UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
+_NOT_STORABLE: Final = Reply(Outcome.NOT_STORABLE)
+_CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
 _NO_HOLDS: Final[dict[int, HoldRecord]] = {}
 _REFUSAL_OUTCOMES: Final = {
     RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
@@ -233,6 +250,8 @@ class Ledger:
         self._uncommitted_refusals: set[tuple[UUID, str]] = set()
         self._create_keys: OrderedDict[str, CreationKey] = OrderedDict()
         self._holds_per_wallet_max = limits.holds_per_wallet_max
+        # A hold's expires_at must stay a timestamp storage holds: bounded like the edge's.
+        self._expires_in_us_max = limits.hold_expires_in_s_max * 1_000_000
 
     @property
     def resident_wallets(self) -> int:
@@ -386,8 +405,9 @@ class Ledger:
             refused = self._first_refusal(items)
             if refused is not None:
                 return refused
-        apply = self._apply_operation
-        replies = tuple([apply(item, applied) for item in items])
+        apply = self._apply_item
+        actor = command.actor
+        replies = tuple([apply(item, applied, actor) for item in items])
         if command.atomic:
             require(
                 all(reply.outcome is Outcome.OK for reply in replies),
@@ -419,7 +439,9 @@ class Ledger:
                     earlier = (recorded.kind, recorded.amount, recorded.reference)
                     if isinstance(recorded, RefusalRecord):
                         refused = recorded
-            if resident is None:
+            if not _storable_operation(item):
+                reply = _NOT_STORABLE
+            elif resident is None:
                 reply = Reply(Outcome.WALLET_NOT_FOUND)
             elif refused is not None:  # replays a recorded refusal, which refuses the group
                 reply = _replay_refusal(item, refused)
@@ -449,10 +471,15 @@ class Ledger:
                 return reply._replace(items=tuple(replies))
         return None
 
-    def _apply_operation(self, command: Operation, applied: Applied) -> Reply:
+    def _apply_operation(self, command: ApplyOperation, applied: Applied) -> Reply:
+        return self._apply_item(command, applied, command.actor)
+
+    def _apply_item(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
+        if not _storable_operation(command):
+            return _NOT_STORABLE
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference,
+            command, command.reference, actor,
         )  # fmt: skip
 
     def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
@@ -462,20 +489,26 @@ class Ledger:
         key is logged) writes nothing. A refused debit is recorded under its leg key like a
         keyed withdrawal's refusal, so the transfer's retry gets the original answer even
         after money arrived; a refused credit is recorded by the refund that follows it."""
+        if not _storable_leg(command):
+            return _NOT_STORABLE
         transfer = command.transfer
         debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
             command.wallet_id, command.kind, transfer.amount, command.key, applied, debit,
-            transfer.reference,
+            transfer.reference, transfer.actor,
         )  # fmt: skip
         if reply.outcome is not Outcome.OK or reply.replayed:
             return reply
         assert reply.wallet is not None
         now_us = reply.wallet.updated_at_us
         if command.closes_as is None:
+            # Opened PENDING whatever the leg's record said (storage writes it so too).
             applied.batch.new_transfers.append(
-                transfer._replace(created_at_us=now_us, updated_at_us=now_us)
-            )
+                transfer._replace(
+                    status=TransferStatus.PENDING, failure_code=None, created_at_us=now_us,
+                    updated_at_us=now_us,
+                )
+            )  # fmt: skip
         else:
             applied.batch.transfer_updates.append(
                 TransferUpdate(transfer.transfer_id, command.closes_as, command.failure_code,
@@ -511,9 +544,11 @@ class Ledger:
         key: str | None,
         applied: Applied,
         command: Operation | None,
-        reference: str | None = None,
+        reference: str | None,
+        actor: str | None,
     ) -> Reply:
-        """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged.
+        """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged, with
+        ``actor`` (the API key's name) on the row or recorded refusal.
         ``command`` is the client operation (or a transfer's debit leg), whose keyed refusals
         are recorded; None for a credit or refund leg. A debit is checked against
         ``available`` (balance - held)."""
@@ -549,19 +584,19 @@ class Ledger:
             if amount > balance_before - held:
                 return self._refuse(
                     command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance_before - held,
-                    resident, applied,
+                    resident, applied, actor,
                 )  # fmt: skip
             balance = balance_before - amount
         else:
             if balance_before + amount > BALANCE_MINOR_MAX:
                 return self._refuse(
                     command, wallet_id, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before,
-                    resident, applied,
+                    resident, applied, actor,
                 )  # fmt: skip
             balance = balance_before + amount
         view = self._write(
             wallet_id, resident, kind, amount, balance, held, key, reference, applied,
-            remember=True,
+            remember=True, actor=actor,
         )  # fmt: skip
         return Reply(Outcome.OK, view)
 
@@ -578,6 +613,7 @@ class Ledger:
         applied: Applied,
         *,
         remember: bool,
+        actor: str | None,
     ) -> WalletView:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
@@ -600,7 +636,7 @@ class Ledger:
         pending.seq = seq
         pending.updated_at_us = now_us
         record = OperationRecord(
-            wallet_id, seq, kind, amount, balance, key, now_us, held, reference
+            wallet_id, seq, kind, amount, balance, key, now_us, held, reference, actor
         )
         applied.batch.operations.append(record)
         if remember and key is not None:
@@ -620,11 +656,15 @@ class Ledger:
         wallet's PENDING set, so it resolves once. A command on a hold that is not PENDING
         in memory answers HOLD_NOT_PENDING: the caller reads the stored hold to say why.
         """
+        if not self._storable_hold(command):
+            return _NOT_STORABLE
         wallet_id = command.wallet_id
         wid = wallet_id.int
         resident = self._residents.get(wid)
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
+        if command.to_wallet_id == wallet_id:
+            return Reply(Outcome.SAME_WALLET)
         if command.action is HoldAction.CREATE:
             return self._create_hold(command, wallet_id, resident, applied)
         hold = resident.pending_holds().get(command.hold_id.int)
@@ -651,6 +691,7 @@ class Ledger:
             status = HoldStatus.VOIDED
         balance, held = resident.balance_and_held()
         hold_id = command.hold_id
+        actor = command.actor
         view: WalletView | None = None
         to_wallet_id = command.to_wallet_id
         transfer_id = command.transfer_id
@@ -663,19 +704,19 @@ class Ledger:
             self._write(
                 wallet_id, resident, OperationKind.RELEASE, hold.amount, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False,
+                remember=False, actor=actor,
             )  # fmt: skip
             balance -= captured
             view = self._write(
                 wallet_id, resident, OperationKind.TRANSFER_OUT, captured, balance, held,
                 transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id), hold.reference,
-                applied, remember=False,
+                applied, remember=False, actor=actor,
             )  # fmt: skip
             now_us = view.updated_at_us
             applied.batch.new_transfers.append(
                 TransferRecord(
                     transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
-                    TransferStatus.PENDING, None, now_us, now_us,
+                    TransferStatus.PENDING, None, now_us, now_us, actor,
                 )
             )  # fmt: skip
             captured_in = captured
@@ -691,7 +732,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.CAPTURE, captured, balance, held,
                 hold_key(OperationKind.CAPTURE, hold_id), hold.reference, applied,
-                remember=False,
+                remember=False, actor=actor,
             )  # fmt: skip
         captured += captured_in
         if rest:
@@ -699,7 +740,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.RELEASE, rest, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False,
+                remember=False, actor=actor,
             )  # fmt: skip
         assert view is not None  # a hold's amount is positive: one row at least
         pending = resident.pending
@@ -755,7 +796,7 @@ class Ledger:
             if request is not None:  # recorded like a keyed withdrawal's refusal
                 return self._refuse(
                     request, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance - held,
-                    resident, applied,
+                    resident, applied, command.actor,
                 )  # fmt: skip
             self._rests_on_open_state(resident, wid, applied)
             return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held)
@@ -763,7 +804,7 @@ class Ledger:
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
             hold_key(OperationKind.HOLD, hold_id), command.reference, applied,
-            remember=log_key is not None,
+            remember=log_key is not None, actor=command.actor,
         )  # fmt: skip
         now_us = view.updated_at_us
         hold = HoldRecord(
@@ -794,6 +835,7 @@ class Ledger:
         balance_seen: int,
         resident: Resident,
         applied: Applied,
+        actor: str | None,
     ) -> Reply:
         """A business refusal; a client operation's with a key is recorded in the batch, to
         be replayed (``command`` None: a credit or refund leg, refused like an unkeyed
@@ -816,7 +858,7 @@ class Ledger:
                 fence_seq = resident.seq
             record = RefusalRecord(
                 wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
-                self._clock_us(), command.reference,
+                self._clock_us(), command.reference, actor,
             )  # fmt: skip
             applied.batch.refusals.append(record)
             self._remember_key((wallet_id, key), record)
@@ -824,9 +866,26 @@ class Ledger:
             applied.added_keys.append((wallet_id, key))
         return Reply(_REFUSAL_OUTCOMES[reason], balance_seen=balance_seen)
 
+    def _storable_hold(self, command: HoldCommand) -> bool:
+        """A hold command's fields within what storage holds (engine/bounds.py)."""
+        amount, key, reference = command.amount, command.key, command.reference
+        if command.action is HoldAction.CREATE and (
+            amount is None or not 0 < command.expires_in_us <= self._expires_in_us_max
+        ):
+            return False
+        if amount is not None and not storable_amount(amount):
+            return False
+        if (command.to_wallet_id is None) != (command.transfer_id is None):
+            return False
+        return (key is None or storable_text(key, 1, KEY_LENGTH_MAX)) and (
+            reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX)
+        )
+
     def _create_wallet(self, command: CreateWallet, applied: Applied) -> Reply:
         wallet_id = command.wallet_id
         key = command.idempotency_key
+        if key is not None and not storable_text(key, 1, KEY_LENGTH_MAX):
+            return _NOT_STORABLE
         if key is not None:
             earlier = self._create_keys.get(key)
             if earlier is not None:
@@ -984,6 +1043,39 @@ class Ledger:
         self._create_keys.move_to_end(key)
         while len(self._create_keys) > self._keys_max:
             self._create_keys.popitem(last=False)
+
+
+def _storable_operation(command: Operation) -> bool:
+    """A client operation's fields within what storage holds (engine/bounds.py)."""
+    key, reference = command.idempotency_key, command.reference
+    return (
+        storable_amount(command.amount)
+        and command.kind in _CLIENT_KINDS
+        and (key is None or storable_text(key, 1, KEY_LENGTH_MAX))
+        and (reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX))
+    )
+
+
+def _storable_leg(leg: TransferLeg) -> bool:
+    """A transfer leg that storage takes and that matches its kind: an amount in range, two
+    different wallets, a storable reference, a failure code only on a refund (one that
+    reads back as an outcome), and no debit opening a transfer under an id reserved to
+    captures (engine/holds.py)."""
+    transfer, kind = leg.transfer, leg.kind
+    reference = transfer.reference
+    if not storable_amount(transfer.amount) or transfer.from_wallet_id == transfer.to_wallet_id:
+        return False
+    if reference is not None and not storable_text(reference, 0, REFERENCE_LENGTH_MAX):
+        return False
+    if transfer.actor is not None and not storable_text(transfer.actor, 1, ACTOR_LENGTH_MAX):
+        return False
+    if kind is OperationKind.TRANSFER_REFUND:
+        return leg.failure_code in REFUND_FAILURE_CODES
+    if leg.failure_code is not None:
+        return False
+    if kind is OperationKind.TRANSFER_OUT:
+        return not is_derived_transfer_id(transfer.transfer_id)
+    return kind is OperationKind.TRANSFER_IN
 
 
 def _replay_operation(

@@ -42,6 +42,13 @@ Each limit has a defined behaviour when hit:
   is followed by another at once). So an expired hold's money is back in ``available``
   within one interval plus a commit, while at most a batch expires per interval. A capture
   or void after expires_at is refused whether or not the sweep has run.
+- ``refusal_isolation_commits_max``: when storage refuses a batch for what it holds (a
+  constraint the ledger could not foresee: ``StorageRefused``), the shard re-applies its
+  commands (and those of the batches that rested on it) in halves, one commit at a time,
+  until each refused command stands alone and is answered alone (engine/shard.py). Per
+  refused batch at most this many commits; past it, every command not answered yet is
+  answered 503 ``UNAVAILABLE`` (nothing of it was applied). One offender among n commands
+  needs about 2 * log2(n) commits (16 for a full batch of 256).
 - ``transfer_leg_tries_max``: a transfer leg that no process takes for sure (its shard has
   no live owner, the owner cannot be connected to, or it lost the shard: nothing applied)
   is tried again after the next read of the ownership table, this many times in all; then
@@ -84,6 +91,7 @@ class EngineLimits:
     hold_sweep_interval_s: float = 1.0
     hold_sweep_batch_max: int = 256
     transfer_leg_tries_max: int = 3
+    refusal_isolation_commits_max: int = 64
 
     def __post_init__(self) -> None:
         if not 1 <= self.pipelines <= 1024:
@@ -131,6 +139,8 @@ class EngineLimits:
             )
         if not 1 <= self.transfer_leg_tries_max <= 100:
             raise ValueError("transfer_leg_tries_max must be within 1..100")
+        if not 1 <= self.refusal_isolation_commits_max <= 10_000:
+            raise ValueError("refusal_isolation_commits_max must be within 1..10000")
 
     @property
     def bulk_ops_max(self) -> int:

@@ -6,7 +6,7 @@ told to fail, so engine tests exercise failure handling without a database.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from uuid import UUID
 
@@ -25,6 +25,7 @@ from walletd.engine.ports import (
     HoldNotPending,
     PredecessorPending,
     StorageError,
+    StorageRefused,
     TransferNotPending,
     WalletLog,
 )
@@ -47,6 +48,10 @@ class InMemoryLog(WalletLog):
         self.fail_next_appends = 0
         self.apply_then_fail = False
         self.fail_loads = False
+        # A constraint the ledger cannot foresee (an operator's CHECK): a batch holding an
+        # operation row this says yes to is refused whole, nothing written (StorageRefused,
+        # class 23 as PostgreSQL's CHECK violation).
+        self.refuse_operation: Callable[[OperationRecord], bool] | None = None
 
     async def load_wallets(self, wallet_ids: Sequence[UUID]) -> dict[UUID, WalletRecord]:
         if self.fail_loads:
@@ -124,9 +129,9 @@ class InMemoryLog(WalletLog):
         wallets = dict(self.wallets)
         for new in batch.new_wallets:
             if new.wallet_id in wallets:
-                raise StorageError(f"wallet {new.wallet_id} exists")
+                raise StorageRefused(f"wallet {new.wallet_id} exists")
             if new.create_idempotency_key in self._by_create_key:
-                raise StorageError("creation idempotency key exists")
+                raise StorageRefused("creation idempotency key exists")
             wallets[new.wallet_id] = WalletRecord(
                 new.wallet_id, 0, 0, new.created_at_us, new.created_at_us,
                 new.create_idempotency_key, new.create_fingerprint,
@@ -138,20 +143,23 @@ class InMemoryLog(WalletLog):
             if current.seq != update.prev_seq:
                 raise StorageError(f"snapshot fencing failed for {update.wallet_id}")
             if not 0 <= update.held <= update.balance:
-                raise StorageError(f"held out of range for {update.wallet_id}")
+                raise StorageRefused(f"held out of range for {update.wallet_id}")
             wallets[update.wallet_id] = replace(
                 current, balance=update.balance, seq=update.seq,
                 updated_at_us=update.updated_at_us, held=update.held,
             )  # fmt: skip
         moved = {update.wallet_id for update in batch.snapshots}
+        refuse = self.refuse_operation
         for op in batch.operations:
+            if refuse is not None and refuse(op):
+                raise StorageRefused(f"injected: a CHECK refuses {op}", "23514")
             if op.wallet_id not in moved:
-                raise StorageError(f"log row for {op.wallet_id}, whose snapshot is not moved")
+                raise StorageRefused(f"log row for {op.wallet_id}, whose snapshot is not moved")
             if (
                 op.idempotency_key is not None
                 and (op.wallet_id, op.idempotency_key) in self._by_key
             ):
-                raise StorageError("operation idempotency key exists")
+                raise StorageRefused("operation idempotency key exists")
         created = {new.wallet_id for new in batch.new_wallets}
         for refusal in batch.refusals:
             stored = self.wallets.get(refusal.wallet_id)  # before this batch
@@ -160,11 +168,11 @@ class InMemoryLog(WalletLog):
             ):
                 raise PredecessorPending(f"{refusal.wallet_id} is behind a refusal")
             if (refusal.wallet_id, refusal.idempotency_key) in self._by_key:
-                raise StorageError("refusal idempotency key exists")
+                raise StorageRefused("refusal idempotency key exists")
         transfers = dict(self.transfers)
         for transfer in batch.new_transfers:
             if transfer.transfer_id in transfers:
-                raise StorageError(f"transfer {transfer.transfer_id} exists")
+                raise StorageRefused(f"transfer {transfer.transfer_id} exists")
             transfers[transfer.transfer_id] = transfer
         for close in batch.transfer_updates:
             open_transfer = transfers.get(close.transfer_id)
@@ -178,7 +186,7 @@ class InMemoryLog(WalletLog):
         holds = dict(self.holds)
         for hold in batch.new_holds:
             if hold.hold_id in holds:
-                raise StorageError(f"hold {hold.hold_id} exists")
+                raise StorageRefused(f"hold {hold.hold_id} exists")
             holds[hold.hold_id] = hold
         for resolved in batch.hold_updates:
             open_hold = holds.get(resolved.hold_id)

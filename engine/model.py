@@ -136,6 +136,9 @@ class OperationRecord(NamedTuple):
     held_after: int = 0
     # The client's reconciliation string (DEPOSIT/WITHDRAW), part of the request's identity.
     reference: str | None = None
+    # The name of the API key whose request wrote the row (a transfer's legs: the key that
+    # asked for the transfer); None when auth is off, or for the expiry sweep's releases.
+    actor: str | None = None
 
 
 class RefusalRecord(NamedTuple):
@@ -155,6 +158,7 @@ class RefusalRecord(NamedTuple):
     fence_seq: int
     created_at_us: int
     reference: str | None = None
+    actor: str | None = None  # as OperationRecord.actor
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +229,9 @@ class TransferRecord(NamedTuple):
     failure_code: str | None
     created_at_us: int
     updated_at_us: int
+    # The API key that asked for the transfer (or the capture that opened it): every leg's
+    # row carries it, on whichever process applies the leg. Stored as the debit row's actor.
+    actor: str | None = None
 
 
 class TransferUpdate(NamedTuple):

@@ -19,6 +19,7 @@ __all__ = [
     "REASON_COMMIT_FAILED",
     "REASON_COMMIT_TIMEOUT",
     "REASON_COMMIT_UNKNOWN",
+    "REASON_ISOLATION_LIMIT",
     "REASON_LOAD_FAILED",
     "REASON_PREVIOUS_FAILED",
     "REASON_SHARD_CRASHED",
@@ -40,6 +41,9 @@ REASON_LOAD_FAILED: Final = "load_failed"
 REASON_PREVIOUS_FAILED: Final = "previous_batch_failed"
 # The shard task ended on a programmer error; every command it held was answered 503.
 REASON_SHARD_CRASHED: Final = "shard_crashed"
+# Storage refused a batch for what it holds and isolating the command at fault took more
+# than ``refusal_isolation_commits_max`` commits: the rest were answered 503, not applied.
+REASON_ISOLATION_LIMIT: Final = "isolation_limit"
 
 FAILURE_REASONS: Final = (
     REASON_COMMIT_FAILED,
@@ -48,6 +52,7 @@ FAILURE_REASONS: Final = (
     REASON_LOAD_FAILED,
     REASON_PREVIOUS_FAILED,
     REASON_SHARD_CRASHED,
+    REASON_ISOLATION_LIMIT,
 )
 REJECTION_REASONS: Final = ("overloaded", "stopping")
 # Who drove a transfer to its end: the request that opened it (or its retry), or the
@@ -67,6 +72,11 @@ class EngineObserver:
 
     def batch_failed(self, shard: int, commands: int, reason: str) -> None:
         """A batch's ``commands`` were answered 503 ``UNAVAILABLE`` (one of FAILURE_REASONS)."""
+
+    def commands_isolated(self, shard: int, commits: int, refused: int) -> None:
+        """Storage refused a batch for what it holds; isolating the command(s) at fault
+        took ``commits`` more commits and ``refused`` commands were answered alone as
+        refused (the others got their true answers)."""
 
     def command_rejected(self, reason: str) -> None:
         """A command was refused before entering a mailbox (one of REJECTION_REASONS)."""

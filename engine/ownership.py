@@ -49,9 +49,11 @@ class OwnerInfo:
     """A row of the ownership table as last read from the database."""
 
     owner: str | None
-    url: str | None
+    url: str | None  # the public listener: requests forwarded by path
     epoch: int
     live: bool
+    # The internal listener, where transfer legs are delivered (None: unknown, send none).
+    internal_url: str | None = None
 
 
 class _Held:
@@ -182,3 +184,10 @@ class Ownership:
         if info is None or not info.live:
             return None
         return info.url
+
+    def owner_internal_url(self, shard: int) -> str | None:
+        """Where the last table read says the shard's live owner takes transfer legs."""
+        info = self.table.get(shard)
+        if info is None or not info.live:
+            return None
+        return info.internal_url

@@ -10,11 +10,17 @@ Exceptions::
     ├── PredecessorPending        refused, nothing written: a wallet's stored seq is behind the
     │                             batch's prev_seq (an earlier batch of the shard has not
     │                             landed yet); retried once that batch has committed
-    └── TransferNotPending        refused, nothing written: the batch closes a transfer that
-                                  is no longer PENDING (another driver closed it first)
+    └── StorageRefused            refused, nothing written, and the same rows would be refused
+        │                         again: a constraint or a walletd check on what the batch
+        │                         holds (not the connection, the lease or the seq fencing)
+        ├── TransferNotPending    the batch closes a transfer that is no longer PENDING
+        │                         (another driver closed it first)
+        └── HoldNotPending        the batch closes a hold that is no longer PENDING
 
 The engine treats the first two the same way (fail the batch with 503, re-read the truth),
-but the distinction is kept for metrics and logs.
+but the distinction is kept for metrics and logs. A ``StorageRefused`` batch is not failed
+whole: the pipeline isolates the command(s) at fault and answers the others truly
+(engine/shard.py, "isolation").
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "PredecessorPending",
     "StaleEpoch",
     "StorageError",
+    "StorageRefused",
     "StorageUnavailable",
     "TransferNotPending",
     "WalletLog",
@@ -60,11 +67,21 @@ class PredecessorPending(StorageError):
     """The batch was refused because an earlier batch it builds on is not stored yet."""
 
 
-class HoldNotPending(StorageError):
+class StorageRefused(StorageError):
+    """A definite refusal of what the batch holds: nothing was written, and writing the same
+    rows again would be refused again (PostgreSQL: an integrity or data error, or a check
+    raised by walletd's own functions). ``sqlstate`` names it ("" when not PostgreSQL's)."""
+
+    def __init__(self, message: str, sqlstate: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class HoldNotPending(StorageRefused):
     """A hold the batch closes is not PENDING in storage (nothing written)."""
 
 
-class TransferNotPending(StorageError):
+class TransferNotPending(StorageRefused):
     """The batch closes a transfer that is not PENDING; nothing was written."""
 
 
@@ -88,7 +105,8 @@ class WalletLog(abc.ABC):
       ``PredecessorPending``: an earlier batch sent concurrently has not landed. A refusal
       whose wallet's stored seq (before the batch) is behind its ``fence_seq`` is refused
       the same way; an idempotency key is used at most once per wallet, by an operation or
-      a refusal (``StorageError`` otherwise).
+      a refusal, and an id (wallet, transfer, hold) once (``StorageRefused`` otherwise, as
+      for any row a constraint of storage refuses).
     - ``append_batch`` writes the batch's new transfers (PENDING) and closes its transfer
       updates in the same transaction; a close of a transfer that is not PENDING refuses the
       batch with ``TransferNotPending``, so a transfer is closed at most once.
@@ -104,7 +122,9 @@ class WalletLog(abc.ABC):
         self, keys: Sequence[tuple[UUID, str]]
     ) -> dict[tuple[UUID, str], OperationRecord | RefusalRecord]:
         """What the engine decided for each (wallet id, idempotency key) that has a stored
-        outcome: the logged operation, or the recorded refusal."""
+        outcome: the logged operation, or the recorded refusal. Storage may find a key under
+        an older spelling it still honours, and answers it under the key asked for
+        (PostgresLog: a bulk item's key as stored before the upgrade that changed it)."""
 
     @abc.abstractmethod
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:

@@ -605,13 +605,15 @@ class Engine:
         amount: int,
         idempotency_key: str | None,
         reference: str | None = None,
+        actor: str | None = None,
     ) -> Reply:
-        """Apply a deposit or withdrawal; the reply arrives once its batch has committed."""
+        """Apply a deposit or withdrawal; the reply arrives once its batch has committed.
+        ``actor``: the API key's name, recorded on the row (None when auth is off)."""
         shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         return await self._answer(
             shard, pipeline,
-            ApplyOperation(wallet_id, kind, amount, idempotency_key, future, reference),
+            ApplyOperation(wallet_id, kind, amount, idempotency_key, future, reference, actor),
         )  # fmt: skip
 
     # -- holds (docs/ARCHITECTURE.md, "Holds"; engine/holds.py) ------------------------
@@ -623,6 +625,7 @@ class Engine:
         expires_in_s: int | None,
         reference: str | None,
         idempotency_key: str | None,
+        actor: str | None = None,
     ) -> tuple[UUID, Reply]:
         """Reserve ``amount`` of the wallet's available money; returns the hold id (on the
         wallet's shard; derived from the key when there is one) and the reply (CREATED
@@ -640,7 +643,7 @@ class Engine:
         command = HoldCommand(
             HoldAction.CREATE, wallet_id, hold_id, future, amount=amount,
             expires_in_us=seconds * 1_000_000, reference=reference, shard=shard,
-            key=idempotency_key, fingerprint=fingerprint,
+            key=idempotency_key, fingerprint=fingerprint, actor=actor,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         if reply.outcome is Outcome.CREATED and reply.replayed:
@@ -658,6 +661,7 @@ class Engine:
         amount: int | None,
         idempotency_key: str | None,
         to_wallet_id: UUID | None = None,
+        actor: str | None = None,
     ) -> Reply:
         """Capture (``amount`` or all of it; the rest released) or void a hold. A capture
         with ``to_wallet_id`` moves the captured money there: its commit opens a PENDING
@@ -677,6 +681,7 @@ class Engine:
             action, stored.wallet_id, hold_id, future, amount=amount, key=idempotency_key,
             fingerprint=fingerprint, to_wallet_id=to_wallet_id,
             transfer_id=None if to_wallet_id is None else capture_transfer_id(hold_id),
+            actor=actor,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         hold = reply.hold
@@ -685,7 +690,7 @@ class Engine:
             opened = TransferRecord(
                 hold.transfer_id, hold.wallet_id, hold.to_wallet_id, hold.captured,
                 hold.reference, TransferStatus.PENDING, None, hold.updated_at_us,
-                hold.updated_at_us,
+                hold.updated_at_us, actor,
             )  # fmt: skip
             # The hold is CAPTURED whatever the credit does: a refused credit refunds the
             # debit (FAILED), a 503 leaves the transfer PENDING for the re-drive loop.
@@ -704,7 +709,7 @@ class Engine:
         return (await self.log.load_holds([hold_id])).get(hold_id)
 
     async def apply_operations(
-        self, operations: Sequence[Operation], *, atomic: bool = False
+        self, operations: Sequence[Operation], *, atomic: bool = False, actor: str | None = None
     ) -> BulkReply:
         """Apply many deposits/withdrawals as one unit per shard; one reply per operation.
 
@@ -758,7 +763,7 @@ class Engine:
                 indexes = kept[start : start + group_max]
                 future: asyncio.Future[Reply] = loop.create_future()
                 items = [operations[i] for i in indexes]
-                self._submit(pipeline, ApplyOperations(items, atomic, future))
+                self._submit(pipeline, ApplyOperations(items, atomic, future, actor))
                 submitted.append((indexes, future))
         for shard in served:  # a handover waits for these like for single requests
             self._admitted[shard] += 1
@@ -866,6 +871,7 @@ class Engine:
         to_wallet_id: UUID,
         amount: int,
         reference: str | None,
+        actor: str | None = None,
     ) -> tuple[UUID, TransferReply]:
         """Move money between two wallets (docs/ARCHITECTURE.md, "Transfers"); returns the
         transfer id (chosen, derived from the key, or new) and the reply."""
@@ -878,7 +884,13 @@ class Engine:
         if self._stopping:
             raise EngineStopping("the engine is stopping")
         reply = await self.transfers.transfer(
-            transfer_id, from_wallet_id, to_wallet_id, amount, reference, fresh_id=fresh_id
+            transfer_id,
+            from_wallet_id,
+            to_wallet_id,
+            amount,
+            reference,
+            fresh_id=fresh_id,
+            actor=actor,
         )
         return transfer_id, reply
 

@@ -13,6 +13,8 @@ Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more pre
                   ▼
               wait for a free slot ──a batch in flight failed──▶ answer this one with 503,
                   │                  wait for every batch in flight, forget all they touched
+                  │               ──a batch in flight was refused──▶ keep this one's commands
+                  │                  for isolation (below), unanswered
                   ▼
               hand over to a commit task; evict idle clean wallets past the resident bound
                   │
@@ -24,8 +26,23 @@ Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more pre
                   ├─ both ok ──▶ promote pending → committed, then resolve every reply
                   ├─ stored, predecessor failed ──▶ promote, resolve the true replies; 503
                   │              for those resting on the failed batch's pending state
+                  │              (predecessor refused: those are kept for isolation instead)
+                  ├─ refused (StorageRefused: the rows themselves, nothing written), or
+                  │  not written behind a refused batch ──▶ answer nothing: keep every
+                  │              command for isolation
                   └─ failed ───▶ resolve every reply with UNAVAILABLE; the loop forgets
                                  the touched wallets so they are re-read from storage
+
+    isolation (the loop, once every batch in flight has ended; nothing else is prepared
+    meanwhile, so each wallet's commands still apply in arrival order)::
+
+        kept commands, in order ──▶ prepare + commit them as one batch (re-read state)
+             ▲                          ├─ stored ──▶ their true answers
+             │ left half, then          ├─ refused, one command ──▶ answered alone:
+             │ right half               │      409 STORAGE_REFUSED (503 for a transfer or
+             └──── refused, several ◀───┘      hold another driver closed first)
+        at most refusal_isolation_commits_max commits; past it, the rest are answered 503
+        (nothing of them applied); a failure of unknown outcome answers the rest 503 too
 
 The rules live in the pure ledger state machine (engine/ledger.py); this module is the
 pipeline around it: mailbox, drain, load, commit tasks, settling failures, answering.
@@ -49,21 +66,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from uuid import UUID
 
-from walletd.engine.commands import Command, Outcome, Reply
+from walletd.engine.commands import ApplyOperations, Command, Outcome, Reply, command_ids
 from walletd.engine.errors import EngineOverloaded, EngineStopping
 from walletd.engine.invariants import require
 from walletd.engine.ledger import Applied, Ledger
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import Batch, WalletRecord, WalletView
+from walletd.engine.model import WalletRecord, WalletView
 from walletd.engine.observer import (
     REASON_COMMIT_FAILED,
     REASON_COMMIT_TIMEOUT,
     REASON_COMMIT_UNKNOWN,
+    REASON_ISOLATION_LIMIT,
     REASON_LOAD_FAILED,
     REASON_PREVIOUS_FAILED,
     REASON_SHARD_CRASHED,
@@ -71,8 +90,11 @@ from walletd.engine.observer import (
 )
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
+    HoldNotPending,
     PredecessorPending,
     StorageError,
+    StorageRefused,
+    TransferNotPending,
     WalletLog,
 )
 
@@ -81,20 +103,37 @@ __all__ = ["Shard"]
 _log = logging.getLogger("walletd.engine")
 
 _UNAVAILABLE = Reply(Outcome.UNAVAILABLE)
+# An id as a refusal's text spells it (PostgreSQL's detail, a repr of a row).
+_UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_STORAGE_REFUSED = Reply(Outcome.STORAGE_REFUSED)
+# Not a StorageRefused of the rows' own making: another driver closed the transfer or hold
+# first. The caller reads storage to answer (as after any 503 of a leg or a resolution).
+_RACES = (TransferNotPending, HoldNotPending)
+
+# How a commit task ended (its result).
+_COMMITTED = 0  # stored; every command answered
+_FAILED = 1  # failed, or stored behind a failed batch: 503 sent to what rests on it
+_KEPT = 2  # refused, or behind a refused batch: some commands left unanswered in ``kept``
+
+# The reasons a batch's own append wrote nothing for sure, so its commands may be applied
+# again: its rows were refused, or it waited for a predecessor that did not commit.
+_REFUSED = "refused"
 
 
 class _Open:
-    """A batch handed to a commit task: its commands (with their futures) and what the
-    ledger decided for them."""
+    """A batch handed to a commit task: its commands (with their futures), what the ledger
+    decided for them, and, when it ends ``_KEPT``, the commands left for isolation."""
 
-    __slots__ = ("applied", "commands")
+    __slots__ = ("applied", "commands", "kept", "refusal")
 
     def __init__(self, commands: list[Command], applied: Applied) -> None:
         self.commands = commands
         self.applied = applied
+        self.kept: list[Command] = []
+        self.refusal: StorageRefused | None = None
 
 
-_Inflight = tuple["asyncio.Task[bool]", _Open]
+_Inflight = tuple["asyncio.Task[int]", _Open]
 
 
 class Shard:
@@ -187,14 +226,17 @@ class Shard:
 
     async def _run(self) -> None:
         inflight: deque[_Inflight] = deque()
-        # Commands drained but not yet handed to a commit task: owned by the loop alone.
+        # Commands drained but not yet handed to a commit task, or kept for isolation:
+        # owned by the loop alone, answered 503 if the loop dies.
         holding: list[Command] = []
         depth = self._limits.inflight_batches_max
         try:
             while True:
                 if inflight and inflight[0][0].done():
                     if not self._settle_head(inflight):
-                        await self._settle_failure(inflight)
+                        holding, refusal = await self._settle_failure(inflight, None)
+                        await self._isolate(holding, refusal)
+                        holding = []
                     continue
                 if not self._mailbox:
                     if self._stopping and not inflight:
@@ -214,12 +256,12 @@ class Shard:
                     await asyncio.wait((inflight[0][0],))
                 while inflight and inflight[0][0].done() and self._settle_head(inflight):
                     pass
-                if any(task.done() and not task.result() for task, _ in inflight):
-                    # A batch this one was applied on top of failed: so does this one.
-                    self._fail(batch, REASON_PREVIOUS_FAILED)
-                    self._ledger.forget(applied)
+                if any(task.done() and task.result() != _COMMITTED for task, _ in inflight):
+                    # A batch this one was applied on top of failed (so does this one), or
+                    # was refused (this one's commands are applied again, after it).
+                    holding, refusal = await self._settle_failure(inflight, batch)
+                    await self._isolate(holding, refusal)
                     holding = []
-                    await self._settle_failure(inflight)
                     continue
                 previous = inflight[-1][0] if inflight else None
                 task = asyncio.create_task(self._commit(batch, previous))
@@ -260,22 +302,92 @@ class Shard:
         Re-raises what the commit task raised: only a broken invariant gets there.
         """
         task, _batch = inflight[0]
-        if not task.result():
+        if task.result() != _COMMITTED:
             return False
         inflight.popleft()
         return True
 
-    async def _settle_failure(self, inflight: deque[_Inflight]) -> None:
-        """A commit failed: wait out the batches behind it, then forget all they touched.
+    async def _settle_failure(
+        self, inflight: deque[_Inflight], prepared: _Open | None
+    ) -> tuple[list[Command], StorageRefused | None]:
+        """A commit failed or was refused: wait out the batches behind it, forget all they
+        touched, and return the commands kept for isolation, in arrival order, with the
+        refusal that kept them.
 
-        Each of them fails too (it waits for its predecessor), but its append may still be
+        Each of them ends too (it waits for its predecessor), but its append may still be
         running; re-reading before it ends could read a state it is about to change.
+        ``prepared``: the batch decided on their pending state and not handed over yet;
+        answered 503 if a batch failed, else kept whole (nothing of it was written).
         """
-        await asyncio.wait([task for task, _ in inflight])
+        if inflight:
+            await asyncio.wait([task for task, _ in inflight])
+        for task, _batch in inflight:
+            task.result()  # a broken invariant crashes the shard before anything is popped
+        kept: list[Command] = []
+        refusal: StorageRefused | None = None
+        failed = False
         while inflight:
             task, batch = inflight.popleft()
-            task.result()  # a broken invariant still crashes the shard
+            failed |= task.result() == _FAILED
             self._ledger.forget(batch.applied)
+            kept += batch.kept
+            refusal = refusal or batch.refusal
+        if prepared is not None:
+            if failed:
+                self._fail(prepared, REASON_PREVIOUS_FAILED)
+            else:
+                kept += prepared.commands
+            self._ledger.forget(prepared.applied)
+        return kept, refusal
+
+    async def _isolate(self, commands: list[Command], first_refusal: StorageRefused | None) -> None:
+        """Apply again, after a refused batch, the commands it and the batches resting on
+        it kept unanswered, until each command storage refuses stands alone (see the
+        module's diagram): a commit of everything, then of halves of what is refused.
+
+        Runs in the loop with nothing in flight, so the wallets they touch are re-read
+        from storage (``_settle_failure`` forgot them) and nothing newer overtakes them.
+        Each refused set is split first by the ids the refusal names (``_split``), so one
+        offender usually costs two commits, not 2 * log2(n).
+        """
+        if not commands:
+            return
+        commits = refused = 0
+        budget = self._limits.refusal_isolation_commits_max
+        segments: deque[list[Command]] = deque(_split(commands, first_refusal))
+        while segments:
+            segment = segments.popleft()
+            if commits >= budget:
+                rest = [command for part in (segment, *segments) for command in part]
+                self._answer_unavailable(rest, REASON_ISOLATION_LIMIT)
+                break
+            commits += 1
+            applied = await self._prepare(segment)
+            if applied is None:  # the load failed: answered 503, nothing applied
+                continue
+            batch = _Open(segment, applied)
+            ended = await self._commit(batch, None)
+            if ended == _COMMITTED:
+                continue
+            self._ledger.forget(applied)
+            if ended == _FAILED:  # outcome unknown: storage is not answering for sure
+                rest = [command for part in segments for command in part]
+                self._answer_unavailable(rest, REASON_PREVIOUS_FAILED)
+                break
+            kept = batch.kept
+            if len(kept) > 1:
+                segments.extendleft(reversed(_split(kept, batch.refusal)))
+                continue
+            if kept:
+                refused += 1
+                _log.warning(
+                    "shard %d: storage refused a command alone: %r", self.index, batch.refusal
+                )
+                reply = _UNAVAILABLE if isinstance(batch.refusal, _RACES) else _STORAGE_REFUSED
+                future = kept[0].reply
+                if not future.done():
+                    future.set_result(reply)
+        self._observer.commands_isolated(self.index, commits, refused)
 
     def _fail(self, batch: _Open, reason: str) -> None:
         """Answer every command of the batch with 503; callable from the commit task.
@@ -348,18 +460,20 @@ class Shard:
 
     # -- commit ------------------------------------------------------------------------
 
-    async def _commit(self, batch: _Open, previous: asyncio.Task[bool] | None) -> bool:
+    async def _commit(self, batch: _Open, previous: asyncio.Task[int] | None) -> int:
         """Write the batch, wait for the batch before it, then promote and answer.
 
-        Returns False when this write or an earlier one failed (a batch stored behind a
-        failed one still sends the replies known to be true). Batches of one shard are
-        written concurrently (up to ``inflight_batches_max``) but take effect in order:
-        PostgreSQL makes a later batch's snapshot move wait for the row lock of an earlier
-        one on the same wallet, and its seq fencing refuses it if the earlier one rolled
-        back; in memory, a batch is promoted and answered only after its predecessor.
+        Returns ``_COMMITTED``; ``_FAILED`` when this write or an earlier one failed (a batch
+        stored behind a failed one still sends the replies known to be true); ``_KEPT`` when
+        storage refused this batch's rows, or an earlier batch's, and nothing here failed:
+        the commands not answered are left in ``batch.kept`` for isolation. Batches of one
+        shard are written concurrently (up to ``inflight_batches_max``) but take effect in
+        order: PostgreSQL makes a later batch's snapshot move wait for the row lock of an
+        earlier one on the same wallet, and its seq fencing refuses it if the earlier one
+        rolled back; in memory, a batch is promoted and answered only after its predecessor.
 
-        Any exception from storage counts as a failed commit of unknown outcome: the batch
-        is answered 503 and its wallets re-read, never left unanswered. Only a broken
+        Any other exception from storage counts as a failed commit of unknown outcome: the
+        batch is answered 503 and its wallets re-read, never left unanswered. Only a broken
         invariant in promote escapes, and the loop turns it into a shard crash.
         """
         applied = batch.applied
@@ -367,14 +481,19 @@ class Shard:
         reason: str | None = None
         started = time.perf_counter()
         if not rows.is_empty():
-            reason = await self._append(rows, previous)
-        earlier_failed = False
+            reason = await self._append(batch, previous)
+        before = _COMMITTED
         if previous is not None:
             await asyncio.wait((previous,))
-            earlier_failed = not _succeeded(previous)
+            before = _ended(previous)
         if reason is not None:
+            if before != _FAILED and reason in (_REFUSED, REASON_PREVIOUS_FAILED):
+                # Nothing of it was written for sure: kept, unanswered, to be applied again.
+                self._ledger.unknown(applied)
+                batch.kept = batch.commands
+                return _KEPT
             self._fail(batch, reason)
-            return False
+            return _FAILED
         ledger = self._ledger
         if not rows.is_empty():
             self._observer.batch_committed(
@@ -385,31 +504,44 @@ class Shard:
             )
             ledger.committed(applied)
         # Stored (or nothing to store): every reply that walletd knows to be true is sent,
-        # even behind a failed batch; only those resting on its state are 503.
-        replies = ledger.answers(applied, earlier_failed=earlier_failed)
+        # even behind a failed batch; only those resting on its state are 503 (behind a
+        # refused batch: kept, to be decided again once it is isolated).
+        replies = ledger.answers(applied, earlier_failed=before != _COMMITTED)
+        unavailable = 0
         for command, reply in zip(batch.commands, replies, strict=True):
             future = command.reply
-            if not future.done():  # a caller that went away still had its command counted
-                future.set_result(reply)
-        if earlier_failed:
-            unavailable = sum(reply.outcome is Outcome.UNAVAILABLE for reply in replies)
-            if unavailable:
-                self._observer.batch_failed(self.index, unavailable, REASON_PREVIOUS_FAILED)
-        # False keeps the chain broken: the batches behind this one check their replies too,
-        # and the loop re-reads everything the failed batch and this one touched.
-        return not earlier_failed
+            if future.done():  # a caller that went away still had its command counted
+                continue
+            if reply.outcome is Outcome.UNAVAILABLE and before != _COMMITTED:
+                # Such a reply wrote nothing (a refusal, a replay, a read), except a bulk
+                # group's, whose other items may have been written: that one stays 503.
+                if before == _KEPT and not isinstance(command, ApplyOperations):
+                    batch.kept.append(command)
+                    continue
+                unavailable += 1
+            future.set_result(reply)
+        if unavailable:
+            self._observer.batch_failed(self.index, unavailable, REASON_PREVIOUS_FAILED)
+        # Not committed keeps the chain broken: the batches behind this one check their
+        # replies too, and the loop re-reads everything the failed batch and this one touched.
+        return before
 
-    async def _append(self, batch: Batch, previous: asyncio.Task[bool] | None) -> str | None:
-        """Store the batch; None once stored, else the reason it failed.
+    async def _append(self, open_batch: _Open, previous: asyncio.Task[int] | None) -> str | None:
+        """Store the batch; None once stored, else the reason it failed (``_REFUSED``: its
+        rows were refused, ``open_batch.refusal`` says how).
 
         A batch sent while its predecessor is still on the way can reach PostgreSQL first;
         storage then refuses it as ``PredecessorPending`` without writing anything, and it
         is written again, once, after the predecessor has committed.
         """
+        batch = open_batch.applied.batch
         for attempt in (1, 2):
             try:
                 await asyncio.wait_for(self._log.append_batch(batch), self._limits.commit_timeout_s)
                 return None
+            except StorageRefused as error:
+                open_batch.refusal = error
+                return _REFUSED
             except PredecessorPending as error:
                 if previous is None or attempt == 2:
                     _log.warning("shard %d: commit failed: %r", self.index, error)
@@ -427,8 +559,46 @@ class Shard:
         raise AssertionError("unreachable")
 
 
-def _succeeded(task: asyncio.Task[bool]) -> bool:
-    return not task.cancelled() and task.exception() is None and task.result()
+def _split(commands: list[Command], refusal: StorageRefused | None) -> list[list[Command]]:
+    """Parts of a refused set of commands to commit one after the other, each in arrival
+    order: first those apart from what the refusal names, then those it names (a command
+    naming an id in its text, such as the wallet of "Failing row contains (<id>, ...)"),
+    with every command sharing a wallet with them, so that the parts touch disjoint
+    wallets and committing one before the other reorders nothing on any wallet. When the
+    refusal names none of them, or all, the halves (bisection)."""
+    named: set[int] = set()
+    if refusal is not None:
+        named = {UUID(text).int for text in _UUID_TEXT.findall(str(refusal).lower())}
+    if named:
+        ids = [command_ids(command) for command in commands]
+        suspect = [False] * len(commands)
+        wallets: set[int] = set()
+        changed = True
+        while changed:  # at most one pass per command: each pass marks one at least
+            changed = False
+            for index, (touched, mentioned) in enumerate(ids):
+                if not suspect[index] and (mentioned & named or touched & wallets):
+                    suspect[index] = changed = True
+                    wallets |= touched
+        marked = list(zip(commands, suspect, strict=True))
+        apart = [command for command, is_suspect in marked if not is_suspect]
+        if apart and len(apart) < len(commands):
+            return [apart, [command for command, is_suspect in marked if is_suspect]]
+    if len(commands) < 2:
+        return [commands]
+    middle = len(commands) // 2
+    return [commands[:middle], commands[middle:]]
+
+
+def _succeeded(task: asyncio.Task[int]) -> bool:
+    return _ended(task) == _COMMITTED
+
+
+def _ended(task: asyncio.Task[int]) -> int:
+    """How a finished commit task ended; cancelled or raised counts as failed."""
+    if task.cancelled() or task.exception() is not None:
+        return _FAILED
+    return task.result()
 
 
 def _failure_reason(error: Exception) -> str:

@@ -29,7 +29,7 @@ ownership table through ``RemoteLegs`` (the HTTP edge's internal route, http/leg
     deliver(leg) ──▶ served here? ──yes──▶ local shard ──────────────────▶ reply
                         │ no (NotOwner)
                         ▼
-                     owner in the table ──▶ RemoteLegs.send(url, leg) ──▶ reply
+                     owner in the table ──▶ RemoteLegs.send(internal url, leg) ──▶ reply
                         │ no live owner, not connected, or the owner answers NOT_OWNER
                         ▼ (nothing applied)
                      wait for the next table read; at most ``tries_max`` tries,
@@ -54,7 +54,13 @@ from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from uuid import UUID
 
-from walletd.engine.commands import JointTransfer, Outcome, Reply, TransferLeg
+from walletd.engine.commands import (
+    REFUND_FAILURE_CODES,
+    JointTransfer,
+    Outcome,
+    Reply,
+    TransferLeg,
+)
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
@@ -78,7 +84,7 @@ SIDE_TO = "to"
 
 # Refusals of the credit leg that end the transfer FAILED (the debit refunded). Any other
 # answer (503) leaves it PENDING, to be driven again.
-_FINAL_CREDIT_REFUSALS = frozenset({Outcome.WALLET_NOT_FOUND, Outcome.BALANCE_LIMIT_EXCEEDED})
+_FINAL_CREDIT_REFUSALS = frozenset(Outcome(code) for code in REFUND_FAILURE_CODES)
 
 
 class TransferReply(NamedTuple):
@@ -138,16 +144,17 @@ class RemoteLegs(abc.ABC):
     """Port: send one leg to another walletd process (the owner of its wallet's shard).
 
     Contract: returns the owner's reply (OK, a business refusal, UNAVAILABLE); NOT_OWNER
-    when nothing was applied for sure (not connected, or the process answered that it does
-    not serve the shard); UNAVAILABLE when the leg may have been applied (sent, answer
-    lost). Never raises for a failure of the other process or of the network.
+    when nothing was applied for sure (not connected, the process answered that it does
+    not serve the shard, or it refused the cluster credential); UNAVAILABLE when the leg
+    may have been applied (sent, answer lost). Never raises for a failure of the other
+    process or of the network.
     """
 
     @abc.abstractmethod
     async def send(
         self, url: str, kind: OperationKind, transfer: TransferRecord, failure_code: str | None
     ) -> Reply:
-        """Deliver the leg to the process listening at ``url`` and return its reply."""
+        """Deliver the leg to the internal listener at ``url`` and return its reply."""
 
 
 _NOT_OWNER_REPLY = Reply(Outcome.NOT_OWNER)
@@ -159,9 +166,10 @@ _TABLE_WAIT_S_MAX = 2.0
 class RoutedLegDelivery(LegDelivery):
     """Delivers a leg to whichever process serves its wallet's shard: this one (``local``,
     which raises ``NotOwner`` when it does not serve the shard) or another one (``remote``,
-    at the URL the ownership table names). A leg that nobody takes for sure (no live owner,
-    not connected, the owner lost the shard) is tried again after the next read of the
-    table, ``tries_max`` times in all; then the answer is NOT_OWNER (nothing applied)."""
+    at the internal URL the ownership table names). A leg that nobody takes for sure (no live
+    owner, not connected, the owner lost the shard, its credential refused) is tried again
+    after the next read of the table, ``tries_max`` times in all; then the answer is
+    NOT_OWNER (nothing applied)."""
 
     def __init__(
         self,
@@ -207,9 +215,11 @@ class RoutedLegDelivery(LegDelivery):
             except EngineRefused:
                 return Reply(Outcome.UNAVAILABLE)
             url = ownership.owner_url(shard)
-            if url is None or url == self._self_url or self._remote is None:
+            # Legs travel to the owner's internal listener, never to its public port.
+            internal_url = ownership.owner_internal_url(shard)
+            if url == self._self_url or internal_url is None or self._remote is None:
                 continue  # nobody serves it right now (or the table lags behind this process)
-            reply = await self._remote.send(url, kind, transfer, failure_code)
+            reply = await self._remote.send(internal_url, kind, transfer, failure_code)
             if reply.outcome is not Outcome.NOT_OWNER:
                 return reply
         return _NOT_OWNER_REPLY
@@ -300,6 +310,7 @@ class TransferCoordinator:
         reference: str | None,
         *,
         fresh_id: bool = False,
+        actor: str | None = None,
     ) -> TransferReply:
         """Move ``amount`` between two wallets; the id is the request's idempotency key.
 
@@ -308,7 +319,7 @@ class TransferCoordinator:
         """
         requested = TransferRecord(
             transfer_id, from_wallet_id, to_wallet_id, amount, reference,
-            TransferStatus.PENDING, None, 0, 0,
+            TransferStatus.PENDING, None, 0, 0, actor,
         )  # fmt: skip
         while (running := self._driving.get(transfer_id)) is not None:
             # The same id is being worked on: wait for it, then answer from storage as a
@@ -411,6 +422,15 @@ class TransferCoordinator:
             # The joint commit's outcome is unknown: it wrote both legs or nothing, and no
             # one else drives a transfer that is not stored; storage tells which.
             return await self._answer_from_storage(requested, replayed=False)
+        if debit.outcome is Outcome.STORAGE_REFUSED and not fresh_id:
+            # Storage refused the debit alone (engine/shard.py): perhaps another process's
+            # driver stored this id first (the transfers' primary key); then it answers.
+            try:
+                stored = await self.read(requested.transfer_id)
+            except StorageError:
+                return _UNAVAILABLE
+            if stored is not None:
+                return await self._resume(stored, requested)
         if debit.outcome is not Outcome.OK:
             return TransferReply(
                 debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen,

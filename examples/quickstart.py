@@ -13,23 +13,22 @@ import asyncio
 import sys
 from decimal import Decimal
 
-from walletd.client.api import WalletdClient
-from walletd.client.errors import InsufficientFunds
+from walletd.client import InsufficientFunds, WalletdClient
 
 
 async def main(base_url: str) -> None:
     async with WalletdClient(base_url) as walletd:
         wallet = await walletd.create_wallet()
         await walletd.deposit(wallet.id, Decimal("100.00"), idempotency_key=f"{wallet.id}-topup")
-        await walletd.withdraw(wallet.id, Decimal("0.10"))
+        await walletd.withdraw(wallet.id, Decimal("0.10"), reference="coffee")
         try:
             await walletd.withdraw(wallet.id, Decimal("1000.00"))
         except InsufficientFunds as refused:
             print(f"refused as expected: {refused.code}")
         print(f"wallet {wallet.id}: {(await walletd.get_wallet(wallet.id)).balance}")
-        async for page in walletd.history(wallet.id):
-            for op in page.items:
-                print(f"  {op.operation_type:8} {op.amount:>8} -> {op.balance_after}")
+        async for op in walletd.history(wallet.id):
+            note = op.reference or ""
+            print(f"  {op.operation_type:8} {op.amount:>8} -> {op.balance_after}  {note}")
 
 
 if __name__ == "__main__":

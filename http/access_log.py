@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from walletd.http.edge import REQUEST_ID_HEADER
+from walletd.http.keys import KEY_NAME
 from walletd.http.metrics import UNMATCHED_ROUTE
 
 __all__ = ["ACCESS_LOGGER_NAME", "JsonAccessLogger", "access_log_options"]
@@ -27,7 +28,8 @@ ACCESS_LOGGER_NAME: Final = "walletd.access"
 
 class JsonAccessLogger(AbstractAccessLogger):
     """Writes ``{"ts", "request_id", "remote", "method", "path", "route", "status",
-    "bytes", "duration_ms"}`` per request."""
+    "bytes", "duration_ms", "key"}`` per request; ``key`` is the API key's name (never its
+    secret), null when auth is off or the request had no known key."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
         match_info = getattr(request, "match_info", None)
@@ -42,6 +44,7 @@ class JsonAccessLogger(AbstractAccessLogger):
             "status": response.status,
             "bytes": response.body_length,
             "duration_ms": round(time_s * 1000, 3),
+            "key": request.get(KEY_NAME) if isinstance(request, web.Request) else None,
         }
         self.logger.info(orjson.dumps(line).decode())
 

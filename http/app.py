@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from walletd.engine.router import Engine
-from walletd.http import feed, health, legs, routes_v1
+from walletd.http import feed, health, routes_v1
 from walletd.http.docs_page import add_docs_routes
-from walletd.http.edge import Middleware, auth_middleware, edge_middleware
+from walletd.http.edge import Middleware, auth_middleware, edge_middleware, is_protected_path
 from walletd.http.forwarding import FORWARDER_KEY, Forwarder
+from walletd.http.keys import check_route_scopes
 from walletd.http.metrics import METRICS_PATH, Metrics, metrics_handler
 from walletd.http.problems import problems_middleware
 from walletd.http.settings import HttpSettings
@@ -26,12 +27,22 @@ def create_app(
 
     ``metrics`` is the registry /metrics shows; pass the one whose ``engine`` observer the
     engine reports to (cli/main.py does), or let the app make its own.
+
+    The public app only: the routes walletd processes call on each other are not registered
+    here in any form; they are on the internal app (http/internal.py, its own listener).
     """
     metrics = metrics or Metrics()
     # Outermost first; see edge.py for why this order.
     middlewares: list[Middleware] = [edge_middleware(metrics), problems_middleware]
     if settings.api_keys:
-        middlewares.append(auth_middleware(settings.api_keys))
+        middlewares.append(
+            auth_middleware(
+                settings.api_keys,
+                metrics,
+                rate_per_s=settings.key_rate_per_s,
+                rate_burst=settings.key_rate_burst,
+            )
+        )
     # Innermost: a request is authorized here before it is sent on to a shard's owner.
     forwarder = Forwarder(
         metrics,
@@ -70,8 +81,9 @@ def create_app(
     app.cleanup_ctx.append(forwarder.session_ctx)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
-    app.router.add_routes(legs.routes)  # internal: transfer legs between processes
     app.router.add_routes(health.routes)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)
     add_docs_routes(app)
+    # Checked with auth off too: a route that declares no scope fails every start.
+    check_route_scopes(app, is_protected_path)
     return app

@@ -17,17 +17,22 @@ does (``503 OVERLOADED``), so a bulk request is never half-queued. Items on one 
 applied in array order, because they enter that wallet's mailbox in array order.
 
 Across processes: items whose wallet another walletd process serves are sent on to that
-process, one sub-request per process (with the forwarded marker, each item with its own
-key spelled out), and their results are put back in place; a process that cannot be
+process, one sub-request per process (with the forwarded marker and the request's key, each
+item with every field it had: its own key, or the ``key_index`` its derived key is built
+from), and their results are put back in place; a process that cannot be
 connected to leaves its items ``503 NOT_OWNER`` (nothing applied), a sub-request sent and
 not answered leaves them ``503 UNAVAILABLE`` (retry with the same keys). An ``atomic``
 request stays one transaction, so one that needs another process is ``422``.
 
 Keys: an item's ``idempotency_key`` works as the header does on the single endpoint (scope:
 its wallet). The request's ``Idempotency-Key`` header gives every item without a key of its
-own the key ``<request key>/<index>``, so a retry of the same request replays item by item,
-and is limited to ``REQUEST_KEY_LENGTH_MAX`` characters so that every derived key stays
-within the 255 characters of a key.
+own a derived key, ``<request key><US><index>`` (US = the unit separator, 0x1F), so a retry of
+the same request replays item by item. No client key may contain US (``is_idempotency_key``),
+so no key a client sends to any endpoint is ever a derived one (``R/0`` beside request key
+``R`` is its own key, not a replay of item 0); and a derived key never starts with US, so it
+is never a transfer leg's or a hold row's key either (``<US>KIND:<id>``, engine/commands.py).
+The request key is limited to ``REQUEST_KEY_LENGTH_MAX`` characters so that every derived key
+stays within the 255 characters of a key.
 """
 
 from __future__ import annotations
@@ -51,11 +56,14 @@ from walletd.http.forwarding import (
     Unreachable,
     forwarded_headers,
 )
+from walletd.http.keys import KEY_NAME
 from walletd.http.parsing import (
+    DERIVED_KEY_SEPARATOR,
     IDEMPOTENCY_KEY_LENGTH_MAX,
     OPERATION_KINDS,
     WALLET_ID_MESSAGE,
     body_wallet_id,
+    derived_key,
     is_idempotency_key,
     loads_exact,
     operation_fields,
@@ -67,16 +75,28 @@ from walletd.http.responses import reply_problem, wallet_body
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
 
-__all__ = ["BULK_PATH", "REQUEST_KEY_LENGTH_MAX", "BulkItem", "bulk_operations", "parse_bulk"]
+__all__ = [
+    "BULK_PATH",
+    "KEY_INDEX_MAX",
+    "REQUEST_KEY_LENGTH_MAX",
+    "BulkItem",
+    "bulk_operations",
+    "item_json",
+    "parse_bulk",
+]
 
 BULK_PATH: Final = "/api/v1/operations/bulk"
-# "<key>/<index>" must fit a key: room for "/" and the index of the largest allowed bulk.
+# "<key><US><index>" must fit a key: room for US and the index of the largest allowed bulk.
 _INDEX_DIGITS_MAX: Final = 6
+KEY_INDEX_MAX: Final = 10**_INDEX_DIGITS_MAX - 1
 REQUEST_KEY_LENGTH_MAX: Final = IDEMPOTENCY_KEY_LENGTH_MAX - 1 - _INDEX_DIGITS_MAX
 
 _ITEM_FIELDS: Final = frozenset(
-    {"wallet_id", "operation_type", "operationType", "amount", "idempotency_key", "reference"}
-)
+    {
+        "wallet_id", "operation_type", "operationType", "amount", "idempotency_key",
+        "reference", "key_index",
+    }
+)  # fmt: skip
 _TOP_FIELDS: Final = frozenset({"items", "atomic"})
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 
@@ -92,6 +112,13 @@ class BulkItem(NamedTuple):
 
 
 ParsedItem = BulkItem | list[FieldError]
+
+
+def _key_index(key: str | None) -> int | None:
+    """The index a derived key was built from; None for a client's key (or none)."""
+    if key is None or DERIVED_KEY_SEPARATOR not in key:
+        return None
+    return int(key.rpartition(DERIVED_KEY_SEPARATOR)[2])
 
 
 def _loads(raw: bytes) -> Any:
@@ -175,6 +202,7 @@ def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
         and _ITEM_FIELDS.issuperset(item)
         and "operationType" not in item
         and "reference" not in item  # checked by the full path
+        and "key_index" not in item
     ):
         wallet_id = body_wallet_id(item.get("wallet_id"))
         kind_text = item.get("operation_type")
@@ -188,7 +216,7 @@ def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
             and (key is None or is_idempotency_key(key))
         ):
             if key is None and request_key is not None:
-                key = f"{request_key}/{index}"
+                key = derived_key(request_key, index)
             return BulkItem(wallet_id, kind, amount, key)
     return _checked_item(index, item, request_key)
 
@@ -228,14 +256,35 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
                 "message": f"must be 1 to {IDEMPOTENCY_KEY_LENGTH_MAX} printable ASCII characters",
             }
         )
+    key_index = _parse_key_index(prefix, item, request_key, errors)
     if errors:
         return errors
     assert wallet_id is not None
     assert kind is not None
     assert amount is not None
     if key is None and request_key is not None:
-        key = f"{request_key}/{index}"
+        key = derived_key(request_key, index if key_index is None else key_index)
     return BulkItem(wallet_id, kind, amount, key, reference)
+
+
+def _parse_key_index(
+    prefix: str, item: dict[str, Any], request_key: str | None, errors: list[FieldError]
+) -> int | None:
+    """The optional ``key_index``: the index to derive the item's key from instead of its
+    position (a forwarded sub-request keeps each item's place in the original request)."""
+    if "key_index" not in item:
+        return None
+    value = item["key_index"]
+    field = f"{prefix}.key_index"
+    if type(value) is not int or not 0 <= value <= KEY_INDEX_MAX:
+        errors.append({"field": field, "message": f"must be an integer from 0 to {KEY_INDEX_MAX}"})
+    elif request_key is None:
+        errors.append({"field": field, "message": "needs the request's Idempotency-Key header"})
+    elif item.get("idempotency_key") is not None:
+        errors.append({"field": field, "message": "give idempotency_key or key_index, not both"})
+    else:
+        return value
+    return None
 
 
 def _within(prefix: str, error: FieldError) -> FieldError:
@@ -324,7 +373,9 @@ async def bulk_operations(request: web.Request) -> web.Response:
         )
     try:
         # Raises EngineOverloaded, nothing queued, when the items do not fit in time.
-        replies, refused_at = await engine.apply_operations(valid, atomic=atomic)
+        replies, refused_at = await engine.apply_operations(
+            valid, atomic=atomic, actor=request.get(KEY_NAME)
+        )
     except AtomicTooLarge as error:
         raise ProblemError(
             413,
@@ -399,8 +450,9 @@ async def _forward_foreign(
                 by_owner.setdefault(url, []).append(index)
     if not by_owner:
         return {}
+    # The request's Idempotency-Key travels too: an item with a derived key carries the
+    # key_index to derive it from, and the owner derives the very same key.
     headers = forwarded_headers(request)
-    headers.pop("Idempotency-Key", None)  # each item carries its own key
     sent = await asyncio.gather(
         *(_sub_request(request, url, [valid[i] for i in indexes], headers)
           for url, indexes in by_owner.items())
@@ -415,7 +467,7 @@ async def _sub_request(
     request: web.Request, url: str, items: list[BulkItem], headers: dict[str, str]
 ) -> list[tuple[int, dict[str, Any]]]:
     """One owner's items as one bulk request; a result per item, in order."""
-    body = orjson.dumps({"items": [_item_json(item) for item in items]})
+    body = orjson.dumps({"items": [item_json(item) for item in items]})
     try:
         status, _headers, payload = await request.app[FORWARDER_KEY].exchange(
             "POST", url + BULK_PATH, body, {**headers, "Content-Type": "application/json"}
@@ -447,14 +499,22 @@ _LOST: Final = (
 )
 
 
-def _item_json(item: BulkItem) -> dict[str, str]:
-    spelled = {
+def item_json(item: BulkItem) -> dict[str, str | int]:
+    """An item as a sub-request spells it: every field of ``BulkItem``, so the owner parses
+    it back to the same item (a derived key as the ``key_index`` it was built from, under
+    the same request key; tests/test_bulk.py round-trips every field)."""
+    spelled: dict[str, str | int] = {
         "wallet_id": str(item.wallet_id),
         "operation_type": item.kind.name,
         "amount": format_minor(item.amount),
     }
-    if item.idempotency_key is not None:
+    key_index = _key_index(item.idempotency_key)
+    if key_index is not None:
+        spelled["key_index"] = key_index
+    elif item.idempotency_key is not None:
         spelled["idempotency_key"] = item.idempotency_key
+    if item.reference is not None:
+        spelled["reference"] = item.reference
     return spelled
 
 

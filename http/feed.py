@@ -5,6 +5,7 @@ why a position is never passed by a late commit). The stream is that same page r
 loop::
 
     open ── streams open < feed_streams_max? ──no──▶ 503 OVERLOADED
+      │ ── the key's streams < feed_streams_per_key_max? ──no──▶ 429 TOO_MANY_STREAMS
       │ first page read before the 200, so an outage is a 503, not an empty stream
       ▼
     write page ──write blocked > feed_write_timeout_s──▶ disconnect (slow consumer;
@@ -38,6 +39,8 @@ from prometheus_client.registry import Collector
 from walletd.engine.log_reads import FeedEvent, FeedPosition, LogReader
 from walletd.engine.money import format_minor
 from walletd.engine.ports import StorageError
+from walletd.http.edge import REQUEST_ID_HEADER, REQUEST_ID_KEY
+from walletd.http.keys import KEY_NAME, Scope, requires
 from walletd.http.problems import ProblemError, ValidationProblem
 from walletd.http.responses import format_timestamp
 from walletd.http.settings import HttpSettings
@@ -65,13 +68,29 @@ routes = web.RouteTableDef()
 class FeedStreams:
     """The streams this process serves: how many are open, and the signal to end them."""
 
-    __slots__ = ("closing", "open", "slow_disconnects")
+    __slots__ = ("by_key", "closing", "open", "slow_disconnects")
 
     def __init__(self) -> None:
         self.open = 0
+        # Open streams per key name; at most one entry per configured key (keys.API_KEYS_MAX).
+        self.by_key: dict[str, int] = {}
         self.slow_disconnects = 0
         # Set at shutdown: streams end at once instead of holding the server's drain.
         self.closing = asyncio.Event()
+
+    def opened(self, key_name: str | None) -> None:
+        self.open += 1
+        if key_name is not None:
+            self.by_key[key_name] = self.by_key.get(key_name, 0) + 1
+
+    def closed(self, key_name: str | None) -> None:
+        self.open -= 1
+        if key_name is not None:
+            left = self.by_key[key_name] - 1
+            if left:
+                self.by_key[key_name] = left
+            else:
+                del self.by_key[key_name]
 
 
 FEED_KEY: Final = web.AppKey("walletd_feed", FeedStreams)
@@ -136,6 +155,7 @@ def _parse_events_limit(text: str | None, settings: HttpSettings) -> int:
 
 
 @routes.get(PREFIX + "/events")
+@requires(Scope.FEED)
 async def list_events(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     limit = _parse_events_limit(request.query.get("limit"), state.settings)
@@ -158,14 +178,16 @@ def _sse(event: FeedEvent) -> bytes:
 
 
 def _start_position(request: web.Request) -> FeedPosition:
+    """Last-Event-ID wins over ``after``; both are checked, so a malformed one is a 422
+    whichever is used."""
+    after_text = request.query.get("after")
+    after = FeedPosition.START if after_text is None else _parse_position("after", after_text)
     resumed = request.headers.get("Last-Event-ID")
-    if resumed is not None:
-        return _parse_position("Last-Event-ID", resumed)
-    after = request.query.get("after")
-    return FeedPosition.START if after is None else _parse_position("after", after)
+    return after if resumed is None else _parse_position("Last-Event-ID", resumed)
 
 
 @routes.get(PREFIX + "/events/stream")
+@requires(Scope.FEED)
 async def stream_events(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     settings = state.settings
@@ -179,11 +201,24 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             "later, or page through /api/v1/events",
             headers={"Retry-After": "5"},
         )
-    streams.open += 1
+    key_name = request.get(KEY_NAME)
+    if (
+        key_name is not None
+        and streams.by_key.get(key_name, 0) >= settings.feed_streams_per_key_max
+    ):
+        # One client cannot hold every slot: its own streams are bounded below the total.
+        raise ProblemError(
+            429,
+            "TOO_MANY_STREAMS",
+            f"key {key_name!r} has {settings.feed_streams_per_key_max} feed streams open, the "
+            "most one key may; close one, or page through /api/v1/events",
+            headers={"Retry-After": "5"},
+        )
+    streams.opened(key_name)
     try:
         return await _stream(request, state.services.reader, position, settings, streams)
     finally:
-        streams.open -= 1
+        streams.closed(key_name)
 
 
 def _bound_send_buffer(request: web.Request, buffer_bytes: int) -> None:
@@ -208,6 +243,10 @@ async def _stream(
     page = settings.events_limit_max
     events = await reader.events_after(position, page)  # an outage is a 503 here
     response = web.StreamResponse(headers=_STREAM_HEADERS)
+    # Sent before the edge middleware sees the response, so the id is added here.
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
     _bound_send_buffer(request, settings.feed_stream_buffer_bytes)
     await response.prepare(request)
     written_at = time.monotonic()

@@ -5,22 +5,24 @@ the process that owns the sending wallet) delivers each leg to the process that 
 leg's wallet (engine/transfers.py, ``RoutedLegDelivery``). When that is another process, the
 leg travels here, batched with the other legs queued for that process meanwhile::
 
-    coordinator ── POST /internal/v1/legs ─────────────▶ owner of the wallet's shards
+    coordinator ── POST /internal/v1/legs ─────────────▶ owner's INTERNAL listener
                    {"legs": [leg, ...]}                    Engine.deliver_leg, each leg
-                   X-Walletd-Forwarded: 1                  on its shard, all at once
-                   Authorization: Bearer <a key>
+                   Authorization: Walletd-Cluster <cred>   on its shard, all at once
                  ◀── 200 {"replies": [reply, ...]} ─────── one reply per leg, in order
 
-The route is internal: not in the public OpenAPI document, answered 404 by the generated
-HAProxy configuration, and behind the same bearer auth as /api/v1 when keys are configured.
-It requires the forwarded marker and never sends a leg on: a leg whose shard the process
-does not serve is answered NOT_OWNER (nothing applied), so a leg never hops twice.
+The route lives only on the internal listener (http/internal.py): its own socket, the
+cluster credential on every request, not registered on the public app at all, not in the
+public OpenAPI document. It never sends a leg on: a leg whose shard the process does not
+serve is answered NOT_OWNER (nothing applied), so a leg never hops twice.
 
 What the client makes of each answer (a leg is keyed, so sending it again is safe):
 
     200, a reply per leg     each leg's reply (OK, replayed or not; a business refusal;
                              NOT_OWNER; UNAVAILABLE when its commit failed or is unknown)
     503 NOT_OWNER            NOT_OWNER for every leg: nothing applied
+    401                      NOT_OWNER for every leg: the credential was refused before
+                             anything ran (logged as an error: the processes do not share
+                             one cluster credential)
     not connected            NOT_OWNER: the owner never saw the legs; the delivery
                              retries after the next table read
     anything else, timeout,  UNAVAILABLE: the legs may have been applied; the coordinator
@@ -31,22 +33,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from uuid import UUID
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from walletd.engine.commands import Outcome, Reply, TransferLeg
+from walletd.engine.bounds import (
+    ACTOR_LENGTH_MAX,
+    REFERENCE_LENGTH_MAX,
+    storable_amount,
+    storable_text,
+)
+from walletd.engine.commands import REFUND_FAILURE_CODES, Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletView
 from walletd.engine.router import Engine
 from walletd.engine.transfers import RemoteLegs
 from walletd.http.bulk import read_bulk_body
-from walletd.http.forwarding import FORWARDED_HEADER
 from walletd.http.problems import ProblemError
 from walletd.http.state import STATE_KEY
+
+if TYPE_CHECKING:
+    from walletd.http.internal import ClusterCredential
 
 __all__ = ["INTERNAL_PREFIX", "LEGS_PATH", "HttpLegs", "decode_leg", "encode_leg", "routes"]
 
@@ -87,6 +97,7 @@ def encode_leg(
             "failure_code": transfer.failure_code,
             "created_at_us": transfer.created_at_us,
             "updated_at_us": transfer.updated_at_us,
+            "actor": transfer.actor,  # the key that asked for it: on every leg's row
         },
     }
 
@@ -102,10 +113,21 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         UUID(t["id"]), UUID(t["from_wallet_id"]), UUID(t["to_wallet_id"]),
         _int(t["amount"]), _text(t["reference"]), TransferStatus[t["status"]],
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
+        _text(t.get("actor")),
     )  # fmt: skip
-    if transfer.amount <= 0 or transfer.from_wallet_id == transfer.to_wallet_id:
+    # The ledger's bounds (engine/bounds.py), checked here first so a leg past them is
+    # refused at the edge like any request; the ledger refuses it again (NOT_STORABLE).
+    reference, failure_code = transfer.reference, _text(body["failure_code"])
+    actor = transfer.actor
+    if (
+        not storable_amount(transfer.amount)
+        or transfer.from_wallet_id == transfer.to_wallet_id
+        or (reference is not None and not storable_text(reference, 0, REFERENCE_LENGTH_MAX))
+        or (actor is not None and not storable_text(actor, 1, ACTOR_LENGTH_MAX))
+        or (failure_code is not None and failure_code not in REFUND_FAILURE_CODES)
+    ):
         raise ValueError("not a valid transfer")
-    return kind, transfer, _text(body["failure_code"])
+    return kind, transfer, failure_code
 
 
 def _int(value: object) -> int:
@@ -147,13 +169,10 @@ def _decode_reply(body: dict[str, Any]) -> Reply:
 @routes.post(LEGS_PATH)
 async def deliver_legs(request: web.Request) -> web.Response:
     """Apply each leg on this process's shard of its wallet, all at once; one reply per
-    leg, in order (internal; see the module doc). A leg whose shard this process does not
-    serve is NOT_OWNER (nothing applied): the coordinator looks the owner up again."""
+    leg, in order (internal listener only; see the module doc). A leg whose shard this
+    process does not serve is NOT_OWNER (nothing applied): the coordinator looks the owner
+    up again."""
     state = request.app[STATE_KEY]
-    if FORWARDED_HEADER not in request.headers:
-        # Only walletd sends legs, always marked: a request without the marker would be
-        # forwarded once more, and a leg must never hop twice.
-        raise ProblemError(400, "VALIDATION_ERROR", f"legs must carry {FORWARDED_HEADER}")
     raw = await read_bulk_body(request, state.settings)
     try:
         body = orjson.loads(raw)
@@ -201,19 +220,19 @@ class HttpLegs(RemoteLegs):
     applied, the coordinator reads the transfer back).
 
     ``timeout_s`` bounds each request (connect to answer); at most ``connections_max``
-    connections are open. ``api_key``: the bearer key the other processes check, when auth
-    is configured (the cluster shares its keys). Use as an async context manager: the pool
-    lives inside it.
+    connections are open. ``credential``: the cluster credential the other processes'
+    internal listeners check (never a client key). Use as an async context manager: the
+    pool lives inside it.
     """
 
-    def __init__(self, *, timeout_s: float, connections_max: int, api_key: str | None) -> None:
+    def __init__(
+        self, *, timeout_s: float, connections_max: int, credential: ClusterCredential
+    ) -> None:
         if timeout_s <= 0 or connections_max < 1:
             raise ValueError("legs need a positive timeout and at least one connection")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._connections_max = connections_max
-        self._headers = {FORWARDED_HEADER: "1", "Content-Type": _JSON}
-        if api_key is not None:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = {"Authorization": credential.authorization(), "Content-Type": _JSON}
         self._session: aiohttp.ClientSession | None = None
         self._waiting: dict[str, list[_Waiting]] = {}
         self._in_flight: dict[str, int] = {}
@@ -221,7 +240,7 @@ class HttpLegs(RemoteLegs):
         self._closing = False
         # Legs sent, by what came of them (tests, logs).
         self.sent: dict[str, int] = {"answered": 0, "not_owner": 0, "unreachable": 0,
-                                     "unknown": 0}  # fmt: skip
+                                     "refused": 0, "unknown": 0}  # fmt: skip
         self.requests = 0  # HTTP requests sent (legs / requests = legs per request)
 
     async def __aenter__(self) -> HttpLegs:
@@ -307,6 +326,15 @@ class HttpLegs(RemoteLegs):
         return self._replies(status, answer, len(batch), url)
 
     def _replies(self, status: int, answer: bytes, count: int, url: str) -> list[Reply]:
+        if status == 401:
+            # Refused before any handler ran: nothing applied. Not a network fault but a
+            # configuration one, so it is loud.
+            self.sent["refused"] += count
+            _log.error(
+                "%d transfer legs to %s: the cluster credential was refused; every walletd "
+                "process of one cluster needs the same one (docs/OPERATIONS.md)", count, url,
+            )  # fmt: skip
+            return [_NOT_OWNER] * count
         try:
             body = orjson.loads(answer)
             if status == 200:

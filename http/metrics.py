@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final
 
 from aiohttp import web
@@ -74,6 +74,7 @@ LATENCY_BUCKETS_S: Final = (
 UNAVAILABLE_REASONS: Final = ("OVERLOADED", "UNAVAILABLE")
 # Log rows per commit: powers of two up to the default batch_ops_max (1024) and past it.
 BATCH_OPS_BUCKETS: Final = tuple(float(2**i) for i in range(13))
+KEY_RESULTS: Final = ("allowed", "forbidden", "rate_limited")
 
 
 class _Latencies:
@@ -131,6 +132,18 @@ class EngineMetrics(EngineObserver):
             self.batch_failed_commands.labels(reason)
         for reason in REJECTION_REASONS:
             self.commands_rejected.labels(reason)
+        self.isolation_commits = Counter(
+            "walletd_isolation_commits",
+            "Commits spent isolating the command(s) at fault after storage refused a batch "
+            "for what it held (its neighbours then got their true answers)",
+            registry=registry,
+        )
+        self.storage_refused_commands = Counter(
+            "walletd_storage_refused_commands",
+            "Commands storage refused when they stood alone (answered 409 STORAGE_REFUSED, "
+            "or 503 when another driver closed the transfer or hold first)",
+            registry=registry,
+        )
         self.shard_restarts = Counter(
             "walletd_shard_restarts",
             "Crashed shards restarted from storage by the engine's supervisor",
@@ -158,6 +171,10 @@ class EngineMetrics(EngineObserver):
 
     def command_rejected(self, reason: str) -> None:
         self.commands_rejected.labels(reason).inc()
+
+    def commands_isolated(self, shard: int, commits: int, refused: int) -> None:
+        self.isolation_commits.inc(commits)
+        self.storage_refused_commands.inc(refused)
 
     def shard_restarted(self, shard: int) -> None:
         self.shard_restarts.inc()
@@ -277,6 +294,15 @@ class _RequestCollector(Collector):
         for result, count in self._metrics.forward_counts.items():
             forwards.add_metric([result], count)
         yield forwards
+        by_key = CounterMetricFamily(
+            "walletd_key_requests",
+            "Requests with a known API key, by the key's name (never its secret) and result: "
+            "allowed, forbidden (403: scope), rate_limited (429)",
+            labels=["key", "result"],
+        )
+        for (name, result), count in self._metrics.key_counts.items():
+            by_key.add_metric([name, result], count)
+        yield by_key
 
 
 class Metrics:
@@ -292,6 +318,8 @@ class Metrics:
         self.latencies: dict[tuple[str, str], _Latencies] = {}
         self.unavailable_counts: dict[str, int] = dict.fromkeys(UNAVAILABLE_REASONS, 0)
         self.forward_counts: dict[str, int] = {}
+        # (key name, result): bounded by the configured keys (keys.API_KEYS_MAX) x results.
+        self.key_counts: dict[tuple[str, str], int] = {}
         self._engine_source: EngineSource = lambda: None
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineStateCollector(lambda: self._engine_source()))
@@ -317,6 +345,15 @@ class Metrics:
 
     def observe_forward(self, result: str) -> None:
         self.forward_counts[result] = self.forward_counts.get(result, 0) + 1
+
+    def watch_keys(self, names: Iterable[str]) -> None:
+        """Start every configured key's families at 0 (a rate over them is 0, not absent)."""
+        for name in names:
+            for result in KEY_RESULTS:
+                self.key_counts.setdefault((name, result), 0)
+
+    def observe_key(self, name: str, result: str) -> None:
+        self.key_counts[(name, result)] += 1
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

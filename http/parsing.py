@@ -17,12 +17,16 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
+from walletd.engine.bounds import KEY_LENGTH_MAX
+from walletd.engine.bounds import REFERENCE_LENGTH_MAX as REFERENCE_LENGTH_MAX
+from walletd.engine.holds import is_derived_transfer_id
 from walletd.engine.model import OperationKind
 from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 from walletd.http.settings import HttpSettings
 
 __all__ = [
+    "DERIVED_KEY_SEPARATOR",
     "IDEMPOTENCY_KEY_LENGTH_MAX",
     "OPERATION_KINDS",
     "REFERENCE_LENGTH_MAX",
@@ -33,6 +37,7 @@ __all__ = [
     "OperationFields",
     "TransferRequest",
     "body_wallet_id",
+    "derived_key",
     "is_idempotency_key",
     "loads_exact",
     "operation_fields",
@@ -47,17 +52,22 @@ __all__ = [
     "parse_reference",
     "parse_transfer_body",
     "parse_wallet_id",
+    "path_id",
     "path_wallet_id",
     "read_body",
     "read_json_object",
     "require_json_content_type",
+    "shown_key",
 ]
 
-IDEMPOTENCY_KEY_LENGTH_MAX: Final = 255
+IDEMPOTENCY_KEY_LENGTH_MAX: Final = KEY_LENGTH_MAX
+# The unit separator (0x1F): in keys walletd makes (bulk items' derived keys, transfer legs,
+# hold rows), never in a client's, which is printable ASCII.
+DERIVED_KEY_SEPARATOR: Final = "\x1f"
 # The one spelling of a wallet id: canonical 8-4-4-4-12 hex, either case. A proxy routes by
 # the id as written (docs/ARCHITECTURE.md), so every other form UUID() would take (urn:uuid:,
 # braces, no hyphens, percent-encoded) is refused rather than given a second spelling.
-# http/openapi.py states this same pattern.
+# http/openapi.yaml states this same pattern (tests/test_docs_page.py checks they agree).
 WALLET_ID_PATTERN: Final = (
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
@@ -81,7 +91,6 @@ _FRACTION_DIGITS_MAX: Final = 2
 
 assert 10**_FRACTION_DIGITS_MAX == MINOR_UNITS_PER_UNIT
 _TRANSFER_FIELDS: Final = frozenset({"id", "from_wallet_id", "to_wallet_id", "amount", "reference"})
-REFERENCE_LENGTH_MAX: Final = 255
 # A client's own text for reconciliation: any characters but the C0/C1 controls (the
 # OpenAPI document states this same pattern).
 REFERENCE_PATTERN: Final = "^[^\\x00-\\x1f\\x7f-\\x9f]{1,255}$"
@@ -124,7 +133,7 @@ def path_wallet_id(request: web.Request) -> UUID:
     (so decoding changed nothing) and that text is canonical.
     """
     text = request.match_info["wallet_id"]
-    if not _written_as_routed(request.raw_path, text):
+    if not _written_as_routed(request.raw_path, _WALLETS_PATH, text):
         raise ProblemError(
             400,
             "INVALID_WALLET_ID",
@@ -133,15 +142,30 @@ def path_wallet_id(request: web.Request) -> UUID:
     return parse_wallet_id(text)
 
 
-def _written_as_routed(target: str, text: str) -> bool:
-    """Whether the raw request target's wallet-id segment is ``text`` itself."""
+def path_id(request: web.Request, name: str, resource_path: str, code: str) -> UUID:
+    """The id (of a hold, a transfer) in ``resource_path`` + ``{name}``, held to the wallet
+    id's rules: the raw request target holds exactly the routed text, which is canonical
+    (8-4-4-4-12 hex, either case); anything else is 400 ``code``. HAProxy hashes a hold id
+    as written, so a second spelling would reach another shard's process."""
+    text = request.match_info[name]
+    if not _written_as_routed(request.raw_path, resource_path, text):
+        raise ProblemError(
+            400, code, f"{text[:64]!r} must be written as a canonical UUID, not percent-encoded"
+        )
+    if len(text) != 36 or _WALLET_ID.fullmatch(text) is None:
+        raise ProblemError(400, code, f"{text[:64]!r} is not a canonical UUID")
+    return UUID(text)
+
+
+def _written_as_routed(target: str, resource_path: str, text: str) -> bool:
+    """Whether the raw request target's id segment (after ``resource_path``) is ``text``."""
     start = 0
-    if not target.startswith(_WALLETS_PATH):  # absolute form: scheme://authority/path
+    if not target.startswith(resource_path):  # absolute form: scheme://authority/path
         authority = _ABSOLUTE_FORM.match(target)
-        if authority is None or not target.startswith(_WALLETS_PATH, authority.end()):
+        if authority is None or not target.startswith(resource_path, authority.end()):
             return False
         start = authority.end()
-    start += len(_WALLETS_PATH)
+    start += len(resource_path)
     end = start + len(text)
     return target.startswith(text, start) and (len(target) == end or target[end] in "/?#")
 
@@ -460,13 +484,31 @@ def parse_empty_body(body: dict[str, Any]) -> None:
 
 
 def is_idempotency_key(value: Any) -> bool:
-    """1 to ``IDEMPOTENCY_KEY_LENGTH_MAX`` printable ASCII characters."""
+    """1 to ``IDEMPOTENCY_KEY_LENGTH_MAX`` printable ASCII characters (so never the unit
+    separator, which keys of walletd's own making hold: ``derived_key``, transfer legs)."""
     return (
         isinstance(value, str)
         and 1 <= len(value) <= IDEMPOTENCY_KEY_LENGTH_MAX
         and value.isascii()
         and value.isprintable()
     )
+
+
+def derived_key(request_key: str, index: int) -> str:
+    """The key of item ``index`` of a bulk request keyed ``request_key`` that has none of its
+    own: ``<request key><US><index>``. No client key holds US, so none is ever a derived key;
+    a derived key never starts with US, so it is never a transfer leg's or a hold row's key
+    (``<US>KIND:<id>``, engine/commands.py)."""
+    return f"{request_key}{DERIVED_KEY_SEPARATOR}{index}"
+
+
+def shown_key(stored: str | None) -> str | None:
+    """A stored operation key as the history and the feed show it: a derived key reads
+    ``<request key>/<index>`` (a key in an answer is printable ASCII; only storage tells it
+    from a client's key ``R/0``)."""
+    if stored is None or DERIVED_KEY_SEPARATOR not in stored:
+        return stored
+    return stored.replace(DERIVED_KEY_SEPARATOR, "/")
 
 
 def body_wallet_id(value: Any) -> UUID | None:
@@ -514,6 +556,10 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
         if name not in _TRANSFER_FIELDS:
             errors.append({"field": str(name)[:64], "message": "unknown field"})
     transfer_id = _body_uuid(body, "id", errors) if "id" in body else None
+    if transfer_id is not None and is_derived_transfer_id(transfer_id):
+        # Reserved to the ids walletd derives (engine/holds.py): a client that took one
+        # first could block the capture that derives it.
+        errors.append({"field": "id", "message": "must not be a version 8 UUID (reserved)"})
     from_wallet_id = _body_uuid(body, "from_wallet_id", errors)
     to_wallet_id = _body_uuid(body, "to_wallet_id", errors)
     if from_wallet_id is not None and from_wallet_id == to_wallet_id:

@@ -58,6 +58,9 @@ TITLES: Final = {
     "OVERLOADED": "Service overloaded",
     "NOT_OWNER": "Shard not served here",
     "UNAUTHORIZED": "Unauthorized",
+    "FORBIDDEN": "Forbidden",
+    "RATE_LIMITED": "Rate limited",
+    "TOO_MANY_STREAMS": "Too many streams",
     "INTERNAL_ERROR": "Internal server error",
     "BAD_REQUEST": "Bad request",
     "AS_OF_NOT_SETTLED": "Instant not settled yet",
@@ -68,6 +71,7 @@ TITLES: Final = {
     "HOLD_ALREADY_VOIDED": "Hold already voided",
     "CAPTURE_EXCEEDS_HOLD": "Capture exceeds hold",
     "TOO_MANY_HOLDS": "Too many holds",
+    "STORAGE_REFUSED": "Refused by storage",
 }
 
 FieldError = dict[str, str]

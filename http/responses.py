@@ -23,6 +23,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.money import format_minor
 from walletd.engine.transfers import SIDE_FROM, TransferReply
+from walletd.http.parsing import shown_key
 from walletd.http.problems import ProblemError, ValidationProblem
 
 __all__ = [
@@ -94,11 +95,13 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
         "amount": format_minor(op.amount),
         "balance_after": format_minor(op.balance_after),
         "held_after": format_minor(op.held_after),
-        "idempotency_key": key,
+        "idempotency_key": shown_key(key),
         "transfer_id": transfer_id,
         "hold_id": hold_id,
         "reference": op.reference,
         "created_at": format_timestamp(op.created_at_us),
+        # The API key whose request wrote the row; null when auth is off (or the sweep).
+        "actor": op.actor,
     }
 
 
@@ -171,6 +174,8 @@ def transfer_reply_response(
             f"transfer {transfer_id} was already requested with a different body",
             extra=extra,
         )  # fmt: skip
+    if outcome is Outcome.STORAGE_REFUSED or outcome is Outcome.NOT_STORABLE:
+        raise reply_problem(Reply(outcome), wallet_id, amount)
     if outcome is Outcome.NOT_OWNER:
         raise ProblemError(
             503, "NOT_OWNER",
@@ -338,6 +343,23 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
             422,
             "IDEMPOTENCY_KEY_REUSED",
             "this Idempotency-Key was already used with a different request",
+        )
+    if outcome is Outcome.STORAGE_REFUSED:
+        # Isolated by the pipeline (engine/shard.py): the database refused this command
+        # when it stood alone. Deterministic while the constraint stands, so a 409 (like a
+        # business refusal), never a 503 that would invite the same retry forever. Not
+        # recorded: a retry with the same key is decided again.
+        return ProblemError(
+            409,
+            "STORAGE_REFUSED",
+            f"the database refused this request on wallet {wallet_id} by one of its "
+            "constraints; nothing was applied",
+        )
+    if outcome is Outcome.NOT_STORABLE:
+        # The edge's validation refuses the same first; only another way in (a forged
+        # leg) reaches the ledger's own bounds.
+        return ValidationProblem(
+            [{"field": "body", "message": "a field is past what storage holds; nothing applied"}]
         )
     if outcome is Outcome.NOT_OWNER:
         return ProblemError(

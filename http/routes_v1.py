@@ -17,6 +17,7 @@ from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import OperationKind, WalletView
 from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
+from walletd.http.keys import KEY_NAME, Scope, requires
 from walletd.http.parsing import (
     parse_capture_body,
     parse_create_body,
@@ -25,6 +26,7 @@ from walletd.http.parsing import (
     parse_idempotency_key,
     parse_operation_body,
     parse_transfer_body,
+    path_id,
     path_wallet_id,
     read_json_object,
 )
@@ -58,10 +60,11 @@ _OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
 _WALLET: Final = PREFIX + "/wallets/{wallet_id:[^/]+}"
 
 routes = web.RouteTableDef()
-routes.post(BULK_PATH)(bulk_operations)
+routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 
 
 @routes.post(PREFIX + "/wallets")
+@requires(Scope.CREATE)
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
@@ -72,6 +75,7 @@ async def create_wallet(request: web.Request) -> web.Response:
 
 
 @routes.get(_WALLET)
+@requires(Scope.READ)
 async def get_wallet(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     if request.query_string and "as_of" in request.query:
@@ -121,17 +125,21 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
 
 
 @routes.post(_WALLET + "/operation")
+@requires(Scope.MOVE)
 async def apply_operation(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
     kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.apply(wallet_id, kind, amount, key, reference)
+    reply = await state.services.engine.apply(
+        wallet_id, kind, amount, key, reference, request.get(KEY_NAME)
+    )
     return reply_response(reply, wallet_id, amount)
 
 
 @routes.post(_WALLET + "/holds")
+@requires(Scope.MOVE)
 async def create_hold(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
@@ -140,8 +148,9 @@ async def create_hold(request: web.Request) -> web.Response:
     wanted = parse_hold_body(body, raw, engine.limits.hold_expires_in_s_max)
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
-        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key
-    )
+        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key,
+        request.get(KEY_NAME),
+    )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
 
@@ -151,14 +160,11 @@ _HOLD: Final = PREFIX + "/holds/{hold_id:[^/]+}"
 
 
 def _path_hold_id(request: web.Request) -> UUID:
-    text = request.match_info["hold_id"]
-    hold_id = _known_transfer_id(text)
-    if hold_id is None:
-        raise ProblemError(400, "INVALID_HOLD_ID", f"{text[:64]!r} is not a UUID")
-    return hold_id
+    return path_id(request, "hold_id", PREFIX + "/holds/", "INVALID_HOLD_ID")
 
 
 @routes.post(_HOLD + "/capture")
+@requires(Scope.MOVE)
 async def capture_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
@@ -166,7 +172,9 @@ async def capture_hold(request: web.Request) -> web.Response:
     amount, to_wallet_id = parse_capture_body(body, raw)
     key = parse_idempotency_key(request)
     engine = state.services.engine
-    reply = await engine.resolve_hold(HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id)
+    reply = await engine.resolve_hold(
+        HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id, request.get(KEY_NAME)
+    )
     transfer = None
     if reply.hold is not None and reply.hold.transfer_id is not None:
         # A capture into a wallet: the transfer as it is now (COMPLETED, FAILED and
@@ -176,17 +184,21 @@ async def capture_hold(request: web.Request) -> web.Response:
 
 
 @routes.post(_HOLD + "/void")
+@requires(Scope.MOVE)
 async def void_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
     parse_empty_body(body)
     key = parse_idempotency_key(request)
-    reply = await state.services.engine.resolve_hold(HoldAction.VOID, hold_id, None, key)
+    reply = await state.services.engine.resolve_hold(
+        HoldAction.VOID, hold_id, None, key, actor=request.get(KEY_NAME)
+    )
     return hold_reply_response(reply, hold_id, None)
 
 
 @routes.get(_HOLD)
+@requires(Scope.READ)
 async def get_hold(request: web.Request) -> web.Response:
     hold_id = _path_hold_id(request)
     hold = await request.app[STATE_KEY].services.engine.read_hold(hold_id)
@@ -196,6 +208,7 @@ async def get_hold(request: web.Request) -> web.Response:
 
 
 @routes.post(PREFIX + "/transfers")
+@requires(Scope.MOVE)
 async def create_transfer(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
@@ -203,32 +216,22 @@ async def create_transfer(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     transfer_id, reply = await state.services.engine.transfer(
         wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
-        wanted.reference,
+        wanted.reference, request.get(KEY_NAME),
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount
     )
 
 
-@routes.get(PREFIX + "/transfers/{transfer_id}")
+# Any segment, braces included, as for wallet ids: every malformed id is 400.
+@routes.get(PREFIX + "/transfers/{transfer_id:[^/]+}")
+@requires(Scope.READ)
 async def get_transfer(request: web.Request) -> web.Response:
-    text = request.match_info["transfer_id"]
-    transfer_id = _known_transfer_id(text)
-    if transfer_id is None:
-        raise ProblemError(400, "INVALID_TRANSFER_ID", f"{text[:64]!r} is not a UUID")
+    transfer_id = path_id(request, "transfer_id", PREFIX + "/transfers/", "INVALID_TRANSFER_ID")
     transfer = await request.app[STATE_KEY].services.engine.read_transfer(transfer_id)
     if transfer is None:
         raise ProblemError(404, "TRANSFER_NOT_FOUND", f"transfer {transfer_id} does not exist")
     return transfer_response(transfer, 200, replayed=False)
-
-
-_CANONICAL_ID: Final = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-
-
-def _known_transfer_id(text: str) -> UUID | None:
-    return UUID(text) if _CANONICAL_ID.fullmatch(text) else None
 
 
 def _encode_cursor(seq: int) -> str:
@@ -292,6 +295,7 @@ def _history_filter(request: web.Request) -> HistoryFilter:
 
 
 @routes.get(_WALLET + "/operations")
+@requires(Scope.READ)
 async def list_operations(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
@@ -300,7 +304,7 @@ async def list_operations(request: web.Request) -> web.Response:
         request.query.get("limit"), settings.history_limit_default, settings.history_limit_max
     )
     cursor = request.query.get("cursor")
-    before_seq = _decode_cursor(cursor) if cursor else None
+    before_seq = _decode_cursor(cursor) if cursor is not None else None  # "" is 422
     history_filter = _history_filter(request)
     services = state.services
     reply = await services.engine.read(wallet_id)

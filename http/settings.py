@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from walletd.http.keys import ApiKey
+
 __all__ = ["HttpSettings"]
 
 
@@ -14,12 +16,16 @@ class HttpSettings:
     bulk_body_bytes_max: int = 1024 * 1024
     history_limit_default: int = 50
     history_limit_max: int = 500
-    api_keys: tuple[str, ...] = ()
+    # Client keys (keys.py); empty = auth off. The rate limit is per key, off at 0.
+    api_keys: tuple[ApiKey, ...] = ()
+    key_rate_per_s: float = 0.0
+    key_rate_burst: int = 20
     access_log: bool = False
     # The change feed (http/feed.py) and as-of reads; each knob is in cli/config.py.
     events_limit_default: int = 100
     events_limit_max: int = 1000
     feed_streams_max: int = 64
+    feed_streams_per_key_max: int = 16
     feed_stream_buffer_bytes: int = 256 * 1024
     feed_poll_interval_s: float = 0.5
     feed_heartbeat_s: float = 15.0
@@ -41,6 +47,10 @@ class HttpSettings:
             raise ValueError("events_limit_default must be within 1..events_limit_max")
         if self.feed_streams_max < 0:
             raise ValueError("feed_streams_max must not be negative (0 turns streams off)")
+        if self.feed_streams_per_key_max < 1:
+            raise ValueError("feed_streams_per_key_max must be at least 1")
+        if self.key_rate_per_s < 0 or self.key_rate_burst < 1:
+            raise ValueError("key_rate_per_s must not be negative, key_rate_burst at least 1")
         if self.feed_stream_buffer_bytes < 4096:
             raise ValueError("feed_stream_buffer_bytes must be at least 4096")
         if min(self.feed_poll_interval_s, self.feed_heartbeat_s, self.feed_write_timeout_s) <= 0:

@@ -28,7 +28,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +86,12 @@ def _export(revision: str, into: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _walletd(name: str, tree: Path | None, extra: list[str], tmp: Path) -> Iterator[Target]:
+def _walletd(
+    name: str, tree: Path | None, extra: list[str], tmp: Path,
+    environment: Mapping[str, str] | None = None,
+) -> Iterator[Target]:  # fmt: skip
+    """``environment`` is added to ours: settings an older build ignores, where an unknown
+    command-line flag would stop it."""
     port = free_port()
     data_dir = tmp / f"{name}-data"
     launcher = tmp / "launch.py"
@@ -101,7 +106,7 @@ def _walletd(name: str, tree: Path | None, extra: list[str], tmp: Path) -> Itera
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [*command, *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-            env=server_environment(os.environ),
+            env={**server_environment(os.environ), **(environment or {})},
         )  # fmt: skip
         server = Server(f"http://127.0.0.1:{port}", process, log_path)
         try:

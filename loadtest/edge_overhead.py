@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from walletd.http.app import create_app
 from walletd.http.edge import auth_middleware, edge_middleware
+from walletd.http.keys import parse_keys
 from walletd.http.metrics import Metrics
 from walletd.http.problems import problems_middleware
 from walletd.http.settings import HttpSettings
@@ -70,7 +71,8 @@ async def main(count: int) -> None:
         "problems only (before this work)": [problems_middleware],
         "edge + problems (default)": [edge_middleware(metrics), problems_middleware],
         "edge + problems + auth (keys set)": [
-            edge_middleware(metrics), problems_middleware, auth_middleware(("key-0", "key-1")),
+            edge_middleware(metrics), problems_middleware,
+            auth_middleware(parse_keys("key-0,key-1"), metrics),
         ],
     }  # fmt: skip
     baseline = None

@@ -125,8 +125,8 @@ class EmbeddedPostgres:
         self._secret: str | None = None
         self._requested_port = port
         self.port: int | None = None
-        # True when start() found a server already running on this data dir (another
-        # walletd's, or one left by a crash): such a server is not ours to stop.
+        # True when start() found a server already running on this data dir (one left by a
+        # walletd killed with -9) or attach() joined the owner's.
         self.adopted = False
         self._bin = binaries_path()
         self._run_as: str | None = SYSTEM_USER if os.geteuid() == 0 else None
@@ -437,10 +437,20 @@ class EmbeddedPostgres:
                 )
             time.sleep(START_RETRY_INTERVAL_S)
 
-    def release(self) -> None:
-        """Stop the server if this handle started it; leave an adopted one running."""
-        if not self.adopted:
-            self.stop()
+    def attach(self) -> str | None:
+        """The DSN of the server another walletd runs on this data dir, or None while none
+        runs (yet). Starts nothing, secures nothing: the owner does both (cli/data_dir.py)."""
+        port = self._running_port()
+        if port is None or not self._hba_is_ours():
+            return None
+        try:
+            secret = self.secret_path.read_text().strip()
+        except FileNotFoundError:
+            return None
+        if not secret.isalnum():
+            raise EmbeddedPostgresError(f"{self.secret_path} must hold only letters and digits")
+        self._secret, self.port, self.adopted = secret, port, True
+        return self.dsn
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``immediate`` is a crash from the database's point of view."""

@@ -2,7 +2,8 @@
 
 Tables (migration shard_leases): ``walletd_cluster`` (the shard count, stored by the first
 server), ``walletd_shard_leases`` (a row per shard: owner, owner_url, epoch, expires_at) and
-``walletd_members`` (live processes, for the fair share). Expiry is set by the database's
+``walletd_members`` (live processes, for the fair share; and where each one's internal
+listener takes transfer legs, migration internal_listener). Expiry is set by the database's
 clock; a process measures its own validity on its monotonic clock from the moment it *sent*
 the renewal, so it always stops serving before the database can hand the shard to anyone::
 
@@ -83,6 +84,8 @@ class LeaseSettings:
     url: str
     lease_ttl_s: float = LEASE_TTL_S_DEFAULT
     moves_max: int = 8
+    # Where this process's internal listener takes transfer legs (None: it takes none).
+    internal_url: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.2 <= self.lease_ttl_s <= 600:
@@ -123,15 +126,18 @@ async def ensure_cluster(connection: asyncpg.Connection, shard_count: int) -> in
     return stored
 
 
+# The owner's internal listener (transfer legs) is in its member row, heartbeated in the
+# same transaction as its renewals: a live lease has a live member row beside it.
 _TABLE = """
-SELECT shard, owner, owner_url, epoch, expires_at > now() AS live
-  FROM walletd_shard_leases ORDER BY shard
+SELECT l.shard, l.owner, l.owner_url, l.epoch, l.expires_at > now() AS live, m.internal_url
+  FROM walletd_shard_leases AS l LEFT JOIN walletd_members AS m ON m.owner = l.owner
+ ORDER BY l.shard
 """
 
 
 async def ownership_table(connection: asyncpg.Connection) -> dict[int, OwnerInfo]:
     rows = await connection.fetch(_TABLE)
-    return {row[0]: OwnerInfo(row[1], row[2], row[3], row[4]) for row in rows}
+    return {row[0]: OwnerInfo(row[1], row[2], row[3], row[4], row[5]) for row in rows}
 
 
 _DESCRIBE = """
@@ -159,9 +165,10 @@ async def describe_leases(connection: asyncpg.Connection) -> str:
 
 
 _HEARTBEAT = """
-INSERT INTO walletd_members (owner, url, expires_at)
-VALUES ($1, $2, now() + make_interval(secs => $3))
-ON CONFLICT (owner) DO UPDATE SET url = EXCLUDED.url, expires_at = EXCLUDED.expires_at
+INSERT INTO walletd_members (owner, url, expires_at, internal_url)
+VALUES ($1, $2, now() + make_interval(secs => $3), $4)
+ON CONFLICT (owner) DO UPDATE SET url = EXCLUDED.url, expires_at = EXCLUDED.expires_at,
+                                  internal_url = EXCLUDED.internal_url
 """
 _LIVE_MEMBERS = "SELECT count(*) FROM walletd_members WHERE expires_at > now()"
 _FORGET_MEMBERS = (
@@ -257,8 +264,9 @@ class LeaseKeeper:
         sent_at = self._clock()
         async with connection.transaction():
             await connection.execute(
-                _HEARTBEAT, settings.owner, settings.url, settings.lease_ttl_s, timeout=timeout_s
-            )
+                _HEARTBEAT, settings.owner, settings.url, settings.lease_ttl_s,
+                settings.internal_url, timeout=timeout_s,
+            )  # fmt: skip
             renewed = await connection.fetch(
                 _RENEW, settings.owner, list(held), list(held.values()),
                 settings.lease_ttl_s, timeout=timeout_s,
@@ -321,7 +329,9 @@ class LeaseKeeper:
         gained = [row[0] for row in rows]
         for row in rows:
             self._ownership.gained(row[0], row[1], deadline)
-            self._ownership.table[row[0]] = OwnerInfo(settings.owner, settings.url, row[1], True)
+            self._ownership.table[row[0]] = OwnerInfo(
+                settings.owner, settings.url, row[1], True, settings.internal_url
+            )
         self._ownership.moves["gained"] += len(gained)
         _log.info("gained %d shards: %s", len(gained), sorted(gained))
         # Dropping a pipeline's memory waits for its batches in flight: off the keeper's path,

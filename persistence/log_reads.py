@@ -59,7 +59,7 @@ SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format
 _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference"
+    + ", o.held_after, o.reference, o.actor"
 )
 # since/until become a seq range (created_at < since: seq <= first bound; created_at <
 # until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
@@ -103,10 +103,15 @@ FEED_SOURCES: Final = (
                                              WHEN 7 THEN 'CAPTURE' WHEN 8 THEN 'RELEASE' END,
                'amount', o.amount, 'balance_after', o.balance_after,
                'held_after', o.held_after, 'reference', o.reference,
+               -- The API key's name whose request wrote the row (null: auth off, sweep).
+               'actor', o.actor,
                -- A transfer leg's or hold row's key is internal ("<US>KIND:<id>"): the
                -- event names the transfer or hold instead, as the history does
-               -- (http/responses.py).
-               'idempotency_key', CASE WHEN o.kind IN (1, 2) THEN o.idempotency_key END,
+               -- (http/responses.py). A bulk item's derived key "<request key><US><index>"
+               -- reads "<request key>/<index>", as in the history (http/parsing.py
+               -- shown_key).
+               'idempotency_key', CASE WHEN o.kind IN (1, 2)
+                                       THEN replace(o.idempotency_key, chr(31), '/') END,
                'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
@@ -193,5 +198,6 @@ class PostgresLogReader(LogReader):
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
-        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9]
-    )
+        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
+        row[10],
+    )  # fmt: skip

@@ -5,7 +5,9 @@ autocommit: one round trip, one implicit transaction (log rows + snapshot moves)
 Which calls may have committed when they fail:
 
 - the pool could not hand out a connection      -> StorageUnavailable (nothing sent)
-- the server answered with an error              -> StorageError (rolled back)
+- the server answered with an error              -> StorageError (rolled back); a definite
+                                                    refusal of the rows (a constraint, a
+                                                    walletd check) -> StorageRefused
 - the connection broke or timed out after send   -> CommitOutcomeUnknown
 
 Every call is bounded: waiting for a connection by ``acquire_timeout_s``, each statement by
@@ -46,21 +48,23 @@ from walletd.engine.ports import (
     PredecessorPending,
     StaleEpoch,
     StorageError,
+    StorageRefused,
     StorageUnavailable,
     TransferNotPending,
     WalletLog,
 )
 
-__all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog"]
+__all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog", "is_definite_refusal"]
 
 # The fence runs first, in the same statement and so the same transaction: it locks the
 # lease rows of the batch's shards (FOR KEY SHARE) and refuses a stale epoch (WDF01) before
 # anything is written (migration shard_leases, docs/SCALING.md).
 # $25-$28 (migration "holds"): held_after and reference per log row, held per snapshot,
-# reference per refusal.
+# reference per refusal; $29-$30 (migration "actors_on_log_rows"): the actor (API key name)
+# per log row and per refusal.
 _APPEND_BATCH = (
     "walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30)"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30, $31, $32)"
 )
 _FENCE = " FROM walletd_fence($25::integer[], $26::bigint[])"
 _APPEND = "SELECT " + _APPEND_BATCH + _FENCE
@@ -70,7 +74,7 @@ _NO_REFUSAL_REFERENCES: list[object] = []
 
 # A batch that opens or closes transfers, or creates or resolves holds, writes them in the
 # same statement, hence the same implicit transaction, as its log rows and snapshots
-# (migrations "transfers" and "holds"). The placeholders after $30 are numbered in order.
+# (migrations "transfers" and "holds"). The placeholders after $32 are numbered in order.
 # Each call also gets the batch's log rows (wallet, seq, kind, amount, key: $5 $6 $7 $8 $10,
 # sent once) and refuses legs or hold rows that do not match its transfers or holds
 # (migration "legs_match_their_transfers_and_holds": WD006, WD007). So it is called whenever
@@ -87,7 +91,7 @@ _LEG_KINDS = frozenset(
 
 def _append_statement(transfers: bool, holds: bool) -> str:
     calls = [_APPEND_BATCH]
-    next_arg = 31
+    next_arg = 33
     for wanted, call, count in (
         (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
         (holds, _HOLDS_CALL, _HOLDS_ARGS),
@@ -143,18 +147,37 @@ _FIND_BY_CREATE_KEY = (
 _OP_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference"
+    + ", o.held_after, o.reference, o.actor"
 )
-# The decided outcome of each key: its log row, or its recorded refusal (reason > 0).
+# A refusal in the columns of a log row (id 0, seq = fence_seq, actor), then its reason.
+_REFUSAL_COLUMNS = (
+    "0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,"
+    f" r.idempotency_key, {_MICROS.format('r.created_at')}, 0::bigint, r.reference, r.actor,"
+    " r.reason"
+)
+# The decided outcome of each key: its log row, or its recorded refusal (reason > 0), and
+# the key asked for (last column). A bulk item's derived key "<request key><US><index>"
+# (US inside, never first: http/parsing.py derived_key) also finds a row stored under the
+# old spelling "<request key>/<index>" that existed before the upgrade (old_key_spelling,
+# migration "old_key_spelling"): a retry of a bulk request sent before the upgrade replays
+# its items. A row written since under that spelling is a client's key and never matches.
 _FIND_OPERATIONS = f"""
-SELECT {_OP_COLUMNS}, 0::smallint
-  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
-  JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
+WITH k AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)),
+     old AS (SELECT wallet_id, key, replace(key, chr(31), '/') AS spelled
+               FROM k WHERE strpos(key, chr(31)) > 1)
+SELECT {_OP_COLUMNS}, 0::smallint, k.key
+  FROM k JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
 UNION ALL
-SELECT 0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,
-       r.idempotency_key, {_MICROS.format("r.created_at")}, 0::bigint, r.reference, r.reason
-  FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)
-  JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
+SELECT {_OP_COLUMNS}, 0::smallint, old.key
+  FROM old JOIN wallet_operations o
+    ON o.wallet_id = old.wallet_id AND o.idempotency_key = old.spelled AND o.old_key_spelling
+UNION ALL
+SELECT {_REFUSAL_COLUMNS}, k.key
+  FROM k JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
+UNION ALL
+SELECT {_REFUSAL_COLUMNS}, old.key
+  FROM old JOIN wallet_refusals r
+    ON r.wallet_id = old.wallet_id AND r.idempotency_key = old.spelled AND r.old_key_spelling
 """
 HISTORY_FIRST_SQL = f"""
 SELECT {_OP_COLUMNS} FROM wallet_operations o
@@ -165,15 +188,19 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
 
+# A transfer's actor is its debit row's (migration "actors_on_log_rows"): one lookup of the
+# unique (wallet_id, idempotency_key) index by the debit leg's key.
 _TRANSFER_COLUMNS = (
-    "id, from_wallet_id, to_wallet_id, amount, reference, status, failure_code, "
-    + _MICROS.format("created_at")
+    "t.id, t.from_wallet_id, t.to_wallet_id, t.amount, t.reference, t.status, t.failure_code, "
+    + _MICROS.format("t.created_at")
     + ", "
-    + _MICROS.format("updated_at")
+    + _MICROS.format("t.updated_at")
+    + ", (SELECT o.actor FROM wallet_operations o WHERE o.wallet_id = t.from_wallet_id"
+    " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text)"
 )
-_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE id = ANY($1::uuid[])"
+_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers t WHERE t.id = ANY($1::uuid[])"
 _PENDING_TRANSFERS = f"""
-SELECT {_TRANSFER_COLUMNS} FROM transfers
+SELECT {_TRANSFER_COLUMNS} FROM transfers t
  WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
@@ -188,9 +215,29 @@ _TRANSFER_NOT_PENDING = "WD004"
 _HOLD_NOT_PENDING = "WD005"
 # Raised by walletd_fence when a shard's lease epoch is newer than the batch's.
 _STALE_EPOCH = "WDF01"
-# WD006 (a transfer leg unlike its transfer) and WD007 (a hold row unlike its hold) are
-# StorageError like any other refusal by the server: definite, nothing written, the message
-# names the row. The engine answers the batch 503; no retry can make such a batch pass.
+# Raised by walletd_append_transfers (WD006: a transfer leg unlike its transfer) and
+# walletd_append_holds (WD007: a hold row unlike its hold): definite refusals (below),
+# nothing written, the message names the row; no retry can make such a batch pass.
+# Raised by walletd_append_batch when a snapshot's seq is ahead of the batch's: another
+# writer. Not the batch's content at fault: the whole batch fails (503) and is re-read.
+_ANOTHER_WRITER = "WD001"
+# Definite refusals of what a batch holds: the same rows would be refused again, so the
+# pipeline isolates the command at fault instead of failing its neighbours with it
+# (engine/shard.py). Class 22 (data exception: a value out of its type's range), class 23
+# (integrity: CHECK, UNIQUE, NOT NULL), P0001 (RAISE EXCEPTION without a code, as an
+# operator's trigger raises it), and walletd's own raised checks ("WD...", except the
+# fencing and lease codes above, which say nothing about the rows).
+_REFUSAL_CLASSES = ("22", "23")
+_REFUSAL_CODES = frozenset({"P0001"})
+_NOT_REFUSALS = frozenset({_PREDECESSOR_PENDING, _ANOTHER_WRITER, _STALE_EPOCH})
+
+
+def is_definite_refusal(sqlstate: str | None) -> bool:
+    """Whether a PostgreSQL error refuses the rows themselves (see _REFUSAL_CLASSES)."""
+    if not sqlstate or sqlstate in _NOT_REFUSALS:
+        return False
+    return sqlstate[:2] in _REFUSAL_CLASSES or sqlstate in _REFUSAL_CODES or sqlstate[:2] == "WD"
+
 
 # Errors after which nobody knows whether the server ran the statement. A broken connection
 # surfaces as ConnectionDoesNotExistError, a PostgresError subclass, so order matters.
@@ -222,22 +269,24 @@ def _hold(row: asyncpg.Record) -> HoldRecord:
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
-        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9]
-    )
+        row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
+        row[10],
+    )  # fmt: skip
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
-        row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8]
-    )
+        row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
+        row[9],
+    )  # fmt: skip
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
-    if not row[10]:
+    if not row[11]:
         return _operation(row)
     return RefusalRecord(
-        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[10]), row[5], row[2],
-        row[7], row[9],
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[11]), row[5], row[2],
+        row[7], row[9], row[10],
     )  # fmt: skip
 
 
@@ -352,8 +401,14 @@ class PostgresLog(WalletLog):
         found: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         for row in rows:
             record = _decided(row)
-            assert record.idempotency_key is not None
-            found[(record.wallet_id, record.idempotency_key)] = record
+            asked: str = row[12]
+            if record.idempotency_key == asked:
+                found[(record.wallet_id, asked)] = record
+            elif (record.wallet_id, asked) not in found:
+                # A row of the old spelling, known as the derived key asked for (the key
+                # cache and the replay speak of that key); a row stored under the key
+                # itself, if both ever exist, wins.
+                found[(record.wallet_id, asked)] = record._replace(idempotency_key=asked)
         return found
 
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
@@ -414,6 +469,8 @@ class PostgresLog(WalletLog):
             [o.reference for o in ops],
             [s.held for s in snaps],
             [r.reference for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
+            [o.actor for o in ops],
+            [r.actor for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
         )
         kinds = args[6]
         opens_or_closes = bool(batch.new_transfers or batch.transfer_updates)
@@ -458,6 +515,9 @@ class PostgresLog(WalletLog):
         connection = await self._acquire()
         try:
             await connection.execute(statement, *args)
+        except asyncpg.DataError as error:
+            # asyncpg could not encode an argument: refused before anything was sent.
+            raise StorageRefused(f"batch refused: {error}", "22000") from error
         except (*_BROKEN_CONNECTION, *_CONNECTION_LOST) as error:
             # Checked before PostgresError: these are PostgresError subclasses, yet the
             # commit may have happened before the connection went.
@@ -466,11 +526,18 @@ class PostgresLog(WalletLog):
             if error.sqlstate == _PREDECESSOR_PENDING:
                 raise PredecessorPending(str(error)) from error
             if error.sqlstate == _TRANSFER_NOT_PENDING:
-                raise TransferNotPending(str(error)) from error
+                raise TransferNotPending(str(error), error.sqlstate) from error
             if error.sqlstate == _HOLD_NOT_PENDING:
-                raise HoldNotPending(str(error)) from error
+                raise HoldNotPending(str(error), error.sqlstate) from error
             if error.sqlstate == _STALE_EPOCH:
                 raise StaleEpoch(str(error), [shard for shard, _ in batch.fence]) from error
+            if is_definite_refusal(error.sqlstate):
+                # The detail names the row ("Failing row contains (<id>, ...)", "Key
+                # (id)=(<id>) already exists"): the pipeline starts isolating from it.
+                detail = getattr(error, "detail", None) or ""
+                raise StorageRefused(
+                    f"batch refused: {error} {detail}".rstrip(), error.sqlstate
+                ) from error
             raise StorageError(f"batch refused: {error}") from error
         finally:
             await self._pool.release(connection)

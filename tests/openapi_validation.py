@@ -2,7 +2,9 @@
 
 Tests call `assert_response_matches` with what the server sent; it fails when the status or
 the media type is not documented for the route, when the body breaks the documented schema
-(JSON Schema 2020-12, formats checked), or when a required documented header is missing.
+(JSON Schema 2020-12, formats checked), when a required documented header is missing, or,
+for a problem, when its `code` is not in the response's `x-problem-codes` or its `status`
+is not the response's (every error refers to one problem schema; these two say the rest).
 
 The schema is not copied out of the document: it is validated through a `$ref` into the
 document itself, registered under DOCUMENT_URI, so every `#/components/...` reference
@@ -22,6 +24,7 @@ from referencing.jsonschema import DRAFT202012
 __all__ = ["assert_response_matches", "documented_response", "schema_errors"]
 
 DOCUMENT_URI: Final = "urn:walletd:openapi"
+PROBLEM_CODES_KEY: Final = "x-problem-codes"
 REF_HOPS_MAX: Final = 16  # a $ref chain longer than this is a cycle in the document
 
 
@@ -145,5 +148,11 @@ def assert_response_matches(
     schema_pointer = f"{pointer}/content/{_escape(key)}/schema"
     errors = schema_errors(document, schema_pointer, body_json)
     assert not errors, f"{route}: body does not match the document:\n" + "\n".join(errors)
+    codes = response.get(PROBLEM_CODES_KEY)
+    if codes is not None:
+        assert body_json.get("status") == status, f"{route}: problem status {body_json!r}"
+        assert body_json.get("code") in codes, (
+            f"{route}: code {body_json.get('code')!r} is not in {PROBLEM_CODES_KEY} {codes}"
+        )
     if headers is not None:
         _check_headers(document, response, pointer, headers)

@@ -11,21 +11,45 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AppFactory
+from tests.conftest import AppFactory, running_services
 from tests.processes import WalletdProcess
 from tests.test_faults import check_database
 from walletd.cli.config import SETTINGS
+from walletd.cli.service import migrate_database
 from walletd.engine.limits import EngineLimits
-from walletd.http.bulk import REQUEST_KEY_LENGTH_MAX, _checked_item, _parse_item
-from walletd.http.openapi import BULK_ITEMS_MAX_DEFAULT
+from walletd.engine.model import (
+    Batch,
+    NewWallet,
+    OperationKind,
+    OperationRecord,
+    RefusalReason,
+    RefusalRecord,
+    SnapshotUpdate,
+)
+from walletd.http.app import create_app
+from walletd.http.bulk import (
+    KEY_INDEX_MAX,
+    REQUEST_KEY_LENGTH_MAX,
+    BulkItem,
+    _checked_item,
+    _parse_item,
+    item_json,
+    parse_bulk,
+)
+from walletd.http.metrics import Metrics
+from walletd.http.openapi import build_openapi_document
+from walletd.http.parsing import derived_key
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
+from walletd.persistence.database import PoolSettings, create_pool
+from walletd.persistence.postgres_log import PostgresLog
 
 Client = TestClient[web.Request, web.Application]
 BULK = "/api/v1/operations/bulk"
@@ -175,6 +199,269 @@ async def test_item_keys_and_the_request_key_replay_without_applying_twice(
     assert await balance(client, a) == Decimal("7.00")
 
 
+async def test_derived_item_keys_never_meet_a_key_a_client_sends(client: Client) -> None:
+    """Issue 20 item 7: a client key ``R/0`` beside request key ``R`` is its own key, not a
+    replay of item 0 (it was: applied 3, balance 17 instead of 27); the same key text on
+    the single endpoint, on a hold and on a transfer is never a bulk item either, and a key
+    a client used first does not swallow a derived one. A retry still replays item by item."""
+    a, b = await new_wallet(client), await new_wallet(client)
+    items = [op(a, "DEPOSIT", 10), op(a, "DEPOSIT", 10, key="R/0"), op(a, "DEPOSIT", 7)]
+    status, body = await bulk(client, items, **{"Idempotency-Key": "R"})
+    assert status == 200, body
+    assert (body["applied"], [r["replayed"] for r in body["results"]]) == (3, [False] * 3)
+    assert await balance(client, a) == Decimal(27)
+    response = await client.post(
+        f"/api/v1/wallets/{a}/operation",
+        json={"operation_type": "DEPOSIT", "amount": 7},
+        headers={"Idempotency-Key": "R/2"},
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (200, None)
+    assert await balance(client, a) == Decimal(34)
+    response = await client.post(
+        f"/api/v1/wallets/{a}/holds", json={"amount": 10}, headers={"Idempotency-Key": "R/0"}
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (201, None)
+    response = await client.post(
+        "/api/v1/transfers",
+        json={"from_wallet_id": a, "to_wallet_id": b, "amount": 10},
+        headers={"Idempotency-Key": "R/0"},
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (201, None)
+    assert await balance(client, a) == Decimal(24)
+    # A client's "S/0" first, then request S: item 0 is applied, not a replay of it (only a
+    # row stored before the upgrade under "S/0" is taken for item 0 of request S:
+    # test_a_bulk_request_sent_before_the_upgrade_replays_after_it).
+    response = await client.post(
+        f"/api/v1/wallets/{b}/operation",
+        json={"operation_type": "DEPOSIT", "amount": 1},
+        headers={"Idempotency-Key": "S/0"},
+    )
+    assert response.status == 200
+    status, body = await bulk(client, [op(b, "DEPOSIT", 5)], **{"Idempotency-Key": "S"})
+    assert (body["applied"], body["results"][0]["replayed"]) == (1, False)
+    assert await balance(client, b) == Decimal(16)
+    status, again = await bulk(client, items, **{"Idempotency-Key": "R"})
+    assert [r["replayed"] for r in again["results"]] == [True] * 3
+    assert await balance(client, a) == Decimal(24)
+    # Shown as before in the history and the feed: the derived key as "R/<index>".
+    shown = [row["idempotency_key"] for row in await history(client, a)]
+    assert shown.count("R/0") == 2
+    assert shown.count("R/2") == 2
+    assert sorted(key for key in await feed_keys(client, a) if key) == sorted(
+        key for key in shown if key
+    )
+
+
+# The migration that marks the rows stored before derived keys took the unit separator,
+# named, never numbered (the lead renumbers migrations at merge).
+OLD_KEY_SPELLING = "old_key_spelling"
+_LOG_TABLES = ("wallet_operations", "wallet_refusals")
+
+
+async def _before_the_upgrade(connection: asyncpg.Connection) -> None:
+    """Undo migration ``old_key_spelling`` (it only adds one column to each log table): the
+    schema a walletd of the version before it wrote its bulk items' keys on."""
+    for table in _LOG_TABLES:
+        await connection.execute(f"ALTER TABLE {table} DROP COLUMN {OLD_KEY_SPELLING}")
+    await connection.execute(
+        "DELETE FROM walletd_schema_migrations WHERE name = $1", OLD_KEY_SPELLING
+    )
+
+
+async def _write_as_an_old_walletd(dsn: str, wallet: uuid.UUID) -> None:
+    """What a walletd before the upgrade stored for bulk request ``R`` = [DEPOSIT 10,
+    WITHDRAW 100 (refused, 409), DEPOSIT 5 keyed ``own``] on a new wallet: its unkeyed
+    items under ``R/<index>``, through the same storage calls."""
+    now_us = 1_700_000_000_000_000
+    old = OperationRecord(wallet, 1, OperationKind.DEPOSIT, 1000, 1000, "R/0", now_us)
+    refused = RefusalRecord(
+        wallet, "R/1", OperationKind.WITHDRAW, 10000, RefusalReason.INSUFFICIENT_FUNDS,
+        1000, 1, now_us,
+    )  # fmt: skip
+    own = OperationRecord(wallet, 2, OperationKind.DEPOSIT, 500, 1500, "own", now_us)
+    pool = await create_pool(dsn, PoolSettings(size_max=1))
+    try:
+        log = PostgresLog(pool)
+        await log.append_batch(Batch(new_wallets=[NewWallet(wallet, now_us, None, "")]))
+        await log.append_batch(
+            Batch(operations=[old], snapshots=[SnapshotUpdate(wallet, 0, 1, 1000, now_us)])
+        )
+        await log.append_batch(
+            Batch(
+                operations=[own],
+                snapshots=[SnapshotUpdate(wallet, 1, 2, 1500, now_us)],
+                refusals=[refused],
+            )
+        )
+    finally:
+        await pool.close()
+
+
+async def test_a_bulk_request_sent_before_the_upgrade_replays_after_it(
+    fresh_database_url: str, aiohttp_client: Callable[..., Any]
+) -> None:
+    """Issue 20 item 7: a bulk request whose unkeyed items an older walletd stored under
+    ``R/<index>`` and that is retried after the upgrade (derived keys ``R<US><index>``)
+    replays every item, the refusal included, with the original results: nothing applies
+    twice (without the fallback item 0 applied again and the withdrawal, decided anew after
+    a deposit, applied). A key ``T/0`` a client sends after the upgrade is still its own,
+    never item 0 of request ``T``. The migration rewrites neither log table."""
+    dsn = fresh_database_url
+    await migrate_database(dsn)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await _before_the_upgrade(connection)
+        wallet = uuid.uuid4()
+        await _write_as_an_old_walletd(dsn, wallet)
+        files = "SELECT relname, relfilenode FROM pg_class WHERE relname = ANY($1::text[])"
+        before = await connection.fetch(files, list(_LOG_TABLES))
+        applied = await migrate_database(dsn)  # the upgrade
+        assert [name.partition("_")[2] for name in applied] == [OLD_KEY_SPELLING]
+        assert await connection.fetch(files, list(_LOG_TABLES)) == before  # no rewrite
+    finally:
+        await connection.close()
+    metrics = Metrics()
+    app = create_app(
+        HttpSettings(), lambda: running_services(dsn, None, metrics.engine), metrics=metrics
+    )
+    client: Client = await aiohttp_client(app)
+    a = str(wallet)
+    response = await client.post(
+        f"/api/v1/wallets/{a}/operation", json={"operation_type": "DEPOSIT", "amount": 200}
+    )
+    assert response.status == 200
+    items = [op(a, "DEPOSIT", 10), op(a, "WITHDRAW", 100), op(a, "DEPOSIT", 5, key="own")]
+    status, body = await bulk(client, items, **{"Idempotency-Key": "R"})
+    assert status == 200, body
+    results = body["results"]
+    # A refusal carries no "replayed": that it is the stored one shows in the balance (the
+    # withdrawal, decided anew on 210, would apply).
+    assert [(r["status"], r.get("replayed")) for r in results] == [
+        (200, True),
+        (409, None),
+        (200, True),
+    ], results
+    assert (results[0]["body"]["balance"], results[2]["body"]["balance"]) == ("10.00", "15.00")
+    assert results[1]["body"]["code"] == "INSUFFICIENT_FUNDS"
+    assert await balance(client, a) == Decimal(215)
+    # After the upgrade, a client's key "T/0" and bulk request T are two keys.
+    response = await client.post(
+        f"/api/v1/wallets/{a}/operation",
+        json={"operation_type": "DEPOSIT", "amount": 1},
+        headers={"Idempotency-Key": "T/0"},
+    )
+    assert (response.status, response.headers.get("Idempotent-Replayed")) == (200, None)
+    for replayed in (False, True):
+        status, body = await bulk(client, [op(a, "DEPOSIT", 2)], **{"Idempotency-Key": "T"})
+        assert [(r["status"], r.get("replayed")) for r in body["results"]] == [(200, replayed)]
+    assert await balance(client, a) == Decimal(218)
+
+
+async def test_storage_answers_an_old_spelling_under_the_derived_key_asked_for(
+    fresh_database_url: str,
+) -> None:
+    """PostgresLog.find_operations, after the upgrade: a derived key finds the operation or
+    refusal stored under ``R/<index>`` before it, answered under the derived key (the key
+    cache and the replay speak of that one); the client key ``R/0`` still finds its row as
+    stored; a row stored under the derived key itself wins over the old spelling."""
+    dsn = fresh_database_url
+    await migrate_database(dsn)
+    connection = await asyncpg.connect(dsn)
+    try:
+        await _before_the_upgrade(connection)
+    finally:
+        await connection.close()
+    wallet = uuid.uuid4()
+    await _write_as_an_old_walletd(dsn, wallet)
+    await migrate_database(dsn)
+    pool = await create_pool(dsn, PoolSettings(size_max=1))
+    try:
+        log = PostgresLog(pool)
+        zero, one = derived_key("R", 0), derived_key("R", 1)
+        found = await log.find_operations([(wallet, zero), (wallet, one), (wallet, "R/0")])
+        assert {key: (record.idempotency_key, record.amount) for key, record in found.items()} == {
+            (wallet, zero): (zero, 1000),
+            (wallet, one): (one, 10000),
+            (wallet, "R/0"): ("R/0", 1000),
+        }
+        assert isinstance(found[(wallet, one)], RefusalRecord)
+        both = OperationRecord(wallet, 3, OperationKind.DEPOSIT, 7, 1507, zero, 0)
+        await log.append_batch(
+            Batch(operations=[both], snapshots=[SnapshotUpdate(wallet, 2, 3, 1507, 0)])
+        )
+        assert (await log.find_operations([(wallet, zero)]))[(wallet, zero)].amount == 7
+    finally:
+        await pool.close()
+
+
+async def feed_keys(client: Client, wallet_id: str) -> list[str | None]:
+    """The idempotency_key of every operation.applied event of one wallet in the feed."""
+    keys: list[str | None] = []
+    after: str | None = None
+    for _ in range(1000):  # bounded
+        params = {"limit": "500"} | ({"after": after} if after else {})
+        response = await client.get("/api/v1/events", params=params)
+        body = await response.json()
+        assert response.status == 200, body
+        keys += [
+            event["idempotency_key"]
+            for event in body["events"]
+            if event["type"] == "operation.applied" and event["wallet_id"] == wallet_id
+        ]
+        after = body["next_position"]
+        if len(body["events"]) < 500:
+            return keys
+    raise AssertionError("the feed never ran dry")
+
+
+def test_a_forwarded_item_keeps_every_field() -> None:
+    """Issue 20 item 7: what a sub-request spells for an item parses back, at the owner, to
+    the very same item: every field of BulkItem (reference was lost), a derived key as the
+    same derived key (through key_index and the request key), a client key as itself."""
+    wallet = uuid.uuid4()
+    derived = BulkItem(wallet, OperationKind.WITHDRAW, 1234, derived_key("R", 7), "ref é 1")
+    own = BulkItem(wallet, OperationKind.DEPOSIT, 1, "own/7", "ref 2")
+    for item in (derived, own):
+        # Every field is set: a field added to BulkItem and not to item_json fails here.
+        assert all(value is not None for value in item), item
+        raw = orjson.dumps({"items": [item_json(item)]})
+        assert parse_bulk(raw, 10, "R").items == [item]
+    bare = BulkItem(wallet, OperationKind.DEPOSIT, 5, None)
+    assert parse_bulk(orjson.dumps({"items": [item_json(bare)]}), 10, None).items == [bare]
+
+
+async def test_key_index_is_checked_and_derives_the_key(client: Client) -> None:
+    """``key_index`` (what a forwarding process sets) needs the request key, excludes an
+    own key, is an integer 0..999999; it derives the key an item at that index gets."""
+    a = await new_wallet(client)
+    bad: list[tuple[Any, dict[str, str], str]] = [
+        (True, {"Idempotency-Key": "K"}, f"must be an integer from 0 to {KEY_INDEX_MAX}"),
+        (KEY_INDEX_MAX + 1, {"Idempotency-Key": "K"}, "must be an integer from 0 to 999999"),
+        (-1, {"Idempotency-Key": "K"}, "must be an integer from 0 to 999999"),
+        ("1", {"Idempotency-Key": "K"}, "must be an integer from 0 to 999999"),
+        (1, {}, "needs the request's Idempotency-Key header"),
+    ]
+    for value, headers, message in bad:
+        _status, body = await bulk(client, [op(a, "DEPOSIT", 1) | {"key_index": value}], **headers)
+        assert body["results"][0]["body"]["errors"] == [
+            {"field": "items[0].key_index", "message": message}
+        ], value
+    _status, body = await bulk(
+        client, [op(a, "DEPOSIT", 1, key="own") | {"key_index": 1}], **{"Idempotency-Key": "K"}
+    )
+    assert body["results"][0]["body"]["errors"][0]["message"] == (
+        "give idempotency_key or key_index, not both"
+    )
+    assert await balance(client, a) == Decimal(0)
+    items = [op(a, "DEPOSIT", 1), op(a, "DEPOSIT", 2)]
+    assert (await bulk(client, items, **{"Idempotency-Key": "K"}))[0] == 200
+    _status, body = await bulk(
+        client, [op(a, "DEPOSIT", 2) | {"key_index": 1}], **{"Idempotency-Key": "K"}
+    )
+    assert body["results"][0]["replayed"] is True
+    assert await balance(client, a) == Decimal(3)
+
+
 async def test_concurrent_retries_of_one_keyed_bulk_apply_once(client: Client) -> None:
     """Ten concurrent copies of one keyed bulk request apply each item exactly once."""
     wallets = [await new_wallet(client) for _ in range(5)]
@@ -250,6 +537,31 @@ async def test_atomic_refuses_whole_on_one_bad_item(one_actor: Client) -> None:
     assert await balance(client, a) == Decimal("5.00")
     assert await balance(client, b) == Decimal(0)
     assert len(await history(client, b)) == 0
+
+
+async def test_atomic_bulk_takes_only_available_money_on_a_wallet_with_holds(
+    one_actor: Client,
+) -> None:
+    """Issue 20 item 11: the atomic trial run decides on ``available``, not ``balance``: a
+    withdrawal past the available money of a wallet with a hold refuses the group whole
+    (409, nothing applied, the hold untouched), exactly the available amount applies, and
+    a deposit earlier in the group makes room for a later withdrawal."""
+    client = one_actor
+    a, b = await new_wallet(client), await new_wallet(client)
+    assert (await bulk(client, [op(a, "DEPOSIT", 10)]))[0] == 200
+    response = await client.post(f"/api/v1/wallets/{a}/holds", json={"amount": 8})
+    assert response.status == 201
+    status, answer = await atomic(client, [op(b, "DEPOSIT", 1), op(a, "WITHDRAW", 5)])
+    assert (status, answer["code"], answer["index"]) == (409, "INSUFFICIENT_FUNDS", 1), answer
+    assert (await balance(client, a), await balance(client, b)) == (Decimal(10), Decimal(0))
+    status, answer = await atomic(client, [op(a, "WITHDRAW", "2.01")])
+    assert (status, answer["code"]) == (409, "INSUFFICIENT_FUNDS"), answer
+    status, answer = await atomic(client, [op(a, "WITHDRAW", "2.00")])
+    assert status == 200, answer
+    status, answer = await atomic(client, [op(a, "DEPOSIT", 4), op(a, "WITHDRAW", 4)])
+    assert status == 200, answer
+    wallet = await (await client.get(f"/api/v1/wallets/{a}")).json()
+    assert (wallet["balance"], wallet["held"], wallet["available"]) == ("8.00", "8.00", "0.00")
 
 
 async def test_atomic_replays_and_a_key_used_twice_in_one_request(one_actor: Client) -> None:
@@ -428,11 +740,19 @@ async def test_a_bulk_waits_for_room_and_is_admitted_whole(
 
 
 def test_the_documented_bulk_defaults_are_the_settings_defaults() -> None:
-    """The OpenAPI document states the default item bound that the settings apply."""
-    assert EngineLimits().bulk_ops_max == BULK_ITEMS_MAX_DEFAULT
+    """The OpenAPI document states the default item bound that the settings apply, and the
+    request key's bound that the handler applies."""
+    document = build_openapi_document()
+    items = document["components"]["schemas"]["BulkRequest"]["properties"]["items"]
+    items_max = items["maxItems"]
+    assert EngineLimits().bulk_ops_max == items_max
+    atomic = document["components"]["schemas"]["BulkRequest"]["then"]["properties"]["items"]
+    assert EngineLimits().batch_ops_max == atomic["maxItems"]
+    key = document["components"]["parameters"]["BulkIdempotencyKey"]["schema"]
+    assert key["maxLength"] == REQUEST_KEY_LENGTH_MAX
     setting = next(s for s in SETTINGS if s.name == "bulk_items_max")
-    assert f"0 = {BULK_ITEMS_MAX_DEFAULT}" in setting.help
-    assert REQUEST_KEY_LENGTH_MAX + len("/") + len(str(10**6 - 1)) <= 255
+    assert f"0 = {items_max}" in setting.help
+    assert len(derived_key("r" * REQUEST_KEY_LENGTH_MAX, KEY_INDEX_MAX)) == 255
 
 
 @pytest.mark.slow
@@ -477,7 +797,7 @@ async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
                         results = (await response.json())["results"]
                         assert [r["status"] for r in results] == [200] * len(items)
                         for i, (wallet, cents, key) in enumerate(items):
-                            acked[key or f"{request_key}/{i}"] = (wallet, cents)
+                            acked[key or derived_key(request_key, i)] = (wallet, cents)
             except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.01)  # the process is gone
 
@@ -507,7 +827,7 @@ async def test_kill_9_during_bulk_load_loses_no_acknowledged_item(
                 results = (await response.json())["results"]
                 assert [r["status"] for r in results] == [200] * len(items)
     every_item = {
-        key or f"{request_key}/{i}": (wallet, cents)
+        key or derived_key(request_key, i): (wallet, cents)
         for items, request_key in requests
         for i, (wallet, cents, key) in enumerate(items)
     }
@@ -559,7 +879,15 @@ def _items(draw: st.DrawFn) -> dict[str, Any]:
     changes = draw(
         st.dictionaries(
             st.sampled_from(
-                ["wallet_id", "operation_type", "operationType", "amount", "idempotency_key", "x"]
+                [
+                    "wallet_id",
+                    "operation_type",
+                    "operationType",
+                    "amount",
+                    "idempotency_key",
+                    "key_index",
+                    "x",
+                ]
             ),
             st.one_of(_VALUES, _EDGE_AMOUNTS),
             max_size=1,

@@ -9,6 +9,7 @@ import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,23 +22,33 @@ from aiohttp.test_utils import TestClient
 
 from loadtest import bench
 from tests.conftest import AppFactory
-from walletd.client.api import BulkItem, WalletdClient
+from tests.processes import WalletdProcess
+from walletd.client.api import BulkItem, Event, Operation, WalletdClient
 from walletd.client.errors import (
     PROBLEM_CLASSES,
+    AsOfNotSettled,
+    Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
+    InvalidTransferId,
     ProblemError,
+    RateExceeded,
+    RateLimited,
     Refused,
+    TransferNotFound,
     TransportError,
     ValidationError,
     WalletAlreadyExists,
     WalletNotFound,
+    class_for_status,
     problem_error,
 )
 from walletd.client.retrying import RetryPolicy, parse_retry_after_s
 from walletd.engine.limits import EngineLimits
+from walletd.http.keys import parse_keys
 from walletd.http.problems import TITLES
+from walletd.http.settings import HttpSettings
 
 Client = TestClient[web.Request, web.Application]
 FAST_RETRIES = RetryPolicy(attempts_max=5, total_s_max=20.0, backoff_base_s=0.01)
@@ -62,11 +73,13 @@ class CountingSession:
 
 @contextlib.asynccontextmanager
 async def counting_client(
-    url: str, policy: RetryPolicy = FAST_RETRIES
+    url: str, policy: RetryPolicy = FAST_RETRIES, api_key: str | None = None
 ) -> AsyncIterator[tuple[WalletdClient, CountingSession]]:
     counting = CountingSession()
     try:
-        async with WalletdClient(url, retry=policy, session=counting.session) as walletd:
+        async with WalletdClient(
+            url, api_key=api_key, retry=policy, session=counting.session
+        ) as walletd:
             yield walletd, counting
     finally:
         await counting.session.close()
@@ -158,7 +171,7 @@ async def cutting_proxy(client: Client) -> AsyncIterator[StartProxy]:
 
 
 async def history_items(walletd: WalletdClient, wallet_id: str) -> list[Any]:
-    return [item async for page in walletd.history(wallet_id, page_size=2) for item in page.items]
+    return [item async for item in walletd.history(wallet_id, page_size=2)]
 
 
 async def test_calls_round_trip_with_exact_decimals(client: Client) -> None:
@@ -340,11 +353,6 @@ async def test_the_bench_helpers_go_through_the_client(client: Client) -> None:
     assert await bench.read_balances_cents(base_url(client), ids) == [0, 250, 0]
 
 
-def test_every_code_the_server_answers_has_its_class() -> None:
-    """Each problem code walletd's edge can answer maps to a class in the client's tree."""
-    assert set(TITLES) <= set(PROBLEM_CLASSES), set(TITLES) - set(PROBLEM_CLASSES)
-
-
 async def test_an_id_cannot_leave_its_path_segment(client: Client) -> None:
     """A wallet id with '/' or '..' is sent as one escaped segment, never as another route."""
     async with WalletdClient(base_url(client)) as walletd:
@@ -408,3 +416,424 @@ async def test_bulk_through_a_cut_connection_applies_each_item_once(
             await walletd.bulk([BulkItem(b.id, "DEPOSIT", "0.50"), items[2]], atomic=True)
         assert refused.value.body["index"] == 1
         assert (await walletd.get_wallet(b.id)).balance == Decimal("2.00")
+
+
+# -- every problem code has its own class; every error names its call -----------------------
+
+
+def _codes_in(document: Any) -> set[str]:
+    """Every problem code the OpenAPI document lists, wherever it keeps them: each error
+    response's `x-problem-codes`, or a string enum of codes (a restructured document still
+    lists them)."""
+    found: set[str] = set()
+    if isinstance(document, dict):
+        enum = document.get("enum")
+        if isinstance(enum, list) and "INTERNAL_ERROR" in enum:
+            found.update(code for code in enum if isinstance(code, str))
+        listed = document.get("x-problem-codes")
+        if isinstance(listed, list):
+            found.update(code for code in listed if isinstance(code, str))
+        for value in document.values():
+            found |= _codes_in(value)
+    elif isinstance(document, list):
+        for value in document:
+            found |= _codes_in(value)
+    return found
+
+
+async def test_every_problem_code_the_server_declares_has_a_class_of_its_own(
+    client: Client,
+) -> None:
+    """Each code in walletd.http.problems and in the live OpenAPI document maps to a class
+    used by no other code and by no status fallback, and the answer raises exactly it."""
+    response = await client.get("/api/openapi.json")
+    declared = _codes_in(await response.json())
+    assert "WALLET_NOT_FOUND" in declared
+    codes = declared | set(TITLES)
+    missing = codes - set(PROBLEM_CLASSES)
+    assert not missing, f"codes without a class: {sorted(missing)}"
+    fallbacks = {class_for_status(status) for status in range(400, 600)}
+    by_class: dict[type[ProblemError], list[str]] = {}
+    for code in sorted(codes):
+        by_class.setdefault(PROBLEM_CLASSES[code], []).append(code)
+    shared = {cls.__name__: names for cls, names in by_class.items() if len(names) > 1}
+    assert not shared, f"classes shared by codes: {shared}"
+    generic = sorted(code for code in codes if PROBLEM_CLASSES[code] in fallbacks)
+    assert not generic, f"codes that raise a generic status class: {generic}"
+    for code in codes:
+        assert type(problem_error(400, {"code": code})) is PROBLEM_CLASSES[code]
+
+
+class HeaderLog:
+    """An aiohttp session that keeps each attempt's X-Request-Id, sent and answered."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.answered: list[str] = []
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(self._started)
+        trace.on_request_end.append(self._ended)
+        self.session = aiohttp.ClientSession(trace_configs=[trace])
+
+    async def _started(self, session: Any, context: SimpleNamespace, params: Any) -> None:
+        self.sent.append(params.headers["X-Request-Id"])
+
+    async def _ended(self, session: Any, context: SimpleNamespace, params: Any) -> None:
+        self.answered.append(params.response.headers["X-Request-Id"])
+
+
+async def test_errors_carry_the_calls_request_id_and_retry_after(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], cutting_proxy: StartProxy
+) -> None:
+    """A refusal keeps the X-Request-Id walletd echoed and its Retry-After (AS_OF_NOT_SETTLED
+    says when to ask again); a call's retries share one request id, which a TransportError
+    keeps too."""
+    server: Client = await aiohttp_client(make_app(settings=HttpSettings(as_of_settle_s=30.0)))
+    log = HeaderLog()
+    try:
+        async with WalletdClient(
+            base_url(server), retry=FAST_RETRIES, session=log.session
+        ) as walletd:
+            wallet = await walletd.create_wallet()
+            with pytest.raises(InsufficientFunds) as refused:
+                await walletd.withdraw(wallet.id, "1.00")
+            assert refused.value.request_id == log.answered[-1] == log.sent[-1]
+            assert refused.value.retry_after_s is None
+            with pytest.raises(AsOfNotSettled) as unsettled:
+                await walletd.get_wallet(wallet.id, as_of=datetime.now(UTC))
+            assert unsettled.value.retry_after_s is not None
+            assert 0 < unsettled.value.retry_after_s <= 31
+            assert unsettled.value.request_id == log.answered[-1]
+            assert len(set(log.sent)) == len(log.sent)  # one id per call
+    finally:
+        await log.session.close()
+
+    _proxy, url = await cutting_proxy(100)
+    log = HeaderLog()
+    try:
+        policy = RetryPolicy(attempts_max=3, backoff_base_s=0.01)
+        async with WalletdClient(url, retry=policy, session=log.session) as walletd:
+            with pytest.raises(TransportError) as cut:
+                await walletd.create_wallet()
+        assert len(log.sent) == 3
+        assert set(log.sent) == {cut.value.request_id}
+    finally:
+        await log.session.close()
+
+
+# -- every resource ----------------------------------------------------------------------
+
+
+async def test_references_travel_with_operations_bulk_items_and_history(client: Client) -> None:
+    """A reference given to deposit, withdraw and a bulk item comes back in the history;
+    the same key with another reference is IdempotencyKeyReused."""
+    async with WalletdClient(base_url(client)) as walletd:
+        wallet = await walletd.create_wallet()
+        await walletd.deposit(wallet.id, "5.00", reference="invoice-1", idempotency_key="k1")
+        await walletd.withdraw(wallet.id, "1.00", reference="refund-1")
+        (result,) = await walletd.bulk([BulkItem(wallet.id, "DEPOSIT", "2", reference="batch-7")])
+        assert result.wallet is not None
+        assert result.wallet.balance == Decimal("6.00")
+        references = [item.reference async for item in walletd.history(wallet.id)]
+        assert references == ["batch-7", "refund-1", "invoice-1"]
+        with pytest.raises(IdempotencyKeyReused):
+            await walletd.deposit(wallet.id, "5.00", reference="invoice-2", idempotency_key="k1")
+
+
+async def test_history_is_an_item_iterator_with_the_apis_filters(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """history() yields Operation items across pages, filtered by since (inclusive),
+    until (exclusive) and operation_type, with aware datetimes or RFC 3339 text; as_of
+    reads the wallet as it was; a naive datetime is refused before anything is sent."""
+    server: Client = await aiohttp_client(make_app(settings=HttpSettings(as_of_settle_s=0.0)))
+    async with WalletdClient(base_url(server)) as walletd:
+        wallet = await walletd.create_wallet()
+        for amount in ("1.00", "2.00", "3.00"):
+            await walletd.deposit(wallet.id, amount)
+        await walletd.withdraw(wallet.id, "0.50")
+        await walletd.deposit(wallet.id, "4.00")
+        everything = [op async for op in walletd.history(wallet.id, page_size=2)]
+        assert [op.seq for op in everything] == [5, 4, 3, 2, 1]
+        assert all(isinstance(op, Operation) for op in everything)
+        second, fourth = everything[3], everything[1]
+        window = [
+            op.seq
+            async for op in walletd.history(
+                wallet.id, since=second.created_at, until=fourth.created_at.isoformat(),
+                page_size=1,
+            )
+        ]  # fmt: skip
+        assert window == [3, 2]
+        deposits = [
+            op.amount
+            async for op in walletd.history(wallet.id, operation_type="DEPOSIT", page_size=1)
+        ]
+        assert deposits == [Decimal("4.00"), Decimal("3.00"), Decimal("2.00"), Decimal("1.00")]
+        page = await walletd.history_page(wallet.id, operation_type="WITHDRAW", limit=5)
+        assert ([op.amount for op in page.items], page.next_cursor) == ([Decimal("0.50")], None)
+        then = await walletd.get_wallet(wallet.id, as_of=fourth.created_at)
+        assert (then.balance, then.as_of) == (Decimal("5.50"), fourth.created_at)
+        with pytest.raises(ValueError, match="aware"):
+            await walletd.get_wallet(wallet.id, as_of=datetime(2025, 1, 1))
+        with pytest.raises(ValidationError) as invalid:
+            await walletd.history_page(wallet.id, operation_type="GIFT")
+        assert invalid.value.errors[0]["field"] == "operation_type"
+
+
+async def test_transfers_are_created_replayed_read_and_refused_by_class(client: Client) -> None:
+    """create_transfer moves money (COMPLETED), a retry with its key or its id replays it,
+    get_transfer reads it; a sender short of money is InsufficientFunds (side from), a
+    missing receiver is WalletNotFound with the FAILED, refunded transfer; an unknown or
+    malformed id raises TransferNotFound / InvalidTransferId."""
+    async with WalletdClient(base_url(client)) as walletd:
+        payer, payee = await walletd.create_wallet(), await walletd.create_wallet()
+        await walletd.deposit(payer.id, "10.00")
+        moved = await walletd.create_transfer(
+            payer.id, payee.id, "4.00", reference="rent", idempotency_key="t-1"
+        )
+        assert (moved.status, moved.amount, moved.reference) == (
+            "COMPLETED",
+            Decimal("4.00"),
+            "rent",
+        )
+        again = await walletd.create_transfer(
+            payer.id, payee.id, "4.00", reference="rent", idempotency_key="t-1"
+        )
+        assert (again.id, again.replayed) == (moved.id, True)
+        chosen = uuid.uuid4()
+        by_id = await walletd.create_transfer(payer.id, payee.id, "1.00", transfer_id=chosen)
+        assert by_id.id == str(chosen)
+        assert (
+            await walletd.create_transfer(payer.id, payee.id, "1.00", transfer_id=chosen)
+        ).replayed
+        assert await walletd.get_transfer(moved.id) == moved
+        assert (await walletd.get_wallet(payee.id)).balance == Decimal("5.00")
+        with pytest.raises(InsufficientFunds) as short:
+            await walletd.create_transfer(payer.id, payee.id, "99.00")
+        assert short.value.body["side"] == "from"
+        with pytest.raises(WalletNotFound) as nowhere:
+            await walletd.create_transfer(payer.id, uuid.uuid4(), "1.00")
+        assert nowhere.value.body["side"] == "to"
+        assert nowhere.value.body["transfer"]["status"] == "FAILED"
+        assert (await walletd.get_wallet(payer.id)).balance == Decimal("5.00")  # refunded
+        with pytest.raises(TransferNotFound):
+            await walletd.get_transfer(uuid.uuid4())
+        with pytest.raises(InvalidTransferId):
+            await walletd.get_transfer("not-a-transfer")
+
+
+async def test_a_capture_into_a_wallet_returns_its_transfer(client: Client) -> None:
+    """capture(to_wallet_id=...) answers the hold with the transfer that moved the money,
+    the same one get_transfer reads."""
+    async with WalletdClient(base_url(client)) as walletd:
+        source, target = await walletd.create_wallet(), await walletd.create_wallet()
+        await walletd.deposit(source.id, "3.00")
+        hold = await walletd.create_hold(source.id, "2.00", reference="order-5")
+        captured = await walletd.capture(hold.id, "1.50", to_wallet_id=target.id)
+        assert captured.transfer is not None
+        assert (captured.transfer.status, captured.transfer.amount) == (
+            "COMPLETED",
+            Decimal("1.50"),
+        )
+        assert captured.transfer.id == captured.transfer_id
+        assert await walletd.get_transfer(captured.transfer.id) == captured.transfer
+        assert (await walletd.get_hold(hold.id)).transfer is None  # only on the capture's answer
+
+
+# -- the change feed ---------------------------------------------------------------------
+
+
+async def test_events_page_pages_the_feed_with_money_as_decimal(client: Client) -> None:
+    """events_page() returns the feed in order from the start, page by page through
+    next_position; an empty page keeps the position; amounts are Decimal."""
+    async with WalletdClient(base_url(client)) as walletd:
+        wallet = await walletd.create_wallet()
+        await walletd.deposit(wallet.id, "1.25", reference="feed")
+        await walletd.withdraw(wallet.id, "0.25")
+        events: list[Event] = []
+        after: str | None = None
+        for _ in range(10):
+            page = await walletd.events_page(after=after, limit=2)
+            events.extend(page.events)
+            if not page.events:
+                assert page.next_position == after
+                break
+            after = page.next_position
+        assert [event.type for event in events] == [
+            "wallet.created", "operation.applied", "operation.applied",
+        ]  # fmt: skip
+        assert all(event.wallet_id == wallet.id for event in events)
+        assert [event.data.get("amount") for event in events[1:]] == [
+            Decimal("1.25"), Decimal("0.25"),
+        ]  # fmt: skip
+
+
+class StreamProxy:
+    """A TCP proxy in front of walletd that forwards both ways until the test cuts every
+    open connection (a reset, as when a network path dies); it keeps each connection's
+    first bytes from the client (its request head)."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.heads: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        upstream_in, upstream_out = await asyncio.open_connection(*self.upstream)
+        self._writers.update((writer, upstream_out))
+        try:
+            head = await reader.read(65536)
+            self.heads.append(head)
+            upstream_out.write(head)
+            await asyncio.gather(self._pump(reader, upstream_out), self._pump(upstream_in, writer))
+        except OSError:
+            pass  # one side was cut: the other is closed below
+        finally:
+            self._tasks.discard(task)
+            self._writers.difference_update((writer, upstream_out))
+            writer.transport.abort()
+            upstream_out.transport.abort()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+        sink.transport.abort()  # one side ended: so does the other
+
+
+def _last_event_id(head: bytes) -> str | None:
+    match = re.search(rb"^Last-Event-ID: (\S+)\r$", head, re.MULTILINE | re.IGNORECASE)
+    return None if match is None else match.group(1).decode()
+
+
+async def _take(events: AsyncIterator[Event], count: int) -> list[Event]:
+    taken: list[Event] = []
+    async with asyncio.timeout(20):
+        while len(taken) < count:
+            taken.append(await anext(events))
+    return taken
+
+
+async def test_the_event_stream_resumes_after_a_cut_connection_without_loss_or_repeat(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """The SSE connection is reset twice, once idle and once while events flow; events()
+    reopens it with Last-Event-ID (the last event it yielded) and every change arrives
+    exactly once, in feed order."""
+    settings = HttpSettings(feed_poll_interval_s=0.02)
+    server: Client = await aiohttp_client(make_app(settings=settings))
+    assert server.port is not None
+    proxy = StreamProxy(server.host, server.port)
+    url = await proxy.start()
+    try:
+        async with (
+            WalletdClient(base_url(server)) as writer,
+            WalletdClient(url, retry=FAST_RETRIES) as reader,
+        ):
+            wallet = await writer.create_wallet()
+            for _ in range(3):
+                await writer.deposit(wallet.id, "1.00")
+            events = reader.events()
+            seen = await _take(events, 4)
+            assert _last_event_id(proxy.heads[0]) is None
+            proxy.cut()  # idle: everything so far was delivered
+            await writer.deposit(wallet.id, "1.00")
+            seen += await _take(events, 1)
+            assert len(proxy.heads) == 2
+            assert _last_event_id(proxy.heads[1]) == seen[3].position
+
+            async def deposit_many() -> None:
+                for _ in range(30):
+                    await writer.deposit(wallet.id, "0.01")
+
+            depositing = asyncio.create_task(deposit_many())
+            seen += await _take(events, 10)
+            proxy.cut()  # mid-flow: the rest of the deposits land while it reconnects
+            await depositing
+            seen += await _take(events, 35 - len(seen))
+            await events.aclose()
+        assert len(proxy.heads) == 3
+        resumed_at = _last_event_id(proxy.heads[2])
+        assert resumed_at in {event.position for event in seen}
+        positions = [event.position for event in seen]
+        assert len(set(positions)) == len(positions) == 35
+        assert [event.data.get("seq") for event in seen[1:]] == list(range(1, 35))
+        assert sum(event.data["amount"] for event in seen[1:]) == Decimal("4.30")
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.slow
+async def test_the_event_stream_survives_a_walletd_restart(
+    walletd_process: Callable[..., WalletdProcess], database_url: str
+) -> None:
+    """A real walletd process is stopped (SIGTERM ends its streams) and started again on
+    the same port while events() is open: it retries through the refused connections,
+    resumes from its last event, and sees the changes made after the restart once."""
+    first = walletd_process("--database-url", database_url, "--feed-poll-interval", "0.05")
+    port = first.url.rsplit(":", 1)[1]
+    policy = RetryPolicy(attempts_max=100, total_s_max=60.0, backoff_base_s=0.05, backoff_cap_s=0.5)
+    async with WalletdClient(first.url, retry=policy) as walletd:
+        wallet = await walletd.create_wallet()
+        await walletd.deposit(wallet.id, "1.00")
+        events = walletd.events()
+        seen = await _take(events, 2)
+        assert await asyncio.to_thread(first.terminate) == 0
+        second = walletd_process(
+            "--database-url", database_url, "--feed-poll-interval", "0.05", "--port", port
+        )
+        assert second.url == first.url
+        await walletd.deposit(wallet.id, "2.00")
+        seen += await _take(events, 1)
+        await events.aclose()
+    assert [event.type for event in seen] == ["wallet.created", *["operation.applied"] * 2]
+    assert [event.data["balance_after"] for event in seen[1:]] == [Decimal("1.00"), Decimal("3.00")]
+
+
+async def test_a_key_without_the_scope_or_over_its_rate_raises_its_class(
+    make_app: AppFactory, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    """403 FORBIDDEN raises Forbidden (not retried); 429 RATE_LIMITED raises RateLimited
+    with the server's Retry-After as ``retry_after_s``, once the retries are spent (a 429 is
+    retried even without an Idempotency-Key: nothing was applied)."""
+    keys = parse_keys("reader:read:reader-secret-1,maker:create:maker-secret-2")
+    settings = HttpSettings(api_keys=keys, key_rate_per_s=0.2, key_rate_burst=1)
+    client = await aiohttp_client(make_app(settings))
+    url = base_url(client)
+    once = RetryPolicy(attempts_max=1)
+    async with WalletdClient(url, api_key="reader-secret-1", retry=once) as reader:
+        with pytest.raises(Forbidden) as forbidden:
+            await reader.create_wallet()
+        assert forbidden.value.code == "FORBIDDEN"
+    async with WalletdClient(url, api_key="maker-secret-2", retry=once) as maker:
+        await maker.create_wallet()
+        with pytest.raises(RateExceeded) as limited:
+            await maker.create_wallet()
+        assert isinstance(limited.value, RateLimited)
+        assert limited.value.retry_after_s == 5.0
+    twice = RetryPolicy(attempts_max=2, total_s_max=0.5, retry_after_s_max=0.05)
+    async with counting_client(url, twice, api_key="maker-secret-2") as (maker, counting):
+        with pytest.raises(RateLimited):
+            await maker.create_wallet()
+        assert counting.attempts == 2

@@ -315,6 +315,71 @@ async def _final_answer(
 
 
 @pytest.mark.slow
+async def test_a_forwarded_bulk_item_keeps_every_field(database_url: str, tmp_path: Path) -> None:
+    """Issue 20 item 7: items sent to the process that does not own their wallets are
+    stored by the owner with every field as sent (wallet, operation type, amount, key,
+    reference); the same request then sent straight to the owner replays every item with
+    the same body (a lost reference made it 422 IDEMPOTENCY_KEY_REUSED), derived keys
+    included, and a client key spelled like a derived one is no replay."""
+    servers = [serve(database_url, tmp_path) for _ in "ab"]
+    urls = [s.url for s in servers]
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            _table, wallets = await wallets_on_each(http, database_url, urls, 2)
+            (a, b) = urls
+            (w1, w2) = wallets[b]
+            items: list[dict[str, Any]] = [
+                {"wallet_id": w1, "operation_type": "DEPOSIT", "amount": "10.25",
+                 "reference": "invoice 1"},
+                {"wallet_id": w1, "operation_type": "WITHDRAW", "amount": 3,
+                 "idempotency_key": "own-1", "reference": "refund é"},
+                {"wallet_id": w2, "operation_type": "DEPOSIT", "amount": "0.50"},
+                {"wallet_id": w2, "operation_type": "DEPOSIT", "amount": 2,
+                 "idempotency_key": "F/0"},
+            ]  # fmt: skip
+            answers = []
+            for url in (a, b):  # forwarded by a, then straight to the owner
+                async with http.post(
+                    f"{url}/api/v1/operations/bulk", json={"items": items},
+                    headers={"Idempotency-Key": "F"},
+                ) as response:  # fmt: skip
+                    assert response.status == 200
+                    answers.append(await response.json())
+            first, again = answers
+            assert [r["status"] for r in first["results"]] == [200] * 4, first
+            assert [r["replayed"] for r in first["results"]] == [False] * 4
+            assert [r["status"] for r in again["results"]] == [200] * 4, again
+            assert [r["replayed"] for r in again["results"]] == [True] * 4
+            assert [r["body"] for r in again["results"]] == [r["body"] for r in first["results"]]
+            seen: list[dict[str, Any]] = []
+            for wallet in (w1, w2):
+                async with http.get(f"{b}/api/v1/wallets/{wallet}/operations") as response:
+                    seen += reversed((await response.json())["items"])
+        rows = [
+            (r["operation_type"], r["amount"], r["idempotency_key"], r["reference"]) for r in seen
+        ]
+        assert rows == [
+            ("DEPOSIT", "10.25", "F/0", "invoice 1"),
+            ("WITHDRAW", "3.00", "own-1", "refund é"),
+            ("DEPOSIT", "0.50", "F/2", None),
+            ("DEPOSIT", "2.00", "F/0", None),
+        ]
+        connection = await asyncpg.connect(database_url)
+        try:
+            stored = await connection.fetch(
+                "SELECT wallet_id::text, idempotency_key FROM wallet_operations ORDER BY id"
+            )
+        finally:
+            await connection.close()
+        assert [(r["wallet_id"], r["idempotency_key"]) for r in stored] == [
+            (w1, "F\x1f0"), (w1, "own-1"), (w2, "F\x1f2"), (w2, "F/0"),
+        ]  # fmt: skip
+    finally:
+        for server in servers:
+            server.terminate()
+
+
+@pytest.mark.slow
 async def test_a_bulk_request_applies_items_of_every_process_and_atomic_stays_one_process(
     database_url: str, tmp_path: Path
 ) -> None:

@@ -25,6 +25,7 @@ from tests.conftest import AppFactory
 from tests.engine_doubles import until
 from tests.openapi_validation import assert_response_matches, schema_errors
 from walletd.engine.limits import EngineLimits
+from walletd.http.keys import parse_keys
 from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
@@ -303,7 +304,9 @@ async def test_unauthorized_when_api_keys_are_set(
 ) -> None:
     """With API keys, /api/v1 needs a right bearer token (401 + WWW-Authenticate otherwise);
     health, readiness, metrics and docs stay open."""
-    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=("k-one", "k-two"))))
+    client: Client = await aiohttp_client(
+        make_app(HttpSettings(api_keys=parse_keys("k-one,k-two")))
+    )
     refusals: list[dict[str, str]] = [
         {},
         {"Authorization": "Bearer wrong"},

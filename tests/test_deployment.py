@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import ipaddress
 import json
 import os
 import re
@@ -58,10 +59,19 @@ REGENERATE = "stale: run `make docs-config` after changing cli/config.py SETTING
 # setting, including any added later, must be passed as `NAME: ${NAME:-default}`.
 FIXED_IN_CONTAINER = {
     "host": "the image's command says --host 0.0.0.0 (a flag beats the environment)",
-    "port": "8000 inside the container; the host side is PUBLISHED_PORT",
+    "port": "8000 inside the container; no host port reaches it (HAProxy's is PUBLISHED_PORT)",
+    "internal_host": "each walletd service's command binds it to its own address on the "
+    "walletd-only `walletd-cluster` network",
+    "internal_port": "9000 in each walletd service's command, published nowhere",
+    "cluster_credential_file": "in the `walletd-cluster-credential` volume, which only the "
+    "walletd services mount",
     "data_dir": "only for the embedded PostgreSQL, never started in Docker",
     "embedded_start_timeout_s": "only for the embedded PostgreSQL, never started in Docker",
     "database_url": "built from POSTGRES_PASSWORD to reach the compose `postgres` service",
+    # Compose runs each walletd as a service of its own (its restart policy restarts it).
+    "member_restarts_max": "only for `walletd cluster`, which Docker does not run",
+    "member_restart_window_s": "only for `walletd cluster`, which Docker does not run",
+    "member_restart_backoff_s": "only for `walletd cluster`, which Docker does not run",
 }
 # PostgreSQL keeps these for superusers (its superuser_reserved_connections default).
 POSTGRES_RESERVED_CONNECTIONS = 3
@@ -139,6 +149,28 @@ def walletd_service() -> dict[str, Any]:
     service = compose()["services"]["walletd"]
     assert isinstance(service, dict)
     return service
+
+
+def walletd_services(document: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Every service that runs `walletd serve` (the image's command or its own)."""
+    services = (document or compose())["services"]
+    return {
+        name: service for name, service in services.items()
+        if service.get("image") == "walletd:local"
+        and service.get("command", image_command())[:2] == ["walletd", "serve"]
+    }  # fmt: skip
+
+
+def volume_mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Volume (or host path) → where the service mounts it, short or long syntax."""
+    mounts: dict[str, Path] = {}
+    for mount in service.get("volumes") or []:
+        if isinstance(mount, dict):
+            mounts[str(mount["source"])] = Path(mount["target"])
+        else:
+            source, target = str(mount).split(":")[:2]
+            mounts[source] = Path(target)
+    return mounts
 
 
 def compose_interpolations() -> dict[str, str]:
@@ -339,8 +371,8 @@ def test_compose_settings_change_without_a_rebuild(tmp_path: Path) -> None:
     )
     environment = resolved_walletd_environment(after)
     assert environment["WALLETD_PIPELINES"] == "7"
-    assert container_config(environment).api_keys == ("k1", "k2")
-    assert after["services"]["walletd"]["ports"] == ["127.0.0.1:9000:8000/tcp"]
+    assert [key.secret for key in container_config(environment).api_keys] == ["k1", "k2"]
+    assert after["services"]["haproxy"]["ports"] == ["127.0.0.1:9000:8080/tcp"]
     assert after["services"]["walletd"]["build"] == before["services"]["walletd"]["build"]
 
 
@@ -370,10 +402,10 @@ def test_compose_names_only_variables_walletd_reads() -> None:
 def test_compose_and_image_commands_use_only_real_flags() -> None:
     """The image's CMD and any compose `command` parse with `walletd serve`'s own parser."""
     commands = [image_command()]
-    if "command" in walletd_service():
-        service_command = walletd_service()["command"]
+    for service in walletd_services().values():
+        service_command = service.get("command", image_command())
         assert isinstance(service_command, list), "compose `command` in list form"
-        commands.append([*image_command()[:1], *service_command])
+        commands.append([str(arg) for arg in service_command])
     # Exact option strings: argparse would also accept an abbreviation such as `--hos`.
     serve_flags = {flag for action in serve_parser()._actions for flag in action.option_strings}
     for command in commands:
@@ -383,6 +415,52 @@ def test_compose_and_image_commands_use_only_real_flags() -> None:
             _parser().parse_args(command[1:])
         except SystemExit as error:
             pytest.fail(f"`{' '.join(command)}` does not parse: exit {error.code}")
+
+
+@pytest.mark.slow
+def test_only_haproxy_publishes_a_port_and_the_internal_listener_stays_among_walletds(
+    tmp_path: Path,
+) -> None:
+    """Resolved with the cluster profile: no walletd service publishes or exposes a port
+    (HAProxy's is the only one for clients); each binds its internal listener to its own
+    address on `walletd-cluster`, an internal network that only walletd services join; the
+    credential volume is mounted by them alone; HAProxy's servers are public ports only."""
+    document = compose_config(tmp_path, {"COMPOSE_PROFILES": "cluster"})
+    services = document["services"]
+    walletds = walletd_services(document)
+    assert sorted(walletds) == ["walletd", "walletd-2", "walletd-3"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert "haproxy" in published
+    assert not published & set(walletds), "walletd's own ports are published nowhere"
+    assert not any(service.get("expose") for service in walletds.values())
+    network = document["networks"]["walletd-cluster"]
+    assert network["internal"] is True
+    members = {name for name, service in services.items()
+               if "walletd-cluster" in (service.get("networks") or {})}  # fmt: skip
+    assert members == set(walletds)
+    subnet = ipaddress.ip_network(network["ipam"]["config"][0]["subnet"])
+    config_by_service = {}
+    for name, service in walletds.items():
+        args = _parser().parse_args([str(arg) for arg in service["command"][1:]])
+        config = load_config(args, resolved_walletd_environment(document))
+        config_by_service[name] = config
+        address = service["networks"]["walletd-cluster"]["ipv4_address"]
+        assert config.internal_host == address, name
+        assert ipaddress.ip_address(address) in subnet
+        assert config.internal_port not in (0, config.port)
+        credential_file = config.cluster_credential_file
+        assert credential_file is not None
+        assert volume_mounts(service).get("walletd-cluster-credential") == credential_file.parent
+    mounted = {name for name, service in services.items()
+               if "walletd-cluster-credential" in volume_mounts(service)}  # fmt: skip
+    assert mounted == set(walletds)
+    haproxy_cfg = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    servers = re.findall(r"^\s+server \S+ (\S+)", haproxy_cfg, re.MULTILINE)
+    assert servers
+    internal = {f"{c.internal_host}:{c.internal_port}" for c in config_by_service.values()}
+    public_port = {c.port for c in config_by_service.values()}
+    assert all(int(server.rsplit(":", 1)[1]) in public_port for server in servers)
+    assert not internal & set(servers)
 
 
 def test_compose_gates_walletd_on_a_healthy_postgres_with_a_named_volume() -> None:
@@ -464,9 +542,12 @@ def test_image_ports_agree() -> None:
     health_url = re.search(r"http://[^'\"]+", only(stage, "HEALTHCHECK").arguments)
     assert health_url is not None
     parts = urlsplit(health_url.group(0))
-    published = walletd_service()["ports"][0].rsplit(":", 1)[1]
+    # No host port reaches walletd (HAProxy's does): the port HAProxy's servers name.
+    servers = [arg for arg in compose()["services"]["haproxy-sync"]["command"] if "--server" in arg]
+    assert servers
+    published = {urlsplit(arg.partition("=")[2]).port for arg in servers}
     served = container_config({}).port
-    assert exposed == parts.port == int(published) == served
+    assert {exposed, parts.port, served} == published
     routes = {
         resource.canonical
         for resource in create_app(HttpSettings(), _no_services).router.resources()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -18,7 +19,10 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from tests.openapi_validation import assert_response_matches, documented_response, schema_errors
+from walletd.engine.log_reads import FeedPosition
+from walletd.http.bulk import KEY_INDEX_MAX
 from walletd.http.docs_page import DOCS_CSP, add_docs_routes, swagger_ui_static_dir
+from walletd.http.keys import KEY_NAME_PATTERN, Scope
 from walletd.http.openapi import (
     DOCS_ASSETS,
     DOCS_PATH,
@@ -26,6 +30,13 @@ from walletd.http.openapi import (
     build_openapi_document,
     openapi_json_bytes,
 )
+from walletd.http.parsing import (
+    IDEMPOTENCY_KEY_LENGTH_MAX,
+    REFERENCE_LENGTH_MAX,
+    REFERENCE_PATTERN,
+    WALLET_ID_PATTERN,
+)
+from walletd.http.routes_v1 import CURSOR_PATTERN
 
 V1_OPERATIONS: Final = {
     ("post", "/api/v1/wallets"),
@@ -94,20 +105,58 @@ def test_document_lists_every_route(document: dict[str, Any]) -> None:
 
 
 def test_only_v1_operations_take_optional_bearer_auth(document: dict[str, Any]) -> None:
-    """/api/v1 takes an optional bearer token and documents 401/503; the rest is open."""
+    """Bearer auth is optional and stated once at the top level (so a generated client takes
+    an unauthenticated client); /api/v1 inherits it, names its scope in `x-scope` and
+    documents 401/403/429/503; the rest opts out."""
     assert document["components"]["securitySchemes"]["bearerAuth"] == {
         "type": "http",
         "scheme": "bearer",
         "description": document["components"]["securitySchemes"]["bearerAuth"]["description"],
     }
-    assert "security" not in document
+    assert document["security"] == [{}, {"bearerAuth": []}]
     for method, path, operation in _operations(document):
         if (method, path) in V1_OPERATIONS:
-            assert operation["security"] == [{}, {"bearerAuth": []}], path
-            assert {"401", "503"} <= set(operation["responses"]), path
-        else:
             assert "security" not in operation, path
+            assert operation["x-scope"] in {scope.value for scope in Scope}, path
+            assert {"401", "403", "429", "503"} <= set(operation["responses"]), path
+        else:
+            assert operation["security"] == [], path
+            assert "x-scope" not in operation, path
             assert "401" not in operation["responses"], path
+
+
+def test_every_error_refers_to_the_one_problem_schema(document: dict[str, Any]) -> None:
+    """Each error response's schema is a plain $ref to Problem, with its codes beside it."""
+    for method, path, status, response in _all_responses(document):
+        if status >= 400:
+            schema = response["content"][PROBLEM_JSON]["schema"]
+            assert schema == {"$ref": "#/components/schemas/Problem"}, (method, path, status)
+            assert response["x-problem-codes"], (method, path, status)
+
+
+def test_docs_assets_are_the_documented_ones(document: dict[str, Any]) -> None:
+    """The asset parameter's enum is exactly the files the docs route serves."""
+    (parameter,) = document["paths"]["/api/docs/static/{asset}"]["get"]["parameters"]
+    assert parameter["schema"]["enum"] == sorted(DOCS_ASSETS)
+
+
+def test_document_states_the_parsers_rules(document: dict[str, Any]) -> None:
+    """The patterns and bounds the document states are the ones the parsers apply."""
+    schemas = document["components"]["schemas"]
+    parameters = document["components"]["parameters"]
+    assert schemas["WalletId"]["pattern"] == WALLET_ID_PATTERN
+    # Hold and transfer ids in a path go through the wallet id's check (parsing.path_id).
+    assert schemas["HoldId"]["pattern"] == WALLET_ID_PATTERN
+    assert schemas["TransferId"]["pattern"] == WALLET_ID_PATTERN
+    assert schemas["BulkItem"]["properties"]["key_index"]["maximum"] == KEY_INDEX_MAX
+    assert schemas["Reference"]["pattern"] == REFERENCE_PATTERN
+    assert schemas["KeyName"]["pattern"] == KEY_NAME_PATTERN
+    assert schemas["Reference"]["maxLength"] == REFERENCE_LENGTH_MAX
+    assert schemas["IdempotencyKey"]["maxLength"] == IDEMPOTENCY_KEY_LENGTH_MAX
+    assert parameters["Cursor"]["schema"]["pattern"] == CURSOR_PATTERN
+    position = re.compile(schemas["FeedPosition"]["pattern"])
+    assert position.fullmatch(str(FeedPosition(7342, 1081)))
+    assert FeedPosition.parse("7342-1081") is not None
 
 
 def test_posts_document_body_refusals(document: dict[str, Any]) -> None:
@@ -152,17 +201,21 @@ def test_schema_examples_match_their_schemas(document: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "amount", [25, 10.5, 0.01, 1_000_000_000_000, "10.50", "0.01", "0.1", "5", "1000000000000.00"]
-)
+    "amount",
+    [25, 10.5, 0.01, 1_000_000_000_000, "10.50", "0.01", "0.1", "5", "1000000000000.00",
+     "010.50", "10.500", "0000001", "05", "00.10", "1000000000000.000", "0.010"],
+)  # fmt: skip
 def test_amount_accepts(document: dict[str, Any], amount: Any) -> None:
-    """Positive numbers and decimal strings with at most 2 decimals up to 10^12 are valid."""
+    """Positive numbers and decimal strings with at most 2 decimals up to 10^12 are valid;
+    zeros in front, or after the second decimal, change nothing (as the server reads them)."""
     assert schema_errors(document, "/components/schemas/Amount", amount) == []
 
 
 @pytest.mark.parametrize(
     "amount",
     [0, -1, 1.234, 1_000_000_000_000.01, True, None, "", "0", "0.00", "1.234", "1e3", "-5",
-     "05", "1000000000000.01", "10000000000000", " 5", {"v": 1}, [1]],
+     "1000000000000.01", "10000000000000", " 5", {"v": 1}, [1], "10.501", "000", ".5", "5.",
+     "+5", "0.001", "00001000000000000.01"],
 )  # fmt: skip
 def test_amount_rejects(document: dict[str, Any], amount: Any) -> None:
     """Zero, negatives, 3 decimals, exponents, past 10^12, non-numbers are invalid."""

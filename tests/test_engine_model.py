@@ -2,7 +2,8 @@
 pipeline (the Engine on the in-memory log) and on the pure ledger state machine directly.
 
 Random creates, deposits, withdrawals, reads, keyed retries (of applied and of refused
-operations), concurrent bursts, commit failures (plain and apply-then-fail), two batches in
+operations), concurrent bursts (also with rows storage refuses, which the pipeline isolates
+and answers alone), commit failures (plain and apply-then-fail), two batches in
 flight with the first failing, transfers through the engine (replayed, reused ids, refused
 and refunded, with failed and ambiguous credit or refund commits, finished by a re-drive or
 by the recovery of a restart), holds (created with and without keys, captured in part or
@@ -56,7 +57,13 @@ from walletd.engine.holds import (
 from walletd.engine.ledger import Applied, Ledger
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import CREDIT_KINDS, HoldStatus, OperationKind, TransferStatus
+from walletd.engine.model import (
+    CREDIT_KINDS,
+    HoldStatus,
+    OperationKind,
+    OperationRecord,
+    TransferStatus,
+)
 from walletd.engine.money import BALANCE_MINOR_MAX
 from walletd.engine.router import Engine, shard_of
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
@@ -91,6 +98,7 @@ kinds = st.sampled_from([OperationKind.DEPOSIT, OperationKind.WITHDRAW])
 amounts = st.integers(min_value=1, max_value=50)
 keys = st.none() | st.sampled_from(KEYS)
 transfer_ids = st.sampled_from(TRANSFER_IDS)
+OPERATION_KINDS = (OperationKind.DEPOSIT, OperationKind.WITHDRAW)
 OUT, IN = OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN
 REFUND = OperationKind.TRANSFER_REFUND
 HOLD, CAPTURE, RELEASE = OperationKind.HOLD, OperationKind.CAPTURE, OperationKind.RELEASE
@@ -408,6 +416,16 @@ class Model:
             self.create_keys[key] = wallet
 
 
+def _client_keyed(model: Model) -> list[tuple[tuple[UUID, str], _Op | _Refusal]]:
+    """The keyed entries a client's operation can retry: deposits and withdrawals (a leg's
+    or a hold row's key is the engine's own; a client operation of another kind is refused
+    as NOT_STORABLE)."""
+    return sorted(
+        (entry for entry in model.keyed.items() if entry[1].kind in OPERATION_KINDS),
+        key=lambda entry: entry[0],
+    )
+
+
 def _check_apply(reply: Reply, expected: Expect) -> None:
     assert reply.outcome is expected.outcome, (reply, expected)
     assert reply.replayed is expected.replayed, (reply, expected)
@@ -513,6 +531,38 @@ class EngineMachine(RuleBasedStateMachine):
             self.model.apply(*op, expected)
 
     @rule(
+        ops=st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=1, max_size=12),
+        poison=amounts,
+    )
+    def burst_with_refused_rows(
+        self, ops: list[tuple[UUID, OperationKind, int, str | None]], poison: int
+    ) -> None:
+        """Storage refuses every deposit or withdrawal row of amount ``poison`` (a CHECK the
+        ledger cannot foresee): each command that would write one is answered
+        STORAGE_REFUSED alone, nothing of it applied or recorded; every other command of
+        the burst, in the refused batch or in the batches resting on it, gets its true
+        answer (never a 503), as if the commands ran in order per wallet."""
+
+        def refused(op: OperationRecord) -> bool:
+            return op.amount == poison and op.kind in OPERATION_KINDS
+
+        async def all_at_once() -> list[Reply]:
+            return list(await asyncio.gather(*(self.engine.apply(*op) for op in ops)))
+
+        self.log.refuse_operation = refused
+        try:
+            replies = self._run(all_at_once())
+        finally:
+            self.log.refuse_operation = None
+        for op, reply in zip(ops, replies, strict=True):
+            expected = self.model.expect_apply(*op)
+            if expected.writes and op[2] == poison:
+                assert (reply.outcome, reply.replayed) == (Outcome.STORAGE_REFUSED, False), reply
+                continue
+            _check_apply(reply, expected)
+            self.model.apply(*op, expected)
+
+    @rule(
         wallet=wallets,
         kind=kinds,
         amount=amounts,
@@ -548,12 +598,12 @@ class EngineMachine(RuleBasedStateMachine):
         if lands:
             self.model.create(wallet, key)
 
-    @precondition(lambda self: bool(self.model.keyed))
+    @precondition(lambda self: bool(_client_keyed(self.model)))
     @rule(data=st.data())
     def retry_keyed(self, data: st.DataObject) -> None:
         """A retry of a decided keyed operation (applied or refused) replays its original
         result exactly, also after its key left the bounded cache."""
-        (wallet, key), earlier = data.draw(st.sampled_from(sorted(self.model.keyed.items())))
+        (wallet, key), earlier = data.draw(st.sampled_from(_client_keyed(self.model)))
         expected = self.model.expect_apply(wallet, earlier.kind, earlier.amount, key)
         assert expected.replayed
         reply = self._run(self.engine.apply(wallet, earlier.kind, earlier.amount, key))
@@ -955,10 +1005,10 @@ class LedgerMachine(RuleBasedStateMachine):
             self.ledger.forget(applied_n)
             self.ledger.forget(applied_n1)
 
-    @precondition(lambda self: bool(self.model.keyed))
+    @precondition(lambda self: bool(_client_keyed(self.model)))
     @rule(data=st.data())
     def retry_keyed(self, data: st.DataObject) -> None:
-        (wallet, key), earlier = data.draw(st.sampled_from(sorted(self.model.keyed.items())))
+        (wallet, key), earlier = data.draw(st.sampled_from(_client_keyed(self.model)))
         self.one_batch([(wallet, earlier.kind, earlier.amount, key)])
 
     @rule()

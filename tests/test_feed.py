@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.conftest import AppFactory
 from tests.processes import WalletdProcess
 from walletd.http.feed import FEED_KEY
-from walletd.http.openapi import EVENTS_LIMIT_DEFAULT, EVENTS_LIMIT_MAX
+from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
 
 Client = TestClient[web.Request, web.Application]
@@ -294,13 +294,19 @@ async def test_stream_cap_answers_503_until_a_stream_closes(
 async def test_bad_positions_and_limits_are_422(client: Client) -> None:
     """after / Last-Event-ID must be a feed position; limit within 1..events_limit_max (as
     the OpenAPI document says)."""
-    assert HttpSettings().events_limit_max == EVENTS_LIMIT_MAX
-    assert HttpSettings().events_limit_default == EVENTS_LIMIT_DEFAULT
+    documented = build_openapi_document()["components"]["parameters"]["EventsLimit"]["schema"]
+    assert HttpSettings().events_limit_max == documented["maximum"]
+    assert HttpSettings().events_limit_default == documented["default"]
     for params in ({"after": "12"}, {"after": "1-2-3"}, {"after": "-1-2"}, {"limit": "0"},
                    {"limit": "1001"}, {"after": "99999999999999999999-1"}):  # fmt: skip
         response = await client.get("/api/v1/events", params=params)
         assert response.status == 422, params
     response = await client.get("/api/v1/events/stream", headers={"Last-Event-ID": "x"})
+    assert response.status == 422
+    # Last-Event-ID wins over `after`, but a malformed `after` is still refused.
+    response = await client.get(
+        "/api/v1/events/stream", params={"after": "x"}, headers={"Last-Event-ID": "0-0"}
+    )
     assert response.status == 422
     body = await (await client.get("/api/v1/events")).json()
     assert body == {"events": [], "next_position": "0-0"}

@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import AppFactory
 from tests.engine_doubles import wallet_ids_on_shard
 from walletd.engine.limits import EngineLimits
-from walletd.http import edge
+from walletd.http import keys as keys_module
+from walletd.http.keys import parse_keys
 from walletd.http.metrics import KNOWN_METHODS, OTHER_METHOD
 from walletd.http.settings import HttpSettings
 
@@ -79,9 +80,10 @@ async def test_concurrent_creations_of_different_ids_under_one_key_make_one_wall
 async def test_bearer_tokens_are_compared_in_constant_time_against_every_key(
     make_app: AppFactory, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every request under /api/v1 compares its token with hmac.compare_digest against
-    every configured key (no early exit on a match, no ``==``): the time taken does not
-    tell which key came close. Wrong, missing and other-scheme tokens are 401."""
+    """Every request under /api/v1 compares its token's digest with hmac.compare_digest
+    against every configured key's digest, all of one length (no early exit on a match, no
+    ``==``, no length to time): the time taken does not tell which key came close. Wrong,
+    missing and other-scheme tokens are 401."""
     keys = ("k-one", "k-two", "k-three")
     compared: list[tuple[bytes, bytes]] = []
     compare_digest = hmac.compare_digest
@@ -90,18 +92,30 @@ async def test_bearer_tokens_are_compared_in_constant_time_against_every_key(
         compared.append((given, key))
         return compare_digest(given, key)
 
-    # Only edge.py's view of the module is replaced: nothing else records here.
-    monkeypatch.setattr(edge, "hmac", SimpleNamespace(compare_digest=recording_compare_digest))
-    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=keys)))
-    every_key = [key.encode() for key in keys]
+    # Only keys.py's view of the module is replaced: nothing else records here.
+    monkeypatch.setattr(
+        keys_module,
+        "hmac",
+        SimpleNamespace(compare_digest=recording_compare_digest),
+    )
+    client: Client = await aiohttp_client(
+        make_app(HttpSettings(api_keys=parse_keys(",".join(keys))))
+    )
+    every_key: list[bytes] | None = None
 
     for token in ("k-one", "k-three", "k-tw", "k-two-", "K-ONE"):
         compared.clear()
         response = await client.get(WALLETS + "/" + "0" * 8 + "-0000-4000-8000-" + "0" * 12,
                                     headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         assert response.status == (404 if token in keys else 401), token
-        assert [given for given, _key in compared] == [token.encode()] * len(keys), token
-        assert [key for _given, key in compared] == every_key, token
+        givens = {given for given, _key in compared}
+        assert len(compared) == len(keys), token
+        assert len(givens) == 1, token
+        assert {len(given) for given, _ in compared} == {len(key) for _, key in compared}
+        compared_keys = [key for _given, key in compared]
+        every_key = every_key or compared_keys
+        assert compared_keys == every_key, token
+        assert len(set(every_key)) == len(keys), token
 
     for authorization in (None, "Basic azpvbmU=", "Token k-one", "k-one", "Bearer", "Bearer  "):
         compared.clear()

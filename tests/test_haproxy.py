@@ -10,12 +10,24 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
 
+from tests.conftest import AppFactory
+from tests.test_internal_listener import (
+    CLIENT_HEADERS,
+    CLIENT_KEY,
+    SPELLINGS,
+    Client,
+    balance,
+    forged_credit,
+    funded_wallet,
+    raw_post,
+)
 from walletd.cli.haproxy import (
     SHARD_HEADER,
     MapSync,
@@ -27,7 +39,11 @@ from walletd.cli.haproxy import (
     wait_listening,
 )
 from walletd.engine.ownership import shard_of, shard_of_text
+from walletd.http.forwarding import FORWARDED_HEADER
+from walletd.http.keys import parse_keys
+from walletd.http.settings import HttpSettings
 from walletd.persistence.leases import ensure_cluster
+from walletd.persistence.operator import verify
 
 # Every test here starts walletd, PostgreSQL or HAProxy processes.
 pytestmark = pytest.mark.slow
@@ -177,3 +193,25 @@ async def test_the_shard_map_follows_the_ownership_table(database_url: str, tmp_
                 await sync.close()
     finally:
         await connection.close()
+
+
+async def test_no_spelling_of_the_internal_route_gets_through_haproxy(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str, tmp_path: Path
+) -> None:
+    """The generated configuration in front of the real public app: a forged credit leg
+    with a client key and the forwarded marker, under every spelling of the internal route,
+    is answered 404 or 400 and moves no money; `verify` stays clean."""
+    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=parse_keys(CLIENT_KEY))))
+    wallet = await funded_wallet(client, 1)
+    server = str(client.make_url("")).rstrip("/")
+    async with haproxy([server], tmp_path) as (url, _map, _socket):
+        host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+        statuses = {}
+        for spelling in SPELLINGS:
+            target = spelling.format(base=url, authority=f"{host}:{port}")
+            headers = {**CLIENT_HEADERS, FORWARDED_HEADER: "1"}
+            forged = forged_credit(wallet, 10**9)
+            statuses[target] = await raw_post(host, port, target, forged, headers)
+    assert {target: s for target, s in statuses.items() if s not in (400, 404)} == {}
+    assert await balance(client, wallet) == "1.00"
+    assert (await verify(database_url)).clean

@@ -26,6 +26,7 @@ from walletd.engine.ownership import Ownership, shard_of
 from walletd.engine.router import Engine
 from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.leases import (
+    _CLAIM,
     LeaseKeeper,
     LeaseSettings,
     ShardCountMismatch,
@@ -218,6 +219,54 @@ async def test_a_stale_epoch_is_refused_by_the_database_and_nothing_is_written(
             await connection.close()
 
 
+async def _claimed_during_append(connection: asyncpg.Connection, dsn: str, fence: str) -> bool:
+    """Whether a successor's claim (the keeper's own statement) takes shard 3 while an append
+    of the old epoch, fenced by ``fence``, is in flight (its transaction open). Afterwards,
+    with the append committed, the claim takes it (epoch 2): asserted here."""
+    await connection.execute(
+        "UPDATE walletd_shard_leases SET owner = 'other', epoch = 1,"
+        " expires_at = now() + interval '1 hour'"
+    )
+    await connection.execute(
+        "UPDATE walletd_shard_leases SET owner = 'old', expires_at = now() - interval '1 second'"
+        " WHERE shard = 3"
+    )
+    appending = await asyncpg.connect(dsn)
+    try:
+        async with appending.transaction():
+            assert await appending.fetchval(f"SELECT {fence}(ARRAY[3], ARRAY[1]::bigint[])") == 1
+            during = await connection.fetch(_CLAIM, "successor", "http://s", 60.0, SHARDS)
+    finally:
+        await appending.close()
+    after = await connection.fetch(_CLAIM, "successor", "http://s", 60.0, SHARDS)
+    assert [tuple(row) for row in during + after] == [(3, 2)]
+    return bool(during)
+
+
+async def test_a_claim_waits_for_an_append_in_flight(database_url: str) -> None:
+    """Issue 20 item 11: the fence's row lock (FOR KEY SHARE) makes a successor's claim pass
+    over a shard while an append of the old epoch is in flight (its transaction open at the
+    lock) and take it once the append committed, so no append of the old epoch lands after
+    the bump. The same check on a scratch copy of the fence without FOR KEY SHARE sees the
+    claim bump the epoch under the open append: what this test catches."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await ensure_cluster(connection, SHARDS)
+        assert not await _claimed_during_append(connection, database_url, "walletd_fence")
+        definition: str = await connection.fetchval(
+            "SELECT pg_get_functiondef('walletd_fence(integer[], bigint[])'::regprocedure)"
+        )
+        assert definition.count("FOR KEY SHARE") == 1
+        await connection.execute(
+            definition.replace("FOR KEY SHARE", "").replace(
+                "walletd_fence(", "walletd_fence_unlocked(", 1
+            )
+        )
+        assert await _claimed_during_append(connection, database_url, "walletd_fence_unlocked")
+    finally:
+        await connection.close()
+
+
 async def test_two_processes_share_the_shards_fairly_and_never_serve_one_at_once(
     database_url: str,
 ) -> None:
@@ -292,7 +341,8 @@ async def test_a_lost_lease_stops_every_answer_from_memory_and_the_successor_ser
                 # share with new epochs and re-reads. Whatever it answers is never 1000.
                 balances_seen: list[int] = []
 
-                def first_serves_shard_5_again() -> bool:
+                def first_serves_shard_5() -> bool:
+                    """Sample what the first answers from memory for the wallet, if anything."""
                     try:
                         view = first.engine.read_resident(wallet)
                     except NotOwner:
@@ -301,13 +351,21 @@ async def test_a_lost_lease_stops_every_answer_from_memory_and_the_successor_ser
                         balances_seen.append(view.balance)
                     return True
 
-                await until(lambda: len(first.ownership.served()) > 0, "first claims its share")
-                if first_serves_shard_5_again():
-                    reply = await first.engine.read(wallet)
-                    assert reply.wallet is not None
-                    balances_seen.append(reply.wallet.balance)
-                assert all(balance == 1500 for balance in balances_seen), balances_seen
+                await until(
+                    lambda: first_serves_shard_5() or len(first.ownership.served()) > 0,
+                    "first claims its share",
+                )
                 rows = await lease_rows(database_url)
                 assert all(row["epoch"] >= 2 for row in rows if row["owner"] == "first")
+            # The second leaves and releases its shards: the first claims shard 5 again (in
+            # three runs it never did while the second was there; the check was then empty)
+            # and, from the first moment it serves it, answers the successor's 1500.
+            await until(first_serves_shard_5, "the first serves shard 5 again")
+            reply = await first.engine.read(wallet)
+            assert reply.wallet is not None
+            balances_seen.append(reply.wallet.balance)
+            first_serves_shard_5()
+            assert balances_seen
+            assert all(balance == 1500 for balance in balances_seen), balances_seen
     finally:
         await relay.close()

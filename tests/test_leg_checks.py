@@ -29,7 +29,12 @@ from walletd.engine.model import (
     TransferStatus,
     TransferUpdate,
 )
-from walletd.engine.ports import CommitOutcomeUnknown, StorageError, StorageUnavailable
+from walletd.engine.ports import (
+    CommitOutcomeUnknown,
+    StorageError,
+    StorageRefused,
+    StorageUnavailable,
+)
 from walletd.engine.router import Engine
 from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.operator import verify
@@ -152,6 +157,8 @@ class Storage:
         cause = refused.value.__cause__
         assert isinstance(cause, asyncpg.PostgresError)
         assert cause.sqlstate == sqlstate, cause
+        if sqlstate in (TRANSFER_LEG, HOLD_ROW):  # isolated alone by the pipeline
+            assert isinstance(refused.value, StorageRefused)
         assert await dump(self.dsn) == before
         return str(cause)
 
@@ -457,8 +464,9 @@ async def test_a_forged_leg_delivered_to_the_engine_mints_nothing(
 ) -> None:
     """The review's attack: a leg for a real PENDING transfer of 0.01, naming another amount
     or wallet, reaches Engine.deliver_leg. The ledger applies it in memory, storage refuses
-    the batch, the engine answers UNAVAILABLE and re-reads: no balance moved, the transfer
-    still PENDING. The honest credit then completes it, and verify finds the log clean."""
+    it (a definite refusal: the engine answers it alone, STORAGE_REFUSED) and memory is
+    re-read: no balance moved, the transfer still PENDING. The honest credit then completes
+    it, and verify finds the log clean."""
     for wallet in (SENDER, RECEIVER, ATTACKER):
         _id, created = await engine.create_wallet(wallet, None)
         assert created.outcome is Outcome.CREATED
@@ -469,7 +477,8 @@ async def test_a_forged_leg_delivered_to_the_engine_mints_nothing(
 
     forged = transfer._replace(**forge)  # type: ignore[arg-type]
     failure = "WALLET_NOT_FOUND" if kind is K.TRANSFER_REFUND else None
-    assert await deliver(engine, kind, forged, failure) is Outcome.UNAVAILABLE
+    # Refused alone (the pipeline isolates a definite refusal), nothing applied.
+    assert await deliver(engine, kind, forged, failure) is Outcome.STORAGE_REFUSED
     assert await dump(database_url) == before
     for wallet, balance in ((SENDER, 99), (RECEIVER, 0), (ATTACKER, 0)):
         read = await engine.read(wallet)

@@ -310,7 +310,7 @@ async def light_load(base_url: str) -> AsyncIterator[None]:
                     await walletd.get_wallet(wallet.id)
                 with contextlib.suppress(InsufficientFunds):
                     await walletd.withdraw(wallet.id, "100.00")
-                _ = [page async for page in walletd.history(wallet.id)]
+                _ = [item async for item in walletd.history(wallet.id)]
                 await asyncio.sleep(0.05)  # a little load, not a benchmark
 
     task = asyncio.create_task(loop())

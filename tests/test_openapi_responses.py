@@ -10,7 +10,7 @@ from typing import Any, Final
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
-from tests.openapi_validation import assert_response_matches
+from tests.openapi_validation import assert_response_matches, schema_errors
 from walletd.http.openapi import DOCS_ASSETS, build_openapi_document
 
 Client = TestClient[web.Request, web.Application]
@@ -163,3 +163,44 @@ async def test_transfer_routes_match_the_document(module_client: Client) -> None
     response = await client.post("/api/v1/transfers", json={**body, "amount": "100.00"})
     assert response.status == 409
     assert (await _matches(response, "POST", "/api/v1/transfers"))["side"] == "from"
+
+
+def _request_schema_errors(method: str, path: str, body: Any) -> list[str]:
+    """How ``body`` breaks the JSON request body schema documented for the route."""
+    pointer = f"/paths/{path.replace('/', '~1')}/{method}/requestBody/content/application~1json"
+    return schema_errors(DOCUMENT, pointer + "/schema", body)
+
+
+async def test_what_the_server_accepts_the_document_allows(module_client: Client) -> None:
+    """Requests the server accepts are valid per the document: null optional fields (the
+    same as absent), the camelCase alias, zeros around an amount, and a bulk item that is
+    not an operation (answered in its own 422 result, the request 200)."""
+    client = module_client
+    wallet_id = (await (await client.post("/api/v1/wallets")).json())["id"]
+    operation = "/api/v1/wallets/{wallet_id}/operation"
+    for body in (
+        {"operation_type": "DEPOSIT", "amount": "010.50", "reference": None},
+        {"operationType": "DEPOSIT", "amount": "10.500"},
+        {"operation_type": "DEPOSIT", "amount": "0000001"},
+    ):
+        assert _request_schema_errors("post", operation, body) == [], body
+        response = await client.post(f"/api/v1/wallets/{wallet_id}/operation", json=body)
+        assert response.status == 200, body
+    both = {"operation_type": "DEPOSIT", "operationType": "DEPOSIT", "amount": 1}
+    assert _request_schema_errors("post", operation, both) != []
+    hold = {"amount": "1.00", "expires_in_s": None, "reference": None}
+    assert _request_schema_errors("post", "/api/v1/wallets/{wallet_id}/holds", hold) == []
+    response = await client.post(f"/api/v1/wallets/{wallet_id}/holds", json=hold)
+    assert response.status == 201
+    item = {"wallet_id": wallet_id, "operation_type": "DEPOSIT", "amount": 1}
+    bulk = {"items": [{**item, "idempotency_key": None, "reference": None}, {"nonsense": True}]}
+    assert _request_schema_errors("post", "/api/v1/operations/bulk", bulk) == []
+    response = await client.post("/api/v1/operations/bulk", json=bulk)
+    assert response.status == 200
+    results = (await _matches(response, "POST", "/api/v1/operations/bulk"))["results"]
+    assert [result["status"] for result in results] == [200, 422]
+    # All or nothing: the same request atomic is refused whole, and the document says so.
+    atomic = {**bulk, "atomic": True}
+    assert _request_schema_errors("post", "/api/v1/operations/bulk", atomic) != []
+    response = await client.post("/api/v1/operations/bulk", json=atomic)
+    assert response.status == 422

@@ -108,7 +108,8 @@ def test_a_lock_file_naming_another_live_process_is_neither_adopted_nor_a_blocke
 
 
 def test_a_live_servers_lock_file_is_adopted_never_removed(folder: Path) -> None:
-    """A second start() beside a running server adopts it; its lock file stays as it was."""
+    """A second start() beside a running server (one a killed walletd left) adopts it; its
+    lock file stays as it was; attach() finds it too, with the same DSN."""
     first = EmbeddedPostgres(folder)
     first.start()
     lock = (first.pgdata / "postmaster.pid").read_text()
@@ -117,7 +118,7 @@ def test_a_live_servers_lock_file_is_adopted_never_removed(folder: Path) -> None
     assert second.adopted
     assert second.port == first.port
     assert (first.pgdata / "postmaster.pid").read_text() == lock
-    second.release()  # an adopted server is not the adopter's to stop
+    assert EmbeddedPostgres(folder).attach() == first.dsn
     assert first.is_running()
 
 

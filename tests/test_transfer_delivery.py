@@ -30,6 +30,8 @@ LIMITS = EngineLimits(
 )  # fmt: skip
 ON_A, ON_B = wallet_ids_on_shard(0, SHARDS, 2), wallet_ids_on_shard(1, SHARDS, 2)
 URL_A, URL_B = "http://a", "http://b"
+# Each process's internal listener, as the ownership table publishes it beside its URL.
+INTERNAL_PORT = ":9000"
 
 
 class Network(RemoteLegs):
@@ -43,6 +45,9 @@ class Network(RemoteLegs):
     async def send(
         self, url: str, kind: OperationKind, transfer: TransferRecord, failure_code: str | None
     ) -> Reply:
+        # Legs go to the internal listener only, never to a process's public URL.
+        assert url.endswith(INTERNAL_PORT), url
+        url = url.removesuffix(INTERNAL_PORT)
         self.sent.append((url, kind))
         if url in self.down:
             return Reply(Outcome.NOT_OWNER)  # not connected: nothing sent
@@ -61,7 +66,10 @@ def serve(ownership: Ownership, shard: int, epoch: int = 1) -> None:
 
 
 def table(owner_of: dict[int, str | None]) -> dict[int, OwnerInfo]:
-    return {s: OwnerInfo(url, url, 1, url is not None) for s, url in owner_of.items()}
+    return {
+        s: OwnerInfo(url, url, 1, url is not None, None if url is None else url + INTERNAL_PORT)
+        for s, url in owner_of.items()
+    }
 
 
 @contextlib.asynccontextmanager

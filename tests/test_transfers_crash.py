@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import signal
 import uuid
@@ -25,6 +26,7 @@ from tests.test_faults import own_postgres
 from tests.test_transfers_api import conservation_gap
 from walletd.cli.config import load_config
 from walletd.cli.service import migrate_database, running_services
+from walletd.engine.ownership import shard_of_text
 from walletd.http.app import create_app
 from walletd.http.settings import HttpSettings
 
@@ -97,6 +99,37 @@ async def final_answer(
         await asyncio.sleep(0.1)
 
 
+async def hold_pending(
+    locker: asyncpg.Connection, session: aiohttp.ClientSession, url: str, wallets: list[str]
+) -> None:
+    """Lock (in an open transaction of ``locker``) the rows of every wallet on the second
+    pipeline (shard % 2 == 1 with 4 shards, 2 pipelines), send one transfer from a wallet of
+    the first into one of them, and return once a transfer is PENDING in the database."""
+    second = [w for w in wallets if shard_of_text(w, 4) % 2 == 1]
+    first = [w for w in wallets if shard_of_text(w, 4) % 2 == 0]
+    assert first
+    assert second
+    await locker.execute("BEGIN")
+    await locker.execute("SELECT 1 FROM wallets WHERE id = ANY($1::uuid[]) FOR UPDATE", second)
+    body = {"from_wallet_id": first[0], "to_wallet_id": second[0], "amount": "0.01"}
+
+    async def send() -> None:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            async with session.post(f"{url}/api/v1/transfers", json=body):
+                pass
+
+    sending = asyncio.create_task(send())
+    try:
+        deadline = asyncio.get_running_loop().time() + RECOVERY_S
+        while not await locker.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
+            assert asyncio.get_running_loop().time() < deadline, "no transfer became PENDING"
+            await asyncio.sleep(0.01)
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+
+
 async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
     walletd_process: StartWalletd, database_url: str
 ) -> None:
@@ -122,17 +155,32 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         load = TransferLoad(session, first.url, wallets)
         loading = asyncio.gather(*(load.worker(seed) for seed in range(WORKERS)))
         await load.until_created(300)
-        first.process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(first.process.wait, 10)
+        # Some transfers must be PENDING at the kill, whatever the timing: the rows of the
+        # second pipeline's wallets are locked, so its commits (credits included) wait,
+        # while a transfer from a first-pipeline wallet into one of them is debited.
+        locker = await asyncpg.connect(database_url)
+        try:
+            await hold_pending(locker, session, first.url, wallets)
+            first.process.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.process.wait, 10)
+            # Its backends die with it, as with a crashed machine (one waiting for the lock
+            # would otherwise carry on once it is released).
+            await locker.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await locker.close()
         load.stop.set()
         await loading
     before_kill = Counter(load.answers.values())
-    assert set(before_kill) <= {201, 409, None}, before_kill
+    assert set(before_kill) <= {201, 409, 503, None}, before_kill
 
     connection = await asyncpg.connect(database_url)
     try:
         assert await conservation_gap(connection) == 0
         left_pending = await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1")
+        assert left_pending > 0  # the test exercises recovery, not only retries
 
         second = await start(walletd_process, *args)
         deadline = asyncio.get_running_loop().time() + RECOVERY_S

@@ -214,3 +214,71 @@ async def test_a_body_id_in_another_spelling_creates_nothing(module_client: Clie
     assert response.status == 201
     assert (await response.json())["id"] == str(chosen)
     assert response.headers["Location"] == f"/api/v1/wallets/{chosen}"
+
+
+def _spellings(canonical: str) -> list[str]:
+    """Every other way to write ``canonical`` in a path: percent-encoded (upper and lower
+    hex, first and last characters, the whole id), braces raw and encoded, no hyphens,
+    ``urn:uuid:``, ``0x``, a trailing encoded newline."""
+    return [
+        "".join(f"%{ord(c):02X}" for c in canonical[:2]) + canonical[2:],
+        canonical[:-1] + "%" + f"{ord(canonical[-1]):02x}",
+        "".join(f"%{ord(c):02x}" for c in canonical),
+        canonical.replace("-", "%2D"),
+        "{" + canonical + "}",
+        "%7B" + canonical + "%7D",
+        canonical.replace("-", ""),
+        "urn:uuid:" + canonical,
+        "0x" + canonical.replace("-", ""),
+        canonical + "%0A",
+        canonical[:-1] + "g",
+    ]
+
+
+async def test_hold_and_transfer_ids_have_one_spelling_in_a_path(module_client: Client) -> None:
+    """Issue 20 item 8: a hold or transfer id in a path is held to the wallet id's rules:
+    every spelling but the canonical one (percent-encoded, braces, no hyphens, ...) is 400
+    INVALID_HOLD_ID / INVALID_TRANSFER_ID and moves nothing (``/holds/%62e7…`` was 200, and
+    HAProxy hashed it to another shard than walletd); uppercase and the absolute form are
+    served, answered in lowercase."""
+    client = module_client
+    source, target = await _wallet(client), await _wallet(client)
+    funded = await client.post(
+        f"/api/v1/wallets/{source}/operation", json={"operation_type": "DEPOSIT", "amount": 50}
+    )
+    assert funded.status == 200
+    response = await client.post(f"/api/v1/wallets/{source}/holds", json={"amount": 10})
+    assert response.status == 201
+    hold_id = (await response.json())["id"]
+    response = await client.post(
+        "/api/v1/transfers", json={"from_wallet_id": source, "to_wallet_id": target, "amount": 5}
+    )
+    assert response.status == 201
+    transfer_id = (await response.json())["id"]
+    for spelling in _spellings(hold_id):
+        for method, suffix in (("GET", ""), ("POST", "/capture"), ("POST", "/void")):
+            status, answer = await _raw_request(
+                client, f"{method} /api/v1/holds/{spelling}{suffix} HTTP/1.1"
+            )
+            assert (status, orjson.loads(answer)["code"]) == (400, "INVALID_HOLD_ID"), (
+                spelling,
+                suffix,
+            )
+    for spelling in _spellings(transfer_id):
+        status, answer = await _raw_request(client, f"GET /api/v1/transfers/{spelling} HTTP/1.1")
+        assert (status, orjson.loads(answer)["code"]) == (400, "INVALID_TRANSFER_ID"), spelling
+    # Nothing moved: the hold is still PENDING, the balances as they were.
+    for target_line in (
+        f"GET /api/v1/holds/{hold_id.upper()} HTTP/1.1",
+        f"GET http://127.0.0.1/api/v1/holds/{hold_id}?x=1 HTTP/1.1",
+    ):
+        status, answer = await _raw_request(client, target_line)
+        hold = orjson.loads(answer)
+        assert (status, hold["id"], hold["status"]) == (200, hold_id, "PENDING"), hold
+    status, answer = await _raw_request(
+        client, f"GET /api/v1/transfers/{transfer_id.upper()} HTTP/1.1"
+    )
+    assert (status, orjson.loads(answer)["id"]) == (200, transfer_id)
+    status, answer = await _raw_request(client, f"GET /api/v1/wallets/{source} HTTP/1.1")
+    wallet = orjson.loads(answer)
+    assert (wallet["balance"], wallet["held"]) == ("45.00", "10.00")

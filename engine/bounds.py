@@ -1,0 +1,61 @@
+"""What storage holds, field by field: the ledger refuses anything past it before it joins a
+batch, so that what the ledger accepts, storage accepts (one command never fails a batch).
+
+Each bound mirrors a constraint of persistence/migrations/*.sql or a column's type:
+
+    field                                   storage                          here
+    amount (log rows, refusals, transfers,  CHECK amount > 0 AND             AMOUNT_MINOR_MAX
+      holds)                                  amount <= 10^14                  (engine/money.py)
+    balance, balance_after, balance_seen    CHECK 0 <= x <= 10^17            BALANCE_MINOR_MAX
+    held                                    CHECK 0 <= held <= balance       ledger invariant
+    idempotency_key, create_idempotency_key CHECK char_length BETWEEN 1..255 KEY_LENGTH_MAX
+    reference (log rows, refusals,          CHECK char_length <= 255         REFERENCE_LENGTH_MAX
+      transfers, holds)
+    actor (log rows)                        CHECK char_length(actor) <= 64   ACTOR_LENGTH_MAX
+    kind (log rows / refusals)              CHECK 1..8 / IN (1, 2, 3, 6)     the command's type
+    transfers: from <> to, failure_code     CHECK from_wallet_id <>          ledger (legs)
+      set only when FAILED                    to_wallet_id, (status = 3) =
+                                              (failure_code IS NOT NULL)
+    expires_at (holds)                      timestamptz                      the hold expiry
+                                                                             limit (EngineLimits)
+    any text                                UTF-8 text: no NUL, no lone      storable_text
+                                              surrogate (neither encodes)
+
+Unique ids and keys (a transfer id, a hold id, a wallet id, a key per wallet) are kept apart
+by construction (engine/holds.py, engine/commands.py) and by the key cache; what storage
+still refuses is isolated by the pipeline (engine/shard.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from walletd.engine.money import AMOUNT_MINOR_MAX
+
+__all__ = [
+    "ACTOR_LENGTH_MAX",
+    "AMOUNT_MINOR_MAX",
+    "KEY_LENGTH_MAX",
+    "REFERENCE_LENGTH_MAX",
+    "storable_amount",
+    "storable_text",
+]
+
+KEY_LENGTH_MAX: Final = 255
+# A key's name (http/keys.py's KEY_NAME_PATTERN allows 64); a leg carries it on the wire.
+ACTOR_LENGTH_MAX: Final = 64
+REFERENCE_LENGTH_MAX: Final = 255
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def storable_amount(amount: int) -> bool:
+    return 0 < amount <= AMOUNT_MINOR_MAX
+
+
+def storable_text(text: str, length_min: int, length_max: int) -> bool:
+    """Whether a UTF-8 PostgreSQL ``text`` column takes it within the length bounds (in
+    characters, as ``char_length`` counts): neither NUL nor a lone surrogate encodes."""
+    if not length_min <= len(text) <= length_max or "\x00" in text:
+        return False
+    return text.isascii() or _SURROGATE.search(text) is None
