@@ -16,6 +16,7 @@ __all__ = [
     "DRIVER_REDRIVE",
     "DRIVER_REQUEST",
     "FAILURE_REASONS",
+    "HOLD_EVENTS",
     "REASON_COMMIT_FAILED",
     "REASON_COMMIT_TIMEOUT",
     "REASON_COMMIT_UNKNOWN",
@@ -60,6 +61,8 @@ REJECTION_REASONS: Final = ("overloaded", "stopping")
 DRIVER_REQUEST: Final = "request"
 DRIVER_REDRIVE: Final = "redrive"
 TRANSFER_DRIVERS: Final = (DRIVER_REQUEST, DRIVER_REDRIVE)
+# What happened to a hold, once its batch committed: opened PENDING, or closed.
+HOLD_EVENTS: Final = ("CREATED", "CAPTURED", "VOIDED", "EXPIRED")
 
 
 class EngineObserver:
@@ -93,3 +96,7 @@ class EngineObserver:
     def transfer_ended(self, status: str, driver: str) -> None:
         """A transfer this process drove was closed by its commit: ``status`` COMPLETED or
         FAILED, ``driver`` one of TRANSFER_DRIVERS."""
+
+    def hold_changed(self, event: str) -> None:
+        """A hold's batch committed it: ``event`` one of HOLD_EVENTS (a replayed creation or
+        a refused resolution is not an event)."""

@@ -367,7 +367,10 @@ class Engine:
         replies = await asyncio.gather(
             *(self._expire(hold) for hold in expired), return_exceptions=True
         )
-        return sum(1 for r in replies if isinstance(r, Reply) and r.outcome is Outcome.OK)
+        released = sum(1 for r in replies if isinstance(r, Reply) and r.outcome is Outcome.OK)
+        for _ in range(released):
+            self._observer.hold_changed("EXPIRED")
+        return released
 
     async def _expire(self, hold: HoldRecord) -> Reply:
         shard, pipeline = self._route(hold.wallet_id)
@@ -652,6 +655,8 @@ class Engine:
             if stored is None:
                 return hold_id, _UNAVAILABLE
             return hold_id, replay_creation(stored, fingerprint)
+        if reply.outcome is Outcome.CREATED:
+            self._observer.hold_changed("CREATED")
         return hold_id, reply
 
     async def resolve_hold(
@@ -684,6 +689,8 @@ class Engine:
             actor=actor,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
+        if reply.outcome is Outcome.OK:
+            self._observer.hold_changed("CAPTURED" if action is HoldAction.CAPTURE else "VOIDED")
         hold = reply.hold
         if reply.outcome is Outcome.OK and hold is not None and hold.transfer_id is not None:
             assert hold.to_wallet_id is not None

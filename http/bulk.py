@@ -73,7 +73,7 @@ from walletd.http.parsing import (
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem, problem_body
 from walletd.http.responses import reply_problem, wallet_body
 from walletd.http.settings import HttpSettings
-from walletd.http.state import STATE_KEY
+from walletd.http.state import METRICS_KEY, STATE_KEY
 
 __all__ = [
     "BULK_PATH",
@@ -415,6 +415,8 @@ async def bulk_operations(request: web.Request) -> web.Response:
         else:
             refused += 1
         parts.append(_result(index, item, reply))
+    if FORWARDED_HEADER not in request.headers:  # the sub-request's items count where sent
+        request.app[METRICS_KEY].observe_bulk(applied, refused)
     body = b'{"applied":%d,"refused":%d,"results":[%s]}' % (applied, refused, b",".join(parts))
     return web.Response(body=body, headers=_JSON_HEADERS)
 

@@ -175,7 +175,7 @@ def auth_middleware(
         if match_info.http_exception is None:  # 404/405 need no scope: nothing runs
             scope = ROUTE_SCOPES.get(match_info.handler)
             if scope is None or scope not in key.scopes:
-                metrics.observe_key(key.name, "forbidden")
+                metrics.observe_key(key.name, "FORBIDDEN")
                 needed = "a declared scope" if scope is None else f"the {scope.value!r} scope"
                 raise ProblemError(
                     403,
@@ -185,7 +185,7 @@ def auth_middleware(
         if limiter is not None:
             wait_s = limiter.take(key.name, time.monotonic())
             if wait_s:
-                metrics.observe_key(key.name, "rate_limited")
+                metrics.observe_key(key.name, "RATE_LIMITED")
                 raise ProblemError(
                     429,
                     "RATE_LIMITED",
@@ -193,7 +193,7 @@ def auth_middleware(
                     f"(burst {rate_burst}); retry in {wait_s} s",
                     headers={"Retry-After": str(wait_s)},
                 )
-        metrics.observe_key(key.name, "allowed")
+        metrics.observe_key(key.name, "ALLOWED")
         return await handler(request)
 
     return auth

@@ -68,13 +68,17 @@ routes = web.RouteTableDef()
 class FeedStreams:
     """The streams this process serves: how many are open, and the signal to end them."""
 
-    __slots__ = ("by_key", "closing", "open", "slow_disconnects")
+    __slots__ = ("by_key", "closing", "events_sent", "lag_s", "open", "slow_disconnects")
 
     def __init__(self) -> None:
         self.open = 0
         # Open streams per key name; at most one entry per configured key (keys.API_KEYS_MAX).
         self.by_key: dict[str, int] = {}
         self.slow_disconnects = 0
+        self.events_sent = 0
+        # How old the newest event of the last page written was (any stream): how far
+        # behind the log the consumers were served, not how far they have read.
+        self.lag_s = 0.0
         # Set at shutdown: streams end at once instead of holding the server's drain.
         self.closing = asyncio.Event()
 
@@ -116,6 +120,15 @@ class FeedStreamsCollector(Collector):
             "walletd_feed_slow_consumers_disconnected",
             "Streams dropped because their consumer stopped reading",
             value=self._streams.slow_disconnects,
+        )
+        yield CounterMetricFamily(
+            "walletd_feed_events_sent", "Events written to /api/v1/events/stream connections",
+            value=self._streams.events_sent,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "walletd_feed_lag_seconds",
+            "Age of the newest event of the last page a stream was sent (0 before any)",
+            value=self._streams.lag_s,
         )
 
 
@@ -257,6 +270,8 @@ async def _stream(
                 return response
             position = events[-1].position
             written_at = time.monotonic()
+            streams.events_sent += len(events)
+            streams.lag_s = max(0.0, time.time() - events[-1].created_at_us / 1_000_000)
         elif time.monotonic() - written_at >= settings.feed_heartbeat_s:
             if not await _write(request, response, _HEARTBEAT, settings, streams, position):
                 return response

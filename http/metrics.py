@@ -9,18 +9,26 @@ build several apps in one process. Three kinds of source feed it::
                                                      families by _RequestCollector at scrape
     shard actors    ──▶ EngineMetrics (observer)     batch size, commit latency, failures,
                                                      commands rejected before a mailbox
-    GET /metrics    ──▶ _EngineStateCollector        mailbox depth per shard, resident
-                                                     wallets: read at scrape time, so the
-                                                     hot path pays nothing for them
+    GET /metrics    ──▶ _EngineStateCollector        mailbox depth per pipeline, resident
+                                                     wallets, leases: read at scrape time,
+                                                     so the hot path pays nothing for them
 
 Label cardinality is bounded: ``route`` is the route's canonical path (``unmatched`` for
 requests no route matched), ``method`` is one of the HTTP methods walletd knows (else
-``OTHER``), and ``status`` is a status code the server itself chose.
+``OTHER``), and ``status`` is a status code the server itself chose; every other label is
+a closed set of values or a shard / pipeline number.
+
+One casing: every enumerated label value is UPPER case (``reason="COMMIT_FAILED"``,
+``status="COMPLETED"``, ``direction="LOST"``), as the API spells its problem codes and
+statuses, so a value on a dashboard is the word a client saw; the engine's own lower-case
+constants are upper-cased here. No ``*_created`` series: prometheus-client's creation
+timestamps double the counter series and no panel or alert reads them.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final
@@ -30,6 +38,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import (
@@ -44,7 +53,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from walletd.engine.observer import FAILURE_REASONS, REJECTION_REASONS, EngineObserver
+from walletd.engine.observer import (
+    FAILURE_REASONS,
+    HOLD_EVENTS,
+    REJECTION_REASONS,
+    TRANSFER_DRIVERS,
+    EngineObserver,
+)
 from walletd.engine.router import Engine
 
 __all__ = [
@@ -64,6 +79,10 @@ KNOWN_METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 
+# Process-wide in prometheus-client (it has no per-registry switch); every registry walletd
+# builds is this module's, so the switch is thrown where they are made.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 # Seconds. The hot path answers in well under a millisecond, a commit in a few.
 LATENCY_BUCKETS_S: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -72,9 +91,11 @@ LATENCY_BUCKETS_S: Final = (
 # known label values at 0 (Prometheus' "avoid missing metrics"): a rate or an alert over
 # them is 0 from the first scrape, not "no data" until the first failure.
 UNAVAILABLE_REASONS: Final = ("OVERLOADED", "UNAVAILABLE")
+TRANSFER_ENDS: Final = ("COMPLETED", "FAILED")
+BULK_ITEM_RESULTS: Final = ("APPLIED", "REFUSED")
 # Log rows per commit: powers of two up to the default batch_ops_max (1024) and past it.
 BATCH_OPS_BUCKETS: Final = tuple(float(2**i) for i in range(13))
-KEY_RESULTS: Final = ("allowed", "forbidden", "rate_limited")
+KEY_RESULTS: Final = ("ALLOWED", "FORBIDDEN", "RATE_LIMITED")
 
 
 class _Latencies:
@@ -128,10 +149,10 @@ class EngineMetrics(EngineObserver):
             registry=registry,
         )
         for reason in FAILURE_REASONS:
-            self.batches_failed.labels(reason)
-            self.batch_failed_commands.labels(reason)
+            self.batches_failed.labels(reason.upper())
+            self.batch_failed_commands.labels(reason.upper())
         for reason in REJECTION_REASONS:
-            self.commands_rejected.labels(reason)
+            self.commands_rejected.labels(reason.upper())
         self.isolation_commits = Counter(
             "walletd_isolation_commits",
             "Commits spent isolating the command(s) at fault after storage refused a batch "
@@ -156,9 +177,23 @@ class EngineMetrics(EngineObserver):
             ["status", "driver"],
             registry=registry,
         )
+        for status in TRANSFER_ENDS:
+            for driver in TRANSFER_DRIVERS:
+                self.transfers_ended.labels(status, driver.upper())
+        self.holds = Counter(
+            "walletd_holds",
+            "Holds this process committed: CREATED (PENDING), CAPTURED, VOIDED, EXPIRED",
+            ["event"],
+            registry=registry,
+        )
+        for event in HOLD_EVENTS:
+            self.holds.labels(event)
 
     def transfer_ended(self, status: str, driver: str) -> None:
-        self.transfers_ended.labels(status, driver).inc()
+        self.transfers_ended.labels(status.upper(), driver.upper()).inc()
+
+    def hold_changed(self, event: str) -> None:
+        self.holds.labels(event.upper()).inc()
 
     def batch_committed(self, shard: int, ops: int, commands: int, seconds: float) -> None:
         self.batch_ops.observe(ops)
@@ -166,11 +201,11 @@ class EngineMetrics(EngineObserver):
         self.commit_seconds.observe(seconds)
 
     def batch_failed(self, shard: int, commands: int, reason: str) -> None:
-        self.batches_failed.labels(reason).inc()
-        self.batch_failed_commands.labels(reason).inc(commands)
+        self.batches_failed.labels(reason.upper()).inc()
+        self.batch_failed_commands.labels(reason.upper()).inc(commands)
 
     def command_rejected(self, reason: str) -> None:
-        self.commands_rejected.labels(reason).inc()
+        self.commands_rejected.labels(reason.upper()).inc()
 
     def commands_isolated(self, shard: int, commits: int, refused: int) -> None:
         self.isolation_commits.inc(commits)
@@ -184,7 +219,8 @@ EngineSource = Callable[[], Engine | None]
 
 
 class _EngineStateCollector(Collector):
-    """Mailbox depths and resident wallets, read from the running engine at scrape time."""
+    """Mailbox depths, resident wallets and leases, read from the running engine at scrape
+    time."""
 
     def __init__(self, engine: EngineSource) -> None:
         self._engine = engine
@@ -193,15 +229,18 @@ class _EngineStateCollector(Collector):
         engine = self._engine()
         if engine is None:  # starting or stopping: report nothing rather than zeros
             return
+        # A mailbox belongs to a pipeline (actor loop), which serves several shards.
         depth = GaugeMetricFamily(
-            "walletd_mailbox_depth", "Commands waiting in a shard's mailbox", labels=["shard"]
+            "walletd_mailbox_depth",
+            "Commands waiting in a pipeline's mailbox",
+            labels=["pipeline"],
         )
         for index, commands in enumerate(engine.mailbox_depths()):
             depth.add_metric([str(index)], commands)
         yield depth
         yield GaugeMetricFamily(
             "walletd_mailbox_commands_max",
-            "Mailbox bound per shard; past it requests get 503 OVERLOADED",
+            "Mailbox bound per pipeline; past it requests get 503 OVERLOADED",
             value=engine.limits.mailbox_commands_max,
         )
         yield GaugeMetricFamily(
@@ -237,12 +276,26 @@ def _ownership_families(engine: Engine) -> Iterator[Metric]:
     yield epochs
     moves = CounterMetricFamily(
         "walletd_shard_moves",
-        "Shard leases gained, lost (not renewed in time, stale epoch) and released",
+        "Shard leases GAINED, LOST (not renewed in time, stale epoch) and RELEASED",
         labels=["direction"],
     )
     for direction, count in ownership.moves.items():
-        moves.add_metric([direction], count)
+        moves.add_metric([direction.upper()], count)
     yield moves
+    if ownership.fenced and ownership.table_read_at is not None:
+        # The keeper reads the table at the end of every step that renewed: its age is the
+        # time since the last successful renewal round (steps every ttl/4; past the ttl the
+        # process serves nothing). Ownership keeps it on time.monotonic, its default clock.
+        yield GaugeMetricFamily(
+            "walletd_lease_renewal_age_seconds",
+            "Seconds since the lease keeper last renewed and read the ownership table",
+            value=max(0.0, time.monotonic() - ownership.table_read_at),
+        )
+        yield GaugeMetricFamily(
+            "walletd_lease_ttl_seconds",
+            "A lease's time to live: past it without a renewal every shard here is lost",
+            value=ownership.table_stale_s,
+        )
 
 
 class _RequestCollector(Collector):
@@ -287,22 +340,36 @@ class _RequestCollector(Collector):
         yield unavailable
         forwards = CounterMetricFamily(
             "walletd_forwards",
-            "Requests for a shard this process does not serve, by result (answered by the "
-            "owner, second_hop / no_owner / unreachable: 503 NOT_OWNER, unknown: 503)",
+            "Requests for a shard this process does not serve, by result (ANSWERED by the "
+            "owner, SECOND_HOP / NO_OWNER / UNREACHABLE / CUT_OFF: 503 NOT_OWNER, UNKNOWN: 503)",
             labels=["result"],
         )
         for result, count in self._metrics.forward_counts.items():
-            forwards.add_metric([result], count)
+            forwards.add_metric([result.upper()], count)
         yield forwards
         by_key = CounterMetricFamily(
             "walletd_key_requests",
             "Requests with a known API key, by the key's name (never its secret) and result: "
-            "allowed, forbidden (403: scope), rate_limited (429)",
+            "ALLOWED, FORBIDDEN (403: scope), RATE_LIMITED (429)",
             labels=["key", "result"],
         )
         for (name, result), count in self._metrics.key_counts.items():
             by_key.add_metric([name, result], count)
         yield by_key
+        yield CounterMetricFamily(
+            "walletd_bulk_requests",
+            "POST /api/v1/operations/bulk answered 200 by this process (not sub-requests "
+            "forwarded to it)",
+            value=self._metrics.bulk_requests,
+        )
+        items = CounterMetricFamily(
+            "walletd_bulk_items",
+            "Items of those bulk requests, APPLIED or REFUSED (wherever they were applied)",
+            labels=["result"],
+        )
+        for result, count in self._metrics.bulk_items.items():
+            items.add_metric([result], count)
+        yield items
 
 
 class Metrics:
@@ -320,6 +387,8 @@ class Metrics:
         self.forward_counts: dict[str, int] = {}
         # (key name, result): bounded by the configured keys (keys.API_KEYS_MAX) x results.
         self.key_counts: dict[tuple[str, str], int] = {}
+        self.bulk_requests = 0
+        self.bulk_items: dict[str, int] = dict.fromkeys(BULK_ITEM_RESULTS, 0)
         self._engine_source: EngineSource = lambda: None
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineStateCollector(lambda: self._engine_source()))
@@ -341,7 +410,13 @@ class Metrics:
         state.total_s += seconds
 
     def observe_unavailable(self, reason: str) -> None:
+        reason = reason.upper()
         self.unavailable_counts[reason] = self.unavailable_counts.get(reason, 0) + 1
+
+    def observe_bulk(self, applied: int, refused: int) -> None:
+        self.bulk_requests += 1
+        self.bulk_items["APPLIED"] += applied
+        self.bulk_items["REFUSED"] += refused
 
     def observe_forward(self, result: str) -> None:
         self.forward_counts[result] = self.forward_counts.get(result, 0) + 1

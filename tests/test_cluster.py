@@ -288,10 +288,10 @@ async def test_a_stopped_owner_is_fenced_out_and_after_sigcont_serves_nothing_st
             assert status in (200, 503), body
             async with http.get(f"{first.url}/metrics") as response:
                 metrics = await response.text()
-            assert 'walletd_shard_moves_total{direction="lost"}' in metrics
+            assert 'walletd_shard_moves_total{direction="LOST"}' in metrics
             lost = next(
                 line for line in metrics.splitlines()
-                if line.startswith('walletd_shard_moves_total{direction="lost"}')
+                if line.startswith('walletd_shard_moves_total{direction="LOST"}')
             )  # fmt: skip
             assert float(lost.split()[-1]) >= 1
     finally:

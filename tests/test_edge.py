@@ -222,7 +222,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_metrics_count_requests_by_route_and_report_the_engine(client: Client) -> None:
     """/metrics (Prometheus text) counts requests by canonical route and status, and shows
-    batch sizes, commit latency, mailbox depth per shard and resident wallets."""
+    batch sizes, commit latency, mailbox depth per pipeline and resident wallets."""
     wallet_id = await _wallet(client)
     for _ in range(3):
         await client.post(
@@ -255,8 +255,8 @@ async def test_metrics_count_requests_by_route_and_report_the_engine(client: Cli
     assert samples[("walletd_batch_ops_sum", ())] == 3
     assert samples[("walletd_batch_commands_sum", ())] >= 4
     assert samples[("walletd_commit_seconds_count", ())] >= 1
-    assert samples[("walletd_mailbox_depth", (("shard", "0"),))] == 0
-    assert ("walletd_mailbox_depth", (("shard", "1"),)) in samples
+    assert samples[("walletd_mailbox_depth", (("pipeline", "0"),))] == 0
+    assert ("walletd_mailbox_depth", (("pipeline", "1"),)) in samples
     assert samples[("walletd_resident_wallets", ())] >= 1
     assert ("process_cpu_seconds_total", ()) in samples
 
@@ -273,7 +273,7 @@ async def test_metrics_count_503s_by_reason_and_rejected_commands(client: Client
     assert response.status == 503
     samples = _samples(await (await client.get("/metrics")).text())
     assert samples[("walletd_http_unavailable_total", (("reason", "UNAVAILABLE"),))] == 1
-    assert samples[("walletd_commands_rejected_total", (("reason", "stopping"),))] == 1
+    assert samples[("walletd_commands_rejected_total", (("reason", "STOPPING"),))] == 1
 
 
 async def test_two_apps_have_separate_registries(client: Client, module_client: Client) -> None:

@@ -2,9 +2,12 @@
 
 `promtool check rules` and `promtool test rules` (each alert fires on bad series and stays
 quiet on healthy ones); the dashboard JSON and the compose `observability` profile checked
-statically (no Grafana or Docker engine here); and a real Prometheus scraping a live
-walletd process under a little load, asked through its HTTP API for every dashboard query
-and every alert expression with its threshold removed: each must return a series.
+statically (no Grafana or Docker engine here): importable into any Grafana (a datasource
+input, no datasource uid of ours, every query filtered by the `$job` and `$instance`
+variables); and a real Prometheus scraping a live two-process cluster under a little load
+of every kind (operations, transfers, holds, bulk, a feed stream), asked through its HTTP
+API for every dashboard query (its variables substituted as Grafana does) and every alert
+expression with its threshold removed: each must return a series.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import test_deployment as deployment
 from tests.processes import WalletdProcess
-from walletd.client.api import WalletdClient
+from walletd.client.api import BulkItem, WalletdClient
 from walletd.client.errors import InsufficientFunds
+from walletd.http.metrics import Metrics
 
 # Every test here starts PostgreSQL, walletd or Prometheus processes.
 pytestmark = pytest.mark.slow
@@ -47,10 +52,31 @@ TOOL_TIMEOUT_S = 60.0
 PROMETHEUS_READY_S = 60.0
 ALL_SERIES_WITHIN_S = 120.0
 SCRAPE_INTERVAL = "1s"
+SHARDS = 4  # the live cluster's shard count: two processes serve two each
 # What Grafana puts in place of its built-in variables when it runs a panel's query.
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "1m"}
+# The dashboard's own variables, as every query must filter by them.
+JOB_FILTER = 'job=~"$job"'
+INSTANCE_FILTER = 'instance=~"$instance"'
+# Labels whose values are not an enumeration: paths, numbers, bucket bounds.
+FREE_LABELS = frozenset({"route", "status", "shard", "pipeline", "le"})
 # An alert expression ends in "<comparison> <number>"; removing it leaves what is compared.
 THRESHOLD = re.compile(r"\s*(==|!=|>=|<=|>|<)\s*[-+]?[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?\s*$")
+
+# The load moves every figure the new panels show, not only its pre-set zeros: each query
+# must return this many series above 0.
+MOVED_FIGURES = {
+    "sum by (event) (increase(walletd_holds_total[1m])) > 0": 4,
+    'sum by (status) (increase(walletd_transfers_ended_total{status="COMPLETED"}[1m])) > 0': 1,
+    "sum by (result) (increase(walletd_bulk_items_total[1m])) > 0": 2,
+    "sum(increase(walletd_bulk_requests_total[1m])) > 0": 1,
+    "sum(walletd_feed_streams_open) > 0": 1,
+    "sum(increase(walletd_feed_events_sent_total[1m])) > 0": 1,
+    'sum(increase(walletd_forwards_total{result="ANSWERED"}[1m])) > 0': 1,
+    'sum(walletd_shard_moves_total{direction="GAINED"}) > 0': 1,
+    "sum by (instance) (walletd_shards_served) > 0": 2,
+    "sum(walletd_lease_renewal_age_seconds) > 0": 1,
+}
 
 StartWalletd = Callable[..., WalletdProcess]
 
@@ -74,12 +100,17 @@ def dashboard_panels() -> list[dict[str, Any]]:
     return panels + nested
 
 
-def dashboard_queries() -> list[str]:
+def dashboard_queries(job: str = "walletd", instances: tuple[str, ...] = ()) -> list[str]:
+    """Every panel query as Grafana sends it: ``$job`` the job picked, ``$instance`` the
+    instances picked (regex-escaped inside the PromQL string, so ``\\\\.`` for a dot; joined
+    by ``|``; ``.*`` for All)."""
+    instance = "|".join(re.escape(i).replace("\\", "\\\\") for i in instances) or ".*"
+    values = {**GRAFANA_VARIABLES, "$job": job, "$instance": instance}
     queries = []
     for panel in dashboard_panels():
         for target in panel.get("targets", []):
             query = target["expr"]
-            for variable, value in GRAFANA_VARIABLES.items():
+            for variable, value in values.items():
                 query = query.replace(variable, value)
             queries.append(query)
     return queries
@@ -148,14 +179,13 @@ def test_alerts_carry_severity_and_a_summary() -> None:
 # --- the dashboard and its provisioning, statically -----------------------------------------
 
 
-def test_dashboard_is_a_provisionable_grafana_dashboard() -> None:
+def test_dashboard_is_a_grafana_dashboard() -> None:
     """The JSON has what Grafana needs: a uid and title, unique panel ids on a 24-wide grid,
-    and every query panel on the provisioned Prometheus datasource."""
+    and at least one query in each query panel."""
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"]
     assert dashboard["title"]
     assert dashboard["schemaVersion"] >= 36
-    datasource_uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
     panels = dashboard_panels()
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -165,12 +195,78 @@ def test_dashboard_is_a_provisionable_grafana_dashboard() -> None:
         assert grid["x"] + grid["w"] <= 24, panel["title"]
         if panel["type"] in {"row", "text"}:
             continue
-        assert panel["datasource"] == {"type": "prometheus", "uid": datasource_uid}
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == datasource_uid
             assert target["expr"].strip(), panel["title"]
-    assert len(dashboard_queries()) >= 15
+    assert len(dashboard_queries()) >= 30
+    assert "reserved" not in DASHBOARD.read_text().lower()
+
+
+def test_dashboard_imports_into_any_grafana() -> None:
+    """Dashboards → Import asks for a Prometheus datasource (the DS_PROMETHEUS input), which
+    a `datasource` variable carries to every panel and query; no datasource uid of ours is
+    written anywhere, and `job` / `instance` variables filter every query."""
+    text = DASHBOARD.read_text()
+    dashboard = json.loads(text)
+    (ds_input,) = dashboard["__inputs"]
+    assert (ds_input["name"], ds_input["type"], ds_input["pluginId"]) == (
+        "DS_PROMETHEUS", "datasource", "prometheus",
+    )  # fmt: skip
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == "${DS_PROMETHEUS}"
+    for name in ("job", "instance"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["datasource"]["uid"] == "${datasource}"
+    assert variables["instance"]["multi"]
+    assert variables["instance"]["includeAll"]
+    provisioned_uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
+    assert provisioned_uid not in text, "a datasource uid of this repository's provisioning"
+    for panel in dashboard_panels():
+        if panel["type"] in {"row", "text"}:
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            expr = target["expr"]
+            selectors = re.findall(r"\b[a-z_:]+\{[^}]*\}", expr)
+            bare = re.findall(r"\b(?:walletd|process|python|up)[a-z_]*\b(?![{(])", expr)
+            assert not bare, f"{panel['title']}: a series without the filters: {bare}"
+            for selector in selectors:
+                assert JOB_FILTER in selector, f"{panel['title']}: {selector}"
+                assert INSTANCE_FILTER in selector, f"{panel['title']}: {selector}"
+            assert 'job="' not in expr, panel["title"]
+
+
+def test_metrics_export_no_created_series_and_one_casing() -> None:
+    """/metrics has no `*_created` series (prometheus-client's creation timestamps), and
+    every enumerated label value is upper case (the API's spelling of codes and statuses)."""
+    metrics = Metrics()
+    metrics.engine.transfer_ended("COMPLETED", "request")
+    metrics.engine.batch_failed(0, 3, "commit_failed")
+    metrics.engine.command_rejected("overloaded")
+    metrics.engine.hold_changed("CREATED")
+    metrics.observe_request("/healthz", "GET", 200, 0.001)
+    metrics.observe_unavailable("OVERLOADED")
+    metrics.observe_forward("answered")
+    metrics.observe_bulk(2, 1)
+    text = metrics.exposition().decode()
+    assert not [line for line in text.splitlines() if "_created" in line]
+    assert_one_casing(text)
+
+
+def assert_one_casing(text: str) -> None:
+    """Every walletd_* label value outside FREE_LABELS is written in upper case."""
+    mixed = set()
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("walletd_"):
+            continue
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                if label not in FREE_LABELS and value != value.upper():
+                    mixed.add(f"{sample.name}{{{label}={value!r}}}")
+    assert not mixed, sorted(mixed)
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, Path]:
@@ -245,12 +341,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_prometheus(tmp_path: Path, target: str) -> Iterator[str]:
-    """Prometheus scraping ``target`` every second, with alerts.yml loaded; its base URL."""
+def running_prometheus(tmp_path: Path, targets: list[str]) -> Iterator[str]:
+    """Prometheus scraping ``targets`` every second, with alerts.yml loaded; its base URL."""
     config = {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": [str(ALERTS)],
-        "scrape_configs": [{"job_name": "walletd", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [{"job_name": "walletd", "static_configs": [{"targets": targets}]}],
     }
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
@@ -297,60 +393,124 @@ async def series_count(session: aiohttp.ClientSession, url: str, query: str) -> 
     return len(body["data"]["result"])
 
 
+async def metrics_text(session: aiohttp.ClientSession, base_url: str) -> str:
+    async with session.get(f"{base_url.rstrip('/')}/metrics") as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def balanced(session: aiohttp.ClientSession, urls: list[str]) -> bool:
+    """Every process serves its share of the shards (the cluster settled after the join)."""
+    served = []
+    for url in urls:
+        match = re.search(r"^walletd_shards_served (\S+)$", await metrics_text(session, url),
+                          re.MULTILINE)  # fmt: skip
+        served.append(float(match.group(1)) if match else 0.0)
+    return all(count == SHARDS / len(urls) for count in served)
+
+
 @contextlib.asynccontextmanager
 async def light_load(base_url: str) -> AsyncIterator[None]:
-    """Creations, deposits, reads, history and refused withdrawals until the block ends."""
+    """Until the block ends, a little of everything the dashboard shows: creations,
+    deposits, reads, history, refused withdrawals, transfers, holds (captured, voided,
+    expired), bulk requests with a refused item, and one open feed stream. The wallets
+    spread over both processes' shards, so requests are forwarded and transfers cross."""
+
+    async def operations(walletd: WalletdClient, http: aiohttp.ClientSession) -> None:
+        wallet = await walletd.create_wallet()
+        other = await walletd.create_wallet()
+        for _ in range(5):
+            await walletd.deposit(wallet.id, "1.00")
+            await walletd.get_wallet(wallet.id)
+        with contextlib.suppress(InsufficientFunds):
+            await walletd.withdraw(wallet.id, "100.00")
+        _ = [item async for item in walletd.history(wallet.id)]
+        async with http.post(
+            f"{base_url}/api/v1/transfers",
+            json={"from_wallet_id": wallet.id, "to_wallet_id": other.id, "amount": "1.00"},
+        ) as response:
+            assert response.status == 201, await response.text()
+        captured = await walletd.create_hold(wallet.id, "0.50")
+        await walletd.capture(captured.id)
+        voided = await walletd.create_hold(wallet.id, "0.50")
+        await walletd.void(voided.id)
+        await walletd.create_hold(other.id, "0.10", expires_in_s=1)  # the sweep expires it
+        await walletd.bulk([
+            BulkItem(wallet.id, "DEPOSIT", "1.00"),
+            BulkItem(other.id, "DEPOSIT", "1.00"),
+            BulkItem(other.id, "WITHDRAW", "1000.00"),  # refused: insufficient funds
+        ])  # fmt: skip
 
     async def loop() -> None:
-        async with WalletdClient(base_url) as walletd:
+        async with WalletdClient(base_url) as walletd, aiohttp.ClientSession() as http:
             while True:
-                wallet = await walletd.create_wallet()
-                for _ in range(5):
-                    await walletd.deposit(wallet.id, "1.00")
-                    await walletd.get_wallet(wallet.id)
-                with contextlib.suppress(InsufficientFunds):
-                    await walletd.withdraw(wallet.id, "100.00")
-                _ = [item async for item in walletd.history(wallet.id)]
+                await operations(walletd, http)
                 await asyncio.sleep(0.05)  # a little load, not a benchmark
 
-    task = asyncio.create_task(loop())
+    async def stream() -> None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{base_url}/api/v1/events/stream") as response,
+        ):
+            assert response.status == 200
+            async for _chunk in response.content.iter_any():
+                pass
+
+    tasks = [asyncio.create_task(loop()), asyncio.create_task(stream())]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if not task.cancelled() and task.exception() is not None:
-            raise AssertionError("the load failed") from task.exception()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not task.cancelled() and task.exception() is not None:
+                raise AssertionError("the load failed") from task.exception()
 
 
 @pytest.mark.slow
 async def test_every_dashboard_query_and_alert_expression_returns_series(
     walletd_process: StartWalletd, database_url: str, tmp_path: Path
 ) -> None:
-    """On a real Prometheus scraping a live walletd under load, every dashboard query and
-    every alert expression without its threshold returns at least one series, and
-    Prometheus loaded every alert rule healthy."""
-    walletd = await asyncio.to_thread(
-        walletd_process, "--database-url", database_url, "--shards", "2"
-    )
-    target = walletd.url.removeprefix("http://").rstrip("/")
-    queries = {f"dashboard: {q}": q for q in dashboard_queries()}
+    """On a real Prometheus scraping a live two-process cluster under load of every kind,
+    every dashboard query (its job and instance variables set to the scraped targets) and
+    every alert expression without its threshold returns at least one series, the figures
+    of transfers, holds, bulk, the feed and the leases move (MOVED_FIGURES); Prometheus
+    loaded every alert rule healthy; and /metrics has no `*_created` series and writes every
+    enumerated label value in upper case."""
+    flags = ("--database-url", database_url, "--shards", str(SHARDS), "--lease-ttl", "2",
+             "--hold-sweep-interval", "0.5")  # fmt: skip
+    first = await asyncio.to_thread(walletd_process, *flags)
+    second = await asyncio.to_thread(walletd_process, *flags)
+    urls = [first.url.rstrip("/"), second.url.rstrip("/")]
+    targets = [url.removeprefix("http://") for url in urls]
+    queries = {f"dashboard: {q}": q for q in dashboard_queries("walletd", tuple(targets))}
     queries.update({f"alert {name}: {q}": q for name, q in alert_queries().items()})
-    with running_prometheus(tmp_path, target) as prometheus:
+    with running_prometheus(tmp_path, targets) as prometheus:
         timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(timeout=timeout) as session, light_load(walletd.url):
-            await until_ready(session, prometheus)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
             deadline = time.monotonic() + ALL_SERIES_WITHIN_S
-            while True:
-                empty = [label for label, q in queries.items()
-                         if await series_count(session, prometheus, q) == 0]  # fmt: skip
-                if not empty:
-                    break
-                assert time.monotonic() < deadline, "no series for:\n" + "\n".join(empty)
-                await asyncio.sleep(1)
-            async with session.get(f"{prometheus}/api/v1/rules") as response:
-                groups = (await response.json())["data"]["groups"]
+            while not await balanced(session, urls):
+                assert time.monotonic() < deadline, "the two processes never split the shards"
+                await asyncio.sleep(0.2)
+            async with light_load(urls[0]):
+                await until_ready(session, prometheus)
+                while True:
+                    empty = [label for label, q in queries.items()
+                             if await series_count(session, prometheus, q) == 0]  # fmt: skip
+                    empty += [f"moved: {q}" for q, count in MOVED_FIGURES.items()
+                              if await series_count(session, prometheus, q) < count]  # fmt: skip
+                    if not empty:
+                        break
+                    assert time.monotonic() < deadline, "no series for:\n" + "\n".join(empty)
+                    await asyncio.sleep(1)
+                async with session.get(f"{prometheus}/api/v1/rules") as response:
+                    groups = (await response.json())["data"]["groups"]
+                exposed = [await metrics_text(session, url) for url in urls]
     rules = [rule for group in groups for rule in group["rules"]]
     assert {rule["name"] for rule in rules} == {rule["alert"] for rule in alert_rules()}
     assert all(rule["health"] == "ok" for rule in rules), rules
+    for text in exposed:
+        assert "_created" not in text
+        assert_one_casing(text)

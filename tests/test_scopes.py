@@ -283,8 +283,8 @@ async def test_secrets_never_reach_the_access_log_the_logs_or_metrics(
         (s.labels["key"], s.labels["result"]): s.value
         for s in families["walletd_key_requests"].samples
     }
-    assert samples[("ops", "allowed")] == 1
-    assert samples[("read-only", "forbidden")] == 1
+    assert samples[("ops", "ALLOWED")] == 1
+    assert samples[("read-only", "FORBIDDEN")] == 1
 
 
 async def test_a_key_over_its_rate_gets_429_with_retry_after(

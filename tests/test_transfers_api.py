@@ -84,7 +84,7 @@ async def test_a_transfer_is_201_readable_and_in_both_histories(client: Client) 
         assert (newest["operation_type"], newest["transfer_id"]) == (kind, body["id"])
         assert newest["idempotency_key"] is None
     metrics = await (await client.get("/metrics")).text()
-    assert 'walletd_transfers_ended_total{driver="request",status="COMPLETED"} 1.0' in metrics
+    assert 'walletd_transfers_ended_total{driver="REQUEST",status="COMPLETED"} 1.0' in metrics
     assert "walletd_transfers_driving 0.0" in metrics
 
 
