@@ -350,7 +350,11 @@ async def _haproxy_sync(config: Config, args: argparse.Namespace) -> int:
 _COMMANDS = {
     "serve": (_serve_command, "run the HTTP service"),
     "migrate": (_migrate, "apply database migrations and exit"),
-    "verify": (_verify, "check every wallet's snapshot against its log; exit 1 on mismatch"),
+    "verify": (
+        _verify,
+        "check every wallet's snapshot against its log, and every transfer and hold against"
+        " its rows (money conserved); exit 1 on mismatch",
+    ),
     "restore": (_restore, "rebuild the wallets snapshot from the log (server must be stopped)"),
     "seed": (_seed, "bulk-create wallets and history with COPY, for load tests"),
     "cluster": (

@@ -8,9 +8,17 @@
   each held_after = the running held with 0 <= held <= balance, and created_at never goes
   back: as-of reads binary-search by it); the snapshot's held equals the log's too. Then
   that every wallet's held is the sum of its PENDING holds (``HELD_CHECK``, one statement).
-  Memory is bounded by the cursor fetch size, whatever the table sizes. Then it checks
-  that every log row and every wallet creation has exactly one change-feed position:
-  none without one, no two sharing one (``FEED_POSITIONS_CHECK``).
+  Memory is bounded by the cursor fetch size, whatever the table sizes. Meanwhile, on a
+  third connection in the same snapshot, it checks that money is conserved across wallets:
+  every transfer has exactly the legs its status allows, each on its wallet and of its
+  amount, and no leg names no transfer (``TRANSFER_LEGS_CHECK``); every hold has exactly
+  the HOLD / CAPTURE / RELEASE rows its resolution calls for (``HOLD_ROWS_CHECK``), and a
+  capture into another wallet names its transfer (``HOLD_TRANSFERS_CHECK``); and
+  sum(balance) + sum(PENDING transfers) = deposits - withdrawals - captures
+  (``CONSERVATION``). Each is one statement aggregating or joining on the server, returning
+  at most ``FEED_MISMATCHES_MAX`` rows. Then it checks that every log row and every wallet
+  creation has exactly one change-feed position: none without one, no two sharing one
+  (``FEED_POSITIONS_CHECK``).
 - ``restore`` rebuilds every wallet's balance, held, seq and updated_at from the log in one
   transaction, holding the serving lock so no walletd serves the database meanwhile. It is
   one statement on purpose: split into 64 slices of the id space (to report progress) it
@@ -83,10 +91,15 @@ class _NoProgress:
 
 @dataclass(frozen=True, slots=True)
 class Mismatch:
-    wallet_id: UUID
+    """A problem found by verify: in one wallet (its snapshot, or a log row it carries), or
+    in the log as a whole (``wallet_id`` None: the conservation equation)."""
+
+    wallet_id: UUID | None
     problem: str
 
     def __str__(self) -> str:
+        if self.wallet_id is None:
+            return f"mismatch: the whole log: {self.problem}"
         return f"mismatch: wallet {self.wallet_id}: {self.problem}"
 
 
@@ -94,6 +107,8 @@ class Mismatch:
 class VerifyReport:
     wallets: int = 0
     operations: int = 0
+    transfers: int = 0
+    holds: int = 0
     mismatches: int = 0
     seconds: float = 0.0
     first_mismatches: list[Mismatch] = field(default_factory=list)
@@ -105,7 +120,8 @@ class VerifyReport:
     def summary(self) -> str:
         verdict = "OK" if self.clean else f"{self.mismatches} MISMATCHES"
         return (
-            f"verify: {self.wallets} wallets, {self.operations} operations checked in "
+            f"verify: {self.wallets} wallets, {self.operations} operations checked, "
+            f"{self.transfers} transfers and {self.holds} holds matched to their rows in "
             f"{self.seconds:.1f} s: {verdict}"
         )
 
@@ -163,6 +179,90 @@ SELECT w.id, w.held, coalesce(h.pending, 0)
 """
 
 
+# Conservation across wallets (migration legs_match_their_transfers_and_holds; the append
+# refuses these at write time, verify finds rows that bypassed it). A leg or hold row is
+# tied to its transfer or hold by its key, "<US>KIND:<id>" (engine/commands.py). Each check
+# lists, for every transfer (hold), the rows it may have (`wanted`: the ones its status
+# calls for), full-joins them on the key with the log's rows of those kinds, and returns
+# the differences: a wanted row missing, a row of no transfer (hold), a row its status does
+# not allow, or one on another wallet, of another kind or amount. One hash join each, on
+# the server (it spills to disk past work_mem); at most FEED_MISMATCHES_MAX rows come back.
+TRANSFER_LEGS_CHECK = f"""
+SELECT a.wallet_id, a.seq, a.kind, a.amount,
+       e.id, e.status, e.kind, e.wallet_id, e.amount, e.wanted
+  FROM (SELECT t.id, t.status, t.amount, l.kind, l.wallet_id, l.wanted,
+               chr(31) || l.name || ':' || t.id AS key
+          FROM transfers AS t
+         CROSS JOIN LATERAL (VALUES
+               (3::smallint, 'TRANSFER_OUT', t.from_wallet_id, true),
+               (4::smallint, 'TRANSFER_IN', t.to_wallet_id, t.status = 2),
+               (5::smallint, 'TRANSFER_REFUND', t.from_wallet_id, t.status = 3))
+               AS l(kind, name, wallet_id, wanted)) AS e
+  FULL JOIN (SELECT wallet_id, seq, kind, amount, idempotency_key AS key
+               FROM wallet_operations WHERE kind BETWEEN 3 AND 5) AS a
+    ON a.key = e.key
+ WHERE CASE WHEN a.seq IS NULL THEN e.wanted
+            ELSE e.id IS NULL OR NOT e.wanted OR a.wallet_id <> e.wallet_id
+                 OR a.kind <> e.kind OR a.amount <> e.amount END
+ LIMIT {FEED_MISMATCHES_MAX}
+"""
+# A hold's rows: HOLD of its amount; resolved, CAPTURE of `captured` and RELEASE of the
+# rest; captured into another wallet, RELEASE of the whole (the captured part leaves as its
+# transfer's TRANSFER_OUT, checked with the transfers). Rows of 0 are never written.
+HOLD_ROWS_CHECK = f"""
+SELECT a.wallet_id, a.seq, a.kind, a.amount,
+       e.id, e.status, e.kind, e.wallet_id, e.amount, e.wanted
+  FROM (SELECT h.id, h.status, h.wallet_id, l.kind, l.amount,
+               l.wanted AND l.amount <> 0 AS wanted,
+               chr(31) || l.name || ':' || h.id AS key
+          FROM holds AS h
+         CROSS JOIN LATERAL (VALUES
+               (6::smallint, 'HOLD', h.amount, true),
+               (7::smallint, 'CAPTURE', h.captured, h.status = 2 AND h.to_wallet_id IS NULL),
+               (8::smallint, 'RELEASE',
+                CASE WHEN h.to_wallet_id IS NULL THEN h.amount - h.captured ELSE h.amount END,
+                h.status <> 1))
+               AS l(kind, name, amount, wanted)) AS e
+  FULL JOIN (SELECT wallet_id, seq, kind, amount, idempotency_key AS key
+               FROM wallet_operations WHERE kind BETWEEN 6 AND 8) AS a
+    ON a.key = e.key
+ WHERE CASE WHEN a.seq IS NULL THEN e.wanted
+            ELSE e.id IS NULL OR NOT e.wanted OR a.wallet_id <> e.wallet_id
+                 OR a.kind <> e.kind OR a.amount <> e.amount END
+ LIMIT {FEED_MISMATCHES_MAX}
+"""
+# A capture into another wallet names the transfer that carries the captured money: from
+# the hold's wallet to to_wallet_id, of `captured`.
+HOLD_TRANSFERS_CHECK = f"""
+SELECT h.wallet_id, h.id, h.captured, h.to_wallet_id, h.transfer_id,
+       t.from_wallet_id, t.to_wallet_id, t.amount
+  FROM holds AS h
+  LEFT JOIN transfers AS t ON t.id = h.transfer_id
+ WHERE (h.to_wallet_id IS NOT NULL OR h.transfer_id IS NOT NULL)
+   AND (t.id IS NULL OR h.status <> 2 OR h.to_wallet_id IS NULL
+        OR t.from_wallet_id <> h.wallet_id OR t.to_wallet_id <> h.to_wallet_id
+        OR t.amount <> h.captured)
+ LIMIT {FEED_MISMATCHES_MAX}
+"""
+# The conservation equation (docs/ARCHITECTURE.md, "Holds"), and the counts for the report.
+CONSERVATION = """
+SELECT (SELECT coalesce(sum(balance), 0) FROM wallets),
+       (SELECT coalesce(sum(amount) FILTER (WHERE status = 1), 0) FROM transfers),
+       coalesce(sum(amount) FILTER (WHERE kind = 1), 0),
+       coalesce(sum(amount) FILTER (WHERE kind = 2), 0),
+       coalesce(sum(amount) FILTER (WHERE kind = 7), 0),
+       (SELECT count(*) FROM transfers),
+       (SELECT count(*) FROM holds)
+  FROM wallet_operations
+"""
+_KIND_NAMES = {
+    1: "DEPOSIT", 2: "WITHDRAW", 3: "TRANSFER_OUT", 4: "TRANSFER_IN", 5: "TRANSFER_REFUND",
+    6: "HOLD", 7: "CAPTURE", 8: "RELEASE",
+}  # fmt: skip
+_TRANSFER_STATUSES = {1: "PENDING", 2: "COMPLETED", 3: "FAILED"}
+_HOLD_STATUSES = {1: "PENDING", 2: "CAPTURED", 3: "VOIDED", 4: "EXPIRED"}
+
+
 class _Rows:
     """A server-side cursor read in fixed-size fetches, the next one always in flight.
 
@@ -199,19 +299,26 @@ class _Rows:
 
 
 @contextlib.asynccontextmanager
-async def _snapshot_readers(dsn: str, fetch_rows: int) -> AsyncIterator[tuple[_Rows, _Rows]]:
-    """Wallets and operations readers on two connections that share one snapshot."""
+async def _snapshot_readers(
+    dsn: str, fetch_rows: int
+) -> AsyncIterator[tuple[_Rows, _Rows, asyncpg.Connection]]:
+    """Wallets and operations readers on two connections, and a third connection for the
+    checks across wallets, all three sharing one snapshot."""
     first = await connect(dsn)
-    second: asyncpg.Connection | None = None
+    others: list[asyncpg.Connection] = []
     readers: list[_Rows] = []
     try:
-        second = await connect(dsn)
+        others.append(await connect(dsn))
+        others.append(await connect(dsn))
+        second, third = others
         async with (
             first.transaction(isolation="repeatable_read", readonly=True),
             second.transaction(isolation="repeatable_read", readonly=True),
+            third.transaction(isolation="repeatable_read", readonly=True),
         ):
             snapshot = await first.fetchval("SELECT pg_export_snapshot()")
-            await second.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            for connection in others:
+                await connection.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             # The progress bar's total, counted in the same snapshot the cursor reads.
             wallet_count = await first.fetchval("SELECT count(*) FROM wallets")
             readers.append(
@@ -219,14 +326,13 @@ async def _snapshot_readers(dsn: str, fetch_rows: int) -> AsyncIterator[tuple[_R
             )
             readers.append(_Rows(await second.cursor(_OPERATIONS_IN_ORDER), fetch_rows))
             try:
-                yield readers[0], readers[1]
+                yield readers[0], readers[1], third
             finally:
                 for reader in readers:
                     await reader.close()
     finally:
-        for connection in (first, second):
-            if connection is not None:
-                await connection.close()
+        for connection in (first, *others):
+            await connection.close()
 
 
 async def verify(
@@ -241,97 +347,170 @@ async def verify(
     report = VerifyReport()
     progress = progress or _NoProgress()
 
-    def found(wallet_id: UUID, problem: str) -> None:
+    def found(wallet_id: UUID | None, problem: str) -> None:
         mismatch = Mismatch(wallet_id, problem)
         report.mismatches += 1
         if len(report.first_mismatches) < MISMATCHES_KEPT_MAX:
             report.first_mismatches.append(mismatch)
         on_mismatch(mismatch)
 
-    operations_checked = 0
-    async with _snapshot_readers(dsn, fetch_rows) as (wallets, operations):
-        progress.set_total(wallets.row_count)
-        pending: list[asyncpg.Record] = []  # log rows fetched, not yet replayed
-        position = 0
-        pending_rows = 0  # len(pending), kept in a local: this loop runs per log row
-        for_wallets = await wallets.take_batch()
-        while for_wallets:
-            report.wallets += len(for_wallets)
-            for index, (wallet_id, snap_balance, snap_seq, snap_held) in enumerate(for_wallets):
-                if not index % VERIFY_YIELD_WALLETS:
-                    # Let the event loop read the fetches in flight: the server streams on
-                    # (another core) instead of stalling on a full socket buffer.
-                    await asyncio.sleep(0)
-                balance = 0
-                held = 0
-                seq = 0
-                chain_ok = True
-                while True:
-                    if position >= pending_rows:
-                        operations_checked += pending_rows
-                        pending = await operations.take_batch()
-                        position = 0
-                        pending_rows = len(pending)
-                        if not pending:
-                            break
-                    (
-                        op_wallet,
-                        op_seq,
-                        signed_amount,
-                        balance_after,
-                        back,
-                        signed_held,
-                        held_after,
-                    ) = pending[position]
-                    if op_wallet != wallet_id:
-                        if op_wallet < wallet_id:
-                            found(op_wallet, "log rows without a snapshot row")
-                            position += 1
-                            continue
-                        break
-                    position += 1
-                    balance += signed_amount
-                    held += signed_held
-                    seq += 1
-                    if chain_ok and (
-                        op_seq != seq
-                        or balance_after != balance
-                        or held_after != held
-                        or not 0 <= held <= balance
-                    ):
-                        chain_ok = False
-                        found(
-                            wallet_id,
-                            f"log chain broken at seq {op_seq} (expected seq {seq}, "
-                            f"balance_after {balance_after}, replayed balance {balance}, "
-                            f"held_after {held_after}, replayed held {held})",
-                        )
-                    if back:
-                        found(wallet_id, f"created_at of seq {op_seq} is before seq {op_seq - 1}'s")
-                if snap_balance != balance:
-                    found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
-                if snap_seq != seq:
-                    found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
-                if snap_held != held:
-                    found(wallet_id, f"snapshot held {snap_held} != log held {held}")
-            progress.advance(len(for_wallets))
-            for_wallets = await wallets.take_batch()
-        # Log rows past the last wallet belong to no snapshot row.
-        while True:
-            if position >= pending_rows:
-                operations_checked += pending_rows
-                pending = await operations.take_batch()
-                position = 0
-                pending_rows = len(pending)
-                if not pending:
-                    break
-            found(pending[position][0], "log rows without a snapshot row")
-            position += 1
+    async with _snapshot_readers(dsn, fetch_rows) as (wallets, operations, checks):
+        # On its own connection, while this task replays: the server runs both at once.
+        across = asyncio.create_task(_check_across_wallets(checks, found, report))
+        try:
+            operations_checked = await _replay(wallets, operations, found, report, progress)
+            await across
+        finally:
+            if not across.done():  # the replay failed: stop the checks, close the readers
+                across.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await across
     report.operations = operations_checked
     await _check_feed_positions(dsn, found)
     await _check_held(dsn, found)
     report.seconds = time.perf_counter() - started
     return report
+
+
+async def _replay(
+    wallets: _Rows,
+    operations: _Rows,
+    found: Callable[[UUID, str], None],
+    report: VerifyReport,
+    progress: ProgressSink,
+) -> int:
+    """Each wallet's snapshot against its log's chain; returns the log rows read."""
+    operations_checked = 0
+    progress.set_total(wallets.row_count)
+    pending: list[asyncpg.Record] = []  # log rows fetched, not yet replayed
+    position = 0
+    pending_rows = 0  # len(pending), kept in a local: this loop runs per log row
+    for_wallets = await wallets.take_batch()
+    while for_wallets:
+        report.wallets += len(for_wallets)
+        for index, (wallet_id, snap_balance, snap_seq, snap_held) in enumerate(for_wallets):
+            if not index % VERIFY_YIELD_WALLETS:
+                # Let the event loop read the fetches in flight: the server streams on
+                # (another core) instead of stalling on a full socket buffer.
+                await asyncio.sleep(0)
+            balance = 0
+            held = 0
+            seq = 0
+            chain_ok = True
+            while True:
+                if position >= pending_rows:
+                    operations_checked += pending_rows
+                    pending = await operations.take_batch()
+                    position = 0
+                    pending_rows = len(pending)
+                    if not pending:
+                        break
+                (
+                    op_wallet,
+                    op_seq,
+                    signed_amount,
+                    balance_after,
+                    back,
+                    signed_held,
+                    held_after,
+                ) = pending[position]
+                if op_wallet != wallet_id:
+                    if op_wallet < wallet_id:
+                        found(op_wallet, "log rows without a snapshot row")
+                        position += 1
+                        continue
+                    break
+                position += 1
+                balance += signed_amount
+                held += signed_held
+                seq += 1
+                if chain_ok and (
+                    op_seq != seq
+                    or balance_after != balance
+                    or held_after != held
+                    or not 0 <= held <= balance
+                ):
+                    chain_ok = False
+                    found(
+                        wallet_id,
+                        f"log chain broken at seq {op_seq} (expected seq {seq}, "
+                        f"balance_after {balance_after}, replayed balance {balance}, "
+                        f"held_after {held_after}, replayed held {held})",
+                    )
+                if back:
+                    found(wallet_id, f"created_at of seq {op_seq} is before seq {op_seq - 1}'s")
+            if snap_balance != balance:
+                found(wallet_id, f"snapshot balance {snap_balance} != log sum {balance}")
+            if snap_seq != seq:
+                found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
+            if snap_held != held:
+                found(wallet_id, f"snapshot held {snap_held} != log held {held}")
+        progress.advance(len(for_wallets))
+        for_wallets = await wallets.take_batch()
+    # Log rows past the last wallet belong to no snapshot row.
+    while True:
+        if position >= pending_rows:
+            operations_checked += pending_rows
+            pending = await operations.take_batch()
+            position = 0
+            pending_rows = len(pending)
+            if not pending:
+                break
+        found(pending[position][0], "log rows without a snapshot row")
+        position += 1
+    return operations_checked
+
+
+async def _check_across_wallets(
+    connection: asyncpg.Connection,
+    found: Callable[[UUID | None, str], None],
+    report: VerifyReport,
+) -> None:
+    """Conservation across wallets, in the replay's snapshot (module docstring)."""
+    for check, owner in ((TRANSFER_LEGS_CHECK, "transfer"), (HOLD_ROWS_CHECK, "hold")):
+        for row in await connection.fetch(check):
+            wallet_id, problem = _row_problem(owner, row)
+            found(wallet_id, problem)
+    for row in await connection.fetch(HOLD_TRANSFERS_CHECK):
+        wallet_id, hold_id, captured, to_wallet, transfer_id, source, target, amount = row
+        carried = "none" if source is None else f"{amount} from {source} to {target}"
+        found(
+            wallet_id,
+            f"hold {hold_id} captured {captured} into wallet {to_wallet} by transfer "
+            f"{transfer_id}, which carries {carried}",
+        )
+    totals = await connection.fetchrow(CONSERVATION)
+    assert totals is not None
+    # Sums of bigint are numeric (Decimal): exact, made int for the comparison and text.
+    balances, pending, deposits, withdrawals, captures = (int(total) for total in totals[:5])
+    transfers, holds = totals[5], totals[6]
+    report.transfers, report.holds = transfers, holds
+    if balances + pending != deposits - withdrawals - captures:
+        found(
+            None,
+            f"sum(balance) {balances} + PENDING transfers {pending} != deposits {deposits}"
+            f" - withdrawals {withdrawals} - captures {captures}: money was made or lost",
+        )
+
+
+def _row_problem(owner: str, row: asyncpg.Record) -> tuple[UUID, str]:
+    """The wallet and the words for one row of TRANSFER_LEGS_CHECK or HOLD_ROWS_CHECK."""
+    wallet_id, seq, kind, amount, owner_id, status, want_kind, want_wallet, want, wanted = row
+    statuses = _TRANSFER_STATUSES if owner == "transfer" else _HOLD_STATUSES
+    if seq is None:
+        return want_wallet, (
+            f"{owner} {owner_id} ({statuses[status]}) has no {_KIND_NAMES[want_kind]} row "
+            f"of {want} on this wallet"
+        )
+    logged = f"log row seq {seq} ({_KIND_NAMES[kind]} of {amount})"
+    if owner_id is None:
+        return wallet_id, f"{logged} belongs to no {owner}: its key names none"
+    if not wanted:
+        return wallet_id, (f"{logged} is a row {owner} {owner_id} ({statuses[status]}) cannot have")
+    return wallet_id, (
+        f"{logged} does not match {owner} {owner_id} ({statuses[status]}), whose "
+        f"{_KIND_NAMES[want_kind]} is {want} on wallet {want_wallet}"
+    )
 
 
 async def _check_held(dsn: str, found: Callable[[UUID, str], None]) -> None:

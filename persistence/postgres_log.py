@@ -30,6 +30,7 @@ from uuid import UUID
 import asyncpg
 
 from walletd.engine.model import (
+    HOLD_KINDS,
     Batch,
     HoldRecord,
     HoldStatus,
@@ -74,10 +75,18 @@ _NO_REFUSAL_REFERENCES: list[object] = []
 # A batch that opens or closes transfers, or creates or resolves holds, writes them in the
 # same statement, hence the same implicit transaction, as its log rows and snapshots
 # (migrations "transfers" and "holds"). The placeholders after $32 are numbered in order.
-_TRANSFERS_CALL = "walletd_append_transfers({})"
+# Each call also gets the batch's log rows (wallet, seq, kind, amount, key: $5 $6 $7 $8 $10,
+# sent once) and refuses legs or hold rows that do not match its transfers or holds
+# (migration "legs_match_their_transfers_and_holds": WD006, WD007). So it is called whenever
+# the batch has a row of its kinds, even with no transfer or hold to write: a leg row
+# without its transfer is refused there too.
+_TRANSFERS_CALL = "walletd_append_transfers({}, $5, $6, $7, $8, $10)"
 _TRANSFERS_ARGS = 10
-_HOLDS_CALL = "walletd_append_holds({})"
+_HOLDS_CALL = "walletd_append_holds({}, $5, $6, $7, $8, $10)"
 _HOLDS_ARGS = 17
+_LEG_KINDS = frozenset(
+    {OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
+)
 
 
 def _append_statement(transfers: bool, holds: bool) -> str:
@@ -206,6 +215,9 @@ _TRANSFER_NOT_PENDING = "WD004"
 _HOLD_NOT_PENDING = "WD005"
 # Raised by walletd_fence when a shard's lease epoch is newer than the batch's.
 _STALE_EPOCH = "WDF01"
+# Raised by walletd_append_transfers (WD006: a transfer leg unlike its transfer) and
+# walletd_append_holds (WD007: a hold row unlike its hold): definite refusals (below),
+# nothing written, the message names the row; no retry can make such a batch pass.
 # Raised by walletd_append_batch when a snapshot's seq is ahead of the batch's: another
 # writer. Not the batch's content at fault: the whole batch fails (503) and is re-read.
 _ANOTHER_WRITER = "WD001"
@@ -460,8 +472,10 @@ class PostgresLog(WalletLog):
             [o.actor for o in ops],
             [r.actor for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
         )
-        transfers = bool(batch.new_transfers or batch.transfer_updates)
-        holds = bool(batch.new_holds or batch.hold_updates)
+        kinds = args[6]
+        opens_or_closes = bool(batch.new_transfers or batch.transfer_updates)
+        transfers = opens_or_closes or not _LEG_KINDS.isdisjoint(kinds)
+        holds = bool(batch.new_holds or batch.hold_updates) or not HOLD_KINDS.isdisjoint(kinds)
         statement = _APPEND_STATEMENTS[(transfers, holds)]
         if transfers:
             opened, closed = batch.new_transfers, batch.transfer_updates

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
-from collections.abc import AsyncIterator
-from uuid import UUID
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from uuid import UUID, uuid4
 
 import asyncpg
 import pytest
 
 from tests.processes import walletd_command
-from walletd.persistence.database import DatabaseBusy, connect
+from walletd.engine.commands import HoldAction, Outcome, TransferLeg, hold_key, transfer_leg_key
+from walletd.engine.limits import EngineLimits
+from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.router import Engine
+from walletd.persistence.database import DatabaseBusy, PoolSettings, connect, create_pool
 from walletd.persistence.leases import ensure_cluster
 from walletd.persistence.operator import Mismatch, restore, seed, verify
+from walletd.persistence.postgres_log import PostgresLog
 
 
 async def _execute(dsn: str, sql: str, *args: object) -> str:
@@ -65,7 +72,10 @@ async def test_verify_detects_a_tampered_snapshot_and_restore_fixes_it(database_
     seen: list[Mismatch] = []
     report = await verify(database_url, seen.append)
     assert not report.clean
-    assert report.mismatches == 3  # balance of the first; balance and seq of the second
+    # Balance of the first; balance and seq of the second; and the whole log's sum of
+    # balances no longer matches deposits - withdrawals.
+    assert report.mismatches == 4
+    assert sum(m.wallet_id is None for m in seen) == 1
     assert any(m.wallet_id == wallet_id and "balance" in m.problem for m in seen)
 
     restored = await restore(database_url)
@@ -173,7 +183,7 @@ async def test_commands_exit_codes(database_url: str) -> None:
     done = _run("verify", "--database-url", database_url)
     assert done.returncode == 1
     assert f"mismatch: wallet {wallet_id}" in done.stdout
-    assert "1 MISMATCHES" in done.stdout
+    assert "2 MISMATCHES" in done.stdout  # the wallet, and the whole log's sum of balances
 
     async with _a_live_lease(database_url):
         done = _run("restore", "--database-url", database_url)
@@ -289,3 +299,225 @@ async def test_verify_reports_a_log_stamped_back_in_time(database_url: str) -> N
         (wallet_id, "created_at of seq 3 is before seq 2's")
     ]
     assert report.mismatches == 1
+
+
+# -- conservation across wallets: rows forged straight into the database ------------------
+
+SENDER, RECEIVER, ATTACKER = UUID(int=0xA), UUID(int=0xB), UUID(int=0xC)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """What walletd wrote through its real engine: a COMPLETED and a PENDING transfer, and
+    holds in every state (two PENDING, voided, captured out, captured into a wallet)."""
+
+    completed: UUID
+    pending: UUID
+    held: UUID
+
+
+async def _written_by_walletd(dsn: str) -> Ledger:
+    pool = await create_pool(dsn, PoolSettings(size_max=4))
+    engine = Engine(PostgresLog(pool), EngineLimits(pipelines=2))
+    await engine.start()
+    try:
+        for wallet in (SENDER, RECEIVER, ATTACKER):
+            assert (await engine.create_wallet(wallet, None))[1].outcome is Outcome.CREATED
+        deposited = await engine.apply(SENDER, OperationKind.DEPOSIT, 1_000, None)
+        assert deposited.outcome is Outcome.OK
+        completed, reply = await engine.transfer(None, None, SENDER, RECEIVER, 100, None)
+        assert reply.outcome is Outcome.OK
+        # A transfer left PENDING: its debit alone, as after a crash between the commits.
+        pending = TransferRecord(
+            uuid4(), SENDER, RECEIVER, 1, None, TransferStatus.PENDING, None, 0, 0
+        )
+        debit = TransferLeg(OperationKind.TRANSFER_OUT, pending, asyncio.Future())
+        assert (await engine.deliver_leg(debit)).outcome is Outcome.OK
+        holds = []
+        for held in (50, 50, 30, 40, 20):
+            hold_id, created = await engine.create_hold(SENDER, held, 3600, None, None)
+            assert created.outcome is Outcome.CREATED
+            holds.append(hold_id)
+        for action, hold_id, captured, to_wallet in (
+            (HoldAction.VOID, holds[2], None, None),
+            (HoldAction.CAPTURE, holds[3], 10, None),
+            (HoldAction.CAPTURE, holds[4], None, ATTACKER),
+        ):
+            resolved = await engine.resolve_hold(action, hold_id, captured, None, to_wallet)
+            assert resolved.outcome is Outcome.OK
+    finally:
+        await engine.stop()
+        await pool.close()
+    return Ledger(completed, pending.transfer_id, holds[0])
+
+
+# One log row appended to a wallet as walletd would (seq + 1, balance_after and held_after
+# the running ones, created_at after the last), and the wallet's snapshot moved with it: the
+# wallet's own chain adds up, so only the checks across wallets can see the forgery.
+_FORGE_ROW = """
+WITH w AS (SELECT id, seq, balance, held FROM wallets WHERE id = $1),
+     row AS (
+    INSERT INTO wallet_operations (wallet_id, seq, kind, amount, balance_after,
+                                   idempotency_key, created_at, held_after)
+    SELECT w.id, w.seq + 1, $2, $3, w.balance + $4, $5,
+           (SELECT max(created_at) + interval '1 microsecond' FROM wallet_operations
+             WHERE wallet_id = $1),
+           w.held + $6
+      FROM w
+    RETURNING seq)
+UPDATE wallets SET seq = seq + 1, balance = balance + $4, held = held + $6
+ WHERE id = $1
+RETURNING (SELECT seq FROM row)
+"""
+
+
+async def _forge(
+    dsn: str,
+    wallet: UUID,
+    kind: OperationKind,
+    amount: int,
+    key: str | None,
+    *,
+    balance: int = 0,
+    held: int = 0,
+    also: str | None = None,
+) -> int:
+    """Writes the row (and ``also``, one more statement) in one transaction; its seq."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        async with connection.transaction():
+            seq: int = await connection.fetchval(
+                _FORGE_ROW, wallet, int(kind), amount, balance, key, held
+            )
+            if also is not None:
+                await connection.execute(also)
+        return seq
+    finally:
+        await connection.close()
+
+
+async def _forged_in_of_another_amount(dsn: str, ledger: Ledger) -> tuple[UUID, int, str]:
+    """The review's mint: the PENDING 0.01 transfer credited with 1,000,000,000.00."""
+    key = transfer_leg_key(OperationKind.TRANSFER_IN, ledger.pending)
+    also = f"UPDATE transfers SET status = 2 WHERE id = '{ledger.pending}'"
+    seq = await _forge(dsn, RECEIVER, OperationKind.TRANSFER_IN, 10**11, key, balance=10**11,
+                       also=also)  # fmt: skip
+    return (
+        RECEIVER,
+        seq,
+        (
+            f"(TRANSFER_IN of 100000000000) does not match transfer {ledger.pending} "
+            f"(COMPLETED), whose TRANSFER_IN is 1 on wallet {RECEIVER}"
+        ),
+    )
+
+
+async def _forged_in_for_another_wallet(dsn: str, ledger: Ledger) -> tuple[UUID, int, str]:
+    key = transfer_leg_key(OperationKind.TRANSFER_IN, ledger.pending)
+    also = f"UPDATE transfers SET status = 2 WHERE id = '{ledger.pending}'"
+    seq = await _forge(dsn, ATTACKER, OperationKind.TRANSFER_IN, 1, key, balance=1, also=also)
+    return (
+        ATTACKER,
+        seq,
+        (
+            f"(TRANSFER_IN of 1) does not match transfer {ledger.pending} (COMPLETED), whose "
+            f"TRANSFER_IN is 1 on wallet {RECEIVER}"
+        ),
+    )
+
+
+async def _forged_second_in(dsn: str, ledger: Ledger) -> tuple[UUID, int, str]:
+    key = transfer_leg_key(OperationKind.TRANSFER_IN, ledger.completed)
+    seq = await _forge(dsn, ATTACKER, OperationKind.TRANSFER_IN, 100, key, balance=100)
+    return ATTACKER, seq, f"(TRANSFER_IN of 100) does not match transfer {ledger.completed}"
+
+
+async def _forged_in_of_a_pending_transfer(dsn: str, ledger: Ledger) -> tuple[UUID, int, str]:
+    key = transfer_leg_key(OperationKind.TRANSFER_IN, ledger.pending)
+    seq = await _forge(dsn, RECEIVER, OperationKind.TRANSFER_IN, 1, key, balance=1)
+    return (
+        RECEIVER,
+        seq,
+        (f"(TRANSFER_IN of 1) is a row transfer {ledger.pending} (PENDING) cannot have"),
+    )
+
+
+async def _forged_orphan_leg(dsn: str, _ledger: Ledger) -> tuple[UUID, int, str]:
+    key = transfer_leg_key(OperationKind.TRANSFER_IN, uuid4())
+    seq = await _forge(dsn, ATTACKER, OperationKind.TRANSFER_IN, 5, key, balance=5)
+    return ATTACKER, seq, "(TRANSFER_IN of 5) belongs to no transfer"
+
+
+async def _forged_release_of_more_than_held(dsn: str, ledger: Ledger) -> tuple[UUID, int, str]:
+    """A PENDING hold of 50 voided by a RELEASE of 80 (the wallet holds 100 in all)."""
+    key = hold_key(OperationKind.RELEASE, ledger.held)
+    also = f"UPDATE holds SET status = 3 WHERE id = '{ledger.held}'"
+    seq = await _forge(dsn, SENDER, OperationKind.RELEASE, 80, key, held=-80, also=also)
+    return (
+        SENDER,
+        seq,
+        (
+            f"(RELEASE of 80) does not match hold {ledger.held} (VOIDED), whose RELEASE is 50 on "
+            f"wallet {SENDER}"
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        _forged_in_of_another_amount,
+        _forged_in_for_another_wallet,
+        _forged_second_in,
+        _forged_in_of_a_pending_transfer,
+        _forged_orphan_leg,
+        _forged_release_of_more_than_held,
+    ],
+    ids=lambda forge: forge.__name__.removeprefix("_forged_"),
+)
+async def test_verify_reports_a_forged_leg_whose_wallet_chain_adds_up(
+    database_url: str,
+    forge: Callable[[str, Ledger], Awaitable[tuple[UUID, int, str]]],
+) -> None:
+    """A leg or hold row written straight into the database (with its wallet's snapshot
+    moved, so that wallet's chain adds up) is reported, naming the row: its wallet, seq,
+    kind and amount, and how it differs from its transfer or hold."""
+    ledger = await _written_by_walletd(database_url)
+    clean = await verify(database_url)
+    assert clean.clean, clean.first_mismatches
+    assert (clean.transfers, clean.holds) == (3, 5)
+
+    wallet_id, seq, problem = await forge(database_url, ledger)
+    found: list[Mismatch] = []
+    report = await verify(database_url, found.append)
+    assert not report.clean
+    named = [m for m in found if m.wallet_id == wallet_id and f"log row seq {seq} " in m.problem]
+    assert len(named) == 1, found
+    assert problem in named[0].problem
+
+
+async def test_verify_reports_money_made_across_wallets(database_url: str) -> None:
+    """A credit that mints money breaks the conservation equation, reported for the whole
+    log with its terms."""
+    ledger = await _written_by_walletd(database_url)
+    await _forged_in_of_another_amount(database_url, ledger)
+    found: list[Mismatch] = []
+    await verify(database_url, found.append)
+    whole = [str(m) for m in found if m.wallet_id is None]
+    assert whole == [
+        "mismatch: the whole log: sum(balance) 100000000989 + PENDING transfers 0 != "
+        "deposits 1000 - withdrawals 0 - captures 10: money was made or lost"
+    ]
+
+
+@pytest.mark.slow
+async def test_verify_command_exits_1_naming_a_minted_credit(database_url: str) -> None:
+    """`walletd verify` on the review's forged credit: exit 1, the row named on stdout."""
+    ledger = await _written_by_walletd(database_url)
+    _wallet, seq, _problem = await _forged_in_of_another_amount(database_url, ledger)
+    done = _run("verify", "--database-url", database_url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"mismatch: wallet {RECEIVER}: log row seq {seq} (TRANSFER_IN of 100000000000)" in (
+        done.stdout
+    )
+    assert "mismatch: the whole log: sum(balance)" in done.stdout
