@@ -82,7 +82,7 @@ class InMemoryLog(WalletLog):
             h for h in self.holds.values()
             if h.status is HoldStatus.PENDING and h.shard in wanted and h.expires_at_us <= now_us
         ]  # fmt: skip
-        return sorted(expired, key=lambda h: h.expires_at_us)[:limit]
+        return sorted(expired, key=lambda h: (h.expires_at_us, h.hold_id))[:limit]
 
     async def find_operations(
         self, keys: Sequence[tuple[UUID, str]]

@@ -136,7 +136,7 @@ _EXPIRED_HOLDS = f"""
 SELECT {_HOLD_COLUMNS} FROM holds
  WHERE status = 1 AND shard = ANY($1::integer[])
    AND expires_at <= timestamptz 'epoch' + $2 * interval '1 microsecond'
- ORDER BY expires_at LIMIT $3
+ ORDER BY expires_at, id LIMIT $3
 """
 # No index on updated_at on purpose: it would turn every snapshot move into a non-HOT
 # update. Warm-up is opt-in and runs once at start; a top-N sort of the table is its cost.

@@ -136,6 +136,9 @@ class _Hold:
     amount: int
     expires_in_s: int
     created_at: int  # the test clock's base when created
+    # As the engine stored it: the clock ticks 1 µs per reading, so two holds made at one
+    # base time expire µs apart, and the sweep releases them in that order.
+    expires_at_us: int
     key: str | None
     status: HoldStatus = HoldStatus.PENDING
     captured: int = 0
@@ -242,9 +245,17 @@ class Model:
         )
 
     def create_hold(
-        self, hold_id: UUID, wallet: UUID, amount: int, expires_in_s: int, key: str | None
+        self,
+        hold_id: UUID,
+        wallet: UUID,
+        amount: int,
+        expires_in_s: int,
+        key: str | None,
+        expires_at_us: int,
     ) -> None:
-        self.holds[hold_id] = _Hold(wallet, amount, expires_in_s, self.now, key)
+        # Stamped from the same clock: the model's base plus the µs its readings ticked.
+        assert 0 <= expires_at_us - self.now - expires_in_s * SECOND_US < CLOCK_STEP_US
+        self.holds[hold_id] = _Hold(wallet, amount, expires_in_s, self.now, expires_at_us, key)
         if key is not None:
             self.hold_keys[(wallet, key)] = hold_id
         self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False)
@@ -323,8 +334,8 @@ class Model:
             self.history[hold.wallet][-1].held_after = held
 
     def due(self) -> list[UUID]:
-        """PENDING holds past their expiry, as the sweep reads them (earliest first)."""
-        due = [(h.created_at + h.expires_in_s * SECOND_US, hold_id)
+        """PENDING holds past their expiry, as the sweep reads them: by stored expiry, then id."""
+        due = [(h.expires_at_us, hold_id)
                for hold_id, h in self.holds.items()
                if h.status is HoldStatus.PENDING and self.expired(h)]  # fmt: skip
         return [hold_id for _, hold_id in sorted(due)]
@@ -768,7 +779,7 @@ class EngineMachine(RuleBasedStateMachine):
             return
         assert not reply.replayed
         assert reply.hold.expires_at_us - reply.hold.created_at_us == expires_in_s * SECOND_US
-        model.create_hold(hold_id, wallet, amount, expires_in_s, key)
+        model.create_hold(hold_id, wallet, amount, expires_in_s, key, reply.hold.expires_at_us)
 
     def _hold_ids(self) -> st.SearchStrategy[UUID]:
         unknown = st.just(UUID(int=9999))
@@ -833,7 +844,8 @@ class EngineMachine(RuleBasedStateMachine):
         assert reply.outcome is Outcome.UNAVAILABLE, reply
         if lands:
             (hold_id,) = set(self.log.holds) - before
-            model.create_hold(hold_id, wallet, amount, expires_in_s, None)
+            stored = self.log.holds[hold_id].expires_at_us
+            model.create_hold(hold_id, wallet, amount, expires_in_s, None, stored)
 
     @rule()
     def clock_moves(self) -> None:
@@ -886,6 +898,30 @@ class EngineMachine(RuleBasedStateMachine):
 TestEngineModel = EngineMachine.TestCase
 # More runs than the ledger's: this machine has many more rules to share them (~10 s).
 TestEngineModel.settings = settings(settings.get_profile("engine-model"), max_examples=150)
+
+
+def test_sweep_of_holds_made_at_one_base_time_follows_their_stored_expiry() -> None:
+    """Two holds made at one base time of the test clock expire µs apart (it ticks per
+    reading): the model expects the sweep's RELEASE rows in that order, whatever the ids.
+
+    Keyed holds have derived ids, so the later one is made to have the smaller id: a model
+    ordering ties of its base time by id (a failure seen with random ids) is caught here."""
+    wallet = WALLETS[0]
+    keys = sorted(HOLD_KEYS, key=lambda k: new_hold_id(wallet, k, LIMITS.pipelines))
+    machine = EngineMachine()
+    try:
+        machine.funded_wallets(deposit=20)
+        for key in reversed(keys):  # the larger id first
+            hold_id, reply = machine._run(machine.engine.create_hold(wallet, 1, 1, None, key))
+            assert reply.outcome is Outcome.CREATED, reply
+            assert reply.hold is not None
+            machine.model.create_hold(hold_id, wallet, 1, 1, key, reply.hold.expires_at_us)
+        machine.clock_moves()
+        machine.clock_moves()  # 1.4 s: both past their 1 s
+        machine.sweep()
+        machine.log_matches_model()
+    finally:
+        machine.teardown()
 
 
 # -- the pure ledger, driven directly ----------------------------------------------------
@@ -1074,7 +1110,8 @@ class LedgerMachine(RuleBasedStateMachine):
         (reply,) = self.ledger.answers(applied)
         assert reply.outcome is expected, (reply, expected)
         if action is HoldAction.CREATE and expected is Outcome.CREATED:
-            model.create_hold(hold_id, command.wallet_id, amount, expires_in_s, None)
+            stored = self.log.holds[hold_id].expires_at_us
+            model.create_hold(hold_id, command.wallet_id, amount, expires_in_s, None, stored)
         elif resolves:
             model.resolve(hold_id, action, command.amount, None)
 
