@@ -286,7 +286,7 @@ def test_configuration_tables_are_rendered_from_settings(document: Path) -> None
 @pytest.mark.slow
 def test_docs_config_rewrites_a_stale_table_and_env_example(tmp_path: Path) -> None:
     """`make docs-config`'s commands turn a stale table and env.example into the rendered ones."""
-    stale = tmp_path / "STALE.md"
+    stale = tmp_path / "stale-table.md"
     stale.write_text(f"# Title\n{SETTINGS_TABLE_START}\n| old |\n{SETTINGS_TABLE_END}\nafter\n")
     recipe = subprocess.run(
         ["make", "-n", "--always-make", "docs-config"],
