@@ -121,13 +121,15 @@ def test_the_exit_codes_in_the_help_match_the_runbook(
 
 
 def _walletd_flags(capsys: pytest.CaptureFixture[str]) -> dict[str, set[str]]:
-    """Each command's flags, as its `--help` prints them."""
+    """Each command's flags, as its `--help` prints them ("": `walletd`'s own)."""
     commands = re.findall(r"^    ([a-z-]+)  ", _help(capsys), re.MULTILINE)
     assert "serve" in commands, commands
-    return {
+    flags = {
         command: set(re.findall(r"(--[a-z][a-z0-9-]+)", _help(capsys, command)))
         for command in commands
     }
+    flags[""] = set(re.findall(r"(--[a-z][a-z0-9-]+)", _help(capsys)))  # walletd --version
+    return flags
 
 
 def test_the_help_reads_as_text_and_version_comes_from_the_package(
@@ -135,7 +137,7 @@ def test_the_help_reads_as_text_and_version_comes_from_the_package(
 ) -> None:
     """No `--help` shows reStructuredText markup or a `default None`; `walletd --version`
     prints the installed package's version."""
-    for command in ((), *((name,) for name in _walletd_flags(capsys))):
+    for command in ((), *((name,) for name in _walletd_flags(capsys) if name)):
         help_text = _help(capsys, *command)
         assert "``" not in help_text, command
         assert "default None" not in help_text, command
