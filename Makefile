@@ -36,7 +36,7 @@ cluster: install
 	$(VENV)/bin/walletd cluster --processes $(PROCESSES)
 
 # mypy does not follow setuptools' package-dir mapping, so it reads the
-# namespace package through a tree of symlinks (PACKAGING.md). Rebuilt when this file
+# namespace package through a tree of symlinks (docs/ARCHITECTURE.md, "Packaging"). Rebuilt when this file
 # changes, so a checkout with an older tree gets the links of packages added since.
 .typecheck/walletd: Makefile
 	mkdir -p .typecheck/walletd
@@ -69,7 +69,7 @@ tools:
 test: tools lint typecheck pytest
 
 # Builds the wheel and imports every subpackage from it in a clean venv, because an
-# editable install hides a package missing from `packages` (PACKAGING.md rule 2).
+# editable install hides a package missing from `packages` (docs/ARCHITECTURE.md, "Packaging").
 wheel-test: install-dev
 	rm -rf dist build/wheel-venv
 	$(PY) -m build --wheel --outdir dist . >/dev/null

@@ -363,6 +363,12 @@ class Config:
         return self.as_of_settle_s or self.as_of_settle_min_s
 
 
+def _default_help(setting: Setting) -> str:
+    # `%` is argparse's format character; a default written as text never holds one today.
+    default = default_text(setting)
+    return f"default {default}" if default else "unset by default"
+
+
 def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = None) -> None:
     """The flags of the settings in ``names`` (every setting when None)."""
     for setting in SETTINGS:
@@ -376,7 +382,7 @@ def add_flags(parser: argparse.ArgumentParser, names: Collection[str] | None = N
             # A boolean flag alone means true (`--access-log`); a value is accepted too.
             nargs="?" if setting.parse is _bool else None,
             const="true" if setting.parse is _bool else None,
-            help=f"{setting.help} (env {env}; default {setting.default})",
+            help=f"{setting.help} (env {env}; {_default_help(setting)})",
         )
 
 

@@ -1,12 +1,8 @@
 """The ``walletd`` command: ``serve``, ``migrate``, the operator commands ``verify``,
 ``restore`` and ``seed``, and the cluster tools ``cluster``, ``haproxy-config`` and
-``haproxy-sync`` (docs/SCALING.md).
-
-Exit codes: 0 success; 1 ``verify`` found mismatches; 2 the command could not run (bad
-configuration, PostgreSQL unreachable or too old, a server holds the database); 3 ``serve``:
-the engine gave up; 4 ``serve`` / ``cluster``: the data dir is in use by another walletd
-(one data dir, one owner); 5 ``cluster``: a member kept dying past its restart bound, or
-HAProxy exited. Every error is one readable line on stderr, no traceback.
+``haproxy-sync`` (docs/SCALING.md). Its exit codes are ``EXIT_CODES``, printed by every
+``--help`` and listed in docs/OPERATIONS.md. Every error is one readable line on stderr, no
+traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import importlib.metadata
 import logging
 import signal
 import socket
@@ -382,11 +379,62 @@ def _add_haproxy_flags(sub: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+# Every exit status walletd uses: its meaning, and the commands that can end with it (None:
+# every command). Each `--help` lists the ones of its command; docs/OPERATIONS.md has the same
+# table, word for word (tests/test_data_dir.py::test_the_exit_codes_in_the_help_match_the_runbook).
+EXIT_CODES: dict[int, tuple[str, frozenset[str] | None]] = {
+    0: ("done", None),
+    1: ("verify found mismatches", frozenset({"verify"})),
+    2: ("the command could not run (one line on stderr says why)", None),
+    EXIT_ENGINE_FAILED: ("serve: the engine gave up", frozenset({"serve"})),
+    EXIT_DATA_DIR_IN_USE: (
+        "serve / cluster: the data dir is in use by another walletd",
+        frozenset({"serve", "cluster"}),
+    ),
+    EXIT_CLUSTER_FAILED: (
+        "cluster: a member kept dying past its restart bound, or HAProxy exited",
+        frozenset({"cluster"}),
+    ),
+}
+
+
+def exit_codes_text(command: str | None) -> str:
+    """The exit codes of ``command`` (all of them for None), one per line, for ``--help``."""
+    lines = [
+        f"  {code}  {meaning}"
+        for code, (meaning, commands) in EXIT_CODES.items()
+        if command is None or commands is None or command in commands
+    ]
+    return "exit codes:\n" + "\n".join(lines)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("walletd")
+    except importlib.metadata.PackageNotFoundError:  # run from a tree that is not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="walletd", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="walletd",
+        description="walletd: a wallet-balance service on a PostgreSQL log. serve runs it; "
+        "migrate, verify, restore and seed operate its database (docs/OPERATIONS.md); "
+        "cluster, shards, haproxy-config and haproxy-sync run several processes "
+        "(docs/SCALING.md). Every error is one line on stderr.",
+        epilog=exit_codes_text(None),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"walletd {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_run, help_text) in _COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=exit_codes_text(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         add_flags(sub, _COMMAND_SETTINGS[name])
         if name == "seed":
             sub.add_argument("--wallets", type=int, required=True, help="wallets to create")

@@ -54,6 +54,8 @@ _LIMIT_DIGITS_MAX: Final = 6
 # operation_type filter a page may then hold fewer items, and its cursor goes on.
 HISTORY_SCAN_ROWS_PER_ITEM: Final = 4
 _OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
+# The history filter takes any kind of row, so its error names them all.
+_OPERATION_KINDS_MESSAGE: Final = "must be one of " + ", ".join(_OPERATION_KINDS)
 
 # Any segment reaches the handler, braces included (aiohttp's default {name} stops at them
 # and would answer 404 NOT_FOUND), so every malformed id gets 400 INVALID_WALLET_ID.
@@ -285,7 +287,7 @@ def _history_filter(request: web.Request) -> HistoryFilter:
         kind = _OPERATION_KINDS.get(kind_text)
         if kind is None:
             raise ValidationProblem(
-                [{"field": "operation_type", "message": "must be DEPOSIT or WITHDRAW"}]
+                [{"field": "operation_type", "message": _OPERATION_KINDS_MESSAGE}]
             )
     return HistoryFilter(
         since_us=None if since is None else parse_instant_us("since", since),

@@ -1,5 +1,5 @@
 """Load and benchmark tools for walletd; run from the repository root as `python -m loadtest.X`.
 
-Not part of the installed `walletd` package (PACKAGING.md): these tools drive a running
-server over HTTP and never import the server's code.
+Not part of the installed `walletd` package (docs/ARCHITECTURE.md, "Packaging"): these tools
+drive a running server over HTTP and never import the server's code.
 """

@@ -3,8 +3,9 @@
 A client can only be sure of an operation's outcome when it got a definitive answer:
 a 2xx means applied, a 4xx refusal (409 INSUFFICIENT_FUNDS, ...) means not applied. A 5xx,
 a timeout, a dropped connection or a user killed mid-request leaves the outcome unknown
-(CONTRACT.md: "commit outcome unknown" -> 503). Those amounts are kept apart as bounds, so
-the reconciliation is exact when nothing was uncertain and a range check otherwise:
+(docs/API.md, Errors: a commit whose outcome is unknown is 503 UNAVAILABLE). Those amounts
+are kept apart as bounds, so the reconciliation is exact when nothing was uncertain and a
+range check otherwise:
 
     acked_net - uncertain_withdraw  <=  balance - initial  <=  acked_net + uncertain_deposit
 

@@ -20,7 +20,7 @@
   creation has exactly one change-feed position: none without one, no two sharing one
   (``FEED_POSITIONS_CHECK``).
 - ``restore`` rebuilds every wallet's balance, held, seq and updated_at from the log in one
-  transaction, holding the serving lock so no walletd serves the database meanwhile. It is
+  transaction, holding every shard lease so no walletd serves the database meanwhile. It is
   one statement on purpose: split into 64 slices of the id space (to report progress) it
   took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s against 5.8-8.8 s).
 - ``seed`` bulk-loads wallets and their history with COPY, snapshot and log consistent.

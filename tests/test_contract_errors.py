@@ -1,4 +1,4 @@
-"""Every error row of CONTRACT.md / API_DECISIONS.md, through the real app on a real socket.
+"""Every row of docs/API.md's Errors table, through the real app on a real socket.
 
 Each row is one request and the status, ``code`` and headers the contract promises. Every
 answer is also checked for the RFC 9457 shape, an X-Request-Id, the OpenAPI document's

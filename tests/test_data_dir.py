@@ -4,7 +4,9 @@ embedded PostgreSQL and never stop it; kill -9 of the owner frees the data dir a
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import shutil
 import signal
 import stat
@@ -72,24 +74,105 @@ def test_a_claimed_data_dir_cannot_be_claimed_twice_until_released(tmp_path: Pat
         pass
 
 
+def _help(capsys: pytest.CaptureFixture[str], *command: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def _listed_exit_codes(help_text: str) -> dict[int, str]:
+    """The `exit codes:` list at the end of a `--help`: one `  N  meaning` per line."""
+    assert "exit codes:\n" in help_text, help_text
+    listed = help_text.split("exit codes:\n", 1)[1]
+    return {
+        int(code): meaning for code, meaning in re.findall(r"^  (\d+)  (.+)$", listed, re.MULTILINE)
+    }
+
+
 def test_the_exit_codes_in_the_help_match_the_runbook(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`walletd --help` and docs/OPERATIONS.md give each exit status the same meaning."""
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    help_text = " ".join(capsys.readouterr().out.split()).replace("``", "`")
-    runbook = " ".join((ROOT / "docs" / "OPERATIONS.md").read_text().split())
-    for code, meaning in (
-        (EXIT_ENGINE_FAILED, "`serve`: the engine gave up"),
-        (EXIT_DATA_DIR_IN_USE, "`serve` / `cluster`: the data dir is in use by another walletd"),
-        (
-            EXIT_CLUSTER_FAILED,
-            "`cluster`: a member kept dying past its restart bound, or HAProxy exited",
-        ),
-    ):
-        assert f"{code} {meaning}" in help_text, meaning
-        assert f"{code} {meaning}" in runbook, meaning
+    """`walletd --help` lists every exit status of docs/OPERATIONS.md's table with the same
+    meaning; each `walletd <command> --help` lists 0 and 2 and the ones only it can end
+    with, each meaning as in the runbook; and the ones the code names are the runbook's."""
+    runbook = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    table = runbook.split("| status | meaning |", 1)[1].split("\n\n", 1)[0]
+    documented = {
+        int(code): meaning.replace("`", "")
+        for code, meaning in re.findall(r"^\| (\d+) \| (.+) \|$", table, re.MULTILINE)
+    }
+    assert documented[EXIT_ENGINE_FAILED].startswith("serve:")
+    assert documented[EXIT_DATA_DIR_IN_USE].startswith("serve / cluster:")
+    assert documented[EXIT_CLUSTER_FAILED].startswith("cluster:")
+    assert _listed_exit_codes(_help(capsys)) == documented
+    for command in ("serve", "migrate", "verify", "restore", "seed", "cluster", "shards",
+                    "haproxy-config", "haproxy-sync"):  # fmt: skip
+        listed = _listed_exit_codes(_help(capsys, command))
+        assert {0, 2} <= listed.keys(), command
+        for code, meaning in listed.items():
+            assert documented.get(code) == meaning, (command, code, meaning)
+        # A status the runbook gives to named commands is listed by exactly those.
+        for code, meaning in documented.items():
+            owners = re.match(r"([a-z /-]+): ", meaning)
+            if owners:
+                named = {name.strip() for name in owners.group(1).split("/")}
+                assert (code in listed) == (command in named), (command, code)
+    assert 1 in _listed_exit_codes(_help(capsys, "verify"))
+
+
+def _walletd_flags(capsys: pytest.CaptureFixture[str]) -> dict[str, set[str]]:
+    """Each command's flags, as its `--help` prints them ("": `walletd`'s own)."""
+    commands = re.findall(r"^    ([a-z-]+)  ", _help(capsys), re.MULTILINE)
+    assert "serve" in commands, commands
+    flags = {
+        command: set(re.findall(r"(--[a-z][a-z0-9-]+)", _help(capsys, command)))
+        for command in commands
+    }
+    flags[""] = set(re.findall(r"(--[a-z][a-z0-9-]+)", _help(capsys)))  # walletd --version
+    return flags
+
+
+def test_the_help_reads_as_text_and_version_comes_from_the_package(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """No `--help` shows reStructuredText markup or a `default None`; `walletd --version`
+    prints the installed package's version."""
+    for command in ((), *((name,) for name in _walletd_flags(capsys) if name)):
+        help_text = _help(capsys, *command)
+        assert "``" not in help_text, command
+        assert "default None" not in help_text, command
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"walletd {importlib.metadata.version('walletd')}\n"
+
+
+# Flags the docs name that belong to other tools, each with its tool.
+OTHER_TOOLS_FLAGS = {
+    "--build": "docker-compose up",
+    "--profile": "docker-compose",
+    "--rounds": "python -m loadtest.restart_loop",
+}
+# The docs of walletd itself (docs/BENCHMARKS.md names the loadtest modules' flags).
+WALLETD_DOCS = ("README.md", "docs/API.md", "docs/OPERATIONS.md", "docs/SCALING.md",
+                "docs/ARCHITECTURE.md", "docs/DOCKER.md", "docs/HTTP.md")  # fmt: skip
+
+
+def test_every_flag_the_docs_name_is_a_flag_of_walletd(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every `--flag` in the docs is printed by some `walletd … --help` (or is another
+    tool's, listed), and a flag written after `walletd <command>` is one of that command's."""
+    flags = _walletd_flags(capsys)
+    every = set().union(*flags.values())
+    for name in WALLETD_DOCS:
+        text = (ROOT / name).read_text()
+        for flag in set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", text)):
+            assert flag in every or flag in OTHER_TOOLS_FLAGS, f"{name}: {flag}"
+        for command, rest in re.findall(r"walletd ([a-z-]+)((?: [^`\n|]*)?)", text):
+            if command in flags:
+                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", rest):
+                    assert flag in flags[command], f"{name}: walletd {command} … {flag}"
 
 
 @pytest.mark.slow

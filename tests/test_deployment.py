@@ -286,7 +286,7 @@ def test_configuration_tables_are_rendered_from_settings(document: Path) -> None
 @pytest.mark.slow
 def test_docs_config_rewrites_a_stale_table_and_env_example(tmp_path: Path) -> None:
     """`make docs-config`'s commands turn a stale table and env.example into the rendered ones."""
-    stale = tmp_path / "STALE.md"
+    stale = tmp_path / "stale-table.md"
     stale.write_text(f"# Title\n{SETTINGS_TABLE_START}\n| old |\n{SETTINGS_TABLE_END}\nafter\n")
     recipe = subprocess.run(
         ["make", "-n", "--always-make", "docs-config"],
@@ -318,9 +318,13 @@ def test_settings_table_cells_cannot_break_the_table() -> None:
         assert len(re.split(r"(?<!\\)\|", row)) == 6, row
 
 
-def test_readme_carries_the_docker_section_of_docs_docker_md() -> None:
-    """README.md's "Run with Docker" part is docs/DOCKER.md's, word for word."""
-    assert docker_section(DOCKER_MD.read_text()) in README.read_text()
+def test_readme_carries_the_docker_commands_of_docs_docker_md() -> None:
+    """README.md's "Run with Docker" shows docs/DOCKER.md's commands, word for word, and
+    links the page for the rest (the README is a tour; the page says it once)."""
+    commands = re.compile(r"^```bash\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+    readme = docker_section(README.read_text())
+    assert commands.findall(readme)[0] == commands.findall(docker_section(DOCKER_MD.read_text()))[0]
+    assert "(docs/DOCKER.md)" in readme
 
 
 def test_docs_name_only_real_variables() -> None:

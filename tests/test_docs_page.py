@@ -99,7 +99,7 @@ def test_document_is_valid_openapi_31(document: dict[str, Any]) -> None:
 
 
 def test_document_lists_every_route(document: dict[str, Any]) -> None:
-    """Exactly the routes of API_DECISIONS.md are documented, no more, no fewer."""
+    """Exactly the routes of docs/API.md's Routes table are documented, no more, no fewer."""
     documented = {(method, path) for method, path, _ in _operations(document)}
     assert documented == V1_OPERATIONS | OPEN_OPERATIONS
 

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from walletd.engine.model import OperationKind
 from walletd.http.openapi import build_openapi_document
 from walletd.http.problems import ValidationProblem
 from walletd.http.routes_v1 import CURSOR_PATTERN, _decode_cursor, _encode_cursor
@@ -128,6 +129,27 @@ async def test_limit_and_cursor_are_validated(client: Client) -> None:
     assert (status, body["code"]) == (404, "WALLET_NOT_FOUND")
     status, body = await _page(client, "not-a-uuid")
     assert (status, body["code"]) == (400, "INVALID_WALLET_ID")
+
+
+async def test_the_operation_type_filter_takes_every_kind_and_its_error_names_them(
+    client: Client,
+) -> None:
+    """`operation_type` filters by any kind of history row (a HOLD row here, not only
+    DEPOSIT / WITHDRAW), and a value that is none of them is 422 naming every kind."""
+    wallet_id = await _wallet_with_history(client, 1)
+    response = await client.post(f"/api/v1/wallets/{wallet_id}/holds", json={"amount": "0.50"})
+    assert response.status == 201, await response.text()
+    status, body = await _page(client, wallet_id, operation_type="HOLD")
+    assert status == 200
+    assert [item["operation_type"] for item in body["items"]] == ["HOLD"]
+    status, body = await _page(client, wallet_id, operation_type="GIFT")
+    assert (status, body["code"]) == (422, "VALIDATION_ERROR")
+    assert body["errors"] == [
+        {
+            "field": "operation_type",
+            "message": "must be one of " + ", ".join(kind.name for kind in OperationKind),
+        }
+    ]
 
 
 _CURSOR_TEXT = re.compile(CURSOR_PATTERN.strip("^$"))

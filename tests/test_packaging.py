@@ -1,4 +1,5 @@
-"""The root `http/` folder must never shadow the standard library's `http` (PACKAGING.md)."""
+"""The root `http/` folder must never shadow the standard library's `http`
+(docs/ARCHITECTURE.md, "Packaging")."""
 
 from __future__ import annotations
 
