@@ -159,7 +159,9 @@ class _Stamps:
         while previous is not None and previous.done:
             previous = previous.previous
         self.previous: _Stamps | None = previous
-        self.by_batch: dict[int, int] = {}
+        # id(batch) -> (stamp, batch): the reference keeps the id from being reused by a new
+        # batch while this one's removal is pending.
+        self.by_batch: dict[int, tuple[int, object]] = {}
         self.changed: asyncio.Event | None = None  # set (and dropped) on each removal
         self.closed = False  # the shard's loop ended: nothing more is added
 
@@ -167,11 +169,11 @@ class _Stamps:
     def done(self) -> bool:
         return self.closed and not self.by_batch
 
-    def add(self, batch: int, stamp_us: int) -> None:
-        self.by_batch[batch] = stamp_us
+    def add(self, batch: object, stamp_us: int) -> None:
+        self.by_batch[id(batch)] = (stamp_us, batch)
 
-    def remove(self, batch: int) -> None:
-        if self.by_batch.pop(batch, None) is not None:
+    def remove(self, batch: object) -> None:
+        if self.by_batch.pop(id(batch), None) is not None:
             self._wake()
 
     def clear(self) -> None:
@@ -188,7 +190,7 @@ class _Stamps:
             await self.previous.settled(at_us)
             if self.previous.done:
                 self.previous = self.previous.previous
-        while any(stamp_us <= at_us for stamp_us in self.by_batch.values()):
+        while any(stamp_us <= at_us for stamp_us, _batch in self.by_batch.values()):
             if self.changed is None:
                 self.changed = asyncio.Event()
             await self.changed.wait()
@@ -277,9 +279,9 @@ class Shard:
         """The batch's rows are stored or surely not written (after ``after_s``: of unknown
         outcome, they may still land until then)."""
         if after_s:
-            asyncio.get_running_loop().call_later(after_s, self._stamps.remove, id(applied))
+            asyncio.get_running_loop().call_later(after_s, self._stamps.remove, applied)
         else:
-            self._stamps.remove(id(applied))
+            self._stamps.remove(applied)
 
     @property
     def mailbox_depth(self) -> int:
@@ -521,7 +523,7 @@ class Shard:
         stamp_us = self._clock_us()
         applied = self._ledger.execute(commands)
         if not applied.batch.is_empty():
-            self._stamps.add(id(applied), stamp_us)
+            self._stamps.add(applied, stamp_us)
         return applied
 
     async def _load_missing(self, commands: list[Command]) -> None:

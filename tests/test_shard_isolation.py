@@ -1,6 +1,7 @@
 """Isolation of a refused batch (engine/shard.py): its bound, its answers for races, how
 storage errors are classified, and the ledger's bounds (engine/bounds.py), on the in-memory
-log; the real PostgreSQL run is tests/test_poison.py."""
+log; the real PostgreSQL run is tests/test_poison.py. Also the stamps as-of reads wait for
+(engine/shard.py, "Stamps") across isolation and a pipeline's restart."""
 
 from __future__ import annotations
 
@@ -241,3 +242,31 @@ async def test_an_as_of_read_waits_for_commands_reapplied_after_a_refusal() -> N
     assert again is not None
     assert (found.balance, found.updated_at_us) == (5, 3_000)
     assert (again.balance, again.updated_at_us) == (5, 3_000)
+
+
+async def test_an_as_of_read_waits_for_the_commits_of_a_pipeline_being_replaced() -> None:
+    """A pipeline restarted while a deposit's commit is in flight: the fresh pipeline knows
+    nothing of it, yet an as-of read routed to it waits for that commit, then includes it."""
+    log = ControlledLog()
+    now = [1_000]
+    reader = _AsOfReader(log)
+    async with running_engine(log, EngineLimits(pipelines=1), clock_us=lambda: now[0]) as engine:
+        wallet = WALLETS[0]
+        await engine.create_wallet(wallet, None)
+        gate = log.append_gate = Gate()
+        now[0] = 2_000
+        deposit = asyncio.ensure_future(engine.apply(wallet, DEPOSIT, 5, None))
+        await until(lambda: gate.waiting == 1)
+        restart = asyncio.ensure_future(engine.restart_shard(0))
+        await asyncio.sleep(0.01)  # the old pipeline is stopping, the fresh one routed to
+        now[0] = 3_000
+        read = asyncio.ensure_future(engine.read_as_of(wallet, 2_500, reader, WAIT_S))
+        await asyncio.sleep(0.05)
+        assert not read.done(), read.result()  # an answer now would lack the deposit
+        log.append_gate = None
+        gate.open()
+        assert (await deposit).outcome is Outcome.OK
+        await restart
+        found = await read
+    assert found is not None
+    assert (found.balance, found.updated_at_us) == (5, 2_000)
