@@ -199,9 +199,9 @@ SETTINGS: tuple[Setting, ...] = (
             float, 0.5, "seconds between a caught-up stream's reads of the log"),
     Setting("feed_heartbeat_s", ("WALLETD_FEED_HEARTBEAT",), "--feed-heartbeat", float, 15.0,
             "seconds of silence after which a stream sends a heartbeat comment"),
-    Setting("as_of_settle_s", ("WALLETD_AS_OF_SETTLE",), "--as-of-settle", float, 0.0,
-            "seconds before now within which as_of instants are refused (commits stamped "
-            "then may still land); 0 = 2 x commit timeout x (in-flight batches + 1) + 1"),
+    Setting("as_of_wait_s", ("WALLETD_AS_OF_WAIT",), "--as-of-wait", float, 0.0,
+            "seconds an as_of read waits at most for the wallet's commits in flight stamped "
+            "at or before its instant; past it 503 (Retry-After 1); 0 = the commit timeout"),
     Setting("drain_grace_s", ("WALLETD_DRAIN_GRACE",), "--drain-grace", float, 2.0,
             "seconds walletd keeps serving after SIGTERM with /healthz answering 503, so a "
             "proxy that checks it (HAProxy marks it down within 1.5 s) stops opening "
@@ -294,7 +294,7 @@ class Config:
     feed_write_timeout_s: float
     feed_poll_interval_s: float
     feed_heartbeat_s: float
-    as_of_settle_s: float
+    as_of_wait_s: float
     drain_grace_s: float
     body_bytes_max: int
     body_read_timeout_s: float
@@ -347,20 +347,10 @@ class Config:
         return f"http://{host}:{self.internal_port}"
 
     @property
-    def as_of_settle_min_s(self) -> float:
-        """How long after stamping an operation its commit may still land: each batch
-        ahead of it in the shard (``inflight_batches_max``) and its own may each take two
-        append attempts of up to ``commit_timeout_s``; 1 s for a cancelled statement."""
-        return 2 * self.commit_timeout_s * (self.inflight_batches_max + 1) + 1.0
-
-    @property
-    def as_of_settle_effective_s(self) -> float:
-        if self.as_of_settle_s and self.as_of_settle_s < self.as_of_settle_min_s:
-            raise ValueError(
-                f"--as-of-settle {self.as_of_settle_s:g} is shorter than a commit may take "
-                f"({self.as_of_settle_min_s:g} s): as-of reads could change afterwards"
-            )
-        return self.as_of_settle_s or self.as_of_settle_min_s
+    def as_of_wait_effective_s(self) -> float:
+        """A batch in flight normally ends within a commit timeout (two attempts and a
+        queue ahead of it are the rare worst case: those reads get 503 and retry)."""
+        return self.as_of_wait_s or self.commit_timeout_s
 
 
 def _default_help(setting: Setting) -> str:

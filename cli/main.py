@@ -96,7 +96,7 @@ def http_settings(config: Config) -> HttpSettings:
         feed_poll_interval_s=config.feed_poll_interval_s,
         feed_heartbeat_s=config.feed_heartbeat_s,
         feed_write_timeout_s=config.feed_write_timeout_s,
-        as_of_settle_s=config.as_of_settle_effective_s,
+        as_of_wait_s=config.as_of_wait_effective_s,
         forward_timeout_s=config.forward_timeout_s,
         forward_connections_max=config.forward_connections_max,
     )

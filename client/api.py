@@ -447,8 +447,9 @@ class WalletdClient:
         self, wallet_id: str | uuid.UUID, *, as_of: Instant | None = None
     ) -> Wallet:
         """The committed balance now, or as it was at the instant ``as_of`` (an aware
-        datetime or RFC 3339 text; too recent an instant raises AsOfNotSettled, whose
-        ``retry_after_s`` says when to ask again)."""
+        datetime or RFC 3339 text; an instant ahead of walletd's clock by more than its
+        skew allowance raises AsOfNotSettled, whose ``retry_after_s`` says when to ask
+        again)."""
         params = None if as_of is None else {"as_of": _instant_text(as_of, "as_of")}
         answer = await self._call("GET", f"/wallets/{_segment(wallet_id)}", params=params)
         return answer.decode(Wallet.from_json)

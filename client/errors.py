@@ -213,7 +213,8 @@ class IdempotencyKeyReused(InvalidRequest):
 
 
 class AsOfNotSettled(InvalidRequest):
-    """The as_of instant is too recent to answer yet; ask again after ``retry_after_s``."""
+    """The as_of instant is still ahead of walletd's clock; ask again after
+    ``retry_after_s``."""
 
 
 class PayloadTooLarge(InvalidRequest):

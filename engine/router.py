@@ -56,6 +56,7 @@ from walletd.engine.holds import (
     resolved_reply,
 )
 from walletd.engine.limits import EngineLimits
+from walletd.engine.log_reads import LogReader, WalletAsOf
 from walletd.engine.model import (
     Batch,
     HoldRecord,
@@ -449,7 +450,7 @@ class Engine:
         so nothing it loads can be older than a commit of the old one.
         """
         old = self._shards[index]
-        fresh = self._shards[index] = self._new_shard(index)
+        fresh = self._shards[index] = self._new_shard(index, old)
         if old.task is not None and not old.task.done():
             with contextlib.suppress(Exception):  # a crash in between is answered by it
                 await old.stop()
@@ -465,8 +466,10 @@ class Engine:
 
     # -- supervision -------------------------------------------------------------------
 
-    def _new_shard(self, index: int) -> Shard:
-        return Shard(index, self._pipeline_log, self.limits, self._clock_us, self._observer)
+    def _new_shard(self, index: int, previous: Shard | None = None) -> Shard:
+        return Shard(
+            index, self._pipeline_log, self.limits, self._clock_us, self._observer, previous
+        )
 
     def _start_shard(self, shard: Shard) -> None:
         shard.start()
@@ -497,7 +500,7 @@ class Engine:
         restarted_at.append(now)
         _log.error("shard %d crashed: restarting it from storage", shard.index)
         self._observer.shard_restarted(shard.index)
-        fresh = self._shards[shard.index] = self._new_shard(shard.index)
+        fresh = self._shards[shard.index] = self._new_shard(shard.index, shard)
         self._start_shard(fresh)
 
     def _give_up(self, reason: str) -> None:
@@ -903,6 +906,35 @@ class Engine:
 
     async def read_transfer(self, transfer_id: UUID) -> TransferRecord | None:
         return await self.transfers.read(transfer_id)
+
+    async def read_as_of(
+        self, wallet_id: UUID, at_us: int, reader: LogReader, timeout_s: float
+    ) -> WalletAsOf | None:
+        """The wallet as the log holds it at ``at_us`` (None: it did not exist then), read
+        once that is final: this process's clock is past ``at_us`` and no batch of the
+        wallet's shard stamped at or before it is in flight (engine/shard.py, "Stamps").
+
+        Only the owner knows its batches in flight: ``NotOwner`` elsewhere, and when the
+        shard changed hands meanwhile (the edge forwards the request to the owner).
+        ``TimeoutError`` when that takes more than ``timeout_s``: a commit is slow.
+        """
+        shard = self._route(wallet_id)[0]
+        epoch = self.ownership.epoch(shard)
+        async with asyncio.timeout(timeout_s):
+            # Stamps come from this clock and never go below it: once it reads past at_us,
+            # every batch prepared from then on is stamped after at_us.
+            ahead_us = at_us - self._clock_us()
+            if ahead_us >= 0:  # 1 ms more: the event loop's clock is not this one
+                await asyncio.sleep(ahead_us / 1_000_000 + 0.001)
+                if self._clock_us() <= at_us:  # this clock was slewed back meanwhile
+                    raise TimeoutError(f"the clock did not pass {at_us}")
+            # Routed again: the shard's pipeline may have been replaced while this slept
+            # (the fresh one waits for its predecessor's batches too).
+            await self._route(wallet_id)[1].settled(at_us)
+        found = await reader.wallet_as_of(wallet_id, at_us)
+        if not (self.ownership.serving(shard) and self.ownership.epoch(shard) == epoch):
+            raise NotOwner(shard)
+        return found
 
     def read_resident(self, wallet_id: UUID) -> WalletView | None:
         return self._route(wallet_id)[1].read_committed(wallet_id)

@@ -56,6 +56,17 @@ Batch size adapts by itself: at idle a batch holds the one command that arrived;
 the mailbox fills while a commit is in flight and the next batch takes it all (group commit).
 Replies, refusals included, are resolved only once every batch before them has ended.
 
+Stamps and as-of reads: the ledger stamps each row with the clock when the batch is prepared
+(never below the wallet's last stamp), so a batch prepared later is stamped later. The shard
+keeps the stamp each batch with rows got (the clock just before ``execute``: every row's is at
+least that) from prepare until its rows' fate is known: stored, or surely not written
+(refused, failed with an answer, never handed over). A commit of unknown outcome (timeout,
+connection lost, cancelled) keeps its stamp for ``commit_timeout_s`` more, the time a
+statement the server has not finished may still need. Commands kept for isolation are
+prepared again, so they get a new stamp. ``settled(at_us)`` waits until no kept stamp is at or
+before ``at_us``: from then on, with the clock past ``at_us``, the log up to ``at_us`` is final
+for this shard's wallets (http/routes_v1.py, ``?as_of=``).
+
 If the loop itself fails (a broken invariant: a bug), every command it holds — committing,
 prepared, queued — is answered 503 and the shard refuses new work; nothing is left hanging.
 The engine (engine/router.py) supervises it: a fresh shard with empty memory takes its place,
@@ -136,6 +147,55 @@ class _Open:
 _Inflight = tuple["asyncio.Task[int]", _Open]
 
 
+class _Stamps:
+    """The stamps of a shard's batches whose rows' fate is not known yet, by batch (see
+    "Stamps" in the module's docstring): at most ``inflight_batches_max`` + 1 prepared
+    batches, plus those of unknown outcome waiting out their grace. ``previous``: those of
+    the shard this one replaced, while it may still hold any."""
+
+    __slots__ = ("by_batch", "changed", "closed", "previous")
+
+    def __init__(self, previous: _Stamps | None) -> None:
+        while previous is not None and previous.done:
+            previous = previous.previous
+        self.previous: _Stamps | None = previous
+        # id(batch) -> (stamp, batch): the reference keeps the id from being reused by a new
+        # batch while this one's removal is pending.
+        self.by_batch: dict[int, tuple[int, object]] = {}
+        self.changed: asyncio.Event | None = None  # set (and dropped) on each removal
+        self.closed = False  # the shard's loop ended: nothing more is added
+
+    @property
+    def done(self) -> bool:
+        return self.closed and not self.by_batch
+
+    def add(self, batch: object, stamp_us: int) -> None:
+        self.by_batch[id(batch)] = (stamp_us, batch)
+
+    def remove(self, batch: object) -> None:
+        if self.by_batch.pop(id(batch), None) is not None:
+            self._wake()
+
+    def clear(self) -> None:
+        self.by_batch.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.changed is not None:
+            self.changed.set()
+            self.changed = None
+
+    async def settled(self, at_us: int) -> None:
+        if self.previous is not None:
+            await self.previous.settled(at_us)
+            if self.previous.done:
+                self.previous = self.previous.previous
+        while any(stamp_us <= at_us for stamp_us, _batch in self.by_batch.values()):
+            if self.changed is None:
+                self.changed = asyncio.Event()
+            await self.changed.wait()
+
+
 class Shard:
     def __init__(
         self,
@@ -144,12 +204,17 @@ class Shard:
         limits: EngineLimits,
         clock_us: Callable[[], int],
         observer: EngineObserver,
+        previous: Shard | None = None,
     ) -> None:
         self.index = index
         self._log = log
         self._limits = limits
         self._observer = observer
+        self._clock_us = clock_us
         self._ledger = Ledger(limits, clock_us)
+        # The shard this one replaced (a restart) may still be landing its last commits:
+        # its stamps are waited for too.
+        self._stamps: _Stamps = _Stamps(None if previous is None else previous._stamps)
         self._mailbox: deque[Command] = deque()
         # Operations queued: the mailbox and batch bounds count these, not commands (a bulk
         # request's group weighs as many operations as it holds).
@@ -204,6 +269,20 @@ class Shard:
         require(self._task is None, "warm-up after the shard started")
         return self._ledger.warm(records)
 
+    async def settled(self, at_us: int) -> None:
+        """Return once no batch stamped at or before ``at_us`` is in flight here or in the
+        shard this one replaced. The caller has seen the clock past ``at_us`` (no batch
+        prepared from now on is stamped that early) and bounds the wait itself."""
+        await self._stamps.settled(at_us)
+
+    def _unstamp(self, applied: Applied, *, after_s: float = 0.0) -> None:
+        """The batch's rows are stored or surely not written (after ``after_s``: of unknown
+        outcome, they may still land until then)."""
+        if after_s:
+            asyncio.get_running_loop().call_later(after_s, self._stamps.remove, applied)
+        else:
+            self._stamps.remove(applied)
+
     @property
     def mailbox_depth(self) -> int:
         """Operations queued (what ``mailbox_commands_max`` bounds)."""
@@ -214,6 +293,7 @@ class Shard:
         return self._ledger.resident_wallets
 
     def _report_end(self, task: asyncio.Task[None]) -> None:
+        self._stamps.closed = True
         if task.cancelled():
             _log.warning("shard %d: task cancelled", self.index)
         elif (error := task.exception()) is not None:
@@ -338,6 +418,7 @@ class Shard:
             else:
                 kept += prepared.commands
             self._ledger.forget(prepared.applied)
+            self._unstamp(prepared.applied)  # never handed over: nothing of it written
         return kept, refusal
 
     async def _isolate(self, commands: list[Command], first_refusal: StorageRefused | None) -> None:
@@ -417,6 +498,9 @@ class Shard:
         for task, batch in inflight:
             task.cancel()
             self._fail(batch, REASON_SHARD_CRASHED)
+        # Cancelled commits are of unknown outcome; a prepared batch never handed over
+        # wrote nothing. Every stamp is freed after the grace of the former.
+        asyncio.get_running_loop().call_later(self._limits.commit_timeout_s, self._stamps.clear)
         self._answer_unavailable(holding, REASON_SHARD_CRASHED)
         mailbox = list(self._mailbox)
         self._mailbox.clear()
@@ -436,7 +520,11 @@ class Shard:
             self._answer_unavailable(commands, REASON_LOAD_FAILED)
             return None
         # No await from here on: deciding is atomic with respect to the commit tasks.
-        return self._ledger.execute(commands)
+        stamp_us = self._clock_us()
+        applied = self._ledger.execute(commands)
+        if not applied.batch.is_empty():
+            self._stamps.add(applied, stamp_us)
+        return applied
 
     async def _load_missing(self, commands: list[Command]) -> None:
         ledger = self._ledger
@@ -482,6 +570,8 @@ class Shard:
         started = time.perf_counter()
         if not rows.is_empty():
             reason = await self._append(batch, previous)
+            # Cancelled instead (the shard crashed): _fail_everything frees its stamps.
+            self._unstamp(applied, after_s=_grace_s(reason, self._limits.commit_timeout_s))
         before = _COMMITTED
         if previous is not None:
             await asyncio.wait((previous,))
@@ -588,6 +678,13 @@ def _split(commands: list[Command], refusal: StorageRefused | None) -> list[list
         return [commands]
     middle = len(commands) // 2
     return [commands[:middle], commands[middle:]]
+
+
+def _grace_s(reason: str | None, commit_timeout_s: float) -> float:
+    """How long a batch's rows may still land after its append ended this way."""
+    if reason in (REASON_COMMIT_TIMEOUT, REASON_COMMIT_UNKNOWN):
+        return commit_timeout_s
+    return 0.0
 
 
 def _succeeded(task: asyncio.Task[int]) -> bool:

@@ -44,7 +44,7 @@ from walletd.http.responses import (
 )
 from walletd.http.state import STATE_KEY
 
-__all__ = ["CURSOR_PATTERN", "PREFIX", "routes"]
+__all__ = ["AS_OF_AHEAD_S_MAX", "CURSOR_PATTERN", "PREFIX", "routes"]
 
 PREFIX: Final = "/api/v1"
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
@@ -56,6 +56,10 @@ HISTORY_SCAN_ROWS_PER_ITEM: Final = 4
 _OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
 # The history filter takes any kind of row, so its error names them all.
 _OPERATION_KINDS_MESSAGE: Final = "must be one of " + ", ".join(_OPERATION_KINDS)
+
+# How far ahead of this process's clock an as_of instant may be and still be waited for
+# rather than refused: the skew tolerated between the clocks of clients and of walletd.
+AS_OF_AHEAD_S_MAX: Final = 1.0
 
 # Any segment reaches the handler, braces included (aiohttp's default {name} stops at them
 # and would answer 404 NOT_FOUND), so every malformed id gets 400 INVALID_WALLET_ID.
@@ -90,29 +94,40 @@ async def get_wallet(request: web.Request) -> web.Response:
 
 
 async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web.Response:
-    """The wallet as it was at an instant, from the log.
+    """The wallet as it was at an instant, from the log, answered once that is final.
 
-    The engine stamps an operation when it applies it, and its commit may land up to
-    ``as_of_settle_s`` later; an instant that recent could still gain operations, so it is
-    refused (422 AS_OF_NOT_SETTLED with Retry-After) rather than answered with a balance
-    that may change.
+    The owner of the wallet's shard answers (the engine raises NotOwner elsewhere, and the
+    request is forwarded) as soon as none of its batches stamped at or before the instant
+    is in flight: at once for the past, after the commits in flight for "now". An instant
+    up to ``AS_OF_AHEAD_S_MAX`` ahead of this process's clock (another clock's skew) waits
+    for it; one further ahead is refused (422 AS_OF_NOT_SETTLED with Retry-After); a wait
+    longer than ``as_of_wait_s`` (a slow commit) is 503 UNAVAILABLE with Retry-After.
     """
     state = request.app[STATE_KEY]
     at_us = parse_instant_us("as_of", text)
-    now_us = time.time_ns() // 1000
-    if at_us > now_us:
-        raise ValidationProblem([{"field": "as_of", "message": "is in the future"}])
-    settle_us = int(state.settings.as_of_settle_s * 1_000_000)
-    if at_us > now_us - settle_us:
-        wait_s = math.ceil((at_us + settle_us - now_us) / 1_000_000)
+    ahead_us = at_us - time.time_ns() // 1000
+    if ahead_us > AS_OF_AHEAD_S_MAX * 1_000_000:
+        ahead_s = math.ceil(ahead_us / 1_000_000)
         raise ProblemError(
             422,
             "AS_OF_NOT_SETTLED",
-            f"operations stamped up to {state.settings.as_of_settle_s:g} s ago may still be "
-            f"committing; ask for this instant again in {wait_s} s",
-            headers={"Retry-After": str(wait_s)},
+            f"the instant is {ahead_s} s ahead of this server's clock; operations may still be"
+            f" stamped before it: ask for it again in {ahead_s} s",
+            headers={"Retry-After": str(ahead_s)},
         )
-    found = await state.services.reader.wallet_as_of(wallet_id, at_us)
+    wait_s = state.settings.as_of_wait_s
+    try:
+        found = await state.services.engine.read_as_of(
+            wallet_id, at_us, state.services.reader, wait_s
+        )
+    except TimeoutError:
+        raise ProblemError(
+            503,
+            "UNAVAILABLE",
+            f"commits stamped at or before this instant are still in flight after {wait_s:g} s;"
+            " retry shortly",
+            headers={"Retry-After": "1"},
+        ) from None
     if found is None:
         raise ProblemError(
             404,

@@ -30,7 +30,7 @@ class HttpSettings:
     feed_poll_interval_s: float = 0.5
     feed_heartbeat_s: float = 15.0
     feed_write_timeout_s: float = 10.0
-    as_of_settle_s: float = 30.0
+    as_of_wait_s: float = 5.0
     forward_timeout_s: float = 10.0
     forward_connections_max: int = 64
 
@@ -55,7 +55,7 @@ class HttpSettings:
             raise ValueError("feed_stream_buffer_bytes must be at least 4096")
         if min(self.feed_poll_interval_s, self.feed_heartbeat_s, self.feed_write_timeout_s) <= 0:
             raise ValueError("feed intervals and timeouts must be positive")
-        if self.as_of_settle_s < 0:
-            raise ValueError("as_of_settle_s must not be negative")
+        if not self.as_of_wait_s > 0:
+            raise ValueError("as_of_wait_s must be greater than 0")
         if self.forward_timeout_s <= 0 or self.forward_connections_max < 1:
             raise ValueError("forwarding needs a positive timeout and at least one connection")

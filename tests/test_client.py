@@ -9,7 +9,7 @@ import re
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -486,9 +486,9 @@ async def test_errors_carry_the_calls_request_id_and_retry_after(
     make_app: AppFactory, aiohttp_client: Callable[..., Any], cutting_proxy: StartProxy
 ) -> None:
     """A refusal keeps the X-Request-Id walletd echoed and its Retry-After (AS_OF_NOT_SETTLED
-    says when to ask again); a call's retries share one request id, which a TransportError
-    keeps too."""
-    server: Client = await aiohttp_client(make_app(settings=HttpSettings(as_of_settle_s=30.0)))
+    for an instant ahead says when to ask again); a call's retries share one request id,
+    which a TransportError keeps too."""
+    server: Client = await aiohttp_client(make_app())
     log = HeaderLog()
     try:
         async with WalletdClient(
@@ -499,10 +499,11 @@ async def test_errors_carry_the_calls_request_id_and_retry_after(
                 await walletd.withdraw(wallet.id, "1.00")
             assert refused.value.request_id == log.answered[-1] == log.sent[-1]
             assert refused.value.retry_after_s is None
+            ahead = datetime.now(UTC) + timedelta(seconds=30)
             with pytest.raises(AsOfNotSettled) as unsettled:
-                await walletd.get_wallet(wallet.id, as_of=datetime.now(UTC))
+                await walletd.get_wallet(wallet.id, as_of=ahead)
             assert unsettled.value.retry_after_s is not None
-            assert 0 < unsettled.value.retry_after_s <= 31
+            assert 28 <= unsettled.value.retry_after_s <= 30
             assert unsettled.value.request_id == log.answered[-1]
             assert len(set(log.sent)) == len(log.sent)  # one id per call
     finally:
@@ -546,7 +547,7 @@ async def test_history_is_an_item_iterator_with_the_apis_filters(
     """history() yields Operation items across pages, filtered by since (inclusive),
     until (exclusive) and operation_type, with aware datetimes or RFC 3339 text; as_of
     reads the wallet as it was; a naive datetime is refused before anything is sent."""
-    server: Client = await aiohttp_client(make_app(settings=HttpSettings(as_of_settle_s=0.0)))
+    server: Client = await aiohttp_client(make_app())
     async with WalletdClient(base_url(server)) as walletd:
         wallet = await walletd.create_wallet()
         for amount in ("1.00", "2.00", "3.00"):

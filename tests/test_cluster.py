@@ -37,6 +37,7 @@ from walletd.cli.haproxy import (
 )
 from walletd.engine.money import MINOR_UNITS_PER_UNIT
 from walletd.engine.ownership import shard_of_text
+from walletd.http.responses import format_timestamp
 
 # Every test here starts walletd, PostgreSQL or HAProxy processes.
 pytestmark = pytest.mark.slow
@@ -203,7 +204,7 @@ async def test_a_second_server_joins_and_two_never_own_one_shard(
 ) -> None:
     """Issue 11 item 8, cluster form: a second `walletd serve` on the same database is not
     refused but takes half of the shards; each shard has one owner throughout; a wallet is
-    served through either process (forwarded when needed)."""
+    served through either process (forwarded when needed), as-of reads by its owner only."""
     first = serve(database_url, tmp_path)
     second: WalletdProcess | None = None
     try:
@@ -239,6 +240,21 @@ async def test_a_second_server_joins_and_two_never_own_one_shard(
                 assert body["code"] == "NOT_OWNER"
                 assert response.headers["Retry-After"]
             assert await balance_at(http, owner_url, wallet) == (200, "2.00")
+
+            # An as-of read is answered by the owner alone (only it knows its commits in
+            # flight): "now" reads the same through either process, and a non-owner asked
+            # after the one hop does not answer it from the log itself.
+            now = {"as_of": format_timestamp(time.time_ns() // 1000)}
+            for url in urls:
+                async with http.get(f"{url}/api/v1/wallets/{wallet}", params=now) as response:
+                    body = await response.json(content_type=None)
+                    assert (response.status, body.get("balance")) == (200, "2.00"), body
+            async with http.get(
+                f"{other}/api/v1/wallets/{wallet}", params=now,
+                headers={"X-Walletd-Forwarded": "1"},
+            ) as response:  # fmt: skip
+                body = await response.json(content_type=None)
+                assert (response.status, body["code"]) == (503, "NOT_OWNER"), body
     finally:
         if second is not None:
             assert second.terminate() == 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import asyncio
 import json
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -16,8 +17,10 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import AppFactory
 from walletd.cli.config import load_config
-from walletd.cli.main import http_settings, main
+from walletd.cli.main import http_settings
+from walletd.engine.limits import EngineLimits
 from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import (
     Batch,
@@ -29,6 +32,8 @@ from walletd.engine.model import (
 from walletd.http.instants import parse_instant_us
 from walletd.http.problems import ValidationProblem
 from walletd.http.responses import format_timestamp
+from walletd.http.routes_v1 import AS_OF_AHEAD_S_MAX
+from walletd.http.settings import HttpSettings
 from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.log_reads import (
     AS_OF_SQL,
@@ -39,6 +44,11 @@ from walletd.persistence.log_reads import (
 from walletd.persistence.postgres_log import PostgresLog
 
 Client = TestClient[web.Request, web.Application]
+# The append of a batch that waits for a row lock held by the test's own transaction.
+_BLOCKED_APPEND = """
+SELECT count(*) FROM pg_stat_activity
+ WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT walletd_append_batch%'
+"""
 
 # 2020-01-01T00:00:00Z: history far older than any settle window.
 _BASE_US = 1_577_836_800 * 1_000_000
@@ -150,8 +160,8 @@ def _iso(micros: int) -> str:
 
 
 async def test_as_of_over_http(client: Client, log_on: _Log) -> None:
-    """GET ?as_of= answers 200 from the log, 404 before creation, 422 for bad, future or
-    unsettled instants (with Retry-After), and an untouched wallet reads 0.00."""
+    """GET ?as_of= answers 200 from the log, 404 before creation, 422 for bad instants,
+    and an untouched wallet reads 0.00."""
     hour = 3_600_000_000
     wallet_id, _model = await log_on.write_wallet(
         _BASE_US, [(_BASE_US + hour, OperationKind.DEPOSIT, 1050), (_BASE_US + 2 * hour,
@@ -184,14 +194,87 @@ async def test_as_of_over_http(client: Client, log_on: _Log) -> None:
                 "2020-01-01T00:00:00+24:00", "２０２０-01-01T00:00:00Z"):  # fmt: skip
         status, body, _ = await as_of(wallet_id, bad)
         assert (status, body["code"]) == (422, "VALIDATION_ERROR"), bad
-    future = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
-    status, body, _ = await as_of(wallet_id, future.isoformat())
-    assert (status, body["code"]) == (422, "VALIDATION_ERROR")
-    assert body["errors"] == [{"field": "as_of", "message": "is in the future"}]
-    recent = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
-    status, body, headers = await as_of(wallet_id, recent.isoformat())
+
+
+async def _as_of(client: Client, wallet: str, at_us: int) -> tuple[int, dict[str, Any], Any]:
+    response = await client.get(f"/api/v1/wallets/{wallet}", params={"as_of": _iso(at_us)})
+    return response.status, await response.json(content_type=None), response.headers
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+async def _deposit(client: Client, wallet: str, amount: str) -> int:
+    response = await client.post(
+        f"/api/v1/wallets/{wallet}/operation",
+        json={"operation_type": "DEPOSIT", "amount": amount},
+    )
+    return response.status
+
+
+async def test_as_of_an_instant_just_committed_is_answered_at_once(client: Client) -> None:
+    """An as_of for the instant right after a deposit committed (and for "now") is answered
+    200 at once with the deposit in the balance, not refused as too recent."""
+    response = await client.post("/api/v1/wallets", json={})
+    wallet = (await response.json())["id"]
+    assert await _deposit(client, wallet, "10.00") == 200
+    committed_us = _now_us()
+    for at_us in (committed_us, _now_us()):
+        started = time.monotonic()
+        status, body, _ = await _as_of(client, wallet, at_us)
+        assert (status, body.get("balance")) == (200, "10.00"), body
+        assert time.monotonic() - started < 2.0  # nothing in flight: no wait
+
+
+async def test_as_of_waits_for_a_batch_in_flight_and_includes_it(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """A deposit's batch held in flight by a row lock: an as_of for an instant after it was
+    stamped waits (never answers the balance without it), then, once the lock is released
+    and the deposit commits, answers the balance with it."""
+    limits = EngineLimits(pipelines=1, commit_timeout_s=60)
+    client: Client = await aiohttp_client(make_app(HttpSettings(as_of_wait_s=60), limits))
+    response = await client.post("/api/v1/wallets", json={})
+    wallet = (await response.json())["id"]
+    assert await _deposit(client, wallet, "1.00") == 200
+    blocker = await asyncpg.connect(database_url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("SELECT 1 FROM wallets WHERE id = $1 FOR UPDATE", uuid.UUID(wallet))
+        deposit = asyncio.create_task(_deposit(client, wallet, "5.00"))
+        for _ in range(500):  # until the deposit's append waits for the lock: it is stamped
+            if await blocker.fetchval(_BLOCKED_APPEND):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the deposit's batch never reached the lock")
+        read = asyncio.create_task(_as_of(client, wallet, _now_us()))
+        done, _ = await asyncio.wait((read,), timeout=1.0)
+        assert not done, read.result()  # an answer now could only miss the deposit
+        await transaction.rollback()
+        assert await asyncio.wait_for(deposit, 30) == 200
+        status, body, _ = await asyncio.wait_for(read, 30)
+        assert (status, body.get("balance")) == (200, "6.00"), body
+    finally:
+        await blocker.close()
+
+
+async def test_as_of_a_future_instant_is_refused_and_a_skewed_now_waited_for(
+    client: Client,
+) -> None:
+    """An instant beyond the clock-skew allowance ahead is 422 AS_OF_NOT_SETTLED with a
+    Retry-After of the seconds until it; one within the allowance is waited for and read."""
+    response = await client.post("/api/v1/wallets", json={})
+    wallet = (await response.json())["id"]
+    assert await _deposit(client, wallet, "2.00") == 200
+    status, body, headers = await _as_of(client, wallet, _now_us() + 300_000_000)
     assert (status, body["code"]) == (422, "AS_OF_NOT_SETTLED")
-    assert 1 <= int(headers["Retry-After"]) <= 31
+    assert 299 <= int(headers["Retry-After"]) <= 300
+    ahead_us = int(AS_OF_AHEAD_S_MAX * 1_000_000) // 2
+    status, body, _ = await _as_of(client, wallet, _now_us() + ahead_us)
+    assert (status, body.get("balance")) == (200, "2.00"), body
 
 
 def test_instants_are_parsed_exactly() -> None:
@@ -348,12 +431,10 @@ async def test_a_kind_filter_reads_a_bounded_page_and_goes_on(client: Client, lo
     assert [item["seq"] for item in items] == [6]
 
 
-def test_as_of_settle_window_defaults_to_the_commit_bound_and_refuses_less(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    """By default the settle window is 2 x commit timeout x (in-flight batches + 1) + 1 s;
-    a shorter one would answer balances that can still change, so walletd refuses to start."""
+def test_as_of_wait_defaults_to_the_commit_timeout() -> None:
+    """By default an as_of read waits for the commits in flight at most one commit timeout;
+    WALLETD_AS_OF_WAIT sets it."""
     config = load_config(argparse.Namespace(), {"WALLETD_COMMIT_TIMEOUT": "2"})
-    assert http_settings(config).as_of_settle_s == 2 * 2.0 * 3 + 1
-    assert main(["serve", "--as-of-settle", "5"]) == 2
-    assert "--as-of-settle 5 is shorter than a commit may take (31 s)" in capsys.readouterr().err
+    assert http_settings(config).as_of_wait_s == 2.0
+    config = load_config(argparse.Namespace(), {"WALLETD_AS_OF_WAIT": "7.5"})
+    assert http_settings(config).as_of_wait_s == 7.5

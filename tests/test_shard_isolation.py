@@ -1,6 +1,7 @@
 """Isolation of a refused batch (engine/shard.py): its bound, its answers for races, how
 storage errors are classified, and the ledger's bounds (engine/bounds.py), on the in-memory
-log; the real PostgreSQL run is tests/test_poison.py."""
+log; the real PostgreSQL run is tests/test_poison.py. Also the stamps as-of reads wait for
+(engine/shard.py, "Stamps") across isolation and a pipeline's restart."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from tests.engine_doubles import ControlledLog, Gate, RecordingObserver, running_engine, until
+from tests.engine_doubles import (
+    WAIT_S,
+    ControlledLog,
+    Gate,
+    RecordingObserver,
+    running_engine,
+    until,
+)
 from walletd.engine.commands import Outcome, TransferLeg
 from walletd.engine.holds import capture_transfer_id
 from walletd.engine.limits import EngineLimits
+from walletd.engine.log_reads import FeedEvent, FeedPosition, HistoryFilter, LogReader, WalletAsOf
 from walletd.engine.model import OperationKind, OperationRecord, TransferRecord, TransferStatus
 from walletd.engine.money import AMOUNT_MINOR_MAX
 from walletd.engine.observer import REASON_ISOLATION_LIMIT
@@ -169,3 +178,95 @@ def test_which_postgresql_errors_are_definite_refusals(
     """Integrity (23), data (22), RAISE (P0001) and walletd's own checks (WD...) refuse the
     rows; fencing, leases, serialization, cancellation and connections do not."""
     assert is_definite_refusal(sqlstate) is definite
+
+
+class _AsOfReader(LogReader):
+    """``wallet_as_of`` over the in-memory log: the balance after the last row stamped at or
+    before the instant (the other reads are not needed here)."""
+
+    def __init__(self, log: ControlledLog) -> None:
+        self._log = log
+
+    async def wallet_as_of(self, wallet_id: UUID, at_us: int) -> WalletAsOf | None:
+        rows = [op for op in self._log.operations.get(wallet_id, []) if op.created_at_us <= at_us]
+        if not rows:
+            return WalletAsOf(wallet_id, 0, 0, 0, 0)
+        last = rows[-1]
+        return WalletAsOf(wallet_id, last.balance_after, last.seq, 0, last.created_at_us)
+
+    async def filtered_history(
+        self, wallet_id: UUID, history_filter: HistoryFilter, before_seq: int | None,
+        limit: int, scan_max: int,
+    ) -> tuple[list[tuple[int, OperationRecord]], int | None]:  # fmt: skip
+        raise NotImplementedError
+
+    async def events_after(self, position: FeedPosition, limit: int) -> list[FeedEvent]:
+        raise NotImplementedError
+
+
+async def test_an_as_of_read_waits_for_commands_reapplied_after_a_refusal() -> None:
+    """A deposit in a batch storage refused is prepared again for isolation, with a new
+    stamp: an as-of read for an instant after that stamp waits while its commit is in
+    flight, then answers the balance with the deposit, the same as read again later."""
+    log = ControlledLog()
+    now = [1_000]
+    limits = EngineLimits(pipelines=1, batch_ops_max=4)
+    reader = _AsOfReader(log)
+    async with running_engine(log, limits, clock_us=lambda: now[0]) as engine:
+        good, bad = WALLETS[0], WALLETS[1]
+        for wallet in (good, bad):
+            await engine.create_wallet(wallet, None)
+        log.refuse_operation = poisoned
+        first = log.append_gate = Gate()
+        now[0] = 2_000  # the batch of both deposits is stamped 2000, then refused
+        replies = [
+            asyncio.ensure_future(engine.apply(good, DEPOSIT, 5, None)),
+            asyncio.ensure_future(engine.apply(bad, DEPOSIT, POISON, None)),
+        ]
+        await until(lambda: first.waiting == 1)
+        isolation = log.append_gate = Gate()
+        now[0] = 3_000  # the good deposit alone is prepared again, stamped 3000
+        first.open()
+        await until(lambda: isolation.waiting == 1)
+        now[0] = 4_000
+        read = asyncio.ensure_future(engine.read_as_of(good, 3_500, reader, WAIT_S))
+        await asyncio.sleep(0.05)
+        assert not read.done(), read.result()  # an answer now would lack the deposit
+        log.append_gate = None
+        isolation.open()
+        good_reply, bad_reply = await asyncio.gather(*replies)
+        found = await read
+        again = await engine.read_as_of(good, 3_500, reader, WAIT_S)
+    assert (good_reply.outcome, bad_reply.outcome) == (Outcome.OK, Outcome.STORAGE_REFUSED)
+    assert found is not None
+    assert again is not None
+    assert (found.balance, found.updated_at_us) == (5, 3_000)
+    assert (again.balance, again.updated_at_us) == (5, 3_000)
+
+
+async def test_an_as_of_read_waits_for_the_commits_of_a_pipeline_being_replaced() -> None:
+    """A pipeline restarted while a deposit's commit is in flight: the fresh pipeline knows
+    nothing of it, yet an as-of read routed to it waits for that commit, then includes it."""
+    log = ControlledLog()
+    now = [1_000]
+    reader = _AsOfReader(log)
+    async with running_engine(log, EngineLimits(pipelines=1), clock_us=lambda: now[0]) as engine:
+        wallet = WALLETS[0]
+        await engine.create_wallet(wallet, None)
+        gate = log.append_gate = Gate()
+        now[0] = 2_000
+        deposit = asyncio.ensure_future(engine.apply(wallet, DEPOSIT, 5, None))
+        await until(lambda: gate.waiting == 1)
+        restart = asyncio.ensure_future(engine.restart_shard(0))
+        await asyncio.sleep(0.01)  # the old pipeline is stopping, the fresh one routed to
+        now[0] = 3_000
+        read = asyncio.ensure_future(engine.read_as_of(wallet, 2_500, reader, WAIT_S))
+        await asyncio.sleep(0.05)
+        assert not read.done(), read.result()  # an answer now would lack the deposit
+        log.append_gate = None
+        gate.open()
+        assert (await deposit).outcome is Outcome.OK
+        await restart
+        found = await read
+    assert found is not None
+    assert (found.balance, found.updated_at_us) == (5, 2_000)
