@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from uuid import UUID, uuid4
 
+import pytest
+
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
 from walletd.engine.commands import Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
@@ -408,3 +410,31 @@ async def test_the_observer_counts_transfers_ended_by_status_and_driver() -> Non
     assert observer.ended == [
         ("COMPLETED", DRIVER_REQUEST), ("FAILED", DRIVER_REQUEST), ("COMPLETED", DRIVER_REDRIVE),
     ]  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect (red-team review): a deposit may take the room a PENDING "
+    "transfer's refund needs, and the refund is then refused at the balance ceiling for "
+    "as long as the sender stays full",
+)
+async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
+    """A transfer whose credit is refused ends FAILED with its debit refunded, even when the
+    sender was topped up to the ceiling while the refund was pending: a credit into the
+    sender never takes the room its own PENDING debits will need back."""
+    log = ControlledLog()
+    nowhere = wallet_ids_on_shard(1, 2, 2)[1]
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        log.fail_next_closes = 1  # the refund's commit fails once: PENDING, debited
+        transfer_id, reply = await engine.transfer(None, None, SENDER, nowhere, 10, None)
+        assert reply.outcome is Outcome.UNAVAILABLE
+        assert log.transfers[transfer_id].status is TransferStatus.PENDING
+        # Any key with the move scope may deposit into any wallet: up to the ceiling.
+        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
+            await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+        _id, retry = await engine.transfer(transfer_id, None, SENDER, nowhere, 10, None)
+        await engine.redrive_transfers()
+    assert (retry.outcome, retry.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
+    assert log.transfers[transfer_id].status is TransferStatus.FAILED
+    assert log.wallets[SENDER].balance <= BALANCE_MINOR_MAX
