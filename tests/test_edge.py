@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import AppFactory
 from walletd.http.access_log import access_log_options
 from walletd.http.edge import REQUEST_ID_LENGTH_MAX
+from walletd.http.server_log import SERVER_LOGGER_NAME, quiet_malformed_requests
 from walletd.http.settings import HttpSettings
 
 Client = TestClient[web.Request, web.Application]
@@ -349,3 +351,30 @@ async def test_a_malformed_request_gets_its_access_log_line_and_no_traceback(
     lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
     assert [(line["status"], line["route"]) for line in lines] == [(400, "unmatched")] * 2
     assert not [r for r in caplog.records if r.getMessage() == "Unhandled exception"]
+
+
+async def test_a_malformed_request_is_one_log_line_without_a_traceback(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logs each request it refuses as malformed at ERROR with a traceback; with
+    walletd's filter it is one INFO line naming the reason, so a client looping bad
+    requests cannot flood the log a dozen lines at a time."""
+    quiet_malformed_requests()
+    server = TestServer(make_app())
+    await server.start_server()
+    try:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x7fName: 1\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+        writer.close()
+        for _ in range(100):  # bounded: aiohttp logs around writing the answer
+            if [r for r in caplog.records if r.name == SERVER_LOGGER_NAME]:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await server.close()
+    assert status_line.split(b" ")[1] == b"400"
+    records = [r for r in caplog.records if r.name == SERVER_LOGGER_NAME]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+    assert "answered 400" in records[0].getMessage()
+    assert "\n" not in records[0].getMessage()
