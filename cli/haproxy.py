@@ -67,6 +67,15 @@ _NO_SERVER_PROBLEM = (
     'retry shortly","code":"NOT_OWNER"}'
 )
 
+# A process that died (or stopped answering) after HAProxy sent it the request: HAProxy's
+# own 502 / 504. The request may have been applied, so it is walletd's UNAVAILABLE
+# (outcome unknown: retry with the same Idempotency-Key), in problem+json like every error.
+_LOST_ANSWER_PROBLEM = (
+    '{{"type":"about:blank","title":"Service unavailable","status":{status},'
+    '"detail":"the walletd process stopped answering after it got this request; it may have '
+    'been applied: retry with the same Idempotency-Key","code":"UNAVAILABLE"}}'
+)
+
 
 def backend_name(index: int) -> str:
     return f"be_w{index}"
@@ -147,6 +156,11 @@ def render_config(
         # was sent, so nothing applied. Said in walletd's words: problem+json NOT_OWNER.
         "    http-error status 503 content-type application/problem+json hdr Retry-After 1 "
         f"string '{_NO_SERVER_PROBLEM}'",
+        *(
+            f"    http-error status {status} content-type application/problem+json "
+            f"string '{_LOST_ANSWER_PROBLEM.format(status=status)}'"
+            for status in (502, 504)
+        ),
         "",
         "frontend walletd",
         f"    bind {bind}",

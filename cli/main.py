@@ -42,6 +42,7 @@ from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
 from walletd.http.internal import create_internal_app
 from walletd.http.metrics import Metrics
+from walletd.http.server_log import quiet_malformed_requests
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
 from walletd.persistence.database import DatabaseError, connect
@@ -477,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    quiet_malformed_requests()  # one line per malformed request, not a traceback
     command = _COMMANDS[args.command][0]
     try:
         return uvloop.run(command(config, args))

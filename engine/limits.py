@@ -31,7 +31,8 @@ Each limit has a defined behaviour when hit:
   looks for such transfers this often; so money stays in flight about this long at most
   after a 503 or a restart, while the owners answer.
 - ``transfer_redrive_batch_max``: at most this many PENDING transfers are driven again at
-  once (and never more than one mailbox holds); the rest wait for the next pass.
+  once (and never more than one mailbox holds); the rest wait for the next pass, which
+  goes on after the last one chosen (engine/transfers.py, ``TransferCoordinator.redrive``).
 - ``holds_per_wallet_max``: a wallet has at most this many PENDING holds; one more is
   refused with 409 ``TOO_MANY_HOLDS`` (nothing written). It bounds what loading a wallet
   reads and keeps in memory with it.

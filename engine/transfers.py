@@ -296,6 +296,11 @@ class TransferCoordinator:
         # or re-drive works on it, so the dict is bounded by the requests in flight plus
         # one re-drive batch.
         self._driving: dict[UUID, asyncio.Future[TransferReply]] = {}
+        # Where the previous re-drive pass stopped choosing (creation instant, id): the
+        # next pass goes on from there and wraps around, so PENDING transfers that stay
+        # PENDING (a refund refused at the sender's balance ceiling) cannot take every
+        # pass's batch and starve younger ones. None: start at the oldest.
+        self._redrive_after: tuple[int, UUID] | None = None
 
     @property
     def driving(self) -> int:
@@ -349,23 +354,35 @@ class TransferCoordinator:
         once; returns how many ended (COMPLETED or FAILED). Only the ones ``owns`` accepts
         (in a cluster: those whose sending wallet's shard this process serves, so that one
         process re-drives a given transfer); ones driven here already are left to their
-        driver. The PENDING set is read ``limit`` rows at a time, oldest first, until
-        ``limit`` transfers are chosen or the set is read through: another process's
-        transfers never crowd out this one's."""
+        driver. The PENDING set is read ``limit`` rows at a time, in creation order from
+        where the previous pass stopped (wrapping around to the oldest), until ``limit``
+        transfers are chosen or the set is read through: neither another process's
+        transfers nor ones that stay PENDING pass after pass crowd out the others."""
         todo: list[TransferRecord] = []
-        after: tuple[int, UUID] | None = None
+        start = self._redrive_after
+        after, wrapped = start, False
         while len(todo) < limit:
             page = await asyncio.wait_for(
                 self._log.pending_transfers(created_before_us, limit, after),
                 self._load_timeout_s,
             )
+            if wrapped and start is not None:  # the second lap ends where the first began
+                page = [t for t in page if (t.created_at_us, t.transfer_id) <= start]
             todo += [t for t in page if t.transfer_id not in self._driving and owns(t)]
-            if len(page) < limit:
+            if len(page) == limit:
+                after = (page[-1].created_at_us, page[-1].transfer_id)
+            elif start is None or wrapped:
                 break
-            after = (page[-1].created_at_us, page[-1].transfer_id)
+            else:
+                after, wrapped = None, True
+        chosen = todo[:limit]
+        # Read through to the end: the next pass starts at the oldest again.
+        self._redrive_after = (
+            (chosen[-1].created_at_us, chosen[-1].transfer_id) if len(todo) >= limit else None
+        )
         replies = await asyncio.gather(*(
             self._drive_unless_driven(t, replayed=True, driver=DRIVER_REDRIVE)
-            for t in todo[:limit]
+            for t in chosen
         ))  # fmt: skip
         return sum(1 for reply in replies if reply.outcome not in _NOT_ENDED)
 

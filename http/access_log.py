@@ -32,8 +32,7 @@ class JsonAccessLogger(AbstractAccessLogger):
     secret), null when auth is off or the request had no known key."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_s: float) -> None:
-        match_info = getattr(request, "match_info", None)
-        resource = match_info.route.resource if match_info is not None else None
+        resource = _resource(request)
         line = {
             "ts": time.time(),
             "request_id": response.headers.get(REQUEST_ID_HEADER),
@@ -47,6 +46,19 @@ class JsonAccessLogger(AbstractAccessLogger):
             "key": request.get(KEY_NAME) if isinstance(request, web.Request) else None,
         }
         self.logger.info(orjson.dumps(line).decode())
+
+
+def _resource(request: web.BaseRequest) -> web.AbstractResource | None:
+    """The route the request matched; None for one aiohttp refused before routing (a
+    malformed request line or header, answered 400), whose ``match_info`` property
+    asserts rather than returning None: such probes are logged like any request."""
+    if not isinstance(request, web.Request):
+        return None
+    try:
+        match_info = request.match_info
+    except AssertionError:
+        return None
+    return match_info.route.resource
 
 
 def _json_lines_logger(stream: IO[str]) -> logging.Logger:

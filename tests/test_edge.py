@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import AppFactory
 from walletd.http.access_log import access_log_options
 from walletd.http.edge import REQUEST_ID_LENGTH_MAX
+from walletd.http.server_log import SERVER_LOGGER_NAME, quiet_malformed_requests
 from walletd.http.settings import HttpSettings
 
 Client = TestClient[web.Request, web.Application]
@@ -319,3 +321,60 @@ def test_access_log_is_off_by_default() -> None:
     """Default settings install no access logger at all (nothing to pay per request)."""
     assert HttpSettings().access_log is False
     assert access_log_options(False) == {"access_log": None}
+
+
+async def test_a_malformed_request_gets_its_access_log_line_and_no_traceback(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request aiohttp refuses before routing (a bad request line, a header it cannot
+    parse) is logged like any other, route "unmatched", status 400: the access logger
+    itself never fails on it (it used to assert on the missing match info)."""
+    stream = io.StringIO()
+    server = TestServer(make_app())
+    await server.start_server(**access_log_options(True, stream))
+    try:
+        for raw in (
+            b"GET /api/v1/wallets/\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x7fName: 1\r\n\r\n",
+        ):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            writer.write(raw)
+            status_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+            assert status_line.split(b" ")[1] == b"400"
+            writer.close()
+        for _ in range(100):  # bounded: aiohttp logs after the response is written
+            if stream.getvalue().count("\n") >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await server.close()
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["status"], line["route"]) for line in lines] == [(400, "unmatched")] * 2
+    assert not [r for r in caplog.records if r.getMessage() == "Unhandled exception"]
+
+
+async def test_a_malformed_request_is_one_log_line_without_a_traceback(
+    make_app: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logs each request it refuses as malformed at ERROR with a traceback; with
+    walletd's filter it is one INFO line naming the reason, so a client looping bad
+    requests cannot flood the log a dozen lines at a time."""
+    quiet_malformed_requests()
+    server = TestServer(make_app())
+    await server.start_server()
+    try:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x7fName: 1\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
+        writer.close()
+        for _ in range(100):  # bounded: aiohttp logs around writing the answer
+            if [r for r in caplog.records if r.name == SERVER_LOGGER_NAME]:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await server.close()
+    assert status_line.split(b" ")[1] == b"400"
+    records = [r for r in caplog.records if r.name == SERVER_LOGGER_NAME]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.INFO, None)]
+    assert "answered 400" in records[0].getMessage()
+    assert "\n" not in records[0].getMessage()

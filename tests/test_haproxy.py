@@ -215,3 +215,36 @@ async def test_no_spelling_of_the_internal_route_gets_through_haproxy(
     assert {target: s for target, s in statuses.items() if s not in (400, 404)} == {}
     assert await balance(client, wallet) == "1.00"
     assert (await verify(database_url)).clean
+
+
+async def test_a_process_dying_mid_request_is_answered_in_problem_json(tmp_path: Path) -> None:
+    """A walletd process that dies (kill -9) after HAProxy sent it a request makes HAProxy
+    answer 502 itself; the client gets walletd's problem+json UNAVAILABLE (outcome unknown,
+    retry with the same key), not HAProxy's HTML page. The red-team review saw such 502s
+    when one cluster member was killed under load."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")  # the request reached the "process"...
+        if head.startswith(b"GET /healthz "):  # (alive for HAProxy's health checks)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+            return
+        writer.transport.abort()  # ...which died before answering
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            haproxy([f"http://127.0.0.1:{port}"], tmp_path) as (url, _map, _socket),
+            aiohttp.ClientSession() as session,
+            session.post(f"{url}/api/v1/transfers", json={}) as response,
+        ):
+            body = await response.json(content_type=None)
+            content_type = response.headers.get("Content-Type")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert response.status == 502
+    assert content_type == "application/problem+json"
+    assert (body["status"], body["code"]) == (502, "UNAVAILABLE")

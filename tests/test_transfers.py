@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from uuid import UUID, uuid4
 
+import pytest
+
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
 from walletd.engine.commands import Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
@@ -408,3 +410,69 @@ async def test_the_observer_counts_transfers_ended_by_status_and_driver() -> Non
     assert observer.ended == [
         ("COMPLETED", DRIVER_REQUEST), ("FAILED", DRIVER_REQUEST), ("COMPLETED", DRIVER_REDRIVE),
     ]  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect (red-team review): a deposit may take the room a PENDING "
+    "transfer's refund needs, and the refund is then refused at the balance ceiling for "
+    "as long as the sender stays full",
+)
+async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
+    """A transfer whose credit is refused ends FAILED with its debit refunded, even when the
+    sender was topped up to the ceiling while the refund was pending: a credit into the
+    sender never takes the room its own PENDING debits will need back."""
+    log = ControlledLog()
+    nowhere = wallet_ids_on_shard(1, 2, 2)[1]
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        log.fail_next_closes = 1  # the refund's commit fails once: PENDING, debited
+        transfer_id, reply = await engine.transfer(None, None, SENDER, nowhere, 10, None)
+        assert reply.outcome is Outcome.UNAVAILABLE
+        assert log.transfers[transfer_id].status is TransferStatus.PENDING
+        # Any key with the move scope may deposit into any wallet: up to the ceiling.
+        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
+            await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+        _id, retry = await engine.transfer(transfer_id, None, SENDER, nowhere, 10, None)
+        await engine.redrive_transfers()
+    assert (retry.outcome, retry.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
+    assert log.transfers[transfer_id].status is TransferStatus.FAILED
+    assert log.wallets[SENDER].balance <= BALANCE_MINOR_MAX
+
+
+async def test_transfers_the_redrive_cannot_end_never_starve_the_ones_it_can() -> None:
+    """Each re-drive pass goes on where the previous one stopped: PENDING transfers that
+    stay PENDING (a refund refused at the sender's ceiling, a receiver that keeps failing)
+    and outnumber one pass's batch do not keep a younger transfer from being finished."""
+    log = ControlledLog()
+    stuck_sender, sender = wallet_ids_on_shard(0, 2, 2)
+    nowhere, receiver = wallet_ids_on_shard(1, 2, 2)
+    small = EngineLimits(
+        pipelines=2, batch_ops_max=64, mailbox_commands_max=256,
+        transfer_redrive_interval_s=60.0, transfer_redrive_batch_max=2,
+    )  # fmt: skip
+    async with running_engine(log, small) as engine:
+        for wallet_id in (stuck_sender, sender, receiver):
+            _id, created = await engine.create_wallet(wallet_id, None)
+            assert created.outcome is Outcome.CREATED
+        assert (await engine.apply(stuck_sender, OperationKind.DEPOSIT, 3, None)).outcome is (
+            Outcome.OK
+        )
+        assert (await engine.apply(sender, OperationKind.DEPOSIT, 5, None)).outcome is Outcome.OK
+        stuck: list[UUID] = []
+        for _ in range(3):  # more than a pass takes, each left PENDING by a failed refund
+            log.fail_next_closes = 1
+            transfer_id, reply = await engine.transfer(None, None, stuck_sender, nowhere, 1, None)
+            assert reply.outcome is Outcome.UNAVAILABLE
+            stuck.append(transfer_id)
+        # The sender filled to the ceiling: their refunds find no room and stay PENDING.
+        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
+            await engine.apply(stuck_sender, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+        log.fail_next_closes = 1  # a younger transfer whose credit's commit failed
+        young_id, young = await engine.transfer(None, None, sender, receiver, 5, None)
+        assert young.outcome is Outcome.UNAVAILABLE
+        for _ in range(4):
+            await engine.redrive_transfers()
+    assert all(log.transfers[t].status is TransferStatus.PENDING for t in stuck)
+    assert log.transfers[young_id].status is TransferStatus.COMPLETED
+    assert log.wallets[receiver].balance == 5
