@@ -16,7 +16,8 @@ it claims its share again::
 
     member exits ─▶ restarts in the window < --member-restarts-max?
                       yes: wait --member-restart-backoff × 2^(n-1), start it on its port
-                      no:  "walletd N … died K times within W s"; the cluster stops, exit 5
+                      no:  "walletd N (URL) exited with S, past --member-restarts-max K
+                           restarts within W s; the cluster stopped"; exit 5
 
 SIGTERM or Ctrl-C stops HAProxy, then each walletd (drain, release its leases), then the
 embedded PostgreSQL. HAProxy exiting stops the cluster too (exit 5).

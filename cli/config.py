@@ -135,7 +135,7 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a batch commit may take before it is failed with 503"),
     Setting("shard_restarts_max", ("WALLETD_SHARD_RESTARTS_MAX",), "--shard-restarts-max", int,
             3, "crashed shards restarted from storage per restart window; one more crash "
-            "and walletd fails /readyz and exits non-zero"),
+            "and walletd fails /readyz and exits 3"),
     Setting("shard_restart_window_s", ("WALLETD_SHARD_RESTART_WINDOW",),
             "--shard-restart-window", float, 60.0,
             "seconds over which shard restarts are counted"),

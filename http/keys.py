@@ -14,7 +14,7 @@ scope allows::
 
 ``create`` is apart from ``move`` so that a key that opens wallets (onboarding) cannot move
 money, and a key that moves money cannot grow the set of wallets; and every row that moves
-money is answered for by a ``move`` key (invariant 10).
+money is answered for by a ``move`` key (docs/SECURITY.md, "Money cannot be minted").
 
 Each route declares its scope beside its handler with ``@requires(Scope.X)``; the
 declarations form one table (``ROUTE_SCOPES``), which the auth middleware reads and the app

@@ -1,6 +1,7 @@
-"""One command never fails another (invariant 11), on the real app, a real socket and real
-PostgreSQL: 64 clients deposit while a poison client loops every known way to make the
-database refuse a batch, plus a refusal the ledger cannot foresee (a CHECK the test adds).
+"""One command never fails another (docs/ARCHITECTURE.md, invariant 9), on the real app,
+a real socket and real PostgreSQL: 64 clients deposit while a poison client loops every
+known way to make the database refuse a batch, plus a refusal the ledger cannot foresee (a
+CHECK the test adds).
 Unrelated clients see no 503; each poisoned command gets its own answer, the same again on
 a retry with its key; every balance equals its history."""
 
