@@ -388,7 +388,7 @@ async def bulk_operations(request: web.Request) -> web.Response:
             422,
             "ATOMIC_NOT_POSSIBLE",
             f"an atomic bulk request must fit one transaction: {error}; send it without "
-            "atomic, or to a walletd with one shard actor (--shards 1)",
+            "atomic, or to a walletd with one pipeline (--pipelines 1, the default)",
         ) from None
     if refused_at is not None:
         raise _atomic_refusal(refused_at, valid[refused_at], replies[refused_at])
