@@ -99,30 +99,46 @@ async def final_answer(
         await asyncio.sleep(0.1)
 
 
-async def hold_pending(
-    locker: asyncpg.Connection, session: aiohttp.ClientSession, url: str, wallets: list[str]
-) -> None:
+async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
     """Lock (in an open transaction of ``locker``) the rows of every wallet on the second
     pipeline (shard % 2 == 1 with 4 shards, 2 pipelines), send one transfer from a wallet of
-    the first into one of them, and return once a transfer is PENDING in the database."""
-    second = [w for w in wallets if shard_of_text(w, 4) % 2 == 1]
-    first = [w for w in wallets if shard_of_text(w, 4) % 2 == 0]
+    the first into one of them, and return once that very transfer is PENDING in the
+    database. Its id is the client's and it is remembered in ``load`` like any other: the
+    restart completes it, so the retry of every transfer sent must cover it too."""
+    second = [w for w in load.wallets if shard_of_text(w, 4) % 2 == 1]
+    first = [w for w in load.wallets if shard_of_text(w, 4) % 2 == 0]
     assert first
     assert second
+    # The richest first-pipeline wallet, so that the debit is not refused for funds.
+    sender = await locker.fetchval(
+        "SELECT id::text FROM wallets WHERE id = ANY($1::uuid[]) ORDER BY balance DESC LIMIT 1",
+        first,
+    )
     await locker.execute("BEGIN")
     await locker.execute("SELECT 1 FROM wallets WHERE id = ANY($1::uuid[]) FOR UPDATE", second)
-    body = {"from_wallet_id": first[0], "to_wallet_id": second[0], "amount": "0.01"}
+    transfer_id = str(uuid.uuid4())
+    body = {
+        "id": transfer_id,
+        "from_wallet_id": sender,
+        "to_wallet_id": second[0],
+        "amount": "0.01",
+    }
+    load.sent[transfer_id] = body
+    load.answers[transfer_id] = None  # its credit waits for the lock: no answer before the kill
 
     async def send() -> None:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-            async with session.post(f"{url}/api/v1/transfers", json=body):
+            async with load.session.post(f"{load.url}/api/v1/transfers", json=body):
                 pass
 
     sending = asyncio.create_task(send())
     try:
         deadline = asyncio.get_running_loop().time() + RECOVERY_S
-        while not await locker.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
-            assert asyncio.get_running_loop().time() < deadline, "no transfer became PENDING"
+        while (
+            await locker.fetchval("SELECT status FROM transfers WHERE id = $1::uuid", transfer_id)
+            != 1
+        ):
+            assert asyncio.get_running_loop().time() < deadline, "the transfer is not PENDING"
             await asyncio.sleep(0.01)
     finally:
         sending.cancel()
@@ -160,7 +176,7 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         # while a transfer from a first-pipeline wallet into one of them is debited.
         locker = await asyncpg.connect(database_url)
         try:
-            await hold_pending(locker, session, first.url, wallets)
+            await hold_pending(locker, load)
             first.process.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.process.wait, 10)
             # Its backends die with it, as with a crashed machine (one waiting for the lock
