@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from decimal import Decimal
 from typing import Any, Final, NamedTuple
 from uuid import UUID
 
@@ -275,6 +276,9 @@ def _parse_key_index(
     if "key_index" not in item:
         return None
     value = item["key_index"]
+    # 7.0 is an integer to JSON Schema too; a body read exactly holds it as a Decimal.
+    if _integral(value):
+        value = int(value)
     field = f"{prefix}.key_index"
     if type(value) is not int or not 0 <= value <= KEY_INDEX_MAX:
         errors.append({"field": field, "message": f"must be an integer from 0 to {KEY_INDEX_MAX}"})
@@ -285,6 +289,13 @@ def _parse_key_index(
     else:
         return value
     return None
+
+
+def _integral(value: object) -> bool:
+    """A JSON number with an integer value written as a fraction (``7.0``)."""
+    if isinstance(value, Decimal):
+        return value.is_finite() and value == value.to_integral_value()
+    return type(value) is float and value.is_integer()
 
 
 def _within(prefix: str, error: FieldError) -> FieldError:

@@ -459,6 +459,11 @@ async def test_key_index_is_checked_and_derives_the_key(client: Client) -> None:
         client, [op(a, "DEPOSIT", 2) | {"key_index": 1}], **{"Idempotency-Key": "K"}
     )
     assert body["results"][0]["replayed"] is True
+    # 1.0 is an integer to JSON Schema, so the document allows it: the same index as 1.
+    _status, body = await bulk(
+        client, [op(a, "DEPOSIT", 2) | {"key_index": 1.0}], **{"Idempotency-Key": "K"}
+    )
+    assert body["results"][0]["replayed"] is True
     assert await balance(client, a) == Decimal(3)
 
 

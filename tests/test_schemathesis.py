@@ -37,7 +37,8 @@ def _intended_refusal(response: Any) -> bool:
     Idempotency-Key that an earlier, different request already used; an ``as_of`` instant in
     the future (it depends on the clock); an atomic bulk request over
     several shard actors (it depends on the server's --shards); a transfer from a wallet to
-    itself (JSON Schema cannot compare two fields)."""
+    itself (JSON Schema cannot compare two fields); a bulk item's ``key_index`` without the
+    request's Idempotency-Key header (a rule between a header and the body)."""
     if response.status_code != 422:
         return False
     body = response.json()
@@ -49,14 +50,24 @@ def _intended_refusal(response: Any) -> bool:
         code == "VALIDATION_ERROR"
         and bool(errors)
         and all(
-            (error.get("field"), error.get("message")) in _UNSTATABLE_FIELD_ERRORS
+            (_item_field(error.get("field")), error.get("message")) in _UNSTATABLE_FIELD_ERRORS
             for error in errors
         )
     )
 
 
+def _item_field(field: object) -> object:
+    """``items[3].key_index`` as ``items[].key_index``: the rule, not the position."""
+    if isinstance(field, str) and field.startswith("items["):
+        return "items[]" + field[field.index("]") + 1 :]
+    return field
+
+
 _UNSTATABLE_FIELD_ERRORS: Final = {
     ("to_wallet_id", "must differ from from_wallet_id"),
+    # A bulk item's key_index is derived under the request's Idempotency-Key header: a rule
+    # between a header and the body, which OpenAPI cannot state.
+    ("items[].key_index", "needs the request's Idempotency-Key header"),
 }
 
 
