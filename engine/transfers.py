@@ -417,13 +417,8 @@ class TransferCoordinator:
         )
 
     async def _transfer(self, requested: TransferRecord, *, fresh_id: bool) -> TransferReply:
-        if not fresh_id:
-            try:
-                stored = await self.read(requested.transfer_id)
-            except StorageError:
-                return _UNAVAILABLE
-            if stored is not None:
-                return await self._resume(stored, requested)
+        if not fresh_id and (answer := await self._resume_stored(requested)) is not None:
+            return answer
         # No transfer is stored under the id. The debit's key lookup is skipped only for an
         # id just drawn: under a client's id or key a refused debit may be recorded (and
         # must be replayed), which only the lookup finds once the key cache forgot it. (A
@@ -439,15 +434,14 @@ class TransferCoordinator:
             # The joint commit's outcome is unknown: it wrote both legs or nothing, and no
             # one else drives a transfer that is not stored; storage tells which.
             return await self._answer_from_storage(requested, replayed=False)
-        if debit.outcome is Outcome.STORAGE_REFUSED and not fresh_id:
-            # Storage refused the debit alone (engine/shard.py): perhaps another process's
-            # driver stored this id first (the transfers' primary key); then it answers.
-            try:
-                stored = await self.read(requested.transfer_id)
-            except StorageError:
-                return _UNAVAILABLE
-            if stored is not None:
-                return await self._resume(stored, requested)
+        # Storage refused the debit alone (engine/shard.py): perhaps another process's
+        # driver stored this id first (the transfers' primary key); then it answers.
+        if (
+            debit.outcome is Outcome.STORAGE_REFUSED
+            and not fresh_id
+            and (answer := await self._resume_stored(requested)) is not None
+        ):
+            return answer
         if debit.outcome is not Outcome.OK:
             return TransferReply(
                 debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen,
@@ -469,6 +463,15 @@ class TransferCoordinator:
                 ),
             )
         return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST, fresh=True)
+
+    async def _resume_stored(self, requested: TransferRecord) -> TransferReply | None:
+        """The answer of the transfer stored under ``requested``'s id (503 if storage cannot
+        be read), or None when none is stored."""
+        try:
+            stored = await self.read(requested.transfer_id)
+        except StorageError:
+            return _UNAVAILABLE
+        return None if stored is None else await self._resume(stored, requested)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
         """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
