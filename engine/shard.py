@@ -34,7 +34,8 @@ Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more pre
                                  the touched wallets so they are re-read from storage
 
     isolation (the loop, once every batch in flight has ended; nothing else is prepared
-    meanwhile, so each wallet's commands still apply in arrival order)::
+    meanwhile; a later batch that rested on none of the kept commands' state may already
+    be stored, so they are decided after it — linearizable, as none was answered)::
 
         kept commands, in order ──▶ prepare + commit them as one batch (re-read state)
              ▲                          ├─ stored ──▶ their true answers
