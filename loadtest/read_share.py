@@ -67,6 +67,7 @@ class Phase:
     requests: Counter[str]
     walletd_cpu_s: float
     postgres_cpu_s: dict[str, float]
+    generator_cpu_s: float  # this process: when near --seconds, the load is client-bound
 
     def report(self) -> str:
         total_pg = sum(self.postgres_cpu_s.values())
@@ -85,7 +86,8 @@ class Phase:
             else ""
         )
         return (
-            f"{self.name}: {rates}\n  CPU over {self.seconds:g} s: walletd "
+            f"{self.name}: {rates}\n  CPU over {self.seconds:g} s: load generator "
+            f"{self.generator_cpu_s:.2f} s, walletd "
             f"{self.walletd_cpu_s:.2f} s, PostgreSQL {total_pg:.2f} s = {split}{per_read}"
         )
 
@@ -163,6 +165,7 @@ async def _phase(
     pids = [*_children(postmaster), postmaster]
     before = {pid: _cpu_seconds(pid) for pid in pids}
     walletd_before = _cpu_seconds(walletd_pid)
+    generator_before = time.process_time()
     done: Counter[str] = Counter()
     read_pids: set[int] = set()
     seen: set[int] = set()
@@ -176,6 +179,7 @@ async def _phase(
             *(_reader(http, url, wallets, deadline, done, 100 + n) for n in range(readers)),
         )
     walletd_cpu = _cpu_seconds(walletd_pid) - walletd_before
+    generator_cpu = time.process_time() - generator_before
     after = {pid: _cpu_seconds(pid) for pid in [*_children(postmaster), postmaster]}
     stop.set()
     await sampler
@@ -185,7 +189,7 @@ async def _phase(
             continue
         group = "read pool" if pid in read_pids else "main pool" if pid in seen else "other"
         groups[group] += cpu - before.get(pid, 0.0)
-    return Phase(name, args.seconds, done, walletd_cpu, dict(groups))
+    return Phase(name, args.seconds, done, walletd_cpu, dict(groups), generator_cpu)
 
 
 async def _run(args: argparse.Namespace) -> None:
