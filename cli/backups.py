@@ -37,8 +37,12 @@ _log = logging.getLogger("walletd.backups")
 KEEP_DEFAULT = 7
 RECOVERY_TIMEOUT_S_DEFAULT = 3600.0
 # pg_receivewal lost its server: wait this long before the next try, doubling up to the max.
-RECONNECT_BACKOFF_S_MIN = 0.5
-RECONNECT_BACKOFF_S_MAX = 10.0
+# Short: with a synchronous archive every commit (walletd's start too) waits for it.
+RECONNECT_BACKOFF_S_MIN = 0.25
+RECONNECT_BACKOFF_S_MAX = 2.0
+# No embedded server runs on the data dir (walletd serve restarting): look again this often
+# (reading its lock file costs nothing), so the archive is back as soon as the server is.
+ATTACH_POLL_S = 0.1
 # A run that lasted this long was a working connection: the backoff starts over.
 RECONNECT_BACKOFF_RESET_S = 10.0
 # After a connection, when the archiver says whether commits wait for it.
@@ -132,11 +136,23 @@ async def archive_wal_command(config: Config, args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     backoff_s = RECONNECT_BACKOFF_S_MIN
+    waiting_logged = False
     print(f"walletd archive-wal streaming into {wal_dir}", flush=True)
     while not stop.is_set():
         dsn = await _server_dsn(config)
+        if dsn is None:
+            if not waiting_logged:
+                _log.warning(
+                    "archive: waiting for the embedded PostgreSQL of a walletd serve on %s",
+                    config.data_dir,
+                )
+            waiting_logged = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ATTACH_POLL_S)
+            continue
+        waiting_logged = False
         began = time.monotonic()
-        if dsn is not None and await _run_until_stopped(*create_slot_command(dsn), stop) == 0:
+        if await _run_until_stopped(*create_slot_command(dsn), stop) == 0:
             await _stream(dsn, wal_dir, args.synchronous, stop)
         if stop.is_set():
             break

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -42,7 +43,8 @@ pytestmark = pytest.mark.slow
 WORKERS = 8
 WALLETS_PER_WORKER = 6
 SAMPLE = 16
-LOAD_BEFORE_T_S = 2.0
+LOAD_BEFORE_BACKUP_S = 0.5
+LOAD_BEFORE_T_S = 1.5
 LOAD_AFTER_T_S = 1.5
 COMMAND_TIMEOUT_S = 120.0
 # Stop quickly: the test has no proxy to drain.
@@ -171,11 +173,12 @@ async def _stored_keys(dsn: str) -> set[str]:
 async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
     folder: Path,
 ) -> None:
-    """Keyed load on walletd with the archive streaming synchronously; as_of(T) recorded for a
-    sample while the load goes on past T; then a fresh data dir recovered to T passes
-    `walletd verify`, serves every sampled wallet at its as_of(T) balance (in-flight ones:
-    without or with their one operation), holds every operation answered by T and none sent
-    after T; and one recovered to the end of the archive holds every acknowledged one."""
+    """Keyed load on walletd with the archive streaming synchronously and a base backup taken
+    under it; as_of(T) recorded for a sample while the load goes on past T; then a fresh data
+    dir recovered to T passes `walletd verify`, serves every sampled wallet at its as_of(T)
+    balance (in-flight ones: without or with their one operation), holds every operation
+    answered by T and none sent after T, and refuses the old database password; and one
+    recovered to the end of the archive holds every acknowledged operation."""
     source, backups = folder / "source", folder / "backups"
     server = start_walletd(["--data-dir", str(source)], env=SERVE_ENV, log_dir=folder)
     archiver_log = (folder / "archive-wal.log").open("w")
@@ -192,8 +195,6 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
         await _wait_for_archive_streaming(dsn)
         async with aiohttp.ClientSession() as session:
             wallets = await _create_wallets(session, server.url, WORKERS * WALLETS_PER_WORKER)
-            backup = _walletd("backup", "--data-dir", source, "--backup-dir", backups)
-            assert backup.returncode == 0, backup.stderr
             log: list[Request] = []
             stop = asyncio.Event()
             rng = random.Random(21)
@@ -203,6 +204,12 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
                 )
                 for i in range(WORKERS)
             ]
+            # The base backup is taken under load, as in production.
+            await asyncio.sleep(LOAD_BEFORE_BACKUP_S)
+            backup = await asyncio.to_thread(
+                _walletd, "backup", "--data-dir", source, "--backup-dir", backups
+            )
+            assert backup.returncode == 0, backup.stderr
             await asyncio.sleep(LOAD_BEFORE_T_S)
             t = time.time()
             await asyncio.sleep(0.05)
@@ -223,7 +230,9 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
         archiver.terminate()
         archiver.wait(30)
         archiver_log.close()
-    assert {r.status for r in log} <= {200, 409}, {r.status for r in log}
+    # 503: not applied, or unknown (a slow commit on a busy machine); such a request is only
+    # held to "sent after T, so absent".
+    assert {r.status for r in log} <= {200, 409, 503}, {r.status for r in log}
 
     started = time.monotonic()
     recovered = _walletd(
@@ -242,20 +251,24 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
         restored_dsn = EmbeddedPostgres(folder / "restored").attach()
         assert restored_dsn is not None
         keys = await _stored_keys(restored_dsn)
+        # The backup carried the source's password hash; the restored server has its own.
+        old_password = (source / "postgres-password").read_text().strip()
+        port = urllib.parse.urlsplit(restored_dsn).port
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(f"postgresql://postgres:{old_password}@127.0.0.1:{port}/postgres")
     finally:
         restored.terminate()
 
     in_flight = {r.wallet: r for r in log if r.sent_at <= t < r.answered_at}
     for wallet in sample:
         request = in_flight.get(wallet)
-        if request is None or request.status != 200:
+        if request is None or request.status == 409:  # a refusal moves no money
             assert balances[wallet] == as_of[wallet], (wallet, balances[wallet], as_of[wallet])
-        else:
-            assert request.balance is not None
+        elif request.balance is not None:
             either = {request.balance - request.delta, request.balance}
             assert as_of[wallet] in either, (wallet, request)
             assert balances[wallet] in either, (wallet, request)
-    answered_by_t = [r for r in log if r.answered_at <= t]
+    answered_by_t = [r for r in log if r.answered_at <= t and r.status != 503]
     sent_after_t = [r for r in log if r.sent_at > t]
     assert len(answered_by_t) > 100, len(log)  # the checks below are not vacuous
     assert len(sent_after_t) > 50, len(log)
