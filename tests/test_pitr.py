@@ -15,12 +15,14 @@ are all absent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -47,8 +49,12 @@ LOAD_BEFORE_BACKUP_S = 0.5
 LOAD_BEFORE_T_S = 1.5
 LOAD_AFTER_T_S = 1.5
 COMMAND_TIMEOUT_S = 120.0
-# Stop quickly: the test has no proxy to drain.
-SERVE_ENV = {"WALLETD_DRAIN_GRACE": "0"}
+LOAD_AFTER_ARCHIVE_LOST_S = 1.0
+# Stop quickly (no proxy to drain); a commit the lost archive holds up is a 503 after 2 s;
+# an as-of read waits for slow commits as long as ever.
+SERVE_ENV = {
+    "WALLETD_DRAIN_GRACE": "0", "WALLETD_COMMIT_TIMEOUT": "2", "WALLETD_AS_OF_WAIT": "5",
+}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -187,7 +193,7 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
             "archive-wal", "--data-dir", str(source), "--backup-dir", str(backups),
             "--synchronous",
         ]),
-        stdout=archiver_log, stderr=archiver_log,
+        stdout=archiver_log, stderr=archiver_log, start_new_session=True,
     )  # fmt: skip
     try:
         dsn = EmbeddedPostgres(source).attach()
@@ -222,14 +228,18 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
                     assert response.status == 200
                     as_of[wallet] = Decimal((await response.json())["balance"])
             await asyncio.sleep(LOAD_AFTER_T_S)
+            # The archive's machine dies (archive-wal and its pg_receivewal): from now on no
+            # commit may be acknowledged, since none can reach the archive.
+            os.killpg(archiver.pid, signal.SIGKILL)
+            await asyncio.sleep(LOAD_AFTER_ARCHIVE_LOST_S)
             stop.set()
             await asyncio.gather(*workers)
     finally:
-        # walletd first: its last commits still wait for the synchronous archive.
-        server.terminate()
-        archiver.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(archiver.pid, signal.SIGKILL)
         archiver.wait(30)
         archiver_log.close()
+        server.terminate()
     # 503: not applied, or unknown (a slow commit on a busy machine); such a request is only
     # held to "sent after T, so absent".
     assert {r.status for r in log} <= {200, 409, 503}, {r.status for r in log}
@@ -277,7 +287,8 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
     present = [r for r in sent_after_t if r.key in keys]
     assert not present, f"{len(present)} operations sent after T were restored: {present[:3]}"
 
-    # The archive was synchronous: recovered to its end, every acknowledged operation is there.
+    # The archive was synchronous: recovered to its end (the instant it was lost), it holds
+    # every acknowledged operation, those answered while it was gone included (none).
     latest = _walletd("recover", "--backup-dir", backups, "--data-dir", folder / "latest")
     assert latest.returncode == 0, latest.stderr
     embedded = EmbeddedPostgres(folder / "latest")
