@@ -112,7 +112,8 @@ async def recover_command(config: Config, args: argparse.Namespace) -> int:
     print(recovery.summary(), flush=True)
     print(
         f"next: walletd verify --data-dir {config.data_dir}, then walletd serve --data-dir "
-        f"{config.data_dir} (a new database password is made at its first start)",
+        f"{config.data_dir} (a new database password is made at its first start); archive "
+        f"it into a new --backup-dir: its history forks from {args.backup_dir} at the target",
         flush=True,
     )
     return 0
