@@ -113,7 +113,8 @@ async def recover_command(config: Config, args: argparse.Namespace) -> int:
     print(
         f"next: walletd verify --data-dir {config.data_dir}, then walletd serve --data-dir "
         f"{config.data_dir} (a new database password is made at its first start); archive "
-        f"it into a new --backup-dir: its history forks from {args.backup_dir} at the target",
+        f"it into a new --backup-dir: its history forks from {args.backup_dir} "
+        f"{'at its end' if args.to is None else 'at ' + args.to.isoformat()}",
         flush=True,
     )
     return 0
