@@ -270,14 +270,23 @@ async def test_a_restore_to_an_instant_holds_exactly_what_was_committed_by_then(
         restored.terminate()
 
     in_flight = {r.wallet: r for r in log if r.sent_at <= t < r.answered_at}
+    # A 503 (a commit past the timeout on a busy machine) may still commit at any later
+    # instant: such a wallet's balance at T is unknown to the client.
+    unknown = {r.wallet for r in log if r.status == 503 and r.sent_at <= t}
+    checked = 0
     for wallet in sample:
         request = in_flight.get(wallet)
+        if wallet in unknown:
+            continue
         if request is None or request.status == 409:  # a refusal moves no money
             assert balances[wallet] == as_of[wallet], (wallet, balances[wallet], as_of[wallet])
-        elif request.balance is not None:
+        else:
+            assert request.balance is not None
             either = {request.balance - request.delta, request.balance}
             assert as_of[wallet] in either, (wallet, request)
             assert balances[wallet] in either, (wallet, request)
+        checked += 1
+    assert checked >= SAMPLE // 2, f"only {checked} sampled wallets had a known balance at T"
     answered_by_t = [r for r in log if r.answered_at <= t and r.status != 503]
     sent_after_t = [r for r in log if r.sent_at > t]
     assert len(answered_by_t) > 100, len(log)  # the checks below are not vacuous
