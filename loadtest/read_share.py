@@ -1,6 +1,7 @@
 """What the log reads cost the primary: ``python -m loadtest.read_share``.
 
     python -m loadtest.read_share [--rounds 3] [--seconds 6] [--writers 8] [--readers 4]
+                                  [--kinds as_of,filtered,feed,history]
                                   [--wallets 200] [--walletd CMD]
 
 Decides whether history, as-of and the feed are worth moving to a standby
@@ -110,11 +111,11 @@ async def _writer(
 
 async def _reader(
     http: aiohttp.ClientSession, url: str, wallets: list[str], deadline: float,
-    done: Counter[str], seed: int,
+    done: Counter[str], seed: int, kinds: tuple[str, ...],
 ) -> None:  # fmt: skip
     rng = random.Random(seed)
     position = ""
-    for kind in itertools.cycle(READ_KINDS):
+    for kind in itertools.cycle(kinds):
         if time.monotonic() >= deadline:
             return
         wallet = wallets[rng.randrange(len(wallets))]
@@ -176,7 +177,10 @@ async def _phase(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await asyncio.gather(
             *(_writer(http, url, wallets, deadline, done, n) for n in range(args.writers)),
-            *(_reader(http, url, wallets, deadline, done, 100 + n) for n in range(readers)),
+            *(
+                _reader(http, url, wallets, deadline, done, 100 + n, args.kinds)
+                for n in range(readers)
+            ),
         )
     walletd_cpu = _cpu_seconds(walletd_pid) - walletd_before
     generator_cpu = time.process_time() - generator_before
@@ -210,6 +214,14 @@ async def _run(args: argparse.Namespace) -> None:
                 print(phase.report(), flush=True)
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(kind.strip() for kind in text.split(","))
+    unknown = set(kinds) - set(READ_KINDS)
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown read kinds {sorted(unknown)}")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3)
@@ -217,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--wallets", type=int, default=200)
+    parser.add_argument(
+        "--kinds", type=_kinds, default=READ_KINDS,
+        help=f"the reads the readers cycle through (default {','.join(READ_KINDS)})",
+    )  # fmt: skip
     parser.add_argument("--walletd", default="", help="the walletd command (default: this venv's)")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
