@@ -23,6 +23,12 @@ import asyncpg
 import uvloop
 from aiohttp import web
 
+from walletd.cli.backups import (
+    add_backup_flags,
+    archive_wal_command,
+    backup_command,
+    recover_command,
+)
 from walletd.cli.cluster import EXIT_CLUSTER_FAILED, ClusterError, ClusterFailed, run_cluster
 from walletd.cli.config import SETTINGS, Config, add_flags, load_config
 from walletd.cli.credential import cluster_credential
@@ -45,6 +51,7 @@ from walletd.http.metrics import Metrics
 from walletd.http.server_log import quiet_malformed_requests
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
+from walletd.persistence.backups import BackupError
 from walletd.persistence.database import DatabaseError, connect
 from walletd.persistence.embedded import EmbeddedPostgresError
 from walletd.persistence.leases import describe_leases
@@ -71,6 +78,7 @@ ACCEPTED_CONNECTIONS_GRACE_S = 0.5
 
 # Errors that end start-up with one readable line and exit code 2, not a traceback.
 _STARTUP_ERRORS = (
+    BackupError,
     ClusterError,
     HaproxyMissing,
     DatabaseError,
@@ -306,6 +314,10 @@ _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
     "shards": _OPERATOR_SETTINGS | {"shards"},
     "haproxy-config": frozenset({"shards", "log_level"}),
     "haproxy-sync": _OPERATOR_SETTINGS,
+    "backup": _OPERATOR_SETTINGS,
+    "archive-wal": _OPERATOR_SETTINGS,
+    # Only the new data dir: recovery reads the backup dir and talks to no server.
+    "recover": frozenset({"data_dir", "log_level"}),
 }
 
 
@@ -362,6 +374,15 @@ _COMMANDS = {
     "shards": (_shards, "print the ownership table: each shard's owner, epoch and lease"),
     "haproxy-config": (_haproxy_config, "print an HAProxy config routing by shard"),
     "haproxy-sync": (_haproxy_sync, "keep HAProxy's shard map equal to the lease table"),
+    "backup": (backup_command, "take a verified base backup into --backup-dir, keep the newest"),
+    "archive-wal": (
+        archive_wal_command,
+        "stream the WAL into --backup-dir until stopped (pg_receivewal on a replication slot)",
+    ),
+    "recover": (
+        recover_command,
+        "restore a base backup and the archived WAL up to --to into a new --data-dir",
+    ),
 }
 
 
@@ -420,7 +441,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="walletd",
         description="walletd: a wallet-balance service on a PostgreSQL log. serve runs it; "
-        "migrate, verify, restore and seed operate its database (docs/OPERATIONS.md); "
+        "migrate, verify, restore and seed operate its database, backup, archive-wal and "
+        "recover keep and restore its copies (docs/OPERATIONS.md); "
         "cluster, shards, haproxy-config and haproxy-sync run several processes "
         "(docs/SCALING.md). Every error is one line on stderr.",
         epilog=exit_codes_text(None),
@@ -447,6 +469,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--processes", type=int, default=2, help="walletd processes (default 2)"
             )
+        if name in ("backup", "archive-wal", "recover"):
+            add_backup_flags(sub, name)
         if name in ("haproxy-config", "haproxy-sync"):
             _add_haproxy_flags(sub)
         if name == "haproxy-config":

@@ -28,6 +28,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -459,9 +460,97 @@ class EmbeddedPostgres:
         with contextlib.suppress(EmbeddedPostgresError):
             self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-m", mode, "stop")
 
+    def recover(self, target_time: str | None, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Replay the WAL staged in pg_wal over the base backup copied into pgdata, up to
+        ``target_time`` (every transaction committed at or before it; all of them when
+        None), promote, and stop (persistence/backups.py stages both).
+
+        The server listens on no TCP port, only on a socket in a folder of its own owner's
+        (mode 0700) under the data dir: nobody connects to a half-recovered database.
+        ``restore_command`` fails on purpose, so recovery reads pg_wal only; the settings
+        given here last for this run only, and the source's ``synchronous_standby_names`` is
+        off meanwhile (there is no standby to wait for).
+        """
+        self._prepare_user()
+        identity = self._identity()
+        if identity is not None:
+            for folder, _dirs, files in os.walk(self.pgdata):
+                os.chown(folder, *identity)
+                for name in files:
+                    os.chown(Path(folder) / name, *identity)
+        self.pgdata.chmod(0o700)
+        signal_file = self.pgdata / "recovery.signal"
+        signal_file.touch()
+        if identity is not None:
+            os.chown(signal_file, *identity)
+        # PostgreSQL refuses to run with no listener at all.
+        socket_dir = self.pgdata.parent / "recovery-socket"
+        socket_dir.mkdir(mode=0o700, exist_ok=True)
+        if identity is not None:
+            os.chown(socket_dir, *identity)
+        settings = [
+            "listen_addresses=", f"unix_socket_directories={socket_dir}",
+            "restore_command=false",
+            "recovery_target_action=promote", "synchronous_standby_names=", "archive_mode=off",
+        ]  # fmt: skip
+        if target_time is not None:
+            settings += [f"recovery_target_time={target_time}", "recovery_target_inclusive=on"]
+        command = [str(self._bin / "postgres"), "-D", str(self.pgdata)]
+        for setting in settings:
+            command += ["-c", setting]
+        log_path = self.pgdata / "server.log"
+        with log_path.open("ab") as log:
+            server = subprocess.Popen(
+                command, stdout=log, stderr=log, cwd="/",
+                user=identity[0] if identity else None,
+                group=identity[1] if identity else None,
+                extra_groups=[] if identity else None,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self._promoted(signal_file):
+                if server.poll() is not None:
+                    raise EmbeddedPostgresError(f"recovery failed: {_last_error(log_path)}")
+                if time.monotonic() >= deadline:
+                    raise EmbeddedPostgresError(f"recovery did not end within {timeout_s:g} s")
+                time.sleep(START_RETRY_INTERVAL_S)
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGINT)  # a fast shutdown: a clean checkpoint
+                try:
+                    server.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+    def _promoted(self, signal_file: Path) -> bool:
+        if signal_file.exists():
+            return False
+        control = self._run("pg_controldata", "-D", str(self.pgdata))
+        states = [
+            line.partition(":")[2].strip()
+            for line in control.splitlines()
+            if line.startswith("Database cluster state:")
+        ]
+        return states == ["in production"]
+
     def is_running(self) -> bool:
         return self._running_port() is not None
 
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.pgdata, ignore_errors=True)
+
+
+def _last_error(log_path: Path) -> str:
+    """The last FATAL or PANIC line of a server log (what made the server exit)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "the server exited"
+    for line in reversed(lines):
+        for level in ("FATAL:", "PANIC:"):
+            if level in line:
+                return line.partition(level)[2].strip()
+    return "the server exited"

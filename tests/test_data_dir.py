@@ -106,7 +106,8 @@ def test_the_exit_codes_in_the_help_match_the_runbook(
     assert documented[EXIT_CLUSTER_FAILED].startswith("cluster:")
     assert _listed_exit_codes(_help(capsys)) == documented
     for command in ("serve", "migrate", "verify", "restore", "seed", "cluster", "shards",
-                    "haproxy-config", "haproxy-sync"):  # fmt: skip
+                    "haproxy-config", "haproxy-sync", "backup", "archive-wal",
+                    "recover"):  # fmt: skip
         listed = _listed_exit_codes(_help(capsys, command))
         assert {0, 2} <= listed.keys(), command
         for code, meaning in listed.items():
