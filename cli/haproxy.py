@@ -128,14 +128,22 @@ def render_config(
     lines += [
         "defaults",
         "    mode http",
-        # One server-side connection per request: a walletd that shuts down (SIGTERM) closes
-        # its idle keep-alive connections, and a request HAProxy sends on one at that moment
-        # gets no answer (a 502 whose outcome nobody knows, never retried). A fresh
-        # connection fails to connect instead, which HAProxy retries on another process.
-        "    option http-server-close",
+        # Server connections are kept alive and shared between requests (docs/SCALING.md,
+        # "Keep-alive and shutdown"). A request sent on an idle connection at the moment
+        # walletd closes it would get no answer (a 502 whose outcome nobody knows), so
+        # walletd never closes one HAProxy may still use: it keeps idle connections longer
+        # than HAProxy does (--keepalive-timeout 120 s > the 75 s below + the pool purge),
+        # and while draining it answers `Connection: close` and closes the idle ones only
+        # after /healthz has failed long enough for HAProxy to mark it down.
+        "    option http-keep-alive",
+        "    http-reuse safe",
         "    timeout connect 2s",
         # Idle client connections live longer than clients keep them (aiohttp 15 s, walletd's
-        # own server 75 s): closing one a client is about to reuse loses its request.
+        # own server 120 s): closing one a client is about to reuse loses its request. A
+        # server connection follows its client's (the first request of a client connection
+        # opens or takes one), so it too is idle at most this long before HAProxy closes it
+        # or returns it to the pool, where pool-purge-delay closes half the idle ones each
+        # period.
         "    timeout client 90s",
         "    timeout http-keep-alive 75s",
         "    timeout server 60s",
@@ -151,7 +159,7 @@ def render_config(
         # A refused connection in live traffic marks the server down at once (backups take
         # over) rather than after three failed health checks.
         "    default-server init-addr last,libc,none observe layer4 error-limit 1 "
-        "on-error mark-down" + (" resolvers docker" if docker_dns else ""),
+        "on-error mark-down pool-purge-delay 5s" + (" resolvers docker" if docker_dns else ""),
         # HAProxy answers 503 itself only when no server could be connected: nothing
         # was sent, so nothing applied. Said in walletd's words: problem+json NOT_OWNER.
         "    http-error status 503 content-type application/problem+json hdr Retry-After 1 "
