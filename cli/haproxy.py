@@ -15,8 +15,10 @@ shard's backend up in a map that walletd keeps current through HAProxy's runtime
 Each ``be_wN`` backend has its owner as the server and every other walletd as a backup:
 HAProxy retries only connection failures (``retry-on conn-failure``, redispatched to a
 backup), never a 503 or a timeout, whose outcome may be unknown; a backup that receives
-a request it does not own forwards it to the owner (http/forwarding.py). Requests without a
-wallet in the path (creation) go round-robin to any walletd.
+a request it does not own forwards it to the owner (http/forwarding.py). A creation with a
+client id in its body (``{"id": …}``) is routed by that id the same way; other requests
+without a wallet in the path (a creation without an id, transfers, bulk) go round-robin to
+any walletd.
 
 ``MapSync`` reads the ownership table (walletd_shard_leases) every ``interval_s`` and sends
 ``set map`` for every shard whose backend changed, over the stats socket; a stale map only
@@ -178,6 +180,13 @@ def render_config(
         "    http-request set-var(txn.shard) "
         f"path,field({_ID_FIELD},/),lower,crc32,mod({shard_count}) "
         "if { path_beg /api/v1/wallets/ /api/v1/holds/ }",
+        # A creation with a client id ({"id": "<uuid>"}, the only field besides none) goes to
+        # the id's owner too: HAProxy waits for that small body (at most 1 s) and hashes the
+        # id the same way. Without an id the process it lands on draws one it serves.
+        "    http-request wait-for-body time 1s if { method POST } { path /api/v1/wallets }",
+        "    http-request set-var(txn.shard) "
+        f"req.body,json_query('$.id'),lower,crc32,mod({shard_count}) "
+        "if { method POST } { path /api/v1/wallets }",
         # For the owner's logs and for tests/test_haproxy.py: the shard HAProxy computed.
         f"    http-request set-header {SHARD_HEADER} %[var(txn.shard)] "
         "if { var(txn.shard) -m found }",

@@ -164,6 +164,25 @@ async def test_haproxy_computes_the_shard_walletd_computes_for_every_id(tmp_path
         assert len({shard_of_text(w, SHARDS) for _, _, w in requests}) == SHARDS
 
 
+async def test_a_creation_with_an_id_is_routed_by_its_id(tmp_path: Path) -> None:
+    """POST /api/v1/wallets with {"id": …} gets the id's shard from HAProxy (so it goes to
+    the owner, no forwarding hop), in any spelling of the id; without an id (or with an
+    empty body) it has no shard and goes round-robin."""
+    async with (
+        stub("only") as server,
+        haproxy([server], tmp_path) as (url, _map, _socket),
+        aiohttp.ClientSession() as http,
+    ):
+        for number in range(30):
+            wallet = str(uuid.uuid4())
+            written = wallet.upper() if number % 2 else wallet
+            async with http.post(f"{url}/api/v1/wallets", json={"id": written}) as response:
+                assert (await response.json())["shard"] == str(shard_of_text(wallet, SHARDS))
+        for body in (b"{}", b""):
+            async with http.post(f"{url}/api/v1/wallets", data=body) as response:
+                assert (await response.json())["shard"] is None
+
+
 async def test_haproxy_keeps_its_connections_to_walletd_alive(tmp_path: Path) -> None:
     """Requests through HAProxy reuse its server-side connections (docs/SCALING.md,
     "Keep-alive and shutdown") instead of a new connection per request: 60 requests, on
