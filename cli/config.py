@@ -206,6 +206,10 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds walletd keeps serving after SIGTERM with /healthz answering 503, so a "
             "proxy that checks it (HAProxy marks it down within 1.5 s) stops opening "
             "connections before the listener closes; 0 closes it at once"),
+    Setting("keepalive_timeout_s", ("WALLETD_KEEPALIVE_TIMEOUT",), "--keepalive-timeout", float,
+            120.0, "seconds an idle client connection is kept open; longer than any proxy in "
+            "front keeps its idle connections to walletd (HAProxy: timeout http-keep-alive "
+            "75 s), so the proxy closes them first and never sends on one walletd closes"),
     Setting("body_bytes_max", ("WALLETD_MAX_BODY_BYTES",), "--max-body-bytes", int, 65536,
             "largest request body accepted; larger gets 413"),
     Setting("body_read_timeout_s", ("WALLETD_BODY_READ_TIMEOUT",), "--body-read-timeout", float,
@@ -296,6 +300,7 @@ class Config:
     feed_heartbeat_s: float
     as_of_wait_s: float
     drain_grace_s: float
+    keepalive_timeout_s: float
     body_bytes_max: int
     body_read_timeout_s: float
     bulk_items_max: int

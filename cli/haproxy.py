@@ -15,8 +15,10 @@ shard's backend up in a map that walletd keeps current through HAProxy's runtime
 Each ``be_wN`` backend has its owner as the server and every other walletd as a backup:
 HAProxy retries only connection failures (``retry-on conn-failure``, redispatched to a
 backup), never a 503 or a timeout, whose outcome may be unknown; a backup that receives
-a request it does not own forwards it to the owner (http/forwarding.py). Requests without a
-wallet in the path (creation) go round-robin to any walletd.
+a request it does not own forwards it to the owner (http/forwarding.py). A creation with a
+client id in its body (``{"id": …}``) is routed by that id the same way; other requests
+without a wallet in the path (a creation without an id, transfers, bulk) go round-robin to
+any walletd.
 
 ``MapSync`` reads the ownership table (walletd_shard_leases) every ``interval_s`` and sends
 ``set map`` for every shard whose backend changed, over the stats socket; a stale map only
@@ -128,14 +130,22 @@ def render_config(
     lines += [
         "defaults",
         "    mode http",
-        # One server-side connection per request: a walletd that shuts down (SIGTERM) closes
-        # its idle keep-alive connections, and a request HAProxy sends on one at that moment
-        # gets no answer (a 502 whose outcome nobody knows, never retried). A fresh
-        # connection fails to connect instead, which HAProxy retries on another process.
-        "    option http-server-close",
+        # Server connections are kept alive and shared between requests (docs/SCALING.md,
+        # "Keep-alive and shutdown"). A request sent on an idle connection at the moment
+        # walletd closes it would get no answer (a 502 whose outcome nobody knows), so
+        # walletd never closes one HAProxy may still use: it keeps idle connections longer
+        # than HAProxy does (--keepalive-timeout 120 s > the 75 s below + the pool purge),
+        # and while draining it answers `Connection: close` and closes the idle ones only
+        # after /healthz has failed long enough for HAProxy to mark it down.
+        "    option http-keep-alive",
+        "    http-reuse safe",
         "    timeout connect 2s",
         # Idle client connections live longer than clients keep them (aiohttp 15 s, walletd's
-        # own server 75 s): closing one a client is about to reuse loses its request.
+        # own server 120 s): closing one a client is about to reuse loses its request. A
+        # server connection follows its client's (the first request of a client connection
+        # opens or takes one), so it too is idle at most this long before HAProxy closes it
+        # or returns it to the pool, where pool-purge-delay closes half the idle ones each
+        # period.
         "    timeout client 90s",
         "    timeout http-keep-alive 75s",
         "    timeout server 60s",
@@ -151,7 +161,7 @@ def render_config(
         # A refused connection in live traffic marks the server down at once (backups take
         # over) rather than after three failed health checks.
         "    default-server init-addr last,libc,none observe layer4 error-limit 1 "
-        "on-error mark-down" + (" resolvers docker" if docker_dns else ""),
+        "on-error mark-down pool-purge-delay 5s" + (" resolvers docker" if docker_dns else ""),
         # HAProxy answers 503 itself only when no server could be connected: nothing
         # was sent, so nothing applied. Said in walletd's words: problem+json NOT_OWNER.
         "    http-error status 503 content-type application/problem+json hdr Retry-After 1 "
@@ -170,6 +180,13 @@ def render_config(
         "    http-request set-var(txn.shard) "
         f"path,field({_ID_FIELD},/),lower,crc32,mod({shard_count}) "
         "if { path_beg /api/v1/wallets/ /api/v1/holds/ }",
+        # A creation with a client id ({"id": "<uuid>"}, the only field besides none) goes to
+        # the id's owner too: HAProxy waits for that small body (at most 1 s) and hashes the
+        # id the same way. Without an id the process it lands on draws one it serves.
+        "    http-request wait-for-body time 1s if { method POST } { path /api/v1/wallets }",
+        "    http-request set-var(txn.shard) "
+        f"req.body,json_query('$.id'),lower,crc32,mod({shard_count}) "
+        "if { method POST } { path /api/v1/wallets }",
         # For the owner's logs and for tests/test_haproxy.py: the shard HAProxy computed.
         f"    http-request set-header {SHARD_HEADER} %[var(txn.shard)] "
         "if { var(txn.shard) -m found }",

@@ -173,11 +173,12 @@ async def _serve_claimed(config: Config) -> int:
     # cluster credential (http/internal.py). It shares the public app's services.
     internal_runner = web.AppRunner(
         create_internal_app(app, credential), shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-        **access_log_options(config.access_log),
+        keepalive_timeout=config.keepalive_timeout_s, **access_log_options(config.access_log),
     )  # fmt: skip
     runner = web.AppRunner(
-        app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, **access_log_options(config.access_log)
-    )
+        app, shutdown_timeout=SHUTDOWN_TIMEOUT_S, keepalive_timeout=config.keepalive_timeout_s,
+        **access_log_options(config.access_log),
+    )  # fmt: skip
     try:
         await internal_runner.setup()
         await runner.setup()

@@ -82,6 +82,7 @@ def create_app(
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
     app.router.add_routes(health.routes)
+    app.on_response_prepare.append(health.close_while_draining)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)
     add_docs_routes(app)
     # Checked with auth off too: a route that declares no scope fails every start.

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from walletd.http.problems import problem_response
 from walletd.http.state import STATE_KEY
 
-__all__ = ["routes"]
+__all__ = ["close_while_draining", "routes"]
 
 routes = web.RouteTableDef()
 
@@ -30,6 +30,19 @@ def _draining(request: web.Request) -> web.Response:
         503, "UNAVAILABLE", "walletd is stopping; send requests to another process",
         request.path, headers={"Retry-After": "1"},
     )  # fmt: skip
+
+
+async def close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: while draining, every answer says ``Connection: close`` and
+    walletd closes the connection once it is written. A proxy that keeps server connections
+    alive (HAProxy, docs/SCALING.md, "Keep-alive and shutdown") learns from the answer itself
+    that the connection ends, so it never sends another request on it; the connections left
+    open are idle ones, which walletd closes only when its listener closes, after the proxy
+    has marked it down and stopped choosing it."""
+    if request.app[STATE_KEY].draining:
+        response.force_close()
+        # aiohttp computes its own Connection header before this hook runs: set it here.
+        response.headers[hdrs.CONNECTION] = "close"
 
 
 @routes.get("/readyz")

@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from walletd.http import legs
+from walletd.http.health import close_while_draining
 from walletd.http.problems import ProblemError, problems_middleware
 from walletd.http.state import STATE_KEY
 
@@ -126,4 +127,5 @@ def create_internal_app(public: web.Application, credential: ClusterCredential) 
     )
     app[STATE_KEY] = state
     app.router.add_routes(legs.routes)
+    app.on_response_prepare.append(close_while_draining)
     return app

@@ -1,21 +1,28 @@
-"""`make bench` (cluster part): 1 vs 2 walletd processes behind HAProxy, with CPU per request.
+"""`make bench` (cluster part): one process direct, one behind HAProxy, two behind HAProxy,
+side by side in one run, with CPU per request.
 
-    python -m loadtest.cluster_bench [--processes 1 2] [--duration 10] [--connections 64]
-                                     [--wallets 10000] [--transfers]
+    python -m loadtest.cluster_bench [--rounds 3] [--duration 10] [--warm-up 2]
+                                     [--connections 64] [--wallets 10000] [--transfers]
 
-For each process count: `walletd cluster --processes N` (embedded PostgreSQL in a temp dir,
-HAProxy in front), then wrk on the hot wallet and on many wallets through HAProxy, and the
-CPU time (utime + stime from /proc/PID/stat) each part spent during the run, divided by the
-requests answered: walletd processes, HAProxy, PostgreSQL (every backend of the embedded
-server). A bigger machine serves about `cores / (sum of CPU per request)` requests per
-second at the same ops per commit, until one part (PostgreSQL, in one primary) saturates.
+Two clusters run at once (`walletd cluster --processes 1` and `--processes 2`, each with its
+embedded PostgreSQL in a temp dir and HAProxy in front), so the rounds alternate without a
+restart: each round runs wrk on the hot wallet and on 10,000 wallets through every path —
+"1 direct" (wrk at the one process's own port, the same process "1 via HAProxy" reaches),
+"1 via HAProxy", "2 via HAProxy" — in an order rotated per round, after a short warm-up of
+each. For each run: rps, p99, and the CPU time (utime + stime from /proc/PID/stat) each part
+of the cluster under load spent, divided by the requests answered: walletd processes,
+HAProxy, PostgreSQL (every backend of its embedded server); and the requests the walletd
+processes forwarded to one another (walletd_forwards_total, summed; the goal is 0 once the
+map settled). Printed: the medians with their spread (min–max), the ratios the scaling goals
+are stated in, and a projection to 8, 16 and 32 cores from the CPU per request with the
+PostgreSQL primary's share. About 4.5 minutes with the defaults.
 
-With ``--transfers``, each run also sends transfers through HAProxy between pairs of funded
-wallets whose shards one process owns ("transfer-same"; with one process, the baseline) and,
-with two or more processes, pairs whose shards different processes own ("transfer-cross",
-a leg crosses processes over the internal route); the owners are read with `walletd shards`
-on the cluster's database. HAProxy sends a transfer to any process (no wallet in its path),
-which coordinates it.
+With ``--transfers``, each cluster then also takes transfers through HAProxy between pairs
+of funded wallets whose shards one process owns ("transfer-same"; with one process, the
+baseline) and, with two processes, pairs whose shards different processes own
+("transfer-cross", a leg crosses processes over the internal route); the owners are read
+with `walletd shards` on the cluster's database. HAProxy sends a transfer to any process
+(no wallet in its path), which coordinates it.
 
 Exit 0 when every run completed, 1 when a wrk run failed, 2 without wrk or HAProxy.
 """
@@ -28,14 +35,16 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loadtest.bench import AMOUNT, TRANSFER_FUND, create_wallets, fund_wallets, run_wrk
@@ -200,10 +209,60 @@ def measure(
     return run, {name: (after[name] - before[name]) * 1e6 / requests for name in groups}
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One way to reach walletd in the side-by-side rounds."""
+
+    name: str
+    processes: int
+    through_haproxy: bool
+
+
+PATHS = (
+    Target("1 direct", 1, False),
+    Target("1 via HAProxy", 1, True),
+    Target("2 via HAProxy", 2, True),
+)
+
+
+def forwards(cluster: Cluster) -> int:
+    """Requests the cluster's processes forwarded to another process so far (every result of
+    walletd_forwards_total, summed over the processes)."""
+    total = 0.0
+    for url in cluster.walletd_urls:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        total += sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("walletd_forwards_total{")
+        )
+    return int(total)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    path: str
+    scenario: str
+    run: WrkRun
+    cpu: dict[str, float]
+    forwarded: int
+
+
+def measure_path(
+    cluster: Cluster, path: Target, scenario: str, ids_file: Path, connections: int, duration_s: int
+) -> Sample:
+    target = cluster if path.through_haproxy else replace(cluster, url=cluster.walletd_urls[0])
+    before = forwards(cluster)
+    run, cpu = measure(target, scenario, ids_file, connections, duration_s)
+    return Sample(path.name, scenario, run, cpu, forwards(cluster) - before)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--warm-up", type=int, default=2, help="seconds of wrk per path first")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wallets", type=int, default=10_000)
     parser.add_argument(
@@ -214,59 +273,195 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None or shutil.which("haproxy") is None:
         print("cluster bench needs wrk and haproxy (.ci/install-haproxy)", file=sys.stderr)
         return 2
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="walletd-cluster-bench-") as temp:
+    samples: list[Sample] = []
+    transfer_rows: list[tuple[int, str, WrkRun, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory(prefix="walletd-cluster-bench-") as temp, ExitStack() as stack:
         folder = Path(temp)
-        for processes in args.processes:
+        clusters: dict[int, Cluster] = {}
+        ids_files: dict[tuple[int, str], Path] = {}
+        for processes in sorted({path.processes for path in PATHS}):
             run_folder = folder / f"p{processes}"
             run_folder.mkdir()
-            with running_cluster(processes, run_folder) as cluster:
-                ids = asyncio.run(create_wallets(cluster.url, 1 + args.wallets))
+            cluster = stack.enter_context(running_cluster(processes, run_folder))
+            clusters[processes] = cluster
+            ids = asyncio.run(create_wallets(cluster.url, 1 + args.wallets))
+            for scenario in SCENARIOS:
+                ids_file = run_folder / f"{scenario}.ids"
+                ids_file.write_text("\n".join(ids[:1] if scenario == "hot" else ids[1:]))
+                ids_files[(processes, scenario)] = ids_file
+        try:
+            # Warm-up: every wallet resident, every connection pool full, the map settled.
+            for path in PATHS:
                 for scenario in SCENARIOS:
-                    ids_file = run_folder / f"{scenario}.ids"
-                    ids_file.write_text("\n".join(ids[:1] if scenario == "hot" else ids[1:]))
-                    try:
-                        run, cpu = measure(
-                            cluster, scenario, ids_file, args.connections, args.duration
-                        )
-                    except RuntimeError as error:
-                        print(f"wrk failed: {error}", file=sys.stderr)
-                        return 1
-                    rows.append((processes, scenario, run, cpu))
-                    print(_row(processes, scenario, run, cpu), flush=True)
-                if args.transfers:
-                    funded = asyncio.run(
-                        create_wallets(cluster.url, TRANSFER_WALLETS_PER_PROCESS * processes)
-                    )
-                    asyncio.run(fund_wallets(cluster.url, funded, TRANSFER_FUND))
-                    owner_of = owners(cluster.data_dir, args.shards)
-                    for scenario, text in transfer_pairs(funded, owner_of, args.shards).items():
-                        ids_file = run_folder / f"{scenario}.pairs"
-                        ids_file.write_text(text)
-                        try:
-                            run, cpu = measure(
-                                cluster, "pairs", ids_file, args.connections, args.duration
-                            )
-                        except RuntimeError as error:
-                            print(f"wrk failed: {error}", file=sys.stderr)
-                            return 1
-                        rows.append((processes, scenario, run, cpu))
-                        print(_row(processes, scenario, run, cpu), flush=True)
+                    key = (path.processes, scenario)
+                    measure_path(clusters[path.processes], path, scenario, ids_files[key],
+                                 args.connections, args.warm_up)  # fmt: skip
+            for round_number in range(args.rounds):
+                # Alternating: each round runs every path once, in a rotated order, so a
+                # neighbour's burst on the shared machine lands on all of them alike.
+                shift = round_number % len(PATHS)
+                for path in PATHS[shift:] + PATHS[:shift]:
+                    for scenario in SCENARIOS:
+                        sample = measure_path(
+                            clusters[path.processes], path, scenario,
+                            ids_files[(path.processes, scenario)], args.connections, args.duration,
+                        )  # fmt: skip
+                        samples.append(sample)
+                        print(f"round {round_number + 1}: {_sample_row(sample)}", flush=True)
+            if args.transfers:
+                for processes, cluster in clusters.items():
+                    transfer_rows += _transfers(cluster, processes, folder, args)
+        except RuntimeError as error:
+            print(f"wrk failed: {error}", file=sys.stderr)
+            return 1
     print()
-    print(f"deposits (and transfers) of {AMOUNT} through HAProxy, {args.connections} connections, "
-          f"{args.duration} s per run, {os.cpu_count()} cores")  # fmt: skip
-    print("| processes | scenario | rps | p99 ms | non-2xx | CPU µs/req walletd | HAProxy "
-          "| PostgreSQL |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for processes, scenario, run, cpu in rows:
-        print(_row(processes, scenario, run, cpu))
+    print(
+        f"deposits of {AMOUNT}, {args.connections} connections, {args.duration} s per run, "
+        f"{args.rounds} alternating rounds, {os.cpu_count()} cores; median (min–max)"
+    )
+    print(_table(samples))
+    print()
+    print(_ratios(samples))
+    print()
+    print(_projection(samples))
+    if transfer_rows:
+        print()
+        print("| processes | scenario | rps | p99 ms | non-2xx | CPU µs/req walletd | HAProxy "
+              "| PostgreSQL |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for processes, scenario, run, cpu in transfer_rows:
+            print(_row(processes, scenario, run, cpu))
     return 0
+
+
+def _transfers(
+    cluster: Cluster, processes: int, folder: Path, args: argparse.Namespace
+) -> list[tuple[int, str, WrkRun, dict[str, float]]]:
+    rows = []
+    funded = asyncio.run(create_wallets(cluster.url, TRANSFER_WALLETS_PER_PROCESS * processes))
+    asyncio.run(fund_wallets(cluster.url, funded, TRANSFER_FUND))
+    owner_of = owners(cluster.data_dir, args.shards)
+    for scenario, text in transfer_pairs(funded, owner_of, args.shards).items():
+        ids_file = folder / f"p{processes}" / f"{scenario}.pairs"
+        ids_file.write_text(text)
+        run, cpu = measure(cluster, "pairs", ids_file, args.connections, args.duration)
+        rows.append((processes, scenario, run, cpu))
+        print(_row(processes, scenario, run, cpu), flush=True)
+    return rows
+
+
+def _spread(values: Sequence[float], digits: int = 0) -> str:
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:,.{digits}f}"
+    return f"{middle:,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})"
+
+
+def _of(samples: Sequence[Sample], path: str, scenario: str) -> list[Sample]:
+    return [s for s in samples if s.path == path and s.scenario == scenario]
+
+
+def _median(samples: Sequence[Sample], path: str, scenario: str, part: str) -> float:
+    chosen = _of(samples, path, scenario)
+    if part == "rps":
+        return statistics.median(s.run.rps for s in chosen)
+    return statistics.median(s.cpu[part] for s in chosen)
+
+
+def _table(samples: Sequence[Sample]) -> str:
+    lines = [
+        "| path | scenario | rps | p99 ms | CPU µs/req walletd | HAProxy | PostgreSQL "
+        "| forwarded | non-2xx |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scenario in SCENARIOS:
+        for path in PATHS:
+            chosen = _of(samples, path.name, scenario)
+            if not chosen:
+                continue
+            haproxy = _spread([s.cpu["haproxy"] for s in chosen]) if path.through_haproxy else "—"
+            lines.append(
+                f"| {path.name} | {scenario} | {_spread([s.run.rps for s in chosen])} "
+                f"| {_spread([s.run.p99_us / 1000 for s in chosen], 1)} "
+                f"| {_spread([s.cpu['walletd'] for s in chosen])} | {haproxy} "
+                f"| {_spread([s.cpu['postgres'] for s in chosen])} "
+                f"| {sum(s.forwarded for s in chosen)} | {sum(s.run.non_2xx for s in chosen)} |"
+            )
+    return "\n".join(lines)
+
+
+def _ratios(samples: Sequence[Sample]) -> str:
+    """The issue's goals, as ratios of medians of the same run."""
+    direct, one, two = (path.name for path in PATHS)
+    lines = [
+        "| scenario | walletd CPU/req via HAProxy ÷ direct | PostgreSQL CPU/req ÷ direct "
+        "| HAProxy µs/req | rps 2 ÷ 1 via HAProxy |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for scenario in SCENARIOS:
+        if not (_of(samples, direct, scenario) and _of(samples, two, scenario)):
+            continue
+        lines.append(
+            f"| {scenario} "
+            f"| {_median(samples, one, scenario, 'walletd') / _median(samples, direct, scenario, 'walletd'):.2f} "  # noqa: E501
+            f"| {_median(samples, one, scenario, 'postgres') / _median(samples, direct, scenario, 'postgres'):.2f} "  # noqa: E501
+            f"| {_median(samples, one, scenario, 'haproxy'):.0f} "
+            f"| {_median(samples, two, scenario, 'rps') / _median(samples, one, scenario, 'rps'):.2f} |"  # noqa: E501
+        )
+    return "\n".join(lines)
+
+
+def _projection(samples: Sequence[Sample]) -> str:
+    """Requests per second on one host of N cores running everything (walletd processes,
+    HAProxy, PostgreSQL; no load generator) at the CPU per request measured through HAProxy
+    with 2 processes: N × 10^6 / (sum of µs per request), and the PostgreSQL primary's share
+    of the cores. It assumes the ops per commit seen here; the hot wallet is also capped by
+    its one pipeline's core (10^6 / walletd µs per request)."""
+    two = PATHS[-1].name
+    lines = [
+        "| scenario | µs/req walletd + HAProxy + PostgreSQL | PostgreSQL share "
+        "| 8 cores | 16 cores | 32 cores |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scenario in SCENARIOS:
+        if not _of(samples, two, scenario):
+            continue
+        parts_us = {part: _median(samples, two, scenario, part) for part in PROJECTED_PARTS}
+        total = sum(parts_us.values())
+        share = parts_us["postgres"] / total
+        projected = " | ".join(
+            f"{cores * 1e6 / total:,.0f} rps (PostgreSQL {cores * share:.1f} cores)"
+            for cores in PROJECTED_CORES
+        )
+        lines.append(f"| {scenario} | {total:.0f} | {share:.0%} | {projected} |")
+    if _of(samples, two, "hot"):
+        cap = 1e6 / _median(samples, two, "hot", "walletd")
+        lines.append(
+            f"\nOne wallet is served by one pipeline on one core: at most ~{cap:,.0f} rps on "
+            "it whatever the cores; the hot row holds for many hot wallets spread over the "
+            "processes."
+        )
+    return "\n".join(lines)
+
+
+PROJECTED_PARTS = ("walletd", "haproxy", "postgres")
+PROJECTED_CORES = (8, 16, 32)
 
 
 def _row(processes: int, scenario: str, run: WrkRun, cpu: dict[str, float]) -> str:
     return (
         f"| {processes} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | {run.non_2xx} | "
         f"{cpu['walletd']:.0f} | {cpu['haproxy']:.0f} | {cpu['postgres']:.0f} |"
+    )
+
+
+def _sample_row(sample: Sample) -> str:
+    cpu = sample.cpu
+    return (
+        f"{sample.path}, {sample.scenario}: {sample.run.rps:,.0f} rps, p99 "
+        f"{sample.run.p99_us / 1000:.1f} ms, µs/req walletd {cpu['walletd']:.0f} HAProxy "
+        f"{cpu['haproxy']:.0f} PostgreSQL {cpu['postgres']:.0f}, forwarded {sample.forwarded}, "
+        f"non-2xx {sample.run.non_2xx}"
     )
 
 

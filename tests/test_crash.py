@@ -245,3 +245,58 @@ async def test_sigterm_fails_healthz_and_serves_through_the_drain_grace(
         assert process.process.poll() is None  # still inside its grace
     exit_code = await asyncio.to_thread(process.process.wait, 30)
     assert exit_code == 0, process.log()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str
+) -> tuple[int, dict[str, str]]:
+    """One GET on a kept-alive connection; the status and the headers (lowercase names)."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: walletd\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines if line)
+    }
+    await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return int(status_line.split()[1]), headers
+
+
+async def test_while_draining_answers_close_their_connection_and_idle_ones_stay_open(
+    walletd_process: StartWalletd, database_url: str
+) -> None:
+    """A proxy keeps connections to walletd alive (docs/SCALING.md, "Keep-alive and
+    shutdown"). After SIGTERM each answer says `Connection: close` and its connection ends
+    once written, so the proxy never sends on it again; a connection that sat idle is not
+    closed during the grace (the proxy may still send on it until it marks walletd down):
+    a request sent on it in the middle of the grace is answered."""
+    process = await start(walletd_process, "--database-url", database_url, "--drain-grace", "4")
+    host, port = process.url.removeprefix("http://").split(":")
+    busy = await asyncio.open_connection(host, int(port))
+    idle = await asyncio.open_connection(host, int(port))
+    try:
+        for connection in (busy, idle):
+            status, headers = await _exchange(*connection, "/healthz")
+            assert status == 200
+            assert headers.get("connection", "").lower() != "close"
+        process.process.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            status, headers = await _exchange(*busy, "/healthz")
+            if status == 503:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("/healthz never failed after SIGTERM")
+        assert headers["connection"].lower() == "close"
+        assert await asyncio.wait_for(busy[0].read(), 5) == b""  # walletd closed it
+        await asyncio.sleep(1.5)  # idle through part of the grace: still open
+        status, headers = await _exchange(*idle, "/api/v1/wallets")
+        assert process.process.poll() is None
+        assert headers["connection"].lower() == "close", (status, headers)
+        assert await asyncio.wait_for(idle[0].read(), 5) == b""
+    finally:
+        for _reader, writer in (busy, idle):
+            writer.close()
+    exit_code = await asyncio.to_thread(process.process.wait, 30)
+    assert exit_code == 0, process.log()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,6 +29,7 @@ from tests.test_internal_listener import (
     funded_wallet,
     raw_post,
 )
+from walletd.cli.config import SETTINGS
 from walletd.cli.haproxy import (
     SHARD_HEADER,
     MapSync,
@@ -72,6 +74,8 @@ async def stub(name: str) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", echo)
+    # Each request's server-side connection, by HAProxy's source port (keep-alive tests).
+    app.on_response_prepare.append(_note_connection)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -81,6 +85,15 @@ async def stub(name: str) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+SERVER_CONNECTIONS: list[int] = []
+
+
+async def _note_connection(request: web.Request, _response: web.StreamResponse) -> None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer is not None and request.path.startswith("/api/"):  # not HAProxy's health checks
+        SERVER_CONNECTIONS.append(peer[1])
 
 
 @contextlib.asynccontextmanager
@@ -149,6 +162,67 @@ async def test_haproxy_computes_the_shard_walletd_computes_for_every_id(tmp_path
             await asyncio.gather(*(check(*request) for request in requests))
         assert not disagreements, disagreements[:5]
         assert len({shard_of_text(w, SHARDS) for _, _, w in requests}) == SHARDS
+
+
+async def test_a_creation_with_an_id_is_routed_by_its_id(tmp_path: Path) -> None:
+    """POST /api/v1/wallets with {"id": …} gets the id's shard from HAProxy (so it goes to
+    the owner, no forwarding hop), in any spelling of the id; without an id (or with an
+    empty body) it has no shard and goes round-robin."""
+    async with (
+        stub("only") as server,
+        haproxy([server], tmp_path) as (url, _map, _socket),
+        aiohttp.ClientSession() as http,
+    ):
+        for number in range(30):
+            wallet = str(uuid.uuid4())
+            written = wallet.upper() if number % 2 else wallet
+            async with http.post(f"{url}/api/v1/wallets", json={"id": written}) as response:
+                assert (await response.json())["shard"] == str(shard_of_text(wallet, SHARDS))
+        for body in (b"{}", b""):
+            async with http.post(f"{url}/api/v1/wallets", data=body) as response:
+                assert (await response.json())["shard"] is None
+
+
+async def test_haproxy_keeps_its_connections_to_walletd_alive(tmp_path: Path) -> None:
+    """Requests through HAProxy reuse its server-side connections (docs/SCALING.md,
+    "Keep-alive and shutdown") instead of a new connection per request: 60 requests, on
+    two client connections, reach the server on at most four connections."""
+    SERVER_CONNECTIONS.clear()
+    async with stub("only") as server, haproxy([server], tmp_path) as (url, _map, _socket):
+        connector = aiohttp.TCPConnector(limit=2)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def some(count: int) -> None:
+                for _ in range(count):
+                    async with http.get(f"{url}/api/v1/wallets/{uuid.uuid4()}") as response:
+                        assert response.status == 200
+
+            await asyncio.gather(some(30), some(30))
+    assert len(SERVER_CONNECTIONS) == 60
+    assert len(set(SERVER_CONNECTIONS)) <= 4, len(set(SERVER_CONNECTIONS))
+
+
+def test_walletd_keeps_idle_connections_longer_than_haproxy_does() -> None:
+    """The ordering keep-alive's safety rests on (docs/SCALING.md, "Keep-alive and
+    shutdown"): HAProxy gives up an idle server connection (its http-keep-alive timeout,
+    then its pool's purge delay) before walletd's --keepalive-timeout would close it, so
+    walletd never closes a connection HAProxy is about to send on."""
+    config = render_config(
+        ["http://127.0.0.1:1"], bind="127.0.0.1:2", shard_count=SHARDS,
+        map_path=Path("shards.map"), socket_path=Path("haproxy.sock"),
+    )  # fmt: skip
+
+    def seconds(pattern: str) -> float:
+        match = re.search(pattern + r" (\d+)s\b", config)
+        assert match is not None, pattern
+        return float(match.group(1))
+
+    haproxy_idle_s = seconds("timeout http-keep-alive") + seconds("pool-purge-delay")
+    walletd_idle_s = next(s.default for s in SETTINGS if s.name == "keepalive_timeout_s")
+    assert isinstance(walletd_idle_s, float)
+    assert walletd_idle_s > haproxy_idle_s
+    assert "http-server-close" not in config
+    assert "http-reuse safe" in config
 
 
 async def test_the_shard_map_follows_the_ownership_table(database_url: str, tmp_path: Path) -> None:

@@ -284,3 +284,31 @@ def test_servers_under_test_never_inherit_the_durability_override() -> None:
     whatever the caller's environment says; the rest of the environment passes through."""
     given = {"WALLETD_ALLOW_UNSAFE_DURABILITY": "true", "WALLETD_SHARDS": "2", "PATH": "/bin"}
     assert server_environment(given) == {"WALLETD_SHARDS": "2", "PATH": "/bin"}
+
+
+def test_the_cluster_bench_states_its_goals_as_ratios_of_medians_and_projects_cores() -> None:
+    """cluster_bench's summary: ratios of the medians of the same run (via HAProxy ÷ direct,
+    2 ÷ 1 processes) and a projection of N cores × 10^6 / (µs per request of walletd +
+    HAProxy + PostgreSQL) with PostgreSQL's share, from the 2-process medians."""
+    from loadtest.bench_report import WrkRun
+    from loadtest.cluster_bench import PATHS, Sample, _projection, _ratios
+
+    def sample(path: str, scenario: str, rps: int, walletd: float, postgres: float) -> Sample:
+        run = WrkRun(
+            duration_us=1_000_000, requests=rps, sent=rps, statuses={200: rps},
+            socket_errors=0, p50_us=1000, p99_us=5000,
+        )  # fmt: skip
+        return Sample(path, scenario, run, {"walletd": walletd, "haproxy": 40.0,
+                                            "postgres": postgres}, 0)  # fmt: skip
+
+    direct, one, two = (path.name for path in PATHS)
+    samples = [
+        *(sample(direct, s, 2000, 100.0, 50.0) for s in ("hot", "many")),
+        *(sample(one, s, 1800, 110.0, 55.0) for s in ("hot", "many")),
+        *(sample(two, s, 1980, 160.0, 50.0) for s in ("hot", "many")),
+        sample(two, "many", 9999, 10_000.0, 50.0),  # the median of three ignores one outlier
+        sample(two, "many", 1, 1.0, 50.0),
+    ]
+    assert "| many | 1.10 | 1.10 | 40 | 1.10 |" in _ratios(samples)
+    # 160 + 40 + 50 = 250 µs per request: 8 cores → 32,000 rps, PostgreSQL 20% = 1.6 cores.
+    assert "| many | 250 | 20% | 32,000 rps (PostgreSQL 1.6 cores) |" in _projection(samples)
