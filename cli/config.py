@@ -182,8 +182,8 @@ SETTINGS: tuple[Setting, ...] = (
             "serve even when PostgreSQL runs with fsync or full_page_writes off (a crash "
             "may then lose acknowledged writes); for throwaway test servers only"),
     Setting("read_pool_size", ("WALLETD_READ_POOL_SIZE",), "--read-pool-size", int, 4,
-            "PostgreSQL connections for as-of, filtered history and feed reads, apart from "
-            "the commits' pool; a read past them waits up to the connect timeout, then 503"),
+            "PostgreSQL connections for as-of, filtered history, feed and listing reads, apart "
+            "from the commits' pool; a read past them waits up to the connect timeout, then 503"),
     Setting("listing_limit_default", ("WALLETD_LISTING_LIMIT_DEFAULT",),
             "--listing-limit-default", int, 50,
             "items in a page of GET /api/v1/wallets, /transfers or /holds when the request "
