@@ -10,6 +10,8 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Final
 
 import asyncpg
@@ -20,6 +22,8 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import AppFactory
 from tests.test_transfers_api import new_wallet, transfer
+from walletd.client.api import WalletdClient
+from walletd.client.errors import ValidationError
 from walletd.engine.limits import EngineLimits
 from walletd.engine.listings import Listing
 from walletd.http.keys import parse_keys
@@ -591,3 +595,58 @@ async def _check_plan(
             # transfers in a range here: about 160), read whole and then sorted.
             assert node["Actual Rows"] <= 4 * read_max, (where, node["Actual Rows"], kinds)
     assert any("Index" in kind for kind in kinds), (where, kinds)
+
+
+async def test_the_client_lists_and_follows_cursors_with_every_filter(
+    client: Client, database_url: str
+) -> None:
+    """WalletdClient.wallets/transfers/holds iterate every item the HTTP walk finds, in order,
+    as typed records with exact Decimals; *_page gives one page and its cursor; a cursor
+    used with other filters raises ValidationError."""
+    wallets = [await new_wallet(client, "50.00") for _ in range(3)]
+    for number in range(5):
+        status, body, _ = await transfer(
+            client, from_wallet_id=wallets[number % 3], to_wallet_id=wallets[(number + 1) % 3],
+            amount="1.25",
+        )  # fmt: skip
+        assert status == 201, body
+    for number in range(4):
+        response = await client.post(
+            f"/api/v1/wallets/{wallets[0]}/holds",
+            json={"amount": "2.50", "expires_in_s": 600 + 100 * number},
+        )
+        assert response.status == 201
+    url = str(client.make_url("")).rstrip("/")
+    async with WalletdClient(url) as walletd:
+        listed_wallets = [w async for w in walletd.wallets(page_size=2)]
+        http_wallets, _ = await walk(client, "/api/v1/wallets")
+        assert [w.id for w in listed_wallets] == [w["id"] for w in http_wallets]
+        assert {w.balance for w in listed_wallets} == {Decimal(w["balance"]) for w in http_wallets}
+        mine = [t async for t in walletd.transfers(wallet_id=wallets[1], page_size=1)]
+        http_mine, _ = await walk(client, "/api/v1/transfers", wallet_id=wallets[1])
+        assert [t.id for t in mine] == [t["id"] for t in http_mine]
+        assert all(t.amount == Decimal("1.25") and t.status == "COMPLETED" for t in mine)
+        completed = [t async for t in walletd.transfers(status="COMPLETED", page_size=2)]
+        assert len(completed) == 5
+        soon = datetime.now(UTC) + timedelta(seconds=650)  # after the first hold's expiry only
+        holds = [
+            h async for h in walletd.holds(
+                wallet_id=wallets[0], status="PENDING", expires_before=soon, page_size=1
+            )
+        ]  # fmt: skip
+        http_holds, _ = await walk(
+            client, "/api/v1/holds", wallet_id=wallets[0], expires_before=soon.isoformat()
+        )
+        assert [h.id for h in holds] == [h["id"] for h in http_holds]
+        assert len(holds) == 1
+        page = await walletd.wallets_page(limit=1)
+        assert len(page.items) == 1
+        assert page.next_cursor is not None
+        with pytest.raises(ValidationError):
+            await walletd.wallets_page(limit=1, cursor=page.next_cursor, since=soon)
+        with pytest.raises(ValidationError):
+            await walletd.holds_page(cursor=page.next_cursor)
+        since = listed_wallets[1].created_at
+        assert [w.id async for w in walletd.wallets(since=since)] == [
+            w.id for w in listed_wallets if w.created_at >= since
+        ]
