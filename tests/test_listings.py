@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,9 +26,10 @@ from tests.test_transfers_api import new_wallet, transfer
 from walletd.client.api import WalletdClient
 from walletd.client.errors import ValidationError
 from walletd.engine.limits import EngineLimits
-from walletd.engine.listings import Listing
+from walletd.engine.listings import Listing, ListingPosition
 from walletd.http.keys import parse_keys
-from walletd.http.listings import CURSOR_LENGTH
+from walletd.http.listings import CURSOR_LENGTH, encode_cursor
+from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
 from walletd.persistence.listings import LISTINGS, listing_sql
 
@@ -650,3 +652,22 @@ async def test_the_client_lists_and_follows_cursors_with_every_filter(
         assert [w.id async for w in walletd.wallets(since=since)] == [
             w.id for w in listed_wallets if w.created_at >= since
         ]
+
+
+def test_the_documented_cursor_form_and_limits_are_the_enforced_ones() -> None:
+    """The OpenAPI document states the cursor's length and alphabet (what a generator may
+    send; which ones were issued it cannot state), and the default limit and maximum."""
+    document = build_openapi_document()
+    schema = document["components"]["schemas"]["ListingCursor"]
+    assert schema["minLength"] == schema["maxLength"] == CURSOR_LENGTH
+    issued = encode_cursor(ListingPosition(-(2**63), uuid.UUID(int=2**128 - 1)), b"")
+    assert re.fullmatch(schema["pattern"].strip("^$"), issued)
+    limit = document["components"]["parameters"]["ListingLimit"]["schema"]
+    settings = HttpSettings()
+    assert (limit["default"], limit["maximum"]) == (
+        settings.listing_limit_default,
+        settings.listing_limit_max,
+    )
+    for page_schema in ("WalletsPage", "TransfersPage", "HoldsPage"):
+        items = document["components"]["schemas"][page_schema]["properties"]["items"]
+        assert items["maxItems"] == settings.listing_limit_max
