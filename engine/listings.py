@@ -25,7 +25,14 @@ from uuid import UUID
 
 from walletd.engine.model import HoldRecord, TransferRecord, WalletView
 
-__all__ = ["Listing", "ListingItem", "ListingPage", "ListingPosition", "ListingQuery"]
+__all__ = [
+    "FilterValue",
+    "Listing",
+    "ListingItem",
+    "ListingPage",
+    "ListingPosition",
+    "ListingQuery",
+]
 
 
 class Listing(enum.Enum):
