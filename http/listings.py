@@ -31,6 +31,7 @@ from uuid import UUID
 
 import orjson
 from aiohttp import web
+from multidict import MultiMapping
 
 from walletd.engine.listings import (
     FilterValue,
@@ -43,7 +44,7 @@ from walletd.engine.model import HoldRecord, HoldStatus, TransferRecord, Transfe
 from walletd.http.instants import parse_instant_us
 from walletd.http.keys import Scope, requires
 from walletd.http.parsing import WALLET_ID_MESSAGE, body_wallet_id
-from walletd.http.problems import ValidationProblem
+from walletd.http.problems import FieldError, ValidationProblem
 from walletd.http.responses import hold_body, transfer_body, wallet_body
 from walletd.http.state import STATE_KEY
 
@@ -53,6 +54,7 @@ __all__ = [
     "LISTING_SCAN_ROWS_PER_ITEM",
     "decode_cursor",
     "encode_cursor",
+    "parse_parameters",
     "routes",
 ]
 
@@ -139,13 +141,7 @@ async def list_holds(request: web.Request) -> web.Response:
 async def _list(request: web.Request, listing: Listing) -> web.Response:
     state = request.app[STATE_KEY]
     settings = state.settings
-    values = _single_values(request, listing)
-    parsers = FILTERS[listing]
-    filters = tuple(
-        (name, parsers[name](name, text))
-        for name, text in sorted(values.items())
-        if name in parsers
-    )
+    values, filters = parse_parameters(request.query, FILTERS[listing])
     since, until = values.get("since"), values.get("until")
     since_us = None if since is None else parse_instant_us("since", since)
     until_us = None if until is None else parse_instant_us("until", until)
@@ -170,22 +166,43 @@ async def _list(request: web.Request, listing: Listing) -> web.Response:
     return web.Response(body=body, headers=_JSON_HEADERS)
 
 
-def _single_values(request: web.Request, listing: Listing) -> dict[str, str]:
-    """The query's parameters, each known to this listing and given once."""
-    known = _PAGING | FILTERS[listing].keys()
-    errors = [
-        {"field": name, "message": "is not a parameter of this listing"}
-        for name in dict.fromkeys(request.query)
-        if name not in known
-    ]
-    errors += [
-        {"field": name, "message": "may be given once"}
-        for name in known
-        if len(request.query.getall(name, ())) > 1
-    ]
+def parse_parameters(
+    query: MultiMapping[str], parsers: Mapping[str, _Parser]
+) -> tuple[dict[str, str], tuple[tuple[str, FilterValue], ...]]:
+    """The paging parameters' texts, and the filters parsed (sorted by name); 422 for a
+    parameter the listing does not take or one given twice.
+
+    A filter declared as ``name[]`` takes one parameter ``name[<key>]`` (its parser gets the
+    whole parameter name as ``field``, and says what a key may be), under the filter name
+    ``name``: ``metadata[color]=red`` once wallets have metadata.
+    """
+    errors: list[FieldError] = []
+    paging: dict[str, str] = {}
+    chosen: dict[str, tuple[str, str, str]] = {}  # filter -> (parser, parameter, text)
+    for name in dict.fromkeys(query):
+        texts = query.getall(name)
+        family, bracket, key = name.partition("[")
+        keyed = family + "[]" if bracket and len(key) > 1 and key.endswith("]") else None
+        if len(texts) > 1:
+            errors.append({"field": name, "message": "may be given once"})
+        elif name in _PAGING:
+            paging[name] = texts[0]
+        elif name in parsers and not name.endswith("[]"):
+            chosen[name] = (name, name, texts[0])
+        elif keyed is not None and keyed in parsers:
+            if family in chosen:
+                errors.append({"field": name, "message": f"one {family}[...] filter at most"})
+            else:
+                chosen[family] = (keyed, name, texts[0])
+        else:
+            errors.append({"field": name, "message": "is not a parameter of this listing"})
     if errors:
         raise ValidationProblem(errors)
-    return {name: request.query[name] for name in request.query}
+    filters = tuple(
+        (family, parsers[parser](parameter, text))
+        for family, (parser, parameter, text) in sorted(chosen.items())
+    )
+    return paging, filters
 
 
 def _parse_limit(text: str | None, default: int, maximum: int) -> int:
