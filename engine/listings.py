@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 from uuid import UUID
 
 from walletd.engine.model import HoldRecord, TransferRecord, WalletView
 
 __all__ = [
+    "INSTANT_MAX_US",
+    "INSTANT_MIN_US",
     "FilterValue",
     "Listing",
     "ListingItem",
@@ -33,6 +36,13 @@ __all__ = [
     "ListingPosition",
     "ListingQuery",
 ]
+
+
+# Below and above every instant a request can name (RFC 3339 years 0000-9999), and inside
+# PostgreSQL's timestamptz range (4713 BC to 294276 AD): storage sends them for absent
+# bounds, and a position outside them is none a row can have.
+INSTANT_MIN_US: Final = -(2**57)  # about 2600 BC
+INSTANT_MAX_US: Final = 2**62  # about 148,000 AD
 
 
 class Listing(enum.Enum):

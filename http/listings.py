@@ -34,6 +34,8 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from walletd.engine.listings import (
+    INSTANT_MAX_US,
+    INSTANT_MIN_US,
     FilterValue,
     Listing,
     ListingItem,
@@ -267,6 +269,10 @@ def decode_cursor(text: str, query_check: bytes) -> ListingPosition:
         raise _bad_cursor()
     version, created_at_us, id_bytes = _CURSOR_LAYOUT.unpack(payload)
     if version != _CURSOR_VERSION or check != _check(payload, query_check):
+        raise _bad_cursor()
+    # The check value is not secret: a made-up position must still be one storage can
+    # compare with (else PostgreSQL's timestamp overflow would answer 503, not 422).
+    if not INSTANT_MIN_US < created_at_us < INSTANT_MAX_US:
         raise _bad_cursor()
     return ListingPosition(created_at_us, UUID(bytes=id_bytes))
 

@@ -34,6 +34,8 @@ from uuid import UUID
 import asyncpg
 
 from walletd.engine.listings import (
+    INSTANT_MAX_US,
+    INSTANT_MIN_US,
     Listing,
     ListingItem,
     ListingPage,
@@ -55,10 +57,8 @@ __all__ = [
 
 _MICROS: Final = "(extract(epoch FROM {0}) * 1000000)::bigint"
 _AT: Final = "(timestamptz 'epoch' + {0} * interval '1 microsecond')"
-# Below and above every instant a request can name (RFC 3339 years 0000-9999), and inside
-# PostgreSQL's timestamptz range (4713 BC to 294276 AD).
-BOTTOM_US: Final = -(2**57)  # about 2600 BC
-TOP_US: Final = 2**62  # about 148,000 AD
+BOTTOM_US: Final = INSTANT_MIN_US
+TOP_US: Final = INSTANT_MAX_US
 _TOP_ID: Final = UUID(int=2**128 - 1)
 # $1 since, $2 until, $3-$4 the position to continue below, $5 rows to read; filters from $6.
 _FIRST_FILTER_PARAMETER: Final = 6

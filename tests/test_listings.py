@@ -318,6 +318,17 @@ async def test_a_cursor_is_accepted_only_by_the_query_that_issued_it(client: Cli
         client, "/api/v1/transfers", wallet_id=wallet_id, cursor=transfer_cursor
     )
     assert (status, len(body["items"])) == (200, 2)
+    # The check is not secret: a made-up position with a right check value, but past any
+    # instant storage can compare, is still a 422 (not a 503 from a timestamp overflow).
+    for made_up in (-(2**63), 2**63 - 1):
+        forged = encode_cursor(
+            ListingPosition(made_up, uuid.uuid4()), b"wallets\nsince=None\nuntil=None"
+        )
+        status, body = await page(client, "/api/v1/wallets", cursor=forged)
+        assert (status, body["errors"]) == (422, [CURSOR_FIELD_ERROR]), made_up
+    forged = encode_cursor(ListingPosition(0, uuid.uuid4()), b"wallets\nsince=None\nuntil=None")
+    status, body = await page(client, "/api/v1/wallets", cursor=forged)
+    assert (status, body["items"]) == (200, [])  # a position in range: nothing before 1970
 
 
 async def test_malformed_parameters_are_422_naming_each(client: Client) -> None:
