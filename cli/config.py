@@ -182,8 +182,14 @@ SETTINGS: tuple[Setting, ...] = (
             "serve even when PostgreSQL runs with fsync or full_page_writes off (a crash "
             "may then lose acknowledged writes); for throwaway test servers only"),
     Setting("read_pool_size", ("WALLETD_READ_POOL_SIZE",), "--read-pool-size", int, 4,
-            "PostgreSQL connections for as-of, filtered history and feed reads, apart from "
-            "the commits' pool; a read past them waits up to the connect timeout, then 503"),
+            "PostgreSQL connections for as-of, filtered history, feed and listing reads, apart "
+            "from the commits' pool; a read past them waits up to the connect timeout, then 503"),
+    Setting("listing_limit_default", ("WALLETD_LISTING_LIMIT_DEFAULT",),
+            "--listing-limit-default", int, 50,
+            "items in a page of GET /api/v1/wallets, /transfers or /holds when the request "
+            "gives no limit"),
+    Setting("listing_limit_max", ("WALLETD_LISTING_LIMIT_MAX",), "--listing-limit-max", int,
+            500, "the largest limit a listing request may give (larger is 422; at most 5000)"),
     Setting("feed_streams_max", ("WALLETD_FEED_STREAMS_MAX",), "--feed-streams-max", int, 64,
             "open /api/v1/events/stream connections at most; past it 503 OVERLOADED"),
     Setting("feed_streams_per_key_max", ("WALLETD_FEED_STREAMS_PER_KEY_MAX",),
@@ -292,6 +298,8 @@ class Config:
     db_command_timeout_s: float
     allow_unsafe_durability: bool
     read_pool_size: int
+    listing_limit_default: int
+    listing_limit_max: int
     feed_streams_max: int
     feed_streams_per_key_max: int
     feed_stream_buffer_bytes: int

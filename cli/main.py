@@ -99,6 +99,8 @@ def http_settings(config: Config) -> HttpSettings:
         key_rate_per_s=config.key_rate_per_s,
         key_rate_burst=config.key_rate_burst,
         access_log=config.access_log,
+        listing_limit_default=config.listing_limit_default,
+        listing_limit_max=config.listing_limit_max,
         feed_streams_max=config.feed_streams_max,
         feed_streams_per_key_max=config.feed_streams_per_key_max,
         feed_stream_buffer_bytes=config.feed_stream_buffer_bytes,

@@ -7,6 +7,8 @@
             ...
         async for event in walletd.events():  # the change feed, resumed after a cut
             ...
+        async for transfer in walletd.transfers(wallet_id=wallet.id, status="PENDING"):
+            ...  # listings of wallets, transfers and holds, followed through their cursors
 
 Every call that changes something carries an Idempotency-Key: one generated per logical
 call (or the caller's own, to make a call idempotent across processes), reused by each of
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar
 
 import aiohttp
 
@@ -53,6 +55,7 @@ __all__ = [
     "HistoryPage",
     "Hold",
     "Operation",
+    "Page",
     "Transfer",
     "Wallet",
     "WalletdClient",
@@ -78,6 +81,7 @@ _EVENT_MONEY_FIELDS: Final = frozenset({"amount", "balance_after", "held_after"}
 Amount = Decimal | int | str
 Instant = datetime | str
 _Parsed = TypeVar("_Parsed")
+_Item = TypeVar("_Item")
 
 
 def new_idempotency_key() -> str:
@@ -286,6 +290,15 @@ class Hold:
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
     items: list[Operation]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_Item]):
+    """One page of a listing (``Page[Wallet]``, ``Page[Transfer]``, ``Page[Hold]``), newest
+    first; ``next_cursor`` goes on with the same filters (None on the last page)."""
+
+    items: list[_Item]
     next_cursor: str | None
 
 
@@ -651,6 +664,131 @@ class WalletdClient:
         answer = await self._call("GET", f"/holds/{_segment(hold_id)}")
         return answer.decode(Hold.from_json)
 
+    # -- listings --------------------------------------------------------------------------
+
+    async def wallets_page(
+        self,
+        *,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> Page[Wallet]:
+        """One page of the wallets created at or after ``since`` and strictly before
+        ``until`` (each optional), newest first."""
+        params = _listing_params(since=since, until=until, cursor=cursor, limit=limit)
+        answer = await self._call("GET", "/wallets", params=params)
+        return answer.decode(lambda body: _page(body, Wallet.from_json))
+
+    async def wallets(
+        self,
+        *,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        page_size: int | None = None,
+    ) -> AsyncGenerator[Wallet, None]:
+        """Every wallet ``wallets_page`` selects, newest first, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = await self.wallets_page(since=since, until=until, cursor=cursor,
+                                           limit=page_size)  # fmt: skip
+            for wallet in page.items:
+                yield wallet
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def transfers_page(
+        self,
+        *,
+        wallet_id: str | uuid.UUID | None = None,
+        status: str | None = None,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> Page[Transfer]:
+        """One page of the transfers from or to ``wallet_id``, in ``status`` (PENDING,
+        COMPLETED, FAILED), created in [``since``, ``until``) (each optional), newest first.
+        With both ``wallet_id`` and ``status`` a page may hold fewer than ``limit`` items,
+        even none, with a ``next_cursor`` to go on."""
+        params = _listing_params(
+            since=since, until=until, cursor=cursor, limit=limit,
+            wallet_id=wallet_id, status=status,
+        )  # fmt: skip
+        answer = await self._call("GET", "/transfers", params=params)
+        return answer.decode(lambda body: _page(body, Transfer.from_json))
+
+    async def transfers(
+        self,
+        *,
+        wallet_id: str | uuid.UUID | None = None,
+        status: str | None = None,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        page_size: int | None = None,
+    ) -> AsyncGenerator[Transfer, None]:
+        """Every transfer ``transfers_page`` selects, newest first, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = await self.transfers_page(
+                wallet_id=wallet_id, status=status, since=since, until=until, cursor=cursor,
+                limit=page_size,
+            )  # fmt: skip
+            for transfer in page.items:
+                yield transfer
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def holds_page(
+        self,
+        *,
+        wallet_id: str | uuid.UUID | None = None,
+        status: str | None = None,
+        expires_before: Instant | None = None,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> Page[Hold]:
+        """One page of the holds on ``wallet_id``, in ``status`` (PENDING, CAPTURED, VOIDED,
+        EXPIRED), expiring strictly before ``expires_before``, created in [``since``,
+        ``until``) (each optional), newest first. With ``expires_before``, or ``wallet_id``
+        and ``status`` together, a page may hold fewer than ``limit`` items, even none,
+        with a ``next_cursor`` to go on."""
+        params = _listing_params(
+            since=since, until=until, cursor=cursor, limit=limit,
+            wallet_id=wallet_id, status=status,
+        )  # fmt: skip
+        if expires_before is not None:
+            params["expires_before"] = _instant_text(expires_before, "expires_before")
+        answer = await self._call("GET", "/holds", params=params)
+        return answer.decode(lambda body: _page(body, Hold.from_json))
+
+    async def holds(
+        self,
+        *,
+        wallet_id: str | uuid.UUID | None = None,
+        status: str | None = None,
+        expires_before: Instant | None = None,
+        since: Instant | None = None,
+        until: Instant | None = None,
+        page_size: int | None = None,
+    ) -> AsyncGenerator[Hold, None]:
+        """Every hold ``holds_page`` selects, newest first, a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = await self.holds_page(
+                wallet_id=wallet_id, status=status, expires_before=expires_before,
+                since=since, until=until, cursor=cursor, limit=page_size,
+            )  # fmt: skip
+            for hold in page.items:
+                yield hold
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     # -- the change feed -------------------------------------------------------------------
 
     async def events_page(self, *, after: str | None = None, limit: int | None = None) -> EventPage:
@@ -889,6 +1027,39 @@ def _history_page(body: Any) -> HistoryPage:
     if not isinstance(items, list):
         raise UnexpectedResponse("history page lacks its items list")
     return HistoryPage([Operation.from_json(item) for item in items], body.get("next_cursor"))
+
+
+def _listing_params(
+    *,
+    since: Instant | None,
+    until: Instant | None,
+    cursor: str | None,
+    limit: int | None,
+    wallet_id: str | uuid.UUID | None = None,
+    status: str | None = None,
+) -> dict[str, str]:
+    params: dict[str, str] = {}
+    if limit is not None:
+        params["limit"] = str(limit)
+    if cursor is not None:
+        params["cursor"] = cursor
+    if since is not None:
+        params["since"] = _instant_text(since, "since")
+    if until is not None:
+        params["until"] = _instant_text(until, "until")
+    if wallet_id is not None:
+        params["wallet_id"] = str(wallet_id)
+    if status is not None:
+        params["status"] = status
+    return params
+
+
+def _page(body: Any, parse: Callable[[Mapping[str, Any]], _Item]) -> Page[_Item]:
+    items = body.get("items") if isinstance(body, dict) else None
+    next_cursor = body.get("next_cursor") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not (next_cursor is None or isinstance(next_cursor, str)):
+        raise UnexpectedResponse("listing page lacks its items list or next_cursor")
+    return Page([parse(item) for item in items], next_cursor)
 
 
 def _event_page(body: Any) -> EventPage:

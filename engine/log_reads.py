@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 from uuid import UUID
 
+from walletd.engine.listings import ListingPage, ListingQuery
 from walletd.engine.model import OperationKind, OperationRecord
 
 __all__ = [
@@ -113,6 +114,8 @@ class LogReader(abc.ABC):
     - ``events_after``: up to ``limit`` events after ``position``, in position order;
       an event returned once is never followed, in any later call, by one with a smaller
       position.
+    - ``list_page``: one page of a listing (engine/listings.py), reading at most
+      ``query.scan_max`` rows.
     """
 
     @abc.abstractmethod
@@ -130,3 +133,6 @@ class LogReader(abc.ABC):
 
     @abc.abstractmethod
     async def events_after(self, position: FeedPosition, limit: int) -> list[FeedEvent]: ...
+
+    @abc.abstractmethod
+    async def list_page(self, query: ListingQuery) -> ListingPage: ...

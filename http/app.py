@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from walletd.engine.router import Engine
-from walletd.http import feed, health, routes_v1
+from walletd.http import feed, health, listings, routes_v1
 from walletd.http.docs_page import add_docs_routes
 from walletd.http.edge import Middleware, auth_middleware, edge_middleware, is_protected_path
 from walletd.http.forwarding import FORWARDER_KEY, Forwarder
@@ -81,6 +81,7 @@ def create_app(
     app.cleanup_ctx.append(forwarder.session_ctx)
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
+    app.router.add_routes(listings.routes)
     app.router.add_routes(health.routes)
     app.on_response_prepare.append(health.close_while_draining)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)

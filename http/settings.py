@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from walletd.http.keys import ApiKey
 
-__all__ = ["HttpSettings"]
+__all__ = ["LISTING_LIMIT_MAX", "HttpSettings"]
+
+# The largest page a listing may be configured to serve: a page reads at most
+# 4 x (limit + 1) rows (http/listings.py), and its body holds them all.
+LISTING_LIMIT_MAX: Final = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +21,10 @@ class HttpSettings:
     bulk_body_bytes_max: int = 1024 * 1024
     history_limit_default: int = 50
     history_limit_max: int = 500
+    # Listings (http/listings.py): items per page when the request gives no limit, and the
+    # most it may ask for.
+    listing_limit_default: int = 50
+    listing_limit_max: int = 500
     # Client keys (keys.py); empty = auth off. The rate limit is per key, off at 0.
     api_keys: tuple[ApiKey, ...] = ()
     key_rate_per_s: float = 0.0
@@ -43,6 +52,10 @@ class HttpSettings:
             raise ValueError("bulk_body_bytes_max must be at least body_bytes_max")
         if not 1 <= self.history_limit_default <= self.history_limit_max:
             raise ValueError("history_limit_default must be within 1..history_limit_max")
+        if not 1 <= self.listing_limit_default <= self.listing_limit_max:
+            raise ValueError("listing_limit_default must be within 1..listing_limit_max")
+        if self.listing_limit_max > LISTING_LIMIT_MAX:
+            raise ValueError(f"listing_limit_max must be at most {LISTING_LIMIT_MAX}")
         if not 1 <= self.events_limit_default <= self.events_limit_max:
             raise ValueError("events_limit_default must be within 1..events_limit_max")
         if self.feed_streams_max < 0:

@@ -8,7 +8,8 @@ bounded number of rows through an index (tests/test_log_reads.py checks the plan
             migration says why not an index on created_at): at most 63 + 2 rows;
 - filtered: two such searches, then one range scan of at most ``scan_max`` rows;
 - feed:     ``wallet_operations_feed`` (xid, id) and ``wallets_feed`` (created_xid,
-            feed_id), at most ``limit`` rows from each source.
+            feed_id), at most ``limit`` rows from each source;
+- listings: persistence/listings.py, one backward index range scan per page.
 
 Adding an event source (transfers, holds) is one more entry in ``FEED_SOURCES``: a SELECT
 of (xid, id, type, created_us, data) from a table whose rows carry ``xid8 DEFAULT
@@ -24,6 +25,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from walletd.engine.listings import ListingPage, ListingQuery
 from walletd.engine.log_reads import (
     FeedEvent,
     FeedPosition,
@@ -33,6 +35,7 @@ from walletd.engine.log_reads import (
 )
 from walletd.engine.model import OperationKind, OperationRecord
 from walletd.engine.ports import StorageError, StorageUnavailable
+from walletd.persistence.listings import listing_args, listing_page, listing_sql
 
 __all__ = [
     "AS_OF_SQL",
@@ -194,6 +197,11 @@ class PostgresLogReader(LogReader):
             FeedEvent(FeedPosition(int(xid), row_id), kind, created_us, orjson.loads(data))
             for xid, row_id, kind, created_us, data in rows
         ]
+
+    async def list_page(self, query: ListingQuery) -> ListingPage:
+        names = tuple(name for name, _ in query.filters)
+        rows = await self._fetch(listing_sql(query.listing, names), *listing_args(query))
+        return listing_page(query, rows)
 
 
 def _operation(row: asyncpg.Record) -> OperationRecord:

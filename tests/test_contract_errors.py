@@ -168,7 +168,7 @@ ROWS: Final = [
     Row("root", "GET", "/", 404, "NOT_FOUND", None),
     Row("DELETE a wallet", "DELETE", "/api/v1/wallets/{wallet}", 405, "METHOD_NOT_ALLOWED",
         None, expect_headers=("Allow",)),
-    Row("GET the wallet collection", "GET", WALLETS, 405, "METHOD_NOT_ALLOWED", None,
+    Row("DELETE the wallet collection", "DELETE", WALLETS, 405, "METHOD_NOT_ALLOWED", None,
         expect_headers=("Allow",)),
     Row("PUT an operation", "PUT", "/api/v1/wallets/{wallet}/operation", 405,
         "METHOD_NOT_ALLOWED", None, _op(b"1"), JSON, expect_headers=("Allow",)),

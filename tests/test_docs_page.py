@@ -52,6 +52,9 @@ V1_OPERATIONS: Final = {
     ("get", "/api/v1/holds/{hold_id}"),
     ("post", "/api/v1/holds/{hold_id}/capture"),
     ("post", "/api/v1/holds/{hold_id}/void"),
+    ("get", "/api/v1/wallets"),
+    ("get", "/api/v1/transfers"),
+    ("get", "/api/v1/holds"),
 }
 OPEN_OPERATIONS: Final = {
     ("get", "/healthz"),

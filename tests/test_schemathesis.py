@@ -38,7 +38,8 @@ def _intended_refusal(response: Any) -> bool:
     the future (it depends on the clock); an atomic bulk request over
     several shard actors (it depends on the server's --shards); a transfer from a wallet to
     itself (JSON Schema cannot compare two fields); a bulk item's ``key_index`` without the
-    request's Idempotency-Key header (a rule between a header and the body)."""
+    request's Idempotency-Key header (a rule between a header and the body); a listing
+    cursor the server did not issue for the request's filters."""
     if response.status_code != 422:
         return False
     body = response.json()
@@ -68,6 +69,9 @@ _UNSTATABLE_FIELD_ERRORS: Final = {
     # A bulk item's key_index is derived under the request's Idempotency-Key header: a rule
     # between a header and the body, which OpenAPI cannot state.
     ("items[].key_index", "needs the request's Idempotency-Key header"),
+    # A listing's cursor is valid only as the server issued it, for the same filters (its
+    # check value is over both): a schema states its form, not which ones were issued.
+    ("cursor", "is not a cursor this listing issued for these filters"),
 }
 
 

@@ -21,6 +21,7 @@ from tests.engine_doubles import (
 from walletd.engine.commands import Outcome, TransferLeg
 from walletd.engine.holds import capture_transfer_id
 from walletd.engine.limits import EngineLimits
+from walletd.engine.listings import ListingPage, ListingQuery
 from walletd.engine.log_reads import FeedEvent, FeedPosition, HistoryFilter, LogReader, WalletAsOf
 from walletd.engine.model import OperationKind, OperationRecord, TransferRecord, TransferStatus
 from walletd.engine.money import AMOUNT_MINOR_MAX
@@ -201,6 +202,9 @@ class _AsOfReader(LogReader):
         raise NotImplementedError
 
     async def events_after(self, position: FeedPosition, limit: int) -> list[FeedEvent]:
+        raise NotImplementedError
+
+    async def list_page(self, query: ListingQuery) -> ListingPage:
         raise NotImplementedError
 
 
