@@ -146,6 +146,13 @@ def _child_environment(config: Config, dsn: str) -> dict[str, str]:
     return environment
 
 
+def _sync_replica_flags(config: Config) -> list[str]:
+    """`walletd ha-dev` requires two copies of every commit of its members."""
+    if not config.require_sync_replica:
+        return []
+    return ["--require-sync-replica", "--sync-replica-wait", str(config.sync_replica_wait_s)]
+
+
 async def _start_server(
     config: Config, dsn: str, index: int, log_dir: Path, port: int = 0
 ) -> _Server:
@@ -163,6 +170,7 @@ async def _start_server(
             "--shards", str(config.shards), "--pipelines", str(config.pipelines),
             "--lease-ttl", str(config.lease_ttl_s),
             "--lease-moves-max", str(config.lease_moves_max),
+            *_sync_replica_flags(config),
             stdout=asyncio.subprocess.PIPE, stderr=log_file,
             env=_child_environment(config, dsn),
         )  # fmt: skip
