@@ -34,6 +34,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -52,6 +53,7 @@ from walletd.persistence.embedded import (
 )
 
 __all__ = [
+    "ETCD_RESTART_DELAY_S",
     "LOOP_WAIT_S",
     "NODES",
     "RETRY_TIMEOUT_S",
@@ -252,7 +254,7 @@ def patroni_config(node: HaNode, ports: HaPorts, keys: _Secrets, bin_dir: Path) 
 
 
 def _get_json(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return json.loads(response.read())
 
 
@@ -286,12 +288,40 @@ class HaStack:
     nodes: list[HaNode] = field(default_factory=list)
     ports: HaPorts | None = None
     _keys: _Secrets | None = None
+    _socket_dir: Path | None = None
+
+    @property
+    def proxy_socket(self) -> Path:
+        assert self._socket_dir is not None
+        return self._socket_dir / "haproxy.sock"
+
+    def proxy_servers_up(self) -> list[str]:
+        """The PostgreSQL servers HAProxy routes to now (its `show stat`)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(HTTP_TIMEOUT_S)
+            client.connect(str(self.proxy_socket))
+            client.sendall(b"show stat\n")
+            chunks = []
+            while chunk := client.recv(65536):
+                chunks.append(chunk)
+        rows = b"".join(chunks).decode().splitlines()
+        # "# pxname,svname,...,status,..." then one row per server (and FRONTEND/BACKEND).
+        header = rows[0].lstrip("# ").split(",")
+        name, status = header.index("svname"), header.index("status")
+        return [
+            fields[name]
+            for fields in (row.split(",") for row in rows[1:] if row)
+            if fields[name] not in ("FRONTEND", "BACKEND") and fields[status] == "UP"
+        ]
 
     @property
     def dsn(self) -> str:
         """walletd's URL: the superuser, through the frontend that follows the primary."""
-        assert self.ports is not None and self._keys is not None
-        return f"postgresql://{SUPERUSER}:{self._keys.superuser}@127.0.0.1:{self.ports.proxy}/postgres"
+        assert self.ports is not None
+        assert self._keys is not None
+        return (
+            f"postgresql://{SUPERUSER}:{self._keys.superuser}@127.0.0.1:{self.ports.proxy}/postgres"
+        )
 
     def node_dsn(self, node: HaNode) -> str:
         assert self._keys is not None
@@ -329,10 +359,13 @@ class HaStack:
             self._start_node(node)
         self.wait_healthy(START_TIMEOUT_S)
         config_path = self.root / "haproxy-postgres.cfg"
+        # A Unix socket path is limited to ~100 bytes: the stats socket lives in a short folder.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="walletd-ha-"))
         config_path.write_text(
             render_postgres_config(
                 [(n.name, n.pg_port, n.rest_port) for n in self.nodes],
                 bind=f"127.0.0.1:{self.ports.proxy}",
+                socket_path=self.proxy_socket,
             )
         )
         self.proxy = start_haproxy(config_path, self.root / "haproxy-postgres.log")
@@ -361,15 +394,17 @@ class HaStack:
             )  # fmt: skip
 
     def _wait_etcd(self) -> None:
-        assert self.ports is not None and self.etcd is not None
+        assert self.ports is not None
+        assert self.etcd is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.etcd.poll() is not None:
                 raise HaError(f"etcd exited with {self.etcd.returncode}; see {self.root}/etcd.log")
             with contextlib.suppress(OSError, ValueError):
-                if _get_json(f"http://127.0.0.1:{self.ports.etcd_client}/health").get(
-                    "health"
-                ) in ("true", True):
+                if _get_json(f"http://127.0.0.1:{self.ports.etcd_client}/health").get("health") in (
+                    "true",
+                    True,
+                ):
                     return
             if time.monotonic() > deadline:
                 raise HaError("etcd did not answer /health in time")
@@ -386,7 +421,8 @@ class HaStack:
     # -- Patroni nodes ----------------------------------------------------------------
 
     def _start_node(self, node: HaNode) -> None:
-        assert self.ports is not None and self._keys is not None
+        assert self.ports is not None
+        assert self._keys is not None
         embedded = EmbeddedPostgres(node.directory)
         identity = embedded.prepare_owner()
         node.directory.chmod(0o700)
@@ -474,21 +510,18 @@ class HaStack:
     # -- the PostgreSQL frontend --------------------------------------------------------
 
     def _wait_proxy(self) -> None:
-        assert self.ports is not None and self.proxy is not None
+        """Until HAProxy routes to the leader alone (it starts with every server up)."""
+        assert self.proxy is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proxy.poll() is not None:
                 raise HaError(f"haproxy (postgres) exited with {self.proxy.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.ports.proxy), timeout=HTTP_TIMEOUT_S
-            ) as probe:
-                # HAProxy accepts before it has a server: wait for PostgreSQL's answer to
-                # an SSLRequest ('N' or 'S'), which only a live primary gives.
-                probe.sendall(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")
-                if probe.recv(1) in (b"N", b"S"):
+            leader = self.leader()
+            with contextlib.suppress(OSError, ValueError):
+                if leader is not None and self.proxy_servers_up() == [leader.name]:
                     return
             if time.monotonic() > deadline:
-                raise HaError("no primary answered through the PostgreSQL frontend in time")
+                raise HaError("HAProxy did not route to the primary alone in time")
             time.sleep(POLL_S)
 
     def write_state(self) -> None:
@@ -498,6 +531,7 @@ class HaStack:
             "dsn_port": self.ports.proxy,
             "etcd": {"pid": self.etcd.pid if self.etcd else None, "port": self.ports.etcd_client},
             "proxy_pid": self.proxy.pid if self.proxy else None,
+            "proxy_socket": str(self.proxy_socket) if self._socket_dir else None,
             "nodes": [
                 {
                     "name": node.name, "directory": str(node.directory),
@@ -531,6 +565,8 @@ class HaStack:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         _terminate(self.etcd)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
 
 
 def _terminate(process: subprocess.Popen[bytes] | None) -> None:
@@ -548,4 +584,3 @@ def _wait_or_kill(process: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-

@@ -29,12 +29,12 @@ from walletd.http.internal import ClusterCredential
 from walletd.http.legs import HttpLegs
 from walletd.http.state import Services
 from walletd.persistence.database import (
-    PoolSettings,
+    DatabaseUnreachable,
     DatabaseUnsafe,
+    PoolSettings,
     check_durability,
     check_server_version,
     check_sync_replica,
-    DatabaseUnreachable,
     connect,
     create_pool,
     describe_settings,
