@@ -451,6 +451,8 @@ class HaStack:
 
     def restart_node(self, node: HaNode) -> None:
         """Start a node's Patroni again (after a test killed it); it rejoins by itself."""
+        if node.process is not None and node.process.poll() is None:
+            raise HaError(f"Patroni {node.name} still runs")
         self._start_node(node)
         self.write_state()
 
