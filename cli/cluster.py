@@ -338,8 +338,12 @@ async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) ->
         finally:
             if sync_task is not None:
                 sync_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await sync_task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # never a reason to leave HAProxy and the members running
+                    _log.exception("the shard map sync had failed")
             if sync is not None:
                 await sync.close()
             if haproxy is not None:

@@ -363,7 +363,7 @@ class HaStack:
         self._socket_dir = Path(tempfile.mkdtemp(prefix="walletd-ha-"))
         config_path.write_text(
             render_postgres_config(
-                [(n.name, n.pg_port, n.rest_port) for n in self.nodes],
+                [(n.name, "127.0.0.1", n.pg_port, n.rest_port) for n in self.nodes],
                 bind=f"127.0.0.1:{self.ports.proxy}",
                 socket_path=self.proxy_socket,
             )

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import psutil
 
 from loadtest.procs import free_port
 from walletd.cli.ha import HaStack
@@ -49,7 +50,7 @@ class Load:
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            wallets = []
+            wallets: list[str] = []
             while len(wallets) < self.clients:
                 async with session.post(f"{self.url}/api/v1/wallets", json={}) as response:
                     if response.status == 201:
@@ -129,6 +130,20 @@ async def measure(stack: HaStack, url: str, runs: int, clients: int) -> list[flo
     return outages
 
 
+def _stop(cluster: subprocess.Popen[str]) -> None:
+    """SIGTERM; past a minute, SIGKILL to it and its children (walletd, HAProxy)."""
+    cluster.send_signal(signal.SIGTERM)
+    try:
+        cluster.wait(60)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(cluster.pid).children(recursive=True):
+            child.kill()
+        cluster.kill()
+        cluster.wait()
+    if cluster.stdout is not None:
+        cluster.stdout.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -155,12 +170,11 @@ def main() -> int:
                 raise RuntimeError("walletd cluster did not start")
             outages = asyncio.run(measure(stack, match.group(1), args.runs, args.clients))
         finally:
-            if cluster is not None:
-                cluster.send_signal(signal.SIGTERM)
-                cluster.wait(60)
-                if cluster.stdout is not None:
-                    cluster.stdout.close()
-            stack.stop()
+            try:
+                if cluster is not None:
+                    _stop(cluster)
+            finally:
+                stack.stop()
     median, worst = statistics.median(outages), max(outages)
     print(f"kill -9 of the primary's postmaster, {len(outages)} runs: median {median:.1f} s, "
           f"worst {worst:.1f} s without a 200")  # fmt: skip
