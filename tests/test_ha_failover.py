@@ -310,6 +310,15 @@ async def test_a_switchover_under_load_costs_only_503s(ha: Ha) -> None:
         leader, standby = ha.stack.leader(), ha.stack.sync_standby()
         assert leader is not None
         assert standby is not None
+        # Patroni's REST API changes nothing without its password (docs/SECURITY.md).
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{leader.rest_url}/switchover",
+                json={"leader": leader.name, "candidate": standby.name},
+            ) as refused,
+        ):
+            assert refused.status == 401
         started = time.monotonic()
         switchover = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "patronictl"),
