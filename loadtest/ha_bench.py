@@ -50,12 +50,12 @@ def _cluster(
     if dsn is not None:
         environment["WALLETD_DATABASE_URL"] = dsn
         extra = ["--require-sync-replica"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "walletd.cli.main", "cluster", "--processes", "2",
-         "--port", str(free_port()), "--data-dir", str(folder / "data"), *extra],
-        stdout=subprocess.PIPE, stderr=(folder / "cluster.log").open("w"), text=True,
-        cwd=REPO_ROOT, env=environment,
-    )  # fmt: skip
+    with (folder / "cluster.log").open("w") as log_file:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "walletd.cli.main", "cluster", "--processes", "2",
+             "--port", str(free_port()), "--data-dir", str(folder / "data"), *extra],
+            stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=REPO_ROOT, env=environment,
+        )  # fmt: skip
     assert process.stdout is not None
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -59,14 +59,14 @@ def test_ha_dev_serves_with_two_copies_and_stops_everything_on_sigterm(tmp_path:
     environment = dict(os.environ)
     environment.pop("DATABASE_URL", None)
     environment.pop("WALLETD_DATABASE_URL", None)
-    process = subprocess.Popen(
-        walletd_command(
-            ["ha-dev", "--processes", "2", "--port", str(_free_port()),
-             "--data-dir", str(data_dir), "--shards", "8"]
-        ),
-        stdout=subprocess.PIPE, stderr=(tmp_path / "ha-dev.log").open("w"), text=True,
-        env=environment,
-    )  # fmt: skip
+    with (tmp_path / "ha-dev.log").open("w") as log_file:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            walletd_command(
+                ["ha-dev", "--processes", "2", "--port", str(_free_port()),
+                 "--data-dir", str(data_dir), "--shards", "8"]
+            ),
+            stdout=subprocess.PIPE, stderr=log_file, text=True, env=environment,
+        )  # fmt: skip
     assert process.stdout is not None
     try:
         url = None
