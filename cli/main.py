@@ -401,11 +401,11 @@ EXIT_CODES: dict[int, tuple[str, frozenset[str] | None]] = {
     2: ("the command could not run (one line on stderr says why)", None),
     EXIT_ENGINE_FAILED: ("serve: the engine gave up", frozenset({"serve"})),
     EXIT_DATA_DIR_IN_USE: (
-        "serve / cluster / ha-dev: the data dir is in use by another walletd",
+        "serve / cluster: the data dir is in use by another walletd",
         frozenset({"serve", "cluster", "ha-dev"}),
     ),
     EXIT_CLUSTER_FAILED: (
-        "cluster / ha-dev: a member kept dying past its restart bound, or HAProxy exited",
+        "cluster: a member kept dying past its restart bound, or HAProxy exited",
         frozenset({"cluster", "ha-dev"}),
     ),
 }

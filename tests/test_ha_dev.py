@@ -34,9 +34,10 @@ def _free_port() -> int:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        status: str = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return False
+    return bool(status != psutil.STATUS_ZOMBIE)
 
 
 def _processes_under(folder: Path) -> list[psutil.Process]:
