@@ -223,6 +223,12 @@ def patroni_config(node: HaNode, ports: HaPorts, keys: _Secrets, bin_dir: Path) 
                         "max_wal_senders": 10,
                         "max_replication_slots": 10,
                         "wal_keep_size": "256MB",
+                        # A standby streaming from a primary that froze notices within 5 s
+                        # (default 60 s) and follows the new primary: until then strict
+                        # mode has no synchronous standby and holds every COMMIT.
+                        "wal_receiver_timeout": "5s",
+                        "wal_sender_timeout": "5s",
+                        "wal_retrieve_retry_interval": "1s",
                         "password_encryption": "scram-sha-256",
                     },
                 },
@@ -481,14 +487,16 @@ class HaStack:
 
     def healthy(self, expected: int | None = None) -> bool:
         """A running leader, a streaming synchronous standby, and ``expected`` members
-        (every node by default) running or streaming."""
+        (every node by default) up: the leader running, every other one streaming."""
         members = self.members()
-        roles = {m.get("role") for m in members}
-        live = [m for m in members if m.get("state") in ("running", "streaming")]
+        leaders = [m for m in members if m.get("role") == "leader" and m.get("state") == "running"]
+        streaming = [
+            m for m in members if m.get("role") != "leader" and m.get("state") == "streaming"
+        ]
         return (
-            "leader" in roles
-            and self.sync_standby() is not None
-            and len(live) >= (expected or len(self.nodes))
+            len(leaders) == 1
+            and any(m.get("role") == "sync_standby" for m in streaming)
+            and len(leaders) + len(streaming) >= (expected or len(self.nodes))
         )
 
     def wait_healthy(self, timeout_s: float, expected: int | None = None) -> float:

@@ -79,6 +79,7 @@ def test_patroni_runs_strict_synchronous_mode_and_fails_over_at_once(tmp_path: P
         RETRY_TIMEOUT_S,
     )
     assert dcs["postgresql"]["use_pg_rewind"] is True
+    assert dcs["postgresql"]["parameters"]["wal_receiver_timeout"] == "5s"
 
 
 def test_every_listener_is_loopback_and_every_login_a_password(tmp_path: Path) -> None:
@@ -148,7 +149,9 @@ def test_the_compose_patroni_config_makes_the_choices_of_ha_dev(tmp_path: Path) 
             "synchronous_node_count", "primary_start_timeout")  # fmt: skip
     for key in keys:
         assert theirs[key] == ours[key], key
-    assert theirs["postgresql"]["use_pg_rewind"] is True
+    assert theirs["postgresql"] == ours["postgresql"] | {
+        "parameters": ours["postgresql"]["parameters"] | {"max_connections": 100}
+    }
     assert all(rule.endswith("scram-sha-256") for rule in deployed["postgresql"]["pg_hba"])
     expected = render_postgres_config(
         [(f"pg-{i}", f"pg-{i}", 5432, 8008) for i in range(3)],
