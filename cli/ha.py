@@ -25,6 +25,7 @@ process id, is written to ``ha/state.json`` for an operator or a test to read.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -336,6 +337,8 @@ class HaStack:
     def start(self) -> str:
         if not 2 <= self.nodes_count <= 9:
             raise ValueError("an HA stack has 2..9 PostgreSQL nodes")
+        if importlib.util.find_spec("patroni") is None:
+            raise HaError("Patroni is not installed: pip install -e '.[ha]' (make ha does)")
         self.root = self.root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o711)

@@ -434,7 +434,8 @@ def _parser() -> argparse.ArgumentParser:
         description="walletd: a wallet-balance service on a PostgreSQL log. serve runs it; "
         "migrate, verify, restore and seed operate its database (docs/OPERATIONS.md); "
         "cluster, shards, haproxy-config and haproxy-sync run several processes "
-        "(docs/SCALING.md). Every error is one line on stderr.",
+        "(docs/SCALING.md); ha-dev runs them on a highly available PostgreSQL (docs/HA.md). "
+        "Every error is one line on stderr.",
         epilog=exit_codes_text(None),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
