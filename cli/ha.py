@@ -214,6 +214,10 @@ def patroni_config(node: HaNode, ports: HaPorts, keys: _Secrets, bin_dir: Path) 
                 # A crashed primary's PostgreSQL is not restarted in place: the
                 # synchronous standby, which has every acknowledged commit, takes over.
                 "primary_start_timeout": 0,
+                # etcd away: the primary stays primary while every member's Patroni
+                # answers it over REST (none can promote without etcd anyway); a member
+                # out of reach as well and it demotes, as without this.
+                "failsafe_mode": True,
                 "postgresql": {
                     "use_pg_rewind": True,
                     "use_slots": True,

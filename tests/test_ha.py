@@ -65,14 +65,15 @@ def _node_config(tmp_path: Path) -> dict[str, object]:
 
 
 def test_patroni_runs_strict_synchronous_mode_and_fails_over_at_once(tmp_path: Path) -> None:
-    """Two copies before yes; a crashed primary is not restarted in place; Patroni's minimum
-    timings; a rewound old primary rejoins."""
+    """Two copies before yes; a crashed primary is not restarted in place; etcd's loss alone
+    does not demote it (failsafe); Patroni's minimum timings; a rewound old primary rejoins."""
     config = _node_config(tmp_path)
     dcs = config["bootstrap"]["dcs"]  # type: ignore[index]
     assert dcs["synchronous_mode"] is True
     assert dcs["synchronous_mode_strict"] is True
     assert dcs["synchronous_node_count"] == 1
     assert dcs["primary_start_timeout"] == 0
+    assert dcs["failsafe_mode"] is True
     assert (dcs["ttl"], dcs["loop_wait"], dcs["retry_timeout"]) == (
         TTL_S,
         LOOP_WAIT_S,
@@ -146,7 +147,7 @@ def test_the_compose_patroni_config_makes_the_choices_of_ha_dev(tmp_path: Path) 
     ours = _node_config(tmp_path)["bootstrap"]["dcs"]  # type: ignore[index]
     theirs = deployed["bootstrap"]["dcs"]
     keys = ("ttl", "loop_wait", "retry_timeout", "synchronous_mode", "synchronous_mode_strict",
-            "synchronous_node_count", "primary_start_timeout")  # fmt: skip
+            "synchronous_node_count", "primary_start_timeout", "failsafe_mode")  # fmt: skip
     for key in keys:
         assert theirs[key] == ours[key], key
     assert theirs["postgresql"] == ours["postgresql"] | {

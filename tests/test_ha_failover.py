@@ -52,7 +52,9 @@ OUTAGE_BOUND_S = {
     "sync standby killed": 15.0,
     "primary postmaster killed": 15.0,
     "primary frozen": TTL_S + 25.0,
-    "etcd lost": TTL_S * 3,
+    # failsafe_mode: the primary keeps serving while every Patroni answers it (without it,
+    # writes stopped for as long as etcd was away: 18–23 s).
+    "etcd lost": 10.0,
     # Patroni and PostgreSQL die together: nobody releases the leader key, so the
     # synchronous standby waits for it to expire (the TTL) before it promotes.
     "primary node lost": TTL_S + 10.0,
@@ -410,7 +412,8 @@ async def test_a_frozen_primary_is_replaced_and_rejoins_without_acknowledging(ha
 
 async def test_losing_etcd_splits_no_brain_and_writes_resume(ha: Ha) -> None:
     """etcd (the only member: quorum lost) killed and kept away past the TTL: never two
-    primaries; writes resume once it is back; nothing acknowledged is lost."""
+    primaries; the primary keeps serving (Patroni's failsafe mode: every member answers it);
+    nothing acknowledged is lost."""
     assert ha.stack.etcd is not None
     async with load(ha):
         await keep_serving(ha, 1.0)
@@ -438,6 +441,7 @@ async def test_losing_etcd_splits_no_brain_and_writes_resume(ha: Ha) -> None:
     await _healthy(ha)
     print(f"etcd lost for {returned - started:.1f} s: {outage:.1f} s without a 200")
     await check_money(ha, "etcd lost")
+    assert outage <= OUTAGE_BOUND_S["etcd lost"]
 
 
 async def test_the_whole_primary_node_lost_for_good(ha: Ha) -> None:
