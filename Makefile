@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: run cluster test tools install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
+.PHONY: run cluster ha test tools install install-dev lint typecheck pytest wheel-test bench loadtest docs-config clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(RUN_STAMP): pyproject.toml | $(PY)
 	touch $@
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,ha]"
 	touch $@ $(RUN_STAMP)
 
 install: $(RUN_STAMP)
@@ -34,6 +34,15 @@ PROCESSES ?= 2
 cluster: install
 	.ci/install-haproxy
 	$(VENV)/bin/walletd cluster --processes $(PROCESSES)
+
+# The same behind a highly available PostgreSQL: etcd, three Patroni-managed PostgreSQL nodes
+# (a primary, a synchronous standby and a second standby) and a PostgreSQL frontend, all on
+# loopback (docs/HA.md). Patroni comes with the project's `ha` extra, etcd from .ci/install-etcd.
+ha: install
+	$(PY) -m pip install --quiet -e ".[ha]"
+	.ci/install-haproxy
+	.ci/install-etcd
+	$(VENV)/bin/walletd ha-dev --processes $(PROCESSES)
 
 # mypy does not follow setuptools' package-dir mapping, so it reads the
 # namespace package through a tree of symlinks (docs/ARCHITECTURE.md, "Packaging"). Rebuilt when this file

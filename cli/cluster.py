@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from urllib.parse import urlsplit
 from walletd.cli.config import Config
 from walletd.cli.credential import cluster_credential, credential_path
 from walletd.cli.data_dir import DataDirClaim
+from walletd.cli.ha import ETCD_RESTART_DELAY_S, HaStack
 from walletd.cli.haproxy import (
     MapSync,
     initial_map,
@@ -146,6 +148,13 @@ def _child_environment(config: Config, dsn: str) -> dict[str, str]:
     return environment
 
 
+def _sync_replica_flags(config: Config) -> list[str]:
+    """`walletd ha-dev` requires two copies of every commit of its members."""
+    if not config.require_sync_replica:
+        return []
+    return ["--require-sync-replica", "--sync-replica-wait", str(config.sync_replica_wait_s)]
+
+
 async def _start_server(
     config: Config, dsn: str, index: int, log_dir: Path, port: int = 0
 ) -> _Server:
@@ -163,6 +172,7 @@ async def _start_server(
             "--shards", str(config.shards), "--pipelines", str(config.pipelines),
             "--lease-ttl", str(config.lease_ttl_s),
             "--lease-moves-max", str(config.lease_moves_max),
+            *_sync_replica_flags(config),
             stdout=asyncio.subprocess.PIPE, stderr=log_file,
             env=_child_environment(config, dsn),
         )  # fmt: skip
@@ -221,15 +231,61 @@ async def _wait_balanced(dsn: str, urls: list[str], shard_count: int) -> None:
         await connection.close()
 
 
-async def run_cluster(config: Config, processes: int) -> int:
+async def run_cluster(config: Config, processes: int, *, ha_nodes: int = 0) -> int:
+    """``ha_nodes`` > 0: `walletd ha-dev`, on an HA PostgreSQL of that many nodes (cli/ha.py)
+    started in the data dir, every member with --require-sync-replica."""
     if not 1 <= processes <= PROCESSES_MAX:
         raise ValueError(f"--processes must be within 1..{PROCESSES_MAX}")
     policy = RestartPolicy(
         config.member_restarts_max, config.member_restart_window_s, config.member_restart_backoff_s
     )
+    command = "walletd ha-dev" if ha_nodes else "walletd cluster"
     # The cluster owns its data dir (its run folder; the embedded PostgreSQL when no URL).
-    with DataDirClaim.take(config.data_dir, "walletd cluster"):
-        return await _run_claimed(config, processes, policy)
+    with DataDirClaim.take(config.data_dir, command):
+        if not ha_nodes:
+            return await _run_claimed(config, processes, policy)
+        return await _run_on_ha(config, processes, policy, ha_nodes)
+
+
+async def _run_on_ha(config: Config, processes: int, policy: RestartPolicy, nodes: int) -> int:
+    stack = HaStack(config.data_dir / "ha", nodes)
+    # Until the members run (and _supervise takes the signals over), a SIGTERM or Ctrl-C
+    # cancels the start; the stack is stopped either way, never left behind.
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    keeper: asyncio.Task[None] | None = None
+    starting = asyncio.ensure_future(asyncio.to_thread(stack.start))
+    try:
+        try:
+            dsn = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await starting  # the thread runs on: let it finish, then stop what it made
+            raise
+        print(
+            f"walletd ha-dev: {nodes} Patroni nodes up; the primary's frontend and every "
+            f"process id are in {stack.root / 'state.json'}",
+            flush=True,
+        )
+        keeper = asyncio.create_task(_keep_etcd(stack))
+        ha_config = dataclasses.replace(config, database_url=dsn, require_sync_replica=True)
+        return await _run_claimed(ha_config, processes, policy)
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        await asyncio.shield(asyncio.to_thread(stack.stop))
+
+
+async def _keep_etcd(stack: HaStack) -> None:
+    """Restart etcd whenever it exits (its service manager's job in production)."""
+    while True:
+        await asyncio.to_thread(stack.keep_etcd)
+        await asyncio.sleep(ETCD_RESTART_DELAY_S)
 
 
 async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) -> int:
@@ -282,8 +338,12 @@ async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) ->
         finally:
             if sync_task is not None:
                 sync_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await sync_task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # never a reason to leave HAProxy and the members running
+                    _log.exception("the shard map sync had failed")
             if sync is not None:
                 await sync.close()
             if haproxy is not None:

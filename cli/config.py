@@ -181,6 +181,16 @@ SETTINGS: tuple[Setting, ...] = (
             "--allow-unsafe-durability", _bool, False,
             "serve even when PostgreSQL runs with fsync or full_page_writes off (a crash "
             "may then lose acknowledged writes); for throwaway test servers only"),
+    Setting("require_sync_replica", ("WALLETD_REQUIRE_SYNC_REPLICA",),
+            "--require-sync-replica", _bool, False,
+            "serve only on a primary that holds each COMMIT until a synchronous standby has "
+            "it (synchronous_standby_names set, a sync standby streaming): checked at start "
+            "(exit 2 past --sync-replica-wait) and by /readyz; on in `walletd ha-dev` "
+            "(docs/HA.md)"),
+    Setting("sync_replica_wait_s", ("WALLETD_SYNC_REPLICA_WAIT",), "--sync-replica-wait",
+            float, 30.0,
+            "seconds start-up waits for a synchronous standby when --require-sync-replica is "
+            "on, before it exits 2"),
     Setting("read_pool_size", ("WALLETD_READ_POOL_SIZE",), "--read-pool-size", int, 4,
             "PostgreSQL connections for as-of, filtered history, feed and listing reads, apart "
             "from the commits' pool; a read past them waits up to the connect timeout, then 503"),
@@ -297,6 +307,8 @@ class Config:
     db_connect_timeout_s: float
     db_command_timeout_s: float
     allow_unsafe_durability: bool
+    require_sync_replica: bool
+    sync_replica_wait_s: float
     read_pool_size: int
     listing_limit_default: int
     listing_limit_max: int

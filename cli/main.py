@@ -34,6 +34,7 @@ from walletd.cli.config import SETTINGS, Config, add_flags, load_config
 from walletd.cli.credential import cluster_credential
 from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
 from walletd.cli.gc_tuning import tune_gc
+from walletd.cli.ha import HaError
 from walletd.cli.haproxy import HaproxyMissing, MapSync, initial_map, render_config
 from walletd.cli.progress import Progress
 from walletd.cli.service import (
@@ -80,6 +81,7 @@ ACCEPTED_CONNECTIONS_GRACE_S = 0.5
 _STARTUP_ERRORS = (
     BackupError,
     ClusterError,
+    HaError,
     HaproxyMissing,
     DatabaseError,
     EmbeddedPostgresError,
@@ -313,6 +315,7 @@ _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
     "seed": _OPERATOR_SETTINGS,
     # The cluster runs walletd processes: every server setting applies to them.
     "cluster": None,
+    "ha-dev": None,
     # Storage, plus the shard count the table is read with.
     "shards": _OPERATOR_SETTINGS | {"shards"},
     "haproxy-config": frozenset({"shards", "log_level"}),
@@ -336,6 +339,10 @@ async def _shards(config: Config, _args: argparse.Namespace) -> int:
 
 async def _cluster(config: Config, args: argparse.Namespace) -> int:
     return await run_cluster(config, args.processes)
+
+
+async def _ha_dev(config: Config, args: argparse.Namespace) -> int:
+    return await run_cluster(config, args.processes, ha_nodes=args.nodes)
 
 
 async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:
@@ -373,6 +380,11 @@ _COMMANDS = {
     "cluster": (
         _cluster,
         "run PostgreSQL, N walletd processes and HAProxy on loopback, at one URL (--port)",
+    ),
+    "ha-dev": (
+        _ha_dev,
+        "run etcd, a Patroni-managed PostgreSQL primary with two standbys (one synchronous), "
+        "N walletd processes and HAProxy on loopback, at one URL (--port; docs/HA.md)",
     ),
     "shards": (_shards, "print the ownership table: each shard's owner, epoch and lease"),
     "haproxy-config": (_haproxy_config, "print an HAProxy config routing by shard"),
@@ -414,11 +426,11 @@ EXIT_CODES: dict[int, tuple[str, frozenset[str] | None]] = {
     EXIT_ENGINE_FAILED: ("serve: the engine gave up", frozenset({"serve"})),
     EXIT_DATA_DIR_IN_USE: (
         "serve / cluster: the data dir is in use by another walletd",
-        frozenset({"serve", "cluster"}),
+        frozenset({"serve", "cluster", "ha-dev"}),
     ),
     EXIT_CLUSTER_FAILED: (
         "cluster: a member kept dying past its restart bound, or HAProxy exited",
-        frozenset({"cluster"}),
+        frozenset({"cluster", "ha-dev"}),
     ),
 }
 
@@ -447,7 +459,8 @@ def _parser() -> argparse.ArgumentParser:
         "migrate, verify, restore and seed operate its database, backup, archive-wal and "
         "recover keep and restore its copies (docs/OPERATIONS.md); "
         "cluster, shards, haproxy-config and haproxy-sync run several processes "
-        "(docs/SCALING.md). Every error is one line on stderr.",
+        "(docs/SCALING.md); ha-dev runs them on a highly available PostgreSQL (docs/HA.md). "
+        "Every error is one line on stderr.",
         epilog=exit_codes_text(None),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -468,12 +481,17 @@ def _parser() -> argparse.ArgumentParser:
                 "--operations", type=int, default=0,
                 help="operations to create, spread evenly over the wallets (default 0)",
             )  # fmt: skip
-        if name == "cluster":
+        if name in ("cluster", "ha-dev"):
             sub.add_argument(
                 "--processes", type=int, default=2, help="walletd processes (default 2)"
             )
         if name in ("backup", "archive-wal", "recover"):
             add_backup_flags(sub, name)
+        if name == "ha-dev":
+            sub.add_argument(
+                "--nodes", type=int, default=3,
+                help="PostgreSQL nodes, one primary and the rest standbys (default 3)",
+            )  # fmt: skip
         if name in ("haproxy-config", "haproxy-sync"):
             _add_haproxy_flags(sub)
         if name == "haproxy-config":

@@ -29,9 +29,12 @@ from walletd.http.internal import ClusterCredential
 from walletd.http.legs import HttpLegs
 from walletd.http.state import Services
 from walletd.persistence.database import (
+    DatabaseUnreachable,
+    DatabaseUnsafe,
     PoolSettings,
     check_durability,
     check_server_version,
+    check_sync_replica,
     connect,
     create_pool,
     describe_settings,
@@ -55,6 +58,7 @@ __all__ = [
     "pool_settings",
     "require_durable",
     "require_migrated",
+    "require_sync_replica",
     "running_services",
     "storage",
 ]
@@ -184,6 +188,39 @@ async def require_durable(dsn: str, *, allow_unsafe: bool) -> None:
         )
 
 
+# Between two looks for a synchronous standby at start-up.
+SYNC_REPLICA_POLL_S = 0.5
+
+
+async def require_sync_replica(dsn: str, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for the server to promise a synchronous standby's copy of every
+    COMMIT (persistence/database.py check_sync_replica); past it raise DatabaseUnsafe, so
+    walletd never starts acknowledging on a server that keeps one copy."""
+    if not wait_s > 0:
+        raise ValueError("--sync-replica-wait must be positive")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    reason: str | None = "not checked"
+    while True:
+        try:
+            connection = await connect(dsn)
+            try:
+                reason = await check_sync_replica(connection)
+            finally:
+                await connection.close()
+        except DatabaseUnreachable as error:  # a failover in progress: look again
+            reason = str(error)
+        if reason is None:
+            _log.info("PostgreSQL keeps a synchronous standby's copy of every commit")
+            return
+        if loop.time() >= deadline:
+            raise DatabaseUnsafe(
+                f"--require-sync-replica: {reason} (waited {wait_s:g} s); walletd will not "
+                "acknowledge writes that only one server holds"
+            )
+        await asyncio.sleep(SYNC_REPLICA_POLL_S)
+
+
 async def require_migrated(dsn: str) -> None:
     """For the operator commands: refuse a database with pending migrations, change nothing."""
     connection = await connect(dsn)
@@ -209,10 +246,18 @@ class _Readiness:
     A process that serves no shard right now is still ready: it forwards to the owners.
     """
 
-    def __init__(self, engine: Engine, log: PostgresLog, keeper: LeaseKeeper) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        log: PostgresLog,
+        keeper: LeaseKeeper,
+        sync_replica_dsn: str | None = None,
+    ) -> None:
         self._engine = engine
         self._log = log
         self._keeper = keeper
+        # --require-sync-replica: the server must promise two copies to be ready.
+        self._sync_replica_dsn = sync_replica_dsn
         self._checked_at = -READINESS_CACHE_S
         self._storage_reason: str | None = None
 
@@ -233,7 +278,21 @@ class _Readiness:
             await asyncio.wait_for(self._log.ping(), READINESS_PING_TIMEOUT_S)
         except (StorageError, TimeoutError):
             return "PostgreSQL is unreachable"
+        if self._sync_replica_dsn is not None:
+            return await self._check_sync_replica(self._sync_replica_dsn)
         return None
+
+    async def _check_sync_replica(self, dsn: str) -> str | None:
+        try:
+            async with asyncio.timeout(READINESS_PING_TIMEOUT_S):
+                connection = await connect(dsn, READINESS_PING_TIMEOUT_S)
+                try:
+                    reason = await check_sync_replica(connection)
+                finally:
+                    await connection.close()
+        except (DatabaseUnreachable, TimeoutError):
+            return "PostgreSQL is unreachable"
+        return None if reason is None else f"no second copy: {reason}"
 
 
 @contextlib.asynccontextmanager
@@ -254,6 +313,8 @@ async def running_services(
     async with storage(config, "serve", owner=True) as dsn:
         # Before migrating: a server walletd will not serve is left exactly as it was.
         await require_durable(dsn, allow_unsafe=config.allow_unsafe_durability)
+        if config.require_sync_replica:
+            await require_sync_replica(dsn, config.sync_replica_wait_s)
         applied = await migrate_database(dsn)
         if applied:
             _log.info("applied migrations: %s", ", ".join(applied))
@@ -308,7 +369,12 @@ async def running_services(
                 await engine.start()
                 try:
                     yield Services(
-                        engine, log, _Readiness(engine, log, keeper), reader,
+                        engine, log,
+                        _Readiness(
+                            engine, log, keeper,
+                            dsn if config.require_sync_replica else None,
+                        ),
+                        reader,
                         self_url=config.url, hand_over=keeper.leave,
                     )  # fmt: skip
                 finally:

@@ -10,7 +10,9 @@ Exceptions::
     DatabaseError               start-up cannot go on; the message is one readable line
     ├── DatabaseUnreachable     no connection could be made
     ├── DatabaseTooOld          the server is older than PostgreSQL 14
-    ├── DatabaseUnsafe          the server runs with fsync or full_page_writes off
+    ├── DatabaseUnsafe          the server runs with fsync or full_page_writes off, or
+    │                           cannot promise a synchronous standby's copy when one is
+    │                           required (--require-sync-replica)
     └── DatabaseBusy            walletd servers hold leases (an operator command must wait)
 """
 
@@ -32,6 +34,7 @@ __all__ = [
     "PoolSettings",
     "check_durability",
     "check_server_version",
+    "check_sync_replica",
     "connect",
     "create_pool",
     "describe_settings",
@@ -187,3 +190,42 @@ async def create_pool(dsn: str, settings: PoolSettings) -> asyncpg.Pool:
         raise DatabaseUnreachable(f"cannot connect to PostgreSQL: {_describe(error)}") from error
     assert pool is not None
     return pool
+
+
+# One round trip: what a COMMIT on this server waits for. pg_stat_replication shows a
+# standby's sync_state only to a superuser or a member of pg_monitor / pg_read_all_stats.
+_SYNC_REPLICA = """
+SELECT pg_is_in_recovery() AS standby,
+       current_setting('synchronous_standby_names') AS standby_names,
+       current_setting('synchronous_commit') AS commit_level,
+       (SELECT count(*) FROM pg_stat_replication
+         WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum')) AS sync_standbys
+"""
+# The levels at which a synchronous standby has flushed (on) or applied (remote_apply) the
+# commit's WAL before COMMIT returns; remote_write and local promise less.
+_TWO_COPY_LEVELS = frozenset({"on", "remote_apply"})
+
+
+async def check_sync_replica(connection: asyncpg.Connection) -> str | None:
+    """Why a COMMIT on this server cannot be a second copy right now, or None when it can.
+
+    A commit is two copies when the server is a primary, names synchronous standbys, waits
+    for their flush (synchronous_commit on or remote_apply), and one of them streams with
+    sync_state sync or quorum. With Patroni's strict synchronous mode and no standby, the
+    names stay ``*`` and a COMMIT waits instead of returning: safe, but nothing can be
+    acknowledged, so this reports it too.
+    """
+    row = await connection.fetchrow(_SYNC_REPLICA)
+    assert row is not None
+    if row["standby"]:
+        return "the server is a standby (in recovery), not the primary"
+    if not row["standby_names"]:
+        return "synchronous_standby_names is empty: a COMMIT returns with one copy"
+    if row["commit_level"] not in _TWO_COPY_LEVELS:
+        return (
+            f"synchronous_commit is {row['commit_level']}: a COMMIT does not wait for the "
+            "standby's flush"
+        )
+    if not row["sync_standbys"]:
+        return "no synchronous standby is streaming: a COMMIT would wait for one"
+    return None

@@ -35,7 +35,13 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "binaries_path"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "binaries_path",
+    "grant_search",
+    "read_or_create_secret",
+]
 
 _log = logging.getLogger("walletd.embedded")
 
@@ -106,7 +112,7 @@ def read_or_create_secret(path: Path) -> tuple[str, bool]:
     return secret, True
 
 
-def _grant_search(path: Path) -> None:
+def grant_search(path: Path) -> None:
     """Let other users traverse every folder from / down to ``path``."""
     for folder in [path, *path.parents]:
         mode = folder.stat().st_mode
@@ -178,6 +184,18 @@ class EmbeddedPostgres:
         entry = pwd.getpwnam(self._run_as)
         return entry.pw_uid, entry.pw_gid
 
+    def prepare_owner(self) -> tuple[int, int] | None:
+        """For a server another program starts and stops (Patroni, cli/ha.py): pgdata made,
+        owned by the user the server runs as, the binaries readable by that user; returns
+        that user's (uid, gid), or None when walletd does not run as root."""
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self._prepare_user()
+        return self._identity()
+
+    @property
+    def bin_dir(self) -> Path:
+        return self._bin
+
     def _prepare_user(self) -> None:
         if self._run_as is None:
             return
@@ -190,7 +208,7 @@ class EmbeddedPostgres:
                 check=True, capture_output=True,
             )  # fmt: skip
         entry = pwd.getpwnam(self._run_as)
-        _grant_search(self._bin)
+        grant_search(self._bin)
         for binary in self._bin.iterdir():
             binary.chmod(binary.stat().st_mode | stat.S_IROTH | stat.S_IXOTH)
         lib = self._bin.parent / "lib"
@@ -203,7 +221,7 @@ class EmbeddedPostgres:
                         file = Path(folder) / name
                         file.chmod(file.stat().st_mode | stat.S_IROTH)
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        _grant_search(self.pgdata.parent)
+        grant_search(self.pgdata.parent)
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
 
     def _lock_file(self) -> list[str] | None:

@@ -153,10 +153,14 @@ OTHER_TOOLS_FLAGS = {
     "--build": "docker-compose up",
     "--profile": "docker-compose",
     "--rounds": "python -m loadtest.restart_loop",
+    "--runs": "python -m loadtest.ha_failover",
+    "--leader": "patronictl switchover",
+    "--candidate": "patronictl switchover",
+    "--force": "patronictl switchover",
 }
 # The docs of walletd itself (docs/BENCHMARKS.md names the loadtest modules' flags).
 WALLETD_DOCS = ("README.md", "docs/API.md", "docs/OPERATIONS.md", "docs/SCALING.md",
-                "docs/ARCHITECTURE.md", "docs/DOCKER.md", "docs/HTTP.md")  # fmt: skip
+                "docs/ARCHITECTURE.md", "docs/DOCKER.md", "docs/HTTP.md", "docs/HA.md")  # fmt: skip
 
 
 def test_every_flag_the_docs_name_is_a_flag_of_walletd(
