@@ -71,7 +71,9 @@ class FeedEvent:
     created_at_us: int
     data: dict[str, Any]
 
-    MONEY_FIELDS: ClassVar[frozenset[str]] = frozenset({"amount", "balance_after", "held_after"})
+    MONEY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"amount", "balance_after", "held_after", "overdraft_limit"}
+    )
 
 
 @dataclass(frozen=True, slots=True)

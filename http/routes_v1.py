@@ -24,8 +24,10 @@ from walletd.http.parsing import (
     parse_empty_body,
     parse_hold_body,
     parse_idempotency_key,
+    parse_if_match,
     parse_operation_body,
     parse_transfer_body,
+    parse_update_body,
     path_id,
     path_wallet_id,
     read_json_object,
@@ -149,10 +151,30 @@ async def apply_operation(request: web.Request) -> web.Response:
     body, raw = await read_json_object(request, state.settings)
     kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
+    # No header lookup beyond the one dict probe on the hot path.
+    expected_seq = parse_if_match(request) if "If-Match" in request.headers else None
     reply = await state.services.engine.apply(
-        wallet_id, kind, amount, key, reference, request.get(KEY_NAME)
+        wallet_id, kind, amount, key, reference, request.get(KEY_NAME), expected_seq
     )
     return reply_response(reply, wallet_id, amount)
+
+
+@routes.patch(_WALLET)
+@requires(Scope.ADMIN)
+async def update_wallet(request: web.Request) -> web.Response:
+    """Status and overdraft limit (docs/API.md, "Changing a wallet"); the metadata merge
+    joins parse_update_body and the engine's UpdateWallet when wallets carry metadata."""
+    wallet_id = path_wallet_id(request)
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings)
+    changes = parse_update_body(body, raw)
+    key = parse_idempotency_key(request)
+    expected_seq = parse_if_match(request)
+    reply = await state.services.engine.update_wallet(
+        wallet_id, changes.status, changes.overdraft_limit, key, changes.fingerprint,
+        expected_seq=expected_seq, actor=request.get(KEY_NAME),
+    )  # fmt: skip
+    return reply_response(reply, wallet_id)
 
 
 @routes.post(_WALLET + "/holds")

@@ -31,7 +31,7 @@ from walletd.engine.log_reads import (
     LogReader,
     WalletAsOf,
 )
-from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
 from walletd.engine.ports import StorageError, StorageUnavailable
 
 __all__ = [
@@ -59,7 +59,7 @@ SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format
 _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference, o.actor"
+    + ", o.held_after, o.reference, o.actor, o.status_after, o.overdraft_limit_after"
 )
 # since/until become a seq range (created_at < since: seq <= first bound; created_at <
 # until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
@@ -93,9 +93,20 @@ FEED_SOURCES: Final = (
      ORDER BY w.created_xid, w.feed_id LIMIT $3
     """,
     f"""
-    SELECT o.xid, o.id, 'operation.applied',
+    SELECT o.xid, o.id,
+           CASE WHEN o.kind = 9 THEN 'wallet.updated' ELSE 'operation.applied' END,
            {_MICROS.format("o.created_at")},
-           json_build_object(
+           CASE WHEN o.kind = 9 THEN json_build_object(
+               -- A WALLET_UPDATE row (PATCH): the wallet's status and overdraft limit from
+               -- this seq on, and who changed them; no money moved.
+               'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
+               'status', CASE o.status_after WHEN 1 THEN 'ACTIVE' WHEN 2 THEN 'FROZEN'
+                                             WHEN 3 THEN 'CLOSED' END,
+               'overdraft_limit', o.overdraft_limit_after,
+               'balance_after', o.balance_after, 'held_after', o.held_after,
+               'actor', o.actor,
+               'idempotency_key', replace(o.idempotency_key, chr(31), '/'))
+           ELSE json_build_object(
                'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
                'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' WHEN 2 THEN 'WITHDRAW'
                                              WHEN 3 THEN 'TRANSFER_OUT' WHEN 4 THEN 'TRANSFER_IN'
@@ -115,7 +126,7 @@ FEED_SOURCES: Final = (
                'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
-                               THEN split_part(o.idempotency_key, ':', 2) END)
+                               THEN split_part(o.idempotency_key, ':', 2) END) END
       FROM wallet_operations o
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)
@@ -199,5 +210,5 @@ class PostgresLogReader(LogReader):
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
         row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10],
+        row[10], WalletStatus(row[11] or WalletStatus.ACTIVE), row[12] or 0,
     )  # fmt: skip

@@ -151,10 +151,13 @@ SELECT w.id, w.created_xid::text, w.feed_id
  LIMIT {FEED_MISMATCHES_MAX}
 """
 
-_WALLETS_IN_ORDER = "SELECT id, balance, seq, held FROM wallets ORDER BY id"
+_WALLETS_IN_ORDER = (
+    "SELECT id, balance, seq, held, status, overdraft_limit FROM wallets ORDER BY id"
+)
 # How each kind moves balance and held (migration 0008): DEPOSIT, TRANSFER_IN and
-# TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out; HOLD adds
-# to held, CAPTURE and RELEASE take from it.
+# TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out (a
+# WALLET_UPDATE row's amount is 0: it moves none); HOLD adds to held, CAPTURE and RELEASE
+# take from it.
 SIGNED_BALANCE_SQL = (
     "CASE WHEN kind IN (1, 4, 5) THEN amount WHEN kind IN (6, 8) THEN 0 ELSE -amount END"
 )
@@ -165,7 +168,7 @@ SIGNED_HELD_SQL = "CASE kind WHEN 6 THEN amount WHEN 7 THEN -amount WHEN 8 THEN 
 _OPERATIONS_IN_ORDER = (
     f"SELECT wallet_id, seq, {SIGNED_BALANCE_SQL}, balance_after, "
     "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq), "
-    f"{SIGNED_HELD_SQL}, held_after "
+    f"{SIGNED_HELD_SQL}, held_after, status_after, overdraft_limit_after "
     "FROM wallet_operations ORDER BY wallet_id, seq"
 )
 # Wallets whose held is not the sum of their PENDING holds (one statement: one snapshot).
@@ -388,7 +391,8 @@ async def _replay(
     for_wallets = await wallets.take_batch()
     while for_wallets:
         report.wallets += len(for_wallets)
-        for index, (wallet_id, snap_balance, snap_seq, snap_held) in enumerate(for_wallets):
+        for index, row in enumerate(for_wallets):
+            wallet_id, snap_balance, snap_seq, snap_held, snap_status, snap_limit = row
             if not index % VERIFY_YIELD_WALLETS:
                 # Let the event loop read the fetches in flight: the server streams on
                 # (another core) instead of stalling on a full socket buffer.
@@ -396,6 +400,10 @@ async def _replay(
             balance = 0
             held = 0
             seq = 0
+            # Status and overdraft limit in force: changed by WALLET_UPDATE rows only
+            # (migration "wallet_status_and_overdraft"); nothing follows a close.
+            status = 1
+            limit = 0
             chain_ok = True
             while True:
                 if position >= pending_rows:
@@ -413,6 +421,8 @@ async def _replay(
                     back,
                     signed_held,
                     held_after,
+                    status_after,
+                    limit_after,
                 ) = pending[position]
                 if op_wallet != wallet_id:
                     if op_wallet < wallet_id:
@@ -421,14 +431,18 @@ async def _replay(
                         continue
                     break
                 position += 1
+                if status == 3:
+                    found(wallet_id, f"seq {op_seq} follows the wallet's close")
                 balance += signed_amount
                 held += signed_held
                 seq += 1
+                if status_after is not None:
+                    status, limit = status_after, limit_after
                 if chain_ok and (
                     op_seq != seq
                     or balance_after != balance
                     or held_after != held
-                    or not 0 <= held <= balance
+                    or not 0 <= held <= balance + limit
                 ):
                     chain_ok = False
                     found(
@@ -445,6 +459,12 @@ async def _replay(
                 found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
             if snap_held != held:
                 found(wallet_id, f"snapshot held {snap_held} != log held {held}")
+            if (snap_status, snap_limit) != (status, limit):
+                found(
+                    wallet_id,
+                    f"snapshot status {snap_status} / overdraft_limit {snap_limit} != the log's "
+                    f"last update: {status} / {limit}",
+                )
         progress.advance(len(for_wallets))
         for_wallets = await wallets.take_batch()
     # Log rows past the last wallet belong to no snapshot row.
