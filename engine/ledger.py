@@ -863,13 +863,6 @@ class Ledger:
             return Reply(Outcome.WALLET_NOT_FOUND)
         if command.to_wallet_id == wallet_id:
             return Reply(Outcome.SAME_WALLET)
-        if command.action is HoldAction.CREATE or command.action is HoldAction.CAPTURE:
-            # Both take money out (a capture takes it out of the wallet; a void or an expiry
-            # only gives it back to ``available``, so they go on in any status).
-            wallet_status = resident.terms()[0]
-            if wallet_status is not _ACTIVE:
-                self._rests_on_open_state(resident, wid, applied)
-                return Reply(_REFUSAL_OUTCOMES[_DEBIT_REFUSALS[wallet_status]])
         if command.action is HoldAction.CREATE:
             return self._create_hold(command, wallet_id, resident, applied)
         hold = resident.pending_holds().get(command.hold_id.int)
@@ -891,6 +884,13 @@ class Ledger:
             if captured > hold.amount:
                 self._rests_on_open_state(resident, wid, applied)
                 return Reply(Outcome.CAPTURE_EXCEEDS_HOLD, hold=hold)
+            # A capture takes money out: a debit (a void or an expiry only gives it back to
+            # ``available``, so they go on in any status). Not recorded: a capture's key is
+            # stored on the hold when it resolves.
+            wallet_status = resident.terms()[0]
+            if wallet_status is not _ACTIVE:
+                self._rests_on_open_state(resident, wid, applied)
+                return Reply(_REFUSAL_OUTCOMES[_DEBIT_REFUSALS[wallet_status]], hold=hold)
             status = HoldStatus.CAPTURED
         else:
             status = HoldStatus.VOIDED
@@ -990,6 +990,13 @@ class Ledger:
                 if earlier.seq > resident.seq:
                     applied.dependent.append((len(applied.replies), wid))
                 return Reply(Outcome.CREATED, replayed=True)
+        wallet_status = resident.terms()[0]
+        if wallet_status is not _ACTIVE:  # a hold takes money out of available: a debit
+            reason = _DEBIT_REFUSALS[wallet_status]
+            if request is not None:  # recorded like a keyed withdrawal's refusal
+                return self._refuse(request, wallet_id, reason, 0, resident, applied, command.actor)
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(_REFUSAL_OUTCOMES[reason])
         holds = resident.pending_holds()
         if len(holds) >= self._holds_per_wallet_max:
             self._rests_on_open_state(resident, wid, applied)

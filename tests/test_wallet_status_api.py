@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import AppFactory
 from tests.test_holds_api import call, history
 from tests.test_transfers_api import new_wallet
+from walletd.engine.limits import EngineLimits
 from walletd.http.keys import parse_keys
 from walletd.http.settings import HttpSettings
 from walletd.http.state import STATE_KEY
@@ -290,6 +291,7 @@ async def test_patch_replays_under_its_key_and_refuses_bad_bodies(client: Client
     assert (again[0], again[1], again[2]["Idempotent-Replayed"]) == (200, first[1], "true")
     status, body, _ = await patch(client, wallet_id, {"status": "FROZEN"}, key="limit-1")
     assert (status, body["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    bad: dict[str, Any]
     for bad in (
         {}, {"metadata": {}}, {"status": "OPEN"}, {"status": None}, {"overdraft_limit": -1},
         {"overdraft_limit": "1.001"}, {"overdraft_limit": True}, {"overdraft_limit": "1e3"},
@@ -352,3 +354,35 @@ async def test_changes_need_the_admin_scope_and_are_in_the_feed_with_their_actor
     assert [(e["wallet_id"], e["status"], e["overdraft_limit"], e["actor"]) for e in updated] == [
         (wallet_id, "FROZEN", "0.00", "boss")
     ]
+
+
+async def test_bulk_items_on_frozen_and_closed_wallets_are_refused_alone_or_whole(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """In a bulk request, a withdrawal from a FROZEN wallet is its item's 409 WALLET_FROZEN
+    and a deposit to a CLOSED one 409 WALLET_CLOSED while the other items apply; in an
+    atomic request (one pipeline: every group can be atomic) either refuses the whole
+    group, nothing applied."""
+    client: Client = await aiohttp_client(make_app(limits=EngineLimits(pipelines=1)))
+    frozen = await new_wallet(client, "10.00")
+    closed = await new_wallet(client)
+    fine = await new_wallet(client)
+    assert (await patch(client, frozen, {"status": "FROZEN"}))[0] == 200
+    assert (await patch(client, closed, {"status": "CLOSED"}))[0] == 200
+    items = [
+        {"wallet_id": frozen, "operation_type": "WITHDRAW", "amount": "1.00"},
+        {"wallet_id": closed, "operation_type": "DEPOSIT", "amount": "1.00"},
+        {"wallet_id": fine, "operation_type": "DEPOSIT", "amount": "1.00"},
+    ]
+    status, body, _ = await call(client, "POST", "/api/v1/operations/bulk", {"items": items})
+    assert status == 200, body
+    assert [(r["status"], r["body"].get("code")) for r in body["results"]] == [
+        (409, "WALLET_FROZEN"), (409, "WALLET_CLOSED"), (200, None),
+    ]  # fmt: skip
+    codes = {frozen: "WALLET_FROZEN", closed: "WALLET_CLOSED"}
+    for first in items[:2]:
+        atomic = {"items": [items[2], first], "atomic": True}
+        status, body, _ = await call(client, "POST", "/api/v1/operations/bulk", atomic)
+        assert (status, body["code"]) == (409, codes[first["wallet_id"]]), body
+    read = await client.get(f"/api/v1/wallets/{fine}")
+    assert (await read.json())["balance"] == "1.00"
