@@ -38,7 +38,10 @@ def _intended_refusal(response: Any) -> bool:
     the future (it depends on the clock); an atomic bulk request over
     several shard actors (it depends on the server's --shards); a transfer from a wallet to
     itself (JSON Schema cannot compare two fields); a bulk item's ``key_index`` without the
-    request's Idempotency-Key header (a rule between a header and the body)."""
+    request's Idempotency-Key header (a rule between a header and the body); an If-Match
+    naming another version than the wallet's (it depends on the wallet's state)."""
+    if response.status_code == 412:
+        return bool(response.json().get("code") == "PRECONDITION_FAILED")
     if response.status_code != 422:
         return False
     body = response.json()
