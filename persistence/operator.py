@@ -5,8 +5,10 @@
   (``pg_export_snapshot``), each with its next fetch in flight, and checks, for every
   wallet, that the snapshot's balance and seq equal the log's sum and last seq, and that the
   log's own chain holds (seq = 1, 2, 3, ..., each balance_after = the running balance,
-  each held_after = the running held with 0 <= held <= balance, and created_at never goes
-  back: as-of reads binary-search by it); the snapshot's held equals the log's too. Then
+  each held_after = the running held with 0 <= held <= balance + the overdraft limit in
+  force (the last WALLET_UPDATE row's), nothing after a close, and created_at never goes
+  back: as-of reads binary-search by it); the snapshot's held, status and overdraft limit
+  equal the log's too. Then
   that every wallet's held is the sum of its PENDING holds (``HELD_CHECK``, one statement).
   Memory is bounded by the cursor fetch size, whatever the table sizes. Meanwhile, on a
   third connection in the same snapshot, it checks that money is conserved across wallets:
@@ -19,7 +21,8 @@
   at most ``FEED_MISMATCHES_MAX`` rows. Then it checks that every log row and every wallet
   creation has exactly one change-feed position: none without one, no two sharing one
   (``FEED_POSITIONS_CHECK``).
-- ``restore`` rebuilds every wallet's balance, held, seq and updated_at from the log in one
+- ``restore`` rebuilds every wallet's balance, held, seq, updated_at, status and overdraft
+  limit from the log in one
   transaction, holding every shard lease so no walletd serves the database meanwhile. It is
   one statement on purpose: split into 64 slices of the id space (to report progress) it
   took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s against 5.8-8.8 s).
@@ -584,15 +587,23 @@ WITH replay AS (
            coalesce(r.balance, 0)::bigint AS balance,
            coalesce(r.held, 0)::bigint AS held,
            coalesce(r.seq, 0) AS seq,
-           coalesce(r.updated_at, w.created_at) AS updated_at
+           coalesce(r.updated_at, w.created_at) AS updated_at,
+           coalesce(u.status_after, 1)::smallint AS status,
+           coalesce(u.overdraft_limit_after, 0)::bigint AS overdraft_limit
       FROM wallets w LEFT JOIN replay r ON r.wallet_id = w.id
+      -- The status and overdraft limit of the wallet's last WALLET_UPDATE row (index
+      -- wallet_operations_updates), or the defaults.
+      LEFT JOIN LATERAL (
+          SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c
+           WHERE c.wallet_id = w.id AND c.kind = 9 ORDER BY c.seq DESC LIMIT 1) u ON true
 )
 UPDATE wallets AS w
-   SET balance = t.balance, held = t.held, seq = t.seq, updated_at = t.updated_at
+   SET balance = t.balance, held = t.held, seq = t.seq, updated_at = t.updated_at,
+       status = t.status, overdraft_limit = t.overdraft_limit
   FROM target t
  WHERE w.id = t.id
-   AND (w.balance, w.held, w.seq, w.updated_at)
-       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at)
+   AND (w.balance, w.held, w.seq, w.updated_at, w.status, w.overdraft_limit)
+       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at, t.status, t.overdraft_limit)
 """
 
 
@@ -607,6 +618,9 @@ async def restore(dsn: str, progress: ProgressSink | None = None) -> RestoreRepo
         progress.set_total(1)
         async with hold_every_lease(connection), connection.transaction():
             await connection.execute("LOCK TABLE wallets, wallet_operations IN EXCLUSIVE MODE")
+            # A CLOSED wallet's row may be rebuilt too (migration
+            # "wallet_status_and_overdraft": its trigger lets this transaction through).
+            await connection.execute("SET LOCAL walletd.restoring = 'on'")
             status = await connection.execute(_RESTORE)
             wallets = await connection.fetchval("SELECT count(*) FROM wallets")
         progress.advance(1)

@@ -24,7 +24,8 @@
 --
 -- CLOSED is final: a closed wallet has balance 0 and nothing held (CHECK), and a trigger
 -- refuses any change of its row (so no log row can be added: every row moves its
--- snapshot). walletd_append_wallet_updates refuses a close while the wallet has a PENDING
+-- snapshot); only `walletd restore`, which rebuilds snapshots from the log under every
+-- shard lease, passes it (it sets walletd.restoring for its transaction). walletd_append_wallet_updates refuses a close while the wallet has a PENDING
 -- hold or a PENDING transfer from or to it (WD009), after the batch's own transfers and
 -- holds are written.
 
@@ -125,7 +126,9 @@ END;
 $$;
 
 CREATE TRIGGER wallets_closed_is_final BEFORE UPDATE ON wallets
-    FOR EACH ROW WHEN (OLD.status = 3) EXECUTE FUNCTION walletd_closed_is_final();
+    FOR EACH ROW
+    WHEN (OLD.status = 3 AND current_setting('walletd.restoring', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION walletd_closed_is_final();
 
 -- The changes of a batch's WALLET_UPDATE rows: exactly one per such row of the batch
 -- (given again as op_*: the statement names walletd_append_batch's parameters twice),
