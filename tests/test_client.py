@@ -211,7 +211,9 @@ async def test_update_wallet_sets_status_and_limit_and_maps_its_refusals(
     PreconditionFailed (seq)."""
     async with WalletdClient(base_url(client)) as walletd:
         wallet = await walletd.create_wallet()
-        assert (wallet.status, wallet.overdraft_limit, wallet.version) == ("ACTIVE", 0, 0)
+        assert (wallet.status, wallet.overdraft_limit, wallet.version) == (
+            "ACTIVE", Decimal(0), 0,
+        )  # fmt: skip
         limited = await walletd.update_wallet(wallet.id, overdraft_limit="25.00")
         assert (limited.overdraft_limit, limited.available, limited.version) == (
             Decimal("25.00"), Decimal("25.00"), 1,
