@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 from uuid import UUID
 
-from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
 
 __all__ = [
     "FeedEvent",
@@ -87,6 +87,9 @@ class WalletAsOf:
     created_at_us: int
     updated_at_us: int
     held: int = 0  # held after that operation
+    # The status and overdraft limit then (the last WALLET_UPDATE row at or before it).
+    status: WalletStatus = WalletStatus.ACTIVE
+    overdraft_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,10 +137,12 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
             f"wallet {wallet_id} did not exist at {format_timestamp(at_us)}",
         )
     view = WalletView(
-        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held
-    )
+        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held,
+        found.status, found.overdraft_limit,
+    )  # fmt: skip
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
-    return web.Response(body=body, headers=_JSON_HEADERS)
+    # The version the wallet had then (If-Match against it fails once it moved since).
+    return web.Response(body=body, headers={**_JSON_HEADERS, "ETag": f'"{found.seq}"'})
 
 
 @routes.post(_WALLET + "/operation")

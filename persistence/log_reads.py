@@ -48,11 +48,15 @@ _SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
 SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
-       o.held_after
+       o.held_after, u.status_after, u.overdraft_limit_after
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
                       OFFSET 0) s  -- not pulled up: the search would run once per use
   LEFT JOIN wallet_operations o ON o.wallet_id = w.id AND o.seq = s.seq
+  -- The status and limit then: the last WALLET_UPDATE row at or before that seq.
+  LEFT JOIN LATERAL (SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c
+                      WHERE c.wallet_id = w.id AND c.kind = 9 AND c.seq <= s.seq
+                      ORDER BY c.seq DESC LIMIT 1) u ON true
  WHERE w.id = $1 AND w.created_at <= {_AT.format("$2")}
 """
 
@@ -169,10 +173,13 @@ class PostgresLogReader(LogReader):
         rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
         if not rows:
             return None
-        created_us, balance, seq, updated_us, held = rows[0]
+        created_us, balance, seq, updated_us, held, status, limit = rows[0]
         if not seq:  # seq 0: no operation yet at that instant
             return WalletAsOf(wallet_id, 0, 0, created_us, created_us)
-        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us, held)
+        return WalletAsOf(
+            wallet_id, balance, seq, created_us, updated_us, held,
+            WalletStatus(status or WalletStatus.ACTIVE), limit or 0,
+        )  # fmt: skip
 
     async def filtered_history(
         self,

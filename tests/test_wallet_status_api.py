@@ -386,3 +386,22 @@ async def test_bulk_items_on_frozen_and_closed_wallets_are_refused_alone_or_whol
         assert (status, body["code"]) == (409, codes[first["wallet_id"]]), body
     read = await client.get(f"/api/v1/wallets/{fine}")
     assert (await read.json())["balance"] == "1.00"
+
+
+async def test_as_of_shows_the_status_and_limit_the_wallet_had_then(client: Client) -> None:
+    """A read as of an instant between two changes shows that instant's status, limit and
+    available (balance - held + limit then), and the seq then as its ETag."""
+    wallet_id = await new_wallet(client)
+    assert (await patch(client, wallet_id, {"overdraft_limit": "30.00"}))[0] == 200
+    assert (await operate(client, wallet_id, "WITHDRAW", "10.00"))[0] == 200
+    read = await client.get(f"/api/v1/wallets/{wallet_id}")
+    between = (await read.json())["updated_at"]
+    status, body, _ = await patch(client, wallet_id, {"status": "FROZEN", "overdraft_limit": 10})
+    assert (status, body["status"], body["available"]) == (200, "FROZEN", "0.00")
+    past = await client.get(f"/api/v1/wallets/{wallet_id}", params={"as_of": between})
+    body = await past.json()
+    assert (past.status, past.headers["ETag"]) == (200, '"2"')
+    assert (body["balance"], body["available"], body["overdraft_limit"]) == (
+        "-10.00", "20.00", "30.00",
+    )  # fmt: skip
+    assert "status" not in body  # ACTIVE then
