@@ -129,6 +129,17 @@ def _amount_text(amount: Amount) -> str:
     return format(exact, "f")  # never an exponent: "1E+2" becomes "100"
 
 
+def _limit_text(limit: Amount) -> str:
+    """An overdraft limit as the API takes it: 0, or an amount."""
+    if not isinstance(limit, bool) and isinstance(limit, Decimal | int | str):
+        try:
+            if Decimal(limit) == 0:
+                return "0"
+        except InvalidOperation:
+            pass
+    return _amount_text(limit)
+
+
 def _instant_text(instant: Instant, name: str) -> str:
     """An instant as RFC 3339; a naive datetime is refused (which zone would it be in?)."""
     if isinstance(instant, str):
@@ -155,9 +166,17 @@ class Wallet:
     held: Decimal = Decimal(0)
     # The instant asked for, on a read with ``as_of``.
     as_of: datetime | None = None
+    # ACTIVE, FROZEN or CLOSED; how far below zero a debit may take the balance.
+    status: str = "ACTIVE"
+    overdraft_limit: Decimal = Decimal(0)
+    # The wallet's seq from the ETag header: pass it as ``if_match`` to act only if nothing
+    # changed the wallet since (None: the server sent no ETag).
+    version: int | None = None
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Wallet:
+    def from_json(
+        cls, body: Mapping[str, Any], replayed: bool = False, version: int | None = None
+    ) -> Wallet:
         try:
             as_of = body.get("as_of")
             return cls(
@@ -169,6 +188,9 @@ class Wallet:
                 available=_decimal(body.get("available", body["balance"]), "available"),
                 held=_decimal(body.get("held", "0.00"), "held"),
                 as_of=None if as_of is None else _timestamp(as_of, "as_of"),
+                status=str(body.get("status", "ACTIVE")),
+                overdraft_limit=_decimal(body.get("overdraft_limit", "0.00"), "overdraft_limit"),
+                version=version,
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -179,7 +201,8 @@ class Operation:
     """One row of a wallet's history (its log)."""
 
     id: int
-    operation_type: str  # DEPOSIT, WITHDRAW, TRANSFER_OUT/IN/REFUND, HOLD, CAPTURE, RELEASE
+    # DEPOSIT, WITHDRAW, TRANSFER_OUT/IN/REFUND, HOLD, CAPTURE, RELEASE, WALLET_UPDATE
+    operation_type: str
     amount: Decimal
     balance_after: Decimal
     idempotency_key: str | None
@@ -189,6 +212,9 @@ class Operation:
     transfer_id: str | None = None  # on a transfer's legs
     hold_id: str | None = None  # on HOLD, CAPTURE and RELEASE rows
     reference: str | None = None
+    # On a WALLET_UPDATE row: the wallet's status and overdraft limit from then on.
+    status: str | None = None
+    overdraft_limit: Decimal | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Operation:
@@ -206,6 +232,12 @@ class Operation:
                 transfer_id=_optional_text(body.get("transfer_id")),
                 hold_id=_optional_text(body.get("hold_id")),
                 reference=_optional_text(body.get("reference")),
+                status=_optional_text(body.get("status")),
+                overdraft_limit=(
+                    None
+                    if body.get("overdraft_limit") is None
+                    else _decimal(body["overdraft_limit"], "overdraft_limit")
+                ),
             )
         except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
             raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
@@ -394,6 +426,11 @@ class _Answer:
     replayed: bool
     retry_after_s: float | None
     request_id: str
+    # The wallet's seq from an ETag header ("<seq>"), when the answer had one.
+    version: int | None = None
+
+    def wallet(self) -> Wallet:
+        return self.decode(lambda body: Wallet.from_json(body, self.replayed, self.version))
 
     def decode(self, parse: Callable[[Any], _Parsed]) -> _Parsed:
         """``parse(body)``; an answer it cannot read raises with this call's request id."""
@@ -454,7 +491,7 @@ class WalletdClient:
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )
-        return answer.decode(lambda body: Wallet.from_json(body, answer.replayed))
+        return answer.wallet()
 
     async def get_wallet(
         self, wallet_id: str | uuid.UUID, *, as_of: Instant | None = None
@@ -465,7 +502,7 @@ class WalletdClient:
         again)."""
         params = None if as_of is None else {"as_of": _instant_text(as_of, "as_of")}
         answer = await self._call("GET", f"/wallets/{_segment(wallet_id)}", params=params)
-        return answer.decode(Wallet.from_json)
+        return answer.wallet()
 
     async def deposit(
         self,
@@ -474,10 +511,14 @@ class WalletdClient:
         *,
         reference: str | None = None,
         idempotency_key: str | None = None,
+        if_match: int | None = None,
     ) -> Wallet:
         """Adds ``amount``; ``reference`` (yours, 1-255 characters) is kept in the history
-        and the feed, and is part of what the key compares."""
-        return await self._operate(wallet_id, "DEPOSIT", amount, reference, idempotency_key)
+        and the feed, and is part of what the key compares. ``if_match`` (a Wallet's
+        ``version``): only if nothing changed the wallet since (else PreconditionFailed)."""
+        return await self._operate(
+            wallet_id, "DEPOSIT", amount, reference, idempotency_key, if_match
+        )
 
     async def withdraw(
         self,
@@ -486,9 +527,43 @@ class WalletdClient:
         *,
         reference: str | None = None,
         idempotency_key: str | None = None,
+        if_match: int | None = None,
     ) -> Wallet:
-        """Takes ``amount`` out of the available money (InsufficientFunds if short)."""
-        return await self._operate(wallet_id, "WITHDRAW", amount, reference, idempotency_key)
+        """Takes ``amount`` out of the available money (InsufficientFunds if short,
+        WalletFrozen / WalletClosed by the wallet's status); ``if_match`` as for deposit."""
+        return await self._operate(
+            wallet_id, "WITHDRAW", amount, reference, idempotency_key, if_match
+        )
+
+    async def update_wallet(
+        self,
+        wallet_id: str | uuid.UUID,
+        *,
+        status: str | None = None,
+        overdraft_limit: Amount | None = None,
+        if_match: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Wallet:
+        """PATCH the wallet: its ``status`` (ACTIVE, FROZEN, CLOSED) and/or its
+        ``overdraft_limit`` (0 or an amount); needs a key with the ``admin`` scope. Refusals:
+        WalletClosed, CloseBlocked (``blocked_by``), OverdraftLimitInUse, PreconditionFailed
+        (``if_match``, a Wallet's ``version``, named another version)."""
+        body: dict[str, Any] = {}
+        if status is not None:
+            body["status"] = status
+        if overdraft_limit is not None:
+            body["overdraft_limit"] = _limit_text(overdraft_limit)
+        # (metadata: merged into this body when wallets carry metadata)
+        if not body:
+            raise ValueError("update_wallet needs a status or an overdraft_limit")
+        answer = await self._call(
+            "PATCH",
+            f"/wallets/{_segment(wallet_id)}",
+            body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+            if_match=if_match,
+        )
+        return answer.wallet()
 
     async def history(
         self,
@@ -891,6 +966,7 @@ class WalletdClient:
         amount: Amount,
         reference: str | None,
         key: str | None,
+        if_match: int | None = None,
     ) -> Wallet:
         body = {"operation_type": kind, "amount": _amount_text(amount)}
         if reference is not None:
@@ -900,8 +976,9 @@ class WalletdClient:
             f"/wallets/{_segment(wallet_id)}/operation",
             body,
             idempotency_key=key or new_idempotency_key(),
+            if_match=if_match,
         )
-        return answer.decode(lambda body: Wallet.from_json(body, answer.replayed))
+        return answer.wallet()
 
     async def _call(
         self,
@@ -911,6 +988,7 @@ class WalletdClient:
         *,
         params: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        if_match: int | None = None,
     ) -> _Answer:
         """Sends one logical call, retrying what is safe to retry (see retrying.py).
 
@@ -926,6 +1004,8 @@ class WalletdClient:
             data = _dumps(body)
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
+        if if_match is not None:
+            headers["If-Match"] = f'"{if_match}"'
         retryable = method in _SAFE_METHODS or idempotency_key is not None
         url = f"{self._base_url}{API_PREFIX}{path}"
         loop = asyncio.get_running_loop()
@@ -992,6 +1072,7 @@ class WalletdClient:
             content_type = response.content_type
             retry_after = response.headers.get("Retry-After")
             replayed = response.headers.get("Idempotent-Replayed") == "true"
+            version = _etag_version(response.headers.get("ETag"))
             status = response.status
             request_id = response.headers.get(REQUEST_ID_HEADER, headers[REQUEST_ID_HEADER])
         if status < 400 and content_type != "application/json":
@@ -1004,7 +1085,17 @@ class WalletdClient:
             raise UnexpectedResponse(
                 f"{status} answer is not JSON", request_id=request_id
             ) from None
-        return _Answer(status, parsed, replayed, parse_retry_after_s(retry_after), request_id)
+        return _Answer(
+            status, parsed, replayed, parse_retry_after_s(retry_after), request_id, version
+        )
+
+
+def _etag_version(etag: str | None) -> int | None:
+    """The seq an ETag names (``"12"``), or None."""
+    if etag is None or len(etag) < 3 or etag[0] != '"' or etag[-1] != '"':
+        return None
+    digits = etag[1:-1]
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 def _new_request_id() -> str:

@@ -39,6 +39,10 @@ Exceptions::
         │   └── HoldNotFound            HOLD_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
         │   ├── WalletAlreadyExists     WALLET_ALREADY_EXISTS
+        │   ├── WalletFrozen            WALLET_FROZEN: a debit of a FROZEN wallet
+        │   ├── WalletClosed            WALLET_CLOSED: anything on a CLOSED wallet
+        │   ├── CloseBlocked            CLOSE_BLOCKED (``blocked_by``: what keeps it open)
+        │   ├── OverdraftLimitInUse     OVERDRAFT_LIMIT_IN_USE
         │   ├── InsufficientFunds       INSUFFICIENT_FUNDS
         │   ├── BalanceLimitExceeded    BALANCE_LIMIT_EXCEEDED
         │   ├── TooManyHolds            TOO_MANY_HOLDS
@@ -47,6 +51,8 @@ Exceptions::
         │       ├── HoldExpired             HOLD_EXPIRED
         │       ├── HoldAlreadyCaptured     HOLD_ALREADY_CAPTURED
         │       └── HoldAlreadyVoided       HOLD_ALREADY_VOIDED
+        ├── PreconditionFailed    PRECONDITION_FAILED (412): If-Match named another version
+        │                         (``seq``: the wallet's); nothing applied
         ├── StorageRefused        STORAGE_REFUSED (409): the database refused this request
         │                         alone by a constraint; nothing applied, not recorded (a
         │                         retry is decided again)
@@ -77,6 +83,7 @@ __all__ = [
     "BadRequest",
     "BalanceLimitExceeded",
     "CaptureExceedsHold",
+    "CloseBlocked",
     "Forbidden",
     "HoldAlreadyCaptured",
     "HoldAlreadyVoided",
@@ -95,8 +102,10 @@ __all__ = [
     "MethodNotAllowed",
     "NotFound",
     "NotOwner",
+    "OverdraftLimitInUse",
     "Overloaded",
     "PayloadTooLarge",
+    "PreconditionFailed",
     "ProblemError",
     "RateExceeded",
     "RateLimited",
@@ -117,6 +126,8 @@ __all__ = [
     "UnsupportedMediaType",
     "ValidationError",
     "WalletAlreadyExists",
+    "WalletClosed",
+    "WalletFrozen",
     "WalletNotFound",
     "WalletdError",
     "class_for_status",
@@ -310,6 +321,37 @@ class CaptureExceedsHold(Refused):
     """The capture is larger than the hold; the hold is unchanged."""
 
 
+class WalletFrozen(Refused):
+    """The wallet is FROZEN: it takes credits only (a transfer's ``body["side"]``)."""
+
+
+class WalletClosed(Refused):
+    """The wallet is CLOSED: nothing moves on it and it never changes again."""
+
+
+class CloseBlocked(Refused):
+    """The wallet cannot close yet: ``blocked_by`` lists BALANCE, HOLDS, TRANSFERS."""
+
+    @property
+    def blocked_by(self) -> list[str]:
+        found = self.body.get("blocked_by")
+        return [str(item) for item in found] if isinstance(found, list) else []
+
+
+class OverdraftLimitInUse(Refused):
+    """The wallet owes more than the overdraft limit asked for."""
+
+
+class PreconditionFailed(ProblemError):
+    """If-Match named another version than the wallet's (``seq``: the wallet's now); nothing
+    was applied: read the wallet again and decide again."""
+
+    @property
+    def seq(self) -> int | None:
+        found = self.body.get("seq")
+        return found if isinstance(found, int) else None
+
+
 class StorageRefused(ProblemError):
     """The database refused this request alone (a constraint walletd cannot foresee, such
     as one an operator added); nothing was applied. Unlike a ``Refused``, it is not recorded
@@ -388,6 +430,11 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "WALLET_ALREADY_EXISTS": WalletAlreadyExists,
     "INSUFFICIENT_FUNDS": InsufficientFunds,
     "BALANCE_LIMIT_EXCEEDED": BalanceLimitExceeded,
+    "WALLET_FROZEN": WalletFrozen,
+    "WALLET_CLOSED": WalletClosed,
+    "CLOSE_BLOCKED": CloseBlocked,
+    "OVERDRAFT_LIMIT_IN_USE": OverdraftLimitInUse,
+    "PRECONDITION_FAILED": PreconditionFailed,
     "UNAVAILABLE": Unavailable,
     "OVERLOADED": Overloaded,
     "NOT_OWNER": NotOwner,

@@ -18,6 +18,7 @@ from walletd.engine.model import (
     OperationKind,
     TransferRecord,
     TransferStatus,
+    WalletStatus,
     WalletView,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "ReadWallet",
     "Reply",
     "TransferLeg",
+    "UpdateWallet",
     "command_ids",
     "hold_key",
     "transfer_leg_key",
@@ -72,13 +74,27 @@ class Outcome(enum.Enum):
     # Storage refused the command when it stood alone in its batch (a constraint the
     # ledger cannot foresee, found by isolation in engine/shard.py): nothing applied (409).
     STORAGE_REFUSED = "STORAGE_REFUSED"
+    # Wallet status (docs/ARCHITECTURE.md, "Wallet status and overdraft"): a debit of a
+    # FROZEN wallet, anything on a CLOSED one (recorded under a client's key, replayed).
+    WALLET_FROZEN = "WALLET_FROZEN"
+    WALLET_CLOSED = "WALLET_CLOSED"
+    # An If-Match that names another seq than the wallet's, decided in arrival order (412).
+    PRECONDITION_FAILED = "PRECONDITION_FAILED"
+    # A wallet update refused: a close of a wallet with money, holds or transfers in it
+    # (``blocked_by`` says which); an overdraft limit below what the wallet already owes.
+    CLOSE_BLOCKED = "CLOSE_BLOCKED"
+    OVERDRAFT_LIMIT_IN_USE = "OVERDRAFT_LIMIT_IN_USE"
 
 
 # The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
 # carries one of these as its failure_code, stored on the transfer and read back as its
 # outcome.
 REFUND_FAILURE_CODES: Final = frozenset(
-    {Outcome.WALLET_NOT_FOUND.value, Outcome.BALANCE_LIMIT_EXCEEDED.value}
+    {
+        Outcome.WALLET_NOT_FOUND.value,
+        Outcome.BALANCE_LIMIT_EXCEEDED.value,
+        Outcome.WALLET_CLOSED.value,
+    }
 )
 
 
@@ -95,6 +111,8 @@ class Reply(NamedTuple):
     # For hold commands: the hold after the command (created or resolved), or as it was
     # when refused.
     hold: HoldRecord | None = None
+    # For CLOSE_BLOCKED: what blocks the close ("BALANCE", "HOLDS", "TRANSFERS").
+    blocked_by: tuple[str, ...] = ()
 
 
 class Operation(Protocol):
@@ -113,7 +131,10 @@ class Operation(Protocol):
 
 
 class ApplyOperation:
-    __slots__ = ("actor", "amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
+    __slots__ = (
+        "actor", "amount", "expected_seq", "idempotency_key", "kind", "reference", "reply",
+        "wallet_id",
+    )  # fmt: skip
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
 
@@ -126,6 +147,7 @@ class ApplyOperation:
         reply: asyncio.Future[Reply],
         reference: str | None = None,
         actor: str | None = None,
+        expected_seq: int | None = None,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
@@ -135,6 +157,8 @@ class ApplyOperation:
         self.reference = reference
         # The API key's name, recorded on the row (model.OperationRecord.actor).
         self.actor = actor
+        # If-Match: apply only if the wallet's seq is this one when the command's turn comes.
+        self.expected_seq = expected_seq
 
 
 class ApplyOperations:
@@ -340,6 +364,44 @@ class JointTransfer:
         self.wallet_id = transfer.from_wallet_id
 
 
+class UpdateWallet:
+    """PATCH /api/v1/wallets/{id}: a new status and/or overdraft limit (None: unchanged),
+    written as one WALLET_UPDATE row. ``fingerprint``: what the request was, stored on the
+    row (as its reference) so that a retry with the same Idempotency-Key replays it and a
+    different request under that key is refused. ``expected_seq``: If-Match.
+    ``transfers_pending``: how many PENDING transfers storage had for the wallet when the
+    request came (read only for a close; storage checks again when the close commits)."""
+
+    __slots__ = (
+        "actor", "expected_seq", "fingerprint", "idempotency_key", "overdraft_limit", "reply",
+        "status", "transfers_pending", "wallet_id",
+    )  # fmt: skip
+    weight = 1
+
+    def __init__(
+        self,
+        wallet_id: UUID,
+        status: WalletStatus | None,
+        overdraft_limit: int | None,
+        idempotency_key: str | None,
+        fingerprint: str,
+        reply: asyncio.Future[Reply],
+        *,
+        expected_seq: int | None = None,
+        actor: str | None = None,
+        transfers_pending: int = 0,
+    ) -> None:
+        self.wallet_id = wallet_id
+        self.status = status
+        self.overdraft_limit = overdraft_limit
+        self.idempotency_key = idempotency_key
+        self.fingerprint = fingerprint
+        self.reply = reply
+        self.expected_seq = expected_seq
+        self.actor = actor
+        self.transfers_pending = transfers_pending
+
+
 class ReadWallet:
     """A read of a wallet that is not resident: the shard loads it, then answers."""
 
@@ -353,7 +415,7 @@ class ReadWallet:
 
 Command = (
     ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
-    | JointTransfer
+    | JointTransfer | UpdateWallet
 )  # fmt: skip
 
 

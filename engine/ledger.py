@@ -57,6 +57,7 @@ from walletd.engine.commands import (
     ReadWallet,
     Reply,
     TransferLeg,
+    UpdateWallet,
     hold_key,
     transfer_leg_key,
 )
@@ -79,9 +80,11 @@ from walletd.engine.model import (
     TransferStatus,
     TransferUpdate,
     WalletRecord,
+    WalletStatus,
+    WalletUpdate,
     WalletView,
 )
-from walletd.engine.money import BALANCE_MINOR_MAX
+from walletd.engine.money import BALANCE_MINOR_MAX, OVERDRAFT_LIMIT_MINOR_MAX
 
 __all__ = ["Applied", "Ledger"]
 
@@ -107,7 +110,18 @@ _NO_HOLDS: Final[dict[int, HoldRecord]] = {}
 _REFUSAL_OUTCOMES: Final = {
     RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
     RefusalReason.BALANCE_LIMIT_EXCEEDED: Outcome.BALANCE_LIMIT_EXCEEDED,
+    RefusalReason.WALLET_FROZEN: Outcome.WALLET_FROZEN,
+    RefusalReason.WALLET_CLOSED: Outcome.WALLET_CLOSED,
 }
+_ACTIVE: Final = WalletStatus.ACTIVE
+_FROZEN: Final = WalletStatus.FROZEN
+_CLOSED: Final = WalletStatus.CLOSED
+# The status refusal of a debit (FROZEN and CLOSED) and of a credit (CLOSED only).
+_DEBIT_REFUSALS: Final = {
+    _FROZEN: RefusalReason.WALLET_FROZEN, _CLOSED: RefusalReason.WALLET_CLOSED,
+}  # fmt: skip
+_CREDIT_REFUSALS: Final = {_CLOSED: RefusalReason.WALLET_CLOSED}
+_PRECONDITION_FAILED: Final = Reply(Outcome.PRECONDITION_FAILED)
 
 
 class Pending:
@@ -117,14 +131,24 @@ class Pending:
     ones apply); else the pending set, copied at each batch's end into its final state.
     """
 
-    __slots__ = ("balance", "held", "holds", "seq", "updated_at_us")
+    __slots__ = ("balance", "held", "holds", "overdraft_limit", "seq", "status", "updated_at_us")
 
-    def __init__(self, balance: int, seq: int, updated_at_us: int, held: int = 0) -> None:
+    def __init__(
+        self,
+        balance: int,
+        seq: int,
+        updated_at_us: int,
+        held: int = 0,
+        status: WalletStatus = _ACTIVE,
+        overdraft_limit: int = 0,
+    ) -> None:
         self.balance = balance
         self.seq = seq
         self.updated_at_us = updated_at_us
         self.held = held
         self.holds: dict[int, HoldRecord] | None = None
+        self.status = status
+        self.overdraft_limit = overdraft_limit
 
 
 class Resident:
@@ -134,10 +158,20 @@ class Resident:
     table's key, and the pending part is a separate object only while a batch is open.
     """
 
-    __slots__ = ("balance", "created_at_us", "held", "holds", "pending", "seq", "updated_at_us")
+    __slots__ = (
+        "balance", "created_at_us", "held", "holds", "overdraft_limit", "pending", "seq",
+        "status", "updated_at_us",
+    )  # fmt: skip
 
     def __init__(
-        self, balance: int, seq: int, created_at_us: int, updated_at_us: int, held: int = 0
+        self,
+        balance: int,
+        seq: int,
+        created_at_us: int,
+        updated_at_us: int,
+        held: int = 0,
+        status: WalletStatus = _ACTIVE,
+        overdraft_limit: int = 0,
     ) -> None:
         self.balance = balance
         self.seq = seq
@@ -147,12 +181,15 @@ class Resident:
         self.held = held
         # Its committed PENDING holds by id (as int); None when it has none (most wallets).
         self.holds: dict[int, HoldRecord] | None = None
+        self.status = status
+        self.overdraft_limit = overdraft_limit
 
     @classmethod
     def loaded(cls, record: WalletRecord) -> Resident:
         resident = cls(
-            record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held
-        )
+            record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held,
+            record.status, record.overdraft_limit,
+        )  # fmt: skip
         if record.holds:
             resident.holds = {hold.hold_id.int: hold for hold in record.holds}
         require(
@@ -176,8 +213,16 @@ class Resident:
 
     def committed_view(self, wallet_id: UUID) -> WalletView:
         return WalletView(
-            wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held
-        )
+            wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held,
+            self.status, self.overdraft_limit,
+        )  # fmt: skip
+
+    def terms(self) -> tuple[WalletStatus, int]:
+        """Its status and overdraft limit as the next command sees them."""
+        pending = self.pending
+        if pending is None:
+            return self.status, self.overdraft_limit
+        return pending.status, pending.overdraft_limit
 
     def balance_and_held(self) -> tuple[int, int]:
         """Its balance and held money as the next command sees them (pending state first)."""
@@ -216,10 +261,10 @@ class Applied:
     # Each wallet the batch writes, with its seq before the batch.
     written: dict[int, tuple[UUID, Resident, int]] = field(default_factory=dict)
     # Final state of each written wallet: (resident, balance, seq, updated_at_us, held,
-    # its PENDING holds or None when no open batch changed them).
-    finals: list[tuple[Resident, int, int, int, int, dict[int, HoldRecord] | None]] = field(
-        default_factory=list
-    )
+    # its PENDING holds or None when no open batch changed them, status, overdraft limit).
+    finals: list[
+        tuple[Resident, int, int, int, int, dict[int, HoldRecord] | None, WalletStatus, int]
+    ] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
     # Replies decided on state an earlier open batch wrote, and the wallet whose state it
     # was: (index in replies, wallet id as int, or _NO_WALLET). Such a reply is true only if
@@ -313,7 +358,10 @@ class Ledger:
                 continue
             if command.wallet_id.int not in residents:
                 wallet_ids.add(command.wallet_id)
-            if isinstance(command, ApplyOperation) and command.idempotency_key is not None:
+            if (
+                isinstance(command, ApplyOperation | UpdateWallet)
+                and command.idempotency_key is not None
+            ):
                 key = (command.wallet_id, command.idempotency_key)
                 if key in keys:
                     keys.move_to_end(key)
@@ -453,14 +501,22 @@ class Ledger:
                 balance = balances.get(
                     wid, resident.balance if pending is None else pending.balance
                 )
+                status, overdraft_limit = resident.terms()
                 if item.kind is OperationKind.WITHDRAW:
                     # Held money is not available (a group moves no holds).
-                    available = balance - (resident.held if pending is None else pending.held)
-                    if item.amount > available:
+                    available = (
+                        balance - (resident.held if pending is None else pending.held)
+                        + overdraft_limit
+                    )  # fmt: skip
+                    if status is not _ACTIVE:
+                        reply = Reply(_REFUSAL_OUTCOMES[_DEBIT_REFUSALS[status]])
+                    elif item.amount > available:
                         reply = Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=available)
                     balance -= item.amount
                 else:
-                    if balance + item.amount > BALANCE_MINOR_MAX:
+                    if status is _CLOSED:
+                        reply = Reply(Outcome.WALLET_CLOSED)
+                    elif balance + item.amount > BALANCE_MINOR_MAX:
                         reply = Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance)
                     balance += item.amount
                 balances[wid] = balance
@@ -472,7 +528,15 @@ class Ledger:
         return None
 
     def _apply_operation(self, command: ApplyOperation, applied: Applied) -> Reply:
-        return self._apply_item(command, applied, command.actor)
+        expected_seq = command.expected_seq
+        if expected_seq is None:  # the hot path
+            return self._apply_item(command, applied, command.actor)
+        if not _storable_operation(command):
+            return _NOT_STORABLE
+        return self._move(
+            command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
+            command, command.reference, command.actor, expected_seq,
+        )  # fmt: skip
 
     def _apply_item(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
         if not _storable_operation(command):
@@ -530,7 +594,7 @@ class Ledger:
             return debit
         pending = receiver.pending
         balance = receiver.balance if pending is None else pending.balance
-        if balance + leg.transfer.amount > BALANCE_MINOR_MAX:
+        if balance + leg.transfer.amount > BALANCE_MINOR_MAX or receiver.terms()[0] is _CLOSED:
             return debit
         credit = self._apply_transfer_leg(leg, applied)
         require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
@@ -546,12 +610,15 @@ class Ledger:
         command: Operation | None,
         reference: str | None,
         actor: str | None,
+        expected_seq: int | None = None,
     ) -> Reply:
         """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged, with
         ``actor`` (the API key's name) on the row or recorded refusal.
         ``command`` is the client operation (or a transfer's debit leg), whose keyed refusals
         are recorded; None for a credit or refund leg. A debit is checked against
-        ``available`` (balance - held)."""
+        ``available`` (balance - held + overdraft_limit) and the wallet's status (FROZEN
+        and CLOSED refuse debits, CLOSED refuses credits too). ``expected_seq`` (If-Match):
+        refused 412 unless the wallet's seq is that one; a replay is answered first."""
         residents = self._residents
         wid = wallet_id.int
         resident = residents.get(wid)
@@ -578,16 +645,31 @@ class Ledger:
         pending = resident.pending
         if pending is None:
             balance_before, held = resident.balance, resident.held
+            status, overdraft_limit, seq = resident.status, resident.overdraft_limit, resident.seq
         else:
             balance_before, held = pending.balance, pending.held
+            status, overdraft_limit, seq = pending.status, pending.overdraft_limit, pending.seq
+        if expected_seq is not None and expected_seq != seq:
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(Outcome.PRECONDITION_FAILED, balance_seen=seq)
         if kind not in CREDIT_KINDS:
-            if amount > balance_before - held:
+            available = balance_before - held + overdraft_limit
+            if status is not _ACTIVE:
                 return self._refuse(
-                    command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance_before - held,
+                    command, wallet_id, _DEBIT_REFUSALS[status], available, resident, applied,
+                    actor,
+                )  # fmt: skip
+            if amount > available:
+                return self._refuse(
+                    command, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, available,
                     resident, applied, actor,
                 )  # fmt: skip
             balance = balance_before - amount
         else:
+            if status is _CLOSED:
+                return self._refuse(
+                    command, wallet_id, RefusalReason.WALLET_CLOSED, 0, resident, applied, actor
+                )
             if balance_before + amount > BALANCE_MINOR_MAX:
                 return self._refuse(
                     command, wallet_id, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before,
@@ -617,13 +699,22 @@ class Ledger:
     ) -> WalletView:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
-        require(0 <= held <= balance <= BALANCE_MINOR_MAX, "balance or held out of range")
         wid = wallet_id.int
         pending = resident.pending
         if pending is None:
             pending = resident.pending = Pending(
-                resident.balance, resident.seq, resident.updated_at_us, resident.held
-            )
+                resident.balance, resident.seq, resident.updated_at_us, resident.held,
+                resident.status, resident.overdraft_limit,
+            )  # fmt: skip
+        overdraft_limit = pending.overdraft_limit
+        require(
+            0 <= held <= balance + overdraft_limit and balance <= BALANCE_MINOR_MAX,
+            "balance or held out of range",
+        )
+        require(
+            pending.status is not _CLOSED or kind is OperationKind.WALLET_UPDATE,
+            "a closed wallet moved",
+        )
         if wid not in applied.written:
             applied.written[wid] = (wallet_id, resident, pending.seq)
             applied.touched_wallets.add(wid)
@@ -635,14 +726,121 @@ class Ledger:
         pending.held = held
         pending.seq = seq
         pending.updated_at_us = now_us
+        status = pending.status
         record = OperationRecord(
-            wallet_id, seq, kind, amount, balance, key, now_us, held, reference, actor
-        )
+            wallet_id, seq, kind, amount, balance, key, now_us, held, reference, actor, status,
+            overdraft_limit,
+        )  # fmt: skip
         applied.batch.operations.append(record)
         if remember and key is not None:
             self._remember_key((wallet_id, key), record)
             applied.added_keys.append((wallet_id, key))
-        return WalletView(wallet_id, balance, seq, resident.created_at_us, now_us, held)
+        return WalletView(
+            wallet_id, balance, seq, resident.created_at_us, now_us, held, status, overdraft_limit
+        )
+
+    # -- wallet updates --------------------------------------------------------------
+
+    def _update_wallet(self, command: UpdateWallet, applied: Applied) -> Reply:
+        """A new status and/or overdraft limit (docs/ARCHITECTURE.md, "Wallet status and
+        overdraft"), written as one WALLET_UPDATE row (amount 0, balance and held as they
+        are) whose reference is the request's fingerprint, so a retry with its key replays
+        it. Transitions: ACTIVE <-> FROZEN, either -> CLOSED, never out of CLOSED. A close
+        needs a zero balance, no PENDING hold and no PENDING transfer; a lower limit must
+        still cover what the wallet owes (balance - held >= -limit). A request that changes
+        nothing writes nothing and answers the wallet as it is. Refusals are not recorded:
+        a retry is decided again."""
+        key = command.idempotency_key
+        new_limit = command.overdraft_limit
+        if (
+            (key is not None and not storable_text(key, 1, KEY_LENGTH_MAX))
+            or (new_limit is not None and not 0 <= new_limit <= OVERDRAFT_LIMIT_MINOR_MAX)
+            or (command.actor is not None
+                and not storable_text(command.actor, 1, ACTOR_LENGTH_MAX))
+            or not storable_text(command.fingerprint, 0, REFERENCE_LENGTH_MAX)
+        ):  # fmt: skip
+            return _NOT_STORABLE
+        wallet_id = command.wallet_id
+        wid = wallet_id.int
+        resident = self._residents.get(wid)
+        if resident is None:
+            return Reply(Outcome.WALLET_NOT_FOUND)
+        if key is not None:
+            earlier = self._keys.get((wallet_id, key))
+            if earlier is not None:
+                if isinstance(earlier, RefusalRecord):  # a refused money movement's key
+                    return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+                if earlier.seq > resident.seq:  # recorded by a batch not committed yet
+                    applied.dependent.append((len(applied.replies), wid))
+                if (
+                    earlier.kind is not OperationKind.WALLET_UPDATE
+                    or earlier.reference != command.fingerprint
+                ):
+                    return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+                return _replay_operation(OperationKind.WALLET_UPDATE, 0, earlier, resident)
+        pending = resident.pending
+        if pending is None:
+            balance, held, seq = resident.balance, resident.held, resident.seq
+        else:
+            balance, held, seq = pending.balance, pending.held, pending.seq
+        status, overdraft_limit = resident.terms()
+        refusal = self._update_refusal(command, status, balance, held, seq, resident)
+        if refusal is not None:
+            self._rests_on_open_state(resident, wid, applied)
+            return refusal
+        new_status = status if command.status is None else command.status
+        if new_limit is None:
+            new_limit = overdraft_limit
+        if (new_status, new_limit) == (status, overdraft_limit):
+            # Nothing to change: the wallet as the command sees it (pending state when an
+            # open batch wrote it: true only if that batch commits).
+            self._rests_on_open_state(resident, wid, applied)
+            applied.reads.append((len(applied.replies), wallet_id, resident))
+            return _READ_LATER
+        if pending is None:
+            pending = resident.pending = Pending(
+                resident.balance, resident.seq, resident.updated_at_us, resident.held,
+                resident.status, resident.overdraft_limit,
+            )  # fmt: skip
+        pending.status = new_status
+        pending.overdraft_limit = new_limit
+        view = self._write(
+            wallet_id, resident, OperationKind.WALLET_UPDATE, 0, balance, held, key,
+            command.fingerprint, applied, remember=True, actor=command.actor,
+        )  # fmt: skip
+        applied.batch.wallet_updates.append(
+            WalletUpdate(wallet_id, view.seq, new_status, new_limit)
+        )
+        return Reply(Outcome.OK, view)
+
+    @staticmethod
+    def _update_refusal(
+        command: UpdateWallet,
+        status: WalletStatus,
+        balance: int,
+        held: int,
+        seq: int,
+        resident: Resident,
+    ) -> Reply | None:
+        """Why a wallet update cannot apply, or None (a flat list of early returns)."""
+        if command.expected_seq is not None and command.expected_seq != seq:
+            return Reply(Outcome.PRECONDITION_FAILED, balance_seen=seq)
+        if status is _CLOSED:
+            return Reply(Outcome.WALLET_CLOSED)
+        new_limit = command.overdraft_limit
+        if new_limit is not None and balance - held < -new_limit:
+            return Reply(Outcome.OVERDRAFT_LIMIT_IN_USE, balance_seen=balance - held)
+        if command.status is _CLOSED:
+            blocked_by = tuple(
+                what for what, blocks in (
+                    ("BALANCE", balance != 0),
+                    ("HOLDS", bool(resident.pending_holds()) or held != 0),
+                    ("TRANSFERS", command.transfers_pending > 0),
+                ) if blocks
+            )  # fmt: skip
+            if blocked_by:
+                return Reply(Outcome.CLOSE_BLOCKED, balance_seen=balance, blocked_by=blocked_by)
+        return None
 
     # -- holds ---------------------------------------------------------------------------
 
@@ -686,6 +884,13 @@ class Ledger:
             if captured > hold.amount:
                 self._rests_on_open_state(resident, wid, applied)
                 return Reply(Outcome.CAPTURE_EXCEEDS_HOLD, hold=hold)
+            # A capture takes money out: a debit (a void or an expiry only gives it back to
+            # ``available``, so they go on in any status). Not recorded: a capture's key is
+            # stored on the hold when it resolves.
+            wallet_status = resident.terms()[0]
+            if wallet_status is not _ACTIVE:
+                self._rests_on_open_state(resident, wid, applied)
+                return Reply(_REFUSAL_OUTCOMES[_DEBIT_REFUSALS[wallet_status]], hold=hold)
             status = HoldStatus.CAPTURED
         else:
             status = HoldStatus.VOIDED
@@ -785,21 +990,29 @@ class Ledger:
                 if earlier.seq > resident.seq:
                     applied.dependent.append((len(applied.replies), wid))
                 return Reply(Outcome.CREATED, replayed=True)
+        wallet_status = resident.terms()[0]
+        if wallet_status is not _ACTIVE:  # a hold takes money out of available: a debit
+            reason = _DEBIT_REFUSALS[wallet_status]
+            if request is not None:  # recorded like a keyed withdrawal's refusal
+                return self._refuse(request, wallet_id, reason, 0, resident, applied, command.actor)
+            self._rests_on_open_state(resident, wid, applied)
+            return Reply(_REFUSAL_OUTCOMES[reason])
         holds = resident.pending_holds()
         if len(holds) >= self._holds_per_wallet_max:
             self._rests_on_open_state(resident, wid, applied)
             return Reply(Outcome.TOO_MANY_HOLDS)
         balance, held = resident.balance_and_held()
+        available = balance - held + resident.terms()[1]
         amount = command.amount
         assert amount is not None
-        if amount > balance - held:
+        if amount > available:
             if request is not None:  # recorded like a keyed withdrawal's refusal
                 return self._refuse(
-                    request, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, balance - held,
+                    request, wallet_id, RefusalReason.INSUFFICIENT_FUNDS, available,
                     resident, applied, command.actor,
                 )  # fmt: skip
             self._rests_on_open_state(resident, wid, applied)
-            return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held)
+            return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=available)
         hold_id = command.hold_id
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
@@ -930,7 +1143,7 @@ class Ledger:
             holds = None if pending.holds is None else dict(pending.holds)
             finals.append(
                 (resident, pending.balance, pending.seq, pending.updated_at_us, pending.held,
-                 holds)
+                 holds, pending.status, pending.overdraft_limit)
             )  # fmt: skip
 
     # -- how the write ended -------------------------------------------------------------
@@ -945,12 +1158,14 @@ class Ledger:
             if resident is not None and resident.seq == SEQ_CREATING:
                 resident.seq = 0
                 _drop_pending_if_caught_up(resident)
-        for resident, balance, seq, updated_at_us, held, holds in applied.finals:
+        for resident, balance, seq, updated_at_us, held, holds, status, limit in applied.finals:
             require(seq > resident.seq, "commits of one wallet must be in order")
             resident.balance = balance
             resident.seq = seq
             resident.updated_at_us = updated_at_us
             resident.held = held
+            resident.status = status
+            resident.overdraft_limit = limit
             if holds is not None:
                 resident.holds = holds or None
             _drop_pending_if_caught_up(resident)
@@ -1090,6 +1305,8 @@ def _replay_operation(
         resident.created_at_us,
         earlier.created_at_us,
         earlier.held_after,
+        earlier.status_after,
+        earlier.overdraft_limit_after,
     )
     return Reply(Outcome.OK, view, replayed=True)
 
@@ -1132,4 +1349,5 @@ _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
     TransferLeg: Ledger._apply_transfer_leg,  # type: ignore[dict-item]
     JointTransfer: Ledger._apply_joint_transfer,  # type: ignore[dict-item]
+    UpdateWallet: Ledger._update_wallet,  # type: ignore[dict-item]
 }

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Final
 from uuid import UUID
 
 from walletd.engine.listings import ListingPage, ListingQuery
-from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
 
 __all__ = [
     "FeedEvent",
@@ -72,7 +72,9 @@ class FeedEvent:
     created_at_us: int
     data: dict[str, Any]
 
-    MONEY_FIELDS: ClassVar[frozenset[str]] = frozenset({"amount", "balance_after", "held_after"})
+    MONEY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"amount", "balance_after", "held_after", "overdraft_limit"}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,9 @@ class WalletAsOf:
     created_at_us: int
     updated_at_us: int
     held: int = 0  # held after that operation
+    # The status and overdraft limit then (the last WALLET_UPDATE row at or before it).
+    status: WalletStatus = WalletStatus.ACTIVE
+    overdraft_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,13 @@ from walletd.engine.model import (
     Batch,
     HoldRecord,
     HoldStatus,
+    OperationKind,
     OperationRecord,
     RefusalRecord,
     TransferRecord,
     TransferStatus,
     WalletRecord,
+    WalletStatus,
 )
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
@@ -115,6 +117,16 @@ class InMemoryLog(WalletLog):
         ]
         return sorted(pending, key=lambda t: (t.created_at_us, t.transfer_id))[:limit]
 
+    async def pending_transfers_of(self, wallet_id: UUID) -> int:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return sum(
+            1
+            for t in self.transfers.values()
+            if t.status is TransferStatus.PENDING
+            and wallet_id in (t.from_wallet_id, t.to_wallet_id)
+        )
+
     async def append_batch(self, batch: Batch) -> None:
         if self.fail_next_appends > 0:
             self.fail_next_appends -= 1
@@ -142,8 +154,8 @@ class InMemoryLog(WalletLog):
                 raise PredecessorPending(f"{update.wallet_id} is behind the batch")
             if current.seq != update.prev_seq:
                 raise StorageError(f"snapshot fencing failed for {update.wallet_id}")
-            if not 0 <= update.held <= update.balance:
-                raise StorageRefused(f"held out of range for {update.wallet_id}")
+            if current.status is WalletStatus.CLOSED:
+                raise StorageRefused(f"{update.wallet_id} is CLOSED", "23514")
             wallets[update.wallet_id] = replace(
                 current, balance=update.balance, seq=update.seq,
                 updated_at_us=update.updated_at_us, held=update.held,
@@ -183,6 +195,7 @@ class InMemoryLog(WalletLog):
                 failure_code=close.failure_code,
                 updated_at_us=close.updated_at_us,
             )
+        self._check_updates(batch, wallets)
         holds = dict(self.holds)
         for hold in batch.new_holds:
             if hold.hold_id in holds:
@@ -199,6 +212,15 @@ class InMemoryLog(WalletLog):
                 resolve_fingerprint=resolved.resolve_fingerprint,
                 updated_at_us=resolved.updated_at_us,
             )  # fmt: skip
+        self._check_closes(batch, holds, transfers)
+        for change in batch.wallet_updates:
+            wallets[change.wallet_id] = replace(
+                wallets[change.wallet_id], status=change.status,
+                overdraft_limit=change.overdraft_limit,
+            )  # fmt: skip
+        for wallet in (wallets[update.wallet_id] for update in batch.snapshots):
+            if wallet.balance - wallet.held < -wallet.overdraft_limit or wallet.held < 0:
+                raise StorageRefused(f"{wallet.wallet_id} is below its floor", "23514")
         self.wallets = wallets
         self.transfers = transfers
         self.holds = holds
@@ -213,6 +235,41 @@ class InMemoryLog(WalletLog):
             key = (refusal.wallet_id, refusal.idempotency_key)
             self._by_key[key] = self.refusals[key] = refusal
         self.appends += 1
+
+    @staticmethod
+    def _check_updates(batch: Batch, wallets: dict[UUID, WalletRecord]) -> None:
+        """WALLET_UPDATE rows match the batch's updates one to one (PostgreSQL: WD008);
+        every row stays above the floor in force at it (the limit of the wallet's last
+        update at or before it)."""
+        rows = {
+            (op.wallet_id, op.seq)
+            for op in batch.operations
+            if op.kind is OperationKind.WALLET_UPDATE
+        }
+        if rows != {(u.wallet_id, u.seq) for u in batch.wallet_updates}:
+            raise StorageRefused("a WALLET_UPDATE row does not match its update", "WD008")
+        limits = {w: wallets[w].overdraft_limit for w in wallets}
+        for op in batch.operations:
+            if op.kind is OperationKind.WALLET_UPDATE:
+                limits[op.wallet_id] = op.overdraft_limit_after
+            if op.balance_after - op.held_after < -limits.get(op.wallet_id, 0):
+                raise StorageRefused(f"log row {op.wallet_id}/{op.seq} below its floor", "23514")
+
+    @staticmethod
+    def _check_closes(
+        batch: Batch, holds: dict[UUID, HoldRecord], transfers: dict[UUID, TransferRecord]
+    ) -> None:
+        for change in batch.wallet_updates:
+            if change.status is not WalletStatus.CLOSED:
+                continue
+            wid = change.wallet_id
+            if any(
+                h.wallet_id == wid and h.status is HoldStatus.PENDING for h in holds.values()
+            ) or any(
+                t.status is TransferStatus.PENDING and wid in (t.from_wallet_id, t.to_wallet_id)
+                for t in transfers.values()
+            ):
+                raise StorageRefused(f"{wid} has a PENDING hold or transfer", "WD009")
 
     async def read_history(
         self, wallet_id: UUID, before_seq: int | None, limit: int

@@ -32,6 +32,8 @@ __all__ = [
     "TransferStatus",
     "TransferUpdate",
     "WalletRecord",
+    "WalletStatus",
+    "WalletUpdate",
     "WalletView",
 ]
 
@@ -51,6 +53,10 @@ class OperationKind(enum.IntEnum):
     HOLD = 6
     CAPTURE = 7
     RELEASE = 8
+    # A change of the wallet itself (PATCH /api/v1/wallets/{id}: status, overdraft limit):
+    # amount 0, balance and held unchanged; its row carries the wallet's status and
+    # overdraft limit after the change (``status_after``, ``overdraft_limit_after``).
+    WALLET_UPDATE = 9
 
 
 # Kinds that add money to their wallet; every other kind takes it out.
@@ -87,6 +93,18 @@ class RefusalReason(enum.IntEnum):
 
     INSUFFICIENT_FUNDS = 1
     BALANCE_LIMIT_EXCEEDED = 2
+    WALLET_FROZEN = 3
+    WALLET_CLOSED = 4
+
+
+class WalletStatus(enum.IntEnum):
+    """ACTIVE: everything goes. FROZEN: credits only (every debit is refused). CLOSED:
+    nothing moves, ever again; reached only with a zero balance, nothing held and no
+    PENDING transfer."""
+
+    ACTIVE = 1
+    FROZEN = 2
+    CLOSED = 3
 
 
 class WalletView(NamedTuple):
@@ -97,8 +115,12 @@ class WalletView(NamedTuple):
     seq: int
     created_at_us: int
     updated_at_us: int
-    # The part of ``balance`` that PENDING holds reserve; available = balance - held.
+    # The part of ``balance`` that PENDING holds reserve; available = balance - held
+    # + overdraft_limit.
     held: int = 0
+    status: WalletStatus = WalletStatus.ACTIVE
+    # How far below zero a debit may take ``balance`` (minor units, >= 0).
+    overdraft_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +137,13 @@ class WalletRecord:
     held: int = 0
     # Its PENDING holds, loaded with it (their amounts sum to ``held``).
     holds: tuple[HoldRecord, ...] = ()
+    status: WalletStatus = WalletStatus.ACTIVE
+    overdraft_limit: int = 0
 
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held,
+            self.held, self.status, self.overdraft_limit,
         )  # fmt: skip
 
 
@@ -139,6 +163,10 @@ class OperationRecord(NamedTuple):
     # The name of the API key whose request wrote the row (a transfer's legs: the key that
     # asked for the transfer); None when auth is off, or for the expiry sweep's releases.
     actor: str | None = None
+    # The wallet's status and overdraft limit at this row (changed only by WALLET_UPDATE
+    # rows): what a replay of the row answers with.
+    status_after: WalletStatus = WalletStatus.ACTIVE
+    overdraft_limit_after: int = 0
 
 
 class RefusalRecord(NamedTuple):
@@ -178,6 +206,17 @@ class SnapshotUpdate(NamedTuple):
     balance: int
     updated_at_us: int
     held: int = 0
+
+
+class WalletUpdate(NamedTuple):
+    """A WALLET_UPDATE row's change, written with it: the wallet's status and overdraft
+    limit from ``seq`` on. Storage refuses a close while the wallet has a PENDING hold or
+    transfer, and any change of a CLOSED wallet."""
+
+    wallet_id: UUID
+    seq: int
+    status: WalletStatus
+    overdraft_limit: int
 
 
 class HoldRecord(NamedTuple):
@@ -258,6 +297,8 @@ class Batch:
     # Holds created (PENDING) and resolved by the batch's HOLD / CAPTURE / RELEASE rows.
     new_holds: list[HoldRecord] = field(default_factory=list)
     hold_updates: list[HoldUpdate] = field(default_factory=list)
+    # The status / overdraft limit changes of its WALLET_UPDATE rows.
+    wallet_updates: list[WalletUpdate] = field(default_factory=list)
     # (shard, lease epoch) of every shard the batch writes: the database refuses the batch
     # if one epoch is stale (engine/ownership.py). Empty when no leases are in use.
     fence: list[tuple[int, int]] = field(default_factory=list)

@@ -143,6 +143,10 @@ class WalletLog(abc.ABC):
         after it in that order: the next page of a scan."""
 
     @abc.abstractmethod
+    async def pending_transfers_of(self, wallet_id: UUID) -> int:
+        """How many PENDING transfers the wallet is on, from or to it (what blocks a close)."""
+
+    @abc.abstractmethod
     async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
         """The stored record of each hold that exists."""
 

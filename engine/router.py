@@ -38,6 +38,7 @@ from walletd.engine.commands import (
     ReadWallet,
     Reply,
     TransferLeg,
+    UpdateWallet,
 )
 from walletd.engine.errors import (
     AtomicSpansShards,
@@ -67,6 +68,7 @@ from walletd.engine.model import (
     TransferRecord,
     TransferStatus,
     WalletRecord,
+    WalletStatus,
     WalletView,
 )
 from walletd.engine.observer import EngineObserver
@@ -191,6 +193,9 @@ class _FencedLog(WalletLog):
         self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
     ) -> list[TransferRecord]:
         return await self._log.pending_transfers(created_before_us, limit, after)
+
+    async def pending_transfers_of(self, wallet_id: UUID) -> int:
+        return await self._log.pending_transfers_of(wallet_id)
 
     async def load_holds(self, hold_ids: Sequence[UUID]) -> dict[UUID, HoldRecord]:
         return await self._log.load_holds(hold_ids)
@@ -584,7 +589,9 @@ class Engine:
         self,
         shard: int,
         pipeline: Shard,
-        command: ApplyOperation | CreateWallet | ReadWallet | HoldCommand | TransferLeg,
+        command: (
+            ApplyOperation | CreateWallet | ReadWallet | HoldCommand | TransferLeg | UpdateWallet
+        ),
     ) -> Reply:
         """Submit and await the reply; a reply resting on memory alone is kept only if the
         shard stayed served under one epoch from admission to answer."""
@@ -612,14 +619,47 @@ class Engine:
         idempotency_key: str | None,
         reference: str | None = None,
         actor: str | None = None,
+        expected_seq: int | None = None,
     ) -> Reply:
         """Apply a deposit or withdrawal; the reply arrives once its batch has committed.
-        ``actor``: the API key's name, recorded on the row (None when auth is off)."""
+        ``actor``: the API key's name, recorded on the row (None when auth is off).
+        ``expected_seq`` (If-Match): refused PRECONDITION_FAILED unless the wallet's seq is
+        that one when the operation's turn comes."""
         shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         return await self._answer(
             shard, pipeline,
-            ApplyOperation(wallet_id, kind, amount, idempotency_key, future, reference, actor),
+            ApplyOperation(
+                wallet_id, kind, amount, idempotency_key, future, reference, actor, expected_seq
+            ),
+        )  # fmt: skip
+
+    async def update_wallet(
+        self,
+        wallet_id: UUID,
+        status: WalletStatus | None,
+        overdraft_limit: int | None,
+        idempotency_key: str | None,
+        fingerprint: str,
+        *,
+        expected_seq: int | None = None,
+        actor: str | None = None,
+    ) -> Reply:
+        """Change a wallet's status and/or overdraft limit (PATCH; ledger._update_wallet).
+        A close first asks storage for the wallet's PENDING transfers, which the ledger
+        cannot see (a transfer's credit ends on another shard); storage checks again when
+        the close commits, so one opened in between refuses the close there."""
+        shard, pipeline = self._route(wallet_id)
+        transfers_pending = 0
+        if status is WalletStatus.CLOSED:
+            transfers_pending = await self.log.pending_transfers_of(wallet_id)
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        return await self._answer(
+            shard, pipeline,
+            UpdateWallet(
+                wallet_id, status, overdraft_limit, idempotency_key, fingerprint, future,
+                expected_seq=expected_seq, actor=actor, transfers_pending=transfers_pending,
+            ),
         )  # fmt: skip
 
     # -- holds (docs/ARCHITECTURE.md, "Holds"; engine/holds.py) ------------------------

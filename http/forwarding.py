@@ -46,7 +46,7 @@ __all__ = [
 
 FORWARDED_HEADER: Final = "X-Walletd-Forwarded"
 _REQUEST_HEADERS: Final = (
-    "Content-Type", "Idempotency-Key", "Authorization", "X-Request-Id", "Accept",
+    "Content-Type", "Idempotency-Key", "Authorization", "X-Request-Id", "Accept", "If-Match",
 )  # fmt: skip
 # Hop-by-hop or recomputed by aiohttp: never copied from the owner's answer.
 _DROPPED_RESPONSE_HEADERS: Final = frozenset(

@@ -11,6 +11,12 @@ scope allows::
     create   POST /api/v1/wallets (opens a wallet; moves no money)
     move     deposits and withdrawals, bulk, transfers, holds (create, capture, void)
     feed     the change feed: GET /api/v1/events and its SSE stream
+    admin    PATCH /api/v1/wallets/{id}: freeze, unfreeze or close a wallet, set its
+             overdraft limit (moves no money, but decides who may move it and how far)
+
+``admin`` is apart from every other scope: a key that moves money cannot lift a freeze or
+grant itself credit. A bare secret holds every scope, ``admin`` included (it held every
+scope before scopes existed); a named key holds ``admin`` only when declared with it.
 
 ``create`` is apart from ``move`` so that a key that opens wallets (onboarding) cannot move
 money, and a key that moves money cannot grow the set of wallets; and every row that moves
@@ -60,6 +66,7 @@ class Scope(enum.Enum):
     CREATE = "create"
     MOVE = "move"
     FEED = "feed"
+    ADMIN = "admin"
 
 
 CLIENT_SCOPES: Final = frozenset(Scope)

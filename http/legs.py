@@ -48,7 +48,13 @@ from walletd.engine.bounds import (
 )
 from walletd.engine.commands import REFUND_FAILURE_CODES, Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused, NotOwner
-from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletView
+from walletd.engine.model import (
+    OperationKind,
+    TransferRecord,
+    TransferStatus,
+    WalletStatus,
+    WalletView,
+)
 from walletd.engine.router import Engine
 from walletd.engine.transfers import RemoteLegs
 from walletd.http.bulk import read_bulk_body
@@ -159,7 +165,13 @@ def _decode_reply(body: dict[str, Any]) -> Reply:
     wallet = body["wallet"]
     view = None
     if wallet is not None:
-        view = WalletView(**{**wallet, "wallet_id": UUID(wallet["wallet_id"])})
+        view = WalletView(
+            **{
+                **wallet,
+                "wallet_id": UUID(wallet["wallet_id"]),
+                "status": WalletStatus(wallet.get("status", WalletStatus.ACTIVE)),
+            }
+        )
     return Reply(Outcome(body["outcome"]), view, bool(body["replayed"]), body["balance_seen"])
 
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from walletd.engine.bounds import KEY_LENGTH_MAX
 from walletd.engine.bounds import REFERENCE_LENGTH_MAX as REFERENCE_LENGTH_MAX
 from walletd.engine.holds import is_derived_transfer_id
-from walletd.engine.model import OperationKind
+from walletd.engine.model import OperationKind, WalletStatus
 from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 from walletd.http.settings import HttpSettings
@@ -36,6 +36,7 @@ __all__ = [
     "HoldRequest",
     "OperationFields",
     "TransferRequest",
+    "WalletChanges",
     "body_wallet_id",
     "derived_key",
     "is_idempotency_key",
@@ -47,10 +48,12 @@ __all__ = [
     "parse_empty_body",
     "parse_hold_body",
     "parse_idempotency_key",
+    "parse_if_match",
     "parse_json_object",
     "parse_operation_body",
     "parse_reference",
     "parse_transfer_body",
+    "parse_update_body",
     "parse_wallet_id",
     "path_id",
     "path_wallet_id",
@@ -594,3 +597,86 @@ def parse_idempotency_key(request: web.Request) -> str | None:
             ]
         )
     return key
+
+
+# -- PATCH /api/v1/wallets/{id} ------------------------------------------------------------
+
+# What a PATCH may change. A "metadata" merge joins this set (and WalletChanges) when
+# wallets carry metadata: the place for it is marked below.
+_UPDATE_FIELDS: Final = frozenset({"status", "overdraft_limit"})
+_STATUSES: Final = {status.name: status for status in WalletStatus}
+_STATUSES_MESSAGE: Final = "must be one of " + ", ".join(_STATUSES)
+# One strong entity tag: the wallet's seq in double quotes, as the ETag header sends it.
+_ENTITY_TAG: Final = re.compile(r'"(0|[1-9][0-9]{0,17})"')
+
+
+class WalletChanges(NamedTuple):
+    """A PATCH body read: each field None when absent (unchanged). ``fingerprint`` says
+    what the request was, in a canonical text stored with its log row (a retry under the
+    same Idempotency-Key must send the same changes)."""
+
+    status: WalletStatus | None
+    overdraft_limit: int | None
+    fingerprint: str
+
+
+def _parse_limit(value: Any, raw: bytes) -> int | FieldError:
+    """An overdraft limit: an amount as for operations (2 decimals at most, up to the
+    largest amount), or zero."""
+    if (isinstance(value, int | float) and not isinstance(value, bool) and value == 0) or (
+        isinstance(value, str) and _DECIMAL_STRING.fullmatch(value) and Decimal(value) == 0
+    ):
+        return 0
+    return parse_amount(value, raw, "overdraft_limit")
+
+
+def parse_update_body(body: dict[str, Any], raw: bytes) -> WalletChanges:
+    """``{"status"?, "overdraft_limit"?}``, at least one; unknown fields are 422."""
+    errors: list[FieldError] = [
+        {"field": str(name)[:64], "message": "unknown field"}
+        for name in body
+        if name not in _UPDATE_FIELDS
+    ]
+    status: WalletStatus | None = None
+    if "status" in body:
+        text = body["status"]
+        found = _STATUSES.get(text) if isinstance(text, str) else None
+        if found is None:
+            errors.append({"field": "status", "message": _STATUSES_MESSAGE})
+        status = found
+    limit: int | FieldError | None = None
+    if "overdraft_limit" in body:
+        limit = _parse_limit(body["overdraft_limit"], raw)
+        if isinstance(limit, dict):
+            errors.append(limit)
+    # (metadata: parsed here, and added to the fingerprint below)
+    if not errors and status is None and limit is None:
+        errors.append({"field": "body", "message": "must change status or overdraft_limit"})
+    if errors:
+        raise ValidationProblem(errors)
+    assert limit is None or isinstance(limit, int)
+    fingerprint = (
+        f"PATCH status={'' if status is None else status.name}"
+        f" overdraft_limit={'' if limit is None else limit}"
+    )
+    return WalletChanges(status, limit, fingerprint)
+
+
+def parse_if_match(request: web.Request) -> int | None:
+    """The wallet seq an ``If-Match`` header asks for; None without one (or ``*``: any
+    version of an existing wallet). Anything but one strong entity tag of a seq names no
+    version of the wallet: 412."""
+    text = request.headers.get("If-Match")
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "*":
+        return None
+    match = _ENTITY_TAG.fullmatch(text)
+    if match is None:
+        raise ProblemError(
+            412,
+            "PRECONDITION_FAILED",
+            'If-Match must be one entity tag as the ETag header gives it, such as "12"',
+        )
+    return int(match[1])

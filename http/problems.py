@@ -72,6 +72,11 @@ TITLES: Final = {
     "CAPTURE_EXCEEDS_HOLD": "Capture exceeds hold",
     "TOO_MANY_HOLDS": "Too many holds",
     "STORAGE_REFUSED": "Refused by storage",
+    "WALLET_FROZEN": "Wallet frozen",
+    "WALLET_CLOSED": "Wallet closed",
+    "CLOSE_BLOCKED": "Wallet cannot close",
+    "OVERDRAFT_LIMIT_IN_USE": "Overdraft limit in use",
+    "PRECONDITION_FAILED": "Precondition failed",
 }
 
 FieldError = dict[str, str]

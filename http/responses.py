@@ -19,6 +19,7 @@ from walletd.engine.model import (
     OperationRecord,
     TransferRecord,
     TransferStatus,
+    WalletStatus,
     WalletView,
 )
 from walletd.engine.money import format_minor
@@ -65,14 +66,30 @@ def _second_prefix(seconds: int) -> str:
 def wallet_body(view: WalletView) -> bytes:
     """The seed's wallet JSON, written out directly: every field is a UUID, a decimal or a
     timestamp, none needs escaping, and skipping a dict and the encoder is ~30% of the GET
-    path's own cost. ``test_responses`` checks it equals orjson's encoding of the fields."""
+    path's own cost. ``test_responses`` checks it equals orjson's encoding of the fields.
+
+    ``status`` and ``overdraft_limit`` are written only when they differ from their
+    defaults (ACTIVE, 0): a wallet that uses neither keeps the seed's shape exactly; the
+    contract allows fields to be added, and the OpenAPI document gives both defaults."""
     held = view.held
+    overdraft_limit = view.overdraft_limit
+    terms = ""
+    if view.status != WalletStatus.ACTIVE:
+        terms = f',"status":"{WalletStatus(view.status).name}"'
+    if overdraft_limit:
+        terms += f',"overdraft_limit":"{format_minor(overdraft_limit)}"'
     return (
         f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance)}",'
-        f'"available":"{format_minor(view.balance - held)}","held":"{format_minor(held)}",'
+        f'"available":"{format_minor(view.balance - held + overdraft_limit)}",'
+        f'"held":"{format_minor(held)}",'
         f'"created_at":"{format_timestamp(view.created_at_us)}",'
-        f'"updated_at":"{format_timestamp(view.updated_at_us)}"}}'
+        f'"updated_at":"{format_timestamp(view.updated_at_us)}"{terms}}}'
     ).encode()
+
+
+def wallet_etag(view: WalletView) -> str:
+    """The wallet's version as an entity tag: its seq (what If-Match names)."""
+    return f'"{view.seq}"'
 
 
 def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
@@ -80,6 +97,8 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
     key = op.idempotency_key
     transfer_id: str | None = None
     hold_id: str | None = None
+    if kind is OperationKind.WALLET_UPDATE:
+        return _update_item(operation_id, op)
     if kind not in _CLIENT_KINDS and key is not None:
         # A transfer leg's or a hold row's key is "<US>KIND:<id>" (engine.commands
         # transfer_leg_key, hold_key): internal, so the client sees the id and no key.
@@ -106,6 +125,27 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
 
 
 _CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
+
+
+def _update_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
+    """A WALLET_UPDATE row in the history: the status and overdraft limit from then on,
+    no amount moved (its reference is the request's fingerprint: not shown)."""
+    return {
+        "id": operation_id,
+        "seq": op.seq,
+        "operation_type": OperationKind.WALLET_UPDATE.name,
+        "amount": format_minor(0),
+        "balance_after": format_minor(op.balance_after),
+        "held_after": format_minor(op.held_after),
+        "idempotency_key": shown_key(op.idempotency_key),
+        "transfer_id": None,
+        "hold_id": None,
+        "reference": None,
+        "created_at": format_timestamp(op.created_at_us),
+        "actor": op.actor,
+        "status": WalletStatus(op.status_after).name,
+        "overdraft_limit": format_minor(op.overdraft_limit_after),
+    }
 
 
 def transfer_body(transfer: TransferRecord) -> dict[str, object]:
@@ -166,6 +206,11 @@ def transfer_reply_response(
             409, "BALANCE_LIMIT_EXCEEDED",
             f"crediting {format_minor(amount)} would pass the balance ceiling of the {side} "
             f"wallet {wallet_id}",
+            headers=headers, extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.WALLET_FROZEN or outcome is Outcome.WALLET_CLOSED:
+        raise ProblemError(
+            409, outcome.value, _status_detail(outcome, wallet_id, f"the {side} wallet"),
             headers=headers, extra=extra,
         )  # fmt: skip
     if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
@@ -288,12 +333,14 @@ def hold_reply_response(
 
 
 def wallet_response(view: WalletView) -> web.Response:
-    """200 with the wallet: the response of almost every request, kept lean."""
-    return web.Response(body=wallet_body(view), content_type=_JSON)
+    """200 with the wallet and its ETag: the response of almost every request, kept lean."""
+    return web.Response(
+        body=wallet_body(view), headers={"Content-Type": _JSON, "ETag": f'"{view.seq}"'}
+    )
 
 
 def _wallet_response(view: WalletView, status: int, replayed: bool) -> web.Response:
-    headers = dict(_JSON_HEADERS)
+    headers = {"Content-Type": _JSON, "ETag": wallet_etag(view)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if status == 201:
@@ -344,6 +391,9 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
             "IDEMPOTENCY_KEY_REUSED",
             "this Idempotency-Key was already used with a different request",
         )
+    status_problem = _status_problem(reply, wallet_id, replayed)
+    if status_problem is not None:
+        return status_problem
     if outcome is Outcome.STORAGE_REFUSED:
         # Isolated by the pipeline (engine/shard.py): the database refused this command
         # when it stood alone. Deterministic while the constraint stands, so a 409 (like a
@@ -376,3 +426,52 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
         "same Idempotency-Key",
         headers=_RETRY_AFTER,
     )
+
+
+def _status_detail(outcome: Outcome, wallet_id: UUID, which: str = "wallet") -> str:
+    if outcome is Outcome.WALLET_FROZEN:
+        return f"{which} {wallet_id} is FROZEN: it takes credits only, no debit"
+    return f"{which} {wallet_id} is CLOSED: nothing moves on it any more"
+
+
+# What a CLOSE_BLOCKED problem's blocked_by names, in its detail.
+_BLOCKERS: Final = {
+    "BALANCE": "its balance is not zero",
+    "HOLDS": "it has PENDING holds",
+    "TRANSFERS": "it has PENDING transfers",
+}
+
+
+def _status_problem(
+    reply: Reply, wallet_id: UUID, replayed: dict[str, str] | None
+) -> ProblemError | None:
+    """The problems of wallet status, overdraft limits and If-Match, or None."""
+    outcome = reply.outcome
+    if outcome is Outcome.WALLET_FROZEN or outcome is Outcome.WALLET_CLOSED:
+        return ProblemError(
+            409, outcome.value, _status_detail(outcome, wallet_id), headers=replayed
+        )
+    if outcome is Outcome.PRECONDITION_FAILED:
+        return ProblemError(
+            412,
+            "PRECONDITION_FAILED",
+            f'wallet {wallet_id} is at version "{reply.balance_seen}", not the one If-Match '
+            "names; nothing was applied: read it again",
+            extra={"seq": reply.balance_seen},
+        )
+    if outcome is Outcome.CLOSE_BLOCKED:
+        why = "; ".join(_BLOCKERS[what] for what in reply.blocked_by)
+        return ProblemError(
+            409,
+            "CLOSE_BLOCKED",
+            f"wallet {wallet_id} cannot close: {why}",
+            extra={"blocked_by": list(reply.blocked_by)},
+        )
+    if outcome is Outcome.OVERDRAFT_LIMIT_IN_USE:
+        return ProblemError(
+            409,
+            "OVERDRAFT_LIMIT_IN_USE",
+            f"wallet {wallet_id} owes {format_minor(-(reply.balance_seen or 0))} beyond what "
+            "it holds; the overdraft limit cannot go below that",
+        )
+    return None

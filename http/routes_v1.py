@@ -24,8 +24,10 @@ from walletd.http.parsing import (
     parse_empty_body,
     parse_hold_body,
     parse_idempotency_key,
+    parse_if_match,
     parse_operation_body,
     parse_transfer_body,
+    parse_update_body,
     path_id,
     path_wallet_id,
     read_json_object,
@@ -135,10 +137,12 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
             f"wallet {wallet_id} did not exist at {format_timestamp(at_us)}",
         )
     view = WalletView(
-        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held
-    )
+        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held,
+        found.status, found.overdraft_limit,
+    )  # fmt: skip
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
-    return web.Response(body=body, headers=_JSON_HEADERS)
+    # The version the wallet had then (If-Match against it fails once it moved since).
+    return web.Response(body=body, headers={**_JSON_HEADERS, "ETag": f'"{found.seq}"'})
 
 
 @routes.post(_WALLET + "/operation")
@@ -149,10 +153,30 @@ async def apply_operation(request: web.Request) -> web.Response:
     body, raw = await read_json_object(request, state.settings)
     kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
+    # No header lookup beyond the one dict probe on the hot path.
+    expected_seq = parse_if_match(request) if "If-Match" in request.headers else None
     reply = await state.services.engine.apply(
-        wallet_id, kind, amount, key, reference, request.get(KEY_NAME)
+        wallet_id, kind, amount, key, reference, request.get(KEY_NAME), expected_seq
     )
     return reply_response(reply, wallet_id, amount)
+
+
+@routes.patch(_WALLET)
+@requires(Scope.ADMIN)
+async def update_wallet(request: web.Request) -> web.Response:
+    """Status and overdraft limit (docs/API.md, "Changing a wallet"); the metadata merge
+    joins parse_update_body and the engine's UpdateWallet when wallets carry metadata."""
+    wallet_id = path_wallet_id(request)
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings)
+    changes = parse_update_body(body, raw)
+    key = parse_idempotency_key(request)
+    expected_seq = parse_if_match(request)
+    reply = await state.services.engine.update_wallet(
+        wallet_id, changes.status, changes.overdraft_limit, key, changes.fingerprint,
+        expected_seq=expected_seq, actor=request.get(KEY_NAME),
+    )  # fmt: skip
+    return reply_response(reply, wallet_id)
 
 
 @routes.post(_WALLET + "/holds")

@@ -138,8 +138,11 @@ def reconcile(
     ledger: Ledger,
     balances_cents: Mapping[str, int | None],
     initial_cents: Mapping[str, int],
+    floors_cents: Mapping[str, int] | None = None,
 ) -> list[Mismatch]:
-    """Returns every wallet whose read-back balance is outside what the acks allow."""
+    """Returns every wallet whose read-back balance is outside what the acks allow, or
+    below its floor (0, or minus its overdraft limit: ``floors_cents``)."""
+    floors = floors_cents or {}
     mismatches: list[Mismatch] = []
     for wallet_id in sorted(set(ledger.wallets) | set(balances_cents)):
         tally = ledger.wallets.get(wallet_id, WalletTally())
@@ -147,7 +150,7 @@ def reconcile(
         actual = balances_cents.get(wallet_id)
         low = expected - tally.uncertain_withdraw
         high = expected + tally.uncertain_deposit
-        if actual is None or not (low <= actual <= high) or actual < 0:
+        if actual is None or not (low <= actual <= high) or actual < floors.get(wallet_id, 0):
             mismatches.append(Mismatch(wallet_id, expected, actual, tally))
     return mismatches
 

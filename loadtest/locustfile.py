@@ -3,7 +3,7 @@
 Pick scenarios by user class (and narrow them by tags):
 
     locust -f loadtest/locustfile.py --headless -u 50 -r 50 -t 30s --host http://127.0.0.1:8000 \
-        HotWalletUser UniformUser ReadHeavyUser OverdraftUser IdempotentRetryUser
+        HotWalletUser UniformUser ReadHeavyUser OverdraftUser IdempotentRetryUser CreditLimitUser
     locust -f loadtest/locustfile.py ... --tags deposit          # only deposit tasks
     locust -f loadtest/locustfile.py ... --max-error-ratio 0.001 --max-p95-ms 50
 
@@ -16,6 +16,10 @@ Pick scenarios by user class (and narrow them by tags):
 | IdempotentRetryUser | --walletd-wallets           | every op sent twice with one Idempotency-Key |
 | BulkUser            | --walletd-wallets           | bulk requests of --walletd-bulk-items ops    |
 | TransferUser        | --walletd-wallets           | transfers between random pairs: 409 is fine  |
+| CreditLimitUser     | --walletd-credit-wallets    | withdrawals into each wallet's overdraft     |
+|                     | (limit --walletd-credit-    | limit (set by PATCH at setup: the key needs  |
+|                     | limit, 50.00)               | admin) and deposits: balances go below zero, |
+|                     |                             | never below -limit; 409 is fine              |
 
 Life of a test:
 
@@ -98,6 +102,9 @@ class RunState:
     hot_wallet: str = ""
     uniform_wallets: list[str] = field(default_factory=list)
     overdraft_wallets: list[str] = field(default_factory=list)
+    # Wallets with an overdraft limit (CreditLimitUser), and that limit in cents.
+    credit_wallets: list[str] = field(default_factory=list)
+    credit_limit_cents: int = 0
     initial_cents: dict[str, int] = field(default_factory=dict)
     ledger: Ledger = field(default_factory=Ledger)
     worker_ledgers: dict[str, Ledger] = field(default_factory=dict)
@@ -109,7 +116,10 @@ class RunState:
     ready: threading.Event = field(default_factory=threading.Event)
 
     def all_wallets(self) -> list[str]:
-        return [self.hot_wallet, *self.uniform_wallets, *self.overdraft_wallets]
+        return [
+            self.hot_wallet, *self.uniform_wallets, *self.overdraft_wallets,
+            *self.credit_wallets,
+        ]  # fmt: skip
 
 
 STATE = RunState()
@@ -125,9 +135,20 @@ def wallet_id(run_id: str, group: str, index: int) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"walletd-loadtest/{run_id}/{group}/{index}"))
 
 
-def plan_wallets(state: RunState, run_id: str, uniform_count: int, overdraft_count: int) -> None:
+def plan_wallets(
+    state: RunState,
+    run_id: str,
+    uniform_count: int,
+    overdraft_count: int,
+    credit_count: int = 8,
+    credit_limit_cents: int = 5_000,
+) -> None:
     assert 0 < uniform_count <= WALLETS_MAX, uniform_count
     assert 0 < overdraft_count <= WALLETS_MAX, overdraft_count
+    assert 0 < credit_count <= WALLETS_MAX, credit_count
+    assert credit_limit_cents > 0, credit_limit_cents
+    state.credit_wallets = [wallet_id(run_id, "credit", i) for i in range(credit_count)]
+    state.credit_limit_cents = credit_limit_cents
     state.run_id = run_id
     state.hot_wallet = wallet_id(run_id, "hot", 0)
     state.uniform_wallets = [wallet_id(run_id, "uniform", i) for i in range(uniform_count)]
@@ -159,6 +180,12 @@ def _add_options(parser: LocustArgumentParser) -> None:
     )
     parser.add_argument("--walletd-wallets", type=int, default=1000, help="uniform wallet count")
     parser.add_argument("--walletd-overdraft-wallets", type=int, default=8)
+    parser.add_argument(
+        "--walletd-credit-wallets", type=int, default=8, help="CreditLimitUser wallet count"
+    )
+    parser.add_argument(
+        "--walletd-credit-limit", default="50.00", help="their overdraft limit (set by PATCH)"
+    )
     parser.add_argument("--walletd-run-id", default="", help="wallet id namespace (default random)")
     parser.add_argument("--walletd-api-key", default="", is_secret=True, help="Bearer token")
     parser.add_argument("--walletd-setup-concurrency", type=int, default=32)
@@ -224,6 +251,22 @@ def _create_wallet(host: str, headers: dict[str, str], wallet: str) -> int | Non
     return None
 
 
+def _set_limit(host: str, headers: dict[str, str], wallet: str, limit: str) -> int | None:
+    """PATCHes the wallet's overdraft limit (idempotent: the same limit again changes
+    nothing); 1 when set, None when not (the key lacks the admin scope, say)."""
+    patch_headers = {**headers, "Content-Type": "application/json"}
+    try:
+        body_bytes = orjson.dumps({"overdraft_limit": limit})
+        status, body = _http_json("PATCH", f"{host}{API}/{wallet}", patch_headers, body_bytes)
+    except (OSError, orjson.JSONDecodeError) as error:
+        log.error("setting the limit of wallet %s failed: %s", wallet, error)
+        return None
+    if status != 200:
+        log.error("setting the limit of wallet %s: HTTP %s %s", wallet, status, body)
+        return None
+    return 1
+
+
 def _map_wallets(
     fn: Callable[[str], int | None], wallets: Iterable[str], concurrency: int
 ) -> dict[str, int | None]:
@@ -239,6 +282,11 @@ def _create_all_wallets(environment: Environment) -> None:
     results = _map_wallets(
         lambda w: _create_wallet(host, headers, w), STATE.all_wallets(), concurrency
     )
+    limit = format_cents(STATE.credit_limit_cents)
+    limited = _map_wallets(
+        lambda w: _set_limit(host, headers, w, limit), STATE.credit_wallets, concurrency
+    )
+    results.update({w: None for w, ok in limited.items() if ok is None})
     failed = [w for w, cents in results.items() if cents is None]
     STATE.initial_cents = {w: cents for w, cents in results.items() if cents is not None}
     STATE.setup_ok = not failed
@@ -275,6 +323,8 @@ def _on_test_start(environment: Environment, **_: Any) -> None:
         str(_option(environment, "walletd_run_id", "")) or uuid.uuid4().hex,
         int(_option(environment, "walletd_wallets", 1000)),
         int(_option(environment, "walletd_overdraft_wallets", 8)),
+        int(_option(environment, "walletd_credit_wallets", 8)),
+        parse_cents(str(_option(environment, "walletd_credit_limit", "50.00"))),
     )
     runner = environment.runner
     if isinstance(runner, MasterRunner):
@@ -340,7 +390,8 @@ def _reconcile(environment: Environment) -> None:
     balances = _map_wallets(
         lambda w: _read_balance_cents(host, headers, w), STATE.initial_cents, concurrency
     )
-    mismatches = reconcile(STATE.ledger, balances, STATE.initial_cents)
+    floors = {wallet: -STATE.credit_limit_cents for wallet in STATE.credit_wallets}
+    mismatches = reconcile(STATE.ledger, balances, STATE.initial_cents, floors)
     total_problem = reconcile_total(STATE.ledger, balances, STATE.initial_cents)
     if total_problem is not None:
         log.error("walletd: GLOBAL SUM MISMATCH %s", total_problem)
@@ -424,14 +475,15 @@ def _problem_code(response: ResponseContextManager) -> str:
 
 
 def judge_operation(
-    response: ResponseContextManager, wallet: str, refusal_ok: bool
+    response: ResponseContextManager, wallet: str, refusal_ok: bool, floor_cents: int = 0
 ) -> tuple[Outcome, Any]:
-    """Marks the request success/failure and classifies the operation's effect."""
+    """Marks the request success/failure and classifies the operation's effect; a balance
+    below ``floor_cents`` (0, or minus the wallet's overdraft limit) is a failure."""
     status = response.status_code
     if 200 <= status < 300:
         try:
             body = orjson.loads(response.content or b"")
-            balance_ok = body["id"] == wallet and parse_cents(str(body["balance"])) >= 0
+            balance_ok = body["id"] == wallet and parse_cents(str(body["balance"])) >= floor_cents
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             _fail(response, f"bad wallet JSON: {error}")
             return Outcome.APPLIED, None
@@ -510,11 +562,18 @@ class WalletdUser(FastHttpUser):
         )
         return result
 
-    def operate(self, wallet: str, delta_cents: int, name: str, refusal_ok: bool = False) -> None:
+    def operate(
+        self,
+        wallet: str,
+        delta_cents: int,
+        name: str,
+        refusal_ok: bool = False,
+        floor_cents: int = 0,
+    ) -> None:
         outcome = Outcome.UNKNOWN
         try:
             with self._post(wallet, delta_cents, name, None) as response:
-                outcome, _ = judge_operation(response, wallet, refusal_ok)
+                outcome, _ = judge_operation(response, wallet, refusal_ok, floor_cents)
         finally:
             # Also on GreenletExit: a user killed mid-request leaves the outcome unknown.
             STATE.ledger.record(wallet, delta_cents, outcome)
@@ -602,6 +661,30 @@ class OverdraftUser(WalletdUser):
     def withdraw(self) -> None:
         wallet = random.choice(STATE.overdraft_wallets)
         self.operate(wallet, -_random_cents(1, 1_000), "POST withdraw [overdraft]", refusal_ok=True)
+
+
+class CreditLimitUser(WalletdUser):
+    """Wallets with an overdraft limit: withdrawals take balances below zero, down to
+    -limit and never further (a balance below it fails the request; past it, 409
+    INSUFFICIENT_FUNDS is expected), deposits bring them back."""
+
+    @tag("credit", "deposit")
+    @task(2)
+    def deposit(self) -> None:
+        wallet = random.choice(STATE.credit_wallets)
+        self.operate(
+            wallet, _random_cents(1, 1_000), "POST deposit [credit]",
+            floor_cents=-STATE.credit_limit_cents,
+        )  # fmt: skip
+
+    @tag("credit", "withdraw")
+    @task(3)
+    def withdraw(self) -> None:
+        wallet = random.choice(STATE.credit_wallets)
+        self.operate(
+            wallet, -_random_cents(1, 1_500), "POST withdraw [credit]", refusal_ok=True,
+            floor_cents=-STATE.credit_limit_cents,
+        )  # fmt: skip
 
 
 class IdempotentRetryUser(WalletdUser):

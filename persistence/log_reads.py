@@ -33,7 +33,7 @@ from walletd.engine.log_reads import (
     LogReader,
     WalletAsOf,
 )
-from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
 from walletd.engine.ports import StorageError, StorageUnavailable
 from walletd.persistence.listings import listing_args, listing_page, listing_sql
 
@@ -51,18 +51,22 @@ _SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
 SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
-       o.held_after
+       o.held_after, u.status_after, u.overdraft_limit_after
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
                       OFFSET 0) s  -- not pulled up: the search would run once per use
   LEFT JOIN wallet_operations o ON o.wallet_id = w.id AND o.seq = s.seq
+  -- The status and limit then: the last WALLET_UPDATE row at or before that seq.
+  LEFT JOIN LATERAL (SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c
+                      WHERE c.wallet_id = w.id AND c.kind = 9 AND c.seq <= s.seq
+                      ORDER BY c.seq DESC LIMIT 1) u ON true
  WHERE w.id = $1 AND w.created_at <= {_AT.format("$2")}
 """
 
 _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference, o.actor"
+    + ", o.held_after, o.reference, o.actor, o.status_after, o.overdraft_limit_after"
 )
 # since/until become a seq range (created_at < since: seq <= first bound; created_at <
 # until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
@@ -96,9 +100,20 @@ FEED_SOURCES: Final = (
      ORDER BY w.created_xid, w.feed_id LIMIT $3
     """,
     f"""
-    SELECT o.xid, o.id, 'operation.applied',
+    SELECT o.xid, o.id,
+           CASE WHEN o.kind = 9 THEN 'wallet.updated' ELSE 'operation.applied' END,
            {_MICROS.format("o.created_at")},
-           json_build_object(
+           CASE WHEN o.kind = 9 THEN json_build_object(
+               -- A WALLET_UPDATE row (PATCH): the wallet's status and overdraft limit from
+               -- this seq on, and who changed them; no money moved.
+               'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
+               'status', CASE o.status_after WHEN 1 THEN 'ACTIVE' WHEN 2 THEN 'FROZEN'
+                                             WHEN 3 THEN 'CLOSED' END,
+               'overdraft_limit', o.overdraft_limit_after,
+               'balance_after', o.balance_after, 'held_after', o.held_after,
+               'actor', o.actor,
+               'idempotency_key', replace(o.idempotency_key, chr(31), '/'))
+           ELSE json_build_object(
                'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
                'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' WHEN 2 THEN 'WITHDRAW'
                                              WHEN 3 THEN 'TRANSFER_OUT' WHEN 4 THEN 'TRANSFER_IN'
@@ -118,7 +133,7 @@ FEED_SOURCES: Final = (
                'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
-                               THEN split_part(o.idempotency_key, ':', 2) END)
+                               THEN split_part(o.idempotency_key, ':', 2) END) END
       FROM wallet_operations o
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)
@@ -161,10 +176,13 @@ class PostgresLogReader(LogReader):
         rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
         if not rows:
             return None
-        created_us, balance, seq, updated_us, held = rows[0]
+        created_us, balance, seq, updated_us, held, status, limit = rows[0]
         if not seq:  # seq 0: no operation yet at that instant
             return WalletAsOf(wallet_id, 0, 0, created_us, created_us)
-        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us, held)
+        return WalletAsOf(
+            wallet_id, balance, seq, created_us, updated_us, held,
+            WalletStatus(status or WalletStatus.ACTIVE), limit or 0,
+        )  # fmt: skip
 
     async def filtered_history(
         self,
@@ -207,5 +225,5 @@ class PostgresLogReader(LogReader):
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
         row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10],
+        row[10], WalletStatus(row[11] or WalletStatus.ACTIVE), row[12] or 0,
     )  # fmt: skip

@@ -5,8 +5,10 @@
   (``pg_export_snapshot``), each with its next fetch in flight, and checks, for every
   wallet, that the snapshot's balance and seq equal the log's sum and last seq, and that the
   log's own chain holds (seq = 1, 2, 3, ..., each balance_after = the running balance,
-  each held_after = the running held with 0 <= held <= balance, and created_at never goes
-  back: as-of reads binary-search by it); the snapshot's held equals the log's too. Then
+  each held_after = the running held with 0 <= held <= balance + the overdraft limit in
+  force (the last WALLET_UPDATE row's), nothing after a close, and created_at never goes
+  back: as-of reads binary-search by it); the snapshot's held, status and overdraft limit
+  equal the log's too. Then
   that every wallet's held is the sum of its PENDING holds (``HELD_CHECK``, one statement).
   Memory is bounded by the cursor fetch size, whatever the table sizes. Meanwhile, on a
   third connection in the same snapshot, it checks that money is conserved across wallets:
@@ -19,7 +21,8 @@
   at most ``FEED_MISMATCHES_MAX`` rows. Then it checks that every log row and every wallet
   creation has exactly one change-feed position: none without one, no two sharing one
   (``FEED_POSITIONS_CHECK``).
-- ``restore`` rebuilds every wallet's balance, held, seq and updated_at from the log in one
+- ``restore`` rebuilds every wallet's balance, held, seq, updated_at, status and overdraft
+  limit from the log in one
   transaction, holding every shard lease so no walletd serves the database meanwhile. It is
   one statement on purpose: split into 64 slices of the id space (to report progress) it
   took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s against 5.8-8.8 s).
@@ -151,10 +154,13 @@ SELECT w.id, w.created_xid::text, w.feed_id
  LIMIT {FEED_MISMATCHES_MAX}
 """
 
-_WALLETS_IN_ORDER = "SELECT id, balance, seq, held FROM wallets ORDER BY id"
+_WALLETS_IN_ORDER = (
+    "SELECT id, balance, seq, held, status, overdraft_limit FROM wallets ORDER BY id"
+)
 # How each kind moves balance and held (migration 0008): DEPOSIT, TRANSFER_IN and
-# TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out; HOLD adds
-# to held, CAPTURE and RELEASE take from it.
+# TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out (a
+# WALLET_UPDATE row's amount is 0: it moves none); HOLD adds to held, CAPTURE and RELEASE
+# take from it.
 SIGNED_BALANCE_SQL = (
     "CASE WHEN kind IN (1, 4, 5) THEN amount WHEN kind IN (6, 8) THEN 0 ELSE -amount END"
 )
@@ -165,7 +171,7 @@ SIGNED_HELD_SQL = "CASE kind WHEN 6 THEN amount WHEN 7 THEN -amount WHEN 8 THEN 
 _OPERATIONS_IN_ORDER = (
     f"SELECT wallet_id, seq, {SIGNED_BALANCE_SQL}, balance_after, "
     "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq), "
-    f"{SIGNED_HELD_SQL}, held_after "
+    f"{SIGNED_HELD_SQL}, held_after, status_after, overdraft_limit_after "
     "FROM wallet_operations ORDER BY wallet_id, seq"
 )
 # Wallets whose held is not the sum of their PENDING holds (one statement: one snapshot).
@@ -388,7 +394,8 @@ async def _replay(
     for_wallets = await wallets.take_batch()
     while for_wallets:
         report.wallets += len(for_wallets)
-        for index, (wallet_id, snap_balance, snap_seq, snap_held) in enumerate(for_wallets):
+        for index, row in enumerate(for_wallets):
+            wallet_id, snap_balance, snap_seq, snap_held, snap_status, snap_limit = row
             if not index % VERIFY_YIELD_WALLETS:
                 # Let the event loop read the fetches in flight: the server streams on
                 # (another core) instead of stalling on a full socket buffer.
@@ -396,6 +403,10 @@ async def _replay(
             balance = 0
             held = 0
             seq = 0
+            # Status and overdraft limit in force: changed by WALLET_UPDATE rows only
+            # (migration "wallet_status_and_overdraft"); nothing follows a close.
+            status = 1
+            limit = 0
             chain_ok = True
             while True:
                 if position >= pending_rows:
@@ -413,6 +424,8 @@ async def _replay(
                     back,
                     signed_held,
                     held_after,
+                    status_after,
+                    limit_after,
                 ) = pending[position]
                 if op_wallet != wallet_id:
                     if op_wallet < wallet_id:
@@ -421,14 +434,18 @@ async def _replay(
                         continue
                     break
                 position += 1
+                if status == 3:
+                    found(wallet_id, f"seq {op_seq} follows the wallet's close")
                 balance += signed_amount
                 held += signed_held
                 seq += 1
+                if status_after is not None:
+                    status, limit = status_after, limit_after
                 if chain_ok and (
                     op_seq != seq
                     or balance_after != balance
                     or held_after != held
-                    or not 0 <= held <= balance
+                    or not 0 <= held <= balance + limit
                 ):
                     chain_ok = False
                     found(
@@ -445,6 +462,12 @@ async def _replay(
                 found(wallet_id, f"snapshot seq {snap_seq} != log operations {seq}")
             if snap_held != held:
                 found(wallet_id, f"snapshot held {snap_held} != log held {held}")
+            if (snap_status, snap_limit) != (status, limit):
+                found(
+                    wallet_id,
+                    f"snapshot status {snap_status} / overdraft_limit {snap_limit} != the log's "
+                    f"last update: {status} / {limit}",
+                )
         progress.advance(len(for_wallets))
         for_wallets = await wallets.take_batch()
     # Log rows past the last wallet belong to no snapshot row.
@@ -564,15 +587,23 @@ WITH replay AS (
            coalesce(r.balance, 0)::bigint AS balance,
            coalesce(r.held, 0)::bigint AS held,
            coalesce(r.seq, 0) AS seq,
-           coalesce(r.updated_at, w.created_at) AS updated_at
+           coalesce(r.updated_at, w.created_at) AS updated_at,
+           coalesce(u.status_after, 1)::smallint AS status,
+           coalesce(u.overdraft_limit_after, 0)::bigint AS overdraft_limit
       FROM wallets w LEFT JOIN replay r ON r.wallet_id = w.id
+      -- The status and overdraft limit of the wallet's last WALLET_UPDATE row (index
+      -- wallet_operations_updates), or the defaults.
+      LEFT JOIN LATERAL (
+          SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c
+           WHERE c.wallet_id = w.id AND c.kind = 9 ORDER BY c.seq DESC LIMIT 1) u ON true
 )
 UPDATE wallets AS w
-   SET balance = t.balance, held = t.held, seq = t.seq, updated_at = t.updated_at
+   SET balance = t.balance, held = t.held, seq = t.seq, updated_at = t.updated_at,
+       status = t.status, overdraft_limit = t.overdraft_limit
   FROM target t
  WHERE w.id = t.id
-   AND (w.balance, w.held, w.seq, w.updated_at)
-       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at)
+   AND (w.balance, w.held, w.seq, w.updated_at, w.status, w.overdraft_limit)
+       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at, t.status, t.overdraft_limit)
 """
 
 
@@ -587,6 +618,9 @@ async def restore(dsn: str, progress: ProgressSink | None = None) -> RestoreRepo
         progress.set_total(1)
         async with hold_every_lease(connection), connection.transaction():
             await connection.execute("LOCK TABLE wallets, wallet_operations IN EXCLUSIVE MODE")
+            # A CLOSED wallet's row may be rebuilt too (migration
+            # "wallet_status_and_overdraft": its trigger lets this transaction through).
+            await connection.execute("SET LOCAL walletd.restoring = 'on'")
             status = await connection.execute(_RESTORE)
             wallets = await connection.fetchval("SELECT count(*) FROM wallets")
         progress.advance(1)

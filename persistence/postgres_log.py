@@ -41,6 +41,7 @@ from walletd.engine.model import (
     TransferRecord,
     TransferStatus,
     WalletRecord,
+    WalletStatus,
 )
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
@@ -87,14 +88,21 @@ _HOLDS_ARGS = 17
 _LEG_KINDS = frozenset(
     {OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
 )
+# A batch with WALLET_UPDATE rows (status, overdraft limit: migration
+# "wallet_status_and_overdraft") calls walletd_append_wallet_updates last, after the
+# transfers and holds it writes (a close is refused while one is PENDING); it checks the
+# rows against the updates like the two calls above (WD008).
+_UPDATES_CALL = "walletd_append_wallet_updates({}, $5, $6, $7)"
+_UPDATES_ARGS = 4
 
 
-def _append_statement(transfers: bool, holds: bool) -> str:
+def _append_statement(transfers: bool, holds: bool, updates: bool = False) -> str:
     calls = [_APPEND_BATCH]
     next_arg = 33
     for wanted, call, count in (
         (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
         (holds, _HOLDS_CALL, _HOLDS_ARGS),
+        (updates, _UPDATES_CALL, _UPDATES_ARGS),
     ):
         if wanted:
             calls.append(call.format(", ".join(f"${n}" for n in range(next_arg, next_arg + count))))
@@ -103,9 +111,10 @@ def _append_statement(transfers: bool, holds: bool) -> str:
 
 
 _APPEND_STATEMENTS = {
-    (transfers, holds): _append_statement(transfers, holds)
+    (transfers, holds, updates): _append_statement(transfers, holds, updates)
     for transfers in (False, True)
     for holds in (False, True)
+    for updates in (False, True)
 }
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -115,7 +124,7 @@ _WALLET_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
-    + ", create_idempotency_key, create_fingerprint, held"
+    + ", create_idempotency_key, create_fingerprint, held, status, overdraft_limit"
 )
 _LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
 _HOLD_COLUMNS = (
@@ -144,16 +153,26 @@ _RECENT_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets ORDER BY updated_at DE
 _FIND_BY_CREATE_KEY = (
     f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE create_idempotency_key = ANY($1::text[])"
 )
-_OP_COLUMNS = (
+_OP_BASE_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
     + ", o.held_after, o.reference, o.actor"
+)
+# History: a WALLET_UPDATE row's status and limit (NULL on every other row).
+_OP_COLUMNS = _OP_BASE_COLUMNS + ", o.status_after, o.overdraft_limit_after"
+# A found row's status and overdraft limit in force, what its replay answers with: the
+# wallet's last WALLET_UPDATE row at or before it (index wallet_operations_updates).
+_OP_TERMS_COLUMNS = _OP_BASE_COLUMNS + ", t.status_after, t.overdraft_limit_after"
+_TERMS_JOIN = (
+    " LEFT JOIN LATERAL (SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c"
+    " WHERE c.wallet_id = o.wallet_id AND c.kind = 9 AND c.seq <= o.seq"
+    " ORDER BY c.seq DESC LIMIT 1) t ON true"
 )
 # A refusal in the columns of a log row (id 0, seq = fence_seq, actor), then its reason.
 _REFUSAL_COLUMNS = (
     "0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,"
     f" r.idempotency_key, {_MICROS.format('r.created_at')}, 0::bigint, r.reference, r.actor,"
-    " r.reason"
+    " NULL::smallint, NULL::bigint, r.reason"
 )
 # The decided outcome of each key: its log row, or its recorded refusal (reason > 0), and
 # the key asked for (last column). A bulk item's derived key "<request key><US><index>"
@@ -165,12 +184,14 @@ _FIND_OPERATIONS = f"""
 WITH k AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS k(wallet_id, key)),
      old AS (SELECT wallet_id, key, replace(key, chr(31), '/') AS spelled
                FROM k WHERE strpos(key, chr(31)) > 1)
-SELECT {_OP_COLUMNS}, 0::smallint, k.key
+SELECT {_OP_TERMS_COLUMNS}, 0::smallint, k.key
   FROM k JOIN wallet_operations o ON o.wallet_id = k.wallet_id AND o.idempotency_key = k.key
+  {_TERMS_JOIN}
 UNION ALL
-SELECT {_OP_COLUMNS}, 0::smallint, old.key
+SELECT {_OP_TERMS_COLUMNS}, 0::smallint, old.key
   FROM old JOIN wallet_operations o
     ON o.wallet_id = old.wallet_id AND o.idempotency_key = old.spelled AND o.old_key_spelling
+  {_TERMS_JOIN}
 UNION ALL
 SELECT {_REFUSAL_COLUMNS}, k.key
   FROM k JOIN wallet_refusals r ON r.wallet_id = k.wallet_id AND r.idempotency_key = k.key
@@ -205,6 +226,13 @@ SELECT {_TRANSFER_COLUMNS} FROM transfers t
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
  ORDER BY created_at, id LIMIT $2
+"""
+
+# How many PENDING transfers a wallet is on, either side (index transfers_pending: the
+# PENDING ones only, a short list).
+_PENDING_TRANSFERS_OF = """
+SELECT count(*) FROM transfers
+ WHERE status = 1 AND (from_wallet_id = $1 OR to_wallet_id = $1)
 """
 
 # Raised by walletd_append_batch when an earlier batch of the shard has not landed yet.
@@ -257,7 +285,10 @@ _CONNECTION_LOST = (
 
 
 def _wallet(row: asyncpg.Record) -> WalletRecord:
-    return WalletRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+    return WalletRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], (),
+        WalletStatus(row[8]), row[9],
+    )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
@@ -268,9 +299,11 @@ def _hold(row: asyncpg.Record) -> HoldRecord:
 
 
 def _operation(row: asyncpg.Record) -> OperationRecord:
+    """A log row; its status and limit are the row's own (a WALLET_UPDATE row's), else
+    those in force when selected with them (find_operations), else the defaults."""
     return OperationRecord(
         row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10],
+        row[10], WalletStatus(row[11] or WalletStatus.ACTIVE), row[12] or 0,
     )  # fmt: skip
 
 
@@ -282,10 +315,10 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
-    if not row[11]:
+    if not row[13]:
         return _operation(row)
     return RefusalRecord(
-        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[11]), row[5], row[2],
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[13]), row[5], row[2],
         row[7], row[9], row[10],
     )  # fmt: skip
 
@@ -401,7 +434,7 @@ class PostgresLog(WalletLog):
         found: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         for row in rows:
             record = _decided(row)
-            asked: str = row[12]
+            asked: str = row[14]
             if record.idempotency_key == asked:
                 found[(record.wallet_id, asked)] = record
             elif (record.wallet_id, asked) not in found:
@@ -414,6 +447,10 @@ class PostgresLog(WalletLog):
     async def find_wallets_by_create_key(self, keys: Sequence[str]) -> dict[str, WalletRecord]:
         rows = await self._fetch(_FIND_BY_CREATE_KEY, keys)
         return {row[5]: _wallet(row) for row in rows}
+
+    async def pending_transfers_of(self, wallet_id: UUID) -> int:
+        rows = await self._fetch(_PENDING_TRANSFERS_OF, wallet_id)
+        return int(rows[0][0])
 
     async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
         rows = await self._fetch(_LOAD_TRANSFERS, transfer_ids)
@@ -476,7 +513,8 @@ class PostgresLog(WalletLog):
         opens_or_closes = bool(batch.new_transfers or batch.transfer_updates)
         transfers = opens_or_closes or not _LEG_KINDS.isdisjoint(kinds)
         holds = bool(batch.new_holds or batch.hold_updates) or not HOLD_KINDS.isdisjoint(kinds)
-        statement = _APPEND_STATEMENTS[(transfers, holds)]
+        updates = bool(batch.wallet_updates) or OperationKind.WALLET_UPDATE in kinds
+        statement = _APPEND_STATEMENTS[(transfers, holds, updates)]
         if transfers:
             opened, closed = batch.new_transfers, batch.transfer_updates
             args += (
@@ -511,6 +549,14 @@ class PostgresLog(WalletLog):
                 [u.resolve_key for u in resolved],
                 [u.resolve_fingerprint for u in resolved],
                 [u.updated_at_us for u in resolved],
+            )
+        if updates:
+            changed = batch.wallet_updates
+            args += (
+                [u.wallet_id for u in changed],
+                [u.seq for u in changed],
+                [int(u.status) for u in changed],
+                [u.overdraft_limit for u in changed],
             )
         connection = await self._acquire()
         try:

@@ -27,11 +27,14 @@ from walletd.client.api import BulkItem, Event, Operation, WalletdClient
 from walletd.client.errors import (
     PROBLEM_CLASSES,
     AsOfNotSettled,
+    CloseBlocked,
     Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
     InvalidTransferId,
+    OverdraftLimitInUse,
+    PreconditionFailed,
     ProblemError,
     RateExceeded,
     RateLimited,
@@ -40,6 +43,8 @@ from walletd.client.errors import (
     TransportError,
     ValidationError,
     WalletAlreadyExists,
+    WalletClosed,
+    WalletFrozen,
     WalletNotFound,
     class_for_status,
     problem_error,
@@ -195,6 +200,47 @@ async def test_calls_round_trip_with_exact_decimals(client: Client) -> None:
             ("DEPOSIT", Decimal("0.10"), Decimal("0.10")),
         ]
         assert all(item.idempotency_key for item in items)  # one generated per call
+
+
+async def test_update_wallet_sets_status_and_limit_and_maps_its_refusals(
+    client: Client,
+) -> None:
+    """update_wallet (PATCH) sets a limit (the balance may then go below zero) and a status;
+    Wallet.version is the ETag's seq and if_match uses it; each refusal raises its class:
+    OverdraftLimitInUse, WalletFrozen, CloseBlocked (blocked_by), WalletClosed,
+    PreconditionFailed (seq)."""
+    async with WalletdClient(base_url(client)) as walletd:
+        wallet = await walletd.create_wallet()
+        assert (wallet.status, wallet.overdraft_limit, wallet.version) == (
+            "ACTIVE", Decimal(0), 0,
+        )  # fmt: skip
+        limited = await walletd.update_wallet(wallet.id, overdraft_limit="25.00")
+        assert (limited.overdraft_limit, limited.available, limited.version) == (
+            Decimal("25.00"), Decimal("25.00"), 1,
+        )  # fmt: skip
+        owing = await walletd.withdraw(wallet.id, "20.00", if_match=limited.version)
+        assert (owing.balance, owing.version) == (Decimal("-20.00"), 2)
+        with pytest.raises(PreconditionFailed) as stale:
+            await walletd.withdraw(wallet.id, "1.00", if_match=limited.version)
+        assert stale.value.seq == 2
+        with pytest.raises(OverdraftLimitInUse):
+            await walletd.update_wallet(wallet.id, overdraft_limit=0)
+        frozen = await walletd.update_wallet(wallet.id, status="FROZEN")
+        assert frozen.status == "FROZEN"
+        with pytest.raises(WalletFrozen):
+            await walletd.withdraw(wallet.id, "1.00")
+        with pytest.raises(CloseBlocked) as blocked:
+            await walletd.update_wallet(wallet.id, status="CLOSED")
+        assert blocked.value.blocked_by == ["BALANCE"]
+        await walletd.deposit(wallet.id, "20.00")
+        closed = await walletd.update_wallet(wallet.id, status="CLOSED", overdraft_limit=0)
+        assert (closed.status, closed.balance, closed.overdraft_limit) == (
+            "CLOSED", Decimal("0.00"), Decimal(0),
+        )  # fmt: skip
+        with pytest.raises(WalletClosed):
+            await walletd.deposit(wallet.id, "1.00")
+        items = await history_items(walletd, wallet.id)
+        assert (items[0].operation_type, items[0].status) == ("WALLET_UPDATE", "CLOSED")
 
 
 async def test_floats_are_refused_before_sending(client: Client) -> None:

@@ -41,6 +41,7 @@ from walletd.http.routes_v1 import CURSOR_PATTERN
 V1_OPERATIONS: Final = {
     ("post", "/api/v1/wallets"),
     ("get", "/api/v1/wallets/{wallet_id}"),
+    ("patch", "/api/v1/wallets/{wallet_id}"),
     ("post", "/api/v1/wallets/{wallet_id}/operation"),
     ("get", "/api/v1/wallets/{wallet_id}/operations"),
     ("get", "/api/v1/events"),
@@ -163,9 +164,9 @@ def test_document_states_the_parsers_rules(document: dict[str, Any]) -> None:
 
 
 def test_posts_document_body_refusals(document: dict[str, Any]) -> None:
-    """Every POST documents 400, 413, 415 and 422, which its JSON body can cause."""
+    """Every POST and PATCH documents 400, 413, 415 and 422, which its JSON body can cause."""
     for method, path, operation in _operations(document):
-        if method == "post":
+        if method in {"post", "patch"}:
             assert {"400", "413", "415", "422"} <= set(operation["responses"]), path
         else:
             assert not {"413", "415"} & set(operation["responses"]), path

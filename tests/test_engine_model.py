@@ -8,13 +8,16 @@ flight with the first failing, transfers through the engine (replayed, reused id
 and refunded, with failed and ambiguous credit or refund commits, finished by a re-drive or
 by the recovery of a restart), holds (created with and without keys, captured in part or
 whole, voided, refused past their expiry by a clock the test moves, released by the sweep
-and by the sweep of a restart, with failed and ambiguous commits), and restarts, across
+and by the sweep of a restart, with failed and ambiguous commits), wallet updates (status
+ACTIVE / FROZEN / CLOSED and overdraft limits, keyed and conditional on the seq, with failed
+and ambiguous commits), and restarts, across
 several wallets on several shards with a
 tiny resident bound (so passivation runs all the time) and more idempotency keys than the
 key cache holds (so keys are forgotten and looked up again). After every step the log must
 equal the model: balances, histories (with held_after), recorded refusals, transfers,
-holds, never negative, balance == sum(log), held == sum(PENDING holds) <= balance, and
-balances + PENDING transfers == deposits - withdrawals - captures.
+holds, statuses and limits, never below the floor (balance - held >= -overdraft_limit, at
+every row), a closed wallet never moving again, balance == sum(log), held == sum(PENDING
+holds), and balances + PENDING transfers == deposits - withdrawals - captures.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from walletd.engine.model import (
     OperationKind,
     OperationRecord,
     TransferStatus,
+    WalletStatus,
     WalletView,
 )
 from walletd.engine.money import BALANCE_MINOR_MAX
@@ -102,6 +106,13 @@ keys = st.none() | st.sampled_from(KEYS)
 transfer_ids = st.sampled_from(TRANSFER_IDS)
 OPERATION_KINDS = (OperationKind.DEPOSIT, OperationKind.WITHDRAW)
 OUT, IN = OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN
+UPDATE = OperationKind.WALLET_UPDATE
+ACTIVE, FROZEN, CLOSED = WalletStatus.ACTIVE, WalletStatus.FROZEN, WalletStatus.CLOSED
+statuses = st.none() | st.sampled_from(list(WalletStatus))
+limits = st.none() | st.sampled_from([0, 10, 40])
+UPDATE_KEYS = ["u1", "k1"]  # k1 is also an operation's key: a reuse across kinds
+update_keys = st.none() | st.sampled_from(UPDATE_KEYS)
+STATUS_REFUSALS = {FROZEN: Outcome.WALLET_FROZEN, CLOSED: Outcome.WALLET_CLOSED}
 REFUND = OperationKind.TRANSFER_REFUND
 HOLD, CAPTURE, RELEASE = OperationKind.HOLD, OperationKind.CAPTURE, OperationKind.RELEASE
 HOLD_KEYS = ["h1", "h2"]
@@ -130,6 +141,12 @@ class _Op:
     balance_after: int
     key: str | None
     held_after: int = 0
+    # A WALLET_UPDATE row's fingerprint (what its replay compares).
+    fingerprint: str | None = None
+
+
+def _fingerprint(status: WalletStatus | None, limit: int | None) -> str:
+    return f"s={status} l={limit}"
 
 
 @dataclass
@@ -183,6 +200,64 @@ class Model:
     holds: dict[UUID, _Hold] = field(default_factory=dict)
     hold_keys: dict[tuple[UUID, str], UUID] = field(default_factory=dict)
     now: int = 1_700_000_000_000_000  # the test clock's base (without per-reading ticks)
+    statuses: dict[UUID, WalletStatus] = field(default_factory=dict)
+    limits: dict[UUID, int] = field(default_factory=dict)
+
+    def status(self, wallet: UUID) -> WalletStatus:
+        return self.statuses.get(wallet, ACTIVE)
+
+    def limit(self, wallet: UUID) -> int:
+        return self.limits.get(wallet, 0)
+
+    def debit_refusal(self, wallet: UUID) -> Outcome | None:
+        return STATUS_REFUSALS.get(self.status(wallet))
+
+    def expect_update(
+        self,
+        wallet: UUID,
+        status: WalletStatus | None,
+        limit: int | None,
+        key: str | None,
+        expected_seq: int | None,
+    ) -> tuple[Outcome, bool]:
+        """The outcome of a wallet update, and whether it writes a row."""
+        if wallet not in self.balances:
+            return Outcome.WALLET_NOT_FOUND, False
+        if key is not None and (wallet, key) in self.keyed:
+            earlier = self.keyed[(wallet, key)]
+            if not isinstance(earlier, _Op) or earlier.fingerprint != _fingerprint(status, limit):
+                return Outcome.IDEMPOTENCY_KEY_REUSED, False
+            return Outcome.OK, False
+        if expected_seq is not None and expected_seq != len(self.history[wallet]):
+            return Outcome.PRECONDITION_FAILED, False
+        if self.status(wallet) is CLOSED:
+            return Outcome.WALLET_CLOSED, False
+        owed = self.balances[wallet] - self.held(wallet)
+        if limit is not None and owed < -limit:
+            return Outcome.OVERDRAFT_LIMIT_IN_USE, False
+        if status is CLOSED and (
+            self.balances[wallet] or self.held(wallet) or self.pending_of(wallet)
+        ):
+            return Outcome.CLOSE_BLOCKED, False
+        new = (status or self.status(wallet), self.limit(wallet) if limit is None else limit)
+        return Outcome.OK, new != (self.status(wallet), self.limit(wallet))
+
+    def update(
+        self, wallet: UUID, status: WalletStatus | None, limit: int | None, key: str | None
+    ) -> None:
+        if status is not None:
+            self.statuses[wallet] = status
+        if limit is not None:
+            self.limits[wallet] = limit
+        op = _Op(UPDATE, 0, self.balances[wallet], key, self.held(wallet),
+                 _fingerprint(status, limit))  # fmt: skip
+        self.history[wallet].append(op)
+        if key is not None:
+            self.keyed[(wallet, key)] = op
+
+    def pending_of(self, wallet: UUID) -> int:
+        return sum(1 for v in self.transfers.values()
+                   if v[3] is TransferStatus.PENDING and wallet in (v[0], v[1]))  # fmt: skip
 
     def held(self, wallet: UUID) -> int:
         return sum(
@@ -191,14 +266,15 @@ class Model:
         )  # fmt: skip
 
     def available(self, wallet: UUID) -> int:
-        return self.balances[wallet] - self.held(wallet)
+        return self.balances[wallet] - self.held(wallet) + self.limit(wallet)
 
     def move(
         self, wallet: UUID, kind: OperationKind, amount: int, key: str, *, remember: bool = True
     ) -> None:
         """Log one leg of a transfer, or one row of a hold."""
         balance = self.balances[wallet] + signed_balance(kind, amount)
-        assert balance >= 0
+        assert balance >= -self.limit(wallet)
+        assert self.status(wallet) is not CLOSED
         op = _Op(kind, amount, balance, key)
         self.balances[wallet] = balance
         op.held_after = self.held(wallet)
@@ -223,7 +299,10 @@ class Model:
         refused = self.hold_refusal(wallet, key)
         if refused is not None:  # the recorded refusal of this key's creation
             same = (refused.kind, refused.amount) == (HOLD, amount)
-            return Outcome.INSUFFICIENT_FUNDS if same else Outcome.IDEMPOTENCY_KEY_REUSED
+            return refused.outcome if same else Outcome.IDEMPOTENCY_KEY_REUSED
+        status_refusal = self.debit_refusal(wallet)
+        if status_refusal is not None:
+            return status_refusal
         pending = [h for h in self.holds.values()
                    if h.wallet == wallet and h.status is HoldStatus.PENDING]  # fmt: skip
         if len(pending) >= LIMITS.holds_per_wallet_max:
@@ -239,12 +318,11 @@ class Model:
         refused = self.keyed.get((wallet, hold_key(HOLD, hold_id)))
         return refused if isinstance(refused, _Refusal) else None
 
-    def refuse_hold(self, wallet: UUID, amount: int, key: str) -> None:
-        """A keyed creation refused for funds is recorded under its HOLD row's key."""
+    def refuse_hold(self, wallet: UUID, amount: int, key: str, outcome: Outcome) -> None:
+        """A keyed creation refused (funds, status) is recorded under its HOLD row's key."""
         hold_id = new_hold_id(wallet, key, LIMITS.pipelines)
-        self.keyed[(wallet, hold_key(HOLD, hold_id))] = _Refusal(
-            HOLD, amount, Outcome.INSUFFICIENT_FUNDS, self.available(wallet)
-        )
+        seen = self.available(wallet) if outcome is Outcome.INSUFFICIENT_FUNDS else 0
+        self.keyed[(wallet, hold_key(HOLD, hold_id))] = _Refusal(HOLD, amount, outcome, seen)
 
     def create_hold(
         self,
@@ -290,6 +368,8 @@ class Model:
             return Outcome.HOLD_EXPIRED, False
         if action is HoldAction.CAPTURE and amount is not None and amount > hold.amount:
             return Outcome.CAPTURE_EXCEEDS_HOLD, False
+        if action is HoldAction.CAPTURE and self.debit_refusal(hold.wallet) is not None:
+            return self.debit_refusal(hold.wallet) or Outcome.OK, False
         return Outcome.OK, True
 
     def resolve(
@@ -362,12 +442,13 @@ class Model:
         assert isinstance(sender, UUID)
         assert isinstance(receiver, UUID)
         assert isinstance(amount, int)
-        if receiver in self.balances:
+        if receiver in self.balances and self.status(receiver) is not CLOSED:
             self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id))
             self.transfers[transfer_id][3] = TransferStatus.COMPLETED
         else:
+            failure = "WALLET_NOT_FOUND" if receiver not in self.balances else "WALLET_CLOSED"
             self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id))
-            self.transfers[transfer_id][3:] = [TransferStatus.FAILED, "WALLET_NOT_FOUND"]
+            self.transfers[transfer_id][3:] = [TransferStatus.FAILED, failure]
 
     def pending(self) -> list[UUID]:
         return [t for t, v in self.transfers.items() if v[3] is TransferStatus.PENDING]
@@ -387,12 +468,16 @@ class Model:
             return Expect(Outcome.OK, earlier.balance_after, replayed=True)
         balance = self.balances[wallet]
         keyed = key is not None
+        status = self.status(wallet)
         if kind is OperationKind.WITHDRAW:
-            if amount > balance - self.held(wallet):
-                return Expect(
-                    Outcome.INSUFFICIENT_FUNDS, balance - self.held(wallet), records=keyed
-                )
+            available = self.available(wallet)
+            if status is not ACTIVE:
+                return Expect(STATUS_REFUSALS[status], available, records=keyed)
+            if amount > available:
+                return Expect(Outcome.INSUFFICIENT_FUNDS, available, records=keyed)
             return Expect(Outcome.OK, balance - amount, writes=True)
+        if status is CLOSED:
+            return Expect(Outcome.WALLET_CLOSED, 0, records=keyed)
         if balance + amount > BALANCE_MINOR_MAX:
             return Expect(Outcome.BALANCE_LIMIT_EXCEEDED, balance, records=keyed)
         return Expect(Outcome.OK, balance + amount, writes=True)
@@ -505,9 +590,11 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
     assert set(log.wallets) == set(model.balances)
     for wallet, balance in model.balances.items():
         stored = log.wallets[wallet]
-        assert stored.balance == balance >= 0
+        limit = model.limit(wallet)
+        assert stored.balance == balance >= -limit
         held = model.held(wallet)
-        assert stored.held == held <= balance
+        assert stored.held == held <= balance + limit
+        assert (stored.status, stored.overdraft_limit) == (model.status(wallet), limit)
         assert held == sum(h.amount for h in log.holds.values()
                            if h.wallet_id == wallet and h.status is HoldStatus.PENDING)  # fmt: skip
         ops = log.operations.get(wallet, [])
@@ -519,6 +606,13 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
             for o in model.history[wallet]
         ]  # fmt: skip
         assert [o.seq for o in ops] == list(range(1, len(ops) + 1))
+        # Every row at or above the floor in force at it; nothing after a close.
+        floor_limit, status = 0, ACTIVE
+        for o in ops:
+            assert status is not CLOSED, o
+            if o.kind is UPDATE:
+                floor_limit, status = o.overdraft_limit_after, o.status_after
+            assert o.balance_after - o.held_after >= -floor_limit, o
     refusals = {k: v for k, v in model.keyed.items() if isinstance(v, _Refusal)}
     assert {
         k: (r.kind, r.amount, r.reason.name, r.balance_seen) for k, r in log.refusals.items()
@@ -709,13 +803,14 @@ class EngineMachine(RuleBasedStateMachine):
                 earlier.outcome, SIDE_FROM, earlier.balance_seen, True,
             ), reply  # fmt: skip
             return
-        if amount > model.available(sender):
+        refusal = model.debit_refusal(sender)
+        if refusal is None and amount > model.available(sender):
+            refusal = Outcome.INSUFFICIENT_FUNDS
+        if refusal is not None:
             assert (reply.outcome, reply.side, reply.replayed) == (
-                Outcome.INSUFFICIENT_FUNDS, SIDE_FROM, False,
+                refusal, SIDE_FROM, False,
             ), reply  # fmt: skip
-            model.keyed[debit_key] = _Refusal(
-                OUT, amount, Outcome.INSUFFICIENT_FUNDS, model.available(sender)
-            )
+            model.keyed[debit_key] = _Refusal(OUT, amount, refusal, model.available(sender))
             return
         model.debit(transfer_id, sender, receiver, amount)
         model.finish(transfer_id)
@@ -741,6 +836,7 @@ class EngineMachine(RuleBasedStateMachine):
             or transfer_id in model.transfers
             or sender not in model.balances
             or amount > model.available(sender)
+            or model.debit_refusal(sender) is not None
             or (sender, transfer_leg_key(OUT, transfer_id)) in model.keyed
         ):
             return  # covered by ``transfer``; here only the saga's second commit fails
@@ -777,6 +873,7 @@ class EngineMachine(RuleBasedStateMachine):
             shard_of(sender, count) % pipelines == shard_of(receiver, count) % pipelines
             and receiver in balances
             and balances[receiver] + amount <= BALANCE_MINOR_MAX
+            and self.model.status(receiver) is not CLOSED
         )
 
     def _check_transfer(self, reply: TransferReply, transfer_id: UUID, *, replayed: bool) -> None:
@@ -801,10 +898,12 @@ class EngineMachine(RuleBasedStateMachine):
     @initialize(deposit=st.integers(min_value=20, max_value=120))
     def funded_wallets(self, deposit: int) -> None:
         """Two funded wallets from the start: holds, captures and their refusals need money
-        (few random runs would create and fund a wallet before holding on it)."""
+        (few random runs would create and fund a wallet before holding on it); one empty."""
         for wallet in WALLETS[:2]:
             self.create(wallet, None)
             self.apply(wallet, OperationKind.DEPOSIT, deposit, None)
+        # And an empty one: a close needs a zero balance (then nothing may move it again).
+        self.create(WALLETS[2], None)
 
     def _wallets(self) -> st.SearchStrategy[UUID]:
         """Mostly wallets that exist (holds on them are what can go wrong)."""
@@ -823,12 +922,13 @@ class EngineMachine(RuleBasedStateMachine):
         if key is not None:
             assert hold_id == new_hold_id(wallet, key, LIMITS.pipelines)
         refused = model.hold_refusal(wallet, key)
-        if refused is not None and expected is Outcome.INSUFFICIENT_FUNDS:
+        if refused is not None and expected is refused.outcome:
             assert (reply.replayed, reply.balance_seen) == (True, refused.balance_seen), reply
             return
-        if expected is Outcome.INSUFFICIENT_FUNDS and key is not None:
+        recorded = (Outcome.INSUFFICIENT_FUNDS, Outcome.WALLET_FROZEN, Outcome.WALLET_CLOSED)
+        if expected in recorded and key is not None:
             assert not reply.replayed, reply
-            model.refuse_hold(wallet, amount, key)
+            model.refuse_hold(wallet, amount, key, expected)
         if expected is not Outcome.CREATED:
             return
         assert reply.hold is not None
@@ -906,6 +1006,97 @@ class EngineMachine(RuleBasedStateMachine):
             stored = self.log.holds[hold_id].expires_at_us
             model.create_hold(hold_id, wallet, amount, expires_in_s, None, stored)
 
+    # -- wallet updates (status, overdraft limit) -----------------------------------------
+
+    @rule(
+        data=st.data(), status=statuses, limit=limits, key=update_keys,
+        conditional=st.sampled_from([None, "current", "stale"]),
+    )  # fmt: skip
+    def update(
+        self,
+        data: st.DataObject,
+        status: WalletStatus | None,
+        limit: int | None,
+        key: str | None,
+        conditional: str | None,
+    ) -> None:
+        """PATCH: a status and/or limit, keyed or not, with If-Match on the current or a
+        stale seq or none; refusals (closed, limit in use, close blocked, precondition,
+        key reused) change nothing."""
+        self._update(data.draw(self._wallets()), status, limit, key, conditional)
+
+    def _update(
+        self,
+        wallet: UUID,
+        status: WalletStatus | None,
+        limit: int | None,
+        key: str | None,
+        conditional: str | None,
+    ) -> None:
+        if status is None and limit is None:
+            return  # refused at the edge
+        model = self.model
+        expected_seq = None
+        if conditional is not None and wallet in model.history:
+            expected_seq = len(model.history[wallet]) - (conditional == "stale")
+        expected, writes = model.expect_update(wallet, status, limit, key, expected_seq)
+        replays = expected is Outcome.OK and key is not None and (wallet, key) in model.keyed
+        reply = self._run(
+            self.engine.update_wallet(
+                wallet, status, limit, key, _fingerprint(status, limit), expected_seq=expected_seq
+            )
+        )
+        assert reply.outcome is expected, (reply, expected)
+        if writes:
+            model.update(wallet, status, limit, key)
+        assert reply.replayed is replays, reply
+        if expected is Outcome.OK and not replays:
+            assert reply.wallet is not None
+            assert (reply.wallet.status, reply.wallet.overdraft_limit) == (
+                model.status(wallet), model.limit(wallet),
+            )  # fmt: skip
+
+    @rule(
+        data=st.data(), status=st.sampled_from([FROZEN, CLOSED]), amount=amounts,
+        key=keys,
+    )  # fmt: skip
+    def change_then_move(
+        self, data: st.DataObject, status: WalletStatus, amount: int, key: str | None
+    ) -> None:
+        """A freeze or a close (taken when the model allows it), then a withdrawal, a
+        deposit and a change of limit on the wallet: each as the model says (a closed
+        wallet takes nothing, a frozen one credits only)."""
+        wallet = data.draw(self._wallets())
+        self._update(wallet, status, None, None, None)
+        for kind in (OperationKind.WITHDRAW, OperationKind.DEPOSIT):
+            self.apply(wallet, kind, amount, key)
+        self._update(wallet, None, 10, None, "current")
+
+    @rule(
+        data=st.data(), status=st.sampled_from([FROZEN, ACTIVE]), limit=limits,
+        lands=st.booleans(),
+    )  # fmt: skip
+    def update_with_failed_commit(
+        self, data: st.DataObject, status: WalletStatus, limit: int | None, lands: bool
+    ) -> None:
+        """A wallet update whose commit fails; with ``lands`` it was written first."""
+        model = self.model
+        wallet = data.draw(self._wallets())
+        expected, writes = model.expect_update(wallet, status, limit, None, None)
+        self.log.fail_next_appends, self.log.apply_then_fail = 1, lands
+        reply = self._run(
+            self.engine.update_wallet(wallet, status, limit, None, _fingerprint(status, limit))
+        )
+        self.log.fail_next_appends, self.log.apply_then_fail = 0, False
+        if not writes:
+            # Nothing written: a refusal, or the wallet as it is (read after the failed
+            # batch of nothing: answered from committed state).
+            assert reply.outcome is expected, reply
+            return
+        assert reply.outcome is Outcome.UNAVAILABLE, reply
+        if lands:
+            model.update(wallet, status, limit, None)
+
     @rule()
     def clock_moves(self) -> None:
         self.model.now += CLOCK_STEP_US
@@ -950,6 +1141,8 @@ class EngineMachine(RuleBasedStateMachine):
                 assert reply.wallet is not None
                 assert reply.wallet.balance == self.model.balances[wallet]
                 assert reply.wallet.held == self.model.held(wallet)
+                assert reply.wallet.status == self.model.status(wallet)
+                assert reply.wallet.overdraft_limit == self.model.limit(wallet)
             else:
                 assert reply.outcome is Outcome.WALLET_NOT_FOUND
 

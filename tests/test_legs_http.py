@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import AppFactory
 from walletd.engine.commands import Outcome
-from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletStatus
 from walletd.http.forwarding import FORWARDED_HEADER
 from walletd.http.internal import ClusterCredential, create_internal_app
 from walletd.http.keys import parse_keys
@@ -246,3 +246,32 @@ async def test_a_leg_applied_by_another_process_carries_the_transfers_actor(
         history = await (await client.get(f"/api/v1/wallets/{wallet}/operations")).json()
         assert history["items"][0]["transfer_id"] == str(transfer.transfer_id)
         assert history["items"][0]["actor"] == "billing"
+
+
+async def test_a_credit_to_a_closed_wallet_is_refused_over_the_wire_and_its_refund_taken(
+    client: Client, internal: Client
+) -> None:
+    """Through the internal route, as between processes: the credit of a transfer to a
+    CLOSED wallet is WALLET_CLOSED, the refund leg carrying that failure code is taken
+    (the transfer ends FAILED, the sender whole again), and a frozen sender's wallet view
+    travels back with its status."""
+    sender, receiver = await funded_wallet(client, 10), await funded_wallet(client, 0)
+    closed = await client.patch(f"/api/v1/wallets/{receiver}", json={"status": "CLOSED"})
+    assert closed.status == 200
+    transfer = opened(sender, receiver, 400)
+    async with legs_client() as legs:
+        debit = await legs.send(url_of(internal), OperationKind.TRANSFER_OUT, transfer, None)
+        credit = await legs.send(url_of(internal), OperationKind.TRANSFER_IN, transfer, None)
+        frozen = await client.patch(f"/api/v1/wallets/{sender}", json={"status": "FROZEN"})
+        assert frozen.status == 200
+        refund = await legs.send(
+            url_of(internal), OperationKind.TRANSFER_REFUND, transfer, "WALLET_CLOSED"
+        )
+    assert debit.outcome is Outcome.OK
+    assert credit.outcome is Outcome.WALLET_CLOSED
+    assert (refund.outcome, refund.replayed) == (Outcome.OK, False)
+    assert refund.wallet is not None
+    assert (refund.wallet.balance, refund.wallet.status) == (1000, WalletStatus.FROZEN)
+    response = await client.get(f"/api/v1/transfers/{transfer.transfer_id}")
+    body = await response.json()
+    assert (body["status"], body["failure_code"]) == ("FAILED", "WALLET_CLOSED")

@@ -15,7 +15,7 @@ import pytest
 from tests.processes import walletd_command
 from walletd.engine.commands import HoldAction, Outcome, TransferLeg, hold_key, transfer_leg_key
 from walletd.engine.limits import EngineLimits
-from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletStatus
 from walletd.engine.router import Engine
 from walletd.persistence.database import DatabaseBusy, PoolSettings, connect, create_pool
 from walletd.persistence.leases import ensure_cluster
@@ -521,3 +521,62 @@ async def test_verify_command_exits_1_naming_a_minted_credit(database_url: str) 
         done.stdout
     )
     assert "mismatch: the whole log: sum(balance)" in done.stdout
+
+
+async def test_verify_checks_status_and_overdraft_against_the_log_and_restore_rebuilds_them(
+    database_url: str,
+) -> None:
+    """A wallet's status or overdraft limit edited behind walletd's back (no WALLET_UPDATE
+    row says so), a log row below the floor in force at it, and a row after a close are
+    reported; restore rebuilds status and limit from the last WALLET_UPDATE row."""
+    pool = await create_pool(database_url, PoolSettings(size_max=4))
+    engine = Engine(PostgresLog(pool), EngineLimits(pipelines=1))
+    await engine.start()
+    try:
+        limited, closed, plain = uuid4(), uuid4(), uuid4()
+        for wallet in (limited, closed, plain):
+            assert (await engine.create_wallet(wallet, None))[1].outcome is Outcome.CREATED
+        reply = await engine.update_wallet(limited, None, 1_000, None, "f")
+        assert reply.outcome is Outcome.OK
+        reply = await engine.apply(limited, OperationKind.WITHDRAW, 600, None)
+        assert reply.outcome is Outcome.OK
+        reply = await engine.update_wallet(closed, WalletStatus.CLOSED, None, None, "f")
+        assert reply.outcome is Outcome.OK
+    finally:
+        await engine.stop()
+        await pool.close()
+    assert (await verify(database_url)).clean
+    await _execute(database_url, "UPDATE wallets SET status = 2 WHERE id = $1", plain)
+    await _execute(database_url, "UPDATE wallets SET overdraft_limit = 700 WHERE id = $1", limited)
+    seen: list[Mismatch] = []
+    report = await verify(database_url, seen.append)
+    assert report.mismatches == 2, seen
+    assert {m.wallet_id for m in seen} == {plain, limited}
+    assert all("overdraft_limit" in m.problem for m in seen)
+    assert (await restore(database_url)).repaired == 2
+    assert (await verify(database_url)).clean
+
+    # Rows the triggers refuse, written with them off: verify still finds them.
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("SET session_replication_role = replica")
+        # The limit lowered under what the wallet owes, in its update row and snapshot
+        # alike: the withdrawal's row (seq 2, balance -6.00) is below the floor (-5.00).
+        await connection.execute(
+            "UPDATE wallet_operations SET overdraft_limit_after = 500"
+            " WHERE wallet_id = $1 AND kind = 9",
+            limited,
+        )
+        await connection.execute("UPDATE wallets SET overdraft_limit = 500 WHERE id = $1", limited)
+        await connection.execute(
+            "INSERT INTO wallet_operations (wallet_id, seq, kind, amount, balance_after,"
+            " created_at) VALUES ($1, 2, 1, 5, 5, now())",
+            closed,
+        )
+    finally:
+        await connection.close()
+    seen.clear()
+    await verify(database_url, seen.append)
+    problems = {m.wallet_id: m.problem for m in seen if m.wallet_id is not None}
+    assert "chain broken at seq 2" in problems[limited]
+    assert any(m.wallet_id == closed and "follows the wallet's close" in m.problem for m in seen)

@@ -39,7 +39,10 @@ def _intended_refusal(response: Any) -> bool:
     several shard actors (it depends on the server's --shards); a transfer from a wallet to
     itself (JSON Schema cannot compare two fields); a bulk item's ``key_index`` without the
     request's Idempotency-Key header (a rule between a header and the body); a listing
-    cursor the server did not issue for the request's filters."""
+    cursor the server did not issue for the request's filters; an If-Match naming another
+    version than the wallet's (it depends on the wallet's state)."""
+    if response.status_code == 412:
+        return bool(response.json().get("code") == "PRECONDITION_FAILED")
     if response.status_code != 422:
         return False
     body = response.json()
