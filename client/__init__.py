@@ -18,6 +18,8 @@ from walletd.client.api import (
     Transfer,
     Wallet,
     WalletdClient,
+    Webhook,
+    WebhookDelivery,
     new_idempotency_key,
 )
 from walletd.client.errors import (
@@ -27,6 +29,7 @@ from walletd.client.errors import (
     BadRequest,
     BalanceLimitExceeded,
     CaptureExceedsHold,
+    DeliveryNotFound,
     HoldAlreadyCaptured,
     HoldAlreadyVoided,
     HoldExpired,
@@ -66,8 +69,10 @@ from walletd.client.errors import (
     WalletNotFound,
 )
 from walletd.client.retrying import RetryPolicy
+from walletd.client.webhooks import SIGNATURE_HEADER, verify_webhook_signature
 
 __all__ = [
+    "SIGNATURE_HEADER",
     "AccessDenied",
     "AsOfNotSettled",
     "AtomicNotPossible",
@@ -76,6 +81,7 @@ __all__ = [
     "BulkItem",
     "BulkResult",
     "CaptureExceedsHold",
+    "DeliveryNotFound",
     "Event",
     "EventPage",
     "HistoryPage",
@@ -94,6 +100,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransferId",
     "InvalidWalletId",
+    "InvalidWebhookId",
     "MethodNotAllowed",
     "NotFound",
     "NotOwner",
@@ -109,6 +116,7 @@ __all__ = [
     "ServiceUnavailable",
     "TooManyHolds",
     "TooManyItems",
+    "TooManyWebhooks",
     "Transfer",
     "TransferNotFound",
     "TransportError",
@@ -122,5 +130,9 @@ __all__ = [
     "WalletNotFound",
     "WalletdClient",
     "WalletdError",
+    "Webhook",
+    "WebhookDelivery",
+    "WebhookNotFound",
     "new_idempotency_key",
+    "verify_webhook_signature",
 ]

@@ -11,6 +11,12 @@ scope allows::
     create   POST /api/v1/wallets (opens a wallet; moves no money)
     move     deposits and withdrawals, bulk, transfers, holds (create, capture, void)
     feed     the change feed: GET /api/v1/events and its SSE stream
+    admin    webhook subscriptions (/api/v1/webhooks): where the feed is sent, and their
+             attempts log and redelivery (moves no money, but sends every event out)
+
+``admin`` is apart from every other scope; a bare secret holds every scope, ``admin``
+included (it held every scope before scopes existed); a named key holds ``admin`` only when
+declared with it.
 
 ``create`` is apart from ``move`` so that a key that opens wallets (onboarding) cannot move
 money, and a key that moves money cannot grow the set of wallets; and every row that moves
@@ -60,6 +66,7 @@ class Scope(enum.Enum):
     CREATE = "create"
     MOVE = "move"
     FEED = "feed"
+    ADMIN = "admin"
 
 
 CLIENT_SCOPES: Final = frozenset(Scope)

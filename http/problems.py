@@ -72,6 +72,10 @@ TITLES: Final = {
     "CAPTURE_EXCEEDS_HOLD": "Capture exceeds hold",
     "TOO_MANY_HOLDS": "Too many holds",
     "STORAGE_REFUSED": "Refused by storage",
+    "INVALID_WEBHOOK_ID": "Invalid webhook id",
+    "WEBHOOK_NOT_FOUND": "Webhook not found",
+    "DELIVERY_NOT_FOUND": "Delivery not found",
+    "TOO_MANY_WEBHOOKS": "Too many webhooks",
 }
 
 FieldError = dict[str, str]
