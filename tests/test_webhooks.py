@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import AppFactory
+from tests.processes import WalletdProcess
 from walletd.client import verify_webhook_signature
 from walletd.http.keys import parse_keys
 from walletd.http.settings import HttpSettings, WebhookSettings
@@ -62,6 +64,7 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
+    delay_s: float = 0.0  # a slow endpoint: each answer this late
 
     @property
     def url(self) -> str:
@@ -82,6 +85,8 @@ class Receiver:
             return web.Response(status=200)
         assert isinstance(action, int)
         self.received.append(Received(body, signature, action))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         return web.Response(status=action)
 
     async def start(self) -> None:
@@ -398,3 +403,55 @@ def test_the_client_verifies_signatures() -> None:
     )
     for bad in ("", "t=abc,v1=00", f"t={now}", "v1=00", f"t={now},v1="):
         assert not verify_webhook_signature(body, bad, "whsec_x"), bad
+
+
+@pytest.mark.slow
+async def test_kill_9_mid_delivery_resumes_from_the_cursor(
+    database_url: str, walletd_process: Callable[..., WalletdProcess], receiver: Receiver
+) -> None:
+    """A real `walletd serve` killed with SIGKILL while a slow receiver takes its events:
+    the next process resumes from the durable cursor: nothing skipped, feed order kept, and
+    at most the event in flight sent twice (not a replay from the start)."""
+    receiver.delay_s = 0.15
+    args = [
+        "--database-url", database_url, "--shards", "2",
+        "--webhook-allowed-hosts", "127.0.0.1", "--webhook-lease-ttl", "1",
+        "--webhook-poll-interval", "0.05", "--webhook-backoff-initial", "0.05",
+        "--webhook-backoff-max", "0.2", "--webhook-timeout", "2",
+    ]  # fmt: skip
+    first = await asyncio.to_thread(walletd_process, *args)
+    async with aiohttp.ClientSession(first.url) as http:
+        created = await (
+            await http.post("/api/v1/webhooks", json={"url": receiver.url, "after": "0-0"})
+        ).json()
+        wallets = [(await (await http.post("/api/v1/wallets")).json())["id"] for _ in range(3)]
+        for index in range(30):
+            answer = await http.post(
+                f"/api/v1/wallets/{wallets[index % 3]}/operation",
+                json={"operation_type": "DEPOSIT", "amount": "1.00"},
+            )
+            assert answer.status == 200
+        page = await (await http.get("/api/v1/events", params={"limit": "1000"})).json()
+    expected = [event["position"] for event in page["events"]]
+    assert len(expected) == 33
+
+    async def some() -> bool:
+        return len(receiver.received) >= 8
+
+    await _until(some, "the first events delivered")
+    first.kill()
+    before = len(receiver.received)
+    assert before < len(expected), "all delivered before the kill: nothing tested"
+    second = await asyncio.to_thread(walletd_process, *args)
+
+    async def all_of_them() -> bool:
+        return set(receiver.delivered()) >= set(expected)
+
+    await _until(all_of_them, "every event delivered after the restart")
+    arrived = [r.position for r in receiver.received]
+    order = {position: index for index, position in enumerate(expected)}
+    assert [order[p] for p in arrived] == sorted(order[p] for p in arrived)
+    assert len(arrived) - len(set(arrived)) <= 1, arrived
+    for request in receiver.received:
+        assert verify_webhook_signature(request.body, request.signature, created["secret"])
+    second.kill()
