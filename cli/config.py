@@ -240,8 +240,8 @@ SETTINGS: tuple[Setting, ...] = (
             int, 1048576, "largest bulk request body accepted; larger gets 413"),
     Setting("api_keys", ("WALLETD_API_KEYS",), None, parse_keys, (),
             "client API keys, comma-separated, each name:scope+scope:secret (scopes: read, "
-            "create, move, feed, admin; a bare secret holds all of them); when any key is set, /api/v1 "
-            "requires one (docs/OPERATIONS.md)"),
+            "create, move, feed, admin; a bare secret holds all of them); when any key is set, "
+            "/api/v1 requires one (docs/OPERATIONS.md)"),
     Setting("api_keys_file", ("WALLETD_API_KEYS_FILE",), "--api-keys-file", Path, None,
             "a file of client API keys, one name:scope+scope:secret per line (# comments); "
             "mode 0600 recommended; read at start, added to WALLETD_API_KEYS"),
