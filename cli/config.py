@@ -277,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds before the first webhook retry, doubled for each further one"),
     Setting("webhook_backoff_max_s", ("WALLETD_WEBHOOK_BACKOFF_MAX",),
             "--webhook-backoff-max", float, 3600.0,
-            "longest wait between two webhook retries (each wait is jittered to 50-100 %)"),
+            "longest wait between two webhook retries (each wait is jittered to half to all "
+            "of it)"),
     Setting("webhook_poll_interval_s", ("WALLETD_WEBHOOK_POLL_INTERVAL",),
             "--webhook-poll-interval", float, 1.0,
             "seconds between a caught-up webhook subscription's reads of the feed"),
