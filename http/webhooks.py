@@ -63,7 +63,7 @@ from walletd.engine.ports import StorageError
 from walletd.engine.webhooks import EVENT_TYPES, Claim, Delivery, Subscription, WebhookStore
 from walletd.http.feed import event_json
 from walletd.http.keys import Scope, requires
-from walletd.http.parsing import path_id, read_json_object
+from walletd.http.parsing import parse_empty_body, path_id, read_json_object
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 from walletd.http.responses import format_timestamp
 from walletd.http.settings import WebhookSettings
@@ -592,6 +592,8 @@ async def redeliver(request: web.Request) -> web.Response:
     """Send the event of a logged attempt again, now, from this process; out of feed order
     by nature, so a receiver deduplicates by the event's position as for any retry."""
     subscription_id = _webhook_id(request)
+    body, _raw = await read_json_object(request, request.app[STATE_KEY].settings, optional=True)
+    parse_empty_body(body)
     text = request.match_info["delivery_id"]
     if not (text.isascii() and text.isdigit() and 0 < len(text) <= 18):
         raise ProblemError(404, "DELIVERY_NOT_FOUND", f"delivery {text[:32]!r} does not exist")

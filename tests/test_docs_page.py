@@ -52,6 +52,13 @@ V1_OPERATIONS: Final = {
     ("get", "/api/v1/holds/{hold_id}"),
     ("post", "/api/v1/holds/{hold_id}/capture"),
     ("post", "/api/v1/holds/{hold_id}/void"),
+    ("post", "/api/v1/webhooks"),
+    ("get", "/api/v1/webhooks"),
+    ("get", "/api/v1/webhooks/{webhook_id}"),
+    ("patch", "/api/v1/webhooks/{webhook_id}"),
+    ("delete", "/api/v1/webhooks/{webhook_id}"),
+    ("get", "/api/v1/webhooks/{webhook_id}/deliveries"),
+    ("post", "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"),
 }
 OPEN_OPERATIONS: Final = {
     ("get", "/healthz"),
@@ -160,9 +167,9 @@ def test_document_states_the_parsers_rules(document: dict[str, Any]) -> None:
 
 
 def test_posts_document_body_refusals(document: dict[str, Any]) -> None:
-    """Every POST documents 400, 413, 415 and 422, which its JSON body can cause."""
+    """Every POST and PATCH documents 400, 413, 415 and 422, which its JSON body can cause."""
     for method, path, operation in _operations(document):
-        if method == "post":
+        if method in ("post", "patch"):
             assert {"400", "413", "415", "422"} <= set(operation["responses"]), path
         else:
             assert not {"413", "415"} & set(operation["responses"]), path
