@@ -290,8 +290,8 @@ SETTINGS: tuple[Setting, ...] = (
             int, 100, "feed events a webhook subscription reads at once"),
     Setting("webhook_deliveries_kept", ("WALLETD_WEBHOOK_DELIVERIES_KEPT",),
             "--webhook-deliveries-kept", int, 100,
-            "attempts kept per webhook subscription (older ones deleted); the most "
-            "GET .../deliveries returns"),
+            "attempts kept per webhook subscription, 1 to 1000 (older ones deleted); what "
+            "GET .../deliveries returns without a limit"),
     Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
             "logging level"),
     Setting("gc_gen0_threshold", ("WALLETD_GC_GEN0_THRESHOLD",), "--gc-gen0-threshold",

@@ -37,8 +37,8 @@ class WebhookSettings:
             raise ValueError("webhook backoff_max_s must be >= backoff_initial_s, retry > 0")
         if not 1.0 <= self.lease_ttl_s <= 600:
             raise ValueError("webhook lease_ttl_s must be within 1..600")
-        if self.page_events < 1 or self.deliveries_kept < 1:
-            raise ValueError("webhook page_events and deliveries_kept must be at least 1")
+        if self.page_events < 1 or not 1 <= self.deliveries_kept <= 1000:
+            raise ValueError("webhook page_events must be at least 1, deliveries_kept 1..1000")
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,8 @@ _log = logging.getLogger("walletd.webhooks")
 PREFIX: Final = "/api/v1/webhooks"
 SIGNATURE_HEADER: Final = "Walletd-Signature"
 URL_LENGTH_MAX: Final = 2048
+# The most attempts one GET .../deliveries returns (the log keeps deliveries_kept of them).
+DELIVERIES_LIMIT_MAX: Final = 1000
 _ERROR_LENGTH_MAX: Final = 200
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 _FIELDS: Final = frozenset({"url", "event_types", "enabled"})
@@ -563,10 +565,11 @@ async def delete_webhook(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _deliveries_limit(request: web.Request, maximum: int) -> int:
+def _deliveries_limit(request: web.Request, default: int) -> int:
     text = request.query.get("limit")
     if text is None:
-        return maximum
+        return default
+    maximum = DELIVERIES_LIMIT_MAX
     if not (text.isascii() and text.isdigit() and len(text) <= 6) or not 1 <= int(text) <= maximum:
         raise ValidationProblem(
             [{"field": "limit", "message": f"must be an integer from 1 to {maximum}"}]

@@ -38,7 +38,8 @@ def _intended_refusal(response: Any) -> bool:
     the future (it depends on the clock); an atomic bulk request over
     several shard actors (it depends on the server's --shards); a transfer from a wallet to
     itself (JSON Schema cannot compare two fields); a bulk item's ``key_index`` without the
-    request's Idempotency-Key header (a rule between a header and the body)."""
+    request's Idempotency-Key header (a rule between a header and the body); a webhook URL
+    the destination guard refuses (its allowlist and DNS are the server's configuration)."""
     if response.status_code != 422:
         return False
     body = response.json()
@@ -46,6 +47,8 @@ def _intended_refusal(response: Any) -> bool:
     if code in ("IDEMPOTENCY_KEY_REUSED", "AS_OF_NOT_SETTLED", "ATOMIC_NOT_POSSIBLE"):
         return True
     errors = body.get("errors") or []
+    if errors and all(error.get("field") == "url" for error in errors):
+        return bool(code == "VALIDATION_ERROR")
     return (
         code == "VALIDATION_ERROR"
         and bool(errors)
