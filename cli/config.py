@@ -7,6 +7,7 @@ command-line flags, the README's configuration table and ``env.example``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -57,6 +58,18 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     help: str
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    """Comma-separated host names or IP literals, lowercased (IPv6 without brackets)."""
+    hosts = tuple(h.strip().lower().strip("[]") for h in text.split(",") if h.strip())
+    for host in hosts:
+        if ":" in host:
+            ipaddress.IPv6Address(host)  # ValueError names it
+        elif not all(part and part.replace("-", "").replace("_", "").isalnum()
+                     for part in host.split(".")):  # fmt: skip
+            raise ValueError(f"{host[:64]!r} is not a host name or IP address")
+    return hosts
 
 
 def _gc_threshold(text: str) -> int:
@@ -243,8 +256,8 @@ SETTINGS: tuple[Setting, ...] = (
             int, 1048576, "largest bulk request body accepted; larger gets 413"),
     Setting("api_keys", ("WALLETD_API_KEYS",), None, parse_keys, (),
             "client API keys, comma-separated, each name:scope+scope:secret (scopes: read, "
-            "create, move, feed; a bare secret holds all of them); when any key is set, /api/v1 "
-            "requires one (docs/OPERATIONS.md)"),
+            "create, move, feed, admin; a bare secret holds all of them); when any key is set, "
+            "/api/v1 requires one (docs/OPERATIONS.md)"),
     Setting("api_keys_file", ("WALLETD_API_KEYS_FILE",), "--api-keys-file", Path, None,
             "a file of client API keys, one name:scope+scope:secret per line (# comments); "
             "mode 0600 recommended; read at start, added to WALLETD_API_KEYS"),
@@ -255,6 +268,46 @@ SETTINGS: tuple[Setting, ...] = (
             "requests an API key may make at once above its rate (the bucket's size)"),
     Setting("access_log", ("WALLETD_ACCESS_LOG",), "--access-log", _bool, False,
             "write a JSON access log line per request to stderr"),
+    Setting("webhook_allowed_hosts", ("WALLETD_WEBHOOK_ALLOWED_HOSTS",),
+            "--webhook-allowed-hosts", _hosts, (),
+            "hosts webhooks may be sent to, comma-separated (names or IP addresses, exact "
+            "match); set = only these, whatever they resolve to; unset = any host whose every "
+            "address is public (loopback, private, link-local and reserved ones refused at "
+            "send time) (docs/OPERATIONS.md, Webhooks)"),
+    Setting("webhook_subscriptions_max", ("WALLETD_WEBHOOK_SUBSCRIPTIONS_MAX",),
+            "--webhook-subscriptions-max", int, 100,
+            "webhook subscriptions at most; past it 409 TOO_MANY_WEBHOOKS"),
+    Setting("webhook_in_flight_max", ("WALLETD_WEBHOOK_IN_FLIGHT_MAX",),
+            "--webhook-in-flight-max", int, 16,
+            "webhook subscriptions one process delivers at once (one request each in "
+            "flight); the others wait for another process or a free slot"),
+    Setting("webhook_timeout_s", ("WALLETD_WEBHOOK_TIMEOUT",), "--webhook-timeout", float,
+            10.0, "seconds a webhook request may take (connect to answer) before it counts "
+            "as failed and is retried"),
+    Setting("webhook_retry_period_s", ("WALLETD_WEBHOOK_RETRY_PERIOD",),
+            "--webhook-retry-period", float, 259200.0,
+            "seconds an event is retried (from its first failed attempt) before its "
+            "subscription is marked failing and stops; the cursor stays on the event"),
+    Setting("webhook_backoff_initial_s", ("WALLETD_WEBHOOK_BACKOFF_INITIAL",),
+            "--webhook-backoff-initial", float, 1.0,
+            "seconds before the first webhook retry, doubled for each further one"),
+    Setting("webhook_backoff_max_s", ("WALLETD_WEBHOOK_BACKOFF_MAX",),
+            "--webhook-backoff-max", float, 3600.0,
+            "longest wait between two webhook retries (each wait is jittered to half to all "
+            "of it)"),
+    Setting("webhook_poll_interval_s", ("WALLETD_WEBHOOK_POLL_INTERVAL",),
+            "--webhook-poll-interval", float, 1.0,
+            "seconds between a caught-up webhook subscription's reads of the feed"),
+    Setting("webhook_lease_ttl_s", ("WALLETD_WEBHOOK_LEASE_TTL",), "--webhook-lease-ttl",
+            float, 15.0, "seconds a process's lease on a webhook subscription lasts without "
+            "renewal (renewed every third of it); a killed process's subscriptions move "
+            "after about this"),
+    Setting("webhook_page_events", ("WALLETD_WEBHOOK_PAGE_EVENTS",), "--webhook-page-events",
+            int, 100, "feed events a webhook subscription reads at once"),
+    Setting("webhook_deliveries_kept", ("WALLETD_WEBHOOK_DELIVERIES_KEPT",),
+            "--webhook-deliveries-kept", int, 100,
+            "attempts kept per webhook subscription, 1 to 1000 (older ones deleted); what "
+            "GET .../deliveries returns without a limit"),
     Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
             "logging level"),
     Setting("gc_gen0_threshold", ("WALLETD_GC_GEN0_THRESHOLD",), "--gc-gen0-threshold",
@@ -332,6 +385,17 @@ class Config:
     key_rate_per_s: float
     key_rate_burst: int
     access_log: bool
+    webhook_allowed_hosts: tuple[str, ...]
+    webhook_subscriptions_max: int
+    webhook_in_flight_max: int
+    webhook_timeout_s: float
+    webhook_retry_period_s: float
+    webhook_backoff_initial_s: float
+    webhook_backoff_max_s: float
+    webhook_poll_interval_s: float
+    webhook_lease_ttl_s: float
+    webhook_page_events: int
+    webhook_deliveries_kept: int
     log_level: str
     gc_gen0_threshold: int
 
@@ -440,7 +504,7 @@ def default_text(setting: Setting) -> str:
         return ""
     if isinstance(default, bool):
         return "true" if default else "false"
-    if isinstance(default, tuple):  # only the (empty) key list
+    if isinstance(default, tuple):  # the (empty) key and host lists
         return ",".join(str(item) for item in default)
     return str(default)
 

@@ -50,7 +50,7 @@ from walletd.http.app import create_app
 from walletd.http.internal import create_internal_app
 from walletd.http.metrics import Metrics
 from walletd.http.server_log import quiet_malformed_requests
-from walletd.http.settings import HttpSettings
+from walletd.http.settings import HttpSettings, WebhookSettings
 from walletd.http.state import STATE_KEY
 from walletd.persistence.backups import BackupError
 from walletd.persistence.database import DatabaseError, connect
@@ -112,6 +112,19 @@ def http_settings(config: Config) -> HttpSettings:
         as_of_wait_s=config.as_of_wait_effective_s,
         forward_timeout_s=config.forward_timeout_s,
         forward_connections_max=config.forward_connections_max,
+        webhooks=WebhookSettings(
+            allowed_hosts=frozenset(config.webhook_allowed_hosts),
+            subscriptions_max=config.webhook_subscriptions_max,
+            in_flight_max=config.webhook_in_flight_max,
+            timeout_s=config.webhook_timeout_s,
+            retry_period_s=config.webhook_retry_period_s,
+            backoff_initial_s=config.webhook_backoff_initial_s,
+            backoff_max_s=config.webhook_backoff_max_s,
+            poll_interval_s=config.webhook_poll_interval_s,
+            lease_ttl_s=config.webhook_lease_ttl_s,
+            page_events=config.webhook_page_events,
+            deliveries_kept=config.webhook_deliveries_kept,
+        ),
     )
 
 

@@ -50,6 +50,7 @@ from walletd.persistence.leases import (
 from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.migrate import apply_migrations, require_current_schema
 from walletd.persistence.postgres_log import PostgresLog
+from walletd.persistence.webhooks import PostgresWebhookStore
 
 __all__ = [
     "check_cluster",
@@ -376,6 +377,10 @@ async def running_services(
                         ),
                         reader,
                         self_url=config.url, hand_over=keeper.leave,
+                        # On the read pool: the sender never takes a commit's connection.
+                        webhooks=PostgresWebhookStore(
+                            read_pool, acquire_timeout_s=config.db_connect_timeout_s
+                        ),
                     )  # fmt: skip
                 finally:
                     await engine.stop()

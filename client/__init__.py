@@ -19,6 +19,8 @@ from walletd.client.api import (
     Transfer,
     Wallet,
     WalletdClient,
+    Webhook,
+    WebhookDelivery,
     new_idempotency_key,
 )
 from walletd.client.errors import (
@@ -29,6 +31,7 @@ from walletd.client.errors import (
     BalanceLimitExceeded,
     CaptureExceedsHold,
     CloseBlocked,
+    DeliveryNotFound,
     HoldAlreadyCaptured,
     HoldAlreadyVoided,
     HoldExpired,
@@ -72,8 +75,10 @@ from walletd.client.errors import (
     WalletNotFound,
 )
 from walletd.client.retrying import RetryPolicy
+from walletd.client.webhooks import SIGNATURE_HEADER, verify_webhook_signature
 
 __all__ = [
+    "SIGNATURE_HEADER",
     "AccessDenied",
     "AsOfNotSettled",
     "AtomicNotPossible",
@@ -83,6 +88,7 @@ __all__ = [
     "BulkResult",
     "CaptureExceedsHold",
     "CloseBlocked",
+    "DeliveryNotFound",
     "Event",
     "EventPage",
     "HistoryPage",
@@ -101,6 +107,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransferId",
     "InvalidWalletId",
+    "InvalidWebhookId",
     "MethodNotAllowed",
     "NotFound",
     "NotOwner",
@@ -119,6 +126,7 @@ __all__ = [
     "ServiceUnavailable",
     "TooManyHolds",
     "TooManyItems",
+    "TooManyWebhooks",
     "Transfer",
     "TransferNotFound",
     "TransportError",
@@ -134,5 +142,9 @@ __all__ = [
     "WalletNotFound",
     "WalletdClient",
     "WalletdError",
+    "Webhook",
+    "WebhookDelivery",
+    "WebhookNotFound",
     "new_idempotency_key",
+    "verify_webhook_signature",
 ]

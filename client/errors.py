@@ -15,7 +15,8 @@ Exceptions::
         │   ├── InvalidId               a path id that is not a canonical UUID:
         │   │   ├── InvalidWalletId         INVALID_WALLET_ID
         │   │   ├── InvalidTransferId       INVALID_TRANSFER_ID
-        │   │   └── InvalidHoldId           INVALID_HOLD_ID
+        │   │   ├── InvalidHoldId           INVALID_HOLD_ID
+        │   │   └── InvalidWebhookId        INVALID_WEBHOOK_ID
         │   ├── ValidationError         VALIDATION_ERROR (``errors``: one entry per field)
         │   ├── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
         │   ├── AsOfNotSettled          AS_OF_NOT_SETTLED (ask again after ``retry_after_s``)
@@ -36,7 +37,9 @@ Exceptions::
         │   ├── RouteNotFound           NOT_FOUND
         │   ├── WalletNotFound          WALLET_NOT_FOUND
         │   ├── TransferNotFound        TRANSFER_NOT_FOUND
-        │   └── HoldNotFound            HOLD_NOT_FOUND
+        │   ├── HoldNotFound            HOLD_NOT_FOUND
+        │   ├── WebhookNotFound         WEBHOOK_NOT_FOUND
+        │   └── DeliveryNotFound        DELIVERY_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
         │   ├── WalletAlreadyExists     WALLET_ALREADY_EXISTS
         │   ├── WalletFrozen            WALLET_FROZEN: a debit of a FROZEN wallet
@@ -46,6 +49,7 @@ Exceptions::
         │   ├── InsufficientFunds       INSUFFICIENT_FUNDS
         │   ├── BalanceLimitExceeded    BALANCE_LIMIT_EXCEEDED
         │   ├── TooManyHolds            TOO_MANY_HOLDS
+        │   ├── TooManyWebhooks         TOO_MANY_WEBHOOKS
         │   ├── CaptureExceedsHold      CAPTURE_EXCEEDS_HOLD
         │   └── HoldNotPending          a capture or void of a hold that cannot be resolved:
         │       ├── HoldExpired             HOLD_EXPIRED
@@ -84,6 +88,7 @@ __all__ = [
     "BalanceLimitExceeded",
     "CaptureExceedsHold",
     "CloseBlocked",
+    "DeliveryNotFound",
     "Forbidden",
     "HoldAlreadyCaptured",
     "HoldAlreadyVoided",
@@ -99,6 +104,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransferId",
     "InvalidWalletId",
+    "InvalidWebhookId",
     "MethodNotAllowed",
     "NotFound",
     "NotOwner",
@@ -118,6 +124,7 @@ __all__ = [
     "TooManyHolds",
     "TooManyItems",
     "TooManyStreams",
+    "TooManyWebhooks",
     "TransferNotFound",
     "TransportError",
     "Unauthorized",
@@ -130,6 +137,7 @@ __all__ = [
     "WalletFrozen",
     "WalletNotFound",
     "WalletdError",
+    "WebhookNotFound",
     "class_for_status",
     "problem_error",
 ]
@@ -297,8 +305,24 @@ class HoldNotFound(NotFound):
     """No hold has this id."""
 
 
+class InvalidWebhookId(InvalidId):
+    pass
+
+
+class WebhookNotFound(NotFound):
+    pass
+
+
+class DeliveryNotFound(NotFound):
+    pass
+
+
 class Refused(ProblemError):
     """A business refusal decided by the engine; a retry with the same key replays it."""
+
+
+class TooManyWebhooks(Refused):
+    """409 TOO_MANY_WEBHOOKS: the server keeps webhook_subscriptions_max at most."""
 
 
 class WalletAlreadyExists(Refused):
@@ -438,6 +462,10 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "UNAVAILABLE": Unavailable,
     "OVERLOADED": Overloaded,
     "NOT_OWNER": NotOwner,
+    "INVALID_WEBHOOK_ID": InvalidWebhookId,
+    "WEBHOOK_NOT_FOUND": WebhookNotFound,
+    "DELIVERY_NOT_FOUND": DeliveryNotFound,
+    "TOO_MANY_WEBHOOKS": TooManyWebhooks,
     "INTERNAL_ERROR": InternalError,
 }
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from walletd.engine.router import Engine
-from walletd.http import feed, health, listings, routes_v1
+from walletd.http import feed, health, listings, routes_v1, webhooks
 from walletd.http.docs_page import add_docs_routes
 from walletd.http.edge import Middleware, auth_middleware, edge_middleware, is_protected_path
 from walletd.http.forwarding import FORWARDER_KEY, Forwarder
@@ -63,6 +64,9 @@ def create_app(
         streams.closing.set()
 
     app.on_shutdown.append(end_streams)
+    sender = webhooks.WebhookSender(settings.webhooks)
+    app[webhooks.WEBHOOKS_KEY] = sender
+    metrics.registry.register(webhooks.WebhookSenderCollector(sender))
 
     def running_engine() -> Engine | None:
         return state.running.engine if state.running is not None else None
@@ -70,7 +74,10 @@ def create_app(
     metrics.watch_engine(running_engine)
 
     async def run_services(_app: web.Application) -> AsyncIterator[None]:
-        async with services() as running:
+        async with services() as running, contextlib.AsyncExitStack() as stack:
+            if running.webhooks is not None:
+                # Its own tasks and read-pool connections: never on the write path.
+                await stack.enter_async_context(sender.running(running.webhooks, running.reader))
             state.attach(running)
             try:
                 yield
@@ -82,6 +89,7 @@ def create_app(
     app.router.add_routes(routes_v1.routes)
     app.router.add_routes(feed.routes)
     app.router.add_routes(listings.routes)
+    app.router.add_routes(webhooks.routes)
     app.router.add_routes(health.routes)
     app.on_response_prepare.append(health.close_while_draining)
     app.router.add_get(METRICS_PATH, metrics_handler(metrics), allow_head=False)

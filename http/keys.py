@@ -12,7 +12,9 @@ scope allows::
     move     deposits and withdrawals, bulk, transfers, holds (create, capture, void)
     feed     the change feed: GET /api/v1/events and its SSE stream
     admin    PATCH /api/v1/wallets/{id}: freeze, unfreeze or close a wallet, set its
-             overdraft limit (moves no money, but decides who may move it and how far)
+             overdraft limit (moves no money, but decides who may move it and how far);
+             webhook subscriptions (/api/v1/webhooks): where the feed is sent, their
+             attempts log and redelivery (moves no money, but sends every event out)
 
 ``admin`` is apart from every other scope: a key that moves money cannot lift a freeze or
 grant itself credit. A bare secret holds every scope, ``admin`` included (it held every

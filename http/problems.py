@@ -77,6 +77,10 @@ TITLES: Final = {
     "CLOSE_BLOCKED": "Wallet cannot close",
     "OVERDRAFT_LIMIT_IN_USE": "Overdraft limit in use",
     "PRECONDITION_FAILED": "Precondition failed",
+    "INVALID_WEBHOOK_ID": "Invalid webhook id",
+    "WEBHOOK_NOT_FOUND": "Webhook not found",
+    "DELIVERY_NOT_FOUND": "Delivery not found",
+    "TOO_MANY_WEBHOOKS": "Too many webhooks",
 }
 
 FieldError = dict[str, str]

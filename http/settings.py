@@ -7,11 +7,43 @@ from typing import Final
 
 from walletd.http.keys import ApiKey
 
-__all__ = ["LISTING_LIMIT_MAX", "HttpSettings"]
+__all__ = ["LISTING_LIMIT_MAX", "HttpSettings", "WebhookSettings"]
 
 # The largest page a listing may be configured to serve: a page reads at most
 # 4 x (limit + 1) rows (http/listings.py), and its body holds them all.
 LISTING_LIMIT_MAX: Final = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """The webhook sender's bounds (http/webhooks.py); each knob is in cli/config.py."""
+
+    # Hosts webhooks may be sent to (lowercase names or IP literals); empty = any host
+    # whose every address is public (no loopback, private, link-local or reserved one).
+    allowed_hosts: frozenset[str] = frozenset()
+    subscriptions_max: int = 100
+    # Subscriptions this process delivers at once (each one request at a time).
+    in_flight_max: int = 16
+    timeout_s: float = 10.0
+    retry_period_s: float = 3 * 24 * 3600.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 3600.0
+    poll_interval_s: float = 1.0
+    lease_ttl_s: float = 15.0
+    page_events: int = 100
+    deliveries_kept: int = 100
+
+    def __post_init__(self) -> None:
+        if self.subscriptions_max < 1 or self.in_flight_max < 1:
+            raise ValueError("webhook subscriptions_max and in_flight_max must be at least 1")
+        if min(self.timeout_s, self.backoff_initial_s, self.poll_interval_s) <= 0:
+            raise ValueError("webhook timeout, backoff and poll interval must be positive")
+        if self.backoff_max_s < self.backoff_initial_s or self.retry_period_s <= 0:
+            raise ValueError("webhook backoff_max_s must be >= backoff_initial_s, retry > 0")
+        if not 1.0 <= self.lease_ttl_s <= 600:
+            raise ValueError("webhook lease_ttl_s must be within 1..600")
+        if self.page_events < 1 or not 1 <= self.deliveries_kept <= 1000:
+            raise ValueError("webhook page_events must be at least 1, deliveries_kept 1..1000")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +74,7 @@ class HttpSettings:
     as_of_wait_s: float = 5.0
     forward_timeout_s: float = 10.0
     forward_connections_max: int = 64
+    webhooks: WebhookSettings = WebhookSettings()
 
     def __post_init__(self) -> None:
         if self.body_bytes_max < 1024:

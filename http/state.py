@@ -15,6 +15,7 @@ from aiohttp import web
 from walletd.engine.log_reads import LogReader
 from walletd.engine.ports import WalletLog
 from walletd.engine.router import Engine
+from walletd.engine.webhooks import WebhookStore
 from walletd.http.metrics import Metrics
 from walletd.http.settings import HttpSettings
 
@@ -35,6 +36,8 @@ class Services:
     # Gives this process's shards to the others before it stops (SIGTERM), bounded by the
     # seconds given; True once done. None when there is nothing to hand over.
     hand_over: Callable[[float], Awaitable[bool]] | None = None
+    # Webhook subscriptions, cursors and attempts (http/webhooks.py); None: no webhooks.
+    webhooks: WebhookStore | None = None
 
 
 ServicesFactory = Callable[[], AbstractAsyncContextManager[Services]]

@@ -42,6 +42,7 @@ from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.embedded import EmbeddedPostgres
 from walletd.persistence.log_reads import PostgresLogReader
 from walletd.persistence.postgres_log import PostgresLog
+from walletd.persistence.webhooks import PostgresWebhookStore
 
 # Audit events (PEP 578) raised by everything that starts a program or forks this one.
 _PROCESS_EVENTS = frozenset(
@@ -172,7 +173,9 @@ async def running_services(
         return None if engine.accepting else "engine stopped"
 
     try:
-        yield Services(engine, log, ready, PostgresLogReader(pool))
+        yield Services(
+            engine, log, ready, PostgresLogReader(pool), webhooks=PostgresWebhookStore(pool)
+        )
     finally:
         await engine.stop()
         await pool.close()

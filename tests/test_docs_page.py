@@ -56,6 +56,13 @@ V1_OPERATIONS: Final = {
     ("get", "/api/v1/wallets"),
     ("get", "/api/v1/transfers"),
     ("get", "/api/v1/holds"),
+    ("post", "/api/v1/webhooks"),
+    ("get", "/api/v1/webhooks"),
+    ("get", "/api/v1/webhooks/{webhook_id}"),
+    ("patch", "/api/v1/webhooks/{webhook_id}"),
+    ("delete", "/api/v1/webhooks/{webhook_id}"),
+    ("get", "/api/v1/webhooks/{webhook_id}/deliveries"),
+    ("post", "/api/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/redeliver"),
 }
 OPEN_OPERATIONS: Final = {
     ("get", "/healthz"),
