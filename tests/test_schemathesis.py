@@ -42,6 +42,7 @@ def _intended_refusal(response: Any) -> bool:
     cursor the server did not issue for the request's filters; an If-Match naming another
     version than the wallet's (it depends on the wallet's state); a webhook URL the
     destination guard refuses (its allowlist and DNS are the server's configuration)."""
+    if response.status_code == 412:
         return bool(response.json().get("code") == "PRECONDITION_FAILED")
     if response.status_code != 422:
         return False
