@@ -14,7 +14,9 @@ from typing import Final, NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import (
+    NO_METADATA,
     HoldRecord,
+    Metadata,
     OperationKind,
     TransferRecord,
     TransferStatus,
@@ -110,10 +112,14 @@ class Operation(Protocol):
     def idempotency_key(self) -> str | None: ...
     @property
     def reference(self) -> str | None: ...
+    @property
+    def metadata(self) -> Metadata: ...
 
 
 class ApplyOperation:
-    __slots__ = ("actor", "amount", "idempotency_key", "kind", "reference", "reply", "wallet_id")
+    __slots__ = (
+        "actor", "amount", "idempotency_key", "kind", "metadata", "reference", "reply", "wallet_id",
+    )  # fmt: skip
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
 
@@ -126,6 +132,7 @@ class ApplyOperation:
         reply: asyncio.Future[Reply],
         reference: str | None = None,
         actor: str | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
@@ -135,6 +142,7 @@ class ApplyOperation:
         self.reference = reference
         # The API key's name, recorded on the row (model.OperationRecord.actor).
         self.actor = actor
+        self.metadata = metadata
 
 
 class ApplyOperations:
@@ -160,7 +168,7 @@ class ApplyOperations:
 
 
 class CreateWallet:
-    __slots__ = ("fingerprint", "idempotency_key", "reply", "wallet_id")
+    __slots__ = ("fingerprint", "idempotency_key", "metadata", "reply", "wallet_id")
     weight = 1
 
     def __init__(
@@ -169,12 +177,15 @@ class CreateWallet:
         idempotency_key: str | None,
         fingerprint: str,
         reply: asyncio.Future[Reply],
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.idempotency_key = idempotency_key
-        # What distinguishes one creation request from another under the same key.
+        # What distinguishes one creation request from another under the same key (the
+        # metadata included: engine/router.py create_wallet).
         self.fingerprint = fingerprint
         self.reply = reply
+        self.metadata = metadata
 
 
 def transfer_leg_key(kind: OperationKind, transfer_id: UUID) -> str:
@@ -246,6 +257,10 @@ class TransferLeg:
     def reference(self) -> str | None:
         return self.transfer.reference
 
+    @property
+    def metadata(self) -> Metadata:
+        return self.transfer.metadata
+
 
 def hold_key(kind: OperationKind, hold_id: UUID) -> str:
     """The log key of a HOLD / CAPTURE / RELEASE row of a hold: like a transfer leg's, it
@@ -270,8 +285,8 @@ class HoldCommand:
     a capture or void and what that request was, stored on the hold."""
 
     __slots__ = ("action", "actor", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
-                 "log_key", "reference", "reply", "shard", "to_wallet_id", "transfer_id",
-                 "wallet_id")  # fmt: skip
+                 "log_key", "metadata", "reference", "reply", "shard", "to_wallet_id",
+                 "transfer_id", "wallet_id")  # fmt: skip
     weight = 1
 
     def __init__(
@@ -290,8 +305,10 @@ class HoldCommand:
         to_wallet_id: UUID | None = None,
         transfer_id: UUID | None = None,
         actor: str | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.action = action
+        self.metadata = metadata  # a creation's (a resolution carries the hold's own)
         self.actor = actor  # the key's name on the rows it writes; None for the sweep
         # A capture into another wallet opens this transfer (engine/holds.py).
         self.to_wallet_id = to_wallet_id

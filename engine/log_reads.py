@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 from uuid import UUID
 
-from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.model import NO_METADATA, Metadata, OperationKind, OperationRecord
 
 __all__ = [
     "FeedEvent",
@@ -85,6 +85,7 @@ class WalletAsOf:
     created_at_us: int
     updated_at_us: int
     held: int = 0  # held after that operation
+    metadata: Metadata = NO_METADATA  # the wallet's at that instant
 
 
 @dataclass(frozen=True, slots=True)

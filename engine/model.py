@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 from uuid import UUID
 
 __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
+    "NO_METADATA",
     "Batch",
     "HoldRecord",
     "HoldStatus",
     "HoldUpdate",
+    "Metadata",
     "NewWallet",
     "OperationKind",
     "OperationRecord",
@@ -33,7 +35,22 @@ __all__ = [
     "TransferUpdate",
     "WalletRecord",
     "WalletView",
+    "as_metadata",
 ]
+
+
+# A client's metadata object (wallets, operations, transfers, holds): its (key, value) pairs
+# sorted by key. Immutable and hashable like the records that carry it, and one spelling
+# per object, so two requests carry the same metadata exactly when their tuples are equal
+# (an idempotent retry is compared so). Bounds: engine/bounds.py storable_metadata.
+Metadata = tuple[tuple[str, str], ...]
+# No metadata: an empty object and an absent one are the same.
+NO_METADATA: Final[Metadata] = ()
+
+
+def as_metadata(mapping: dict[str, str]) -> Metadata:
+    """The one spelling of a metadata object (its pairs sorted by key)."""
+    return tuple(sorted(mapping.items())) if mapping else NO_METADATA
 
 
 class OperationKind(enum.IntEnum):
@@ -99,6 +116,7 @@ class WalletView(NamedTuple):
     updated_at_us: int
     # The part of ``balance`` that PENDING holds reserve; available = balance - held.
     held: int = 0
+    metadata: Metadata = NO_METADATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +133,12 @@ class WalletRecord:
     held: int = 0
     # Its PENDING holds, loaded with it (their amounts sum to ``held``).
     holds: tuple[HoldRecord, ...] = ()
+    metadata: Metadata = NO_METADATA
 
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held,
+            self.held, self.metadata,
         )  # fmt: skip
 
 
@@ -139,6 +158,9 @@ class OperationRecord(NamedTuple):
     # The name of the API key whose request wrote the row (a transfer's legs: the key that
     # asked for the transfer); None when auth is off, or for the expiry sweep's releases.
     actor: str | None = None
+    # The metadata of what wrote the row, fixed at its creation and part of the request's
+    # identity like ``reference``: the operation's own, or its transfer's or hold's.
+    metadata: Metadata = NO_METADATA
 
 
 class RefusalRecord(NamedTuple):
@@ -159,6 +181,7 @@ class RefusalRecord(NamedTuple):
     created_at_us: int
     reference: str | None = None
     actor: str | None = None  # as OperationRecord.actor
+    metadata: Metadata = NO_METADATA  # as OperationRecord.metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +190,7 @@ class NewWallet:
     created_at_us: int
     create_idempotency_key: str | None
     create_fingerprint: str
+    metadata: Metadata = NO_METADATA
 
 
 class SnapshotUpdate(NamedTuple):
@@ -202,6 +226,9 @@ class HoldRecord(NamedTuple):
     resolve_fingerprint: str | None
     created_at_us: int
     updated_at_us: int
+    # Fixed at creation; stored on its HOLD row and carried by its CAPTURE / RELEASE rows
+    # (and by the transfer a capture into another wallet opens), as ``reference`` is.
+    metadata: Metadata = NO_METADATA
 
 
 class HoldUpdate(NamedTuple):
@@ -232,6 +259,9 @@ class TransferRecord(NamedTuple):
     # The API key that asked for the transfer (or the capture that opened it): every leg's
     # row carries it, on whichever process applies the leg. Stored as the debit row's actor.
     actor: str | None = None
+    # Fixed at the request, part of its identity; every leg's row carries it, and the
+    # transfer's is its debit row's (like ``actor``).
+    metadata: Metadata = NO_METADATA
 
 
 class TransferUpdate(NamedTuple):

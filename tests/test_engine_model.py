@@ -8,7 +8,9 @@ flight with the first failing, transfers through the engine (replayed, reused id
 and refunded, with failed and ambiguous credit or refund commits, finished by a re-drive or
 by the recovery of a restart), holds (created with and without keys, captured in part or
 whole, voided, refused past their expiry by a clock the test moves, released by the sweep
-and by the sweep of a restart, with failed and ambiguous commits), and restarts, across
+and by the sweep of a restart, with failed and ambiguous commits), metadata on wallets
+and on operations (carried to the log, fixed at creation: a keyed retry with other metadata
+is a reuse of the key), and restarts, across
 several wallets on several shards with a
 tiny resident bound (so passivation runs all the time) and more idempotency keys than the
 key cache holds (so keys are forgotten and looked up again). After every step the log must
@@ -59,7 +61,9 @@ from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
 from walletd.engine.model import (
     CREDIT_KINDS,
+    NO_METADATA,
     HoldStatus,
+    Metadata,
     OperationKind,
     OperationRecord,
     TransferStatus,
@@ -97,6 +101,9 @@ wallets = st.sampled_from(WALLETS)
 kinds = st.sampled_from([OperationKind.DEPOSIT, OperationKind.WITHDRAW])
 amounts = st.integers(min_value=1, max_value=50)
 keys = st.none() | st.sampled_from(KEYS)
+# Few values, so a keyed retry often brings the same metadata and sometimes another.
+metas = st.sampled_from([NO_METADATA, (("order", "1"),), (("order", "2"),),
+                         (("a", "x"), ("order", "1"))])  # fmt: skip
 transfer_ids = st.sampled_from(TRANSFER_IDS)
 OPERATION_KINDS = (OperationKind.DEPOSIT, OperationKind.WITHDRAW)
 OUT, IN = OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN
@@ -128,6 +135,7 @@ class _Op:
     balance_after: int
     key: str | None
     held_after: int = 0
+    metadata: Metadata = NO_METADATA
 
 
 @dataclass
@@ -152,6 +160,7 @@ class _Refusal:
     amount: int
     outcome: Outcome
     balance_seen: int
+    metadata: Metadata = NO_METADATA
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,8 @@ class Model:
     history: dict[UUID, list[_Op]] = field(default_factory=dict)
     keyed: dict[tuple[UUID, str], _Op | _Refusal] = field(default_factory=dict)
     create_keys: dict[str, UUID] = field(default_factory=dict)
+    wallet_metadata: dict[UUID, Metadata] = field(default_factory=dict)
+    create_key_metadata: dict[str, Metadata] = field(default_factory=dict)
     # transfer id -> [from, to, amount, status, failure code]
     transfers: dict[UUID, list[object]] = field(default_factory=dict)
     external: int = 0  # deposits - withdrawals - captures
@@ -371,14 +382,19 @@ class Model:
         return [t for t, v in self.transfers.items() if v[3] is TransferStatus.PENDING]
 
     def expect_apply(
-        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None
+        self,
+        wallet: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str | None,
+        metadata: Metadata = NO_METADATA,
     ) -> Expect:
         """What the command gets, without changing the model."""
         if wallet not in self.balances:
             return Expect(Outcome.WALLET_NOT_FOUND)
         if key is not None and (wallet, key) in self.keyed:
             earlier = self.keyed[(wallet, key)]
-            if (earlier.kind, earlier.amount) != (kind, amount):
+            if (earlier.kind, earlier.amount, earlier.metadata) != (kind, amount, metadata):
                 return Expect(Outcome.IDEMPOTENCY_KEY_REUSED)
             if isinstance(earlier, _Refusal):
                 return Expect(earlier.outcome, earlier.balance_seen, replayed=True)
@@ -396,12 +412,18 @@ class Model:
         return Expect(Outcome.OK, balance + amount, writes=True)
 
     def apply(
-        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None, expect: Expect
+        self,
+        wallet: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str | None,
+        expect: Expect,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         """Take the effect of a command that got ``expect``."""
         if expect.writes:
             assert expect.balance is not None
-            op = _Op(kind, amount, expect.balance, key, self.held(wallet))
+            op = _Op(kind, amount, expect.balance, key, self.held(wallet), metadata)
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
             self.external += amount if kind is OperationKind.DEPOSIT else -amount
@@ -410,21 +432,27 @@ class Model:
         elif expect.records:
             assert key is not None
             assert expect.balance is not None
-            self.keyed[(wallet, key)] = _Refusal(kind, amount, expect.outcome, expect.balance)
+            self.keyed[(wallet, key)] = _Refusal(
+                kind, amount, expect.outcome, expect.balance, metadata
+            )
 
-    def expect_create(self, wallet: UUID, key: str | None) -> tuple[Outcome, bool]:
+    def expect_create(
+        self, wallet: UUID, key: str | None, metadata: Metadata = NO_METADATA
+    ) -> tuple[Outcome, bool]:
         if key is not None and key in self.create_keys:
-            same = self.create_keys[key] == wallet
+            same = (self.create_keys[key], self.create_key_metadata[key]) == (wallet, metadata)
             return (Outcome.CREATED if same else Outcome.IDEMPOTENCY_KEY_REUSED), False
         if wallet in self.balances:
             return Outcome.WALLET_ALREADY_EXISTS, False
         return Outcome.CREATED, True
 
-    def create(self, wallet: UUID, key: str | None) -> None:
+    def create(self, wallet: UUID, key: str | None, metadata: Metadata = NO_METADATA) -> None:
         self.balances[wallet] = 0
         self.history[wallet] = []
+        self.wallet_metadata[wallet] = metadata
         if key is not None:
             self.create_keys[key] = wallet
+            self.create_key_metadata[key] = metadata
 
 
 def _client_keyed(model: Model) -> list[tuple[tuple[UUID, str], _Op | _Refusal]]:
@@ -453,6 +481,7 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
     for wallet, balance in model.balances.items():
         stored = log.wallets[wallet]
         assert stored.balance == balance >= 0
+        assert stored.metadata == model.wallet_metadata[wallet]
         held = model.held(wallet)
         assert stored.held == held <= balance
         assert held == sum(h.amount for h in log.holds.values()
@@ -460,16 +489,20 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
         ops = log.operations.get(wallet, [])
         assert sum(signed_balance(o.kind, o.amount) for o in ops) == balance
         assert sum(signed_held(o.kind, o.amount) for o in ops) == held
-        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key, o.held_after)
+        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key, o.held_after, o.metadata)
                 for o in ops] == [
-            (o.kind, o.amount, o.balance_after, o.key, o.held_after)
+            (o.kind, o.amount, o.balance_after, o.key, o.held_after, o.metadata)
             for o in model.history[wallet]
         ]  # fmt: skip
         assert [o.seq for o in ops] == list(range(1, len(ops) + 1))
     refusals = {k: v for k, v in model.keyed.items() if isinstance(v, _Refusal)}
     assert {
-        k: (r.kind, r.amount, r.reason.name, r.balance_seen) for k, r in log.refusals.items()
-    } == {k: (r.kind, r.amount, r.outcome.name, r.balance_seen) for k, r in refusals.items()}
+        k: (r.kind, r.amount, r.reason.name, r.balance_seen, r.metadata)
+        for k, r in log.refusals.items()
+    } == {
+        k: (r.kind, r.amount, r.outcome.name, r.balance_seen, r.metadata)
+        for k, r in refusals.items()
+    }
     assert {
         h.hold_id: (h.wallet_id, h.amount, h.status, h.captured, h.create_key, h.resolve_key)
         for h in log.holds.values()
@@ -509,21 +542,33 @@ class EngineMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------
 
-    @rule(wallet=wallets, key=keys)
-    def create(self, wallet: UUID, key: str | None) -> None:
-        expected, writes = self.model.expect_create(wallet, key)
-        _id, reply = self._run(self.engine.create_wallet(wallet, key))
+    @rule(wallet=wallets, key=keys, metadata=metas)
+    def create(self, wallet: UUID, key: str | None, metadata: Metadata) -> None:
+        """A creation; its metadata is part of a keyed request's identity, and every reply
+        of the wallet carries it."""
+        expected, writes = self.model.expect_create(wallet, key, metadata)
+        _id, reply = self._run(self.engine.create_wallet(wallet, key, metadata))
         assert reply.outcome is expected, (reply, expected)
+        if expected is Outcome.CREATED:
+            assert reply.wallet is not None
+            assert reply.wallet.metadata == metadata
         if writes:
-            self.model.create(wallet, key)
+            self.model.create(wallet, key, metadata)
 
-    @rule(wallet=wallets, kind=kinds, amount=amounts, key=keys)
-    def apply(self, wallet: UUID, kind: OperationKind, amount: int, key: str | None) -> None:
-        expected = self.model.expect_apply(wallet, kind, amount, key)
-        reply = self._run(self.engine.apply(wallet, kind, amount, key))
+    @rule(wallet=wallets, kind=kinds, amount=amounts, key=keys, metadata=metas)
+    def apply(
+        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None, metadata: Metadata
+    ) -> None:
+        """An operation with metadata: stored on its row (or recorded refusal), fixed, and a
+        keyed retry with other metadata is IDEMPOTENCY_KEY_REUSED. The reply is the wallet,
+        with the wallet's own metadata."""
+        expected = self.model.expect_apply(wallet, kind, amount, key, metadata)
+        reply = self._run(self.engine.apply(wallet, kind, amount, key, None, None, metadata))
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
-        self.model.apply(wallet, kind, amount, key, expected)
+        if reply.wallet is not None:
+            assert reply.wallet.metadata == self.model.wallet_metadata[wallet]
+        self.model.apply(wallet, kind, amount, key, expected, metadata)
 
     @rule(
         ops=st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=2, max_size=12),
@@ -615,9 +660,30 @@ class EngineMachine(RuleBasedStateMachine):
         """A retry of a decided keyed operation (applied or refused) replays its original
         result exactly, also after its key left the bounded cache."""
         (wallet, key), earlier = data.draw(st.sampled_from(_client_keyed(self.model)))
-        expected = self.model.expect_apply(wallet, earlier.kind, earlier.amount, key)
+        expected = self.model.expect_apply(
+            wallet, earlier.kind, earlier.amount, key, earlier.metadata
+        )
         assert expected.replayed
-        reply = self._run(self.engine.apply(wallet, earlier.kind, earlier.amount, key))
+        reply = self._run(
+            self.engine.apply(
+                wallet, earlier.kind, earlier.amount, key, None, None, earlier.metadata
+            )
+        )
+        assert isinstance(reply, Reply)
+        _check_apply(reply, expected)
+
+    @precondition(lambda self: bool(_client_keyed(self.model)))
+    @rule(data=st.data(), metadata=metas)
+    def retry_keyed_with_other_metadata(self, data: st.DataObject, metadata: Metadata) -> None:
+        """A retry of a decided keyed operation with the same kind and amount and other
+        metadata is a reuse of the key (422), also for a recorded refusal and after the key
+        left the cache; with the same metadata it replays."""
+        (wallet, key), earlier = data.draw(st.sampled_from(_client_keyed(self.model)))
+        expected = self.model.expect_apply(wallet, earlier.kind, earlier.amount, key, metadata)
+        assert expected.replayed or expected.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+        reply = self._run(
+            self.engine.apply(wallet, earlier.kind, earlier.amount, key, None, None, metadata)
+        )
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
 
@@ -744,8 +810,8 @@ class EngineMachine(RuleBasedStateMachine):
         """Two funded wallets from the start: holds, captures and their refusals need money
         (few random runs would create and fund a wallet before holding on it)."""
         for wallet in WALLETS[:2]:
-            self.create(wallet, None)
-            self.apply(wallet, OperationKind.DEPOSIT, deposit, None)
+            self.create(wallet, None, NO_METADATA)
+            self.apply(wallet, OperationKind.DEPOSIT, deposit, None, NO_METADATA)
 
     def _wallets(self) -> st.SearchStrategy[UUID]:
         """Mostly wallets that exist (holds on them are what can go wrong)."""
