@@ -134,6 +134,15 @@ def _instant_text(instant: Instant, name: str) -> str:
     return instant.isoformat()
 
 
+def _metadata(value: Any) -> dict[str, str]:
+    """A metadata object as sent (an absent one, from a server before metadata: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnexpectedResponse(f"metadata is not an object: {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -151,6 +160,8 @@ class Wallet:
     held: Decimal = Decimal(0)
     # The instant asked for, on a read with ``as_of``.
     as_of: datetime | None = None
+    # The wallet's metadata (empty when it has none: walletd then sends no field).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Wallet:
@@ -165,6 +176,7 @@ class Wallet:
                 available=_decimal(body.get("available", body["balance"]), "available"),
                 held=_decimal(body.get("held", "0.00"), "held"),
                 as_of=None if as_of is None else _timestamp(as_of, "as_of"),
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -185,6 +197,8 @@ class Operation:
     transfer_id: str | None = None  # on a transfer's legs
     hold_id: str | None = None  # on HOLD, CAPTURE and RELEASE rows
     reference: str | None = None
+    # What wrote the row: the operation's metadata, or its transfer's or hold's.
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Operation:
@@ -202,6 +216,7 @@ class Operation:
                 transfer_id=_optional_text(body.get("transfer_id")),
                 hold_id=_optional_text(body.get("hold_id")),
                 reference=_optional_text(body.get("reference")),
+                metadata=_metadata(body.get("metadata")),
             )
         except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
             raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
@@ -220,6 +235,7 @@ class Transfer:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -235,6 +251,7 @@ class Transfer:
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
@@ -258,6 +275,7 @@ class Hold:
     to_wallet_id: str | None = None
     transfer_id: str | None = None
     transfer: Transfer | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
@@ -278,6 +296,7 @@ class Hold:
                 to_wallet_id=_optional_text(body.get("to_wallet_id")),
                 transfer_id=_optional_text(body.get("transfer_id")),
                 transfer=None if transfer is None else Transfer.from_json(transfer),
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
@@ -336,6 +355,7 @@ class BulkItem:
     amount: Amount
     idempotency_key: str | None = None
     reference: str | None = None
+    metadata: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         item: dict[str, Any] = {
@@ -347,6 +367,8 @@ class BulkItem:
             item["idempotency_key"] = self.idempotency_key
         if self.reference is not None:
             item["reference"] = self.reference
+        if self.metadata:
+            item["metadata"] = dict(self.metadata)
         return item
 
 
@@ -434,10 +456,17 @@ class WalletdClient:
     # -- wallets and their operations ------------------------------------------------------
 
     async def create_wallet(
-        self, wallet_id: str | uuid.UUID | None = None, *, idempotency_key: str | None = None
+        self,
+        wallet_id: str | uuid.UUID | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Wallet:
-        """Creates a wallet, with the id given or one walletd picks."""
-        body = None if wallet_id is None else {"id": str(wallet_id)}
+        """Creates a wallet, with the id given or one walletd picks, and your ``metadata``
+        (strings; at most 50 keys of 1-40 characters, values of at most 500)."""
+        body: dict[str, Any] | None = None if wallet_id is None else {"id": str(wallet_id)}
+        if metadata:
+            body = {**(body or {}), "metadata": dict(metadata)}
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )
@@ -460,11 +489,14 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Wallet:
-        """Adds ``amount``; ``reference`` (yours, 1-255 characters) is kept in the history
-        and the feed, and is part of what the key compares."""
-        return await self._operate(wallet_id, "DEPOSIT", amount, reference, idempotency_key)
+        """Adds ``amount``; ``reference`` (yours, 1-255 characters) and ``metadata`` are
+        kept in the history and the feed, and are part of what the key compares."""
+        return await self._operate(
+            wallet_id, "DEPOSIT", amount, reference, idempotency_key, metadata
+        )
 
     async def withdraw(
         self,
@@ -472,10 +504,13 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Wallet:
         """Takes ``amount`` out of the available money (InsufficientFunds if short)."""
-        return await self._operate(wallet_id, "WITHDRAW", amount, reference, idempotency_key)
+        return await self._operate(
+            wallet_id, "WITHDRAW", amount, reference, idempotency_key, metadata
+        )
 
     async def history(
         self,
@@ -567,6 +602,7 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         transfer_id: str | uuid.UUID | None = None,
         idempotency_key: str | None = None,
     ) -> Transfer:
@@ -583,6 +619,8 @@ class WalletdClient:
         }
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         if transfer_id is not None:
             body["id"] = str(transfer_id)
         answer = await self._call(
@@ -603,6 +641,7 @@ class WalletdClient:
         *,
         expires_in_s: int | None = None,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Hold:
         """Reserves ``amount`` of the wallet's available money (a PENDING hold). The key
@@ -612,6 +651,8 @@ class WalletdClient:
             body["expires_in_s"] = expires_in_s
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         answer = await self._call(
             "POST", f"/wallets/{_segment(wallet_id)}/holds", body,
             idempotency_key=idempotency_key or new_idempotency_key(),
@@ -753,10 +794,13 @@ class WalletdClient:
         amount: Amount,
         reference: str | None,
         key: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Wallet:
-        body = {"operation_type": kind, "amount": _amount_text(amount)}
+        body: dict[str, Any] = {"operation_type": kind, "amount": _amount_text(amount)}
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         answer = await self._call(
             "POST",
             f"/wallets/{_segment(wallet_id)}/operation",

@@ -33,6 +33,7 @@ from walletd.http.settings import HttpSettings
 __all__ = [
     "DERIVED_KEY_SEPARATOR",
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "METADATA_KEY_PATTERN",
     "OPERATION_KINDS",
     "REFERENCE_LENGTH_MAX",
     "WALLET_ID_CACHE_ENTRIES_MAX",

@@ -22,15 +22,20 @@
 -- trailing arguments defaulting to NULL, so callers of the 30-argument form keep working.
 
 -- Whether a jsonb value is a metadata object within the bounds. A CHECK calls it only for a
--- non-NULL value (the OR short-circuits).
+-- non-NULL value (the OR short-circuits). PL/pgSQL, not SQL: the planner tries to inline a
+-- SQL function each time it prepares the CHECK, parsing its body, on every append, with or
+-- without metadata (measured: +14 µs of PostgreSQL CPU per hot deposit); a PL/pgSQL one is
+-- only called, and only for a row that has metadata.
 CREATE FUNCTION walletd_metadata_ok(metadata jsonb) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT jsonb_typeof(metadata) = 'object'
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN jsonb_typeof(metadata) = 'object'
        AND (SELECT count(*) <= 50
                    AND coalesce(bool_and(jsonb_typeof(e.value) = 'string'
                                          AND char_length(e.key) BETWEEN 1 AND 40
                                          AND char_length(e.value #>> '{}') <= 500), true)
-              FROM jsonb_each(metadata) AS e)
+              FROM jsonb_each(metadata) AS e);
+END;
 $$;
 
 ALTER TABLE wallets ADD COLUMN metadata jsonb;
