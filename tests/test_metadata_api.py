@@ -5,12 +5,14 @@ feed; fixed at creation and part of an idempotent request's identity."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import AppFactory
 from tests.test_transfers_api import new_wallet
 from walletd.engine.bounds import (
     METADATA_KEY_LENGTH_MAX,
@@ -212,3 +214,48 @@ async def test_a_refused_operation_is_replayed_only_with_its_metadata(client: Cl
     assert response.headers.get("Idempotent-Replayed") == "true"
     status, problem = await _post(client, path, {**body, "metadata": {"m": "2"}}, "refused")
     assert (status, problem["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+
+
+async def test_metadata_is_restored_after_a_restart(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """A second app on the same database reads every metadata back from PostgreSQL (the
+    wallet, history, transfer, hold, a PENDING hold's rows written after the restart), and
+    keyed retries compare against the stored metadata: same replays, other is 422."""
+    first: Client = await aiohttp_client(make_app())
+    status, wallet = await _post(first, "/api/v1/wallets", {"metadata": META}, "w-key")
+    assert status == 201
+    wallet_id = wallet["id"]
+    deposit = {"operation_type": "DEPOSIT", "amount": 20, "metadata": {"op": "1"}}
+    path = f"/api/v1/wallets/{wallet_id}/operation"
+    assert (await _post(first, path, deposit, "op-key"))[0] == 200
+    other = await new_wallet(first)
+    move = {"from_wallet_id": wallet_id, "to_wallet_id": other, "amount": 1, "metadata": META}
+    status, transfer = await _post(first, "/api/v1/transfers", move, "t-key")
+    assert status == 201
+    status, hold = await _post(
+        first, f"/api/v1/wallets/{wallet_id}/holds", {"amount": 2, "metadata": {"h": "1"}}
+    )
+    assert status == 201
+    await first.close()
+
+    second: Client = await aiohttp_client(make_app())
+    assert (await (await second.get(f"/api/v1/wallets/{wallet_id}")).json())["metadata"] == META
+    assert (await _post(second, "/api/v1/wallets", {"metadata": META}, "w-key"))[0] == 201
+    status, problem = await _post(second, "/api/v1/wallets", {"metadata": {"x": "y"}}, "w-key")
+    assert (status, problem["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    assert (await _post(second, path, deposit, "op-key"))[0] == 200
+    status, problem = await _post(second, path, {**deposit, "metadata": None}, "op-key")
+    assert (status, problem["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    read = await (await second.get(f"/api/v1/transfers/{transfer['id']}")).json()
+    assert read["metadata"] == META
+    assert (await _post(second, "/api/v1/transfers", move, "t-key"))[0] == 201
+    status, problem = await _post(second, "/api/v1/transfers", {**move, "metadata": {}}, "t-key")
+    assert (status, problem["code"]) == (422, "IDEMPOTENCY_KEY_REUSED")
+    status, voided = await _post(second, f"/api/v1/holds/{hold['id']}/void", {})
+    assert (status, voided["metadata"]) == (200, {"h": "1"})
+    history = await (await second.get(f"/api/v1/wallets/{wallet_id}/operations")).json()
+    assert history["items"][0]["operation_type"] == "RELEASE"
+    assert history["items"][0]["metadata"] == {"h": "1"}  # loaded with the PENDING hold
+    balance = (await (await second.get(f"/api/v1/wallets/{wallet_id}")).json())["balance"]
+    assert balance == "19.00"
