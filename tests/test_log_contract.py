@@ -337,3 +337,37 @@ async def server_database(server: PostgresServer) -> str:
     dsn = await server.create_database()
     await migrate_database(dsn)
     return dsn
+
+
+async def test_a_snapshot_may_carry_the_wallets_new_metadata(pg_server: PostgresServer) -> None:
+    """The slot a wallet metadata update uses (a merge, recorded by its own log row): a
+    snapshot move with metadata replaces the wallet's, one without (every money move, NULL)
+    leaves it, and the CHECK refuses one past the bounds."""
+    import asyncpg
+
+    dsn = await server_database(pg_server)
+    try:
+        pool = await create_pool(dsn, PoolSettings(size_max=1))
+        try:
+            log = PostgresLog(pool)
+            await log.append_batch(Batch(new_wallets=[NewWallet(A, T0, None, "", (("a", "1"),))]))
+            await log.append_batch(deposit(A, 1, 5, 5))
+            assert (await log.load_wallets([A]))[A].metadata == (("a", "1"),)
+            append = (
+                "SELECT walletd_append_batch('{}', '{}', '{}', '{}', $1, $2, $3, $4, $5, $6, $7,"
+                " $1, $8, $2, $5, $7, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}',"
+                " snap_metadata => $9::jsonb[])"
+            )
+            move = ([A], [2], [1], [1], [6], [None], [T0 + 2], [1])
+            await pool.execute(append, *move, ['{"a": "2", "b": "x"}'])
+            assert (await log.load_wallets([A]))[A].metadata == (("a", "2"), ("b", "x"))
+            with pytest.raises(asyncpg.CheckViolationError):
+                await pool.execute(
+                    append, [A], [3], [1], [1], [7], [None], [T0 + 3], [2], ['{"a": 1}']
+                )
+            stored = (await log.load_wallets([A]))[A]
+            assert (stored.balance, stored.metadata) == (6, (("a", "2"), ("b", "x")))
+        finally:
+            await pool.close()
+    finally:
+        await pg_server.drop_database(dsn)
