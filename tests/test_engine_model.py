@@ -152,6 +152,7 @@ class _Hold:
     captured: int = 0
     resolve_key: str | None = None
     resolve_fingerprint: str | None = None
+    metadata: Metadata = NO_METADATA  # on its HOLD, CAPTURE and RELEASE rows
 
 
 @dataclass
@@ -188,6 +189,8 @@ class Model:
     create_key_metadata: dict[str, Metadata] = field(default_factory=dict)
     # transfer id -> [from, to, amount, status, failure code]
     transfers: dict[UUID, list[object]] = field(default_factory=dict)
+    # transfer id -> its metadata, carried by each of its legs
+    transfer_metadata: dict[UUID, Metadata] = field(default_factory=dict)
     external: int = 0  # deposits - withdrawals - captures
     holds: dict[UUID, _Hold] = field(default_factory=dict)
     hold_keys: dict[tuple[UUID, str], UUID] = field(default_factory=dict)
@@ -203,12 +206,19 @@ class Model:
         return self.balances[wallet] - self.held(wallet)
 
     def move(
-        self, wallet: UUID, kind: OperationKind, amount: int, key: str, *, remember: bool = True
+        self,
+        wallet: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str,
+        *,
+        remember: bool = True,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         """Log one leg of a transfer, or one row of a hold."""
         balance = self.balances[wallet] + signed_balance(kind, amount)
         assert balance >= 0
-        op = _Op(kind, amount, balance, key)
+        op = _Op(kind, amount, balance, key, metadata=metadata)
         self.balances[wallet] = balance
         op.held_after = self.held(wallet)
         self.history[wallet].append(op)
@@ -221,17 +231,24 @@ class Model:
         return self.now - hold.created_at >= hold.expires_in_s * SECOND_US
 
     def expect_create_hold(
-        self, wallet: UUID, amount: int, expires_in_s: int, key: str | None
+        self,
+        wallet: UUID,
+        amount: int,
+        expires_in_s: int,
+        key: str | None,
+        metadata: Metadata = NO_METADATA,
     ) -> Outcome:
         if wallet not in self.balances:
             return Outcome.WALLET_NOT_FOUND
         if key is not None and (wallet, key) in self.hold_keys:
             earlier = self.holds[self.hold_keys[(wallet, key)]]
-            same = (earlier.amount, earlier.expires_in_s) == (amount, expires_in_s)
+            same = (earlier.amount, earlier.expires_in_s, earlier.metadata) == (
+                amount, expires_in_s, metadata,
+            )  # fmt: skip
             return Outcome.CREATED if same else Outcome.IDEMPOTENCY_KEY_REUSED
         refused = self.hold_refusal(wallet, key)
         if refused is not None:  # the recorded refusal of this key's creation
-            same = (refused.kind, refused.amount) == (HOLD, amount)
+            same = (refused.kind, refused.amount, refused.metadata) == (HOLD, amount, metadata)
             return Outcome.INSUFFICIENT_FUNDS if same else Outcome.IDEMPOTENCY_KEY_REUSED
         pending = [h for h in self.holds.values()
                    if h.wallet == wallet and h.status is HoldStatus.PENDING]  # fmt: skip
@@ -248,11 +265,13 @@ class Model:
         refused = self.keyed.get((wallet, hold_key(HOLD, hold_id)))
         return refused if isinstance(refused, _Refusal) else None
 
-    def refuse_hold(self, wallet: UUID, amount: int, key: str) -> None:
+    def refuse_hold(
+        self, wallet: UUID, amount: int, key: str, metadata: Metadata = NO_METADATA
+    ) -> None:
         """A keyed creation refused for funds is recorded under its HOLD row's key."""
         hold_id = new_hold_id(wallet, key, LIMITS.pipelines)
         self.keyed[(wallet, hold_key(HOLD, hold_id))] = _Refusal(
-            HOLD, amount, Outcome.INSUFFICIENT_FUNDS, self.available(wallet)
+            HOLD, amount, Outcome.INSUFFICIENT_FUNDS, self.available(wallet), metadata
         )
 
     def create_hold(
@@ -263,13 +282,16 @@ class Model:
         expires_in_s: int,
         key: str | None,
         expires_at_us: int,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         # Stamped from the same clock: the model's base plus the µs its readings ticked.
         assert 0 <= expires_at_us - self.now - expires_in_s * SECOND_US < CLOCK_STEP_US
-        self.holds[hold_id] = _Hold(wallet, amount, expires_in_s, self.now, expires_at_us, key)
+        self.holds[hold_id] = _Hold(
+            wallet, amount, expires_in_s, self.now, expires_at_us, key, metadata=metadata
+        )
         if key is not None:
             self.hold_keys[(wallet, key)] = hold_id
-        self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False)
+        self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False, metadata=metadata)
 
     def expect_resolve(
         self,
@@ -320,9 +342,9 @@ class Model:
             hold.resolve_key = key
             hold.resolve_fingerprint = resolve_fingerprint(action, amount, to_wallet)
             self.move(hold.wallet, RELEASE, hold.amount, hold_key(RELEASE, hold_id),
-                      remember=False)  # fmt: skip
+                      remember=False, metadata=hold.metadata)  # fmt: skip
             transfer_id = capture_transfer_id(hold_id)
-            self.debit(transfer_id, hold.wallet, to_wallet, captured)
+            self.debit(transfer_id, hold.wallet, to_wallet, captured, hold.metadata)
             self.finish(transfer_id)
             return
         hold.status = {
@@ -336,12 +358,13 @@ class Model:
         held = self.held(hold.wallet) + hold.amount  # before this resolution
         if captured:
             held -= captured
-            self.move(hold.wallet, CAPTURE, captured, hold_key(CAPTURE, hold_id), remember=False)
+            self.move(hold.wallet, CAPTURE, captured, hold_key(CAPTURE, hold_id), remember=False,
+                      metadata=hold.metadata)  # fmt: skip
             self.history[hold.wallet][-1].held_after = held
         if hold.amount - captured:
             held -= hold.amount - captured
             self.move(hold.wallet, RELEASE, hold.amount - captured, hold_key(RELEASE, hold_id),
-                      remember=False)  # fmt: skip
+                      remember=False, metadata=hold.metadata)  # fmt: skip
             self.history[hold.wallet][-1].held_after = held
 
     def due(self) -> list[UUID]:
@@ -361,9 +384,17 @@ class Model:
         assert isinstance(failure, str)
         return Outcome(failure), SIDE_TO
 
-    def debit(self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int) -> None:
-        self.move(sender, OUT, amount, transfer_leg_key(OUT, transfer_id))
+    def debit(
+        self,
+        transfer_id: UUID,
+        sender: UUID,
+        receiver: UUID,
+        amount: int,
+        metadata: Metadata = NO_METADATA,
+    ) -> None:
+        self.move(sender, OUT, amount, transfer_leg_key(OUT, transfer_id), metadata=metadata)
         self.transfers[transfer_id] = [sender, receiver, amount, TransferStatus.PENDING, None]
+        self.transfer_metadata[transfer_id] = metadata
 
     def finish(self, transfer_id: UUID) -> None:
         """Drive a PENDING transfer: credit, or refund when the receiver does not exist."""
@@ -371,11 +402,13 @@ class Model:
         assert isinstance(sender, UUID)
         assert isinstance(receiver, UUID)
         assert isinstance(amount, int)
+        metadata = self.transfer_metadata[transfer_id]
         if receiver in self.balances:
-            self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id))
+            self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id), metadata=metadata)
             self.transfers[transfer_id][3] = TransferStatus.COMPLETED
         else:
-            self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id))
+            self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id),
+                      metadata=metadata)  # fmt: skip
             self.transfers[transfer_id][3:] = [TransferStatus.FAILED, "WALLET_NOT_FOUND"]
 
     def pending(self) -> list[UUID]:
@@ -687,16 +720,23 @@ class EngineMachine(RuleBasedStateMachine):
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
 
-    @rule(transfer_id=transfer_ids, sender=wallets, receiver=wallets, amount=amounts)
-    def transfer(self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int) -> None:
-        """A transfer, new or a retry of its id: the saga's answer and rows as the model's."""
+    @rule(
+        transfer_id=transfer_ids, sender=wallets, receiver=wallets, amount=amounts, metadata=metas
+    )
+    def transfer(
+        self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int, metadata: Metadata
+    ) -> None:
+        """A transfer, new or a retry of its id: the saga's answer and rows as the model's;
+        its metadata on every leg, and part of the id's request (other metadata: reuse)."""
         if sender == receiver:
             return  # refused at the edge
         model = self.model
         _id, reply = self._run(self.engine.transfer(transfer_id, None, sender, receiver, amount,
-                                                    None))  # fmt: skip
+                                                    None, None, metadata))  # fmt: skip
         if transfer_id in model.transfers:
-            if model.transfers[transfer_id][:3] != [sender, receiver, amount]:
+            if model.transfers[transfer_id][:3] != [sender, receiver, amount] or (
+                model.transfer_metadata[transfer_id] != metadata
+            ):
                 assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
                 return
             if model.transfers[transfer_id][3] is TransferStatus.PENDING:
@@ -709,7 +749,7 @@ class EngineMachine(RuleBasedStateMachine):
         debit_key = (sender, transfer_leg_key(OUT, transfer_id))
         earlier = model.keyed.get(debit_key)
         if isinstance(earlier, _Refusal):  # the recorded refusal of this id's debit
-            if earlier.amount != amount:
+            if (earlier.amount, earlier.metadata) != (amount, metadata):
                 assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
                 return
             assert (reply.outcome, reply.side, reply.balance_seen, reply.replayed) == (
@@ -721,12 +761,24 @@ class EngineMachine(RuleBasedStateMachine):
                 Outcome.INSUFFICIENT_FUNDS, SIDE_FROM, False,
             ), reply  # fmt: skip
             model.keyed[debit_key] = _Refusal(
-                OUT, amount, Outcome.INSUFFICIENT_FUNDS, model.available(sender)
+                OUT, amount, Outcome.INSUFFICIENT_FUNDS, model.available(sender), metadata
             )
             return
-        model.debit(transfer_id, sender, receiver, amount)
+        model.debit(transfer_id, sender, receiver, amount, metadata)
         model.finish(transfer_id)
         self._check_transfer(reply, transfer_id, replayed=False)
+
+    @precondition(lambda self: bool(self.model.transfers))
+    @rule(data=st.data(), metadata=metas)
+    def retry_transfer_with_any_metadata(self, data: st.DataObject, metadata: Metadata) -> None:
+        """A retry of a stored transfer's id with its wallets and amount: a replay with the
+        same metadata, a reuse of the id (422) with other metadata, also after a restart."""
+        transfer_id = data.draw(st.sampled_from(sorted(self.model.transfers)))
+        sender, receiver, amount = self.model.transfers[transfer_id][:3]
+        assert isinstance(sender, UUID)
+        assert isinstance(receiver, UUID)
+        assert isinstance(amount, int)
+        self.transfer(transfer_id, sender, receiver, amount, metadata)
 
     @precondition(lambda self: not self.model.pending())
     @rule(
@@ -818,14 +870,23 @@ class EngineMachine(RuleBasedStateMachine):
         existing = sorted(self.model.balances)
         return st.sampled_from(existing) | wallets if existing else wallets
 
-    @rule(data=st.data(), amount=amounts, expires_in_s=expiries, key=hold_keys)
+    @rule(data=st.data(), amount=amounts, expires_in_s=expiries, key=hold_keys, metadata=metas)
     def create_hold(
-        self, data: st.DataObject, amount: int, expires_in_s: int, key: str | None
+        self,
+        data: st.DataObject,
+        amount: int,
+        expires_in_s: int,
+        key: str | None,
+        metadata: Metadata,
     ) -> None:
+        """A hold; its metadata on its rows (and a capture's transfer), part of a keyed
+        creation's request."""
         model = self.model
         wallet = data.draw(self._wallets())
-        expected = model.expect_create_hold(wallet, amount, expires_in_s, key)
-        hold_id, reply = self._run(self.engine.create_hold(wallet, amount, expires_in_s, None, key))
+        expected = model.expect_create_hold(wallet, amount, expires_in_s, key, metadata)
+        hold_id, reply = self._run(
+            self.engine.create_hold(wallet, amount, expires_in_s, None, key, None, metadata)
+        )
         assert reply.outcome is expected, (reply, expected)
         if key is not None:
             assert hold_id == new_hold_id(wallet, key, LIMITS.pipelines)
@@ -835,17 +896,22 @@ class EngineMachine(RuleBasedStateMachine):
             return
         if expected is Outcome.INSUFFICIENT_FUNDS and key is not None:
             assert not reply.replayed, reply
-            model.refuse_hold(wallet, amount, key)
+            model.refuse_hold(wallet, amount, key, metadata)
         if expected is not Outcome.CREATED:
             return
         assert reply.hold is not None
         if key is not None and (wallet, key) in model.hold_keys:
             assert reply.replayed
-            assert reply.hold.create_fingerprint == create_fingerprint(amount, expires_in_s, None)
+            assert reply.hold.create_fingerprint == create_fingerprint(
+                amount, expires_in_s, None, metadata
+            )
             return
         assert not reply.replayed
         assert reply.hold.expires_at_us - reply.hold.created_at_us == expires_in_s * SECOND_US
-        model.create_hold(hold_id, wallet, amount, expires_in_s, key, reply.hold.expires_at_us)
+        assert reply.hold.metadata == metadata
+        model.create_hold(
+            hold_id, wallet, amount, expires_in_s, key, reply.hold.expires_at_us, metadata
+        )
 
     def _hold_ids(self) -> st.SearchStrategy[UUID]:
         unknown = st.just(UUID(int=9999))
