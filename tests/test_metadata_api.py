@@ -259,3 +259,20 @@ async def test_metadata_is_restored_after_a_restart(
     assert history["items"][0]["metadata"] == {"h": "1"}  # loaded with the PENDING hold
     balance = (await (await second.get(f"/api/v1/wallets/{wallet_id}")).json())["balance"]
     assert balance == "19.00"
+
+
+async def test_metadata_in_the_feed(client: Client) -> None:
+    """wallet.created carries the wallet's metadata, operation.applied its row's ({} when
+    none), as the history does."""
+    status, wallet = await _post(client, "/api/v1/wallets", {"metadata": META})
+    assert status == 201
+    path = f"/api/v1/wallets/{wallet['id']}/operation"
+    await _post(client, path, {"operation_type": "DEPOSIT", "amount": 1, "metadata": {"o": "1"}})
+    await _post(client, path, {"operation_type": "DEPOSIT", "amount": 1})
+    events = (await (await client.get("/api/v1/events", params={"limit": "1000"})).json())["events"]
+    mine = [e for e in events if e.get("wallet_id") == wallet["id"]]
+    assert [(e["type"], e["metadata"]) for e in mine] == [
+        ("wallet.created", META),
+        ("operation.applied", {"o": "1"}),
+        ("operation.applied", {}),
+    ]
