@@ -5,9 +5,15 @@ Each bound mirrors a constraint of persistence/migrations/*.sql or a column's ty
 
     field                                   storage                          here
     amount (log rows, refusals, transfers,  CHECK amount > 0 AND             AMOUNT_MINOR_MAX
-      holds)                                  amount <= 10^14                  (engine/money.py)
-    balance, balance_after, balance_seen    CHECK 0 <= x <= 10^17            BALANCE_MINOR_MAX
-    held                                    CHECK 0 <= held <= balance       ledger invariant
+      holds)                                  amount <= 10^14; a WALLET_UPDATE (engine/money.py)
+                                              row's amount = 0
+    balance, balance_after                  CHECK -10^17 <= x <= 10^17       BALANCE_MINOR_MAX
+    balance_seen (refusals)                 CHECK 0 <= x <= 2 * 10^17        (available money)
+    held                                    CHECK held >= 0; deferred        ledger invariant
+                                              trigger: balance - held >=
+                                              -overdraft_limit
+    overdraft_limit (wallets, WALLET_UPDATE CHECK 0 <= x <= 10^14            OVERDRAFT_LIMIT_
+      rows), status                           status 1..3                      MINOR_MAX (money.py)
     idempotency_key, create_idempotency_key CHECK char_length BETWEEN 1..255 KEY_LENGTH_MAX
     reference (log rows, refusals,          CHECK char_length <= 255         REFERENCE_LENGTH_MAX
       transfers, holds)
@@ -15,7 +21,7 @@ Each bound mirrors a constraint of persistence/migrations/*.sql or a column's ty
     metadata (wallets, log rows, refusals)  CHECK walletd_metadata_ok: an    METADATA_*_MAX:
                                               object of strings, <= 50 keys,   KEYS 50, KEY_LENGTH
                                               key 1..40, value <= 500 chars    40, VALUE_LENGTH 500
-    kind (log rows / refusals)              CHECK 1..8 / IN (1, 2, 3, 6)     the command's type
+    kind (log rows / refusals)              CHECK 1..9 / IN (1, 2, 3, 6)     the command's type
     transfers: from <> to, failure_code     CHECK from_wallet_id <>          ledger (legs)
       set only when FAILED                    to_wallet_id, (status = 3) =
                                               (failure_code IS NOT NULL)
