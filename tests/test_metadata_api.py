@@ -157,6 +157,39 @@ async def test_metadata_in_every_read(client: Client) -> None:
     assert "metadata" not in plain_wallet  # the seed's shape
 
 
+async def test_a_status_change_keeps_the_wallets_metadata(client: Client) -> None:
+    """A PATCH of a wallet with metadata (status, overdraft limit): its answer, GET, an
+    as_of read after it and a withdrawal into the overdraft all show the metadata, after
+    status and overdraft_limit; the WALLET_UPDATE history item carries none of its own; a
+    PATCH naming metadata is refused (not changeable: 422, nothing written)."""
+    status, wallet = await _post(client, "/api/v1/wallets", {"metadata": META})
+    assert status == 201
+    path = f"/api/v1/wallets/{wallet['id']}"
+    response = await client.patch(path, json={"status": "FROZEN", "overdraft_limit": "5.00"})
+    assert response.status == 200, await response.text()
+    text = await response.text()
+    assert text.index('"status"') < text.index('"overdraft_limit"') < text.index('"metadata"')
+    patched = await response.json()
+    assert (patched["status"], patched["overdraft_limit"], patched["metadata"]) == (
+        "FROZEN", "5.00", META,
+    )  # fmt: skip
+    assert await (await client.get(path)).json() == patched
+    response = await client.patch(path, json={"status": "ACTIVE"})
+    assert response.status == 200
+    status, after = await _post(
+        client, f"{path}/operation", {"operation_type": "WITHDRAW", "amount": 2}
+    )
+    assert (status, after["balance"], after["metadata"]) == (200, "-2.00", META), after
+    as_of = await (await client.get(path, params={"as_of": patched["updated_at"]})).json()
+    assert (as_of["status"], as_of["metadata"]) == ("FROZEN", META)
+    history = await (await client.get(f"{path}/operations")).json()
+    updates = [i for i in history["items"] if i["operation_type"] == "WALLET_UPDATE"]
+    assert [(i["status"], i["metadata"]) for i in updates] == [("ACTIVE", {}), ("FROZEN", {})]
+    response = await client.patch(path, json={"metadata": {"order": "B-2"}})
+    assert response.status == 422, await response.text()
+    assert (await (await client.get(path)).json())["metadata"] == META
+
+
 @pytest.mark.parametrize("kind", ["wallet", "operation", "transfer", "hold", "bulk"])
 async def test_a_retry_with_other_metadata_is_a_reuse_of_the_key(client: Client, kind: str) -> None:
     """Metadata is part of the request: the same Idempotency-Key with the same metadata
