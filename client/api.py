@@ -151,6 +151,15 @@ def _instant_text(instant: Instant, name: str) -> str:
     return instant.isoformat()
 
 
+def _metadata(value: Any) -> dict[str, str]:
+    """A metadata object as sent (an absent one, from a server before metadata: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnexpectedResponse(f"metadata is not an object: {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -174,6 +183,8 @@ class Wallet:
     # The wallet's seq from the ETag header: pass it as ``if_match`` to act only if nothing
     # changed the wallet since (None: the server sent no ETag).
     version: int | None = None
+    # The wallet's metadata (empty when it has none: walletd then sends no field).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(
@@ -193,6 +204,7 @@ class Wallet:
                 status=str(body.get("status", "ACTIVE")),
                 overdraft_limit=_decimal(body.get("overdraft_limit", "0.00"), "overdraft_limit"),
                 version=version,
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -217,6 +229,8 @@ class Operation:
     # On a WALLET_UPDATE row: the wallet's status and overdraft limit from then on.
     status: str | None = None
     overdraft_limit: Decimal | None = None
+    # What wrote the row: the operation's metadata, or its transfer's or hold's.
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Operation:
@@ -240,6 +254,7 @@ class Operation:
                     if body.get("overdraft_limit") is None
                     else _decimal(body["overdraft_limit"], "overdraft_limit")
                 ),
+                metadata=_metadata(body.get("metadata")),
             )
         except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
             raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
@@ -258,6 +273,7 @@ class Transfer:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -273,6 +289,7 @@ class Transfer:
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
@@ -296,6 +313,7 @@ class Hold:
     to_wallet_id: str | None = None
     transfer_id: str | None = None
     transfer: Transfer | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
@@ -316,6 +334,7 @@ class Hold:
                 to_wallet_id=_optional_text(body.get("to_wallet_id")),
                 transfer_id=_optional_text(body.get("transfer_id")),
                 transfer=None if transfer is None else Transfer.from_json(transfer),
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
@@ -441,6 +460,7 @@ class BulkItem:
     amount: Amount
     idempotency_key: str | None = None
     reference: str | None = None
+    metadata: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         item: dict[str, Any] = {
@@ -452,6 +472,8 @@ class BulkItem:
             item["idempotency_key"] = self.idempotency_key
         if self.reference is not None:
             item["reference"] = self.reference
+        if self.metadata:
+            item["metadata"] = dict(self.metadata)
         return item
 
 
@@ -544,10 +566,17 @@ class WalletdClient:
     # -- wallets and their operations ------------------------------------------------------
 
     async def create_wallet(
-        self, wallet_id: str | uuid.UUID | None = None, *, idempotency_key: str | None = None
+        self,
+        wallet_id: str | uuid.UUID | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
     ) -> Wallet:
-        """Creates a wallet, with the id given or one walletd picks."""
-        body = None if wallet_id is None else {"id": str(wallet_id)}
+        """Creates a wallet, with the id given or one walletd picks, and your ``metadata``
+        (strings; at most 50 keys of 1-40 characters, values of at most 500)."""
+        body: dict[str, Any] | None = None if wallet_id is None else {"id": str(wallet_id)}
+        if metadata:
+            body = {**(body or {}), "metadata": dict(metadata)}
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )
@@ -570,14 +599,16 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         if_match: int | None = None,
     ) -> Wallet:
-        """Adds ``amount``; ``reference`` (yours, 1-255 characters) is kept in the history
-        and the feed, and is part of what the key compares. ``if_match`` (a Wallet's
-        ``version``): only if nothing changed the wallet since (else PreconditionFailed)."""
+        """Adds ``amount``; ``reference`` (yours, 1-255 characters) and ``metadata`` are
+        kept in the history and the feed, and are part of what the key compares.
+        ``if_match`` (a Wallet's ``version``): only if nothing changed the wallet since
+        (else PreconditionFailed)."""
         return await self._operate(
-            wallet_id, "DEPOSIT", amount, reference, idempotency_key, if_match
+            wallet_id, "DEPOSIT", amount, reference, idempotency_key, metadata, if_match
         )
 
     async def withdraw(
@@ -586,13 +617,15 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         if_match: int | None = None,
     ) -> Wallet:
         """Takes ``amount`` out of the available money (InsufficientFunds if short,
-        WalletFrozen / WalletClosed by the wallet's status); ``if_match`` as for deposit."""
+        WalletFrozen / WalletClosed by the wallet's status); ``reference``, ``metadata`` and
+        ``if_match`` as for deposit."""
         return await self._operate(
-            wallet_id, "WITHDRAW", amount, reference, idempotency_key, if_match
+            wallet_id, "WITHDRAW", amount, reference, idempotency_key, metadata, if_match
         )
 
     async def update_wallet(
@@ -613,7 +646,7 @@ class WalletdClient:
             body["status"] = status
         if overdraft_limit is not None:
             body["overdraft_limit"] = _limit_text(overdraft_limit)
-        # (metadata: merged into this body when wallets carry metadata)
+        # (a wallet's metadata is fixed at its creation: this call cannot change it yet)
         if not body:
             raise ValueError("update_wallet needs a status or an overdraft_limit")
         answer = await self._call(
@@ -715,6 +748,7 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         transfer_id: str | uuid.UUID | None = None,
         idempotency_key: str | None = None,
     ) -> Transfer:
@@ -731,6 +765,8 @@ class WalletdClient:
         }
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         if transfer_id is not None:
             body["id"] = str(transfer_id)
         answer = await self._call(
@@ -751,6 +787,7 @@ class WalletdClient:
         *,
         expires_in_s: int | None = None,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Hold:
         """Reserves ``amount`` of the wallet's available money (a PENDING hold). The key
@@ -760,6 +797,8 @@ class WalletdClient:
             body["expires_in_s"] = expires_in_s
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         answer = await self._call(
             "POST", f"/wallets/{_segment(wallet_id)}/holds", body,
             idempotency_key=idempotency_key or new_idempotency_key(),
@@ -1098,11 +1137,14 @@ class WalletdClient:
         amount: Amount,
         reference: str | None,
         key: str | None,
+        metadata: Mapping[str, str] | None = None,
         if_match: int | None = None,
     ) -> Wallet:
-        body = {"operation_type": kind, "amount": _amount_text(amount)}
+        body: dict[str, Any] = {"operation_type": kind, "amount": _amount_text(amount)}
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         answer = await self._call(
             "POST",
             f"/wallets/{_segment(wallet_id)}/operation",

@@ -14,7 +14,9 @@ from typing import Final, NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import (
+    NO_METADATA,
     HoldRecord,
+    Metadata,
     OperationKind,
     TransferRecord,
     TransferStatus,
@@ -128,12 +130,14 @@ class Operation(Protocol):
     def idempotency_key(self) -> str | None: ...
     @property
     def reference(self) -> str | None: ...
+    @property
+    def metadata(self) -> Metadata: ...
 
 
 class ApplyOperation:
     __slots__ = (
-        "actor", "amount", "expected_seq", "idempotency_key", "kind", "reference", "reply",
-        "wallet_id",
+        "actor", "amount", "expected_seq", "idempotency_key", "kind", "metadata", "reference",
+        "reply", "wallet_id",
     )  # fmt: skip
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
@@ -148,6 +152,7 @@ class ApplyOperation:
         reference: str | None = None,
         actor: str | None = None,
         expected_seq: int | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
@@ -159,6 +164,7 @@ class ApplyOperation:
         self.actor = actor
         # If-Match: apply only if the wallet's seq is this one when the command's turn comes.
         self.expected_seq = expected_seq
+        self.metadata = metadata
 
 
 class ApplyOperations:
@@ -184,7 +190,7 @@ class ApplyOperations:
 
 
 class CreateWallet:
-    __slots__ = ("fingerprint", "idempotency_key", "reply", "wallet_id")
+    __slots__ = ("fingerprint", "idempotency_key", "metadata", "reply", "wallet_id")
     weight = 1
 
     def __init__(
@@ -193,12 +199,15 @@ class CreateWallet:
         idempotency_key: str | None,
         fingerprint: str,
         reply: asyncio.Future[Reply],
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.idempotency_key = idempotency_key
-        # What distinguishes one creation request from another under the same key.
+        # What distinguishes one creation request from another under the same key (the
+        # metadata included: engine/router.py create_wallet).
         self.fingerprint = fingerprint
         self.reply = reply
+        self.metadata = metadata
 
 
 def transfer_leg_key(kind: OperationKind, transfer_id: UUID) -> str:
@@ -270,6 +279,10 @@ class TransferLeg:
     def reference(self) -> str | None:
         return self.transfer.reference
 
+    @property
+    def metadata(self) -> Metadata:
+        return self.transfer.metadata
+
 
 def hold_key(kind: OperationKind, hold_id: UUID) -> str:
     """The log key of a HOLD / CAPTURE / RELEASE row of a hold: like a transfer leg's, it
@@ -294,8 +307,8 @@ class HoldCommand:
     a capture or void and what that request was, stored on the hold."""
 
     __slots__ = ("action", "actor", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
-                 "log_key", "reference", "reply", "shard", "to_wallet_id", "transfer_id",
-                 "wallet_id")  # fmt: skip
+                 "log_key", "metadata", "reference", "reply", "shard", "to_wallet_id",
+                 "transfer_id", "wallet_id")  # fmt: skip
     weight = 1
 
     def __init__(
@@ -314,8 +327,10 @@ class HoldCommand:
         to_wallet_id: UUID | None = None,
         transfer_id: UUID | None = None,
         actor: str | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.action = action
+        self.metadata = metadata  # a creation's (a resolution carries the hold's own)
         self.actor = actor  # the key's name on the rows it writes; None for the sweep
         # A capture into another wallet opens this transfer (engine/holds.py).
         self.to_wallet_id = to_wallet_id

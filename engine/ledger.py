@@ -41,6 +41,7 @@ from walletd.engine.bounds import (
     KEY_LENGTH_MAX,
     REFERENCE_LENGTH_MAX,
     storable_amount,
+    storable_metadata,
     storable_text,
 )
 from walletd.engine.commands import (
@@ -66,10 +67,12 @@ from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
     CREDIT_KINDS,
+    NO_METADATA,
     Batch,
     HoldRecord,
     HoldStatus,
     HoldUpdate,
+    Metadata,
     NewWallet,
     OperationKind,
     OperationRecord,
@@ -159,8 +162,8 @@ class Resident:
     """
 
     __slots__ = (
-        "balance", "created_at_us", "held", "holds", "overdraft_limit", "pending", "seq",
-        "status", "updated_at_us",
+        "balance", "created_at_us", "held", "holds", "metadata", "overdraft_limit", "pending",
+        "seq", "status", "updated_at_us",
     )  # fmt: skip
 
     def __init__(
@@ -172,6 +175,7 @@ class Resident:
         held: int = 0,
         status: WalletStatus = _ACTIVE,
         overdraft_limit: int = 0,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.balance = balance
         self.seq = seq
@@ -183,12 +187,15 @@ class Resident:
         self.holds: dict[int, HoldRecord] | None = None
         self.status = status
         self.overdraft_limit = overdraft_limit
+        # Its metadata, fixed at creation (a shared empty tuple for most wallets). An update
+        # (PATCH, a later change) would move it like balance: pending, then committed.
+        self.metadata = metadata
 
     @classmethod
     def loaded(cls, record: WalletRecord) -> Resident:
         resident = cls(
             record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held,
-            record.status, record.overdraft_limit,
+            record.status, record.overdraft_limit, record.metadata,
         )  # fmt: skip
         if record.holds:
             resident.holds = {hold.hold_id.int: hold for hold in record.holds}
@@ -199,8 +206,8 @@ class Resident:
         return resident
 
     @classmethod
-    def being_created(cls, created_at_us: int) -> Resident:
-        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us)
+    def being_created(cls, created_at_us: int, metadata: Metadata) -> Resident:
+        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us, metadata=metadata)
         resident.pending = Pending(0, 0, created_at_us)
         return resident
 
@@ -214,7 +221,7 @@ class Resident:
     def committed_view(self, wallet_id: UUID) -> WalletView:
         return WalletView(
             wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held,
-            self.status, self.overdraft_limit,
+            self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
 
     def terms(self) -> tuple[WalletStatus, int]:
@@ -470,7 +477,7 @@ class Ledger:
         moved so far, and keys it has used so far (a key used twice in one group replays).
         """
         balances: dict[int, int] = {}
-        used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None]] = {}
+        used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None, Metadata]] = {}
         replies: list[Reply] = []
         for item in items:
             wallet_id = item.wallet_id
@@ -478,13 +485,14 @@ class Ledger:
             resident = self._residents.get(wid)
             reply = _WOULD_APPLY
             key = item.idempotency_key
-            earlier: tuple[OperationKind, int, str | None] | None = None
+            earlier: tuple[OperationKind, int, str | None, Metadata] | None = None
             refused: RefusalRecord | None = None
             if key is not None:
                 earlier = used.get((wallet_id, key))
                 recorded = self._keys.get((wallet_id, key))
                 if earlier is None and recorded is not None:
-                    earlier = (recorded.kind, recorded.amount, recorded.reference)
+                    earlier = (recorded.kind, recorded.amount, recorded.reference,
+                               recorded.metadata)  # fmt: skip
                     if isinstance(recorded, RefusalRecord):
                         refused = recorded
             if not _storable_operation(item):
@@ -494,7 +502,7 @@ class Ledger:
             elif refused is not None:  # replays a recorded refusal, which refuses the group
                 reply = _replay_refusal(item, refused)
             elif earlier is not None:  # a replay: moves nothing, unless the key is misused
-                if earlier != (item.kind, item.amount, item.reference):
+                if earlier != (item.kind, item.amount, item.reference, item.metadata):
                     reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
             else:
                 pending = resident.pending
@@ -521,7 +529,8 @@ class Ledger:
                     balance += item.amount
                 balances[wid] = balance
                 if key is not None:
-                    used[(wallet_id, key)] = (item.kind, item.amount, item.reference)
+                    used[(wallet_id, key)] = (item.kind, item.amount, item.reference,
+                                              item.metadata)  # fmt: skip
             replies.append(reply)
             if reply is not _WOULD_APPLY:
                 return reply._replace(items=tuple(replies))
@@ -535,7 +544,7 @@ class Ledger:
             return _NOT_STORABLE
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference, command.actor, expected_seq,
+            command, command.reference, command.actor, command.metadata, expected_seq,
         )  # fmt: skip
 
     def _apply_item(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
@@ -543,7 +552,7 @@ class Ledger:
             return _NOT_STORABLE
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference, actor,
+            command, command.reference, actor, command.metadata,
         )  # fmt: skip
 
     def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
@@ -559,7 +568,7 @@ class Ledger:
         debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
             command.wallet_id, command.kind, transfer.amount, command.key, applied, debit,
-            transfer.reference, transfer.actor,
+            transfer.reference, transfer.actor, transfer.metadata,
         )  # fmt: skip
         if reply.outcome is not Outcome.OK or reply.replayed:
             return reply
@@ -610,10 +619,11 @@ class Ledger:
         command: Operation | None,
         reference: str | None,
         actor: str | None,
+        metadata: Metadata,
         expected_seq: int | None = None,
     ) -> Reply:
         """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged, with
-        ``actor`` (the API key's name) on the row or recorded refusal.
+        ``actor`` (the API key's name) and ``metadata`` on the row or recorded refusal.
         ``command`` is the client operation (or a transfer's debit leg), whose keyed refusals
         are recorded; None for a credit or refund leg. A debit is checked against
         ``available`` (balance - held + overdraft_limit) and the wallet's status (FROZEN
@@ -639,7 +649,9 @@ class Ledger:
                     return _replay_refusal(command, earlier)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
-                if command is not None and earlier.reference != reference:
+                if command is not None and (
+                    earlier.reference != reference or earlier.metadata != metadata
+                ):
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 return _replay_operation(kind, amount, earlier, resident)
         pending = resident.pending
@@ -678,7 +690,7 @@ class Ledger:
             balance = balance_before + amount
         view = self._write(
             wallet_id, resident, kind, amount, balance, held, key, reference, applied,
-            remember=True, actor=actor,
+            remember=True, actor=actor, metadata=metadata,
         )  # fmt: skip
         return Reply(Outcome.OK, view)
 
@@ -696,6 +708,7 @@ class Ledger:
         *,
         remember: bool,
         actor: str | None,
+        metadata: Metadata,
     ) -> WalletView:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
@@ -729,15 +742,16 @@ class Ledger:
         status = pending.status
         record = OperationRecord(
             wallet_id, seq, kind, amount, balance, key, now_us, held, reference, actor, status,
-            overdraft_limit,
+            overdraft_limit, metadata,
         )  # fmt: skip
         applied.batch.operations.append(record)
         if remember and key is not None:
             self._remember_key((wallet_id, key), record)
             applied.added_keys.append((wallet_id, key))
         return WalletView(
-            wallet_id, balance, seq, resident.created_at_us, now_us, held, status, overdraft_limit
-        )
+            wallet_id, balance, seq, resident.created_at_us, now_us, held, status, overdraft_limit,
+            resident.metadata,
+        )  # fmt: skip
 
     # -- wallet updates --------------------------------------------------------------
 
@@ -806,7 +820,7 @@ class Ledger:
         pending.overdraft_limit = new_limit
         view = self._write(
             wallet_id, resident, OperationKind.WALLET_UPDATE, 0, balance, held, key,
-            command.fingerprint, applied, remember=True, actor=command.actor,
+            command.fingerprint, applied, remember=True, actor=command.actor, metadata=NO_METADATA,
         )  # fmt: skip
         applied.batch.wallet_updates.append(
             WalletUpdate(wallet_id, view.seq, new_status, new_limit)
@@ -909,19 +923,19 @@ class Ledger:
             self._write(
                 wallet_id, resident, OperationKind.RELEASE, hold.amount, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False, actor=actor,
+                remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
             balance -= captured
             view = self._write(
                 wallet_id, resident, OperationKind.TRANSFER_OUT, captured, balance, held,
                 transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id), hold.reference,
-                applied, remember=False, actor=actor,
+                applied, remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
             now_us = view.updated_at_us
             applied.batch.new_transfers.append(
                 TransferRecord(
                     transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
-                    TransferStatus.PENDING, None, now_us, now_us, actor,
+                    TransferStatus.PENDING, None, now_us, now_us, actor, hold.metadata,
                 )
             )  # fmt: skip
             captured_in = captured
@@ -937,7 +951,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.CAPTURE, captured, balance, held,
                 hold_key(OperationKind.CAPTURE, hold_id), hold.reference, applied,
-                remember=False, actor=actor,
+                remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
         captured += captured_in
         if rest:
@@ -945,7 +959,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.RELEASE, rest, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False, actor=actor,
+                remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
         assert view is not None  # a hold's amount is positive: one row at least
         pending = resident.pending
@@ -975,7 +989,7 @@ class Ledger:
             None
             if log_key is None or command.amount is None
             else _HoldRequest(wallet_id, OperationKind.HOLD, command.amount, log_key,
-                              command.reference)
+                              command.reference, command.metadata)
         )  # fmt: skip
         if log_key is not None:
             earlier = self._keys.get((wallet_id, log_key))
@@ -1017,13 +1031,13 @@ class Ledger:
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
             hold_key(OperationKind.HOLD, hold_id), command.reference, applied,
-            remember=log_key is not None, actor=command.actor,
+            remember=log_key is not None, actor=command.actor, metadata=command.metadata,
         )  # fmt: skip
         now_us = view.updated_at_us
         hold = HoldRecord(
             hold_id, wallet_id, command.shard, amount, HoldStatus.PENDING,
             now_us + command.expires_in_us, 0, None, None, command.reference, command.key,
-            command.fingerprint or "", None, None, now_us, now_us,
+            command.fingerprint or "", None, None, now_us, now_us, command.metadata,
         )  # fmt: skip
         pending = resident.pending
         assert pending is not None
@@ -1071,7 +1085,7 @@ class Ledger:
                 fence_seq = resident.seq
             record = RefusalRecord(
                 wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
-                self._clock_us(), command.reference, actor,
+                self._clock_us(), command.reference, actor, command.metadata,
             )  # fmt: skip
             applied.batch.refusals.append(record)
             self._remember_key((wallet_id, key), record)
@@ -1090,6 +1104,8 @@ class Ledger:
             return False
         if (command.to_wallet_id is None) != (command.transfer_id is None):
             return False
+        if command.metadata and not storable_metadata(command.metadata):
+            return False
         return (key is None or storable_text(key, 1, KEY_LENGTH_MAX)) and (
             reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX)
         )
@@ -1098,6 +1114,9 @@ class Ledger:
         wallet_id = command.wallet_id
         key = command.idempotency_key
         if key is not None and not storable_text(key, 1, KEY_LENGTH_MAX):
+            return _NOT_STORABLE
+        metadata = command.metadata
+        if metadata and not storable_metadata(metadata):
             return _NOT_STORABLE
         if key is not None:
             earlier = self._create_keys.get(key)
@@ -1108,10 +1127,10 @@ class Ledger:
                     applied.dependent.append((len(applied.replies), owner_wid))
                 if earlier.wallet_id != wallet_id or earlier.fingerprint != command.fingerprint:
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+                # The same fingerprint: the same metadata (engine/router.py create_wallet).
                 created = earlier.created_at_us
-                return Reply(
-                    Outcome.CREATED, WalletView(wallet_id, 0, 0, created, created), replayed=True
-                )
+                view = WalletView(wallet_id, 0, 0, created, created, metadata=metadata)
+                return Reply(Outcome.CREATED, view, replayed=True)
         wid = wallet_id.int
         existing = self._residents.get(wid)
         if existing is not None:
@@ -1119,13 +1138,16 @@ class Ledger:
                 applied.dependent.append((len(applied.replies), wid))
             return Reply(Outcome.WALLET_ALREADY_EXISTS)
         now_us = self._clock_us()
-        self._residents[wid] = Resident.being_created(now_us)
+        self._residents[wid] = Resident.being_created(now_us, metadata)
         applied.touched_wallets.add(wid)
-        applied.batch.new_wallets.append(NewWallet(wallet_id, now_us, key, command.fingerprint))
+        applied.batch.new_wallets.append(
+            NewWallet(wallet_id, now_us, key, command.fingerprint, metadata)
+        )
         if key is not None:
             self._remember_create_key(key, CreationKey(wallet_id, command.fingerprint, now_us))
             applied.added_create_keys.append(key)
-        return Reply(Outcome.CREATED, WalletView(wallet_id, 0, 0, now_us, now_us))
+        view = WalletView(wallet_id, 0, 0, now_us, now_us, metadata=metadata)
+        return Reply(Outcome.CREATED, view)
 
     @staticmethod
     def _write_snapshots(applied: Applied) -> None:
@@ -1262,12 +1284,13 @@ class Ledger:
 
 def _storable_operation(command: Operation) -> bool:
     """A client operation's fields within what storage holds (engine/bounds.py)."""
-    key, reference = command.idempotency_key, command.reference
+    key, reference, metadata = command.idempotency_key, command.reference, command.metadata
     return (
         storable_amount(command.amount)
         and command.kind in _CLIENT_KINDS
         and (key is None or storable_text(key, 1, KEY_LENGTH_MAX))
         and (reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX))
+        and (not metadata or storable_metadata(metadata))
     )
 
 
@@ -1283,6 +1306,8 @@ def _storable_leg(leg: TransferLeg) -> bool:
     if reference is not None and not storable_text(reference, 0, REFERENCE_LENGTH_MAX):
         return False
     if transfer.actor is not None and not storable_text(transfer.actor, 1, ACTOR_LENGTH_MAX):
+        return False
+    if transfer.metadata and not storable_metadata(transfer.metadata):
         return False
     if kind is OperationKind.TRANSFER_REFUND:
         return leg.failure_code in REFUND_FAILURE_CODES
@@ -1307,6 +1332,7 @@ def _replay_operation(
         earlier.held_after,
         earlier.status_after,
         earlier.overdraft_limit_after,
+        resident.metadata,
     )
     return Reply(Outcome.OK, view, replayed=True)
 
@@ -1320,13 +1346,15 @@ class _HoldRequest(NamedTuple):
     amount: int
     idempotency_key: str
     reference: str | None
+    metadata: Metadata
 
 
 def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
-    if (earlier.kind, earlier.amount, earlier.reference) != (
+    if (earlier.kind, earlier.amount, earlier.reference, earlier.metadata) != (
         command.kind,
         command.amount,
         command.reference,
+        command.metadata,
     ):
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     return Reply(

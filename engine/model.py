@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 from uuid import UUID
 
 __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
+    "NO_METADATA",
     "Batch",
     "HoldRecord",
     "HoldStatus",
     "HoldUpdate",
+    "Metadata",
     "NewWallet",
     "OperationKind",
     "OperationRecord",
@@ -35,7 +37,22 @@ __all__ = [
     "WalletStatus",
     "WalletUpdate",
     "WalletView",
+    "as_metadata",
 ]
+
+
+# A client's metadata object (wallets, operations, transfers, holds): its (key, value) pairs
+# sorted by key. Immutable and hashable like the records that carry it, and one spelling
+# per object, so two requests carry the same metadata exactly when their tuples are equal
+# (an idempotent retry is compared so). Bounds: engine/bounds.py storable_metadata.
+Metadata = tuple[tuple[str, str], ...]
+# No metadata: an empty object and an absent one are the same.
+NO_METADATA: Final[Metadata] = ()
+
+
+def as_metadata(mapping: dict[str, str]) -> Metadata:
+    """The one spelling of a metadata object (its pairs sorted by key)."""
+    return tuple(sorted(mapping.items())) if mapping else NO_METADATA
 
 
 class OperationKind(enum.IntEnum):
@@ -121,6 +138,7 @@ class WalletView(NamedTuple):
     status: WalletStatus = WalletStatus.ACTIVE
     # How far below zero a debit may take ``balance`` (minor units, >= 0).
     overdraft_limit: int = 0
+    metadata: Metadata = NO_METADATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +157,12 @@ class WalletRecord:
     holds: tuple[HoldRecord, ...] = ()
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0
+    metadata: Metadata = NO_METADATA
 
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held, self.status, self.overdraft_limit,
+            self.held, self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
 
 
@@ -167,6 +186,9 @@ class OperationRecord(NamedTuple):
     # rows): what a replay of the row answers with.
     status_after: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit_after: int = 0
+    # The metadata of what wrote the row, fixed at its creation and part of the request's
+    # identity like ``reference``: the operation's own, or its transfer's or hold's.
+    metadata: Metadata = NO_METADATA
 
 
 class RefusalRecord(NamedTuple):
@@ -187,6 +209,7 @@ class RefusalRecord(NamedTuple):
     created_at_us: int
     reference: str | None = None
     actor: str | None = None  # as OperationRecord.actor
+    metadata: Metadata = NO_METADATA  # as OperationRecord.metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +218,7 @@ class NewWallet:
     created_at_us: int
     create_idempotency_key: str | None
     create_fingerprint: str
+    metadata: Metadata = NO_METADATA
 
 
 class SnapshotUpdate(NamedTuple):
@@ -241,6 +265,9 @@ class HoldRecord(NamedTuple):
     resolve_fingerprint: str | None
     created_at_us: int
     updated_at_us: int
+    # Fixed at creation; stored on its HOLD row and carried by its CAPTURE / RELEASE rows
+    # (and by the transfer a capture into another wallet opens), as ``reference`` is.
+    metadata: Metadata = NO_METADATA
 
 
 class HoldUpdate(NamedTuple):
@@ -271,6 +298,9 @@ class TransferRecord(NamedTuple):
     # The API key that asked for the transfer (or the capture that opened it): every leg's
     # row carries it, on whichever process applies the leg. Stored as the debit row's actor.
     actor: str | None = None
+    # Fixed at the request, part of its identity; every leg's row carries it, and the
+    # transfer's is its debit row's (like ``actor``).
+    metadata: Metadata = NO_METADATA
 
 
 class TransferUpdate(NamedTuple):

@@ -76,9 +76,9 @@ routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
-    wallet_id = parse_create_body(body)
+    wallet_id, metadata = parse_create_body(body)
     key = parse_idempotency_key(request)
-    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key)
+    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key, metadata)
     return reply_response(reply, chosen_id)
 
 
@@ -138,7 +138,7 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
         )
     view = WalletView(
         wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held,
-        found.status, found.overdraft_limit,
+        found.status, found.overdraft_limit, found.metadata,
     )  # fmt: skip
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
     # The version the wallet had then (If-Match against it fails once it moved since).
@@ -151,12 +151,12 @@ async def apply_operation(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
-    kind, amount, reference = parse_operation_body(body, raw)
+    kind, amount, reference, metadata = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
     # No header lookup beyond the one dict probe on the hot path.
     expected_seq = parse_if_match(request) if "If-Match" in request.headers else None
     reply = await state.services.engine.apply(
-        wallet_id, kind, amount, key, reference, request.get(KEY_NAME), expected_seq
+        wallet_id, kind, amount, key, reference, request.get(KEY_NAME), expected_seq, metadata
     )
     return reply_response(reply, wallet_id, amount)
 
@@ -190,7 +190,7 @@ async def create_hold(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
         wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key,
-        request.get(KEY_NAME),
+        request.get(KEY_NAME), wanted.metadata,
     )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
@@ -257,7 +257,7 @@ async def create_transfer(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     transfer_id, reply = await state.services.engine.transfer(
         wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
-        wanted.reference, request.get(KEY_NAME),
+        wanted.reference, request.get(KEY_NAME), wanted.metadata,
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount

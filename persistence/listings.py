@@ -42,7 +42,15 @@ from walletd.engine.listings import (
     ListingPosition,
     ListingQuery,
 )
-from walletd.engine.model import HoldRecord, HoldStatus, TransferRecord, TransferStatus, WalletView
+from walletd.engine.model import (
+    HoldRecord,
+    HoldStatus,
+    TransferRecord,
+    TransferStatus,
+    WalletStatus,
+    WalletView,
+)
+from walletd.persistence.postgres_log import stored_metadata
 
 __all__ = [
     "BOTTOM_US",
@@ -103,34 +111,52 @@ def _columns(*names: str) -> str:
 
 
 def _wallet(row: asyncpg.Record) -> WalletView:
-    return WalletView(row[0], row[1], row[2], row[3], row[4], row[5])
+    return WalletView(
+        row[0], row[1], row[2], row[3], row[4], row[5], WalletStatus(row[6]), row[7],
+        stored_metadata(row[8]),
+    )  # fmt: skip
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
+        metadata=stored_metadata(row[9]),
     )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
     return HoldRecord(
         row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
-        row[9], None, "", None, None, row[10], row[11],
+        row[9], None, "", None, None, row[10], row[11], stored_metadata(row[12]),
     )  # fmt: skip
+
+
+# A transfer's metadata is its debit row's and a hold's its HOLD row's (migration
+# "metadata"), as GET reads them (persistence/postgres_log.py): one probe of the unique
+# (wallet_id, idempotency_key) index per row the page reads.
+def _row_metadata(wallet_column: str, kind: str) -> str:
+    return (
+        f"(SELECT o.metadata FROM wallet_operations o WHERE o.wallet_id = r.{wallet_column}"
+        f" AND o.idempotency_key = chr(31) || '{kind}:' || r.id::text)"
+    )
 
 
 _TRANSFER_COLUMNS: Final = _columns(
     "id", "from_wallet_id", "to_wallet_id", "amount", "reference", "status", "failure_code",
     "created_at_us", "updated_at_us",
+) + ", " + _row_metadata("from_wallet_id", "TRANSFER_OUT")  # fmt: skip
+_WALLET_COLUMNS: Final = _columns(
+    "id", "balance", "seq", "created_at_us", "updated_at_us", "held", "status",
+    "overdraft_limit", "metadata",
 )  # fmt: skip
 _HOLD_COLUMNS: Final = _columns(
     "id", "wallet_id", "shard", "amount", "status", "expires_at_us", "captured",
     "to_wallet_id", "transfer_id", "reference", "created_at_us", "updated_at_us",
-)  # fmt: skip
+) + ", " + _row_metadata("wallet_id", "HOLD")  # fmt: skip
 LISTINGS: Final[Mapping[Listing, _Table]] = {
     Listing.WALLETS: _Table(
         "wallets",
-        _columns("id", "balance", "seq", "created_at_us", "updated_at_us", "held"),
+        _WALLET_COLUMNS,
         _wallet,
         {},
     ),
