@@ -81,7 +81,7 @@ from walletd.engine.model import (
     WalletRecord,
     WalletView,
 )
-from walletd.engine.money import BALANCE_MINOR_MAX
+from walletd.engine.money import BALANCE_MINOR_MAX, SEED_CURRENCY, Currency, to_minor
 
 __all__ = ["Applied", "Ledger"]
 
@@ -134,12 +134,22 @@ class Resident:
     table's key, and the pending part is a separate object only while a batch is open.
     """
 
-    __slots__ = ("balance", "created_at_us", "held", "holds", "pending", "seq", "updated_at_us")
+    __slots__ = (
+        "balance", "created_at_us", "currency", "held", "holds", "pending", "seq", "updated_at_us",
+    )  # fmt: skip
 
     def __init__(
-        self, balance: int, seq: int, created_at_us: int, updated_at_us: int, held: int = 0
+        self,
+        balance: int,
+        seq: int,
+        created_at_us: int,
+        updated_at_us: int,
+        held: int = 0,
+        currency: Currency = SEED_CURRENCY,
     ) -> None:
         self.balance = balance
+        # Immutable (one interned object shared by every wallet of the currency).
+        self.currency = currency
         self.seq = seq
         self.created_at_us = created_at_us
         self.updated_at_us = updated_at_us
@@ -151,8 +161,9 @@ class Resident:
     @classmethod
     def loaded(cls, record: WalletRecord) -> Resident:
         resident = cls(
-            record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held
-        )
+            record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held,
+            record.currency,
+        )  # fmt: skip
         if record.holds:
             resident.holds = {hold.hold_id.int: hold for hold in record.holds}
         require(
@@ -162,8 +173,8 @@ class Resident:
         return resident
 
     @classmethod
-    def being_created(cls, created_at_us: int) -> Resident:
-        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us)
+    def being_created(cls, created_at_us: int, currency: Currency) -> Resident:
+        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us, 0, currency)
         resident.pending = Pending(0, 0, created_at_us)
         return resident
 
@@ -176,8 +187,9 @@ class Resident:
 
     def committed_view(self, wallet_id: UUID) -> WalletView:
         return WalletView(
-            wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held
-        )
+            wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held,
+            self.currency,
+        )  # fmt: skip
 
     def balance_and_held(self) -> tuple[int, int]:
         """Its balance and held money as the next command sees them (pending state first)."""
@@ -424,11 +436,23 @@ class Ledger:
         balances: dict[int, int] = {}
         used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None]] = {}
         replies: list[Reply] = []
-        for item in items:
-            wallet_id = item.wallet_id
+        group_currency: Currency | None = None
+        for original in items:
+            wallet_id = original.wallet_id
             wid = wallet_id.int
             resident = self._residents.get(wid)
+            item = self._rescaled(original, resident)
             reply = _WOULD_APPLY
+            if isinstance(item, Reply):  # not in the wallet's currency: refuses the group
+                replies.append(item)
+                return item._replace(items=tuple(replies))
+            if resident is not None:
+                # One currency per group: all or nothing cannot span two currencies.
+                if group_currency is None:
+                    group_currency = resident.currency
+                elif resident.currency != group_currency:
+                    replies.append(Reply(Outcome.CURRENCY_MISMATCH))
+                    return replies[-1]._replace(items=tuple(replies))
             key = item.idempotency_key
             earlier: tuple[OperationKind, int, str | None] | None = None
             refused: RefusalRecord | None = None
@@ -444,7 +468,7 @@ class Ledger:
             elif resident is None:
                 reply = Reply(Outcome.WALLET_NOT_FOUND)
             elif refused is not None:  # replays a recorded refusal, which refuses the group
-                reply = _replay_refusal(item, refused)
+                reply = _replay_refusal(item, refused, resident.currency)
             elif earlier is not None:  # a replay: moves nothing, unless the key is misused
                 if earlier != (item.kind, item.amount, item.reference):
                     reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
@@ -457,11 +481,17 @@ class Ledger:
                     # Held money is not available (a group moves no holds).
                     available = balance - (resident.held if pending is None else pending.held)
                     if item.amount > available:
-                        reply = Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=available)
+                        reply = Reply(
+                            Outcome.INSUFFICIENT_FUNDS, balance_seen=available,
+                            currency=resident.currency,
+                        )  # fmt: skip
                     balance -= item.amount
                 else:
                     if balance + item.amount > BALANCE_MINOR_MAX:
-                        reply = Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance)
+                        reply = Reply(
+                            Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance,
+                            currency=resident.currency,
+                        )  # fmt: skip
                     balance += item.amount
                 balances[wid] = balance
                 if key is not None:
@@ -475,12 +505,46 @@ class Ledger:
         return self._apply_item(command, applied, command.actor)
 
     def _apply_item(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
+        if command.scale is not None:
+            rescaled = self._rescaled(command, self._residents.get(command.wallet_id.int))
+            if isinstance(rescaled, Reply):
+                return rescaled
+            command = rescaled
         if not _storable_operation(command):
             return _NOT_STORABLE
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
             command, command.reference, actor,
         )  # fmt: skip
+
+    @staticmethod
+    def _rescaled(command: Operation, resident: Resident | None) -> Operation | Reply:
+        """The operation with its amount in the wallet's minor units (the edge read it at
+        its own scale, not knowing the wallet's currency), or the refusal: the wallet is not
+        there, or its currency cannot hold the amount (AMOUNT_NOT_IN_CURRENCY: nothing is
+        recorded, like the edge's own 422s)."""
+        scale = command.scale
+        if scale is None:
+            return command
+        if resident is None:
+            return Reply(Outcome.WALLET_NOT_FOUND)
+        currency = resident.currency
+        if scale == currency.exponent:  # the hot path: nothing to rescale
+            return command
+        minor = to_minor(command.amount, scale, currency.exponent)
+        if minor is None or not storable_amount(minor):
+            return Reply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+        return _Rescaled(
+            command.wallet_id, command.kind, minor, command.idempotency_key, command.reference
+        )
+
+    def _currency_refused(self, leg: TransferLeg, wallet_id: UUID) -> bool:
+        """Whether a leg's transfer is in another currency than its (resident) wallet."""
+        currency = leg.transfer.currency
+        if currency is None:
+            return False
+        resident = self._residents.get(wallet_id.int)
+        return resident is not None and resident.currency != currency
 
     def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
         """A leg of a transfer (engine/transfers.py) moves money like a deposit or a
@@ -491,6 +555,10 @@ class Ledger:
         after money arrived; a refused credit is recorded by the refund that follows it."""
         if not _storable_leg(command):
             return _NOT_STORABLE
+        if self._currency_refused(command, command.wallet_id):
+            # Before anything moves; never recorded (a currency never changes, so a retry
+            # is refused the same way).
+            return Reply(Outcome.CURRENCY_MISMATCH)
         transfer = command.transfer
         debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
@@ -528,6 +596,8 @@ class Ledger:
         receiver = self._residents.get(leg.wallet_id.int)
         if receiver is None or (leg.wallet_id, leg.key) in self._keys:
             return debit
+        if self._currency_refused(leg, leg.wallet_id):
+            return debit  # the coordinator's credit is refused: refunded, never half-applied
         pending = receiver.pending
         balance = receiver.balance if pending is None else pending.balance
         if balance + leg.transfer.amount > BALANCE_MINOR_MAX:
@@ -569,7 +639,7 @@ class Ledger:
                         earlier not in applied.batch.refusals
                     ):
                         applied.dependent.append((len(applied.replies), _NO_WALLET))
-                    return _replay_refusal(command, earlier)
+                    return _replay_refusal(command, earlier, resident.currency)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
                 if command is not None and earlier.reference != reference:
@@ -642,7 +712,9 @@ class Ledger:
         if remember and key is not None:
             self._remember_key((wallet_id, key), record)
             applied.added_keys.append((wallet_id, key))
-        return WalletView(wallet_id, balance, seq, resident.created_at_us, now_us, held)
+        return WalletView(
+            wallet_id, balance, seq, resident.created_at_us, now_us, held, resident.currency
+        )
 
     # -- holds ---------------------------------------------------------------------------
 
@@ -656,15 +728,23 @@ class Ledger:
         wallet's PENDING set, so it resolves once. A command on a hold that is not PENDING
         in memory answers HOLD_NOT_PENDING: the caller reads the stored hold to say why.
         """
-        if not self._storable_hold(command):
-            return _NOT_STORABLE
         wallet_id = command.wallet_id
         wid = wallet_id.int
         resident = self._residents.get(wid)
+        if command.scale is not None and command.amount is not None and resident is not None:
+            currency = resident.currency
+            minor = to_minor(command.amount, command.scale, currency.exponent)
+            if minor is None or not storable_amount(minor):
+                return Reply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+            command.amount, command.scale = minor, None  # decided once: it is this command's
+        if not self._storable_hold(command):
+            return _NOT_STORABLE
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
         if command.to_wallet_id == wallet_id:
             return Reply(Outcome.SAME_WALLET)
+        if command.to_currency is not None and command.to_currency != resident.currency:
+            return Reply(Outcome.CURRENCY_MISMATCH)
         if command.action is HoldAction.CREATE:
             return self._create_hold(command, wallet_id, resident, applied)
         hold = resident.pending_holds().get(command.hold_id.int)
@@ -716,7 +796,7 @@ class Ledger:
             applied.batch.new_transfers.append(
                 TransferRecord(
                     transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
-                    TransferStatus.PENDING, None, now_us, now_us, actor,
+                    TransferStatus.PENDING, None, now_us, now_us, actor, resident.currency,
                 )
             )  # fmt: skip
             captured_in = captured
@@ -754,6 +834,7 @@ class Ledger:
                        command.fingerprint, now_us)
         )  # fmt: skip
         resolved = hold._replace(
+            currency=resident.currency,
             status=status, captured=captured, to_wallet_id=to_wallet_id, transfer_id=transfer_id,
             resolve_key=command.key, resolve_fingerprint=command.fingerprint,
             updated_at_us=now_us,
@@ -780,7 +861,7 @@ class Ledger:
                     earlier not in applied.batch.refusals
                 ):
                     applied.dependent.append((len(applied.replies), _NO_WALLET))
-                return _replay_refusal(request, earlier)
+                return _replay_refusal(request, earlier, resident.currency)
             if earlier is not None:  # a retry of a keyed creation: the caller reads it
                 if earlier.seq > resident.seq:
                     applied.dependent.append((len(applied.replies), wid))
@@ -799,7 +880,9 @@ class Ledger:
                     resident, applied, command.actor,
                 )  # fmt: skip
             self._rests_on_open_state(resident, wid, applied)
-            return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held)
+            return Reply(
+                Outcome.INSUFFICIENT_FUNDS, balance_seen=balance - held, currency=resident.currency
+            )
         hold_id = command.hold_id
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
@@ -810,7 +893,7 @@ class Ledger:
         hold = HoldRecord(
             hold_id, wallet_id, command.shard, amount, HoldStatus.PENDING,
             now_us + command.expires_in_us, 0, None, None, command.reference, command.key,
-            command.fingerprint or "", None, None, now_us, now_us,
+            command.fingerprint or "", None, None, now_us, now_us, resident.currency,
         )  # fmt: skip
         pending = resident.pending
         assert pending is not None
@@ -864,7 +947,9 @@ class Ledger:
             self._remember_key((wallet_id, key), record)
             self._uncommitted_refusals.add((wallet_id, key))
             applied.added_keys.append((wallet_id, key))
-        return Reply(_REFUSAL_OUTCOMES[reason], balance_seen=balance_seen)
+        return Reply(
+            _REFUSAL_OUTCOMES[reason], balance_seen=balance_seen, currency=resident.currency
+        )
 
     def _storable_hold(self, command: HoldCommand) -> bool:
         """A hold command's fields within what storage holds (engine/bounds.py)."""
@@ -896,9 +981,9 @@ class Ledger:
                 if earlier.wallet_id != wallet_id or earlier.fingerprint != command.fingerprint:
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 created = earlier.created_at_us
-                return Reply(
-                    Outcome.CREATED, WalletView(wallet_id, 0, 0, created, created), replayed=True
-                )
+                # The same fingerprint: the same currency (engine/router.py create_wallet).
+                view = WalletView(wallet_id, 0, 0, created, created, 0, command.currency)
+                return Reply(Outcome.CREATED, view, replayed=True)
         wid = wallet_id.int
         existing = self._residents.get(wid)
         if existing is not None:
@@ -906,13 +991,16 @@ class Ledger:
                 applied.dependent.append((len(applied.replies), wid))
             return Reply(Outcome.WALLET_ALREADY_EXISTS)
         now_us = self._clock_us()
-        self._residents[wid] = Resident.being_created(now_us)
+        currency = command.currency
+        self._residents[wid] = Resident.being_created(now_us, currency)
         applied.touched_wallets.add(wid)
-        applied.batch.new_wallets.append(NewWallet(wallet_id, now_us, key, command.fingerprint))
+        applied.batch.new_wallets.append(
+            NewWallet(wallet_id, now_us, key, command.fingerprint, currency)
+        )
         if key is not None:
             self._remember_create_key(key, CreationKey(wallet_id, command.fingerprint, now_us))
             applied.added_create_keys.append(key)
-        return Reply(Outcome.CREATED, WalletView(wallet_id, 0, 0, now_us, now_us))
+        return Reply(Outcome.CREATED, WalletView(wallet_id, 0, 0, now_us, now_us, 0, currency))
 
     @staticmethod
     def _write_snapshots(applied: Applied) -> None:
@@ -1090,8 +1178,20 @@ def _replay_operation(
         resident.created_at_us,
         earlier.created_at_us,
         earlier.held_after,
+        resident.currency,
     )
     return Reply(Outcome.OK, view, replayed=True)
+
+
+class _Rescaled(NamedTuple):
+    """A client operation with its amount rescaled to its wallet's minor units."""
+
+    wallet_id: UUID
+    kind: OperationKind
+    amount: int
+    idempotency_key: str | None
+    reference: str | None
+    scale: None = None
 
 
 class _HoldRequest(NamedTuple):
@@ -1103,9 +1203,10 @@ class _HoldRequest(NamedTuple):
     amount: int
     idempotency_key: str
     reference: str | None
+    scale: None = None
 
 
-def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
+def _replay_refusal(command: Operation, earlier: RefusalRecord, currency: Currency) -> Reply:
     if (earlier.kind, earlier.amount, earlier.reference) != (
         command.kind,
         command.amount,
@@ -1113,8 +1214,9 @@ def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
     ):
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     return Reply(
-        _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True
-    )
+        _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True,
+        currency=currency,
+    )  # fmt: skip
 
 
 def _drop_pending_if_caught_up(resident: Resident) -> None:

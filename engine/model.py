@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from uuid import UUID
 
+from walletd.engine.money import SEED_CURRENCY, Currency
+
 __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
@@ -99,6 +101,7 @@ class WalletView(NamedTuple):
     updated_at_us: int
     # The part of ``balance`` that PENDING holds reserve; available = balance - held.
     held: int = 0
+    currency: Currency = SEED_CURRENCY
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +118,12 @@ class WalletRecord:
     held: int = 0
     # Its PENDING holds, loaded with it (their amounts sum to ``held``).
     holds: tuple[HoldRecord, ...] = ()
+    currency: Currency = SEED_CURRENCY
 
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held,
+            self.held, self.currency,
         )  # fmt: skip
 
 
@@ -167,6 +171,7 @@ class NewWallet:
     created_at_us: int
     create_idempotency_key: str | None
     create_fingerprint: str
+    currency: Currency = SEED_CURRENCY
 
 
 class SnapshotUpdate(NamedTuple):
@@ -202,6 +207,8 @@ class HoldRecord(NamedTuple):
     resolve_fingerprint: str | None
     created_at_us: int
     updated_at_us: int
+    # Its wallet's (not a stored column of the hold: read with the wallet's).
+    currency: Currency | None = None
 
 
 class HoldUpdate(NamedTuple):
@@ -232,6 +239,10 @@ class TransferRecord(NamedTuple):
     # The API key that asked for the transfer (or the capture that opened it): every leg's
     # row carries it, on whichever process applies the leg. Stored as the debit row's actor.
     actor: str | None = None
+    # The currency of both wallets (the sender's, read with it; not a column of its own):
+    # each leg is refused (CURRENCY_MISMATCH) on a wallet of another currency. None when
+    # not known (a leg from a process that predates currencies): not checked.
+    currency: Currency | None = None
 
 
 class TransferUpdate(NamedTuple):

@@ -22,6 +22,7 @@ where the server-side work (FK checks, index inserts) dominates, so it stays.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -42,6 +43,7 @@ from walletd.engine.model import (
     TransferStatus,
     WalletRecord,
 )
+from walletd.engine.money import Currency
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     HoldNotPending,
@@ -84,15 +86,20 @@ _TRANSFERS_CALL = "walletd_append_transfers({}, $5, $6, $7, $8, $10)"
 _TRANSFERS_ARGS = 10
 _HOLDS_CALL = "walletd_append_holds({}, $5, $6, $7, $8, $10)"
 _HOLDS_ARGS = 17
+# The currency of the batch's new wallets (migration "wallet_currencies"), right after the
+# call that inserts them; the new wallets' ids are $1.
+_CURRENCIES_CALL = "walletd_set_currencies($1, {})"
+_CURRENCIES_ARGS = 2
 _LEG_KINDS = frozenset(
     {OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
 )
 
 
-def _append_statement(transfers: bool, holds: bool) -> str:
+def _append_statement(transfers: bool, holds: bool, currencies: bool) -> str:
     calls = [_APPEND_BATCH]
     next_arg = 33
     for wanted, call, count in (
+        (currencies, _CURRENCIES_CALL, _CURRENCIES_ARGS),
         (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
         (holds, _HOLDS_CALL, _HOLDS_ARGS),
     ):
@@ -103,9 +110,10 @@ def _append_statement(transfers: bool, holds: bool) -> str:
 
 
 _APPEND_STATEMENTS = {
-    (transfers, holds): _append_statement(transfers, holds)
+    (transfers, holds, currencies): _append_statement(transfers, holds, currencies)
     for transfers in (False, True)
     for holds in (False, True)
+    for currencies in (False, True)
 }
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -115,7 +123,7 @@ _WALLET_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
-    + ", create_idempotency_key, create_fingerprint, held"
+    + ", create_idempotency_key, create_fingerprint, held, currency, exponent"
 )
 _LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
 _HOLD_COLUMNS = (
@@ -126,6 +134,8 @@ _HOLD_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
+    # Its wallet's currency (a hold has none of its own): one primary-key lookup.
+    + ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = holds.wallet_id)"
 )
 _LOAD_HOLDS = f"SELECT {_HOLD_COLUMNS} FROM holds WHERE id = ANY($1::uuid[])"
 # The PENDING holds of the loaded wallets that have any (index holds_pending_by_wallet).
@@ -197,6 +207,8 @@ _TRANSFER_COLUMNS = (
     + _MICROS.format("t.updated_at")
     + ", (SELECT o.actor FROM wallet_operations o WHERE o.wallet_id = t.from_wallet_id"
     " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text)"
+    # The transfer's currency is its wallets' (the sender's read): one primary-key lookup.
+    ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = t.from_wallet_id)"
 )
 _LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers t WHERE t.id = ANY($1::uuid[])"
 _PENDING_TRANSFERS = f"""
@@ -256,14 +268,32 @@ _CONNECTION_LOST = (
 )
 
 
+@functools.lru_cache(maxsize=1024)
+def currency_of(code: str, exponent: int) -> Currency:
+    """One shared Currency object per stored (code, exponent): a resident wallet keeps a
+    reference, not a copy. Bounded: past 1024 distinct currencies, merely not shared."""
+    return Currency(code, exponent)
+
+
+def _joined_currency(text: str | None) -> Currency | None:
+    """A wallet's currency read as "<code>:<exponent>" (None: no such wallet)."""
+    if text is None:
+        return None
+    code, _, exponent = text.partition(":")
+    return currency_of(code, int(exponent))
+
+
 def _wallet(row: asyncpg.Record) -> WalletRecord:
-    return WalletRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+    return WalletRecord(
+        row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+        currency=currency_of(row[8], row[9]),
+    )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
     return HoldRecord(
         row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
-        row[9], row[10], row[11], row[12], row[13], row[14], row[15],
+        row[9], row[10], row[11], row[12], row[13], row[14], row[15], _joined_currency(row[16]),
     )  # fmt: skip
 
 
@@ -277,7 +307,7 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        row[9],
+        row[9], _joined_currency(row[10]),
     )  # fmt: skip
 
 
@@ -476,7 +506,9 @@ class PostgresLog(WalletLog):
         opens_or_closes = bool(batch.new_transfers or batch.transfer_updates)
         transfers = opens_or_closes or not _LEG_KINDS.isdisjoint(kinds)
         holds = bool(batch.new_holds or batch.hold_updates) or not HOLD_KINDS.isdisjoint(kinds)
-        statement = _APPEND_STATEMENTS[(transfers, holds)]
+        statement = _APPEND_STATEMENTS[(transfers, holds, bool(news))]
+        if news:
+            args += ([n.currency.code for n in news], [n.currency.exponent for n in news])
         if transfers:
             opened, closed = batch.new_transfers, batch.transfer_updates
             args += (
