@@ -282,6 +282,7 @@ async def running_services(
             engine = Engine(
                 log, engine_limits(config), ownership=ownership, observer=observer,
                 on_fatal=on_fatal, remote_legs=remote_legs, self_url=config.url,
+                default_currency=config.currencies.default,
             )  # fmt: skip
             settings = LeaseSettings(
                 new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max,

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Final
 from uuid import UUID
 
 from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.money import SEED_CURRENCY, Currency
 
 __all__ = [
     "FeedEvent",
@@ -85,6 +86,7 @@ class WalletAsOf:
     created_at_us: int
     updated_at_us: int
     held: int = 0  # held after that operation
+    currency: Currency = SEED_CURRENCY
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ BALANCE_MINOR_MAX: Final = 10**17  # 1,000,000,000,000,000.00 per wallet in SEED
 # The edge reads an amount as an integer at a scale (decimals) of at least this, so that
 # for a two-decimal wallet it is already in minor units (nothing to rescale on the hot path).
 EDGE_SCALE_MIN: Final = SEED_CURRENCY.exponent
-_POWERS: Final = tuple(10**n for n in range(EXPONENT_MAX + 1))
+_POWERS: Final[tuple[int, ...]] = tuple(10**n for n in range(EXPONENT_MAX + 1))
 
 assert AMOUNT_MINOR_MAX <= BALANCE_MINOR_MAX < 2**63 - 1
 assert 10**SEED_CURRENCY.exponent == MINOR_UNITS_PER_UNIT

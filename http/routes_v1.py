@@ -74,9 +74,9 @@ routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
-    wallet_id = parse_create_body(body)
+    wallet_id, currency = parse_create_body(body, state.settings.currencies)
     key = parse_idempotency_key(request)
-    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key)
+    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key, currency)
     return reply_response(reply, chosen_id)
 
 
@@ -135,8 +135,9 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
             f"wallet {wallet_id} did not exist at {format_timestamp(at_us)}",
         )
     view = WalletView(
-        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held
-    )
+        wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held,
+        found.currency,
+    )  # fmt: skip
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
     return web.Response(body=body, headers=_JSON_HEADERS)
 
@@ -150,7 +151,7 @@ async def apply_operation(request: web.Request) -> web.Response:
     kind, amount, reference = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
     reply = await state.services.engine.apply(
-        wallet_id, kind, amount, key, reference, request.get(KEY_NAME)
+        wallet_id, kind, amount.value, key, reference, request.get(KEY_NAME), amount.scale
     )
     return reply_response(reply, wallet_id, amount)
 
@@ -165,8 +166,8 @@ async def create_hold(request: web.Request) -> web.Response:
     wanted = parse_hold_body(body, raw, engine.limits.hold_expires_in_s_max)
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
-        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key,
-        request.get(KEY_NAME),
+        wallet_id, wanted.amount.value, wanted.expires_in_s, wanted.reference, key,
+        request.get(KEY_NAME), wanted.amount.scale,
     )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
@@ -190,14 +191,15 @@ async def capture_hold(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     engine = state.services.engine
     reply = await engine.resolve_hold(
-        HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id, request.get(KEY_NAME)
-    )
+        HoldAction.CAPTURE, hold_id, None if amount is None else amount.value, key,
+        to_wallet_id, request.get(KEY_NAME), None if amount is None else amount.scale,
+    )  # fmt: skip
     transfer = None
     if reply.hold is not None and reply.hold.transfer_id is not None:
         # A capture into a wallet: the transfer as it is now (COMPLETED, FAILED and
         # refunded, or PENDING until the re-drive finishes it).
         transfer = await engine.read_transfer(reply.hold.transfer_id)
-    return hold_reply_response(reply, hold_id, None, amount or 0, transfer)
+    return hold_reply_response(reply, hold_id, None, amount, transfer)
 
 
 @routes.post(_HOLD + "/void")
@@ -232,8 +234,8 @@ async def create_transfer(request: web.Request) -> web.Response:
     wanted = parse_transfer_body(body, raw)
     key = parse_idempotency_key(request)
     transfer_id, reply = await state.services.engine.transfer(
-        wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
-        wanted.reference, request.get(KEY_NAME),
+        wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id,
+        wanted.amount.value, wanted.reference, request.get(KEY_NAME), wanted.amount.scale,
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount
@@ -336,7 +338,9 @@ async def list_operations(request: web.Request) -> web.Response:
         rows, next_seq = await services.reader.filtered_history(
             wallet_id, history_filter, before_seq, limit, scan_max
         )
-    items = [history_item(operation_id, op) for operation_id, op in rows]
+    assert reply.wallet is not None
+    exponent = reply.wallet.currency.exponent
+    items = [history_item(operation_id, op, exponent) for operation_id, op in rows]
     next_cursor = _encode_cursor(next_seq) if next_seq is not None else None
     body = orjson.dumps({"items": items, "next_cursor": next_cursor})
     return web.Response(body=body, headers=_JSON_HEADERS)

@@ -33,6 +33,7 @@ from walletd.engine.log_reads import (
 )
 from walletd.engine.model import OperationKind, OperationRecord
 from walletd.engine.ports import StorageError, StorageUnavailable
+from walletd.persistence.postgres_log import currency_of
 
 __all__ = [
     "AS_OF_SQL",
@@ -48,7 +49,7 @@ _SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
 SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
-       o.held_after
+       o.held_after, w.currency, w.exponent
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
                       OFFSET 0) s  -- not pulled up: the search would run once per use
@@ -86,7 +87,8 @@ FEED_SOURCES: Final = (
     f"""
     SELECT w.created_xid AS xid, w.feed_id AS id, 'wallet.created' AS type,
            {_MICROS.format("w.created_at")} AS created_us,
-           json_build_object('wallet_id', w.id) AS data
+           json_build_object('wallet_id', w.id, 'currency', w.currency,
+                             'exponent', w.exponent) AS data
       FROM wallets w
      WHERE (w.created_xid, w.feed_id) > ($1::text::xid8, $2)
        AND w.created_xid < (SELECT horizon FROM snapshot)
@@ -115,7 +117,10 @@ FEED_SOURCES: Final = (
                'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
-                               THEN split_part(o.idempotency_key, ':', 2) END)
+                               THEN split_part(o.idempotency_key, ':', 2) END,
+               -- The wallet's currency: its money fields are in its minor units.
+               'currency', (SELECT w.currency FROM wallets w WHERE w.id = o.wallet_id),
+               'exponent', (SELECT w.exponent FROM wallets w WHERE w.id = o.wallet_id))
       FROM wallet_operations o
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)
@@ -158,10 +163,11 @@ class PostgresLogReader(LogReader):
         rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
         if not rows:
             return None
-        created_us, balance, seq, updated_us, held = rows[0]
+        created_us, balance, seq, updated_us, held, code, exponent = rows[0]
+        currency = currency_of(code, exponent)
         if not seq:  # seq 0: no operation yet at that instant
-            return WalletAsOf(wallet_id, 0, 0, created_us, created_us)
-        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us, held)
+            return WalletAsOf(wallet_id, 0, 0, created_us, created_us, 0, currency)
+        return WalletAsOf(wallet_id, balance, seq, created_us, updated_us, held, currency)
 
     async def filtered_history(
         self,
