@@ -14,6 +14,7 @@ at most 10^17 minor units, an amount at most 10^14. In whole units that is
 
 from __future__ import annotations
 
+import functools
 from typing import Final, NamedTuple
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "MINOR_UNITS_PER_UNIT",
     "SEED_CURRENCY",
     "Currency",
+    "currency_of",
     "format_minor",
     "to_minor",
 ]
@@ -35,6 +37,14 @@ class Currency(NamedTuple):
 
     code: str
     exponent: int
+
+
+@functools.lru_cache(maxsize=1024)
+def currency_of(code: str, exponent: int) -> Currency:
+    """One shared Currency object per (code, exponent) read from storage or the wire: a
+    resident wallet keeps a reference, not a copy. Bounded: past 1024 distinct currencies
+    they are merely not shared."""
+    return Currency(code, exponent)
 
 
 EXPONENT_MAX: Final = 18

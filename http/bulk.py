@@ -364,7 +364,10 @@ def _result(index: int, item: ParsedItem, reply: Reply | None) -> bytes:
         )
     error = _item_problem_of(index, item, reply)
     problem = problem_body(
-        error.status, error.code, error.detail, f"/api/v1/wallets/{item.wallet_id}/operation",
+        error.status,
+        error.code,
+        error.detail,
+        f"/api/v1/wallets/{item.wallet_id}/operation",
         extra=error.extra,
     )
     return b'{"index":%d,"status":%d,"body":%s}' % (index, error.status, orjson.dumps(problem))

@@ -32,8 +32,8 @@ from walletd.engine.log_reads import (
     WalletAsOf,
 )
 from walletd.engine.model import OperationKind, OperationRecord
+from walletd.engine.money import currency_of
 from walletd.engine.ports import StorageError, StorageUnavailable
-from walletd.persistence.postgres_log import currency_of
 
 __all__ = [
     "AS_OF_SQL",

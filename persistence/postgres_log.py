@@ -22,7 +22,6 @@ where the server-side work (FK checks, index inserts) dominates, so it stays.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -43,7 +42,7 @@ from walletd.engine.model import (
     TransferStatus,
     WalletRecord,
 )
-from walletd.engine.money import Currency
+from walletd.engine.money import Currency, currency_of
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     HoldNotPending,
@@ -266,13 +265,6 @@ _CONNECTION_LOST = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
 )
-
-
-@functools.lru_cache(maxsize=1024)
-def currency_of(code: str, exponent: int) -> Currency:
-    """One shared Currency object per stored (code, exponent): a resident wallet keeps a
-    reference, not a copy. Bounded: past 1024 distinct currencies, merely not shared."""
-    return Currency(code, exponent)
 
 
 def _joined_currency(text: str | None) -> Currency | None:
