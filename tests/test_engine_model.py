@@ -14,12 +14,15 @@ tiny resident bound (so passivation runs all the time) and more idempotency keys
 key cache holds (so keys are forgotten and looked up again). After every step the log must
 equal the model: balances, histories (with held_after), recorded refusals, transfers,
 holds, never negative, balance == sum(log), held == sum(PENDING holds) <= balance, and
-balances + PENDING transfers == deposits - withdrawals - captures.
+balances + PENDING transfers == deposits - withdrawals - captures in each currency: the
+wallets hold two currencies (USD, JPY), and money between them (a transfer, a capture
+into a wallet) is refused CURRENCY_MISMATCH with nothing written.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -64,7 +67,7 @@ from walletd.engine.model import (
     OperationRecord,
     TransferStatus,
 )
-from walletd.engine.money import BALANCE_MINOR_MAX
+from walletd.engine.money import BALANCE_MINOR_MAX, SEED_CURRENCY, Currency
 from walletd.engine.router import Engine, shard_of
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
 
@@ -80,6 +83,11 @@ T = TypeVar("T")
 
 WALLETS = [UUID(int=n) for n in range(1, 7)]
 KEYS = [f"k{n}" for n in range(1, 7)]
+# Each wallet's currency, fixed (as a wallet's is): the first four USD (the funded pair
+# among them, so holds and captures still move money), the last two JPY.
+CURRENCY_OF = {
+    wallet: SEED_CURRENCY if n < 4 else Currency("JPY", 0) for n, wallet in enumerate(WALLETS)
+}
 # Two shards, batches of two, two in flight: each shard's key cache holds 6 keys (the least
 # the limits allow), while 6 wallets x 6 keys give ~18 per shard: the cache overflows, and a
 # forgotten key must be found in storage, never applied twice.
@@ -177,7 +185,8 @@ class Model:
     create_keys: dict[str, UUID] = field(default_factory=dict)
     # transfer id -> [from, to, amount, status, failure code]
     transfers: dict[UUID, list[object]] = field(default_factory=dict)
-    external: int = 0  # deposits - withdrawals - captures
+    # deposits - withdrawals - captures, per currency code
+    external: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     holds: dict[UUID, _Hold] = field(default_factory=dict)
     hold_keys: dict[tuple[UUID, str], UUID] = field(default_factory=dict)
     now: int = 1_700_000_000_000_000  # the test clock's base (without per-reading ticks)
@@ -204,7 +213,7 @@ class Model:
         if remember:
             self.keyed[(wallet, key)] = op
         if kind is CAPTURE:
-            self.external -= amount
+            self.external[CURRENCY_OF[wallet].code] -= amount
 
     def expired(self, hold: _Hold) -> bool:
         return self.now - hold.created_at >= hold.expires_in_s * SECOND_US
@@ -284,6 +293,8 @@ class Model:
             }[hold.status], False
         if to_wallet == hold.wallet:
             return Outcome.SAME_WALLET, False
+        if to_wallet in self.balances and CURRENCY_OF[to_wallet] != CURRENCY_OF[hold.wallet]:
+            return Outcome.CURRENCY_MISMATCH, False  # before anything moves
         if self.expired(hold):
             return Outcome.HOLD_EXPIRED, False
         if action is HoldAction.CAPTURE and amount is not None and amount > hold.amount:
@@ -404,7 +415,8 @@ class Model:
             op = _Op(kind, amount, expect.balance, key, self.held(wallet))
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
-            self.external += amount if kind is OperationKind.DEPOSIT else -amount
+            code = CURRENCY_OF[wallet].code
+            self.external[code] += amount if kind is OperationKind.DEPOSIT else -amount
             if key is not None:
                 self.keyed[(wallet, key)] = op
         elif expect.records:
@@ -512,8 +524,10 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(wallet=wallets, key=keys)
     def create(self, wallet: UUID, key: str | None) -> None:
         expected, writes = self.model.expect_create(wallet, key)
-        _id, reply = self._run(self.engine.create_wallet(wallet, key))
+        _id, reply = self._run(self.engine.create_wallet(wallet, key, CURRENCY_OF[wallet]))
         assert reply.outcome is expected, (reply, expected)
+        if reply.wallet is not None:
+            assert reply.wallet.currency == CURRENCY_OF[wallet]
         if writes:
             self.model.create(wallet, key)
 
@@ -640,6 +654,10 @@ class EngineMachine(RuleBasedStateMachine):
         if sender not in model.balances:
             assert (reply.outcome, reply.side) == (Outcome.WALLET_NOT_FOUND, SIDE_FROM), reply
             return
+        if receiver in model.balances and CURRENCY_OF[sender] != CURRENCY_OF[receiver]:
+            # Refused by the sender's owner before anything moves; nothing recorded.
+            assert (reply.outcome, reply.side) == (Outcome.CURRENCY_MISMATCH, SIDE_FROM), reply
+            return
         debit_key = (sender, transfer_leg_key(OUT, transfer_id))
         earlier = model.keyed.get(debit_key)
         if isinstance(earlier, _Refusal):  # the recorded refusal of this id's debit
@@ -683,6 +701,7 @@ class EngineMachine(RuleBasedStateMachine):
             or sender not in model.balances
             or amount > model.available(sender)
             or (sender, transfer_leg_key(OUT, transfer_id)) in model.keyed
+            or CURRENCY_OF[sender] != CURRENCY_OF[receiver]
         ):
             return  # covered by ``transfer``; here only the saga's second commit fails
         self.log.fail_next_closes, self.log.closes_land = 1, lands
@@ -877,10 +896,15 @@ class EngineMachine(RuleBasedStateMachine):
             for t in self.log.transfers.values()
         }
         assert stored == self.model.transfers
-        in_flight = sum(t.amount for t in self.log.transfers.values()
-                        if t.status is TransferStatus.PENDING)  # fmt: skip
-        owned = sum(w.balance for w in self.log.wallets.values())
-        assert owned + in_flight == self.model.external
+        for currency in set(CURRENCY_OF.values()):  # conserved in each currency alone
+            in_flight = sum(t.amount for t in self.log.transfers.values()
+                            if t.status is TransferStatus.PENDING
+                            and CURRENCY_OF[t.from_wallet_id] == currency)  # fmt: skip
+            owned = sum(w.balance for w in self.log.wallets.values() if w.currency == currency)
+            assert owned + in_flight == self.model.external[currency.code], currency
+        for transfer in self.log.transfers.values():  # never between two currencies
+            if transfer.to_wallet_id in self.log.wallets:
+                assert CURRENCY_OF[transfer.from_wallet_id] == CURRENCY_OF[transfer.to_wallet_id]
 
     @invariant()
     def reads_match_model(self) -> None:

@@ -43,9 +43,15 @@ def _intended_refusal(response: Any) -> bool:
         return False
     body = response.json()
     code = body.get("code")
-    if code in ("IDEMPOTENCY_KEY_REUSED", "AS_OF_NOT_SETTLED", "ATOMIC_NOT_POSSIBLE"):
+    if code in (
+        "IDEMPOTENCY_KEY_REUSED", "AS_OF_NOT_SETTLED", "ATOMIC_NOT_POSSIBLE",
+        # Money between wallets of two currencies: it depends on what they were created in.
+        "CURRENCY_MISMATCH",
+    ):  # fmt: skip
         return True
     errors = body.get("errors") or []
+    if code == "VALIDATION_ERROR" and errors and all(_currency_rule(e) for e in errors):
+        return True
     return (
         code == "VALIDATION_ERROR"
         and bool(errors)
@@ -69,6 +75,19 @@ _UNSTATABLE_FIELD_ERRORS: Final = {
     # between a header and the body, which OpenAPI cannot state.
     ("items[].key_index", "needs the request's Idempotency-Key header"),
 }
+
+
+def _currency_rule(error: Any) -> bool:
+    """A field refused by a rule of the wallet's currency, which the document cannot state
+    per wallet: an amount with more decimals than the currency, or past its maximum in minor
+    units (messages end with the currency's code), or a JSON number's decimals (no binary
+    float states ``multipleOf: 1e-18`` exactly); a currency code the operator did not declare
+    (the declared assets are configuration)."""
+    field = _item_field(error.get("field"))
+    message = error.get("message") or ""
+    if field in ("amount", "items[].amount"):
+        return "fractional digits" in message or message.endswith(")")
+    return field == "currency" and message == "must be an ISO 4217 code or a declared asset"
 
 
 def valid_data_is_accepted(ctx: Any, response: Any, case: Any) -> bool | None:
