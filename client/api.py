@@ -151,6 +151,9 @@ class Wallet:
     held: Decimal = Decimal(0)
     # The instant asked for, on a read with ``as_of``.
     as_of: datetime | None = None
+    # Its currency (ISO 4217 or a declared asset), for good; servers before currencies
+    # send none (then: None). Money is exact in its decimals.
+    currency: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Wallet:
@@ -165,6 +168,7 @@ class Wallet:
                 available=_decimal(body.get("available", body["balance"]), "available"),
                 held=_decimal(body.get("held", "0.00"), "held"),
                 as_of=None if as_of is None else _timestamp(as_of, "as_of"),
+                currency=_optional_text(body.get("currency")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -220,6 +224,7 @@ class Transfer:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+    currency: str | None = None  # both wallets' (None from servers before currencies)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -235,6 +240,7 @@ class Transfer:
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                currency=_optional_text(body.get("currency")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
@@ -258,6 +264,7 @@ class Hold:
     to_wallet_id: str | None = None
     transfer_id: str | None = None
     transfer: Transfer | None = None
+    currency: str | None = None  # its wallet's (None from servers before currencies)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
@@ -278,6 +285,7 @@ class Hold:
                 to_wallet_id=_optional_text(body.get("to_wallet_id")),
                 transfer_id=_optional_text(body.get("transfer_id")),
                 transfer=None if transfer is None else Transfer.from_json(transfer),
+                currency=_optional_text(body.get("currency")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
@@ -434,10 +442,20 @@ class WalletdClient:
     # -- wallets and their operations ------------------------------------------------------
 
     async def create_wallet(
-        self, wallet_id: str | uuid.UUID | None = None, *, idempotency_key: str | None = None
+        self,
+        wallet_id: str | uuid.UUID | None = None,
+        *,
+        idempotency_key: str | None = None,
+        currency: str | None = None,
     ) -> Wallet:
-        """Creates a wallet, with the id given or one walletd picks."""
-        body = None if wallet_id is None else {"id": str(wallet_id)}
+        """Creates a wallet, with the id given or one walletd picks, in ``currency`` (an ISO
+        4217 code or an asset the operator declared; None: walletd's default currency)."""
+        fields: dict[str, str] = {}
+        if wallet_id is not None:
+            fields["id"] = str(wallet_id)
+        if currency is not None:
+            fields["currency"] = currency
+        body = fields or None
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )
