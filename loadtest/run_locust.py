@@ -26,6 +26,7 @@ USER_CLASSES = [
     "IdempotentRetryUser",
     "BulkUser",
     "TransferUser",
+    "CurrencyUser",
 ]
 STOP_TIMEOUT_S = 5
 # Beyond the run time: wallet setup, the users' stop timeout and the read-back.
