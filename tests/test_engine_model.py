@@ -614,7 +614,7 @@ class EngineMachine(RuleBasedStateMachine):
     def create_with_failed_commit(self, wallet: UUID, key: str | None, lands: bool) -> None:
         expected, writes = self.model.expect_create(wallet, key)
         self.log.fail_next_appends, self.log.apply_then_fail = 1, lands
-        _id, reply = self._run(self.engine.create_wallet(wallet, key))
+        _id, reply = self._run(self.engine.create_wallet(wallet, key, CURRENCY_OF[wallet]))
         self.log.fail_next_appends, self.log.apply_then_fail = 0, False
         if not writes:
             assert reply.outcome is expected
