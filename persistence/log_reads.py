@@ -119,9 +119,11 @@ FEED_SOURCES: Final = (
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
                                THEN split_part(o.idempotency_key, ':', 2) END,
                -- The wallet's currency: its money fields are in its minor units.
-               'currency', (SELECT w.currency FROM wallets w WHERE w.id = o.wallet_id),
-               'exponent', (SELECT w.exponent FROM wallets w WHERE w.id = o.wallet_id))
+               'currency', c.currency, 'exponent', c.exponent)
       FROM wallet_operations o
+      -- One primary-key lookup per event of the page (below the LIMIT: rows pulled only).
+      LEFT JOIN LATERAL (SELECT w.currency, w.exponent FROM wallets w WHERE w.id = o.wallet_id)
+           AS c ON true
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)
      ORDER BY o.xid, o.id LIMIT $3
