@@ -167,6 +167,11 @@ SETTINGS: tuple[Setting, ...] = (
             "--transfer-leg-tries-max", int, 3,
             "tries to deliver a transfer leg whose wallet's shard has no reachable owner (each "
             "after the next read of the ownership table); then 503, nothing applied or PENDING"),
+    Setting("currency_cache_wallets_max", ("WALLETD_CURRENCY_CACHE_WALLETS_MAX",),
+            "--currency-cache-wallets-max", int, 65_536,
+            "wallet currencies a transfer's coordinator remembers (each read once at the "
+            "receiver's owner before any money moves); past it the least recently used is "
+            "read again when needed"),
     Setting("refusal_isolation_commits_max", ("WALLETD_REFUSAL_ISOLATION_COMMITS_MAX",),
             "--refusal-isolation-commits-max", int, 64,
             "commits a shard may spend finding the command(s) the database refused in a batch "
@@ -290,6 +295,7 @@ class Config:
     hold_sweep_interval_s: float
     hold_sweep_batch_max: int
     transfer_leg_tries_max: int
+    currency_cache_wallets_max: int
     refusal_isolation_commits_max: int
     pool_size_max: int
     db_connect_timeout_s: float

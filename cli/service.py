@@ -90,6 +90,7 @@ def engine_limits(config: Config) -> EngineLimits:
         hold_sweep_batch_max=config.hold_sweep_batch_max,
         transfer_leg_tries_max=config.transfer_leg_tries_max,
         refusal_isolation_commits_max=config.refusal_isolation_commits_max,
+        currency_cache_wallets_max=config.currency_cache_wallets_max,
     )
 
 

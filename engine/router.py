@@ -265,6 +265,7 @@ class Engine:
             # A wave of lookups by id is bounded like a mailbox: requests past it wait.
             lookup_ids_max=self.limits.mailbox_commands_max,
             observer=self._observer,
+            currency_cache_wallets_max=self.limits.currency_cache_wallets_max,
         )
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()

@@ -52,7 +52,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Final, NamedTuple
+from typing import NamedTuple
 from uuid import UUID
 
 from walletd.engine.bounds import storable_amount
@@ -106,10 +106,6 @@ class TransferReply(NamedTuple):
     # The transfer's currency (as the coordinator read it), for the money a refusal names.
     currency: Currency | None = None
 
-
-# Wallet currencies the coordinator remembers (immutable, so never stale): a transfer to a
-# wallet read before needs no read of its currency. ~150 bytes each.
-CURRENCY_CACHE_ENTRIES_MAX: Final = 65536
 
 _UNAVAILABLE = TransferReply(Outcome.UNAVAILABLE)
 _FOUND = Reply(Outcome.OK)
@@ -331,7 +327,11 @@ class TransferCoordinator:
         load_timeout_s: float,
         lookup_ids_max: int = 1024,
         observer: EngineObserver | None = None,
+        currency_cache_wallets_max: int = 65_536,
     ) -> None:
+        # Wallet currencies remembered (immutable, so never stale): a transfer to a wallet
+        # read before needs no read of its currency (engine/limits.py).
+        self._currencies_max = currency_cache_wallets_max
         self._log = log
         self._observer = observer or EngineObserver()
         self._delivery = delivery
@@ -346,8 +346,8 @@ class TransferCoordinator:
         # PENDING (a refund refused at the sender's balance ceiling) cannot take every
         # pass's batch and starve younger ones. None: start at the oldest.
         self._redrive_after: tuple[int, UUID] | None = None
-        # Wallet id (int) -> its currency, most recent last, at most
-        # CURRENCY_CACHE_ENTRIES_MAX (the oldest is forgotten).
+        # Wallet id (int) -> its currency, most recent last, at most _currencies_max (the
+        # least recently used is forgotten).
         self._currencies: OrderedDict[int, Currency] = OrderedDict()
 
     @property
@@ -432,7 +432,7 @@ class TransferCoordinator:
             return None, reply
         currency = reply.wallet.currency
         cache[wid] = currency
-        if len(cache) > CURRENCY_CACHE_ENTRIES_MAX:
+        if len(cache) > self._currencies_max:
             cache.popitem(last=False)
         return currency, reply
 
