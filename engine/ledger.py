@@ -529,11 +529,13 @@ class Ledger:
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
         currency = resident.currency
-        if scale == currency.exponent:  # the hot path: nothing to rescale
-            return command
-        minor = to_minor(command.amount, scale, currency.exponent)
+        exponent = currency.exponent
+        # The hot path (a two-decimal wallet): nothing to rescale, only the bound to check.
+        minor = command.amount if scale == exponent else to_minor(command.amount, scale, exponent)
         if minor is None or not storable_amount(minor):
             return Reply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+        if scale == exponent:
+            return command
         return _Rescaled(
             command.wallet_id, command.kind, minor, command.idempotency_key, command.reference
         )
