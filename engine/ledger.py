@@ -733,7 +733,9 @@ class Ledger:
         wallet_id = command.wallet_id
         wid = wallet_id.int
         resident = self._residents.get(wid)
-        if command.scale is not None and command.amount is not None and resident is not None:
+        if command.scale is not None and command.amount is not None:
+            if resident is None:  # no currency to read the amount in: nothing to decide
+                return Reply(Outcome.WALLET_NOT_FOUND)
             currency = resident.currency
             minor = to_minor(command.amount, command.scale, currency.exponent)
             if minor is None or not storable_amount(minor):

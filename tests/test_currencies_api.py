@@ -113,6 +113,10 @@ async def test_more_decimals_than_the_currency_has_is_422_naming_the_field(
     assert (status, body["errors"]) == (422, [
         {"field": "amount", "message": "must be at most 1000000000000.00 (USD)"}
     ]), body  # fmt: skip
+    # On a wallet that does not exist no currency decides: 404, not a 422 (schemathesis).
+    status, body = await call(client, "POST", f"/api/v1/wallets/{uuid.uuid4()}/holds",
+                              {"amount": 100000000000000.0})  # fmt: skip
+    assert (status, body["code"]) == (404, "WALLET_NOT_FOUND"), body
     # An 18-decimal token's amount is at most 10^14 minor units: 0.0001 of it.
     status, body = await move(client, token, "DEPOSIT", "0.0001")
     assert (status, body["balance"]) == (200, "0.000100000000000000")
