@@ -266,15 +266,16 @@ SELECT currency, coalesce(balances, 0), coalesce(pending, 0), coalesce(deposits,
  ORDER BY currency
 """
 COUNTS = "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM holds)"
-# Money between wallets of different currencies (a transfer, hence also a capture into a
-# wallet, which opens one), and a code stored with two exponents: each is a wallet's row.
+# Money between wallets of different currencies (a COMPLETED transfer, hence also a capture
+# into a wallet, which opens one; a FAILED one was refunded, as when its receiver was
+# created in another currency after the debit), and a code stored with two exponents.
 CURRENCY_CHECK = f"""
 (SELECT t.from_wallet_id, 'transfer ' || t.id || ' moves ' || f.currency || ' into wallet '
         || t.to_wallet_id || ', which holds ' || r.currency
    FROM transfers t
    JOIN wallets f ON f.id = t.from_wallet_id
    JOIN wallets r ON r.id = t.to_wallet_id
-  WHERE (f.currency, f.exponent) <> (r.currency, r.exponent)
+  WHERE t.status = 2 AND (f.currency, f.exponent) <> (r.currency, r.exponent)
   LIMIT {FEED_MISMATCHES_MAX})
 UNION ALL
 (SELECT min(w.id::text)::uuid, 'currency ' || w.currency || ' is stored with exponents '

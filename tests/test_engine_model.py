@@ -371,12 +371,14 @@ class Model:
         assert isinstance(sender, UUID)
         assert isinstance(receiver, UUID)
         assert isinstance(amount, int)
-        if receiver in self.balances:
+        if receiver in self.balances and CURRENCY_OF[receiver] == CURRENCY_OF[sender]:
             self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id))
             self.transfers[transfer_id][3] = TransferStatus.COMPLETED
         else:
+            # Missing, or created since (after the debit) in another currency: refunded.
+            failure = "WALLET_NOT_FOUND" if receiver not in self.balances else "CURRENCY_MISMATCH"
             self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id))
-            self.transfers[transfer_id][3:] = [TransferStatus.FAILED, "WALLET_NOT_FOUND"]
+            self.transfers[transfer_id][3:] = [TransferStatus.FAILED, failure]
 
     def pending(self) -> list[UUID]:
         return [t for t, v in self.transfers.items() if v[3] is TransferStatus.PENDING]
@@ -902,8 +904,8 @@ class EngineMachine(RuleBasedStateMachine):
                             and CURRENCY_OF[t.from_wallet_id] == currency)  # fmt: skip
             owned = sum(w.balance for w in self.log.wallets.values() if w.currency == currency)
             assert owned + in_flight == self.model.external[currency.code], currency
-        for transfer in self.log.transfers.values():  # never between two currencies
-            if transfer.to_wallet_id in self.log.wallets:
+        for transfer in self.log.transfers.values():  # money never between two currencies
+            if transfer.status is TransferStatus.COMPLETED:
                 assert CURRENCY_OF[transfer.from_wallet_id] == CURRENCY_OF[transfer.to_wallet_id]
 
     @invariant()
