@@ -112,6 +112,7 @@ def http_settings(config: Config) -> HttpSettings:
         as_of_wait_s=config.as_of_wait_effective_s,
         forward_timeout_s=config.forward_timeout_s,
         forward_connections_max=config.forward_connections_max,
+        currencies=config.currencies,
     )
 
 

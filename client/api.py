@@ -166,6 +166,9 @@ class Wallet:
     held: Decimal = Decimal(0)
     # The instant asked for, on a read with ``as_of``.
     as_of: datetime | None = None
+    # Its currency (ISO 4217 or a declared asset), for good; servers before currencies
+    # send none (then: None). Money is exact in its decimals.
+    currency: str | None = None
     # ACTIVE, FROZEN or CLOSED; how far below zero a debit may take the balance.
     status: str = "ACTIVE"
     overdraft_limit: Decimal = Decimal(0)
@@ -188,6 +191,7 @@ class Wallet:
                 available=_decimal(body.get("available", body["balance"]), "available"),
                 held=_decimal(body.get("held", "0.00"), "held"),
                 as_of=None if as_of is None else _timestamp(as_of, "as_of"),
+                currency=_optional_text(body.get("currency")),
                 status=str(body.get("status", "ACTIVE")),
                 overdraft_limit=_decimal(body.get("overdraft_limit", "0.00"), "overdraft_limit"),
                 version=version,
@@ -256,6 +260,7 @@ class Transfer:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+    currency: str | None = None  # both wallets' (None from servers before currencies)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -271,6 +276,7 @@ class Transfer:
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                currency=_optional_text(body.get("currency")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
@@ -294,6 +300,7 @@ class Hold:
     to_wallet_id: str | None = None
     transfer_id: str | None = None
     transfer: Transfer | None = None
+    currency: str | None = None  # its wallet's (None from servers before currencies)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
@@ -314,6 +321,7 @@ class Hold:
                 to_wallet_id=_optional_text(body.get("to_wallet_id")),
                 transfer_id=_optional_text(body.get("transfer_id")),
                 transfer=None if transfer is None else Transfer.from_json(transfer),
+                currency=_optional_text(body.get("currency")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
@@ -484,10 +492,20 @@ class WalletdClient:
     # -- wallets and their operations ------------------------------------------------------
 
     async def create_wallet(
-        self, wallet_id: str | uuid.UUID | None = None, *, idempotency_key: str | None = None
+        self,
+        wallet_id: str | uuid.UUID | None = None,
+        *,
+        idempotency_key: str | None = None,
+        currency: str | None = None,
     ) -> Wallet:
-        """Creates a wallet, with the id given or one walletd picks."""
-        body = None if wallet_id is None else {"id": str(wallet_id)}
+        """Creates a wallet, with the id given or one walletd picks, in ``currency`` (an ISO
+        4217 code or an asset the operator declared; None: walletd's default currency)."""
+        fields: dict[str, str] = {}
+        if wallet_id is not None:
+            fields["id"] = str(wallet_id)
+        if currency is not None:
+            fields["currency"] = currency
+        body = fields or None
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )

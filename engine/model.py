@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from uuid import UUID
 
+from walletd.engine.money import SEED_CURRENCY, Currency
+
 __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
@@ -118,6 +120,7 @@ class WalletView(NamedTuple):
     # The part of ``balance`` that PENDING holds reserve; available = balance - held
     # + overdraft_limit.
     held: int = 0
+    currency: Currency = SEED_CURRENCY
     status: WalletStatus = WalletStatus.ACTIVE
     # How far below zero a debit may take ``balance`` (minor units, >= 0).
     overdraft_limit: int = 0
@@ -137,13 +140,14 @@ class WalletRecord:
     held: int = 0
     # Its PENDING holds, loaded with it (their amounts sum to ``held``).
     holds: tuple[HoldRecord, ...] = ()
+    currency: Currency = SEED_CURRENCY
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0
 
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held, self.status, self.overdraft_limit,
+            self.held, self.currency, self.status, self.overdraft_limit,
         )  # fmt: skip
 
 
@@ -195,6 +199,7 @@ class NewWallet:
     created_at_us: int
     create_idempotency_key: str | None
     create_fingerprint: str
+    currency: Currency = SEED_CURRENCY
 
 
 class SnapshotUpdate(NamedTuple):
@@ -241,6 +246,8 @@ class HoldRecord(NamedTuple):
     resolve_fingerprint: str | None
     created_at_us: int
     updated_at_us: int
+    # Its wallet's (not a stored column of the hold: read with the wallet's).
+    currency: Currency | None = None
 
 
 class HoldUpdate(NamedTuple):
@@ -271,6 +278,10 @@ class TransferRecord(NamedTuple):
     # The API key that asked for the transfer (or the capture that opened it): every leg's
     # row carries it, on whichever process applies the leg. Stored as the debit row's actor.
     actor: str | None = None
+    # The currency of both wallets (the sender's, read with it; not a column of its own):
+    # each leg is refused (CURRENCY_MISMATCH) on a wallet of another currency. None when
+    # not known (a leg from a process that predates currencies): not checked.
+    currency: Currency | None = None
 
 
 class TransferUpdate(NamedTuple):

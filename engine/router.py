@@ -51,6 +51,7 @@ from walletd.engine.errors import (
 from walletd.engine.holds import (
     capture_transfer_id,
     create_fingerprint,
+    fingerprint_amount,
     new_hold_id,
     replay_creation,
     resolve_fingerprint,
@@ -71,6 +72,7 @@ from walletd.engine.model import (
     WalletStatus,
     WalletView,
 )
+from walletd.engine.money import SEED_CURRENCY, Currency
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership, shard_of
 from walletd.engine.ports import StaleEpoch, StorageError, WalletLog
@@ -222,8 +224,11 @@ class Engine:
         delivery: LegDelivery | None = None,
         remote_legs: RemoteLegs | None = None,
         self_url: str | None = None,
+        default_currency: Currency = SEED_CURRENCY,
     ) -> None:
         self.limits = limits or EngineLimits()
+        # The currency of a wallet created without one (the seed's request).
+        self.default_currency = default_currency
         # Alone (tests, tools): every shard served, one shard per pipeline, no fence.
         self.ownership = ownership or Ownership.everything(self.limits.pipelines)
         self.log = log
@@ -256,6 +261,7 @@ class Engine:
             self_url=self_url,
             tries_max=self.limits.transfer_leg_tries_max,
             local_joint=self.deliver_joint,
+            local_read=self.read,
         )
         self.transfers = TransferCoordinator(
             log,
@@ -264,6 +270,7 @@ class Engine:
             # A wave of lookups by id is bounded like a mailbox: requests past it wait.
             lookup_ids_max=self.limits.mailbox_commands_max,
             observer=self._observer,
+            currency_cache_wallets_max=self.limits.currency_cache_wallets_max,
         )
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()
@@ -620,17 +627,20 @@ class Engine:
         reference: str | None = None,
         actor: str | None = None,
         expected_seq: int | None = None,
+        scale: int | None = None,
     ) -> Reply:
         """Apply a deposit or withdrawal; the reply arrives once its batch has committed.
         ``actor``: the API key's name, recorded on the row (None when auth is off).
         ``expected_seq`` (If-Match): refused PRECONDITION_FAILED unless the wallet's seq is
-        that one when the operation's turn comes."""
+        that one when the operation's turn comes. ``scale``: ``amount`` is amount / 10^scale,
+        rescaled to the wallet's currency by its shard (None: in its minor units already)."""
         shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         return await self._answer(
             shard, pipeline,
             ApplyOperation(
-                wallet_id, kind, amount, idempotency_key, future, reference, actor, expected_seq
+                wallet_id, kind, amount, idempotency_key, future, reference, actor,
+                expected_seq=expected_seq, scale=scale,
             ),
         )  # fmt: skip
 
@@ -644,8 +654,11 @@ class Engine:
         *,
         expected_seq: int | None = None,
         actor: str | None = None,
+        limit_scale: int | None = None,
     ) -> Reply:
         """Change a wallet's status and/or overdraft limit (PATCH; ledger._update_wallet).
+        ``limit_scale`` as ``scale`` for ``apply``: the limit is rescaled to the wallet's
+        currency by its shard.
         A close first asks storage for the wallet's PENDING transfers, which the ledger
         cannot see (a transfer's credit ends on another shard); storage checks again when
         the close commits, so one opened in between refuses the close there."""
@@ -659,6 +672,7 @@ class Engine:
             UpdateWallet(
                 wallet_id, status, overdraft_limit, idempotency_key, fingerprint, future,
                 expected_seq=expected_seq, actor=actor, transfers_pending=transfers_pending,
+                limit_scale=limit_scale,
             ),
         )  # fmt: skip
 
@@ -672,14 +686,15 @@ class Engine:
         reference: str | None,
         idempotency_key: str | None,
         actor: str | None = None,
+        scale: int | None = None,
     ) -> tuple[UUID, Reply]:
         """Reserve ``amount`` of the wallet's available money; returns the hold id (on the
         wallet's shard; derived from the key when there is one) and the reply (CREATED
-        with the hold, or a refusal)."""
+        with the hold, or a refusal). ``scale`` as for ``apply``."""
         shard, pipeline = self._route(wallet_id)
         count = self.ownership.shard_count
         hold_id = new_hold_id(wallet_id, idempotency_key, count)
-        fingerprint = create_fingerprint(amount, expires_in_s, reference)
+        fingerprint = create_fingerprint(fingerprint_amount(amount, scale), expires_in_s, reference)
         if idempotency_key is not None:
             stored = (await self.log.load_holds([hold_id])).get(hold_id)
             if stored is not None:
@@ -689,7 +704,7 @@ class Engine:
         command = HoldCommand(
             HoldAction.CREATE, wallet_id, hold_id, future, amount=amount,
             expires_in_us=seconds * 1_000_000, reference=reference, shard=shard,
-            key=idempotency_key, fingerprint=fingerprint, actor=actor,
+            key=idempotency_key, fingerprint=fingerprint, actor=actor, scale=scale,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         if reply.outcome is Outcome.CREATED and reply.replayed:
@@ -710,13 +725,16 @@ class Engine:
         idempotency_key: str | None,
         to_wallet_id: UUID | None = None,
         actor: str | None = None,
+        scale: int | None = None,
     ) -> Reply:
         """Capture (``amount`` or all of it; the rest released) or void a hold. A capture
         with ``to_wallet_id`` moves the captured money there: its commit opens a PENDING
         transfer (the debit out of the hold), then the transfer's credit is driven (refund
         if refused) as for any transfer; the reply's hold names the transfer."""
         shard, pipeline = self._route(hold_id)  # the hold's shard is its wallet's
-        fingerprint = resolve_fingerprint(action, amount, to_wallet_id)
+        fingerprint = resolve_fingerprint(
+            action, None if amount is None else fingerprint_amount(amount, scale), to_wallet_id
+        )
         stored = (await self.log.load_holds([hold_id])).get(hold_id)
         if stored is None:
             return Reply(Outcome.HOLD_NOT_FOUND)
@@ -724,12 +742,19 @@ class Engine:
             return resolved_reply(stored, idempotency_key, fingerprint)
         if to_wallet_id == stored.wallet_id:
             return Reply(Outcome.SAME_WALLET, hold=stored)
+        to_currency = None
+        if to_wallet_id is not None:
+            # The receiver's currency, read before anything moves: the hold's shard refuses
+            # another one (CURRENCY_MISMATCH). Missing: None, refused by the credit as today.
+            to_currency, read = await self.transfers.currency_of(to_wallet_id)
+            if to_currency is None and read.outcome is not Outcome.WALLET_NOT_FOUND:
+                return _UNAVAILABLE
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         command = HoldCommand(
             action, stored.wallet_id, hold_id, future, amount=amount, key=idempotency_key,
             fingerprint=fingerprint, to_wallet_id=to_wallet_id,
             transfer_id=None if to_wallet_id is None else capture_transfer_id(hold_id),
-            actor=actor,
+            actor=actor, scale=scale, to_currency=to_currency,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         if reply.outcome is Outcome.OK:
@@ -740,7 +765,7 @@ class Engine:
             opened = TransferRecord(
                 hold.transfer_id, hold.wallet_id, hold.to_wallet_id, hold.captured,
                 hold.reference, TransferStatus.PENDING, None, hold.updated_at_us,
-                hold.updated_at_us, actor,
+                hold.updated_at_us, actor, hold.currency,
             )  # fmt: skip
             # The hold is CAPTURED whatever the credit does: a refused credit refunds the
             # debit (FAILED), a 503 leaves the transfer PENDING for the re-drive loop.
@@ -877,10 +902,18 @@ class Engine:
             self._bulk_waiting -= 1
 
     async def create_wallet(
-        self, wallet_id: UUID | None, idempotency_key: str | None
+        self,
+        wallet_id: UUID | None,
+        idempotency_key: str | None,
+        currency: Currency | None = None,
     ) -> tuple[UUID, Reply]:
-        """Create a wallet (with a chosen or a new id); returns the id and the reply."""
+        """Create a wallet (with a chosen or a new id) in ``currency`` (None: the default
+        currency); returns the id and the reply."""
         fingerprint = "" if wallet_id is None else str(wallet_id)
+        if currency is None or currency == self.default_currency:
+            currency = self.default_currency  # the fingerprint of a request of before
+        else:
+            fingerprint += f"|{currency.code}"
         if wallet_id is None:
             if idempotency_key is None:
                 wallet_id = self._new_served_id()
@@ -889,8 +922,9 @@ class Engine:
         shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         reply = await self._answer(
-            shard, pipeline, CreateWallet(wallet_id, idempotency_key, fingerprint, future)
-        )
+            shard, pipeline,
+            CreateWallet(wallet_id, idempotency_key, fingerprint, future, currency),
+        )  # fmt: skip
         return wallet_id, reply
 
     def _new_served_id(self) -> UUID:
@@ -922,6 +956,7 @@ class Engine:
         amount: int,
         reference: str | None,
         actor: str | None = None,
+        scale: int | None = None,
     ) -> tuple[UUID, TransferReply]:
         """Move money between two wallets (docs/ARCHITECTURE.md, "Transfers"); returns the
         transfer id (chosen, derived from the key, or new) and the reply."""
@@ -941,6 +976,7 @@ class Engine:
             reference,
             fresh_id=fresh_id,
             actor=actor,
+            scale=scale,
         )
         return transfer_id, reply
 

@@ -42,7 +42,15 @@ from walletd.engine.listings import (
     ListingPosition,
     ListingQuery,
 )
-from walletd.engine.model import HoldRecord, HoldStatus, TransferRecord, TransferStatus, WalletView
+from walletd.engine.model import (
+    HoldRecord,
+    HoldStatus,
+    TransferRecord,
+    TransferStatus,
+    WalletStatus,
+    WalletView,
+)
+from walletd.engine.money import Currency, currency_of
 
 __all__ = [
     "BOTTOM_US",
@@ -103,34 +111,55 @@ def _columns(*names: str) -> str:
 
 
 def _wallet(row: asyncpg.Record) -> WalletView:
-    return WalletView(row[0], row[1], row[2], row[3], row[4], row[5])
+    return WalletView(
+        row[0], row[1], row[2], row[3], row[4], row[5], currency_of(row[6], row[7]),
+        WalletStatus(row[8]), row[9],
+    )  # fmt: skip
+
+
+def _joined_currency(text: str | None) -> Currency | None:
+    """A wallet's currency read as "<code>:<exponent>" (None: no such wallet)."""
+    if text is None:
+        return None
+    code, _, exponent = text.partition(":")
+    return currency_of(code, int(exponent))
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
+        currency=_joined_currency(row[9]),
     )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
     return HoldRecord(
         row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
-        row[9], None, "", None, None, row[10], row[11],
+        row[9], None, "", None, None, row[10], row[11], _joined_currency(row[12]),
     )  # fmt: skip
 
 
+# An item's wallet's currency, as its GET reads it (persistence/postgres_log.py): one
+# primary-key lookup per listed row.
+_CURRENCY_OF: Final = "(SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = r.{})"
+
+
+_WALLET_COLUMNS: Final = _columns(
+    "id", "balance", "seq", "created_at_us", "updated_at_us", "held", "currency", "exponent",
+    "status", "overdraft_limit",
+)  # fmt: skip
 _TRANSFER_COLUMNS: Final = _columns(
     "id", "from_wallet_id", "to_wallet_id", "amount", "reference", "status", "failure_code",
     "created_at_us", "updated_at_us",
-)  # fmt: skip
+) + ", " + _CURRENCY_OF.format("from_wallet_id")  # fmt: skip
 _HOLD_COLUMNS: Final = _columns(
     "id", "wallet_id", "shard", "amount", "status", "expires_at_us", "captured",
     "to_wallet_id", "transfer_id", "reference", "created_at_us", "updated_at_us",
-)  # fmt: skip
+) + ", " + _CURRENCY_OF.format("wallet_id")  # fmt: skip
 LISTINGS: Final[Mapping[Listing, _Table]] = {
     Listing.WALLETS: _Table(
         "wallets",
-        _columns("id", "balance", "seq", "created_at_us", "updated_at_us", "held"),
+        _WALLET_COLUMNS,
         _wallet,
         {},
     ),

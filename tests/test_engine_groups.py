@@ -33,6 +33,7 @@ class Op(NamedTuple):
     amount: int
     idempotency_key: str | None
     reference: str | None = None
+    scale: None = None  # in minor units already
 
 
 operations = st.lists(

@@ -597,6 +597,10 @@ async def _check_plan(
             "SELECT indexname FROM pg_indexes WHERE tablename = $1", listing.value
         )
     }
+    if listing is not Listing.WALLETS:
+        # Each row's wallet's currency: one primary-key lookup per row read (bounded by
+        # the scans below), as the item's own GET reads it.
+        table_indexes.add("wallets_pkey")
     read_max = args[4]
     assert isinstance(read_max, int)
     for node in nodes:
