@@ -149,6 +149,15 @@ def _instant_text(instant: Instant, name: str) -> str:
     return instant.isoformat()
 
 
+def _metadata(value: Any) -> dict[str, str]:
+    """A metadata object as sent (an absent one, from a server before metadata: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UnexpectedResponse(f"metadata is not an object: {value!r}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def _dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -175,6 +184,8 @@ class Wallet:
     # The wallet's seq from the ETag header: pass it as ``if_match`` to act only if nothing
     # changed the wallet since (None: the server sent no ETag).
     version: int | None = None
+    # The wallet's metadata (empty when it has none: walletd then sends no field).
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(
@@ -195,6 +206,7 @@ class Wallet:
                 status=str(body.get("status", "ACTIVE")),
                 overdraft_limit=_decimal(body.get("overdraft_limit", "0.00"), "overdraft_limit"),
                 version=version,
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"wallet JSON lacks {missing}") from None
@@ -219,6 +231,8 @@ class Operation:
     # On a WALLET_UPDATE row: the wallet's status and overdraft limit from then on.
     status: str | None = None
     overdraft_limit: Decimal | None = None
+    # What wrote the row: the operation's metadata, or its transfer's or hold's.
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Operation:
@@ -242,6 +256,7 @@ class Operation:
                     if body.get("overdraft_limit") is None
                     else _decimal(body["overdraft_limit"], "overdraft_limit")
                 ),
+                metadata=_metadata(body.get("metadata")),
             )
         except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
             raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
@@ -261,6 +276,7 @@ class Transfer:
     updated_at: datetime
     replayed: bool = False
     currency: str | None = None  # both wallets' (None from servers before currencies)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -277,6 +293,7 @@ class Transfer:
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
                 currency=_optional_text(body.get("currency")),
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
@@ -301,6 +318,7 @@ class Hold:
     transfer_id: str | None = None
     transfer: Transfer | None = None
     currency: str | None = None  # its wallet's (None from servers before currencies)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Hold:
@@ -322,6 +340,7 @@ class Hold:
                 transfer_id=_optional_text(body.get("transfer_id")),
                 transfer=None if transfer is None else Transfer.from_json(transfer),
                 currency=_optional_text(body.get("currency")),
+                metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"hold JSON lacks {missing}") from None
@@ -389,6 +408,7 @@ class BulkItem:
     amount: Amount
     idempotency_key: str | None = None
     reference: str | None = None
+    metadata: Mapping[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         item: dict[str, Any] = {
@@ -400,6 +420,8 @@ class BulkItem:
             item["idempotency_key"] = self.idempotency_key
         if self.reference is not None:
             item["reference"] = self.reference
+        if self.metadata:
+            item["metadata"] = dict(self.metadata)
         return item
 
 
@@ -497,14 +519,19 @@ class WalletdClient:
         *,
         idempotency_key: str | None = None,
         currency: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Wallet:
         """Creates a wallet, with the id given or one walletd picks, in ``currency`` (an ISO
-        4217 code or an asset the operator declared; None: walletd's default currency)."""
-        fields: dict[str, str] = {}
+        4217 code or an asset the operator declared; None: walletd's default currency), and
+        your ``metadata`` (strings; at most 50 keys of 1-40 characters, values of at most
+        500)."""
+        fields: dict[str, Any] = {}
         if wallet_id is not None:
             fields["id"] = str(wallet_id)
         if currency is not None:
             fields["currency"] = currency
+        if metadata:
+            fields["metadata"] = dict(metadata)
         body = fields or None
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
@@ -528,14 +555,16 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         if_match: int | None = None,
     ) -> Wallet:
-        """Adds ``amount``; ``reference`` (yours, 1-255 characters) is kept in the history
-        and the feed, and is part of what the key compares. ``if_match`` (a Wallet's
-        ``version``): only if nothing changed the wallet since (else PreconditionFailed)."""
+        """Adds ``amount``; ``reference`` (yours, 1-255 characters) and ``metadata`` are
+        kept in the history and the feed, and are part of what the key compares.
+        ``if_match`` (a Wallet's ``version``): only if nothing changed the wallet since
+        (else PreconditionFailed)."""
         return await self._operate(
-            wallet_id, "DEPOSIT", amount, reference, idempotency_key, if_match
+            wallet_id, "DEPOSIT", amount, reference, idempotency_key, metadata, if_match
         )
 
     async def withdraw(
@@ -544,13 +573,15 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
         if_match: int | None = None,
     ) -> Wallet:
         """Takes ``amount`` out of the available money (InsufficientFunds if short,
-        WalletFrozen / WalletClosed by the wallet's status); ``if_match`` as for deposit."""
+        WalletFrozen / WalletClosed by the wallet's status); ``reference``, ``metadata`` and
+        ``if_match`` as for deposit."""
         return await self._operate(
-            wallet_id, "WITHDRAW", amount, reference, idempotency_key, if_match
+            wallet_id, "WITHDRAW", amount, reference, idempotency_key, metadata, if_match
         )
 
     async def update_wallet(
@@ -571,7 +602,7 @@ class WalletdClient:
             body["status"] = status
         if overdraft_limit is not None:
             body["overdraft_limit"] = _limit_text(overdraft_limit)
-        # (metadata: merged into this body when wallets carry metadata)
+        # (a wallet's metadata is fixed at its creation: this call cannot change it yet)
         if not body:
             raise ValueError("update_wallet needs a status or an overdraft_limit")
         answer = await self._call(
@@ -673,6 +704,7 @@ class WalletdClient:
         amount: Amount,
         *,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         transfer_id: str | uuid.UUID | None = None,
         idempotency_key: str | None = None,
     ) -> Transfer:
@@ -689,6 +721,8 @@ class WalletdClient:
         }
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         if transfer_id is not None:
             body["id"] = str(transfer_id)
         answer = await self._call(
@@ -709,6 +743,7 @@ class WalletdClient:
         *,
         expires_in_s: int | None = None,
         reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Hold:
         """Reserves ``amount`` of the wallet's available money (a PENDING hold). The key
@@ -718,6 +753,8 @@ class WalletdClient:
             body["expires_in_s"] = expires_in_s
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         answer = await self._call(
             "POST", f"/wallets/{_segment(wallet_id)}/holds", body,
             idempotency_key=idempotency_key or new_idempotency_key(),
@@ -984,11 +1021,14 @@ class WalletdClient:
         amount: Amount,
         reference: str | None,
         key: str | None,
+        metadata: Mapping[str, str] | None = None,
         if_match: int | None = None,
     ) -> Wallet:
-        body = {"operation_type": kind, "amount": _amount_text(amount)}
+        body: dict[str, Any] = {"operation_type": kind, "amount": _amount_text(amount)}
         if reference is not None:
             body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
         answer = await self._call(
             "POST",
             f"/wallets/{_segment(wallet_id)}/operation",

@@ -14,7 +14,9 @@ from typing import Final, NamedTuple, Protocol
 from uuid import UUID
 
 from walletd.engine.model import (
+    NO_METADATA,
     HoldRecord,
+    Metadata,
     OperationKind,
     TransferRecord,
     TransferStatus,
@@ -146,12 +148,14 @@ class Operation(Protocol):
     # minor units (engine/money.py ``to_minor``); None: ``amount`` is in them already.
     @property
     def scale(self) -> int | None: ...
+    @property
+    def metadata(self) -> Metadata: ...
 
 
 class ApplyOperation:
     __slots__ = (
-        "actor", "amount", "expected_seq", "idempotency_key", "kind", "reference", "reply",
-        "scale", "wallet_id",
+        "actor", "amount", "expected_seq", "idempotency_key", "kind", "metadata", "reference",
+        "reply", "scale", "wallet_id",
     )  # fmt: skip
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
@@ -167,6 +171,7 @@ class ApplyOperation:
         actor: str | None = None,
         scale: int | None = None,
         expected_seq: int | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
@@ -179,6 +184,7 @@ class ApplyOperation:
         self.actor = actor
         # If-Match: apply only if the wallet's seq is this one when the command's turn comes.
         self.expected_seq = expected_seq
+        self.metadata = metadata
 
 
 class ApplyOperations:
@@ -204,7 +210,7 @@ class ApplyOperations:
 
 
 class CreateWallet:
-    __slots__ = ("currency", "fingerprint", "idempotency_key", "reply", "wallet_id")
+    __slots__ = ("currency", "fingerprint", "idempotency_key", "metadata", "reply", "wallet_id")
     weight = 1
 
     def __init__(
@@ -214,13 +220,16 @@ class CreateWallet:
         fingerprint: str,
         reply: asyncio.Future[Reply],
         currency: Currency = SEED_CURRENCY,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.currency = currency
         self.idempotency_key = idempotency_key
-        # What distinguishes one creation request from another under the same key.
+        # What distinguishes one creation request from another under the same key (the
+        # metadata included: engine/router.py create_wallet).
         self.fingerprint = fingerprint
         self.reply = reply
+        self.metadata = metadata
 
 
 def transfer_leg_key(kind: OperationKind, transfer_id: UUID) -> str:
@@ -295,6 +304,10 @@ class TransferLeg:
     # A transfer's amount is in its currency's minor units (the coordinator rescaled it).
     scale = None
 
+    @property
+    def metadata(self) -> Metadata:
+        return self.transfer.metadata
+
 
 def hold_key(kind: OperationKind, hold_id: UUID) -> str:
     """The log key of a HOLD / CAPTURE / RELEASE row of a hold: like a transfer leg's, it
@@ -319,7 +332,7 @@ class HoldCommand:
     a capture or void and what that request was, stored on the hold."""
 
     __slots__ = ("action", "actor", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
-                 "log_key", "reference", "reply", "scale", "shard", "to_currency",
+                 "log_key", "metadata", "reference", "reply", "scale", "shard", "to_currency",
                  "to_wallet_id", "transfer_id", "wallet_id")  # fmt: skip
     weight = 1
 
@@ -341,6 +354,7 @@ class HoldCommand:
         actor: str | None = None,
         scale: int | None = None,
         to_currency: Currency | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.action = action
         # ``amount`` / 10^scale as the client wrote it (None: in minor units already).
@@ -348,6 +362,7 @@ class HoldCommand:
         # A capture into another wallet: that wallet's currency, read before (None: not
         # known, it did not exist then); another currency than the hold's is refused.
         self.to_currency = to_currency
+        self.metadata = metadata  # a creation's (a resolution carries the hold's own)
         self.actor = actor  # the key's name on the rows it writes; None for the sweep
         # A capture into another wallet opens this transfer (engine/holds.py).
         self.to_wallet_id = to_wallet_id

@@ -22,7 +22,7 @@ from uuid import UUID
 import orjson
 
 from walletd.engine.commands import HoldAction, Outcome, Reply
-from walletd.engine.model import HoldRecord, HoldStatus
+from walletd.engine.model import NO_METADATA, HoldRecord, HoldStatus, Metadata
 from walletd.engine.money import EDGE_SCALE_MIN
 from walletd.engine.ownership import shard_of
 
@@ -79,8 +79,17 @@ def new_hold_id(wallet_id: UUID, key: str | None, shard_count: int) -> UUID:
     raise HoldIdUnavailable(f"no hold id on shard {target} in {HOLD_ID_TRIES_MAX} draws")
 
 
-def create_fingerprint(amount: int | str, expires_in_s: int | None, reference: str | None) -> str:
-    """What a creation request was, as sent (an omitted expires_in_s is not the default)."""
+def create_fingerprint(
+    amount: int | str,
+    expires_in_s: int | None,
+    reference: str | None,
+    metadata: Metadata = NO_METADATA,
+) -> str:
+    """What a creation request was, as sent (an omitted expires_in_s is not the default).
+    Metadata is spelled only when there is some, so a hold created before metadata existed
+    keeps its fingerprint."""
+    if metadata:
+        return orjson.dumps([amount, expires_in_s, reference, metadata]).decode()
     return orjson.dumps([amount, expires_in_s, reference]).decode()
 
 

@@ -41,6 +41,7 @@ from walletd.engine.bounds import (
     KEY_LENGTH_MAX,
     REFERENCE_LENGTH_MAX,
     storable_amount,
+    storable_metadata,
     storable_text,
 )
 from walletd.engine.commands import (
@@ -66,10 +67,12 @@ from walletd.engine.invariants import require
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import (
     CREDIT_KINDS,
+    NO_METADATA,
     Batch,
     HoldRecord,
     HoldStatus,
     HoldUpdate,
+    Metadata,
     NewWallet,
     OperationKind,
     OperationRecord,
@@ -165,8 +168,8 @@ class Resident:
     """
 
     __slots__ = (
-        "balance", "created_at_us", "currency", "held", "holds", "overdraft_limit", "pending",
-        "seq", "status", "updated_at_us",
+        "balance", "created_at_us", "currency", "held", "holds", "metadata", "overdraft_limit",
+        "pending", "seq", "status", "updated_at_us",
     )  # fmt: skip
 
     def __init__(
@@ -179,6 +182,7 @@ class Resident:
         currency: Currency = SEED_CURRENCY,
         status: WalletStatus = _ACTIVE,
         overdraft_limit: int = 0,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.balance = balance
         # Immutable (one interned object shared by every wallet of the currency).
@@ -192,12 +196,15 @@ class Resident:
         self.holds: dict[int, HoldRecord] | None = None
         self.status = status
         self.overdraft_limit = overdraft_limit
+        # Its metadata, fixed at creation (a shared empty tuple for most wallets). An update
+        # (PATCH, a later change) would move it like balance: pending, then committed.
+        self.metadata = metadata
 
     @classmethod
     def loaded(cls, record: WalletRecord) -> Resident:
         resident = cls(
             record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held,
-            record.currency, record.status, record.overdraft_limit,
+            record.currency, record.status, record.overdraft_limit, record.metadata,
         )  # fmt: skip
         if record.holds:
             resident.holds = {hold.hold_id.int: hold for hold in record.holds}
@@ -208,8 +215,10 @@ class Resident:
         return resident
 
     @classmethod
-    def being_created(cls, created_at_us: int, currency: Currency) -> Resident:
-        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us, 0, currency)
+    def being_created(cls, created_at_us: int, currency: Currency, metadata: Metadata) -> Resident:
+        resident = cls(
+            0, SEQ_CREATING, created_at_us, created_at_us, 0, currency, metadata=metadata
+        )
         resident.pending = Pending(0, 0, created_at_us)
         return resident
 
@@ -223,7 +232,7 @@ class Resident:
     def committed_view(self, wallet_id: UUID) -> WalletView:
         return WalletView(
             wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held,
-            self.currency, self.status, self.overdraft_limit,
+            self.currency, self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
 
     def terms(self) -> tuple[WalletStatus, int]:
@@ -479,7 +488,7 @@ class Ledger:
         moved so far, and keys it has used so far (a key used twice in one group replays).
         """
         balances: dict[int, int] = {}
-        used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None]] = {}
+        used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None, Metadata]] = {}
         replies: list[Reply] = []
         group_currency: Currency | None = None
         for original in items:
@@ -499,13 +508,14 @@ class Ledger:
                     replies.append(Reply(Outcome.CURRENCY_MISMATCH))
                     return replies[-1]._replace(items=tuple(replies))
             key = item.idempotency_key
-            earlier: tuple[OperationKind, int, str | None] | None = None
+            earlier: tuple[OperationKind, int, str | None, Metadata] | None = None
             refused: RefusalRecord | None = None
             if key is not None:
                 earlier = used.get((wallet_id, key))
                 recorded = self._keys.get((wallet_id, key))
                 if earlier is None and recorded is not None:
-                    earlier = (recorded.kind, recorded.amount, recorded.reference)
+                    earlier = (recorded.kind, recorded.amount, recorded.reference,
+                               recorded.metadata)  # fmt: skip
                     if isinstance(recorded, RefusalRecord):
                         refused = recorded
             if not _storable_operation(item):
@@ -515,7 +525,7 @@ class Ledger:
             elif refused is not None:  # replays a recorded refusal, which refuses the group
                 reply = _replay_refusal(item, refused, resident.currency)
             elif earlier is not None:  # a replay: moves nothing, unless the key is misused
-                if earlier != (item.kind, item.amount, item.reference):
+                if earlier != (item.kind, item.amount, item.reference, item.metadata):
                     reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
             else:
                 pending = resident.pending
@@ -548,7 +558,8 @@ class Ledger:
                     balance += item.amount
                 balances[wid] = balance
                 if key is not None:
-                    used[(wallet_id, key)] = (item.kind, item.amount, item.reference)
+                    used[(wallet_id, key)] = (item.kind, item.amount, item.reference,
+                                              item.metadata)  # fmt: skip
             replies.append(reply)
             if reply is not _WOULD_APPLY:
                 return reply._replace(items=tuple(replies))
@@ -575,7 +586,7 @@ class Ledger:
             return _NOT_STORABLE
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference, actor, expected_seq,
+            command, command.reference, actor, command.metadata, expected_seq,
         )  # fmt: skip
 
     @staticmethod
@@ -598,8 +609,9 @@ class Ledger:
         if scale == exponent:
             return command
         return _Rescaled(
-            command.wallet_id, command.kind, minor, command.idempotency_key, command.reference
-        )
+            command.wallet_id, command.kind, minor, command.idempotency_key, command.reference,
+            command.metadata,
+        )  # fmt: skip
 
     def _currency_refused(self, leg: TransferLeg, wallet_id: UUID) -> bool:
         """Whether a leg's transfer is in another currency than its (resident) wallet."""
@@ -626,7 +638,7 @@ class Ledger:
         debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
             command.wallet_id, command.kind, transfer.amount, command.key, applied, debit,
-            transfer.reference, transfer.actor,
+            transfer.reference, transfer.actor, transfer.metadata,
         )  # fmt: skip
         if reply.outcome is not Outcome.OK or reply.replayed:
             return reply
@@ -679,10 +691,11 @@ class Ledger:
         command: Operation | None,
         reference: str | None,
         actor: str | None,
+        metadata: Metadata,
         expected_seq: int | None = None,
     ) -> Reply:
         """Add or take ``amount`` (by ``kind``) on the wallet's pending state, logged, with
-        ``actor`` (the API key's name) on the row or recorded refusal.
+        ``actor`` (the API key's name) and ``metadata`` on the row or recorded refusal.
         ``command`` is the client operation (or a transfer's debit leg), whose keyed refusals
         are recorded; None for a credit or refund leg. A debit is checked against
         ``available`` (balance - held + overdraft_limit) and the wallet's status (FROZEN
@@ -708,7 +721,9 @@ class Ledger:
                     return _replay_refusal(command, earlier, resident.currency)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
-                if command is not None and earlier.reference != reference:
+                if command is not None and (
+                    earlier.reference != reference or earlier.metadata != metadata
+                ):
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 return _replay_operation(kind, amount, earlier, resident)
         pending = resident.pending
@@ -747,7 +762,7 @@ class Ledger:
             balance = balance_before + amount
         view = self._write(
             wallet_id, resident, kind, amount, balance, held, key, reference, applied,
-            remember=True, actor=actor,
+            remember=True, actor=actor, metadata=metadata,
         )  # fmt: skip
         return Reply(Outcome.OK, view)
 
@@ -765,6 +780,7 @@ class Ledger:
         *,
         remember: bool,
         actor: str | None,
+        metadata: Metadata,
     ) -> WalletView:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
@@ -798,7 +814,7 @@ class Ledger:
         status = pending.status
         record = OperationRecord(
             wallet_id, seq, kind, amount, balance, key, now_us, held, reference, actor, status,
-            overdraft_limit,
+            overdraft_limit, metadata,
         )  # fmt: skip
         applied.batch.operations.append(record)
         if remember and key is not None:
@@ -806,7 +822,7 @@ class Ledger:
             applied.added_keys.append((wallet_id, key))
         return WalletView(
             wallet_id, balance, seq, resident.created_at_us, now_us, held, resident.currency,
-            status, overdraft_limit,
+            status, overdraft_limit, resident.metadata,
         )  # fmt: skip
 
     # -- wallet updates --------------------------------------------------------------
@@ -884,7 +900,7 @@ class Ledger:
         pending.overdraft_limit = new_limit
         view = self._write(
             wallet_id, resident, OperationKind.WALLET_UPDATE, 0, balance, held, key,
-            command.fingerprint, applied, remember=True, actor=command.actor,
+            command.fingerprint, applied, remember=True, actor=command.actor, metadata=NO_METADATA,
         )  # fmt: skip
         applied.batch.wallet_updates.append(
             WalletUpdate(wallet_id, view.seq, new_status, new_limit)
@@ -1000,19 +1016,20 @@ class Ledger:
             self._write(
                 wallet_id, resident, OperationKind.RELEASE, hold.amount, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False, actor=actor,
+                remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
             balance -= captured
             view = self._write(
                 wallet_id, resident, OperationKind.TRANSFER_OUT, captured, balance, held,
                 transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id), hold.reference,
-                applied, remember=False, actor=actor,
+                applied, remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
             now_us = view.updated_at_us
             applied.batch.new_transfers.append(
                 TransferRecord(
                     transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
                     TransferStatus.PENDING, None, now_us, now_us, actor, resident.currency,
+                    hold.metadata,
                 )
             )  # fmt: skip
             captured_in = captured
@@ -1028,7 +1045,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.CAPTURE, captured, balance, held,
                 hold_key(OperationKind.CAPTURE, hold_id), hold.reference, applied,
-                remember=False, actor=actor,
+                remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
         captured += captured_in
         if rest:
@@ -1036,7 +1053,7 @@ class Ledger:
             view = self._write(
                 wallet_id, resident, OperationKind.RELEASE, rest, balance, held,
                 hold_key(OperationKind.RELEASE, hold_id), hold.reference, applied,
-                remember=False, actor=actor,
+                remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
         assert view is not None  # a hold's amount is positive: one row at least
         pending = resident.pending
@@ -1067,7 +1084,7 @@ class Ledger:
             None
             if log_key is None or command.amount is None
             else _HoldRequest(wallet_id, OperationKind.HOLD, command.amount, log_key,
-                              command.reference)
+                              command.reference, command.metadata)
         )  # fmt: skip
         if log_key is not None:
             earlier = self._keys.get((wallet_id, log_key))
@@ -1111,13 +1128,14 @@ class Ledger:
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
             hold_key(OperationKind.HOLD, hold_id), command.reference, applied,
-            remember=log_key is not None, actor=command.actor,
+            remember=log_key is not None, actor=command.actor, metadata=command.metadata,
         )  # fmt: skip
         now_us = view.updated_at_us
         hold = HoldRecord(
             hold_id, wallet_id, command.shard, amount, HoldStatus.PENDING,
             now_us + command.expires_in_us, 0, None, None, command.reference, command.key,
             command.fingerprint or "", None, None, now_us, now_us, resident.currency,
+            command.metadata,
         )  # fmt: skip
         pending = resident.pending
         assert pending is not None
@@ -1165,7 +1183,7 @@ class Ledger:
                 fence_seq = resident.seq
             record = RefusalRecord(
                 wallet_id, key, command.kind, command.amount, reason, balance_seen, fence_seq,
-                self._clock_us(), command.reference, actor,
+                self._clock_us(), command.reference, actor, command.metadata,
             )  # fmt: skip
             applied.batch.refusals.append(record)
             self._remember_key((wallet_id, key), record)
@@ -1186,6 +1204,8 @@ class Ledger:
             return False
         if (command.to_wallet_id is None) != (command.transfer_id is None):
             return False
+        if command.metadata and not storable_metadata(command.metadata):
+            return False
         return (key is None or storable_text(key, 1, KEY_LENGTH_MAX)) and (
             reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX)
         )
@@ -1194,6 +1214,9 @@ class Ledger:
         wallet_id = command.wallet_id
         key = command.idempotency_key
         if key is not None and not storable_text(key, 1, KEY_LENGTH_MAX):
+            return _NOT_STORABLE
+        metadata = command.metadata
+        if metadata and not storable_metadata(metadata):
             return _NOT_STORABLE
         if key is not None:
             earlier = self._create_keys.get(key)
@@ -1204,9 +1227,13 @@ class Ledger:
                     applied.dependent.append((len(applied.replies), owner_wid))
                 if earlier.wallet_id != wallet_id or earlier.fingerprint != command.fingerprint:
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
+                # The same fingerprint: the same metadata (engine/router.py create_wallet).
                 created = earlier.created_at_us
-                # The same fingerprint: the same currency (engine/router.py create_wallet).
-                view = WalletView(wallet_id, 0, 0, created, created, 0, command.currency)
+                # The same fingerprint: the same currency and metadata (engine/router.py
+                # create_wallet).
+                view = WalletView(
+                    wallet_id, 0, 0, created, created, 0, command.currency, metadata=metadata
+                )
                 return Reply(Outcome.CREATED, view, replayed=True)
         wid = wallet_id.int
         existing = self._residents.get(wid)
@@ -1216,15 +1243,16 @@ class Ledger:
             return Reply(Outcome.WALLET_ALREADY_EXISTS)
         now_us = self._clock_us()
         currency = command.currency
-        self._residents[wid] = Resident.being_created(now_us, currency)
+        self._residents[wid] = Resident.being_created(now_us, currency, metadata)
         applied.touched_wallets.add(wid)
         applied.batch.new_wallets.append(
-            NewWallet(wallet_id, now_us, key, command.fingerprint, currency)
+            NewWallet(wallet_id, now_us, key, command.fingerprint, currency, metadata)
         )
         if key is not None:
             self._remember_create_key(key, CreationKey(wallet_id, command.fingerprint, now_us))
             applied.added_create_keys.append(key)
-        return Reply(Outcome.CREATED, WalletView(wallet_id, 0, 0, now_us, now_us, 0, currency))
+        view = WalletView(wallet_id, 0, 0, now_us, now_us, 0, currency, metadata=metadata)
+        return Reply(Outcome.CREATED, view)
 
     @staticmethod
     def _write_snapshots(applied: Applied) -> None:
@@ -1361,12 +1389,13 @@ class Ledger:
 
 def _storable_operation(command: Operation) -> bool:
     """A client operation's fields within what storage holds (engine/bounds.py)."""
-    key, reference = command.idempotency_key, command.reference
+    key, reference, metadata = command.idempotency_key, command.reference, command.metadata
     return (
         storable_amount(command.amount)
         and command.kind in _CLIENT_KINDS
         and (key is None or storable_text(key, 1, KEY_LENGTH_MAX))
         and (reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX))
+        and (not metadata or storable_metadata(metadata))
     )
 
 
@@ -1382,6 +1411,8 @@ def _storable_leg(leg: TransferLeg) -> bool:
     if reference is not None and not storable_text(reference, 0, REFERENCE_LENGTH_MAX):
         return False
     if transfer.actor is not None and not storable_text(transfer.actor, 1, ACTOR_LENGTH_MAX):
+        return False
+    if transfer.metadata and not storable_metadata(transfer.metadata):
         return False
     if kind is OperationKind.TRANSFER_REFUND:
         return leg.failure_code in REFUND_FAILURE_CODES
@@ -1407,6 +1438,7 @@ def _replay_operation(
         resident.currency,
         earlier.status_after,
         earlier.overdraft_limit_after,
+        resident.metadata,
     )
     return Reply(Outcome.OK, view, replayed=True)
 
@@ -1419,6 +1451,7 @@ class _Rescaled(NamedTuple):
     amount: int
     idempotency_key: str | None
     reference: str | None
+    metadata: Metadata = NO_METADATA
     scale: None = None
 
 
@@ -1431,14 +1464,16 @@ class _HoldRequest(NamedTuple):
     amount: int
     idempotency_key: str
     reference: str | None
+    metadata: Metadata
     scale: None = None
 
 
 def _replay_refusal(command: Operation, earlier: RefusalRecord, currency: Currency) -> Reply:
-    if (earlier.kind, earlier.amount, earlier.reference) != (
+    if (earlier.kind, earlier.amount, earlier.reference, earlier.metadata) != (
         command.kind,
         command.amount,
         command.reference,
+        command.metadata,
     ):
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     return Reply(

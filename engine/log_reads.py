@@ -22,7 +22,13 @@ from typing import Any, ClassVar, Final
 from uuid import UUID
 
 from walletd.engine.listings import ListingPage, ListingQuery
-from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
+from walletd.engine.model import (
+    NO_METADATA,
+    Metadata,
+    OperationKind,
+    OperationRecord,
+    WalletStatus,
+)
 from walletd.engine.money import SEED_CURRENCY, Currency
 
 __all__ = [
@@ -93,6 +99,7 @@ class WalletAsOf:
     # The status and overdraft limit then (the last WALLET_UPDATE row at or before it).
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0
+    metadata: Metadata = NO_METADATA  # the wallet's at that instant
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,6 +147,7 @@ class InMemoryLog(WalletLog):
             wallets[new.wallet_id] = WalletRecord(
                 new.wallet_id, 0, 0, new.created_at_us, new.created_at_us,
                 new.create_idempotency_key, new.create_fingerprint, currency=new.currency,
+                metadata=new.metadata,
             )  # fmt: skip
         for update in batch.snapshots:
             current = wallets.get(update.wallet_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 from uuid import UUID
 
 from walletd.engine.money import SEED_CURRENCY, Currency
@@ -20,10 +20,12 @@ from walletd.engine.money import SEED_CURRENCY, Currency
 __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
+    "NO_METADATA",
     "Batch",
     "HoldRecord",
     "HoldStatus",
     "HoldUpdate",
+    "Metadata",
     "NewWallet",
     "OperationKind",
     "OperationRecord",
@@ -37,7 +39,22 @@ __all__ = [
     "WalletStatus",
     "WalletUpdate",
     "WalletView",
+    "as_metadata",
 ]
+
+
+# A client's metadata object (wallets, operations, transfers, holds): its (key, value) pairs
+# sorted by key. Immutable and hashable like the records that carry it, and one spelling
+# per object, so two requests carry the same metadata exactly when their tuples are equal
+# (an idempotent retry is compared so). Bounds: engine/bounds.py storable_metadata.
+Metadata = tuple[tuple[str, str], ...]
+# No metadata: an empty object and an absent one are the same.
+NO_METADATA: Final[Metadata] = ()
+
+
+def as_metadata(mapping: dict[str, str]) -> Metadata:
+    """The one spelling of a metadata object (its pairs sorted by key)."""
+    return tuple(sorted(mapping.items())) if mapping else NO_METADATA
 
 
 class OperationKind(enum.IntEnum):
@@ -124,6 +141,7 @@ class WalletView(NamedTuple):
     status: WalletStatus = WalletStatus.ACTIVE
     # How far below zero a debit may take ``balance`` (minor units, >= 0).
     overdraft_limit: int = 0
+    metadata: Metadata = NO_METADATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +161,12 @@ class WalletRecord:
     currency: Currency = SEED_CURRENCY
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0
+    metadata: Metadata = NO_METADATA
 
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held, self.currency, self.status, self.overdraft_limit,
+            self.held, self.currency, self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
 
 
@@ -171,6 +190,9 @@ class OperationRecord(NamedTuple):
     # rows): what a replay of the row answers with.
     status_after: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit_after: int = 0
+    # The metadata of what wrote the row, fixed at its creation and part of the request's
+    # identity like ``reference``: the operation's own, or its transfer's or hold's.
+    metadata: Metadata = NO_METADATA
 
 
 class RefusalRecord(NamedTuple):
@@ -191,6 +213,7 @@ class RefusalRecord(NamedTuple):
     created_at_us: int
     reference: str | None = None
     actor: str | None = None  # as OperationRecord.actor
+    metadata: Metadata = NO_METADATA  # as OperationRecord.metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +223,7 @@ class NewWallet:
     create_idempotency_key: str | None
     create_fingerprint: str
     currency: Currency = SEED_CURRENCY
+    metadata: Metadata = NO_METADATA
 
 
 class SnapshotUpdate(NamedTuple):
@@ -248,6 +272,9 @@ class HoldRecord(NamedTuple):
     updated_at_us: int
     # Its wallet's (not a stored column of the hold: read with the wallet's).
     currency: Currency | None = None
+    # Fixed at creation; stored on its HOLD row and carried by its CAPTURE / RELEASE rows
+    # (and by the transfer a capture into another wallet opens), as ``reference`` is.
+    metadata: Metadata = NO_METADATA
 
 
 class HoldUpdate(NamedTuple):
@@ -282,6 +309,9 @@ class TransferRecord(NamedTuple):
     # each leg is refused (CURRENCY_MISMATCH) on a wallet of another currency. None when
     # not known (a leg from a process that predates currencies): not checked.
     currency: Currency | None = None
+    # Fixed at the request, part of its identity; every leg's row carries it, and the
+    # transfer's is its debit row's (like ``actor``).
+    metadata: Metadata = NO_METADATA
 
 
 class TransferUpdate(NamedTuple):

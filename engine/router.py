@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -60,9 +61,11 @@ from walletd.engine.holds import (
 from walletd.engine.limits import EngineLimits
 from walletd.engine.log_reads import LogReader, WalletAsOf
 from walletd.engine.model import (
+    NO_METADATA,
     Batch,
     HoldRecord,
     HoldStatus,
+    Metadata,
     OperationKind,
     OperationRecord,
     RefusalRecord,
@@ -628,6 +631,7 @@ class Engine:
         actor: str | None = None,
         expected_seq: int | None = None,
         scale: int | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> Reply:
         """Apply a deposit or withdrawal; the reply arrives once its batch has committed.
         ``actor``: the API key's name, recorded on the row (None when auth is off).
@@ -640,7 +644,7 @@ class Engine:
             shard, pipeline,
             ApplyOperation(
                 wallet_id, kind, amount, idempotency_key, future, reference, actor,
-                expected_seq=expected_seq, scale=scale,
+                expected_seq=expected_seq, scale=scale, metadata=metadata,
             ),
         )  # fmt: skip
 
@@ -687,6 +691,7 @@ class Engine:
         idempotency_key: str | None,
         actor: str | None = None,
         scale: int | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> tuple[UUID, Reply]:
         """Reserve ``amount`` of the wallet's available money; returns the hold id (on the
         wallet's shard; derived from the key when there is one) and the reply (CREATED
@@ -694,7 +699,9 @@ class Engine:
         shard, pipeline = self._route(wallet_id)
         count = self.ownership.shard_count
         hold_id = new_hold_id(wallet_id, idempotency_key, count)
-        fingerprint = create_fingerprint(fingerprint_amount(amount, scale), expires_in_s, reference)
+        fingerprint = create_fingerprint(
+            fingerprint_amount(amount, scale), expires_in_s, reference, metadata
+        )
         if idempotency_key is not None:
             stored = (await self.log.load_holds([hold_id])).get(hold_id)
             if stored is not None:
@@ -705,6 +712,7 @@ class Engine:
             HoldAction.CREATE, wallet_id, hold_id, future, amount=amount,
             expires_in_us=seconds * 1_000_000, reference=reference, shard=shard,
             key=idempotency_key, fingerprint=fingerprint, actor=actor, scale=scale,
+            metadata=metadata,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         if reply.outcome is Outcome.CREATED and reply.replayed:
@@ -765,7 +773,7 @@ class Engine:
             opened = TransferRecord(
                 hold.transfer_id, hold.wallet_id, hold.to_wallet_id, hold.captured,
                 hold.reference, TransferStatus.PENDING, None, hold.updated_at_us,
-                hold.updated_at_us, actor, hold.currency,
+                hold.updated_at_us, actor, hold.currency, hold.metadata,
             )  # fmt: skip
             # The hold is CAPTURED whatever the credit does: a refused credit refunds the
             # debit (FAILED), a 503 leaves the transfer PENDING for the re-drive loop.
@@ -906,6 +914,7 @@ class Engine:
         wallet_id: UUID | None,
         idempotency_key: str | None,
         currency: Currency | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> tuple[UUID, Reply]:
         """Create a wallet (with a chosen or a new id) in ``currency`` (None: the default
         currency); returns the id and the reply."""
@@ -914,6 +923,10 @@ class Engine:
             currency = self.default_currency  # the fingerprint of a request of before
         else:
             fingerprint += f"|{currency.code}"
+        if metadata:
+            # Spelled so that a creation without metadata keeps the fingerprint stored
+            # before metadata existed (its retry still replays).
+            fingerprint = json.dumps([fingerprint, metadata], separators=(",", ":"))
         if wallet_id is None:
             if idempotency_key is None:
                 wallet_id = self._new_served_id()
@@ -923,7 +936,7 @@ class Engine:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         reply = await self._answer(
             shard, pipeline,
-            CreateWallet(wallet_id, idempotency_key, fingerprint, future, currency),
+            CreateWallet(wallet_id, idempotency_key, fingerprint, future, currency, metadata),
         )  # fmt: skip
         return wallet_id, reply
 
@@ -957,6 +970,7 @@ class Engine:
         reference: str | None,
         actor: str | None = None,
         scale: int | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> tuple[UUID, TransferReply]:
         """Move money between two wallets (docs/ARCHITECTURE.md, "Transfers"); returns the
         transfer id (chosen, derived from the key, or new) and the reply."""
@@ -977,6 +991,7 @@ class Engine:
             fresh_id=fresh_id,
             actor=actor,
             scale=scale,
+            metadata=metadata,
         )
         return transfer_id, reply
 

@@ -64,7 +64,13 @@ from walletd.engine.commands import (
     TransferLeg,
 )
 from walletd.engine.errors import EngineRefused, NotOwner
-from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
+from walletd.engine.model import (
+    NO_METADATA,
+    Metadata,
+    OperationKind,
+    TransferRecord,
+    TransferStatus,
+)
 from walletd.engine.money import Currency, to_minor
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
 from walletd.engine.ownership import Ownership
@@ -365,6 +371,7 @@ class TransferCoordinator:
         fresh_id: bool = False,
         actor: str | None = None,
         scale: int | None = None,
+        metadata: Metadata = NO_METADATA,
     ) -> TransferReply:
         """Move ``amount`` between two wallets; the id is the request's idempotency key.
 
@@ -395,7 +402,7 @@ class TransferCoordinator:
             amount = minor
         requested = TransferRecord(
             transfer_id, from_wallet_id, to_wallet_id, amount, reference,
-            TransferStatus.PENDING, None, 0, 0, actor, currency,
+            TransferStatus.PENDING, None, 0, 0, actor, currency, metadata,
         )  # fmt: skip
         while (running := self._driving.get(transfer_id)) is not None:
             # The same id is being worked on: wait for it, then answer from storage as a
@@ -577,9 +584,12 @@ class TransferCoordinator:
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
         """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
-        if (stored.from_wallet_id, stored.to_wallet_id, stored.amount, stored.reference) != (
+        if (
+            stored.from_wallet_id, stored.to_wallet_id, stored.amount, stored.reference,
+            stored.metadata,
+        ) != (
             requested.from_wallet_id, requested.to_wallet_id, requested.amount,
-            requested.reference,
+            requested.reference, requested.metadata,
         ):  # fmt: skip
             return TransferReply(Outcome.IDEMPOTENCY_KEY_REUSED)
         if stored.status is TransferStatus.PENDING:

@@ -48,7 +48,7 @@ from aiohttp import web
 
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.errors import AtomicSpansShards, AtomicTooLarge
-from walletd.engine.model import OperationKind
+from walletd.engine.model import NO_METADATA, Metadata, OperationKind
 from walletd.engine.money import (
     AMOUNT_MINOR_MAX,
     EDGE_SCALE_MIN,
@@ -101,7 +101,7 @@ REQUEST_KEY_LENGTH_MAX: Final = IDEMPOTENCY_KEY_LENGTH_MAX - 1 - _INDEX_DIGITS_M
 _ITEM_FIELDS: Final = frozenset(
     {
         "wallet_id", "operation_type", "operationType", "amount", "idempotency_key",
-        "reference", "key_index",
+        "reference", "key_index", "metadata",
     }
 )  # fmt: skip
 _TOP_FIELDS: Final = frozenset({"items", "atomic"})
@@ -119,6 +119,7 @@ class BulkItem(NamedTuple):
     # ``amount`` / 10^scale as written (http/parsing.py ``Amount``); the wallet's shard
     # rescales it to its currency.
     scale: int = EDGE_SCALE_MIN
+    metadata: Metadata = NO_METADATA
 
     @property
     def written(self) -> Amount:
@@ -216,6 +217,7 @@ def _parse_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
         and _ITEM_FIELDS.issuperset(item)
         and "operationType" not in item
         and "reference" not in item  # checked by the full path
+        and "metadata" not in item  # checked by the full path
         and "key_index" not in item
     ):
         wallet_id = body_wallet_id(item.get("wallet_id"))
@@ -254,7 +256,9 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
         return [{"field": prefix, "message": "must be a JSON object"}]
     # The single endpoint's rules (bulk bodies hold no floats: see _loads), its fields named
     # within the item.
-    kind, amount, unknown, field_errors, reference = operation_fields(item, b"", _ITEM_FIELDS)
+    kind, amount, unknown, field_errors, reference, metadata = operation_fields(
+        item, b"", _ITEM_FIELDS
+    )
     errors: list[FieldError] = [_within(prefix, error) for error in unknown]
     wallet_text = item.get("wallet_id")
     wallet_id = body_wallet_id(wallet_text)
@@ -278,7 +282,7 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     assert amount is not None
     if key is None and request_key is not None:
         key = derived_key(request_key, index if key_index is None else key_index)
-    return BulkItem(wallet_id, kind, amount.value, key, reference, amount.scale)
+    return BulkItem(wallet_id, kind, amount.value, key, reference, amount.scale, metadata)
 
 
 def _parse_key_index(
@@ -537,11 +541,11 @@ _LOST: Final = (
 )
 
 
-def item_json(item: BulkItem) -> dict[str, str | int]:
+def item_json(item: BulkItem) -> dict[str, object]:
     """An item as a sub-request spells it: every field of ``BulkItem``, so the owner parses
     it back to the same item (a derived key as the ``key_index`` it was built from, under
     the same request key; tests/test_bulk.py round-trips every field)."""
-    spelled: dict[str, str | int] = {
+    spelled: dict[str, object] = {
         "wallet_id": str(item.wallet_id),
         "operation_type": item.kind.name,
         "amount": format_minor(item.amount, item.scale),
@@ -553,6 +557,8 @@ def item_json(item: BulkItem) -> dict[str, str | int]:
         spelled["idempotency_key"] = item.idempotency_key
     if item.reference is not None:
         spelled["reference"] = item.reference
+    if item.metadata:
+        spelled["metadata"] = dict(item.metadata)
     return spelled
 
 

@@ -45,16 +45,20 @@ from walletd.engine.bounds import (
     ACTOR_LENGTH_MAX,
     REFERENCE_LENGTH_MAX,
     storable_amount,
+    storable_metadata,
     storable_text,
 )
 from walletd.engine.commands import REFUND_FAILURE_CODES, Outcome, Reply, TransferLeg
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import (
+    NO_METADATA,
+    Metadata,
     OperationKind,
     TransferRecord,
     TransferStatus,
     WalletStatus,
     WalletView,
+    as_metadata,
 )
 from walletd.engine.money import EXPONENT_MAX, SEED_CURRENCY, Currency, currency_of
 from walletd.engine.router import Engine
@@ -121,6 +125,7 @@ def encode_leg(
             "actor": transfer.actor,  # the key that asked for it: on every leg's row
             # Each leg is refused on a wallet of another currency (None: not checked).
             "currency": None if transfer.currency is None else list(transfer.currency),
+            "metadata": dict(transfer.metadata),  # the request's: on every leg's row
         },
     }
 
@@ -136,7 +141,7 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         UUID(t["id"]), UUID(t["from_wallet_id"]), UUID(t["to_wallet_id"]),
         _int(t["amount"]), _text(t["reference"]), TransferStatus[t["status"]],
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
-        _text(t.get("actor")), _currency(t.get("currency")),
+        _text(t.get("actor")), _currency(t.get("currency")), _metadata(t.get("metadata")),
     )  # fmt: skip
     # The ledger's bounds (engine/bounds.py), checked here first so a leg past them is
     # refused at the edge like any request; the ledger refuses it again (NOT_STORABLE).
@@ -148,6 +153,7 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         or (reference is not None and not storable_text(reference, 0, REFERENCE_LENGTH_MAX))
         or (actor is not None and not storable_text(actor, 1, ACTOR_LENGTH_MAX))
         or (failure_code is not None and failure_code not in REFUND_FAILURE_CODES)
+        or not storable_metadata(transfer.metadata)
     ):
         raise ValueError("not a valid transfer")
     return kind, transfer, failure_code
@@ -165,6 +171,17 @@ def _currency(value: object) -> Currency | None:
     if type(exponent) is not int or not 0 <= exponent <= EXPONENT_MAX:
         raise ValueError("not a currency exponent")
     return currency_of(code, exponent)
+
+
+def _metadata(value: object) -> Metadata:
+    """A leg's metadata object (absent from a process that predates metadata: none)."""
+    if value is None:
+        return NO_METADATA
+    if type(value) is not dict or not all(
+        type(k) is str and type(v) is str for k, v in value.items()
+    ):
+        raise TypeError("metadata must be an object of strings")
+    return as_metadata(value)
 
 
 def _int(value: object) -> int:
@@ -209,6 +226,8 @@ def _decode_reply(body: dict[str, Any]) -> Reply:
                 "wallet_id": UUID(wallet["wallet_id"]),
                 "currency": currency,
                 "status": WalletStatus(wallet.get("status", WalletStatus.ACTIVE)),
+                # JSON has no tuples: the pairs come back as lists.
+                "metadata": tuple((k, v) for k, v in wallet.get("metadata", ())),
             }
         )
     return Reply(Outcome(body["outcome"]), view, bool(body["replayed"]), body["balance_seen"])

@@ -18,10 +18,15 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
-from walletd.engine.bounds import KEY_LENGTH_MAX
+from walletd.engine.bounds import (
+    KEY_LENGTH_MAX,
+    METADATA_KEY_LENGTH_MAX,
+    METADATA_KEYS_MAX,
+    METADATA_VALUE_LENGTH_MAX,
+)
 from walletd.engine.bounds import REFERENCE_LENGTH_MAX as REFERENCE_LENGTH_MAX
 from walletd.engine.holds import is_derived_transfer_id
-from walletd.engine.model import OperationKind, WalletStatus
+from walletd.engine.model import NO_METADATA, Metadata, OperationKind, WalletStatus, as_metadata
 from walletd.engine.money import (
     AMOUNT_MINOR_MAX,
     EDGE_SCALE_MIN,
@@ -36,6 +41,7 @@ __all__ = [
     "AMOUNT_UNITS_MAX",
     "DERIVED_KEY_SEPARATOR",
     "IDEMPOTENCY_KEY_LENGTH_MAX",
+    "METADATA_KEY_PATTERN",
     "OPERATION_KINDS",
     "REFERENCE_LENGTH_MAX",
     "WALLET_ID_CACHE_ENTRIES_MAX",
@@ -59,6 +65,7 @@ __all__ = [
     "parse_idempotency_key",
     "parse_if_match",
     "parse_json_object",
+    "parse_metadata",
     "parse_operation_body",
     "parse_reference",
     "parse_transfer_body",
@@ -94,7 +101,9 @@ _DECIMAL_STRING: Final = re.compile(r"[0-9]+(\.[0-9]+)?")
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 # The kinds a client may send (transfer legs are the engine's own).
 OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": OperationKind.WITHDRAW}
-_OPERATION_FIELDS: Final = frozenset({"operation_type", "operationType", "amount", "reference"})
+_OPERATION_FIELDS: Final = frozenset(
+    {"operation_type", "operationType", "amount", "reference", "metadata"}
+)
 # The edge does not know the wallet's currency: it takes what some currency can hold (up to
 # AMOUNT_MINOR_MAX units of a zero-decimal one, up to EXPONENT_MAX decimals), and the
 # wallet's shard checks the amount against its own currency (AMOUNT_NOT_IN_CURRENCY, 422).
@@ -126,12 +135,19 @@ class Amount(NamedTuple):
         return format_minor(self.value, self.scale)
 
 
-_CREATE_FIELDS: Final = frozenset({"id", "currency"})
-_TRANSFER_FIELDS: Final = frozenset({"id", "from_wallet_id", "to_wallet_id", "amount", "reference"})
+_CREATE_FIELDS: Final = frozenset({"id", "currency", "metadata"})
+_TRANSFER_FIELDS: Final = frozenset(
+    {"id", "from_wallet_id", "to_wallet_id", "amount", "reference", "metadata"}
+)
 # A client's own text for reconciliation: any characters but the C0/C1 controls (the
 # OpenAPI document states this same pattern).
 REFERENCE_PATTERN: Final = "^[^\\x00-\\x1f\\x7f-\\x9f]{1,255}$"
 _REFERENCE: Final = re.compile(REFERENCE_PATTERN.strip("^$"))
+# A metadata key: no control characters, and no square brackets (a listing filters by
+# ``metadata[key]=value``, where a bracket in the key could not be written). A value is any
+# text but NUL, which PostgreSQL's jsonb cannot hold. The OpenAPI document states both.
+METADATA_KEY_PATTERN: Final = f"^[^\\x00-\\x1f\\x7f-\\x9f\\[\\]]{{1,{METADATA_KEY_LENGTH_MAX}}}$"
+_METADATA_KEY: Final = re.compile(METADATA_KEY_PATTERN.strip("^$"))
 
 
 class _NonFinite:
@@ -399,8 +415,9 @@ class OperationFields(NamedTuple):
     kind: OperationKind | None
     amount: Amount | None
     unknown: list[FieldError]  # names not in the allowed set
-    errors: list[FieldError]  # operation_type / operationType / amount / reference
+    errors: list[FieldError]  # operation_type / operationType / amount / reference / metadata
     reference: str | None = None
+    metadata: Metadata = NO_METADATA
 
 
 def operation_fields(
@@ -432,7 +449,8 @@ def operation_fields(
         else:
             amount = parsed
     reference = parse_reference(body, errors)
-    return OperationFields(kind, amount, unknown, errors, reference)
+    metadata = parse_metadata(body, errors)
+    return OperationFields(kind, amount, unknown, errors, reference, metadata)
 
 
 def parse_reference(body: dict[str, Any], errors: list[FieldError]) -> str | None:
@@ -452,18 +470,66 @@ def parse_reference(body: dict[str, Any], errors: list[FieldError]) -> str | Non
     return reference
 
 
+def parse_metadata(body: dict[str, Any], errors: list[FieldError]) -> Metadata:
+    """The optional ``metadata`` object (docs/API.md, "Metadata"): at most
+    ``METADATA_KEYS_MAX`` keys, each 1 to ``METADATA_KEY_LENGTH_MAX`` characters (no control
+    characters, no square brackets), each value a string of at most
+    ``METADATA_VALUE_LENGTH_MAX`` characters (no NUL). Null or ``{}`` is none. Errors are
+    added to ``errors``, naming the key (``metadata.<key>``)."""
+    value = body.get("metadata")
+    if value is None:
+        return NO_METADATA
+    if type(value) is not dict:
+        errors.append({"field": "metadata", "message": "must be an object of strings"})
+        return NO_METADATA
+    found: list[FieldError] = []
+    if len(value) > METADATA_KEYS_MAX:
+        found.append(
+            {"field": "metadata", "message": f"must have at most {METADATA_KEYS_MAX} keys"}
+        )
+    for key, text in value.items():
+        field = f"metadata.{key[:64]}"
+        if not _METADATA_KEY.fullmatch(key):
+            found.append(
+                {
+                    "field": field,
+                    "message": f"a key must be 1 to {METADATA_KEY_LENGTH_MAX} characters, no "
+                    "control characters or square brackets",
+                }
+            )
+        elif type(text) is not str:
+            found.append({"field": field, "message": "must be a string"})
+        elif len(text) > METADATA_VALUE_LENGTH_MAX or "\x00" in text:
+            found.append(
+                {
+                    "field": field,
+                    "message": f"must be at most {METADATA_VALUE_LENGTH_MAX} characters, no NUL",
+                }
+            )
+        if len(found) >= _METADATA_ERRORS_MAX:  # one answer stays small
+            break
+    if found:
+        errors.extend(found)
+        return NO_METADATA
+    return as_metadata(value)
+
+
+# The per-key errors one answer lists, at most (a body may hold thousands of bad keys).
+_METADATA_ERRORS_MAX: Final = 10
+
+
 def parse_operation_body(
     body: dict[str, Any], raw: bytes
-) -> tuple[OperationKind, Amount, str | None]:
-    kind, amount, unknown, errors, reference = operation_fields(body, raw)
+) -> tuple[OperationKind, Amount, str | None, Metadata]:
+    kind, amount, unknown, errors, reference, metadata = operation_fields(body, raw)
     if unknown or errors:
         raise ValidationProblem(unknown + errors)
     assert kind is not None
     assert amount is not None
-    return kind, amount, reference
+    return kind, amount, reference, metadata
 
 
-_HOLD_FIELDS: Final = frozenset({"amount", "expires_in_s", "reference"})
+_HOLD_FIELDS: Final = frozenset({"amount", "expires_in_s", "reference", "metadata"})
 _CAPTURE_FIELDS: Final = frozenset({"amount", "to_wallet_id"})
 
 
@@ -471,6 +537,7 @@ class HoldRequest(NamedTuple):
     amount: Amount
     expires_in_s: int | None
     reference: str | None
+    metadata: Metadata = NO_METADATA
 
 
 def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> HoldRequest:
@@ -498,10 +565,11 @@ def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> 
             {"field": "expires_in_s", "message": f"must be an integer from 1 to {expires_in_s_max}"}
         )
     reference = parse_reference(body, errors)
+    metadata = parse_metadata(body, errors)
     if errors:
         raise ValidationProblem(errors)
     assert isinstance(amount, Amount)
-    return HoldRequest(amount, expires_in_s, reference)
+    return HoldRequest(amount, expires_in_s, reference, metadata)
 
 
 def parse_capture_body(body: dict[str, Any], raw: bytes) -> tuple[Amount | None, UUID | None]:
@@ -569,9 +637,10 @@ def body_wallet_id(value: Any) -> UUID | None:
 
 def parse_create_body(
     body: dict[str, Any], currencies: Mapping[str, Currency] | None = None
-) -> tuple[UUID | None, Currency | None]:
-    """``{"id"?, "currency"?}``: the chosen id, and the currency (None: the default one)
-    named by a code ``currencies`` holds (http/currencies.py)."""
+) -> tuple[UUID | None, Currency | None, Metadata]:
+    """``{"id"?, "currency"?, "metadata"?}``: the chosen id (None: walletd picks one), the
+    currency (None: the default one) named by a code ``currencies`` holds
+    (http/currencies.py), and the metadata."""
     errors: list[FieldError] = []
     wallet_id: UUID | None = None
     currency: Currency | None = None
@@ -589,9 +658,10 @@ def parse_create_body(
             errors.append(
                 {"field": "currency", "message": "must be an ISO 4217 code or a declared asset"}
             )
+    metadata = parse_metadata(body, errors)
     if errors:
         raise ValidationProblem(errors)
-    return wallet_id, currency
+    return wallet_id, currency, metadata
 
 
 class TransferRequest(NamedTuple):
@@ -600,6 +670,7 @@ class TransferRequest(NamedTuple):
     to_wallet_id: UUID
     amount: Amount
     reference: str | None
+    metadata: Metadata = NO_METADATA
 
 
 def _body_uuid(body: dict[str, Any], name: str, errors: list[FieldError]) -> UUID | None:
@@ -633,12 +704,13 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
         if isinstance(amount, dict):
             errors.append(amount)
     reference = parse_reference(body, errors)
+    metadata = parse_metadata(body, errors)
     if errors:
         raise ValidationProblem(errors)
     assert from_wallet_id is not None
     assert to_wallet_id is not None
     assert isinstance(amount, Amount)
-    return TransferRequest(transfer_id, from_wallet_id, to_wallet_id, amount, reference)
+    return TransferRequest(transfer_id, from_wallet_id, to_wallet_id, amount, reference, metadata)
 
 
 def parse_idempotency_key(request: web.Request) -> str | None:

@@ -69,8 +69,10 @@ def wallet_body(view: WalletView) -> bytes:
     path's own cost. ``test_responses`` checks it equals orjson's encoding of the fields.
 
     ``status`` and ``overdraft_limit`` are written only when they differ from their
-    defaults (ACTIVE, 0): a wallet that uses neither keeps the seed's shape exactly; the
-    contract allows fields to be added, and the OpenAPI document gives both defaults."""
+    defaults (ACTIVE, 0), and ``metadata`` only when the wallet has some: a wallet that uses
+    none of them keeps the seed's shape exactly (tests/test_api_v1.py pins it); the contract
+    allows fields to be added, and the OpenAPI document gives their defaults. The metadata's
+    text is the one field orjson encodes."""
     held = view.held
     code, exponent = view.currency
     overdraft_limit = view.overdraft_limit
@@ -79,6 +81,8 @@ def wallet_body(view: WalletView) -> bytes:
         terms = f',"status":"{WalletStatus(view.status).name}"'
     if overdraft_limit:
         terms += f',"overdraft_limit":"{format_minor(overdraft_limit, exponent)}"'
+    if view.metadata:
+        terms += f',"metadata":{orjson.dumps(dict(view.metadata)).decode()}'
     return (
         f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance, exponent)}",'
         f'"available":"{format_minor(view.balance - held + overdraft_limit, exponent)}",'
@@ -127,6 +131,8 @@ def history_item(operation_id: int, op: OperationRecord, exponent: int = 2) -> d
         "created_at": format_timestamp(op.created_at_us),
         # The API key whose request wrote the row; null when auth is off (or the sweep).
         "actor": op.actor,
+        # What wrote the row: the operation's own, its transfer's or its hold's.
+        "metadata": dict(op.metadata),
     }
 
 
@@ -151,6 +157,7 @@ def _update_item(operation_id: int, op: OperationRecord, exponent: int) -> dict[
         "actor": op.actor,
         "status": WalletStatus(op.status_after).name,
         "overdraft_limit": format_minor(op.overdraft_limit_after, exponent),
+        "metadata": dict(op.metadata),  # {}: a wallet update carries none
     }
 
 
@@ -165,6 +172,7 @@ def transfer_body(transfer: TransferRecord) -> dict[str, object]:
         "reference": transfer.reference,
         "status": transfer.status.name,
         "failure_code": transfer.failure_code,
+        "metadata": dict(transfer.metadata),
         "created_at": format_timestamp(transfer.created_at_us),
         "updated_at": format_timestamp(transfer.updated_at_us),
     }
@@ -290,6 +298,7 @@ def hold_body(hold: HoldRecord) -> dict[str, object]:
             0 if hold.status is HoldStatus.PENDING else hold.amount - hold.captured, exponent
         ),
         "reference": hold.reference,
+        "metadata": dict(hold.metadata),
         "expires_at": format_timestamp(hold.expires_at_us),
         "created_at": format_timestamp(hold.created_at_us),
         "updated_at": format_timestamp(hold.updated_at_us),

@@ -77,9 +77,9 @@ routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
-    wallet_id, currency = parse_create_body(body, state.settings.currencies)
+    wallet_id, currency, metadata = parse_create_body(body, state.settings.currencies)
     key = parse_idempotency_key(request)
-    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key, currency)
+    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key, currency, metadata)
     return reply_response(reply, chosen_id)
 
 
@@ -139,7 +139,7 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
         )
     view = WalletView(
         wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held,
-        found.currency, found.status, found.overdraft_limit,
+        found.currency, found.status, found.overdraft_limit, found.metadata,
     )  # fmt: skip
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
     # The version the wallet had then (If-Match against it fails once it moved since).
@@ -152,13 +152,13 @@ async def apply_operation(request: web.Request) -> web.Response:
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
-    kind, amount, reference = parse_operation_body(body, raw)
+    kind, amount, reference, metadata = parse_operation_body(body, raw)
     key = parse_idempotency_key(request)
     # No header lookup beyond the one dict probe on the hot path.
     expected_seq = parse_if_match(request) if "If-Match" in request.headers else None
     reply = await state.services.engine.apply(
         wallet_id, kind, amount.value, key, reference, request.get(KEY_NAME), expected_seq,
-        amount.scale,
+        amount.scale, metadata,
     )  # fmt: skip
     return reply_response(reply, wallet_id, amount)
 
@@ -196,7 +196,7 @@ async def create_hold(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
         wallet_id, wanted.amount.value, wanted.expires_in_s, wanted.reference, key,
-        request.get(KEY_NAME), wanted.amount.scale,
+        request.get(KEY_NAME), wanted.amount.scale, wanted.metadata,
     )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
@@ -265,6 +265,7 @@ async def create_transfer(request: web.Request) -> web.Response:
     transfer_id, reply = await state.services.engine.transfer(
         wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id,
         wanted.amount.value, wanted.reference, request.get(KEY_NAME), wanted.amount.scale,
+        wanted.metadata,
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount

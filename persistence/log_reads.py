@@ -37,6 +37,7 @@ from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
 from walletd.engine.money import currency_of
 from walletd.engine.ports import StorageError, StorageUnavailable
 from walletd.persistence.listings import listing_args, listing_page, listing_sql
+from walletd.persistence.postgres_log import stored_metadata
 
 __all__ = [
     "AS_OF_SQL",
@@ -52,7 +53,8 @@ _SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
 SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
-       o.held_after, u.status_after, u.overdraft_limit_after, w.currency, w.exponent
+       o.held_after, u.status_after, u.overdraft_limit_after, w.currency, w.exponent,
+       w.metadata  -- fixed at creation until a change of it is logged
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
                       OFFSET 0) s  -- not pulled up: the search would run once per use
@@ -67,7 +69,7 @@ SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format
 _OP_COLUMNS: Final = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference, o.actor, o.status_after, o.overdraft_limit_after"
+    + ", o.held_after, o.reference, o.actor, o.metadata, o.status_after, o.overdraft_limit_after"
 )
 # since/until become a seq range (created_at < since: seq <= first bound; created_at <
 # until: seq <= second), so a page is one range scan of the (wallet_id, seq) index, keyset
@@ -95,7 +97,8 @@ FEED_SOURCES: Final = (
     SELECT w.created_xid AS xid, w.feed_id AS id, 'wallet.created' AS type,
            {_MICROS.format("w.created_at")} AS created_us,
            json_build_object('wallet_id', w.id, 'currency', w.currency,
-                             'exponent', w.exponent) AS data
+                             'exponent', w.exponent,
+                             'metadata', coalesce(w.metadata, '{{}}'::jsonb)) AS data
       FROM wallets w
      WHERE (w.created_xid, w.feed_id) > ($1::text::xid8, $2)
        AND w.created_xid < (SELECT horizon FROM snapshot)
@@ -126,6 +129,8 @@ FEED_SOURCES: Final = (
                'held_after', o.held_after, 'reference', o.reference,
                -- The API key's name whose request wrote the row (null: auth off, sweep).
                'actor', o.actor,
+               -- What wrote the row: the operation's, its transfer's or its hold's.
+               'metadata', coalesce(o.metadata, '{{}}'::jsonb),
                -- A transfer leg's or hold row's key is internal ("<US>KIND:<id>"): the
                -- event names the transfer or hold instead, as the history does
                -- (http/responses.py). A bulk item's derived key "<request key><US><index>"
@@ -184,13 +189,18 @@ class PostgresLogReader(LogReader):
         rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
         if not rows:
             return None
-        created_us, balance, seq, updated_us, held, status, limit, code, exponent = rows[0]
+        created_us, balance, seq, updated_us, held, status, limit, code, exponent, metadata_text = (
+            rows[0]
+        )
         currency = currency_of(code, exponent)
+        metadata = stored_metadata(metadata_text)
         if not seq:  # seq 0: no operation yet at that instant
-            return WalletAsOf(wallet_id, 0, 0, created_us, created_us, 0, currency)
+            return WalletAsOf(
+                wallet_id, 0, 0, created_us, created_us, 0, currency, metadata=metadata
+            )
         return WalletAsOf(
             wallet_id, balance, seq, created_us, updated_us, held, currency,
-            WalletStatus(status or WalletStatus.ACTIVE), limit or 0,
+            WalletStatus(status or WalletStatus.ACTIVE), limit or 0, metadata,
         )  # fmt: skip
 
     async def filtered_history(
@@ -234,5 +244,6 @@ class PostgresLogReader(LogReader):
 def _operation(row: asyncpg.Record) -> OperationRecord:
     return OperationRecord(
         row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10], WalletStatus(row[11] or WalletStatus.ACTIVE), row[12] or 0,
+        row[10], WalletStatus(row[12] or WalletStatus.ACTIVE), row[13] or 0,
+        stored_metadata(row[11]),
     )  # fmt: skip

@@ -25,15 +25,20 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from operator import attrgetter
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from walletd.engine.model import (
     HOLD_KINDS,
+    NO_METADATA,
     Batch,
     HoldRecord,
     HoldStatus,
+    Metadata,
+    NewWallet,
     OperationKind,
     OperationRecord,
     RefusalReason,
@@ -42,6 +47,7 @@ from walletd.engine.model import (
     TransferStatus,
     WalletRecord,
     WalletStatus,
+    as_metadata,
 )
 from walletd.engine.money import Currency, currency_of
 from walletd.engine.ports import (
@@ -63,20 +69,24 @@ __all__ = ["HISTORY_BEFORE_SQL", "HISTORY_FIRST_SQL", "PostgresLog", "is_definit
 # anything is written (migration shard_leases, docs/SCALING.md).
 # $25-$28 (migration "holds"): held_after and reference per log row, held per snapshot,
 # reference per refusal; $29-$30 (migration "actors_on_log_rows"): the actor (API key name)
-# per log row and per refusal.
+# per log row and per refusal; $33-$35 (migration "metadata"): the metadata of each new
+# wallet, log row and refusal, as JSON text, each list empty when the batch has none
+# (a NULL per element is padded in by unnest: no encoding on the path without metadata).
 _APPEND_BATCH = (
     "walletd_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"
-    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30, $31, $32)"
+    " $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $27, $28, $29, $30, $31, $32,"
+    " $33, $34, $35)"
 )
 _FENCE = " FROM walletd_fence($25::integer[], $26::bigint[])"
 _APPEND = "SELECT " + _APPEND_BATCH + _FENCE
 # Sent instead of eight (nine) empty lists for the common batch with no refusal.
 _NO_REFUSALS: tuple[list[object], ...] = ([],) * 8
 _NO_REFUSAL_REFERENCES: list[object] = []
+_NO_METADATA_ARGS: tuple[list[object], ...] = ([],) * 3
 
 # A batch that opens or closes transfers, or creates or resolves holds, writes them in the
 # same statement, hence the same implicit transaction, as its log rows and snapshots
-# (migrations "transfers" and "holds"). The placeholders after $32 are numbered in order.
+# (migrations "transfers" and "holds"). The placeholders after $35 are numbered in order.
 # Each call also gets the batch's log rows (wallet, seq, kind, amount, key: $5 $6 $7 $8 $10,
 # sent once) and refuses legs or hold rows that do not match its transfers or holds
 # (migration "legs_match_their_transfers_and_holds": WD006, WD007). So it is called whenever
@@ -103,7 +113,7 @@ _UPDATES_ARGS = 4
 
 def _append_statement(transfers: bool, holds: bool, updates: bool, currencies: bool) -> str:
     calls = [_APPEND_BATCH]
-    next_arg = 33
+    next_arg = 36
     for wanted, call, count in (
         (currencies, _CURRENCIES_CALL, _CURRENCIES_ARGS),
         (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
@@ -133,8 +143,8 @@ _WALLET_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
-    + ", create_idempotency_key, create_fingerprint, held, status, overdraft_limit, currency,"
-    + " exponent"
+    + ", create_idempotency_key, create_fingerprint, held, status, overdraft_limit, metadata,"
+    + " currency, exponent"
 )
 _LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
 _HOLD_COLUMNS = (
@@ -145,6 +155,12 @@ _HOLD_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
+    # A hold's metadata is its HOLD row's (migration "metadata"): one lookup of the unique
+    # (wallet_id, idempotency_key) index by the row's key.
+    + (
+        ", (SELECT o.metadata FROM wallet_operations o WHERE o.wallet_id = holds.wallet_id"
+        " AND o.idempotency_key = chr(31) || 'HOLD:' || holds.id::text)"
+    )
     # Its wallet's currency (a hold has none of its own): one primary-key lookup.
     + ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = holds.wallet_id)"
 )
@@ -168,9 +184,10 @@ _FIND_BY_CREATE_KEY = (
 _OP_BASE_COLUMNS = (
     "o.id, o.wallet_id, o.seq, o.kind, o.amount, o.balance_after, o.idempotency_key, "
     + _MICROS.format("o.created_at")
-    + ", o.held_after, o.reference, o.actor"
+    + ", o.held_after, o.reference, o.actor, o.metadata"
 )
-# History: a WALLET_UPDATE row's status and limit (NULL on every other row).
+# Columns 0-11: a log row (11: its metadata). History: then a WALLET_UPDATE row's status
+# and limit (NULL on every other row).
 _OP_COLUMNS = _OP_BASE_COLUMNS + ", o.status_after, o.overdraft_limit_after"
 # A found row's status and overdraft limit in force, what its replay answers with: the
 # wallet's last WALLET_UPDATE row at or before it (index wallet_operations_updates).
@@ -180,11 +197,12 @@ _TERMS_JOIN = (
     " WHERE c.wallet_id = o.wallet_id AND c.kind = 9 AND c.seq <= o.seq"
     " ORDER BY c.seq DESC LIMIT 1) t ON true"
 )
-# A refusal in the columns of a log row (id 0, seq = fence_seq, actor), then its reason.
+# A refusal in the columns of a found log row (id 0, seq = fence_seq, actor, metadata; no
+# status or limit), then its reason (column 14).
 _REFUSAL_COLUMNS = (
     "0::bigint, r.wallet_id, r.fence_seq, r.kind, r.amount, r.balance_seen,"
     f" r.idempotency_key, {_MICROS.format('r.created_at')}, 0::bigint, r.reference, r.actor,"
-    " NULL::smallint, NULL::bigint, r.reason"
+    " r.metadata, NULL::smallint, NULL::bigint, r.reason"
 )
 # The decided outcome of each key: its log row, or its recorded refusal (reason > 0), and
 # the key asked for (last column). A bulk item's derived key "<request key><US><index>"
@@ -221,21 +239,26 @@ SELECT {_OP_COLUMNS} FROM wallet_operations o
  WHERE o.wallet_id = $1 AND o.seq < $2 ORDER BY o.seq DESC LIMIT $3
 """
 
-# A transfer's actor is its debit row's (migration "actors_on_log_rows"): one lookup of the
-# unique (wallet_id, idempotency_key) index by the debit leg's key.
+# A transfer's actor and metadata are its debit row's (migrations "actors_on_log_rows",
+# "metadata"): one lookup of the unique (wallet_id, idempotency_key) index by the debit
+# leg's key.
 _TRANSFER_COLUMNS = (
     "t.id, t.from_wallet_id, t.to_wallet_id, t.amount, t.reference, t.status, t.failure_code, "
     + _MICROS.format("t.created_at")
     + ", "
     + _MICROS.format("t.updated_at")
-    + ", (SELECT o.actor FROM wallet_operations o WHERE o.wallet_id = t.from_wallet_id"
-    " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text)"
+    + ", d.actor, d.metadata"
     # The transfer's currency is its wallets' (the sender's read): one primary-key lookup.
     ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = t.from_wallet_id)"
 )
-_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM transfers t WHERE t.id = ANY($1::uuid[])"
+_TRANSFERS = (
+    "transfers t LEFT JOIN LATERAL (SELECT o.actor, o.metadata FROM wallet_operations o"
+    " WHERE o.wallet_id = t.from_wallet_id"
+    " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text) d ON true"
+)
+_LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS} WHERE t.id = ANY($1::uuid[])"
 _PENDING_TRANSFERS = f"""
-SELECT {_TRANSFER_COLUMNS} FROM transfers t
+SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS}
  WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
@@ -306,17 +329,31 @@ def _joined_currency(text: str | None) -> Currency | None:
     return currency_of(code, int(exponent))
 
 
+def stored_metadata(text: str | None) -> Metadata:
+    """A jsonb metadata column as the engine holds it (NULL: none)."""
+    if text is None:
+        return NO_METADATA
+    return as_metadata(orjson.loads(text))
+
+
+def metadata_args(metadata: Sequence[Metadata]) -> list[object]:
+    """Metadata objects as jsonb parameters (JSON text; NULL for none). Called only for a
+    list that holds some: the caller sends an empty list otherwise (unnest pads NULLs)."""
+    return [orjson.dumps(dict(m)).decode() if m else None for m in metadata]
+
+
 def _wallet(row: asyncpg.Record) -> WalletRecord:
     return WalletRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], (),
-        currency_of(row[10], row[11]), WalletStatus(row[8]), row[9],
+        currency_of(row[11], row[12]), WalletStatus(row[8]), row[9], stored_metadata(row[10]),
     )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
     return HoldRecord(
         row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
-        row[9], row[10], row[11], row[12], row[13], row[14], row[15], _joined_currency(row[16]),
+        row[9], row[10], row[11], row[12], row[13], row[14], row[15], _joined_currency(row[17]),
+        stored_metadata(row[16]),
     )  # fmt: skip
 
 
@@ -325,24 +362,32 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
     those in force when selected with them (find_operations), else the defaults."""
     return OperationRecord(
         row[1], row[2], OperationKind(row[3]), row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10], WalletStatus(row[11] or WalletStatus.ACTIVE), row[12] or 0,
+        row[10], WalletStatus(row[12] or WalletStatus.ACTIVE), row[13] or 0,
+        stored_metadata(row[11]),
     )  # fmt: skip
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        row[9], _joined_currency(row[10]),
+        row[9], _joined_currency(row[11]), stored_metadata(row[10]),
     )  # fmt: skip
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
-    if not row[13]:
+    if not row[14]:
         return _operation(row)
     return RefusalRecord(
-        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[13]), row[5], row[2],
-        row[7], row[9], row[10],
+        row[1], row[6], OperationKind(row[3]), row[4], RefusalReason(row[14]), row[5], row[2],
+        row[7], row[9], row[10], stored_metadata(row[11]),
     )  # fmt: skip
+
+
+def _any_metadata(records: Sequence[NewWallet | OperationRecord | RefusalRecord]) -> bool:
+    return any(map(_METADATA_OF, records))
+
+
+_METADATA_OF = attrgetter("metadata")
 
 
 class ConnectBackoff:
@@ -456,7 +501,7 @@ class PostgresLog(WalletLog):
         found: dict[tuple[UUID, str], OperationRecord | RefusalRecord] = {}
         for row in rows:
             record = _decided(row)
-            asked: str = row[14]
+            asked: str = row[15]
             if record.idempotency_key == asked:
                 found[(record.wallet_id, asked)] = record
             elif (record.wallet_id, asked) not in found:
@@ -531,6 +576,16 @@ class PostgresLog(WalletLog):
             [o.actor for o in ops],
             [r.actor for r in refusals] if refusals else _NO_REFUSAL_REFERENCES,
         )
+        # Metadata only when some is there (the hot path sends three empty lists): the
+        # wallets, log rows and refusals of the batch each checked by one pass in C.
+        if _any_metadata(news) or _any_metadata(ops) or _any_metadata(refusals):
+            args += (
+                metadata_args([n.metadata for n in news]),
+                metadata_args([o.metadata for o in ops]),
+                metadata_args([r.metadata for r in refusals]),
+            )
+        else:
+            args += _NO_METADATA_ARGS
         kinds = args[6]
         opens_or_closes = bool(batch.new_transfers or batch.transfer_updates)
         transfers = opens_or_closes or not _LEG_KINDS.isdisjoint(kinds)

@@ -419,11 +419,15 @@ def test_a_forwarded_item_keeps_every_field() -> None:
     the very same item: every field of BulkItem (reference was lost), a derived key as the
     same derived key (through key_index and the request key), a client key as itself."""
     wallet = uuid.uuid4()
-    derived = BulkItem(wallet, OperationKind.WITHDRAW, 1234, derived_key("R", 7), "ref é 1")
+    derived = BulkItem(
+        wallet, OperationKind.WITHDRAW, 1234, derived_key("R", 7), "ref é 1",
+        metadata=(("m", "é 1"),),
+    )  # fmt: skip
     own = BulkItem(wallet, OperationKind.DEPOSIT, 1, "own/7", "ref 2")
     for item in (derived, own):
         # Every field is set: a field added to BulkItem and not to item_json fails here.
         assert all(value is not None for value in item), item
+        assert derived.metadata
         raw = orjson.dumps({"items": [item_json(item)]})
         assert parse_bulk(raw, 10, "R").items == [item]
     bare = BulkItem(wallet, OperationKind.DEPOSIT, 5, None)

@@ -588,6 +588,32 @@ async def test_references_travel_with_operations_bulk_items_and_history(client: 
             await walletd.deposit(wallet.id, "5.00", reference="invoice-2", idempotency_key="k1")
 
 
+async def test_metadata_travels_with_every_call_and_read(client: Client) -> None:
+    """metadata= on create_wallet, deposit, withdraw, a bulk item, create_transfer and
+    create_hold comes back in Wallet, Operation, Transfer and Hold; a wallet without has
+    empty metadata; the same key with other metadata is IdempotencyKeyReused."""
+    async with WalletdClient(base_url(client)) as walletd:
+        wallet = await walletd.create_wallet(metadata={"owner": "u-1"})
+        assert wallet.metadata == {"owner": "u-1"}
+        assert (await walletd.get_wallet(wallet.id)).metadata == {"owner": "u-1"}
+        plain = await walletd.create_wallet()
+        assert plain.metadata == {}
+        after = await walletd.deposit(wallet.id, "9", metadata={"op": "d"}, idempotency_key="m1")
+        assert after.metadata == {"owner": "u-1"}  # the reply is the wallet
+        await walletd.withdraw(wallet.id, "1", metadata={"op": "w"})
+        (result,) = await walletd.bulk([BulkItem(wallet.id, "DEPOSIT", "1", metadata={"op": "b"})])
+        assert result.wallet is not None
+        moved = await walletd.create_transfer(wallet.id, plain.id, "2", metadata={"op": "t"})
+        assert moved.metadata == {"op": "t"}
+        assert (await walletd.get_transfer(moved.id)).metadata == {"op": "t"}
+        hold = await walletd.create_hold(wallet.id, "1", metadata={"op": "h"})
+        assert (await walletd.get_hold(hold.id)).metadata == {"op": "h"}
+        seen = [op.metadata async for op in walletd.history(wallet.id)]
+        assert seen == [{"op": "h"}, {"op": "t"}, {"op": "b"}, {"op": "w"}, {"op": "d"}]
+        with pytest.raises(IdempotencyKeyReused):
+            await walletd.deposit(wallet.id, "9", metadata={"op": "x"}, idempotency_key="m1")
+
+
 async def test_history_is_an_item_iterator_with_the_apis_filters(
     make_app: AppFactory, aiohttp_client: Callable[..., Any]
 ) -> None:

@@ -19,6 +19,11 @@ from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from tests.openapi_validation import assert_response_matches, documented_response, schema_errors
+from walletd.engine.bounds import (
+    METADATA_KEY_LENGTH_MAX,
+    METADATA_KEYS_MAX,
+    METADATA_VALUE_LENGTH_MAX,
+)
 from walletd.engine.log_reads import FeedPosition
 from walletd.http.bulk import KEY_INDEX_MAX
 from walletd.http.docs_page import DOCS_CSP, add_docs_routes, swagger_ui_static_dir
@@ -32,6 +37,7 @@ from walletd.http.openapi import (
 )
 from walletd.http.parsing import (
     IDEMPOTENCY_KEY_LENGTH_MAX,
+    METADATA_KEY_PATTERN,
     REFERENCE_LENGTH_MAX,
     REFERENCE_PATTERN,
     WALLET_ID_PATTERN,
@@ -158,6 +164,11 @@ def test_document_states_the_parsers_rules(document: dict[str, Any]) -> None:
     assert schemas["Reference"]["maxLength"] == REFERENCE_LENGTH_MAX
     assert schemas["IdempotencyKey"]["maxLength"] == IDEMPOTENCY_KEY_LENGTH_MAX
     assert parameters["Cursor"]["schema"]["pattern"] == CURSOR_PATTERN
+    metadata = schemas["Metadata"]
+    assert metadata["maxProperties"] == METADATA_KEYS_MAX
+    assert metadata["propertyNames"]["pattern"] == METADATA_KEY_PATTERN
+    assert metadata["propertyNames"]["maxLength"] == METADATA_KEY_LENGTH_MAX
+    assert metadata["additionalProperties"]["maxLength"] == METADATA_VALUE_LENGTH_MAX
     position = re.compile(schemas["FeedPosition"]["pattern"])
     assert position.fullmatch(str(FeedPosition(7342, 1081)))
     assert FeedPosition.parse("7342-1081") is not None

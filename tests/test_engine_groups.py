@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
-from walletd.engine.model import OperationKind
+from walletd.engine.model import NO_METADATA, Metadata, OperationKind
 from walletd.engine.money import BALANCE_MINOR_MAX
 from walletd.engine.router import Engine
 
@@ -33,6 +33,7 @@ class Op(NamedTuple):
     amount: int
     idempotency_key: str | None
     reference: str | None = None
+    metadata: Metadata = NO_METADATA
     scale: None = None  # in minor units already
 
 
@@ -43,6 +44,9 @@ operations = st.lists(
         st.sampled_from([OperationKind.DEPOSIT, OperationKind.WITHDRAW]),
         st.one_of(st.integers(1, 60), st.just(BALANCE_MINOR_MAX)),
         st.one_of(st.none(), st.sampled_from(["a", "b", "c"])),
+        st.none(),
+        # A key used twice in a group with other metadata is a reuse (the trial run too).
+        st.sampled_from([NO_METADATA, (("m", "1"),), (("m", "2"),)]),
     ),
     min_size=1,
     max_size=LIMITS.batch_ops_max,
@@ -84,7 +88,13 @@ async def _compare(balances: list[int], ops: list[Op], atomic: bool) -> None:
     one_by_one, grouped = await _engine(balances), await _engine(balances)
     try:
         before = await _state(grouped)
-        expected = [await one_by_one.apply(*op) for op in ops]
+        expected = [
+            await one_by_one.apply(
+                op.wallet_id, op.kind, op.amount, op.idempotency_key, op.reference,
+                metadata=op.metadata,
+            )
+            for op in ops
+        ]  # fmt: skip
         replies, refused_at = await grouped.apply_operations(ops, atomic=atomic)
         ok = (Outcome.OK,)
         first_refused = next((i for i, r in enumerate(expected) if r.outcome not in ok), None)

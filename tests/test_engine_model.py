@@ -10,7 +10,8 @@ by the recovery of a restart), holds (created with and without keys, captured in
 whole, voided, refused past their expiry by a clock the test moves, released by the sweep
 and by the sweep of a restart, with failed and ambiguous commits), wallet updates (status
 ACTIVE / FROZEN / CLOSED and overdraft limits, keyed and conditional on the seq, with failed
-and ambiguous commits), and restarts, across
+and ambiguous commits), metadata on wallets and on operations (carried to the log, fixed at
+creation: a keyed retry with other metadata is a reuse of the key), and restarts, across
 several wallets on several shards with a
 tiny resident bound (so passivation runs all the time) and more idempotency keys than the
 key cache holds (so keys are forgotten and looked up again). After every step the log must
@@ -66,7 +67,9 @@ from walletd.engine.limits import EngineLimits
 from walletd.engine.memory_log import InMemoryLog
 from walletd.engine.model import (
     CREDIT_KINDS,
+    NO_METADATA,
     HoldStatus,
+    Metadata,
     OperationKind,
     OperationRecord,
     TransferStatus,
@@ -111,6 +114,9 @@ wallets = st.sampled_from(WALLETS)
 kinds = st.sampled_from([OperationKind.DEPOSIT, OperationKind.WITHDRAW])
 amounts = st.integers(min_value=1, max_value=50)
 keys = st.none() | st.sampled_from(KEYS)
+# Few values, so a keyed retry often brings the same metadata and sometimes another.
+metas = st.sampled_from([NO_METADATA, (("order", "1"),), (("order", "2"),),
+                         (("a", "x"), ("order", "1"))])  # fmt: skip
 transfer_ids = st.sampled_from(TRANSFER_IDS)
 OPERATION_KINDS = (OperationKind.DEPOSIT, OperationKind.WITHDRAW)
 OUT, IN = OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN
@@ -151,6 +157,7 @@ class _Op:
     held_after: int = 0
     # A WALLET_UPDATE row's fingerprint (what its replay compares).
     fingerprint: str | None = None
+    metadata: Metadata = NO_METADATA
 
 
 def _fingerprint(status: WalletStatus | None, limit: int | None) -> str:
@@ -171,6 +178,7 @@ class _Hold:
     captured: int = 0
     resolve_key: str | None = None
     resolve_fingerprint: str | None = None
+    metadata: Metadata = NO_METADATA  # on its HOLD, CAPTURE and RELEASE rows
 
 
 @dataclass
@@ -179,6 +187,7 @@ class _Refusal:
     amount: int
     outcome: Outcome
     balance_seen: int
+    metadata: Metadata = NO_METADATA
 
 
 @dataclass(frozen=True)
@@ -202,10 +211,14 @@ class Model:
     history: dict[UUID, list[_Op]] = field(default_factory=dict)
     keyed: dict[tuple[UUID, str], _Op | _Refusal] = field(default_factory=dict)
     create_keys: dict[str, UUID] = field(default_factory=dict)
+    wallet_metadata: dict[UUID, Metadata] = field(default_factory=dict)
+    create_key_metadata: dict[str, Metadata] = field(default_factory=dict)
     # transfer id -> [from, to, amount, status, failure code]
     transfers: dict[UUID, list[object]] = field(default_factory=dict)
     # deposits - withdrawals - captures, per currency code
     external: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # transfer id -> its metadata, carried by each of its legs
+    transfer_metadata: dict[UUID, Metadata] = field(default_factory=dict)
     holds: dict[UUID, _Hold] = field(default_factory=dict)
     hold_keys: dict[tuple[UUID, str], UUID] = field(default_factory=dict)
     now: int = 1_700_000_000_000_000  # the test clock's base (without per-reading ticks)
@@ -278,13 +291,20 @@ class Model:
         return self.balances[wallet] - self.held(wallet) + self.limit(wallet)
 
     def move(
-        self, wallet: UUID, kind: OperationKind, amount: int, key: str, *, remember: bool = True
+        self,
+        wallet: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str,
+        *,
+        remember: bool = True,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         """Log one leg of a transfer, or one row of a hold."""
         balance = self.balances[wallet] + signed_balance(kind, amount)
         assert balance >= -self.limit(wallet)
         assert self.status(wallet) is not CLOSED
-        op = _Op(kind, amount, balance, key)
+        op = _Op(kind, amount, balance, key, metadata=metadata)
         self.balances[wallet] = balance
         op.held_after = self.held(wallet)
         self.history[wallet].append(op)
@@ -297,17 +317,24 @@ class Model:
         return self.now - hold.created_at >= hold.expires_in_s * SECOND_US
 
     def expect_create_hold(
-        self, wallet: UUID, amount: int, expires_in_s: int, key: str | None
+        self,
+        wallet: UUID,
+        amount: int,
+        expires_in_s: int,
+        key: str | None,
+        metadata: Metadata = NO_METADATA,
     ) -> Outcome:
         if wallet not in self.balances:
             return Outcome.WALLET_NOT_FOUND
         if key is not None and (wallet, key) in self.hold_keys:
             earlier = self.holds[self.hold_keys[(wallet, key)]]
-            same = (earlier.amount, earlier.expires_in_s) == (amount, expires_in_s)
+            same = (earlier.amount, earlier.expires_in_s, earlier.metadata) == (
+                amount, expires_in_s, metadata,
+            )  # fmt: skip
             return Outcome.CREATED if same else Outcome.IDEMPOTENCY_KEY_REUSED
         refused = self.hold_refusal(wallet, key)
         if refused is not None:  # the recorded refusal of this key's creation
-            same = (refused.kind, refused.amount) == (HOLD, amount)
+            same = (refused.kind, refused.amount, refused.metadata) == (HOLD, amount, metadata)
             return refused.outcome if same else Outcome.IDEMPOTENCY_KEY_REUSED
         status_refusal = self.debit_refusal(wallet)
         if status_refusal is not None:
@@ -327,11 +354,20 @@ class Model:
         refused = self.keyed.get((wallet, hold_key(HOLD, hold_id)))
         return refused if isinstance(refused, _Refusal) else None
 
-    def refuse_hold(self, wallet: UUID, amount: int, key: str, outcome: Outcome) -> None:
+    def refuse_hold(
+        self,
+        wallet: UUID,
+        amount: int,
+        key: str,
+        outcome: Outcome,
+        metadata: Metadata = NO_METADATA,
+    ) -> None:
         """A keyed creation refused (funds, status) is recorded under its HOLD row's key."""
         hold_id = new_hold_id(wallet, key, LIMITS.pipelines)
         seen = self.available(wallet) if outcome is Outcome.INSUFFICIENT_FUNDS else 0
-        self.keyed[(wallet, hold_key(HOLD, hold_id))] = _Refusal(HOLD, amount, outcome, seen)
+        self.keyed[(wallet, hold_key(HOLD, hold_id))] = _Refusal(
+            HOLD, amount, outcome, seen, metadata
+        )
 
     def create_hold(
         self,
@@ -341,13 +377,16 @@ class Model:
         expires_in_s: int,
         key: str | None,
         expires_at_us: int,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         # Stamped from the same clock: the model's base plus the µs its readings ticked.
         assert 0 <= expires_at_us - self.now - expires_in_s * SECOND_US < CLOCK_STEP_US
-        self.holds[hold_id] = _Hold(wallet, amount, expires_in_s, self.now, expires_at_us, key)
+        self.holds[hold_id] = _Hold(
+            wallet, amount, expires_in_s, self.now, expires_at_us, key, metadata=metadata
+        )
         if key is not None:
             self.hold_keys[(wallet, key)] = hold_id
-        self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False)
+        self.move(wallet, HOLD, amount, hold_key(HOLD, hold_id), remember=False, metadata=metadata)
 
     def expect_resolve(
         self,
@@ -402,9 +441,9 @@ class Model:
             hold.resolve_key = key
             hold.resolve_fingerprint = resolve_fingerprint(action, amount, to_wallet)
             self.move(hold.wallet, RELEASE, hold.amount, hold_key(RELEASE, hold_id),
-                      remember=False)  # fmt: skip
+                      remember=False, metadata=hold.metadata)  # fmt: skip
             transfer_id = capture_transfer_id(hold_id)
-            self.debit(transfer_id, hold.wallet, to_wallet, captured)
+            self.debit(transfer_id, hold.wallet, to_wallet, captured, hold.metadata)
             self.finish(transfer_id)
             return
         hold.status = {
@@ -418,12 +457,13 @@ class Model:
         held = self.held(hold.wallet) + hold.amount  # before this resolution
         if captured:
             held -= captured
-            self.move(hold.wallet, CAPTURE, captured, hold_key(CAPTURE, hold_id), remember=False)
+            self.move(hold.wallet, CAPTURE, captured, hold_key(CAPTURE, hold_id), remember=False,
+                      metadata=hold.metadata)  # fmt: skip
             self.history[hold.wallet][-1].held_after = held
         if hold.amount - captured:
             held -= hold.amount - captured
             self.move(hold.wallet, RELEASE, hold.amount - captured, hold_key(RELEASE, hold_id),
-                      remember=False)  # fmt: skip
+                      remember=False, metadata=hold.metadata)  # fmt: skip
             self.history[hold.wallet][-1].held_after = held
 
     def due(self) -> list[UUID]:
@@ -443,9 +483,17 @@ class Model:
         assert isinstance(failure, str)
         return Outcome(failure), SIDE_TO
 
-    def debit(self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int) -> None:
-        self.move(sender, OUT, amount, transfer_leg_key(OUT, transfer_id))
+    def debit(
+        self,
+        transfer_id: UUID,
+        sender: UUID,
+        receiver: UUID,
+        amount: int,
+        metadata: Metadata = NO_METADATA,
+    ) -> None:
+        self.move(sender, OUT, amount, transfer_leg_key(OUT, transfer_id), metadata=metadata)
         self.transfers[transfer_id] = [sender, receiver, amount, TransferStatus.PENDING, None]
+        self.transfer_metadata[transfer_id] = metadata
 
     def finish(self, transfer_id: UUID) -> None:
         """Drive a PENDING transfer: credit, or refund when the receiver does not exist."""
@@ -453,12 +501,13 @@ class Model:
         assert isinstance(sender, UUID)
         assert isinstance(receiver, UUID)
         assert isinstance(amount, int)
+        metadata = self.transfer_metadata[transfer_id]
         if (
             receiver in self.balances
             and CURRENCY_OF[receiver] == CURRENCY_OF[sender]
             and self.status(receiver) is not CLOSED
         ):
-            self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id))
+            self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id), metadata=metadata)
             self.transfers[transfer_id][3] = TransferStatus.COMPLETED
         else:
             # Missing, or created since (after the debit) in another currency (checked before
@@ -469,21 +518,27 @@ class Model:
                 failure = "CURRENCY_MISMATCH"
             else:
                 failure = "WALLET_CLOSED"
-            self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id))
+            self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id),
+                      metadata=metadata)  # fmt: skip
             self.transfers[transfer_id][3:] = [TransferStatus.FAILED, failure]
 
     def pending(self) -> list[UUID]:
         return [t for t, v in self.transfers.items() if v[3] is TransferStatus.PENDING]
 
     def expect_apply(
-        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None
+        self,
+        wallet: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str | None,
+        metadata: Metadata = NO_METADATA,
     ) -> Expect:
         """What the command gets, without changing the model."""
         if wallet not in self.balances:
             return Expect(Outcome.WALLET_NOT_FOUND)
         if key is not None and (wallet, key) in self.keyed:
             earlier = self.keyed[(wallet, key)]
-            if (earlier.kind, earlier.amount) != (kind, amount):
+            if (earlier.kind, earlier.amount, earlier.metadata) != (kind, amount, metadata):
                 return Expect(Outcome.IDEMPOTENCY_KEY_REUSED)
             if isinstance(earlier, _Refusal):
                 return Expect(earlier.outcome, earlier.balance_seen, replayed=True)
@@ -505,12 +560,18 @@ class Model:
         return Expect(Outcome.OK, balance + amount, writes=True)
 
     def apply(
-        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None, expect: Expect
+        self,
+        wallet: UUID,
+        kind: OperationKind,
+        amount: int,
+        key: str | None,
+        expect: Expect,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         """Take the effect of a command that got ``expect``."""
         if expect.writes:
             assert expect.balance is not None
-            op = _Op(kind, amount, expect.balance, key, self.held(wallet))
+            op = _Op(kind, amount, expect.balance, key, self.held(wallet), metadata=metadata)
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
             code = CURRENCY_OF[wallet].code
@@ -520,21 +581,27 @@ class Model:
         elif expect.records:
             assert key is not None
             assert expect.balance is not None
-            self.keyed[(wallet, key)] = _Refusal(kind, amount, expect.outcome, expect.balance)
+            self.keyed[(wallet, key)] = _Refusal(
+                kind, amount, expect.outcome, expect.balance, metadata
+            )
 
-    def expect_create(self, wallet: UUID, key: str | None) -> tuple[Outcome, bool]:
+    def expect_create(
+        self, wallet: UUID, key: str | None, metadata: Metadata = NO_METADATA
+    ) -> tuple[Outcome, bool]:
         if key is not None and key in self.create_keys:
-            same = self.create_keys[key] == wallet
+            same = (self.create_keys[key], self.create_key_metadata[key]) == (wallet, metadata)
             return (Outcome.CREATED if same else Outcome.IDEMPOTENCY_KEY_REUSED), False
         if wallet in self.balances:
             return Outcome.WALLET_ALREADY_EXISTS, False
         return Outcome.CREATED, True
 
-    def create(self, wallet: UUID, key: str | None) -> None:
+    def create(self, wallet: UUID, key: str | None, metadata: Metadata = NO_METADATA) -> None:
         self.balances[wallet] = 0
         self.history[wallet] = []
+        self.wallet_metadata[wallet] = metadata
         if key is not None:
             self.create_keys[key] = wallet
+            self.create_key_metadata[key] = metadata
 
 
 def _client_keyed(model: Model) -> list[tuple[tuple[UUID, str], _Op | _Refusal]]:
@@ -615,6 +682,7 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
         stored = log.wallets[wallet]
         limit = model.limit(wallet)
         assert stored.balance == balance >= -limit
+        assert stored.metadata == model.wallet_metadata[wallet]
         held = model.held(wallet)
         assert stored.held == held <= balance + limit
         assert (stored.status, stored.overdraft_limit) == (model.status(wallet), limit)
@@ -623,9 +691,9 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
         ops = log.operations.get(wallet, [])
         assert sum(signed_balance(o.kind, o.amount) for o in ops) == balance
         assert sum(signed_held(o.kind, o.amount) for o in ops) == held
-        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key, o.held_after)
+        assert [(o.kind, o.amount, o.balance_after, o.idempotency_key, o.held_after, o.metadata)
                 for o in ops] == [
-            (o.kind, o.amount, o.balance_after, o.key, o.held_after)
+            (o.kind, o.amount, o.balance_after, o.key, o.held_after, o.metadata)
             for o in model.history[wallet]
         ]  # fmt: skip
         assert [o.seq for o in ops] == list(range(1, len(ops) + 1))
@@ -638,8 +706,12 @@ def _check_log(log: InMemoryLog, model: Model) -> None:
             assert o.balance_after - o.held_after >= -floor_limit, o
     refusals = {k: v for k, v in model.keyed.items() if isinstance(v, _Refusal)}
     assert {
-        k: (r.kind, r.amount, r.reason.name, r.balance_seen) for k, r in log.refusals.items()
-    } == {k: (r.kind, r.amount, r.outcome.name, r.balance_seen) for k, r in refusals.items()}
+        k: (r.kind, r.amount, r.reason.name, r.balance_seen, r.metadata)
+        for k, r in log.refusals.items()
+    } == {
+        k: (r.kind, r.amount, r.outcome.name, r.balance_seen, r.metadata)
+        for k, r in refusals.items()
+    }
     assert {
         h.hold_id: (h.wallet_id, h.amount, h.status, h.captured, h.create_key, h.resolve_key)
         for h in log.holds.values()
@@ -679,23 +751,37 @@ class EngineMachine(RuleBasedStateMachine):
 
     # -- rules ---------------------------------------------------------------------------
 
-    @rule(wallet=wallets, key=keys)
-    def create(self, wallet: UUID, key: str | None) -> None:
-        expected, writes = self.model.expect_create(wallet, key)
-        _id, reply = self._run(self.engine.create_wallet(wallet, key, CURRENCY_OF[wallet]))
+    @rule(wallet=wallets, key=keys, metadata=metas)
+    def create(self, wallet: UUID, key: str | None, metadata: Metadata) -> None:
+        """A creation in the wallet's currency; its metadata is part of a keyed request's
+        identity, and every reply of the wallet carries both."""
+        expected, writes = self.model.expect_create(wallet, key, metadata)
+        _id, reply = self._run(
+            self.engine.create_wallet(wallet, key, CURRENCY_OF[wallet], metadata)
+        )
         assert reply.outcome is expected, (reply, expected)
         if reply.wallet is not None:
             assert reply.wallet.currency == CURRENCY_OF[wallet]
+        if expected is Outcome.CREATED:
+            assert reply.wallet is not None
+            assert reply.wallet.metadata == metadata
         if writes:
-            self.model.create(wallet, key)
+            self.model.create(wallet, key, metadata)
 
-    @rule(wallet=wallets, kind=kinds, amount=amounts, key=keys)
-    def apply(self, wallet: UUID, kind: OperationKind, amount: int, key: str | None) -> None:
-        expected = self.model.expect_apply(wallet, kind, amount, key)
-        reply = self._run(self.engine.apply(wallet, kind, amount, key))
+    @rule(wallet=wallets, kind=kinds, amount=amounts, key=keys, metadata=metas)
+    def apply(
+        self, wallet: UUID, kind: OperationKind, amount: int, key: str | None, metadata: Metadata
+    ) -> None:
+        """An operation with metadata: stored on its row (or recorded refusal), fixed, and a
+        keyed retry with other metadata is IDEMPOTENCY_KEY_REUSED. The reply is the wallet,
+        with the wallet's own metadata."""
+        expected = self.model.expect_apply(wallet, kind, amount, key, metadata)
+        reply = self._run(self.engine.apply(wallet, kind, amount, key, metadata=metadata))
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
-        self.model.apply(wallet, kind, amount, key, expected)
+        if reply.wallet is not None:
+            assert reply.wallet.metadata == self.model.wallet_metadata[wallet]
+        self.model.apply(wallet, kind, amount, key, expected, metadata)
 
     @rule(
         ops=st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=2, max_size=12),
@@ -793,22 +879,48 @@ class EngineMachine(RuleBasedStateMachine):
         """A retry of a decided keyed operation (applied or refused) replays its original
         result exactly, also after its key left the bounded cache."""
         (wallet, key), earlier = data.draw(st.sampled_from(_client_keyed(self.model)))
-        expected = self.model.expect_apply(wallet, earlier.kind, earlier.amount, key)
+        expected = self.model.expect_apply(
+            wallet, earlier.kind, earlier.amount, key, earlier.metadata
+        )
         assert expected.replayed
-        reply = self._run(self.engine.apply(wallet, earlier.kind, earlier.amount, key))
+        reply = self._run(
+            self.engine.apply(wallet, earlier.kind, earlier.amount, key, metadata=earlier.metadata)
+        )
         assert isinstance(reply, Reply)
         _check_apply(reply, expected)
 
-    @rule(transfer_id=transfer_ids, sender=wallets, receiver=wallets, amount=amounts)
-    def transfer(self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int) -> None:
-        """A transfer, new or a retry of its id: the saga's answer and rows as the model's."""
+    @precondition(lambda self: bool(_client_keyed(self.model)))
+    @rule(data=st.data(), metadata=metas)
+    def retry_keyed_with_other_metadata(self, data: st.DataObject, metadata: Metadata) -> None:
+        """A retry of a decided keyed operation with the same kind and amount and other
+        metadata is a reuse of the key (422), also for a recorded refusal and after the key
+        left the cache; with the same metadata it replays."""
+        (wallet, key), earlier = data.draw(st.sampled_from(_client_keyed(self.model)))
+        expected = self.model.expect_apply(wallet, earlier.kind, earlier.amount, key, metadata)
+        assert expected.replayed or expected.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
+        reply = self._run(
+            self.engine.apply(wallet, earlier.kind, earlier.amount, key, metadata=metadata)
+        )
+        assert isinstance(reply, Reply)
+        _check_apply(reply, expected)
+
+    @rule(
+        transfer_id=transfer_ids, sender=wallets, receiver=wallets, amount=amounts, metadata=metas
+    )
+    def transfer(
+        self, transfer_id: UUID, sender: UUID, receiver: UUID, amount: int, metadata: Metadata
+    ) -> None:
+        """A transfer, new or a retry of its id: the saga's answer and rows as the model's;
+        its metadata on every leg, and part of the id's request (other metadata: reuse)."""
         if sender == receiver:
             return  # refused at the edge
         model = self.model
         _id, reply = self._run(self.engine.transfer(transfer_id, None, sender, receiver, amount,
-                                                    None))  # fmt: skip
+                                                    None, None, metadata=metadata))  # fmt: skip
         if transfer_id in model.transfers:
-            if model.transfers[transfer_id][:3] != [sender, receiver, amount]:
+            if model.transfers[transfer_id][:3] != [sender, receiver, amount] or (
+                model.transfer_metadata[transfer_id] != metadata
+            ):
                 assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
                 return
             if model.transfers[transfer_id][3] is TransferStatus.PENDING:
@@ -825,7 +937,7 @@ class EngineMachine(RuleBasedStateMachine):
         debit_key = (sender, transfer_leg_key(OUT, transfer_id))
         earlier = model.keyed.get(debit_key)
         if isinstance(earlier, _Refusal):  # the recorded refusal of this id's debit
-            if earlier.amount != amount:
+            if (earlier.amount, earlier.metadata) != (amount, metadata):
                 assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
                 return
             assert (reply.outcome, reply.side, reply.balance_seen, reply.replayed) == (
@@ -839,11 +951,25 @@ class EngineMachine(RuleBasedStateMachine):
             assert (reply.outcome, reply.side, reply.replayed) == (
                 refusal, SIDE_FROM, False,
             ), reply  # fmt: skip
-            model.keyed[debit_key] = _Refusal(OUT, amount, refusal, model.available(sender))
+            model.keyed[debit_key] = _Refusal(
+                OUT, amount, refusal, model.available(sender), metadata
+            )
             return
-        model.debit(transfer_id, sender, receiver, amount)
+        model.debit(transfer_id, sender, receiver, amount, metadata)
         model.finish(transfer_id)
         self._check_transfer(reply, transfer_id, replayed=False)
+
+    @precondition(lambda self: bool(self.model.transfers))
+    @rule(data=st.data(), metadata=metas)
+    def retry_transfer_with_any_metadata(self, data: st.DataObject, metadata: Metadata) -> None:
+        """A retry of a stored transfer's id with its wallets and amount: a replay with the
+        same metadata, a reuse of the id (422) with other metadata, also after a restart."""
+        transfer_id = data.draw(st.sampled_from(sorted(self.model.transfers)))
+        sender, receiver, amount = self.model.transfers[transfer_id][:3]
+        assert isinstance(sender, UUID)
+        assert isinstance(receiver, UUID)
+        assert isinstance(amount, int)
+        self.transfer(transfer_id, sender, receiver, amount, metadata)
 
     @precondition(lambda self: not self.model.pending())
     @rule(
@@ -930,24 +1056,35 @@ class EngineMachine(RuleBasedStateMachine):
         """Two funded wallets from the start: holds, captures and their refusals need money
         (few random runs would create and fund a wallet before holding on it); one empty."""
         for wallet in WALLETS[:2]:
-            self.create(wallet, None)
-            self.apply(wallet, OperationKind.DEPOSIT, deposit, None)
+            self.create(wallet, None, NO_METADATA)
+            self.apply(wallet, OperationKind.DEPOSIT, deposit, None, NO_METADATA)
         # And an empty one: a close needs a zero balance (then nothing may move it again).
-        self.create(WALLETS[2], None)
+        self.create(WALLETS[2], None, NO_METADATA)
 
     def _wallets(self) -> st.SearchStrategy[UUID]:
         """Mostly wallets that exist (holds on them are what can go wrong)."""
         existing = sorted(self.model.balances)
         return st.sampled_from(existing) | wallets if existing else wallets
 
-    @rule(data=st.data(), amount=amounts, expires_in_s=expiries, key=hold_keys)
+    @rule(data=st.data(), amount=amounts, expires_in_s=expiries, key=hold_keys, metadata=metas)
     def create_hold(
-        self, data: st.DataObject, amount: int, expires_in_s: int, key: str | None
+        self,
+        data: st.DataObject,
+        amount: int,
+        expires_in_s: int,
+        key: str | None,
+        metadata: Metadata,
     ) -> None:
+        """A hold; its metadata on its rows (and a capture's transfer), part of a keyed
+        creation's request."""
         model = self.model
         wallet = data.draw(self._wallets())
-        expected = model.expect_create_hold(wallet, amount, expires_in_s, key)
-        hold_id, reply = self._run(self.engine.create_hold(wallet, amount, expires_in_s, None, key))
+        expected = model.expect_create_hold(wallet, amount, expires_in_s, key, metadata)
+        hold_id, reply = self._run(
+            self.engine.create_hold(
+                wallet, amount, expires_in_s, None, key, None, metadata=metadata
+            )
+        )
         assert reply.outcome is expected, (reply, expected)
         if key is not None:
             assert hold_id == new_hold_id(wallet, key, LIMITS.pipelines)
@@ -958,17 +1095,22 @@ class EngineMachine(RuleBasedStateMachine):
         recorded = (Outcome.INSUFFICIENT_FUNDS, Outcome.WALLET_FROZEN, Outcome.WALLET_CLOSED)
         if expected in recorded and key is not None:
             assert not reply.replayed, reply
-            model.refuse_hold(wallet, amount, key, expected)
+            model.refuse_hold(wallet, amount, key, expected, metadata)
         if expected is not Outcome.CREATED:
             return
         assert reply.hold is not None
         if key is not None and (wallet, key) in model.hold_keys:
             assert reply.replayed
-            assert reply.hold.create_fingerprint == create_fingerprint(amount, expires_in_s, None)
+            assert reply.hold.create_fingerprint == create_fingerprint(
+                amount, expires_in_s, None, metadata
+            )
             return
         assert not reply.replayed
         assert reply.hold.expires_at_us - reply.hold.created_at_us == expires_in_s * SECOND_US
-        model.create_hold(hold_id, wallet, amount, expires_in_s, key, reply.hold.expires_at_us)
+        assert reply.hold.metadata == metadata
+        model.create_hold(
+            hold_id, wallet, amount, expires_in_s, key, reply.hold.expires_at_us, metadata
+        )
 
     def _hold_ids(self) -> st.SearchStrategy[UUID]:
         unknown = st.just(UUID(int=9999))
@@ -1085,6 +1227,8 @@ class EngineMachine(RuleBasedStateMachine):
             assert (reply.wallet.status, reply.wallet.overdraft_limit) == (
                 model.status(wallet), model.limit(wallet),
             )  # fmt: skip
+            # An update leaves the wallet's metadata as it was created.
+            assert reply.wallet.metadata == model.wallet_metadata[wallet]
 
     @rule(
         data=st.data(), status=st.sampled_from([FROZEN, CLOSED]), amount=amounts,
@@ -1099,7 +1243,7 @@ class EngineMachine(RuleBasedStateMachine):
         wallet = data.draw(self._wallets())
         self._update(wallet, status, None, None, None)
         for kind in (OperationKind.WITHDRAW, OperationKind.DEPOSIT):
-            self.apply(wallet, kind, amount, key)
+            self.apply(wallet, kind, amount, key, NO_METADATA)
         self._update(wallet, None, 10, None, "current")
 
     @rule(

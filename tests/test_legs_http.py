@@ -139,11 +139,15 @@ async def test_a_leg_past_what_storage_holds_is_refused_at_the_edge(
     client: Client, internal: Client
 ) -> None:
     """A peer's leg whose fields storage would refuse (a reference past 255 characters, an
-    actor past the 64 a key name has, which wallet_operations' CHECK refuses) is 422 before
-    it reaches a batch; nothing is written."""
+    actor past the 64 a key name has, metadata past its bounds, which wallet_operations'
+    CHECKs refuse) is 422 before it reaches a batch; nothing is written."""
     sender, receiver = await funded_wallet(client, 1), await funded_wallet(client, 0)
     leg = encode_leg(OperationKind.TRANSFER_OUT, opened(sender, receiver, 100), None)
-    for field, value in (("reference", "r" * 256), ("actor", "a" * 65)):
+    too_many = {f"k{n}": "v" for n in range(51)}
+    for field, value in (
+        ("reference", "r" * 256), ("actor", "a" * 65), ("metadata", too_many),
+        ("metadata", {"k": 1}), ("metadata", {"k": "v" * 501}),
+    ):  # fmt: skip
         forged = {**leg, "transfer": {**leg["transfer"], field: value}}
         response = await internal.post(LEGS_PATH, json={"legs": [forged]}, headers=AUTHORIZED)
         assert response.status == 422, (field, await response.text())
@@ -241,11 +245,12 @@ async def test_an_owner_that_answers_too_late_leaves_the_outcome_unknown() -> No
 async def test_a_leg_applied_by_another_process_carries_the_transfers_actor(
     client: Client, internal: Client
 ) -> None:
-    """The key that asked for a transfer travels with its legs: the rows the owner writes
-    for a leg name it, whichever process (and whatever credential) delivered the leg."""
+    """The key that asked for a transfer, and its metadata, travel with its legs: the rows
+    the owner writes for a leg carry them, whichever process (and whatever credential)
+    delivered the leg."""
     sender = await funded_wallet(client, 1)
     receiver = await funded_wallet(client, 0)
-    transfer = opened(sender, receiver, 100)._replace(actor="billing")
+    transfer = opened(sender, receiver, 100)._replace(actor="billing", metadata=(("m", "1"),))
     async with legs_client() as legs:
         for kind in (OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN):
             reply = await legs.send(url_of(internal), kind, transfer, None)
@@ -254,6 +259,7 @@ async def test_a_leg_applied_by_another_process_carries_the_transfers_actor(
         history = await (await client.get(f"/api/v1/wallets/{wallet}/operations")).json()
         assert history["items"][0]["transfer_id"] == str(transfer.transfer_id)
         assert history["items"][0]["actor"] == "billing"
+        assert history["items"][0]["metadata"] == {"m": "1"}
 
 
 async def test_a_credit_to_a_closed_wallet_is_refused_over_the_wire_and_its_refund_taken(

@@ -257,3 +257,119 @@ async def test_recent_wallets_are_the_most_recently_updated_first(wallet_log: Wa
     await wallet_log.append_batch(a_later)
     assert [w.wallet_id for w in await wallet_log.recent_wallets(2)] == [A, B]
     assert len(await wallet_log.recent_wallets(10)) == 3
+
+
+META = (("order", "A-1"), ("note", 'é ✓ "quoted"'))
+
+
+async def test_metadata_is_stored_and_read_back(wallet_log: WalletLog) -> None:
+    """Metadata of a new wallet, a log row and a recorded refusal comes back from every
+    load exactly as written (the read of a restart), and a batch without any stores none."""
+    new = NewWallet(A, T0, "mk", "fp", metadata=tuple(sorted(META)))
+    await wallet_log.append_batch(Batch(new_wallets=[new, NewWallet(B, T0, None, "")]))
+    op = OperationRecord(A, 1, OperationKind.DEPOSIT, 5, 5, "pay", T0 + 1, metadata=(("x", ""),))
+    refusal = RefusalRecord(
+        A, "no", OperationKind.WITHDRAW, 50, RefusalReason.INSUFFICIENT_FUNDS, 0, 0, T0 + 2,
+        metadata=(("why", "test"),),
+    )  # fmt: skip
+    await wallet_log.append_batch(
+        Batch(operations=[op], snapshots=[SnapshotUpdate(A, 0, 1, 5, T0 + 1)], refusals=[refusal])
+    )
+    await wallet_log.append_batch(deposit(B, 1, 7, 7, "plain"))
+    loaded = await wallet_log.load_wallets([A, B])
+    assert loaded[A].metadata == tuple(sorted(META))
+    assert loaded[B].metadata == ()
+    assert (await wallet_log.find_wallets_by_create_key(["mk"]))["mk"].metadata == tuple(
+        sorted(META)
+    )
+    found = await wallet_log.find_operations([(A, "pay"), (A, "no"), (B, "plain")])
+    assert found[(A, "pay")].metadata == (("x", ""),)
+    assert found[(A, "no")].metadata == (("why", "test"),)
+    assert found[(B, "plain")].metadata == ()
+    [(_, history)] = await wallet_log.read_history(A, None, 10)
+    assert history.metadata == (("x", ""),)
+
+
+async def test_storage_refuses_metadata_past_its_bounds(pg_server: PostgresServer) -> None:
+    """The CHECK behind engine/bounds.py: a row whose metadata is past a bound (51 keys, a
+    key of 41 characters, a value of 501, a value that is not a string) is refused whole,
+    whatever way it came in; at the bounds it is stored."""
+    import asyncpg
+    import orjson
+
+    dsn = await server_database(pg_server)
+    try:
+        connection = await asyncpg.connect(dsn)
+        try:
+            at_bounds = {f"{n:040d}": "v" * 500 for n in range(50)}
+            await connection.execute(
+                "INSERT INTO wallets (id, balance, seq, created_at, updated_at, "
+                "create_fingerprint, metadata) VALUES ($1, 0, 0, now(), now(), '', $2)",
+                A, orjson.dumps(at_bounds).decode(),
+            )  # fmt: skip
+            for bad in (
+                {f"k{n}": "v" for n in range(51)},
+                {"k" * 41: "v"},
+                {"k": "v" * 501},
+                {"k": 1},
+                {"": "v"},
+            ):
+                with pytest.raises(asyncpg.CheckViolationError):
+                    await connection.execute(
+                        "INSERT INTO wallets (id, balance, seq, created_at, updated_at, "
+                        "create_fingerprint, metadata) VALUES ($1, 0, 0, now(), now(), '', $2)",
+                        B, orjson.dumps(bad).decode(),
+                    )  # fmt: skip
+            with pytest.raises(asyncpg.CheckViolationError):  # the log's rows too
+                await connection.execute(
+                    "INSERT INTO wallet_refusals (wallet_id, idempotency_key, kind, amount,"
+                    " reason, balance_seen, fence_seq, created_at, metadata)"
+                    " VALUES ($1, 'k', 2, 1, 1, 0, 0, now(), '\"text\"'::jsonb)",
+                    A,
+                )
+        finally:
+            await connection.close()
+    finally:
+        await pg_server.drop_database(dsn)
+
+
+async def server_database(server: PostgresServer) -> str:
+    dsn = await server.create_database()
+    await migrate_database(dsn)
+    return dsn
+
+
+async def test_a_snapshot_may_carry_the_wallets_new_metadata(pg_server: PostgresServer) -> None:
+    """The slot a wallet metadata update uses (a merge, recorded by its own log row): a
+    snapshot move with metadata replaces the wallet's, one without (every money move, NULL)
+    leaves it, and the CHECK refuses one past the bounds."""
+    import asyncpg
+
+    dsn = await server_database(pg_server)
+    try:
+        pool = await create_pool(dsn, PoolSettings(size_max=1))
+        try:
+            log = PostgresLog(pool)
+            await log.append_batch(
+                Batch(new_wallets=[NewWallet(A, T0, None, "", metadata=(("a", "1"),))])
+            )
+            await log.append_batch(deposit(A, 1, 5, 5))
+            assert (await log.load_wallets([A]))[A].metadata == (("a", "1"),)
+            append = (
+                "SELECT walletd_append_batch('{}', '{}', '{}', '{}', $1, $2, $3, $4, $5, $6, $7,"
+                " $1, $8, $2, $5, $7, '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}',"
+                " snap_metadata => $9::jsonb[])"
+            )
+            move = ([A], [2], [1], [1], [6], [None], [T0 + 2], [1])
+            await pool.execute(append, *move, ['{"a": "2", "b": "x"}'])
+            assert (await log.load_wallets([A]))[A].metadata == (("a", "2"), ("b", "x"))
+            with pytest.raises(asyncpg.CheckViolationError):
+                await pool.execute(
+                    append, [A], [3], [1], [1], [7], [None], [T0 + 3], [2], ['{"a": 1}']
+                )
+            stored = (await log.load_wallets([A]))[A]
+            assert (stored.balance, stored.metadata) == (6, (("a", "2"), ("b", "x")))
+        finally:
+            await pool.close()
+    finally:
+        await pg_server.drop_database(dsn)

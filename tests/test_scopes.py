@@ -514,5 +514,5 @@ def test_walletd_serve_refuses_a_bad_keys_file_with_one_line(tmp_path: Path) -> 
     assert done.returncode == 2
     assert done.stderr.strip() == (
         f"walletd: error: {keys_file} line 2 (key 'billing'): unknown scope 'mvoe'; "
-        "known: read, create, move, feed"
+        "known: read, create, move, feed, admin"
     )
