@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from walletd.cli.gc_tuning import GC_GEN0_THRESHOLD_MAX
+from walletd.engine.money import Currency
+from walletd.http.currencies import Currencies, parse_assets
 from walletd.http.keys import ApiKey, merge_keys, parse_keys, parse_keys_file
 
 __all__ = [
@@ -178,6 +180,11 @@ SETTINGS: tuple[Setting, ...] = (
             "--transfer-leg-tries-max", int, 3,
             "tries to deliver a transfer leg whose wallet's shard has no reachable owner (each "
             "after the next read of the ownership table); then 503, nothing applied or PENDING"),
+    Setting("currency_cache_wallets_max", ("WALLETD_CURRENCY_CACHE_WALLETS_MAX",),
+            "--currency-cache-wallets-max", int, 65_536,
+            "wallet currencies a transfer's coordinator remembers (each read once at the "
+            "receiver's owner before any money moves); past it the least recently used is "
+            "read again when needed"),
     Setting("refusal_isolation_commits_max", ("WALLETD_REFUSAL_ISOLATION_COMMITS_MAX",),
             "--refusal-isolation-commits-max", int, 64,
             "commits a shard may spend finding the command(s) the database refused in a batch "
@@ -308,6 +315,12 @@ SETTINGS: tuple[Setting, ...] = (
             "--webhook-deliveries-kept", int, 100,
             "attempts kept per webhook subscription, 1 to 1000 (older ones deleted); what "
             "GET .../deliveries returns without a limit"),
+    Setting("default_currency", ("WALLETD_DEFAULT_CURRENCY",), "--default-currency", str, "USD",
+            "currency of a wallet created without one (an ISO 4217 code or a declared asset); "
+            "the seed's request creates such a wallet"),
+    Setting("assets", ("WALLETD_ASSETS",), "--assets", parse_assets, (),
+            "operator-declared assets a wallet may be created in, comma-separated CODE:EXPONENT "
+            "(exponent 0-18, e.g. POINTS:0,TOKEN:18); ISO 4217 codes need no declaration"),
     Setting("log_level", ("WALLETD_LOG_LEVEL",), "--log-level", str, "INFO",
             "logging level"),
     Setting("gc_gen0_threshold", ("WALLETD_GC_GEN0_THRESHOLD",), "--gc-gen0-threshold",
@@ -355,6 +368,7 @@ class Config:
     hold_sweep_interval_s: float
     hold_sweep_batch_max: int
     transfer_leg_tries_max: int
+    currency_cache_wallets_max: int
     refusal_isolation_commits_max: int
     pool_size_max: int
     db_connect_timeout_s: float
@@ -396,6 +410,8 @@ class Config:
     webhook_lease_ttl_s: float
     webhook_page_events: int
     webhook_deliveries_kept: int
+    default_currency: str
+    assets: tuple[Currency, ...]
     log_level: str
     gc_gen0_threshold: int
 
@@ -410,6 +426,12 @@ class Config:
         except OSError as error:
             raise ValueError(f"WALLETD_API_KEYS_FILE: cannot read it: {error}") from None
         return merge_keys(self.api_keys, from_file)
+
+    @property
+    def currencies(self) -> Currencies:
+        """ISO 4217 and the declared assets; ValueError when the default currency is
+        neither."""
+        return Currencies(self.assets, self.default_currency)
 
     @property
     def pool_size(self) -> int:

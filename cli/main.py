@@ -125,6 +125,7 @@ def http_settings(config: Config) -> HttpSettings:
             page_events=config.webhook_page_events,
             deliveries_kept=config.webhook_deliveries_kept,
         ),
+        currencies=config.currencies,
     )
 
 

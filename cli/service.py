@@ -95,6 +95,7 @@ def engine_limits(config: Config) -> EngineLimits:
         hold_sweep_batch_max=config.hold_sweep_batch_max,
         transfer_leg_tries_max=config.transfer_leg_tries_max,
         refusal_isolation_commits_max=config.refusal_isolation_commits_max,
+        currency_cache_wallets_max=config.currency_cache_wallets_max,
     )
 
 
@@ -344,6 +345,7 @@ async def running_services(
             engine = Engine(
                 log, engine_limits(config), ownership=ownership, observer=observer,
                 on_fatal=on_fatal, remote_legs=remote_legs, self_url=config.url,
+                default_currency=config.currencies.default,
             )  # fmt: skip
             settings = LeaseSettings(
                 new_owner_id(), config.url, config.lease_ttl_s, config.lease_moves_max,

@@ -177,6 +177,9 @@ class Wallet:
     held: Decimal = Decimal(0)
     # The instant asked for, on a read with ``as_of``.
     as_of: datetime | None = None
+    # Its currency (ISO 4217 or a declared asset), for good; servers before currencies
+    # send none (then: None). Money is exact in its decimals.
+    currency: str | None = None
     # ACTIVE, FROZEN or CLOSED; how far below zero a debit may take the balance.
     status: str = "ACTIVE"
     overdraft_limit: Decimal = Decimal(0)
@@ -201,6 +204,7 @@ class Wallet:
                 available=_decimal(body.get("available", body["balance"]), "available"),
                 held=_decimal(body.get("held", "0.00"), "held"),
                 as_of=None if as_of is None else _timestamp(as_of, "as_of"),
+                currency=_optional_text(body.get("currency")),
                 status=str(body.get("status", "ACTIVE")),
                 overdraft_limit=_decimal(body.get("overdraft_limit", "0.00"), "overdraft_limit"),
                 version=version,
@@ -273,6 +277,7 @@ class Transfer:
     created_at: datetime
     updated_at: datetime
     replayed: bool = False
+    currency: str | None = None  # both wallets' (None from servers before currencies)
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -289,6 +294,7 @@ class Transfer:
                 created_at=_timestamp(body["created_at"], "created_at"),
                 updated_at=_timestamp(body["updated_at"], "updated_at"),
                 replayed=replayed,
+                currency=_optional_text(body.get("currency")),
                 metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
@@ -313,6 +319,7 @@ class Hold:
     to_wallet_id: str | None = None
     transfer_id: str | None = None
     transfer: Transfer | None = None
+    currency: str | None = None  # its wallet's (None from servers before currencies)
     metadata: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -334,6 +341,7 @@ class Hold:
                 to_wallet_id=_optional_text(body.get("to_wallet_id")),
                 transfer_id=_optional_text(body.get("transfer_id")),
                 transfer=None if transfer is None else Transfer.from_json(transfer),
+                currency=_optional_text(body.get("currency")),
                 metadata=_metadata(body.get("metadata")),
             )
         except KeyError as missing:
@@ -569,14 +577,22 @@ class WalletdClient:
         self,
         wallet_id: str | uuid.UUID | None = None,
         *,
-        metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        currency: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Wallet:
-        """Creates a wallet, with the id given or one walletd picks, and your ``metadata``
-        (strings; at most 50 keys of 1-40 characters, values of at most 500)."""
-        body: dict[str, Any] | None = None if wallet_id is None else {"id": str(wallet_id)}
+        """Creates a wallet, with the id given or one walletd picks, in ``currency`` (an ISO
+        4217 code or an asset the operator declared; None: walletd's default currency), and
+        your ``metadata`` (strings; at most 50 keys of 1-40 characters, values of at most
+        500)."""
+        fields: dict[str, Any] = {}
+        if wallet_id is not None:
+            fields["id"] = str(wallet_id)
+        if currency is not None:
+            fields["currency"] = currency
         if metadata:
-            body = {**(body or {}), "metadata": dict(metadata)}
+            fields["metadata"] = dict(metadata)
+        body = fields or None
         answer = await self._call(
             "POST", "/wallets", body, idempotency_key=idempotency_key or new_idempotency_key()
         )

@@ -19,6 +19,7 @@ Exceptions::
         │   │   └── InvalidWebhookId        INVALID_WEBHOOK_ID
         │   ├── ValidationError         VALIDATION_ERROR (``errors``: one entry per field)
         │   ├── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
+        │   ├── CurrencyMismatch        CURRENCY_MISMATCH
         │   ├── AsOfNotSettled          AS_OF_NOT_SETTLED (ask again after ``retry_after_s``)
         │   ├── PayloadTooLarge         PAYLOAD_TOO_LARGE
         │   ├── TooManyItems            TOO_MANY_ITEMS
@@ -88,6 +89,7 @@ __all__ = [
     "BalanceLimitExceeded",
     "CaptureExceedsHold",
     "CloseBlocked",
+    "CurrencyMismatch",
     "DeliveryNotFound",
     "Forbidden",
     "HoldAlreadyCaptured",
@@ -229,6 +231,11 @@ class ValidationError(InvalidRequest):
 
 class IdempotencyKeyReused(InvalidRequest):
     """The Idempotency-Key was already used for a different request."""
+
+
+class CurrencyMismatch(InvalidRequest):
+    """Money between wallets of different currencies (a transfer, a capture into a wallet,
+    an atomic bulk request): nothing moved; walletd converts nothing."""
 
 
 class AsOfNotSettled(InvalidRequest):
@@ -427,6 +434,7 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "INVALID_WALLET_ID": InvalidWalletId,
     "VALIDATION_ERROR": ValidationError,
     "IDEMPOTENCY_KEY_REUSED": IdempotencyKeyReused,
+    "CURRENCY_MISMATCH": CurrencyMismatch,
     "PAYLOAD_TOO_LARGE": PayloadTooLarge,
     "REQUEST_TIMEOUT": RequestTimeout,
     "TOO_MANY_ITEMS": TooManyItems,

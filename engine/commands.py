@@ -23,6 +23,7 @@ from walletd.engine.model import (
     WalletStatus,
     WalletView,
 )
+from walletd.engine.money import SEED_CURRENCY, Currency
 
 __all__ = [
     "REFUND_FAILURE_CODES",
@@ -86,6 +87,13 @@ class Outcome(enum.Enum):
     # (``blocked_by`` says which); an overdraft limit below what the wallet already owes.
     CLOSE_BLOCKED = "CLOSE_BLOCKED"
     OVERDRAFT_LIMIT_IN_USE = "OVERDRAFT_LIMIT_IN_USE"
+    # Money between wallets of different currencies (a transfer, a capture into another
+    # wallet, an atomic group): refused before anything moves (422).
+    CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
+    # An amount the wallet's currency cannot hold: more decimals than its exponent, or past
+    # the maximum amount in its minor units (422 naming the field); the reply's currency
+    # says which currency.
+    AMOUNT_NOT_IN_CURRENCY = "AMOUNT_NOT_IN_CURRENCY"
 
 
 # The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
@@ -96,6 +104,9 @@ REFUND_FAILURE_CODES: Final = frozenset(
         Outcome.WALLET_NOT_FOUND.value,
         Outcome.BALANCE_LIMIT_EXCEEDED.value,
         Outcome.WALLET_CLOSED.value,
+        # Only when the receiver was created in another currency after the coordinator
+        # read its currency (it was missing then): the debit is refunded.
+        Outcome.CURRENCY_MISMATCH.value,
     }
 )
 
@@ -113,6 +124,9 @@ class Reply(NamedTuple):
     # For hold commands: the hold after the command (created or resolved), or as it was
     # when refused.
     hold: HoldRecord | None = None
+    # For refusals that render money (INSUFFICIENT_FUNDS, BALANCE_LIMIT_EXCEEDED,
+    # AMOUNT_NOT_IN_CURRENCY): the wallet's currency.
+    currency: Currency | None = None
     # For CLOSE_BLOCKED: what blocks the close ("BALANCE", "HOLDS", "TRANSFERS").
     blocked_by: tuple[str, ...] = ()
 
@@ -130,6 +144,10 @@ class Operation(Protocol):
     def idempotency_key(self) -> str | None: ...
     @property
     def reference(self) -> str | None: ...
+    # ``amount`` / 10^scale as the client wrote it, rescaled by the ledger to the wallet's
+    # minor units (engine/money.py ``to_minor``); None: ``amount`` is in them already.
+    @property
+    def scale(self) -> int | None: ...
     @property
     def metadata(self) -> Metadata: ...
 
@@ -137,7 +155,7 @@ class Operation(Protocol):
 class ApplyOperation:
     __slots__ = (
         "actor", "amount", "expected_seq", "idempotency_key", "kind", "metadata", "reference",
-        "reply", "wallet_id",
+        "reply", "scale", "wallet_id",
     )  # fmt: skip
     # Mailbox and batch bounds count operations: a command's weight is how many it holds.
     weight = 1
@@ -151,12 +169,14 @@ class ApplyOperation:
         reply: asyncio.Future[Reply],
         reference: str | None = None,
         actor: str | None = None,
+        scale: int | None = None,
         expected_seq: int | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
         self.kind = kind
         self.amount = amount
+        self.scale = scale
         self.idempotency_key = idempotency_key
         self.reply = reply
         self.reference = reference
@@ -190,7 +210,7 @@ class ApplyOperations:
 
 
 class CreateWallet:
-    __slots__ = ("fingerprint", "idempotency_key", "metadata", "reply", "wallet_id")
+    __slots__ = ("currency", "fingerprint", "idempotency_key", "metadata", "reply", "wallet_id")
     weight = 1
 
     def __init__(
@@ -199,9 +219,11 @@ class CreateWallet:
         idempotency_key: str | None,
         fingerprint: str,
         reply: asyncio.Future[Reply],
+        currency: Currency = SEED_CURRENCY,
         metadata: Metadata = NO_METADATA,
     ) -> None:
         self.wallet_id = wallet_id
+        self.currency = currency
         self.idempotency_key = idempotency_key
         # What distinguishes one creation request from another under the same key (the
         # metadata included: engine/router.py create_wallet).
@@ -279,6 +301,9 @@ class TransferLeg:
     def reference(self) -> str | None:
         return self.transfer.reference
 
+    # A transfer's amount is in its currency's minor units (the coordinator rescaled it).
+    scale = None
+
     @property
     def metadata(self) -> Metadata:
         return self.transfer.metadata
@@ -307,8 +332,8 @@ class HoldCommand:
     a capture or void and what that request was, stored on the hold."""
 
     __slots__ = ("action", "actor", "amount", "expires_in_us", "fingerprint", "hold_id", "key",
-                 "log_key", "metadata", "reference", "reply", "shard", "to_wallet_id",
-                 "transfer_id", "wallet_id")  # fmt: skip
+                 "log_key", "metadata", "reference", "reply", "scale", "shard", "to_currency",
+                 "to_wallet_id", "transfer_id", "wallet_id")  # fmt: skip
     weight = 1
 
     def __init__(
@@ -327,9 +352,16 @@ class HoldCommand:
         to_wallet_id: UUID | None = None,
         transfer_id: UUID | None = None,
         actor: str | None = None,
+        scale: int | None = None,
+        to_currency: Currency | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> None:
         self.action = action
+        # ``amount`` / 10^scale as the client wrote it (None: in minor units already).
+        self.scale = scale
+        # A capture into another wallet: that wallet's currency, read before (None: not
+        # known, it did not exist then); another currency than the hold's is refused.
+        self.to_currency = to_currency
         self.metadata = metadata  # a creation's (a resolution carries the hold's own)
         self.actor = actor  # the key's name on the rows it writes; None for the sweep
         # A capture into another wallet opens this transfer (engine/holds.py).
@@ -385,11 +417,13 @@ class UpdateWallet:
     row (as its reference) so that a retry with the same Idempotency-Key replays it and a
     different request under that key is refused. ``expected_seq``: If-Match.
     ``transfers_pending``: how many PENDING transfers storage had for the wallet when the
-    request came (read only for a close; storage checks again when the close commits)."""
+    request came (read only for a close; storage checks again when the close commits).
+    ``limit_scale``: ``overdraft_limit`` is overdraft_limit / 10^limit_scale as the client
+    wrote it, rescaled to the wallet's currency by its shard (None: in its minor units)."""
 
     __slots__ = (
-        "actor", "expected_seq", "fingerprint", "idempotency_key", "overdraft_limit", "reply",
-        "status", "transfers_pending", "wallet_id",
+        "actor", "expected_seq", "fingerprint", "idempotency_key", "limit_scale",
+        "overdraft_limit", "reply", "status", "transfers_pending", "wallet_id",
     )  # fmt: skip
     weight = 1
 
@@ -405,8 +439,10 @@ class UpdateWallet:
         expected_seq: int | None = None,
         actor: str | None = None,
         transfers_pending: int = 0,
+        limit_scale: int | None = None,
     ) -> None:
         self.wallet_id = wallet_id
+        self.limit_scale = limit_scale
         self.status = status
         self.overdraft_limit = overdraft_limit
         self.idempotency_key = idempotency_key

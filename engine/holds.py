@@ -23,6 +23,7 @@ import orjson
 
 from walletd.engine.commands import HoldAction, Outcome, Reply
 from walletd.engine.model import NO_METADATA, HoldRecord, HoldStatus, Metadata
+from walletd.engine.money import EDGE_SCALE_MIN
 from walletd.engine.ownership import shard_of
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "HOLD_KEY_NAMESPACE",
     "capture_transfer_id",
     "create_fingerprint",
+    "fingerprint_amount",
     "is_derived_transfer_id",
     "new_hold_id",
     "replay_creation",
@@ -78,7 +80,10 @@ def new_hold_id(wallet_id: UUID, key: str | None, shard_count: int) -> UUID:
 
 
 def create_fingerprint(
-    amount: int, expires_in_s: int | None, reference: str | None, metadata: Metadata = NO_METADATA
+    amount: int | str,
+    expires_in_s: int | None,
+    reference: str | None,
+    metadata: Metadata = NO_METADATA,
 ) -> str:
     """What a creation request was, as sent (an omitted expires_in_s is not the default).
     Metadata is spelled only when there is some, so a hold created before metadata existed
@@ -86,6 +91,15 @@ def create_fingerprint(
     if metadata:
         return orjson.dumps([amount, expires_in_s, reference, metadata]).decode()
     return orjson.dumps([amount, expires_in_s, reference]).decode()
+
+
+def fingerprint_amount(amount: int, scale: int | None) -> int | str:
+    """An amount as a fingerprint holds it: the integer at the edge's usual scale (as
+    before wallets had currencies, so fingerprints stored then still match), else
+    "<integer>e-<scale>" (the edge writes each amount at one scale only)."""
+    if scale is None or scale == EDGE_SCALE_MIN:
+        return amount
+    return f"{amount}e-{scale}"
 
 
 def capture_transfer_id(hold_id: UUID) -> UUID:
@@ -100,7 +114,7 @@ def is_derived_transfer_id(transfer_id: UUID) -> bool:
 
 
 def resolve_fingerprint(
-    action: HoldAction, amount: int | None, to_wallet_id: UUID | None = None
+    action: HoldAction, amount: int | str | None, to_wallet_id: UUID | None = None
 ) -> str:
     """What a capture or void request was, as sent (an omitted amount is "all of it")."""
     if to_wallet_id is None:

@@ -87,7 +87,13 @@ from walletd.engine.model import (
     WalletUpdate,
     WalletView,
 )
-from walletd.engine.money import BALANCE_MINOR_MAX, OVERDRAFT_LIMIT_MINOR_MAX
+from walletd.engine.money import (
+    BALANCE_MINOR_MAX,
+    OVERDRAFT_LIMIT_MINOR_MAX,
+    SEED_CURRENCY,
+    Currency,
+    to_minor,
+)
 
 __all__ = ["Applied", "Ledger"]
 
@@ -162,8 +168,8 @@ class Resident:
     """
 
     __slots__ = (
-        "balance", "created_at_us", "held", "holds", "metadata", "overdraft_limit", "pending",
-        "seq", "status", "updated_at_us",
+        "balance", "created_at_us", "currency", "held", "holds", "metadata", "overdraft_limit",
+        "pending", "seq", "status", "updated_at_us",
     )  # fmt: skip
 
     def __init__(
@@ -173,11 +179,14 @@ class Resident:
         created_at_us: int,
         updated_at_us: int,
         held: int = 0,
+        currency: Currency = SEED_CURRENCY,
         status: WalletStatus = _ACTIVE,
         overdraft_limit: int = 0,
         metadata: Metadata = NO_METADATA,
     ) -> None:
         self.balance = balance
+        # Immutable (one interned object shared by every wallet of the currency).
+        self.currency = currency
         self.seq = seq
         self.created_at_us = created_at_us
         self.updated_at_us = updated_at_us
@@ -195,7 +204,7 @@ class Resident:
     def loaded(cls, record: WalletRecord) -> Resident:
         resident = cls(
             record.balance, record.seq, record.created_at_us, record.updated_at_us, record.held,
-            record.status, record.overdraft_limit, record.metadata,
+            record.currency, record.status, record.overdraft_limit, record.metadata,
         )  # fmt: skip
         if record.holds:
             resident.holds = {hold.hold_id.int: hold for hold in record.holds}
@@ -206,8 +215,10 @@ class Resident:
         return resident
 
     @classmethod
-    def being_created(cls, created_at_us: int, metadata: Metadata) -> Resident:
-        resident = cls(0, SEQ_CREATING, created_at_us, created_at_us, metadata=metadata)
+    def being_created(cls, created_at_us: int, currency: Currency, metadata: Metadata) -> Resident:
+        resident = cls(
+            0, SEQ_CREATING, created_at_us, created_at_us, 0, currency, metadata=metadata
+        )
         resident.pending = Pending(0, 0, created_at_us)
         return resident
 
@@ -221,7 +232,7 @@ class Resident:
     def committed_view(self, wallet_id: UUID) -> WalletView:
         return WalletView(
             wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held,
-            self.status, self.overdraft_limit, self.metadata,
+            self.currency, self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
 
     def terms(self) -> tuple[WalletStatus, int]:
@@ -479,11 +490,23 @@ class Ledger:
         balances: dict[int, int] = {}
         used: dict[tuple[UUID, str], tuple[OperationKind, int, str | None, Metadata]] = {}
         replies: list[Reply] = []
-        for item in items:
-            wallet_id = item.wallet_id
+        group_currency: Currency | None = None
+        for original in items:
+            wallet_id = original.wallet_id
             wid = wallet_id.int
             resident = self._residents.get(wid)
+            item = self._rescaled(original, resident)
             reply = _WOULD_APPLY
+            if isinstance(item, Reply):  # not in the wallet's currency: refuses the group
+                replies.append(item)
+                return item._replace(items=tuple(replies))
+            if resident is not None:
+                # One currency per group: all or nothing cannot span two currencies.
+                if group_currency is None:
+                    group_currency = resident.currency
+                elif resident.currency != group_currency:
+                    replies.append(Reply(Outcome.CURRENCY_MISMATCH))
+                    return replies[-1]._replace(items=tuple(replies))
             key = item.idempotency_key
             earlier: tuple[OperationKind, int, str | None, Metadata] | None = None
             refused: RefusalRecord | None = None
@@ -500,7 +523,7 @@ class Ledger:
             elif resident is None:
                 reply = Reply(Outcome.WALLET_NOT_FOUND)
             elif refused is not None:  # replays a recorded refusal, which refuses the group
-                reply = _replay_refusal(item, refused)
+                reply = _replay_refusal(item, refused, resident.currency)
             elif earlier is not None:  # a replay: moves nothing, unless the key is misused
                 if earlier != (item.kind, item.amount, item.reference, item.metadata):
                     reply = Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
@@ -519,13 +542,19 @@ class Ledger:
                     if status is not _ACTIVE:
                         reply = Reply(_REFUSAL_OUTCOMES[_DEBIT_REFUSALS[status]])
                     elif item.amount > available:
-                        reply = Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=available)
+                        reply = Reply(
+                            Outcome.INSUFFICIENT_FUNDS, balance_seen=available,
+                            currency=resident.currency,
+                        )  # fmt: skip
                     balance -= item.amount
                 else:
                     if status is _CLOSED:
                         reply = Reply(Outcome.WALLET_CLOSED)
                     elif balance + item.amount > BALANCE_MINOR_MAX:
-                        reply = Reply(Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance)
+                        reply = Reply(
+                            Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance,
+                            currency=resident.currency,
+                        )  # fmt: skip
                     balance += item.amount
                 balances[wid] = balance
                 if key is not None:
@@ -537,23 +566,60 @@ class Ledger:
         return None
 
     def _apply_operation(self, command: ApplyOperation, applied: Applied) -> Reply:
-        expected_seq = command.expected_seq
-        if expected_seq is None:  # the hot path
-            return self._apply_item(command, applied, command.actor)
+        # If-Match (expected_seq) is checked by _move, after the amount is in the wallet's
+        # currency: an amount it cannot hold is 422 whatever the wallet's version.
+        return self._apply_item(command, applied, command.actor, command.expected_seq)
+
+    def _apply_item(
+        self,
+        command: Operation,
+        applied: Applied,
+        actor: str | None,
+        expected_seq: int | None = None,
+    ) -> Reply:
+        if command.scale is not None:
+            rescaled = self._rescaled(command, self._residents.get(command.wallet_id.int))
+            if isinstance(rescaled, Reply):
+                return rescaled
+            command = rescaled
         if not _storable_operation(command):
             return _NOT_STORABLE
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference, command.actor, command.metadata, expected_seq,
+            command, command.reference, actor, command.metadata, expected_seq,
         )  # fmt: skip
 
-    def _apply_item(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
-        if not _storable_operation(command):
-            return _NOT_STORABLE
-        return self._move(
-            command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
-            command, command.reference, actor, command.metadata,
+    @staticmethod
+    def _rescaled(command: Operation, resident: Resident | None) -> Operation | Reply:
+        """The operation with its amount in the wallet's minor units (the edge read it at
+        its own scale, not knowing the wallet's currency), or the refusal: the wallet is not
+        there, or its currency cannot hold the amount (AMOUNT_NOT_IN_CURRENCY: nothing is
+        recorded, like the edge's own 422s)."""
+        scale = command.scale
+        if scale is None:
+            return command
+        if resident is None:
+            return Reply(Outcome.WALLET_NOT_FOUND)
+        currency = resident.currency
+        exponent = currency.exponent
+        # The hot path (a two-decimal wallet): nothing to rescale, only the bound to check.
+        minor = command.amount if scale == exponent else to_minor(command.amount, scale, exponent)
+        if minor is None or not storable_amount(minor):
+            return Reply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+        if scale == exponent:
+            return command
+        return _Rescaled(
+            command.wallet_id, command.kind, minor, command.idempotency_key, command.reference,
+            command.metadata,
         )  # fmt: skip
+
+    def _currency_refused(self, leg: TransferLeg, wallet_id: UUID) -> bool:
+        """Whether a leg's transfer is in another currency than its (resident) wallet."""
+        currency = leg.transfer.currency
+        if currency is None:
+            return False
+        resident = self._residents.get(wallet_id.int)
+        return resident is not None and resident.currency != currency
 
     def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
         """A leg of a transfer (engine/transfers.py) moves money like a deposit or a
@@ -564,6 +630,10 @@ class Ledger:
         after money arrived; a refused credit is recorded by the refund that follows it."""
         if not _storable_leg(command):
             return _NOT_STORABLE
+        if self._currency_refused(command, command.wallet_id):
+            # Before anything moves; never recorded (a currency never changes, so a retry
+            # is refused the same way).
+            return Reply(Outcome.CURRENCY_MISMATCH)
         transfer = command.transfer
         debit = command if command.kind is OperationKind.TRANSFER_OUT else None
         reply = self._move(
@@ -601,6 +671,8 @@ class Ledger:
         receiver = self._residents.get(leg.wallet_id.int)
         if receiver is None or (leg.wallet_id, leg.key) in self._keys:
             return debit
+        if self._currency_refused(leg, leg.wallet_id):
+            return debit  # the coordinator's credit is refused: refunded, never half-applied
         pending = receiver.pending
         balance = receiver.balance if pending is None else pending.balance
         if balance + leg.transfer.amount > BALANCE_MINOR_MAX or receiver.terms()[0] is _CLOSED:
@@ -646,7 +718,7 @@ class Ledger:
                         earlier not in applied.batch.refusals
                     ):
                         applied.dependent.append((len(applied.replies), _NO_WALLET))
-                    return _replay_refusal(command, earlier)
+                    return _replay_refusal(command, earlier, resident.currency)
                 if earlier.seq > resident.seq:  # recorded by a batch not committed yet
                     applied.dependent.append((len(applied.replies), wid))
                 if command is not None and (
@@ -749,8 +821,8 @@ class Ledger:
             self._remember_key((wallet_id, key), record)
             applied.added_keys.append((wallet_id, key))
         return WalletView(
-            wallet_id, balance, seq, resident.created_at_us, now_us, held, status, overdraft_limit,
-            resident.metadata,
+            wallet_id, balance, seq, resident.created_at_us, now_us, held, resident.currency,
+            status, overdraft_limit, resident.metadata,
         )  # fmt: skip
 
     # -- wallet updates --------------------------------------------------------------
@@ -763,12 +835,15 @@ class Ledger:
         needs a zero balance, no PENDING hold and no PENDING transfer; a lower limit must
         still cover what the wallet owes (balance - held >= -limit). A request that changes
         nothing writes nothing and answers the wallet as it is. Refusals are not recorded:
-        a retry is decided again."""
+        a retry is decided again. A limit the edge read at its own scale is rescaled to the
+        wallet's currency first (AMOUNT_NOT_IN_CURRENCY when it cannot hold it)."""
         key = command.idempotency_key
         new_limit = command.overdraft_limit
+        limit_scale = command.limit_scale
         if (
             (key is not None and not storable_text(key, 1, KEY_LENGTH_MAX))
-            or (new_limit is not None and not 0 <= new_limit <= OVERDRAFT_LIMIT_MINOR_MAX)
+            or (new_limit is not None and limit_scale is None
+                and not 0 <= new_limit <= OVERDRAFT_LIMIT_MINOR_MAX)
             or (command.actor is not None
                 and not storable_text(command.actor, 1, ACTOR_LENGTH_MAX))
             or not storable_text(command.fingerprint, 0, REFERENCE_LENGTH_MAX)
@@ -779,6 +854,11 @@ class Ledger:
         resident = self._residents.get(wid)
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
+        if new_limit is not None and limit_scale is not None:
+            currency = resident.currency
+            new_limit = to_minor(new_limit, limit_scale, currency.exponent)
+            if new_limit is None or not 0 <= new_limit <= OVERDRAFT_LIMIT_MINOR_MAX:
+                return Reply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
         if key is not None:
             earlier = self._keys.get((wallet_id, key))
             if earlier is not None:
@@ -798,7 +878,7 @@ class Ledger:
         else:
             balance, held, seq = pending.balance, pending.held, pending.seq
         status, overdraft_limit = resident.terms()
-        refusal = self._update_refusal(command, status, balance, held, seq, resident)
+        refusal = self._update_refusal(command, new_limit, status, balance, held, seq, resident)
         if refusal is not None:
             self._rests_on_open_state(resident, wid, applied)
             return refusal
@@ -830,6 +910,7 @@ class Ledger:
     @staticmethod
     def _update_refusal(
         command: UpdateWallet,
+        new_limit: int | None,
         status: WalletStatus,
         balance: int,
         held: int,
@@ -841,9 +922,11 @@ class Ledger:
             return Reply(Outcome.PRECONDITION_FAILED, balance_seen=seq)
         if status is _CLOSED:
             return Reply(Outcome.WALLET_CLOSED)
-        new_limit = command.overdraft_limit
         if new_limit is not None and balance - held < -new_limit:
-            return Reply(Outcome.OVERDRAFT_LIMIT_IN_USE, balance_seen=balance - held)
+            return Reply(
+                Outcome.OVERDRAFT_LIMIT_IN_USE, balance_seen=balance - held,
+                currency=resident.currency,
+            )  # fmt: skip
         if command.status is _CLOSED:
             blocked_by = tuple(
                 what for what, blocks in (
@@ -868,15 +951,25 @@ class Ledger:
         wallet's PENDING set, so it resolves once. A command on a hold that is not PENDING
         in memory answers HOLD_NOT_PENDING: the caller reads the stored hold to say why.
         """
-        if not self._storable_hold(command):
-            return _NOT_STORABLE
         wallet_id = command.wallet_id
         wid = wallet_id.int
         resident = self._residents.get(wid)
+        if command.scale is not None and command.amount is not None:
+            if resident is None:  # no currency to read the amount in: nothing to decide
+                return Reply(Outcome.WALLET_NOT_FOUND)
+            currency = resident.currency
+            minor = to_minor(command.amount, command.scale, currency.exponent)
+            if minor is None or not storable_amount(minor):
+                return Reply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+            command.amount, command.scale = minor, None  # decided once: it is this command's
+        if not self._storable_hold(command):
+            return _NOT_STORABLE
         if resident is None:
             return Reply(Outcome.WALLET_NOT_FOUND)
         if command.to_wallet_id == wallet_id:
             return Reply(Outcome.SAME_WALLET)
+        if command.to_currency is not None and command.to_currency != resident.currency:
+            return Reply(Outcome.CURRENCY_MISMATCH)
         if command.action is HoldAction.CREATE:
             return self._create_hold(command, wallet_id, resident, applied)
         hold = resident.pending_holds().get(command.hold_id.int)
@@ -935,7 +1028,8 @@ class Ledger:
             applied.batch.new_transfers.append(
                 TransferRecord(
                     transfer_id, wallet_id, to_wallet_id, captured, hold.reference,
-                    TransferStatus.PENDING, None, now_us, now_us, actor, hold.metadata,
+                    TransferStatus.PENDING, None, now_us, now_us, actor, resident.currency,
+                    hold.metadata,
                 )
             )  # fmt: skip
             captured_in = captured
@@ -973,6 +1067,7 @@ class Ledger:
                        command.fingerprint, now_us)
         )  # fmt: skip
         resolved = hold._replace(
+            currency=resident.currency,
             status=status, captured=captured, to_wallet_id=to_wallet_id, transfer_id=transfer_id,
             resolve_key=command.key, resolve_fingerprint=command.fingerprint,
             updated_at_us=now_us,
@@ -999,7 +1094,7 @@ class Ledger:
                     earlier not in applied.batch.refusals
                 ):
                     applied.dependent.append((len(applied.replies), _NO_WALLET))
-                return _replay_refusal(request, earlier)
+                return _replay_refusal(request, earlier, resident.currency)
             if earlier is not None:  # a retry of a keyed creation: the caller reads it
                 if earlier.seq > resident.seq:
                     applied.dependent.append((len(applied.replies), wid))
@@ -1026,7 +1121,9 @@ class Ledger:
                     resident, applied, command.actor,
                 )  # fmt: skip
             self._rests_on_open_state(resident, wid, applied)
-            return Reply(Outcome.INSUFFICIENT_FUNDS, balance_seen=available)
+            return Reply(
+                Outcome.INSUFFICIENT_FUNDS, balance_seen=available, currency=resident.currency
+            )
         hold_id = command.hold_id
         view = self._write(
             wallet_id, resident, OperationKind.HOLD, amount, balance, held + amount,
@@ -1037,7 +1134,8 @@ class Ledger:
         hold = HoldRecord(
             hold_id, wallet_id, command.shard, amount, HoldStatus.PENDING,
             now_us + command.expires_in_us, 0, None, None, command.reference, command.key,
-            command.fingerprint or "", None, None, now_us, now_us, command.metadata,
+            command.fingerprint or "", None, None, now_us, now_us, resident.currency,
+            command.metadata,
         )  # fmt: skip
         pending = resident.pending
         assert pending is not None
@@ -1091,7 +1189,9 @@ class Ledger:
             self._remember_key((wallet_id, key), record)
             self._uncommitted_refusals.add((wallet_id, key))
             applied.added_keys.append((wallet_id, key))
-        return Reply(_REFUSAL_OUTCOMES[reason], balance_seen=balance_seen)
+        return Reply(
+            _REFUSAL_OUTCOMES[reason], balance_seen=balance_seen, currency=resident.currency
+        )
 
     def _storable_hold(self, command: HoldCommand) -> bool:
         """A hold command's fields within what storage holds (engine/bounds.py)."""
@@ -1129,7 +1229,11 @@ class Ledger:
                     return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
                 # The same fingerprint: the same metadata (engine/router.py create_wallet).
                 created = earlier.created_at_us
-                view = WalletView(wallet_id, 0, 0, created, created, metadata=metadata)
+                # The same fingerprint: the same currency and metadata (engine/router.py
+                # create_wallet).
+                view = WalletView(
+                    wallet_id, 0, 0, created, created, 0, command.currency, metadata=metadata
+                )
                 return Reply(Outcome.CREATED, view, replayed=True)
         wid = wallet_id.int
         existing = self._residents.get(wid)
@@ -1138,15 +1242,16 @@ class Ledger:
                 applied.dependent.append((len(applied.replies), wid))
             return Reply(Outcome.WALLET_ALREADY_EXISTS)
         now_us = self._clock_us()
-        self._residents[wid] = Resident.being_created(now_us, metadata)
+        currency = command.currency
+        self._residents[wid] = Resident.being_created(now_us, currency, metadata)
         applied.touched_wallets.add(wid)
         applied.batch.new_wallets.append(
-            NewWallet(wallet_id, now_us, key, command.fingerprint, metadata)
+            NewWallet(wallet_id, now_us, key, command.fingerprint, currency, metadata)
         )
         if key is not None:
             self._remember_create_key(key, CreationKey(wallet_id, command.fingerprint, now_us))
             applied.added_create_keys.append(key)
-        view = WalletView(wallet_id, 0, 0, now_us, now_us, metadata=metadata)
+        view = WalletView(wallet_id, 0, 0, now_us, now_us, 0, currency, metadata=metadata)
         return Reply(Outcome.CREATED, view)
 
     @staticmethod
@@ -1330,11 +1435,24 @@ def _replay_operation(
         resident.created_at_us,
         earlier.created_at_us,
         earlier.held_after,
+        resident.currency,
         earlier.status_after,
         earlier.overdraft_limit_after,
         resident.metadata,
     )
     return Reply(Outcome.OK, view, replayed=True)
+
+
+class _Rescaled(NamedTuple):
+    """A client operation with its amount rescaled to its wallet's minor units."""
+
+    wallet_id: UUID
+    kind: OperationKind
+    amount: int
+    idempotency_key: str | None
+    reference: str | None
+    metadata: Metadata = NO_METADATA
+    scale: None = None
 
 
 class _HoldRequest(NamedTuple):
@@ -1347,9 +1465,10 @@ class _HoldRequest(NamedTuple):
     idempotency_key: str
     reference: str | None
     metadata: Metadata
+    scale: None = None
 
 
-def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
+def _replay_refusal(command: Operation, earlier: RefusalRecord, currency: Currency) -> Reply:
     if (earlier.kind, earlier.amount, earlier.reference, earlier.metadata) != (
         command.kind,
         command.amount,
@@ -1358,8 +1477,9 @@ def _replay_refusal(command: Operation, earlier: RefusalRecord) -> Reply:
     ):
         return Reply(Outcome.IDEMPOTENCY_KEY_REUSED)
     return Reply(
-        _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True
-    )
+        _REFUSAL_OUTCOMES[earlier.reason], balance_seen=earlier.balance_seen, replayed=True,
+        currency=currency,
+    )  # fmt: skip
 
 
 def _drop_pending_if_caught_up(resident: Resident) -> None:

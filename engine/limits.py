@@ -55,6 +55,9 @@ Each limit has a defined behaviour when hit:
   is tried again after the next read of the ownership table, this many times in all; then
   the request answers 503 (a debit: ``NOT_OWNER``, nothing applied; a credit or refund:
   the transfer stays PENDING, visible, for the re-drive).
+- ``currency_cache_wallets_max``: wallet currencies a transfer coordinator remembers (a
+  currency never changes, so an entry is never stale; ~150 bytes each); past it the least
+  recently used is forgotten and read again at its owner when next needed.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class EngineLimits:
     hold_sweep_batch_max: int = 256
     transfer_leg_tries_max: int = 3
     refusal_isolation_commits_max: int = 64
+    currency_cache_wallets_max: int = 65_536
 
     def __post_init__(self) -> None:
         if not 1 <= self.pipelines <= 1024:
@@ -142,6 +146,8 @@ class EngineLimits:
             raise ValueError("transfer_leg_tries_max must be within 1..100")
         if not 1 <= self.refusal_isolation_commits_max <= 10_000:
             raise ValueError("refusal_isolation_commits_max must be within 1..10000")
+        if not 1 <= self.currency_cache_wallets_max <= 10_000_000:
+            raise ValueError("currency_cache_wallets_max must be within 1..10000000")
 
     @property
     def bulk_ops_max(self) -> int:

@@ -29,6 +29,7 @@ from walletd.engine.model import (
     OperationRecord,
     WalletStatus,
 )
+from walletd.engine.money import SEED_CURRENCY, Currency
 
 __all__ = [
     "FeedEvent",
@@ -94,6 +95,7 @@ class WalletAsOf:
     created_at_us: int
     updated_at_us: int
     held: int = 0  # held after that operation
+    currency: Currency = SEED_CURRENCY
     # The status and overdraft limit then (the last WALLET_UPDATE row at or before it).
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0

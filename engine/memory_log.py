@@ -146,7 +146,8 @@ class InMemoryLog(WalletLog):
                 raise StorageRefused("creation idempotency key exists")
             wallets[new.wallet_id] = WalletRecord(
                 new.wallet_id, 0, 0, new.created_at_us, new.created_at_us,
-                new.create_idempotency_key, new.create_fingerprint, metadata=new.metadata,
+                new.create_idempotency_key, new.create_fingerprint, currency=new.currency,
+                metadata=new.metadata,
             )  # fmt: skip
         for update in batch.snapshots:
             current = wallets.get(update.wallet_id)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 from uuid import UUID
 
+from walletd.engine.money import SEED_CURRENCY, Currency
+
 __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
@@ -135,6 +137,7 @@ class WalletView(NamedTuple):
     # The part of ``balance`` that PENDING holds reserve; available = balance - held
     # + overdraft_limit.
     held: int = 0
+    currency: Currency = SEED_CURRENCY
     status: WalletStatus = WalletStatus.ACTIVE
     # How far below zero a debit may take ``balance`` (minor units, >= 0).
     overdraft_limit: int = 0
@@ -155,6 +158,7 @@ class WalletRecord:
     held: int = 0
     # Its PENDING holds, loaded with it (their amounts sum to ``held``).
     holds: tuple[HoldRecord, ...] = ()
+    currency: Currency = SEED_CURRENCY
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0
     metadata: Metadata = NO_METADATA
@@ -162,7 +166,7 @@ class WalletRecord:
     def view(self) -> WalletView:
         return WalletView(
             self.wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us,
-            self.held, self.status, self.overdraft_limit, self.metadata,
+            self.held, self.currency, self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
 
 
@@ -218,6 +222,7 @@ class NewWallet:
     created_at_us: int
     create_idempotency_key: str | None
     create_fingerprint: str
+    currency: Currency = SEED_CURRENCY
     metadata: Metadata = NO_METADATA
 
 
@@ -265,6 +270,8 @@ class HoldRecord(NamedTuple):
     resolve_fingerprint: str | None
     created_at_us: int
     updated_at_us: int
+    # Its wallet's (not a stored column of the hold: read with the wallet's).
+    currency: Currency | None = None
     # Fixed at creation; stored on its HOLD row and carried by its CAPTURE / RELEASE rows
     # (and by the transfer a capture into another wallet opens), as ``reference`` is.
     metadata: Metadata = NO_METADATA
@@ -298,6 +305,10 @@ class TransferRecord(NamedTuple):
     # The API key that asked for the transfer (or the capture that opened it): every leg's
     # row carries it, on whichever process applies the leg. Stored as the debit row's actor.
     actor: str | None = None
+    # The currency of both wallets (the sender's, read with it; not a column of its own):
+    # each leg is refused (CURRENCY_MISMATCH) on a wallet of another currency. None when
+    # not known (a leg from a process that predates currencies): not checked.
+    currency: Currency | None = None
     # Fixed at the request, part of its identity; every leg's row carries it, and the
     # transfer's is its debit row's (like ``actor``).
     metadata: Metadata = NO_METADATA

@@ -52,6 +52,7 @@ from walletd.engine.errors import (
 from walletd.engine.holds import (
     capture_transfer_id,
     create_fingerprint,
+    fingerprint_amount,
     new_hold_id,
     replay_creation,
     resolve_fingerprint,
@@ -74,6 +75,7 @@ from walletd.engine.model import (
     WalletStatus,
     WalletView,
 )
+from walletd.engine.money import SEED_CURRENCY, Currency
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership, shard_of
 from walletd.engine.ports import StaleEpoch, StorageError, WalletLog
@@ -225,8 +227,11 @@ class Engine:
         delivery: LegDelivery | None = None,
         remote_legs: RemoteLegs | None = None,
         self_url: str | None = None,
+        default_currency: Currency = SEED_CURRENCY,
     ) -> None:
         self.limits = limits or EngineLimits()
+        # The currency of a wallet created without one (the seed's request).
+        self.default_currency = default_currency
         # Alone (tests, tools): every shard served, one shard per pipeline, no fence.
         self.ownership = ownership or Ownership.everything(self.limits.pipelines)
         self.log = log
@@ -259,6 +264,7 @@ class Engine:
             self_url=self_url,
             tries_max=self.limits.transfer_leg_tries_max,
             local_joint=self.deliver_joint,
+            local_read=self.read,
         )
         self.transfers = TransferCoordinator(
             log,
@@ -267,6 +273,7 @@ class Engine:
             # A wave of lookups by id is bounded like a mailbox: requests past it wait.
             lookup_ids_max=self.limits.mailbox_commands_max,
             observer=self._observer,
+            currency_cache_wallets_max=self.limits.currency_cache_wallets_max,
         )
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()
@@ -623,19 +630,21 @@ class Engine:
         reference: str | None = None,
         actor: str | None = None,
         expected_seq: int | None = None,
+        scale: int | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> Reply:
         """Apply a deposit or withdrawal; the reply arrives once its batch has committed.
         ``actor``: the API key's name, recorded on the row (None when auth is off).
         ``expected_seq`` (If-Match): refused PRECONDITION_FAILED unless the wallet's seq is
-        that one when the operation's turn comes."""
+        that one when the operation's turn comes. ``scale``: ``amount`` is amount / 10^scale,
+        rescaled to the wallet's currency by its shard (None: in its minor units already)."""
         shard, pipeline = self._route(wallet_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         return await self._answer(
             shard, pipeline,
             ApplyOperation(
-                wallet_id, kind, amount, idempotency_key, future, reference, actor, expected_seq,
-                metadata,
+                wallet_id, kind, amount, idempotency_key, future, reference, actor,
+                expected_seq=expected_seq, scale=scale, metadata=metadata,
             ),
         )  # fmt: skip
 
@@ -649,8 +658,11 @@ class Engine:
         *,
         expected_seq: int | None = None,
         actor: str | None = None,
+        limit_scale: int | None = None,
     ) -> Reply:
         """Change a wallet's status and/or overdraft limit (PATCH; ledger._update_wallet).
+        ``limit_scale`` as ``scale`` for ``apply``: the limit is rescaled to the wallet's
+        currency by its shard.
         A close first asks storage for the wallet's PENDING transfers, which the ledger
         cannot see (a transfer's credit ends on another shard); storage checks again when
         the close commits, so one opened in between refuses the close there."""
@@ -664,6 +676,7 @@ class Engine:
             UpdateWallet(
                 wallet_id, status, overdraft_limit, idempotency_key, fingerprint, future,
                 expected_seq=expected_seq, actor=actor, transfers_pending=transfers_pending,
+                limit_scale=limit_scale,
             ),
         )  # fmt: skip
 
@@ -677,15 +690,18 @@ class Engine:
         reference: str | None,
         idempotency_key: str | None,
         actor: str | None = None,
+        scale: int | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> tuple[UUID, Reply]:
         """Reserve ``amount`` of the wallet's available money; returns the hold id (on the
         wallet's shard; derived from the key when there is one) and the reply (CREATED
-        with the hold, or a refusal)."""
+        with the hold, or a refusal). ``scale`` as for ``apply``."""
         shard, pipeline = self._route(wallet_id)
         count = self.ownership.shard_count
         hold_id = new_hold_id(wallet_id, idempotency_key, count)
-        fingerprint = create_fingerprint(amount, expires_in_s, reference, metadata)
+        fingerprint = create_fingerprint(
+            fingerprint_amount(amount, scale), expires_in_s, reference, metadata
+        )
         if idempotency_key is not None:
             stored = (await self.log.load_holds([hold_id])).get(hold_id)
             if stored is not None:
@@ -695,7 +711,8 @@ class Engine:
         command = HoldCommand(
             HoldAction.CREATE, wallet_id, hold_id, future, amount=amount,
             expires_in_us=seconds * 1_000_000, reference=reference, shard=shard,
-            key=idempotency_key, fingerprint=fingerprint, actor=actor, metadata=metadata,
+            key=idempotency_key, fingerprint=fingerprint, actor=actor, scale=scale,
+            metadata=metadata,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         if reply.outcome is Outcome.CREATED and reply.replayed:
@@ -716,13 +733,16 @@ class Engine:
         idempotency_key: str | None,
         to_wallet_id: UUID | None = None,
         actor: str | None = None,
+        scale: int | None = None,
     ) -> Reply:
         """Capture (``amount`` or all of it; the rest released) or void a hold. A capture
         with ``to_wallet_id`` moves the captured money there: its commit opens a PENDING
         transfer (the debit out of the hold), then the transfer's credit is driven (refund
         if refused) as for any transfer; the reply's hold names the transfer."""
         shard, pipeline = self._route(hold_id)  # the hold's shard is its wallet's
-        fingerprint = resolve_fingerprint(action, amount, to_wallet_id)
+        fingerprint = resolve_fingerprint(
+            action, None if amount is None else fingerprint_amount(amount, scale), to_wallet_id
+        )
         stored = (await self.log.load_holds([hold_id])).get(hold_id)
         if stored is None:
             return Reply(Outcome.HOLD_NOT_FOUND)
@@ -730,12 +750,19 @@ class Engine:
             return resolved_reply(stored, idempotency_key, fingerprint)
         if to_wallet_id == stored.wallet_id:
             return Reply(Outcome.SAME_WALLET, hold=stored)
+        to_currency = None
+        if to_wallet_id is not None:
+            # The receiver's currency, read before anything moves: the hold's shard refuses
+            # another one (CURRENCY_MISMATCH). Missing: None, refused by the credit as today.
+            to_currency, read = await self.transfers.currency_of(to_wallet_id)
+            if to_currency is None and read.outcome is not Outcome.WALLET_NOT_FOUND:
+                return _UNAVAILABLE
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         command = HoldCommand(
             action, stored.wallet_id, hold_id, future, amount=amount, key=idempotency_key,
             fingerprint=fingerprint, to_wallet_id=to_wallet_id,
             transfer_id=None if to_wallet_id is None else capture_transfer_id(hold_id),
-            actor=actor,
+            actor=actor, scale=scale, to_currency=to_currency,
         )  # fmt: skip
         reply = await self._answer(shard, pipeline, command)
         if reply.outcome is Outcome.OK:
@@ -746,7 +773,7 @@ class Engine:
             opened = TransferRecord(
                 hold.transfer_id, hold.wallet_id, hold.to_wallet_id, hold.captured,
                 hold.reference, TransferStatus.PENDING, None, hold.updated_at_us,
-                hold.updated_at_us, actor, hold.metadata,
+                hold.updated_at_us, actor, hold.currency, hold.metadata,
             )  # fmt: skip
             # The hold is CAPTURED whatever the credit does: a refused credit refunds the
             # debit (FAILED), a 503 leaves the transfer PENDING for the re-drive loop.
@@ -886,10 +913,16 @@ class Engine:
         self,
         wallet_id: UUID | None,
         idempotency_key: str | None,
+        currency: Currency | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> tuple[UUID, Reply]:
-        """Create a wallet (with a chosen or a new id); returns the id and the reply."""
+        """Create a wallet (with a chosen or a new id) in ``currency`` (None: the default
+        currency); returns the id and the reply."""
         fingerprint = "" if wallet_id is None else str(wallet_id)
+        if currency is None or currency == self.default_currency:
+            currency = self.default_currency  # the fingerprint of a request of before
+        else:
+            fingerprint += f"|{currency.code}"
         if metadata:
             # Spelled so that a creation without metadata keeps the fingerprint stored
             # before metadata existed (its retry still replays).
@@ -903,7 +936,7 @@ class Engine:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         reply = await self._answer(
             shard, pipeline,
-            CreateWallet(wallet_id, idempotency_key, fingerprint, future, metadata),
+            CreateWallet(wallet_id, idempotency_key, fingerprint, future, currency, metadata),
         )  # fmt: skip
         return wallet_id, reply
 
@@ -936,6 +969,7 @@ class Engine:
         amount: int,
         reference: str | None,
         actor: str | None = None,
+        scale: int | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> tuple[UUID, TransferReply]:
         """Move money between two wallets (docs/ARCHITECTURE.md, "Transfers"); returns the
@@ -956,6 +990,7 @@ class Engine:
             reference,
             fresh_id=fresh_id,
             actor=actor,
+            scale=scale,
             metadata=metadata,
         )
         return transfer_id, reply

@@ -50,10 +50,12 @@ import abc
 import asyncio
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 from uuid import UUID
 
+from walletd.engine.bounds import storable_amount
 from walletd.engine.commands import (
     REFUND_FAILURE_CODES,
     JointTransfer,
@@ -69,6 +71,7 @@ from walletd.engine.model import (
     TransferRecord,
     TransferStatus,
 )
+from walletd.engine.money import Currency, to_minor
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
 from walletd.engine.ownership import Ownership
 from walletd.engine.ports import StorageError, StorageUnavailable, WalletLog
@@ -106,9 +109,12 @@ class TransferReply(NamedTuple):
     replayed: bool = False
     side: str | None = None
     balance_seen: int | None = None
+    # The transfer's currency (as the coordinator read it), for the money a refusal names.
+    currency: Currency | None = None
 
 
 _UNAVAILABLE = TransferReply(Outcome.UNAVAILABLE)
+_FOUND = Reply(Outcome.OK)
 # Replies that leave a transfer PENDING (or never opened it).
 _NOT_ENDED = frozenset({Outcome.UNAVAILABLE, Outcome.NOT_OWNER})
 
@@ -145,6 +151,11 @@ class LegDelivery(abc.ABC):
         under the debit's key and its lookup may be skipped."""
         return None
 
+    async def read_currency(self, wallet_id: UUID) -> Reply:
+        """The wallet's currency, read at its owner: OK with the wallet (its view holds the
+        currency), WALLET_NOT_FOUND, NOT_OWNER or UNAVAILABLE (nothing read)."""
+        return Reply(Outcome.UNAVAILABLE)
+
 
 class RemoteLegs(abc.ABC):
     """Port: send one leg to another walletd process (the owner of its wallet's shard).
@@ -161,6 +172,10 @@ class RemoteLegs(abc.ABC):
         self, url: str, kind: OperationKind, transfer: TransferRecord, failure_code: str | None
     ) -> Reply:
         """Deliver the leg to the internal listener at ``url`` and return its reply."""
+
+    async def read_currency(self, url: str, wallet_id: UUID) -> Reply:
+        """The wallet's currency from the owner at ``url`` (as ``LegDelivery``'s)."""
+        return Reply(Outcome.NOT_OWNER)
 
 
 _NOT_OWNER_REPLY = Reply(Outcome.NOT_OWNER)
@@ -186,7 +201,10 @@ class RoutedLegDelivery(LegDelivery):
         self_url: str | None,
         tries_max: int,
         local_joint: Callable[[JointTransfer], Awaitable[Reply | None]] | None = None,
+        local_read: Callable[[UUID], Awaitable[Reply]] | None = None,
     ) -> None:
+        # A read of a wallet on this process (raises NotOwner when it does not serve it).
+        self._local_read = local_read
         if tries_max < 1:
             raise ValueError("tries_max must be at least 1")
         self._local = local
@@ -226,6 +244,29 @@ class RoutedLegDelivery(LegDelivery):
             if url == self._self_url or internal_url is None or self._remote is None:
                 continue  # nobody serves it right now (or the table lags behind this process)
             reply = await self._remote.send(internal_url, kind, transfer, failure_code)
+            if reply.outcome is not Outcome.NOT_OWNER:
+                return reply
+        return _NOT_OWNER_REPLY
+
+    async def read_currency(self, wallet_id: UUID) -> Reply:
+        """Read where the wallet is served, with the legs' tries and table waits."""
+        ownership = self._ownership
+        for attempt in range(self._tries_max):
+            if attempt:
+                await ownership.next_table(min(ownership.table_stale_s / 2, _TABLE_WAIT_S_MAX))
+            if self._local_read is None:
+                return Reply(Outcome.UNAVAILABLE)
+            try:
+                return await self._local_read(wallet_id)
+            except NotOwner as refused:
+                shard = refused.shard
+            except EngineRefused:
+                return Reply(Outcome.UNAVAILABLE)
+            url = ownership.owner_url(shard)
+            internal_url = ownership.owner_internal_url(shard)
+            if url == self._self_url or internal_url is None or self._remote is None:
+                continue
+            reply = await self._remote.read_currency(internal_url, wallet_id)
             if reply.outcome is not Outcome.NOT_OWNER:
                 return reply
         return _NOT_OWNER_REPLY
@@ -292,7 +333,11 @@ class TransferCoordinator:
         load_timeout_s: float,
         lookup_ids_max: int = 1024,
         observer: EngineObserver | None = None,
+        currency_cache_wallets_max: int = 65_536,
     ) -> None:
+        # Wallet currencies remembered (immutable, so never stale): a transfer to a wallet
+        # read before needs no read of its currency (engine/limits.py).
+        self._currencies_max = currency_cache_wallets_max
         self._log = log
         self._observer = observer or EngineObserver()
         self._delivery = delivery
@@ -307,6 +352,9 @@ class TransferCoordinator:
         # PENDING (a refund refused at the sender's balance ceiling) cannot take every
         # pass's batch and starve younger ones. None: start at the oldest.
         self._redrive_after: tuple[int, UUID] | None = None
+        # Wallet id (int) -> its currency, most recent last, at most _currencies_max (the
+        # least recently used is forgotten).
+        self._currencies: OrderedDict[int, Currency] = OrderedDict()
 
     @property
     def driving(self) -> int:
@@ -322,16 +370,39 @@ class TransferCoordinator:
         *,
         fresh_id: bool = False,
         actor: str | None = None,
+        scale: int | None = None,
         metadata: Metadata = NO_METADATA,
     ) -> TransferReply:
         """Move ``amount`` between two wallets; the id is the request's idempotency key.
 
         ``fresh_id``: the id was just drawn at random (no client id, no key), so it cannot be
         stored yet and the lookup by id is skipped (one query less per transfer).
+        ``scale``: ``amount`` is amount / 10^scale as the client wrote it (None: in minor
+        units of the wallets' currency already).
+
+        The receiving wallet's currency is read first (its owner answers; remembered after),
+        and becomes the transfer's: the debit is refused (CURRENCY_MISMATCH) by the sending
+        wallet's owner when its currency differs, before any money moves. A receiver that
+        does not exist yet has no currency: the sender's is read instead, and the credit is
+        refused as today (the debit refunded, FAILED).
         """
+        currency, refused = await self._transfer_currency(from_wallet_id, to_wallet_id)
+        if refused is not None:
+            return refused
+        if currency is None:
+            # Neither wallet exists: no money can move (the debit is refused, 404), and a
+            # transfer stored under the id names other wallets (422 reuse): the amount's
+            # units decide nothing, it only has to be one the leg carries.
+            if not storable_amount(amount):
+                amount = 1
+        elif scale is not None:
+            minor = to_minor(amount, scale, currency.exponent)
+            if minor is None or not storable_amount(minor):
+                return TransferReply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+            amount = minor
         requested = TransferRecord(
             transfer_id, from_wallet_id, to_wallet_id, amount, reference,
-            TransferStatus.PENDING, None, 0, 0, actor, metadata,
+            TransferStatus.PENDING, None, 0, 0, actor, currency, metadata,
         )  # fmt: skip
         while (running := self._driving.get(transfer_id)) is not None:
             # The same id is being worked on: wait for it, then answer from storage as a
@@ -340,6 +411,37 @@ class TransferCoordinator:
         return await self._claimed(
             transfer_id, lambda: self._transfer(requested, fresh_id=fresh_id)
         )
+
+    async def _transfer_currency(
+        self, from_wallet_id: UUID, to_wallet_id: UUID
+    ) -> tuple[Currency | None, TransferReply | None]:
+        """The currency a new transfer is in (the receiver's, else the sender's; None when
+        neither exists), or the answer when a currency cannot be read (503)."""
+        for wallet_id, side in ((to_wallet_id, SIDE_TO), (from_wallet_id, SIDE_FROM)):
+            currency, reply = await self.currency_of(wallet_id)
+            if currency is not None:
+                return currency, None
+            if reply.outcome is not Outcome.WALLET_NOT_FOUND:
+                return None, TransferReply(reply.outcome, side=side)
+        return None, None
+
+    async def currency_of(self, wallet_id: UUID) -> tuple[Currency | None, Reply]:
+        """A wallet's currency (remembered, else read at its owner), or None and the reply
+        that says why not (WALLET_NOT_FOUND, NOT_OWNER, UNAVAILABLE)."""
+        cache = self._currencies
+        wid = wallet_id.int
+        currency = cache.get(wid)
+        if currency is not None:
+            cache.move_to_end(wid)
+            return currency, _FOUND
+        reply = await self._delivery.read_currency(wallet_id)
+        if reply.outcome is not Outcome.OK or reply.wallet is None:
+            return None, reply
+        currency = reply.wallet.currency
+        cache[wid] = currency
+        if len(cache) > self._currencies_max:
+            cache.popitem(last=False)
+        return currency, reply
 
     async def drive_opened(self, transfer: TransferRecord) -> TransferReply:
         """Drive a PENDING transfer another command opened (a hold captured into a wallet,
@@ -452,7 +554,7 @@ class TransferCoordinator:
         if debit.outcome is not Outcome.OK:
             return TransferReply(
                 debit.outcome, side=SIDE_FROM, balance_seen=debit.balance_seen,
-                replayed=debit.replayed,
+                replayed=debit.replayed, currency=requested.currency,
             )  # fmt: skip
         if debit.replayed:  # another process opened it meanwhile: answer from storage
             return await self._transfer(requested, fresh_id=False)
@@ -555,4 +657,5 @@ def _final_reply(
         replayed=replayed,
         side=SIDE_TO,
         balance_seen=balance_seen,
+        currency=transfer.currency,
     )

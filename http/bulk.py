@@ -49,7 +49,12 @@ from aiohttp import web
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.errors import AtomicSpansShards, AtomicTooLarge
 from walletd.engine.model import NO_METADATA, Metadata, OperationKind
-from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
+from walletd.engine.money import (
+    AMOUNT_MINOR_MAX,
+    EDGE_SCALE_MIN,
+    MINOR_UNITS_PER_UNIT,
+    format_minor,
+)
 from walletd.http.forwarding import (
     FORWARDED_HEADER,
     FORWARDER_KEY,
@@ -63,6 +68,7 @@ from walletd.http.parsing import (
     IDEMPOTENCY_KEY_LENGTH_MAX,
     OPERATION_KINDS,
     WALLET_ID_MESSAGE,
+    Amount,
     body_wallet_id,
     derived_key,
     is_idempotency_key,
@@ -72,7 +78,7 @@ from walletd.http.parsing import (
     require_json_content_type,
 )
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem, problem_body
-from walletd.http.responses import reply_problem, wallet_body
+from walletd.http.responses import amount_problem, reply_problem, wallet_body
 from walletd.http.settings import HttpSettings
 from walletd.http.state import METRICS_KEY, STATE_KEY
 
@@ -110,7 +116,14 @@ class BulkItem(NamedTuple):
     amount: int
     idempotency_key: str | None
     reference: str | None = None
+    # ``amount`` / 10^scale as written (http/parsing.py ``Amount``); the wallet's shard
+    # rescales it to its currency.
+    scale: int = EDGE_SCALE_MIN
     metadata: Metadata = NO_METADATA
+
+    @property
+    def written(self) -> Amount:
+        return Amount(self.amount, self.scale)
 
 
 ParsedItem = BulkItem | list[FieldError]
@@ -269,7 +282,7 @@ def _checked_item(index: int, item: Any, request_key: str | None) -> ParsedItem:
     assert amount is not None
     if key is None and request_key is not None:
         key = derived_key(request_key, index if key_index is None else key_index)
-    return BulkItem(wallet_id, kind, amount, key, reference, metadata)
+    return BulkItem(wallet_id, kind, amount.value, key, reference, amount.scale, metadata)
 
 
 def _parse_key_index(
@@ -353,9 +366,13 @@ def _result(index: int, item: ParsedItem, reply: Reply | None) -> bytes:
             replayed,
             wallet_body(reply.wallet),
         )
-    error = reply_problem(reply, item.wallet_id, item.amount)
+    error = _item_problem_of(index, item, reply)
     problem = problem_body(
-        error.status, error.code, error.detail, f"/api/v1/wallets/{item.wallet_id}/operation"
+        error.status,
+        error.code,
+        error.detail,
+        f"/api/v1/wallets/{item.wallet_id}/operation",
+        extra=error.extra,
     )
     return b'{"index":%d,"status":%d,"body":%s}' % (index, error.status, orjson.dumps(problem))
 
@@ -438,14 +455,22 @@ async def bulk_operations(request: web.Request) -> web.Response:
 
 def _atomic_refusal(index: int, item: BulkItem, reply: Reply) -> ProblemError:
     """The problem of the item that refused an atomic request, for the whole request."""
-    error = reply_problem(reply, item.wallet_id, item.amount)
+    error = _item_problem_of(index, item, reply)
     return ProblemError(
         error.status,
         error.code,
         f"items[{index}]: {error.detail}; nothing was applied (atomic)",
         headers=error.headers,
-        extra={"index": index},
+        extra={**(error.extra or {}), "index": index},
     )
+
+
+def _item_problem_of(index: int, item: BulkItem, reply: Reply) -> ProblemError:
+    """The single endpoint's problem for an item's reply; an amount its wallet's currency
+    cannot hold names the item's field, as the edge's own 422s do."""
+    if reply.outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and reply.currency is not None:
+        return amount_problem(reply.currency, item.written, f"items[{index}].amount")
+    return reply_problem(reply, item.wallet_id, item.written)
 
 
 async def _forward_foreign(
@@ -523,7 +548,7 @@ def item_json(item: BulkItem) -> dict[str, object]:
     spelled: dict[str, object] = {
         "wallet_id": str(item.wallet_id),
         "operation_type": item.kind.name,
-        "amount": format_minor(item.amount),
+        "amount": format_minor(item.amount, item.scale),
     }
     key_index = _key_index(item.idempotency_key)
     if key_index is not None:

@@ -138,9 +138,17 @@ def event_json(event: FeedEvent) -> dict[str, Any]:
         "type": event.type,
         "created_at": format_timestamp(event.created_at_us),
     }
-    for name, value in event.data.items():
+    data = event.data
+    # Money fields are in the minor units of the wallet's currency; the exponent is how to
+    # read them, not a field of the event (the currency is). 2 for events of before.
+    exponent = data.get("exponent")
+    if type(exponent) is not int:
+        exponent = 2
+    for name, value in data.items():
+        if name == "exponent":
+            continue
         if name in FeedEvent.MONEY_FIELDS and isinstance(value, int):
-            body[name] = format_minor(value)
+            body[name] = format_minor(value, exponent)
         else:
             body[name] = value
     return body

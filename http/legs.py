@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from uuid import UUID
 
@@ -59,21 +60,34 @@ from walletd.engine.model import (
     WalletView,
     as_metadata,
 )
+from walletd.engine.money import EXPONENT_MAX, SEED_CURRENCY, Currency, currency_of
 from walletd.engine.router import Engine
 from walletd.engine.transfers import RemoteLegs
 from walletd.http.bulk import read_bulk_body
+from walletd.http.currencies import ASSET_CODE_PATTERN
 from walletd.http.problems import ProblemError
 from walletd.http.state import STATE_KEY
 
 if TYPE_CHECKING:
     from walletd.http.internal import ClusterCredential
 
-__all__ = ["INTERNAL_PREFIX", "LEGS_PATH", "HttpLegs", "decode_leg", "encode_leg", "routes"]
+__all__ = [
+    "CURRENCY_PATH",
+    "INTERNAL_PREFIX",
+    "LEGS_PATH",
+    "HttpLegs",
+    "decode_leg",
+    "encode_leg",
+    "routes",
+]
 
 _log = logging.getLogger("walletd.legs")
 
 INTERNAL_PREFIX: Final = "/internal/v1"
 LEGS_PATH: Final = INTERNAL_PREFIX + "/legs"
+# A wallet's currency, read by a transfer's coordinator before any money moves
+# (engine/transfers.py): GET, answered by the wallet's owner only.
+CURRENCY_PATH: Final = INTERNAL_PREFIX + "/wallets/{wallet_id}/currency"
 # Legs per request, requests in flight and legs waiting, per other process (HttpLegs).
 LEGS_PER_REQUEST_MAX: Final = 256
 REQUESTS_PER_PROCESS_MAX: Final = 2
@@ -82,6 +96,7 @@ _LEG_KINDS: Final = frozenset(
     {OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
 )
 _JSON: Final = "application/json"
+_CURRENCY_CODE: Final = re.compile(ASSET_CODE_PATTERN.strip("^$"))
 _NOT_OWNER: Final = Reply(Outcome.NOT_OWNER)
 _UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
 
@@ -108,6 +123,8 @@ def encode_leg(
             "created_at_us": transfer.created_at_us,
             "updated_at_us": transfer.updated_at_us,
             "actor": transfer.actor,  # the key that asked for it: on every leg's row
+            # Each leg is refused on a wallet of another currency (None: not checked).
+            "currency": None if transfer.currency is None else list(transfer.currency),
             "metadata": dict(transfer.metadata),  # the request's: on every leg's row
         },
     }
@@ -124,7 +141,7 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         UUID(t["id"]), UUID(t["from_wallet_id"]), UUID(t["to_wallet_id"]),
         _int(t["amount"]), _text(t["reference"]), TransferStatus[t["status"]],
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
-        _text(t.get("actor")), _metadata(t.get("metadata")),
+        _text(t.get("actor")), _currency(t.get("currency")), _metadata(t.get("metadata")),
     )  # fmt: skip
     # The ledger's bounds (engine/bounds.py), checked here first so a leg past them is
     # refused at the edge like any request; the ledger refuses it again (NOT_STORABLE).
@@ -140,6 +157,20 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
     ):
         raise ValueError("not a valid transfer")
     return kind, transfer, failure_code
+
+
+def _currency(value: object) -> Currency | None:
+    """A leg's currency: [code, exponent] (None: a leg of a process of before)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2:
+        raise TypeError("a currency is [code, exponent]")
+    code, exponent = value
+    if type(code) is not str or not _CURRENCY_CODE.fullmatch(code):
+        raise ValueError("not a currency code")
+    if type(exponent) is not int or not 0 <= exponent <= EXPONENT_MAX:
+        raise ValueError("not a currency exponent")
+    return currency_of(code, exponent)
 
 
 def _metadata(value: object) -> Metadata:
@@ -173,7 +204,13 @@ def _encode_reply(reply: Reply) -> bytes:
             "replayed": reply.replayed,
             "balance_seen": reply.balance_seen,
             # Every field of the view, whatever it holds: the other process runs this code.
-            "wallet": None if wallet is None else {**wallet._asdict(), "wallet_id": str(wallet[0])},
+            "wallet": None
+            if wallet is None
+            else {
+                **wallet._asdict(),
+                "wallet_id": str(wallet.wallet_id),
+                "currency": list(wallet.currency),
+            },
         }
     )
 
@@ -182,10 +219,12 @@ def _decode_reply(body: dict[str, Any]) -> Reply:
     wallet = body["wallet"]
     view = None
     if wallet is not None:
+        currency = _currency(wallet.get("currency")) or SEED_CURRENCY
         view = WalletView(
             **{
                 **wallet,
                 "wallet_id": UUID(wallet["wallet_id"]),
+                "currency": currency,
                 "status": WalletStatus(wallet.get("status", WalletStatus.ACTIVE)),
                 # JSON has no tuples: the pairs come back as lists.
                 "metadata": tuple((k, v) for k, v in wallet.get("metadata", ())),
@@ -230,6 +269,30 @@ async def _deliver_here(
         return _NOT_OWNER
     except EngineRefused:  # overloaded or stopping: not accepted, so not applied
         return _UNAVAILABLE
+
+
+@routes.get(CURRENCY_PATH)
+async def wallet_currency(request: web.Request) -> web.Response:
+    """A wallet's currency, for a transfer's coordinator on another process (internal
+    listener only): 200 {"currency": [code, exponent]}, 404 WALLET_NOT_FOUND, or 503
+    NOT_OWNER when this process does not serve the wallet's shard (it never asks on)."""
+    try:
+        wallet_id = UUID(request.match_info["wallet_id"])
+    except ValueError:
+        raise ProblemError(400, "INVALID_WALLET_ID", "not a wallet id") from None
+    engine = request.app[STATE_KEY].services.engine
+    try:
+        reply = await engine.read(wallet_id)
+    except NotOwner:
+        raise ProblemError(503, "NOT_OWNER", "this process does not serve the wallet") from None
+    except EngineRefused:
+        raise ProblemError(503, "UNAVAILABLE", "the engine refused the read") from None
+    if reply.outcome is Outcome.WALLET_NOT_FOUND:
+        raise ProblemError(404, "WALLET_NOT_FOUND", f"wallet {wallet_id} does not exist")
+    if reply.outcome is not Outcome.OK or reply.wallet is None:
+        raise ProblemError(503, "UNAVAILABLE", "the wallet cannot be read now")
+    body = orjson.dumps({"currency": list(reply.wallet.currency)})
+    return web.Response(body=body, content_type=_JSON)
 
 
 # -- the coordinator's side ----------------------------------------------------------------
@@ -304,6 +367,36 @@ class HttpLegs(RemoteLegs):
         if self._in_flight.get(url, 0) < REQUESTS_PER_PROCESS_MAX:
             self._start(url)
         return await future
+
+    async def read_currency(self, url: str, wallet_id: UUID) -> Reply:
+        """One GET to the owner's internal listener (not batched: a wallet's currency is
+        read once per coordinator, then remembered)."""
+        session = self._session
+        if session is None or self._closing:
+            return _NOT_OWNER
+        path = CURRENCY_PATH.format(wallet_id=wallet_id)
+        try:
+            async with session.get(url + path, headers=self._headers) as response:
+                status = response.status
+                answer = await response.read()
+        except aiohttp.ClientConnectorError:
+            return _NOT_OWNER
+        except (aiohttp.ClientError, TimeoutError) as error:
+            _log.warning("reading the currency of %s at %s failed (%r)", wallet_id, url, error)
+            return _UNAVAILABLE
+        try:
+            body = orjson.loads(answer)
+            if status == 200:
+                currency = _currency(body["currency"])
+                if currency is not None:
+                    return Reply(Outcome.OK, WalletView(wallet_id, 0, 0, 0, 0, 0, currency))
+            elif status == 404:
+                return Reply(Outcome.WALLET_NOT_FOUND)
+            elif status in (401, 503) and (status == 401 or body.get("code") == "NOT_OWNER"):
+                return _NOT_OWNER  # nothing was read there
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            pass
+        return _UNAVAILABLE
 
     def _start(self, url: str) -> None:
         queue = self._waiting.get(url)

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import json
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 from uuid import UUID
@@ -26,11 +27,18 @@ from walletd.engine.bounds import (
 from walletd.engine.bounds import REFERENCE_LENGTH_MAX as REFERENCE_LENGTH_MAX
 from walletd.engine.holds import is_derived_transfer_id
 from walletd.engine.model import NO_METADATA, Metadata, OperationKind, WalletStatus, as_metadata
-from walletd.engine.money import AMOUNT_MINOR_MAX, MINOR_UNITS_PER_UNIT, format_minor
+from walletd.engine.money import (
+    AMOUNT_MINOR_MAX,
+    EDGE_SCALE_MIN,
+    EXPONENT_MAX,
+    Currency,
+    format_minor,
+)
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
 from walletd.http.settings import HttpSettings
 
 __all__ = [
+    "AMOUNT_UNITS_MAX",
     "DERIVED_KEY_SEPARATOR",
     "IDEMPOTENCY_KEY_LENGTH_MAX",
     "METADATA_KEY_PATTERN",
@@ -39,6 +47,7 @@ __all__ = [
     "WALLET_ID_CACHE_ENTRIES_MAX",
     "WALLET_ID_MESSAGE",
     "WALLET_ID_PATTERN",
+    "Amount",
     "HoldRequest",
     "OperationFields",
     "TransferRequest",
@@ -95,13 +104,38 @@ OPERATION_KINDS: Final = {"DEPOSIT": OperationKind.DEPOSIT, "WITHDRAW": Operatio
 _OPERATION_FIELDS: Final = frozenset(
     {"operation_type", "operationType", "amount", "reference", "metadata"}
 )
-_AMOUNT_MAX_TEXT: Final = format_minor(AMOUNT_MINOR_MAX)
+# The edge does not know the wallet's currency: it takes what some currency can hold (up to
+# AMOUNT_MINOR_MAX units of a zero-decimal one, up to EXPONENT_MAX decimals), and the
+# wallet's shard checks the amount against its own currency (AMOUNT_NOT_IN_CURRENCY, 422).
+AMOUNT_UNITS_MAX: Final = AMOUNT_MINOR_MAX
+_AMOUNT_MAX_TEXT: Final = str(AMOUNT_UNITS_MAX)
 # Past this many units (10^15, above any valid amount) a number is refused before any
 # arithmetic, so exponent tricks such as 1e999999999 cost nothing.
 _AMOUNT_ADJUSTED_EXPONENT_MAX: Final = 15
-_FRACTION_DIGITS_MAX: Final = 2
+_FRACTION_DIGITS_MAX: Final = EXPONENT_MAX
+_SCALED_MAX: Final = tuple(AMOUNT_UNITS_MAX * 10**n for n in range(EXPONENT_MAX + 1))
+_PLAIN_DECIMAL: Final = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,2}))?")
 
-assert 10**_FRACTION_DIGITS_MAX == MINOR_UNITS_PER_UNIT
+
+class Amount(NamedTuple):
+    """An amount as the client wrote it: ``value`` / 10^``scale``, exactly; ``scale`` is
+    at least EDGE_SCALE_MIN (so for a two-decimal wallet ``value`` is in minor units) and
+    no more than needed beyond it (trailing zeros dropped: one amount, one spelling)."""
+
+    value: int
+    scale: int
+
+    def text(self, currency: Currency | None = None) -> str:
+        """The amount rendered in ``currency``'s decimals when it has them exactly, else as
+        written."""
+        if currency is not None and self.scale >= currency.exponent:
+            step = 10 ** (self.scale - currency.exponent)
+            if self.value % step == 0:
+                return format_minor(self.value // step, currency.exponent)
+        return format_minor(self.value, self.scale)
+
+
+_CREATE_FIELDS: Final = frozenset({"id", "currency", "metadata"})
 _TRANSFER_FIELDS: Final = frozenset(
     {"id", "from_wallet_id", "to_wallet_id", "amount", "reference", "metadata"}
 )
@@ -308,9 +342,17 @@ def _exact_number(raw_body: bytes, field: str) -> Decimal | None:
     return None
 
 
-def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> int | FieldError:
-    """Minor units from a JSON number (an int, a float re-read exactly from ``raw_body``, or
-    a ``Decimal`` from ``loads_exact``) or a decimal string, or the field's error."""
+def parse_amount(value: Any, raw_body: bytes, field: str = "amount") -> Amount | FieldError:
+    """The exact ``Amount`` of a JSON number (an int, a float re-read exactly from
+    ``raw_body``, or a ``Decimal`` from ``loads_exact``) or a decimal string, or the
+    field's error."""
+    if type(value) is int and 0 < value <= AMOUNT_UNITS_MAX:  # the common cases, quickly
+        return Amount(value * 100, EDGE_SCALE_MIN)
+    if type(value) is str and (plain := _PLAIN_DECIMAL.fullmatch(value)) is not None:
+        units, cents = plain.groups()
+        minor = int(units) * 100 + (int(cents.ljust(2, "0")) if cents else 0)
+        if 0 < minor <= _SCALED_MAX[EDGE_SCALE_MIN]:
+            return Amount(minor, EDGE_SCALE_MIN)
     if isinstance(value, bool) or value is None or isinstance(value, _NonFinite):
         return _amount_error(field, "must be a number or a decimal string")
     if isinstance(value, int):
@@ -335,12 +377,13 @@ def _amount_error(field: str, message: str) -> FieldError:
     return {"field": field, "message": message}
 
 
-def _to_minor(decimal: Decimal, field: str) -> int | FieldError:
-    """Minor units of an exact decimal, with integer arithmetic only.
+def _to_minor(decimal: Decimal, field: str) -> Amount | FieldError:
+    """The ``Amount`` of an exact decimal, with integer arithmetic only.
 
     Decimal arithmetic rounds to its context's 28 digits, so ``10.009999999999999999999999999
     * 100`` would come out as 1001: here the digits themselves decide, and a non-zero digit
-    past the second decimal is refused however it was written.
+    past the eighteenth decimal is refused however it was written (past the wallet's
+    currency's, by the wallet's shard).
     """
     if not decimal.is_finite():
         return _amount_error(field, "must be finite")
@@ -350,26 +393,27 @@ def _to_minor(decimal: Decimal, field: str) -> int | FieldError:
         return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
     _sign, digits, exponent = decimal.as_tuple()
     assert isinstance(exponent, int)  # finite, checked above
-    # value = coefficient * 10^exponent, so minor = coefficient * 10^(exponent + 2): the
-    # coefficient's last -(exponent + 2) digits are the ones past the second decimal.
-    dropped_digits = -(exponent + _FRACTION_DIGITS_MAX)
-    if dropped_digits > 0:
-        if any(digits[-dropped_digits:]):
-            return _amount_error(field, "must have at most 2 fractional digits")
-        digits = digits[:-dropped_digits]
-        dropped_digits = 0
-    # At most 18 digits are left (adjusted <= 15), well inside int()'s digit limit.
-    minor: int = int("".join(map(str, digits)) or "0") * 10**-dropped_digits
-    if minor > AMOUNT_MINOR_MAX:
+    # value = coefficient * 10^exponent. Trailing zeros of the coefficient say nothing:
+    # dropped (one spelling per amount), then -exponent is the decimals it really has.
+    kept = len(digits)
+    while kept > 1 and digits[kept - 1] == 0:
+        kept -= 1
+    exponent += len(digits) - kept
+    scale = max(-exponent, EDGE_SCALE_MIN)
+    if scale > _FRACTION_DIGITS_MAX:
+        return _amount_error(field, f"must have at most {_FRACTION_DIGITS_MAX} fractional digits")
+    # At most 34 digits are left (adjusted <= 15, 18 decimals), inside int()'s digit limit.
+    value: int = int("".join(map(str, digits[:kept])) or "0") * 10 ** (scale + exponent)
+    if value > _SCALED_MAX[scale]:
         return _amount_error(field, f"must be at most {_AMOUNT_MAX_TEXT}")
-    return minor
+    return Amount(value, scale)
 
 
 class OperationFields(NamedTuple):
     """An operation body's fields as read: the kind and amount when valid, and the errors."""
 
     kind: OperationKind | None
-    amount: int | None
+    amount: Amount | None
     unknown: list[FieldError]  # names not in the allowed set
     errors: list[FieldError]  # operation_type / operationType / amount / reference / metadata
     reference: str | None = None
@@ -395,7 +439,7 @@ def operation_fields(
     if kind is None:
         message = "is required" if kind_text is None else "must be DEPOSIT or WITHDRAW"
         errors.append({"field": "operation_type", "message": message})
-    amount: int | None = None
+    amount: Amount | None = None
     if "amount" not in body:
         errors.append({"field": "amount", "message": "is required"})
     else:
@@ -476,7 +520,7 @@ _METADATA_ERRORS_MAX: Final = 10
 
 def parse_operation_body(
     body: dict[str, Any], raw: bytes
-) -> tuple[OperationKind, int, str | None, Metadata]:
+) -> tuple[OperationKind, Amount, str | None, Metadata]:
     kind, amount, unknown, errors, reference, metadata = operation_fields(body, raw)
     if unknown or errors:
         raise ValidationProblem(unknown + errors)
@@ -490,7 +534,7 @@ _CAPTURE_FIELDS: Final = frozenset({"amount", "to_wallet_id"})
 
 
 class HoldRequest(NamedTuple):
-    amount: int
+    amount: Amount
     expires_in_s: int | None
     reference: str | None
     metadata: Metadata = NO_METADATA
@@ -504,7 +548,7 @@ def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> 
         for name in body
         if name not in _HOLD_FIELDS
     ]
-    amount: int | FieldError = 0
+    amount: Amount | FieldError = Amount(0, EDGE_SCALE_MIN)
     if "amount" not in body:
         errors.append({"field": "amount", "message": "is required"})
     else:
@@ -524,11 +568,11 @@ def parse_hold_body(body: dict[str, Any], raw: bytes, expires_in_s_max: int) -> 
     metadata = parse_metadata(body, errors)
     if errors:
         raise ValidationProblem(errors)
-    assert isinstance(amount, int)
+    assert isinstance(amount, Amount)
     return HoldRequest(amount, expires_in_s, reference, metadata)
 
 
-def parse_capture_body(body: dict[str, Any], raw: bytes) -> tuple[int | None, UUID | None]:
+def parse_capture_body(body: dict[str, Any], raw: bytes) -> tuple[Amount | None, UUID | None]:
     """``{"amount"?, "to_wallet_id"?}``: the amount to capture (as for operations), None for
     all of it; the wallet to move it into, None to take it out of the system."""
     errors: list[FieldError] = [
@@ -536,7 +580,7 @@ def parse_capture_body(body: dict[str, Any], raw: bytes) -> tuple[int | None, UU
         for name in body
         if name not in _CAPTURE_FIELDS
     ]
-    amount: int | FieldError | None = None
+    amount: Amount | FieldError | None = None
     if "amount" in body:
         amount = parse_amount(body["amount"], raw)
         if isinstance(amount, dict):
@@ -544,7 +588,7 @@ def parse_capture_body(body: dict[str, Any], raw: bytes) -> tuple[int | None, UU
     to_wallet_id = _body_uuid(body, "to_wallet_id", errors) if "to_wallet_id" in body else None
     if errors:
         raise ValidationProblem(errors)
-    assert amount is None or isinstance(amount, int)
+    assert amount is None or isinstance(amount, Amount)
     return amount, to_wallet_id
 
 
@@ -591,28 +635,40 @@ def body_wallet_id(value: Any) -> UUID | None:
     return None
 
 
-def parse_create_body(body: dict[str, Any]) -> tuple[UUID | None, Metadata]:
-    """``{"id"?, "metadata"?}``: the chosen id (None: walletd picks one) and the metadata."""
+def parse_create_body(
+    body: dict[str, Any], currencies: Mapping[str, Currency] | None = None
+) -> tuple[UUID | None, Currency | None, Metadata]:
+    """``{"id"?, "currency"?, "metadata"?}``: the chosen id (None: walletd picks one), the
+    currency (None: the default one) named by a code ``currencies`` holds
+    (http/currencies.py), and the metadata."""
     errors: list[FieldError] = []
     wallet_id: UUID | None = None
+    currency: Currency | None = None
     for name in body:
-        if name != "id" and name != "metadata":
+        if name not in _CREATE_FIELDS:
             errors.append({"field": str(name)[:64], "message": "unknown field"})
     if "id" in body:
         wallet_id = body_wallet_id(body["id"])
         if wallet_id is None:
             errors.append({"field": "id", "message": WALLET_ID_MESSAGE})
+    if "currency" in body:
+        code = body["currency"]
+        currency = currencies.get(code) if type(code) is str and currencies else None
+        if currency is None:
+            errors.append(
+                {"field": "currency", "message": "must be an ISO 4217 code or a declared asset"}
+            )
     metadata = parse_metadata(body, errors)
     if errors:
         raise ValidationProblem(errors)
-    return wallet_id, metadata
+    return wallet_id, currency, metadata
 
 
 class TransferRequest(NamedTuple):
     transfer_id: UUID | None
     from_wallet_id: UUID
     to_wallet_id: UUID
-    amount: int
+    amount: Amount
     reference: str | None
     metadata: Metadata = NO_METADATA
 
@@ -640,7 +696,7 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
     to_wallet_id = _body_uuid(body, "to_wallet_id", errors)
     if from_wallet_id is not None and from_wallet_id == to_wallet_id:
         errors.append({"field": "to_wallet_id", "message": "must differ from from_wallet_id"})
-    amount: int | FieldError = 0
+    amount: Amount | FieldError = Amount(0, EDGE_SCALE_MIN)
     if "amount" not in body:
         errors.append({"field": "amount", "message": "is required"})
     else:
@@ -653,7 +709,7 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
         raise ValidationProblem(errors)
     assert from_wallet_id is not None
     assert to_wallet_id is not None
-    assert isinstance(amount, int)
+    assert isinstance(amount, Amount)
     return TransferRequest(transfer_id, from_wallet_id, to_wallet_id, amount, reference, metadata)
 
 
@@ -690,17 +746,18 @@ class WalletChanges(NamedTuple):
     same Idempotency-Key must send the same changes)."""
 
     status: WalletStatus | None
-    overdraft_limit: int | None
+    # As the client wrote it: the wallet's shard holds it to the wallet's currency.
+    overdraft_limit: Amount | None
     fingerprint: str
 
 
-def _parse_limit(value: Any, raw: bytes) -> int | FieldError:
-    """An overdraft limit: an amount as for operations (2 decimals at most, up to the
-    largest amount), or zero."""
+def _parse_limit(value: Any, raw: bytes) -> Amount | FieldError:
+    """An overdraft limit: an amount as for operations (what some currency can hold; the
+    wallet's shard then holds it to the wallet's currency), or zero."""
     if (isinstance(value, int | float) and not isinstance(value, bool) and value == 0) or (
         isinstance(value, str) and _DECIMAL_STRING.fullmatch(value) and Decimal(value) == 0
     ):
-        return 0
+        return Amount(0, EDGE_SCALE_MIN)
     return parse_amount(value, raw, "overdraft_limit")
 
 
@@ -718,7 +775,7 @@ def parse_update_body(body: dict[str, Any], raw: bytes) -> WalletChanges:
         if found is None:
             errors.append({"field": "status", "message": _STATUSES_MESSAGE})
         status = found
-    limit: int | FieldError | None = None
+    limit: Amount | FieldError | None = None
     if "overdraft_limit" in body:
         limit = _parse_limit(body["overdraft_limit"], raw)
         if isinstance(limit, dict):
@@ -728,10 +785,18 @@ def parse_update_body(body: dict[str, Any], raw: bytes) -> WalletChanges:
         errors.append({"field": "body", "message": "must change status or overdraft_limit"})
     if errors:
         raise ValidationProblem(errors)
-    assert limit is None or isinstance(limit, int)
+    assert limit is None or isinstance(limit, Amount)
+    # The limit as value/10^scale, one spelling per amount (at the edge's scale, the minor
+    # units of a two-decimal wallet: the fingerprints written before currencies).
+    limit_text = (
+        ""
+        if limit is None
+        else str(limit.value)
+        if limit.scale == EDGE_SCALE_MIN
+        else f"{limit.value}e-{limit.scale}"
+    )
     fingerprint = (
-        f"PATCH status={'' if status is None else status.name}"
-        f" overdraft_limit={'' if limit is None else limit}"
+        f"PATCH status={'' if status is None else status.name} overdraft_limit={limit_text}"
     )
     return WalletChanges(status, limit, fingerprint)
 

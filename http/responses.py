@@ -22,9 +22,9 @@ from walletd.engine.model import (
     WalletStatus,
     WalletView,
 )
-from walletd.engine.money import format_minor
+from walletd.engine.money import AMOUNT_MINOR_MAX, SEED_CURRENCY, Currency, format_minor
 from walletd.engine.transfers import SIDE_FROM, TransferReply
-from walletd.http.parsing import shown_key
+from walletd.http.parsing import Amount, shown_key
 from walletd.http.problems import ProblemError, ValidationProblem
 
 __all__ = [
@@ -74,18 +74,19 @@ def wallet_body(view: WalletView) -> bytes:
     allows fields to be added, and the OpenAPI document gives their defaults. The metadata's
     text is the one field orjson encodes."""
     held = view.held
+    code, exponent = view.currency
     overdraft_limit = view.overdraft_limit
     terms = ""
     if view.status != WalletStatus.ACTIVE:
         terms = f',"status":"{WalletStatus(view.status).name}"'
     if overdraft_limit:
-        terms += f',"overdraft_limit":"{format_minor(overdraft_limit)}"'
+        terms += f',"overdraft_limit":"{format_minor(overdraft_limit, exponent)}"'
     if view.metadata:
         terms += f',"metadata":{orjson.dumps(dict(view.metadata)).decode()}'
     return (
-        f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance)}",'
-        f'"available":"{format_minor(view.balance - held + overdraft_limit)}",'
-        f'"held":"{format_minor(held)}",'
+        f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance, exponent)}",'
+        f'"available":"{format_minor(view.balance - held + overdraft_limit, exponent)}",'
+        f'"held":"{format_minor(held, exponent)}","currency":"{code}",'
         f'"created_at":"{format_timestamp(view.created_at_us)}",'
         f'"updated_at":"{format_timestamp(view.updated_at_us)}"{terms}}}'
     ).encode()
@@ -96,13 +97,18 @@ def wallet_etag(view: WalletView) -> str:
     return f'"{view.seq}"'
 
 
-def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
+def _money(amount: Amount | None, currency: Currency | None) -> str:
+    """An amount of a request, for a detail: in the wallet's decimals when it has them."""
+    return "0" if amount is None else amount.text(currency)
+
+
+def history_item(operation_id: int, op: OperationRecord, exponent: int = 2) -> dict[str, object]:
     kind = OperationKind(op.kind)
     key = op.idempotency_key
     transfer_id: str | None = None
     hold_id: str | None = None
     if kind is OperationKind.WALLET_UPDATE:
-        return _update_item(operation_id, op)
+        return _update_item(operation_id, op, exponent)
     if kind not in _CLIENT_KINDS and key is not None:
         # A transfer leg's or a hold row's key is "<US>KIND:<id>" (engine.commands
         # transfer_leg_key, hold_key): internal, so the client sees the id and no key.
@@ -115,9 +121,9 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
         "id": operation_id,
         "seq": op.seq,
         "operation_type": kind.name,
-        "amount": format_minor(op.amount),
-        "balance_after": format_minor(op.balance_after),
-        "held_after": format_minor(op.held_after),
+        "amount": format_minor(op.amount, exponent),
+        "balance_after": format_minor(op.balance_after, exponent),
+        "held_after": format_minor(op.held_after, exponent),
         "idempotency_key": shown_key(key),
         "transfer_id": transfer_id,
         "hold_id": hold_id,
@@ -133,16 +139,16 @@ def history_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
 _CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
 
 
-def _update_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
+def _update_item(operation_id: int, op: OperationRecord, exponent: int) -> dict[str, object]:
     """A WALLET_UPDATE row in the history: the status and overdraft limit from then on,
     no amount moved (its reference is the request's fingerprint: not shown)."""
     return {
         "id": operation_id,
         "seq": op.seq,
         "operation_type": OperationKind.WALLET_UPDATE.name,
-        "amount": format_minor(0),
-        "balance_after": format_minor(op.balance_after),
-        "held_after": format_minor(op.held_after),
+        "amount": format_minor(0, exponent),
+        "balance_after": format_minor(op.balance_after, exponent),
+        "held_after": format_minor(op.held_after, exponent),
         "idempotency_key": shown_key(op.idempotency_key),
         "transfer_id": None,
         "hold_id": None,
@@ -150,17 +156,19 @@ def _update_item(operation_id: int, op: OperationRecord) -> dict[str, object]:
         "created_at": format_timestamp(op.created_at_us),
         "actor": op.actor,
         "status": WalletStatus(op.status_after).name,
-        "overdraft_limit": format_minor(op.overdraft_limit_after),
+        "overdraft_limit": format_minor(op.overdraft_limit_after, exponent),
         "metadata": dict(op.metadata),  # {}: a wallet update carries none
     }
 
 
 def transfer_body(transfer: TransferRecord) -> dict[str, object]:
+    currency = transfer.currency or SEED_CURRENCY
     return {
         "id": str(transfer.transfer_id),
         "from_wallet_id": str(transfer.from_wallet_id),
         "to_wallet_id": str(transfer.to_wallet_id),
-        "amount": format_minor(transfer.amount),
+        "amount": format_minor(transfer.amount, currency.exponent),
+        "currency": currency.code,
         "reference": transfer.reference,
         "status": transfer.status.name,
         "failure_code": transfer.failure_code,
@@ -180,7 +188,11 @@ def transfer_response(transfer: TransferRecord, status: int, replayed: bool) -> 
 
 
 def transfer_reply_response(
-    reply: TransferReply, transfer_id: UUID, from_wallet_id: UUID, to_wallet_id: UUID, amount: int
+    reply: TransferReply,
+    transfer_id: UUID,
+    from_wallet_id: UUID,
+    to_wallet_id: UUID,
+    amount: Amount,
 ) -> web.Response:
     """201 with the COMPLETED transfer, or the problem: a refusal names its side, and a
     FAILED transfer (its debit refunded) is in the problem as ``transfer``."""
@@ -202,18 +214,20 @@ def transfer_reply_response(
             404, "WALLET_NOT_FOUND", f"the {side} wallet {wallet_id} does not exist",
             headers=headers, extra=extra,
         )  # fmt: skip
+    currency = reply.currency
+    exponent = (currency or SEED_CURRENCY).exponent
     if outcome is Outcome.INSUFFICIENT_FUNDS:
         raise ProblemError(
             409, "INSUFFICIENT_FUNDS",
-            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
-            f"cannot transfer {format_minor(amount)}",
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0, exponent)} "
+            f"available, cannot transfer {_money(amount, currency)}",
             headers=headers, extra=extra,
         )  # fmt: skip
     if outcome is Outcome.BALANCE_LIMIT_EXCEEDED:
         raise ProblemError(
             409, "BALANCE_LIMIT_EXCEEDED",
-            f"crediting {format_minor(amount)} would pass the balance ceiling of the {side} "
-            f"wallet {wallet_id}",
+            f"crediting {_money(amount, currency)} would pass the balance ceiling of the "
+            f"{side} wallet {wallet_id}",
             headers=headers, extra=extra,
         )  # fmt: skip
     if outcome is Outcome.WALLET_FROZEN or outcome is Outcome.WALLET_CLOSED:
@@ -221,14 +235,25 @@ def transfer_reply_response(
             409, outcome.value, _status_detail(outcome, wallet_id, f"the {side} wallet"),
             headers=headers, extra=extra,
         )  # fmt: skip
+    if outcome is Outcome.CURRENCY_MISMATCH and transfer is None:
+        raise currency_mismatch(
+            f"wallets {from_wallet_id} and {to_wallet_id} hold different currencies; a "
+            "transfer converts nothing", extra,
+        )  # fmt: skip
     if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
         raise ProblemError(
             422, "IDEMPOTENCY_KEY_REUSED",
             f"transfer {transfer_id} was already requested with a different body",
             extra=extra,
         )  # fmt: skip
-    if outcome is Outcome.STORAGE_REFUSED or outcome is Outcome.NOT_STORABLE:
-        raise reply_problem(Reply(outcome), wallet_id, amount)
+    if outcome in _FAILED_TRANSFER_CODES and transfer is not None:
+        raise ProblemError(
+            422, outcome.value,
+            f"the {side} wallet {wallet_id} holds another currency; the debit was refunded",
+            headers=headers, extra=extra,
+        )  # fmt: skip
+    if outcome in _PASSED_ON:
+        raise reply_problem(Reply(outcome, currency=currency), wallet_id, amount)
     if outcome is Outcome.NOT_OWNER:
         raise ProblemError(
             503, "NOT_OWNER",
@@ -244,17 +269,33 @@ def transfer_reply_response(
     )  # fmt: skip
 
 
+def currency_mismatch(detail: str, extra: dict[str, object] | None = None) -> ProblemError:
+    return ProblemError(422, "CURRENCY_MISMATCH", detail, extra=extra)
+
+
+# Transfer outcomes passed on as a wallet operation's would be.
+_PASSED_ON: Final = frozenset(
+    {Outcome.STORAGE_REFUSED, Outcome.NOT_STORABLE, Outcome.AMOUNT_NOT_IN_CURRENCY}
+)
+# A FAILED transfer's code that is not a 404/409 of its own (a receiver created in another
+# currency after its currency was read, engine/transfers.py).
+_FAILED_TRANSFER_CODES: Final = frozenset({Outcome.CURRENCY_MISMATCH})
+
+
 def hold_body(hold: HoldRecord) -> dict[str, object]:
+    currency = hold.currency or SEED_CURRENCY
+    exponent = currency.exponent
     return {
         "id": str(hold.hold_id),
         "wallet_id": str(hold.wallet_id),
-        "amount": format_minor(hold.amount),
+        "amount": format_minor(hold.amount, exponent),
+        "currency": currency.code,
         "status": hold.status.name,
-        "captured_amount": format_minor(hold.captured),
+        "captured_amount": format_minor(hold.captured, exponent),
         "to_wallet_id": None if hold.to_wallet_id is None else str(hold.to_wallet_id),
         "transfer_id": None if hold.transfer_id is None else str(hold.transfer_id),
         "released_amount": format_minor(
-            0 if hold.status is HoldStatus.PENDING else hold.amount - hold.captured
+            0 if hold.status is HoldStatus.PENDING else hold.amount - hold.captured, exponent
         ),
         "reference": hold.reference,
         "metadata": dict(hold.metadata),
@@ -296,7 +337,7 @@ def hold_reply_response(
     reply: Reply,
     hold_id: UUID,
     wallet_id: UUID | None,
-    amount: int = 0,
+    amount: Amount | None = None,
     transfer: TransferRecord | None = None,
 ) -> web.Response:
     """201 (created) / 200 (captured, voided) with the hold, or the problem it stands for.
@@ -311,6 +352,12 @@ def hold_reply_response(
     if outcome is Outcome.SAME_WALLET:
         raise ValidationProblem(
             [{"field": "to_wallet_id", "message": "must differ from the hold's wallet"}]
+        )
+    if outcome is Outcome.CURRENCY_MISMATCH:
+        raise currency_mismatch(
+            f"the hold's wallet and wallet {wallet_id} hold different currencies; a capture "
+            "converts nothing; nothing was captured",
+            {"hold_id": str(hold_id)},
         )
     refusal = _HOLD_REFUSALS.get(outcome)
     if refusal is not None:
@@ -327,10 +374,11 @@ def hold_reply_response(
         )  # fmt: skip
     if outcome is Outcome.INSUFFICIENT_FUNDS:
         # A keyed creation's refusal is recorded: its retry replays it.
+        exponent = (reply.currency or SEED_CURRENCY).exponent
         raise ProblemError(
             409, "INSUFFICIENT_FUNDS",
-            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
-            f"cannot hold {format_minor(amount)}",
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0, exponent)} "
+            f"available, cannot hold {_money(amount, reply.currency)}",
             headers=_REPLAYED if reply.replayed else None,
         )  # fmt: skip
     if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
@@ -339,6 +387,22 @@ def hold_reply_response(
             "this Idempotency-Key was already used with a different request",
         )  # fmt: skip
     raise reply_problem(reply, wallet_id or hold_id, amount)
+
+
+def amount_problem(
+    currency: Currency, amount: Amount | None, field: str = "amount"
+) -> ProblemError:
+    """422 naming the field: an amount the wallet's currency cannot hold."""
+    code, exponent = currency
+    if (
+        amount is not None
+        and amount.scale > exponent
+        and amount.value % 10 ** (amount.scale - exponent)
+    ):
+        message = f"must have at most {exponent} fractional digits ({code})"
+    else:
+        message = f"must be at most {format_minor(AMOUNT_MINOR_MAX, exponent)} ({code})"
+    return ValidationProblem([{"field": field, "message": message}])
 
 
 def wallet_response(view: WalletView) -> web.Response:
@@ -357,7 +421,7 @@ def _wallet_response(view: WalletView, status: int, replayed: bool) -> web.Respo
     return web.Response(status=status, body=wallet_body(view), headers=headers)
 
 
-def reply_response(reply: Reply, wallet_id: UUID, amount: int = 0) -> web.Response:
+def reply_response(reply: Reply, wallet_id: UUID, amount: Amount | None = None) -> web.Response:
     """The response for a reply, or the ProblemError it stands for."""
     outcome = reply.outcome
     if outcome is Outcome.OK and reply.wallet is not None:
@@ -369,7 +433,7 @@ def reply_response(reply: Reply, wallet_id: UUID, amount: int = 0) -> web.Respon
     raise reply_problem(reply, wallet_id, amount)
 
 
-def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemError:
+def reply_problem(reply: Reply, wallet_id: UUID, amount: Amount | None = None) -> ProblemError:
     """The problem a refused or failed reply stands for."""
     outcome = reply.outcome
     if outcome is Outcome.WALLET_NOT_FOUND:
@@ -378,21 +442,30 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
         return ProblemError(409, "WALLET_ALREADY_EXISTS", f"wallet {wallet_id} already exists")
     # A recorded refusal replayed to a retry with its key: same status and body.
     replayed = _REPLAYED if reply.replayed else None
+    currency = reply.currency
+    exponent = (currency or SEED_CURRENCY).exponent
     if outcome is Outcome.INSUFFICIENT_FUNDS:
         return ProblemError(
             409,
             "INSUFFICIENT_FUNDS",
-            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)} available, "
-            f"cannot withdraw {format_minor(amount)}",
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0, exponent)} "
+            f"available, cannot withdraw {_money(amount, currency)}",
             headers=replayed,
         )
     if outcome is Outcome.BALANCE_LIMIT_EXCEEDED:
         return ProblemError(
             409,
             "BALANCE_LIMIT_EXCEEDED",
-            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0)}; depositing "
-            f"{format_minor(amount)} would pass the balance ceiling",
+            f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0, exponent)}; "
+            f"depositing {_money(amount, currency)} would pass the balance ceiling",
             headers=replayed,
+        )
+    if outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and currency is not None:
+        return amount_problem(currency, amount)
+    if outcome is Outcome.CURRENCY_MISMATCH:
+        return currency_mismatch(
+            f"the operations touch wallets of different currencies (wallet {wallet_id} among "
+            "them); nothing was applied"
         )
     if outcome is Outcome.IDEMPOTENCY_KEY_REUSED:
         return ProblemError(
@@ -400,7 +473,7 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: int = 0) -> ProblemErro
             "IDEMPOTENCY_KEY_REUSED",
             "this Idempotency-Key was already used with a different request",
         )
-    status_problem = _status_problem(reply, wallet_id, replayed)
+    status_problem = _status_problem(reply, wallet_id, replayed, exponent)
     if status_problem is not None:
         return status_problem
     if outcome is Outcome.STORAGE_REFUSED:
@@ -452,7 +525,7 @@ _BLOCKERS: Final = {
 
 
 def _status_problem(
-    reply: Reply, wallet_id: UUID, replayed: dict[str, str] | None
+    reply: Reply, wallet_id: UUID, replayed: dict[str, str] | None, exponent: int
 ) -> ProblemError | None:
     """The problems of wallet status, overdraft limits and If-Match, or None."""
     outcome = reply.outcome
@@ -480,7 +553,7 @@ def _status_problem(
         return ProblemError(
             409,
             "OVERDRAFT_LIMIT_IN_USE",
-            f"wallet {wallet_id} owes {format_minor(-(reply.balance_seen or 0))} beyond what "
-            "it holds; the overdraft limit cannot go below that",
+            f"wallet {wallet_id} owes {format_minor(-(reply.balance_seen or 0), exponent)} "
+            "beyond what it holds; the overdraft limit cannot go below that",
         )
     return None

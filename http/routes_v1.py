@@ -34,6 +34,7 @@ from walletd.http.parsing import (
 )
 from walletd.http.problems import ProblemError, ValidationProblem
 from walletd.http.responses import (
+    amount_problem,
     format_timestamp,
     history_item,
     hold_reply_response,
@@ -76,9 +77,9 @@ routes.post(BULK_PATH)(requires(Scope.MOVE)(bulk_operations))
 async def create_wallet(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     body, _raw = await read_json_object(request, state.settings, optional=True)
-    wallet_id, metadata = parse_create_body(body)
+    wallet_id, currency, metadata = parse_create_body(body, state.settings.currencies)
     key = parse_idempotency_key(request)
-    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key, metadata)
+    chosen_id, reply = await state.services.engine.create_wallet(wallet_id, key, currency, metadata)
     return reply_response(reply, chosen_id)
 
 
@@ -138,7 +139,7 @@ async def _wallet_as_of(request: web.Request, wallet_id: UUID, text: str) -> web
         )
     view = WalletView(
         wallet_id, found.balance, found.seq, found.created_at_us, found.updated_at_us, found.held,
-        found.status, found.overdraft_limit, found.metadata,
+        found.currency, found.status, found.overdraft_limit, found.metadata,
     )  # fmt: skip
     body = wallet_body(view)[:-1] + f',"as_of":"{format_timestamp(at_us)}"}}'.encode()
     # The version the wallet had then (If-Match against it fails once it moved since).
@@ -156,8 +157,9 @@ async def apply_operation(request: web.Request) -> web.Response:
     # No header lookup beyond the one dict probe on the hot path.
     expected_seq = parse_if_match(request) if "If-Match" in request.headers else None
     reply = await state.services.engine.apply(
-        wallet_id, kind, amount, key, reference, request.get(KEY_NAME), expected_seq, metadata
-    )
+        wallet_id, kind, amount.value, key, reference, request.get(KEY_NAME), expected_seq,
+        amount.scale, metadata,
+    )  # fmt: skip
     return reply_response(reply, wallet_id, amount)
 
 
@@ -172,10 +174,14 @@ async def update_wallet(request: web.Request) -> web.Response:
     changes = parse_update_body(body, raw)
     key = parse_idempotency_key(request)
     expected_seq = parse_if_match(request)
+    limit = changes.overdraft_limit
     reply = await state.services.engine.update_wallet(
-        wallet_id, changes.status, changes.overdraft_limit, key, changes.fingerprint,
-        expected_seq=expected_seq, actor=request.get(KEY_NAME),
+        wallet_id, changes.status, None if limit is None else limit.value, key,
+        changes.fingerprint, expected_seq=expected_seq, actor=request.get(KEY_NAME),
+        limit_scale=None if limit is None else limit.scale,
     )  # fmt: skip
+    if reply.outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and reply.currency is not None:
+        raise amount_problem(reply.currency, limit, "overdraft_limit")
     return reply_response(reply, wallet_id)
 
 
@@ -189,8 +195,8 @@ async def create_hold(request: web.Request) -> web.Response:
     wanted = parse_hold_body(body, raw, engine.limits.hold_expires_in_s_max)
     key = parse_idempotency_key(request)
     hold_id, reply = await engine.create_hold(
-        wallet_id, wanted.amount, wanted.expires_in_s, wanted.reference, key,
-        request.get(KEY_NAME), wanted.metadata,
+        wallet_id, wanted.amount.value, wanted.expires_in_s, wanted.reference, key,
+        request.get(KEY_NAME), wanted.amount.scale, wanted.metadata,
     )  # fmt: skip
     return hold_reply_response(reply, hold_id, wallet_id, wanted.amount)
 
@@ -214,14 +220,15 @@ async def capture_hold(request: web.Request) -> web.Response:
     key = parse_idempotency_key(request)
     engine = state.services.engine
     reply = await engine.resolve_hold(
-        HoldAction.CAPTURE, hold_id, amount, key, to_wallet_id, request.get(KEY_NAME)
-    )
+        HoldAction.CAPTURE, hold_id, None if amount is None else amount.value, key,
+        to_wallet_id, request.get(KEY_NAME), None if amount is None else amount.scale,
+    )  # fmt: skip
     transfer = None
     if reply.hold is not None and reply.hold.transfer_id is not None:
         # A capture into a wallet: the transfer as it is now (COMPLETED, FAILED and
         # refunded, or PENDING until the re-drive finishes it).
         transfer = await engine.read_transfer(reply.hold.transfer_id)
-    return hold_reply_response(reply, hold_id, None, amount or 0, transfer)
+    return hold_reply_response(reply, hold_id, None, amount, transfer)
 
 
 @routes.post(_HOLD + "/void")
@@ -256,8 +263,9 @@ async def create_transfer(request: web.Request) -> web.Response:
     wanted = parse_transfer_body(body, raw)
     key = parse_idempotency_key(request)
     transfer_id, reply = await state.services.engine.transfer(
-        wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount,
-        wanted.reference, request.get(KEY_NAME), wanted.metadata,
+        wanted.transfer_id, key, wanted.from_wallet_id, wanted.to_wallet_id,
+        wanted.amount.value, wanted.reference, request.get(KEY_NAME), wanted.amount.scale,
+        wanted.metadata,
     )  # fmt: skip
     return transfer_reply_response(
         reply, transfer_id, wanted.from_wallet_id, wanted.to_wallet_id, wanted.amount
@@ -360,7 +368,9 @@ async def list_operations(request: web.Request) -> web.Response:
         rows, next_seq = await services.reader.filtered_history(
             wallet_id, history_filter, before_seq, limit, scan_max
         )
-    items = [history_item(operation_id, op) for operation_id, op in rows]
+    assert reply.wallet is not None
+    exponent = reply.wallet.currency.exponent
+    items = [history_item(operation_id, op, exponent) for operation_id, op in rows]
     next_cursor = _encode_cursor(next_seq) if next_seq is not None else None
     body = orjson.dumps({"items": items, "next_cursor": next_cursor})
     return web.Response(body=body, headers=_JSON_HEADERS)

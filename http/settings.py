@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
+from walletd.http.currencies import Currencies
 from walletd.http.keys import ApiKey
 
 __all__ = ["LISTING_LIMIT_MAX", "HttpSettings", "WebhookSettings"]
@@ -75,6 +76,8 @@ class HttpSettings:
     forward_timeout_s: float = 10.0
     forward_connections_max: int = 64
     webhooks: WebhookSettings = WebhookSettings()
+    # What a wallet may be created in, and the default (http/currencies.py).
+    currencies: Currencies = field(default_factory=Currencies)
 
     def __post_init__(self) -> None:
         if self.body_bytes_max < 1024:

@@ -159,13 +159,15 @@ def reconcile_total(
     ledger: Ledger,
     balances_cents: Mapping[str, int | None],
     initial_cents: Mapping[str, int],
+    wallets: set[str] | None = None,
 ) -> str | None:
     """The global check: the sum of all balances is the initial sum plus the acknowledged
-    net (transfers add nothing to it), within the uncertain amounts; None when it holds."""
+    net (transfers add nothing to it), within the uncertain amounts; None when it holds.
+    ``wallets``: only these (one currency's: money never moves between currencies)."""
     if any(balance is None for balance in balances_cents.values()):
         return "some balances could not be read"
     actual = sum(b for b in balances_cents.values() if b is not None)
-    tallies = ledger.wallets.values()
+    tallies = [t for w, t in ledger.wallets.items() if wallets is None or w in wallets]
     expected = sum(initial_cents.values()) + sum(t.acked_net for t in tallies)
     low = expected - sum(t.uncertain_withdraw for t in tallies)
     high = expected + sum(t.uncertain_deposit for t in tallies)

@@ -20,6 +20,8 @@ Pick scenarios by user class (and narrow them by tags):
 |                     | (limit --walletd-credit-    | limit (set by PATCH at setup: the key needs  |
 |                     | limit, 50.00)               | admin) and deposits: balances go below zero, |
 |                     |                             | never below -limit; 409 is fine              |
+| CurrencyUser        | 8 wallets, USD and JPY      | deposits, transfers in one currency, and     |
+|                     |                             | across two: 422 CURRENCY_MISMATCH expected   |
 
 Life of a test:
 
@@ -28,7 +30,9 @@ Life of a test:
     initial balances               in integer cents (Ledger)      with initial + acked deposits
                                                                   - acked withdrawals; and the
                                                                   global sum, which transfers
-                                                                  must not change
+                                                                  must not change (one sum per
+                                                                  currency: money never moves
+                                                                  between two)
 
 Distributed mode (`--master` plus N `--worker` processes, e.g.
 `locust -f loadtest/locustfile.py --master --headless --expect-workers 4 -u 200 -r 200 -t 60s
@@ -92,6 +96,10 @@ SETUP_HTTP_TIMEOUT_S = 10.0
 WORKER_LEDGER_WAIT_S_EXTRA = 30.0
 MISMATCHES_LOGGED_MAX = 20
 WALLETS_MAX = 1_000_000
+# CurrencyUser's wallets: this many, their currencies in turn (walletd's default is USD).
+CURRENCY_WALLETS = 8
+CURRENCIES = ("USD", "JPY")
+DEFAULT_CURRENCY = "USD"
 
 
 @dataclass(slots=True)
@@ -105,6 +113,8 @@ class RunState:
     # Wallets with an overdraft limit (CreditLimitUser), and that limit in cents.
     credit_wallets: list[str] = field(default_factory=list)
     credit_limit_cents: int = 0
+    # CurrencyUser's wallets and their currencies (every other wallet is the default, USD).
+    currency_of: dict[str, str] = field(default_factory=dict)
     initial_cents: dict[str, int] = field(default_factory=dict)
     ledger: Ledger = field(default_factory=Ledger)
     worker_ledgers: dict[str, Ledger] = field(default_factory=dict)
@@ -118,7 +128,7 @@ class RunState:
     def all_wallets(self) -> list[str]:
         return [
             self.hot_wallet, *self.uniform_wallets, *self.overdraft_wallets,
-            *self.credit_wallets,
+            *self.credit_wallets, *self.currency_of,
         ]  # fmt: skip
 
 
@@ -153,6 +163,10 @@ def plan_wallets(
     state.hot_wallet = wallet_id(run_id, "hot", 0)
     state.uniform_wallets = [wallet_id(run_id, "uniform", i) for i in range(uniform_count)]
     state.overdraft_wallets = [wallet_id(run_id, "overdraft", i) for i in range(overdraft_count)]
+    state.currency_of = {
+        wallet_id(run_id, "currency", i): CURRENCIES[i % len(CURRENCIES)]
+        for i in range(CURRENCY_WALLETS)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,10 +248,14 @@ def _read_balance_cents(host: str, headers: dict[str, str], wallet: str) -> int 
 
 
 def _create_wallet(host: str, headers: dict[str, str], wallet: str) -> int | None:
-    """Creates one wallet (or finds it) and returns its starting balance in cents."""
+    """Creates one wallet (or finds it) and returns its starting balance in cents (of its
+    currency's unit: a JPY wallet's "1000" is 100000, exact; only whole units move)."""
     post_headers = {**headers, "Content-Type": "application/json"}
+    fields = {"id": wallet}
+    if wallet in STATE.currency_of:
+        fields["currency"] = STATE.currency_of[wallet]
     try:
-        body_bytes = orjson.dumps({"id": wallet})
+        body_bytes = orjson.dumps(fields)
         status, body = _http_json("POST", f"{host}{API}", post_headers, body_bytes)
     except (OSError, orjson.JSONDecodeError) as error:
         log.error("creating wallet %s failed: %s", wallet, error)
@@ -392,9 +410,16 @@ def _reconcile(environment: Environment) -> None:
     )
     floors = {wallet: -STATE.credit_limit_cents for wallet in STATE.credit_wallets}
     mismatches = reconcile(STATE.ledger, balances, STATE.initial_cents, floors)
-    total_problem = reconcile_total(STATE.ledger, balances, STATE.initial_cents)
-    if total_problem is not None:
-        log.error("walletd: GLOBAL SUM MISMATCH %s", total_problem)
+    total_problem = None
+    for currency in sorted({DEFAULT_CURRENCY, *STATE.currency_of.values()}):
+        # One sum per currency: transfers move money within one, never between two.
+        mine = {w: b for w, b in balances.items()
+                if STATE.currency_of.get(w, DEFAULT_CURRENCY) == currency}  # fmt: skip
+        initial = {w: STATE.initial_cents[w] for w in mine}
+        problem = reconcile_total(STATE.ledger, mine, initial, wallets=set(mine))
+        if problem is not None:
+            total_problem = f"{currency}: {problem}"
+            log.error("walletd: SUM MISMATCH %s", total_problem)
     acked = sum(t.acked_ops for t in STATE.ledger.wallets.values())
     STATE.acked_ops = acked
     uncertain = sum(t.uncertain_ops for t in STATE.ledger.wallets.values())
@@ -820,6 +845,55 @@ class TransferUser(WalletdUser):
             # PENDING at the end (debited, not yet credited): within the per-wallet bounds.
             STATE.ledger.record(sender, -cents, outcome)
             STATE.ledger.record(receiver, cents, outcome)
+
+
+class CurrencyUser(WalletdUser):
+    """Wallets in two currencies (USD, JPY): deposits of whole units, and transfers between
+    random pairs. Within one currency they move money (409 INSUFFICIENT_FUNDS is fine);
+    across two they must be refused 422 CURRENCY_MISMATCH with nothing moved. The end
+    check reconciles every wallet and each currency's sum on its own."""
+
+    @tag("currency")
+    @task
+    def deposit(self) -> None:
+        wallet = random.choice(list(STATE.currency_of))
+        self.operate(wallet, random.randint(1, 50) * 100, "POST deposit (currency)")
+
+    @tag("currency", "transfer")
+    @task(2)
+    def transfer(self) -> None:
+        sender, receiver = random.sample(list(STATE.currency_of), 2)
+        cents = random.randint(1, 20) * 100  # whole units: every currency holds them
+        across = STATE.currency_of[sender] != STATE.currency_of[receiver]
+        outcome = Outcome.UNKNOWN
+        try:
+            with self.client.post(
+                "/api/v1/transfers",
+                json={
+                    "from_wallet_id": sender,
+                    "to_wallet_id": receiver,
+                    "amount": str(cents // 100),
+                },
+                headers=self.auth,
+                name="POST transfer (across currencies)" if across else "POST transfer (currency)",
+                catch_response=True,
+            ) as response:
+                outcome = judge_currency_transfer(response, across)
+        finally:
+            STATE.ledger.record(sender, -cents, outcome)
+            STATE.ledger.record(receiver, cents, outcome)
+
+
+def judge_currency_transfer(response: ResponseContextManager, across: bool) -> Outcome:
+    """Across two currencies only 422 CURRENCY_MISMATCH is right (nothing moved); within
+    one, as any transfer."""
+    if not across:
+        return judge_transfer(response)
+    if response.status_code == 422 and _problem_code(response) == "CURRENCY_MISMATCH":
+        _succeed(response)
+        return Outcome.REFUSED
+    _fail(response, f"across currencies: HTTP {response.status_code} {_problem_code(response)}")
+    return Outcome.REFUSED if 400 <= response.status_code < 500 else Outcome.UNKNOWN
 
 
 def judge_transfer(response: ResponseContextManager) -> Outcome:

@@ -27,6 +27,7 @@ USER_CLASSES = [
     "BulkUser",
     "TransferUser",
     "CreditLimitUser",
+    "CurrencyUser",
 ]
 STOP_TIMEOUT_S = 5
 # Beyond the run time: wallet setup, the users' stop timeout and the read-back.

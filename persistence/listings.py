@@ -50,6 +50,7 @@ from walletd.engine.model import (
     WalletStatus,
     WalletView,
 )
+from walletd.engine.money import Currency, currency_of
 from walletd.persistence.postgres_log import stored_metadata
 
 __all__ = [
@@ -112,23 +113,37 @@ def _columns(*names: str) -> str:
 
 def _wallet(row: asyncpg.Record) -> WalletView:
     return WalletView(
-        row[0], row[1], row[2], row[3], row[4], row[5], WalletStatus(row[6]), row[7],
-        stored_metadata(row[8]),
+        row[0], row[1], row[2], row[3], row[4], row[5], currency_of(row[9], row[10]),
+        WalletStatus(row[6]), row[7], stored_metadata(row[8]),
     )  # fmt: skip
+
+
+def _joined_currency(text: str | None) -> Currency | None:
+    """A wallet's currency read as "<code>:<exponent>" (None: no such wallet)."""
+    if text is None:
+        return None
+    code, _, exponent = text.partition(":")
+    return currency_of(code, int(exponent))
 
 
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        metadata=stored_metadata(row[9]),
+        currency=_joined_currency(row[10]), metadata=stored_metadata(row[9]),
     )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
     return HoldRecord(
         row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
-        row[9], None, "", None, None, row[10], row[11], stored_metadata(row[12]),
+        row[9], None, "", None, None, row[10], row[11], _joined_currency(row[13]),
+        stored_metadata(row[12]),
     )  # fmt: skip
+
+
+# An item's wallet's currency, as its GET reads it (persistence/postgres_log.py): one
+# primary-key lookup per row the page reads.
+_CURRENCY_OF: Final = "(SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = r.{})"
 
 
 # A transfer's metadata is its debit row's and a hold's its HOLD row's (migration
@@ -144,15 +159,17 @@ def _row_metadata(wallet_column: str, kind: str) -> str:
 _TRANSFER_COLUMNS: Final = _columns(
     "id", "from_wallet_id", "to_wallet_id", "amount", "reference", "status", "failure_code",
     "created_at_us", "updated_at_us",
-) + ", " + _row_metadata("from_wallet_id", "TRANSFER_OUT")  # fmt: skip
+) + ", " + _row_metadata("from_wallet_id", "TRANSFER_OUT") + ", " + _CURRENCY_OF.format(
+    "from_wallet_id"
+)  # fmt: skip
 _WALLET_COLUMNS: Final = _columns(
     "id", "balance", "seq", "created_at_us", "updated_at_us", "held", "status",
-    "overdraft_limit", "metadata",
+    "overdraft_limit", "metadata", "currency", "exponent",
 )  # fmt: skip
 _HOLD_COLUMNS: Final = _columns(
     "id", "wallet_id", "shard", "amount", "status", "expires_at_us", "captured",
     "to_wallet_id", "transfer_id", "reference", "created_at_us", "updated_at_us",
-) + ", " + _row_metadata("wallet_id", "HOLD")  # fmt: skip
+) + ", " + _row_metadata("wallet_id", "HOLD") + ", " + _CURRENCY_OF.format("wallet_id")  # fmt: skip
 LISTINGS: Final[Mapping[Listing, _Table]] = {
     Listing.WALLETS: _Table(
         "wallets",

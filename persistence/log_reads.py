@@ -34,6 +34,7 @@ from walletd.engine.log_reads import (
     WalletAsOf,
 )
 from walletd.engine.model import OperationKind, OperationRecord, WalletStatus
+from walletd.engine.money import currency_of
 from walletd.engine.ports import StorageError, StorageUnavailable
 from walletd.persistence.listings import listing_args, listing_page, listing_sql
 from walletd.persistence.postgres_log import stored_metadata
@@ -52,7 +53,7 @@ _SEQ_MAX: Final = 2**63 - 1
 
 AS_OF_SQL: Final = f"""
 SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
-       o.held_after, u.status_after, u.overdraft_limit_after,
+       o.held_after, u.status_after, u.overdraft_limit_after, w.currency, w.exponent,
        w.metadata  -- fixed at creation until a change of it is logged
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
@@ -95,7 +96,8 @@ FEED_SOURCES: Final = (
     f"""
     SELECT w.created_xid AS xid, w.feed_id AS id, 'wallet.created' AS type,
            {_MICROS.format("w.created_at")} AS created_us,
-           json_build_object('wallet_id', w.id,
+           json_build_object('wallet_id', w.id, 'currency', w.currency,
+                             'exponent', w.exponent,
                              'metadata', coalesce(w.metadata, '{{}}'::jsonb)) AS data
       FROM wallets w
      WHERE (w.created_xid, w.feed_id) > ($1::text::xid8, $2)
@@ -115,7 +117,8 @@ FEED_SOURCES: Final = (
                'overdraft_limit', o.overdraft_limit_after,
                'balance_after', o.balance_after, 'held_after', o.held_after,
                'actor', o.actor,
-               'idempotency_key', replace(o.idempotency_key, chr(31), '/'))
+               'idempotency_key', replace(o.idempotency_key, chr(31), '/'),
+               'currency', c.currency, 'exponent', c.exponent)
            ELSE json_build_object(
                'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
                'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' WHEN 2 THEN 'WITHDRAW'
@@ -138,8 +141,13 @@ FEED_SOURCES: Final = (
                'transfer_id', CASE WHEN o.kind IN (3, 4, 5)
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
-                               THEN split_part(o.idempotency_key, ':', 2) END) END
+                               THEN split_part(o.idempotency_key, ':', 2) END,
+               -- The wallet's currency: its money fields are in its minor units.
+               'currency', c.currency, 'exponent', c.exponent) END
       FROM wallet_operations o
+      -- One primary-key lookup per event of the page (below the LIMIT: rows pulled only).
+      LEFT JOIN LATERAL (SELECT w.currency, w.exponent FROM wallets w WHERE w.id = o.wallet_id)
+           AS c ON true
      WHERE (o.xid, o.id) > ($1::text::xid8, $2)
        AND o.xid < (SELECT horizon FROM snapshot)
      ORDER BY o.xid, o.id LIMIT $3
@@ -181,12 +189,17 @@ class PostgresLogReader(LogReader):
         rows = await self._fetch(AS_OF_SQL, wallet_id, at_us)
         if not rows:
             return None
-        created_us, balance, seq, updated_us, held, status, limit, metadata_text = rows[0]
+        created_us, balance, seq, updated_us, held, status, limit, code, exponent, metadata_text = (
+            rows[0]
+        )
+        currency = currency_of(code, exponent)
         metadata = stored_metadata(metadata_text)
         if not seq:  # seq 0: no operation yet at that instant
-            return WalletAsOf(wallet_id, 0, 0, created_us, created_us, metadata=metadata)
+            return WalletAsOf(
+                wallet_id, 0, 0, created_us, created_us, 0, currency, metadata=metadata
+            )
         return WalletAsOf(
-            wallet_id, balance, seq, created_us, updated_us, held,
+            wallet_id, balance, seq, created_us, updated_us, held, currency,
             WalletStatus(status or WalletStatus.ACTIVE), limit or 0, metadata,
         )  # fmt: skip
 

@@ -16,16 +16,18 @@
   amount, and no leg names no transfer (``TRANSFER_LEGS_CHECK``); every hold has exactly
   the HOLD / CAPTURE / RELEASE rows its resolution calls for (``HOLD_ROWS_CHECK``), and a
   capture into another wallet names its transfer (``HOLD_TRANSFERS_CHECK``); and
-  sum(balance) + sum(PENDING transfers) = deposits - withdrawals - captures
-  (``CONSERVATION``). Each is one statement aggregating or joining on the server, returning
-  at most ``FEED_MISMATCHES_MAX`` rows. Then it checks that every log row and every wallet
-  creation has exactly one change-feed position: none without one, no two sharing one
-  (``FEED_POSITIONS_CHECK``).
+  sum(balance) + sum(PENDING transfers) = deposits - withdrawals - captures, for each
+  currency on its own (``CONSERVATION``, by the wallets' currency column); that every
+  transfer and every capture into a wallet joins two wallets of one currency, and that a
+  currency code has one exponent (``CURRENCY_CHECK``). Each is one statement aggregating
+  or joining on the server, returning at most ``FEED_MISMATCHES_MAX`` rows. Then it checks
+  that every log row and every wallet creation has exactly one change-feed position: none
+  without one, no two sharing one (``FEED_POSITIONS_CHECK``).
 - ``restore`` rebuilds every wallet's balance, held, seq, updated_at, status and overdraft
-  limit from the log in one
-  transaction, holding every shard lease so no walletd serves the database meanwhile. It is
-  one statement on purpose: split into 64 slices of the id space (to report progress) it
-  took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s against 5.8-8.8 s).
+  limit from the log in one transaction, holding every shard lease so no walletd serves the
+  database meanwhile. It is one statement on purpose: split into 64 slices of the id space
+  (to report progress) it took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s
+  against 5.8-8.8 s).
 - ``seed`` bulk-loads wallets and their history with COPY, snapshot and log consistent.
 
 Each takes an optional ``ProgressSink`` (the CLI's progress bar) that hears the expected
@@ -250,16 +252,42 @@ SELECT h.wallet_id, h.id, h.captured, h.to_wallet_id, h.transfer_id,
         OR t.amount <> h.captured)
  LIMIT {FEED_MISMATCHES_MAX}
 """
-# The conservation equation (docs/ARCHITECTURE.md, "Holds"), and the counts for the report.
+# The conservation equation (docs/ARCHITECTURE.md, "Holds") per currency: money never moves
+# between currencies, so each one's sum balances alone (migration "wallet_currencies"). A
+# PENDING transfer's money is its sending wallet's currency.
 CONSERVATION = """
-SELECT (SELECT coalesce(sum(balance), 0) FROM wallets),
-       (SELECT coalesce(sum(amount) FILTER (WHERE status = 1), 0) FROM transfers),
-       coalesce(sum(amount) FILTER (WHERE kind = 1), 0),
-       coalesce(sum(amount) FILTER (WHERE kind = 2), 0),
-       coalesce(sum(amount) FILTER (WHERE kind = 7), 0),
-       (SELECT count(*) FROM transfers),
-       (SELECT count(*) FROM holds)
-  FROM wallet_operations
+WITH b AS (SELECT currency, sum(balance) AS balances FROM wallets GROUP BY currency),
+     p AS (SELECT w.currency, sum(t.amount) AS pending
+             FROM transfers t JOIN wallets w ON w.id = t.from_wallet_id
+            WHERE t.status = 1 GROUP BY w.currency),
+     o AS (SELECT w.currency,
+                  sum(o.amount) FILTER (WHERE o.kind = 1) AS deposits,
+                  sum(o.amount) FILTER (WHERE o.kind = 2) AS withdrawals,
+                  sum(o.amount) FILTER (WHERE o.kind = 7) AS captures
+             FROM wallet_operations o JOIN wallets w ON w.id = o.wallet_id
+            WHERE o.kind IN (1, 2, 7) GROUP BY w.currency)
+SELECT currency, coalesce(balances, 0), coalesce(pending, 0), coalesce(deposits, 0),
+       coalesce(withdrawals, 0), coalesce(captures, 0)
+  FROM b FULL JOIN p USING (currency) FULL JOIN o USING (currency)
+ ORDER BY currency
+"""
+COUNTS = "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM holds)"
+# Money between wallets of different currencies (a COMPLETED transfer, hence also a capture
+# into a wallet, which opens one; a FAILED one was refunded, as when its receiver was
+# created in another currency after the debit), and a code stored with two exponents.
+CURRENCY_CHECK = f"""
+(SELECT t.from_wallet_id, 'transfer ' || t.id || ' moves ' || f.currency || ' into wallet '
+        || t.to_wallet_id || ', which holds ' || r.currency
+   FROM transfers t
+   JOIN wallets f ON f.id = t.from_wallet_id
+   JOIN wallets r ON r.id = t.to_wallet_id
+  WHERE t.status = 2 AND (f.currency, f.exponent) <> (r.currency, r.exponent)
+  LIMIT {FEED_MISMATCHES_MAX})
+UNION ALL
+(SELECT min(w.id::text)::uuid, 'currency ' || w.currency || ' is stored with exponents '
+        || string_agg(DISTINCT w.exponent::text, ', ')
+   FROM wallets w GROUP BY w.currency HAVING count(DISTINCT w.exponent) > 1
+  LIMIT {FEED_MISMATCHES_MAX})
 """
 _KIND_NAMES = {
     1: "DEPOSIT", 2: "WITHDRAW", 3: "TRANSFER_OUT", 4: "TRANSFER_IN", 5: "TRANSFER_REFUND",
@@ -502,18 +530,22 @@ async def _check_across_wallets(
             f"hold {hold_id} captured {captured} into wallet {to_wallet} by transfer "
             f"{transfer_id}, which carries {carried}",
         )
-    totals = await connection.fetchrow(CONSERVATION)
-    assert totals is not None
-    # Sums of bigint are numeric (Decimal): exact, made int for the comparison and text.
-    balances, pending, deposits, withdrawals, captures = (int(total) for total in totals[:5])
-    transfers, holds = totals[5], totals[6]
-    report.transfers, report.holds = transfers, holds
-    if balances + pending != deposits - withdrawals - captures:
-        found(
-            None,
-            f"sum(balance) {balances} + PENDING transfers {pending} != deposits {deposits}"
-            f" - withdrawals {withdrawals} - captures {captures}: money was made or lost",
-        )
+    for wallet_id, problem in await connection.fetch(CURRENCY_CHECK):
+        found(wallet_id, problem)
+    for totals in await connection.fetch(CONSERVATION):
+        # Sums of bigint are numeric (Decimal): exact, made int for the comparison and text.
+        currency = totals[0]
+        balances, pending, deposits, withdrawals, captures = (int(t) for t in totals[1:6])
+        if balances + pending != deposits - withdrawals - captures:
+            found(
+                None,
+                f"{currency}: sum(balance) {balances} + PENDING transfers {pending} != "
+                f"deposits {deposits} - withdrawals {withdrawals} - captures {captures}: "
+                "money was made or lost",
+            )
+    counts = await connection.fetchrow(COUNTS)
+    assert counts is not None
+    report.transfers, report.holds = counts[0], counts[1]
 
 
 def _row_problem(owner: str, row: asyncpg.Record) -> tuple[UUID, str]:

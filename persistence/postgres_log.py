@@ -49,6 +49,7 @@ from walletd.engine.model import (
     WalletStatus,
     as_metadata,
 )
+from walletd.engine.money import Currency, currency_of
 from walletd.engine.ports import (
     CommitOutcomeUnknown,
     HoldNotPending,
@@ -95,6 +96,10 @@ _TRANSFERS_CALL = "walletd_append_transfers({}, $5, $6, $7, $8, $10)"
 _TRANSFERS_ARGS = 10
 _HOLDS_CALL = "walletd_append_holds({}, $5, $6, $7, $8, $10)"
 _HOLDS_ARGS = 17
+# The currency of the batch's new wallets (migration "wallet_currencies"), right after the
+# call that inserts them; the new wallets' ids are $1.
+_CURRENCIES_CALL = "walletd_set_currencies($1, {})"
+_CURRENCIES_ARGS = 2
 _LEG_KINDS = frozenset(
     {OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
 )
@@ -106,10 +111,11 @@ _UPDATES_CALL = "walletd_append_wallet_updates({}, $5, $6, $7)"
 _UPDATES_ARGS = 4
 
 
-def _append_statement(transfers: bool, holds: bool, updates: bool = False) -> str:
+def _append_statement(transfers: bool, holds: bool, updates: bool, currencies: bool) -> str:
     calls = [_APPEND_BATCH]
     next_arg = 36
     for wanted, call, count in (
+        (currencies, _CURRENCIES_CALL, _CURRENCIES_ARGS),
         (transfers, _TRANSFERS_CALL, _TRANSFERS_ARGS),
         (holds, _HOLDS_CALL, _HOLDS_ARGS),
         (updates, _UPDATES_CALL, _UPDATES_ARGS),
@@ -121,10 +127,13 @@ def _append_statement(transfers: bool, holds: bool, updates: bool = False) -> st
 
 
 _APPEND_STATEMENTS = {
-    (transfers, holds, updates): _append_statement(transfers, holds, updates)
+    (transfers, holds, updates, currencies): _append_statement(
+        transfers, holds, updates, currencies
+    )
     for transfers in (False, True)
     for holds in (False, True)
     for updates in (False, True)
+    for currencies in (False, True)
 }
 
 _MICROS = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -134,7 +143,8 @@ _WALLET_COLUMNS = (
     + _MICROS.format("created_at")
     + ", "
     + _MICROS.format("updated_at")
-    + ", create_idempotency_key, create_fingerprint, held, status, overdraft_limit, metadata"
+    + ", create_idempotency_key, create_fingerprint, held, status, overdraft_limit, metadata,"
+    + " currency, exponent"
 )
 _LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
 _HOLD_COLUMNS = (
@@ -147,8 +157,12 @@ _HOLD_COLUMNS = (
     + _MICROS.format("updated_at")
     # A hold's metadata is its HOLD row's (migration "metadata"): one lookup of the unique
     # (wallet_id, idempotency_key) index by the row's key.
-    + ", (SELECT o.metadata FROM wallet_operations o WHERE o.wallet_id = holds.wallet_id"
-    " AND o.idempotency_key = chr(31) || 'HOLD:' || holds.id::text)"
+    + (
+        ", (SELECT o.metadata FROM wallet_operations o WHERE o.wallet_id = holds.wallet_id"
+        " AND o.idempotency_key = chr(31) || 'HOLD:' || holds.id::text)"
+    )
+    # Its wallet's currency (a hold has none of its own): one primary-key lookup.
+    + ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = holds.wallet_id)"
 )
 _LOAD_HOLDS = f"SELECT {_HOLD_COLUMNS} FROM holds WHERE id = ANY($1::uuid[])"
 # The PENDING holds of the loaded wallets that have any (index holds_pending_by_wallet).
@@ -234,6 +248,8 @@ _TRANSFER_COLUMNS = (
     + ", "
     + _MICROS.format("t.updated_at")
     + ", d.actor, d.metadata"
+    # The transfer's currency is its wallets' (the sender's read): one primary-key lookup.
+    ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = t.from_wallet_id)"
 )
 _TRANSFERS = (
     "transfers t LEFT JOIN LATERAL (SELECT o.actor, o.metadata FROM wallet_operations o"
@@ -305,6 +321,14 @@ _CONNECTION_LOST = (
 )
 
 
+def _joined_currency(text: str | None) -> Currency | None:
+    """A wallet's currency read as "<code>:<exponent>" (None: no such wallet)."""
+    if text is None:
+        return None
+    code, _, exponent = text.partition(":")
+    return currency_of(code, int(exponent))
+
+
 def stored_metadata(text: str | None) -> Metadata:
     """A jsonb metadata column as the engine holds it (NULL: none)."""
     if text is None:
@@ -321,14 +345,15 @@ def metadata_args(metadata: Sequence[Metadata]) -> list[object]:
 def _wallet(row: asyncpg.Record) -> WalletRecord:
     return WalletRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], (),
-        WalletStatus(row[8]), row[9], stored_metadata(row[10]),
+        currency_of(row[11], row[12]), WalletStatus(row[8]), row[9], stored_metadata(row[10]),
     )  # fmt: skip
 
 
 def _hold(row: asyncpg.Record) -> HoldRecord:
     return HoldRecord(
         row[0], row[1], row[2], row[3], HoldStatus(row[4]), row[5], row[6], row[7], row[8],
-        row[9], row[10], row[11], row[12], row[13], row[14], row[15], stored_metadata(row[16]),
+        row[9], row[10], row[11], row[12], row[13], row[14], row[15], _joined_currency(row[17]),
+        stored_metadata(row[16]),
     )  # fmt: skip
 
 
@@ -345,7 +370,7 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        row[9], stored_metadata(row[10]),
+        row[9], _joined_currency(row[11]), stored_metadata(row[10]),
     )  # fmt: skip
 
 
@@ -566,7 +591,9 @@ class PostgresLog(WalletLog):
         transfers = opens_or_closes or not _LEG_KINDS.isdisjoint(kinds)
         holds = bool(batch.new_holds or batch.hold_updates) or not HOLD_KINDS.isdisjoint(kinds)
         updates = bool(batch.wallet_updates) or OperationKind.WALLET_UPDATE in kinds
-        statement = _APPEND_STATEMENTS[(transfers, holds, updates)]
+        statement = _APPEND_STATEMENTS[(transfers, holds, updates, bool(news))]
+        if news:
+            args += ([n.currency.code for n in news], [n.currency.exponent for n in news])
         if transfers:
             opened, closed = batch.new_transfers, batch.transfer_updates
             args += (

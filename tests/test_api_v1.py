@@ -36,8 +36,11 @@ async def test_create_wallet_returns_the_seed_shape(client: Client) -> None:
     response = await client.post("/api/v1/wallets")
     assert response.status == 201
     body = await response.json()
-    assert set(body) == {"id", "balance", "available", "held", "created_at", "updated_at"}
+    assert set(body) == {
+        "id", "balance", "available", "held", "currency", "created_at", "updated_at",
+    }  # fmt: skip
     assert body["balance"] == "0.00"
+    assert body["currency"] == "USD"  # the default currency's default
     assert body["created_at"] == body["updated_at"]
     assert body["created_at"].endswith("Z")
     assert response.headers["Location"] == f"/api/v1/wallets/{body['id']}"

@@ -131,7 +131,7 @@ async def test_mixed_items_get_exactly_the_single_endpoint_results(client: Clien
     assert results[2]["body"]["code"] == "INSUFFICIENT_FUNDS"
     assert results[3]["body"]["code"] == "WALLET_NOT_FOUND"
     assert results[4]["body"]["errors"] == [
-        {"field": "items[4].amount", "message": "must have at most 2 fractional digits"}
+        {"field": "items[4].amount", "message": "must have at most 2 fractional digits (USD)"}
     ]
     assert results[5]["body"]["errors"][0]["field"] == "items[5].wallet_id"
     unknown = {"field": "items[7].extra", "message": "unknown field"}
@@ -420,8 +420,9 @@ def test_a_forwarded_item_keeps_every_field() -> None:
     same derived key (through key_index and the request key), a client key as itself."""
     wallet = uuid.uuid4()
     derived = BulkItem(
-        wallet, OperationKind.WITHDRAW, 1234, derived_key("R", 7), "ref é 1", (("m", "é 1"),)
-    )
+        wallet, OperationKind.WITHDRAW, 1234, derived_key("R", 7), "ref é 1",
+        metadata=(("m", "é 1"),),
+    )  # fmt: skip
     own = BulkItem(wallet, OperationKind.DEPOSIT, 1, "own/7", "ref 2")
     for item in (derived, own):
         # Every field is set: a field added to BulkItem and not to item_json fails here.
@@ -535,7 +536,11 @@ async def test_atomic_refuses_whole_on_one_bad_item(one_actor: Client) -> None:
         ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", 9, key="seed")], 422, "IDEMPOTENCY_KEY_REUSED", 1),
         ([op(b, "DEPOSIT", 1, key="twice"), op(b, "DEPOSIT", 2, key="twice")],
          422, "IDEMPOTENCY_KEY_REUSED", 1),
-        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", "0.001")], 422, "VALIDATION_ERROR", None),
+        # More decimals than the wallet's currency (USD) has: refused by its shard, which
+        # names the item; past any currency's 18: refused by the edge, before the engine.
+        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", "0.001")], 422, "VALIDATION_ERROR", 1),
+        ([op(b, "DEPOSIT", 1), op(a, "DEPOSIT", "0." + "0" * 18 + "1")],
+         422, "VALIDATION_ERROR", None),
     ]  # fmt: skip
     for items, status, code, index in cases:
         answer_status, answer = await atomic(client, items)

@@ -28,6 +28,7 @@ from walletd.client.errors import (
     PROBLEM_CLASSES,
     AsOfNotSettled,
     CloseBlocked,
+    CurrencyMismatch,
     Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
@@ -910,3 +911,20 @@ async def test_a_key_without_the_scope_or_over_its_rate_raises_its_class(
         with pytest.raises(RateLimited):
             await maker.create_wallet()
         assert counting.attempts == 2
+
+
+async def test_currencies_are_created_read_and_refused_by_class(client: Client) -> None:
+    """create_wallet(currency=...) makes a wallet in it (Wallet.currency; money exact in its
+    decimals); a transfer across currencies raises CurrencyMismatch, nothing moved; an
+    amount past the currency's decimals raises ValidationError naming ``amount``."""
+    async with WalletdClient(base_url(client)) as walletd:
+        yen, dollars = await walletd.create_wallet(currency="JPY"), await walletd.create_wallet()
+        assert (yen.currency, dollars.currency) == ("JPY", "USD")
+        deposited = await walletd.deposit(yen.id, "1500")
+        assert (deposited.balance, deposited.currency) == (Decimal(1500), "JPY")
+        with pytest.raises(CurrencyMismatch):
+            await walletd.create_transfer(yen.id, dollars.id, "10")
+        with pytest.raises(ValidationError) as refused:
+            await walletd.deposit(yen.id, "0.5")
+        assert refused.value.errors[0]["field"] == "amount"
+        assert (await walletd.get_wallet(yen.id)).balance == Decimal(1500)

@@ -34,6 +34,7 @@ class Op(NamedTuple):
     idempotency_key: str | None
     reference: str | None = None
     metadata: Metadata = NO_METADATA
+    scale: None = None  # in minor units already
 
 
 operations = st.lists(

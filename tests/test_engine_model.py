@@ -18,13 +18,16 @@ key cache holds (so keys are forgotten and looked up again). After every step th
 equal the model: balances, histories (with held_after), recorded refusals, transfers,
 holds, statuses and limits, never below the floor (balance - held >= -overdraft_limit, at
 every row), a closed wallet never moving again, balance == sum(log), held == sum(PENDING
-holds), and balances + PENDING transfers == deposits - withdrawals - captures.
+holds), and balances + PENDING transfers == deposits - withdrawals - captures in each
+currency: the wallets hold two currencies (USD, JPY), and money between them (a transfer, a
+capture into a wallet) is refused CURRENCY_MISMATCH with nothing written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -73,7 +76,7 @@ from walletd.engine.model import (
     WalletStatus,
     WalletView,
 )
-from walletd.engine.money import BALANCE_MINOR_MAX
+from walletd.engine.money import BALANCE_MINOR_MAX, SEED_CURRENCY, Currency
 from walletd.engine.router import Engine, shard_of
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
 
@@ -89,6 +92,11 @@ T = TypeVar("T")
 
 WALLETS = [UUID(int=n) for n in range(1, 7)]
 KEYS = [f"k{n}" for n in range(1, 7)]
+# Each wallet's currency, fixed (as a wallet's is): the first four USD (the funded pair
+# among them, so holds and captures still move money), the last two JPY.
+CURRENCY_OF = {
+    wallet: SEED_CURRENCY if n < 4 else Currency("JPY", 0) for n, wallet in enumerate(WALLETS)
+}
 # Two shards, batches of two, two in flight: each shard's key cache holds 6 keys (the least
 # the limits allow), while 6 wallets x 6 keys give ~18 per shard: the cache overflows, and a
 # forgotten key must be found in storage, never applied twice.
@@ -207,9 +215,10 @@ class Model:
     create_key_metadata: dict[str, Metadata] = field(default_factory=dict)
     # transfer id -> [from, to, amount, status, failure code]
     transfers: dict[UUID, list[object]] = field(default_factory=dict)
+    # deposits - withdrawals - captures, per currency code
+    external: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     # transfer id -> its metadata, carried by each of its legs
     transfer_metadata: dict[UUID, Metadata] = field(default_factory=dict)
-    external: int = 0  # deposits - withdrawals - captures
     holds: dict[UUID, _Hold] = field(default_factory=dict)
     hold_keys: dict[tuple[UUID, str], UUID] = field(default_factory=dict)
     now: int = 1_700_000_000_000_000  # the test clock's base (without per-reading ticks)
@@ -302,7 +311,7 @@ class Model:
         if remember:
             self.keyed[(wallet, key)] = op
         if kind is CAPTURE:
-            self.external -= amount
+            self.external[CURRENCY_OF[wallet].code] -= amount
 
     def expired(self, hold: _Hold) -> bool:
         return self.now - hold.created_at >= hold.expires_in_s * SECOND_US
@@ -403,6 +412,8 @@ class Model:
             }[hold.status], False
         if to_wallet == hold.wallet:
             return Outcome.SAME_WALLET, False
+        if to_wallet in self.balances and CURRENCY_OF[to_wallet] != CURRENCY_OF[hold.wallet]:
+            return Outcome.CURRENCY_MISMATCH, False  # before anything moves
         if self.expired(hold):
             return Outcome.HOLD_EXPIRED, False
         if action is HoldAction.CAPTURE and amount is not None and amount > hold.amount:
@@ -491,11 +502,22 @@ class Model:
         assert isinstance(receiver, UUID)
         assert isinstance(amount, int)
         metadata = self.transfer_metadata[transfer_id]
-        if receiver in self.balances and self.status(receiver) is not CLOSED:
+        if (
+            receiver in self.balances
+            and CURRENCY_OF[receiver] == CURRENCY_OF[sender]
+            and self.status(receiver) is not CLOSED
+        ):
             self.move(receiver, IN, amount, transfer_leg_key(IN, transfer_id), metadata=metadata)
             self.transfers[transfer_id][3] = TransferStatus.COMPLETED
         else:
-            failure = "WALLET_NOT_FOUND" if receiver not in self.balances else "WALLET_CLOSED"
+            # Missing, or created since (after the debit) in another currency (checked before
+            # its status), or CLOSED: refunded.
+            if receiver not in self.balances:
+                failure = "WALLET_NOT_FOUND"
+            elif CURRENCY_OF[receiver] != CURRENCY_OF[sender]:
+                failure = "CURRENCY_MISMATCH"
+            else:
+                failure = "WALLET_CLOSED"
             self.move(sender, REFUND, amount, transfer_leg_key(REFUND, transfer_id),
                       metadata=metadata)  # fmt: skip
             self.transfers[transfer_id][3:] = [TransferStatus.FAILED, failure]
@@ -552,7 +574,8 @@ class Model:
             op = _Op(kind, amount, expect.balance, key, self.held(wallet), metadata=metadata)
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
-            self.external += amount if kind is OperationKind.DEPOSIT else -amount
+            code = CURRENCY_OF[wallet].code
+            self.external[code] += amount if kind is OperationKind.DEPOSIT else -amount
             if key is not None:
                 self.keyed[(wallet, key)] = op
         elif expect.records:
@@ -730,11 +753,15 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(wallet=wallets, key=keys, metadata=metas)
     def create(self, wallet: UUID, key: str | None, metadata: Metadata) -> None:
-        """A creation; its metadata is part of a keyed request's identity, and every reply
-        of the wallet carries it."""
+        """A creation in the wallet's currency; its metadata is part of a keyed request's
+        identity, and every reply of the wallet carries both."""
         expected, writes = self.model.expect_create(wallet, key, metadata)
-        _id, reply = self._run(self.engine.create_wallet(wallet, key, metadata))
+        _id, reply = self._run(
+            self.engine.create_wallet(wallet, key, CURRENCY_OF[wallet], metadata)
+        )
         assert reply.outcome is expected, (reply, expected)
+        if reply.wallet is not None:
+            assert reply.wallet.currency == CURRENCY_OF[wallet]
         if expected is Outcome.CREATED:
             assert reply.wallet is not None
             assert reply.wallet.metadata == metadata
@@ -837,7 +864,7 @@ class EngineMachine(RuleBasedStateMachine):
     def create_with_failed_commit(self, wallet: UUID, key: str | None, lands: bool) -> None:
         expected, writes = self.model.expect_create(wallet, key)
         self.log.fail_next_appends, self.log.apply_then_fail = 1, lands
-        _id, reply = self._run(self.engine.create_wallet(wallet, key))
+        _id, reply = self._run(self.engine.create_wallet(wallet, key, CURRENCY_OF[wallet]))
         self.log.fail_next_appends, self.log.apply_then_fail = 0, False
         if not writes:
             assert reply.outcome is expected
@@ -889,7 +916,7 @@ class EngineMachine(RuleBasedStateMachine):
             return  # refused at the edge
         model = self.model
         _id, reply = self._run(self.engine.transfer(transfer_id, None, sender, receiver, amount,
-                                                    None, None, metadata))  # fmt: skip
+                                                    None, None, metadata=metadata))  # fmt: skip
         if transfer_id in model.transfers:
             if model.transfers[transfer_id][:3] != [sender, receiver, amount] or (
                 model.transfer_metadata[transfer_id] != metadata
@@ -902,6 +929,10 @@ class EngineMachine(RuleBasedStateMachine):
             return
         if sender not in model.balances:
             assert (reply.outcome, reply.side) == (Outcome.WALLET_NOT_FOUND, SIDE_FROM), reply
+            return
+        if receiver in model.balances and CURRENCY_OF[sender] != CURRENCY_OF[receiver]:
+            # Refused by the sender's owner before anything moves; nothing recorded.
+            assert (reply.outcome, reply.side) == (Outcome.CURRENCY_MISMATCH, SIDE_FROM), reply
             return
         debit_key = (sender, transfer_leg_key(OUT, transfer_id))
         earlier = model.keyed.get(debit_key)
@@ -962,6 +993,7 @@ class EngineMachine(RuleBasedStateMachine):
             or amount > model.available(sender)
             or model.debit_refusal(sender) is not None
             or (sender, transfer_leg_key(OUT, transfer_id)) in model.keyed
+            or CURRENCY_OF[sender] != CURRENCY_OF[receiver]
         ):
             return  # covered by ``transfer``; here only the saga's second commit fails
         self.log.fail_next_closes, self.log.closes_land = 1, lands
@@ -1049,7 +1081,9 @@ class EngineMachine(RuleBasedStateMachine):
         wallet = data.draw(self._wallets())
         expected = model.expect_create_hold(wallet, amount, expires_in_s, key, metadata)
         hold_id, reply = self._run(
-            self.engine.create_hold(wallet, amount, expires_in_s, None, key, None, metadata)
+            self.engine.create_hold(
+                wallet, amount, expires_in_s, None, key, None, metadata=metadata
+            )
         )
         assert reply.outcome is expected, (reply, expected)
         if key is not None:
@@ -1267,10 +1301,15 @@ class EngineMachine(RuleBasedStateMachine):
             for t in self.log.transfers.values()
         }
         assert stored == self.model.transfers
-        in_flight = sum(t.amount for t in self.log.transfers.values()
-                        if t.status is TransferStatus.PENDING)  # fmt: skip
-        owned = sum(w.balance for w in self.log.wallets.values())
-        assert owned + in_flight == self.model.external
+        for currency in set(CURRENCY_OF.values()):  # conserved in each currency alone
+            in_flight = sum(t.amount for t in self.log.transfers.values()
+                            if t.status is TransferStatus.PENDING
+                            and CURRENCY_OF[t.from_wallet_id] == currency)  # fmt: skip
+            owned = sum(w.balance for w in self.log.wallets.values() if w.currency == currency)
+            assert owned + in_flight == self.model.external[currency.code], currency
+        for transfer in self.log.transfers.values():  # money never between two currencies
+            if transfer.status is TransferStatus.COMPLETED:
+                assert CURRENCY_OF[transfer.from_wallet_id] == CURRENCY_OF[transfer.to_wallet_id]
 
     @invariant()
     def reads_match_model(self) -> None:

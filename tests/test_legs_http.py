@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID, uuid4
@@ -20,10 +21,17 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import AppFactory
 from walletd.engine.commands import Outcome
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletStatus
+from walletd.engine.money import Currency
 from walletd.http.forwarding import FORWARDED_HEADER
 from walletd.http.internal import ClusterCredential, create_internal_app
 from walletd.http.keys import parse_keys
-from walletd.http.legs import LEGS_PATH, LEGS_PER_REQUEST_MAX, HttpLegs, encode_leg
+from walletd.http.legs import (
+    CURRENCY_PATH,
+    LEGS_PATH,
+    LEGS_PER_REQUEST_MAX,
+    HttpLegs,
+    encode_leg,
+)
 from walletd.http.openapi import build_openapi_document
 from walletd.http.settings import HttpSettings
 
@@ -281,3 +289,24 @@ async def test_a_credit_to_a_closed_wallet_is_refused_over_the_wire_and_its_refu
     response = await client.get(f"/api/v1/transfers/{transfer.transfer_id}")
     body = await response.json()
     assert (body["status"], body["failure_code"]) == ("FAILED", "WALLET_CLOSED")
+
+
+async def test_a_wallets_currency_is_read_on_the_internal_listener_only_with_the_credential(
+    client: Client, internal: Client
+) -> None:
+    """GET /internal/v1/wallets/{id}/currency (a coordinator reading a receiver's currency
+    before any money moves): 401 without the cluster credential; with it the currency, 404
+    for a missing wallet; HttpLegs.read_currency reads it as the coordinator does."""
+    response = await client.post("/api/v1/wallets", json={"currency": "JPY"})
+    wallet = (await response.json())["id"]
+    path = CURRENCY_PATH.format(wallet_id=wallet)
+    assert (await internal.get(path)).status == 401
+    response = await internal.get(path, headers=AUTHORIZED)
+    assert (response.status, await response.json()) == (200, {"currency": ["JPY", 0]})
+    missing = await internal.get(CURRENCY_PATH.format(wallet_id=uuid.uuid4()), headers=AUTHORIZED)
+    assert missing.status == 404
+    assert (await client.get(path)).status == 404  # not a route of the public app
+    async with legs_client() as legs:
+        reply = await legs.read_currency(url_of(internal), uuid.UUID(wallet))
+    assert reply.wallet is not None
+    assert reply.wallet.currency == Currency("JPY", 0)

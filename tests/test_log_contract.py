@@ -265,7 +265,7 @@ META = (("order", "A-1"), ("note", 'é ✓ "quoted"'))
 async def test_metadata_is_stored_and_read_back(wallet_log: WalletLog) -> None:
     """Metadata of a new wallet, a log row and a recorded refusal comes back from every
     load exactly as written (the read of a restart), and a batch without any stores none."""
-    new = NewWallet(A, T0, "mk", "fp", tuple(sorted(META)))
+    new = NewWallet(A, T0, "mk", "fp", metadata=tuple(sorted(META)))
     await wallet_log.append_batch(Batch(new_wallets=[new, NewWallet(B, T0, None, "")]))
     op = OperationRecord(A, 1, OperationKind.DEPOSIT, 5, 5, "pay", T0 + 1, metadata=(("x", ""),))
     refusal = RefusalRecord(
@@ -350,7 +350,9 @@ async def test_a_snapshot_may_carry_the_wallets_new_metadata(pg_server: Postgres
         pool = await create_pool(dsn, PoolSettings(size_max=1))
         try:
             log = PostgresLog(pool)
-            await log.append_batch(Batch(new_wallets=[NewWallet(A, T0, None, "", (("a", "1"),))]))
+            await log.append_batch(
+                Batch(new_wallets=[NewWallet(A, T0, None, "", metadata=(("a", "1"),))])
+            )
             await log.append_batch(deposit(A, 1, 5, 5))
             assert (await log.load_wallets([A]))[A].metadata == (("a", "1"),)
             append = (

@@ -1,7 +1,9 @@
 """Property tests of the amount parser: exact, total (never raises), and strict.
 
-The parser is driven exactly as the server drives it: raw body bytes → parse_json_object →
-parse_amount(value, raw). No float ever decides an amount.
+The parser is driven exactly as the server drives it for a wallet of the default currency
+(USD, two decimals): raw body bytes → parse_json_object → parse_amount(value, raw), then
+the wallet's rescaling (engine/money.py to_minor, within the bounds) and its 422
+(http/responses.py amount_problem). No float ever decides an amount.
 """
 
 from __future__ import annotations
@@ -15,19 +17,35 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from walletd.engine.money import AMOUNT_MINOR_MAX, format_minor
-from walletd.http.parsing import parse_amount, parse_json_object
+from walletd.engine.bounds import storable_amount
+from walletd.engine.money import AMOUNT_MINOR_MAX, SEED_CURRENCY, format_minor, to_minor
+from walletd.http.parsing import Amount, parse_amount, parse_json_object
 from walletd.http.problems import ProblemError
+from walletd.http.responses import amount_problem
 
 PROPERTY_SETTINGS: Final = settings(max_examples=300, deadline=None)
 
 minor_amounts = st.integers(min_value=1, max_value=AMOUNT_MINOR_MAX)
 
 
+def in_usd(parsed: Amount | dict[str, str]) -> int | dict[str, str]:
+    """An amount as a USD wallet takes it (minor units), or the field error it answers."""
+    if isinstance(parsed, dict):
+        return parsed
+    minor = to_minor(parsed.value, parsed.scale, SEED_CURRENCY.exponent)
+    if minor is None or not storable_amount(minor):
+        errors = (amount_problem(SEED_CURRENCY, parsed).extra or {})["errors"]
+        assert isinstance(errors, list)
+        error: dict[str, str] = errors[0]
+        return error
+    return minor
+
+
 def amount_of(raw_value: str) -> int | dict[str, str]:
-    """Parse ``{"amount": <raw_value>}`` the way the server parses a request body."""
+    """Parse ``{"amount": <raw_value>}`` the way the server parses a request body, for a
+    wallet in USD."""
     raw = b'{"amount": ' + raw_value.encode() + b"}"
-    return parse_amount(parse_json_object(raw)["amount"], raw)
+    return in_usd(parse_amount(parse_json_object(raw)["amount"], raw))
 
 
 def decimal_texts(minor: int) -> list[str]:
@@ -122,7 +140,7 @@ def _check_total(raw_value: str) -> None:
     if refusal is not None:
         assert refusal.status == 400
         return
-    result = parse_amount(body["amount"], raw)
+    result = in_usd(parse_amount(body["amount"], raw))
     if isinstance(result, dict):
         assert result["field"] == "amount"
         assert result["message"]
@@ -225,9 +243,10 @@ def test_a_nonzero_digit_past_the_second_decimal_is_refused_however_written(
         ("0", "greater than 0"),
         ("1.001", "2 fractional digits"),
         ("1e-3", "2 fractional digits"),
-        ("10.009999999999999999999999999", "2 fractional digits"),
-        ('"10.009999999999999999999999999"', "2 fractional digits"),
-        ("1000999999999999999999999999999e-29", "2 fractional digits"),
+        # Past any currency's 18 decimals: refused at the edge already.
+        ("10.009999999999999999999999999", "18 fractional digits"),
+        ('"10.009999999999999999999999999"', "18 fractional digits"),
+        ("1000999999999999999999999999999e-29", "18 fractional digits"),
         ("1000000000000.01", "at most 1000000000000.00"),
         ("1e400", "at most"),
         ("[1]", "number or a decimal string"),

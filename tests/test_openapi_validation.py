@@ -28,6 +28,7 @@ def _wallet(**changes: Any) -> dict[str, Any]:
         "balance": "1000.00",
         "available": "1000.00",
         "held": "0.00",
+        "currency": "USD",
         "created_at": "2025-01-19T10:00:00.123456Z",
         "updated_at": "2025-01-19T10:30:00.000001Z",
     }
@@ -55,7 +56,9 @@ def test_valid_wallet_passes(document: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        (_wallet(balance="10.5"), "balance"),
+        (_wallet(balance="10.5.0"), "balance"),
+        (_wallet(balance="1." + "0" * 19), "balance"),  # past any currency's 18 decimals
+        (_wallet(currency="usd"), "currency"),
         (_wallet(balance=10.5), "balance"),
         (_wallet(id="not-a-uuid"), "id"),
         (_wallet(created_at="2025-01-19T10:00:00Z"), "created_at"),

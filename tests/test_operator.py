@@ -16,6 +16,7 @@ from tests.processes import walletd_command
 from walletd.engine.commands import HoldAction, Outcome, TransferLeg, hold_key, transfer_leg_key
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus, WalletStatus
+from walletd.engine.money import Currency
 from walletd.engine.router import Engine
 from walletd.persistence.database import DatabaseBusy, PoolSettings, connect, create_pool
 from walletd.persistence.leases import ensure_cluster
@@ -505,7 +506,7 @@ async def test_verify_reports_money_made_across_wallets(database_url: str) -> No
     await verify(database_url, found.append)
     whole = [str(m) for m in found if m.wallet_id is None]
     assert whole == [
-        "mismatch: the whole log: sum(balance) 100000000989 + PENDING transfers 0 != "
+        "mismatch: the whole log: USD: sum(balance) 100000000989 + PENDING transfers 0 != "
         "deposits 1000 - withdrawals 0 - captures 10: money was made or lost"
     ]
 
@@ -520,7 +521,7 @@ async def test_verify_command_exits_1_naming_a_minted_credit(database_url: str) 
     assert f"mismatch: wallet {RECEIVER}: log row seq {seq} (TRANSFER_IN of 100000000000)" in (
         done.stdout
     )
-    assert "mismatch: the whole log: sum(balance)" in done.stdout
+    assert "mismatch: the whole log: USD: sum(balance)" in done.stdout
 
 
 async def test_verify_checks_status_and_overdraft_against_the_log_and_restore_rebuilds_them(
@@ -580,3 +581,35 @@ async def test_verify_checks_status_and_overdraft_against_the_log_and_restore_re
     problems = {m.wallet_id: m.problem for m in seen if m.wallet_id is not None}
     assert "chain broken at seq 2" in problems[limited]
     assert any(m.wallet_id == closed and "follows the wallet's close" in m.problem for m in seen)
+
+
+async def test_verify_checks_conservation_per_currency(database_url: str) -> None:
+    """Money is conserved in each currency on its own, and a transfer joins two wallets of
+    one currency: a wallet whose currency is edited behind walletd's back after a transfer
+    into it breaks both (a JPY->USD transfer in the log, and neither sum balancing)."""
+    pool = await create_pool(database_url, PoolSettings(size_max=4))
+    engine = Engine(PostgresLog(pool), EngineLimits(pipelines=1))
+    await engine.start()
+    jpy = Currency("JPY", 0)
+    try:
+        wallets = [(await engine.create_wallet(None, None, currency))[0]
+                   for currency in (jpy, jpy, None)]  # fmt: skip
+        for wallet_id in wallets:
+            await engine.apply(wallet_id, OperationKind.DEPOSIT, 500, None)
+        _id, reply = await engine.transfer(None, None, wallets[0], wallets[1], 200, None)
+        assert reply.outcome is Outcome.OK
+        _id, reply = await engine.transfer(None, None, wallets[0], wallets[2], 1, None)
+        assert reply.outcome is Outcome.CURRENCY_MISMATCH  # refused, nothing written
+    finally:
+        await engine.stop()
+        await pool.close()
+    assert (await verify(database_url)).clean
+    await _execute(
+        database_url, "UPDATE wallets SET currency = 'USD', exponent = 2 WHERE id = $1",
+        wallets[1],
+    )  # fmt: skip
+    seen: list[Mismatch] = []
+    await verify(database_url, seen.append)
+    problems = [m.problem for m in seen]
+    assert any("moves JPY into wallet" in p and "holds USD" in p for p in problems), problems
+    assert sum(p.startswith(("JPY:", "USD:")) for p in problems) == 2, problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from uuid import UUID
 
 import orjson
@@ -9,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from walletd.engine.model import WalletView
-from walletd.engine.money import BALANCE_MINOR_MAX, format_minor
+from walletd.engine.money import BALANCE_MINOR_MAX, SEED_CURRENCY, Currency, format_minor
 from walletd.http.responses import format_timestamp, wallet_body
 
 # From 1970 to 9999-12-31, the range RFC 3339 years can take.
@@ -23,24 +24,37 @@ micros = st.integers(min_value=0, max_value=253_402_300_799_999_999)
     seq=st.integers(min_value=0, max_value=2**63 - 1),
     created=micros,
     updated=micros,
+    currency=st.sampled_from(
+        [SEED_CURRENCY, Currency("JPY", 0), Currency("BHD", 3), Currency("TOKEN", 18)]
+    ),
 )
 def test_wallet_body_is_the_json_encoding_of_the_seed_fields(
-    wallet_id: UUID, balance: int, held_share: float, seq: int, created: int, updated: int
+    wallet_id: UUID,
+    balance: int,
+    held_share: float,
+    seq: int,
+    created: int,
+    updated: int,
+    currency: Currency,
 ) -> None:
     """wallet_body writes the same bytes orjson makes of the seed's four fields plus
-    available and held, for any wallet."""
+    available, held and currency, for any wallet, its money in its currency's decimals."""
     held = int(balance * held_share)
-    view = WalletView(wallet_id, balance, seq, created, updated, held)
+    view = WalletView(wallet_id, balance, seq, created, updated, held, currency)
+    exponent = currency.exponent
     fields = {
         "id": str(wallet_id),
-        "balance": format_minor(balance),
-        "available": format_minor(balance - held),
-        "held": format_minor(held),
+        "balance": format_minor(balance, exponent),
+        "available": format_minor(balance - held, exponent),
+        "held": format_minor(held, exponent),
+        "currency": currency.code,
         "created_at": format_timestamp(created),
         "updated_at": format_timestamp(updated),
     }
     assert wallet_body(view) == orjson.dumps(fields)
-    assert orjson.loads(wallet_body(view))["balance"] == f"{balance // 100}.{balance % 100:02d}"
+    shown = orjson.loads(wallet_body(view))["balance"]
+    assert Decimal(shown) == Decimal(balance).scaleb(-exponent)
+    assert len(shown.partition(".")[2]) == exponent  # exactly the currency's decimals
 
 
 def test_timestamps_are_rfc3339_utc_with_microseconds() -> None:

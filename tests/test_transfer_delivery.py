@@ -21,7 +21,7 @@ from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.ownership import OwnerInfo, Ownership
 from walletd.engine.router import Engine
-from walletd.engine.transfers import SIDE_FROM, RemoteLegs
+from walletd.engine.transfers import SIDE_FROM, SIDE_TO, RemoteLegs
 
 SHARDS = 2
 LIMITS = EngineLimits(
@@ -56,6 +56,17 @@ class Network(RemoteLegs):
             return await self.engines[url].deliver_leg(
                 TransferLeg(kind, transfer, future, failure_code)
             )
+        except NotOwner:
+            return Reply(Outcome.NOT_OWNER)
+
+    async def read_currency(self, url: str, wallet_id: UUID) -> Reply:
+        # As the internal route answers it (http/legs.py wallet_currency).
+        assert url.endswith(INTERNAL_PORT), url
+        url = url.removesuffix(INTERNAL_PORT)
+        if url in self.down:
+            return Reply(Outcome.NOT_OWNER)
+        try:
+            return await self.engines[url].read(wallet_id)
         except NotOwner:
             return Reply(Outcome.NOT_OWNER)
 
@@ -100,6 +111,14 @@ async def create_funded(engine_of: dict[UUID, Engine], amount: int) -> None:
         assert (await engine.apply(wallet_id, OperationKind.DEPOSIT, amount, None)).outcome is (
             Outcome.OK
         )
+    # Every coordinator has read every wallet's currency once (it remembers them): a transfer
+    # to a wallet whose owner is down then debits and stays PENDING, as these tests drive
+    # it. Unread, the transfer is refused first, nothing applied
+    # (test_a_receiver_whose_currency_cannot_be_read_moves_nothing).
+    for engine in set(engine_of.values()):
+        for wallet_id in engine_of:
+            currency, _reply = await engine.transfers.currency_of(wallet_id)
+            assert currency is not None
 
 
 def in_flight(log: ControlledLog) -> int:
@@ -262,3 +281,22 @@ async def test_a_redrive_pass_reads_past_pending_transfers_of_other_processes() 
         assert log.transfers[ours].status is TransferStatus.COMPLETED
     finally:
         await engine.stop()
+
+
+async def test_a_receiver_whose_currency_cannot_be_read_moves_nothing() -> None:
+    """A transfer to a wallet whose owner cannot be reached, and whose currency this
+    coordinator has not read before, is refused before any money moves (503 NOT_OWNER,
+    nothing stored): the currency check comes first, across processes too."""
+    log = ControlledLog()
+    async with two_processes(log) as (a, b, network):
+        for wallet_id, engine in ((ON_A[1], a), (ON_B[1], b)):
+            assert (await engine.create_wallet(wallet_id, None))[1].outcome is Outcome.CREATED
+            await engine.apply(wallet_id, OperationKind.DEPOSIT, 100, None)
+        network.down.add(URL_B)
+        _id, reply = await a.transfer(None, None, ON_A[1], ON_B[1], 10, None)
+        assert (reply.outcome, reply.side) == (Outcome.NOT_OWNER, SIDE_TO)
+        assert log.transfers == {}
+        assert log.wallets[ON_A[1]].balance == 100
+        network.down.clear()
+        _id, reply = await a.transfer(None, None, ON_A[1], ON_B[1], 10, None)
+        assert reply.outcome is Outcome.OK

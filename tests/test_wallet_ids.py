@@ -85,7 +85,7 @@ def test_the_documented_id_pattern_is_the_enforced_one() -> None:
 
 def test_a_body_id_is_canonical_or_422() -> None:
     """POST /wallets {"id": ...}: the canonical form in either case, anything else 422."""
-    assert parse_create_body({"id": CANONICAL.upper()}) == (uuid.UUID(CANONICAL), ())
+    assert parse_create_body({"id": CANONICAL.upper()}) == (uuid.UUID(CANONICAL), None, ())
     for text in OTHER_SPELLINGS:
         with pytest.raises(ValidationProblem) as refused:
             parse_create_body({"id": text})

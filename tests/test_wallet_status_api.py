@@ -70,17 +70,33 @@ async def test_a_default_wallet_keeps_the_seeds_shape_and_reads_carry_an_etag(
     client: Client,
 ) -> None:
     """Create, read and deposit on a wallet that uses nothing new answer exactly the fields
-    they answered before (no status, no overdraft_limit), each with ETag "<seq>"."""
-    fields = {"id", "balance", "available", "held", "created_at", "updated_at"}
+    they answered before plus its currency (no status, no overdraft_limit), in that order,
+    each with ETag "<seq>"."""
+    fields = ["id", "balance", "available", "held", "currency", "created_at", "updated_at"]
     created = await client.post("/api/v1/wallets")
     body = await created.json()
-    assert (created.status, set(body), created.headers["ETag"]) == (201, fields, '"0"')
+    assert (created.status, list(body), created.headers["ETag"]) == (201, fields, '"0"')
+    assert body["currency"] == "USD"
     wallet_id = body["id"]
     status, body, headers = await operate(client, wallet_id, "DEPOSIT", "1000")
-    assert (status, set(body), body["balance"], headers["ETag"]) == (200, fields, "1000.00", '"1"')
+    assert (status, list(body), body["balance"], headers["ETag"]) == (
+        200,
+        fields,
+        "1000.00",
+        '"1"',
+    )
     read = await client.get(f"/api/v1/wallets/{wallet_id}")
+    raw = await read.read()
     body = await read.json()
-    assert (set(body), body["available"], read.headers["ETag"]) == (fields, "1000.00", '"1"')
+    assert (list(body), body["available"], read.headers["ETag"]) == (fields, "1000.00", '"1"')
+    assert (
+        raw
+        == (
+            f'{{"id":"{wallet_id}","balance":"1000.00","available":"1000.00","held":"0.00",'
+            f'"currency":"USD","created_at":"{body["created_at"]}",'
+            f'"updated_at":"{body["updated_at"]}"}}'
+        ).encode()
+    )
 
 
 async def test_an_overdraft_limit_lets_a_debit_go_below_zero_down_to_it_and_no_further(
