@@ -99,6 +99,9 @@ async def final_answer(
         await asyncio.sleep(0.1)
 
 
+_LOCK_ATTEMPTS = 5
+
+
 async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
     """Lock (in an open transaction of ``locker``) the rows of every wallet on the second
     pipeline (shard % 2 == 1 with 4 shards, 2 pipelines), send one transfer from a wallet of
@@ -114,8 +117,20 @@ async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
         "SELECT id::text FROM wallets WHERE id = ANY($1::uuid[]) ORDER BY balance DESC LIMIT 1",
         first,
     )
-    await locker.execute("BEGIN")
-    await locker.execute("SELECT 1 FROM wallets WHERE id = ANY($1::uuid[]) FOR UPDATE", second)
+    # The load's commits lock their wallets in their own order while this takes many at once:
+    # PostgreSQL may pick this transaction as a deadlock's victim. It is the test's tool, not
+    # walletd, so it takes the locks again (a commit picked instead is walletd's 503).
+    for attempt in range(1, _LOCK_ATTEMPTS + 1):
+        await locker.execute("BEGIN")
+        try:
+            await locker.execute(
+                "SELECT 1 FROM wallets WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", second
+            )
+            break
+        except asyncpg.DeadlockDetectedError:
+            await locker.execute("ROLLBACK")
+            if attempt == _LOCK_ATTEMPTS:
+                raise
     transfer_id = str(uuid.uuid4())
     body = {
         "id": transfer_id,
