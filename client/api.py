@@ -29,12 +29,12 @@ import json
 import random
 import urllib.parse
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import Any, Final, Generic, Self, TypeVar
+from typing import Any, Final, Generic, Protocol, Self, TypeVar
 
 import aiohttp
 
@@ -84,6 +84,7 @@ Amount = Decimal | int | str
 Instant = datetime | str
 _Parsed = TypeVar("_Parsed")
 _Item = TypeVar("_Item")
+_Item_co = TypeVar("_Item_co", covariant=True)
 
 
 def new_idempotency_key() -> str:
@@ -361,6 +362,30 @@ class Page(Generic[_Item]):
 
     items: list[_Item]
     next_cursor: str | None
+
+
+class _Paged(Protocol[_Item_co]):
+    """A page of any keyset-paginated read (``Page``, ``HistoryPage``)."""
+
+    @property
+    def items(self) -> Sequence[_Item_co]: ...
+    @property
+    def next_cursor(self) -> str | None: ...
+
+
+async def _every_item(
+    fetch: Callable[[str | None], Awaitable[_Paged[_Item]]],
+) -> AsyncGenerator[_Item, None]:
+    """Every item of the pages ``fetch(cursor)`` returns, following ``next_cursor`` from the
+    first page (cursor None) to the last (next_cursor None)."""
+    cursor: str | None = None
+    while True:
+        page = await fetch(cursor)
+        for item in page.items:
+            yield item
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,17 +711,12 @@ class WalletdClient:
         """The wallet's operations, newest first: those at or after ``since``, strictly
         before ``until``, of ``operation_type`` (each filter optional), read a page at a time
         (``page_size``, 1-500) until the last one."""
-        cursor: str | None = None
-        while True:
-            page = await self.history_page(
-                wallet_id, cursor=cursor, since=since, until=until,
-                operation_type=operation_type, limit=page_size,
-            )  # fmt: skip
-            for operation in page.items:
-                yield operation
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        pages = _every_item(lambda cursor: self.history_page(
+            wallet_id, cursor=cursor, since=since, until=until,
+            operation_type=operation_type, limit=page_size,
+        ))  # fmt: skip
+        async for operation in pages:
+            yield operation
 
     async def history_page(
         self,
@@ -878,15 +898,11 @@ class WalletdClient:
         page_size: int | None = None,
     ) -> AsyncGenerator[Wallet, None]:
         """Every wallet ``wallets_page`` selects, newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = await self.wallets_page(since=since, until=until, cursor=cursor,
-                                           limit=page_size)  # fmt: skip
-            for wallet in page.items:
-                yield wallet
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        pages = _every_item(lambda cursor: self.wallets_page(
+            since=since, until=until, cursor=cursor, limit=page_size,
+        ))  # fmt: skip
+        async for wallet in pages:
+            yield wallet
 
     async def transfers_page(
         self,
@@ -919,17 +935,12 @@ class WalletdClient:
         page_size: int | None = None,
     ) -> AsyncGenerator[Transfer, None]:
         """Every transfer ``transfers_page`` selects, newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = await self.transfers_page(
-                wallet_id=wallet_id, status=status, since=since, until=until, cursor=cursor,
-                limit=page_size,
-            )  # fmt: skip
-            for transfer in page.items:
-                yield transfer
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        pages = _every_item(lambda cursor: self.transfers_page(
+            wallet_id=wallet_id, status=status, since=since, until=until, cursor=cursor,
+            limit=page_size,
+        ))  # fmt: skip
+        async for transfer in pages:
+            yield transfer
 
     async def holds_page(
         self,
@@ -967,17 +978,12 @@ class WalletdClient:
         page_size: int | None = None,
     ) -> AsyncGenerator[Hold, None]:
         """Every hold ``holds_page`` selects, newest first, a page at a time."""
-        cursor: str | None = None
-        while True:
-            page = await self.holds_page(
-                wallet_id=wallet_id, status=status, expires_before=expires_before,
-                since=since, until=until, cursor=cursor, limit=page_size,
-            )  # fmt: skip
-            for hold in page.items:
-                yield hold
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        pages = _every_item(lambda cursor: self.holds_page(
+            wallet_id=wallet_id, status=status, expires_before=expires_before,
+            since=since, until=until, cursor=cursor, limit=page_size,
+        ))  # fmt: skip
+        async for hold in pages:
+            yield hold
 
     # -- the change feed -------------------------------------------------------------------
 
