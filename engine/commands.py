@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 from collections.abc import Sequence
 from typing import Final, NamedTuple, Protocol
 from uuid import UUID
@@ -42,6 +43,8 @@ __all__ = [
     "UpdateWallet",
     "command_ids",
     "hold_key",
+    "reversal_key",
+    "reversal_of",
     "transfer_leg_key",
 ]
 
@@ -94,6 +97,20 @@ class Outcome(enum.Enum):
     # the maximum amount in its minor units (422 naming the field); the reply's currency
     # says which currency.
     AMOUNT_NOT_IN_CURRENCY = "AMOUNT_NOT_IN_CURRENCY"
+    # Refunds (engine/transfers.py ``refund``), all 409 and never recorded (a retry is
+    # decided again): more than the transfer has left to refund (also storage's WD010,
+    # found alone by isolation); a refund of a transfer that is not COMPLETED; a refund of
+    # a refund.
+    REFUND_EXCEEDS_TRANSFER = "REFUND_EXCEEDS_TRANSFER"
+    TRANSFER_NOT_FOUND = "TRANSFER_NOT_FOUND"
+    TRANSFER_NOT_COMPLETED = "TRANSFER_NOT_COMPLETED"
+    TRANSFER_IS_REFUND = "TRANSFER_IS_REFUND"
+    # Reversals (engine/router.py ``reverse``): the operation was reversed already (under
+    # another Idempotency-Key; also storage's unique index, found alone by isolation); it
+    # is not a deposit or withdrawal; no such operation on the wallet.
+    ALREADY_REVERSED = "ALREADY_REVERSED"
+    NOT_REVERSIBLE = "NOT_REVERSIBLE"
+    OPERATION_NOT_FOUND = "OPERATION_NOT_FOUND"
 
 
 # The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
@@ -240,6 +257,30 @@ def transfer_leg_key(kind: OperationKind, transfer_id: UUID) -> str:
     (wallet, key) index of the log makes a second copy of a leg impossible.
     """
     return f"\x1f{kind.name}:{transfer_id}"
+
+
+REVERSAL_KEY_PREFIX: Final = "\x1fREVERSAL:"
+
+
+def reversal_key(original_seq: int, idempotency_key: str) -> str:
+    """The log key of the reversal of the wallet's operation ``original_seq``, asked for
+    under the client's ``idempotency_key``: "<US>REVERSAL:<seq>:<digest of the key>".
+
+    Like a leg's it starts with the unit separator, so no client key collides with it. The
+    client's key is in it (as a digest: the key may be 255 characters), so a retry under
+    that key finds the reversal (or its recorded refusal) and replays it, while a reversal
+    under another key is another key: storage's unique index on (wallet, original seq) of
+    the reversal kinds (migration "refunds_and_reversals") refuses a second one."""
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+    return f"{REVERSAL_KEY_PREFIX}{original_seq}:{digest}"
+
+
+def reversal_of(key: str | None) -> int | None:
+    """The seq of the operation a reversal's log key names (None: not a reversal key)."""
+    if key is None or not key.startswith(REVERSAL_KEY_PREFIX):
+        return None
+    seq_text = key[len(REVERSAL_KEY_PREFIX) :].partition(":")[0]
+    return int(seq_text) if seq_text.isdigit() else None
 
 
 class TransferLeg:

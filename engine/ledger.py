@@ -60,6 +60,7 @@ from walletd.engine.commands import (
     TransferLeg,
     UpdateWallet,
     hold_key,
+    reversal_of,
     transfer_leg_key,
 )
 from walletd.engine.holds import is_derived_transfer_id
@@ -115,6 +116,7 @@ _READ_LATER: Final = Reply(Outcome.OK)
 _UNAVAILABLE: Final = Reply(Outcome.UNAVAILABLE)
 _NOT_STORABLE: Final = Reply(Outcome.NOT_STORABLE)
 _CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
+_REVERSALS: Final = frozenset({OperationKind.DEPOSIT_REVERSAL, OperationKind.WITHDRAW_REVERSAL})
 _NO_HOLDS: Final[dict[int, HoldRecord]] = {}
 _REFUSAL_OUTCOMES: Final = {
     RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
@@ -291,6 +293,8 @@ class Applied:
     dependent: list[tuple[int, int]] = field(default_factory=list)
     added_keys: list[tuple[UUID, str]] = field(default_factory=list)
     added_create_keys: list[str] = field(default_factory=list)
+    # (wallet id as int, reversed seq) of the reversals the batch applied.
+    added_reversals: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Ledger:
@@ -312,6 +316,9 @@ class Ledger:
         # by its seq; a refusal's cannot). Bounded by the open batches.
         self._uncommitted_refusals: set[tuple[UUID, str]] = set()
         self._create_keys: OrderedDict[str, CreationKey] = OrderedDict()
+        # The recent reversals, (wallet id as int, reversed seq) -> the reversal's key: a
+        # second one under another key is ALREADY_REVERSED before its balance is checked.
+        self._reversals: OrderedDict[tuple[int, int], str] = OrderedDict()
         self._holds_per_wallet_max = limits.holds_per_wallet_max
         # A hold's expires_at must stay a timestamp storage holds: bounded like the edge's.
         self._expires_in_us_max = limits.hold_expires_in_s_max * 1_000_000
@@ -584,10 +591,40 @@ class Ledger:
             command = rescaled
         if not _storable_operation(command):
             return _NOT_STORABLE
+        if command.kind in _REVERSALS:
+            return self._reverse(command, applied, actor)
         return self._move(
             command.wallet_id, command.kind, command.amount, command.idempotency_key, applied,
             command, command.reference, actor, command.metadata, expected_seq,
         )  # fmt: skip
+
+    def _reverse(self, command: Operation, applied: Applied, actor: str | None) -> Reply:
+        """A reversal (engine/router.py ``reverse``): moved like a keyed deposit or
+        withdrawal, unless a reversal of the same operation under another key is known
+        here (applied by an open batch, or committed and remembered): ALREADY_REVERSED,
+        decided before the balance is, so a burst of reversals of one deposit under many
+        keys is answered for what it is. The reversals remembered are the recent ones
+        (bounded like the keys); storage's unique index refuses any other second one."""
+        key = command.idempotency_key
+        assert key is not None  # _storable_operation: a reversal carries its key
+        wid = command.wallet_id.int
+        slot = (wid, reversal_of(key) or 0)
+        other = self._reversals.get(slot)
+        if other is not None and other != key:
+            # True only if the batch that applied it commits: an earlier failure makes it 503.
+            applied.dependent.append((len(applied.replies), wid))
+            return Reply(Outcome.ALREADY_REVERSED)
+        reply = self._move(
+            command.wallet_id, command.kind, command.amount, key, applied, command,
+            command.reference, actor, command.metadata,
+        )  # fmt: skip
+        if reply.outcome is Outcome.OK and not reply.replayed:
+            self._reversals[slot] = key
+            self._reversals.move_to_end(slot)
+            applied.added_reversals.append(slot)
+            while len(self._reversals) > self._keys_max:
+                self._reversals.popitem(last=False)
+        return reply
 
     @staticmethod
     def _rescaled(command: Operation, resident: Resident | None) -> Operation | Reply:
@@ -1343,6 +1380,8 @@ class Ledger:
         for key in applied.added_keys:
             self._keys.pop(key, None)
             self._uncommitted_refusals.discard(key)
+        for slot in applied.added_reversals:
+            self._reversals.pop(slot, None)
         for create_key in applied.added_create_keys:
             self._create_keys.pop(create_key, None)
 
@@ -1390,9 +1429,12 @@ class Ledger:
 def _storable_operation(command: Operation) -> bool:
     """A client operation's fields within what storage holds (engine/bounds.py)."""
     key, reference, metadata = command.idempotency_key, command.reference, command.metadata
+    kind = command.kind
     return (
         storable_amount(command.amount)
-        and command.kind in _CLIENT_KINDS
+        # A reversal (engine/router.py ``reverse``) only under its own key, which names the
+        # operation it reverses (storage allows one per operation).
+        and (kind in _CLIENT_KINDS or (kind in _REVERSALS and reversal_of(key) is not None))
         and (key is None or storable_text(key, 1, KEY_LENGTH_MAX))
         and (reference is None or storable_text(reference, 0, REFERENCE_LENGTH_MAX))
         and (not metadata or storable_metadata(metadata))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 from uuid import UUID
@@ -150,3 +151,12 @@ class LogReader(abc.ABC):
 
     @abc.abstractmethod
     async def list_page(self, query: ListingQuery) -> ListingPage: ...
+
+    async def history_links(
+        self, wallet_id: UUID, transfer_ids: Sequence[UUID], seqs: Sequence[int]
+    ) -> tuple[dict[UUID, UUID], dict[int, int]]:
+        """What a history page links its rows to (docs/API.md, "Refunds", "Reversals"):
+        the ``refund_of`` of those transfers that are refunds, and the seq of the row that
+        reversed each of those seqs of the wallet that was reversed. None by default (a
+        reader without refunds or reversals)."""
+        return {}, {}

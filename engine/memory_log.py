@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from uuid import UUID
 
+from walletd.engine.commands import reversal_of
 from walletd.engine.model import (
     Batch,
     HoldRecord,
@@ -33,6 +34,9 @@ from walletd.engine.ports import (
 )
 
 __all__ = ["InMemoryLog"]
+
+
+_REVERSALS = frozenset({OperationKind.DEPOSIT_REVERSAL, OperationKind.WITHDRAW_REVERSAL})
 
 
 class InMemoryLog(WalletLog):
@@ -196,6 +200,8 @@ class InMemoryLog(WalletLog):
                 failure_code=close.failure_code,
                 updated_at_us=close.updated_at_us,
             )
+        self._check_refunds(batch, transfers)
+        self._check_reversals(batch)
         self._check_updates(batch, wallets)
         holds = dict(self.holds)
         for hold in batch.new_holds:
@@ -236,6 +242,72 @@ class InMemoryLog(WalletLog):
             key = (refusal.wallet_id, refusal.idempotency_key)
             self._by_key[key] = self.refusals[key] = refusal
         self.appends += 1
+
+    @staticmethod
+    def _check_refunds(batch: Batch, transfers: dict[UUID, TransferRecord]) -> None:
+        """A refund opened by the batch refunds a COMPLETED transfer that is no refund,
+        between its wallets the other way, and its refunds that are not FAILED sum to at
+        most its amount (PostgreSQL: WD010)."""
+        for refund in batch.new_transfers:
+            original_id = refund.refund_of
+            if original_id is None:
+                continue
+            original = transfers.get(original_id)
+            refunded = sum(
+                t.amount
+                for t in transfers.values()
+                if t.refund_of == original_id and t.status is not TransferStatus.FAILED
+            )
+            if (
+                original is None
+                or original.status is not TransferStatus.COMPLETED
+                or original.refund_of is not None
+                or (refund.from_wallet_id, refund.to_wallet_id)
+                != (original.to_wallet_id, original.from_wallet_id)
+                or refunded > original.amount
+            ):
+                raise StorageRefused(f"refund {refund.transfer_id} refused", "WD010")
+
+    def _check_reversals(self, batch: Batch) -> None:
+        """At most one reversal per operation (PostgreSQL: the unique index
+        wallet_operations_reversed_once)."""
+        seen: set[tuple[UUID, int]] = set()
+        for op in batch.operations:
+            seq = reversal_of(op.idempotency_key)
+            if op.kind not in _REVERSALS or seq is None:
+                continue
+            if (op.wallet_id, seq) in seen or self._reversal(op.wallet_id, seq) is not None:
+                raise StorageRefused(
+                    "duplicate key value violates unique constraint "
+                    '"wallet_operations_reversed_once"', "23505",
+                )  # fmt: skip
+            seen.add((op.wallet_id, seq))
+
+    def _reversal(self, wallet_id: UUID, seq: int) -> OperationRecord | None:
+        return next(
+            (
+                op for op in self.operations.get(wallet_id, ())
+                if op.kind in _REVERSALS and reversal_of(op.idempotency_key) == seq
+            ),
+            None,
+        )  # fmt: skip
+
+    async def refunded_amount(self, transfer_id: UUID) -> int:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return sum(
+            t.amount
+            for t in self.transfers.values()
+            if t.refund_of == transfer_id and t.status is not TransferStatus.FAILED
+        )
+
+    async def read_operation(
+        self, wallet_id: UUID, seq: int
+    ) -> tuple[OperationRecord | None, OperationRecord | None]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        found = next((op for op in self.operations.get(wallet_id, ()) if op.seq == seq), None)
+        return found, self._reversal(wallet_id, seq)
 
     @staticmethod
     def _check_updates(batch: Batch, wallets: dict[UUID, WalletRecord]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "CREDIT_KINDS",
     "HOLD_KINDS",
     "NO_METADATA",
+    "REVERSAL_KINDS",
     "Batch",
     "HoldRecord",
     "HoldStatus",
@@ -76,12 +77,29 @@ class OperationKind(enum.IntEnum):
     # amount 0, balance and held unchanged; its row carries the wallet's status and
     # overdraft limit after the change (``status_after``, ``overdraft_limit_after``).
     WALLET_UPDATE = 9
+    # Reversals of a client's DEPOSIT or WITHDRAW (docs/ARCHITECTURE.md, "Refunds and
+    # reversals"): the opposite movement of the same amount on the same wallet, at most once
+    # per operation. Their key is "<US>REVERSAL:<seq of the original>:<key digest>"
+    # (engine.commands.reversal_key); storage allows one per (wallet, original seq).
+    DEPOSIT_REVERSAL = 10
+    WITHDRAW_REVERSAL = 11
 
 
 # Kinds that add money to their wallet; every other kind takes it out.
 CREDIT_KINDS = frozenset(
-    {OperationKind.DEPOSIT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
+    {
+        OperationKind.DEPOSIT,
+        OperationKind.TRANSFER_IN,
+        OperationKind.TRANSFER_REFUND,
+        OperationKind.WITHDRAW_REVERSAL,
+    }
 )
+
+# The reversal of each reversible kind (a client's deposit or withdrawal), and back.
+REVERSAL_KINDS = {
+    OperationKind.DEPOSIT: OperationKind.DEPOSIT_REVERSAL,
+    OperationKind.WITHDRAW: OperationKind.WITHDRAW_REVERSAL,
+}
 
 
 # Kinds that move ``held``: their log key is "<US>KIND:<hold id>" (engine.commands.hold_key).
@@ -312,6 +330,10 @@ class TransferRecord(NamedTuple):
     # Fixed at the request, part of its identity; every leg's row carries it, and the
     # transfer's is its debit row's (like ``actor``).
     metadata: Metadata = NO_METADATA
+    # A refund (docs/API.md, "Refunds"): the COMPLETED transfer it gives money back for,
+    # from that transfer's receiver to its sender. Storage refuses the refund's debit when
+    # the refunds of that transfer that are not FAILED would sum past its amount (WD010).
+    refund_of: UUID | None = None
 
 
 class TransferUpdate(NamedTuple):

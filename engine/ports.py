@@ -172,5 +172,17 @@ class WalletLog(abc.ABC):
         """Up to ``limit`` wallets, most recently updated first (for warm-up at start)."""
 
     @abc.abstractmethod
+    async def refunded_amount(self, transfer_id: UUID) -> int:
+        """The sum of the amounts of the transfer's refunds that are not FAILED (COMPLETED
+        and PENDING: money given back or on its way back); 0 without any."""
+
+    @abc.abstractmethod
+    async def read_operation(
+        self, wallet_id: UUID, seq: int
+    ) -> tuple[OperationRecord | None, OperationRecord | None]:
+        """The wallet's log row ``seq`` (None: no such row), and the row that reverses it
+        (a DEPOSIT_REVERSAL or WITHDRAW_REVERSAL naming that seq; None: not reversed)."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise ``StorageError`` unless storage answers."""

@@ -40,6 +40,7 @@ from walletd.engine.commands import (
     Reply,
     TransferLeg,
     UpdateWallet,
+    reversal_key,
 )
 from walletd.engine.errors import (
     AtomicSpansShards,
@@ -62,6 +63,7 @@ from walletd.engine.limits import EngineLimits
 from walletd.engine.log_reads import LogReader, WalletAsOf
 from walletd.engine.model import (
     NO_METADATA,
+    REVERSAL_KINDS,
     Batch,
     HoldRecord,
     HoldStatus,
@@ -91,6 +93,7 @@ from walletd.engine.transfers import (
 __all__ = [
     "CREATE_ID_TRIES_MAX",
     "CREATE_KEY_NAMESPACE",
+    "REFUND_KEY_NAMESPACE",
     "TRANSFER_KEY_NAMESPACE",
     "BulkReply",
     "Engine",
@@ -106,6 +109,10 @@ CREATE_KEY_NAMESPACE = UUID("6f1c9a52-3f0e-4d8e-9d0a-5b7f2c1e8a44")
 # Transfers sent with an Idempotency-Key and no chosen id get uuid5(namespace, key): the key
 # becomes the transfer id, whose scope is global.
 TRANSFER_KEY_NAMESPACE = UUID("0b6d2f7e-8a51-4c3e-9f42-7d1e5a6c9b30")
+# A refund's id is uuid5(namespace, "<original id>:<Idempotency-Key>"): a retry under the
+# key finds the refund (or its recorded refusal); the same key on another transfer is
+# another refund.
+REFUND_KEY_NAMESPACE = UUID("5d0c3a1e-6b27-4f89-a4d2-8e91c7b3f056")
 
 
 _ROOM_POLL_S = 0.001
@@ -193,6 +200,14 @@ class _FencedLog(WalletLog):
 
     async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
         return await self._log.load_transfers(transfer_ids)
+
+    async def refunded_amount(self, transfer_id: UUID) -> int:
+        return await self._log.refunded_amount(transfer_id)
+
+    async def read_operation(
+        self, wallet_id: UUID, seq: int
+    ) -> tuple[OperationRecord | None, OperationRecord | None]:
+        return await self._log.read_operation(wallet_id, seq)
 
     async def pending_transfers(
         self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
@@ -997,6 +1012,72 @@ class Engine:
 
     async def read_transfer(self, transfer_id: UUID) -> TransferRecord | None:
         return await self.transfers.read(transfer_id)
+
+    async def refund(
+        self,
+        original_id: UUID,
+        idempotency_key: str,
+        amount: int | None,
+        reason: str | None,
+        actor: str | None = None,
+        scale: int | None = None,
+        metadata: Metadata = NO_METADATA,
+    ) -> tuple[UUID, TransferReply]:
+        """Refund a COMPLETED transfer (engine/transfers.py ``refund``); returns the refund's
+        id, derived from the original and the key, and the reply."""
+        refund_id = uuid.uuid5(REFUND_KEY_NAMESPACE, f"{original_id}:{idempotency_key}")
+        if self._stopping:
+            raise EngineStopping("the engine is stopping")
+        reply = await self.transfers.refund(
+            refund_id, original_id, amount, reason, actor=actor, scale=scale, metadata=metadata
+        )
+        return refund_id, reply
+
+    async def refunded_amount(self, transfer_id: UUID) -> int:
+        """What the transfer's refunds that are not FAILED sum to (raises StorageError)."""
+        return await self.log.refunded_amount(transfer_id)
+
+    async def reverse(
+        self,
+        wallet_id: UUID,
+        seq: int,
+        idempotency_key: str,
+        reason: str | None,
+        actor: str | None = None,
+        metadata: Metadata = NO_METADATA,
+    ) -> tuple[Reply, OperationRecord | None]:
+        """Reverse the wallet's DEPOSIT or WITHDRAW ``seq`` (docs/ARCHITECTURE.md, "Refunds
+        and reversals"): the opposite movement of its amount on the same wallet, a
+        DEPOSIT_REVERSAL (a debit: refused like a withdrawal, recorded under its key) or a
+        WITHDRAW_REVERSAL (a credit), keyed ``reversal_key(seq, key)``. Returns the reply and
+        the original row (None when not found).
+
+        The original is read from storage (the ledger keeps no log rows), with its reversal
+        if any: one under another key answers ALREADY_REVERSED at once; one under this key
+        is replayed by the shard from its key. Two reversals under different keys at once
+        both pass that read; storage's unique index (wallet, original seq) refuses the
+        second, which the pipeline answers alone ALREADY_REVERSED (engine/shard.py)."""
+        shard, pipeline = self._route(wallet_id)  # NotOwner first: the owner reads and applies
+        try:
+            original, reversal = await self.log.read_operation(wallet_id, seq)
+        except StorageError:
+            return _UNAVAILABLE, None
+        if original is None:
+            return Reply(Outcome.OPERATION_NOT_FOUND), None
+        kind = REVERSAL_KINDS.get(original.kind)
+        if kind is None:
+            return Reply(Outcome.NOT_REVERSIBLE), original
+        key = reversal_key(seq, idempotency_key)
+        if reversal is not None and reversal.idempotency_key != key:
+            return Reply(Outcome.ALREADY_REVERSED), original
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        reply = await self._answer(
+            shard, pipeline,
+            ApplyOperation(
+                wallet_id, kind, original.amount, key, future, reason, actor, metadata=metadata
+            ),
+        )  # fmt: skip
+        return reply, original
 
     async def read_as_of(
         self, wallet_id: UUID, at_us: int, reader: LogReader, timeout_s: float

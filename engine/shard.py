@@ -122,6 +122,27 @@ _STORAGE_REFUSED = Reply(Outcome.STORAGE_REFUSED)
 # first. The caller reads storage to answer (as after any 503 of a leg or a resolution).
 _RACES = (TransferNotPending, HoldNotPending)
 
+# Refusals of storage that are answers of their own when a command meets them alone: a
+# refund past what its transfer has left (migration "refunds_and_reversals": WD010), a
+# second reversal of an operation (its unique index). The caller answers them 409 with
+# their own code, as the ledger would had it known (engine/transfers.py, router.py).
+_REFUND_EXCEEDS = Reply(Outcome.REFUND_EXCEEDS_TRANSFER)
+_ALREADY_REVERSED = Reply(Outcome.ALREADY_REVERSED)
+_REVERSED_ONCE_INDEX = "wallet_operations_reversed_once"
+
+
+def _refused_alone(refusal: StorageRefused | None) -> Reply:
+    """The answer of a command that storage refused when it stood alone."""
+    if isinstance(refusal, _RACES):
+        return _UNAVAILABLE
+    if refusal is not None:
+        if refusal.sqlstate == "WD010":
+            return _REFUND_EXCEEDS
+        if refusal.sqlstate == "23505" and _REVERSED_ONCE_INDEX in str(refusal):
+            return _ALREADY_REVERSED
+    return _STORAGE_REFUSED
+
+
 # How a commit task ended (its result).
 _COMMITTED = 0  # stored; every command answered
 _FAILED = 1  # failed, or stored behind a failed batch: 503 sent to what rests on it
@@ -465,7 +486,7 @@ class Shard:
                 _log.warning(
                     "shard %d: storage refused a command alone: %r", self.index, batch.refusal
                 )
-                reply = _UNAVAILABLE if isinstance(batch.refusal, _RACES) else _STORAGE_REFUSED
+                reply = _refused_alone(batch.refusal)
                 future = kept[0].reply
                 if not future.done():
                     future.set_result(reply)

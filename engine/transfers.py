@@ -62,12 +62,14 @@ from walletd.engine.commands import (
     Outcome,
     Reply,
     TransferLeg,
+    transfer_leg_key,
 )
 from walletd.engine.errors import EngineRefused, NotOwner
 from walletd.engine.model import (
     NO_METADATA,
     Metadata,
     OperationKind,
+    RefusalRecord,
     TransferRecord,
     TransferStatus,
 )
@@ -411,6 +413,102 @@ class TransferCoordinator:
         return await self._claimed(
             transfer_id, lambda: self._transfer(requested, fresh_id=fresh_id)
         )
+
+    async def refund(
+        self,
+        refund_id: UUID,
+        original_id: UUID,
+        amount: int | None,
+        reason: str | None,
+        *,
+        actor: str | None = None,
+        scale: int | None = None,
+        metadata: Metadata = NO_METADATA,
+    ) -> TransferReply:
+        """Give back ``amount`` (None: all that is left) of a COMPLETED transfer, from its
+        receiver to its sender, as a new transfer ``refund_id`` whose ``refund_of`` is the
+        original (docs/ARCHITECTURE.md, "Refunds and reversals"). The same saga as any
+        transfer: debited from the original's receiver (refused 409 like any debit, recorded
+        under the debit leg's key and replayed), credited to its sender, re-driven after a
+        crash. ``reason`` is the refund's reference.
+
+        The bound (the refunds of a transfer that are not FAILED sum to at most its amount)
+        is checked here against storage first, for a clean answer without a write; what
+        guarantees it is storage, which refuses a debit that would pass it (WD010, the
+        original's row locked: one decision at a time even across processes), and the
+        pipeline answers that refusal alone REFUND_EXCEEDS_TRANSFER (engine/shard.py)."""
+        try:
+            original = await self.read(original_id)
+        except StorageError:
+            return _UNAVAILABLE
+        if original is None:
+            return TransferReply(Outcome.TRANSFER_NOT_FOUND)
+        if original.refund_of is not None:
+            return TransferReply(Outcome.TRANSFER_IS_REFUND, original)
+        if original.status is not TransferStatus.COMPLETED:
+            return TransferReply(Outcome.TRANSFER_NOT_COMPLETED, original)
+        currency = original.currency
+        if amount is not None and scale is not None and currency is not None:
+            minor = to_minor(amount, scale, currency.exponent)
+            if minor is None or not storable_amount(minor):
+                return TransferReply(Outcome.AMOUNT_NOT_IN_CURRENCY, currency=currency)
+            amount = minor
+        while (running := self._driving.get(refund_id)) is not None:
+            await asyncio.wait((running,))
+        return await self._claimed(
+            refund_id,
+            lambda: self._refund(refund_id, original, amount, reason, actor, metadata),
+        )
+
+    async def _refund(
+        self,
+        refund_id: UUID,
+        original: TransferRecord,
+        amount: int | None,
+        reason: str | None,
+        actor: str | None,
+        metadata: Metadata,
+    ) -> TransferReply:
+        sender = original.to_wallet_id
+        try:
+            stored = await self.read(refund_id)
+            if stored is not None:
+                # A retry (or another request under the refund's id): the same request
+                # replays the refund as it is; an omitted amount was "what was left".
+                if (
+                    stored.refund_of != original.transfer_id
+                    or (amount is not None and stored.amount != amount)
+                    or (stored.reference, stored.metadata) != (reason, metadata)
+                ):
+                    return TransferReply(Outcome.IDEMPOTENCY_KEY_REUSED)
+                if stored.status is TransferStatus.PENDING:
+                    return await self._drive(stored, replayed=True, driver=DRIVER_REQUEST)
+                return _final_reply(stored, replayed=True)
+            debit_key = transfer_leg_key(OperationKind.TRANSFER_OUT, refund_id)
+            recorded = (await self._log.find_operations([(sender, debit_key)])).get(
+                (sender, debit_key)
+            )
+            if isinstance(recorded, RefusalRecord):
+                # A refused refund retried: its debit replays the recorded refusal (an
+                # omitted amount is the one refused then, not what is left now).
+                if amount is None:
+                    amount = recorded.amount
+            else:
+                left = original.amount - await self._log.refunded_amount(original.transfer_id)
+                if amount is None:
+                    amount = left
+                if amount <= 0 or amount > left:
+                    return TransferReply(
+                        Outcome.REFUND_EXCEEDS_TRANSFER, original, balance_seen=max(left, 0),
+                        currency=original.currency,
+                    )  # fmt: skip
+        except StorageError:
+            return _UNAVAILABLE
+        requested = TransferRecord(
+            refund_id, sender, original.from_wallet_id, amount, reason, TransferStatus.PENDING,
+            None, 0, 0, actor, original.currency, metadata, original.transfer_id,
+        )  # fmt: skip
+        return await self._transfer(requested, fresh_id=False)
 
     async def _transfer_currency(
         self, from_wallet_id: UUID, to_wallet_id: UUID

@@ -126,6 +126,8 @@ def encode_leg(
             # Each leg is refused on a wallet of another currency (None: not checked).
             "currency": None if transfer.currency is None else list(transfer.currency),
             "metadata": dict(transfer.metadata),  # the request's: on every leg's row
+            # A refund's original: its debit opens the refund with it (storage checks it).
+            "refund_of": None if transfer.refund_of is None else str(transfer.refund_of),
         },
     }
 
@@ -142,6 +144,7 @@ def decode_leg(body: dict[str, Any]) -> tuple[OperationKind, TransferRecord, str
         _int(t["amount"]), _text(t["reference"]), TransferStatus[t["status"]],
         _text(t["failure_code"]), _int(t["created_at_us"]), _int(t["updated_at_us"]),
         _text(t.get("actor")), _currency(t.get("currency")), _metadata(t.get("metadata")),
+        _uuid(t.get("refund_of")),
     )  # fmt: skip
     # The ledger's bounds (engine/bounds.py), checked here first so a leg past them is
     # refused at the edge like any request; the ledger refuses it again (NOT_STORABLE).
@@ -182,6 +185,15 @@ def _metadata(value: object) -> Metadata:
     ):
         raise TypeError("metadata must be an object of strings")
     return as_metadata(value)
+
+
+def _uuid(value: object) -> UUID | None:
+    """An optional id (absent from a process that predates refunds: None)."""
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise TypeError("an id or null was expected")
+    return UUID(value)
 
 
 def _int(value: object) -> int:

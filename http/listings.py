@@ -108,6 +108,8 @@ def _instant(field: str, text: str) -> FilterValue:
 FILTERS: Final[Mapping[Listing, Mapping[str, _Parser]]] = {
     Listing.WALLETS: {},
     Listing.TRANSFERS: {
+        # The refunds of a transfer (docs/API.md, "Refunds"): any canonical id.
+        "refund_of": _wallet_id,
         "wallet_id": _wallet_id,
         "status": _status({s.name: int(s) for s in TransferStatus}),
     },

@@ -713,6 +713,69 @@ def parse_transfer_body(body: dict[str, Any], raw: bytes) -> TransferRequest:
     return TransferRequest(transfer_id, from_wallet_id, to_wallet_id, amount, reference, metadata)
 
 
+# -- refunds and reversals (docs/API.md, "Refunds and reversals") ---------------------------
+
+_REFUND_FIELDS: Final = frozenset({"amount", "reason", "metadata"})
+_REVERSAL_FIELDS: Final = frozenset({"reason", "metadata"})
+
+
+def _parse_reason(body: dict[str, Any], errors: list[FieldError]) -> str | None:
+    """The optional ``reason``: the rules of a ``reference`` (it is stored as the refund's
+    or reversal's reference)."""
+    if "reason" not in body:
+        return None
+    found: list[FieldError] = []
+    reason = parse_reference({"reference": body["reason"]}, found)
+    errors.extend({"field": "reason", "message": error["message"]} for error in found)
+    return reason
+
+
+def parse_refund_body(
+    body: dict[str, Any], raw: bytes
+) -> tuple[Amount | None, str | None, Metadata]:
+    """``{"amount"?, "reason"?, "metadata"?}``: the amount to refund (None: what is left),
+    why, and the refund's metadata."""
+    errors: list[FieldError] = [
+        {"field": str(name)[:64], "message": "unknown field"}
+        for name in body
+        if name not in _REFUND_FIELDS
+    ]
+    amount: Amount | FieldError | None = None
+    if "amount" in body:
+        amount = parse_amount(body["amount"], raw)
+        if isinstance(amount, dict):
+            errors.append(amount)
+    reason = _parse_reason(body, errors)
+    metadata = parse_metadata(body, errors)
+    if errors:
+        raise ValidationProblem(errors)
+    assert amount is None or isinstance(amount, Amount)
+    return amount, reason, metadata
+
+
+def parse_reversal_body(body: dict[str, Any]) -> tuple[str | None, Metadata]:
+    """``{"reason"?, "metadata"?}`` (an empty or absent body: neither)."""
+    errors: list[FieldError] = [
+        {"field": str(name)[:64], "message": "unknown field"}
+        for name in body
+        if name not in _REVERSAL_FIELDS
+    ]
+    reason = _parse_reason(body, errors)
+    metadata = parse_metadata(body, errors)
+    if errors:
+        raise ValidationProblem(errors)
+    return reason, metadata
+
+
+def require_idempotency_key(request: web.Request) -> str:
+    """The Idempotency-Key a refund or reversal must carry (422 without one): the refund's
+    id and the reversal's log key are derived from it, so a retry finds the first answer."""
+    key = parse_idempotency_key(request)
+    if key is None:
+        raise ValidationProblem([{"field": "Idempotency-Key", "message": "is required"}])
+    return key
+
+
 def parse_idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from walletd.engine.commands import Outcome, Reply
+from walletd.engine.commands import reversal_of as reversal_seq
 from walletd.engine.model import (
     HOLD_KINDS,
     HoldRecord,
@@ -102,20 +103,35 @@ def _money(amount: Amount | None, currency: Currency | None) -> str:
     return "0" if amount is None else amount.text(currency)
 
 
-def history_item(operation_id: int, op: OperationRecord, exponent: int = 2) -> dict[str, object]:
+def history_item(
+    operation_id: int,
+    op: OperationRecord,
+    exponent: int = 2,
+    links: tuple[dict[UUID, UUID], dict[int, int]] = ({}, {}),
+) -> dict[str, object]:
+    """A log row as the history shows it; ``links`` (LogReader.history_links): the
+    ``refund_of`` of the page's refunds, and the seq that reversed each reversed row."""
     kind = OperationKind(op.kind)
     key = op.idempotency_key
     transfer_id: str | None = None
     hold_id: str | None = None
+    refund_of: str | None = None
+    reversal_of: int | None = None
     if kind is OperationKind.WALLET_UPDATE:
         return _update_item(operation_id, op, exponent)
-    if kind not in _CLIENT_KINDS and key is not None:
+    if kind in _REVERSAL_KINDS:
+        # "<US>REVERSAL:<seq>:<digest of the client's key>": internal, like a leg's.
+        reversal_of = reversal_seq(key)
+        key = None
+    elif kind not in _CLIENT_KINDS and key is not None:
         # A transfer leg's or a hold row's key is "<US>KIND:<id>" (engine.commands
         # transfer_leg_key, hold_key): internal, so the client sees the id and no key.
         if kind in HOLD_KINDS:
             hold_id = key.partition(":")[2]
         else:
             transfer_id = key.partition(":")[2]
+            original = links[0].get(UUID(transfer_id)) if links[0] else None
+            refund_of = None if original is None else str(original)
         key = None
     return {
         "id": operation_id,
@@ -133,10 +149,19 @@ def history_item(operation_id: int, op: OperationRecord, exponent: int = 2) -> d
         "actor": op.actor,
         # What wrote the row: the operation's own, its transfer's or its hold's.
         "metadata": dict(op.metadata),
+        # Links (docs/API.md, "Refunds and reversals"): a refund's legs name the transfer
+        # it refunds; a reversal the seq it reverses; a reversed deposit or withdrawal the
+        # seq of its reversal.
+        "refund_of": refund_of,
+        "reversal_of": reversal_of,
+        "reversed_by": links[1].get(op.seq) if kind in _CLIENT_KINDS else None,
     }
 
 
 _CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
+_REVERSAL_KINDS: Final = frozenset(
+    {OperationKind.DEPOSIT_REVERSAL, OperationKind.WITHDRAW_REVERSAL}
+)
 
 
 def _update_item(operation_id: int, op: OperationRecord, exponent: int) -> dict[str, object]:
@@ -158,6 +183,9 @@ def _update_item(operation_id: int, op: OperationRecord, exponent: int) -> dict[
         "status": WalletStatus(op.status_after).name,
         "overdraft_limit": format_minor(op.overdraft_limit_after, exponent),
         "metadata": dict(op.metadata),  # {}: a wallet update carries none
+        "refund_of": None,
+        "reversal_of": None,
+        "reversed_by": None,
     }
 
 
@@ -173,18 +201,29 @@ def transfer_body(transfer: TransferRecord) -> dict[str, object]:
         "status": transfer.status.name,
         "failure_code": transfer.failure_code,
         "metadata": dict(transfer.metadata),
+        # The transfer a refund gives money back for (null: not a refund).
+        "refund_of": None if transfer.refund_of is None else str(transfer.refund_of),
         "created_at": format_timestamp(transfer.created_at_us),
         "updated_at": format_timestamp(transfer.updated_at_us),
     }
 
 
-def transfer_response(transfer: TransferRecord, status: int, replayed: bool) -> web.Response:
+def transfer_response(
+    transfer: TransferRecord, status: int, replayed: bool, refunded: int | None = None
+) -> web.Response:
+    """The transfer; with ``refunded`` (GET /api/v1/transfers/{id}) also what its refunds
+    that are not FAILED sum to, ``refunded_amount``."""
     headers = dict(_JSON_HEADERS)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if status == 201:
         headers["Location"] = f"/api/v1/transfers/{transfer.transfer_id}"
-    return web.Response(status=status, body=orjson.dumps(transfer_body(transfer)), headers=headers)
+    body = transfer_body(transfer)
+    if refunded is not None:
+        body["refunded_amount"] = format_minor(
+            refunded, (transfer.currency or SEED_CURRENCY).exponent
+        )
+    return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 
 def transfer_reply_response(
@@ -192,7 +231,7 @@ def transfer_reply_response(
     transfer_id: UUID,
     from_wallet_id: UUID,
     to_wallet_id: UUID,
-    amount: Amount,
+    amount: Amount | None,
 ) -> web.Response:
     """201 with the COMPLETED transfer, or the problem: a refusal names its side, and a
     FAILED transfer (its debit refunded) is in the problem as ``transfer``."""
@@ -267,6 +306,65 @@ def transfer_reply_response(
         "applied: retry with the same id or Idempotency-Key, or read the transfer",
         headers=_RETRY_AFTER, extra=extra,
     )  # fmt: skip
+
+
+def refund_problem(reply: TransferReply, original_id: UUID, refund_id: UUID) -> ProblemError | None:
+    """The problem of a refund's own refusals (docs/API.md, "Refunds"), or None when the
+    reply is a transfer's answer like any other (transfer_reply_response says it)."""
+    outcome = reply.outcome
+    extra: dict[str, object] = {"transfer_id": str(refund_id), "refund_of": str(original_id)}
+    original = reply.transfer
+    if outcome is Outcome.TRANSFER_NOT_FOUND:
+        return ProblemError(
+            404, "TRANSFER_NOT_FOUND", f"transfer {original_id} does not exist", extra=extra
+        )
+    if outcome is Outcome.TRANSFER_IS_REFUND:
+        return ProblemError(
+            409, "TRANSFER_IS_REFUND",
+            f"transfer {original_id} is a refund; a refund is not refunded (refund less of "
+            "the original instead, or make a new transfer)", extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.TRANSFER_NOT_COMPLETED:
+        status = "not COMPLETED" if original is None else original.status.name
+        return ProblemError(
+            409, "TRANSFER_NOT_COMPLETED",
+            f"transfer {original_id} is {status}; only a COMPLETED transfer is refunded",
+            extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.REFUND_EXCEEDS_TRANSFER:
+        currency = reply.currency or (original.currency if original is not None else None)
+        exponent = (currency or SEED_CURRENCY).exponent
+        if reply.balance_seen is not None:
+            extra["refundable"] = format_minor(reply.balance_seen, exponent)
+        return ProblemError(
+            409, "REFUND_EXCEEDS_TRANSFER",
+            f"the refunds of transfer {original_id} would pass its amount"
+            + (f"; {extra['refundable']} is left to refund" if "refundable" in extra else ""),
+            extra=extra,
+        )  # fmt: skip
+    return None
+
+
+def reversal_problem(reply: Reply, wallet_id: UUID, seq: int) -> ProblemError | None:
+    """The problem of a reversal's own refusals (docs/API.md, "Reversals"), or None."""
+    outcome = reply.outcome
+    if outcome is Outcome.OPERATION_NOT_FOUND:
+        return ProblemError(
+            404, "OPERATION_NOT_FOUND", f"wallet {wallet_id} has no operation with seq {seq}"
+        )
+    if outcome is Outcome.NOT_REVERSIBLE:
+        return ProblemError(
+            409, "NOT_REVERSIBLE",
+            f"operation {seq} of wallet {wallet_id} is not a DEPOSIT or WITHDRAW; only those "
+            "are reversed (a transfer is refunded: POST /api/v1/transfers/{id}/refunds)",
+        )  # fmt: skip
+    if outcome is Outcome.ALREADY_REVERSED:
+        return ProblemError(
+            409, "ALREADY_REVERSED",
+            f"operation {seq} of wallet {wallet_id} was already reversed (under another "
+            "Idempotency-Key); an operation is reversed at most once",
+        )  # fmt: skip
+    return None
 
 
 def currency_mismatch(detail: str, extra: dict[str, object] | None = None) -> ProblemError:

@@ -19,6 +19,7 @@ from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
 from walletd.http.keys import KEY_NAME, Scope, requires
 from walletd.http.parsing import (
+    Amount,
     parse_capture_body,
     parse_create_body,
     parse_empty_body,
@@ -26,11 +27,14 @@ from walletd.http.parsing import (
     parse_idempotency_key,
     parse_if_match,
     parse_operation_body,
+    parse_refund_body,
+    parse_reversal_body,
     parse_transfer_body,
     parse_update_body,
     path_id,
     path_wallet_id,
     read_json_object,
+    require_idempotency_key,
 )
 from walletd.http.problems import ProblemError, ValidationProblem
 from walletd.http.responses import (
@@ -39,7 +43,9 @@ from walletd.http.responses import (
     history_item,
     hold_reply_response,
     hold_response,
+    refund_problem,
     reply_response,
+    reversal_problem,
     transfer_reply_response,
     transfer_response,
     wallet_body,
@@ -57,6 +63,10 @@ _LIMIT_DIGITS_MAX: Final = 6
 # operation_type filter a page may then hold fewer items, and its cursor goes on.
 HISTORY_SCAN_ROWS_PER_ITEM: Final = 4
 _OPERATION_KINDS: Final = {kind.name: kind for kind in OperationKind}
+_LEG_KINDS: Final = frozenset(
+    {OperationKind.TRANSFER_OUT, OperationKind.TRANSFER_IN, OperationKind.TRANSFER_REFUND}
+)
+_REVERSIBLE: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
 # The history filter takes any kind of row, so its error names them all.
 _OPERATION_KINDS_MESSAGE: Final = "must be one of " + ", ".join(_OPERATION_KINDS)
 
@@ -277,10 +287,80 @@ async def create_transfer(request: web.Request) -> web.Response:
 @requires(Scope.READ)
 async def get_transfer(request: web.Request) -> web.Response:
     transfer_id = path_id(request, "transfer_id", PREFIX + "/transfers/", "INVALID_TRANSFER_ID")
-    transfer = await request.app[STATE_KEY].services.engine.read_transfer(transfer_id)
+    engine = request.app[STATE_KEY].services.engine
+    transfer = await engine.read_transfer(transfer_id)
     if transfer is None:
         raise ProblemError(404, "TRANSFER_NOT_FOUND", f"transfer {transfer_id} does not exist")
-    return transfer_response(transfer, 200, replayed=False)
+    # What its refunds that are not FAILED sum to (a refund has none: 0).
+    refunded = 0 if transfer.refund_of is not None else await engine.refunded_amount(transfer_id)
+    return transfer_response(transfer, 200, replayed=False, refunded=refunded)
+
+
+@routes.post(PREFIX + "/transfers/{transfer_id:[^/]+}/refunds")
+@requires(Scope.MOVE)
+async def refund_transfer(request: web.Request) -> web.Response:
+    """Refund a COMPLETED transfer (docs/API.md, "Refunds"): 201 with the refund, itself a
+    transfer (``refund_of``) from the original's receiver to its sender."""
+    original_id = path_id(request, "transfer_id", PREFIX + "/transfers/", "INVALID_TRANSFER_ID")
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings, optional=True)
+    amount, reason, metadata = parse_refund_body(body, raw)
+    key = require_idempotency_key(request)
+    engine = state.services.engine
+    refund_id, reply = await engine.refund(
+        original_id, key, None if amount is None else amount.value, reason,
+        request.get(KEY_NAME), None if amount is None else amount.scale, metadata,
+    )  # fmt: skip
+    problem = refund_problem(reply, original_id, refund_id)
+    if problem is not None:
+        raise problem
+    if reply.outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and reply.currency is not None:
+        raise amount_problem(reply.currency, amount)
+    refund = reply.transfer
+    if refund is not None and reply.outcome is not Outcome.OK:
+        from_id, to_id = refund.from_wallet_id, refund.to_wallet_id
+    else:
+        # A refusal of the refund's debit: its wallets are the original's, the other way.
+        original = await engine.read_transfer(original_id)
+        if original is None:  # it was there a moment ago: only its refusal is known
+            raise ProblemError(404, "TRANSFER_NOT_FOUND", f"transfer {original_id} does not exist")
+        from_id, to_id = original.to_wallet_id, original.from_wallet_id
+    return transfer_reply_response(reply, refund_id, from_id, to_id, amount)
+
+
+# The wallet id leads the path, so HAProxy routes a reversal to the wallet's owner (and a
+# process that does not serve it forwards it: http/forwarding.py).
+@routes.post(_WALLET + "/operations/{seq:[^/]+}/reversal")
+@requires(Scope.MOVE)
+async def reverse_operation(request: web.Request) -> web.Response:
+    """Reverse a DEPOSIT or WITHDRAW (docs/API.md, "Reversals"): 200 with the wallet after
+    the opposite movement (its ``seq`` is the reversal's row), at most once per operation."""
+    wallet_id = path_wallet_id(request)
+    seq = _path_seq(request.match_info["seq"])
+    state = request.app[STATE_KEY]
+    body, _raw = await read_json_object(request, state.settings, optional=True)
+    reason, metadata = parse_reversal_body(body)
+    key = require_idempotency_key(request)
+    reply, original = await state.services.engine.reverse(
+        wallet_id, seq, key, reason, request.get(KEY_NAME), metadata
+    )
+    problem = reversal_problem(reply, wallet_id, seq)
+    if problem is not None:
+        raise problem
+    amount = None
+    if original is not None and reply.wallet is not None:
+        amount = Amount(original.amount, reply.wallet.currency.exponent)
+    return reply_response(reply, wallet_id, amount)
+
+
+def _path_seq(text: str) -> int:
+    """A log row's seq in a path: 1 to 2^63 - 1, plain decimal digits (422 otherwise)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and text[0] != "0"):
+        raise ValidationProblem([{"field": "seq", "message": "must be an integer from 1"}])
+    seq = int(text)
+    if seq > 2**63 - 1:
+        raise ValidationProblem([{"field": "seq", "message": "must be at most 2^63 - 1"}])
+    return seq
 
 
 def _encode_cursor(seq: int) -> str:
@@ -370,7 +450,13 @@ async def list_operations(request: web.Request) -> web.Response:
         )
     assert reply.wallet is not None
     exponent = reply.wallet.currency.exponent
-    items = [history_item(operation_id, op, exponent) for operation_id, op in rows]
+    links = await services.reader.history_links(
+        wallet_id,
+        [UUID(op.idempotency_key.partition(":")[2]) for _, op in rows
+         if op.kind in _LEG_KINDS and op.idempotency_key is not None],
+        [op.seq for _, op in rows if op.kind in _REVERSIBLE],
+    )  # fmt: skip
+    items = [history_item(operation_id, op, exponent, links) for operation_id, op in rows]
     next_cursor = _encode_cursor(next_seq) if next_seq is not None else None
     body = orjson.dumps({"items": items, "next_cursor": next_cursor})
     return web.Response(body=body, headers=_JSON_HEADERS)

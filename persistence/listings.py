@@ -130,6 +130,7 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
         currency=_joined_currency(row[10]), metadata=stored_metadata(row[9]),
+        refund_of=row[11],
     )  # fmt: skip
 
 
@@ -161,7 +162,7 @@ _TRANSFER_COLUMNS: Final = _columns(
     "created_at_us", "updated_at_us",
 ) + ", " + _row_metadata("from_wallet_id", "TRANSFER_OUT") + ", " + _CURRENCY_OF.format(
     "from_wallet_id"
-)  # fmt: skip
+) + ", r.refund_of"  # fmt: skip
 _WALLET_COLUMNS: Final = _columns(
     "id", "balance", "seq", "created_at_us", "updated_at_us", "held", "status",
     "overdraft_limit", "metadata", "currency", "exponent",
@@ -182,6 +183,9 @@ LISTINGS: Final[Mapping[Listing, _Table]] = {
         _TRANSFER_COLUMNS,
         _transfer,
         {
+            # The refunds of a transfer (index transfers_refunds, migration
+            # "refunds_and_reversals"): the most selective, so it drives when given.
+            "refund_of": ListingFilter(("r.refund_of = {}",), "uuid", indexed=True),
             "wallet_id": ListingFilter(
                 ("r.from_wallet_id = {}", "r.to_wallet_id = {}"), "uuid", indexed=True
             ),

@@ -19,6 +19,7 @@ pg_current_xact_id()`` and an id drawn from ``wallet_operations_id_seq``, with a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 from uuid import UUID
 
@@ -44,6 +45,7 @@ __all__ = [
     "EVENTS_SQL",
     "FEED_SOURCES",
     "FILTERED_HISTORY_SQL",
+    "HISTORY_LINKS_SQL",
     "PostgresLogReader",
 ]
 
@@ -90,6 +92,19 @@ SELECT {_OP_COLUMNS}
  ORDER BY o.seq DESC
 """
 
+# The links of a history page (LogReader.history_links): the refunds among its legs'
+# transfers (primary key), the reversals of its deposits and withdrawals (index
+# wallet_operations_reversed_once, migration "refunds_and_reversals"). Sent only for a
+# page that has such rows.
+HISTORY_LINKS_SQL: Final = """
+SELECT 0, t.id::text, t.refund_of::text FROM transfers t
+ WHERE t.id = ANY($2::uuid[]) AND t.refund_of IS NOT NULL
+UNION ALL
+SELECT 1, split_part(o.idempotency_key, ':', 2), o.seq::text FROM wallet_operations o
+ WHERE o.wallet_id = $1 AND o.kind IN (10, 11)
+   AND split_part(o.idempotency_key, ':', 2) = ANY($3::text[])
+"""
+
 # Each source: rows after the position $1-$2 whose transaction is below the horizon,
 # in position order, at most $3. Columns: xid, id, type, created_us, data (JSON).
 FEED_SOURCES: Final = (
@@ -124,7 +139,9 @@ FEED_SOURCES: Final = (
                'operation_type', CASE o.kind WHEN 1 THEN 'DEPOSIT' WHEN 2 THEN 'WITHDRAW'
                                              WHEN 3 THEN 'TRANSFER_OUT' WHEN 4 THEN 'TRANSFER_IN'
                                              WHEN 5 THEN 'TRANSFER_REFUND' WHEN 6 THEN 'HOLD'
-                                             WHEN 7 THEN 'CAPTURE' WHEN 8 THEN 'RELEASE' END,
+                                             WHEN 7 THEN 'CAPTURE' WHEN 8 THEN 'RELEASE'
+                                             WHEN 10 THEN 'DEPOSIT_REVERSAL'
+                                             WHEN 11 THEN 'WITHDRAW_REVERSAL' END,
                'amount', o.amount, 'balance_after', o.balance_after,
                'held_after', o.held_after, 'reference', o.reference,
                -- The API key's name whose request wrote the row (null: auth off, sweep).
@@ -142,6 +159,15 @@ FEED_SOURCES: Final = (
                                    THEN split_part(o.idempotency_key, ':', 2) END,
                'hold_id', CASE WHEN o.kind IN (6, 7, 8)
                                THEN split_part(o.idempotency_key, ':', 2) END,
+               -- A refund's legs name the transfer it refunds (one primary-key lookup per
+               -- leg event); a reversal names the seq of the row it reverses, from its key
+               -- "<US>REVERSAL:<seq>:<digest>" (migration "refunds_and_reversals").
+               'refund_of', CASE WHEN o.kind IN (3, 4, 5)
+                                 THEN (SELECT t.refund_of FROM transfers t
+                                        WHERE t.id = split_part(o.idempotency_key, ':', 2)::uuid)
+                            END,
+               'reversal_of', CASE WHEN o.kind IN (10, 11)
+                                   THEN split_part(o.idempotency_key, ':', 2)::bigint END,
                -- The wallet's currency: its money fields are in its minor units.
                'currency', c.currency, 'exponent', c.exponent) END
       FROM wallet_operations o
@@ -234,6 +260,23 @@ class PostgresLogReader(LogReader):
             FeedEvent(FeedPosition(int(xid), row_id), kind, created_us, orjson.loads(data))
             for xid, row_id, kind, created_us, data in rows
         ]
+
+    async def history_links(
+        self, wallet_id: UUID, transfer_ids: Sequence[UUID], seqs: Sequence[int]
+    ) -> tuple[dict[UUID, UUID], dict[int, int]]:
+        if not transfer_ids and not seqs:
+            return {}, {}
+        refunds: dict[UUID, UUID] = {}
+        reversed_by: dict[int, int] = {}
+        rows = await self._fetch(
+            HISTORY_LINKS_SQL, wallet_id, list(transfer_ids), [str(seq) for seq in seqs]
+        )
+        for which, source, target in rows:
+            if which == 0:
+                refunds[UUID(source)] = UUID(target)
+            else:
+                reversed_by[int(source)] = int(target)
+        return refunds, reversed_by
 
     async def list_page(self, query: ListingQuery) -> ListingPage:
         names = tuple(name for name, _ in query.filters)

@@ -92,8 +92,10 @@ _NO_METADATA_ARGS: tuple[list[object], ...] = ([],) * 3
 # (migration "legs_match_their_transfers_and_holds": WD006, WD007). So it is called whenever
 # the batch has a row of its kinds, even with no transfer or hold to write: a leg row
 # without its transfer is refused there too.
-_TRANSFERS_CALL = "walletd_append_transfers({}, $5, $6, $7, $8, $10)"
-_TRANSFERS_ARGS = 10
+# The last argument: the refund_of of each opened transfer (migration
+# "refunds_and_reversals", which checks the refunds' bound: WD010).
+_TRANSFERS_CALL = "walletd_append_transfers({}, $5, $6, $7, $8, $10, {})"
+_TRANSFERS_ARGS = 11
 _HOLDS_CALL = "walletd_append_holds({}, $5, $6, $7, $8, $10)"
 _HOLDS_ARGS = 17
 # The currency of the batch's new wallets (migration "wallet_currencies"), right after the
@@ -121,7 +123,11 @@ def _append_statement(transfers: bool, holds: bool, updates: bool, currencies: b
         (updates, _UPDATES_CALL, _UPDATES_ARGS),
     ):
         if wanted:
-            calls.append(call.format(", ".join(f"${n}" for n in range(next_arg, next_arg + count))))
+            numbers = [f"${n}" for n in range(next_arg, next_arg + count)]
+            if call is _TRANSFERS_CALL:  # its last argument comes after the batch's rows
+                calls.append(call.format(", ".join(numbers[:-1]), numbers[-1]))
+            else:
+                calls.append(call.format(", ".join(numbers)))
             next_arg += count
     return "SELECT " + ", ".join(calls) + _FENCE
 
@@ -250,6 +256,8 @@ _TRANSFER_COLUMNS = (
     + ", d.actor, d.metadata"
     # The transfer's currency is its wallets' (the sender's read): one primary-key lookup.
     ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = t.from_wallet_id)"
+    # The transfer a refund gives money back for (migration "refunds_and_reversals").
+    ", t.refund_of"
 )
 _TRANSFERS = (
     "transfers t LEFT JOIN LATERAL (SELECT o.actor, o.metadata FROM wallet_operations o"
@@ -263,6 +271,20 @@ SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS}
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
  ORDER BY created_at, id LIMIT $2
+"""
+
+# What a transfer's refunds that are not FAILED sum to (index transfers_refunds).
+_REFUNDED_AMOUNT = (
+    "SELECT coalesce(sum(amount), 0) FROM transfers WHERE refund_of = $1 AND status <> 3"
+)
+# A wallet's log row by seq, and the row that reverses it (index
+# wallet_operations_reversed_once, migration "refunds_and_reversals"), in one statement.
+_READ_OPERATION = f"""
+SELECT {_OP_COLUMNS}, 0 AS which FROM wallet_operations o WHERE o.wallet_id = $1 AND o.seq = $2
+UNION ALL
+SELECT {_OP_COLUMNS}, 1 FROM wallet_operations o
+ WHERE o.wallet_id = $1 AND o.kind IN (10, 11)
+   AND split_part(o.idempotency_key, ':', 2) = $2::bigint::text
 """
 
 # How many PENDING transfers a wallet is on, either side (index transfers_pending: the
@@ -370,7 +392,7 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        row[9], _joined_currency(row[11]), stored_metadata(row[10]),
+        row[9], _joined_currency(row[11]), stored_metadata(row[10]), row[12],
     )  # fmt: skip
 
 
@@ -523,6 +545,18 @@ class PostgresLog(WalletLog):
         rows = await self._fetch(_LOAD_TRANSFERS, transfer_ids)
         return {row[0]: _transfer(row) for row in rows}
 
+    async def refunded_amount(self, transfer_id: UUID) -> int:
+        rows = await self._fetch(_REFUNDED_AMOUNT, transfer_id)
+        return int(rows[0][0])
+
+    async def read_operation(
+        self, wallet_id: UUID, seq: int
+    ) -> tuple[OperationRecord | None, OperationRecord | None]:
+        found: list[OperationRecord | None] = [None, None]
+        for row in await self._fetch(_READ_OPERATION, wallet_id, seq):
+            found[row[14]] = _operation(row)
+        return found[0], found[1]
+
     async def pending_transfers(
         self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
     ) -> list[TransferRecord]:
@@ -607,6 +641,7 @@ class PostgresLog(WalletLog):
                 [int(u.status) for u in closed],
                 [u.failure_code for u in closed],
                 [u.updated_at_us for u in closed],
+                [t.refund_of for t in opened],
             )
         if holds:
             created, resolved = batch.new_holds, batch.hold_updates
