@@ -105,7 +105,11 @@ class InMemoryLog(WalletLog):
     async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
         if self.fail_loads:
             raise StorageError("injected load failure")
-        return {t: self.transfers[t] for t in transfer_ids if t in self.transfers}
+        return {
+            t: self.transfers[t]._replace(refunded=self._refunded(t))
+            for t in transfer_ids
+            if t in self.transfers
+        }
 
     async def pending_transfers(
         self, created_before_us: int, limit: int, after: tuple[int, UUID] | None = None
@@ -295,6 +299,9 @@ class InMemoryLog(WalletLog):
     async def refunded_amount(self, transfer_id: UUID) -> int:
         if self.fail_loads:
             raise StorageError("injected load failure")
+        return self._refunded(transfer_id)
+
+    def _refunded(self, transfer_id: UUID) -> int:
         return sum(
             t.amount
             for t in self.transfers.values()

@@ -334,6 +334,9 @@ class TransferRecord(NamedTuple):
     # from that transfer's receiver to its sender. Storage refuses the refund's debit when
     # the refunds of that transfer that are not FAILED would sum past its amount (WD010).
     refund_of: UUID | None = None
+    # What its refunds that are not FAILED sum to, as storage read it with the transfer
+    # (0 for one the engine just built: a new transfer has no refunds).
+    refunded: int = 0
 
 
 class TransferUpdate(NamedTuple):

@@ -1033,10 +1033,6 @@ class Engine:
         )
         return refund_id, reply
 
-    async def refunded_amount(self, transfer_id: UUID) -> int:
-        """What the transfer's refunds that are not FAILED sum to (raises StorageError)."""
-        return await self.log.refunded_amount(transfer_id)
-
     async def reverse(
         self,
         wallet_id: UUID,

@@ -203,26 +203,21 @@ def transfer_body(transfer: TransferRecord) -> dict[str, object]:
         "metadata": dict(transfer.metadata),
         # The transfer a refund gives money back for (null: not a refund).
         "refund_of": None if transfer.refund_of is None else str(transfer.refund_of),
+        # What its refunds that are not FAILED (COMPLETED, or PENDING: on their way back)
+        # sum to; "0" for a refund itself, which is never refunded.
+        "refunded_amount": format_minor(transfer.refunded, currency.exponent),
         "created_at": format_timestamp(transfer.created_at_us),
         "updated_at": format_timestamp(transfer.updated_at_us),
     }
 
 
-def transfer_response(
-    transfer: TransferRecord, status: int, replayed: bool, refunded: int | None = None
-) -> web.Response:
-    """The transfer; with ``refunded`` (GET /api/v1/transfers/{id}) also what its refunds
-    that are not FAILED sum to, ``refunded_amount``."""
+def transfer_response(transfer: TransferRecord, status: int, replayed: bool) -> web.Response:
     headers = dict(_JSON_HEADERS)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     if status == 201:
         headers["Location"] = f"/api/v1/transfers/{transfer.transfer_id}"
     body = transfer_body(transfer)
-    if refunded is not None:
-        body["refunded_amount"] = format_minor(
-            refunded, (transfer.currency or SEED_CURRENCY).exponent
-        )
     return web.Response(status=status, body=orjson.dumps(body), headers=headers)
 
 

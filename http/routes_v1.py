@@ -287,13 +287,10 @@ async def create_transfer(request: web.Request) -> web.Response:
 @requires(Scope.READ)
 async def get_transfer(request: web.Request) -> web.Response:
     transfer_id = path_id(request, "transfer_id", PREFIX + "/transfers/", "INVALID_TRANSFER_ID")
-    engine = request.app[STATE_KEY].services.engine
-    transfer = await engine.read_transfer(transfer_id)
+    transfer = await request.app[STATE_KEY].services.engine.read_transfer(transfer_id)
     if transfer is None:
         raise ProblemError(404, "TRANSFER_NOT_FOUND", f"transfer {transfer_id} does not exist")
-    # What its refunds that are not FAILED sum to (a refund has none: 0).
-    refunded = 0 if transfer.refund_of is not None else await engine.refunded_amount(transfer_id)
-    return transfer_response(transfer, 200, replayed=False, refunded=refunded)
+    return transfer_response(transfer, 200, replayed=False)
 
 
 @routes.post(PREFIX + "/transfers/{transfer_id:[^/]+}/refunds")

@@ -130,7 +130,7 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
         currency=_joined_currency(row[10]), metadata=stored_metadata(row[9]),
-        refund_of=row[11],
+        refund_of=row[11], refunded=int(row[12]),
     )  # fmt: skip
 
 
@@ -162,7 +162,10 @@ _TRANSFER_COLUMNS: Final = _columns(
     "created_at_us", "updated_at_us",
 ) + ", " + _row_metadata("from_wallet_id", "TRANSFER_OUT") + ", " + _CURRENCY_OF.format(
     "from_wallet_id"
-) + ", r.refund_of"  # fmt: skip
+) + (
+    ", r.refund_of, (SELECT coalesce(sum(f.amount), 0) FROM transfers f"
+    " WHERE f.refund_of = r.id AND f.status <> 3)"
+)  # fmt: skip
 _WALLET_COLUMNS: Final = _columns(
     "id", "balance", "seq", "created_at_us", "updated_at_us", "held", "status",
     "overdraft_limit", "metadata", "currency", "exponent",

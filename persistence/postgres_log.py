@@ -256,8 +256,11 @@ _TRANSFER_COLUMNS = (
     + ", d.actor, d.metadata"
     # The transfer's currency is its wallets' (the sender's read): one primary-key lookup.
     ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = t.from_wallet_id)"
-    # The transfer a refund gives money back for (migration "refunds_and_reversals").
-    ", t.refund_of"
+    # The transfer a refund gives money back for, and what the transfer's own refunds
+    # that are not FAILED sum to (migration "refunds_and_reversals": one probe of the
+    # partial index transfers_refunds, empty but for refunds).
+    ", t.refund_of, (SELECT coalesce(sum(r.amount), 0) FROM transfers r"
+    " WHERE r.refund_of = t.id AND r.status <> 3)"
 )
 _TRANSFERS = (
     "transfers t LEFT JOIN LATERAL (SELECT o.actor, o.metadata FROM wallet_operations o"
@@ -392,7 +395,7 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        row[9], _joined_currency(row[11]), stored_metadata(row[10]), row[12],
+        row[9], _joined_currency(row[11]), stored_metadata(row[10]), row[12], int(row[13]),
     )  # fmt: skip
 
 

@@ -65,7 +65,8 @@ async def test_pages_are_newest_first_without_gaps_or_duplicates(client: Client)
     newest = seen[0]
     assert set(newest) == {
         "id", "seq", "operation_type", "amount", "balance_after", "held_after", "idempotency_key",
-        "transfer_id", "hold_id", "reference", "created_at", "actor", "metadata",
+        "transfer_id", "hold_id", "reference", "created_at", "actor", "metadata", "refund_of",
+        "reversal_of", "reversed_by",
     }  # fmt: skip
     assert newest["operation_type"] == "DEPOSIT"
     assert newest["amount"] == "23.00"
