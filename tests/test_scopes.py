@@ -144,7 +144,7 @@ async def test_every_documented_route_declares_the_scope_the_server_enforces(
         hold_id = await _hold(client, wallet_id)
         path = template.format(
             wallet_id=wallet_id, hold_id=hold_id, transfer_id=uuid.uuid4(),
-            webhook_id=uuid.uuid4(), delivery_id=1,
+            webhook_id=uuid.uuid4(), delivery_id=1, seq=1,
         )  # fmt: skip
         resource = (await app.router.resolve(_fake_request(method, path))).route.handler
         assert ROUTE_SCOPES.get(resource) is scope, f"{method} {template}"
