@@ -119,6 +119,10 @@ def _optional_text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _amount_text(amount: Amount) -> str:
     """The amount as the decimal string the API takes; floats are refused, not rounded."""
     if isinstance(amount, bool) or not isinstance(amount, Decimal | int | str):
@@ -236,6 +240,12 @@ class Operation:
     overdraft_limit: Decimal | None = None
     # What wrote the row: the operation's metadata, or its transfer's or hold's.
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Links: on a refund's legs the transfer it refunds; on a DEPOSIT_REVERSAL /
+    # WITHDRAW_REVERSAL row the seq it reverses; on a reversed DEPOSIT / WITHDRAW the seq of
+    # its reversal (None from servers before refunds).
+    refund_of: str | None = None
+    reversal_of: int | None = None
+    reversed_by: int | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Operation:
@@ -260,6 +270,9 @@ class Operation:
                     else _decimal(body["overdraft_limit"], "overdraft_limit")
                 ),
                 metadata=_metadata(body.get("metadata")),
+                refund_of=_optional_text(body.get("refund_of")),
+                reversal_of=_optional_int(body.get("reversal_of")),
+                reversed_by=_optional_int(body.get("reversed_by")),
             )
         except (KeyError, TypeError, ValueError) as error:  # a missing field, a non-int id
             raise UnexpectedResponse(f"history item is malformed: {error!r}") from None
@@ -280,6 +293,10 @@ class Transfer:
     replayed: bool = False
     currency: str | None = None  # both wallets' (None from servers before currencies)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # A refund's original transfer; and what this transfer's refunds that are not FAILED
+    # sum to (0 from servers before refunds).
+    refund_of: str | None = None
+    refunded_amount: Decimal = Decimal(0)
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -297,6 +314,8 @@ class Transfer:
                 replayed=replayed,
                 currency=_optional_text(body.get("currency")),
                 metadata=_metadata(body.get("metadata")),
+                refund_of=_optional_text(body.get("refund_of")),
+                refunded_amount=_decimal(body.get("refunded_amount", "0"), "refunded_amount"),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
@@ -814,6 +833,77 @@ class WalletdClient:
         answer = await self._call("GET", f"/transfers/{_segment(transfer_id)}")
         return answer.decode(Transfer.from_json)
 
+    async def refund_transfer(
+        self,
+        transfer_id: str | uuid.UUID,
+        amount: Amount | None = None,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """Gives back ``amount`` (None: all that is left) of a COMPLETED transfer, from its
+        receiver to its sender; the answer is the refund, a COMPLETED transfer whose
+        ``refund_of`` is ``transfer_id``. The key (generated unless given) makes a retry
+        return the same refund. Raises RefundExceedsTransfer past what is left (its
+        ``body["refundable"]``), TransferNotCompleted, TransferIsRefund, TransferNotFound,
+        or a debit's refusal of the receiver (InsufficientFunds, WalletFrozen...)."""
+        body: dict[str, Any] = {}
+        if amount is not None:
+            body["amount"] = _amount_text(amount)
+        if reason is not None:
+            body["reason"] = reason
+        if metadata:
+            body["metadata"] = dict(metadata)
+        answer = await self._call(
+            "POST", f"/transfers/{_segment(transfer_id)}/refunds", body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )  # fmt: skip
+        return answer.decode(lambda body: Transfer.from_json(body, answer.replayed))
+
+    async def refunds(
+        self, transfer_id: str | uuid.UUID, *, page_size: int | None = None
+    ) -> AsyncGenerator[Transfer, None]:
+        """Every refund of the transfer, newest first, a page at a time."""
+        pages = _every_item(lambda cursor: self._refunds_page(transfer_id, cursor, page_size))
+        async for refund in pages:
+            yield refund
+
+    async def _refunds_page(
+        self, transfer_id: str | uuid.UUID, cursor: str | None, limit: int | None
+    ) -> Page[Transfer]:
+        params = _listing_params(
+            since=None, until=None, cursor=cursor, limit=limit, refund_of=transfer_id
+        )
+        answer = await self._call("GET", "/transfers", params=params)
+        return answer.decode(lambda body: _page(body, Transfer.from_json))
+
+    async def reverse_operation(
+        self,
+        wallet_id: str | uuid.UUID,
+        seq: int,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Wallet:
+        """Reverses the wallet's DEPOSIT or WITHDRAW ``seq`` (the opposite movement of its
+        amount), at most once: the answer is the wallet after it (its ``version`` is the
+        reversal's seq). The key (generated unless given) makes a retry replay it; another
+        key raises AlreadyReversed. NotReversible for another kind of row,
+        OperationNotFound for no such row, InsufficientFunds when a deposit's reversal
+        cannot be paid."""
+        body: dict[str, Any] = {}
+        if reason is not None:
+            body["reason"] = reason
+        if metadata:
+            body["metadata"] = dict(metadata)
+        answer = await self._call(
+            "POST", f"/wallets/{_segment(wallet_id)}/operations/{int(seq)}/reversal", body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )  # fmt: skip
+        return answer.wallet()
+
     # -- holds -----------------------------------------------------------------------------
 
     async def create_hold(
@@ -1326,8 +1416,11 @@ def _listing_params(
     limit: int | None,
     wallet_id: str | uuid.UUID | None = None,
     status: str | None = None,
+    refund_of: str | uuid.UUID | None = None,
 ) -> dict[str, str]:
     params: dict[str, str] = {}
+    if refund_of is not None:
+        params["refund_of"] = str(refund_of)
     if limit is not None:
         params["limit"] = str(limit)
     if cursor is not None:

@@ -39,6 +39,7 @@ Exceptions::
         │   ├── WalletNotFound          WALLET_NOT_FOUND
         │   ├── TransferNotFound        TRANSFER_NOT_FOUND
         │   ├── HoldNotFound            HOLD_NOT_FOUND
+        │   ├── OperationNotFound       OPERATION_NOT_FOUND (a reversal's seq)
         │   ├── WebhookNotFound         WEBHOOK_NOT_FOUND
         │   └── DeliveryNotFound        DELIVERY_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
@@ -52,6 +53,11 @@ Exceptions::
         │   ├── TooManyHolds            TOO_MANY_HOLDS
         │   ├── TooManyWebhooks         TOO_MANY_WEBHOOKS
         │   ├── CaptureExceedsHold      CAPTURE_EXCEEDS_HOLD
+        │   ├── RefundExceedsTransfer   REFUND_EXCEEDS_TRANSFER (``body["refundable"]``)
+        │   ├── TransferNotCompleted    TRANSFER_NOT_COMPLETED: only those are refunded
+        │   ├── TransferIsRefund        TRANSFER_IS_REFUND: a refund is not refunded
+        │   ├── AlreadyReversed         ALREADY_REVERSED (under another key)
+        │   ├── NotReversible           NOT_REVERSIBLE: not a DEPOSIT or WITHDRAW
         │   └── HoldNotPending          a capture or void of a hold that cannot be resolved:
         │       ├── HoldExpired             HOLD_EXPIRED
         │       ├── HoldAlreadyCaptured     HOLD_ALREADY_CAPTURED
@@ -83,6 +89,7 @@ from typing import Any, Final
 __all__ = [
     "PROBLEM_CLASSES",
     "AccessDenied",
+    "AlreadyReversed",
     "AsOfNotSettled",
     "AtomicNotPossible",
     "BadRequest",
@@ -110,6 +117,8 @@ __all__ = [
     "MethodNotAllowed",
     "NotFound",
     "NotOwner",
+    "NotReversible",
+    "OperationNotFound",
     "OverdraftLimitInUse",
     "Overloaded",
     "PayloadTooLarge",
@@ -117,6 +126,7 @@ __all__ = [
     "ProblemError",
     "RateExceeded",
     "RateLimited",
+    "RefundExceedsTransfer",
     "Refused",
     "RequestTimeout",
     "RouteNotFound",
@@ -127,6 +137,8 @@ __all__ = [
     "TooManyItems",
     "TooManyStreams",
     "TooManyWebhooks",
+    "TransferIsRefund",
+    "TransferNotCompleted",
     "TransferNotFound",
     "TransportError",
     "Unauthorized",
@@ -312,6 +324,10 @@ class HoldNotFound(NotFound):
     """No hold has this id."""
 
 
+class OperationNotFound(NotFound):
+    """The wallet has no operation with this seq (a reversal)."""
+
+
 class InvalidWebhookId(InvalidId):
     pass
 
@@ -350,6 +366,27 @@ class TooManyHolds(Refused):
 
 class CaptureExceedsHold(Refused):
     """The capture is larger than the hold; the hold is unchanged."""
+
+
+class RefundExceedsTransfer(Refused):
+    """More than the transfer has left to refund (``body["refundable"]`` says how much
+    is). Not recorded: a retry is decided again (a FAILED refund frees its amount)."""
+
+
+class TransferNotCompleted(Refused):
+    """Only a COMPLETED transfer is refunded (this one is PENDING or FAILED)."""
+
+
+class TransferIsRefund(Refused):
+    """The transfer is a refund; a refund is never refunded."""
+
+
+class AlreadyReversed(Refused):
+    """The operation was reversed already, under another Idempotency-Key."""
+
+
+class NotReversible(Refused):
+    """Only a DEPOSIT or WITHDRAW is reversed (a transfer is refunded instead)."""
 
 
 class WalletFrozen(Refused):
@@ -451,6 +488,12 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "TRANSFER_NOT_FOUND": TransferNotFound,
     "INVALID_HOLD_ID": InvalidHoldId,
     "HOLD_NOT_FOUND": HoldNotFound,
+    "OPERATION_NOT_FOUND": OperationNotFound,
+    "REFUND_EXCEEDS_TRANSFER": RefundExceedsTransfer,
+    "TRANSFER_NOT_COMPLETED": TransferNotCompleted,
+    "TRANSFER_IS_REFUND": TransferIsRefund,
+    "ALREADY_REVERSED": AlreadyReversed,
+    "NOT_REVERSIBLE": NotReversible,
     "HOLD_EXPIRED": HoldExpired,
     "HOLD_ALREADY_CAPTURED": HoldAlreadyCaptured,
     "HOLD_ALREADY_VOIDED": HoldAlreadyVoided,

@@ -81,6 +81,12 @@ TITLES: Final = {
     "WEBHOOK_NOT_FOUND": "Webhook not found",
     "DELIVERY_NOT_FOUND": "Delivery not found",
     "TOO_MANY_WEBHOOKS": "Too many webhooks",
+    "REFUND_EXCEEDS_TRANSFER": "Refund exceeds transfer",
+    "TRANSFER_NOT_COMPLETED": "Transfer not completed",
+    "TRANSFER_IS_REFUND": "Transfer is a refund",
+    "OPERATION_NOT_FOUND": "Operation not found",
+    "NOT_REVERSIBLE": "Operation not reversible",
+    "ALREADY_REVERSED": "Operation already reversed",
 }
 
 FieldError = dict[str, str]

@@ -26,6 +26,7 @@ from tests.processes import WalletdProcess
 from walletd.client.api import BulkItem, Event, Operation, WalletdClient
 from walletd.client.errors import (
     PROBLEM_CLASSES,
+    AlreadyReversed,
     AsOfNotSettled,
     CloseBlocked,
     CurrencyMismatch,
@@ -39,6 +40,7 @@ from walletd.client.errors import (
     ProblemError,
     RateExceeded,
     RateLimited,
+    RefundExceedsTransfer,
     Refused,
     TransferNotFound,
     TransportError,
@@ -695,6 +697,44 @@ async def test_transfers_are_created_replayed_read_and_refused_by_class(client: 
             await walletd.get_transfer(uuid.uuid4())
         with pytest.raises(InvalidTransferId):
             await walletd.get_transfer("not-a-transfer")
+
+
+async def test_refunds_and_reversals_through_the_client(client: Client) -> None:
+    """refund_transfer gives money back (refund_of, the original's refunded_amount), a
+    retry with its key replays it, past what is left is RefundExceedsTransfer; refunds()
+    lists them; reverse_operation reverses a deposit once (AlreadyReversed under another
+    key), and the history carries the links both ways."""
+    async with WalletdClient(base_url(client)) as walletd:
+        payer, payee = await walletd.create_wallet(), await walletd.create_wallet()
+        await walletd.deposit(payer.id, "10.00")
+        moved = await walletd.create_transfer(payer.id, payee.id, "4.00")
+        back = await walletd.refund_transfer(
+            moved.id, "1.50", reason="broken", metadata={"case": "7"}, idempotency_key="rf"
+        )
+        assert (back.refund_of, back.amount, back.reference) == (
+            moved.id,
+            Decimal("1.50"),
+            "broken",
+        )
+        again = await walletd.refund_transfer(
+            moved.id, "1.50", reason="broken", metadata={"case": "7"}, idempotency_key="rf"
+        )
+        assert (again.id, again.replayed) == (back.id, True)
+        assert (await walletd.get_transfer(moved.id)).refunded_amount == Decimal("1.50")
+        with pytest.raises(RefundExceedsTransfer) as past:
+            await walletd.refund_transfer(moved.id, "2.51")
+        assert past.value.body["refundable"] == "2.50"
+        rest = await walletd.refund_transfer(moved.id)
+        assert rest.amount == Decimal("2.50")
+        assert [r.id async for r in walletd.refunds(moved.id)] == [rest.id, back.id]
+        wallet = await walletd.reverse_operation(payer.id, 1, reason="chargeback")
+        assert wallet.balance == Decimal("0.00")
+        with pytest.raises(AlreadyReversed):
+            await walletd.reverse_operation(payer.id, 1)
+        rows = [row async for row in walletd.history(payer.id)]
+        assert (rows[0].operation_type, rows[0].reversal_of) == ("DEPOSIT_REVERSAL", 1)
+        assert (rows[-1].operation_type, rows[-1].reversed_by) == ("DEPOSIT", rows[0].seq)
+        assert rows[1].refund_of == moved.id
 
 
 async def test_a_capture_into_a_wallet_returns_its_transfer(client: Client) -> None:

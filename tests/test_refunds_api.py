@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -67,18 +68,24 @@ async def test_partial_refunds_up_to_the_amount_then_409(client: Client) -> None
     assert (body["amount"], body["status"], body["reference"]) == ("10.00", "COMPLETED", "dup")
     assert headers["Location"] == f"/api/v1/transfers/{body['id']}"
     read = await (await client.get(headers["Location"])).json()
-    assert read["refund_of"] == original and read["refunded_amount"] == "0.00"
+    assert read["refund_of"] == original
+    assert read["refunded_amount"] == "0.00"
     assert (await balance(client, sender), await balance(client, receiver)) == ("80.00", "20.00")
 
     status, body, _ = await refund(client, original, "r2", amount="20.01")
-    assert status == 409 and body["code"] == "REFUND_EXCEEDS_TRANSFER", body
-    assert body["refundable"] == "20.00" and body["refund_of"] == original
+    assert status == 409, body
+    assert body["code"] == "REFUND_EXCEEDS_TRANSFER"
+    assert body["refundable"] == "20.00"
+    assert body["refund_of"] == original
     status, rest, _ = await refund(client, original, "r3")
-    assert status == 201 and rest["amount"] == "20.00", rest
+    assert status == 201, rest
+    assert rest["amount"] == "20.00"
     status, body, _ = await refund(client, original, "r4", amount="0.01")
-    assert status == 409 and body["code"] == "REFUND_EXCEEDS_TRANSFER"
+    assert status == 409
+    assert body["code"] == "REFUND_EXCEEDS_TRANSFER"
     status, body, _ = await refund(client, original, "r5")
-    assert status == 409 and body["refundable"] == "0.00"
+    assert status == 409
+    assert body["refundable"] == "0.00"
 
     read = await (await client.get(f"/api/v1/transfers/{original}")).json()
     assert (read["refunded_amount"], read["refund_of"]) == ("30.00", None)
@@ -101,31 +108,40 @@ async def test_refund_replays_under_its_key_and_refuses_another_request(
     status, first, _ = await refund(client, original, "k", amount="5.00")
     assert status == 201
     status, again, headers = await refund(client, original, "k", amount="5.00")
-    assert status == 201 and again == first and headers["Idempotent-Replayed"] == "true"
+    assert status == 201
+    assert again == first
+    assert headers["Idempotent-Replayed"] == "true"
     status, again, _ = await refund(client, original, "k")  # "what was left" then
-    assert status == 201 and again == first
+    assert status == 201
+    assert again == first
     status, body, _ = await refund(client, original, "k", amount="6.00")
-    assert status == 422 and body["code"] == "IDEMPOTENCY_KEY_REUSED", body
+    assert status == 422, body
+    assert body["code"] == "IDEMPOTENCY_KEY_REUSED"
     status, body, _ = await refund(client, original, "k", amount="5.00", reason="other")
-    assert status == 422 and body["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert status == 422
+    assert body["code"] == "IDEMPOTENCY_KEY_REUSED"
     assert await balance(client, sender) == "75.00"
     other, _, _ = await completed(client)
     status, body, _ = await refund(client, other, "k", amount="5.00")
-    assert status == 201 and body["id"] != first["id"]
+    assert status == 201
+    assert body["id"] != first["id"]
     status, body, _ = await refund(client, original, None)
-    assert status == 422 and body["errors"][0]["field"] == "Idempotency-Key", body
+    assert status == 422, body
+    assert body["errors"][0]["field"] == "Idempotency-Key"
 
 
 async def test_refund_refusals(client: Client) -> None:
     """404 unknown transfer; 409 TRANSFER_IS_REFUND for a refund of a refund; 409
     TRANSFER_NOT_COMPLETED for a FAILED transfer; 422 for bad fields; 400 a bad id."""
     status, body, _ = await refund(client, str(uuid.uuid4()))
-    assert status == 404 and body["code"] == "TRANSFER_NOT_FOUND"
+    assert status == 404
+    assert body["code"] == "TRANSFER_NOT_FOUND"
     original, _, _ = await completed(client)
     status, first, _ = await refund(client, original, amount="1.00")
     assert status == 201
     status, body, _ = await refund(client, first["id"], "rr")
-    assert status == 409 and body["code"] == "TRANSFER_IS_REFUND", body
+    assert status == 409, body
+    assert body["code"] == "TRANSFER_IS_REFUND"
     # FAILED: the receiver does not exist (the debit refunded).
     sender = await new_wallet(client, "10.00")
     status, failed, _ = await transfer(
@@ -133,7 +149,8 @@ async def test_refund_refusals(client: Client) -> None:
     )
     assert status == 404
     status, body, _ = await refund(client, failed["transfer_id"])
-    assert status == 409 and body["code"] == "TRANSFER_NOT_COMPLETED", body
+    assert status == 409, body
+    assert body["code"] == "TRANSFER_NOT_COMPLETED"
     for bad in ({"amount": "-1"}, {"amount": "0"}, {"reason": ""}, {"color": "red"}):
         status, body, _ = await refund(client, original, "bad", **bad)
         assert status == 422, (bad, body)
@@ -157,28 +174,30 @@ async def test_a_refund_the_receiver_cannot_pay_is_refused_recorded_and_replayed
     )
     assert response.status == 200
     status, body, _ = await refund(client, original, "poor")
-    assert status == 409 and body["code"] == "INSUFFICIENT_FUNDS", body
+    assert status == 409, body
+    assert body["code"] == "INSUFFICIENT_FUNDS"
     assert body["side"] == "from"
     await client.post(
         f"/api/v1/wallets/{receiver}/operation",
         json={"operation_type": "DEPOSIT", "amount": "50.00"},
     )
     status, again, headers = await refund(client, original, "poor")
-    assert status == 409 and again["code"] == "INSUFFICIENT_FUNDS"
+    assert status == 409
+    assert again["code"] == "INSUFFICIENT_FUNDS"
     assert headers["Idempotent-Replayed"] == "true"
     status, body, _ = await refund(client, original, "rich")
-    assert status == 201 and body["amount"] == "30.00"
+    assert status == 201
+    assert body["amount"] == "30.00"
 
     original, _, receiver = await completed(client)
     response = await client.patch(f"/api/v1/wallets/{receiver}", json={"status": "FROZEN"})
     assert response.status == 200
     status, body, _ = await refund(client, original, "frozen")
-    assert status == 409 and body["code"] == "WALLET_FROZEN", body
+    assert status == 409, body
+    assert body["code"] == "WALLET_FROZEN"
 
 
-async def test_concurrent_refunds_never_pass_the_amount(
-    client: Client, database_url: str
-) -> None:
+async def test_concurrent_refunds_never_pass_the_amount(client: Client, database_url: str) -> None:
     """Twenty refunds of 5.00 at once on a transfer of 30.00: exactly six apply, the others
     are 409 REFUND_EXCEEDS_TRANSFER (the pre-check or storage's WD010, the receiver holding
     plenty, so its balance decides nothing); money conserved."""
@@ -225,15 +244,12 @@ async def test_storage_refuses_a_refund_past_the_amount(database_url: str) -> No
         )
         for from_id, to_id, amount in ((b, a, 101), (a, b, 10)):
             refund_id = uuid.uuid4()
-            try:
+            with pytest.raises(asyncpg.PostgresError) as refused:
                 await connection.execute(
                     call, [refund_id], [from_id], [to_id], [amount], [from_id], str(refund_id),
                     [t],
                 )  # fmt: skip
-            except asyncpg.PostgresError as error:
-                assert error.sqlstate == "WD010", error
-            else:
-                raise AssertionError(f"refund {amount} {from_id}->{to_id} was stored")
+            assert refused.value.sqlstate == "WD010", refused.value
         refund_id = uuid.uuid4()
         await connection.execute(
             call, [refund_id], [b], [a], [100], [b], str(refund_id), [t]
@@ -253,7 +269,8 @@ async def test_refunded_amounts_survive_a_restart(make_app: AppFactory) -> None:
         read = await (await client.get(f"/api/v1/transfers/{original}")).json()
         assert read["refunded_amount"] == "12.00"
         status, body, _ = await refund(client, original, "b", amount="18.01")
-        assert status == 409 and body["refundable"] == "18.00"
+        assert status == 409
+        assert body["refundable"] == "18.00"
         status, _, _ = await refund(client, original, "b", amount="18.00")
         assert status == 201
 
@@ -272,7 +289,8 @@ async def test_refund_links_in_history_and_feed(client: Client) -> None:
     assert rows[0]["transfer_id"] == body["id"]
     events = (await (await client.get("/api/v1/events?limit=100")).json())["events"]
     legs = [e for e in events if e.get("transfer_id") == body["id"]]
-    assert len(legs) == 2 and all(leg["refund_of"] == original for leg in legs)
+    assert len(legs) == 2
+    assert all(leg["refund_of"] == original for leg in legs)
 
 
 async def test_reversal_of_a_deposit_and_of_a_withdrawal(client: Client) -> None:
@@ -288,13 +306,18 @@ async def test_reversal_of_a_deposit_and_of_a_withdrawal(client: Client) -> None
     assert status == 200, body
     assert (body["balance"], headers["ETag"]) == ("100.00", '"3"')
     status, again, headers = await reverse(client, wallet, 2, "w", reason="bank returned it")
-    assert status == 200 and again == body and headers["Idempotent-Replayed"] == "true"
+    assert status == 200
+    assert again == body
+    assert headers["Idempotent-Replayed"] == "true"
     status, body, _ = await reverse(client, wallet, 2, "other")
-    assert status == 409 and body["code"] == "ALREADY_REVERSED", body
+    assert status == 409, body
+    assert body["code"] == "ALREADY_REVERSED"
     status, body, _ = await reverse(client, wallet, 2, "w", reason="another reason")
-    assert status == 422 and body["code"] == "IDEMPOTENCY_KEY_REUSED", body
+    assert status == 422, body
+    assert body["code"] == "IDEMPOTENCY_KEY_REUSED"
     status, body, _ = await reverse(client, wallet, 1, "d")
-    assert status == 200 and body["balance"] == "0.00"
+    assert status == 200
+    assert body["balance"] == "0.00"
     rows = await history(client, wallet)
     assert [
         (r["seq"], r["operation_type"], r["reversal_of"], r["reversed_by"], r["idempotency_key"])
@@ -330,31 +353,39 @@ async def test_reversal_refusals(client: Client) -> None:
         json={"operation_type": "WITHDRAW", "amount": "20.00"},
     )
     status, body, _ = await reverse(client, wallet, 1, "poor")
-    assert status == 409 and body["code"] == "INSUFFICIENT_FUNDS", body
+    assert status == 409, body
+    assert body["code"] == "INSUFFICIENT_FUNDS"
     await client.post(
         f"/api/v1/wallets/{wallet}/operation",
         json={"operation_type": "DEPOSIT", "amount": "20.00"},
     )
     status, body, headers = await reverse(client, wallet, 1, "poor")
-    assert status == 409 and headers["Idempotent-Replayed"] == "true"
+    assert status == 409
+    assert headers["Idempotent-Replayed"] == "true"
     status, body, _ = await reverse(client, wallet, 1, "rich")
-    assert status == 200 and body["balance"] == "0.00", body
+    assert status == 200, body
+    assert body["balance"] == "0.00"
     status, body, _ = await reverse(client, wallet, 99)
-    assert status == 404 and body["code"] == "OPERATION_NOT_FOUND"
+    assert status == 404
+    assert body["code"] == "OPERATION_NOT_FOUND"
     status, body, _ = await reverse(client, wallet, 4, "again")  # the reversal itself
-    assert status == 409 and body["code"] == "NOT_REVERSIBLE", body
-    original, sender, _ = await completed(client)
+    assert status == 409, body
+    assert body["code"] == "NOT_REVERSIBLE"
+    _original, sender, _ = await completed(client)
     status, body, _ = await reverse(client, sender, 2)  # its TRANSFER_OUT
-    assert status == 409 and body["code"] == "NOT_REVERSIBLE"
+    assert status == 409
+    assert body["code"] == "NOT_REVERSIBLE"
     for seq in ("0", "x", "01", "99999999999999999999"):
         status, body, _ = await reverse(client, wallet, seq)
         assert status == 422, (seq, body)
     status, body, _ = await reverse(client, wallet, 1, None)
-    assert status == 422 and body["errors"][0]["field"] == "Idempotency-Key"
+    assert status == 422
+    assert body["errors"][0]["field"] == "Idempotency-Key"
     status, body, _ = await reverse(client, wallet, 1, "f", amount="1.00")
     assert status == 422
     status, body, _ = await reverse(client, str(uuid.uuid4()), 1)
-    assert status == 404 and body["code"] == "OPERATION_NOT_FOUND"
+    assert status == 404
+    assert body["code"] == "OPERATION_NOT_FOUND"
 
 
 async def test_concurrent_reversals_under_different_keys_apply_once(client: Client) -> None:
@@ -364,7 +395,5 @@ async def test_concurrent_reversals_under_different_keys_apply_once(client: Clie
     results = await asyncio.gather(*(reverse(client, wallet, 1, f"k{i}") for i in range(10)))
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200] + [409] * 9, [body for _, body, _ in results]
-    assert {body["code"] for status, body, _ in results if status == 409} == {
-        "ALREADY_REVERSED"
-    }
+    assert {body["code"] for status, body, _ in results if status == 409} == {"ALREADY_REVERSED"}
     assert await balance(client, wallet) == "0.00"
