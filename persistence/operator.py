@@ -16,8 +16,12 @@
   amount, and no leg names no transfer (``TRANSFER_LEGS_CHECK``); every hold has exactly
   the HOLD / CAPTURE / RELEASE rows its resolution calls for (``HOLD_ROWS_CHECK``), and a
   capture into another wallet names its transfer (``HOLD_TRANSFERS_CHECK``); and
-  sum(balance) + sum(PENDING transfers) = deposits - withdrawals - captures, for each
-  currency on its own (``CONSERVATION``, by the wallets' currency column); that every
+  sum(balance) + sum(PENDING transfers) = deposits - withdrawals - captures (deposits and
+  withdrawals net of their reversals), for each currency on its own (``CONSERVATION``, by
+  the wallets' currency column); that the refunds of each transfer that are not FAILED sum
+  to at most its amount, of a COMPLETED transfer that is no refund, between its wallets the
+  other way (``REFUNDS_CHECK``); that every reversal reverses a DEPOSIT or WITHDRAW of its
+  wallet and amount (``REVERSALS_CHECK``); that every
   transfer and every capture into a wallet joins two wallets of one currency, and that a
   currency code has one exponent (``CURRENCY_CHECK``). Each is one statement aggregating
   or joining on the server, returning at most ``FEED_MISMATCHES_MAX`` rows. Then it checks
@@ -163,8 +167,10 @@ _WALLETS_IN_ORDER = (
 # TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out (a
 # WALLET_UPDATE row's amount is 0: it moves none); HOLD adds to held, CAPTURE and RELEASE
 # take from it.
+# WITHDRAW_REVERSAL (11) adds money like a deposit, DEPOSIT_REVERSAL (10) takes it out
+# (migration "refunds_and_reversals").
 SIGNED_BALANCE_SQL = (
-    "CASE WHEN kind IN (1, 4, 5) THEN amount WHEN kind IN (6, 8) THEN 0 ELSE -amount END"
+    "CASE WHEN kind IN (1, 4, 5, 11) THEN amount WHEN kind IN (6, 8) THEN 0 ELSE -amount END"
 )
 SIGNED_HELD_SQL = "CASE kind WHEN 6 THEN amount WHEN 7 THEN -amount WHEN 8 THEN -amount ELSE 0 END"
 # The signed amounts are computed by the server: fewer columns to decode per row. So is
@@ -263,13 +269,48 @@ WITH b AS (SELECT currency, sum(balance) AS balances FROM wallets GROUP BY curre
      o AS (SELECT w.currency,
                   sum(o.amount) FILTER (WHERE o.kind = 1) AS deposits,
                   sum(o.amount) FILTER (WHERE o.kind = 2) AS withdrawals,
-                  sum(o.amount) FILTER (WHERE o.kind = 7) AS captures
+                  sum(o.amount) FILTER (WHERE o.kind = 7) AS captures,
+                  sum(o.amount) FILTER (WHERE o.kind = 10) AS deposit_reversals,
+                  sum(o.amount) FILTER (WHERE o.kind = 11) AS withdraw_reversals
              FROM wallet_operations o JOIN wallets w ON w.id = o.wallet_id
-            WHERE o.kind IN (1, 2, 7) GROUP BY w.currency)
+            WHERE o.kind IN (1, 2, 7, 10, 11) GROUP BY w.currency)
 SELECT currency, coalesce(balances, 0), coalesce(pending, 0), coalesce(deposits, 0),
-       coalesce(withdrawals, 0), coalesce(captures, 0)
+       coalesce(withdrawals, 0), coalesce(captures, 0), coalesce(deposit_reversals, 0),
+       coalesce(withdraw_reversals, 0)
   FROM b FULL JOIN p USING (currency) FULL JOIN o USING (currency)
  ORDER BY currency
+"""
+# Refunds (migration "refunds_and_reversals"; the append refuses these with WD010, verify
+# finds rows that bypassed it): per refunded transfer, its refunds that are not FAILED sum
+# to at most its amount; it is COMPLETED and no refund itself; each refund goes between its
+# wallets the other way. One aggregate over the refunds (the partial index holds them all).
+REFUNDS_CHECK = f"""
+SELECT o.to_wallet_id, r.refund_of, o.status, o.amount, o.refund_of,
+       sum(r.amount) FILTER (WHERE r.status <> 3) AS refunded,
+       count(*) FILTER (WHERE r.from_wallet_id <> o.to_wallet_id
+                           OR r.to_wallet_id <> o.from_wallet_id) AS astray
+  FROM transfers r
+  LEFT JOIN transfers o ON o.id = r.refund_of
+ WHERE r.refund_of IS NOT NULL
+ GROUP BY r.refund_of, o.id
+HAVING o.id IS NULL OR o.status <> 2 OR o.refund_of IS NOT NULL
+    OR coalesce(sum(r.amount) FILTER (WHERE r.status <> 3), 0) > o.amount
+    OR count(*) FILTER (WHERE r.from_wallet_id <> o.to_wallet_id
+                           OR r.to_wallet_id <> o.from_wallet_id) > 0
+ LIMIT {FEED_MISMATCHES_MAX}
+"""
+# Reversals: each reverses a DEPOSIT (10) or WITHDRAW (11) of its wallet, of its amount,
+# named by its key's seq (the unique index makes it at most one per operation).
+REVERSALS_CHECK = f"""
+SELECT v.wallet_id, v.seq, v.kind, v.amount, o.seq, o.kind, o.amount
+  FROM wallet_operations v
+  LEFT JOIN wallet_operations o
+    ON o.wallet_id = v.wallet_id
+   AND o.seq = CASE WHEN split_part(v.idempotency_key, ':', 2) ~ '^[0-9]{{1,18}}$'
+                    THEN split_part(v.idempotency_key, ':', 2)::bigint END
+ WHERE v.kind IN (10, 11)
+   AND (o.seq IS NULL OR o.kind <> v.kind - 9 OR o.amount <> v.amount)
+ LIMIT {FEED_MISMATCHES_MAX}
 """
 COUNTS = "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM holds)"
 # Money between wallets of different currencies (a COMPLETED transfer, hence also a capture
@@ -291,7 +332,8 @@ UNION ALL
 """
 _KIND_NAMES = {
     1: "DEPOSIT", 2: "WITHDRAW", 3: "TRANSFER_OUT", 4: "TRANSFER_IN", 5: "TRANSFER_REFUND",
-    6: "HOLD", 7: "CAPTURE", 8: "RELEASE",
+    6: "HOLD", 7: "CAPTURE", 8: "RELEASE", 9: "WALLET_UPDATE", 10: "DEPOSIT_REVERSAL",
+    11: "WITHDRAW_REVERSAL",
 }  # fmt: skip
 _TRANSFER_STATUSES = {1: "PENDING", 2: "COMPLETED", 3: "FAILED"}
 _HOLD_STATUSES = {1: "PENDING", 2: "CAPTURED", 3: "VOIDED", 4: "EXPIRED"}
@@ -535,14 +577,60 @@ async def _check_across_wallets(
     for totals in await connection.fetch(CONSERVATION):
         # Sums of bigint are numeric (Decimal): exact, made int for the comparison and text.
         currency = totals[0]
-        balances, pending, deposits, withdrawals, captures = (int(t) for t in totals[1:6])
+        balances, pending, deposits, withdrawals, captures, undeposits, unwithdrawals = (
+            int(t) for t in totals[1:8]
+        )
+        # A reversal undoes its operation's money: a deposit's takes it back out.
+        deposits -= undeposits
+        withdrawals -= unwithdrawals
         if balances + pending != deposits - withdrawals - captures:
             found(
                 None,
                 f"{currency}: sum(balance) {balances} + PENDING transfers {pending} != "
-                f"deposits {deposits} - withdrawals {withdrawals} - captures {captures}: "
-                "money was made or lost",
+                f"deposits {deposits} - withdrawals {withdrawals} - captures {captures} "
+                "(net of reversals): money was made or lost",
             )
+    for (
+        wallet_id,
+        original_id,
+        status,
+        amount,
+        refund_of,
+        refunded,
+        astray,
+    ) in await connection.fetch(REFUNDS_CHECK):
+        if status is None:
+            problem = f"refunds name transfer {original_id}, which does not exist"
+        elif refund_of is not None:
+            problem = f"transfer {original_id} is a refund, and is refunded"
+        elif status != 2:
+            problem = f"transfer {original_id} ({_TRANSFER_STATUSES[status]}) is refunded"
+        elif astray:
+            problem = f"{astray} refunds of transfer {original_id} go between other wallets"
+        else:
+            problem = (
+                f"the refunds of transfer {original_id} that are not FAILED sum to {refunded},"
+                f" past its amount {amount}"
+            )
+        found(wallet_id, problem)
+    for (
+        wallet_id,
+        seq,
+        kind,
+        amount,
+        original_seq,
+        original_kind,
+        original_amount,
+    ) in await connection.fetch(REVERSALS_CHECK):
+        reversed_text = (
+            "no row of its wallet"
+            if original_seq is None
+            else f"seq {original_seq} ({_KIND_NAMES[original_kind]} of {original_amount})"
+        )
+        found(
+            wallet_id,
+            f"log row seq {seq} ({_KIND_NAMES[kind]} of {amount}) reverses {reversed_text}",
+        )
     counts = await connection.fetchrow(COUNTS)
     assert counts is not None
     report.transfers, report.holds = counts[0], counts[1]

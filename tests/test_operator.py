@@ -507,7 +507,8 @@ async def test_verify_reports_money_made_across_wallets(database_url: str) -> No
     whole = [str(m) for m in found if m.wallet_id is None]
     assert whole == [
         "mismatch: the whole log: USD: sum(balance) 100000000989 + PENDING transfers 0 != "
-        "deposits 1000 - withdrawals 0 - captures 10: money was made or lost"
+        "deposits 1000 - withdrawals 0 - captures 10 (net of reversals): money was made or "
+        "lost"
     ]
 
 

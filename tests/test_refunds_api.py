@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tests.conftest import AppFactory
 from tests.test_transfers_api import balance, conservation_gap, new_wallet, transfer
+from walletd.persistence.operator import Mismatch, verify
 
 Client = TestClient[web.Request, web.Application]
 
@@ -397,3 +398,47 @@ async def test_concurrent_reversals_under_different_keys_apply_once(client: Clie
     assert statuses == [200] + [409] * 9, [body for _, body, _ in results]
     assert {body["code"] for status, body, _ in results if status == 409} == {"ALREADY_REVERSED"}
     assert await balance(client, wallet) == "0.00"
+
+
+async def test_verify_checks_refunds_and_reversals(make_app: AppFactory, database_url: str) -> None:
+    """verify passes a log with refunds and reversals (conservation net of reversals), and
+    names a refund past its transfer's amount and a reversal of the wrong amount written
+    straight into the database."""
+    async with TestClient(TestServer(make_app())) as client:
+        original, sender, _ = await completed(client)
+        status, _, _ = await refund(client, original, "a", amount="10.00")
+        assert status == 201
+        status, _, _ = await reverse(client, sender, 1, "v")  # the sender's deposit of 100
+        assert status == 409  # it holds 80.00: refused, recorded
+        wallet = await new_wallet(client, "7.00")
+        status, _, _ = await reverse(client, wallet, 1, "v")
+        assert status == 200
+    clean = await verify(database_url)
+    assert clean.clean, clean.first_mismatches
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "INSERT INTO transfers (id, from_wallet_id, to_wallet_id, amount, status,"
+            " created_at, updated_at, refund_of)"
+            " SELECT $1, to_wallet_id, from_wallet_id, 2001, 2, now(), now(), id"
+            " FROM transfers WHERE id = $2",
+            uuid.uuid4(), uuid.UUID(original),
+        )  # fmt: skip
+        await connection.execute(
+            "UPDATE wallet_operations SET amount = 600 WHERE kind = 10 AND wallet_id = $1",
+            uuid.UUID(wallet),
+        )
+    finally:
+        await connection.close()
+    found: list[Mismatch] = []
+    await verify(database_url, found.append)
+    problems = [m.problem for m in found]
+    assert any(
+        f"the refunds of transfer {original} that are not FAILED sum to 3001, past its amount "
+        "3000" in problem
+        for problem in problems
+    ), problems
+    assert any(
+        "log row seq 2 (DEPOSIT_REVERSAL of 600) reverses seq 1 (DEPOSIT of 700)" in problem
+        for problem in problems
+    ), problems
