@@ -20,7 +20,11 @@ holds, statuses and limits, never below the floor (balance - held >= -overdraft_
 every row), a closed wallet never moving again, balance == sum(log), held == sum(PENDING
 holds), and balances + PENDING transfers == deposits - withdrawals - captures in each
 currency: the wallets hold two currencies (USD, JPY), and money between them (a transfer, a
-capture into a wallet) is refused CURRENCY_MISMATCH with nothing written.
+capture into a wallet) is refused CURRENCY_MISMATCH with nothing written. Refunds of
+transfers (partial, whole, retried, refused by the receiver's balance or status, past what
+is left, of a refund, of a transfer not COMPLETED) and reversals of deposits and withdrawals
+(retried, under another key, refused) join them: conservation stays exact (net of
+reversals), no transfer is ever refunded past its amount, no operation reversed twice.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -54,6 +58,7 @@ from walletd.engine.commands import (
     ReadWallet,
     Reply,
     hold_key,
+    reversal_key,
     transfer_leg_key,
 )
 from walletd.engine.holds import (
@@ -77,7 +82,7 @@ from walletd.engine.model import (
     WalletView,
 )
 from walletd.engine.money import BALANCE_MINOR_MAX, SEED_CURRENCY, Currency
-from walletd.engine.router import Engine, shard_of
+from walletd.engine.router import REFUND_KEY_NAMESPACE, Engine, shard_of
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
 
 settings.register_profile(
@@ -224,6 +229,18 @@ class Model:
     now: int = 1_700_000_000_000_000  # the test clock's base (without per-reading ticks)
     statuses: dict[UUID, WalletStatus] = field(default_factory=dict)
     limits: dict[UUID, int] = field(default_factory=dict)
+    # refund id -> the transfer it refunds
+    refund_of: dict[UUID, UUID] = field(default_factory=dict)
+    # (wallet, reversed seq) -> the client key of its reversal
+    reversals: dict[tuple[UUID, int], str] = field(default_factory=dict)
+
+    def refunded(self, original: UUID) -> int:
+        """What the transfer's refunds that are not FAILED sum to."""
+        return sum(
+            int(v[2])  # type: ignore[call-overload]
+            for t, v in self.transfers.items()
+            if self.refund_of.get(t) == original and v[3] is not TransferStatus.FAILED
+        )
 
     def status(self, wallet: UUID) -> WalletStatus:
         return self.statuses.get(wallet, ACTIVE)
@@ -546,7 +563,7 @@ class Model:
         balance = self.balances[wallet]
         keyed = key is not None
         status = self.status(wallet)
-        if kind is OperationKind.WITHDRAW:
+        if kind in (OperationKind.WITHDRAW, OperationKind.DEPOSIT_REVERSAL):
             available = self.available(wallet)
             if status is not ACTIVE:
                 return Expect(STATUS_REFUSALS[status], available, records=keyed)
@@ -575,7 +592,9 @@ class Model:
             self.balances[wallet] = expect.balance
             self.history[wallet].append(op)
             code = CURRENCY_OF[wallet].code
-            self.external[code] += amount if kind is OperationKind.DEPOSIT else -amount
+            # A withdrawal's reversal puts money in like a deposit; a deposit's takes it out.
+            adds = kind in (OperationKind.DEPOSIT, OperationKind.WITHDRAW_REVERSAL)
+            self.external[code] += amount if adds else -amount
             if key is not None:
                 self.keyed[(wallet, key)] = op
         elif expect.records:
@@ -1010,6 +1029,117 @@ class EngineMachine(RuleBasedStateMachine):
         model.finish(transfer_id)
         self._check_transfer(reply, transfer_id, replayed=False)
 
+    @rule(data=st.data(), key=st.sampled_from(["r1", "r2", "r3"]), amount=st.none() | amounts)
+    def refund(self, data: st.DataObject, key: str, amount: int | None) -> None:
+        """A refund of a stored transfer (or of none): the saga's answer and rows as the
+        model's, a retry of its key replayed, the bound and the refusals as documented."""
+        model = self.model
+        unused = [t for t in TRANSFER_IDS if t not in model.transfers]
+        if unused and data.draw(st.booleans()):
+            # A transfer to refund first, between the funded wallets (few random runs
+            # would complete one otherwise).
+            self.transfer(unused[0], WALLETS[0], WALLETS[1], data.draw(amounts), NO_METADATA)
+        # Mostly a transfer that can be refunded (so refunds pile up to the bound), else any.
+        refundable = sorted(
+            t for t, v in model.transfers.items()
+            if v[3] is TransferStatus.COMPLETED and t not in model.refund_of
+        )  # fmt: skip
+        anything = st.sampled_from(sorted({*model.transfers, TRANSFER_IDS[0]}))
+        original = data.draw(st.sampled_from(refundable) | anything if refundable else anything)
+        refund_id, reply = self._run(self.engine.refund(original, key, amount, None))
+        assert refund_id == uuid5(REFUND_KEY_NAMESPACE, f"{original}:{key}")
+        if original not in model.transfers:
+            assert reply.outcome is Outcome.TRANSFER_NOT_FOUND, reply
+            return
+        sender_of, receiver_of, total, status, _failure = model.transfers[original]
+        assert isinstance(sender_of, UUID)
+        assert isinstance(receiver_of, UUID)
+        assert isinstance(total, int)
+        if original in model.refund_of:
+            assert reply.outcome is Outcome.TRANSFER_IS_REFUND, reply
+            return
+        if status is not TransferStatus.COMPLETED:
+            assert reply.outcome is Outcome.TRANSFER_NOT_COMPLETED, reply
+            return
+        if refund_id in model.transfers:  # a retry of the key
+            if amount is not None and model.transfers[refund_id][2] != amount:
+                assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
+                return
+            replayed = model.transfers[refund_id][3] is not TransferStatus.PENDING
+            if not replayed:
+                model.finish(refund_id)  # the retry drives it to its end
+            self._check_transfer(reply, refund_id, replayed=True)
+            return
+        sender, receiver = receiver_of, sender_of  # the other way
+        debit_key = (sender, transfer_leg_key(OUT, refund_id))
+        earlier = model.keyed.get(debit_key)
+        if isinstance(earlier, _Refusal):  # the recorded refusal of this key's debit
+            if amount is not None and earlier.amount != amount:
+                assert reply.outcome is Outcome.IDEMPOTENCY_KEY_REUSED, reply
+                return
+            assert (reply.outcome, reply.side, reply.balance_seen, reply.replayed) == (
+                earlier.outcome, SIDE_FROM, earlier.balance_seen, True,
+            ), reply  # fmt: skip
+            return
+        left = total - model.refunded(original)
+        wanted = left if amount is None else amount
+        if wanted <= 0 or wanted > left:
+            assert (reply.outcome, reply.balance_seen) == (
+                Outcome.REFUND_EXCEEDS_TRANSFER, left,
+            ), reply  # fmt: skip
+            return
+        refusal = model.debit_refusal(sender)
+        if refusal is None and wanted > model.available(sender):
+            refusal = Outcome.INSUFFICIENT_FUNDS
+        if refusal is not None:
+            assert (reply.outcome, reply.side, reply.replayed) == (
+                refusal, SIDE_FROM, False,
+            ), reply  # fmt: skip
+            model.keyed[debit_key] = _Refusal(OUT, wanted, refusal, model.available(sender))
+            return
+        model.debit(refund_id, sender, receiver, wanted)
+        model.refund_of[refund_id] = original
+        model.finish(refund_id)
+        self._check_transfer(reply, refund_id, replayed=False)
+
+    @rule(data=st.data(), key=st.sampled_from(["v1", "v2"]))
+    def reverse(self, data: st.DataObject, key: str) -> None:
+        """A reversal of one of the wallet's rows (or of none): at most once per operation
+        (another key: ALREADY_REVERSED), replayed under its key, refused like its movement."""
+        model = self.model
+        if model.reversals and data.draw(st.booleans()):  # often one reversed already
+            wallet, seq = data.draw(st.sampled_from(sorted(model.reversals)))
+        else:
+            existing = sorted(model.balances)
+            wallet = data.draw(st.sampled_from(existing) | wallets if existing else wallets)
+            seq = data.draw(
+                st.integers(min_value=1, max_value=len(model.history.get(wallet, [])) + 1)
+            )
+        history = model.history.get(wallet, [])
+        reply, _original = self._run(self.engine.reverse(wallet, seq, key, None))
+        if seq > len(history):
+            assert reply.outcome is Outcome.OPERATION_NOT_FOUND, reply
+            return
+        original = history[seq - 1]
+        if original.kind not in OPERATION_KINDS:
+            assert reply.outcome is Outcome.NOT_REVERSIBLE, reply
+            return
+        done = model.reversals.get((wallet, seq))
+        if done is not None and done != key:
+            assert reply.outcome is Outcome.ALREADY_REVERSED, reply
+            return
+        kind = (
+            OperationKind.DEPOSIT_REVERSAL
+            if original.kind is OperationKind.DEPOSIT
+            else OperationKind.WITHDRAW_REVERSAL
+        )
+        row_key = reversal_key(seq, key)
+        expected = model.expect_apply(wallet, kind, original.amount, row_key)
+        _check_apply(reply, expected)
+        model.apply(wallet, kind, original.amount, row_key, expected)
+        if expected.writes:
+            model.reversals[(wallet, seq)] = key
+
     @rule()
     def redrive(self) -> None:
         """A re-drive pass finishes every PENDING transfer (at most one here)."""
@@ -1301,6 +1431,23 @@ class EngineMachine(RuleBasedStateMachine):
             for t in self.log.transfers.values()
         }
         assert stored == self.model.transfers
+        assert {
+            t.transfer_id: t.refund_of for t in self.log.transfers.values() if t.refund_of
+        } == self.model.refund_of
+        for original in set(self.model.refund_of.values()):  # never refunded past its amount
+            refunds = [t for t in self.log.transfers.values() if t.refund_of == original]
+            amount = self.log.transfers[original].amount
+            assert sum(t.amount for t in refunds if t.status is not TransferStatus.FAILED) <= (
+                amount
+            )
+        for wallet, ops in self.log.operations.items():  # no operation reversed twice
+            reversed_seqs = [
+                op.idempotency_key.split(":")[1]
+                for op in ops
+                if op.kind in (OperationKind.DEPOSIT_REVERSAL, OperationKind.WITHDRAW_REVERSAL)
+                and op.idempotency_key is not None
+            ]
+            assert len(reversed_seqs) == len(set(reversed_seqs)), wallet
         for currency in set(CURRENCY_OF.values()):  # conserved in each currency alone
             in_flight = sum(t.amount for t in self.log.transfers.values()
                             if t.status is TransferStatus.PENDING
