@@ -45,18 +45,43 @@ async def start(walletd_process: StartWalletd, *args: str) -> WalletdProcess:
 
 
 class TransferLoad:
-    """Workers sending transfers with client-chosen ids until stopped; every request body
+    """Workers sending transfers with client-chosen ids until stopped, and one in four times
+    a refund (Idempotency-Key of its own) of a transfer answered 201; every request body
     sent is remembered, with the answer it got (None: no answer)."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str, wallets: list[str]) -> None:
         self.session, self.url, self.wallets = session, url, wallets
         self.sent: dict[str, dict[str, Any]] = {}
         self.answers: dict[str, int | None] = {}
+        # Refunds by Idempotency-Key: (the transfer refunded, the body), and the answer.
+        self.refunds: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.refund_answers: dict[str, int | None] = {}
         self.stop = asyncio.Event()
+
+    async def refund(self, rng: random.Random) -> None:
+        done = [tid for tid, status in self.answers.items() if status == 201]
+        if not done:
+            return
+        original, key = rng.choice(done), str(uuid.uuid4())
+        # Often more than is left (409 REFUND_EXCEEDS_TRANSFER), sometimes all that is left.
+        body = {} if rng.random() < 0.2 else {"amount": f"{rng.randint(1, 2000) / 100:.2f}"}
+        self.refunds[key] = (original, body)
+        self.refund_answers[key] = None
+        try:
+            async with self.session.post(
+                f"{self.url}/api/v1/transfers/{original}/refunds", json=body,
+                headers={"Idempotency-Key": key},
+            ) as response:  # fmt: skip
+                self.refund_answers[key] = response.status
+        except (TimeoutError, aiohttp.ClientError):
+            await asyncio.sleep(0.01)
 
     async def worker(self, seed: int) -> None:
         rng = random.Random(seed)
         while not self.stop.is_set():
+            if rng.random() < 0.25:
+                await self.refund(rng)
+                continue
             sender, receiver = rng.sample(self.wallets, 2)
             transfer_id = str(uuid.uuid4())
             body = {
@@ -85,12 +110,18 @@ class TransferLoad:
 
 
 async def final_answer(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    path: str = "/api/v1/transfers",
+    key: str | None = None,
 ) -> tuple[int, dict[str, Any], bool]:
-    """POST the same transfer until the answer is not a 503; (status, body, replayed)."""
+    """POST the same transfer (or refund, at ``path`` with its ``key``) until the answer is
+    not a 503; (status, body, replayed)."""
     deadline = asyncio.get_running_loop().time() + RECOVERY_S
+    headers = None if key is None else {"Idempotency-Key": key}
     while True:
-        async with session.post(f"{url}/api/v1/transfers", json=body) as response:
+        async with session.post(f"{url}{path}", json=body, headers=headers) as response:
             answer = await response.json(content_type=None)
             replayed = response.headers.get("Idempotent-Replayed") == "true"
             if response.status != 503:
@@ -141,33 +172,62 @@ async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
     load.sent[transfer_id] = body
     load.answers[transfer_id] = None  # its credit waits for the lock: no answer before the kill
 
+    # And a refund PENDING: of a COMPLETED transfer from a locked wallet into an unlocked
+    # one, so the refund's debit (the unlocked receiver) commits and its credit waits.
+    original = await locker.fetchval(
+        "SELECT id::text FROM transfers WHERE status = 2 AND refund_of IS NULL"
+        " AND from_wallet_id = ANY($1::uuid[]) AND to_wallet_id = ANY($2::uuid[])"
+        " AND id = ANY($3::uuid[])"
+        " AND NOT EXISTS (SELECT 1 FROM transfers r WHERE r.refund_of = transfers.id) LIMIT 1",
+        second, first, [tid for tid, status in load.answers.items() if status == 201],
+    )  # fmt: skip
+    assert original is not None
+    refund_key = str(uuid.uuid4())
+    refund_body = {"amount": "0.01"}
+    load.refunds[refund_key] = (original, refund_body)
+    load.refund_answers[refund_key] = None
+
     async def send() -> None:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError):
             async with load.session.post(f"{load.url}/api/v1/transfers", json=body):
                 pass
 
-    sending = asyncio.create_task(send())
+    async def send_refund() -> None:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            async with load.session.post(
+                f"{load.url}/api/v1/transfers/{original}/refunds", json=refund_body,
+                headers={"Idempotency-Key": refund_key},
+            ):  # fmt: skip
+                pass
+
+    sending = [asyncio.create_task(send()), asyncio.create_task(send_refund())]
     try:
         deadline = asyncio.get_running_loop().time() + RECOVERY_S
-        while (
-            await locker.fetchval("SELECT status FROM transfers WHERE id = $1::uuid", transfer_id)
-            != 1
+        while await locker.fetchval(
+            "SELECT status FROM transfers WHERE id = $1::uuid", transfer_id
+        ) != 1 or not await locker.fetchval(
+            "SELECT count(*) FROM transfers WHERE refund_of = $1::uuid AND status = 1",
+            original,
         ):
-            assert asyncio.get_running_loop().time() < deadline, "the transfer is not PENDING"
+            assert asyncio.get_running_loop().time() < deadline, "not PENDING"
             await asyncio.sleep(0.01)
     finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sending
+        for task in sending:
+            task.cancel()
+        for task in sending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
     walletd_process: StartWalletd, database_url: str
 ) -> None:
-    """kill -9 while 16 workers move money among 100 wallets on 4 shards. Conservation holds
-    in the database right after the kill (PENDING transfers counted); the restarted process
-    completes every PENDING transfer without a request; retrying every transfer sent gets a
-    final answer, a replay for those already answered 201; every transfer has its legs once."""
+    """kill -9 while 16 workers move money among 100 wallets on 4 shards, and refund some of
+    it (a refund is left PENDING by the kill too). Conservation holds in the database right
+    after the kill (PENDING transfers counted); the restarted process completes every
+    PENDING transfer and refund without a request; retrying every transfer and refund sent
+    gets a final answer, a replay for those already answered 201; every transfer has its legs
+    once; no transfer is refunded past its amount."""
     # Two pipelines: pairs on one pipeline commit both legs at once, the others are the
     # two-commit saga whose PENDING transfers the kill leaves for recovery.
     args = ("--database-url", database_url, "--shards", "4", "--pipelines", "2")
@@ -224,10 +284,29 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
             finals = await asyncio.gather(
                 *(final_answer(session, second.url, body) for body in load.sent.values())
             )
+            refund_finals = await asyncio.gather(*(
+                final_answer(
+                    session, second.url, body, f"/api/v1/transfers/{original}/refunds", key
+                )
+                for key, (original, body) in load.refunds.items()
+            ))  # fmt: skip
         for transfer_id, (status, answer, replayed) in zip(load.sent, finals, strict=True):
             assert status in {201, 409}, (transfer_id, status, answer)
             if load.answers[transfer_id] == 201:
                 assert (status, replayed) == (201, True), (transfer_id, answer)
+        for key, (status, answer, replayed) in zip(load.refunds, refund_finals, strict=True):
+            # 201, or 409 (more than is left, the receiver short of money or FROZEN...).
+            assert status in {201, 409}, (key, status, answer)
+            if load.refund_answers[key] == 201:
+                assert (status, replayed) == (201, True), (key, answer)
+        # No transfer refunded past its amount (the refunds not FAILED).
+        over_refunded = await connection.fetch(
+            """SELECT o.id FROM transfers o JOIN transfers r ON r.refund_of = o.id
+                WHERE r.status <> 3 GROUP BY o.id, o.amount HAVING sum(r.amount) > o.amount"""
+        )
+        refunds_stored = await connection.fetchval(
+            "SELECT count(*) FROM transfers WHERE refund_of IS NOT NULL"
+        )
         stored = await connection.fetch("SELECT id::text, status FROM transfers")
         legs = await connection.fetch(
             "SELECT idempotency_key, count(*) AS copies FROM wallet_operations "
@@ -246,12 +325,16 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
     completed = {row["id"] for row in stored if row["status"] == 2}
     assert {row["status"] for row in stored} <= {2, 3}
     answered_201 = {tid for tid, final in zip(load.sent, finals, strict=True) if final[0] == 201}
+    answered_201 |= {final[1]["id"] for final in refund_finals if final[0] == 201}
     assert completed == answered_201
+    assert over_refunded == []
+    assert refunds_stored > 0
     assert all(row["copies"] == 1 for row in legs)
     assert len(legs) == 2 * len(completed) + 3 * (len(stored) - len(completed))
     assert mismatched == []
     print(f"transfers sent {len(load.sent)}, answered before the kill {dict(before_kill)}, "
-          f"left PENDING by the kill {left_pending}, completed {len(completed)}")  # fmt: skip
+          f"left PENDING by the kill {left_pending}, completed {len(completed)}, refunds "
+          f"sent {len(load.refunds)}, stored {refunds_stored}")  # fmt: skip
 
 
 async def test_postgres_crash_mid_transfers_recovers_by_itself_and_conserves(
