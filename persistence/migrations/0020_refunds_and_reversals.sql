@@ -21,7 +21,7 @@
 ALTER TABLE transfers ADD COLUMN refund_of uuid;
 -- The refunds of a transfer, newest first (GET /api/v1/transfers?refund_of=, and the sum
 -- of the bound): a partial index, empty of every transfer that is not a refund.
-CREATE INDEX transfers_refunds ON transfers (refund_of, created_at, id)
+CREATE INDEX IF NOT EXISTS transfers_refunds ON transfers (refund_of, created_at, id)
     WHERE refund_of IS NOT NULL;
 
 ALTER TABLE wallet_operations DROP CONSTRAINT wallet_operations_kind;
@@ -32,7 +32,7 @@ ALTER TABLE wallet_refusals DROP CONSTRAINT wallet_refusals_kind;
 ALTER TABLE wallet_refusals ADD CONSTRAINT wallet_refusals_kind
     CHECK (kind IN (1, 2, 3, 6, 10, 11));
 
-CREATE UNIQUE INDEX wallet_operations_reversed_once
+CREATE UNIQUE INDEX IF NOT EXISTS wallet_operations_reversed_once
     ON wallet_operations (wallet_id, (split_part(idempotency_key, ':', 2)))
     WHERE kind IN (10, 11);
 
