@@ -90,6 +90,15 @@ async def post_transfer(
         return response.status, answer, response.headers.get("Idempotent-Replayed") == "true"
 
 
+async def post_refund(
+    http: aiohttp.ClientSession, url: str, original: str, body: dict[str, Any], key: str
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(
+        f"{url}/api/v1/transfers/{original}/refunds", json=body, headers={"Idempotency-Key": key}
+    ) as response:
+        return response.status, await response.json(content_type=None)
+
+
 async def no_pending(dsn: str) -> bool:
     connection = await asyncpg.connect(dsn)
     try:
@@ -104,7 +113,9 @@ async def test_transfers_between_wallets_of_two_processes_complete_on_the_first_
 ) -> None:
     """Two processes; wallets on each (checked in the lease table and `walletd shards`).
     Transfers A→B and B→A, each asked of A and of B, all answer 201 COMPLETED at once (the
-    re-drive interval is a minute: no help from it), balances move by exactly the amounts."""
+    re-drive interval is a minute: no help from it), balances move by exactly the amounts.
+    Ten refunds of one of them asked of both processes at once never pass its amount; a
+    reversal asked of the process that does not own the wallet applies."""
     servers = [serve(database_url, tmp_path, "--transfer-redrive-interval", "60") for _ in "ab"]
     urls = [s.url for s in servers]
     try:
@@ -118,6 +129,7 @@ async def test_transfers_between_wallets_of_two_processes_complete_on_the_first_
             (a, b) = urls
             pairs = [(wallets[a][0], wallets[b][0]), (wallets[b][1], wallets[a][1])]
             moved: Counter[str] = Counter()
+            done: list[tuple[str, str, str]] = []
             for number, ((sender, receiver), entry) in enumerate(itertools.product(pairs, urls)):
                 assert owner_of(table, sender) != owner_of(table, receiver)
                 body = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "1.25"}
@@ -126,6 +138,29 @@ async def test_transfers_between_wallets_of_two_processes_complete_on_the_first_
                 assert answer["status"] == "COMPLETED"
                 moved[sender] -= 125
                 moved[receiver] += 125
+                done.append((answer["id"], sender, receiver))
+            # Refunds across processes: ten of 0.25 of one transfer of 1.25, asked of both
+            # processes at once. Exactly five apply; the bound holds across processes.
+            original, sender, receiver = done[0]
+            refunds = await asyncio.gather(*(
+                post_refund(http, urls[n % 2], original, {"amount": "0.25"}, f"r-{n}")
+                for n in range(10)
+            ))  # fmt: skip
+            assert sorted(status for status, _ in refunds) == [201] * 5 + [409] * 5, refunds
+            assert {a["code"] for status, a in refunds if status == 409} == {
+                "REFUND_EXCEEDS_TRANSFER"
+            }
+            assert all(a["refund_of"] == original for status, a in refunds if status == 201)
+            moved[sender] += 125
+            moved[receiver] -= 125
+            # A reversal asked of the process that does not own the wallet (forwarded).
+            wallet = wallets[a][1]
+            async with http.post(
+                f"{b}/api/v1/wallets/{wallet}/operations/1/reversal",
+                headers={"Idempotency-Key": "rev"},
+            ) as response:  # its funding deposit of 100.00 (it received 2.50 since)
+                assert response.status == 200, await response.text()
+            moved[wallet] -= 10_000
             for url in urls:
                 for wallet in wallets[url]:
                     async with http.get(f"{url}/api/v1/wallets/{wallet}") as response:

@@ -18,12 +18,14 @@ from walletd.engine.limits import EngineLimits
 
 Client = TestClient[web.Request, web.Application]
 
-# Money in (deposits) minus money out (withdrawals), from the log; against it, what the
-# wallets hold plus what is visibly in flight. One REPEATABLE READ snapshot for both.
+# Money in (deposits) minus money out (withdrawals), net of their reversals (kinds 10 and
+# 11), from the log; against it, what the wallets hold plus what is visibly in flight. One
+# REPEATABLE READ snapshot for both.
 CONSERVATION_SQL = """
 SELECT (SELECT coalesce(sum(balance), 0) FROM wallets)
        + (SELECT coalesce(sum(amount), 0) FROM transfers WHERE status = 1) AS held,
-       (SELECT coalesce(sum(CASE kind WHEN 1 THEN amount WHEN 2 THEN -amount ELSE 0 END), 0)
+       (SELECT coalesce(sum(CASE kind WHEN 1 THEN amount WHEN 2 THEN -amount
+                                      WHEN 10 THEN -amount WHEN 11 THEN amount ELSE 0 END), 0)
           FROM wallet_operations) AS external
 """
 
