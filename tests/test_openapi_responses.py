@@ -165,6 +165,75 @@ async def test_transfer_routes_match_the_document(module_client: Client) -> None
     assert (await _matches(response, "POST", "/api/v1/transfers"))["side"] == "from"
 
 
+async def test_refund_and_reversal_routes_match_the_document(module_client: Client) -> None:
+    """A refund (fresh and replayed) and its refusals, the original read with its refunded
+    amount, the refund's legs in the history, a reversal (and replay) and its refusals, and
+    the linked history rows all conform."""
+    client = module_client
+    ids = []
+    for _ in range(2):
+        created = await client.post("/api/v1/wallets")
+        ids.append((await created.json())["id"])
+    sender, receiver = ids
+    deposit = {"operation_type": "DEPOSIT", "amount": "10.00"}
+    assert (await client.post(f"/api/v1/wallets/{sender}/operation", json=deposit)).status == 200
+    body = {"from_wallet_id": sender, "to_wallet_id": receiver, "amount": "4.00"}
+    response = await client.post("/api/v1/transfers", json=body)
+    original = (await response.json())["id"]
+    refunds = f"/api/v1/transfers/{original}/refunds"
+    template = "/api/v1/transfers/{transfer_id}/refunds"
+    for _attempt in range(2):
+        response = await client.post(
+            refunds, json={"amount": "1.00", "reason": "r", "metadata": {"a": "b"}},
+            headers={"Idempotency-Key": "doc-refund"},
+        )  # fmt: skip
+        assert response.status == 201
+        refund = await _matches(response, "POST", template)
+    assert refund["refund_of"] == original
+    for refused_body, status in (({"amount": "9.00"}, 409), ({"amount": "x"}, 422)):
+        response = await client.post(refunds, json=refused_body, headers={"Idempotency-Key": "d"})
+        assert response.status == status
+        await _matches(response, "POST", template)
+    response = await client.post(refunds, json={})
+    assert response.status == 422  # no key
+    await _matches(response, "POST", template)
+    response = await client.get(f"/api/v1/transfers/{original}")
+    assert (await _matches(response, "GET", "/api/v1/transfers/{transfer_id}"))[
+        "refunded_amount"
+    ] == "1.00"
+    reversal = "/api/v1/wallets/{wallet_id}/operations/{seq}/reversal"
+    for _attempt in range(2):
+        response = await client.post(
+            f"/api/v1/wallets/{receiver}/operations/1/reversal", json={"reason": "x"},
+            headers={"Idempotency-Key": "doc-reversal"},
+        )  # fmt: skip
+        assert response.status == 409  # the receiver's row 1 is a TRANSFER_IN
+        await _matches(response, "POST", reversal)
+    response = await client.post(
+        f"/api/v1/wallets/{sender}/operations/1/reversal", headers={"Idempotency-Key": "doc-r"}
+    )
+    assert response.status == 409  # it holds 7.00 of the 10.00 deposited: refused
+    await _matches(response, "POST", reversal)
+    await client.post(f"/api/v1/wallets/{sender}/operation", json=deposit)
+    for _attempt in range(2):
+        response = await client.post(
+            f"/api/v1/wallets/{sender}/operations/1/reversal", headers={"Idempotency-Key": "ok"}
+        )
+        assert response.status == 200
+        await _matches(response, "POST", reversal)
+    response = await client.post(
+        f"/api/v1/wallets/{sender}/operations/99/reversal", headers={"Idempotency-Key": "ok"}
+    )
+    assert response.status == 404
+    await _matches(response, "POST", reversal)
+    response = await client.get(f"/api/v1/wallets/{sender}/operations")
+    page = await _matches(response, "GET", "/api/v1/wallets/{wallet_id}/operations")
+    assert page["items"][0]["reversal_of"] == 1
+    assert page["items"][-1]["reversed_by"] == page["items"][0]["seq"]
+    assert page["items"][1]["refund_of"] is None  # the deposit
+    assert page["items"][2]["refund_of"] == original  # the refund's credit
+
+
 def _request_schema_errors(method: str, path: str, body: Any) -> list[str]:
     """How ``body`` breaks the JSON request body schema documented for the route."""
     pointer = f"/paths/{path.replace('/', '~1')}/{method}/requestBody/content/application~1json"

@@ -240,6 +240,10 @@ def _new_hold(url: str, http: requests.Session) -> str:
 # machine), so drawn URLs are refused; tests/test_webhooks.py reaches each success.
 _SUCCESS_CHECKED_ELSEWHERE: Final = {
     ("POST", "/api/v1/transfers"),
+    # A refund succeeds while the transfer has money left, a reversal once per operation:
+    # tests/test_openapi_responses.py reaches each success against the document.
+    ("POST", "/api/v1/transfers/{transfer_id}/refunds"),
+    ("POST", "/api/v1/wallets/{wallet_id}/operations/{seq}/reversal"),
     ("POST", "/api/v1/webhooks"),
     ("GET", "/api/v1/webhooks/{webhook_id}"),
     ("PATCH", "/api/v1/webhooks/{webhook_id}"),
