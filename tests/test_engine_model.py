@@ -1035,7 +1035,8 @@ class EngineMachine(RuleBasedStateMachine):
         model's, a retry of its key replayed, the bound and the refusals as documented."""
         model = self.model
         unused = [t for t in TRANSFER_IDS if t not in model.transfers]
-        if unused and data.draw(st.booleans()):
+        transfer_first: bool = bool(unused) and data.draw(st.booleans())
+        if transfer_first:
             # A transfer to refund first, between the funded wallets (few random runs
             # would complete one otherwise).
             self.transfer(unused[0], WALLETS[0], WALLETS[1], data.draw(amounts), NO_METADATA)
@@ -1107,7 +1108,8 @@ class EngineMachine(RuleBasedStateMachine):
         """A reversal of one of the wallet's rows (or of none): at most once per operation
         (another key: ALREADY_REVERSED), replayed under its key, refused like its movement."""
         model = self.model
-        if model.reversals and data.draw(st.booleans()):  # often one reversed already
+        again: bool = bool(model.reversals) and data.draw(st.booleans())
+        if again:  # often one reversed already
             wallet, seq = data.draw(st.sampled_from(sorted(model.reversals)))
         else:
             existing = sorted(model.balances)
