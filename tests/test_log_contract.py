@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import PostgresServer
 from walletd.cli.service import migrate_database
+from walletd.engine.commands import reversal_key
 from walletd.engine.memory_log import InMemoryLog
 from walletd.engine.model import (
     Batch,
@@ -19,7 +20,7 @@ from walletd.engine.model import (
     RefusalRecord,
     SnapshotUpdate,
 )
-from walletd.engine.ports import PredecessorPending, StorageError, WalletLog
+from walletd.engine.ports import PredecessorPending, StorageError, StorageRefused, WalletLog
 from walletd.persistence.database import PoolSettings, create_pool
 from walletd.persistence.postgres_log import PostgresLog
 
@@ -373,3 +374,41 @@ async def test_a_snapshot_may_carry_the_wallets_new_metadata(pg_server: Postgres
             await pool.close()
     finally:
         await pg_server.drop_database(dsn)
+
+
+async def test_a_reversal_is_read_with_its_operation_and_stored_once(
+    wallet_log: WalletLog,
+) -> None:
+    """read_operation finds a row by seq and the reversal that names it (engine/commands.py
+    reversal_key); a second reversal of that row, under any key, is refused (PostgreSQL: the
+    unique index of migration "refunds_and_reversals"; 23505), and nothing is written."""
+    await wallet_log.append_batch(create(A))
+    await wallet_log.append_batch(deposit(A, 1, 50, 50))
+    assert await wallet_log.read_operation(A, 1) == (
+        (await wallet_log.read_history(A, None, 1))[0][1], None,
+    )  # fmt: skip
+    assert await wallet_log.read_operation(A, 2) == (None, None)
+
+    def reversal(seq: int, balance_before: int, key: str) -> Batch:
+        row = OperationRecord(
+            A, seq, OperationKind.DEPOSIT_REVERSAL, 50, balance_before - 50,
+            reversal_key(1, key), T0 + seq,
+        )  # fmt: skip
+        return Batch(
+            operations=[row],
+            snapshots=[SnapshotUpdate(A, seq - 1, seq, balance_before - 50, T0 + seq)],
+        )
+
+    await wallet_log.append_batch(reversal(2, 50, "first"))
+    original, reversed_by = await wallet_log.read_operation(A, 1)
+    assert original is not None
+    assert reversed_by is not None
+    assert (original.kind, reversed_by.seq, reversed_by.idempotency_key) == (
+        OperationKind.DEPOSIT, 2, reversal_key(1, "first"),
+    )  # fmt: skip
+    await wallet_log.append_batch(deposit(A, 3, 50, 50))
+    with pytest.raises(StorageRefused) as refused:
+        await wallet_log.append_batch(reversal(4, 50, "second"))
+    assert refused.value.sqlstate == "23505"
+    assert "wallet_operations_reversed_once" in str(refused.value)
+    assert (await wallet_log.load_wallets([A]))[A].seq == 3
