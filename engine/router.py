@@ -1055,8 +1055,10 @@ class Engine:
         second, which the pipeline answers alone ALREADY_REVERSED (engine/shard.py)."""
         shard, pipeline = self._route(wallet_id)  # NotOwner first: the owner reads and applies
         try:
-            original, reversal = await self.log.read_operation(wallet_id, seq)
-        except StorageError:
+            original, reversal = await asyncio.wait_for(
+                self.log.read_operation(wallet_id, seq), self.limits.load_timeout_s
+            )
+        except (StorageError, TimeoutError):
             return _UNAVAILABLE, None
         if original is None:
             return Reply(Outcome.OPERATION_NOT_FOUND), None

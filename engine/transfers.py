@@ -485,16 +485,21 @@ class TransferCoordinator:
                     return await self._drive(stored, replayed=True, driver=DRIVER_REQUEST)
                 return _final_reply(stored, replayed=True)
             debit_key = transfer_leg_key(OperationKind.TRANSFER_OUT, refund_id)
-            recorded = (await self._log.find_operations([(sender, debit_key)])).get(
-                (sender, debit_key)
+            # Each read bounded like the coordinator's loads.
+            found = await asyncio.wait_for(
+                self._log.find_operations([(sender, debit_key)]), self._load_timeout_s
             )
+            recorded = found.get((sender, debit_key))
             if isinstance(recorded, RefusalRecord):
                 # A refused refund retried: its debit replays the recorded refusal (an
                 # omitted amount is the one refused then, not what is left now).
                 if amount is None:
                     amount = recorded.amount
             else:
-                left = original.amount - await self._log.refunded_amount(original.transfer_id)
+                refunded = await asyncio.wait_for(
+                    self._log.refunded_amount(original.transfer_id), self._load_timeout_s
+                )
+                left = original.amount - refunded
                 if amount is None:
                     amount = left
                 if amount <= 0 or amount > left:
@@ -502,7 +507,7 @@ class TransferCoordinator:
                         Outcome.REFUND_EXCEEDS_TRANSFER, original, balance_seen=max(left, 0),
                         currency=original.currency,
                     )  # fmt: skip
-        except StorageError:
+        except (StorageError, TimeoutError):
             return _UNAVAILABLE
         requested = TransferRecord(
             refund_id, sender, original.from_wallet_id, amount, reason, TransferStatus.PENDING,
