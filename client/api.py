@@ -675,21 +675,25 @@ class WalletdClient:
         *,
         status: str | None = None,
         overdraft_limit: Amount | None = None,
+        metadata: Mapping[str, str | None] | None = None,
         if_match: int | None = None,
         idempotency_key: str | None = None,
     ) -> Wallet:
-        """PATCH the wallet: its ``status`` (ACTIVE, FROZEN, CLOSED) and/or its
-        ``overdraft_limit`` (0 or an amount); needs a key with the ``admin`` scope. Refusals:
-        WalletClosed, CloseBlocked (``blocked_by``), OverdraftLimitInUse, PreconditionFailed
-        (``if_match``, a Wallet's ``version``, named another version)."""
+        """PATCH the wallet: its ``status`` (ACTIVE, FROZEN, CLOSED), its
+        ``overdraft_limit`` (0 or an amount) and/or its ``metadata`` (merged: each key set,
+        a None value deleting its key), in one change; needs a key with the ``admin`` scope.
+        Refusals: WalletClosed, CloseBlocked (``blocked_by``), OverdraftLimitInUse,
+        PreconditionFailed (``if_match``, a Wallet's ``version``, named another version),
+        ValidationError (metadata past its bounds, after the merge too)."""
         body: dict[str, Any] = {}
         if status is not None:
             body["status"] = status
         if overdraft_limit is not None:
             body["overdraft_limit"] = _limit_text(overdraft_limit)
-        # (a wallet's metadata is fixed at its creation: this call cannot change it yet)
+        if metadata:
+            body["metadata"] = dict(metadata)
         if not body:
-            raise ValueError("update_wallet needs a status or an overdraft_limit")
+            raise ValueError("update_wallet needs a status, an overdraft_limit or metadata")
         answer = await self._call(
             "PATCH",
             f"/wallets/{_segment(wallet_id)}",
