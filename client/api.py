@@ -883,27 +883,44 @@ class WalletdClient:
     async def wallets_page(
         self,
         *,
+        status: str | None = None,
+        currency: str | None = None,
+        metadata: tuple[str, str] | None = None,
         since: Instant | None = None,
         until: Instant | None = None,
         cursor: str | None = None,
         limit: int | None = None,
     ) -> Page[Wallet]:
-        """One page of the wallets created at or after ``since`` and strictly before
-        ``until`` (each optional), newest first."""
-        params = _listing_params(since=since, until=until, cursor=cursor, limit=limit)
+        """One page of the wallets in ``status`` (ACTIVE, FROZEN, CLOSED), of ``currency``
+        (a code), whose metadata has ``metadata`` = (key, value), created at or after
+        ``since`` and strictly before ``until`` (each optional), newest first. With
+        ``metadata``, or ``status`` and ``currency`` together, a page may hold fewer than
+        ``limit`` items, even none, with a ``next_cursor`` to go on."""
+        params = _listing_params(
+            since=since, until=until, cursor=cursor, limit=limit, status=status,
+        )  # fmt: skip
+        if currency is not None:
+            params["currency"] = currency
+        if metadata is not None:
+            key, value = metadata
+            params[f"metadata[{key}]"] = value
         answer = await self._call("GET", "/wallets", params=params)
         return answer.decode(lambda body: _page(body, Wallet.from_json))
 
     async def wallets(
         self,
         *,
+        status: str | None = None,
+        currency: str | None = None,
+        metadata: tuple[str, str] | None = None,
         since: Instant | None = None,
         until: Instant | None = None,
         page_size: int | None = None,
     ) -> AsyncGenerator[Wallet, None]:
         """Every wallet ``wallets_page`` selects, newest first, a page at a time."""
         pages = _every_item(lambda cursor: self.wallets_page(
-            since=since, until=until, cursor=cursor, limit=page_size,
+            status=status, currency=currency, metadata=metadata, since=since, until=until,
+            cursor=cursor, limit=page_size,
         ))  # fmt: skip
         async for wallet in pages:
             yield wallet

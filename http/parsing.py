@@ -65,6 +65,7 @@ __all__ = [
     "derived_key",
     "is_idempotency_key",
     "loads_exact",
+    "metadata_filter_problem",
     "operation_fields",
     "parse_amount",
     "parse_capture_body",
@@ -545,6 +546,19 @@ def _metadata_pairs(
         errors.extend(found)
         return []
     return list(value.items())
+
+
+def metadata_filter_problem(key: str, value: str) -> str | None:
+    """Why a listing's ``metadata[<key>]=<value>`` names no metadata a wallet can hold (the
+    bounds of ``parse_metadata``), or None."""
+    if not _METADATA_KEY.fullmatch(key):
+        return (
+            f"the key must be 1 to {METADATA_KEY_LENGTH_MAX} characters, no control characters"
+            " or square brackets"
+        )
+    if len(value) > METADATA_VALUE_LENGTH_MAX or "\x00" in value:
+        return f"must be at most {METADATA_VALUE_LENGTH_MAX} characters, no NUL"
+    return None
 
 
 # The per-key errors one answer lists, at most (a body may hold thousands of bad keys).
