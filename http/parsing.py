@@ -493,10 +493,15 @@ def parse_metadata(body: dict[str, Any], errors: list[FieldError]) -> Metadata:
 def parse_metadata_patch(body: dict[str, Any], errors: list[FieldError]) -> MetadataPatch | None:
     """A PATCH's ``metadata``: as ``parse_metadata`` reads it, but a null value deletes its
     key, and it may name up to ``METADATA_PATCH_KEYS_MAX`` keys (a whole replacement: the
-    merge is bounded by the wallet's shard). None when absent; ``{}`` changes nothing."""
-    if body.get("metadata") is None:
+    merge is bounded by the wallet's shard). None when absent; null or ``{}`` is 422 (a
+    change names a key: the OpenAPI document says so, and a client that sends none most
+    likely meant something else)."""
+    value = body.get("metadata")
+    if value is None or value == {}:
         if "metadata" in body:
-            errors.append({"field": "metadata", "message": "must be an object"})
+            errors.append(
+                {"field": "metadata", "message": "must be an object naming at least one key"}
+            )
         return None
     pairs = _metadata_pairs(body, errors, METADATA_PATCH_KEYS_MAX, deletes=True)
     return tuple(sorted(pairs))

@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import AppFactory
 from tests.test_wallet_status_api import patch
 from walletd.engine.bounds import METADATA_KEYS_MAX, METADATA_PATCH_KEYS_MAX
+from walletd.http.keys import parse_keys
+from walletd.http.settings import HttpSettings
 from walletd.persistence.operator import restore, verify
 
 Client = TestClient[web.Request, web.Application]
@@ -143,7 +145,8 @@ async def test_bounds_idempotency_and_if_match(client: Client) -> None:
         ({"metadata": {f"n{n}": None for n in range(METADATA_PATCH_KEYS_MAX + 1)}}, "metadata"),
         ({"metadata": None}, "metadata"),
         ({"metadata": ["k", "v"]}, "metadata"),
-        ({"metadata": {}}, "body"),
+        ({"metadata": {}}, "metadata"),
+        ({"status": "ACTIVE", "metadata": {}}, "metadata"),
     ):
         status, body, _ = await patch(client, wallet_id, change)
         assert (status, body["code"]) == (422, "VALIDATION_ERROR"), (change, body)
@@ -163,6 +166,28 @@ async def test_bounds_idempotency_and_if_match(client: Client) -> None:
     assert (status, body["code"], body["seq"]) == (412, "PRECONDITION_FAILED", 2)
     status, body, headers = await patch(client, wallet_id, {"metadata": {"a": "1"}}, if_match='"2"')
     assert (status, body["metadata"]["a"], headers["ETag"]) == (200, "1", '"3"')
+
+
+async def test_a_metadata_change_needs_the_admin_scope(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """A key with every scope but admin is 403 FORBIDDEN on a metadata PATCH, nothing
+    written; an admin key changes the metadata, and the change names it (actor)."""
+    keys = parse_keys("mover:read+create+move+feed:mover-secret,boss:admin:boss-secret")
+    client: Client = await aiohttp_client(make_app(HttpSettings(api_keys=keys)))
+    mover = {"Authorization": "Bearer mover-secret"}
+    boss = {"Authorization": "Bearer boss-secret"}
+    created = await client.post("/api/v1/wallets", json={"metadata": CREATED}, headers=mover)
+    wallet_id = (await created.json())["id"]
+    change = {"metadata": {"tier": "platinum"}}
+    status, body, _ = await patch(client, wallet_id, change, headers=mover)
+    assert (status, body["code"]) == (403, "FORBIDDEN")
+    read = await client.get(f"/api/v1/wallets/{wallet_id}", headers=mover)
+    assert (await read.json())["metadata"] == CREATED
+    status, body, _ = await patch(client, wallet_id, change, headers=boss)
+    assert (status, body["metadata"]) == (200, {**CREATED, "tier": "platinum"})
+    history = await client.get(f"/api/v1/wallets/{wallet_id}/operations", headers=mover)
+    assert [i["actor"] for i in (await history.json())["items"]] == ["boss"]
 
 
 async def test_a_closed_wallets_metadata_never_changes(client: Client) -> None:
