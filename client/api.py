@@ -694,21 +694,25 @@ class WalletdClient:
         *,
         status: str | None = None,
         overdraft_limit: Amount | None = None,
+        metadata: Mapping[str, str | None] | None = None,
         if_match: int | None = None,
         idempotency_key: str | None = None,
     ) -> Wallet:
-        """PATCH the wallet: its ``status`` (ACTIVE, FROZEN, CLOSED) and/or its
-        ``overdraft_limit`` (0 or an amount); needs a key with the ``admin`` scope. Refusals:
-        WalletClosed, CloseBlocked (``blocked_by``), OverdraftLimitInUse, PreconditionFailed
-        (``if_match``, a Wallet's ``version``, named another version)."""
+        """PATCH the wallet: its ``status`` (ACTIVE, FROZEN, CLOSED), its
+        ``overdraft_limit`` (0 or an amount) and/or its ``metadata`` (merged: each key set,
+        a None value deleting its key), in one change; needs a key with the ``admin`` scope.
+        Refusals: WalletClosed, CloseBlocked (``blocked_by``), OverdraftLimitInUse,
+        PreconditionFailed (``if_match``, a Wallet's ``version``, named another version),
+        ValidationError (metadata past its bounds, after the merge too)."""
         body: dict[str, Any] = {}
         if status is not None:
             body["status"] = status
         if overdraft_limit is not None:
             body["overdraft_limit"] = _limit_text(overdraft_limit)
-        # (a wallet's metadata is fixed at its creation: this call cannot change it yet)
+        if metadata:
+            body["metadata"] = dict(metadata)
         if not body:
-            raise ValueError("update_wallet needs a status or an overdraft_limit")
+            raise ValueError("update_wallet needs a status, an overdraft_limit or metadata")
         answer = await self._call(
             "PATCH",
             f"/wallets/{_segment(wallet_id)}",
@@ -969,27 +973,44 @@ class WalletdClient:
     async def wallets_page(
         self,
         *,
+        status: str | None = None,
+        currency: str | None = None,
+        metadata: tuple[str, str] | None = None,
         since: Instant | None = None,
         until: Instant | None = None,
         cursor: str | None = None,
         limit: int | None = None,
     ) -> Page[Wallet]:
-        """One page of the wallets created at or after ``since`` and strictly before
-        ``until`` (each optional), newest first."""
-        params = _listing_params(since=since, until=until, cursor=cursor, limit=limit)
+        """One page of the wallets in ``status`` (ACTIVE, FROZEN, CLOSED), of ``currency``
+        (a code), whose metadata has ``metadata`` = (key, value), created at or after
+        ``since`` and strictly before ``until`` (each optional), newest first. With
+        ``metadata``, or ``status`` and ``currency`` together, a page may hold fewer than
+        ``limit`` items, even none, with a ``next_cursor`` to go on."""
+        params = _listing_params(
+            since=since, until=until, cursor=cursor, limit=limit, status=status,
+        )  # fmt: skip
+        if currency is not None:
+            params["currency"] = currency
+        if metadata is not None:
+            key, value = metadata
+            params[f"metadata[{key}]"] = value
         answer = await self._call("GET", "/wallets", params=params)
         return answer.decode(lambda body: _page(body, Wallet.from_json))
 
     async def wallets(
         self,
         *,
+        status: str | None = None,
+        currency: str | None = None,
+        metadata: tuple[str, str] | None = None,
         since: Instant | None = None,
         until: Instant | None = None,
         page_size: int | None = None,
     ) -> AsyncGenerator[Wallet, None]:
         """Every wallet ``wallets_page`` selects, newest first, a page at a time."""
         pages = _every_item(lambda cursor: self.wallets_page(
-            since=since, until=until, cursor=cursor, limit=page_size,
+            status=status, currency=currency, metadata=metadata, since=since, until=until,
+            cursor=cursor, limit=page_size,
         ))  # fmt: skip
         async for wallet in pages:
             yield wallet

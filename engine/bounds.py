@@ -48,10 +48,12 @@ __all__ = [
     "KEY_LENGTH_MAX",
     "METADATA_KEYS_MAX",
     "METADATA_KEY_LENGTH_MAX",
+    "METADATA_PATCH_KEYS_MAX",
     "METADATA_VALUE_LENGTH_MAX",
     "REFERENCE_LENGTH_MAX",
     "storable_amount",
     "storable_metadata",
+    "storable_metadata_patch",
     "storable_text",
 ]
 
@@ -64,6 +66,9 @@ REFERENCE_LENGTH_MAX: Final = 255
 METADATA_KEYS_MAX: Final = 50
 METADATA_KEY_LENGTH_MAX: Final = 40
 METADATA_VALUE_LENGTH_MAX: Final = 500
+# A change of a wallet's metadata (PATCH) names at most this many keys: every key of a full
+# wallet deleted and as many set, a whole replacement in one request.
+METADATA_PATCH_KEYS_MAX: Final = 2 * METADATA_KEYS_MAX
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
@@ -90,6 +95,30 @@ def storable_metadata(metadata: tuple[tuple[str, str], ...]) -> bool:
         if not (
             storable_text(key, 1, METADATA_KEY_LENGTH_MAX)
             and storable_text(value, 0, METADATA_VALUE_LENGTH_MAX)
+        ):
+            return False
+    return True
+
+
+def storable_metadata_patch(patch: tuple[tuple[str, str | None], ...]) -> bool:
+    """Whether a change of a wallet's metadata (``engine.model.MetadataPatch``) is one
+    storage could hold once merged: at most ``METADATA_PATCH_KEYS_MAX`` keys, sorted, each
+    once, each key as a metadata key and each value a metadata value or None (a delete).
+    How many keys the merge leaves is the ledger's check (it knows the wallet's)."""
+    if len(patch) > METADATA_PATCH_KEYS_MAX:
+        return False
+    previous: str | None = None
+    for pair in patch:
+        if type(pair) is not tuple or len(pair) != 2:
+            return False
+        key, value = pair
+        if type(key) is not str or (value is not None and type(value) is not str):
+            return False
+        if previous is not None and key <= previous:
+            return False
+        previous = key
+        if not storable_text(key, 1, METADATA_KEY_LENGTH_MAX) or (
+            value is not None and not storable_text(value, 0, METADATA_VALUE_LENGTH_MAX)
         ):
             return False
     return True

@@ -18,6 +18,7 @@ from walletd.engine.model import (
     NO_METADATA,
     HoldRecord,
     Metadata,
+    MetadataPatch,
     OperationKind,
     TransferRecord,
     TransferStatus,
@@ -90,6 +91,9 @@ class Outcome(enum.Enum):
     # (``blocked_by`` says which); an overdraft limit below what the wallet already owes.
     CLOSE_BLOCKED = "CLOSE_BLOCKED"
     OVERDRAFT_LIMIT_IN_USE = "OVERDRAFT_LIMIT_IN_USE"
+    # A metadata change whose merge leaves the wallet more keys than METADATA_KEYS_MAX
+    # (422; the reply's balance_seen is how many).
+    METADATA_TOO_MANY_KEYS = "METADATA_TOO_MANY_KEYS"
     # Money between wallets of different currencies (a transfer, a capture into another
     # wallet, an atomic group): refused before anything moves (422).
     CURRENCY_MISMATCH = "CURRENCY_MISMATCH"
@@ -453,8 +457,9 @@ class JointTransfer:
 
 
 class UpdateWallet:
-    """PATCH /api/v1/wallets/{id}: a new status and/or overdraft limit (None: unchanged),
-    written as one WALLET_UPDATE row. ``fingerprint``: what the request was, stored on the
+    """PATCH /api/v1/wallets/{id}: a new status, overdraft limit and/or metadata change
+    (None: unchanged; ``metadata`` is merged into the wallet's, a None value deleting its
+    key), written as one WALLET_UPDATE row. ``fingerprint``: what the request was, stored on the
     row (as its reference) so that a retry with the same Idempotency-Key replays it and a
     different request under that key is refused. ``expected_seq``: If-Match.
     ``transfers_pending``: how many PENDING transfers storage had for the wallet when the
@@ -463,7 +468,7 @@ class UpdateWallet:
     wrote it, rescaled to the wallet's currency by its shard (None: in its minor units)."""
 
     __slots__ = (
-        "actor", "expected_seq", "fingerprint", "idempotency_key", "limit_scale",
+        "actor", "expected_seq", "fingerprint", "idempotency_key", "limit_scale", "metadata",
         "overdraft_limit", "reply", "status", "transfers_pending", "wallet_id",
     )  # fmt: skip
     weight = 1
@@ -481,8 +486,10 @@ class UpdateWallet:
         actor: str | None = None,
         transfers_pending: int = 0,
         limit_scale: int | None = None,
+        metadata: MetadataPatch | None = None,
     ) -> None:
         self.wallet_id = wallet_id
+        self.metadata = metadata
         self.limit_scale = limit_scale
         self.status = status
         self.overdraft_limit = overdraft_limit

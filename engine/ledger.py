@@ -39,9 +39,11 @@ from uuid import UUID
 from walletd.engine.bounds import (
     ACTOR_LENGTH_MAX,
     KEY_LENGTH_MAX,
+    METADATA_KEYS_MAX,
     REFERENCE_LENGTH_MAX,
     storable_amount,
     storable_metadata,
+    storable_metadata_patch,
     storable_text,
 )
 from walletd.engine.commands import (
@@ -87,6 +89,7 @@ from walletd.engine.model import (
     WalletStatus,
     WalletUpdate,
     WalletView,
+    merge_metadata,
 )
 from walletd.engine.money import (
     BALANCE_MINOR_MAX,
@@ -142,7 +145,10 @@ class Pending:
     ones apply); else the pending set, copied at each batch's end into its final state.
     """
 
-    __slots__ = ("balance", "held", "holds", "overdraft_limit", "seq", "status", "updated_at_us")
+    __slots__ = (
+        "balance", "held", "holds", "metadata", "overdraft_limit", "seq", "status",
+        "updated_at_us",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -152,6 +158,7 @@ class Pending:
         held: int = 0,
         status: WalletStatus = _ACTIVE,
         overdraft_limit: int = 0,
+        metadata: Metadata = NO_METADATA,
     ) -> None:
         self.balance = balance
         self.seq = seq
@@ -160,6 +167,8 @@ class Pending:
         self.holds: dict[int, HoldRecord] | None = None
         self.status = status
         self.overdraft_limit = overdraft_limit
+        # The wallet's metadata (changed only by a WALLET_UPDATE row, like status).
+        self.metadata = metadata
 
 
 class Resident:
@@ -198,8 +207,8 @@ class Resident:
         self.holds: dict[int, HoldRecord] | None = None
         self.status = status
         self.overdraft_limit = overdraft_limit
-        # Its metadata, fixed at creation (a shared empty tuple for most wallets). An update
-        # (PATCH, a later change) would move it like balance: pending, then committed.
+        # Its metadata (a shared empty tuple for most wallets): set at creation, changed by
+        # a WALLET_UPDATE row (PATCH), pending then committed like status.
         self.metadata = metadata
 
     @classmethod
@@ -221,7 +230,7 @@ class Resident:
         resident = cls(
             0, SEQ_CREATING, created_at_us, created_at_us, 0, currency, metadata=metadata
         )
-        resident.pending = Pending(0, 0, created_at_us)
+        resident.pending = Pending(0, 0, created_at_us, metadata=metadata)
         return resident
 
     @property
@@ -236,6 +245,16 @@ class Resident:
             wallet_id, self.balance, self.seq, self.created_at_us, self.updated_at_us, self.held,
             self.currency, self.status, self.overdraft_limit, self.metadata,
         )  # fmt: skip
+
+    def start_pending(self) -> Pending:
+        """Its pending state, opened from its committed state when no open batch has one."""
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = Pending(
+                self.balance, self.seq, self.updated_at_us, self.held, self.status,
+                self.overdraft_limit, self.metadata,
+            )  # fmt: skip
+        return pending
 
     def terms(self) -> tuple[WalletStatus, int]:
         """Its status and overdraft limit as the next command sees them."""
@@ -281,9 +300,20 @@ class Applied:
     # Each wallet the batch writes, with its seq before the batch.
     written: dict[int, tuple[UUID, Resident, int]] = field(default_factory=dict)
     # Final state of each written wallet: (resident, balance, seq, updated_at_us, held,
-    # its PENDING holds or None when no open batch changed them, status, overdraft limit).
+    # its PENDING holds or None when no open batch changed them, status, overdraft limit,
+    # metadata).
     finals: list[
-        tuple[Resident, int, int, int, int, dict[int, HoldRecord] | None, WalletStatus, int]
+        tuple[
+            Resident,
+            int,
+            int,
+            int,
+            int,
+            dict[int, HoldRecord] | None,
+            WalletStatus,
+            int,
+            Metadata,
+        ]
     ] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
     # Replies decided on state an earlier open batch wrote, and the wallet whose state it
@@ -822,12 +852,7 @@ class Ledger:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
         wid = wallet_id.int
-        pending = resident.pending
-        if pending is None:
-            pending = resident.pending = Pending(
-                resident.balance, resident.seq, resident.updated_at_us, resident.held,
-                resident.status, resident.overdraft_limit,
-            )  # fmt: skip
+        pending = resident.start_pending()
         overdraft_limit = pending.overdraft_limit
         require(
             0 <= held <= balance + overdraft_limit and balance <= BALANCE_MINOR_MAX,
@@ -859,24 +884,29 @@ class Ledger:
             applied.added_keys.append((wallet_id, key))
         return WalletView(
             wallet_id, balance, seq, resident.created_at_us, now_us, held, resident.currency,
-            status, overdraft_limit, resident.metadata,
+            status, overdraft_limit, pending.metadata,
         )  # fmt: skip
 
     # -- wallet updates --------------------------------------------------------------
 
     def _update_wallet(self, command: UpdateWallet, applied: Applied) -> Reply:
-        """A new status and/or overdraft limit (docs/ARCHITECTURE.md, "Wallet status and
-        overdraft"), written as one WALLET_UPDATE row (amount 0, balance and held as they
-        are) whose reference is the request's fingerprint, so a retry with its key replays
-        it. Transitions: ACTIVE <-> FROZEN, either -> CLOSED, never out of CLOSED. A close
-        needs a zero balance, no PENDING hold and no PENDING transfer; a lower limit must
-        still cover what the wallet owes (balance - held >= -limit). A request that changes
-        nothing writes nothing and answers the wallet as it is. Refusals are not recorded:
-        a retry is decided again. A limit the edge read at its own scale is rescaled to the
-        wallet's currency first (AMOUNT_NOT_IN_CURRENCY when it cannot hold it)."""
+        """A new status, overdraft limit and/or metadata (docs/ARCHITECTURE.md, "Wallet
+        status and overdraft"), written as one WALLET_UPDATE row (amount 0, balance and held
+        as they are) whose reference is the request's fingerprint, so a retry with its key
+        replays it, and whose metadata is the wallet's after the change (whatever the
+        change: so the wallet's metadata at any seq is its last WALLET_UPDATE row's, else
+        its creation's). Transitions: ACTIVE <-> FROZEN, either -> CLOSED, never out of
+        CLOSED. A close needs a zero balance, no PENDING hold and no PENDING transfer; a
+        lower limit must still cover what the wallet owes (balance - held >= -limit); the
+        metadata merged (a None value deletes its key) must keep within
+        ``METADATA_KEYS_MAX`` keys. A request that changes nothing writes nothing and
+        answers the wallet as it is. Refusals are not recorded: a retry is decided again. A
+        limit the edge read at its own scale is rescaled to the wallet's currency first
+        (AMOUNT_NOT_IN_CURRENCY when it cannot hold it)."""
         key = command.idempotency_key
         new_limit = command.overdraft_limit
         limit_scale = command.limit_scale
+        patch = command.metadata
         if (
             (key is not None and not storable_text(key, 1, KEY_LENGTH_MAX))
             or (new_limit is not None and limit_scale is None
@@ -884,6 +914,7 @@ class Ledger:
             or (command.actor is not None
                 and not storable_text(command.actor, 1, ACTOR_LENGTH_MAX))
             or not storable_text(command.fingerprint, 0, REFERENCE_LENGTH_MAX)
+            or (patch is not None and not storable_metadata_patch(patch))
         ):  # fmt: skip
             return _NOT_STORABLE
         wallet_id = command.wallet_id
@@ -912,32 +943,35 @@ class Ledger:
         pending = resident.pending
         if pending is None:
             balance, held, seq = resident.balance, resident.held, resident.seq
+            metadata = resident.metadata
         else:
             balance, held, seq = pending.balance, pending.held, pending.seq
+            metadata = pending.metadata
         status, overdraft_limit = resident.terms()
-        refusal = self._update_refusal(command, new_limit, status, balance, held, seq, resident)
+        new_metadata = metadata if patch is None else merge_metadata(metadata, patch)
+        refusal = self._update_refusal(
+            command, new_limit, status, balance, held, seq, resident, len(new_metadata)
+        )
         if refusal is not None:
             self._rests_on_open_state(resident, wid, applied)
             return refusal
         new_status = status if command.status is None else command.status
         if new_limit is None:
             new_limit = overdraft_limit
-        if (new_status, new_limit) == (status, overdraft_limit):
+        if (new_status, new_limit, new_metadata) == (status, overdraft_limit, metadata):
             # Nothing to change: the wallet as the command sees it (pending state when an
             # open batch wrote it: true only if that batch commits).
             self._rests_on_open_state(resident, wid, applied)
             applied.reads.append((len(applied.replies), wallet_id, resident))
             return _READ_LATER
-        if pending is None:
-            pending = resident.pending = Pending(
-                resident.balance, resident.seq, resident.updated_at_us, resident.held,
-                resident.status, resident.overdraft_limit,
-            )  # fmt: skip
+        pending = resident.start_pending()
         pending.status = new_status
         pending.overdraft_limit = new_limit
+        pending.metadata = new_metadata
         view = self._write(
             wallet_id, resident, OperationKind.WALLET_UPDATE, 0, balance, held, key,
-            command.fingerprint, applied, remember=True, actor=command.actor, metadata=NO_METADATA,
+            command.fingerprint, applied, remember=True, actor=command.actor,
+            metadata=new_metadata,
         )  # fmt: skip
         applied.batch.wallet_updates.append(
             WalletUpdate(wallet_id, view.seq, new_status, new_limit)
@@ -953,8 +987,10 @@ class Ledger:
         held: int,
         seq: int,
         resident: Resident,
+        metadata_keys: int,
     ) -> Reply | None:
-        """Why a wallet update cannot apply, or None (a flat list of early returns)."""
+        """Why a wallet update cannot apply, or None (a flat list of early returns).
+        ``metadata_keys``: how many keys the wallet's metadata would have after it."""
         if command.expected_seq is not None and command.expected_seq != seq:
             return Reply(Outcome.PRECONDITION_FAILED, balance_seen=seq)
         if status is _CLOSED:
@@ -974,6 +1010,10 @@ class Ledger:
             )  # fmt: skip
             if blocked_by:
                 return Reply(Outcome.CLOSE_BLOCKED, balance_seen=balance, blocked_by=blocked_by)
+        if metadata_keys > METADATA_KEYS_MAX:
+            # The merge would hold more keys than storage takes (422; the count rides in
+            # balance_seen, as the seq of a PRECONDITION_FAILED does).
+            return Reply(Outcome.METADATA_TOO_MANY_KEYS, balance_seen=metadata_keys)
         return None
 
     # -- holds ---------------------------------------------------------------------------
@@ -1307,7 +1347,7 @@ class Ledger:
             holds = None if pending.holds is None else dict(pending.holds)
             finals.append(
                 (resident, pending.balance, pending.seq, pending.updated_at_us, pending.held,
-                 holds, pending.status, pending.overdraft_limit)
+                 holds, pending.status, pending.overdraft_limit, pending.metadata)
             )  # fmt: skip
 
     # -- how the write ended -------------------------------------------------------------
@@ -1322,7 +1362,9 @@ class Ledger:
             if resident is not None and resident.seq == SEQ_CREATING:
                 resident.seq = 0
                 _drop_pending_if_caught_up(resident)
-        for resident, balance, seq, updated_at_us, held, holds, status, limit in applied.finals:
+        for (
+            resident, balance, seq, updated_at_us, held, holds, status, limit, metadata,
+        ) in applied.finals:  # fmt: skip
             require(seq > resident.seq, "commits of one wallet must be in order")
             resident.balance = balance
             resident.seq = seq
@@ -1330,6 +1372,7 @@ class Ledger:
             resident.held = held
             resident.status = status
             resident.overdraft_limit = limit
+            resident.metadata = metadata
             if holds is not None:
                 resident.holds = holds or None
             _drop_pending_if_caught_up(resident)
@@ -1480,7 +1523,9 @@ def _replay_operation(
         resident.currency,
         earlier.status_after,
         earlier.overdraft_limit_after,
-        resident.metadata,
+        # A WALLET_UPDATE row carries the wallet's metadata after it; any other row its
+        # own (the operation's): the wallet's is shown as it is now.
+        earlier.metadata if kind is OperationKind.WALLET_UPDATE else resident.metadata,
     )
     return Reply(Outcome.OK, view, replayed=True)
 

@@ -229,6 +229,10 @@ class InMemoryLog(WalletLog):
                 wallets[change.wallet_id], status=change.status,
                 overdraft_limit=change.overdraft_limit,
             )  # fmt: skip
+        # A WALLET_UPDATE row carries the wallet's metadata after it (the last one wins).
+        for op in batch.operations:
+            if op.kind is OperationKind.WALLET_UPDATE:
+                wallets[op.wallet_id] = replace(wallets[op.wallet_id], metadata=op.metadata)
         for wallet in (wallets[update.wallet_id] for update in batch.snapshots):
             if wallet.balance - wallet.held < -wallet.overdraft_limit or wallet.held < 0:
                 raise StorageRefused(f"{wallet.wallet_id} is below its floor", "23514")

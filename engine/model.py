@@ -27,6 +27,7 @@ __all__ = [
     "HoldStatus",
     "HoldUpdate",
     "Metadata",
+    "MetadataPatch",
     "NewWallet",
     "OperationKind",
     "OperationRecord",
@@ -41,6 +42,7 @@ __all__ = [
     "WalletUpdate",
     "WalletView",
     "as_metadata",
+    "merge_metadata",
 ]
 
 
@@ -58,6 +60,24 @@ def as_metadata(mapping: dict[str, str]) -> Metadata:
     return tuple(sorted(mapping.items())) if mapping else NO_METADATA
 
 
+# A change of a wallet's metadata (PATCH): (key, value) pairs sorted by key, a None value
+# deleting its key; merged into the wallet's by ``merge_metadata``.
+MetadataPatch = tuple[tuple[str, str | None], ...]
+
+
+def merge_metadata(metadata: Metadata, patch: MetadataPatch) -> Metadata:
+    """``metadata`` with ``patch`` merged in: each key set to its value, or deleted (None;
+    a key it does not have is no change). The result is spelled as ``as_metadata``'s, so an
+    unchanged merge compares equal to what it started from."""
+    merged = dict(metadata)
+    for key, value in patch:
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return as_metadata(merged)
+
+
 class OperationKind(enum.IntEnum):
     DEPOSIT = 1
     WITHDRAW = 2
@@ -73,9 +93,10 @@ class OperationKind(enum.IntEnum):
     HOLD = 6
     CAPTURE = 7
     RELEASE = 8
-    # A change of the wallet itself (PATCH /api/v1/wallets/{id}: status, overdraft limit):
-    # amount 0, balance and held unchanged; its row carries the wallet's status and
-    # overdraft limit after the change (``status_after``, ``overdraft_limit_after``).
+    # A change of the wallet itself (PATCH /api/v1/wallets/{id}: status, overdraft limit,
+    # metadata): amount 0, balance and held unchanged; its row carries the wallet's status,
+    # overdraft limit and metadata after the change (``status_after``,
+    # ``overdraft_limit_after``, ``metadata``), whichever of them it changed.
     WALLET_UPDATE = 9
     # Reversals of a client's DEPOSIT or WITHDRAW (docs/ARCHITECTURE.md, "Refunds and
     # reversals"): the opposite movement of the same amount on the same wallet, at most once
@@ -209,7 +230,8 @@ class OperationRecord(NamedTuple):
     status_after: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit_after: int = 0
     # The metadata of what wrote the row, fixed at its creation and part of the request's
-    # identity like ``reference``: the operation's own, or its transfer's or hold's.
+    # identity like ``reference``: the operation's own, or its transfer's or hold's; on a
+    # WALLET_UPDATE row, the wallet's after the change.
     metadata: Metadata = NO_METADATA
 
 

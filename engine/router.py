@@ -68,6 +68,7 @@ from walletd.engine.model import (
     HoldRecord,
     HoldStatus,
     Metadata,
+    MetadataPatch,
     OperationKind,
     OperationRecord,
     RefusalRecord,
@@ -674,10 +675,12 @@ class Engine:
         expected_seq: int | None = None,
         actor: str | None = None,
         limit_scale: int | None = None,
+        metadata: MetadataPatch | None = None,
     ) -> Reply:
-        """Change a wallet's status and/or overdraft limit (PATCH; ledger._update_wallet).
-        ``limit_scale`` as ``scale`` for ``apply``: the limit is rescaled to the wallet's
-        currency by its shard.
+        """Change a wallet's status, overdraft limit and/or metadata (PATCH;
+        ledger._update_wallet). ``limit_scale`` as ``scale`` for ``apply``: the limit is
+        rescaled to the wallet's currency by its shard. ``metadata``: merged into the
+        wallet's (None: unchanged).
         A close first asks storage for the wallet's PENDING transfers, which the ledger
         cannot see (a transfer's credit ends on another shard); storage checks again when
         the close commits, so one opened in between refuses the close there."""
@@ -691,7 +694,7 @@ class Engine:
             UpdateWallet(
                 wallet_id, status, overdraft_limit, idempotency_key, fingerprint, future,
                 expected_seq=expected_seq, actor=actor, transfers_pending=transfers_pending,
-                limit_scale=limit_scale,
+                limit_scale=limit_scale, metadata=metadata,
             ),
         )  # fmt: skip
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import struct
 from collections.abc import Callable, Mapping
 from typing import Final
@@ -42,10 +43,17 @@ from walletd.engine.listings import (
     ListingPosition,
     ListingQuery,
 )
-from walletd.engine.model import HoldRecord, HoldStatus, TransferRecord, TransferStatus
+from walletd.engine.model import (
+    HoldRecord,
+    HoldStatus,
+    TransferRecord,
+    TransferStatus,
+    WalletStatus,
+)
+from walletd.http.currencies import ASSET_CODE_PATTERN
 from walletd.http.instants import parse_instant_us
 from walletd.http.keys import Scope, requires
-from walletd.http.parsing import WALLET_ID_MESSAGE, body_wallet_id
+from walletd.http.parsing import WALLET_ID_MESSAGE, body_wallet_id, metadata_filter_problem
 from walletd.http.problems import FieldError, ValidationProblem
 from walletd.http.responses import hold_body, transfer_body, wallet_body
 from walletd.http.state import STATE_KEY
@@ -103,10 +111,36 @@ def _instant(field: str, text: str) -> FilterValue:
     return parse_instant_us(field, text)
 
 
+_CURRENCY_CODE: Final = re.compile(ASSET_CODE_PATTERN.strip("^$"))
+
+
+def _currency(field: str, text: str) -> FilterValue:
+    """A currency code as a wallet shows it; a well-formed code no wallet has lists none."""
+    if _CURRENCY_CODE.fullmatch(text) is None:
+        raise ValidationProblem(
+            [{"field": field, "message": f"must be a currency code ({ASSET_CODE_PATTERN})"}]
+        )
+    return text
+
+
+def _metadata(field: str, text: str) -> FilterValue:
+    """``metadata[<key>]=<value>``: the key and value within the bounds of metadata, as the
+    jsonb object the wallet's metadata must contain."""
+    key = field[len("metadata[") : -1]
+    problem = metadata_filter_problem(key, text)
+    if problem is not None:
+        raise ValidationProblem([{"field": field, "message": problem}])
+    return orjson.dumps({key: text}).decode()
+
+
 # The filters each listing takes besides since/until, by query parameter; storage's table
 # (persistence/listings.py LISTINGS) has the same names.
 FILTERS: Final[Mapping[Listing, Mapping[str, _Parser]]] = {
-    Listing.WALLETS: {},
+    Listing.WALLETS: {
+        "status": _status({s.name: int(s) for s in WalletStatus}),
+        "currency": _currency,
+        "metadata[]": _metadata,
+    },
     Listing.TRANSFERS: {
         # The refunds of a transfer (docs/API.md, "Refunds"): any canonical id.
         "refund_of": _wallet_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -22,11 +23,19 @@ from walletd.engine.bounds import (
     KEY_LENGTH_MAX,
     METADATA_KEY_LENGTH_MAX,
     METADATA_KEYS_MAX,
+    METADATA_PATCH_KEYS_MAX,
     METADATA_VALUE_LENGTH_MAX,
 )
 from walletd.engine.bounds import REFERENCE_LENGTH_MAX as REFERENCE_LENGTH_MAX
 from walletd.engine.holds import is_derived_transfer_id
-from walletd.engine.model import NO_METADATA, Metadata, OperationKind, WalletStatus, as_metadata
+from walletd.engine.model import (
+    NO_METADATA,
+    Metadata,
+    MetadataPatch,
+    OperationKind,
+    WalletStatus,
+    as_metadata,
+)
 from walletd.engine.money import (
     AMOUNT_MINOR_MAX,
     EDGE_SCALE_MIN,
@@ -56,6 +65,7 @@ __all__ = [
     "derived_key",
     "is_idempotency_key",
     "loads_exact",
+    "metadata_filter_problem",
     "operation_fields",
     "parse_amount",
     "parse_capture_body",
@@ -476,17 +486,41 @@ def parse_metadata(body: dict[str, Any], errors: list[FieldError]) -> Metadata:
     characters, no square brackets), each value a string of at most
     ``METADATA_VALUE_LENGTH_MAX`` characters (no NUL). Null or ``{}`` is none. Errors are
     added to ``errors``, naming the key (``metadata.<key>``)."""
+    pairs = _metadata_pairs(body, errors, METADATA_KEYS_MAX, deletes=False)
+    return as_metadata({key: value for key, value in pairs if value is not None})
+
+
+def parse_metadata_patch(body: dict[str, Any], errors: list[FieldError]) -> MetadataPatch | None:
+    """A PATCH's ``metadata``: as ``parse_metadata`` reads it, but a null value deletes its
+    key, and it may name up to ``METADATA_PATCH_KEYS_MAX`` keys (a whole replacement: the
+    merge is bounded by the wallet's shard). None when absent; null or ``{}`` is 422 (a
+    change names a key: the OpenAPI document says so, and a client that sends none most
+    likely meant something else)."""
+    value = body.get("metadata")
+    if value is None or value == {}:
+        if "metadata" in body:
+            errors.append(
+                {"field": "metadata", "message": "must be an object naming at least one key"}
+            )
+        return None
+    pairs = _metadata_pairs(body, errors, METADATA_PATCH_KEYS_MAX, deletes=True)
+    return tuple(sorted(pairs))
+
+
+def _metadata_pairs(
+    body: dict[str, Any], errors: list[FieldError], keys_max: int, *, deletes: bool
+) -> list[tuple[str, str | None]]:
+    """The pairs of a ``metadata`` object within the bounds (a None value only with
+    ``deletes``), or none with the errors added."""
     value = body.get("metadata")
     if value is None:
-        return NO_METADATA
+        return []
     if type(value) is not dict:
         errors.append({"field": "metadata", "message": "must be an object of strings"})
-        return NO_METADATA
+        return []
     found: list[FieldError] = []
-    if len(value) > METADATA_KEYS_MAX:
-        found.append(
-            {"field": "metadata", "message": f"must have at most {METADATA_KEYS_MAX} keys"}
-        )
+    if len(value) > keys_max:
+        found.append({"field": "metadata", "message": f"must have at most {keys_max} keys"})
     for key, text in value.items():
         field = f"metadata.{key[:64]}"
         if not _METADATA_KEY.fullmatch(key):
@@ -497,8 +531,13 @@ def parse_metadata(body: dict[str, Any], errors: list[FieldError]) -> Metadata:
                     "control characters or square brackets",
                 }
             )
+        elif text is None and deletes:
+            pass
         elif type(text) is not str:
-            found.append({"field": field, "message": "must be a string"})
+            found.append(
+                {"field": field, "message": "must be a string or null" if deletes else
+                 "must be a string"}
+            )  # fmt: skip
         elif len(text) > METADATA_VALUE_LENGTH_MAX or "\x00" in text:
             found.append(
                 {
@@ -510,8 +549,21 @@ def parse_metadata(body: dict[str, Any], errors: list[FieldError]) -> Metadata:
             break
     if found:
         errors.extend(found)
-        return NO_METADATA
-    return as_metadata(value)
+        return []
+    return list(value.items())
+
+
+def metadata_filter_problem(key: str, value: str) -> str | None:
+    """Why a listing's ``metadata[<key>]=<value>`` names no metadata a wallet can hold (the
+    bounds of ``parse_metadata``), or None."""
+    if not _METADATA_KEY.fullmatch(key):
+        return (
+            f"the key must be 1 to {METADATA_KEY_LENGTH_MAX} characters, no control characters"
+            " or square brackets"
+        )
+    if len(value) > METADATA_VALUE_LENGTH_MAX or "\x00" in value:
+        return f"must be at most {METADATA_VALUE_LENGTH_MAX} characters, no NUL"
+    return None
 
 
 # The per-key errors one answer lists, at most (a body may hold thousands of bad keys).
@@ -794,9 +846,8 @@ def parse_idempotency_key(request: web.Request) -> str | None:
 
 # -- PATCH /api/v1/wallets/{id} ------------------------------------------------------------
 
-# What a PATCH may change. A "metadata" merge joins this set (and WalletChanges) when
-# wallets carry metadata: the place for it is marked below.
-_UPDATE_FIELDS: Final = frozenset({"status", "overdraft_limit"})
+# What a PATCH may change.
+_UPDATE_FIELDS: Final = frozenset({"status", "overdraft_limit", "metadata"})
 _STATUSES: Final = {status.name: status for status in WalletStatus}
 _STATUSES_MESSAGE: Final = "must be one of " + ", ".join(_STATUSES)
 # One strong entity tag: the wallet's seq in double quotes, as the ETag header sends it.
@@ -812,6 +863,8 @@ class WalletChanges(NamedTuple):
     # As the client wrote it: the wallet's shard holds it to the wallet's currency.
     overdraft_limit: Amount | None
     fingerprint: str
+    # Merged into the wallet's by its shard (a None value deletes its key).
+    metadata: MetadataPatch | None = None
 
 
 def _parse_limit(value: Any, raw: bytes) -> Amount | FieldError:
@@ -825,7 +878,8 @@ def _parse_limit(value: Any, raw: bytes) -> Amount | FieldError:
 
 
 def parse_update_body(body: dict[str, Any], raw: bytes) -> WalletChanges:
-    """``{"status"?, "overdraft_limit"?}``, at least one; unknown fields are 422."""
+    """``{"status"?, "overdraft_limit"?, "metadata"?}``, at least one change (a metadata
+    object naming at least one key); unknown fields are 422."""
     errors: list[FieldError] = [
         {"field": str(name)[:64], "message": "unknown field"}
         for name in body
@@ -843,9 +897,11 @@ def parse_update_body(body: dict[str, Any], raw: bytes) -> WalletChanges:
         limit = _parse_limit(body["overdraft_limit"], raw)
         if isinstance(limit, dict):
             errors.append(limit)
-    # (metadata: parsed here, and added to the fingerprint below)
-    if not errors and status is None and limit is None:
-        errors.append({"field": "body", "message": "must change status or overdraft_limit"})
+    metadata = parse_metadata_patch(body, errors) if "metadata" in body else None
+    if not errors and status is None and limit is None and not metadata:
+        errors.append(
+            {"field": "body", "message": "must change status, overdraft_limit or metadata"}
+        )
     if errors:
         raise ValidationProblem(errors)
     assert limit is None or isinstance(limit, Amount)
@@ -861,7 +917,13 @@ def parse_update_body(body: dict[str, Any], raw: bytes) -> WalletChanges:
     fingerprint = (
         f"PATCH status={'' if status is None else status.name} overdraft_limit={limit_text}"
     )
-    return WalletChanges(status, limit, fingerprint)
+    if metadata:
+        # A digest: the change may be ~50 KB, the fingerprint is stored as the row's
+        # reference (at most 255 characters). Absent without metadata, so the
+        # fingerprints stored before metadata could change still replay.
+        canonical = orjson.dumps([list(pair) for pair in metadata])
+        fingerprint += f" metadata=sha256:{hashlib.sha256(canonical).hexdigest()}"
+    return WalletChanges(status, limit, fingerprint, metadata or None)
 
 
 def parse_if_match(request: web.Request) -> int | None:

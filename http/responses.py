@@ -10,6 +10,7 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
+from walletd.engine.bounds import METADATA_KEYS_MAX
 from walletd.engine.commands import Outcome, Reply
 from walletd.engine.commands import reversal_of as reversal_seq
 from walletd.engine.model import (
@@ -165,8 +166,8 @@ _REVERSAL_KINDS: Final = frozenset(
 
 
 def _update_item(operation_id: int, op: OperationRecord, exponent: int) -> dict[str, object]:
-    """A WALLET_UPDATE row in the history: the status and overdraft limit from then on,
-    no amount moved (its reference is the request's fingerprint: not shown)."""
+    """A WALLET_UPDATE row in the history: the status, overdraft limit and metadata from
+    then on, no amount moved (its reference is the request's fingerprint: not shown)."""
     return {
         "id": operation_id,
         "seq": op.seq,
@@ -182,7 +183,7 @@ def _update_item(operation_id: int, op: OperationRecord, exponent: int) -> dict[
         "actor": op.actor,
         "status": WalletStatus(op.status_after).name,
         "overdraft_limit": format_minor(op.overdraft_limit_after, exponent),
-        "metadata": dict(op.metadata),  # {}: a wallet update carries none
+        "metadata": dict(op.metadata),  # the wallet's after the change
         "refund_of": None,
         "reversal_of": None,
         "reversed_by": None,
@@ -649,4 +650,10 @@ def _status_problem(
             f"wallet {wallet_id} owes {format_minor(-(reply.balance_seen or 0), exponent)} "
             "beyond what it holds; the overdraft limit cannot go below that",
         )
+    if outcome is Outcome.METADATA_TOO_MANY_KEYS:
+        # The same 422 as a creation's metadata past the bound: only the count differs.
+        return ValidationProblem(
+            [{"field": "metadata", "message": f"must have at most {METADATA_KEYS_MAX} keys "
+              f"(after the merge: {reply.balance_seen})"}]
+        )  # fmt: skip
     return None

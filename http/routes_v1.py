@@ -176,8 +176,7 @@ async def apply_operation(request: web.Request) -> web.Response:
 @routes.patch(_WALLET)
 @requires(Scope.ADMIN)
 async def update_wallet(request: web.Request) -> web.Response:
-    """Status and overdraft limit (docs/API.md, "Changing a wallet"); the metadata merge
-    joins parse_update_body and the engine's UpdateWallet when wallets carry metadata."""
+    """Status, overdraft limit and metadata (docs/API.md, "Changing a wallet")."""
     wallet_id = path_wallet_id(request)
     state = request.app[STATE_KEY]
     body, raw = await read_json_object(request, state.settings)
@@ -188,7 +187,7 @@ async def update_wallet(request: web.Request) -> web.Response:
     reply = await state.services.engine.update_wallet(
         wallet_id, changes.status, None if limit is None else limit.value, key,
         changes.fingerprint, expected_seq=expected_seq, actor=request.get(KEY_NAME),
-        limit_scale=None if limit is None else limit.scale,
+        limit_scale=None if limit is None else limit.scale, metadata=changes.metadata,
     )  # fmt: skip
     if reply.outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and reply.currency is not None:
         raise amount_problem(reply.currency, limit, "overdraft_limit")

@@ -179,7 +179,17 @@ LISTINGS: Final[Mapping[Listing, _Table]] = {
         "wallets",
         _WALLET_COLUMNS,
         _wallet,
-        {},
+        {
+            # Both indexed (migration "wallet_metadata_changes_and_filters"); with both, the
+            # status drives (a FROZEN or CLOSED page is the usual ask) and the currency is
+            # checked on the rows read.
+            "status": ListingFilter(("r.status = {}",), "smallint", indexed=True),
+            "currency": ListingFilter(("r.currency = {}",), "text", indexed=True),
+            # One key's value, as a jsonb object {"key": "value"}: no index (a GIN index
+            # would serve containment, not a page in (created_at, id) order), so it is
+            # checked on the bounded rows a page reads, like the holds' expires_before.
+            "metadata": ListingFilter(("r.metadata @> {}",), "jsonb", indexed=False),
+        },
     ),
     Listing.TRANSFERS: _Table(
         "transfers",

@@ -56,13 +56,17 @@ _SEQ_MAX: Final = 2**63 - 1
 AS_OF_SQL: Final = f"""
 SELECT {_MICROS.format("w.created_at")}, o.balance_after, s.seq, {_MICROS.format("o.created_at")},
        o.held_after, u.status_after, u.overdraft_limit_after, w.currency, w.exponent,
-       w.metadata  -- fixed at creation until a change of it is logged
+       -- The metadata then: its last WALLET_UPDATE row's, else its creation's (migration
+       -- "wallet_metadata_changes_and_filters").
+       CASE WHEN u.seq IS NULL THEN walletd_creation_metadata(w.create_fingerprint)
+            ELSE u.metadata END
   FROM wallets w
  CROSS JOIN LATERAL (SELECT walletd_last_seq_at(w.id, {_AT.format("$2")}, true) AS seq
                       OFFSET 0) s  -- not pulled up: the search would run once per use
   LEFT JOIN wallet_operations o ON o.wallet_id = w.id AND o.seq = s.seq
-  -- The status and limit then: the last WALLET_UPDATE row at or before that seq.
-  LEFT JOIN LATERAL (SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c
+  -- The status, limit and metadata then: the last WALLET_UPDATE row at or before that seq.
+  LEFT JOIN LATERAL (SELECT c.seq, c.status_after, c.overdraft_limit_after, c.metadata
+                       FROM wallet_operations c
                       WHERE c.wallet_id = w.id AND c.kind = 9 AND c.seq <= s.seq
                       ORDER BY c.seq DESC LIMIT 1) u ON true
  WHERE w.id = $1 AND w.created_at <= {_AT.format("$2")}
@@ -111,9 +115,11 @@ FEED_SOURCES: Final = (
     f"""
     SELECT w.created_xid AS xid, w.feed_id AS id, 'wallet.created' AS type,
            {_MICROS.format("w.created_at")} AS created_us,
+           -- The creation's metadata (the wallet's may have changed since).
            json_build_object('wallet_id', w.id, 'currency', w.currency,
                              'exponent', w.exponent,
-                             'metadata', coalesce(w.metadata, '{{}}'::jsonb)) AS data
+                             'metadata', coalesce(walletd_creation_metadata(w.create_fingerprint),
+                                                  '{{}}'::jsonb)) AS data
       FROM wallets w
      WHERE (w.created_xid, w.feed_id) > ($1::text::xid8, $2)
        AND w.created_xid < (SELECT horizon FROM snapshot)
@@ -124,12 +130,13 @@ FEED_SOURCES: Final = (
            CASE WHEN o.kind = 9 THEN 'wallet.updated' ELSE 'operation.applied' END,
            {_MICROS.format("o.created_at")},
            CASE WHEN o.kind = 9 THEN json_build_object(
-               -- A WALLET_UPDATE row (PATCH): the wallet's status and overdraft limit from
-               -- this seq on, and who changed them; no money moved.
+               -- A WALLET_UPDATE row (PATCH): the wallet's status, overdraft limit and
+               -- metadata from this seq on, and who changed them; no money moved.
                'wallet_id', o.wallet_id, 'operation_id', o.id, 'seq', o.seq,
                'status', CASE o.status_after WHEN 1 THEN 'ACTIVE' WHEN 2 THEN 'FROZEN'
                                              WHEN 3 THEN 'CLOSED' END,
                'overdraft_limit', o.overdraft_limit_after,
+               'metadata', coalesce(o.metadata, '{{}}'::jsonb),
                'balance_after', o.balance_after, 'held_after', o.held_after,
                'actor', o.actor,
                'idempotency_key', replace(o.idempotency_key, chr(31), '/'),

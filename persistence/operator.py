@@ -7,8 +7,9 @@
   log's own chain holds (seq = 1, 2, 3, ..., each balance_after = the running balance,
   each held_after = the running held with 0 <= held <= balance + the overdraft limit in
   force (the last WALLET_UPDATE row's), nothing after a close, and created_at never goes
-  back: as-of reads binary-search by it); the snapshot's held, status and overdraft limit
-  equal the log's too. Then
+  back: as-of reads binary-search by it); the snapshot's held, status, overdraft limit and
+  metadata equal the log's too (metadata: the last WALLET_UPDATE row's, else the
+  creation's). Then
   that every wallet's held is the sum of its PENDING holds (``HELD_CHECK``, one statement).
   Memory is bounded by the cursor fetch size, whatever the table sizes. Meanwhile, on a
   third connection in the same snapshot, it checks that money is conserved across wallets:
@@ -27,11 +28,11 @@
   or joining on the server, returning at most ``FEED_MISMATCHES_MAX`` rows. Then it checks
   that every log row and every wallet creation has exactly one change-feed position: none
   without one, no two sharing one (``FEED_POSITIONS_CHECK``).
-- ``restore`` rebuilds every wallet's balance, held, seq, updated_at, status and overdraft
-  limit from the log in one transaction, holding every shard lease so no walletd serves the
-  database meanwhile. It is one statement on purpose: split into 64 slices of the id space
-  (to report progress) it took 3-4 times as long (200k wallets, 1M operations: 1.1-4.3 s
-  against 5.8-8.8 s).
+- ``restore`` rebuilds every wallet's balance, held, seq, updated_at, status, overdraft
+  limit and metadata from the log in one transaction, holding every shard lease so no
+  walletd serves the database meanwhile. It is one statement on purpose: split into 64
+  slices of the id space (to report progress) it took 3-4 times as long (200k wallets, 1M
+  operations: 1.1-4.3 s against 5.8-8.8 s).
 - ``seed`` bulk-loads wallets and their history with COPY, snapshot and log consistent.
 
 Each takes an optional ``ProgressSink`` (the CLI's progress bar) that hears the expected
@@ -160,8 +161,15 @@ SELECT w.id, w.created_xid::text, w.feed_id
  LIMIT {FEED_MISMATCHES_MAX}
 """
 
+# Metadata as canonical jsonb text (equal objects, equal texts), NULL for none or {}: the
+# wallet's, and its creation's (migration "wallet_metadata_changes_and_filters").
+_METADATA_TEXT = "nullif({0}, '{{}}'::jsonb)::text"
 _WALLETS_IN_ORDER = (
-    "SELECT id, balance, seq, held, status, overdraft_limit FROM wallets ORDER BY id"
+    "SELECT id, balance, seq, held, status, overdraft_limit, "
+    + _METADATA_TEXT.format("metadata")
+    + ", "
+    + _METADATA_TEXT.format("walletd_creation_metadata(create_fingerprint)")
+    + " FROM wallets ORDER BY id"
 )
 # How each kind moves balance and held (migration 0008): DEPOSIT, TRANSFER_IN and
 # TRANSFER_REFUND add money, HOLD and RELEASE move none, the others take it out (a
@@ -179,7 +187,9 @@ SIGNED_HELD_SQL = "CASE kind WHEN 6 THEN amount WHEN 7 THEN -amount WHEN 8 THEN 
 _OPERATIONS_IN_ORDER = (
     f"SELECT wallet_id, seq, {SIGNED_BALANCE_SQL}, balance_after, "
     "created_at < lag(created_at) OVER (PARTITION BY wallet_id ORDER BY seq), "
-    f"{SIGNED_HELD_SQL}, held_after, status_after, overdraft_limit_after "
+    f"{SIGNED_HELD_SQL}, held_after, status_after, overdraft_limit_after, "
+    # A WALLET_UPDATE row's metadata is the wallet's after it; other rows' are their own.
+    f"CASE WHEN kind = 9 THEN {_METADATA_TEXT.format('metadata')} END "
     "FROM wallet_operations ORDER BY wallet_id, seq"
 )
 # Wallets whose held is not the sum of their PENDING holds (one statement: one snapshot).
@@ -465,7 +475,10 @@ async def _replay(
     while for_wallets:
         report.wallets += len(for_wallets)
         for index, row in enumerate(for_wallets):
-            wallet_id, snap_balance, snap_seq, snap_held, snap_status, snap_limit = row
+            (
+                wallet_id, snap_balance, snap_seq, snap_held, snap_status, snap_limit,
+                snap_metadata, metadata,
+            ) = row  # fmt: skip
             if not index % VERIFY_YIELD_WALLETS:
                 # Let the event loop read the fetches in flight: the server streams on
                 # (another core) instead of stalling on a full socket buffer.
@@ -473,8 +486,9 @@ async def _replay(
             balance = 0
             held = 0
             seq = 0
-            # Status and overdraft limit in force: changed by WALLET_UPDATE rows only
-            # (migration "wallet_status_and_overdraft"); nothing follows a close.
+            # Status, overdraft limit and metadata in force: changed by WALLET_UPDATE rows
+            # only (migrations "wallet_status_and_overdraft", "wallet_metadata_changes_and_
+            # filters"; metadata starts as the creation's); nothing follows a close.
             status = 1
             limit = 0
             chain_ok = True
@@ -496,6 +510,7 @@ async def _replay(
                     held_after,
                     status_after,
                     limit_after,
+                    metadata_after,
                 ) = pending[position]
                 if op_wallet != wallet_id:
                     if op_wallet < wallet_id:
@@ -510,7 +525,7 @@ async def _replay(
                 held += signed_held
                 seq += 1
                 if status_after is not None:
-                    status, limit = status_after, limit_after
+                    status, limit, metadata = status_after, limit_after, metadata_after
                 if chain_ok and (
                     op_seq != seq
                     or balance_after != balance
@@ -537,6 +552,12 @@ async def _replay(
                     wallet_id,
                     f"snapshot status {snap_status} / overdraft_limit {snap_limit} != the log's "
                     f"last update: {status} / {limit}",
+                )
+            if snap_metadata != metadata:
+                found(
+                    wallet_id,
+                    f"snapshot metadata {snap_metadata or '{}'} != the log's last update's "
+                    f"(else the creation's): {metadata or '{}'}",
                 )
         progress.advance(len(for_wallets))
         for_wallets = await wallets.take_batch()
@@ -709,21 +730,26 @@ WITH replay AS (
            coalesce(r.seq, 0) AS seq,
            coalesce(r.updated_at, w.created_at) AS updated_at,
            coalesce(u.status_after, 1)::smallint AS status,
-           coalesce(u.overdraft_limit_after, 0)::bigint AS overdraft_limit
+           coalesce(u.overdraft_limit_after, 0)::bigint AS overdraft_limit,
+           nullif(CASE WHEN u.seq IS NULL THEN walletd_creation_metadata(w.create_fingerprint)
+                       ELSE u.metadata END, '{{}}'::jsonb) AS metadata
       FROM wallets w LEFT JOIN replay r ON r.wallet_id = w.id
-      -- The status and overdraft limit of the wallet's last WALLET_UPDATE row (index
-      -- wallet_operations_updates), or the defaults.
+      -- The status, overdraft limit and metadata of the wallet's last WALLET_UPDATE row
+      -- (index wallet_operations_updates), or the defaults and the creation's metadata.
       LEFT JOIN LATERAL (
-          SELECT c.status_after, c.overdraft_limit_after FROM wallet_operations c
+          SELECT c.seq, c.status_after, c.overdraft_limit_after, c.metadata
+            FROM wallet_operations c
            WHERE c.wallet_id = w.id AND c.kind = 9 ORDER BY c.seq DESC LIMIT 1) u ON true
 )
 UPDATE wallets AS w
    SET balance = t.balance, held = t.held, seq = t.seq, updated_at = t.updated_at,
-       status = t.status, overdraft_limit = t.overdraft_limit
+       status = t.status, overdraft_limit = t.overdraft_limit, metadata = t.metadata
   FROM target t
  WHERE w.id = t.id
-   AND (w.balance, w.held, w.seq, w.updated_at, w.status, w.overdraft_limit)
-       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at, t.status, t.overdraft_limit)
+   AND (w.balance, w.held, w.seq, w.updated_at, w.status, w.overdraft_limit,
+        nullif(w.metadata, '{{}}'::jsonb))
+       IS DISTINCT FROM (t.balance, t.held, t.seq, t.updated_at, t.status, t.overdraft_limit,
+                         t.metadata)
 """
 
 

@@ -43,6 +43,7 @@ from walletd.engine.model import (
     OperationRecord,
     RefusalReason,
     RefusalRecord,
+    SnapshotUpdate,
     TransferRecord,
     TransferStatus,
     WalletRecord,
@@ -129,6 +130,10 @@ def _append_statement(transfers: bool, holds: bool, updates: bool, currencies: b
             else:
                 calls.append(call.format(", ".join(numbers)))
             next_arg += count
+    if updates:
+        # The snapshots' metadata (walletd_append_batch's snap_metadata), last: a batch with
+        # WALLET_UPDATE rows moves the metadata of their wallets (NULL: unchanged).
+        calls[0] = _APPEND_BATCH[:-1] + f", ${next_arg})"
     return "SELECT " + ", ".join(calls) + _FENCE
 
 
@@ -365,6 +370,19 @@ def metadata_args(metadata: Sequence[Metadata]) -> list[object]:
     """Metadata objects as jsonb parameters (JSON text; NULL for none). Called only for a
     list that holds some: the caller sends an empty list otherwise (unnest pads NULLs)."""
     return [orjson.dumps(dict(m)).decode() if m else None for m in metadata]
+
+
+def _snapshot_metadata(
+    ops: Sequence[OperationRecord], snaps: Sequence[SnapshotUpdate]
+) -> list[object]:
+    """Each snapshot's metadata for a batch with WALLET_UPDATE rows: its wallet's last such
+    row's (the wallet's metadata after it), ``{}`` when that is empty (NULL would leave the
+    stored one), NULL for a wallet the batch does not update."""
+    updated = {o.wallet_id: o.metadata for o in ops if o.kind == OperationKind.WALLET_UPDATE}
+    return [
+        None if (m := updated.get(s.wallet_id)) is None else orjson.dumps(dict(m)).decode()
+        for s in snaps
+    ]
 
 
 def _wallet(row: asyncpg.Record) -> WalletRecord:
@@ -674,6 +692,7 @@ class PostgresLog(WalletLog):
                 [u.seq for u in changed],
                 [int(u.status) for u in changed],
                 [u.overdraft_limit for u in changed],
+                _snapshot_metadata(ops, snaps),
             )
         connection = await self._acquire()
         try:

@@ -208,7 +208,8 @@ async def test_calls_round_trip_with_exact_decimals(client: Client) -> None:
 async def test_update_wallet_sets_status_and_limit_and_maps_its_refusals(
     client: Client,
 ) -> None:
-    """update_wallet (PATCH) sets a limit (the balance may then go below zero) and a status;
+    """update_wallet (PATCH) sets a limit (the balance may then go below zero), a status and
+    metadata (merged; 51 keys after the merge is ValidationError);
     Wallet.version is the ETag's seq and if_match uses it; each refusal raises its class:
     OverdraftLimitInUse, WalletFrozen, CloseBlocked (blocked_by), WalletClosed,
     PreconditionFailed (seq)."""
@@ -228,8 +229,12 @@ async def test_update_wallet_sets_status_and_limit_and_maps_its_refusals(
         assert stale.value.seq == 2
         with pytest.raises(OverdraftLimitInUse):
             await walletd.update_wallet(wallet.id, overdraft_limit=0)
-        frozen = await walletd.update_wallet(wallet.id, status="FROZEN")
-        assert frozen.status == "FROZEN"
+        frozen = await walletd.update_wallet(
+            wallet.id, status="FROZEN", metadata={"tier": "gold", "gone": None}
+        )
+        assert (frozen.status, frozen.metadata) == ("FROZEN", {"tier": "gold"})
+        with pytest.raises(ValidationError):
+            await walletd.update_wallet(wallet.id, metadata={f"k{n}": "v" for n in range(50)})
         with pytest.raises(WalletFrozen):
             await walletd.withdraw(wallet.id, "1.00")
         with pytest.raises(CloseBlocked) as blocked:

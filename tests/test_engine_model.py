@@ -48,15 +48,19 @@ from hypothesis.stateful import (
 )
 
 from tests.engine_doubles import WAIT_S, ControlledLog, until
+from walletd.engine.bounds import METADATA_KEYS_MAX
 from walletd.engine.commands import (
     ApplyOperation,
     Command,
     CreateWallet,
     HoldAction,
     HoldCommand,
+    JointTransfer,
     Outcome,
     ReadWallet,
     Reply,
+    TransferLeg,
+    UpdateWallet,
     hold_key,
     reversal_key,
     transfer_leg_key,
@@ -75,8 +79,10 @@ from walletd.engine.model import (
     NO_METADATA,
     HoldStatus,
     Metadata,
+    MetadataPatch,
     OperationKind,
     OperationRecord,
+    TransferRecord,
     TransferStatus,
     WalletStatus,
     WalletView,
@@ -131,6 +137,12 @@ statuses = st.none() | st.sampled_from(list(WalletStatus))
 limits = st.none() | st.sampled_from([0, 10, 40])
 UPDATE_KEYS = ["u1", "k1"]  # k1 is also an operation's key: a reuse across kinds
 update_keys = st.none() | st.sampled_from(UPDATE_KEYS)
+# Metadata changes (merged; None deletes a key), sorted by key: set, replace, delete (also
+# of a key the wallet does not have), several at once; None: metadata unchanged.
+patches = st.none() | st.sampled_from([
+    (("order", "2"),), (("order", None),), (("a", "y"), ("order", None)), (("b", None),),
+    (("a", None), ("b", "z")),
+])  # fmt: skip
 STATUS_REFUSALS = {FROZEN: Outcome.WALLET_FROZEN, CLOSED: Outcome.WALLET_CLOSED}
 REFUND = OperationKind.TRANSFER_REFUND
 HOLD, CAPTURE, RELEASE = OperationKind.HOLD, OperationKind.CAPTURE, OperationKind.RELEASE
@@ -165,8 +177,11 @@ class _Op:
     metadata: Metadata = NO_METADATA
 
 
-def _fingerprint(status: WalletStatus | None, limit: int | None) -> str:
-    return f"s={status} l={limit}"
+def _fingerprint(
+    status: WalletStatus | None, limit: int | None, metadata: MetadataPatch | None = None
+) -> str:
+    changes = f"s={status} l={limit}"
+    return changes if metadata is None else f"{changes} m={metadata}"
 
 
 @dataclass
@@ -258,13 +273,15 @@ class Model:
         limit: int | None,
         key: str | None,
         expected_seq: int | None,
+        metadata: MetadataPatch | None = None,
     ) -> tuple[Outcome, bool]:
         """The outcome of a wallet update, and whether it writes a row."""
         if wallet not in self.balances:
             return Outcome.WALLET_NOT_FOUND, False
         if key is not None and (wallet, key) in self.keyed:
             earlier = self.keyed[(wallet, key)]
-            if not isinstance(earlier, _Op) or earlier.fingerprint != _fingerprint(status, limit):
+            fingerprint = _fingerprint(status, limit, metadata)
+            if not isinstance(earlier, _Op) or earlier.fingerprint != fingerprint:
                 return Outcome.IDEMPOTENCY_KEY_REUSED, False
             return Outcome.OK, False
         if expected_seq is not None and expected_seq != len(self.history[wallet]):
@@ -278,18 +295,31 @@ class Model:
             self.balances[wallet] or self.held(wallet) or self.pending_of(wallet)
         ):
             return Outcome.CLOSE_BLOCKED, False
-        new = (status or self.status(wallet), self.limit(wallet) if limit is None else limit)
-        return Outcome.OK, new != (self.status(wallet), self.limit(wallet))
+        current = self.wallet_metadata[wallet]
+        merged = current if metadata is None else _merged(current, metadata)
+        if len(merged) > METADATA_KEYS_MAX:
+            return Outcome.METADATA_TOO_MANY_KEYS, False
+        new = (status or self.status(wallet), self.limit(wallet) if limit is None else limit,
+               merged)  # fmt: skip
+        return Outcome.OK, new != (self.status(wallet), self.limit(wallet), current)
 
     def update(
-        self, wallet: UUID, status: WalletStatus | None, limit: int | None, key: str | None
+        self,
+        wallet: UUID,
+        status: WalletStatus | None,
+        limit: int | None,
+        key: str | None,
+        metadata: MetadataPatch | None = None,
     ) -> None:
         if status is not None:
             self.statuses[wallet] = status
         if limit is not None:
             self.limits[wallet] = limit
+        if metadata is not None:
+            self.wallet_metadata[wallet] = _merged(self.wallet_metadata[wallet], metadata)
+        # Its row carries the wallet's metadata after it, whatever the update changed.
         op = _Op(UPDATE, 0, self.balances[wallet], key, self.held(wallet),
-                 _fingerprint(status, limit))  # fmt: skip
+                 _fingerprint(status, limit, metadata), self.wallet_metadata[wallet])  # fmt: skip
         self.history[wallet].append(op)
         if key is not None:
             self.keyed[(wallet, key)] = op
@@ -621,6 +651,17 @@ class Model:
         if key is not None:
             self.create_keys[key] = wallet
             self.create_key_metadata[key] = metadata
+
+
+def _merged(metadata: Metadata, patch: MetadataPatch) -> Metadata:
+    """The model's merge, written apart from the engine's: a dict, then sorted pairs."""
+    merged = dict(metadata)
+    for key, value in patch:
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return tuple(sorted(merged.items()))
 
 
 def _client_keyed(model: Model) -> list[tuple[tuple[UUID, str], _Op | _Refusal]]:
@@ -1314,7 +1355,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(
         data=st.data(), status=statuses, limit=limits, key=update_keys,
-        conditional=st.sampled_from([None, "current", "stale"]),
+        conditional=st.sampled_from([None, "current", "stale"]), patch=patches,
     )  # fmt: skip
     def update(
         self,
@@ -1323,11 +1364,12 @@ class EngineMachine(RuleBasedStateMachine):
         limit: int | None,
         key: str | None,
         conditional: str | None,
+        patch: MetadataPatch | None,
     ) -> None:
         """PATCH: a status and/or limit, keyed or not, with If-Match on the current or a
         stale seq or none; refusals (closed, limit in use, close blocked, precondition,
         key reused) change nothing."""
-        self._update(data.draw(self._wallets()), status, limit, key, conditional)
+        self._update(data.draw(self._wallets()), status, limit, key, conditional, patch)
 
     def _update(
         self,
@@ -1336,31 +1378,31 @@ class EngineMachine(RuleBasedStateMachine):
         limit: int | None,
         key: str | None,
         conditional: str | None,
+        patch: MetadataPatch | None = None,
     ) -> None:
-        if status is None and limit is None:
+        if status is None and limit is None and not patch:
             return  # refused at the edge
         model = self.model
         expected_seq = None
         if conditional is not None and wallet in model.history:
             expected_seq = len(model.history[wallet]) - (conditional == "stale")
-        expected, writes = model.expect_update(wallet, status, limit, key, expected_seq)
+        expected, writes = model.expect_update(wallet, status, limit, key, expected_seq, patch)
         replays = expected is Outcome.OK and key is not None and (wallet, key) in model.keyed
         reply = self._run(
             self.engine.update_wallet(
-                wallet, status, limit, key, _fingerprint(status, limit), expected_seq=expected_seq
+                wallet, status, limit, key, _fingerprint(status, limit, patch),
+                expected_seq=expected_seq, metadata=patch,
             )
-        )
+        )  # fmt: skip
         assert reply.outcome is expected, (reply, expected)
         if writes:
-            model.update(wallet, status, limit, key)
+            model.update(wallet, status, limit, key, patch)
         assert reply.replayed is replays, reply
         if expected is Outcome.OK and not replays:
             assert reply.wallet is not None
-            assert (reply.wallet.status, reply.wallet.overdraft_limit) == (
-                model.status(wallet), model.limit(wallet),
+            assert (reply.wallet.status, reply.wallet.overdraft_limit, reply.wallet.metadata) == (
+                model.status(wallet), model.limit(wallet), model.wallet_metadata[wallet],
             )  # fmt: skip
-            # An update leaves the wallet's metadata as it was created.
-            assert reply.wallet.metadata == model.wallet_metadata[wallet]
 
     @rule(
         data=st.data(), status=st.sampled_from([FROZEN, CLOSED]), amount=amounts,
@@ -1514,7 +1556,11 @@ ops = st.lists(st.tuples(wallets, kinds, amounts, keys), min_size=1, max_size=2)
 class LedgerMachine(RuleBasedStateMachine):
     """The ledger state machine without the pipeline: this test plays the pipeline (load,
     write to the log, tell the ledger how it ended), so every interleaving it draws is
-    exact, including two batches open at once with the first one failing."""
+    exact, including two batches open at once with the first one failing. Its wallets hold
+    two currencies of different exponents (CURRENCY_OF: USD 2, JPY 0) and metadata, changed
+    by updates (status, limit, metadata merges); money between two currencies (a transfer's
+    legs, a capture into a wallet) is refused CURRENCY_MISMATCH with nothing written, and
+    money is conserved in each currency alone."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -1523,6 +1569,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.model = Model()
         self.now_us = self.model.now  # ticks 1 µs per reading, jumps with the model's clock
         self.holds_made = 0
+        self.transfers_made = 0
         self.ledger = self._new_ledger()
 
     def teardown(self) -> None:
@@ -1576,16 +1623,122 @@ class LedgerMachine(RuleBasedStateMachine):
             _check_apply(reply, expected)
             self.model.apply(*op, expected)
 
-    @rule(wallet=wallets)
-    def create(self, wallet: UUID) -> None:
-        commands: list[Command] = [CreateWallet(wallet, None, "", self.loop.create_future())]
-        expected, writes = self.model.expect_create(wallet, None)
+    @rule(wallet=wallets, metadata=metas)
+    def create(self, wallet: UUID, metadata: Metadata) -> None:
+        commands: list[Command] = [
+            CreateWallet(wallet, None, "", self.loop.create_future(), CURRENCY_OF[wallet], metadata)
+        ]
+        expected, writes = self.model.expect_create(wallet, None, metadata)
         applied = self._execute(commands)
         assert self._store(applied)
         self.ledger.committed(applied)
         assert [r.outcome for r in self.ledger.answers(applied)] == [expected]
         if writes:
-            self.model.create(wallet, None)
+            self.model.create(wallet, None, metadata)
+
+    def _decide(self, command: Command) -> Reply:
+        """One command in a batch of its own, stored and committed; its reply."""
+        applied = self._execute([command])
+        assert self._store(applied)
+        self.ledger.committed(applied)
+        (reply,) = self.ledger.answers(applied)
+        return reply
+
+    @rule(
+        data=st.data(), status=statuses, limit=limits, key=update_keys, patch=patches,
+        conditional=st.sampled_from([None, "current", "stale"]),
+    )  # fmt: skip
+    def update(
+        self,
+        data: st.DataObject,
+        status: WalletStatus | None,
+        limit: int | None,
+        key: str | None,
+        patch: MetadataPatch | None,
+        conditional: str | None,
+    ) -> None:
+        """A status, limit and/or metadata change, keyed or not, conditional or not: the
+        model's outcome; a change is one row carrying the metadata after it (the log's
+        check), the reply the wallet after it. Mostly on a wallet that exists."""
+        if status is None and limit is None and not patch:
+            return  # refused at the edge
+        model = self.model
+        wallet = data.draw(st.sampled_from(sorted(model.balances) or WALLETS) | wallets)
+        expected_seq = None
+        if conditional is not None and wallet in model.history:
+            expected_seq = len(model.history[wallet]) - (conditional == "stale")
+        expected, writes = model.expect_update(wallet, status, limit, key, expected_seq, patch)
+        replays = expected is Outcome.OK and key is not None and (wallet, key) in model.keyed
+        reply = self._decide(
+            UpdateWallet(
+                wallet, status, limit, key, _fingerprint(status, limit, patch),
+                self.loop.create_future(), expected_seq=expected_seq,
+                transfers_pending=model.pending_of(wallet), metadata=patch,
+            )
+        )  # fmt: skip
+        assert reply.outcome is expected, (reply, expected)
+        if writes:
+            model.update(wallet, status, limit, key, patch)
+        if expected is Outcome.OK and not replays:
+            assert reply.wallet is not None
+            assert (reply.wallet.status, reply.wallet.metadata) == (
+                model.status(wallet), model.wallet_metadata[wallet],
+            )  # fmt: skip
+
+    @rule(sender=wallets, receiver=wallets, amount=amounts, metadata=metas)
+    def transfer(self, sender: UUID, receiver: UUID, amount: int, metadata: Metadata) -> None:
+        """A new transfer as its coordinator drives it, legs stamped with the sender's
+        currency: both legs in one batch when the receiver takes the credit there, else the
+        debit, then the credit (refused: missing or CLOSED receiver) and its refund. Between
+        wallets of two currencies, a debit stamped with the receiver's currency and a credit
+        with the sender's are each refused CURRENCY_MISMATCH, nothing written."""
+        if sender == receiver:
+            return  # refused at the edge
+        model = self.model
+        self.transfers_made += 1
+        transfer_id = UUID(int=70_000 + self.transfers_made)
+        record = TransferRecord(
+            transfer_id, sender, receiver, amount, None, TransferStatus.PENDING, None, 0, 0,
+            None, CURRENCY_OF[sender], metadata,
+        )  # fmt: skip
+        if CURRENCY_OF[receiver] != CURRENCY_OF[sender]:
+            for leg in (
+                TransferLeg(OUT, record._replace(currency=CURRENCY_OF[receiver]),
+                            self.loop.create_future(), fresh=True),
+                TransferLeg(IN, record, self.loop.create_future(), fresh=True),
+            ):  # fmt: skip
+                applied = self._execute([leg])
+                assert applied.batch.is_empty()  # nothing written, nothing recorded
+                self.ledger.committed(applied)
+                (reply,) = self.ledger.answers(applied)
+                exists = leg.wallet_id in model.balances
+                wanted = Outcome.CURRENCY_MISMATCH if exists else Outcome.WALLET_NOT_FOUND
+                assert reply.outcome is wanted, (reply, leg.kind)
+            return
+        reply = self._decide(JointTransfer(record, self.loop.create_future(), fresh_debit=True))
+        if sender not in model.balances:
+            assert reply.outcome is Outcome.WALLET_NOT_FOUND, reply
+            return
+        refusal = model.debit_refusal(sender)
+        if refusal is None and amount > model.available(sender):
+            refusal = Outcome.INSUFFICIENT_FUNDS
+        if refusal is not None:
+            assert reply.outcome is refusal, reply
+            model.keyed[(sender, transfer_leg_key(OUT, transfer_id))] = _Refusal(
+                OUT, amount, refusal, model.available(sender), metadata
+            )
+            return
+        assert reply.outcome is Outcome.OK, reply
+        model.debit(transfer_id, sender, receiver, amount, metadata)
+        credited = receiver in model.balances and model.status(receiver) is not CLOSED
+        assert (reply.items is not None) is credited, reply
+        model.finish(transfer_id)
+        if not credited:  # the saga's credit, refused, then its refund
+            refused = self._decide(TransferLeg(IN, record, self.loop.create_future()))
+            failure = model.transfers[transfer_id][4]
+            assert refused.outcome.value == failure, (refused, failure)
+            refund = TransferLeg(REFUND, record, self.loop.create_future(), failure_code=failure)
+            assert self._decide(refund).outcome is Outcome.OK
 
     @rule(batch=ops)
     def one_batch(self, batch: list[Op]) -> None:
@@ -1671,15 +1824,26 @@ class LedgerMachine(RuleBasedStateMachine):
             hold_id = data.draw(st.sampled_from(sorted(model.holds)))
             hold = model.holds[hold_id]
             capture = amount if action is HoldAction.CAPTURE and data.draw(st.booleans()) else None
-            if hold.status is not HoldStatus.PENDING or (
+            # A capture into an existing wallet of the other currency (its coordinator read
+            # that currency): refused before anything else is looked at.
+            others = [w for w in model.balances if CURRENCY_OF[w] != CURRENCY_OF[hold.wallet]]
+            into = None
+            if action is HoldAction.CAPTURE and others and data.draw(st.booleans()):
+                into = data.draw(st.sampled_from(sorted(others)))
+            if into is not None:
+                expected = Outcome.CURRENCY_MISMATCH
+            elif hold.status is not HoldStatus.PENDING or (
                 action is HoldAction.EXPIRE and not model.expired(hold)
             ):
                 expected = Outcome.HOLD_NOT_PENDING
             else:
                 expected, resolves = model.expect_resolve(hold_id, action, capture, None)
             command = HoldCommand(
-                action, hold.wallet, hold_id, self.loop.create_future(), amount=capture
-            )
+                action, hold.wallet, hold_id, self.loop.create_future(), amount=capture,
+                to_wallet_id=into,
+                transfer_id=None if into is None else capture_transfer_id(hold_id),
+                to_currency=None if into is None else CURRENCY_OF[into],
+            )  # fmt: skip
         applied = self._execute([command])
         if fails and not applied.batch.is_empty():
             self.ledger.unknown(applied)
@@ -1700,6 +1864,23 @@ class LedgerMachine(RuleBasedStateMachine):
         _check_log(self.log, self.model)
 
     @invariant()
+    def transfers_match_model_and_money_is_conserved_per_currency(self) -> None:
+        log, model = self.log, self.model
+        stored = {
+            t.transfer_id: [t.from_wallet_id, t.to_wallet_id, t.amount, t.status, t.failure_code]
+            for t in log.transfers.values()
+        }
+        assert stored == model.transfers
+        for currency in set(CURRENCY_OF.values()):
+            in_flight = sum(t.amount for t in log.transfers.values()
+                            if t.status is TransferStatus.PENDING
+                            and CURRENCY_OF[t.from_wallet_id] == currency)  # fmt: skip
+            owned = sum(w.balance for w in log.wallets.values() if w.currency == currency)
+            assert owned + in_flight == model.external[currency.code], currency
+        for transfer in log.transfers.values():  # money never between two currencies
+            assert CURRENCY_OF[transfer.from_wallet_id] == CURRENCY_OF[transfer.to_wallet_id]
+
+    @invariant()
     def reads_match_model(self) -> None:
         commands: list[Command] = [ReadWallet(w, self.loop.create_future()) for w in WALLETS]
         applied = self._execute(commands)
@@ -1709,12 +1890,16 @@ class LedgerMachine(RuleBasedStateMachine):
             if wallet in self.model.balances:
                 assert reply.wallet is not None
                 assert reply.wallet.balance == self.model.balances[wallet]
+                assert reply.wallet.currency == CURRENCY_OF[wallet]
+                assert reply.wallet.metadata == self.model.wallet_metadata[wallet]
+                assert reply.wallet.status == self.model.status(wallet)
             else:
                 assert reply.outcome is Outcome.WALLET_NOT_FOUND
 
 
 TestLedgerModel = LedgerMachine.TestCase
-TestLedgerModel.settings = settings.get_profile("engine-model")
+# More runs than the profile's: its runs are short (~1 ms a step) and its rules many.
+TestLedgerModel.settings = settings(settings.get_profile("engine-model"), max_examples=100)
 
 
 def test_the_burst_check_accepts_a_linearization_and_nothing_else() -> None:

@@ -118,6 +118,76 @@ async def test_the_created_range_selects_wallets_at_or_after_since_and_before_un
     assert both == []
 
 
+async def test_wallets_are_listed_by_status_currency_and_a_metadata_value(
+    client: Client,
+) -> None:
+    """status, currency and metadata[key]=value each select exactly the wallets that match,
+    alone and together (with the created range too), in pages of one; a metadata change
+    moves a wallet into and out of its filter; a value of another key, a code no wallet has
+    or an absent key list nothing. The client's wallets() takes the same filters."""
+    made: list[tuple[str, str, str, dict[str, str]]] = []
+    for number in range(8):
+        currency = ("USD", "JPY")[number % 2]
+        metadata = {"tier": ("gold", "silver")[number % 3 % 2]} if number % 4 else {}
+        response = await client.post(
+            "/api/v1/wallets", json={"currency": currency, "metadata": metadata}
+        )
+        assert response.status == 201
+        wallet_id = (await response.json())["id"]
+        status = "ACTIVE"
+        if number in (1, 2, 5):
+            status = "FROZEN" if number != 5 else "CLOSED"
+            changed = await client.patch(f"/api/v1/wallets/{wallet_id}", json={"status": status})
+            assert changed.status == 200
+        made.append((wallet_id, status, currency, metadata))
+    everything, _ = await walk(client, "/api/v1/wallets")
+
+    def expected(
+        status: str | None = None, currency: str | None = None, tier: str | None = None
+    ) -> list[str]:
+        chosen = {
+            wallet_id
+            for wallet_id, s, c, m in made
+            if status in (None, s) and currency in (None, c) and tier in (None, m.get("tier"))
+        }
+        return [item["id"] for item in everything if item["id"] in chosen]
+
+    for by_status in ("ACTIVE", "FROZEN", "CLOSED", None):
+        for by_currency in ("USD", "JPY", "BHD", None):
+            for tier in ("gold", "silver", "platinum", None):
+                query: dict[str, Any] = {"limit": 1}
+                if by_status is not None:
+                    query["status"] = by_status
+                if by_currency is not None:
+                    query["currency"] = by_currency
+                if tier is not None:
+                    query["metadata[tier]"] = tier
+                listed, _ = await walk(client, "/api/v1/wallets", **query)
+                wanted = expected(by_status, by_currency, tier)
+                assert [i["id"] for i in listed] == wanted, query
+    assert (await walk(client, "/api/v1/wallets", **{"metadata[colour]": "gold"}))[0] == []
+    oldest_first = list(reversed(everything))
+    middle = oldest_first[4]["created_at"]
+    listed, _ = await walk(client, "/api/v1/wallets", currency="JPY", since=middle)
+    assert [i["id"] for i in listed] == [
+        i["id"] for i in everything if i["currency"] == "JPY" and i["created_at"] >= middle
+    ]
+    plain = made[0][0]
+    response = await client.patch(f"/api/v1/wallets/{plain}", json={"metadata": {"tier": "gold"}})
+    assert response.status == 200
+    listed, _ = await walk(client, "/api/v1/wallets", **{"metadata[tier]": "gold"})
+    assert plain in [i["id"] for i in listed]
+    url = str(client.make_url("")).rstrip("/")
+    async with WalletdClient(url) as walletd:
+        gold_usd = [w.id async for w in walletd.wallets(currency="USD", metadata=("tier", "gold"))]
+        frozen = [w.id async for w in walletd.wallets(status="FROZEN", page_size=1)]
+    assert gold_usd == [
+        i["id"] for i in everything
+        if i["currency"] == "USD" and (i.get("metadata") == {"tier": "gold"} or i["id"] == plain)
+    ]  # fmt: skip
+    assert frozen == expected("FROZEN")
+
+
 async def _transfers_of_every_status(
     client: Client, database_url: str
 ) -> tuple[list[str], list[dict[str, Any]]]:
@@ -390,7 +460,14 @@ async def test_malformed_parameters_are_422_naming_each(client: Client) -> None:
         ("/api/v1/wallets", "limit=501", "limit"),
         ("/api/v1/wallets", "limit=%C2%B2", "limit"),
         ("/api/v1/wallets", "limit=1e3", "limit"),
-        ("/api/v1/wallets", "status=ACTIVE", "status"),  # not on this branch's wallets
+        ("/api/v1/wallets", "status=OPEN", "status"),
+        ("/api/v1/wallets", "currency=usd", "currency"),
+        ("/api/v1/wallets", "currency=U", "currency"),
+        ("/api/v1/wallets", "metadata[a]=1&metadata[b]=2", "metadata[b]"),
+        ("/api/v1/wallets", "metadata[" + "k" * 41 + "]=1", "metadata[" + "k" * 41 + "]"),
+        ("/api/v1/wallets", "metadata[k]=" + "v" * 501, "metadata[k]"),
+        ("/api/v1/wallets", "metadata[tab%09key]=1", "metadata[tab\tkey]"),
+        ("/api/v1/wallets", "metadata=1", "metadata"),
         ("/api/v1/wallets", "since=yesterday", "since"),
         ("/api/v1/wallets", "limit=1&limit=2", "limit"),
         ("/api/v1/transfers", "wallet_id=" + uuid.uuid4().hex, "wallet_id"),
@@ -499,10 +576,15 @@ ROWS: Final = {Listing.WALLETS: 200_000, Listing.TRANSFERS: 1_000_000, Listing.H
 _ID: Final = "('{0}0000000-0000-4000-8000-' || lpad(to_hex({1}), 12, '0'))::uuid"
 FILLS: Final = {
     Listing.WALLETS: f"""
-        INSERT INTO wallets (id, balance, seq, created_at, updated_at, create_fingerprint)
+        INSERT INTO wallets (id, balance, seq, created_at, updated_at, create_fingerprint,
+                             status, currency, exponent, metadata)
         SELECT {_ID.format("a", "n")}, 0, 0,
                timestamptz '2025-01-01' + n * interval '1 second',
-               timestamptz '2025-01-01' + n * interval '1 second', ''
+               timestamptz '2025-01-01' + n * interval '1 second', '',
+               CASE WHEN n % 1000 = 0 THEN 2 WHEN n % 100 = 0 THEN 3 ELSE 1 END,
+               CASE WHEN n % 10 = 0 THEN 'JPY' ELSE 'USD' END,
+               CASE WHEN n % 10 = 0 THEN 0 ELSE 2 END,
+               CASE WHEN n % 50 = 0 THEN '{{"tier": "gold"}}'::jsonb END
           FROM generate_series(1, $1) AS n
     """,
     Listing.TRANSFERS: f"""
@@ -534,6 +616,9 @@ VALUES: Final[dict[str, list[object]]] = {
     # 2025-01-01 + 10 days (+1 day expiry): 864,000 holds expire before it, the first
     # 864,000 created; a page from the newest end finds none of them in its scan.
     "expires_before": [1_735_689_600_000_000 + 10 * 86_400_000_000],
+    # Wallets: most are USD (a tenth JPY), none EUR; one in 50 has the tier.
+    "currency": ["USD", "JPY", "EUR"],
+    "metadata": ['{"tier": "gold"}', '{"tier": "none"}'],
 }
 PAGE_LIMIT: Final = 50
 SCAN_MAX: Final = (PAGE_LIMIT + 1) * 4
@@ -634,7 +719,9 @@ def _all_indexed(listing: Listing, names: tuple[str, ...]) -> bool:
 async def _check_plan(
     connection: asyncpg.Connection, listing: Listing, names: tuple[str, ...], args: list[object]
 ) -> None:
-    literals = ", ".join(f"'{arg}'" if isinstance(arg, uuid.UUID) else str(arg) for arg in args)
+    literals = ", ".join(
+        f"'{arg}'" if isinstance(arg, uuid.UUID | str) else str(arg) for arg in args
+    )
     text = await connection.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE page({literals})")
     plan = orjson.loads(text)[0]["Plan"]
     nodes = _plan_nodes(plan)
@@ -748,10 +835,10 @@ def test_the_documented_cursor_form_and_limits_are_the_enforced_ones() -> None:
 
 
 def test_a_keyed_filter_takes_one_parameter_of_its_family() -> None:
-    """The machinery a `metadata[key]=value` filter on wallets will use (the column comes
-    from another change): a filter declared `name[]` takes `name[<key>]` once, its parser
-    seeing the whole parameter; a second key of the family, a repeat, or an unknown
-    parameter is 422 naming it; paging parameters come back as text, filters sorted."""
+    """The machinery of the wallets' `metadata[key]=value` filter: a filter declared
+    `name[]` takes `name[<key>]` once, its parser seeing the whole parameter; a second key
+    of the family, a repeat, or an unknown parameter is 422 naming it; paging parameters
+    come back as text, filters sorted."""
 
     def metadata(field: str, text: str) -> FilterValue:
         return orjson.dumps({field[len("metadata[") : -1]: text}).decode()
