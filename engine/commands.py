@@ -94,6 +94,9 @@ class Outcome(enum.Enum):
     # the maximum amount in its minor units (422 naming the field); the reply's currency
     # says which currency.
     AMOUNT_NOT_IN_CURRENCY = "AMOUNT_NOT_IN_CURRENCY"
+    # A posting of a payment that failed (engine/payments.py): its debit is refunded with
+    # this code (another posting was refused; the payment names it).
+    PAYMENT_FAILED = "PAYMENT_FAILED"
 
 
 # The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
@@ -107,6 +110,8 @@ REFUND_FAILURE_CODES: Final = frozenset(
         # Only when the receiver was created in another currency after the coordinator
         # read its currency (it was missing then): the debit is refunded.
         Outcome.CURRENCY_MISMATCH.value,
+        # A debited posting of a payment that failed: refunded, never credited.
+        Outcome.PAYMENT_FAILED.value,
     }
 )
 

@@ -583,7 +583,11 @@ class TransferCoordinator:
         return None if stored is None else await self._resume(stored, requested)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
-        """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
+        """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED.
+        A payment's posting is no client's transfer: its id is taken (driven by its payment
+        only, engine/payments.py)."""
+        if stored.payment_id is not None:
+            return TransferReply(Outcome.IDEMPOTENCY_KEY_REUSED)
         if (
             stored.from_wallet_id, stored.to_wallet_id, stored.amount, stored.reference,
             stored.metadata,
