@@ -61,7 +61,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.money import Currency, to_minor
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
-from walletd.engine.ports import StorageError, StorageRefused, WalletLog
+from walletd.engine.ports import StorageError, StorageRefused, StorageUnavailable, WalletLog
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, LegDelivery, TransferCoordinator
 
 __all__ = [
@@ -108,14 +108,14 @@ class Posting(NamedTuple):
 
 
 class PaymentReply(NamedTuple):
-    """OK with a COMPLETED payment; a refusal naming the posting (``index``) and its side,
-    with the FAILED payment when one was stored; UNAVAILABLE when the payment is PENDING
-    or its outcome unknown (503: read it, or retry with the same key)."""
+    """OK with a COMPLETED payment; a refusal naming the posting (``posting``: its index)
+    and its side, with the FAILED payment when one was stored; UNAVAILABLE when the payment
+    is PENDING or its outcome unknown (503: read it, or retry with the same key)."""
 
     outcome: Outcome
     payment: PaymentRecord | None = None
     replayed: bool = False
-    index: int | None = None
+    posting: int | None = None
     side: str | None = None
     balance_seen: int | None = None
     currency: Currency | None = None
@@ -151,7 +151,12 @@ class PaymentCoordinator:
 
     async def read(self, payment_id: UUID) -> PaymentRecord | None:
         """The stored payment (raises ``StorageError`` when storage is away)."""
-        found = await asyncio.wait_for(self._log.load_payments([payment_id]), self._load_timeout_s)
+        try:
+            found = await asyncio.wait_for(
+                self._log.load_payments([payment_id]), self._load_timeout_s
+            )
+        except TimeoutError:
+            raise StorageUnavailable("loading a payment timed out") from None
         return found.get(payment_id)
 
     async def pay(
@@ -169,12 +174,12 @@ class PaymentCoordinator:
                                     (posting.to_wallet_id, SIDE_TO)):  # fmt: skip
                 found, reply = await self._transfers.currency_of(wallet_id)
                 if found is None:
-                    return PaymentReply(reply.outcome, index=index, side=side)
+                    return PaymentReply(reply.outcome, posting=index, side=side)
                 if currency is None:
                     currency = found
                 elif found != currency:
                     return PaymentReply(
-                        Outcome.CURRENCY_MISMATCH, index=index, side=side, currency=currency
+                        Outcome.CURRENCY_MISMATCH, posting=index, side=side, currency=currency
                     )
         assert currency is not None
         stored_postings: list[PostingRecord] = []
@@ -184,7 +189,7 @@ class PaymentCoordinator:
                 minor = to_minor(amount, posting.scale, currency.exponent)
                 if minor is None or not storable_amount(minor):
                     return PaymentReply(
-                        Outcome.AMOUNT_NOT_IN_CURRENCY, index=index, currency=currency
+                        Outcome.AMOUNT_NOT_IN_CURRENCY, posting=index, currency=currency
                     )
                 amount = minor
             stored_postings.append(
@@ -215,11 +220,15 @@ class PaymentCoordinator:
             self._log.pending_payments(created_before_us, limit), self._load_timeout_s
         )
         chosen = [p for p in found if p.payment_id not in self._driving and owns(p)]
-        replies = await asyncio.gather(*(
-            self._claimed(p.payment_id, lambda p=p: self._drive(p, True, DRIVER_REDRIVE))
-            for p in chosen
-        ))  # fmt: skip
+        replies = await asyncio.gather(*(self._redrive_one(p) for p in chosen))
         return sum(1 for reply in replies if reply.outcome not in _UNAVAILABLE_CODES)
+
+    async def _redrive_one(self, payment: PaymentRecord) -> PaymentReply:
+        if payment.payment_id in self._driving:  # a request took it meanwhile
+            return _UNAVAILABLE
+        return await self._claimed(
+            payment.payment_id, lambda: self._drive(payment, True, DRIVER_REDRIVE)
+        )
 
     # -- the drive -----------------------------------------------------------------------
 

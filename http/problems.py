@@ -81,6 +81,8 @@ TITLES: Final = {
     "WEBHOOK_NOT_FOUND": "Webhook not found",
     "DELIVERY_NOT_FOUND": "Delivery not found",
     "TOO_MANY_WEBHOOKS": "Too many webhooks",
+    "INVALID_PAYMENT_ID": "Invalid payment id",
+    "PAYMENT_NOT_FOUND": "Payment not found",
 }
 
 FieldError = dict[str, str]

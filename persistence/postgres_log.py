@@ -41,6 +41,9 @@ from walletd.engine.model import (
     NewWallet,
     OperationKind,
     OperationRecord,
+    PaymentPhase,
+    PaymentRecord,
+    PostingRecord,
     RefusalReason,
     RefusalRecord,
     TransferRecord,
@@ -250,20 +253,65 @@ _TRANSFER_COLUMNS = (
     + ", d.actor, d.metadata"
     # The transfer's currency is its wallets' (the sender's read): one primary-key lookup.
     ", (SELECT w.currency || ':' || w.exponent FROM wallets w WHERE w.id = t.from_wallet_id)"
+    # A payment's posting names its payment (migration "payments").
+    ", pp.payment_id, pp.idx"
 )
 _TRANSFERS = (
     "transfers t LEFT JOIN LATERAL (SELECT o.actor, o.metadata FROM wallet_operations o"
     " WHERE o.wallet_id = t.from_wallet_id"
     " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text) d ON true"
+    " LEFT JOIN payment_postings pp ON pp.transfer_id = t.id"
 )
 _LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS} WHERE t.id = ANY($1::uuid[])"
 _PENDING_TRANSFERS = f"""
 SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS}
  WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+   AND pp.transfer_id IS NULL -- a payment's posting is driven by its payment
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
  ORDER BY created_at, id LIMIT $2
 """
+
+# Payments (migration "payments"): the row and its postings, in order, with each posting's
+# transfer status (NULL: not debited yet).
+_PAYMENT_COLUMNS = (
+    "p.id, p.phase, p.currency, p.exponent, p.reference, p.metadata::text, p.actor, "
+    + _MICROS.format("p.created_at")
+    + ", "
+    + _MICROS.format("p.updated_at")
+    + ", p.failed_index, p.failure_code, p.balance_seen, p.failed_side, pp.transfer_id,"
+    " pp.from_wallet_id, pp.to_wallet_id, pp.amount, pp.metadata::text, t.status,"
+    " t.failure_code"
+)
+_PAYMENT_ROWS = (
+    "payments p JOIN payment_postings pp ON pp.payment_id = p.id"
+    " LEFT JOIN transfers t ON t.id = pp.transfer_id"
+)
+_LOAD_PAYMENTS = (
+    f"SELECT {_PAYMENT_COLUMNS} FROM {_PAYMENT_ROWS} WHERE p.id = ANY($1::uuid[])"
+    " ORDER BY p.id, pp.idx"
+)
+_OPEN_PAYMENT = (
+    "SELECT walletd_open_payment($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12::jsonb[])"
+)
+_DECIDE_PAYMENT = "SELECT walletd_decide_payment($1, $2, $3, $4, $5, $6)"
+# Payments not final: DEBITING ones (index payments_debiting), and those with a PENDING
+# posting (index transfers_pending).
+_PENDING_PAYMENTS = """
+SELECT id FROM (
+    SELECT p.id, p.created_at FROM payments p
+     WHERE p.phase = 1 AND p.created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+    UNION
+    SELECT p.id, p.created_at FROM transfers t
+      JOIN payment_postings pp ON pp.transfer_id = t.id
+      JOIN payments p ON p.id = pp.payment_id
+     WHERE t.status = 1 AND t.created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+) AS pending
+ORDER BY created_at, id LIMIT $2
+"""
+# Raised by walletd_decide_payment: a payment unknown, or CREDITING with a posting that is
+# not PENDING.
+_PAYMENT_REFUSED = "WD011"
 
 # How many PENDING transfers a wallet is on, either side (index transfers_pending: the
 # PENDING ones only, a short list).
@@ -370,8 +418,34 @@ def _operation(row: asyncpg.Record) -> OperationRecord:
 def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
-        row[9], _joined_currency(row[11]), stored_metadata(row[10]),
+        row[9], _joined_currency(row[11]), stored_metadata(row[10]), row[12], row[13],
     )  # fmt: skip
+
+
+def _payments(rows: Sequence[asyncpg.Record]) -> dict[UUID, PaymentRecord]:
+    """Payments from their rows (one per posting, in order)."""
+    found: dict[UUID, PaymentRecord] = {}
+    postings: dict[UUID, list[PostingRecord]] = {}
+    for row in rows:
+        payment_id = row[0]
+        if payment_id not in found:
+            found[payment_id] = PaymentRecord(
+                payment_id, (), PaymentPhase(row[1]), currency_of(row[2], row[3]), row[4],
+                stored_metadata(row[5]), row[6], row[7], row[8], row[9], row[10], row[11],
+                row[12],
+            )  # fmt: skip
+        postings.setdefault(payment_id, []).append(
+            PostingRecord(
+                row[13],
+                row[14],
+                row[15],
+                row[16],
+                stored_metadata(row[17]),
+                None if row[18] is None else TransferStatus(row[18]),
+                row[19],
+            )
+        )
+    return {i: p._replace(postings=tuple(postings[i])) for i, p in found.items()}
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
@@ -529,6 +603,53 @@ class PostgresLog(WalletLog):
         after_us, after_id = after if after is not None else (None, None)
         rows = await self._fetch(_PENDING_TRANSFERS, created_before_us, limit, after_us, after_id)
         return [_transfer(row) for row in rows]
+
+    async def load_payments(self, payment_ids: Sequence[UUID]) -> dict[UUID, PaymentRecord]:
+        return _payments(await self._fetch(_LOAD_PAYMENTS, payment_ids))
+
+    async def open_payment(self, payment: PaymentRecord) -> PaymentRecord:
+        postings = payment.postings
+        rows = await self._fetch(
+            _OPEN_PAYMENT, payment.payment_id, payment.currency.code, payment.currency.exponent,
+            payment.reference, metadata_args([payment.metadata])[0], payment.actor,
+            payment.created_at_us, [p.transfer_id for p in postings],
+            [p.from_wallet_id for p in postings], [p.to_wallet_id for p in postings],
+            [p.amount for p in postings], metadata_args([p.metadata for p in postings]),
+        )  # fmt: skip
+        if rows[0][0] == payment.created_at_us:
+            return payment  # stored now, as it is
+        stored = await self.load_payments([payment.payment_id])
+        return stored[payment.payment_id]
+
+    async def decide_payment(
+        self,
+        payment_id: UUID,
+        phase: PaymentPhase,
+        failed_index: int | None,
+        failure_code: str | None,
+        balance_seen: int | None,
+        now_us: int,
+    ) -> PaymentRecord:
+        connection = await self._acquire()
+        try:
+            await connection.fetch(
+                _DECIDE_PAYMENT, payment_id, int(phase), failed_index, failure_code,
+                balance_seen, now_us,
+            )  # fmt: skip
+        except _BROKEN_CONNECTION as error:
+            raise StorageUnavailable(f"storage unreachable: {error!r}") from error
+        except asyncpg.PostgresError as error:
+            if error.sqlstate == _PAYMENT_REFUSED:
+                raise StorageRefused(str(error), error.sqlstate) from error
+            raise StorageError(f"deciding payment {payment_id} failed: {error}") from error
+        finally:
+            await self._pool.release(connection)
+        return (await self.load_payments([payment_id]))[payment_id]
+
+    async def pending_payments(self, created_before_us: int, limit: int) -> list[PaymentRecord]:
+        ids = [row[0] for row in await self._fetch(_PENDING_PAYMENTS, created_before_us, limit)]
+        found = await self.load_payments(ids) if ids else {}
+        return sorted(found.values(), key=lambda p: (p.created_at_us, p.payment_id))
 
     async def append_batch(self, batch: Batch) -> None:
         news, ops, snaps = batch.new_wallets, batch.operations, batch.snapshots

@@ -69,7 +69,7 @@ async def test_a_refused_debit_names_its_posting_and_nothing_is_applied() -> Non
     async with running_engine(log, TWO_SHARDS) as engine:
         await wallets(engine, 98)
         payment_id, reply = await engine.pay(None, "k-1", FEE, None)
-        assert (reply.outcome, reply.index, reply.side, reply.balance_seen) == (
+        assert (reply.outcome, reply.posting, reply.side, reply.balance_seen) == (
             Outcome.INSUFFICIENT_FUNDS, 1, SIDE_FROM, 1,
         )  # fmt: skip
         assert reply.payment is not None
@@ -79,7 +79,7 @@ async def test_a_refused_debit_names_its_posting_and_nothing_is_applied() -> Non
         await engine.apply(BUYER, OperationKind.DEPOSIT, 10, None)
         again_id, again = await engine.pay(None, "k-1", FEE, None)
     assert again_id == payment_id
-    assert (again.outcome, again.index, again.replayed) == (Outcome.INSUFFICIENT_FUNDS, 1, True)
+    assert (again.outcome, again.posting, again.replayed) == (Outcome.INSUFFICIENT_FUNDS, 1, True)
     assert log.wallets[MERCHANT].balance == 0
 
 
@@ -93,7 +93,7 @@ async def test_a_closed_receiver_fails_the_payment_at_its_decision() -> None:
         assert closed.outcome is Outcome.OK
         payment_id = uuid4()
         _id, reply = await engine.pay(payment_id, None, FEE, None)
-    assert (reply.outcome, reply.index, reply.side) == (Outcome.WALLET_CLOSED, 1, SIDE_TO)
+    assert (reply.outcome, reply.posting, reply.side) == (Outcome.WALLET_CLOSED, 1, SIDE_TO)
     assert log.wallets[BUYER].balance == 100
     assert log.wallets[MERCHANT].balance == 0
     assert log.payments[payment_id].phase is PaymentPhase.FAILING
@@ -146,4 +146,8 @@ async def test_currencies_must_match_and_a_reused_key_is_refused() -> None:
         missing = UUID(int=7)
         _id, unknown = await engine.pay(None, None, [*FEE, Posting(BUYER, missing, 1)], None)
     assert reused.outcome is Outcome.IDEMPOTENCY_KEY_REUSED
-    assert (unknown.outcome, unknown.index, unknown.side) == (Outcome.WALLET_NOT_FOUND, 2, SIDE_TO)
+    assert (unknown.outcome, unknown.posting, unknown.side) == (
+        Outcome.WALLET_NOT_FOUND,
+        2,
+        SIDE_TO,
+    )
