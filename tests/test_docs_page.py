@@ -55,6 +55,8 @@ V1_OPERATIONS: Final = {
     ("post", "/api/v1/operations/bulk"),
     ("post", "/api/v1/transfers"),
     ("get", "/api/v1/transfers/{transfer_id}"),
+    ("post", "/api/v1/payments"),
+    ("get", "/api/v1/payments/{payment_id}"),
     ("post", "/api/v1/wallets/{wallet_id}/holds"),
     ("get", "/api/v1/holds/{hold_id}"),
     ("post", "/api/v1/holds/{hold_id}/capture"),
