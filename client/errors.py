@@ -16,6 +16,7 @@ Exceptions::
         │   │   ├── InvalidWalletId         INVALID_WALLET_ID
         │   │   ├── InvalidTransferId       INVALID_TRANSFER_ID
         │   │   ├── InvalidHoldId           INVALID_HOLD_ID
+        │   │   ├── InvalidPaymentId        INVALID_PAYMENT_ID
         │   │   └── InvalidWebhookId        INVALID_WEBHOOK_ID
         │   ├── ValidationError         VALIDATION_ERROR (``errors``: one entry per field)
         │   ├── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
@@ -39,6 +40,7 @@ Exceptions::
         │   ├── WalletNotFound          WALLET_NOT_FOUND
         │   ├── TransferNotFound        TRANSFER_NOT_FOUND
         │   ├── HoldNotFound            HOLD_NOT_FOUND
+        │   ├── PaymentNotFound         PAYMENT_NOT_FOUND
         │   ├── WebhookNotFound         WEBHOOK_NOT_FOUND
         │   └── DeliveryNotFound        DELIVERY_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
@@ -103,6 +105,7 @@ __all__ = [
     "InvalidHoldId",
     "InvalidId",
     "InvalidJson",
+    "InvalidPaymentId",
     "InvalidRequest",
     "InvalidTransferId",
     "InvalidWalletId",
@@ -113,6 +116,7 @@ __all__ = [
     "OverdraftLimitInUse",
     "Overloaded",
     "PayloadTooLarge",
+    "PaymentNotFound",
     "PreconditionFailed",
     "ProblemError",
     "RateExceeded",
@@ -220,6 +224,10 @@ class InvalidHoldId(InvalidId):
     """The hold id in the path is not a UUID."""
 
 
+class InvalidPaymentId(InvalidId):
+    """The payment id in the path is not a UUID."""
+
+
 class ValidationError(InvalidRequest):
     """422 VALIDATION_ERROR; ``errors`` lists each field and what is wrong with it."""
 
@@ -310,6 +318,10 @@ class TransferNotFound(NotFound):
 
 class HoldNotFound(NotFound):
     """No hold has this id."""
+
+
+class PaymentNotFound(NotFound):
+    """No payment has this id."""
 
 
 class InvalidWebhookId(InvalidId):
@@ -451,6 +463,8 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "TRANSFER_NOT_FOUND": TransferNotFound,
     "INVALID_HOLD_ID": InvalidHoldId,
     "HOLD_NOT_FOUND": HoldNotFound,
+    "INVALID_PAYMENT_ID": InvalidPaymentId,
+    "PAYMENT_NOT_FOUND": PaymentNotFound,
     "HOLD_EXPIRED": HoldExpired,
     "HOLD_ALREADY_CAPTURED": HoldAlreadyCaptured,
     "HOLD_ALREADY_VOIDED": HoldAlreadyVoided,

@@ -32,9 +32,11 @@ from walletd.client.errors import (
     Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
+    InvalidPaymentId,
     InvalidRequest,
     InvalidTransferId,
     OverdraftLimitInUse,
+    PaymentNotFound,
     PreconditionFailed,
     ProblemError,
     RateExceeded,
@@ -695,6 +697,41 @@ async def test_transfers_are_created_replayed_read_and_refused_by_class(client: 
             await walletd.get_transfer(uuid.uuid4())
         with pytest.raises(InvalidTransferId):
             await walletd.get_transfer("not-a-transfer")
+
+
+async def test_payments_are_created_replayed_read_and_refused_naming_the_posting(
+    client: Client,
+) -> None:
+    """create_payment applies every posting (COMPLETED), a retry with its key replays it,
+    get_payment reads it; a refusal raises its class with the posting's index and side and
+    the FAILED payment; unknown or malformed ids raise PaymentNotFound / InvalidPaymentId."""
+    async with WalletdClient(base_url(client)) as walletd:
+        buyer, merchant, fee = (
+            await walletd.create_wallet(), await walletd.create_wallet(),
+            await walletd.create_wallet(),
+        )  # fmt: skip
+        await walletd.deposit(buyer.id, "10.00")
+        postings: list[tuple[str, str, str] | dict[str, Any]] = [
+            (buyer.id, merchant.id, "9.70"),
+            {"from_wallet_id": buyer.id, "to_wallet_id": fee.id, "amount": "0.30",
+             "metadata": {"role": "fee"}},
+        ]  # fmt: skip
+        paid = await walletd.create_payment(postings, reference="o-1", idempotency_key="p-1")
+        assert (paid.status, [p.amount for p in paid.postings]) == (
+            "COMPLETED", [Decimal("9.70"), Decimal("0.30")],
+        )  # fmt: skip
+        assert paid.postings[1].metadata == {"role": "fee"}
+        again = await walletd.create_payment(postings, reference="o-1", idempotency_key="p-1")
+        assert (again.id, again.replayed) == (paid.id, True)
+        assert await walletd.get_payment(paid.id) == paid
+        with pytest.raises(InsufficientFunds) as short:
+            await walletd.create_payment([(buyer.id, merchant.id, "0.01")] * 2)
+        assert (short.value.body["posting"], short.value.body["side"]) == (0, "from")
+        assert short.value.body["payment"]["status"] == "FAILED"
+        with pytest.raises(PaymentNotFound):
+            await walletd.get_payment(uuid.uuid4())
+        with pytest.raises(InvalidPaymentId):
+            await walletd.get_payment("not-a-payment")
 
 
 async def test_a_capture_into_a_wallet_returns_its_transfer(client: Client) -> None:
