@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from tests.test_transfers_api import Client, balance, conservation_gap, new_wallet
+from walletd.persistence.operator import Mismatch, verify
 
 
 async def pay(
@@ -217,3 +218,45 @@ async def test_a_payment_in_flight_is_visible_pending(client: Client, database_u
     finally:
         await locker.close()
         await watcher.close()
+
+
+async def test_verify_checks_payments_against_their_postings(
+    client: Client, database_url: str
+) -> None:
+    """After a completed and a failed payment (one posting never debited, one refunded)
+    `walletd verify` is clean; a posting's transfer flipped to COMPLETED in a FAILING
+    payment is reported as not all or nothing."""
+    buyer, merchant, platform = (
+        await new_wallet(client, "10.00"), await new_wallet(client), await new_wallet(client)
+    )  # fmt: skip
+    status, _body, _ = await pay(
+        client, postings=[posting(buyer, merchant, "6.00"), posting(buyer, platform, "1.00")]
+    )
+    assert status == 201
+    status, failed, _ = await pay(
+        client,
+        postings=[
+            posting(buyer, merchant, "1.00"),
+            posting(buyer, platform, "9.00"),
+            posting(merchant, platform, "1.00"),
+        ],
+    )
+    assert (status, failed["posting"]) == (409, 1)
+    report = await verify(database_url)
+    assert report.clean, report.first_mismatches
+    assert report.payments == 2
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "UPDATE transfers SET status = 2, failure_code = NULL WHERE id = $1",
+            uuid.UUID(failed["payment"]["postings"][2]["transfer_id"]),
+        )
+    finally:
+        await connection.close()
+    found: list[Mismatch] = []
+    await verify(database_url, found.append)
+    assert any(
+        f"payment {failed['payment_id']} (FAILING)" in m.problem
+        and "not all or nothing" in m.problem
+        for m in found
+    ), found
