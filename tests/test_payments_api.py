@@ -260,3 +260,48 @@ async def test_verify_checks_payments_against_their_postings(
         and "not all or nothing" in m.problem
         for m in found
     ), found
+
+
+async def test_the_feed_has_a_payment_created_and_decided_between_its_legs(
+    client: Client,
+) -> None:
+    """payment.created (the total), then the debits, payment.decided (COMPLETED), then the
+    credits, each leg naming its posting's transfer; a failed payment's decision names the
+    posting refused."""
+    buyer, merchant, platform = (
+        await new_wallet(client, "10.00"), await new_wallet(client), await new_wallet(client)
+    )  # fmt: skip
+    status, paid, _ = await pay(
+        client, postings=[posting(buyer, merchant, "6.00"), posting(buyer, platform, "1.50")]
+    )
+    assert status == 201
+    status, failed, _ = await pay(client, postings=[posting(buyer, merchant, "9.00")])
+    assert status == 409
+    for _ in range(100):
+        events = (await (await client.get("/api/v1/events?limit=100")).json())["events"]
+        if sum(e["type"] == "payment.decided" for e in events) == 2:
+            break
+        await asyncio.sleep(0.05)
+    transfers = {p["transfer_id"] for p in paid["postings"]}
+    mine = [
+        (e["type"], e.get("operation_type"))
+        for e in events
+        if e.get("payment_id") == paid["id"] or e.get("transfer_id") in transfers
+    ]
+    assert mine[0] == ("payment.created", None)
+    assert mine.index(("payment.decided", None)) == 3
+    assert sorted(mine[1:3]) == [("operation.applied", "TRANSFER_OUT")] * 2
+    assert sorted(mine[4:]) == [("operation.applied", "TRANSFER_IN")] * 2
+    created = next(
+        e for e in events if e["type"] == "payment.created" and e["payment_id"] == paid["id"]
+    )
+    assert (created["amount"], created["postings"], created["currency"]) == ("7.50", 2, "USD")
+    decided = [e for e in events if e["type"] == "payment.decided"]
+    assert [(e["payment_id"], e["outcome"], e["failure"]) for e in decided] == [
+        (paid["id"], "COMPLETED", None),
+        (
+            failed["payment_id"],
+            "FAILED",
+            {"posting": 0, "side": "from", "code": "INSUFFICIENT_FUNDS"},
+        ),
+    ]

@@ -16,6 +16,10 @@
 --                (the transfer's primary key); one being stored meanwhile is waited for.
 -- COMPLETED / FAILED are not stored: a payment is final when every posting's transfer is
 -- COMPLETED (phase 2) or FAILED (phase 3).
+--
+-- The change feed (persistence/log_reads.py FEED_SOURCES) has two events per payment, each at
+-- its own position (xid8 of the writing transaction, an id of wallet_operations_id_seq, as
+-- every feed source): payment.created (the row's insert) and payment.decided (the decision).
 
 CREATE TABLE payments (
     id            uuid        PRIMARY KEY,
@@ -33,6 +37,10 @@ CREATE TABLE payments (
     balance_seen  bigint,
     created_at    timestamptz NOT NULL,
     updated_at    timestamptz NOT NULL,
+    created_xid   xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    feed_id       bigint      NOT NULL DEFAULT nextval('wallet_operations_id_seq'),
+    decided_xid   xid8,
+    decided_feed_id bigint,
     CONSTRAINT payments_phase CHECK (phase IN (1, 2, 3)),
     CONSTRAINT payments_postings CHECK (postings BETWEEN 1 AND 256),
     CONSTRAINT payments_reference_length CHECK (char_length(reference) <= 255),
@@ -45,6 +53,10 @@ CREATE TABLE payments (
 
 -- The re-drive reads the payments still DEBITING (few at any time), oldest first.
 CREATE INDEX payments_debiting ON payments (created_at) WHERE phase = 1;
+-- The feed reads each event source in position order.
+CREATE INDEX payments_feed ON payments (created_xid, feed_id);
+CREATE INDEX payments_decided_feed ON payments (decided_xid, decided_feed_id)
+    WHERE decided_xid IS NOT NULL;
 
 CREATE TABLE payment_postings (
     transfer_id     uuid     PRIMARY KEY,
@@ -143,7 +155,9 @@ BEGIN
     END IF;
     UPDATE payments
        SET phase = p_phase, failed_index = p_index, failure_code = p_code,
-           balance_seen = p_seen, failed_side = side, updated_at = now_ts
+           balance_seen = p_seen, failed_side = side, updated_at = now_ts,
+           decided_xid = pg_current_xact_id(),
+           decided_feed_id = nextval('wallet_operations_id_seq')
      WHERE id = p_id;
     RETURN p_phase;
 END;
