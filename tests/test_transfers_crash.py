@@ -1,6 +1,7 @@
-"""Transfers through a real walletd process killed with -9 mid-run: after the restart,
-recovery finishes every PENDING transfer by itself, retrying every transfer with its id
-applies each exactly once, and money is conserved exactly."""
+"""Transfers and payments through a real walletd process killed with -9 mid-run: after the
+restart, recovery finishes every PENDING transfer and payment by itself, retrying every
+transfer and payment with its id applies each exactly once (a payment: all of its postings
+or none), and money is conserved exactly."""
 
 from __future__ import annotations
 
@@ -44,9 +45,17 @@ async def start(walletd_process: StartWalletd, *args: str) -> WalletdProcess:
     return await asyncio.to_thread(walletd_process, *args)
 
 
+TRANSFERS, PAYMENTS = "/api/v1/transfers", "/api/v1/payments"
+
+
+def path_of(body: dict[str, Any]) -> str:
+    return PAYMENTS if "postings" in body else TRANSFERS
+
+
 class TransferLoad:
-    """Workers sending transfers with client-chosen ids until stopped; every request body
-    sent is remembered, with the answer it got (None: no answer)."""
+    """Workers sending transfers and (one in four) payments of two postings with
+    client-chosen ids until stopped; every request body sent is remembered, with the answer
+    it got (None: no answer)."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str, wallets: list[str]) -> None:
         self.session, self.url, self.wallets = session, url, wallets
@@ -57,18 +66,28 @@ class TransferLoad:
     async def worker(self, seed: int) -> None:
         rng = random.Random(seed)
         while not self.stop.is_set():
-            sender, receiver = rng.sample(self.wallets, 2)
+            sender, receiver, other = rng.sample(self.wallets, 3)
             transfer_id = str(uuid.uuid4())
-            body = {
+            body: dict[str, Any] = {
                 "id": transfer_id,
                 "from_wallet_id": sender,
                 "to_wallet_id": receiver,
                 "amount": f"{rng.randint(1, 4000) / 100:.2f}",
             }
+            if rng.random() < 0.25:
+                body = {
+                    "id": transfer_id,
+                    "postings": [
+                        {"from_wallet_id": sender, "to_wallet_id": receiver,
+                         "amount": f"{rng.randint(1, 2000) / 100:.2f}"},
+                        {"from_wallet_id": sender, "to_wallet_id": other,
+                         "amount": f"{rng.randint(1, 200) / 100:.2f}"},
+                    ],
+                }  # fmt: skip
             self.sent[transfer_id] = body
             self.answers[transfer_id] = None
             try:
-                async with self.session.post(f"{self.url}/api/v1/transfers", json=body) as response:
+                async with self.session.post(f"{self.url}{path_of(body)}", json=body) as response:
                     self.answers[transfer_id] = response.status
             except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.01)  # the process is gone (kill -9)
@@ -87,10 +106,11 @@ class TransferLoad:
 async def final_answer(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any]
 ) -> tuple[int, dict[str, Any], bool]:
-    """POST the same transfer until the answer is not a 503; (status, body, replayed)."""
+    """POST the same transfer or payment until the answer is not a 503; (status, body,
+    replayed)."""
     deadline = asyncio.get_running_loop().time() + RECOVERY_S
     while True:
-        async with session.post(f"{url}/api/v1/transfers", json=body) as response:
+        async with session.post(f"{url}{path_of(body)}", json=body) as response:
             answer = await response.json(content_type=None)
             replayed = response.headers.get("Idempotent-Replayed") == "true"
             if response.status != 503:
@@ -131,34 +151,45 @@ async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
             await locker.execute("ROLLBACK")
             if attempt == _LOCK_ATTEMPTS:
                 raise
-    transfer_id = str(uuid.uuid4())
+    transfer_id, payment_id = str(uuid.uuid4()), str(uuid.uuid4())
     body = {
         "id": transfer_id,
         "from_wallet_id": sender,
         "to_wallet_id": second[0],
         "amount": "0.01",
     }
-    load.sent[transfer_id] = body
-    load.answers[transfer_id] = None  # its credit waits for the lock: no answer before the kill
+    # And a payment into two of them: both postings debited, its decision waiting for the
+    # lock on the receivers' rows (DEBITING at the kill).
+    payment = {
+        "id": payment_id,
+        "postings": [
+            {"from_wallet_id": sender, "to_wallet_id": second[0], "amount": "0.01"},
+            {"from_wallet_id": sender, "to_wallet_id": second[1], "amount": "0.02"},
+        ],
+    }
+    for key, sent in ((transfer_id, body), (payment_id, payment)):
+        load.sent[key] = sent
+        load.answers[key] = None  # its credit waits for the lock: no answer before the kill
 
-    async def send() -> None:
+    async def send(sent: dict[str, Any]) -> None:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-            async with load.session.post(f"{load.url}/api/v1/transfers", json=body):
+            async with load.session.post(f"{load.url}{path_of(sent)}", json=sent):
                 pass
 
-    sending = asyncio.create_task(send())
+    sending = [asyncio.create_task(send(body)), asyncio.create_task(send(payment))]
+    pending = """SELECT count(*) FROM transfers WHERE status = 1 AND (id = $1::uuid OR id IN
+                   (SELECT transfer_id FROM payment_postings WHERE payment_id = $2::uuid))"""
     try:
         deadline = asyncio.get_running_loop().time() + RECOVERY_S
-        while (
-            await locker.fetchval("SELECT status FROM transfers WHERE id = $1::uuid", transfer_id)
-            != 1
-        ):
+        while await locker.fetchval(pending, transfer_id, payment_id) != 3:
             assert asyncio.get_running_loop().time() < deadline, "the transfer is not PENDING"
             await asyncio.sleep(0.01)
     finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sending
+        for task in sending:
+            task.cancel()
+        for task in sending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
@@ -213,9 +244,15 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         left_pending = await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1")
         assert left_pending > 0  # the test exercises recovery, not only retries
 
+        left_debiting = await connection.fetchval("SELECT count(*) FROM payments WHERE phase = 1")
+        assert left_debiting > 0  # a payment whose decision the kill interrupted
+
         second = await start(walletd_process, *args)
         deadline = asyncio.get_running_loop().time() + RECOVERY_S
-        while await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
+        while await connection.fetchval(
+            "SELECT (SELECT count(*) FROM transfers WHERE status = 1)"
+            " + (SELECT count(*) FROM payments WHERE phase = 1)"
+        ):
             assert asyncio.get_running_loop().time() < deadline, "recovery did not finish"
             await asyncio.sleep(0.05)
         assert await conservation_gap(connection) == 0
@@ -228,7 +265,12 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
             assert status in {201, 409}, (transfer_id, status, answer)
             if load.answers[transfer_id] == 201:
                 assert (status, replayed) == (201, True), (transfer_id, answer)
-        stored = await connection.fetch("SELECT id::text, status FROM transfers")
+        stored = await connection.fetch("SELECT id::text, status, failure_code FROM transfers")
+        postings = await connection.fetch(
+            "SELECT pp.payment_id::text, p.phase, t.status FROM payment_postings pp"
+            " JOIN payments p ON p.id = pp.payment_id LEFT JOIN transfers t"
+            " ON t.id = pp.transfer_id"
+        )
         legs = await connection.fetch(
             "SELECT idempotency_key, count(*) AS copies FROM wallet_operations "
             "WHERE kind IN (3, 4, 5) GROUP BY idempotency_key"
@@ -245,13 +287,29 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         await connection.close()
     completed = {row["id"] for row in stored if row["status"] == 2}
     assert {row["status"] for row in stored} <= {2, 3}
-    answered_201 = {tid for tid, final in zip(load.sent, finals, strict=True) if final[0] == 201}
+    answered_201: set[str] = set()
+    for key, (status, answer, _replayed) in zip(load.sent, finals, strict=True):
+        if status == 201:  # a payment: each of its postings' transfers
+            answered_201 |= (
+                {p["transfer_id"] for p in answer["postings"]} if "postings" in (answer) else {key}
+            )
     assert completed == answered_201
+    # A payment is all or nothing: every posting COMPLETED, or every one FAILED.
+    by_payment: dict[str, set[int]] = {}
+    for row in postings:
+        assert row["phase"] != 1, row
+        by_payment.setdefault(row["payment_id"], set()).add(row["status"])
+    assert set(map(frozenset, by_payment.values())) <= {frozenset({2}), frozenset({3})}
     assert all(row["copies"] == 1 for row in legs)
-    assert len(legs) == 2 * len(completed) + 3 * (len(stored) - len(completed))
+    # COMPLETED: OUT + IN; FAILED: OUT + REFUND; a posting never debited: none.
+    assert len(legs) == sum(
+        0 if row["failure_code"] == "PAYMENT_NOT_DEBITED" else 2 for row in stored
+    )
     assert mismatched == []
-    print(f"transfers sent {len(load.sent)}, answered before the kill {dict(before_kill)}, "
-          f"left PENDING by the kill {left_pending}, completed {len(completed)}")  # fmt: skip
+    payments = sum(1 for body in load.sent.values() if "postings" in body)
+    print(f"transfers and payments sent {len(load.sent)} ({payments} payments), answered "
+          f"before the kill {dict(before_kill)}, left PENDING by the kill {left_pending} "
+          f"(payments DEBITING {left_debiting}), transfers completed {len(completed)}")  # fmt: skip
 
 
 async def test_postgres_crash_mid_transfers_recovers_by_itself_and_conserves(
