@@ -311,7 +311,7 @@ class InMemoryLog(WalletLog):
 
     async def decide_payment(
         self,
-        payment_id: UUID,
+        payment: PaymentRecord,
         phase: PaymentPhase,
         failed_index: int | None,
         failure_code: str | None,
@@ -320,6 +320,7 @@ class InMemoryLog(WalletLog):
     ) -> PaymentRecord:
         if self.fail_loads:
             raise StorageError("injected load failure")
+        payment_id = payment.payment_id
         stored = self._payment(self.payments[payment_id])
         if stored.phase is not PaymentPhase.DEBITING:
             return stored

@@ -29,6 +29,7 @@ __all__ = [
     "NewWallet",
     "OperationKind",
     "OperationRecord",
+    "PaymentDecision",
     "PaymentPhase",
     "PaymentRecord",
     "PaymentStatus",
@@ -406,6 +407,18 @@ class PaymentRecord(NamedTuple):
         mine = [(p.from_wallet_id, p.to_wallet_id, p.amount, p.metadata) for p in self.postings]
         theirs = [(p.from_wallet_id, p.to_wallet_id, p.amount, p.metadata) for p in other.postings]
         return (mine, self.reference, self.metadata) == (theirs, other.reference, other.metadata)
+
+
+class PaymentDecision(NamedTuple):
+    """What a driver asks storage to decide of a DEBITING payment (WalletLog.decide_payments):
+    CREDITING, or FAILING naming the posting refused first."""
+
+    payment: PaymentRecord
+    phase: PaymentPhase
+    failed_index: int | None
+    failure_code: str | None
+    balance_seen: int | None
+    now_us: int
 
 
 @dataclass(slots=True)

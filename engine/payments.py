@@ -43,7 +43,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 from walletd.engine.bounds import storable_amount
@@ -52,6 +52,7 @@ from walletd.engine.model import (
     NO_METADATA,
     Metadata,
     OperationKind,
+    PaymentDecision,
     PaymentPhase,
     PaymentRecord,
     PaymentStatus,
@@ -61,7 +62,7 @@ from walletd.engine.model import (
 )
 from walletd.engine.money import Currency, to_minor
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
-from walletd.engine.ports import StorageError, StorageRefused, StorageUnavailable, WalletLog
+from walletd.engine.ports import StorageError, StorageUnavailable, WalletLog
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, LegDelivery, TransferCoordinator
 
 __all__ = [
@@ -124,6 +125,66 @@ class PaymentReply(NamedTuple):
 _UNAVAILABLE = PaymentReply(Outcome.UNAVAILABLE)
 
 
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+class _Waves(Generic[_In, _Out]):
+    """Calls of one storage method, coalesced: the items submitted while a wave runs go
+    together in the next (at most ``size_max`` each, at most ``in_flight_max`` waves at
+    once). So a payment's open and decision cost one statement per wave, not per payment,
+    and hold few of the pool's connections (the shards' commits share them), as the
+    transfers' lookups do (engine/transfers.py, ``_CoalescedLoads``)."""
+
+    def __init__(
+        self,
+        call: Callable[[list[_In]], Awaitable[list[_Out]]],
+        timeout_s: float,
+        size_max: int,
+        in_flight_max: int = 2,
+    ) -> None:
+        self._call = call
+        self._timeout_s = timeout_s
+        self._size_max = size_max
+        self._in_flight_max = in_flight_max
+        self._waiting: list[tuple[_In, asyncio.Future[_Out]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: _In) -> _Out:
+        future: asyncio.Future[_Out] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if len(self._tasks) < self._in_flight_max:
+            task = asyncio.create_task(self._run(), name="walletd-payment-wave")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            wave = self._waiting[: self._size_max]
+            del self._waiting[: self._size_max]
+            results: list[_Out] = []
+            error: StorageError | None = None
+            try:
+                results = await asyncio.wait_for(
+                    self._call([item for item, _ in wave]), self._timeout_s
+                )
+            except TimeoutError:
+                error = StorageUnavailable("a payments statement timed out")
+            except StorageError as storage_error:
+                error = storage_error
+            except Exception as unexpected:  # never leave a waiter hanging
+                _log.error("a payments statement raised", exc_info=unexpected)
+                error = StorageError(f"a payments statement failed: {unexpected!r}")
+            for index, (_item, future) in enumerate(wave):
+                if future.done():  # its caller went away
+                    continue
+                if error is None:
+                    future.set_result(results[index])
+                else:
+                    future.set_exception(error)
+
+
 class PaymentCoordinator:
     """Drives payments (module doc). One task per payment id in a process (``_driving``):
     a retry and the re-drive join the drive under way."""
@@ -136,6 +197,7 @@ class PaymentCoordinator:
         load_timeout_s: float,
         clock_us: Callable[[], int],
         observer: EngineObserver | None = None,
+        wave_size_max: int = 256,
     ) -> None:
         self._log = log
         self._delivery = delivery
@@ -144,6 +206,12 @@ class PaymentCoordinator:
         self._clock_us = clock_us
         self._observer = observer or EngineObserver()
         self._driving: dict[UUID, asyncio.Future[PaymentReply]] = {}
+        self._opens: _Waves[PaymentRecord, PaymentRecord] = _Waves(
+            log.open_payments, load_timeout_s, wave_size_max
+        )
+        self._decisions: _Waves[PaymentDecision, PaymentRecord | None] = _Waves(
+            log.decide_payments, load_timeout_s, wave_size_max
+        )
 
     @property
     def driving(self) -> int:
@@ -169,9 +237,13 @@ class PaymentCoordinator:
     ) -> PaymentReply:
         """Apply every posting or none (module doc)."""
         currency: Currency | None = None
+        seen: set[UUID] = set()  # each wallet's currency once (a sender pays several)
         for index, posting in enumerate(postings):
             for wallet_id, side in ((posting.from_wallet_id, SIDE_FROM),
                                     (posting.to_wallet_id, SIDE_TO)):  # fmt: skip
+                if wallet_id in seen:
+                    continue
+                seen.add(wallet_id)
                 found, reply = await self._transfers.currency_of(wallet_id)
                 if found is None:
                     return PaymentReply(reply.outcome, posting=index, side=side)
@@ -249,8 +321,8 @@ class PaymentCoordinator:
 
     async def _open(self, requested: PaymentRecord) -> PaymentReply:
         try:
-            stored = await asyncio.wait_for(self._log.open_payment(requested), self._load_timeout_s)
-        except (StorageError, TimeoutError):
+            stored = await self._opens.submit(requested)
+        except StorageError:
             return _UNAVAILABLE
         replayed = stored.created_at_us != requested.created_at_us
         if replayed and not stored.same_request(requested):
@@ -336,16 +408,12 @@ class PaymentCoordinator:
         balance_seen: int | None,
         now_us: int,
     ) -> PaymentRecord | None:
-        try:
-            return await asyncio.wait_for(
-                self._log.decide_payment(
-                    payment.payment_id, phase, index, code, balance_seen, now_us
-                ),
-                self._load_timeout_s,
-            )
-        except StorageRefused as refused:
-            _log.warning("payment %s not decided: %s", payment.payment_id, refused)
-            return None
+        decided = await self._decisions.submit(
+            PaymentDecision(payment, phase, index, code, balance_seen, now_us)
+        )
+        if decided is None:  # refused by storage: a posting not PENDING (nothing written)
+            _log.warning("payment %s could not be decided %s", payment.payment_id, phase.name)
+        return decided
 
 
 def _transfer(payment: PaymentRecord, index: int) -> TransferRecord:

@@ -33,6 +33,7 @@ from walletd.engine.model import (
     Batch,
     HoldRecord,
     OperationRecord,
+    PaymentDecision,
     PaymentPhase,
     PaymentRecord,
     RefusalRecord,
@@ -186,15 +187,15 @@ class WalletLog(abc.ABC):
 
     async def decide_payment(
         self,
-        payment_id: UUID,
+        payment: PaymentRecord,
         phase: PaymentPhase,
         failed_index: int | None,
         failure_code: str | None,
         balance_seen: int | None,
         now_us: int,
     ) -> PaymentRecord:
-        """Decide a DEBITING payment once, atomically; return it as stored after (its phase
-        may be the decision of another driver, taken first).
+        """Decide a DEBITING ``payment`` (as the caller knows it) once, atomically; return
+        it as stored after (its phase may be the decision of another driver, taken first).
 
         CREDITING only when every posting's transfer is PENDING (``StorageRefused``
         otherwise, nothing written) and no receiving wallet is CLOSED; a CLOSED receiver
@@ -203,6 +204,27 @@ class WalletLog(abc.ABC):
         stores each posting not debited yet as a FAILED transfer (``PAYMENT_NOT_DEBITED``),
         so its debit can never be stored after (the transfer's id is taken)."""
         raise StorageUnavailable("this storage keeps no payments")
+
+    async def open_payments(self, payments: Sequence[PaymentRecord]) -> list[PaymentRecord]:
+        """``open_payment`` of each, in order (one statement where storage can: a wave)."""
+        return [await self.open_payment(payment) for payment in payments]
+
+    async def decide_payments(
+        self, decisions: Sequence[PaymentDecision]
+    ) -> list[PaymentRecord | None]:
+        """``decide_payment`` of each, in order; None where storage refused it (nothing
+        written for that one). One statement where storage can (a wave)."""
+        decided: list[PaymentRecord | None] = []
+        for d in decisions:
+            try:
+                one = await self.decide_payment(
+                    d.payment, d.phase, d.failed_index, d.failure_code, d.balance_seen, d.now_us
+                )
+            except StorageRefused:
+                decided.append(None)
+            else:
+                decided.append(one)
+        return decided
 
     async def pending_payments(self, created_before_us: int, limit: int) -> list[PaymentRecord]:
         """Up to ``limit`` payments created before the instant that are not final (DEBITING,

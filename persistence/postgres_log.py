@@ -41,6 +41,7 @@ from walletd.engine.model import (
     NewWallet,
     OperationKind,
     OperationRecord,
+    PaymentDecision,
     PaymentPhase,
     PaymentRecord,
     PostingRecord,
@@ -291,10 +292,12 @@ _LOAD_PAYMENTS = (
     f"SELECT {_PAYMENT_COLUMNS} FROM {_PAYMENT_ROWS} WHERE p.id = ANY($1::uuid[])"
     " ORDER BY p.id, pp.idx"
 )
-_OPEN_PAYMENT = (
-    "SELECT walletd_open_payment($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12::jsonb[])"
+# A wave of payments opened, or decided, in one statement (engine/payments.py).
+_OPEN_PAYMENTS = (
+    "SELECT walletd_open_payments($1, $2, $3, $4, $5::jsonb[], $6, $7, $8, $9, $10, $11, $12,"
+    " $13::jsonb[])"
 )
-_DECIDE_PAYMENT = "SELECT walletd_decide_payment($1, $2, $3, $4, $5, $6)"
+_DECIDE_PAYMENTS = "SELECT walletd_decide_payments($1, $2, $3, $4, $5, $6)"
 # Payments not final: DEBITING ones (index payments_debiting), and those with a PENDING
 # posting (index transfers_pending).
 _PENDING_PAYMENTS = """
@@ -309,10 +312,6 @@ SELECT id FROM (
 ) AS pending
 ORDER BY created_at, id LIMIT $2
 """
-# Raised by walletd_decide_payment: a payment unknown, or CREDITING with a posting that is
-# not PENDING.
-_PAYMENT_REFUSED = "WD011"
-
 # How many PENDING transfers a wallet is on, either side (index transfers_pending: the
 # PENDING ones only, a short list).
 _PENDING_TRANSFERS_OF = """
@@ -608,43 +607,77 @@ class PostgresLog(WalletLog):
         return _payments(await self._fetch(_LOAD_PAYMENTS, payment_ids))
 
     async def open_payment(self, payment: PaymentRecord) -> PaymentRecord:
-        postings = payment.postings
+        return (await self.open_payments([payment]))[0]
+
+    async def open_payments(self, payments: Sequence[PaymentRecord]) -> list[PaymentRecord]:
+        postings = [p for payment in payments for p in payment.postings]
         rows = await self._fetch(
-            _OPEN_PAYMENT, payment.payment_id, payment.currency.code, payment.currency.exponent,
-            payment.reference, metadata_args([payment.metadata])[0], payment.actor,
-            payment.created_at_us, [p.transfer_id for p in postings],
+            _OPEN_PAYMENTS, [p.payment_id for p in payments],
+            [p.currency.code for p in payments], [p.currency.exponent for p in payments],
+            [p.reference for p in payments], metadata_args([p.metadata for p in payments]),
+            [p.actor for p in payments], [p.created_at_us for p in payments],
+            [len(p.postings) for p in payments], [p.transfer_id for p in postings],
             [p.from_wallet_id for p in postings], [p.to_wallet_id for p in postings],
             [p.amount for p in postings], metadata_args([p.metadata for p in postings]),
         )  # fmt: skip
-        if rows[0][0] == payment.created_at_us:
-            return payment  # stored now, as it is
-        stored = await self.load_payments([payment.payment_id])
-        return stored[payment.payment_id]
+        stored_us: list[int | None] = list(rows[0][0])
+        # Stored now, as asked (its own instant), or found stored before: read back.
+        known = [p.payment_id for p, us in zip(payments, stored_us, strict=True)
+                 if us != p.created_at_us]  # fmt: skip
+        loaded = await self.load_payments(known) if known else {}
+        return [
+            p if us == p.created_at_us else loaded[p.payment_id]
+            for p, us in zip(payments, stored_us, strict=True)
+        ]
 
     async def decide_payment(
         self,
-        payment_id: UUID,
+        payment: PaymentRecord,
         phase: PaymentPhase,
         failed_index: int | None,
         failure_code: str | None,
         balance_seen: int | None,
         now_us: int,
     ) -> PaymentRecord:
-        connection = await self._acquire()
-        try:
-            await connection.fetch(
-                _DECIDE_PAYMENT, payment_id, int(phase), failed_index, failure_code,
-                balance_seen, now_us,
-            )  # fmt: skip
-        except _BROKEN_CONNECTION as error:
-            raise StorageUnavailable(f"storage unreachable: {error!r}") from error
-        except asyncpg.PostgresError as error:
-            if error.sqlstate == _PAYMENT_REFUSED:
-                raise StorageRefused(str(error), error.sqlstate) from error
-            raise StorageError(f"deciding payment {payment_id} failed: {error}") from error
-        finally:
-            await self._pool.release(connection)
-        return (await self.load_payments([payment_id]))[payment_id]
+        decision = PaymentDecision(payment, phase, failed_index, failure_code, balance_seen, now_us)
+        (decided,) = await self.decide_payments([decision])
+        if decided is None:
+            raise StorageRefused(f"payment {payment.payment_id} cannot be decided {phase.name}")
+        return decided
+
+    async def decide_payments(
+        self, decisions: Sequence[PaymentDecision]
+    ) -> list[PaymentRecord | None]:
+        # In payment id order: the rows' locks are taken in one order by every wave.
+        order = sorted(range(len(decisions)), key=lambda i: decisions[i].payment.payment_id)
+        wave = [decisions[i] for i in order]
+        now_us = max(d.now_us for d in wave)  # the wave's one instant, stored on each
+        rows = await self._fetch(
+            _DECIDE_PAYMENTS, [d.payment.payment_id for d in wave], [int(d.phase) for d in wave],
+            [d.failed_index for d in wave], [d.failure_code for d in wave],
+            [d.balance_seen for d in wave], now_us,
+        )  # fmt: skip
+        phases: list[int] = list(rows[0][0])
+        decided: dict[int, PaymentRecord | None] = {}
+        reread: list[int] = []
+        for i, phase in zip(order, phases, strict=True):
+            asked = decisions[i]
+            if phase == 0:
+                decided[i] = None
+            elif phase == PaymentPhase.CREDITING and asked.phase is PaymentPhase.CREDITING:
+                # As asked: every posting PENDING (the function checked it): no read back.
+                payment = asked.payment
+                pending = tuple(p._replace(status=TransferStatus.PENDING) for p in payment.postings)
+                decided[i] = payment._replace(
+                    phase=PaymentPhase.CREDITING, postings=pending, updated_at_us=now_us
+                )
+            else:
+                reread.append(i)
+        if reread:
+            loaded = await self.load_payments([decisions[i].payment.payment_id for i in reread])
+            for i in reread:
+                decided[i] = loaded.get(decisions[i].payment.payment_id)
+        return [decided[i] for i in range(len(decisions))]
 
     async def pending_payments(self, created_before_us: int, limit: int) -> list[PaymentRecord]:
         ids = [row[0] for row in await self._fetch(_PENDING_PAYMENTS, created_before_us, limit)]

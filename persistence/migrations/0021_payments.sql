@@ -17,6 +17,14 @@
 -- COMPLETED / FAILED are not stored: a payment is final when every posting's transfer is
 -- COMPLETED (phase 2) or FAILED (phase 3).
 --
+-- Both functions commit without waiting for the WAL flush (synchronous_commit off for their
+-- own transaction only, set_config(..., true)): what they write is made durable by the next
+-- commit of a leg, which every answer waits for (the WAL is one sequence: a flush past a
+-- leg's commit record is past theirs too, on a synchronous standby as well). Lost in a crash
+-- before any leg committed, a payment was never answered (opening) or is DEBITING again
+-- with its debits done, and is decided again by its re-drive (nothing was credited or
+-- refunded on a decision not durable). This spares each payment two flushes of its own.
+--
 -- The change feed (persistence/log_reads.py FEED_SOURCES) has two events per payment, each at
 -- its own position (xid8 of the writing transaction, an id of wallet_operations_id_seq, as
 -- every feed source): payment.created (the row's insert) and payment.decided (the decision).
@@ -83,6 +91,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     stored_us bigint;
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     INSERT INTO payments (id, phase, postings, currency, exponent, reference, metadata, actor,
                           created_at, updated_at)
     VALUES (p_id, 1, cardinality(s_transfer_ids), p_currency, p_exponent, p_reference,
@@ -105,7 +114,8 @@ END;
 $$;
 
 -- The decision (header). Returns the phase stored after: another driver's, if it decided
--- first. CREDITING with a posting not PENDING is WD011 (nothing written).
+-- first; 0 when refused, nothing written: no such payment, or CREDITING with a posting not
+-- PENDING.
 CREATE FUNCTION walletd_decide_payment(
     p_id uuid, p_phase smallint, p_index smallint, p_code text, p_seen bigint, p_now_us bigint
 ) RETURNS smallint
@@ -116,9 +126,10 @@ DECLARE
     closed_index smallint;
     now_ts timestamptz := timestamptz 'epoch' + p_now_us * interval '1 microsecond';
 BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT phase INTO current FROM payments WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'walletd: payment % does not exist', p_id USING ERRCODE = 'WD011';
+        RETURN 0;
     END IF;
     IF current <> 1 THEN
         RETURN current;
@@ -127,8 +138,7 @@ BEGIN
         IF EXISTS (SELECT 1 FROM payment_postings pp
                      LEFT JOIN transfers t ON t.id = pp.transfer_id
                     WHERE pp.payment_id = p_id AND t.status IS DISTINCT FROM 1) THEN
-            RAISE EXCEPTION 'walletd: payment % has a posting that is not PENDING', p_id
-                USING ERRCODE = 'WD011';
+            RETURN 0;
         END IF;
         -- Lock the receivers (in id order: two payments never wait on each other in a
         -- circle), then read their status after the lock, in a new statement's snapshot.
@@ -160,5 +170,57 @@ BEGIN
            decided_feed_id = nextval('wallet_operations_id_seq')
      WHERE id = p_id;
     RETURN p_phase;
+END;
+$$;
+
+-- Many payments opened in one statement (a wave: engine/payments.py coalesces the requests
+-- that arrive while one runs), each as walletd_open_payment does it. Posting i of payment k
+-- is element s_offsets[k] + i of the s_ arrays (s_counts[k] of them). Returns each
+-- payment's stored creation instant, in order.
+CREATE FUNCTION walletd_open_payments(
+    p_ids uuid[], p_currencies text[], p_exponents smallint[], p_references text[],
+    p_metadata jsonb[], p_actors text[], p_created_us bigint[], s_counts int[],
+    s_transfer_ids uuid[], s_from uuid[], s_to uuid[], s_amounts bigint[], s_metadata jsonb[]
+) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    stored bigint[] := '{}';
+    first int := 1;
+    last int;
+BEGIN
+    FOR k IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
+        last := first + s_counts[k] - 1;
+        stored := stored || walletd_open_payment(
+            p_ids[k], p_currencies[k], p_exponents[k], p_references[k], p_metadata[k],
+            p_actors[k], p_created_us[k], s_transfer_ids[first:last], s_from[first:last],
+            s_to[first:last], s_amounts[first:last], s_metadata[first:last]);
+        first := last + 1;
+    END LOOP;
+    RETURN stored;
+END;
+$$;
+
+-- Many decisions in one statement (a wave), each as walletd_decide_payment takes it. Every
+-- receiver of the wave is locked first, in id order, so that two waves (or a wave and a
+-- shard's commit, which locks one shard's rows) never wait on each other in a circle; the
+-- caller sends the payments in id order, which orders their rows' locks too. Returns each
+-- payment's phase after (0: refused), in order.
+CREATE FUNCTION walletd_decide_payments(
+    p_ids uuid[], p_phases smallint[], p_indexes smallint[], p_codes text[], p_seens bigint[],
+    p_now_us bigint
+) RETURNS smallint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    decided smallint[] := '{}';
+BEGIN
+    PERFORM 1 FROM wallets w
+      WHERE w.id IN (SELECT pp.to_wallet_id FROM payment_postings pp
+                      WHERE pp.payment_id = ANY(p_ids))
+      ORDER BY w.id FOR SHARE;
+    FOR k IN 1 .. coalesce(cardinality(p_ids), 0) LOOP
+        decided := decided || walletd_decide_payment(
+            p_ids[k], p_phases[k], p_indexes[k], p_codes[k], p_seens[k], p_now_us);
+    END LOOP;
+    RETURN decided;
 END;
 $$;
