@@ -23,7 +23,7 @@ from walletd.http.parsing import (
     parse_reference,
 )
 from walletd.http.problems import FieldError, ProblemError, ValidationProblem
-from walletd.http.responses import format_timestamp, reply_problem
+from walletd.http.responses import amount_problem, format_timestamp, reply_problem
 
 __all__ = [
     "PaymentRequest",
@@ -191,6 +191,8 @@ def payment_reply_response(
     )
     amount = wanted.amounts[index] if index < len(wanted.amounts) else None
     currency = reply.currency
+    if outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and currency is not None:
+        raise amount_problem(currency, amount, f"{field}.amount")
     if outcome is Outcome.CURRENCY_MISMATCH:
         raise ProblemError(
             422, "CURRENCY_MISMATCH",

@@ -162,6 +162,12 @@ async def test_one_currency_per_payment_and_the_body_is_validated(client: Client
     assert (status, body["code"], body["posting"], body["side"]) == (
         422, "CURRENCY_MISMATCH", 1, "to",
     )  # fmt: skip
+    status, body, _ = await pay(
+        client, postings=[posting(buyer, merchant, "1.00"), posting(merchant, yen, "1.5")]
+    )
+    assert (status, body["code"]) == (422, "CURRENCY_MISMATCH")
+    status, body, _ = await pay(client, postings=[posting(buyer, merchant, "1.001")])
+    assert (status, [e["field"] for e in body["errors"]]) == (422, ["postings[0].amount"])
     status, body, _ = await pay(client, postings=[])
     assert (status, body["code"]) == (422, "VALIDATION_ERROR")
     status, body, _ = await pay(client, postings=[posting(buyer, merchant, "1.00")] * 17)
