@@ -17,13 +17,10 @@
 -- COMPLETED / FAILED are not stored: a payment is final when every posting's transfer is
 -- COMPLETED (phase 2) or FAILED (phase 3).
 --
--- Both functions commit without waiting for the WAL flush (synchronous_commit off for their
--- own transaction only, set_config(..., true)): what they write is made durable by the next
--- commit of a leg, which every answer waits for (the WAL is one sequence: a flush past a
--- leg's commit record is past theirs too, on a synchronous standby as well). Lost in a crash
--- before any leg committed, a payment was never answered (opening) or is DEBITING again
--- with its debits done, and is decided again by its re-drive (nothing was credited or
--- refunded on a decision not durable). This spares each payment two flushes of its own.
+-- Both are also called for many payments at once (walletd_open_payments,
+-- walletd_decide_payments): one statement and one flush per wave of payments. They commit
+-- synchronously like every walletd write: what they write is in the change feed at once
+-- (payment.created, payment.decided), and a feed position must never be taken back.
 --
 -- The change feed (persistence/log_reads.py FEED_SOURCES) has two events per payment, each at
 -- its own position (xid8 of the writing transaction, an id of wallet_operations_id_seq, as
@@ -91,7 +88,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     stored_us bigint;
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     INSERT INTO payments (id, phase, postings, currency, exponent, reference, metadata, actor,
                           created_at, updated_at)
     VALUES (p_id, 1, cardinality(s_transfer_ids), p_currency, p_exponent, p_reference,
@@ -126,7 +122,6 @@ DECLARE
     closed_index smallint;
     now_ts timestamptz := timestamptz 'epoch' + p_now_us * interval '1 microsecond';
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
     SELECT phase INTO current FROM payments WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 0;
