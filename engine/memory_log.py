@@ -326,11 +326,18 @@ class InMemoryLog(WalletLog):
             return stored
         side = None if failed_index is None else "from"
         if phase is PaymentPhase.CREDITING:
-            if any(p.status is not TransferStatus.PENDING for p in stored.postings):
+            if any(
+                p.status not in (TransferStatus.PENDING, TransferStatus.COMPLETED)
+                for p in stored.postings
+            ):
                 raise StorageRefused(f"payment {payment_id} has a posting not debited", "WD011")
             for index, posting in enumerate(stored.postings):
                 wallet = self.wallets.get(posting.to_wallet_id)
-                if wallet is not None and wallet.status is WalletStatus.CLOSED:
+                if (
+                    posting.status is TransferStatus.PENDING
+                    and wallet is not None
+                    and wallet.status is WalletStatus.CLOSED
+                ):
                     phase, failed_index, failure_code = PaymentPhase.FAILING, index, "WALLET_CLOSED"
                     balance_seen, side = None, "to"
                     break

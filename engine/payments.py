@@ -327,7 +327,34 @@ class PaymentCoordinator:
         replayed = stored.created_at_us != requested.created_at_us
         if replayed and not stored.same_request(requested):
             return PaymentReply(Outcome.IDEMPOTENCY_KEY_REUSED)
+        if not replayed and (done := await self._joint(stored)) is not None:
+            return done
         return await self._drive(stored, replayed, DRIVER_REQUEST)
+
+    async def _joint(self, payment: PaymentRecord) -> PaymentReply | None:
+        """A payment just opened here whose wallets one pipeline of this process owns: every
+        posting's debit and credit in one commit (``JointPayment``), then its decision (a
+        CREDITING that finds them COMPLETED). None when not taken whole (a refusal among
+        them, another pipeline, an outcome unknown): the saga then goes on, its keyed legs
+        replaying whatever the joint commit wrote."""
+        count = len(payment.postings)
+        reply = await self._delivery.deliver_joint_payment(
+            [_transfer(payment, i) for i in range(count)]
+        )
+        if reply is None or reply.outcome is not Outcome.OK:
+            return None
+        done = tuple(p._replace(status=TransferStatus.COMPLETED) for p in payment.postings)
+        try:
+            decided = await self._decide(
+                payment._replace(postings=done), PaymentPhase.CREDITING, None, None, None,
+                self._clock_us(),
+            )  # fmt: skip
+        except StorageError:
+            return _UNAVAILABLE  # COMPLETED postings, DEBITING: the re-drive decides it
+        if decided is None or decided.status is not PaymentStatus.COMPLETED:
+            return None
+        self._observer.transfer_ended("PAYMENT_COMPLETED", DRIVER_REQUEST)
+        return _final(decided, False)
 
     async def _drive(self, payment: PaymentRecord, replayed: bool, driver: str) -> PaymentReply:
         if payment.phase is PaymentPhase.DEBITING:

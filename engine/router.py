@@ -33,6 +33,7 @@ from walletd.engine.commands import (
     CreateWallet,
     HoldAction,
     HoldCommand,
+    JointPayment,
     JointTransfer,
     Operation,
     Outcome,
@@ -271,6 +272,7 @@ class Engine:
             self_url=self_url,
             tries_max=self.limits.transfer_leg_tries_max,
             local_joint=self.deliver_joint,
+            local_joint_payment=self.deliver_joint_payment,
             local_read=self.read,
         )
         self.transfers = TransferCoordinator(
@@ -618,6 +620,43 @@ class Engine:
         if self.ownership.serving(debit_shard) and self.ownership.epoch(debit_shard) == epoch:
             return reply
         return Reply(Outcome.UNAVAILABLE)
+
+    async def deliver_joint_payment(self, transfers: Sequence[TransferRecord]) -> Reply | None:
+        """Every posting of a payment in one batch (``JointPayment``), when this process
+        serves all its wallets' shards on one pipeline; None otherwise, nothing submitted
+        (the saga then runs). OK: all applied; NOT_OWNER: none (not taken whole);
+        UNAVAILABLE: the commit's outcome is unknown (the saga's legs find out, by key)."""
+        if 2 * len(transfers) > self.limits.batch_ops_max:
+            return None
+        wallets = {w for t in transfers for w in (t.from_wallet_id, t.to_wallet_id)}
+        try:
+            routes = [self._route(wallet) for wallet in wallets]
+        except NotOwner:
+            return None
+        pipeline = routes[0][1]
+        if any(route[1] is not pipeline for route in routes):
+            return None
+        shards = {route[0] for route in routes}
+        epochs = {shard: self.ownership.epoch(shard) for shard in shards}
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        try:
+            self._submit(pipeline, JointPayment(transfers, future))
+        except EngineRefused:
+            return None
+        for shard in shards:
+            self._admitted[shard] += 1
+        try:
+            reply = await future
+        finally:
+            for shard in shards:
+                self._release(shard)
+        if reply.outcome is not Outcome.NOT_OWNER:
+            return reply
+        # Not taken, decided on memory: it holds only if the shards stayed served.
+        if all(self.ownership.serving(s) and self.ownership.epoch(s) == e
+               for s, e in epochs.items()):  # fmt: skip
+            return reply
+        return None
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:

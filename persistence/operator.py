@@ -283,8 +283,9 @@ COUNTS = (
     " (SELECT count(*) FROM payments)"
 )
 # A payment against its postings (migration "payments"): all or nothing. Each posting is
-# its payment's (wallets, amount) transfer; DEBITING: none closed yet; CREDITING: none
-# FAILED; FAILING: none COMPLETED; and as many postings as the payment says.
+# its payment's (wallets, amount) transfer; DEBITING: none FAILED (a joint commit may have
+# completed all before the decision lands); CREDITING: none FAILED; FAILING: none
+# COMPLETED; and as many postings as the payment says.
 PAYMENTS_CHECK = f"""
 SELECT p.id, p.phase, count(pp.transfer_id), p.postings,
        count(*) FILTER (WHERE t.status = 2), count(*) FILTER (WHERE t.status = 3),
@@ -297,7 +298,7 @@ SELECT p.id, p.phase, count(pp.transfer_id), p.postings,
 HAVING count(pp.transfer_id) <> p.postings
     OR count(*) FILTER (WHERE t.id IS NOT NULL AND (t.from_wallet_id, t.to_wallet_id, t.amount)
                         IS DISTINCT FROM (pp.from_wallet_id, pp.to_wallet_id, pp.amount)) > 0
-    OR (p.phase = 1 AND count(*) FILTER (WHERE t.status <> 1) > 0)
+    OR (p.phase = 1 AND count(*) FILTER (WHERE t.status = 3) > 0)
     OR (p.phase = 2 AND count(*) FILTER (WHERE t.status = 3) > 0)
     OR (p.phase = 3 AND count(*) FILTER (WHERE t.status = 2) > 0)
  LIMIT {FEED_MISMATCHES_MAX}

@@ -667,7 +667,10 @@ class PostgresLog(WalletLog):
             elif phase == PaymentPhase.CREDITING and asked.phase is PaymentPhase.CREDITING:
                 # As asked: every posting PENDING (the function checked it): no read back.
                 payment = asked.payment
-                pending = tuple(p._replace(status=TransferStatus.PENDING) for p in payment.postings)
+                pending = tuple(
+                    p._replace(status=TransferStatus.PENDING) if p.status is None else p
+                    for p in payment.postings
+                )
                 decided[i] = payment._replace(
                     phase=PaymentPhase.CREDITING, postings=pending, updated_at_us=now_us
                 )

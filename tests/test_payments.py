@@ -151,3 +151,28 @@ async def test_currencies_must_match_and_a_reused_key_is_refused() -> None:
         2,
         SIDE_TO,
     )
+
+
+ONE_PIPELINE = EngineLimits(
+    pipelines=1, batch_ops_max=64, mailbox_commands_max=256, transfer_redrive_interval_s=60.0
+)
+
+
+async def test_wallets_of_one_pipeline_are_paid_in_one_commit_or_by_the_saga() -> None:
+    """One pipeline owns every wallet: the payment's debits and credits travel in one
+    commit (its transfers written COMPLETED, never PENDING); when one posting would be
+    refused, nothing of that commit applies and the saga records the refusal and fails it."""
+    log = ControlledLog()
+    async with running_engine(log, ONE_PIPELINE) as engine:
+        await wallets(engine, 100)
+        before = log.appends
+        payment_id, reply = await engine.pay(None, None, FEE, None)
+        assert reply.outcome is Outcome.OK
+        assert log.appends == before + 1  # debits and credits in one batch
+        assert log.payments[payment_id].phase is PaymentPhase.CREDITING
+        assert [log.wallets[w].balance for w in (BUYER, MERCHANT, PLATFORM)] == [0, 97, 3]
+        await engine.apply(BUYER, OperationKind.DEPOSIT, 5, None)
+        _id, refused = await engine.pay(None, None, [*FEE[:1], Posting(BUYER, PLATFORM, 6)], None)
+    assert (refused.outcome, refused.posting) == (Outcome.INSUFFICIENT_FUNDS, 0)
+    assert [log.wallets[w].balance for w in (BUYER, MERCHANT, PLATFORM)] == [5, 97, 3]
+    assert conserved(log, 105)

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 
+from tests.conftest import AppFactory
 from tests.test_transfers_api import Client, balance, conservation_gap, new_wallet
+from walletd.engine.limits import EngineLimits
+from walletd.engine.ownership import shard_of
+from walletd.http.state import STATE_KEY
 from walletd.persistence.operator import Mismatch, verify
 
 
@@ -186,13 +191,24 @@ async def test_one_currency_per_payment_and_the_body_is_validated(client: Client
     assert await balance(client, buyer) == "5.00"
 
 
-async def test_a_payment_in_flight_is_visible_pending(client: Client, database_url: str) -> None:
-    """While a receiver's wallet row is locked (its shard's commits wait), the payment is
-    debited and PENDING: readable as such, its money in its PENDING postings (conservation
-    exact meanwhile); once the lock goes, it completes."""
-    buyer, merchant, platform = (
-        await new_wallet(client, "10.00"), await new_wallet(client), await new_wallet(client)
-    )  # fmt: skip
+async def test_a_payment_in_flight_is_visible_pending(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any], database_url: str
+) -> None:
+    """Wallets on two pipelines (so not one joint commit: the saga). While a receiver's
+    wallet row is locked (its shard's commits wait), the payment is debited and PENDING:
+    readable as such, its money in its PENDING postings (conservation exact meanwhile); once
+    the lock goes, it completes."""
+    app = make_app(limits=EngineLimits(pipelines=4))
+    client: Client = await aiohttp_client(app)
+    engine = app[STATE_KEY].services.engine
+
+    def pipeline(wallet: str) -> int:
+        return shard_of(uuid.UUID(wallet), engine.ownership.shard_count) % 4
+
+    buyer, platform = await new_wallet(client, "10.00"), await new_wallet(client)
+    merchant = await new_wallet(client)
+    while pipeline(merchant) == pipeline(buyer):
+        merchant = await new_wallet(client)
     locker = await asyncpg.connect(database_url)
     watcher = await asyncpg.connect(database_url)
     payment_id = str(uuid.uuid4())
@@ -207,15 +223,14 @@ async def test_a_payment_in_flight_is_visible_pending(client: Client, database_u
                 postings=[posting(buyer, merchant, "6.00"), posting(buyer, platform, "1.00")],
             )
         )
-        for _ in range(200):
-            response = await client.get(f"/api/v1/payments/{payment_id}")
-            if response.status == 200:
-                seen = await response.json()
-                if all(p["status"] == "PENDING" for p in seen["postings"]):
-                    break
+        for _ in range(200):  # until both debits are in (the buyer's balance shows them)
+            if await balance(client, buyer) == "3.00":
+                break
             await asyncio.sleep(0.05)
+        response = await client.get(f"/api/v1/payments/{payment_id}")
+        seen = await response.json()
         assert seen["status"] == "PENDING"
-        assert await balance(client, buyer) == "3.00"
+        assert [p["status"] for p in seen["postings"]] == ["PENDING", "PENDING"]
         assert await conservation_gap(watcher) == 0
         await locker_tx.rollback()
         status, body, _ = await task

@@ -6,7 +6,8 @@
 -- The payment's phase is decided here, once (walletd_decide_payment, a compare-and-set
 -- under the payment row's lock):
 --   1 DEBITING   the postings are being debited (each opens its transfer, PENDING)
---   2 CREDITING  every posting was debited and no receiver is CLOSED: credits only. The
+--   2 CREDITING  every posting was debited (and maybe credited already, by a joint commit)
+--                and no receiver waiting for its credit is CLOSED: credits only. The
 --                receivers' wallet rows are locked (FOR SHARE) while this is decided, so a
 --                close either committed before (seen: FAILING instead) or meets the
 --                PENDING postings after (WD009): a credit is never refused for CLOSED.
@@ -130,9 +131,11 @@ BEGIN
         RETURN current;
     END IF;
     IF p_phase = 2 THEN
+        -- Every posting debited and not refunded: PENDING, or COMPLETED by a joint commit
+        -- (every posting's debit and credit in one batch, engine/payments.py).
         IF EXISTS (SELECT 1 FROM payment_postings pp
                      LEFT JOIN transfers t ON t.id = pp.transfer_id
-                    WHERE pp.payment_id = p_id AND t.status IS DISTINCT FROM 1) THEN
+                    WHERE pp.payment_id = p_id AND (t.status IS NULL OR t.status = 3)) THEN
             RETURN 0;
         END IF;
         -- Lock the receivers (in id order: two payments never wait on each other in a
@@ -140,9 +143,12 @@ BEGIN
         PERFORM 1 FROM wallets w
           WHERE w.id IN (SELECT pp.to_wallet_id FROM payment_postings pp WHERE pp.payment_id = p_id)
           ORDER BY w.id FOR SHARE;
+        -- A receiver CLOSED while its posting still waits for the credit (one credited
+        -- already may have been emptied and closed since: its posting is done).
         SELECT pp.idx INTO closed_index
           FROM payment_postings pp JOIN wallets w ON w.id = pp.to_wallet_id
-         WHERE pp.payment_id = p_id AND w.status = 3
+          JOIN transfers t ON t.id = pp.transfer_id
+         WHERE pp.payment_id = p_id AND w.status = 3 AND t.status = 1
          ORDER BY pp.idx LIMIT 1;
         IF FOUND THEN
             p_phase := 3; p_index := closed_index; p_code := 'WALLET_CLOSED';
