@@ -28,6 +28,10 @@ transfer: conservation is exact at every commit (docs/ARCHITECTURE.md, "Payments
     re-drive:         a payment not final, older than one interval, is driven again by the
                       process that serves its first posting's sending wallet
 
+When one pipeline of this process owns every wallet, a payment just opened goes first as one
+``JointPayment``: every debit and credit in one commit, or nothing and then the saga above
+(docs/ARCHITECTURE.md, "Payments").
+
 The decision is stored once (a compare-and-set on the payment's phase), so two drivers of
 one payment (a client's retry on another process, the re-drive) cannot decide differently;
 a credit is never refused for a reason that could make the payment partial (receivers
