@@ -94,6 +94,7 @@ bench: install-dev tools
 	$(PY) -m loadtest.bench
 	$(PY) -m loadtest.bulk_bench
 	$(PY) -m loadtest.cluster_bench
+	$(PY) -m loadtest.payment_bench
 
 loadtest: install-dev
 	$(PY) -m loadtest.run_locust

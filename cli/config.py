@@ -161,6 +161,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transfer_redrive_batch_max", ("WALLETD_TRANSFER_REDRIVE_BATCH_MAX",),
             "--transfer-redrive-batch-max", int, 256,
             "PENDING transfers one re-drive pass finishes at most; the rest wait for the next"),
+    Setting("payment_postings_max", ("WALLETD_PAYMENT_POSTINGS_MAX",),
+            "--payment-postings-max", int, 16,
+            "postings one payment may have (1..256); more is 422"),
     Setting("holds_per_wallet_max", ("WALLETD_HOLDS_PER_WALLET_MAX",),
             "--holds-per-wallet-max", int, 100,
             "PENDING holds one wallet may have; one more is 409 TOO_MANY_HOLDS"),
@@ -362,6 +365,7 @@ class Config:
     shard_restart_window_s: float
     transfer_redrive_interval_s: float
     transfer_redrive_batch_max: int
+    payment_postings_max: int
     holds_per_wallet_max: int
     hold_expires_in_s_default: int
     hold_expires_in_s_max: int

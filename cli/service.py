@@ -88,6 +88,7 @@ def engine_limits(config: Config) -> EngineLimits:
         shard_restart_window_s=config.shard_restart_window_s,
         transfer_redrive_interval_s=config.transfer_redrive_interval_s,
         transfer_redrive_batch_max=config.transfer_redrive_batch_max,
+        payment_postings_max=config.payment_postings_max,
         holds_per_wallet_max=config.holds_per_wallet_max,
         hold_expires_in_s_default=config.hold_expires_in_s_default,
         hold_expires_in_s_max=config.hold_expires_in_s_max,

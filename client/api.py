@@ -56,6 +56,8 @@ __all__ = [
     "Hold",
     "Operation",
     "Page",
+    "Payment",
+    "Posting",
     "Transfer",
     "Wallet",
     "WalletdClient",
@@ -319,6 +321,65 @@ class Transfer:
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """One posting of a payment: a transfer of its own (``transfer_id``)."""
+
+    transfer_id: str
+    from_wallet_id: str
+    to_wallet_id: str
+    amount: Decimal
+    status: str  # PENDING, COMPLETED, FAILED
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any]) -> Posting:
+        return cls(
+            transfer_id=str(body["transfer_id"]),
+            from_wallet_id=str(body["from_wallet_id"]),
+            to_wallet_id=str(body["to_wallet_id"]),
+            amount=_decimal(body["amount"], "amount"),
+            status=str(body["status"]),
+            metadata=_metadata(body.get("metadata")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """Several postings applied all together or not at all (COMPLETED / FAILED; PENDING
+    in between). ``failure``: for a failed one, the posting refused first (``posting``,
+    ``side``, ``code``)."""
+
+    id: str
+    status: str
+    currency: str
+    reference: str | None
+    postings: tuple[Posting, ...]
+    failure: Mapping[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    replayed: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Payment:
+        try:
+            return cls(
+                id=str(body["id"]),
+                status=str(body["status"]),
+                currency=str(body["currency"]),
+                reference=_optional_text(body["reference"]),
+                postings=tuple(Posting.from_json(p) for p in body["postings"]),
+                failure=body["failure"],
+                created_at=_timestamp(body["created_at"], "created_at"),
+                updated_at=_timestamp(body["updated_at"], "updated_at"),
+                replayed=replayed,
+                metadata=_metadata(body.get("metadata")),
+            )
+        except (KeyError, TypeError) as missing:
+            raise UnexpectedResponse(f"payment JSON lacks {missing}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -907,6 +968,58 @@ class WalletdClient:
             idempotency_key=idempotency_key or new_idempotency_key(),
         )  # fmt: skip
         return answer.wallet()
+
+    # -- payments --------------------------------------------------------------------------
+
+    async def create_payment(
+        self,
+        postings: Sequence[tuple[str | uuid.UUID, str | uuid.UUID, Amount] | Mapping[str, Any]],
+        *,
+        reference: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        payment_id: str | uuid.UUID | None = None,
+        idempotency_key: str | None = None,
+    ) -> Payment:
+        """Applies every posting or none; the answer means every posting is COMPLETED.
+        A posting is ``(from_wallet_id, to_wallet_id, amount)`` or a mapping with those
+        keys (and ``metadata``). A refusal raises with ``body["posting"]`` (its index) and
+        ``body["side"]``, and the FAILED ``body["payment"]``; ServiceUnavailable may leave
+        it PENDING: ``get_payment`` shows it, and walletd finishes it by itself. The key
+        (generated unless given) or ``payment_id`` makes a retry return the same payment."""
+        wanted: list[dict[str, Any]] = []
+        for item in postings:
+            entry: dict[str, Any]
+            if isinstance(item, Mapping):
+                entry = {
+                    "from_wallet_id": str(item["from_wallet_id"]),
+                    "to_wallet_id": str(item["to_wallet_id"]),
+                    "amount": _amount_text(item["amount"]),
+                }
+                if item.get("metadata"):
+                    entry["metadata"] = dict(item["metadata"])
+            else:
+                source, target, amount = item
+                entry = {
+                    "from_wallet_id": str(source),
+                    "to_wallet_id": str(target),
+                    "amount": _amount_text(amount),
+                }
+            wanted.append(entry)
+        body: dict[str, Any] = {"postings": wanted}
+        if reference is not None:
+            body["reference"] = reference
+        if metadata:
+            body["metadata"] = dict(metadata)
+        if payment_id is not None:
+            body["id"] = str(payment_id)
+        answer = await self._call(
+            "POST", "/payments", body, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        return answer.decode(lambda body: Payment.from_json(body, answer.replayed))
+
+    async def get_payment(self, payment_id: str | uuid.UUID) -> Payment:
+        answer = await self._call("GET", f"/payments/{_segment(payment_id)}")
+        return answer.decode(Payment.from_json)
 
     # -- holds -----------------------------------------------------------------------------
 

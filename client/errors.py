@@ -16,6 +16,7 @@ Exceptions::
         │   │   ├── InvalidWalletId         INVALID_WALLET_ID
         │   │   ├── InvalidTransferId       INVALID_TRANSFER_ID
         │   │   ├── InvalidHoldId           INVALID_HOLD_ID
+        │   │   ├── InvalidPaymentId        INVALID_PAYMENT_ID
         │   │   └── InvalidWebhookId        INVALID_WEBHOOK_ID
         │   ├── ValidationError         VALIDATION_ERROR (``errors``: one entry per field)
         │   ├── IdempotencyKeyReused    IDEMPOTENCY_KEY_REUSED
@@ -40,6 +41,7 @@ Exceptions::
         │   ├── TransferNotFound        TRANSFER_NOT_FOUND
         │   ├── HoldNotFound            HOLD_NOT_FOUND
         │   ├── OperationNotFound       OPERATION_NOT_FOUND (a reversal's seq)
+        │   ├── PaymentNotFound         PAYMENT_NOT_FOUND
         │   ├── WebhookNotFound         WEBHOOK_NOT_FOUND
         │   └── DeliveryNotFound        DELIVERY_NOT_FOUND
         ├── Refused               a business refusal: final for its Idempotency-Key
@@ -110,6 +112,7 @@ __all__ = [
     "InvalidHoldId",
     "InvalidId",
     "InvalidJson",
+    "InvalidPaymentId",
     "InvalidRequest",
     "InvalidTransferId",
     "InvalidWalletId",
@@ -122,6 +125,7 @@ __all__ = [
     "OverdraftLimitInUse",
     "Overloaded",
     "PayloadTooLarge",
+    "PaymentNotFound",
     "PreconditionFailed",
     "ProblemError",
     "RateExceeded",
@@ -232,6 +236,10 @@ class InvalidHoldId(InvalidId):
     """The hold id in the path is not a UUID."""
 
 
+class InvalidPaymentId(InvalidId):
+    """The payment id in the path is not a UUID."""
+
+
 class ValidationError(InvalidRequest):
     """422 VALIDATION_ERROR; ``errors`` lists each field and what is wrong with it."""
 
@@ -326,6 +334,10 @@ class HoldNotFound(NotFound):
 
 class OperationNotFound(NotFound):
     """The wallet has no operation with this seq (a reversal)."""
+
+
+class PaymentNotFound(NotFound):
+    """No payment has this id."""
 
 
 class InvalidWebhookId(InvalidId):
@@ -494,6 +506,8 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "TRANSFER_IS_REFUND": TransferIsRefund,
     "ALREADY_REVERSED": AlreadyReversed,
     "NOT_REVERSIBLE": NotReversible,
+    "INVALID_PAYMENT_ID": InvalidPaymentId,
+    "PAYMENT_NOT_FOUND": PaymentNotFound,
     "HOLD_EXPIRED": HoldExpired,
     "HOLD_ALREADY_CAPTURED": HoldAlreadyCaptured,
     "HOLD_ALREADY_VOIDED": HoldAlreadyVoided,

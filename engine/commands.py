@@ -35,6 +35,7 @@ __all__ = [
     "CreateWallet",
     "HoldAction",
     "HoldCommand",
+    "JointPayment",
     "JointTransfer",
     "Operation",
     "Outcome",
@@ -115,6 +116,9 @@ class Outcome(enum.Enum):
     ALREADY_REVERSED = "ALREADY_REVERSED"
     NOT_REVERSIBLE = "NOT_REVERSIBLE"
     OPERATION_NOT_FOUND = "OPERATION_NOT_FOUND"
+    # A posting of a payment that failed (engine/payments.py): its debit is refunded with
+    # this code (another posting was refused; the payment names it).
+    PAYMENT_FAILED = "PAYMENT_FAILED"
 
 
 # The refusals of a transfer's credit that end it FAILED (the debit refunded): a refund leg
@@ -128,6 +132,8 @@ REFUND_FAILURE_CODES: Final = frozenset(
         # Only when the receiver was created in another currency after the coordinator
         # read its currency (it was missing then): the debit is refunded.
         Outcome.CURRENCY_MISMATCH.value,
+        # A debited posting of a payment that failed: refunded, never credited.
+        Outcome.PAYMENT_FAILED.value,
     }
 )
 
@@ -456,6 +462,33 @@ class JointTransfer:
         self.wallet_id = transfer.from_wallet_id
 
 
+class JointPayment:
+    """Every posting of a payment in one batch, when one pipeline owns all its wallets
+    (engine/payments.py): decided whole on a scratch copy of the wallets first, as an atomic
+    bulk group is; then every debit and every credit applied, so the payment's transfers
+    are written COMPLETED by one commit, nothing in flight. When any leg would not apply
+    (a refusal, a key already used, a wallet not resident), nothing is applied and the
+    answer is NOT_OWNER: the coordinator then runs the saga, which records the refusal.
+
+    Answered OK with ``items``: the credits' replies (the debits' are implied)."""
+
+    __slots__ = ("credits", "debits", "reply", "wallet_id", "weight")
+
+    def __init__(self, transfers: Sequence[TransferRecord], reply: asyncio.Future[Reply]) -> None:
+        # The legs' keys cannot be stored yet (the payment was just opened by this driver);
+        # one stored meanwhile by another driver is caught by storage's unique index.
+        self.debits = tuple(
+            TransferLeg(OperationKind.TRANSFER_OUT, t, reply, fresh=True) for t in transfers
+        )
+        self.credits = tuple(
+            TransferLeg(OperationKind.TRANSFER_IN, t, reply, fresh=True) for t in transfers
+        )
+        self.reply = reply
+        self.wallet_id = transfers[0].from_wallet_id
+        # Two log rows per posting; never split over batches.
+        self.weight = 2 * len(transfers)
+
+
 class UpdateWallet:
     """PATCH /api/v1/wallets/{id}: a new status, overdraft limit and/or metadata change
     (None: unchanged; ``metadata`` is merged into the wallet's, a None value deleting its
@@ -514,7 +547,7 @@ class ReadWallet:
 
 Command = (
     ApplyOperation | ApplyOperations | CreateWallet | HoldCommand | ReadWallet | TransferLeg
-    | JointTransfer | UpdateWallet
+    | JointTransfer | JointPayment | UpdateWallet
 )  # fmt: skip
 
 
@@ -529,6 +562,14 @@ def command_ids(command: Command) -> tuple[set[int], set[int]]:
         transfer = command.debit.transfer
         wallets = {transfer.from_wallet_id.int, transfer.to_wallet_id.int}
         return wallets, wallets | {transfer.transfer_id.int}
+    if isinstance(command, JointPayment):
+        wallets = set()
+        named = set()
+        for leg in command.debits:
+            transfer = leg.transfer
+            wallets |= {transfer.from_wallet_id.int, transfer.to_wallet_id.int}
+            named.add(transfer.transfer_id.int)
+        return wallets, wallets | named
     wallets = {command.wallet_id.int}
     named = set(wallets)
     if isinstance(command, TransferLeg):

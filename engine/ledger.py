@@ -54,6 +54,7 @@ from walletd.engine.commands import (
     CreateWallet,
     HoldAction,
     HoldCommand,
+    JointPayment,
     JointTransfer,
     Operation,
     Outcome,
@@ -422,10 +423,13 @@ class Ledger:
                     keys.move_to_end(key)
                 else:
                     op_keys.add(key)
-            elif isinstance(command, TransferLeg | JointTransfer):
-                legs = (command,) if isinstance(command, TransferLeg) else (
-                    command.debit, command.credit,
-                )  # fmt: skip
+            elif isinstance(command, TransferLeg | JointTransfer | JointPayment):
+                if isinstance(command, TransferLeg):
+                    legs: tuple[TransferLeg, ...] = (command,)
+                elif isinstance(command, JointTransfer):
+                    legs = (command.debit, command.credit)
+                else:
+                    legs = command.debits + command.credits
                 for leg in legs:
                     if leg.wallet_id.int not in residents:
                         wallet_ids.add(leg.wallet_id)
@@ -747,6 +751,49 @@ class Ledger:
         credit = self._apply_transfer_leg(leg, applied)
         require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
         return debit._replace(items=(credit,))
+
+    def _apply_joint_payment(self, command: JointPayment, applied: Applied) -> Reply:
+        """Every posting's debit and credit in this batch, or none (``JointPayment``): first
+        decided on a scratch copy of the wallets (the same rules as ``_move``'s, on the
+        pending state, the postings in order), then applied for real on that same state."""
+        scratch: dict[int, list[int]] = {}  # wallet -> [balance, available]
+        residents, keys = self._residents, self._keys
+        for leg in command.debits + command.credits:
+            wid = leg.wallet_id.int
+            resident = residents.get(wid)
+            if (
+                resident is None
+                or (leg.wallet_id, leg.key) in keys
+                or not _storable_leg(leg)
+                or self._currency_refused(leg, leg.wallet_id)
+            ):
+                return _NOT_TAKEN
+            pending = resident.pending
+            state = pending if pending is not None else resident
+            status = state.status
+            if wid not in scratch:
+                scratch[wid] = [state.balance, state.balance - state.held + state.overdraft_limit]
+            amount = leg.transfer.amount
+            money = scratch[wid]
+            if leg.kind is OperationKind.TRANSFER_OUT:
+                if status is not _ACTIVE or amount > money[1]:
+                    return _NOT_TAKEN
+                money[0] -= amount
+                money[1] -= amount
+            else:
+                if status is _CLOSED or money[0] + amount > BALANCE_MINOR_MAX:
+                    return _NOT_TAKEN
+                money[0] += amount
+                money[1] += amount
+        for leg in command.debits:
+            debit = self._apply_transfer_leg(leg, applied)
+            require(debit.outcome is Outcome.OK and not debit.replayed, "joint debit refused")
+        credits = []
+        for leg in command.credits:
+            credit = self._apply_transfer_leg(leg, applied)
+            require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
+            credits.append(credit)
+        return Reply(Outcome.OK, items=tuple(credits))
 
     def _move(
         self,
@@ -1575,6 +1622,9 @@ def _drop_pending_if_caught_up(resident: Resident) -> None:
         resident.pending = None
 
 
+# A JointPayment the ledger does not take whole: nothing applied (the saga goes on).
+_NOT_TAKEN: Final = Reply(Outcome.NOT_OWNER)
+
 # The one dispatch point: a command's type -> the rule that decides it.
 _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     ApplyOperation: Ledger._apply_operation,  # type: ignore[dict-item]
@@ -1584,5 +1634,6 @@ _HANDLERS: Final[dict[type, Callable[[Ledger, Command, Applied], Reply]]] = {
     ReadWallet: Ledger._read_wallet,  # type: ignore[dict-item]
     TransferLeg: Ledger._apply_transfer_leg,  # type: ignore[dict-item]
     JointTransfer: Ledger._apply_joint_transfer,  # type: ignore[dict-item]
+    JointPayment: Ledger._apply_joint_payment,  # type: ignore[dict-item]
     UpdateWallet: Ledger._update_wallet,  # type: ignore[dict-item]
 }

@@ -33,6 +33,10 @@ Each limit has a defined behaviour when hit:
 - ``transfer_redrive_batch_max``: at most this many PENDING transfers are driven again at
   once (and never more than one mailbox holds); the rest wait for the next pass, which
   goes on after the last one chosen (engine/transfers.py, ``TransferCoordinator.redrive``).
+- ``payment_postings_max``: a payment has at most this many postings (422 past it); each
+  of its phases sends that many legs at once, so it also bounds what one payment puts in
+  the owners' mailboxes and how many payments a re-drive pass takes (its batch divided by
+  it).
 - ``holds_per_wallet_max``: a wallet has at most this many PENDING holds; one more is
   refused with 409 ``TOO_MANY_HOLDS`` (nothing written). It bounds what loading a wallet
   reads and keeps in memory with it.
@@ -89,6 +93,7 @@ class EngineLimits:
     shard_restart_window_s: float = 60.0
     transfer_redrive_interval_s: float = 2.0
     transfer_redrive_batch_max: int = 256
+    payment_postings_max: int = 16
     holds_per_wallet_max: int = 100
     hold_expires_in_s_default: int = 86_400
     hold_expires_in_s_max: int = 30 * 86_400
@@ -132,6 +137,8 @@ class EngineLimits:
             raise ValueError("transfer_redrive_interval_s must be positive")
         if self.transfer_redrive_batch_max < 1:
             raise ValueError("transfer_redrive_batch_max must be at least 1")
+        if not 1 <= self.payment_postings_max <= 256:
+            raise ValueError("payment_postings_max must be within 1..256")
         if not 1 <= self.holds_per_wallet_max <= 10_000:
             raise ValueError("holds_per_wallet_max must be within 1..10000")
         if not 1 <= self.hold_expires_in_s_default <= self.hold_expires_in_s_max <= 10**8:

@@ -17,6 +17,9 @@ from walletd.engine.model import (
     HoldStatus,
     OperationKind,
     OperationRecord,
+    PaymentPhase,
+    PaymentRecord,
+    PaymentStatus,
     RefusalRecord,
     TransferRecord,
     TransferStatus,
@@ -48,6 +51,9 @@ class InMemoryLog(WalletLog):
         self._by_create_key: dict[str, UUID] = {}
         self.transfers: dict[UUID, TransferRecord] = {}
         self.holds: dict[UUID, HoldRecord] = {}
+        # Payments as opened or decided; their postings' statuses are read from
+        # ``transfers`` when loaded.
+        self.payments: dict[UUID, PaymentRecord] = {}
         self.appends = 0
         # Fault injection: the next N appends fail; ``apply_then_fail`` writes the batch
         # first, which is what a connection lost during COMMIT looks like from outside.
@@ -120,6 +126,7 @@ class InMemoryLog(WalletLog):
             t
             for t in self.transfers.values()
             if t.status is TransferStatus.PENDING
+            and t.payment_id is None  # a payment's posting: driven by its payment
             and t.created_at_us < created_before_us
             and (after is None or (t.created_at_us, t.transfer_id) > after)
         ]
@@ -365,6 +372,83 @@ class InMemoryLog(WalletLog):
     async def recent_wallets(self, limit: int) -> list[WalletRecord]:
         newest = sorted(self.wallets.values(), key=lambda w: w.updated_at_us, reverse=True)
         return [self._with_holds(w) for w in newest[:limit]]
+
+    def _payment(self, payment: PaymentRecord) -> PaymentRecord:
+        postings = tuple(
+            p if (t := self.transfers.get(p.transfer_id)) is None
+            else p._replace(status=t.status, failure_code=t.failure_code)
+            for p in payment.postings
+        )  # fmt: skip
+        return payment._replace(postings=postings)
+
+    async def open_payment(self, payment: PaymentRecord) -> PaymentRecord:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        stored = self.payments.setdefault(payment.payment_id, payment)
+        return self._payment(stored)
+
+    async def load_payments(self, payment_ids: Sequence[UUID]) -> dict[UUID, PaymentRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        return {i: self._payment(self.payments[i]) for i in payment_ids if i in self.payments}
+
+    async def decide_payment(
+        self,
+        payment: PaymentRecord,
+        phase: PaymentPhase,
+        failed_index: int | None,
+        failure_code: str | None,
+        balance_seen: int | None,
+        now_us: int,
+    ) -> PaymentRecord:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        payment_id = payment.payment_id
+        stored = self._payment(self.payments[payment_id])
+        if stored.phase is not PaymentPhase.DEBITING:
+            return stored
+        side = None if failed_index is None else "from"
+        if phase is PaymentPhase.CREDITING:
+            if any(
+                p.status not in (TransferStatus.PENDING, TransferStatus.COMPLETED)
+                for p in stored.postings
+            ):
+                raise StorageRefused(f"payment {payment_id} has a posting not debited", "WD011")
+            for index, posting in enumerate(stored.postings):
+                wallet = self.wallets.get(posting.to_wallet_id)
+                if (
+                    posting.status is TransferStatus.PENDING
+                    and wallet is not None
+                    and wallet.status is WalletStatus.CLOSED
+                ):
+                    phase, failed_index, failure_code = PaymentPhase.FAILING, index, "WALLET_CLOSED"
+                    balance_seen, side = None, "to"
+                    break
+        if phase is PaymentPhase.FAILING:
+            for index, posting in enumerate(stored.postings):
+                if posting.transfer_id not in self.transfers:
+                    self.transfers[posting.transfer_id] = TransferRecord(
+                        posting.transfer_id, posting.from_wallet_id, posting.to_wallet_id,
+                        posting.amount, stored.reference, TransferStatus.FAILED,
+                        "PAYMENT_NOT_DEBITED", now_us, now_us, stored.actor, stored.currency,
+                        posting.metadata, payment_id=payment_id, payment_index=index,
+                    )  # fmt: skip
+        decided = self.payments[payment_id]._replace(
+            phase=phase, failed_index=failed_index, failure_code=failure_code,
+            balance_seen=balance_seen, updated_at_us=now_us, failed_side=side,
+        )  # fmt: skip
+        self.payments[payment_id] = decided
+        return self._payment(decided)
+
+    async def pending_payments(self, created_before_us: int, limit: int) -> list[PaymentRecord]:
+        if self.fail_loads:
+            raise StorageError("injected load failure")
+        found = [
+            loaded for p in self.payments.values()
+            if p.created_at_us < created_before_us
+            and (loaded := self._payment(p)).status is PaymentStatus.PENDING
+        ]  # fmt: skip
+        return sorted(found, key=lambda p: (p.created_at_us, p.payment_id))[:limit]
 
     async def ping(self) -> None:
         if self.fail_loads:

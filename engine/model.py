@@ -31,6 +31,11 @@ __all__ = [
     "NewWallet",
     "OperationKind",
     "OperationRecord",
+    "PaymentDecision",
+    "PaymentPhase",
+    "PaymentRecord",
+    "PaymentStatus",
+    "PostingRecord",
     "RefusalReason",
     "RefusalRecord",
     "SnapshotUpdate",
@@ -359,6 +364,10 @@ class TransferRecord(NamedTuple):
     # What its refunds that are not FAILED sum to, as storage read it with the transfer
     # (0 for one the engine just built: a new transfer has no refunds).
     refunded: int = 0
+    # The payment whose posting this transfer is (docs/ARCHITECTURE.md, "Payments"), and
+    # the posting's index: such a transfer is driven by its payment only, never alone.
+    payment_id: UUID | None = None
+    payment_index: int | None = None
 
 
 class TransferUpdate(NamedTuple):
@@ -368,6 +377,95 @@ class TransferUpdate(NamedTuple):
     status: TransferStatus
     failure_code: str | None
     updated_at_us: int
+
+
+class PaymentPhase(enum.IntEnum):
+    """What storage decided of a payment (docs/ARCHITECTURE.md, "Payments"), once:
+    DEBITING until every posting is debited or one debit is refused; then CREDITING (every
+    posting gets its credit, none is refunded) or FAILING (every debited posting is refunded,
+    the others can never be debited)."""
+
+    DEBITING = 1
+    CREDITING = 2
+    FAILING = 3
+
+
+class PaymentStatus(enum.IntEnum):
+    """A payment as clients see it: PENDING until its phase is decided and every posting
+    closed; then COMPLETED (every posting credited) or FAILED (none applied)."""
+
+    PENDING = 1
+    COMPLETED = 2
+    FAILED = 3
+
+
+class PostingRecord(NamedTuple):
+    """One posting of a payment: a transfer (``transfer_id``, derived from the payment's id
+    and the index) with its stored status; None while it is not debited (no transfer row)."""
+
+    transfer_id: UUID
+    from_wallet_id: UUID
+    to_wallet_id: UUID
+    amount: int
+    metadata: Metadata = NO_METADATA
+    status: TransferStatus | None = None
+    failure_code: str | None = None
+
+
+class PaymentRecord(NamedTuple):
+    """A payment as stored: its postings (in order), its phase, and for a failed one the
+    posting refused first (``failed_index``) with the refusal's code and the balance the
+    refusal was decided against."""
+
+    payment_id: UUID
+    postings: tuple[PostingRecord, ...]
+    phase: PaymentPhase
+    currency: Currency
+    reference: str | None
+    metadata: Metadata
+    actor: str | None
+    created_at_us: int
+    updated_at_us: int
+    failed_index: int | None = None
+    failure_code: str | None = None
+    balance_seen: int | None = None
+    # Which wallet of the refused posting refused: "from" (its debit) or "to" (CLOSED).
+    failed_side: str | None = None
+
+    @property
+    def status(self) -> PaymentStatus:
+        if self.phase is PaymentPhase.DEBITING:
+            return PaymentStatus.PENDING
+        final = (
+            TransferStatus.COMPLETED
+            if self.phase is PaymentPhase.CREDITING
+            else (TransferStatus.FAILED)
+        )
+        if all(posting.status is final for posting in self.postings):
+            return (
+                PaymentStatus.COMPLETED
+                if final is TransferStatus.COMPLETED
+                else (PaymentStatus.FAILED)
+            )
+        return PaymentStatus.PENDING
+
+    def same_request(self, other: PaymentRecord) -> bool:
+        """Whether ``other`` asks for the same payment (what a retry under its key is)."""
+        mine = [(p.from_wallet_id, p.to_wallet_id, p.amount, p.metadata) for p in self.postings]
+        theirs = [(p.from_wallet_id, p.to_wallet_id, p.amount, p.metadata) for p in other.postings]
+        return (mine, self.reference, self.metadata) == (theirs, other.reference, other.metadata)
+
+
+class PaymentDecision(NamedTuple):
+    """What a driver asks storage to decide of a DEBITING payment (WalletLog.decide_payments):
+    CREDITING, or FAILING naming the posting refused first."""
+
+    payment: PaymentRecord
+    phase: PaymentPhase
+    failed_index: int | None
+    failure_code: str | None
+    balance_seen: int | None
+    now_us: int
 
 
 @dataclass(slots=True)

@@ -33,6 +33,9 @@ from walletd.engine.model import (
     Batch,
     HoldRecord,
     OperationRecord,
+    PaymentDecision,
+    PaymentPhase,
+    PaymentRecord,
     RefusalRecord,
     TransferRecord,
     WalletRecord,
@@ -170,6 +173,63 @@ class WalletLog(abc.ABC):
     @abc.abstractmethod
     async def recent_wallets(self, limit: int) -> list[WalletRecord]:
         """Up to ``limit`` wallets, most recently updated first (for warm-up at start)."""
+
+    # -- payments (docs/ARCHITECTURE.md, "Payments"): storage that has none refuses them --
+
+    async def open_payment(self, payment: PaymentRecord) -> PaymentRecord:
+        """Store ``payment`` (phase DEBITING, its postings) unless a payment is stored under
+        its id; return the stored one, its postings with their transfers' statuses."""
+        raise StorageUnavailable("this storage keeps no payments")
+
+    async def load_payments(self, payment_ids: Sequence[UUID]) -> dict[UUID, PaymentRecord]:
+        """The stored payments among ``payment_ids``, with their postings' statuses."""
+        raise StorageUnavailable("this storage keeps no payments")
+
+    async def decide_payment(
+        self,
+        payment: PaymentRecord,
+        phase: PaymentPhase,
+        failed_index: int | None,
+        failure_code: str | None,
+        balance_seen: int | None,
+        now_us: int,
+    ) -> PaymentRecord:
+        """Decide a DEBITING ``payment`` (as the caller knows it) once, atomically; return
+        it as stored after (its phase may be the decision of another driver, taken first).
+
+        CREDITING only when every posting's transfer is PENDING (``StorageRefused``
+        otherwise, nothing written) and no receiving wallet is CLOSED; a CLOSED receiver
+        turns it into FAILING (WALLET_CLOSED, naming the first such posting), and from the
+        commit on no receiver can close while its posting is PENDING (WD009). FAILING
+        stores each posting not debited yet as a FAILED transfer (``PAYMENT_NOT_DEBITED``),
+        so its debit can never be stored after (the transfer's id is taken)."""
+        raise StorageUnavailable("this storage keeps no payments")
+
+    async def open_payments(self, payments: Sequence[PaymentRecord]) -> list[PaymentRecord]:
+        """``open_payment`` of each, in order (one statement where storage can: a wave)."""
+        return [await self.open_payment(payment) for payment in payments]
+
+    async def decide_payments(
+        self, decisions: Sequence[PaymentDecision]
+    ) -> list[PaymentRecord | None]:
+        """``decide_payment`` of each, in order; None where storage refused it (nothing
+        written for that one). One statement where storage can (a wave)."""
+        decided: list[PaymentRecord | None] = []
+        for d in decisions:
+            try:
+                one = await self.decide_payment(
+                    d.payment, d.phase, d.failed_index, d.failure_code, d.balance_seen, d.now_us
+                )
+            except StorageRefused:
+                decided.append(None)
+            else:
+                decided.append(one)
+        return decided
+
+    async def pending_payments(self, created_before_us: int, limit: int) -> list[PaymentRecord]:
+        """Up to ``limit`` payments created before the instant that are not final (DEBITING,
+        or a posting PENDING), oldest first."""
+        raise StorageUnavailable("this storage keeps no payments")
 
     @abc.abstractmethod
     async def refunded_amount(self, transfer_id: UUID) -> int:

@@ -33,6 +33,7 @@ from walletd.engine.commands import (
     CreateWallet,
     HoldAction,
     HoldCommand,
+    JointPayment,
     JointTransfer,
     Operation,
     Outcome,
@@ -71,6 +72,7 @@ from walletd.engine.model import (
     MetadataPatch,
     OperationKind,
     OperationRecord,
+    PaymentRecord,
     RefusalRecord,
     TransferRecord,
     TransferStatus,
@@ -81,6 +83,12 @@ from walletd.engine.model import (
 from walletd.engine.money import SEED_CURRENCY, Currency
 from walletd.engine.observer import EngineObserver
 from walletd.engine.ownership import Ownership, shard_of
+from walletd.engine.payments import (
+    PAYMENT_KEY_NAMESPACE,
+    PaymentCoordinator,
+    PaymentReply,
+    Posting,
+)
 from walletd.engine.ports import StaleEpoch, StorageError, WalletLog
 from walletd.engine.shard import Shard
 from walletd.engine.transfers import (
@@ -280,6 +288,7 @@ class Engine:
             self_url=self_url,
             tries_max=self.limits.transfer_leg_tries_max,
             local_joint=self.deliver_joint,
+            local_joint_payment=self.deliver_joint_payment,
             local_read=self.read,
         )
         self.transfers = TransferCoordinator(
@@ -291,6 +300,10 @@ class Engine:
             observer=self._observer,
             currency_cache_wallets_max=self.limits.currency_cache_wallets_max,
         )
+        self.payments = PaymentCoordinator(
+            log, delivery, self.transfers, self.limits.load_timeout_s, clock_us,
+            observer=self._observer,
+        )  # fmt: skip
         self._redrive_task: asyncio.Task[None] | None = None
         self._redrive_stop = asyncio.Event()
         self._sweep_task: asyncio.Task[None] | None = None
@@ -354,6 +367,26 @@ class Engine:
 
         return await self.transfers.redrive(created_before_us, batch_max, owns)
 
+    async def redrive_payments(self, *, created_before_us: int | None = None) -> int:
+        """One recovery pass of payments: the ones not final whose first posting's sending
+        wallet's shard this process serves (one process drives a given payment after a
+        crash); how many ended."""
+        if created_before_us is None:
+            created_before_us = self._clock_us()
+        limits = self.limits
+        # Each payment sends up to payment_postings_max legs at once.
+        batch_max = max(
+            1, min(limits.transfer_redrive_batch_max, limits.mailbox_commands_max)
+            // limits.payment_postings_max,
+        )  # fmt: skip
+        ownership = self.ownership
+
+        def owns(payment: PaymentRecord) -> bool:
+            first = payment.postings[0].from_wallet_id
+            return ownership.serving(shard_of(first, ownership.shard_count))
+
+        return await self.payments.redrive(created_before_us, batch_max, owns)
+
     def _shards_ready(self, shards: Iterable[int]) -> None:
         del shards  # a pass reads every PENDING transfer this process now owns
         self._redrive_wake.set()
@@ -374,6 +407,9 @@ class Engine:
                 ended = await self.redrive_transfers(created_before_us=before_us)
                 if ended:
                     _log.info("re-drive: %d pending transfers ended", ended)
+                paid = await self.redrive_payments(created_before_us=before_us)
+                if paid:
+                    _log.info("re-drive: %d pending payments ended", paid)
                 first = False
             except (StorageError, TimeoutError) as error:
                 _log.warning("re-drive of pending transfers failed: %r", error)
@@ -600,6 +636,43 @@ class Engine:
         if self.ownership.serving(debit_shard) and self.ownership.epoch(debit_shard) == epoch:
             return reply
         return Reply(Outcome.UNAVAILABLE)
+
+    async def deliver_joint_payment(self, transfers: Sequence[TransferRecord]) -> Reply | None:
+        """Every posting of a payment in one batch (``JointPayment``), when this process
+        serves all its wallets' shards on one pipeline; None otherwise, nothing submitted
+        (the saga then runs). OK: all applied; NOT_OWNER: none (not taken whole);
+        UNAVAILABLE: the commit's outcome is unknown (the saga's legs find out, by key)."""
+        if 2 * len(transfers) > self.limits.batch_ops_max:
+            return None
+        wallets = {w for t in transfers for w in (t.from_wallet_id, t.to_wallet_id)}
+        try:
+            routes = [self._route(wallet) for wallet in wallets]
+        except NotOwner:
+            return None
+        pipeline = routes[0][1]
+        if any(route[1] is not pipeline for route in routes):
+            return None
+        shards = {route[0] for route in routes}
+        epochs = {shard: self.ownership.epoch(shard) for shard in shards}
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        try:
+            self._submit(pipeline, JointPayment(transfers, future))
+        except EngineRefused:
+            return None
+        for shard in shards:
+            self._admitted[shard] += 1
+        try:
+            reply = await future
+        finally:
+            for shard in shards:
+                self._release(shard)
+        if reply.outcome is not Outcome.NOT_OWNER:
+            return reply
+        # Not taken, decided on memory: it holds only if the shards stayed served.
+        if all(self.ownership.serving(s) and self.ownership.epoch(s) == e
+               for s, e in epochs.items()):  # fmt: skip
+            return reply
+        return None
 
     def _submit(self, shard: Shard, command: Command) -> None:
         try:
@@ -1079,6 +1152,30 @@ class Engine:
             ),
         )  # fmt: skip
         return reply, original
+
+    async def pay(
+        self,
+        payment_id: UUID | None,
+        idempotency_key: str | None,
+        postings: Sequence[Posting],
+        reference: str | None,
+        metadata: Metadata = NO_METADATA,
+        actor: str | None = None,
+    ) -> tuple[UUID, PaymentReply]:
+        """Apply every posting or none (docs/ARCHITECTURE.md, "Payments"); returns the
+        payment id (chosen, derived from the key, or new) and the reply."""
+        if payment_id is None:
+            if idempotency_key is None:
+                payment_id = uuid.uuid4()
+            else:
+                payment_id = uuid.uuid5(PAYMENT_KEY_NAMESPACE, idempotency_key)
+        if self._stopping:
+            raise EngineStopping("the engine is stopping")
+        reply = await self.payments.pay(payment_id, postings, reference, metadata, actor)
+        return payment_id, reply
+
+    async def read_payment(self, payment_id: UUID) -> PaymentRecord | None:
+        return await self.payments.read(payment_id)
 
     async def read_as_of(
         self, wallet_id: UUID, at_us: int, reader: LogReader, timeout_s: float

@@ -51,7 +51,7 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 from uuid import UUID
 
@@ -158,6 +158,12 @@ class LegDelivery(abc.ABC):
         currency), WALLET_NOT_FOUND, NOT_OWNER or UNAVAILABLE (nothing read)."""
         return Reply(Outcome.UNAVAILABLE)
 
+    async def deliver_joint_payment(self, transfers: Sequence[TransferRecord]) -> Reply | None:
+        """Every posting of a new payment in one commit (``JointPayment``), when one
+        pipeline of this process owns all its wallets; None when it cannot (nothing
+        submitted). OK: all applied; NOT_OWNER: none; UNAVAILABLE: outcome unknown."""
+        return None
+
 
 class RemoteLegs(abc.ABC):
     """Port: send one leg to another walletd process (the owner of its wallet's shard).
@@ -204,7 +210,10 @@ class RoutedLegDelivery(LegDelivery):
         tries_max: int,
         local_joint: Callable[[JointTransfer], Awaitable[Reply | None]] | None = None,
         local_read: Callable[[UUID], Awaitable[Reply]] | None = None,
+        local_joint_payment: Callable[[Sequence[TransferRecord]], Awaitable[Reply | None]]
+        | None = None,
     ) -> None:
+        self._local_joint_payment = local_joint_payment
         # A read of a wallet on this process (raises NotOwner when it does not serve it).
         self._local_read = local_read
         if tries_max < 1:
@@ -272,6 +281,11 @@ class RoutedLegDelivery(LegDelivery):
             if reply.outcome is not Outcome.NOT_OWNER:
                 return reply
         return _NOT_OWNER_REPLY
+
+    async def deliver_joint_payment(self, transfers: Sequence[TransferRecord]) -> Reply | None:
+        if self._local_joint_payment is None:
+            return None
+        return await self._local_joint_payment(transfers)
 
     async def deliver_joint(
         self, transfer: TransferRecord, *, fresh_debit: bool = False
@@ -686,7 +700,11 @@ class TransferCoordinator:
         return None if stored is None else await self._resume(stored, requested)
 
     async def _resume(self, stored: TransferRecord, requested: TransferRecord) -> TransferReply:
-        """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED."""
+        """A known id: the original answer for the same request, else IDEMPOTENCY_KEY_REUSED.
+        A payment's posting is no client's transfer: its id is taken (driven by its payment
+        only, engine/payments.py)."""
+        if stored.payment_id is not None:
+            return TransferReply(Outcome.IDEMPOTENCY_KEY_REUSED)
         if (
             stored.from_wallet_id, stored.to_wallet_id, stored.amount, stored.reference,
             stored.metadata,

@@ -27,7 +27,13 @@ __all__ = [
 
 # The change feed's event types (persistence/log_reads.py FEED_SOURCES): what a subscription
 # may ask for.
-EVENT_TYPES: Final = ("wallet.created", "operation.applied", "wallet.updated")
+EVENT_TYPES: Final = (
+    "wallet.created",
+    "operation.applied",
+    "wallet.updated",
+    "payment.created",
+    "payment.decided",
+)
 
 
 @dataclass(frozen=True, slots=True)

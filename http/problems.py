@@ -87,6 +87,8 @@ TITLES: Final = {
     "OPERATION_NOT_FOUND": "Operation not found",
     "NOT_REVERSIBLE": "Operation not reversible",
     "ALREADY_REVERSED": "Operation already reversed",
+    "INVALID_PAYMENT_ID": "Invalid payment id",
+    "PAYMENT_NOT_FOUND": "Payment not found",
 }
 
 FieldError = dict[str, str]

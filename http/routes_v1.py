@@ -36,6 +36,11 @@ from walletd.http.parsing import (
     read_json_object,
     require_idempotency_key,
 )
+from walletd.http.payments import (
+    parse_payment_body,
+    payment_reply_response,
+    payment_response,
+)
 from walletd.http.problems import ProblemError, ValidationProblem
 from walletd.http.responses import (
     amount_problem,
@@ -357,6 +362,32 @@ def _path_seq(text: str) -> int:
     if seq > 2**63 - 1:
         raise ValidationProblem([{"field": "seq", "message": "must be at most 2^63 - 1"}])
     return seq
+
+
+@routes.post(PREFIX + "/payments")
+@requires(Scope.MOVE)
+async def create_payment(request: web.Request) -> web.Response:
+    """Every posting applied, or none (docs/API.md, "Payments")."""
+    state = request.app[STATE_KEY]
+    body, raw = await read_json_object(request, state.settings)
+    engine = state.services.engine
+    wanted = parse_payment_body(body, raw, engine.limits.payment_postings_max)
+    key = parse_idempotency_key(request)
+    payment_id, reply = await engine.pay(
+        wanted.payment_id, key, wanted.postings, wanted.reference, wanted.metadata,
+        request.get(KEY_NAME),
+    )  # fmt: skip
+    return payment_reply_response(reply, payment_id, wanted)
+
+
+@routes.get(PREFIX + "/payments/{payment_id:[^/]+}")
+@requires(Scope.READ)
+async def get_payment(request: web.Request) -> web.Response:
+    payment_id = path_id(request, "payment_id", PREFIX + "/payments/", "INVALID_PAYMENT_ID")
+    payment = await request.app[STATE_KEY].services.engine.read_payment(payment_id)
+    if payment is None:
+        raise ProblemError(404, "PAYMENT_NOT_FOUND", f"payment {payment_id} does not exist")
+    return payment_response(payment, 200, replayed=False)
 
 
 def _encode_cursor(seq: int) -> str:

@@ -15,7 +15,8 @@ Pick scenarios by user class (and narrow them by tags):
 | OverdraftUser       | --walletd-overdraft-wallets | deposits and larger withdrawals: 409 is fine |
 | IdempotentRetryUser | --walletd-wallets           | every op sent twice with one Idempotency-Key |
 | BulkUser            | --walletd-wallets           | bulk requests of --walletd-bulk-items ops    |
-| TransferUser        | --walletd-wallets           | transfers between random pairs: 409 is fine  |
+| TransferUser        | --walletd-wallets           | transfers between random pairs, and payments |
+|                     |                             | of two postings (all or nothing): 409 is fine|
 | CreditLimitUser     | --walletd-credit-wallets    | withdrawals into each wallet's overdraft     |
 |                     | (limit --walletd-credit-    | limit (set by PATCH at setup: the key needs  |
 |                     | limit, 50.00)               | admin) and deposits: balances go below zero, |
@@ -818,8 +819,40 @@ def judge_bulk(response: ResponseContextManager, plan: list[tuple[str, int]]) ->
 
 
 class TransferUser(WalletdUser):
-    """Transfers between random pairs of wallets (POST /api/v1/transfers): each one moves
-    money without changing the global sum; 409 INSUFFICIENT_FUNDS is an expected refusal."""
+    """Transfers between random pairs of wallets (POST /api/v1/transfers), and payments of
+    two postings from one wallet to two others (POST /api/v1/payments): each one moves money
+    without changing the global sum; 409 INSUFFICIENT_FUNDS is an expected refusal. A
+    payment's postings share its one outcome (all applied, or none), which the per-wallet
+    reconciliation checks."""
+
+    @tag("transfer", "payment")
+    @task
+    def payment(self) -> None:
+        sender, merchant, platform = random.sample(STATE.uniform_wallets, 3)
+        postings = [(merchant, _random_cents(1, 2_000)), (platform, _random_cents(1, 100))]
+        outcome = Outcome.UNKNOWN
+        try:
+            with self.client.post(
+                "/api/v1/payments",
+                json={
+                    "postings": [
+                        {
+                            "from_wallet_id": sender,
+                            "to_wallet_id": receiver,
+                            "amount": format_cents(cents),
+                        }
+                        for receiver, cents in postings
+                    ]
+                },
+                headers=self.auth,
+                name="POST payment",
+                catch_response=True,
+            ) as response:
+                outcome = judge_transfer(response)
+        finally:
+            for receiver, cents in postings:
+                STATE.ledger.record(sender, -cents, outcome)
+                STATE.ledger.record(receiver, cents, outcome)
 
     @tag("transfer")
     @task
@@ -902,12 +935,12 @@ def judge_transfer(response: ResponseContextManager) -> Outcome:
         try:
             completed = orjson.loads(response.content or b"")["status"] == "COMPLETED"
         except (orjson.JSONDecodeError, KeyError, TypeError) as error:
-            _fail(response, f"bad transfer JSON: {error}")
+            _fail(response, f"bad transfer or payment JSON: {error}")
             return Outcome.APPLIED
         if completed:
             _succeed(response)
         else:
-            _fail(response, "a 201 transfer that is not COMPLETED")
+            _fail(response, "a 201 transfer or payment that is not COMPLETED")
         return Outcome.APPLIED
     if status == 409 and _problem_code(response) == "INSUFFICIENT_FUNDS":
         _succeed(response)

@@ -185,6 +185,41 @@ FEED_SOURCES: Final = (
        AND o.xid < (SELECT horizon FROM snapshot)
      ORDER BY o.xid, o.id LIMIT $3
     """,
+    # A payment stored (migration "payments"), before any of its legs: its postings'
+    # total in `amount`; each posting's legs follow as operation.applied events naming
+    # its transfer.
+    f"""
+    SELECT p.created_xid, p.feed_id, 'payment.created', {_MICROS.format("p.created_at")},
+           json_build_object(
+               'payment_id', p.id, 'postings', p.postings,
+               'amount', (SELECT sum(pp.amount) FROM payment_postings pp
+                           WHERE pp.payment_id = p.id),
+               'reference', p.reference, 'actor', p.actor,
+               'metadata', coalesce(p.metadata, '{{}}'::jsonb),
+               'currency', p.currency, 'exponent', p.exponent)
+      FROM payments p
+     WHERE (p.created_xid, p.feed_id) > ($1::text::xid8, $2)
+       AND p.created_xid < (SELECT horizon FROM snapshot)
+     ORDER BY p.created_xid, p.feed_id LIMIT $3
+    """,
+    # Its outcome decided, once: COMPLETED (the credits follow) or FAILED (the refunds
+    # follow), with the posting refused first.
+    f"""
+    SELECT p.decided_xid, p.decided_feed_id, 'payment.decided',
+           {_MICROS.format("p.updated_at")},
+           json_build_object(
+               'payment_id', p.id,
+               'outcome', CASE p.phase WHEN 2 THEN 'COMPLETED' ELSE 'FAILED' END,
+               'failure', CASE WHEN p.phase = 3 THEN json_build_object(
+                   'posting', p.failed_index, 'side', p.failed_side, 'code', p.failure_code)
+                   END,
+               'currency', p.currency, 'exponent', p.exponent)
+      FROM payments p
+     WHERE p.decided_xid IS NOT NULL
+       AND (p.decided_xid, p.decided_feed_id) > ($1::text::xid8, $2)
+       AND p.decided_xid < (SELECT horizon FROM snapshot)
+     ORDER BY p.decided_xid, p.decided_feed_id LIMIT $3
+    """,
 )
 # The horizon: every transaction with a smaller xid has ended (committed or rolled back),
 # so whatever it wrote is visible to this statement and nothing more can appear below it.

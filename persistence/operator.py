@@ -24,7 +24,8 @@
   other way (``REFUNDS_CHECK``); that every reversal reverses a DEPOSIT or WITHDRAW of its
   wallet and amount (``REVERSALS_CHECK``); that every
   transfer and every capture into a wallet joins two wallets of one currency, and that a
-  currency code has one exponent (``CURRENCY_CHECK``). Each is one statement aggregating
+  currency code has one exponent (``CURRENCY_CHECK``); that each payment's postings are all
+  or nothing as its phase says (``PAYMENTS_CHECK``). Each is one statement aggregating
   or joining on the server, returning at most ``FEED_MISMATCHES_MAX`` rows. Then it checks
   that every log row and every wallet creation has exactly one change-feed position: none
   without one, no two sharing one (``FEED_POSITIONS_CHECK``).
@@ -119,6 +120,7 @@ class VerifyReport:
     operations: int = 0
     transfers: int = 0
     holds: int = 0
+    payments: int = 0
     mismatches: int = 0
     seconds: float = 0.0
     first_mismatches: list[Mismatch] = field(default_factory=list)
@@ -131,7 +133,8 @@ class VerifyReport:
         verdict = "OK" if self.clean else f"{self.mismatches} MISMATCHES"
         return (
             f"verify: {self.wallets} wallets, {self.operations} operations checked, "
-            f"{self.transfers} transfers and {self.holds} holds matched to their rows in "
+            f"{self.transfers} transfers, {self.holds} holds and {self.payments} payments "
+            "matched to their rows in "
             f"{self.seconds:.1f} s: {verdict}"
         )
 
@@ -218,9 +221,13 @@ SELECT a.wallet_id, a.seq, a.kind, a.amount,
                chr(31) || l.name || ':' || t.id AS key
           FROM transfers AS t
          CROSS JOIN LATERAL (VALUES
-               (3::smallint, 'TRANSFER_OUT', t.from_wallet_id, true),
+               -- A payment's posting closed before its debit (migration "payments") has
+               -- no leg at all.
+               (3::smallint, 'TRANSFER_OUT', t.from_wallet_id,
+                t.failure_code IS DISTINCT FROM 'PAYMENT_NOT_DEBITED'),
                (4::smallint, 'TRANSFER_IN', t.to_wallet_id, t.status = 2),
-               (5::smallint, 'TRANSFER_REFUND', t.from_wallet_id, t.status = 3))
+               (5::smallint, 'TRANSFER_REFUND', t.from_wallet_id,
+                t.status = 3 AND t.failure_code IS DISTINCT FROM 'PAYMENT_NOT_DEBITED'))
                AS l(kind, name, wallet_id, wanted)) AS e
   FULL JOIN (SELECT wallet_id, seq, kind, amount, idempotency_key AS key
                FROM wallet_operations WHERE kind BETWEEN 3 AND 5) AS a
@@ -322,7 +329,32 @@ SELECT v.wallet_id, v.seq, v.kind, v.amount, o.seq, o.kind, o.amount
    AND (o.seq IS NULL OR o.kind <> v.kind - 9 OR o.amount <> v.amount)
  LIMIT {FEED_MISMATCHES_MAX}
 """
-COUNTS = "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM holds)"
+COUNTS = (
+    "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM holds),"
+    " (SELECT count(*) FROM payments)"
+)
+# A payment against its postings (migration "payments"): all or nothing. Each posting is
+# its payment's (wallets, amount) transfer; DEBITING: none FAILED (a joint commit may have
+# completed all before the decision lands); CREDITING: none FAILED; FAILING: none
+# COMPLETED; and as many postings as the payment says.
+PAYMENTS_CHECK = f"""
+SELECT p.id, p.phase, count(pp.transfer_id), p.postings,
+       count(*) FILTER (WHERE t.status = 2), count(*) FILTER (WHERE t.status = 3),
+       count(*) FILTER (WHERE t.id IS NOT NULL AND (t.from_wallet_id, t.to_wallet_id, t.amount)
+                        IS DISTINCT FROM (pp.from_wallet_id, pp.to_wallet_id, pp.amount))
+  FROM payments p
+  LEFT JOIN payment_postings pp ON pp.payment_id = p.id
+  LEFT JOIN transfers t ON t.id = pp.transfer_id
+ GROUP BY p.id
+HAVING count(pp.transfer_id) <> p.postings
+    OR count(*) FILTER (WHERE t.id IS NOT NULL AND (t.from_wallet_id, t.to_wallet_id, t.amount)
+                        IS DISTINCT FROM (pp.from_wallet_id, pp.to_wallet_id, pp.amount)) > 0
+    OR (p.phase = 1 AND count(*) FILTER (WHERE t.status = 3) > 0)
+    OR (p.phase = 2 AND count(*) FILTER (WHERE t.status = 3) > 0)
+    OR (p.phase = 3 AND count(*) FILTER (WHERE t.status = 2) > 0)
+ LIMIT {FEED_MISMATCHES_MAX}
+"""
+_PHASES = {1: "DEBITING", 2: "CREDITING", 3: "FAILING"}
 # Money between wallets of different currencies (a COMPLETED transfer, hence also a capture
 # into a wallet, which opens one; a FAILED one was refunded, as when its receiver was
 # created in another currency after the debit), and a code stored with two exponents.
@@ -652,9 +684,18 @@ async def _check_across_wallets(
             wallet_id,
             f"log row seq {seq} ({_KIND_NAMES[kind]} of {amount}) reverses {reversed_text}",
         )
+    for payment_id, phase, postings, expected, completed, failed, unlike in await connection.fetch(
+        PAYMENTS_CHECK
+    ):
+        found(
+            None,
+            f"payment {payment_id} ({_PHASES.get(phase, phase)}) has {postings} of {expected} "
+            f"postings, {completed} COMPLETED and {failed} FAILED, {unlike} unlike their "
+            "transfer: not all or nothing",
+        )
     counts = await connection.fetchrow(COUNTS)
     assert counts is not None
-    report.transfers, report.holds = counts[0], counts[1]
+    report.transfers, report.holds, report.payments = counts[0], counts[1], counts[2]
 
 
 def _row_problem(owner: str, row: asyncpg.Record) -> tuple[UUID, str]:

@@ -41,6 +41,10 @@ from walletd.engine.model import (
     NewWallet,
     OperationKind,
     OperationRecord,
+    PaymentDecision,
+    PaymentPhase,
+    PaymentRecord,
+    PostingRecord,
     RefusalReason,
     RefusalRecord,
     SnapshotUpdate,
@@ -266,16 +270,20 @@ _TRANSFER_COLUMNS = (
     # partial index transfers_refunds, empty but for refunds).
     ", t.refund_of, (SELECT coalesce(sum(r.amount), 0) FROM transfers r"
     " WHERE r.refund_of = t.id AND r.status <> 3)"
+    # A payment's posting names its payment (migration "payments").
+    ", pp.payment_id, pp.idx"
 )
 _TRANSFERS = (
     "transfers t LEFT JOIN LATERAL (SELECT o.actor, o.metadata FROM wallet_operations o"
     " WHERE o.wallet_id = t.from_wallet_id"
     " AND o.idempotency_key = chr(31) || 'TRANSFER_OUT:' || t.id::text) d ON true"
+    " LEFT JOIN payment_postings pp ON pp.transfer_id = t.id"
 )
 _LOAD_TRANSFERS = f"SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS} WHERE t.id = ANY($1::uuid[])"
 _PENDING_TRANSFERS = f"""
 SELECT {_TRANSFER_COLUMNS} FROM {_TRANSFERS}
  WHERE status = 1 AND created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+   AND pp.transfer_id IS NULL -- a payment's posting is driven by its payment
    AND ($3::bigint IS NULL
         OR (created_at, id) > (timestamptz 'epoch' + $3 * interval '1 microsecond', $4::uuid))
  ORDER BY created_at, id LIMIT $2
@@ -295,6 +303,45 @@ SELECT {_OP_COLUMNS}, 1 FROM wallet_operations o
    AND split_part(o.idempotency_key, ':', 2) = $2::bigint::text
 """
 
+# Payments (migration "payments"): the row and its postings, in order, with each posting's
+# transfer status (NULL: not debited yet).
+_PAYMENT_COLUMNS = (
+    "p.id, p.phase, p.currency, p.exponent, p.reference, p.metadata::text, p.actor, "
+    + _MICROS.format("p.created_at")
+    + ", "
+    + _MICROS.format("p.updated_at")
+    + ", p.failed_index, p.failure_code, p.balance_seen, p.failed_side, pp.transfer_id,"
+    " pp.from_wallet_id, pp.to_wallet_id, pp.amount, pp.metadata::text, t.status,"
+    " t.failure_code"
+)
+_PAYMENT_ROWS = (
+    "payments p JOIN payment_postings pp ON pp.payment_id = p.id"
+    " LEFT JOIN transfers t ON t.id = pp.transfer_id"
+)
+_LOAD_PAYMENTS = (
+    f"SELECT {_PAYMENT_COLUMNS} FROM {_PAYMENT_ROWS} WHERE p.id = ANY($1::uuid[])"
+    " ORDER BY p.id, pp.idx"
+)
+# A wave of payments opened, or decided, in one statement (engine/payments.py).
+_OPEN_PAYMENTS = (
+    "SELECT walletd_open_payments($1, $2, $3, $4, $5::jsonb[], $6, $7, $8, $9, $10, $11, $12,"
+    " $13::jsonb[])"
+)
+_DECIDE_PAYMENTS = "SELECT walletd_decide_payments($1, $2, $3, $4, $5, $6)"
+# Payments not final: DEBITING ones (index payments_debiting), and those with a PENDING
+# posting (index transfers_pending).
+_PENDING_PAYMENTS = """
+SELECT id FROM (
+    SELECT p.id, p.created_at FROM payments p
+     WHERE p.phase = 1 AND p.created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+    UNION
+    SELECT p.id, p.created_at FROM transfers t
+      JOIN payment_postings pp ON pp.transfer_id = t.id
+      JOIN payments p ON p.id = pp.payment_id
+     WHERE t.status = 1 AND t.created_at < timestamptz 'epoch' + $1 * interval '1 microsecond'
+) AS pending
+ORDER BY created_at, id LIMIT $2
+"""
 # How many PENDING transfers a wallet is on, either side (index transfers_pending: the
 # PENDING ones only, a short list).
 _PENDING_TRANSFERS_OF = """
@@ -414,7 +461,34 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
         row[9], _joined_currency(row[11]), stored_metadata(row[10]), row[12], int(row[13]),
+        row[14], row[15],
     )  # fmt: skip
+
+
+def _payments(rows: Sequence[asyncpg.Record]) -> dict[UUID, PaymentRecord]:
+    """Payments from their rows (one per posting, in order)."""
+    found: dict[UUID, PaymentRecord] = {}
+    postings: dict[UUID, list[PostingRecord]] = {}
+    for row in rows:
+        payment_id = row[0]
+        if payment_id not in found:
+            found[payment_id] = PaymentRecord(
+                payment_id, (), PaymentPhase(row[1]), currency_of(row[2], row[3]), row[4],
+                stored_metadata(row[5]), row[6], row[7], row[8], row[9], row[10], row[11],
+                row[12],
+            )  # fmt: skip
+        postings.setdefault(payment_id, []).append(
+            PostingRecord(
+                row[13],
+                row[14],
+                row[15],
+                row[16],
+                stored_metadata(row[17]),
+                None if row[18] is None else TransferStatus(row[18]),
+                row[19],
+            )
+        )
+    return {i: p._replace(postings=tuple(postings[i])) for i, p in found.items()}
 
 
 def _decided(row: asyncpg.Record) -> OperationRecord | RefusalRecord:
@@ -584,6 +658,90 @@ class PostgresLog(WalletLog):
         after_us, after_id = after if after is not None else (None, None)
         rows = await self._fetch(_PENDING_TRANSFERS, created_before_us, limit, after_us, after_id)
         return [_transfer(row) for row in rows]
+
+    async def load_payments(self, payment_ids: Sequence[UUID]) -> dict[UUID, PaymentRecord]:
+        return _payments(await self._fetch(_LOAD_PAYMENTS, payment_ids))
+
+    async def open_payment(self, payment: PaymentRecord) -> PaymentRecord:
+        return (await self.open_payments([payment]))[0]
+
+    async def open_payments(self, payments: Sequence[PaymentRecord]) -> list[PaymentRecord]:
+        postings = [p for payment in payments for p in payment.postings]
+        rows = await self._fetch(
+            _OPEN_PAYMENTS, [p.payment_id for p in payments],
+            [p.currency.code for p in payments], [p.currency.exponent for p in payments],
+            [p.reference for p in payments], metadata_args([p.metadata for p in payments]),
+            [p.actor for p in payments], [p.created_at_us for p in payments],
+            [len(p.postings) for p in payments], [p.transfer_id for p in postings],
+            [p.from_wallet_id for p in postings], [p.to_wallet_id for p in postings],
+            [p.amount for p in postings], metadata_args([p.metadata for p in postings]),
+        )  # fmt: skip
+        stored_us: list[int | None] = list(rows[0][0])
+        # Stored now, as asked (its own instant), or found stored before: read back.
+        known = [p.payment_id for p, us in zip(payments, stored_us, strict=True)
+                 if us != p.created_at_us]  # fmt: skip
+        loaded = await self.load_payments(known) if known else {}
+        return [
+            p if us == p.created_at_us else loaded[p.payment_id]
+            for p, us in zip(payments, stored_us, strict=True)
+        ]
+
+    async def decide_payment(
+        self,
+        payment: PaymentRecord,
+        phase: PaymentPhase,
+        failed_index: int | None,
+        failure_code: str | None,
+        balance_seen: int | None,
+        now_us: int,
+    ) -> PaymentRecord:
+        decision = PaymentDecision(payment, phase, failed_index, failure_code, balance_seen, now_us)
+        (decided,) = await self.decide_payments([decision])
+        if decided is None:
+            raise StorageRefused(f"payment {payment.payment_id} cannot be decided {phase.name}")
+        return decided
+
+    async def decide_payments(
+        self, decisions: Sequence[PaymentDecision]
+    ) -> list[PaymentRecord | None]:
+        # In payment id order: the rows' locks are taken in one order by every wave.
+        order = sorted(range(len(decisions)), key=lambda i: decisions[i].payment.payment_id)
+        wave = [decisions[i] for i in order]
+        now_us = max(d.now_us for d in wave)  # the wave's one instant, stored on each
+        rows = await self._fetch(
+            _DECIDE_PAYMENTS, [d.payment.payment_id for d in wave], [int(d.phase) for d in wave],
+            [d.failed_index for d in wave], [d.failure_code for d in wave],
+            [d.balance_seen for d in wave], now_us,
+        )  # fmt: skip
+        phases: list[int] = list(rows[0][0])
+        decided: dict[int, PaymentRecord | None] = {}
+        reread: list[int] = []
+        for i, phase in zip(order, phases, strict=True):
+            asked = decisions[i]
+            if phase == 0:
+                decided[i] = None
+            elif phase == PaymentPhase.CREDITING and asked.phase is PaymentPhase.CREDITING:
+                # As asked: every posting PENDING (the function checked it): no read back.
+                payment = asked.payment
+                pending = tuple(
+                    p._replace(status=TransferStatus.PENDING) if p.status is None else p
+                    for p in payment.postings
+                )
+                decided[i] = payment._replace(
+                    phase=PaymentPhase.CREDITING, postings=pending, updated_at_us=now_us
+                )
+            else:
+                reread.append(i)
+        if reread:
+            loaded = await self.load_payments([decisions[i].payment.payment_id for i in reread])
+            for i in reread:
+                decided[i] = loaded.get(decisions[i].payment.payment_id)
+        return [decided[i] for i in range(len(decisions))]
+
+    async def pending_payments(self, created_before_us: int, limit: int) -> list[PaymentRecord]:
+        ids = [row[0] for row in await self._fetch(_PENDING_PAYMENTS, created_before_us, limit)]
+        found = await self.load_payments(ids) if ids else {}
+        return sorted(found.values(), key=lambda p: (p.created_at_us, p.payment_id))
 
     async def append_batch(self, batch: Batch) -> None:
         news, ops, snaps = batch.new_wallets, batch.operations, batch.snapshots

@@ -33,9 +33,11 @@ from walletd.client.errors import (
     Forbidden,
     IdempotencyKeyReused,
     InsufficientFunds,
+    InvalidPaymentId,
     InvalidRequest,
     InvalidTransferId,
     OverdraftLimitInUse,
+    PaymentNotFound,
     PreconditionFailed,
     ProblemError,
     RateExceeded,
@@ -740,6 +742,41 @@ async def test_refunds_and_reversals_through_the_client(client: Client) -> None:
         assert (rows[0].operation_type, rows[0].reversal_of) == ("DEPOSIT_REVERSAL", 1)
         assert (rows[-1].operation_type, rows[-1].reversed_by) == ("DEPOSIT", rows[0].seq)
         assert rows[1].refund_of == moved.id
+
+
+async def test_payments_are_created_replayed_read_and_refused_naming_the_posting(
+    client: Client,
+) -> None:
+    """create_payment applies every posting (COMPLETED), a retry with its key replays it,
+    get_payment reads it; a refusal raises its class with the posting's index and side and
+    the FAILED payment; unknown or malformed ids raise PaymentNotFound / InvalidPaymentId."""
+    async with WalletdClient(base_url(client)) as walletd:
+        buyer, merchant, fee = (
+            await walletd.create_wallet(), await walletd.create_wallet(),
+            await walletd.create_wallet(),
+        )  # fmt: skip
+        await walletd.deposit(buyer.id, "10.00")
+        postings: list[tuple[str, str, str] | dict[str, Any]] = [
+            (buyer.id, merchant.id, "9.70"),
+            {"from_wallet_id": buyer.id, "to_wallet_id": fee.id, "amount": "0.30",
+             "metadata": {"role": "fee"}},
+        ]  # fmt: skip
+        paid = await walletd.create_payment(postings, reference="o-1", idempotency_key="p-1")
+        assert (paid.status, [p.amount for p in paid.postings]) == (
+            "COMPLETED", [Decimal("9.70"), Decimal("0.30")],
+        )  # fmt: skip
+        assert paid.postings[1].metadata == {"role": "fee"}
+        again = await walletd.create_payment(postings, reference="o-1", idempotency_key="p-1")
+        assert (again.id, again.replayed) == (paid.id, True)
+        assert await walletd.get_payment(paid.id) == paid
+        with pytest.raises(InsufficientFunds) as short:
+            await walletd.create_payment([(buyer.id, merchant.id, "0.01")] * 2)
+        assert (short.value.body["posting"], short.value.body["side"]) == (0, "from")
+        assert short.value.body["payment"]["status"] == "FAILED"
+        with pytest.raises(PaymentNotFound):
+            await walletd.get_payment(uuid.uuid4())
+        with pytest.raises(InvalidPaymentId):
+            await walletd.get_payment("not-a-payment")
 
 
 async def test_a_capture_into_a_wallet_returns_its_transfer(client: Client) -> None:

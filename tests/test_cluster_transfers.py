@@ -35,6 +35,7 @@ from tests.test_cluster import (
 )
 from tests.test_transfers_api import conservation_gap
 from walletd.engine.ownership import shard_of_text
+from walletd.engine.payments import PAYMENT_KEY_NAMESPACE, posting_transfer_id
 from walletd.engine.router import TRANSFER_KEY_NAMESPACE
 
 # Every test here starts walletd, PostgreSQL or HAProxy processes.
@@ -83,9 +84,9 @@ async def wallets_on_each(
 async def post_transfer(
     http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str
 ) -> tuple[int, dict[str, Any], bool]:
-    async with http.post(
-        f"{url}/api/v1/transfers", json=body, headers={"Idempotency-Key": key}
-    ) as response:
+    """A transfer, or a payment when ``body`` has postings."""
+    path = "/api/v1/payments" if "postings" in body else "/api/v1/transfers"
+    async with http.post(f"{url}{path}", json=body, headers={"Idempotency-Key": key}) as response:
         answer = await response.json(content_type=None)
         return response.status, answer, response.headers.get("Idempotent-Replayed") == "true"
 
@@ -102,7 +103,10 @@ async def post_refund(
 async def no_pending(dsn: str) -> bool:
     connection = await asyncpg.connect(dsn)
     try:
-        return not await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1")
+        return not await connection.fetchval(
+            "SELECT (SELECT count(*) FROM transfers WHERE status = 1)"
+            " + (SELECT count(*) FROM payments WHERE phase = 1)"
+        )
     finally:
         await connection.close()
 
@@ -199,12 +203,13 @@ class Sampler:
 async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_retry_all(
     database_url: str, tmp_path: Path
 ) -> None:
-    """Three processes behind HAProxy; keyed transfers among 100 wallets spread over all
-    three, conservation sampled in REPEATABLE READ snapshots throughout; kill -9 of one
-    mid-run. The survivors take its shards and finish every PENDING transfer by themselves;
-    conservation is exact in every sample and at the end; retrying every transfer sent (same
-    key) gets a final answer, a replay for those answered 201; each transfer's legs are in
-    the log once each (OUT + IN, or OUT + REFUND)."""
+    """Three processes behind HAProxy; keyed transfers and (one in three) payments of two
+    postings among 100 wallets spread over all three, conservation sampled in REPEATABLE
+    READ snapshots throughout; kill -9 of one mid-run. The survivors take its shards and
+    finish every PENDING transfer and payment by themselves; conservation is exact in every
+    sample and at the end; retrying everything sent (same key) gets a final answer, a replay
+    for those answered 201; each transfer's legs are in the log once each (OUT + IN, or OUT +
+    REFUND; none for a posting never debited), and each payment is all or nothing."""
     servers = [serve(database_url, tmp_path, "--transfer-redrive-interval", "0.5")
                for _ in range(3)]  # fmt: skip
     victim: WalletdProcess = servers[1]
@@ -241,9 +246,15 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
                 rng = random.Random(seed)
                 while not stop.is_set():
                     key = f"t-{next(keys)}"
-                    sender, receiver = rng.sample(wallets, 2)
-                    body = {"from_wallet_id": sender, "to_wallet_id": receiver,
+                    sender, receiver, other = rng.sample(wallets, 3)
+                    body: dict[str, Any] = {"from_wallet_id": sender, "to_wallet_id": receiver,
                             "amount": f"{rng.randint(1, 2000) / 100:.2f}"}  # fmt: skip
+                    if rng.random() < 1 / 3:
+                        key = f"p-{key}"
+                        body = {"postings": [
+                            body, {"from_wallet_id": sender, "to_wallet_id": other,
+                                   "amount": f"{rng.randint(1, 300) / 100:.2f}"},
+                        ]}  # fmt: skip
                     sent[key] = body
                     # Mostly through HAProxy (any process coordinates), some straight to a
                     # live process.
@@ -292,9 +303,14 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
         connection = await asyncpg.connect(database_url)
         try:
             assert await conservation_gap(connection) == 0
-            stored = {
-                str(row["id"]): row["status"]
-                for row in await connection.fetch("SELECT id, status FROM transfers")
+            rows = await connection.fetch("SELECT id, status, failure_code FROM transfers")
+            stored = {str(row["id"]): row["status"] for row in rows}
+            never_debited = {
+                str(row["id"]) for row in rows if row["failure_code"] == "PAYMENT_NOT_DEBITED"
+            }
+            phases = {
+                str(row["id"]): row["phase"]
+                for row in await connection.fetch("SELECT id, phase FROM payments")
             }
             legs = await connection.fetch(
                 "SELECT idempotency_key, kind FROM wallet_operations WHERE kind IN (3, 4, 5)"
@@ -317,19 +333,34 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
     kinds_of: dict[str, list[int]] = {}
     for row in legs:
         kinds_of.setdefault(row["idempotency_key"].partition(":")[2], []).append(row["kind"])
+    postings: set[str] = set()
     for key, (status, answer, replayed) in zip(sent, finals, strict=True):
-        transfer_id = str(uuid.uuid5(TRANSFER_KEY_NAMESPACE, key))
         assert status in {201, 409}, (key, status, answer)
         if answers.get(key) == 201:
             assert (status, replayed) == (201, True), (key, answer)
+        if "postings" in sent[key]:  # a payment: all of its postings or none
+            payment_id = uuid.uuid5(PAYMENT_KEY_NAMESPACE, key)
+            ids = [str(posting_transfer_id(payment_id, i)) for i in range(2)]
+            postings.update(ids)
+            assert phases[str(payment_id)] == (2 if status == 201 else 3), key
+            assert {stored[i] for i in ids} == {2 if status == 201 else 3}, key
+            for transfer_id in ids:
+                want = [TRANSFER_OUT, TRANSFER_IN] if status == 201 else [
+                    TRANSFER_OUT, TRANSFER_REFUND]  # fmt: skip
+                if transfer_id in never_debited:
+                    assert transfer_id not in kinds_of, key
+                else:
+                    assert sorted(kinds_of[transfer_id]) == want, key
+            continue
+        transfer_id = str(uuid.uuid5(TRANSFER_KEY_NAMESPACE, key))
         if status == 201:
             assert stored[transfer_id] == 2
             assert sorted(kinds_of[transfer_id]) == [TRANSFER_OUT, TRANSFER_IN], key
         else:  # refused at the debit: nothing stored, no leg
             assert transfer_id not in stored
             assert transfer_id not in kinds_of
-    assert set(stored.values()) == {2}
-    assert set(kinds_of) == set(stored)
+    assert {status for t, status in stored.items() if t not in postings} == {2}
+    assert set(kinds_of) == set(stored) - never_debited
 
 
 async def _completed(answers: dict[str, int], count: int) -> bool:

@@ -6,7 +6,9 @@ operations), concurrent bursts (also with rows storage refuses, which the pipeli
 and answers alone), commit failures (plain and apply-then-fail), two batches in
 flight with the first failing, transfers through the engine (replayed, reused ids, refused
 and refunded, with failed and ambiguous credit or refund commits, finished by a re-drive or
-by the recovery of a restart), holds (created with and without keys, captured in part or
+by the recovery of a restart), payments of up to three postings (all applied or none: a
+refused debit or a CLOSED receiver refunds the debited postings and closes the others FAILED
+with no leg, naming the posting), holds (created with and without keys, captured in part or
 whole, voided, refused past their expiry by a clock the test moves, released by the sweep
 and by the sweep of a restart, with failed and ambiguous commits), wallet updates (status
 ACTIVE / FROZEN / CLOSED and overdraft limits, keyed and conditional on the seq, with failed
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -82,12 +85,14 @@ from walletd.engine.model import (
     MetadataPatch,
     OperationKind,
     OperationRecord,
+    PaymentStatus,
     TransferRecord,
     TransferStatus,
     WalletStatus,
     WalletView,
 )
 from walletd.engine.money import BALANCE_MINOR_MAX, SEED_CURRENCY, Currency
+from walletd.engine.payments import Posting, posting_transfer_id
 from walletd.engine.router import REFUND_KEY_NAMESPACE, Engine, shard_of
 from walletd.engine.transfers import SIDE_FROM, SIDE_TO, TransferReply
 
@@ -789,6 +794,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.model = Model()
         self.ticks = 0
         self.engine = self._start_engine()
+        self.postings: set[UUID] = set()  # the transfer ids of payments' postings
 
     def _run(self, awaitable: Awaitable[T]) -> T:
         return self.loop.run_until_complete(asyncio.wait_for(awaitable, WAIT_S))
@@ -1019,12 +1025,13 @@ class EngineMachine(RuleBasedStateMachine):
         model.finish(transfer_id)
         self._check_transfer(reply, transfer_id, replayed=False)
 
-    @precondition(lambda self: bool(self.model.transfers))
+    @precondition(lambda self: bool(set(self.model.transfers) - self.postings))
     @rule(data=st.data(), metadata=metas)
     def retry_transfer_with_any_metadata(self, data: st.DataObject, metadata: Metadata) -> None:
         """A retry of a stored transfer's id with its wallets and amount: a replay with the
-        same metadata, a reuse of the id (422) with other metadata, also after a restart."""
-        transfer_id = data.draw(st.sampled_from(sorted(self.model.transfers)))
+        same metadata, a reuse of the id (422) with other metadata, also after a restart.
+        (A payment's posting is no client's transfer: its id is reused, 422.)"""
+        transfer_id = data.draw(st.sampled_from(sorted(set(self.model.transfers) - self.postings)))
         sender, receiver, amount = self.model.transfers[transfer_id][:3]
         assert isinstance(sender, UUID)
         assert isinstance(receiver, UUID)
@@ -1182,6 +1189,84 @@ class EngineMachine(RuleBasedStateMachine):
         model.apply(wallet, kind, original.amount, row_key, expected)
         if expected.writes:
             model.reversals[(wallet, seq)] = key
+
+    @rule(postings=st.lists(st.tuples(wallets, wallets, amounts), min_size=1, max_size=3))
+    def payment(self, postings: list[tuple[UUID, UUID, int]]) -> None:
+        """A payment of up to three postings (engine/payments.py): all applied or none.
+        Refused before anything moves when a wallet is missing or holds another currency
+        (naming the posting and side); else every posting's debit, in order; one refused
+        (the first named, its refusal recorded under its debit's key) refunds the others
+        and closes the undebited ones FAILED with no leg; a CLOSED receiver (decided after
+        the debits) likewise; else every posting credited."""
+        if any(sender == receiver for sender, receiver, _amount in postings):
+            return  # refused at the edge
+        model = self.model
+        payment_id = uuid.uuid4()
+        _id, reply = self._run(
+            self.engine.pay(payment_id, None, [Posting(*p) for p in postings], None)
+        )
+        currency = None
+        for index, (sender, receiver, _amount) in enumerate(postings):
+            for wallet, side in ((sender, SIDE_FROM), (receiver, SIDE_TO)):
+                if wallet not in model.balances:
+                    assert (reply.outcome, reply.posting, reply.side) == (
+                        Outcome.WALLET_NOT_FOUND, index, side,
+                    ), reply  # fmt: skip
+                    return
+                currency = currency or CURRENCY_OF[wallet]
+                if CURRENCY_OF[wallet] != currency:
+                    assert (reply.outcome, reply.posting, reply.side) == (
+                        Outcome.CURRENCY_MISMATCH, index, side,
+                    ), reply  # fmt: skip
+                    return
+        ids = [posting_transfer_id(payment_id, i) for i in range(len(postings))]
+        self.postings.update(ids)
+        refused: tuple[int, Outcome, int] | None = None
+        debited = []
+        for index, (sender, receiver, amount) in enumerate(postings):
+            refusal = model.debit_refusal(sender)
+            if refusal is None and amount > model.available(sender):
+                refusal = Outcome.INSUFFICIENT_FUNDS
+            if refusal is not None:
+                seen = model.available(sender)
+                model.keyed[(sender, transfer_leg_key(OUT, ids[index]))] = _Refusal(
+                    OUT, amount, refusal, seen, NO_METADATA
+                )
+                refused = refused or (index, refusal, seen)
+                continue
+            model.debit(ids[index], sender, receiver, amount)
+            debited.append(index)
+        side = SIDE_FROM
+        if refused is None:
+            closed = [i for i, p in enumerate(postings) if model.status(p[1]) is CLOSED]
+            if closed:
+                refused, side = (closed[0], Outcome.WALLET_CLOSED, 0), SIDE_TO
+        if refused is None:
+            for index in debited:
+                model.finish(ids[index])
+            assert reply.outcome is Outcome.OK, reply
+            assert reply.payment is not None
+            assert reply.payment.status is PaymentStatus.COMPLETED
+            return
+        for index, (sender, receiver, amount) in enumerate(postings):
+            if index in debited:
+                model.move(sender, REFUND, amount, transfer_leg_key(REFUND, ids[index]))
+                model.transfers[ids[index]][3:] = [TransferStatus.FAILED, "PAYMENT_FAILED"]
+            else:
+                model.transfers[ids[index]] = [
+                    sender,
+                    receiver,
+                    amount,
+                    TransferStatus.FAILED,
+                    "PAYMENT_NOT_DEBITED",
+                ]
+                model.transfer_metadata[ids[index]] = NO_METADATA
+        index, outcome, seen = refused
+        assert (reply.outcome, reply.posting, reply.side) == (outcome, index, side), reply
+        if outcome is Outcome.INSUFFICIENT_FUNDS:
+            assert reply.balance_seen == seen, reply
+        assert reply.payment is not None
+        assert reply.payment.status is PaymentStatus.FAILED
 
     @rule()
     def redrive(self) -> None:

@@ -90,6 +90,9 @@ def _body(operation_id: str, wallet_id: str, other_id: str) -> Any:
         },
         "createTransfer": {"from_wallet_id": wallet_id, "to_wallet_id": other_id, "amount": "1.00"},
         "createHold": {"amount": "1.00"},
+        "createPayment": {
+            "postings": [{"from_wallet_id": wallet_id, "to_wallet_id": other_id, "amount": "1.00"}]
+        },
     }.get(operation_id)
 
 
@@ -144,7 +147,7 @@ async def test_every_documented_route_declares_the_scope_the_server_enforces(
         hold_id = await _hold(client, wallet_id)
         path = template.format(
             wallet_id=wallet_id, hold_id=hold_id, transfer_id=uuid.uuid4(),
-            webhook_id=uuid.uuid4(), delivery_id=1, seq=1,
+            webhook_id=uuid.uuid4(), delivery_id=1, seq=1, payment_id=uuid.uuid4(),
         )  # fmt: skip
         resource = (await app.router.resolve(_fake_request(method, path))).route.handler
         assert ROUTE_SCOPES.get(resource) is scope, f"{method} {template}"

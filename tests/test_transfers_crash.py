@@ -1,6 +1,7 @@
-"""Transfers through a real walletd process killed with -9 mid-run: after the restart,
-recovery finishes every PENDING transfer by itself, retrying every transfer with its id
-applies each exactly once, and money is conserved exactly."""
+"""Transfers and payments through a real walletd process killed with -9 mid-run: after the
+restart, recovery finishes every PENDING transfer and payment by itself, retrying every
+transfer and payment with its id applies each exactly once (a payment: all of its postings
+or none), and money is conserved exactly."""
 
 from __future__ import annotations
 
@@ -44,10 +45,18 @@ async def start(walletd_process: StartWalletd, *args: str) -> WalletdProcess:
     return await asyncio.to_thread(walletd_process, *args)
 
 
+TRANSFERS, PAYMENTS = "/api/v1/transfers", "/api/v1/payments"
+
+
+def path_of(body: dict[str, Any]) -> str:
+    return PAYMENTS if "postings" in body else TRANSFERS
+
+
 class TransferLoad:
-    """Workers sending transfers with client-chosen ids until stopped, and one in four times
-    a refund (Idempotency-Key of its own) of a transfer answered 201; every request body
-    sent is remembered, with the answer it got (None: no answer)."""
+    """Workers sending transfers and (one in four) payments of two postings with
+    client-chosen ids until stopped, and one in four times a refund (Idempotency-Key of its
+    own) of a transfer answered 201; every request body sent is remembered, with the answer
+    it got (None: no answer)."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str, wallets: list[str]) -> None:
         self.session, self.url, self.wallets = session, url, wallets
@@ -59,7 +68,12 @@ class TransferLoad:
         self.stop = asyncio.Event()
 
     async def refund(self, rng: random.Random) -> None:
-        done = [tid for tid, status in self.answers.items() if status == 201]
+        # Transfers only (a payment's id is no transfer's: 404).
+        done = [
+            tid
+            for tid, status in self.answers.items()
+            if status == 201 and "postings" not in self.sent[tid]
+        ]
         if not done:
             return
         original, key = rng.choice(done), str(uuid.uuid4())
@@ -82,18 +96,28 @@ class TransferLoad:
             if rng.random() < 0.25:
                 await self.refund(rng)
                 continue
-            sender, receiver = rng.sample(self.wallets, 2)
+            sender, receiver, other = rng.sample(self.wallets, 3)
             transfer_id = str(uuid.uuid4())
-            body = {
+            body: dict[str, Any] = {
                 "id": transfer_id,
                 "from_wallet_id": sender,
                 "to_wallet_id": receiver,
                 "amount": f"{rng.randint(1, 4000) / 100:.2f}",
             }
+            if rng.random() < 0.25:
+                body = {
+                    "id": transfer_id,
+                    "postings": [
+                        {"from_wallet_id": sender, "to_wallet_id": receiver,
+                         "amount": f"{rng.randint(1, 2000) / 100:.2f}"},
+                        {"from_wallet_id": sender, "to_wallet_id": other,
+                         "amount": f"{rng.randint(1, 200) / 100:.2f}"},
+                    ],
+                }  # fmt: skip
             self.sent[transfer_id] = body
             self.answers[transfer_id] = None
             try:
-                async with self.session.post(f"{self.url}/api/v1/transfers", json=body) as response:
+                async with self.session.post(f"{self.url}{path_of(body)}", json=body) as response:
                     self.answers[transfer_id] = response.status
             except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.01)  # the process is gone (kill -9)
@@ -113,15 +137,17 @@ async def final_answer(
     session: aiohttp.ClientSession,
     url: str,
     body: dict[str, Any],
-    path: str = "/api/v1/transfers",
+    path: str | None = None,
     key: str | None = None,
 ) -> tuple[int, dict[str, Any], bool]:
-    """POST the same transfer (or refund, at ``path`` with its ``key``) until the answer is
-    not a 503; (status, body, replayed)."""
+    """POST the same transfer or payment (or refund, at ``path`` with its ``key``) until the
+    answer is not a 503; (status, body, replayed)."""
     deadline = asyncio.get_running_loop().time() + RECOVERY_S
     headers = None if key is None else {"Idempotency-Key": key}
     while True:
-        async with session.post(f"{url}{path}", json=body, headers=headers) as response:
+        async with session.post(
+            f"{url}{path or path_of(body)}", json=body, headers=headers
+        ) as response:
             answer = await response.json(content_type=None)
             replayed = response.headers.get("Idempotent-Replayed") == "true"
             if response.status != 503:
@@ -162,15 +188,25 @@ async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
             await locker.execute("ROLLBACK")
             if attempt == _LOCK_ATTEMPTS:
                 raise
-    transfer_id = str(uuid.uuid4())
+    transfer_id, payment_id = str(uuid.uuid4()), str(uuid.uuid4())
     body = {
         "id": transfer_id,
         "from_wallet_id": sender,
         "to_wallet_id": second[0],
         "amount": "0.01",
     }
-    load.sent[transfer_id] = body
-    load.answers[transfer_id] = None  # its credit waits for the lock: no answer before the kill
+    # And a payment into two of them: both postings debited, its decision waiting for the
+    # lock on the receivers' rows (DEBITING at the kill).
+    payment = {
+        "id": payment_id,
+        "postings": [
+            {"from_wallet_id": sender, "to_wallet_id": second[0], "amount": "0.01"},
+            {"from_wallet_id": sender, "to_wallet_id": second[1], "amount": "0.02"},
+        ],
+    }
+    for key, sent in ((transfer_id, body), (payment_id, payment)):
+        load.sent[key] = sent
+        load.answers[key] = None  # its credit waits for the lock: no answer before the kill
 
     # And a refund PENDING: of a COMPLETED transfer from a locked wallet into an unlocked
     # one, so the refund's debit (the unlocked receiver) commits and its credit waits.
@@ -187,9 +223,9 @@ async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
     load.refunds[refund_key] = (original, refund_body)
     load.refund_answers[refund_key] = None
 
-    async def send() -> None:
+    async def send(sent: dict[str, Any]) -> None:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-            async with load.session.post(f"{load.url}/api/v1/transfers", json=body):
+            async with load.session.post(f"{load.url}{path_of(sent)}", json=sent):
                 pass
 
     async def send_refund() -> None:
@@ -200,15 +236,17 @@ async def hold_pending(locker: asyncpg.Connection, load: TransferLoad) -> None:
             ):  # fmt: skip
                 pass
 
-    sending = [asyncio.create_task(send()), asyncio.create_task(send_refund())]
+    sending = [
+        asyncio.create_task(send(body)),
+        asyncio.create_task(send(payment)),
+        asyncio.create_task(send_refund()),
+    ]
+    pending = """SELECT count(*) FROM transfers WHERE status = 1 AND (id = $1::uuid OR id IN
+                   (SELECT transfer_id FROM payment_postings WHERE payment_id = $2::uuid)
+                   OR refund_of = $3::uuid)"""
     try:
         deadline = asyncio.get_running_loop().time() + RECOVERY_S
-        while await locker.fetchval(
-            "SELECT status FROM transfers WHERE id = $1::uuid", transfer_id
-        ) != 1 or not await locker.fetchval(
-            "SELECT count(*) FROM transfers WHERE refund_of = $1::uuid AND status = 1",
-            original,
-        ):
+        while await locker.fetchval(pending, transfer_id, payment_id, original) != 4:
             assert asyncio.get_running_loop().time() < deadline, "not PENDING"
             await asyncio.sleep(0.01)
     finally:
@@ -273,9 +311,15 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         left_pending = await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1")
         assert left_pending > 0  # the test exercises recovery, not only retries
 
+        left_debiting = await connection.fetchval("SELECT count(*) FROM payments WHERE phase = 1")
+        assert left_debiting > 0  # a payment whose decision the kill interrupted
+
         second = await start(walletd_process, *args)
         deadline = asyncio.get_running_loop().time() + RECOVERY_S
-        while await connection.fetchval("SELECT count(*) FROM transfers WHERE status = 1"):
+        while await connection.fetchval(
+            "SELECT (SELECT count(*) FROM transfers WHERE status = 1)"
+            " + (SELECT count(*) FROM payments WHERE phase = 1)"
+        ):
             assert asyncio.get_running_loop().time() < deadline, "recovery did not finish"
             await asyncio.sleep(0.05)
         assert await conservation_gap(connection) == 0
@@ -307,7 +351,12 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         refunds_stored = await connection.fetchval(
             "SELECT count(*) FROM transfers WHERE refund_of IS NOT NULL"
         )
-        stored = await connection.fetch("SELECT id::text, status FROM transfers")
+        stored = await connection.fetch("SELECT id::text, status, failure_code FROM transfers")
+        postings = await connection.fetch(
+            "SELECT pp.payment_id::text, p.phase, t.status FROM payment_postings pp"
+            " JOIN payments p ON p.id = pp.payment_id LEFT JOIN transfers t"
+            " ON t.id = pp.transfer_id"
+        )
         legs = await connection.fetch(
             "SELECT idempotency_key, count(*) AS copies FROM wallet_operations "
             "WHERE kind IN (3, 4, 5) GROUP BY idempotency_key"
@@ -324,16 +373,32 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
         await connection.close()
     completed = {row["id"] for row in stored if row["status"] == 2}
     assert {row["status"] for row in stored} <= {2, 3}
-    answered_201 = {tid for tid, final in zip(load.sent, finals, strict=True) if final[0] == 201}
+    answered_201: set[str] = set()
+    for key, (status, answer, _replayed) in zip(load.sent, finals, strict=True):
+        if status == 201:  # a payment: each of its postings' transfers
+            answered_201 |= (
+                {p["transfer_id"] for p in answer["postings"]} if "postings" in (answer) else {key}
+            )
     answered_201 |= {final[1]["id"] for final in refund_finals if final[0] == 201}
     assert completed == answered_201
     assert over_refunded == []
     assert refunds_stored > 0
+    # A payment is all or nothing: every posting COMPLETED, or every one FAILED.
+    by_payment: dict[str, set[int]] = {}
+    for row in postings:
+        assert row["phase"] != 1, row
+        by_payment.setdefault(row["payment_id"], set()).add(row["status"])
+    assert set(map(frozenset, by_payment.values())) <= {frozenset({2}), frozenset({3})}
     assert all(row["copies"] == 1 for row in legs)
-    assert len(legs) == 2 * len(completed) + 3 * (len(stored) - len(completed))
+    # COMPLETED: OUT + IN; FAILED: OUT + REFUND; a posting never debited: none.
+    assert len(legs) == sum(
+        0 if row["failure_code"] == "PAYMENT_NOT_DEBITED" else 2 for row in stored
+    )
     assert mismatched == []
-    print(f"transfers sent {len(load.sent)}, answered before the kill {dict(before_kill)}, "
-          f"left PENDING by the kill {left_pending}, completed {len(completed)}, refunds "
+    payments = sum(1 for body in load.sent.values() if "postings" in body)
+    print(f"transfers and payments sent {len(load.sent)} ({payments} payments), answered "
+          f"before the kill {dict(before_kill)}, left PENDING by the kill {left_pending} "
+          f"(payments DEBITING {left_debiting}), transfers completed {len(completed)}, refunds "
           f"sent {len(load.refunds)}, stored {refunds_stored}")  # fmt: skip
 
 
