@@ -57,6 +57,7 @@ __all__ = [
     "Operation",
     "Page",
     "Payment",
+    "PaymentRefund",
     "Posting",
     "Transfer",
     "Wallet",
@@ -299,6 +300,8 @@ class Transfer:
     # sum to (0 from servers before refunds).
     refund_of: str | None = None
     refunded_amount: Decimal = Decimal(0)
+    # A payment's posting: its payment (None otherwise, and from servers before payments).
+    payment_id: str | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any], replayed: bool = False) -> Transfer:
@@ -318,9 +321,38 @@ class Transfer:
                 metadata=_metadata(body.get("metadata")),
                 refund_of=_optional_text(body.get("refund_of")),
                 refunded_amount=_decimal(body.get("refunded_amount", "0"), "refunded_amount"),
+                payment_id=_optional_text(body.get("payment_id")),
             )
         except KeyError as missing:
             raise UnexpectedResponse(f"transfer JSON lacks {missing}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRefund:
+    """One posting's refund in ``refund_payment``'s answer: the refund (a ``Transfer``),
+    or the problem ``refund_transfer`` would have raised for that posting."""
+
+    posting: int
+    transfer_id: str  # the posting's transfer, refunded
+    refund_id: str
+    status: int
+    replayed: bool
+    refund: Transfer | None
+    problem: ProblemError | None
+
+    @classmethod
+    def from_json(cls, body: Mapping[str, Any], request_id: str | None = None) -> PaymentRefund:
+        try:
+            status, replayed = int(body["status"]), bool(body["replayed"])
+            item = body["body"]
+            refund = Transfer.from_json(item, replayed) if status == 201 else None
+            problem = None if status == 201 else problem_error(status, item, request_id=request_id)
+            return cls(
+                int(body["posting"]), str(body["transfer_id"]), str(body["refund_id"]), status,
+                replayed, refund, problem,
+            )  # fmt: skip
+        except (KeyError, TypeError, ValueError) as error:
+            raise UnexpectedResponse(f"payment refund result is malformed: {error!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1020,6 +1052,35 @@ class WalletdClient:
     async def get_payment(self, payment_id: str | uuid.UUID) -> Payment:
         answer = await self._call("GET", f"/payments/{_segment(payment_id)}")
         return answer.decode(Payment.from_json)
+
+    async def refund_payment(
+        self,
+        payment_id: str | uuid.UUID,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> list[PaymentRefund]:
+        """Refunds what is left of every posting of a COMPLETED payment: one refund per
+        posting, each its own (not atomic as a group): a ``PaymentRefund`` per posting, in
+        order, with the refund or the problem that posting's refund met (a receiver that
+        cannot pay: ``InsufficientFunds``; nothing left: ``RefundExceedsTransfer``). The key
+        (generated unless given) makes a retry replay every refund. Raises
+        PaymentNotCompleted (PENDING or FAILED), PaymentNotFound."""
+        body: dict[str, Any] = {}
+        if reason is not None:
+            body["reason"] = reason
+        if metadata:
+            body["metadata"] = dict(metadata)
+        answer = await self._call(
+            "POST", f"/payments/{_segment(payment_id)}/refunds", body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )  # fmt: skip
+        return answer.decode(
+            lambda body: [
+                PaymentRefund.from_json(item, answer.request_id) for item in body["results"]
+            ]
+        )
 
     # -- holds -----------------------------------------------------------------------------
 

@@ -58,6 +58,8 @@ Exceptions::
         │   ├── RefundExceedsTransfer   REFUND_EXCEEDS_TRANSFER (``body["refundable"]``)
         │   ├── TransferNotCompleted    TRANSFER_NOT_COMPLETED: only those are refunded
         │   ├── TransferIsRefund        TRANSFER_IS_REFUND: a refund is not refunded
+        │   ├── PaymentNotCompleted     PAYMENT_NOT_COMPLETED: a payment (or its posting) is
+        │   │                           refunded once the payment is COMPLETED
         │   ├── AlreadyReversed         ALREADY_REVERSED (under another key)
         │   ├── NotReversible           NOT_REVERSIBLE: not a DEPOSIT or WITHDRAW
         │   └── HoldNotPending          a capture or void of a hold that cannot be resolved:
@@ -125,6 +127,7 @@ __all__ = [
     "OverdraftLimitInUse",
     "Overloaded",
     "PayloadTooLarge",
+    "PaymentNotCompleted",
     "PaymentNotFound",
     "PreconditionFailed",
     "ProblemError",
@@ -393,6 +396,11 @@ class TransferIsRefund(Refused):
     """The transfer is a refund; a refund is never refunded."""
 
 
+class PaymentNotCompleted(Refused):
+    """The payment (or the payment of this posting) is PENDING or FAILED: only a COMPLETED
+    payment's postings are refunded (``body["payment_id"]``)."""
+
+
 class AlreadyReversed(Refused):
     """The operation was reversed already, under another Idempotency-Key."""
 
@@ -504,6 +512,7 @@ PROBLEM_CLASSES: Final[Mapping[str, type[ProblemError]]] = {
     "REFUND_EXCEEDS_TRANSFER": RefundExceedsTransfer,
     "TRANSFER_NOT_COMPLETED": TransferNotCompleted,
     "TRANSFER_IS_REFUND": TransferIsRefund,
+    "PAYMENT_NOT_COMPLETED": PaymentNotCompleted,
     "ALREADY_REVERSED": AlreadyReversed,
     "NOT_REVERSIBLE": NotReversible,
     "INVALID_PAYMENT_ID": InvalidPaymentId,

@@ -110,6 +110,9 @@ class Outcome(enum.Enum):
     TRANSFER_NOT_FOUND = "TRANSFER_NOT_FOUND"
     TRANSFER_NOT_COMPLETED = "TRANSFER_NOT_COMPLETED"
     TRANSFER_IS_REFUND = "TRANSFER_IS_REFUND"
+    # A refund of a payment's posting (or of the whole payment) while the payment is not
+    # COMPLETED: its postings' outcome is not final yet (docs/API.md, "Payments").
+    PAYMENT_NOT_COMPLETED = "PAYMENT_NOT_COMPLETED"
     # Reversals (engine/router.py ``reverse``): the operation was reversed already (under
     # another Idempotency-Key; also storage's unique index, found alone by isolation); it
     # is not a deposit or withdrawal; no such operation on the wallet.

@@ -73,6 +73,7 @@ from walletd.engine.model import (
     OperationKind,
     OperationRecord,
     PaymentRecord,
+    PaymentStatus,
     RefusalRecord,
     TransferRecord,
     TransferStatus,
@@ -106,6 +107,7 @@ __all__ = [
     "TRANSFER_KEY_NAMESPACE",
     "BulkReply",
     "Engine",
+    "payment_refund_key",
     "shard_of",
     "wall_clock_us",
 ]
@@ -122,6 +124,13 @@ TRANSFER_KEY_NAMESPACE = UUID("0b6d2f7e-8a51-4c3e-9f42-7d1e5a6c9b30")
 # key finds the refund (or its recorded refusal); the same key on another transfer is
 # another refund.
 REFUND_KEY_NAMESPACE = UUID("5d0c3a1e-6b27-4f89-a4d2-8e91c7b3f056")
+
+
+def payment_refund_key(idempotency_key: str) -> str:
+    """The key each posting's refund of a whole-payment refund is made under: the client's
+    key and a U+001F separator, which no client key may hold (printable ASCII only), so no
+    refund of a single transfer can ever take the same refund id."""
+    return f"{idempotency_key}\x1fpayment"
 
 
 _ROOM_POLL_S = 0.001
@@ -1176,6 +1185,32 @@ class Engine:
 
     async def read_payment(self, payment_id: UUID) -> PaymentRecord | None:
         return await self.payments.read(payment_id)
+
+    async def refund_payment(
+        self,
+        payment_id: UUID,
+        idempotency_key: str,
+        reason: str | None,
+        actor: str | None = None,
+        metadata: Metadata = NO_METADATA,
+    ) -> tuple[PaymentRecord | None, list[tuple[UUID, TransferReply]]]:
+        """Refund what is left of every posting of a COMPLETED payment (docs/API.md,
+        "Payments"): one ordinary refund per posting (``refund``: the WD010 bound per
+        posting, refused per posting), all at once. Not atomic as a group: each refund is a
+        transfer of its own, answered on its own. Each refund's key is derived from the
+        client's key (``payment_refund_key``), so its id is derived from the payment's id
+        (through the posting's transfer id), the key and the posting's index: a retry
+        replays every refund made. Returns the payment (None: no such payment) and, when it
+        is COMPLETED, each posting's refund id and reply, in posting order (else none)."""
+        payment = await self.read_payment(payment_id)
+        if payment is None or payment.status is not PaymentStatus.COMPLETED:
+            return payment, []
+        key = payment_refund_key(idempotency_key)
+        replies = await asyncio.gather(*(
+            self.refund(posting.transfer_id, key, None, reason, actor, None, metadata)
+            for posting in payment.postings
+        ))  # fmt: skip
+        return payment, list(replies)
 
     async def read_as_of(
         self, wallet_id: UUID, at_us: int, reader: LogReader, timeout_s: float

@@ -69,6 +69,7 @@ from walletd.engine.model import (
     NO_METADATA,
     Metadata,
     OperationKind,
+    PaymentStatus,
     RefusalRecord,
     TransferRecord,
     TransferStatus,
@@ -461,6 +462,19 @@ class TransferCoordinator:
             return TransferReply(Outcome.TRANSFER_IS_REFUND, original)
         if original.status is not TransferStatus.COMPLETED:
             return TransferReply(Outcome.TRANSFER_NOT_COMPLETED, original)
+        if original.payment_id is not None:
+            # A payment's posting is refunded once its payment is COMPLETED: final, so this
+            # read cannot be overtaken. A posting COMPLETED by a joint commit before its
+            # payment's decision is refused until then (docs/API.md, "Payments").
+            try:
+                payments = await asyncio.wait_for(
+                    self._log.load_payments([original.payment_id]), self._load_timeout_s
+                )
+            except (StorageError, TimeoutError):
+                return _UNAVAILABLE
+            payment = payments.get(original.payment_id)
+            if payment is None or payment.status is not PaymentStatus.COMPLETED:
+                return TransferReply(Outcome.PAYMENT_NOT_COMPLETED, original)
         currency = original.currency
         if amount is not None and scale is not None and currency is not None:
             minor = to_minor(amount, scale, currency.exponent)

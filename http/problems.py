@@ -89,6 +89,7 @@ TITLES: Final = {
     "ALREADY_REVERSED": "Operation already reversed",
     "INVALID_PAYMENT_ID": "Invalid payment id",
     "PAYMENT_NOT_FOUND": "Payment not found",
+    "PAYMENT_NOT_COMPLETED": "Payment not completed",
 }
 
 FieldError = dict[str, str]

@@ -207,6 +207,8 @@ def transfer_body(transfer: TransferRecord) -> dict[str, object]:
         # What its refunds that are not FAILED (COMPLETED, or PENDING: on their way back)
         # sum to; "0" for a refund itself, which is never refunded.
         "refunded_amount": format_minor(transfer.refunded, currency.exponent),
+        # The payment whose posting this transfer is (null: none).
+        "payment_id": None if transfer.payment_id is None else str(transfer.payment_id),
         "created_at": format_timestamp(transfer.created_at_us),
         "updated_at": format_timestamp(transfer.updated_at_us),
     }
@@ -325,6 +327,15 @@ def refund_problem(reply: TransferReply, original_id: UUID, refund_id: UUID) -> 
         return ProblemError(
             409, "TRANSFER_NOT_COMPLETED",
             f"transfer {original_id} is {status}; only a COMPLETED transfer is refunded",
+            extra=extra,
+        )  # fmt: skip
+    if outcome is Outcome.PAYMENT_NOT_COMPLETED:
+        payment_id = None if original is None else original.payment_id
+        extra["payment_id"] = str(payment_id)
+        return ProblemError(
+            409, "PAYMENT_NOT_COMPLETED",
+            f"transfer {original_id} is a posting of payment {payment_id}, which is not "
+            "COMPLETED; a posting is refunded once its payment is",
             extra=extra,
         )  # fmt: skip
     if outcome is Outcome.REFUND_EXCEEDS_TRANSFER:

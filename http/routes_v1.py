@@ -6,7 +6,7 @@ import base64
 import math
 import re
 import time
-from typing import Final
+from typing import Final, cast
 from uuid import UUID
 
 import orjson
@@ -15,6 +15,8 @@ from aiohttp import web
 from walletd.engine.commands import HoldAction, Outcome
 from walletd.engine.log_reads import HistoryFilter
 from walletd.engine.model import OperationKind, WalletView
+from walletd.engine.router import Engine
+from walletd.engine.transfers import TransferReply
 from walletd.http.bulk import BULK_PATH, bulk_operations
 from walletd.http.instants import parse_instant_us
 from walletd.http.keys import KEY_NAME, Scope, requires
@@ -41,7 +43,7 @@ from walletd.http.payments import (
     payment_reply_response,
     payment_response,
 )
-from walletd.http.problems import ProblemError, ValidationProblem
+from walletd.http.problems import ProblemError, ValidationProblem, problem_body
 from walletd.http.responses import (
     amount_problem,
     format_timestamp,
@@ -312,6 +314,13 @@ async def refund_transfer(request: web.Request) -> web.Response:
         original_id, key, None if amount is None else amount.value, reason,
         request.get(KEY_NAME), None if amount is None else amount.scale, metadata,
     )  # fmt: skip
+    return await _refund_response(engine, original_id, refund_id, reply, amount)
+
+
+async def _refund_response(
+    engine: Engine, original_id: UUID, refund_id: UUID, reply: TransferReply, amount: Amount | None
+) -> web.Response:
+    """201 with the refund, or raises its problem (a refund's own refusals, or a transfer's)."""
     problem = refund_problem(reply, original_id, refund_id)
     if problem is not None:
         raise problem
@@ -327,6 +336,60 @@ async def refund_transfer(request: web.Request) -> web.Response:
             raise ProblemError(404, "TRANSFER_NOT_FOUND", f"transfer {original_id} does not exist")
         from_id, to_id = original.to_wallet_id, original.from_wallet_id
     return transfer_reply_response(reply, refund_id, from_id, to_id, amount)
+
+
+@routes.post(PREFIX + "/payments/{payment_id:[^/]+}/refunds")
+@requires(Scope.MOVE)
+async def refund_payment(request: web.Request) -> web.Response:
+    """Refund what is left of every posting of a COMPLETED payment (docs/API.md,
+    "Payments"): 200 with one result per posting, each what ``POST
+    /transfers/{posting's transfer id}/refunds`` without an amount would have answered."""
+    payment_id = path_id(request, "payment_id", PREFIX + "/payments/", "INVALID_PAYMENT_ID")
+    state = request.app[STATE_KEY]
+    body, _raw = await read_json_object(request, state.settings, optional=True)
+    reason, metadata = parse_reversal_body(body)
+    key = require_idempotency_key(request)
+    engine = state.services.engine
+    payment, replies = await engine.refund_payment(
+        payment_id, key, reason, request.get(KEY_NAME), metadata
+    )
+    if payment is None:
+        raise ProblemError(404, "PAYMENT_NOT_FOUND", f"payment {payment_id} does not exist")
+    if not replies:
+        raise ProblemError(
+            409, "PAYMENT_NOT_COMPLETED",
+            f"payment {payment_id} is {payment.status.name}; only a COMPLETED payment is "
+            "refunded", extra={"payment_id": str(payment_id)},
+        )  # fmt: skip
+    results: list[dict[str, object]] = []
+    for index, (posting, (refund_id, reply)) in enumerate(
+        zip(payment.postings, replies, strict=True)
+    ):
+        try:
+            answer = await _refund_response(engine, posting.transfer_id, refund_id, reply, None)
+            status, item = answer.status, orjson.loads(cast(bytes, answer.body))
+        except ProblemError as problem:
+            status = problem.status
+            item = problem_body(
+                problem.status, problem.code, problem.detail,
+                f"{PREFIX}/transfers/{posting.transfer_id}/refunds", extra=problem.extra,
+            )  # fmt: skip
+        results.append({
+            "posting": index, "transfer_id": str(posting.transfer_id),
+            "refund_id": str(refund_id), "status": status, "replayed": reply.replayed,
+            "body": item,
+        })  # fmt: skip
+    refunded = sum(1 for result in results if result["status"] == 201)
+    answer_body = {
+        "payment_id": str(payment_id),
+        "refunded": refunded,
+        "refused": len(results) - refunded,
+        "results": results,
+    }
+    headers = dict(_JSON_HEADERS)
+    if all(reply.replayed for _refund_id, reply in replies):
+        headers["Idempotent-Replayed"] = "true"
+    return web.Response(status=200, body=orjson.dumps(answer_body), headers=headers)
 
 
 # The wallet id leads the path, so HAProxy routes a reversal to the wallet's owner (and a

@@ -130,7 +130,7 @@ def _transfer(row: asyncpg.Record) -> TransferRecord:
     return TransferRecord(
         row[0], row[1], row[2], row[3], row[4], TransferStatus(row[5]), row[6], row[7], row[8],
         currency=_joined_currency(row[10]), metadata=stored_metadata(row[9]),
-        refund_of=row[11], refunded=int(row[12]),
+        refund_of=row[11], refunded=int(row[12]), payment_id=row[13],
     )  # fmt: skip
 
 
@@ -165,6 +165,8 @@ _TRANSFER_COLUMNS: Final = _columns(
 ) + (
     ", r.refund_of, (SELECT coalesce(sum(f.amount), 0) FROM transfers f"
     " WHERE f.refund_of = r.id AND f.status <> 3)"
+    # A payment's posting names its payment (one probe of payment_postings' primary key).
+    ", (SELECT pp.payment_id FROM payment_postings pp WHERE pp.transfer_id = r.id)"
 )  # fmt: skip
 _WALLET_COLUMNS: Final = _columns(
     "id", "balance", "seq", "created_at_us", "updated_at_us", "held", "status",

@@ -37,6 +37,7 @@ from walletd.client.errors import (
     InvalidRequest,
     InvalidTransferId,
     OverdraftLimitInUse,
+    PaymentNotCompleted,
     PaymentNotFound,
     PreconditionFailed,
     ProblemError,
@@ -777,6 +778,48 @@ async def test_payments_are_created_replayed_read_and_refused_naming_the_posting
             await walletd.get_payment(uuid.uuid4())
         with pytest.raises(InvalidPaymentId):
             await walletd.get_payment("not-a-payment")
+
+
+async def test_a_payment_is_refunded_per_posting_through_the_client(client: Client) -> None:
+    """get_transfer of a posting names its payment; refund_payment answers one
+    PaymentRefund per posting (the refund, or the problem as its class), replayed under its
+    key; a FAILED payment raises PaymentNotCompleted."""
+    async with WalletdClient(base_url(client)) as walletd:
+        buyer, merchant, fee = (
+            await walletd.create_wallet(), await walletd.create_wallet(),
+            await walletd.create_wallet(),
+        )  # fmt: skip
+        await walletd.deposit(buyer.id, "10.00")
+        paid = await walletd.create_payment(
+            [(buyer.id, merchant.id, "9.70"), (buyer.id, fee.id, "0.30")]
+        )
+        first = paid.postings[0].transfer_id
+        assert (await walletd.get_transfer(first)).payment_id == paid.id
+        await walletd.withdraw(merchant.id, "5.00")
+        results = await walletd.refund_payment(paid.id, reason="returned", idempotency_key="r")
+        assert [(r.posting, r.transfer_id, r.status) for r in results] == [
+            (0, first, 409), (1, paid.postings[1].transfer_id, 201),
+        ]  # fmt: skip
+        assert isinstance(results[0].problem, InsufficientFunds)
+        assert results[1].refund is not None
+        assert (results[1].refund.amount, results[1].refund.refund_of) == (
+            Decimal("0.30"), paid.postings[1].transfer_id,
+        )  # fmt: skip
+        again = await walletd.refund_payment(paid.id, reason="returned", idempotency_key="r")
+        assert [(r.refund_id, r.replayed) for r in again] == [(r.refund_id, True) for r in results]
+        later = await walletd.refund_payment(paid.id)
+        assert isinstance(later[1].problem, RefundExceedsTransfer)
+        with pytest.raises(PaymentNotCompleted):
+            await walletd.refund_payment((await _failed_payment(walletd, buyer.id, merchant.id)).id)
+
+
+async def _failed_payment(walletd: WalletdClient, sender: str, receiver: str) -> Any:
+    """A FAILED payment (its sender short of money), read back."""
+    payment_id = uuid.uuid4()
+    with pytest.raises(InsufficientFunds) as short:
+        await walletd.create_payment([(sender, receiver, "1000.00")], payment_id=payment_id)
+    assert short.value.body["payment"]["status"] == "FAILED"
+    return await walletd.get_payment(payment_id)
 
 
 async def test_a_capture_into_a_wallet_returns_its_transfer(client: Client) -> None:

@@ -59,6 +59,7 @@ V1_OPERATIONS: Final = {
     ("post", "/api/v1/wallets/{wallet_id}/operations/{seq}/reversal"),
     ("post", "/api/v1/payments"),
     ("get", "/api/v1/payments/{payment_id}"),
+    ("post", "/api/v1/payments/{payment_id}/refunds"),
     ("post", "/api/v1/wallets/{wallet_id}/holds"),
     ("get", "/api/v1/holds/{hold_id}"),
     ("post", "/api/v1/holds/{hold_id}/capture"),

@@ -234,6 +234,52 @@ async def test_refund_and_reversal_routes_match_the_document(module_client: Clie
     assert page["items"][2]["refund_of"] == original  # the refund's credit
 
 
+async def test_payment_refund_routes_match_the_document(module_client: Client) -> None:
+    """A posting read with its payment_id, the whole payment's refund (fresh, replayed,
+    with a refused posting) and its refusals (no key, no payment, a FAILED payment)."""
+    client = module_client
+    ids = []
+    for _ in range(3):
+        created = await client.post("/api/v1/wallets")
+        ids.append((await created.json())["id"])
+    buyer, merchant, fee = ids
+    deposit = {"operation_type": "DEPOSIT", "amount": "10.00"}
+    assert (await client.post(f"/api/v1/wallets/{buyer}/operation", json=deposit)).status == 200
+    postings = [
+        {"from_wallet_id": buyer, "to_wallet_id": merchant, "amount": "9.00"},
+        {"from_wallet_id": buyer, "to_wallet_id": fee, "amount": "1.00"},
+    ]
+    payment = await (await client.post("/api/v1/payments", json={"postings": postings})).json()
+    response = await client.get(f"/api/v1/transfers/{payment['postings'][0]['transfer_id']}")
+    read = await _matches(response, "GET", "/api/v1/transfers/{transfer_id}")
+    assert read["payment_id"] == payment["id"]
+    withdraw = {"operation_type": "WITHDRAW", "amount": "5.00"}
+    assert (await client.post(f"/api/v1/wallets/{merchant}/operation", json=withdraw)).status == 200
+    template = "/api/v1/payments/{payment_id}/refunds"
+    path = f"/api/v1/payments/{payment['id']}/refunds"
+    for _attempt in range(2):
+        response = await client.post(
+            path, json={"reason": "r"}, headers={"Idempotency-Key": "doc-payment-refund"}
+        )
+        assert response.status == 200
+        body = await _matches(response, "POST", template)
+        assert [r["status"] for r in body["results"]] == [409, 201]
+    response = await client.post(path)
+    assert response.status == 422
+    await _matches(response, "POST", template)
+    missing = "/api/v1/payments/00000000-0000-4000-8000-000000000000/refunds"
+    response = await client.post(missing, headers={"Idempotency-Key": "k"})
+    assert response.status == 404
+    await _matches(response, "POST", template)
+    short = {"postings": [{"from_wallet_id": fee, "to_wallet_id": buyer, "amount": "50.00"}]}
+    failed = await (await client.post("/api/v1/payments", json=short)).json()
+    response = await client.post(
+        f"/api/v1/payments/{failed['payment']['id']}/refunds", headers={"Idempotency-Key": "k"}
+    )
+    assert response.status == 409
+    await _matches(response, "POST", template)
+
+
 def _request_schema_errors(method: str, path: str, body: Any) -> list[str]:
     """How ``body`` breaks the JSON request body schema documented for the route."""
     pointer = f"/paths/{path.replace('/', '~1')}/{method}/requestBody/content/application~1json"
