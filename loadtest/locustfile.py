@@ -17,6 +17,9 @@ Pick scenarios by user class (and narrow them by tags):
 | BulkUser            | --walletd-wallets           | bulk requests of --walletd-bulk-items ops    |
 | TransferUser        | --walletd-wallets           | transfers between random pairs, and payments |
 |                     |                             | of two postings (all or nothing): 409 is fine|
+|                     |                             | refunds of them (part or all of a transfer,  |
+|                     |                             | every posting of a payment), and reversals   |
+|                     |                             | of its own deposits and withdrawals          |
 | CreditLimitUser     | --walletd-credit-wallets    | withdrawals into each wallet's overdraft     |
 |                     | (limit --walletd-credit-    | limit (set by PATCH at setup: the key needs  |
 |                     | limit, 50.00)               | admin) and deposits: balances go below zero, |
@@ -63,6 +66,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +100,9 @@ WALLETS_READY_WAIT_S_MAX = 120.0
 SETUP_HTTP_TIMEOUT_S = 10.0
 WORKER_LEDGER_WAIT_S_EXTRA = 30.0
 MISMATCHES_LOGGED_MAX = 20
+# The COMPLETED transfers and payments a process remembers to refund (the newest): enough
+# that refunds of one race now and then, bounded.
+REFUNDABLE_MAX = 1000
 WALLETS_MAX = 1_000_000
 # CurrencyUser's wallets: this many, their currencies in turn (walletd's default is USD).
 CURRENCY_WALLETS = 8
@@ -818,12 +825,24 @@ def judge_bulk(response: ResponseContextManager, plan: list[tuple[str, int]]) ->
     return outcomes
 
 
+# (sender, receiver, cents) of COMPLETED transfers by id, and the postings of COMPLETED
+# payments by id: what TransferUser refunds (per process; a refund's outcome is tallied
+# like any movement, so other processes' refunds need not be known).
+_TRANSFERS_DONE: deque[tuple[str, str, str, int]] = deque(maxlen=REFUNDABLE_MAX)
+_PAYMENTS_DONE: deque[tuple[str, list[tuple[str, str, int]]]] = deque(maxlen=REFUNDABLE_MAX)
+
+
 class TransferUser(WalletdUser):
     """Transfers between random pairs of wallets (POST /api/v1/transfers), and payments of
     two postings from one wallet to two others (POST /api/v1/payments): each one moves money
     without changing the global sum; 409 INSUFFICIENT_FUNDS is an expected refusal. A
     payment's postings share its one outcome (all applied, or none), which the per-wallet
-    reconciliation checks."""
+    reconciliation checks. Refunds give money back the other way: part or all of a
+    transfer (POST /transfers/{id}/refunds), every posting of a payment (POST
+    /payments/{id}/refunds, each posting's refund tallied on its own); reversals take a
+    deposit back out or put a withdrawal back (POST .../operations/{seq}/reversal). 409
+    REFUND_EXCEEDS_TRANSFER (refunds of one transfer racing) and the receiver's
+    INSUFFICIENT_FUNDS are expected refusals."""
 
     @tag("transfer", "payment")
     @task
@@ -849,6 +868,8 @@ class TransferUser(WalletdUser):
                 catch_response=True,
             ) as response:
                 outcome = judge_transfer(response)
+                if outcome is Outcome.APPLIED:
+                    _remember_payment(response, sender, postings)
         finally:
             for receiver, cents in postings:
                 STATE.ledger.record(sender, -cents, outcome)
@@ -873,11 +894,96 @@ class TransferUser(WalletdUser):
                 catch_response=True,
             ) as response:
                 outcome = judge_transfer(response)
+                if outcome is Outcome.APPLIED:
+                    transfer_id = _json_field(response, "id")
+                    if transfer_id is not None:
+                        _TRANSFERS_DONE.append((transfer_id, sender, receiver, cents))
         finally:
             # Both sides of one transfer share its outcome; an unknown one may also be
             # PENDING at the end (debited, not yet credited): within the per-wallet bounds.
             STATE.ledger.record(sender, -cents, outcome)
             STATE.ledger.record(receiver, cents, outcome)
+
+    @tag("transfer", "refund")
+    @task
+    def refund(self) -> None:
+        """Part of a COMPLETED transfer (sometimes more than is left: 409), or all that is
+        left (no amount: the answer says how much)."""
+        if not _TRANSFERS_DONE:
+            return
+        transfer_id, sender, receiver, total = random.choice(_TRANSFERS_DONE)
+        cents = None if random.random() < 0.25 else _random_cents(1, total)
+        moved, outcome = cents or total, Outcome.UNKNOWN
+        try:
+            with self.client.post(
+                f"/api/v1/transfers/{transfer_id}/refunds",
+                json={} if cents is None else {"amount": format_cents(cents)},
+                headers={**self.auth, "Idempotency-Key": str(uuid.uuid4())},
+                name="POST refund",
+                catch_response=True,
+            ) as response:
+                outcome = judge_refund(response)
+                if outcome is Outcome.APPLIED:
+                    moved = _refunded_cents(response, moved)
+        finally:
+            # Back from the receiver to the sender; an unknown outcome within its bound
+            # (at most the transfer's amount).
+            STATE.ledger.record(receiver, -moved, outcome)
+            STATE.ledger.record(sender, moved, outcome)
+
+    @tag("payment", "refund")
+    @task
+    def refund_payment(self) -> None:
+        """Every posting of a COMPLETED payment, all that is left of each: a result per
+        posting (a posting's receiver may be short: that posting alone is refused)."""
+        if not _PAYMENTS_DONE:
+            return
+        payment_id, postings = random.choice(_PAYMENTS_DONE)
+        outcomes = [(Outcome.UNKNOWN, cents) for _sender, _receiver, cents in postings]
+        try:
+            with self.client.post(
+                f"/api/v1/payments/{payment_id}/refunds",
+                headers={**self.auth, "Idempotency-Key": str(uuid.uuid4())},
+                name="POST payment refund",
+                catch_response=True,
+            ) as response:
+                outcomes = judge_payment_refund(response, outcomes)
+        finally:
+            for (sender, receiver, _cents), (outcome, moved) in zip(
+                postings, outcomes, strict=True
+            ):
+                STATE.ledger.record(receiver, -moved, outcome)
+                STATE.ledger.record(sender, moved, outcome)
+
+    @tag("reversal")
+    @task
+    def reverse(self) -> None:
+        """A deposit (or a withdrawal) of one of the wallets, then its reversal: the
+        deposit's may be refused (409 INSUFFICIENT_FUNDS: others spent it meanwhile)."""
+        wallet = random.choice(STATE.uniform_wallets)
+        cents = _random_cents(1, 500) * (1 if random.random() < 0.7 else -1)
+        outcome, seq = Outcome.UNKNOWN, None
+        try:
+            with self._post(wallet, cents, "POST operation (to reverse)", None) as response:
+                outcome, _ = judge_operation(response, wallet, True, 0)
+                if outcome is Outcome.APPLIED:
+                    seq = _etag_seq(response)
+        finally:
+            STATE.ledger.record(wallet, cents, outcome)
+        if seq is None:
+            return
+        outcome = Outcome.UNKNOWN
+        try:
+            with self.client.post(
+                f"{API}/{wallet}/operations/{seq}/reversal",
+                json={"reason": "load test"},
+                headers={**self.auth, "Idempotency-Key": str(uuid.uuid4())},
+                name="POST reversal",
+                catch_response=True,
+            ) as response:
+                outcome = judge_reversal(response)
+        finally:
+            STATE.ledger.record(wallet, -cents, outcome)
 
 
 class CurrencyUser(WalletdUser):
@@ -927,6 +1033,106 @@ def judge_currency_transfer(response: ResponseContextManager, across: bool) -> O
         return Outcome.REFUSED
     _fail(response, f"across currencies: HTTP {response.status_code} {_problem_code(response)}")
     return Outcome.REFUSED if 400 <= response.status_code < 500 else Outcome.UNKNOWN
+
+
+def _json_field(response: ResponseContextManager, name: str) -> str | None:
+    try:
+        value = orjson.loads(response.content or b"")[name]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+    return str(value)
+
+
+def _remember_payment(
+    response: ResponseContextManager, sender: str, postings: list[tuple[str, int]]
+) -> None:
+    try:
+        body = orjson.loads(response.content or b"")
+        payment_id = str(body["id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return
+    _PAYMENTS_DONE.append((payment_id, [(sender, receiver, cents) for receiver, cents in postings]))
+
+
+def _refunded_cents(response: ResponseContextManager, bound: int) -> int:
+    amount = _json_field(response, "amount")
+    try:
+        return bound if amount is None else parse_cents(amount)
+    except ValueError:
+        return bound
+
+
+def _etag_seq(response: ResponseContextManager) -> int | None:
+    """The wallet's seq after an operation (its ETag, "<seq>"): the operation's row."""
+    etag = None if response.headers is None else response.headers.get("ETag")
+    if not isinstance(etag, str):
+        return None
+    digits = etag.strip('"')
+    return int(digits) if digits.isdigit() else None
+
+
+# A refund or reversal refused for money (not applied, nothing owed): the receiver short,
+# or the refunds of the transfer at its amount already (another user's refund raced).
+_MONEY_REFUSALS = frozenset({"INSUFFICIENT_FUNDS", "REFUND_EXCEEDS_TRANSFER"})
+
+
+def judge_refund(response: ResponseContextManager) -> Outcome:
+    status = response.status_code
+    if status == 201:
+        _succeed(response)
+        return Outcome.APPLIED
+    if status == 409 and _problem_code(response) in _MONEY_REFUSALS:
+        _succeed(response)
+        return Outcome.REFUSED
+    _fail(response, f"HTTP {status} {_problem_code(response)}")
+    return Outcome.REFUSED if 400 <= status < 500 else Outcome.UNKNOWN
+
+
+def judge_payment_refund(
+    response: ResponseContextManager, unknown: list[tuple[Outcome, int]]
+) -> list[tuple[Outcome, int]]:
+    """Each posting's (outcome, cents moved) from its result; every posting unknown (at
+    most its amount) without a 200."""
+    status = response.status_code
+    if status != 200:
+        _fail(response, f"HTTP {status} {_problem_code(response)}")
+        if 400 <= status < 500:
+            return [(Outcome.REFUSED, cents) for _outcome, cents in unknown]
+        return unknown
+    try:
+        results = orjson.loads(response.content or b"")["results"]
+        outcomes: list[tuple[Outcome, int]] = []
+        problems: list[str] = []
+        for result, (_outcome, bound) in zip(results, unknown, strict=True):
+            item_status, body = int(result["status"]), result["body"]
+            if item_status == 201:
+                outcomes.append((Outcome.APPLIED, parse_cents(str(body["amount"]))))
+            elif item_status == 409 and body.get("code") in _MONEY_REFUSALS:
+                outcomes.append((Outcome.REFUSED, bound))
+            else:
+                problems.append(f"posting: HTTP {item_status} {body.get('code')}")
+                known = 400 <= item_status < 500
+                outcomes.append((Outcome.REFUSED if known else Outcome.UNKNOWN, bound))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        _fail(response, f"bad payment refund JSON: {error}")
+        return unknown
+    if problems:
+        _fail(response, "; ".join(problems))
+    else:
+        _succeed(response)
+    return outcomes
+
+
+def judge_reversal(response: ResponseContextManager) -> Outcome:
+    status = response.status_code
+    if status == 200:
+        _succeed(response)
+        return Outcome.APPLIED
+    if status == 409 and _problem_code(response) in _MONEY_REFUSALS:
+        _succeed(response)
+        return Outcome.REFUSED
+    _fail(response, f"HTTP {status} {_problem_code(response)}")
+    return Outcome.REFUSED if 400 <= status < 500 else Outcome.UNKNOWN
 
 
 def judge_transfer(response: ResponseContextManager) -> Outcome:
