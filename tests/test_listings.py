@@ -619,6 +619,8 @@ VALUES: Final[dict[str, list[object]]] = {
     # Wallets: most are USD (a tenth JPY), none EUR; one in 50 has the tier.
     "currency": ["USD", "JPY", "EUR"],
     "metadata": ['{"tier": "gold"}', '{"tier": "none"}'],
+    # No transfer is a refund here: the plan must still drive from transfers_refunds.
+    "refund_of": [_WALLET_3, uuid.uuid4()],
 }
 PAGE_LIMIT: Final = 50
 SCAN_MAX: Final = (PAGE_LIMIT + 1) * 4
@@ -740,11 +742,16 @@ async def _check_plan(
         if node.get("Parent Relationship") == "SubPlan":
             # A transfer's or a hold's metadata (persistence/listings.py _row_metadata): one
             # probe of the log's unique key per row the page reads, never a scan; its
-            # wallet's currency (_CURRENCY_OF): one probe of the wallets' primary key.
-            assert node.get("Index Name") in (
-                "wallet_operations_idempotency_key",
-                "wallets_pkey",
-            ), (where, node)
+            # wallet's currency (_CURRENCY_OF): one probe of the wallets' primary key; a
+            # posting's payment: one probe of payment_postings' primary key. A transfer's
+            # refunded amount is a sum (an Aggregate) over its refunds, read from the
+            # partial index transfers_refunds: that scan is checked below like the page's.
+            if node["Node Type"] != "Aggregate":
+                assert node.get("Index Name") in (
+                    "wallet_operations_idempotency_key",
+                    "wallets_pkey",
+                    "payment_postings_pkey",
+                ), (where, node)
             assert node["Actual Rows"] <= 1, (where, node)
             assert node["Actual Loops"] <= read_max, (where, node)
             continue
