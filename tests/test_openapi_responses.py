@@ -235,8 +235,9 @@ async def test_refund_and_reversal_routes_match_the_document(module_client: Clie
 
 
 async def test_payment_refund_routes_match_the_document(module_client: Client) -> None:
-    """A posting read with its payment_id, the whole payment's refund (fresh, replayed,
-    with a refused posting) and its refusals (no key, no payment, a FAILED payment)."""
+    """A payment (201, and a 409 carrying the FAILED payment) and its read, a posting read
+    with its payment_id, the whole payment's refund (fresh, replayed, with a refused
+    posting) and its refusals (no key, no payment, a FAILED payment)."""
     client = module_client
     ids = []
     for _ in range(3):
@@ -249,7 +250,12 @@ async def test_payment_refund_routes_match_the_document(module_client: Client) -
         {"from_wallet_id": buyer, "to_wallet_id": merchant, "amount": "9.00"},
         {"from_wallet_id": buyer, "to_wallet_id": fee, "amount": "1.00"},
     ]
-    payment = await (await client.post("/api/v1/payments", json={"postings": postings})).json()
+    response = await client.post("/api/v1/payments", json={"postings": postings})
+    assert response.status == 201
+    payment = await _matches(response, "POST", "/api/v1/payments")
+    response = await client.get(f"/api/v1/payments/{payment['id']}")
+    assert response.status == 200
+    await _matches(response, "GET", "/api/v1/payments/{payment_id}")
     response = await client.get(f"/api/v1/transfers/{payment['postings'][0]['transfer_id']}")
     read = await _matches(response, "GET", "/api/v1/transfers/{transfer_id}")
     assert read["payment_id"] == payment["id"]
@@ -272,7 +278,9 @@ async def test_payment_refund_routes_match_the_document(module_client: Client) -
     assert response.status == 404
     await _matches(response, "POST", template)
     short = {"postings": [{"from_wallet_id": fee, "to_wallet_id": buyer, "amount": "50.00"}]}
-    failed = await (await client.post("/api/v1/payments", json=short)).json()
+    response = await client.post("/api/v1/payments", json=short)
+    assert response.status == 409
+    failed = await _matches(response, "POST", "/api/v1/payments")
     response = await client.post(
         f"/api/v1/payments/{failed['payment']['id']}/refunds", headers={"Idempotency-Key": "k"}
     )

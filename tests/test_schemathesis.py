@@ -70,14 +70,20 @@ def _intended_refusal(response: Any) -> bool:
 
 
 def _item_field(field: object) -> object:
-    """``items[3].key_index`` as ``items[].key_index``: the rule, not the position."""
-    if isinstance(field, str) and field.startswith("items["):
-        return "items[]" + field[field.index("]") + 1 :]
+    """``items[3].key_index`` as ``items[].key_index`` (a payment's ``postings[3].amount``
+    likewise): the rule, not the position."""
+    for array in ("items", "postings"):
+        if isinstance(field, str) and field.startswith(array + "["):
+            return array + "[]" + field[field.index("]") + 1 :]
     return field
 
 
 _UNSTATABLE_FIELD_ERRORS: Final = {
     ("to_wallet_id", "must differ from from_wallet_id"),
+    ("postings[].to_wallet_id", "must differ from from_wallet_id"),
+    # The postings a payment may have are the server's bound (WALLETD_PAYMENT_POSTINGS_MAX,
+    # 16 by default); the document states the largest bound it may be set to (256).
+    ("postings", "must be a list of 1 to 16 postings"),
     # A bulk item's key_index is derived under the request's Idempotency-Key header: a rule
     # between a header and the body, which OpenAPI cannot state.
     ("items[].key_index", "needs the request's Idempotency-Key header"),
@@ -96,7 +102,7 @@ def _currency_rule(error: Any) -> bool:
     field = _item_field(error.get("field"))
     message = error.get("message") or ""
     # An overdraft limit is money of the wallet's currency too (PATCH).
-    if field in ("amount", "items[].amount", "overdraft_limit"):
+    if field in ("amount", "items[].amount", "postings[].amount", "overdraft_limit"):
         return "fractional digits" in message or message.endswith(")")
     return field == "currency" and message == "must be an ISO 4217 code or a declared asset"
 
@@ -244,6 +250,11 @@ _SUCCESS_CHECKED_ELSEWHERE: Final = {
     # tests/test_openapi_responses.py reaches each success against the document.
     ("POST", "/api/v1/transfers/{transfer_id}/refunds"),
     ("POST", "/api/v1/wallets/{wallet_id}/operations/{seq}/reversal"),
+    # A payment needs two funded wallets, its read and its refund a payment that exists:
+    # tests/test_openapi_responses.py (test_payment_refund_routes_match_the_document).
+    ("POST", "/api/v1/payments"),
+    ("GET", "/api/v1/payments/{payment_id}"),
+    ("POST", "/api/v1/payments/{payment_id}/refunds"),
     ("POST", "/api/v1/webhooks"),
     ("GET", "/api/v1/webhooks/{webhook_id}"),
     ("PATCH", "/api/v1/webhooks/{webhook_id}"),
