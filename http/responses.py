@@ -32,7 +32,6 @@ __all__ = [
     "history_item",
     "hold_body",
     "hold_reply_response",
-    "id_text",
     "reply_problem",
     "reply_response",
     "transfer_body",
@@ -45,24 +44,6 @@ _JSON: Final = "application/json"
 _JSON_HEADERS: Final = {"Content-Type": _JSON}
 _RETRY_AFTER: Final = {"Retry-After": "1"}
 _REPLAYED: Final = {"Idempotent-Replayed": "true"}
-
-
-# Wallets whose id text is remembered (~170 bytes each). Every response names its wallet
-# (a bulk response 1,000 of them): str(UUID) is Python, 0.4-1 us a call, ~a quarter of
-# wallet_body; a hit costs ~0.1 us, a miss what str(UUID) costs.
-ID_TEXT_MEMO_ENTRIES: Final = 32_768
-
-
-@functools.lru_cache(maxsize=ID_TEXT_MEMO_ENTRIES)
-def _id_text(value: int) -> str:
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def id_text(wallet_id: UUID) -> str:
-    """``str(wallet_id)`` (canonical, lowercase), remembered for the busiest wallets; the
-    same for uuid.UUID and asyncpg's UUID."""
-    return _id_text(wallet_id.int)
 
 
 def format_timestamp(micros: int) -> str:
@@ -103,7 +84,7 @@ def wallet_body(view: WalletView) -> bytes:
     if view.metadata:
         terms += f',"metadata":{orjson.dumps(dict(view.metadata)).decode()}'
     return (
-        f'{{"id":"{id_text(view.wallet_id)}","balance":"{format_minor(view.balance, exponent)}",'
+        f'{{"id":"{view.wallet_id}","balance":"{format_minor(view.balance, exponent)}",'
         f'"available":"{format_minor(view.balance - held + overdraft_limit, exponent)}",'
         f'"held":"{format_minor(held, exponent)}","currency":"{code}",'
         f'"created_at":"{format_timestamp(view.created_at_us)}",'
@@ -184,8 +165,8 @@ def transfer_body(transfer: TransferRecord) -> dict[str, object]:
     currency = transfer.currency or SEED_CURRENCY
     return {
         "id": str(transfer.transfer_id),
-        "from_wallet_id": id_text(transfer.from_wallet_id),
-        "to_wallet_id": id_text(transfer.to_wallet_id),
+        "from_wallet_id": str(transfer.from_wallet_id),
+        "to_wallet_id": str(transfer.to_wallet_id),
         "amount": format_minor(transfer.amount, currency.exponent),
         "currency": currency.code,
         "reference": transfer.reference,
