@@ -22,6 +22,7 @@ Everything here runs on the event loop thread; the keeper and the request handle
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 import zlib
@@ -39,9 +40,25 @@ def shard_of_text(wallet_id_text: str, shard_count: int) -> int:
     return zlib.crc32(wallet_id_text.lower().encode("ascii")) % shard_count
 
 
+# Wallets whose shard is remembered (~200 bytes each): a hit costs ~0.1 µs, a miss what the
+# hash costs without it (~0.6-1 µs). The shard is computed for every request routed and for
+# every wallet a batch's fence covers, several times per operation (a tenth of walletd's CPU
+# on 1,000-item bulk requests on 10,000 wallets, py-spy); wallets busier than this many
+# mostly hit, the others pay the plain hash.
+SHARD_MEMO_ENTRIES = 32_768
+
+
 def shard_of(wallet_id: UUID, shard_count: int) -> int:
-    # str(UUID) is the canonical lowercase 8-4-4-4-12 form, as HAProxy sees it after `lower`.
-    return zlib.crc32(str(wallet_id).encode("ascii")) % shard_count
+    return _shard_of_int(wallet_id.int, shard_count)
+
+
+@functools.lru_cache(maxsize=SHARD_MEMO_ENTRIES)
+def _shard_of_int(value: int, shard_count: int) -> int:
+    # The canonical lowercase 8-4-4-4-12 form (what str(UUID) writes, and HAProxy sees after
+    # `lower`), written from the integer: the same for uuid.UUID and asyncpg's UUID.
+    h = f"{value:032x}"
+    text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return zlib.crc32(text.encode("ascii")) % shard_count
 
 
 @dataclass(frozen=True, slots=True)

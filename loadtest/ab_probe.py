@@ -1,8 +1,8 @@
 """Two walletd builds side by side: wrk runs alternated, CPU per request from /proc.
 
     python -m loadtest.ab_probe [--base main] [--rounds 3] [--duration 10]
-                                [--scenarios hot,many,transfer] [--base-args "..."]
-                                [--new-args "..."]
+                                [--scenarios hot,many,transfer,bulk] [--ceiling]
+                                [--base-args "..."] [--new-args "..."]
 
 ``--base`` is a git revision, exported to a temporary directory and run with this venv's
 interpreter (the editable install's finder is taken out of the way); the new build is this
@@ -13,6 +13,12 @@ wallets. Then, round after round, each scenario runs on both (order alternating)
 every run: rps, p50, p99, and CPU µs per request of walletd and of its PostgreSQL (all
 processes under its postmaster), read from /proc/<pid>/stat before and after. Medians and
 the range over rounds, and the new/base ratio of each round's pair, are printed.
+
+``bulk`` is `loadtest.bulk_bench`'s many-wallet round (``--bulk-clients`` clients sending
+``--bulk-items`` keyed deposits per request on the --wallets wallets, every per-item result
+read): its "rps" is applied operations/s, its CPU per operation. ``--ceiling`` adds the
+bare aiohttp server (`loadtest.ceiling`) as a third target of the wrk scenarios in every
+round, and prints each build's per-round ratio to it (issue #25's "of the bare ceiling").
 """
 
 from __future__ import annotations
@@ -32,8 +38,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest import bulk_bench
 from loadtest.bench import TRANSFER_FUND, create_wallets, fund_wallets, run_wrk
-from loadtest.procs import REPO_ROOT, Server, free_port, server_environment, stop, wait_ready
+from loadtest.procs import (
+    REPO_ROOT,
+    Server,
+    free_port,
+    running_ceiling,
+    server_environment,
+    stop,
+    wait_ready,
+)
 
 __all__ = ["main"]
 
@@ -58,6 +73,7 @@ class Target:
     server: Server
     data_dir: Path
     ids: dict[str, Path]
+    walletd: bool = True  # False: the ceiling (no PostgreSQL, no bulk route)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +150,28 @@ def _postgres_pids(data_dir: Path) -> list[int]:
     return [postmaster, *children]
 
 
+def _run_bulk(target: Target, duration_s: float, clients: int, items: int) -> Sample:
+    """One bulk_bench round on the target's many-wallet ids: operations/s, per request
+    latency, CPU per applied operation."""
+    process = target.server.process
+    assert process is not None
+    assert target.walletd
+    wallets = target.ids["many"].read_text().split()
+    args = argparse.Namespace(duration=duration_s, clients=clients, items=items)
+    result = asyncio.run(bulk_bench.run_round(
+        target.server, "many", wallets, args, bulk_bench.Ledger(), process.pid,
+        _postgres_pids(target.data_dir),
+    ))  # fmt: skip
+    return Sample(
+        result.ops_per_s, result.percentile_ms(0.5), result.percentile_ms(0.99),
+        result.walletd_cpu_us_per_op, result.postgres_cpu_us_per_op,
+    )  # fmt: skip
+
+
 def _run(target: Target, scenario: str, connections: int, duration_s: int) -> Sample:
     process = target.server.process
     assert process is not None
-    postgres = _postgres_pids(target.data_dir)
+    postgres = _postgres_pids(target.data_dir) if target.walletd else []
     walletd0, postgres0 = _cpu_s(process.pid), sum(_cpu_s(p) for p in postgres)
     run = run_wrk(target.server.url, scenario, target.ids[scenario], connections, duration_s)
     walletd1, postgres1 = _cpu_s(process.pid), sum(_cpu_s(p) for p in postgres)
@@ -176,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--wallets", type=int, default=10_000)
     parser.add_argument("--scenarios", default="hot,many,transfer")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also run the bare aiohttp server on the wrk scenarios",
+    )
+    parser.add_argument("--bulk-clients", type=int, default=4)
+    parser.add_argument("--bulk-items", type=int, default=1000)
     parser.add_argument("--base-args", default="")
     parser.add_argument("--new-args", default="")
     args = parser.parse_args(argv)
@@ -186,35 +227,53 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="walletd-ab-") as name:
         tmp = Path(name)
         tree = None if args.base == "." else _export(args.base, tmp / "base")
-        with (
-            _walletd("base", tree, shlex.split(args.base_args), tmp) as base,
-            _walletd("new", None, shlex.split(args.new_args), tmp) as new,
-        ):
-            for target in (base, new):
+        with contextlib.ExitStack() as stack:
+            base = stack.enter_context(_walletd("base", tree, shlex.split(args.base_args), tmp))
+            new = stack.enter_context(_walletd("new", None, shlex.split(args.new_args), tmp))
+            builds = [base, new]
+            for target in builds:
                 _prepare(target, args.wallets, tmp)
+            if args.ceiling:
+                # Any ids do: the ceiling answers every wallet alike.
+                server = stack.enter_context(running_ceiling())
+                ceiling = Target("ceiling", server, tmp, dict(base.ids), walletd=False)
+                builds.append(ceiling)
+
+            def run(target: Target, scenario: str, duration_s: int) -> Sample:
+                if scenario == "bulk":
+                    return _run_bulk(target, duration_s, args.bulk_clients, args.bulk_items)
+                return _run(target, scenario, args.connections, duration_s)
+
             for scenario in scenarios:
-                for target in (base, new):
-                    if args.warmup:
-                        _run(target, scenario, args.connections, args.warmup)
+                for target in builds:
+                    if args.warmup and not (scenario == "bulk" and not target.walletd):
+                        run(target, scenario, args.warmup)
             for round_index in range(args.rounds):
-                order = (base, new) if round_index % 2 == 0 else (new, base)
+                # Rotated each round: each target runs first, second and last in turn.
+                shift = round_index % len(builds)
+                order = builds[shift:] + builds[:shift]
                 for scenario in scenarios:
                     for target in order:
+                        if scenario == "bulk" and not target.walletd:
+                            continue  # the ceiling has no bulk route
                         time.sleep(args.settle)
-                        sample = _run(target, scenario, args.connections, args.duration)
+                        sample = run(target, scenario, args.duration)
                         samples.setdefault((scenario, target.name), []).append(sample)
-                        print(f"round {round_index + 1} {scenario:>8} {target.name:>4}:"
+                        print(f"round {round_index + 1} {scenario:>8} {target.name:>7}:"
                               f" {sample.rps:7.0f} rps  p50 {sample.p50_ms:6.1f} ms  p99"
                               f" {sample.p99_ms:6.1f} ms  CPU/request walletd"
                               f" {sample.walletd_us:4.0f} µs  PostgreSQL"
                               f" {sample.postgres_us:4.0f} µs", flush=True)  # fmt: skip
     print(f"\nmedian (min-max) over {args.rounds} rounds; base {args.base!r}"
           f" {args.base_args!r}, new this checkout {args.new_args!r}")  # fmt: skip
+    print("(bulk: rps is applied operations/s, p50/p99 per request, CPU per operation)")
     print("| scenario | build | rps | p50 ms | p99 ms | walletd µs/req | PostgreSQL µs/req |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for scenario in scenarios:
-        for build in ("base", "new"):
-            rows = samples[(scenario, build)]
+        for build in ("base", "new", "ceiling"):
+            rows = samples.get((scenario, build))
+            if not rows:
+                continue
             print(f"| {scenario} | {build} | {_spread([s.rps for s in rows], '.0f')}"
                   f" | {_spread([s.p50_ms for s in rows], '.1f')}"
                   f" | {_spread([s.p99_ms for s in rows], '.1f')}"
@@ -230,6 +289,15 @@ def main(argv: list[str] | None = None) -> int:
             pairs = zip(samples[("transfer", build)], samples[("many", build)], strict=True)
             per_round = [t.rps / m.rps for t, m in pairs]
             print(f"transfer/deposit (many) {build}: {_spread(per_round, '.2f')}")
+    if args.ceiling:
+        for scenario in scenarios:
+            if scenario == "bulk":
+                continue
+            for build in ("base", "new"):
+                pairs = zip(samples[(scenario, build)], samples[(scenario, "ceiling")],
+                            strict=True)  # fmt: skip
+                per_round = [b.rps / c.rps for b, c in pairs]
+                print(f"{scenario} {build}/ceiling rps: {_spread(per_round, '.2f')}")
     return 0
 
 
