@@ -7,8 +7,6 @@ import asyncio
 from collections.abc import Sequence
 from uuid import UUID, uuid4
 
-import pytest
-
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
 from walletd.engine.commands import Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
@@ -412,12 +410,6 @@ async def test_the_observer_counts_transfers_ended_by_status_and_driver() -> Non
     ]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect (red-team review): a deposit may take the room a PENDING "
-    "transfer's refund needs, and the refund is then refused at the balance ceiling for "
-    "as long as the sender stays full",
-)
 async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
     """A transfer whose credit is refused ends FAILED with its debit refunded, even when the
     sender was topped up to the ceiling while the refund was pending: a credit into the
@@ -430,19 +422,42 @@ async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
         transfer_id, reply = await engine.transfer(None, None, SENDER, nowhere, 10, None)
         assert reply.outcome is Outcome.UNAVAILABLE
         assert log.transfers[transfer_id].status is TransferStatus.PENDING
-        # Any key with the move scope may deposit into any wallet: up to the ceiling.
-        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
-            await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+        # Any key with the move scope may deposit into any wallet: up to the ceiling, less
+        # the room the PENDING transfer's refund needs (the last deposit is refused).
+        outcomes = [
+            (await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        ]
         _id, retry = await engine.transfer(transfer_id, None, SENDER, nowhere, 10, None)
         await engine.redrive_transfers()
+    assert outcomes[-1] is Outcome.BALANCE_LIMIT_EXCEEDED
+    assert set(outcomes[:-1]) == {Outcome.OK}
     assert (retry.outcome, retry.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
     assert log.transfers[transfer_id].status is TransferStatus.FAILED
-    assert log.wallets[SENDER].balance <= BALANCE_MINOR_MAX
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX - AMOUNT_MINOR_MAX + 10
+
+
+async def test_a_transfer_completed_by_another_shard_frees_its_room_under_the_ceiling() -> None:
+    """The receiver's shard completes a transfer without telling the sender's, whose
+    reservation of the refund's room is then stale: a credit that would fit were it gone
+    has it checked against storage first, and is taken."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+        assert reply.outcome is Outcome.OK
+        outcomes = {
+            (await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        }
+    assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+    assert outcomes == {Outcome.OK}
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX
 
 
 async def test_transfers_the_redrive_cannot_end_never_starve_the_ones_it_can() -> None:
     """Each re-drive pass goes on where the previous one stopped: PENDING transfers that
-    stay PENDING (a refund refused at the sender's ceiling, a receiver that keeps failing)
+    stay PENDING (a refund storage keeps refusing, a receiver that keeps failing)
     and outnumber one pass's batch do not keep a younger transfer from being finished."""
     log = ControlledLog()
     stuck_sender, sender = wallet_ids_on_shard(0, 2, 2)
@@ -459,15 +474,16 @@ async def test_transfers_the_redrive_cannot_end_never_starve_the_ones_it_can() -
             Outcome.OK
         )
         assert (await engine.apply(sender, OperationKind.DEPOSIT, 5, None)).outcome is Outcome.OK
+        # Storage refuses every refund into this sender (as an operator's CHECK would):
+        # their transfers stay PENDING, whoever drives them.
+        log.refuse_operation = lambda op: (
+            op.wallet_id == stuck_sender and op.kind is OperationKind.TRANSFER_REFUND
+        )
         stuck: list[UUID] = []
-        for _ in range(3):  # more than a pass takes, each left PENDING by a failed refund
-            log.fail_next_closes = 1
-            transfer_id, reply = await engine.transfer(None, None, stuck_sender, nowhere, 1, None)
-            assert reply.outcome is Outcome.UNAVAILABLE
+        for _ in range(3):  # more than a pass takes, each left PENDING by a refused refund
+            transfer_id, _ = await engine.transfer(None, None, stuck_sender, nowhere, 1, None)
+            assert log.transfers[transfer_id].status is TransferStatus.PENDING
             stuck.append(transfer_id)
-        # The sender filled to the ceiling: their refunds find no room and stay PENDING.
-        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
-            await engine.apply(stuck_sender, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
         log.fail_next_closes = 1  # a younger transfer whose credit's commit failed
         young_id, young = await engine.transfer(None, None, sender, receiver, 5, None)
         assert young.outcome is Outcome.UNAVAILABLE
