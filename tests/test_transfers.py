@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import Sequence
 from uuid import UUID, uuid4
 
+import pytest
+
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
-from walletd.engine.commands import Outcome, transfer_leg_key
+from walletd.engine.commands import HoldAction, Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX
@@ -435,6 +437,45 @@ async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
     assert (retry.outcome, retry.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
     assert log.transfers[transfer_id].status is TransferStatus.FAILED
     assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX - AMOUNT_MINOR_MAX + 10
+
+
+@pytest.mark.parametrize("opened_by", ["transfer", "capture"])
+async def test_the_debit_that_opens_a_transfer_keeps_its_refunds_room(opened_by: str) -> None:
+    """The room is kept from the debit on, in memory (the sender is never re-read here):
+    a transfer's debit, or a capture into another wallet, which opens a transfer too. The
+    credit's commit fails (PENDING); both wallets fill up to the ceiling; the re-drive's
+    credit is then refused, and the refund fits into the room kept for it."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        log.fail_next_closes = 1  # the credit's commit (on the receiver's shard) fails
+        if opened_by == "transfer":
+            transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+            assert reply.outcome is Outcome.UNAVAILABLE
+        else:
+            hold_id, created = await engine.create_hold(SENDER, 10, None, None, None)
+            assert created.outcome is Outcome.CREATED
+            captured = await engine.resolve_hold(HoldAction.CAPTURE, hold_id, None, None, RECEIVER)
+            assert captured.outcome is Outcome.OK
+            assert captured.hold is not None
+            assert captured.hold.transfer_id is not None
+            transfer_id = captured.hold.transfer_id
+        assert log.transfers[transfer_id].status is TransferStatus.PENDING
+        outcomes = {
+            wallet_id: [
+                (
+                    await engine.apply(wallet_id, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+                ).outcome
+                for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+            ]
+            for wallet_id in (SENDER, RECEIVER)
+        }
+        await engine.redrive_transfers()
+    assert outcomes[SENDER][-1] is Outcome.BALANCE_LIMIT_EXCEEDED
+    assert set(outcomes[SENDER][:-1]) == set(outcomes[RECEIVER]) == {Outcome.OK}
+    assert log.transfers[transfer_id].failure_code == Outcome.BALANCE_LIMIT_EXCEEDED.value
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX - AMOUNT_MINOR_MAX + 10
+    assert log.wallets[RECEIVER].balance == BALANCE_MINOR_MAX
 
 
 async def test_a_transfer_completed_by_another_shard_frees_its_room_under_the_ceiling() -> None:
