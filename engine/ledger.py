@@ -851,6 +851,14 @@ class Ledger:
         else:
             if command.kind is OperationKind.TRANSFER_REFUND:
                 resident.close_out(transfer.transfer_id)
+            else:
+                # Completed. When this batch writes the sender too (both legs in one
+                # commit, or another of its rows), its entry goes with this commit; else
+                # it lingers, too cautious only, until ``stale_outs`` (nothing to write it
+                # with here).
+                sender = self._residents.get(transfer.from_wallet_id.int)
+                if sender is not None and transfer.from_wallet_id.int in applied.written:
+                    sender.close_out(transfer.transfer_id)
             applied.batch.transfer_updates.append(
                 TransferUpdate(transfer.transfer_id, command.closes_as, command.failure_code,
                                now_us)
@@ -876,11 +884,8 @@ class Ledger:
         room = BALANCE_MINOR_MAX - receiver.reserved()
         if balance + leg.transfer.amount > room or receiver.terms()[0] is _CLOSED:
             return debit
-        credit = self._apply_transfer_leg(leg, applied)
+        credit = self._apply_transfer_leg(leg, applied)  # also drops the sender's entry
         require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
-        sender = self._residents.get(command.debit.wallet_id.int)
-        assert sender is not None  # its debit was written in this batch
-        sender.close_out(leg.transfer.transfer_id)  # completed here: nothing to refund
         return debit._replace(items=(credit,))
 
     def _move(

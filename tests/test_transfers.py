@@ -265,6 +265,36 @@ async def test_wallets_of_one_pipeline_transfer_in_one_commit() -> None:
     assert conserved(log, 100)
 
 
+class _CountingLog(ControlledLog):
+    """Counts the transfers read back by id (a stale reservation's check reads them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transfers_read: list[UUID] = []
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        self.transfers_read.extend(transfer_ids)
+        return await super().load_transfers(transfer_ids)
+
+
+async def test_a_joint_transfer_leaves_no_room_kept_for_a_refund() -> None:
+    """Both legs in one commit: the transfer is COMPLETED in that commit, so the sender keeps
+    no room for its refund, and filling it to the ceiling needs no read of storage."""
+    log = _CountingLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded_pair(engine, 10)
+        _id, reply = await engine.transfer(None, None, PAYER, PAYEE, 10, None)
+        assert reply.outcome is Outcome.OK
+        log.transfers_read.clear()
+        outcomes = {
+            (await engine.apply(PAYER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        }
+    assert outcomes == {Outcome.OK}
+    assert log.transfers_read == []
+    assert log.wallets[PAYER].balance == BALANCE_MINOR_MAX
+
+
 async def test_a_failed_joint_commit_moves_nothing_and_a_landed_one_is_answered() -> None:
     """The joint commit fails: nothing stored, 503 (a plain retry is safe). It lands but
     its outcome is unknown: the answer is read back from storage, COMPLETED, credited once."""
