@@ -372,7 +372,8 @@ class InsufficientFunds(Refused):
 
 
 class BalanceLimitExceeded(Refused):
-    """The deposit would push the balance past the documented ceiling."""
+    """The credit would push the balance past the documented ceiling (counting the room the
+    wallet's PENDING outgoing transfers keep for their refunds)."""
 
 
 class TooManyHolds(Refused):

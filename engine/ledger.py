@@ -122,6 +122,12 @@ _NOT_STORABLE: Final = Reply(Outcome.NOT_STORABLE)
 _CLIENT_KINDS: Final = frozenset({OperationKind.DEPOSIT, OperationKind.WITHDRAW})
 _REVERSALS: Final = frozenset({OperationKind.DEPOSIT_REVERSAL, OperationKind.WITHDRAW_REVERSAL})
 _NO_HOLDS: Final[dict[int, HoldRecord]] = {}
+_NO_OUTS: Final[dict[int, int]] = {}
+_REFUND: Final = OperationKind.TRANSFER_REFUND
+# A resident's outgoing PENDING transfers past this many are checked against storage
+# before its next batch (``Ledger.stale_outs``): the ones the receiver's shard completed go,
+# so the map of a wallet that keeps sending stays small.
+OUTS_CHECK_MIN: Final = 64
 _REFUSAL_OUTCOMES: Final = {
     RefusalReason.INSUFFICIENT_FUNDS: Outcome.INSUFFICIENT_FUNDS,
     RefusalReason.BALANCE_LIMIT_EXCEEDED: Outcome.BALANCE_LIMIT_EXCEEDED,
@@ -144,10 +150,11 @@ class Pending:
 
     ``holds`` is None while no open batch changed the wallet's PENDING holds (the committed
     ones apply); else the pending set, copied at each batch's end into its final state.
+    ``outs`` likewise for its outgoing PENDING transfers (``Resident.outs``).
     """
 
     __slots__ = (
-        "balance", "held", "holds", "metadata", "overdraft_limit", "seq", "status",
+        "balance", "held", "holds", "metadata", "outs", "overdraft_limit", "seq", "status",
         "updated_at_us",
     )  # fmt: skip
 
@@ -166,6 +173,7 @@ class Pending:
         self.updated_at_us = updated_at_us
         self.held = held
         self.holds: dict[int, HoldRecord] | None = None
+        self.outs: dict[int, int] | None = None
         self.status = status
         self.overdraft_limit = overdraft_limit
         # The wallet's metadata (changed only by a WALLET_UPDATE row, like status).
@@ -180,8 +188,8 @@ class Resident:
     """
 
     __slots__ = (
-        "balance", "created_at_us", "currency", "held", "holds", "metadata", "overdraft_limit",
-        "pending", "seq", "status", "updated_at_us",
+        "balance", "created_at_us", "currency", "held", "holds", "metadata", "outs",
+        "overdraft_limit", "pending", "seq", "status", "updated_at_us",
     )  # fmt: skip
 
     def __init__(
@@ -206,6 +214,14 @@ class Resident:
         self.held = held
         # Its committed PENDING holds by id (as int); None when it has none (most wallets).
         self.holds: dict[int, HoldRecord] | None = None
+        # Its outgoing PENDING transfers, id (as int) -> amount; None when it has none (most
+        # wallets). Their sum is the room under the balance ceiling their refunds may need:
+        # a credit other than a refund leaves it free (``reserved``). Opened by this shard
+        # (a TRANSFER_OUT) and closed here by a refund, but completed by the receiver's
+        # shard, which does not tell this one: an entry may outlive its transfer (never the
+        # reverse), until ``Ledger.drop_closed`` or a reload drops it (docs/ARCHITECTURE.md,
+        # "Transfers").
+        self.outs: dict[int, int] | None = None
         self.status = status
         self.overdraft_limit = overdraft_limit
         # Its metadata (a shared empty tuple for most wallets): set at creation, changed by
@@ -220,6 +236,8 @@ class Resident:
         )  # fmt: skip
         if record.holds:
             resident.holds = {hold.hold_id.int: hold for hold in record.holds}
+        if record.pending_out:
+            resident.outs = {transfer_id.int: amount for transfer_id, amount in record.pending_out}
         require(
             sum(hold.amount for hold in record.holds) == record.held,
             "a loaded wallet's held differs from the sum of its PENDING holds",
@@ -278,6 +296,36 @@ class Resident:
             return pending.holds
         return self.holds or _NO_HOLDS
 
+    def pending_outs(self) -> dict[int, int]:
+        """Its outgoing PENDING transfers as the next command sees them (pending first)."""
+        pending = self.pending
+        if pending is not None and pending.outs is not None:
+            return pending.outs
+        return self.outs or _NO_OUTS
+
+    def reserved(self) -> int:
+        """The room under the balance ceiling kept for the refunds of its outgoing PENDING
+        transfers: what an ordinary credit may not take (a refund may)."""
+        outs = self.pending_outs()
+        return sum(outs.values()) if outs else 0
+
+    def open_out(self, transfer_id: UUID, amount: int) -> None:
+        """A transfer debit written on its pending state: its refund's room is reserved."""
+        pending = self.start_pending()
+        if pending.outs is None:
+            pending.outs = dict(self.outs or _NO_OUTS)
+        pending.outs[transfer_id.int] = amount
+
+    def close_out(self, transfer_id: UUID) -> None:
+        """One of its transfers closed on its pending state (refunded, or completed in the
+        same batch): the reservation goes."""
+        outs = self.pending_outs()
+        if transfer_id.int in outs:
+            pending = self.start_pending()
+            if pending.outs is None:
+                pending.outs = dict(outs)
+            del pending.outs[transfer_id.int]
+
 
 @dataclass(frozen=True, slots=True)
 class CreationKey:
@@ -302,7 +350,7 @@ class Applied:
     written: dict[int, tuple[UUID, Resident, int]] = field(default_factory=dict)
     # Final state of each written wallet: (resident, balance, seq, updated_at_us, held,
     # its PENDING holds or None when no open batch changed them, status, overdraft limit,
-    # metadata).
+    # metadata, its outgoing PENDING transfers or None when no open batch changed them).
     finals: list[
         tuple[
             Resident,
@@ -314,6 +362,7 @@ class Applied:
             WalletStatus,
             int,
             Metadata,
+            dict[int, int] | None,
         ]
     ] = field(default_factory=list)
     touched_wallets: set[int] = field(default_factory=set)  # wallet ids as ints
@@ -468,6 +517,84 @@ class Ledger:
                 added += 1
         return added
 
+    def stale_outs(self, commands: Sequence[Command]) -> list[UUID]:
+        """Outgoing PENDING transfers of resident wallets to check against storage before
+        ``execute`` (then ``drop_closed``): the receiver's shard completes a transfer
+        without telling the sender's, so an entry of ``Resident.outs`` may be stale, and a
+        stale one only ever refuses a credit that would fit. Asked for, after the wallets
+        are loaded, only where it matters: a wallet the batch credits past its room when
+        all its reservations count (rare: near the ceiling), or one that opens another
+        transfer while holding ``OUTS_CHECK_MIN`` entries (bounds the map of a wallet that
+        keeps sending to other shards)."""
+        residents = self._residents
+        # Only wallets holding entries matter (most hold none): one dict lookup for the rest.
+        credits: dict[int, int] = {}
+        opens: set[int] = set()
+        for command in commands:
+            # ``type() is``: cheaper than isinstance on the hot path, and mypy narrows it.
+            items: Sequence[Operation] = ()
+            legs: tuple[TransferLeg, ...] = ()
+            if type(command) is ApplyOperation:
+                items = (command,)
+            elif type(command) is ApplyOperations:
+                items = command.items
+            elif type(command) is TransferLeg:
+                legs = (command,)
+            elif type(command) is JointTransfer:
+                legs = (command.debit, command.credit)
+            elif type(command) is HoldCommand and command.transfer_id is not None:
+                opens.add(command.wallet_id.int)
+            for item in items:
+                wid = item.wallet_id.int
+                resident = residents.get(wid)
+                if resident is not None and _sends(resident) and item.kind in CREDIT_KINDS:
+                    credits[wid] = credits.get(wid, 0) + _minor_amount(item, resident)
+            for leg in legs:
+                wid = leg.wallet_id.int
+                resident = residents.get(wid)
+                if resident is None or not _sends(resident):
+                    continue
+                if leg.kind is OperationKind.TRANSFER_IN:
+                    credits[wid] = credits.get(wid, 0) + leg.transfer.amount
+                elif leg.kind is OperationKind.TRANSFER_OUT:
+                    opens.add(wid)
+        if not credits and not opens:
+            return []
+        stale: dict[int, UUID] = {}
+        for wid in credits.keys() | opens:
+            resident = residents.get(wid)
+            if resident is None:
+                continue
+            outs = resident.pending_outs()
+            if not outs:
+                continue
+            balance = resident.balance_and_held()[0]
+            if (wid in opens and len(outs) >= OUTS_CHECK_MIN) or (
+                balance + credits.get(wid, 0) + sum(outs.values()) > BALANCE_MINOR_MAX
+            ):
+                for transfer_int in outs.keys() | (resident.outs or _NO_OUTS).keys():
+                    stale[transfer_int] = UUID(int=transfer_int)
+        return list(stale.values())
+
+    def drop_closed(self, transfers: Iterable[TransferRecord]) -> None:
+        """Drop the reservations of transfers storage holds closed (a transfer closes once:
+        dropping them is right whatever the open batches hold)."""
+        residents = self._residents
+        for transfer in transfers:
+            if transfer.status is TransferStatus.PENDING:
+                continue
+            resident = residents.get(transfer.from_wallet_id.int)
+            if resident is None:
+                continue
+            tid = transfer.transfer_id.int
+            if resident.outs is not None:
+                resident.outs.pop(tid, None)
+                if not resident.outs:
+                    resident.outs = None
+            pending = resident.pending
+            if pending is not None and pending.outs is not None:
+                pending.outs.pop(tid, None)
+
     def add_operations(
         self, found: dict[tuple[UUID, str], OperationRecord | RefusalRecord]
     ) -> None:
@@ -591,7 +718,7 @@ class Ledger:
                 else:
                     if status is _CLOSED:
                         reply = Reply(Outcome.WALLET_CLOSED)
-                    elif balance + item.amount > BALANCE_MINOR_MAX:
+                    elif balance + item.amount + resident.reserved() > BALANCE_MINOR_MAX:
                         reply = Reply(
                             Outcome.BALANCE_LIMIT_EXCEEDED, balance_seen=balance,
                             currency=resident.currency,
@@ -715,7 +842,9 @@ class Ledger:
             return reply
         assert reply.wallet is not None
         now_us = reply.wallet.updated_at_us
+        resident = self._residents[command.wallet_id.int]
         if command.closes_as is None:
+            resident.open_out(transfer.transfer_id, transfer.amount)
             # Opened PENDING whatever the leg's record said (storage writes it so too).
             applied.batch.new_transfers.append(
                 transfer._replace(
@@ -724,6 +853,16 @@ class Ledger:
                 )
             )  # fmt: skip
         else:
+            if command.kind is OperationKind.TRANSFER_REFUND:
+                resident.close_out(transfer.transfer_id)
+            else:
+                # Completed. When this batch writes the sender too (both legs in one
+                # commit, or another of its rows), its entry goes with this commit; else
+                # it lingers, too cautious only, until ``stale_outs`` (nothing to write it
+                # with here).
+                sender = self._residents.get(transfer.from_wallet_id.int)
+                if sender is not None and transfer.from_wallet_id.int in applied.written:
+                    sender.close_out(transfer.transfer_id)
             applied.batch.transfer_updates.append(
                 TransferUpdate(transfer.transfer_id, command.closes_as, command.failure_code,
                                now_us)
@@ -746,9 +885,10 @@ class Ledger:
             return debit  # the coordinator's credit is refused: refunded, never half-applied
         pending = receiver.pending
         balance = receiver.balance if pending is None else pending.balance
-        if balance + leg.transfer.amount > BALANCE_MINOR_MAX or receiver.terms()[0] is _CLOSED:
+        room = BALANCE_MINOR_MAX - receiver.reserved()
+        if balance + leg.transfer.amount > room or receiver.terms()[0] is _CLOSED:
             return debit
-        credit = self._apply_transfer_leg(leg, applied)
+        credit = self._apply_transfer_leg(leg, applied)  # also drops the sender's entry
         require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
         return debit._replace(items=(credit,))
 
@@ -868,7 +1008,12 @@ class Ledger:
                 return self._refuse(
                     command, wallet_id, RefusalReason.WALLET_CLOSED, 0, resident, applied, actor
                 )
-            if balance_before + amount > BALANCE_MINOR_MAX:
+            # A refund may use the room its transfer's debit reserved; any other credit
+            # leaves the room of the wallet's outgoing PENDING transfers free
+            # (``Resident.reserved``, inlined: an attribute read when it has none).
+            outs = resident.outs if pending is None or pending.outs is None else pending.outs
+            reserved = sum(outs.values()) if outs and kind is not _REFUND else 0
+            if balance_before + amount + reserved > BALANCE_MINOR_MAX:
                 return self._refuse(
                     command, wallet_id, RefusalReason.BALANCE_LIMIT_EXCEEDED, balance_before,
                     resident, applied, actor,
@@ -1148,6 +1293,7 @@ class Ledger:
                 transfer_leg_key(OperationKind.TRANSFER_OUT, transfer_id), hold.reference,
                 applied, remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
+            resident.open_out(transfer_id, captured)
             now_us = view.updated_at_us
             applied.batch.new_transfers.append(
                 TransferRecord(
@@ -1392,9 +1538,10 @@ class Ledger:
             )  # fmt: skip
             # A copy: later batches go on changing the pending set before this one commits.
             holds = None if pending.holds is None else dict(pending.holds)
+            outs = None if pending.outs is None else dict(pending.outs)
             finals.append(
                 (resident, pending.balance, pending.seq, pending.updated_at_us, pending.held,
-                 holds, pending.status, pending.overdraft_limit, pending.metadata)
+                 holds, pending.status, pending.overdraft_limit, pending.metadata, outs)
             )  # fmt: skip
 
     # -- how the write ended -------------------------------------------------------------
@@ -1410,7 +1557,7 @@ class Ledger:
                 resident.seq = 0
                 _drop_pending_if_caught_up(resident)
         for (
-            resident, balance, seq, updated_at_us, held, holds, status, limit, metadata,
+            resident, balance, seq, updated_at_us, held, holds, status, limit, metadata, outs,
         ) in applied.finals:  # fmt: skip
             require(seq > resident.seq, "commits of one wallet must be in order")
             resident.balance = balance
@@ -1422,6 +1569,8 @@ class Ledger:
             resident.metadata = metadata
             if holds is not None:
                 resident.holds = holds or None
+            if outs is not None:
+                resident.outs = outs or None
             _drop_pending_if_caught_up(resident)
 
     def answers(self, applied: Applied, *, earlier_failed: bool = False) -> list[Reply]:
@@ -1553,6 +1702,23 @@ def _storable_leg(leg: TransferLeg) -> bool:
     if kind is OperationKind.TRANSFER_OUT:
         return not is_derived_transfer_id(transfer.transfer_id)
     return kind is OperationKind.TRANSFER_IN
+
+
+def _sends(resident: Resident) -> bool:
+    """Whether the wallet holds outgoing PENDING transfers (committed or pending)."""
+    if resident.outs:
+        return True
+    pending = resident.pending
+    return pending is not None and bool(pending.outs)
+
+
+def _minor_amount(item: Operation, resident: Resident | None) -> int:
+    """An operation's amount in its wallet's minor units, as far as ``stale_outs`` needs
+    it (0 when it cannot be read so: such an operation is refused, it credits nothing)."""
+    scale = item.scale
+    if scale is None or resident is None:
+        return item.amount
+    return to_minor(item.amount, scale, resident.currency.exponent) or 0
 
 
 def _replay_operation(

@@ -71,6 +71,13 @@ class InMemoryLog(WalletLog):
         return {w: self._with_holds(self.wallets[w]) for w in wallet_ids if w in self.wallets}
 
     def _with_holds(self, record: WalletRecord) -> WalletRecord:
+        """The wallet as loaded: with its PENDING holds and outgoing PENDING transfers."""
+        pending_out = tuple(
+            (t.transfer_id, t.amount) for t in self.transfers.values()
+            if t.from_wallet_id == record.wallet_id and t.status is TransferStatus.PENDING
+        )  # fmt: skip
+        if pending_out:
+            record = replace(record, pending_out=pending_out)
         if not record.held:
             return record
         holds = tuple(

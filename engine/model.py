@@ -206,6 +206,9 @@ class WalletRecord:
     status: WalletStatus = WalletStatus.ACTIVE
     overdraft_limit: int = 0
     metadata: Metadata = NO_METADATA
+    # Its outgoing PENDING transfers (id, amount), loaded with it: the room under the
+    # balance ceiling their refunds may need (engine/ledger.py ``Resident.outs``).
+    pending_out: tuple[tuple[UUID, int], ...] = ()
 
     def view(self) -> WalletView:
         return WalletView(

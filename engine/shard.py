@@ -6,7 +6,8 @@ Batch lifecycle (up to ``inflight_batches_max`` batches committing, one more pre
                   │ drain ≤ batch_ops_max operations (everything that queued meanwhile;
                   │ a bulk group, at most batch_ops_max, is never split)
                   ▼
-              prepare: load missing wallets and unknown idempotency keys (≤ 3 queries;
+              prepare: load missing wallets and unknown idempotency keys (≤ 3 queries,
+                  │     a 4th, rare, for reservations that may be stale (ledger.stale_outs);
                   │     a failed load answers the batch with 503 at once, nothing applied),
                   │     then the ledger (engine/ledger.py) decides each command in order on
                   │     the *pending* state
@@ -567,6 +568,12 @@ class Shard:
                 self._log.find_wallets_by_create_key(list(create_keys)), timeout
             )
             ledger.add_creations(found)
+        # Rare (engine/ledger.py ``stale_outs``): reservations that may be stale, checked
+        # once the wallets are resident.
+        stale = ledger.stale_outs(commands)
+        if stale:
+            transfers = await asyncio.wait_for(self._log.load_transfers(stale), timeout)
+            ledger.drop_closed(transfers.values())
 
     # -- commit ------------------------------------------------------------------------
 

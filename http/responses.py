@@ -264,7 +264,8 @@ def transfer_reply_response(
         raise ProblemError(
             409, "BALANCE_LIMIT_EXCEEDED",
             f"crediting {_money(amount, currency)} would pass the balance ceiling of the "
-            f"{side} wallet {wallet_id}",
+            f"{side} wallet {wallet_id} (counting what its pending outgoing transfers may "
+            "need back)",
             headers=headers, extra=extra,
         )  # fmt: skip
     if outcome is Outcome.WALLET_FROZEN or outcome is Outcome.WALLET_CLOSED:
@@ -562,7 +563,10 @@ def reply_problem(reply: Reply, wallet_id: UUID, amount: Amount | None = None) -
             409,
             "BALANCE_LIMIT_EXCEEDED",
             f"wallet {wallet_id} has {format_minor(reply.balance_seen or 0, exponent)}; "
-            f"depositing {_money(amount, currency)} would pass the balance ceiling",
+            # The ceiling less the room its PENDING outgoing transfers keep for their
+            # refunds (docs/API.md, "Money"): the sum alone may look as if it fits.
+            f"depositing {_money(amount, currency)} would pass the balance ceiling "
+            "(counting what its pending outgoing transfers may need back)",
             headers=replayed,
         )
     if outcome is Outcome.AMOUNT_NOT_IN_CURRENCY and currency is not None:

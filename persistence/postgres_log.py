@@ -161,7 +161,23 @@ _WALLET_COLUMNS = (
     + ", create_idempotency_key, create_fingerprint, held, status, overdraft_limit, metadata,"
     + " currency, exponent"
 )
-_LOAD_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE id = ANY($1::uuid[])"
+# Each wallet's outgoing PENDING transfers (ids and amounts, columns 13-14; NULL: none),
+# in the same statement as the wallets, no second round trip: the room under the balance
+# ceiling their refunds need (engine/ledger.py ``Resident.outs``). Their sender's shard,
+# the only one that opens them, is not writing these wallets while it loads them. Served
+# by transfers_by_status (the PENDING ones, few) or transfers_from (the wallets' history),
+# as the planner picks: a partial index on from_wallet_id WHERE status = 1 would make it
+# one short probe per wallet (docs/ARCHITECTURE.md, "Transfers").
+_PENDING_OUT = (
+    "SELECT from_wallet_id, array_agg(id) AS out_ids, array_agg(amount) AS out_amounts"
+    " FROM transfers WHERE status = 1 AND from_wallet_id = ANY({0}) GROUP BY from_wallet_id"
+)
+_LOAD_WALLETS = (
+    f"WITH o AS ({_PENDING_OUT.format('$1::uuid[]')})"
+    f" SELECT {_WALLET_COLUMNS}, o.out_ids, o.out_amounts"
+    " FROM wallets LEFT JOIN o ON o.from_wallet_id = wallets.id"
+    " WHERE wallets.id = ANY($1::uuid[])"
+)
 _HOLD_COLUMNS = (
     "id, wallet_id, shard, amount, status, "
     + _MICROS.format("expires_at")
@@ -192,7 +208,13 @@ SELECT {_HOLD_COLUMNS} FROM holds
 """
 # No index on updated_at on purpose: it would turn every snapshot move into a non-HOT
 # update. Warm-up is opt-in and runs once at start; a top-N sort of the table is its cost.
-_RECENT_WALLETS = f"SELECT {_WALLET_COLUMNS} FROM wallets ORDER BY updated_at DESC LIMIT $1"
+_RECENT_WALLETS = (
+    "WITH w AS (SELECT id AS wid FROM wallets ORDER BY updated_at DESC LIMIT $1),"
+    f" o AS ({_PENDING_OUT.format('ARRAY(SELECT wid FROM w)')})"
+    f" SELECT {_WALLET_COLUMNS}, o.out_ids, o.out_amounts"
+    " FROM w JOIN wallets ON wallets.id = w.wid LEFT JOIN o ON o.from_wallet_id = wallets.id"
+    " ORDER BY updated_at DESC"
+)
 _FIND_BY_CREATE_KEY = (
     f"SELECT {_WALLET_COLUMNS} FROM wallets WHERE create_idempotency_key = ANY($1::text[])"
 )
@@ -433,9 +455,12 @@ def _snapshot_metadata(
 
 
 def _wallet(row: asyncpg.Record) -> WalletRecord:
+    # Columns 13-14 (the outgoing PENDING transfers) only where the statement reads them.
+    out_ids = row[13] if len(row) > 13 else None
     return WalletRecord(
         row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], (),
         currency_of(row[11], row[12]), WalletStatus(row[8]), row[9], stored_metadata(row[10]),
+        () if out_ids is None else tuple(zip(out_ids, row[14], strict=True)),
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from tests.engine_doubles import WAIT_S, ControlledLog, running_engine, until, wallet_ids_on_shard
-from walletd.engine.commands import Outcome, transfer_leg_key
+from walletd.engine.commands import HoldAction, Outcome, transfer_leg_key
 from walletd.engine.limits import EngineLimits
 from walletd.engine.model import OperationKind, TransferRecord, TransferStatus
 from walletd.engine.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX
@@ -265,6 +265,36 @@ async def test_wallets_of_one_pipeline_transfer_in_one_commit() -> None:
     assert conserved(log, 100)
 
 
+class _CountingLog(ControlledLog):
+    """Counts the transfers read back by id (a stale reservation's check reads them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transfers_read: list[UUID] = []
+
+    async def load_transfers(self, transfer_ids: Sequence[UUID]) -> dict[UUID, TransferRecord]:
+        self.transfers_read.extend(transfer_ids)
+        return await super().load_transfers(transfer_ids)
+
+
+async def test_a_joint_transfer_leaves_no_room_kept_for_a_refund() -> None:
+    """Both legs in one commit: the transfer is COMPLETED in that commit, so the sender keeps
+    no room for its refund, and filling it to the ceiling needs no read of storage."""
+    log = _CountingLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded_pair(engine, 10)
+        _id, reply = await engine.transfer(None, None, PAYER, PAYEE, 10, None)
+        assert reply.outcome is Outcome.OK
+        log.transfers_read.clear()
+        outcomes = {
+            (await engine.apply(PAYER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        }
+    assert outcomes == {Outcome.OK}
+    assert log.transfers_read == []
+    assert log.wallets[PAYER].balance == BALANCE_MINOR_MAX
+
+
 async def test_a_failed_joint_commit_moves_nothing_and_a_landed_one_is_answered() -> None:
     """The joint commit fails: nothing stored, 503 (a plain retry is safe). It lands but
     its outcome is unknown: the answer is read back from storage, COMPLETED, credited once."""
@@ -412,12 +442,6 @@ async def test_the_observer_counts_transfers_ended_by_status_and_driver() -> Non
     ]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open defect (red-team review): a deposit may take the room a PENDING "
-    "transfer's refund needs, and the refund is then refused at the balance ceiling for "
-    "as long as the sender stays full",
-)
 async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
     """A transfer whose credit is refused ends FAILED with its debit refunded, even when the
     sender was topped up to the ceiling while the refund was pending: a credit into the
@@ -430,19 +454,81 @@ async def test_a_refund_always_finds_room_under_the_balance_ceiling() -> None:
         transfer_id, reply = await engine.transfer(None, None, SENDER, nowhere, 10, None)
         assert reply.outcome is Outcome.UNAVAILABLE
         assert log.transfers[transfer_id].status is TransferStatus.PENDING
-        # Any key with the move scope may deposit into any wallet: up to the ceiling.
-        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
-            await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+        # Any key with the move scope may deposit into any wallet: up to the ceiling, less
+        # the room the PENDING transfer's refund needs (the last deposit is refused).
+        outcomes = [
+            (await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        ]
         _id, retry = await engine.transfer(transfer_id, None, SENDER, nowhere, 10, None)
         await engine.redrive_transfers()
+    assert outcomes[-1] is Outcome.BALANCE_LIMIT_EXCEEDED
+    assert set(outcomes[:-1]) == {Outcome.OK}
     assert (retry.outcome, retry.side) == (Outcome.WALLET_NOT_FOUND, SIDE_TO)
     assert log.transfers[transfer_id].status is TransferStatus.FAILED
-    assert log.wallets[SENDER].balance <= BALANCE_MINOR_MAX
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX - AMOUNT_MINOR_MAX + 10
+
+
+@pytest.mark.parametrize("opened_by", ["transfer", "capture"])
+async def test_the_debit_that_opens_a_transfer_keeps_its_refunds_room(opened_by: str) -> None:
+    """The room is kept from the debit on, in memory (the sender is never re-read here):
+    a transfer's debit, or a capture into another wallet, which opens a transfer too. The
+    credit's commit fails (PENDING); both wallets fill up to the ceiling; the re-drive's
+    credit is then refused, and the refund fits into the room kept for it."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        log.fail_next_closes = 1  # the credit's commit (on the receiver's shard) fails
+        if opened_by == "transfer":
+            transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+            assert reply.outcome is Outcome.UNAVAILABLE
+        else:
+            hold_id, created = await engine.create_hold(SENDER, 10, None, None, None)
+            assert created.outcome is Outcome.CREATED
+            captured = await engine.resolve_hold(HoldAction.CAPTURE, hold_id, None, None, RECEIVER)
+            assert captured.outcome is Outcome.OK
+            assert captured.hold is not None
+            assert captured.hold.transfer_id is not None
+            transfer_id = captured.hold.transfer_id
+        assert log.transfers[transfer_id].status is TransferStatus.PENDING
+        outcomes = {
+            wallet_id: [
+                (
+                    await engine.apply(wallet_id, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+                ).outcome
+                for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+            ]
+            for wallet_id in (SENDER, RECEIVER)
+        }
+        await engine.redrive_transfers()
+    assert outcomes[SENDER][-1] is Outcome.BALANCE_LIMIT_EXCEEDED
+    assert set(outcomes[SENDER][:-1]) == set(outcomes[RECEIVER]) == {Outcome.OK}
+    assert log.transfers[transfer_id].failure_code == Outcome.BALANCE_LIMIT_EXCEEDED.value
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX - AMOUNT_MINOR_MAX + 10
+    assert log.wallets[RECEIVER].balance == BALANCE_MINOR_MAX
+
+
+async def test_a_transfer_completed_by_another_shard_frees_its_room_under_the_ceiling() -> None:
+    """The receiver's shard completes a transfer without telling the sender's, whose
+    reservation of the refund's room is then stale: a credit that would fit were it gone
+    has it checked against storage first, and is taken."""
+    log = ControlledLog()
+    async with running_engine(log, TWO_SHARDS) as engine:
+        await funded(engine, 10)
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+        assert reply.outcome is Outcome.OK
+        outcomes = {
+            (await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        }
+    assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+    assert outcomes == {Outcome.OK}
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX
 
 
 async def test_transfers_the_redrive_cannot_end_never_starve_the_ones_it_can() -> None:
     """Each re-drive pass goes on where the previous one stopped: PENDING transfers that
-    stay PENDING (a refund refused at the sender's ceiling, a receiver that keeps failing)
+    stay PENDING (a refund storage keeps refusing, a receiver that keeps failing)
     and outnumber one pass's batch do not keep a younger transfer from being finished."""
     log = ControlledLog()
     stuck_sender, sender = wallet_ids_on_shard(0, 2, 2)
@@ -459,15 +545,16 @@ async def test_transfers_the_redrive_cannot_end_never_starve_the_ones_it_can() -
             Outcome.OK
         )
         assert (await engine.apply(sender, OperationKind.DEPOSIT, 5, None)).outcome is Outcome.OK
+        # Storage refuses every refund into this sender (as an operator's CHECK would):
+        # their transfers stay PENDING, whoever drives them.
+        log.refuse_operation = lambda op: (
+            op.wallet_id == stuck_sender and op.kind is OperationKind.TRANSFER_REFUND
+        )
         stuck: list[UUID] = []
-        for _ in range(3):  # more than a pass takes, each left PENDING by a failed refund
-            log.fail_next_closes = 1
-            transfer_id, reply = await engine.transfer(None, None, stuck_sender, nowhere, 1, None)
-            assert reply.outcome is Outcome.UNAVAILABLE
+        for _ in range(3):  # more than a pass takes, each left PENDING by a refused refund
+            transfer_id, _ = await engine.transfer(None, None, stuck_sender, nowhere, 1, None)
+            assert log.transfers[transfer_id].status is TransferStatus.PENDING
             stuck.append(transfer_id)
-        # The sender filled to the ceiling: their refunds find no room and stay PENDING.
-        for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX):
-            await engine.apply(stuck_sender, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
         log.fail_next_closes = 1  # a younger transfer whose credit's commit failed
         young_id, young = await engine.transfer(None, None, sender, receiver, 5, None)
         assert young.outcome is Outcome.UNAVAILABLE
