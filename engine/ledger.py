@@ -896,7 +896,8 @@ class Ledger:
         """Every posting's debit and credit in this batch, or none (``JointPayment``): first
         decided on a scratch copy of the wallets (the same rules as ``_move``'s, on the
         pending state, the postings in order), then applied for real on that same state."""
-        scratch: dict[int, list[int]] = {}  # wallet -> [balance, available]
+        # wallet -> [balance, available, reserved: its outgoing PENDING transfers' sum]
+        scratch: dict[int, list[int]] = {}
         residents, keys = self._residents, self._keys
         for leg in command.debits + command.credits:
             wid = leg.wallet_id.int
@@ -912,7 +913,10 @@ class Ledger:
             state = pending if pending is not None else resident
             status = state.status
             if wid not in scratch:
-                scratch[wid] = [state.balance, state.balance - state.held + state.overdraft_limit]
+                scratch[wid] = [
+                    state.balance, state.balance - state.held + state.overdraft_limit,
+                    resident.reserved(),
+                ]  # fmt: skip
             amount = leg.transfer.amount
             money = scratch[wid]
             if leg.kind is OperationKind.TRANSFER_OUT:
@@ -920,11 +924,15 @@ class Ledger:
                     return _NOT_TAKEN
                 money[0] -= amount
                 money[1] -= amount
+                money[2] += amount  # the debit keeps its refund's room (_apply_transfer_leg)
             else:
-                if status is _CLOSED or money[0] + amount > BALANCE_MINOR_MAX:
+                # As _move: the room its own PENDING transfers keep is not this credit's.
+                if status is _CLOSED or money[0] + amount + money[2] > BALANCE_MINOR_MAX:
                     return _NOT_TAKEN
                 money[0] += amount
                 money[1] += amount
+                # Completed with its debit in this batch: the sender's room goes.
+                scratch[leg.transfer.from_wallet_id.int][2] -= amount
         for leg in command.debits:
             debit = self._apply_transfer_leg(leg, applied)
             require(debit.outcome is Outcome.OK and not debit.replayed, "joint debit refused")

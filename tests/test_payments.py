@@ -17,6 +17,7 @@ from walletd.engine.model import (
     TransferStatus,
     WalletStatus,
 )
+from walletd.engine.money import AMOUNT_MINOR_MAX, BALANCE_MINOR_MAX
 from walletd.engine.payments import Posting, posting_transfer_id
 from walletd.engine.ports import StorageUnavailable
 from walletd.engine.router import Engine
@@ -176,3 +177,36 @@ async def test_wallets_of_one_pipeline_are_paid_in_one_commit_or_by_the_saga() -
     assert (refused.outcome, refused.posting) == (Outcome.INSUFFICIENT_FUNDS, 0)
     assert [log.wallets[w].balance for w in (BUYER, MERCHANT, PLATFORM)] == [5, 97, 3]
     assert conserved(log, 105)
+
+
+async def test_a_receivers_pending_refund_keeps_its_room_under_the_ceiling() -> None:
+    """A receiver whose own PENDING transfer keeps room under the ceiling for its refund is
+    never credited into that room by a payment: the posting waits PENDING (the payment stays
+    CREDITING, as for any receiver at its ceiling), the other posting completes, and the
+    pipeline goes on serving."""
+    log = ControlledLog()
+    nowhere = uuid4()
+    async with running_engine(log, ONE_PIPELINE) as engine:
+        await wallets(engine, 100)
+        await engine.apply(MERCHANT, OperationKind.DEPOSIT, 10, None)
+        log.fail_next_closes = 1  # the refund's commit fails once: PENDING, room kept
+        pending_id, opened = await engine.transfer(None, None, MERCHANT, nowhere, 10, None)
+        assert opened.outcome is Outcome.UNAVAILABLE
+        assert log.transfers[pending_id].status is TransferStatus.PENDING
+        room = BALANCE_MINOR_MAX - 10  # all but what the PENDING transfer may need back
+        while room - log.wallets[MERCHANT].balance >= AMOUNT_MINOR_MAX:
+            reply = await engine.apply(MERCHANT, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)
+            assert reply.outcome is Outcome.OK
+        top_up = room - log.wallets[MERCHANT].balance - 90
+        assert (await engine.apply(MERCHANT, OperationKind.DEPOSIT, top_up, None)).outcome is (
+            Outcome.OK
+        )
+        payment_id, paid = await engine.pay(None, None, FEE, None)  # 97: under the ceiling,
+        after = await engine.apply(BUYER, OperationKind.DEPOSIT, 1, None)  # not the room
+    assert paid.outcome is Outcome.UNAVAILABLE
+    assert log.payments[payment_id].phase is PaymentPhase.CREDITING
+    assert [log.transfers[posting_transfer_id(payment_id, i)].status for i in (0, 1)] == [
+        TransferStatus.PENDING, TransferStatus.COMPLETED,
+    ]  # fmt: skip
+    assert after.outcome is Outcome.OK  # the pipeline is alive
+    assert log.wallets[MERCHANT].balance == room - 90
