@@ -34,6 +34,7 @@ from walletd.http.openapi import build_openapi_document
 from walletd.http.problems import ValidationProblem
 from walletd.http.settings import HttpSettings
 from walletd.persistence.listings import LISTINGS, listing_sql
+from walletd.persistence.postgres_log import _PENDING_OUT
 
 Client = TestClient[web.Request, web.Application]
 AiohttpClient = Callable[..., Any]
@@ -672,8 +673,36 @@ async def test_every_filtered_page_is_a_bounded_index_scan_on_a_million_rows(
                     await connection.execute("DEALLOCATE page")
         planned_s = time.monotonic() - started - filled_s
         print(f"filled in {filled_s:.1f} s; {checked} plans in {planned_s:.1f} s")
+        await _check_pending_out_plan(connection)
     finally:
         await connection.close()
+
+
+async def _check_pending_out_plan(connection: asyncpg.Connection) -> None:
+    """Loading wallets reads their PENDING transfers out (the room their refunds keep under
+    the balance ceiling): through the partial index of PENDING rows by sender, in both plan
+    modes, never through every transfer each sender ever made (here ~200 per sender)."""
+    senders = [
+        row["from_wallet_id"]
+        for row in await connection.fetch(
+            "SELECT DISTINCT from_wallet_id FROM transfers ORDER BY 1 LIMIT 64"
+        )
+    ]
+    await connection.execute(f"PREPARE pending_out AS {_PENDING_OUT.format('$1::uuid[]')}")
+    try:
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            await connection.execute(f"SET plan_cache_mode = {mode}")
+            plan = "\n".join(
+                row[0]
+                for row in await connection.fetch(
+                    "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE pending_out("
+                    f"ARRAY[{', '.join(repr(str(sender)) for sender in senders)}]::uuid[])"
+                )
+            )
+            assert "transfers_pending_by_sender" in plan, (mode, plan)
+            assert "Seq Scan" not in plan, (mode, plan)
+    finally:
+        await connection.execute("DEALLOCATE pending_out")
 
 
 async def _fill(connection: asyncpg.Connection, table: str, fill: str, rows: int) -> None:
