@@ -293,8 +293,10 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
                   f"answers {dict(statuses)}; {samples} conservation samples")  # fmt: skip
             assert len(sampler.gaps) >= 10
             assert set(sampler.gaps) == {0}, Counter(sampler.gaps)
+            # 502 UNAVAILABLE: HAProxy's answer for a request the victim had when it was
+            # killed (its outcome unknown: the final retry below settles it).
             allowed = {(201, ""), (409, "INSUFFICIENT_FUNDS"), (503, "NOT_OWNER"),
-                       (503, "UNAVAILABLE"), (0, "connection")}  # fmt: skip
+                       (503, "UNAVAILABLE"), (502, "UNAVAILABLE"), (0, "connection")}  # fmt: skip
             assert set(statuses) <= allowed, statuses
 
             finals = await asyncio.gather(
