@@ -209,7 +209,9 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
     finish every PENDING transfer and payment by themselves; conservation is exact in every
     sample and at the end; retrying everything sent (same key) gets a final answer, a replay
     for those answered 201; each transfer's legs are in the log once each (OUT + IN, or OUT +
-    REFUND; none for a posting never debited), and each payment is all or nothing."""
+    REFUND; none for a posting never debited), and each payment is all or nothing. One request
+    in six refunds a part of a transfer answered 201: each refund retried to its final answer,
+    stored once when 201, and no transfer refunded past its amount."""
     servers = [serve(database_url, tmp_path, "--transfer-redrive-interval", "0.5")
                for _ in range(3)]  # fmt: skip
     victim: WalletdProcess = servers[1]
@@ -238,6 +240,8 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
 
             sent: dict[str, dict[str, Any]] = {}
             answers: dict[str, int] = {}
+            refunds: dict[str, str] = {}  # refund key -> the refunded transfer's id
+            refund_answers: dict[str, int] = {}
             statuses: Counter[tuple[int, str]] = Counter()
             stop = asyncio.Event()
             keys = itertools.count()
@@ -245,6 +249,22 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
             async def worker(seed: int) -> None:
                 rng = random.Random(seed)
                 while not stop.is_set():
+                    done = [k for k, s in answers.items() if s == 201 and k.startswith("t-")]
+                    if done and rng.random() < 1 / 6:  # a part of a completed transfer back
+                        key = f"r-{next(keys)}"
+                        original = str(uuid.uuid5(TRANSFER_KEY_NAMESPACE, rng.choice(done)))
+                        refunds[key] = original
+                        try:
+                            status, answer = await post_refund(
+                                http, rng.choice([proxy_url, *live]), original,
+                                {"amount": "0.40"}, key,
+                            )  # fmt: skip
+                        except (aiohttp.ClientError, TimeoutError):
+                            statuses[(0, "connection")] += 1
+                            continue
+                        refund_answers[key] = status
+                        statuses[(status, str(answer.get("code", "")))] += 1
+                        continue
                     key = f"t-{next(keys)}"
                     sender, receiver, other = rng.sample(wallets, 3)
                     body: dict[str, Any] = {"from_wallet_id": sender, "to_wallet_id": receiver,
@@ -296,16 +316,23 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
             # 502 UNAVAILABLE: HAProxy's answer for a request the victim had when it was
             # killed (its outcome unknown: the final retry below settles it).
             allowed = {(201, ""), (409, "INSUFFICIENT_FUNDS"), (503, "NOT_OWNER"),
-                       (503, "UNAVAILABLE"), (502, "UNAVAILABLE"), (0, "connection")}  # fmt: skip
+                       (503, "UNAVAILABLE"), (502, "UNAVAILABLE"), (0, "connection"),
+                       (409, "REFUND_EXCEEDS_TRANSFER")}  # fmt: skip
             assert set(statuses) <= allowed, statuses
 
             finals = await asyncio.gather(
                 *(_final_answer(http, proxy_url, body, key) for key, body in sent.items())
             )
+            refund_finals = await asyncio.gather(
+                *(_final_refund(http, proxy_url, original, key)
+                  for key, original in refunds.items())
+            )  # fmt: skip
         connection = await asyncpg.connect(database_url)
         try:
             assert await conservation_gap(connection) == 0
-            rows = await connection.fetch("SELECT id, status, failure_code FROM transfers")
+            rows = await connection.fetch(
+                "SELECT id, status, failure_code, refund_of, amount FROM transfers"
+            )
             stored = {str(row["id"]): row["status"] for row in rows}
             never_debited = {
                 str(row["id"]) for row in rows if row["failure_code"] == "PAYMENT_NOT_DEBITED"
@@ -361,12 +388,41 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
         else:  # refused at the debit: nothing stored, no leg
             assert transfer_id not in stored
             assert transfer_id not in kinds_of
+    # Every refund answered 201 is stored COMPLETED, once; none took a transfer past its amount.
+    refunded: Counter[str] = Counter()
+    for row in rows:
+        if row["refund_of"] is not None:
+            refunded[str(row["refund_of"])] += row["amount"]
+    amounts = {str(row["id"]): row["amount"] for row in rows}
+    assert all(total <= amounts[original] for original, total in refunded.items()), refunded
+    refund_rows = sum(1 for row in rows if row["refund_of"] is not None)
+    for key, (status, answer) in zip(refunds, refund_finals, strict=True):
+        assert (status, answer.get("code")) in {
+            (201, None), (409, "REFUND_EXCEEDS_TRANSFER"), (409, "INSUFFICIENT_FUNDS"),
+        }, (key, status, answer)  # fmt: skip
+        if refund_answers.get(key) == 201:
+            assert status == 201, (key, answer)
+    assert refund_rows == sum(1 for status, _ in refund_finals if status == 201)
+    print(f"{len(refunds)} refunds sent, {refund_rows} stored")
     assert {status for t, status in stored.items() if t not in postings} == {2}
     assert set(kinds_of) == set(stored) - never_debited
 
 
 async def _completed(answers: dict[str, int], count: int) -> bool:
     return sum(1 for status in answers.values() if status == 201) >= count
+
+
+async def _final_refund(
+    http: aiohttp.ClientSession, url: str, original: str, key: str
+) -> tuple[int, dict[str, Any]]:
+    """The same refund, same key, until the answer is not a 503 (or HAProxy's 502)."""
+    deadline = time.monotonic() + RECOVERY_S
+    while True:
+        status, answer = await post_refund(http, url, original, {"amount": "0.40"}, key)
+        if status not in (502, 503):
+            return status, answer
+        assert time.monotonic() < deadline, answer
+        await asyncio.sleep(0.1)
 
 
 async def _final_answer(
