@@ -38,6 +38,7 @@ from walletd.cli.haproxy import (
 from walletd.engine.money import MINOR_UNITS_PER_UNIT
 from walletd.engine.ownership import shard_of_text
 from walletd.http.responses import format_timestamp
+from walletd.persistence.operator import SIGNED_BALANCE_SQL
 
 # Every test here starts walletd, PostgreSQL or HAProxy processes.
 pytestmark = pytest.mark.slow
@@ -152,16 +153,15 @@ async def balance_at(http: aiohttp.ClientSession, url: str, wallet: str) -> tupl
 
 
 async def check_money(dsn: str) -> None:
-    """balance == sum(log) and seq == count(log) for every wallet (deposits and transfer
-    credits and refunds add, the rest take out); no key logged twice; balances plus PENDING
-    transfers equal deposits minus withdrawals."""
+    """balance == sum(log) and seq == count(log) for every wallet (each row signed as
+    `walletd verify` signs it); no key logged twice; balances plus PENDING transfers equal
+    deposits minus withdrawals."""
     connection = await asyncpg.connect(dsn)
     try:
         mismatched = await connection.fetch(
-            """SELECT w.id FROM wallets w LEFT JOIN wallet_operations o ON o.wallet_id = w.id
+            f"""SELECT w.id FROM wallets w LEFT JOIN wallet_operations o ON o.wallet_id = w.id
                 GROUP BY w.id
-               HAVING w.balance <> coalesce(sum(CASE WHEN o.kind IN (1, 4, 5) THEN o.amount
-                                                ELSE -o.amount END), 0)
+               HAVING w.balance <> coalesce(sum({SIGNED_BALANCE_SQL}), 0)
                    OR w.seq <> count(o.id)"""
         )
         assert mismatched == []

@@ -37,6 +37,7 @@ from tests.test_transfers_api import conservation_gap
 from walletd.engine.ownership import shard_of_text
 from walletd.engine.payments import PAYMENT_KEY_NAMESPACE, posting_transfer_id
 from walletd.engine.router import TRANSFER_KEY_NAMESPACE
+from walletd.persistence.operator import SIGNED_BALANCE_SQL
 
 # Every test here starts walletd, PostgreSQL or HAProxy processes.
 pytestmark = pytest.mark.slow
@@ -345,10 +346,9 @@ async def test_kill_9_of_one_of_three_mid_transfers_then_survivors_finish_and_re
                 "SELECT idempotency_key, kind FROM wallet_operations WHERE kind IN (3, 4, 5)"
             )
             mismatched = await connection.fetch(
-                """SELECT w.id FROM wallets w JOIN wallet_operations o ON o.wallet_id = w.id
+                f"""SELECT w.id FROM wallets w JOIN wallet_operations o ON o.wallet_id = w.id
                     GROUP BY w.id, w.balance, w.seq
-                   HAVING w.balance <> sum(CASE WHEN o.kind IN (1, 4, 5) THEN o.amount
-                                                ELSE -o.amount END)
+                   HAVING w.balance <> sum({SIGNED_BALANCE_SQL})
                        OR w.seq <> count(*)"""
             )
         finally:

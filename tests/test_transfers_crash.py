@@ -30,6 +30,7 @@ from walletd.cli.service import migrate_database, running_services
 from walletd.engine.ownership import shard_of_text
 from walletd.http.app import create_app
 from walletd.http.settings import HttpSettings
+from walletd.persistence.operator import SIGNED_BALANCE_SQL
 
 pytestmark = pytest.mark.slow
 
@@ -362,10 +363,9 @@ async def test_kill_9_mid_transfers_then_recovery_and_retry_all_apply_each_once(
             "WHERE kind IN (3, 4, 5) GROUP BY idempotency_key"
         )
         mismatched = await connection.fetch(
-            """SELECT w.id FROM wallets w JOIN wallet_operations o ON o.wallet_id = w.id
+            f"""SELECT w.id FROM wallets w JOIN wallet_operations o ON o.wallet_id = w.id
                 GROUP BY w.id, w.balance, w.seq
-               HAVING w.balance <> sum(CASE WHEN o.kind IN (1, 4, 5) THEN o.amount
-                                            ELSE -o.amount END)
+               HAVING w.balance <> sum({SIGNED_BALANCE_SQL})
                    OR w.seq <> count(*)"""
         )
         assert await conservation_gap(connection) == 0
