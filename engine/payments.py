@@ -67,7 +67,13 @@ from walletd.engine.model import (
 from walletd.engine.money import Currency, to_minor
 from walletd.engine.observer import DRIVER_REDRIVE, DRIVER_REQUEST, EngineObserver
 from walletd.engine.ports import StorageError, StorageUnavailable, WalletLog
-from walletd.engine.transfers import SIDE_FROM, SIDE_TO, LegDelivery, TransferCoordinator
+from walletd.engine.transfers import (
+    SIDE_FROM,
+    SIDE_TO,
+    LegDelivery,
+    TransferCoordinator,
+    run_claimed,
+)
 
 __all__ = [
     "PAYMENT_KEY_NAMESPACE",
@@ -311,17 +317,7 @@ class PaymentCoordinator:
     async def _claimed(
         self, payment_id: UUID, work: Callable[[], Awaitable[PaymentReply]]
     ) -> PaymentReply:
-        future: asyncio.Future[PaymentReply] = asyncio.get_running_loop().create_future()
-        self._driving[payment_id] = future
-        try:
-            reply = await work()
-        except BaseException:
-            future.set_result(_UNAVAILABLE)
-            raise
-        finally:
-            del self._driving[payment_id]
-        future.set_result(reply)
-        return reply
+        return await run_claimed(self._driving, payment_id, work, _UNAVAILABLE)
 
     async def _open(self, requested: PaymentRecord) -> PaymentReply:
         try:

@@ -52,7 +52,7 @@ import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 from uuid import UUID
 
 from walletd.engine.bounds import storable_amount
@@ -87,6 +87,7 @@ __all__ = [
     "RoutedLegDelivery",
     "TransferCoordinator",
     "TransferReply",
+    "run_claimed",
 ]
 
 _log = logging.getLogger("walletd.engine")
@@ -340,6 +341,31 @@ class _CoalescedLoads:
                         future.set_result(found.get(transfer_id))
                     else:
                         future.set_exception(error)
+
+
+_Reply = TypeVar("_Reply")
+
+
+async def run_claimed(
+    driving: dict[UUID, asyncio.Future[_Reply]],
+    claim: UUID,
+    work: Callable[[], Awaitable[_Reply]],
+    unavailable: _Reply,
+) -> _Reply:
+    """Run ``work`` with ``claim`` held in ``driving``: a request for the same id meanwhile
+    waits for the claim's future, which gets the reply (``unavailable`` if ``work`` raised).
+    One driver per id in a process, for transfers and payments alike."""
+    future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+    driving[claim] = future
+    try:
+        reply = await work()
+    except BaseException:
+        future.set_result(unavailable)
+        raise
+    finally:
+        del driving[claim]
+    future.set_result(reply)
+    return reply
 
 
 class TransferCoordinator:
@@ -631,19 +657,7 @@ class TransferCoordinator:
     async def _claimed(
         self, transfer_id: UUID, work: Callable[[], Awaitable[TransferReply]]
     ) -> TransferReply:
-        """Run ``work`` with the id claimed: a request for the same id meanwhile waits for
-        the claim's future, which gets the reply (UNAVAILABLE if ``work`` raised)."""
-        future: asyncio.Future[TransferReply] = asyncio.get_running_loop().create_future()
-        self._driving[transfer_id] = future
-        try:
-            reply = await work()
-        except BaseException:
-            future.set_result(_UNAVAILABLE)
-            raise
-        finally:
-            del self._driving[transfer_id]
-        future.set_result(reply)
-        return reply
+        return await run_claimed(self._driving, transfer_id, work, _UNAVAILABLE)
 
     async def _drive_unless_driven(
         self, transfer: TransferRecord, *, replayed: bool, driver: str
