@@ -1076,9 +1076,10 @@ def _etag_seq(response: ResponseContextManager) -> int | None:
 _MONEY_REFUSALS = frozenset({"INSUFFICIENT_FUNDS", "REFUND_EXCEEDS_TRANSFER"})
 
 
-def judge_refund(response: ResponseContextManager) -> Outcome:
+def _judge_undo(response: ResponseContextManager, applied_status: int) -> Outcome:
+    """A refund (201) or a reversal (200): applied, refused for money, or a failure."""
     status = response.status_code
-    if status == 201:
+    if status == applied_status:
         _succeed(response)
         return Outcome.APPLIED
     if status == 409 and _problem_code(response) in _MONEY_REFUSALS:
@@ -1086,6 +1087,10 @@ def judge_refund(response: ResponseContextManager) -> Outcome:
         return Outcome.REFUSED
     _fail(response, f"HTTP {status} {_problem_code(response)}")
     return Outcome.REFUSED if 400 <= status < 500 else Outcome.UNKNOWN
+
+
+def judge_refund(response: ResponseContextManager) -> Outcome:
+    return _judge_undo(response, 201)
 
 
 def judge_payment_refund(
@@ -1124,15 +1129,7 @@ def judge_payment_refund(
 
 
 def judge_reversal(response: ResponseContextManager) -> Outcome:
-    status = response.status_code
-    if status == 200:
-        _succeed(response)
-        return Outcome.APPLIED
-    if status == 409 and _problem_code(response) in _MONEY_REFUSALS:
-        _succeed(response)
-        return Outcome.REFUSED
-    _fail(response, f"HTTP {status} {_problem_code(response)}")
-    return Outcome.REFUSED if 400 <= status < 500 else Outcome.UNKNOWN
+    return _judge_undo(response, 200)
 
 
 def judge_transfer(response: ResponseContextManager) -> Outcome:
