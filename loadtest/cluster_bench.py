@@ -98,7 +98,11 @@ def _name(pid: int) -> str:
         return ""
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
+def cpu_seconds(pids: Sequence[int], reaper: int | None = None) -> float:
+    """The CPU of ``pids`` (utime + stime), plus that of the children ``reaper`` has reaped
+    (its cutime + cstime): a PostgreSQL backend or autovacuum worker that exits between two
+    readings leaves its CPU with the postmaster, so a sum over re-listed processes never
+    goes back."""
     total = 0
     for pid in pids:
         try:
@@ -106,6 +110,8 @@ def cpu_seconds(pids: Sequence[int]) -> float:
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        if pid == reaper:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime (fields 16, 17)
     return total / _CLOCK_TICKS
 
 
@@ -201,12 +207,24 @@ def answered(run: WrkRun) -> int:
 def measure(
     cluster: Cluster, scenario: str, ids_file: Path, connections: int, duration_s: int
 ) -> tuple[WrkRun, dict[str, float]]:
-    groups = parts(cluster.process.pid, cluster.data_dir)
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    before = cpu_by_part(cluster)
     run = run_wrk(cluster.url, scenario, ids_file, connections, duration_s)
-    after = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    after = cpu_by_part(cluster)
     requests = max(1, answered(run))
-    return run, {name: (after[name] - before[name]) * 1e6 / requests for name in groups}
+    return run, {name: (after[name] - before[name]) * 1e6 / requests for name in before}
+
+
+def cpu_by_part(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds so far of each part, its processes listed anew: PostgreSQL starts and
+    ends backends and autovacuum workers during a run (the postmaster keeps the CPU of
+    those that ended)."""
+    groups = parts(cluster.process.pid, cluster.data_dir)
+    pid_file = cluster.data_dir / "pgdata" / "postmaster.pid"
+    postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
+    return {
+        name: cpu_seconds(pids, postmaster if name == "postgres" else None)
+        for name, pids in groups.items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
