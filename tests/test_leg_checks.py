@@ -44,6 +44,7 @@ K = OperationKind
 SENDER, RECEIVER, ATTACKER = UUID(int=0xA), UUID(int=0xB), UUID(int=0xC)
 T_ID, HOLD_ID, OTHER_HOLD_ID = UUID(int=0x7), UUID(int=0x40), UUID(int=0x41)
 T0 = 1_700_000_000_000_000
+CLOSED_US = T0 + 1_000  # when the drafts' closes happen: after the opening
 BILLION_MINOR = 100_000_000_000  # 1,000,000,000.00
 TRANSFER_LEG = "WD006"
 HOLD_ROW = "WD007"
@@ -100,7 +101,7 @@ class Draft:
 
     def closes(self, transfer: UUID, status: TransferStatus) -> Draft:
         failure = "WALLET_NOT_FOUND" if status is TransferStatus.FAILED else None
-        self.batch.transfer_updates.append(TransferUpdate(transfer, status, failure, T0))
+        self.batch.transfer_updates.append(TransferUpdate(transfer, status, failure, CLOSED_US))
         return self
 
     def holds(self, hold: UUID, wallet: UUID, amount: int) -> Draft:
@@ -323,6 +324,91 @@ async def test_a_debit_unlike_the_transfer_it_opens_is_refused(
         .closes(T_ID, TransferStatus.COMPLETED)
     )
     assert (await verify(storage.dsn)).clean
+
+
+async def transfer_rows(dsn: str) -> list[tuple[object, ...]]:
+    """Each stored transfer: where its live row version is, its status, failure and
+    updated_at (µs)."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        rows = await connection.fetch(
+            "SELECT id, ctid::text, status, failure_code,"
+            " (extract(epoch FROM updated_at) * 1000000)::bigint FROM transfers"
+            " ORDER BY created_at, id"
+        )
+        return [tuple(row) for row in rows]
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "second_leg", "failure"),
+    [
+        (TransferStatus.COMPLETED, (RECEIVER, K.TRANSFER_IN), None),
+        (TransferStatus.FAILED, (SENDER, K.TRANSFER_REFUND), "WALLET_NOT_FOUND"),
+    ],
+)
+async def test_a_transfer_opened_and_closed_in_one_append_is_stored_as_one_row_version(
+    storage: Storage,
+    status: TransferStatus,
+    second_leg: tuple[UUID, OperationKind],
+    failure: str | None,
+) -> None:
+    """Both legs in one commit (what one pipeline writes for most transfers): the transfer
+    row is inserted closed, not inserted PENDING and then updated (status is indexed, so
+    that update was never HOT: a second row version and index entries for nothing). The
+    first row of a fresh table is at (0,1); an insert-then-update leaves it at (0,2)."""
+    wallet, kind = second_leg
+    await storage.append(
+        storage.book.batch()
+        .leg(SENDER, K.TRANSFER_OUT, 5, T_ID)
+        .leg(wallet, kind, 5, T_ID)
+        .opens(T_ID, SENDER, RECEIVER, 5)
+        .closes(T_ID, status)
+    )
+    assert await transfer_rows(storage.dsn) == [(T_ID, "(0,1)", int(status), failure, CLOSED_US)]
+    assert (await verify(storage.dsn)).clean
+
+
+async def test_a_transfer_opened_earlier_is_still_closed_by_an_update(storage: Storage) -> None:
+    """The other path of the same statement: a transfer opened by one append (PENDING) and
+    credited by a later one is updated in place, its close time stored."""
+    await opened(storage, 5)
+    await storage.append(
+        storage.book.batch()
+        .leg(RECEIVER, K.TRANSFER_IN, 5, T_ID)
+        .closes(T_ID, TransferStatus.COMPLETED)
+    )
+    [(transfer_id, _where, status, failure, updated_us)] = await transfer_rows(storage.dsn)
+    assert (transfer_id, status, failure, updated_us) == (
+        T_ID,
+        int(TransferStatus.COMPLETED),
+        None,
+        CLOSED_US,
+    )
+    assert (await verify(storage.dsn)).clean
+
+
+async def test_a_transfer_closed_twice_in_one_append_is_refused(storage: Storage) -> None:
+    """A batch never closes one transfer twice; one that says so is refused whole (WD004),
+    whether the transfer is opened in the same append or was opened before."""
+    await storage.refused(
+        storage.book.batch()
+        .leg(SENDER, K.TRANSFER_OUT, 5, T_ID)
+        .leg(RECEIVER, K.TRANSFER_IN, 5, T_ID)
+        .opens(T_ID, SENDER, RECEIVER, 5)
+        .closes(T_ID, TransferStatus.COMPLETED)
+        .closes(T_ID, TransferStatus.COMPLETED),
+        "WD004",
+    )
+    await opened(storage, 5)
+    await storage.refused(
+        storage.book.batch()
+        .leg(RECEIVER, K.TRANSFER_IN, 5, T_ID)
+        .closes(T_ID, TransferStatus.COMPLETED)
+        .closes(T_ID, TransferStatus.COMPLETED),
+        "WD004",
+    )
 
 
 async def held(storage: Storage, *holds: tuple[UUID, int]) -> None:
