@@ -390,6 +390,11 @@ class Ledger:
         # Keyed by the id's 128-bit int: hashed in C, and no UUID object kept per wallet
         # (asyncpg's UUIDs also grow a cached int when hashed). ~250 B per resident wallet.
         self._residents: dict[int, Resident] = {}
+        # The resident wallets that may hold outgoing PENDING transfers (``Resident.outs``,
+        # committed or pending): every one that does, and some that no longer do, until
+        # ``stale_outs`` meets them (or they leave memory). Empty (the usual case when
+        # every transfer completes in its debit's commit), ``stale_outs`` scans nothing.
+        self._sending: set[int] = set()
         # What was decided under each recent (wallet, key): the operation or the refusal.
         self._keys: OrderedDict[tuple[UUID, str], OperationRecord | RefusalRecord] = OrderedDict()
         # Keys of refusals whose batch has not committed yet (an operation's record tells
@@ -431,6 +436,8 @@ class Ledger:
             wid = record.wallet_id.int
             if wid not in residents:
                 residents[wid] = Resident.loaded(record)
+                if record.pending_out:
+                    self._sending.add(wid)
                 added += 1
         return added
 
@@ -463,30 +470,22 @@ class Ledger:
                 continue
             if command.wallet_id.int not in residents:
                 wallet_ids.add(command.wallet_id)
-            if (
-                isinstance(command, ApplyOperation | UpdateWallet)
-                and command.idempotency_key is not None
-            ):
-                key = (command.wallet_id, command.idempotency_key)
-                if key in keys:
-                    keys.move_to_end(key)
-                else:
-                    op_keys.add(key)
-            elif isinstance(command, TransferLeg | JointTransfer | JointPayment):
-                if isinstance(command, TransferLeg):
-                    legs: tuple[TransferLeg, ...] = (command,)
-                elif isinstance(command, JointTransfer):
-                    legs = (command.debit, command.credit)
-                else:
-                    legs = command.debits + command.credits
-                for leg in legs:
-                    if leg.wallet_id.int not in residents:
-                        wallet_ids.add(leg.wallet_id)
-                    key = (leg.wallet_id, leg.key)
+            legs: tuple[TransferLeg, ...] = ()
+            if isinstance(command, ApplyOperation | UpdateWallet):
+                if command.idempotency_key is not None:
+                    key = (command.wallet_id, command.idempotency_key)
                     if key in keys:
                         keys.move_to_end(key)
-                    elif not leg.fresh:  # a fresh leg's key cannot be stored yet
+                    else:
                         op_keys.add(key)
+            # ``type() is`` (these classes have no subclasses): cheaper than isinstance on
+            # the hot path, and mypy narrows it.
+            elif type(command) is JointTransfer:
+                legs = (command.debit, command.credit)
+            elif type(command) is TransferLeg:
+                legs = (command,)
+            elif type(command) is JointPayment:
+                legs = command.debits + command.credits
             elif isinstance(command, HoldCommand) and command.log_key is not None:
                 # A keyed creation's hold id is derived from its key: it may exist already.
                 key = (command.wallet_id, command.log_key)
@@ -500,6 +499,14 @@ class Ledger:
                     self._create_keys.move_to_end(create_key)
                 else:
                     create_keys.add(create_key)
+            for leg in legs:
+                if leg.wallet_id.int not in residents:
+                    wallet_ids.add(leg.wallet_id)
+                key = (leg.wallet_id, leg.key)
+                if key in keys:
+                    keys.move_to_end(key)
+                elif not leg.fresh:  # a fresh leg's key cannot be stored yet
+                    op_keys.add(key)
         return wallet_ids, op_keys, create_keys
 
     def add_wallets(self, records: Iterable[WalletRecord]) -> int:
@@ -514,6 +521,8 @@ class Ledger:
             wid = record.wallet_id.int
             if wid not in residents:
                 residents[wid] = Resident.loaded(record)
+                if record.pending_out:
+                    self._sending.add(wid)
                 added += 1
         return added
 
@@ -525,9 +534,13 @@ class Ledger:
         are loaded, only where it matters: a wallet the batch credits past its room when
         all its reservations count (rare: near the ceiling), or one that opens another
         transfer while holding ``OUTS_CHECK_MIN`` entries (bounds the map of a wallet that
-        keeps sending to other shards)."""
+        keeps sending to other shards). Only the wallets of ``_sending`` can matter: none
+        (no wallet holds an entry), nothing is scanned."""
+        sending = self._sending
+        if not sending:
+            return []
         residents = self._residents
-        # Only wallets holding entries matter (most hold none): one dict lookup for the rest.
+        # Only wallets holding entries matter (most hold none): one set lookup for the rest.
         credits: dict[int, int] = {}
         opens: set[int] = set()
         for command in commands:
@@ -546,13 +559,12 @@ class Ledger:
                 opens.add(command.wallet_id.int)
             for item in items:
                 wid = item.wallet_id.int
-                resident = residents.get(wid)
-                if resident is not None and _sends(resident) and item.kind in CREDIT_KINDS:
+                if wid in sending and item.kind in CREDIT_KINDS:
+                    resident = residents.get(wid)
                     credits[wid] = credits.get(wid, 0) + _minor_amount(item, resident)
             for leg in legs:
                 wid = leg.wallet_id.int
-                resident = residents.get(wid)
-                if resident is None or not _sends(resident):
+                if wid not in sending:
                     continue
                 if leg.kind is OperationKind.TRANSFER_IN:
                     credits[wid] = credits.get(wid, 0) + leg.transfer.amount
@@ -563,7 +575,10 @@ class Ledger:
         stale: dict[int, UUID] = {}
         for wid in credits.keys() | opens:
             resident = residents.get(wid)
-            if resident is None:
+            if resident is None or (resident.pending is None and not resident.outs):
+                # Holds none, and any it gets from now on is added again (``open_out``
+                # callers, a load): no open batch holds its state.
+                sending.discard(wid)
                 continue
             outs = resident.pending_outs()
             if not outs:
@@ -819,13 +834,21 @@ class Ledger:
         resident = self._residents.get(wallet_id.int)
         return resident is not None and resident.currency != currency
 
-    def _apply_transfer_leg(self, command: TransferLeg, applied: Applied) -> Reply:
+    def _apply_transfer_leg(
+        self, command: TransferLeg, applied: Applied, *, credited_here: bool = False
+    ) -> Reply:
         """A leg of a transfer (engine/transfers.py) moves money like a deposit or a
         withdrawal, keyed by the transfer id, and opens (TRANSFER_OUT) or closes
         (TRANSFER_IN, TRANSFER_REFUND) its transfer in the same batch. A replayed leg (its
         key is logged) writes nothing. A refused debit is recorded under its leg key like a
         keyed withdrawal's refusal, so the transfer's retry gets the original answer even
-        after money arrived; a refused credit is recorded by the refund that follows it."""
+        after money arrived; a refused credit is recorded by the refund that follows it.
+
+        ``credited_here``: a joint transfer's legs, the credit certain to apply right after
+        the debit (``_apply_joint_transfer``): the transfer is COMPLETED by this batch, so
+        the debit keeps no room for a refund that cannot come (``Resident.outs``), and the
+        credit has none to close. Nothing runs between the two legs, so no decision could
+        have seen that room."""
         if not _storable_leg(command):
             return _NOT_STORABLE
         if self._currency_refused(command, command.wallet_id):
@@ -842,9 +865,11 @@ class Ledger:
             return reply
         assert reply.wallet is not None
         now_us = reply.wallet.updated_at_us
-        resident = self._residents[command.wallet_id.int]
         if command.closes_as is None:
-            resident.open_out(transfer.transfer_id, transfer.amount)
+            if not credited_here:
+                wid = command.wallet_id.int
+                self._residents[wid].open_out(transfer.transfer_id, transfer.amount)
+                self._sending.add(wid)
             # Opened PENDING whatever the leg's record said (storage writes it so too).
             applied.batch.new_transfers.append(
                 transfer._replace(
@@ -854,8 +879,8 @@ class Ledger:
             )  # fmt: skip
         else:
             if command.kind is OperationKind.TRANSFER_REFUND:
-                resident.close_out(transfer.transfer_id)
-            else:
+                self._residents[command.wallet_id.int].close_out(transfer.transfer_id)
+            elif not credited_here:
                 # Completed. When this batch writes the sender too (both legs in one
                 # commit, or another of its rows), its entry goes with this commit; else
                 # it lingers, too cautious only, until ``stale_outs`` (nothing to write it
@@ -871,26 +896,36 @@ class Ledger:
 
     def _apply_joint_transfer(self, command: JointTransfer, applied: Applied) -> Reply:
         """Both legs of a transfer in this batch: the debit, then the credit only when the
-        receiver will certainly take it, checked on the same pending state the credit is
-        decided on; otherwise the debit alone (the saga's first commit), and the
-        coordinator delivers the credit as usual. Never a credit without its debit."""
-        debit = self._apply_transfer_leg(command.debit, applied)
-        if debit.outcome is not Outcome.OK or debit.replayed:
-            return debit
+        receiver will certainly take it; otherwise the debit alone (the saga's first
+        commit), and the coordinator delivers the credit as usual. Never a credit without
+        its debit. Whether the receiver takes it is checked before the debit, on the
+        receiver's pending state, which the debit (of another wallet) does not change: the
+        state the credit is then decided on."""
         leg = command.credit
         receiver = self._residents.get(leg.wallet_id.int)
-        if receiver is None or (leg.wallet_id, leg.key) in self._keys:
+        takes = not (
+            receiver is None
+            or (leg.wallet_id, leg.key) in self._keys
+            # Refused by the coordinator's credit then: refunded, never half-applied.
+            or self._currency_refused(leg, leg.wallet_id)
+        )
+        if receiver is not None and takes:
+            # As ``_move`` decides a credit, with ``Resident.reserved`` inlined.
+            pending = receiver.pending
+            state = receiver if pending is None else pending
+            outs = receiver.outs if pending is None or pending.outs is None else pending.outs
+            reserved = sum(outs.values()) if outs else 0
+            takes = (
+                state.balance + leg.transfer.amount + reserved <= BALANCE_MINOR_MAX
+                and state.status is not _CLOSED
+            )
+        debit = self._apply_transfer_leg(command.debit, applied, credited_here=takes)
+        if not takes or debit.outcome is not Outcome.OK or debit.replayed:
             return debit
-        if self._currency_refused(leg, leg.wallet_id):
-            return debit  # the coordinator's credit is refused: refunded, never half-applied
-        pending = receiver.pending
-        balance = receiver.balance if pending is None else pending.balance
-        room = BALANCE_MINOR_MAX - receiver.reserved()
-        if balance + leg.transfer.amount > room or receiver.terms()[0] is _CLOSED:
-            return debit
-        credit = self._apply_transfer_leg(leg, applied)  # also drops the sender's entry
+        credit = self._apply_transfer_leg(leg, applied, credited_here=True)
         require(credit.outcome is Outcome.OK and not credit.replayed, "joint credit refused")
-        return debit._replace(items=(credit,))
+        # The debit's reply (OK, its wallet) with the credit's.
+        return Reply(Outcome.OK, debit.wallet, items=(credit,))
 
     def _apply_joint_payment(self, command: JointPayment, applied: Applied) -> Reply:
         """Every posting's debit and credit in this batch, or none (``JointPayment``): first
@@ -1052,7 +1087,12 @@ class Ledger:
         """Log one move on the wallet's pending state: its new balance and held, a log row.
         ``remember``: cache the row under its key (the rows a retry may look up)."""
         wid = wallet_id.int
-        pending = resident.start_pending()
+        pending = resident.pending
+        if pending is None:  # ``Resident.start_pending``, inlined: once per write
+            pending = resident.pending = Pending(
+                resident.balance, resident.seq, resident.updated_at_us, resident.held,
+                resident.status, resident.overdraft_limit, resident.metadata,
+            )  # fmt: skip
         overdraft_limit = pending.overdraft_limit
         require(
             0 <= held <= balance + overdraft_limit and balance <= BALANCE_MINOR_MAX,
@@ -1302,6 +1342,7 @@ class Ledger:
                 applied, remember=False, actor=actor, metadata=hold.metadata,
             )  # fmt: skip
             resident.open_out(transfer_id, captured)
+            self._sending.add(wallet_id.int)
             now_us = view.updated_at_us
             applied.batch.new_transfers.append(
                 TransferRecord(
@@ -1624,6 +1665,7 @@ class Ledger:
         """Drop what a failed batch touched, so it is re-read from storage before use."""
         for wid in applied.touched_wallets:
             self._residents.pop(wid, None)
+            self._sending.discard(wid)  # re-read with its PENDING transfers out
         for key in applied.added_keys:
             self._keys.pop(key, None)
             self._uncommitted_refusals.discard(key)
@@ -1656,8 +1698,10 @@ class Ledger:
                 break
             if not resident.is_dirty():
                 victims.append(wallet_id)
+        sending = self._sending
         for wallet_id in victims:
             del residents[wallet_id]
+            sending.discard(wallet_id)
         return len(victims)
 
     def _remember_key(self, key: tuple[UUID, str], record: OperationRecord | RefusalRecord) -> None:
@@ -1710,14 +1754,6 @@ def _storable_leg(leg: TransferLeg) -> bool:
     if kind is OperationKind.TRANSFER_OUT:
         return not is_derived_transfer_id(transfer.transfer_id)
     return kind is OperationKind.TRANSFER_IN
-
-
-def _sends(resident: Resident) -> bool:
-    """Whether the wallet holds outgoing PENDING transfers (committed or pending)."""
-    if resident.outs:
-        return True
-    pending = resident.pending
-    return pending is not None and bool(pending.outs)
 
 
 def _minor_amount(item: Operation, resident: Resident | None) -> int:

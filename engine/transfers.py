@@ -654,10 +654,12 @@ class TransferCoordinator:
 
     # -- the saga ----------------------------------------------------------------------
 
-    async def _claimed(
+    def _claimed(
         self, transfer_id: UUID, work: Callable[[], Awaitable[TransferReply]]
-    ) -> TransferReply:
-        return await run_claimed(self._driving, transfer_id, work, _UNAVAILABLE)
+    ) -> Awaitable[TransferReply]:
+        # run_claimed's coroutine itself, not one more around it: every await of a transfer
+        # resumes through each coroutine of its chain.
+        return run_claimed(self._driving, transfer_id, work, _UNAVAILABLE)
 
     async def _drive_unless_driven(
         self, transfer: TransferRecord, *, replayed: bool, driver: str
@@ -705,17 +707,16 @@ class TransferCoordinator:
             return await self._transfer(requested, fresh_id=False)
         assert debit.wallet is not None
         opened_us = debit.wallet.updated_at_us
-        opened = requested._replace(created_at_us=opened_us, updated_at_us=opened_us)
         if debit.items:  # credited in the same commit
             credit = debit.items[0]
             assert credit.wallet is not None
             self._observer.transfer_ended(TransferStatus.COMPLETED.name, DRIVER_REQUEST)
-            return TransferReply(
-                Outcome.OK,
-                opened._replace(
-                    status=TransferStatus.COMPLETED, updated_at_us=credit.wallet.updated_at_us
-                ),
-            )
+            completed = requested._replace(
+                status=TransferStatus.COMPLETED, created_at_us=opened_us,
+                updated_at_us=credit.wallet.updated_at_us,
+            )  # fmt: skip
+            return TransferReply(Outcome.OK, completed)
+        opened = requested._replace(created_at_us=opened_us, updated_at_us=opened_us)
         return await self._drive(opened, replayed=False, driver=DRIVER_REQUEST, fresh=True)
 
     async def _resume_stored(self, requested: TransferRecord) -> TransferReply | None:

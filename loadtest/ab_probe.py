@@ -30,8 +30,6 @@ import os
 import shlex
 import statistics
 import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -40,6 +38,7 @@ from pathlib import Path
 
 from loadtest import bulk_bench
 from loadtest.bench import TRANSFER_FUND, create_wallets, fund_wallets, run_wrk
+from loadtest.builds import export_revision, python_command
 from loadtest.procs import (
     REPO_ROOT,
     Server,
@@ -52,18 +51,6 @@ from loadtest.procs import (
 
 __all__ = ["main"]
 
-PACKAGES = ("engine", "http", "persistence", "cli", "client")
-# Runs walletd from a package tree given as argv[1], not from the editable install.
-_LAUNCHER = """
-import sys
-tree = sys.argv.pop(1)
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-sys.path.insert(0, tree)
-import walletd.engine
-assert walletd.engine.__path__[0].startswith(tree), walletd.engine.__path__
-from walletd.cli.main import main
-sys.exit(main())
-"""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -85,22 +72,6 @@ class Sample:
     postgres_us: float
 
 
-def _export(revision: str, into: Path) -> Path:
-    """The revision's packages as walletd.<package> symlinks under ``into``/pkg."""
-    into.mkdir(parents=True)
-    archive = into / "src.tar"
-    with archive.open("wb") as out:
-        subprocess.run(["git", "archive", revision], cwd=REPO_ROOT, stdout=out, check=True)
-    source = into / "src"
-    with tarfile.open(archive) as tar:
-        tar.extractall(source, filter="data")
-    package = into / "pkg" / "walletd"
-    package.mkdir(parents=True)
-    for name in PACKAGES:
-        (package / name).symlink_to(source / name)
-    return into / "pkg"
-
-
 @contextlib.contextmanager
 def _walletd(
     name: str, tree: Path | None, extra: list[str], tmp: Path,
@@ -110,13 +81,7 @@ def _walletd(
     command-line flag would stop it."""
     port = free_port()
     data_dir = tmp / f"{name}-data"
-    launcher = tmp / "launch.py"
-    launcher.write_text(_LAUNCHER)
-    command = (
-        [sys.executable, "-m", "walletd.cli.main"]
-        if tree is None
-        else [sys.executable, str(launcher), str(tree)]
-    )
+    command = python_command(tree, "walletd.cli.main", tmp)
     command += ["serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
     log_path = tmp / f"{name}.log"
     with log_path.open("wb") as log:
@@ -226,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, str], list[Sample]] = {}
     with tempfile.TemporaryDirectory(prefix="walletd-ab-") as name:
         tmp = Path(name)
-        tree = None if args.base == "." else _export(args.base, tmp / "base")
+        tree = None if args.base == "." else export_revision(args.base, tmp / "base")
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(_walletd("base", tree, shlex.split(args.base_args), tmp))
             new = stack.enter_context(_walletd("new", None, shlex.split(args.new_args), tmp))

@@ -47,7 +47,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from loadtest.ab_probe import _cpu_s, _export, _postgres_pids, _walletd
+from loadtest.ab_probe import _cpu_s, _postgres_pids, _walletd
+from loadtest.builds import export_revision
 from loadtest.procs import free_port
 
 __all__ = ["main"]
@@ -233,7 +234,7 @@ async def _bench(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="walletd-poison-bench-") as folder:
         tmp = Path(folder)
-        tree = _export(args.revision, tmp / "tree") if args.revision else None
+        tree = export_revision(args.revision, tmp / "tree") if args.revision else None
         internal_port, credential = free_port(), "bench_" + secrets.token_urlsafe(32)
         environment = {
             "WALLETD_INTERNAL_PORT": str(internal_port),

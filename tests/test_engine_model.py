@@ -1707,6 +1707,9 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self.ledger.add_operations({k: log._by_key[k] for k in op_keys if k in log._by_key})
         assert not create_keys
+        # As the pipeline does once the wallets are resident (engine/shard.py).
+        stale = self.ledger.stale_outs(commands)
+        self.ledger.drop_closed(log.transfers[t] for t in stale if t in log.transfers)
         applied = self.ledger.execute(commands)
         self.ledger.evict_idle()
         return applied

@@ -526,6 +526,36 @@ async def test_a_transfer_completed_by_another_shard_frees_its_room_under_the_ce
     assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX
 
 
+async def test_a_reloaded_senders_stale_reservation_is_checked_too() -> None:
+    """A sender loaded from storage with a PENDING transfer out gets its reservation with
+    it; once the receiver's shard completes that transfer, the reservation is stale like
+    one this shard opened, and a credit that fits without it is checked and taken."""
+    log = ControlledLog()
+    one_each = EngineLimits(
+        pipelines=2, batch_ops_max=64, mailbox_commands_max=256,
+        transfer_redrive_interval_s=60.0, resident_wallets_max=2,
+    )  # fmt: skip
+    other = wallet_ids_on_shard(0, 2, 2)[1]  # SENDER's pipeline, which holds one resident
+    async with running_engine(log, one_each) as engine:
+        await funded(engine, 10)
+        _id, created = await engine.create_wallet(other, None)
+        assert created.outcome is Outcome.CREATED
+        log.fail_next_closes = 1  # the credit's commit fails: PENDING, SENDER's entry kept
+        transfer_id, reply = await engine.transfer(None, None, SENDER, RECEIVER, 10, None)
+        assert reply.outcome is Outcome.UNAVAILABLE
+        assert (await engine.apply(other, OperationKind.DEPOSIT, 1, None)).outcome is Outcome.OK
+        assert engine.read_resident(SENDER) is None  # evicted, its entry with it
+        assert (await engine.read(SENDER)).outcome is Outcome.OK  # reloaded: PENDING out
+        await engine.redrive_transfers()  # completed by RECEIVER's shard
+        assert log.transfers[transfer_id].status is TransferStatus.COMPLETED
+        outcomes = {
+            (await engine.apply(SENDER, OperationKind.DEPOSIT, AMOUNT_MINOR_MAX, None)).outcome
+            for _ in range(BALANCE_MINOR_MAX // AMOUNT_MINOR_MAX)
+        }
+    assert outcomes == {Outcome.OK}
+    assert log.wallets[SENDER].balance == BALANCE_MINOR_MAX
+
+
 async def test_transfers_the_redrive_cannot_end_never_starve_the_ones_it_can() -> None:
     """Each re-drive pass goes on where the previous one stopped: PENDING transfers that
     stay PENDING (a refund storage keeps refusing, a receiver that keeps failing)
