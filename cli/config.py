@@ -18,6 +18,7 @@ from typing import Any
 
 from walletd.cli.gc_tuning import GC_GEN0_THRESHOLD_MAX
 from walletd.engine.money import Currency
+from walletd.engine.ownership import SHARD_MEMO_ENTRIES, SHARD_MEMO_ENTRIES_MAX
 from walletd.http.currencies import Currencies, parse_assets
 from walletd.http.keys import ApiKey, merge_keys, parse_keys, parse_keys_file
 
@@ -72,6 +73,13 @@ def _hosts(text: str) -> tuple[str, ...]:
                      for part in host.split(".")):  # fmt: skip
             raise ValueError(f"{host[:64]!r} is not a host name or IP address")
     return hosts
+
+
+def _shard_memo_entries(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= SHARD_MEMO_ENTRIES_MAX:
+        raise ValueError(f"{value} is not in 0..{SHARD_MEMO_ENTRIES_MAX}")
+    return value
 
 
 def _gc_threshold(text: str) -> int:
@@ -330,6 +338,10 @@ SETTINGS: tuple[Setting, ...] = (
             _gc_threshold, 20_000, "net new objects between two young garbage collections, "
             "set once the service is ready (after freezing what start-up built); 0 = "
             "CPython's 700 (docs/BENCHMARKS.md, the POST latency tail)"),
+    Setting("shard_memo_entries", ("WALLETD_SHARD_MEMO_ENTRIES",), "--shard-memo-entries",
+            _shard_memo_entries, SHARD_MEMO_ENTRIES, "wallets whose shard this process "
+            "remembers (~200 bytes each; least recently used forgotten past it; 0 = hash "
+            f"every time; at most {SHARD_MEMO_ENTRIES_MAX:,})"),
 )  # fmt: skip
 
 
@@ -418,6 +430,7 @@ class Config:
     assets: tuple[Currency, ...]
     log_level: str
     gc_gen0_threshold: int
+    shard_memo_entries: int
 
     @property
     def client_keys(self) -> tuple[ApiKey, ...]:

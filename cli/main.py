@@ -45,6 +45,7 @@ from walletd.cli.service import (
     running_services,
     storage,
 )
+from walletd.engine.ownership import set_shard_memo_entries
 from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
 from walletd.http.internal import create_internal_app
@@ -154,6 +155,7 @@ async def _serve(config: Config) -> int:
 
 
 async def _serve_claimed(config: Config) -> int:
+    set_shard_memo_entries(config.shard_memo_entries)
     # Read (or created) before anything listens: a credential that cannot be used stops
     # start-up with one line, exit 2.
     credential = cluster_credential(config)

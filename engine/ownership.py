@@ -30,7 +30,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
-__all__ = ["SHARD_COUNT_MAX", "OwnerInfo", "Ownership", "shard_of", "shard_of_text"]
+__all__ = [
+    "SHARD_COUNT_MAX",
+    "SHARD_MEMO_ENTRIES",
+    "SHARD_MEMO_ENTRIES_MAX",
+    "OwnerInfo",
+    "Ownership",
+    "set_shard_memo_entries",
+    "shard_memo_entries",
+    "shard_of",
+    "shard_of_text",
+]
 
 SHARD_COUNT_MAX = 4096
 
@@ -40,25 +50,47 @@ def shard_of_text(wallet_id_text: str, shard_count: int) -> int:
     return zlib.crc32(wallet_id_text.lower().encode("ascii")) % shard_count
 
 
-# Wallets whose shard is remembered (~200 bytes each): a hit costs ~0.1 µs, a miss what the
-# hash costs without it (~0.6-1 µs). The shard is computed for every request routed and for
-# every wallet a batch's fence covers, several times per operation (a tenth of walletd's CPU
-# on 1,000-item bulk requests on 10,000 wallets, py-spy); wallets busier than this many
-# mostly hit, the others pay the plain hash.
+# Wallets whose shard is remembered, by default (~200 bytes each): a hit costs ~0.1 µs, a
+# miss what the hash costs without it (~0.6-1 µs). The shard is computed for every request
+# routed and for every wallet a batch's fence covers, several times per operation (a tenth
+# of walletd's CPU on 1,000-item bulk requests on 10,000 wallets, py-spy); wallets busier
+# than this many mostly hit, the others pay the plain hash. Past the bound the least
+# recently used entry goes (`functools.lru_cache`). `walletd serve` sets it from
+# WALLETD_SHARD_MEMO_ENTRIES (``set_shard_memo_entries``; 0 = no memo).
 SHARD_MEMO_ENTRIES = 32_768
+SHARD_MEMO_ENTRIES_MAX = 4_194_304
 
 
 def shard_of(wallet_id: UUID, shard_count: int) -> int:
     return _shard_of_int(wallet_id.int, shard_count)
 
 
-@functools.lru_cache(maxsize=SHARD_MEMO_ENTRIES)
-def _shard_of_int(value: int, shard_count: int) -> int:
+def _shard_hash(value: int, shard_count: int) -> int:
     # The canonical lowercase 8-4-4-4-12 form (what str(UUID) writes, and HAProxy sees after
     # `lower`), written from the integer: the same for uuid.UUID and asyncpg's UUID.
     h = f"{value:032x}"
     text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
     return zlib.crc32(text.encode("ascii")) % shard_count
+
+
+_shard_of_int: Callable[[int, int], int] = functools.lru_cache(maxsize=SHARD_MEMO_ENTRIES)(
+    _shard_hash
+)
+
+
+def set_shard_memo_entries(entries: int) -> None:
+    """Remember the shards of at most ``entries`` wallets (0: none, every call hashes).
+    The memo starts empty; a pure function's memo, so any size gives the same answers."""
+    global _shard_of_int
+    if not 0 <= entries <= SHARD_MEMO_ENTRIES_MAX:
+        raise ValueError(f"shard memo entries must be within 0..{SHARD_MEMO_ENTRIES_MAX}")
+    _shard_of_int = functools.lru_cache(maxsize=entries)(_shard_hash) if entries else _shard_hash
+
+
+def shard_memo_entries() -> int:
+    """The memo's bound (0: none)."""
+    info = getattr(_shard_of_int, "cache_info", None)
+    return 0 if info is None else int(info().maxsize or 0)
 
 
 @dataclass(frozen=True, slots=True)
