@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from tests.processes import start_walletd, walletd_command
+from walletd.cli.main import main
 from walletd.cli.unix_socket import (
     UNIX_PATH_BYTES_MAX,
     UnixSocketError,
@@ -118,6 +119,21 @@ def test_removal_leaves_a_file_another_process_bound_since(tmp_path: Path) -> No
         successor.listen(1)
         listener.remove()
         assert connects(path)
+
+
+def test_walletd_cluster_refuses_a_data_dir_too_long_for_its_sockets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 2 and one line naming the limit, before anything starts (nothing created)."""
+    data_dir = tmp_path / ("d" * 100)
+    code = main(["cluster", "--processes", "2", "--data-dir", str(data_dir)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert f"walletd-1.sock is {len(os.fsencode(data_dir / 'cluster/walletd-1.sock'))} bytes" in err
+    assert f"past the {UNIX_PATH_BYTES_MAX}-byte limit" in err
+    assert "use a shorter --data-dir" in err
+    assert not data_dir.exists()
 
 
 def unix_connector(path: Path) -> aiohttp.UnixConnector:
