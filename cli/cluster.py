@@ -174,7 +174,7 @@ def member_socket(run_dir: Path, index: int) -> Path:
 
 
 async def _start_server(
-    config: Config, dsn: str, index: int, log_dir: Path, port: int = 0
+    config: Config, dsn: str, index: int, run_dir: Path, port: int = 0
 ) -> _Server:
     """Start member ``index`` (on ``port``, 0 = any) and wait until it listens. Called at
     start-up and for every restart: a restart passes the public port the member had and
@@ -182,12 +182,12 @@ async def _start_server(
     stale and replaced). Its internal listener takes any free port each time: a process
     publishes its internal URL in its member row on every heartbeat, and a restarted one
     is a new owner, so legs reach the new port once it claims shards."""
-    log_path = log_dir / f"walletd-{index}.log"
+    log_path = run_dir / f"walletd-{index}.log"
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "walletd.cli.main", "serve",
             "--host", "127.0.0.1", "--port", str(port),
-            "--unix-socket", str(member_socket(log_dir, index)),
+            "--unix-socket", str(member_socket(run_dir, index)),
             "--internal-host", "127.0.0.1", "--internal-port", "0",
             "--shards", str(config.shards), "--pipelines", str(config.pipelines),
             "--lease-ttl", str(config.lease_ttl_s),

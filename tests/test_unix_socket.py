@@ -145,9 +145,10 @@ async def test_serve_answers_on_its_socket_with_the_same_keys_and_removes_it_at_
     database_url: str, tmp_path: Path
 ) -> None:
     """The Unix listener is the public app: /api/v1 needs the same key (401 without), a
-    request with it works, the access log shows the request came over no TCP connection
-    (no peer address); during the SIGTERM drain it still answers (/healthz 503,
-    `Connection: close`); at exit 0 the file is gone."""
+    request with it works, the internal route is not there (404), the access log shows
+    the request came over no TCP connection (no peer address); during the SIGTERM drain
+    it still accepts connections and answers (/healthz 503, `Connection: close`); at exit
+    0 the file is gone."""
     path = tmp_path / "w.sock"
     process = start_walletd(
         ["--database-url", database_url, "--unix-socket", str(path), "--access-log",
@@ -164,6 +165,12 @@ async def test_serve_answers_on_its_socket_with_the_same_keys_and_removes_it_at_
                 headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": "over-unix"},
             ) as response:
                 assert response.status == 201, await response.text()
+            # The public app: no internal route, whatever the key.
+            async with http.post(
+                "http://walletd/internal/v1/legs", json={},
+                headers={"Authorization": f"Bearer {KEY}"},
+            ) as response:  # fmt: skip
+                assert response.status == 404
         process.process.send_signal(signal.SIGTERM)
         # Each check on a new connection: the listener itself still accepts while draining.
         for _attempt in range(100):
