@@ -2,9 +2,14 @@
 
     walletd cluster --processes 3 --port 8000
         embedded PostgreSQL (or --database-url)
-        3 × `walletd serve --port 0 --internal-port 0` (each claims its share of the
-            shards; the database URL and the cluster credential's file in its environment)
-        HAProxy on 127.0.0.1:8000, routing by shard; its map kept current (MapSync)
+        3 × `walletd serve --port 0 --internal-port 0 --unix-socket RUN_DIR/walletd-N.sock`
+            (each claims its share of the shards; the database URL and the cluster
+            credential's file in its environment)
+        HAProxy on 127.0.0.1:8000, routing by shard to each member's Unix socket; its map
+            kept current (MapSync)
+
+The members reach each other over TCP (forwarding, transfer legs) and the cluster prints
+their TCP URLs; only HAProxy uses the sockets (cheaper per request than loopback TCP).
 
 The cluster holds its data dir (cli/data_dir.py): a second cluster or serve on it is
 refused with exit 4.
@@ -55,6 +60,7 @@ from walletd.cli.haproxy import (
     wait_listening,
 )
 from walletd.cli.service import check_cluster, migrate_database, storage
+from walletd.cli.unix_socket import check_path_length
 from walletd.persistence.database import connect
 
 __all__ = [
@@ -63,6 +69,8 @@ __all__ = [
     "ClusterError",
     "ClusterFailed",
     "RestartPolicy",
+    "cluster_run_dir",
+    "member_socket",
     "run_cluster",
 ]
 
@@ -155,19 +163,31 @@ def _sync_replica_flags(config: Config) -> list[str]:
     return ["--require-sync-replica", "--sync-replica-wait", str(config.sync_replica_wait_s)]
 
 
+def cluster_run_dir(config: Config) -> Path:
+    """The cluster's run folder: members' logs and sockets, HAProxy's config and map."""
+    return config.data_dir.resolve() / "cluster"
+
+
+def member_socket(run_dir: Path, index: int) -> Path:
+    """Where member ``index`` serves its public app for HAProxy (``--unix-socket``)."""
+    return run_dir / f"walletd-{index}.sock"
+
+
 async def _start_server(
-    config: Config, dsn: str, index: int, log_dir: Path, port: int = 0
+    config: Config, dsn: str, index: int, run_dir: Path, port: int = 0
 ) -> _Server:
     """Start member ``index`` (on ``port``, 0 = any) and wait until it listens. Called at
-    start-up and for every restart: a restart passes the public port the member had (HAProxy's
-    server line names it). Its internal listener takes any free port each time: a process
+    start-up and for every restart: a restart passes the public port the member had and
+    binds the same Unix socket (HAProxy's server line names it; a killed member's file is
+    stale and replaced). Its internal listener takes any free port each time: a process
     publishes its internal URL in its member row on every heartbeat, and a restarted one
     is a new owner, so legs reach the new port once it claims shards."""
-    log_path = log_dir / f"walletd-{index}.log"
+    log_path = run_dir / f"walletd-{index}.log"
     with log_path.open("ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "walletd.cli.main", "serve",
             "--host", "127.0.0.1", "--port", str(port),
+            "--unix-socket", str(member_socket(run_dir, index)),
             "--internal-host", "127.0.0.1", "--internal-port", "0",
             "--shards", str(config.shards), "--pipelines", str(config.pipelines),
             "--lease-ttl", str(config.lease_ttl_s),
@@ -240,6 +260,11 @@ async def run_cluster(config: Config, processes: int, *, ha_nodes: int = 0) -> i
         config.member_restarts_max, config.member_restart_window_s, config.member_restart_backoff_s
     )
     command = "walletd ha-dev" if ha_nodes else "walletd cluster"
+    # Before anything starts: the longest member socket path must fit a Unix socket address.
+    check_path_length(
+        member_socket(cluster_run_dir(config), processes - 1),
+        "a member's Unix socket", "use a shorter --data-dir",
+    )  # fmt: skip
     # The cluster owns its data dir (its run folder; the embedded PostgreSQL when no URL).
     with DataDirClaim.take(config.data_dir, command):
         if not ha_nodes:
@@ -289,7 +314,7 @@ async def _keep_etcd(stack: HaStack) -> None:
 
 
 async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) -> int:
-    run_dir = config.data_dir.resolve() / "cluster"
+    run_dir = cluster_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     # A Unix socket path is limited to ~100 bytes: the stats socket lives in a short folder.
     socket_dir = Path(tempfile.mkdtemp(prefix="walletd-haproxy-"))
@@ -318,6 +343,7 @@ async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) ->
                     shard_count=config.shards,
                     map_path=map_path,
                     socket_path=socket_path,
+                    sockets=[member_socket(run_dir, member.index) for member in members],
                 )
             )
             haproxy = start_haproxy(config_path, run_dir / "haproxy.log")

@@ -92,6 +92,12 @@ def _gc_threshold(text: str) -> int:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", ("WALLETD_HOST",), "--host", str, "127.0.0.1", "address to listen on"),
     Setting("port", ("WALLETD_PORT",), "--port", int, 8000, "port to listen on"),
+    Setting("unix_socket", ("WALLETD_UNIX_SOCKET",), "--unix-socket", Path, None,
+            "a Unix socket file the public listener also serves on (same routes, API keys "
+            "and drain), for a proxy on this host: `walletd cluster` gives each process one "
+            "(docs/SCALING.md); created mode 0600, since whoever can connect has the public "
+            "API; a path something listens on is refused (exit 2), a stale socket file "
+            "replaced; removed at exit"),
     Setting("data_dir", ("WALLETD_DATA_DIR",), "--data-dir", Path, Path(".walletd"),
             "folder for the embedded PostgreSQL's data (used when no database URL is set)"),
     Setting("database_url", ("WALLETD_DATABASE_URL", "DATABASE_URL"), "--database-url", str, None,
@@ -349,6 +355,7 @@ SETTINGS: tuple[Setting, ...] = (
 class Config:
     host: str
     port: int
+    unix_socket: Path | None
     data_dir: Path
     database_url: str | None
     embedded_start_timeout_s: float

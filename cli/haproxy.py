@@ -102,16 +102,26 @@ def render_config(
     socket_mode: str = "600",
     docker_dns: bool = False,
     log_requests: bool = False,
+    sockets: Sequence[Path] | None = None,
 ) -> str:
     """The whole haproxy.cfg for these walletd servers (URLs, in a fixed order).
 
     ``docker_dns``: resolve the servers' names through Docker's DNS at run time too (a
     container restarted with a new address is found again); HAProxy starts even when a
     name does not resolve yet.
+
+    ``sockets``: each server's Unix socket (its ``--unix-socket``), in the servers' order;
+    HAProxy then reaches the servers there (``unix@PATH``: requests and health checks),
+    which costs both sides less per request than loopback TCP (docs/SCALING.md). The URLs
+    still name the servers: the shard map follows the owners' URLs (MapSync).
     """
     if not servers:
         raise ValueError("at least one walletd server is needed")
     addresses = [_server_address(url) for url in servers]
+    if sockets is not None:
+        if len(sockets) != len(servers):
+            raise ValueError(f"{len(sockets)} Unix sockets for {len(servers)} walletd servers")
+        addresses = [f"unix@{path}" for path in sockets]
     # A check may be slow on a loaded machine: three misses of 2 s before a server is down.
     # Once one fails, the next come every 250 ms: a walletd draining after SIGTERM (/healthz
     # 503) is down within 1.5 s, inside its --drain-grace, before it closes its listener.

@@ -45,6 +45,7 @@ from walletd.cli.service import (
     running_services,
     storage,
 )
+from walletd.cli.unix_socket import UnixSocketError, UnixSocketListener
 from walletd.engine.ownership import set_shard_memo_entries
 from walletd.http.access_log import access_log_options
 from walletd.http.app import create_app
@@ -87,6 +88,7 @@ _STARTUP_ERRORS = (
     DatabaseError,
     EmbeddedPostgresError,
     MigrationError,
+    UnixSocketError,
     ValueError,
     OSError,
     asyncpg.PostgresError,
@@ -170,6 +172,16 @@ async def _serve_claimed(config: Config) -> int:
     except BaseException:
         sock.close()
         raise
+    # The optional Unix-socket listener of the public app (cli/unix_socket.py): bound here
+    # too, so a path another walletd listens on is refused (exit 2) before anything starts.
+    unix: UnixSocketListener | None = None
+    if config.unix_socket is not None:
+        try:
+            unix = UnixSocketListener.bind(config.unix_socket)
+        except BaseException:
+            sock.close()
+            internal_sock.close()
+            raise
     config = dataclasses.replace(
         config, port=sock.getsockname()[1], internal_port=internal_sock.getsockname()[1]
     )
@@ -205,6 +217,8 @@ async def _serve_claimed(config: Config) -> int:
     except BaseException:
         sock.close()
         internal_sock.close()
+        if unix is not None:
+            unix.remove()
         await internal_runner.cleanup()
         raise
     try:
@@ -213,6 +227,13 @@ async def _serve_claimed(config: Config) -> int:
         site = web.SockSite(runner, sock)
         await site.start()
         host, port = runner.addresses[0][:2]
+        # The same runner, so the same app, middlewares, keep-alive and drain as the TCP
+        # site; started after it, so the announcement below still names the TCP address.
+        unix_site: web.SockSite | None = None
+        if unix is not None:
+            unix_site = web.SockSite(runner, unix.sock)
+            await unix_site.start()
+            _log.info("public listener also on the Unix socket %s", unix.path)
         _log.info("internal listener (transfer legs) on %s", config.internal_url)
         # Handlers before the announcement: a supervisor that sends SIGTERM as soon as it
         # reads the line must get the graceful drain, not the default death by signal.
@@ -235,7 +256,14 @@ async def _serve_claimed(config: Config) -> int:
         # A supervisor's SIGTERM drains; Ctrl-C at a terminal (SIGINT) stops at once.
         if config.drain_grace_s > 0 and stopped_by[:1] == [signal.SIGTERM]:
             await _drain(app, config.drain_grace_s)
-        await site.stop()  # refuse new connections; runner.cleanup() skips a stopped site
+        # Refuse new connections; runner.cleanup() skips a stopped site. Both public
+        # listeners close together (stop() only closes, it awaits nothing), at the end of
+        # the grace: a proxy on the Unix socket (`walletd cluster`'s HAProxy) keeps its
+        # connections alive as one on TCP does, and the same ordering keeps it from
+        # writing on a connection walletd closes (docs/SCALING.md, "Keep-alive and shutdown").
+        await site.stop()
+        if unix_site is not None:
+            await unix_site.stop()
         # Legs still arrive until the shards are handed over; after it they go elsewhere.
         await internal_site.stop()
         await asyncio.sleep(ACCEPTED_CONNECTIONS_GRACE_S)
@@ -243,6 +271,8 @@ async def _serve_claimed(config: Config) -> int:
         # The internal app's handlers use the public app's services: they finish first.
         await internal_runner.cleanup()
         await runner.cleanup()
+        if unix is not None:
+            unix.remove()
     if failures:
         _log.critical("stopped: the engine gave up (%s)", failures[0])
         return EXIT_ENGINE_FAILED
@@ -317,21 +347,23 @@ async def _serve_command(config: Config, _args: argparse.Namespace) -> int:
 
 
 # The settings each command reads (cli/config.py SETTINGS names); its --help lists only
-# their flags. None = every setting (cluster). The environment still configures the rest.
+# their flags. The environment still configures the rest.
 _OPERATOR_SETTINGS = frozenset({"data_dir", "database_url", "log_level"})
 # How `walletd cluster` supervises its members; nothing a single server reads.
 _CLUSTER_SETTINGS = frozenset(
     {"member_restarts_max", "member_restart_window_s", "member_restart_backoff_s"}
 )
+_ALL_SETTINGS = frozenset(setting.name for setting in SETTINGS)
 _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
-    "serve": frozenset(setting.name for setting in SETTINGS) - _CLUSTER_SETTINGS,
+    "serve": _ALL_SETTINGS - _CLUSTER_SETTINGS,
     "migrate": _OPERATOR_SETTINGS,
     "verify": _OPERATOR_SETTINGS,
     "restore": _OPERATOR_SETTINGS,
     "seed": _OPERATOR_SETTINGS,
-    # The cluster runs walletd processes: every server setting applies to them.
-    "cluster": None,
-    "ha-dev": None,
+    # The cluster runs walletd processes: every server setting applies to them, except the
+    # Unix socket, which the cluster gives each of them in its run folder.
+    "cluster": _ALL_SETTINGS - {"unix_socket"},
+    "ha-dev": _ALL_SETTINGS - {"unix_socket"},
     # Storage, plus the shard count the table is read with.
     "shards": _OPERATOR_SETTINGS | {"shards"},
     "haproxy-config": frozenset({"shards", "log_level"}),

@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import math
+import os
 import random
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -50,8 +54,11 @@ WAIT_S = 30.0
 
 
 @contextlib.asynccontextmanager
-async def routed(dsn: str, urls: list[str], folder: Path) -> AsyncIterator[str]:
-    """HAProxy in front of these servers, its shard map kept current; yields its URL."""
+async def routed(
+    dsn: str, urls: list[str], folder: Path, sockets: list[Path] | None = None
+) -> AsyncIterator[str]:
+    """HAProxy in front of these servers (on their Unix ``sockets`` when given), its shard
+    map kept current; yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -66,6 +73,7 @@ async def routed(dsn: str, urls: list[str], folder: Path) -> AsyncIterator[str]:
             map_path=map_path,
             socket_path=socket_path,
             log_requests=True,
+            sockets=sockets,
         )
     )
     proxy = start_haproxy(config_path, folder / "haproxy.log")
@@ -435,11 +443,14 @@ async def test_kill_9_of_one_of_three_moves_its_shards_and_loses_no_money(
         assert logged[key] == (wallet, kind_code, amount * MINOR_UNITS_PER_UNIT)
 
 
-def start_cluster(args: list[str], log_path: Path) -> subprocess.Popen[str]:
+def start_cluster(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     with log_path.open("w") as log_file:
         return subprocess.Popen(
-            walletd_command(["cluster", *args]), stdout=subprocess.PIPE, stderr=log_file, text=True
-        )
+            walletd_command(["cluster", *args]), stdout=subprocess.PIPE, stderr=log_file,
+            text=True, env=None if env is None else {**os.environ, **env},
+        )  # fmt: skip
 
 
 def shards_table(args: list[str]) -> str:
@@ -454,16 +465,20 @@ async def test_walletd_cluster_serves_at_one_url_and_stops_cleanly(
 ) -> None:
     """`walletd cluster --processes 2` starts two servers and HAProxy at one URL: wallets
     work through it, `walletd shards` shows two owners sharing the shards, and SIGTERM stops
-    everything with exit 0, every lease released."""
+    everything with exit 0, every lease released. HAProxy reaches the servers on their Unix
+    sockets in the run folder (0600, removed at the stop): its config names them, and a
+    request sent through it reached a server with no peer address (a TCP connection always
+    has one), while the cluster still prints the servers' TCP URLs."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     common = ["--database-url", database_url, "--shards", str(SHARDS)]
     log_path = tmp_path / "cluster.log"
+    run_dir = tmp_path / "data" / "cluster"
     cluster = start_cluster(
         ["--processes", "2", "--port", str(port), "--data-dir", str(tmp_path / "data"),
          "--lease-ttl", str(LEASE_TTL_S), *common],
-        log_path,
+        log_path, env={"WALLETD_ACCESS_LOG": "true"},
     )  # fmt: skip
     assert cluster.stdout is not None
     try:
@@ -471,11 +486,20 @@ async def test_walletd_cluster_serves_at_one_url_and_stops_cleanly(
         assert f"walletd cluster listening on http://127.0.0.1:{port}" in line, (
             line + log_path.read_text()
         )
+        assert re.search(r"2 processes: http://127\.0\.0\.1:\d+, http://127\.0\.0\.1:\d+;", line)
+        sockets = [run_dir / f"walletd-{index}.sock" for index in range(2)]
+        servers = re.findall(r"^    server w\d (\S+) ", (run_dir / "haproxy.cfg").read_text(), re.M)
+        assert set(servers) == {f"unix@{path}" for path in sockets}, servers
+        assert [stat.S_IMODE(path.lstat().st_mode) for path in sockets] == [0o600, 0o600]
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             wallet = await create_wallet(http, url)
             status, body = await operate(http, url, wallet, "DEPOSIT", 3, "one")
             assert status == 200, body
+            async with http.get(
+                f"{url}/api/v1/wallets/{wallet}", headers={"X-Request-Id": "through-haproxy"}
+            ) as response:
+                assert response.status == 200
             assert await balance_at(http, url, wallet.upper()) == (200, "3.00")
 
             async def two_owners() -> bool:
@@ -493,29 +517,47 @@ async def test_walletd_cluster_serves_at_one_url_and_stops_cleanly(
         code = cluster.wait(60)
         cluster.stdout.close()
     assert code == 0, log_path.read_text()
+    assert not any(path.exists() for path in sockets)
+    access = [
+        json.loads(line)
+        for index in range(2)
+        for line in (run_dir / f"walletd-{index}.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    remotes = {entry["remote"] for entry in access if entry["request_id"] == "through-haproxy"}
+    assert "" in remotes, remotes  # the first hop; a forward to the owner would be TCP
     rows = await leases(database_url)
     assert all(row["owner"] is None for row in rows)
     await check_money(database_url)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
 async def test_a_rolling_restart_under_load_costs_only_counted_not_owner_answers(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, transport: str
 ) -> None:
     """Three servers behind HAProxy under keyed load; each is restarted in turn (SIGTERM:
     drain, release its leases; then a new process on the same port): every answer is a
     success, a refusal (409) or a counted 503 NOT_OWNER; no outcome-unknown 503, no exit
-    other than 0; every acknowledged operation is logged once; balances equal their logs."""
+    other than 0; every acknowledged operation is logged once; balances equal their logs.
+    HAProxy reaches the servers on their Unix sockets (`walletd cluster`) or over TCP
+    (`walletd haproxy-config`, Docker): the drain keeps both safe."""
     ports = []
     for _ in range(3):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             ports.append(probe.getsockname()[1])
-    servers = [serve(database_url, tmp_path, "--port", str(port)) for port in ports]
+    sockets = [tmp_path / f"w{index}.sock" for index in range(3)] if transport == "unix" else None
+
+    def listen(index: int) -> list[str]:
+        unix = [] if sockets is None else ["--unix-socket", str(sockets[index])]
+        return ["--port", str(ports[index]), *unix]
+
+    servers = [serve(database_url, tmp_path, *listen(index)) for index in range(3)]
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http,
-            routed(database_url, [s.url for s in servers], tmp_path) as proxy_url,
+            routed(database_url, [s.url for s in servers], tmp_path, sockets) as proxy_url,
         ):
             wallets = [await create_wallet(http, proxy_url) for _ in range(16)]
             for number, wallet in enumerate(wallets):
@@ -539,10 +581,10 @@ async def test_a_rolling_restart_under_load_costs_only_counted_not_owner_answers
                         acked[key] = (wallet, kind, amount)
 
             workers = [asyncio.create_task(worker(n)) for n in range(6)]
-            for index, port in enumerate(ports):
+            for index in range(len(ports)):
                 await asyncio.sleep(0.5)
                 assert await asyncio.to_thread(servers[index].terminate) == 0
-                servers[index] = serve(database_url, tmp_path, "--port", str(port))
+                servers[index] = serve(database_url, tmp_path, *listen(index))
 
                 async def all_owned() -> bool:
                     rows = await leases(database_url)

@@ -60,6 +60,8 @@ REGENERATE = "stale: run `make docs-config` after changing cli/config.py SETTING
 FIXED_IN_CONTAINER = {
     "host": "the image's command says --host 0.0.0.0 (a flag beats the environment)",
     "port": "8000 inside the container; no host port reaches it (HAProxy's is PUBLISHED_PORT)",
+    "unix_socket": "HAProxy runs in a container of its own and reaches each walletd over the "
+    "compose network (TCP); a Unix socket needs both in one host's file system",
     "internal_host": "each walletd service's command binds it to its own address on the "
     "walletd-only `walletd-cluster` network",
     "internal_port": "9000 in each walletd service's command, published nowhere",

@@ -8,6 +8,7 @@ import contextlib
 import random
 import re
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from walletd.cli.haproxy import (
     SHARD_HEADER,
     MapSync,
     backend_name,
+    haproxy_binary,
     initial_map,
     render_config,
     runtime_command,
@@ -97,8 +99,11 @@ async def _note_connection(request: web.Request, _response: web.StreamResponse) 
 
 
 @contextlib.asynccontextmanager
-async def haproxy(servers: list[str], folder: Path) -> AsyncIterator[tuple[str, Path, Path]]:
-    """HAProxy for these servers; yields its URL, its map file and its stats socket."""
+async def haproxy(
+    servers: list[str], folder: Path, sockets: list[Path] | None = None
+) -> AsyncIterator[tuple[str, Path, Path]]:
+    """HAProxy for these servers (on their Unix ``sockets`` when given); yields its URL, its
+    map file and its stats socket."""
     port = free_port()
     map_path = folder / "shards.map"
     socket_path = folder / "haproxy.sock"
@@ -111,6 +116,7 @@ async def haproxy(servers: list[str], folder: Path) -> AsyncIterator[tuple[str, 
             shard_count=SHARDS,
             map_path=map_path,
             socket_path=socket_path,
+            sockets=sockets,
         )
     )
     process = start_haproxy(config_path, folder / "haproxy.log")
@@ -322,3 +328,83 @@ async def test_a_process_dying_mid_request_is_answered_in_problem_json(tmp_path:
     assert response.status == 502
     assert content_type == "application/problem+json"
     assert (body["status"], body["code"]) == (502, "UNAVAILABLE")
+
+
+def _server_lines(config: str) -> list[str]:
+    return [line.split()[2] for line in config.splitlines() if line.startswith("    server ")]
+
+
+def test_with_sockets_every_server_line_names_its_unix_socket(tmp_path: Path) -> None:
+    """`sockets` (walletd cluster): every server line, in be_any and as owner or backup in
+    each be_wN, is unix@ its process's socket, in the servers' order, and HAProxy accepts
+    the file (`haproxy -c`). Without them (walletd haproxy-config, Docker) the URLs' TCP
+    addresses, as before; a socket list of another length is refused."""
+    urls = ["http://127.0.0.1:7001", "http://127.0.0.1:7002"]
+    sockets = [tmp_path / "walletd-0.sock", tmp_path / "walletd-1.sock"]
+    common: dict[str, Any] = {
+        "bind": "127.0.0.1:2", "shard_count": SHARDS,
+        "map_path": tmp_path / "shards.map", "socket_path": tmp_path / "haproxy.sock",
+    }  # fmt: skip
+    config = render_config(urls, sockets=sockets, **common)
+    unix = [f"unix@{sockets[0]}", f"unix@{sockets[1]}"]
+    # be_any (both), be_w0 (owner 0, backup 1), be_w1 (owner 1, backup 0)
+    assert _server_lines(config) == [unix[0], unix[1], unix[0], unix[1], unix[1], unix[0]]
+    assert "127.0.0.1:700" not in config
+    (tmp_path / "shards.map").write_text(initial_map(SHARDS))
+    (tmp_path / "haproxy.cfg").write_text(config)
+    checked = subprocess.run(
+        [haproxy_binary(), "-c", "-f", str(tmp_path / "haproxy.cfg")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tcp = ["127.0.0.1:7001", "127.0.0.1:7002"]
+    assert _server_lines(render_config(urls, **common)) == [
+        tcp[0],
+        tcp[1],
+        tcp[0],
+        tcp[1],
+        tcp[1],
+        tcp[0],
+    ]
+    with pytest.raises(ValueError, match="1 Unix sockets for 2 walletd servers"):
+        render_config(urls, sockets=sockets[:1], **common)
+
+
+async def test_haproxy_reaches_a_server_on_its_unix_socket_only(tmp_path: Path) -> None:
+    """With `sockets`, requests and health checks go to the socket: the server's URL names
+    a TCP port nothing listens on, yet every request through HAProxy is answered by the
+    server (over TCP it would be HAProxy's own 503), and the health check reaches it."""
+    path = tmp_path / "w.sock"
+    seen: list[str] = []
+
+    async def echo(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return web.json_response({"peer": peer, "server": "unix"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        async with (
+            haproxy([f"http://127.0.0.1:{free_port()}"], tmp_path, [path]) as (url, _m, _s),
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as http,
+        ):
+            for _ in range(20):
+                async with http.get(f"{url}/api/v1/wallets/{uuid.uuid4()}") as response:
+                    assert response.status == 200, await response.text()
+                    body = await response.json()
+                assert body["server"] == "unix"
+                assert not body["peer"]  # a TCP peer always has an address
+
+            async def checked() -> bool:
+                return "/healthz" in seen
+
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while not await checked():
+                assert asyncio.get_running_loop().time() < deadline, "no health check"
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
