@@ -73,6 +73,7 @@ from walletd.engine.transfers import (
     LegDelivery,
     TransferCoordinator,
     run_claimed,
+    storage_wave,
 )
 
 __all__ = [
@@ -176,16 +177,12 @@ class _Waves(Generic[_In, _Out]):
             results: list[_Out] = []
             error: StorageError | None = None
             try:
-                results = await asyncio.wait_for(
-                    self._call([item for item, _ in wave]), self._timeout_s
-                )
-            except TimeoutError:
-                error = StorageUnavailable("a payments statement timed out")
+                results = await storage_wave(
+                    self._call([item for item, _ in wave]), self._timeout_s,
+                    "a payments statement",
+                )  # fmt: skip
             except StorageError as storage_error:
                 error = storage_error
-            except Exception as unexpected:  # never leave a waiter hanging
-                _log.error("a payments statement raised", exc_info=unexpected)
-                error = StorageError(f"a payments statement failed: {unexpected!r}")
             for index, (_item, future) in enumerate(wave):
                 if future.done():  # its caller went away
                     continue

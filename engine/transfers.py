@@ -88,6 +88,7 @@ __all__ = [
     "TransferCoordinator",
     "TransferReply",
     "run_claimed",
+    "storage_wave",
 ]
 
 _log = logging.getLogger("walletd.engine")
@@ -298,6 +299,24 @@ class RoutedLegDelivery(LegDelivery):
         return await self._local_joint(JointTransfer(transfer, future, fresh_debit=fresh_debit))
 
 
+_Result = TypeVar("_Result")
+
+
+async def storage_wave(call: Awaitable[_Result], timeout_s: float, what: str) -> _Result:
+    """One coalesced storage call on behalf of many waiters: whatever goes wrong comes out
+    as a StorageError (a timeout as StorageUnavailable), so that the caller can hand every
+    waiter an answer; an unexpected exception is logged and never leaves one hanging."""
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except TimeoutError:
+        raise StorageUnavailable(f"{what} timed out") from None
+    except StorageError:
+        raise
+    except Exception as unexpected:
+        _log.error("%s raised", what, exc_info=unexpected)
+        raise StorageError(f"{what} failed: {unexpected!r}") from unexpected
+
+
 class _CoalescedLoads:
     """Lookups of transfers by id, coalesced: the ids asked for while one query runs are
     read together by the next one. So lookups hold at most one storage connection at a
@@ -325,14 +344,11 @@ class _CoalescedLoads:
             found: dict[UUID, TransferRecord] = {}
             error: StorageError | None = None
             try:
-                found = await asyncio.wait_for(self._log.load_transfers(ids), self._timeout_s)
-            except TimeoutError:
-                error = StorageUnavailable("loading transfers timed out")
+                found = await storage_wave(
+                    self._log.load_transfers(ids), self._timeout_s, "loading transfers"
+                )
             except StorageError as storage_error:
                 error = storage_error
-            except Exception as unexpected:  # never leave a waiter hanging
-                _log.error("loading transfers raised", exc_info=unexpected)
-                error = StorageError(f"loading transfers failed: {unexpected!r}")
             for transfer_id, futures in wave.items():
                 for future in futures:
                     if future.done():  # its caller went away
