@@ -37,7 +37,6 @@ __all__ = [
     "OwnerInfo",
     "Ownership",
     "set_shard_memo_entries",
-    "shard_memo_entries",
     "shard_of",
     "shard_of_text",
 ]
@@ -85,12 +84,6 @@ def set_shard_memo_entries(entries: int) -> None:
     if not 0 <= entries <= SHARD_MEMO_ENTRIES_MAX:
         raise ValueError(f"shard memo entries must be within 0..{SHARD_MEMO_ENTRIES_MAX}")
     _shard_of_int = functools.lru_cache(maxsize=entries)(_shard_hash) if entries else _shard_hash
-
-
-def shard_memo_entries() -> int:
-    """The memo's bound (0: none)."""
-    info = getattr(_shard_of_int, "cache_info", None)
-    return 0 if info is None else int(info().maxsize or 0)
 
 
 @dataclass(frozen=True, slots=True)
