@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -142,12 +142,19 @@ class _Member:
         return port
 
 
-def _child_environment(config: Config, dsn: str) -> dict[str, str]:
-    """What a walletd of the cluster gets through its environment: the secrets. A command
-    line is readable by every user of the machine (/proc/PID/cmdline, ps); a process's
+def _child_environment(config: Config, dsn: str, given: Mapping[str, str]) -> dict[str, str]:
+    """What a walletd of the cluster gets through its environment: every setting the
+    cluster was given as a flag (``given``: keys, limits, timeouts; without them a member
+    would serve with its defaults, an open API among them) and the secrets. A command line
+    is readable by every user of the machine (/proc/PID/cmdline, ps); a process's
     environment only by its own user and root. So the database URL (it may hold a password)
-    and the credential's source never appear in argv."""
+    and the credential's source never appear in argv. What the cluster gives each member
+    itself comes as flags, which beat the environment."""
     environment = os.environ.copy()
+    environment.update(given)
+    # Each member is reached at its own URL: one advertised URL for all would send every
+    # forward to one of them.
+    environment.pop("WALLETD_ADVERTISE_URL", None)
     environment.pop("DATABASE_URL", None)  # one spelling, so no stale alias can win
     environment["WALLETD_DATABASE_URL"] = dsn
     if not config.cluster_credential:
@@ -174,7 +181,7 @@ def member_socket(run_dir: Path, index: int) -> Path:
 
 
 async def _start_server(
-    config: Config, dsn: str, index: int, run_dir: Path, port: int = 0
+    config: Config, environment: Mapping[str, str], index: int, run_dir: Path, port: int = 0
 ) -> _Server:
     """Start member ``index`` (on ``port``, 0 = any) and wait until it listens. Called at
     start-up and for every restart: a restart passes the public port the member had and
@@ -194,7 +201,7 @@ async def _start_server(
             "--lease-moves-max", str(config.lease_moves_max),
             *_sync_replica_flags(config),
             stdout=asyncio.subprocess.PIPE, stderr=log_file,
-            env=_child_environment(config, dsn),
+            env=environment,
         )  # fmt: skip
     assert process.stdout is not None
     started = False
@@ -251,9 +258,14 @@ async def _wait_balanced(dsn: str, urls: list[str], shard_count: int) -> None:
         await connection.close()
 
 
-async def run_cluster(config: Config, processes: int, *, ha_nodes: int = 0) -> int:
+async def run_cluster(
+    config: Config, processes: int, *, ha_nodes: int = 0, given: Mapping[str, str] | None = None
+) -> int:
     """``ha_nodes`` > 0: `walletd ha-dev`, on an HA PostgreSQL of that many nodes (cli/ha.py)
-    started in the data dir, every member with --require-sync-replica."""
+    started in the data dir, every member with --require-sync-replica. ``given``: the
+    settings this command was given as flags, as environment variables
+    (config.flags_as_environment); every member gets them."""
+    given = {} if given is None else given
     if not 1 <= processes <= PROCESSES_MAX:
         raise ValueError(f"--processes must be within 1..{PROCESSES_MAX}")
     policy = RestartPolicy(
@@ -268,11 +280,13 @@ async def run_cluster(config: Config, processes: int, *, ha_nodes: int = 0) -> i
     # The cluster owns its data dir (its run folder; the embedded PostgreSQL when no URL).
     with DataDirClaim.take(config.data_dir, command):
         if not ha_nodes:
-            return await _run_claimed(config, processes, policy)
-        return await _run_on_ha(config, processes, policy, ha_nodes)
+            return await _run_claimed(config, processes, policy, given)
+        return await _run_on_ha(config, processes, policy, ha_nodes, given)
 
 
-async def _run_on_ha(config: Config, processes: int, policy: RestartPolicy, nodes: int) -> int:
+async def _run_on_ha(
+    config: Config, processes: int, policy: RestartPolicy, nodes: int, given: Mapping[str, str]
+) -> int:
     stack = HaStack(config.data_dir / "ha", nodes)
     # Until the members run (and _supervise takes the signals over), a SIGTERM or Ctrl-C
     # cancels the start; the stack is stopped either way, never left behind.
@@ -297,7 +311,7 @@ async def _run_on_ha(config: Config, processes: int, policy: RestartPolicy, node
         )
         keeper = asyncio.create_task(_keep_etcd(stack))
         ha_config = dataclasses.replace(config, database_url=dsn, require_sync_replica=True)
-        return await _run_claimed(ha_config, processes, policy)
+        return await _run_claimed(ha_config, processes, policy, given)
     finally:
         if keeper is not None:
             keeper.cancel()
@@ -313,7 +327,9 @@ async def _keep_etcd(stack: HaStack) -> None:
         await asyncio.sleep(ETCD_RESTART_DELAY_S)
 
 
-async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) -> int:
+async def _run_claimed(
+    config: Config, processes: int, policy: RestartPolicy, given: Mapping[str, str]
+) -> int:
     run_dir = cluster_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     # A Unix socket path is limited to ~100 bytes: the stats socket lives in a short folder.
@@ -323,13 +339,16 @@ async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) ->
     async with storage(config, "cluster", owner=True) as dsn:
         await migrate_database(dsn)
         await check_cluster(dsn, config.shards)
+        environment = _child_environment(config, dsn, given)
         members: list[_Member] = []
         haproxy: subprocess.Popen[bytes] | None = None
         sync: MapSync | None = None
         sync_task: asyncio.Task[None] | None = None
         try:
             for index in range(processes):
-                members.append(_Member(index, await _start_server(config, dsn, index, run_dir)))
+                members.append(
+                    _Member(index, await _start_server(config, environment, index, run_dir))
+                )
             urls = [member.server.url for member in members]
             await _wait_balanced(dsn, urls, config.shards)
             map_path = run_dir / "shards.map"
@@ -358,7 +377,7 @@ async def _run_claimed(config: Config, processes: int, policy: RestartPolicy) ->
             )
 
             async def restart(index: int, port: int) -> _Server:
-                return await _start_server(config, dsn, index, run_dir, port)
+                return await _start_server(config, environment, index, run_dir, port)
 
             return await _supervise(members, haproxy, restart, policy)
         finally:

@@ -532,6 +532,20 @@ def load_config(flags: argparse.Namespace, environ: Mapping[str, str] | None = N
     return Config(**values)
 
 
+def flags_as_environment(flags: argparse.Namespace) -> dict[str, str]:
+    """The settings given as flags, as the environment a child walletd reads them from:
+    each under its first name (which beats its aliases), exactly as typed, so the child
+    parses what this process parsed. `walletd cluster` hands its members every setting it
+    was given this way; the environment rather than argv, because a command line is
+    readable by every user of the machine and a setting may name a secret."""
+    given: dict[str, str] = {}
+    for setting in SETTINGS:
+        raw = getattr(flags, setting.name, None) if setting.flag is not None else None
+        if raw is not None:
+            given[setting.env[0]] = raw
+    return given
+
+
 def env_names() -> Sequence[str]:
     return [name for setting in SETTINGS for name in setting.env]
 

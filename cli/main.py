@@ -30,7 +30,7 @@ from walletd.cli.backups import (
     recover_command,
 )
 from walletd.cli.cluster import EXIT_CLUSTER_FAILED, ClusterError, ClusterFailed, run_cluster
-from walletd.cli.config import SETTINGS, Config, add_flags, load_config
+from walletd.cli.config import SETTINGS, Config, add_flags, flags_as_environment, load_config
 from walletd.cli.credential import cluster_credential
 from walletd.cli.data_dir import EXIT_DATA_DIR_IN_USE, DataDirClaim, DataDirInUse
 from walletd.cli.gc_tuning import tune_gc
@@ -354,16 +354,18 @@ _CLUSTER_SETTINGS = frozenset(
     {"member_restarts_max", "member_restart_window_s", "member_restart_backoff_s"}
 )
 _ALL_SETTINGS = frozenset(setting.name for setting in SETTINGS)
+_MEMBER_OWN_SETTINGS = frozenset({"unix_socket", "advertise_url"})
 _COMMAND_SETTINGS: dict[str, frozenset[str] | None] = {
     "serve": _ALL_SETTINGS - _CLUSTER_SETTINGS,
     "migrate": _OPERATOR_SETTINGS,
     "verify": _OPERATOR_SETTINGS,
     "restore": _OPERATOR_SETTINGS,
     "seed": _OPERATOR_SETTINGS,
-    # The cluster runs walletd processes: every server setting applies to them, except the
-    # Unix socket, which the cluster gives each of them in its run folder.
-    "cluster": _ALL_SETTINGS - {"unix_socket"},
-    "ha-dev": _ALL_SETTINGS - {"unix_socket"},
+    # The cluster runs walletd processes: every server setting applies to them (the flags
+    # reach them through their environment, cli/cluster.py), except what the cluster gives
+    # each of them itself: a Unix socket in its run folder, and the URL it is reached at.
+    "cluster": _ALL_SETTINGS - _MEMBER_OWN_SETTINGS,
+    "ha-dev": _ALL_SETTINGS - _MEMBER_OWN_SETTINGS,
     # Storage, plus the shard count the table is read with.
     "shards": _OPERATOR_SETTINGS | {"shards"},
     "haproxy-config": frozenset({"shards", "log_level"}),
@@ -386,11 +388,13 @@ async def _shards(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def _cluster(config: Config, args: argparse.Namespace) -> int:
-    return await run_cluster(config, args.processes)
+    return await run_cluster(config, args.processes, given=flags_as_environment(args))
 
 
 async def _ha_dev(config: Config, args: argparse.Namespace) -> int:
-    return await run_cluster(config, args.processes, ha_nodes=args.nodes)
+    return await run_cluster(
+        config, args.processes, ha_nodes=args.nodes, given=flags_as_environment(args)
+    )
 
 
 async def _haproxy_config(config: Config, args: argparse.Namespace) -> int:

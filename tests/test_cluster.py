@@ -6,6 +6,7 @@ count is 16. Every test bounds its waits; the slow ones are marked slow.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -32,6 +33,7 @@ import pytest
 from loadtest.procs import REPO_ROOT
 from tests.processes import WalletdProcess, start_walletd, walletd_command
 from tests.test_transfers_api import conservation_gap
+from walletd.cli.config import SETTINGS, flags_as_environment, load_config
 from walletd.cli.haproxy import (
     MapSync,
     initial_map,
@@ -39,6 +41,7 @@ from walletd.cli.haproxy import (
     start_haproxy,
     wait_listening,
 )
+from walletd.cli.main import _COMMAND_SETTINGS, _parser
 from walletd.engine.money import MINOR_UNITS_PER_UNIT
 from walletd.engine.ownership import shard_of_text
 from walletd.http.responses import format_timestamp
@@ -457,6 +460,87 @@ def shards_table(args: list[str]) -> str:
     return subprocess.run(
         walletd_command(["shards", *args]), capture_output=True, text=True, timeout=60, check=True
     ).stdout
+
+
+def test_every_setting_given_to_walletd_cluster_is_parsed_alike_by_its_members(
+    tmp_path: Path,
+) -> None:
+    """A member reads, from the environment the cluster gives it, the same settings the
+    cluster parsed from its flags: every flag `walletd cluster` accepts is carried (each
+    under its first name, as typed), and a member's configuration built from them alone
+    equals the cluster's on each of them."""
+    command_settings = _COMMAND_SETTINGS["cluster"]
+    assert command_settings is not None
+    flagged = {s.flag: s for s in SETTINGS if s.flag is not None and s.name in command_settings}
+    argv = [
+        "cluster",
+        *itertools.chain.from_iterable((f, f"v-{s.name}") for f, s in flagged.items()),
+    ]
+    assert flags_as_environment(_parser().parse_args(argv)) == {
+        setting.env[0]: f"v-{setting.name}" for setting in flagged.values()
+    }
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("reader:read:" + "r" * 32 + "\n")
+    argv = [
+        "cluster", "--batch-max", "7", "--access-log", "--api-keys-file", str(keys_file),
+        "--webhook-allowed-hosts", "a.example,b.example", "--key-rate", "5",
+    ]  # fmt: skip
+    flags = _parser().parse_args(argv)
+    cluster = load_config(flags, environ={})
+    member = load_config(argparse.Namespace(), environ=flags_as_environment(flags))
+    for name in ("batch_ops_max", "access_log", "api_keys_file", "webhook_allowed_hosts",
+                 "key_rate_per_s", "client_keys"):  # fmt: skip
+        assert (
+            getattr(member, name)
+            == getattr(cluster, name)
+            != getattr(load_config(argparse.Namespace(), environ={}), name)
+        ), name
+
+
+@pytest.mark.slow
+async def test_walletd_cluster_gives_its_members_the_keys_and_settings_of_its_flags(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`walletd cluster --api-keys-file F --access-log`: the members serve with those keys
+    (no key: 401; a read key creating a wallet: 403; a create key: 201) and log every
+    request. Flags reach the members through their environment, never their command line;
+    a member given its defaults instead would serve an open API."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    reader, creator = "r" * 32, "c" * 32
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"reader:read:{reader}\ncreator:create:{creator}\n")
+    keys_file.chmod(0o600)
+    log_path = tmp_path / "cluster.log"
+    cluster = start_cluster(
+        ["--processes", "1", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--database-url", database_url, "--shards", str(SHARDS),
+         "--api-keys-file", str(keys_file), "--access-log"],
+        log_path,
+    )  # fmt: skip
+    assert cluster.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(cluster.stdout.readline), WAIT_S * 2)
+        assert "walletd cluster listening" in line, line + log_path.read_text()
+        url = f"http://127.0.0.1:{port}/api/v1/wallets"
+        async with aiohttp.ClientSession() as http:
+            answers = []
+            for secret in (None, reader, creator):
+                headers = {} if secret is None else {"Authorization": f"Bearer {secret}"}
+                async with http.post(url, json={}, headers=headers) as response:
+                    answers.append(response.status)
+        assert answers == [401, 403, 201], answers
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        code = cluster.wait(60)
+        cluster.stdout.close()
+    assert code == 0, log_path.read_text()
+    member_log = (tmp_path / "data" / "cluster" / "walletd-0.log").read_text()
+    logged = [json.loads(line)["status"] for line in member_log.splitlines() if line[:1] == "{"]
+    assert logged.count(401) == 1, logged
+    assert logged.count(201) == 1, logged
 
 
 @pytest.mark.slow
