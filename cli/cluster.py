@@ -79,6 +79,10 @@ _log = logging.getLogger("walletd.cluster")
 PROCESSES_MAX = 64
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 45.0
+# What each member of a cluster of two or more commits at once unless the operator sets it
+# (_child_environment says why).
+MEMBER_INFLIGHT_BATCHES = 1
+INFLIGHT_BATCHES_ENV = "WALLETD_INFLIGHT_BATCHES"
 _LISTENING = re.compile(r"walletd listening on (http://\S+)")
 
 
@@ -142,7 +146,9 @@ class _Member:
         return port
 
 
-def _child_environment(config: Config, dsn: str, given: Mapping[str, str]) -> dict[str, str]:
+def _child_environment(
+    config: Config, dsn: str, given: Mapping[str, str], processes: int
+) -> dict[str, str]:
     """What a walletd of the cluster gets through its environment: every setting the
     cluster was given as a flag (``given``: keys, limits, timeouts; without them a member
     would serve with its defaults, an open API among them) and the secrets. A command line
@@ -152,6 +158,13 @@ def _child_environment(config: Config, dsn: str, given: Mapping[str, str]) -> di
     itself comes as flags, which beat the environment."""
     environment = os.environ.copy()
     environment.update(given)
+    if processes > 1 and not environment.get(INFLIGHT_BATCHES_ENV):
+        # One PostgreSQL takes every member's commits. Two batches in flight per process
+        # keep one process busy while PostgreSQL commits (docs/BENCHMARKS.md); with several
+        # members the others use that time, and two each would only halve every batch:
+        # PostgreSQL CPU per request 103 -> 72 us on 10,000 wallets with two members at
+        # one each (docs/BENCHMARKS.md, "Two processes, one batch in flight each").
+        environment[INFLIGHT_BATCHES_ENV] = str(MEMBER_INFLIGHT_BATCHES)
     # Each member is reached at its own URL: one advertised URL for all would send every
     # forward to one of them.
     environment.pop("WALLETD_ADVERTISE_URL", None)
@@ -339,7 +352,7 @@ async def _run_claimed(
     async with storage(config, "cluster", owner=True) as dsn:
         await migrate_database(dsn)
         await check_cluster(dsn, config.shards)
-        environment = _child_environment(config, dsn, given)
+        environment = _child_environment(config, dsn, given, processes)
         members: list[_Member] = []
         haproxy: subprocess.Popen[bytes] | None = None
         sync: MapSync | None = None

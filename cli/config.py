@@ -153,7 +153,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 256,
             "commands per commit at most"),
     Setting("inflight_batches_max", ("WALLETD_INFLIGHT_BATCHES",), "--inflight-batches", int, 2,
-            "batches one pipeline may be committing at once (commit pipelining)"),
+            "batches one pipeline may be committing at once (commit pipelining); unset, "
+            "`walletd cluster` with two or more processes gives each member 1"),
     Setting("resident_wallets_max", ("WALLETD_RESIDENT_WALLETS_MAX",), "--resident-wallets-max",
             int, 1_000_000, "wallets kept in memory; idle ones past it are evicted"),
     Setting("warm_wallets", ("WALLETD_WARM_WALLETS",), "--warm-wallets", int, 0,

@@ -133,14 +133,19 @@ def parts(cluster_pid: int, data_dir: Path) -> dict[str, list[int]]:
 
 
 @contextmanager
-def running_cluster(processes: int, folder: Path) -> Iterator[Cluster]:
+def running_cluster(processes: int, folder: Path, inflight: int | None = None) -> Iterator[Cluster]:
+    """``inflight``: each member's WALLETD_INFLIGHT_BATCHES; None = the cluster's default."""
     port = free_port()
     log_path = folder / f"cluster-{processes}.log"
+    environment = dict(os.environ)
+    if inflight is not None:
+        environment["WALLETD_INFLIGHT_BATCHES"] = str(inflight)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "walletd.cli.main", "cluster", "--processes", str(processes),
              "--port", str(port), "--data-dir", str(folder / "data")],
             stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=REPO_ROOT,
+            env=environment,
         )  # fmt: skip
     assert process.stdout is not None
     try:
@@ -234,6 +239,11 @@ class Target:
     name: str
     processes: int
     through_haproxy: bool
+    inflight: int | None = None  # the members' batches in flight; None = the default
+
+    @property
+    def cluster(self) -> tuple[int, int | None]:
+        return (self.processes, self.inflight)
 
 
 PATHS = (
@@ -265,15 +275,17 @@ class Sample:
     run: WrkRun
     cpu: dict[str, float]
     forwarded: int
+    round_number: int = 0
 
 
 def measure_path(
-    cluster: Cluster, path: Target, scenario: str, ids_file: Path, connections: int, duration_s: int
-) -> Sample:
+    cluster: Cluster, path: Target, scenario: str, ids_file: Path, connections: int,
+    duration_s: int, round_number: int = 0,
+) -> Sample:  # fmt: skip
     target = cluster if path.through_haproxy else replace(cluster, url=cluster.walletd_urls[0])
     before = forwards(cluster)
     run, cpu = measure(target, scenario, ids_file, connections, duration_s)
-    return Sample(path.name, scenario, run, cpu, forwards(cluster) - before)
+    return Sample(path.name, scenario, run, cpu, forwards(cluster) - before, round_number)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +299,18 @@ def main(argv: list[str] | None = None) -> int:
         "--transfers", action="store_true", help="also transfers within one process and across two"
     )
     parser.add_argument("--shards", type=int, default=64, help="the cluster's shard count")
+    parser.add_argument(
+        "--member-inflight", type=int, default=None, metavar="N",
+        help="also a second 2-process cluster whose members commit N batches at once "
+        "(--inflight-batches), in the same rounds; printed: its per-round ratios",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    paths: tuple[Target, ...] = PATHS
+    if args.member_inflight is not None:
+        paths += (
+            Target(f"2 via HAProxy, {args.member_inflight} in flight", 2, True,
+                   args.member_inflight),
+        )  # fmt: skip
     if shutil.which("wrk") is None or shutil.which("haproxy") is None:
         print("cluster bench needs wrk and haproxy (.ci/install-haproxy)", file=sys.stderr)
         return 2
@@ -295,40 +318,43 @@ def main(argv: list[str] | None = None) -> int:
     transfer_rows: list[tuple[int, str, WrkRun, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="walletd-cluster-bench-") as temp, ExitStack() as stack:
         folder = Path(temp)
-        clusters: dict[int, Cluster] = {}
-        ids_files: dict[tuple[int, str], Path] = {}
-        for processes in sorted({path.processes for path in PATHS}):
-            run_folder = folder / f"p{processes}"
+        clusters: dict[tuple[int, int | None], Cluster] = {}
+        ids_files: dict[tuple[tuple[int, int | None], str], Path] = {}
+        for key in dict.fromkeys(path.cluster for path in paths):
+            processes, inflight = key
+            run_folder = folder / f"p{processes}-{inflight or 'default'}"
             run_folder.mkdir()
-            cluster = stack.enter_context(running_cluster(processes, run_folder))
-            clusters[processes] = cluster
+            cluster = stack.enter_context(running_cluster(processes, run_folder, inflight))
+            clusters[key] = cluster
             ids = asyncio.run(create_wallets(cluster.url, 1 + args.wallets))
             for scenario in SCENARIOS:
                 ids_file = run_folder / f"{scenario}.ids"
                 ids_file.write_text("\n".join(ids[:1] if scenario == "hot" else ids[1:]))
-                ids_files[(processes, scenario)] = ids_file
+                ids_files[(key, scenario)] = ids_file
         try:
             # Warm-up: every wallet resident, every connection pool full, the map settled.
-            for path in PATHS:
+            for path in paths:
                 for scenario in SCENARIOS:
-                    key = (path.processes, scenario)
-                    measure_path(clusters[path.processes], path, scenario, ids_files[key],
+                    measure_path(clusters[path.cluster], path, scenario,
+                                 ids_files[(path.cluster, scenario)],
                                  args.connections, args.warm_up)  # fmt: skip
             for round_number in range(args.rounds):
                 # Alternating: each round runs every path once, in a rotated order, so a
                 # neighbour's burst on the shared machine lands on all of them alike.
-                shift = round_number % len(PATHS)
-                for path in PATHS[shift:] + PATHS[:shift]:
+                shift = round_number % len(paths)
+                for path in paths[shift:] + paths[:shift]:
                     for scenario in SCENARIOS:
                         sample = measure_path(
-                            clusters[path.processes], path, scenario,
-                            ids_files[(path.processes, scenario)], args.connections, args.duration,
+                            clusters[path.cluster], path, scenario,
+                            ids_files[(path.cluster, scenario)], args.connections, args.duration,
+                            round_number,
                         )  # fmt: skip
                         samples.append(sample)
                         print(f"round {round_number + 1}: {_sample_row(sample)}", flush=True)
             if args.transfers:
-                for processes, cluster in clusters.items():
-                    transfer_rows += _transfers(cluster, processes, folder, args)
+                for (processes, inflight), cluster in clusters.items():
+                    if inflight is None:
+                        transfer_rows += _transfers(cluster, processes, folder, args)
         except RuntimeError as error:
             print(f"wrk failed: {error}", file=sys.stderr)
             return 1
@@ -337,9 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         f"deposits of {AMOUNT}, {args.connections} connections, {args.duration} s per run, "
         f"{args.rounds} alternating rounds, {os.cpu_count()} cores; median (min–max)"
     )
-    print(_table(samples))
+    print(_table(samples, paths))
     print()
     print(_ratios(samples))
+    if len(paths) > len(PATHS):
+        print()
+        print(_inflight_ratios(samples, paths[-1]))
     print()
     print(_projection(samples))
     if transfer_rows:
@@ -386,14 +415,14 @@ def _median(samples: Sequence[Sample], path: str, scenario: str, part: str) -> f
     return statistics.median(s.cpu[part] for s in chosen)
 
 
-def _table(samples: Sequence[Sample]) -> str:
+def _table(samples: Sequence[Sample], paths: Sequence[Target] = PATHS) -> str:
     lines = [
         "| path | scenario | rps | p99 ms | CPU µs/req walletd | HAProxy | PostgreSQL "
         "| forwarded | non-2xx |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scenario in SCENARIOS:
-        for path in PATHS:
+        for path in paths:
             chosen = _of(samples, path.name, scenario)
             if not chosen:
                 continue
@@ -425,6 +454,37 @@ def _ratios(samples: Sequence[Sample]) -> str:
             f"| {_median(samples, one, scenario, 'postgres') / _median(samples, direct, scenario, 'postgres'):.2f} "  # noqa: E501
             f"| {_median(samples, one, scenario, 'haproxy'):.0f} "
             f"| {_median(samples, two, scenario, 'rps') / _median(samples, one, scenario, 'rps'):.2f} |"  # noqa: E501
+        )
+    return "\n".join(lines)
+
+
+def _inflight_ratios(samples: Sequence[Sample], other: Target) -> str:
+    """The default 2-process cluster against ``other`` (the same with another number of
+    batches in flight per member): each against one process behind HAProxy, and the two
+    against each other, as per-round ratios, median (min–max); CPU per request, medians."""
+    one, two = PATHS[1].name, PATHS[2].name
+    lines = [
+        f"| scenario | rps 2 ÷ 1 via HAProxy | {other.name} ÷ 1 via HAProxy "
+        f"| 2 ÷ {other.name} | PostgreSQL µs/req 2 / other | walletd µs/req 2 / other |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for scenario in SCENARIOS:
+        by_round: dict[int, dict[str, float]] = {}
+        for sample in samples:
+            if sample.scenario == scenario:
+                by_round.setdefault(sample.round_number, {})[sample.path] = sample.run.rps
+        rounds = [r for r in by_round.values() if {one, two, other.name} <= r.keys()]
+        if not rounds:
+            continue
+        lines.append(
+            f"| {scenario} "
+            f"| {_spread([r[two] / r[one] for r in rounds], 2)} "
+            f"| {_spread([r[other.name] / r[one] for r in rounds], 2)} "
+            f"| {_spread([r[two] / r[other.name] for r in rounds], 2)} "
+            f"| {_median(samples, two, scenario, 'postgres'):.0f} / "
+            f"{_median(samples, other.name, scenario, 'postgres'):.0f} "
+            f"| {_median(samples, two, scenario, 'walletd'):.0f} / "
+            f"{_median(samples, other.name, scenario, 'walletd'):.0f} |"
         )
     return "\n".join(lines)
 

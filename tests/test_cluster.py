@@ -33,6 +33,7 @@ import pytest
 from loadtest.procs import REPO_ROOT
 from tests.processes import WalletdProcess, start_walletd, walletd_command
 from tests.test_transfers_api import conservation_gap
+from walletd.cli.cluster import INFLIGHT_BATCHES_ENV, MEMBER_INFLIGHT_BATCHES, _child_environment
 from walletd.cli.config import SETTINGS, flags_as_environment, load_config
 from walletd.cli.haproxy import (
     MapSync,
@@ -456,6 +457,26 @@ def start_cluster(
         )  # fmt: skip
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat_path.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat_path.parent.name))
+    return found
+
+
+def members_environment(cluster_pid: int, name: str) -> list[str]:
+    """The value of environment variable ``name`` in each walletd the cluster started."""
+    values = []
+    for pid in children_of(cluster_pid):
+        if b"walletd.cli.main\x00serve" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\x00"):
+                if entry.startswith(f"{name}=".encode()):
+                    values.append(entry.split(b"=", 1)[1].decode())
+    return values
+
+
 def shards_table(args: list[str]) -> str:
     return subprocess.run(
         walletd_command(["shards", *args]), capture_output=True, text=True, timeout=60, check=True
@@ -496,6 +517,25 @@ def test_every_setting_given_to_walletd_cluster_is_parsed_alike_by_its_members(
             == getattr(cluster, name)
             != getattr(load_config(argparse.Namespace(), environ={}), name)
         ), name
+
+
+def test_members_of_a_cluster_commit_one_batch_at_a_time_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two or more members: one batch in flight each (one PostgreSQL takes all their
+    commits); one member keeps serve's default; a flag or the environment always wins."""
+    monkeypatch.delenv(INFLIGHT_BATCHES_ENV, raising=False)
+    config = load_config(argparse.Namespace(), environ={})
+
+    def inflight(processes: int, given: dict[str, str]) -> str | None:
+        environment = _child_environment(config, "postgresql://db", given, processes)
+        return environment.get(INFLIGHT_BATCHES_ENV)
+
+    assert inflight(2, {}) == inflight(8, {}) == str(MEMBER_INFLIGHT_BATCHES) == "1"
+    assert inflight(1, {}) is None
+    assert inflight(2, {INFLIGHT_BATCHES_ENV: "3"}) == "3"
+    monkeypatch.setenv(INFLIGHT_BATCHES_ENV, "2")
+    assert inflight(2, {}) == "2"
 
 
 @pytest.mark.slow
@@ -575,6 +615,8 @@ async def test_walletd_cluster_serves_at_one_url_and_stops_cleanly(
         servers = re.findall(r"^    server w\d (\S+) ", (run_dir / "haproxy.cfg").read_text(), re.M)
         assert set(servers) == {f"unix@{path}" for path in sockets}, servers
         assert [stat.S_IMODE(path.lstat().st_mode) for path in sockets] == [0o600, 0o600]
+        inflight = members_environment(cluster.pid, INFLIGHT_BATCHES_ENV)
+        assert inflight == ["1", "1"], inflight
         url = f"http://127.0.0.1:{port}"
         async with aiohttp.ClientSession() as http:
             wallet = await create_wallet(http, url)

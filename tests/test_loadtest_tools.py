@@ -312,3 +312,30 @@ def test_the_cluster_bench_states_its_goals_as_ratios_of_medians_and_projects_co
     assert "| many | 1.10 | 1.10 | 40 | 1.10 |" in _ratios(samples)
     # 160 + 40 + 50 = 250 µs per request: 8 cores → 32,000 rps, PostgreSQL 20% = 1.6 cores.
     assert "| many | 250 | 20% | 32,000 rps (PostgreSQL 1.6 cores) |" in _projection(samples)
+
+
+def test_the_cluster_bench_compares_two_clusters_by_the_ratios_of_each_round() -> None:
+    """`--member-inflight N`: the default 2-process cluster and one with N batches in flight
+    per member, each against one process behind HAProxy and against each other, as ratios
+    within each round (a busy neighbour slows a round's paths alike), then their medians."""
+    from loadtest.bench_report import WrkRun
+    from loadtest.cluster_bench import PATHS, Sample, Target, _inflight_ratios
+
+    other = Target("2 via HAProxy, 2 in flight", 2, True, 2)
+
+    def sample(path: str, rps: int, postgres: float, round_number: int) -> Sample:
+        run = WrkRun(
+            duration_us=1_000_000, requests=rps, sent=rps, statuses={200: rps},
+            socket_errors=0, p50_us=1000, p99_us=5000,
+        )  # fmt: skip
+        cpu = {"walletd": 100.0, "haproxy": 40.0, "postgres": postgres}
+        return Sample(path, "many", run, cpu, 0, round_number)
+
+    one, two = PATHS[1].name, PATHS[2].name
+    # Round 0 on a quiet machine, round 1 at half speed: the per-round ratios agree.
+    samples = [
+        sample(one, 1000, 60.0, 0), sample(two, 900, 80.0, 0), sample(other.name, 800, 100.0, 0),
+        sample(one, 500, 60.0, 1), sample(two, 450, 80.0, 1), sample(other.name, 400, 100.0, 1),
+    ]  # fmt: skip
+    table = _inflight_ratios(samples, other)
+    assert "| many | 0.90 (0.90–0.90) | 0.80 (0.80–0.80) | 1.12 (1.12–1.12) | 80 / 100 |" in table
