@@ -162,8 +162,8 @@ def _child_environment(
         # One PostgreSQL takes every member's commits. Two batches in flight per process
         # keep one process busy while PostgreSQL commits (docs/BENCHMARKS.md); with several
         # members the others use that time, and two each would only halve every batch:
-        # PostgreSQL CPU per request 103 -> 72 us on 10,000 wallets with two members at
-        # one each (docs/BENCHMARKS.md, "Two processes, one batch in flight each").
+        # PostgreSQL CPU per request 101-120 -> 72-88 us on 10,000 wallets with two members
+        # at one each (docs/BENCHMARKS.md, "Two processes, one batch in flight each").
         environment[INFLIGHT_BATCHES_ENV] = str(MEMBER_INFLIGHT_BATCHES)
     # Each member is reached at its own URL: one advertised URL for all would send every
     # forward to one of them.
