@@ -538,6 +538,23 @@ def test_members_of_a_cluster_commit_one_batch_at_a_time_unless_told_otherwise(
     assert inflight(2, {}) == "2"
 
 
+def test_a_member_is_given_the_database_and_never_one_advertised_url_for_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each member advertises its own URL (a URL set for the cluster would send every
+    forward to one member) and reaches the cluster's database under the one spelling that
+    walletd reads first, whatever the operator's environment held."""
+    monkeypatch.setenv("WALLETD_ADVERTISE_URL", "http://one-for-all:8000")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://stale")
+    config = load_config(argparse.Namespace(), environ={})
+    given = {"WALLETD_ADVERTISE_URL": "http://given:8000", "WALLETD_BATCH_MAX": "7"}
+    environment = _child_environment(config, "postgresql://cluster-db", given, 2)
+    assert "WALLETD_ADVERTISE_URL" not in environment
+    assert "DATABASE_URL" not in environment
+    assert environment["WALLETD_DATABASE_URL"] == "postgresql://cluster-db"
+    assert environment["WALLETD_BATCH_MAX"] == "7"
+
+
 @pytest.mark.slow
 async def test_walletd_cluster_gives_its_members_the_keys_and_settings_of_its_flags(
     database_url: str, tmp_path: Path
