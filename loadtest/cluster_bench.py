@@ -242,7 +242,8 @@ class Target:
     inflight: int | None = None  # the members' batches in flight; None = the default
 
     @property
-    def cluster(self) -> tuple[int, int | None]:
+    def cluster_key(self) -> tuple[int, int | None]:
+        """Which of the running clusters this path goes to: (processes, in flight)."""
         return (self.processes, self.inflight)
 
 
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(temp)
         clusters: dict[tuple[int, int | None], Cluster] = {}
         ids_files: dict[tuple[tuple[int, int | None], str], Path] = {}
-        for key in dict.fromkeys(path.cluster for path in paths):
+        for key in dict.fromkeys(path.cluster_key for path in paths):
             processes, inflight = key
             run_folder = folder / f"p{processes}-{inflight or 'default'}"
             run_folder.mkdir()
@@ -335,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             # Warm-up: every wallet resident, every connection pool full, the map settled.
             for path in paths:
                 for scenario in SCENARIOS:
-                    measure_path(clusters[path.cluster], path, scenario,
-                                 ids_files[(path.cluster, scenario)],
+                    measure_path(clusters[path.cluster_key], path, scenario,
+                                 ids_files[(path.cluster_key, scenario)],
                                  args.connections, args.warm_up)  # fmt: skip
             for round_number in range(args.rounds):
                 # Alternating: each round runs every path once, in a rotated order, so a
@@ -345,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 for path in paths[shift:] + paths[:shift]:
                     for scenario in SCENARIOS:
                         sample = measure_path(
-                            clusters[path.cluster], path, scenario,
-                            ids_files[(path.cluster, scenario)], args.connections, args.duration,
-                            round_number,
+                            clusters[path.cluster_key], path, scenario,
+                            ids_files[(path.cluster_key, scenario)], args.connections,
+                            args.duration, round_number,
                         )  # fmt: skip
                         samples.append(sample)
                         print(f"round {round_number + 1}: {_sample_row(sample)}", flush=True)
