@@ -316,14 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         print("cluster bench needs wrk and haproxy (.ci/install-haproxy)", file=sys.stderr)
         return 2
     samples: list[Sample] = []
-    transfer_rows: list[tuple[int, str, WrkRun, dict[str, float]]] = []
+    transfer_rows: list[tuple[str, str, WrkRun, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="walletd-cluster-bench-") as temp, ExitStack() as stack:
         folder = Path(temp)
         clusters: dict[tuple[int, int | None], Cluster] = {}
+        run_folders: dict[tuple[int, int | None], Path] = {}
         ids_files: dict[tuple[tuple[int, int | None], str], Path] = {}
         for key in dict.fromkeys(path.cluster_key for path in paths):
             processes, inflight = key
-            run_folder = folder / f"p{processes}-{inflight or 'default'}"
+            suffix = "" if inflight is None else f"-inflight{inflight}"
+            run_folder = folder / f"p{processes}{suffix}"
+            run_folders[key] = run_folder
             run_folder.mkdir()
             cluster = stack.enter_context(running_cluster(processes, run_folder, inflight))
             clusters[key] = cluster
@@ -354,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"round {round_number + 1}: {_sample_row(sample)}", flush=True)
             if args.transfers:
                 for (processes, inflight), cluster in clusters.items():
-                    if inflight is None:
-                        transfer_rows += _transfers(cluster, processes, folder, args)
+                    label = (
+                        str(processes) if inflight is None else f"{processes}, {inflight} in flight"
+                    )
+                    transfer_rows += _transfers(
+                        cluster, processes, label, run_folders[(processes, inflight)], args
+                    )
         except RuntimeError as error:
             print(f"wrk failed: {error}", file=sys.stderr)
             return 1
@@ -377,24 +384,25 @@ def main(argv: list[str] | None = None) -> int:
         print("| processes | scenario | rps | p99 ms | non-2xx | CPU µs/req walletd | HAProxy "
               "| PostgreSQL |")  # fmt: skip
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for processes, scenario, run, cpu in transfer_rows:
-            print(_row(processes, scenario, run, cpu))
+        for label, scenario, run, cpu in transfer_rows:
+            print(_row(label, scenario, run, cpu))
     return 0
 
 
 def _transfers(
-    cluster: Cluster, processes: int, folder: Path, args: argparse.Namespace
-) -> list[tuple[int, str, WrkRun, dict[str, float]]]:
+    cluster: Cluster, processes: int, label: str, run_folder: Path, args: argparse.Namespace
+) -> list[tuple[str, str, WrkRun, dict[str, float]]]:
+    """One run of each transfer scenario on the cluster; rows labelled ``label``."""
     rows = []
     funded = asyncio.run(create_wallets(cluster.url, TRANSFER_WALLETS_PER_PROCESS * processes))
     asyncio.run(fund_wallets(cluster.url, funded, TRANSFER_FUND))
     owner_of = owners(cluster.data_dir, args.shards)
     for scenario, text in transfer_pairs(funded, owner_of, args.shards).items():
-        ids_file = folder / f"p{processes}" / f"{scenario}.pairs"
+        ids_file = run_folder / f"{scenario}.pairs"
         ids_file.write_text(text)
         run, cpu = measure(cluster, "pairs", ids_file, args.connections, args.duration)
-        rows.append((processes, scenario, run, cpu))
-        print(_row(processes, scenario, run, cpu), flush=True)
+        rows.append((label, scenario, run, cpu))
+        print(_row(label, scenario, run, cpu), flush=True)
     return rows
 
 
@@ -527,9 +535,9 @@ PROJECTED_PARTS = ("walletd", "haproxy", "postgres")
 PROJECTED_CORES = (8, 16, 32)
 
 
-def _row(processes: int, scenario: str, run: WrkRun, cpu: dict[str, float]) -> str:
+def _row(label: str, scenario: str, run: WrkRun, cpu: dict[str, float]) -> str:
     return (
-        f"| {processes} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | {run.non_2xx} | "
+        f"| {label} | {scenario} | {run.rps:,.0f} | {run.p99_us / 1000:.1f} | {run.non_2xx} | "
         f"{cpu['walletd']:.0f} | {cpu['haproxy']:.0f} | {cpu['postgres']:.0f} |"
     )
 
