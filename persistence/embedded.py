@@ -57,6 +57,7 @@ SUPERUSER = "postgres"
 # Beside pgdata, in the data dir: readable by walletd's user only.
 SECRET_FILE_NAME = "postgres-password"
 SECRET_BYTES = 32
+AUTOVACUUM_NAPTIME = "5s"
 
 # Every listener, every database, replication too: the password or nothing.
 HBA_RULES = f"""\
@@ -372,7 +373,14 @@ class EmbeddedPostgres:
             self._secure_stopped_server()
         # A restart keeps the port it had, so DSNs handed out (pools, clients) stay valid.
         port = self._requested_port or self.port or _free_port()
-        options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
+        # Autovacuum looks for tables to analyze every AUTOVACUUM_NAPTIME instead of every
+        # minute: a young database's cached plans (PL/pgSQL's, asyncpg's prepared ones) are
+        # made while its tables are nearly empty and choose sequential scans, and only an
+        # ANALYZE of the grown table replaces them (docs/OPERATIONS.md, "A young database").
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories=''"
+            f" -c autovacuum_naptime={AUTOVACUUM_NAPTIME}"
+        )
         wait_s = max(1, int(deadline - time.monotonic()))
         self._run(
             "pg_ctl", "-D", str(self.pgdata), "-w", "-t", str(wait_s),
