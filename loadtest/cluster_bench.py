@@ -49,7 +49,8 @@ from pathlib import Path
 
 from loadtest.bench import AMOUNT, TRANSFER_FUND, create_wallets, fund_wallets, run_wrk
 from loadtest.bench_report import WrkRun
-from loadtest.procs import REPO_ROOT, free_port
+from loadtest.procs import REPO_ROOT, children, free_port
+from walletd.cli.cluster import INFLIGHT_BATCHES_ENV
 
 __all__ = ["main"]
 
@@ -70,23 +71,9 @@ class Cluster:
     data_dir: Path
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def _descendants(pid: int) -> list[int]:
     every = [pid]
-    for child in _children(pid):
+    for child in children(pid):
         every += _descendants(child)
     return every
 
@@ -139,7 +126,7 @@ def running_cluster(processes: int, folder: Path, inflight: int | None = None) -
     log_path = folder / f"cluster-{processes}.log"
     environment = dict(os.environ)
     if inflight is not None:
-        environment["WALLETD_INFLIGHT_BATCHES"] = str(inflight)
+        environment[INFLIGHT_BATCHES_ENV] = str(inflight)
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "walletd.cli.main", "cluster", "--processes", str(processes),

@@ -46,7 +46,15 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from loadtest.procs import REPO_ROOT, Server, free_port, stop, wait_ready, walletd_command
+from loadtest.procs import (
+    REPO_ROOT,
+    Server,
+    children,
+    free_port,
+    stop,
+    wait_ready,
+    walletd_command,
+)
 
 __all__ = ["main"]
 
@@ -74,20 +82,6 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_S
 
 
-def _children(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == parent:
-            found.append(int(entry.name))
-    return found
-
-
 @dataclass(frozen=True, slots=True)
 class Walletd:
     server: Server
@@ -97,7 +91,7 @@ class Walletd:
         """walletd's CPU plus every PostgreSQL process's, now."""
         assert self.server.process is not None
         postmaster = int((self.pgdata / "postmaster.pid").read_text().split()[0])
-        pids = [self.server.process.pid, postmaster, *_children(postmaster)]
+        pids = [self.server.process.pid, postmaster, *children(postmaster)]
         return sum(_cpu_seconds(pid) for pid in pids)
 
 

@@ -42,6 +42,22 @@ class Server:
     log_path: Path | None
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` now (from /proc; one that ends meanwhile is
+    left out)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

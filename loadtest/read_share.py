@@ -42,11 +42,11 @@ import aiohttp
 import asyncpg
 
 from loadtest.feed_bench import (
-    _children,
     _cpu_seconds,
     _create_wallets,
     running_walletd,
 )
+from loadtest.procs import children
 from walletd.persistence.embedded import EmbeddedPostgres
 from walletd.persistence.log_reads import AS_OF_SQL, EVENTS_SQL, FILTERED_HISTORY_SQL
 
@@ -163,7 +163,7 @@ async def _phase(
     args: argparse.Namespace, readers: int,
 ) -> Phase:  # fmt: skip
     postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    pids = [*_children(postmaster), postmaster]
+    pids = [*children(postmaster), postmaster]
     before = {pid: _cpu_seconds(pid) for pid in pids}
     walletd_before = _cpu_seconds(walletd_pid)
     generator_before = time.process_time()
@@ -184,7 +184,7 @@ async def _phase(
         )
     walletd_cpu = _cpu_seconds(walletd_pid) - walletd_before
     generator_cpu = time.process_time() - generator_before
-    after = {pid: _cpu_seconds(pid) for pid in [*_children(postmaster), postmaster]}
+    after = {pid: _cpu_seconds(pid) for pid in [*children(postmaster), postmaster]}
     stop.set()
     await sampler
     groups: dict[str, float] = defaultdict(float)

@@ -30,7 +30,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from loadtest.procs import REPO_ROOT
+from loadtest.procs import REPO_ROOT, children
 from tests.processes import WalletdProcess, start_walletd, walletd_command
 from tests.test_transfers_api import conservation_gap
 from walletd.cli.cluster import INFLIGHT_BATCHES_ENV, MEMBER_INFLIGHT_BATCHES, _child_environment
@@ -457,19 +457,10 @@ def start_cluster(
         )  # fmt: skip
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat_path.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat_path.parent.name))
-    return found
-
-
 def members_environment(cluster_pid: int, name: str) -> list[str]:
     """The value of environment variable ``name`` in each walletd the cluster started."""
     values = []
-    for pid in children_of(cluster_pid):
+    for pid in children(cluster_pid):
         if b"walletd.cli.main\x00serve" in Path(f"/proc/{pid}/cmdline").read_bytes():
             for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\x00"):
                 if entry.startswith(f"{name}=".encode()):
