@@ -272,13 +272,12 @@ async def _wait_balanced(dsn: str, urls: list[str], shard_count: int) -> None:
 
 
 async def run_cluster(
-    config: Config, processes: int, *, ha_nodes: int = 0, given: Mapping[str, str] | None = None
+    config: Config, processes: int, *, given: Mapping[str, str], ha_nodes: int = 0
 ) -> int:
     """``ha_nodes`` > 0: `walletd ha-dev`, on an HA PostgreSQL of that many nodes (cli/ha.py)
     started in the data dir, every member with --require-sync-replica. ``given``: the
     settings this command was given as flags, as environment variables
     (config.flags_as_environment); every member gets them."""
-    given = {} if given is None else given
     if not 1 <= processes <= PROCESSES_MAX:
         raise ValueError(f"--processes must be within 1..{PROCESSES_MAX}")
     policy = RestartPolicy(

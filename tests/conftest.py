@@ -141,6 +141,23 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+async def own_server() -> AsyncIterator[str]:
+    """A second embedded PostgreSQL, ours to misconfigure; its admin DSN.
+
+    Not under tmp_path: every pytest session run as root resets /tmp/pytest-of-root to
+    0700, which would lock the cluster's unprivileged owner out of its own data.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="walletd-test-own-pg-"))
+    embedded = EmbeddedPostgres(folder)
+    dsn = embedded.start()
+    try:
+        yield dsn
+    finally:
+        embedded.destroy()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
 async def fresh_database_url(pg_server: PostgresServer) -> AsyncIterator[str]:
     """A new, empty database for one test (migrations not applied)."""
     dsn = await pg_server.create_database()

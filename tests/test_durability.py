@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -27,7 +24,6 @@ from walletd.persistence.database import (
     durability_settings,
     unsafe_settings,
 )
-from walletd.persistence.embedded import EmbeddedPostgres
 
 
 async def _show(connection: asyncpg.Connection) -> str:
@@ -71,23 +67,6 @@ async def test_walletd_connections_commit_synchronously_whatever_the_role_databa
             assert (await durability_settings(command_connection))["synchronous_commit"] == "on"
         finally:
             await command_connection.close()
-
-
-@pytest.fixture
-async def own_server() -> AsyncIterator[str]:
-    """A second embedded PostgreSQL, ours to misconfigure; its admin DSN.
-
-    Not under tmp_path: every pytest session run as root resets /tmp/pytest-of-root to
-    0700, which would lock the cluster's unprivileged owner out of its own data.
-    """
-    folder = Path(tempfile.mkdtemp(prefix="walletd-test-own-pg-"))
-    embedded = EmbeddedPostgres(folder)
-    dsn = embedded.start()
-    try:
-        yield dsn
-    finally:
-        embedded.destroy()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _set_system(dsn: str, **settings: str) -> None:

@@ -12,32 +12,14 @@ round on 10,000 new wallets, PostgreSQL CPU per deposit 308 against 57 µs (docs
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 
-from walletd.persistence.embedded import EmbeddedPostgres
-
 pytestmark = pytest.mark.slow
 
 ANALYZED_WITHIN_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def embedded() -> Iterator[EmbeddedPostgres]:
-    folder = Path(tempfile.mkdtemp(prefix="walletd-test-young-"))
-    server = EmbeddedPostgres(folder)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _analyzed_after(connection: asyncpg.Connection, rows: int, since: int) -> float:
@@ -55,12 +37,10 @@ async def _analyzed_after(connection: asyncpg.Connection, rows: int, since: int)
     raise AssertionError(f"'grows' not analyzed within {ANALYZED_WITHIN_S} s of {rows} rows")
 
 
-async def test_a_growing_table_is_analyzed_again_within_seconds(
-    embedded: EmbeddedPostgres,
-) -> None:
+async def test_a_growing_table_is_analyzed_again_within_seconds(own_server: str) -> None:
     """Twice: a new table filled, then grown tenfold; each time autovacuum analyzes it well
     within a minute (the default naptime would leave the second wait at up to 60 s)."""
-    connection = await asyncpg.connect(embedded.dsn)
+    connection = await asyncpg.connect(own_server)
     try:
         await connection.execute("CREATE TABLE grows (n bigint NOT NULL)")
         first = await _analyzed_after(connection, 1_000, 0)
