@@ -47,6 +47,7 @@ import yaml
 
 from walletd.cli.haproxy import render_postgres_config, start_haproxy
 from walletd.persistence.embedded import (
+    AUTOVACUUM_NAPTIME,
     SUPERUSER,
     EmbeddedPostgres,
     grant_search,
@@ -235,6 +236,9 @@ def patroni_config(node: HaNode, ports: HaPorts, keys: _Secrets, bin_dir: Path) 
                         "wal_sender_timeout": "5s",
                         "wal_retrieve_retry_interval": "1s",
                         "password_encryption": "scram-sha-256",
+                        # A young database's tables are analyzed within seconds, as on the
+                        # embedded server (docs/OPERATIONS.md, "A young database").
+                        "autovacuum_naptime": AUTOVACUUM_NAPTIME,
                     },
                 },
             },

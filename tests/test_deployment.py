@@ -45,6 +45,7 @@ from walletd.cli.main import _parser
 from walletd.cli.service import engine_limits
 from walletd.http.app import create_app
 from walletd.http.settings import HttpSettings
+from walletd.persistence.embedded import AUTOVACUUM_NAPTIME
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -483,13 +484,15 @@ def test_compose_gates_walletd_on_a_healthy_postgres_with_a_named_volume() -> No
 
 
 def test_postgres_settings_fit_walletds_pool_and_durability() -> None:
-    """max_connections holds walletd's pool at compose's defaults; synchronous_commit stays on."""
+    """max_connections holds walletd's pool at compose's defaults; synchronous_commit stays on;
+    a young database is analyzed as soon as on the embedded server."""
     command = " ".join(compose()["services"]["postgres"]["command"])
     defaults = compose_interpolations()
     settings = dict(
         re.findall(r"-c (\w+)=(\S+)", _INTERPOLATION.sub(lambda m: defaults[m[1]], command))
     )
     assert settings["synchronous_commit"] == "on"
+    assert settings["autovacuum_naptime"] == AUTOVACUUM_NAPTIME  # as the embedded server's
     assert re.fullmatch(r"\d+(kB|MB|GB)", settings["shared_buffers"])
     environment = {name: default for name, default in defaults.items() if default}
     config = container_config(environment)
