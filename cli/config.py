@@ -150,8 +150,9 @@ SETTINGS: tuple[Setting, ...] = (
             "connections to other walletd processes for forwarding; past it requests wait"),
     Setting("mailbox_commands_max", ("WALLETD_MAILBOX_MAX",), "--mailbox-max", int, 1024,
             "commands waiting per pipeline; past it requests get 503 OVERLOADED"),
-    Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 256,
-            "commands per commit at most"),
+    Setting("batch_ops_max", ("WALLETD_BATCH_MAX",), "--batch-max", int, 1024,
+            "commands per commit at most (a bulk request of up to this many items commits "
+            "as one batch)"),
     Setting("inflight_batches_max", ("WALLETD_INFLIGHT_BATCHES",), "--inflight-batches", int, 2,
             "batches one pipeline may be committing at once (commit pipelining); unset, "
             "`walletd cluster` with two or more processes gives each member 1"),

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 
-from walletd.cli.config import Config
+from walletd.cli.config import SETTINGS, Config
 from walletd.cli.credential import cluster_credential
 from walletd.cli.data_dir import DataDirClaim
 from walletd.engine.limits import EngineLimits
@@ -73,6 +74,22 @@ ATTACH_RETRY_INTERVAL_S = 0.1
 
 
 def engine_limits(config: Config) -> EngineLimits:
+    """The engine's limits from the settings; a ValueError names the settings involved as
+    an operator sets them (``batch_ops_max`` -> ``WALLETD_BATCH_MAX (--batch-max)``)."""
+    try:
+        return _engine_limits(config)
+    except ValueError as error:
+        raise ValueError(_as_settings(str(error))) from None
+
+
+def _as_settings(message: str) -> str:
+    for setting in SETTINGS:
+        names = setting.env[0] + (f" ({setting.flag})" if setting.flag else "")
+        message = re.sub(rf"\b{setting.name}\b", names, message)
+    return message
+
+
+def _engine_limits(config: Config) -> EngineLimits:
     return EngineLimits(
         pipelines=config.pipelines,
         mailbox_commands_max=config.mailbox_commands_max,

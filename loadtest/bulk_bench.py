@@ -213,7 +213,7 @@ def report(rounds: list[Round], append_rate: float | None, args: argparse.Namesp
         f"{args.duration:g} --clients {args.clients} --items {args.items}` on "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC. Machine: {machine_info()}. "
         "walletd as `walletd serve` ships it (embedded PostgreSQL, fsync and synchronous "
-        "commit on, one shard actor, batches of at most 256 operations); every item keyed, "
+        "commit on, one shard actor, batches of at most 1,024 operations); every item keyed, "
         "amounts varied, every per-item result read.",
         "",
         "| scenario | ops/s median (spread) | p50 ms / request | p99 ms / request | "
