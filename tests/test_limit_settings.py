@@ -3,17 +3,71 @@ start that names the settings to change."""
 
 from __future__ import annotations
 
+import argparse
+import uuid
+from collections.abc import Callable
+from typing import Any
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import AppFactory
+from walletd.cli.config import load_config
 from walletd.cli.main import main
+from walletd.cli.service import engine_limits
 from walletd.engine.limits import EngineLimits
+from walletd.http.settings import HttpSettings
 
 
-def test_a_default_bulk_request_commits_as_one_batch() -> None:
-    """A bulk request of the default item bound fits one batch (one commit, one fence, one
-    key lookup), and the default mailbox holds that batch."""
-    limits = EngineLimits()
+def _serve_defaults() -> EngineLimits:
+    return engine_limits(load_config(argparse.Namespace(), environ={}))
+
+
+def test_the_engines_defaults_are_serves() -> None:
+    assert _serve_defaults() == EngineLimits()
+
+
+async def _commits(client: Any) -> tuple[float, float]:
+    """walletd_batch_ops' count and sum: commits and the log rows they wrote."""
+    text = await (await client.get("/metrics")).text()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("walletd_batch_ops_count", "walletd_batch_ops_sum")
+    }
+    return values["walletd_batch_ops_count"], values["walletd_batch_ops_sum"]
+
+
+async def test_a_default_bulk_request_commits_as_one_batch(
+    make_app: AppFactory, aiohttp_client: Callable[..., Any]
+) -> None:
+    """With serve's defaults a bulk request of the most items it takes, keyed, on many
+    wallets, is one commit of all its rows (one statement, one fence, one key lookup), and
+    the default mailbox holds that batch."""
+    limits = _serve_defaults()
     assert limits.bulk_ops_max <= limits.batch_ops_max <= limits.mailbox_commands_max
+    client = await aiohttp_client(make_app(HttpSettings(), limits))
+    wallets = []
+    for _ in range(50):
+        response = await client.post("/api/v1/wallets")
+        wallets.append((await response.json())["id"])
+    items = [
+        {
+            "wallet_id": wallets[index % len(wallets)],
+            "operation_type": "DEPOSIT",
+            "amount": "1.00",
+            "idempotency_key": uuid.uuid4().hex,
+        }
+        for index in range(limits.bulk_ops_max)
+    ]
+    commits_before, rows_before = await _commits(client)
+    response = await client.post("/api/v1/operations/bulk", json={"items": items})
+    assert response.status == 200
+    results = (await response.json())["results"]
+    assert [result["status"] for result in results] == [200] * len(items)
+    commits_after, rows_after = await _commits(client)
+    assert (commits_after - commits_before, rows_after - rows_before) == (1, len(items))
 
 
 @pytest.mark.parametrize(
