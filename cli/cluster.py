@@ -378,7 +378,7 @@ async def _run_claimed(
                 )
             )
             haproxy = start_haproxy(config_path, run_dir / "haproxy.log")
-            await wait_listening(config.host, config.port, haproxy)
+            await wait_listening(config.host, config.port, haproxy, stats_socket=socket_path)
             sync = MapSync(dsn, urls, map_path=map_path, socket_path=socket_path)
             await sync.sync_once()
             sync_task = asyncio.create_task(sync.run())

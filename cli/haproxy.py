@@ -391,22 +391,47 @@ def start_haproxy(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
 
 
 async def wait_listening(
-    host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0
+    host: str,
+    port: int,
+    process: subprocess.Popen[bytes],
+    timeout_s: float = 10.0,
+    *,
+    stats_socket: Path | None = None,
 ) -> None:
-    """Until ``host:port`` accepts connections; fails early if the process exited."""
+    """Until ``host:port`` accepts connections and, when given, HAProxy's stats socket
+    answers; fails early if the process exited. HAProxy binds its listeners in no order it
+    promises: the frontend's port can accept before the stats socket's file exists, and a
+    runtime command sent then fails with ENOENT (seen: `walletd ha-dev` exiting with
+    "[Errno 2] No such file or directory" on its first map sync)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while True:
+
+    async def answers() -> bool:
+        if not await _accepts(host, port):
+            return False
+        if stats_socket is None:
+            return True
+        try:
+            await runtime_command(stats_socket, "show info")
+        except OSError:  # TimeoutError is one
+            return False
+        return True
+
+    while not await answers():
         if process.poll() is not None:
             raise RuntimeError(f"haproxy exited with {process.returncode}")
-        try:
-            _reader, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            if loop.time() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port}") from None
-            await asyncio.sleep(0.02)
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return
+        if loop.time() > deadline:
+            where = f"{host}:{port}" + (f" and {stats_socket}" if stats_socket else "")
+            raise TimeoutError(f"HAProxy does not answer on {where}")
+        await asyncio.sleep(0.02)
+
+
+async def _accepts(host: str, port: int) -> bool:
+    try:
+        _reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True

@@ -84,7 +84,7 @@ async def routed(
     sync = MapSync(dsn, urls, map_path=map_path, socket_path=socket_path, interval_s=0.1)
     syncing: asyncio.Task[None] | None = None
     try:
-        await wait_listening("127.0.0.1", port, proxy, WAIT_S)
+        await wait_listening("127.0.0.1", port, proxy, WAIT_S, stats_socket=socket_path)
         syncing = asyncio.create_task(sync.run())
         yield f"http://127.0.0.1:{port}"
     finally:

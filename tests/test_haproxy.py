@@ -121,7 +121,7 @@ async def haproxy(
     )
     process = start_haproxy(config_path, folder / "haproxy.log")
     try:
-        await wait_listening("127.0.0.1", port, process, WAIT_S)
+        await wait_listening("127.0.0.1", port, process, WAIT_S, stats_socket=socket_path)
         yield f"http://127.0.0.1:{port}", map_path, socket_path
     finally:
         process.terminate()
@@ -408,3 +408,45 @@ async def test_haproxy_reaches_a_server_on_its_unix_socket_only(tmp_path: Path) 
                 await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
+
+
+async def test_waiting_for_haproxy_includes_its_stats_socket(tmp_path: Path) -> None:
+    """A frontend port that accepts before the stats socket's file exists (HAProxy binds in
+    no promised order) is not "up" for a caller that sends runtime commands: wait_listening
+    returns once the socket answers too. A stand-in plays HAProxy's two listeners, since the
+    real one's order cannot be forced."""
+    socket_path = tmp_path / "stats.sock"
+    late_s = 0.5
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"Name: HAProxy\n")
+        writer.close()
+
+    frontend = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = frontend.sockets[0].getsockname()[1]
+    # The process whose exit would end the wait.
+    stand_in = await asyncio.to_thread(subprocess.Popen, ["sleep", "30"])
+    stats: asyncio.Server | None = None
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await wait_listening("127.0.0.1", port, stand_in, WAIT_S)
+        assert loop.time() - started < late_s  # the port alone: at once
+
+        async def bind_late() -> asyncio.Server:
+            await asyncio.sleep(late_s)
+            return await asyncio.start_unix_server(answer, str(socket_path))
+
+        binding = asyncio.create_task(bind_late())
+        started = loop.time()
+        await wait_listening("127.0.0.1", port, stand_in, WAIT_S, stats_socket=socket_path)
+        assert loop.time() - started >= late_s * 0.9
+        assert "HAProxy" in await runtime_command(socket_path, "show info")
+        stats = await binding
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        frontend.close()
+        if stats is not None:
+            stats.close()
