@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.bench_report import parse_batch_ops
 from tests.conftest import AppFactory
 from walletd.cli.config import load_config
 from walletd.cli.main import main
@@ -29,14 +29,9 @@ def test_the_engines_defaults_are_serves() -> None:
 
 async def _commits(client: Any) -> tuple[float, float]:
     """walletd_batch_ops' count and sum: commits and the log rows they wrote."""
-    text = await (await client.get("/metrics")).text()
-    values = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name in ("walletd_batch_ops_count", "walletd_batch_ops_sum")
-    }
-    return values["walletd_batch_ops_count"], values["walletd_batch_ops_sum"]
+    batch_ops = parse_batch_ops(await (await client.get("/metrics")).text())
+    assert batch_ops is not None
+    return batch_ops.count, batch_ops.total
 
 
 async def test_a_default_bulk_request_commits_as_one_batch(

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.slow
 ANALYZED_WITHIN_S = 20.0
 
 
-async def _analyzed_after(connection: asyncpg.Connection, rows: int, since: int) -> float:
+async def _analyzed_after(connection: asyncpg.Connection, rows: int, since: int) -> None:
     """Inserts ``rows`` into the table and waits until autovacuum has analyzed it more than
-    ``since`` times; the seconds that took."""
+    ``since`` times; fails after ANALYZED_WITHIN_S."""
     await connection.execute("INSERT INTO grows (n) SELECT generate_series(1, $1)", rows)
     started = time.monotonic()
     while time.monotonic() - started < ANALYZED_WITHIN_S:
@@ -32,7 +32,7 @@ async def _analyzed_after(connection: asyncpg.Connection, rows: int, since: int)
             "SELECT autoanalyze_count FROM pg_stat_user_tables WHERE relname = 'grows'"
         )
         if count > since:
-            return time.monotonic() - started
+            return
         await asyncio.sleep(0.25)
     raise AssertionError(f"'grows' not analyzed within {ANALYZED_WITHIN_S} s of {rows} rows")
 
@@ -43,13 +43,11 @@ async def test_a_growing_table_is_analyzed_again_within_seconds(own_server: str)
     connection = await asyncpg.connect(own_server)
     try:
         await connection.execute("CREATE TABLE grows (n bigint NOT NULL)")
-        first = await _analyzed_after(connection, 1_000, 0)
-        second = await _analyzed_after(connection, 10_000, 1)
+        await _analyzed_after(connection, 1_000, 0)
+        await _analyzed_after(connection, 10_000, 1)
         assert (
             await connection.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'grows'")
             == 11_000
         )
     finally:
         await connection.close()
-    assert first < ANALYZED_WITHIN_S
-    assert second < ANALYZED_WITHIN_S
