@@ -68,7 +68,11 @@ class Cluster:
     process: subprocess.Popen[str]
     url: str
     walletd_urls: list[str]
-    data_dir: Path
+    folder: Path  # its log, its data dir and the bench's files for it
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
 
 
 def _descendants(pid: int) -> list[int]:
@@ -130,7 +134,7 @@ def running_cluster(processes: int, folder: Path, inflight: int | None = None) -
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "walletd.cli.main", "cluster", "--processes", str(processes),
-             "--port", str(port), "--data-dir", str(folder / "data")],
+             "--port", str(port), "--data-dir", str(folder / "data")],  # Cluster.data_dir
             stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=REPO_ROOT,
             env=environment,
         )  # fmt: skip
@@ -143,7 +147,7 @@ def running_cluster(processes: int, folder: Path, inflight: int | None = None) -
                 raise RuntimeError(f"walletd cluster exited: {log_path.read_text()[-2000:]}")
             if match := _LISTENING.search(line):
                 urls = [url.strip() for url in match.group(2).split(",")]
-                yield Cluster(process, match.group(1), urls, folder / "data")
+                yield Cluster(process, match.group(1), urls, folder)
                 break
         else:
             raise RuntimeError("walletd cluster did not start in time")
@@ -307,13 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="walletd-cluster-bench-") as temp, ExitStack() as stack:
         folder = Path(temp)
         clusters: dict[tuple[int, int | None], Cluster] = {}
-        run_folders: dict[tuple[int, int | None], Path] = {}
         ids_files: dict[tuple[tuple[int, int | None], str], Path] = {}
         for key in dict.fromkeys(path.cluster_key for path in paths):
             processes, inflight = key
             suffix = "" if inflight is None else f"-inflight{inflight}"
             run_folder = folder / f"p{processes}{suffix}"
-            run_folders[key] = run_folder
             run_folder.mkdir()
             cluster = stack.enter_context(running_cluster(processes, run_folder, inflight))
             clusters[key] = cluster
@@ -347,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                     label = (
                         str(processes) if inflight is None else f"{processes}, {inflight} in flight"
                     )
-                    transfer_rows += _transfers(
-                        cluster, processes, label, run_folders[(processes, inflight)], args
-                    )
+                    transfer_rows += _transfers(cluster, processes, label, args)
         except RuntimeError as error:
             print(f"wrk failed: {error}", file=sys.stderr)
             return 1
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _transfers(
-    cluster: Cluster, processes: int, label: str, run_folder: Path, args: argparse.Namespace
+    cluster: Cluster, processes: int, label: str, args: argparse.Namespace
 ) -> list[tuple[str, str, WrkRun, dict[str, float]]]:
     """One run of each transfer scenario on the cluster; rows labelled ``label``."""
     rows = []
@@ -385,7 +385,7 @@ def _transfers(
     asyncio.run(fund_wallets(cluster.url, funded, TRANSFER_FUND))
     owner_of = owners(cluster.data_dir, args.shards)
     for scenario, text in transfer_pairs(funded, owner_of, args.shards).items():
-        ids_file = run_folder / f"{scenario}.pairs"
+        ids_file = cluster.folder / f"{scenario}.pairs"
         ids_file.write_text(text)
         run, cpu = measure(cluster, "pairs", ids_file, args.connections, args.duration)
         rows.append((label, scenario, run, cpu))
