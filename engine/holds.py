@@ -6,8 +6,8 @@ A hold lives on its wallet's shard: its PENDING state is in the ledger beside th
 id)``. So ``/api/v1/holds/{id}/...`` routes, by the id in the path, to the wallet's owner
 with the routing and forwarding wallets use (HAProxy's hash, NotOwner forwarding).
 
-- Without a key the id is uuid4, drawn again until it lands on the wallet's shard (on
-  average ``shard_count`` draws, ~1 µs each).
+- Without a key the id is a random version 4 id (engine/ids.py), drawn again until it
+  lands on the wallet's shard (on average ``shard_count`` draws, under 1 µs each).
 - With an Idempotency-Key it is uuid5(HOLD_KEY_NAMESPACE, "<wallet>:<counter>:<key>") for
   counter 0, 1, ... until it lands there: deterministic, so a retry finds the same hold.
   A creation key's scope is therefore the wallet (like an operation's).
@@ -22,6 +22,7 @@ from uuid import UUID
 import orjson
 
 from walletd.engine.commands import HoldAction, Outcome, Reply
+from walletd.engine.ids import new_uuid4
 from walletd.engine.model import NO_METADATA, HoldRecord, HoldStatus, Metadata
 from walletd.engine.money import EDGE_SCALE_MIN
 from walletd.engine.ownership import shard_of
@@ -71,7 +72,7 @@ def new_hold_id(wallet_id: UUID, key: str | None, shard_count: int) -> UUID:
     target = shard_of(wallet_id, shard_count)
     for counter in range(HOLD_ID_TRIES_MAX):
         if key is None:
-            hold_id = uuid.uuid4()
+            hold_id = new_uuid4()
         else:
             hold_id = uuid.uuid5(HOLD_KEY_NAMESPACE, f"{wallet_id}:{counter}:{key}")
         if shard_count == 1 or shard_of(hold_id, shard_count) == target:

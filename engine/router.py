@@ -60,6 +60,7 @@ from walletd.engine.holds import (
     resolve_fingerprint,
     resolved_reply,
 )
+from walletd.engine.ids import new_uuid4
 from walletd.engine.limits import EngineLimits
 from walletd.engine.log_reads import LogReader, WalletAsOf
 from walletd.engine.model import (
@@ -1042,13 +1043,13 @@ class Engine:
 
     def _new_served_id(self) -> UUID:
         ownership = self.ownership
-        wallet_id = uuid.uuid4()
+        wallet_id = new_uuid4()
         if not ownership.fenced:
             return wallet_id
         for _ in range(CREATE_ID_TRIES_MAX):
             if ownership.serving(shard_of(wallet_id, ownership.shard_count)):
                 break
-            wallet_id = uuid.uuid4()
+            wallet_id = new_uuid4()
         return wallet_id
 
     async def read(self, wallet_id: UUID) -> Reply:
@@ -1077,7 +1078,7 @@ class Engine:
         fresh_id = transfer_id is None and idempotency_key is None
         if transfer_id is None:
             if idempotency_key is None:
-                transfer_id = uuid.uuid4()
+                transfer_id = new_uuid4()
             else:
                 transfer_id = uuid.uuid5(TRANSFER_KEY_NAMESPACE, idempotency_key)
         if self._stopping:
@@ -1175,7 +1176,7 @@ class Engine:
         payment id (chosen, derived from the key, or new) and the reply."""
         if payment_id is None:
             if idempotency_key is None:
-                payment_id = uuid.uuid4()
+                payment_id = new_uuid4()
             else:
                 payment_id = uuid.uuid5(PAYMENT_KEY_NAMESPACE, idempotency_key)
         if self._stopping:

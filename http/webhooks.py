@@ -44,7 +44,6 @@ import random
 import secrets
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 from uuid import UUID
@@ -58,6 +57,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from yarl import URL
 
+from walletd.engine.ids import new_uuid4
 from walletd.engine.log_reads import FeedEvent, FeedPosition, LogReader
 from walletd.engine.ports import StorageError
 from walletd.engine.webhooks import EVENT_TYPES, Claim, Delivery, Subscription, WebhookStore
@@ -512,7 +512,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     assert url is not None
     secret = "whsec_" + secrets.token_urlsafe(32)
     subscription = await _store(request).create(
-        uuid.uuid4(), url, types or EVENT_TYPES, True if enabled is None else enabled,
+        new_uuid4(), url, types or EVENT_TYPES, True if enabled is None else enabled,
         secret, after, settings.subscriptions_max,
     )  # fmt: skip
     if subscription is None:

@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +55,7 @@ from uuid import UUID
 
 import asyncpg
 
+from walletd.engine.ids import new_uuid4
 from walletd.persistence.database import connect
 from walletd.persistence.leases import hold_every_lease
 
@@ -845,7 +845,7 @@ def _seed_chunk(
     created = _EPOCH + dt.timedelta(microseconds=base_us)
     step = dt.timedelta(microseconds=1)
     for index in range(count):
-        wallet_id = uuid.uuid4()
+        wallet_id = new_uuid4()
         ops = ops_each + (1 if index < ops_extra else 0)
         balance = 0
         at = created
