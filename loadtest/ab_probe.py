@@ -70,6 +70,7 @@ class Sample:
     p99_ms: float
     walletd_us: float
     postgres_us: float
+    client_us: float | None = None  # bulk only: the bench clients' CPU per operation
 
 
 @contextlib.contextmanager
@@ -130,6 +131,7 @@ def _run_bulk(target: Target, duration_s: float, clients: int, items: int) -> Sa
     return Sample(
         result.ops_per_s, result.percentile_ms(0.5), result.percentile_ms(0.99),
         result.walletd_cpu_us_per_op, result.postgres_cpu_us_per_op,
+        result.client_cpu_us_per_op,
     )  # fmt: skip
 
 
@@ -249,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [(n.rps / b.rps, n.walletd_us / b.walletd_us) for n, b in pairs]
         print(f"{scenario}: new/base rps {_spread([r[0] for r in ratios], '.2f')},"
               f" walletd CPU/request {_spread([r[1] for r in ratios], '.2f')}")  # fmt: skip
+    if "bulk" in scenarios:
+        for build in ("base", "new"):
+            # Two cores give 2e6 CPU µs a second to walletd, PostgreSQL and the clients.
+            totals = [s.walletd_us + s.postgres_us + (s.client_us or 0.0)
+                      for s in samples[("bulk", build)]]  # fmt: skip
+            clients = [s.client_us or 0.0 for s in samples[("bulk", build)]]
+            bounds = [2e6 / total for total in totals]
+            print(f"bulk {build}: client CPU µs/op {_spread(clients, '.1f')}; walletd +"
+                  f" PostgreSQL + client {_spread(totals, '.1f')} µs/op, at most"
+                  f" {_spread(bounds, '.0f')} ops/s on two busy cores")  # fmt: skip
     if "transfer" in scenarios and "many" in scenarios:
         for build in ("base", "new"):
             pairs = zip(samples[("transfer", build)], samples[("many", build)], strict=True)

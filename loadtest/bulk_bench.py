@@ -55,6 +55,9 @@ class Round:
     ops_per_commit: float | None
     walletd_cpu_us_per_op: float
     postgres_cpu_us_per_op: float
+    # The clients' own CPU (this process's, which runs nothing else during a round): on a
+    # two-core machine they share the cores with walletd and PostgreSQL.
+    client_cpu_us_per_op: float
 
     @property
     def ops_per_s(self) -> float:
@@ -176,6 +179,7 @@ async def run_round(
     before = await read_batch_ops(server.url)
     walletd_ticks = _cpu_ticks([walletd_pid])
     postgres_ticks = _cpu_ticks(postgres_pids)
+    client_cpu_s = time.process_time()
     started = time.monotonic()
     deadline = started + args.duration
     timeout = aiohttp.ClientTimeout(total=60)
@@ -187,6 +191,7 @@ async def run_round(
             )
         )
     seconds = time.monotonic() - started
+    client_us = (time.process_time() - client_cpu_s) * 1e6
     applied = sum(applied_counts)
     after = await read_batch_ops(server.url)
     walletd_us = (_cpu_ticks([walletd_pid]) - walletd_ticks) / CLOCK_TICKS_PER_S * 1e6
@@ -199,6 +204,7 @@ async def run_round(
         ops_per_commit(before, after),
         walletd_us / max(1, applied),
         postgres_us / max(1, applied),
+        client_us / max(1, applied),
     )
 
 
@@ -217,8 +223,8 @@ def report(rounds: list[Round], append_rate: float | None, args: argparse.Namesp
         "amounts varied, every per-item result read.",
         "",
         "| scenario | ops/s median (spread) | p50 ms / request | p99 ms / request | "
-        "ops per commit | walletd CPU µs/op | PostgreSQL CPU µs/op |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "ops per commit | walletd CPU µs/op | PostgreSQL CPU µs/op | client CPU µs/op |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scenario in ("many", "hot"):
         runs = [r for r in rounds if r.scenario == scenario]
@@ -232,7 +238,8 @@ def report(rounds: list[Round], append_rate: float | None, args: argparse.Namesp
             f"{statistics.median(r.percentile_ms(0.99) for r in runs):.1f} | "
             f"{statistics.median(per_commit) if per_commit else float('nan'):.0f} | "
             f"{statistics.median(r.walletd_cpu_us_per_op for r in runs):.1f} | "
-            f"{statistics.median(r.postgres_cpu_us_per_op for r in runs):.1f} |"
+            f"{statistics.median(r.postgres_cpu_us_per_op for r in runs):.1f} | "
+            f"{statistics.median(r.client_cpu_us_per_op for r in runs):.1f} |"
         )
     if append_rate is not None:
         lines += ["", f"Raw append, `walletd_append_batch` alone at {args.append_batch} rows per "
@@ -265,7 +272,8 @@ async def _measure(server: Server, args: argparse.Namespace) -> list[Round]:
                 f"p99 {result.percentile_ms(0.99):.1f} ms, "
                 f"{result.ops_per_commit or 0:.0f} ops/commit, "
                 f"walletd {result.walletd_cpu_us_per_op:.1f} µs/op, "
-                f"PostgreSQL {result.postgres_cpu_us_per_op:.1f} µs/op",
+                f"PostgreSQL {result.postgres_cpu_us_per_op:.1f} µs/op, "
+                f"client {result.client_cpu_us_per_op:.1f} µs/op",
                 flush=True,
             )
     ids = list(ledger.cents)
