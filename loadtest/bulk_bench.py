@@ -12,10 +12,11 @@ creates 10,000 wallets plus one hot wallet, then runs two scenarios in alternati
 that varies; the full per-item results are read and counted. Reported per scenario, as
 medians over the rounds with their spread: applied operations/s, p50/p99 per request, ops
 per PostgreSQL commit (walletd_batch_ops), and CPU µs per operation of walletd and of
-PostgreSQL (from /proc). After the HTTP rounds, the raw append rate of the same batch size
-is measured with ``loadtest.append_bench``'s function path on a fresh embedded server: the
-physical ceiling of this path. At the end, the money check: every wallet's balance equals
-the sum of the deposits walletd acknowledged.
+PostgreSQL (from /proc) and of the clients (this process's own). After the HTTP rounds,
+the raw append rate of the same batch size is measured with ``loadtest.append_bench``'s
+function path on a fresh embedded server: the physical ceiling of this path. At the end,
+the money check: every wallet's balance equals the sum of the deposits walletd
+acknowledged.
 """
 
 from __future__ import annotations
