@@ -6,8 +6,9 @@ A hold lives on its wallet's shard: its PENDING state is in the ledger beside th
 id)``. So ``/api/v1/holds/{id}/...`` routes, by the id in the path, to the wallet's owner
 with the routing and forwarding wallets use (HAProxy's hash, NotOwner forwarding).
 
-- Without a key the id is a random version 4 id (engine/ids.py), drawn again until it
-  lands on the wallet's shard (on average ``shard_count`` draws, under 1 µs each).
+- Without a key the id is a random version 4 id whose last 12 hex digits are drawn again
+  until it lands on the wallet's shard (``random_id_on_shard``: on average
+  ``shard_count`` tries, each a CRC of 12 characters).
 - With an Idempotency-Key it is uuid5(HOLD_KEY_NAMESPACE, "<wallet>:<counter>:<key>") for
   counter 0, 1, ... until it lands there: deterministic, so a retry finds the same hold.
   A creation key's scope is therefore the wallet (like an operation's).
@@ -15,6 +16,7 @@ with the routing and forwarding wallets use (HAProxy's hash, NotOwner forwarding
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Final
 from uuid import UUID
@@ -25,7 +27,7 @@ from walletd.engine.commands import HoldAction, Outcome, Reply
 from walletd.engine.ids import new_uuid4
 from walletd.engine.model import NO_METADATA, HoldRecord, HoldStatus, Metadata
 from walletd.engine.money import EDGE_SCALE_MIN
-from walletd.engine.ownership import shard_of
+from walletd.engine.ownership import random_id_on_shard, shard_of, shard_of_unremembered
 
 __all__ = [
     "CAPTURE_TRANSFER_NAMESPACE",
@@ -53,6 +55,9 @@ CAPTURE_TRANSFER_NAMESPACE: Final = UUID("8d2e5f14-7a3b-4c9d-b6e1-0f4a2c7d9e85")
 _VERSION_SHIFT: Final = 76
 _VERSION_MASK: Final = 0xF << _VERSION_SHIFT
 _DERIVED_VERSION: Final = 8
+# What uuid.uuid5 does to the first 16 bytes of the SHA-1: version 5, the RFC 4122 variant.
+_UUID5_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
+_UUID5_SET: Final = (0x5000 << 64) | (0x8000 << 48)
 # Draws until a hold id lands on its wallet's shard: the chance that 4096 shards need more
 # than this many is below 1e-10; past it the request is refused, never looped forever.
 HOLD_ID_TRIES_MAX: Final = 100_000
@@ -69,15 +74,31 @@ class HoldIdUnavailable(Exception):
 
 
 def new_hold_id(wallet_id: UUID, key: str | None, shard_count: int) -> UUID:
+    if shard_count == 1:
+        return new_uuid4() if key is None else _keyed_hold_id(wallet_id, 0, key)
     target = shard_of(wallet_id, shard_count)
-    for counter in range(HOLD_ID_TRIES_MAX):
-        if key is None:
-            hold_id = new_uuid4()
-        else:
-            hold_id = uuid.uuid5(HOLD_KEY_NAMESPACE, f"{wallet_id}:{counter}:{key}")
-        if shard_count == 1 or shard_of(hold_id, shard_count) == target:
+    if key is None:
+        hold_id = random_id_on_shard(target, shard_count, HOLD_ID_TRIES_MAX)
+        if hold_id is not None:
             return hold_id
+    else:
+        # uuid5 of "<wallet>:<counter>:<key>" for counter 0, 1, ...: the SHA-1 of the
+        # namespace and "<wallet>:" is taken once and copied for each counter, and the
+        # candidates' shards are not remembered (most are thrown away).
+        common = hashlib.sha1(HOLD_KEY_NAMESPACE.bytes + f"{wallet_id}:".encode())
+        suffix = f":{key}".encode()
+        for counter in range(HOLD_ID_TRIES_MAX):
+            digest = common.copy()
+            digest.update(b"%d" % counter + suffix)
+            value = int.from_bytes(digest.digest()[:16])
+            hold_id = UUID(int=(value & _UUID5_CLEAR) | _UUID5_SET)
+            if shard_of_unremembered(hold_id, shard_count) == target:
+                return hold_id
     raise HoldIdUnavailable(f"no hold id on shard {target} in {HOLD_ID_TRIES_MAX} draws")
+
+
+def _keyed_hold_id(wallet_id: UUID, counter: int, key: str) -> UUID:
+    return uuid.uuid5(HOLD_KEY_NAMESPACE, f"{wallet_id}:{counter}:{key}")
 
 
 def create_fingerprint(

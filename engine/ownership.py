@@ -24,11 +24,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from uuid import UUID
+
+from walletd.engine.ids import new_uuid4
 
 __all__ = [
     "SHARD_COUNT_MAX",
@@ -36,9 +39,11 @@ __all__ = [
     "SHARD_MEMO_ENTRIES_MAX",
     "OwnerInfo",
     "Ownership",
+    "random_id_on_shard",
     "set_shard_memo_entries",
     "shard_of",
     "shard_of_text",
+    "shard_of_unremembered",
 ]
 
 SHARD_COUNT_MAX = 4096
@@ -75,6 +80,42 @@ def _shard_hash(value: int, shard_count: int) -> int:
 _shard_of_int: Callable[[int, int], int] = functools.lru_cache(maxsize=SHARD_MEMO_ENTRIES)(
     _shard_hash
 )
+
+
+def shard_of_unremembered(wallet_id: UUID, shard_count: int) -> int:
+    """``shard_of`` without the memo: for ids drawn and mostly thrown away (a hold's id is
+    drawn until it lands on its wallet's shard), which would otherwise push the shards of
+    real wallets out of it."""
+    return _shard_hash(wallet_id.int, shard_count)
+
+
+# Hex digits of an id's text that random_id_on_shard draws again (the node field, 48
+# random bits), and how many such tails one os.urandom call provides.
+_TAIL_DIGITS = 12
+_TAILS_PER_READ = 256
+
+
+def random_id_on_shard(target: int, shard_count: int, tries_max: int) -> UUID | None:
+    """A random version 4 id whose shard is ``target``, or None after ``tries_max`` tries.
+
+    The shard is the CRC-32 of the id's text, and CRC-32 can go on from the CRC of a prefix:
+    so the first 24 characters (random, with the version and variant) are drawn and hashed
+    once, and each try draws and hashes only the last 12 hex digits. For a given prefix
+    every tail is equally likely to be kept among those on the shard, so the id is as
+    random as a whole one drawn again each time (74 + 48 random bits)."""
+    text = str(new_uuid4())
+    prefix = text[:-_TAIL_DIGITS]
+    prefix_crc = zlib.crc32(prefix.encode("ascii"))
+    tries = 0
+    while tries < tries_max:
+        tails = os.urandom(_TAILS_PER_READ * _TAIL_DIGITS // 2).hex().encode("ascii")
+        end = min(len(tails), (tries_max - tries) * _TAIL_DIGITS)
+        for start in range(0, end, _TAIL_DIGITS):
+            tail = tails[start : start + _TAIL_DIGITS]
+            if zlib.crc32(tail, prefix_crc) % shard_count == target:
+                return UUID(prefix + tail.decode("ascii"))
+        tries += end // _TAIL_DIGITS
+    return None
 
 
 def set_shard_memo_entries(entries: int) -> None:
