@@ -24,7 +24,7 @@ from uuid import UUID
 import orjson
 
 from walletd.engine.commands import HoldAction, Outcome, Reply
-from walletd.engine.ids import new_uuid4
+from walletd.engine.ids import uuid_with_version
 from walletd.engine.model import NO_METADATA, HoldRecord, HoldStatus, Metadata
 from walletd.engine.money import EDGE_SCALE_MIN
 from walletd.engine.ownership import random_id_on_shard, shard_of, shard_of_unremembered
@@ -52,12 +52,7 @@ HOLD_KEY_NAMESPACE: Final = UUID("3c8e7b21-5d4a-4f6e-8b19-2a7d9e0c6f53")
 # ledger refuses a debit leg (the only other thing that opens a transfer) under one. The
 # other ids of transfers are never version 8: uuid4 (drawn), uuid5 (from a key), or chosen.
 CAPTURE_TRANSFER_NAMESPACE: Final = UUID("8d2e5f14-7a3b-4c9d-b6e1-0f4a2c7d9e85")
-_VERSION_SHIFT: Final = 76
-_VERSION_MASK: Final = 0xF << _VERSION_SHIFT
 _DERIVED_VERSION: Final = 8
-# What uuid.uuid5 does to the first 16 bytes of the SHA-1: version 5, the RFC 4122 variant.
-_UUID5_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_UUID5_SET: Final = (0x5000 << 64) | (0x8000 << 48)
 # Draws until a hold id lands on its wallet's shard: the chance that 4096 shards need more
 # than this many is below 1e-10; past it the request is refused, never looped forever.
 HOLD_ID_TRIES_MAX: Final = 100_000
@@ -74,31 +69,24 @@ class HoldIdUnavailable(Exception):
 
 
 def new_hold_id(wallet_id: UUID, key: str | None, shard_count: int) -> UUID:
-    if shard_count == 1:
-        return new_uuid4() if key is None else _keyed_hold_id(wallet_id, 0, key)
     target = shard_of(wallet_id, shard_count)
     if key is None:
         hold_id = random_id_on_shard(target, shard_count, HOLD_ID_TRIES_MAX)
         if hold_id is not None:
             return hold_id
     else:
-        # uuid5 of "<wallet>:<counter>:<key>" for counter 0, 1, ...: the SHA-1 of the
-        # namespace and "<wallet>:" is taken once and copied for each counter, and the
-        # candidates' shards are not remembered (most are thrown away).
+        # uuid.uuid5(HOLD_KEY_NAMESPACE, "<wallet>:<counter>:<key>") for counter 0, 1, ...,
+        # with the SHA-1 of the namespace and "<wallet>:" taken once and copied for each
+        # counter; the candidates' shards are not remembered (most are thrown away).
         common = hashlib.sha1(HOLD_KEY_NAMESPACE.bytes + f"{wallet_id}:".encode())
         suffix = f":{key}".encode()
         for counter in range(HOLD_ID_TRIES_MAX):
             digest = common.copy()
             digest.update(b"%d" % counter + suffix)
-            value = int.from_bytes(digest.digest()[:16])
-            hold_id = UUID(int=(value & _UUID5_CLEAR) | _UUID5_SET)
+            hold_id = uuid_with_version(int.from_bytes(digest.digest()[:16]), 5)
             if shard_of_unremembered(hold_id, shard_count) == target:
                 return hold_id
     raise HoldIdUnavailable(f"no hold id on shard {target} in {HOLD_ID_TRIES_MAX} draws")
-
-
-def _keyed_hold_id(wallet_id: UUID, counter: int, key: str) -> UUID:
-    return uuid.uuid5(HOLD_KEY_NAMESPACE, f"{wallet_id}:{counter}:{key}")
 
 
 def create_fingerprint(
@@ -125,9 +113,9 @@ def fingerprint_amount(amount: int, scale: int | None) -> int | str:
 
 
 def capture_transfer_id(hold_id: UUID) -> UUID:
+    # uuid5's bits with the version field changed (the variant stays RFC 4122's).
     derived = uuid.uuid5(CAPTURE_TRANSFER_NAMESPACE, str(hold_id)).int
-    # The RFC 4122 variant bits stay as uuid5 set them; only the version field changes.
-    return UUID(int=(derived & ~_VERSION_MASK) | (_DERIVED_VERSION << _VERSION_SHIFT))
+    return uuid_with_version(derived, _DERIVED_VERSION)
 
 
 def is_derived_transfer_id(transfer_id: UUID) -> bool:

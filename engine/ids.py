@@ -16,19 +16,28 @@ from collections.abc import Iterator
 from typing import Final
 from uuid import UUID
 
-__all__ = ["new_uuid4"]
+__all__ = ["new_uuid4", "uuid_with_version"]
 
 _BLOCK_IDS: Final = 256
 # An id's 16 bytes as two unsigned 64-bit words, read off the block one id at a time.
 _ID_WORDS: Final = struct.Struct(">QQ")
-# Version 4 and the RFC 4122 variant: clear these bits of the random 128, then set those.
-_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+# The bits a UUID's variant and version take; RFC 4122's variant is 10 in its top two.
+_VARIANT_AND_VERSION: Final = (0xC000 << 48) | (0xF000 << 64)
+_KEEP: Final = ~_VARIANT_AND_VERSION & ((1 << 128) - 1)
+_RFC_4122_VARIANT: Final = 0x8000 << 48
+_VERSION_SHIFT: Final = 76
 
 # The current block's ids not handed out yet. Taking one is a single next() on a C
 # iterator, atomic under the GIL: two threads never get the same id (at worst both read a
 # new block, and one of the two is dropped).
 _block: Iterator[tuple[int, int]] = iter(())
+
+
+def uuid_with_version(value: int, version: int) -> UUID:
+    """128 bits as a UUID of ``version`` and the RFC 4122 variant: what ``uuid.UUID(int=value,
+    version=version)`` makes, without its checks, and for version 8 too (which Python 3.11's
+    constructor refuses)."""
+    return UUID(int=(value & _KEEP) | _RFC_4122_VARIANT | (version << _VERSION_SHIFT))
 
 
 def new_uuid4() -> UUID:
@@ -39,7 +48,7 @@ def new_uuid4() -> UUID:
     except StopIteration:
         _block = _ID_WORDS.iter_unpack(os.urandom(_BLOCK_IDS * _ID_WORDS.size))
         high, low = next(_block)
-    return UUID(int=(((high << 64) | low) & _CLEAR) | _SET)
+    return uuid_with_version((high << 64) | low, 4)
 
 
 def _forget_block() -> None:
