@@ -2,10 +2,9 @@
 
 ``uuid.uuid4()`` makes a ``getrandom`` system call per id. Reading ``_BLOCK_IDS`` ids'
 worth of bytes at once keeps the same source (``os.urandom``) and makes the call once per
-block: ~1% of the engine's transfer, a fifth of a hold id's draw loop, which draws 64 ids
-on average (docs/BENCHMARKS.md, "Issue #25's yardsticks on an idle Intel host"). A child
-process made by ``fork`` starts with an empty block, so it never hands out its parent's
-ids.
+block: ~1% of the engine's transfer (docs/BENCHMARKS.md, "Issue #25's yardsticks on an
+idle Intel host"). A child process made by ``fork`` starts with an empty block, so it never
+hands out its parent's ids.
 """
 
 from __future__ import annotations
